@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the README's example as a user would and checks what its printed curl commands answer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port=$((20000 + RANDOM % 20000))
+log=$(mktemp)
+cargo run --quiet --example bearer -- --listen "127.0.0.1:$port" >"$log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
+for _ in $(seq 1 900); do
+  grep -q "listening on" "$log" && break
+  kill -0 $pid 2>/dev/null || { cat "$log"; echo "example exited early"; exit 1; }
+  sleep 0.2
+done
+token=$(grep -A1 "demo token" "$log" | tail -1 | tr -d ' ')
+base="http://127.0.0.1:$port"
+expect() { # expected-status description curl-args...
+  local want=$1 what=$2; shift 2
+  local got
+  got=$(curl -s -o /dev/null -w '%{http_code}' "$@")
+  if [ "$got" != "$want" ]; then echo "FAIL $what: got $got, want $want"; cat "$log"; exit 1; fi
+  echo "ok $what ($got)"
+}
+expect 200 "metadata without a token" "$base/metadata"
+expect 200 "Patient with the demo token" -H "Authorization: Bearer $token" "$base/Patient/example"
+expect 401 "Patient without a token" "$base/Patient/example"
+expect 401 "Patient with a tampered token" -H "Authorization: Bearer ${token%?}x" "$base/Patient/example"
+kill -TERM $pid
+wait $pid || { echo "example did not shut down cleanly on SIGTERM"; exit 1; }
+trap - EXIT
+rm -f "$log"
+echo "example smoke test passed"

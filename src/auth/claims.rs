@@ -1,0 +1,222 @@
+//! The claims of a verified token, as they travel in request extensions.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::Algorithm;
+use serde_json::{Map, Value};
+
+/// The claims of a bearer token whose signature and claims the layer has verified.
+///
+/// The bearer layer puts one in the request extensions; later layers and handlers read it
+/// (in axum: `Extension<VerifiedClaims>`). Cloning is cheap (one `Arc`). The registered
+/// claims have accessors; any other claim is reachable through [`get`](Self::get) and
+/// [`raw`](Self::raw).
+#[derive(Clone)]
+pub struct VerifiedClaims {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    claims: Map<String, Value>,
+    expires_at: u64,
+    key_id: Option<String>,
+    algorithm: Option<Algorithm>,
+}
+
+impl VerifiedClaims {
+    pub(crate) fn verified(
+        claims: Map<String, Value>,
+        key_id: Option<&str>,
+        algorithm: Algorithm,
+    ) -> Option<Self> {
+        let mut this = Self::assume_verified(claims)?;
+        let inner = Arc::get_mut(&mut this.inner)?;
+        inner.key_id = key_id.map(str::to_owned);
+        inner.algorithm = Some(algorithm);
+        Some(this)
+    }
+
+    /// Claims that the caller vouches for, without any verification.
+    ///
+    /// For tests of later layers and for services that verify tokens by other means. Returns
+    /// `None` when `exp` is missing or not a number: every verified token has one.
+    pub fn assume_verified(claims: Map<String, Value>) -> Option<Self> {
+        let expires_at = numeric_date(claims.get("exp")?)?;
+        Some(Self {
+            inner: Arc::new(Inner {
+                claims,
+                expires_at,
+                key_id: None,
+                algorithm: None,
+            }),
+        })
+    }
+
+    /// The `iss` claim.
+    pub fn issuer(&self) -> Option<&str> {
+        self.get_str("iss")
+    }
+
+    /// The `sub` claim.
+    pub fn subject(&self) -> Option<&str> {
+        self.get_str("sub")
+    }
+
+    /// The `aud` claim's values (a string or an array of strings).
+    pub fn audience(&self) -> impl Iterator<Item = &str> {
+        strings(self.get("aud"))
+    }
+
+    /// The `jti` claim.
+    pub fn token_id(&self) -> Option<&str> {
+        self.get_str("jti")
+    }
+
+    /// The `exp` claim, in seconds since the Unix epoch.
+    pub fn expires_at(&self) -> u64 {
+        self.inner.expires_at
+    }
+
+    /// The `nbf` claim, in seconds since the Unix epoch.
+    pub fn not_before(&self) -> Option<u64> {
+        self.get("nbf").and_then(numeric_date)
+    }
+
+    /// The `iat` claim, in seconds since the Unix epoch.
+    pub fn issued_at(&self) -> Option<u64> {
+        self.get("iat").and_then(numeric_date)
+    }
+
+    /// The granted scopes: the `scope` claim split on spaces (RFC 8693), or its array form.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        let (one, many) = match self.get("scope") {
+            Some(Value::String(s)) => (Some(s.split(' ').filter(|s| !s.is_empty())), None),
+            other => (None, Some(strings(other))),
+        };
+        one.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+
+    /// Whether `scope` grants this scope.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes().any(|s| s == scope)
+    }
+
+    /// Any claim, by name.
+    pub fn get(&self, claim: &str) -> Option<&Value> {
+        self.inner.claims.get(claim)
+    }
+
+    /// All claims, as the token carried them.
+    pub fn raw(&self) -> &Map<String, Value> {
+        &self.inner.claims
+    }
+
+    /// The `kid` of the key that verified the token.
+    pub fn key_id(&self) -> Option<&str> {
+        self.inner.key_id.as_deref()
+    }
+
+    /// The algorithm the token was signed with (`None` for [`assume_verified`](Self::assume_verified)).
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        self.inner.algorithm
+    }
+
+    /// Whether `exp` has passed (no leeway).
+    pub fn is_expired(&self) -> bool {
+        self.time_left().is_none()
+    }
+
+    /// How long until `exp`, or `None` when it has passed.
+    pub(crate) fn time_left(&self) -> Option<Duration> {
+        let expiry = UNIX_EPOCH + Duration::from_secs(self.inner.expires_at);
+        expiry
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|d| !d.is_zero())
+    }
+
+    fn get_str(&self, claim: &str) -> Option<&str> {
+        self.get(claim).and_then(Value::as_str)
+    }
+}
+
+fn strings(value: Option<&Value>) -> impl Iterator<Item = &str> {
+    let (one, many) = match value {
+        Some(Value::String(s)) => (Some(s.as_str()), None),
+        Some(Value::Array(items)) => (None, Some(items.iter().filter_map(Value::as_str))),
+        _ => (None, None),
+    };
+    one.into_iter().chain(many.into_iter().flatten())
+}
+
+/// A JWT NumericDate: seconds since the epoch, possibly fractional (RFC 7519 §2).
+fn numeric_date(value: &Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+}
+
+impl fmt::Debug for VerifiedClaims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names only what identifies the token; other claims may carry personal data.
+        f.debug_struct("VerifiedClaims")
+            .field("iss", &self.issuer())
+            .field("sub", &self.subject())
+            .field("exp", &self.expires_at())
+            .field("scope", &self.scopes().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(value: Value) -> VerifiedClaims {
+        VerifiedClaims::assume_verified(value.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn registered_claims_have_accessors() {
+        let c = claims(json!({
+            "iss": "https://idp", "sub": "app", "aud": ["a", "b"], "exp": 4_000_000_000u64,
+            "nbf": 1.5, "iat": 10, "jti": "j", "scope": "t1  patient/*.read", "tid": "x"
+        }));
+        assert_eq!(c.issuer(), Some("https://idp"));
+        assert_eq!(c.subject(), Some("app"));
+        assert_eq!(c.audience().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(c.expires_at(), 4_000_000_000);
+        assert_eq!(c.not_before(), Some(1));
+        assert_eq!(c.issued_at(), Some(10));
+        assert_eq!(c.token_id(), Some("j"));
+        assert_eq!(c.scopes().collect::<Vec<_>>(), ["t1", "patient/*.read"]);
+        assert!(c.has_scope("t1") && !c.has_scope("t"));
+        assert_eq!(c.get("tid"), Some(&json!("x")));
+        assert!(!c.is_expired());
+    }
+
+    #[test]
+    fn scope_may_be_an_array_and_aud_a_string() {
+        let c = claims(json!({"exp": 1, "scope": ["a", "b"], "aud": "x"}));
+        assert_eq!(c.scopes().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(c.audience().collect::<Vec<_>>(), ["x"]);
+        assert!(c.is_expired());
+    }
+
+    #[test]
+    fn exp_is_required() {
+        assert!(VerifiedClaims::assume_verified(Map::new()).is_none());
+        let bad = json!({"exp": "soon"}).as_object().unwrap().clone();
+        assert!(VerifiedClaims::assume_verified(bad).is_none());
+    }
+
+    #[test]
+    fn debug_leaves_out_other_claims() {
+        let c = claims(json!({"exp": 1, "sub": "app", "name": "Jane Patient"}));
+        let shown = format!("{c:?}");
+        assert!(shown.contains("app") && !shown.contains("Jane"), "{shown}");
+    }
+}

@@ -1,0 +1,138 @@
+//! The response future of `BearerAuth`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::claims::VerifiedClaims;
+use super::layer::Config;
+use super::rejection::Rejection;
+use crate::body::ResponseBody;
+
+pin_project! {
+    /// Response future of [`BearerAuth`](super::BearerAuth).
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Verifying {
+            verifying: BoxFuture<'static, Result<VerifiedClaims, Rejection>>,
+            inner: Option<S>,
+            request: Option<Request<ReqBody>>,
+            config: Arc<Config>,
+        },
+        Calling { #[pin] future: S::Future },
+        Rejected { response: Option<Response<bytes::Bytes>> },
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn call(future: S::Future) -> Self {
+        Self {
+            state: State::Calling { future },
+        }
+    }
+
+    pub(crate) fn reject(config: &Config, rejection: &Rejection) -> Self {
+        tracing::debug!(kind = ?rejection.kind(), reason = rejection.description(), "bearer token rejected");
+        let response = match &config.on_reject {
+            Some(respond) => respond(rejection),
+            None => rejection.to_response(),
+        };
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn wait(
+        verifying: BoxFuture<'static, Result<VerifiedClaims, Rejection>>,
+        inner: S,
+        request: Request<ReqBody>,
+        config: Arc<Config>,
+    ) -> Self {
+        Self {
+            state: State::Verifying {
+                verifying,
+                inner: Some(inner),
+                request: Some(request),
+                config,
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().state.project() {
+                StateProj::Calling { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+                StateProj::Rejected { response } => {
+                    let response = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                }
+                StateProj::Verifying {
+                    verifying,
+                    inner,
+                    request,
+                    config,
+                } => {
+                    let verified = ready!(verifying.as_mut().poll(cx));
+                    let next = match verified {
+                        Ok(claims) => {
+                            let mut request = request.take().expect("polled after completion");
+                            request.extensions_mut().insert(claims);
+                            let mut inner = inner.take().expect("polled after completion");
+                            State::Calling {
+                                future: inner.call(request),
+                            }
+                        }
+                        Err(rejection) => {
+                            let config = Arc::clone(config);
+                            Self::reject(&config, &rejection).state
+                        }
+                    };
+                    self.as_mut().project().state.set(next);
+                }
+            }
+        }
+    }
+}
+
+impl<S, ReqBody> std::fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,167 @@
+//! A JWKS document fetched over HTTP with the hyper-util client.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use super::keys::KeySet;
+use super::source::{FetchedKeys, KeySource, KeySourceError, KeySourceFuture};
+
+/// The largest JWKS document accepted; real ones are a few kilobytes.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// A [`KeySource`] that GETs a JWKS document from a URL.
+///
+/// Answers other than `200` with a JWKS body are errors (the last good keys stay in use);
+/// `Cache-Control: max-age` is passed on so the layer refreshes when the server says to.
+#[derive(Clone)]
+pub struct HttpJwks {
+    uri: Uri,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl HttpJwks {
+    /// A source for this `http://` URL.
+    ///
+    /// `https://` needs a TLS-capable client, which this crate does not build yet: such a URL
+    /// is refused here rather than failing at the first request.
+    pub fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
+        let uri: Uri = url.parse().map_err(|_| InvalidJwksUrl(url.to_owned()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(InvalidJwksUrl(url.to_owned()));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Self { uri, client })
+    }
+
+    /// The URL fetched.
+    pub fn url(&self) -> &Uri {
+        &self.uri
+    }
+
+    async fn get(
+        client: Client<HttpConnector, Empty<Bytes>>,
+        uri: Uri,
+    ) -> Result<FetchedKeys, KeySourceError> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(uri.clone())
+            .header(header::ACCEPT, "application/jwk-set+json, application/json")
+            .body(Empty::new())
+            .map_err(|e| KeySourceError::new(format!("JWKS request: {e}")))?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| KeySourceError::new(format!("JWKS fetch from {uri} failed: {e}")))?;
+        let status = response.status();
+        let max_age = max_age(response.headers());
+        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| KeySourceError::new(format!("JWKS body from {uri}: {e}")))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(KeySourceError::new(format!(
+                "JWKS fetch from {uri}: status {status}"
+            )));
+        }
+        let keys = KeySet::from_jwks(&body)
+            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?;
+        Ok(FetchedKeys { keys, max_age })
+    }
+}
+
+impl KeySource for HttpJwks {
+    fn fetch(&self) -> KeySourceFuture {
+        Box::pin(Self::get(self.client.clone(), self.uri.clone()))
+    }
+}
+
+impl fmt::Debug for HttpJwks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpJwks").field("uri", &self.uri).finish()
+    }
+}
+
+/// A JWKS URL that is not an absolute `http://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidJwksUrl(pub String);
+
+impl fmt::Display for InvalidJwksUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not an absolute http:// JWKS URL: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidJwksUrl {}
+
+/// `Cache-Control: max-age` (`no-cache`/`no-store` count as zero).
+fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    let mut found = None;
+    for value in headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v: &HeaderValue| v.to_str().ok())
+    {
+        for directive in value.split(',').map(str::trim) {
+            let (name, arg) = directive.split_once('=').unwrap_or((directive, ""));
+            if name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("no-cache") {
+                return Some(Duration::ZERO);
+            }
+            if name.eq_ignore_ascii_case("max-age") {
+                found = arg.trim_matches('"').parse().ok().map(Duration::from_secs);
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn reads_max_age() {
+        assert_eq!(
+            max_age(&headers(&["public, max-age=600"])),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            max_age(&headers(&["Max-Age=\"60\""])),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            max_age(&headers(&["public", "max-age=5"])),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(max_age(&headers(&["no-store"])), Some(Duration::ZERO));
+        assert_eq!(max_age(&headers(&["max-age=soon"])), None);
+        assert_eq!(max_age(&headers(&[])), None);
+    }
+
+    #[test]
+    fn only_http_urls() {
+        assert!(HttpJwks::new("http://127.0.0.1:1/jwks").is_ok());
+        assert!(HttpJwks::new("https://idp.example/jwks").is_err());
+        assert!(HttpJwks::new("/jwks").is_err());
+        assert!(HttpJwks::new("not a url").is_err());
+    }
+}

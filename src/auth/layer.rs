@@ -1,0 +1,468 @@
+//! `BearerAuthLayer` and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::Response;
+use jsonwebtoken::{Algorithm, Validation};
+use tower_layer::Layer;
+
+use super::keys::{KeySet, VerificationKey};
+use super::rejection::Rejection;
+use super::service::BearerAuth;
+use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
+use super::verify::{TokenCache, Verifier};
+
+type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
+type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
+
+/// Every algorithm jsonwebtoken verifies; `none` is not one of them.
+const ALL_ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// A Tower layer that requires a valid bearer JWT on every request.
+///
+/// Built with [`BearerAuthLayer::builder`]; cloning is cheap and clones share the key cache
+/// and the verified-token cache.
+#[derive(Clone)]
+#[must_use]
+pub struct BearerAuthLayer {
+    pub(crate) config: Arc<Config>,
+}
+
+pub(crate) struct Config {
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) skip: Option<Box<SkipFn>>,
+    pub(crate) on_reject: Option<Box<RejectFn>>,
+}
+
+impl BearerAuthLayer {
+    /// Starts configuring the layer.
+    pub fn builder() -> BearerAuthBuilder {
+        BearerAuthBuilder::default()
+    }
+}
+
+impl<S> Layer<S> for BearerAuthLayer {
+    type Service = BearerAuth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BearerAuth::new(inner, Arc::clone(&self.config))
+    }
+}
+
+impl fmt::Debug for BearerAuthLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verifier = &self.config.verifier;
+        f.debug_struct("BearerAuthLayer")
+            .field("realm", &verifier.realm)
+            .field(
+                "algorithms",
+                &verifier
+                    .validations
+                    .iter()
+                    .map(|(a, _)| a)
+                    .collect::<Vec<_>>(),
+            )
+            .field("static_keys", &verifier.static_keys.len())
+            .field("key_sources", &verifier.sources.len())
+            .field("token_cache", &verifier.cache.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration the layer refuses to build with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Neither a key nor a key source was given: no token could ever be accepted.
+    NoKeys,
+    /// The algorithm allow-list is empty.
+    NoAlgorithms,
+    /// The realm has characters a `WWW-Authenticate` quoted string cannot carry.
+    InvalidRealm(String),
+    /// The JWKS URL is not an absolute `http://` URL.
+    InvalidJwksUrl(String),
+    /// A duration that must be positive is zero.
+    ZeroDuration(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoKeys => f.write_str("no verification key or key source configured"),
+            Self::NoAlgorithms => f.write_str("the algorithm allow-list is empty"),
+            Self::InvalidRealm(realm) => write!(f, "invalid realm {realm:?}"),
+            Self::InvalidJwksUrl(url) => write!(f, "not an absolute http:// JWKS URL: {url:?}"),
+            Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Configures a [`BearerAuthLayer`]. Every setting has a default but the keys.
+#[must_use]
+pub struct BearerAuthBuilder {
+    realm: String,
+    algorithms: Vec<Algorithm>,
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    leeway: Duration,
+    static_keys: KeySet,
+    sources: Vec<Box<dyn KeySource>>,
+    jwks_urls: Vec<String>,
+    refresh_interval: Duration,
+    refetch_cooldown: Duration,
+    fetch_timeout: Duration,
+    max_age_cap: Duration,
+    cache_capacity: u64,
+    max_token_bytes: usize,
+    skip: Option<Box<SkipFn>>,
+    on_reject: Option<Box<RejectFn>>,
+}
+
+impl Default for BearerAuthBuilder {
+    fn default() -> Self {
+        Self {
+            realm: "fhir".to_owned(),
+            algorithms: ALL_ALGORITHMS.to_vec(),
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+            leeway: Duration::from_secs(60),
+            static_keys: KeySet::new(),
+            sources: Vec::new(),
+            jwks_urls: Vec::new(),
+            refresh_interval: Duration::from_secs(300),
+            refetch_cooldown: Duration::from_secs(30),
+            fetch_timeout: Duration::from_secs(5),
+            max_age_cap: Duration::from_secs(86_400),
+            cache_capacity: 10_000,
+            max_token_bytes: 16 * 1024,
+            skip: None,
+            on_reject: None,
+        }
+    }
+}
+
+impl BearerAuthBuilder {
+    /// The realm named in `WWW-Authenticate` challenges. Default `fhir`.
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.realm = realm.into();
+        self
+    }
+
+    /// The algorithms accepted at all; each key further restricts to its own. Default: all
+    /// that jsonwebtoken verifies (`none` never is).
+    pub fn algorithms(mut self, algorithms: impl IntoIterator<Item = Algorithm>) -> Self {
+        self.algorithms = algorithms.into_iter().collect();
+        self
+    }
+
+    /// Accepts tokens from this issuer (`iss`); call again to allow several. When any issuer
+    /// is configured, `iss` is required.
+    pub fn issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuers.push(issuer.into());
+        self
+    }
+
+    /// Accepts tokens for this audience (`aud`); call again to allow several. When any
+    /// audience is configured, `aud` is required; when none is, `aud` is not checked.
+    pub fn audience(mut self, audience: impl Into<String>) -> Self {
+        self.audiences.push(audience.into());
+        self
+    }
+
+    /// Clock skew allowed on `exp` and `nbf`. Default 60 s.
+    pub fn leeway(mut self, leeway: Duration) -> Self {
+        self.leeway = leeway;
+        self
+    }
+
+    /// Adds a static verification key.
+    pub fn key(mut self, key: VerificationKey) -> Self {
+        self.static_keys = self.static_keys.with_key(key);
+        self
+    }
+
+    /// Adds static verification keys, such as a parsed JWKS document.
+    pub fn keys(mut self, keys: KeySet) -> Self {
+        for key in keys.into_keys() {
+            self.static_keys = self.static_keys.with_shared_key(key);
+        }
+        self
+    }
+
+    /// Adds a source of keys fetched at run time, cached, refreshed and refetched.
+    pub fn key_source(mut self, source: impl KeySource) -> Self {
+        self.sources.push(Box::new(source));
+        self
+    }
+
+    /// Adds a JWKS URL (`http://`), fetched with the hyper-util client.
+    #[cfg(feature = "remote-jwks")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
+    pub fn jwks_url(mut self, url: impl Into<String>) -> Self {
+        self.jwks_urls.push(url.into());
+        self
+    }
+
+    /// How often fetched keys are refreshed when the source gives no `max-age`. Default 5 min.
+    pub fn refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval;
+        self
+    }
+
+    /// The least time between two fetches caused by unknown `kid`s or failed refreshes; also
+    /// the shortest `max-age` honoured. Default 30 s.
+    pub fn refetch_cooldown(mut self, cooldown: Duration) -> Self {
+        self.refetch_cooldown = cooldown;
+        self
+    }
+
+    /// How long one key fetch may take. Default 5 s.
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.fetch_timeout = timeout;
+        self
+    }
+
+    /// How many verified tokens to remember (each no longer than its `exp`); `0` turns the
+    /// cache off. Default 10 000.
+    pub fn token_cache_capacity(mut self, capacity: u64) -> Self {
+        self.cache_capacity = capacity;
+        self
+    }
+
+    /// The longest bearer token accepted, in bytes; longer ones get 400. Default 16 KiB.
+    pub fn max_token_bytes(mut self, max: usize) -> Self {
+        self.max_token_bytes = max;
+        self
+    }
+
+    /// Lets requests for which `skip` returns true through without a token (and without
+    /// claims in their extensions).
+    pub fn skip_if(mut self, skip: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.skip = Some(Box::new(skip));
+        self
+    }
+
+    /// Replaces the default rejection response (status, `WWW-Authenticate`, OperationOutcome).
+    pub fn rejection_response(
+        mut self,
+        respond: impl Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_reject = Some(Box::new(respond));
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<BearerAuthLayer, ConfigError> {
+        crate::install_crypto_provider();
+        if self.algorithms.is_empty() {
+            return Err(ConfigError::NoAlgorithms);
+        }
+        if self.realm.is_empty()
+            || !self
+                .realm
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err(ConfigError::InvalidRealm(self.realm));
+        }
+        for (what, value) in [
+            ("refresh_interval", self.refresh_interval),
+            ("refetch_cooldown", self.refetch_cooldown),
+            ("fetch_timeout", self.fetch_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(what));
+            }
+        }
+        let mut sources = self.sources;
+        #[cfg(feature = "remote-jwks")]
+        for url in &self.jwks_urls {
+            let jwks = super::HttpJwks::new(url).map_err(|e| ConfigError::InvalidJwksUrl(e.0))?;
+            sources.push(Box::new(jwks));
+        }
+        if self.static_keys.is_empty() && sources.is_empty() {
+            return Err(ConfigError::NoKeys);
+        }
+        let policy = RefreshPolicy {
+            interval: self.refresh_interval,
+            cooldown: self.refetch_cooldown,
+            max_age_cap: self.max_age_cap,
+            timeout: self.fetch_timeout,
+        };
+        let validations = dedup(self.algorithms)
+            .into_iter()
+            .map(|alg| {
+                (
+                    alg,
+                    validation(alg, &self.issuers, &self.audiences, self.leeway),
+                )
+            })
+            .collect();
+        let verifier = Verifier {
+            realm: Arc::from(self.realm),
+            validations,
+            static_keys: self.static_keys,
+            sources: sources
+                .into_iter()
+                .map(|source| Arc::new(RefreshingKeys::new(source, policy)))
+                .collect(),
+            cache: (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity)),
+            max_token_bytes: self.max_token_bytes,
+        };
+        Ok(BearerAuthLayer {
+            config: Arc::new(Config {
+                verifier: Arc::new(verifier),
+                skip: self.skip,
+                on_reject: self.on_reject,
+            }),
+        })
+    }
+}
+
+fn dedup(algorithms: Vec<Algorithm>) -> Vec<Algorithm> {
+    let mut unique = Vec::with_capacity(algorithms.len());
+    for alg in algorithms {
+        if !unique.contains(&alg) {
+            unique.push(alg);
+        }
+    }
+    unique
+}
+
+fn validation(
+    alg: Algorithm,
+    issuers: &[String],
+    audiences: &[String],
+    leeway: Duration,
+) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if issuers.is_empty() {
+        validation.iss = None;
+    } else {
+        validation.set_issuer(issuers);
+        required.push("iss");
+    }
+    if audiences.is_empty() {
+        // jsonwebtoken refuses any token with an `aud` unless an audience is set.
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(audiences);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+impl fmt::Debug for BearerAuthBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BearerAuthBuilder")
+            .field("realm", &self.realm)
+            .field("algorithms", &self.algorithms)
+            .field("issuers", &self.issuers)
+            .field("audiences", &self.audiences)
+            .field("leeway", &self.leeway)
+            .field("static_keys", &self.static_keys)
+            .field("jwks_urls", &self.jwks_urls)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hmac() -> VerificationKey {
+        VerificationKey::hmac("secret").unwrap()
+    }
+
+    #[test]
+    fn refuses_bad_configuration() {
+        assert_eq!(
+            BearerAuthLayer::builder().build().unwrap_err(),
+            ConfigError::NoKeys
+        );
+        assert_eq!(
+            BearerAuthLayer::builder()
+                .key(hmac())
+                .algorithms([])
+                .build()
+                .unwrap_err(),
+            ConfigError::NoAlgorithms
+        );
+        assert!(matches!(
+            BearerAuthLayer::builder().key(hmac()).realm("a\"b").build(),
+            Err(ConfigError::InvalidRealm(_))
+        ));
+        assert_eq!(
+            BearerAuthLayer::builder()
+                .key(hmac())
+                .refetch_cooldown(Duration::ZERO)
+                .build()
+                .unwrap_err(),
+            ConfigError::ZeroDuration("refetch_cooldown")
+        );
+    }
+
+    #[cfg(feature = "remote-jwks")]
+    #[test]
+    fn refuses_bad_jwks_url() {
+        assert!(matches!(
+            BearerAuthLayer::builder().jwks_url("ftp://x/jwks").build(),
+            Err(ConfigError::InvalidJwksUrl(_))
+        ));
+    }
+
+    #[test]
+    fn requires_configured_claims() {
+        let v = validation(
+            Algorithm::RS256,
+            &["i".into()],
+            &["a".into()],
+            Duration::from_secs(5),
+        );
+        assert_eq!(v.leeway, 5);
+        assert!(v.validate_nbf && v.validate_exp && v.validate_aud);
+        for claim in ["exp", "iss", "aud"] {
+            assert!(v.required_spec_claims.contains(claim), "{claim}");
+        }
+        let v = validation(Algorithm::RS256, &[], &[], Duration::ZERO);
+        assert!(!v.validate_aud && v.iss.is_none());
+        assert_eq!(v.algorithms, [Algorithm::RS256]);
+    }
+
+    #[test]
+    fn debug_shows_no_key_material() {
+        let layer = BearerAuthLayer::builder()
+            .key(VerificationKey::hmac("hunter2").unwrap())
+            .build()
+            .unwrap();
+        let shown = format!("{layer:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("fhir"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Bearer token validation: the layer that lets only requests with a valid JWT through.
+//!
+//! [`BearerAuthLayer`] reads `Authorization: Bearer <jwt>`, verifies the signature with
+//! jsonwebtoken against keys pinned to their algorithms, checks `exp`, `nbf` (with leeway),
+//! `iss` and `aud`, and calls the inner service with the [`VerifiedClaims`] in the request
+//! extensions. Anything else is answered by the layer itself, per RFC 6750, with an
+//! `OperationOutcome` body:
+//!
+//! | request | status | `WWW-Authenticate` |
+//! |---|---|---|
+//! | no `Authorization`, or another scheme (`Basic`) | 401 | `Bearer realm="fhir"` |
+//! | two `Authorization` headers, empty, oversized or non-`b64token` token | 400 | `error="invalid_request"` |
+//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`, no `exp` | 401 | `error="invalid_token"` |
+//! | keys cannot be fetched (and none were ever fetched) | 503 | (`Retry-After`) |
+//!
+//! Keys are static ([`VerificationKey`], [`KeySet`]) or fetched ([`KeySource`], a JWKS URL
+//! with the `remote-jwks` feature). Fetched keys are cached and refreshed on an interval (or
+//! the source's `Cache-Control: max-age`); a token with an unknown `kid` triggers one refetch,
+//! at most once per cooldown, shared by all requests waiting on it; when the source is down the
+//! last good keys keep working. Verified tokens are cached (bounded, each entry no longer than
+//! the token's `exp`, dropped when its key leaves the key set).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_fhir::auth::{BearerAuthLayer, VerificationKey, VerifiedClaims};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let layer = BearerAuthLayer::builder()
+//!     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+//!     .issuer("https://auth.example")
+//!     .build()
+//!     .unwrap();
+//!
+//! let service = ServiceBuilder::new().layer(layer).service_fn(|req: Request<Full<Bytes>>| async move {
+//!     let claims = req.extensions().get::<VerifiedClaims>().unwrap();
+//!     Ok::<_, Infallible>(Response::new(Full::from(claims.subject().unwrap().to_owned())))
+//! });
+//!
+//! // No token: 401 with a bare challenge.
+//! let response = service.clone().oneshot(Request::new(Full::default())).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(response.headers()["www-authenticate"], "Bearer realm=\"fhir\"");
+//!
+//! // A valid token: the handler sees its claims.
+//! let claims = serde_json::json!({"iss": "https://auth.example", "sub": "app", "exp": 4_000_000_000u64});
+//! let key = EncodingKey::from_secret(b"a-long-shared-secret");
+//! let token = encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+//! let request = Request::builder()
+//!     .header("authorization", format!("Bearer {token}"))
+//!     .body(Full::default())
+//!     .unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! # });
+//! ```
+
+mod claims;
+mod future;
+#[cfg(feature = "remote-jwks")]
+mod jwks;
+mod keys;
+mod layer;
+mod rejection;
+mod service;
+mod source;
+mod verify;
+
+pub use claims::VerifiedClaims;
+pub use future::ResponseFuture;
+pub use jsonwebtoken::Algorithm;
+#[cfg(feature = "remote-jwks")]
+#[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
+pub use jwks::{HttpJwks, InvalidJwksUrl};
+pub use keys::{KeyError, KeySet, VerificationKey};
+pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
+pub use rejection::{Rejection, RejectionKind};
+pub use service::BearerAuth;
+pub use source::{FetchedKeys, KeySource, KeySourceError, KeySourceFuture};

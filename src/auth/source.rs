@@ -1,0 +1,369 @@
+//! Keys that come from somewhere else (a JWKS URL, a token service in the same process), and
+//! the cache that refreshes them.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::{FutureExt, Shared};
+
+use super::keys::KeySet;
+
+/// A key set as fetched, with how long the source says it may be cached.
+#[derive(Debug, Clone, Default)]
+pub struct FetchedKeys {
+    /// The keys.
+    pub keys: KeySet,
+    /// How long the keys may be used before fetching again (HTTP `Cache-Control: max-age`);
+    /// `None` uses the layer's refresh interval.
+    pub max_age: Option<Duration>,
+}
+
+impl From<KeySet> for FetchedKeys {
+    fn from(keys: KeySet) -> Self {
+        Self {
+            keys,
+            max_age: None,
+        }
+    }
+}
+
+/// Why a key source could not produce keys. The message is logged, never sent to clients.
+#[derive(Debug, Clone)]
+pub struct KeySourceError {
+    message: String,
+}
+
+impl KeySourceError {
+    /// An error with a message for the logs.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for KeySourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for KeySourceError {}
+
+/// The future a [`KeySource`] returns.
+pub type KeySourceFuture =
+    Pin<Box<dyn Future<Output = Result<FetchedKeys, KeySourceError>> + Send>>;
+
+/// Where verification keys come from when they are not configured statically.
+///
+/// The layer caches what `fetch` returns, refreshes it on an interval, refetches when a token
+/// names an unknown `kid` (at most once per cooldown) and shares one fetch between concurrent
+/// requests, so a source only has to fetch. Any `Fn() -> impl Future<Output = Result<FetchedKeys,
+/// KeySourceError>>` is a source:
+///
+/// ```
+/// use tower_fhir::auth::{FetchedKeys, KeySet, KeySource, VerificationKey};
+///
+/// let source = || async {
+///     let key = VerificationKey::hmac("a-long-shared-secret")?.with_kid("k1");
+///     Ok::<_, tower_fhir::auth::KeySourceError>(FetchedKeys::from(KeySet::new().with_key(key)))
+/// };
+/// # fn is_source(_: impl KeySource) {}
+/// is_source(source);
+/// # impl From<tower_fhir::auth::KeyError> for tower_fhir::auth::KeySourceError {
+/// #     fn from(e: tower_fhir::auth::KeyError) -> Self { Self::new(e.to_string()) }
+/// # }
+/// ```
+pub trait KeySource: Send + Sync + 'static {
+    /// Fetches the current keys.
+    fn fetch(&self) -> KeySourceFuture;
+}
+
+impl<F, Fut> KeySource for F
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<FetchedKeys, KeySourceError>> + Send + 'static,
+{
+    fn fetch(&self) -> KeySourceFuture {
+        Box::pin(self())
+    }
+}
+
+/// When a source is fetched again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RefreshPolicy {
+    /// Refresh after this long when the source gives no max-age.
+    pub(crate) interval: Duration,
+    /// At most one fetch per cooldown for unknown `kid`s and failed refreshes; also the
+    /// shortest max-age honoured.
+    pub(crate) cooldown: Duration,
+    /// The longest max-age honoured.
+    pub(crate) max_age_cap: Duration,
+    /// How long one fetch may take.
+    pub(crate) timeout: Duration,
+}
+
+/// Why a fetch is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// No keys were ever fetched: at most one attempt a second.
+    Cold,
+    /// A token names a `kid` the set lacks: at most one such refetch per cooldown.
+    UnknownKid,
+    /// The keys are due for a refresh (scheduled after each fetch).
+    Refresh,
+}
+
+const COLD_RETRY: Duration = Duration::from_secs(1);
+
+type FetchResult = Result<(), Arc<str>>;
+pub(crate) type SharedFetch = Shared<Pin<Box<dyn Future<Output = FetchResult> + Send>>>;
+
+/// A [`KeySource`]'s keys, cached and refreshed; readers never wait on a lock held across
+/// a fetch.
+pub(crate) struct RefreshingKeys {
+    source: Box<dyn KeySource>,
+    policy: RefreshPolicy,
+    keys: RwLock<Arc<KeySet>>,
+    control: Mutex<Control>,
+    epoch: Instant,
+    // Milliseconds since `epoch` at which a refresh is due; u64::MAX before the first fetch.
+    refresh_due_ms: AtomicU64,
+    fetches: AtomicU64,
+}
+
+#[derive(Default)]
+struct Control {
+    inflight: Option<SharedFetch>,
+    last_attempt: Option<Instant>,
+    last_kid_refetch: Option<Instant>,
+    fetched: bool,
+}
+
+impl RefreshingKeys {
+    pub(crate) fn new(source: Box<dyn KeySource>, policy: RefreshPolicy) -> Self {
+        Self {
+            source,
+            policy,
+            keys: RwLock::new(Arc::new(KeySet::new())),
+            control: Mutex::new(Control::default()),
+            epoch: Instant::now(),
+            refresh_due_ms: AtomicU64::new(u64::MAX),
+            fetches: AtomicU64::new(0),
+        }
+    }
+
+    /// The keys as last fetched.
+    pub(crate) fn current(&self) -> Arc<KeySet> {
+        Arc::clone(&self.keys.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether a fetch has ever succeeded.
+    pub(crate) fn has_fetched(&self) -> bool {
+        self.control().fetched
+    }
+
+    /// How many fetches were started.
+    #[cfg(test)]
+    pub(crate) fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Starts a background refresh if one is due; never waits.
+    pub(crate) fn refresh_if_due(self: &Arc<Self>) {
+        let due = self.refresh_due_ms.load(Ordering::Relaxed);
+        if due != u64::MAX && self.millis_since_epoch() >= due {
+            let _ = self.fetch(Trigger::Refresh);
+        }
+    }
+
+    /// Joins the fetch in flight, or starts one if the trigger's rate limit allows; `None`
+    /// when it does not.
+    pub(crate) fn fetch(self: &Arc<Self>, trigger: Trigger) -> Option<SharedFetch> {
+        let mut control = self.control();
+        if let Some(inflight) = &control.inflight {
+            return Some(inflight.clone());
+        }
+        let now = Instant::now();
+        let within = |last: Option<Instant>, gap| last.is_some_and(|t| now.duration_since(t) < gap);
+        let allowed = match trigger {
+            Trigger::Cold => !within(control.last_attempt, COLD_RETRY),
+            Trigger::UnknownKid => !within(control.last_kid_refetch, self.policy.cooldown),
+            Trigger::Refresh => true,
+        };
+        if !allowed {
+            return None;
+        }
+        // Only tokio drives the fetch to completion whoever waits on it, so require one.
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        control.last_attempt = Some(now);
+        if trigger == Trigger::UnknownKid {
+            control.last_kid_refetch = Some(now);
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+
+        let this = Arc::clone(self);
+        let task = runtime.spawn(async move {
+            let fetched = tokio::time::timeout(this.policy.timeout, this.source.fetch()).await;
+            let fetched = match fetched {
+                Ok(result) => result,
+                Err(_) => Err(KeySourceError::new("key fetch timed out")),
+            };
+            this.install(fetched)
+        });
+        let shared: Pin<Box<dyn Future<Output = FetchResult> + Send>> = Box::pin(
+            task.map(|joined| joined.unwrap_or_else(|_| Err(Arc::from("key fetch task failed")))),
+        );
+        let shared = shared.shared();
+        control.inflight = Some(shared.clone());
+        Some(shared)
+    }
+
+    fn install(&self, fetched: Result<FetchedKeys, KeySourceError>) -> FetchResult {
+        let result = match fetched {
+            Ok(FetchedKeys { keys, max_age }) => {
+                let previous = self.current();
+                let keys = Arc::new(keys.succeed(&previous));
+                let count = keys.len();
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+                let fresh_for = max_age.unwrap_or(self.policy.interval).clamp(
+                    self.policy.cooldown,
+                    self.policy.max_age_cap.max(self.policy.cooldown),
+                );
+                self.schedule_refresh(fresh_for);
+                tracing::debug!(keys = count, refresh_in = ?fresh_for, "verification keys fetched");
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not fetch verification keys; keeping the last good ones");
+                self.schedule_refresh(self.policy.cooldown);
+                Err(Arc::from(err.to_string()))
+            }
+        };
+        let mut control = self.control();
+        control.inflight = None;
+        control.fetched |= result.is_ok();
+        result
+    }
+
+    fn schedule_refresh(&self, after: Duration) {
+        let due = self
+            .millis_since_epoch()
+            .saturating_add(after.as_millis() as u64);
+        self.refresh_due_ms.store(due, Ordering::Relaxed);
+    }
+
+    fn millis_since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for RefreshingKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshingKeys")
+            .field("policy", &self.policy)
+            .field("keys", &self.current().len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::VerificationKey;
+    use std::sync::atomic::AtomicUsize;
+
+    fn policy() -> RefreshPolicy {
+        RefreshPolicy {
+            interval: Duration::from_secs(300),
+            cooldown: Duration::from_secs(30),
+            max_age_cap: Duration::from_secs(86_400),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn counting_source(calls: Arc<AtomicUsize>, fail: bool) -> Box<dyn KeySource> {
+        Box::new(move || {
+            let calls = Arc::clone(&calls);
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if fail {
+                    return Err(KeySourceError::new("down"));
+                }
+                let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+                Ok(FetchedKeys::from(KeySet::new().with_key(key)))
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn concurrent_fetches_share_one_call() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = Arc::new(RefreshingKeys::new(
+            counting_source(calls.clone(), false),
+            policy(),
+        ));
+        let waits: Vec<_> = (0..50)
+            .map(|_| keys.fetch(Trigger::Cold).unwrap())
+            .collect();
+        for result in futures::future::join_all(waits).await {
+            assert!(result.is_ok());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(keys.current().len(), 1);
+        assert!(keys.has_fetched());
+        // An unknown kid refetches once, then not again within the cooldown.
+        keys.fetch(Trigger::UnknownKid).unwrap().await.unwrap();
+        assert!(keys.fetch(Trigger::UnknownKid).is_none());
+        assert_eq!(keys.fetch_count(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn failure_keeps_last_good_keys() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = Arc::new(RefreshingKeys::new(
+            counting_source(calls.clone(), true),
+            policy(),
+        ));
+        assert!(keys.fetch(Trigger::Cold).unwrap().await.is_err());
+        assert!(!keys.has_fetched());
+        // Cold retries are limited to one a second.
+        assert!(keys.fetch(Trigger::Cold).is_none());
+        keys.install(Ok(FetchedKeys::from(
+            KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
+        )))
+        .unwrap();
+        keys.install(Err(KeySourceError::new("down again")))
+            .unwrap_err();
+        assert_eq!(keys.current().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_does_not_cancel_the_fetch() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = Arc::new(RefreshingKeys::new(
+            counting_source(calls.clone(), false),
+            policy(),
+        ));
+        drop(keys.fetch(Trigger::Cold).unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(keys.has_fetched());
+    }
+
+    #[test]
+    fn no_runtime_means_no_fetch_rather_than_a_panic() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = Arc::new(RefreshingKeys::new(counting_source(calls, false), policy()));
+        assert!(keys.fetch(Trigger::Cold).is_none());
+    }
+}

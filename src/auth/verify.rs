@@ -1,0 +1,415 @@
+//! Token verification: header parsing, key choice, jsonwebtoken, and the verified-token cache.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use futures::future::BoxFuture;
+use http::{header, HeaderMap};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use moka::sync::Cache;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::claims::VerifiedClaims;
+use super::keys::{KeySet, VerificationKey};
+use super::rejection::{Rejection, RejectionKind};
+use super::source::{RefreshingKeys, SharedFetch, Trigger};
+
+/// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
+const MAX_HEADER_BYTES: usize = 2048;
+
+/// Everything the bearer layer needs to verify a request, shared by all its services.
+pub(crate) struct Verifier {
+    pub(crate) realm: Arc<str>,
+    pub(crate) validations: Vec<(Algorithm, Validation)>,
+    pub(crate) static_keys: KeySet,
+    pub(crate) sources: Vec<Arc<RefreshingKeys>>,
+    pub(crate) cache: Option<TokenCache>,
+    pub(crate) max_token_bytes: usize,
+}
+
+/// The result of verifying without waiting.
+pub(crate) enum Verdict {
+    Accept(VerifiedClaims),
+    Reject(Rejection),
+    /// Keys must be fetched first; the future finishes the verification.
+    Wait(BoxFuture<'static, Result<VerifiedClaims, Rejection>>),
+}
+
+#[derive(Deserialize)]
+struct JwsHeader<'a> {
+    #[serde(borrow)]
+    alg: Cow<'a, str>,
+    #[serde(borrow, default)]
+    kid: Option<Cow<'a, str>>,
+    #[serde(default)]
+    crit: Option<Value>,
+}
+
+impl Verifier {
+    pub(crate) fn reject(&self, kind: RejectionKind, description: &'static str) -> Rejection {
+        Rejection::new(kind, description, Arc::clone(&self.realm))
+    }
+
+    /// The bearer token of a request, or why there is none.
+    pub(crate) fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, Rejection> {
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
+            return Err(self.reject(RejectionKind::MissingToken, "Authentication required"));
+        };
+        if values.next().is_some() {
+            return Err(self.reject(
+                RejectionKind::InvalidRequest,
+                "More than one Authorization header",
+            ));
+        }
+        let value = value.as_bytes();
+        let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
+            Some(space) => (&value[..space], &value[space..]),
+            None => (value, &b""[..]),
+        };
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            // Another scheme (Basic, ...) is "no bearer credentials", not an error (§3.1).
+            return Err(self.reject(
+                RejectionKind::MissingToken,
+                "Bearer authentication required",
+            ));
+        }
+        let token = trim_leading_spaces(rest);
+        if token.is_empty() {
+            return Err(self.reject(RejectionKind::InvalidRequest, "The bearer token is empty"));
+        }
+        if token.len() > self.max_token_bytes {
+            return Err(self.reject(
+                RejectionKind::InvalidRequest,
+                "The bearer token is too long",
+            ));
+        }
+        if !is_b64token(token) {
+            return Err(self.reject(
+                RejectionKind::InvalidRequest,
+                "The bearer token has characters outside the b64token syntax",
+            ));
+        }
+        // b64token characters are ASCII, so this cannot fail.
+        std::str::from_utf8(token).map_err(|_| {
+            self.reject(
+                RejectionKind::InvalidRequest,
+                "The bearer token is not ASCII",
+            )
+        })
+    }
+
+    /// Verifies a token, from the cache when it can, without waiting unless keys must be
+    /// fetched.
+    pub(crate) fn verify(self: &Arc<Self>, token: &str) -> Verdict {
+        if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
+            return Verdict::Accept(claims);
+        }
+        let header = match self.header(token) {
+            Ok(header) => header,
+            Err(rejection) => return Verdict::Reject(rejection),
+        };
+        for source in &self.sources {
+            source.refresh_if_due();
+        }
+        match self.verify_with_current_keys(token, &header) {
+            Some(result) => return verdict(result),
+            None if self.sources.is_empty() => {
+                return Verdict::Reject(self.unknown_key());
+            }
+            None => {}
+        }
+        let fetches: Vec<SharedFetch> = self
+            .sources
+            .iter()
+            .filter_map(|source| {
+                let trigger = if source.has_fetched() {
+                    Trigger::UnknownKid
+                } else {
+                    Trigger::Cold
+                };
+                source.fetch(trigger)
+            })
+            .collect();
+        if fetches.is_empty() {
+            return Verdict::Reject(self.no_key_after_fetch());
+        }
+        let this = Arc::clone(self);
+        let token = token.to_owned();
+        Verdict::Wait(Box::pin(async move {
+            futures::future::join_all(fetches).await;
+            let header = this.header(&token)?;
+            this.verify_with_current_keys(&token, &header)
+                .unwrap_or_else(|| Err(this.no_key_after_fetch()))
+        }))
+    }
+
+    fn unknown_key(&self) -> Rejection {
+        self.reject(
+            RejectionKind::InvalidToken,
+            "No key is known for this token",
+        )
+    }
+
+    fn no_key_after_fetch(&self) -> Rejection {
+        if self.static_keys.is_empty() && self.sources.iter().all(|s| !s.has_fetched()) {
+            self.reject(
+                RejectionKind::KeysUnavailable,
+                "The keys to verify tokens are unavailable; try again later",
+            )
+        } else {
+            self.unknown_key()
+        }
+    }
+
+    fn header(&self, token: &str) -> Result<ParsedHeader, Rejection> {
+        let not_jwt = || self.reject(RejectionKind::InvalidToken, "The access token is not a JWT");
+        let mut parts = token.split('.');
+        let (Some(encoded), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(not_jwt());
+        };
+        if encoded.len() > MAX_HEADER_BYTES * 4 / 3 + 4 {
+            return Err(not_jwt());
+        }
+        let json = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| not_jwt())?;
+        let header: JwsHeader<'_> = serde_json::from_slice(&json).map_err(|_| not_jwt())?;
+        if header.crit.is_some() {
+            return Err(self.reject(
+                RejectionKind::InvalidToken,
+                "The token has critical header extensions this server does not understand",
+            ));
+        }
+        let alg: Algorithm = header.alg.parse().map_err(|_| {
+            self.reject(
+                RejectionKind::InvalidToken,
+                "The token's algorithm is not supported",
+            )
+        })?;
+        let kid = header.kid.map(|k| match k {
+            Cow::Borrowed(k) => k.to_owned(),
+            Cow::Owned(k) => k,
+        });
+        Ok(ParsedHeader { alg, kid })
+    }
+
+    /// `None` when the token names a `kid` that no key has (or, without a `kid`, when there
+    /// are no keys at all): fetching keys may help.
+    fn verify_with_current_keys(
+        &self,
+        token: &str,
+        header: &ParsedHeader,
+    ) -> Option<Result<VerifiedClaims, Rejection>> {
+        let Some(validation) = self.validation(header.alg) else {
+            return Some(Err(self.reject(
+                RejectionKind::InvalidToken,
+                "The token's algorithm is not allowed",
+            )));
+        };
+        let kid = header.kid.as_deref();
+        let fetched: Vec<Arc<KeySet>> = self.sources.iter().map(|s| s.current()).collect();
+        let keys = self
+            .static_keys
+            .candidates(kid)
+            .chain(fetched.iter().flat_map(|set| set.candidates(kid)));
+        let mut outcome = None;
+        let mut named = false;
+        for key in keys {
+            named |= kid.is_none() || key.kid() == kid;
+            if !key.allows(header.alg) {
+                // A key's own algorithm wins over the token header's.
+                outcome.get_or_insert_with(|| {
+                    Err(self.reject(
+                        RejectionKind::InvalidToken,
+                        "The token's algorithm does not match its key",
+                    ))
+                });
+                continue;
+            }
+            match self.decode(token, header, key, validation) {
+                Ok(claims) => return Some(Ok(claims)),
+                Err((rejection, signature_ok)) => {
+                    outcome = Some(Err(rejection));
+                    if signature_ok {
+                        return outcome;
+                    }
+                }
+            }
+        }
+        if named {
+            outcome
+        } else {
+            None
+        }
+    }
+
+    fn validation(&self, alg: Algorithm) -> Option<&Validation> {
+        self.validations
+            .iter()
+            .find(|(allowed, _)| *allowed == alg)
+            .map(|(_, validation)| validation)
+    }
+
+    /// On failure, also whether the signature was good (so no other key need be tried).
+    fn decode(
+        &self,
+        token: &str,
+        header: &ParsedHeader,
+        key: &Arc<VerificationKey>,
+        validation: &Validation,
+    ) -> Result<VerifiedClaims, (Rejection, bool)> {
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
+                .map_err(|err| self.decode_error(err.kind()))?;
+        let claims = VerifiedClaims::verified(data.claims, header.kid.as_deref(), header.alg)
+            .ok_or_else(|| {
+                (
+                    self.reject(
+                        RejectionKind::InvalidToken,
+                        "The access token has no valid exp claim",
+                    ),
+                    true,
+                )
+            })?;
+        if let Some(cache) = &self.cache {
+            cache.insert(token, &claims, key);
+        }
+        Ok(claims)
+    }
+
+    fn decode_error(&self, kind: &ErrorKind) -> (Rejection, bool) {
+        let (description, signature_ok) = match kind {
+            ErrorKind::InvalidSignature => ("The access token signature is invalid", false),
+            ErrorKind::InvalidAlgorithm => ("The token's algorithm does not match its key", false),
+            ErrorKind::ExpiredSignature => ("The access token expired", true),
+            ErrorKind::ImmatureSignature => ("The access token is not valid yet", true),
+            ErrorKind::InvalidIssuer => ("The access token's issuer is not trusted", true),
+            ErrorKind::InvalidAudience => ("The access token is meant for another audience", true),
+            ErrorKind::MissingRequiredClaim(claim) => (
+                match claim.as_str() {
+                    "exp" => "The access token has no exp claim",
+                    "iss" => "The access token has no iss claim",
+                    "aud" => "The access token has no aud claim",
+                    _ => "The access token lacks a required claim",
+                },
+                true,
+            ),
+            ErrorKind::InvalidClaimFormat(_) => ("The access token has a malformed claim", true),
+            _ => ("The access token is malformed", false),
+        };
+        (
+            self.reject(RejectionKind::InvalidToken, description),
+            signature_ok,
+        )
+    }
+}
+
+fn verdict(result: Result<VerifiedClaims, Rejection>) -> Verdict {
+    match result {
+        Ok(claims) => Verdict::Accept(claims),
+        Err(rejection) => Verdict::Reject(rejection),
+    }
+}
+
+struct ParsedHeader {
+    alg: Algorithm,
+    kid: Option<String>,
+}
+
+fn trim_leading_spaces(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_b64token(token: &[u8]) -> bool {
+    let body_end = token.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
+    body_end > 0
+        && token[..body_end].iter().all(|&b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
+}
+
+/// Tokens already verified, each kept no longer than its own `exp`.
+pub(crate) struct TokenCache {
+    cache: Cache<Arc<str>, CachedToken>,
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    claims: VerifiedClaims,
+    key: Arc<VerificationKey>,
+}
+
+struct UntilExpiry;
+
+impl moka::Expiry<Arc<str>, CachedToken> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _token: &Arc<str>,
+        cached: &CachedToken,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(cached.claims.time_left().unwrap_or(Duration::ZERO))
+    }
+}
+
+impl TokenCache {
+    pub(crate) fn new(capacity: u64) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(capacity)
+                .expire_after(UntilExpiry)
+                .build(),
+        }
+    }
+
+    fn get(&self, token: &str) -> Option<VerifiedClaims> {
+        let cached = self.cache.get(token)?;
+        // Re-check what may have changed since the token was verified.
+        if cached.key.is_retired() || cached.claims.is_expired() {
+            self.cache.invalidate(token);
+            return None;
+        }
+        Some(cached.claims)
+    }
+
+    fn insert(&self, token: &str, claims: &VerifiedClaims, key: &Arc<VerificationKey>) {
+        if claims.time_left().is_some() {
+            let cached = CachedToken {
+                claims: claims.clone(),
+                key: Arc::clone(key),
+            };
+            self.cache.insert(Arc::from(token), cached);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn b64token_syntax() {
+        assert!(is_b64token(b"abc.DEF-_~+/=="));
+        assert!(!is_b64token(b"=="));
+        assert!(!is_b64token(b"a=b"));
+        assert!(!is_b64token(b"a b"));
+        assert!(!is_b64token(b"a\"b"));
+        assert!(!is_b64token("é".as_bytes()));
+    }
+
+    #[test]
+    fn leading_spaces_trimmed() {
+        assert_eq!(trim_leading_spaces(b"   x "), b"x ");
+        assert_eq!(trim_leading_spaces(b""), b"");
+    }
+}

@@ -1,0 +1,174 @@
+//! FHIR `OperationOutcome` error bodies, shared by every layer.
+//!
+//! Every rejection the gateway makes (a missing token, an unknown tenant, an upstream that
+//! timed out) is answered with an HTTP status and an `OperationOutcome` that says what went
+//! wrong in words a client developer can act on. This module builds those bodies by hand:
+//! no Rust FHIR crate models the resource small enough to be worth the dependency.
+//!
+//! ```
+//! use http::StatusCode;
+//! use tower_fhir::outcome::{IssueType, OperationOutcome};
+//!
+//! let outcome = OperationOutcome::error(IssueType::Login, "The access token expired");
+//! let response = outcome.to_response(StatusCode::UNAUTHORIZED);
+//! assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(response.headers()["content-type"], "application/fhir+json");
+//!
+//! let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+//! assert_eq!(json["resourceType"], "OperationOutcome");
+//! assert_eq!(json["issue"][0]["severity"], "error");
+//! assert_eq!(json["issue"][0]["code"], "login");
+//! assert_eq!(json["issue"][0]["diagnostics"], "The access token expired");
+//! ```
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+/// The media type of FHIR JSON from STU3 on, used for error bodies until a layer negotiates
+/// another release.
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// How bad an [`Issue`] is (FHIR `IssueSeverity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Severity {
+    /// The request failed and cannot be retried as it is.
+    Fatal,
+    /// The request failed.
+    Error,
+    /// The request succeeded, with a caveat.
+    Warning,
+    /// For information only.
+    Information,
+}
+
+/// What kind of problem an [`Issue`] is (FHIR `IssueType`, the codes the gateway uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum IssueType {
+    /// Content invalid against the specification or a profile.
+    Invalid,
+    /// A structural problem in the content (syntax).
+    Structure,
+    /// A required element is missing.
+    Required,
+    /// An element value is invalid.
+    Value,
+    /// An authentication or authorization problem.
+    Security,
+    /// The client needs to authenticate (again).
+    Login,
+    /// The user or system is not recognised.
+    Unknown,
+    /// The credentials or session expired.
+    Expired,
+    /// The client is not allowed to do this.
+    Forbidden,
+    /// Processing failed.
+    Processing,
+    /// The interaction, media type or version is not supported.
+    NotSupported,
+    /// The resource or tenant was not found.
+    NotFound,
+    /// The content was too long.
+    TooLong,
+    /// An internal or upstream failure.
+    Exception,
+    /// An upstream did not answer in time.
+    Timeout,
+    /// The client is sending too much; slow down.
+    Throttled,
+    /// A temporary problem: try again later.
+    Transient,
+}
+
+/// One problem reported in an [`OperationOutcome`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    /// How bad the problem is.
+    pub severity: Severity,
+    /// What kind of problem it is.
+    pub code: IssueType,
+    /// A human-readable explanation, safe to show to the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<String>,
+}
+
+/// A FHIR `OperationOutcome` resource: a list of issues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "resourceType", rename = "OperationOutcome")]
+pub struct OperationOutcome {
+    /// The issues; FHIR requires at least one.
+    #[serde(rename = "issue")]
+    pub issues: Vec<Issue>,
+}
+
+impl OperationOutcome {
+    /// An outcome with one `error` issue of the given type and diagnostics.
+    pub fn error(code: IssueType, diagnostics: impl Into<String>) -> Self {
+        Self::new(Severity::Error, code, diagnostics)
+    }
+
+    /// An outcome with one issue.
+    pub fn new(severity: Severity, code: IssueType, diagnostics: impl Into<String>) -> Self {
+        Self {
+            issues: vec![Issue {
+                severity,
+                code,
+                diagnostics: Some(diagnostics.into()),
+            }],
+        }
+    }
+
+    /// The outcome as FHIR JSON.
+    pub fn to_json(&self) -> Bytes {
+        // Serializing plain enums and strings into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// An HTTP response with this outcome as an `application/fhir+json` body.
+    pub fn to_response(&self, status: StatusCode) -> Response<Bytes> {
+        let mut response = Response::new(self.to_json());
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serializes_in_fhir_shape() {
+        let outcome = OperationOutcome::new(Severity::Fatal, IssueType::NotSupported, "no");
+        let json: serde_json::Value = serde_json::from_slice(&outcome.to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "fatal", "code": "not-supported", "diagnostics": "no"}]
+            })
+        );
+    }
+
+    #[test]
+    fn diagnostics_are_escaped_json() {
+        let outcome = OperationOutcome::error(IssueType::Invalid, "a \"quoted\"\n<value>");
+        let json: serde_json::Value = serde_json::from_slice(&outcome.to_json()).unwrap();
+        assert_eq!(json["issue"][0]["diagnostics"], "a \"quoted\"\n<value>");
+    }
+
+    #[test]
+    fn response_has_status_and_media_type() {
+        let response = OperationOutcome::error(IssueType::Transient, "later")
+            .to_response(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], FHIR_JSON);
+    }
+}

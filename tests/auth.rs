@@ -1,0 +1,620 @@
+//! Bearer validation over real HTTP: a protected axum app on loopback, tokens signed with real
+//! keys, and a JWKS endpoint that counts its hits.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::StatusCode;
+use jsonwebtoken::{Algorithm, EncodingKey};
+use serde_json::{json, Value};
+use support::*;
+use tower_fhir::auth::{BearerAuthBuilder, BearerAuthLayer, VerificationKey, VerifiedClaims};
+
+async fn whoami(Extension(claims): Extension<VerifiedClaims>) -> Json<Value> {
+    Json(json!({
+        "sub": claims.subject(),
+        "scope": claims.scopes().collect::<Vec<_>>(),
+        "kid": claims.key_id(),
+    }))
+}
+
+/// An app whose `/Patient/1` needs a token and whose `/metadata` does not.
+async fn app(layer: BearerAuthLayer) -> TestClient {
+    let router = Router::new()
+        .route("/Patient/1", get(whoami))
+        .route("/metadata", get(|| async { "capability statement" }))
+        .layer(layer);
+    TestClient::new(serve(router).await)
+}
+
+fn builder() -> BearerAuthBuilder {
+    BearerAuthLayer::builder()
+        .issuer("https://auth.test")
+        .audience("tower-fhir")
+        .skip_if(|parts| parts.uri.path() == "/metadata")
+}
+
+fn static_layer() -> BearerAuthLayer {
+    builder()
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap().with_kid("hs"))
+        .key(
+            VerificationKey::rsa_pem(RSA_PUBLIC)
+                .unwrap()
+                .with_kid("rsa"),
+        )
+        .key(VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("ec"))
+        .key(VerificationKey::ed_pem(ED_PUBLIC).unwrap().with_kid("ed"))
+        .key(
+            VerificationKey::rsa_pem(RSA_PUBLIC)
+                .unwrap()
+                .with_kid("rsa-pinned")
+                .with_algorithm(Algorithm::RS256)
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
+}
+
+fn assert_invalid_token(reply: &Reply, description: &str) {
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert!(
+        reply
+            .challenge()
+            .starts_with("Bearer realm=\"fhir\", error=\"invalid_token\""),
+        "{}",
+        reply.challenge()
+    );
+    assert!(
+        reply.challenge().contains(description),
+        "{}",
+        reply.challenge()
+    );
+    let outcome = reply.json();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["diagnostics"], description);
+    assert_eq!(reply.headers["content-type"], "application/fhir+json");
+}
+
+#[tokio::test]
+async fn valid_tokens_of_every_family_pass_with_their_claims() {
+    let client = app(static_layer()).await;
+    for (alg, kid) in [
+        (Algorithm::HS256, "hs"),
+        (Algorithm::HS512, "hs"),
+        (Algorithm::RS256, "rsa"),
+        (Algorithm::PS256, "rsa"),
+        (Algorithm::ES256, "ec"),
+        (Algorithm::EdDSA, "ed"),
+    ] {
+        let reply = client
+            .get_bearer("/Patient/1", &mint(alg, Some(kid), &claims()))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{alg:?}: {}", reply.text());
+        assert_eq!(
+            reply.json(),
+            json!({"sub": "app-1", "scope": ["4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"], "kid": kid})
+        );
+    }
+}
+
+#[tokio::test]
+async fn scheme_is_case_insensitive() {
+    let client = app(static_layer()).await;
+    let token = mint(Algorithm::HS256, Some("hs"), &claims());
+    for scheme in ["bearer", "BEARER", "Bearer  "] {
+        let reply = client
+            .get(
+                "/Patient/1",
+                &[("authorization", &format!("{scheme} {token}"))],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{scheme:?}");
+    }
+}
+
+#[tokio::test]
+async fn missing_token_and_other_schemes_get_a_bare_challenge() {
+    let client = app(static_layer()).await;
+    for headers in [vec![], vec![("authorization", "Basic YXBwOnNlY3JldA==")]] {
+        let reply = client.get("/Patient/1", &headers).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(reply.challenge(), "Bearer realm=\"fhir\"");
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    }
+}
+
+#[tokio::test]
+async fn malformed_authorization_is_a_bad_request() {
+    let client = app(static_layer()).await;
+    let token = mint(Algorithm::HS256, Some("hs"), &claims());
+    let bearer = format!("Bearer {token}");
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("authorization", &bearer), ("authorization", &bearer)],
+        vec![("authorization", "Bearer")],
+        vec![("authorization", "Bearer    ")],
+        vec![("authorization", "Bearer abc!def")],
+        vec![("authorization", "Bearer a\"b")],
+    ];
+    for headers in cases {
+        let reply = client.get("/Patient/1", &headers).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{headers:?}");
+        assert!(
+            reply.challenge().contains("error=\"invalid_request\""),
+            "{}",
+            reply.challenge()
+        );
+    }
+}
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    let client = app(static_layer()).await;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
+    for token in [
+        format!("{header}.{payload}."),
+        format!("{header}.{payload}"),
+    ] {
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{token}");
+        assert!(reply.challenge().contains("invalid_token"));
+    }
+}
+
+#[tokio::test]
+async fn hmac_signed_with_the_rsa_public_key_is_refused() {
+    let client = app(static_layer()).await;
+    // The classic confusion: the attacker signs HS256 with the server's public key bytes.
+    let forged_key = EncodingKey::from_secret(RSA_PUBLIC.as_bytes());
+    for kid in [Some("rsa"), Some("rsa-pinned"), None] {
+        let token = mint_with(&forged_key, Algorithm::HS256, kid, &claims());
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{kid:?}");
+    }
+    let reply = client
+        .get_bearer(
+            "/Patient/1",
+            &mint_with(&forged_key, Algorithm::HS256, Some("rsa"), &claims()),
+        )
+        .await;
+    assert_invalid_token(&reply, "The token's algorithm does not match its key");
+}
+
+#[tokio::test]
+async fn a_key_pinned_to_one_algorithm_refuses_others_of_its_family() {
+    let client = app(static_layer()).await;
+    let reply = client
+        .get_bearer(
+            "/Patient/1",
+            &mint(Algorithm::PS256, Some("rsa-pinned"), &claims()),
+        )
+        .await;
+    assert_invalid_token(&reply, "The token's algorithm does not match its key");
+    let reply = client
+        .get_bearer(
+            "/Patient/1",
+            &mint(Algorithm::RS256, Some("rsa-pinned"), &claims()),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn algorithm_allow_list_applies_to_every_key() {
+    let layer = builder()
+        .key(VerificationKey::rsa_pem(RSA_PUBLIC).unwrap())
+        .algorithms([Algorithm::RS256])
+        .build()
+        .unwrap();
+    let client = app(layer).await;
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::PS256, None, &claims()))
+        .await;
+    assert_invalid_token(&reply, "The token's algorithm is not allowed");
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::RS256, None, &claims()))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn time_claims_are_checked_with_leeway() {
+    let client = app(static_layer()).await;
+    let with = |field: &str, value: Value| {
+        let mut c = claims();
+        c[field] = value;
+        mint(Algorithm::RS256, Some("rsa"), &c)
+    };
+    let reply = client
+        .get_bearer("/Patient/1", &with("exp", json!(now() - 120)))
+        .await;
+    assert_invalid_token(&reply, "The access token expired");
+    let reply = client
+        .get_bearer("/Patient/1", &with("nbf", json!(now() + 600)))
+        .await;
+    assert_invalid_token(&reply, "The access token is not valid yet");
+    // Within the default 60 s leeway: accepted.
+    let reply = client
+        .get_bearer("/Patient/1", &with("exp", json!(now() - 20)))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = client
+        .get_bearer("/Patient/1", &with("nbf", json!(now() + 20)))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn missing_exp_is_refused() {
+    let client = app(static_layer()).await;
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("exp");
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::HS256, Some("hs"), &c))
+        .await;
+    assert_invalid_token(&reply, "The access token has no exp claim");
+}
+
+#[tokio::test]
+async fn wrong_issuer_or_audience_is_refused() {
+    let client = app(static_layer()).await;
+    let with = |field: &str, value: Value| {
+        let mut c = claims();
+        c[field] = value;
+        mint(Algorithm::ES256, Some("ec"), &c)
+    };
+    let reply = client
+        .get_bearer("/Patient/1", &with("iss", json!("https://evil.test")))
+        .await;
+    assert_invalid_token(&reply, "The access token's issuer is not trusted");
+    let reply = client
+        .get_bearer("/Patient/1", &with("aud", json!("another-api")))
+        .await;
+    assert_invalid_token(&reply, "The access token is meant for another audience");
+    let reply = client
+        .get_bearer("/Patient/1", &with("aud", json!(["x", "tower-fhir"])))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("iss");
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::ES256, Some("ec"), &c))
+        .await;
+    assert_invalid_token(&reply, "The access token has no iss claim");
+}
+
+#[tokio::test]
+async fn several_issuers_and_audiences_may_be_allowed() {
+    let layer = BearerAuthLayer::builder()
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+        .issuer("https://a.test")
+        .issuer("https://b.test")
+        .audience("x")
+        .audience("y")
+        .build()
+        .unwrap();
+    let client = app(layer).await;
+    for (iss, aud, status) in [
+        ("https://a.test", "x", StatusCode::OK),
+        ("https://b.test", "y", StatusCode::OK),
+        ("https://c.test", "x", StatusCode::UNAUTHORIZED),
+        ("https://a.test", "z", StatusCode::UNAUTHORIZED),
+    ] {
+        let c = json!({"iss": iss, "aud": aud, "exp": now() + 60, "sub": "s"});
+        let reply = client
+            .get_bearer("/Patient/1", &mint(Algorithm::HS256, None, &c))
+            .await;
+        assert_eq!(reply.status, status, "{iss} {aud}");
+    }
+}
+
+#[tokio::test]
+async fn tampered_truncated_and_garbage_tokens_are_refused() {
+    let client = app(static_layer()).await;
+    let token = mint(Algorithm::RS256, Some("rsa"), &claims());
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut evil = claims();
+    evil["sub"] = json!("admin");
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        URL_SAFE_NO_PAD.encode(evil.to_string()),
+        parts[2]
+    );
+    let reply = client.get_bearer("/Patient/1", &tampered).await;
+    assert_invalid_token(&reply, "The access token signature is invalid");
+
+    for bad in [
+        token[..token.len() - 10].to_owned(),
+        format!("{}.{}", parts[0], parts[1]),
+        parts[0].to_owned(),
+        "not-a-jwt".to_owned(),
+        "a.b.c".to_owned(),
+        "....".to_owned(),
+        format!("{token}.extra"),
+        format!("{}.{}.{}", parts[0], "%%%", parts[2]).replace('%', "_"),
+    ] {
+        let reply = client.get_bearer("/Patient/1", &bad).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "{bad}: {}",
+            reply.text()
+        );
+        assert!(reply.challenge().contains("invalid_token"));
+        assert!(!reply.text().contains(&bad), "the token must not be echoed");
+    }
+}
+
+#[tokio::test]
+async fn an_embedded_jwk_header_is_never_trusted() {
+    let client = app(static_layer()).await;
+    // The attacker signs with its own key and ships its public key in the header.
+    let attacker = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+    let jwk = rsa_jwk(RSA2_PRIVATE, "rsa");
+    let header = json!({"alg": "RS256", "kid": "rsa", "jwk": jwk});
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims().to_string())
+    );
+    let signature =
+        jsonwebtoken::crypto::sign(signing_input.as_bytes(), &attacker, Algorithm::RS256).unwrap();
+    let reply = client
+        .get_bearer("/Patient/1", &format!("{signing_input}.{signature}"))
+        .await;
+    assert_invalid_token(&reply, "The access token signature is invalid");
+}
+
+#[tokio::test]
+async fn large_tokens_up_to_the_limit_are_accepted() {
+    let client = app(static_layer()).await;
+    let mut c = claims();
+    c["groups"] = json!("g".repeat(6000));
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    assert!(token.len() > 8 * 1024, "{}", token.len());
+    assert_eq!(
+        client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+
+    c["groups"] = json!("g".repeat(20_000));
+    let token = mint(Algorithm::RS256, Some("rsa"), &c);
+    let reply = client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.challenge().contains("The bearer token is too long"));
+}
+
+#[tokio::test]
+async fn skipped_paths_need_no_token() {
+    let client = app(static_layer()).await;
+    let reply = client.get("/metadata", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "capability statement");
+}
+
+#[tokio::test]
+async fn a_custom_rejection_response_replaces_the_default() {
+    let layer = builder()
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+        .rejection_response(|rejection| {
+            http::Response::builder()
+                .status(rejection.status())
+                .header("x-reason", rejection.error_code().unwrap_or("none"))
+                .body(bytes::Bytes::from_static(b"custom"))
+                .unwrap()
+        })
+        .build()
+        .unwrap();
+    let client = app(layer).await;
+    let reply = client.get_bearer("/Patient/1", "a.b.c").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.headers["x-reason"], "invalid_token");
+    assert_eq!(reply.text(), "custom");
+}
+
+#[tokio::test]
+async fn the_cache_never_accepts_a_token_after_its_exp() {
+    let layer = builder()
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+        .leeway(Duration::ZERO)
+        .build()
+        .unwrap();
+    let client = app(layer).await;
+    let mut c = claims();
+    c["exp"] = json!(now() + 2);
+    let token = mint(Algorithm::HS256, None, &c);
+    assert_eq!(
+        client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let reply = client.get_bearer("/Patient/1", &token).await;
+    assert_invalid_token(&reply, "The access token expired");
+}
+
+mod jwks {
+    use super::*;
+
+    fn remote(server: &JwksServer) -> BearerAuthBuilder {
+        builder().jwks_url(server.url())
+    }
+
+    #[tokio::test]
+    async fn keys_are_fetched_once_and_reused() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        let client = app(remote(&server).token_cache_capacity(0).build().unwrap()).await;
+        for _ in 0..5 {
+            let reply = client
+                .get_bearer("/Patient/1", &mint(Algorithm::RS256, Some("k1"), &claims()))
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        assert_eq!(server.hits(), 1);
+    }
+
+    #[tokio::test]
+    async fn rotation_is_picked_up_and_the_old_key_dropped() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "old")]).await;
+        let client = app(remote(&server).build().unwrap()).await;
+        let old_token = mint(Algorithm::RS256, Some("old"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &old_token).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(server.hits(), 1);
+
+        server.set_keys(vec![rsa_jwk(RSA2_PRIVATE, "new")]);
+        let key = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+        let new_token = mint_with(&key, Algorithm::RS256, Some("new"), &claims());
+        let reply = client.get_bearer("/Patient/1", &new_token).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(server.hits(), 2, "one refetch for the new kid");
+
+        // The old token was cached, but its key left the set: refused, and within the
+        // cooldown no further fetch happens.
+        let reply = client.get_bearer("/Patient/1", &old_token).await;
+        assert_invalid_token(&reply, "No key is known for this token");
+        assert_eq!(server.hits(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_storm_causes_at_most_one_fetch_per_cooldown() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        server.set_delay(Duration::from_millis(100));
+        let client = app(remote(&server).build().unwrap()).await;
+        let good = mint(Algorithm::RS256, Some("k1"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &good).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(server.hits(), 1);
+
+        let storm = (0..100).map(|i| {
+            let client = client.clone();
+            let token = mint(Algorithm::RS256, Some(&format!("unknown-{i}")), &claims());
+            tokio::spawn(async move { client.get_bearer("/Patient/1", &token).await.status })
+        });
+        for status in futures::future::join_all(storm).await {
+            assert_eq!(status.unwrap(), StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(
+            server.hits(),
+            2,
+            "concurrent misses share one fetch, then the cooldown holds"
+        );
+        // Known keys keep working throughout.
+        assert_eq!(
+            client.get_bearer("/Patient/1", &good).await.status,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn cold_start_with_the_endpoint_down_is_503() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        server.set_status(StatusCode::INTERNAL_SERVER_ERROR);
+        let client = app(remote(&server).build().unwrap()).await;
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(reply.headers.contains_key("retry-after"));
+        assert_eq!(reply.json()["issue"][0]["code"], "transient");
+
+        // The endpoint recovers: after the one-second cold retry gap, keys are fetched.
+        server.set_status(StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn cached_keys_keep_working_while_the_endpoint_is_down() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        let layer = remote(&server)
+            .refresh_interval(Duration::from_millis(100))
+            .refetch_cooldown(Duration::from_millis(100))
+            .token_cache_capacity(0)
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+
+        server.set_status(StatusCode::SERVICE_UNAVAILABLE);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(
+                client.get_bearer("/Patient/1", &token).await.status,
+                StatusCode::OK
+            );
+        }
+        assert!(
+            server.hits() >= 2,
+            "refreshes were attempted: {}",
+            server.hits()
+        );
+    }
+
+    #[tokio::test]
+    async fn refresh_follows_cache_control_max_age() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        server.set_cache_control("public, max-age=1");
+        let layer = remote(&server)
+            .refetch_cooldown(Duration::from_millis(100))
+            .token_cache_capacity(0)
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(server.hits(), 1, "fresh for max-age");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            server.hits(),
+            2,
+            "refreshed after max-age (5 min interval otherwise)"
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_jwks_entries_are_skipped() {
+        let server = JwksServer::start(vec![
+            json!({"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"}),
+            json!({"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AQAB", "y": "AQAB"}),
+            rsa_jwk(RSA_PRIVATE, "k1"),
+        ])
+        .await;
+        let client = app(remote(&server).build().unwrap()).await;
+        let reply = client
+            .get_bearer("/Patient/1", &mint(Algorithm::RS256, Some("k1"), &claims()))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+}

@@ -1,0 +1,212 @@
+//! Shared helpers for the integration tests: keys, token minting, loopback servers, a client.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+pub const RSA_PRIVATE: &str = include_str!("keys/rsa_private.pem");
+pub const RSA_PUBLIC: &str = include_str!("keys/rsa_public.pem");
+pub const RSA2_PRIVATE: &str = include_str!("keys/rsa2_private.pem");
+pub const RSA2_PUBLIC: &str = include_str!("keys/rsa2_public.pem");
+pub const EC_PRIVATE: &str = include_str!("keys/ec_private.pem");
+pub const EC_PUBLIC: &str = include_str!("keys/ec_public.pem");
+pub const ED_PRIVATE: &str = include_str!("keys/ed_private.pem");
+pub const ED_PUBLIC: &str = include_str!("keys/ed_public.pem");
+pub const HMAC_SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Standard claims valid for an hour, to be adjusted per test.
+pub fn claims() -> Value {
+    json!({"iss": "https://auth.test", "aud": "tower-fhir", "sub": "app-1",
+           "exp": now() + 3600, "iat": now(), "scope": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"})
+}
+
+pub fn encoding_key(alg: Algorithm) -> EncodingKey {
+    tower_fhir::install_crypto_provider();
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(HMAC_SECRET)
+        }
+        Algorithm::ES256 => EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap(),
+        _ => EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+    }
+}
+
+/// A token signed with the test key for `alg`.
+pub fn mint(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+    mint_with(&encoding_key(alg), alg, kid, claims)
+}
+
+pub fn mint_with(key: &EncodingKey, alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+    tower_fhir::install_crypto_provider();
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    encode(&header, claims, key).unwrap()
+}
+
+/// The public JWK of a private RSA PEM, with a kid and alg.
+pub fn rsa_jwk(private_pem: &str, kid: &str) -> Value {
+    tower_fhir::install_crypto_provider();
+    let key = EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(kid.to_owned());
+    serde_json::to_value(jwk).unwrap()
+}
+
+/// Serves a router on a loopback port.
+pub async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+/// A JWKS endpoint whose document and status the test controls, counting its hits.
+#[derive(Clone)]
+pub struct JwksServer {
+    pub addr: SocketAddr,
+    state: Arc<JwksState>,
+}
+
+struct JwksState {
+    hits: AtomicUsize,
+    document: Mutex<(StatusCode, Value, Option<String>)>,
+    delay: Mutex<Duration>,
+}
+
+impl JwksServer {
+    pub async fn start(keys: Vec<Value>) -> Self {
+        let state = Arc::new(JwksState {
+            hits: AtomicUsize::new(0),
+            document: Mutex::new((StatusCode::OK, json!({ "keys": keys }), None)),
+            delay: Mutex::new(Duration::ZERO),
+        });
+        async fn jwks(State(state): State<Arc<JwksState>>) -> impl IntoResponse {
+            state.hits.fetch_add(1, Ordering::SeqCst);
+            let delay = *state.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
+            let (status, body, cache_control) = state.document.lock().unwrap().clone();
+            let mut headers = HeaderMap::new();
+            if let Some(cc) = cache_control {
+                headers.insert("cache-control", cc.parse().unwrap());
+            }
+            (status, headers, axum::Json(body))
+        }
+        let router = Router::new()
+            .route("/jwks", get(jwks))
+            .with_state(Arc::clone(&state));
+        let addr = serve(router).await;
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/jwks", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_keys(&self, keys: Vec<Value>) {
+        self.state.document.lock().unwrap().1 = json!({ "keys": keys });
+    }
+
+    pub fn set_status(&self, status: StatusCode) {
+        self.state.document.lock().unwrap().0 = status;
+    }
+
+    pub fn set_cache_control(&self, value: &str) {
+        self.state.document.lock().unwrap().2 = Some(value.to_owned());
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = delay;
+    }
+}
+
+/// A response as the test client saw it.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn challenge(&self) -> &str {
+        self.headers
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTP/1.1 client over loopback.
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl TestClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            addr,
+        }
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut request = http::Request::get(format!("http://{}{}", self.addr, path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self
+            .client
+            .request(request.body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get_bearer(&self, path: &str, token: &str) -> Reply {
+        self.get(path, &[("authorization", &format!("Bearer {token}"))])
+            .await
+    }
+}
