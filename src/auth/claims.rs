@@ -28,14 +28,10 @@ struct Inner {
 impl VerifiedClaims {
     pub(crate) fn verified(
         claims: Map<String, Value>,
-        key_id: Option<&str>,
+        key_id: Option<String>,
         algorithm: Algorithm,
     ) -> Option<Self> {
-        let mut this = Self::assume_verified(claims)?;
-        let inner = Arc::get_mut(&mut this.inner)?;
-        inner.key_id = key_id.map(str::to_owned);
-        inner.algorithm = Some(algorithm);
-        Some(this)
+        Self::new(claims, key_id, Some(algorithm))
     }
 
     /// Claims that the caller vouches for, without any verification.
@@ -43,13 +39,21 @@ impl VerifiedClaims {
     /// For tests of later layers and for services that verify tokens by other means. Returns
     /// `None` when `exp` is missing or not a number: every verified token has one.
     pub fn assume_verified(claims: Map<String, Value>) -> Option<Self> {
+        Self::new(claims, None, None)
+    }
+
+    fn new(
+        claims: Map<String, Value>,
+        key_id: Option<String>,
+        algorithm: Option<Algorithm>,
+    ) -> Option<Self> {
         let expires_at = numeric_date(claims.get("exp")?)?;
         Some(Self {
             inner: Arc::new(Inner {
                 claims,
                 expires_at,
-                key_id: None,
-                algorithm: None,
+                key_id,
+                algorithm,
             }),
         })
     }

@@ -20,7 +20,7 @@ use super::rejection::{Rejection, RejectionKind};
 use super::source::{RefreshingKeys, SharedFetch, Trigger};
 
 /// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
-const MAX_HEADER_BYTES: usize = 2048;
+const MAX_HEADER_BYTES: usize = 1024;
 
 /// Everything the bearer layer needs to verify a request, shared by all its services.
 pub(crate) struct Verifier {
@@ -56,7 +56,11 @@ impl Verifier {
     }
 
     /// The bearer token of a request, or why there is none.
-    pub(crate) fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, Rejection> {
+    ///
+    /// The token's characters are checked only when it fails verification (a token that
+    /// verifies is base64url and dots, so `b64token`): this keeps a pass over every token off
+    /// the hot path.
+    pub(crate) fn extract<'h>(&self, headers: &'h HeaderMap) -> Result<&'h [u8], Rejection> {
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let Some(value) = values.next() else {
             return Err(self.reject(RejectionKind::MissingToken, "Authentication required"));
@@ -89,40 +93,35 @@ impl Verifier {
                 "The bearer token is too long",
             ));
         }
-        if !is_b64token(token) {
-            return Err(self.reject(
-                RejectionKind::InvalidRequest,
-                "The bearer token has characters outside the b64token syntax",
-            ));
-        }
-        // b64token characters are ASCII, so this cannot fail.
-        std::str::from_utf8(token).map_err(|_| {
-            self.reject(
-                RejectionKind::InvalidRequest,
-                "The bearer token is not ASCII",
-            )
-        })
+        Ok(token)
     }
 
     /// Verifies a token, from the cache when it can, without waiting unless keys must be
     /// fetched.
-    pub(crate) fn verify(self: &Arc<Self>, token: &str) -> Verdict {
+    pub(crate) fn verify(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
             return Verdict::Accept(claims);
         }
-        let header = match self.header(token) {
-            Ok(header) => header,
-            Err(rejection) => return Verdict::Reject(rejection),
-        };
+        match self.verify_uncached(token) {
+            Verdict::Reject(_) if !is_b64token(token) => Verdict::Reject(self.reject(
+                RejectionKind::InvalidRequest,
+                "The bearer token has characters outside the b64token syntax",
+            )),
+            verdict => verdict,
+        }
+    }
+
+    fn verify_uncached(self: &Arc<Self>, token: &[u8]) -> Verdict {
         for source in &self.sources {
             source.refresh_if_due();
         }
-        match self.verify_with_current_keys(token, &header) {
-            Some(result) => return verdict(result),
-            None if self.sources.is_empty() => {
-                return Verdict::Reject(self.unknown_key());
-            }
-            None => {}
+        match self.with_header(token, |alg, kid| {
+            self.verify_with_current_keys(token, alg, kid)
+        }) {
+            Err(rejection) => return Verdict::Reject(rejection),
+            Ok(Some(result)) => return verdict(result),
+            Ok(None) if self.sources.is_empty() => return Verdict::Reject(self.unknown_key()),
+            Ok(None) => {}
         }
         let fetches: Vec<SharedFetch> = self
             .sources
@@ -140,12 +139,13 @@ impl Verifier {
             return Verdict::Reject(self.no_key_after_fetch());
         }
         let this = Arc::clone(self);
-        let token = token.to_owned();
+        let token = token.to_vec();
         Verdict::Wait(Box::pin(async move {
             futures::future::join_all(fetches).await;
-            let header = this.header(&token)?;
-            this.verify_with_current_keys(&token, &header)
-                .unwrap_or_else(|| Err(this.no_key_after_fetch()))
+            this.with_header(&token, |alg, kid| {
+                this.verify_with_current_keys(&token, alg, kid)
+            })?
+            .unwrap_or_else(|| Err(this.no_key_after_fetch()))
         }))
     }
 
@@ -167,19 +167,26 @@ impl Verifier {
         }
     }
 
-    fn header(&self, token: &str) -> Result<ParsedHeader, Rejection> {
+    /// Parses the JWS header (into a stack buffer: this runs on every uncached request) and
+    /// hands its `alg` and `kid` to `then`.
+    fn with_header<R>(
+        &self,
+        token: &[u8],
+        then: impl FnOnce(Algorithm, Option<&str>) -> R,
+    ) -> Result<R, Rejection> {
         let not_jwt = || self.reject(RejectionKind::InvalidToken, "The access token is not a JWT");
-        let mut parts = token.split('.');
+        let mut parts = token.split(|&b| b == b'.');
         let (Some(encoded), Some(_), Some(_), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(not_jwt());
         };
-        if encoded.len() > MAX_HEADER_BYTES * 4 / 3 + 4 {
-            return Err(not_jwt());
-        }
-        let json = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| not_jwt())?;
-        let header: JwsHeader<'_> = serde_json::from_slice(&json).map_err(|_| not_jwt())?;
+        let mut buffer = [0u8; MAX_HEADER_BYTES];
+        let len = URL_SAFE_NO_PAD
+            .decode_slice(encoded, &mut buffer)
+            .map_err(|_| not_jwt())?;
+        let header: JwsHeader<'_> =
+            serde_json::from_slice(&buffer[..len]).map_err(|_| not_jwt())?;
         if header.crit.is_some() {
             return Err(self.reject(
                 RejectionKind::InvalidToken,
@@ -192,27 +199,23 @@ impl Verifier {
                 "The token's algorithm is not supported",
             )
         })?;
-        let kid = header.kid.map(|k| match k {
-            Cow::Borrowed(k) => k.to_owned(),
-            Cow::Owned(k) => k,
-        });
-        Ok(ParsedHeader { alg, kid })
+        Ok(then(alg, header.kid.as_deref()))
     }
 
     /// `None` when the token names a `kid` that no key has (or, without a `kid`, when there
     /// are no keys at all): fetching keys may help.
     fn verify_with_current_keys(
         &self,
-        token: &str,
-        header: &ParsedHeader,
+        token: &[u8],
+        alg: Algorithm,
+        kid: Option<&str>,
     ) -> Option<Result<VerifiedClaims, Rejection>> {
-        let Some(validation) = self.validation(header.alg) else {
+        let Some(validation) = self.validation(alg) else {
             return Some(Err(self.reject(
                 RejectionKind::InvalidToken,
                 "The token's algorithm is not allowed",
             )));
         };
-        let kid = header.kid.as_deref();
         let fetched: Vec<Arc<KeySet>> = self.sources.iter().map(|s| s.current()).collect();
         let keys = self
             .static_keys
@@ -222,7 +225,7 @@ impl Verifier {
         let mut named = false;
         for key in keys {
             named |= kid.is_none() || key.kid() == kid;
-            if !key.allows(header.alg) {
+            if !key.allows(alg) {
                 // A key's own algorithm wins over the token header's.
                 outcome.get_or_insert_with(|| {
                     Err(self.reject(
@@ -232,7 +235,7 @@ impl Verifier {
                 });
                 continue;
             }
-            match self.decode(token, header, key, validation) {
+            match self.decode(token, key, validation) {
                 Ok(claims) => return Some(Ok(claims)),
                 Err((rejection, signature_ok)) => {
                     outcome = Some(Err(rejection));
@@ -259,15 +262,14 @@ impl Verifier {
     /// On failure, also whether the signature was good (so no other key need be tried).
     fn decode(
         &self,
-        token: &str,
-        header: &ParsedHeader,
+        token: &[u8],
         key: &Arc<VerificationKey>,
         validation: &Validation,
     ) -> Result<VerifiedClaims, (Rejection, bool)> {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
                 .map_err(|err| self.decode_error(err.kind()))?;
-        let claims = VerifiedClaims::verified(data.claims, header.kid.as_deref(), header.alg)
+        let claims = VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
             .ok_or_else(|| {
                 (
                     self.reject(
@@ -317,11 +319,6 @@ fn verdict(result: Result<VerifiedClaims, Rejection>) -> Verdict {
     }
 }
 
-struct ParsedHeader {
-    alg: Algorithm,
-    kid: Option<String>,
-}
-
 fn trim_leading_spaces(mut bytes: &[u8]) -> &[u8] {
     while let [b' ', rest @ ..] = bytes {
         bytes = rest;
@@ -331,16 +328,25 @@ fn trim_leading_spaces(mut bytes: &[u8]) -> &[u8] {
 
 /// RFC 6750 §2.1: `b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn is_b64token(token: &[u8]) -> bool {
+    // A lookup table: this runs over every token of every request.
+    const ALLOWED: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] =
+                c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+            b += 1;
+        }
+        table
+    };
     let body_end = token.iter().rposition(|&b| b != b'=').map_or(0, |i| i + 1);
-    body_end > 0
-        && token[..body_end].iter().all(|&b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
+    body_end > 0 && token[..body_end].iter().all(|&b| ALLOWED[b as usize])
 }
 
 /// Tokens already verified, each kept no longer than its own `exp`.
 pub(crate) struct TokenCache {
-    cache: Cache<Arc<str>, CachedToken>,
+    cache: Cache<Arc<[u8]>, CachedToken>,
 }
 
 #[derive(Clone)]
@@ -351,10 +357,10 @@ struct CachedToken {
 
 struct UntilExpiry;
 
-impl moka::Expiry<Arc<str>, CachedToken> for UntilExpiry {
+impl moka::Expiry<Arc<[u8]>, CachedToken> for UntilExpiry {
     fn expire_after_create(
         &self,
-        _token: &Arc<str>,
+        _token: &Arc<[u8]>,
         cached: &CachedToken,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -372,7 +378,7 @@ impl TokenCache {
         }
     }
 
-    fn get(&self, token: &str) -> Option<VerifiedClaims> {
+    fn get(&self, token: &[u8]) -> Option<VerifiedClaims> {
         let cached = self.cache.get(token)?;
         // Re-check what may have changed since the token was verified.
         if cached.key.is_retired() || cached.claims.is_expired() {
@@ -382,7 +388,7 @@ impl TokenCache {
         Some(cached.claims)
     }
 
-    fn insert(&self, token: &str, claims: &VerifiedClaims, key: &Arc<VerificationKey>) {
+    fn insert(&self, token: &[u8], claims: &VerifiedClaims, key: &Arc<VerificationKey>) {
         if claims.time_left().is_some() {
             let cached = CachedToken {
                 claims: claims.clone(),
