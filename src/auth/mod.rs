@@ -38,7 +38,7 @@
 //!
 //! let service = ServiceBuilder::new().layer(layer).service_fn(|req: Request<Full<Bytes>>| async move {
 //!     let claims = req.extensions().get::<VerifiedClaims>().unwrap();
-//!     Ok::<_, Infallible>(Response::new(Full::from(claims.subject().unwrap().to_owned())))
+//!     Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(claims.subject().unwrap().to_owned())))
 //! });
 //!
 //! // No token: 401 with a bare challenge.

@@ -82,3 +82,156 @@ impl<S: std::fmt::Debug> std::fmt::Debug for BearerAuth<S> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use bytes::Bytes;
+    use http::{header, Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::json;
+    use tower::{service_fn, Layer, ServiceExt};
+
+    use crate::auth::{
+        BearerAuthLayer, FetchedKeys, KeySet, KeySourceError, VerificationKey, VerifiedClaims,
+    };
+
+    const SECRET: &[u8] = b"unit-test-secret-unit-test-secret";
+
+    fn token(kid: Option<&str>, exp_in: i64) -> String {
+        crate::install_crypto_provider();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = kid.map(str::to_owned);
+        let claims = json!({"sub": "app", "exp": now + exp_in, "scope": "t1"});
+        encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    fn request(token: Option<&str>) -> Request<Full<Bytes>> {
+        let mut request = Request::builder().uri("/Patient/1");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        request.body(Full::default()).unwrap()
+    }
+
+    /// Answers with the subject of the claims it was given, or `-` without claims.
+    async fn echo_subject(
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let subject = request
+            .extensions()
+            .get::<VerifiedClaims>()
+            .and_then(|c| c.subject().map(str::to_owned))
+            .unwrap_or_else(|| "-".to_owned());
+        Ok(Response::new(Full::from(subject)))
+    }
+
+    async fn body(response: Response<crate::body::ResponseBody<Full<Bytes>>>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn static_layer() -> BearerAuthLayer {
+        BearerAuthLayer::builder()
+            .key(VerificationKey::hmac(SECRET).unwrap())
+            .skip_if(|parts| parts.uri.path() == "/metadata")
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn claims_reach_the_inner_service_and_errors_stay_infallible() {
+        let service = static_layer().layer(service_fn(echo_subject));
+        let response: Result<_, Infallible> =
+            service.oneshot(request(Some(&token(None, 60)))).await;
+        let response = response.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, "app");
+    }
+
+    #[tokio::test]
+    async fn rejections_are_responses_and_skip_the_inner_service() {
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let service = static_layer().layer(service_fn(move |r| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            echo_subject(r)
+        }));
+        let response = service.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let response = service
+            .clone()
+            .oneshot(request(Some(&token(None, -600))))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(body(response).await.contains("OperationOutcome"));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn skipped_requests_pass_without_claims() {
+        let service = static_layer().layer(service_fn(echo_subject));
+        let request = Request::get("/metadata").body(Full::default()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, "-");
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_the_first_key_fetch() {
+        let fetches = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = fetches.clone();
+        let layer = BearerAuthLayer::builder()
+            .key_source(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let key = VerificationKey::hmac(SECRET)
+                        .map_err(|e| KeySourceError::new(e.to_string()))?
+                        .with_kid("k1");
+                    Ok(FetchedKeys::from(KeySet::new().with_key(key)))
+                }
+            })
+            .build()
+            .unwrap();
+        let service = layer.layer(service_fn(echo_subject));
+        let (a, b) = tokio::join!(
+            service
+                .clone()
+                .oneshot(request(Some(&token(Some("k1"), 60)))),
+            service
+                .clone()
+                .oneshot(request(Some(&token(Some("k1"), 120)))),
+        );
+        assert_eq!(a.unwrap().status(), StatusCode::OK);
+        assert_eq!(b.unwrap().status(), StatusCode::OK);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failing_source_at_cold_start_is_503() {
+        let layer = BearerAuthLayer::builder()
+            .key_source(|| async { Err(KeySourceError::new("idp down")) })
+            .build()
+            .unwrap();
+        let response = layer
+            .layer(service_fn(echo_subject))
+            .oneshot(request(Some(&token(Some("k1"), 60))))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            !body(response).await.contains("idp down"),
+            "source errors stay in the logs"
+        );
+    }
+}

@@ -54,6 +54,12 @@ impl fmt::Display for KeySourceError {
 
 impl std::error::Error for KeySourceError {}
 
+impl From<super::keys::KeyError> for KeySourceError {
+    fn from(err: super::keys::KeyError) -> Self {
+        Self::new(err.to_string())
+    }
+}
+
 /// The future a [`KeySource`] returns.
 pub type KeySourceFuture =
     Pin<Box<dyn Future<Output = Result<FetchedKeys, KeySourceError>> + Send>>;
@@ -74,9 +80,6 @@ pub type KeySourceFuture =
 /// };
 /// # fn is_source(_: impl KeySource) {}
 /// is_source(source);
-/// # impl From<tower_fhir::auth::KeyError> for tower_fhir::auth::KeySourceError {
-/// #     fn from(e: tower_fhir::auth::KeyError) -> Self { Self::new(e.to_string()) }
-/// # }
 /// ```
 pub trait KeySource: Send + Sync + 'static {
     /// Fetches the current keys.

@@ -157,7 +157,8 @@ impl Verifier {
     }
 
     fn no_key_after_fetch(&self) -> Rejection {
-        if self.static_keys.is_empty() && self.sources.iter().all(|s| !s.has_fetched()) {
+        // A source that never answered might hold the key: that is an outage, not a bad token.
+        if self.sources.iter().any(|s| !s.has_fetched()) {
             self.reject(
                 RejectionKind::KeysUnavailable,
                 "The keys to verify tokens are unavailable; try again later",
