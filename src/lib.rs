@@ -25,7 +25,10 @@
 pub mod auth;
 pub mod body;
 mod crypto;
+pub mod future;
 pub mod outcome;
+pub mod tenant;
+pub mod version;
 
 pub use crypto::install_crypto_provider;
 
