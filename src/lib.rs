@@ -27,6 +27,7 @@ pub mod body;
 mod crypto;
 pub mod future;
 pub mod outcome;
+pub mod route;
 pub mod tenant;
 pub mod version;
 

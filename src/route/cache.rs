@@ -1,0 +1,349 @@
+//! The route cache: directory answers kept in moka, with single-flight misses, negative
+//! caching, and stale answers served while the directory is down.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use tokio::sync::broadcast;
+
+use super::directory::{DirectoryError, TenantDirectory};
+use super::upstream::TenantUpstreams;
+use crate::tenant::TenantId;
+
+/// How long answers are kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CachePolicy {
+    pub(crate) ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) stale_grace: Duration,
+    pub(crate) failure_backoff: Duration,
+    pub(crate) lookup_timeout: Duration,
+    pub(crate) capacity: u64,
+}
+
+/// The cached lookup of tenants' upstreams, shared by clones of a routing layer.
+///
+/// Use it to drop what the cache knows of a tenant when the directory changes.
+#[derive(Clone)]
+pub struct RouteCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    directory: Box<dyn TenantDirectory>,
+    cache: Cache<TenantId, Cached>,
+    policy: CachePolicy,
+}
+
+#[derive(Clone)]
+struct Cached {
+    /// The answer: upstreams, `None` for an unknown tenant, or the error of a failed lookup
+    /// with nothing better to serve.
+    answer: Result<Option<TenantUpstreams>, DirectoryError>,
+    /// Until then, the directory is not asked again.
+    fresh_until: Instant,
+    /// When moka drops the entry.
+    expires_at: Instant,
+}
+
+struct UntilExpiry;
+
+impl moka::Expiry<TenantId, Cached> for UntilExpiry {
+    fn expire_after_create(&self, _: &TenantId, value: &Cached, now: Instant) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &TenantId,
+        value: &Cached,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+}
+
+impl RouteCache {
+    pub(crate) fn new(directory: Box<dyn TenantDirectory>, policy: CachePolicy) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(policy.capacity)
+            .expire_after(UntilExpiry)
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                directory,
+                cache,
+                policy,
+            }),
+        }
+    }
+
+    /// The tenant's upstreams (`None`: not onboarded), from the cache when fresh.
+    ///
+    /// Concurrent lookups of one tenant make one directory call. When the directory fails,
+    /// a known answer keeps serving until the stale grace runs out, and the directory is asked
+    /// again at most once per failure backoff.
+    pub async fn resolve(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<TenantUpstreams>, DirectoryError> {
+        if let Some(cached) = self.inner.cache.get(&tenant).await {
+            if Instant::now() < cached.fresh_until {
+                return cached.answer;
+            }
+        }
+        let inner = &self.inner;
+        let computed = inner
+            .cache
+            .entry(tenant)
+            .and_compute_with(|existing| async move {
+                let previous = existing.map(|entry| entry.into_value());
+                if let Some(previous) = &previous {
+                    // Another request refreshed it while this one waited for the key lock.
+                    if Instant::now() < previous.fresh_until {
+                        return Op::Nop;
+                    }
+                }
+                Op::Put(inner.ask_directory(tenant, previous).await)
+            })
+            .await;
+        match computed.into_entry() {
+            Some(entry) => entry.into_value().answer,
+            None => Err(DirectoryError::new("the route cache kept no answer")),
+        }
+    }
+
+    /// Forgets what the cache knows of a tenant: the next request asks the directory.
+    pub async fn invalidate(&self, tenant: TenantId) {
+        self.inner.cache.invalidate(&tenant).await;
+    }
+
+    /// Forgets every tenant.
+    pub fn invalidate_all(&self) {
+        self.inner.cache.invalidate_all();
+    }
+
+    /// Invalidates each tenant announced on `changes` (say, an
+    /// [`InMemoryDirectory::subscribe`](super::InMemoryDirectory::subscribe) stream, or a
+    /// database's change feed), until the sender is dropped. Call it within a tokio runtime.
+    pub fn follow(
+        &self,
+        mut changes: broadcast::Receiver<TenantId>,
+    ) -> tokio::task::JoinHandle<()> {
+        let cache = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(tenant) => cache.invalidate(tenant).await,
+                    // Missed changes: forget everything rather than serve a stale route.
+                    Err(broadcast::error::RecvError::Lagged(_)) => cache.invalidate_all(),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    async fn ask_directory(&self, tenant: TenantId, previous: Option<Cached>) -> Cached {
+        let policy = &self.policy;
+        let asked =
+            tokio::time::timeout(policy.lookup_timeout, self.directory.lookup(tenant)).await;
+        let answer =
+            asked.unwrap_or_else(|_| Err(DirectoryError::new("directory lookup timed out")));
+        let now = Instant::now();
+        match answer {
+            Ok(Some(upstreams)) => Cached {
+                answer: Ok(Some(upstreams)),
+                fresh_until: now + policy.ttl,
+                expires_at: now + policy.ttl + policy.stale_grace,
+            },
+            Ok(None) => Cached {
+                answer: Ok(None),
+                fresh_until: now + policy.negative_ttl,
+                expires_at: now + policy.negative_ttl,
+            },
+            Err(error) => {
+                let fresh_until = now + policy.failure_backoff;
+                match previous {
+                    // Serve what was known, within its grace; ask again after the backoff.
+                    Some(Cached {
+                        answer: Ok(Some(upstreams)),
+                        expires_at,
+                        ..
+                    }) if expires_at > now => {
+                        tracing::warn!(%tenant, %error, "tenant directory failed; serving the last known route");
+                        Cached {
+                            answer: Ok(Some(upstreams)),
+                            fresh_until: fresh_until.min(expires_at),
+                            expires_at,
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(%tenant, %error, "tenant directory failed");
+                        Cached {
+                            answer: Err(error),
+                            fresh_until,
+                            expires_at: fresh_until,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RouteCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteCache")
+            .field("policy", &self.inner.policy)
+            .field("entries", &self.inner.cache.entry_count())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Upstream;
+    use crate::version::FhirVersion;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            ttl: Duration::from_millis(100),
+            negative_ttl: Duration::from_millis(50),
+            stale_grace: Duration::from_millis(400),
+            failure_backoff: Duration::from_millis(30),
+            lookup_timeout: Duration::from_millis(200),
+            capacity: 100,
+        }
+    }
+
+    struct Fake {
+        calls: AtomicUsize,
+        down: AtomicBool,
+        known: AtomicBool,
+    }
+
+    fn fake() -> Arc<Fake> {
+        Arc::new(Fake {
+            calls: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            known: AtomicBool::new(true),
+        })
+    }
+
+    fn cache(fake: &Arc<Fake>) -> RouteCache {
+        let fake = Arc::clone(fake);
+        RouteCache::new(
+            Box::new(move |_tenant| {
+                let fake = Arc::clone(&fake);
+                async move {
+                    fake.calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if fake.down.load(Ordering::SeqCst) {
+                        return Err(DirectoryError::new("down"));
+                    }
+                    let upstream =
+                        Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::Stu3).unwrap();
+                    Ok(fake
+                        .known
+                        .load(Ordering::SeqCst)
+                        .then(|| TenantUpstreams::new([upstream]).unwrap()))
+                }
+            }),
+            policy(),
+        )
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::parse(A).unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_make_one_directory_call() {
+        let fake = fake();
+        let cache = cache(&fake);
+        let lookups = (0..100).map(|_| cache.resolve(tenant()));
+        for answer in futures::future::join_all(lookups).await {
+            assert!(answer.unwrap().is_some());
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_tenants_are_cached_for_the_negative_ttl() {
+        let fake = fake();
+        fake.known.store(false, Ordering::SeqCst);
+        let cache = cache(&fake);
+        assert!(cache.resolve(tenant()).await.unwrap().is_none());
+        assert!(cache.resolve(tenant()).await.unwrap().is_none());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        fake.known.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(cache.resolve(tenant()).await.unwrap().is_some());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn stale_routes_serve_while_the_directory_is_down_until_the_grace_ends() {
+        let fake = fake();
+        let cache = cache(&fake);
+        assert!(cache.resolve(tenant()).await.unwrap().is_some());
+        fake.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(
+            cache.resolve(tenant()).await.unwrap().is_some(),
+            "stale answer served"
+        );
+        // Within the failure backoff the directory is not asked again.
+        let calls = fake.calls.load(Ordering::SeqCst);
+        assert!(cache.resolve(tenant()).await.unwrap().is_some());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), calls);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(
+            cache.resolve(tenant()).await.is_err(),
+            "grace over, directory down: error"
+        );
+    }
+
+    #[tokio::test]
+    async fn directory_down_and_nothing_cached_is_an_error() {
+        let fake = fake();
+        fake.down.store(true, Ordering::SeqCst);
+        let cache = cache(&fake);
+        assert!(cache.resolve(tenant()).await.is_err());
+        fake.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(
+            cache.resolve(tenant()).await.unwrap().is_some(),
+            "recovers after the backoff"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalidation_forces_a_new_lookup() {
+        let fake = fake();
+        let cache = cache(&fake);
+        cache.resolve(tenant()).await.unwrap();
+        cache.invalidate(tenant()).await;
+        cache.resolve(tenant()).await.unwrap();
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_hanging_directory_times_out() {
+        let cache = RouteCache::new(
+            Box::new(|_| std::future::pending::<Result<Option<TenantUpstreams>, DirectoryError>>()),
+            policy(),
+        );
+        assert!(cache.resolve(tenant()).await.is_err());
+    }
+}

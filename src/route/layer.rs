@@ -1,0 +1,265 @@
+//! `TenantRoutingLayer`, its builder and its service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::cache::{CachePolicy, RouteCache};
+use super::directory::TenantDirectory;
+use crate::body::ResponseBody;
+use crate::outcome::{IssueType, OperationOutcome};
+use crate::tenant::TenantId;
+use crate::version::FhirVersion;
+
+/// A Tower layer that finds the request's tenant's upstream and puts it in the request
+/// extensions.
+#[derive(Clone)]
+#[must_use]
+pub struct TenantRoutingLayer {
+    cache: RouteCache,
+}
+
+impl TenantRoutingLayer {
+    /// Starts configuring a layer that asks `directory`.
+    pub fn builder(directory: impl TenantDirectory) -> TenantRoutingBuilder {
+        TenantRoutingBuilder {
+            directory: Box::new(directory),
+            policy: CachePolicy {
+                ttl: Duration::from_secs(300),
+                negative_ttl: Duration::from_secs(30),
+                stale_grace: Duration::from_secs(3600),
+                failure_backoff: Duration::from_secs(1),
+                lookup_timeout: Duration::from_secs(5),
+                capacity: 100_000,
+            },
+        }
+    }
+
+    /// The route cache, to invalidate tenants when the directory changes.
+    pub fn cache(&self) -> &RouteCache {
+        &self.cache
+    }
+}
+
+impl fmt::Debug for TenantRoutingLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantRoutingLayer")
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for TenantRoutingLayer {
+    type Service = TenantRouting<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TenantRouting {
+            inner,
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+/// A configuration the routing layer refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration that must be positive is zero.
+    ZeroDuration(&'static str),
+    /// The cache capacity is zero.
+    ZeroCapacity,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
+            Self::ZeroCapacity => f.write_str("the route cache capacity must be above zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Configures a [`TenantRoutingLayer`].
+#[must_use]
+pub struct TenantRoutingBuilder {
+    directory: Box<dyn TenantDirectory>,
+    policy: CachePolicy,
+}
+
+impl fmt::Debug for TenantRoutingBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantRoutingBuilder")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantRoutingBuilder {
+    /// How long a directory answer is used before asking again. Default 5 min.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.policy.ttl = ttl;
+        self
+    }
+
+    /// How long "not onboarded" is remembered. Default 30 s.
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.policy.negative_ttl = ttl;
+        self
+    }
+
+    /// How long past its TTL a known route keeps serving while the directory fails.
+    /// Default 1 h; zero turns stale serving off.
+    pub fn stale_grace(mut self, grace: Duration) -> Self {
+        self.policy.stale_grace = grace;
+        self
+    }
+
+    /// After a failed lookup, how long before the directory is asked again. Default 1 s.
+    pub fn failure_backoff(mut self, backoff: Duration) -> Self {
+        self.policy.failure_backoff = backoff;
+        self
+    }
+
+    /// How long one directory lookup may take. Default 5 s.
+    pub fn lookup_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.lookup_timeout = timeout;
+        self
+    }
+
+    /// How many tenants the cache holds. Default 100 000.
+    pub fn capacity(mut self, capacity: u64) -> Self {
+        self.policy.capacity = capacity;
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<TenantRoutingLayer, ConfigError> {
+        let policy = self.policy;
+        for (what, value) in [
+            ("ttl", policy.ttl),
+            ("negative_ttl", policy.negative_ttl),
+            ("failure_backoff", policy.failure_backoff),
+            ("lookup_timeout", policy.lookup_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(what));
+            }
+        }
+        if policy.capacity == 0 {
+            return Err(ConfigError::ZeroCapacity);
+        }
+        Ok(TenantRoutingLayer {
+            cache: RouteCache::new(self.directory, policy),
+        })
+    }
+}
+
+/// Routes each request to its tenant's upstream (in the request extensions as
+/// [`Upstream`](super::Upstream)). Made by [`TenantRoutingLayer`].
+#[derive(Clone)]
+pub struct TenantRouting<S> {
+    inner: S,
+    cache: RouteCache,
+}
+
+impl<S: fmt::Debug> fmt::Debug for TenantRouting<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantRouting")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The response future of [`TenantRouting`].
+pub type ResponseFuture<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantRouting<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The ready service goes with the request; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            let Some(tenant) = request.extensions().get::<TenantId>().copied() else {
+                return Ok(answer(
+                    StatusCode::FORBIDDEN,
+                    IssueType::Forbidden,
+                    "The request names no tenant",
+                ));
+            };
+            let upstreams = match cache.resolve(tenant).await {
+                Ok(Some(upstreams)) => upstreams,
+                Ok(None) => {
+                    tracing::debug!(%tenant, "tenant not onboarded");
+                    return Ok(answer(
+                        StatusCode::FORBIDDEN,
+                        IssueType::Forbidden,
+                        "The tenant is not onboarded with this gateway",
+                    ));
+                }
+                Err(_) => {
+                    let mut response = answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        IssueType::Transient,
+                        "The tenant directory is unavailable; try again later",
+                    );
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(response);
+                }
+            };
+            let version = request.extensions().get::<FhirVersion>().copied();
+            let Some(upstream) = upstreams.select(version) else {
+                return Ok(answer(
+                    StatusCode::NOT_ACCEPTABLE,
+                    IssueType::NotSupported,
+                    no_upstream_for(version),
+                ));
+            };
+            request.extensions_mut().insert(upstream.clone());
+            let response = inner.call(request).await?;
+            Ok(response.map(ResponseBody::inner))
+        })
+    }
+}
+
+fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
+    match version {
+        Some(FhirVersion::Dstu2) => "The tenant has no FHIR server for DSTU2 (1.0)",
+        Some(FhirVersion::Stu3) => "The tenant has no FHIR server for STU3 (3.0)",
+        Some(FhirVersion::R4) => "The tenant has no FHIR server for R4 (4.0)",
+        Some(FhirVersion::R4B) => "The tenant has no FHIR server for R4B (4.3)",
+        Some(FhirVersion::R5) => "The tenant has no FHIR server for R5 (5.0)",
+        _ => "The tenant has no FHIR server for the requested version",
+    }
+}
+
+fn answer<B>(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ResponseBody<B>> {
+    let response: Response<Bytes> = OperationOutcome::error(code, diagnostics).to_response(status);
+    response.map(ResponseBody::full)
+}
