@@ -7,6 +7,11 @@
 //! layer of its own, usable alone or stacked:
 //!
 //! - [`auth`]: bearer JWT validation ([`BearerAuthLayer`](auth::BearerAuthLayer)).
+//! - [`tenant`]: the tenant a verified token speaks for ([`TenantScopeLayer`](tenant::TenantScopeLayer)).
+//! - [`route`]: the tenant's upstream, through a cached directory
+//!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
+//! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
+//! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
 //!
@@ -17,6 +22,7 @@
 //! - `aws-lc-rs` (default): JWT crypto with aws-lc-rs. `rust-crypto`: pure-Rust crypto
 //!   instead. With both enabled, aws-lc-rs is used.
 //! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client.
+//! - `proxy` (default): forward requests to upstream FHIR servers with the hyper-util client.
 //!
 //! [Tower]: https://docs.rs/tower
 
@@ -27,6 +33,9 @@ pub mod body;
 mod crypto;
 pub mod future;
 pub mod outcome;
+#[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+pub mod proxy;
 pub mod route;
 pub mod tenant;
 pub mod version;

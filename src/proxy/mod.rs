@@ -1,0 +1,55 @@
+//! The upstream proxy: forwards each routed request to its tenant's FHIR server.
+//!
+//! [`FhirProxy`] is the innermost service of the gateway. It reads the
+//! [`Upstream`](crate::route::Upstream) that the routing layer put in the request extensions
+//! and sends the request there over a pooled hyper-util client, changing only what a proxy
+//! must:
+//!
+//! - the path joined under the upstream's base path, the query string byte for byte, method
+//!   and body (streamed) untouched;
+//! - `Host` set to the upstream; hop-by-hop headers and those named in `Connection` removed;
+//!   `Forwarded` and `X-Forwarded-For` extended, `X-Forwarded-Proto`/`-Host` set;
+//! - the client's `Authorization` replaced by the upstream's own credentials, or removed.
+//!
+//! A request never leaves its tenant's upstream: dot segments (also percent-encoded, also
+//! `..;`), encoded slashes and NULs get 400, and an absolute-form target or a `Host` header
+//! cannot change the destination. Responses pass through with hop-by-hop headers removed and
+//! the upstream's base URL rewritten to the gateway's public base in `Location`,
+//! `Content-Location`, and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a
+//! limit; larger or compressed ones stream through untouched). An upstream that refuses or
+//! resets the connection gives 502, one that does not answer in time 504, each with an
+//! `OperationOutcome`.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, StatusCode};
+//! use http_body_util::Full;
+//! use tower::ServiceExt;
+//! use tower_fhir::proxy::FhirProxy;
+//! use tower_fhir::route::Upstream;
+//! use tower_fhir::version::FhirVersion;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let proxy = FhirProxy::builder("https://gateway.example").build().unwrap();
+//! // Nothing listens on port 1.
+//! let upstream = Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::Stu3).unwrap();
+//!
+//! let mut request = Request::get("/Patient/1").body(Full::<Bytes>::default()).unwrap();
+//! request.extensions_mut().insert(upstream.clone());
+//! let response = proxy.clone().oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+//!
+//! let mut request = Request::get("/Patient/%2e%2e/other-tenant").body(Full::<Bytes>::default()).unwrap();
+//! request.extensions_mut().insert(upstream);
+//! let response = proxy.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+//! # });
+//! ```
+
+mod body;
+mod path;
+mod rewrite;
+mod service;
+
+pub use body::ProxyBody;
+pub use service::{ClientAddr, ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

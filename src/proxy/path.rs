@@ -1,0 +1,151 @@
+//! The upstream request target: the client's path under the upstream's base path, the query
+//! byte for byte, and nothing that could step out of the base.
+
+use http::uri::{PathAndQuery, Uri};
+use percent_encoding::percent_decode;
+
+use crate::route::UpstreamBase;
+
+/// Why a request path cannot be forwarded; safe to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnsafePath(pub(crate) &'static str);
+
+/// The URI to send upstream for a request whose target is `target`.
+///
+/// Only the path and query of `target` are used: an absolute-form target
+/// (`GET http://other/...`) cannot change the destination. Dot segments (also percent-encoded,
+/// also with `;` parameters, as in `..;`), encoded slashes or backslashes inside a segment, and
+/// encoded NULs are refused: they could lead out of the tenant's base path on the upstream.
+pub(crate) fn upstream_uri(base: &UpstreamBase, target: &Uri) -> Result<Uri, UnsafePath> {
+    let path = target.path();
+    check_segments(path)?;
+    let query = target.query();
+    let mut joined =
+        String::with_capacity(base.path().len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    joined.push_str(base.path());
+    if path.is_empty() || path == "/" {
+        joined.push('/');
+    } else {
+        if !path.starts_with('/') {
+            joined.push('/');
+        }
+        joined.push_str(path);
+    }
+    if let Some(query) = query {
+        joined.push('?');
+        joined.push_str(query);
+    }
+    let path_and_query = PathAndQuery::try_from(joined)
+        .map_err(|_| UnsafePath("The request path is not a valid URI path"))?;
+    Uri::builder()
+        .scheme(base.scheme().clone())
+        .authority(base.authority().clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| UnsafePath("The request path is not a valid URI path"))
+}
+
+fn check_segments(path: &str) -> Result<(), UnsafePath> {
+    for raw in path.split('/') {
+        if !raw.contains('%') && !raw.contains('.') && !raw.contains('\\') {
+            continue;
+        }
+        let decoded = percent_decode(raw.as_bytes()).collect::<Vec<u8>>();
+        if decoded.contains(&b'/') || decoded.contains(&b'\\') {
+            return Err(UnsafePath(
+                "Encoded slashes are not allowed in the request path",
+            ));
+        }
+        if decoded.contains(&0) {
+            return Err(UnsafePath(
+                "Encoded NUL bytes are not allowed in the request path",
+            ));
+        }
+        // `..;jsessionid` is `..` to some servlet containers.
+        let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
+        if name == b"." || name == b".." {
+            return Err(UnsafePath(
+                "Dot segments are not allowed in the request path",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(base: &str, target: &str) -> Result<String, UnsafePath> {
+        let base = UpstreamBase::parse(base).unwrap();
+        upstream_uri(&base, &target.parse().unwrap()).map(|u| u.to_string())
+    }
+
+    #[test]
+    fn joins_under_the_base_path_keeping_the_query_byte_for_byte() {
+        assert_eq!(
+            join("http://ehr:9001/fhir/r3", "/Patient/123").unwrap(),
+            "http://ehr:9001/fhir/r3/Patient/123"
+        );
+        assert_eq!(
+            join(
+                "http://ehr:9001/fhir",
+                "/Observation?patient=1&category=vital-signs&_sort:desc=date"
+            )
+            .unwrap(),
+            "http://ehr:9001/fhir/Observation?patient=1&category=vital-signs&_sort:desc=date"
+        );
+        assert_eq!(
+            join(
+                "http://ehr:9001/fhir",
+                "/Patient?family:contains=O%27Brien&name=a%20b&x=%2F"
+            )
+            .unwrap(),
+            "http://ehr:9001/fhir/Patient?family:contains=O%27Brien&name=a%20b&x=%2F"
+        );
+        assert_eq!(
+            join("http://ehr:9001/fhir", "/").unwrap(),
+            "http://ehr:9001/fhir/"
+        );
+        assert_eq!(
+            join("http://ehr:9001", "/metadata").unwrap(),
+            "http://ehr:9001/metadata"
+        );
+        assert_eq!(
+            join("http://ehr:9001/fhir", "/Patient/a.b").unwrap(),
+            "http://ehr:9001/fhir/Patient/a.b"
+        );
+    }
+
+    #[test]
+    fn an_absolute_form_target_cannot_change_the_destination() {
+        assert_eq!(
+            join("http://ehr:9001/fhir", "http://evil.example/Patient/1").unwrap(),
+            "http://ehr:9001/fhir/Patient/1"
+        );
+    }
+
+    #[test]
+    fn traversal_is_refused_in_every_spelling() {
+        for target in [
+            "/../other/Patient",
+            "/Patient/../../other",
+            "/Patient/./1",
+            "/%2e%2e/other",
+            "/%2E%2E/other",
+            "/.%2e/other",
+            "/Patient/%2e",
+            "/Patient%2F..%2Fother",
+            "/Patient%2f1",
+            "/..;/other",
+            "/Patient/..%3Bx/y",
+            "/Patient%5c..%5cother",
+            "/Patient%00",
+        ] {
+            assert!(
+                join("http://ehr:9001/fhir/tenant-a", target).is_err(),
+                "{target}"
+            );
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! `FhirProxy`: forwards a routed request to its upstream.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tower_service::Service;
+
+use super::body::ProxyBody;
+use super::path::upstream_uri;
+use super::rewrite::BaseRewriter;
+use crate::outcome::{IssueType, OperationOutcome};
+use crate::route::{Upstream, UpstreamBase};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The address of the client that sent a request; put it in the request extensions (the
+/// server knows it) and the proxy names it in `Forwarded` and `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Headers that belong to one connection and never cross a proxy (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The innermost service of the gateway: sends each request to the [`Upstream`] the routing
+/// layer put in its extensions, and the response back.
+///
+/// Cheap to clone; clones share one connection pool.
+#[derive(Clone)]
+pub struct FhirProxy {
+    client: Client<HttpConnector, OutgoingBody>,
+    config: Arc<Config>,
+}
+
+struct Config {
+    public_base: String,
+    public_scheme: String,
+    timeout: Duration,
+    rewrite_limit: usize,
+}
+
+impl FhirProxy {
+    /// Starts configuring a proxy whose clients know the gateway as `public_base_url` (say
+    /// `https://gateway.example/fhir`): upstream URLs in responses are rewritten to it.
+    pub fn builder(public_base_url: impl Into<String>) -> FhirProxyBuilder {
+        FhirProxyBuilder {
+            public_base_url: public_base_url.into(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            rewrite_limit: 4 * 1024 * 1024,
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+impl fmt::Debug for FhirProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FhirProxy")
+            .field("public_base", &self.config.public_base)
+            .field("timeout", &self.config.timeout)
+            .field("rewrite_limit", &self.config.rewrite_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration the proxy refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The public base URL is not an absolute `http`/`https` URL without query.
+    InvalidPublicBase(String),
+    /// A duration that must be positive is zero.
+    ZeroDuration(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidPublicBase(url) => write!(f, "invalid public base URL {url:?}"),
+            Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Configures a [`FhirProxy`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct FhirProxyBuilder {
+    public_base_url: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    rewrite_limit: usize,
+    pool_idle_timeout: Duration,
+}
+
+impl FhirProxyBuilder {
+    /// How long an upstream may take to answer (its response head) before the gateway
+    /// answers 504, unless the upstream has its own timeout. Default 30 s.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long connecting to an upstream may take. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The largest JSON Bundle whose links are rewritten; larger bodies stream through
+    /// untouched. Default 4 MiB.
+    pub fn rewrite_limit(mut self, bytes: usize) -> Self {
+        self.rewrite_limit = bytes;
+        self
+    }
+
+    /// How long an idle pooled connection is kept. Default 90 s.
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_idle_timeout = timeout;
+        self
+    }
+
+    /// Checks the configuration and builds the proxy.
+    pub fn build(self) -> Result<FhirProxy, ConfigError> {
+        let public = UpstreamBase::parse(&self.public_base_url)
+            .map_err(|_| ConfigError::InvalidPublicBase(self.public_base_url.clone()))?;
+        for (what, value) in [
+            ("timeout", self.timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("pool_idle_timeout", self.pool_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(what));
+            }
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.pool_idle_timeout)
+            .build(connector);
+        Ok(FhirProxy {
+            client,
+            config: Arc::new(Config {
+                public_base: public.to_string(),
+                public_scheme: public.scheme().as_str().to_owned(),
+                timeout: self.timeout,
+                rewrite_limit: self.rewrite_limit,
+            }),
+        })
+    }
+}
+
+/// The response future of [`FhirProxy`].
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl<B> Service<Request<B>> for FhirProxy
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The client queues or opens connections per request: always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let Some(upstream) = request.extensions().get::<Upstream>().cloned() else {
+            return ready(outcome(
+                StatusCode::BAD_GATEWAY,
+                IssueType::Exception,
+                "No upstream was chosen for this request",
+            ));
+        };
+        let uri = match upstream_uri(upstream.base(), request.uri()) {
+            Ok(uri) => uri,
+            Err(unsafe_path) => {
+                return ready(outcome(
+                    StatusCode::BAD_REQUEST,
+                    IssueType::Invalid,
+                    unsafe_path.0,
+                ))
+            }
+        };
+        let client_addr = request.extensions().get::<ClientAddr>().copied();
+        let (mut parts, body) = request.into_parts();
+        prepare_request_headers(
+            &mut parts.headers,
+            &upstream,
+            client_addr,
+            &self.config.public_scheme,
+        );
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.extensions = http::Extensions::new();
+        let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+
+        let config = Arc::clone(&self.config);
+        let timeout = upstream.timeout().unwrap_or(config.timeout);
+        let sent = self.client.request(outgoing);
+        Box::pin(async move {
+            let response = match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
+                    return Ok(outcome(
+                        StatusCode::BAD_GATEWAY,
+                        IssueType::Exception,
+                        "The tenant's FHIR server could not be reached",
+                    ));
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %upstream.base(), ?timeout, "upstream timed out");
+                    return Ok(outcome(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        IssueType::Timeout,
+                        "The tenant's FHIR server did not answer in time",
+                    ));
+                }
+            };
+            let rewriter =
+                BaseRewriter::new(upstream.base().to_string(), config.public_base.clone());
+            Ok(relay_response(response, &rewriter, config.rewrite_limit).await)
+        })
+    }
+}
+
+fn ready(response: Response<ProxyBody>) -> ResponseFuture {
+    Box::pin(std::future::ready(Ok(response)))
+}
+
+fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {
+    OperationOutcome::error(code, diagnostics)
+        .to_response(status)
+        .map(ProxyBody::full)
+}
+
+/// Headers as the upstream must see them: hop-by-hop gone, `Host` the upstream's, the client's
+/// credentials replaced by the gateway's own, the forwarding chain extended.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    upstream: &Upstream,
+    client: Option<ClientAddr>,
+    public_scheme: &str,
+) {
+    remove_hop_by_hop(headers);
+    let original_host = headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    if let Some(credentials) = upstream.authorization() {
+        headers.insert(header::AUTHORIZATION, credentials.clone());
+    }
+    if let Ok(host) = HeaderValue::from_str(upstream.base().authority().as_str()) {
+        headers.insert(header::HOST, host);
+    }
+
+    let client_ip = client.map(|ClientAddr(addr)| addr.ip());
+    let for_node = match client_ip {
+        Some(std::net::IpAddr::V6(ip)) => format!("\"[{ip}]\""),
+        Some(ip) => ip.to_string(),
+        None => "unknown".to_owned(),
+    };
+    let mut forwarded = format!("for={for_node};proto={public_scheme}");
+    if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
+        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    }
+    append(headers, HeaderName::from_static("forwarded"), &forwarded);
+    if let Some(ip) = client_ip {
+        append(
+            headers,
+            HeaderName::from_static("x-forwarded-for"),
+            &ip.to_string(),
+        );
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_str(public_scheme).unwrap_or(HeaderValue::from_static("http")),
+    );
+    match original_host {
+        Some(host) => {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        None => {
+            headers.remove(HeaderName::from_static("x-forwarded-host"));
+        }
+    }
+}
+
+/// Adds to a comma-separated list header, keeping what earlier proxies wrote.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let combined = match headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+    {
+        existing if existing.is_empty() => value.to_owned(),
+        existing => format!("{}, {value}", existing.join(", ")),
+    };
+    if let Ok(combined) = HeaderValue::from_str(&combined) {
+        headers.insert(name, combined);
+    }
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The upstream's response as the client must see it: hop-by-hop headers gone, upstream URLs
+/// in `Location`, `Content-Location` and JSON Bundle links rewritten to the gateway's base.
+async fn relay_response(
+    response: Response<Incoming>,
+    rewriter: &BaseRewriter,
+    rewrite_limit: usize,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let rewritten = parts
+            .headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| rewriter.url(v))
+            .and_then(|v| HeaderValue::from_str(&v).ok());
+        if let Some(value) = rewritten {
+            parts.headers.insert(name, value);
+        }
+    }
+    if !may_be_json_bundle(&parts.headers, rewrite_limit) {
+        return Response::from_parts(parts, ProxyBody::upstream(VecDeque::new(), body));
+    }
+    // Read up to the limit; beyond it, stream what was read and the rest untouched.
+    let mut read = VecDeque::new();
+    let mut size = 0;
+    let mut body = body;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    read.push_back(data);
+                    if size > rewrite_limit {
+                        return Response::from_parts(parts, ProxyBody::upstream(read, body));
+                    }
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "upstream response body failed");
+                return Response::from_parts(parts, ProxyBody::upstream(read, body));
+            }
+            None => break,
+        }
+    }
+    let mut whole = Vec::with_capacity(size);
+    for chunk in &read {
+        whole.extend_from_slice(chunk);
+    }
+    let bytes = match rewriter.bundle(&whole) {
+        Some(rewritten) => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+            rewritten
+        }
+        None => Bytes::from(whole),
+    };
+    Response::from_parts(parts, ProxyBody::full(bytes))
+}
+
+/// A JSON body, not compressed, that fits the rewrite limit if its length is known.
+fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|media| {
+            matches!(
+                media.as_str(),
+                "application/fhir+json" | "application/json+fhir" | "application/json"
+            )
+        });
+    let identity = headers
+        .get(header::CONTENT_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let fits = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_none_or(|len| len <= limit);
+    json && identity && fits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::FhirVersion;
+
+    fn upstream(auth: Option<&str>) -> Upstream {
+        let upstream = Upstream::parse("http://ehr:9001/fhir", FhirVersion::Stu3).unwrap();
+        match auth {
+            Some(auth) => upstream.with_authorization(auth).unwrap(),
+            None => upstream,
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn request_headers_lose_hop_by_hop_and_client_credentials() {
+        let mut h = headers(&[
+            ("host", "gateway:8080"),
+            ("authorization", "Bearer client-token"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "application/fhir+json"),
+            ("x-forwarded-for", "10.0.0.1"),
+        ]);
+        let client = ClientAddr("127.0.0.7:5555".parse().unwrap());
+        prepare_request_headers(
+            &mut h,
+            &upstream(Some("Bearer upstream")),
+            Some(client),
+            "https",
+        );
+        assert_eq!(h["host"], "ehr:9001");
+        assert_eq!(h["authorization"], "Bearer upstream");
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "transfer-encoding",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        assert_eq!(h["accept"], "application/fhir+json");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "gateway:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.7;proto=https;host=\"gateway:8080\""
+        );
+
+        let mut h = headers(&[("authorization", "Bearer client-token")]);
+        let v6 = ClientAddr("[::1]:1".parse().unwrap());
+        prepare_request_headers(&mut h, &upstream(None), Some(v6), "http");
+        assert!(
+            !h.contains_key("authorization"),
+            "no upstream credentials: none forwarded"
+        );
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn only_plain_json_within_the_limit_is_buffered() {
+        assert!(may_be_json_bundle(
+            &headers(&[("content-type", "application/fhir+json;charset=utf-8")]),
+            10
+        ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/json+fhir"),
+                ("content-length", "10")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/fhir+json"),
+                ("content-length", "11")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/fhir+json"),
+                ("content-encoding", "gzip")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[("content-type", "application/fhir+xml")]),
+            10
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_configuration() {
+        assert!(matches!(
+            FhirProxy::builder("not a url").build(),
+            Err(ConfigError::InvalidPublicBase(_))
+        ));
+        assert_eq!(
+            FhirProxy::builder("http://gw")
+                .timeout(Duration::ZERO)
+                .build()
+                .unwrap_err(),
+            ConfigError::ZeroDuration("timeout")
+        );
+    }
+}
