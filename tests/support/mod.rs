@@ -178,6 +178,31 @@ pub struct TestClient {
 }
 
 impl TestClient {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.addr, path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::from(body.to_owned())).unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
@@ -209,4 +234,175 @@ impl TestClient {
         self.get(path, &[("authorization", &format!("Bearer {token}"))])
             .await
     }
+}
+
+/// What an upstream test server received, exactly.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How an upstream test server answers a path (the first rule whose prefix matches).
+#[derive(Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn json(body: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            headers: vec![("content-type".into(), "application/fhir+json".into())],
+            body: body.to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A FHIR server stand-in that records every request and answers by path prefix.
+#[derive(Clone)]
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    answers: Arc<Mutex<Vec<(String, Answer)>>>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> Self {
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let answers: Arc<Mutex<Vec<(String, Answer)>>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (rec, ans) = (received.clone(), answers.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (rec, ans) = (rec.clone(), ans.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (rec, ans) = (rec.clone(), ans.clone());
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let target = parts
+                                    .uri
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default();
+                                rec.lock().unwrap().push(Received {
+                                    method: parts.method.to_string(),
+                                    target: target.clone(),
+                                    headers: parts.headers.clone(),
+                                    body: body.clone(),
+                                });
+                                let answer = ans
+                                    .lock()
+                                    .unwrap()
+                                    .iter()
+                                    .find(|(prefix, _)| target.starts_with(prefix.as_str()))
+                                    .map(|(_, a)| a.clone())
+                                    .unwrap_or_else(|| {
+                                        Answer::json(json!({"resourceType": "Patient", "id": "1"}))
+                                    });
+                                tokio::time::sleep(answer.delay).await;
+                                let mut response = http::Response::builder().status(answer.status);
+                                for (name, value) in &answer.headers {
+                                    response = response.header(name, value);
+                                }
+                                Ok::<_, std::convert::Infallible>(
+                                    response.body(Full::<Bytes>::from(answer.body)).unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            received,
+            answers,
+        }
+    }
+
+    pub fn base(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn answer(&self, prefix: &str, answer: Answer) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(0, (prefix.to_owned(), answer));
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Received {
+        self.received()
+            .last()
+            .cloned()
+            .expect("the upstream received nothing")
+    }
+}
+
+/// Serves a tower service over HTTP/1.1 and HTTP/2 on loopback, putting each connection's
+/// peer address in the request extensions as `ClientAddr`.
+pub async fn serve_tower<S, B>(service: S) -> SocketAddr
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                break;
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let service = tower::ServiceBuilder::new()
+                    .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut()
+                            .insert(tower_fhir::proxy::ClientAddr(peer));
+                        req
+                    })
+                    .service(service);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(service),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
 }

@@ -1,0 +1,590 @@
+//! The gateway's heart over real HTTP: bearer validation, tenant scope, cached routing and the
+//! proxy in front of upstream servers that record exactly what they received.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::ServiceBuilder;
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::proxy::FhirProxy;
+use tower_fhir::route::{
+    DirectoryError, InMemoryDirectory, RouteCache, TenantDirectory, TenantRoutingLayer,
+    TenantUpstreams, Upstream,
+};
+use tower_fhir::tenant::{TenantId, TenantScopeLayer};
+use tower_fhir::version::FhirVersion;
+
+const TENANT_A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const TENANT_B: &str = "9b2e1c3d-0000-4000-8000-00000000000b";
+const PUBLIC_BASE: &str = "http://gateway.test:8080";
+
+fn tenant(id: &str) -> TenantId {
+    id.parse().unwrap()
+}
+
+fn token_for(tenant: &str) -> String {
+    let mut c = claims();
+    c["scope"] = json!(format!("system/*.read {tenant}"));
+    mint(Algorithm::HS256, None, &c)
+}
+
+fn upstreams(base: &str, version: FhirVersion, auth: Option<&str>) -> TenantUpstreams {
+    let mut upstream = Upstream::parse(base, version).unwrap();
+    if let Some(auth) = auth {
+        upstream = upstream.with_authorization(auth).unwrap();
+    }
+    TenantUpstreams::new([upstream]).unwrap()
+}
+
+struct Gateway {
+    client: TestClient,
+    addr: std::net::SocketAddr,
+    directory: InMemoryDirectory,
+    lookups: Arc<AtomicUsize>,
+    directory_down: Arc<AtomicBool>,
+    cache: RouteCache,
+}
+
+/// A directory in front of `directory` that counts lookups and can be made to fail.
+fn counting(
+    directory: InMemoryDirectory,
+    lookups: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+) -> impl TenantDirectory {
+    move |tenant: TenantId| {
+        let (directory, lookups, down) = (directory.clone(), lookups.clone(), down.clone());
+        async move {
+            lookups.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if down.load(Ordering::SeqCst) {
+                return Err(DirectoryError::new("directory database unreachable"));
+            }
+            directory.lookup(tenant).await
+        }
+    }
+}
+
+async fn gateway(tenants: Vec<(&str, TenantUpstreams)>, ttl: Duration) -> Gateway {
+    let directory = InMemoryDirectory::new();
+    for (id, upstreams) in tenants {
+        directory.upsert(tenant(id), upstreams);
+    }
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let directory_down = Arc::new(AtomicBool::new(false));
+    let routing = TenantRoutingLayer::builder(counting(
+        directory.clone(),
+        lookups.clone(),
+        directory_down.clone(),
+    ))
+    .ttl(ttl)
+    .negative_ttl(Duration::from_secs(30))
+    .failure_backoff(Duration::from_millis(50))
+    .build()
+    .unwrap();
+    let cache = routing.cache().clone();
+    let stack = ServiceBuilder::new()
+        .layer(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .issuer("https://auth.test")
+                .audience("tower-fhir")
+                .build()
+                .unwrap(),
+        )
+        .layer(TenantScopeLayer::builder().build().unwrap())
+        .layer(routing)
+        .service(
+            FhirProxy::builder(PUBLIC_BASE)
+                .timeout(Duration::from_millis(500))
+                .build()
+                .unwrap(),
+        );
+    let addr = serve_tower(stack).await;
+    Gateway {
+        client: TestClient::new(addr),
+        addr,
+        directory,
+        lookups,
+        directory_down,
+        cache,
+    }
+}
+
+async fn one_tenant(upstream: &RecordingUpstream) -> Gateway {
+    gateway(
+        vec![(
+            TENANT_A,
+            upstreams(
+                &upstream.base("/fhir/r3"),
+                FhirVersion::Stu3,
+                Some("Bearer upstream-a-credentials"),
+            ),
+        )],
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn every_client_interaction_reaches_the_upstream_byte_for_byte() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let form = "application/x-www-form-urlencoded";
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/123"}},
+        {"request": {"method": "GET", "url": "Observation?patient=123&_count=5"}}
+    ]})
+    .to_string();
+    let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
+        ("GET", "/Patient/123", None, ""),
+        ("POST", "/Patient/_search", Some(form),
+         "family=O%27Brien&given=Se%C3%A1n&birthdate=1970-01-01&gender=male&identifier=urn%3Aoid%3A1.2%7C42&_count=10"),
+        ("GET", "/Observation?patient=123&category=vital-signs&_sort:desc=date", None, ""),
+        ("GET", "/Observation?patient=123&category=vital-signs&_sort=-date", None, ""),
+        ("GET", "/Condition?patient=123&_count=10", None, ""),
+        ("GET", "/Encounter?patient=123&_sort:desc=date&_count=1", None, ""),
+        ("GET", "/AllergyIntolerance?patient=123", None, ""),
+        ("GET", "/MedicationOrder?patient=123&_count=10", None, ""),
+        ("GET", "/MedicationRequest?patient=123&_count=10", None, ""),
+        ("GET", "/Coverage?patient=123", None, ""),
+        ("GET", "/Patient?family:contains=smi%20th&name=%C3%A9", None, ""),
+        ("POST", "/", Some("application/fhir+json"), batch.as_str()),
+    ];
+    for (method, target, content_type, body) in cases {
+        let mut headers = vec![
+            ("authorization", bearer.as_str()),
+            ("accept", "application/fhir+json"),
+        ];
+        if let Some(content_type) = content_type {
+            headers.push(("content-type", content_type));
+        }
+        let reply = gw.client.send(method, target, &headers, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{method} {target}: {}",
+            reply.text()
+        );
+        let got = upstream.last();
+        assert_eq!(got.method, method);
+        let expected_target = if target == "/" {
+            "/fhir/r3/".to_owned()
+        } else {
+            format!("/fhir/r3{target}")
+        };
+        assert_eq!(got.target, expected_target);
+        assert_eq!(got.body, body.as_bytes(), "{method} {target}");
+        assert_eq!(got.headers["host"], upstream.addr.to_string());
+        assert_eq!(
+            got.headers["authorization"],
+            "Bearer upstream-a-credentials"
+        );
+        assert_eq!(got.headers["accept"], "application/fhir+json");
+        if let Some(content_type) = content_type {
+            assert_eq!(got.headers["content-type"], content_type);
+        }
+        assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(got.headers["x-forwarded-proto"], "http");
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_client_credentials_do_not_cross() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("connection", "x-hop"),
+        ("x-hop", "secret"),
+        ("proxy-authorization", "Basic eDp5"),
+        ("x-tenant-id", TENANT_B),
+        ("x-request-id", "abc"),
+    ];
+    assert_eq!(
+        gw.client
+            .send("GET", "/Patient/1", &headers, "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let got = upstream.last();
+    for gone in ["x-hop", "proxy-authorization", "x-tenant-id"] {
+        assert!(
+            !got.headers.contains_key(gone),
+            "{gone} reached the upstream"
+        );
+    }
+    assert_eq!(got.headers["x-request-id"], "abc");
+    let authorization = got.headers["authorization"].to_str().unwrap();
+    assert!(
+        !authorization.contains(&token_for(TENANT_A)[..20]),
+        "the client's token was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn two_tenants_never_reach_each_other() {
+    // Both tenants on one upstream host, under different base paths: the hardest case.
+    let upstream = RecordingUpstream::start().await;
+    let gw = gateway(
+        vec![
+            (
+                TENANT_A,
+                upstreams(&upstream.base("/fhir/a"), FhirVersion::Stu3, None),
+            ),
+            (
+                TENANT_B,
+                upstreams(&upstream.base("/fhir/b"), FhirVersion::Dstu2, None),
+            ),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    let bearer_a = format!("Bearer {}", token_for(TENANT_A));
+    let host_b = upstream.addr.to_string();
+    let tricks: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (
+            "/Patient/1",
+            vec![("x-tenant-id", TENANT_B), ("x-fhir-tenant-id", TENANT_B)],
+        ),
+        ("/Patient/1", vec![("host", host_b.as_str())]),
+        (
+            "/Patient/1?tenant=9b2e1c3d-0000-4000-8000-00000000000b",
+            vec![],
+        ),
+        ("/../b/Patient/1", vec![]),
+        ("/%2e%2e/b/Patient/1", vec![]),
+        ("/Patient/..%2F..%2Fb%2FPatient", vec![]),
+        ("/..;/b/Patient/1", vec![]),
+    ];
+    for (target, extra) in tricks {
+        let mut headers = vec![("authorization", bearer_a.as_str())];
+        headers.extend(extra.iter().copied());
+        let reply = gw.client.send("GET", target, &headers, "").await;
+        // Header tricks are ignored (served from A); path tricks are refused.
+        let expected = if target.contains("..") || target.contains("%2e") {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(reply.status, expected, "{target}");
+    }
+    // An absolute-form request target naming tenant B's base, written by hand.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let raw = format!(
+        "GET http://{host_b}/fhir/b/Patient/1 HTTP/1.1\r\nHost: {host_b}\r\nAuthorization: {bearer_a}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    let received = upstream.received();
+    assert!(!received.is_empty());
+    for got in &received {
+        assert!(
+            got.target.starts_with("/fhir/a/"),
+            "tenant A's request reached {}",
+            got.target
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_directory_call_for_a_hundred_concurrent_requests_to_a_cold_tenant() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let token = token_for(TENANT_A);
+    let requests = (0..100).map(|_| {
+        let (client, token) = (gw.client.clone(), token.clone());
+        tokio::spawn(async move { client.get_bearer("/Patient/1", &token).await.status })
+    });
+    for status in futures::future::join_all(requests).await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(gw.lookups.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream.received().len(), 100);
+}
+
+#[tokio::test]
+async fn unknown_tenants_get_403_and_are_cached_negatively() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let token = token_for(TENANT_B);
+    for _ in 0..3 {
+        let reply = gw.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            reply.json()["issue"][0]["diagnostics"],
+            "The tenant is not onboarded with this gateway"
+        );
+    }
+    assert_eq!(gw.lookups.load(Ordering::SeqCst), 1);
+    // A token without any tenant never reaches the directory.
+    let mut c = claims();
+    c["scope"] = json!("system/*.read");
+    let reply = gw
+        .client
+        .get_bearer("/Patient/1", &mint(Algorithm::HS256, None, &c))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(reply.challenge().contains("insufficient_scope"));
+    assert_eq!(gw.lookups.load(Ordering::SeqCst), 1);
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn invalidation_moves_a_tenant_to_its_new_upstream() {
+    let old = RecordingUpstream::start().await;
+    let new = RecordingUpstream::start().await;
+    let gw = one_tenant(&old).await;
+    let token = token_for(TENANT_A);
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    gw.directory.upsert(
+        tenant(TENANT_A),
+        upstreams(&new.base("/fhir"), FhirVersion::Stu3, None),
+    );
+    // Cached: still the old upstream until the route is invalidated.
+    assert_eq!(
+        gw.client.get_bearer("/Patient/2", &token).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(old.received().len(), 2);
+    gw.cache.invalidate(tenant(TENANT_A)).await;
+    assert_eq!(
+        gw.client.get_bearer("/Patient/3", &token).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(new.last().target, "/fhir/Patient/3");
+    assert_eq!(old.received().len(), 2);
+}
+
+#[tokio::test]
+async fn directory_changes_can_invalidate_by_themselves() {
+    let old = RecordingUpstream::start().await;
+    let new = RecordingUpstream::start().await;
+    let gw = one_tenant(&old).await;
+    let _follower = gw.cache.follow(gw.directory.subscribe());
+    let token = token_for(TENANT_A);
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    gw.directory.upsert(
+        tenant(TENANT_A),
+        upstreams(&new.base("/fhir"), FhirVersion::Stu3, None),
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        gw.client.get_bearer("/Patient/2", &token).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(new.last().target, "/fhir/Patient/2");
+}
+
+#[tokio::test]
+async fn known_routes_keep_serving_while_the_directory_is_down() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = gateway(
+        vec![(
+            TENANT_A,
+            upstreams(&upstream.base("/fhir"), FhirVersion::Stu3, None),
+        )],
+        Duration::from_millis(100),
+    )
+    .await;
+    let token = token_for(TENANT_A);
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    gw.directory_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        gw.client.get_bearer("/Patient/2", &token).await.status,
+        StatusCode::OK
+    );
+    assert!(
+        gw.lookups.load(Ordering::SeqCst) >= 2,
+        "the directory was asked again"
+    );
+
+    // A tenant never seen while the directory is down: 503.
+    let reply = gw
+        .client
+        .get_bearer("/Patient/1", &token_for(TENANT_B))
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(
+        !reply.text().contains("database"),
+        "directory errors stay in the logs"
+    );
+}
+
+#[tokio::test]
+async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let base = upstream.base("/fhir/r3");
+    upstream.answer(
+        "/fhir/r3/Patient?",
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset",
+            "link": [{"relation": "self", "url": format!("{base}/Patient?family=x")},
+                     {"relation": "next", "url": format!("{base}?_getpages=abc&_getpagesoffset=10")}],
+            "entry": [{"fullUrl": format!("{base}/Patient/1"), "resource": {"resourceType": "Patient", "id": "1"}}]})),
+    );
+    let mut created = Answer::json(json!({"resourceType": "Patient", "id": "9"}));
+    created.status = StatusCode::CREATED;
+    created
+        .headers
+        .push(("location".into(), format!("{base}/Patient/9/_history/1")));
+    created.headers.push((
+        "content-location".into(),
+        format!("{base}/Patient/9/_history/1"),
+    ));
+    upstream.answer("/fhir/r3/Patient/new", created);
+
+    let token = token_for(TENANT_A);
+    let reply = gw.client.get_bearer("/Patient?family=x", &token).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let bundle = reply.json();
+    assert_eq!(
+        bundle["link"][0]["url"],
+        format!("{PUBLIC_BASE}/Patient?family=x")
+    );
+    assert_eq!(
+        bundle["link"][1]["url"],
+        format!("{PUBLIC_BASE}?_getpages=abc&_getpagesoffset=10")
+    );
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{PUBLIC_BASE}/Patient/1")
+    );
+    assert_eq!(
+        reply.headers["content-length"],
+        reply.body.len().to_string()
+    );
+
+    let reply = gw.client.get_bearer("/Patient/new", &token).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(
+        reply.headers["location"],
+        format!("{PUBLIC_BASE}/Patient/9/_history/1")
+    );
+    assert_eq!(
+        reply.headers["content-location"],
+        format!("{PUBLIC_BASE}/Patient/9/_history/1")
+    );
+}
+
+#[tokio::test]
+async fn large_bundles_stream_through_untouched() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let base = upstream.base("/fhir/r3");
+    let filler = "x".repeat(5 * 1024 * 1024);
+    let body = json!({"resourceType": "Bundle", "link": [{"relation": "self", "url": format!("{base}/Patient")}],
+                      "meta": {"tag": [{"code": filler}]}});
+    upstream.answer("/fhir/r3/Patient", Answer::json(body.clone()));
+    let reply = gw.client.get_bearer("/Patient", &token_for(TENANT_A)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json(),
+        body,
+        "above the rewrite limit the body is passed as it is"
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504_and_a_slow_upstream_blocks_no_one_else() {
+    let slow = RecordingUpstream::start().await;
+    let fast = RecordingUpstream::start().await;
+    let mut delayed = Answer::json(json!({"resourceType": "Patient"}));
+    delayed.delay = Duration::from_secs(2);
+    slow.answer("/", delayed);
+    // A port with nothing behind it.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let gw = gateway(
+        vec![
+            (
+                TENANT_A,
+                upstreams(&slow.base("/fhir"), FhirVersion::Stu3, None),
+            ),
+            (
+                TENANT_B,
+                upstreams(&format!("http://{closed}/fhir"), FhirVersion::Stu3, None),
+            ),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    let reply = gw
+        .client
+        .get_bearer("/Patient/1", &token_for(TENANT_B))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+
+    gw.directory.upsert(
+        tenant(TENANT_B),
+        upstreams(&fast.base("/fhir"), FhirVersion::Stu3, None),
+    );
+    gw.cache.invalidate(tenant(TENANT_B)).await;
+    let slow_request = {
+        let client = gw.client.clone();
+        let token = token_for(TENANT_A);
+        tokio::spawn(async move { client.get_bearer("/Patient/1", &token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            gw.client
+                .get_bearer("/Patient/1", &token_for(TENANT_B))
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    assert!(
+        !slow_request.is_finished(),
+        "tenant B was served while tenant A's upstream hung"
+    );
+    let reply = slow_request.await.unwrap();
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["issue"][0]["code"], "timeout");
+}
+
+#[tokio::test]
+async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let token = token_for(TENANT_A);
+    for target in ["/../x", "/%2e%2e/x", "/Patient%2F..%2Fx", "/Patient/.%2E/x"] {
+        let reply = gw.client.get_bearer(target, &token).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{target}");
+        let outcome: Value = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+    }
+    assert!(upstream.received().is_empty());
+}
