@@ -33,11 +33,14 @@ impl BaseRewriter {
             #[serde(rename = "resourceType", borrow)]
             resource_type: Option<std::borrow::Cow<'a, str>>,
         }
+        // Cheap tests first: most responses hold no upstream URL, or are no Bundle.
+        let needle = format!("\"{}", self.from);
+        find(body, needle.as_bytes())?;
+        find(body, b"\"Bundle\"")?;
         let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
         if probe.resource_type.as_deref() != Some("Bundle") {
             return None;
         }
-        let needle = format!("\"{}", self.from);
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
         let mut search = 0;
