@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("route");
     group.bench_function("bare_service", |b| {
-        let mut service = bare.clone();
+        let mut service = bare;
         b.to_async(&runtime).iter(|| service.call(request(&claims)))
     });
     group.bench_function("tenant_scope", |b| {
