@@ -364,6 +364,7 @@ impl RecordingUpstream {
     }
 }
 
+#[cfg(feature = "proxy")]
 /// Serves a tower service over HTTP/1.1 and HTTP/2 on loopback, putting each connection's
 /// peer address in the request extensions as `ClientAddr`.
 pub async fn serve_tower<S, B>(service: S) -> SocketAddr
