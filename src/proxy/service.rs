@@ -26,6 +26,7 @@ use super::path::upstream_uri;
 use super::rewrite::BaseRewriter;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
+use crate::version::FhirVersion;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -217,6 +218,19 @@ where
         };
         let client_addr = request.extensions().get::<ClientAddr>().copied();
         let (mut parts, body) = request.into_parts();
+        // Some DSTU2 servers answer 406 to the STU3+ media types: speak theirs, and answer the
+        // client in the form it asked for.
+        let dstu2 = upstream.fhir_version() == FhirVersion::Dstu2;
+        let client_wants = if dstu2 {
+            asked_form(&parts.headers)
+        } else {
+            AskedForm::Upstreams
+        };
+        if dstu2 {
+            for name in [header::ACCEPT, header::CONTENT_TYPE] {
+                swap_media_types(&mut parts.headers, name, &DSTU2_MEDIA_TYPES);
+            }
+        }
         prepare_request_headers(
             &mut parts.headers,
             &upstream,
@@ -253,8 +267,82 @@ where
             };
             let rewriter =
                 BaseRewriter::new(upstream.base().to_string(), config.public_base.clone());
-            Ok(relay_response(response, &rewriter, config.rewrite_limit).await)
+            let mut response = relay_response(response, &rewriter, config.rewrite_limit).await;
+            if client_wants == AskedForm::Current {
+                let back: Vec<_> = DSTU2_MEDIA_TYPES
+                    .iter()
+                    .map(|(new, old)| (*old, *new))
+                    .collect();
+                swap_media_types(response.headers_mut(), header::CONTENT_TYPE, &back);
+            }
+            crate::version::label(response.headers_mut(), upstream.fhir_version());
+            response.extensions_mut().insert(upstream.fhir_version());
+            Ok(response)
         })
+    }
+}
+
+/// The STU3+ media types and their DSTU2 forms.
+const DSTU2_MEDIA_TYPES: [(&str, &str); 2] = [
+    ("application/fhir+json", "application/json+fhir"),
+    ("application/fhir+xml", "application/xml+fhir"),
+];
+
+/// Which form of the FHIR media types a client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AskedForm {
+    /// The STU3+ form (`application/fhir+json`).
+    Current,
+    /// Whatever the upstream answers.
+    Upstreams,
+}
+
+fn asked_form(headers: &HeaderMap) -> AskedForm {
+    let current = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(crate::version::split_list)
+        .filter_map(|range| range.split(';').next())
+        .any(|essence| {
+            DSTU2_MEDIA_TYPES
+                .iter()
+                .any(|(new, _)| essence.trim().eq_ignore_ascii_case(new))
+        });
+    if current {
+        AskedForm::Current
+    } else {
+        AskedForm::Upstreams
+    }
+}
+
+/// Replaces media type essences in a header's ranges, keeping their parameters.
+fn swap_media_types(headers: &mut HeaderMap, name: HeaderName, swaps: &[(&str, &str)]) {
+    let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let mut changed = false;
+    let ranges: Vec<String> = crate::version::split_list(value)
+        .map(|range| {
+            let (essence, params) = range
+                .split_once(';')
+                .map_or((range, None), |(e, p)| (e, Some(p)));
+            match swaps
+                .iter()
+                .find(|(from, _)| essence.trim().eq_ignore_ascii_case(from))
+            {
+                Some((_, to)) => {
+                    changed = true;
+                    params.map_or_else(|| (*to).to_owned(), |p| format!("{to};{p}"))
+                }
+                None => range.to_owned(),
+            }
+        })
+        .collect();
+    if changed {
+        if let Ok(value) = HeaderValue::from_str(&ranges.join(", ")) {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -443,7 +531,30 @@ fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::version::FhirVersion;
+
+    #[test]
+    fn dstu2_media_types_swap_keeping_parameters() {
+        let mut h = headers(&[
+            (
+                "accept",
+                "application/fhir+json; q=1.0, application/xml+fhir;q=0.9, */*;q=0.1",
+            ),
+            ("content-type", "application/fhir+json;charset=utf-8"),
+        ]);
+        assert_eq!(asked_form(&h), AskedForm::Current);
+        swap_media_types(&mut h, header::ACCEPT, &DSTU2_MEDIA_TYPES);
+        swap_media_types(&mut h, header::CONTENT_TYPE, &DSTU2_MEDIA_TYPES);
+        assert_eq!(
+            h["accept"],
+            "application/json+fhir; q=1.0, application/xml+fhir;q=0.9, */*;q=0.1"
+        );
+        assert_eq!(h["content-type"], "application/json+fhir;charset=utf-8");
+        assert_eq!(
+            asked_form(&headers(&[("accept", "application/json+fhir")])),
+            AskedForm::Upstreams
+        );
+        assert_eq!(asked_form(&HeaderMap::new()), AskedForm::Upstreams);
+    }
 
     fn upstream(auth: Option<&str>) -> Upstream {
         let upstream = Upstream::parse("http://ehr:9001/fhir", FhirVersion::Stu3).unwrap();

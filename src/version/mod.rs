@@ -23,6 +23,18 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod layer;
+mod media;
+
+#[cfg(feature = "proxy")]
+pub(crate) use layer::label;
+pub use layer::{
+    ConfigError, ResponseFuture, VersionNegotiation, VersionNegotiationBuilder,
+    VersionNegotiationLayer,
+};
+#[cfg(feature = "proxy")]
+pub(crate) use media::split_list;
+
 /// A FHIR release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]

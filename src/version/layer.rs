@@ -1,0 +1,672 @@
+//! `VersionNegotiationLayer`: which FHIR release a request speaks.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use serde_json::json;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::media::{parse_accept, parse_format, parse_media, Format, MediaRange, Named};
+use super::FhirVersion;
+use crate::body::ResponseBody;
+use crate::outcome::{IssueType, OperationOutcome};
+
+/// A Tower layer that negotiates the FHIR release of each request (the `fhirVersion` MIME
+/// parameter in `Accept`, `Content-Type` and `_format`) and puts it in the request extensions.
+#[derive(Clone)]
+#[must_use]
+pub struct VersionNegotiationLayer {
+    config: Arc<Config>,
+}
+
+struct Config {
+    supported: Vec<FhirVersion>,
+    default: Option<FhirVersion>,
+}
+
+impl VersionNegotiationLayer {
+    /// Starts configuring the layer: every release supported, no default (a request that
+    /// names no release goes to its tenant's default upstream).
+    pub fn builder() -> VersionNegotiationBuilder {
+        VersionNegotiationBuilder {
+            supported: FhirVersion::ALL.to_vec(),
+            default: None,
+        }
+    }
+}
+
+impl fmt::Debug for VersionNegotiationLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VersionNegotiationLayer")
+            .field("supported", &self.config.supported)
+            .field("default", &self.config.default)
+            .finish()
+    }
+}
+
+/// A configuration the version layer refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No release is supported.
+    NothingSupported,
+    /// The default release is not among the supported ones.
+    UnsupportedDefault(FhirVersion),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NothingSupported => f.write_str("no FHIR release is supported"),
+            Self::UnsupportedDefault(v) => {
+                write!(f, "the default release {} is not supported", v.name())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Configures a [`VersionNegotiationLayer`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct VersionNegotiationBuilder {
+    supported: Vec<FhirVersion>,
+    default: Option<FhirVersion>,
+}
+
+impl VersionNegotiationBuilder {
+    /// The releases the gateway serves; a request for any other gets 406 (415 for a body).
+    pub fn supported(mut self, versions: impl IntoIterator<Item = FhirVersion>) -> Self {
+        self.supported = versions.into_iter().collect();
+        self.supported.sort();
+        self.supported.dedup();
+        self
+    }
+
+    /// The release assumed when a request names none. Without one, such requests carry no
+    /// `FhirVersion` and the routing layer uses the tenant's default upstream.
+    pub fn default_version(mut self, version: FhirVersion) -> Self {
+        self.default = Some(version);
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<VersionNegotiationLayer, ConfigError> {
+        if self.supported.is_empty() {
+            return Err(ConfigError::NothingSupported);
+        }
+        if let Some(default) = self.default.filter(|d| !self.supported.contains(d)) {
+            return Err(ConfigError::UnsupportedDefault(default));
+        }
+        Ok(VersionNegotiationLayer {
+            config: Arc::new(Config {
+                supported: self.supported,
+                default: self.default,
+            }),
+        })
+    }
+}
+
+impl<S> Layer<S> for VersionNegotiationLayer {
+    type Service = VersionNegotiation<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        VersionNegotiation {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// Negotiates the FHIR release, answers `$versions`, and labels FHIR responses with their
+/// `fhirVersion`. Made by [`VersionNegotiationLayer`].
+#[derive(Clone)]
+pub struct VersionNegotiation<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for VersionNegotiation<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VersionNegotiation")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What negotiation decided for one request.
+enum Decision {
+    Proceed(Option<FhirVersion>),
+    Answer(Response<Bytes>),
+}
+
+impl Config {
+    fn supports(&self, named: Named) -> Option<FhirVersion> {
+        match named {
+            Named::Version(v) if self.supported.contains(&v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The release `$versions` reports as the default.
+    fn reported_default(&self) -> FhirVersion {
+        self.default
+            .or_else(|| self.supported.last().copied())
+            .unwrap_or(FhirVersion::R4)
+    }
+
+    fn decide(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Decision {
+        let format = query.and_then(format_parameter);
+        let accept = match &format {
+            Some(format) => vec![format.clone()],
+            None => headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(parse_accept)
+                .collect(),
+        };
+        let accepted = match self.accepted(&accept) {
+            Ok(version) => version,
+            Err(()) => {
+                return Decision::Answer(error(
+                    StatusCode::NOT_ACCEPTABLE,
+                    IssueType::NotSupported,
+                    "The requested FHIR version is not supported by this server",
+                ))
+            }
+        };
+        let content = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_media);
+        let body_version = match content.as_ref().map(|c| c.named) {
+            None | Some(Named::Nothing) => None,
+            Some(named) => match self.supports(named) {
+                Some(v) => Some(v),
+                None => {
+                    return Decision::Answer(error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        IssueType::NotSupported,
+                        "The body's FHIR version is not supported by this server",
+                    ))
+                }
+            },
+        };
+        if let (Some(body), Some(wanted)) = (body_version, accepted) {
+            if body != wanted {
+                return Decision::Answer(error(
+                    StatusCode::BAD_REQUEST,
+                    IssueType::Invalid,
+                    "Accept and Content-Type name different FHIR versions",
+                ));
+            }
+        }
+        let version = body_version.or(accepted).or(self.default);
+        if method == Method::GET && path == "/$versions" {
+            return Decision::Answer(self.versions(version, &accept));
+        }
+        Decision::Proceed(version)
+    }
+
+    /// The release the client accepts: `Ok(None)` when it names none it must have, `Err` when
+    /// every acceptable range names a release this server does not serve.
+    fn accepted(&self, ranges: &[MediaRange]) -> Result<Option<FhirVersion>, ()> {
+        if ranges.is_empty() {
+            return Ok(None);
+        }
+        for range in ranges {
+            match range.named {
+                Named::Nothing => return Ok(None),
+                named => {
+                    if let Some(version) = self.supports(named) {
+                        return Ok(Some(version));
+                    }
+                }
+            }
+        }
+        Err(())
+    }
+
+    /// `$versions`: a `Parameters` resource with each supported `version` and the `default`.
+    fn versions(&self, version: Option<FhirVersion>, accept: &[MediaRange]) -> Response<Bytes> {
+        let mut parameter: Vec<_> = self
+            .supported
+            .iter()
+            .map(|v| json!({"name": "version", "valueCode": v.mime_code()}))
+            .collect();
+        parameter
+            .push(json!({"name": "default", "valueCode": self.reported_default().mime_code()}));
+        let body = json!({"resourceType": "Parameters", "parameter": parameter});
+        let shape = version.unwrap_or_else(|| self.reported_default());
+        let plain_json = accept
+            .first()
+            .is_some_and(|r| r.essence == "application/json" || r.essence == "text/json");
+        let media_type = if plain_json {
+            "application/json".to_owned()
+        } else {
+            format!(
+                "{}; fhirVersion={}",
+                shape.json_media_type(),
+                shape.mime_code()
+            )
+        };
+        let mut response = Response::new(Bytes::from(body.to_string()));
+        if let Ok(value) = HeaderValue::from_str(&media_type) {
+            response.headers_mut().insert(header::CONTENT_TYPE, value);
+        }
+        response
+    }
+}
+
+/// The `_format` query parameter, percent-decoded.
+fn format_parameter(query: &str) -> Option<MediaRange> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "_format")
+        .and_then(|(_, value)| {
+            let value = value.replace('+', " ");
+            let decoded = percent_encoding::percent_decode_str(&value)
+                .decode_utf8()
+                .ok()?;
+            parse_format(&decoded)
+        })
+}
+
+fn error(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<Bytes> {
+    OperationOutcome::error(code, diagnostics).to_response(status)
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for VersionNegotiation<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let decision = self.config.decide(
+            request.method(),
+            request.uri().path(),
+            request.uri().query(),
+            request.headers(),
+        );
+        match decision {
+            Decision::Answer(response) => ResponseFuture {
+                state: State::Answered {
+                    response: Some(response),
+                },
+            },
+            Decision::Proceed(version) => {
+                if let Some(version) = version {
+                    request.extensions_mut().insert(version);
+                }
+                ResponseFuture {
+                    state: State::Inner {
+                        future: self.inner.call(request),
+                        version,
+                    },
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`VersionNegotiation`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] future: F, version: Option<FhirVersion> },
+        Answered { response: Option<Response<Bytes>> },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { future, version } => {
+                let mut response = ready!(future.poll(cx))?;
+                let served = response
+                    .extensions()
+                    .get::<FhirVersion>()
+                    .copied()
+                    .or(*version);
+                if let Some(served) = served {
+                    label(response.headers_mut(), served);
+                }
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            StateProj::Answered { response } => {
+                let response = response.take().expect("polled after completion");
+                Poll::Ready(Ok(response.map(ResponseBody::full)))
+            }
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Adds `fhirVersion` to a FHIR media type that lacks it.
+pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
+    let Some(current) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    let Some(media) = parse_media(current) else {
+        return;
+    };
+    let fhir_type = matches!(
+        media.essence.as_str(),
+        "application/fhir+json"
+            | "application/json+fhir"
+            | "application/fhir+xml"
+            | "application/xml+fhir"
+    );
+    if !fhir_type || media.named != Named::Nothing || media.format() == Format::Other {
+        return;
+    }
+    let labelled = format!("{current}; fhirVersion={}", version.mime_code());
+    if let Ok(value) = HeaderValue::from_str(&labelled) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::convert::Infallible;
+    use tower::{service_fn, ServiceExt};
+
+    fn layer() -> VersionNegotiationLayer {
+        VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
+            .build()
+            .unwrap()
+    }
+
+    async fn run(
+        layer: VersionNegotiationLayer,
+        request: Request<Full<Bytes>>,
+    ) -> (StatusCode, HeaderMap, String) {
+        let service = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+            let version = req
+                .extensions()
+                .get::<FhirVersion>()
+                .map(|v| v.mime_code())
+                .unwrap_or("none");
+            let response = Response::builder()
+                .header("content-type", "application/fhir+json")
+                .body(Full::<Bytes>::from(version))
+                .unwrap();
+            Ok::<_, Infallible>(response)
+        }));
+        let response = service.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    fn get(uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut request = Request::get(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(Full::default()).unwrap()
+    }
+
+    fn post(content_type: &str, accept: Option<&str>) -> Request<Full<Bytes>> {
+        let mut request = Request::post("/Patient").header("content-type", content_type);
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.body(Full::from("{}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_named_version_reaches_the_inner_service_and_labels_the_response() {
+        let (status, headers, body) = run(
+            layer(),
+            get(
+                "/Patient/1",
+                &[("accept", "application/fhir+json; fhirVersion=3.0")],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "3.0");
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=3.0"
+        );
+    }
+
+    #[tokio::test]
+    async fn best_acceptable_range_wins() {
+        let accept = "application/fhir+json; fhirVersion=5.0; q=1, application/fhir+json; fhirVersion=1.0; q=0.8";
+        assert_eq!(
+            run(layer(), get("/Patient", &[("accept", accept)])).await.2,
+            "1.0"
+        );
+        // A range without a version accepts any: the default applies.
+        let accept = "application/fhir+json; fhirVersion=5.0, */*; q=0.1";
+        assert_eq!(
+            run(layer(), get("/Patient", &[("accept", accept)])).await.2,
+            "none"
+        );
+        // HAPI's STU3 client names no version at all.
+        let hapi = "application/fhir+xml;q=1.0, application/fhir+json;q=1.0, application/xml+fhir;q=0.9, application/json+fhir;q=0.9";
+        assert_eq!(
+            run(layer(), get("/Patient", &[("accept", hapi)])).await.2,
+            "none"
+        );
+    }
+
+    #[tokio::test]
+    async fn unsupported_versions_are_406_and_415() {
+        let (status, headers, body) = run(
+            layer(),
+            get(
+                "/Patient",
+                &[("accept", "application/fhir+json; fhirVersion=5.0")],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        assert_eq!(headers["content-type"], "application/fhir+json");
+        assert!(body.contains("OperationOutcome"));
+        let (status, ..) = run(
+            layer(),
+            get(
+                "/Patient",
+                &[("accept", "application/fhir+json; fhirVersion=7.7")],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        let (status, ..) = run(
+            layer(),
+            post("application/fhir+json; fhirVersion=5.0", None),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn accept_and_content_type_must_agree() {
+        let (status, ..) = run(
+            layer(),
+            post(
+                "application/fhir+json; fhirVersion=3.0",
+                Some("application/fhir+json; fhirVersion=4.0"),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _, body) = run(
+            layer(),
+            post("application/fhir+json; fhirVersion=3.0", Some("*/*")),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "3.0"));
+    }
+
+    #[tokio::test]
+    async fn format_overrides_accept_but_not_the_body() {
+        let uri = "/Patient?_format=application/fhir%2Bjson%3B%20fhirVersion%3D4.0";
+        let accept = [("accept", "application/fhir+json; fhirVersion=1.0")];
+        assert_eq!(run(layer(), get(uri, &accept)).await.2, "4.0");
+        assert_eq!(
+            run(layer(), get("/Patient?_format=json", &accept)).await.2,
+            "none"
+        );
+        let mut request = post("application/fhir+json; fhirVersion=3.0", None);
+        *request.uri_mut() = "/Patient?_format=application/fhir%2Bjson;fhirVersion=4.0"
+            .parse()
+            .unwrap();
+        assert_eq!(run(layer(), request).await.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn the_default_applies_when_nothing_is_named() {
+        let layer = VersionNegotiationLayer::builder()
+            .default_version(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        assert_eq!(run(layer, get("/Patient", &[])).await.2, "3.0");
+    }
+
+    #[tokio::test]
+    async fn versions_operation_lists_the_supported_releases() {
+        let (status, headers, body) = run(layer(), get("/$versions", &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=4.0"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["resourceType"], "Parameters");
+        let codes: Vec<_> = json["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap(),
+                    p["valueCode"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                ("version", "1.0"),
+                ("version", "3.0"),
+                ("version", "4.0"),
+                ("default", "4.0")
+            ]
+        );
+        let (_, headers, _) = run(
+            layer(),
+            get("/$versions", &[("accept", "application/json")]),
+        )
+        .await;
+        assert_eq!(headers["content-type"], "application/json");
+        let (_, headers, _) = run(
+            layer(),
+            get(
+                "/$versions",
+                &[("accept", "application/json+fhir; fhirVersion=1.0")],
+            ),
+        )
+        .await;
+        assert_eq!(
+            headers["content-type"],
+            "application/json+fhir; fhirVersion=1.0"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_configuration() {
+        assert_eq!(
+            VersionNegotiationLayer::builder()
+                .supported([])
+                .build()
+                .unwrap_err(),
+            ConfigError::NothingSupported
+        );
+        assert_eq!(
+            VersionNegotiationLayer::builder()
+                .supported([FhirVersion::Stu3])
+                .default_version(FhirVersion::R4)
+                .build()
+                .unwrap_err(),
+            ConfigError::UnsupportedDefault(FhirVersion::R4)
+        );
+    }
+
+    #[test]
+    fn labels_only_unlabelled_fhir_media_types() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json+fhir;charset=UTF-8"),
+        );
+        label(&mut headers, FhirVersion::Dstu2);
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "application/json+fhir;charset=UTF-8; fhirVersion=1.0"
+        );
+        label(&mut headers, FhirVersion::R4);
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "application/json+fhir;charset=UTF-8; fhirVersion=1.0"
+        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        label(&mut headers, FhirVersion::R4);
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html");
+    }
+}

@@ -1,0 +1,225 @@
+//! Version negotiation over real HTTP: one tenant with a DSTU2 and an STU3 server behind the
+//! whole stack.
+
+mod support;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use support::*;
+use tower::ServiceBuilder;
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::proxy::FhirProxy;
+use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::tenant::TenantScopeLayer;
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+
+struct Setup {
+    client: TestClient,
+    dstu2: RecordingUpstream,
+    stu3: RecordingUpstream,
+    bearer: String,
+}
+
+async fn setup() -> Setup {
+    let dstu2 = RecordingUpstream::start().await;
+    let stu3 = RecordingUpstream::start().await;
+    let mut patient = Answer::json(json!({"resourceType": "Patient", "id": "1"}));
+    patient.headers = vec![(
+        "content-type".into(),
+        "application/json+fhir;charset=UTF-8".into(),
+    )];
+    dstu2.answer("/", patient);
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        TENANT.parse().unwrap(),
+        TenantUpstreams::new([
+            Upstream::parse(&dstu2.base("/dstu2"), FhirVersion::Dstu2).unwrap(),
+            Upstream::parse(&stu3.base("/stu3"), FhirVersion::Stu3).unwrap(),
+        ])
+        .unwrap(),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(
+            VersionNegotiationLayer::builder()
+                .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
+                .build()
+                .unwrap(),
+        )
+        .layer(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .build()
+                .unwrap(),
+        )
+        .layer(TenantScopeLayer::builder().build().unwrap())
+        .layer(TenantRoutingLayer::builder(directory).build().unwrap())
+        .service(
+            FhirProxy::builder("http://gateway.test")
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        );
+    let client = TestClient::new(serve_tower(stack).await);
+    let mut c = claims();
+    c["scope"] = json!(TENANT);
+    let bearer = format!("Bearer {}", mint(Algorithm::HS256, None, &c));
+    Setup {
+        client,
+        dstu2,
+        stu3,
+        bearer,
+    }
+}
+
+#[tokio::test]
+async fn the_named_release_picks_the_tenants_server_for_it() {
+    let s = setup().await;
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", "application/fhir+json; fhirVersion=3.0"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(s.stu3.last().target, "/stu3/Patient/1");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=3.0"
+    );
+    assert!(s.dstu2.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_dstu2_server_gets_its_own_media_types_and_the_client_gets_its_own_back() {
+    let s = setup().await;
+    let body = r#"{"resourceType":"Patient","name":[{"family":"Chalmers"}]}"#;
+    let reply = s
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", "application/fhir+json; fhirVersion=1.0"),
+                ("content-type", "application/fhir+json; fhirVersion=1.0"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let got = s.dstu2.last();
+    assert_eq!(got.target, "/dstu2/Patient");
+    assert_eq!(
+        got.headers["accept"],
+        "application/json+fhir; fhirVersion=1.0"
+    );
+    assert_eq!(
+        got.headers["content-type"],
+        "application/json+fhir; fhirVersion=1.0"
+    );
+    assert_eq!(got.body, body.as_bytes());
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json;charset=UTF-8; fhirVersion=1.0"
+    );
+
+    // A client speaking DSTU2's own types gets them back.
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", "application/json+fhir; fhirVersion=1.0"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/json+fhir;charset=UTF-8; fhirVersion=1.0"
+    );
+}
+
+#[tokio::test]
+async fn no_release_named_goes_to_the_tenants_default() {
+    let s = setup().await;
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[("authorization", &s.bearer), ("accept", "application/json")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(s.dstu2.last().target, "/dstu2/Patient/1");
+}
+
+#[tokio::test]
+async fn unservable_releases_and_disagreements_are_refused() {
+    let s = setup().await;
+    let cases = [
+        // The gateway serves R4, the tenant does not: 406 from routing.
+        (
+            vec![("accept", "application/fhir+json; fhirVersion=4.0")],
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        // Nobody serves R5: 406 from negotiation, before authentication.
+        (
+            vec![("accept", "application/fhir+json; fhirVersion=5.0")],
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        (
+            vec![("content-type", "application/fhir+json; fhirVersion=5.0")],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            vec![
+                ("accept", "application/fhir+json; fhirVersion=1.0"),
+                ("content-type", "application/fhir+json; fhirVersion=3.0"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (headers, status) in cases {
+        let mut all = vec![("authorization", s.bearer.as_str())];
+        all.extend(headers.iter().copied());
+        let reply = s.client.send("POST", "/Patient", &all, "{}").await;
+        assert_eq!(reply.status, status, "{headers:?}");
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    }
+    assert!(s.dstu2.received().is_empty() && s.stu3.received().is_empty());
+}
+
+#[tokio::test]
+async fn versions_needs_no_token() {
+    let s = setup().await;
+    let reply = s
+        .client
+        .send("GET", "/$versions", &[("accept", "application/json")], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    let codes: Vec<String> = reply.json()["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "version")
+        .map(|p| p["valueCode"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(codes, ["1.0", "3.0", "4.0"]);
+}
