@@ -23,6 +23,8 @@ expect() { # expected-status description curl-args...
   [ "$got" = "$want" ] || fail "$what: got $got, want $want"
   echo "ok $what ($got)"
 }
+expect 200 "metadata without a token" "$base/metadata"
+curl -s "$base/metadata" | grep -q "\"valueUri\":\"$base/oauth/token\"" || fail "metadata does not name the token endpoint"
 expect 200 "DSTU2 tenant reads its patient" -H "Authorization: Bearer $dstu2" "$base/Patient/1001"
 expect 404 "STU3 tenant cannot see the DSTU2 hospital's patient" -H "Authorization: Bearer $stu3" "$base/Patient/1001"
 expect 200 "STU3 tenant reads its patient" -H "Authorization: Bearer $stu3" "$base/Patient/2001"

@@ -32,6 +32,7 @@ pub mod auth;
 pub mod body;
 mod crypto;
 pub mod future;
+pub mod metadata;
 pub mod outcome;
 #[cfg(feature = "proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]

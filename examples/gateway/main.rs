@@ -1,8 +1,8 @@
 //! The multi-tenant FHIR gateway with an embedded demo: `cargo run --example gateway`.
 //!
 //! It starts two small hospital FHIR servers in-process (one DSTU2, one STU3), onboards each as
-//! a tenant, and serves the gateway in front of them: bearer validation, tenant scope from the
-//! token, cached tenant routing, and the proxy. It prints a demo token for each tenant and curl
+//! a tenant, and serves the gateway in front of them: version negotiation, unauthenticated
+//! metadata, bearer validation, tenant scope from the token, cached tenant routing, the proxy. It prints a demo token for each tenant and curl
 //! commands that work as printed.
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:8080`). `RUST_LOG=tower_fhir=debug` shows the
@@ -22,7 +22,8 @@ use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
-use tower_fhir::version::FhirVersion;
+use tower_fhir::metadata::MetadataLayer;
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
 const DEMO_SECRET: &[u8] = b"tower-fhir-demo-secret-change-me-0123456789";
 const DEMO_ISSUER: &str = "urn:tower-fhir:demo";
@@ -93,6 +94,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             request
         })
+        .layer(VersionNegotiationLayer::builder().build()?)
+        .layer(
+            MetadataLayer::builder(&base, format!("{base}/oauth/token"))
+                .issuer(DEMO_ISSUER)
+                .build()?,
+        )
         .layer(
             BearerAuthLayer::builder()
                 .key(VerificationKey::hmac(DEMO_SECRET)?.with_algorithm(Algorithm::HS256)?)
@@ -115,6 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("demo token for the DSTU2 tenant (HS256, valid for 1 hour):\n  {token_dstu2}");
     println!("demo token for the STU3 tenant (HS256, valid for 1 hour):\n  {token_stu3}\n");
     println!("try:");
+    println!("  curl -s {base}/metadata    # no token needed: names the token endpoint");
     println!("  curl -s -H 'Authorization: Bearer {token_dstu2}' {base}/Patient/1001");
     println!("  curl -s -H 'Authorization: Bearer {token_stu3}' '{base}/Patient?family=ngu'");
     println!("  curl -s -H 'Authorization: Bearer {token_stu3}' -d 'family=okafor' {base}/Patient/_search");

@@ -1,0 +1,142 @@
+//! Metadata pass-through over real HTTP, in front of the whole stack.
+
+mod support;
+
+use http::StatusCode;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use support::*;
+use tower::ServiceBuilder;
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::metadata::MetadataLayer;
+use tower_fhir::proxy::FhirProxy;
+use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::tenant::TenantScopeLayer;
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
+
+async fn setup() -> (TestClient, RecordingUpstream, String) {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/metadata",
+        Answer::json(
+            json!({"resourceType": "Conformance", "fhirVersion": "1.0.2",
+            "rest": [{"mode": "server", "security": {"extension": [{"url": OAUTH_URIS,
+                "extension": [{"url": "token", "valueUri": "http://ehr.internal/token"}]}]}}]}),
+        ),
+    );
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        TENANT.parse().unwrap(),
+        TenantUpstreams::new([
+            Upstream::parse(&upstream.base("/fhir"), FhirVersion::Dstu2).unwrap()
+        ])
+        .unwrap(),
+    );
+    let stack = ServiceBuilder::new()
+        .layer(VersionNegotiationLayer::builder().build().unwrap())
+        .layer(
+            MetadataLayer::builder("http://gateway.test", "http://gateway.test/oauth/token")
+                .build()
+                .unwrap(),
+        )
+        .layer(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .build()
+                .unwrap(),
+        )
+        .layer(TenantScopeLayer::builder().build().unwrap())
+        .layer(TenantRoutingLayer::builder(directory).build().unwrap())
+        .service(FhirProxy::builder("http://gateway.test").build().unwrap());
+    let client = TestClient::new(serve_tower(stack).await);
+    let mut c = claims();
+    c["scope"] = json!(TENANT);
+    (
+        client,
+        upstream,
+        format!("Bearer {}", mint(Algorithm::HS256, None, &c)),
+    )
+}
+
+#[tokio::test]
+async fn without_a_token_the_gateway_describes_itself() {
+    let (client, upstream, _) = setup().await;
+    let reply = client.send("GET", "/metadata?_format=json", &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["fhirVersion"],
+        "3.0.2",
+        "_format names no release: the default"
+    );
+    let reply = client
+        .send(
+            "GET",
+            "/metadata",
+            &[("accept", "application/fhir+json; fhirVersion=4.0")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let statement = reply.json();
+    assert_eq!(statement["resourceType"], "CapabilityStatement");
+    assert_eq!(statement["fhirVersion"], "4.0.1");
+    let oauth = &statement["rest"][0]["security"]["extension"][0];
+    assert_eq!(oauth["url"], OAUTH_URIS);
+    assert_eq!(
+        oauth["extension"][0]["valueUri"],
+        "http://gateway.test/oauth/token"
+    );
+    assert!(upstream.received().is_empty());
+
+    let reply = client
+        .send(
+            "GET",
+            "/.well-known/smart-configuration",
+            &[("accept", "text/html")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json()["token_endpoint"],
+        "http://gateway.test/oauth/token"
+    );
+}
+
+#[tokio::test]
+async fn with_a_token_the_tenants_server_answers_with_the_gateways_security() {
+    let (client, upstream, bearer) = setup().await;
+    let reply = client
+        .send("GET", "/metadata", &[("authorization", &bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().target, "/fhir/metadata");
+    let statement = reply.json();
+    assert_eq!(statement["resourceType"], "Conformance");
+    assert_eq!(statement["fhirVersion"], "1.0.2");
+    assert_eq!(statement["implementation"]["url"], "http://gateway.test");
+    let oauth = &statement["rest"][0]["security"]["extension"][0];
+    assert_eq!(
+        oauth["extension"][0]["valueUri"],
+        "http://gateway.test/oauth/token"
+    );
+    assert!(!reply.text().contains("ehr.internal"));
+}
+
+#[tokio::test]
+async fn look_alike_paths_need_a_token() {
+    let (client, upstream, _) = setup().await;
+    for target in [
+        "/metadata/x",
+        "//metadata",
+        "/%6detadata",
+        "/Patient?x=metadata",
+    ] {
+        let reply = client.send("GET", target, &[], "").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{target}");
+    }
+    assert!(upstream.received().is_empty());
+}
