@@ -19,10 +19,10 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::metadata::MetadataLayer;
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
-use tower_fhir::metadata::MetadataLayer;
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
 const DEMO_SECRET: &[u8] = b"tower-fhir-demo-secret-change-me-0123456789";
