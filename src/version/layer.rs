@@ -14,7 +14,7 @@ use serde_json::json;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::media::{parse_accept, parse_format, parse_media, Format, MediaRange, Named};
+use super::media::{mentions_version, parse_accept, parse_format, parse_media, MediaRange, Named};
 use super::FhirVersion;
 use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
@@ -171,15 +171,27 @@ impl Config {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Decision {
-        let format = query.and_then(format_parameter);
+        let versions_operation = method == Method::GET && path == "/$versions";
+        let format = query
+            .filter(|q| q.contains("_format="))
+            .and_then(format_parameter);
+        // Most requests name no release: skip parsing unless a header mentions one.
         let accept = match &format {
             Some(format) => vec![format.clone()],
-            None => headers
-                .get_all(header::ACCEPT)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(parse_accept)
-                .collect(),
+            None if versions_operation
+                || headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .any(|v| mentions_version(v.as_bytes())) =>
+            {
+                headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(parse_accept)
+                    .collect()
+            }
+            None => Vec::new(),
         };
         let accepted = match self.accepted(&accept) {
             Ok(version) => version,
@@ -193,6 +205,7 @@ impl Config {
         };
         let content = headers
             .get(header::CONTENT_TYPE)
+            .filter(|v| mentions_version(v.as_bytes()))
             .and_then(|v| v.to_str().ok())
             .and_then(parse_media);
         let body_version = match content.as_ref().map(|c| c.named) {
@@ -218,7 +231,7 @@ impl Config {
             }
         }
         let version = body_version.or(accepted).or(self.default);
-        if method == Method::GET && path == "/$versions" {
+        if versions_operation {
             return Decision::Answer(self.versions(version, &accept));
         }
         Decision::Proceed(version)
@@ -385,26 +398,28 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 
 /// Adds `fhirVersion` to a FHIR media type that lacks it.
 pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
-    let Some(current) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(current) = headers.get(header::CONTENT_TYPE) else {
         return;
     };
-    let Some(media) = parse_media(current) else {
-        return;
-    };
-    let fhir_type = matches!(
-        media.essence.as_str(),
-        "application/fhir+json"
-            | "application/json+fhir"
-            | "application/fhir+xml"
-            | "application/xml+fhir"
-    );
-    if !fhir_type || media.named != Named::Nothing || media.format() == Format::Other {
+    if mentions_version(current.as_bytes()) {
         return;
     }
-    let labelled = format!("{current}; fhirVersion={}", version.mime_code());
+    let Ok(text) = current.to_str() else {
+        return;
+    };
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    let fhir_type = [
+        "application/fhir+json",
+        "application/json+fhir",
+        "application/fhir+xml",
+        "application/xml+fhir",
+    ]
+    .iter()
+    .any(|t| essence.eq_ignore_ascii_case(t));
+    if !fhir_type {
+        return;
+    }
+    let labelled = format!("{text}; fhirVersion={}", version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&labelled) {
         headers.insert(header::CONTENT_TYPE, value);
     }

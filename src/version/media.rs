@@ -13,17 +13,6 @@ pub(crate) enum Named {
     Unknown,
 }
 
-/// The body format a media type stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Format {
-    Json,
-    Xml,
-    /// `*/*`, `application/*` and other types that take either.
-    Any,
-    /// Anything else (`text/html`, ...).
-    Other,
-}
-
 /// One media range of `Accept`, or a `Content-Type`, or a `_format` value.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct MediaRange {
@@ -32,53 +21,70 @@ pub(crate) struct MediaRange {
     pub(crate) q: f32,
 }
 
-impl MediaRange {
-    pub(crate) fn format(&self) -> Format {
-        match self.essence.as_str() {
-            "application/fhir+json"
-            | "application/json+fhir"
-            | "application/json"
-            | "text/json" => Format::Json,
-            "application/fhir+xml" | "application/xml+fhir" | "application/xml" | "text/xml" => {
-                Format::Xml
-            }
-            "*/*" | "application/*" => Format::Any,
-            _ => Format::Other,
-        }
-    }
-}
-
 /// Parses one media type or range; `None` when it is not one.
+///
+/// By hand rather than with the `mime` crate, which was tried: it refuses the whitespace
+/// around `;` that RFC 9110 allows and real clients send, and allocates per parameter on a
+/// path every request takes.
 pub(crate) fn parse_media(text: &str) -> Option<MediaRange> {
-    let mime: mime::Mime = without_optional_whitespace(text).parse().ok()?;
+    let mut parts = text.split(';');
+    let essence = parts.next()?.trim();
+    let (kind, subtype) = essence.split_once('/')?;
+    if !is_token(kind) || !is_token(subtype) {
+        return None;
+    }
     let mut named = Named::Nothing;
     let mut q = 1.0;
-    for (name, value) in mime.params() {
-        match name.as_str() {
-            "fhirversion" => {
-                let version =
-                    FhirVersion::parse(value.as_str()).map_or(Named::Unknown, Named::Version);
-                named = match named {
-                    Named::Nothing => version,
-                    same if same == version => same,
-                    _ => Named::Unknown,
-                };
-            }
-            "q" => {
-                q = value
-                    .as_str()
-                    .parse::<f32>()
-                    .ok()
-                    .filter(|q| (0.0..=1.0).contains(q))
-                    .unwrap_or(1.0)
-            }
-            _ => {}
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=')?;
+        let (name, value) = (name.trim(), value.trim());
+        if !is_token(name) {
+            return None;
+        }
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        if name.eq_ignore_ascii_case("fhirversion") {
+            let version = FhirVersion::parse(value).map_or(Named::Unknown, Named::Version);
+            named = match named {
+                Named::Nothing => version,
+                same if same == version => same,
+                _ => Named::Unknown,
+            };
+        } else if name.eq_ignore_ascii_case("q") {
+            q = value
+                .parse::<f32>()
+                .ok()
+                .filter(|q| (0.0..=1.0).contains(q))
+                .unwrap_or(1.0);
         }
     }
     Some(MediaRange {
-        essence: mime.essence_str().to_owned(),
+        essence: essence.to_ascii_lowercase(),
         named,
         q,
+    })
+}
+
+/// RFC 9110 `token`.
+fn is_token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether a header value may name a release at all (a quick test before parsing): it holds
+/// `fhirversion` in any case.
+pub(crate) fn mentions_version(value: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"fhirversion";
+    // Find each `v`/`V` fast, then compare around it.
+    memchr::memchr2_iter(b'v', b'V', value).any(|at| {
+        at >= 4
+            && value
+                .get(at - 4..at - 4 + NEEDLE.len())
+                .is_some_and(|window| window.eq_ignore_ascii_case(NEEDLE))
     })
 }
 
@@ -107,26 +113,6 @@ pub(crate) fn parse_format(value: &str) -> Option<MediaRange> {
         named: Named::Nothing,
         q: 1.0,
     })
-}
-
-/// `type/subtype ; name = value` as `type/subtype;name=value`: RFC 9110 allows whitespace
-/// around `;` and real clients send it, but the `mime` crate refuses it.
-fn without_optional_whitespace(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (i, part) in split_on(text, ';').into_iter().enumerate() {
-        if i > 0 {
-            out.push(';');
-        }
-        match part.split_once('=') {
-            Some((name, value)) if i > 0 => {
-                out.push_str(name.trim());
-                out.push('=');
-                out.push_str(value.trim());
-            }
-            _ => out.push_str(part.trim()),
-        }
-    }
-    out
 }
 
 /// Splits a comma-separated header list, leaving commas inside quoted strings alone.
@@ -182,7 +168,7 @@ mod tests {
         let browser =
             "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
         let ranges = parse_accept(browser);
-        assert_eq!(ranges.last().unwrap().format(), Format::Any);
+        assert_eq!(ranges.last().unwrap().essence, "*/*");
         assert!(ranges.iter().all(|r| r.named == Named::Nothing));
     }
 
@@ -238,15 +224,64 @@ mod tests {
 
     #[test]
     fn format_shorthands() {
-        assert_eq!(parse_format("json").unwrap().format(), Format::Json);
-        assert_eq!(parse_format("XML").unwrap().format(), Format::Xml);
+        assert_eq!(
+            parse_format("json").unwrap().essence,
+            "application/fhir+json"
+        );
+        assert_eq!(parse_format("XML").unwrap().essence, "application/fhir+xml");
         let range = parse_format("application/fhir+json;fhirVersion=1.0").unwrap();
         assert_eq!(range.named, Named::Version(FhirVersion::Dstu2));
+    }
+
+    #[test]
+    fn mentions_version_in_any_case() {
+        assert!(mentions_version(b"application/fhir+json; fhirVersion=3.0"));
+        assert!(mentions_version(b"x/y;FHIRVERSION=4.0"));
+        assert!(!mentions_version(b"application/fhir+json;q=0.9, */*"));
+        assert!(!mentions_version(b"v"));
+        assert!(!mentions_version(b"fhirversio"));
     }
 
     #[test]
     fn quoted_commas_do_not_split() {
         let parts: Vec<_> = split_list("a/b; x=\"1,2\", c/d").collect();
         assert_eq!(parts, ["a/b; x=\"1,2\"", "c/d"]);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No header value makes the parsers panic, and what they return is sane.
+        #[test]
+        fn any_header_parses_without_panic(value in ".{0,200}") {
+            for range in parse_accept(&value) {
+                prop_assert!(range.q > 0.0 && range.q <= 1.0);
+            }
+            let _ = parse_media(&value);
+            let _ = parse_format(&value);
+        }
+
+        /// Header-like input built from the pieces real clients use.
+        #[test]
+        fn media_range_soup_parses_without_panic(
+            parts in proptest::collection::vec(
+                prop_oneof![
+                    Just("application/fhir+json"), Just("application/json+fhir"), Just("*/*"),
+                    Just(";"), Just(","), Just(" "), Just("fhirVersion="), Just("q="), Just("\""),
+                    Just("3.0"), Just("4.0.1"), Just("0.5"), Just("x/y"), Just("="), Just("\\"),
+                ],
+                0..40,
+            )
+        ) {
+            let value: String = parts.concat();
+            let _ = parse_accept(&value);
+            let _ = parse_media(&value);
+        }
     }
 }
