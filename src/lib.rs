@@ -23,6 +23,7 @@
 //!   instead. With both enabled, aws-lc-rs is used.
 //! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client.
 //! - `proxy` (default): forward requests to upstream FHIR servers with the hyper-util client.
+//! - `tls`: `https://` upstreams and JWKS URLs, with rustls and the webpki roots.
 //!
 //! [Tower]: https://docs.rs/tower
 
@@ -30,6 +31,8 @@
 
 pub mod auth;
 pub mod body;
+#[cfg(any(feature = "proxy", feature = "remote-jwks"))]
+mod client;
 mod crypto;
 pub mod future;
 pub mod metadata;

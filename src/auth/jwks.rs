@@ -6,11 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::keys::KeySet;
 use super::source::{FetchedKeys, KeySource, KeySourceError, KeySourceFuture};
+use crate::client::{connector, Connector, HTTPS};
 
 /// The largest JWKS document accepted; real ones are a few kilobytes.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -22,22 +23,32 @@ const MAX_JWKS_BYTES: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct HttpJwks {
     uri: Uri,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<Connector, Empty<Bytes>>,
 }
 
 impl HttpJwks {
-    /// A source for this `http://` URL.
-    ///
-    /// `https://` needs a TLS-capable client, which this crate does not build yet: such a URL
-    /// is refused here rather than failing at the first request.
+    /// A source for this URL: `http://`, or `https://` with the `tls` feature (which is
+    /// refused here, not at the first request, without it).
     pub fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
+        Self::with_roots(url, &[])
+    }
+
+    /// A source for this URL that also trusts these PEM root certificates (a private CA).
+    pub fn with_roots(
+        url: &str,
+        root_certificates_pem: &[Vec<u8>],
+    ) -> Result<Self, InvalidJwksUrl> {
         let uri: Uri = url.parse().map_err(|_| InvalidJwksUrl(url.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        let scheme_ok = match uri.scheme_str() {
+            Some("http") => true,
+            Some("https") => HTTPS,
+            _ => false,
+        };
+        if !scheme_ok || uri.host().is_none() {
             return Err(InvalidJwksUrl(url.to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_nodelay(true);
+        let connector = connector(Duration::from_secs(5), root_certificates_pem)
+            .map_err(|_| InvalidJwksUrl(url.to_owned()))?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -50,7 +61,7 @@ impl HttpJwks {
     }
 
     async fn get(
-        client: Client<HttpConnector, Empty<Bytes>>,
+        client: Client<Connector, Empty<Bytes>>,
         uri: Uri,
     ) -> Result<FetchedKeys, KeySourceError> {
         let request = Request::builder()
@@ -99,7 +110,11 @@ pub struct InvalidJwksUrl(pub String);
 
 impl fmt::Display for InvalidJwksUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "not an absolute http:// JWKS URL: {:?}", self.0)
+        write!(
+            f,
+            "not an absolute http:// (or, with the `tls` feature, https://) JWKS URL: {:?}",
+            self.0
+        )
     }
 }
 
@@ -160,7 +175,10 @@ mod tests {
     #[test]
     fn only_http_urls() {
         assert!(HttpJwks::new("http://127.0.0.1:1/jwks").is_ok());
-        assert!(HttpJwks::new("https://idp.example/jwks").is_err());
+        assert_eq!(
+            HttpJwks::new("https://idp.example/jwks").is_ok(),
+            cfg!(feature = "tls")
+        );
         assert!(HttpJwks::new("/jwks").is_err());
         assert!(HttpJwks::new("not a url").is_err());
     }

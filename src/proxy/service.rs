@@ -17,13 +17,14 @@ use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use super::body::ProxyBody;
 use super::path::upstream_uri;
 use super::rewrite::BaseRewriter;
+use crate::client::{connector, Connector};
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
 use crate::version::FhirVersion;
@@ -55,7 +56,7 @@ const HOP_BY_HOP: [&str; 9] = [
 /// Cheap to clone; clones share one connection pool.
 #[derive(Clone)]
 pub struct FhirProxy {
-    client: Client<HttpConnector, OutgoingBody>,
+    client: Client<Connector, OutgoingBody>,
     config: Arc<Config>,
 }
 
@@ -76,6 +77,7 @@ impl FhirProxy {
             connect_timeout: Duration::from_secs(5),
             rewrite_limit: 4 * 1024 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
+            root_certificates: Vec::new(),
         }
     }
 }
@@ -98,6 +100,8 @@ pub enum ConfigError {
     InvalidPublicBase(String),
     /// A duration that must be positive is zero.
     ZeroDuration(&'static str),
+    /// The TLS configuration (root certificates) is unusable, or TLS is not compiled in.
+    Tls(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -105,6 +109,7 @@ impl fmt::Display for ConfigError {
         match self {
             Self::InvalidPublicBase(url) => write!(f, "invalid public base URL {url:?}"),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
+            Self::Tls(why) => write!(f, "TLS: {why}"),
         }
     }
 }
@@ -120,9 +125,17 @@ pub struct FhirProxyBuilder {
     connect_timeout: Duration,
     rewrite_limit: usize,
     pool_idle_timeout: Duration,
+    root_certificates: Vec<Vec<u8>>,
 }
 
 impl FhirProxyBuilder {
+    /// Also trusts these PEM root certificates for `https://` upstreams (a hospital's private
+    /// CA). Needs the `tls` feature.
+    pub fn root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
     /// How long an upstream may take to answer (its response head) before the gateway
     /// answers 504, unless the upstream has its own timeout. Default 30 s.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -162,9 +175,8 @@ impl FhirProxyBuilder {
                 return Err(ConfigError::ZeroDuration(what));
             }
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.connect_timeout));
-        connector.set_nodelay(true);
+        let connector =
+            connector(self.connect_timeout, &self.root_certificates).map_err(ConfigError::Tls)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.pool_idle_timeout)
             .build(connector);

@@ -1,0 +1,71 @@
+//! The HTTP client connector shared by the JWKS fetcher and the proxy: plain HTTP, or with the
+//! `tls` feature, HTTPS through rustls as well.
+
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::HttpConnector;
+
+/// The connector type: `HttpConnector`, wrapped in rustls with the `tls` feature.
+#[cfg(feature = "tls")]
+pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+/// The connector type: `HttpConnector`, wrapped in rustls with the `tls` feature.
+#[cfg(not(feature = "tls"))]
+pub(crate) type Connector = HttpConnector;
+
+/// Whether this build can reach `https://` URLs.
+pub(crate) const HTTPS: bool = cfg!(feature = "tls");
+
+/// A connector with this connect timeout, trusting the webpki roots and `extra_roots` (PEM
+/// certificates) with the `tls` feature.
+pub(crate) fn connector(
+    connect_timeout: Duration,
+    extra_roots: &[Vec<u8>],
+) -> Result<Connector, String> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        use std::sync::Arc;
+
+        http.enforce_http(false);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots_anchors());
+        for pem in extra_roots {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("root certificate PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("root certificate: {e}"))?;
+            }
+        }
+        // An explicit provider: rustls panics when several are compiled in and none is chosen.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        if !extra_roots.is_empty() {
+            return Err("root certificates need the `tls` feature".to_owned());
+        }
+        Ok(http)
+    }
+}
+
+#[cfg(feature = "tls")]
+fn webpki_roots_anchors() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
+    // hyper-rustls re-exports nothing for this; the anchors come from its webpki-roots feature.
+    webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
+}

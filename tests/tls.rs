@@ -1,0 +1,110 @@
+//! `https://` upstreams through rustls, against a TLS server with a certificate made here.
+
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::ServiceExt;
+use tower_fhir::auth::HttpJwks;
+use tower_fhir::proxy::FhirProxy;
+use tower_fhir::route::Upstream;
+use tower_fhir::version::FhirVersion;
+
+/// A TLS FHIR server for `localhost`; returns its port and its certificate (PEM).
+async fn tls_upstream() -> (u16, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = certified.cert.der().clone();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = format!(
+                            "{{\"resourceType\":\"Patient\",\"id\":\"tls\",\"path\":\"{}\"}}",
+                            req.uri().path()
+                        );
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "application/fhir+json")
+                                .body(Full::<Bytes>::from(body))
+                                .unwrap(),
+                        )
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, cert_pem)
+}
+
+async fn get_through(proxy: FhirProxy, port: u16) -> (StatusCode, String) {
+    let upstream =
+        Upstream::parse(&format!("https://localhost:{port}/fhir"), FhirVersion::R4).unwrap();
+    let mut request = Request::get("/Patient/tls")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    request.extensions_mut().insert(upstream);
+    let response = proxy.oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_a_trusted_root_is_reached() {
+    let (port, cert_pem) = tls_upstream().await;
+    let proxy = FhirProxy::builder("https://gateway.test")
+        .root_certificates_pem(cert_pem)
+        .build()
+        .unwrap();
+    let (status, body) = get_through(proxy, port).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"path\":\"/fhir/Patient/tls\""), "{body}");
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_bad_gateway() {
+    let (port, _) = tls_upstream().await;
+    let proxy = FhirProxy::builder("https://gateway.test").build().unwrap();
+    let (status, body) = get_through(proxy, port).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+}
+
+#[test]
+fn https_jwks_urls_are_accepted_and_bad_roots_refused() {
+    assert!(HttpJwks::new("https://idp.example/.well-known/jwks.json").is_ok());
+    assert!(HttpJwks::with_roots(
+        "https://idp.example/jwks",
+        &[b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec()]
+    )
+    .is_err());
+    assert!(FhirProxy::builder("https://gw")
+        .root_certificates_pem("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n")
+        .build()
+        .is_err());
+}
