@@ -10,6 +10,10 @@
 //! - `GET [base]/.well-known/smart-configuration`: JSON whatever the `Accept` header, naming the
 //!   token endpoint, the grant type and the client authentication methods.
 //!
+//! [`CapabilityCacheLayer`] goes just in front of the proxy (after routing) and keeps each
+//! tenant's upstream CapabilityStatement per upstream and release for a while, so clients
+//! asking for `metadata` again and again do not reach the hospital each time.
+//!
 //! Anything else (`metadata/x`, `//metadata`, `%6detadata`, `Patient?x=metadata`, another
 //! method) goes to the authenticated stack. Every CapabilityStatement the gateway returns
 //! carries in `rest[].security` the `OAuth` (and `SMART-on-FHIR`) service and the extension
@@ -474,6 +478,153 @@ fn merge_security(rest: &mut Map<String, Value>, ours: &Value) {
     security.insert("service".into(), ours["service"].clone());
 }
 
+/// A Tower layer, placed between routing and the proxy, that caches each tenant's upstream
+/// CapabilityStatement (`GET metadata`) per upstream and FHIR release.
+#[derive(Clone)]
+#[must_use]
+pub struct CapabilityCacheLayer {
+    cache: moka::future::Cache<(crate::tenant::TenantId, String), CachedStatement>,
+}
+
+#[derive(Clone)]
+struct CachedStatement {
+    content_type: Option<HeaderValue>,
+    body: Bytes,
+}
+
+impl CapabilityCacheLayer {
+    /// Keeps statements for `ttl`, for at most `capacity` tenant/upstream pairs.
+    pub fn new(ttl: std::time::Duration, capacity: u64) -> Self {
+        Self {
+            cache: moka::future::Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(capacity)
+                .build(),
+        }
+    }
+
+    /// Forgets every cached statement.
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+}
+
+impl fmt::Debug for CapabilityCacheLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapabilityCacheLayer")
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for CapabilityCacheLayer {
+    type Service = CapabilityCache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CapabilityCache {
+            inner,
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+/// Caches upstream CapabilityStatements. Made by [`CapabilityCacheLayer`].
+#[derive(Clone)]
+pub struct CapabilityCache<S> {
+    inner: S,
+    cache: moka::future::Cache<(crate::tenant::TenantId, String), CachedStatement>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for CapabilityCache<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapabilityCache")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CapabilityCache<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let key = (request.method() == Method::GET && request.uri().path() == "/metadata")
+            .then(|| {
+                let tenant = request
+                    .extensions()
+                    .get::<crate::tenant::TenantId>()
+                    .copied()?;
+                let upstream = request.extensions().get::<crate::route::Upstream>()?;
+                Some((
+                    tenant,
+                    format!("{} {}", upstream.base(), upstream.fhir_version()),
+                ))
+            })
+            .flatten();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            let Some(key) = key else {
+                return Ok(inner.call(request).await?.map(ResponseBody::inner));
+            };
+            if let Some(cached) = cache.get(&key).await {
+                return Ok(cached.response());
+            }
+            let response = inner.call(request).await?;
+            if response.status() != StatusCode::OK {
+                return Ok(response.map(ResponseBody::inner));
+            }
+            let (mut parts, body) = response.into_parts();
+            match Limited::new(body, MAX_STATEMENT_BYTES).collect().await {
+                Ok(collected) => {
+                    let cached = CachedStatement {
+                        content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                        body: collected.to_bytes(),
+                    };
+                    cache.insert(key, cached.clone()).await;
+                    parts.headers.remove(header::TRANSFER_ENCODING);
+                    Ok(Response::from_parts(parts, ResponseBody::full(cached.body)))
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not read the upstream CapabilityStatement");
+                    Ok(OperationOutcome::error(
+                        IssueType::Exception,
+                        "The tenant's CapabilityStatement could not be read",
+                    )
+                    .to_response(StatusCode::BAD_GATEWAY)
+                    .map(ResponseBody::full))
+                }
+            }
+        })
+    }
+}
+
+impl CachedStatement {
+    fn response<B>(&self) -> Response<ResponseBody<B>> {
+        let mut response = Response::new(ResponseBody::full(self.body.clone()));
+        if let Some(content_type) = &self.content_type {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type.clone());
+        }
+        response
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,6 +807,65 @@ mod tests {
             document["capabilities"],
             json!(["client-confidential-symmetric"])
         );
+    }
+
+    #[tokio::test]
+    async fn statements_are_cached_per_tenant_and_upstream() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let service = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100).layer(
+            service_fn(move |_req: Request<Full<Bytes>>| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(
+                        "{\"resourceType\":\"CapabilityStatement\"}",
+                    )))
+                }
+            }),
+        );
+        let upstream = crate::route::Upstream::parse("http://ehr/fhir", FhirVersion::Stu3).unwrap();
+        let request = |tenant: &str, path: &str| {
+            let mut request = get(path);
+            request
+                .extensions_mut()
+                .insert(tenant.parse::<crate::tenant::TenantId>().unwrap());
+            request.extensions_mut().insert(upstream.clone());
+            request
+        };
+        let a = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+        let b = "9b2e1c3d-0000-4000-8000-00000000000b";
+        for _ in 0..3 {
+            let response = service
+                .clone()
+                .oneshot(request(a, "/metadata"))
+                .await
+                .unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "{\"resourceType\":\"CapabilityStatement\"}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        service
+            .clone()
+            .oneshot(request(b, "/metadata"))
+            .await
+            .unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "another tenant, another entry"
+        );
+        service
+            .clone()
+            .oneshot(request(a, "/Patient/1"))
+            .await
+            .unwrap();
+        service
+            .clone()
+            .oneshot(request(a, "/Patient/1"))
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "only metadata is cached");
     }
 
     #[test]

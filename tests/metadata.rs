@@ -8,7 +8,7 @@ use serde_json::json;
 use support::*;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::metadata::MetadataLayer;
+use tower_fhir::metadata::{CapabilityCacheLayer, MetadataLayer};
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::TenantScopeLayer;
@@ -50,6 +50,10 @@ async fn setup() -> (TestClient, RecordingUpstream, String) {
         )
         .layer(TenantScopeLayer::builder().build().unwrap())
         .layer(TenantRoutingLayer::builder(directory).build().unwrap())
+        .layer(CapabilityCacheLayer::new(
+            std::time::Duration::from_secs(60),
+            1000,
+        ))
         .service(FhirProxy::builder("http://gateway.test").build().unwrap());
     let client = TestClient::new(serve_tower(stack).await);
     let mut c = claims();
@@ -124,6 +128,13 @@ async fn with_a_token_the_tenants_server_answers_with_the_gateways_security() {
         "http://gateway.test/oauth/token"
     );
     assert!(!reply.text().contains("ehr.internal"));
+
+    // Cached per tenant and upstream: the hospital is asked once.
+    let again = client
+        .send("GET", "/metadata", &[("authorization", &bearer)], "")
+        .await;
+    assert_eq!(again.json(), statement);
+    assert_eq!(upstream.received().len(), 1);
 }
 
 #[tokio::test]

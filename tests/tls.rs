@@ -1,6 +1,5 @@
 //! `https://` upstreams through rustls, against a TLS server with a certificate made here.
 
-
 use std::sync::Arc;
 
 use bytes::Bytes;

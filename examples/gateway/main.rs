@@ -11,6 +11,7 @@
 mod demo_fhir;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Request};
@@ -19,7 +20,7 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::metadata::MetadataLayer;
+use tower_fhir::metadata::{CapabilityCacheLayer, MetadataLayer};
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
@@ -109,6 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .layer(TenantScopeLayer::builder().build()?)
         .layer(routing)
+        .layer(CapabilityCacheLayer::new(Duration::from_secs(300), 10_000))
         .service(FhirProxy::builder(&base).build()?);
     let app = Router::new()
         .fallback_service(gateway)
