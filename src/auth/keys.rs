@@ -289,6 +289,10 @@ impl KeySet {
         self
     }
 
+    pub(crate) fn keys(&self) -> &[Arc<VerificationKey>] {
+        &self.keys
+    }
+
     pub(crate) fn into_keys(self) -> Vec<Arc<VerificationKey>> {
         self.keys
     }

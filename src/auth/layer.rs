@@ -308,15 +308,33 @@ impl BearerAuthBuilder {
             max_age_cap: self.max_age_cap,
             timeout: self.fetch_timeout,
         };
-        let validations = dedup(self.algorithms)
-            .into_iter()
-            .map(|alg| {
+        let algorithms = dedup(self.algorithms);
+        let validations = algorithms
+            .iter()
+            .map(|&alg| {
                 (
                     alg,
                     validation(alg, &self.issuers, &self.audiences, self.leeway),
                 )
             })
             .collect();
+        let single_key = match (self.static_keys.keys(), sources.is_empty()) {
+            ([key], true) => {
+                let pinned: Vec<Algorithm> = key
+                    .algorithms()
+                    .iter()
+                    .copied()
+                    .filter(|a| algorithms.contains(a))
+                    .collect();
+                pinned.first().copied().map(|first| {
+                    let mut validation =
+                        validation(first, &self.issuers, &self.audiences, self.leeway);
+                    validation.algorithms = pinned;
+                    (Arc::clone(key), validation)
+                })
+            }
+            _ => None,
+        };
         let verifier = Verifier {
             realm: Arc::from(self.realm),
             validations,
@@ -327,6 +345,7 @@ impl BearerAuthBuilder {
                 .collect(),
             cache: (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity)),
             max_token_bytes: self.max_token_bytes,
+            single_key,
         };
         Ok(BearerAuthLayer {
             config: Arc::new(Config {

@@ -30,6 +30,9 @@ pub(crate) struct Verifier {
     pub(crate) sources: Vec<Arc<RefreshingKeys>>,
     pub(crate) cache: Option<TokenCache>,
     pub(crate) max_token_bytes: usize,
+    /// With one static key and nothing fetched, the key and a validation pinned to its
+    /// algorithms: jsonwebtoken checks the header itself, so ours need not be parsed.
+    pub(crate) single_key: Option<(Arc<VerificationKey>, Validation)>,
 }
 
 /// The result of verifying without waiting.
@@ -112,6 +115,12 @@ impl Verifier {
     }
 
     fn verify_uncached(self: &Arc<Self>, token: &[u8]) -> Verdict {
+        if let Some((key, validation)) = &self.single_key {
+            return verdict(
+                self.decode(token, key, validation)
+                    .map_err(|(rejection, _)| rejection),
+            );
+        }
         for source in &self.sources {
             source.refresh_if_due();
         }
@@ -214,7 +223,7 @@ impl Verifier {
         let Some(validation) = self.validation(alg) else {
             return Some(Err(self.reject(
                 RejectionKind::InvalidToken,
-                "The token's algorithm is not allowed",
+                "The token's algorithm is not allowed for its key",
             )));
         };
         let fetched: Vec<Arc<KeySet>> = self.sources.iter().map(|s| s.current()).collect();
@@ -231,7 +240,7 @@ impl Verifier {
                 outcome.get_or_insert_with(|| {
                     Err(self.reject(
                         RejectionKind::InvalidToken,
-                        "The token's algorithm does not match its key",
+                        "The token's algorithm is not allowed for its key",
                     ))
                 });
                 continue;
@@ -270,6 +279,15 @@ impl Verifier {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
                 .map_err(|err| self.decode_error(err.kind()))?;
+        if data.header.crit.is_some() {
+            return Err((
+                self.reject(
+                    RejectionKind::InvalidToken,
+                    "The token has critical header extensions this server does not understand",
+                ),
+                true,
+            ));
+        }
         let claims = VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
             .ok_or_else(|| {
                 (
@@ -289,7 +307,9 @@ impl Verifier {
     fn decode_error(&self, kind: &ErrorKind) -> (Rejection, bool) {
         let (description, signature_ok) = match kind {
             ErrorKind::InvalidSignature => ("The access token signature is invalid", false),
-            ErrorKind::InvalidAlgorithm => ("The token's algorithm does not match its key", false),
+            ErrorKind::InvalidAlgorithm => {
+                ("The token's algorithm is not allowed for its key", false)
+            }
             ErrorKind::ExpiredSignature => ("The access token expired", true),
             ErrorKind::ImmatureSignature => ("The access token is not valid yet", true),
             ErrorKind::InvalidIssuer => ("The access token's issuer is not trusted", true),
