@@ -49,32 +49,94 @@ pub use crypto::install_crypto_provider;
 use tower::layer::util::Stack;
 use tower::ServiceBuilder;
 
-/// Adds the tower-fhir layers to a [`ServiceBuilder`].
+/// Adds the tower-fhir layers to a [`ServiceBuilder`], one method per layer, to be called in
+/// this order (outermost first).
 ///
 /// ```
 /// use tower::ServiceBuilder;
 /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+/// use tower_fhir::metadata::MetadataLayer;
+/// use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer};
+/// use tower_fhir::tenant::TenantScopeLayer;
+/// use tower_fhir::version::VersionNegotiationLayer;
 /// use tower_fhir::ServiceBuilderExt;
 ///
 /// let auth = BearerAuthLayer::builder()
 ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
 ///     .build()
 ///     .unwrap();
-/// let _builder = ServiceBuilder::new().fhir_bearer_auth(auth);
+/// let _builder = ServiceBuilder::new()
+///     .fhir_versions(VersionNegotiationLayer::builder().build().unwrap())
+///     .fhir_metadata(MetadataLayer::builder("https://gw.example", "https://gw.example/token").build().unwrap())
+///     .fhir_bearer_auth(auth)
+///     .fhir_tenant_scope(TenantScopeLayer::builder().build().unwrap())
+///     .fhir_tenant_routing(TenantRoutingLayer::builder(InMemoryDirectory::new()).build().unwrap());
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
+    /// Negotiates the FHIR release; see [`version`].
+    fn fhir_versions(
+        self,
+        layer: version::VersionNegotiationLayer,
+    ) -> ServiceBuilder<Stack<version::VersionNegotiationLayer, L>>;
+
+    /// Answers `metadata` and SMART configuration without a token; see [`metadata`].
+    fn fhir_metadata(
+        self,
+        layer: metadata::MetadataLayer,
+    ) -> ServiceBuilder<Stack<metadata::MetadataLayer, L>>;
+
     /// Requires a valid bearer token; see [`auth`].
     fn fhir_bearer_auth(
         self,
         layer: auth::BearerAuthLayer,
     ) -> ServiceBuilder<Stack<auth::BearerAuthLayer, L>>;
+
+    /// Takes the tenant from the verified token; see [`tenant`].
+    fn fhir_tenant_scope(
+        self,
+        layer: tenant::TenantScopeLayer,
+    ) -> ServiceBuilder<Stack<tenant::TenantScopeLayer, L>>;
+
+    /// Routes to the tenant's upstream; see [`route`].
+    fn fhir_tenant_routing(
+        self,
+        layer: route::TenantRoutingLayer,
+    ) -> ServiceBuilder<Stack<route::TenantRoutingLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
+    fn fhir_versions(
+        self,
+        layer: version::VersionNegotiationLayer,
+    ) -> ServiceBuilder<Stack<version::VersionNegotiationLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_metadata(
+        self,
+        layer: metadata::MetadataLayer,
+    ) -> ServiceBuilder<Stack<metadata::MetadataLayer, L>> {
+        self.layer(layer)
+    }
+
     fn fhir_bearer_auth(
         self,
         layer: auth::BearerAuthLayer,
     ) -> ServiceBuilder<Stack<auth::BearerAuthLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_tenant_scope(
+        self,
+        layer: tenant::TenantScopeLayer,
+    ) -> ServiceBuilder<Stack<tenant::TenantScopeLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_tenant_routing(
+        self,
+        layer: route::TenantRoutingLayer,
+    ) -> ServiceBuilder<Stack<route::TenantRoutingLayer, L>> {
         self.layer(layer)
     }
 }
