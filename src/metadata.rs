@@ -4,7 +4,8 @@
 //! two requests through without a token:
 //!
 //! - `GET [base]/metadata` (any query, such as `?_format=json`): without a token, a
-//!   CapabilityStatement (DSTU2: `Conformance`) generated for the negotiated release; with a
+//!   CapabilityStatement (DSTU2: `Conformance`) generated for the negotiated release (or a
+//!   configured upstream's, fetched and cached: `statement_from_upstream`); with a
 //!   token, the request goes through the authenticated stack to the tenant's own server, and
 //!   its answer comes back with the gateway's security section.
 //! - `GET [base]/.well-known/smart-configuration`: JSON whatever the `Accept` header, naming the
@@ -95,6 +96,16 @@ struct Config {
     capabilities: Vec<String>,
     software: String,
     default_version: FhirVersion,
+    anonymous: Option<AnonymousSource>,
+}
+
+type FetchStatement =
+    dyn Fn(FhirVersion) -> Pin<Box<dyn Future<Output = Option<Value>> + Send>> + Send + Sync;
+
+/// Where the statement for requests without a token comes from, and its cache.
+struct AnonymousSource {
+    fetch: Box<FetchStatement>,
+    cache: moka::future::Cache<FhirVersion, Value>,
 }
 
 impl MetadataLayer {
@@ -114,6 +125,8 @@ impl MetadataLayer {
             capabilities: vec!["client-confidential-symmetric".to_owned()],
             software: "tower-fhir gateway".to_owned(),
             default_version: FhirVersion::Stu3,
+            #[cfg(feature = "proxy")]
+            from_upstream: None,
         }
     }
 }
@@ -146,7 +159,6 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Configures a [`MetadataLayer`].
-#[derive(Debug, Clone)]
 #[must_use]
 pub struct MetadataBuilder {
     public_base: String,
@@ -158,9 +170,35 @@ pub struct MetadataBuilder {
     capabilities: Vec<String>,
     software: String,
     default_version: FhirVersion,
+    #[cfg(feature = "proxy")]
+    #[allow(clippy::type_complexity)]
+    from_upstream: Option<(crate::proxy::FhirProxy, crate::route::Upstream)>,
+}
+
+impl fmt::Debug for MetadataBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetadataBuilder")
+            .field("public_base", &self.public_base)
+            .field("token_url", &self.token_url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MetadataBuilder {
+    /// Serves, to requests without a token, this upstream's CapabilityStatement (fetched
+    /// through `proxy`, cached for five minutes per release, with the gateway's security
+    /// section) instead of a generated one; if the upstream fails, a generated one.
+    #[cfg(feature = "proxy")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+    pub fn statement_from_upstream(
+        mut self,
+        proxy: crate::proxy::FhirProxy,
+        upstream: crate::route::Upstream,
+    ) -> Self {
+        self.from_upstream = Some((proxy, upstream));
+        self
+    }
+
     /// The authorization endpoint, where there is one (client credentials needs none).
     pub fn authorize_url(mut self, url: impl Into<String>) -> Self {
         self.authorize_url = Some(url.into());
@@ -208,6 +246,7 @@ impl MetadataBuilder {
 
     /// Checks the URLs and builds the layer.
     pub fn build(self) -> Result<MetadataLayer, ConfigError> {
+        let anonymous = self.anonymous_source();
         let absolute = |url: &str| {
             UpstreamBase::parse(url)
                 .map(|_| url.trim_end_matches('/').to_owned())
@@ -224,8 +263,53 @@ impl MetadataBuilder {
                 capabilities: self.capabilities,
                 software: self.software,
                 default_version: self.default_version,
+                anonymous,
             }),
         })
+    }
+}
+
+impl MetadataBuilder {
+    #[cfg(feature = "proxy")]
+    fn anonymous_source(&self) -> Option<AnonymousSource> {
+        let (proxy, upstream) = self.from_upstream.clone()?;
+        let fetch = move |version: FhirVersion| {
+            let (proxy, upstream) = (proxy.clone(), upstream.clone());
+            let fetched = async move {
+                let accept = format!("application/fhir+json; fhirVersion={}", version.mime_code());
+                let mut request = Request::get("/metadata")
+                    .header(header::ACCEPT, accept)
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .ok()?;
+                request.extensions_mut().insert(upstream);
+                // The proxy is always ready.
+                let mut proxy = proxy;
+                let response = Service::call(&mut proxy, request).await.ok()?;
+                if response.status() != StatusCode::OK {
+                    return None;
+                }
+                let body = Limited::new(response.into_body(), MAX_STATEMENT_BYTES)
+                    .collect()
+                    .await
+                    .ok()?;
+                let statement: Value = serde_json::from_slice(&body.to_bytes()).ok()?;
+                let kind = statement.get("resourceType").and_then(Value::as_str);
+                matches!(kind, Some("CapabilityStatement" | "Conformance")).then_some(statement)
+            };
+            Box::pin(fetched) as Pin<Box<dyn Future<Output = Option<Value>> + Send>>
+        };
+        Some(AnonymousSource {
+            fetch: Box::new(fetch),
+            cache: moka::future::Cache::builder()
+                .time_to_live(std::time::Duration::from_secs(300))
+                .max_capacity(16)
+                .build(),
+        })
+    }
+
+    #[cfg(not(feature = "proxy"))]
+    fn anonymous_source(&self) -> Option<AnonymousSource> {
+        None
     }
 }
 
@@ -287,9 +371,14 @@ where
         let metadata = read && path == "/metadata";
         let version = request.extensions().get::<FhirVersion>().copied();
         if metadata && !request.headers().contains_key(header::AUTHORIZATION) {
-            let statement = config.generated(version.unwrap_or(config.default_version));
-            let response = config.respond(&statement, version.unwrap_or(config.default_version));
-            return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
+            let version = version.unwrap_or(config.default_version);
+            if config.anonymous.is_none() {
+                let response = config.respond(&config.generated(version), version);
+                return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
+            }
+            return Box::pin(
+                async move { Ok(config.anonymous(version).await.map(ResponseBody::full)) },
+            );
         }
         // The ready service goes with the request; this one keeps a fresh clone.
         let clone = self.inner.clone();
@@ -394,6 +483,54 @@ impl Config {
         response
     }
 
+    /// Puts the gateway's security section and base into a CapabilityStatement; returns its
+    /// release.
+    fn secure(&self, statement: &mut Map<String, Value>) -> FhirVersion {
+        let version = statement
+            .get("fhirVersion")
+            .and_then(Value::as_str)
+            .and_then(FhirVersion::parse)
+            .unwrap_or(self.default_version);
+        let security = self.security(version);
+        match statement.get_mut("rest").and_then(Value::as_array_mut) {
+            Some(rests) if !rests.is_empty() => {
+                for rest in rests.iter_mut().filter_map(Value::as_object_mut) {
+                    merge_security(rest, &security);
+                }
+            }
+            _ => {
+                statement.insert(
+                    "rest".into(),
+                    json!([{"mode": "server", "security": security}]),
+                );
+            }
+        }
+        let implementation = statement
+            .entry("implementation")
+            .or_insert_with(|| json!({"description": "Multi-tenant FHIR gateway"}));
+        if let Some(implementation) = implementation.as_object_mut() {
+            implementation.insert("url".into(), json!(self.public_base));
+        }
+        version
+    }
+
+    /// The statement for requests without a token: the configured upstream's (cached), or
+    /// one generated from the configuration.
+    async fn anonymous(&self, version: FhirVersion) -> Response<Bytes> {
+        if let Some(source) = &self.anonymous {
+            let fetched = source
+                .cache
+                .optionally_get_with(version, (source.fetch)(version))
+                .await;
+            if let Some(Value::Object(mut statement)) = fetched {
+                let served = self.secure(&mut statement);
+                return self.respond(&Value::Object(statement), served);
+            }
+            tracing::warn!("the configured upstream gave no CapabilityStatement; generating one");
+        }
+        self.respond(&self.generated(version), version)
+    }
+
     /// The upstream's CapabilityStatement with the gateway's security section and base.
     async fn secure_upstream_statement<B>(&self, response: Response<B>) -> Response<ResponseBody<B>>
     where
@@ -421,31 +558,7 @@ impl Config {
         if !matches!(kind, Some("CapabilityStatement" | "Conformance")) {
             return Response::from_parts(parts, ResponseBody::full(bytes));
         }
-        let version = statement
-            .get("fhirVersion")
-            .and_then(Value::as_str)
-            .and_then(FhirVersion::parse)
-            .unwrap_or(self.default_version);
-        let security = self.security(version);
-        match statement.get_mut("rest").and_then(Value::as_array_mut) {
-            Some(rests) if !rests.is_empty() => {
-                for rest in rests.iter_mut().filter_map(Value::as_object_mut) {
-                    merge_security(rest, &security);
-                }
-            }
-            _ => {
-                statement.insert(
-                    "rest".into(),
-                    json!([{"mode": "server", "security": security}]),
-                );
-            }
-        }
-        let implementation = statement
-            .entry("implementation")
-            .or_insert_with(|| json!({"description": "Multi-tenant FHIR gateway"}));
-        if let Some(implementation) = implementation.as_object_mut() {
-            implementation.insert("url".into(), json!(self.public_base));
-        }
+        self.secure(&mut statement);
         let body = Bytes::from(Value::Object(statement).to_string());
         parts.headers.remove(header::CONTENT_LENGTH);
         parts

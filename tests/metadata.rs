@@ -151,3 +151,53 @@ async fn look_alike_paths_need_a_token() {
     }
     assert!(upstream.received().is_empty());
 }
+
+#[tokio::test]
+async fn without_a_token_a_configured_upstreams_statement_can_stand_in() {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/metadata",
+        Answer::json(
+            json!({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1",
+            "software": {"name": "Hospital EHR"}, "rest": [{"mode": "server"}]}),
+        ),
+    );
+    let proxy = FhirProxy::builder("http://gateway.test").build().unwrap();
+    let source = Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(VersionNegotiationLayer::builder().build().unwrap())
+        .layer(
+            MetadataLayer::builder("http://gateway.test", "http://gateway.test/oauth/token")
+                .statement_from_upstream(proxy.clone(), source)
+                .build()
+                .unwrap(),
+        )
+        .layer(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .build()
+                .unwrap(),
+        )
+        .service(proxy);
+    let client = TestClient::new(serve_tower(stack).await);
+    for _ in 0..3 {
+        let reply = client
+            .send(
+                "GET",
+                "/metadata",
+                &[("accept", "application/fhir+json; fhirVersion=4.0")],
+                "",
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let statement = reply.json();
+        assert_eq!(statement["software"]["name"], "Hospital EHR");
+        assert_eq!(
+            statement["rest"][0]["security"]["extension"][0]["url"],
+            OAUTH_URIS
+        );
+        assert_eq!(statement["implementation"]["url"], "http://gateway.test");
+    }
+    assert_eq!(upstream.received().len(), 1, "fetched once, then cached");
+    assert!(!upstream.last().headers.contains_key("authorization"));
+}

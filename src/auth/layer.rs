@@ -293,6 +293,7 @@ impl BearerAuthBuilder {
                 return Err(ConfigError::ZeroDuration(what));
             }
         }
+        #[cfg_attr(not(feature = "remote-jwks"), allow(unused_mut))]
         let mut sources = self.sources;
         #[cfg(feature = "remote-jwks")]
         for url in &self.jwks_urls {
