@@ -419,7 +419,10 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
     if !fhir_type {
         return;
     }
-    let labelled = format!("{text}; fhirVersion={}", version.mime_code());
+    let mut labelled = String::with_capacity(text.len() + 18);
+    labelled.push_str(text);
+    labelled.push_str("; fhirVersion=");
+    labelled.push_str(version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&labelled) {
         headers.insert(header::CONTENT_TYPE, value);
     }

@@ -118,29 +118,45 @@ pub(crate) fn parse_format(value: &str) -> Option<MediaRange> {
 /// Splits a comma-separated header list, leaving commas inside quoted strings alone.
 pub(crate) fn split_list(value: &str) -> impl Iterator<Item = &str> {
     split_on(value, ',')
-        .into_iter()
         .map(str::trim)
         .filter(|p| !p.is_empty())
 }
 
 /// Splits on `separator` outside quoted strings.
-fn split_on(value: &str, separator: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, c) in value.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            c if c == separator && !quoted => {
-                parts.push(&value[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
+fn split_on(value: &str, separator: char) -> SplitOutsideQuotes<'_> {
+    SplitOutsideQuotes {
+        rest: Some(value),
+        separator,
     }
-    parts.push(&value[start..]);
-    parts
+}
+
+/// The iterator of [`split_on`]: no allocation, it runs on every request's `Accept`.
+struct SplitOutsideQuotes<'a> {
+    rest: Option<&'a str>,
+    separator: char,
+}
+
+impl<'a> Iterator for SplitOutsideQuotes<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let value = self.rest?;
+        let (mut quoted, mut escaped) = (false, false);
+        for (i, c) in value.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                c if c == self.separator && !quoted => {
+                    self.rest = Some(&value[i + c.len_utf8()..]);
+                    return Some(&value[..i]);
+                }
+                _ => {}
+            }
+        }
+        self.rest = None;
+        Some(value)
+    }
 }
 
 #[cfg(test)]

@@ -117,9 +117,11 @@ impl FhirVersion {
                 return None;
             }
         }
-        Self::ALL
-            .into_iter()
-            .find(|v| v.mime_code() == format!("{major}.{minor}"))
+        Self::ALL.into_iter().find(|v| {
+            v.mime_code()
+                .split_once('.')
+                .is_some_and(|(ma, mi)| ma == major && mi == minor)
+        })
     }
 }
 
