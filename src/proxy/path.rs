@@ -149,3 +149,48 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Whatever the client's target, a forwarded request stays under the tenant's base path
+        /// on the tenant's host, with no segment that decodes to `.` or `..`.
+        #[test]
+        fn forwarded_paths_never_leave_the_base(
+            segments in proptest::collection::vec(
+                prop_oneof![
+                    Just("..".to_owned()), Just(".".to_owned()), Just("%2e".to_owned()), Just("%2E%2e".to_owned()),
+                    Just("%2f".to_owned()), Just("%5C".to_owned()), Just(";".to_owned()), Just("Patient".to_owned()),
+                    Just("..;x".to_owned()), Just("%252e".to_owned()), Just("".to_owned()), "[a-zA-Z0-9._~%-]{0,6}",
+                ],
+                0..8,
+            ),
+            query in proptest::option::of("[a-zA-Z0-9=&:_.%-]{0,12}"),
+        ) {
+            let base = UpstreamBase::parse("http://ehr:9001/fhir/tenant-a").unwrap();
+            let mut target = format!("/{}", segments.join("/"));
+            if let Some(query) = &query {
+                target.push('?');
+                target.push_str(query);
+            }
+            let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+            if let Ok(forwarded) = upstream_uri(&base, &uri) {
+                prop_assert_eq!(forwarded.authority().unwrap().as_str(), "ehr:9001");
+                let path = forwarded.path();
+                prop_assert!(path.starts_with("/fhir/tenant-a/"), "{}", path);
+                for segment in path.split('/') {
+                    let decoded = percent_decode(segment.as_bytes()).collect::<Vec<u8>>();
+                    let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
+                    prop_assert!(name != b"." && name != b"..", "{}", path);
+                    prop_assert!(!decoded.contains(&b'/'), "{}", path);
+                }
+                prop_assert_eq!(forwarded.query(), uri.query());
+            }
+        }
+    }
+}

@@ -159,3 +159,38 @@ mod tests {
             .is_none());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any body: no panic, and a rewrite only ever replaces the base inside URL values.
+        #[test]
+        fn bundles_rewrite_without_panics(noise in ".{0,120}", links in 0usize..4) {
+            let r = BaseRewriter::new("http://ehr/fhir".into(), "https://gw".into());
+            let mut body = String::from("{\"resourceType\":\"Bundle\",\"link\":[");
+            for i in 0..links {
+                if i > 0 { body.push(','); }
+                body.push_str(&format!("{{\"url\":\"http://ehr/fhir/Patient/{i}\"}}"));
+            }
+            body.push_str("],\"note\":");
+            body.push_str(&serde_json::to_string(&noise).unwrap());
+            body.push('}');
+            let _ = r.bundle(noise.as_bytes());
+            match r.bundle(body.as_bytes()) {
+                Some(out) => {
+                    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                    for i in 0..links {
+                        prop_assert_eq!(out["link"][i]["url"].as_str().unwrap(), format!("https://gw/Patient/{i}"));
+                    }
+                    prop_assert_eq!(out["note"].as_str().unwrap(), noise.as_str());
+                }
+                None => prop_assert_eq!(links, 0),
+            }
+        }
+    }
+}
