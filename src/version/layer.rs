@@ -14,7 +14,10 @@ use serde_json::json;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::media::{mentions_version, parse_accept, parse_format, parse_media, MediaRange, Named};
+use super::media::{
+    mentions_version, parse_accept, parse_format, parse_media, parse_parts, split_list, MediaRange,
+    Named,
+};
 use super::FhirVersion;
 use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
@@ -175,25 +178,36 @@ impl Config {
         let format = query
             .filter(|q| q.contains("_format="))
             .and_then(format_parameter);
-        // Most requests name no release: skip parsing unless a header mentions one.
-        let accept = match &format {
+        // Most requests name no release: skip parsing unless a header mentions one; and only
+        // `$versions` needs the ranges themselves.
+        let accept_values = || {
+            headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+        };
+        let accept: Vec<MediaRange> = match &format {
             Some(format) => vec![format.clone()],
-            None if versions_operation
-                || headers
-                    .get_all(header::ACCEPT)
-                    .iter()
-                    .any(|v| mentions_version(v.as_bytes())) =>
-            {
-                headers
-                    .get_all(header::ACCEPT)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(parse_accept)
-                    .collect()
-            }
+            None if versions_operation => accept_values().flat_map(parse_accept).collect(),
             None => Vec::new(),
         };
-        let accepted = match self.accepted(&accept) {
+        let accepted = if format.is_some() || versions_operation {
+            self.accepted(accept.iter().map(|r| (r.named, r.q)))
+        } else if headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| mentions_version(v.as_bytes()))
+        {
+            self.accepted(
+                accept_values()
+                    .flat_map(split_list)
+                    .filter_map(parse_parts)
+                    .map(|(_, named, q)| (named, q)),
+            )
+        } else {
+            Ok(None)
+        };
+        let accepted = match accepted {
             Ok(version) => version,
             Err(()) => {
                 return Decision::Answer(error(
@@ -237,23 +251,33 @@ impl Config {
         Decision::Proceed(version)
     }
 
-    /// The release the client accepts: `Ok(None)` when it names none it must have, `Err` when
-    /// every acceptable range names a release this server does not serve.
-    fn accepted(&self, ranges: &[MediaRange]) -> Result<Option<FhirVersion>, ()> {
-        if ranges.is_empty() {
-            return Ok(None);
-        }
-        for range in ranges {
-            match range.named {
-                Named::Nothing => return Ok(None),
-                named => {
-                    if let Some(version) = self.supports(named) {
-                        return Ok(Some(version));
-                    }
+    /// The release the client accepts, from its ranges' (release, q): the acceptable range
+    /// with the highest q (the first among equals) decides; `Ok(None)` when that range names
+    /// no release or there are none, `Err` when every range names a release this server does
+    /// not serve.
+    fn accepted(
+        &self,
+        ranges: impl Iterator<Item = (Named, f32)>,
+    ) -> Result<Option<FhirVersion>, ()> {
+        let mut any = false;
+        let mut best: Option<(f32, Option<FhirVersion>)> = None;
+        for (named, q) in ranges.filter(|(_, q)| *q > 0.0) {
+            any = true;
+            let satisfiable = match named {
+                Named::Nothing => Some(None),
+                named => self.supports(named).map(Some),
+            };
+            if let Some(version) = satisfiable {
+                if best.is_none_or(|(best_q, _)| q > best_q) {
+                    best = Some((q, version));
                 }
             }
         }
-        Err(())
+        match best {
+            Some((_, version)) => Ok(version),
+            None if any => Err(()),
+            None => Ok(None),
+        }
     }
 
     /// `$versions`: a `Parameters` resource with each supported `version` and the `default`.

@@ -27,6 +27,16 @@ pub(crate) struct MediaRange {
 /// around `;` that RFC 9110 allows and real clients send, and allocates per parameter on a
 /// path every request takes.
 pub(crate) fn parse_media(text: &str) -> Option<MediaRange> {
+    let (essence, named, q) = parse_parts(text)?;
+    Some(MediaRange {
+        essence: essence.to_ascii_lowercase(),
+        named,
+        q,
+    })
+}
+
+/// A media range's essence (as written), named release and q-value, without allocating.
+pub(crate) fn parse_parts(text: &str) -> Option<(&str, Named, f32)> {
     let mut parts = text.split(';');
     let essence = parts.next()?.trim();
     let (kind, subtype) = essence.split_once('/')?;
@@ -60,11 +70,7 @@ pub(crate) fn parse_media(text: &str) -> Option<MediaRange> {
                 .unwrap_or(1.0);
         }
     }
-    Some(MediaRange {
-        essence: essence.to_ascii_lowercase(),
-        named,
-        q,
-    })
+    Some((essence, named, q))
 }
 
 /// RFC 9110 `token`.
