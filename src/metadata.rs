@@ -538,17 +538,9 @@ impl Config {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = response.into_parts();
-        let bytes = match Limited::new(body, MAX_STATEMENT_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                tracing::warn!(%error, "could not read the upstream CapabilityStatement");
-                return OperationOutcome::error(
-                    IssueType::Exception,
-                    "The tenant's CapabilityStatement could not be read",
-                )
-                .to_response(StatusCode::BAD_GATEWAY)
-                .map(ResponseBody::full);
-            }
+        let bytes = match read_statement(body).await {
+            Ok(bytes) => bytes,
+            Err(unreadable) => return unreadable.map(ResponseBody::full),
         };
         let Ok(Value::Object(mut statement)) = serde_json::from_slice::<Value>(&bytes) else {
             // Not JSON (XML, say): passed on as it came.
@@ -565,6 +557,26 @@ impl Config {
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         Response::from_parts(parts, ResponseBody::full(body))
+    }
+}
+
+/// An upstream CapabilityStatement's bytes, up to the limit; or the 502 that says it could
+/// not be read.
+async fn read_statement<B>(body: B) -> Result<Bytes, Response<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, MAX_STATEMENT_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            tracing::warn!(%error, "could not read the upstream CapabilityStatement");
+            Err(OperationOutcome::error(
+                IssueType::Exception,
+                "The tenant's CapabilityStatement could not be read",
+            )
+            .to_response(StatusCode::BAD_GATEWAY))
+        }
     }
 }
 
@@ -702,25 +714,17 @@ where
                 return Ok(response.map(ResponseBody::inner));
             }
             let (mut parts, body) = response.into_parts();
-            match Limited::new(body, MAX_STATEMENT_BYTES).collect().await {
-                Ok(collected) => {
+            match read_statement(body).await {
+                Ok(body) => {
                     let cached = CachedStatement {
                         content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-                        body: collected.to_bytes(),
+                        body,
                     };
                     cache.insert(key, cached.clone()).await;
                     parts.headers.remove(header::TRANSFER_ENCODING);
                     Ok(Response::from_parts(parts, ResponseBody::full(cached.body)))
                 }
-                Err(error) => {
-                    tracing::warn!(error = %error, "could not read the upstream CapabilityStatement");
-                    Ok(OperationOutcome::error(
-                        IssueType::Exception,
-                        "The tenant's CapabilityStatement could not be read",
-                    )
-                    .to_response(StatusCode::BAD_GATEWAY)
-                    .map(ResponseBody::full))
-                }
+                Err(unreadable) => Ok(unreadable.map(ResponseBody::full)),
             }
         })
     }
