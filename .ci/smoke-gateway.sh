@@ -33,6 +33,12 @@ expect 400 "path traversal" -H "Authorization: Bearer $stu3" "$base/%2e%2e/Patie
 bundle=$(curl -s -H "Authorization: Bearer $stu3" -d 'family=okafor' "$base/Patient/_search")
 echo "$bundle" | grep -q "\"fullUrl\":\"$base/Patient/2002\"" || fail "Bundle fullUrl not rewritten: $bundle"
 echo "ok form search, Bundle links point at the gateway"
+report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 4 \
+  --mint-hs256 tower-fhir-demo-secret-change-me-0123456789 --issuer urn:tower-fhir:demo --audience tower-fhir \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  || fail "loadgen against the gateway: $report"
+echo "ok loadgen drove the gateway"
 kill -TERM $pid
 wait $pid || fail "the gateway did not shut down cleanly on SIGTERM"
 trap - EXIT

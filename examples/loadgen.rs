@@ -1,0 +1,511 @@
+//! A load generator for FHIR gateways: `cargo run --release --example loadgen -- --help`.
+//!
+//! Drives any FHIR gateway over HTTP/1.1: a closed loop with N connections, or a fixed request
+//! rate with coordinated-omission correction (latency counted from when each request was due,
+//! not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
+//! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
+//! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
+//! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage) or hit one
+//! path. The report: throughput, latency percentiles from an HDR histogram, status counts and
+//! errors, as a table, or as JSON with `--json`. A progress line goes to stderr every second.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --target http://127.0.0.1:8080 \
+//!     --mint-hs256 tower-fhir-demo-secret-change-me-0123456789 --issuer urn:tower-fhir:demo \
+//!     --audience tower-fhir --tenants 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f \
+//!     --connections 32 --duration 10 --warmup 2
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+const HELP: &str = "\
+loadgen: drive a FHIR gateway and report throughput and latency
+
+  --target URL            the gateway's FHIR base (required)
+  --connections N         concurrent connections (closed loop), default 16
+  --rate R                open loop: R requests per second, latency from when each was due
+  --duration S            seconds to measure, default 10 (or --requests N)
+  --requests N            stop after N measured requests
+  --warmup S              seconds of load before measuring, default 1
+  --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
+  --tenant-count N        N generated tenant GUIDs
+  --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
+  --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
+  --path PATH             one request path instead of the client mix
+  --json                  print the report as JSON
+";
+
+#[derive(Clone)]
+enum Tokens {
+    None,
+    Mint {
+        key: EncodingKey,
+        issuer: Option<String>,
+        audience: Option<String>,
+    },
+    Endpoint {
+        url: String,
+        client_id: String,
+        client_secret: String,
+    },
+}
+
+struct Options {
+    target: String,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    requests: Option<u64>,
+    warmup: Duration,
+    tenants: Vec<String>,
+    tokens: Tokens,
+    path: Option<String>,
+    json: bool,
+}
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        target: String::new(),
+        connections: 16,
+        rate: None,
+        duration: Duration::from_secs(10),
+        requests: None,
+        warmup: Duration::from_secs(1),
+        tenants: Vec::new(),
+        tokens: Tokens::None,
+        path: None,
+        json: false,
+    };
+    let (mut issuer, mut audience, mut secret) = (None, None, None);
+    let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
+        let number = |v: String| v.parse::<f64>().map_err(|e| format!("{v}: {e}"));
+        match flag.as_str() {
+            "--help" | "-h" => return Err(HELP.to_owned()),
+            "--target" => o.target = value()?.trim_end_matches('/').to_owned(),
+            "--connections" => o.connections = number(value()?)?.max(1.0) as usize,
+            "--rate" => o.rate = Some(number(value()?)?).filter(|r| *r > 0.0),
+            "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
+            "--requests" => o.requests = Some(number(value()?)? as u64),
+            "--warmup" => o.warmup = Duration::from_secs_f64(number(value()?)?),
+            "--tenants" => o.tenants = value()?.split(',').map(str::to_owned).collect(),
+            "--tenant-count" => {
+                let n = number(value()?)? as u32;
+                o.tenants = (0..n)
+                    .map(|i| format!("00000000-0000-4000-8000-{i:012x}"))
+                    .collect();
+            }
+            "--mint-hs256" => secret = Some(value()?),
+            "--issuer" => issuer = Some(value()?),
+            "--audience" => audience = Some(value()?),
+            "--token-url" => token_url = Some(value()?),
+            "--client-id" => client_id = Some(value()?),
+            "--client-secret" => client_secret = Some(value()?),
+            "--path" => o.path = Some(value()?),
+            "--json" => o.json = true,
+            other => return Err(format!("unknown option {other}\n\n{HELP}")),
+        }
+    }
+    if o.target.is_empty() {
+        return Err(format!("--target is required\n\n{HELP}"));
+    }
+    o.tokens = match (secret, token_url) {
+        (Some(secret), _) => Tokens::Mint {
+            key: EncodingKey::from_secret(secret.as_bytes()),
+            issuer,
+            audience,
+        },
+        (None, Some(url)) => Tokens::Endpoint {
+            url,
+            client_id: client_id.ok_or("--token-url needs --client-id")?,
+            client_secret: client_secret.ok_or("--token-url needs --client-secret")?,
+        },
+        (None, None) => Tokens::None,
+    };
+    if o.tenants.is_empty() {
+        o.tenants
+            .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
+    }
+    Ok(o)
+}
+
+/// The deployed clients' interactions, with weights (reads dominate).
+const MIX: [(u32, Method, &str); 10] = [
+    (20, Method::GET, "/Patient/123"),
+    (10, Method::POST, "/Patient/_search"),
+    (
+        15,
+        Method::GET,
+        "/Observation?patient=123&category=vital-signs&_sort:desc=date",
+    ),
+    (
+        10,
+        Method::GET,
+        "/Observation?patient=123&category=vital-signs&_sort=-date",
+    ),
+    (10, Method::GET, "/Condition?patient=123&_count=10"),
+    (
+        10,
+        Method::GET,
+        "/Encounter?patient=123&_sort:desc=date&_count=1",
+    ),
+    (8, Method::GET, "/AllergyIntolerance?patient=123"),
+    (7, Method::GET, "/MedicationOrder?patient=123&_count=10"),
+    (5, Method::GET, "/MedicationRequest?patient=123&_count=10"),
+    (5, Method::GET, "/Coverage?patient=123"),
+];
+
+fn pick(i: u64, single: Option<&str>) -> (Method, String, &'static str) {
+    if let Some(path) = single {
+        return (Method::GET, path.to_owned(), "");
+    }
+    let total: u64 = MIX.iter().map(|(w, ..)| u64::from(*w)).sum();
+    // A fixed pseudo-random walk through the weights: the same mix every run.
+    let mut at = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
+    for (weight, method, path) in MIX.iter() {
+        if at < u64::from(*weight) {
+            let body = if method == Method::POST {
+                "family=chalmers&given=peter&_count=10"
+            } else {
+                ""
+            };
+            return (method.clone(), (*path).to_owned(), body);
+        }
+        at -= u64::from(*weight);
+    }
+    (Method::GET, "/metadata".to_owned(), "")
+}
+
+/// Tokens per tenant, refetched when close to expiry.
+struct TokenBook {
+    tokens: Tokens,
+    client: Client<HttpConnector, Full<Bytes>>,
+    held: Mutex<BTreeMap<String, (String, Instant)>>,
+}
+
+impl TokenBook {
+    async fn bearer(&self, tenant: &str) -> Result<Option<String>, String> {
+        if matches!(self.tokens, Tokens::None) {
+            return Ok(None);
+        }
+        if let Some((token, until)) = self.held.lock().unwrap().get(tenant) {
+            if Instant::now() < *until {
+                return Ok(Some(token.clone()));
+            }
+        }
+        let (token, lifetime) = match &self.tokens {
+            Tokens::None => unreachable!(),
+            Tokens::Mint {
+                key,
+                issuer,
+                audience,
+            } => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let claims = json!({"iss": issuer, "aud": audience, "sub": "loadgen", "iat": now,
+                                    "exp": now + 3600, "scope": tenant});
+                let token = encode(&Header::new(Algorithm::HS256), &claims, key)
+                    .map_err(|e| e.to_string())?;
+                (token, 3600)
+            }
+            Tokens::Endpoint {
+                url,
+                client_id,
+                client_secret,
+            } => {
+                let form = format!(
+                    "grant_type=client_credentials&client_id={}&client_secret={}&scope={}",
+                    urlencode(client_id),
+                    urlencode(client_secret),
+                    urlencode(tenant)
+                );
+                let request = Request::post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Full::from(form))
+                    .map_err(|e| e.to_string())?;
+                let response = self
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = response.status();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                let reply: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                let token = reply["access_token"]
+                    .as_str()
+                    .ok_or(format!("token endpoint answered {status}: {reply}"))?;
+                (
+                    token.to_owned(),
+                    reply["expires_in"].as_u64().unwrap_or(300),
+                )
+            }
+        };
+        // Refetch when 80% of the lifetime has passed.
+        let until = Instant::now() + Duration::from_secs(lifetime * 4 / 5);
+        self.held
+            .lock()
+            .unwrap()
+            .insert(tenant.to_owned(), (token.clone(), until));
+        Ok(Some(token))
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    statuses: BTreeMap<u16, u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+struct Shared {
+    options: Options,
+    client: Client<HttpConnector, Full<Bytes>>,
+    tokens: TokenBook,
+    sequence: AtomicU64,
+    done: AtomicU64,
+    measuring_from: Instant,
+    stop_at: Instant,
+    tally: Mutex<Tally>,
+}
+
+impl Shared {
+    /// Sends request `i`; returns whether it was measured.
+    async fn one(&self, i: u64, due: Instant, latency: &mut Histogram<u64>) {
+        let tenant = &self.options.tenants[(i as usize) % self.options.tenants.len()];
+        let (method, path, body) = pick(i, self.options.path.as_deref());
+        let outcome = async {
+            let uri: Uri = format!("{}{}", self.options.target, path)
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            let mut request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("accept", "application/fhir+json");
+            if !body.is_empty() {
+                request = request.header("content-type", "application/x-www-form-urlencoded");
+            }
+            if let Some(token) = self.tokens.bearer(tenant).await? {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let request = request.body(Full::from(body)).map_err(|e| e.to_string())?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("connect/send: {e}"))?;
+            let status = response.status().as_u16();
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            Ok::<u16, String>(status)
+        }
+        .await;
+        if due < self.measuring_from {
+            return;
+        }
+        latency.saturating_record(due.elapsed().as_micros().max(1) as u64);
+        self.done.fetch_add(1, Ordering::Relaxed);
+        let mut tally = self.tally.lock().unwrap();
+        match outcome {
+            Ok(status) => *tally.statuses.entry(status).or_default() += 1,
+            Err(error) => *tally.errors.entry(error).or_default() += 1,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        Instant::now() >= self.stop_at
+            || self
+                .options
+                .requests
+                .is_some_and(|n| self.done.load(Ordering::Relaxed) >= n)
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    tower_fhir::install_crypto_provider();
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(options.connections)
+        .build_http();
+    let start = Instant::now();
+    let measuring_from = start + options.warmup;
+    let stop_at = measuring_from
+        + if options.requests.is_some() && options.duration == Duration::from_secs(10) {
+            Duration::from_secs(3600)
+        } else {
+            options.duration
+        };
+    let shared = Arc::new(Shared {
+        tokens: TokenBook {
+            tokens: options.tokens.clone(),
+            client: client.clone(),
+            held: Mutex::default(),
+        },
+        options,
+        client,
+        sequence: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        measuring_from,
+        stop_at,
+        tally: Mutex::default(),
+    });
+
+    let progress = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let done = shared.done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s   ",
+                    start.elapsed().as_secs_f64(),
+                    done,
+                    done - last
+                );
+                last = done;
+            }
+        })
+    };
+
+    let workers: Vec<_> = (0..shared.options.connections)
+        .map(|worker| {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                match shared.options.rate {
+                    None => {
+                        while !shared.finished() {
+                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                            shared.one(i, Instant::now(), &mut latency).await;
+                        }
+                    }
+                    Some(rate) => {
+                        // Each worker owns every N-th slot of the schedule; a late request is
+                        // measured from when it was due (coordinated-omission correction).
+                        let interval =
+                            Duration::from_secs_f64(shared.options.connections as f64 / rate);
+                        let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
+                        while !shared.finished() {
+                            tokio::time::sleep_until(due.into()).await;
+                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                            shared.one(i, due, &mut latency).await;
+                            due += interval;
+                        }
+                    }
+                }
+                latency
+            })
+        })
+        .collect();
+    let mut latency = histogram();
+    for worker in workers {
+        if let Ok(h) = worker.await {
+            let _ = latency.add(h);
+        }
+    }
+    progress.abort();
+    eprintln!();
+    let elapsed = Instant::now()
+        .min(shared.stop_at)
+        .saturating_duration_since(measuring_from);
+    report(&shared, &latency, elapsed);
+}
+
+fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
+    let tally = shared.tally.lock().unwrap();
+    let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
+    let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+    let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
+    if shared.options.json {
+        let mut percentiles = serde_json::Map::new();
+        for (name, q) in quantiles {
+            percentiles.insert(name.into(), json!(latency.value_at_quantile(q)));
+        }
+        percentiles.insert("max".into(), json!(latency.max()));
+        let report = json!({
+            "target": shared.options.target,
+            "mode": shared.options.rate.map_or("closed".to_owned(), |r| format!("rate {r}/s")),
+            "connections": shared.options.connections,
+            "tenants": shared.options.tenants.len(),
+            "seconds": elapsed.as_secs_f64(),
+            "requests": total,
+            "requests_per_second": rate,
+            "latency_us": percentiles,
+            "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "errors": tally.errors,
+        });
+        println!("{report:#}");
+        return;
+    }
+    println!("target       {}", shared.options.target);
+    println!(
+        "load         {}, {} connections, {} tenants",
+        shared
+            .options
+            .rate
+            .map_or("closed loop".to_owned(), |r| format!("{r} req/s")),
+        shared.options.connections,
+        shared.options.tenants.len()
+    );
+    println!(
+        "measured     {:.1} s, {total} requests, {rate:.0} req/s",
+        elapsed.as_secs_f64()
+    );
+    print!("latency us  ");
+    for (name, q) in quantiles {
+        print!(" {name} {}", latency.value_at_quantile(q));
+    }
+    println!(" max {}", latency.max());
+    for (status, count) in &tally.statuses {
+        println!("status {status}   {count}");
+    }
+    for (error, count) in &tally.errors {
+        println!("error        {count} x {error}");
+    }
+}
