@@ -588,3 +588,41 @@ async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
     }
     assert!(upstream.received().is_empty());
 }
+
+#[tokio::test]
+async fn upstreams_may_speak_http2_with_prior_knowledge() {
+    let upstream = RecordingUpstream::start().await;
+    let h2 = Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4)
+        .unwrap()
+        .with_http2();
+    let gw = gateway(
+        vec![(TENANT_A, TenantUpstreams::new([h2]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let reply = gw
+        .client
+        .send(
+            "POST",
+            "/Patient/_search",
+            &[
+                ("authorization", &format!("Bearer {}", token_for(TENANT_A))),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "family=x",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let got = upstream.last();
+    assert_eq!(got.version, http::Version::HTTP_2);
+    assert_eq!(got.target, "/fhir/Patient/_search");
+    assert_eq!(got.body, "family=x".as_bytes());
+    assert_eq!(
+        upstream
+            .received()
+            .iter()
+            .filter(|r| r.version == http::Version::HTTP_11)
+            .count(),
+        0
+    );
+}

@@ -57,6 +57,8 @@ const HOP_BY_HOP: [&str; 9] = [
 #[derive(Clone)]
 pub struct FhirProxy {
     client: Client<Connector, OutgoingBody>,
+    // For upstreams that speak HTTP/2 with prior knowledge (h2c).
+    h2_client: Client<Connector, OutgoingBody>,
     config: Arc<Config>,
 }
 
@@ -179,9 +181,14 @@ impl FhirProxyBuilder {
             connector(self.connect_timeout, &self.root_certificates).map_err(ConfigError::Tls)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.pool_idle_timeout)
+            .build(connector.clone());
+        let h2_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.pool_idle_timeout)
+            .http2_only(true)
             .build(connector);
         Ok(FhirProxy {
             client,
+            h2_client,
             config: Arc::new(Config {
                 public_base: public.to_string(),
                 public_scheme: public.scheme().as_str().to_owned(),
@@ -250,13 +257,21 @@ where
             &self.config.public_scheme,
         );
         parts.uri = uri;
-        parts.version = Version::HTTP_11;
+        parts.version = if upstream.http2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         parts.extensions = http::Extensions::new();
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
 
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
-        let sent = self.client.request(outgoing);
+        let sent = if upstream.http2() {
+            self.h2_client.request(outgoing)
+        } else {
+            self.client.request(outgoing)
+        };
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(response)) => response,

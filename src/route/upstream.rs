@@ -114,6 +114,7 @@ struct Inner {
     version: FhirVersion,
     authorization: Option<HeaderValue>,
     timeout: Option<Duration>,
+    http2: bool,
 }
 
 impl Upstream {
@@ -125,6 +126,7 @@ impl Upstream {
                 version,
                 authorization: None,
                 timeout: None,
+                http2: false,
             }),
         }
     }
@@ -148,6 +150,18 @@ impl Upstream {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.inner_mut().timeout = Some(timeout);
         self
+    }
+
+    /// Speaks HTTP/2 to this upstream from the first byte (prior knowledge, for `http://`
+    /// upstreams that serve h2c); `https://` upstreams negotiate HTTP/2 by ALPN anyway.
+    pub fn with_http2(mut self) -> Self {
+        self.inner_mut().http2 = true;
+        self
+    }
+
+    /// Whether requests go out as HTTP/2 with prior knowledge.
+    pub fn http2(&self) -> bool {
+        self.inner.http2
     }
 
     fn inner_mut(&mut self) -> &mut Inner {
@@ -181,7 +195,8 @@ impl PartialEq for Upstream {
             || (self.inner.base == other.inner.base
                 && self.inner.version == other.inner.version
                 && self.inner.authorization == other.inner.authorization
-                && self.inner.timeout == other.inner.timeout)
+                && self.inner.timeout == other.inner.timeout
+                && self.inner.http2 == other.inner.http2)
     }
 }
 
@@ -195,6 +210,7 @@ impl fmt::Debug for Upstream {
                 &self.inner.authorization.as_ref().map(|_| "[redacted]"),
             )
             .field("timeout", &self.inner.timeout)
+            .field("http2", &self.inner.http2)
             .finish()
     }
 }
@@ -209,6 +225,8 @@ struct UpstreamConfig {
     authorization: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    http2: bool,
 }
 
 impl Serialize for Upstream {
@@ -223,6 +241,7 @@ impl Serialize for Upstream {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             timeout_ms: self.inner.timeout.map(|t| t.as_millis() as u64),
+            http2: self.inner.http2,
         }
         .serialize(serializer)
     }
@@ -240,6 +259,9 @@ impl<'de> Deserialize<'de> for Upstream {
         }
         if let Some(ms) = config.timeout_ms {
             upstream = upstream.with_timeout(Duration::from_millis(ms));
+        }
+        if config.http2 {
+            upstream = upstream.with_http2();
         }
         Ok(upstream)
     }

@@ -239,6 +239,7 @@ impl TestClient {
 /// What an upstream test server received, exactly.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub version: http::Version,
     pub method: String,
     pub target: String,
     pub headers: HeaderMap,
@@ -303,6 +304,7 @@ impl RecordingUpstream {
                                     .map(|p| p.to_string())
                                     .unwrap_or_default();
                                 rec.lock().unwrap().push(Received {
+                                    version: parts.version,
                                     method: parts.method.to_string(),
                                     target: target.clone(),
                                     headers: parts.headers.clone(),
