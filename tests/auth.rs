@@ -604,6 +604,81 @@ mod jwks {
     }
 
     #[tokio::test]
+    async fn hmac_secrets_published_in_a_jwks_are_never_trusted() {
+        let secret = URL_SAFE_NO_PAD.encode(HMAC_SECRET);
+        let server = JwksServer::start(vec![
+            json!({"kty": "oct", "kid": "shared", "alg": "HS256", "k": secret}),
+            rsa_jwk(RSA_PRIVATE, "k1"),
+        ])
+        .await;
+        let client = app(remote(&server).build().unwrap()).await;
+        let forged = mint(Algorithm::HS256, Some("shared"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &forged).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        let good = mint(Algorithm::RS256, Some("k1"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &good).await.status,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn crit_headers_and_an_emptied_jwks_on_the_fetched_path() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        let layer = remote(&server)
+            .token_cache_capacity(0)
+            .refresh_interval(Duration::from_millis(100))
+            .refetch_cooldown(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "kid": "k1", "crit": ["x"]}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &rsa, Algorithm::RS256).unwrap();
+        let reply = client
+            .get_bearer("/Patient/1", &format!("{input}.{signature}"))
+            .await;
+        assert_invalid_token(
+            &reply,
+            "The token has critical header extensions this server does not understand",
+        );
+
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "before: hits {} {}",
+            server.hits(),
+            reply.text()
+        );
+
+        // The endpoint starts answering an empty set: the last good keys stay.
+        server.set_keys(vec![]);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        for _ in 0..3 {
+            let reply = client.get_bearer("/Patient/1", &token).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "hits {} {}",
+                server.hits(),
+                reply.text()
+            );
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert!(server.hits() >= 2);
+    }
+
+    #[tokio::test]
     async fn unusable_jwks_entries_are_skipped() {
         let server = JwksServer::start(vec![
             json!({"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"}),

@@ -134,11 +134,12 @@ impl VerifiedClaims {
 
     /// How long until `exp`, or `None` when it has passed.
     pub(crate) fn time_left(&self) -> Option<Duration> {
-        let expiry = UNIX_EPOCH + Duration::from_secs(self.inner.expires_at);
-        expiry
-            .duration_since(SystemTime::now())
-            .ok()
-            .filter(|d| !d.is_zero())
+        // Integer seconds: `UNIX_EPOCH + exp` would overflow (and panic) for a huge `exp`.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let left = Duration::from_secs(self.inner.expires_at).checked_sub(now)?;
+        (!left.is_zero()).then_some(left)
     }
 
     fn get_str(&self, claim: &str) -> Option<&str> {
@@ -208,6 +209,15 @@ mod tests {
         assert_eq!(c.scopes().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(c.audience().collect::<Vec<_>>(), ["x"]);
         assert!(c.is_expired());
+    }
+
+    #[test]
+    fn a_huge_exp_does_not_panic() {
+        let c = claims(json!({"exp": 1e19}));
+        assert!(!c.is_expired());
+        assert!(c.time_left().is_some());
+        let c = claims(json!({"exp": u64::MAX}));
+        assert!(!c.is_expired());
     }
 
     #[test]

@@ -27,8 +27,10 @@ pub struct HttpJwks {
 }
 
 impl HttpJwks {
-    /// A source for this URL: `http://`, or `https://` with the `tls` feature (which is
-    /// refused here, not at the first request, without it).
+    /// A source for this URL: `https://` with the `tls` feature, or `http://` to a loopback
+    /// host (a local identity provider; elsewhere anyone on the path could swap the keys).
+    /// Other URLs are refused here, not at the first request. HMAC (`oct`) entries are never
+    /// taken from a fetched JWKS.
     pub fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
         Self::with_roots(url, &[])
     }
@@ -40,7 +42,8 @@ impl HttpJwks {
     ) -> Result<Self, InvalidJwksUrl> {
         let uri: Uri = url.parse().map_err(|_| InvalidJwksUrl(url.to_owned()))?;
         let scheme_ok = match uri.scheme_str() {
-            Some("http") => true,
+            // Keys over plain HTTP can be swapped by anyone on the path: loopback only.
+            Some("http") => uri.host().is_some_and(is_loopback),
             Some("https") => HTTPS,
             _ => false,
         };
@@ -87,7 +90,9 @@ impl HttpJwks {
             )));
         }
         let keys = KeySet::from_jwks(&body)
-            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?;
+            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?
+            // A JWKS is public: an HMAC secret published in one would let anyone sign tokens.
+            .without_hmac();
         Ok(FetchedKeys { keys, max_age })
     }
 }
@@ -119,6 +124,16 @@ impl fmt::Display for InvalidJwksUrl {
 }
 
 impl std::error::Error for InvalidJwksUrl {}
+
+/// Whether a URL host is this machine.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
 
 /// `Cache-Control: max-age` (`no-cache`/`no-store` count as zero).
 fn max_age(headers: &HeaderMap) -> Option<Duration> {
@@ -175,6 +190,12 @@ mod tests {
     #[test]
     fn only_http_urls() {
         assert!(HttpJwks::new("http://127.0.0.1:1/jwks").is_ok());
+        assert!(HttpJwks::new("http://localhost:1/jwks").is_ok());
+        assert!(HttpJwks::new("http://[::1]:1/jwks").is_ok());
+        assert!(
+            HttpJwks::new("http://idp.example/jwks").is_err(),
+            "plain HTTP off loopback"
+        );
         assert_eq!(
             HttpJwks::new("https://idp.example/jwks").is_ok(),
             cfg!(feature = "tls")

@@ -289,6 +289,13 @@ impl KeySet {
         self
     }
 
+    /// This set without its HMAC keys.
+    pub(crate) fn without_hmac(mut self) -> Self {
+        self.keys
+            .retain(|key| key.decoding.family() != AlgorithmFamily::Hmac);
+        self
+    }
+
     pub(crate) fn keys(&self) -> &[Arc<VerificationKey>] {
         &self.keys
     }

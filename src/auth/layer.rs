@@ -19,6 +19,9 @@ use super::verify::{TokenCache, Verifier};
 type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
 type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
+/// The longest clock-skew leeway accepted.
+const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
 /// Every algorithm jsonwebtoken verifies; `none` is not one of them.
 const ALL_ALGORITHMS: [Algorithm; 12] = [
     Algorithm::HS256,
@@ -100,6 +103,8 @@ pub enum ConfigError {
     InvalidJwksUrl(String),
     /// A duration that must be positive is zero.
     ZeroDuration(&'static str),
+    /// The leeway is longer than an hour.
+    LeewayTooLong(Duration),
 }
 
 impl fmt::Display for ConfigError {
@@ -110,6 +115,7 @@ impl fmt::Display for ConfigError {
             Self::InvalidRealm(realm) => write!(f, "invalid realm {realm:?}"),
             Self::InvalidJwksUrl(url) => write!(f, "not an absolute http:// JWKS URL: {url:?}"),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
+            Self::LeewayTooLong(leeway) => write!(f, "leeway {leeway:?} is longer than an hour"),
         }
     }
 }
@@ -188,7 +194,7 @@ impl BearerAuthBuilder {
         self
     }
 
-    /// Clock skew allowed on `exp` and `nbf`. Default 60 s.
+    /// Clock skew allowed on `exp` and `nbf`. Default 60 s; at most an hour.
     pub fn leeway(mut self, leeway: Duration) -> Self {
         self.leeway = leeway;
         self
@@ -283,6 +289,9 @@ impl BearerAuthBuilder {
                 .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
         {
             return Err(ConfigError::InvalidRealm(self.realm));
+        }
+        if self.leeway > MAX_LEEWAY {
+            return Err(ConfigError::LeewayTooLong(self.leeway));
         }
         for (what, value) in [
             ("refresh_interval", self.refresh_interval),
@@ -444,6 +453,13 @@ mod tests {
                 .unwrap_err(),
             ConfigError::ZeroDuration("refetch_cooldown")
         );
+        assert!(matches!(
+            BearerAuthLayer::builder()
+                .key(hmac())
+                .leeway(Duration::from_secs(u64::MAX))
+                .build(),
+            Err(ConfigError::LeewayTooLong(_))
+        ));
     }
 
     #[cfg(feature = "remote-jwks")]

@@ -211,6 +211,9 @@ impl RefreshingKeys {
 
         let this = Arc::clone(self);
         let task = runtime.spawn(async move {
+            // Frees the in-flight slot even if the source panics or the task is cancelled, so
+            // a later request can fetch again.
+            let _clear = ClearInflight(Arc::clone(&this));
             let fetched = tokio::time::timeout(this.policy.timeout, this.source.fetch()).await;
             let fetched = match fetched {
                 Ok(result) => result,
@@ -227,6 +230,15 @@ impl RefreshingKeys {
     }
 
     fn install(&self, fetched: Result<FetchedKeys, KeySourceError>) -> FetchResult {
+        let fetched = fetched.and_then(|keys| {
+            // An empty set would retire every key: more likely a broken endpoint than a real
+            // rotation, so keep the last good keys.
+            if keys.keys.is_empty() && !self.current().is_empty() {
+                Err(KeySourceError::new("the source returned no usable keys"))
+            } else {
+                Ok(keys)
+            }
+        });
         let result = match fetched {
             Ok(FetchedKeys { keys, max_age }) => {
                 let previous = self.current();
@@ -247,9 +259,8 @@ impl RefreshingKeys {
                 Err(Arc::from(err.to_string()))
             }
         };
-        let mut control = self.control();
-        control.inflight = None;
-        control.fetched |= result.is_ok();
+        // The in-flight slot is cleared by the task's `ClearInflight` guard.
+        self.control().fetched |= result.is_ok();
         result
     }
 
@@ -266,6 +277,15 @@ impl RefreshingKeys {
 
     fn control(&self) -> std::sync::MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Clears the in-flight slot when dropped: at the end of a fetch, however it ends.
+struct ClearInflight(Arc<RefreshingKeys>);
+
+impl Drop for ClearInflight {
+    fn drop(&mut self) {
+        self.0.control().inflight = None;
     }
 }
 
@@ -361,6 +381,38 @@ mod tests {
         drop(keys.fetch(Trigger::Cold).unwrap());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(keys.has_fetched());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_source_does_not_stop_later_fetches() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let source: Box<dyn KeySource> = Box::new(move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("a buggy key source");
+                }
+                Ok(FetchedKeys::from(
+                    KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
+                ))
+            }
+        });
+        let keys = Arc::new(RefreshingKeys::new(source, policy()));
+        assert!(keys.fetch(Trigger::Cold).unwrap().await.is_err());
+        tokio::time::sleep(COLD_RETRY + Duration::from_millis(50)).await;
+        assert!(keys.fetch(Trigger::Cold).unwrap().await.is_ok());
+        assert_eq!(keys.current().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_set_does_not_replace_good_keys() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = Arc::new(RefreshingKeys::new(counting_source(calls, false), policy()));
+        keys.fetch(Trigger::Cold).unwrap().await.unwrap();
+        assert!(keys.install(Ok(FetchedKeys::default())).is_err());
+        assert_eq!(keys.current().len(), 1);
+        assert!(!keys.current().iter().any(|k| k.kid().is_none()));
     }
 
     #[test]

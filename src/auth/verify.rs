@@ -21,6 +21,8 @@ use super::source::{RefreshingKeys, SharedFetch, Trigger};
 
 /// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
 const MAX_HEADER_BYTES: usize = 1024;
+/// How many keys a token without `kid` is tried against.
+const MAX_KIDLESS_TRIES: usize = 4;
 
 /// Everything the bearer layer needs to verify a request, shared by all its services.
 pub(crate) struct Verifier {
@@ -103,6 +105,10 @@ impl Verifier {
     /// fetched.
     pub(crate) fn verify(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
+            // A refresh is due on hits too: keys gone at the IdP must retire their tokens.
+            for source in &self.sources {
+                source.refresh_if_due();
+            }
             return Verdict::Accept(claims);
         }
         match self.verify_uncached(token) {
@@ -233,7 +239,13 @@ impl Verifier {
             .chain(fetched.iter().flat_map(|set| set.candidates(kid)));
         let mut outcome = None;
         let mut named = false;
-        for key in keys {
+        // A token without `kid` may try a few keys, not hundreds: each try is a signature check.
+        let tries = if kid.is_none() {
+            MAX_KIDLESS_TRIES
+        } else {
+            usize::MAX
+        };
+        for key in keys.take(tries) {
             named |= kid.is_none() || key.kid() == kid;
             if !key.allows(alg) {
                 // A key's own algorithm wins over the token header's.
