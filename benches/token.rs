@@ -1,0 +1,2 @@
+//! Token issuance bench.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Token endpoint integration tests (over loopback HTTP).
