@@ -738,6 +738,38 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn tokens_carry_every_claim_and_a_fresh_jti() {
+        let client = NewClient::new("app")
+            .tenant(tenant(A))
+            .token_lifetime(Duration::from_secs(120));
+        let (endpoint, secret) = endpoint(client).await;
+        let body = format!("grant_type=client_credentials&client_id=app&client_secret={secret}");
+        let mut jtis = Vec::new();
+        for _ in 0..2 {
+            let (status, _, json) = post(&endpoint, &[("content-type", FORM)], &body).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(json["expires_in"], 120);
+            let token = json["access_token"].as_str().unwrap();
+            let payload = token.split('.').nth(1).unwrap();
+            let claims: serde_json::Value = serde_json::from_slice(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(payload)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(claims["iss"], "https://issuer.test");
+            assert_eq!(claims["sub"], "app");
+            assert_eq!(claims["aud"], "fhir");
+            assert_eq!(claims["scope"], A);
+            let iat = claims["iat"].as_u64().unwrap();
+            assert_eq!(claims["nbf"].as_u64(), Some(iat));
+            assert_eq!(claims["exp"].as_u64(), Some(iat + 120));
+            jtis.push(claims["jti"].as_str().unwrap().to_owned());
+        }
+        assert_ne!(jtis[0], jtis[1]);
+    }
+
     #[test]
     fn basic_credentials_are_form_decoded() {
         let raw = format!("Basic {}", STANDARD.encode("my%3Aapp:s%2Bcret+x%26y"));

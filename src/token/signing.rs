@@ -328,6 +328,34 @@ mod tests {
         assert_eq!(keys.jwks()["keys"].as_array().unwrap().len(), 1);
     }
 
+    #[tokio::test]
+    async fn the_jwks_service_serves_get_only() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let keys = SigningKeys::generate().unwrap();
+        let get = Request::get("/jwks").body(()).unwrap();
+        let response = keys.jwks_service().oneshot(get).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CACHE_CONTROL],
+            "public, max-age=300"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let set = KeySet::from_jwks(&body).unwrap();
+        assert_eq!(set.len(), 1);
+        let post = Request::post("/jwks").body(()).unwrap();
+        let response = keys.jwks_service().oneshot(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn the_key_source_yields_every_published_key() {
+        let keys = SigningKeys::generate().unwrap();
+        keys.add(SigningKey::generate_es256().unwrap()).unwrap();
+        let fetched = keys.fetch().await.unwrap();
+        assert_eq!(fetched.keys.len(), 2);
+    }
+
     #[test]
     fn debug_shows_no_key_material() {
         let key = SigningKey::generate_es256().unwrap();
