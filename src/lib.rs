@@ -11,6 +11,8 @@
 //! - [`route`]: the tenant's upstream, through a cached directory
 //!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
 //! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
+//! - `token`: the OAuth 2.0 client-credentials token endpoint, client store and signing keys
+//!   (`TokenEndpoint`, feature `token`).
 //! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
@@ -24,6 +26,7 @@
 //! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client.
 //! - `proxy` (default): forward requests to upstream FHIR servers with the hyper-util client.
 //! - `tls`: `https://` upstreams and JWKS URLs, with rustls and the webpki roots.
+//! - `token` (default): the client-credentials token endpoint.
 //!
 //! [Tower]: https://docs.rs/tower
 
@@ -42,6 +45,9 @@ pub mod outcome;
 pub mod proxy;
 pub mod route;
 pub mod tenant;
+#[cfg(feature = "token")]
+#[cfg_attr(docsrs, doc(cfg(feature = "token")))]
+pub mod token;
 pub mod version;
 
 pub use crypto::install_crypto_provider;

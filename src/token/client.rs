@@ -1,0 +1,485 @@
+//! Registered clients, their hashed secrets, and the [`ClientStore`] trait.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::rand_core::OsRng as SaltRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Argon2, Params};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::tenant::TenantId;
+
+/// The cost of the Argon2id hashes client secrets are stored as.
+///
+/// The default is Argon2id with 4 MiB of memory, 2 passes, 1 lane. Secrets are 32 random bytes
+/// minted by the store (never chosen by a person), so no amount of hashing cost changes how
+/// guessable they are; the slow, salted hash keeps a leaked store file from revealing them
+/// while keeping issuance at a few hundred tokens a second per core. Raise it with
+/// [`SecretHashing::new`]; existing hashes keep the cost they were made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretHashing {
+    memory_kib: u32,
+    iterations: u32,
+}
+
+impl Default for SecretHashing {
+    fn default() -> Self {
+        Self {
+            memory_kib: 4096,
+            iterations: 2,
+        }
+    }
+}
+
+impl SecretHashing {
+    /// Argon2id with this much memory (KiB, at least 8) and passes (at least 1).
+    pub fn new(memory_kib: u32, iterations: u32) -> Result<Self, StoreError> {
+        Params::new(memory_kib, iterations, 1, None)
+            .map_err(|e| StoreError::new(format!("argon2 parameters: {e}")))?;
+        Ok(Self {
+            memory_kib,
+            iterations,
+        })
+    }
+
+    fn argon2(&self) -> Argon2<'static> {
+        let params = Params::new(self.memory_kib, self.iterations, 1, None)
+            .unwrap_or_else(|_| Params::default());
+        Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+    }
+
+    /// A PHC string of the secret, with a fresh salt.
+    pub fn hash(&self, secret: &str) -> Result<String, StoreError> {
+        let salt = SaltString::generate(&mut SaltRng);
+        self.argon2()
+            .hash_password(secret.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|e| StoreError::new(format!("hashing a secret: {e}")))
+    }
+}
+
+/// Whether `secret` matches the PHC string (Argon2 compares in constant time).
+pub(crate) fn verify(secret: &str, phc: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(hash) => Argon2::default()
+            .verify_password(secret.as_bytes(), &hash)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A new high-entropy secret: 32 random bytes, base64url without padding.
+pub(crate) fn new_secret() -> ClientSecret {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    ClientSecret(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A client secret in clear, as handed out once at registration or rotation.
+///
+/// Its `Debug` output is redacted; read it with [`expose`](ClientSecret::expose).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(String);
+
+impl ClientSecret {
+    /// The secret, to hand to the client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientSecret(<redacted>)")
+    }
+}
+
+/// One stored secret hash; during a rotation's grace period a client has two.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretHash {
+    /// The Argon2id PHC string.
+    pub phc: String,
+    /// Unix time (seconds) after which the secret no longer works; `None`: until rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+impl SecretHash {
+    /// Whether the secret still works at `now` (Unix seconds).
+    pub fn is_live(&self, now: u64) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
+}
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretHash")
+            .field("phc", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A registered client as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// The `client_id`.
+    pub id: String,
+    /// The hashes of the secrets that work (more than one only during a grace period).
+    pub secrets: Vec<SecretHash>,
+    /// The tenants the client may get tokens for.
+    pub tenants: Vec<TenantId>,
+    /// Scopes besides the tenant the client may ask for (default none).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// The token lifetime for this client, in seconds; `None`: the endpoint's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_lifetime_secs: Option<u64>,
+    /// A revoked client gets no new tokens.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl ClientRecord {
+    /// The hashes still live at `now` (Unix seconds).
+    pub fn live_secrets(&self, now: u64) -> impl Iterator<Item = &SecretHash> {
+        self.secrets.iter().filter(move |s| s.is_live(now))
+    }
+}
+
+/// What to register: the client's id, tenants, extra scopes and token lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewClient {
+    id: String,
+    tenants: Vec<TenantId>,
+    scopes: Vec<String>,
+    token_lifetime: Option<Duration>,
+}
+
+impl NewClient {
+    /// A client with this id, entitled to no tenant yet.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            tenants: Vec::new(),
+            scopes: Vec::new(),
+            token_lifetime: None,
+        }
+    }
+
+    /// Entitles the client to a tenant.
+    #[must_use]
+    pub fn tenant(mut self, tenant: TenantId) -> Self {
+        self.tenants.push(tenant);
+        self
+    }
+
+    /// Allows the client a scope besides its tenant (such as `system/*.read`).
+    #[must_use]
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scopes.push(scope.into());
+        self
+    }
+
+    /// The lifetime of this client's tokens, instead of the endpoint's default.
+    #[must_use]
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = Some(lifetime);
+        self
+    }
+}
+
+/// Why a store operation failed. The message is for logs and administrators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    message: String,
+}
+
+impl StoreError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The future a [`ClientStore`] method returns.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+/// Where clients live: look-up, registration, secret rotation, revocation.
+///
+/// Secrets are only ever stored as Argon2id hashes; registration and rotation return the new
+/// secret in clear exactly once. Methods are async and assume nothing in-process, so a shared
+/// database can back the trait.
+pub trait ClientStore: Send + Sync + 'static {
+    /// The client with this id, if registered (revoked clients included, marked revoked).
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>>;
+
+    /// Registers a client and returns its first secret. Refuses an id already registered.
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret>;
+
+    /// Gives the client a new secret and returns it; the old one stops working after `grace`
+    /// (at once when zero). Refuses unknown or revoked clients.
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret>;
+
+    /// Revokes the client: it gets no new tokens from now on.
+    fn revoke(&self, id: &str) -> StoreFuture<()>;
+
+    /// The hashing cost the store uses (the endpoint hashes its dummy secret with it, so that
+    /// unknown clients take as long as known ones).
+    fn hashing(&self) -> SecretHashing {
+        SecretHashing::default()
+    }
+}
+
+impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+        (**self).client(id)
+    }
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+        (**self).register(client)
+    }
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+        (**self).rotate_secret(id, grace)
+    }
+    fn revoke(&self, id: &str) -> StoreFuture<()> {
+        (**self).revoke(id)
+    }
+    fn hashing(&self) -> SecretHashing {
+        (**self).hashing()
+    }
+}
+
+/// The clients map and the operations both built-in stores share.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(crate) struct Clients {
+    pub(crate) clients: HashMap<String, ClientRecord>,
+}
+
+impl Clients {
+    pub(crate) fn register(
+        &mut self,
+        client: NewClient,
+        hashing: SecretHashing,
+    ) -> Result<ClientSecret, StoreError> {
+        if client.id.is_empty() || client.id.contains(':') {
+            return Err(StoreError::new(
+                "a client id must be non-empty and have no ':'",
+            ));
+        }
+        if self.clients.contains_key(&client.id) {
+            return Err(StoreError::new(format!(
+                "client {:?} is already registered",
+                client.id
+            )));
+        }
+        let secret = new_secret();
+        let record = ClientRecord {
+            id: client.id.clone(),
+            secrets: vec![SecretHash {
+                phc: hashing.hash(secret.expose())?,
+                expires_at: None,
+            }],
+            tenants: client.tenants,
+            scopes: client.scopes,
+            token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
+            revoked: false,
+        };
+        self.clients.insert(client.id, record);
+        Ok(secret)
+    }
+
+    pub(crate) fn rotate(
+        &mut self,
+        id: &str,
+        grace: Duration,
+        hashing: SecretHashing,
+    ) -> Result<ClientSecret, StoreError> {
+        let record = self
+            .clients
+            .get_mut(id)
+            .filter(|r| !r.revoked)
+            .ok_or_else(|| StoreError::new(format!("no active client {id:?}")))?;
+        let secret = new_secret();
+        let now = unix_now();
+        let grace_ends = now.saturating_add(grace.as_secs());
+        // Old secrets stop at once, or when the grace ends (never later than they would have).
+        record.secrets.retain(|s| s.is_live(now));
+        if grace.is_zero() {
+            record.secrets.clear();
+        } else {
+            for old in &mut record.secrets {
+                old.expires_at = Some(old.expires_at.map_or(grace_ends, |t| t.min(grace_ends)));
+            }
+        }
+        record.secrets.push(SecretHash {
+            phc: hashing.hash(secret.expose())?,
+            expires_at: None,
+        });
+        Ok(secret)
+    }
+
+    pub(crate) fn revoke(&mut self, id: &str) -> Result<(), StoreError> {
+        let record = self
+            .clients
+            .get_mut(id)
+            .ok_or_else(|| StoreError::new(format!("no client {id:?}")))?;
+        record.revoked = true;
+        record.secrets.clear();
+        Ok(())
+    }
+}
+
+/// Clients kept in memory; lost at restart (see [`FileClientStore`](super::FileClientStore)).
+#[derive(Debug, Clone, Default)]
+pub struct InMemoryClientStore {
+    clients: Arc<Mutex<Clients>>,
+    hashing: SecretHashing,
+}
+
+impl InMemoryClientStore {
+    /// An empty store with the default hashing cost.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty store hashing secrets at this cost.
+    pub fn with_hashing(hashing: SecretHashing) -> Self {
+        Self {
+            hashing,
+            ..Self::default()
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Clients) -> T) -> T {
+        f(&mut self.clients.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl ClientStore for InMemoryClientStore {
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+        let found = self.with(|c| c.clients.get(id).cloned());
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+        let this = self.clone();
+        // Hashing is slow: off the async worker threads.
+        Box::pin(blocking(move || {
+            this.with(|c| c.register(client, this.hashing))
+        }))
+    }
+
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || {
+            this.with(|c| c.rotate(&id, grace, this.hashing))
+        }))
+    }
+
+    fn revoke(&self, id: &str) -> StoreFuture<()> {
+        let result = self.with(|c| c.revoke(id));
+        Box::pin(async move { result })
+    }
+
+    fn hashing(&self) -> SecretHashing {
+        self.hashing
+    }
+}
+
+/// Runs slow work (hashing, file I/O) on tokio's blocking pool when there is a runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime
+            .spawn_blocking(work)
+            .await
+            .map_err(|e| StoreError::new(format!("store task failed: {e}")))?,
+        Err(_) => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+
+    fn live_secret_matches(record: &ClientRecord, secret: &ClientSecret) -> bool {
+        record
+            .live_secrets(unix_now())
+            .any(|h| verify(secret.expose(), &h.phc))
+    }
+
+    #[tokio::test]
+    async fn register_rotate_revoke() {
+        let store = InMemoryClientStore::new();
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let first = store
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+        assert_eq!(first.expose().len(), 43);
+        assert!(store.register(NewClient::new("app")).await.is_err());
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(!record.secrets[0].phc.contains(first.expose()));
+        assert!(record.secrets[0].phc.starts_with("$argon2id$"));
+        assert!(live_secret_matches(&record, &first));
+
+        let second = store.rotate_secret("app", Duration::ZERO).await.unwrap();
+        assert_ne!(first, second);
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(!live_secret_matches(&record, &first));
+        assert!(live_secret_matches(&record, &second));
+
+        let third = store
+            .rotate_secret("app", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(live_secret_matches(&record, &second));
+        assert!(live_secret_matches(&record, &third));
+
+        store.revoke("app").await.unwrap();
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(record.revoked);
+        assert!(store.rotate_secret("app", Duration::ZERO).await.is_err());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let secret = new_secret();
+        let hash = SecretHashing::default().hash(secret.expose()).unwrap();
+        let record = SecretHash {
+            phc: hash.clone(),
+            expires_at: None,
+        };
+        assert!(!format!("{secret:?}").contains(secret.expose()));
+        assert!(!format!("{record:?}").contains(&hash));
+    }
+}

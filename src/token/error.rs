@@ -1,0 +1,147 @@
+//! RFC 6749 §5.2 error responses.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Empty;
+
+use crate::body::ResponseBody;
+
+/// The body of every token endpoint response.
+pub type TokenResponseBody = ResponseBody<Empty<Bytes>>;
+
+/// An RFC 6749 §5.2 `error` code (plus the two HTTP-level refusals the endpoint adds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// A parameter is missing, repeated, malformed, or the request is not a form POST.
+    InvalidRequest,
+    /// Client authentication failed (unknown client, wrong secret, none, revoked client).
+    InvalidClient,
+    /// The grant type is not `client_credentials`.
+    UnsupportedGrantType,
+    /// The scope names no tenant, a tenant the client is not entitled to, more than one
+    /// tenant, or a scope the client may not have.
+    InvalidScope,
+    /// Too many failed authentications for this client id: retry after `Retry-After`.
+    TemporarilyUnavailable,
+    /// The gateway could not answer (client store or signing failed); details are logged.
+    ServerError,
+}
+
+impl ErrorCode {
+    /// The code as it appears in the JSON `error` member.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidClient => "invalid_client",
+            Self::UnsupportedGrantType => "unsupported_grant_type",
+            Self::InvalidScope => "invalid_scope",
+            Self::TemporarilyUnavailable => "temporarily_unavailable",
+            Self::ServerError => "server_error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal: the status, the RFC 6749 error and a description safe to show the client.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: ErrorCode,
+    pub(crate) description: &'static str,
+    pub(crate) extra_headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl TokenError {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, description: &'static str) -> Self {
+        Self {
+            status,
+            code,
+            description,
+            extra_headers: Vec::new(),
+        }
+    }
+
+    pub(crate) fn bad_request(description: &'static str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            description,
+        )
+    }
+
+    pub(crate) fn invalid_scope(description: &'static str) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidScope,
+            description,
+        )
+    }
+
+    pub(crate) fn server_error() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ServerError,
+            "The token endpoint could not answer",
+        )
+    }
+
+    pub(crate) fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.extra_headers.push((name, value));
+        self
+    }
+
+    pub(crate) fn into_response(self) -> Response<TokenResponseBody> {
+        let body = serde_json::json!({
+            "error": self.code.as_str(),
+            "error_description": self.description,
+        });
+        let mut response = json_response(self.status, &body);
+        for (name, value) in self.extra_headers {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+}
+
+/// A JSON response with the no-store headers RFC 6749 §5.1 asks for.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: &serde_json::Value,
+) -> Response<TokenResponseBody> {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    let mut response = Response::new(ResponseBody::full(bytes));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_are_rfc6749_json_and_never_cached() {
+        let response = TokenError::invalid_scope("no tenant").into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], "invalid_scope");
+        assert_eq!(json["error_description"], "no tenant");
+    }
+}

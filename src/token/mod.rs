@@ -1,0 +1,90 @@
+//! The OAuth 2.0 client-credentials token endpoint (RFC 6749 §4.4) that issues the tokens the
+//! [`auth`](crate::auth) layer validates (feature `token`).
+//!
+//! A registered client `POST`s `grant_type=client_credentials` with its credentials (HTTP
+//! Basic or `client_id`/`client_secret` form fields) and `scope=<tenant id>`; it gets a JWT
+//! signed by the gateway (`ES256` by default, `RS256` with a key you supply) whose `scope`
+//! holds the tenant, with `iss`, `sub` (the client id), `aud`, `iat`, `nbf`, `exp` and a
+//! random `jti`. Errors are RFC 6749 §5.2 JSON.
+//!
+//! - [`TokenEndpoint`]: the Tower service to mount at the token URL.
+//! - [`ClientStore`]: where clients live; [`InMemoryClientStore`] and [`FileClientStore`]
+//!   (a JSON file replaced atomically, surviving restarts). Secrets are stored only as
+//!   Argon2id hashes ([`SecretHashing`]) and can be rotated, with or without a grace period.
+//! - [`SigningKeys`]: the signing keys, their JWKS document ([`JwksService`]) and rotation;
+//!   also a [`KeySource`](crate::auth::KeySource), so a bearer layer in the same process
+//!   verifies the endpoint's tokens without HTTP.
+//! - [`ThrottlePolicy`]: repeated failed authentications for one client id get 429 for a
+//!   while.
+//!
+//! Signing keys: [`SigningKey::generate_es256`] generates a P-256 key at run time in every
+//! build (pure Rust, `p256`); `ES256` and `RS256` keys can also be loaded from PEM.
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::{Request, StatusCode};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::ServiceExt;
+//! use tower_fhir::tenant::TenantId;
+//! use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+//! let store = InMemoryClientStore::new();
+//! let secret = store.register(NewClient::new("app-1").tenant(tenant)).await.unwrap();
+//! let endpoint = TokenEndpoint::builder()
+//!     .issuer("https://gateway.example")
+//!     .audience("https://gateway.example/fhir")
+//!     .store(store)
+//!     .build()
+//!     .unwrap();
+//!
+//! let form = format!(
+//!     "grant_type=client_credentials&client_id=app-1&client_secret={}&scope={tenant}",
+//!     secret.expose()
+//! );
+//! let request = Request::post("/token")
+//!     .header("content-type", "application/x-www-form-urlencoded")
+//!     .body(Full::new(Bytes::from(form)))
+//!     .unwrap();
+//! let response = endpoint.clone().oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.headers()["cache-control"], "no-store");
+//!
+//! let wrong = Request::post("/token")
+//!     .header("content-type", "application/x-www-form-urlencoded")
+//!     .body(Full::new(Bytes::from("grant_type=client_credentials&client_id=app-1&client_secret=nope")))
+//!     .unwrap();
+//! assert_eq!(endpoint.oneshot(wrong).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! # });
+//! ```
+//!
+//! | status | `error` | when |
+//! |---|---|---|
+//! | 400 | `invalid_request` | no or repeated parameter, no `grant_type`, both Basic and form secret, no Content-Type |
+//! | 401 | `invalid_client` | unknown client, wrong secret, revoked client, no credentials (`WWW-Authenticate: Basic` unless the form was used) |
+//! | 400 | `unsupported_grant_type` | a grant other than `client_credentials` |
+//! | 400 | `invalid_scope` | a tenant the client is not entitled to, several tenants, no tenant while the client has several, a scope not allowed |
+//! | 405 | `invalid_request` | not `POST` (`Allow: POST`) |
+//! | 413 | `invalid_request` | body above the cap |
+//! | 415 | `invalid_request` | Content-Type other than `application/x-www-form-urlencoded` |
+//! | 429 | `temporarily_unavailable` | too many failed authentications for the client id (`Retry-After`) |
+//! | 500 | `server_error` | the store or signing failed (logged) |
+
+mod client;
+mod durable;
+mod error;
+mod service;
+mod signing;
+mod throttle;
+
+pub use client::{
+    ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient, SecretHash,
+    SecretHashing, StoreError, StoreFuture,
+};
+pub use durable::FileClientStore;
+pub use error::{ErrorCode, TokenResponseBody};
+pub use service::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
+pub use signing::{JwksService, SigningKey, SigningKeys};
+pub use throttle::ThrottlePolicy;

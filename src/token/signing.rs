@@ -1,0 +1,365 @@
+//! Signing keys, JWT signing, the JWKS document, and key rotation.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{ready, Ready};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rand::RngCore;
+use serde_json::{json, Value};
+use tower_service::Service;
+
+use super::error::{json_response, TokenResponseBody};
+use crate::auth::{FetchedKeys, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey};
+
+/// A private key the token endpoint signs with, with its `kid` and algorithm.
+///
+/// `ES256` (P-256) keys can be generated at run time with [`generate_es256`], in every build
+/// (pure-Rust generation with `p256`, whichever JWT backend is on); `ES256` and `RS256` keys can
+/// also be loaded from PKCS#8 PEM. `Debug` shows the `kid` and algorithm only.
+///
+/// [`generate_es256`]: SigningKey::generate_es256
+pub struct SigningKey {
+    kid: String,
+    algorithm: Algorithm,
+    encoding: EncodingKey,
+    public_jwk: Value,
+}
+
+fn malformed(err: impl fmt::Display) -> KeyError {
+    KeyError::Malformed(err.to_string())
+}
+
+fn random_kid() -> String {
+    let mut bytes = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+impl SigningKey {
+    /// A fresh P-256 key for `ES256`, with a random `kid`.
+    pub fn generate_es256() -> Result<Self, KeyError> {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(malformed)?;
+        Self::ec_pem(pem.as_bytes(), random_kid())
+    }
+
+    /// An `ES256` key from a P-256 private key in PKCS#8 PEM.
+    pub fn ec_pem(pem: impl AsRef<[u8]>, kid: impl Into<String>) -> Result<Self, KeyError> {
+        let encoding = EncodingKey::from_ec_pem(pem.as_ref()).map_err(malformed)?;
+        Self::new(encoding, Algorithm::ES256, kid.into())
+    }
+
+    /// An `RS256` key from an RSA private key in PEM (PKCS#1 or PKCS#8).
+    pub fn rsa_pem(pem: impl AsRef<[u8]>, kid: impl Into<String>) -> Result<Self, KeyError> {
+        let encoding = EncodingKey::from_rsa_pem(pem.as_ref()).map_err(malformed)?;
+        Self::new(encoding, Algorithm::RS256, kid.into())
+    }
+
+    fn new(encoding: EncodingKey, algorithm: Algorithm, kid: String) -> Result<Self, KeyError> {
+        crate::install_crypto_provider();
+        if kid.is_empty() {
+            return Err(KeyError::Malformed("empty kid".into()));
+        }
+        let mut jwk = Jwk::from_encoding_key(&encoding, algorithm).map_err(malformed)?;
+        jwk.common.key_id = Some(kid.clone());
+        jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
+        let public_jwk = serde_json::to_value(jwk).map_err(malformed)?;
+        // The key must sign and its public half verify before it is used for real.
+        let key = Self {
+            kid,
+            algorithm,
+            encoding,
+            public_jwk,
+        };
+        let probe = key.sign(&json!({"probe": true}))?;
+        let verification = key.verification_key()?;
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        jsonwebtoken::decode::<Value>(&probe, verification.decoding_key(), &validation).map_err(
+            |e| KeyError::Malformed(format!("key does not verify its own signature: {e}")),
+        )?;
+        Ok(key)
+    }
+
+    /// The key's `kid`.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The algorithm it signs with.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The public half as a JWK (with `kid`, `alg`, `use: sig`).
+    pub fn public_jwk(&self) -> &Value {
+        &self.public_jwk
+    }
+
+    fn verification_key(&self) -> Result<VerificationKey, KeyError> {
+        VerificationKey::from_jwk(&self.public_jwk)
+    }
+
+    fn sign(&self, claims: &Value) -> Result<String, KeyError> {
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(malformed)
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Ring {
+    current: Arc<SigningKey>,
+    // Every published key, the current one included, in the order they were added.
+    published: Vec<Arc<SigningKey>>,
+}
+
+/// The endpoint's signing keys: one current key that signs, and every key still published in
+/// the JWKS (so tokens signed by an older key stay valid until it is retired).
+///
+/// A cheap, shared handle: clones see the same keys. It is a [`KeySource`], so a
+/// [`BearerAuthLayer`](crate::auth::BearerAuthLayer) in the same process can verify the
+/// endpoint's tokens without HTTP: `BearerAuthLayer::builder().key_source(keys.clone())`.
+///
+/// Rotation: [`rotate`](Self::rotate) publishes a new key and signs with it from then on;
+/// [`retire`](Self::retire) the old key once the tokens it signed have expired. A bearer layer
+/// picks up a new key at once (an unknown `kid` triggers a refetch) and drops a retired one at
+/// its next refresh.
+#[derive(Debug, Clone)]
+pub struct SigningKeys {
+    ring: Arc<RwLock<Ring>>,
+}
+
+impl SigningKeys {
+    /// Keys with this one current.
+    pub fn new(key: SigningKey) -> Self {
+        let key = Arc::new(key);
+        Self {
+            ring: Arc::new(RwLock::new(Ring {
+                current: Arc::clone(&key),
+                published: vec![key],
+            })),
+        }
+    }
+
+    /// Keys with a freshly generated `ES256` key current.
+    pub fn generate() -> Result<Self, KeyError> {
+        Ok(Self::new(SigningKey::generate_es256()?))
+    }
+
+    /// Publishes a key without signing with it yet (to pre-publish the next key).
+    pub fn add(&self, key: SigningKey) -> Result<(), KeyError> {
+        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
+        if ring.published.iter().any(|k| k.kid == key.kid) {
+            return Err(KeyError::Malformed(format!(
+                "kid {:?} already in use",
+                key.kid
+            )));
+        }
+        ring.published.push(Arc::new(key));
+        Ok(())
+    }
+
+    /// Signs with the published key `kid` from now on.
+    pub fn make_current(&self, kid: &str) -> Result<(), KeyError> {
+        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
+        let key = ring
+            .published
+            .iter()
+            .find(|k| k.kid == kid)
+            .cloned()
+            .ok_or_else(|| KeyError::Malformed(format!("no published key {kid:?}")))?;
+        ring.current = key;
+        Ok(())
+    }
+
+    /// Publishes `key` and signs with it from now on; the old key stays published.
+    pub fn rotate(&self, key: SigningKey) -> Result<(), KeyError> {
+        let kid = key.kid.clone();
+        self.add(key)?;
+        self.make_current(&kid)
+    }
+
+    /// Stops publishing the key `kid`: tokens it signed no longer verify. The current key
+    /// cannot be retired.
+    pub fn retire(&self, kid: &str) -> Result<(), KeyError> {
+        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
+        if ring.current.kid == kid {
+            return Err(KeyError::Malformed(
+                "the current key cannot be retired".into(),
+            ));
+        }
+        let before = ring.published.len();
+        ring.published.retain(|k| k.kid != kid);
+        if ring.published.len() == before {
+            return Err(KeyError::Malformed(format!("no published key {kid:?}")));
+        }
+        Ok(())
+    }
+
+    /// The `kid` of the key that signs.
+    pub fn current_kid(&self) -> String {
+        self.read().current.kid.clone()
+    }
+
+    /// The JWKS document (`{"keys": [...]}`) of every published key.
+    pub fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .read()
+            .published
+            .iter()
+            .map(|k| k.public_jwk.clone())
+            .collect();
+        json!({ "keys": keys })
+    }
+
+    /// The published keys as verification keys.
+    pub fn key_set(&self) -> Result<KeySet, KeyError> {
+        let published: Vec<Arc<SigningKey>> = self.read().published.clone();
+        published.iter().try_fold(KeySet::new(), |set, key| {
+            Ok(set.with_key(key.verification_key()?))
+        })
+    }
+
+    /// Signs claims with the current key; returns the compact JWT.
+    pub fn sign(&self, claims: &Value) -> Result<String, KeyError> {
+        let key = Arc::clone(&self.read().current);
+        key.sign(claims)
+    }
+
+    /// A Tower service answering `GET` with the JWKS document (mount it at your JWKS URL).
+    pub fn jwks_service(&self) -> JwksService {
+        JwksService { keys: self.clone() }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        self.ring.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl KeySource for SigningKeys {
+    fn fetch(&self) -> KeySourceFuture {
+        let keys = self.key_set().map(FetchedKeys::from).map_err(Into::into);
+        Box::pin(ready(keys))
+    }
+}
+
+/// Serves the JWKS document of [`SigningKeys`]: `GET`/`HEAD` only, cacheable for 5 minutes.
+#[derive(Debug, Clone)]
+pub struct JwksService {
+    keys: SigningKeys,
+}
+
+impl<B> Service<Request<B>> for JwksService {
+    type Response = Response<TokenResponseBody>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let response = if request.method() == Method::GET || request.method() == Method::HEAD {
+            let mut response = json_response(StatusCode::OK, &self.keys.jwks());
+            let headers = response.headers_mut();
+            headers.remove(header::PRAGMA);
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=300"),
+            );
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/jwk-set+json"),
+            );
+            response
+        } else {
+            let mut response = Response::new(TokenResponseBody::default());
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+        };
+        ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_publish_and_rotate() {
+        let keys = SigningKeys::generate().unwrap();
+        let first = keys.current_kid();
+        let jwks = keys.jwks();
+        assert_eq!(jwks["keys"][0]["kty"], "EC");
+        assert_eq!(jwks["keys"][0]["alg"], "ES256");
+        assert_eq!(jwks["keys"][0]["kid"], first.as_str());
+        assert!(jwks["keys"][0].get("d").is_none(), "private part published");
+
+        let next = SigningKey::generate_es256().unwrap();
+        let second = next.kid().to_owned();
+        keys.rotate(next).unwrap();
+        assert_eq!(keys.current_kid(), second);
+        assert_eq!(keys.jwks()["keys"].as_array().unwrap().len(), 2);
+        assert_eq!(keys.key_set().unwrap().len(), 2);
+        assert!(keys.retire(&second).is_err());
+        keys.retire(&first).unwrap();
+        assert_eq!(keys.jwks()["keys"].as_array().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_jwks_service_serves_get_only() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let keys = SigningKeys::generate().unwrap();
+        let get = Request::get("/jwks").body(()).unwrap();
+        let response = keys.jwks_service().oneshot(get).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CACHE_CONTROL],
+            "public, max-age=300"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let set = KeySet::from_jwks(&body).unwrap();
+        assert_eq!(set.len(), 1);
+        let post = Request::post("/jwks").body(()).unwrap();
+        let response = keys.jwks_service().oneshot(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn the_key_source_yields_every_published_key() {
+        let keys = SigningKeys::generate().unwrap();
+        keys.add(SigningKey::generate_es256().unwrap()).unwrap();
+        let fetched = keys.fetch().await.unwrap();
+        assert_eq!(fetched.keys.len(), 2);
+    }
+
+    #[test]
+    fn debug_shows_no_key_material() {
+        let key = SigningKey::generate_es256().unwrap();
+        let debug = format!("{key:?}");
+        assert!(debug.contains(key.kid()) && !debug.contains("encoding"));
+    }
+}

@@ -1,0 +1,580 @@
+//! The token endpoint over real HTTP on loopback: the whole client flow through the bearer and
+//! tenant layers, every refusal, secret rotation, a restart of the file store, throttling,
+//! timing of failures, and interop with PyJWT.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use axum::{Extension, Router};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use http::StatusCode;
+use serde_json::Value;
+use support::*;
+use tower_fhir::auth::BearerAuthLayer;
+use tower_fhir::tenant::{TenantId, TenantScopeLayer};
+use tower_fhir::token::{
+    ClientStore, FileClientStore, InMemoryClientStore, NewClient, SigningKey, SigningKeys,
+    ThrottlePolicy, TokenEndpoint,
+};
+
+const ISSUER: &str = "https://gateway.test";
+const AUDIENCE: &str = "https://gateway.test/fhir";
+const TENANT_A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const TENANT_B: &str = "9b2e7d4a-1c3f-4e5a-8b6c-7d8e9f0a1b2c";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+fn tenant(text: &str) -> TenantId {
+    TenantId::parse(text).unwrap()
+}
+
+fn endpoint_over(store: impl ClientStore, throttle: ThrottlePolicy) -> TokenEndpoint {
+    TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .store(store)
+        .throttle(throttle)
+        .build()
+        .unwrap()
+}
+
+/// The token endpoint at `/token`, its JWKS at `/jwks`, and a FHIR resource behind the bearer
+/// and tenant layers (configured in-process from the endpoint's keys) echoing the tenant.
+async fn gateway(endpoint: TokenEndpoint) -> TestClient {
+    let bearer = BearerAuthLayer::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .key_source(endpoint.key_source())
+        .build()
+        .unwrap();
+    let tenant_scope = TenantScopeLayer::builder().from_scope().build().unwrap();
+    let fhir = Router::new()
+        .route(
+            "/Patient/1",
+            get(|Extension(tenant): Extension<TenantId>| async move { tenant.to_string() }),
+        )
+        .layer(tenant_scope)
+        .layer(bearer);
+    let router = Router::new()
+        .route_service("/jwks", endpoint.signing_keys().jwks_service())
+        .route_service("/token", endpoint)
+        .merge(fhir);
+    TestClient::new(serve(router).await)
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))
+}
+
+async fn token_post(client: &TestClient, id: &str, secret: &str, scope: &str) -> Reply {
+    let body = format!(
+        "grant_type=client_credentials&client_id={id}&client_secret={secret}&scope={scope}"
+    );
+    client.send("POST", "/token", &[FORM], &body).await
+}
+
+fn assert_error(reply: &Reply, status: StatusCode, error: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.json()["error"], error, "{}", reply.text());
+    assert!(reply.json()["error_description"].is_string());
+    assert_eq!(reply.headers["cache-control"], "no-store");
+}
+
+#[tokio::test]
+async fn the_whole_client_flow() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(
+            NewClient::new("app-1")
+                .tenant(tenant(TENANT_A))
+                .tenant(tenant(TENANT_B)),
+        )
+        .await
+        .unwrap();
+    let client = gateway(endpoint_over(store, ThrottlePolicy::default())).await;
+
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM, ("authorization", &basic("app-1", secret.expose()))],
+            &format!("grant_type=client_credentials&scope={TENANT_B}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    assert_eq!(reply.headers["pragma"], "no-cache");
+    let json = reply.json();
+    assert_eq!(json["token_type"], "Bearer");
+    assert_eq!(json["expires_in"], 3600);
+    assert_eq!(json["scope"], TENANT_B);
+    let token = json["access_token"].as_str().unwrap();
+
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["alg"], "ES256");
+    assert!(header["kid"].is_string());
+
+    let resource = client.get_bearer("/Patient/1", token).await;
+    assert_eq!(resource.status, StatusCode::OK, "{}", resource.text());
+    assert_eq!(resource.text(), TENANT_B);
+
+    let jwks = client.get("/jwks", &[]).await;
+    assert_eq!(jwks.status, StatusCode::OK);
+    assert_eq!(jwks.json()["keys"][0]["kid"], header["kid"]);
+}
+
+#[tokio::test]
+async fn form_credentials_and_the_grant_dash_type_spelling() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("legacy").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let client = gateway(endpoint_over(store, ThrottlePolicy::default())).await;
+    let body = format!(
+        "grant-type=client_credentials&client_id=legacy&client_secret={}",
+        secret.expose()
+    );
+    let reply = client.send("POST", "/token", &[FORM], &body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["scope"], TENANT_A);
+    let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &token).await.text(),
+        TENANT_A
+    );
+}
+
+#[tokio::test]
+async fn every_refusal() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app-1").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let other = store
+        .register(NewClient::new("app-2").tenant(tenant(TENANT_B)))
+        .await
+        .unwrap();
+    let client = gateway(endpoint_over(store, ThrottlePolicy::default())).await;
+    let s = secret.expose();
+    let good = format!("grant_type=client_credentials&client_id=app-1&client_secret={s}");
+
+    let reply = client.send("GET", "/token", &[], "").await;
+    assert_error(&reply, StatusCode::METHOD_NOT_ALLOWED, "invalid_request");
+    assert_eq!(reply.headers["allow"], "POST");
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[("content-type", "application/json")],
+            "{}",
+        )
+        .await;
+    assert_error(
+        &reply,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request",
+    );
+    let reply = client.send("POST", "/token", &[], &good).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    let big = format!("{good}&padding={}", "x".repeat(10_000));
+    let reply = client.send("POST", "/token", &[FORM], &big).await;
+    assert_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request");
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM],
+            &good.replace("client_credentials", "authorization_code"),
+        )
+        .await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "unsupported_grant_type");
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM],
+            &format!("client_id=app-1&client_secret={s}"),
+        )
+        .await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    // Both methods at once.
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM, ("authorization", &basic("app-1", s))],
+            &good,
+        )
+        .await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    // None.
+    let reply = client
+        .send("POST", "/token", &[FORM], "grant_type=client_credentials")
+        .await;
+    assert_error(&reply, StatusCode::UNAUTHORIZED, "invalid_client");
+    assert!(reply.challenge().starts_with("Basic realm=\"tower-fhir\""));
+    // Wrong secret by Basic: 401 with a Basic challenge.
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM, ("authorization", &basic("app-1", "wrong"))],
+            "grant_type=client_credentials",
+        )
+        .await;
+    assert_error(&reply, StatusCode::UNAUTHORIZED, "invalid_client");
+    assert!(reply.challenge().starts_with("Basic realm="));
+    // Unknown client and wrong secret by form: the same answer.
+    let unknown = token_post(&client, "nobody", s, "").await;
+    let wrong = token_post(&client, "app-1", "wrong", "").await;
+    assert_error(&unknown, StatusCode::UNAUTHORIZED, "invalid_client");
+    assert_eq!(unknown.body, wrong.body);
+    // Another client's tenant, two tenants, a scope not allowed.
+    let reply = token_post(&client, "app-1", s, TENANT_B).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_scope");
+    let reply = token_post(&client, "app-2", other.expose(), TENANT_A).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_scope");
+    let reply = token_post(&client, "app-1", s, &format!("{TENANT_A}+{TENANT_B}")).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_scope");
+    let reply = token_post(&client, "app-1", s, &format!("{TENANT_A}+admin")).await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_scope");
+    // And the client still gets its own tenant.
+    assert_eq!(
+        token_post(&client, "app-1", s, TENANT_A).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn rotation_without_and_with_grace_and_revocation() {
+    let store = InMemoryClientStore::new();
+    let first = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let endpoint = endpoint_over(store, ThrottlePolicy::default());
+    let client = gateway(endpoint.clone()).await;
+
+    // By the client itself, no grace: the old secret stops at once.
+    assert!(endpoint
+        .rotate_own_secret("app", "not-the-secret", Duration::ZERO)
+        .await
+        .is_err());
+    let second = endpoint
+        .rotate_own_secret("app", first.expose(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        token_post(&client, "app", first.expose(), "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token_post(&client, "app", second.expose(), "").await.status,
+        StatusCode::OK
+    );
+
+    // By an administrator, with grace: both work.
+    let third = endpoint
+        .store()
+        .rotate_secret("app", Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(
+        token_post(&client, "app", second.expose(), "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        token_post(&client, "app", third.expose(), "").await.status,
+        StatusCode::OK
+    );
+
+    // Revocation stops new tokens at once.
+    endpoint.store().revoke("app").await.unwrap();
+    let reply = token_post(&client, "app", third.expose(), "").await;
+    assert_error(&reply, StatusCode::UNAUTHORIZED, "invalid_client");
+}
+
+#[tokio::test]
+async fn a_short_grace_ends() {
+    let store = InMemoryClientStore::new();
+    let first = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let second = store
+        .rotate_secret("app", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let client = gateway(endpoint_over(store, ThrottlePolicy::default())).await;
+    assert_eq!(
+        token_post(&client, "app", first.expose(), "").await.status,
+        StatusCode::OK
+    );
+    // Expiry has one-second resolution: a 2 s grace ends between 1 s and 2 s from now.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        token_post(&client, "app", first.expose(), "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token_post(&client, "app", second.expose(), "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_file_store_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("tower-fhir-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("clients.json");
+    let _ = std::fs::remove_file(&path);
+
+    let store = FileClientStore::open(&path).unwrap();
+    let old = store
+        .register(
+            NewClient::new("app")
+                .tenant(tenant(TENANT_A))
+                .token_lifetime(Duration::from_secs(300)),
+        )
+        .await
+        .unwrap();
+    let new = store.rotate_secret("app", Duration::ZERO).await.unwrap();
+    store
+        .register(NewClient::new("gone").tenant(tenant(TENANT_B)))
+        .await
+        .unwrap();
+    store.revoke("gone").await.unwrap();
+    drop(store);
+
+    // A new process: a new store over the same file.
+    let reopened = FileClientStore::open(&path).unwrap();
+    let client = gateway(endpoint_over(reopened, ThrottlePolicy::default())).await;
+    assert_eq!(
+        token_post(&client, "app", old.expose(), "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let reply = token_post(&client, "app", new.expose(), "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["expires_in"], 300);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains(old.expose()) && !text.contains(new.expose()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn repeated_failures_get_429_then_the_client_gets_back_in() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let policy = ThrottlePolicy {
+        max_failures: 5,
+        window: Duration::from_secs(60),
+        base_block: Duration::from_secs(1),
+        max_block: Duration::from_secs(4),
+    };
+    let client = gateway(endpoint_over(store, policy)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            token_post(&client, "app", "guess", "").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Blocked, even with the right secret, and told when to retry.
+    let reply = token_post(&client, "app", secret.expose(), "").await;
+    assert_error(
+        &reply,
+        StatusCode::TOO_MANY_REQUESTS,
+        "temporarily_unavailable",
+    );
+    assert_eq!(reply.headers["retry-after"], "1");
+    // Other clients are not affected.
+    assert_eq!(
+        token_post(&client, "other", "x", "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        token_post(&client, "app", secret.expose(), "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn unknown_client_and_wrong_secret_take_comparable_time() {
+    let store = InMemoryClientStore::new();
+    store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let lenient = ThrottlePolicy {
+        max_failures: 1000,
+        ..ThrottlePolicy::default()
+    };
+    let client = gateway(endpoint_over(store, lenient)).await;
+    // Warm up (the dummy hash is computed on first use).
+    token_post(&client, "nobody", "x", "").await;
+    let median = |id: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut times = Vec::new();
+            for _ in 0..9 {
+                let start = Instant::now();
+                let reply = token_post(&client, id, "wrong-secret", "").await;
+                times.push(start.elapsed());
+                assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+            }
+            times.sort();
+            times[times.len() / 2]
+        }
+    };
+    let unknown = median("nobody").await;
+    let wrong = median("app").await;
+    let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
+    assert!(
+        (1.0 / 3.0..3.0).contains(&ratio),
+        "unknown {unknown:?} vs wrong secret {wrong:?}"
+    );
+}
+
+#[tokio::test]
+async fn signing_key_rotation_keeps_old_tokens_valid_until_retired() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let keys = SigningKeys::new(SigningKey::rsa_pem(RSA_PRIVATE, "rsa-1").unwrap());
+    let endpoint = TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .store(store)
+        .signing_keys(keys.clone())
+        .build()
+        .unwrap();
+    let client = gateway(endpoint).await;
+    let old = token_post(&client, "app", secret.expose(), "").await.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &old).await.status,
+        StatusCode::OK
+    );
+
+    keys.rotate(SigningKey::generate_es256().unwrap()).unwrap();
+    let new = token_post(&client, "app", secret.expose(), "").await.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &new).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get_bearer("/Patient/1", &old).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get("/jwks", &[]).await.json()["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    keys.retire("rsa-1").unwrap();
+    assert_eq!(
+        client.get("/jwks", &[]).await.json()["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn tokens_validate_under_pyjwt() {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import jwt, cryptography"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !available {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but PyJWT is missing: .ci/run installs pyjwt[crypto]"
+        );
+        eprintln!(
+            "skipping the PyJWT interop test: `python3 -c 'import jwt, cryptography'` failed"
+        );
+        return;
+    }
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(
+            NewClient::new("app")
+                .tenant(tenant(TENANT_A))
+                .scope("system/*.read"),
+        )
+        .await
+        .unwrap();
+    let keys = SigningKeys::generate().unwrap();
+    keys.add(SigningKey::rsa_pem(RSA_PRIVATE, "rsa-next").unwrap())
+        .unwrap();
+    let endpoint = TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .store(store)
+        .signing_keys(keys.clone())
+        .build()
+        .unwrap();
+    let client = gateway(endpoint).await;
+    let dir = std::env::temp_dir().join(format!("tower-fhir-pyjwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // One ES256 token, then one RS256 after rotating to the RSA key.
+    for round in 0..2 {
+        if round == 1 {
+            keys.make_current("rsa-next").unwrap();
+        }
+        let reply = token_post(
+            &client,
+            "app",
+            secret.expose(),
+            &format!("{TENANT_A}+system/*.read"),
+        )
+        .await;
+        let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+        let jwks = client.get("/jwks", &[]).await.text();
+        std::fs::write(dir.join("jwks.json"), jwks).unwrap();
+        std::fs::write(dir.join("token"), &token).unwrap();
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/interop/verify_pyjwt.py"
+            ))
+            .arg(dir.join("jwks.json"))
+            .arg(dir.join("token"))
+            .args([AUDIENCE, ISSUER])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PyJWT refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let claims: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(claims["sub"], "app");
+        assert_eq!(claims["scope"], format!("{TENANT_A} system/*.read"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
