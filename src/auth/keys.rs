@@ -290,6 +290,7 @@ impl KeySet {
     }
 
     /// This set without its HMAC keys.
+    #[cfg(feature = "remote-jwks")]
     pub(crate) fn without_hmac(mut self) -> Self {
         self.keys
             .retain(|key| key.decoding.family() != AlgorithmFamily::Hmac);
