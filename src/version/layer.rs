@@ -443,12 +443,43 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
     if !fhir_type {
         return;
     }
+    // The common, bare media types have static labelled forms: no allocation per response.
+    if let Some(value) = static_label(text, version) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        return;
+    }
     let mut labelled = String::with_capacity(text.len() + 18);
     labelled.push_str(text);
     labelled.push_str("; fhirVersion=");
     labelled.push_str(version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&labelled) {
         headers.insert(header::CONTENT_TYPE, value);
+    }
+}
+
+/// `application/fhir+json; fhirVersion=X` and the like, for a bare FHIR JSON media type.
+fn static_label(content_type: &str, version: FhirVersion) -> Option<&'static str> {
+    macro_rules! labels {
+        ($media:literal) => {
+            match version {
+                FhirVersion::Dstu2 => concat!($media, "; fhirVersion=1.0"),
+                FhirVersion::Stu3 => concat!($media, "; fhirVersion=3.0"),
+                FhirVersion::R4 => concat!($media, "; fhirVersion=4.0"),
+                FhirVersion::R4B => concat!($media, "; fhirVersion=4.3"),
+                FhirVersion::R5 => concat!($media, "; fhirVersion=5.0"),
+            }
+        };
+    }
+    match content_type {
+        "application/fhir+json" => Some(labels!("application/fhir+json")),
+        "application/json+fhir" => Some(labels!("application/json+fhir")),
+        "application/fhir+json;charset=UTF-8" => {
+            Some(labels!("application/fhir+json;charset=UTF-8"))
+        }
+        "application/json+fhir;charset=UTF-8" => {
+            Some(labels!("application/json+fhir;charset=UTF-8"))
+        }
+        _ => None,
     }
 }
 
@@ -688,6 +719,21 @@ mod tests {
                 .unwrap_err(),
             ConfigError::UnsupportedDefault(FhirVersion::R4)
         );
+    }
+
+    #[test]
+    fn static_labels_match_the_built_ones() {
+        for version in FhirVersion::ALL {
+            for media in [
+                "application/fhir+json",
+                "application/json+fhir;charset=UTF-8",
+            ] {
+                assert_eq!(
+                    static_label(media, version).unwrap(),
+                    format!("{media}; fhirVersion={}", version.mime_code())
+                );
+            }
+        }
     }
 
     #[test]
