@@ -679,6 +679,52 @@ mod jwks {
     }
 
     #[tokio::test]
+    async fn an_identity_provider_cannot_sign_in_anothers_name() {
+        let idp_a = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "a1")]).await;
+        let idp_b = JwksServer::start(vec![rsa_jwk(RSA2_PRIVATE, "b1")]).await;
+        let layer = BearerAuthLayer::builder()
+            .jwks_url_for_issuer(idp_a.url(), "https://a.test")
+            .jwks_url_for_issuer(idp_b.url(), "https://b.test")
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let key_b = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+        let with_iss = |iss: &str| {
+            let mut c = claims();
+            c["iss"] = json!(iss);
+            c
+        };
+        let a_as_a = mint(Algorithm::RS256, Some("a1"), &with_iss("https://a.test"));
+        let b_as_b = mint_with(
+            &key_b,
+            Algorithm::RS256,
+            Some("b1"),
+            &with_iss("https://b.test"),
+        );
+        let a_as_b = mint(Algorithm::RS256, Some("a1"), &with_iss("https://b.test"));
+        assert_eq!(
+            client.get_bearer("/Patient/1", &a_as_a).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            client.get_bearer("/Patient/1", &b_as_b).await.status,
+            StatusCode::OK
+        );
+        let reply = client.get_bearer("/Patient/1", &a_as_b).await;
+        assert_invalid_token(
+            &reply,
+            "The access token's issuer is not trusted for its key",
+        );
+        let reply = client
+            .get_bearer(
+                "/Patient/1",
+                &mint(Algorithm::RS256, Some("a1"), &with_iss("https://c.test")),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
     async fn unusable_jwks_entries_are_skipped() {
         let server = JwksServer::start(vec![
             json!({"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"}),

@@ -131,8 +131,8 @@ pub struct BearerAuthBuilder {
     audiences: Vec<String>,
     leeway: Duration,
     static_keys: KeySet,
-    sources: Vec<Box<dyn KeySource>>,
-    jwks_urls: Vec<String>,
+    sources: Vec<(Box<dyn KeySource>, Option<String>)>,
+    jwks_urls: Vec<(String, Option<String>)>,
     refresh_interval: Duration,
     refetch_cooldown: Duration,
     fetch_timeout: Duration,
@@ -216,7 +216,21 @@ impl BearerAuthBuilder {
 
     /// Adds a source of keys fetched at run time, cached, refreshed and refetched.
     pub fn key_source(mut self, source: impl KeySource) -> Self {
-        self.sources.push(Box::new(source));
+        self.sources.push((Box::new(source), None));
+        self
+    }
+
+    /// Adds a source of keys that vouch only for tokens whose `iss` is `issuer` (also added
+    /// to the accepted issuers): with several identity providers, one cannot sign tokens in
+    /// another's name.
+    pub fn key_source_for_issuer(
+        mut self,
+        source: impl KeySource,
+        issuer: impl Into<String>,
+    ) -> Self {
+        let issuer = issuer.into();
+        self.issuers.push(issuer.clone());
+        self.sources.push((Box::new(source), Some(issuer)));
         self
     }
 
@@ -224,7 +238,22 @@ impl BearerAuthBuilder {
     #[cfg(feature = "remote-jwks")]
     #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
     pub fn jwks_url(mut self, url: impl Into<String>) -> Self {
-        self.jwks_urls.push(url.into());
+        self.jwks_urls.push((url.into(), None));
+        self
+    }
+
+    /// Adds a JWKS URL whose keys vouch only for tokens whose `iss` is `issuer` (also added to
+    /// the accepted issuers).
+    #[cfg(feature = "remote-jwks")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
+    pub fn jwks_url_for_issuer(
+        mut self,
+        url: impl Into<String>,
+        issuer: impl Into<String>,
+    ) -> Self {
+        let issuer = issuer.into();
+        self.issuers.push(issuer.clone());
+        self.jwks_urls.push((url.into(), Some(issuer)));
         self
     }
 
@@ -305,9 +334,9 @@ impl BearerAuthBuilder {
         #[cfg_attr(not(feature = "remote-jwks"), allow(unused_mut))]
         let mut sources = self.sources;
         #[cfg(feature = "remote-jwks")]
-        for url in &self.jwks_urls {
+        for (url, issuer) in &self.jwks_urls {
             let jwks = super::HttpJwks::new(url).map_err(|e| ConfigError::InvalidJwksUrl(e.0))?;
-            sources.push(Box::new(jwks));
+            sources.push((Box::new(jwks), issuer.clone()));
         }
         if self.static_keys.is_empty() && sources.is_empty() {
             return Err(ConfigError::NoKeys);
@@ -351,7 +380,11 @@ impl BearerAuthBuilder {
             static_keys: self.static_keys,
             sources: sources
                 .into_iter()
-                .map(|source| Arc::new(RefreshingKeys::new(source, policy)))
+                .map(|(source, issuer)| {
+                    let mut keys = RefreshingKeys::new(source, policy);
+                    keys.issuer = issuer.map(Arc::from);
+                    Arc::new(keys)
+                })
                 .collect(),
             cache: (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity)),
             max_token_bytes: self.max_token_bytes,

@@ -130,6 +130,8 @@ pub(crate) type SharedFetch = Shared<Pin<Box<dyn Future<Output = FetchResult> + 
 /// a fetch.
 pub(crate) struct RefreshingKeys {
     source: Box<dyn KeySource>,
+    /// The only `iss` the keys of this source may vouch for, when bound to one issuer.
+    pub(crate) issuer: Option<Arc<str>>,
     policy: RefreshPolicy,
     keys: RwLock<Arc<KeySet>>,
     control: Mutex<Control>,
@@ -151,6 +153,7 @@ impl RefreshingKeys {
     pub(crate) fn new(source: Box<dyn KeySource>, policy: RefreshPolicy) -> Self {
         Self {
             source,
+            issuer: None,
             policy,
             keys: RwLock::new(Arc::new(KeySet::new())),
             control: Mutex::new(Control::default()),

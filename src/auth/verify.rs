@@ -123,7 +123,7 @@ impl Verifier {
     fn verify_uncached(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some((key, validation)) = &self.single_key {
             return verdict(
-                self.decode(token, key, validation)
+                self.decode(token, key, validation, None)
                     .map_err(|(rejection, _)| rejection),
             );
         }
@@ -232,11 +232,20 @@ impl Verifier {
                 "The token's algorithm is not allowed for its key",
             )));
         };
-        let fetched: Vec<Arc<KeySet>> = self.sources.iter().map(|s| s.current()).collect();
+        let fetched: Vec<(Arc<KeySet>, Option<&str>)> = self
+            .sources
+            .iter()
+            .map(|s| (s.current(), s.issuer.as_deref()))
+            .collect();
         let keys = self
             .static_keys
             .candidates(kid)
-            .chain(fetched.iter().flat_map(|set| set.candidates(kid)));
+            .map(|key| (key, None))
+            .chain(
+                fetched
+                    .iter()
+                    .flat_map(|(set, issuer)| set.candidates(kid).map(move |key| (key, *issuer))),
+            );
         let mut outcome = None;
         let mut named = false;
         // A token without `kid` may try a few keys, not hundreds: each try is a signature check.
@@ -245,7 +254,7 @@ impl Verifier {
         } else {
             usize::MAX
         };
-        for key in keys.take(tries) {
+        for (key, issuer) in keys.take(tries) {
             named |= kid.is_none() || key.kid() == kid;
             if !key.allows(alg) {
                 // A key's own algorithm wins over the token header's.
@@ -257,7 +266,7 @@ impl Verifier {
                 });
                 continue;
             }
-            match self.decode(token, key, validation) {
+            match self.decode(token, key, validation, issuer) {
                 Ok(claims) => return Some(Ok(claims)),
                 Err((rejection, signature_ok)) => {
                     outcome = Some(Err(rejection));
@@ -287,6 +296,7 @@ impl Verifier {
         token: &[u8],
         key: &Arc<VerificationKey>,
         validation: &Validation,
+        bound_issuer: Option<&str>,
     ) -> Result<VerifiedClaims, (Rejection, bool)> {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
@@ -310,6 +320,16 @@ impl Verifier {
                     true,
                 )
             })?;
+        if bound_issuer.is_some_and(|bound| claims.issuer() != Some(bound)) {
+            // Each identity provider vouches for its own tokens only.
+            return Err((
+                self.reject(
+                    RejectionKind::InvalidToken,
+                    "The access token's issuer is not trusted for its key",
+                ),
+                true,
+            ));
+        }
         if let Some(cache) = &self.cache {
             cache.insert(token, &claims, key);
         }
