@@ -134,31 +134,23 @@ async fn search_patients(
     State(h): State<Arc<Hospital>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    let query = serde_urlencoded(&params);
-    fhir(
-        &h,
-        StatusCode::OK,
-        bundle(
-            &h,
-            &format!("Patient?{query}"),
-            matching_patients(&h, &params),
-        ),
-    )
+    patient_bundle(&h, &params)
 }
 
 async fn search_patients_form(
     State(h): State<Arc<Hospital>>,
     Form(params): Form<HashMap<String, String>>,
 ) -> Response {
-    let query = serde_urlencoded(&params);
+    patient_bundle(&h, &params)
+}
+
+/// A searchset of the matching patients, for GET and POST `_search` alike.
+fn patient_bundle(h: &Hospital, params: &HashMap<String, String>) -> Response {
+    let query = canonical_query(params);
     fhir(
-        &h,
+        h,
         StatusCode::OK,
-        bundle(
-            &h,
-            &format!("Patient?{query}"),
-            matching_patients(&h, &params),
-        ),
+        bundle(h, &format!("Patient?{query}"), matching_patients(h, params)),
     )
 }
 
@@ -180,7 +172,8 @@ async fn search_observations(
     )
 }
 
-fn serde_urlencoded(params: &HashMap<String, String>) -> String {
+/// The search parameters in a stable order, for the Bundle's self link.
+fn canonical_query(params: &HashMap<String, String>) -> String {
     let mut pairs: Vec<_> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.sort();
     pairs.join("&")
