@@ -725,6 +725,56 @@ mod jwks {
     }
 
     #[tokio::test]
+    async fn each_trusted_issuer_has_its_own_audience() {
+        let idp = JwksServer::start(vec![rsa_jwk(RSA2_PRIVATE, "b1")]).await;
+        let layer = BearerAuthLayer::builder()
+            .key(VerificationKey::rsa_pem(RSA_PUBLIC).unwrap())
+            .issuer("https://auth.test")
+            .audience("tower-fhir")
+            .jwks_url_for_issuer(idp.url(), "https://idp.test")
+            .audience_for_issuer("https://idp.test", "api://idp-audience")
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let key_b = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+        let idp_token = |aud: &str| {
+            let mut c = claims();
+            c["iss"] = json!("https://idp.test");
+            c["aud"] = json!(aud);
+            mint_with(&key_b, Algorithm::RS256, Some("b1"), &c)
+        };
+        let own_token = |aud: &str| {
+            let mut c = claims();
+            c["aud"] = json!(aud);
+            mint(Algorithm::RS256, None, &c)
+        };
+        for (token, expected) in [
+            (idp_token("api://idp-audience"), StatusCode::OK),
+            (own_token("tower-fhir"), StatusCode::OK),
+            // Each audience holds for its own issuer only.
+            (idp_token("tower-fhir"), StatusCode::UNAUTHORIZED),
+            (own_token("api://idp-audience"), StatusCode::UNAUTHORIZED),
+        ] {
+            let reply = client.get_bearer("/Patient/1", &token).await;
+            assert_eq!(reply.status, expected, "{}", reply.text());
+            if expected == StatusCode::UNAUTHORIZED {
+                assert_invalid_token(&reply, "The access token is not meant for this audience");
+            }
+        }
+        // No `aud` at all is refused too.
+        let mut c = claims();
+        c["iss"] = json!("https://idp.test");
+        c.as_object_mut().unwrap().remove("aud");
+        let reply = client
+            .get_bearer(
+                "/Patient/1",
+                &mint_with(&key_b, Algorithm::RS256, Some("b1"), &c),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
     async fn unusable_jwks_entries_are_skipped() {
         let server = JwksServer::start(vec![
             json!({"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"}),

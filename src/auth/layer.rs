@@ -14,7 +14,7 @@ use super::keys::{KeySet, VerificationKey};
 use super::rejection::Rejection;
 use super::service::BearerAuth;
 use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
-use super::verify::{TokenCache, Verifier};
+use super::verify::{Audiences, TokenCache, Verifier};
 
 type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
 type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
@@ -129,6 +129,7 @@ pub struct BearerAuthBuilder {
     algorithms: Vec<Algorithm>,
     issuers: Vec<String>,
     audiences: Vec<String>,
+    issuer_audiences: Vec<(String, Vec<String>)>,
     leeway: Duration,
     static_keys: KeySet,
     sources: Vec<(Box<dyn KeySource>, Option<String>)>,
@@ -150,6 +151,7 @@ impl Default for BearerAuthBuilder {
             algorithms: ALL_ALGORITHMS.to_vec(),
             issuers: Vec::new(),
             audiences: Vec::new(),
+            issuer_audiences: Vec::new(),
             leeway: Duration::from_secs(60),
             static_keys: KeySet::new(),
             sources: Vec::new(),
@@ -191,6 +193,26 @@ impl BearerAuthBuilder {
     /// audience is configured, `aud` is required; when none is, `aud` is not checked.
     pub fn audience(mut self, audience: impl Into<String>) -> Self {
         self.audiences.push(audience.into());
+        self
+    }
+
+    /// Tokens whose `iss` is `issuer` must name this audience (`aud`) instead of those set
+    /// with [`audience`](Self::audience); call again to allow several. For trusting another
+    /// identity provider whose tokens carry its own audience: each issuer's audiences hold
+    /// for its tokens only. Adds `issuer` to the accepted issuers.
+    pub fn audience_for_issuer(
+        mut self,
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Self {
+        let issuer = issuer.into();
+        match self.issuer_audiences.iter_mut().find(|(i, _)| *i == issuer) {
+            Some((_, audiences)) => audiences.push(audience.into()),
+            None => {
+                self.issuers.push(issuer.clone());
+                self.issuer_audiences.push((issuer, vec![audience.into()]));
+            }
+        }
         self
     }
 
@@ -348,12 +370,23 @@ impl BearerAuthBuilder {
             timeout: self.fetch_timeout,
         };
         let algorithms = dedup(self.algorithms);
+        let issuers = dedup(self.issuers);
+        // With per-issuer audiences, the verifier checks `aud` itself.
+        let (global_audiences, audiences) = if self.issuer_audiences.is_empty() {
+            (self.audiences, None)
+        } else {
+            let audiences = Audiences {
+                per_issuer: self.issuer_audiences,
+                default: self.audiences,
+            };
+            (Vec::new(), Some(audiences))
+        };
         let validations = algorithms
             .iter()
             .map(|&alg| {
                 (
                     alg,
-                    validation(alg, &self.issuers, &self.audiences, self.leeway),
+                    validation(alg, &issuers, &global_audiences, self.leeway),
                 )
             })
             .collect();
@@ -367,7 +400,7 @@ impl BearerAuthBuilder {
                     .collect();
                 pinned.first().copied().map(|first| {
                     let mut validation =
-                        validation(first, &self.issuers, &self.audiences, self.leeway);
+                        validation(first, &issuers, &global_audiences, self.leeway);
                     validation.algorithms = pinned;
                     (Arc::clone(key), validation)
                 })
@@ -389,6 +422,7 @@ impl BearerAuthBuilder {
             cache: (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity)),
             max_token_bytes: self.max_token_bytes,
             single_key,
+            audiences,
         };
         Ok(BearerAuthLayer {
             config: Arc::new(Config {
@@ -400,11 +434,11 @@ impl BearerAuthBuilder {
     }
 }
 
-fn dedup(algorithms: Vec<Algorithm>) -> Vec<Algorithm> {
-    let mut unique = Vec::with_capacity(algorithms.len());
-    for alg in algorithms {
-        if !unique.contains(&alg) {
-            unique.push(alg);
+fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut unique = Vec::with_capacity(items.len());
+    for item in items {
+        if !unique.contains(&item) {
+            unique.push(item);
         }
     }
     unique

@@ -35,6 +35,29 @@ pub(crate) struct Verifier {
     /// With one static key and nothing fetched, the key and a validation pinned to its
     /// algorithms: jsonwebtoken checks the header itself, so ours need not be parsed.
     pub(crate) single_key: Option<(Arc<VerificationKey>, Validation)>,
+    /// Set when some issuer has audiences of its own; jsonwebtoken then checks no `aud` and
+    /// [`Audiences::accepts`] does.
+    pub(crate) audiences: Option<Audiences>,
+}
+
+/// The audiences a token must name, per issuer.
+pub(crate) struct Audiences {
+    /// `(issuer, its audiences)`; an issuer not listed uses `default`.
+    pub(crate) per_issuer: Vec<(String, Vec<String>)>,
+    /// The audiences set with `audience()`; empty means `aud` is not checked.
+    pub(crate) default: Vec<String>,
+}
+
+impl Audiences {
+    pub(crate) fn accepts(&self, claims: &VerifiedClaims) -> bool {
+        let issuer = claims.issuer();
+        let wanted = self
+            .per_issuer
+            .iter()
+            .find(|(iss, _)| Some(iss.as_str()) == issuer)
+            .map_or(&self.default, |(_, audiences)| audiences);
+        wanted.is_empty() || claims.audience().any(|aud| wanted.iter().any(|w| w == aud))
+    }
 }
 
 /// The result of verifying without waiting.
@@ -320,6 +343,19 @@ impl Verifier {
                     true,
                 )
             })?;
+        if self
+            .audiences
+            .as_ref()
+            .is_some_and(|audiences| !audiences.accepts(&claims))
+        {
+            return Err((
+                self.reject(
+                    RejectionKind::InvalidToken,
+                    "The access token is not meant for this audience",
+                ),
+                true,
+            ));
+        }
         if bound_issuer.is_some_and(|bound| claims.issuer() != Some(bound)) {
             // Each identity provider vouches for its own tokens only.
             return Err((
