@@ -40,6 +40,7 @@ mod crypto;
 pub mod future;
 pub mod metadata;
 pub mod outcome;
+mod persist;
 #[cfg(feature = "proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod proxy;

@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::upstream::TenantUpstreams;
@@ -196,6 +197,175 @@ impl fmt::Debug for InMemoryDirectory {
     }
 }
 
+/// A directory kept in a JSON file, so tenants onboarded, changed or removed at run time stay
+/// that way across restarts.
+///
+/// Lookups are served from memory (an [`InMemoryDirectory`] inside); every change is written
+/// to the file first (atomically, owner-readable only: upstream credentials are in it) and
+/// then made visible and announced to [`subscribe`](Self::subscribe)rs. The file has the
+/// format [`InMemoryDirectory::from_json`] reads. One process owns the file.
+///
+/// ```
+/// use tower_fhir::route::{FileDirectory, TenantUpstreams, Upstream};
+/// use tower_fhir::tenant::TenantId;
+/// use tower_fhir::version::FhirVersion;
+///
+/// let path = std::env::temp_dir().join(format!("tower-fhir-doc-{}.json", std::process::id()));
+/// # let _ = std::fs::remove_file(&path);
+/// let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+/// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
+///
+/// let directory = FileDirectory::open(&path).unwrap();
+/// assert!(!directory.existed());
+/// directory.upsert(tenant, TenantUpstreams::new([upstream]).unwrap()).unwrap();
+///
+/// let reopened = FileDirectory::open(&path).unwrap();
+/// assert!(reopened.existed());
+/// assert!(reopened.get(tenant).is_some());
+/// # std::fs::remove_file(&path).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct FileDirectory {
+    memory: InMemoryDirectory,
+    path: Arc<PathBuf>,
+    /// Held while a change is written, so changes reach the file in order.
+    writing: Arc<Mutex<()>>,
+    existed: bool,
+}
+
+#[derive(Serialize)]
+struct FileOut<'a> {
+    tenants: Vec<EntryOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    id: TenantId,
+    upstreams: &'a TenantUpstreams,
+}
+
+impl FileDirectory {
+    /// Opens the directory in `path`; an empty one when the file does not exist yet (it is
+    /// created at the first change).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, DirectoryError> {
+        let path = path.as_ref().to_path_buf();
+        let unreadable =
+            |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
+        let (memory, existed) = match crate::persist::read_if_exists(&path) {
+            Ok(Some(bytes)) => {
+                let json = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;
+                (
+                    InMemoryDirectory::from_json(&json).map_err(|e| unreadable(&e))?,
+                    true,
+                )
+            }
+            Ok(None) => (InMemoryDirectory::new(), false),
+            Err(e) => return Err(unreadable(&e)),
+        };
+        Ok(Self {
+            memory,
+            path: Arc::new(path),
+            writing: Arc::default(),
+            existed,
+        })
+    }
+
+    /// Whether the file existed when the directory was opened (so a first start can seed it).
+    pub fn existed(&self) -> bool {
+        self.existed
+    }
+
+    /// The file the directory lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Adds or replaces a tenant: written to the file, then visible and announced.
+    pub fn upsert(
+        &self,
+        tenant: TenantId,
+        upstreams: TenantUpstreams,
+    ) -> Result<(), DirectoryError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_with(Some((tenant, &upstreams)), None)?;
+        self.memory.upsert(tenant, upstreams);
+        Ok(())
+    }
+
+    /// Removes a tenant; returns whether it was there.
+    pub fn remove(&self, tenant: TenantId) -> Result<bool, DirectoryError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.memory.get(tenant).is_none() {
+            return Ok(false);
+        }
+        self.write_with(None, Some(tenant))?;
+        Ok(self.memory.remove(tenant))
+    }
+
+    /// A tenant's upstreams.
+    pub fn get(&self, tenant: TenantId) -> Option<TenantUpstreams> {
+        self.memory.get(tenant)
+    }
+
+    /// The tenants, in no particular order.
+    pub fn tenants(&self) -> Vec<TenantId> {
+        self.memory.tenants()
+    }
+
+    /// A stream of the tenants that change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<TenantId> {
+        self.memory.subscribe()
+    }
+
+    /// Writes the directory as it will be after the change.
+    fn write_with(
+        &self,
+        upsert: Option<(TenantId, &TenantUpstreams)>,
+        remove: Option<TenantId>,
+    ) -> Result<(), DirectoryError> {
+        let tenants = self
+            .memory
+            .tenants
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<EntryOut<'_>> = tenants
+            .iter()
+            .filter(|(id, _)| Some(**id) != remove && upsert.is_none_or(|(t, _)| t != **id))
+            .map(|(id, upstreams)| EntryOut { id: *id, upstreams })
+            .chain(upsert.map(|(id, upstreams)| EntryOut { id, upstreams }))
+            .collect();
+        entries.sort_by_key(|e| e.id.to_string());
+        let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries })
+            .map_err(|e| DirectoryError::new(e.to_string()))?;
+        drop(tenants);
+        crate::persist::write_atomically(&self.path, &bytes)
+            .map_err(|e| DirectoryError::new(format!("{}: {e}", self.path.display())))
+    }
+}
+
+impl TenantDirectory for FileDirectory {
+    fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
+        self.memory.lookup(tenant)
+    }
+}
+
+impl fmt::Debug for FileDirectory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileDirectory")
+            .field("path", &self.path)
+            .field(
+                "tenants",
+                &self
+                    .memory
+                    .tenants
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len(),
+            )
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +401,48 @@ mod tests {
             assert!(InMemoryDirectory::from_json(bad).is_err(), "{bad}");
         }
         assert!(InMemoryDirectory::from_json_file("/nonexistent/tenants.json").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_file_directory_keeps_changes_across_reopening() {
+        let path = std::env::temp_dir().join(format!("tower-fhir-dir-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let tenant = TenantId::parse(A).unwrap();
+        let other = TenantId::parse("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f").unwrap();
+        let upstreams = |url: &str| {
+            TenantUpstreams::new([crate::route::Upstream::parse(url, FhirVersion::Stu3)
+                .unwrap()
+                .with_authorization("Bearer upstream-secret")
+                .unwrap()])
+            .unwrap()
+        };
+        let directory = FileDirectory::open(&path).unwrap();
+        let mut changes = directory.subscribe();
+        directory
+            .upsert(tenant, upstreams("http://127.0.0.1:9001/fhir"))
+            .unwrap();
+        directory
+            .upsert(other, upstreams("http://127.0.0.1:9002/fhir"))
+            .unwrap();
+        directory
+            .upsert(tenant, upstreams("http://127.0.0.1:9003/fhir"))
+            .unwrap();
+        assert!(directory.remove(other).unwrap());
+        assert!(!directory.remove(other).unwrap());
+        assert_eq!(changes.recv().await.unwrap(), tenant);
+
+        let reopened = FileDirectory::open(&path).unwrap();
+        assert_eq!(reopened.tenants(), vec![tenant]);
+        let found = reopened.lookup(tenant).await.unwrap().unwrap();
+        assert_eq!(
+            found.default_upstream().base().to_string(),
+            "http://127.0.0.1:9003/fhir"
+        );
+        assert!(reopened.lookup(other).await.unwrap().is_none());
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            FileDirectory::open("/proc/version").is_err(),
+            "not a directory file"
+        );
     }
 }

@@ -65,7 +65,9 @@ mod layer;
 mod upstream;
 
 pub use cache::RouteCache;
-pub use directory::{DirectoryError, DirectoryFuture, InMemoryDirectory, TenantDirectory};
+pub use directory::{
+    DirectoryError, DirectoryFuture, FileDirectory, InMemoryDirectory, TenantDirectory,
+};
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };

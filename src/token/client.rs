@@ -169,7 +169,11 @@ pub struct NewClient {
     tenants: Vec<TenantId>,
     scopes: Vec<String>,
     token_lifetime: Option<Duration>,
+    secret: Option<ClientSecret>,
 }
+
+/// The shortest secret [`NewClient::secret`] accepts.
+pub const MIN_SECRET_LEN: usize = 16;
 
 impl NewClient {
     /// A client with this id, entitled to no tenant yet.
@@ -179,6 +183,7 @@ impl NewClient {
             tenants: Vec::new(),
             scopes: Vec::new(),
             token_lifetime: None,
+            secret: None,
         }
     }
 
@@ -200,6 +205,15 @@ impl NewClient {
     #[must_use]
     pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
         self.token_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Registers the client with this secret instead of a generated one, for a secret
+    /// provisioned elsewhere (a configuration file, a secrets manager). Registration refuses
+    /// one shorter than [`MIN_SECRET_LEN`] characters. Only its hash is stored.
+    #[must_use]
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(ClientSecret(secret.into()));
         self
     }
 }
@@ -297,7 +311,16 @@ impl Clients {
                 client.id
             )));
         }
-        let secret = new_secret();
+        let secret = match client.secret {
+            Some(given) if given.0.chars().count() < MIN_SECRET_LEN => {
+                return Err(StoreError::new(format!(
+                    "client {:?}: a secret needs at least {MIN_SECRET_LEN} characters",
+                    client.id
+                )))
+            }
+            Some(given) => given,
+            None => new_secret(),
+        };
         let record = ClientRecord {
             id: client.id.clone(),
             secrets: vec![SecretHash {
@@ -434,6 +457,22 @@ mod tests {
         record
             .live_secrets(unix_now())
             .any(|h| verify(secret.expose(), &h.phc))
+    }
+
+    #[tokio::test]
+    async fn a_given_secret_is_used_and_a_short_one_refused() {
+        let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+        let secret = store
+            .register(NewClient::new("app").secret("configured-secret-0123"))
+            .await
+            .unwrap();
+        assert_eq!(secret.expose(), "configured-secret-0123");
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(!format!("{record:?}").contains("configured-secret-0123"));
+        assert!(store
+            .register(NewClient::new("short").secret("too-short"))
+            .await
+            .is_err());
     }
 
     #[tokio::test]

@@ -1,7 +1,6 @@
 //! A client store kept in a JSON file, replaced atomically on every change.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -106,34 +105,12 @@ impl FileClientStore {
 }
 
 fn write_atomically(path: &Path, clients: &Clients) -> Result<(), StoreError> {
-    let io = |e: std::io::Error| StoreError::new(format!("{}: {e}", path.display()));
     let mut records: Vec<&ClientRecord> = clients.clients.values().collect();
     records.sort_by(|a, b| a.id.cmp(&b.id));
     let bytes = serde_json::to_vec_pretty(&serde_json::json!({"version": 1, "clients": records}))
         .map_err(|e| StoreError::new(e.to_string()))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.unwrap_or_else(|| "clients".into()),
-        std::process::id()
-    ));
-    let mut file = fs::File::create(&tmp).map_err(io)?;
-    file.write_all(&bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io(e)
-    })?;
-    // Make the rename itself durable (a no-op where directories cannot be opened).
-    if let Ok(dir) = fs::File::open(&dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    crate::persist::write_atomically(path, &bytes)
+        .map_err(|e| StoreError::new(format!("{}: {e}", path.display())))
 }
 
 impl ClientStore for FileClientStore {

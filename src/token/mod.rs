@@ -81,7 +81,7 @@ mod throttle;
 
 pub use client::{
     ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient, SecretHash,
-    SecretHashing, StoreError, StoreFuture,
+    SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
 pub use error::{ErrorCode, TokenResponseBody};

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::{ready, Ready};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
@@ -12,6 +13,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tower_service::Service;
 
@@ -30,6 +32,8 @@ pub struct SigningKey {
     algorithm: Algorithm,
     encoding: EncodingKey,
     public_jwk: Value,
+    /// The private key as given, so [`SigningKeys::open`] can keep it in its file.
+    pem: String,
 }
 
 fn malformed(err: impl fmt::Display) -> KeyError {
@@ -54,16 +58,21 @@ impl SigningKey {
     /// An `ES256` key from a P-256 private key in PKCS#8 PEM.
     pub fn ec_pem(pem: impl AsRef<[u8]>, kid: impl Into<String>) -> Result<Self, KeyError> {
         let encoding = EncodingKey::from_ec_pem(pem.as_ref()).map_err(malformed)?;
-        Self::new(encoding, Algorithm::ES256, kid.into())
+        Self::new(encoding, Algorithm::ES256, kid.into(), pem.as_ref())
     }
 
     /// An `RS256` key from an RSA private key in PEM (PKCS#1 or PKCS#8).
     pub fn rsa_pem(pem: impl AsRef<[u8]>, kid: impl Into<String>) -> Result<Self, KeyError> {
         let encoding = EncodingKey::from_rsa_pem(pem.as_ref()).map_err(malformed)?;
-        Self::new(encoding, Algorithm::RS256, kid.into())
+        Self::new(encoding, Algorithm::RS256, kid.into(), pem.as_ref())
     }
 
-    fn new(encoding: EncodingKey, algorithm: Algorithm, kid: String) -> Result<Self, KeyError> {
+    fn new(
+        encoding: EncodingKey,
+        algorithm: Algorithm,
+        kid: String,
+        pem: &[u8],
+    ) -> Result<Self, KeyError> {
         crate::install_crypto_provider();
         if kid.is_empty() {
             return Err(KeyError::Malformed("empty kid".into()));
@@ -78,6 +87,7 @@ impl SigningKey {
             algorithm,
             encoding,
             public_jwk,
+            pem: String::from_utf8(pem.to_vec()).map_err(malformed)?,
         };
         let probe = key.sign(&json!({"probe": true}))?;
         let verification = key.verification_key()?;
@@ -125,7 +135,7 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Ring {
     current: Arc<SigningKey>,
     // Every published key, the current one included, in the order they were added.
@@ -143,9 +153,28 @@ struct Ring {
 /// [`retire`](Self::retire) the old key once the tokens it signed have expired. A bearer layer
 /// picks up a new key at once (an unknown `kid` triggers a refetch) and drops a retired one at
 /// its next refresh.
+///
+/// Keys [`open`](Self::open)ed from a file are kept there, every change included, so tokens
+/// issued before a restart stay valid after it.
 #[derive(Debug, Clone)]
 pub struct SigningKeys {
     ring: Arc<RwLock<Ring>>,
+    file: Option<Arc<PathBuf>>,
+}
+
+/// The key file: private keys in PEM, the current one named.
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    version: u32,
+    current: String,
+    keys: Vec<KeyFileEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyFileEntry {
+    kid: String,
+    alg: Algorithm,
+    pem: String,
 }
 
 impl SigningKeys {
@@ -157,6 +186,7 @@ impl SigningKeys {
                 current: Arc::clone(&key),
                 published: vec![key],
             })),
+            file: None,
         }
     }
 
@@ -165,54 +195,158 @@ impl SigningKeys {
         Ok(Self::new(SigningKey::generate_es256()?))
     }
 
+    /// The keys kept in the JSON file `path`; when it does not exist, a freshly generated
+    /// `ES256` key, written there. Every later change (add, rotate, retire) is written to the
+    /// file before it takes effect. The file holds private keys: it is created readable by
+    /// its owner only (on Unix); keep it that way.
+    ///
+    /// ```
+    /// use tower_fhir::token::SigningKeys;
+    ///
+    /// let path = std::env::temp_dir().join(format!("tower-fhir-keys-{}.json", std::process::id()));
+    /// # let _ = std::fs::remove_file(&path);
+    /// let keys = SigningKeys::open(&path).unwrap();
+    /// let again = SigningKeys::open(&path).unwrap();
+    /// assert_eq!(keys.current_kid(), again.current_kid());
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
+        let path = path.as_ref();
+        let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
+        let keys = match crate::persist::read_if_exists(path).map_err(|e| bad(&e))? {
+            Some(bytes) => {
+                let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
+                if file.version != 1 {
+                    return Err(bad(&format!("unknown key file version {}", file.version)));
+                }
+                let published = file
+                    .keys
+                    .into_iter()
+                    .map(|entry| {
+                        let key = match entry.alg {
+                            Algorithm::ES256 => SigningKey::ec_pem(&entry.pem, entry.kid),
+                            Algorithm::RS256 => SigningKey::rsa_pem(&entry.pem, entry.kid),
+                            other => {
+                                Err(KeyError::Malformed(format!("{other:?} keys are not kept")))
+                            }
+                        };
+                        key.map(Arc::new).map_err(|e| bad(&e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let current = published
+                    .iter()
+                    .find(|k| k.kid == file.current)
+                    .cloned()
+                    .ok_or_else(|| bad(&"the current key is not in the file"))?;
+                Self {
+                    ring: Arc::new(RwLock::new(Ring { current, published })),
+                    file: Some(Arc::new(path.to_path_buf())),
+                }
+            }
+            None => {
+                let mut keys = Self::generate()?;
+                keys.file = Some(Arc::new(path.to_path_buf()));
+                keys.save(&keys.read())?;
+                keys
+            }
+        };
+        Ok(keys)
+    }
+
     /// Publishes a key without signing with it yet (to pre-publish the next key).
     pub fn add(&self, key: SigningKey) -> Result<(), KeyError> {
-        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
-        if ring.published.iter().any(|k| k.kid == key.kid) {
-            return Err(KeyError::Malformed(format!(
-                "kid {:?} already in use",
-                key.kid
-            )));
-        }
-        ring.published.push(Arc::new(key));
-        Ok(())
+        self.change(|ring| {
+            if ring.published.iter().any(|k| k.kid == key.kid) {
+                return Err(KeyError::Malformed(format!(
+                    "kid {:?} already in use",
+                    key.kid
+                )));
+            }
+            ring.published.push(Arc::new(key));
+            Ok(())
+        })
     }
 
     /// Signs with the published key `kid` from now on.
     pub fn make_current(&self, kid: &str) -> Result<(), KeyError> {
-        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
-        let key = ring
-            .published
-            .iter()
-            .find(|k| k.kid == kid)
-            .cloned()
-            .ok_or_else(|| KeyError::Malformed(format!("no published key {kid:?}")))?;
-        ring.current = key;
-        Ok(())
+        self.change(|ring| {
+            ring.current = ring
+                .published
+                .iter()
+                .find(|k| k.kid == kid)
+                .cloned()
+                .ok_or_else(|| KeyError::Malformed(format!("no published key {kid:?}")))?;
+            Ok(())
+        })
     }
 
     /// Publishes `key` and signs with it from now on; the old key stays published.
     pub fn rotate(&self, key: SigningKey) -> Result<(), KeyError> {
-        let kid = key.kid.clone();
-        self.add(key)?;
-        self.make_current(&kid)
+        self.change(|ring| {
+            if ring.published.iter().any(|k| k.kid == key.kid) {
+                return Err(KeyError::Malformed(format!(
+                    "kid {:?} already in use",
+                    key.kid
+                )));
+            }
+            let key = Arc::new(key);
+            ring.published.push(Arc::clone(&key));
+            ring.current = key;
+            Ok(())
+        })
     }
 
     /// Stops publishing the key `kid`: tokens it signed no longer verify. The current key
     /// cannot be retired.
     pub fn retire(&self, kid: &str) -> Result<(), KeyError> {
+        self.change(|ring| {
+            if ring.current.kid == kid {
+                return Err(KeyError::Malformed(
+                    "the current key cannot be retired".into(),
+                ));
+            }
+            let before = ring.published.len();
+            ring.published.retain(|k| k.kid != kid);
+            if ring.published.len() == before {
+                return Err(KeyError::Malformed(format!("no published key {kid:?}")));
+            }
+            Ok(())
+        })
+    }
+
+    /// Applies a change to a copy, keeps it in the file (if any), then makes it visible.
+    fn change(
+        &self,
+        change: impl FnOnce(&mut Ring) -> Result<(), KeyError>,
+    ) -> Result<(), KeyError> {
         let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
-        if ring.current.kid == kid {
-            return Err(KeyError::Malformed(
-                "the current key cannot be retired".into(),
-            ));
-        }
-        let before = ring.published.len();
-        ring.published.retain(|k| k.kid != kid);
-        if ring.published.len() == before {
-            return Err(KeyError::Malformed(format!("no published key {kid:?}")));
-        }
+        let mut next = ring.clone();
+        change(&mut next)?;
+        self.save(&next)?;
+        *ring = next;
         Ok(())
+    }
+
+    fn save(&self, ring: &Ring) -> Result<(), KeyError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let file = KeyFile {
+            version: 1,
+            current: ring.current.kid.clone(),
+            keys: ring
+                .published
+                .iter()
+                .map(|k| KeyFileEntry {
+                    kid: k.kid.clone(),
+                    alg: k.algorithm,
+                    pem: k.pem.clone(),
+                })
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).map_err(malformed)?;
+        crate::persist::write_atomically(path, &bytes)
+            .map_err(|e| KeyError::Malformed(format!("{}: {e}", path.display())))
     }
 
     /// The `kid` of the key that signs.
@@ -306,6 +440,42 @@ impl<B> Service<Request<B>> for JwksService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opened_keys_survive_a_restart_with_their_rotations() {
+        let path =
+            std::env::temp_dir().join(format!("tower-fhir-keyfile-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let keys = SigningKeys::open(&path).unwrap();
+        let first = keys.current_kid();
+        let old_token = keys.sign(&json!({"sub": "a"})).unwrap();
+        keys.rotate(SigningKey::generate_es256().unwrap()).unwrap();
+        let second = keys.current_kid();
+        assert_ne!(first, second);
+
+        let reopened = SigningKeys::open(&path).unwrap();
+        assert_eq!(reopened.current_kid(), second);
+        assert_eq!(reopened.jwks(), keys.jwks());
+        // A token signed before the restart verifies with the reopened keys.
+        let set = reopened.key_set().unwrap();
+        let key = set.candidates(Some(first.as_str())).next().unwrap();
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        jsonwebtoken::decode::<Value>(&old_token, key.decoding_key(), &validation).unwrap();
+
+        reopened.retire(&first).unwrap();
+        assert_eq!(
+            SigningKeys::open(&path).unwrap().jwks()["keys"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        std::fs::write(&path, b"{}").unwrap();
+        assert!(SigningKeys::open(&path).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn generated_keys_publish_and_rotate() {
