@@ -13,6 +13,7 @@ pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub(crate) type Connector = HttpConnector;
 
 /// Whether this build can reach `https://` URLs.
+#[cfg(feature = "remote-jwks")]
 pub(crate) const HTTPS: bool = cfg!(feature = "tls");
 
 /// A connector with this connect timeout, trusting the webpki roots and `extra_roots` (PEM

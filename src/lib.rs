@@ -13,6 +13,8 @@
 //! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
 //! - `token`: the OAuth 2.0 client-credentials token endpoint, client store and signing keys
 //!   (`TokenEndpoint`, feature `token`).
+//! - `gateway`: every layer assembled in one call, over the proxy, with the token routes
+//!   (`Gateway`, feature `proxy`).
 //! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
@@ -38,6 +40,9 @@ pub mod body;
 mod client;
 mod crypto;
 pub mod future;
+#[cfg(feature = "proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
+pub mod gateway;
 pub mod metadata;
 pub mod outcome;
 mod persist;

@@ -85,6 +85,6 @@ pub use client::{
 };
 pub use durable::FileClientStore;
 pub use error::{ErrorCode, TokenResponseBody};
-pub use service::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
+pub use service::{ConfigError, SecretRotation, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::ThrottlePolicy;

@@ -240,6 +240,29 @@ impl TokenEndpoint {
         &*self.inner.store
     }
 
+    /// The `iss` of the tokens it issues.
+    pub fn issuer(&self) -> &str {
+        &self.inner.issuer
+    }
+
+    /// The `aud` of the tokens it issues.
+    pub fn audience(&self) -> &str {
+        &self.inner.audience
+    }
+
+    /// A Tower service for `POST …/{client_id}/secret` (mount it at, say,
+    /// `/oauth/clients/{client_id}/secret`): the client rotates its own secret. It
+    /// authenticates with its current secret (HTTP Basic, or `client_secret` in a form body;
+    /// the id in the path must be the authenticated one) and gets the new secret as JSON
+    /// `{"client_id", "client_secret"}` with `Cache-Control: no-store`. The old secret stops
+    /// working at once. Failed authentications count toward the throttle; errors are RFC 6749
+    /// JSON as at the token endpoint.
+    pub fn secret_rotation_service(&self) -> SecretRotation {
+        SecretRotation {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
     /// Rotation by the client itself: checks `current_secret`, then gives the client a new
     /// secret; the old one keeps working for `grace`. Failures count toward the throttle.
     pub async fn rotate_own_secret(
@@ -282,6 +305,42 @@ where
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
             Ok(match inner.token(request).await {
+                Ok(response) => response,
+                Err(err) => err.into_response(),
+            })
+        })
+    }
+}
+
+/// The client's own secret rotation, from [`TokenEndpoint::secret_rotation_service`].
+#[derive(Clone)]
+pub struct SecretRotation {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SecretRotation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretRotation").finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for SecretRotation
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<TokenResponseBody>;
+    type Error = Infallible;
+    type Future = TokenFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            Ok(match inner.rotate_own(request).await {
                 Ok(response) => response,
                 Err(err) => err.into_response(),
             })
@@ -385,6 +444,76 @@ impl Inner {
                 "expires_in": lifetime,
                 "scope": scope,
             }),
+        ))
+    }
+
+    async fn rotate_own<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<TokenResponseBody>, TokenError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if request.method() != Method::POST {
+            return Err(TokenError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidRequest,
+                "Secret rotation accepts POST only",
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("POST")));
+        }
+        let path_id = client_id_in_path(request.uri().path())
+            .ok_or_else(|| TokenError::bad_request("The path does not name a client"))?;
+        let (parts, body) = request.into_parts();
+        // A Basic-authenticated rotation may come without a body.
+        let form = if parts.headers.contains_key(header::CONTENT_TYPE) {
+            check_content_type(&parts.headers)?;
+            self.read_form(&parts.headers, body).await?
+        } else {
+            HashMap::new()
+        };
+        let mut form = form;
+        // The path names the client when the form does not.
+        form.entry("client_id".to_owned())
+            .or_insert(path_id.clone());
+        let (id, secret, basic) = match self.credentials(&parts.headers, &form)? {
+            Credentials::Basic { id, secret } => (id, secret, true),
+            Credentials::Post { id, secret } => (id, secret, false),
+        };
+        if id != path_id {
+            return Err(TokenError::bad_request(
+                "client_id does not match the client in the path",
+            ));
+        }
+        if let Some(wait) = self.throttle.blocked_for(&id, Instant::now()) {
+            return Err(too_many(wait));
+        }
+        match self.authenticate(&id, &secret).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::info!(client_id = %id, "secret rotation: client authentication failed");
+                self.throttle.failure(&id, Instant::now());
+                return Err(self.invalid_client(basic, "Client authentication failed"));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                return Err(TokenError::server_error());
+            }
+        }
+        self.throttle.success(&id);
+        let new_secret = self
+            .store
+            .rotate_secret(&id, Duration::ZERO)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "could not rotate a client secret");
+                TokenError::server_error()
+            })?;
+        tracing::info!(client_id = %id, "client rotated its secret");
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"client_id": id, "client_secret": new_secret.expose()}),
         ))
     }
 
@@ -618,6 +747,17 @@ fn grant_scope(
         ));
     }
     Ok((tenant, extras))
+}
+
+/// The `{client_id}` of a path ending `/{client_id}/secret`, percent-decoded.
+fn client_id_in_path(path: &str) -> Option<String> {
+    let rest = path.strip_suffix("/secret")?;
+    let encoded = &rest[rest.rfind('/')? + 1..];
+    let id = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    (!id.is_empty()).then_some(id)
 }
 
 fn too_many(wait: Duration) -> TokenError {

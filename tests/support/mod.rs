@@ -383,6 +383,24 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_tower_on(listener, service)
+}
+
+#[cfg(feature = "proxy")]
+/// [`serve_tower`] on a listener bound already (so the service can be built knowing its address).
+pub fn serve_tower_on<S, B>(listener: tokio::net::TcpListener, service: S) -> SocketAddr
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -1,0 +1,535 @@
+//! The whole gateway in one call: every layer in the right order over the proxy, with the
+//! token endpoint mounted beside it (feature `proxy`).
+//!
+//! [`Gateway::builder`] assembles, outermost first: version negotiation, metadata pass-through,
+//! bearer validation, tenant scope, tenant routing, the per-tenant CapabilityStatement cache and
+//! the [`FhirProxy`]. With a [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`)
+//! it also answers, ahead of the stack:
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /oauth/token` | client-credentials tokens (RFC 6749 §4.4) |
+//! | `GET /.well-known/jwks.json` | the public signing keys |
+//! | `POST /oauth/clients/{client_id}/secret` | the client rotates its own secret |
+//!
+//! and the bearer layer accepts the endpoint's tokens (its keys in-process, its issuer and
+//! audience) beside whatever issuers the [`BearerAuthBuilder`] given to
+//! [`auth`](GatewayBuilder::auth) trusts. Everything else is FHIR, at the root of the public
+//! base URL. Configuration errors surface from [`build`](GatewayBuilder::build) as one
+//! [`ConfigError`].
+//!
+//! [`GatewayLayer`] is the same stack without the proxy and the token routes, for an existing
+//! FHIR service (your own store in place of the proxy).
+//!
+//! ```
+//! use http::{Request, StatusCode};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use tower::ServiceExt;
+//! use tower_fhir::gateway::Gateway;
+//! use tower_fhir::route::InMemoryDirectory;
+//! use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let store = InMemoryClientStore::new();
+//! let endpoint = TokenEndpoint::builder()
+//!     .issuer("https://gw.example")
+//!     .audience("tower-fhir")
+//!     .store(store)
+//!     .build()
+//!     .unwrap();
+//! let gateway = Gateway::builder("https://gw.example")
+//!     .directory(InMemoryDirectory::new())
+//!     .token_endpoint(endpoint)
+//!     .build()
+//!     .unwrap();
+//!
+//! let metadata = Request::get("/metadata").body(Full::<Bytes>::default()).unwrap();
+//! assert_eq!(gateway.clone().oneshot(metadata).await.unwrap().status(), StatusCode::OK);
+//! let jwks = Request::get("/.well-known/jwks.json").body(Full::<Bytes>::default()).unwrap();
+//! assert_eq!(gateway.clone().oneshot(jwks).await.unwrap().status(), StatusCode::OK);
+//! let patient = Request::get("/Patient/1").body(Full::<Bytes>::default()).unwrap();
+//! assert_eq!(gateway.oneshot(patient).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! # });
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use tokio::sync::broadcast;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::auth::{BearerAuth, BearerAuthBuilder, BearerAuthLayer};
+use crate::metadata::{
+    CapabilityCache, CapabilityCacheLayer, Metadata, MetadataBuilder, MetadataLayer,
+};
+use crate::proxy::{FhirProxy, FhirProxyBuilder};
+use crate::route::{
+    RouteCache, TenantDirectory, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
+};
+use crate::tenant::{TenantId, TenantScope, TenantScopeBuilder, TenantScopeLayer};
+use crate::version::{VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The layered stack [`GatewayLayer`] wraps a service in, outermost first.
+pub type GatewayStack<S> =
+    VersionNegotiation<Metadata<BearerAuth<TenantScope<TenantRouting<CapabilityCache<S>>>>>>;
+
+type RoutingOptions = Box<dyn FnOnce(TenantRoutingBuilder) -> TenantRoutingBuilder + Send>;
+type MetadataOptions = Box<dyn FnOnce(MetadataBuilder) -> MetadataBuilder + Send>;
+
+/// A gateway configuration [`GatewayBuilder::build`] refuses: which part, and why.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No [`directory`](GatewayBuilder::directory) was given.
+    NoDirectory,
+    /// Neither a token endpoint nor a [`token_url`](GatewayBuilder::token_url) was given: the
+    /// CapabilityStatement must name one.
+    NoTokenUrl,
+    /// The public base URL is not an absolute `http`/`https` URL.
+    InvalidBaseUrl(String),
+    /// Following directory changes needs a tokio runtime.
+    NoRuntime,
+    /// The version negotiation layer's.
+    Version(crate::version::ConfigError),
+    /// The metadata layer's.
+    Metadata(crate::metadata::ConfigError),
+    /// The bearer layer's.
+    Auth(crate::auth::ConfigError),
+    /// The tenant scope layer's.
+    Tenant(crate::tenant::ConfigError),
+    /// The routing layer's.
+    Route(crate::route::ConfigError),
+    /// The proxy's.
+    Proxy(crate::proxy::ConfigError),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoDirectory => f.write_str("the gateway needs a tenant directory"),
+            Self::NoTokenUrl => f.write_str("the gateway needs a token endpoint or the URL of one"),
+            Self::InvalidBaseUrl(url) => {
+                write!(f, "the public base URL is not absolute http(s): {url:?}")
+            }
+            Self::NoRuntime => f.write_str("following directory changes needs a tokio runtime"),
+            Self::Version(e) => write!(f, "version negotiation: {e}"),
+            Self::Metadata(e) => write!(f, "metadata: {e}"),
+            Self::Auth(e) => write!(f, "bearer validation: {e}"),
+            Self::Tenant(e) => write!(f, "tenant scope: {e}"),
+            Self::Route(e) => write!(f, "tenant routing: {e}"),
+            Self::Proxy(e) => write!(f, "proxy: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Version(e) => Some(e),
+            Self::Metadata(e) => Some(e),
+            Self::Auth(e) => Some(e),
+            Self::Tenant(e) => Some(e),
+            Self::Route(e) => Some(e),
+            Self::Proxy(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Configures a [`Gateway`] or a [`GatewayLayer`]: each layer's own builder, plus what ties
+/// them together.
+#[must_use]
+pub struct GatewayBuilder {
+    public_base: String,
+    directory: Option<TenantRoutingBuilder>,
+    changes: Option<broadcast::Receiver<TenantId>>,
+    token_url: Option<String>,
+    versions: VersionNegotiationBuilder,
+    metadata: Option<MetadataOptions>,
+    auth: BearerAuthBuilder,
+    tenant: TenantScopeBuilder,
+    routing: Option<RoutingOptions>,
+    capability_cache: (Duration, u64),
+    proxy: Option<FhirProxyBuilder>,
+    #[cfg(feature = "token")]
+    token: Option<crate::token::TokenEndpoint>,
+}
+
+impl fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("public_base", &self.public_base)
+            .field("token_url", &self.token_url)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// Where tenants and their upstreams are looked up (required).
+    pub fn directory(mut self, directory: impl TenantDirectory) -> Self {
+        self.directory = Some(TenantRoutingLayer::builder(directory));
+        self
+    }
+
+    /// Forgets a tenant's cached route as soon as it changes in the directory (say,
+    /// [`InMemoryDirectory::subscribe`](crate::route::InMemoryDirectory::subscribe)). Build
+    /// within a tokio runtime.
+    pub fn follow(mut self, changes: broadcast::Receiver<TenantId>) -> Self {
+        self.changes = Some(changes);
+        self
+    }
+
+    /// The token URL named in CapabilityStatements and smart-configuration, when tokens come
+    /// from elsewhere than [`token_endpoint`](Self::token_endpoint).
+    pub fn token_url(mut self, url: impl Into<String>) -> Self {
+        self.token_url = Some(url.into());
+        self
+    }
+
+    /// Mounts the token endpoint at `/oauth/token` with its JWKS at
+    /// `/.well-known/jwks.json` and client secret rotation at
+    /// `/oauth/clients/{client_id}/secret`. Its tokens are verified with its keys in-process;
+    /// they must carry its issuer and audience (other issuers' audiences are unaffected).
+    #[cfg(feature = "token")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
+    pub fn token_endpoint(mut self, endpoint: crate::token::TokenEndpoint) -> Self {
+        self.token = Some(endpoint);
+        self
+    }
+
+    /// Version negotiation settings (supported releases, default).
+    pub fn versions(mut self, versions: VersionNegotiationBuilder) -> Self {
+        self.versions = versions;
+        self
+    }
+
+    /// Adjusts the metadata layer (authorize URL, scopes, software name, an upstream's
+    /// statement); the base URL, token URL, issuer and JWKS URL are set already.
+    pub fn metadata(
+        mut self,
+        configure: impl FnOnce(MetadataBuilder) -> MetadataBuilder + Send + 'static,
+    ) -> Self {
+        self.metadata = Some(Box::new(configure));
+        self
+    }
+
+    /// Bearer validation settings: the issuers trusted besides the token endpoint (with
+    /// [`jwks_url_for_issuer`](BearerAuthBuilder::jwks_url_for_issuer) and
+    /// [`audience_for_issuer`](BearerAuthBuilder::audience_for_issuer)), leeway, cache size.
+    /// Metadata requests are let through already.
+    pub fn auth(mut self, auth: BearerAuthBuilder) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Where the tenant is read from in the verified claims (default: a GUID in `scope`).
+    pub fn tenant(mut self, tenant: TenantScopeBuilder) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
+    /// Adjusts the routing cache (TTL, negative TTL, grace, capacity).
+    pub fn routing(
+        mut self,
+        configure: impl FnOnce(TenantRoutingBuilder) -> TenantRoutingBuilder + Send + 'static,
+    ) -> Self {
+        self.routing = Some(Box::new(configure));
+        self
+    }
+
+    /// How long, and for how many upstreams, tenants' CapabilityStatements are cached.
+    /// Default 5 minutes, 10 000.
+    pub fn capability_cache(mut self, ttl: Duration, capacity: u64) -> Self {
+        self.capability_cache = (ttl, capacity);
+        self
+    }
+
+    /// Proxy settings (timeouts, root certificates); its public base URL is the gateway's.
+    pub fn proxy(mut self, proxy: FhirProxyBuilder) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// The stack without the proxy and without the token routes, to wrap your own FHIR
+    /// service.
+    pub fn build_layer(self) -> Result<GatewayLayer, ConfigError> {
+        self.assemble()
+    }
+
+    /// The gateway: the stack over the proxy, with the token routes when a token endpoint was
+    /// given.
+    pub fn build(mut self) -> Result<Gateway, ConfigError> {
+        check_base(&self.public_base)?;
+        let proxy = self
+            .proxy
+            .take()
+            .unwrap_or_else(|| FhirProxy::builder(self.public_base.clone()))
+            .build()
+            .map_err(ConfigError::Proxy)?;
+        #[cfg(feature = "token")]
+        let token = self.token.clone().map(|endpoint| TokenRoutes {
+            jwks: endpoint.signing_keys().jwks_service(),
+            rotation: endpoint.secret_rotation_service(),
+            endpoint,
+        });
+        let layer = self.assemble()?;
+        Ok(Gateway {
+            stack: layer.layer(proxy),
+            #[cfg(feature = "token")]
+            token,
+        })
+    }
+
+    fn assemble(self) -> Result<GatewayLayer, ConfigError> {
+        check_base(&self.public_base)?;
+        let base = self.public_base.trim_end_matches('/').to_owned();
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut auth = self.auth;
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut token_url = self.token_url;
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut jwks_uri: Option<String> = None;
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut issuer: Option<String> = None;
+        #[cfg(feature = "token")]
+        if let Some(endpoint) = &self.token {
+            auth = auth
+                .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())
+                .audience_for_issuer(endpoint.issuer(), endpoint.audience());
+            token_url.get_or_insert_with(|| format!("{base}{TOKEN_PATH}"));
+            jwks_uri = Some(format!("{base}{JWKS_PATH}"));
+            issuer = Some(endpoint.issuer().to_owned());
+        }
+        let token_url = token_url.ok_or(ConfigError::NoTokenUrl)?;
+
+        let mut metadata = MetadataLayer::builder(&base, token_url);
+        if let Some(issuer) = issuer {
+            metadata = metadata.issuer(issuer);
+        }
+        if let Some(jwks_uri) = jwks_uri {
+            metadata = metadata.jwks_uri(jwks_uri);
+        }
+        if let Some(configure) = self.metadata {
+            metadata = configure(metadata);
+        }
+        let mut routing = self.directory.ok_or(ConfigError::NoDirectory)?;
+        if let Some(configure) = self.routing {
+            routing = configure(routing);
+        }
+        let routing = routing.build().map_err(ConfigError::Route)?;
+        if let Some(changes) = self.changes {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(ConfigError::NoRuntime);
+            }
+            // Ends by itself when the directory (the sender) is dropped.
+            drop(routing.cache().follow(changes));
+        }
+        let (ttl, capacity) = self.capability_cache;
+        let layer = GatewayLayer {
+            versions: self.versions.build().map_err(ConfigError::Version)?,
+            metadata: metadata.build().map_err(ConfigError::Metadata)?,
+            auth: auth.build().map_err(ConfigError::Auth)?,
+            tenant: self.tenant.build().map_err(ConfigError::Tenant)?,
+            routing,
+            capabilities: CapabilityCacheLayer::new(ttl, capacity),
+        };
+        Ok(layer)
+    }
+}
+
+fn check_base(base: &str) -> Result<(), ConfigError> {
+    if base.starts_with("http://") || base.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidBaseUrl(base.to_owned()))
+    }
+}
+
+#[cfg(feature = "token")]
+const TOKEN_PATH: &str = "/oauth/token";
+#[cfg(feature = "token")]
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+#[cfg(feature = "token")]
+const CLIENTS_PREFIX: &str = "/oauth/clients/";
+
+/// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
+/// own) in version negotiation, metadata, bearer validation, tenant scope, routing and the
+/// CapabilityStatement cache.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct GatewayLayer {
+    versions: VersionNegotiationLayer,
+    metadata: MetadataLayer,
+    auth: BearerAuthLayer,
+    tenant: TenantScopeLayer,
+    routing: TenantRoutingLayer,
+    capabilities: CapabilityCacheLayer,
+}
+
+impl GatewayLayer {
+    /// The routing layer's cache, to invalidate a tenant by hand.
+    pub fn route_cache(&self) -> &RouteCache {
+        self.routing.cache()
+    }
+}
+
+impl<S> Layer<S> for GatewayLayer {
+    type Service = GatewayStack<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let inner = self.capabilities.layer(inner);
+        let inner = self.routing.layer(inner);
+        let inner = self.tenant.layer(inner);
+        let inner = self.auth.layer(inner);
+        let inner = self.metadata.layer(inner);
+        self.versions.layer(inner)
+    }
+}
+
+/// The token endpoint's routes, answered beside the FHIR stack.
+#[cfg(feature = "token")]
+#[derive(Clone)]
+struct TokenRoutes {
+    endpoint: crate::token::TokenEndpoint,
+    jwks: crate::token::JwksService,
+    rotation: crate::token::SecretRotation,
+}
+
+/// The gateway: [`GatewayLayer`] over [`FhirProxy`], with the token routes. A Tower service
+/// for any request body hyper or axum gives; clones share everything.
+#[derive(Clone)]
+pub struct Gateway {
+    stack: GatewayStack<FhirProxy>,
+    #[cfg(feature = "token")]
+    token: Option<TokenRoutes>,
+}
+
+impl Gateway {
+    /// Starts configuring a gateway served at `public_base_url` (absolute; FHIR at its root).
+    pub fn builder(public_base_url: impl Into<String>) -> GatewayBuilder {
+        GatewayBuilder {
+            public_base: public_base_url.into(),
+            directory: None,
+            changes: None,
+            token_url: None,
+            versions: VersionNegotiationLayer::builder(),
+            metadata: None,
+            auth: BearerAuthLayer::builder(),
+            tenant: TenantScopeLayer::builder(),
+            routing: None,
+            capability_cache: (Duration::from_secs(300), 10_000),
+            proxy: None,
+            #[cfg(feature = "token")]
+            token: None,
+        }
+    }
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+/// The future a [`Gateway`] returns.
+pub type GatewayFuture =
+    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+
+impl<B> Service<Request<B>> for Gateway
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = GatewayFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // A router: each request goes to a service made ready for it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        #[cfg(feature = "token")]
+        if let Some(token) = &self.token {
+            let path = request.uri().path();
+            if path == TOKEN_PATH {
+                return oneshot(token.endpoint.clone(), request);
+            }
+            if path == JWKS_PATH {
+                return oneshot(token.jwks.clone(), request);
+            }
+            if path
+                .strip_prefix(CLIENTS_PREFIX)
+                .and_then(|rest| rest.strip_suffix("/secret"))
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+            {
+                return oneshot(token.rotation.clone(), request);
+            }
+        }
+        oneshot(self.stack.clone(), request)
+    }
+}
+
+/// Readies `service`, calls it, and boxes the response body.
+fn oneshot<S, B, ResBody>(mut service: S, request: Request<B>) -> GatewayFuture
+where
+    S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible> + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    Box::pin(async move {
+        std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+        let response = service.call(request).await?;
+        Ok(response.map(|body| GatewayBody {
+            inner: body.map_err(Into::into).boxed_unsync(),
+        }))
+    })
+}
+
+/// The response body of a [`Gateway`]: the stack's or the token routes'.
+pub struct GatewayBody {
+    inner: UnsyncBoxBody<Bytes, BoxError>,
+}
+
+impl fmt::Debug for GatewayBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
