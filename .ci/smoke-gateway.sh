@@ -12,8 +12,8 @@ for _ in $(seq 1 900); do
   kill -0 $pid 2>/dev/null || { cat "$log"; echo "example exited early"; exit 1; }
   sleep 0.2
 done
-dstu2=$(sed -n '/DSTU2 tenant (HS256/{n;p}' "$log" | tr -d ' ')
-stu3=$(sed -n '/STU3 tenant (HS256/{n;p}' "$log" | tr -d ' ')
+dstu2=$(sed -n '/DSTU2 tenant (ES256/{n;p}' "$log" | tr -d ' ')
+stu3=$(sed -n '/STU3 tenant (ES256/{n;p}' "$log" | tr -d ' ')
 base="http://127.0.0.1:$port"
 fail() { echo "FAIL $*"; cat "$log"; exit 1; }
 expect() { # expected-status description curl-args...
@@ -29,12 +29,16 @@ expect 200 "DSTU2 tenant reads its patient" -H "Authorization: Bearer $dstu2" "$
 expect 404 "STU3 tenant cannot see the DSTU2 hospital's patient" -H "Authorization: Bearer $stu3" "$base/Patient/1001"
 expect 200 "STU3 tenant reads its patient" -H "Authorization: Bearer $stu3" "$base/Patient/2001"
 expect 401 "no token" "$base/Patient/1001"
+expect 200 "token endpoint, as printed" -u demo-app:demo-secret-change-me-0123456789 -d grant_type=client_credentials \
+  -d scope=9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f "$base/oauth/token"
+expect 200 "JWKS" "$base/.well-known/jwks.json"
+expect 401 "admin without the admin token" -X PUT -d '{}' "$base/admin/tenants/9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f"
 expect 400 "path traversal" -H "Authorization: Bearer $stu3" "$base/%2e%2e/Patient/1001"
 bundle=$(curl -s -H "Authorization: Bearer $stu3" -d 'family=okafor' "$base/Patient/_search")
 echo "$bundle" | grep -q "\"fullUrl\":\"$base/Patient/2002\"" || fail "Bundle fullUrl not rewritten: $bundle"
 echo "ok form search, Bundle links point at the gateway"
 report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 4 \
-  --mint-hs256 tower-fhir-demo-secret-change-me-0123456789 --issuer urn:tower-fhir:demo --audience tower-fhir \
+  --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen against the gateway: $report"

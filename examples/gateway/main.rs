@@ -1,54 +1,224 @@
-//! The multi-tenant FHIR gateway with an embedded demo: `cargo run --example gateway`.
+//! The multi-tenant FHIR gateway: `cargo run --release --example gateway [-- --config FILE]`.
 //!
-//! It starts two small hospital FHIR servers in-process (one DSTU2, one STU3), onboards each as
-//! a tenant, and serves the gateway in front of them: version negotiation, unauthenticated
-//! metadata, bearer validation, tenant scope from the token, cached tenant routing, the proxy. It prints a demo token for each tenant and curl
-//! commands that work as printed.
+//! Without `--config` it runs an embedded demo: two small hospital FHIR servers in-process (one
+//! DSTU2, one STU3) onboarded as two tenants, a demo client entitled to both, and an admin
+//! token; it prints the demo credentials and curl commands that work as printed. With
+//! `--config FILE` (a JSON file, every key documented in the README) it serves the clients,
+//! tenants and identity providers the file names, keeping its state under `state_dir`.
 //!
-//! Options: `--listen ADDR` (default `127.0.0.1:8080`). `RUST_LOG=tower_fhir=debug` shows the
-//! gateway's decisions. Tokens come from a demo HS256 key; the token endpoint comes later.
+//! Routes: FHIR at the root of the public base URL (version negotiation, unauthenticated
+//! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
+//! `POST /oauth/token`; `GET /.well-known/jwks.json`; `GET /.well-known/smart-configuration`;
+//! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `PUT`/`GET`/`DELETE
+//! /admin/tenants/{id}` and `POST /admin/clients/{client_id}/secret`.
+//!
+//! Options: `--config FILE`, `--listen ADDR` (overrides the file's `listen`). Logs go to stderr
+//! (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never appear in them.
+//! SIGTERM or Ctrl-C stops it after in-flight requests finish.
 
+mod admin;
+mod config;
 mod demo_fhir;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Request};
 use axum::Router;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use serde_json::json;
-use tower::ServiceBuilder;
-use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::metadata::{CapabilityCacheLayer, MetadataLayer};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_fhir::auth::BearerAuthLayer;
+use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
-use tower_fhir::tenant::{TenantId, TenantScopeLayer};
-use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+use tower_fhir::route::{FileDirectory, TenantUpstreams, Upstream};
+use tower_fhir::tenant::TenantId;
+use tower_fhir::token::{ClientStore, FileClientStore, NewClient, SigningKeys, TokenEndpoint};
+use tower_fhir::version::FhirVersion;
 
-const DEMO_SECRET: &[u8] = b"tower-fhir-demo-secret-change-me-0123456789";
-const DEMO_ISSUER: &str = "urn:tower-fhir:demo";
-const DEMO_AUDIENCE: &str = "tower-fhir";
+use config::{ClientConfig, Config, TenantConfig};
+
 /// Contoso General (DSTU2) and Fabrikam Clinic (STU3), as customers' directory tenants.
 const TENANT_DSTU2: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const TENANT_STU3: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+const DEMO_CLIENT: &str = "demo-app";
+const DEMO_SECRET: &str = "demo-secret-change-me-0123456789";
+const DEMO_ADMIN_TOKEN: &str = "demo-admin-token-change-me";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let mut listen: SocketAddr = "127.0.0.1:8080".parse()?;
+    let mut config_file: Option<PathBuf> = None;
+    let mut listen: Option<SocketAddr> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
-            "--listen" => listen = args.next().ok_or("--listen needs an address")?.parse()?,
+            "--config" => config_file = Some(args.next().ok_or("--config needs a file")?.into()),
+            "--listen" => listen = Some(args.next().ok_or("--listen needs an address")?.parse()?),
+            "--help" | "-h" => {
+                println!("usage: gateway [--config FILE] [--listen ADDR]");
+                return Ok(());
+            }
             other => return Err(format!("unknown option {other}").into()),
         }
     }
+    let demo = config_file.is_none();
+    let mut config = match &config_file {
+        Some(path) => Config::load(path)?,
+        None => demo_config().await?,
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
 
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let local = listener.local_addr()?;
+    let base = config
+        .public_base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"))
+        .trim_end_matches('/')
+        .to_owned();
+    let state_dir = match &config.state_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("tower-fhir-gateway-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| format!("state_dir {}: {e}", state_dir.display()))?;
+
+    let directory = FileDirectory::open(state_dir.join("tenants.json"))?;
+    if !directory.existed() {
+        for TenantConfig { id, upstreams } in &config.tenants {
+            directory.upsert(*id, upstreams.clone())?;
+        }
+    }
+    let clients = FileClientStore::open(state_dir.join("clients.json"))?;
+    register_clients(&clients, &config.clients).await?;
+    let keys = SigningKeys::open(state_dir.join("signing-keys.json"))?;
+    let issuer = config.token.issuer.clone().unwrap_or_else(|| base.clone());
+    let endpoint = TokenEndpoint::builder()
+        .issuer(&issuer)
+        .audience(config.token.audience.as_deref().unwrap_or("tower-fhir"))
+        .store(clients.clone())
+        .signing_keys(keys)
+        .default_lifetime(Duration::from_secs(
+            config.token.ttl_seconds.unwrap_or(3600),
+        ))
+        .build()?;
+
+    let mut auth = BearerAuthLayer::builder().refetch_cooldown(Duration::from_secs(
+        config.jwks_refetch_cooldown_seconds.max(1),
+    ));
+    for trusted in &config.trusted_issuers {
+        auth = auth
+            .jwks_url_for_issuer(&trusted.jwks_uri, &trusted.issuer)
+            .audience_for_issuer(&trusted.issuer, &trusted.audience);
+    }
+    let gateway = Gateway::builder(&base)
+        .directory(directory.clone())
+        .follow(directory.subscribe())
+        .token_endpoint(endpoint.clone())
+        .auth(auth)
+        .proxy(
+            FhirProxy::builder(&base)
+                .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1))),
+        )
+        .build()?;
+    let gateway = ServiceBuilder::new()
+        .map_request(|mut request: Request| {
+            // Name the client in Forwarded / X-Forwarded-For.
+            if let Some(ConnectInfo(peer)) = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .copied()
+            {
+                request.extensions_mut().insert(ClientAddr(peer));
+            }
+            request
+        })
+        .service(gateway);
+    let mut app = Router::new();
+    if let Some(token) = &config.admin_token {
+        app = app.merge(admin::routes(Arc::new(admin::Admin {
+            token: token.clone(),
+            directory: directory.clone(),
+            clients: Arc::new(clients.clone()),
+        })));
+    }
+    let app = app
+        .fallback_service(gateway)
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+
+    println!("tower-fhir gateway listening on {base}");
+    println!("  state in {}", state_dir.display());
+    let mut tenants = directory.tenants();
+    tenants.sort_by_key(|t| t.to_string());
+    for tenant in tenants {
+        if let Some(upstreams) = directory.get(tenant) {
+            for upstream in upstreams.iter() {
+                println!(
+                    "  tenant {tenant} -> {} ({})",
+                    upstream.base(),
+                    upstream.fhir_version().name()
+                );
+            }
+        }
+    }
+    for trusted in &config.trusted_issuers {
+        println!(
+            "  trusting tokens from {} (audience {})",
+            trusted.issuer, trusted.audience
+        );
+    }
+    if demo {
+        print_demo(&base, &app).await;
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await?;
+    if config.state_dir.is_none() {
+        // Nobody asked to keep it.
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Registers the configured clients the store does not know yet. A known client keeps its
+/// stored state (a rotated secret stays rotated).
+async fn register_clients(
+    store: &FileClientStore,
+    clients: &[ClientConfig],
+) -> Result<(), BoxError> {
+    for client in clients {
+        if store.client(&client.client_id).await?.is_some() {
+            continue;
+        }
+        let mut new = NewClient::new(&client.client_id).secret(&client.client_secret);
+        for tenant in &client.tenants {
+            new = new.tenant(*tenant);
+        }
+        for scope in &client.scopes {
+            new = new.scope(scope);
+        }
+        store.register(new).await?;
+        tracing::info!(client_id = %client.client_id, "client registered");
+    }
+    Ok(())
+}
+
+/// The demo: two in-process hospitals as tenants, one client entitled to both.
+async fn demo_config() -> Result<Config, BoxError> {
     let contoso = demo_fhir::start(
         "Contoso General (DSTU2)",
         FhirVersion::Dstu2,
@@ -67,92 +237,66 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ],
     )
     .await;
-    let directory = InMemoryDirectory::new();
-    directory.upsert(
-        TenantId::parse(TENANT_DSTU2)?,
-        TenantUpstreams::new([Upstream::parse(&contoso, FhirVersion::Dstu2)?])
-            .ok_or("no upstream")?,
-    );
-    directory.upsert(
-        TenantId::parse(TENANT_STU3)?,
-        TenantUpstreams::new([Upstream::parse(&fabrikam, FhirVersion::Stu3)?])
-            .ok_or("no upstream")?,
-    );
-
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let routing = TenantRoutingLayer::builder(directory.clone()).build()?;
-    let _follow = routing.cache().follow(directory.subscribe());
-    let gateway = ServiceBuilder::new()
-        .map_request(|mut request: Request| {
-            // Name the client in Forwarded / X-Forwarded-For.
-            if let Some(ConnectInfo(peer)) = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .copied()
-            {
-                request.extensions_mut().insert(ClientAddr(peer));
-            }
-            request
+    let tenant = |id: &str, base: &str, version| -> Result<TenantConfig, BoxError> {
+        Ok(TenantConfig {
+            id: TenantId::parse(id)?,
+            upstreams: TenantUpstreams::new([Upstream::parse(base, version)?])
+                .ok_or("no upstream")?,
         })
-        .layer(VersionNegotiationLayer::builder().build()?)
-        .layer(
-            MetadataLayer::builder(&base, format!("{base}/oauth/token"))
-                .issuer(DEMO_ISSUER)
-                .build()?,
-        )
-        .layer(
-            BearerAuthLayer::builder()
-                .key(VerificationKey::hmac(DEMO_SECRET)?.with_algorithm(Algorithm::HS256)?)
-                .issuer(DEMO_ISSUER)
-                .audience(DEMO_AUDIENCE)
-                .build()?,
-        )
-        .layer(TenantScopeLayer::builder().build()?)
-        .layer(routing)
-        .layer(CapabilityCacheLayer::new(Duration::from_secs(300), 10_000))
-        .service(FhirProxy::builder(&base).build()?);
-    let app = Router::new()
-        .fallback_service(gateway)
-        .layer(tower_http::trace::TraceLayer::new_for_http());
-
-    let token_dstu2 = demo_token(TENANT_DSTU2)?;
-    let token_stu3 = demo_token(TENANT_STU3)?;
-    println!("tower-fhir gateway listening on {base}");
-    println!("  tenant {TENANT_DSTU2} -> {contoso} (DSTU2)");
-    println!("  tenant {TENANT_STU3} -> {fabrikam} (STU3)");
-    println!("demo token for the DSTU2 tenant (HS256, valid for 1 hour):\n  {token_dstu2}");
-    println!("demo token for the STU3 tenant (HS256, valid for 1 hour):\n  {token_stu3}\n");
-    println!("try:");
-    println!("  curl -s {base}/metadata    # no token needed: names the token endpoint");
-    println!("  curl -s -H 'Authorization: Bearer {token_dstu2}' {base}/Patient/1001");
-    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' '{base}/Patient?family=ngu'");
-    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' -d 'family=okafor' {base}/Patient/_search");
-    println!("  curl -si {base}/Patient/1001    # 401 with WWW-Authenticate");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
-    Ok(())
+    };
+    let mut config = Config::empty();
+    config.tenants = vec![
+        tenant(TENANT_DSTU2, &contoso, FhirVersion::Dstu2)?,
+        tenant(TENANT_STU3, &fabrikam, FhirVersion::Stu3)?,
+    ];
+    config.clients = vec![ClientConfig {
+        client_id: DEMO_CLIENT.into(),
+        client_secret: DEMO_SECRET.into(),
+        tenants: vec![
+            TenantId::parse(TENANT_DSTU2)?,
+            TenantId::parse(TENANT_STU3)?,
+        ],
+        scopes: Vec::new(),
+    }];
+    config.admin_token = Some(DEMO_ADMIN_TOKEN.into());
+    Ok(config)
 }
 
-fn demo_token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
-    tower_fhir::install_crypto_provider();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let claims = json!({
-        "iss": DEMO_ISSUER, "aud": DEMO_AUDIENCE, "sub": "demo-client",
-        "iat": now, "nbf": now, "exp": now + 3600, "scope": format!("system/*.read {tenant}")
-    });
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(DEMO_SECRET),
-    )
+/// Prints the demo credentials, a token per tenant (from the gateway's own token endpoint)
+/// and curl commands that work as printed.
+async fn print_demo(base: &str, app: &Router) {
+    let token = |tenant: &'static str| {
+        let app = app.clone();
+        async move {
+            let request = axum::http::Request::post("/oauth/token")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(axum::body::Body::from(format!(
+                    "grant_type=client_credentials&client_id={DEMO_CLIENT}&client_secret={DEMO_SECRET}&scope={tenant}"
+                )))
+                .expect("a valid request");
+            let response = app.oneshot(request).await.expect("infallible");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["access_token"].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }
+    };
+    let token_dstu2 = token(TENANT_DSTU2).await;
+    let token_stu3 = token(TENANT_STU3).await;
+    println!("demo client: client_id {DEMO_CLIENT}, client_secret {DEMO_SECRET}");
+    println!("demo admin token: {DEMO_ADMIN_TOKEN}");
+    println!("demo token for the DSTU2 tenant (ES256, valid for 1 hour):\n  {token_dstu2}");
+    println!("demo token for the STU3 tenant (ES256, valid for 1 hour):\n  {token_stu3}\n");
+    println!("try:");
+    println!("  curl -s {base}/metadata    # no token needed: names the token endpoint");
+    println!("  curl -s -u {DEMO_CLIENT}:{DEMO_SECRET} -d grant_type=client_credentials -d scope={TENANT_STU3} {base}/oauth/token");
+    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' '{base}/Patient?family=ngu'");
+    println!("  curl -s -H 'Authorization: Bearer {token_dstu2}' {base}/Patient/1001");
+    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' -d 'family=okafor' {base}/Patient/_search");
+    println!("  curl -si {base}/Patient/1001    # 401 with WWW-Authenticate");
 }
 
 /// Ctrl-C or SIGTERM; in-flight requests finish.
@@ -171,4 +315,5 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -1,0 +1,119 @@
+//! The gateway's configuration file (`--config FILE`), documented key by key in the README.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tower_fhir::route::TenantUpstreams;
+use tower_fhir::tenant::TenantId;
+
+/// The whole file. Every key but `tenants`' and `clients`' contents has a default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The address to listen on. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub(crate) listen: SocketAddr,
+    /// The URL clients reach the gateway at; FHIR is at its root. Default `http://{listen}`.
+    #[serde(default)]
+    pub(crate) public_base_url: Option<String>,
+    /// Where clients, tenants and signing keys are kept across restarts. Default: a fresh
+    /// directory under the system's temporary directory, gone with the machine.
+    #[serde(default)]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// The token endpoint's settings.
+    #[serde(default)]
+    pub(crate) token: TokenConfig,
+    /// Other identity providers whose tokens are accepted.
+    #[serde(default)]
+    pub(crate) trusted_issuers: Vec<TrustedIssuer>,
+    /// Clients registered at the first start (after that, the state directory has them).
+    #[serde(default)]
+    pub(crate) clients: Vec<ClientConfig>,
+    /// Tenants onboarded at the first start (after that, the state directory has them).
+    #[serde(default)]
+    pub(crate) tenants: Vec<TenantConfig>,
+    /// The bearer token for `/admin/...`; without one, the admin API is off.
+    #[serde(default)]
+    pub(crate) admin_token: Option<String>,
+    /// The least time between two fetches of a provider's JWKS caused by an unknown `kid`.
+    /// Default 30.
+    #[serde(default = "default_cooldown")]
+    pub(crate) jwks_refetch_cooldown_seconds: u64,
+    /// Upstream request timeout. Default 30.
+    #[serde(default = "default_upstream_timeout")]
+    pub(crate) upstream_timeout_seconds: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokenConfig {
+    /// `iss` of issued tokens. Default: the public base URL.
+    #[serde(default)]
+    pub(crate) issuer: Option<String>,
+    /// `aud` of issued tokens. Default `tower-fhir`.
+    #[serde(default)]
+    pub(crate) audience: Option<String>,
+    /// Token lifetime. Default 3600.
+    #[serde(default)]
+    pub(crate) ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustedIssuer {
+    pub(crate) issuer: String,
+    pub(crate) jwks_uri: String,
+    pub(crate) audience: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientConfig {
+    pub(crate) client_id: String,
+    pub(crate) client_secret: String,
+    pub(crate) tenants: Vec<TenantId>,
+    /// Scopes besides the tenant the client may ask for.
+    #[serde(default)]
+    pub(crate) scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("client_id", &self.client_id)
+            .field("tenants", &self.tenants)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TenantConfig {
+    pub(crate) id: TenantId,
+    pub(crate) upstreams: TenantUpstreams,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_cooldown() -> u64 {
+    30
+}
+
+fn default_upstream_timeout() -> u64 {
+    30
+}
+
+impl Config {
+    pub(crate) fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// An empty configuration with every default.
+    pub(crate) fn empty() -> Self {
+        serde_json::from_str("{}").expect("every key has a default")
+    }
+}
