@@ -37,8 +37,8 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
-/// Compares the presented admin token in constant time.
-fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks the presented admin token, in constant time; the 401 to answer when it is wrong.
+fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -60,11 +60,16 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer realm=\"admin\""),
     );
-    Err(response)
+    Err(Box::new(response))
 }
 
-fn tenant_id(id: &str) -> Result<TenantId, Response> {
-    TenantId::parse(id).map_err(|_| error(StatusCode::BAD_REQUEST, "the tenant id is not a GUID"))
+fn tenant_id(id: &str) -> Result<TenantId, Box<Response>> {
+    TenantId::parse(id).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "the tenant id is not a GUID",
+        ))
+    })
 }
 
 /// The body of `PUT /admin/tenants/{id}`: `{"upstreams": [...]}` or just the list.
@@ -82,11 +87,11 @@ async fn put_tenant(
     body: Bytes,
 ) -> Response {
     if let Err(refused) = authorized(&admin, &headers) {
-        return refused;
+        return *refused;
     }
     let tenant = match tenant_id(&id) {
         Ok(tenant) => tenant,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let upstreams = match serde_json::from_slice::<TenantBody>(&body) {
         Ok(TenantBody::Wrapped { upstreams } | TenantBody::List(upstreams)) => upstreams,
@@ -138,14 +143,14 @@ async fn get_tenant(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = authorized(&admin, &headers) {
-        return refused;
+        return *refused;
     }
     match tenant_id(&id) {
         Ok(tenant) if admin.directory.get(tenant).is_some() => {
             Json(tenant_json(&admin, tenant)).into_response()
         }
         Ok(_) => error(StatusCode::NOT_FOUND, "no such tenant"),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -155,11 +160,11 @@ async fn delete_tenant(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = authorized(&admin, &headers) {
-        return refused;
+        return *refused;
     }
     let tenant = match tenant_id(&id) {
         Ok(tenant) => tenant,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match admin.directory.remove(tenant) {
         Ok(true) => {
@@ -183,7 +188,7 @@ async fn reset_secret(
     headers: HeaderMap,
 ) -> Response {
     if let Err(refused) = authorized(&admin, &headers) {
-        return refused;
+        return *refused;
     }
     match admin.clients.client(&client_id).await {
         Ok(Some(record)) if !record.revoked => {}
