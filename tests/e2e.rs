@@ -1,0 +1,854 @@
+//! End to end: the real gateway binary (`examples/gateway`, with `--config`) between a real
+//! OpenID provider (`oidc-provider`, npm) and a real FHIR server framework
+//! (`@asymmetrik/node-fhir-server-core`, npm) serving DSTU2, STU3 and R4, over loopback HTTP.
+//!
+//! The npm packages are installed from `tests/interop/package-lock.json` the first time
+//! (`npm ci --prefix tests/interop`; Node 20 or later). The gateway binary is the one
+//! `cargo test` builds with the examples.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::*;
+
+const DSTU2_TENANT: &str = "1d2d0000-0000-4000-8000-000000000001";
+const STU3_TENANT: &str = "3d3d0000-0000-4000-8000-000000000003";
+const R4_TENANT: &str = "4d4d0000-0000-4000-8000-000000000004";
+const BOTH_TENANT: &str = "bbbb0000-0000-4000-8000-00000000000b";
+const SLOW_TENANT: &str = "5105e000-0000-4000-8000-000000000005";
+const CLIENT_SECRET: &str = "e2e-client-secret-0123456789";
+const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+const ALL_TENANTS: [&str; 5] = [
+    DSTU2_TENANT,
+    STU3_TENANT,
+    R4_TENANT,
+    BOTH_TENANT,
+    SLOW_TENANT,
+];
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Installs the npm packages once per test run.
+fn npm_installed() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let interop = manifest_dir().join("tests/interop");
+        if interop.join("node_modules/oidc-provider").exists()
+            && interop
+                .join("node_modules/@asymmetrik/node-fhir-server-core")
+                .exists()
+        {
+            return;
+        }
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&interop)
+            .status()
+            .expect("npm (Node.js 20 or later) is needed for the interop tests");
+        assert!(status.success(), "npm ci --prefix tests/interop failed");
+    });
+}
+
+/// The gateway example binary `cargo test` built beside this test.
+fn gateway_binary() -> PathBuf {
+    static BINARY: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut binary = BINARY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = &*binary {
+        return path.clone();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let built = profile_dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    let path = if built.exists() {
+        built
+    } else {
+        // Run alone (`cargo test --test e2e`), the examples are not built: build it in a
+        // target directory of its own (the outer cargo holds the usual one).
+        let target = manifest_dir().join("target/e2e");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--example", "gateway", "--target-dir"])
+            .arg(&target)
+            .current_dir(manifest_dir())
+            .status()
+            .unwrap();
+        assert!(status.success(), "could not build the gateway example");
+        target
+            .join("debug/examples")
+            .join(format!("gateway{}", std::env::consts::EXE_SUFFIX))
+    };
+    *binary = Some(path.clone());
+    path
+}
+
+/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr_file: PathBuf,
+}
+
+impl Proc {
+    fn start(mut command: Command, stderr_file: PathBuf, ready_prefix: &str) -> (Self, String) {
+        let stderr = std::fs::File::create(&stderr_file).unwrap();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Self {
+            child,
+            lines,
+            stderr_file,
+        };
+        let ready = proc.wait_for(ready_prefix);
+        (proc, ready)
+    }
+
+    /// The rest of the first stdout line starting with `prefix`.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(_) => panic!(
+                    "no {prefix:?} line; stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit; true when it exited cleanly.
+    fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate();
+        }
+    }
+}
+
+/// A scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-fhir-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `node tests/interop/fhir.js`; returns the process and its root URL.
+fn start_fhir(dir: &Path, name: &str) -> (Proc, String) {
+    npm_installed();
+    let mut command = Command::new("node");
+    command
+        .arg(manifest_dir().join("tests/interop/fhir.js"))
+        .args(["--port", "0", "--name", name]);
+    Proc::start(command, dir.join(format!("fhir-{name}.log")), "READY ")
+}
+
+/// `node tests/interop/oidc.mjs` on `port`; returns the process and its issuer.
+fn start_oidc(dir: &Path, port: u16, rotate: bool) -> (Proc, String) {
+    npm_installed();
+    let mut command = Command::new("node");
+    command
+        .arg(manifest_dir().join("tests/interop/oidc.mjs"))
+        .args(["--port", &port.to_string(), "--keys"])
+        .arg(dir.join("oidc-keys.json"))
+        .args([
+            "--client",
+            "svc:svc-secret",
+            "--audience",
+            "api://tower-fhir",
+        ])
+        .args(["--scopes", &ALL_TENANTS.join(" ")]);
+    if rotate {
+        command.arg("--rotate");
+    }
+    Proc::start(command, dir.join("oidc.log"), "READY ")
+}
+
+struct Gateway {
+    proc: Proc,
+    client: TestClient,
+    base: String,
+}
+
+/// The gateway example with `config` written to `dir/gateway.json`.
+fn start_gateway(dir: &Path, config: &Value) -> Gateway {
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let mut command = Command::new(gateway_binary());
+    command
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "info,tower_fhir=debug");
+    let (proc, base) = Proc::start(
+        command,
+        dir.join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    Gateway {
+        proc,
+        client: TestClient::new(addr),
+        base,
+    }
+}
+
+fn upstream(root: &str, release: &str, version: &str) -> Value {
+    json!({"base_url": format!("{root}/{release}"), "fhir_version": version})
+}
+
+fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) -> Value {
+    let trusted: Vec<Value> = issuer
+        .map(|issuer| {
+            vec![json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"), "audience": "api://tower-fhir"})]
+        })
+        .unwrap_or_default();
+    json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "public_base_url": format!("http://127.0.0.1:{port}"),
+        "state_dir": dir.join("state"),
+        "token": {"issuer": format!("http://127.0.0.1:{port}"), "audience": "tower-fhir", "ttl_seconds": 3600},
+        "trusted_issuers": trusted,
+        "clients": [{"client_id": "app", "client_secret": CLIENT_SECRET, "tenants": ALL_TENANTS}],
+        "tenants": [
+            {"id": DSTU2_TENANT, "upstreams": [upstream(fhir, "1_0_2", "1.0")]},
+            {"id": STU3_TENANT, "upstreams": [upstream(fhir, "3_0_1", "3.0")]},
+            {"id": R4_TENANT, "upstreams": [upstream(other, "4_0_0", "4.0")]},
+            {"id": BOTH_TENANT, "upstreams": [upstream(fhir, "3_0_1", "3.0"), upstream(fhir, "1_0_2", "1.0")]}
+        ],
+        "admin_token": ADMIN_TOKEN,
+        "jwks_refetch_cooldown_seconds": 1
+    })
+}
+
+async fn token(gateway: &Gateway, secret: &str, tenant: &str) -> Reply {
+    gateway
+        .client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={secret}&scope={tenant}"
+            ),
+        )
+        .await
+}
+
+async fn access_token(gateway: &Gateway, tenant: &str) -> String {
+    let reply = token(gateway, CLIENT_SECRET, tenant).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+fn release_tag(resource: &Value) -> String {
+    resource["meta"]["tag"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["system"] == "urn:tower-fhir:interop:fhir-release")
+        .and_then(|t| t["code"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// GET through the gateway with a bearer token and an Accept header.
+async fn get(gateway: &Gateway, token: &str, path: &str, accept: &str) -> Reply {
+    gateway
+        .client
+        .get(
+            path,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("accept", accept),
+            ],
+        )
+        .await
+}
+
+/// The DESIGN.md client sequence for one tenant.
+async fn client_sequence(gateway: &Gateway, tenant: &str, release: &str, dstu2: bool) {
+    let accept = if dstu2 {
+        "application/json+fhir"
+    } else {
+        "application/fhir+json"
+    };
+    let token = access_token(gateway, tenant).await;
+    let bearer = format!("Bearer {token}");
+
+    let reply = get(gateway, &token, "/Patient/p1", accept).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let patient = reply.json();
+    assert_eq!(patient["resourceType"], "Patient");
+    assert_eq!(release_tag(&patient), release);
+    let content_type = reply.headers["content-type"].to_str().unwrap();
+    assert!(content_type.starts_with(accept), "{content_type}");
+
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/Patient/_search",
+            &[("authorization", &bearer), ("accept", accept), FORM],
+            "family=Smith&given=John&gender=male&_count=10",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let bundle = reply.json();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    for entry in bundle["entry"].as_array().into_iter().flatten() {
+        let full_url = entry["fullUrl"].as_str().unwrap();
+        assert!(
+            full_url.starts_with(&format!("{}/Patient/", gateway.base)),
+            "{full_url}"
+        );
+    }
+
+    let sort = if dstu2 {
+        "_sort:desc=date"
+    } else {
+        "_sort=-date"
+    };
+    let medication = if dstu2 {
+        "MedicationOrder"
+    } else {
+        "MedicationRequest"
+    };
+    for path in [
+        format!("/Observation?patient=p1&category=vital-signs&{sort}"),
+        "/Condition?patient=p1&_count=10".to_owned(),
+        format!("/Encounter?patient=p1&{sort}&_count=1"),
+        "/AllergyIntolerance?patient=p1".to_owned(),
+        format!("/{medication}?patient=p1&_count=10"),
+        "/Coverage?patient=p1".to_owned(),
+    ] {
+        let reply = get(gateway, &token, &path, accept).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+        let bundle = reply.json();
+        assert_eq!(bundle["resourceType"], "Bundle", "{path}");
+        let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+        assert!(!entries.is_empty(), "{path}: no results: {bundle}");
+        for entry in &entries {
+            assert_eq!(release_tag(&entry["resource"]), release, "{path}");
+        }
+    }
+
+    // Paging: each `next` link leads back through the gateway.
+    let mut path = "/Patient?_count=2".to_owned();
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let reply = get(gateway, &token, &path, accept).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
+        let page = reply.json();
+        for entry in page["entry"].as_array().into_iter().flatten() {
+            seen.push(entry["resource"]["id"].as_str().unwrap().to_owned());
+        }
+        let next = page["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str())
+            .map(str::to_owned);
+        match next {
+            Some(next) => {
+                path = next
+                    .strip_prefix(&gateway.base)
+                    .unwrap_or_else(|| panic!("next link {next} does not lead through the gateway"))
+                    .to_owned();
+            }
+            None => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert!(seen.len() >= 5, "paging saw {seen:?}");
+
+    // A batch Bundle to the base.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/p1"}},
+        {"request": {"method": "GET", "url": "Patient/p2"}}
+    ]});
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/",
+            &[
+                ("authorization", &bearer),
+                ("accept", accept),
+                ("content-type", accept),
+            ],
+            &batch.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "batch: {}", reply.text());
+    assert_eq!(reply.json()["type"], "batch-response");
+
+    // Create: the Location points at the gateway.
+    let patient =
+        json!({"resourceType": "Patient", "name": [{"family": "Created", "given": ["E2e"]}]});
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &bearer),
+                ("accept", accept),
+                ("content-type", accept),
+            ],
+            &patient.to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::CREATED,
+        "create: {}",
+        reply.text()
+    );
+    let location = reply.headers["location"].to_str().unwrap();
+    assert!(
+        location.starts_with(&format!("{}/Patient/", gateway.base)),
+        "{location}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
+    let dir = scratch("sequence");
+    let (_fhir, root) = start_fhir(&dir, "hospital-a");
+    let (_other, other_root) = start_fhir(&dir, "hospital-b");
+    let port = free_port();
+    let gateway = start_gateway(&dir, &config(&dir, port, &root, &other_root, None));
+
+    // Metadata without a token names the gateway's token endpoint.
+    let reply = gateway.client.get("/metadata", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let statement = reply.json();
+    let oauth = &statement["rest"][0]["security"]["extension"][0];
+    assert_eq!(
+        oauth["url"],
+        "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    );
+    assert_eq!(
+        oauth["extension"][0]["valueUri"],
+        format!("{}/oauth/token", gateway.base)
+    );
+    let smart = gateway
+        .client
+        .get("/.well-known/smart-configuration", &[])
+        .await
+        .json();
+    assert_eq!(
+        smart["token_endpoint"],
+        format!("{}/oauth/token", gateway.base)
+    );
+
+    client_sequence(&gateway, DSTU2_TENANT, "1_0_2", true).await;
+    client_sequence(&gateway, STU3_TENANT, "3_0_1", false).await;
+
+    // The R4 tenant, on the other server.
+    let token = access_token(&gateway, R4_TENANT).await;
+    let reply = get(&gateway, &token, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(release_tag(&reply.json()), "4_0_0");
+
+    // With a token, metadata is the tenant's own server's, with the gateway's security.
+    let reply = get(&gateway, &token, "/metadata", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let statement = reply.json();
+    assert_eq!(statement["fhirVersion"], "4.0.0");
+    assert_eq!(
+        statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+        format!("{}/oauth/token", gateway.base)
+    );
+
+    // A tenant with DSTU2 and STU3 upstreams: fhirVersion picks; none means the first.
+    let token = access_token(&gateway, BOTH_TENANT).await;
+    for (accept, release) in [
+        ("application/fhir+json; fhirVersion=1.0", "1_0_2"),
+        ("application/fhir+json; fhirVersion=3.0", "3_0_1"),
+        ("application/fhir+json", "3_0_1"),
+    ] {
+        let reply = get(&gateway, &token, "/Patient/p2", accept).await;
+        assert_eq!(reply.status, StatusCode::OK, "{accept}: {}", reply.text());
+        assert_eq!(release_tag(&reply.json()), release, "{accept}");
+    }
+    let reply = get(
+        &gateway,
+        &token,
+        "/Patient/p2",
+        "application/fhir+json; fhirVersion=4.0",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openid_provider_s_tokens_and_its_key_rotation() {
+    let dir = scratch("oidc");
+    let (_fhir, root) = start_fhir(&dir, "hospital");
+    let oidc_port = free_port();
+    let (mut oidc, issuer) = start_oidc(&dir, oidc_port, false);
+    let port = free_port();
+    let gateway = start_gateway(&dir, &config(&dir, port, &root, &root, Some(&issuer)));
+    let idp = TestClient::new(issuer.trim_start_matches("http://").parse().unwrap());
+    let provider_token = |tenant: &'static str| {
+        let idp = idp.clone();
+        async move {
+            let basic = format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    "svc:svc-secret"
+                )
+            );
+            let reply = idp
+                .send(
+                    "POST",
+                    "/token",
+                    &[FORM, ("authorization", &basic)],
+                    &format!("grant_type=client_credentials&scope={tenant}"),
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "provider: {}", reply.text());
+            reply.json()["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+
+    let first = provider_token(STU3_TENANT).await;
+    let reply = get(&gateway, &first, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(release_tag(&reply.json()), "3_0_1");
+    // The provider's audience is its own: the gateway's token endpoint audience does not
+    // cover it, and a gateway token still works beside it.
+    let own = access_token(&gateway, STU3_TENANT).await;
+    assert_eq!(
+        get(&gateway, &own, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let unused = provider_token(DSTU2_TENANT).await;
+
+    // The provider rotates its key (restarted with a new signing key, the old one published).
+    assert!(oidc.terminate(), "the provider did not stop cleanly");
+    drop(oidc);
+    let (oidc, _) = start_oidc(&dir, oidc_port, true);
+    let rotated = provider_token(STU3_TENANT).await;
+    let kid = |token: &str| -> String {
+        let header = token.split('.').next().unwrap();
+        let header: Value = serde_json::from_slice(
+            &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+                .unwrap(),
+        )
+        .unwrap();
+        header["kid"].as_str().unwrap().to_owned()
+    };
+    assert_ne!(kid(&first), kid(&rotated), "the provider did not rotate");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the refetch cooldown
+    let reply = get(&gateway, &rotated, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "rotated key not picked up: {}",
+        reply.text()
+    );
+
+    // The provider goes down: keys already fetched keep working.
+    drop(oidc);
+    for token in [&first, &unused, &rotated] {
+        let reply = get(&gateway, token, "/Patient/p1", "application/fhir+json").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // A forged token (the provider's issuer, another key) is still refused.
+    let forged = mint(
+        jsonwebtoken::Algorithm::ES256,
+        Some(&kid(&first)),
+        &json!({"iss": issuer, "aud": "api://tower-fhir", "exp": now() + 600, "scope": STU3_TENANT}),
+    );
+    assert_eq!(
+        get(&gateway, &forged, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_rotation_admin_changes_and_a_restart() {
+    let dir = scratch("restart");
+    let (_fhir, root) = start_fhir(&dir, "hospital");
+    let port = free_port();
+    let config = config(&dir, port, &root, &root, None);
+    let mut gateway = start_gateway(&dir, &config);
+    let before_restart = access_token(&gateway, STU3_TENANT).await;
+
+    // The client rotates its own secret: the old one stops working.
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/oauth/clients/app/secret",
+            &[FORM],
+            &format!("client_secret={CLIENT_SECRET}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let rotated = reply.json()["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        token(&gateway, CLIENT_SECRET, STU3_TENANT).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token(&gateway, &rotated, STU3_TENANT).await.status,
+        StatusCode::OK
+    );
+
+    // The admin API: refused without the admin token; onboard, then remove, tenants.
+    let admin = [("authorization", format!("Bearer {ADMIN_TOKEN}"))];
+    let admin: Vec<(&str, &str)> = admin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let body = json!({"upstreams": [upstream(&root, "4_0_0", "4.0")]}).to_string();
+    let reply = gateway
+        .client
+        .send(
+            "PUT",
+            &format!("/admin/tenants/{SLOW_TENANT}"),
+            &[("authorization", "Bearer nope")],
+            &body,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = gateway
+        .client
+        .send(
+            "PUT",
+            &format!("/admin/tenants/{SLOW_TENANT}"),
+            &admin,
+            &body,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let reply = gateway
+        .client
+        .send("PUT", "/admin/tenants/not-a-guid", &admin, &body)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = gateway
+        .client
+        .send(
+            "PUT",
+            &format!("/admin/tenants/{SLOW_TENANT}"),
+            &admin,
+            "{\"upstreams\": []}",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let onboarded = {
+        let reply = token(&gateway, &rotated, SLOW_TENANT).await;
+        reply.json()["access_token"].as_str().unwrap().to_owned()
+    };
+    let reply = get(&gateway, &onboarded, "/Patient/p3", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(release_tag(&reply.json()), "4_0_0");
+    let reply = gateway
+        .client
+        .send("DELETE", &format!("/admin/tenants/{R4_TENANT}"), &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    let r4 = {
+        let reply = token(&gateway, &rotated, R4_TENANT).await;
+        reply.json()["access_token"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        get(&gateway, &r4, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // An administrator resets the secret.
+    let reply = gateway
+        .client
+        .send("POST", "/admin/clients/app/secret", &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reset = reply.json()["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        token(&gateway, &rotated, STU3_TENANT).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Restart: secrets, tenants and signing keys are as they were.
+    let log = gateway.proc.stderr();
+    assert!(gateway.proc.terminate(), "the gateway did not stop cleanly");
+    drop(gateway);
+    let gateway = start_gateway(&dir, &config);
+    assert_eq!(
+        token(&gateway, CLIENT_SECRET, STU3_TENANT).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token(&gateway, &rotated, STU3_TENANT).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token(&gateway, &reset, STU3_TENANT).await.status,
+        StatusCode::OK
+    );
+    let reply = get(
+        &gateway,
+        &before_restart,
+        "/Patient/p1",
+        "application/fhir+json",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "a token from before the restart: {}",
+        reply.text()
+    );
+    assert_eq!(
+        get(&gateway, &onboarded, "/Patient/p3", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&gateway, &r4, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // No secret reached the logs.
+    let log = log + &gateway.proc.stderr();
+    for secret in [
+        CLIENT_SECRET,
+        &rotated,
+        &reset,
+        ADMIN_TOKEN,
+        &before_restart,
+        &onboarded,
+    ] {
+        assert!(!log.contains(secret), "a secret is in the gateway's log");
+    }
+    let state = std::fs::read_to_string(dir.join("state/clients.json")).unwrap();
+    assert!(!state.contains(&reset), "a secret is stored in clear");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_killed_mid_run_and_a_graceful_shutdown() {
+    let dir = scratch("faults");
+    let (_fhir, root) = start_fhir(&dir, "hospital-a");
+    let (mut doomed, doomed_root) = start_fhir(&dir, "hospital-b");
+    let slow = RecordingUpstream::start().await;
+    slow.answer(
+        "/slow/Patient",
+        Answer {
+            delay: Duration::from_millis(1500),
+            ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
+        },
+    );
+    let port = free_port();
+    let mut config = config(&dir, port, &root, &doomed_root, None);
+    config["tenants"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": SLOW_TENANT, "upstreams": [{"base_url": slow.base("/slow"), "fhir_version": "3.0"}]}));
+    let mut gateway = start_gateway(&dir, &config);
+    let r4 = access_token(&gateway, R4_TENANT).await;
+    let stu3 = access_token(&gateway, STU3_TENANT).await;
+    assert_eq!(
+        get(&gateway, &r4, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    assert!(doomed.terminate());
+    let reply = get(&gateway, &r4, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert_eq!(
+        get(&gateway, &stu3, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // SIGTERM while a request is in flight: it finishes, then the gateway exits cleanly.
+    let token = access_token(&gateway, SLOW_TENANT).await;
+    let client = gateway.client.clone();
+    let in_flight = tokio::spawn(async move {
+        client
+            .get(
+                "/Patient/1",
+                &[("authorization", &format!("Bearer {token}"))],
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = tokio::task::spawn_blocking(move || gateway.proc.terminate());
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(stopped.await.unwrap(), "the gateway did not exit cleanly");
+}
