@@ -43,6 +43,27 @@ pub(crate) struct Config {
     /// Upstream request timeout. Default 30.
     #[serde(default = "default_upstream_timeout")]
     pub(crate) upstream_timeout_seconds: u64,
+    /// The Argon2id cost of client secret hashes. Default 4096 KiB, 2 passes.
+    #[serde(default)]
+    pub(crate) secret_hashing: Option<HashingConfig>,
+    /// `text` (default) or `json` (one JSON object per line).
+    #[serde(default)]
+    pub(crate) log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HashingConfig {
+    pub(crate) memory_kib: u32,
+    pub(crate) iterations: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -33,10 +33,12 @@ use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
 use tower_fhir::route::{FileDirectory, TenantUpstreams, Upstream};
 use tower_fhir::tenant::TenantId;
-use tower_fhir::token::{ClientStore, FileClientStore, NewClient, SigningKeys, TokenEndpoint};
+use tower_fhir::token::{
+    ClientStore, FileClientStore, NewClient, SecretHashing, SigningKeys, TokenEndpoint,
+};
 use tower_fhir::version::FhirVersion;
 
-use config::{ClientConfig, Config, TenantConfig};
+use config::{ClientConfig, Config, LogFormat, TenantConfig};
 
 /// Contoso General (DSTU2) and Fabrikam Clinic (STU3), as customers' directory tenants.
 const TENANT_DSTU2: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
@@ -49,12 +51,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let mut config_file: Option<PathBuf> = None;
     let mut listen: Option<SocketAddr> = None;
     let mut args = std::env::args().skip(1);
@@ -77,6 +73,15 @@ async fn main() -> Result<(), BoxError> {
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        );
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let local = listener.local_addr()?;
@@ -95,11 +100,18 @@ async fn main() -> Result<(), BoxError> {
 
     let directory = FileDirectory::open(state_dir.join("tenants.json"))?;
     if !directory.existed() {
-        for TenantConfig { id, upstreams } in &config.tenants {
-            directory.upsert(*id, upstreams.clone())?;
-        }
+        directory.upsert_all(
+            config
+                .tenants
+                .iter()
+                .map(|TenantConfig { id, upstreams }| (*id, upstreams.clone())),
+        )?;
     }
-    let clients = FileClientStore::open(state_dir.join("clients.json"))?;
+    let hashing = match config.secret_hashing {
+        Some(cost) => SecretHashing::new(cost.memory_kib, cost.iterations)?,
+        None => SecretHashing::default(),
+    };
+    let clients = FileClientStore::open_with_hashing(state_dir.join("clients.json"), hashing)?;
     register_clients(&clients, &config.clients).await?;
     let keys = SigningKeys::open(state_dir.join("signing-keys.json"))?;
     let issuer = config.token.issuer.clone().unwrap_or_else(|| base.clone());

@@ -292,6 +292,35 @@ impl FileDirectory {
         Ok(())
     }
 
+    /// Adds or replaces many tenants with one write of the file (onboarding thousands of
+    /// tenants one [`upsert`](Self::upsert) at a time would rewrite it thousands of times).
+    pub fn upsert_all(
+        &self,
+        tenants: impl IntoIterator<Item = (TenantId, TenantUpstreams)>,
+    ) -> Result<(), DirectoryError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let tenants: HashMap<TenantId, TenantUpstreams> = tenants.into_iter().collect();
+        {
+            let current = self
+                .memory
+                .tenants
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut entries: Vec<EntryOut<'_>> = current
+                .iter()
+                .filter(|(id, _)| !tenants.contains_key(id))
+                .chain(tenants.iter())
+                .map(|(id, upstreams)| EntryOut { id: *id, upstreams })
+                .collect();
+            entries.sort_by_key(|e| e.id.to_string());
+            self.write_entries(entries)?;
+        }
+        for (tenant, upstreams) in tenants {
+            self.memory.upsert(tenant, upstreams);
+        }
+        Ok(())
+    }
+
     /// Removes a tenant; returns whether it was there.
     pub fn remove(&self, tenant: TenantId) -> Result<bool, DirectoryError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
@@ -335,9 +364,12 @@ impl FileDirectory {
             .chain(upsert.map(|(id, upstreams)| EntryOut { id, upstreams }))
             .collect();
         entries.sort_by_key(|e| e.id.to_string());
+        self.write_entries(entries)
+    }
+
+    fn write_entries(&self, entries: Vec<EntryOut<'_>>) -> Result<(), DirectoryError> {
         let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries })
             .map_err(|e| DirectoryError::new(e.to_string()))?;
-        drop(tenants);
         crate::persist::write_atomically(&self.path, &bytes)
             .map_err(|e| DirectoryError::new(format!("{}: {e}", self.path.display())))
     }
