@@ -1,6 +1,6 @@
 //! A load generator for FHIR gateways: `cargo run --release --example loadgen -- --help`.
 //!
-//! Drives any FHIR gateway over HTTP/1.1: a closed loop with N connections, or a fixed request
+//! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`): a closed loop with N connections, or a fixed request
 //! rate with coordinated-omission correction (latency counted from when each request was due,
 //! not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
 //! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
@@ -44,7 +44,11 @@ loadgen: drive a FHIR gateway and report throughput and latency
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
   --path PATH             one request path instead of the client mix
+  --http2                 HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1
   --json                  print the report as JSON
+
+Tokens for every tenant are fetched (or minted) before the run, 16 at a time, and refetched
+during it when 80% of their lifetime has passed.
 ";
 
 #[derive(Clone)]
@@ -72,6 +76,7 @@ struct Options {
     tenants: Vec<String>,
     tokens: Tokens,
     path: Option<String>,
+    http2: bool,
     json: bool,
 }
 
@@ -86,6 +91,7 @@ fn options() -> Result<Options, String> {
         tenants: Vec::new(),
         tokens: Tokens::None,
         path: None,
+        http2: false,
         json: false,
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
@@ -117,6 +123,7 @@ fn options() -> Result<Options, String> {
             "--client-secret" => client_secret = Some(value()?),
             "--path" => o.path = Some(value()?),
             "--json" => o.json = true,
+            "--http2" => o.http2 = true,
             other => return Err(format!("unknown option {other}\n\n{HELP}")),
         }
     }
@@ -371,7 +378,17 @@ async fn main() {
     tower_fhir::install_crypto_provider();
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(options.connections)
+        .http2_only(options.http2)
         .build_http();
+    let tokens = TokenBook {
+        tokens: options.tokens.clone(),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        held: Mutex::default(),
+    };
+    if let Err(message) = prefetch(&tokens, &options.tenants).await {
+        eprintln!("could not get tokens: {message}");
+        std::process::exit(1);
+    }
     let start = Instant::now();
     let measuring_from = start + options.warmup;
     let stop_at = measuring_from
@@ -381,11 +398,7 @@ async fn main() {
             options.duration
         };
     let shared = Arc::new(Shared {
-        tokens: TokenBook {
-            tokens: options.tokens.clone(),
-            client: client.clone(),
-            held: Mutex::default(),
-        },
+        tokens,
         options,
         client,
         sequence: AtomicU64::new(0),
@@ -457,6 +470,28 @@ async fn main() {
     report(&shared, &latency, elapsed);
 }
 
+/// Gets every tenant's token before the run, 16 requests at a time.
+async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> {
+    use futures::{StreamExt, TryStreamExt};
+    if matches!(tokens.tokens, Tokens::None) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    futures::stream::iter(tenants)
+        .map(|tenant| tokens.bearer(tenant))
+        .buffer_unordered(16)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    if tenants.len() > 1 {
+        eprintln!(
+            "{} tokens in {:.1} s",
+            tenants.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
     let tally = shared.tally.lock().unwrap();
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
@@ -472,6 +507,7 @@ fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
             "target": shared.options.target,
             "mode": shared.options.rate.map_or("closed".to_owned(), |r| format!("rate {r}/s")),
             "connections": shared.options.connections,
+            "protocol": if shared.options.http2 { "h2c" } else { "http/1.1" },
             "tenants": shared.options.tenants.len(),
             "seconds": elapsed.as_secs_f64(),
             "requests": total,

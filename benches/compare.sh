@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# The gateway side by side with what it competes with, on one machine, in one run.
+#
+#   bash benches/compare.sh            # everything (about 3 minutes, plus builds)
+#   DURATION=20 CONNECTIONS=64 bash benches/compare.sh
+#   EXTRAS=0 bash benches/compare.sh   # skip the 10,000-connection and 100,000-tenant runs
+#
+# A fixed upstream (examples/bench_servers.rs `upstream`: one small Patient for every request)
+# and the load generator (examples/loadgen.rs, the DESIGN.md request mix, one token per tenant
+# from the gateway's token endpoint, the same for every target) share CPU $CLIENT_CPU; the
+# server under test gets CPU $SERVER_CPU alone, one worker:
+#   direct       the upstream itself
+#   passthrough  a bare hyper pass-through proxy (bench_servers `passthrough`)
+#   nginx        nginx proxy_pass with upstream keepalive, one worker, no authentication at all
+#   gateway      examples/gateway.rs: version negotiation, token validation (ES256), tenant
+#                scope, routing, proxying
+#   gateway-1k   the same with load spread evenly over 1,000 tenants
+# Then: 10,000 connections held open against the gateway, and 100,000 distinct tenants and
+# tokens (peak RSS reported). Installs nginx from Debian if it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNECTIONS=${CONNECTIONS:-32}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+EXTRAS=${EXTRAS:-1}
+
+if ! command -v nginx >/dev/null; then
+  echo "installing nginx (Debian)"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+cargo build --quiet --release --example gateway --example loadgen --example bench_servers
+bin=target/release/examples
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  exit 1
+}
+# gateway_config FILE PORT TENANTS: the gateway with TENANTS tenants, all on the upstream.
+gateway_config() {
+  python3 - "$1" "$2" "$3" "$upstream_port" "$work" <<'PY'
+import json, sys
+path, port, count, upstream, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+tenants = ["00000000-0000-4000-8000-%012x" % i for i in range(count)]
+json.dump({
+    "listen": f"127.0.0.1:{port}",
+    "state_dir": f"{work}/state-{port}",
+    "clients": [{"client_id": "bench", "client_secret": "bench-secret-0123456789", "tenants": tenants}],
+    "tenants": [{"id": t, "upstreams": [{"base_url": f"http://127.0.0.1:{upstream}/fhir", "fhir_version": "3.0"}]} for t in tenants],
+    # Token issuance is not what is measured: a cheap hash lets 100,000 tokens come quickly.
+    "secret_hashing": {"memory_kib": 8, "iterations": 1},
+}, open(path, "w"))
+PY
+}
+start_gateway() { # PORT TENANTS -> pid in $gateway_pid
+  gateway_config "$work/gateway-$1.json" "$1" "$2"
+  RUST_LOG=warn taskset -c "$SERVER_CPU" "$bin/gateway" --config "$work/gateway-$1.json" >"$work/gateway-$1.log" 2>&1 &
+  gateway_pid=$!
+  pids+=("$gateway_pid")
+  wait_port "$1"
+}
+# load NAME TARGET [loadgen args...]: one measured run, its JSON report in $work/NAME.json.
+load() {
+  local name=$1 target=$2
+  shift 2
+  taskset -c "$CLIENT_CPU" "$bin/loadgen" --target "$target" --connections "$CONNECTIONS" \
+    --duration "$DURATION" --warmup "$WARMUP" --json \
+    --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench --client-secret bench-secret-0123456789 \
+    "$@" >"$work/$name.json" 2>"$work/$name.err" || { cat "$work/$name.err"; exit 1; }
+  python3 - "$work/$name.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+bad = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if k != "200")
+print(f"  {sys.argv[2]:<12} {r['requests_per_second']:>9.0f} req/s   p50 {r['latency_us']['p50']:>6} us   p99 {r['latency_us']['p99']:>6} us   not-200 {bad}")
+PY
+}
+peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+upstream_port=$(port)
+taskset -c "$CLIENT_CPU" "$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
+pids+=($!)
+wait_port "$upstream_port"
+
+passthrough_port=$(port)
+taskset -c "$SERVER_CPU" "$bin/bench_servers" passthrough --listen "127.0.0.1:$passthrough_port" \
+  --upstream "http://127.0.0.1:$upstream_port" >/dev/null &
+pids+=($!)
+wait_port "$passthrough_port"
+
+nginx_port=$(port)
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1;
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+daemon on;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx-body;
+  proxy_temp_path $work/nginx-proxy;
+  upstream fhir { server 127.0.0.1:$upstream_port; keepalive 256; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://fhir;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work"
+wait_port "$nginx_port"
+
+gateway_port=$(port)
+start_gateway "$gateway_port" 1000
+single_gateway=$gateway_pid
+
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+echo "load: $CONNECTIONS connections, closed loop, ${DURATION}s after ${WARMUP}s warm-up; server on CPU $SERVER_CPU, upstream and loadgen on CPU $CLIENT_CPU"
+one=00000000-0000-4000-8000-000000000000
+load direct "http://127.0.0.1:$upstream_port/fhir" --tenants "$one"
+load passthrough "http://127.0.0.1:$passthrough_port/fhir" --tenants "$one"
+load nginx "http://127.0.0.1:$nginx_port/fhir" --tenants "$one"
+load gateway "http://127.0.0.1:$gateway_port" --tenants "$one"
+load gateway-1k "http://127.0.0.1:$gateway_port" --tenant-count 1000
+
+python3 - "$work" <<'PY'
+import json, sys
+w = sys.argv[1]
+r = {n: json.load(open(f"{w}/{n}.json")) for n in ["direct", "passthrough", "nginx", "gateway", "gateway-1k"]}
+rps = {n: v["requests_per_second"] for n, v in r.items()}
+p99 = {n: v["latency_us"]["p99"] for n, v in r.items()}
+print()
+print("| target | req/s | p99 (us) |")
+print("|---|---:|---:|")
+for n in r:
+    print(f"| {n} | {rps[n]:.0f} | {p99[n]} |")
+print()
+print(f"gateway / nginx throughput      {rps['gateway'] / rps['nginx']:.2f}x (target >= 0.8)")
+print(f"gateway / nginx p99             {p99['gateway'] / p99['nginx']:.2f}x (target <= 1.5)")
+print(f"gateway / passthrough           {rps['gateway'] / rps['passthrough']:.2f}x (target >= 0.9)")
+print(f"gateway 1,000 tenants / 1       {rps['gateway-1k'] / rps['gateway']:.2f}x (target >= 0.9)")
+PY
+echo "gateway peak RSS after these runs: $(peak_rss_kib "$single_gateway") KiB"
+
+[ "$EXTRAS" = 1 ] || exit 0
+
+echo
+echo "10,000 connections held open against the gateway (2,000 req/s spread over them, 10 s):"
+load conn-10k "http://127.0.0.1:$gateway_port" --tenants "$one" --connections 10000 --rate 2000 --warmup 5 --duration 10 --path /Patient/123
+echo "  gateway sockets open at the end: $(ls "/proc/$single_gateway/fd" | wc -l) file descriptors"
+
+echo
+echo "100,000 distinct tenants and tokens (every request a new tenant until all are seen):"
+big_port=$(port)
+gateway_port_saved=$gateway_port
+start_gateway "$big_port" 100000
+gateway_port=$big_port
+echo "  gateway RSS after loading 100,000 tenants: $(peak_rss_kib "$gateway_pid") KiB"
+load tenants-100k "http://127.0.0.1:$big_port" --tenant-count 100000 --duration 20 --path /Patient/123
+echo "  gateway peak RSS: $(peak_rss_kib "$gateway_pid") KiB"
+gateway_port=$gateway_port_saved
