@@ -288,6 +288,7 @@ impl GatewayBuilder {
         });
         let layer = self.assemble()?;
         Ok(Gateway {
+            route_cache: layer.route_cache().clone(),
             stack: layer.layer(proxy),
             #[cfg(feature = "token")]
             token,
@@ -414,11 +415,18 @@ struct TokenRoutes {
 #[derive(Clone)]
 pub struct Gateway {
     stack: GatewayStack<FhirProxy>,
+    route_cache: RouteCache,
     #[cfg(feature = "token")]
     token: Option<TokenRoutes>,
 }
 
 impl Gateway {
+    /// The routing layer's cache, to invalidate a tenant by hand (or use
+    /// [`follow`](GatewayBuilder::follow)).
+    pub fn route_cache(&self) -> &RouteCache {
+        &self.route_cache
+    }
+
     /// Starts configuring a gateway served at `public_base_url` (absolute; FHIR at its root).
     pub fn builder(public_base_url: impl Into<String>) -> GatewayBuilder {
         GatewayBuilder {
