@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, Entry, GetAll, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use serde_json::json;
@@ -15,8 +15,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::media::{
-    mentions_version, parse_accept, parse_format, parse_media, parse_parts, split_list, MediaRange,
-    Named,
+    exact_named_json, mentions_version, parse_accept, parse_format, parse_parts, split_list,
+    MediaRange, Named,
 };
 use super::FhirVersion;
 use crate::body::ResponseBody;
@@ -180,12 +180,8 @@ impl Config {
             .and_then(format_parameter);
         // Most requests name no release: skip parsing unless a header mentions one; and only
         // `$versions` needs the ranges themselves.
-        let accept_values = || {
-            headers
-                .get_all(header::ACCEPT)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-        };
+        let accept_headers = headers.get_all(header::ACCEPT);
+        let accept_values = || accept_headers.iter().filter_map(|v| v.to_str().ok());
         let accept: Vec<MediaRange> = match &format {
             Some(format) => vec![format.clone()],
             None if versions_operation => accept_values().flat_map(parse_accept).collect(),
@@ -193,8 +189,9 @@ impl Config {
         };
         let accepted = if format.is_some() || versions_operation {
             self.accepted(accept.iter().map(|r| (r.named, r.q)))
-        } else if headers
-            .get_all(header::ACCEPT)
+        } else if let Some(version) = single_exact_named(&accept_headers) {
+            self.accepted(std::iter::once((Named::Version(version), 1.0)))
+        } else if accept_headers
             .iter()
             .any(|v| mentions_version(v.as_bytes()))
         {
@@ -217,12 +214,8 @@ impl Config {
                 ))
             }
         };
-        let content = headers
-            .get(header::CONTENT_TYPE)
-            .filter(|v| mentions_version(v.as_bytes()))
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_media);
-        let body_version = match content.as_ref().map(|c| c.named) {
+        let content = headers.get(header::CONTENT_TYPE).and_then(named_content);
+        let body_version = match content {
             None | Some(Named::Nothing) => None,
             Some(named) => match self.supports(named) {
                 Some(v) => Some(v),
@@ -309,6 +302,27 @@ impl Config {
         }
         response
     }
+}
+
+/// The release named by an `Accept` made of one value in the common exact form
+/// ([`exact_named_json`]), which needs no parsing.
+fn single_exact_named(accept: &GetAll<'_, HeaderValue>) -> Option<FhirVersion> {
+    let mut values = accept.iter();
+    match (values.next(), values.next()) {
+        (Some(only), None) => exact_named_json(only.as_bytes()),
+        _ => None,
+    }
+}
+
+/// What a `Content-Type` says about the release: `None` when it names none or is no media type.
+fn named_content(value: &HeaderValue) -> Option<Named> {
+    if let Some(version) = exact_named_json(value.as_bytes()) {
+        return Some(Named::Version(version));
+    }
+    if !mentions_version(value.as_bytes()) {
+        return None;
+    }
+    parse_parts(value.to_str().ok()?).map(|(_, named, _)| named)
 }
 
 /// The `_format` query parameter, percent-decoded.
@@ -422,9 +436,16 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 
 /// Adds `fhirVersion` to a FHIR media type that lacks it.
 pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
-    let Some(current) = headers.get(header::CONTENT_TYPE) else {
+    // One lookup; inserting through the entry drops any further values, as `insert` does.
+    let Entry::Occupied(mut entry) = headers.entry(header::CONTENT_TYPE) else {
         return;
     };
+    let current = entry.get();
+    // The common, bare media types have static labelled forms: no parsing, no allocation.
+    if let Some(value) = static_label(current.as_bytes(), version) {
+        entry.insert(value);
+        return;
+    }
     if mentions_version(current.as_bytes()) {
         return;
     }
@@ -443,40 +464,46 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
     if !fhir_type {
         return;
     }
-    // The common, bare media types have static labelled forms: no allocation per response.
-    if let Some(value) = static_label(text, version) {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
-        return;
-    }
     let mut labelled = String::with_capacity(text.len() + 18);
     labelled.push_str(text);
     labelled.push_str("; fhirVersion=");
     labelled.push_str(version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&labelled) {
-        headers.insert(header::CONTENT_TYPE, value);
+        entry.insert(value);
     }
 }
 
-/// `application/fhir+json; fhirVersion=X` and the like, for a bare FHIR JSON media type.
-fn static_label(content_type: &str, version: FhirVersion) -> Option<&'static str> {
+/// `application/fhir+json; fhirVersion=X` and the like, for a bare FHIR JSON media type,
+/// built at compile time.
+fn static_label(content_type: &[u8], version: FhirVersion) -> Option<HeaderValue> {
     macro_rules! labels {
         ($media:literal) => {
             match version {
-                FhirVersion::Dstu2 => concat!($media, "; fhirVersion=1.0"),
-                FhirVersion::Stu3 => concat!($media, "; fhirVersion=3.0"),
-                FhirVersion::R4 => concat!($media, "; fhirVersion=4.0"),
-                FhirVersion::R4B => concat!($media, "; fhirVersion=4.3"),
-                FhirVersion::R5 => concat!($media, "; fhirVersion=5.0"),
+                FhirVersion::Dstu2 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=1.0")) }
+                }
+                FhirVersion::Stu3 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=3.0")) }
+                }
+                FhirVersion::R4 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=4.0")) }
+                }
+                FhirVersion::R4B => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=4.3")) }
+                }
+                FhirVersion::R5 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=5.0")) }
+                }
             }
         };
     }
     match content_type {
-        "application/fhir+json" => Some(labels!("application/fhir+json")),
-        "application/json+fhir" => Some(labels!("application/json+fhir")),
-        "application/fhir+json;charset=UTF-8" => {
+        b"application/fhir+json" => Some(labels!("application/fhir+json")),
+        b"application/json+fhir" => Some(labels!("application/json+fhir")),
+        b"application/fhir+json;charset=UTF-8" => {
             Some(labels!("application/fhir+json;charset=UTF-8"))
         }
-        "application/json+fhir;charset=UTF-8" => {
+        b"application/json+fhir;charset=UTF-8" => {
             Some(labels!("application/json+fhir;charset=UTF-8"))
         }
         _ => None,
@@ -486,6 +513,7 @@ fn static_label(content_type: &str, version: FhirVersion) -> Option<&'static str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::media::parse_media;
     use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
     use tower::{service_fn, ServiceExt};
@@ -722,6 +750,32 @@ mod tests {
     }
 
     #[test]
+    fn content_type_reading_agrees_with_the_parser() {
+        for content_type in [
+            "application/fhir+json; fhirVersion=3.0",
+            "application/json+fhir;fhirVersion=1.0",
+            "application/fhir+json; fhirVersion=9.9",
+            "Application/FHIR+JSON ; FHIRVersion = \"4.0\"",
+            "application/fhir+json; fhirVersion=3.0; fhirVersion=4.0",
+            "application/fhir+json; fhirVersion=4.0.1; charset=utf-8",
+            "application/fhir+json",
+            "application/fhir+json; charset=utf-8",
+            "text/plain; fhirVersion",
+            "garbage; fhirVersion=3.0",
+        ] {
+            let value = HeaderValue::from_static(content_type);
+            let parsed = parse_media(content_type)
+                .map(|range| range.named)
+                .filter(|named| *named != Named::Nothing);
+            assert_eq!(
+                named_content(&value).filter(|n| *n != Named::Nothing),
+                parsed,
+                "{content_type}"
+            );
+        }
+    }
+
+    #[test]
     fn static_labels_match_the_built_ones() {
         for version in FhirVersion::ALL {
             for media in [
@@ -729,7 +783,7 @@ mod tests {
                 "application/json+fhir;charset=UTF-8",
             ] {
                 assert_eq!(
-                    static_label(media, version).unwrap(),
+                    static_label(media.as_bytes(), version).unwrap(),
                     format!("{media}; fhirVersion={}", version.mime_code())
                 );
             }

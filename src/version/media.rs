@@ -73,6 +73,21 @@ pub(crate) fn parse_parts(text: &str) -> Option<(&str, Named, f32)> {
     Some((essence, named, q))
 }
 
+/// The media range clients send to name a release, recognised without parsing: exactly
+/// `application/fhir+json; fhirVersion=X.Y` or `application/json+fhir; fhirVersion=X.Y`
+/// (with or without the space) and a MIME code this crate knows. `None` sends the value to
+/// [`parse_parts`], which agrees wherever this answers (a property test checks).
+pub(crate) fn exact_named_json(value: &[u8]) -> Option<FhirVersion> {
+    let rest = value
+        .strip_prefix(b"application/fhir+json;")
+        .or_else(|| value.strip_prefix(b"application/json+fhir;"))?;
+    let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+    let code = rest.strip_prefix(b"fhirVersion=")?;
+    FhirVersion::ALL
+        .into_iter()
+        .find(|v| v.mime_code().as_bytes() == code)
+}
+
 /// RFC 9110 `token`.
 fn is_token(text: &str) -> bool {
     !text.is_empty()
@@ -265,6 +280,35 @@ mod tests {
     }
 
     #[test]
+    fn exact_named_json_reads_the_common_forms_only() {
+        for version in FhirVersion::ALL {
+            for form in [
+                "application/fhir+json; fhirVersion=",
+                "application/fhir+json;fhirVersion=",
+                "application/json+fhir; fhirVersion=",
+                "application/json+fhir;fhirVersion=",
+            ] {
+                let value = format!("{form}{}", version.mime_code());
+                assert_eq!(exact_named_json(value.as_bytes()), Some(version), "{value}");
+            }
+        }
+        // Anything else is left to the parser.
+        for other in [
+            "application/fhir+json",
+            "application/fhir+json; fhirVersion=3.0.2",
+            "application/fhir+json; fhirVersion=9.9",
+            "application/fhir+json; fhirVersion=3.0; q=0.5",
+            "application/fhir+json; fhirVersion=3.0, */*",
+            "application/fhir+json; fhirVersion=\"3.0\"",
+            "application/fhir+json;  fhirVersion=3.0",
+            "Application/FHIR+JSON; fhirVersion=3.0",
+            "application/fhir+xml; fhirVersion=3.0",
+        ] {
+            assert_eq!(exact_named_json(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
     fn quoted_commas_do_not_split() {
         let parts: Vec<_> = split_list("a/b; x=\"1,2\", c/d").collect();
         assert_eq!(parts, ["a/b; x=\"1,2\"", "c/d"]);
@@ -287,6 +331,43 @@ mod properties {
             }
             let _ = parse_media(&value);
             let _ = parse_format(&value);
+            if let Some(version) = exact_named_json(value.as_bytes()) {
+                prop_assert_eq!(parse_parts(&value).map(|(_, named, q)| (named, q)),
+                    Some((Named::Version(version), 1.0)));
+            }
+        }
+
+        /// Where the fast path answers, the general parser reads one range naming the same
+        /// release with q=1.
+        #[test]
+        fn exact_named_json_agrees_with_the_parser(
+            // Weighted so that about one case in twenty takes the fast path.
+            essence in prop_oneof![
+                3 => Just("application/fhir+json"), 3 => Just("application/json+fhir"),
+                1 => Just("Application/FHIR+JSON"), 1 => Just("application/fhir+xml"),
+                1 => Just("x/y"),
+            ],
+            separator in prop_oneof![
+                3 => Just(";"), 3 => Just("; "), 1 => Just(" ;"), 1 => Just(";  "), 1 => Just(","),
+            ],
+            name in prop_oneof![
+                3 => Just("fhirVersion="), 1 => Just("fhirversion="), 1 => Just("fhirVersion ="),
+                1 => Just("q="),
+            ],
+            value in prop_oneof![
+                Just("1.0"), Just("3.0"), Just("4.0"), Just("4.3"), Just("5.0"), Just("9.9"),
+                Just("4.0.1"), Just("\"3.0\""), Just("3."), Just(""), Just("0.5"),
+            ],
+            tail in prop_oneof![
+                4 => Just(""), 1 => Just(" "), 1 => Just("; q=0.5"), 1 => Just(", */*"),
+                1 => Just("x"),
+            ],
+        ) {
+            let header = format!("{essence}{separator}{name}{value}{tail}");
+            if let Some(version) = exact_named_json(header.as_bytes()) {
+                let general: Vec<_> = split_list(&header).map(parse_parts).collect();
+                prop_assert_eq!(general, vec![Some((essence, Named::Version(version), 1.0))]);
+            }
         }
 
         /// Header-like input built from the pieces real clients use.

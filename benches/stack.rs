@@ -1,0 +1,270 @@
+//! The whole in-process stack against the bare inner service, in one group so every figure is
+//! a ratio to `bare_service` measured in the same run.
+//!
+//! `cargo bench --bench stack` (add `-- --warm-up-time 1 --measurement-time 3` for a quick
+//! run, or a row name to filter). Every request is
+//! `GET /Observation?patient=123&category=vital-signs&_sort:desc=date` with
+//! `Accept: application/fhir+json; fhirVersion=3.0` and a bearer token; the inner service is a
+//! bare `service_fn` answering 200 (no proxy, no network). Rows:
+//! - `bare_service`: building the request and calling the inner service, no layer;
+//! - `crypto_only/{alg}`: raw `jsonwebtoken::decode` of the same token with the same checks
+//!   (no request, no layer), the floor for a stack that verifies every token;
+//! - `layer_version`, `layer_auth/{alg}/warm|cold`, `layer_tenant`, `layer_routing`: each
+//!   layer alone over the bare service (the tenant layer gets verified claims, the routing
+//!   layer a `TenantId`, already in the extensions);
+//! - `full/{alg}/warm`: version negotiation, bearer auth, tenant scope and tenant routing
+//!   (an `InMemoryDirectory`, route cached) over the bare service, the same token every time,
+//!   answered from the verified-token cache;
+//! - `full/{alg}/cold`: the same with the token cache turned off (`token_cache_capacity(0)`),
+//!   so every request verifies its signature (distinct tokens with the cache on would also pay
+//!   for a cache insertion);
+//! - `full/HS256/warm/1000_tenants`: 1,000 onboarded tenants, one token each, sent round-robin
+//!   (token and route caches warm), against the one-tenant `full/HS256/warm`.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::Full;
+use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{json, Map, Value};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey, VerifiedClaims};
+use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::tenant::{TenantId, TenantScopeLayer};
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+use tower_fhir::ServiceBuilderExt;
+
+const RSA_PRIVATE: &str = include_str!("../tests/support/keys/rsa_private.pem");
+const RSA_PUBLIC: &str = include_str!("../tests/support/keys/rsa_public.pem");
+const EC_PRIVATE: &str = include_str!("../tests/support/keys/ec_private.pem");
+const EC_PUBLIC: &str = include_str!("../tests/support/keys/ec_public.pem");
+const SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const ACCEPT: &str = "application/fhir+json; fhirVersion=3.0";
+const TENANTS: u32 = 1_000;
+
+struct Case {
+    alg: Algorithm,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    key: fn() -> VerificationKey,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            alg: Algorithm::HS256,
+            encoding: EncodingKey::from_secret(SECRET),
+            decoding: DecodingKey::from_secret(SECRET),
+            key: || VerificationKey::hmac(SECRET).unwrap().with_kid("k"),
+        },
+        Case {
+            alg: Algorithm::RS256,
+            encoding: EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+            decoding: DecodingKey::from_rsa_pem(RSA_PUBLIC.as_bytes()).unwrap(),
+            key: || VerificationKey::rsa_pem(RSA_PUBLIC).unwrap().with_kid("k"),
+        },
+        Case {
+            alg: Algorithm::ES256,
+            encoding: EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+            decoding: DecodingKey::from_ec_pem(EC_PUBLIC.as_bytes()).unwrap(),
+            key: || VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("k"),
+        },
+    ]
+}
+
+async fn ok(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::builder()
+        .header("content-type", "application/fhir+json")
+        .body(Full::default())
+        .unwrap())
+}
+
+fn request(authorization: &str) -> Request<Full<Bytes>> {
+    Request::get("/Observation?patient=123&category=vital-signs&_sort:desc=date")
+        .header("accept", ACCEPT)
+        .header("authorization", authorization)
+        .body(Full::default())
+        .unwrap()
+}
+
+/// A request carrying `extension`, as a layer behind another finds it.
+fn request_with(
+    authorization: &str,
+    extension: impl Clone + Send + Sync + 'static,
+) -> Request<Full<Bytes>> {
+    let mut request = request(authorization);
+    request.extensions_mut().insert(extension);
+    request
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `Bearer <token>` for `tenant`, signed with the case's key.
+fn bearer(case: &Case, tenant: &str) -> String {
+    let claims = json!({"iss": "https://auth.test", "aud": "tower-fhir", "sub": "app-1",
+        "iat": now(), "exp": now() + 3600, "scope": format!("system/*.read {tenant}")});
+    let mut header = Header::new(case.alg);
+    header.kid = Some("k".into());
+    format!(
+        "Bearer {}",
+        encode(&header, &claims, &case.encoding).unwrap()
+    )
+}
+
+fn auth_layer(case: &Case, token_cache_capacity: u64) -> BearerAuthLayer {
+    BearerAuthLayer::builder()
+        .key((case.key)())
+        .issuer("https://auth.test")
+        .audience("tower-fhir")
+        .token_cache_capacity(token_cache_capacity)
+        .build()
+        .unwrap()
+}
+
+/// The `n`th bench tenant; the first is [`TENANT`].
+fn tenant(n: u32) -> TenantId {
+    if n == 0 {
+        return TENANT.parse().unwrap();
+    }
+    format!("00000000-0000-4000-8000-{n:012}").parse().unwrap()
+}
+
+/// Sends each request once (warming the caches) and checks that it gets through.
+fn warm<S, B>(
+    runtime: &tokio::runtime::Runtime,
+    service: &mut S,
+    requests: impl IntoIterator<Item = Request<Full<Bytes>>>,
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
+{
+    runtime.block_on(async {
+        for request in requests {
+            let response = service.ready().await.unwrap().call(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    tower_fhir::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+
+    let directory = InMemoryDirectory::new();
+    for n in 0..TENANTS {
+        let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
+        directory.upsert(tenant(n), TenantUpstreams::new([upstream]).unwrap());
+    }
+    let routing = TenantRoutingLayer::builder(directory).build().unwrap();
+    let versions = VersionNegotiationLayer::builder().build().unwrap();
+    let scope = TenantScopeLayer::builder().build().unwrap();
+    let stack = |auth: BearerAuthLayer| {
+        ServiceBuilder::new()
+            .fhir_versions(versions.clone())
+            .fhir_bearer_auth(auth)
+            .fhir_tenant_scope(scope.clone())
+            .fhir_tenant_routing(routing.clone())
+            .service_fn(ok)
+    };
+
+    let cases = cases();
+    // The rows without the auth layer send a real token too, so every row builds the same
+    // request.
+    let hs256_token = bearer(&cases[0], TENANT);
+    let mut group = c.benchmark_group("stack");
+    group.bench_function("bare_service", |b| {
+        let mut service = tower::service_fn(ok);
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
+    });
+
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_issuer(&["https://auth.test"]);
+    validation.set_audience(&["tower-fhir"]);
+    validation.validate_nbf = true;
+    for case in &cases {
+        let token = bearer(case, TENANT);
+        let raw = token.trim_start_matches("Bearer ").to_owned();
+        let mut validation = validation.clone();
+        validation.algorithms = vec![case.alg];
+        group.bench_function(format!("crypto_only/{:?}", case.alg), |b| {
+            b.iter(|| {
+                jsonwebtoken::decode::<Map<String, Value>>(&raw, &case.decoding, &validation)
+                    .unwrap()
+            })
+        });
+    }
+
+    let claims = json!({"exp": 4_000_000_000u64, "scope": format!("system/*.read {TENANT}")});
+    let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+    group.bench_function("layer_version", |b| {
+        let mut service = versions.layer(tower::service_fn(ok));
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
+    });
+    group.bench_function("layer_tenant", |b| {
+        let mut service = scope.layer(tower::service_fn(ok));
+        b.to_async(&runtime)
+            .iter(|| service.call(request_with(&hs256_token, claims.clone())))
+    });
+    group.bench_function("layer_routing", |b| {
+        let mut service = routing.layer(tower::service_fn(ok));
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request_with(&hs256_token, tenant(0))),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request_with(&hs256_token, tenant(0))))
+    });
+
+    for case in &cases {
+        let token = bearer(case, TENANT);
+        for (cache, capacity) in [("warm", 10_000), ("cold", 0)] {
+            let alg = case.alg;
+            group.bench_function(format!("layer_auth/{alg:?}/{cache}"), |b| {
+                let mut service = auth_layer(case, capacity).layer(tower::service_fn(ok));
+                warm(&runtime, &mut service, std::iter::once(request(&token)));
+                b.to_async(&runtime).iter(|| service.call(request(&token)))
+            });
+            group.bench_function(format!("full/{alg:?}/{cache}"), |b| {
+                let mut service = stack(auth_layer(case, capacity));
+                warm(&runtime, &mut service, std::iter::once(request(&token)));
+                b.to_async(&runtime).iter(|| service.call(request(&token)))
+            });
+        }
+    }
+
+    // Many tenants: a token per tenant, round-robin, every cache warm.
+    let hs256 = &cases[0];
+    let tokens: Vec<String> = (0..TENANTS)
+        .map(|n| bearer(hs256, &tenant(n).to_string()))
+        .collect();
+    group.bench_function(format!("full/HS256/warm/{TENANTS}_tenants"), |b| {
+        let mut service = stack(auth_layer(hs256, 10_000));
+        warm(
+            &runtime,
+            &mut service,
+            tokens.iter().map(|token| request(token)),
+        );
+        let mut next = tokens.iter().cycle();
+        b.to_async(&runtime)
+            .iter(|| service.call(request(next.next().unwrap())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
