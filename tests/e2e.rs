@@ -76,11 +76,12 @@ fn example_binary(name: &str) -> PathBuf {
         .unwrap()
         .join("examples")
         .join(&file);
-    let path = if beside.exists() {
+    let path = if is_fresh(&beside) {
         beside
     } else {
-        // Run alone (`cargo test --test e2e`), the examples are not built: build this one in a
-        // target directory of its own (the outer cargo holds the usual one).
+        // Run alone (`cargo test --test e2e`), the examples are not built (or are older than
+        // the sources): build this one in a target directory of its own (the outer cargo holds
+        // the usual one).
         let target = manifest_dir().join("target/e2e");
         let status = Command::new(env!("CARGO"))
             .args(["build", "--example", name, "--target-dir"])
@@ -93,6 +94,28 @@ fn example_binary(name: &str) -> PathBuf {
     };
     built.push((name.to_owned(), path.clone()));
     path
+}
+
+/// Whether `binary` exists and is newer than every source it is built from.
+fn is_fresh(binary: &Path) -> bool {
+    fn newest(path: &Path) -> std::time::SystemTime {
+        let modified = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        match std::fs::read_dir(path) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| newest(&e.path()))
+                .fold(modified, std::cmp::max),
+            Err(_) => modified,
+        }
+    }
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
+        return false;
+    };
+    ["src", "examples", "Cargo.toml"]
+        .iter()
+        .all(|source| newest(&manifest_dir().join(source)) <= built)
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -528,6 +551,8 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     let token = access_token(&gateway, BOTH_TENANT).await;
     for (accept, release) in [
         ("application/fhir+json; fhirVersion=1.0", "1_0_2"),
+        // A DSTU2-only client (DSTU2 media types, no fhirVersion) reaches the DSTU2 server.
+        ("application/json+fhir", "1_0_2"),
         ("application/fhir+json; fhirVersion=3.0", "3_0_1"),
         ("application/fhir+json", "3_0_1"),
     ] {

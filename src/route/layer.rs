@@ -16,7 +16,7 @@ use super::directory::TenantDirectory;
 use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
-use crate::version::FhirVersion;
+use crate::version::{FhirVersion, VersionHint};
 
 /// A Tower layer that finds the request's tenant's upstream and puts it in the request
 /// extensions.
@@ -234,7 +234,12 @@ where
                 }
             };
             let version = request.extensions().get::<FhirVersion>().copied();
-            let Some(upstream) = upstreams.select(version) else {
+            // Unnamed but hinted (a DSTU2-only client): the hinted server if the tenant has one.
+            let hinted = match (version, request.extensions().get::<VersionHint>()) {
+                (None, Some(VersionHint(hint))) => upstreams.select(Some(*hint)),
+                _ => None,
+            };
+            let Some(upstream) = hinted.or_else(|| upstreams.select(version)) else {
                 return Ok(answer(
                     StatusCode::NOT_ACCEPTABLE,
                     IssueType::NotSupported,

@@ -304,6 +304,25 @@ impl Config {
     }
 }
 
+/// Whether the request's `Accept` and `Content-Type` use DSTU2's media types
+/// (`json+fhir`, `xml+fhir`) and none of the later ones (`fhir+json`, `fhir+xml`).
+fn speaks_dstu2_only(headers: &http::HeaderMap) -> bool {
+    let values = || {
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .chain(headers.get_all(header::CONTENT_TYPE))
+            .map(HeaderValue::as_bytes)
+    };
+    let has = |needle: &[u8]| {
+        values().any(|v| {
+            v.windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+        })
+    };
+    (has(b"json+fhir") || has(b"xml+fhir")) && !has(b"fhir+json") && !has(b"fhir+xml")
+}
+
 /// The release named by an `Accept` made of one value in the common exact form
 /// ([`exact_named_json`]), which needs no parsing.
 fn single_exact_named(accept: &GetAll<'_, HeaderValue>) -> Option<FhirVersion> {
@@ -370,8 +389,16 @@ where
                 },
             },
             Decision::Proceed(version) => {
-                if let Some(version) = version {
-                    request.extensions_mut().insert(version);
+                match version {
+                    Some(version) => {
+                        request.extensions_mut().insert(version);
+                    }
+                    None if speaks_dstu2_only(request.headers()) => {
+                        request
+                            .extensions_mut()
+                            .insert(super::VersionHint(FhirVersion::Dstu2));
+                    }
+                    None => {}
                 }
                 ResponseFuture {
                     state: State::Inner {
@@ -669,6 +696,46 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(run(layer(), request).await.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn dstu2_only_media_types_hint_at_dstu2() {
+        async fn hint(layer: VersionNegotiationLayer, accept: &str) -> Option<FhirVersion> {
+            let service = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+                let hint = req.extensions().get::<crate::version::VersionHint>();
+                let mut response = Response::new(Full::<Bytes>::default());
+                if let Some(hint) = hint {
+                    response.extensions_mut().insert(hint.0);
+                }
+                Ok::<_, Infallible>(response)
+            }));
+            let response = service
+                .oneshot(get("/Patient", &[("accept", accept)]))
+                .await
+                .unwrap();
+            response.extensions().get::<FhirVersion>().copied()
+        }
+        let dstu2 = Some(FhirVersion::Dstu2);
+        assert_eq!(hint(layer(), "application/json+fhir").await, dstu2);
+        assert_eq!(
+            hint(layer(), "application/XML+FHIR;q=0.9, */*;q=0.1").await,
+            dstu2
+        );
+        // HAPI's STU3 client lists both generations: no hint.
+        let hapi = "application/fhir+xml;q=1.0, application/fhir+json;q=1.0, application/xml+fhir;q=0.9, application/json+fhir;q=0.9";
+        assert_eq!(hint(layer(), hapi).await, None);
+        assert_eq!(hint(layer(), "application/fhir+json").await, None);
+        assert_eq!(hint(layer(), "*/*").await, None);
+        // A named release is negotiated, not hinted.
+        assert_eq!(
+            hint(layer(), "application/json+fhir; fhirVersion=3.0").await,
+            None
+        );
+        let with_default = VersionNegotiationLayer::builder()
+            .default_version(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        assert_eq!(hint(with_default, "application/json+fhir").await, None);
     }
 
     #[tokio::test]

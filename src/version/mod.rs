@@ -136,6 +136,18 @@ impl fmt::Display for FhirVersion {
     }
 }
 
+/// The release a request's media types suggest when it names none, in the request
+/// extensions beside (never instead of) a negotiated [`FhirVersion`].
+///
+/// A client whose `Accept` (or `Content-Type`) uses only DSTU2's media types
+/// (`application/json+fhir`, `application/xml+fhir`) and no `fhirVersion` is a DSTU2 client:
+/// [`VersionNegotiationLayer`] puts `VersionHint(FhirVersion::Dstu2)` in its extensions, and
+/// routing sends it to the tenant's DSTU2 server when the tenant has one (its default server
+/// otherwise). STU3 and later clients, which list the newer types (HAPI lists both), get no
+/// hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VersionHint(pub FhirVersion);
+
 /// A string that names no FHIR release this crate knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownFhirVersion(pub String);
