@@ -57,6 +57,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -281,10 +282,12 @@ impl GatewayBuilder {
             .build()
             .map_err(ConfigError::Proxy)?;
         #[cfg(feature = "token")]
-        let token = self.token.clone().map(|endpoint| TokenRoutes {
-            jwks: endpoint.signing_keys().jwks_service(),
-            rotation: endpoint.secret_rotation_service(),
-            endpoint,
+        let token = self.token.clone().map(|endpoint| {
+            Arc::new(TokenRoutes {
+                jwks: endpoint.signing_keys().jwks_service(),
+                rotation: endpoint.secret_rotation_service(),
+                endpoint,
+            })
         });
         let layer = self.assemble()?;
         Ok(Gateway {
@@ -417,7 +420,7 @@ pub struct Gateway {
     stack: GatewayStack<FhirProxy>,
     route_cache: RouteCache,
     #[cfg(feature = "token")]
-    token: Option<TokenRoutes>,
+    token: Option<Arc<TokenRoutes>>,
 }
 
 impl Gateway {
@@ -466,9 +469,10 @@ where
     type Error = Infallible;
     type Future = GatewayFuture;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // A router: each request goes to a service made ready for it.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The token routes are always ready; the stack is readied here and called directly,
+        // so a request costs no clone of it.
+        Service::<Request<B>>::poll_ready(&mut self.stack, cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
@@ -489,8 +493,23 @@ where
                 return oneshot(token.rotation.clone(), request);
             }
         }
-        oneshot(self.stack.clone(), request)
+        boxed(self.stack.call(request))
     }
+}
+
+/// The stack's future, its response body boxed.
+fn boxed<F, ResBody>(future: F) -> GatewayFuture
+where
+    F: Future<Output = Result<Response<ResBody>, Infallible>> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    Box::pin(async move {
+        let response = future.await?;
+        Ok(response.map(|body| GatewayBody {
+            inner: body.map_err(Into::into).boxed_unsync(),
+        }))
+    })
 }
 
 /// Readies `service`, calls it, and boxes the response body.

@@ -63,6 +63,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
+use pin_project_lite::pin_project;
 use serde_json::{json, Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -339,9 +340,65 @@ impl<S: fmt::Debug> fmt::Debug for Metadata<S> {
     }
 }
 
-/// The response future of [`Metadata`].
-pub type ResponseFuture<B, E> =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+type OwnFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    /// The response future of [`Metadata`] and [`CapabilityCache`]: the inner service's
+    /// (every request but `metadata` and smart-configuration), or the layer's own work.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: FutureKind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = FutureKindProj]
+    enum FutureKind<F, B, E> {
+        Passed { #[pin] future: F },
+        Own { future: OwnFuture<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    fn passed(future: F) -> Self {
+        Self {
+            kind: FutureKind::Passed { future },
+        }
+    }
+
+    fn own(
+        future: impl Future<Output = Result<Response<ResponseBody<B>>, E>> + Send + 'static,
+    ) -> Self {
+        Self {
+            kind: FutureKind::Own {
+                future: Box::pin(future),
+            },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            FutureKindProj::Passed { future } => {
+                let response = std::task::ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            FutureKindProj::Own { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metadata<S>
 where
@@ -354,7 +411,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -363,29 +420,34 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let read = request.method() == Method::GET || request.method() == Method::HEAD;
         let path = request.uri().path();
-        let config = Arc::clone(&self.config);
-        if read && path == "/.well-known/smart-configuration" {
-            let response = config.smart_configuration().map(ResponseBody::full);
-            return Box::pin(std::future::ready(Ok(response)));
-        }
         let metadata = read && path == "/metadata";
+        let smart_configuration = read && path == "/.well-known/smart-configuration";
+        if !(metadata || smart_configuration) {
+            // Everything else passes through untouched.
+            return ResponseFuture::passed(self.inner.call(request));
+        }
+        let config = Arc::clone(&self.config);
+        if !metadata {
+            let response = config.smart_configuration().map(ResponseBody::full);
+            return ResponseFuture::own(std::future::ready(Ok(response)));
+        }
         let version = request.extensions().get::<FhirVersion>().copied();
-        if metadata && !request.headers().contains_key(header::AUTHORIZATION) {
+        if !request.headers().contains_key(header::AUTHORIZATION) {
             let version = version.unwrap_or(config.default_version);
             if config.anonymous.is_none() {
                 let response = config.respond(&config.generated(version), version);
-                return Box::pin(std::future::ready(Ok(response.map(ResponseBody::full))));
+                return ResponseFuture::own(std::future::ready(Ok(
+                    response.map(ResponseBody::full)
+                )));
             }
-            return Box::pin(
-                async move { Ok(config.anonymous(version).await.map(ResponseBody::full)) },
-            );
+            return ResponseFuture::own(async move {
+                Ok(config.anonymous(version).await.map(ResponseBody::full))
+            });
         }
-        // The ready service goes with the request; this one keeps a fresh clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let response = inner.call(request).await?;
-            if !metadata || response.status() != StatusCode::OK {
+        let future = self.inner.call(request);
+        ResponseFuture::own(async move {
+            let response = future.await?;
+            if response.status() != StatusCode::OK {
                 return Ok(response.map(ResponseBody::inner));
             }
             Ok(config.secure_upstream_statement(response).await)
@@ -608,8 +670,10 @@ fn merge_security(rest: &mut Map<String, Value>, ours: &Value) {
 #[derive(Clone)]
 #[must_use]
 pub struct CapabilityCacheLayer {
-    cache: moka::future::Cache<(crate::tenant::TenantId, String), CachedStatement>,
+    cache: Arc<StatementCache>,
 }
+
+type StatementCache = moka::future::Cache<(crate::tenant::TenantId, String), CachedStatement>;
 
 #[derive(Clone)]
 struct CachedStatement {
@@ -621,10 +685,12 @@ impl CapabilityCacheLayer {
     /// Keeps statements for `ttl`, for at most `capacity` tenant/upstream pairs.
     pub fn new(ttl: std::time::Duration, capacity: u64) -> Self {
         Self {
-            cache: moka::future::Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(capacity)
-                .build(),
+            cache: Arc::new(
+                moka::future::Cache::builder()
+                    .time_to_live(ttl)
+                    .max_capacity(capacity)
+                    .build(),
+            ),
         }
     }
 
@@ -648,7 +714,7 @@ impl<S> Layer<S> for CapabilityCacheLayer {
     fn layer(&self, inner: S) -> Self::Service {
         CapabilityCache {
             inner,
-            cache: self.cache.clone(),
+            cache: Arc::clone(&self.cache),
         }
     }
 }
@@ -657,7 +723,7 @@ impl<S> Layer<S> for CapabilityCacheLayer {
 #[derive(Clone)]
 pub struct CapabilityCache<S> {
     inner: S,
-    cache: moka::future::Cache<(crate::tenant::TenantId, String), CachedStatement>,
+    cache: Arc<StatementCache>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for CapabilityCache<S> {
@@ -679,7 +745,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -699,13 +765,14 @@ where
                 ))
             })
             .flatten();
+        let Some(key) = key else {
+            return ResponseFuture::passed(self.inner.call(request));
+        };
+        // The ready service goes with the request; this one keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let cache = self.cache.clone();
-        Box::pin(async move {
-            let Some(key) = key else {
-                return Ok(inner.call(request).await?.map(ResponseBody::inner));
-            };
+        let cache = Arc::clone(&self.cache);
+        ResponseFuture::own(async move {
             if let Some(cached) = cache.get(&key).await {
                 return Ok(cached.response());
             }

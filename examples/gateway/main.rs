@@ -25,9 +25,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request};
+use std::convert::Infallible;
+
 use axum::Router;
-use tower::{ServiceBuilder, ServiceExt};
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tower::ServiceExt;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
@@ -143,30 +151,15 @@ async fn main() -> Result<(), BoxError> {
                 .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1))),
         )
         .build()?;
-    let gateway = ServiceBuilder::new()
-        .map_request(|mut request: Request| {
-            // Name the client in Forwarded / X-Forwarded-For.
-            if let Some(ConnectInfo(peer)) = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .copied()
-            {
-                request.extensions_mut().insert(ClientAddr(peer));
-            }
-            request
-        })
-        .service(gateway);
-    let mut app = Router::new();
-    if let Some(token) = &config.admin_token {
-        app = app.merge(admin::routes(Arc::new(admin::Admin {
+    // The admin API (axum) answers under /admin/; everything else goes to the gateway.
+    let admin = config.admin_token.as_ref().map(|token| {
+        admin::routes(Arc::new(admin::Admin {
             token: token.clone(),
             directory: directory.clone(),
             clients: Arc::new(clients.clone()),
-        })));
-    }
-    let app = app
-        .fallback_service(gateway)
-        .layer(tower_http::trace::TraceLayer::new_for_http());
+        }))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+    });
 
     println!("tower-fhir gateway listening on {base}");
     println!("  state in {}", state_dir.display());
@@ -190,14 +183,9 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     if demo {
-        print_demo(&base, &app).await;
+        print_demo(&base, &gateway).await;
     }
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown())
-    .await?;
+    serve(listener, gateway, admin).await;
     if config.state_dir.is_none() {
         // Nobody asked to keep it.
         let _ = std::fs::remove_dir_all(&state_dir);
@@ -274,21 +262,74 @@ async fn demo_config() -> Result<Config, BoxError> {
     Ok(config)
 }
 
+/// Serves HTTP/1.1 and HTTP/2 until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+async fn serve(listener: tokio::net::TcpListener, gateway: Gateway, admin: Option<Router>) {
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(shutdown());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (gateway, admin) = (gateway.clone(), admin.clone());
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            // Name the client in Forwarded / X-Forwarded-For.
+            request.extensions_mut().insert(ClientAddr(peer));
+            let admin = admin
+                .clone()
+                .filter(|_| request.uri().path().starts_with("/admin/"));
+            let gateway = gateway.clone();
+            async move {
+                Ok::<_, Infallible>(match admin {
+                    Some(router) => {
+                        let response = router.oneshot(request.map(axum::body::Body::new)).await?;
+                        response.map(Either::Right)
+                    }
+                    None => gateway.oneshot(request).await?.map(Either::Left),
+                })
+            }
+        });
+        let connection = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// Prints the demo credentials, a token per tenant (from the gateway's own token endpoint)
 /// and curl commands that work as printed.
-async fn print_demo(base: &str, app: &Router) {
+async fn print_demo(base: &str, gateway: &Gateway) {
     let token = |tenant: &'static str| {
-        let app = app.clone();
+        let gateway = gateway.clone();
         async move {
             let request = axum::http::Request::post("/oauth/token")
                 .header("content-type", "application/x-www-form-urlencoded")
-                .body(axum::body::Body::from(format!(
+                .body(Full::<Bytes>::from(format!(
                     "grant_type=client_credentials&client_id={DEMO_CLIENT}&client_secret={DEMO_SECRET}&scope={tenant}"
                 )))
                 .expect("a valid request");
-            let response = app.oneshot(request).await.expect("infallible");
-            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            let response = gateway.oneshot(request).await.expect("infallible");
+            let body = response
+                .into_body()
+                .collect()
                 .await
+                .map(|b| b.to_bytes())
                 .unwrap_or_default();
             serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()

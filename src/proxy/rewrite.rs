@@ -3,24 +3,26 @@
 //! Done on the bytes rather than by re-serializing JSON: everything but the rewritten URLs
 //! stays exactly as the upstream sent it (key order, spacing, numbers).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Deserialize;
 
 /// Rewrites URLs under `from` (the upstream base) to `to` (the gateway's public base).
 #[derive(Debug, Clone)]
 pub(crate) struct BaseRewriter {
-    from: String,
-    to: String,
+    from: Arc<str>,
+    to: Arc<str>,
 }
 
 impl BaseRewriter {
-    pub(crate) fn new(from: String, to: String) -> Self {
+    pub(crate) fn new(from: Arc<str>, to: Arc<str>) -> Self {
         Self { from, to }
     }
 
     /// The URL with its upstream base replaced, or `None` when it is not under that base.
     pub(crate) fn url(&self, url: &str) -> Option<String> {
-        let rest = url.strip_prefix(self.from.as_str())?;
+        let rest = url.strip_prefix(&*self.from)?;
         at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
     }
 
@@ -34,8 +36,8 @@ impl BaseRewriter {
             resource_type: Option<std::borrow::Cow<'a, str>>,
         }
         // Cheap tests first: most responses hold no upstream URL, or are no Bundle.
-        let needle = format!("\"{}", self.from);
-        find(body, needle.as_bytes())?;
+        let from = self.from.as_bytes();
+        find(body, from)?;
         find(body, b"\"Bundle\"")?;
         let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
         if probe.resource_type.as_deref() != Some("Bundle") {
@@ -44,11 +46,14 @@ impl BaseRewriter {
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
         let mut search = 0;
-        while let Some(found) = find(&body[search..], needle.as_bytes()) {
-            let start = search + found; // at the opening quote
-            let value = start + 1;
-            let after = value + self.from.len();
+        while let Some(found) = find(&body[search..], from) {
+            let value = search + found;
+            let after = value + from.len();
             search = after;
+            // A JSON string value starting with the base, after a `"url":` or `"fullUrl":` key.
+            let Some(start) = value.checked_sub(1).filter(|&quote| body[quote] == b'"') else {
+                continue;
+            };
             if !at_boundary(&body[after..]) || !follows_url_key(&body[..start]) {
                 continue;
             }

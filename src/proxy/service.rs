@@ -56,15 +56,17 @@ const HOP_BY_HOP: [&str; 9] = [
 /// Cheap to clone; clones share one connection pool.
 #[derive(Clone)]
 pub struct FhirProxy {
-    client: Client<Connector, OutgoingBody>,
-    // For upstreams that speak HTTP/2 with prior knowledge (h2c).
-    h2_client: Client<Connector, OutgoingBody>,
+    // One `Arc`: the outer layers clone their inner service per request.
     config: Arc<Config>,
 }
 
 struct Config {
-    public_base: String,
+    client: Client<Connector, OutgoingBody>,
+    // For upstreams that speak HTTP/2 with prior knowledge (h2c).
+    h2_client: Client<Connector, OutgoingBody>,
+    public_base: Arc<str>,
     public_scheme: String,
+    forwarded_proto: HeaderValue,
     timeout: Duration,
     rewrite_limit: usize,
 }
@@ -186,12 +188,15 @@ impl FhirProxyBuilder {
             .pool_idle_timeout(self.pool_idle_timeout)
             .http2_only(true)
             .build(connector);
+        let public_scheme = public.scheme().as_str().to_owned();
         Ok(FhirProxy {
-            client,
-            h2_client,
             config: Arc::new(Config {
-                public_base: public.to_string(),
-                public_scheme: public.scheme().as_str().to_owned(),
+                client,
+                h2_client,
+                public_base: Arc::clone(public.shared_text()),
+                forwarded_proto: HeaderValue::from_str(&public_scheme)
+                    .unwrap_or(HeaderValue::from_static("http")),
+                public_scheme,
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
             }),
@@ -250,12 +255,7 @@ where
                 swap_media_types(&mut parts.headers, name, &DSTU2_MEDIA_TYPES);
             }
         }
-        prepare_request_headers(
-            &mut parts.headers,
-            &upstream,
-            client_addr,
-            &self.config.public_scheme,
-        );
+        prepare_request_headers(&mut parts.headers, &upstream, client_addr, &self.config);
         parts.uri = uri;
         parts.version = if upstream.http2() {
             Version::HTTP_2
@@ -268,9 +268,9 @@ where
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         let sent = if upstream.http2() {
-            self.h2_client.request(outgoing)
+            config.h2_client.request(outgoing)
         } else {
-            self.client.request(outgoing)
+            config.client.request(outgoing)
         };
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, sent).await {
@@ -292,8 +292,10 @@ where
                     ));
                 }
             };
-            let rewriter =
-                BaseRewriter::new(upstream.base().to_string(), config.public_base.clone());
+            let rewriter = BaseRewriter::new(
+                Arc::clone(upstream.base().shared_text()),
+                Arc::clone(&config.public_base),
+            );
             let mut response = relay_response(response, &rewriter, config.rewrite_limit).await;
             if client_wants == AskedForm::Current {
                 let back: Vec<_> = DSTU2_MEDIA_TYPES
@@ -389,39 +391,45 @@ fn prepare_request_headers(
     headers: &mut HeaderMap,
     upstream: &Upstream,
     client: Option<ClientAddr>,
-    public_scheme: &str,
+    config: &Config,
 ) {
+    use std::fmt::Write;
     remove_hop_by_hop(headers);
     let original_host = headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
     if let Some(credentials) = upstream.authorization() {
         headers.insert(header::AUTHORIZATION, credentials.clone());
     }
-    if let Ok(host) = HeaderValue::from_str(upstream.base().authority().as_str()) {
-        headers.insert(header::HOST, host);
+    if let Some(host) = upstream.host_header() {
+        headers.insert(header::HOST, host.clone());
     }
 
     let client_ip = client.map(|ClientAddr(addr)| addr.ip());
-    let for_node = match client_ip {
-        Some(std::net::IpAddr::V6(ip)) => format!("\"[{ip}]\""),
-        Some(ip) => ip.to_string(),
-        None => "unknown".to_owned(),
+    let mut forwarded = String::with_capacity(96);
+    let _ = match client_ip {
+        Some(std::net::IpAddr::V6(ip)) => write!(forwarded, "for=\"[{ip}]\""),
+        Some(ip) => write!(forwarded, "for={ip}"),
+        None => write!(forwarded, "for=unknown"),
     };
-    let mut forwarded = format!("for={for_node};proto={public_scheme}");
+    let _ = write!(forwarded, ";proto={}", config.public_scheme);
     if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        forwarded.push_str(";host=\"");
+        forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
+        forwarded.push('"');
     }
     append(headers, HeaderName::from_static("forwarded"), &forwarded);
     if let Some(ip) = client_ip {
+        forwarded.clear();
+        let _ = write!(forwarded, "{ip}");
         append(
             headers,
             HeaderName::from_static("x-forwarded-for"),
-            &ip.to_string(),
+            &forwarded,
         );
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_str(public_scheme).unwrap_or(HeaderValue::from_static("http")),
+        config.forwarded_proto.clone(),
     );
     match original_host {
         Some(host) => {
@@ -510,10 +518,16 @@ async fn relay_response(
             None => break,
         }
     }
-    let mut whole = Vec::with_capacity(size);
-    for chunk in &read {
-        whole.extend_from_slice(chunk);
-    }
+    let whole = match read.len() {
+        1 => read.pop_front().unwrap_or_default(),
+        _ => {
+            let mut whole = Vec::with_capacity(size);
+            for chunk in &read {
+                whole.extend_from_slice(chunk);
+            }
+            Bytes::from(whole)
+        }
+    };
     let bytes = match rewriter.bundle(&whole) {
         Some(rewritten) => {
             parts
@@ -521,7 +535,7 @@ async fn relay_response(
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
             rewritten
         }
-        None => Bytes::from(whole),
+        None => whole,
     };
     Response::from_parts(parts, ProxyBody::full(bytes))
 }
@@ -591,6 +605,10 @@ mod tests {
         }
     }
 
+    fn config_for(public_base: &str) -> Arc<Config> {
+        FhirProxy::builder(public_base).build().unwrap().config
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
@@ -621,7 +639,7 @@ mod tests {
             &mut h,
             &upstream(Some("Bearer upstream")),
             Some(client),
-            "https",
+            &config_for("https://gw.example"),
         );
         assert_eq!(h["host"], "ehr:9001");
         assert_eq!(h["authorization"], "Bearer upstream");
@@ -646,7 +664,12 @@ mod tests {
 
         let mut h = headers(&[("authorization", "Bearer client-token")]);
         let v6 = ClientAddr("[::1]:1".parse().unwrap());
-        prepare_request_headers(&mut h, &upstream(None), Some(v6), "http");
+        prepare_request_headers(
+            &mut h,
+            &upstream(None),
+            Some(v6),
+            &config_for("http://gw.example"),
+        );
         assert!(
             !h.contains_key("authorization"),
             "no upstream credentials: none forwarded"

@@ -20,6 +20,8 @@ pub struct UpstreamBase {
     authority: Authority,
     // Without a trailing slash; empty for the root.
     path: String,
+    // The whole base as text, made once: the proxy compares response URLs with it.
+    text: Arc<str>,
 }
 
 impl UpstreamBase {
@@ -53,10 +55,12 @@ impl UpstreamBase {
         {
             return Err(invalid("dot segments in the base path"));
         }
+        let text = Arc::from(format!("{scheme}://{authority}{path}"));
         Ok(Self {
             scheme,
             authority,
             path: path.to_owned(),
+            text,
         })
     }
 
@@ -74,11 +78,20 @@ impl UpstreamBase {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// The base URL, without a trailing slash.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub(crate) fn shared_text(&self) -> &Arc<str> {
+        &self.text
+    }
 }
 
 impl fmt::Display for UpstreamBase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.path)
+        f.write_str(&self.text)
     }
 }
 
@@ -111,6 +124,8 @@ pub struct Upstream {
 #[derive(Clone)]
 struct Inner {
     base: UpstreamBase,
+    // The `Host` header toward it, made once.
+    host: Option<HeaderValue>,
     version: FhirVersion,
     authorization: Option<HeaderValue>,
     timeout: Option<Duration>,
@@ -122,6 +137,7 @@ impl Upstream {
     pub fn new(base: UpstreamBase, version: FhirVersion) -> Self {
         Self {
             inner: Arc::new(Inner {
+                host: HeaderValue::from_str(base.authority().as_str()).ok(),
                 base,
                 version,
                 authorization: None,
@@ -166,6 +182,11 @@ impl Upstream {
 
     fn inner_mut(&mut self) -> &mut Inner {
         Arc::make_mut(&mut self.inner)
+    }
+
+    /// The `Host` header value toward it.
+    pub(crate) fn host_header(&self) -> Option<&HeaderValue> {
+        self.inner.host.as_ref()
     }
 
     /// The base URL.
