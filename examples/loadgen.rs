@@ -1,6 +1,7 @@
 //! A load generator for FHIR gateways: `cargo run --release --example loadgen -- --help`.
 //!
-//! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`): a closed loop with N connections, or a fixed request
+//! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), each worker on a
+//! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop with N connections, or a fixed request
 //! rate with coordinated-omission correction (latency counted from when each request was due,
 //! not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
 //! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
@@ -78,6 +79,9 @@ struct Options {
     path: Option<String>,
     http2: bool,
     json: bool,
+    /// `host:port` and the path prefix of `target`.
+    authority: String,
+    base_path: String,
 }
 
 fn options() -> Result<Options, String> {
@@ -93,6 +97,8 @@ fn options() -> Result<Options, String> {
         path: None,
         http2: false,
         json: false,
+        authority: String::new(),
+        base_path: String::new(),
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
@@ -143,6 +149,15 @@ fn options() -> Result<Options, String> {
         },
         (None, None) => Tokens::None,
     };
+    let target: Uri = o.target.parse().map_err(|e| format!("--target: {e}"))?;
+    if target.scheme_str() != Some("http") {
+        return Err("--target must be an http:// URL".to_owned());
+    }
+    o.authority = target
+        .authority()
+        .map(|a| a.to_string())
+        .ok_or("--target needs a host")?;
+    o.base_path = target.path().trim_end_matches('/').to_owned();
     if o.tenants.is_empty() {
         o.tenants
             .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
@@ -296,9 +311,61 @@ struct Tally {
     errors: BTreeMap<String, u64>,
 }
 
+/// One worker's own connection to the target, opened on first use and again after a failure.
+enum Connection {
+    None,
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Connection {
+    async fn send(
+        &mut self,
+        options: &Options,
+        request: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        if matches!(self, Connection::None) {
+            *self = Connection::open(options).await?;
+        }
+        let sent = match self {
+            Connection::Http1(sender) => match sender.ready().await {
+                Ok(()) => sender.send_request(request).await,
+                Err(e) => Err(e),
+            },
+            Connection::Http2(sender) => sender.send_request(request).await,
+            Connection::None => unreachable!("opened above"),
+        };
+        sent.map_err(|e| {
+            *self = Connection::None;
+            format!("send: {e}")
+        })
+    }
+
+    async fn open(options: &Options) -> Result<Connection, String> {
+        let stream = tokio::net::TcpStream::connect(&options.authority)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        if options.http2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(connection);
+            Ok(Connection::Http2(sender))
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(connection);
+            Ok(Connection::Http1(sender))
+        }
+    }
+}
+
 struct Shared {
     options: Options,
-    client: Client<HttpConnector, Full<Bytes>>,
     tokens: TokenBook,
     sequence: AtomicU64,
     done: AtomicU64,
@@ -309,17 +376,31 @@ struct Shared {
 
 impl Shared {
     /// Sends request `i`; returns whether it was measured.
-    async fn one(&self, i: u64, due: Instant, latency: &mut Histogram<u64>) {
+    async fn one(
+        &self,
+        connection: &mut Connection,
+        i: u64,
+        due: Instant,
+        latency: &mut Histogram<u64>,
+    ) {
         let tenant = &self.options.tenants[(i as usize) % self.options.tenants.len()];
         let (method, path, body) = pick(i, self.options.path.as_deref());
         let outcome = async {
-            let uri: Uri = format!("{}{}", self.options.target, path)
-                .parse()
-                .map_err(|e| format!("{e}"))?;
+            // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
+            let uri: Uri = if self.options.http2 {
+                format!("{}{}", self.options.target, path)
+            } else {
+                format!("{}{}", self.options.base_path, path)
+            }
+            .parse()
+            .map_err(|e| format!("{e}"))?;
             let mut request = Request::builder()
                 .method(method)
                 .uri(uri)
                 .header("accept", "application/fhir+json");
+            if !self.options.http2 {
+                request = request.header("host", &self.options.authority);
+            }
             if !body.is_empty() {
                 request = request.header("content-type", "application/x-www-form-urlencoded");
             }
@@ -327,11 +408,7 @@ impl Shared {
                 request = request.header("authorization", format!("Bearer {token}"));
             }
             let request = request.body(Full::from(body)).map_err(|e| e.to_string())?;
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("connect/send: {e}"))?;
+            let response = connection.send(&self.options, request).await?;
             let status = response.status().as_u16();
             response
                 .into_body()
@@ -376,10 +453,6 @@ async fn main() {
         }
     };
     tower_fhir::install_crypto_provider();
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(options.connections)
-        .http2_only(options.http2)
-        .build_http();
     let tokens = TokenBook {
         tokens: options.tokens.clone(),
         client: Client::builder(TokioExecutor::new()).build_http(),
@@ -400,7 +473,6 @@ async fn main() {
     let shared = Arc::new(Shared {
         tokens,
         options,
-        client,
         sequence: AtomicU64::new(0),
         done: AtomicU64::new(0),
         measuring_from,
@@ -431,11 +503,14 @@ async fn main() {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
                 let mut latency = histogram();
+                let mut connection = Connection::None;
                 match shared.options.rate {
                     None => {
                         while !shared.finished() {
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(i, Instant::now(), &mut latency).await;
+                            shared
+                                .one(&mut connection, i, Instant::now(), &mut latency)
+                                .await;
                         }
                     }
                     Some(rate) => {
@@ -447,7 +522,7 @@ async fn main() {
                         while !shared.finished() {
                             tokio::time::sleep_until(due.into()).await;
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(i, due, &mut latency).await;
+                            shared.one(&mut connection, i, due, &mut latency).await;
                             due += interval;
                         }
                     }
