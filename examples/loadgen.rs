@@ -1,9 +1,9 @@
 //! A load generator for FHIR gateways: `cargo run --release --example loadgen -- --help`.
 //!
 //! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), each worker on a
-//! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop with N connections, or a fixed request
-//! rate with coordinated-omission correction (latency counted from when each request was due,
-//! not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
+//! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop, or a
+//! fixed request rate with coordinated-omission correction (latency counted from when each
+//! request was due, not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
 //! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
 //! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
 //! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage) or hit one
