@@ -38,7 +38,7 @@ impl BaseRewriter {
         // Cheap tests first: most responses hold no upstream URL, or are no Bundle.
         let from = self.from.as_bytes();
         find(body, from)?;
-        find(body, b"\"Bundle\"")?;
+        find_bundle(body)?;
         let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
         if probe.resource_type.as_deref() != Some("Bundle") {
             return None;
@@ -93,6 +93,13 @@ fn trim_end(mut bytes: &[u8]) -> &[u8] {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
+}
+
+/// `"Bundle"`, searched for in every JSON response: its searcher is built once.
+fn find_bundle(haystack: &[u8]) -> Option<usize> {
+    static BUNDLE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"Bundle\""));
+    BUNDLE.find(haystack)
 }
 
 #[cfg(test)]

@@ -406,11 +406,14 @@ fn prepare_request_headers(
 
     let client_ip = client.map(|ClientAddr(addr)| addr.ip());
     let mut forwarded = String::with_capacity(96);
-    let _ = match client_ip {
-        Some(std::net::IpAddr::V6(ip)) => write!(forwarded, "for=\"[{ip}]\""),
-        Some(ip) => write!(forwarded, "for={ip}"),
-        None => write!(forwarded, "for=unknown"),
-    };
+    forwarded.push_str("for=");
+    match client_ip {
+        Some(std::net::IpAddr::V6(ip)) => {
+            let _ = write!(forwarded, "\"[{ip}]\"");
+        }
+        Some(std::net::IpAddr::V4(ip)) => push_ipv4(&mut forwarded, ip),
+        None => forwarded.push_str("unknown"),
+    }
     let _ = write!(forwarded, ";proto={}", config.public_scheme);
     if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
         forwarded.push_str(";host=\"");
@@ -441,6 +444,22 @@ fn prepare_request_headers(
     }
 }
 
+/// Writes an IPv4 address in dotted decimal (what `Display` writes, without the formatter).
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+}
+
 /// Adds to a comma-separated list header, keeping what earlier proxies wrote.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     let combined = match headers
@@ -458,6 +477,10 @@ fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (cheap comparisons) before any removal.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -618,6 +641,21 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn ipv4_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.99",
+        ] {
+            let mut out = String::new();
+            push_ipv4(&mut out, ip.parse().unwrap());
+            assert_eq!(out, ip);
+        }
     }
 
     #[test]

@@ -307,20 +307,28 @@ impl Config {
 /// Whether the request's `Accept` and `Content-Type` use DSTU2's media types
 /// (`json+fhir`, `xml+fhir`) and none of the later ones (`fhir+json`, `fhir+xml`).
 fn speaks_dstu2_only(headers: &http::HeaderMap) -> bool {
-    let values = || {
-        headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .chain(headers.get_all(header::CONTENT_TYPE))
-            .map(HeaderValue::as_bytes)
-    };
-    let has = |needle: &[u8]| {
-        values().any(|v| {
-            v.windows(needle.len())
-                .any(|w| w.eq_ignore_ascii_case(needle))
-        })
-    };
-    (has(b"json+fhir") || has(b"xml+fhir")) && !has(b"fhir+json") && !has(b"fhir+xml")
+    let (mut old, mut new) = (false, false);
+    for value in headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .chain(headers.get_all(header::CONTENT_TYPE))
+    {
+        let bytes = value.as_bytes();
+        // Only a `+` can make a FHIR media type: look around each one.
+        for plus in memchr::memchr_iter(b'+', bytes) {
+            let (before, after) = (&bytes[..plus], &bytes[plus + 1..]);
+            let ends = |suffix: &[u8]| {
+                before.len() >= suffix.len()
+                    && before[before.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+            };
+            let starts = |prefix: &[u8]| {
+                after.len() >= prefix.len() && after[..prefix.len()].eq_ignore_ascii_case(prefix)
+            };
+            old |= (ends(b"json") || ends(b"xml")) && starts(b"fhir");
+            new |= ends(b"fhir") && (starts(b"json") || starts(b"xml"));
+        }
+    }
+    old && !new
 }
 
 /// The release named by an `Accept` made of one value in the common exact form
