@@ -165,8 +165,15 @@ echo "gateway peak RSS after these runs: $(peak_rss_kib "$single_gateway") KiB"
 
 echo
 echo "10,000 connections held open against the gateway (2,000 req/s spread over them, 10 s):"
+( most=0
+  while kill -0 "$single_gateway" 2>/dev/null && [ ! -f "$work/conn-10k.done" ]; do
+    now=$(ls "/proc/$single_gateway/fd" 2>/dev/null | wc -l)
+    [ "$now" -gt "$most" ] && most=$now && echo "$most" >"$work/conn-10k.fds"
+    sleep 0.5
+  done ) &
 load conn-10k "http://127.0.0.1:$gateway_port" --tenants "$one" --connections 10000 --rate 2000 --warmup 5 --duration 10 --path /Patient/123
-echo "  gateway sockets open at the end: $(ls "/proc/$single_gateway/fd" | wc -l) file descriptors"
+touch "$work/conn-10k.done"
+echo "  gateway file descriptors open at the peak: $(cat "$work/conn-10k.fds")"
 
 echo
 echo "100,000 distinct tenants and tokens (every request a new tenant until all are seen):"

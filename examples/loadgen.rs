@@ -418,7 +418,7 @@ impl Shared {
             Ok::<u16, String>(status)
         }
         .await;
-        if due < self.measuring_from {
+        if due < self.measuring_from || due >= self.stop_at {
             return;
         }
         latency.saturating_record(due.elapsed().as_micros().max(1) as u64);
@@ -519,7 +519,16 @@ async fn main() {
                         let interval =
                             Duration::from_secs_f64(shared.options.connections as f64 / rate);
                         let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
-                        while !shared.finished() {
+                        // Open the connection before the first slot (spread over the warm-up),
+                        // so every connection is held for the whole run.
+                        let opening = shared.options.warmup.mul_f64(
+                            0.5 * worker as f64 / shared.options.connections as f64,
+                        );
+                        tokio::time::sleep_until((start + opening).into()).await;
+                        if let Ok(opened) = Connection::open(&shared.options).await {
+                            connection = opened;
+                        }
+                        while !shared.finished() && due < shared.stop_at {
                             tokio::time::sleep_until(due.into()).await;
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
                             shared.one(&mut connection, i, due, &mut latency).await;
