@@ -87,7 +87,9 @@ load() {
 import json, sys
 r = json.load(open(sys.argv[1]))
 bad = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if k != "200")
-print(f"  {sys.argv[2]:<12} {r['requests_per_second']:>9.0f} req/s   p50 {r['latency_us']['p50']:>6} us   p99 {r['latency_us']['p99']:>6} us   not-200 {bad}")
+others = {k: v for k, v in r["statuses"].items() if k != "200"}
+others.update(r["errors"])
+print(f"  {sys.argv[2]:<12} {r['requests_per_second']:>9.0f} req/s   p50 {r['latency_us']['p50']:>6} us   p99 {r['latency_us']['p99']:>6} us   not-200 {bad}" + (f" {others}" if others else ""))
 PY
 }
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
