@@ -521,9 +521,10 @@ async fn main() {
                         let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
                         // Open the connection before the first slot (spread over the warm-up),
                         // so every connection is held for the whole run.
-                        let opening = shared.options.warmup.mul_f64(
-                            0.5 * worker as f64 / shared.options.connections as f64,
-                        );
+                        let opening = shared
+                            .options
+                            .warmup
+                            .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
                         tokio::time::sleep_until((start + opening).into()).await;
                         if let Ok(opened) = Connection::open(&shared.options).await {
                             connection = opened;
