@@ -57,6 +57,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+#[cfg(feature = "token")]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -513,6 +514,7 @@ where
 }
 
 /// Readies `service`, calls it, and boxes the response body.
+#[cfg(feature = "token")]
 fn oneshot<S, B, ResBody>(mut service: S, request: Request<B>) -> GatewayFuture
 where
     S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible> + Send + 'static,

@@ -84,6 +84,7 @@ impl UpstreamBase {
         &self.text
     }
 
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
     pub(crate) fn shared_text(&self) -> &Arc<str> {
         &self.text
     }
@@ -125,6 +126,7 @@ pub struct Upstream {
 struct Inner {
     base: UpstreamBase,
     // The `Host` header toward it, made once.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
     host: Option<HeaderValue>,
     version: FhirVersion,
     authorization: Option<HeaderValue>,
@@ -185,6 +187,7 @@ impl Upstream {
     }
 
     /// The `Host` header value toward it.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
     pub(crate) fn host_header(&self) -> Option<&HeaderValue> {
         self.inner.host.as_ref()
     }
