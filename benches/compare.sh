@@ -121,6 +121,9 @@ http {
   client_body_temp_path $work/nginx-body;
   proxy_temp_path $work/nginx-proxy;
   upstream fhir { server 127.0.0.1:$upstream_port; keepalive 256; }
+  # Clients keep their connections for the whole run (nginx closes one after 1,000 requests
+  # by default, which the load generator would count as errors).
+  keepalive_requests 100000000;
   server {
     listen 127.0.0.1:$nginx_port;
     location / {

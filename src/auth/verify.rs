@@ -435,21 +435,27 @@ fn is_b64token(token: &[u8]) -> bool {
 
 /// Tokens already verified, each kept no longer than its own `exp`.
 pub(crate) struct TokenCache {
-    cache: Cache<Arc<[u8]>, CachedToken>,
+    // Keyed by a keyed 64-bit hash of the token, not the token: tokens are long and share
+    // long prefixes, so probing by the token itself compares hundreds of bytes per entry.
+    // The entry keeps the token, compared once on a hit; a (keyed, so unforgeable) collision
+    // is a miss.
+    cache: Cache<u64, CachedToken>,
+    hasher: std::hash::RandomState,
 }
 
 #[derive(Clone)]
 struct CachedToken {
+    token: Arc<[u8]>,
     claims: VerifiedClaims,
     key: Arc<VerificationKey>,
 }
 
 struct UntilExpiry;
 
-impl moka::Expiry<Arc<[u8]>, CachedToken> for UntilExpiry {
+impl moka::Expiry<u64, CachedToken> for UntilExpiry {
     fn expire_after_create(
         &self,
-        _token: &Arc<[u8]>,
+        _token: &u64,
         cached: &CachedToken,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -464,14 +470,23 @@ impl TokenCache {
                 .max_capacity(capacity)
                 .expire_after(UntilExpiry)
                 .build(),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
+    fn key(&self, token: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, token)
+    }
+
     fn get(&self, token: &[u8]) -> Option<VerifiedClaims> {
-        let cached = self.cache.get(token)?;
+        let key = self.key(token);
+        let cached = self.cache.get(&key)?;
+        if *cached.token != *token {
+            return None;
+        }
         // Re-check what may have changed since the token was verified.
         if cached.key.is_retired() || cached.claims.is_expired() {
-            self.cache.invalidate(token);
+            self.cache.invalidate(&key);
             return None;
         }
         Some(cached.claims)
@@ -480,10 +495,11 @@ impl TokenCache {
     fn insert(&self, token: &[u8], claims: &VerifiedClaims, key: &Arc<VerificationKey>) {
         if claims.time_left().is_some() {
             let cached = CachedToken {
+                token: Arc::from(token),
                 claims: claims.clone(),
                 key: Arc::clone(key),
             };
-            self.cache.insert(Arc::from(token), cached);
+            self.cache.insert(self.key(token), cached);
         }
     }
 }
@@ -491,6 +507,35 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_cache_answers_only_for_the_very_token() {
+        let cache = TokenCache::new(100);
+        let key = Arc::new(VerificationKey::hmac(b"a-shared-secret-of-32-bytes-or-more!").unwrap());
+        let claims = |sub: &str| {
+            let exp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 600;
+            let map = serde_json::json!({"sub": sub, "exp": exp});
+            VerifiedClaims::assume_verified(map.as_object().unwrap().clone()).unwrap()
+        };
+        cache.insert(b"token-a", &claims("a"), &key);
+        cache.insert(b"token-b", &claims("b"), &key);
+        assert_eq!(cache.get(b"token-a").unwrap().subject(), Some("a"));
+        assert_eq!(cache.get(b"token-b").unwrap().subject(), Some("b"));
+        assert!(cache.get(b"token-c").is_none());
+        // An entry found under a token's key but holding another token (a hash collision) is
+        // a miss, never the other token's claims.
+        let impostor = CachedToken {
+            token: Arc::from(&b"token-b"[..]),
+            claims: claims("b"),
+            key: Arc::clone(&key),
+        };
+        cache.cache.insert(cache.key(b"token-z"), impostor);
+        assert!(cache.get(b"token-z").is_none());
+    }
 
     #[test]
     fn b64token_syntax() {
