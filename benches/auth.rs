@@ -8,54 +8,21 @@
 //! - `layer_no_cache`: the layer verifying every request;
 //! - `layer_warm_cache`: the layer answering from its verified-token cache.
 
+mod common;
+
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::cases;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures::FutureExt;
 use http::{Request, Response};
 use http_body_util::Full;
-use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{encode, Header, Validation};
 use serde_json::{json, Map, Value};
 use tower::{Layer, Service};
-use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-
-const RSA_PRIVATE: &str = include_str!("../tests/support/keys/rsa_private.pem");
-const RSA_PUBLIC: &str = include_str!("../tests/support/keys/rsa_public.pem");
-const EC_PRIVATE: &str = include_str!("../tests/support/keys/ec_private.pem");
-const EC_PUBLIC: &str = include_str!("../tests/support/keys/ec_public.pem");
-const SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
-
-struct Case {
-    alg: Algorithm,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    key: fn() -> VerificationKey,
-}
-
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            alg: Algorithm::HS256,
-            encoding: EncodingKey::from_secret(SECRET),
-            decoding: DecodingKey::from_secret(SECRET),
-            key: || VerificationKey::hmac(SECRET).unwrap().with_kid("k"),
-        },
-        Case {
-            alg: Algorithm::RS256,
-            encoding: EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
-            decoding: DecodingKey::from_rsa_pem(RSA_PUBLIC.as_bytes()).unwrap(),
-            key: || VerificationKey::rsa_pem(RSA_PUBLIC).unwrap().with_kid("k"),
-        },
-        Case {
-            alg: Algorithm::ES256,
-            encoding: EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
-            decoding: DecodingKey::from_ec_pem(EC_PUBLIC.as_bytes()).unwrap(),
-            key: || VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("k"),
-        },
-    ]
-}
+use tower_fhir::auth::BearerAuthLayer;
 
 fn request(authorization: &str) -> Request<Full<Bytes>> {
     Request::builder()

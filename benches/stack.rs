@@ -21,60 +21,28 @@
 //! - `full/HS256/warm/1000_tenants`: 1,000 onboarded tenants, one token each, sent round-robin
 //!   (token and route caches warm), against the one-tenant `full/HS256/warm`.
 
+mod common;
+
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::{cases, Case};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
-use jsonwebtoken::{encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{encode, Algorithm, Header, Validation};
 use serde_json::{json, Map, Value};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_fhir::auth::{BearerAuthLayer, VerificationKey, VerifiedClaims};
+use tower_fhir::auth::{BearerAuthLayer, VerifiedClaims};
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 use tower_fhir::ServiceBuilderExt;
 
-const RSA_PRIVATE: &str = include_str!("../tests/support/keys/rsa_private.pem");
-const RSA_PUBLIC: &str = include_str!("../tests/support/keys/rsa_public.pem");
-const EC_PRIVATE: &str = include_str!("../tests/support/keys/ec_private.pem");
-const EC_PUBLIC: &str = include_str!("../tests/support/keys/ec_public.pem");
-const SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const ACCEPT: &str = "application/fhir+json; fhirVersion=3.0";
 const TENANTS: u32 = 1_000;
-
-struct Case {
-    alg: Algorithm,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    key: fn() -> VerificationKey,
-}
-
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            alg: Algorithm::HS256,
-            encoding: EncodingKey::from_secret(SECRET),
-            decoding: DecodingKey::from_secret(SECRET),
-            key: || VerificationKey::hmac(SECRET).unwrap().with_kid("k"),
-        },
-        Case {
-            alg: Algorithm::RS256,
-            encoding: EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
-            decoding: DecodingKey::from_rsa_pem(RSA_PUBLIC.as_bytes()).unwrap(),
-            key: || VerificationKey::rsa_pem(RSA_PUBLIC).unwrap().with_kid("k"),
-        },
-        Case {
-            alg: Algorithm::ES256,
-            encoding: EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
-            decoding: DecodingKey::from_ec_pem(EC_PUBLIC.as_bytes()).unwrap(),
-            key: || VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("k"),
-        },
-    ]
-}
 
 async fn ok(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::builder()
