@@ -706,6 +706,17 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    // Every admin route refuses without the admin token, before looking at anything else.
+    for (method, path) in [
+        ("DELETE", format!("/admin/tenants/{STU3_TENANT}")),
+        ("GET", format!("/admin/tenants/{STU3_TENANT}")),
+        ("PUT", "/admin/tenants/not-a-guid".to_owned()),
+        ("POST", "/admin/clients/app/secret".to_owned()),
+    ] {
+        let reply = gateway.client.send(method, &path, &[], "").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert!(reply.challenge().starts_with("Bearer"), "{method} {path}");
+    }
     let reply = gateway
         .client
         .send(

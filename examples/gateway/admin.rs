@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
@@ -30,6 +31,11 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
             put(put_tenant).delete(delete_tenant).get(get_tenant),
         )
         .route("/admin/clients/{client_id}/secret", post(reset_secret))
+        // Every admin route needs the admin token; checked once, before any handler.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&admin),
+            require_admin,
+        ))
         .with_state(admin)
 }
 
@@ -37,9 +43,10 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
-/// Checks the presented admin token, in constant time; the 401 to answer when it is wrong.
-fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let presented = headers
+/// Lets a request through only with the admin token (compared in constant time).
+async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -52,7 +59,7 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Box<Response>> {
             .fold(0u8, |diff, (a, b)| diff | (a ^ b))
             == 0;
     if same {
-        return Ok(());
+        return next.run(request).await;
     }
     tracing::warn!("admin request refused: missing or wrong admin token");
     let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
@@ -60,7 +67,7 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> Result<(), Box<Response>> {
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer realm=\"admin\""),
     );
-    Err(Box::new(response))
+    response
 }
 
 fn tenant_id(id: &str) -> Result<TenantId, Box<Response>> {
@@ -83,12 +90,8 @@ enum TenantBody {
 async fn put_tenant(
     State(admin): State<Arc<Admin>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = authorized(&admin, &headers) {
-        return *refused;
-    }
     let tenant = match tenant_id(&id) {
         Ok(tenant) => tenant,
         Err(response) => return *response,
@@ -137,14 +140,7 @@ fn tenant_json(admin: &Admin, tenant: TenantId) -> serde_json::Value {
     json!({"id": tenant, "upstreams": upstreams})
 }
 
-async fn get_tenant(
-    State(admin): State<Arc<Admin>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = authorized(&admin, &headers) {
-        return *refused;
-    }
+async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     match tenant_id(&id) {
         Ok(tenant) if admin.directory.get(tenant).is_some() => {
             Json(tenant_json(&admin, tenant)).into_response()
@@ -154,14 +150,7 @@ async fn get_tenant(
     }
 }
 
-async fn delete_tenant(
-    State(admin): State<Arc<Admin>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = authorized(&admin, &headers) {
-        return *refused;
-    }
+async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     let tenant = match tenant_id(&id) {
         Ok(tenant) => tenant,
         Err(response) => return *response,
@@ -182,14 +171,7 @@ async fn delete_tenant(
     }
 }
 
-async fn reset_secret(
-    State(admin): State<Arc<Admin>>,
-    Path(client_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(refused) = authorized(&admin, &headers) {
-        return *refused;
-    }
+async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
     match admin.clients.client(&client_id).await {
         Ok(Some(record)) if !record.revoked => {}
         Ok(_) => return error(StatusCode::NOT_FOUND, "no such client"),
