@@ -303,13 +303,15 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move {
-            Ok(match inner.token(request).await {
-                Ok(response) => response,
-                Err(err) => err.into_response(),
-            })
-        })
+        answer(async move { inner.token(request).await })
     }
+}
+
+/// The endpoint's answer: the response, or the RFC 6749 error as one.
+fn answer(
+    handled: impl Future<Output = Result<Response<TokenResponseBody>, TokenError>> + Send + 'static,
+) -> TokenFuture {
+    Box::pin(async move { Ok(handled.await.unwrap_or_else(TokenError::into_response)) })
 }
 
 /// The client's own secret rotation, from [`TokenEndpoint::secret_rotation_service`].
@@ -339,12 +341,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move {
-            Ok(match inner.rotate_own(request).await {
-                Ok(response) => response,
-                Err(err) => err.into_response(),
-            })
-        })
+        answer(async move { inner.rotate_own(request).await })
     }
 }
 
