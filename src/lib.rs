@@ -43,6 +43,7 @@ pub mod future;
 #[cfg(feature = "proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod gateway;
+mod hot_cache;
 pub mod metadata;
 pub mod outcome;
 mod persist;

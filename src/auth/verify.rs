@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -10,7 +9,6 @@ use futures::future::BoxFuture;
 use http::{header, HeaderMap};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
-use moka::sync::Cache;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -18,6 +16,7 @@ use super::claims::VerifiedClaims;
 use super::keys::{KeySet, VerificationKey};
 use super::rejection::{Rejection, RejectionKind};
 use super::source::{RefreshingKeys, SharedFetch, Trigger};
+use crate::hot_cache::HotCache;
 
 /// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
 const MAX_HEADER_BYTES: usize = 1024;
@@ -435,58 +434,39 @@ fn is_b64token(token: &[u8]) -> bool {
 
 /// Tokens already verified, each kept no longer than its own `exp`.
 pub(crate) struct TokenCache {
-    // Keyed by a keyed 64-bit hash of the token, not the token: tokens are long and share
-    // long prefixes, so probing by the token itself compares hundreds of bytes per entry.
-    // The entry keeps the token, compared once on a hit; a (keyed, so unforgeable) collision
-    // is a miss.
-    cache: Cache<u64, CachedToken>,
-    hasher: std::hash::RandomState,
+    // Looked up by a keyed hash of the token's last bytes (its signature: tokens of one issuer
+    // share long prefixes, and hashing hundreds of bytes per request costs more than the rest
+    // of the lookup); the whole token is compared once on a hit.
+    cache: HotCache<Arc<[u8]>, CachedToken>,
 }
 
 #[derive(Clone)]
 struct CachedToken {
-    token: Arc<[u8]>,
     claims: VerifiedClaims,
     key: Arc<VerificationKey>,
 }
 
-struct UntilExpiry;
-
-impl moka::Expiry<u64, CachedToken> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _token: &u64,
-        cached: &CachedToken,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(cached.claims.time_left().unwrap_or(Duration::ZERO))
-    }
-}
+/// How much of a token's end is hashed.
+const HASHED_SUFFIX: usize = 32;
 
 impl TokenCache {
     pub(crate) fn new(capacity: u64) -> Self {
         Self {
-            cache: Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(UntilExpiry)
-                .build(),
-            hasher: std::hash::RandomState::new(),
+            cache: HotCache::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
         }
     }
 
     fn key(&self, token: &[u8]) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, token)
+        self.cache
+            .hash(&token[token.len().saturating_sub(HASHED_SUFFIX)..])
     }
 
     fn get(&self, token: &[u8]) -> Option<VerifiedClaims> {
         let key = self.key(token);
-        let cached = self.cache.get(&key)?;
-        if *cached.token != *token {
-            return None;
-        }
+        let cached = self.cache.get(key, token)?;
         // Re-check what may have changed since the token was verified.
         if cached.key.is_retired() || cached.claims.is_expired() {
-            self.cache.invalidate(&key);
+            self.cache.remove(key, token);
             return None;
         }
         Some(cached.claims)
@@ -495,11 +475,13 @@ impl TokenCache {
     fn insert(&self, token: &[u8], claims: &VerifiedClaims, key: &Arc<VerificationKey>) {
         if claims.time_left().is_some() {
             let cached = CachedToken {
-                token: Arc::from(token),
                 claims: claims.clone(),
                 key: Arc::clone(key),
             };
-            self.cache.insert(self.key(token), cached);
+            self.cache
+                .insert(self.key(token), Arc::from(token), cached, |kept| {
+                    kept.key.is_retired() || kept.claims.is_expired()
+                });
         }
     }
 }
@@ -529,12 +511,30 @@ mod tests {
         // An entry found under a token's key but holding another token (a hash collision) is
         // a miss, never the other token's claims.
         let impostor = CachedToken {
-            token: Arc::from(&b"token-b"[..]),
             claims: claims("b"),
             key: Arc::clone(&key),
         };
-        cache.cache.insert(cache.key(b"token-z"), impostor);
+        cache.cache.insert(
+            cache.key(b"token-z"),
+            Arc::from(&b"token-b"[..]),
+            impostor,
+            |_| false,
+        );
         assert!(cache.get(b"token-z").is_none());
+        // Tokens that end alike (the hashed part) are still told apart.
+        let suffix = [b'x'; HASHED_SUFFIX];
+        let (one, two) = (
+            [b"one.".as_slice(), &suffix].concat(),
+            [b"two.".as_slice(), &suffix].concat(),
+        );
+        cache.insert(&one, &claims("one"), &key);
+        assert!(cache.get(&two).is_none());
+        cache.insert(&two, &claims("two"), &key);
+        assert!(
+            cache.get(&one).is_none(),
+            "one slot per hash: the later token took it"
+        );
+        assert_eq!(cache.get(&two).unwrap().subject(), Some("two"));
     }
 
     #[test]

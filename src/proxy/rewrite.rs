@@ -35,10 +35,11 @@ impl BaseRewriter {
             #[serde(rename = "resourceType", borrow)]
             resource_type: Option<std::borrow::Cow<'a, str>>,
         }
-        // Cheap tests first: most responses hold no upstream URL, or are no Bundle.
+        // Cheap tests first: most responses are no Bundle (its searcher is built once), or
+        // hold no upstream URL.
         let from = self.from.as_bytes();
-        find(body, from)?;
         find_bundle(body)?;
+        find(body, from)?;
         let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
         if probe.resource_type.as_deref() != Some("Bundle") {
             return None;

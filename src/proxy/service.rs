@@ -37,6 +37,10 @@ type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Headers that belong to one connection and never cross a proxy (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -414,32 +418,31 @@ fn prepare_request_headers(
         Some(std::net::IpAddr::V4(ip)) => push_ipv4(&mut forwarded, ip),
         None => forwarded.push_str("unknown"),
     }
-    let _ = write!(forwarded, ";proto={}", config.public_scheme);
+    forwarded.push_str(";proto=");
+    forwarded.push_str(&config.public_scheme);
     if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
         forwarded.push_str(";host=\"");
         forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
         forwarded.push('"');
     }
-    append(headers, HeaderName::from_static("forwarded"), &forwarded);
+    append(headers, header::FORWARDED, &forwarded);
     if let Some(ip) = client_ip {
         forwarded.clear();
-        let _ = write!(forwarded, "{ip}");
-        append(
-            headers,
-            HeaderName::from_static("x-forwarded-for"),
-            &forwarded,
-        );
+        match ip {
+            std::net::IpAddr::V4(ip) => push_ipv4(&mut forwarded, ip),
+            std::net::IpAddr::V6(ip) => {
+                let _ = write!(forwarded, "{ip}");
+            }
+        }
+        append(headers, X_FORWARDED_FOR, &forwarded);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        config.forwarded_proto.clone(),
-    );
+    headers.insert(X_FORWARDED_PROTO, config.forwarded_proto.clone());
     match original_host {
         Some(host) => {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+            headers.insert(X_FORWARDED_HOST, host);
         }
         None => {
-            headers.remove(HeaderName::from_static("x-forwarded-host"));
+            headers.remove(X_FORWARDED_HOST);
         }
     }
 }
@@ -462,6 +465,12 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
 
 /// Adds to a comma-separated list header, keeping what earlier proxies wrote.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if !headers.contains_key(&name) {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+        return;
+    }
     let combined = match headers
         .get_all(&name)
         .iter()

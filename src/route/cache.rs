@@ -1,7 +1,9 @@
 //! The route cache: directory answers kept in moka, with single-flight misses, negative
-//! caching, and stale answers served while the directory is down.
+//! caching, and stale answers served while the directory is down; fresh answers also in a
+//! [`HotCache`] in front, which is all a request touches while its tenant's answer is fresh.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use tokio::sync::broadcast;
 
 use super::directory::{DirectoryError, TenantDirectory};
 use super::upstream::TenantUpstreams;
+use crate::hot_cache::HotCache;
 use crate::tenant::TenantId;
 
 /// How long answers are kept.
@@ -35,7 +38,17 @@ pub struct RouteCache {
 struct Inner {
     directory: Box<dyn TenantDirectory>,
     cache: Cache<TenantId, Cached>,
+    /// Fresh answers (found or not found, never a failure), each until its `fresh_until`.
+    front: HotCache<TenantId, Fresh>,
+    /// Counts invalidations: an answer looked up before one is not put in front after it.
+    generation: AtomicU64,
     policy: CachePolicy,
+}
+
+#[derive(Clone)]
+struct Fresh {
+    upstreams: Option<TenantUpstreams>,
+    until: Instant,
 }
 
 #[derive(Clone)]
@@ -77,6 +90,8 @@ impl RouteCache {
             inner: Arc::new(Inner {
                 directory,
                 cache,
+                front: HotCache::new(usize::try_from(policy.capacity).unwrap_or(usize::MAX)),
+                generation: AtomicU64::new(0),
                 policy,
             }),
         }
@@ -91,9 +106,50 @@ impl RouteCache {
         &self,
         tenant: TenantId,
     ) -> Result<Option<TenantUpstreams>, DirectoryError> {
+        if let Some(fresh) = self.fresh(tenant) {
+            return Ok(fresh);
+        }
+        let inner = &self.inner;
+        let generation = inner.generation.load(Ordering::Acquire);
+        let answer = self.resolve_slowly(tenant).await;
+        if inner.generation.load(Ordering::Acquire) != generation {
+            // Invalidated while the directory was asked: the answer may predate the change.
+            // Serve it to this request (it was in flight) but keep it nowhere.
+            inner.cache.invalidate(&tenant).await;
+        } else if let Ok((upstreams, until)) = &answer {
+            let fresh = Fresh {
+                upstreams: upstreams.clone(),
+                until: *until,
+            };
+            let hash = inner.front.hash(&tenant);
+            inner.front.insert_if(
+                hash,
+                tenant,
+                fresh,
+                |kept| Instant::now() >= kept.until,
+                || inner.generation.load(Ordering::Acquire) == generation,
+            );
+        }
+        answer.map(|(upstreams, _)| upstreams)
+    }
+
+    /// The tenant's answer if the cache holds a fresh one, without waiting.
+    pub(crate) fn fresh(&self, tenant: TenantId) -> Option<Option<TenantUpstreams>> {
+        let front = &self.inner.front;
+        let fresh = front.get(front.hash(&tenant), &tenant)?;
+        (Instant::now() < fresh.until).then_some(fresh.upstreams)
+    }
+
+    /// The answer from moka or the directory, and until when it is fresh.
+    async fn resolve_slowly(
+        &self,
+        tenant: TenantId,
+    ) -> Result<(Option<TenantUpstreams>, Instant), DirectoryError> {
         if let Some(cached) = self.inner.cache.get(&tenant).await {
             if Instant::now() < cached.fresh_until {
-                return cached.answer;
+                return cached
+                    .answer
+                    .map(|upstreams| (upstreams, cached.fresh_until));
             }
         }
         let inner = &self.inner;
@@ -112,19 +168,30 @@ impl RouteCache {
             })
             .await;
         match computed.into_entry() {
-            Some(entry) => entry.into_value().answer,
+            Some(entry) => {
+                let cached = entry.into_value();
+                cached
+                    .answer
+                    .map(|upstreams| (upstreams, cached.fresh_until))
+            }
             None => Err(DirectoryError::new("the route cache kept no answer")),
         }
     }
 
     /// Forgets what the cache knows of a tenant: the next request asks the directory.
     pub async fn invalidate(&self, tenant: TenantId) {
-        self.inner.cache.invalidate(&tenant).await;
+        let inner = &self.inner;
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        inner.front.remove(inner.front.hash(&tenant), &tenant);
+        inner.cache.invalidate(&tenant).await;
     }
 
     /// Forgets every tenant.
     pub fn invalidate_all(&self) {
-        self.inner.cache.invalidate_all();
+        let inner = &self.inner;
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        inner.front.clear();
+        inner.cache.invalidate_all();
     }
 
     /// Invalidates each tenant announced on `changes` (say, an
@@ -326,6 +393,24 @@ mod tests {
             cache.resolve(tenant()).await.unwrap().is_some(),
             "recovers after the backoff"
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_looked_up_across_an_invalidation_is_not_kept() {
+        let fake = fake();
+        let cache = cache(&fake);
+        // The directory takes 10 ms; the tenant changes (and is invalidated) meanwhile.
+        let (answer, ()) = tokio::join!(cache.resolve(tenant()), async {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            cache.invalidate(tenant()).await;
+        });
+        assert!(answer.unwrap().is_some());
+        assert!(cache.fresh(tenant()).is_none(), "not put in front");
+        cache.resolve(tenant()).await.unwrap();
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2, "asked again");
+        cache.resolve(tenant()).await.unwrap();
+        assert!(cache.fresh(tenant()).is_some());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2, "then kept");
     }
 
     #[tokio::test]

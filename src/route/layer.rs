@@ -3,16 +3,18 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::cache::{CachePolicy, RouteCache};
-use super::directory::TenantDirectory;
+use super::directory::{DirectoryError, TenantDirectory};
+use super::upstream::TenantUpstreams;
 use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
@@ -179,9 +181,53 @@ impl<S: fmt::Debug> fmt::Debug for TenantRouting<S> {
     }
 }
 
-/// The response future of [`TenantRouting`].
-pub type ResponseFuture<B, E> =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+pin_project! {
+    /// The response future of [`TenantRouting`]: the inner service's, once the route was found
+    /// in the cache (the common case, no allocation); or an answer of its own; or, when the
+    /// directory must be asked, a boxed wait for it and then the inner service.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+type Lookup<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Routed { #[pin] future: F },
+        Answered { response: Option<Response<Bytes>> },
+        Looking { future: Lookup<B, E> },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Routed { future } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            KindProj::Answered { response } => {
+                let response = response.take().expect("polled after completion");
+                Poll::Ready(Ok(response.map(ResponseBody::full)))
+            }
+            KindProj::Looking { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantRouting<S>
 where
@@ -192,65 +238,100 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // The ready service goes with the request; this one keeps a fresh clone.
+        let Some(tenant) = request.extensions().get::<TenantId>().copied() else {
+            return answered(answer(
+                StatusCode::FORBIDDEN,
+                IssueType::Forbidden,
+                "The request names no tenant",
+            ));
+        };
+        if let Some(upstreams) = self.cache.fresh(tenant) {
+            return match route(&mut request, tenant, Ok(upstreams)) {
+                None => ResponseFuture {
+                    kind: Kind::Routed {
+                        future: self.inner.call(request),
+                    },
+                },
+                Some(refusal) => answered(refusal),
+            };
+        }
+        // The directory must be asked: the ready service goes with the request, and this one
+        // keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cache = self.cache.clone();
-        Box::pin(async move {
-            let Some(tenant) = request.extensions().get::<TenantId>().copied() else {
-                return Ok(answer(
-                    StatusCode::FORBIDDEN,
-                    IssueType::Forbidden,
-                    "The request names no tenant",
-                ));
-            };
-            let upstreams = match cache.resolve(tenant).await {
-                Ok(Some(upstreams)) => upstreams,
-                Ok(None) => {
-                    tracing::debug!(%tenant, "tenant not onboarded");
-                    return Ok(answer(
-                        StatusCode::FORBIDDEN,
-                        IssueType::Forbidden,
-                        "The tenant is not onboarded with this gateway",
-                    ));
-                }
-                Err(_) => {
-                    let mut response = answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        IssueType::Transient,
-                        "The tenant directory is unavailable; try again later",
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return Ok(response);
-                }
-            };
-            let version = request.extensions().get::<FhirVersion>().copied();
-            // Unnamed but hinted (a DSTU2-only client): the hinted server if the tenant has one.
-            let hinted = match (version, request.extensions().get::<VersionHint>()) {
-                (None, Some(VersionHint(hint))) => upstreams.select(Some(*hint)),
-                _ => None,
-            };
-            let Some(upstream) = hinted.or_else(|| upstreams.select(version)) else {
-                return Ok(answer(
-                    StatusCode::NOT_ACCEPTABLE,
-                    IssueType::NotSupported,
-                    no_upstream_for(version),
-                ));
-            };
-            request.extensions_mut().insert(upstream.clone());
-            let response = inner.call(request).await?;
-            Ok(response.map(ResponseBody::inner))
-        })
+        let future = Box::pin(async move {
+            let found = cache.resolve(tenant).await;
+            match route(&mut request, tenant, found) {
+                None => Ok(inner.call(request).await?.map(ResponseBody::inner)),
+                Some(refusal) => Ok(refusal.map(ResponseBody::full)),
+            }
+        });
+        ResponseFuture {
+            kind: Kind::Looking { future },
+        }
     }
+}
+
+fn answered<F, B, E>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
+    ResponseFuture {
+        kind: Kind::Answered {
+            response: Some(response),
+        },
+    }
+}
+
+/// Puts the tenant's upstream for this request in its extensions; or, when there is none,
+/// returns the answer saying why.
+fn route<B>(
+    request: &mut Request<B>,
+    tenant: TenantId,
+    found: Result<Option<TenantUpstreams>, DirectoryError>,
+) -> Option<Response<Bytes>> {
+    let upstreams = match found {
+        Ok(Some(upstreams)) => upstreams,
+        Ok(None) => {
+            tracing::debug!(%tenant, "tenant not onboarded");
+            return Some(answer(
+                StatusCode::FORBIDDEN,
+                IssueType::Forbidden,
+                "The tenant is not onboarded with this gateway",
+            ));
+        }
+        Err(_) => {
+            let mut response = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueType::Transient,
+                "The tenant directory is unavailable; try again later",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Some(response);
+        }
+    };
+    let version = request.extensions().get::<FhirVersion>().copied();
+    // Unnamed but hinted (a DSTU2-only client): the hinted server if the tenant has one.
+    let hinted = match (version, request.extensions().get::<VersionHint>()) {
+        (None, Some(VersionHint(hint))) => upstreams.select(Some(*hint)),
+        _ => None,
+    };
+    let Some(upstream) = hinted.or_else(|| upstreams.select(version)) else {
+        return Some(answer(
+            StatusCode::NOT_ACCEPTABLE,
+            IssueType::NotSupported,
+            no_upstream_for(version),
+        ));
+    };
+    request.extensions_mut().insert(upstream.clone());
+    None
 }
 
 fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
@@ -264,7 +345,6 @@ fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
     }
 }
 
-fn answer<B>(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ResponseBody<B>> {
-    let response: Response<Bytes> = OperationOutcome::error(code, diagnostics).to_response(status);
-    response.map(ResponseBody::full)
+fn answer(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<Bytes> {
+    OperationOutcome::error(code, diagnostics).to_response(status)
 }
