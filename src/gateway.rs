@@ -66,16 +66,19 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
+#[cfg(feature = "token")]
 use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tokio::sync::broadcast;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::auth::{BearerAuth, BearerAuthBuilder, BearerAuthLayer};
+use crate::body::ResponseBody;
 use crate::metadata::{
     CapabilityCache, CapabilityCacheLayer, Metadata, MetadataBuilder, MetadataLayer,
 };
-use crate::proxy::{FhirProxy, FhirProxyBuilder};
+use crate::proxy::{FhirProxy, FhirProxyBuilder, ProxyBody};
 use crate::route::{
     RouteCache, TenantDirectory, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
@@ -457,9 +460,52 @@ impl fmt::Debug for Gateway {
     }
 }
 
-/// The future a [`Gateway`] returns.
-pub type GatewayFuture =
-    Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+/// The response body of the whole stack, one [`ResponseBody`] per layer over the proxy's.
+type StackBody =
+    ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>>;
+
+type Boxed = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+
+pin_project! {
+    /// The future a [`Gateway`] returns: the stack's own (FHIR requests: no allocation of
+    /// its own), or the token routes' boxed one.
+    pub struct GatewayFuture<F> {
+        #[pin]
+        kind: FutureKind<F>,
+    }
+}
+
+pin_project! {
+    #[project = FutureKindProj]
+    enum FutureKind<F> {
+        Stack { #[pin] future: F },
+        Boxed { future: Boxed },
+    }
+}
+
+impl<F> Future for GatewayFuture<F>
+where
+    F: Future<Output = Result<Response<StackBody>, Infallible>>,
+{
+    type Output = Result<Response<GatewayBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            FutureKindProj::Stack { future } => future.poll(cx).map_ok(|response| {
+                response.map(|body| GatewayBody {
+                    kind: BodyKind::Stack { body },
+                })
+            }),
+            FutureKindProj::Boxed { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F> fmt::Debug for GatewayFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayFuture").finish_non_exhaustive()
+    }
+}
 
 impl<B> Service<Request<B>> for Gateway
 where
@@ -468,7 +514,7 @@ where
 {
     type Response = Response<GatewayBody>;
     type Error = Infallible;
-    type Future = GatewayFuture;
+    type Future = GatewayFuture<<GatewayStack<FhirProxy> as Service<Request<B>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The token routes are always ready; the stack is readied here and called directly,
@@ -480,42 +526,49 @@ where
         #[cfg(feature = "token")]
         if let Some(token) = &self.token {
             let path = request.uri().path();
-            if path == TOKEN_PATH {
-                return oneshot(token.endpoint.clone(), request);
-            }
-            if path == JWKS_PATH {
-                return oneshot(token.jwks.clone(), request);
-            }
-            if path
+            let route = if path == TOKEN_PATH {
+                Some(TokenRoute::Token)
+            } else if path == JWKS_PATH {
+                Some(TokenRoute::Jwks)
+            } else if path
                 .strip_prefix(CLIENTS_PREFIX)
                 .and_then(|rest| rest.strip_suffix("/secret"))
                 .is_some_and(|id| !id.is_empty() && !id.contains('/'))
             {
-                return oneshot(token.rotation.clone(), request);
+                Some(TokenRoute::Rotation)
+            } else {
+                None
+            };
+            if let Some(route) = route {
+                let future = match route {
+                    TokenRoute::Token => oneshot(token.endpoint.clone(), request),
+                    TokenRoute::Jwks => oneshot(token.jwks.clone(), request),
+                    TokenRoute::Rotation => oneshot(token.rotation.clone(), request),
+                };
+                return GatewayFuture {
+                    kind: FutureKind::Boxed { future },
+                };
             }
         }
-        boxed(self.stack.call(request))
+        GatewayFuture {
+            kind: FutureKind::Stack {
+                future: self.stack.call(request),
+            },
+        }
     }
 }
 
-/// The stack's future, its response body boxed.
-fn boxed<F, ResBody>(future: F) -> GatewayFuture
-where
-    F: Future<Output = Result<Response<ResBody>, Infallible>> + Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    Box::pin(async move {
-        let response = future.await?;
-        Ok(response.map(|body| GatewayBody {
-            inner: body.map_err(Into::into).boxed_unsync(),
-        }))
-    })
+/// The token endpoint's routes.
+#[cfg(feature = "token")]
+enum TokenRoute {
+    Token,
+    Jwks,
+    Rotation,
 }
 
 /// Readies `service`, calls it, and boxes the response body.
 #[cfg(feature = "token")]
-fn oneshot<S, B, ResBody>(mut service: S, request: Request<B>) -> GatewayFuture
+fn oneshot<S, B, ResBody>(mut service: S, request: Request<B>) -> Boxed
 where
     S: Service<Request<B>, Response = Response<ResBody>, Error = Infallible> + Send + 'static,
     S::Future: Send,
@@ -527,14 +580,27 @@ where
         std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
         let response = service.call(request).await?;
         Ok(response.map(|body| GatewayBody {
-            inner: body.map_err(Into::into).boxed_unsync(),
+            kind: BodyKind::Boxed {
+                body: body.map_err(Into::into).boxed_unsync(),
+            },
         }))
     })
 }
 
-/// The response body of a [`Gateway`]: the stack's or the token routes'.
-pub struct GatewayBody {
-    inner: UnsyncBoxBody<Bytes, BoxError>,
+pin_project! {
+    /// The response body of a [`Gateway`]: the stack's or the token routes'.
+    pub struct GatewayBody {
+        #[pin]
+        kind: BodyKind,
+    }
+}
+
+pin_project! {
+    #[project = BodyKindProj]
+    enum BodyKind {
+        Stack { #[pin] body: StackBody },
+        Boxed { body: UnsyncBoxBody<Bytes, BoxError> },
+    }
 }
 
 impl fmt::Debug for GatewayBody {
@@ -548,17 +614,26 @@ impl Body for GatewayBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match self.project().kind.project() {
+            BodyKindProj::Stack { body } => body.poll_frame(cx).map_err(Into::into),
+            BodyKindProj::Boxed { body } => Pin::new(body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.kind {
+            BodyKind::Stack { body } => body.is_end_stream(),
+            BodyKind::Boxed { body } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.kind {
+            BodyKind::Stack { body } => body.size_hint(),
+            BodyKind::Boxed { body } => body.size_hint(),
+        }
     }
 }

@@ -22,20 +22,22 @@ mod demo_fhir;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use std::convert::Infallible;
 
 use axum::Router;
 use bytes::Bytes;
+use futures::future;
 use http::Request;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::{ClientAddr, FhirProxy};
@@ -280,21 +282,22 @@ async fn serve(listener: tokio::net::TcpListener, gateway: Gateway, admin: Optio
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let (gateway, admin) = (gateway.clone(), admin.clone());
+        let connection_gateway = ConnectionGateway::new(gateway.clone());
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
-            let admin = admin
-                .clone()
-                .filter(|_| request.uri().path().starts_with("/admin/"));
-            let gateway = gateway.clone();
+            let to_admin = request.uri().path().starts_with("/admin/");
+            let answer = match admin.as_ref().filter(|_| to_admin) {
+                Some(router) => future::Either::Right(
+                    router.clone().oneshot(request.map(axum::body::Body::new)),
+                ),
+                None => future::Either::Left(connection_gateway.call(request)),
+            };
             async move {
-                Ok::<_, Infallible>(match admin {
-                    Some(router) => {
-                        let response = router.oneshot(request.map(axum::body::Body::new)).await?;
-                        response.map(Either::Right)
-                    }
-                    None => gateway.oneshot(request).await?.map(Either::Left),
+                Ok::<_, Infallible>(match answer {
+                    future::Either::Left(gateway) => gateway.await?.map(Either::Left),
+                    future::Either::Right(admin) => admin.await?.map(Either::Right),
                 })
             }
         });
@@ -310,6 +313,38 @@ async fn serve(listener: tokio::net::TcpListener, gateway: Gateway, admin: Optio
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// One connection's gateway: its requests are sent to one readied [`Gateway`] rather than to a
+/// clone of it each (hyper calls services through `&self`, Tower through `&mut self`).
+struct ConnectionGateway {
+    gateway: Mutex<Gateway>,
+}
+
+impl ConnectionGateway {
+    fn new(gateway: Gateway) -> Self {
+        Self {
+            gateway: Mutex::new(gateway),
+        }
+    }
+
+    fn call(
+        &self,
+        request: Request<Incoming>,
+    ) -> future::Either<
+        <Gateway as Service<Request<Incoming>>>::Future,
+        tower::util::Oneshot<Gateway, Request<Incoming>>,
+    > {
+        let mut gateway = self.gateway.lock().unwrap_or_else(PoisonError::into_inner);
+        // The gateway applies no backpressure (every layer is ready at once); should it ever
+        // not be ready, this request waits on a clone of its own.
+        let mut cx = Context::from_waker(Waker::noop());
+        match Service::<Request<Incoming>>::poll_ready(&mut *gateway, &mut cx) {
+            Poll::Ready(Ok(())) => future::Either::Left(gateway.call(request)),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => future::Either::Right(gateway.clone().oneshot(request)),
+        }
+    }
 }
 
 /// Prints the demo credentials, a token per tenant (from the gateway's own token endpoint)
