@@ -25,7 +25,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Inner { #[pin] future: F },
-        Answered { response: Option<Response<Bytes>> },
+        // Boxed: a rare path, and the future stays small to move through the layers.
+        Answered { response: Option<Box<Response<Bytes>>> },
     }
 }
 
@@ -41,7 +42,7 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn answered(response: Response<Bytes>) -> Self {
         Self {
             kind: Kind::Answered {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -61,7 +62,7 @@ where
             }
             KindProj::Answered { response } => {
                 let response = response.take().expect("polled after completion");
-                Poll::Ready(Ok(response.map(ResponseBody::full)))
+                Poll::Ready(Ok((*response).map(ResponseBody::full)))
             }
         }
     }

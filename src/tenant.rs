@@ -333,8 +333,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        for name in &self.config.hint_headers {
-            request.headers_mut().remove(name);
+        // Most requests carry no hint: one pass over their names before any removal.
+        let hints = &self.config.hint_headers;
+        if request.headers().keys().any(|name| hints.contains(name)) {
+            for name in hints {
+                request.headers_mut().remove(name);
+            }
         }
         let tenant = match request.extensions().get::<VerifiedClaims>() {
             Some(claims) => self.config.tenant_of(claims),

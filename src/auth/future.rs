@@ -32,14 +32,11 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
-        Verifying {
-            verifying: BoxFuture<'static, Result<VerifiedClaims, Rejection>>,
-            inner: Option<S>,
-            request: Option<Request<ReqBody>>,
-            config: Arc<Config>,
-        },
+        // The rare paths are boxed: this future is moved through every outer layer, and a
+        // request held inline would make it several hundred bytes.
+        Verifying { waiting: Option<Box<Waiting<S, ReqBody>>> },
         Calling { #[pin] future: S::Future },
-        Rejected { response: Option<Response<bytes::Bytes>> },
+        Rejected { response: Option<Box<Response<bytes::Bytes>>> },
     }
 }
 
@@ -61,7 +58,7 @@ where
         };
         Self {
             state: State::Rejected {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -74,10 +71,12 @@ where
     ) -> Self {
         Self {
             state: State::Verifying {
-                verifying,
-                inner: Some(inner),
-                request: Some(request),
-                config,
+                waiting: Some(Box::new(Waiting {
+                    verifying,
+                    inner,
+                    request,
+                    config,
+                })),
             },
         }
     }
@@ -98,34 +97,39 @@ where
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("polled after completion");
-                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::full)));
                 }
-                StateProj::Verifying {
-                    verifying,
-                    inner,
-                    request,
-                    config,
-                } => {
-                    let verified = ready!(verifying.as_mut().poll(cx));
+                StateProj::Verifying { waiting } => {
+                    let pending = waiting.as_mut().expect("polled after completion");
+                    let verified = ready!(pending.verifying.as_mut().poll(cx));
+                    let Waiting {
+                        mut inner,
+                        mut request,
+                        config,
+                        ..
+                    } = *waiting.take().expect("polled after completion");
                     let next = match verified {
                         Ok(claims) => {
-                            let mut request = request.take().expect("polled after completion");
                             request.extensions_mut().insert(claims);
-                            let mut inner = inner.take().expect("polled after completion");
                             State::Calling {
                                 future: inner.call(request),
                             }
                         }
-                        Err(rejection) => {
-                            let config = Arc::clone(config);
-                            Self::reject(&config, &rejection).state
-                        }
+                        Err(rejection) => Self::reject(&config, &rejection).state,
                     };
                     self.as_mut().project().state.set(next);
                 }
             }
         }
     }
+}
+
+/// A request waiting for its token to be verified (keys being fetched).
+struct Waiting<S, ReqBody> {
+    verifying: BoxFuture<'static, Result<VerifiedClaims, Rejection>>,
+    inner: S,
+    request: Request<ReqBody>,
+    config: Arc<Config>,
 }
 
 impl<S, ReqBody> std::fmt::Debug for ResponseFuture<S, ReqBody>

@@ -577,18 +577,15 @@ fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
+        .map(|v| v.split(';').next().unwrap_or_default().trim())
         .is_some_and(|media| {
-            matches!(
-                media.as_str(),
-                "application/fhir+json" | "application/json+fhir" | "application/json"
-            )
+            [
+                "application/fhir+json",
+                "application/json+fhir",
+                "application/json",
+            ]
+            .iter()
+            .any(|json| media.eq_ignore_ascii_case(json))
         });
     let identity = headers
         .get(header::CONTENT_ENCODING)

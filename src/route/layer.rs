@@ -197,7 +197,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Routed { #[pin] future: F },
-        Answered { response: Option<Response<Bytes>> },
+        // Boxed: a rare path, and the future stays small to move through the layers.
+        Answered { response: Option<Box<Response<Bytes>>> },
         Looking { future: Lookup<B, E> },
     }
 }
@@ -216,7 +217,7 @@ where
             }
             KindProj::Answered { response } => {
                 let response = response.take().expect("polled after completion");
-                Poll::Ready(Ok(response.map(ResponseBody::full)))
+                Poll::Ready(Ok((*response).map(ResponseBody::full)))
             }
             KindProj::Looking { future } => future.as_mut().poll(cx),
         }
@@ -283,7 +284,7 @@ where
 fn answered<F, B, E>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
     ResponseFuture {
         kind: Kind::Answered {
-            response: Some(response),
+            response: Some(Box::new(response)),
         },
     }
 }

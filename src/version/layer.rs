@@ -393,7 +393,7 @@ where
         match decision {
             Decision::Answer(response) => ResponseFuture {
                 state: State::Answered {
-                    response: Some(response),
+                    response: Some(Box::new(response)),
                 },
             },
             Decision::Proceed(version) => {
@@ -431,7 +431,8 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Inner { #[pin] future: F, version: Option<FhirVersion> },
-        Answered { response: Option<Response<Bytes>> },
+        // Boxed: a rare path, and the future stays small to move through the layers.
+        Answered { response: Option<Box<Response<Bytes>>> },
     }
 }
 
@@ -457,7 +458,7 @@ where
             }
             StateProj::Answered { response } => {
                 let response = response.take().expect("polled after completion");
-                Poll::Ready(Ok(response.map(ResponseBody::full)))
+                Poll::Ready(Ok((*response).map(ResponseBody::full)))
             }
         }
     }
