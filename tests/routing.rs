@@ -496,6 +496,54 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
 }
 
 #[tokio::test]
+async fn a_bundle_sent_in_chunks_is_read_whole_and_rewritten() {
+    // An upstream that writes its Bundle in three chunks, pausing between them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}/fhir");
+    let parts = [
+        r#"{"resourceType":"Bundle","type":"searchset","#.to_owned(),
+        format!(r#""link":[{{"relation":"self","url":"{base}/Patient?family=x"}}],"#),
+        format!(r#""entry":[{{"fullUrl":"{base}/Patient/1"}}]}}"#),
+    ];
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = vec![0; 8192];
+        let _ = stream.read(&mut request).await.unwrap();
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for part in parts {
+            let chunk = format!("{:x}\r\n{part}\r\n", part.len());
+            stream.write_all(chunk.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stream.write_all(b"0\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    let gw = gateway(
+        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
+        Duration::from_secs(60),
+    )
+    .await;
+    let reply = gw
+        .client
+        .get_bearer("/Patient?family=x", &token_for(TENANT_A))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.json(),
+        json!({"resourceType": "Bundle", "type": "searchset",
+               "link": [{"relation": "self", "url": format!("{PUBLIC_BASE}/Patient?family=x")}],
+               "entry": [{"fullUrl": format!("{PUBLIC_BASE}/Patient/1")}]})
+    );
+    assert_eq!(
+        reply.headers["content-length"],
+        reply.body.len().to_string()
+    );
+}
+
+#[tokio::test]
 async fn large_bundles_stream_through_untouched() {
     let upstream = RecordingUpstream::start().await;
     let gw = one_tenant(&upstream).await;

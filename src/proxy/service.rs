@@ -528,33 +528,40 @@ async fn relay_response(
     if !may_be_json_bundle(&parts.headers, rewrite_limit) {
         return Response::from_parts(parts, ProxyBody::upstream(VecDeque::new(), body));
     }
-    // Read up to the limit; beyond it, stream what was read and the rest untouched.
-    let mut read = VecDeque::new();
+    // Read up to the limit; beyond it, stream what was read and the rest untouched. Most
+    // bodies come in one chunk: it is kept apart, and a queue made only for more.
+    let mut first: Option<Bytes> = None;
+    let mut more = VecDeque::new();
     let mut size = 0;
     let mut body = body;
-    loop {
+    while !body.is_end_stream() {
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     size += data.len();
-                    read.push_back(data);
+                    match &first {
+                        None => first = Some(data),
+                        Some(_) => more.push_back(data),
+                    }
                     if size > rewrite_limit {
+                        let read = in_order(first, more);
                         return Response::from_parts(parts, ProxyBody::upstream(read, body));
                     }
                 }
             }
             Some(Err(error)) => {
                 tracing::warn!(%error, "upstream response body failed");
+                let read = in_order(first, more);
                 return Response::from_parts(parts, ProxyBody::upstream(read, body));
             }
             None => break,
         }
     }
-    let whole = match read.len() {
-        1 => read.pop_front().unwrap_or_default(),
-        _ => {
+    let whole = match (first, more.is_empty()) {
+        (Some(only), true) => only,
+        (first, _) => {
             let mut whole = Vec::with_capacity(size);
-            for chunk in &read {
+            for chunk in first.iter().chain(&more) {
                 whole.extend_from_slice(chunk);
             }
             Bytes::from(whole)
@@ -570,6 +577,14 @@ async fn relay_response(
         None => whole,
     };
     Response::from_parts(parts, ProxyBody::full(bytes))
+}
+
+/// The chunks read so far, the first one first.
+fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> {
+    if let Some(first) = first {
+        more.push_front(first);
+    }
+    more
 }
 
 /// A JSON body, not compressed, that fits the rewrite limit if its length is known.
