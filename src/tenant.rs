@@ -51,6 +51,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -164,8 +165,13 @@ pub struct TenantScopeLayer {
     config: Arc<Config>,
 }
 
+/// Numbers the tenant layers' rules.
+static NEXT_RULE: AtomicU64 = AtomicU64::new(0);
+
 struct Config {
     source: Source,
+    /// This layer's number for [`VerifiedClaims::tenant_by`], unique in the process.
+    rule: u64,
     hint_headers: Vec<HeaderName>,
 }
 
@@ -288,6 +294,7 @@ impl TenantScopeBuilder {
         Ok(TenantScopeLayer {
             config: Arc::new(Config {
                 source: self.source,
+                rule: NEXT_RULE.fetch_add(1, Ordering::Relaxed),
                 hint_headers,
             }),
         })
@@ -341,7 +348,11 @@ where
             }
         }
         let tenant = match request.extensions().get::<VerifiedClaims>() {
-            Some(claims) => self.config.tenant_of(claims),
+            Some(claims) => match self.config.source {
+                // A user's function may look beyond the claims: asked every time.
+                Source::Custom(_) => self.config.tenant_of(claims),
+                _ => claims.tenant_by(self.config.rule, |claims| self.config.tenant_of(claims)),
+            },
             None => Err(TenantRejection::new(
                 "The request carries no verified token",
             )),
@@ -492,6 +503,36 @@ mod tests {
         let json = serde_json::to_string(&upper).unwrap();
         assert_eq!(json, format!("\"{A}\""));
         assert_eq!(serde_json::from_str::<TenantId>(&json).unwrap(), upper);
+    }
+
+    #[tokio::test]
+    async fn each_layer_finds_its_own_tenant_in_shared_claims() {
+        // One token (one claims value, as the token cache hands out) read by two layers with
+        // different rules, in turn and repeatedly: each gets what its rule finds.
+        let shared = claims(json!({"scope": format!("{A} t:{B}"), "tid": B}));
+        let by_scope = default_layer();
+        let by_claim = TenantScopeLayer::builder()
+            .from_claim("tid")
+            .build()
+            .unwrap();
+        let by_prefix = TenantScopeLayer::builder()
+            .from_scope_prefix("t:")
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let (_, body, _) = run(by_scope.clone(), Some(shared.clone()), &[]).await;
+            assert!(body.starts_with(&format!("Some(\"{A}\")")), "{body}");
+            let (_, body, _) = run(by_claim.clone(), Some(shared.clone()), &[]).await;
+            assert!(body.starts_with(&format!("Some(\"{B}\")")), "{body}");
+            let (_, body, _) = run(by_prefix.clone(), Some(shared.clone()), &[]).await;
+            assert!(body.starts_with(&format!("Some(\"{B}\")")), "{body}");
+        }
+        // A rejection is remembered the same way, and stays a rejection.
+        let none = claims(json!({"scope": "patient/*.read"}));
+        for _ in 0..2 {
+            let (status, _, _) = run(by_scope.clone(), Some(none.clone()), &[]).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! The claims of a verified token, as they travel in request extensions.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
+
+use crate::tenant::{TenantId, TenantRejection};
 
 /// The claims of a bearer token whose signature and claims the layer has verified.
 ///
@@ -23,6 +25,15 @@ struct Inner {
     expires_at: u64,
     key_id: Option<String>,
     algorithm: Option<Algorithm>,
+    /// The tenant one tenant layer found in these claims: a cached token's tenant is found
+    /// once, not on each of its requests.
+    tenant: OnceLock<TenantMemo>,
+}
+
+struct TenantMemo {
+    /// Which layer's rule found it (a number each layer gets once, never reused).
+    rule: u64,
+    tenant: Result<TenantId, TenantRejection>,
 }
 
 impl VerifiedClaims {
@@ -54,8 +65,31 @@ impl VerifiedClaims {
                 expires_at,
                 key_id,
                 algorithm,
+                tenant: OnceLock::new(),
             }),
         })
+    }
+
+    /// The tenant that the rule numbered `rule` finds in these claims: remembered for the
+    /// first rule that asks (a gateway has one), found afresh for any other. `find` must
+    /// depend on the claims alone.
+    pub(crate) fn tenant_by(
+        &self,
+        rule: u64,
+        find: impl FnOnce(&Self) -> Result<TenantId, TenantRejection>,
+    ) -> Result<TenantId, TenantRejection> {
+        if let Some(memo) = self.inner.tenant.get() {
+            if memo.rule == rule {
+                return memo.tenant.clone();
+            }
+            return find(self);
+        }
+        let tenant = find(self);
+        let _ = self.inner.tenant.set(TenantMemo {
+            rule,
+            tenant: tenant.clone(),
+        });
+        tenant
     }
 
     /// The `iss` claim.
