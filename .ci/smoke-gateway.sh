@@ -43,6 +43,15 @@ report=$(cargo run --quiet --example loadgen -- --target "$base" --json --durati
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen against the gateway: $report"
 echo "ok loadgen drove the gateway"
+mix=$(mktemp)
+printf '# weight method path [body]\n3 GET /Patient/2001\n1 post /Patient/_search family=okafor\n' >"$mix"
+report=$(cargo run --quiet --example loadgen -- --target "$base" --json --requests 200 --warmup 0 --connections 4 \
+  --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --mix "$mix" 2>/dev/null)
+rm -f "$mix"
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] >= 200 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  || fail "loadgen with a --mix file: $report"
+echo "ok loadgen drove the gateway with a mix of its own"
 kill -TERM $pid
 wait $pid || fail "the gateway did not shut down cleanly on SIGTERM"
 trap - EXIT

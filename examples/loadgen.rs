@@ -6,8 +6,8 @@
 //! request was due, not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
 //! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
 //! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
-//! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage) or hit one
-//! path. The report: throughput, latency percentiles from an HDR histogram, status counts and
+//! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage), a mix of
+//! your own with its weights (`--mix FILE`), or hit one path. The report: throughput, latency percentiles from an HDR histogram, status counts and
 //! errors, as a table, or as JSON with `--json`. A progress line goes to stderr every second.
 //!
 //! ```text
@@ -45,6 +45,8 @@ loadgen: drive a FHIR gateway and report throughput and latency
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
   --path PATH             one request path instead of the client mix
+  --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
+                          (BODY form-encoded, for POST _search); `#` starts a comment
   --http2                 HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1
   --json                  print the report as JSON
 
@@ -76,7 +78,7 @@ struct Options {
     warmup: Duration,
     tenants: Vec<String>,
     tokens: Tokens,
-    path: Option<String>,
+    mix: Vec<Interaction>,
     http2: bool,
     json: bool,
     /// `host:port` and the path prefix of `target`.
@@ -94,7 +96,7 @@ fn options() -> Result<Options, String> {
         warmup: Duration::from_secs(1),
         tenants: Vec::new(),
         tokens: Tokens::None,
-        path: None,
+        mix: default_mix(),
         http2: false,
         json: false,
         authority: String::new(),
@@ -127,7 +129,19 @@ fn options() -> Result<Options, String> {
             "--token-url" => token_url = Some(value()?),
             "--client-id" => client_id = Some(value()?),
             "--client-secret" => client_secret = Some(value()?),
-            "--path" => o.path = Some(value()?),
+            "--path" => {
+                o.mix = vec![Interaction {
+                    weight: 1,
+                    method: Method::GET,
+                    path: value()?,
+                    body: String::new(),
+                }]
+            }
+            "--mix" => {
+                let file = value()?;
+                let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+                o.mix = parse_mix(&text).map_err(|e| format!("{file}: {e}"))?;
+            }
             "--json" => o.json = true,
             "--http2" => o.http2 = true,
             other => return Err(format!("unknown option {other}\n\n{HELP}")),
@@ -165,6 +179,14 @@ fn options() -> Result<Options, String> {
     Ok(o)
 }
 
+/// One kind of request in the mix, and how often it comes.
+struct Interaction {
+    weight: u32,
+    method: Method,
+    path: String,
+    body: String,
+}
+
 /// The deployed clients' interactions, with weights (reads dominate).
 const MIX: [(u32, Method, &str); 10] = [
     (20, Method::GET, "/Patient/123"),
@@ -191,25 +213,79 @@ const MIX: [(u32, Method, &str); 10] = [
     (5, Method::GET, "/Coverage?patient=123"),
 ];
 
-fn pick(i: u64, single: Option<&str>) -> (Method, String, &'static str) {
-    if let Some(path) = single {
-        return (Method::GET, path.to_owned(), "");
-    }
-    let total: u64 = MIX.iter().map(|(w, ..)| u64::from(*w)).sum();
-    // A fixed pseudo-random walk through the weights: the same mix every run.
-    let mut at = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
-    for (weight, method, path) in MIX.iter() {
-        if at < u64::from(*weight) {
-            let body = if method == Method::POST {
-                "family=chalmers&given=peter&_count=10"
+fn default_mix() -> Vec<Interaction> {
+    MIX.iter()
+        .map(|(weight, method, path)| Interaction {
+            weight: *weight,
+            method: method.clone(),
+            path: (*path).to_owned(),
+            body: if method == Method::POST {
+                "family=chalmers&given=peter&_count=10".to_owned()
             } else {
-                ""
-            };
-            return (method.clone(), (*path).to_owned(), body);
+                String::new()
+            },
+        })
+        .collect()
+}
+
+/// Reads a `--mix` file: `WEIGHT METHOD PATH [BODY]` per line.
+fn parse_mix(text: &str) -> Result<Vec<Interaction>, String> {
+    let mut mix = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
         }
-        at -= u64::from(*weight);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [weight, method, path, rest @ ..] = fields.as_slice() else {
+            return Err(format!(
+                "line {}: expected WEIGHT METHOD PATH [BODY]",
+                number + 1
+            ));
+        };
+        let weight: u32 = weight
+            .parse()
+            .map_err(|_| format!("line {}: weight {weight:?} is not a number", number + 1))?;
+        let method: Method = method
+            .to_ascii_uppercase()
+            .parse()
+            .map_err(|_| format!("line {}: method {method:?}", number + 1))?;
+        if !path.starts_with('/') {
+            return Err(format!("line {}: the path must start with /", number + 1));
+        }
+        if rest.len() > 1 {
+            return Err(format!(
+                "line {}: the body must have no spaces (form-encode it)",
+                number + 1
+            ));
+        }
+        if weight > 0 {
+            mix.push(Interaction {
+                weight,
+                method,
+                path: (*path).to_owned(),
+                body: rest.first().map_or(String::new(), |b| (*b).to_owned()),
+            });
+        }
     }
-    (Method::GET, "/metadata".to_owned(), "")
+    if mix.is_empty() {
+        return Err("the mix has no interaction with a weight above zero".to_owned());
+    }
+    Ok(mix)
+}
+
+/// Request `i`'s interaction: a fixed pseudo-random walk through the weights, so every run
+/// sends the same sequence.
+fn pick(i: u64, mix: &[Interaction]) -> &Interaction {
+    let total: u64 = mix.iter().map(|m| u64::from(m.weight)).sum();
+    let mut at = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total;
+    for interaction in mix {
+        if at < u64::from(interaction.weight) {
+            return interaction;
+        }
+        at -= u64::from(interaction.weight);
+    }
+    &mix[0]
 }
 
 /// Tokens per tenant, refetched when close to expiry.
@@ -384,7 +460,9 @@ impl Shared {
         latency: &mut Histogram<u64>,
     ) {
         let tenant = &self.options.tenants[(i as usize) % self.options.tenants.len()];
-        let (method, path, body) = pick(i, self.options.path.as_deref());
+        let Interaction {
+            method, path, body, ..
+        } = pick(i, &self.options.mix);
         let outcome = async {
             // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
             let uri: Uri = if self.options.http2 {
@@ -395,7 +473,7 @@ impl Shared {
             .parse()
             .map_err(|e| format!("{e}"))?;
             let mut request = Request::builder()
-                .method(method)
+                .method(method.clone())
                 .uri(uri)
                 .header("accept", "application/fhir+json");
             if !self.options.http2 {
@@ -407,7 +485,9 @@ impl Shared {
             if let Some(token) = self.tokens.bearer(tenant).await? {
                 request = request.header("authorization", format!("Bearer {token}"));
             }
-            let request = request.body(Full::from(body)).map_err(|e| e.to_string())?;
+            let request = request
+                .body(Full::from(body.clone()))
+                .map_err(|e| e.to_string())?;
             let response = connection.send(&self.options, request).await?;
             let status = response.status().as_u16();
             response
