@@ -1,4 +1,5 @@
-//! The response future of layers that either answer at once or call the inner service.
+//! The response futures shared by the layers: the inner service's future, or a response (or
+//! work) of the layer's own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,5 +72,72 @@ where
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// The layer's own work, boxed: it is the rare path.
+type Own<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+pin_project! {
+    /// Either the inner service's response future, passed through without allocation, or the
+    /// layer's own work, boxed.
+    ///
+    /// The response future of [`Metadata`](crate::metadata::Metadata),
+    /// [`CapabilityCache`](crate::metadata::CapabilityCache) and
+    /// [`TenantRouting`](crate::route::TenantRouting) (see their `ResponseFuture` aliases).
+    pub struct PassOrOwn<F, B, E> {
+        #[pin]
+        kind: PassOrOwnKind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = PassOrOwnProj]
+    enum PassOrOwnKind<F, B, E> {
+        Passed { #[pin] future: F },
+        Own { future: Own<B, E> },
+    }
+}
+
+impl<F, B, E> PassOrOwn<F, B, E> {
+    /// Waits for the inner service's response.
+    pub(crate) fn passed(future: F) -> Self {
+        Self {
+            kind: PassOrOwnKind::Passed { future },
+        }
+    }
+
+    /// Waits for the layer's own work.
+    pub(crate) fn own(
+        future: impl Future<Output = Result<Response<ResponseBody<B>>, E>> + Send + 'static,
+    ) -> Self {
+        Self {
+            kind: PassOrOwnKind::Own {
+                future: Box::pin(future),
+            },
+        }
+    }
+}
+
+impl<F, B, E> Future for PassOrOwn<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            PassOrOwnProj::Passed { future } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            PassOrOwnProj::Own { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for PassOrOwn<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassOrOwn").finish_non_exhaustive()
     }
 }

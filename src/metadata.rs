@@ -63,7 +63,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
-use pin_project_lite::pin_project;
 use serde_json::{json, Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -340,65 +339,9 @@ impl<S: fmt::Debug> fmt::Debug for Metadata<S> {
     }
 }
 
-type OwnFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
-
-pin_project! {
-    /// The response future of [`Metadata`] and [`CapabilityCache`]: the inner service's
-    /// (every request but `metadata` and smart-configuration), or the layer's own work.
-    pub struct ResponseFuture<F, B, E> {
-        #[pin]
-        kind: FutureKind<F, B, E>,
-    }
-}
-
-pin_project! {
-    #[project = FutureKindProj]
-    enum FutureKind<F, B, E> {
-        Passed { #[pin] future: F },
-        Own { future: OwnFuture<B, E> },
-    }
-}
-
-impl<F, B, E> ResponseFuture<F, B, E> {
-    fn passed(future: F) -> Self {
-        Self {
-            kind: FutureKind::Passed { future },
-        }
-    }
-
-    fn own(
-        future: impl Future<Output = Result<Response<ResponseBody<B>>, E>> + Send + 'static,
-    ) -> Self {
-        Self {
-            kind: FutureKind::Own {
-                future: Box::pin(future),
-            },
-        }
-    }
-}
-
-impl<F, B, E> Future for ResponseFuture<F, B, E>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            FutureKindProj::Passed { future } => {
-                let response = std::task::ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
-            }
-            FutureKindProj::Own { future } => future.as_mut().poll(cx),
-        }
-    }
-}
-
-impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+/// The response future of [`Metadata`] and [`CapabilityCache`]: the inner service's (every
+/// request but `metadata` and smart-configuration), or the layer's own work.
+pub type ResponseFuture<F, B, E> = crate::future::PassOrOwn<F, B, E>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Metadata<S>
 where

@@ -1,14 +1,11 @@
 //! `TenantRoutingLayer`, its builder and its service.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -16,6 +13,7 @@ use super::cache::{CachePolicy, RouteCache};
 use super::directory::{DirectoryError, TenantDirectory};
 use super::upstream::TenantUpstreams;
 use crate::body::ResponseBody;
+use crate::future::PassOrOwn;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
 use crate::version::{FhirVersion, VersionHint};
@@ -181,54 +179,10 @@ impl<S: fmt::Debug> fmt::Debug for TenantRouting<S> {
     }
 }
 
-pin_project! {
-    /// The response future of [`TenantRouting`]: the inner service's, once the route was found
-    /// in the cache (the common case, no allocation); or an answer of its own; or, when the
-    /// directory must be asked, a boxed wait for it and then the inner service.
-    pub struct ResponseFuture<F, B, E> {
-        #[pin]
-        kind: Kind<F, B, E>,
-    }
-}
-
-type Lookup<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, B, E> {
-        Routed { #[pin] future: F },
-        // Boxed: a rare path, and the future stays small to move through the layers.
-        Answered { response: Option<Box<Response<Bytes>>> },
-        Looking { future: Lookup<B, E> },
-    }
-}
-
-impl<F, B, E> Future for ResponseFuture<F, B, E>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Routed { future } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
-            }
-            KindProj::Answered { response } => {
-                let response = response.take().expect("polled after completion");
-                Poll::Ready(Ok((*response).map(ResponseBody::full)))
-            }
-            KindProj::Looking { future } => future.as_mut().poll(cx),
-        }
-    }
-}
-
-impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+/// The response future of [`TenantRouting`]: the inner service's, once the route was found in
+/// the cache (the common case, no allocation); or, when the directory must be asked or the
+/// request is refused, the layer's own work, boxed.
+pub type ResponseFuture<F, B, E> = PassOrOwn<F, B, E>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantRouting<S>
 where
@@ -255,11 +209,7 @@ where
         };
         if let Some(upstreams) = self.cache.fresh(tenant) {
             return match route(&mut request, tenant, Ok(upstreams)) {
-                None => ResponseFuture {
-                    kind: Kind::Routed {
-                        future: self.inner.call(request),
-                    },
-                },
+                None => PassOrOwn::passed(self.inner.call(request)),
                 Some(refusal) => answered(refusal),
             };
         }
@@ -268,25 +218,19 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cache = self.cache.clone();
-        let future = Box::pin(async move {
+        PassOrOwn::own(async move {
             let found = cache.resolve(tenant).await;
             match route(&mut request, tenant, found) {
                 None => Ok(inner.call(request).await?.map(ResponseBody::inner)),
                 Some(refusal) => Ok(refusal.map(ResponseBody::full)),
             }
-        });
-        ResponseFuture {
-            kind: Kind::Looking { future },
-        }
+        })
     }
 }
 
-fn answered<F, B, E>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
-    ResponseFuture {
-        kind: Kind::Answered {
-            response: Some(Box::new(response)),
-        },
-    }
+/// The layer's own answer (a refusal: the rare path).
+fn answered<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
+    PassOrOwn::own(async move { Ok(response.map(ResponseBody::full)) })
 }
 
 /// Puts the tenant's upstream for this request in its extensions; or, when there is none,
