@@ -507,7 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_layer_finds_its_own_tenant_in_shared_claims() {
-        // One token (one claims value, as the token cache hands out) read by two layers with
+        // One token (one claims value, as the token cache hands out) read by three layers with
         // different rules, in turn and repeatedly: each gets what its rule finds.
         let shared = claims(json!({"scope": format!("{A} t:{B}"), "tid": B}));
         let by_scope = default_layer();
