@@ -1,0 +1,91 @@
+//! What the bearer layer logs: why it refused, never the token or a secret.
+//!
+//! A test binary of its own on purpose. `tracing` caches each callsite's interest once per
+//! process, and with one registered dispatcher it asks the *registering thread's* default: a
+//! sibling test reaching `bearer token rejected` first, on a thread without a subscriber, would
+//! cache "never" and this test's scoped subscriber would see nothing (tokio-rs/tracing#3611; it
+//! failed so once, in CI). Alone in its process, the only thread that logs is this test's.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use axum::routing::get;
+use axum::Router;
+use http::StatusCode;
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use support::*;
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// current_thread: the server, the key fetch and the test share the thread-local subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn logs_say_why_but_never_show_tokens_or_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+    server.set_status(StatusCode::INTERNAL_SERVER_ERROR);
+    let layer = BearerAuthLayer::builder()
+        .issuer("https://auth.test")
+        .audience("tower-fhir")
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap().with_kid("hs"))
+        .jwks_url(server.url())
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route("/Patient/1", get(|| async { "a patient" }))
+        .layer(layer);
+    let client = TestClient::new(serve(router).await);
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    let tokens = [
+        mint(Algorithm::HS256, Some("hs"), &expired),
+        mint(Algorithm::RS256, Some("k1"), &claims()),
+        mint(Algorithm::HS256, Some("hs"), &claims()),
+    ];
+    let statuses = [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::OK,
+    ];
+    for (token, status) in tokens.iter().zip(statuses) {
+        assert_eq!(client.get_bearer("/Patient/1", token).await.status, status);
+    }
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("The access token expired"), "{logs}");
+    assert!(logs.contains("could not fetch verification keys"), "{logs}");
+    for token in &tokens {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(
+            !logs.contains(signature),
+            "a token leaked into the logs:\n{logs}"
+        );
+    }
+    let secret = String::from_utf8_lossy(HMAC_SECRET);
+    assert!(
+        !logs.contains(&*secret),
+        "the HMAC secret leaked into the logs"
+    );
+}
