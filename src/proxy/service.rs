@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -42,7 +42,8 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that belong to one connection and never cross a proxy (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
+// A static, not a const: a const array of names would be built and dropped at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -399,42 +400,49 @@ fn prepare_request_headers(
 ) {
     use std::fmt::Write;
     remove_hop_by_hop(headers);
-    let original_host = headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    if let Some(credentials) = upstream.authorization() {
-        headers.insert(header::AUTHORIZATION, credentials.clone());
-    }
-    if let Some(host) = upstream.host_header() {
-        headers.insert(header::HOST, host.clone());
-    }
+    // Replacing a value in place costs less than removing it and inserting another.
+    let original_host = match upstream.host_header() {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
+    match upstream.authorization() {
+        Some(credentials) => headers.insert(header::AUTHORIZATION, credentials.clone()),
+        None => headers.remove(header::AUTHORIZATION),
+    };
 
     let client_ip = client.map(|ClientAddr(addr)| addr.ip());
     let mut forwarded = String::with_capacity(96);
     forwarded.push_str("for=");
+    // Where the address is written: `X-Forwarded-For` takes the same text.
+    let mut ip_at = 0..0;
     match client_ip {
         Some(std::net::IpAddr::V6(ip)) => {
-            let _ = write!(forwarded, "\"[{ip}]\"");
+            forwarded.push_str("\"[");
+            let start = forwarded.len();
+            let _ = write!(forwarded, "{ip}");
+            ip_at = start..forwarded.len();
+            forwarded.push_str("]\"");
         }
-        Some(std::net::IpAddr::V4(ip)) => push_ipv4(&mut forwarded, ip),
+        Some(std::net::IpAddr::V4(ip)) => {
+            push_ipv4(&mut forwarded, ip);
+            ip_at = 4..forwarded.len();
+        }
         None => forwarded.push_str("unknown"),
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(&config.public_scheme);
     if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
         forwarded.push_str(";host=\"");
-        forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
+        if memchr::memchr2(b'"', b'\\', host.as_bytes()).is_none() {
+            forwarded.push_str(host);
+        } else {
+            forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
+        }
         forwarded.push('"');
     }
     append(headers, header::FORWARDED, &forwarded);
-    if let Some(ip) = client_ip {
-        forwarded.clear();
-        match ip {
-            std::net::IpAddr::V4(ip) => push_ipv4(&mut forwarded, ip),
-            std::net::IpAddr::V6(ip) => {
-                let _ = write!(forwarded, "{ip}");
-            }
-        }
-        append(headers, X_FORWARDED_FOR, &forwarded);
+    if client_ip.is_some() {
+        append(headers, X_FORWARDED_FOR, &forwarded[ip_at]);
     }
     headers.insert(X_FORWARDED_PROTO, config.forwarded_proto.clone());
     match original_host {
@@ -465,14 +473,17 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
 
 /// Adds to a comma-separated list header, keeping what earlier proxies wrote.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if !headers.contains_key(&name) {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
+    // One lookup: through the entry, whether or not the header is there.
+    let mut entry = match headers.entry(name) {
+        Entry::Vacant(vacant) => {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                vacant.insert(value);
+            }
+            return;
         }
-        return;
-    }
-    let combined = match headers
-        .get_all(&name)
+        Entry::Occupied(entry) => entry,
+    };
+    let combined = match entry
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
@@ -481,13 +492,31 @@ fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
         existing => format!("{}, {value}", existing.join(", ")),
     };
     if let Ok(combined) = HeaderValue::from_str(&combined) {
-        headers.insert(name, combined);
+        // Replaces every value, as `HeaderMap::insert` does.
+        entry.insert(combined);
     }
+}
+
+/// Whether a name is one of [`HOP_BY_HOP`]: a match on the text (its length first), cheaper than
+/// comparing the names one by one.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names (cheap comparisons) before any removal.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -514,18 +543,21 @@ async fn relay_response(
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    for name in [header::LOCATION, header::CONTENT_LOCATION] {
-        let rewritten = parts
-            .headers
-            .get(&name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| rewriter.url(v))
-            .and_then(|v| HeaderValue::from_str(&v).ok());
-        if let Some(value) = rewritten {
-            parts.headers.insert(name, value);
+    let heads = ResponseHeads::scan(&parts.headers);
+    if heads.location {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let rewritten = parts
+                .headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| rewriter.url(v))
+                .and_then(|v| HeaderValue::from_str(&v).ok());
+            if let Some(value) = rewritten {
+                parts.headers.insert(name, value);
+            }
         }
     }
-    if !may_be_json_bundle(&parts.headers, rewrite_limit) {
+    if !heads.may_be_json_bundle(rewrite_limit) {
         return Response::from_parts(parts, ProxyBody::upstream(VecDeque::new(), body));
     }
     // Read up to the limit; beyond it, stream what was read and the rest untouched. Most
@@ -587,35 +619,80 @@ fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> 
     more
 }
 
-/// A JSON body, not compressed, that fits the rewrite limit if its length is known.
-fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim())
-        .is_some_and(|media| {
-            [
-                "application/fhir+json",
-                "application/json+fhir",
-                "application/json",
-            ]
-            .iter()
-            .any(|json| media.eq_ignore_ascii_case(json))
-        });
-    let identity = headers
-        .get(header::CONTENT_ENCODING)
-        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let fits = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_none_or(|len| len <= limit);
-    json && identity && fits
+/// What the relay needs of the upstream's response headers, read in one pass over them (five
+/// lookups by name cost more). Each name's first value counts, as with `HeaderMap::get`.
+#[derive(Debug, Default)]
+struct ResponseHeads {
+    /// A `Location` or `Content-Location` is there (to rewrite if it names the upstream).
+    location: bool,
+    /// The first `Content-Type`'s media type is a JSON one.
+    json: Option<bool>,
+    /// The first `Content-Encoding` is `identity`.
+    identity: Option<bool>,
+    /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
+    length: Option<Option<usize>>,
+}
+
+impl ResponseHeads {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut heads = Self::default();
+        for (name, value) in headers {
+            if name == header::LOCATION || name == header::CONTENT_LOCATION {
+                heads.location = true;
+            } else if name == header::CONTENT_TYPE {
+                heads.json.get_or_insert_with(|| {
+                    // The media type before any parameter, compared as bytes.
+                    let value = value.as_bytes();
+                    let end = memchr::memchr(b';', value).unwrap_or(value.len());
+                    let media = value[..end].trim_ascii();
+                    [
+                        b"application/fhir+json".as_slice(),
+                        b"application/json+fhir",
+                        b"application/json",
+                    ]
+                    .iter()
+                    .any(|json| media.eq_ignore_ascii_case(json))
+                });
+            } else if name == header::CONTENT_ENCODING {
+                heads
+                    .identity
+                    .get_or_insert_with(|| value.as_bytes().eq_ignore_ascii_case(b"identity"));
+            } else if name == header::CONTENT_LENGTH {
+                heads.length.get_or_insert_with(|| {
+                    value.to_str().ok().and_then(|v| v.parse::<usize>().ok())
+                });
+            }
+        }
+        heads
+    }
+
+    /// A JSON body, not compressed, that fits the rewrite limit if its length is known.
+    fn may_be_json_bundle(&self, limit: usize) -> bool {
+        self.json == Some(true)
+            && self.identity != Some(false)
+            && self.length.flatten().is_none_or(|len| len <= limit)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hop_by_hop_match_names_the_same_headers_as_the_list() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::USER_AGENT,
+            header::AUTHORIZATION,
+            HeaderName::from_static("connections"),
+            HeaderName::from_static("tea"),
+        ] {
+            assert!(!is_hop_by_hop(&name), "{name}");
+        }
+    }
 
     #[test]
     fn dstu2_media_types_swap_keeping_parameters() {
@@ -721,7 +798,10 @@ mod tests {
             "for=127.0.0.7;proto=https;host=\"gateway:8080\""
         );
 
-        let mut h = headers(&[("authorization", "Bearer client-token")]);
+        let mut h = headers(&[
+            ("authorization", "Bearer client-token"),
+            ("x-forwarded-host", "spoofed"),
+        ]);
         let v6 = ClientAddr("[::1]:1".parse().unwrap());
         prepare_request_headers(
             &mut h,
@@ -734,6 +814,22 @@ mod tests {
             "no upstream credentials: none forwarded"
         );
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert!(
+            !h.contains_key("x-forwarded-host"),
+            "no Host, no claim of one"
+        );
+
+        // Quotes and backslashes cannot break out of the quoted `host=`; no address, `unknown`.
+        let mut h = headers(&[("host", "gw\"x\\y")]);
+        prepare_request_headers(&mut h, &upstream(None), None, &config_for("http://gw"));
+        assert_eq!(h["forwarded"], "for=unknown;proto=http;host=\"gwxy\"");
+        assert!(!h.contains_key("x-forwarded-for"));
+        assert_eq!(h["x-forwarded-host"], "gw\"x\\y");
+    }
+
+    fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
+        ResponseHeads::scan(headers).may_be_json_bundle(limit)
     }
 
     #[test]
@@ -767,6 +863,38 @@ mod tests {
             &headers(&[("content-type", "application/fhir+xml")]),
             10
         ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("Content-Type", " Application/JSON ; charset=utf-8"),
+                ("content-encoding", "IDENTITY"),
+                ("content-length", "not a number"),
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(&headers(&[]), 10));
+        // The first value of each header counts, as `HeaderMap::get` reads it.
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "text/plain"),
+                ("content-type", "application/json"),
+            ]),
+            10
+        ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("content-length", "5"),
+                ("content-length", "50"),
+            ]),
+            10
+        ));
+    }
+
+    #[test]
+    fn the_response_scan_sees_either_location_header() {
+        assert!(!ResponseHeads::scan(&headers(&[("content-type", "x/y")])).location);
+        assert!(ResponseHeads::scan(&headers(&[("location", "http://up/Patient/1")])).location);
+        assert!(ResponseHeads::scan(&headers(&[("content-location", "/a")])).location);
     }
 
     #[test]

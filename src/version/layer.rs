@@ -477,6 +477,10 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
         return;
     };
     let current = entry.get();
+    // Labelled already in the common exact form (by the proxy, say): nothing to read further.
+    if exact_named_json(current.as_bytes()).is_some() {
+        return;
+    }
     // The common, bare media types have static labelled forms: no parsing, no allocation.
     if let Some(value) = static_label(current.as_bytes(), version) {
         entry.insert(value);
