@@ -16,15 +16,22 @@ pub(crate) type Connector = HttpConnector;
 #[cfg(feature = "remote-jwks")]
 pub(crate) const HTTPS: bool = cfg!(feature = "tls");
 
+/// A plain-HTTP connector with this connect timeout, `TCP_NODELAY` set.
+pub(crate) fn http_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http
+}
+
 /// A connector with this connect timeout, trusting the webpki roots and `extra_roots` (PEM
 /// certificates) with the `tls` feature.
 pub(crate) fn connector(
     connect_timeout: Duration,
     extra_roots: &[Vec<u8>],
 ) -> Result<Connector, String> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+    let mut http = http_connector(connect_timeout);
     #[cfg(feature = "tls")]
     {
         use rustls::pki_types::pem::PemObject;

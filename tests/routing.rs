@@ -674,3 +674,102 @@ async fn upstreams_may_speak_http2_with_prior_knowledge() {
         0
     );
 }
+
+/// An upstream that counts its connections and ends each after three answers
+/// (`Connection: close`), echoing every request's method, target and body.
+async fn keep_alive_upstream() -> (String, Arc<AtomicUsize>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            let answered = Arc::new(AtomicUsize::new(0));
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let answered = Arc::clone(&answered);
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let echo = json!({
+                            "resourceType": "Parameters",
+                            "method": parts.method.as_str(),
+                            "target": parts.uri.to_string(),
+                            "body": String::from_utf8_lossy(&body),
+                        });
+                        let mut response = http::Response::builder()
+                            .header("content-type", "application/fhir+json");
+                        if (answered.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(3) {
+                            response = response.header("connection", "close");
+                        }
+                        let body = http_body_util::Full::new(bytes::Bytes::from(echo.to_string()));
+                        Ok::<_, hyper::Error>(response.body(body).unwrap())
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+        }
+    });
+    (format!("http://{addr}/fhir"), connections)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced() {
+    let (base, connections) = keep_alive_upstream().await;
+    let gw = gateway(
+        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
+        Duration::from_secs(60),
+    )
+    .await;
+    let auth = format!("Bearer {}", token_for(TENANT_A));
+    for i in 0..9 {
+        let (method, body) = if i % 2 == 0 {
+            ("GET", String::new())
+        } else {
+            (
+                "POST",
+                format!(r#"{{"resourceType":"Observation","id":"{i}"}}"#),
+            )
+        };
+        let reply = gw
+            .client
+            .send(
+                method,
+                &format!("/Observation?n={i}"),
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/fhir+json"),
+                ],
+                &body,
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}");
+        let echo = reply.json();
+        assert_eq!(echo["method"], method, "request {i}");
+        assert_eq!(echo["target"], format!("/fhir/Observation?n={i}"));
+        assert_eq!(echo["body"], body, "request {i}: the body arrives whole");
+    }
+    // Three answers per connection, each connection used until the upstream closed it.
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+
+    // Requests at once open connections of their own; afterwards they are reused.
+    let token = token_for(TENANT_A);
+    let requests = (0..6).map(|_| gw.client.get_bearer("/Patient/1", &token));
+    for reply in futures::future::join_all(requests).await {
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let opened = connections.load(Ordering::SeqCst);
+    assert!(opened <= 3 + 6, "{opened} connections");
+    for _ in 0..2 {
+        let reply = gw.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        opened,
+        "the burst's connections are reused"
+    );
+}

@@ -2,8 +2,7 @@
 //!
 //! [`FhirProxy`] is the innermost service of the gateway. It reads the
 //! [`Upstream`](crate::route::Upstream) that the routing layer put in the request extensions
-//! and sends the request there over a pooled hyper-util client, changing only what a proxy
-//! must:
+//! and sends the request there over a pooled connection, changing only what a proxy must:
 //!
 //! - the path joined under the upstream's base path, the query string byte for byte, method
 //!   and body (streamed) untouched;
@@ -19,6 +18,12 @@
 //! limit; larger or compressed ones stream through untouched). An upstream that refuses or
 //! resets the connection gives 502, one that does not answer in time 504, each with an
 //! `OperationOutcome`.
+//!
+//! Connections to plain-HTTP upstreams are the proxy's own HTTP/1.1 pool's: per upstream host,
+//! idle connections are reused most recently used first, checked before use, returned once they
+//! can take the next request and closed after the idle timeout; a request that a closing
+//! connection hands back unsent goes out on another, and none is ever sent twice. HTTPS
+//! upstreams (where ALPN may choose HTTP/2) and h2c ones use hyper-util's pooled client.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -48,6 +53,7 @@
 
 mod body;
 mod path;
+mod pool;
 mod rewrite;
 mod service;
 

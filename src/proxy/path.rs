@@ -10,13 +10,14 @@ use crate::route::UpstreamBase;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct UnsafePath(pub(crate) &'static str);
 
-/// The URI to send upstream for a request whose target is `target`.
+/// The path and query to send upstream for a request whose target is `target`: the base path
+/// in front (the origin form an HTTP/1.1 request line carries; [`absolute`] adds the rest).
 ///
 /// Only the path and query of `target` are used: an absolute-form target
 /// (`GET http://other/...`) cannot change the destination. Dot segments (also percent-encoded,
 /// also with `;` parameters, as in `..;`), encoded slashes or backslashes inside a segment, and
 /// encoded NULs are refused: they could lead out of the tenant's base path on the upstream.
-pub(crate) fn upstream_uri(base: &UpstreamBase, target: &Uri) -> Result<Uri, UnsafePath> {
+pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
     check_segments(path)?;
     let query = target.query();
@@ -35,12 +36,22 @@ pub(crate) fn upstream_uri(base: &UpstreamBase, target: &Uri) -> Result<Uri, Uns
         joined.push('?');
         joined.push_str(query);
     }
-    let path_and_query = PathAndQuery::try_from(joined)
-        .map_err(|_| UnsafePath("The request path is not a valid URI path"))?;
+    PathAndQuery::try_from(joined)
+        .map_err(|_| UnsafePath("The request path is not a valid URI path"))
+}
+
+/// The whole URI on the upstream for a request whose target is `target`.
+#[cfg(test)]
+pub(crate) fn upstream_uri(base: &UpstreamBase, target: &Uri) -> Result<Uri, UnsafePath> {
+    absolute(base, upstream_path(base, target)?)
+}
+
+/// `path` on the upstream: its scheme and authority in front.
+pub(crate) fn absolute(base: &UpstreamBase, path: PathAndQuery) -> Result<Uri, UnsafePath> {
     Uri::builder()
         .scheme(base.scheme().clone())
         .authority(base.authority().clone())
-        .path_and_query(path_and_query)
+        .path_and_query(path)
         .build()
         .map_err(|_| UnsafePath("The request path is not a valid URI path"))
 }

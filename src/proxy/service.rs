@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::uri::Scheme;
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
@@ -22,15 +23,16 @@ use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use super::body::ProxyBody;
-use super::path::upstream_uri;
+use super::path::{absolute, upstream_path};
+use super::pool::Http1Pool;
 use super::rewrite::BaseRewriter;
-use crate::client::{connector, Connector};
+use crate::client::{connector, http_connector, Connector};
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
 use crate::version::FhirVersion;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(super) type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The address of the client that sent a request; put it in the request extensions (the
 /// server knows it) and the proxy names it in `Forwarded` and `X-Forwarded-For`.
@@ -66,6 +68,9 @@ pub struct FhirProxy {
 }
 
 struct Config {
+    // Plain-HTTP HTTP/1.1 upstreams.
+    http1: Http1Pool,
+    // HTTPS upstreams (ALPN may choose HTTP/2).
     client: Client<Connector, OutgoingBody>,
     // For upstreams that speak HTTP/2 with prior knowledge (h2c).
     h2_client: Client<Connector, OutgoingBody>,
@@ -165,7 +170,7 @@ impl FhirProxyBuilder {
         self
     }
 
-    /// How long an idle pooled connection is kept. Default 90 s.
+    /// How long an idle pooled connection to an upstream is kept. Default 90 s.
     pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
         self.pool_idle_timeout = timeout;
         self
@@ -196,6 +201,7 @@ impl FhirProxyBuilder {
         let public_scheme = public.scheme().as_str().to_owned();
         Ok(FhirProxy {
             config: Arc::new(Config {
+                http1: Http1Pool::new(http_connector(self.connect_timeout), self.pool_idle_timeout),
                 client,
                 h2_client,
                 public_base: Arc::clone(public.shared_text()),
@@ -235,7 +241,16 @@ where
                 "No upstream was chosen for this request",
             ));
         };
-        let uri = match upstream_uri(upstream.base(), request.uri()) {
+        // Plain-HTTP HTTP/1.1 upstreams take the proxy's own pool and an origin-form target;
+        // the others hyper-util's client and an absolute one.
+        let pooled = !upstream.http2() && *upstream.base().scheme() == Scheme::HTTP;
+        let uri = match upstream_path(upstream.base(), request.uri()).and_then(|path| {
+            if pooled {
+                Ok(Uri::from(path))
+            } else {
+                absolute(upstream.base(), path)
+            }
+        }) {
             Ok(uri) => uri,
             Err(unsafe_path) => {
                 return ready(outcome(
@@ -272,12 +287,19 @@ where
 
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
-        let sent = if upstream.http2() {
-            config.h2_client.request(outgoing)
-        } else {
-            config.client.request(outgoing)
-        };
         Box::pin(async move {
+            let sent = async {
+                if pooled {
+                    config
+                        .http1
+                        .send(upstream.base().authority(), outgoing)
+                        .await
+                } else if upstream.http2() {
+                    Ok(config.h2_client.request(outgoing).await?)
+                } else {
+                    Ok(config.client.request(outgoing).await?)
+                }
+            };
             let response = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
