@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: the gateway against the bare
+# hyper pass-through, on the same fixed upstream and load. Unlike req/s, the counts repeat from
+# run to run whatever the machine's neighbours do, so a change of a few percent is visible.
+#
+#   bash benches/instructions.sh              # 4,000 requests each, after 500 to warm up
+#   REQUESTS=10000 bash benches/instructions.sh
+#
+# Each server runs under callgrind (about 50 times slower, one thread); the counters are zeroed
+# after the warm-up and dumped after the measured requests, so start-up, the token fetch for the
+# warm-up and the shutdown are not counted. The token endpoint's Argon2 check and signing for
+# the measured run's one token are (a few hundred instructions a request at 4,000 requests).
+# Only user-space instructions are counted: the kernel's share (the same syscalls for both,
+# two reads and two writes a request) is not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-4000}
+WARMUP_REQUESTS=${WARMUP_REQUESTS:-500}
+CONNECTIONS=${CONNECTIONS:-4}
+
+if ! command -v valgrind >/dev/null; then
+  echo "installing valgrind (Debian)"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
+cargo build --quiet --release --example gateway --example loadgen --example bench_servers
+bin=target/release/examples
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  exit 1
+}
+
+tenant=00000000-0000-4000-8000-000000000000
+upstream_port=$(port)
+gateway_port=$(port)
+passthrough_port=$(port)
+"$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
+pids+=($!)
+python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" <<'PY'
+import json, sys
+work, gateway, upstream, tenant = sys.argv[1:]
+json.dump({
+    "listen": f"127.0.0.1:{gateway}",
+    "state_dir": f"{work}/state",
+    "clients": [{"client_id": "bench", "client_secret": "bench-secret-0123456789",
+                 "tenants": [tenant]}],
+    "tenants": [{"id": tenant, "upstreams": [
+        {"base_url": f"http://127.0.0.1:{upstream}/fhir", "fhir_version": "3.0"}]}],
+    "secret_hashing": {"memory_kib": 8, "iterations": 1},
+}, open(f"{work}/gateway.json", "w"))
+PY
+wait_port "$upstream_port"
+
+# count NAME PID TARGET: the instructions PID runs for the measured requests to TARGET.
+count() {
+  local name=$1 pid=$2 target=$3
+  local load=(--target "$target" --connections "$CONNECTIONS" --warmup 0
+    --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench
+    --client-secret bench-secret-0123456789 --tenants "$tenant")
+  "$bin/loadgen" "${load[@]}" --requests "$WARMUP_REQUESTS" >/dev/null 2>&1
+  callgrind_control --zero "$pid" >/dev/null 2>&1
+  local measured
+  measured=$("$bin/loadgen" "${load[@]}" --requests "$REQUESTS" --json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
+  callgrind_control --dump "$pid" >/dev/null 2>&1
+  sleep 1
+  local total
+  total=$(callgrind_annotate "$(ls -t "$work"/cg."$name".*.1 | head -n 1)" 2>/dev/null |
+    awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  echo "$name $measured $total"
+}
+
+# The gateway under callgrind (it is also the token endpoint for both runs).
+valgrind --tool=callgrind --callgrind-out-file="$work/cg.gateway.%p" \
+  "$bin/gateway" --config "$work/gateway.json" >"$work/gateway.log" 2>&1 &
+gateway_pid=$!
+pids+=($gateway_pid)
+wait_port "$gateway_port"
+read -r _ gw_requests gw_total < <(count gateway "$gateway_pid" "http://127.0.0.1:$gateway_port")
+
+valgrind --tool=callgrind --callgrind-out-file="$work/cg.passthrough.%p" \
+  "$bin/bench_servers" passthrough --listen "127.0.0.1:$passthrough_port" \
+  --upstream "http://127.0.0.1:$upstream_port" >"$work/passthrough.log" 2>&1 &
+passthrough_pid=$!
+pids+=($passthrough_pid)
+wait_port "$passthrough_port"
+read -r _ pt_requests pt_total < <(count passthrough "$passthrough_pid" "http://127.0.0.1:$passthrough_port/fhir")
+
+python3 - "$gw_requests" "$gw_total" "$pt_requests" "$pt_total" <<'PY'
+import sys
+gw_n, gw_i, pt_n, pt_i = map(int, sys.argv[1:])
+gw, pt = gw_i / gw_n, pt_i / pt_n
+print()
+print("| server | requests | instructions | per request |")
+print("|---|---:|---:|---:|")
+print(f"| bare hyper pass-through | {pt_n:,} | {pt_i:,} | {pt:,.0f} |")
+print(f"| gateway | {gw_n:,} | {gw_i:,} | {gw:,.0f} |")
+print()
+print(f"gateway / pass-through instructions per request: {gw / pt:.3f}x")
+PY
