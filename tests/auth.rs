@@ -865,4 +865,35 @@ mod single_key {
             "The access token signature is invalid",
         );
     }
+
+    #[tokio::test]
+    async fn a_key_with_a_kid_takes_only_tokens_naming_it_or_none() {
+        for layer in [
+            // The fast path (one static key) and the general one (two) answer alike.
+            builder()
+                .key(VerificationKey::rsa_pem(RSA_PUBLIC).unwrap().with_kid("k1"))
+                .build()
+                .unwrap(),
+            builder()
+                .key(VerificationKey::rsa_pem(RSA_PUBLIC).unwrap().with_kid("k1"))
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap().with_kid("hs"))
+                .build()
+                .unwrap(),
+        ] {
+            let client = app(layer).await;
+            for kid in [Some("k1"), None] {
+                let token = mint(Algorithm::RS256, kid, &claims());
+                let reply = client.get_bearer("/Patient/1", &token).await;
+                assert_eq!(reply.status, StatusCode::OK, "kid {kid:?}");
+            }
+            // Signed by the right key, but naming another one: refused, and never cached.
+            let token = mint(Algorithm::RS256, Some("k2"), &claims());
+            for _ in 0..2 {
+                assert_invalid_token(
+                    &client.get_bearer("/Patient/1", &token).await,
+                    "No key is known for this token",
+                );
+            }
+        }
+    }
 }

@@ -144,10 +144,10 @@ impl Verifier {
 
     fn verify_uncached(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some((key, validation)) = &self.single_key {
-            return verdict(
-                self.decode(token, key, validation, None)
-                    .map_err(|(rejection, _)| rejection),
-            );
+            let result = self
+                .decode(token, key, validation, None)
+                .map_err(|(rejection, _)| rejection);
+            return verdict(result);
         }
         for source in &self.sources {
             source.refresh_if_due();
@@ -323,6 +323,13 @@ impl Verifier {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
                 .map_err(|err| self.decode_error(err.kind()))?;
+        // A key with a `kid` is only for tokens naming it or none. The general path picks its
+        // candidates so; the single-key path comes here straight.
+        if let (Some(ours), Some(theirs)) = (key.kid(), data.header.kid.as_deref()) {
+            if ours != theirs {
+                return Err((self.unknown_key(), false));
+            }
+        }
         if data.header.crit.is_some() {
             return Err((
                 self.reject(
