@@ -23,26 +23,8 @@ if ! command -v valgrind >/dev/null; then
   echo "installing valgrind (Debian)"
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
-cargo build --quiet --release --example gateway --example loadgen --example bench_servers
-bin=target/release/examples
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  exit 1
-}
+# shellcheck source=benches/harness.sh
+. benches/harness.sh
 
 tenant=00000000-0000-4000-8000-000000000000
 upstream_port=$(port)

@@ -1,0 +1,25 @@
+# Sourced by compare.sh and instructions.sh: the release build of the examples, a work folder
+# and the processes to end on exit, a free port, and waiting for one to listen.
+# A script may define `before_cleanup` to end more on exit.
+
+cargo build --quiet --release --example gateway --example loadgen --example bench_servers
+bin=target/release/examples
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  if declare -F before_cleanup >/dev/null; then before_cleanup; fi
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# wait_port PORT: until something listens on PORT (a minute at most: valgrind starts slowly).
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  exit 1
+}
