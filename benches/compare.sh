@@ -30,16 +30,13 @@ EXTRAS=${EXTRAS:-1}
 # (this machine is shared: a neighbour's burst hurts one round, not every round).
 ROUNDS=${ROUNDS:-3}
 
-if ! command -v nginx >/dev/null; then
-  echo "installing nginx (Debian)"
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 before_cleanup() {
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
 }
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
+need nginx nginx
 # gateway_config FILE PORT TENANTS: the gateway with TENANTS tenants, all on the upstream.
 gateway_config() {
   python3 - "$1" "$2" "$3" "$upstream_port" "$work" <<'PY'

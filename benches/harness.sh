@@ -1,5 +1,6 @@
 # Sourced by compare.sh and instructions.sh: the release build of the examples, a work folder
-# and the processes to end on exit, a free port, and waiting for one to listen.
+# and the processes to end on exit, Debian packages when missing, a free port, and waiting
+# for one to listen.
 # A script may define `before_cleanup` to end more on exit.
 
 cargo build --quiet --release --example gateway --example loadgen --example bench_servers
@@ -13,6 +14,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# need COMMAND PACKAGE: installs the Debian PACKAGE if COMMAND is missing.
+need() {
+  command -v "$1" >/dev/null && return 0
+  echo "installing $2 (Debian)"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # wait_port PORT: until something listens on PORT (a minute at most: valgrind starts slowly).
 wait_port() {

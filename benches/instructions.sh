@@ -19,12 +19,9 @@ REQUESTS=${REQUESTS:-4000}
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-500}
 CONNECTIONS=${CONNECTIONS:-4}
 
-if ! command -v valgrind >/dev/null; then
-  echo "installing valgrind (Debian)"
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
-fi
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
+need valgrind valgrind
 
 tenant=00000000-0000-4000-8000-000000000000
 upstream_port=$(port)
