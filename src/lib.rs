@@ -26,7 +26,7 @@
 //! - `aws-lc-rs` (default): JWT crypto with aws-lc-rs. `rust-crypto`: pure-Rust crypto
 //!   instead. With both enabled, aws-lc-rs is used.
 //! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client.
-//! - `proxy` (default): forward requests to upstream FHIR servers with the hyper-util client.
+//! - `proxy` (default): forward requests to upstream FHIR servers over pooled connections.
 //! - `tls`: `https://` upstreams and JWKS URLs, with rustls and the webpki roots.
 //! - `token` (default): the client-credentials token endpoint.
 //!
