@@ -52,6 +52,19 @@ rm -f "$mix"
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] >= 200 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen with a --mix file: $report"
 echo "ok loadgen drove the gateway with a mix of its own"
+report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 2 \
+  --http2 --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  || fail "loadgen over h2c: $report"
+echo "ok loadgen drove the gateway over h2c"
+# Open loop at 100 requests a second for 2 s: never more than the rate allows.
+report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 2 --warmup 0 --connections 4 \
+  --rate 100 --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 0 < r["requests"] <= 210 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  || fail "loadgen at a fixed rate: $report"
+echo "ok loadgen held a fixed rate"
 kill -TERM $pid
 wait $pid || fail "the gateway did not shut down cleanly on SIGTERM"
 trap - EXIT
