@@ -34,8 +34,7 @@ use super::service::OutgoingBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Idle HTTP/1.1 connections to plain-HTTP upstreams, by authority. Cheap to clone.
-#[derive(Clone)]
+/// Idle HTTP/1.1 connections to plain-HTTP upstreams, by authority.
 pub(crate) struct Http1Pool {
     inner: Arc<Inner>,
 }
@@ -233,7 +232,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// A server answering each request on a connection with a short 200, counting connections;
-    /// with `close_after`, it closes each connection after that many answers without saying so.
+    /// with `close_after`, it closes each connection after that many answers (`Connection:
+    /// close` on the last).
     async fn server(close_after: Option<usize>) -> (Authority, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -257,12 +257,14 @@ mod tests {
                         held.extend_from_slice(&buffer[..n]);
                         while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
                             held.drain(..end + 4);
-                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if socket.write_all(reply).await.is_err() {
-                                return;
-                            }
                             answered += 1;
-                            if close_after == Some(answered) {
+                            let last = close_after == Some(answered);
+                            let reply: &[u8] = if last {
+                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            if socket.write_all(reply).await.is_err() || last {
                                 return;
                             }
                         }
@@ -324,8 +326,7 @@ mod tests {
         let pool = pool(Duration::from_secs(60));
         for _ in 0..3 {
             assert_eq!(get(&pool, &origin).await.unwrap(), "ok");
-            // Let the connection's task see the close.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(pool.idle_count(), 0, "a closing connection is not kept");
         }
         assert_eq!(connections.load(Ordering::SeqCst), 3);
     }
