@@ -66,6 +66,23 @@ report=$(cargo run --quiet --example loadgen -- --target "$base" --json --durati
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 0 < r["requests"] <= 210 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen at a fixed rate: $report"
 echo "ok loadgen held a fixed rate"
+# Tokens minted by loadgen itself with the gateway's own signing key (ES256, its kid).
+state=$(sed -n 's/^ *state in //p' "$log")
+key=$(mktemp)
+kid=$(python3 - "$state/signing-keys.json" "$key" <<'PY'
+import json, sys
+keys = json.load(open(sys.argv[1]))
+open(sys.argv[2], "w").write(next(k["pem"] for k in keys["keys"] if k["kid"] == keys["current"]))
+print(keys["current"])
+PY
+)
+report=$(cargo run --quiet --example loadgen -- --target "$base" --json --requests 100 --warmup 0 --connections 2 \
+  --mint-key "$key" --alg ES256 --kid "$kid" --issuer "$base" --audience tower-fhir \
+  --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
+rm -f "$key"
+echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] >= 100 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
+  || fail "loadgen with tokens it minted (ES256): $report"
+echo "ok loadgen minted ES256 tokens the gateway accepts"
 kill -TERM $pid
 wait $pid || fail "the gateway did not shut down cleanly on SIGTERM"
 trap - EXIT

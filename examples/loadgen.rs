@@ -3,7 +3,8 @@
 //! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), each worker on a
 //! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop, or a
 //! fixed request rate with coordinated-omission correction (latency counted from when each
-//! request was due, not when it was sent). Tokens are minted locally (HS256, one per tenant) or fetched from a
+//! request was due, not when it was sent). Tokens are minted locally (one per tenant, HS256
+//! from a shared secret or RS256/PS256/ES256/EdDSA from a private key in PEM) or fetched from a
 //! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
 //! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
 //! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage), a mix of
@@ -45,6 +46,11 @@ loadgen: drive a FHIR gateway and report throughput and latency
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
+  --mint-key FILE         mint tokens locally, signed with the PEM private key in FILE
+                          (with --alg, --issuer, --audience and, if the gateway wants it, --kid)
+  --alg ALG               --mint-key's algorithm: RS256..RS512, PS256..PS512, ES256, ES384,
+                          EdDSA; default ES256
+  --kid KID               the `kid` header of minted tokens
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
   --path PATH             one request path instead of the client mix
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
@@ -64,6 +70,7 @@ enum Tokens {
     None,
     Mint {
         key: EncodingKey,
+        header: Header,
         issuer: Option<String>,
         audience: Option<String>,
     },
@@ -111,6 +118,7 @@ fn options() -> Result<Options, String> {
         base_path: String::new(),
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
+    let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -132,6 +140,9 @@ fn options() -> Result<Options, String> {
                     .collect();
             }
             "--mint-hs256" => secret = Some(value()?),
+            "--mint-key" => key_file = Some(value()?),
+            "--alg" => alg = Some(value()?),
+            "--kid" => kid = Some(value()?),
             "--issuer" => issuer = Some(value()?),
             "--audience" => audience = Some(value()?),
             "--token-url" => token_url = Some(value()?),
@@ -167,12 +178,26 @@ fn options() -> Result<Options, String> {
     if o.target.is_empty() {
         return Err(format!("--target is required\n\n{HELP}"));
     }
-    o.tokens = match (secret, token_url) {
-        (Some(secret), _) => Tokens::Mint {
-            key: EncodingKey::from_secret(secret.as_bytes()),
-            issuer,
-            audience,
-        },
+    let minting_key = match (secret, key_file) {
+        (Some(_), Some(_)) => return Err("--mint-hs256 or --mint-key, not both".to_owned()),
+        (Some(secret), None) => Some((
+            EncodingKey::from_secret(secret.as_bytes()),
+            Algorithm::HS256,
+        )),
+        (None, Some(file)) => Some(minting_key(&file, alg.as_deref().unwrap_or("ES256"))?),
+        (None, None) => None,
+    };
+    o.tokens = match (minting_key, token_url) {
+        (Some((key, algorithm)), _) => {
+            let mut header = Header::new(algorithm);
+            header.kid = kid;
+            Tokens::Mint {
+                key,
+                header,
+                issuer,
+                audience,
+            }
+        }
         (None, Some(url)) => Tokens::Endpoint {
             url,
             client_id: client_id.ok_or("--token-url needs --client-id")?,
@@ -194,6 +219,29 @@ fn options() -> Result<Options, String> {
             .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
     }
     Ok(o)
+}
+
+/// The key in PEM `file` for `alg`, an asymmetric JWS algorithm.
+fn minting_key(file: &str, alg: &str) -> Result<(EncodingKey, Algorithm), String> {
+    let algorithm: Algorithm = alg.parse().map_err(|_| format!("--alg {alg}: unknown"))?;
+    let pem = std::fs::read(file).map_err(|e| format!("--mint-key {file}: {e}"))?;
+    let key = match algorithm {
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => EncodingKey::from_rsa_pem(&pem),
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        _ => {
+            return Err(format!(
+                "--alg {alg}: --mint-key takes an asymmetric algorithm"
+            ))
+        }
+    }
+    .map_err(|e| format!("--mint-key {file}: not a {alg} private key: {e}"))?;
+    Ok((key, algorithm))
 }
 
 /// One kind of request in the mix, and how often it comes.
@@ -330,6 +378,7 @@ impl TokenBook {
             Tokens::None => unreachable!(),
             Tokens::Mint {
                 key,
+                header,
                 issuer,
                 audience,
             } => {
@@ -339,8 +388,7 @@ impl TokenBook {
                     .as_secs();
                 let claims = json!({"iss": issuer, "aud": audience, "sub": "loadgen", "iat": now,
                                     "exp": now + 3600, "scope": tenant});
-                let token = encode(&Header::new(Algorithm::HS256), &claims, key)
-                    .map_err(|e| e.to_string())?;
+                let token = encode(header, &claims, key).map_err(|e| e.to_string())?;
                 (token, 3600)
             }
             Tokens::Endpoint {
