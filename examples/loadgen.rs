@@ -70,7 +70,7 @@ enum Tokens {
     None,
     Mint {
         key: EncodingKey,
-        header: Header,
+        header: Box<Header>,
         issuer: Option<String>,
         audience: Option<String>,
     },
@@ -193,7 +193,7 @@ fn options() -> Result<Options, String> {
             header.kid = kid;
             Tokens::Mint {
                 key,
-                header,
+                header: Box::new(header),
                 issuer,
                 audience,
             }
