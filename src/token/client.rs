@@ -263,6 +263,42 @@ pub trait ClientStore: Send + Sync + 'static {
     /// Revokes the client: it gets no new tokens from now on.
     fn revoke(&self, id: &str) -> StoreFuture<()>;
 
+    /// Replaces what the client may get tokens for: its tenants, and the scopes it may ask for
+    /// besides a tenant (each an RFC 6749 scope token: printable ASCII without spaces, `"` or
+    /// `\`). Refuses unknown or revoked clients. Tokens issued before keep the scope they
+    /// were issued with until they expire; new tokens follow the new entitlements at once.
+    ///
+    /// ```
+    /// use tower_fhir::tenant::TenantId;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let first = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+    /// let second = TenantId::parse("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f").unwrap();
+    /// let store = InMemoryClientStore::new();
+    /// store.register(NewClient::new("app-1").tenant(first)).await.unwrap();
+    ///
+    /// // A new customer onboarded: the app may now get tokens for both tenants.
+    /// store
+    ///     .set_entitlements("app-1", vec![first, second], vec!["system/*.read".into()])
+    ///     .await
+    ///     .unwrap();
+    /// let record = store.client("app-1").await.unwrap().unwrap();
+    /// assert_eq!(record.tenants, [first, second]);
+    /// assert_eq!(record.scopes, ["system/*.read"]);
+    ///
+    /// // Not a scope a token request could name; an unknown client.
+    /// assert!(store.set_entitlements("app-1", vec![first], vec!["a b".into()]).await.is_err());
+    /// assert!(store.set_entitlements("app-2", vec![first], vec![]).await.is_err());
+    /// # });
+    /// ```
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()>;
+
     /// The hashing cost the store uses (the endpoint hashes its dummy secret with it, so that
     /// unknown clients take as long as known ones).
     fn hashing(&self) -> SecretHashing {
@@ -282,6 +318,14 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     }
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         (**self).revoke(id)
+    }
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        (**self).set_entitlements(id, tenants, scopes)
     }
     fn hashing(&self) -> SecretHashing {
         (**self).hashing()
@@ -311,6 +355,7 @@ impl Clients {
                 client.id
             )));
         }
+        check_scopes(&client.id, &client.scopes)?;
         let secret = match client.secret {
             Some(given) if given.0.chars().count() < MIN_SECRET_LEN => {
                 return Err(StoreError::new(format!(
@@ -327,8 +372,8 @@ impl Clients {
                 phc: hashing.hash(secret.expose())?,
                 expires_at: None,
             }],
-            tenants: client.tenants,
-            scopes: client.scopes,
+            tenants: deduplicated(client.tenants),
+            scopes: deduplicated(client.scopes),
             token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
             revoked: false,
         };
@@ -366,6 +411,23 @@ impl Clients {
         Ok(secret)
     }
 
+    pub(crate) fn set_entitlements(
+        &mut self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> Result<(), StoreError> {
+        check_scopes(id, &scopes)?;
+        let record = self
+            .clients
+            .get_mut(id)
+            .filter(|r| !r.revoked)
+            .ok_or_else(|| StoreError::new(format!("no active client {id:?}")))?;
+        record.tenants = deduplicated(tenants);
+        record.scopes = deduplicated(scopes);
+        Ok(())
+    }
+
     pub(crate) fn revoke(&mut self, id: &str) -> Result<(), StoreError> {
         let record = self
             .clients
@@ -375,6 +437,34 @@ impl Clients {
         record.secrets.clear();
         Ok(())
     }
+}
+
+/// Refuses a scope a token request could never name: empty, or outside RFC 6749's
+/// `scope-token` characters (`%x21 / %x23-5B / %x5D-7E`).
+fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
+    let bad = |scope: &String| {
+        scope.is_empty()
+            || !scope
+                .bytes()
+                .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+    };
+    match scopes.iter().find(|scope| bad(scope)) {
+        Some(scope) => Err(StoreError::new(format!(
+            "client {id:?}: {scope:?} is not a scope (printable ASCII without spaces, '\"' or '\\')"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `items` in their order, each once.
+fn deduplicated<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut kept = Vec::with_capacity(items.len());
+    for item in items {
+        if !kept.contains(&item) {
+            kept.push(item);
+        }
+    }
+    kept
 }
 
 /// Clients kept in memory; lost at restart (see [`FileClientStore`](super::FileClientStore)).
@@ -426,6 +516,16 @@ impl ClientStore for InMemoryClientStore {
 
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         let result = self.with(|c| c.revoke(id));
+        Box::pin(async move { result })
+    }
+
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        let result = self.with(|c| c.set_entitlements(id, tenants, scopes));
         Box::pin(async move { result })
     }
 
@@ -508,6 +608,67 @@ mod tests {
         let record = store.client("app").await.unwrap().unwrap();
         assert!(record.revoked);
         assert!(store.rotate_secret("app", Duration::ZERO).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn entitlements_change_for_active_clients_only() {
+        let store = InMemoryClientStore::with_hashing(SecretHashing::new(8, 1).unwrap());
+        let (a, b) = (
+            TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap(),
+            TenantId::parse("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f").unwrap(),
+        );
+        let secret = store
+            .register(NewClient::new("app").tenant(a))
+            .await
+            .unwrap();
+        // Repeats are kept once, in their order.
+        store
+            .set_entitlements("app", vec![b, a, b], vec!["x".into(), "x".into()])
+            .await
+            .unwrap();
+        let record = store.client("app").await.unwrap().unwrap();
+        assert_eq!(
+            (record.tenants.as_slice(), record.scopes.as_slice()),
+            (&[b, a][..], &["x".to_owned()][..])
+        );
+        // The secret is untouched.
+        assert!(live_secret_matches(&record, &secret));
+        // No tenant at all is allowed (the client then gets no token until given one).
+        store.set_entitlements("app", vec![], vec![]).await.unwrap();
+        assert!(store
+            .client("app")
+            .await
+            .unwrap()
+            .unwrap()
+            .tenants
+            .is_empty());
+        for bad in ["", "a b", "quote\"", "back\\slash", "tab\t", "é"] {
+            let refused = store
+                .set_entitlements("app", vec![a], vec![bad.into()])
+                .await;
+            assert!(refused.is_err(), "{bad:?}");
+        }
+        // A refused change changes nothing.
+        assert!(store
+            .client("app")
+            .await
+            .unwrap()
+            .unwrap()
+            .tenants
+            .is_empty());
+        assert!(store
+            .register(NewClient::new("spaced").scope("a b"))
+            .await
+            .is_err());
+        store.revoke("app").await.unwrap();
+        assert!(store
+            .set_entitlements("app", vec![a], vec![])
+            .await
+            .is_err());
+        assert!(store
+            .set_entitlements("nobody", vec![a], vec![])
+            .await
+            .is_err());
     }
 
     #[test]

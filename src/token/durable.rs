@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::tenant::TenantId;
+
 use super::client::{
     blocking, ClientRecord, ClientSecret, ClientStore, Clients, NewClient, SecretHashing,
     StoreError, StoreFuture,
@@ -145,6 +147,18 @@ impl ClientStore for FileClientStore {
         Box::pin(blocking(move || this.change(|c| c.revoke(&id))))
     }
 
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || {
+            this.change(|c| c.set_entitlements(&id, tenants, scopes))
+        }))
+    }
+
     fn hashing(&self) -> SecretHashing {
         self.inner.hashing
     }
@@ -178,6 +192,20 @@ mod tests {
         let reopened = FileClientStore::open(&path).unwrap();
         assert!(!works(&reopened, "app", &old));
         assert!(works(&reopened, "app", &new));
+        let tenant =
+            crate::tenant::TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        reopened
+            .set_entitlements("app", vec![tenant], vec!["system/*.read".into()])
+            .await
+            .unwrap();
+        let record = FileClientStore::open(&path)
+            .unwrap()
+            .client("app")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.tenants, [tenant]);
+        assert_eq!(record.scopes, ["system/*.read"]);
         reopened.revoke("app").await.unwrap();
         let again = FileClientStore::open(&path).unwrap();
         assert!(again.client("app").await.unwrap().unwrap().revoked);
