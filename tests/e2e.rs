@@ -302,6 +302,10 @@ fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) 
 }
 
 async fn token(gateway: &Gateway, secret: &str, tenant: &str) -> Reply {
+    token_as(gateway, "app", secret, tenant).await
+}
+
+async fn token_as(gateway: &Gateway, client_id: &str, secret: &str, tenant: &str) -> Reply {
     gateway
         .client
         .send(
@@ -309,7 +313,7 @@ async fn token(gateway: &Gateway, secret: &str, tenant: &str) -> Reply {
             "/oauth/token",
             &[FORM],
             &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={secret}&scope={tenant}"
+                "grant_type=client_credentials&client_id={client_id}&client_secret={secret}&scope={tenant}"
             ),
         )
         .await
@@ -712,6 +716,9 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         ("GET", format!("/admin/tenants/{STU3_TENANT}")),
         ("PUT", "/admin/tenants/not-a-guid".to_owned()),
         ("POST", "/admin/clients/app/secret".to_owned()),
+        ("PUT", "/admin/clients/app".to_owned()),
+        ("GET", "/admin/clients/app".to_owned()),
+        ("DELETE", "/admin/clients/app".to_owned()),
     ] {
         let reply = gateway.client.send(method, &path, &[], "").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path}");
@@ -777,6 +784,106 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         StatusCode::UNAUTHORIZED
     );
 
+    // An administrator registers a second application, entitled to one tenant.
+    let path = "/admin/clients/care-app";
+    let body = json!({"tenants": [STU3_TENANT], "scopes": ["system/*.read"]}).to_string();
+    let reply = gateway.client.send("PUT", path, &admin, &body).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    let created = reply.json();
+    let care_secret = created["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(created["tenants"], json!([STU3_TENANT]));
+    assert_eq!(created["tenants_not_onboarded"], json!([]));
+    let reply = token_as(&gateway, "care-app", &care_secret, STU3_TENANT).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let care_stu3 = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        token_as(&gateway, "care-app", &care_secret, DSTU2_TENANT)
+            .await
+            .json()["error"],
+        "invalid_scope"
+    );
+    // A new customer: the application is entitled to its tenant too; the other one is taken
+    // away. New tokens follow at once; the secret stays.
+    let body =
+        json!({"tenants": [DSTU2_TENANT, "0000aaaa-0000-4000-8000-00000000000a"]}).to_string();
+    let reply = gateway.client.send("PUT", path, &admin, &body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let changed = reply.json();
+    assert!(changed.get("client_secret").is_none(), "{changed}");
+    assert_eq!(changed["scopes"], json!([]));
+    assert_eq!(
+        changed["tenants_not_onboarded"],
+        json!(["0000aaaa-0000-4000-8000-00000000000a"])
+    );
+    let reply = token_as(&gateway, "care-app", &care_secret, DSTU2_TENANT).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        token_as(&gateway, "care-app", &care_secret, STU3_TENANT)
+            .await
+            .json()["error"],
+        "invalid_scope"
+    );
+    let reply = gateway.client.send("GET", path, &admin, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(!reply.text().contains(&care_secret) && !reply.text().contains("argon2"));
+    // Refused: not GUIDs, a scope no request could name, a secret for a registered client, an
+    // unknown field, a short provisioned secret; a revoked client cannot come back.
+    for (body, status) in [
+        (json!({"tenants": ["not-a-guid"]}), StatusCode::BAD_REQUEST),
+        (
+            json!({"tenants": [STU3_TENANT], "scopes": ["a b"]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"tenants": [], "client_secret": "0123456789abcdefgh"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"tenant": [STU3_TENANT]}), StatusCode::BAD_REQUEST),
+    ] {
+        let reply = gateway
+            .client
+            .send("PUT", path, &admin, &body.to_string())
+            .await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.text());
+    }
+    let short = json!({"tenants": [], "client_secret": "short"}).to_string();
+    let reply = gateway
+        .client
+        .send("PUT", "/admin/clients/other-app", &admin, &short)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let reply = gateway
+        .client
+        .send("PUT", "/admin/clients/a:b", &admin, "{\"tenants\": []}")
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    // Revoked: no new tokens; the one already issued lasts until it expires.
+    let reply = gateway
+        .client
+        .send("DELETE", "/admin/clients/nobody", &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let reply = gateway.client.send("DELETE", path, &admin, "").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        token_as(&gateway, "care-app", &care_secret, DSTU2_TENANT)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let body = json!({"tenants": [DSTU2_TENANT]}).to_string();
+    let reply = gateway.client.send("PUT", path, &admin, &body).await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let reply = gateway.client.send("GET", path, &admin, "").await;
+    assert_eq!(reply.json()["revoked"], true);
+
     // Restart: secrets, tenants and signing keys are as they were.
     let log = gateway.proc.stderr();
     assert!(gateway.proc.terminate(), "the gateway did not stop cleanly");
@@ -829,6 +936,8 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         ADMIN_TOKEN,
         &before_restart,
         &onboarded,
+        &care_secret,
+        &care_stu3,
     ] {
         assert!(!log.contains(secret), "a secret is in the gateway's log");
     }

@@ -1,5 +1,7 @@
-//! The admin API: onboard, change and remove tenants, reset a client's secret. Bearer
-//! `admin_token`; every change is written under `state_dir` and takes effect at once.
+//! The admin API: onboard, change and remove tenants; register clients, change which tenants
+//! and scopes they may get tokens for, revoke them, reset their secrets. Bearer `admin_token`;
+//! every change is written under `state_dir` and takes effect at once (for tokens issued from
+//! then on: one already issued keeps its scope until it expires).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_fhir::route::{FileDirectory, TenantUpstreams};
 use tower_fhir::tenant::TenantId;
-use tower_fhir::token::ClientStore;
+use tower_fhir::token::{ClientRecord, ClientStore, NewClient};
 
 pub(crate) struct Admin {
     pub(crate) token: String,
@@ -29,6 +31,10 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .route(
             "/admin/tenants/{id}",
             put(put_tenant).delete(delete_tenant).get(get_tenant),
+        )
+        .route(
+            "/admin/clients/{client_id}",
+            put(put_client).get(get_client).delete(delete_client),
         )
         .route("/admin/clients/{client_id}/secret", post(reset_secret))
         // Every admin route needs the admin token; checked once, before any handler.
@@ -203,5 +209,146 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
                 "the secret could not be rotated",
             )
         }
+    }
+}
+
+/// The body of `PUT /admin/clients/{client_id}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientBody {
+    /// The tenants the client may get tokens for.
+    tenants: Vec<TenantId>,
+    /// Scopes besides the tenant it may ask for.
+    #[serde(default)]
+    scopes: Vec<String>,
+    /// Registration only: a secret provisioned elsewhere (else one is generated).
+    #[serde(default)]
+    client_secret: Option<String>,
+}
+
+/// The client as stored, without its secrets' hashes; and which of its tenants have no
+/// upstream here yet (their tokens would be refused as not onboarded).
+fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
+    let not_onboarded: Vec<_> = record
+        .tenants
+        .iter()
+        .filter(|tenant| admin.directory.get(**tenant).is_none())
+        .collect();
+    json!({
+        "client_id": record.id,
+        "tenants": record.tenants,
+        "scopes": record.scopes,
+        "revoked": record.revoked,
+        "tenants_not_onboarded": not_onboarded,
+    })
+}
+
+fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
+    if err.is_refusal() {
+        return error(StatusCode::BAD_REQUEST, &err.to_string());
+    }
+    tracing::error!(error = %err, "client store failed while {doing}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "the client store failed")
+}
+
+/// Registers the client (`201`, its secret shown this once) or replaces its entitlements
+/// (`200`).
+async fn put_client(
+    State(admin): State<Arc<Admin>>,
+    Path(client_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body = match serde_json::from_slice::<ClientBody>(&body) {
+        Ok(body) => body,
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the body must be {\"tenants\": [GUID, ...], \"scopes\": [...]} (and, to register with a given secret, \"client_secret\")",
+            )
+        }
+    };
+    let existing = match admin.clients.client(&client_id).await {
+        Ok(existing) => existing,
+        Err(err) => return store_failed(&err, "looking up a client"),
+    };
+    match existing {
+        Some(record) if record.revoked => error(
+            StatusCode::CONFLICT,
+            "the client is revoked; register the application under a new client id",
+        ),
+        Some(_) if body.client_secret.is_some() => error(
+            StatusCode::BAD_REQUEST,
+            "the client is registered: change its secret with POST /admin/clients/{client_id}/secret",
+        ),
+        Some(_) => {
+            let tenants = body.tenants.len();
+            if let Err(err) = admin
+                .clients
+                .set_entitlements(&client_id, body.tenants, body.scopes)
+                .await
+            {
+                return store_failed(&err, "changing a client's entitlements");
+            }
+            tracing::info!(client_id = %client_id, tenants, "client entitlements changed");
+            match admin.clients.client(&client_id).await {
+                Ok(Some(record)) => Json(client_json(&admin, &record)).into_response(),
+                Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
+                Err(err) => store_failed(&err, "looking up a client"),
+            }
+        }
+        None => {
+            let mut client = NewClient::new(client_id.clone());
+            for tenant in body.tenants {
+                client = client.tenant(tenant);
+            }
+            for scope in body.scopes {
+                client = client.scope(scope);
+            }
+            if let Some(secret) = body.client_secret {
+                client = client.secret(secret);
+            }
+            let secret = match admin.clients.register(client).await {
+                Ok(secret) => secret,
+                Err(err) => return store_failed(&err, "registering a client"),
+            };
+            tracing::info!(client_id = %client_id, "client registered by an administrator");
+            let record = match admin.clients.client(&client_id).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
+                Err(err) => return store_failed(&err, "looking up a client"),
+            };
+            let mut shown = client_json(&admin, &record);
+            shown["client_secret"] = json!(secret.expose());
+            let mut response = (StatusCode::CREATED, Json(shown)).into_response();
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            response
+        }
+    }
+}
+
+async fn get_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
+    match admin.clients.client(&client_id).await {
+        Ok(Some(record)) => Json(client_json(&admin, &record)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
+        Err(err) => store_failed(&err, "looking up a client"),
+    }
+}
+
+/// Revokes the client: no new tokens (the id stays taken).
+async fn delete_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
+    match admin.clients.client(&client_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
+        Err(err) => return store_failed(&err, "looking up a client"),
+    }
+    match admin.clients.revoke(&client_id).await {
+        Ok(()) => {
+            tracing::info!(client_id = %client_id, "client revoked by an administrator");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(err) => store_failed(&err, "revoking a client"),
     }
 }

@@ -10,7 +10,8 @@
 //! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
 //! `POST /oauth/token`; `GET /.well-known/jwks.json`; `GET /.well-known/smart-configuration`;
 //! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `PUT`/`GET`/`DELETE
-//! /admin/tenants/{id}` and `POST /admin/clients/{client_id}/secret`.
+//! /admin/tenants/{id}`, `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or
+//! change its tenants and scopes, read, revoke) and `POST /admin/clients/{client_id}/secret`.
 //!
 //! Options: `--config FILE`, `--listen ADDR` (overrides the file's `listen`). Logs go to stderr
 //! (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never appear in them.

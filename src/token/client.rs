@@ -219,17 +219,36 @@ impl NewClient {
 }
 
 /// Why a store operation failed. The message is for logs and administrators.
+///
+/// A *refusal* is the request's fault (an id already taken or unknown, a revoked client, a
+/// secret too short, a malformed scope): asking again the same way fails again. Any other error
+/// is the store's (a file or database that cannot be read or written).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError {
     message: String,
+    refusal: bool,
 }
 
 impl StoreError {
-    /// An error with a message.
+    /// The store failed.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            refusal: false,
         }
+    }
+
+    /// The store refused what was asked.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            refusal: true,
+        }
+    }
+
+    /// Whether the request was refused (rather than the store failing).
+    pub fn is_refusal(&self) -> bool {
+        self.refusal
     }
 }
 
@@ -345,12 +364,12 @@ impl Clients {
         hashing: SecretHashing,
     ) -> Result<ClientSecret, StoreError> {
         if client.id.is_empty() || client.id.contains(':') {
-            return Err(StoreError::new(
+            return Err(StoreError::refused(
                 "a client id must be non-empty and have no ':'",
             ));
         }
         if self.clients.contains_key(&client.id) {
-            return Err(StoreError::new(format!(
+            return Err(StoreError::refused(format!(
                 "client {:?} is already registered",
                 client.id
             )));
@@ -358,7 +377,7 @@ impl Clients {
         check_scopes(&client.id, &client.scopes)?;
         let secret = match client.secret {
             Some(given) if given.0.chars().count() < MIN_SECRET_LEN => {
-                return Err(StoreError::new(format!(
+                return Err(StoreError::refused(format!(
                     "client {:?}: a secret needs at least {MIN_SECRET_LEN} characters",
                     client.id
                 )))
@@ -391,7 +410,7 @@ impl Clients {
             .clients
             .get_mut(id)
             .filter(|r| !r.revoked)
-            .ok_or_else(|| StoreError::new(format!("no active client {id:?}")))?;
+            .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
         let secret = new_secret();
         let now = unix_now();
         let grace_ends = now.saturating_add(grace.as_secs());
@@ -422,7 +441,7 @@ impl Clients {
             .clients
             .get_mut(id)
             .filter(|r| !r.revoked)
-            .ok_or_else(|| StoreError::new(format!("no active client {id:?}")))?;
+            .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
         record.tenants = deduplicated(tenants);
         record.scopes = deduplicated(scopes);
         Ok(())
@@ -432,7 +451,7 @@ impl Clients {
         let record = self
             .clients
             .get_mut(id)
-            .ok_or_else(|| StoreError::new(format!("no client {id:?}")))?;
+            .ok_or_else(|| StoreError::refused(format!("no client {id:?}")))?;
         record.revoked = true;
         record.secrets.clear();
         Ok(())
@@ -449,7 +468,7 @@ fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
                 .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
     };
     match scopes.iter().find(|scope| bad(scope)) {
-        Some(scope) => Err(StoreError::new(format!(
+        Some(scope) => Err(StoreError::refused(format!(
             "client {id:?}: {scope:?} is not a scope (printable ASCII without spaces, '\"' or '\\')"
         ))),
         None => Ok(()),
@@ -661,14 +680,13 @@ mod tests {
             .await
             .is_err());
         store.revoke("app").await.unwrap();
-        assert!(store
-            .set_entitlements("app", vec![a], vec![])
-            .await
-            .is_err());
-        assert!(store
-            .set_entitlements("nobody", vec![a], vec![])
-            .await
-            .is_err());
+        for id in ["app", "nobody"] {
+            let refused = store
+                .set_entitlements(id, vec![a], vec![])
+                .await
+                .unwrap_err();
+            assert!(refused.is_refusal(), "{refused}");
+        }
     }
 
     #[test]

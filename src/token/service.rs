@@ -271,7 +271,7 @@ impl TokenEndpoint {
         current_secret: &str,
         grace: Duration,
     ) -> Result<ClientSecret, StoreError> {
-        let refused = || StoreError::new("client authentication failed");
+        let refused = || StoreError::refused("client authentication failed");
         if self
             .inner
             .throttle
