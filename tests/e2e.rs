@@ -833,6 +833,19 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     let reply = gateway.client.send("GET", path, &admin, "").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(!reply.text().contains(&care_secret) && !reply.text().contains("argon2"));
+    // The scheme in any case; a wrong token of the right length is still refused.
+    let lower = format!("bearer {ADMIN_TOKEN}");
+    let reply = gateway
+        .client
+        .send("GET", path, &[("authorization", lower.as_str())], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let wrong = format!("Bearer {}", "x".repeat(ADMIN_TOKEN.len()));
+    let reply = gateway
+        .client
+        .send("GET", path, &[("authorization", wrong.as_str())], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     // Refused: not GUIDs, a scope no request could name, a secret for a registered client, an
     // unknown field, a short provisioned secret; a revoked client cannot come back.
     for (body, status) in [
@@ -943,6 +956,32 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     }
     let state = std::fs::read_to_string(dir.join("state/clients.json")).unwrap();
     assert!(!state.contains(&reset), "a secret is stored in clear");
+}
+
+#[test]
+fn a_missing_short_or_spaced_admin_token_keeps_the_gateway_from_starting() {
+    let dir = scratch("admin-token");
+    for token in ["", "short", "sixteen chars with spaces"] {
+        let file = dir.join("gateway.json");
+        let config = json!({
+            "listen": format!("127.0.0.1:{}", free_port()),
+            "state_dir": dir.join("state"),
+            "admin_token": token,
+        });
+        std::fs::write(&file, config.to_string()).unwrap();
+        let out = Command::new(example_binary("gateway"))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with admin_token {token:?}");
+        assert!(
+            stderr.contains("admin_token must be at least 16"),
+            "{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,12 +52,14 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 /// Lets a request through only with the admin token (compared in constant time).
 async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token);
     // `subtle` compares in constant time (the length is not secret: a different one fails
     // at once).
     let same: bool = presented.as_bytes().ct_eq(admin.token.as_bytes()).into();
@@ -199,6 +201,7 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
             );
             response
         }
+        Err(err) if err.is_refusal() => error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => {
             tracing::error!(error = %err, "could not rotate a client secret");
             error(
