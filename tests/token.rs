@@ -410,6 +410,89 @@ async fn repeated_failures_get_429_then_the_client_gets_back_in() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_a_sequence() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let policy = ThrottlePolicy {
+        max_failures: 5,
+        window: Duration::from_secs(60),
+        base_block: Duration::from_secs(60),
+        max_block: Duration::from_secs(60),
+    };
+    let client = gateway(endpoint_over(store.clone(), policy)).await;
+    // 40 wrong secrets at once: five are checked (and refused), every other one is told to
+    // come back later, and so is the right secret after them.
+    let guesses = (0..40).map(|i| {
+        let client = client.clone();
+        async move {
+            token_post(&client, "app", &format!("guess-{i}"), "")
+                .await
+                .status
+        }
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((checked, refused), (5, 35), "{statuses:?}");
+    assert_eq!(
+        token_post(&client, "app", secret.expose(), "").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // The real client's own parallel requests all succeed (they wait their turn).
+    let other = store
+        .register(NewClient::new("busy").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let requests = (0..20).map(|_| {
+        let (client, secret) = (client.clone(), other.expose().to_owned());
+        async move { token_post(&client, "busy", &secret, "").await.status }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn failed_self_rotations_count_toward_the_throttle() {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let policy = ThrottlePolicy {
+        max_failures: 3,
+        window: Duration::from_secs(60),
+        base_block: Duration::from_secs(60),
+        max_block: Duration::from_secs(60),
+    };
+    let endpoint = endpoint_over(store, policy);
+    for _ in 0..3 {
+        assert!(endpoint
+            .rotate_own_secret("app", "guess", Duration::ZERO)
+            .await
+            .unwrap_err()
+            .is_refusal());
+    }
+    // Blocked now, even with the right secret.
+    assert!(endpoint
+        .rotate_own_secret("app", secret.expose(), Duration::ZERO)
+        .await
+        .is_err());
+}
+
 #[tokio::test]
 async fn unknown_client_and_wrong_secret_take_comparable_time() {
     let store = InMemoryClientStore::new();

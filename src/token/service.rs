@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -271,19 +271,16 @@ impl TokenEndpoint {
         current_secret: &str,
         grace: Duration,
     ) -> Result<ClientSecret, StoreError> {
-        let refused = || StoreError::refused("client authentication failed");
-        if self
+        match self
             .inner
-            .throttle
-            .blocked_for(client_id, Instant::now())
-            .is_some()
+            .authenticate_throttled(client_id, current_secret, "secret rotation")
+            .await
         {
-            return Err(refused());
-        }
-        match self.inner.authenticate(client_id, current_secret).await {
-            Ok(Some(_)) => self.inner.store.rotate_secret(client_id, grace).await,
-            Ok(None) => Err(refused()),
-            Err(err) => Err(err),
+            Ok(_) => self.inner.store.rotate_secret(client_id, grace).await,
+            Err(Denied::Blocked(_) | Denied::Failed) => {
+                Err(StoreError::refused("client authentication failed"))
+            }
+            Err(Denied::StoreFailed) => Err(StoreError::new("the client store failed")),
         }
     }
 }
@@ -351,6 +348,16 @@ enum Credentials {
     Post { id: String, secret: String },
 }
 
+/// Why a throttled authentication gave no client.
+enum Denied {
+    /// The id is blocked for this long.
+    Blocked(Duration),
+    /// The secret is wrong (or the client unknown or revoked).
+    Failed,
+    /// The store failed (logged).
+    StoreFailed,
+}
+
 impl Inner {
     async fn token<B>(&self, request: Request<B>) -> Result<Response<TokenResponseBody>, TokenError>
     where
@@ -389,24 +396,17 @@ impl Inner {
             Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
         };
-        if let Some(wait) = self.throttle.blocked_for(id, Instant::now()) {
-            return Err(too_many(wait));
-        }
-        let client = match self.authenticate(id, secret).await {
-            Ok(Some(client)) => client,
-            Ok(None) => {
-                tracing::info!(client_id = %id, "token request: client authentication failed");
-                if let Some(wait) = self.throttle.failure(id, Instant::now()) {
-                    tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
-                }
-                return Err(self.invalid_client(basic, "Client authentication failed"));
+        let client = match self
+            .authenticate_throttled(id, secret, "token request")
+            .await
+        {
+            Ok(client) => client,
+            Err(Denied::Blocked(wait)) => return Err(too_many(wait)),
+            Err(Denied::Failed) => {
+                return Err(self.invalid_client(basic, "Client authentication failed"))
             }
-            Err(err) => {
-                tracing::error!(error = %err, "client store failed");
-                return Err(TokenError::server_error());
-            }
+            Err(Denied::StoreFailed) => return Err(TokenError::server_error()),
         };
-        self.throttle.success(id);
 
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
         let lifetime = client
@@ -483,22 +483,17 @@ impl Inner {
                 "client_id does not match the client in the path",
             ));
         }
-        if let Some(wait) = self.throttle.blocked_for(&id, Instant::now()) {
-            return Err(too_many(wait));
-        }
-        match self.authenticate(&id, &secret).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                tracing::info!(client_id = %id, "secret rotation: client authentication failed");
-                self.throttle.failure(&id, Instant::now());
-                return Err(self.invalid_client(basic, "Client authentication failed"));
+        match self
+            .authenticate_throttled(&id, &secret, "secret rotation")
+            .await
+        {
+            Ok(_) => {}
+            Err(Denied::Blocked(wait)) => return Err(too_many(wait)),
+            Err(Denied::Failed) => {
+                return Err(self.invalid_client(basic, "Client authentication failed"))
             }
-            Err(err) => {
-                tracing::error!(error = %err, "client store failed");
-                return Err(TokenError::server_error());
-            }
+            Err(Denied::StoreFailed) => return Err(TokenError::server_error()),
         }
-        self.throttle.success(&id);
         let new_secret = self
             .store
             .rotate_secret(&id, Duration::ZERO)
@@ -599,6 +594,35 @@ impl Inner {
             error.with_header(header::WWW_AUTHENTICATE, self.realm.clone())
         } else {
             error
+        }
+    }
+
+    /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
+    /// blocked, waiting while parallel checks of it could use up its allowance, a wrong secret
+    /// counted. `doing` names the request in the log.
+    async fn authenticate_throttled(
+        &self,
+        id: &str,
+        secret: &str,
+        doing: &'static str,
+    ) -> Result<ClientRecord, Denied> {
+        let attempt = self.throttle.admit(id).await.map_err(Denied::Blocked)?;
+        match self.authenticate(id, secret).await {
+            Ok(Some(client)) => {
+                attempt.succeeded();
+                Ok(client)
+            }
+            Ok(None) => {
+                tracing::info!(client_id = %id, "{doing}: client authentication failed");
+                if let Some(wait) = attempt.failed() {
+                    tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
+                }
+                Err(Denied::Failed)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                Err(Denied::StoreFailed)
+            }
         }
     }
 

@@ -1,8 +1,11 @@
 //! Refusing repeated failed authentications for one client id for a while.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 /// How failed authentications are limited, per client id.
 ///
@@ -10,6 +13,11 @@ use std::time::{Duration, Instant};
 /// `Retry-After`) for `base_block`; each further block doubles, up to `max_block`. A success
 /// resets everything, and a block always ends, so the real client is never locked out for
 /// longer than `max_block`.
+///
+/// Checks that are still running count as failures-to-be: while the failures so far and the
+/// checks running reach `max_failures`, a further attempt for that id waits for one to end
+/// (so a burst of parallel guesses gets no more tries than a sequence would; a real client's
+/// parallel requests wait a moment instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThrottlePolicy {
     /// Failures tolerated within `window` before blocking.
@@ -34,12 +42,78 @@ impl Default for ThrottlePolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Entry {
     window_start: Instant,
     failures: u32,
     blocks: u32,
     blocked_until: Option<Instant>,
+    /// Checks admitted and not yet ended.
+    in_flight: u32,
+    /// Wakes attempts waiting for a check to end.
+    ended: Option<Arc<Notify>>,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            failures: 0,
+            blocks: 0,
+            blocked_until: None,
+            in_flight: 0,
+            ended: None,
+        }
+    }
+}
+
+/// The longest an attempt waits for other checks of its id to end before it is told to come
+/// back later.
+const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether an attempt may check its secret now.
+pub(crate) enum Admission<'a> {
+    /// Yes: the check runs; report how it went on the attempt.
+    Go(Attempt<'a>),
+    /// No, the id is blocked for this long.
+    Blocked(Duration),
+    /// Not yet: wait for this, then ask again.
+    Wait(OwnedNotified),
+}
+
+/// An admitted check of one id's secret. Dropped without an outcome (a cancelled request, a
+/// failed store), it counts as neither a failure nor a success.
+#[must_use]
+pub(crate) struct Attempt<'a> {
+    throttle: &'a Throttle,
+    client_id: String,
+}
+
+impl Attempt<'_> {
+    /// The secret was wrong; returns the block this starts, if it starts one.
+    pub(crate) fn failed(self) -> Option<Duration> {
+        self.throttle.failure(&self.client_id, Instant::now())
+    }
+
+    /// The secret was right.
+    pub(crate) fn succeeded(self) {
+        self.throttle.success(&self.client_id);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut entries = self.throttle.lock();
+        if let Some(entry) = entries.get_mut(&self.client_id) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if let Some(ended) = &entry.ended {
+                ended.notify_waiters();
+            }
+            if entry.in_flight == 0 && entry.failures == 0 && entry.blocked_until.is_none() {
+                entries.remove(&self.client_id);
+            }
+        }
+    }
 }
 
 // Entries are pruned beyond this many ids, so guessing many ids cannot grow memory unbounded.
@@ -60,29 +134,81 @@ impl Throttle {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Admits a check of `client_id`'s secret, waiting while other checks of it are running
+    /// and could, failing, use up its allowance; `Err` holds how long it is blocked.
+    pub(crate) async fn admit(&self, client_id: &str) -> Result<Attempt<'_>, Duration> {
+        let give_up = tokio::time::Instant::now() + MAX_WAIT;
+        loop {
+            match self.try_admit(client_id, Instant::now()) {
+                Admission::Go(attempt) => return Ok(attempt),
+                Admission::Blocked(wait) => return Err(wait),
+                Admission::Wait(ended) => {
+                    if tokio::time::timeout_at(give_up, ended).await.is_err() {
+                        return Err(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`admit`](Self::admit)'s decision at `now`, without waiting.
+    pub(crate) fn try_admit(&self, client_id: &str, now: Instant) -> Admission<'_> {
+        let mut entries = self.lock();
+        self.prune(&mut entries, now);
+        let entry = entries
+            .entry(client_id.to_owned())
+            .or_insert_with(|| Entry::new(now));
+        if let Some(until) = entry.blocked_until.filter(|until| *until > now) {
+            return Admission::Blocked(until - now);
+        }
+        if now.duration_since(entry.window_start) >= self.policy.window {
+            entry.window_start = now;
+            entry.failures = 0;
+        }
+        if entry.failures.saturating_add(entry.in_flight) >= self.policy.max_failures.max(1) {
+            let ended = entry.ended.get_or_insert_with(Arc::default);
+            // Registered now: a check that ends before this is polled still wakes it.
+            return Admission::Wait(Arc::clone(ended).notified_owned());
+        }
+        entry.in_flight += 1;
+        Admission::Go(Attempt {
+            throttle: self,
+            client_id: client_id.to_owned(),
+        })
+    }
+
     /// How long the client id is still blocked, if it is.
+    #[cfg(test)]
     pub(crate) fn blocked_for(&self, client_id: &str, now: Instant) -> Option<Duration> {
-        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = self.lock();
         let until = entries.get(client_id)?.blocked_until?;
         (until > now).then(|| until - now)
     }
 
-    /// Records a failure; returns the block it starts, if it starts one.
-    pub(crate) fn failure(&self, client_id: &str, now: Instant) -> Option<Duration> {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Above [`PRUNE_ABOVE`] ids, forgets those with nothing running, no block and no failure
+    /// within the window.
+    fn prune(&self, entries: &mut HashMap<String, Entry>, now: Instant) {
         if entries.len() > PRUNE_ABOVE {
             let window = self.policy.window;
             entries.retain(|_, e| {
-                e.blocked_until.is_some_and(|t| t > now)
+                e.in_flight > 0
+                    || e.blocked_until.is_some_and(|t| t > now)
                     || now.duration_since(e.window_start) < window
             });
         }
-        let entry = entries.entry(client_id.to_owned()).or_insert(Entry {
-            window_start: now,
-            failures: 0,
-            blocks: 0,
-            blocked_until: None,
-        });
+    }
+
+    /// Records a failure; returns the block it starts, if it starts one.
+    pub(crate) fn failure(&self, client_id: &str, now: Instant) -> Option<Duration> {
+        let mut entries = self.lock();
+        self.prune(&mut entries, now);
+        let entry = entries
+            .entry(client_id.to_owned())
+            .or_insert_with(|| Entry::new(now));
         if now.duration_since(entry.window_start) >= self.policy.window {
             entry.window_start = now;
             entry.failures = 0;
@@ -104,10 +230,17 @@ impl Throttle {
         Some(block)
     }
 
-    /// A successful authentication forgets the id's failures.
+    /// A successful authentication forgets the id's failures and blocks.
     pub(crate) fn success(&self, client_id: &str) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.remove(client_id);
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(client_id) {
+            entry.failures = 0;
+            entry.blocks = 0;
+            entry.blocked_until = None;
+            if let Some(ended) = &entry.ended {
+                ended.notify_waiters();
+            }
+        }
     }
 }
 
@@ -150,6 +283,59 @@ mod tests {
             now += Duration::from_secs(3600);
         }
         assert_eq!(last, Some(Duration::from_secs(900)));
+    }
+
+    #[test]
+    fn running_checks_count_toward_the_allowance() {
+        let throttle = Throttle::new(ThrottlePolicy::default());
+        let now = Instant::now();
+        fn go(throttle: &Throttle, now: Instant) -> Option<Attempt<'_>> {
+            match throttle.try_admit("app", now) {
+                Admission::Go(attempt) => Some(attempt),
+                _ => None,
+            }
+        }
+        let mut running: Vec<_> = (0..5).map(|_| go(&throttle, now).unwrap()).collect();
+        // Five checks running: a sixth waits, another id does not.
+        assert!(matches!(throttle.try_admit("app", now), Admission::Wait(_)));
+        assert!(go_other(&throttle, now));
+        // One ends without an outcome (a cancelled request): its place is free again.
+        drop(running.pop());
+        running.push(go(&throttle, now).unwrap());
+        // All five fail: blocked, and a waiting attempt learns it.
+        let mut blocks = running.into_iter().filter_map(Attempt::failed);
+        assert_eq!(blocks.next(), Some(Duration::from_secs(30)));
+        assert!(matches!(
+            throttle.try_admit("app", now),
+            Admission::Blocked(_)
+        ));
+    }
+
+    fn go_other(throttle: &Throttle, now: Instant) -> bool {
+        matches!(throttle.try_admit("other", now), Admission::Go(_))
+    }
+
+    #[tokio::test]
+    async fn a_waiting_attempt_is_woken_when_a_check_ends() {
+        let throttle = Throttle::new(ThrottlePolicy {
+            max_failures: 2,
+            ..ThrottlePolicy::default()
+        });
+        let first = throttle.admit("app").await.unwrap();
+        let second = throttle.admit("app").await.unwrap();
+        let third = throttle.admit("app");
+        tokio::pin!(third);
+        assert!(futures::FutureExt::now_or_never(third.as_mut()).is_none());
+        // A success resets the count: the waiting attempt goes on.
+        first.succeeded();
+        let third = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .expect("woken")
+            .expect("admitted");
+        // Both remaining fail: the second failure blocks.
+        assert_eq!(second.failed(), None);
+        assert_eq!(third.failed(), Some(Duration::from_secs(30)));
+        assert!(throttle.admit("app").await.is_err());
     }
 
     #[test]
