@@ -466,6 +466,28 @@ async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_a_sequence() {
 }
 
 #[tokio::test]
+async fn a_client_id_with_control_characters_or_too_long_is_refused_before_anything() {
+    let store = InMemoryClientStore::new();
+    let client = gateway(endpoint_over(store, ThrottlePolicy::default())).await;
+    let long = "a".repeat(256);
+    for id in ["app%0Aforged log line", "app%00", "%C3%A9", long.as_str()] {
+        let reply = token_post(&client, id, "secret", "").await;
+        assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    // In Basic credentials too.
+    let basic = format!("Basic {}", STANDARD.encode(b"app\r\nx:secret"));
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[FORM, ("authorization", basic.as_str())],
+            "grant_type=client_credentials",
+        )
+        .await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+#[tokio::test]
 async fn failed_self_rotations_count_toward_the_throttle() {
     let store = InMemoryClientStore::new();
     let secret = store

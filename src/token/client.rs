@@ -363,9 +363,9 @@ impl Clients {
         client: NewClient,
         hashing: SecretHashing,
     ) -> Result<ClientSecret, StoreError> {
-        if client.id.is_empty() || client.id.contains(':') {
+        if !is_client_id(&client.id) || client.id.contains(':') {
             return Err(StoreError::refused(
-                "a client id must be non-empty and have no ':'",
+                "a client id must be 1 to 255 printable ASCII characters (spaces allowed) without ':'",
             ));
         }
         if self.clients.contains_key(&client.id) {
@@ -456,6 +456,15 @@ impl Clients {
         record.secrets.clear();
         Ok(())
     }
+}
+
+/// The longest client id accepted.
+pub(crate) const MAX_CLIENT_ID_LEN: usize = 255;
+
+/// Whether `id` can be a client id: RFC 6749's `VSCHAR`s (printable ASCII and space), 1 to
+/// [`MAX_CLIENT_ID_LEN`] of them. Nothing else is registered, looked up or logged.
+pub(crate) fn is_client_id(id: &str) -> bool {
+    (1..=MAX_CLIENT_ID_LEN).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7E).contains(&b))
 }
 
 /// Refuses a scope a token request could never name: empty, or outside RFC 6749's
@@ -679,6 +688,17 @@ mod tests {
             .register(NewClient::new("spaced").scope("a b"))
             .await
             .is_err());
+        // Client ids: printable ASCII (spaces allowed), 1 to 255 of them, no ':'.
+        let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
+        for bad in ["", "a:b", "line\nbreak", "nul\0", "é", long.as_str()] {
+            let refused = store.register(NewClient::new(bad)).await.unwrap_err();
+            assert!(refused.is_refusal(), "{bad:?}: {refused}");
+        }
+        store.register(NewClient::new("care app 2")).await.unwrap();
+        store
+            .register(NewClient::new("y".repeat(MAX_CLIENT_ID_LEN)))
+            .await
+            .unwrap();
         store.revoke("app").await.unwrap();
         for id in ["app", "nobody"] {
             let refused = store

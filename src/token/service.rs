@@ -556,6 +556,23 @@ impl Inner {
         headers: &HeaderMap,
         form: &HashMap<String, String>,
     ) -> Result<Credentials, TokenError> {
+        let credentials = self.given_credentials(headers, form)?;
+        let (Credentials::Basic { id, .. } | Credentials::Post { id, .. }) = &credentials;
+        // Checked before it is looked up, counted or logged: no control characters (forged
+        // log lines) and no 8 KB ids (a throttle entry each).
+        if !client::is_client_id(id) {
+            return Err(TokenError::bad_request(
+                "The client_id is not a valid client identifier",
+            ));
+        }
+        Ok(credentials)
+    }
+
+    fn given_credentials(
+        &self,
+        headers: &HeaderMap,
+        form: &HashMap<String, String>,
+    ) -> Result<Credentials, TokenError> {
         let form_secret = form.get("client_secret");
         let form_id = form.get("client_id");
         match headers.get(header::AUTHORIZATION) {
