@@ -628,7 +628,15 @@ async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
     let upstream = RecordingUpstream::start().await;
     let gw = one_tenant(&upstream).await;
     let token = token_for(TENANT_A);
-    for target in ["/../x", "/%2e%2e/x", "/Patient%2F..%2Fx", "/Patient/.%2E/x"] {
+    for target in [
+        "/../x",
+        "/%2e%2e/x",
+        "/Patient%2F..%2Fx",
+        "/Patient/.%2E/x",
+        "/%252e%252e/x",
+        "/Patient%255c..%255cx",
+        "/Patient\\..\\x",
+    ] {
         let reply = gw.client.get_bearer(target, &token).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{target}");
         let outcome: Value = reply.json();

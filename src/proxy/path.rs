@@ -66,23 +66,34 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
             continue;
         }
         let decoded = percent_decode(raw.as_bytes()).collect::<Vec<u8>>();
-        if decoded.contains(&b'/') || decoded.contains(&b'\\') {
-            return Err(UnsafePath(
-                "Encoded slashes are not allowed in the request path",
-            ));
+        check_segment(&decoded)?;
+        // An upstream that decodes twice would see `%252e%252e` as `..`: what the second
+        // decoding makes must be as safe as the first (a FHIR path has no use for `%25`).
+        if decoded.contains(&b'%') {
+            check_segment(&percent_decode(&decoded).collect::<Vec<u8>>())?;
         }
-        if decoded.contains(&0) {
-            return Err(UnsafePath(
-                "Encoded NUL bytes are not allowed in the request path",
-            ));
-        }
-        // `..;jsessionid` is `..` to some servlet containers.
-        let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-        if name == b"." || name == b".." {
-            return Err(UnsafePath(
-                "Dot segments are not allowed in the request path",
-            ));
-        }
+    }
+    Ok(())
+}
+
+/// Refuses a decoded segment holding a slash, backslash or NUL, or naming `.` or `..`.
+fn check_segment(decoded: &[u8]) -> Result<(), UnsafePath> {
+    if decoded.contains(&b'/') || decoded.contains(&b'\\') {
+        return Err(UnsafePath(
+            "Encoded slashes are not allowed in the request path",
+        ));
+    }
+    if decoded.contains(&0) {
+        return Err(UnsafePath(
+            "Encoded NUL bytes are not allowed in the request path",
+        ));
+    }
+    // `..;jsessionid` is `..` to some servlet containers.
+    let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
+    if name == b"." || name == b".." {
+        return Err(UnsafePath(
+            "Dot segments are not allowed in the request path",
+        ));
     }
     Ok(())
 }
@@ -156,6 +167,13 @@ mod tests {
             "/Patient/..%3Bx/y",
             "/Patient%5c..%5cother",
             "/Patient%00",
+            "/Patient\\..\\other",
+            // Encoded twice, for an upstream that decodes twice.
+            "/%252e%252e/other",
+            "/%252E./other",
+            "/Patient%252f..%252fother",
+            "/Patient%255c..",
+            "/Patient%2500",
         ] {
             assert!(
                 join("http://ehr:9001/fhir/tenant-a", target).is_err(),
@@ -181,7 +199,7 @@ mod properties {
                 prop_oneof![
                     Just("..".to_owned()), Just(".".to_owned()), Just("%2e".to_owned()), Just("%2E%2e".to_owned()),
                     Just("%2f".to_owned()), Just("%5C".to_owned()), Just(";".to_owned()), Just("Patient".to_owned()),
-                    Just("..;x".to_owned()), Just("%252e".to_owned()), Just("".to_owned()), "[a-zA-Z0-9._~%-]{0,6}",
+                    Just("..;x".to_owned()), Just("%252e".to_owned()), Just("%252E%252e".to_owned()), Just("%252f".to_owned()), Just("%255c".to_owned()), Just("".to_owned()), "[a-zA-Z0-9._~%-]{0,6}",
                 ],
                 0..8,
             ),
@@ -199,10 +217,14 @@ mod properties {
                 let path = forwarded.path();
                 prop_assert!(path.starts_with("/fhir/tenant-a/"), "{}", path);
                 for segment in path.split('/') {
-                    let decoded = percent_decode(segment.as_bytes()).collect::<Vec<u8>>();
-                    let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-                    prop_assert!(name != b"." && name != b"..", "{}", path);
-                    prop_assert!(!decoded.contains(&b'/'), "{}", path);
+                    // Decoded once (as it should be) or twice (as some servers do).
+                    let once = percent_decode(segment.as_bytes()).collect::<Vec<u8>>();
+                    let twice = percent_decode(&once).collect::<Vec<u8>>();
+                    for decoded in [once, twice] {
+                        let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
+                        prop_assert!(name != b"." && name != b"..", "{}", path);
+                        prop_assert!(!decoded.contains(&b'/') && !decoded.contains(&b'\\'), "{}", path);
+                    }
                 }
                 prop_assert_eq!(forwarded.query(), uri.query());
             }
