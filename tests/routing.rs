@@ -163,6 +163,9 @@ async fn every_client_interaction_reaches_the_upstream_byte_for_byte() {
         let mut headers = vec![
             ("authorization", bearer.as_str()),
             ("accept", "application/fhir+json"),
+            // A client naming another origin is not believed.
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;host=\"tenant-b.example\""),
         ];
         if let Some(content_type) = content_type {
             headers.push(("content-type", content_type));
@@ -194,6 +197,14 @@ async fn every_client_interaction_reaches_the_upstream_byte_for_byte() {
         }
         assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1");
         assert_eq!(got.headers["x-forwarded-proto"], "http");
+        assert!(
+            got.headers["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=127.0.0.1;proto=http;host="),
+            "{:?}",
+            got.headers["forwarded"]
+        );
     }
 }
 

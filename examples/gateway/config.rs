@@ -43,6 +43,10 @@ pub(crate) struct Config {
     /// Upstream request timeout. Default 30.
     #[serde(default = "default_upstream_timeout")]
     pub(crate) upstream_timeout_seconds: u64,
+    /// Extend the `Forwarded`/`X-Forwarded-For` headers requests arrive with (behind a load
+    /// balancer that sets them) instead of replacing them. Default false.
+    #[serde(default)]
+    pub(crate) trust_forwarded_headers: bool,
     /// The Argon2id cost of client secret hashes. Default 4096 KiB, 2 passes.
     #[serde(default)]
     pub(crate) secret_hashing: Option<HashingConfig>,

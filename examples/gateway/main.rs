@@ -151,7 +151,8 @@ async fn main() -> Result<(), BoxError> {
         .auth(auth)
         .proxy(
             FhirProxy::builder(&base)
-                .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1))),
+                .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
+                .trust_forwarded_headers(config.trust_forwarded_headers),
         )
         .build()?;
     // The admin API (axum) answers under /admin/; everything else goes to the gateway.

@@ -65,6 +65,8 @@ struct Config {
     forwarded_proto: HeaderValue,
     timeout: Duration,
     rewrite_limit: usize,
+    // Extend the client's `Forwarded`/`X-Forwarded-For` chains rather than start new ones.
+    trust_forwarded: bool,
 }
 
 impl FhirProxy {
@@ -78,6 +80,7 @@ impl FhirProxy {
             rewrite_limit: 4 * 1024 * 1024,
             pool_idle_timeout: Duration::from_secs(90),
             root_certificates: Vec::new(),
+            trust_forwarded: false,
         }
     }
 }
@@ -126,9 +129,29 @@ pub struct FhirProxyBuilder {
     rewrite_limit: usize,
     pool_idle_timeout: Duration,
     root_certificates: Vec<Vec<u8>>,
+    trust_forwarded: bool,
 }
 
 impl FhirProxyBuilder {
+    /// Whether the `Forwarded` and `X-Forwarded-For` headers a request arrives with are
+    /// believed: `true` extends them with the connection's address (the gateway sits behind a
+    /// load balancer or proxy of yours that sets them); `false` (the default, for a gateway
+    /// clients reach directly) drops them and starts new ones, so a client cannot name another
+    /// origin to the upstream. `X-Forwarded-Proto` and `X-Forwarded-Host` are always the
+    /// gateway's own.
+    ///
+    /// ```
+    /// let proxy = tower_fhir::proxy::FhirProxy::builder("https://gateway.example")
+    ///     .trust_forwarded_headers(true)
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(proxy);
+    /// ```
+    pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
+        self.trust_forwarded = trust;
+        self
+    }
+
     /// Also trusts these PEM root certificates for `https://` upstreams (a hospital's private
     /// CA). Needs the `tls` feature.
     pub fn root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
@@ -196,6 +219,7 @@ impl FhirProxyBuilder {
                 public_scheme,
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
+                trust_forwarded: self.trust_forwarded,
             }),
         })
     }
@@ -399,7 +423,8 @@ fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<P
 }
 
 /// Headers as the upstream must see them: hop-by-hop gone, `Host` the upstream's, the client's
-/// credentials replaced by the gateway's own, the forwarding chain extended.
+/// credentials replaced by the gateway's own, the forwarding chain started (or, when trusted,
+/// extended).
 fn prepare_request_headers(
     headers: &mut HeaderMap,
     upstream: &Upstream,
@@ -447,6 +472,10 @@ fn prepare_request_headers(
             forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
         }
         forwarded.push('"');
+    }
+    if !config.trust_forwarded {
+        headers.remove(header::FORWARDED);
+        headers.remove(X_FORWARDED_FOR);
     }
     append(headers, header::FORWARDED, &forwarded);
     if client_ip.is_some() {
@@ -786,7 +815,9 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("accept", "application/fhir+json"),
             ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=6.6.6.6;host=\"tenant-b.example\""),
         ]);
+        let sent = h.clone();
         let client = ClientAddr("127.0.0.7:5555".parse().unwrap());
         prepare_request_headers(
             &mut h,
@@ -807,12 +838,34 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone}");
         }
         assert_eq!(h["accept"], "application/fhir+json");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.7");
+        // The client's own chains are not believed by default: new ones start here.
+        assert_eq!(h["x-forwarded-for"], "127.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "gateway:8080");
+        let all = |h: &HeaderMap, name: &str| {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            h["forwarded"],
-            "for=127.0.0.7;proto=https;host=\"gateway:8080\""
+            all(&h, "forwarded"),
+            ["for=127.0.0.7;proto=https;host=\"gateway:8080\""]
+        );
+        // Behind a proxy of yours that sets them, they are extended.
+        let trusted = FhirProxy::builder("https://gw.example")
+            .trust_forwarded_headers(true)
+            .build()
+            .unwrap()
+            .config;
+        let mut h = sent;
+        prepare_request_headers(&mut h, &upstream(None), Some(client), &trusted);
+        assert_eq!(all(&h, "x-forwarded-for"), ["10.0.0.1, 127.0.0.7"]);
+        assert_eq!(
+            all(&h, "forwarded"),
+            [
+                "for=6.6.6.6;host=\"tenant-b.example\", for=127.0.0.7;proto=https;host=\"gateway:8080\""
+            ]
         );
 
         let mut h = headers(&[
