@@ -156,7 +156,13 @@ enum Source {
 }
 
 /// The headers a client might use to name a tenant itself; always removed.
-pub const DEFAULT_HINT_HEADERS: [&str; 2] = ["x-fhir-tenant-id", "x-tenant-id"];
+pub const DEFAULT_HINT_HEADERS: [&str; 5] = [
+    "x-fhir-tenant-id",
+    "x-tenant-id",
+    "x-tenant",
+    "tenant-id",
+    "x-ms-tenant-id",
+];
 
 /// A Tower layer that puts the token's [`TenantId`] in the request extensions.
 #[derive(Clone)]
@@ -268,8 +274,8 @@ impl TenantScopeBuilder {
         self
     }
 
-    /// Also removes this header from every request (besides `X-FHIR-TENANT-ID` and
-    /// `X-Tenant-ID`).
+    /// Also removes this header from every request (besides the
+    /// [`DEFAULT_HINT_HEADERS`]).
     pub fn strip_header(mut self, name: impl Into<String>) -> Self {
         self.hint_headers.push(name.into());
         self
@@ -582,6 +588,9 @@ mod tests {
         let headers = [
             ("x-fhir-tenant-id", B),
             ("X-Tenant-ID", B),
+            ("x-tenant", B),
+            ("Tenant-Id", B),
+            ("x-ms-tenant-id", B),
             ("x-customer", B),
             ("accept", "x"),
         ];

@@ -205,6 +205,40 @@ async fn a_key_pinned_to_one_algorithm_refuses_others_of_its_family() {
 }
 
 #[tokio::test]
+async fn an_ec_key_refuses_other_curves_and_none_spelt_otherwise() {
+    let client = app(static_layer()).await;
+    let payload = URL_SAFE_NO_PAD.encode(claims().to_string());
+    // ES384 (P-384) named against the P-256 key: refused before any signature is looked at.
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES384","typ":"JWT","kid":"ec"}"#);
+    let signature = URL_SAFE_NO_PAD.encode([7u8; 96]);
+    let reply = client
+        .get_bearer("/Patient/1", &format!("{header}.{payload}.{signature}"))
+        .await;
+    assert_invalid_token(&reply, "The token's algorithm is not allowed for its key");
+    // HS256 signed with the EC or Ed25519 public key's bytes: never an HMAC secret.
+    for (public, kid) in [(EC_PUBLIC, "ec"), (ED_PUBLIC, "ed")] {
+        let forged = EncodingKey::from_secret(public.as_bytes());
+        let token = mint_with(&forged, Algorithm::HS256, Some(kid), &claims());
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_invalid_token(&reply, "The token's algorithm is not allowed for its key");
+    }
+    // `none` in other spellings, with a kid, with a signature: all refused.
+    for alg in ["None", "NONE", "nOnE"] {
+        let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}","kid":"rsa"}}"#));
+        for token in [
+            format!("{header}.{payload}."),
+            format!("{header}.{payload}.{signature}"),
+        ] {
+            let reply = client.get_bearer("/Patient/1", &token).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{token}");
+            assert!(reply.challenge().contains("invalid_token"), "{token}");
+            let outcome = reply.json();
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "{token}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn algorithm_allow_list_applies_to_every_key() {
     let layer = builder()
         .key(VerificationKey::rsa_pem(RSA_PUBLIC).unwrap())

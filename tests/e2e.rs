@@ -535,6 +535,27 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     client_sequence(&gateway, DSTU2_TENANT, "1_0_2", true).await;
     client_sequence(&gateway, STU3_TENANT, "3_0_1", false).await;
 
+    // Oversized header sections are refused by the server (431) before any layer runs: too
+    // many header lines, or more bytes than it buffers.
+    let stu3 = access_token(&gateway, STU3_TENANT).await;
+    let bearer = format!("Bearer {stu3}");
+    let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h-{i}"), "v".into())).collect();
+    let huge = "a".repeat(512 * 1024);
+    for extra in [
+        many.iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("x-huge", huge.as_str())],
+    ] {
+        let mut headers = vec![("authorization", bearer.as_str())];
+        headers.extend(extra);
+        let reply = gateway
+            .client
+            .send("GET", "/Patient/p1", &headers, "")
+            .await;
+        assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
     // The R4 tenant, on the other server.
     let token = access_token(&gateway, R4_TENANT).await;
     let reply = get(&gateway, &token, "/Patient/p1", "application/fhir+json").await;
