@@ -745,6 +745,9 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{method} {path}");
         assert!(reply.challenge().starts_with("Bearer"), "{method} {path}");
     }
+    let mut with_credentials = upstream(&root, "4_0_0", "4.0");
+    with_credentials["authorization"] = json!("Bearer upstream-secret-0123456789");
+    let body = json!({"upstreams": [with_credentials]}).to_string();
     let reply = gateway
         .client
         .send(
@@ -755,6 +758,18 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    // The upstream's credentials are never shown back.
+    assert_eq!(reply.json()["upstreams"][0]["authorization"], "<redacted>");
+    let reply = gateway
+        .client
+        .send("GET", &format!("/admin/tenants/{SLOW_TENANT}"), &admin, "")
+        .await;
+    assert!(
+        !reply.text().contains("upstream-secret"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["upstreams"][0]["authorization"], "<redacted>");
     let reply = gateway
         .client
         .send("PUT", "/admin/tenants/not-a-guid", &admin, &body)
@@ -972,6 +987,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         &onboarded,
         &care_secret,
         &care_stu3,
+        "upstream-secret-0123456789",
     ] {
         assert!(!log.contains(secret), "a secret is in the gateway's log");
     }
