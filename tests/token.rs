@@ -506,7 +506,7 @@ async fn failed_self_rotations_count_toward_the_throttle() {
             .rotate_own_secret("app", "guess", Duration::ZERO)
             .await
             .unwrap_err()
-            .is_refusal());
+            .is_refused());
     }
     // Blocked now, even with the right secret.
     assert!(endpoint

@@ -201,7 +201,7 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
             );
             response
         }
-        Err(err) if err.is_refusal() => error(StatusCode::NOT_FOUND, "no such client"),
+        Err(err) if err.is_refused() => error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => {
             tracing::error!(error = %err, "could not rotate a client secret");
             error(
@@ -244,7 +244,7 @@ fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
 }
 
 fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
-    if err.is_refusal() {
+    if err.is_refused() {
         return error(StatusCode::BAD_REQUEST, &err.to_string());
     }
     tracing::error!(error = %err, "client store failed while {doing}");

@@ -7,11 +7,14 @@
 //! - the path joined under the upstream's base path, the query string byte for byte, method
 //!   and body (streamed) untouched;
 //! - `Host` set to the upstream; hop-by-hop headers and those named in `Connection` removed;
-//!   `Forwarded` and `X-Forwarded-For` extended, `X-Forwarded-Proto`/`-Host` set;
+//!   `Forwarded` and `X-Forwarded-For` started afresh (a client's own, and its `X-Real-IP`,
+//!   `X-Forwarded-Port`, `-Prefix`, `-Server`, dropped), or extended with
+//!   [`trust_forwarded_headers`](FhirProxyBuilder::trust_forwarded_headers) behind a load
+//!   balancer of yours; `X-Forwarded-Proto`/`-Host` set;
 //! - the client's `Authorization` replaced by the upstream's own credentials, or removed.
 //!
-//! A request never leaves its tenant's upstream: dot segments (also percent-encoded, also
-//! `..;`), encoded slashes and NULs get 400, and an absolute-form target or a `Host` header
+//! A request never leaves its tenant's upstream: dot segments (also percent-encoded, once or
+//! twice, also `..;`), encoded slashes, backslashes and NULs get 400, and an absolute-form target or a `Host` header
 //! cannot change the destination. Responses pass through with hop-by-hop headers removed and
 //! the upstream's base URL rewritten to the gateway's public base in `Location`,
 //! `Content-Location`, and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a

@@ -43,6 +43,15 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Other headers upstreams read as the client's origin or the gateway's public address; a
+/// client's own are dropped unless forwarded headers are trusted.
+const UNTRUSTED_ORIGIN_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+];
+
 /// The innermost service of the gateway: sends each request to the [`Upstream`] the routing
 /// layer put in its extensions, and the response back.
 ///
@@ -473,13 +482,23 @@ fn prepare_request_headers(
         }
         forwarded.push('"');
     }
-    if !config.trust_forwarded {
-        headers.remove(header::FORWARDED);
-        headers.remove(X_FORWARDED_FOR);
-    }
-    append(headers, header::FORWARDED, &forwarded);
-    if client_ip.is_some() {
-        append(headers, X_FORWARDED_FOR, &forwarded[ip_at]);
+    if config.trust_forwarded {
+        append(headers, header::FORWARDED, &forwarded);
+        if client_ip.is_some() {
+            append(headers, X_FORWARDED_FOR, &forwarded[ip_at]);
+        }
+    } else {
+        // The client's own claims of where it came from are not passed on.
+        replace(headers, header::FORWARDED, &forwarded);
+        match client_ip {
+            Some(_) => replace(headers, X_FORWARDED_FOR, &forwarded[ip_at]),
+            None => {
+                headers.remove(X_FORWARDED_FOR);
+            }
+        }
+        for name in UNTRUSTED_ORIGIN_HEADERS {
+            headers.remove(name);
+        }
     }
     headers.insert(X_FORWARDED_PROTO, config.forwarded_proto.clone());
     match original_host {
@@ -509,6 +528,18 @@ fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
 }
 
 /// Adds to a comma-separated list header, keeping what earlier proxies wrote.
+/// Sets `name` to `value` alone, whatever the request carried.
+fn replace(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(value) => {
+            headers.insert(name, value);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     // One lookup: through the entry, whether or not the header is there.
     let mut entry = match headers.entry(name) {
@@ -816,6 +847,9 @@ mod tests {
             ("accept", "application/fhir+json"),
             ("x-forwarded-for", "10.0.0.1"),
             ("forwarded", "for=6.6.6.6;host=\"tenant-b.example\""),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-prefix", "/tenant-b"),
+            ("x-forwarded-port", "8443"),
         ]);
         let sent = h.clone();
         let client = ClientAddr("127.0.0.7:5555".parse().unwrap());
@@ -852,6 +886,9 @@ mod tests {
             all(&h, "forwarded"),
             ["for=127.0.0.7;proto=https;host=\"gateway:8080\""]
         );
+        for gone in ["x-real-ip", "x-forwarded-prefix", "x-forwarded-port"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
         // Behind a proxy of yours that sets them, they are extended.
         let trusted = FhirProxy::builder("https://gw.example")
             .trust_forwarded_headers(true)
@@ -861,6 +898,7 @@ mod tests {
         let mut h = sent;
         prepare_request_headers(&mut h, &upstream(None), Some(client), &trusted);
         assert_eq!(all(&h, "x-forwarded-for"), ["10.0.0.1, 127.0.0.7"]);
+        assert_eq!(h["x-forwarded-prefix"], "/tenant-b");
         assert_eq!(
             all(&h, "forwarded"),
             [
@@ -891,7 +929,7 @@ mod tests {
         );
 
         // Quotes and backslashes cannot break out of the quoted `host=`; no address, `unknown`.
-        let mut h = headers(&[("host", "gw\"x\\y")]);
+        let mut h = headers(&[("host", "gw\"x\\y"), ("x-forwarded-for", "6.6.6.6")]);
         prepare_request_headers(&mut h, &upstream(None), None, &config_for("http://gw"));
         assert_eq!(h["forwarded"], "for=unknown;proto=http;host=\"gwxy\"");
         assert!(!h.contains_key("x-forwarded-for"));

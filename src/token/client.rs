@@ -247,7 +247,7 @@ impl StoreError {
     }
 
     /// Whether the request was refused (rather than the store failing).
-    pub fn is_refusal(&self) -> bool {
+    pub fn is_refused(&self) -> bool {
         self.refusal
     }
 }
@@ -692,7 +692,7 @@ mod tests {
         let long = "x".repeat(MAX_CLIENT_ID_LEN + 1);
         for bad in ["", "a:b", "line\nbreak", "nul\0", "é", long.as_str()] {
             let refused = store.register(NewClient::new(bad)).await.unwrap_err();
-            assert!(refused.is_refusal(), "{bad:?}: {refused}");
+            assert!(refused.is_refused(), "{bad:?}: {refused}");
         }
         store.register(NewClient::new("care app 2")).await.unwrap();
         store
@@ -705,7 +705,7 @@ mod tests {
                 .set_entitlements(id, vec![a], vec![])
                 .await
                 .unwrap_err();
-            assert!(refused.is_refusal(), "{refused}");
+            assert!(refused.is_refused(), "{refused}");
         }
     }
 

@@ -62,7 +62,7 @@
 //!
 //! | status | `error` | when |
 //! |---|---|---|
-//! | 400 | `invalid_request` | no or repeated parameter, no `grant_type`, both Basic and form secret, no Content-Type |
+//! | 400 | `invalid_request` | no or repeated parameter, no `grant_type`, both Basic and form secret, no Content-Type, a `client_id` that is not 1–255 printable ASCII characters |
 //! | 401 | `invalid_client` | unknown client, wrong secret, revoked client, no credentials (`WWW-Authenticate: Basic` unless the form was used) |
 //! | 400 | `unsupported_grant_type` | a grant other than `client_credentials` |
 //! | 400 | `invalid_scope` | a tenant the client is not entitled to, several tenants, no tenant while the client has several, a scope not allowed |
@@ -71,6 +71,7 @@
 //! | 415 | `invalid_request` | Content-Type other than `application/x-www-form-urlencoded` |
 //! | 429 | `temporarily_unavailable` | too many failed authentications for the client id (`Retry-After`) |
 //! | 500 | `server_error` | the store or signing failed (logged) |
+//! | 503 | `temporarily_unavailable` | other checks of the same client id ran 10 s without making room (a slow store; `Retry-After: 1`) |
 
 mod client;
 mod durable;

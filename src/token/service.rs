@@ -22,7 +22,7 @@ use tower_service::Service;
 use super::client::{self, unix_now, ClientRecord, ClientSecret, ClientStore, StoreError};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::signing::SigningKeys;
-use super::throttle::{Throttle, ThrottlePolicy};
+use super::throttle::{Attempt, Refusal, Throttle, ThrottlePolicy};
 use crate::tenant::TenantId;
 
 /// The future a [`TokenEndpoint`] returns.
@@ -46,7 +46,7 @@ struct Inner {
     max_body_bytes: usize,
     store: Box<dyn ClientStore>,
     keys: SigningKeys,
-    throttle: Throttle,
+    throttle: Arc<Throttle>,
     dummy_hash: OnceLock<String>,
 }
 
@@ -197,7 +197,7 @@ impl TokenEndpointBuilder {
                 max_body_bytes: self.max_body_bytes,
                 store,
                 keys,
-                throttle: Throttle::new(self.throttle),
+                throttle: Arc::new(Throttle::new(self.throttle)),
                 dummy_hash: OnceLock::new(),
             }),
         })
@@ -280,7 +280,10 @@ impl TokenEndpoint {
             Err(Denied::Blocked(_) | Denied::Failed) => {
                 Err(StoreError::refused("client authentication failed"))
             }
-            Err(Denied::StoreFailed) => Err(StoreError::new("the client store failed")),
+            Err(Denied::Busy) => Err(StoreError::new(
+                "other authentications of this client are still being checked; retry shortly",
+            )),
+            Err(Denied::StoreFailed(err)) => Err(err),
         }
     }
 }
@@ -352,10 +355,12 @@ enum Credentials {
 enum Denied {
     /// The id is blocked for this long.
     Blocked(Duration),
+    /// Other checks of the id took too long to make room; nothing failed.
+    Busy,
     /// The secret is wrong (or the client unknown or revoked).
     Failed,
     /// The store failed (logged).
-    StoreFailed,
+    StoreFailed(StoreError),
 }
 
 impl Inner {
@@ -402,10 +407,11 @@ impl Inner {
         {
             Ok(client) => client,
             Err(Denied::Blocked(wait)) => return Err(too_many(wait)),
+            Err(Denied::Busy) => return Err(busy()),
             Err(Denied::Failed) => {
                 return Err(self.invalid_client(basic, "Client authentication failed"))
             }
-            Err(Denied::StoreFailed) => return Err(TokenError::server_error()),
+            Err(Denied::StoreFailed(_)) => return Err(TokenError::server_error()),
         };
 
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
@@ -489,10 +495,11 @@ impl Inner {
         {
             Ok(_) => {}
             Err(Denied::Blocked(wait)) => return Err(too_many(wait)),
+            Err(Denied::Busy) => return Err(busy()),
             Err(Denied::Failed) => {
                 return Err(self.invalid_client(basic, "Client authentication failed"))
             }
-            Err(Denied::StoreFailed) => return Err(TokenError::server_error()),
+            Err(Denied::StoreFailed(_)) => return Err(TokenError::server_error()),
         }
         let new_secret = self
             .store
@@ -623,13 +630,20 @@ impl Inner {
         secret: &str,
         doing: &'static str,
     ) -> Result<ClientRecord, Denied> {
-        let attempt = self.throttle.admit(id).await.map_err(Denied::Blocked)?;
-        match self.authenticate(id, secret).await {
-            Ok(Some(client)) => {
+        let attempt = self
+            .throttle
+            .admit(id)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Blocked(wait) => Denied::Blocked(wait),
+                Refusal::Busy => Denied::Busy,
+            })?;
+        match self.authenticate(id, secret, attempt).await {
+            Ok((Some(client), attempt)) => {
                 attempt.succeeded();
                 Ok(client)
             }
-            Ok(None) => {
+            Ok((None, attempt)) => {
                 tracing::info!(client_id = %id, "{doing}: client authentication failed");
                 if let Some(wait) = attempt.failed() {
                     tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
@@ -638,18 +652,21 @@ impl Inner {
             }
             Err(err) => {
                 tracing::error!(error = %err, "client store failed");
-                Err(Denied::StoreFailed)
+                Err(Denied::StoreFailed(err))
             }
         }
     }
 
-    /// The client, if the secret is one of its live ones. Unknown and revoked clients are
-    /// checked against a dummy hash, so every failure costs the same Argon2 work.
+    /// The client, if the secret is one of its live ones, and the `attempt` back. Unknown and
+    /// revoked clients are checked against a dummy hash, so every failure costs the same Argon2
+    /// work. The attempt goes along into the hashing and is dropped with it if this future is
+    /// (a client that hangs up cannot free its place while its hash still runs).
     async fn authenticate(
         &self,
         id: &str,
         secret: &str,
-    ) -> Result<Option<ClientRecord>, StoreError> {
+        attempt: Attempt,
+    ) -> Result<(Option<ClientRecord>, Attempt), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
         let mut hashes: Vec<String> = record
@@ -662,14 +679,15 @@ impl Inner {
             hashes.push(self.dummy_hash()?);
         }
         let secret = secret.to_owned();
-        let matched = client::blocking(move || {
+        let (matched, attempt) = client::blocking(move || {
             // Check every hash so the time does not tell which one matched.
-            Ok(hashes
+            let matched = hashes
                 .iter()
-                .fold(false, |ok, phc| client::verify(&secret, phc) | ok))
+                .fold(false, |ok, phc| client::verify(&secret, phc) | ok);
+            Ok((matched, attempt))
         })
         .await?;
-        Ok(record.filter(|_| known && matched))
+        Ok((record.filter(|_| known && matched), attempt))
     }
 
     fn dummy_hash(&self) -> Result<String, StoreError> {
@@ -807,6 +825,15 @@ fn too_many(wait: Duration) -> TokenError {
         "Too many failed authentications for this client; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+}
+
+fn busy() -> TokenError {
+    TokenError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TemporarilyUnavailable,
+        "Other authentications of this client are still being checked; retry shortly",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn jti() -> String {

@@ -69,27 +69,39 @@ impl Entry {
 
 /// The longest an attempt waits for other checks of its id to end before it is told to come
 /// back later.
-const MAX_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether an attempt may check its secret now.
-pub(crate) enum Admission<'a> {
+pub(crate) enum Admission {
     /// Yes: the check runs; report how it went on the attempt.
-    Go(Attempt<'a>),
+    Go(Attempt),
     /// No, the id is blocked for this long.
     Blocked(Duration),
     /// Not yet: wait for this, then ask again.
     Wait(OwnedNotified),
 }
 
-/// An admitted check of one id's secret. Dropped without an outcome (a cancelled request, a
-/// failed store), it counts as neither a failure nor a success.
+/// Why [`Throttle::admit`] admitted no check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The id is blocked for this long after repeated failures.
+    Blocked(Duration),
+    /// Other checks of the id ran for [`MAX_WAIT`] without making room (a slow store): nothing
+    /// failed, come back shortly.
+    Busy,
+}
+
+/// An admitted check of one id's secret: it holds its place until dropped, so move it into
+/// the work (the hashing) and drop it only when that work ends, even for a request given up
+/// half way. Dropped without an outcome (a cancelled request, a failed store), it counts as
+/// neither a failure nor a success.
 #[must_use]
-pub(crate) struct Attempt<'a> {
-    throttle: &'a Throttle,
+pub(crate) struct Attempt {
+    throttle: Arc<Throttle>,
     client_id: String,
 }
 
-impl Attempt<'_> {
+impl Attempt {
     /// The secret was wrong; returns the block this starts, if it starts one.
     pub(crate) fn failed(self) -> Option<Duration> {
         self.throttle.failure(&self.client_id, Instant::now())
@@ -101,7 +113,7 @@ impl Attempt<'_> {
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         let mut entries = self.throttle.lock();
         if let Some(entry) = entries.get_mut(&self.client_id) {
@@ -124,6 +136,8 @@ const PRUNE_ABOVE: usize = 10_000;
 pub(crate) struct Throttle {
     policy: ThrottlePolicy,
     entries: Mutex<HashMap<String, Entry>>,
+    /// When the entries were last pruned (at most once a second: a prune visits them all).
+    pruned_at: Mutex<Option<Instant>>,
 }
 
 impl Throttle {
@@ -131,6 +145,7 @@ impl Throttle {
         Self {
             policy,
             entries: Mutex::new(HashMap::new()),
+            pruned_at: Mutex::new(None),
         }
     }
 
@@ -138,17 +153,17 @@ impl Throttle {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits a check of `client_id`'s secret, waiting while other checks of it are running
-    /// and could, failing, use up its allowance; `Err` holds how long it is blocked.
-    pub(crate) async fn admit(&self, client_id: &str) -> Result<Attempt<'_>, Duration> {
+    /// Admits a check of `client_id`'s secret, waiting (at most [`MAX_WAIT`]) while other
+    /// checks of it are running and could, failing, use up its allowance.
+    pub(crate) async fn admit(self: &Arc<Self>, client_id: &str) -> Result<Attempt, Refusal> {
         let give_up = tokio::time::Instant::now() + MAX_WAIT;
         loop {
             match self.try_admit(client_id, Instant::now()) {
                 Admission::Go(attempt) => return Ok(attempt),
-                Admission::Blocked(wait) => return Err(wait),
+                Admission::Blocked(wait) => return Err(Refusal::Blocked(wait)),
                 Admission::Wait(ended) => {
                     if tokio::time::timeout_at(give_up, ended).await.is_err() {
-                        return Err(Duration::from_secs(1));
+                        return Err(Refusal::Busy);
                     }
                 }
             }
@@ -156,7 +171,7 @@ impl Throttle {
     }
 
     /// [`admit`](Self::admit)'s decision at `now`, without waiting.
-    pub(crate) fn try_admit(&self, client_id: &str, now: Instant) -> Admission<'_> {
+    pub(crate) fn try_admit(self: &Arc<Self>, client_id: &str, now: Instant) -> Admission {
         let mut entries = self.lock();
         self.prune(&mut entries, now);
         let entry = entries
@@ -165,10 +180,7 @@ impl Throttle {
         if let Some(until) = entry.blocked_until.filter(|until| *until > now) {
             return Admission::Blocked(until - now);
         }
-        if now.duration_since(entry.window_start) >= self.policy.window {
-            entry.window_start = now;
-            entry.failures = 0;
-        }
+        self.roll_window(entry, now);
         if entry.failures.saturating_add(entry.in_flight) >= self.policy.max_failures.max(1) {
             let ended = entry.ended.get_or_insert_with(Arc::default);
             // Registered now: a check that ends before this is polled still wakes it.
@@ -176,9 +188,17 @@ impl Throttle {
         }
         entry.in_flight += 1;
         Admission::Go(Attempt {
-            throttle: self,
+            throttle: Arc::clone(self),
             client_id: client_id.to_owned(),
         })
+    }
+
+    /// A window that has passed starts over with no failures.
+    fn roll_window(&self, entry: &mut Entry, now: Instant) {
+        if now.duration_since(entry.window_start) >= self.policy.window {
+            entry.window_start = now;
+            entry.failures = 0;
+        }
     }
 
     /// How long the client id is still blocked, if it is.
@@ -190,9 +210,17 @@ impl Throttle {
     }
 
     /// Above [`PRUNE_ABOVE`] ids, forgets those with nothing running, no block and no failure
-    /// within the window.
+    /// within the window; at most once a second.
     fn prune(&self, entries: &mut HashMap<String, Entry>, now: Instant) {
         if entries.len() > PRUNE_ABOVE {
+            let mut pruned_at = self
+                .pruned_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if pruned_at.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+                return;
+            }
+            *pruned_at = Some(now);
             let window = self.policy.window;
             entries.retain(|_, e| {
                 e.in_flight > 0
@@ -209,10 +237,7 @@ impl Throttle {
         let entry = entries
             .entry(client_id.to_owned())
             .or_insert_with(|| Entry::new(now));
-        if now.duration_since(entry.window_start) >= self.policy.window {
-            entry.window_start = now;
-            entry.failures = 0;
-        }
+        self.roll_window(entry, now);
         entry.failures += 1;
         if entry.failures < self.policy.max_failures {
             return None;
@@ -287,9 +312,9 @@ mod tests {
 
     #[test]
     fn running_checks_count_toward_the_allowance() {
-        let throttle = Throttle::new(ThrottlePolicy::default());
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
         let now = Instant::now();
-        fn go(throttle: &Throttle, now: Instant) -> Option<Attempt<'_>> {
+        fn go(throttle: &Arc<Throttle>, now: Instant) -> Option<Attempt> {
             match throttle.try_admit("app", now) {
                 Admission::Go(attempt) => Some(attempt),
                 _ => None,
@@ -311,16 +336,49 @@ mod tests {
         ));
     }
 
-    fn go_other(throttle: &Throttle, now: Instant) -> bool {
+    fn go_other(throttle: &Arc<Throttle>, now: Instant) -> bool {
         matches!(throttle.try_admit("other", now), Admission::Go(_))
+    }
+
+    #[test]
+    fn nothing_is_kept_for_ids_whose_checks_ended_well_or_were_given_up() {
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
+        let now = Instant::now();
+        let Admission::Go(first) = throttle.try_admit("app", now) else {
+            panic!("admitted")
+        };
+        let Admission::Go(second) = throttle.try_admit("app", now) else {
+            panic!("admitted")
+        };
+        first.succeeded();
+        drop(second);
+        let Admission::Go(other) = throttle.try_admit("other", now) else {
+            panic!("admitted")
+        };
+        drop(other);
+        assert!(throttle.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_waits_at_most_max_wait_and_is_then_busy_not_blocked() {
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy {
+            max_failures: 1,
+            ..ThrottlePolicy::default()
+        }));
+        // A check that never ends (a store that hangs).
+        let _stuck = throttle.admit("app").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = throttle.admit("app").await.err();
+        assert_eq!(refused, Some(Refusal::Busy));
+        assert_eq!(started.elapsed(), MAX_WAIT);
     }
 
     #[tokio::test]
     async fn a_waiting_attempt_is_woken_when_a_check_ends() {
-        let throttle = Throttle::new(ThrottlePolicy {
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy {
             max_failures: 2,
             ..ThrottlePolicy::default()
-        });
+        }));
         let first = throttle.admit("app").await.unwrap();
         let second = throttle.admit("app").await.unwrap();
         let third = throttle.admit("app");
