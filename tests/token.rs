@@ -16,8 +16,8 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
-    ClientStore, FileClientStore, InMemoryClientStore, NewClient, SigningKey, SigningKeys,
-    ThrottlePolicy, TokenEndpoint,
+    ClientSecret, ClientStore, FileClientStore, InMemoryClientStore, NewClient, SigningKey,
+    SigningKeys, ThrottlePolicy, TokenEndpoint,
 };
 
 const ISSUER: &str = "https://gateway.test";
@@ -66,6 +66,26 @@ async fn gateway(endpoint: TokenEndpoint) -> TestClient {
 
 fn basic(id: &str, secret: &str) -> String {
     format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))
+}
+
+/// A store with client `app` entitled to tenant A, and its secret.
+async fn store_with_app() -> (InMemoryClientStore, ClientSecret) {
+    let store = InMemoryClientStore::new();
+    let secret = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    (store, secret)
+}
+
+/// `max_failures` within a minute, then blocks from `base` doubling up to `max`.
+fn throttle(max_failures: u32, base: Duration, max: Duration) -> ThrottlePolicy {
+    ThrottlePolicy {
+        max_failures,
+        window: Duration::from_secs(60),
+        base_block: base,
+        max_block: max,
+    }
 }
 
 async fn token_post(client: &TestClient, id: &str, secret: &str, scope: &str) -> Reply {
@@ -372,17 +392,8 @@ async fn the_file_store_survives_a_restart() {
 
 #[tokio::test]
 async fn repeated_failures_get_429_then_the_client_gets_back_in() {
-    let store = InMemoryClientStore::new();
-    let secret = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
-    let policy = ThrottlePolicy {
-        max_failures: 5,
-        window: Duration::from_secs(60),
-        base_block: Duration::from_secs(1),
-        max_block: Duration::from_secs(4),
-    };
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(5, Duration::from_secs(1), Duration::from_secs(4));
     let client = gateway(endpoint_over(store, policy)).await;
     for _ in 0..5 {
         assert_eq!(
@@ -412,17 +423,8 @@ async fn repeated_failures_get_429_then_the_client_gets_back_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_parallel_guesses_gets_no_more_tries_than_a_sequence() {
-    let store = InMemoryClientStore::new();
-    let secret = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
-    let policy = ThrottlePolicy {
-        max_failures: 5,
-        window: Duration::from_secs(60),
-        base_block: Duration::from_secs(60),
-        max_block: Duration::from_secs(60),
-    };
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(5, Duration::from_secs(60), Duration::from_secs(60));
     let client = gateway(endpoint_over(store.clone(), policy)).await;
     // 40 wrong secrets at once: five are checked (and refused), every other one is told to
     // come back later, and so is the right secret after them.
@@ -489,17 +491,8 @@ async fn a_client_id_with_control_characters_or_too_long_is_refused_before_anyth
 
 #[tokio::test]
 async fn failed_self_rotations_count_toward_the_throttle() {
-    let store = InMemoryClientStore::new();
-    let secret = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
-    let policy = ThrottlePolicy {
-        max_failures: 3,
-        window: Duration::from_secs(60),
-        base_block: Duration::from_secs(60),
-        max_block: Duration::from_secs(60),
-    };
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(3, Duration::from_secs(60), Duration::from_secs(60));
     let endpoint = endpoint_over(store, policy);
     for _ in 0..3 {
         assert!(endpoint
@@ -554,11 +547,7 @@ async fn unknown_client_and_wrong_secret_take_comparable_time() {
 
 #[tokio::test]
 async fn signing_key_rotation_keeps_old_tokens_valid_until_retired() {
-    let store = InMemoryClientStore::new();
-    let secret = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
+    let (store, secret) = store_with_app().await;
     let keys = SigningKeys::new(SigningKey::rsa_pem(RSA_PRIVATE, "rsa-1").unwrap());
     let endpoint = TokenEndpoint::builder()
         .issuer(ISSUER)

@@ -434,7 +434,8 @@ impl BearerAuthBuilder {
     }
 }
 
-fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+/// `items` in their order, each once.
+pub(crate) fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
     let mut unique = Vec::with_capacity(items.len());
     for item in items {
         if !unique.contains(&item) {

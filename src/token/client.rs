@@ -391,8 +391,8 @@ impl Clients {
                 phc: hashing.hash(secret.expose())?,
                 expires_at: None,
             }],
-            tenants: deduplicated(client.tenants),
-            scopes: deduplicated(client.scopes),
+            tenants: crate::auth::dedup(client.tenants),
+            scopes: crate::auth::dedup(client.scopes),
             token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
             revoked: false,
         };
@@ -442,8 +442,8 @@ impl Clients {
             .get_mut(id)
             .filter(|r| !r.revoked)
             .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
-        record.tenants = deduplicated(tenants);
-        record.scopes = deduplicated(scopes);
+        record.tenants = crate::auth::dedup(tenants);
+        record.scopes = crate::auth::dedup(scopes);
         Ok(())
     }
 
@@ -482,17 +482,6 @@ fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
         ))),
         None => Ok(()),
     }
-}
-
-/// `items` in their order, each once.
-fn deduplicated<T: PartialEq>(items: Vec<T>) -> Vec<T> {
-    let mut kept = Vec::with_capacity(items.len());
-    for item in items {
-        if !kept.contains(&item) {
-            kept.push(item);
-        }
-    }
-    kept
 }
 
 /// Clients kept in memory; lost at restart (see [`FileClientStore`](super::FileClientStore)).
@@ -638,6 +627,10 @@ mod tests {
         assert!(store.rotate_secret("app", Duration::ZERO).await.is_err());
     }
 
+    async fn tenants_of(store: &InMemoryClientStore, id: &str) -> Vec<TenantId> {
+        store.client(id).await.unwrap().unwrap().tenants
+    }
+
     #[tokio::test]
     async fn entitlements_change_for_active_clients_only() {
         let store = InMemoryClientStore::with_hashing(SecretHashing::new(8, 1).unwrap());
@@ -663,13 +656,7 @@ mod tests {
         assert!(live_secret_matches(&record, &secret));
         // No tenant at all is allowed (the client then gets no token until given one).
         store.set_entitlements("app", vec![], vec![]).await.unwrap();
-        assert!(store
-            .client("app")
-            .await
-            .unwrap()
-            .unwrap()
-            .tenants
-            .is_empty());
+        assert!(tenants_of(&store, "app").await.is_empty());
         for bad in ["", "a b", "quote\"", "back\\slash", "tab\t", "é"] {
             let refused = store
                 .set_entitlements("app", vec![a], vec![bad.into()])
@@ -677,13 +664,7 @@ mod tests {
             assert!(refused.is_err(), "{bad:?}");
         }
         // A refused change changes nothing.
-        assert!(store
-            .client("app")
-            .await
-            .unwrap()
-            .unwrap()
-            .tenants
-            .is_empty());
+        assert!(tenants_of(&store, "app").await.is_empty());
         assert!(store
             .register(NewClient::new("spaced").scope("a b"))
             .await
