@@ -284,6 +284,59 @@ async fn time_claims_are_checked_with_leeway() {
 }
 
 #[tokio::test]
+async fn the_leeway_edges_and_a_leeway_of_ones_own() {
+    let with = |field: &str, value: Value| {
+        let mut c = claims();
+        c[field] = value;
+        mint(Algorithm::RS256, Some("rsa"), &c)
+    };
+    // Just past and just within the default 60 s (5 s either side: the test's own clock
+    // moves while it runs).
+    let client = app(static_layer()).await;
+    for (field, at, expected) in [
+        ("exp", now() - 65, StatusCode::UNAUTHORIZED),
+        ("exp", now() - 55, StatusCode::OK),
+        ("nbf", now() + 65, StatusCode::UNAUTHORIZED),
+        ("nbf", now() + 55, StatusCode::OK),
+    ] {
+        let reply = client
+            .get_bearer("/Patient/1", &with(field, json!(at)))
+            .await;
+        assert_eq!(reply.status, expected, "{field} {at}");
+    }
+    // A leeway of 5 s: ten seconds late is expired.
+    let strict = builder()
+        .key(
+            VerificationKey::rsa_pem(RSA_PUBLIC)
+                .unwrap()
+                .with_kid("rsa"),
+        )
+        .leeway(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let client = app(strict).await;
+    let reply = client
+        .get_bearer("/Patient/1", &with("exp", json!(now() - 10)))
+        .await;
+    assert_invalid_token(&reply, "The access token expired");
+    let reply = client
+        .get_bearer("/Patient/1", &with("nbf", json!(now() + 10)))
+        .await;
+    assert_invalid_token(&reply, "The access token is not valid yet");
+    let reply = client
+        .get_bearer("/Patient/1", &with("exp", json!(now() + 60)))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // No `aud` at all, with an audience required: refused by name.
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("aud");
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::RS256, Some("rsa"), &c))
+        .await;
+    assert_invalid_token(&reply, "The access token has no aud claim");
+}
+
+#[tokio::test]
 async fn missing_exp_is_refused() {
     let client = app(static_layer()).await;
     let mut c = claims();
