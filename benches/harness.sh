@@ -10,6 +10,8 @@ pids=()
 cleanup() {
   if declare -F before_cleanup >/dev/null; then before_cleanup; fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # (valgrind writes its last files as it exits: let it finish before the folder goes.)
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
