@@ -77,6 +77,7 @@ pub use jsonwebtoken::Algorithm;
 #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
 pub use jwks::{HttpJwks, InvalidJwksUrl};
 pub use keys::{KeyError, KeySet, VerificationKey};
+#[cfg(feature = "token")]
 pub(crate) use layer::dedup;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
