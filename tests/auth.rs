@@ -256,14 +256,17 @@ async fn algorithm_allow_list_applies_to_every_key() {
     assert_eq!(reply.status, StatusCode::OK);
 }
 
+/// An RS256 token (key `rsa`) with the usual claims and `field` set to `value`.
+fn rs256_with(field: &str, value: Value) -> String {
+    let mut c = claims();
+    c[field] = value;
+    mint(Algorithm::RS256, Some("rsa"), &c)
+}
+
 #[tokio::test]
 async fn time_claims_are_checked_with_leeway() {
     let client = app(static_layer()).await;
-    let with = |field: &str, value: Value| {
-        let mut c = claims();
-        c[field] = value;
-        mint(Algorithm::RS256, Some("rsa"), &c)
-    };
+    let with = |field: &str, value: Value| rs256_with(field, value);
     let reply = client
         .get_bearer("/Patient/1", &with("exp", json!(now() - 120)))
         .await;
@@ -285,11 +288,7 @@ async fn time_claims_are_checked_with_leeway() {
 
 #[tokio::test]
 async fn the_leeway_edges_and_a_leeway_of_ones_own() {
-    let with = |field: &str, value: Value| {
-        let mut c = claims();
-        c[field] = value;
-        mint(Algorithm::RS256, Some("rsa"), &c)
-    };
+    let with = |field: &str, value: Value| rs256_with(field, value);
     // Just past and just within the default 60 s (5 s either side: the test's own clock
     // moves while it runs).
     let client = app(static_layer()).await;
