@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Runs the README's gateway example as a user would and checks what its printed curl commands answer.
+# Runs the README's gateway (the demo) as a user would and checks what its printed curl commands answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=$((20000 + RANDOM % 20000))
 log=$(mktemp)
-cargo run --quiet --example gateway -- --listen "127.0.0.1:$port" >"$log" 2>&1 &
+cargo run --quiet -p tower-fhir-gateway -- --listen "127.0.0.1:$port" >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 900); do
   grep -q "demo token for the STU3" "$log" && grep -q "^try:" "$log" && break
-  kill -0 $pid 2>/dev/null || { cat "$log"; echo "example exited early"; exit 1; }
+  kill -0 $pid 2>/dev/null || { cat "$log"; echo "the gateway exited early"; exit 1; }
   sleep 0.2
 done
 dstu2=$(sed -n '/DSTU2 tenant (ES256/{n;p}' "$log" | tr -d ' ')
@@ -37,8 +37,8 @@ expect 400 "path traversal" -H "Authorization: Bearer $stu3" "$base/%2e%2e/Patie
 bundle=$(curl -s -H "Authorization: Bearer $stu3" -d 'family=okafor' "$base/Patient/_search")
 echo "$bundle" | grep -q "\"fullUrl\":\"$base/Patient/2002\"" || fail "Bundle fullUrl not rewritten: $bundle"
 echo "ok form search, Bundle links point at the gateway"
-# (`cargo run` execs the example: $pid is the gateway's own process.)
-report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 4 \
+# (`cargo run` execs the binary: $pid is the gateway's own process.)
+report=$(cargo run --quiet -p fhir-loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 4 \
   --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 --cpu-of "gateway=$pid" 2>/dev/null)
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"] and r["cpu_us_per_request"]["gateway"] > 0, r' \
@@ -46,21 +46,21 @@ echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["
 echo "ok loadgen drove the gateway and read its CPU time per request"
 mix=$(mktemp)
 printf '# weight method path [body]\n3 GET /Patient/2001\n1 post /Patient/_search family=okafor\n' >"$mix"
-report=$(cargo run --quiet --example loadgen -- --target "$base" --json --requests 200 --warmup 0 --connections 4 \
+report=$(cargo run --quiet -p fhir-loadgen -- --target "$base" --json --requests 200 --warmup 0 --connections 4 \
   --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --mix "$mix" 2>/dev/null)
 rm -f "$mix"
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] >= 200 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen with a --mix file: $report"
 echo "ok loadgen drove the gateway with a mix of its own"
-report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 2 \
+report=$(cargo run --quiet -p fhir-loadgen -- --target "$base" --json --duration 1 --warmup 0 --connections 2 \
   --http2 --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["requests"] > 0 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
   || fail "loadgen over h2c: $report"
 echo "ok loadgen drove the gateway over h2c"
 # Open loop at 100 requests a second for 2 s: never more than the rate allows.
-report=$(cargo run --quiet --example loadgen -- --target "$base" --json --duration 2 --warmup 0 --connections 4 \
+report=$(cargo run --quiet -p fhir-loadgen -- --target "$base" --json --duration 2 --warmup 0 --connections 4 \
   --rate 100 --token-url "$base/oauth/token" --client-id demo-app --client-secret demo-secret-change-me-0123456789 \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
 echo "$report" | python3 -c 'import json,sys; r=json.load(sys.stdin); assert 0 < r["requests"] <= 210 and r["errors"] == {} and list(r["statuses"]) == ["200"], r' \
@@ -77,7 +77,7 @@ open(sys.argv[2], "w").write(next(k["pem"] for k in keys["keys"] if k["kid"] == 
 print(keys["current"])
 PY
 )
-report=$(cargo run --quiet --example loadgen -- --target "$base" --json --requests 100 --warmup 0 --connections 2 \
+report=$(cargo run --quiet -p fhir-loadgen -- --target "$base" --json --requests 100 --warmup 0 --connections 2 \
   --mint-key "$key" --alg ES256 --kid "$kid" --issuer "$base" --audience tower-fhir \
   --tenants 9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f --path /Patient/2001 2>/dev/null)
 rm -f "$key"

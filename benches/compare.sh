@@ -6,8 +6,8 @@
 #   EXTRAS=0 bash benches/compare.sh   # skip the 10,000-connection and 100,000-tenant runs
 #   ENVOY=0 bash benches/compare.sh    # leave Envoy out
 #
-# A fixed upstream (examples/bench_servers.rs `upstream`: one small Patient for every request)
-# and the load generator (examples/loadgen.rs, the DESIGN.md request mix, one token per tenant
+# A fixed upstream (loadgen/src/bin/bench_servers.rs `upstream`: one small Patient for every request)
+# and the load generator (loadgen/src/main.rs, the deployed clients' request mix, one token per tenant
 # from the gateway's token endpoint, the same for every target) share CPU $CLIENT_CPU; the
 # server under test gets CPU $SERVER_CPU alone, one worker:
 #   direct       the upstream itself
@@ -15,7 +15,7 @@
 #   nginx        nginx proxy_pass with upstream keepalive, no authentication at all
 #   envoy        Envoy with its defaults (an HTTP connection manager and the router; upstream
 #                connections pooled), no authentication at all
-#   gateway      examples/gateway.rs: version negotiation, token validation (ES256), tenant
+#   gateway      tower-fhir-gateway (gateway/): version negotiation, token validation (ES256), tenant
 #                scope, routing, proxying
 #   gateway-1k   the same with load spread evenly over 1,000 tenants
 # Then: 10,000 connections held open against the gateway, and 100,000 distinct tenants and
@@ -83,7 +83,7 @@ PY
 }
 start_gateway() { # PORT TENANTS -> pid in $gateway_pid
   gateway_config "$work/gateway-$1.json" "$1" "$2"
-  RUST_LOG=warn taskset -c "$SERVER_CPU" "$bin/gateway" --config "$work/gateway-$1.json" >"$work/gateway-$1.log" 2>&1 &
+  RUST_LOG=warn taskset -c "$SERVER_CPU" "$bin/tower-fhir-gateway" --config "$work/gateway-$1.json" >"$work/gateway-$1.log" 2>&1 &
   gateway_pid=$!
   pids+=("$gateway_pid")
   wait_port "$1"
@@ -93,7 +93,7 @@ start_gateway() { # PORT TENANTS -> pid in $gateway_pid
 load() {
   local name=$1 target=$2 server=$3
   shift 3
-  taskset -c "$CLIENT_CPU" "$bin/loadgen" --target "$target" --connections "$CONNECTIONS" \
+  taskset -c "$CLIENT_CPU" "$bin/fhir-loadgen" --target "$target" --connections "$CONNECTIONS" \
     --duration "$DURATION" --warmup "$WARMUP" --json \
     --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench --client-secret bench-secret-0123456789 \
     --cpu-of "server=$server" --cpu-of "upstream=$upstream_pid" \

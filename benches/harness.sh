@@ -1,10 +1,10 @@
-# Sourced by compare.sh and instructions.sh: the release build of the examples, a work folder
+# Sourced by compare.sh and instructions.sh: the release build of the gateway, the load generator and the bench servers, a work folder
 # and the processes to end on exit, Debian packages when missing, a free port, and waiting
 # for one to listen.
 # A script may define `before_cleanup` to end more on exit.
 
-cargo build --quiet --release --example gateway --example loadgen --example bench_servers
-bin=target/release/examples
+cargo build --quiet --release -p tower-fhir-gateway -p fhir-loadgen
+bin=target/release
 work=$(mktemp -d)
 pids=()
 cleanup() {

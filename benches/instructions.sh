@@ -50,10 +50,10 @@ count() {
   local load=(--target "$target" --connections "$CONNECTIONS" --warmup 0
     --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench
     --client-secret bench-secret-0123456789 --tenants "$tenant")
-  "$bin/loadgen" "${load[@]}" --requests "$WARMUP_REQUESTS" >/dev/null 2>&1
+  "$bin/fhir-loadgen" "${load[@]}" --requests "$WARMUP_REQUESTS" >/dev/null 2>&1
   callgrind_control --zero "$pid" >/dev/null 2>&1
   local measured
-  measured=$("$bin/loadgen" "${load[@]}" --requests "$REQUESTS" --json 2>/dev/null |
+  measured=$("$bin/fhir-loadgen" "${load[@]}" --requests "$REQUESTS" --json 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
   callgrind_control --dump "$pid" >/dev/null 2>&1
   sleep 1
@@ -65,7 +65,7 @@ count() {
 
 # The gateway under callgrind (it is also the token endpoint for both runs).
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.gateway.%p" \
-  "$bin/gateway" --config "$work/gateway.json" >"$work/gateway.log" 2>&1 &
+  "$bin/tower-fhir-gateway" --config "$work/gateway.json" >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 pids+=($gateway_pid)
 wait_port "$gateway_port"

@@ -1,6 +1,11 @@
 //! Shared helpers for the integration tests: keys, token minting, loopback servers, a client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
+
+#[allow(unused_imports)] // (not every test runs processes)
+pub use process::{free_port, scratch, Proc};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

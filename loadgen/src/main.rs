@@ -1,4 +1,4 @@
-//! A load generator for FHIR gateways: `cargo run --release --example loadgen -- --help`.
+//! A load generator for FHIR gateways: `cargo run --release -p fhir-loadgen -- --help`.
 //!
 //! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), each worker on a
 //! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop, or a
@@ -14,7 +14,7 @@
 //! line goes to stderr every second.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- --target http://127.0.0.1:8080 \
+//! cargo run --release -p fhir-loadgen -- --target http://127.0.0.1:8080 \
 //!     --mint-hs256 tower-fhir-demo-secret-change-me-0123456789 --issuer urn:tower-fhir:demo \
 //!     --audience tower-fhir --tenants 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f \
 //!     --connections 32 --duration 10 --warmup 2
@@ -35,7 +35,9 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 
 const HELP: &str = "\
-loadgen: drive a FHIR gateway and report throughput and latency
+fhir-loadgen: drive a FHIR gateway and report throughput and latency
+
+usage: fhir-loadgen --target URL [OPTIONS]
 
   --target URL            the gateway's FHIR base (required)
   --connections N         concurrent connections (closed loop), default 16
@@ -125,7 +127,10 @@ fn options() -> Result<Options, String> {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         let number = |v: String| v.parse::<f64>().map_err(|e| format!("{v}: {e}"));
         match flag.as_str() {
-            "--help" | "-h" => return Err(HELP.to_owned()),
+            "--help" | "-h" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
             "--target" => o.target = value()?.trim_end_matches('/').to_owned(),
             "--connections" => o.connections = number(value()?)?.max(1.0) as usize,
             "--rate" => o.rate = Some(number(value()?)?).filter(|r| *r > 0.0),

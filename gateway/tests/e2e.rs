@@ -1,24 +1,25 @@
-//! End to end: the real gateway binary (`examples/gateway`, with `--config`) between a real
+//! End to end: the real gateway binary (`tower-fhir-gateway`, with `--config`) between a real
 //! OpenID provider (`oidc-provider`, npm) and a real FHIR server framework
 //! (`@asymmetrik/node-fhir-server-core`, npm) serving DSTU2, STU3 and R4, over loopback HTTP.
 //!
-//! The npm packages are installed from `tests/interop/package-lock.json` the first time
-//! (`npm ci --prefix tests/interop`; Node 20 or later). The gateway binary is the one
-//! `cargo test` builds with the examples; the other examples (`axum`, `hyper`, `fhir_server`)
-//! are run and driven here too.
+//! The npm packages are installed from `tests/interop/package-lock.json` at the repository's
+//! root the first time (`npm ci --prefix tests/interop`; Node 20 or later).
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::StatusCode;
 use serde_json::{json, Value};
 use support::*;
+
+/// The binary under test, built by cargo for this test.
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
 
 const DSTU2_TENANT: &str = "1d2d0000-0000-4000-8000-000000000001";
 const STU3_TENANT: &str = "3d3d0000-0000-4000-8000-000000000003";
@@ -35,16 +36,16 @@ const ALL_TENANTS: [&str; 5] = [
     BOTH_TENANT,
     SLOW_TENANT,
 ];
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// The repository's root (`tests/interop` is there).
+fn repository_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 /// Installs the npm packages once per test run.
 fn npm_installed() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        let interop = manifest_dir().join("tests/interop");
+        let interop = repository_root().join("tests/interop");
         if interop.join("node_modules/oidc-provider").exists()
             && interop
                 .join("node_modules/@asymmetrik/node-fhir-server-core")
@@ -61,165 +62,12 @@ fn npm_installed() {
     });
 }
 
-/// An example binary `cargo test` built beside this test.
-fn example_binary(name: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, path)) = built.iter().find(|(n, _)| n == name) {
-        return path.clone();
-    }
-    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
-    let exe = std::env::current_exe().unwrap();
-    let beside = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples")
-        .join(&file);
-    let path = if is_fresh(&beside) {
-        beside
-    } else {
-        // Run alone (`cargo test --test e2e`), the examples are not built (or are older than
-        // the sources): build this one in a target directory of its own (the outer cargo holds
-        // the usual one).
-        let target = manifest_dir().join("target/e2e");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", name, "--target-dir"])
-            .arg(&target)
-            .current_dir(manifest_dir())
-            .status()
-            .unwrap();
-        assert!(status.success(), "could not build the {name} example");
-        target.join("debug/examples").join(&file)
-    };
-    built.push((name.to_owned(), path.clone()));
-    path
-}
-
-/// Whether `binary` exists and is newer than every source it is built from.
-fn is_fresh(binary: &Path) -> bool {
-    fn newest(path: &Path) -> std::time::SystemTime {
-        let modified = std::fs::metadata(path)
-            .and_then(|m| m.modified())
-            .unwrap_or(std::time::UNIX_EPOCH);
-        match std::fs::read_dir(path) {
-            Ok(entries) => entries
-                .filter_map(Result::ok)
-                .map(|e| newest(&e.path()))
-                .fold(modified, std::cmp::max),
-            Err(_) => modified,
-        }
-    }
-    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
-        return false;
-    };
-    ["src", "examples", "Cargo.toml"]
-        .iter()
-        .all(|source| newest(&manifest_dir().join(source)) <= built)
-}
-
-/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr_file: PathBuf,
-}
-
-impl Proc {
-    fn start(mut command: Command, stderr_file: PathBuf, ready_prefix: &str) -> (Self, String) {
-        let stderr = std::fs::File::create(&stderr_file).unwrap();
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {command:?}: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut proc = Self {
-            child,
-            lines,
-            stderr_file,
-        };
-        let ready = proc.wait_for(ready_prefix);
-        (proc, ready)
-    }
-
-    /// The rest of the first stdout line starting with `prefix`.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.trim().to_owned();
-                    }
-                }
-                Err(_) => panic!(
-                    "no {prefix:?} line; stderr:\n{}",
-                    std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
-                ),
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits for the exit; true when it exited cleanly.
-    fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        false
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.terminate();
-        }
-    }
-}
-
-/// A scratch directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tower-fhir-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `node tests/interop/fhir.js`; returns the process and its root URL.
 fn start_fhir(dir: &Path, name: &str) -> (Proc, String) {
     npm_installed();
     let mut command = Command::new("node");
     command
-        .arg(manifest_dir().join("tests/interop/fhir.js"))
+        .arg(repository_root().join("tests/interop/fhir.js"))
         .args(["--port", "0", "--name", name]);
     Proc::start(command, dir.join(format!("fhir-{name}.log")), "READY ")
 }
@@ -229,7 +77,7 @@ fn start_oidc(dir: &Path, port: u16, rotate: bool) -> (Proc, String) {
     npm_installed();
     let mut command = Command::new("node");
     command
-        .arg(manifest_dir().join("tests/interop/oidc.mjs"))
+        .arg(repository_root().join("tests/interop/oidc.mjs"))
         .args(["--port", &port.to_string(), "--keys"])
         .arg(dir.join("oidc-keys.json"))
         .args([
@@ -251,11 +99,11 @@ struct Gateway {
     base: String,
 }
 
-/// The gateway example with `config` written to `dir/gateway.json`.
+/// The gateway binary with `config` written to `dir/gateway.json`.
 fn start_gateway(dir: &Path, config: &Value) -> Gateway {
     let file = dir.join("gateway.json");
     std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let mut command = Command::new(example_binary("gateway"));
+    let mut command = Command::new(GATEWAY);
     command
         .arg("--config")
         .arg(&file)
@@ -353,7 +201,13 @@ async fn get_with(client: &TestClient, token: &str, path: &str, accept: &str) ->
         .await
 }
 
-/// The DESIGN.md client sequence for one tenant.
+/// The interactions a deployed DSTU2/STU3 client makes, for one tenant, each of which must pass
+/// through untouched: `GET Patient/<id>`; `POST Patient/_search` with a form-encoded body
+/// (`family`, `given`, `birthdate`, `gender`, `identifier`, `_count`);
+/// `GET Observation?patient=<id>&category=vital-signs&_sort:desc=date` (DSTU2) or `_sort=-date`
+/// (STU3); `GET Condition?patient=<id>&_count=10`; `GET Encounter?patient=<id>&_sort:desc=date&_count=1`;
+/// `GET AllergyIntolerance?patient=<id>`; `GET MedicationOrder?patient=<id>&_count=10` (DSTU2) or
+/// `MedicationRequest` (STU3); `GET Coverage?patient=<id>`; `POST [base]` with a `batch` Bundle.
 async fn client_sequence(gateway: &Gateway, tenant: &str, release: &str, dstu2: bool) {
     let accept = if dstu2 {
         "application/json+fhir"
@@ -1006,7 +860,7 @@ fn a_missing_short_or_spaced_admin_token_keeps_the_gateway_from_starting() {
             "admin_token": token,
         });
         std::fs::write(&file, config.to_string()).unwrap();
-        let out = Command::new(example_binary("gateway"))
+        let out = Command::new(GATEWAY)
             .arg("--config")
             .arg(&file)
             .output()
@@ -1077,113 +931,4 @@ async fn an_upstream_killed_mid_run_and_a_graceful_shutdown() {
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert!(stopped.await.unwrap(), "the gateway did not exit cleanly");
-}
-
-/// Starts an example with `--listen 127.0.0.1:0`; returns it and a client for its address.
-fn start_example(dir: &Path, name: &str, ready_prefix: &str) -> (Proc, TestClient) {
-    let mut command = Command::new(example_binary(name));
-    command.args(["--listen", "127.0.0.1:0"]);
-    let (proc, base) = Proc::start(command, dir.join(format!("{name}.log")), ready_prefix);
-    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    (proc, TestClient::new(addr))
-}
-
-async fn client_token(client: &TestClient, id: &str, secret: &str, tenant: &str) -> String {
-    let reply = client
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!("grant_type=client_credentials&client_id={id}&client_secret={secret}&scope={tenant}"),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    reply.json()["access_token"].as_str().unwrap().to_owned()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_axum_example_hands_its_handlers_the_tenant_and_claims() {
-    let dir = scratch("axum-example");
-    let (_proc, client) = start_example(&dir, "axum", "axum example listening on ");
-    assert_eq!(client.get("/metadata", &[]).await.status, StatusCode::OK);
-    assert_eq!(
-        client.get("/Patient/42", &[]).await.status,
-        StatusCode::UNAUTHORIZED
-    );
-    let tenant = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
-    let token = client_token(&client, "axum-demo", "axum-demo-secret-0123456789", tenant).await;
-    let reply = get_with(
-        &client,
-        &token,
-        "/Patient/42",
-        "application/fhir+json; fhirVersion=4.0",
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let tags = reply.json()["meta"]["tag"].clone();
-    assert_eq!(tags[0]["code"], tenant);
-    assert_eq!(tags[1]["code"], "axum-demo");
-    assert_eq!(tags[2]["code"], "4.0.1");
-    assert_eq!(
-        client.get("/.well-known/jwks.json", &[]).await.status,
-        StatusCode::OK
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_hyper_example_serves_the_whole_gateway() {
-    let dir = scratch("hyper-example");
-    let (_proc, client) = start_example(&dir, "hyper", "hyper example listening on ");
-    let reply = client.get("/metadata", &[]).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let token = client_token(
-        &client,
-        "hyper-demo",
-        "hyper-demo-secret-0123456789",
-        "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f",
-    )
-    .await;
-    let reply = get_with(&client, &token, "/Patient/example", "application/fhir+json").await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_eq!(reply.json()["name"][0]["family"], "Chalmers");
-    let reply = get_with(&client, &token, "/Patient/missing", "application/fhir+json").await;
-    assert_eq!(reply.status, StatusCode::NOT_FOUND);
-    assert_eq!(
-        client.get("/Patient/example", &[]).await.status,
-        StatusCode::UNAUTHORIZED
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fhir_server_example_keeps_tenants_apart() {
-    let dir = scratch("fhir-server-example");
-    let (mut proc, client) = start_example(
-        &dir,
-        "fhir_server",
-        "tower-fhir in-process FHIR server listening on ",
-    );
-    let first = proc.wait_for("  ");
-    let second = proc.wait_for("  ");
-    assert_eq!(
-        get_with(&client, &first, "/Patient/100", "application/fhir+json")
-            .await
-            .status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        get_with(&client, &first, "/Patient/101", "application/fhir+json")
-            .await
-            .status,
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        get_with(&client, &second, "/Patient/101", "application/fhir+json")
-            .await
-            .status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        client.get("/Patient/100", &[]).await.status,
-        StatusCode::UNAUTHORIZED
-    );
 }

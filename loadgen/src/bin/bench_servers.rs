@@ -1,4 +1,4 @@
-//! The fixed parts of `benches/compare.sh`: `cargo run --release --example bench_servers -- MODE`.
+//! The fixed parts of `benches/compare.sh`: `cargo run --release -p fhir-loadgen --bin bench_servers -- MODE`.
 //!
 //! - `upstream --listen ADDR`: a FHIR server that answers every request at once with the same
 //!   small Patient (HTTP/1.1 and HTTP/2), so what is measured in front of it is the proxy.

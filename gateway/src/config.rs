@@ -136,16 +136,21 @@ const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 impl Config {
     pub(crate) fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the configuration file {}: {e}", path.display()))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "the configuration file {} is not valid: {e}",
+                path.display()
+            )
+        })?;
         if let Some(token) = &config.admin_token {
             // An empty or short token would open the admin API to anyone, or to guessing.
             if token.chars().count() < MIN_ADMIN_TOKEN_LEN
                 || !token.bytes().all(|b| b.is_ascii_graphic())
             {
                 return Err(format!(
-                    "{}: admin_token must be at least {MIN_ADMIN_TOKEN_LEN} printable ASCII characters without spaces",
+                    "the configuration file {}: admin_token must be at least {MIN_ADMIN_TOKEN_LEN} printable ASCII characters without spaces",
                     path.display()
                 ));
             }

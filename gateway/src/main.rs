@@ -1,0 +1,232 @@
+//! The multi-tenant FHIR gateway: `cargo run --release -p tower-fhir-gateway [-- --config FILE]`.
+//!
+//! Without `--config` it runs an embedded demo: two small hospital FHIR servers in-process (one
+//! DSTU2, one STU3) onboarded as two tenants, a demo client entitled to both, and an admin
+//! token; it prints the demo credentials and curl commands that work as printed. With
+//! `--config FILE` (a JSON file, every key documented in the README) it serves the clients,
+//! tenants and identity providers the file names, keeping its state under `state_dir`.
+//! `--check-config FILE` checks such a file without starting (exit 0, or what is wrong and 1).
+//!
+//! Routes: FHIR at the root of the public base URL (version negotiation, unauthenticated
+//! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
+//! `POST /oauth/token`; `GET /.well-known/jwks.json`; `GET /.well-known/smart-configuration`;
+//! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `PUT`/`GET`/`DELETE
+//! /admin/tenants/{id}`, `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or
+//! change its tenants and scopes, read, revoke) and `POST /admin/clients/{client_id}/secret`.
+//!
+//! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
+//! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish. A startup
+//! failure is one sentence on stderr and exit status 1.
+
+mod admin;
+mod config;
+mod demo;
+mod demo_fhir;
+mod serve;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tower_fhir::auth::BearerAuthLayer;
+use tower_fhir::gateway::Gateway;
+use tower_fhir::proxy::FhirProxy;
+use tower_fhir::route::{InMemoryDirectory, TenantDirectory};
+use tower_fhir::token::{SigningKeys, TokenEndpoint};
+
+use config::{Config, LogFormat};
+
+/// The multi-tenant FHIR gateway: OAuth 2.0 client credentials, bearer validation, tenant
+/// routing and the proxy to each hospital's FHIR server.
+///
+/// Without --config it runs a demo (two in-process hospitals, a demo client) and prints curl
+/// commands that work as printed.
+#[derive(Debug, Parser)]
+#[command(name = "tower-fhir-gateway", version)]
+struct Args {
+    /// The JSON configuration file (its keys are documented in the README).
+    #[arg(long, value_name = "FILE", conflicts_with = "check_config")]
+    config: Option<PathBuf>,
+    /// The socket address to listen on, instead of the configuration's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Check FILE and exit: status 0 when the gateway would start with it, otherwise what is
+    /// wrong and status 1. Binds no port and touches no `state_dir`.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return failed(&format!("cannot start the async runtime: {e}")),
+    };
+    let outcome = match &args.check_config {
+        Some(file) => runtime.block_on(check_config(file)),
+        None => runtime.block_on(run(args)),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => failed(&message),
+    }
+}
+
+fn failed(message: &str) -> ExitCode {
+    eprintln!("tower-fhir-gateway: {message}");
+    ExitCode::FAILURE
+}
+
+/// `--check-config FILE`: everything `run` builds from the file, in memory.
+async fn check_config(file: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(file)?;
+    state::check(&config).await?;
+    let base = public_base_url(&config, config.listen);
+    let directory = InMemoryDirectory::new();
+    for tenant in &config.tenants {
+        directory.upsert(tenant.id, tenant.upstreams.clone());
+    }
+    let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
+    let store = tower_fhir::token::InMemoryClientStore::new();
+    let changes = directory.subscribe();
+    assemble(&config, &base, directory, changes, Arc::new(store), keys)?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let demo = args.config.is_none();
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => demo::config().await,
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        );
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    let base = public_base_url(&config, local);
+    let state = state::open(&config).await?;
+    let changes = state.directory.subscribe();
+    let gateway = assemble(
+        &config,
+        &base,
+        state.directory.clone(),
+        changes,
+        Arc::clone(&state.clients),
+        state.keys.clone(),
+    )?;
+    // The admin API (axum) answers under /admin/; everything else goes to the gateway.
+    let admin = config.admin_token.as_ref().map(|token| {
+        admin::routes(Arc::new(admin::Admin {
+            token: token.clone(),
+            directory: state.directory.clone(),
+            clients: Arc::clone(&state.clients),
+        }))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+    });
+
+    println!("tower-fhir gateway listening on {base}");
+    println!("  state in {}", state.dir.display());
+    let mut tenants = state.directory.tenants();
+    tenants.sort_by_key(|t| t.to_string());
+    for tenant in tenants {
+        if let Some(upstreams) = state.directory.get(tenant) {
+            for upstream in upstreams.iter() {
+                println!(
+                    "  tenant {tenant} -> {} ({})",
+                    upstream.base(),
+                    upstream.fhir_version().name()
+                );
+            }
+        }
+    }
+    for trusted in &config.trusted_issuers {
+        println!(
+            "  trusting tokens from {} (audience {})",
+            trusted.issuer, trusted.audience
+        );
+    }
+    if demo {
+        demo::print(&base, &gateway).await;
+    }
+    serve::serve(listener, gateway, admin).await;
+    if config.state_dir.is_none() {
+        // Nobody asked to keep it.
+        let _ = std::fs::remove_dir_all(&state.dir);
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// The URL clients use: the configured one, or `http://` and the listening address.
+fn public_base_url(config: &Config, listening: SocketAddr) -> String {
+    config
+        .public_base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{listening}"))
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The token endpoint and the whole gateway, as the configuration says.
+fn assemble(
+    config: &Config,
+    base: &str,
+    directory: impl TenantDirectory,
+    changes: tokio::sync::broadcast::Receiver<tower_fhir::tenant::TenantId>,
+    clients: Arc<dyn tower_fhir::token::ClientStore>,
+    keys: SigningKeys,
+) -> Result<Gateway, String> {
+    let issuer = config.token.issuer.as_deref().unwrap_or(base);
+    let endpoint = TokenEndpoint::builder()
+        .issuer(issuer)
+        .audience(config.token.audience.as_deref().unwrap_or("tower-fhir"))
+        .store(clients)
+        .signing_keys(keys)
+        .default_lifetime(Duration::from_secs(
+            config.token.ttl_seconds.unwrap_or(3600),
+        ))
+        .build()
+        .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
+
+    let mut auth = BearerAuthLayer::builder().refetch_cooldown(Duration::from_secs(
+        config.jwks_refetch_cooldown_seconds.max(1),
+    ));
+    for trusted in &config.trusted_issuers {
+        auth = auth
+            .jwks_url_for_issuer(&trusted.jwks_uri, &trusted.issuer)
+            .audience_for_issuer(&trusted.issuer, &trusted.audience);
+    }
+    let gateway = Gateway::builder(base)
+        .directory(directory)
+        .follow(changes)
+        .token_endpoint(endpoint)
+        .auth(auth)
+        .proxy(
+            FhirProxy::builder(base)
+                .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
+                .trust_forwarded_headers(config.trust_forwarded_headers),
+        )
+        .build()
+        .map_err(|e| format!("the gateway cannot be set up: {e}"))?;
+    Ok(gateway)
+}

@@ -1,0 +1,179 @@
+//! The command line: `--help`, `--version`, `--check-config`, and startup errors a person can
+//! act on.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
+
+fn gateway(args: &[&str]) -> Output {
+    Command::new(GATEWAY)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A configuration file in a scratch directory of its own.
+fn config_file(name: &str, json: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-fhir-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.json");
+    std::fs::write(
+        &file,
+        json.replace("STATE", &dir.join("state").display().to_string()),
+    )
+    .unwrap();
+    file
+}
+
+const GOOD: &str = r#"{
+  "listen": "127.0.0.1:0",
+  "state_dir": "STATE",
+  "clients": [{"client_id": "app", "client_secret": "a-secret-of-16-or-more-chars",
+               "tenants": ["4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"]}],
+  "tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+               "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}]}],
+  "admin_token": "a-long-random-admin-token"
+}"#;
+
+#[test]
+fn help_and_version_go_to_stdout_and_exit_0() {
+    let help = gateway(&["--help"]);
+    assert!(help.status.success());
+    let out = text(&help.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--check-config",
+        "--version",
+        "--help",
+    ] {
+        assert!(out.contains(flag), "--help does not mention {flag}:\n{out}");
+    }
+    let version = gateway(&["--version"]);
+    assert!(version.status.success());
+    assert_eq!(
+        text(&version.stdout).trim(),
+        format!("tower-fhir-gateway {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn an_unknown_option_is_refused_with_usage() {
+    let out = gateway(&["--frobnicate"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--frobnicate"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("Usage"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_writes_nothing() {
+    let file = config_file("good", GOOD);
+    let out = gateway(&["--check-config", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
+    assert!(
+        !file.parent().unwrap().join("state").exists(),
+        "--check-config created the state directory"
+    );
+}
+
+#[test]
+fn check_config_says_what_is_wrong() {
+    let cases = [
+        ("syntax", "{\"listen\": ", "is not valid"),
+        ("unknown-key", r#"{"listn": "127.0.0.1:1"}"#, "unknown field `listn`"),
+        (
+            "short-secret",
+            &GOOD.replace("a-secret-of-16-or-more-chars", "short"),
+            "a secret needs at least 16 characters",
+        ),
+        (
+            "admin-token",
+            &GOOD.replace("a-long-random-admin-token", "short"),
+            "admin_token must be at least 16",
+        ),
+        (
+            "hashing",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"secret_hashing\": {\"memory_kib\": 1, \"iterations\": 0}, \"admin_token\"",
+            ),
+            "secret_hashing",
+        ),
+        (
+            "trusted-issuer",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"ftp://idp.example/keys\", \"audience\": \"x\"}], \"admin_token\"",
+            ),
+            "ftp://idp.example/keys",
+        ),
+        (
+            "version",
+            &GOOD.replace("\"3.0\"", "\"2.5\""),
+            "is not valid",
+        ),
+    ];
+    for (name, json, expected) in cases {
+        let file = config_file(name, json);
+        let out = gateway(&["--check-config", file.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            stderr.starts_with("tower-fhir-gateway: "),
+            "{name}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            !stderr.contains("Error {") && !stderr.contains("Error("),
+            "{name}: {stderr}"
+        );
+    }
+    let missing = gateway(&["--check-config", "/nonexistent/gateway.json"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr)
+            .contains("cannot read the configuration file /nonexistent/gateway.json"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[test]
+fn a_startup_error_is_one_sentence_not_a_debug_dump() {
+    let file = config_file(
+        "start-short-secret",
+        &GOOD.replace("a-secret-of-16-or-more-chars", "short"),
+    );
+    let out = gateway(&["--config", file.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tower-fhir-gateway: a client in the configuration is refused: client \"app\": a secret needs at least 16 characters"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("StoreError"), "{stderr}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let file = config_file("start-port-taken", GOOD);
+    let out = gateway(&["--config", file.to_str().unwrap(), "--listen", &addr]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
