@@ -1,4 +1,4 @@
-//! The proxy's response body.
+//! The proxy's bodies: the outgoing request's, and the response's.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -6,8 +6,15 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of a request sent upstream: the client's, streamed, boxed to one type whatever the
+/// server's body type is.
+pub(super) type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pin_project! {
     /// The body of a proxied response: the upstream's, streamed (after any chunks already

@@ -55,10 +55,14 @@
 //! ```
 
 mod body;
+mod headers;
 mod path;
 mod pool;
+mod response;
 mod rewrite;
 mod service;
+mod transport;
 
 pub use body::ProxyBody;
-pub use service::{ClientAddr, ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};
+pub use headers::ClientAddr;
+pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

@@ -30,7 +30,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
-use super::service::OutgoingBody;
+use super::body::OutgoingBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

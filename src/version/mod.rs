@@ -23,6 +23,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+#[cfg(feature = "proxy")]
+pub(crate) mod dstu2;
 mod layer;
 mod media;
 
@@ -32,8 +34,6 @@ pub use layer::{
     ConfigError, ResponseFuture, VersionNegotiation, VersionNegotiationBuilder,
     VersionNegotiationLayer,
 };
-#[cfg(feature = "proxy")]
-pub(crate) use media::split_list;
 
 /// A FHIR release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,242 @@
+//! The upstream's response relayed to the client: hop-by-hop headers removed, the upstream's
+//! base URL rewritten to the gateway's in `Location`, `Content-Location` and JSON Bundles' links
+//! (bodies up to a limit; larger or compressed ones stream through untouched).
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::Response;
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use super::headers::remove_hop_by_hop;
+use super::rewrite::BaseRewriter;
+
+/// The upstream's response as the client must see it: hop-by-hop headers gone, upstream URLs
+/// in `Location`, `Content-Location` and JSON Bundle links rewritten to the gateway's base.
+pub(super) async fn relay_response(
+    response: Response<Incoming>,
+    rewriter: &BaseRewriter,
+    rewrite_limit: usize,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    let heads = ResponseHeads::scan(&parts.headers);
+    if heads.location {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let rewritten = parts
+                .headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| rewriter.url(v))
+                .and_then(|v| HeaderValue::from_str(&v).ok());
+            if let Some(value) = rewritten {
+                parts.headers.insert(name, value);
+            }
+        }
+    }
+    if !heads.may_be_json_bundle(rewrite_limit) {
+        return Response::from_parts(parts, ProxyBody::upstream(VecDeque::new(), body));
+    }
+    // Read up to the limit; beyond it, stream what was read and the rest untouched. Most
+    // bodies come in one chunk: it is kept apart, and a queue made only for more.
+    let mut first: Option<Bytes> = None;
+    let mut more = VecDeque::new();
+    let mut size = 0;
+    let mut body = body;
+    while !body.is_end_stream() {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    match &first {
+                        None => first = Some(data),
+                        Some(_) => more.push_back(data),
+                    }
+                    if size > rewrite_limit {
+                        let read = in_order(first, more);
+                        return Response::from_parts(parts, ProxyBody::upstream(read, body));
+                    }
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "upstream response body failed");
+                let read = in_order(first, more);
+                return Response::from_parts(parts, ProxyBody::upstream(read, body));
+            }
+            None => break,
+        }
+    }
+    let whole = match (first, more.is_empty()) {
+        (Some(only), true) => only,
+        (first, _) => {
+            let mut whole = Vec::with_capacity(size);
+            for chunk in first.iter().chain(&more) {
+                whole.extend_from_slice(chunk);
+            }
+            Bytes::from(whole)
+        }
+    };
+    let bytes = match rewriter.bundle(&whole) {
+        Some(rewritten) => {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+            rewritten
+        }
+        None => whole,
+    };
+    Response::from_parts(parts, ProxyBody::full(bytes))
+}
+
+/// The chunks read so far, the first one first.
+fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> {
+    if let Some(first) = first {
+        more.push_front(first);
+    }
+    more
+}
+
+/// What the relay needs of the upstream's response headers, read in one pass over them (five
+/// lookups by name cost more). Each name's first value counts, as with `HeaderMap::get`.
+#[derive(Debug, Default)]
+struct ResponseHeads {
+    /// A `Location` or `Content-Location` is there (to rewrite if it names the upstream).
+    location: bool,
+    /// The first `Content-Type`'s media type is a JSON one.
+    json: Option<bool>,
+    /// The first `Content-Encoding` is `identity`.
+    identity: Option<bool>,
+    /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
+    length: Option<Option<usize>>,
+}
+
+impl ResponseHeads {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut heads = Self::default();
+        for (name, value) in headers {
+            if name == header::LOCATION || name == header::CONTENT_LOCATION {
+                heads.location = true;
+            } else if name == header::CONTENT_TYPE {
+                heads.json.get_or_insert_with(|| {
+                    // The media type before any parameter, compared as bytes.
+                    let value = value.as_bytes();
+                    let end = memchr::memchr(b';', value).unwrap_or(value.len());
+                    let media = value[..end].trim_ascii();
+                    [
+                        b"application/fhir+json".as_slice(),
+                        b"application/json+fhir",
+                        b"application/json",
+                    ]
+                    .iter()
+                    .any(|json| media.eq_ignore_ascii_case(json))
+                });
+            } else if name == header::CONTENT_ENCODING {
+                heads
+                    .identity
+                    .get_or_insert_with(|| value.as_bytes().eq_ignore_ascii_case(b"identity"));
+            } else if name == header::CONTENT_LENGTH {
+                heads.length.get_or_insert_with(|| {
+                    value.to_str().ok().and_then(|v| v.parse::<usize>().ok())
+                });
+            }
+        }
+        heads
+    }
+
+    /// A JSON body, not compressed, that fits the rewrite limit if its length is known.
+    fn may_be_json_bundle(&self, limit: usize) -> bool {
+        self.json == Some(true)
+            && self.identity != Some(false)
+            && self.length.flatten().is_none_or(|len| len <= limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::HeaderName;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
+        ResponseHeads::scan(headers).may_be_json_bundle(limit)
+    }
+
+    #[test]
+    fn only_plain_json_within_the_limit_is_buffered() {
+        assert!(may_be_json_bundle(
+            &headers(&[("content-type", "application/fhir+json;charset=utf-8")]),
+            10
+        ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/json+fhir"),
+                ("content-length", "10")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/fhir+json"),
+                ("content-length", "11")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/fhir+json"),
+                ("content-encoding", "gzip")
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(
+            &headers(&[("content-type", "application/fhir+xml")]),
+            10
+        ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("Content-Type", " Application/JSON ; charset=utf-8"),
+                ("content-encoding", "IDENTITY"),
+                ("content-length", "not a number"),
+            ]),
+            10
+        ));
+        assert!(!may_be_json_bundle(&headers(&[]), 10));
+        // The first value of each header counts, as `HeaderMap::get` reads it.
+        assert!(!may_be_json_bundle(
+            &headers(&[
+                ("content-type", "text/plain"),
+                ("content-type", "application/json"),
+            ]),
+            10
+        ));
+        assert!(may_be_json_bundle(
+            &headers(&[
+                ("content-type", "application/json"),
+                ("content-length", "5"),
+                ("content-length", "50"),
+            ]),
+            10
+        ));
+    }
+
+    #[test]
+    fn the_response_scan_sees_either_location_header() {
+        assert!(!ResponseHeads::scan(&headers(&[("content-type", "x/y")])).location);
+        assert!(ResponseHeads::scan(&headers(&[("location", "http://up/Patient/1")])).location);
+        assert!(ResponseHeads::scan(&headers(&[("content-location", "/a")])).location);
+    }
+}

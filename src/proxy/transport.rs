@@ -1,0 +1,75 @@
+//! How a request reaches its upstream: the proxy's own HTTP/1.1 pool for plain-HTTP upstreams,
+//! hyper-util's pooled clients for HTTPS (ALPN may choose HTTP/2) and h2c ones, behind one type.
+
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::body::OutgoingBody;
+use super::pool::Http1Pool;
+use crate::client::{connector, http_connector, Connector};
+use crate::route::Upstream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The connections to upstreams, shared by every clone of the proxy.
+pub(super) struct Transport {
+    // Plain-HTTP HTTP/1.1 upstreams.
+    http1: Http1Pool,
+    // HTTPS upstreams (ALPN may choose HTTP/2).
+    client: Client<Connector, OutgoingBody>,
+    // For upstreams that speak HTTP/2 with prior knowledge (h2c).
+    h2_client: Client<Connector, OutgoingBody>,
+}
+
+impl Transport {
+    /// Pools connecting within `connect_timeout`, keeping idle connections for
+    /// `pool_idle_timeout`, trusting `root_certificates` (PEM) too for HTTPS; the error says
+    /// why the TLS configuration is unusable.
+    pub(super) fn new(
+        connect_timeout: Duration,
+        pool_idle_timeout: Duration,
+        root_certificates: &[Vec<u8>],
+    ) -> Result<Self, String> {
+        let connector = connector(connect_timeout, root_certificates)?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(pool_idle_timeout)
+            .build(connector.clone());
+        let h2_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(pool_idle_timeout)
+            .http2_only(true)
+            .build(connector);
+        Ok(Self {
+            http1: Http1Pool::new(http_connector(connect_timeout), pool_idle_timeout),
+            client,
+            h2_client,
+        })
+    }
+
+    /// Whether `upstream` is reached over the proxy's own pool (plain-HTTP HTTP/1.1), which
+    /// takes an origin-form target; hyper-util's clients take an absolute one.
+    pub(super) fn pooled(upstream: &Upstream) -> bool {
+        !upstream.http2() && *upstream.base().scheme() == Scheme::HTTP
+    }
+
+    /// Sends `request` to `upstream`: over the own pool when `pooled` (what
+    /// [`pooled`](Self::pooled) said of it), else over the h2c or the HTTPS client.
+    pub(super) async fn send(
+        &self,
+        upstream: &Upstream,
+        pooled: bool,
+        request: Request<OutgoingBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        if pooled {
+            self.http1.send(upstream.base().authority(), request).await
+        } else if upstream.http2() {
+            Ok(self.h2_client.request(request).await?)
+        } else {
+            Ok(self.client.request(request).await?)
+        }
+    }
+}
