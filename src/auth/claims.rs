@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::panic::{RefUnwindSafe, UnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,7 +34,8 @@ struct Inner {
 
 struct Memo {
     key: MemoKey,
-    value: Box<dyn Any + Send + Sync>,
+    /// Unwind-safe so the claims stay so (they were before they held a memo).
+    value: Box<dyn Any + Send + Sync + UnwindSafe + RefUnwindSafe>,
 }
 
 /// Names the one deriving that may keep its value in a [`VerifiedClaims`]: each key made is
@@ -88,11 +90,12 @@ impl VerifiedClaims {
     /// afresh for any other key. `derive` must depend on the claims alone.
     pub(crate) fn memoized<T>(&self, key: MemoKey, derive: impl FnOnce(&Self) -> T) -> T
     where
-        T: Clone + Send + Sync + 'static,
+        T: Clone + Send + Sync + UnwindSafe + RefUnwindSafe + 'static,
     {
         if let Some(memo) = self.inner.memo.get() {
             if memo.key == key {
-                if let Some(value) = memo.value.downcast_ref::<T>() {
+                let value: &(dyn Any + Send + Sync) = &*memo.value;
+                if let Some(value) = value.downcast_ref::<T>() {
                     return value.clone();
                 }
             }
@@ -298,6 +301,12 @@ mod tests {
         assert_eq!(derived.get(), 3);
         // The same key asking for another type derives afresh too.
         assert_eq!(c.memoized(first, |_| 7u8), 7);
+    }
+
+    #[test]
+    fn claims_stay_unwind_safe() {
+        fn unwind_safe<T: UnwindSafe + RefUnwindSafe>() {}
+        unwind_safe::<VerifiedClaims>();
     }
 
     #[test]
