@@ -51,7 +51,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -61,7 +60,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use uuid::Uuid;
 
-use crate::auth::VerifiedClaims;
+use crate::auth::{MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::outcome::{IssueType, OperationOutcome};
@@ -171,13 +170,12 @@ pub struct TenantScopeLayer {
     config: Arc<Config>,
 }
 
-/// Numbers the tenant layers' rules.
-static NEXT_RULE: AtomicU64 = AtomicU64::new(0);
-
 struct Config {
     source: Source,
-    /// This layer's number for [`VerifiedClaims::tenant_by`], unique in the process.
-    rule: u64,
+    /// This layer's key for the tenant it keeps with a token's claims
+    /// ([`VerifiedClaims::memoized`]): a cached token's tenant is found once, not on each of
+    /// its requests.
+    memo: MemoKey,
     hint_headers: Vec<HeaderName>,
 }
 
@@ -300,7 +298,7 @@ impl TenantScopeBuilder {
         Ok(TenantScopeLayer {
             config: Arc::new(Config {
                 source: self.source,
-                rule: NEXT_RULE.fetch_add(1, Ordering::Relaxed),
+                memo: MemoKey::unique(),
                 hint_headers,
             }),
         })
@@ -357,7 +355,7 @@ where
             Some(claims) => match self.config.source {
                 // A user's function may look beyond the claims: asked every time.
                 Source::Custom(_) => self.config.tenant_of(claims),
-                _ => claims.tenant_by(self.config.rule, |claims| self.config.tenant_of(claims)),
+                _ => claims.memoized(self.config.memo, |claims| self.config.tenant_of(claims)),
             },
             None => Err(TenantRejection::new(
                 "The request carries no verified token",

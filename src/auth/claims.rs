@@ -1,13 +1,14 @@
 //! The claims of a verified token, as they travel in request extensions.
 
+use std::any::Any;
 use std::fmt;
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::Algorithm;
 use serde_json::{Map, Value};
-
-use crate::tenant::{TenantId, TenantRejection};
 
 /// The claims of a bearer token whose signature and claims the layer has verified.
 ///
@@ -25,15 +26,29 @@ struct Inner {
     expires_at: u64,
     key_id: Option<String>,
     algorithm: Option<Algorithm>,
-    /// The tenant one tenant layer found in these claims: a cached token's tenant is found
-    /// once, not on each of its requests.
-    tenant: OnceLock<TenantMemo>,
+    /// What one later layer derived from these claims: the claims of a cached token are
+    /// shared by all its requests, so that layer derives its value once per token, not once
+    /// per request. See [`VerifiedClaims::memoized`].
+    memo: OnceLock<Memo>,
 }
 
-struct TenantMemo {
-    /// Which layer's rule found it (a number each layer gets once, never reused).
-    rule: u64,
-    tenant: Result<TenantId, TenantRejection>,
+struct Memo {
+    key: MemoKey,
+    /// Unwind-safe so the claims stay so (they were before they held a memo).
+    value: Box<dyn Any + Send + Sync + UnwindSafe + RefUnwindSafe>,
+}
+
+/// Names the one deriving that may keep its value in a [`VerifiedClaims`]: each key made is
+/// unique in the process, so a layer holding one never reads another layer's memo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MemoKey(u64);
+
+impl MemoKey {
+    /// A key no other caller has.
+    pub(crate) fn unique() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 impl VerifiedClaims {
@@ -65,31 +80,33 @@ impl VerifiedClaims {
                 expires_at,
                 key_id,
                 algorithm,
-                tenant: OnceLock::new(),
+                memo: OnceLock::new(),
             }),
         })
     }
 
-    /// The tenant that the rule numbered `rule` finds in these claims: remembered for the
-    /// first rule that asks (a gateway has one), found afresh for any other. `find` must
-    /// depend on the claims alone.
-    pub(crate) fn tenant_by(
-        &self,
-        rule: u64,
-        find: impl FnOnce(&Self) -> Result<TenantId, TenantRejection>,
-    ) -> Result<TenantId, TenantRejection> {
-        if let Some(memo) = self.inner.tenant.get() {
-            if memo.rule == rule {
-                return memo.tenant.clone();
+    /// What `derive` makes of these claims: kept for the first key that asks (a gateway has
+    /// one such layer) and handed back to it on later requests with the same claims, derived
+    /// afresh for any other key. `derive` must depend on the claims alone.
+    pub(crate) fn memoized<T>(&self, key: MemoKey, derive: impl FnOnce(&Self) -> T) -> T
+    where
+        T: Clone + Send + Sync + UnwindSafe + RefUnwindSafe + 'static,
+    {
+        if let Some(memo) = self.inner.memo.get() {
+            if memo.key == key {
+                let value: &(dyn Any + Send + Sync) = &*memo.value;
+                if let Some(value) = value.downcast_ref::<T>() {
+                    return value.clone();
+                }
             }
-            return find(self);
+            return derive(self);
         }
-        let tenant = find(self);
-        let _ = self.inner.tenant.set(TenantMemo {
-            rule,
-            tenant: tenant.clone(),
+        let value = derive(self);
+        let _ = self.inner.memo.set(Memo {
+            key,
+            value: Box::new(value.clone()),
         });
-        tenant
+        value
     }
 
     /// The `iss` claim.
@@ -259,6 +276,37 @@ mod tests {
         assert!(VerifiedClaims::assume_verified(Map::new()).is_none());
         let bad = json!({"exp": "soon"}).as_object().unwrap().clone();
         assert!(VerifiedClaims::assume_verified(bad).is_none());
+    }
+
+    #[test]
+    fn the_first_key_keeps_its_memo_and_others_derive_afresh() {
+        let c = claims(json!({"exp": 1, "sub": "app"}));
+        let (first, second) = (MemoKey::unique(), MemoKey::unique());
+        assert_ne!(first, second);
+        let derived = std::cell::Cell::new(0);
+        let derive = |c: &VerifiedClaims| {
+            derived.set(derived.get() + 1);
+            c.subject().map(str::to_owned)
+        };
+        for _ in 0..3 {
+            assert_eq!(c.memoized(first, derive).as_deref(), Some("app"));
+        }
+        assert_eq!(derived.get(), 1);
+        // A clone shares the memo: it is the same token's claims.
+        assert_eq!(c.clone().memoized(first, derive).as_deref(), Some("app"));
+        assert_eq!(derived.get(), 1);
+        for _ in 0..2 {
+            assert_eq!(c.memoized(second, derive).as_deref(), Some("app"));
+        }
+        assert_eq!(derived.get(), 3);
+        // The same key asking for another type derives afresh too.
+        assert_eq!(c.memoized(first, |_| 7u8), 7);
+    }
+
+    #[test]
+    fn claims_stay_unwind_safe() {
+        fn unwind_safe<T: UnwindSafe + RefUnwindSafe>() {}
+        unwind_safe::<VerifiedClaims>();
     }
 
     #[test]

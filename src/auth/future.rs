@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::claims::VerifiedClaims;
-use super::layer::Config;
+use super::config::Config;
 use super::rejection::Rejection;
 use crate::body::ResponseBody;
 

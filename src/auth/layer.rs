@@ -10,14 +10,12 @@ use http::Response;
 use jsonwebtoken::{Algorithm, Validation};
 use tower_layer::Layer;
 
+use super::config::{Config, RejectFn, SkipFn};
 use super::keys::{KeySet, VerificationKey};
 use super::rejection::Rejection;
 use super::service::BearerAuth;
 use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
 use super::verify::{Audiences, TokenCache, Verifier};
-
-type SkipFn = dyn Fn(&Parts) -> bool + Send + Sync;
-type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
 /// The longest clock-skew leeway accepted.
 const MAX_LEEWAY: Duration = Duration::from_secs(3600);
@@ -46,12 +44,6 @@ const ALL_ALGORITHMS: [Algorithm; 12] = [
 #[must_use]
 pub struct BearerAuthLayer {
     pub(crate) config: Arc<Config>,
-}
-
-pub(crate) struct Config {
-    pub(crate) verifier: Arc<Verifier>,
-    pub(crate) skip: Option<Box<SkipFn>>,
-    pub(crate) on_reject: Option<Box<RejectFn>>,
 }
 
 impl BearerAuthLayer {

@@ -60,6 +60,7 @@
 //! ```
 
 mod claims;
+mod config;
 mod future;
 #[cfg(feature = "remote-jwks")]
 mod jwks;
@@ -70,6 +71,7 @@ mod service;
 mod source;
 mod verify;
 
+pub(crate) use claims::MemoKey;
 pub use claims::VerifiedClaims;
 pub use future::ResponseFuture;
 pub use jsonwebtoken::Algorithm;

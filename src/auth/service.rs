@@ -6,8 +6,8 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
+use super::config::Config;
 use super::future::ResponseFuture;
-use super::layer::Config;
 use super::verify::Verdict;
 use crate::body::ResponseBody;
 

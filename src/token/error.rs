@@ -85,6 +85,23 @@ impl TokenError {
         )
     }
 
+    /// 401 `invalid_client`; with `challenge` (the `WWW-Authenticate: Basic` value) when the
+    /// client used HTTP Basic or sent no credentials (RFC 6749 §5.2).
+    pub(crate) fn invalid_client(
+        description: &'static str,
+        challenge: Option<&HeaderValue>,
+    ) -> Self {
+        let error = Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::InvalidClient,
+            description,
+        );
+        match challenge {
+            Some(challenge) => error.with_header(header::WWW_AUTHENTICATE, challenge.clone()),
+            None => error,
+        }
+    }
+
     pub(crate) fn server_error() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -73,10 +73,14 @@
 //! | 500 | `server_error` | the store or signing failed (logged) |
 //! | 503 | `temporarily_unavailable` | other checks of the same client id ran 10 s without making room (a slow store; `Retry-After: 1`) |
 
+mod authenticate;
 mod client;
 mod durable;
+mod endpoint;
 mod error;
-mod service;
+mod form;
+mod rotation;
+mod scope;
 mod signing;
 mod throttle;
 
@@ -85,7 +89,8 @@ pub use client::{
     SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
+pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
 pub use error::{ErrorCode, TokenResponseBody};
-pub use service::{ConfigError, SecretRotation, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
+pub use rotation::SecretRotation;
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::ThrottlePolicy;

@@ -27,13 +27,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub(crate) mod dstu2;
 mod layer;
 mod media;
+mod response;
 
-#[cfg(feature = "proxy")]
-pub(crate) use layer::label;
 pub use layer::{
-    ConfigError, ResponseFuture, VersionNegotiation, VersionNegotiationBuilder,
-    VersionNegotiationLayer,
+    ConfigError, VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer,
 };
+#[cfg(feature = "proxy")]
+pub(crate) use response::label;
+pub use response::ResponseFuture;
 
 /// A FHIR release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

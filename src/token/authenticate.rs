@@ -1,0 +1,152 @@
+//! Client authentication under the throttle, shared by the token grant and secret rotation.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::{header, HeaderValue, StatusCode};
+
+use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
+use super::error::{ErrorCode, TokenError};
+use super::throttle::{Attempt, Refusal, Throttle, ThrottlePolicy};
+
+/// Checks clients' secrets against their store, under the failure throttle.
+pub(super) struct Authenticator {
+    /// The client store.
+    pub(super) store: Box<dyn ClientStore>,
+    throttle: Arc<Throttle>,
+    /// A hash checked for unknown and revoked clients, made on first need.
+    dummy_hash: OnceLock<String>,
+}
+
+/// Why a throttled authentication gave no client.
+pub(super) enum Denied {
+    /// The id is blocked for this long.
+    Blocked(Duration),
+    /// Other checks of the id took too long to make room; nothing failed.
+    Busy,
+    /// The secret is wrong (or the client unknown or revoked).
+    Failed,
+    /// The store failed (logged).
+    StoreFailed(StoreError),
+}
+
+impl Denied {
+    /// The RFC 6749 answer: 429 while blocked, 503 when busy, 401 `invalid_client` for a wrong
+    /// secret (with `challenge`, the `WWW-Authenticate: Basic` value, when the client used
+    /// Basic), 500 when the store failed.
+    pub(super) fn into_error(self, challenge: Option<&HeaderValue>) -> TokenError {
+        match self {
+            Self::Blocked(wait) => too_many(wait),
+            Self::Busy => busy(),
+            Self::Failed => TokenError::invalid_client("Client authentication failed", challenge),
+            Self::StoreFailed(_) => TokenError::server_error(),
+        }
+    }
+}
+
+impl Authenticator {
+    pub(super) fn new(store: Box<dyn ClientStore>, policy: ThrottlePolicy) -> Self {
+        Self {
+            store,
+            throttle: Arc::new(Throttle::new(policy)),
+            dummy_hash: OnceLock::new(),
+        }
+    }
+
+    /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
+    /// blocked, waiting while parallel checks of it could use up its allowance, a wrong secret
+    /// counted. `doing` names the request in the log.
+    pub(super) async fn authenticate_throttled(
+        &self,
+        id: &str,
+        secret: &str,
+        doing: &'static str,
+    ) -> Result<ClientRecord, Denied> {
+        let attempt = self
+            .throttle
+            .admit(id)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Blocked(wait) => Denied::Blocked(wait),
+                Refusal::Busy => Denied::Busy,
+            })?;
+        match self.authenticate(id, secret, attempt).await {
+            Ok((Some(client), attempt)) => {
+                attempt.succeeded();
+                Ok(client)
+            }
+            Ok((None, attempt)) => {
+                tracing::info!(client_id = %id, "{doing}: client authentication failed");
+                if let Some(wait) = attempt.failed() {
+                    tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
+                }
+                Err(Denied::Failed)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                Err(Denied::StoreFailed(err))
+            }
+        }
+    }
+
+    /// The client, if the secret is one of its live ones, and the `attempt` back. Unknown and
+    /// revoked clients are checked against a dummy hash, so every failure costs the same Argon2
+    /// work. The attempt goes along into the hashing and is dropped with it if this future is
+    /// (a client that hangs up cannot free its place while its hash still runs).
+    async fn authenticate(
+        &self,
+        id: &str,
+        secret: &str,
+        attempt: Attempt,
+    ) -> Result<(Option<ClientRecord>, Attempt), StoreError> {
+        let record = self.store.client(id).await?;
+        let now = unix_now();
+        let mut hashes: Vec<String> = record
+            .as_ref()
+            .filter(|r| !r.revoked)
+            .map(|r| r.live_secrets(now).map(|h| h.phc.clone()).collect())
+            .unwrap_or_default();
+        let known = !hashes.is_empty();
+        if !known {
+            hashes.push(self.dummy_hash()?);
+        }
+        let secret = secret.to_owned();
+        let (matched, attempt) = client::blocking(move || {
+            // Check every hash so the time does not tell which one matched.
+            let matched = hashes
+                .iter()
+                .fold(false, |ok, phc| client::verify(&secret, phc) | ok);
+            Ok((matched, attempt))
+        })
+        .await?;
+        Ok((record.filter(|_| known && matched), attempt))
+    }
+
+    fn dummy_hash(&self) -> Result<String, StoreError> {
+        if let Some(hash) = self.dummy_hash.get() {
+            return Ok(hash.clone());
+        }
+        let hash = self.store.hashing().hash(client::new_secret().expose())?;
+        Ok(self.dummy_hash.get_or_init(|| hash).clone())
+    }
+}
+
+fn too_many(wait: Duration) -> TokenError {
+    // Round up so a client waiting `Retry-After` seconds is never refused again.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    TokenError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TemporarilyUnavailable,
+        "Too many failed authentications for this client; retry later",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+}
+
+fn busy() -> TokenError {
+    TokenError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TemporarilyUnavailable,
+        "Other authentications of this client are still being checked; retry shortly",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+}

@@ -1,0 +1,256 @@
+//! Reading a token request: the Content-Type, the form body, and the client's credentials
+//! (HTTP Basic or form fields, RFC 6749 §2.3.1).
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use percent_encoding::percent_decode_str;
+
+use super::client;
+use super::error::{ErrorCode, TokenError};
+
+/// How the client authenticated.
+pub(super) enum Credentials {
+    /// `Authorization: Basic`.
+    Basic { id: String, secret: String },
+    /// `client_id` and `client_secret` in the form.
+    Post { id: String, secret: String },
+}
+
+/// Refuses a request whose Content-Type is not `application/x-www-form-urlencoded` (400
+/// without one, 415 with another).
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(TokenError::bad_request(
+            "Content-Type application/x-www-form-urlencoded is required",
+        ));
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .unwrap_or("");
+    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(TokenError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::InvalidRequest,
+            "Content-Type must be application/x-www-form-urlencoded",
+        ))
+    }
+}
+
+/// The form parameters of a request body of at most `max_bytes` (413 above), each at most once
+/// (RFC 6749 §3.2).
+pub(super) async fn read_form<B>(
+    headers: &HeaderMap,
+    body: B,
+    max_bytes: usize,
+) -> Result<HashMap<String, String>, TokenError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        TokenError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::InvalidRequest,
+            "The request body is too large",
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_bytes as u64) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(body, max_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Err(_) => {
+            return Err(TokenError::bad_request(
+                "The request body could not be read",
+            ))
+        }
+    };
+    let mut form = HashMap::new();
+    for (name, value) in form_urlencoded::parse(&bytes) {
+        // RFC 6749 §3.2: parameters must not be repeated.
+        if form.insert(name.into_owned(), value.into_owned()).is_some() {
+            return Err(TokenError::bad_request("A parameter is repeated"));
+        }
+    }
+    Ok(form)
+}
+
+/// The client's credentials, from `Authorization: Basic` or the form (not both), with a valid
+/// client id. `challenge` is the `WWW-Authenticate: Basic` value of a 401.
+pub(super) fn credentials(
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+    challenge: &HeaderValue,
+) -> Result<Credentials, TokenError> {
+    let credentials = given_credentials(headers, form, challenge)?;
+    let (Credentials::Basic { id, .. } | Credentials::Post { id, .. }) = &credentials;
+    // Checked before it is looked up, counted or logged: no control characters (forged
+    // log lines) and no 8 KB ids (a throttle entry each).
+    if !client::is_client_id(id) {
+        return Err(TokenError::bad_request(
+            "The client_id is not a valid client identifier",
+        ));
+    }
+    Ok(credentials)
+}
+
+fn given_credentials(
+    headers: &HeaderMap,
+    form: &HashMap<String, String>,
+    challenge: &HeaderValue,
+) -> Result<Credentials, TokenError> {
+    let form_secret = form.get("client_secret");
+    let form_id = form.get("client_id");
+    match headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            if form_secret.is_some() {
+                return Err(TokenError::bad_request(
+                    "Use one client authentication method, not both",
+                ));
+            }
+            let (id, secret) = parse_basic(value).ok_or_else(|| {
+                TokenError::invalid_client("Malformed Basic authentication", Some(challenge))
+            })?;
+            if form_id.is_some_and(|form_id| *form_id != id) {
+                return Err(TokenError::bad_request(
+                    "client_id does not match the authenticated client",
+                ));
+            }
+            Ok(Credentials::Basic { id, secret })
+        }
+        None => match (form_id, form_secret) {
+            (Some(id), Some(secret)) => Ok(Credentials::Post {
+                id: id.clone(),
+                secret: secret.clone(),
+            }),
+            _ => Err(TokenError::invalid_client(
+                "Client authentication is missing",
+                Some(challenge),
+            )),
+        },
+    }
+}
+
+/// `Authorization: Basic` with the id and secret form-urlencoded first (RFC 6749 §2.3.1).
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let value = value.to_str().ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let id = form_decode(id)?;
+    (!id.is_empty()).then_some((id, form_decode(secret)?))
+}
+
+/// Decodes one application/x-www-form-urlencoded value: `+` is a space, `%XY` the byte with
+/// the hex digits XY. A `%` not followed by two hex digits, or bytes that are not UTF-8, make
+/// it `None`. Not `form_urlencoded::parse`: that would split a value containing `&` or `=`
+/// (and keeps a malformed escape as it is).
+fn form_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let escapes_well_formed = memchr::memchr_iter(b'%', bytes).all(|at| {
+        bytes
+            .get(at + 1..at + 3)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_well_formed {
+        return None;
+    }
+    // Split on `+` first: an escaped `%2B` is a plus, not a space.
+    let mut decoded = Vec::with_capacity(bytes.len());
+    for (n, part) in text.split('+').enumerate() {
+        if n > 0 {
+            decoded.push(b' ');
+        }
+        decoded.extend(percent_decode_str(part));
+    }
+    String::from_utf8(decoded).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let raw = format!("Basic {}", STANDARD.encode("my%3Aapp:s%2Bcret+x%26y"));
+        let parsed = parse_basic(&HeaderValue::from_str(&raw).unwrap()).unwrap();
+        assert_eq!(parsed, ("my:app".to_owned(), "s+cret x&y".to_owned()));
+        assert!(parse_basic(&HeaderValue::from_static("Bearer abc")).is_none());
+        assert!(parse_basic(&HeaderValue::from_static("Basic !!!")).is_none());
+        assert_eq!(form_decode("%zz"), None);
+    }
+
+    #[test]
+    fn malformed_escapes_are_refused_not_decoded() {
+        // `u8::from_str_radix` takes a sign: a hand-written decoder read `%+5` as 0x05.
+        for text in [
+            "%+5", "%-5", "a%+5b", "%+f", "%zz", "%", "%4", "x%", "%%41", "%4%41",
+        ] {
+            assert_eq!(form_decode(text), None, "{text:?}");
+        }
+        let raw = format!("Basic {}", STANDARD.encode("app%+5:secret"));
+        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_none());
+        let raw = format!("Basic {}", STANDARD.encode("app:se%-5cret"));
+        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_none());
+    }
+
+    #[test]
+    fn well_formed_values_decode() {
+        for (text, decoded) in [
+            ("", ""),
+            ("plain", "plain"),
+            ("a+b", "a b"),
+            ("%2B%2b", "++"),
+            ("%41%7e", "A~"),
+            ("%E2%82%AC+%e2%82%ac", "\u{20ac} \u{20ac}"),
+            ("100%25", "100%"),
+        ] {
+            assert_eq!(form_decode(text).as_deref(), Some(decoded), "{text:?}");
+        }
+        // Escapes must make UTF-8.
+        assert_eq!(form_decode("%ff"), None);
+        assert_eq!(form_decode("%E2%82"), None);
+    }
+
+    #[test]
+    fn content_type_must_be_a_form() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            check_content_type(&headers).map_err(|e| e.status)
+        };
+        assert_eq!(with("application/x-www-form-urlencoded"), Ok(()));
+        assert_eq!(
+            with("Application/X-WWW-Form-Urlencoded ; charset=utf-8"),
+            Ok(())
+        );
+        assert_eq!(
+            with("application/json"),
+            Err(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        );
+        assert_eq!(
+            check_content_type(&HeaderMap::new()).map_err(|e| e.status),
+            Err(StatusCode::BAD_REQUEST)
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! The response side of version negotiation: the response future, which labels FHIR
+//! responses with the `fhirVersion` they were served in.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, Entry, HeaderMap, HeaderValue};
+use http::Response;
+use pin_project_lite::pin_project;
+
+use super::media::{exact_named_json, mentions_version};
+use super::FhirVersion;
+use crate::body::ResponseBody;
+
+pin_project! {
+    /// Response future of [`VersionNegotiation`](super::VersionNegotiation).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Inner { #[pin] future: F, version: Option<FhirVersion> },
+        // Boxed: a rare path, and the future stays small to move through the layers.
+        Answered { response: Option<Box<Response<Bytes>>> },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Inner { future, version } => {
+                let mut response = ready!(future.poll(cx))?;
+                let served = response
+                    .extensions()
+                    .get::<FhirVersion>()
+                    .copied()
+                    .or(*version);
+                if let Some(served) = served {
+                    label(response.headers_mut(), served);
+                }
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            StateProj::Answered { response } => {
+                let response = response.take().expect("polled after completion");
+                Poll::Ready(Ok((*response).map(ResponseBody::full)))
+            }
+        }
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// The inner service's response, to be labelled with the release the response's own
+    /// extensions name, else with `version` (the negotiated one).
+    pub(super) fn inner(future: F, version: Option<FhirVersion>) -> Self {
+        Self {
+            state: State::Inner { future, version },
+        }
+    }
+
+    /// A response of the layer's own (a refusal, `$versions`), as it is.
+    pub(super) fn answered(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Answered {
+                response: Some(Box::new(response)),
+            },
+        }
+    }
+}
+
+/// Adds `fhirVersion` to a FHIR media type that lacks it.
+pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
+    // One lookup; inserting through the entry drops any further values, as `insert` does.
+    let Entry::Occupied(mut entry) = headers.entry(header::CONTENT_TYPE) else {
+        return;
+    };
+    let current = entry.get();
+    // Labelled already in the common exact form (by the proxy, say): nothing to read further.
+    if exact_named_json(current.as_bytes()).is_some() {
+        return;
+    }
+    // The common, bare media types have static labelled forms: no parsing, no allocation.
+    if let Some(value) = static_label(current.as_bytes(), version) {
+        entry.insert(value);
+        return;
+    }
+    if mentions_version(current.as_bytes()) {
+        return;
+    }
+    let Ok(text) = current.to_str() else {
+        return;
+    };
+    let essence = text.split(';').next().unwrap_or_default().trim();
+    let fhir_type = [
+        "application/fhir+json",
+        "application/json+fhir",
+        "application/fhir+xml",
+        "application/xml+fhir",
+    ]
+    .iter()
+    .any(|t| essence.eq_ignore_ascii_case(t));
+    if !fhir_type {
+        return;
+    }
+    let mut labelled = String::with_capacity(text.len() + 18);
+    labelled.push_str(text);
+    labelled.push_str("; fhirVersion=");
+    labelled.push_str(version.mime_code());
+    if let Ok(value) = HeaderValue::from_str(&labelled) {
+        entry.insert(value);
+    }
+}
+
+/// `application/fhir+json; fhirVersion=X` and the like, for a bare FHIR JSON media type,
+/// built at compile time.
+fn static_label(content_type: &[u8], version: FhirVersion) -> Option<HeaderValue> {
+    macro_rules! labels {
+        ($media:literal) => {
+            match version {
+                FhirVersion::Dstu2 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=1.0")) }
+                }
+                FhirVersion::Stu3 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=3.0")) }
+                }
+                FhirVersion::R4 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=4.0")) }
+                }
+                FhirVersion::R4B => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=4.3")) }
+                }
+                FhirVersion::R5 => {
+                    const { HeaderValue::from_static(concat!($media, "; fhirVersion=5.0")) }
+                }
+            }
+        };
+    }
+    match content_type {
+        b"application/fhir+json" => Some(labels!("application/fhir+json")),
+        b"application/json+fhir" => Some(labels!("application/json+fhir")),
+        b"application/fhir+json;charset=UTF-8" => {
+            Some(labels!("application/fhir+json;charset=UTF-8"))
+        }
+        b"application/json+fhir;charset=UTF-8" => {
+            Some(labels!("application/json+fhir;charset=UTF-8"))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_labels_match_the_built_ones() {
+        for version in FhirVersion::ALL {
+            for media in [
+                "application/fhir+json",
+                "application/json+fhir;charset=UTF-8",
+            ] {
+                assert_eq!(
+                    static_label(media.as_bytes(), version).unwrap(),
+                    format!("{media}; fhirVersion={}", version.mime_code())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn labels_only_unlabelled_fhir_media_types() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json+fhir;charset=UTF-8"),
+        );
+        label(&mut headers, FhirVersion::Dstu2);
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "application/json+fhir;charset=UTF-8; fhirVersion=1.0"
+        );
+        label(&mut headers, FhirVersion::R4);
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "application/json+fhir;charset=UTF-8; fhirVersion=1.0"
+        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        label(&mut headers, FhirVersion::R4);
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html");
+    }
+}
