@@ -16,13 +16,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tower_fhir::route::{FileDirectory, TenantUpstreams};
+use tower_fhir::route::{TenantStore, TenantUpstreams};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{ClientRecord, ClientStore, NewClient};
 
 pub(crate) struct Admin {
     pub(crate) token: String,
-    pub(crate) directory: FileDirectory,
+    pub(crate) directory: Arc<dyn TenantStore>,
     pub(crate) clients: Arc<dyn ClientStore>,
 }
 
@@ -110,27 +110,29 @@ async fn put_tenant(
             )
         }
     };
-    let existed = admin.directory.get(tenant).is_some();
-    if let Err(err) = admin.directory.upsert(tenant, upstreams) {
-        tracing::error!(%tenant, error = %err, "could not save a tenant");
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the tenant could not be saved",
-        );
-    }
+    let existed = match admin.directory.put(tenant, upstreams.clone()).await {
+        Ok(existed) => existed,
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not save a tenant");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the tenant could not be saved",
+            );
+        }
+    };
     tracing::info!(%tenant, created = !existed, "tenant onboarded or changed");
     let status = if existed {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    (status, Json(tenant_json(&admin, tenant))).into_response()
+    (status, Json(tenant_json(tenant, &upstreams))).into_response()
 }
 
 /// The tenant as stored, upstream credentials left out.
-fn tenant_json(admin: &Admin, tenant: TenantId) -> serde_json::Value {
-    let upstreams = admin.directory.get(tenant).map(|upstreams| {
-        let mut value = serde_json::to_value(&upstreams).unwrap_or_default();
+fn tenant_json(tenant: TenantId, upstreams: &TenantUpstreams) -> serde_json::Value {
+    let upstreams = {
+        let mut value = serde_json::to_value(upstreams).unwrap_or_default();
         if let Some(list) = value.as_array_mut() {
             for upstream in list {
                 if let Some(fields) = upstream.as_object_mut() {
@@ -141,17 +143,25 @@ fn tenant_json(admin: &Admin, tenant: TenantId) -> serde_json::Value {
             }
         }
         value
-    });
+    };
     json!({"id": tenant, "upstreams": upstreams})
 }
 
 async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
-    match tenant_id(&id) {
-        Ok(tenant) if admin.directory.get(tenant).is_some() => {
-            Json(tenant_json(&admin, tenant)).into_response()
+    let tenant = match tenant_id(&id) {
+        Ok(tenant) => tenant,
+        Err(response) => return *response,
+    };
+    match admin.directory.lookup(tenant).await {
+        Ok(Some(upstreams)) => Json(tenant_json(tenant, &upstreams)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such tenant"),
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not read a tenant");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the tenant directory cannot answer",
+            )
         }
-        Ok(_) => error(StatusCode::NOT_FOUND, "no such tenant"),
-        Err(response) => *response,
     }
 }
 
@@ -160,7 +170,7 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
         Ok(tenant) => tenant,
         Err(response) => return *response,
     };
-    match admin.directory.remove(tenant) {
+    match admin.directory.delete(tenant).await {
         Ok(true) => {
             tracing::info!(%tenant, "tenant removed");
             StatusCode::NO_CONTENT.into_response()
@@ -228,12 +238,14 @@ struct ClientBody {
 
 /// The client as stored, without its secrets' hashes; and which of its tenants have no
 /// upstream here yet (their tokens would be refused as not onboarded).
-fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
-    let not_onboarded: Vec<_> = record
-        .tenants
-        .iter()
-        .filter(|tenant| admin.directory.get(**tenant).is_none())
-        .collect();
+/// A tenant the directory cannot answer for counts as not onboarded.
+async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
+    let mut not_onboarded = Vec::new();
+    for tenant in &record.tenants {
+        if !matches!(admin.directory.lookup(*tenant).await, Ok(Some(_))) {
+            not_onboarded.push(tenant);
+        }
+    }
     json!({
         "client_id": record.id,
         "tenants": record.tenants,
@@ -291,7 +303,7 @@ async fn put_client(
             }
             tracing::info!(client_id = %client_id, tenants, "client entitlements changed");
             match admin.clients.client(&client_id).await {
-                Ok(Some(record)) => Json(client_json(&admin, &record)).into_response(),
+                Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
                 Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
                 Err(err) => store_failed(&err, "looking up a client"),
             }
@@ -317,7 +329,7 @@ async fn put_client(
                 Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
                 Err(err) => return store_failed(&err, "looking up a client"),
             };
-            let mut shown = client_json(&admin, &record);
+            let mut shown = client_json(&admin, &record).await;
             shown["client_secret"] = json!(secret.expose());
             let mut response = (StatusCode::CREATED, Json(shown)).into_response();
             response.headers_mut().insert(
@@ -331,7 +343,7 @@ async fn put_client(
 
 async fn get_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
     match admin.clients.client(&client_id).await {
-        Ok(Some(record)) => Json(client_json(&admin, &record)).into_response(),
+        Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => store_failed(&err, "looking up a client"),
     }

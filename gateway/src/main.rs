@@ -35,7 +35,7 @@ use clap::Parser;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::FhirProxy;
-use tower_fhir::route::{InMemoryDirectory, TenantDirectory};
+use tower_fhir::route::{InMemoryDirectory, TenantStore};
 use tower_fhir::token::{SigningKeys, TokenEndpoint};
 
 use config::{Config, LogFormat};
@@ -92,8 +92,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     }
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
-    let changes = directory.subscribe();
-    assemble(&config, &base, directory, changes, Arc::new(store), keys)?;
+    assemble(&config, &base, Arc::new(directory), Arc::new(store), keys)?;
     println!("{}: ok", file.display());
     Ok(())
 }
@@ -125,12 +124,10 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     let state = state::open(&config).await?;
-    let changes = state.directory.subscribe();
     let gateway = assemble(
         &config,
         &base,
-        state.directory.clone(),
-        changes,
+        Arc::clone(&state.directory),
         Arc::clone(&state.clients),
         state.keys.clone(),
     )?;
@@ -138,7 +135,7 @@ async fn run(args: Args) -> Result<(), String> {
     let admin = config.admin_token.as_ref().map(|token| {
         admin::routes(Arc::new(admin::Admin {
             token: token.clone(),
-            directory: state.directory.clone(),
+            directory: Arc::clone(&state.directory),
             clients: Arc::clone(&state.clients),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -146,10 +143,13 @@ async fn run(args: Args) -> Result<(), String> {
 
     println!("tower-fhir gateway listening on {base}");
     println!("  state in {}", state.dir.display());
-    let mut tenants = state.directory.tenants();
-    tenants.sort_by_key(|t| t.to_string());
+    let tenants = state
+        .directory
+        .list()
+        .await
+        .map_err(|e| format!("cannot list the tenants: {e}"))?;
     for tenant in tenants {
-        if let Some(upstreams) = state.directory.get(tenant) {
+        if let Ok(Some(upstreams)) = state.directory.lookup(tenant).await {
             for upstream in upstreams.iter() {
                 println!(
                     "  tenant {tenant} -> {} ({})",
@@ -191,8 +191,7 @@ fn public_base_url(config: &Config, listening: SocketAddr) -> String {
 fn assemble(
     config: &Config,
     base: &str,
-    directory: impl TenantDirectory,
-    changes: tokio::sync::broadcast::Receiver<tower_fhir::tenant::TenantId>,
+    directory: Arc<dyn TenantStore>,
     clients: Arc<dyn tower_fhir::token::ClientStore>,
     keys: SigningKeys,
 ) -> Result<Gateway, String> {
@@ -217,8 +216,8 @@ fn assemble(
             .audience_for_issuer(&trusted.issuer, &trusted.audience);
     }
     let gateway = Gateway::builder(base)
-        .directory(directory)
-        .follow(changes)
+        .follow(directory.changes())
+        .directory(move |tenant| directory.lookup(tenant))
         .token_endpoint(endpoint)
         .auth(auth)
         .proxy(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tower_fhir::route::FileDirectory;
+use tower_fhir::route::{FileDirectory, TenantStore};
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
 };
@@ -13,7 +13,7 @@ use crate::config::{ClientConfig, Config, TenantConfig};
 
 /// What the gateway keeps across restarts.
 pub(crate) struct State {
-    pub(crate) directory: FileDirectory,
+    pub(crate) directory: Arc<dyn TenantStore>,
     pub(crate) clients: Arc<dyn ClientStore>,
     pub(crate) keys: SigningKeys,
     /// Where it lives.
@@ -43,13 +43,14 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
     let directory = FileDirectory::open(&tenants_file)
         .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
     if !directory.existed() {
+        let tenants = config
+            .tenants
+            .iter()
+            .map(|TenantConfig { id, upstreams }| (*id, upstreams.clone()))
+            .collect();
         directory
-            .upsert_all(
-                config
-                    .tenants
-                    .iter()
-                    .map(|TenantConfig { id, upstreams }| (*id, upstreams.clone())),
-            )
+            .put_all(tenants)
+            .await
             .map_err(|e| format!("cannot write the configured tenants: {e}"))?;
     }
     let clients_file = dir.join("clients.json");
@@ -59,7 +60,7 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
     let keys = SigningKeys::open(dir.join("signing-keys.json"))
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     Ok(State {
-        directory,
+        directory: Arc::new(directory),
         clients: Arc::new(clients),
         keys,
         dir,

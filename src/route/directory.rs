@@ -14,10 +14,12 @@ use tokio::sync::broadcast;
 use super::upstream::TenantUpstreams;
 use crate::tenant::TenantId;
 
-/// Why the directory could not answer. The message is logged, never sent to clients.
+/// Why the directory could not answer or change. The message is logged, never sent to
+/// clients; [`source`](std::error::Error::source) is the underlying error when there is one.
 #[derive(Debug, Clone)]
 pub struct DirectoryError {
     message: Arc<str>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl DirectoryError {
@@ -25,6 +27,18 @@ impl DirectoryError {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: Arc::from(message.into()),
+            source: None,
+        }
+    }
+
+    /// An error with a message for the logs, caused by `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: Arc::from(message.into()),
+            source: Some(Arc::new(source)),
         }
     }
 }
@@ -35,7 +49,13 @@ impl fmt::Display for DirectoryError {
     }
 }
 
-impl std::error::Error for DirectoryError {}
+impl std::error::Error for DirectoryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// The future a [`TenantDirectory`] returns: the tenant's upstreams, `None` for a tenant that
 /// is not onboarded, or an error when the directory cannot answer.
@@ -72,6 +92,61 @@ where
     fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
         Box::pin(self(tenant))
     }
+}
+
+/// The future a [`TenantStore`] change or listing returns.
+pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryError>> + Send>>;
+
+/// A [`TenantDirectory`] that can be changed: onboarding, replacing and removing tenants, as
+/// an admin API or a bootstrap does.
+///
+/// Every change is announced on [`changes`](Self::changes) once it is visible to lookups, so a
+/// [`RouteCache`](super::RouteCache) that follows it forgets that tenant's route at once.
+/// Methods are async and assume nothing in-process, so a shared database can implement the
+/// trait; [`InMemoryDirectory`] and [`FileDirectory`] do.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_fhir::route::{InMemoryDirectory, TenantStore, TenantUpstreams, Upstream};
+/// use tower_fhir::tenant::TenantId;
+/// use tower_fhir::version::FhirVersion;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let store: Arc<dyn TenantStore> = Arc::new(InMemoryDirectory::new());
+/// let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+/// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
+/// let mut changes = store.changes();
+///
+/// let replaced = store.put(tenant, TenantUpstreams::new([upstream]).unwrap()).await.unwrap();
+/// assert!(!replaced);
+/// assert_eq!(changes.recv().await.unwrap(), tenant);
+/// assert!(store.lookup(tenant).await.unwrap().is_some());
+/// assert_eq!(store.list().await.unwrap(), vec![tenant]);
+/// assert!(store.delete(tenant).await.unwrap());
+/// assert!(store.lookup(tenant).await.unwrap().is_none());
+/// # });
+/// ```
+pub trait TenantStore: TenantDirectory {
+    /// Adds or replaces a tenant; resolves to whether it replaced one.
+    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool>;
+
+    /// Adds or replaces many tenants at once (one write where the store can).
+    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()>;
+
+    /// Removes a tenant; resolves to whether it was there.
+    fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool>;
+
+    /// Every tenant, sorted.
+    fn list(&self) -> TenantStoreFuture<Vec<TenantId>>;
+
+    /// The tenants that change from now on.
+    fn changes(&self) -> broadcast::Receiver<TenantId>;
+}
+
+/// Every tenant of `tenants`, sorted (by their text, as the files list them).
+fn sorted(mut tenants: Vec<TenantId>) -> Vec<TenantId> {
+    tenants.sort_by_key(|t| t.to_string());
+    tenants
 }
 
 /// A directory held in memory, updated at run time; clones share the same tenants.
@@ -182,6 +257,33 @@ impl TenantDirectory for InMemoryDirectory {
     }
 }
 
+impl TenantStore for InMemoryDirectory {
+    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool> {
+        let replaced = self.write().insert(tenant, upstreams).is_some();
+        let _ = self.changes.send(tenant);
+        Box::pin(std::future::ready(Ok(replaced)))
+    }
+
+    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()> {
+        for (tenant, upstreams) in tenants {
+            self.upsert(tenant, upstreams);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool> {
+        Box::pin(std::future::ready(Ok(self.remove(tenant))))
+    }
+
+    fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
+        Box::pin(std::future::ready(Ok(sorted(self.tenants()))))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TenantId> {
+        self.subscribe()
+    }
+}
+
 impl fmt::Debug for InMemoryDirectory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InMemoryDirectory")
@@ -251,6 +353,8 @@ impl FileDirectory {
         let path = path.as_ref().to_path_buf();
         let unreadable =
             |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
+        let unreadable_io =
+            |e: std::io::Error| DirectoryError::with_source(format!("{}: {e}", path.display()), e);
         let (memory, existed) = match crate::persist::read_if_exists(&path) {
             Ok(Some(bytes)) => {
                 let json = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;
@@ -260,7 +364,7 @@ impl FileDirectory {
                 )
             }
             Ok(None) => (InMemoryDirectory::new(), false),
-            Err(e) => return Err(unreadable(&e)),
+            Err(e) => return Err(unreadable_io(e)),
         };
         Ok(Self {
             memory,
@@ -286,10 +390,20 @@ impl FileDirectory {
         tenant: TenantId,
         upstreams: TenantUpstreams,
     ) -> Result<(), DirectoryError> {
+        self.replace(tenant, upstreams).map(drop)
+    }
+
+    /// [`upsert`](Self::upsert), telling whether the tenant was there before.
+    fn replace(
+        &self,
+        tenant: TenantId,
+        upstreams: TenantUpstreams,
+    ) -> Result<bool, DirectoryError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let replaced = self.memory.get(tenant).is_some();
         self.write_with(Some((tenant, &upstreams)), None)?;
         self.memory.upsert(tenant, upstreams);
-        Ok(())
+        Ok(replaced)
     }
 
     /// Adds or replaces many tenants with one write of the file (onboarding thousands of
@@ -371,7 +485,49 @@ impl FileDirectory {
         let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries })
             .map_err(|e| DirectoryError::new(e.to_string()))?;
         crate::persist::write_atomically(&self.path, &bytes)
-            .map_err(|e| DirectoryError::new(format!("{}: {e}", self.path.display())))
+            .map_err(|e| DirectoryError::with_source(format!("{}: {e}", self.path.display()), e))
+    }
+}
+
+/// Runs a blocking file change on tokio's blocking pool: a write and its `fsync` must not stall
+/// the async workers serving requests.
+fn blocking<T: Send + 'static>(
+    change: impl FnOnce() -> Result<T, DirectoryError> + Send + 'static,
+) -> TenantStoreFuture<T> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(change)
+            .await
+            .unwrap_or_else(|e| {
+                Err(DirectoryError::new(format!(
+                    "a directory write failed: {e}"
+                )))
+            })
+    })
+}
+
+/// Writes go to the file on tokio's blocking pool (so build and use it within a tokio runtime).
+impl TenantStore for FileDirectory {
+    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool> {
+        let this = self.clone();
+        blocking(move || this.replace(tenant, upstreams))
+    }
+
+    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()> {
+        let this = self.clone();
+        blocking(move || this.upsert_all(tenants))
+    }
+
+    fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool> {
+        let this = self.clone();
+        blocking(move || this.remove(tenant))
+    }
+
+    fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
+        Box::pin(std::future::ready(Ok(sorted(self.tenants()))))
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TenantId> {
+        self.subscribe()
     }
 }
 

@@ -67,6 +67,7 @@ mod upstream;
 pub use cache::RouteCache;
 pub use directory::{
     DirectoryError, DirectoryFuture, FileDirectory, InMemoryDirectory, TenantDirectory,
+    TenantStore, TenantStoreFuture,
 };
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,

@@ -222,12 +222,23 @@ impl NewClient {
 ///
 /// A *refusal* is the request's fault (an id already taken or unknown, a revoked client, a
 /// secret too short, a malformed scope): asking again the same way fails again. Any other error
-/// is the store's (a file or database that cannot be read or written).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// is the store's (a file or database that cannot be read or written), with the underlying
+/// error as its [`source`](std::error::Error::source) when there is one. Two errors are equal
+/// when their messages and kinds are.
+#[derive(Debug, Clone)]
 pub struct StoreError {
     message: String,
     refusal: bool,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message && self.refusal == other.refusal
+    }
+}
+
+impl Eq for StoreError {}
 
 impl StoreError {
     /// The store failed.
@@ -235,6 +246,18 @@ impl StoreError {
         Self {
             message: message.into(),
             refusal: false,
+            source: None,
+        }
+    }
+
+    /// The store failed because of `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            source: Some(Arc::new(source)),
+            ..Self::new(message)
         }
     }
 
@@ -243,6 +266,7 @@ impl StoreError {
         Self {
             message: message.into(),
             refusal: true,
+            source: None,
         }
     }
 
@@ -258,7 +282,13 @@ impl fmt::Display for StoreError {
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// The future a [`ClientStore`] method returns.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;

@@ -54,7 +54,10 @@ impl FileClientStore {
         let clients = match fs::read(&path) {
             Ok(bytes) => {
                 let file: FileFormat = serde_json::from_slice(&bytes).map_err(|e| {
-                    StoreError::new(format!("{}: not a client store: {e}", path.display()))
+                    StoreError::with_source(
+                        format!("{}: not a client store: {e}", path.display()),
+                        e,
+                    )
                 })?;
                 if file.version != 1 {
                     return Err(StoreError::new(format!(
@@ -72,7 +75,12 @@ impl FileClientStore {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Clients::default(),
-            Err(e) => return Err(StoreError::new(format!("{}: {e}", path.display()))),
+            Err(e) => {
+                return Err(StoreError::with_source(
+                    format!("{}: {e}", path.display()),
+                    e,
+                ))
+            }
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -112,7 +120,7 @@ fn write_atomically(path: &Path, clients: &Clients) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(&serde_json::json!({"version": 1, "clients": records}))
         .map_err(|e| StoreError::new(e.to_string()))?;
     crate::persist::write_atomically(path, &bytes)
-        .map_err(|e| StoreError::new(format!("{}: {e}", path.display())))
+        .map_err(|e| StoreError::with_source(format!("{}: {e}", path.display()), e))
 }
 
 impl ClientStore for FileClientStore {

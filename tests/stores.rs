@@ -1,0 +1,281 @@
+//! One conformance suite for every store backend: the tenant directories (`TenantStore`) and
+//! the client stores (`ClientStore`), in memory and in files. A new backend (a database, say)
+//! passes when it runs these same functions.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantStore, TenantUpstreams, Upstream};
+use tower_fhir::tenant::TenantId;
+use tower_fhir::token::{
+    ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing,
+};
+use tower_fhir::version::FhirVersion;
+
+const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const B: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+const C: &str = "1d2d0000-0000-4000-8000-000000000001";
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::parse(id).unwrap()
+}
+
+fn upstreams(base: &str, version: FhirVersion) -> TenantUpstreams {
+    TenantUpstreams::new([Upstream::parse(base, version).unwrap()]).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-fhir-stores-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What every `TenantStore` does. `reopen` gives the same store anew (a restart), for backends
+/// that keep their state; `None` for one that lives in memory only.
+async fn tenant_store_conformance<F, Fut>(store: Arc<dyn TenantStore>, reopen: Option<F>)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn TenantStore>>,
+{
+    let (a, b, c) = (tenant(A), tenant(B), tenant(C));
+    assert_eq!(store.list().await.unwrap(), Vec::<TenantId>::new());
+    assert!(store.lookup(a).await.unwrap().is_none());
+    let mut changes = store.changes();
+
+    // A new tenant: not a replacement, visible at once, announced.
+    let first = upstreams("http://127.0.0.1:9001/fhir", FhirVersion::Stu3);
+    assert!(!store.put(a, first.clone()).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), a);
+    let found = store.lookup(a).await.unwrap().unwrap();
+    assert_eq!(
+        found.default_upstream().base(),
+        first.default_upstream().base()
+    );
+
+    // Replaced: reported as such, the new upstream answers.
+    let second = upstreams("http://127.0.0.1:9002/dstu2", FhirVersion::Dstu2);
+    assert!(store.put(a, second.clone()).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), a);
+    let found = store.lookup(a).await.unwrap().unwrap();
+    assert_eq!(found.default_upstream().fhir_version(), FhirVersion::Dstu2);
+
+    // Many at once, listed sorted; each announced.
+    store
+        .put_all(vec![
+            (c, upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4)),
+            (
+                b,
+                upstreams("http://127.0.0.1:9004/fhir", FhirVersion::Stu3),
+            ),
+        ])
+        .await
+        .unwrap();
+    let mut announced = vec![changes.recv().await.unwrap(), changes.recv().await.unwrap()];
+    announced.sort_by_key(|t| t.to_string());
+    assert_eq!(announced, [c, b]);
+    assert_eq!(store.list().await.unwrap(), vec![c, a, b]);
+
+    // Removed: reported, gone, announced; removing again reports nothing was there.
+    assert!(store.delete(b).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), b);
+    assert!(store.lookup(b).await.unwrap().is_none());
+    assert!(!store.delete(b).await.unwrap());
+    assert_eq!(store.list().await.unwrap(), vec![c, a]);
+
+    if let Some(reopen) = reopen {
+        drop(store);
+        let store = reopen().await;
+        assert_eq!(store.list().await.unwrap(), vec![c, a]);
+        let found = store.lookup(a).await.unwrap().unwrap();
+        assert_eq!(
+            found.default_upstream().base(),
+            second.default_upstream().base()
+        );
+        assert!(store.lookup(b).await.unwrap().is_none());
+    }
+}
+
+/// What every `ClientStore` does; `reopen` as above.
+async fn client_store_conformance<F, Fut>(store: Arc<dyn ClientStore>, reopen: Option<F>)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn ClientStore>>,
+{
+    let (a, b) = (tenant(A), tenant(B));
+    assert!(store.client("app").await.unwrap().is_none());
+
+    // Registered with a generated secret: stored as a hash, never in clear.
+    let secret = store
+        .register(NewClient::new("app").tenant(a).scope("system/*.read"))
+        .await
+        .unwrap();
+    assert!(secret.expose().len() >= 16);
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_eq!(record.tenants, [a]);
+    assert_eq!(record.scopes, ["system/*.read"]);
+    assert!(!record.revoked);
+    assert_eq!(record.secrets.len(), 1);
+    assert!(record.secrets[0].phc.starts_with("$argon2id$"));
+    assert!(!record.secrets[0].phc.contains(secret.expose()));
+
+    // Refusals are the request's fault, and say so.
+    let taken = store.register(NewClient::new("app")).await.unwrap_err();
+    assert!(taken.is_refused(), "{taken}");
+    let short = store
+        .register(NewClient::new("other").secret("short"))
+        .await
+        .unwrap_err();
+    assert!(short.is_refused(), "{short}");
+    assert!(store.client("other").await.unwrap().is_none());
+    let unknown = store
+        .rotate_secret("nobody", Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(unknown.is_refused(), "{unknown}");
+
+    // A provisioned secret is kept as given (hashed).
+    store
+        .register(
+            NewClient::new("provisioned")
+                .secret("a-provisioned-secret-0123")
+                .tenant(b),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.client("provisioned").await.unwrap().unwrap().tenants,
+        [b]
+    );
+
+    // Rotation: a new hash; with a grace period the old one stays live until it ends.
+    let old = store.client("app").await.unwrap().unwrap().secrets[0]
+        .phc
+        .clone();
+    let rotated = store
+        .rotate_secret("app", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_ne!(rotated.expose(), secret.expose());
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_eq!(record.secrets.len(), 2);
+    assert!(record
+        .secrets
+        .iter()
+        .any(|s| s.phc == old && s.expires_at.is_some()));
+    store.rotate_secret("app", Duration::ZERO).await.unwrap();
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_eq!(
+        record.secrets.len(),
+        1,
+        "a rotation without grace keeps one secret"
+    );
+    assert_ne!(record.secrets[0].phc, old);
+
+    // Entitlements replaced; a malformed scope refused.
+    store
+        .set_entitlements("app", vec![a, b], vec!["launch/patient".into()])
+        .await
+        .unwrap();
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_eq!(record.tenants, [a, b]);
+    assert_eq!(record.scopes, ["launch/patient"]);
+    let bad = store
+        .set_entitlements("app", vec![a], vec!["two words".into()])
+        .await
+        .unwrap_err();
+    assert!(bad.is_refused(), "{bad}");
+
+    // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken.
+    store.revoke("app").await.unwrap();
+    let record = store.client("app").await.unwrap().unwrap();
+    assert!(record.revoked);
+    assert!(record.secrets.is_empty());
+    assert!(store
+        .rotate_secret("app", Duration::ZERO)
+        .await
+        .unwrap_err()
+        .is_refused());
+    assert!(store
+        .set_entitlements("app", vec![a], vec![])
+        .await
+        .unwrap_err()
+        .is_refused());
+    assert!(store
+        .register(NewClient::new("app"))
+        .await
+        .unwrap_err()
+        .is_refused());
+
+    if let Some(reopen) = reopen {
+        let provisioned = store.client("provisioned").await.unwrap().unwrap();
+        drop(store);
+        let store = reopen().await;
+        let record = store.client("app").await.unwrap().unwrap();
+        assert!(record.revoked);
+        assert!(record.secrets.is_empty());
+        assert_eq!(record.tenants, [a, b]);
+        let reopened = store.client("provisioned").await.unwrap().unwrap();
+        assert_eq!(reopened.secrets[0].phc, provisioned.secrets[0].phc);
+        assert_eq!(
+            store.client("provisioned").await.unwrap().unwrap().tenants,
+            [b]
+        );
+    }
+}
+
+/// A cheap hashing cost: the suite is about behaviour, not Argon2's price.
+fn cheap() -> SecretHashing {
+    SecretHashing::new(1024, 1).unwrap()
+}
+
+#[tokio::test]
+async fn in_memory_directory() {
+    let none = None::<fn() -> std::future::Ready<Arc<dyn TenantStore>>>;
+    tenant_store_conformance(Arc::new(InMemoryDirectory::new()), none).await;
+}
+
+#[tokio::test]
+async fn file_directory() {
+    let path = scratch("directory").join("tenants.json");
+    let open = || {
+        let path = path.clone();
+        async move { Arc::new(FileDirectory::open(&path).unwrap()) as Arc<dyn TenantStore> }
+    };
+    tenant_store_conformance(open().await, Some(open)).await;
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn in_memory_client_store() {
+    let none = None::<fn() -> std::future::Ready<Arc<dyn ClientStore>>>;
+    client_store_conformance(Arc::new(InMemoryClientStore::with_hashing(cheap())), none).await;
+}
+
+#[tokio::test]
+async fn file_client_store() {
+    let path = scratch("clients").join("clients.json");
+    let open = || {
+        let path = path.clone();
+        async move {
+            Arc::new(FileClientStore::open_with_hashing(&path, cheap()).unwrap())
+                as Arc<dyn ClientStore>
+        }
+    };
+    client_store_conformance(open().await, Some(open)).await;
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn store_errors_carry_their_source() {
+    use std::error::Error;
+    let dir = scratch("sources");
+    // A directory where a file is expected: the read fails with an I/O error underneath.
+    let err = FileDirectory::open(&dir).unwrap_err();
+    assert!(err.source().is_some(), "{err}");
+    let err = FileClientStore::open(&dir).unwrap_err();
+    assert!(err.source().is_some(), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
