@@ -209,6 +209,49 @@ async fn every_client_interaction_reaches_the_upstream_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn methods_fhir_never_uses_get_405_and_never_reach_the_upstream() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    for method in ["TRACE", "PROPFIND", "FROBNICATE"] {
+        let reply = gw
+            .client
+            .send(method, "/Patient/1", &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome", "{method}");
+        assert_eq!(
+            reply.headers["allow"],
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
+    }
+    // CONNECT, written by hand: HTTP clients only send it to open tunnels.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "CONNECT /Patient/1 HTTP/1.1\r\nHost: {}\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n",
+        gw.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.starts_with("HTTP/1.1 2"),
+        "CONNECT was answered as if forwarded: {answer}"
+    );
+    assert!(upstream.received().is_empty(), "{:?}", upstream.received());
+    // What FHIR does use still goes through.
+    for method in ["GET", "HEAD", "DELETE", "OPTIONS"] {
+        let reply = gw
+            .client
+            .send(method, "/Patient/1", &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{method}");
+    }
+    assert_eq!(upstream.received().len(), 4);
+}
+
+#[tokio::test]
 async fn hop_by_hop_headers_and_client_credentials_do_not_cross() {
     let upstream = RecordingUpstream::start().await;
     let gw = one_tenant(&upstream).await;

@@ -7,8 +7,9 @@ use serde::Deserialize;
 use tower_fhir::route::TenantUpstreams;
 use tower_fhir::tenant::TenantId;
 
-/// The whole file. Every key but `tenants`' and `clients`' contents has a default.
-#[derive(Debug, Deserialize)]
+/// The whole file. Every key but `tenants`' and `clients`' contents has a default. Its `Debug`
+/// leaves the admin token out (client secrets are left out by `ClientConfig`'s).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
     /// The address to listen on. Default `127.0.0.1:8080`.
@@ -53,6 +54,32 @@ pub(crate) struct Config {
     /// `text` (default) or `json` (one JSON object per line).
     #[serde(default)]
     pub(crate) log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("public_base_url", &self.public_base_url)
+            .field("state_dir", &self.state_dir)
+            .field("token", &self.token)
+            .field("trusted_issuers", &self.trusted_issuers)
+            .field("clients", &self.clients)
+            .field("tenants", &self.tenants)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "jwks_refetch_cooldown_seconds",
+                &self.jwks_refetch_cooldown_seconds,
+            )
+            .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
+            .field("trust_forwarded_headers", &self.trust_forwarded_headers)
+            .field("secret_hashing", &self.secret_hashing)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -161,5 +188,27 @@ impl Config {
     /// An empty configuration with every default.
     pub(crate) fn empty() -> Self {
         serde_json::from_str("{}").expect("every key has a default")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let config: Config = serde_json::from_str(
+            r#"{"admin_token": "admin-token-that-is-secret",
+                "clients": [{"client_id": "app", "client_secret": "client-secret-that-is-secret",
+                             "tenants": ["4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"]}],
+                "tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0",
+                                            "authorization": "Bearer upstream-token-that-is-secret"}]}]}"#,
+        )
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("app"), "{shown}");
+        assert!(!shown.contains("that-is-secret"), "{shown}");
     }
 }

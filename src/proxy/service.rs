@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
@@ -193,6 +193,24 @@ impl FhirProxyBuilder {
     }
 }
 
+/// The methods forwarded, as an `Allow` header lists them.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// Whether FHIR (or a CORS preflight) uses `method`. `TRACE`, `CONNECT` and made-up methods
+/// are answered here: an upstream or a proxy behind it might honour them.
+fn is_fhir_method(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    )
+}
+
 /// The response future of [`FhirProxy`].
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
@@ -219,6 +237,18 @@ where
                 "No upstream was chosen for this request",
             ));
         };
+        if !is_fhir_method(request.method()) {
+            let mut response = outcome(
+                StatusCode::METHOD_NOT_ALLOWED,
+                IssueType::NotSupported,
+                "FHIR uses GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS only",
+            );
+            response.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static(ALLOWED_METHODS),
+            );
+            return ready(response);
+        }
         // Plain-HTTP HTTP/1.1 upstreams take the proxy's own pool and an origin-form target;
         // the others hyper-util's client and an absolute one.
         let pooled = Transport::pooled(&upstream);
