@@ -3,10 +3,17 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Tells the temporary files of one process apart.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
 /// The file is readable by its owner only on Unix (it may hold hashes, keys or upstream
 /// credentials).
+///
+/// The temporary file is always a new one (`O_CREAT | O_EXCL`): a file or a symlink someone
+/// planted under its name is never written through, nor its mode kept; another name is tried.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
@@ -15,15 +22,29 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = options.open(&tmp).and_then(|mut file| {
+    let (tmp, file) = (|| {
+        let mut attempts = 0;
+        loop {
+            let n = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+            match options.open(&tmp) {
+                Ok(file) => return Ok((tmp, file)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })()?;
+    let written = (|| {
+        let mut file = file;
         file.write_all(bytes)?;
         file.sync_all()
-    });
+    })();
     if let Err(err) = written.and_then(|()| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(err);
@@ -68,6 +89,32 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_planted_temporary_is_never_written_through() {
+        let dir =
+            std::env::temp_dir().join(format!("tower-fhir-persist-plant-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        // Symlinks under the next temporary names, toward the victim: each is skipped.
+        let next = TEMPORARIES.load(Ordering::Relaxed);
+        for n in next..next + 4 {
+            let planted = dir.join(format!(".state.json.{}.{n}.tmp", std::process::id()));
+            std::os::unix::fs::symlink(&victim, planted).unwrap();
+        }
+        let path = dir.join("state.json");
+        write_atomically(&path, b"secret").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(fs::read(&path).unwrap(), b"secret");
+        assert!(!fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

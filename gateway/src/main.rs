@@ -169,10 +169,8 @@ async fn run(args: Args) -> Result<(), String> {
         demo::print(&base, &gateway).await;
     }
     serve::serve(listener, gateway, admin).await;
-    if config.state_dir.is_none() {
-        // Nobody asked to keep it.
-        let _ = std::fs::remove_dir_all(&state.dir);
-    }
+    // (A temporary state directory, which nobody asked to keep, goes with `state`.)
+    drop(state);
     tracing::info!("gateway stopped");
     Ok(())
 }

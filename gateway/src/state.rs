@@ -1,7 +1,7 @@
 //! The gateway's state: clients, tenants and signing keys, opened from `state_dir` (or made in
 //! memory to check a configuration) and seeded from the configuration at the first start.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tower_fhir::route::{FileDirectory, TenantStore};
@@ -18,6 +18,8 @@ pub(crate) struct State {
     pub(crate) keys: SigningKeys,
     /// Where it lives.
     pub(crate) dir: PathBuf,
+    /// Without a configured `state_dir`: the fresh directory, removed when this is dropped.
+    _temporary: Option<tempfile::TempDir>,
 }
 
 /// The secret hashing cost the configuration names.
@@ -32,12 +34,21 @@ fn hashing(config: &Config) -> Result<SecretHashing, String> {
 /// Opens the state in `state_dir` (a fresh temporary directory without one) and seeds it with
 /// the configured clients and tenants it does not hold yet.
 pub(crate) async fn open(config: &Config) -> Result<State, String> {
-    let dir = match &config.state_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("tower-fhir-gateway-{}", std::process::id())),
+    let (dir, temporary) = match &config.state_dir {
+        Some(dir) => (private_directory(dir)?, None),
+        None => {
+            // A fresh directory with a random name, mode 0700: another local user can neither
+            // guess it beforehand nor plant files in it.
+            let mut builder = tempfile::Builder::new();
+            builder.prefix("tower-fhir-gateway-");
+            #[cfg(unix)]
+            builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+            let temporary = builder
+                .tempdir()
+                .map_err(|e| format!("cannot create a temporary state directory: {e}"))?;
+            (temporary.path().to_path_buf(), Some(temporary))
+        }
     };
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create the state directory {}: {e}", dir.display()))?;
 
     let tenants_file = dir.join("tenants.json");
     let directory = FileDirectory::open(&tenants_file)
@@ -64,7 +75,38 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         clients: Arc::new(clients),
         keys,
         dir,
+        _temporary: temporary,
     })
+}
+
+/// The configured `state_dir`, created (mode 0700) when missing. One that others may write to
+/// is refused: they could replace the client store or read what is written there next.
+fn private_directory(dir: &Path) -> Result<PathBuf, String> {
+    let shown = dir.display();
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| format!("cannot create the state directory {shown}: {e}"))?;
+    let metadata = std::fs::metadata(dir)
+        .map_err(|e| format!("cannot read the state directory {shown}: {e}"))?;
+    if !metadata.is_dir() {
+        return Err(format!("the state directory {shown} is not a directory"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = metadata.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "the state directory {shown} is writable by other users (mode {:o}): run `chmod go-w {shown}` or choose another",
+                mode & 0o777
+            ));
+        }
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// Checks what [`open`] would store, in memory: the hashing cost and every configured client

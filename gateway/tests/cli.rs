@@ -1,6 +1,10 @@
 //! The command line: `--help`, `--version`, `--check-config`, and startup errors a person can
 //! act on.
 
+#[path = "../../tests/support/process.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod process;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -175,5 +179,57 @@ fn a_startup_error_is_one_sentence_not_a_debug_dump() {
     assert!(
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_state_dir_others_can_write_to_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let file = config_file("shared-state", GOOD);
+    let state = file.parent().unwrap().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = gateway(&["--config", file.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with a world-writable state_dir"
+    );
+    assert!(stderr.contains("is writable by other users"), "{stderr}");
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_none(),
+        "wrote into it"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn without_state_dir_the_state_is_in_a_fresh_private_directory_removed_at_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let file = config_file(
+        "no-state-dir",
+        &GOOD.replace("\"state_dir\": \"STATE\",", ""),
+    );
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", file.to_str().unwrap()]);
+    let stderr_file = file.parent().unwrap().join("gateway.log");
+    let (mut proc, _base) =
+        process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+    let state = PathBuf::from(proc.wait_for("  state in "));
+    let name = state.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("tower-fhir-gateway-"), "{name}");
+    assert_ne!(
+        name,
+        format!("tower-fhir-gateway-{}", proc.child.id()),
+        "a name another user can predict"
+    );
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    assert!(state.join("signing-keys.json").exists());
+    assert!(proc.terminate(), "did not exit cleanly");
+    assert!(
+        !state.exists(),
+        "the temporary state directory outlived the gateway"
     );
 }
