@@ -84,4 +84,4 @@ pub(crate) use layer::dedup;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::BearerAuth;
-pub use source::{FetchedKeys, KeySource, KeySourceError, KeySourceFuture};
+pub use source::{FetchedKeys, KeyChanges, KeySource, KeySourceError, KeySourceFuture};

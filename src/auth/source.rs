@@ -84,6 +84,36 @@ pub type KeySourceFuture =
 pub trait KeySource: Send + Sync + 'static {
     /// Fetches the current keys.
     fn fetch(&self) -> KeySourceFuture;
+
+    /// For a source that knows when its keys change (one in the same process): a counter it
+    /// moves on every change. The bearer layer then fetches again before the next token is
+    /// accepted, so a retired key stops verifying at once, cached tokens included. `None`
+    /// (the default): the layer finds changes by its refreshes.
+    fn changes(&self) -> Option<KeyChanges> {
+        None
+    }
+}
+
+/// A counter of changes to a [`KeySource`]'s keys, shared by the source (which moves it) and the
+/// bearer layers that read from it (which look at it on every request: one atomic load).
+#[derive(Debug, Clone, Default)]
+pub struct KeyChanges(Arc<AtomicU64>);
+
+impl KeyChanges {
+    /// A counter at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a change: call it after the new keys are what [`KeySource::fetch`] returns.
+    pub fn changed(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many changes so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl<F, Fut> KeySource for F
@@ -119,6 +149,8 @@ pub(crate) enum Trigger {
     UnknownKid,
     /// The keys are due for a refresh (scheduled after each fetch).
     Refresh,
+    /// The source said its keys changed: fetch at once, whatever the rate limits.
+    Changed,
 }
 
 const COLD_RETRY: Duration = Duration::from_secs(1);
@@ -139,6 +171,9 @@ pub(crate) struct RefreshingKeys {
     // Milliseconds since `epoch` at which a refresh is due; u64::MAX before the first fetch.
     refresh_due_ms: AtomicU64,
     fetches: AtomicU64,
+    /// The source's change counter, and its value when the keys held were fetched.
+    changes: Option<KeyChanges>,
+    seen_changes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -151,7 +186,11 @@ struct Control {
 
 impl RefreshingKeys {
     pub(crate) fn new(source: Box<dyn KeySource>, policy: RefreshPolicy) -> Self {
+        let changes = source.changes();
+        let seen_changes = AtomicU64::new(changes.as_ref().map_or(0, KeyChanges::count));
         Self {
+            changes,
+            seen_changes,
             source,
             issuer: None,
             policy,
@@ -179,6 +218,13 @@ impl RefreshingKeys {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// Whether the source says its keys changed since they were fetched.
+    pub(crate) fn changed(&self) -> bool {
+        self.changes
+            .as_ref()
+            .is_some_and(|changes| changes.count() != self.seen_changes.load(Ordering::Acquire))
+    }
+
     /// Starts a background refresh if one is due; never waits.
     pub(crate) fn refresh_if_due(self: &Arc<Self>) {
         let due = self.refresh_due_ms.load(Ordering::Relaxed);
@@ -199,7 +245,7 @@ impl RefreshingKeys {
         let allowed = match trigger {
             Trigger::Cold => !within(control.last_attempt, COLD_RETRY),
             Trigger::UnknownKid => !within(control.last_kid_refetch, self.policy.cooldown),
-            Trigger::Refresh => true,
+            Trigger::Refresh | Trigger::Changed => true,
         };
         if !allowed {
             return None;
@@ -217,12 +263,18 @@ impl RefreshingKeys {
             // Frees the in-flight slot even if the source panics or the task is cancelled, so
             // a later request can fetch again.
             let _clear = ClearInflight(Arc::clone(&this));
+            // Read before the fetch: a change during it is seen as a change next time.
+            let changes = this.changes.as_ref().map(KeyChanges::count);
             let fetched = tokio::time::timeout(this.policy.timeout, this.source.fetch()).await;
             let fetched = match fetched {
                 Ok(result) => result,
                 Err(_) => Err(KeySourceError::new("key fetch timed out")),
             };
-            this.install(fetched)
+            let installed = this.install(fetched);
+            if let (Some(changes), Ok(())) = (changes, &installed) {
+                this.seen_changes.store(changes, Ordering::Release);
+            }
+            installed
         });
         let shared: Pin<Box<dyn Future<Output = FetchResult> + Send>> = Box::pin(
             task.map(|joined| joined.unwrap_or_else(|_| Err(Arc::from("key fetch task failed")))),
@@ -329,6 +381,50 @@ mod tests {
                 Ok(FetchedKeys::from(KeySet::new().with_key(key)))
             }
         })
+    }
+
+    /// A source that announces its changes.
+    struct Announcing {
+        calls: Arc<AtomicUsize>,
+        changes: KeyChanges,
+    }
+
+    impl KeySource for Announcing {
+        fn fetch(&self) -> KeySourceFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+            Box::pin(std::future::ready(Ok(FetchedKeys::from(
+                KeySet::new().with_key(key),
+            ))))
+        }
+
+        fn changes(&self) -> Option<KeyChanges> {
+            Some(self.changes.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_announced_change_is_fetched_at_once_whatever_the_cooldown() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let changes = KeyChanges::new();
+        let source = Announcing {
+            calls: calls.clone(),
+            changes: changes.clone(),
+        };
+        let keys = Arc::new(RefreshingKeys::new(Box::new(source), policy()));
+        assert!(!keys.changed());
+        keys.fetch(Trigger::Cold).unwrap().await.unwrap();
+        for round in 1..=3 {
+            changes.changed();
+            assert!(keys.changed());
+            // Within the 30 s cooldown, and again and again: each change is fetched.
+            keys.fetch(Trigger::Changed).unwrap().await.unwrap();
+            assert!(!keys.changed());
+            assert_eq!(calls.load(Ordering::SeqCst), 1 + round);
+        }
+        // A source without a counter never reports a change.
+        let silent = RefreshingKeys::new(counting_source(calls, false), policy());
+        assert!(!silent.changed());
     }
 
     #[tokio::test]

@@ -124,8 +124,31 @@ impl Verifier {
     }
 
     /// Verifies a token, from the cache when it can, without waiting unless keys must be
-    /// fetched.
+    /// fetched (also when a source says its keys changed: a retired key must not verify one
+    /// more token, cached or not).
     pub(crate) fn verify(self: &Arc<Self>, token: &[u8]) -> Verdict {
+        let changed: Vec<SharedFetch> = self
+            .sources
+            .iter()
+            .filter(|source| source.changed())
+            .filter_map(|source| source.fetch(Trigger::Changed))
+            .collect();
+        if changed.is_empty() {
+            return self.verify_with_keys_held(token);
+        }
+        let this = Arc::clone(self);
+        let token = token.to_vec();
+        Verdict::Wait(Box::pin(async move {
+            futures::future::join_all(changed).await;
+            match this.verify_with_keys_held(&token) {
+                Verdict::Accept(claims) => Ok(claims),
+                Verdict::Reject(rejection) => Err(rejection),
+                Verdict::Wait(verifying) => verifying.await,
+            }
+        }))
+    }
+
+    fn verify_with_keys_held(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
             // A refresh is due on hits too: keys gone at the IdP must retire their tokens.
             for source in &self.sources {

@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use tower_service::Service;
 
 use super::error::{json_response, TokenResponseBody};
-use crate::auth::{FetchedKeys, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey};
+use crate::auth::{
+    FetchedKeys, KeyChanges, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey,
+};
 
 /// A private key the token endpoint signs with, with its `kid` and algorithm.
 ///
@@ -150,9 +152,10 @@ struct Ring {
 /// endpoint's tokens without HTTP: `BearerAuthLayer::builder().key_source(keys.clone())`.
 ///
 /// Rotation: [`rotate`](Self::rotate) publishes a new key and signs with it from then on;
-/// [`retire`](Self::retire) the old key once the tokens it signed have expired. A bearer layer
-/// picks up a new key at once (an unknown `kid` triggers a refetch) and drops a retired one at
-/// its next refresh.
+/// [`retire`](Self::retire) the old key once the tokens it signed have expired (or at once, for
+/// a compromised key). A bearer layer in this process learns of every change before it accepts
+/// the next token; one that fetches the JWKS over HTTP picks up a new key at once (an unknown
+/// `kid` triggers a refetch) and drops a retired one at its next refresh.
 ///
 /// Keys [`open`](Self::open)ed from a file are kept there, every change included, so tokens
 /// issued before a restart stay valid after it.
@@ -160,6 +163,8 @@ struct Ring {
 pub struct SigningKeys {
     ring: Arc<RwLock<Ring>>,
     file: Option<Arc<PathBuf>>,
+    /// Moved on every change, so bearer layers in this process learn of it at once.
+    changes: KeyChanges,
 }
 
 /// The key file: private keys in PEM, the current one named.
@@ -187,6 +192,7 @@ impl SigningKeys {
                 published: vec![key],
             })),
             file: None,
+            changes: KeyChanges::new(),
         }
     }
 
@@ -241,6 +247,7 @@ impl SigningKeys {
                 Self {
                     ring: Arc::new(RwLock::new(Ring { current, published })),
                     file: Some(Arc::new(path.to_path_buf())),
+                    changes: KeyChanges::new(),
                 }
             }
             None => {
@@ -296,8 +303,13 @@ impl SigningKeys {
         })
     }
 
-    /// Stops publishing the key `kid`: tokens it signed no longer verify. The current key
-    /// cannot be retired.
+    /// Stops publishing the key `kid`: tokens it signed no longer verify, at once in every
+    /// bearer layer of this process that reads these keys (its cached tokens included; a
+    /// layer elsewhere fetching the JWKS learns it at its next refresh). For a compromised
+    /// key. The current key cannot be retired.
+    ///
+    /// The gentle rotation is [`rotate`](Self::rotate), then `retire` of the old key once the
+    /// last token it signed has expired.
     pub fn retire(&self, kid: &str) -> Result<(), KeyError> {
         self.change(|ring| {
             if ring.current.kid == kid {
@@ -324,6 +336,8 @@ impl SigningKeys {
         change(&mut next)?;
         self.save(&next)?;
         *ring = next;
+        drop(ring);
+        self.changes.changed();
         Ok(())
     }
 
@@ -393,6 +407,10 @@ impl KeySource for SigningKeys {
     fn fetch(&self) -> KeySourceFuture {
         let keys = self.key_set().map(FetchedKeys::from).map_err(Into::into);
         Box::pin(ready(keys))
+    }
+
+    fn changes(&self) -> Option<KeyChanges> {
+        Some(self.changes.clone())
     }
 }
 
