@@ -60,6 +60,9 @@ struct Cached {
     fresh_until: Instant,
     /// When moka drops the entry.
     expires_at: Instant,
+    /// The invalidation count when the directory was asked: an answer asked before an
+    /// invalidation (one that lands in moka after it, from a lookup in flight) is not fresh.
+    generation: u64,
 }
 
 struct UntilExpiry;
@@ -111,7 +114,7 @@ impl RouteCache {
         }
         let inner = &self.inner;
         let generation = inner.generation.load(Ordering::Acquire);
-        let answer = self.resolve_slowly(tenant).await;
+        let answer = self.resolve_slowly(tenant, generation).await;
         if inner.generation.load(Ordering::Acquire) != generation {
             // Invalidated while the directory was asked: the answer may predate the change.
             // Serve it to this request (it was in flight) but keep it nowhere.
@@ -144,9 +147,15 @@ impl RouteCache {
     async fn resolve_slowly(
         &self,
         tenant: TenantId,
+        generation: u64,
     ) -> Result<(Option<TenantUpstreams>, Instant), DirectoryError> {
+        // Fresh: within its time, and asked no earlier than this request began (an answer from
+        // before an invalidation may be the very route that was invalidated).
+        let fresh = |cached: &Cached| {
+            Instant::now() < cached.fresh_until && cached.generation >= generation
+        };
         if let Some(cached) = self.inner.cache.get(&tenant).await {
-            if Instant::now() < cached.fresh_until {
+            if fresh(&cached) {
                 return cached
                     .answer
                     .map(|upstreams| (upstreams, cached.fresh_until));
@@ -160,11 +169,12 @@ impl RouteCache {
                 let previous = existing.map(|entry| entry.into_value());
                 if let Some(previous) = &previous {
                     // Another request refreshed it while this one waited for the key lock.
-                    if Instant::now() < previous.fresh_until {
+                    if fresh(previous) {
                         return Op::Nop;
                     }
                 }
-                Op::Put(inner.ask_directory(tenant, previous).await)
+                let asked_at = inner.generation.load(Ordering::Acquire);
+                Op::Put(inner.ask_directory(tenant, previous, asked_at).await)
             })
             .await;
         match computed.into_entry() {
@@ -216,7 +226,12 @@ impl RouteCache {
 }
 
 impl Inner {
-    async fn ask_directory(&self, tenant: TenantId, previous: Option<Cached>) -> Cached {
+    async fn ask_directory(
+        &self,
+        tenant: TenantId,
+        previous: Option<Cached>,
+        generation: u64,
+    ) -> Cached {
         let policy = &self.policy;
         let asked =
             tokio::time::timeout(policy.lookup_timeout, self.directory.lookup(tenant)).await;
@@ -228,11 +243,13 @@ impl Inner {
                 answer: Ok(Some(upstreams)),
                 fresh_until: now + policy.ttl,
                 expires_at: now + policy.ttl + policy.stale_grace,
+                generation,
             },
             Ok(None) => Cached {
                 answer: Ok(None),
                 fresh_until: now + policy.negative_ttl,
                 expires_at: now + policy.negative_ttl,
+                generation,
             },
             Err(error) => {
                 let fresh_until = now + policy.failure_backoff;
@@ -248,6 +265,7 @@ impl Inner {
                             answer: Ok(Some(upstreams)),
                             fresh_until: fresh_until.min(expires_at),
                             expires_at,
+                            generation,
                         }
                     }
                     _ => {
@@ -256,6 +274,7 @@ impl Inner {
                             answer: Err(error),
                             fresh_until,
                             expires_at: fresh_until,
+                            generation,
                         }
                     }
                 }
@@ -332,6 +351,26 @@ mod tests {
 
     fn tenant() -> TenantId {
         TenantId::parse(A).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_answer_asked_before_an_invalidation_is_not_served_after_it() {
+        let fake = fake();
+        let cache = cache(&fake);
+        let tenant = TenantId::parse(A).unwrap();
+        assert!(cache.resolve(tenant).await.unwrap().is_some());
+        // A lookup in flight across the invalidation lands its answer in moka after it.
+        let late = cache.inner.cache.get(&tenant).await.unwrap();
+        fake.known.store(false, Ordering::SeqCst);
+        cache.invalidate(tenant).await;
+        cache.inner.cache.insert(tenant, late).await;
+
+        assert!(
+            cache.resolve(tenant).await.unwrap().is_none(),
+            "the invalidated route came back"
+        );
+        assert_eq!(cache.fresh(tenant), Some(None));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
