@@ -24,7 +24,18 @@ expect() { # expected-status description curl-args...
 expect 200 "metadata without a token" "$base/metadata"
 expect 200 "Patient with the demo token" -H "Authorization: Bearer $token" "$base/Patient/example"
 expect 401 "Patient without a token" "$base/Patient/example"
-expect 401 "Patient with a tampered token" -H "Authorization: Bearer ${token%?}x" "$base/Patient/example"
+# A signature that fails to verify (not one that fails to decode): one character in the middle
+# of the signature changed to another base64url character.
+signature=${token##*.}
+middle=$(( ${#signature} / 2 ))
+was=${signature:$middle:1}
+if [ "$was" = A ]; then now=B; else now=A; fi
+tampered="${token%.*}.${signature:0:$middle}$now${signature:$((middle + 1))}"
+[ "$tampered" != "$token" ] && [ ${#tampered} = ${#token} ] || { echo "FAIL could not tamper the token"; exit 1; }
+expect 401 "Patient with a tampered signature" -H "Authorization: Bearer $tampered" "$base/Patient/example"
+curl -s -D - -o /dev/null -H "Authorization: Bearer $tampered" "$base/Patient/example" | grep -qi 'error="invalid_token"' \
+  || { echo "FAIL a tampered signature is not invalid_token"; cat "$log"; exit 1; }
+echo "ok the tampered signature is invalid_token"
 kill -TERM $pid
 wait $pid || { echo "example did not shut down cleanly on SIGTERM"; exit 1; }
 trap - EXIT

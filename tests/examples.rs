@@ -1,5 +1,5 @@
 //! The library's examples run as a user runs them (`cargo run --example NAME -- --listen ...`)
-//! and driven over loopback HTTP: `axum`, `hyper` and `fhir_server`.
+//! and driven over loopback HTTP: `bearer`, `axum`, `hyper` and `fhir_server`.
 
 mod support;
 
@@ -193,4 +193,49 @@ async fn the_fhir_server_example_keeps_tenants_apart() {
         client.get("/Patient/100", &[]).await.status,
         StatusCode::UNAUTHORIZED
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_example_lets_its_demo_token_in_and_nothing_else() {
+    let dir = scratch("bearer-example");
+    let (mut proc, client) =
+        start_example(&dir, "bearer", "tower-fhir bearer example listening on ");
+    // The token is printed on the line after "demo token ...", indented.
+    let token = format!("eyJ{}", proc.wait_for("  eyJ"));
+    assert_eq!(client.get("/metadata", &[]).await.status, StatusCode::OK);
+    let reply = get_with(&client, &token, "/Patient/example", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    let missing = client.get("/Patient/example", &[]).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert!(missing.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    // One signature character changed: verification, not decoding, refuses it.
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let middle = signature.len() / 2;
+    let swapped = if &signature[middle..=middle] == "A" {
+        "B"
+    } else {
+        "A"
+    };
+    let tampered = format!(
+        "{signed}.{}{swapped}{}",
+        &signature[..middle],
+        &signature[middle + 1..]
+    );
+    let reply = get_with(
+        &client,
+        &tampered,
+        "/Patient/example",
+        "application/fhir+json",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("error=\"invalid_token\""));
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
 }
