@@ -224,14 +224,13 @@ mod tests {
     const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
     const B: &str = "9b2e1c3d-0000-4000-8000-00000000000b";
 
+    /// What the cache answers in these tests.
+    type Answer = Response<ResponseBody<Full<Bytes>>>;
+
     /// A cache in front of an upstream stand-in that answers XML to `_format=xml` or an XML
     /// `Accept`, JSON otherwise (gzipped with `?gzip`), counting the calls that reach it.
     fn cached_upstream() -> (
-        impl Service<
-                Request<Full<Bytes>>,
-                Response = Response<ResponseBody<Full<Bytes>>>,
-                Error = Infallible,
-            > + Clone,
+        impl Service<Request<Full<Bytes>>, Response = Answer, Error = Infallible> + Clone,
         Arc<AtomicUsize>,
     ) {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -279,11 +278,7 @@ mod tests {
 
     async fn body<S>(service: &S, request: Request<Full<Bytes>>) -> Bytes
     where
-        S: Service<
-                Request<Full<Bytes>>,
-                Response = Response<ResponseBody<Full<Bytes>>>,
-                Error = Infallible,
-            > + Clone,
+        S: Service<Request<Full<Bytes>>, Response = Answer, Error = Infallible> + Clone,
     {
         let response = service.clone().oneshot(request).await.unwrap();
         response.into_body().collect().await.unwrap().to_bytes()

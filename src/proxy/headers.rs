@@ -234,7 +234,6 @@ pub(super) fn prepare_request_headers(
             }
         }
     }
-    drop(kept);
     for name in connection_named.into_iter().flatten() {
         headers.remove(name);
     }
