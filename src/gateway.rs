@@ -256,8 +256,8 @@ impl GatewayBuilder {
         self
     }
 
-    /// How long, and for how many upstreams, tenants' CapabilityStatements are cached.
-    /// Default 5 minutes, 10 000.
+    /// How long, and for how many entries (a tenant's upstream, release, query and requested
+    /// format), tenants' CapabilityStatements are cached. Default 5 minutes, 10 000.
     pub fn capability_cache(mut self, ttl: Duration, capacity: u64) -> Self {
         self.capability_cache = (ttl, capacity);
         self

@@ -201,3 +201,72 @@ async fn without_a_token_a_configured_upstreams_statement_can_stand_in() {
     assert_eq!(upstream.received().len(), 1, "fetched once, then cached");
     assert!(!upstream.last().headers.contains_key("authorization"));
 }
+
+#[tokio::test]
+async fn an_xml_statement_is_never_cached_nor_served_to_a_json_client() {
+    let (client, upstream, bearer) = setup().await;
+    // The upstream's own XML statement: its OAuth URIs and internal hosts, which the gateway
+    // does not rewrite.
+    let xml = r#"<Conformance xmlns="http://hl7.org/fhir"><rest><security><extension url="http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"><extension url="token"><valueUri value="http://ehr.internal/token"/></extension></extension></security></rest></Conformance>"#;
+    upstream.answer(
+        "/fhir/metadata?_format=xml",
+        Answer {
+            status: StatusCode::OK,
+            headers: vec![("content-type".into(), "application/xml+fhir".into())],
+            body: xml.into(),
+            delay: std::time::Duration::ZERO,
+        },
+    );
+    let ask_xml = || async {
+        let headers = [("authorization", bearer.as_str())];
+        client
+            .send("GET", "/metadata?_format=xml", &headers, "")
+            .await
+    };
+    let ask_json = || async {
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("accept", "application/fhir+json"),
+            ("accept-encoding", "gzip"),
+        ];
+        client.send("GET", "/metadata", &headers, "").await
+    };
+    let check_json = |reply: &Reply| {
+        assert_eq!(reply.status, StatusCode::OK);
+        let content_type = reply.headers["content-type"].to_str().unwrap();
+        assert!(content_type.contains("json"), "{content_type}");
+        let statement = reply.json();
+        assert_eq!(statement["resourceType"], "Conformance", "{}", reply.text());
+        let oauth = &statement["rest"][0]["security"]["extension"][0];
+        assert_eq!(oauth["url"], OAUTH_URIS);
+        assert_eq!(
+            oauth["extension"][0]["valueUri"],
+            "http://gateway.test/oauth/token"
+        );
+        assert!(!reply.text().contains("ehr.internal"), "{}", reply.text());
+    };
+
+    // A client of the tenant asks for XML: passed through as the upstream sent it.
+    let reply = ask_xml().await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), xml);
+    assert_eq!(upstream.last().target, "/fhir/metadata?_format=xml");
+    // The next client of that tenant asks for JSON: JSON, with the gateway's security.
+    let reply = ask_json().await;
+    check_json(&reply);
+    assert_eq!(
+        upstream.received().len(),
+        2,
+        "the XML statement was served from the cache"
+    );
+    assert_eq!(upstream.last().target, "/fhir/metadata");
+    assert!(
+        !upstream.last().headers.contains_key("accept-encoding"),
+        "the statement must come uncompressed to be rewritten"
+    );
+    // XML again: never kept, asked again; JSON again: kept.
+    assert_eq!(ask_xml().await.text(), xml);
+    assert_eq!(upstream.received().len(), 3);
+    check_json(&ask_json().await);
+    assert_eq!(upstream.received().len(), 3, "the JSON statement is cached");
+}

@@ -197,15 +197,208 @@ async fn every_client_interaction_reaches_the_upstream_byte_for_byte() {
         }
         assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1");
         assert_eq!(got.headers["x-forwarded-proto"], "http");
-        assert!(
-            got.headers["forwarded"]
-                .to_str()
-                .unwrap()
-                .starts_with("for=127.0.0.1;proto=http;host="),
-            "{:?}",
-            got.headers["forwarded"]
+        // The gateway's public address, not the `Host` the client connected with.
+        assert_eq!(got.headers["x-forwarded-host"], "gateway.test:8080");
+        assert_eq!(
+            got.headers["forwarded"],
+            "for=127.0.0.1;proto=http;host=\"gateway.test:8080\""
         );
     }
+}
+
+#[tokio::test]
+async fn what_fhir_clients_send_crosses_and_nothing_else() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let fhir = [
+        ("accept", "application/fhir+json"),
+        ("accept-language", "de-CH"),
+        ("content-type", "application/fhir+json"),
+        ("if-match", "W/\"3\""),
+        ("if-none-match", "W/\"2\""),
+        ("if-modified-since", "Tue, 01 Jul 2025 10:00:00 GMT"),
+        ("if-none-exist", "identifier=urn:oid:1.2|42"),
+        ("prefer", "return=representation"),
+        ("cache-control", "no-cache"),
+        ("x-request-id", "req-1"),
+        ("x-correlation-id", "corr-1"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("tracestate", "vendor=1"),
+        ("user-agent", "HAPI-FHIR/7.0.0 (FHIR Client)"),
+        ("origin", "https://app.example"),
+    ];
+    let other = [
+        ("accept-encoding", "gzip, deflate, br"),
+        ("referer", "https://app.example/patients/123"),
+        ("sec-fetch-mode", "cors"),
+        ("x-api-key", "the-client-s"),
+        ("x-made-up", "1"),
+        ("dnt", "1"),
+    ];
+    let mut headers = vec![("authorization", bearer.as_str())];
+    headers.extend(fhir);
+    headers.extend(other);
+    let body = r#"{"resourceType":"Patient","id":"1"}"#;
+    let reply = gw.client.send("PUT", "/Patient/1", &headers, body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let got = upstream.last();
+    for (name, value) in fhir {
+        assert_eq!(got.headers[name], value, "{name}");
+    }
+    assert_eq!(got.headers["content-length"], body.len().to_string());
+    for (name, _) in other {
+        assert!(
+            !got.headers.contains_key(name),
+            "{name} reached the upstream"
+        );
+    }
+    assert_eq!(got.body, body);
+}
+
+#[tokio::test]
+async fn method_and_url_overrides_never_reach_the_upstream() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let overrides = [
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-original-url", "/fhir/r3/../other-tenant/Patient/1"),
+        ("x-rewrite-url", "/fhir/r3/../other-tenant/Patient/1"),
+    ];
+    let mut headers = vec![("authorization", bearer.as_str())];
+    headers.extend(overrides);
+    let reply = gw.client.send("GET", "/Patient/1", &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let got = upstream.last();
+    assert_eq!(
+        (got.method.as_str(), got.target.as_str()),
+        ("GET", "/fhir/r3/Patient/1")
+    );
+    for (name, _) in overrides {
+        assert!(
+            !got.headers.contains_key(name),
+            "{name} reached the upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forwarded_host_and_proto_are_the_public_base_whatever_host_the_client_sends() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("host", "evil.example"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=6.6.6.6;proto=https;host=\"evil.example\""),
+    ];
+    let reply = gw.client.send("GET", "/Patient/1", &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let got = upstream.last();
+    assert_eq!(got.headers["host"], upstream.addr.to_string());
+    assert_eq!(got.headers["x-forwarded-host"], "gateway.test:8080");
+    assert_eq!(got.headers["x-forwarded-proto"], "http");
+    let forwarded: Vec<_> = got.headers.get_all("forwarded").iter().collect();
+    assert_eq!(
+        forwarded,
+        ["for=127.0.0.1;proto=http;host=\"gateway.test:8080\""]
+    );
+    assert!(
+        !format!("{:?}", got.headers).contains("evil.example"),
+        "{:?}",
+        got.headers
+    );
+}
+
+/// An upstream answer that sets two cookies, one naming `who`.
+fn setting_cookies(who: &str) -> Answer {
+    Answer {
+        headers: vec![
+            ("content-type".into(), "application/fhir+json".into()),
+            (
+                "set-cookie".into(),
+                format!("session={who}; Path=/; HttpOnly"),
+            ),
+            ("set-cookie".into(), "AWSALB=sticky; Path=/".into()),
+        ],
+        ..Answer::json(json!({"resourceType": "Patient", "id": "1"}))
+    }
+}
+
+#[tokio::test]
+async fn cookies_cross_neither_way_by_default() {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer("/fhir", setting_cookies("upstream"));
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    // The browser's one cookie jar for the gateway's origin, whichever tenant set them.
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("cookie", "session=from-tenant-b"),
+    ];
+    let reply = gw.client.send("GET", "/Patient/1", &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        !upstream.last().headers.contains_key("cookie"),
+        "a browser's cookies reached a tenant's server"
+    );
+    assert!(
+        !reply.headers.contains_key("set-cookie"),
+        "an upstream set a cookie on the gateway's origin: {:?}",
+        reply.headers
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_opts_in_takes_part_in_cookies() {
+    let plain = RecordingUpstream::start().await;
+    let opted = RecordingUpstream::start().await;
+    plain.answer("/fhir", setting_cookies("plain"));
+    opted.answer("/fhir", setting_cookies("opted"));
+    // The opt-in as the directory JSON and the gateway's configuration write it.
+    let opted_upstreams: TenantUpstreams = serde_json::from_value(json!([{
+        "base_url": opted.base("/fhir"), "fhir_version": "3.0", "allow_set_cookie": true
+    }]))
+    .unwrap();
+    let gw = gateway(
+        vec![
+            (
+                TENANT_A,
+                upstreams(&plain.base("/fhir"), FhirVersion::Stu3, None),
+            ),
+            (TENANT_B, opted_upstreams),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    let cookie = "session=opted; AWSALB=sticky";
+
+    let bearer_b = format!("Bearer {}", token_for(TENANT_B));
+    let headers = [("authorization", bearer_b.as_str()), ("cookie", cookie)];
+    let reply = gw.client.send("GET", "/Patient/1", &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(opted.last().headers["cookie"], cookie);
+    let set: Vec<_> = reply.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(
+        set,
+        ["session=opted; Path=/; HttpOnly", "AWSALB=sticky; Path=/"]
+    );
+
+    // The other tenant's upstream, which did not opt in, still takes no part.
+    let bearer_a = format!("Bearer {}", token_for(TENANT_A));
+    let headers = [("authorization", bearer_a.as_str()), ("cookie", cookie)];
+    let reply = gw.client.send("GET", "/Patient/1", &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(!plain.last().headers.contains_key("cookie"));
+    assert!(!reply.headers.contains_key("set-cookie"));
 }
 
 #[tokio::test]

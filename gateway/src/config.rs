@@ -48,6 +48,9 @@ pub(crate) struct Config {
     /// balancer that sets them) instead of replacing them. Default false.
     #[serde(default)]
     pub(crate) trust_forwarded_headers: bool,
+    /// Request headers forwarded to upstreams besides those FHIR clients need. Default none.
+    #[serde(default)]
+    pub(crate) forward_request_headers: Vec<String>,
     /// The Argon2id cost of client secret hashes. Default 4096 KiB, 2 passes.
     #[serde(default)]
     pub(crate) secret_hashing: Option<HashingConfig>,
@@ -76,6 +79,7 @@ impl std::fmt::Debug for Config {
             )
             .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
             .field("trust_forwarded_headers", &self.trust_forwarded_headers)
+            .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
             .finish()
@@ -210,5 +214,20 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         assert!(shown.contains("app"), "{shown}");
         assert!(!shown.contains("that-is-secret"), "{shown}");
+    }
+
+    #[test]
+    fn header_policy_keys_are_read() {
+        let config: Config = serde_json::from_str(
+            r#"{"forward_request_headers": ["X-Api-Key"],
+                "tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0",
+                                            "allow_set_cookie": true}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.forward_request_headers, ["X-Api-Key"]);
+        let upstream = config.tenants[0].upstreams.default_upstream();
+        assert!(upstream.set_cookie_allowed());
+        assert!(Config::empty().forward_request_headers.is_empty());
     }
 }

@@ -213,16 +213,18 @@ fn assemble(
             .jwks_url_for_issuer(&trusted.jwks_uri, &trusted.issuer)
             .audience_for_issuer(&trusted.issuer, &trusted.audience);
     }
+    let mut proxy = FhirProxy::builder(base)
+        .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
+        .trust_forwarded_headers(config.trust_forwarded_headers);
+    for name in &config.forward_request_headers {
+        proxy = proxy.forward_request_header(name);
+    }
     let gateway = Gateway::builder(base)
         .follow(directory.changes())
         .directory(move |tenant| directory.lookup(tenant))
         .token_endpoint(endpoint)
         .auth(auth)
-        .proxy(
-            FhirProxy::builder(base)
-                .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
-                .trust_forwarded_headers(config.trust_forwarded_headers),
-        )
+        .proxy(proxy)
         .build()
         .map_err(|e| format!("the gateway cannot be set up: {e}"))?;
     Ok(gateway)

@@ -128,6 +128,14 @@ fn check_config_says_what_is_wrong() {
             &GOOD.replace("\"3.0\"", "\"2.5\""),
             "is not valid",
         ),
+        (
+            "forwarded-cookie",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"forward_request_headers\": [\"Cookie\"], \"admin_token\"",
+            ),
+            "the request header \"Cookie\" cannot be forwarded",
+        ),
     ];
     for (name, json, expected) in cases {
         let file = config_file(name, json);

@@ -258,7 +258,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let read = request.method() == Method::GET || request.method() == Method::HEAD;
         let path = request.uri().path();
         let metadata = read && path == "/metadata";
@@ -285,6 +285,9 @@ where
                 Ok(config.anonymous(version).await.map(ResponseBody::full))
             });
         }
+        // The statement is read and rewritten: asked for uncompressed, or a compressed one
+        // would pass unread, with the upstream's own security section.
+        request.headers_mut().remove(header::ACCEPT_ENCODING);
         let future = self.inner.call(request);
         ResponseFuture::own(async move {
             let response = future.await?;

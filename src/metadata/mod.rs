@@ -7,16 +7,22 @@
 //!   CapabilityStatement (DSTU2: `Conformance`) generated for the negotiated release (or a
 //!   configured upstream's, fetched and cached: `statement_from_upstream`); with a
 //!   token, the request goes through the authenticated stack to the tenant's own server, and
-//!   its answer comes back with the gateway's security section.
+//!   its JSON answer comes back with the gateway's security section (one in another format,
+//!   XML, passes as the upstream sent it: the gateway rewrites JSON only).
 //! - `GET [base]/.well-known/smart-configuration`: JSON whatever the `Accept` header, naming the
 //!   token endpoint, the grant type and the client authentication methods.
 //!
 //! [`CapabilityCacheLayer`] goes just in front of the proxy (after routing) and keeps each
-//! tenant's upstream CapabilityStatement per upstream and release for a while, so clients
-//! asking for `metadata` again and again do not reach the hospital each time.
+//! tenant's upstream CapabilityStatement for a while, so clients asking for `metadata` again
+//! and again do not reach the hospital each time. It keeps only the statements this layer
+//! rewrites (JSON, uncompressed), per tenant, upstream, negotiated release, query string and
+//! `Accept`/`Accept-Language`; a statement in another format (`_format=xml`) passes through
+//! as the upstream sent it, to that client only, and is never kept. [`MetadataLayer`] drops
+//! the client's `Accept-Encoding` from `metadata` requests, so that the upstream's statement
+//! comes uncompressed and can be rewritten.
 //!
 //! Anything else (`metadata/x`, `//metadata`, `%6detadata`, `Patient?x=metadata`, another
-//! method) goes to the authenticated stack. Every CapabilityStatement the gateway returns
+//! method) goes to the authenticated stack. Every JSON CapabilityStatement the gateway returns
 //! carries in `rest[].security` the `OAuth` (and `SMART-on-FHIR`) service and the extension
 //! `http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris` with `token` (and
 //! `authorize` where configured) pointing at the gateway, replacing whatever the upstream said;

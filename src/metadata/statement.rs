@@ -125,14 +125,11 @@ impl Statements {
             Ok(bytes) => bytes,
             Err(unreadable) => return unreadable.map(ResponseBody::full),
         };
-        let Ok(Value::Object(mut statement)) = serde_json::from_slice::<Value>(&bytes) else {
-            // Not JSON (XML, say): passed on as it came.
+        let Some(mut statement) = json_statement(&bytes) else {
+            // Not a JSON statement (XML, say): passed on as it came. The capability cache
+            // keeps none of these.
             return Response::from_parts(parts, ResponseBody::full(bytes));
         };
-        let kind = statement.get("resourceType").and_then(Value::as_str);
-        if !matches!(kind, Some("CapabilityStatement" | "Conformance")) {
-            return Response::from_parts(parts, ResponseBody::full(bytes));
-        }
         self.secure(&mut statement);
         let body = Bytes::from(Value::Object(statement).to_string());
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -141,6 +138,32 @@ impl Statements {
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         Response::from_parts(parts, ResponseBody::full(body))
     }
+}
+
+/// The JSON CapabilityStatement (DSTU2: `Conformance`) in `bytes`: what the gateway rewrites
+/// (and the only statement the capability cache keeps). `None` for anything else (XML, another
+/// resource, compressed bytes), which is passed on as it came.
+pub(super) fn json_statement(bytes: &[u8]) -> Option<Map<String, Value>> {
+    let Ok(Value::Object(statement)) = serde_json::from_slice::<Value>(bytes) else {
+        return None;
+    };
+    let kind = statement.get("resourceType").and_then(Value::as_str);
+    matches!(kind, Some("CapabilityStatement" | "Conformance")).then_some(statement)
+}
+
+/// Whether a `Content-Type` is a JSON one (`application/fhir+json`, DSTU2's
+/// `application/json+fhir`, or `application/json`, any parameters).
+pub(super) fn is_json(content_type: &HeaderValue) -> bool {
+    let value = content_type.as_bytes();
+    let end = value.iter().position(|b| *b == b';').unwrap_or(value.len());
+    let media = value[..end].trim_ascii();
+    [
+        b"application/fhir+json".as_slice(),
+        b"application/json+fhir",
+        b"application/json",
+    ]
+    .iter()
+    .any(|json| media.eq_ignore_ascii_case(json))
 }
 
 /// A statement of `version` as a response: JSON, with its release's media type.
@@ -206,6 +229,36 @@ mod tests {
     use super::*;
     use http::Request;
     use http_body_util::Full;
+
+    #[test]
+    fn only_json_statements_are_statements_the_gateway_rewrites() {
+        assert!(json_statement(br#"{"resourceType":"CapabilityStatement"}"#).is_some());
+        assert!(json_statement(br#"{"resourceType":"Conformance"}"#).is_some());
+        for other in [
+            br#"<CapabilityStatement xmlns="http://hl7.org/fhir"/>"#.as_slice(),
+            br#"{"resourceType":"OperationOutcome"}"#,
+            br#"["CapabilityStatement"]"#,
+            b"\x1f\x8b\x08\x00",
+            b"",
+        ] {
+            assert!(json_statement(other).is_none(), "{other:?}");
+        }
+        for json in [
+            "application/fhir+json",
+            "application/json+fhir; fhirVersion=1.0",
+            " Application/JSON ;charset=utf-8",
+        ] {
+            assert!(is_json(&HeaderValue::from_str(json).unwrap()), "{json}");
+        }
+        for other in [
+            "application/fhir+xml",
+            "application/xml+fhir",
+            "text/html",
+            "",
+        ] {
+            assert!(!is_json(&HeaderValue::from_str(other).unwrap()), "{other}");
+        }
+    }
 
     #[tokio::test]
     async fn generated_statements_follow_the_negotiated_release() {

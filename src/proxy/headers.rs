@@ -1,5 +1,7 @@
-//! Request headers as the upstream must see them: hop-by-hop headers removed, `Host` and
-//! credentials the upstream's, the `Forwarded`/`X-Forwarded-*` chain started or extended.
+//! Request headers as the upstream must see them: an explicit policy of what crosses (the
+//! headers FHIR clients need, see [`FORWARDED_REQUEST_HEADERS`], the rest dropped), `Host` and
+//! credentials the upstream's, the `Forwarded`/`X-Forwarded-*` chain started or extended and
+//! naming the gateway's public address.
 
 use std::net::SocketAddr;
 
@@ -16,60 +18,234 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Other headers upstreams read as the client's origin or the gateway's public address; a
-/// client's own are dropped unless forwarded headers are trusted.
-const UNTRUSTED_ORIGIN_HEADERS: [HeaderName; 4] = [
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-server"),
+/// The request headers a client's request keeps on its way to the upstream, besides those the
+/// proxy writes itself (`Host`, `Authorization`, `Forwarded`, `X-Forwarded-For`,
+/// `-Proto`, `-Host`). Everything else a client sends is dropped: `Cookie` (one browser jar
+/// for every tenant behind the one gateway origin; forwarded only to an upstream with
+/// [`with_set_cookie_allowed`](crate::route::Upstream::with_set_cookie_allowed)), the
+/// method and URL overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`: an
+/// upstream honouring them would bypass the gateway's method and path checks),
+/// `Accept-Encoding` (a compressed answer could not have its upstream URLs rewritten),
+/// browsers' `Referer`, `Sec-*` and the like, and anything made up. Add more with
+/// [`FhirProxyBuilder::forward_request_header`](super::FhirProxyBuilder::forward_request_header).
+///
+/// | header | why it crosses |
+/// |---|---|
+/// | `accept` | the format and `fhirVersion` the client reads (FHIR content negotiation) |
+/// | `accept-language` | the language of narratives and display texts |
+/// | `content-type` | the body's format and `fhirVersion`; the body is forwarded byte for byte |
+/// | `content-length` | the body's length, checked against it by hyper on both sides |
+/// | `content-encoding` | how the forwarded body is compressed, if it is |
+/// | `if-match` | version-aware update, patch and delete (`W/"3"`) |
+/// | `if-none-match` | conditional read (`304`) |
+/// | `if-modified-since` | conditional read (`304`) |
+/// | `if-none-exist` | FHIR conditional create |
+/// | `prefer` | `return=minimal/representation/OperationOutcome`, `handling=strict/lenient`, `respond-async` |
+/// | `cache-control` | `no-cache`: the client wants a fresh answer, not a cached one |
+/// | `x-request-id` | correlation with the upstream's logs (FHIR's custom headers) |
+/// | `x-correlation-id` | the same, FHIR's other name for it |
+/// | `traceparent` | W3C Trace Context: the trace the request belongs to |
+/// | `tracestate` | W3C Trace Context: vendors' trace data |
+/// | `user-agent` | which client software, for the upstream's logs and support |
+/// | `origin` | an upstream that answers CORS needs it to name the allowed origin |
+/// | `access-control-request-method` | a CORS preflight's question |
+/// | `access-control-request-headers` | a CORS preflight's question |
+pub const FORWARDED_REQUEST_HEADERS: [&str; 19] = [
+    "accept",
+    "accept-language",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-none-exist",
+    "prefer",
+    "cache-control",
+    "x-request-id",
+    "x-correlation-id",
+    "traceparent",
+    "tracestate",
+    "user-agent",
+    "origin",
+    "access-control-request-method",
+    "access-control-request-headers",
 ];
 
-/// What the forwarding headers say of the gateway, and whether a client's own are believed.
-pub(super) struct Forwarding {
-    public_scheme: String,
-    forwarded_proto: HeaderValue,
-    // Extend the client's `Forwarded`/`X-Forwarded-For` chains rather than start new ones.
-    trust_forwarded: bool,
+/// What the policy does with one request header a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// FHIR clients need it: it crosses as it came.
+    Forward,
+    /// A claim of where the request came from (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`,
+    /// `X-Forwarded-Port`/`-Prefix`/`-Server`): kept and extended only when forwarded headers
+    /// are trusted (a load balancer of yours sets them).
+    Chain,
+    /// `Cookie`: only toward an upstream that takes part in cookies.
+    Cookie,
+    /// Everything else, and what the proxy writes itself (`Host`, `Authorization`,
+    /// `X-Forwarded-Host`, `X-Forwarded-Proto`) or what belongs to one connection.
+    Drop,
 }
 
-impl Forwarding {
+/// The policy for a header name, by its text: one `match` (the length first, then the bytes),
+/// no lookup, no allocation. Agrees with [`FORWARDED_REQUEST_HEADERS`] (a test checks).
+fn policy(name: &str) -> Policy {
+    match name {
+        "accept"
+        | "accept-language"
+        | "content-type"
+        | "content-length"
+        | "content-encoding"
+        | "if-match"
+        | "if-none-match"
+        | "if-modified-since"
+        | "if-none-exist"
+        | "prefer"
+        | "cache-control"
+        | "x-request-id"
+        | "x-correlation-id"
+        | "traceparent"
+        | "tracestate"
+        | "user-agent"
+        | "origin"
+        | "access-control-request-method"
+        | "access-control-request-headers" => Policy::Forward,
+        "forwarded" | "x-forwarded-for" | "x-real-ip" | "x-forwarded-port"
+        | "x-forwarded-prefix" | "x-forwarded-server" => Policy::Chain,
+        "cookie" => Policy::Cookie,
+        _ => Policy::Drop,
+    }
+}
+
+/// Why [`HeaderPolicy::new`] refuses to forward a header by configuration, if it does: the
+/// proxy writes it itself, it belongs to one connection, or it has its own rule.
+pub(super) fn unforwardable(name: &HeaderName) -> Option<&'static str> {
+    if is_hop_by_hop(name) {
+        return Some("it belongs to one connection (hop-by-hop)");
+    }
+    match name.as_str() {
+        "host" | "authorization" | "x-forwarded-host" | "x-forwarded-proto" => {
+            Some("the proxy writes it itself")
+        }
+        "cookie" => Some("cookies cross only to an upstream with `allow_set_cookie`"),
+        _ if policy(name.as_str()) == Policy::Chain => Some("it follows `trust_forwarded_headers`"),
+        _ => None,
+    }
+}
+
+/// What crosses to the upstream, and what the forwarding headers say of the gateway.
+pub(super) struct HeaderPolicy {
+    /// `;proto=<public scheme>;host="<public host>"`: the end of each `Forwarded` element the
+    /// proxy writes.
+    forwarded_tail: String,
+    forwarded_proto: HeaderValue,
+    forwarded_host: Option<HeaderValue>,
+    // Extend the client's `Forwarded`/`X-Forwarded-For` chains rather than start new ones.
+    trust_forwarded: bool,
+    /// Headers forwarded besides [`FORWARDED_REQUEST_HEADERS`], by configuration.
+    extra: Box<[HeaderName]>,
+}
+
+impl HeaderPolicy {
     /// For a gateway known to its clients as `public`; `trust_forwarded` extends the chains a
-    /// request arrives with rather than replacing them.
-    pub(super) fn new(public: &UpstreamBase, trust_forwarded: bool) -> Self {
-        let public_scheme = public.scheme().as_str().to_owned();
+    /// request arrives with rather than replacing them; `extra` are forwarded too (checked
+    /// with [`unforwardable`] already).
+    pub(super) fn new(
+        public: &UpstreamBase,
+        trust_forwarded: bool,
+        extra: Vec<HeaderName>,
+    ) -> Self {
+        let scheme = public.scheme().as_str();
+        let host = public.authority().as_str();
+        let mut forwarded_tail = format!(";proto={scheme}");
+        // An authority has no quote or backslash; kept out all the same.
+        if memchr::memchr2(b'"', b'\\', host.as_bytes()).is_none() {
+            forwarded_tail.push_str(&format!(";host=\"{host}\""));
+        }
+        let mut unique: Vec<HeaderName> = Vec::with_capacity(extra.len());
+        for name in extra {
+            // Those forwarded anyway need no second look.
+            if policy(name.as_str()) == Policy::Drop && !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
         Self {
-            forwarded_proto: HeaderValue::from_str(&public_scheme)
+            forwarded_tail,
+            forwarded_proto: HeaderValue::from_str(scheme)
                 .unwrap_or(HeaderValue::from_static("http")),
-            public_scheme,
+            forwarded_host: HeaderValue::from_str(host).ok(),
             trust_forwarded,
+            extra: unique.into_boxed_slice(),
+        }
+    }
+
+    /// Whether a header the client sent crosses to `upstream` (`cookies`: it takes part in
+    /// cookies).
+    fn forwards(&self, name: &HeaderName, cookies: bool) -> bool {
+        match policy(name.as_str()) {
+            Policy::Forward => true,
+            Policy::Chain => self.trust_forwarded,
+            Policy::Cookie => cookies,
+            Policy::Drop => self.extra.contains(name),
         }
     }
 }
 
-/// Headers as the upstream must see them: hop-by-hop gone, `Host` the upstream's, the client's
-/// credentials replaced by the gateway's own, the forwarding chain started (or, when trusted,
-/// extended).
+/// Headers as the upstream must see them: only what the policy forwards (hop-by-hop headers
+/// and those `Connection` names never), `Host` the upstream's, the client's credentials
+/// replaced by the gateway's own, the forwarding chain started (or, when trusted, extended),
+/// `X-Forwarded-Host`/`-Proto` and `Forwarded`'s `host=`/`proto=` the gateway's public ones.
+///
+/// One pass over the headers, moving the kept ones into a new map (one allocation for the map,
+/// none per header).
 pub(super) fn prepare_request_headers(
     headers: &mut HeaderMap,
     upstream: &Upstream,
     client: Option<ClientAddr>,
-    forwarding: &Forwarding,
+    policy: &HeaderPolicy,
 ) {
     use std::fmt::Write;
-    remove_hop_by_hop(headers);
-    // Replacing a value in place costs less than removing it and inserting another.
-    let original_host = match upstream.host_header() {
-        Some(host) => headers.insert(header::HOST, host.clone()),
-        None => headers.remove(header::HOST),
-    };
-    match upstream.authorization() {
-        Some(credentials) => headers.insert(header::AUTHORIZATION, credentials.clone()),
-        None => headers.remove(header::AUTHORIZATION),
-    };
+    // Rare: a `Connection` naming more than `keep-alive` or `close`.
+    let connection_named = connection_named(headers);
+    let cookies = upstream.set_cookie_allowed();
+    let capacity = headers.keys_len() + 6;
+    let incoming = std::mem::replace(headers, HeaderMap::with_capacity(capacity));
+    // The entry of the header whose further values follow (`None` names in the iteration).
+    let mut kept: Option<header::OccupiedEntry<'_, HeaderValue>> = None;
+    for (name, value) in incoming {
+        match name {
+            Some(name) => {
+                kept = None;
+                if policy.forwards(&name, cookies) {
+                    kept = Some(match headers.entry(name) {
+                        Entry::Vacant(vacant) => vacant.insert_entry(value),
+                        Entry::Occupied(mut occupied) => {
+                            occupied.append(value);
+                            occupied
+                        }
+                    });
+                }
+            }
+            None => {
+                if let Some(entry) = kept.as_mut() {
+                    entry.append(value);
+                }
+            }
+        }
+    }
+    for name in connection_named.into_iter().flatten() {
+        headers.remove(name);
+    }
+    if let Some(host) = upstream.host_header() {
+        headers.insert(header::HOST, host.clone());
+    }
+    if let Some(credentials) = upstream.authorization() {
+        headers.insert(header::AUTHORIZATION, credentials.clone());
+    }
 
     let client_ip = client.map(|ClientAddr(addr)| addr.ip());
-    let mut forwarded = String::with_capacity(96);
+    let mut forwarded = String::with_capacity(64 + policy.forwarded_tail.len());
     forwarded.push_str("for=");
     // Where the address is written: `X-Forwarded-For` takes the same text.
     let mut ip_at = 0..0;
@@ -87,45 +263,43 @@ pub(super) fn prepare_request_headers(
         }
         None => forwarded.push_str("unknown"),
     }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(&forwarding.public_scheme);
-    if let Some(host) = original_host.as_ref().and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(";host=\"");
-        if memchr::memchr2(b'"', b'\\', host.as_bytes()).is_none() {
-            forwarded.push_str(host);
-        } else {
-            forwarded.extend(host.chars().filter(|c| *c != '"' && *c != '\\'));
-        }
-        forwarded.push('"');
-    }
-    // The client's own claims of where it came from are not passed on, unless trusted. Most
-    // requests make none: one pass over their names before any removal.
-    if !forwarding.trust_forwarded
-        && headers.keys().any(|name| {
-            name == header::FORWARDED
-                || name == X_FORWARDED_FOR
-                || UNTRUSTED_ORIGIN_HEADERS.contains(name)
-        })
-    {
-        headers.remove(header::FORWARDED);
-        headers.remove(X_FORWARDED_FOR);
-        for name in UNTRUSTED_ORIGIN_HEADERS {
-            headers.remove(name);
-        }
-    }
+    forwarded.push_str(&policy.forwarded_tail);
     append(headers, header::FORWARDED, &forwarded);
     if client_ip.is_some() {
         append(headers, X_FORWARDED_FOR, &forwarded[ip_at]);
     }
-    headers.insert(X_FORWARDED_PROTO, forwarding.forwarded_proto.clone());
-    match original_host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
-        }
+    headers.insert(X_FORWARDED_PROTO, policy.forwarded_proto.clone());
+    if let Some(host) = &policy.forwarded_host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
+}
+
+/// The headers a request's `Connection` names besides `keep-alive`, `close`, `upgrade` and `te`
+/// (which name no header that crosses anyway); `None`, without allocating, for the usual
+/// request.
+fn connection_named(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let values = headers.get_all(header::CONNECTION);
+    let usual = values.iter().all(|value| {
+        value.as_bytes().split(|b| *b == b',').all(|token| {
+            let token = token.trim_ascii();
+            token.is_empty()
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"upgrade")
+                || token.eq_ignore_ascii_case(b"te")
+        })
+    });
+    if usual {
+        return None;
+    }
+    Some(
+        values
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect(),
+    )
 }
 
 /// Writes an IPv4 address in dotted decimal (what `Display` writes, without the formatter).
@@ -247,9 +421,13 @@ mod tests {
         }
     }
 
-    /// The forwarding configuration of a proxy built for `public_base`.
-    fn config_for(public_base: &str) -> Forwarding {
-        Forwarding::new(&UpstreamBase::parse(public_base).unwrap(), false)
+    /// The header policy of a proxy built for `public_base`, with the defaults.
+    fn config_for(public_base: &str) -> HeaderPolicy {
+        HeaderPolicy::new(
+            &UpstreamBase::parse(public_base).unwrap(),
+            false,
+            Vec::new(),
+        )
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -261,6 +439,13 @@ mod tests {
             );
         }
         map
+    }
+
+    fn all(h: &HeaderMap, name: &str) -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
     }
 
     #[test]
@@ -275,6 +460,186 @@ mod tests {
             let mut out = String::new();
             push_ipv4(&mut out, ip.parse().unwrap());
             assert_eq!(out, ip);
+        }
+    }
+
+    #[test]
+    fn the_allowlist_and_the_policy_agree() {
+        for name in FORWARDED_REQUEST_HEADERS {
+            assert_eq!(policy(name), Policy::Forward, "{name}");
+            // Each is a valid, lower-case header name.
+            assert_eq!(HeaderName::from_static(name).as_str(), name);
+        }
+        for name in [
+            "host",
+            "authorization",
+            "accept-encoding",
+            "accept-charset",
+            "referer",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-tenant-id",
+            "sec-fetch-mode",
+            "range",
+            "expect",
+            "connection",
+            "transfer-encoding",
+            "acceptx",
+            "Accept",
+        ] {
+            assert_eq!(policy(name), Policy::Drop, "{name}");
+        }
+        assert_eq!(policy("cookie"), Policy::Cookie);
+        for name in [
+            "forwarded",
+            "x-forwarded-for",
+            "x-real-ip",
+            "x-forwarded-prefix",
+        ] {
+            assert_eq!(policy(name), Policy::Chain, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_the_allowlist_crosses() {
+        let mut sent: Vec<(&str, &str)> = FORWARDED_REQUEST_HEADERS
+            .iter()
+            .map(|name| (*name, "1"))
+            .collect();
+        sent.extend([
+            ("accept", "application/fhir+xml;q=0.9"),
+            ("prefer", "handling=strict"),
+            ("cookie", "session=tenant-a"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/other"),
+            ("x-rewrite-url", "/other"),
+            ("accept-encoding", "gzip"),
+            ("referer", "https://app.example/patient/123"),
+            ("sec-fetch-mode", "cors"),
+            ("x-made-up", "1"),
+            ("x-made-up", "2"),
+        ]);
+        let mut h = headers(&sent);
+        prepare_request_headers(&mut h, &upstream(None), None, &config_for("https://gw"));
+        for name in FORWARDED_REQUEST_HEADERS {
+            assert!(h.contains_key(name), "{name} was dropped");
+        }
+        // Every value of a repeated header, in order.
+        assert_eq!(all(&h, "accept"), ["1", "application/fhir+xml;q=0.9"]);
+        assert_eq!(all(&h, "prefer"), ["1", "handling=strict"]);
+        let forwarded = FORWARDED_REQUEST_HEADERS.len();
+        let written = ["host", "forwarded", "x-forwarded-proto", "x-forwarded-host"];
+        assert_eq!(h.keys_len(), forwarded + written.len(), "{h:?}");
+
+        // A cookie crosses to an upstream that takes part in cookies; configured headers too.
+        let extra = vec![
+            HeaderName::from_static("x-made-up"),
+            HeaderName::from_static("accept"),
+            HeaderName::from_static("x-made-up"),
+        ];
+        let configured =
+            HeaderPolicy::new(&UpstreamBase::parse("https://gw").unwrap(), false, extra);
+        assert_eq!(
+            configured.extra.len(),
+            1,
+            "duplicates and defaults left out"
+        );
+        let mut h = headers(&sent);
+        let cookies = upstream(None).with_set_cookie_allowed();
+        prepare_request_headers(&mut h, &cookies, None, &configured);
+        assert_eq!(h["cookie"], "session=tenant-a");
+        assert_eq!(all(&h, "x-made-up"), ["1", "2"]);
+        assert!(!h.contains_key("x-http-method-override"));
+    }
+
+    #[test]
+    fn connection_named_headers_go_even_when_allowed() {
+        let mut h = headers(&[
+            ("connection", "Keep-Alive"),
+            ("connection", "prefer, close"),
+            ("prefer", "return=minimal"),
+            ("accept", "application/fhir+json"),
+        ]);
+        prepare_request_headers(&mut h, &upstream(None), None, &config_for("http://gw"));
+        assert!(!h.contains_key("prefer"));
+        assert!(!h.contains_key("connection"));
+        assert_eq!(h["accept"], "application/fhir+json");
+        assert!(connection_named(&headers(&[("connection", "keep-alive , Close")])).is_none());
+        assert!(connection_named(&headers(&[("accept", "x/y")])).is_none());
+    }
+
+    #[test]
+    fn the_gateways_public_address_is_forwarded_whatever_the_client_says() {
+        let mut h = headers(&[
+            ("host", "evil.example"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "http"),
+            ("forwarded", "for=6.6.6.6;proto=http;host=\"evil.example\""),
+        ]);
+        let client = ClientAddr("10.1.2.3:4".parse().unwrap());
+        prepare_request_headers(
+            &mut h,
+            &upstream(None),
+            Some(client),
+            &config_for("https://gw.example:8443/fhir"),
+        );
+        assert_eq!(h["host"], "ehr:9001");
+        assert_eq!(h["x-forwarded-host"], "gw.example:8443");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            all(&h, "forwarded"),
+            ["for=10.1.2.3;proto=https;host=\"gw.example:8443\""]
+        );
+        // Trusted chains are extended, but the host and protocol are still the gateway's.
+        let trusted = HeaderPolicy::new(
+            &UpstreamBase::parse("http://gw.example").unwrap(),
+            true,
+            Vec::new(),
+        );
+        let mut h = headers(&[
+            ("host", "evil.example"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        prepare_request_headers(&mut h, &upstream(None), Some(client), &trusted);
+        assert_eq!(h["x-forwarded-host"], "gw.example");
+        assert_eq!(
+            all(&h, "forwarded"),
+            ["for=6.6.6.6, for=10.1.2.3;proto=http;host=\"gw.example\""]
+        );
+    }
+
+    #[test]
+    fn managed_headers_cannot_be_configured_to_cross() {
+        for name in [
+            "host",
+            "authorization",
+            "cookie",
+            "connection",
+            "te",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-real-ip",
+        ] {
+            assert!(
+                unforwardable(&HeaderName::from_static(name)).is_some(),
+                "{name}"
+            );
+        }
+        for name in ["x-api-key", "range", "accept-encoding", "accept"] {
+            assert!(
+                unforwardable(&HeaderName::from_static(name)).is_none(),
+                "{name}"
+            );
         }
     }
 
@@ -320,22 +685,20 @@ mod tests {
         // The client's own chains are not believed by default: new ones start here.
         assert_eq!(h["x-forwarded-for"], "127.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "gateway:8080");
-        let all = |h: &HeaderMap, name: &str| {
-            h.get_all(name)
-                .iter()
-                .map(|v| v.to_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        };
+        assert_eq!(h["x-forwarded-host"], "gw.example");
         assert_eq!(
             all(&h, "forwarded"),
-            ["for=127.0.0.7;proto=https;host=\"gateway:8080\""]
+            ["for=127.0.0.7;proto=https;host=\"gw.example\""]
         );
         for gone in ["x-real-ip", "x-forwarded-prefix", "x-forwarded-port"] {
             assert!(!h.contains_key(gone), "{gone}");
         }
         // Behind a proxy of yours that sets them, they are extended.
-        let trusted = Forwarding::new(&UpstreamBase::parse("https://gw.example").unwrap(), true);
+        let trusted = HeaderPolicy::new(
+            &UpstreamBase::parse("https://gw.example").unwrap(),
+            true,
+            Vec::new(),
+        );
         let mut h = sent;
         prepare_request_headers(&mut h, &upstream(None), Some(client), &trusted);
         assert_eq!(all(&h, "x-forwarded-for"), ["10.0.0.1, 127.0.0.7"]);
@@ -343,14 +706,11 @@ mod tests {
         assert_eq!(
             all(&h, "forwarded"),
             [
-                "for=6.6.6.6;host=\"tenant-b.example\", for=127.0.0.7;proto=https;host=\"gateway:8080\""
+                "for=6.6.6.6;host=\"tenant-b.example\", for=127.0.0.7;proto=https;host=\"gw.example\""
             ]
         );
 
-        let mut h = headers(&[
-            ("authorization", "Bearer client-token"),
-            ("x-forwarded-host", "spoofed"),
-        ]);
+        let mut h = headers(&[("authorization", "Bearer client-token")]);
         let v6 = ClientAddr("[::1]:1".parse().unwrap());
         prepare_request_headers(
             &mut h,
@@ -362,18 +722,16 @@ mod tests {
             !h.contains_key("authorization"),
             "no upstream credentials: none forwarded"
         );
-        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
-        assert_eq!(h["x-forwarded-for"], "::1");
-        assert!(
-            !h.contains_key("x-forwarded-host"),
-            "no Host, no claim of one"
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";proto=http;host=\"gw.example\""
         );
+        assert_eq!(h["x-forwarded-for"], "::1");
 
-        // Quotes and backslashes cannot break out of the quoted `host=`; no address, `unknown`.
-        let mut h = headers(&[("host", "gw\"x\\y"), ("x-forwarded-for", "6.6.6.6")]);
+        // No address: `unknown`, and no `X-Forwarded-For`.
+        let mut h = headers(&[("x-forwarded-for", "6.6.6.6")]);
         prepare_request_headers(&mut h, &upstream(None), None, &config_for("http://gw"));
-        assert_eq!(h["forwarded"], "for=unknown;proto=http;host=\"gwxy\"");
+        assert_eq!(h["forwarded"], "for=unknown;proto=http;host=\"gw\"");
         assert!(!h.contains_key("x-forwarded-for"));
-        assert_eq!(h["x-forwarded-host"], "gw\"x\\y");
     }
 }

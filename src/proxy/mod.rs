@@ -6,12 +6,25 @@
 //!
 //! - the path joined under the upstream's base path, the query string byte for byte, method
 //!   and body (streamed) untouched;
-//! - `Host` set to the upstream; hop-by-hop headers and those named in `Connection` removed;
-//!   `Forwarded` and `X-Forwarded-For` started afresh (a client's own, and its `X-Real-IP`,
-//!   `X-Forwarded-Port`, `-Prefix`, `-Server`, dropped), or extended with
-//!   [`trust_forwarded_headers`](FhirProxyBuilder::trust_forwarded_headers) behind a load
-//!   balancer of yours; `X-Forwarded-Proto`/`-Host` set;
-//! - the client's `Authorization` replaced by the upstream's own credentials, or removed.
+//! - only the request headers FHIR clients need, each named with why in
+//!   [`FORWARDED_REQUEST_HEADERS`] (`Accept`, `Content-Type`, `If-Match`, `If-None-Exist`,
+//!   `Prefer`, `X-Request-Id`, ...), plus those you name with
+//!   [`forward_request_header`](FhirProxyBuilder::forward_request_header); everything else is
+//!   dropped: hop-by-hop headers and those named in `Connection`, `Cookie` (all tenants share
+//!   the gateway's origin and a browser's one cookie jar for it), the method and URL overrides
+//!   (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`) an upstream might honour
+//!   behind the gateway's checks, `Accept-Encoding` (a compressed answer could not be
+//!   rewritten), and anything else;
+//! - `Host` set to the upstream; `Forwarded` and `X-Forwarded-For` started afresh (a client's
+//!   own, and its `X-Real-IP`, `X-Forwarded-Port`, `-Prefix`, `-Server`, dropped), or extended
+//!   with [`trust_forwarded_headers`](FhirProxyBuilder::trust_forwarded_headers) behind a load
+//!   balancer of yours; `X-Forwarded-Proto`/`-Host` and `Forwarded`'s `proto=`/`host=` are the
+//!   public base URL's given to [`FhirProxy::builder`], whatever `Host` the client sent;
+//! - the client's `Authorization` replaced by the upstream's own credentials, or removed;
+//! - `Cookie` forwarded, and the upstream's `Set-Cookie` returned, only for an upstream that
+//!   opts in with [`Upstream::with_set_cookie_allowed`](crate::route::Upstream::with_set_cookie_allowed)
+//!   (`"allow_set_cookie": true`); otherwise `Set-Cookie` is removed from its responses, so no
+//!   upstream sets cookies on the gateway's origin.
 //!
 //! A request never leaves its tenant's upstream: dot segments (also percent-encoded, once or
 //! twice, also `..;`), encoded slashes, backslashes and NULs get 400, and an absolute-form target or a `Host` header
@@ -64,5 +77,5 @@ mod service;
 mod transport;
 
 pub use body::ProxyBody;
-pub use headers::ClientAddr;
+pub use headers::{ClientAddr, FORWARDED_REQUEST_HEADERS};
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

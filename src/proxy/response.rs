@@ -1,6 +1,7 @@
-//! The upstream's response relayed to the client: hop-by-hop headers removed, the upstream's
-//! base URL rewritten to the gateway's in `Location`, `Content-Location` and JSON Bundles' links
-//! (bodies up to a limit; larger or compressed ones stream through untouched).
+//! The upstream's response relayed to the client: hop-by-hop headers removed, `Set-Cookie`
+//! removed unless the upstream takes part in cookies, the upstream's base URL rewritten to the
+//! gateway's in `Location`, `Content-Location` and JSON Bundles' links (bodies up to a limit;
+//! larger or compressed ones stream through untouched).
 
 use std::collections::VecDeque;
 
@@ -15,16 +16,23 @@ use super::body::ProxyBody;
 use super::headers::remove_hop_by_hop;
 use super::rewrite::BaseRewriter;
 
-/// The upstream's response as the client must see it: hop-by-hop headers gone, upstream URLs
-/// in `Location`, `Content-Location` and JSON Bundle links rewritten to the gateway's base.
+/// The upstream's response as the client must see it: hop-by-hop headers gone, `Set-Cookie`
+/// (and the obsolete `Set-Cookie2`) gone unless `cookies` (the upstream takes part in cookies:
+/// all tenants share the gateway's origin), upstream URLs in `Location`, `Content-Location`
+/// and JSON Bundle links rewritten to the gateway's base.
 pub(super) async fn relay_response(
     response: Response<Incoming>,
     rewriter: &BaseRewriter,
     rewrite_limit: usize,
+    cookies: bool,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let heads = ResponseHeads::scan(&parts.headers);
+    if heads.set_cookie && !cookies {
+        parts.headers.remove(header::SET_COOKIE);
+        parts.headers.remove(SET_COOKIE2);
+    }
     if heads.location {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let rewritten = parts
@@ -100,12 +108,17 @@ fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> 
     more
 }
 
+/// RFC 2965's `Set-Cookie2`, obsolete, that some servers may still send.
+const SET_COOKIE2: header::HeaderName = header::HeaderName::from_static("set-cookie2");
+
 /// What the relay needs of the upstream's response headers, read in one pass over them (five
 /// lookups by name cost more). Each name's first value counts, as with `HeaderMap::get`.
 #[derive(Debug, Default)]
 struct ResponseHeads {
     /// A `Location` or `Content-Location` is there (to rewrite if it names the upstream).
     location: bool,
+    /// A `Set-Cookie` or `Set-Cookie2` is there (to remove unless the upstream may set cookies).
+    set_cookie: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
     /// The first `Content-Encoding` is `identity`.
@@ -120,6 +133,8 @@ impl ResponseHeads {
         for (name, value) in headers {
             if name == header::LOCATION || name == header::CONTENT_LOCATION {
                 heads.location = true;
+            } else if name == header::SET_COOKIE || name == SET_COOKIE2 {
+                heads.set_cookie = true;
             } else if name == header::CONTENT_TYPE {
                 heads.json.get_or_insert_with(|| {
                     // The media type before any parameter, compared as bytes.
@@ -238,5 +253,12 @@ mod tests {
         assert!(!ResponseHeads::scan(&headers(&[("content-type", "x/y")])).location);
         assert!(ResponseHeads::scan(&headers(&[("location", "http://up/Patient/1")])).location);
         assert!(ResponseHeads::scan(&headers(&[("content-location", "/a")])).location);
+    }
+
+    #[test]
+    fn the_response_scan_sees_cookies_being_set() {
+        assert!(!ResponseHeads::scan(&headers(&[("cookie", "a=b")])).set_cookie);
+        assert!(ResponseHeads::scan(&headers(&[("Set-Cookie", "a=b")])).set_cookie);
+        assert!(ResponseHeads::scan(&headers(&[("set-cookie2", "a=b")])).set_cookie);
     }
 }

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use super::body::ProxyBody;
-use super::headers::{prepare_request_headers, ClientAddr, Forwarding};
+use super::headers::{prepare_request_headers, unforwardable, ClientAddr, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
 use super::rewrite::BaseRewriter;
@@ -41,7 +41,7 @@ pub struct FhirProxy {
 struct Config {
     transport: Transport,
     public_base: Arc<str>,
-    forwarding: Forwarding,
+    headers: HeaderPolicy,
     timeout: Duration,
     rewrite_limit: usize,
 }
@@ -58,6 +58,7 @@ impl FhirProxy {
             pool_idle_timeout: Duration::from_secs(90),
             root_certificates: Vec::new(),
             trust_forwarded: false,
+            forward_headers: Vec::new(),
         }
     }
 }
@@ -82,6 +83,14 @@ pub enum ConfigError {
     ZeroDuration(&'static str),
     /// The TLS configuration (root certificates) is unusable, or TLS is not compiled in.
     Tls(String),
+    /// A header given to [`forward_request_header`](FhirProxyBuilder::forward_request_header)
+    /// is not a header name, or one the proxy writes itself or has its own rule for.
+    RequestHeader {
+        /// The name as given.
+        name: String,
+        /// Why it cannot be forwarded by configuration.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -90,6 +99,12 @@ impl fmt::Display for ConfigError {
             Self::InvalidPublicBase(url) => write!(f, "invalid public base URL {url:?}"),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::Tls(why) => write!(f, "TLS: {why}"),
+            Self::RequestHeader { name, reason } => {
+                write!(
+                    f,
+                    "the request header {name:?} cannot be forwarded: {reason}"
+                )
+            }
         }
     }
 }
@@ -107,15 +122,48 @@ pub struct FhirProxyBuilder {
     pool_idle_timeout: Duration,
     root_certificates: Vec<Vec<u8>>,
     trust_forwarded: bool,
+    forward_headers: Vec<String>,
 }
 
 impl FhirProxyBuilder {
+    /// Also forwards this request header to upstreams (any case; checked by
+    /// [`build`](Self::build)).
+    ///
+    /// By default only the headers FHIR clients need cross, listed with the reason for each in
+    /// [`FORWARDED_REQUEST_HEADERS`](super::FORWARDED_REQUEST_HEADERS); every other header a
+    /// client sends is dropped (`Cookie`, `X-HTTP-Method-Override`, `X-Original-URL`,
+    /// `Accept-Encoding`, ...). Name here what an upstream of yours needs besides (an API key
+    /// header the client sends, `Range`, `Accept-Encoding` if you accept that compressed
+    /// Bundles keep the upstream's URLs). The proxy refuses, with
+    /// [`ConfigError::RequestHeader`], what it writes itself (`Host`, `Authorization`,
+    /// `X-Forwarded-Host`/`-Proto`), hop-by-hop headers, the forwarding chain (that is
+    /// [`trust_forwarded_headers`](Self::trust_forwarded_headers)) and `Cookie` (that is
+    /// per upstream: [`Upstream::with_set_cookie_allowed`](crate::route::Upstream::with_set_cookie_allowed)).
+    ///
+    /// ```
+    /// let proxy = tower_fhir::proxy::FhirProxy::builder("https://gateway.example")
+    ///     .forward_request_header("X-Api-Key")
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(proxy);
+    /// assert!(tower_fhir::proxy::FhirProxy::builder("https://gateway.example")
+    ///     .forward_request_header("cookie")
+    ///     .build()
+    ///     .is_err());
+    /// ```
+    pub fn forward_request_header(mut self, name: impl Into<String>) -> Self {
+        self.forward_headers.push(name.into());
+        self
+    }
+
     /// Whether the `Forwarded` and `X-Forwarded-For` headers a request arrives with are
     /// believed: `true` extends them with the connection's address (the gateway sits behind a
     /// load balancer or proxy of yours that sets them); `false` (the default, for a gateway
     /// clients reach directly) drops them and starts new ones, so a client cannot name another
-    /// origin to the upstream. `X-Forwarded-Proto` and `X-Forwarded-Host` are always the
-    /// gateway's own.
+    /// origin to the upstream. `X-Forwarded-Proto`, `X-Forwarded-Host` and the `proto=` and
+    /// `host=` of the proxy's own `Forwarded` element are always the public base URL's, never
+    /// the client's `Host`. (`X-Real-IP` and `X-Forwarded-Port`/`-Prefix`/`-Server` follow
+    /// the same rule as the chains: kept when trusted, dropped otherwise.)
     ///
     /// ```
     /// let proxy = tower_fhir::proxy::FhirProxy::builder("https://gateway.example")
@@ -181,11 +229,24 @@ impl FhirProxyBuilder {
             &self.root_certificates,
         )
         .map_err(ConfigError::Tls)?;
+        let mut extra = Vec::with_capacity(self.forward_headers.len());
+        for name in &self.forward_headers {
+            let refused = |reason| ConfigError::RequestHeader {
+                name: name.clone(),
+                reason,
+            };
+            let header = http::HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| refused("not a header name"))?;
+            if let Some(reason) = unforwardable(&header) {
+                return Err(refused(reason));
+            }
+            extra.push(header);
+        }
         Ok(FhirProxy {
             config: Arc::new(Config {
                 transport,
                 public_base: Arc::clone(public.shared_text()),
-                forwarding: Forwarding::new(&public, self.trust_forwarded),
+                headers: HeaderPolicy::new(&public, self.trust_forwarded, extra),
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
             }),
@@ -285,7 +346,7 @@ where
             &mut parts.headers,
             &upstream,
             client_addr,
-            &self.config.forwarding,
+            &self.config.headers,
         );
         parts.uri = uri;
         parts.version = if upstream.http2() {
@@ -323,7 +384,13 @@ where
                 Arc::clone(upstream.base().shared_text()),
                 Arc::clone(&config.public_base),
             );
-            let mut response = relay_response(response, &rewriter, config.rewrite_limit).await;
+            let mut response = relay_response(
+                response,
+                &rewriter,
+                config.rewrite_limit,
+                upstream.set_cookie_allowed(),
+            )
+            .await;
             if client_wants == AskedForm::Current {
                 response_from_dstu2(response.headers_mut());
             }
@@ -361,5 +428,27 @@ mod tests {
                 .unwrap_err(),
             ConfigError::ZeroDuration("timeout")
         );
+        for (name, refused) in [
+            ("x-api-key", false),
+            (" Range ", false),
+            ("Accept-Encoding", false),
+            ("not a name", true),
+            ("", true),
+            ("Host", true),
+            ("authorization", true),
+            ("cookie", true),
+            ("connection", true),
+            ("x-forwarded-host", true),
+            ("x-forwarded-for", true),
+        ] {
+            let built = FhirProxy::builder("http://gw")
+                .forward_request_header(name)
+                .build();
+            assert_eq!(
+                matches!(built, Err(ConfigError::RequestHeader { .. })),
+                refused,
+                "{name:?}"
+            );
+        }
     }
 }

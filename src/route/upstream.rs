@@ -132,6 +132,7 @@ struct Inner {
     authorization: Option<HeaderValue>,
     timeout: Option<Duration>,
     http2: bool,
+    set_cookie: bool,
 }
 
 impl Upstream {
@@ -145,6 +146,7 @@ impl Upstream {
                 authorization: None,
                 timeout: None,
                 http2: false,
+                set_cookie: false,
             }),
         }
     }
@@ -180,6 +182,23 @@ impl Upstream {
     /// Whether requests go out as HTTP/2 with prior knowledge.
     pub fn http2(&self) -> bool {
         self.inner.http2
+    }
+
+    /// Lets this upstream take part in cookies: its `Set-Cookie` reaches the client, and the
+    /// client's `Cookie` reaches it (`"allow_set_cookie": true` in JSON). Off by default: every
+    /// tenant shares the gateway's one origin, so a browser would carry one tenant's cookies to
+    /// another's server, and any upstream could set cookies on the gateway's origin. Turn it on
+    /// only for an upstream trusted with every cookie of that origin (session affinity, say),
+    /// and on as few as possible: each upstream with it receives the others' cookies too.
+    pub fn with_set_cookie_allowed(mut self) -> Self {
+        self.inner_mut().set_cookie = true;
+        self
+    }
+
+    /// Whether this upstream takes part in cookies
+    /// ([`with_set_cookie_allowed`](Self::with_set_cookie_allowed)).
+    pub fn set_cookie_allowed(&self) -> bool {
+        self.inner.set_cookie
     }
 
     fn inner_mut(&mut self) -> &mut Inner {
@@ -220,7 +239,8 @@ impl PartialEq for Upstream {
                 && self.inner.version == other.inner.version
                 && self.inner.authorization == other.inner.authorization
                 && self.inner.timeout == other.inner.timeout
-                && self.inner.http2 == other.inner.http2)
+                && self.inner.http2 == other.inner.http2
+                && self.inner.set_cookie == other.inner.set_cookie)
     }
 }
 
@@ -235,6 +255,7 @@ impl fmt::Debug for Upstream {
             )
             .field("timeout", &self.inner.timeout)
             .field("http2", &self.inner.http2)
+            .field("allow_set_cookie", &self.inner.set_cookie)
             .finish()
     }
 }
@@ -251,6 +272,8 @@ struct UpstreamConfig {
     timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     http2: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    allow_set_cookie: bool,
 }
 
 impl Serialize for Upstream {
@@ -266,6 +289,7 @@ impl Serialize for Upstream {
                 .map(str::to_owned),
             timeout_ms: self.inner.timeout.map(|t| t.as_millis() as u64),
             http2: self.inner.http2,
+            allow_set_cookie: self.inner.set_cookie,
         }
         .serialize(serializer)
     }
@@ -286,6 +310,9 @@ impl<'de> Deserialize<'de> for Upstream {
         }
         if config.http2 {
             upstream = upstream.with_http2();
+        }
+        if config.allow_set_cookie {
+            upstream = upstream.with_set_cookie_allowed();
         }
         Ok(upstream)
     }
@@ -393,10 +420,28 @@ mod tests {
         assert!(upstream.authorization().unwrap().is_sensitive());
         assert_eq!(serde_json::to_value(&upstreams).unwrap(), json);
         assert!(!format!("{upstreams:?}").contains("upstream-secret"));
+        assert!(!upstream.set_cookie_allowed(), "cookies are off by default");
         assert!(serde_json::from_value::<TenantUpstreams>(json!([])).is_err());
         assert!(serde_json::from_value::<TenantUpstreams>(
             json!([{"base_url": "x", "fhir_version": "3.0"}])
         )
         .is_err());
+    }
+
+    #[test]
+    fn set_cookie_is_an_opt_in_that_round_trips() {
+        let json = json!({"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "4.0",
+                          "allow_set_cookie": true});
+        let upstream: Upstream = serde_json::from_value(json.clone()).unwrap();
+        assert!(upstream.set_cookie_allowed());
+        assert_eq!(serde_json::to_value(&upstream).unwrap(), json);
+        assert!(format!("{upstream:?}").contains("allow_set_cookie: true"));
+        let plain = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4).unwrap();
+        assert_ne!(plain, upstream);
+        assert_eq!(plain.clone().with_set_cookie_allowed(), upstream);
+        assert!(serde_json::to_value(&plain)
+            .unwrap()
+            .get("allow_set_cookie")
+            .is_none());
     }
 }
