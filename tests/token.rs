@@ -4,8 +4,10 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Router};
 use base64::engine::general_purpose::STANDARD;
@@ -16,8 +18,8 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
-    ClientSecret, ClientStore, FileClientStore, InMemoryClientStore, NewClient, SigningKey,
-    SigningKeys, ThrottlePolicy, TokenEndpoint,
+    ClientAddr, ClientSecret, ClientStore, FileClientStore, InMemoryClientStore, NewClient,
+    SigningKey, SigningKeys, ThrottlePolicy, TokenEndpoint,
 };
 
 const ISSUER: &str = "https://gateway.test";
@@ -60,8 +62,35 @@ async fn gateway(endpoint: TokenEndpoint) -> TestClient {
     let router = Router::new()
         .route_service("/jwks", endpoint.signing_keys().jwks_service())
         .route_service("/token", endpoint)
-        .merge(fhir);
-    TestClient::new(serve(router).await)
+        .merge(fhir)
+        .layer(axum::middleware::from_fn(name_the_client));
+    TestClient::new(serve_naming_clients(router).await)
+}
+
+/// Puts the connection's peer in the request extensions as `ClientAddr`, as the gateway
+/// binary does.
+async fn name_the_client(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    request.extensions_mut().insert(ClientAddr(peer));
+    next.run(request).await
+}
+
+/// Serves a router on a loopback port, telling it each connection's peer.
+async fn serve_naming_clients(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    addr
 }
 
 fn basic(id: &str, secret: &str) -> String {
@@ -417,6 +446,54 @@ async fn repeated_failures_get_429_then_the_client_gets_back_in() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
         token_post(&client, "app", secret.expose(), "").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn guesses_from_one_address_do_not_lock_the_client_out_from_another() {
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(5, Duration::from_secs(60), Duration::from_secs(60));
+    // The guesser connects from 127.0.0.1, the real client from 127.0.0.2.
+    let guesser = gateway(endpoint_over(store, policy)).await;
+    let real = guesser.connecting_from("127.0.0.2".parse().unwrap());
+    for _ in 0..5 {
+        assert_eq!(
+            token_post(&guesser, "app", "guess", "").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let reply = token_post(&guesser, "app", "guess", "").await;
+    assert_error(
+        &reply,
+        StatusCode::TOO_MANY_REQUESTS,
+        "temporarily_unavailable",
+    );
+    assert_eq!(reply.headers["retry-after"], "60");
+    // The real client, from its own address, still gets its tokens, again and again.
+    for _ in 0..2 {
+        let reply = token_post(&real, "app", secret.expose(), "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // Its successes do not reset the guesser, who stays throttled (even with the right
+    // secret: it is refused before any check).
+    assert_eq!(
+        token_post(&guesser, "app", "guess", "").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        token_post(&guesser, "app", secret.expose(), "")
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Wrong guesses from the real client's address count there, not against the guesser.
+    assert_eq!(
+        token_post(&real, "app", "typo", "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token_post(&real, "app", secret.expose(), "").await.status,
         StatusCode::OK
     );
 }

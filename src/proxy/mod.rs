@@ -63,6 +63,6 @@ mod rewrite;
 mod service;
 mod transport;
 
+pub use crate::client_addr::ClientAddr;
 pub use body::ProxyBody;
-pub use headers::ClientAddr;
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

@@ -1,5 +1,6 @@
 //! Client authentication under the throttle, shared by the token grant and secret rotation.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
-use super::throttle::{Attempt, Refusal, Throttle, ThrottlePolicy};
+use super::throttle::{Attempt, Refusal, Source, Throttle, ThrottlePolicy};
 
 /// Checks clients' secrets against their store, under the failure throttle.
 pub(super) struct Authenticator {
@@ -54,17 +55,19 @@ impl Authenticator {
     }
 
     /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
-    /// blocked, waiting while parallel checks of it could use up its allowance, a wrong secret
-    /// counted. `doing` names the request in the log.
+    /// blocked for the request's source address (`from`; `None` when the server did not say),
+    /// waiting while parallel checks of it could use up its allowance, a wrong secret counted.
+    /// `doing` names the request in the log.
     pub(super) async fn authenticate_throttled(
         &self,
         id: &str,
         secret: &str,
+        from: Option<IpAddr>,
         doing: &'static str,
     ) -> Result<ClientRecord, Denied> {
         let attempt = self
             .throttle
-            .admit(id)
+            .admit(id, Source::of(from))
             .await
             .map_err(|refusal| match refusal {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
@@ -76,9 +79,10 @@ impl Authenticator {
                 Ok(client)
             }
             Ok((None, attempt)) => {
-                tracing::info!(client_id = %id, "{doing}: client authentication failed");
+                let from = from.map(|ip| ip.to_canonical());
+                tracing::info!(client_id = %id, from = ?from, "{doing}: client authentication failed");
                 if let Some(wait) = attempt.failed() {
-                    tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
+                    tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(Denied::Failed)
             }
@@ -137,7 +141,7 @@ fn too_many(wait: Duration) -> TokenError {
     TokenError::new(
         StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TemporarilyUnavailable,
-        "Too many failed authentications for this client; retry later",
+        "Too many failed authentications for this client from this address; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
 }

@@ -24,6 +24,7 @@ use super::form::{check_content_type, credentials, read_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::ThrottlePolicy;
+use crate::client_addr::ClientAddr;
 
 /// The future a [`TokenEndpoint`] returns.
 pub type TokenFuture =
@@ -316,11 +317,12 @@ impl Inner {
             Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
         };
+        let challenge = basic.then_some(&self.realm);
         let client = self
             .clients
-            .authenticate_throttled(id, secret, "token request")
+            .authenticate_throttled(id, secret, source(&parts.extensions), "token request")
             .await
-            .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
+            .map_err(|denied| denied.into_error(challenge))?;
 
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
         let lifetime = client
@@ -357,6 +359,14 @@ impl Inner {
             }),
         ))
     }
+}
+
+/// The IP address the request came from, when the server put its [`ClientAddr`] in the
+/// extensions.
+pub(super) fn source(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| addr.ip())
 }
 
 fn jti() -> String {

@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::authenticate::Denied;
 use super::client::{ClientSecret, StoreError};
-use super::endpoint::{answer, Inner, TokenEndpoint, TokenFuture};
+use super::endpoint::{answer, source, Inner, TokenEndpoint, TokenFuture};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
 
@@ -45,7 +45,7 @@ impl TokenEndpoint {
         match self
             .inner
             .clients
-            .authenticate_throttled(client_id, current_secret, "secret rotation")
+            .authenticate_throttled(client_id, current_secret, None, "secret rotation")
             .await
         {
             Ok(_) => {
@@ -138,7 +138,7 @@ impl Inner {
             ));
         }
         self.clients
-            .authenticate_throttled(&id, &secret, "secret rotation")
+            .authenticate_throttled(&id, &secret, source(&parts.extensions), "secret rotation")
             .await
             .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
         let new_secret = self
