@@ -5,6 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -18,8 +19,8 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
-    ClientAddr, ClientSecret, ClientStore, FileClientStore, InMemoryClientStore, NewClient,
-    SigningKey, SigningKeys, ThrottlePolicy, TokenEndpoint,
+    ClientAddr, ClientRecord, ClientSecret, ClientStore, FileClientStore, InMemoryClientStore,
+    NewClient, SigningKey, SigningKeys, StoreFuture, ThrottlePolicy, TokenEndpoint,
 };
 
 const ISSUER: &str = "https://gateway.test";
@@ -496,6 +497,112 @@ async fn guesses_from_one_address_do_not_lock_the_client_out_from_another() {
         token_post(&real, "app", secret.expose(), "").await.status,
         StatusCode::OK
     );
+}
+
+/// An in-memory store whose next look-up, once armed, reads the client, says so, and answers
+/// only when told to: what it read is then stale, deterministically.
+#[derive(Clone, Default)]
+struct PausingStore {
+    inner: InMemoryClientStore,
+    armed: Arc<Mutex<Option<Pause>>>,
+}
+
+struct Pause {
+    reached: tokio::sync::oneshot::Sender<()>,
+    resume: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PausingStore {
+    /// Arms the next look-up; returns (it has read the client, let it answer).
+    fn pause_next_lookup(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (resume_tx, resume) = tokio::sync::oneshot::channel();
+        *self.armed.lock().unwrap() = Some(Pause { reached, resume });
+        (reached_rx, resume_tx)
+    }
+}
+
+impl ClientStore for PausingStore {
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+        let read = self.inner.client(id);
+        let pause = self.armed.lock().unwrap().take();
+        Box::pin(async move {
+            let record = read.await?;
+            if let Some(pause) = pause {
+                pause.reached.send(()).unwrap();
+                pause.resume.await.unwrap();
+            }
+            Ok(record)
+        })
+    }
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+        self.inner.register(client)
+    }
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+        self.inner.rotate_secret(id, grace)
+    }
+    fn revoke(&self, id: &str) -> StoreFuture<()> {
+        self.inner.revoke(id)
+    }
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        self.inner.set_entitlements(id, tenants, scopes)
+    }
+}
+
+#[tokio::test]
+async fn no_token_after_a_revocation_rotation_or_entitlement_change_returned() {
+    let store = PausingStore::default();
+    let mut secrets = Vec::new();
+    for id in ["revoked", "rotated", "moved", "kept"] {
+        let secret = store
+            .register(NewClient::new(id).tenant(tenant(TENANT_A)))
+            .await
+            .unwrap();
+        secrets.push(secret.expose().to_owned());
+    }
+    let client = gateway(endpoint_over(store.clone(), ThrottlePolicy::default())).await;
+    // Each token request reads its client, then waits while an administrator changes the
+    // client and the change returns; only then does the request go on.
+    let changes: [(&str, StatusCode, &str); 4] = [
+        ("revoked", StatusCode::UNAUTHORIZED, "invalid_client"),
+        ("rotated", StatusCode::UNAUTHORIZED, "invalid_client"),
+        ("moved", StatusCode::BAD_REQUEST, "invalid_scope"),
+        ("kept", StatusCode::OK, ""),
+    ];
+    for ((id, status, error), secret) in changes.into_iter().zip(secrets) {
+        let (reached, resume) = store.pause_next_lookup();
+        let request = tokio::spawn({
+            let client = client.clone();
+            async move { token_post(&client, id, &secret, TENANT_A).await }
+        });
+        reached.await.unwrap();
+        match id {
+            "revoked" => store.revoke(id).await.unwrap(),
+            "rotated" => drop(store.rotate_secret(id, Duration::ZERO).await.unwrap()),
+            "moved" => store
+                .set_entitlements(id, vec![tenant(TENANT_B)], vec![])
+                .await
+                .unwrap(),
+            _ => {}
+        }
+        resume.send(()).unwrap();
+        let reply = request.await.unwrap();
+        if status == StatusCode::OK {
+            assert_eq!(reply.status, status, "{id}: {}", reply.text());
+        } else {
+            assert_error(&reply, status, error);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,16 @@ pub(super) enum Denied {
     StoreFailed(StoreError),
 }
 
+/// A client whose secret was right when it was checked.
+pub(super) struct Authenticated {
+    /// The client as the store had it before the check.
+    record: ClientRecord,
+    /// The hash its secret matched.
+    matched: String,
+    /// When (Unix seconds) the secrets were looked up.
+    at: u64,
+}
+
 impl Denied {
     /// The RFC 6749 answer: 429 while blocked, 503 when busy, 401 `invalid_client` for a wrong
     /// secret (with `challenge`, the `WWW-Authenticate: Basic` value, when the client used
@@ -64,7 +74,7 @@ impl Authenticator {
         secret: &str,
         from: Option<IpAddr>,
         doing: &'static str,
-    ) -> Result<ClientRecord, Denied> {
+    ) -> Result<Authenticated, Denied> {
         let attempt = self
             .throttle
             .admit(id, Source::of(from))
@@ -93,16 +103,35 @@ impl Authenticator {
         }
     }
 
-    /// The client, if the secret is one of its live ones, and the `attempt` back. Unknown and
-    /// revoked clients are checked against a dummy hash, so every failure costs the same Argon2
-    /// work. The attempt goes along into the hashing and is dropped with it if this future is
-    /// (a client that hangs up cannot free its place while its hash still runs).
+    /// The client as it is now, if it is still what `checked` found: not revoked, and the
+    /// secret that matched still one of its own (live when it was checked: a grace period that
+    /// ends during the check does not undo it). A check takes a while (the hash), and the store
+    /// may have changed meanwhile; run this right before issuing anything, so that nothing is
+    /// issued after a revocation or a rotation returned.
+    pub(super) async fn recheck(
+        &self,
+        checked: &Authenticated,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        let current = self.store.client(&checked.record.id).await?;
+        Ok(current.filter(|record| {
+            !record.revoked
+                && record
+                    .live_secrets(checked.at)
+                    .any(|h| h.phc == checked.matched)
+        }))
+    }
+
+    /// The client and the hash its secret matched, if the secret is one of its live ones, and
+    /// the `attempt` back. Unknown and revoked clients are checked against a dummy hash, so
+    /// every failure costs the same Argon2 work. The attempt goes along into the hashing and is
+    /// dropped with it if this future is (a client that hangs up cannot free its place while
+    /// its hash still runs).
     async fn authenticate(
         &self,
         id: &str,
         secret: &str,
         attempt: Attempt,
-    ) -> Result<(Option<ClientRecord>, Attempt), StoreError> {
+    ) -> Result<(Option<Authenticated>, Attempt), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
         let mut hashes: Vec<String> = record
@@ -117,13 +146,22 @@ impl Authenticator {
         let secret = secret.to_owned();
         let (matched, attempt) = client::blocking(move || {
             // Check every hash so the time does not tell which one matched.
-            let matched = hashes
-                .iter()
-                .fold(false, |ok, phc| client::verify(&secret, phc) | ok);
+            let matched = hashes.into_iter().fold(None, |found, phc| {
+                let ok = client::verify(&secret, &phc);
+                found.or(ok.then_some(phc))
+            });
             Ok((matched, attempt))
         })
         .await?;
-        Ok((record.filter(|_| known && matched), attempt))
+        let authenticated = record
+            .zip(matched)
+            .filter(|_| known)
+            .map(|(record, matched)| Authenticated {
+                record,
+                matched,
+                at: now,
+            });
+        Ok((authenticated, attempt))
     }
 
     fn dummy_hash(&self) -> Result<String, StoreError> {
