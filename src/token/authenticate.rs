@@ -21,9 +21,9 @@ pub(super) struct Authenticator {
 
 /// Why a throttled authentication gave no client.
 pub(super) enum Denied {
-    /// The id is blocked for this long.
+    /// The id is blocked for this source for this long.
     Blocked(Duration),
-    /// Other checks of the id took too long to make room; nothing failed.
+    /// Other checks of the id (or of the source) took too long to make room; nothing failed.
     Busy,
     /// The secret is wrong (or the client unknown or revoked).
     Failed,
@@ -188,7 +188,7 @@ fn busy() -> TokenError {
     TokenError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TemporarilyUnavailable,
-        "Other authentications of this client are still being checked; retry shortly",
+        "Other authentications of this client or from this address are still being checked; retry shortly",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }

@@ -35,7 +35,8 @@ impl TokenEndpoint {
     }
 
     /// Rotation by the client itself: checks `current_secret`, then gives the client a new
-    /// secret; the old one keeps working for `grace`. Failures count toward the throttle.
+    /// secret; the old one keeps working for `grace`. Failures count toward the throttle, as
+    /// from an unknown address (the [`SecretRotation`] service counts them per address).
     pub async fn rotate_own_secret(
         &self,
         client_id: &str,
