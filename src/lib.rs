@@ -38,6 +38,8 @@ pub mod auth;
 pub mod body;
 #[cfg(any(feature = "proxy", feature = "remote-jwks"))]
 mod client;
+#[cfg(any(feature = "proxy", feature = "token"))]
+mod client_addr;
 mod crypto;
 pub mod future;
 #[cfg(feature = "proxy")]

@@ -4,8 +4,11 @@
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Router};
 use base64::engine::general_purpose::STANDARD;
@@ -16,8 +19,8 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
-    ClientSecret, ClientStore, FileClientStore, InMemoryClientStore, NewClient, SigningKey,
-    SigningKeys, ThrottlePolicy, TokenEndpoint,
+    ClientAddr, ClientRecord, ClientSecret, ClientStore, FileClientStore, InMemoryClientStore,
+    NewClient, SigningKey, SigningKeys, StoreFuture, ThrottlePolicy, TokenEndpoint,
 };
 
 const ISSUER: &str = "https://gateway.test";
@@ -60,8 +63,35 @@ async fn gateway(endpoint: TokenEndpoint) -> TestClient {
     let router = Router::new()
         .route_service("/jwks", endpoint.signing_keys().jwks_service())
         .route_service("/token", endpoint)
-        .merge(fhir);
-    TestClient::new(serve(router).await)
+        .merge(fhir)
+        .layer(axum::middleware::from_fn(name_the_client));
+    TestClient::new(serve_naming_clients(router).await)
+}
+
+/// Puts the connection's peer in the request extensions as `ClientAddr`, as the gateway
+/// binary does.
+async fn name_the_client(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    request.extensions_mut().insert(ClientAddr(peer));
+    next.run(request).await
+}
+
+/// Serves a router on a loopback port, telling it each connection's peer.
+async fn serve_naming_clients(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    addr
 }
 
 fn basic(id: &str, secret: &str) -> String {
@@ -420,6 +450,160 @@ async fn repeated_failures_get_429_then_the_client_gets_back_in() {
         token_post(&client, "app", secret.expose(), "").await.status,
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn guesses_from_one_address_do_not_lock_the_client_out_from_another() {
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(5, Duration::from_secs(60), Duration::from_secs(60));
+    // The guesser connects from 127.0.0.1, the real client from 127.0.0.2.
+    let guesser = gateway(endpoint_over(store, policy)).await;
+    let real = guesser.connecting_from("127.0.0.2".parse().unwrap());
+    for _ in 0..5 {
+        assert_eq!(
+            token_post(&guesser, "app", "guess", "").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let reply = token_post(&guesser, "app", "guess", "").await;
+    assert_error(
+        &reply,
+        StatusCode::TOO_MANY_REQUESTS,
+        "temporarily_unavailable",
+    );
+    assert_eq!(reply.headers["retry-after"], "60");
+    // The real client, from its own address, still gets its tokens, again and again.
+    for _ in 0..2 {
+        let reply = token_post(&real, "app", secret.expose(), "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // Its successes do not reset the guesser, who stays throttled (even with the right
+    // secret: it is refused before any check).
+    assert_eq!(
+        token_post(&guesser, "app", "guess", "").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        token_post(&guesser, "app", secret.expose(), "")
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Wrong guesses from the real client's address count there, not against the guesser.
+    assert_eq!(
+        token_post(&real, "app", "typo", "").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token_post(&real, "app", secret.expose(), "").await.status,
+        StatusCode::OK
+    );
+}
+
+/// An in-memory store whose next look-up, once armed, reads the client, says so, and answers
+/// only when told to: what it read is then stale, deterministically.
+#[derive(Clone, Default)]
+struct PausingStore {
+    inner: InMemoryClientStore,
+    armed: Arc<Mutex<Option<Pause>>>,
+}
+
+struct Pause {
+    reached: tokio::sync::oneshot::Sender<()>,
+    resume: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl PausingStore {
+    /// Arms the next look-up; returns (it has read the client, let it answer).
+    fn pause_next_lookup(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (resume_tx, resume) = tokio::sync::oneshot::channel();
+        *self.armed.lock().unwrap() = Some(Pause { reached, resume });
+        (reached_rx, resume_tx)
+    }
+}
+
+impl ClientStore for PausingStore {
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+        let read = self.inner.client(id);
+        let pause = self.armed.lock().unwrap().take();
+        Box::pin(async move {
+            let record = read.await?;
+            if let Some(pause) = pause {
+                pause.reached.send(()).unwrap();
+                pause.resume.await.unwrap();
+            }
+            Ok(record)
+        })
+    }
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+        self.inner.register(client)
+    }
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+        self.inner.rotate_secret(id, grace)
+    }
+    fn revoke(&self, id: &str) -> StoreFuture<()> {
+        self.inner.revoke(id)
+    }
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        self.inner.set_entitlements(id, tenants, scopes)
+    }
+}
+
+#[tokio::test]
+async fn no_token_after_a_revocation_rotation_or_entitlement_change_returned() {
+    let store = PausingStore::default();
+    let mut secrets = Vec::new();
+    for id in ["revoked", "rotated", "moved", "kept"] {
+        let secret = store
+            .register(NewClient::new(id).tenant(tenant(TENANT_A)))
+            .await
+            .unwrap();
+        secrets.push(secret.expose().to_owned());
+    }
+    let client = gateway(endpoint_over(store.clone(), ThrottlePolicy::default())).await;
+    // Each token request reads its client, then waits while an administrator changes the
+    // client and the change returns; only then does the request go on.
+    let changes: [(&str, StatusCode, &str); 4] = [
+        ("revoked", StatusCode::UNAUTHORIZED, "invalid_client"),
+        ("rotated", StatusCode::UNAUTHORIZED, "invalid_client"),
+        ("moved", StatusCode::BAD_REQUEST, "invalid_scope"),
+        ("kept", StatusCode::OK, ""),
+    ];
+    for ((id, status, error), secret) in changes.into_iter().zip(secrets) {
+        let (reached, resume) = store.pause_next_lookup();
+        let request = tokio::spawn({
+            let client = client.clone();
+            async move { token_post(&client, id, &secret, TENANT_A).await }
+        });
+        reached.await.unwrap();
+        match id {
+            "revoked" => store.revoke(id).await.unwrap(),
+            "rotated" => drop(store.rotate_secret(id, Duration::ZERO).await.unwrap()),
+            "moved" => store
+                .set_entitlements(id, vec![tenant(TENANT_B)], vec![])
+                .await
+                .unwrap(),
+            _ => {}
+        }
+        resume.send(()).unwrap();
+        let reply = request.await.unwrap();
+        if status == StatusCode::OK {
+            assert_eq!(reply.status, status, "{id}: {}", reply.text());
+        } else {
+            assert_error(&reply, status, error);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

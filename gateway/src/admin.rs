@@ -1,7 +1,8 @@
 //! The admin API: onboard, change and remove tenants; register clients, change which tenants
 //! and scopes they may get tokens for, revoke them, reset their secrets. Bearer `admin_token`;
 //! every change is written under `state_dir` and takes effect at once (for tokens issued from
-//! then on: one already issued keeps its scope until it expires).
+//! then on: one already issued keeps its scope until it expires). An address that presents
+//! five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,15 +16,20 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
+use tower_fhir::proxy::ClientAddr;
 use tower_fhir::route::{TenantStore, TenantUpstreams};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{ClientRecord, ClientStore, NewClient};
+
+pub(crate) use crate::throttle::AdminThrottle;
+use crate::throttle::{Source, Verdict};
 
 pub(crate) struct Admin {
     pub(crate) token: String,
     pub(crate) directory: Arc<dyn TenantStore>,
     pub(crate) clients: Arc<dyn ClientStore>,
+    /// Wrong admin tokens per source address.
+    pub(crate) throttle: AdminThrottle,
 }
 
 /// The routes under `/admin`.
@@ -50,7 +56,8 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
-/// Lets a request through only with the admin token (compared in constant time).
+/// Lets a request through only with the admin token (compared in constant time), and not at
+/// all from an address that presented too many wrong ones lately (`429`, `Retry-After`).
 async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
     // The scheme is case-insensitive (RFC 9110 §11.1).
     let presented = request
@@ -59,14 +66,38 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token);
-    // `subtle` compares in constant time (the length is not secret: a different one fails
-    // at once).
-    let same: bool = presented.as_bytes().ct_eq(admin.token.as_bytes()).into();
-    if same {
-        return next.run(request).await;
+        .map(|(_, token)| token);
+    let from = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| addr.ip());
+    let verdict = admin.throttle.check(
+        Source::of(from),
+        presented,
+        &admin.token,
+        std::time::Instant::now(),
+    );
+    match verdict {
+        Verdict::Allowed => return next.run(request).await,
+        Verdict::Blocked(wait) => {
+            tracing::warn!(
+                ?from,
+                "admin request refused: too many wrong admin tokens from this address"
+            );
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many wrong admin tokens from this address; retry later",
+            );
+            // Rounded up, so a client waiting `Retry-After` seconds is not refused again.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+            return response;
+        }
+        Verdict::Refused => {}
     }
-    tracing::warn!("admin request refused: missing or wrong admin token");
+    tracing::warn!(?from, "admin request refused: missing or wrong admin token");
     let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,

@@ -24,6 +24,7 @@ mod demo;
 mod demo_fhir;
 mod serve;
 mod state;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -137,6 +138,7 @@ async fn run(args: Args) -> Result<(), String> {
             token: token.clone(),
             directory: Arc::clone(&state.directory),
             clients: Arc::clone(&state.clients),
+            throttle: admin::AdminThrottle::default(),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });

@@ -872,6 +872,63 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     assert!(!state.contains(&reset), "a secret is stored in clear");
 }
 
+#[tokio::test]
+async fn wrong_admin_tokens_get_their_address_429_and_only_theirs() {
+    let dir = scratch("admin-throttle");
+    let port = free_port();
+    // No upstream is contacted: nothing needs to listen there.
+    let nowhere = "http://127.0.0.1:9";
+    let gateway = start_gateway(&dir, &config(&dir, port, nowhere, nowhere, None));
+    let right = format!("Bearer {ADMIN_TOKEN}");
+    let guesser = &gateway.client; // from 127.0.0.1
+    let admin = gateway.client.connecting_from("127.0.0.2".parse().unwrap());
+    let path = "/admin/clients/app";
+    // Requests without a token guess nothing and count for nothing.
+    for _ in 0..10 {
+        assert_eq!(
+            guesser.send("GET", path, &[], "").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    for i in 0..5 {
+        let wrong = format!("Bearer wrong-admin-token-{i:04}");
+        let reply = guesser
+            .send("GET", path, &[("authorization", wrong.as_str())], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "guess {i}");
+    }
+    // The guessing address is refused now, the right token included, and told when to retry.
+    for auth in [
+        &[("authorization", "Bearer one-more-guess-0000")][..],
+        &[("authorization", right.as_str())][..],
+        &[][..],
+    ] {
+        let reply = guesser.send("GET", path, auth, "").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.headers["retry-after"], "60");
+        assert!(reply.json()["error"].is_string());
+    }
+    // The administrator, from another address, goes on.
+    let reply = admin
+        .send("GET", path, &[("authorization", right.as_str())], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["client_id"], "app");
+    // The rest of the gateway does not care: the guessing address still gets tokens.
+    let reply = token(&gateway, CLIENT_SECRET, STU3_TENANT).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let log = gateway.proc.stderr();
+    assert!(log.contains("too many wrong admin tokens"), "{log}");
+    assert!(!log.contains(ADMIN_TOKEN), "the admin token is in the log");
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_missing_short_or_spaced_admin_token_keeps_the_gateway_from_starting() {
     let dir = scratch("admin-token");

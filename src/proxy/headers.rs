@@ -3,16 +3,10 @@
 //! credentials the upstream's, the `Forwarded`/`X-Forwarded-*` chain started or extended and
 //! naming the gateway's public address.
 
-use std::net::SocketAddr;
-
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
+use crate::client_addr::ClientAddr;
 use crate::route::{Upstream, UpstreamBase};
-
-/// The address of the client that sent a request; put it in the request extensions (the
-/// server knows it) and the proxy names it in `Forwarded` and `X-Forwarded-For`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

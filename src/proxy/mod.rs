@@ -76,6 +76,7 @@ mod rewrite;
 mod service;
 mod transport;
 
+pub use crate::client_addr::ClientAddr;
 pub use body::ProxyBody;
-pub use headers::{ClientAddr, FORWARDED_REQUEST_HEADERS};
+pub use headers::FORWARDED_REQUEST_HEADERS;
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

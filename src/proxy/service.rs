@@ -16,11 +16,12 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use super::body::ProxyBody;
-use super::headers::{prepare_request_headers, unforwardable, ClientAddr, HeaderPolicy};
+use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
 use super::rewrite::BaseRewriter;
 use super::transport::Transport;
+use crate::client_addr::ClientAddr;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
 use crate::version::dstu2::{asked_form, request_to_dstu2, response_from_dstu2, AskedForm};

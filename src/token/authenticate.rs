@@ -1,5 +1,6 @@
 //! Client authentication under the throttle, shared by the token grant and secret rotation.
 
+use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use http::{header, HeaderValue, StatusCode};
 
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
-use super::throttle::{Attempt, Refusal, Throttle, ThrottlePolicy};
+use super::throttle::{Attempt, Refusal, Source, Throttle, ThrottlePolicy};
 
 /// Checks clients' secrets against their store, under the failure throttle.
 pub(super) struct Authenticator {
@@ -20,14 +21,24 @@ pub(super) struct Authenticator {
 
 /// Why a throttled authentication gave no client.
 pub(super) enum Denied {
-    /// The id is blocked for this long.
+    /// The id is blocked for this source for this long.
     Blocked(Duration),
-    /// Other checks of the id took too long to make room; nothing failed.
+    /// Other checks of the id (or of the source) took too long to make room; nothing failed.
     Busy,
     /// The secret is wrong (or the client unknown or revoked).
     Failed,
     /// The store failed (logged).
     StoreFailed(StoreError),
+}
+
+/// A client whose secret was right when it was checked.
+pub(super) struct Authenticated {
+    /// The client as the store had it before the check.
+    record: ClientRecord,
+    /// The hash its secret matched.
+    matched: String,
+    /// When (Unix seconds) the secrets were looked up.
+    at: u64,
 }
 
 impl Denied {
@@ -54,17 +65,19 @@ impl Authenticator {
     }
 
     /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
-    /// blocked, waiting while parallel checks of it could use up its allowance, a wrong secret
-    /// counted. `doing` names the request in the log.
+    /// blocked for the request's source address (`from`; `None` when the server did not say),
+    /// waiting while parallel checks of it could use up its allowance, a wrong secret counted.
+    /// `doing` names the request in the log.
     pub(super) async fn authenticate_throttled(
         &self,
         id: &str,
         secret: &str,
+        from: Option<IpAddr>,
         doing: &'static str,
-    ) -> Result<ClientRecord, Denied> {
+    ) -> Result<Authenticated, Denied> {
         let attempt = self
             .throttle
-            .admit(id)
+            .admit(id, Source::of(from))
             .await
             .map_err(|refusal| match refusal {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
@@ -76,9 +89,10 @@ impl Authenticator {
                 Ok(client)
             }
             Ok((None, attempt)) => {
-                tracing::info!(client_id = %id, "{doing}: client authentication failed");
+                let from = from.map(|ip| ip.to_canonical());
+                tracing::info!(client_id = %id, from = ?from, "{doing}: client authentication failed");
                 if let Some(wait) = attempt.failed() {
-                    tracing::warn!(client_id = %id, block = ?wait, "too many failed authentications; refusing for a while");
+                    tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(Denied::Failed)
             }
@@ -89,16 +103,35 @@ impl Authenticator {
         }
     }
 
-    /// The client, if the secret is one of its live ones, and the `attempt` back. Unknown and
-    /// revoked clients are checked against a dummy hash, so every failure costs the same Argon2
-    /// work. The attempt goes along into the hashing and is dropped with it if this future is
-    /// (a client that hangs up cannot free its place while its hash still runs).
+    /// The client as it is now, if it is still what `checked` found: not revoked, and the
+    /// secret that matched still one of its own (live when it was checked: a grace period that
+    /// ends during the check does not undo it). A check takes a while (the hash), and the store
+    /// may have changed meanwhile; run this right before issuing anything, so that nothing is
+    /// issued after a revocation or a rotation returned.
+    pub(super) async fn recheck(
+        &self,
+        checked: &Authenticated,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        let current = self.store.client(&checked.record.id).await?;
+        Ok(current.filter(|record| {
+            !record.revoked
+                && record
+                    .live_secrets(checked.at)
+                    .any(|h| h.phc == checked.matched)
+        }))
+    }
+
+    /// The client and the hash its secret matched, if the secret is one of its live ones, and
+    /// the `attempt` back. Unknown and revoked clients are checked against a dummy hash, so
+    /// every failure costs the same Argon2 work. The attempt goes along into the hashing and is
+    /// dropped with it if this future is (a client that hangs up cannot free its place while
+    /// its hash still runs).
     async fn authenticate(
         &self,
         id: &str,
         secret: &str,
         attempt: Attempt,
-    ) -> Result<(Option<ClientRecord>, Attempt), StoreError> {
+    ) -> Result<(Option<Authenticated>, Attempt), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
         let mut hashes: Vec<String> = record
@@ -113,13 +146,22 @@ impl Authenticator {
         let secret = secret.to_owned();
         let (matched, attempt) = client::blocking(move || {
             // Check every hash so the time does not tell which one matched.
-            let matched = hashes
-                .iter()
-                .fold(false, |ok, phc| client::verify(&secret, phc) | ok);
+            let matched = hashes.into_iter().fold(None, |found, phc| {
+                let ok = client::verify(&secret, &phc);
+                found.or(ok.then_some(phc))
+            });
             Ok((matched, attempt))
         })
         .await?;
-        Ok((record.filter(|_| known && matched), attempt))
+        let authenticated = record
+            .zip(matched)
+            .filter(|_| known)
+            .map(|(record, matched)| Authenticated {
+                record,
+                matched,
+                at: now,
+            });
+        Ok((authenticated, attempt))
     }
 
     fn dummy_hash(&self) -> Result<String, StoreError> {
@@ -137,7 +179,7 @@ fn too_many(wait: Duration) -> TokenError {
     TokenError::new(
         StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TemporarilyUnavailable,
-        "Too many failed authentications for this client; retry later",
+        "Too many failed authentications for this client from this address; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
 }
@@ -146,7 +188,7 @@ fn busy() -> TokenError {
     TokenError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TemporarilyUnavailable,
-        "Other authentications of this client are still being checked; retry shortly",
+        "Other authentications of this client or from this address are still being checked; retry shortly",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }

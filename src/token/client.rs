@@ -381,6 +381,40 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     }
 }
 
+/// A secret in clear and its hash, made before any lock is taken: hashing is slow, and a
+/// store's lock is also what its look-ups take.
+pub(crate) struct HashedSecret {
+    secret: ClientSecret,
+    hash: SecretHash,
+}
+
+impl HashedSecret {
+    /// A new generated secret, hashed.
+    pub(crate) fn generate(hashing: SecretHashing) -> Result<Self, StoreError> {
+        Self::of(new_secret(), hashing)
+    }
+
+    /// The secret `client` is to be registered with (the one it was given, or a new one),
+    /// hashed.
+    pub(crate) fn for_client(
+        client: &NewClient,
+        hashing: SecretHashing,
+    ) -> Result<Self, StoreError> {
+        Self::of(client.secret.clone().unwrap_or_else(new_secret), hashing)
+    }
+
+    fn of(secret: ClientSecret, hashing: SecretHashing) -> Result<Self, StoreError> {
+        let phc = hashing.hash(secret.expose())?;
+        Ok(Self {
+            secret,
+            hash: SecretHash {
+                phc,
+                expires_at: None,
+            },
+        })
+    }
+}
+
 /// The clients map and the operations both built-in stores share.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Clients {
@@ -388,11 +422,10 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
-    pub(crate) fn register(
-        &mut self,
-        client: NewClient,
-        hashing: SecretHashing,
-    ) -> Result<ClientSecret, StoreError> {
+    /// Whether `client` can be registered: its id, its scopes, a given secret's length, the id
+    /// not taken. Cheap: check it before hashing the secret, and again (in
+    /// [`register`](Self::register)) when inserting.
+    pub(crate) fn check_new(&self, client: &NewClient) -> Result<(), StoreError> {
         if !is_client_id(&client.id) || client.id.contains(':') {
             return Err(StoreError::refused(
                 "a client id must be 1 to 255 printable ASCII characters (spaces allowed) without ':'",
@@ -405,43 +438,58 @@ impl Clients {
             )));
         }
         check_scopes(&client.id, &client.scopes)?;
-        let secret = match client.secret {
+        match &client.secret {
             Some(given) if given.0.chars().count() < MIN_SECRET_LEN => {
-                return Err(StoreError::refused(format!(
+                Err(StoreError::refused(format!(
                     "client {:?}: a secret needs at least {MIN_SECRET_LEN} characters",
                     client.id
                 )))
             }
-            Some(given) => given,
-            None => new_secret(),
-        };
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers `client` with `secret`, hashed beforehand by
+    /// [`HashedSecret::for_client`] (outside any lock: hashing is slow).
+    pub(crate) fn register(
+        &mut self,
+        client: NewClient,
+        secret: HashedSecret,
+    ) -> Result<ClientSecret, StoreError> {
+        self.check_new(&client)?;
         let record = ClientRecord {
             id: client.id.clone(),
-            secrets: vec![SecretHash {
-                phc: hashing.hash(secret.expose())?,
-                expires_at: None,
-            }],
+            secrets: vec![secret.hash],
             tenants: crate::auth::dedup(client.tenants),
             scopes: crate::auth::dedup(client.scopes),
             token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
             revoked: false,
         };
         self.clients.insert(client.id, record);
-        Ok(secret)
+        Ok(secret.secret)
     }
 
+    /// Refuses a client that is unknown or revoked (before hashing a new secret for it).
+    pub(crate) fn check_active(&self, id: &str) -> Result<(), StoreError> {
+        match self.clients.get(id) {
+            Some(record) if !record.revoked => Ok(()),
+            _ => Err(StoreError::refused(format!("no active client {id:?}"))),
+        }
+    }
+
+    /// Gives the client `secret` (hashed beforehand, outside any lock); its old secrets stop
+    /// at once, or when `grace` ends.
     pub(crate) fn rotate(
         &mut self,
         id: &str,
         grace: Duration,
-        hashing: SecretHashing,
+        secret: HashedSecret,
     ) -> Result<ClientSecret, StoreError> {
         let record = self
             .clients
             .get_mut(id)
             .filter(|r| !r.revoked)
             .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
-        let secret = new_secret();
         let now = unix_now();
         let grace_ends = now.saturating_add(grace.as_secs());
         // Old secrets stop at once, or when the grace ends (never later than they would have).
@@ -453,11 +501,8 @@ impl Clients {
                 old.expires_at = Some(old.expires_at.map_or(grace_ends, |t| t.min(grace_ends)));
             }
         }
-        record.secrets.push(SecretHash {
-            phc: hashing.hash(secret.expose())?,
-            expires_at: None,
-        });
-        Ok(secret)
+        record.secrets.push(secret.hash);
+        Ok(secret.secret)
     }
 
     pub(crate) fn set_entitlements(
@@ -548,16 +593,20 @@ impl ClientStore for InMemoryClientStore {
 
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
         let this = self.clone();
-        // Hashing is slow: off the async worker threads.
+        // Hashing is slow: off the async worker threads, and outside the lock look-ups take.
         Box::pin(blocking(move || {
-            this.with(|c| c.register(client, this.hashing))
+            this.with(|c| c.check_new(&client))?;
+            let secret = HashedSecret::for_client(&client, this.hashing)?;
+            this.with(|c| c.register(client, secret))
         }))
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || {
-            this.with(|c| c.rotate(&id, grace, this.hashing))
+            this.with(|c| c.check_active(&id))?;
+            let secret = HashedSecret::generate(this.hashing)?;
+            this.with(|c| c.rotate(&id, grace, secret))
         }))
     }
 

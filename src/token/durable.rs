@@ -1,5 +1,6 @@
 //! A client store kept in a JSON file, replaced atomically on every change.
 
+use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::tenant::TenantId;
 
 use super::client::{
-    blocking, ClientRecord, ClientSecret, ClientStore, Clients, NewClient, SecretHashing,
-    StoreError, StoreFuture,
+    blocking, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret, NewClient,
+    SecretHashing, StoreError, StoreFuture,
 };
 
 /// Clients in a JSON file, so registrations, rotations and revocations survive a restart.
@@ -21,17 +22,39 @@ use super::client::{
 /// Rotated-out secrets are removed from the file (or kept with their absolute expiry time
 /// during a grace period), so they never work again after a restart. The file holds only
 /// Argon2id hashes; still, keep it readable by the gateway alone. One process owns the file.
-#[derive(Debug, Clone)]
+///
+/// Hashing and writing run on tokio's blocking pool, and look-ups never wait for them: a new
+/// secret is hashed before anything is locked, and a change is written while the clients seen
+/// by look-ups stay the previous ones until the file is in place.
+#[derive(Clone)]
 pub struct FileClientStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl fmt::Debug for FileClientStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileClientStore")
+            .field("path", &self.inner.path)
+            .field("hashing", &self.inner.hashing)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     path: PathBuf,
-    clients: Mutex<Clients>,
+    /// The clients as last written; look-ups hold this lock only to clone the `Arc` or a
+    /// record.
+    clients: Mutex<Arc<Clients>>,
+    /// Held by a change while it is applied and written, so changes go one at a time.
+    writer: Mutex<()>,
     hashing: SecretHashing,
+    /// Called by a change right before it writes the file (tests).
+    #[cfg(test)]
+    before_write: Mutex<Option<BeforeWrite>>,
 }
+
+#[cfg(test)]
+type BeforeWrite = Box<dyn FnOnce(&FileClientStore) + Send>;
 
 #[derive(Serialize, Deserialize)]
 struct FileFormat {
@@ -85,8 +108,11 @@ impl FileClientStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                clients: Mutex::new(clients),
+                clients: Mutex::new(Arc::new(clients)),
+                writer: Mutex::new(()),
                 hashing,
+                #[cfg(test)]
+                before_write: Mutex::new(None),
             }),
         })
     }
@@ -96,20 +122,41 @@ impl FileClientStore {
         &self.inner.path
     }
 
-    /// Applies a change to a copy, writes it, and only then makes it visible.
+    /// The clients as last written.
+    fn current(&self) -> Arc<Clients> {
+        Arc::clone(
+            &self
+                .inner
+                .clients
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Applies a change to a copy, writes it, and only then makes it visible. Blocking (the
+    /// file is synced): call it on the blocking pool. Look-ups go on meanwhile, seeing the
+    /// clients as they were.
     fn change<T>(
         &self,
         change: impl FnOnce(&mut Clients) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut clients = self
+        let _writing = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next = Clients::clone(&self.current());
+        let result = change(&mut next)?;
+        #[cfg(test)]
+        if let Some(hook) = self.inner.before_write.lock().unwrap().take() {
+            hook(self);
+        }
+        write_atomically(&self.inner.path, &next)?;
+        *self
             .inner
             .clients
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut next = clients.clone();
-        let result = change(&mut next)?;
-        write_atomically(&self.inner.path, &next)?;
-        *clients = next;
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         Ok(result)
     }
 }
@@ -125,28 +172,26 @@ fn write_atomically(path: &Path, clients: &Clients) -> Result<(), StoreError> {
 
 impl ClientStore for FileClientStore {
     fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
-        let found = self
-            .inner
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clients
-            .get(id)
-            .cloned();
+        let found = self.current().clients.get(id).cloned();
         Box::pin(async move { Ok(found) })
     }
 
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
         let this = self.clone();
+        // Refused before hashing when it can be; hashed before any lock is taken.
         Box::pin(blocking(move || {
-            this.change(|c| c.register(client, this.inner.hashing))
+            this.current().check_new(&client)?;
+            let secret = HashedSecret::for_client(&client, this.inner.hashing)?;
+            this.change(|c| c.register(client, secret))
         }))
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || {
-            this.change(|c| c.rotate(&id, grace, this.inner.hashing))
+            this.current().check_active(&id)?;
+            let secret = HashedSecret::generate(this.inner.hashing)?;
+            this.change(|c| c.rotate(&id, grace, secret))
         }))
     }
 
@@ -178,11 +223,9 @@ mod tests {
     use super::*;
 
     fn works(store: &FileClientStore, id: &str, secret: &ClientSecret) -> bool {
-        let clients = store.inner.clients.lock().unwrap();
-        let works = clients.clients[id]
+        store.current().clients[id]
             .live_secrets(unix_now())
-            .any(|h| verify(secret.expose(), &h.phc));
-        works
+            .any(|h| verify(secret.expose(), &h.phc))
     }
 
     #[tokio::test]
@@ -228,5 +271,31 @@ mod tests {
         fs::write(&path, b"not json").unwrap();
         assert!(FileClientStore::open(&path).is_err());
         fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn look_ups_go_on_while_a_change_is_written() {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-store-{}", rand::random::<u64>()));
+        fs::create_dir_all(&dir).unwrap();
+        let store = FileClientStore::open_with_hashing(
+            dir.join("clients.json"),
+            SecretHashing::new(8, 1).unwrap(),
+        )
+        .unwrap();
+        store.register(NewClient::new("app")).await.unwrap();
+        let (seen, saw) = std::sync::mpsc::channel();
+        *store.inner.before_write.lock().unwrap() =
+            Some(Box::new(move |store: &FileClientStore| {
+                // While the revocation is being written, a look-up answers at once, with the client
+                // as it was; another change waits its turn (it would be written over this one).
+                let found = futures::FutureExt::now_or_never(store.client("app"));
+                let writer_free = store.inner.writer.try_lock().is_ok();
+                seen.send((found.map(|r| r.unwrap().unwrap().revoked), writer_free))
+                    .unwrap();
+            }));
+        store.revoke("app").await.unwrap();
+        assert_eq!(saw.recv().unwrap(), (Some(false), false));
+        assert!(store.client("app").await.unwrap().unwrap().revoked);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

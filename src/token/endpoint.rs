@@ -17,13 +17,14 @@ use rand::RngCore;
 use serde_json::json;
 use tower_service::Service;
 
-use super::authenticate::Authenticator;
+use super::authenticate::{Authenticator, Denied};
 use super::client::{unix_now, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::ThrottlePolicy;
+use crate::client_addr::ClientAddr;
 
 /// The future a [`TokenEndpoint`] returns.
 pub type TokenFuture =
@@ -316,12 +317,26 @@ impl Inner {
             Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
         };
-        let client = self
+        let challenge = basic.then_some(&self.realm);
+        let checked = self
             .clients
-            .authenticate_throttled(id, secret, "token request")
+            .authenticate_throttled(id, secret, source(&parts.extensions), "token request")
             .await
-            .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
+            .map_err(|denied| denied.into_error(challenge))?;
 
+        // The check took a while: the client may have been revoked, rotated or given other
+        // tenants meanwhile. Issue only what the store says now.
+        let client = match self.clients.recheck(&checked).await {
+            Ok(Some(client)) => client,
+            Ok(None) => {
+                tracing::info!(client_id = %id, "token request: the client was revoked or its secret rotated during the check");
+                return Err(Denied::Failed.into_error(challenge));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                return Err(TokenError::server_error());
+            }
+        };
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
         let lifetime = client
             .token_lifetime_secs
@@ -357,6 +372,14 @@ impl Inner {
             }),
         ))
     }
+}
+
+/// The IP address the request came from, when the server put its [`ClientAddr`] in the
+/// extensions.
+pub(super) fn source(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| addr.ip())
 }
 
 fn jti() -> String {

@@ -24,7 +24,8 @@ pub enum ErrorCode {
     /// The scope names no tenant, a tenant the client is not entitled to, more than one
     /// tenant, or a scope the client may not have.
     InvalidScope,
-    /// Too many failed authentications for this client id: retry after `Retry-After`.
+    /// Too many failed authentications for this client id from this address: retry after
+    /// `Retry-After`.
     TemporarilyUnavailable,
     /// The gateway could not answer (client store or signing failed); details are logged.
     ServerError,

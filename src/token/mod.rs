@@ -14,8 +14,8 @@
 //! - [`SigningKeys`]: the signing keys, their JWKS document ([`JwksService`]) and rotation;
 //!   also a [`KeySource`](crate::auth::KeySource), so a bearer layer in the same process
 //!   verifies the endpoint's tokens without HTTP.
-//! - [`ThrottlePolicy`]: repeated failed authentications for one client id get 429 for a
-//!   while.
+//! - [`ThrottlePolicy`]: repeated failed authentications for one client id from one address
+//!   (the [`ClientAddr`] the server puts in the request extensions) get 429 for a while.
 //!
 //! Signing keys: [`SigningKey::generate_es256`] generates a P-256 key at run time in every
 //! build (pure Rust, `p256`); `ES256` and `RS256` keys can also be loaded from PEM.
@@ -69,9 +69,9 @@
 //! | 405 | `invalid_request` | not `POST` (`Allow: POST`) |
 //! | 413 | `invalid_request` | body above the cap |
 //! | 415 | `invalid_request` | Content-Type other than `application/x-www-form-urlencoded` |
-//! | 429 | `temporarily_unavailable` | too many failed authentications for the client id (`Retry-After`) |
+//! | 429 | `temporarily_unavailable` | too many failed authentications for the client id from the request's address (`Retry-After`) |
 //! | 500 | `server_error` | the store or signing failed (logged) |
-//! | 503 | `temporarily_unavailable` | other checks of the same client id ran 10 s without making room (a slow store; `Retry-After: 1`) |
+//! | 503 | `temporarily_unavailable` | other checks of the same client id from the same address, or 16 checks of that address, ran 10 s without making room (a slow store; `Retry-After: 1`) |
 
 mod authenticate;
 mod client;
@@ -84,6 +84,7 @@ mod scope;
 mod signing;
 mod throttle;
 
+pub use crate::client_addr::ClientAddr;
 pub use client::{
     ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient, SecretHash,
     SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,

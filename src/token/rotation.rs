@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::authenticate::Denied;
 use super::client::{ClientSecret, StoreError};
-use super::endpoint::{answer, Inner, TokenEndpoint, TokenFuture};
+use super::endpoint::{answer, source, Inner, TokenEndpoint, TokenFuture};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
 
@@ -35,7 +35,8 @@ impl TokenEndpoint {
     }
 
     /// Rotation by the client itself: checks `current_secret`, then gives the client a new
-    /// secret; the old one keeps working for `grace`. Failures count toward the throttle.
+    /// secret; the old one keeps working for `grace`. Failures count toward the throttle, as
+    /// from an unknown address (the [`SecretRotation`] service counts them per address).
     pub async fn rotate_own_secret(
         &self,
         client_id: &str,
@@ -45,7 +46,7 @@ impl TokenEndpoint {
         match self
             .inner
             .clients
-            .authenticate_throttled(client_id, current_secret, "secret rotation")
+            .authenticate_throttled(client_id, current_secret, None, "secret rotation")
             .await
         {
             Ok(_) => {
@@ -138,7 +139,7 @@ impl Inner {
             ));
         }
         self.clients
-            .authenticate_throttled(&id, &secret, "secret rotation")
+            .authenticate_throttled(&id, &secret, source(&parts.extensions), "secret rotation")
             .await
             .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
         let new_secret = self

@@ -1,23 +1,29 @@
-//! Refusing repeated failed authentications for one client id for a while.
+//! Refusing repeated failed authentications for one client id from one source for a while.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
-/// How failed authentications are limited, per client id.
+/// How failed authentications are limited, per client id and source address.
 ///
-/// After `max_failures` failures within `window`, the client id is refused (429 with
+/// Failures are counted per client id *and* the address the request came from (the
+/// [`ClientAddr`](crate::token::ClientAddr) in its extensions; an IPv6 address by its /64
+/// network; requests without one share a single "unknown" source). After `max_failures`
+/// failures within `window`, that client id is refused from that source (429 with
 /// `Retry-After`) for `base_block`; each further block doubles, up to `max_block`. A success
-/// resets everything, and a block always ends, so the real client is never locked out for
-/// longer than `max_block`.
+/// resets that source's count, and a block always ends. Guesses from one address therefore never
+/// lock the client out when it calls from another one.
 ///
 /// Checks that are still running count as failures-to-be: while the failures so far and the
-/// checks running reach `max_failures`, a further attempt for that id waits for one to end
-/// (so a burst of parallel guesses gets no more tries than a sequence would; a real client's
-/// parallel requests wait a moment instead).
+/// checks running reach `max_failures`, a further attempt for that id from that source waits for
+/// one to end (so a burst of parallel guesses gets no more tries than a sequence would; a real
+/// client's parallel requests wait a moment instead). One source runs at most
+/// 16 checks at once whatever the client ids, so one address cannot make unbounded parallel
+/// work by guessing many ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThrottlePolicy {
     /// Failures tolerated within `window` before blocking.
@@ -42,6 +48,42 @@ impl Default for ThrottlePolicy {
     }
 }
 
+/// Where an authentication came from, as the throttle counts it: an IPv4 address, an IPv6
+/// address's /64 network (what one subscriber is usually given), or nothing known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Source {
+    /// The server did not say (no `ClientAddr`).
+    Unknown,
+    /// An IPv4 address (IPv4-mapped IPv6 addresses included).
+    V4([u8; 4]),
+    /// The first 64 bits of an IPv6 address.
+    V6([u8; 8]),
+}
+
+impl Source {
+    pub(crate) fn of(addr: Option<IpAddr>) -> Self {
+        match addr.map(|ip| ip.to_canonical()) {
+            None => Self::Unknown,
+            Some(IpAddr::V4(v4)) => Self::V4(v4.octets()),
+            Some(IpAddr::V6(v6)) => {
+                let mut network = [0; 8];
+                network.copy_from_slice(&v6.octets()[..8]);
+                Self::V6(network)
+            }
+        }
+    }
+}
+
+/// How many checks one source may run at once, whatever the client ids.
+pub(crate) const MAX_CHECKS_PER_SOURCE: u32 = 16;
+
+/// The most (client id, source) pairs remembered; beyond, those whose failures matter least
+/// (nothing running, the soonest to expire) are forgotten.
+const MAX_ENTRIES: usize = 100_000;
+
+// Entries are pruned beyond this many pairs, so guessing many ids cannot grow memory unbounded.
+const PRUNE_ABOVE: usize = 10_000;
+
 #[derive(Debug)]
 struct Entry {
     window_start: Instant,
@@ -65,6 +107,31 @@ impl Entry {
             ended: None,
         }
     }
+
+    /// When nothing about this entry matters any more (its window and its block are over).
+    fn expires(&self, window: Duration) -> Instant {
+        let window_ends = self.window_start + window;
+        self.blocked_until
+            .map_or(window_ends, |until| until.max(window_ends))
+    }
+}
+
+/// The checks one source is running, over every client id.
+#[derive(Debug, Default)]
+struct Running {
+    in_flight: u32,
+    /// Wakes attempts waiting for one of this source's checks to end.
+    ended: Option<Arc<Notify>>,
+}
+
+type Key = (Source, String);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Failures and checks per (source, client id).
+    entries: HashMap<Key, Entry>,
+    /// Checks running per source; a source is here only while it runs one.
+    sources: HashMap<Source, Running>,
 }
 
 /// The longest an attempt waits for other checks of its id to end before it is told to come
@@ -75,7 +142,7 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(10);
 pub(crate) enum Admission {
     /// Yes: the check runs; report how it went on the attempt.
     Go(Attempt),
-    /// No, the id is blocked for this long.
+    /// No, the id is blocked for this source for this long.
     Blocked(Duration),
     /// Not yet: wait for this, then ask again.
     Wait(OwnedNotified),
@@ -84,10 +151,10 @@ pub(crate) enum Admission {
 /// Why [`Throttle::admit`] admitted no check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// The id is blocked for this long after repeated failures.
+    /// The id is blocked for this source for this long after repeated failures.
     Blocked(Duration),
-    /// Other checks of the id ran for [`MAX_WAIT`] without making room (a slow store): nothing
-    /// failed, come back shortly.
+    /// Other checks of the id (or of the source) ran for [`MAX_WAIT`] without making room (a
+    /// slow store): nothing failed, come back shortly.
     Busy,
 }
 
@@ -98,44 +165,51 @@ pub(crate) enum Refusal {
 #[must_use]
 pub(crate) struct Attempt {
     throttle: Arc<Throttle>,
-    client_id: String,
+    key: Key,
 }
 
 impl Attempt {
     /// The secret was wrong; returns the block this starts, if it starts one.
     pub(crate) fn failed(self) -> Option<Duration> {
-        self.throttle.failure(&self.client_id, Instant::now())
+        self.throttle.failure(&self.key, Instant::now())
     }
 
     /// The secret was right.
     pub(crate) fn succeeded(self) {
-        self.throttle.success(&self.client_id);
+        self.throttle.success(&self.key);
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        let mut entries = self.throttle.lock();
-        if let Some(entry) = entries.get_mut(&self.client_id) {
+        let mut state = self.throttle.lock();
+        if let Some(entry) = state.entries.get_mut(&self.key) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
             if let Some(ended) = &entry.ended {
                 ended.notify_waiters();
             }
             if entry.in_flight == 0 && entry.failures == 0 && entry.blocked_until.is_none() {
-                entries.remove(&self.client_id);
+                state.entries.remove(&self.key);
+            }
+        }
+        let source = self.key.0;
+        if let Some(running) = state.sources.get_mut(&source) {
+            running.in_flight = running.in_flight.saturating_sub(1);
+            if let Some(ended) = &running.ended {
+                ended.notify_waiters();
+            }
+            if running.in_flight == 0 {
+                state.sources.remove(&source);
             }
         }
     }
 }
 
-// Entries are pruned beyond this many ids, so guessing many ids cannot grow memory unbounded.
-const PRUNE_ABOVE: usize = 10_000;
-
-/// Failed-authentication counters per client id.
+/// Failed-authentication counters per client id and source.
 #[derive(Debug)]
 pub(crate) struct Throttle {
     policy: ThrottlePolicy,
-    entries: Mutex<HashMap<String, Entry>>,
+    state: Mutex<State>,
     /// When the entries were last pruned (at most once a second: a prune visits them all).
     pruned_at: Mutex<Option<Instant>>,
 }
@@ -144,21 +218,26 @@ impl Throttle {
     pub(crate) fn new(policy: ThrottlePolicy) -> Self {
         Self {
             policy,
-            entries: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             pruned_at: Mutex::new(None),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits a check of `client_id`'s secret, waiting (at most [`MAX_WAIT`]) while other
-    /// checks of it are running and could, failing, use up its allowance.
-    pub(crate) async fn admit(self: &Arc<Self>, client_id: &str) -> Result<Attempt, Refusal> {
+    /// Admits a check of `client_id`'s secret from `source`, waiting (at most [`MAX_WAIT`])
+    /// while other checks of it from there are running and could, failing, use up its
+    /// allowance, or while the source runs [`MAX_CHECKS_PER_SOURCE`] checks.
+    pub(crate) async fn admit(
+        self: &Arc<Self>,
+        client_id: &str,
+        source: Source,
+    ) -> Result<Attempt, Refusal> {
         let give_up = tokio::time::Instant::now() + MAX_WAIT;
         loop {
-            match self.try_admit(client_id, Instant::now()) {
+            match self.try_admit(client_id, source, Instant::now()) {
                 Admission::Go(attempt) => return Ok(attempt),
                 Admission::Blocked(wait) => return Err(Refusal::Blocked(wait)),
                 Admission::Wait(ended) => {
@@ -171,11 +250,18 @@ impl Throttle {
     }
 
     /// [`admit`](Self::admit)'s decision at `now`, without waiting.
-    pub(crate) fn try_admit(self: &Arc<Self>, client_id: &str, now: Instant) -> Admission {
-        let mut entries = self.lock();
-        self.prune(&mut entries, now);
+    pub(crate) fn try_admit(
+        self: &Arc<Self>,
+        client_id: &str,
+        source: Source,
+        now: Instant,
+    ) -> Admission {
+        let mut state = self.lock();
+        self.prune(&mut state, now);
+        let State { entries, sources } = &mut *state;
+        let key = (source, client_id.to_owned());
         let entry = entries
-            .entry(client_id.to_owned())
+            .entry(key.clone())
             .or_insert_with(|| Entry::new(now));
         if let Some(until) = entry.blocked_until.filter(|until| *until > now) {
             return Admission::Blocked(until - now);
@@ -186,10 +272,21 @@ impl Throttle {
             // Registered now: a check that ends before this is polled still wakes it.
             return Admission::Wait(Arc::clone(ended).notified_owned());
         }
+        let running = sources.entry(source).or_default();
+        if running.in_flight >= MAX_CHECKS_PER_SOURCE {
+            let ended = running.ended.get_or_insert_with(Arc::default);
+            let wait = Arc::clone(ended).notified_owned();
+            // Nothing kept for a pair that only waits.
+            if entry.in_flight == 0 && entry.failures == 0 && entry.blocked_until.is_none() {
+                entries.remove(&key);
+            }
+            return Admission::Wait(wait);
+        }
+        running.in_flight += 1;
         entry.in_flight += 1;
         Admission::Go(Attempt {
             throttle: Arc::clone(self),
-            client_id: client_id.to_owned(),
+            key,
         })
     }
 
@@ -201,41 +298,62 @@ impl Throttle {
         }
     }
 
-    /// How long the client id is still blocked, if it is.
+    /// How long the client id is still blocked for the source, if it is.
     #[cfg(test)]
-    pub(crate) fn blocked_for(&self, client_id: &str, now: Instant) -> Option<Duration> {
-        let entries = self.lock();
-        let until = entries.get(client_id)?.blocked_until?;
+    pub(crate) fn blocked_for(
+        &self,
+        client_id: &str,
+        source: Source,
+        now: Instant,
+    ) -> Option<Duration> {
+        let state = self.lock();
+        let until = state
+            .entries
+            .get(&(source, client_id.to_owned()))?
+            .blocked_until?;
         (until > now).then(|| until - now)
     }
 
-    /// Above [`PRUNE_ABOVE`] ids, forgets those with nothing running, no block and no failure
-    /// within the window; at most once a second.
-    fn prune(&self, entries: &mut HashMap<String, Entry>, now: Instant) {
-        if entries.len() > PRUNE_ABOVE {
-            let mut pruned_at = self
-                .pruned_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if pruned_at.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
-                return;
+    /// Above [`PRUNE_ABOVE`] pairs, forgets those with nothing running, no block and no failure
+    /// within the window; still above [`MAX_ENTRIES`] (failures from very many addresses),
+    /// forgets the idle ones that expire soonest. At most once a second.
+    fn prune(&self, state: &mut State, now: Instant) {
+        let entries = &mut state.entries;
+        if entries.len() <= PRUNE_ABOVE {
+            return;
+        }
+        let mut pruned_at = self
+            .pruned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if pruned_at.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            return;
+        }
+        *pruned_at = Some(now);
+        let window = self.policy.window;
+        entries.retain(|_, e| e.in_flight > 0 || e.expires(window) > now);
+        if entries.len() > MAX_ENTRIES {
+            let mut idle: Vec<(Instant, Key)> = entries
+                .iter()
+                .filter(|(_, e)| e.in_flight == 0)
+                .map(|(key, e)| (e.expires(window), key.clone()))
+                .collect();
+            idle.sort_unstable_by_key(|(expires, _)| *expires);
+            // Down to nine tenths, so that this does not run again at once.
+            let excess = entries.len() - MAX_ENTRIES / 10 * 9;
+            for (_, key) in idle.into_iter().take(excess) {
+                entries.remove(&key);
             }
-            *pruned_at = Some(now);
-            let window = self.policy.window;
-            entries.retain(|_, e| {
-                e.in_flight > 0
-                    || e.blocked_until.is_some_and(|t| t > now)
-                    || now.duration_since(e.window_start) < window
-            });
         }
     }
 
     /// Records a failure; returns the block it starts, if it starts one.
-    pub(crate) fn failure(&self, client_id: &str, now: Instant) -> Option<Duration> {
-        let mut entries = self.lock();
-        self.prune(&mut entries, now);
-        let entry = entries
-            .entry(client_id.to_owned())
+    pub(crate) fn failure(&self, key: &Key, now: Instant) -> Option<Duration> {
+        let mut state = self.lock();
+        self.prune(&mut state, now);
+        let entry = state
+            .entries
+            .entry(key.clone())
             .or_insert_with(|| Entry::new(now));
         self.roll_window(entry, now);
         entry.failures += 1;
@@ -255,10 +373,11 @@ impl Throttle {
         Some(block)
     }
 
-    /// A successful authentication forgets the id's failures and blocks.
-    pub(crate) fn success(&self, client_id: &str) {
-        let mut entries = self.lock();
-        if let Some(entry) = entries.get_mut(client_id) {
+    /// A successful authentication forgets the failures and blocks of its id from its source
+    /// (not those from elsewhere: a guesser's count is not reset by the real client).
+    pub(crate) fn success(&self, key: &Key) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get_mut(key) {
             entry.failures = 0;
             entry.blocks = 0;
             entry.blocked_until = None;
@@ -273,27 +392,39 @@ impl Throttle {
 mod tests {
     use super::*;
 
+    const HERE: Source = Source::V4([192, 0, 2, 1]);
+
+    fn key(id: &str) -> Key {
+        (HERE, id.to_owned())
+    }
+
     #[test]
     fn blocks_after_failures_doubles_and_resets_on_success() {
         let throttle = Throttle::new(ThrottlePolicy::default());
         let t0 = Instant::now();
         for _ in 0..4 {
-            assert_eq!(throttle.failure("app", t0), None);
+            assert_eq!(throttle.failure(&key("app"), t0), None);
         }
-        assert_eq!(throttle.failure("app", t0), Some(Duration::from_secs(30)));
         assert_eq!(
-            throttle.blocked_for("app", t0),
+            throttle.failure(&key("app"), t0),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(throttle.blocked_for("other", t0), None);
+        assert_eq!(
+            throttle.blocked_for("app", HERE, t0),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(throttle.blocked_for("other", HERE, t0), None);
         let t1 = t0 + Duration::from_secs(31);
-        assert_eq!(throttle.blocked_for("app", t1), None);
+        assert_eq!(throttle.blocked_for("app", HERE, t1), None);
         for _ in 0..4 {
-            throttle.failure("app", t1);
+            throttle.failure(&key("app"), t1);
         }
-        assert_eq!(throttle.failure("app", t1), Some(Duration::from_secs(60)));
-        throttle.success("app");
-        assert_eq!(throttle.blocked_for("app", t1), None);
+        assert_eq!(
+            throttle.failure(&key("app"), t1),
+            Some(Duration::from_secs(60))
+        );
+        throttle.success(&key("app"));
+        assert_eq!(throttle.blocked_for("app", HERE, t1), None);
     }
 
     #[test]
@@ -303,7 +434,7 @@ mod tests {
         let mut last = None;
         for _ in 0..12 {
             for _ in 0..5 {
-                last = throttle.failure("app", now).or(last);
+                last = throttle.failure(&key("app"), now).or(last);
             }
             now += Duration::from_secs(3600);
         }
@@ -315,14 +446,17 @@ mod tests {
         let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
         let now = Instant::now();
         fn go(throttle: &Arc<Throttle>, now: Instant) -> Option<Attempt> {
-            match throttle.try_admit("app", now) {
+            match throttle.try_admit("app", HERE, now) {
                 Admission::Go(attempt) => Some(attempt),
                 _ => None,
             }
         }
         let mut running: Vec<_> = (0..5).map(|_| go(&throttle, now).unwrap()).collect();
         // Five checks running: a sixth waits, another id does not.
-        assert!(matches!(throttle.try_admit("app", now), Admission::Wait(_)));
+        assert!(matches!(
+            throttle.try_admit("app", HERE, now),
+            Admission::Wait(_)
+        ));
         assert!(go_other(&throttle, now));
         // One ends without an outcome (a cancelled request): its place is free again.
         drop(running.pop());
@@ -331,32 +465,33 @@ mod tests {
         let mut blocks = running.into_iter().filter_map(Attempt::failed);
         assert_eq!(blocks.next(), Some(Duration::from_secs(30)));
         assert!(matches!(
-            throttle.try_admit("app", now),
+            throttle.try_admit("app", HERE, now),
             Admission::Blocked(_)
         ));
     }
 
     fn go_other(throttle: &Arc<Throttle>, now: Instant) -> bool {
-        matches!(throttle.try_admit("other", now), Admission::Go(_))
+        matches!(throttle.try_admit("other", HERE, now), Admission::Go(_))
     }
 
     #[test]
     fn nothing_is_kept_for_ids_whose_checks_ended_well_or_were_given_up() {
         let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
         let now = Instant::now();
-        let Admission::Go(first) = throttle.try_admit("app", now) else {
+        let Admission::Go(first) = throttle.try_admit("app", HERE, now) else {
             panic!("admitted")
         };
-        let Admission::Go(second) = throttle.try_admit("app", now) else {
+        let Admission::Go(second) = throttle.try_admit("app", HERE, now) else {
             panic!("admitted")
         };
         first.succeeded();
         drop(second);
-        let Admission::Go(other) = throttle.try_admit("other", now) else {
+        let Admission::Go(other) = throttle.try_admit("other", HERE, now) else {
             panic!("admitted")
         };
         drop(other);
-        assert!(throttle.lock().is_empty());
+        let state = throttle.lock();
+        assert!(state.entries.is_empty() && state.sources.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -366,9 +501,9 @@ mod tests {
             ..ThrottlePolicy::default()
         }));
         // A check that never ends (a store that hangs).
-        let _stuck = throttle.admit("app").await.unwrap();
+        let _stuck = throttle.admit("app", HERE).await.unwrap();
         let started = tokio::time::Instant::now();
-        let refused = throttle.admit("app").await.err();
+        let refused = throttle.admit("app", HERE).await.err();
         assert_eq!(refused, Some(Refusal::Busy));
         assert_eq!(started.elapsed(), MAX_WAIT);
     }
@@ -379,9 +514,9 @@ mod tests {
             max_failures: 2,
             ..ThrottlePolicy::default()
         }));
-        let first = throttle.admit("app").await.unwrap();
-        let second = throttle.admit("app").await.unwrap();
-        let third = throttle.admit("app");
+        let first = throttle.admit("app", HERE).await.unwrap();
+        let second = throttle.admit("app", HERE).await.unwrap();
+        let third = throttle.admit("app", HERE);
         tokio::pin!(third);
         assert!(futures::FutureExt::now_or_never(third.as_mut()).is_none());
         // A success resets the count: the waiting attempt goes on.
@@ -393,7 +528,7 @@ mod tests {
         // Both remaining fail: the second failure blocks.
         assert_eq!(second.failed(), None);
         assert_eq!(third.failed(), Some(Duration::from_secs(30)));
-        assert!(throttle.admit("app").await.is_err());
+        assert!(throttle.admit("app", HERE).await.is_err());
     }
 
     #[test]
@@ -401,8 +536,101 @@ mod tests {
         let throttle = Throttle::new(ThrottlePolicy::default());
         let mut now = Instant::now();
         for _ in 0..20 {
-            assert_eq!(throttle.failure("app", now), None);
+            assert_eq!(throttle.failure(&key("app"), now), None);
             now += Duration::from_secs(16);
         }
+    }
+
+    #[test]
+    fn failures_from_one_source_do_not_block_the_id_from_another() {
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
+        let elsewhere = Source::V4([198, 51, 100, 7]);
+        let now = Instant::now();
+        for _ in 0..4 {
+            assert_eq!(throttle.failure(&key("app"), now), None);
+        }
+        assert!(throttle.failure(&key("app"), now).is_some());
+        assert!(matches!(
+            throttle.try_admit("app", HERE, now),
+            Admission::Blocked(_)
+        ));
+        // The real client, from its own address, goes on; its success does not unblock the
+        // guesser.
+        let Admission::Go(real) = throttle.try_admit("app", elsewhere, now) else {
+            panic!("admitted from elsewhere")
+        };
+        real.succeeded();
+        assert!(throttle.blocked_for("app", HERE, now).is_some());
+        assert_eq!(throttle.blocked_for("app", elsewhere, now), None);
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_networks() {
+        let of = |text: &str| Source::of(Some(text.parse().unwrap()));
+        assert_eq!(of("192.0.2.1"), Source::V4([192, 0, 2, 1]));
+        assert_eq!(of("::ffff:192.0.2.1"), of("192.0.2.1"));
+        assert_ne!(of("192.0.2.1"), of("192.0.2.2"));
+        assert_eq!(of("2001:db8:1:2::1"), of("2001:db8:1:2:ffff::9"));
+        assert_ne!(of("2001:db8:1:2::1"), of("2001:db8:1:3::1"));
+        assert_ne!(of("::ffff:192.0.2.1"), of("::ffff:192.0.2.2"));
+        assert_eq!(Source::of(None), Source::Unknown);
+    }
+
+    #[test]
+    fn one_source_runs_a_bounded_number_of_checks_whatever_the_ids() {
+        let throttle = Arc::new(Throttle::new(ThrottlePolicy::default()));
+        let now = Instant::now();
+        let mut running: Vec<Attempt> = (0..MAX_CHECKS_PER_SOURCE)
+            .map(
+                |i| match throttle.try_admit(&format!("id-{i}"), HERE, now) {
+                    Admission::Go(attempt) => attempt,
+                    _ => panic!("check {i} admitted"),
+                },
+            )
+            .collect();
+        assert!(matches!(
+            throttle.try_admit("one-more", HERE, now),
+            Admission::Wait(_)
+        ));
+        // Nothing is kept for the pair that only waited.
+        assert_eq!(throttle.lock().entries.len(), running.len());
+        // Another source is not held up.
+        let elsewhere = Source::V6([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1]);
+        assert!(matches!(
+            throttle.try_admit("one-more", elsewhere, now),
+            Admission::Go(_)
+        ));
+        // One check ends: room for one more.
+        drop(running.pop());
+        running.push(match throttle.try_admit("one-more", HERE, now) {
+            Admission::Go(attempt) => attempt,
+            _ => panic!("admitted once a check ended"),
+        });
+        drop(running);
+        let state = throttle.lock();
+        assert!(state.entries.is_empty() && state.sources.is_empty());
+    }
+
+    #[test]
+    fn failures_from_very_many_addresses_keep_memory_bounded() {
+        let throttle = Throttle::new(ThrottlePolicy::default());
+        let t0 = Instant::now();
+        let source = |i: usize| Source::V4((i as u32).to_be_bytes());
+        for i in 0..MAX_ENTRIES + 10_000 {
+            throttle.failure(&(source(i), "app".to_owned()), t0);
+        }
+        // A blocked pair, newer than the rest.
+        let t1 = t0 + Duration::from_secs(2);
+        let blocked = (Source::Unknown, "app".to_owned());
+        for _ in 0..5 {
+            throttle.failure(&blocked, t1);
+        }
+        let state = throttle.lock();
+        assert!(
+            state.entries.len() <= MAX_ENTRIES,
+            "{}",
+            state.entries.len()
+        );
+        assert!(state.entries[&blocked].blocked_until.is_some());
     }
 }

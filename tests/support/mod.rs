@@ -215,6 +215,17 @@ impl TestClient {
         }
     }
 
+    /// A client of the same server whose connections come from `local` (any `127.x.y.z` on
+    /// Linux loopback), so the server sees another source address.
+    pub fn connecting_from(&self, local: std::net::IpAddr) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(local));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            addr: self.addr,
+        }
+    }
+
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
         let mut request = http::Request::get(format!("http://{}{}", self.addr, path));
         for (name, value) in headers {
