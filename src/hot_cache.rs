@@ -127,6 +127,12 @@ impl<K, V: Clone> HotCache<K, V> {
         }
     }
 
+    /// The most entries it keeps: its capacity rounded up to a multiple of its shards.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.shards.len() * self.shard_capacity
+    }
+
     /// How many entries are kept.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
