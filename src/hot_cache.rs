@@ -127,6 +127,12 @@ impl<K, V: Clone> HotCache<K, V> {
         }
     }
 
+    /// The most entries it keeps: its capacity rounded up to a multiple of its shards.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.shards.len() * self.shard_capacity
+    }
+
     /// How many entries are kept.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -213,22 +219,72 @@ mod tests {
         }
     }
 
+    /// The keys a cache holds among `keys` (each under [`hash`]`(key)`).
+    fn kept(cache: &HotCache<u64, bool>, keys: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        keys.into_iter()
+            .filter(|&key| cache.get(hash(key), &key).is_some())
+            .collect()
+    }
+
+    /// A hash chosen by the test rather than keyed at random: the same entries land in the
+    /// same places on every run, spread over the shard's table.
+    fn hash(key: u64) -> u64 {
+        key.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
     #[test]
-    fn a_full_shard_drops_stale_entries_first() {
-        // One shard at this size: fill it past its bound with stale entries, then insert
-        // live ones; every live one must survive.
-        let cache: HotCache<u32, (u32, bool)> = HotCache::new(4);
-        assert_eq!(cache.shards.len(), 1);
-        for key in 0..64 {
-            cache.insert(cache.hash(&key), key, (key, true), |v| v.1);
+    fn a_full_shard_drops_exactly_its_stale_entries() {
+        // One shard of 4, every entry within the eviction scan. For every way of marking some
+        // of the 4 entries stale (each at every position of the shard's table, over rounds
+        // with other hashes), inserting a fifth entry drops exactly the stale ones and keeps
+        // the others. An eviction that ignored staleness, or evicted at random, would drop a
+        // live entry in most of these cases; no timing, no chance.
+        for round in 0..32u64 {
+            for stale_mask in 1..16u32 {
+                let cache: HotCache<u64, bool> = HotCache::new(4);
+                assert_eq!((cache.shards.len(), cache.shard_capacity), (1, 4));
+                let keys: Vec<u64> = (0..4).map(|i| round * 5 + i + 1).collect();
+                for (i, &key) in keys.iter().enumerate() {
+                    let stale = stale_mask & (1 << i) != 0;
+                    cache.insert(hash(key), key, stale, |&stale| stale);
+                }
+                assert_eq!(cache.len(), 4);
+                let new = round * 5 + 5;
+                cache.insert(hash(new), new, false, |&stale| stale);
+                let live: Vec<u64> = keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| stale_mask & (1 << i) == 0)
+                    .map(|(_, &key)| key)
+                    .chain([new])
+                    .collect();
+                assert_eq!(
+                    kept(&cache, keys.iter().copied().chain([new])),
+                    live,
+                    "round {round}, stale mask {stale_mask:04b}"
+                );
+                assert_eq!(cache.len(), live.len());
+            }
         }
-        let live: Vec<u32> = (100..102).collect();
-        for &key in &live {
-            cache.insert(cache.hash(&key), key, (key, false), |v| v.1);
+    }
+
+    #[test]
+    fn a_full_shard_without_stale_entries_drops_exactly_one() {
+        let cache: HotCache<u64, bool> = HotCache::new(4);
+        for key in 1..=4 {
+            cache.insert(hash(key), key, false, |&stale| stale);
         }
-        for &key in &live {
-            assert_eq!(cache.get(cache.hash(&key), &key), Some((key, false)));
+        for new in 5..=40 {
+            cache.insert(hash(new), new, false, |&stale| stale);
+            let kept = kept(&cache, 1..=new);
+            assert_eq!(kept.len(), 4, "{kept:?}");
+            assert!(kept.contains(&new), "the new entry is kept: {kept:?}");
         }
+        // Replacing a kept key's value evicts nothing.
+        let before = kept(&cache, 1..=40);
+        let last = *before.last().unwrap();
+        cache.insert(hash(last), last, false, |_| true);
+        assert_eq!(kept(&cache, 1..=40), before);
     }
 
     #[test]

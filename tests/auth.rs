@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -603,6 +603,66 @@ mod jwks {
             client.get_bearer("/Patient/1", &good).await.status,
             StatusCode::OK
         );
+    }
+
+    #[tokio::test]
+    async fn the_refetch_cooldown_ends() {
+        // A short cooldown: within it a new unknown `kid` is refused without a fetch; once it
+        // has passed, the next unknown `kid` fetches again and its token is accepted.
+        const COOLDOWN: Duration = Duration::from_millis(500);
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        let client = app(remote(&server).refetch_cooldown(COOLDOWN).build().unwrap()).await;
+        let good = mint(Algorithm::RS256, Some("k1"), &claims());
+        assert_eq!(
+            client.get_bearer("/Patient/1", &good).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(server.hits(), 1);
+
+        // An unknown `kid` refetches once (the key is not there yet): the cooldown starts.
+        let before = Instant::now();
+        let early = mint(Algorithm::RS256, Some("not-yet"), &claims());
+        assert_invalid_token(
+            &client.get_bearer("/Patient/1", &early).await,
+            "No key is known for this token",
+        );
+        let refetched = Instant::now();
+        assert_eq!(server.hits(), 2, "one refetch for the unknown kid");
+
+        // The provider publishes a new key; a token naming it within the cooldown is refused
+        // without a fetch.
+        server.set_keys(vec![
+            rsa_jwk(RSA_PRIVATE, "k1"),
+            rsa_jwk(RSA2_PRIVATE, "new"),
+        ]);
+        let key = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+        let new_token = mint_with(&key, Algorithm::RS256, Some("new"), &claims());
+        let reply = client.get_bearer("/Patient/1", &new_token).await;
+        assert!(
+            before.elapsed() < COOLDOWN,
+            "too slow to test within the cooldown"
+        );
+        assert_invalid_token(&reply, "No key is known for this token");
+        assert_eq!(server.hits(), 2, "no fetch within the cooldown");
+
+        // Past the cooldown (counted from after the refetch began): the same token fetches the
+        // keys again and is accepted.
+        tokio::time::sleep_until((refetched + COOLDOWN + Duration::from_millis(50)).into()).await;
+        let before = Instant::now();
+        let reply = client.get_bearer("/Patient/1", &new_token).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["kid"], "new");
+        assert_eq!(server.hits(), 3, "one refetch once the cooldown ended");
+
+        // That refetch started a new cooldown.
+        let unknown = mint(Algorithm::RS256, Some("still-unknown"), &claims());
+        let reply = client.get_bearer("/Patient/1", &unknown).await;
+        assert!(
+            before.elapsed() < COOLDOWN,
+            "too slow to test within the cooldown"
+        );
+        assert_invalid_token(&reply, "No key is known for this token");
+        assert_eq!(server.hits(), 3, "a new cooldown after the refetch");
     }
 
     #[tokio::test]

@@ -482,6 +482,7 @@ impl fmt::Debug for BearerAuthBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::FetchedKeys;
 
     fn hmac() -> VerificationKey {
         VerificationKey::hmac("secret").unwrap()
@@ -547,6 +548,52 @@ mod tests {
         let v = validation(Algorithm::RS256, &[], &[], Duration::ZERO);
         assert!(!v.validate_aud && v.iss.is_none());
         assert_eq!(v.algorithms, [Algorithm::RS256]);
+    }
+
+    /// The defaults README.md and the setters' docs state, in the builder and in what the
+    /// built layer runs with.
+    #[test]
+    fn documented_defaults() {
+        const SECOND: Duration = Duration::from_secs(1);
+        let builder = BearerAuthLayer::builder();
+        assert_eq!(builder.realm, "fhir");
+        assert_eq!(builder.algorithms, ALL_ALGORITHMS);
+        assert_eq!(builder.leeway, 60 * SECOND);
+        assert_eq!(builder.refresh_interval, 5 * 60 * SECOND);
+        assert_eq!(builder.refetch_cooldown, 30 * SECOND);
+        assert_eq!(builder.fetch_timeout, 5 * SECOND);
+        assert_eq!(builder.max_age_cap, 24 * 60 * 60 * SECOND);
+        assert_eq!(builder.cache_capacity, 10_000);
+        assert_eq!(builder.max_token_bytes, 16 * 1024);
+
+        let source = || async { Ok(FetchedKeys::from(KeySet::new())) };
+        let layer = builder.key_source(source).build().unwrap();
+        let verifier = &layer.config.verifier;
+        assert_eq!(&*verifier.realm, "fhir");
+        assert_eq!(
+            verifier
+                .validations
+                .iter()
+                .map(|(alg, _)| *alg)
+                .collect::<Vec<_>>(),
+            ALL_ALGORITHMS
+        );
+        for (alg, validation) in &verifier.validations {
+            assert_eq!(validation.leeway, 60, "{alg:?}");
+        }
+        let [source] = &verifier.sources[..] else {
+            panic!("one key source");
+        };
+        let policy = source.policy();
+        assert_eq!(policy.interval, 5 * 60 * SECOND);
+        assert_eq!(policy.cooldown, 30 * SECOND);
+        assert_eq!(policy.timeout, 5 * SECOND);
+        assert_eq!(policy.max_age_cap, 24 * 60 * 60 * SECOND);
+        assert_eq!(
+            verifier.cache.as_ref().map(TokenCache::capacity),
+            Some(10_000)
+        );
+        assert_eq!(verifier.max_token_bytes, 16 * 1024);
     }
 
     #[test]

@@ -218,6 +218,12 @@ impl RefreshingKeys {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// When the keys are fetched again.
+    #[cfg(test)]
+    pub(crate) fn policy(&self) -> RefreshPolicy {
+        self.policy
+    }
+
     /// Whether the source says its keys changed since they were fetched.
     pub(crate) fn changed(&self) -> bool {
         self.changes

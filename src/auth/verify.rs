@@ -486,6 +486,12 @@ impl TokenCache {
         }
     }
 
+    /// The most tokens it keeps.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
     fn key(&self, token: &[u8]) -> u64 {
         self.cache
             .hash(&token[token.len().saturating_sub(HASHED_SUFFIX)..])

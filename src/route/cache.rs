@@ -136,6 +136,21 @@ impl RouteCache {
         answer.map(|(upstreams, _)| upstreams)
     }
 
+    /// How long answers are kept, and how many.
+    #[cfg(test)]
+    pub(crate) fn policy(&self) -> CachePolicy {
+        self.inner.policy
+    }
+
+    /// The most tenants the front map and the moka cache keep.
+    #[cfg(test)]
+    pub(crate) fn capacities(&self) -> (usize, Option<u64>) {
+        (
+            self.inner.front.capacity(),
+            self.inner.cache.policy().max_capacity(),
+        )
+    }
+
     /// The tenant's answer if the cache holds a fresh one, without waiting.
     pub(crate) fn fresh(&self, tenant: TenantId) -> Option<Option<TenantUpstreams>> {
         let front = &self.inner.front;

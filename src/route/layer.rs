@@ -293,3 +293,24 @@ fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
 fn answer(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<Bytes> {
     OperationOutcome::error(code, diagnostics).to_response(status)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults README.md and the setters' docs state, in what the built layer runs with.
+    #[test]
+    fn documented_defaults() {
+        const SECOND: Duration = Duration::from_secs(1);
+        let directory = |_: TenantId| async { Ok::<Option<TenantUpstreams>, DirectoryError>(None) };
+        let layer = TenantRoutingLayer::builder(directory).build().unwrap();
+        let policy = layer.cache().policy();
+        assert_eq!(policy.ttl, 5 * 60 * SECOND);
+        assert_eq!(policy.negative_ttl, 30 * SECOND);
+        assert_eq!(policy.stale_grace, 60 * 60 * SECOND);
+        assert_eq!(policy.failure_backoff, SECOND);
+        assert_eq!(policy.lookup_timeout, 5 * SECOND);
+        assert_eq!(policy.capacity, 100_000);
+        assert_eq!(layer.cache().capacities(), (100_000, Some(100_000)));
+    }
+}

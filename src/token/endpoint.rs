@@ -418,6 +418,47 @@ mod tests {
         TenantId::parse(text).unwrap()
     }
 
+    /// The defaults README.md and the setters' docs state, in the builder and in what the
+    /// built endpoint runs with.
+    #[test]
+    fn documented_defaults() {
+        const SECOND: Duration = Duration::from_secs(1);
+        let builder = TokenEndpoint::builder();
+        assert_eq!(builder.realm, "tower-fhir");
+        assert_eq!(builder.default_lifetime, 60 * 60 * SECOND);
+        assert_eq!(builder.max_body_bytes, 8 * 1024);
+        assert_eq!(
+            builder.throttle,
+            ThrottlePolicy {
+                max_failures: 5,
+                window: 60 * SECOND,
+                base_block: 30 * SECOND,
+                max_block: 15 * 60 * SECOND,
+            }
+        );
+        assert_eq!(crate::token::throttle::MAX_WAIT, 10 * SECOND);
+        assert_eq!(
+            crate::token::SecretHashing::default(),
+            crate::token::SecretHashing::new(4096, 2).unwrap()
+        );
+
+        let endpoint = builder
+            .issuer("https://issuer.test")
+            .audience("fhir")
+            .store(InMemoryClientStore::new())
+            .build()
+            .unwrap();
+        let inner = &endpoint.inner;
+        assert_eq!(inner.realm, "Basic realm=\"tower-fhir\"");
+        assert_eq!(inner.default_lifetime, 60 * 60 * SECOND);
+        assert_eq!(inner.max_body_bytes, 8 * 1024);
+        assert_eq!(
+            endpoint.signing_keys().jwks()["keys"][0]["alg"],
+            "ES256",
+            "a generated ES256 key"
+        );
+    }
+
     async fn post(
         endpoint: &TokenEndpoint,
         headers: &[(&str, &str)],
