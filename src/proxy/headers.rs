@@ -203,30 +203,29 @@ pub(super) fn prepare_request_headers(
     // Rare: a `Connection` naming more than `keep-alive` or `close`.
     let connection_named = connection_named(headers);
     let cookies = upstream.set_cookie_allowed();
-    let capacity = headers.keys_len() + 6;
-    let incoming = std::mem::replace(headers, HeaderMap::with_capacity(capacity));
-    // The entry of the header whose further values follow (`None` names in the iteration).
-    let mut kept: Option<header::OccupiedEntry<'_, HeaderValue>> = None;
-    for (name, value) in incoming {
-        match name {
-            Some(name) => {
-                kept = None;
-                if policy.forwards(&name, cookies) {
-                    kept = Some(match headers.entry(name) {
-                        Entry::Vacant(vacant) => vacant.insert_entry(value),
-                        Entry::Occupied(mut occupied) => {
-                            occupied.append(value);
-                            occupied
-                        }
-                    });
-                }
+    // The usual request has a few names to drop (`Host`, `Authorization`, ...): note them in
+    // one pass and remove them in place, without allocating; rebuild the map only for a
+    // request with more.
+    let mut dropped: [Option<HeaderName>; 8] = Default::default();
+    let mut count = 0;
+    for name in headers.keys() {
+        if !policy.forwards(name, cookies) {
+            if count == dropped.len() {
+                count += 1;
+                break;
             }
-            None => {
-                if let Some(entry) = kept.as_mut() {
-                    entry.append(value);
-                }
+            dropped[count] = Some(name.clone());
+            count += 1;
+        }
+    }
+    if count <= dropped.len() {
+        for name in dropped.iter_mut().take(count) {
+            if let Some(name) = name.take() {
+                headers.remove(name);
             }
         }
+    } else {
+        keep_forwarded(headers, policy, cookies);
     }
     for name in connection_named.into_iter().flatten() {
         headers.remove(name);
@@ -265,6 +264,36 @@ pub(super) fn prepare_request_headers(
     headers.insert(X_FORWARDED_PROTO, policy.forwarded_proto.clone());
     if let Some(host) = &policy.forwarded_host {
         headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+}
+
+/// Keeps only the headers `policy` forwards, rebuilding the map in one pass (for a request
+/// with many names to drop).
+fn keep_forwarded(headers: &mut HeaderMap, policy: &HeaderPolicy, cookies: bool) {
+    let capacity = headers.keys_len() + 6;
+    let incoming = std::mem::replace(headers, HeaderMap::with_capacity(capacity));
+    // The entry of the header whose further values follow (`None` names in the iteration).
+    let mut kept: Option<header::OccupiedEntry<'_, HeaderValue>> = None;
+    for (name, value) in incoming {
+        match name {
+            Some(name) => {
+                kept = None;
+                if policy.forwards(&name, cookies) {
+                    kept = Some(match headers.entry(name) {
+                        Entry::Vacant(vacant) => vacant.insert_entry(value),
+                        Entry::Occupied(mut occupied) => {
+                            occupied.append(value);
+                            occupied
+                        }
+                    });
+                }
+            }
+            None => {
+                if let Some(entry) = kept.as_mut() {
+                    entry.append(value);
+                }
+            }
+        }
     }
 }
 
@@ -551,6 +580,35 @@ mod tests {
         assert_eq!(h["cookie"], "session=tenant-a");
         assert_eq!(all(&h, "x-made-up"), ["1", "2"]);
         assert!(!h.contains_key("x-http-method-override"));
+    }
+
+    #[test]
+    fn few_or_many_names_to_drop_leave_the_same_headers() {
+        // Up to 8 names are removed in place, more rebuild the map: both keep exactly the
+        // allowed headers, every value in order.
+        for dropped in 0..=12 {
+            let mut sent: Vec<(String, String)> = vec![
+                ("accept".into(), "application/fhir+json".into()),
+                ("if-match".into(), "W/\"1\"".into()),
+            ];
+            for i in 0..dropped {
+                sent.push((format!("x-dropped-{i}"), "v".into()));
+                sent.push(("accept".into(), format!("application/fhir+xml;q=0.{i}")));
+            }
+            let sent: Vec<(&str, &str)> =
+                sent.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+            let mut h = headers(&sent);
+            prepare_request_headers(&mut h, &upstream(None), None, &config_for("https://gw"));
+            let accepts: Vec<String> = std::iter::once("application/fhir+json".to_owned())
+                .chain((0..dropped).map(|i| format!("application/fhir+xml;q=0.{i}")))
+                .collect();
+            assert_eq!(all(&h, "accept"), accepts, "{dropped} dropped");
+            assert_eq!(h["if-match"], "W/\"1\"");
+            assert!(
+                h.keys().all(|name| !name.as_str().starts_with("x-dropped")),
+                "{dropped} dropped: {h:?}"
+            );
+        }
     }
 
     #[test]
