@@ -54,6 +54,8 @@ mod persist;
 pub mod proxy;
 pub mod route;
 pub mod tenant;
+#[cfg(test)]
+mod testing;
 #[cfg(feature = "token")]
 #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
 pub mod token;

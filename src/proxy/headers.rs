@@ -453,16 +453,7 @@ mod tests {
         )
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
+    use crate::testing::headers;
 
     fn all(h: &HeaderMap, name: &str) -> Vec<String> {
         h.get_all(name)

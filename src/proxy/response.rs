@@ -173,18 +173,8 @@ impl ResponseHeads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::HeaderName;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
+    use crate::testing::headers;
 
     fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
         ResponseHeads::scan(headers).may_be_json_bundle(limit)

@@ -94,16 +94,7 @@ fn swap_media_types(headers: &mut HeaderMap, name: HeaderName, swaps: &[(&str, &
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
+    use crate::testing::headers;
 
     #[test]
     fn dstu2_media_types_swap_keeping_parameters() {
