@@ -296,6 +296,7 @@ impl GatewayBuilder {
         let layer = self.assemble()?;
         Ok(Gateway {
             route_cache: layer.route_cache().clone(),
+            auth: layer.auth.clone(),
             stack: layer.layer(proxy),
             #[cfg(feature = "token")]
             token,
@@ -393,6 +394,12 @@ impl GatewayLayer {
     pub fn route_cache(&self) -> &RouteCache {
         self.routing.cache()
     }
+
+    /// The bearer layer: whether its key sources have been fetched
+    /// ([`key_sources_fetched`](BearerAuthLayer::key_sources_fetched)), for a readiness check.
+    pub fn bearer_auth(&self) -> &BearerAuthLayer {
+        &self.auth
+    }
 }
 
 impl<S> Layer<S> for GatewayLayer {
@@ -423,6 +430,7 @@ struct TokenRoutes {
 pub struct Gateway {
     stack: GatewayStack<FhirProxy>,
     route_cache: RouteCache,
+    auth: BearerAuthLayer,
     #[cfg(feature = "token")]
     token: Option<Arc<TokenRoutes>>,
 }
@@ -432,6 +440,14 @@ impl Gateway {
     /// [`follow`](GatewayBuilder::follow)).
     pub fn route_cache(&self) -> &RouteCache {
         &self.route_cache
+    }
+
+    /// The bearer layer: whether its key sources (the token endpoint's keys, each trusted
+    /// issuer's JWKS) have been fetched
+    /// ([`key_sources_fetched`](BearerAuthLayer::key_sources_fetched),
+    /// [`prefetch_keys`](BearerAuthLayer::prefetch_keys)), for a readiness check.
+    pub fn bearer_auth(&self) -> &BearerAuthLayer {
+        &self.auth
     }
 
     /// Starts configuring a gateway served at `public_base_url` (absolute; FHIR at its root).

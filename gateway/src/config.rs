@@ -57,6 +57,48 @@ pub(crate) struct Config {
     /// `text` (default) or `json` (one JSON object per line).
     #[serde(default)]
     pub(crate) log_format: LogFormat,
+    /// A larger request body gets 413 before anything reaches the upstream. Default 16 MiB.
+    #[serde(default = "default_max_request_body")]
+    pub(crate) max_request_body_bytes: u64,
+    /// Where `GET /metrics` (Prometheus text) is served; off when absent.
+    #[serde(default)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Label request metrics with the tenant. Default true.
+    #[serde(default = "default_true")]
+    pub(crate) metrics_tenant_label: bool,
+    /// A file (or `-` for stdout) receiving one JSON audit record per line per request.
+    #[serde(default)]
+    pub(crate) audit_log: Option<PathBuf>,
+    /// How audit records keep query strings: `full`, `names` (default) or `none`.
+    #[serde(default)]
+    pub(crate) audit_query: AuditQuery,
+    /// Browser origins allowed by CORS. Default none.
+    #[serde(default)]
+    pub(crate) cors_allowed_origins: Vec<String>,
+    /// At most this many client secret checks at once. Default: the number of CPUs.
+    #[serde(default)]
+    pub(crate) token_hashing_concurrency: Option<usize>,
+}
+
+/// `audit_query`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AuditQuery {
+    Full,
+    #[default]
+    Names,
+    None,
+}
+
+impl AuditQuery {
+    pub(crate) fn recording(self) -> tower_fhir::ops::QueryRecording {
+        use tower_fhir::ops::QueryRecording;
+        match self {
+            Self::Full => QueryRecording::Full,
+            Self::Names => QueryRecording::Names,
+            Self::None => QueryRecording::None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -82,6 +124,13 @@ impl std::fmt::Debug for Config {
             .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
+            .field("max_request_body_bytes", &self.max_request_body_bytes)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("metrics_tenant_label", &self.metrics_tenant_label)
+            .field("audit_log", &self.audit_log)
+            .field("audit_query", &self.audit_query)
+            .field("cors_allowed_origins", &self.cors_allowed_origins)
+            .field("token_hashing_concurrency", &self.token_hashing_concurrency)
             .finish()
     }
 }
@@ -162,6 +211,14 @@ fn default_upstream_timeout() -> u64 {
     30
 }
 
+fn default_max_request_body() -> u64 {
+    tower_fhir::ops::DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -185,6 +242,24 @@ impl Config {
                     path.display()
                 ));
             }
+        }
+        if config.max_request_body_bytes == 0 {
+            return Err(format!(
+                "the configuration file {}: max_request_body_bytes must be at least 1",
+                path.display()
+            ));
+        }
+        if config.token_hashing_concurrency == Some(0) {
+            return Err(format!(
+                "the configuration file {}: token_hashing_concurrency must be at least 1",
+                path.display()
+            ));
+        }
+        if let Err(e) = tower_fhir::ops::fhir_cors(&config.cors_allowed_origins) {
+            return Err(format!(
+                "the configuration file {}: cors_allowed_origins: {e}",
+                path.display()
+            ));
         }
         Ok(config)
     }
@@ -214,6 +289,35 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         assert!(shown.contains("app"), "{shown}");
         assert!(!shown.contains("that-is-secret"), "{shown}");
+    }
+
+    #[test]
+    fn operations_keys_have_their_defaults_and_are_read() {
+        let empty = Config::empty();
+        assert_eq!(empty.max_request_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(empty.metrics_listen, None);
+        assert!(empty.metrics_tenant_label);
+        assert_eq!(empty.audit_log, None);
+        assert_eq!(empty.audit_query, AuditQuery::Names);
+        assert!(empty.cors_allowed_origins.is_empty());
+        assert_eq!(empty.token_hashing_concurrency, None);
+        let config: Config = serde_json::from_str(
+            r#"{"max_request_body_bytes": 1024, "metrics_listen": "127.0.0.1:9100",
+                "metrics_tenant_label": false, "audit_log": "-", "audit_query": "full",
+                "cors_allowed_origins": ["https://app.example"], "token_hashing_concurrency": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(config.max_request_body_bytes, 1024);
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert!(!config.metrics_tenant_label);
+        assert_eq!(config.audit_log.as_deref(), Some(Path::new("-")));
+        assert_eq!(config.audit_query, AuditQuery::Full);
+        assert_eq!(config.cors_allowed_origins, ["https://app.example"]);
+        assert_eq!(config.token_hashing_concurrency, Some(3));
+        assert!(serde_json::from_str::<Config>(r#"{"audit_query": "values"}"#).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod admin;
 mod config;
 mod demo;
 mod demo_fhir;
+mod front;
 mod serve;
 mod state;
 mod throttle;
@@ -132,6 +133,13 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.clients),
         state.keys.clone(),
     )?;
+    if let Some(addr) = config.metrics_listen {
+        let listener = front::bind_metrics(addr).await?;
+        let handle = front::install_metrics()?;
+        let local = listener.local_addr().unwrap_or(addr);
+        front::serve_metrics(listener, handle);
+        eprintln!("  metrics at http://{local}/metrics");
+    }
     // The admin API (axum) answers under /admin/; everything else goes to the gateway.
     let admin = config.admin_token.as_ref().map(|token| {
         admin::routes(Arc::new(admin::Admin {
@@ -170,7 +178,8 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::print(&base, &gateway).await;
     }
-    serve::serve(listener, gateway, admin).await;
+    let front = front::front(&config, gateway, &state.keys)?;
+    serve::serve(listener, front, admin).await;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");
@@ -203,7 +212,12 @@ fn assemble(
         .signing_keys(keys)
         .default_lifetime(Duration::from_secs(
             config.token.ttl_seconds.unwrap_or(3600),
-        ))
+        ));
+    let endpoint = match config.token_hashing_concurrency {
+        Some(checks) => endpoint.hashing_concurrency(checks),
+        None => endpoint,
+    };
+    let endpoint = endpoint
         .build()
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
 

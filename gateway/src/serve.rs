@@ -15,13 +15,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tower::{Service, ServiceExt};
-use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::ClientAddr;
+
+use crate::front::Front;
 
 /// Serves HTTP/1.1 and HTTP/2 until Ctrl-C or SIGTERM, then lets in-flight requests finish.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    gateway: Gateway,
+    gateway: Front,
     admin: Option<Router>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -73,14 +74,14 @@ pub(crate) async fn serve(
     graceful.shutdown().await;
 }
 
-/// One connection's gateway: its requests are sent to one readied [`Gateway`] rather than to a
+/// One connection's gateway: its requests are sent to one readied [`Front`] rather than to a
 /// clone of it each (hyper calls services through `&self`, Tower through `&mut self`).
 struct ConnectionGateway {
-    gateway: Mutex<Gateway>,
+    gateway: Mutex<Front>,
 }
 
 impl ConnectionGateway {
-    fn new(gateway: Gateway) -> Self {
+    fn new(gateway: Front) -> Self {
         Self {
             gateway: Mutex::new(gateway),
         }
@@ -90,8 +91,8 @@ impl ConnectionGateway {
         &self,
         request: Request<Incoming>,
     ) -> future::Either<
-        <Gateway as Service<Request<Incoming>>>::Future,
-        tower::util::Oneshot<Gateway, Request<Incoming>>,
+        <Front as Service<Request<Incoming>>>::Future,
+        tower::util::Oneshot<Front, Request<Incoming>>,
     > {
         let mut gateway = self.gateway.lock().unwrap_or_else(PoisonError::into_inner);
         // The gateway applies no backpressure (every layer is ready at once); should it ever

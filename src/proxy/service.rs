@@ -361,9 +361,21 @@ where
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let sent = config.transport.send(&upstream, pooled, outgoing);
             let response = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(response)) => response,
+                Ok(Ok(response)) => {
+                    metrics::histogram!("tower_fhir_upstream_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    response
+                }
+                Ok(Err(error)) if crate::ops::is_length_limit(&*error) => {
+                    // The body outgrew the limit while it was streamed: the upstream got an
+                    // unfinished request, and the client its answer.
+                    tracing::info!(upstream = %upstream.base(), "request body over the limit");
+                    let limit = outcome_too_large();
+                    return Ok(limit);
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
                     return Ok(outcome(
@@ -404,6 +416,11 @@ where
 
 fn ready(response: Response<ProxyBody>) -> ResponseFuture {
     Box::pin(std::future::ready(Ok(response)))
+}
+
+/// `413`: a body stopped by a [`BodyLimitLayer`](crate::ops::BodyLimitLayer) outside.
+fn outcome_too_large() -> Response<ProxyBody> {
+    crate::ops::too_large(None).map(ProxyBody::full)
 }
 
 fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {

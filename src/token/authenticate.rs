@@ -5,16 +5,37 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{header, HeaderValue, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
 use super::throttle::{Attempt, Refusal, Source, Throttle, ThrottlePolicy};
+
+/// How many secret checks run at once, and how long one waits for room.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HashingLimit {
+    pub(super) concurrency: usize,
+    pub(super) wait: Duration,
+}
+
+impl Default for HashingLimit {
+    /// The number of CPUs; 2 s.
+    fn default() -> Self {
+        Self {
+            concurrency: std::thread::available_parallelism().map_or(2, usize::from),
+            wait: Duration::from_secs(2),
+        }
+    }
+}
 
 /// Checks clients' secrets against their store, under the failure throttle.
 pub(super) struct Authenticator {
     /// The client store.
     pub(super) store: Box<dyn ClientStore>,
     throttle: Arc<Throttle>,
+    /// Room for the checks running at once, and how long to wait for it.
+    hashing: Arc<Semaphore>,
+    hashing_wait: Duration,
     /// A hash checked for unknown and revoked clients, made on first need.
     dummy_hash: OnceLock<String>,
 }
@@ -25,6 +46,8 @@ pub(super) enum Denied {
     Blocked(Duration),
     /// Other checks of the id (or of the source) took too long to make room; nothing failed.
     Busy,
+    /// Every hashing slot stayed taken for the whole wait; nothing failed.
+    Overloaded,
     /// The secret is wrong (or the client unknown or revoked).
     Failed,
     /// The store failed (logged).
@@ -49,6 +72,7 @@ impl Denied {
         match self {
             Self::Blocked(wait) => too_many(wait),
             Self::Busy => busy(),
+            Self::Overloaded => overloaded(),
             Self::Failed => TokenError::invalid_client("Client authentication failed", challenge),
             Self::StoreFailed(_) => TokenError::server_error(),
         }
@@ -56,10 +80,18 @@ impl Denied {
 }
 
 impl Authenticator {
-    pub(super) fn new(store: Box<dyn ClientStore>, policy: ThrottlePolicy) -> Self {
+    pub(super) fn new(
+        store: Box<dyn ClientStore>,
+        policy: ThrottlePolicy,
+        hashing: HashingLimit,
+    ) -> Self {
         Self {
             store,
             throttle: Arc::new(Throttle::new(policy)),
+            hashing: Arc::new(Semaphore::new(
+                hashing.concurrency.min(Semaphore::MAX_PERMITS),
+            )),
+            hashing_wait: hashing.wait,
             dummy_hash: OnceLock::new(),
         }
     }
@@ -83,7 +115,20 @@ impl Authenticator {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
                 Refusal::Busy => Denied::Busy,
             })?;
-        match self.authenticate(id, secret, attempt).await {
+        // Room to hash: taken before the store is read, given back when the hash ends.
+        let slot = match tokio::time::timeout(
+            self.hashing_wait,
+            Arc::clone(&self.hashing).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                tracing::warn!(client_id = %id, "secret checks are all busy; answering 503");
+                return Err(Denied::Overloaded);
+            }
+        };
+        match self.authenticate(id, secret, attempt, slot).await {
             Ok((Some(client), attempt)) => {
                 attempt.succeeded();
                 Ok(client)
@@ -131,6 +176,7 @@ impl Authenticator {
         id: &str,
         secret: &str,
         attempt: Attempt,
+        slot: OwnedSemaphorePermit,
     ) -> Result<(Option<Authenticated>, Attempt), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
@@ -150,6 +196,7 @@ impl Authenticator {
                 let ok = client::verify(&secret, &phc);
                 found.or(ok.then_some(phc))
             });
+            drop(slot);
             Ok((matched, attempt))
         })
         .await?;
@@ -182,6 +229,15 @@ fn too_many(wait: Duration) -> TokenError {
         "Too many failed authentications for this client from this address; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+}
+
+fn overloaded() -> TokenError {
+    TokenError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TemporarilyUnavailable,
+        "The token endpoint is busy checking other clients' secrets; retry shortly",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn busy() -> TokenError {
