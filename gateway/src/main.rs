@@ -118,6 +118,14 @@ async fn run(args: Args) -> Result<(), String> {
         LogFormat::Json => logs.json().init(),
     }
 
+    // Metrics first: what the start does (the first key fetches) is counted too.
+    if let Some(addr) = config.metrics_listen {
+        let listener = front::bind_metrics(addr).await?;
+        let handle = front::install_metrics()?;
+        let local = listener.local_addr().unwrap_or(addr);
+        front::serve_metrics(listener, handle);
+        eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -133,13 +141,7 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.clients),
         state.keys.clone(),
     )?;
-    if let Some(addr) = config.metrics_listen {
-        let listener = front::bind_metrics(addr).await?;
-        let handle = front::install_metrics()?;
-        let local = listener.local_addr().unwrap_or(addr);
-        front::serve_metrics(listener, handle);
-        eprintln!("  metrics at http://{local}/metrics");
-    }
+
     // The admin API (axum) answers under /admin/; everything else goes to the gateway.
     let admin = config.admin_token.as_ref().map(|token| {
         admin::routes(Arc::new(admin::Admin {

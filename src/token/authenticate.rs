@@ -36,6 +36,8 @@ pub(super) struct Authenticator {
     /// Room for the checks running at once, and how long to wait for it.
     hashing: Arc<Semaphore>,
     hashing_wait: Duration,
+    /// The threads the checks run on, as many as the room.
+    hashers: HashingThreads,
     /// A hash checked for unknown and revoked clients, made on first need.
     dummy_hash: OnceLock<String>,
 }
@@ -92,6 +94,7 @@ impl Authenticator {
                 hashing.concurrency.min(Semaphore::MAX_PERMITS),
             )),
             hashing_wait: hashing.wait,
+            hashers: HashingThreads::new(hashing.concurrency),
             dummy_hash: OnceLock::new(),
         }
     }
@@ -190,16 +193,18 @@ impl Authenticator {
             hashes.push(self.dummy_hash()?);
         }
         let secret = secret.to_owned();
-        let (matched, attempt) = client::blocking(move || {
-            // Check every hash so the time does not tell which one matched.
-            let matched = hashes.into_iter().fold(None, |found, phc| {
-                let ok = client::verify(&secret, &phc);
-                found.or(ok.then_some(phc))
-            });
-            drop(slot);
-            Ok((matched, attempt))
-        })
-        .await?;
+        let (matched, attempt) = self
+            .hashers
+            .run(move || {
+                // Check every hash so the time does not tell which one matched.
+                let matched = hashes.into_iter().fold(None, |found, phc| {
+                    let ok = client::verify(&secret, &phc);
+                    found.or(ok.then_some(phc))
+                });
+                drop(slot);
+                (matched, attempt)
+            })
+            .await?;
         let authenticated = record
             .zip(matched)
             .filter(|_| known)
@@ -229,6 +234,78 @@ fn too_many(wait: Duration) -> TokenError {
         "Too many failed authentications for this client from this address; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for secret checks, started on first use.
+///
+/// Each check takes megabytes (Argon2's memory): on tokio's blocking pool they would run on
+/// whichever of its many threads is free, and the allocator keeps freed memory per thread,
+/// so a flood of checks would leave the process holding megabytes per pool thread. A few
+/// threads of its own, as many as checks may run at once, keep that to a few blocks.
+struct HashingThreads {
+    count: usize,
+    jobs: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>>,
+}
+
+impl HashingThreads {
+    fn new(count: usize) -> Self {
+        Self {
+            count: count.max(1),
+            jobs: OnceLock::new(),
+        }
+    }
+
+    fn sender(&self) -> &std::sync::Mutex<std::sync::mpsc::Sender<HashJob>> {
+        self.jobs.get_or_init(|| {
+            let (sender, receiver) = std::sync::mpsc::channel::<HashJob>();
+            let receiver = Arc::new(std::sync::Mutex::new(receiver));
+            for n in 0..self.count {
+                let receiver = Arc::clone(&receiver);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("tower-fhir-hash-{n}"))
+                    .spawn(move || loop {
+                        // The lock is held only while waiting: one thread takes each job.
+                        let job = receiver
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        match job {
+                            // A panicking check loses its answer, not the thread.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            // The endpoint is gone.
+                            Err(_) => break,
+                        }
+                    });
+                if let Err(error) = spawned {
+                    tracing::error!(%error, "could not start a secret-checking thread");
+                }
+            }
+            std::sync::Mutex::new(sender)
+        })
+    }
+
+    /// Runs `work` on one of the threads.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            let _ = done.send(work());
+        });
+        self.sender()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| StoreError::new("the secret-checking threads stopped"))?;
+        answer
+            .await
+            .map_err(|_| StoreError::new("a secret check failed"))
+    }
 }
 
 fn overloaded() -> TokenError {
