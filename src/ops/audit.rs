@@ -83,6 +83,95 @@ impl Serialize for AuditRecord {
     }
 }
 
+impl AuditRecord {
+    /// The record as a FHIR R4 `AuditEvent` (type `rest`, subtype the interaction, the
+    /// client as the requesting agent, the resource and the tenant as entities, the request id
+    /// in an extension), for a sink that stores audit events in a FHIR server.
+    ///
+    /// ```
+    /// # use std::time::SystemTime;
+    /// use tower_fhir::ops::AuditRecord;
+    ///
+    /// fn store(record: &AuditRecord) {
+    ///     let event = record.to_audit_event();
+    ///     assert_eq!(event["resourceType"], "AuditEvent");
+    ///     // POST it to your audit repository's `AuditEvent` endpoint.
+    /// }
+    /// ```
+    pub fn to_audit_event(&self) -> serde_json::Value {
+        let action = match (self.interaction, self.method.as_str()) {
+            (Some("create"), _) => "C",
+            (Some("update" | "patch"), _) => "U",
+            (Some("delete"), _) => "D",
+            (Some("read" | "vread" | "search" | "history" | "capabilities"), _) => "R",
+            (_, "GET" | "HEAD") => "R",
+            _ => "E",
+        };
+        let outcome = match self.status {
+            0..=399 => "0",
+            400..=499 => "4",
+            _ => "8",
+        };
+        let mut event = serde_json::json!({
+            "resourceType": "AuditEvent",
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                "code": "rest",
+                "display": "RESTful Operation"
+            },
+            "action": action,
+            "recorded": humantime::format_rfc3339_millis(self.time).to_string(),
+            "outcome": outcome,
+            "outcomeDesc": format!("{} {}", self.status, self.outcome),
+            "agent": [{
+                "requestor": true,
+                "who": {"identifier": {"system": self.issuer, "value": self.client_id}},
+            }],
+            "source": {
+                "observer": {"display": "tower-fhir gateway"},
+                "type": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    "code": "3",
+                    "display": "Web Server"
+                }]
+            },
+            "entity": [],
+        });
+        if let Some(interaction) = self.interaction.filter(|i| *i != "token") {
+            event["subtype"] = serde_json::json!([{
+                "system": "http://hl7.org/fhir/restful-interaction",
+                "code": interaction
+            }]);
+        }
+        if let Some(id) = &self.request_id {
+            event["extension"] = serde_json::json!([{
+                "url": "urn:tower-fhir:request-id",
+                "valueString": id
+            }]);
+        }
+        let entities = event["entity"].as_array_mut().expect("made above");
+        let what = match (&self.resource_type, &self.resource_id) {
+            (Some(ty), Some(id)) => Some(format!("{ty}/{id}")),
+            (Some(ty), None) => Some(ty.clone()),
+            _ => None,
+        };
+        if let Some(what) = what {
+            entities.push(serde_json::json!({
+                "what": {"reference": what},
+                "query": self.query.as_ref().map(|q| base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD, q)),
+            }));
+        }
+        if let Some(tenant) = self.tenant {
+            entities.push(serde_json::json!({
+                "what": {"identifier": {"system": "urn:tower-fhir:tenant", "value": tenant.to_string()}},
+                "description": "tenant",
+            }));
+        }
+        event
+    }
+}
+
 /// How an audit record keeps the query string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -367,6 +456,36 @@ mod tests {
                 "upstream": "http://fhir.example/r4", "duration_ms": 1.235
             })
         );
+    }
+
+    #[test]
+    fn a_record_becomes_an_audit_event() {
+        let mut read = record();
+        read.query = Some("_elements=name".into());
+        let event = read.to_audit_event();
+        assert_eq!(event["action"], "R");
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["subtype"][0]["code"], "read");
+        assert_eq!(event["recorded"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "app");
+        assert_eq!(event["entity"][0]["what"]["reference"], "Patient/1");
+        assert_eq!(event["entity"][0]["query"], "X2VsZW1lbnRzPW5hbWU=");
+        assert_eq!(
+            event["entity"][1]["what"]["identifier"]["value"],
+            "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"
+        );
+        assert_eq!(event["extension"][0]["valueString"], "r-1");
+        let mut refused = record();
+        refused.method = "DELETE".into();
+        refused.interaction = Some("delete");
+        refused.status = 403;
+        refused.outcome = "forbidden";
+        let event = refused.to_audit_event();
+        assert_eq!(
+            (event["action"].as_str(), event["outcome"].as_str()),
+            (Some("D"), Some("4"))
+        );
+        assert_eq!(event["outcomeDesc"], "403 forbidden");
     }
 
     #[test]
