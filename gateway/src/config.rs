@@ -78,6 +78,22 @@ pub(crate) struct Config {
     /// At most this many client secret checks at once. Default: the number of CPUs.
     #[serde(default)]
     pub(crate) token_hashing_concurrency: Option<usize>,
+    /// A connection that has not sent a whole request head this long after it opened (or, over
+    /// HTTP/1.1, after its previous response) is closed. Default 30.
+    #[serde(default = "default_header_read_timeout")]
+    pub(crate) header_read_timeout_seconds: u64,
+    /// A keep-alive connection with no request in flight and no bytes either way for this long
+    /// is closed. Default 60.
+    #[serde(default = "default_idle_timeout")]
+    pub(crate) idle_timeout_seconds: u64,
+    /// The most connections open at once; beyond it new ones wait in the listen backlog until
+    /// one closes. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: u32,
+    /// After SIGTERM or Ctrl-C, how long in-flight requests may take before the gateway exits
+    /// anyway. Default 30.
+    #[serde(default = "default_shutdown_grace")]
+    pub(crate) shutdown_grace_seconds: u64,
 }
 
 /// `audit_query`.
@@ -131,6 +147,13 @@ impl std::fmt::Debug for Config {
             .field("audit_query", &self.audit_query)
             .field("cors_allowed_origins", &self.cors_allowed_origins)
             .field("token_hashing_concurrency", &self.token_hashing_concurrency)
+            .field(
+                "header_read_timeout_seconds",
+                &self.header_read_timeout_seconds,
+            )
+            .field("idle_timeout_seconds", &self.idle_timeout_seconds)
+            .field("max_connections", &self.max_connections)
+            .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .finish()
     }
 }
@@ -219,6 +242,26 @@ fn default_true() -> bool {
     true
 }
 
+fn default_header_read_timeout() -> u64 {
+    30
+}
+
+fn default_idle_timeout() -> u64 {
+    60
+}
+
+fn default_max_connections() -> u32 {
+    10_000
+}
+
+fn default_shutdown_grace() -> u64 {
+    30
+}
+
+/// The longest `header_read_timeout_seconds`, `idle_timeout_seconds` and
+/// `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
+pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
+
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -261,7 +304,33 @@ impl Config {
                 path.display()
             ));
         }
+        config
+            .check_connection_limits()
+            .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// The connection keys are within range: 0 would mean "close at once" or "never accept",
+    /// so it is refused rather than read as "off".
+    fn check_connection_limits(&self) -> Result<(), String> {
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+            ("shutdown_grace_seconds", self.shutdown_grace_seconds),
+        ] {
+            if !(1..=MAX_CONNECTION_SECONDS).contains(&value) {
+                return Err(format!(
+                    "{key} must be between 1 and {MAX_CONNECTION_SECONDS} (a day), not {value}"
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1, not 0".to_owned());
+        }
+        Ok(())
     }
 
     /// An empty configuration with every default.
@@ -333,5 +402,54 @@ mod tests {
         let upstream = config.tenants[0].upstreams.default_upstream();
         assert!(upstream.set_cookie_allowed());
         assert!(Config::empty().forward_request_headers.is_empty());
+    }
+
+    #[test]
+    fn connection_keys_have_their_defaults_and_are_read() {
+        let defaults = Config::empty();
+        assert_eq!(defaults.header_read_timeout_seconds, 30);
+        assert_eq!(defaults.idle_timeout_seconds, 60);
+        assert_eq!(defaults.max_connections, 10_000);
+        assert_eq!(defaults.shutdown_grace_seconds, 30);
+        assert_eq!(defaults.check_connection_limits(), Ok(()));
+
+        let config: Config = serde_json::from_str(
+            r#"{"header_read_timeout_seconds": 5, "idle_timeout_seconds": 7,
+                "max_connections": 2, "shutdown_grace_seconds": 9}"#,
+        )
+        .unwrap();
+        assert_eq!(config.header_read_timeout_seconds, 5);
+        assert_eq!(config.idle_timeout_seconds, 7);
+        assert_eq!(config.max_connections, 2);
+        assert_eq!(config.shutdown_grace_seconds, 9);
+        assert_eq!(config.check_connection_limits(), Ok(()));
+        let shown = format!("{config:?}");
+        assert!(shown.contains("idle_timeout_seconds: 7"), "{shown}");
+    }
+
+    #[test]
+    fn connection_keys_out_of_range_are_refused() {
+        for (json, expected) in [
+            (
+                r#"{"header_read_timeout_seconds": 0}"#,
+                "header_read_timeout_seconds must be between 1 and 86400 (a day), not 0",
+            ),
+            (
+                r#"{"idle_timeout_seconds": 0}"#,
+                "idle_timeout_seconds must be between 1",
+            ),
+            (
+                r#"{"shutdown_grace_seconds": 86401}"#,
+                "shutdown_grace_seconds must be between 1 and 86400 (a day), not 86401",
+            ),
+            (
+                r#"{"max_connections": 0}"#,
+                "max_connections must be at least 1, not 0",
+            ),
+        ] {
+            let config: Config = serde_json::from_str(json).unwrap();
+            let error = config.check_connection_limits().unwrap_err();
+            assert!(error.contains(expected), "{json}: {error}");
+        }
     }
 }

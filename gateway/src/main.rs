@@ -15,7 +15,8 @@
 //! change its tenants and scopes, read, revoke) and `POST /admin/clients/{client_id}/secret`.
 //!
 //! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
-//! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish. A startup
+//! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish (within
+//! `shutdown_grace_seconds`). A startup
 //! failure is one sentence on stderr and exit status 1.
 
 mod admin;
@@ -181,7 +182,13 @@ async fn run(args: Args) -> Result<(), String> {
         demo::print(&base, &gateway).await;
     }
     let front = front::front(&config, gateway, &state.keys)?;
-    serve::serve(listener, front, admin).await;
+    let limits = serve::Limits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+        idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+        max_connections: config.max_connections,
+        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+    };
+    serve::serve(listener, front, admin, limits).await;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");

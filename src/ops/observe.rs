@@ -463,6 +463,61 @@ mod tests {
         assert_eq!(records[1].resource_type, None);
     }
 
+    #[test]
+    fn the_span_carries_the_request_id_tenant_client_status_and_latency() {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let inner = tower::service_fn(move |r: Request<()>| async move {
+                let facts = r.extensions().get::<RequestFacts>().unwrap();
+                facts.set_client_id("app");
+                facts.set_tenant(tenant);
+                Ok::<_, Infallible>(Response::new(()))
+            });
+            let service = ObserveLayer::new().layer(inner);
+            let request = Request::get("/Patient/1")
+                .header("x-request-id", "span-1")
+                .body(())
+                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(service.oneshot(request)).unwrap();
+        });
+        let written = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let closed: serde_json::Value = written
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .find(|event| event["span"]["name"] == "fhir_request")
+            .unwrap_or_else(|| panic!("no fhir_request span closed: {written}"));
+        let span = &closed["span"];
+        assert_eq!(span["request_id"], "span-1");
+        assert_eq!(span["method"], "GET");
+        assert_eq!(span["path"], "/Patient/1");
+        assert_eq!(span["tenant"], tenant.to_string());
+        assert_eq!(span["client_id"], "app");
+        assert_eq!(span["status"], 200);
+        assert_eq!(span["outcome"], "ok");
+        assert!(span["latency_ms"].as_f64().is_some(), "{span}");
+    }
+
     #[tokio::test]
     async fn a_client_that_goes_away_is_recorded() {
         let inner = tower::service_fn(|_r: Request<()>| async {
