@@ -4,8 +4,8 @@
 //! `cargo bench --bench ops` (add `-- --warm-up-time 1 --measurement-time 3` for a quick run).
 //! The request, token and stack are the stack bench's `full/HS256/warm` (version negotiation,
 //! bearer auth from the token cache, tenant scope, routing from the cache, over a bare
-//! `service_fn`), with a `tracing` subscriber installed as the gateway binary has one (INFO,
-//! writing to nowhere), so the request's span is really made. Rows, in this order:
+//! `service_fn`), with a `tracing` subscriber installed as the gateway binary has one (a log
+//! at INFO taking events only, writing to nowhere). Rows, in this order:
 //! - `stack`: the stack alone, no metrics recorder;
 //! - `stack+ops/quiet`: under `RequestIdLayer`, `HealthLayer`, `ObserveLayer` (span only:
 //!   metrics and audit off) and `BodyLimitLayer`;
@@ -67,10 +67,20 @@ fn bearer() -> String {
 
 fn bench(c: &mut Criterion) {
     tower_fhir::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::sink)
-        .with_max_level(tracing::Level::INFO)
-        .init();
+    {
+        use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let events = LevelFilter::INFO.and(filter_fn(|metadata| metadata.is_event()));
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(events),
+            )
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -89,21 +99,30 @@ fn bench(c: &mut Criterion) {
         .audience("tower-fhir")
         .build()
         .unwrap();
-    let stack = ServiceBuilder::new()
-        .fhir_versions(VersionNegotiationLayer::builder().build().unwrap())
-        .fhir_bearer_auth(auth)
-        .fhir_tenant_scope(TenantScopeLayer::builder().build().unwrap())
-        .fhir_tenant_routing(routing)
-        .service_fn(ok);
+    let versions = VersionNegotiationLayer::builder().build().unwrap();
+    let scope = TenantScopeLayer::builder().build().unwrap();
+    // A macro, not a closure: each use infers its own request body type.
+    macro_rules! stack {
+        () => {
+            ServiceBuilder::new()
+                .fhir_versions(versions.clone())
+                .fhir_bearer_auth(auth.clone())
+                .fhir_tenant_scope(scope.clone())
+                .fhir_tenant_routing(routing.clone())
+                .service_fn(ok)
+        };
+    }
     let token = bearer();
-    let ops = |observe: ObserveLayer| {
-        ServiceBuilder::new()
-            .layer(RequestIdLayer::new())
-            .layer(HealthLayer::new().readiness("keys", || true))
-            .layer(observe)
-            .layer(BodyLimitLayer::default())
-            .service(stack.clone())
-    };
+    macro_rules! ops {
+        ($observe:expr) => {
+            ServiceBuilder::new()
+                .layer(RequestIdLayer::new())
+                .layer(HealthLayer::new().readiness("keys", || true))
+                .layer($observe)
+                .layer(BodyLimitLayer::default())
+                .service(stack!())
+        };
+    }
 
     let mut group = c.benchmark_group("ops");
     macro_rules! row {
@@ -124,15 +143,15 @@ fn bench(c: &mut Criterion) {
             });
         }};
     }
-    row!("stack", stack.clone());
-    row!("stack+ops/quiet", ops(ObserveLayer::new()));
+    row!("stack", stack!());
+    row!("stack+ops/quiet", ops!(ObserveLayer::new()));
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .unwrap();
-    row!("stack/recorder", stack.clone());
+    row!("stack/recorder", stack!());
     row!(
         "stack+ops/metrics+audit",
-        ops(ObserveLayer::new()
+        ops!(ObserveLayer::new()
             .metrics(true)
             .audit(JsonLinesAudit::writer(std::io::sink(), 65_536)))
     );

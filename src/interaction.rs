@@ -113,13 +113,21 @@ pub fn classify<'a>(method: &Method, path: &'a str) -> Classified<'a> {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let path = path.trim_start_matches('/');
     let path = path.strip_suffix('/').unwrap_or(path);
-    let segments: Vec<&str> = if path.is_empty() {
-        Vec::new()
-    } else {
-        path.split('/').collect()
-    };
+    // No FHIR URL has more than five segments (`[type]/[id]/_history/[vid]/$op`): a sixth
+    // makes it none, and no allocation is needed.
+    let mut segments = [""; 6];
+    let mut count = 0;
+    if !path.is_empty() {
+        for segment in path.split('/') {
+            if count == segments.len() {
+                return Classified::default();
+            }
+            segments[count] = segment;
+            count += 1;
+        }
+    }
     let mut found = Classified::default();
-    found.interaction = match segments.as_slice() {
+    found.interaction = match &segments[..count] {
         [] => match *method {
             Method::GET => Some(Interaction::Search),
             Method::POST => Some(Interaction::Batch),
@@ -265,6 +273,8 @@ mod tests {
             (Method::GET, "/patient/1"),
             (Method::GET, "/Patient/../Group/1"),
             (Method::GET, "/Patient/1/2/3/4/5"),
+            (Method::POST, "/Patient/1/_history/2/$meta/x"),
+            (Method::POST, "/a/b/c/d/e/f/g/h"),
             (Method::POST, "/Patient/1"),
             (Method::DELETE, "/metadata"),
             (Method::GET, "/Patient/$"),

@@ -109,15 +109,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        );
-    match config.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    init_logs(config.log_format);
 
     // Metrics first: what the start does (the first key fetches) is counted too.
     if let Some(addr) = config.metrics_listen {
@@ -193,6 +185,28 @@ async fn run(args: Args) -> Result<(), String> {
     drop(state);
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). The log takes events only: the
+/// per-request `fhir_request` span is for tracing exporters, and formatting each request's
+/// span for a log nobody reads would cost microseconds a request.
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info".into())
+            .and(filter_fn(|metadata| metadata.is_event()))
+    };
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
+    match format {
+        LogFormat::Text => registry.with(logs.with_filter(filter())).init(),
+        LogFormat::Json => registry.with(logs.json().with_filter(filter())).init(),
+    }
 }
 
 /// The URL clients use: the configured one, or `http://` and the listening address.

@@ -512,3 +512,56 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
         peak / 1024
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_label_and_query_values_can_be_left_out() {
+    let dir = scratch("operations-quiet");
+    let upstream = RecordingUpstream::start().await;
+    let metrics_port = free_port();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let audit = dir.join("audit.jsonl");
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({
+            "metrics_listen": metrics_addr.to_string(),
+            "metrics_tenant_label": false,
+            "audit_log": audit,
+            "audit_query": "none",
+        }),
+    );
+    let token = token(&gw.client).await;
+    let reply = gw
+        .client
+        .get_bearer("/Patient?name=Smith&birthdate=1970", &token)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let text = metrics(metrics_addr).await;
+    let ok = sample(
+        &text,
+        "tower_fhir_requests_total",
+        &["status_class=\"2xx\"", "outcome=\"ok\""],
+    );
+    assert_eq!(ok, Some(2.0), "{text}");
+    assert!(!text.contains(TENANT), "a tenant label is left: {text}");
+
+    let recorded = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(recorded, "fewer than 2 audit records");
+    let written = std::fs::read_to_string(&audit).unwrap();
+    let search: Value = written
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["interaction"] == "search")
+        .expect("the search's record");
+    assert_eq!(search["query"], Value::Null);
+    assert_eq!(search["tenant"], TENANT, "the record keeps the tenant");
+    assert!(!written.contains("Smith") && !written.contains("birthdate"));
+}

@@ -1,9 +1,10 @@
 //! One place that sees every request end: metrics, the audit record, the request's span.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -18,6 +19,7 @@ use super::facts::RequestFacts;
 use super::request_id::X_REQUEST_ID;
 use crate::interaction::classify;
 use crate::outcome::Refusal;
+use crate::tenant::TenantId;
 
 /// Paths that are the token endpoint's (recorded as interaction `token`).
 const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
@@ -76,8 +78,70 @@ pub struct ObserveLayer {
 struct Config {
     audit: Option<Arc<dyn AuditSink>>,
     query: QueryRecording,
-    metrics: bool,
+    metrics: Option<Metrics>,
     tenant_label: bool,
+}
+
+/// The request metrics' handles, taken from the recorder once: a request then costs no key
+/// building or registry lookup, only the counters' atomics (and, for the first request of a
+/// tenant, status class and outcome, one registration).
+struct Metrics {
+    in_flight: metrics::Gauge,
+    duration: metrics::Histogram,
+    requests: RwLock<HashMap<RequestsKey, metrics::Counter>>,
+}
+
+/// `tower_fhir_requests_total`'s labels: tenant (when labelled), status class, outcome.
+type RequestsKey = (Option<TenantId>, &'static str, &'static str);
+
+/// More series than this and the tenant label is dropped for new tenants (the series count
+/// of a metric must stay bounded).
+const MAX_REQUEST_SERIES: usize = 100_000;
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            in_flight: metrics::gauge!("tower_fhir_requests_in_flight"),
+            duration: metrics::histogram!("tower_fhir_request_duration_seconds"),
+            requests: RwLock::default(),
+        }
+    }
+
+    fn requests(&self, key: RequestsKey) -> metrics::Counter {
+        if let Some(counter) = self
+            .requests
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return counter.clone();
+        }
+        let mut series = self
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = if series.len() >= MAX_REQUEST_SERIES {
+            (None, key.1, key.2)
+        } else {
+            key
+        };
+        series
+            .entry(key)
+            .or_insert_with(|| {
+                let (tenant, class, outcome) = key;
+                match tenant {
+                    Some(tenant) => metrics::counter!(
+                        "tower_fhir_requests_total",
+                        "tenant" => tenant.to_string(), "status_class" => class, "outcome" => outcome
+                    ),
+                    None => metrics::counter!(
+                        "tower_fhir_requests_total",
+                        "status_class" => class, "outcome" => outcome
+                    ),
+                }
+            })
+            .clone()
+    }
 }
 
 impl Default for ObserveLayer {
@@ -93,7 +157,7 @@ impl ObserveLayer {
             config: Arc::new(Config {
                 audit: None,
                 query: QueryRecording::default(),
-                metrics: false,
+                metrics: None,
                 tenant_label: true,
             }),
         }
@@ -121,9 +185,11 @@ impl ObserveLayer {
         self
     }
 
-    /// Counts requests in metrics. Default off.
+    /// Counts requests in metrics. Default off. The metrics' handles are taken from the
+    /// recorder installed now: install it (`metrics::set_global_recorder`, or the exporter's
+    /// `install_recorder`) before this call.
     pub fn metrics(mut self, on: bool) -> Self {
-        self.config().metrics = on;
+        self.config().metrics = on.then(Metrics::new);
         self
     }
 
@@ -140,7 +206,7 @@ impl fmt::Debug for ObserveLayer {
         f.debug_struct("ObserveLayer")
             .field("audit", &self.config.audit.is_some())
             .field("query", &self.config.query)
-            .field("metrics", &self.config.metrics)
+            .field("metrics", &self.config.metrics.is_some())
             .field("tenant_label", &self.config.tenant_label)
             .finish()
     }
@@ -211,8 +277,8 @@ where
             path: path.to_owned(),
             query: config.query.apply(request.uri().query()),
         });
-        if config.metrics {
-            metrics::gauge!("tower_fhir_requests_in_flight").increment(1.0);
+        if let Some(metrics) = &config.metrics {
+            metrics.in_flight.increment(1.0);
         }
         let future = {
             let _entered = span.enter();
@@ -253,21 +319,21 @@ struct Watch {
 impl Watch {
     fn finish(mut self, status: u16, outcome: &'static str) {
         let elapsed = self.start.elapsed();
-        let facts = self.facts.snapshot();
-        let tenant = facts.tenant.map(|t| t.to_string());
-        let client_id = facts.client_id();
-        let span = &self.span;
-        if let Some(tenant) = &tenant {
-            span.record("tenant", tenant.as_str());
-        }
-        if let Some(client) = &client_id {
-            span.record("client_id", client.as_str());
-        }
-        span.record("status", status);
-        span.record("outcome", outcome);
-        span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
         let config = &self.config;
-        if config.metrics {
+        let span = &self.span;
+        let facts = self.facts.snapshot();
+        if !span.is_disabled() {
+            if let Some(tenant) = facts.tenant {
+                span.record("tenant", tracing::field::display(tenant));
+            }
+            if let Some(client) = facts.client_id() {
+                span.record("client_id", client.as_str());
+            }
+            span.record("status", status);
+            span.record("outcome", outcome);
+            span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+        }
+        if let Some(metrics) = &config.metrics {
             let class = match status {
                 100..=199 => "1xx",
                 200..=299 => "2xx",
@@ -275,21 +341,10 @@ impl Watch {
                 400..=499 => "4xx",
                 _ => "5xx",
             };
-            metrics::gauge!("tower_fhir_requests_in_flight").decrement(1.0);
-            metrics::histogram!("tower_fhir_request_duration_seconds")
-                .record(elapsed.as_secs_f64());
-            match (&tenant, config.tenant_label) {
-                (Some(tenant), true) => metrics::counter!(
-                    "tower_fhir_requests_total",
-                    "tenant" => tenant.clone(), "status_class" => class, "outcome" => outcome
-                )
-                .increment(1),
-                _ => metrics::counter!(
-                    "tower_fhir_requests_total",
-                    "status_class" => class, "outcome" => outcome
-                )
-                .increment(1),
-            }
+            metrics.in_flight.decrement(1.0);
+            metrics.duration.record(elapsed.as_secs_f64());
+            let tenant = facts.tenant.filter(|_| config.tenant_label);
+            metrics.requests((tenant, class, outcome)).increment(1);
         }
         if let (Some(sink), Some(pending)) = (&config.audit, self.audit.take()) {
             let classified = classify(&method_of(&pending.method), &pending.path);
@@ -312,7 +367,7 @@ impl Watch {
             sink.record(AuditRecord {
                 time: pending.time,
                 request_id: self.request_id.take(),
-                client_id,
+                client_id: facts.client_id(),
                 issuer: facts.issuer(),
                 tenant: facts.tenant,
                 method: pending.method,
