@@ -89,7 +89,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
-        directory.upsert(tenant.id, tenant.upstreams.clone());
+        directory.upsert(tenant.id, tenant.record());
     }
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
@@ -138,6 +138,7 @@ async fn run(args: Args) -> Result<(), String> {
             token: token.clone(),
             directory: Arc::clone(&state.directory),
             clients: Arc::clone(&state.clients),
+            limits: gateway.rate_limits().clone(),
             throttle: admin::AdminThrottle::default(),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -275,6 +275,11 @@ fn route<B>(
             no_upstream_for(version),
         ));
     };
+    if let Some(limit) = upstreams.rate_limit() {
+        request
+            .extensions_mut()
+            .insert(crate::limit::TenantRateLimit(limit));
+    }
     request.extensions_mut().insert(upstream.clone());
     None
 }
