@@ -98,10 +98,10 @@ use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
 
 /// The highest `requests_per_second` and `burst` accepted.
-const MAX_RATE: u32 = 1_000_000;
+const MAX_RATE: u32 = 1_000_000_000;
 
 /// A steady rate and a burst: `{"requests_per_second": N, "burst": M}` in JSON (`burst`
-/// defaults to `requests_per_second`). Both are whole numbers from 1 to 1 000 000.
+/// defaults to `requests_per_second`). Both are whole numbers from 1 to 1 000 000 000.
 ///
 /// ```
 /// use tower_fhir::limit::RateLimit;
@@ -321,8 +321,12 @@ impl RateLimitBuilder {
         if self.capacity == 0 {
             return Err(ConfigError::ZeroCapacity);
         }
+        Ok(self.build_checked())
+    }
+
+    fn build_checked(self) -> RateLimitLayer {
         let clock = DefaultClock::default();
-        Ok(RateLimitLayer {
+        RateLimitLayer {
             shared: Arc::new(Shared {
                 epoch: clock.now(),
                 clock,
@@ -332,7 +336,7 @@ impl RateLimitBuilder {
                 issuer: self.issuer.map(Box::from),
                 ttl_nanos: u64::try_from(self.ttl.as_nanos()).unwrap_or(u64::MAX),
             }),
-        })
+        }
     }
 }
 
@@ -359,9 +363,7 @@ impl fmt::Debug for RateLimitLayer {
 impl RateLimitLayer {
     /// Tenant limits only, with the defaults.
     pub fn new() -> Self {
-        Self::builder()
-            .build()
-            .unwrap_or_else(|_| unreachable!("the defaults are valid"))
+        Self::builder().build_checked()
     }
 
     /// Starts configuring a layer.
@@ -708,7 +710,7 @@ mod tests {
                 json!({"requests_per_second": 1, "burst": 0}),
                 "burst must be a whole number from 1",
             ),
-            (json!({"requests_per_second": 1e12}), "to 1000000"),
+            (json!({"requests_per_second": 1e12}), "to 1000000000,"),
             (json!({"burst": 3}), "requests_per_second"),
             (
                 json!({"requests_per_second": 1, "bursts": 3}),
