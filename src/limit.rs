@@ -756,24 +756,18 @@ mod tests {
             .contains("client"));
     }
 
+    type Bare =
+        tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+
     /// A service that counts the requests reaching it.
-    fn counted(
-        layer: &RateLimitLayer,
-    ) -> (
-        impl Service<
-                Request<Full<Bytes>>,
-                Response = Response<ResponseBody<Full<Bytes>>>,
-                Error = Infallible,
-            > + Clone,
-        Arc<AtomicUsize>,
-    ) {
+    fn counted(layer: &RateLimitLayer) -> (RateLimiting<Bare>, Arc<AtomicUsize>) {
         let reached = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&reached);
-        let service = layer.layer(tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let bare = tower::service_fn(move |_: Request<Full<Bytes>>| {
             count.fetch_add(1, Ordering::SeqCst);
             async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok"))) }
-        }));
-        (service, reached)
+        });
+        (layer.layer(Bare::new(bare)), reached)
     }
 
     fn request(tenant: Option<(&str, RateLimit)>, client: Option<&str>) -> Request<Full<Bytes>> {
