@@ -142,11 +142,11 @@ fn limit_refusal(body: &[u8]) -> Option<Response> {
     let upstreams = value.get("upstreams").unwrap_or(&value).as_array()?;
     upstreams.iter().find_map(|upstream| {
         let max = upstream.get("max_concurrency")?;
-        let whole = max.as_u64().is_some_and(|n| n >= 1);
+        let whole = max.as_u64().is_some_and(|n| (1..=1 << 20).contains(&n));
         (!whole).then(|| {
             error(
                 StatusCode::BAD_REQUEST,
-                "max_concurrency must be a whole number of at least 1",
+                "max_concurrency must be a whole number from 1 to 1048576",
             )
         })
     })

@@ -290,6 +290,21 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         "{}",
         refused.text()
     );
+    let refused = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0", "max_concurrency": 0}]}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused
+            .text()
+            .contains("max_concurrency must be a whole number from 1"),
+        "{}",
+        refused.text()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
