@@ -2,8 +2,8 @@
 //! and scopes they may get tokens for, revoke them, reset their secrets. Bearer `admin_token`;
 //! every change is written under `state_dir` and takes effect at once (for tokens issued from
 //! then on: one already issued keeps its scope until it expires; a tenant's or a client's
-//! `rate_limit` applies to tokens already issued too, at their next request). An address that presents
-//! five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
+//! `rate_limit` applies to tokens already issued too, at their next request). An address that
+//! presents five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
 
 use std::sync::Arc;
 use std::time::Duration;
