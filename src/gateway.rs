@@ -4,8 +4,9 @@
 //! [`Gateway::builder`] assembles, outermost first: version negotiation, metadata pass-through,
 //! bearer validation, tenant scope, tenant routing, rate limits per tenant and per client
 //! ([`RateLimitLayer`]; clients' limits read from the token endpoint's store), the per-tenant
-//! CapabilityStatement cache and the [`FhirProxy`]. With a [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`)
-//! it also answers, ahead of the stack:
+//! CapabilityStatement cache and the [`FhirProxy`]. With a
+//! [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`) it also answers, ahead of
+//! the stack:
 //!
 //! | route | what |
 //! |---|---|
