@@ -6,6 +6,10 @@
 #   bash benches/instructions.sh              # 4,000 requests each, after 500 to warm up
 #   REQUESTS=10000 bash benches/instructions.sh
 #
+# The gateway is counted twice: as configured by default (no metrics, no audit log), and with
+# `metrics_listen` and `audit_log` on (every request counted in the Prometheus recorder and
+# written to the audit file by its thread, whose instructions count too).
+#
 # Each server runs under callgrind (about 50 times slower, one thread); the counters are zeroed
 # after the warm-up and dumped after the measured requests, so start-up, the token fetch for the
 # warm-up and the shutdown are not counted. The token endpoint's Argon2 check and signing for
@@ -26,13 +30,15 @@ need valgrind valgrind
 tenant=00000000-0000-4000-8000-000000000000
 upstream_port=$(port)
 gateway_port=$(port)
+ops_port=$(port)
+metrics_port=$(port)
 passthrough_port=$(port)
 "$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
 pids+=($!)
-python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" <<'PY'
+python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" "$ops_port" "$metrics_port" <<'PY'
 import json, sys
-work, gateway, upstream, tenant = sys.argv[1:]
-json.dump({
+work, gateway, upstream, tenant, ops, metrics = sys.argv[1:]
+config = {
     "listen": f"127.0.0.1:{gateway}",
     "state_dir": f"{work}/state",
     "clients": [{"client_id": "bench", "client_secret": "bench-secret-0123456789",
@@ -40,15 +46,20 @@ json.dump({
     "tenants": [{"id": tenant, "upstreams": [
         {"base_url": f"http://127.0.0.1:{upstream}/fhir", "fhir_version": "3.0"}]}],
     "secret_hashing": {"memory_kib": 8, "iterations": 1},
-}, open(f"{work}/gateway.json", "w"))
+}
+json.dump(config, open(f"{work}/gateway.json", "w"))
+config.update({"listen": f"127.0.0.1:{ops}", "state_dir": f"{work}/state-ops",
+               "metrics_listen": f"127.0.0.1:{metrics}", "audit_log": f"{work}/audit.jsonl"})
+json.dump(config, open(f"{work}/gateway-ops.json", "w"))
 PY
 wait_port "$upstream_port"
 
 # count NAME PID TARGET: the instructions PID runs for the measured requests to TARGET.
 count() {
   local name=$1 pid=$2 target=$3
+  local token_port=${4:-$gateway_port}
   local load=(--target "$target" --connections "$CONNECTIONS" --warmup 0
-    --token-url "http://127.0.0.1:$gateway_port/oauth/token" --client-id bench
+    --token-url "http://127.0.0.1:$token_port/oauth/token" --client-id bench
     --client-secret bench-secret-0123456789 --tenants "$tenant")
   "$bin/fhir-loadgen" "${load[@]}" --requests "$WARMUP_REQUESTS" >/dev/null 2>&1
   callgrind_control --zero "$pid" >/dev/null 2>&1
@@ -71,6 +82,15 @@ pids+=($gateway_pid)
 wait_port "$gateway_port"
 read -r _ gw_requests gw_total < <(count gateway "$gateway_pid" "http://127.0.0.1:$gateway_port")
 
+# The same with metrics and the audit log on (its own state: its own token endpoint).
+valgrind --tool=callgrind --callgrind-out-file="$work/cg.ops.%p" \
+  "$bin/tower-fhir-gateway" --config "$work/gateway-ops.json" >"$work/gateway-ops.log" 2>&1 &
+ops_pid=$!
+pids+=($ops_pid)
+wait_port "$ops_port"
+read -r _ ops_requests ops_total < <(count ops "$ops_pid" "http://127.0.0.1:$ops_port" "$ops_port")
+audited=$(wc -l <"$work/audit.jsonl")
+
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.passthrough.%p" \
   "$bin/bench_servers" passthrough --listen "127.0.0.1:$passthrough_port" \
   --upstream "http://127.0.0.1:$upstream_port" >"$work/passthrough.log" 2>&1 &
@@ -79,15 +99,17 @@ pids+=($passthrough_pid)
 wait_port "$passthrough_port"
 read -r _ pt_requests pt_total < <(count passthrough "$passthrough_pid" "http://127.0.0.1:$passthrough_port/fhir")
 
-python3 - "$gw_requests" "$gw_total" "$pt_requests" "$pt_total" <<'PY'
+python3 - "$gw_requests" "$gw_total" "$pt_requests" "$pt_total" "$ops_requests" "$ops_total" "$audited" <<'PY'
 import sys
-gw_n, gw_i, pt_n, pt_i = map(int, sys.argv[1:])
-gw, pt = gw_i / gw_n, pt_i / pt_n
+gw_n, gw_i, pt_n, pt_i, ops_n, ops_i, audited = map(int, sys.argv[1:])
+gw, pt, ops = gw_i / gw_n, pt_i / pt_n, ops_i / ops_n
 print()
 print("| server | requests | instructions | per request |")
 print("|---|---:|---:|---:|")
 print(f"| bare hyper pass-through | {pt_n:,} | {pt_i:,} | {pt:,.0f} |")
 print(f"| gateway | {gw_n:,} | {gw_i:,} | {gw:,.0f} |")
+print(f"| gateway, metrics and audit log on | {ops_n:,} | {ops_i:,} | {ops:,.0f} |")
 print()
 print(f"gateway / pass-through instructions per request: {gw / pt:.3f}x")
+print(f"gateway with metrics and audit / gateway: {ops / gw:.3f}x ({audited:,} audit records written)")
 PY

@@ -318,6 +318,7 @@ impl GatewayBuilder {
         Ok(Gateway {
             route_cache: layer.route_cache().clone(),
             rate_limits: layer.rate_limits.clone(),
+            auth: layer.auth.clone(),
             stack: layer.layer(proxy),
             #[cfg(feature = "token")]
             token,
@@ -434,6 +435,12 @@ impl GatewayLayer {
     pub fn rate_limits(&self) -> &RateLimitLayer {
         &self.rate_limits
     }
+
+    /// The bearer layer: whether its key sources have been fetched
+    /// ([`key_sources_fetched`](BearerAuthLayer::key_sources_fetched)), for a readiness check.
+    pub fn bearer_auth(&self) -> &BearerAuthLayer {
+        &self.auth
+    }
 }
 
 impl<S> Layer<S> for GatewayLayer {
@@ -466,6 +473,7 @@ pub struct Gateway {
     stack: GatewayStack<FhirProxy>,
     route_cache: RouteCache,
     rate_limits: RateLimitLayer,
+    auth: BearerAuthLayer,
     #[cfg(feature = "token")]
     token: Option<Arc<TokenRoutes>>,
 }
@@ -481,6 +489,14 @@ impl Gateway {
     /// ([`forget_client`](RateLimitLayer::forget_client)).
     pub fn rate_limits(&self) -> &RateLimitLayer {
         &self.rate_limits
+    }
+
+    /// The bearer layer: whether its key sources (the token endpoint's keys, each trusted
+    /// issuer's JWKS) have been fetched
+    /// ([`key_sources_fetched`](BearerAuthLayer::key_sources_fetched),
+    /// [`prefetch_keys`](BearerAuthLayer::prefetch_keys)), for a readiness check.
+    pub fn bearer_auth(&self) -> &BearerAuthLayer {
+        &self.auth
     }
 
     /// Starts configuring a gateway served at `public_base_url` (absolute; FHIR at its root).

@@ -16,6 +16,9 @@
 //!   (`TokenEndpoint`, feature `token`).
 //! - `gateway`: every layer assembled in one call, over the proxy, with the token routes
 //!   (`Gateway`, feature `proxy`).
+//! - [`ops`]: running it as a service: request ids, health and readiness, metrics, audit
+//!   records, traces, body limits, CORS.
+//! - [`interaction`]: which FHIR interaction a request is.
 //! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
@@ -47,8 +50,10 @@ pub mod future;
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod gateway;
 mod hot_cache;
+pub mod interaction;
 pub mod limit;
 pub mod metadata;
+pub mod ops;
 pub mod outcome;
 mod persist;
 #[cfg(feature = "proxy")]

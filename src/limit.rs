@@ -652,7 +652,11 @@ fn refused<F, B: 'static, E: 'static>(whose: Whose, wait: Duration) -> ResponseF
 
 /// The 429 answer: `Retry-After` in whole seconds, rounded up, at least 1.
 fn refusal(whose: Whose, wait: Duration) -> Response<Bytes> {
-    // metrics: tower_fhir_rate_limited_total{limit="tenant"|"client"} += 1
+    let limit = match whose {
+        Whose::Tenant => "tenant",
+        Whose::Client => "client",
+    };
+    metrics::counter!("tower_fhir_rate_limited_total", "limit" => limit).increment(1);
     let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
     let diagnostics = match whose {
         Whose::Tenant => "Too many requests for this tenant; retry after the time in Retry-After",

@@ -85,6 +85,48 @@ pub enum IssueType {
     Transient,
 }
 
+impl IssueType {
+    /// FHIR's code for the type: `invalid`, `security`, `throttled`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Structure => "structure",
+            Self::Required => "required",
+            Self::Value => "value",
+            Self::Security => "security",
+            Self::Login => "login",
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::Forbidden => "forbidden",
+            Self::Processing => "processing",
+            Self::NotSupported => "not-supported",
+            Self::NotFound => "not-found",
+            Self::TooLong => "too-long",
+            Self::Exception => "exception",
+            Self::Timeout => "timeout",
+            Self::Throttled => "throttled",
+            Self::Transient => "transient",
+        }
+    }
+}
+
+/// Why a layer answered a request itself instead of passing it on: a response extension on
+/// every answer built by [`OperationOutcome::to_response`] (the issue's code), by the bearer
+/// layer (the RFC 6750 error code, `invalid_token` say) and by the token endpoint (the RFC 6749
+/// error code). Audit records and metrics report it as the request's `outcome`; a response
+/// without one (the upstream's, or a successful token) is `ok`.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_fhir::outcome::{IssueType, OperationOutcome, Refusal};
+///
+/// let response = OperationOutcome::error(IssueType::Throttled, "slow down")
+///     .to_response(StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(response.extensions().get::<Refusal>(), Some(&Refusal("throttled")));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Refusal(pub &'static str);
+
 /// One problem reported in an [`OperationOutcome`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Issue {
@@ -129,13 +171,19 @@ impl OperationOutcome {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    /// An HTTP response with this outcome as an `application/fhir+json` body.
+    /// An HTTP response with this outcome as an `application/fhir+json` body, and the first
+    /// issue's code as its [`Refusal`].
     pub fn to_response(&self, status: StatusCode) -> Response<Bytes> {
         let mut response = Response::new(self.to_json());
         *response.status_mut() = status;
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if let Some(issue) = self.issues.first() {
+            response
+                .extensions_mut()
+                .insert(Refusal(issue.code.as_str()));
+        }
         response
     }
 }
@@ -170,5 +218,23 @@ mod tests {
             .to_response(StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::CONTENT_TYPE], FHIR_JSON);
+        assert_eq!(
+            response.extensions().get::<Refusal>(),
+            Some(&Refusal("transient"))
+        );
+    }
+
+    #[test]
+    fn codes_agree_with_the_serialized_form() {
+        for code in [
+            IssueType::Invalid,
+            IssueType::NotSupported,
+            IssueType::TooLong,
+            IssueType::Throttled,
+            IssueType::NotFound,
+        ] {
+            let json = serde_json::to_value(code).unwrap();
+            assert_eq!(json, code.as_str());
+        }
     }
 }

@@ -63,6 +63,7 @@ use uuid::Uuid;
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
+use crate::ops::RequestFacts;
 use crate::outcome::{IssueType, OperationOutcome};
 
 /// A customer's directory tenant id: a GUID, always shown in lowercase hyphenated form.
@@ -361,6 +362,14 @@ where
                 "The request carries no verified token",
             )),
         };
+        if let Some(facts) = request.extensions().get::<RequestFacts>() {
+            if let Some(claims) = request.extensions().get::<VerifiedClaims>() {
+                facts.set_claims(claims);
+            }
+            if let Ok(tenant) = &tenant {
+                facts.set_tenant(*tenant);
+            }
+        }
         match tenant {
             Ok(tenant) => {
                 request.extensions_mut().insert(tenant);

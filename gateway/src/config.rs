@@ -58,6 +58,64 @@ pub(crate) struct Config {
     /// `text` (default) or `json` (one JSON object per line).
     #[serde(default)]
     pub(crate) log_format: LogFormat,
+    /// A larger request body gets 413 before anything reaches the upstream. Default 16 MiB.
+    #[serde(default = "default_max_request_body")]
+    pub(crate) max_request_body_bytes: u64,
+    /// Where `GET /metrics` (Prometheus text) is served; off when absent.
+    #[serde(default)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    /// Label request metrics with the tenant. Default true.
+    #[serde(default = "default_true")]
+    pub(crate) metrics_tenant_label: bool,
+    /// A file (or `-` for stdout) receiving one JSON audit record per line per request.
+    #[serde(default)]
+    pub(crate) audit_log: Option<PathBuf>,
+    /// How audit records keep query strings: `full`, `names` (default) or `none`.
+    #[serde(default)]
+    pub(crate) audit_query: AuditQuery,
+    /// Browser origins allowed by CORS. Default none.
+    #[serde(default)]
+    pub(crate) cors_allowed_origins: Vec<String>,
+    /// At most this many client secret checks at once. Default: the number of CPUs.
+    #[serde(default)]
+    pub(crate) token_hashing_concurrency: Option<usize>,
+    /// A connection that has not sent a whole request head this long after it opened (or, over
+    /// HTTP/1.1, after its previous response) is closed. Default 30.
+    #[serde(default = "default_header_read_timeout")]
+    pub(crate) header_read_timeout_seconds: u64,
+    /// A keep-alive connection with no request in flight and no bytes either way for this long
+    /// is closed. Default 60.
+    #[serde(default = "default_idle_timeout")]
+    pub(crate) idle_timeout_seconds: u64,
+    /// The most connections open at once; beyond it new ones wait in the listen backlog until
+    /// one closes. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: u32,
+    /// After SIGTERM or Ctrl-C, how long in-flight requests may take before the gateway exits
+    /// anyway. Default 30.
+    #[serde(default = "default_shutdown_grace")]
+    pub(crate) shutdown_grace_seconds: u64,
+}
+
+/// `audit_query`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AuditQuery {
+    Full,
+    #[default]
+    Names,
+    None,
+}
+
+impl AuditQuery {
+    pub(crate) fn recording(self) -> tower_fhir::ops::QueryRecording {
+        use tower_fhir::ops::QueryRecording;
+        match self {
+            Self::Full => QueryRecording::Full,
+            Self::Names => QueryRecording::Names,
+            Self::None => QueryRecording::None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -83,6 +141,20 @@ impl std::fmt::Debug for Config {
             .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
+            .field("max_request_body_bytes", &self.max_request_body_bytes)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("metrics_tenant_label", &self.metrics_tenant_label)
+            .field("audit_log", &self.audit_log)
+            .field("audit_query", &self.audit_query)
+            .field("cors_allowed_origins", &self.cors_allowed_origins)
+            .field("token_hashing_concurrency", &self.token_hashing_concurrency)
+            .field(
+                "header_read_timeout_seconds",
+                &self.header_read_timeout_seconds,
+            )
+            .field("idle_timeout_seconds", &self.idle_timeout_seconds)
+            .field("max_connections", &self.max_connections)
+            .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .finish()
     }
 }
@@ -177,6 +249,34 @@ fn default_upstream_timeout() -> u64 {
     30
 }
 
+fn default_max_request_body() -> u64 {
+    tower_fhir::ops::DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_header_read_timeout() -> u64 {
+    30
+}
+
+fn default_idle_timeout() -> u64 {
+    60
+}
+
+fn default_max_connections() -> u32 {
+    10_000
+}
+
+fn default_shutdown_grace() -> u64 {
+    30
+}
+
+/// The longest `header_read_timeout_seconds`, `idle_timeout_seconds` and
+/// `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
+pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
+
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -201,7 +301,51 @@ impl Config {
                 ));
             }
         }
+        if config.max_request_body_bytes == 0 {
+            return Err(format!(
+                "the configuration file {}: max_request_body_bytes must be at least 1",
+                path.display()
+            ));
+        }
+        if config.token_hashing_concurrency == Some(0) {
+            return Err(format!(
+                "the configuration file {}: token_hashing_concurrency must be at least 1",
+                path.display()
+            ));
+        }
+        if let Err(e) = tower_fhir::ops::fhir_cors(&config.cors_allowed_origins) {
+            return Err(format!(
+                "the configuration file {}: cors_allowed_origins: {e}",
+                path.display()
+            ));
+        }
+        config
+            .check_connection_limits()
+            .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// The connection keys are within range: 0 would mean "close at once" or "never accept",
+    /// so it is refused rather than read as "off".
+    fn check_connection_limits(&self) -> Result<(), String> {
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+            ("shutdown_grace_seconds", self.shutdown_grace_seconds),
+        ] {
+            if !(1..=MAX_CONNECTION_SECONDS).contains(&value) {
+                return Err(format!(
+                    "{key} must be between 1 and {MAX_CONNECTION_SECONDS} (a day), not {value}"
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1, not 0".to_owned());
+        }
+        Ok(())
     }
 
     /// An empty configuration with every default.
@@ -229,6 +373,35 @@ mod tests {
         assert!(shown.contains("<redacted>"), "{shown}");
         assert!(shown.contains("app"), "{shown}");
         assert!(!shown.contains("that-is-secret"), "{shown}");
+    }
+
+    #[test]
+    fn operations_keys_have_their_defaults_and_are_read() {
+        let empty = Config::empty();
+        assert_eq!(empty.max_request_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(empty.metrics_listen, None);
+        assert!(empty.metrics_tenant_label);
+        assert_eq!(empty.audit_log, None);
+        assert_eq!(empty.audit_query, AuditQuery::Names);
+        assert!(empty.cors_allowed_origins.is_empty());
+        assert_eq!(empty.token_hashing_concurrency, None);
+        let config: Config = serde_json::from_str(
+            r#"{"max_request_body_bytes": 1024, "metrics_listen": "127.0.0.1:9100",
+                "metrics_tenant_label": false, "audit_log": "-", "audit_query": "full",
+                "cors_allowed_origins": ["https://app.example"], "token_hashing_concurrency": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(config.max_request_body_bytes, 1024);
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert!(!config.metrics_tenant_label);
+        assert_eq!(config.audit_log.as_deref(), Some(Path::new("-")));
+        assert_eq!(config.audit_query, AuditQuery::Full);
+        assert_eq!(config.cors_allowed_origins, ["https://app.example"]);
+        assert_eq!(config.token_hashing_concurrency, Some(3));
+        assert!(serde_json::from_str::<Config>(r#"{"audit_query": "values"}"#).is_err());
     }
 
     #[test]
@@ -276,5 +449,54 @@ mod tests {
             refused.contains("rate_limit.requests_per_second must be a whole number from 1"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn connection_keys_have_their_defaults_and_are_read() {
+        let defaults = Config::empty();
+        assert_eq!(defaults.header_read_timeout_seconds, 30);
+        assert_eq!(defaults.idle_timeout_seconds, 60);
+        assert_eq!(defaults.max_connections, 10_000);
+        assert_eq!(defaults.shutdown_grace_seconds, 30);
+        assert_eq!(defaults.check_connection_limits(), Ok(()));
+
+        let config: Config = serde_json::from_str(
+            r#"{"header_read_timeout_seconds": 5, "idle_timeout_seconds": 7,
+                "max_connections": 2, "shutdown_grace_seconds": 9}"#,
+        )
+        .unwrap();
+        assert_eq!(config.header_read_timeout_seconds, 5);
+        assert_eq!(config.idle_timeout_seconds, 7);
+        assert_eq!(config.max_connections, 2);
+        assert_eq!(config.shutdown_grace_seconds, 9);
+        assert_eq!(config.check_connection_limits(), Ok(()));
+        let shown = format!("{config:?}");
+        assert!(shown.contains("idle_timeout_seconds: 7"), "{shown}");
+    }
+
+    #[test]
+    fn connection_keys_out_of_range_are_refused() {
+        for (json, expected) in [
+            (
+                r#"{"header_read_timeout_seconds": 0}"#,
+                "header_read_timeout_seconds must be between 1 and 86400 (a day), not 0",
+            ),
+            (
+                r#"{"idle_timeout_seconds": 0}"#,
+                "idle_timeout_seconds must be between 1",
+            ),
+            (
+                r#"{"shutdown_grace_seconds": 86401}"#,
+                "shutdown_grace_seconds must be between 1 and 86400 (a day), not 86401",
+            ),
+            (
+                r#"{"max_connections": 0}"#,
+                "max_connections must be at least 1, not 0",
+            ),
+        ] {
+            let config: Config = serde_json::from_str(json).unwrap();
+            let error = config.check_connection_limits().unwrap_err();
+            assert!(error.contains(expected), "{json}: {error}");
+        }
     }
 }

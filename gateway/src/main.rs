@@ -17,13 +17,15 @@
 //! `max_concurrency` are enforced in the stack (`429` or `503`, with `Retry-After`).
 //!
 //! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
-//! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish. A startup
+//! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish (within
+//! `shutdown_grace_seconds`). A startup
 //! failure is one sentence on stderr and exit status 1.
 
 mod admin;
 mod config;
 mod demo;
 mod demo_fhir;
+mod front;
 mod serve;
 mod state;
 mod throttle;
@@ -119,6 +121,14 @@ async fn run(args: Args) -> Result<(), String> {
         LogFormat::Json => logs.json().init(),
     }
 
+    // Metrics first: what the start does (the first key fetches) is counted too.
+    if let Some(addr) = config.metrics_listen {
+        let listener = front::bind_metrics(addr).await?;
+        let handle = front::install_metrics()?;
+        let local = listener.local_addr().unwrap_or(addr);
+        front::serve_metrics(listener, handle);
+        eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -134,6 +144,7 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.clients),
         state.keys.clone(),
     )?;
+
     // The admin API (axum) answers under /admin/; everything else goes to the gateway.
     let admin = config.admin_token.as_ref().map(|token| {
         admin::routes(Arc::new(admin::Admin {
@@ -173,7 +184,14 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::print(&base, &gateway).await;
     }
-    serve::serve(listener, gateway, admin).await;
+    let front = front::front(&config, gateway, &state.keys)?;
+    let limits = serve::Limits {
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+        idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+        max_connections: config.max_connections,
+        shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+    };
+    serve::serve(listener, front, admin, limits).await;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");
@@ -206,7 +224,12 @@ fn assemble(
         .signing_keys(keys)
         .default_lifetime(Duration::from_secs(
             config.token.ttl_seconds.unwrap_or(3600),
-        ))
+        ));
+    let endpoint = match config.token_hashing_concurrency {
+        Some(checks) => endpoint.hashing_concurrency(checks),
+        None => endpoint,
+    };
+    let endpoint = endpoint
         .build()
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
 

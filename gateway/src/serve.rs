@@ -1,8 +1,22 @@
 //! Serving: HTTP/1.1 and HTTP/2 connections, the admin API beside the gateway, graceful
 //! shutdown on SIGTERM or Ctrl-C.
+//!
+//! Each connection is bounded: a whole request head within the header-read timeout, no idle
+//! keep-alive beyond the idle timeout, at most `max_connections` at once (the rest wait in the
+//! kernel's listen backlog), and at shutdown in-flight requests get the grace period, no more.
+//! HTTP/1.1's header-read timeout is hyper's own timer, which also runs while a keep-alive
+//! connection waits for its next request (so such a connection is closed after the smaller of
+//! the two timeouts). The per-connection watchdog covers the rest: a connection that has
+//! started no request within the header-read timeout (HTTP/2, or still picking its protocol),
+//! and one with no request in flight and no bytes either way for the idle timeout. It wakes a
+//! few times per idle timeout, never per request; what a request costs it is three relaxed
+//! atomic additions.
 
 use std::convert::Infallible;
-use std::sync::{Mutex, PoisonError};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -11,22 +25,56 @@ use futures::future;
 use http::Request;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
-use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::ClientAddr;
 
-/// Serves HTTP/1.1 and HTTP/2 until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+use crate::front::Front;
+
+/// The connection bounds, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// A connection must send a whole request head within this (`header_read_timeout_seconds`).
+    pub(crate) header_read_timeout: Duration,
+    /// A connection with nothing in flight and no bytes for this long is closed
+    /// (`idle_timeout_seconds`).
+    pub(crate) idle_timeout: Duration,
+    /// The most connections open at once (`max_connections`, at least 1).
+    pub(crate) max_connections: u32,
+    /// How long in-flight requests may take after SIGTERM or Ctrl-C (`shutdown_grace_seconds`).
+    pub(crate) shutdown_grace: Duration,
+}
+
+/// Serves HTTP/1.1 and HTTP/2 until Ctrl-C or SIGTERM, then lets in-flight requests finish
+/// within `limits.shutdown_grace`.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
-    gateway: Gateway,
+    gateway: Front,
     admin: Option<Router>,
+    limits: Limits,
 ) {
-    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    // Each connection holds a permit: with none left, the next one waits in the listen backlog.
+    let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let (stopping, stop_watch) = watch::channel(false);
     let mut stop = std::pin::pin!(shutdown());
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
+            },
+            () = &mut stop => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -40,9 +88,12 @@ pub(crate) async fn serve(
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
         let connection_gateway = ConnectionGateway::new(gateway.clone());
         let admin = admin.clone();
+        let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let in_flight = InFlight::start(&requests);
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
             let to_admin = request.uri().path().starts_with("/admin/");
@@ -53,34 +104,214 @@ pub(crate) async fn serve(
                 None => future::Either::Left(connection_gateway.call(request)),
             };
             async move {
-                Ok::<_, Infallible>(match answer {
+                let response = match answer {
                     future::Either::Left(gateway) => gateway.await?.map(Either::Left),
                     future::Either::Right(admin) => admin.await?.map(Either::Right),
-                })
+                };
+                drop(in_flight);
+                Ok::<_, Infallible>(response)
             }
         });
-        let connection = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        let io = TokioIo::new(CountingIo {
+            stream,
+            activity: Arc::clone(&activity),
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let mut stop_watch = stop_watch.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+            // Released when the connection is over, letting the next one be accepted.
+            let _permit = permit;
+            let mut connection = std::pin::pin!(connection);
+            let mut watchdog = std::pin::pin!(watchdog(&activity, limits));
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop_watch.wait_for(|&stop| stop), if !closing => {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    () = watchdog.as_mut(), if !closing => {
+                        tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
+                        closing = true;
+                        // Never cuts a request in flight: HTTP/1.1 finishes it (and then
+                        // closes), HTTP/2 sends GOAWAY and finishes its streams.
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Every permit back means every connection is closed.
+    let all = limits.max_connections;
+    if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        let open = (all as usize).saturating_sub(permits.available_permits());
+        tracing::warn!(
+            open_connections = open,
+            grace_seconds = limits.shutdown_grace.as_secs(),
+            "shutdown grace period over with {open} connections still open; exiting anyway"
+        );
+    }
 }
 
-/// One connection's gateway: its requests are sent to one readied [`Gateway`] rather than to a
+/// What one connection has done, for its watchdog: bytes moved and requests started and
+/// finished, counted with relaxed atomics (the watchdog only compares them between its wakes).
+#[derive(Debug, Default)]
+struct Activity {
+    /// Reads and writes that moved bytes.
+    io: AtomicU64,
+    /// Requests handed to the service.
+    started: AtomicU64,
+    /// Requests whose response (head) is ready, or whose future was dropped.
+    finished: AtomicU64,
+}
+
+impl Activity {
+    /// (io, started, finished), `finished` read first so that `started >= finished`.
+    fn snapshot(&self) -> (u64, u64, u64) {
+        let finished = self.finished.load(Ordering::Relaxed);
+        let started = self.started.load(Ordering::Relaxed);
+        (self.io.load(Ordering::Relaxed), started, finished)
+    }
+}
+
+/// One request in flight on a connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Completes when the connection should be closed: it has started no request within the
+/// header-read timeout, or has had no request in flight and no bytes for the idle timeout.
+/// Wakes every quarter of the idle timeout (at least every 50 ms), so an idle connection is
+/// closed between one and about one and a half idle timeouts after its last byte.
+async fn watchdog(activity: &Activity, limits: Limits) {
+    let tick = (limits.idle_timeout / 4).max(Duration::from_millis(50));
+    let opened = Instant::now();
+    let mut head_deadline = Some(opened + limits.header_read_timeout);
+    let mut seen = activity.snapshot();
+    let mut quiet_since = opened;
+    loop {
+        let mut wake = Instant::now() + tick;
+        if let Some(deadline) = head_deadline {
+            wake = wake.min(deadline);
+        }
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        let current = activity.snapshot();
+        let (_, started, finished) = current;
+        if let Some(deadline) = head_deadline {
+            if now >= deadline {
+                if started == 0 {
+                    return;
+                }
+                head_deadline = None;
+            }
+        }
+        if current != seen || started != finished {
+            seen = current;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= limits.idle_timeout {
+            return;
+        }
+    }
+}
+
+/// The connection's socket, counting the reads and writes that move bytes.
+struct CountingIo {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl CountingIo {
+    fn moved(&self) {
+        self.activity.io.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() != before {
+            self.moved();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// One connection's gateway: its requests are sent to one readied [`Front`] rather than to a
 /// clone of it each (hyper calls services through `&self`, Tower through `&mut self`).
 struct ConnectionGateway {
-    gateway: Mutex<Gateway>,
+    gateway: Mutex<Front>,
 }
 
 impl ConnectionGateway {
-    fn new(gateway: Gateway) -> Self {
+    fn new(gateway: Front) -> Self {
         Self {
             gateway: Mutex::new(gateway),
         }
@@ -90,8 +321,8 @@ impl ConnectionGateway {
         &self,
         request: Request<Incoming>,
     ) -> future::Either<
-        <Gateway as Service<Request<Incoming>>>::Future,
-        tower::util::Oneshot<Gateway, Request<Incoming>>,
+        <Front as Service<Request<Incoming>>>::Future,
+        tower::util::Oneshot<Front, Request<Incoming>>,
     > {
         let mut gateway = self.gateway.lock().unwrap_or_else(PoisonError::into_inner);
         // The gateway applies no backpressure (every layer is ready at once); should it ever
@@ -105,7 +336,7 @@ impl ConnectionGateway {
     }
 }
 
-/// Ctrl-C or SIGTERM; in-flight requests finish.
+/// Ctrl-C or SIGTERM; in-flight requests get the grace period.
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -51,6 +51,37 @@ impl BearerAuthLayer {
     pub fn builder() -> BearerAuthBuilder {
         BearerAuthBuilder::default()
     }
+
+    /// How many of the layer's key sources (JWKS URLs, in-process sources) have been fetched
+    /// at least once, of how many: a readiness check (`/readyz`) waits for all of them.
+    /// Static keys need no fetch and are not counted.
+    ///
+    /// ```
+    /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+    ///
+    /// let layer = BearerAuthLayer::builder()
+    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(layer.key_sources_fetched(), (0, 0));
+    /// ```
+    pub fn key_sources_fetched(&self) -> (usize, usize) {
+        let sources = &self.config.verifier.sources;
+        let fetched = sources.iter().filter(|s| s.has_fetched()).count();
+        (fetched, sources.len())
+    }
+
+    /// Starts a fetch of every key source never fetched yet (at most one attempt a second
+    /// each), without waiting: call it at startup so the first request does not wait for
+    /// the keys, and from a readiness check. Needs a tokio runtime; without one it does
+    /// nothing.
+    pub fn prefetch_keys(&self) {
+        for source in &self.config.verifier.sources {
+            if !source.has_fetched() {
+                let _ = source.fetch(super::source::Trigger::Cold);
+            }
+        }
+    }
 }
 
 impl<S> Layer<S> for BearerAuthLayer {

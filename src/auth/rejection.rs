@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::outcome::{IssueType, OperationOutcome};
+use crate::outcome::{IssueType, OperationOutcome, Refusal};
 
 /// What kind of rejection (RFC 6750 §3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,13 @@ impl Rejection {
             headers.insert(header::WWW_AUTHENTICATE, self.www_authenticate());
         }
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let reason = match self.kind {
+            RejectionKind::MissingToken => "missing_token",
+            RejectionKind::KeysUnavailable => "keys_unavailable",
+            RejectionKind::InvalidRequest => "invalid_request",
+            RejectionKind::InvalidToken => "invalid_token",
+        };
+        response.extensions_mut().insert(Refusal(reason));
         response
     }
 }

@@ -320,6 +320,10 @@ impl RefreshingKeys {
                 Err(Arc::from(err.to_string()))
             }
         };
+        let issuer = self.issuer.as_deref().unwrap_or("").to_owned();
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("tower_fhir_jwks_fetches_total", "issuer" => issuer, "result" => outcome)
+            .increment(1);
         // The in-flight slot is cleared by the task's `ClearInflight` guard.
         self.control().fetched |= result.is_ok();
         result

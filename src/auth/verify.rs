@@ -154,7 +154,13 @@ impl Verifier {
             for source in &self.sources {
                 source.refresh_if_due();
             }
+            metrics::counter!("tower_fhir_cache_total", "cache" => "token", "result" => "hit")
+                .increment(1);
             return Verdict::Accept(claims);
+        }
+        if self.cache.is_some() {
+            metrics::counter!("tower_fhir_cache_total", "cache" => "token", "result" => "miss")
+                .increment(1);
         }
         match self.verify_uncached(token) {
             Verdict::Reject(_) if !is_b64token(token) => Verdict::Reject(self.reject(

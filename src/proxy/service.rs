@@ -367,9 +367,21 @@ where
             let Ok(slot) = config.slots.acquire(&upstream, timeout).await else {
                 return Ok(busy(&upstream));
             };
+            let started = std::time::Instant::now();
             let sent = config.transport.send(&upstream, pooled, outgoing);
             let response = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(response)) => response,
+                Ok(Ok(response)) => {
+                    metrics::histogram!("tower_fhir_upstream_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    response
+                }
+                Ok(Err(error)) if crate::ops::is_length_limit(&*error) => {
+                    // The body outgrew the limit while it was streamed: the upstream got an
+                    // unfinished request, and the client its answer.
+                    tracing::info!(upstream = %upstream.base(), "request body over the limit");
+                    let limit = outcome_too_large();
+                    return Ok(limit);
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
                     return Ok(outcome(
@@ -415,7 +427,7 @@ fn ready(response: Response<ProxyBody>) -> ResponseFuture {
 /// The upstream's `max_concurrency` requests were in flight for as long as this one could
 /// wait: 503, never sent.
 fn busy(upstream: &Upstream) -> Response<ProxyBody> {
-    // metrics: tower_fhir_rate_limited_total{limit="upstream"} += 1
+    metrics::counter!("tower_fhir_rate_limited_total", "limit" => "upstream").increment(1);
     tracing::warn!(upstream = %upstream.base(), "upstream busy: no concurrency slot in time");
     let mut response = outcome(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -426,6 +438,11 @@ fn busy(upstream: &Upstream) -> Response<ProxyBody> {
         .headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+/// `413`: a body stopped by a [`BodyLimitLayer`](crate::ops::BodyLimitLayer) outside.
+fn outcome_too_large() -> Response<ProxyBody> {
+    crate::ops::too_large(None).map(ProxyBody::full)
 }
 
 fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {

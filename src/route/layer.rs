@@ -1,6 +1,7 @@
 //! `TenantRoutingLayer`, its builder and its service.
 
 use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use super::directory::{DirectoryError, TenantDirectory};
 use super::upstream::TenantUpstreams;
 use crate::body::ResponseBody;
 use crate::future::PassOrOwn;
+use crate::ops::RequestFacts;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
 use crate::version::{FhirVersion, VersionHint};
@@ -208,11 +210,15 @@ where
             ));
         };
         if let Some(upstreams) = self.cache.fresh(tenant) {
+            metrics::counter!("tower_fhir_cache_total", "cache" => "route", "result" => "hit")
+                .increment(1);
             return match route(&mut request, tenant, Ok(upstreams)) {
                 None => PassOrOwn::passed(self.inner.call(request)),
                 Some(refusal) => answered(refusal),
             };
         }
+        metrics::counter!("tower_fhir_cache_total", "cache" => "route", "result" => "miss")
+            .increment(1);
         // The directory must be asked: the ready service goes with the request, and this one
         // keeps a fresh clone.
         let clone = self.inner.clone();
@@ -279,6 +285,9 @@ fn route<B>(
         request
             .extensions_mut()
             .insert(crate::limit::TenantRateLimit(limit));
+    }
+    if let Some(facts) = request.extensions().get::<RequestFacts>() {
+        facts.set_upstream(Arc::clone(upstream.base().shared_text()));
     }
     request.extensions_mut().insert(upstream.clone());
     None

@@ -5,16 +5,39 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{header, HeaderValue, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
 use super::throttle::{Attempt, Refusal, Source, Throttle, ThrottlePolicy};
+
+/// How many secret checks run at once, and how long one waits for room.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HashingLimit {
+    pub(super) concurrency: usize,
+    pub(super) wait: Duration,
+}
+
+impl Default for HashingLimit {
+    /// The number of CPUs; 2 s.
+    fn default() -> Self {
+        Self {
+            concurrency: std::thread::available_parallelism().map_or(2, usize::from),
+            wait: Duration::from_secs(2),
+        }
+    }
+}
 
 /// Checks clients' secrets against their store, under the failure throttle.
 pub(super) struct Authenticator {
     /// The client store.
     pub(super) store: Box<dyn ClientStore>,
     throttle: Arc<Throttle>,
+    /// Room for the checks running at once, and how long to wait for it.
+    hashing: Arc<Semaphore>,
+    hashing_wait: Duration,
+    /// The threads the checks run on, as many as the room.
+    hashers: HashingThreads,
     /// A hash checked for unknown and revoked clients, made on first need.
     dummy_hash: OnceLock<String>,
 }
@@ -25,6 +48,8 @@ pub(super) enum Denied {
     Blocked(Duration),
     /// Other checks of the id (or of the source) took too long to make room; nothing failed.
     Busy,
+    /// Every hashing slot stayed taken for the whole wait; nothing failed.
+    Overloaded,
     /// The secret is wrong (or the client unknown or revoked).
     Failed,
     /// The store failed (logged).
@@ -49,6 +74,7 @@ impl Denied {
         match self {
             Self::Blocked(wait) => too_many(wait),
             Self::Busy => busy(),
+            Self::Overloaded => overloaded(),
             Self::Failed => TokenError::invalid_client("Client authentication failed", challenge),
             Self::StoreFailed(_) => TokenError::server_error(),
         }
@@ -56,10 +82,19 @@ impl Denied {
 }
 
 impl Authenticator {
-    pub(super) fn new(store: Box<dyn ClientStore>, policy: ThrottlePolicy) -> Self {
+    pub(super) fn new(
+        store: Box<dyn ClientStore>,
+        policy: ThrottlePolicy,
+        hashing: HashingLimit,
+    ) -> Self {
         Self {
             store,
             throttle: Arc::new(Throttle::new(policy)),
+            hashing: Arc::new(Semaphore::new(
+                hashing.concurrency.min(Semaphore::MAX_PERMITS),
+            )),
+            hashing_wait: hashing.wait,
+            hashers: HashingThreads::new(hashing.concurrency),
             dummy_hash: OnceLock::new(),
         }
     }
@@ -83,7 +118,20 @@ impl Authenticator {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
                 Refusal::Busy => Denied::Busy,
             })?;
-        match self.authenticate(id, secret, attempt).await {
+        // Room to hash: taken before the store is read, given back when the hash ends.
+        let slot = match tokio::time::timeout(
+            self.hashing_wait,
+            Arc::clone(&self.hashing).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                tracing::warn!(client_id = %id, "secret checks are all busy; answering 503");
+                return Err(Denied::Overloaded);
+            }
+        };
+        match self.authenticate(id, secret, attempt, slot).await {
             Ok((Some(client), attempt)) => {
                 attempt.succeeded();
                 Ok(client)
@@ -131,6 +179,7 @@ impl Authenticator {
         id: &str,
         secret: &str,
         attempt: Attempt,
+        slot: OwnedSemaphorePermit,
     ) -> Result<(Option<Authenticated>, Attempt), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
@@ -144,15 +193,18 @@ impl Authenticator {
             hashes.push(self.dummy_hash()?);
         }
         let secret = secret.to_owned();
-        let (matched, attempt) = client::blocking(move || {
-            // Check every hash so the time does not tell which one matched.
-            let matched = hashes.into_iter().fold(None, |found, phc| {
-                let ok = client::verify(&secret, &phc);
-                found.or(ok.then_some(phc))
-            });
-            Ok((matched, attempt))
-        })
-        .await?;
+        let (matched, attempt) = self
+            .hashers
+            .run(move || {
+                // Check every hash so the time does not tell which one matched.
+                let matched = hashes.into_iter().fold(None, |found, phc| {
+                    let ok = client::verify(&secret, &phc);
+                    found.or(ok.then_some(phc))
+                });
+                drop(slot);
+                (matched, attempt)
+            })
+            .await?;
         let authenticated = record
             .zip(matched)
             .filter(|_| known)
@@ -182,6 +234,87 @@ fn too_many(wait: Duration) -> TokenError {
         "Too many failed authentications for this client from this address; retry later",
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads for secret checks, started on first use.
+///
+/// Each check takes megabytes (Argon2's memory): on tokio's blocking pool they would run on
+/// whichever of its many threads is free, and the allocator keeps freed memory per thread,
+/// so a flood of checks would leave the process holding megabytes per pool thread. A few
+/// threads of its own, as many as checks may run at once, keep that to a few blocks.
+struct HashingThreads {
+    count: usize,
+    jobs: OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<HashJob>>>,
+}
+
+impl HashingThreads {
+    fn new(count: usize) -> Self {
+        Self {
+            count: count.max(1),
+            jobs: OnceLock::new(),
+        }
+    }
+
+    fn sender(&self) -> &std::sync::Mutex<std::sync::mpsc::Sender<HashJob>> {
+        self.jobs.get_or_init(|| {
+            let (sender, receiver) = std::sync::mpsc::channel::<HashJob>();
+            let receiver = Arc::new(std::sync::Mutex::new(receiver));
+            for n in 0..self.count {
+                let receiver = Arc::clone(&receiver);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("tower-fhir-hash-{n}"))
+                    .spawn(move || loop {
+                        // The lock is held only while waiting: one thread takes each job.
+                        let job = receiver
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        match job {
+                            // A panicking check loses its answer, not the thread.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            // The endpoint is gone.
+                            Err(_) => break,
+                        }
+                    });
+                if let Err(error) = spawned {
+                    tracing::error!(%error, "could not start a secret-checking thread");
+                }
+            }
+            std::sync::Mutex::new(sender)
+        })
+    }
+
+    /// Runs `work` on one of the threads.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            let _ = done.send(work());
+        });
+        self.sender()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| StoreError::new("the secret-checking threads stopped"))?;
+        answer
+            .await
+            .map_err(|_| StoreError::new("a secret check failed"))
+    }
+}
+
+fn overloaded() -> TokenError {
+    TokenError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TemporarilyUnavailable,
+        "The token endpoint is busy checking other clients' secrets; retry shortly",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn busy() -> TokenError {

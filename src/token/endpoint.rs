@@ -17,7 +17,7 @@ use rand::RngCore;
 use serde_json::json;
 use tower_service::Service;
 
-use super::authenticate::{Authenticator, Denied};
+use super::authenticate::{Authenticator, Denied, HashingLimit};
 use super::client::{unix_now, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
@@ -109,6 +109,7 @@ pub struct TokenEndpointBuilder {
     store: Option<Box<dyn ClientStore>>,
     keys: Option<SigningKeys>,
     throttle: ThrottlePolicy,
+    hashing: HashingLimit,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -170,6 +171,23 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// At most `checks` client secret checks (Argon2 hashes, each with its memory) run at once,
+    /// whatever the clients and addresses; default: the number of CPUs. A check that finds no
+    /// room waits up to [`hashing_wait`](Self::hashing_wait) for one, then is answered `503`
+    /// (`temporarily_unavailable`, `Retry-After: 1`). This bounds the memory and threads a
+    /// flood of token requests can take.
+    pub fn hashing_concurrency(mut self, checks: usize) -> Self {
+        self.hashing.concurrency = checks;
+        self
+    }
+
+    /// How long a secret check waits for room under
+    /// [`hashing_concurrency`](Self::hashing_concurrency) (default 2 s).
+    pub fn hashing_wait(mut self, wait: Duration) -> Self {
+        self.hashing.wait = wait;
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -185,6 +203,9 @@ impl TokenEndpointBuilder {
         if self.realm.contains('"') {
             return Err(ConfigError::InvalidRealm);
         }
+        if self.hashing.concurrency == 0 {
+            return Err(ConfigError::Zero("the hashing concurrency"));
+        }
         let realm = HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm))
             .map_err(|_| ConfigError::InvalidRealm)?;
         let keys = match self.keys {
@@ -198,7 +219,7 @@ impl TokenEndpointBuilder {
                 realm,
                 default_lifetime: self.default_lifetime,
                 max_body_bytes: self.max_body_bytes,
-                clients: Authenticator::new(store, self.throttle),
+                clients: Authenticator::new(store, self.throttle, self.hashing),
                 keys,
             }),
         })
@@ -217,6 +238,7 @@ impl TokenEndpoint {
             store: None,
             keys: None,
             throttle: ThrottlePolicy::default(),
+            hashing: HashingLimit::default(),
         }
     }
 
@@ -267,7 +289,15 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
-        answer(async move { inner.token(request).await })
+        answer(async move {
+            let answered = inner.token(request).await;
+            let result = match &answered {
+                Ok(_) => "issued",
+                Err(error) => error.code.as_str(),
+            };
+            metrics::counter!("tower_fhir_token_requests_total", "result" => result).increment(1);
+            answered
+        })
     }
 }
 
@@ -317,6 +347,10 @@ impl Inner {
             Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
         };
+        let facts = parts.extensions.get::<crate::ops::RequestFacts>();
+        if let Some(facts) = facts {
+            facts.set_client_id(id);
+        }
         let challenge = basic.then_some(&self.realm);
         let checked = self
             .clients
@@ -361,6 +395,9 @@ impl Inner {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()
         })?;
+        if let Some(facts) = facts {
+            facts.set_tenant(tenant);
+        }
         tracing::debug!(client_id = %client.id, tenant = %tenant, "token issued");
         Ok(json_response(
             StatusCode::OK,

@@ -126,6 +126,9 @@ impl TokenError {
             response.headers_mut().insert(name, value);
         }
         response
+            .extensions_mut()
+            .insert(crate::outcome::Refusal(self.code.as_str()));
+        response
     }
 }
 

@@ -62,6 +62,9 @@ impl TokenEndpoint {
             Err(Denied::Busy) => Err(StoreError::new(
                 "other authentications of this client are still being checked; retry shortly",
             )),
+            Err(Denied::Overloaded) => Err(StoreError::new(
+                "the secret checks are all busy; retry shortly",
+            )),
             Err(Denied::StoreFailed(err)) => Err(err),
         }
     }

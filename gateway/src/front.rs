@@ -1,0 +1,135 @@
+//! What stands in front of the gateway: request ids, CORS, health and readiness, metrics and
+//! audit records, the request body limit; and the Prometheus endpoint beside it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower::util::Either;
+use tower::{Layer, ServiceBuilder};
+use tower_fhir::gateway::Gateway;
+use tower_fhir::ops::{
+    fhir_cors, AuditSink, BodyLimit, BodyLimitLayer, Health, HealthLayer, JsonLinesAudit, Observe,
+    ObserveLayer, RequestIdLayer, RequestIdService,
+};
+use tower_fhir::token::SigningKeys;
+use tower_http::cors::Cors;
+
+use crate::config::Config;
+
+/// The stack under the CORS layer.
+type Inner = Health<Observe<BodyLimit<Gateway>>>;
+
+/// The whole service a connection is served by.
+pub(crate) type Front = RequestIdService<Either<Cors<Inner>, Inner>>;
+
+/// Histogram buckets, in seconds: 0.5 ms to 30 s.
+const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The gateway wrapped as the configuration says.
+pub(crate) fn front(
+    config: &Config,
+    gateway: Gateway,
+    keys: &SigningKeys,
+) -> Result<Front, String> {
+    let mut observe = ObserveLayer::new()
+        .metrics(config.metrics_listen.is_some())
+        .tenant_label(config.metrics_tenant_label)
+        .audit_query(config.audit_query.recording());
+    if let Some(path) = &config.audit_log {
+        let sink: Arc<dyn AuditSink> = if path.as_os_str() == "-" {
+            Arc::new(JsonLinesAudit::stdout())
+        } else {
+            Arc::new(
+                JsonLinesAudit::file(path)
+                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?,
+            )
+        };
+        observe = observe.audit_shared(sink);
+    }
+    let auth = gateway.bearer_auth().clone();
+    // Fetch every trusted issuer's keys now, so that readiness does not wait for a token.
+    auth.prefetch_keys();
+    let keys = keys.clone();
+    let health = HealthLayer::new()
+        .readiness("signing keys", move || {
+            keys.jwks()["keys"]
+                .as_array()
+                .is_some_and(|k| !k.is_empty())
+        })
+        .readiness("trusted issuers' keys", move || {
+            let (fetched, all) = auth.key_sources_fetched();
+            if fetched < all {
+                auth.prefetch_keys();
+            }
+            fetched == all
+        });
+    let cors = if config.cors_allowed_origins.is_empty() {
+        None
+    } else {
+        Some(
+            fhir_cors(&config.cors_allowed_origins)
+                .map_err(|e| format!("cors_allowed_origins: {e}"))?,
+        )
+    };
+    let inner = ServiceBuilder::new()
+        .layer(health)
+        .layer(observe)
+        .layer(BodyLimitLayer::new(config.max_request_body_bytes))
+        .service(gateway);
+    Ok(RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner)))
+}
+
+/// Installs the Prometheus recorder: every metric from here on is kept for `/metrics`.
+pub(crate) fn install_metrics() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .map_err(|e| format!("cannot set up metrics: {e}"))?
+        .install_recorder()
+        .map_err(|e| format!("cannot set up metrics: {e}"))?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Serves `GET /metrics` on `listener` until the process ends.
+pub(crate) fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics endpoint stopped");
+        }
+    });
+}
+
+/// Binds the metrics address.
+pub(crate) async fn bind_metrics(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))
+}

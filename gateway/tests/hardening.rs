@@ -1,0 +1,413 @@
+//! Connection-level hardening of the gateway binary, over real TCP against the real binary:
+//! the header-read timeout (slowloris), the idle timeout, `max_connections`, the shutdown grace
+//! period, and the four configuration keys. Every wait is bounded, so a regression fails rather
+//! than hangs; the only time bounds asserted are generous ones.
+
+#[path = "../../tests/support/process.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod process;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use process::{scratch, Proc};
+use serde_json::{json, Value};
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
+
+/// Half a request head: the final blank line never comes.
+const HALF_HEAD: &[u8] = b"GET /metadata HTTP/1.1\r\nHost: x\r\n";
+const METADATA: &[u8] = b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// The gateway with no tenants (enough for `/metadata` and `/oauth/token`) and `keys` added.
+fn start(name: &str, keys: Value) -> (Proc, SocketAddr, PathBuf) {
+    let dir = scratch(&format!("hardening-{name}"));
+    let mut config = json!({
+        "listen": "127.0.0.1:0",
+        "state_dir": dir.join("state"),
+    });
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(keys.as_object().unwrap().clone());
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let mut command = Command::new(GATEWAY);
+    command
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "warn,tower_fhir_gateway=debug");
+    let (proc, base) = Proc::start(
+        command,
+        dir.join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    let addr = base.trim_start_matches("http://").parse().unwrap();
+    (proc, addr, dir)
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// One response read from `stream` (status, head, body), or `None` when nothing whole came
+/// within `within` (or the connection ended first).
+fn read_response(stream: &mut TcpStream, within: Duration) -> Option<(u16, String, Vec<u8>)> {
+    let deadline = Instant::now() + within;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        read_some(stream, &mut bytes, &mut chunk, deadline)?;
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|value| value.trim().parse().unwrap())
+        .expect("the gateway's answers here have a Content-Length");
+    while bytes.len() < head_end + length {
+        read_some(stream, &mut bytes, &mut chunk, deadline)?;
+    }
+    let body = bytes[head_end..head_end + length].to_vec();
+    Some((status, head, body))
+}
+
+fn read_some(
+    stream: &mut TcpStream,
+    bytes: &mut Vec<u8>,
+    chunk: &mut [u8],
+    deadline: Instant,
+) -> Option<()> {
+    let left = deadline.checked_duration_since(Instant::now())?;
+    stream
+        .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .unwrap();
+    match stream.read(chunk) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            bytes.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+/// Whether the server closes `stream` (end of stream or reset) within `within`; bytes it sends
+/// before closing are skipped.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return false;
+        };
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// `GET /metadata` on a connection of its own: the status and how long the answer took.
+fn metadata(addr: SocketAddr) -> (u16, Duration) {
+    let started = Instant::now();
+    let mut stream = connect(addr);
+    stream.write_all(METADATA).unwrap();
+    let (status, _, _) =
+        read_response(&mut stream, Duration::from_secs(10)).expect("no answer to GET /metadata");
+    (status, started.elapsed())
+}
+
+/// A token request whose body is only partly sent: a request in flight for as long as the
+/// rest is held back. Sends `rest` later to finish it.
+fn start_token_request(stream: &mut TcpStream) -> &'static [u8] {
+    let body: &'static [u8] =
+        b"grant_type=client_credentials&client_id=nobody&client_secret=not-a-secret-at-all";
+    let head = format!(
+        "POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..10]).unwrap();
+    &body[10..]
+}
+
+#[test]
+fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are_served() {
+    let (proc, addr, _dir) = start("slowloris", json!({"header_read_timeout_seconds": 1}));
+    const HELD: usize = 500;
+    let opened = Instant::now();
+    let mut held: Vec<TcpStream> = (0..HELD)
+        .map(|_| {
+            let mut stream = connect(addr);
+            stream.write_all(HALF_HEAD).unwrap();
+            stream
+        })
+        .collect();
+    // While they are held, a normal client is answered.
+    let (status, took) = metadata(addr);
+    assert_eq!(status, 200);
+    eprintln!(
+        "{HELD} half heads opened in {:?}; GET /metadata answered in {took:?}",
+        opened.elapsed()
+    );
+    // Each held connection is closed by the server, about a second after it opened.
+    let deadline = opened + Duration::from_secs(15);
+    for (i, stream) in held.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            closed_within(stream, left.max(Duration::from_millis(100))),
+            "held connection {i} still open {:?} after the half heads were sent; stderr:\n{}",
+            opened.elapsed(),
+            proc.stderr()
+        );
+    }
+    eprintln!("all {HELD} closed {:?} after opening", opened.elapsed());
+    // And the gateway still serves.
+    assert_eq!(metadata(addr).0, 200);
+}
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+    // Before its first byte a connection is still picking HTTP/1.1 or HTTP/2: hyper's timer
+    // does not run yet, the gateway's own watchdog does.
+    let (_proc, addr, _dir) = start(
+        "silent",
+        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
+    );
+    let mut silent = connect(addr);
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)),
+        "a connection that sent nothing is still open"
+    );
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
+    let (proc, addr, _dir) = start("idle", json!({"idle_timeout_seconds": 1}));
+
+    // One request, then nothing: closed, but not at once.
+    let mut idle = connect(addr);
+    idle.write_all(METADATA).unwrap();
+    let (status, head, _) = read_response(&mut idle, Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200);
+    assert!(!head.contains("connection: close"), "{head}");
+    assert!(
+        !closed_within(&mut idle, Duration::from_millis(500)),
+        "closed right after its response, not after being idle"
+    );
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(10)),
+        "an idle keep-alive connection is still open; stderr:\n{}",
+        proc.stderr()
+    );
+
+    // A request every half second: one connection serves them all for 3 s.
+    let mut busy = connect(addr);
+    let began = Instant::now();
+    let mut answered = 0;
+    while began.elapsed() < Duration::from_secs(3) {
+        busy.write_all(METADATA).unwrap();
+        let (status, head, _) = read_response(&mut busy, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("request {answered} on a busy connection not answered"));
+        assert_eq!(status, 200);
+        assert!(!head.contains("connection: close"), "{head}");
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(answered >= 5, "{answered}");
+
+    // A request in flight whose client is silent for 3 s (a body held back) is not cut, nor
+    // is its connection marked for closing.
+    let mut slow = connect(addr);
+    let rest = start_token_request(&mut slow);
+    std::thread::sleep(Duration::from_secs(3));
+    slow.write_all(rest).unwrap();
+    let (status, head, body) = read_response(&mut slow, Duration::from_secs(10))
+        .expect("a request in flight was cut by the idle timeout");
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    assert!(!head.contains("connection: close"), "{head}");
+}
+
+#[test]
+fn beyond_max_connections_a_new_connection_waits_until_one_closes() {
+    let (_proc, addr, _dir) = start("max", json!({"max_connections": 2}));
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = connect(addr);
+            stream.write_all(METADATA).unwrap();
+            let (status, _, _) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
+            assert_eq!(status, 200);
+            stream
+        })
+        .collect();
+
+    // The third connects (the kernel's backlog) but is not served while the two are held.
+    let mut third = connect(addr);
+    third.write_all(METADATA).unwrap();
+    assert!(
+        read_response(&mut third, Duration::from_millis(1500)).is_none(),
+        "a third connection was served with max_connections 2"
+    );
+    // The held ones keep working.
+    for stream in &mut held {
+        stream.write_all(METADATA).unwrap();
+        let (status, _, _) = read_response(stream, Duration::from_secs(10)).unwrap();
+        assert_eq!(status, 200);
+    }
+    // One closes: the third is accepted and answered.
+    drop(held.remove(0));
+    let (status, _, _) = read_response(&mut third, Duration::from_secs(10))
+        .expect("the waiting connection was not served after one closed");
+    assert_eq!(status, 200);
+    let remaining = &mut held[0];
+    remaining.write_all(METADATA).unwrap();
+    assert_eq!(
+        read_response(remaining, Duration::from_secs(10)).unwrap().0,
+        200
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
+    let (mut proc, addr, _dir) = start("grace", json!({"shutdown_grace_seconds": 1}));
+    // Two requests in flight: one finishes during the grace period, one never does.
+    let mut finishing = connect(addr);
+    let rest = start_token_request(&mut finishing);
+    let mut stalled = connect(addr);
+    let _ = start_token_request(&mut stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(matches!(proc.child.try_wait(), Ok(None)));
+
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    std::thread::sleep(Duration::from_millis(200));
+    finishing.write_all(rest).unwrap();
+    let (status, head, _) = read_response(&mut finishing, Duration::from_secs(10))
+        .expect("a request in flight at SIGTERM was not finished");
+    assert_eq!(status, 401);
+    assert!(head.contains("connection: close"), "{head}");
+
+    let exited = loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "still running {:?} after SIGTERM with a request held; stderr:\n{}",
+            signalled.elapsed(),
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = signalled.elapsed();
+    assert!(exited.success(), "{exited}; stderr:\n{}", proc.stderr());
+    // It did wait for the stalled request (the grace period), and said so.
+    assert!(took >= Duration::from_millis(900), "exited after {took:?}");
+    let stderr = proc.stderr();
+    assert!(
+        stderr.contains("shutdown grace period over with 1 connections still open"),
+        "{stderr}"
+    );
+    eprintln!("exited {took:?} after SIGTERM");
+}
+
+#[test]
+fn sigterm_without_requests_in_flight_exits_at_once_closing_idle_connections() {
+    let (mut proc, addr, _dir) = start("quick-exit", json!({"shutdown_grace_seconds": 60}));
+    let mut idle = connect(addr);
+    idle.write_all(METADATA).unwrap();
+    assert_eq!(
+        read_response(&mut idle, Duration::from_secs(10)).unwrap().0,
+        200
+    );
+    let signalled = Instant::now();
+    assert!(proc.terminate(), "did not exit cleanly");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(30),
+        "waited out the grace period for an idle connection"
+    );
+    assert!(closed_within(&mut idle, Duration::from_secs(5)));
+}
+
+fn check_config(name: &str, keys: &str) -> Output {
+    let dir = scratch(&format!("hardening-check-{name}"));
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, format!("{{\"listen\": \"127.0.0.1:0\", {keys}}}")).unwrap();
+    Command::new(GATEWAY)
+        .arg("--check-config")
+        .arg(&file)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
+    let good = check_config(
+        "good",
+        r#""header_read_timeout_seconds": 10, "idle_timeout_seconds": 120,
+           "max_connections": 500, "shutdown_grace_seconds": 5"#,
+    );
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    for (name, keys, expected) in [
+        (
+            "header-zero",
+            r#""header_read_timeout_seconds": 0"#,
+            "header_read_timeout_seconds must be between 1 and 86400 (a day), not 0",
+        ),
+        (
+            "idle-zero",
+            r#""idle_timeout_seconds": 0"#,
+            "idle_timeout_seconds must be between 1 and 86400 (a day), not 0",
+        ),
+        (
+            "grace-huge",
+            r#""shutdown_grace_seconds": 18446744073709551615"#,
+            "shutdown_grace_seconds must be between 1 and 86400 (a day)",
+        ),
+        (
+            "max-zero",
+            r#""max_connections": 0"#,
+            "max_connections must be at least 1, not 0",
+        ),
+        ("max-negative", r#""max_connections": -1"#, "is not valid"),
+        (
+            "misspelt",
+            r#""idle_timeout": 5"#,
+            "unknown field `idle_timeout`",
+        ),
+    ] {
+        let out = check_config(name, keys);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert!(
+            stderr.starts_with("tower-fhir-gateway: ") && stderr.contains(expected),
+            "{name}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+    }
+}

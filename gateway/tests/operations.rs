@@ -1,0 +1,514 @@
+//! Operating the gateway binary, over real HTTP: health and readiness, request ids, metrics,
+//! audit records (to a file, and to a full disk), CORS, request body limits, and a flood of
+//! token requests with unknown client ids. Each attack is bounded in time: a regression
+//! fails, it does not hang.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::*;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const SECRET: &str = "operations-secret-0123456789";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+const RSA_PRIVATE: &str = include_str!("../../tests/support/keys/rsa_private.pem");
+
+struct Running {
+    proc: Proc,
+    client: TestClient,
+    addr: SocketAddr,
+}
+
+/// The gateway with the base configuration plus `extra`, in front of `upstream`.
+fn start(dir: &Path, upstream: &RecordingUpstream, extra: Value) -> Running {
+    let port = free_port();
+    let mut config = json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "state_dir": dir.join("state"),
+        "clients": [{"client_id": "app", "client_secret": SECRET, "tenants": [TENANT]}],
+        "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
+        "secret_hashing": {"memory_kib": 4096, "iterations": 2}
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        config[key] = value.clone();
+    }
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let mut command = Command::new(GATEWAY);
+    command.arg("--config").arg(&file).env("RUST_LOG", "info");
+    let (proc, base) = Proc::start(
+        command,
+        dir.join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    Running {
+        proc,
+        client: TestClient::new(addr),
+        addr,
+    }
+}
+
+async fn token(client: &TestClient) -> String {
+    let reply = client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    TestClient::new(addr).get("/metrics", &[]).await.text()
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// Polls `check` every 50 ms for up to `within`.
+async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_request_ids_metrics_and_audit_records() {
+    let dir = scratch("operations");
+    let upstream = RecordingUpstream::start().await;
+    let idp = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+    idp.set_status(StatusCode::SERVICE_UNAVAILABLE);
+    let metrics_port = free_port();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let audit = dir.join("audit.jsonl");
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({
+            "trusted_issuers": [{"issuer": "https://idp.test", "jwks_uri": idp.url(), "audience": "api://fhir"}],
+            "metrics_listen": metrics_addr.to_string(),
+            "audit_log": audit,
+            "audit_query": "full",
+        }),
+    );
+
+    // Alive at once; not ready while the identity provider's keys cannot be fetched, and the
+    // answer names the kind of thing missing, not the issuer.
+    let live = gw.client.get("/healthz", &[]).await;
+    assert_eq!(live.status, StatusCode::OK);
+    let waiting = gw.client.get("/readyz", &[]).await;
+    assert_eq!(
+        waiting.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        waiting.text()
+    );
+    assert_eq!(
+        waiting.json()["waiting_for"],
+        json!(["trusted issuers' keys"])
+    );
+    assert!(!waiting.text().contains("idp.test"));
+    idp.set_status(StatusCode::OK);
+    let ready = eventually(Duration::from_secs(10), async || {
+        gw.client.get("/readyz", &[]).await.status == StatusCode::OK
+    })
+    .await;
+    assert!(
+        ready,
+        "/readyz never became ready once the keys could be fetched"
+    );
+
+    // A request id goes to the upstream and comes back; refusals carry one too.
+    let token = token(&gw.client).await;
+    let read = gw
+        .client
+        .get(
+            "/Patient/1?_elements=name",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("x-request-id", "op-1"),
+            ],
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.headers["x-request-id"], "op-1");
+    assert_eq!(upstream.last().headers["x-request-id"], "op-1");
+    let refused = gw.client.get("/Patient/1", &[]).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert!(refused.headers.contains_key("x-request-id"));
+
+    // Metrics: requests by tenant, status class and outcome; tokens; latencies; JWKS fetches.
+    let text = metrics(metrics_addr).await;
+    // The token request (for the tenant) and the read.
+    let ok = sample(
+        &text,
+        "tower_fhir_requests_total",
+        &[TENANT, "status_class=\"2xx\"", "outcome=\"ok\""],
+    );
+    assert_eq!(ok, Some(2.0), "{text}");
+    let missing = sample(
+        &text,
+        "tower_fhir_requests_total",
+        &["status_class=\"4xx\"", "outcome=\"missing_token\""],
+    );
+    assert_eq!(missing, Some(1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "tower_fhir_token_requests_total",
+            &["result=\"issued\""]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "tower_fhir_jwks_fetches_total",
+            &["https://idp.test", "result=\"error\""]
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "tower_fhir_jwks_fetches_total",
+            &["https://idp.test", "result=\"ok\""]
+        )
+        .is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "tower_fhir_request_duration_seconds_count", &[]).is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "tower_fhir_upstream_duration_seconds_count", &[]).is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "tower_fhir_cache_total", &["cache=\"route\""]).is_some(),
+        "{text}"
+    );
+    assert!(text.contains("tower_fhir_requests_in_flight"), "{text}");
+
+    // The audit log: the token request, the read, the refusal; no token or secret.
+    let lines = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(lines, "the audit log has fewer than 3 records");
+    let written = std::fs::read_to_string(&audit).unwrap();
+    let records: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let read = records
+        .iter()
+        .find(|r| r["request_id"] == "op-1")
+        .expect("the read's record");
+    assert_eq!(read["interaction"], "read");
+    assert_eq!(read["resource_type"], "Patient");
+    assert_eq!(read["resource_id"], "1");
+    assert_eq!(read["tenant"], TENANT);
+    assert_eq!(read["client_id"], "app");
+    assert_eq!(read["query"], "_elements=name");
+    assert_eq!(read["status"], 200);
+    assert_eq!(read["outcome"], "ok");
+    assert_eq!(read["upstream"], upstream.base("/fhir"));
+    assert!(read["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(read["time"].as_str().unwrap().ends_with('Z'));
+    assert!(records
+        .iter()
+        .any(|r| r["interaction"] == "token" && r["status"] == 200));
+    assert!(records
+        .iter()
+        .any(|r| r["outcome"] == "missing_token" && r["status"] == 401));
+    assert!(!written.contains(&token) && !written.contains(SECRET));
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_loses_audit_records_loudly_and_requests_go_on() {
+    let dir = scratch("operations-full-disk");
+    let upstream = RecordingUpstream::start().await;
+    let metrics_port = free_port();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"audit_log": "/dev/full", "metrics_listen": metrics_addr.to_string()}),
+    );
+    let token = token(&gw.client).await;
+    for _ in 0..5 {
+        let reply = gw.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let counted = eventually(Duration::from_secs(5), async || {
+        sample(
+            &metrics(metrics_addr).await,
+            "tower_fhir_audit_records_dropped_total",
+            &[],
+        )
+        .is_some_and(|dropped| dropped >= 6.0)
+    })
+    .await;
+    assert!(counted, "{}", metrics(metrics_addr).await);
+    assert!(
+        gw.proc.stderr().contains("audit records dropped"),
+        "{}",
+        gw.proc.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_without_a_token_for_allowed_origins_only() {
+    let dir = scratch("operations-cors");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"cors_allowed_origins": ["https://app.example"]}),
+    );
+    let preflight = |origin: &'static str| {
+        let client = &gw.client;
+        async move {
+            client
+                .send(
+                    "OPTIONS",
+                    "/Patient/1",
+                    &[
+                        ("origin", origin),
+                        ("access-control-request-method", "GET"),
+                        ("access-control-request-headers", "authorization"),
+                    ],
+                    "",
+                )
+                .await
+        }
+    };
+    let allowed = preflight("https://app.example").await;
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(
+        allowed.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(allowed.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("authorization"));
+    let other = preflight("https://evil.example").await;
+    assert!(other.headers.get("access-control-allow-origin").is_none());
+    // An actual request from the allowed origin still needs its token, and may read the id.
+    let refused = gw
+        .client
+        .get("/Patient/1", &[("origin", "https://app.example")])
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        refused.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert!(upstream.received().is_empty());
+}
+
+/// Sends a request head (and no body) on a fresh connection; returns the response head.
+fn head_only(addr: SocketAddr, head: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = [0u8; 4096];
+    let read = stream.read(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_unchanged() {
+    let dir = scratch("operations-bodies");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(&dir, &upstream, json!({}));
+    let token = token(&gw.client).await;
+
+    // 100 MiB announced against the default 16 MiB: refused before a byte of it is read.
+    let addr = gw.addr;
+    let bearer = token.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        head_only(
+            addr,
+            &format!("POST /Bundle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/fhir+json\r\nContent-Length: 104857600\r\n\r\n"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too-long"), "{answer}");
+    assert!(upstream.received().is_empty());
+
+    // A 10 MiB Bundle passes byte for byte.
+    let entry =
+        r#"{"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"}}},"#;
+    let mut bundle = String::from(r#"{"resourceType":"Bundle","type":"transaction","entry":["#);
+    while bundle.len() < 10 * 1024 * 1024 {
+        bundle.push_str(entry);
+    }
+    bundle.push_str(r#"{"resource":{"resourceType":"Patient"}}]}"#);
+    let reply = gw
+        .client
+        .send(
+            "POST",
+            "/",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/fhir+json"),
+            ],
+            &bundle,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().body, bundle.as_bytes());
+    drop(gw);
+
+    // A smaller configured limit applies to what is streamed without a length too.
+    let dir = scratch("operations-bodies-small");
+    let gw = start(&dir, &upstream, json!({"max_request_body_bytes": 1000}));
+    let token = self::token(&gw.client).await;
+    let reply = gw
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/fhir+json"),
+            ],
+            &" ".repeat(2000),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.json()["issue"][0]["code"], "too-long");
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served() {
+    let dir = scratch("operations-flood");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(&dir, &upstream, json!({"token_hashing_concurrency": 2}));
+    let pid = gw.proc.child.id();
+
+    // 1,000 token requests with unknown ids over 200 parallel connections.
+    let client = TestClient::new(gw.addr);
+    let started = Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for worker in 0..200 {
+        let client = TestClient::new(gw.addr);
+        flood.spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..5 {
+                let body = format!(
+                    "grant_type=client_credentials&client_id=intruder-{worker}-{i}&client_secret=guess-0123456789abcdef"
+                );
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    client.send("POST", "/oauth/token", &[FORM], &body),
+                )
+                .await
+                .expect("a token request hung");
+                statuses.push(reply.status);
+            }
+            statuses
+        });
+    }
+    // Meanwhile a correct client, from another address, gets its token.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut peak = rss_kib(pid);
+    let real = client.connecting_from("127.0.0.2".parse().unwrap());
+    let asked = Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        real.send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
+            ),
+        ),
+    )
+    .await
+    .expect("the real client's token request hung");
+    let waited = asked.elapsed();
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        waited < Duration::from_secs(5),
+        "the real client waited {waited:?}"
+    );
+
+    let mut statuses = Vec::new();
+    while let Some(done) = flood.join_next().await {
+        statuses.extend(done.unwrap());
+        peak = peak.max(rss_kib(pid));
+    }
+    assert_eq!(statuses.len(), 1000);
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::UNAUTHORIZED
+            || *s == StatusCode::SERVICE_UNAVAILABLE
+            || *s == StatusCode::TOO_MANY_REQUESTS),
+        "{:?}",
+        statuses
+            .iter()
+            .filter(|s| s.is_server_error() && **s != StatusCode::SERVICE_UNAVAILABLE)
+            .collect::<Vec<_>>()
+    );
+    assert!(!statuses.contains(&StatusCode::INTERNAL_SERVER_ERROR));
+    assert!(peak < 150 * 1024, "resident memory peaked at {peak} KiB");
+    eprintln!(
+        "flood: {} requests in {:?}; {} refused 401, {} busy 503; real client waited {waited:?}; peak RSS {} MiB",
+        statuses.len(),
+        started.elapsed(),
+        statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(),
+        statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count(),
+        peak / 1024
+    );
+}

@@ -1,0 +1,574 @@
+//! Audit records: one per request, to a sink of your choice.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+use crate::tenant::TenantId;
+
+/// Who asked what of which tenant, and what came of it: one per request.
+///
+/// Never holds a token, a secret or a body. Serialized (see [`JsonLinesAudit`]) as one JSON
+/// object with the fields below by these names; absent values are `null`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct AuditRecord {
+    /// When the request arrived (`time`, RFC 3339 UTC with milliseconds).
+    pub time: SystemTime,
+    /// The request id (`X-Request-Id`).
+    pub request_id: Option<String>,
+    /// The client: the token's client, or the one a token request named.
+    pub client_id: Option<String>,
+    /// The token's issuer.
+    pub issuer: Option<String>,
+    /// The tenant.
+    pub tenant: Option<TenantId>,
+    /// The HTTP method.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The query string as [`QueryRecording`] says (absent when there was none or when it is
+    /// not recorded).
+    pub query: Option<String>,
+    /// FHIR's name of the interaction (`read`, `search`, ...; see
+    /// [`Interaction`](crate::interaction::Interaction)); `token` for a token request; absent
+    /// when the request is neither.
+    pub interaction: Option<&'static str>,
+    /// The resource type the path names.
+    pub resource_type: Option<String>,
+    /// The resource id the path names.
+    pub resource_id: Option<String>,
+    /// The response status (`499` when the client went away before it).
+    pub status: u16,
+    /// `ok`, or why a layer refused the request (see [`Refusal`](crate::outcome::Refusal)).
+    pub outcome: &'static str,
+    /// The upstream's base URL, when one was chosen.
+    pub upstream: Option<Arc<str>>,
+    /// Milliseconds from the request's arrival to its response head.
+    pub duration_ms: f64,
+}
+
+impl Serialize for AuditRecord {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(15))?;
+        map.serialize_entry(
+            "time",
+            &humantime::format_rfc3339_millis(self.time).to_string(),
+        )?;
+        map.serialize_entry("request_id", &self.request_id)?;
+        map.serialize_entry("client_id", &self.client_id)?;
+        map.serialize_entry("issuer", &self.issuer)?;
+        map.serialize_entry("tenant", &self.tenant.map(|t| t.to_string()))?;
+        map.serialize_entry("method", &self.method)?;
+        map.serialize_entry("path", &self.path)?;
+        map.serialize_entry("query", &self.query)?;
+        map.serialize_entry("interaction", &self.interaction)?;
+        map.serialize_entry("resource_type", &self.resource_type)?;
+        map.serialize_entry("resource_id", &self.resource_id)?;
+        map.serialize_entry("status", &self.status)?;
+        map.serialize_entry("outcome", &self.outcome)?;
+        map.serialize_entry("upstream", &self.upstream.as_deref())?;
+        map.serialize_entry(
+            "duration_ms",
+            &((self.duration_ms * 1000.0).round() / 1000.0),
+        )?;
+        map.end()
+    }
+}
+
+impl AuditRecord {
+    /// The record as a FHIR R4 `AuditEvent` (type `rest`, subtype the interaction, the
+    /// client as the requesting agent, the resource and the tenant as entities, the request id
+    /// in an extension), for a sink that stores audit events in a FHIR server.
+    ///
+    /// ```
+    /// # use std::time::SystemTime;
+    /// use tower_fhir::ops::AuditRecord;
+    ///
+    /// fn store(record: &AuditRecord) {
+    ///     let event = record.to_audit_event();
+    ///     assert_eq!(event["resourceType"], "AuditEvent");
+    ///     // POST it to your audit repository's `AuditEvent` endpoint.
+    /// }
+    /// ```
+    pub fn to_audit_event(&self) -> serde_json::Value {
+        let action = match (self.interaction, self.method.as_str()) {
+            (Some("create"), _) => "C",
+            (Some("update" | "patch"), _) => "U",
+            (Some("delete"), _) => "D",
+            (Some("read" | "vread" | "search" | "history" | "capabilities"), _) => "R",
+            (_, "GET" | "HEAD") => "R",
+            _ => "E",
+        };
+        let outcome = match self.status {
+            0..=399 => "0",
+            400..=499 => "4",
+            _ => "8",
+        };
+        let mut event = serde_json::json!({
+            "resourceType": "AuditEvent",
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                "code": "rest",
+                "display": "RESTful Operation"
+            },
+            "action": action,
+            "recorded": humantime::format_rfc3339_millis(self.time).to_string(),
+            "outcome": outcome,
+            "outcomeDesc": format!("{} {}", self.status, self.outcome),
+            "agent": [{
+                "requestor": true,
+                "who": {"identifier": {"system": self.issuer, "value": self.client_id}},
+            }],
+            "source": {
+                "observer": {"display": "tower-fhir gateway"},
+                "type": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    "code": "3",
+                    "display": "Web Server"
+                }]
+            },
+            "entity": [],
+        });
+        if let Some(interaction) = self.interaction.filter(|i| *i != "token") {
+            event["subtype"] = serde_json::json!([{
+                "system": "http://hl7.org/fhir/restful-interaction",
+                "code": interaction
+            }]);
+        }
+        if let Some(id) = &self.request_id {
+            event["extension"] = serde_json::json!([{
+                "url": "urn:tower-fhir:request-id",
+                "valueString": id
+            }]);
+        }
+        let entities = event["entity"].as_array_mut().expect("made above");
+        let what = match (&self.resource_type, &self.resource_id) {
+            (Some(ty), Some(id)) => Some(format!("{ty}/{id}")),
+            (Some(ty), None) => Some(ty.clone()),
+            _ => None,
+        };
+        if let Some(what) = what {
+            entities.push(serde_json::json!({
+                "what": {"reference": what},
+                "query": self.query.as_ref().map(|q| base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD, q)),
+            }));
+        }
+        if let Some(tenant) = self.tenant {
+            entities.push(serde_json::json!({
+                "what": {"identifier": {"system": "urn:tower-fhir:tenant", "value": tenant.to_string()}},
+                "description": "tenant",
+            }));
+        }
+        event
+    }
+}
+
+/// How an audit record keeps the query string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum QueryRecording {
+    /// As it came.
+    Full,
+    /// The parameter names only, values dropped (`name&birthdate`): what was searched by,
+    /// not for whom. The default.
+    #[default]
+    Names,
+    /// Not at all.
+    None,
+}
+
+impl QueryRecording {
+    /// `full`, `names` or `none`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "full" => Some(Self::Full),
+            "names" => Some(Self::Names),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
+    /// The query as recorded.
+    pub fn apply(self, query: Option<&str>) -> Option<String> {
+        let query = query.filter(|q| !q.is_empty())?;
+        match self {
+            Self::Full => Some(query.to_owned()),
+            Self::None => None,
+            Self::Names => Some(
+                query
+                    .split('&')
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| pair.split('=').next().unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join("&"),
+            ),
+        }
+    }
+}
+
+/// Where audit records go. `record` is called on the request path as each response is
+/// ready: it must not block (queue the record and return).
+pub trait AuditSink: Send + Sync + 'static {
+    /// Takes one record.
+    fn record(&self, record: AuditRecord);
+}
+
+impl<F> AuditSink for F
+where
+    F: Fn(AuditRecord) + Send + Sync + 'static,
+{
+    fn record(&self, record: AuditRecord) {
+        self(record)
+    }
+}
+
+/// How many records [`JsonLinesAudit`] holds while its writer catches up.
+pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
+
+/// A record waiting longer than this in the queue counts as delayed.
+const DELAYED_AFTER: Duration = Duration::from_secs(1);
+
+/// Writes audit records as JSON lines, one object per line, to a file (appended) or stdout,
+/// from a thread of its own.
+///
+/// The request path only queues a record (a bounded queue of [`DEFAULT_AUDIT_QUEUE`] records,
+/// or [`with_queue`](Self::with_queue)); the writer thread writes and flushes whenever the
+/// queue runs empty. When the writer falls behind (a slow disk), records wait in the queue:
+/// one written more than a second after its request counts in
+/// `tower_fhir_audit_records_delayed_total`. When the queue is full, or a write fails (a full
+/// disk), the record is dropped: never silently, each one counts in
+/// `tower_fhir_audit_records_dropped_total` and drops are logged at `error` (at most once a
+/// second, with the count). Requests are never held up by the audit log.
+///
+/// ```
+/// use tower_fhir::ops::JsonLinesAudit;
+///
+/// let dir = std::env::temp_dir().join(format!("audit-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("audit.jsonl");
+/// let audit = JsonLinesAudit::file(&path).unwrap();
+/// assert_eq!(audit.dropped(), 0);
+/// drop(audit); // writes what is queued, then closes
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub struct JsonLinesAudit {
+    queue: SyncSender<(Instant, AuditRecord)>,
+    counts: Arc<Counts>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    dropped: AtomicU64,
+    delayed: AtomicU64,
+    /// Drops not yet logged.
+    unlogged: AtomicU64,
+    /// When a drop was last logged (milliseconds since `start`), to log at most once a second.
+    last_log_ms: AtomicU64,
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl Counts {
+    fn dropped(&self, why: &str) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tower_fhir_audit_records_dropped_total").increment(1);
+        let start = *self.start.get_or_init(Instant::now);
+        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last_log_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let count = self.unlogged.swap(0, Ordering::Relaxed);
+            tracing::error!(count, reason = why, "audit records dropped");
+        }
+    }
+}
+
+impl JsonLinesAudit {
+    /// Appends to the file at `path` (created if absent, mode 0600 on Unix).
+    pub fn file(path: impl AsRef<Path>) -> std::io::Result<Self> {
+        let mut options = std::fs::OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path)?;
+        Ok(Self::writer(file, DEFAULT_AUDIT_QUEUE))
+    }
+
+    /// Writes to standard output.
+    pub fn stdout() -> Self {
+        Self::writer(std::io::stdout(), DEFAULT_AUDIT_QUEUE)
+    }
+
+    /// Writes to any writer, with a queue of `capacity` records.
+    pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
+        let (queue, records) = mpsc::sync_channel(capacity.max(1));
+        let counts = Arc::new(Counts::default());
+        let writer_counts = Arc::clone(&counts);
+        let writer = std::thread::Builder::new()
+            .name("tower-fhir-audit".into())
+            .spawn(move || write_records(out, &records, &writer_counts))
+            .ok();
+        Self {
+            queue,
+            counts,
+            writer,
+        }
+    }
+
+    /// The same, with a queue of `capacity` records instead of [`DEFAULT_AUDIT_QUEUE`].
+    pub fn with_queue(out: impl Write + Send + 'static, capacity: usize) -> Self {
+        Self::writer(out, capacity)
+    }
+
+    /// How many records were dropped so far (queue full or write failed).
+    pub fn dropped(&self) -> u64 {
+        self.counts.dropped.load(Ordering::Relaxed)
+    }
+
+    /// How many records were written more than a second after their request.
+    pub fn delayed(&self) -> u64 {
+        self.counts.delayed.load(Ordering::Relaxed)
+    }
+}
+
+fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, counts: &Counts) {
+    const BUFFER: usize = 64 * 1024;
+    let mut out = std::io::BufWriter::with_capacity(BUFFER, out);
+    let mut line = Vec::with_capacity(512);
+    // Records in the buffer since the last flush that succeeded: lost if the next one fails.
+    let mut pending = 0u64;
+    let mut failed = false;
+    while let Ok(first) = records.recv() {
+        let mut next = Some(first);
+        while let Some((queued, record)) = next.take() {
+            if queued.elapsed() > DELAYED_AFTER {
+                counts.delayed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tower_fhir_audit_records_delayed_total").increment(1);
+            }
+            line.clear();
+            if serde_json::to_writer(&mut line, &record).is_ok() {
+                line.push(b'\n');
+                pending += 1;
+                if out.write_all(&line).is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            next = records.try_recv().ok();
+        }
+        if failed || out.flush().is_err() {
+            for _ in 0..pending {
+                counts.dropped("the audit log could not be written");
+            }
+            // What could not be written goes with the buffer; start afresh.
+            out = std::io::BufWriter::with_capacity(BUFFER, out.into_parts().0);
+            failed = false;
+        }
+        pending = 0;
+    }
+    let _ = out.flush();
+}
+
+impl AuditSink for JsonLinesAudit {
+    fn record(&self, record: AuditRecord) {
+        match self.queue.try_send((Instant::now(), record)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counts
+                    .dropped("the audit log is behind and its queue is full");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counts.dropped("the audit log writer stopped");
+            }
+        }
+    }
+}
+
+impl Drop for JsonLinesAudit {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has written what is queued.
+        let (closed, _) = mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl fmt::Debug for JsonLinesAudit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonLinesAudit")
+            .field("dropped", &self.dropped())
+            .field("delayed", &self.delayed())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    pub(crate) fn record() -> AuditRecord {
+        AuditRecord {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            request_id: Some("r-1".into()),
+            client_id: Some("app".into()),
+            issuer: Some("https://gw.example".into()),
+            tenant: TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").ok(),
+            method: "GET".into(),
+            path: "/Patient/1".into(),
+            query: None,
+            interaction: Some("read"),
+            resource_type: Some("Patient".into()),
+            resource_id: Some("1".into()),
+            status: 200,
+            outcome: "ok",
+            upstream: Some(Arc::from("http://fhir.example/r4")),
+            duration_ms: 1.23456,
+        }
+    }
+
+    #[test]
+    fn a_record_is_one_json_object_with_every_field() {
+        let json = serde_json::to_value(record()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": "2023-11-14T22:13:20.123Z", "request_id": "r-1", "client_id": "app",
+                "issuer": "https://gw.example", "tenant": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                "method": "GET", "path": "/Patient/1", "query": null, "interaction": "read",
+                "resource_type": "Patient", "resource_id": "1", "status": 200, "outcome": "ok",
+                "upstream": "http://fhir.example/r4", "duration_ms": 1.235
+            })
+        );
+    }
+
+    #[test]
+    fn a_record_becomes_an_audit_event() {
+        let mut read = record();
+        read.query = Some("_elements=name".into());
+        let event = read.to_audit_event();
+        assert_eq!(event["action"], "R");
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["subtype"][0]["code"], "read");
+        assert_eq!(event["recorded"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "app");
+        assert_eq!(event["entity"][0]["what"]["reference"], "Patient/1");
+        assert_eq!(event["entity"][0]["query"], "X2VsZW1lbnRzPW5hbWU=");
+        assert_eq!(
+            event["entity"][1]["what"]["identifier"]["value"],
+            "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"
+        );
+        assert_eq!(event["extension"][0]["valueString"], "r-1");
+        let mut refused = record();
+        refused.method = "DELETE".into();
+        refused.interaction = Some("delete");
+        refused.status = 403;
+        refused.outcome = "forbidden";
+        let event = refused.to_audit_event();
+        assert_eq!(
+            (event["action"].as_str(), event["outcome"].as_str()),
+            (Some("D"), Some("4"))
+        );
+        assert_eq!(event["outcomeDesc"], "403 forbidden");
+    }
+
+    #[test]
+    fn query_recording() {
+        let q = Some("name=Smith&birthdate=ge1970&_count=10&flag");
+        assert_eq!(QueryRecording::Full.apply(q).as_deref(), q);
+        assert_eq!(
+            QueryRecording::Names.apply(q).as_deref(),
+            Some("name&birthdate&_count&flag")
+        );
+        assert_eq!(QueryRecording::None.apply(q), None);
+        assert_eq!(QueryRecording::Names.apply(Some("")), None);
+        assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
+        assert_eq!(QueryRecording::parse("all"), None);
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_are_written_one_per_line() {
+        let out = Shared::default();
+        let audit = JsonLinesAudit::writer(out.clone(), 16);
+        for _ in 0..3 {
+            audit.record(record());
+        }
+        drop(audit);
+        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<_> = written.lines().collect();
+        assert_eq!(lines.len(), 3);
+        for line in lines {
+            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(json["path"], "/Patient/1");
+        }
+    }
+
+    /// A writer that blocks until told to go on, then fails every write.
+    struct Stuck(Arc<(Mutex<bool>, std::sync::Condvar)>);
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            let (go, ready) = &*self.0;
+            let mut go = go.lock().unwrap();
+            while !*go {
+                go = ready.wait(go).unwrap();
+            }
+            Err(std::io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::Error::other("disk full"))
+        }
+    }
+
+    #[test]
+    fn a_full_queue_and_a_failing_disk_drop_records_and_count_them() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        // The writer buffers, then blocks in its first flush: the queue (2) fills up.
+        let audit = JsonLinesAudit::writer(Stuck(Arc::clone(&gate)), 2);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while audit.dropped() == 0 && started.elapsed() < Duration::from_secs(5) {
+            audit.record(record());
+            sent += 1;
+        }
+        assert!(audit.dropped() > 0, "a full queue drops records");
+        let queued_or_buffered = sent - audit.dropped();
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let counts = Arc::clone(&audit.counts);
+        drop(audit);
+        // Every record that was not written is counted: the disk took none.
+        assert_eq!(
+            counts.dropped.load(Ordering::Relaxed),
+            sent,
+            "{queued_or_buffered} more"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! A limit on request bodies: `413` with an OperationOutcome, nothing buffered.
+
+use std::task::{Context, Poll};
+
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Limited;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::future::ResponseFuture;
+use crate::outcome::{IssueType, OperationOutcome};
+
+/// The default limit, 16 MiB.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Refuses request bodies larger than a limit, without buffering them.
+///
+/// A request whose `Content-Length` exceeds the limit is answered `413 Content Too Large`
+/// with an OperationOutcome (`too-long`) at once: the inner service never sees it, and its
+/// body is not read. Any other body is passed on wrapped in
+/// [`http_body_util::Limited`], which fails once more than the limit has been read: the
+/// [`FhirProxy`](crate::proxy::FhirProxy) then abandons the upstream request mid-body (the
+/// upstream never receives a complete request) and answers `413` with the same
+/// OperationOutcome; axum's body extractors answer `413` too. Each refusal counts in the
+/// `tower_fhir_body_too_large_total` metric.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_fhir::ops::BodyLimitLayer;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let inner = service_fn(|_request: Request<_>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("stored"))))
+/// });
+/// let service = BodyLimitLayer::new(1024).layer(inner);
+///
+/// let small = Request::post("/Patient").body(Full::new(Bytes::from("{}"))).unwrap();
+/// assert_eq!(service.clone().oneshot(small).await.unwrap().status(), StatusCode::OK);
+///
+/// let large = Request::post("/Patient")
+///     .header("content-length", "2048")
+///     .body(Full::new(Bytes::from(vec![b' '; 2048])))
+///     .unwrap();
+/// let refused = service.oneshot(large).await.unwrap();
+/// assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct BodyLimitLayer {
+    max: u64,
+}
+
+impl BodyLimitLayer {
+    /// Bodies of at most `max_bytes` pass.
+    pub fn new(max_bytes: u64) -> Self {
+        Self { max: max_bytes }
+    }
+}
+
+impl Default for BodyLimitLayer {
+    /// [`DEFAULT_MAX_REQUEST_BODY_BYTES`].
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_REQUEST_BODY_BYTES)
+    }
+}
+
+impl<S> Layer<S> for BodyLimitLayer {
+    type Service = BodyLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BodyLimit {
+            inner,
+            max: self.max,
+        }
+    }
+}
+
+/// The service [`BodyLimitLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct BodyLimit<S> {
+    inner: S,
+    max: u64,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BodyLimit<S>
+where
+    S: Service<Request<Limited<ReqBody>>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > self.max) {
+            return ResponseFuture::answered(too_large(Some(self.max)));
+        }
+        // `Limited` counts in `usize`; a limit beyond it cannot be reached anyway.
+        let max = usize::try_from(self.max).unwrap_or(usize::MAX);
+        ResponseFuture::inner(self.inner.call(request.map(|body| Limited::new(body, max))))
+    }
+}
+
+/// `413` with an OperationOutcome naming the limit when known; counted.
+pub(crate) fn too_large(max: Option<u64>) -> Response<bytes::Bytes> {
+    metrics::counter!("tower_fhir_body_too_large_total").increment(1);
+    let diagnostics = match max {
+        Some(max) => format!("The request body is larger than this gateway accepts ({max} bytes)"),
+        None => "The request body is larger than this gateway accepts".to_owned(),
+    };
+    OperationOutcome::error(IssueType::TooLong, diagnostics)
+        .to_response(StatusCode::PAYLOAD_TOO_LARGE)
+}
+
+/// Whether `error` (or what caused it) is a [`Limited`] body's "too long".
+pub(crate) fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        // An `io::Error` wrapping one hides it from `source()`.
+        if let Some(wrapped) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            if is_length_limit(wrapped) {
+                return true;
+            }
+        }
+        current = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_never_reaches_the_inner_service() {
+        let called = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&called);
+        let service = BodyLimitLayer::new(10).layer(tower::service_fn(
+            move |_r: Request<Limited<http_body_util::Empty<Bytes>>>| {
+                seen.store(true, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new())) }
+            },
+        ));
+        let request = Request::post("/Bundle")
+            .header("content-length", "11")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!called.load(Ordering::SeqCst));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["issue"][0]["code"], "too-long");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_fails_past_the_limit_and_the_error_is_recognised() {
+        let service = BodyLimitLayer::new(10).layer(tower::service_fn(
+            |r: Request<Limited<StreamBody<_>>>| async move {
+                let error = r
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|_| ())
+                    .expect_err("over the limit");
+                let answer = if is_length_limit(&*error) {
+                    "limit"
+                } else {
+                    "other"
+                };
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
+                    answer,
+                ))))
+            },
+        ));
+        let chunks = futures::stream::iter(
+            (0..3).map(|_| Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("12345")))),
+        );
+        let request = Request::post("/Bundle")
+            .body(StreamBody::new(chunks))
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        let recognised = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(recognised, "limit");
+    }
+
+    #[tokio::test]
+    async fn an_unrelated_error_is_not_a_length_limit() {
+        let error = std::io::Error::other("reset");
+        assert!(!is_length_limit(&error));
+        let over = Limited::new(http_body_util::Full::new(Bytes::from("12345")), 2);
+        let error = over.collect().await.err().unwrap();
+        assert!(is_length_limit(&*error));
+        let wrapped = std::io::Error::other(error);
+        assert!(is_length_limit(&wrapped), "found through source()");
+    }
+}

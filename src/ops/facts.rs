@@ -1,0 +1,144 @@
+//! What the layers learn about a request, for the audit record and metrics written after it.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::auth::VerifiedClaims;
+use crate::tenant::TenantId;
+
+/// A slot the gateway's layers fill as they learn who is asking and for what: the verified
+/// claims, the tenant, the upstream. The [`ObserveLayer`](super::ObserveLayer) puts one in
+/// each request's extensions and reads it when the response is ready; the tenant, routing and
+/// token layers fill it when they find one. A layer or handler of your own may fill it too.
+///
+/// Clones share the slot. Without an `ObserveLayer` outside, nothing puts one in and the
+/// layers skip the filling.
+///
+/// ```
+/// use tower_fhir::ops::RequestFacts;
+///
+/// let facts = RequestFacts::default();
+/// facts.set_client_id("app");
+/// assert_eq!(facts.snapshot().client_id().as_deref(), Some("app"));
+/// ```
+#[derive(Clone, Default)]
+pub struct RequestFacts {
+    inner: Arc<Mutex<Facts>>,
+}
+
+/// What a [`RequestFacts`] holds at one moment.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct Facts {
+    /// The verified token's claims.
+    pub claims: Option<VerifiedClaims>,
+    /// The client, when known otherwise than from the claims (the token endpoint's client).
+    pub client: Option<String>,
+    /// The tenant the request is for.
+    pub tenant: Option<TenantId>,
+    /// The upstream FHIR server's base URL.
+    pub upstream: Option<Arc<str>>,
+}
+
+impl Facts {
+    /// The client: the one set by hand, else the token's `client_id`, `azp`, `appid` (Entra)
+    /// or `sub` claim.
+    pub fn client_id(&self) -> Option<String> {
+        if let Some(client) = &self.client {
+            return Some(client.clone());
+        }
+        let claims = self.claims.as_ref()?;
+        ["client_id", "azp", "appid"]
+            .iter()
+            .find_map(|name| claims.get(name).and_then(|v| v.as_str()))
+            .or_else(|| claims.subject())
+            .map(str::to_owned)
+    }
+
+    /// The token's issuer.
+    pub fn issuer(&self) -> Option<String> {
+        self.claims
+            .as_ref()
+            .and_then(|c| c.issuer())
+            .map(str::to_owned)
+    }
+}
+
+impl fmt::Debug for Facts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Facts")
+            .field("client_id", &self.client_id())
+            .field("issuer", &self.issuer())
+            .field("tenant", &self.tenant)
+            .field("upstream", &self.upstream)
+            .finish()
+    }
+}
+
+impl RequestFacts {
+    fn with(&self, f: impl FnOnce(&mut Facts)) {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Records the verified claims (the client and issuer are read from them).
+    pub fn set_claims(&self, claims: &VerifiedClaims) {
+        let claims = claims.clone();
+        self.with(|facts| facts.claims = Some(claims));
+    }
+
+    /// Records the client by hand (the token endpoint, before any token exists).
+    pub fn set_client_id(&self, client: &str) {
+        let client = client.to_owned();
+        self.with(|facts| facts.client = Some(client));
+    }
+
+    /// Records the tenant.
+    pub fn set_tenant(&self, tenant: TenantId) {
+        self.with(|facts| facts.tenant = Some(tenant));
+    }
+
+    /// Records the upstream's base URL.
+    pub fn set_upstream(&self, upstream: Arc<str>) {
+        self.with(|facts| facts.upstream = Some(upstream));
+    }
+
+    /// What has been recorded so far.
+    pub fn snapshot(&self) -> Facts {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl fmt::Debug for RequestFacts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.snapshot().fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_comes_from_the_first_claim_that_names_it() {
+        let claims = |json: serde_json::Value| {
+            VerifiedClaims::assume_verified(json.as_object().unwrap().clone()).unwrap()
+        };
+        let facts = RequestFacts::default();
+        facts.set_claims(&claims(
+            serde_json::json!({"exp": 1, "sub": "s", "azp": "a", "iss": "i"}),
+        ));
+        let seen = facts.snapshot();
+        assert_eq!(seen.client_id().as_deref(), Some("a"));
+        assert_eq!(seen.issuer().as_deref(), Some("i"));
+        facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
+        assert_eq!(facts.snapshot().client_id().as_deref(), Some("s"));
+        facts.set_client_id("by-hand");
+        assert_eq!(facts.snapshot().client_id().as_deref(), Some("by-hand"));
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        facts.clone().set_tenant(tenant);
+        assert_eq!(facts.snapshot().tenant, Some(tenant));
+    }
+}

@@ -1,0 +1,72 @@
+//! Running the gateway as a service: request ids, body limits, health and readiness,
+//! metrics, audit records, traces and CORS, as layers for any axum or hyper stack.
+//!
+//! | layer or item | what it does |
+//! |---|---|
+//! | [`RequestIdLayer`] | keeps a sound `X-Request-Id` or makes one; returns it on every response |
+//! | [`HealthLayer`] | `GET /healthz`, `GET /readyz` with your readiness checks, no token |
+//! | [`ObserveLayer`] | metrics, one [`AuditRecord`] per request to an [`AuditSink`], a span per request |
+//! | [`BodyLimitLayer`] | `413` with an OperationOutcome for bodies over a limit, nothing buffered |
+//! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps |
+//! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
+//! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
+//!
+//! Outermost first: `RequestIdLayer`, `fhir_cors`, `HealthLayer`, `ObserveLayer`,
+//! `BodyLimitLayer`, then the gateway (or your FHIR stack):
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_fhir::ops::{BodyLimitLayer, HealthLayer, ObserveLayer, RequestIdLayer};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let fhir = service_fn(|_r: Request<_>| async {
+//!     Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//! });
+//! let service = ServiceBuilder::new()
+//!     .layer(RequestIdLayer::new())
+//!     .layer(HealthLayer::new())
+//!     .layer(ObserveLayer::new().metrics(true))
+//!     .layer(BodyLimitLayer::new(16 * 1024 * 1024))
+//!     .service(fhir);
+//!
+//! let request = Request::get("/healthz").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+//! let response = service.oneshot(request).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert!(response.headers().contains_key("x-request-id"));
+//! # });
+//! ```
+//!
+//! Metrics go through the [`metrics`] facade: nothing is exported until the application
+//! installs a recorder (the gateway binary serves Prometheus text at `metrics_listen`).
+//! Besides the requests counted by [`ObserveLayer`], the library counts:
+//!
+//! | metric | labels | where |
+//! |---|---|---|
+//! | `tower_fhir_upstream_duration_seconds` (histogram) | | the proxy, to the upstream's response head |
+//! | `tower_fhir_token_requests_total` | `result` (`issued` or the RFC 6749 error) | the token endpoint |
+//! | `tower_fhir_jwks_fetches_total` | `issuer`, `result` (`ok`, `error`) | the bearer layer's key sources |
+//! | `tower_fhir_cache_total` | `cache` (`token`, `route`), `result` (`hit`, `miss`) | bearer and routing caches |
+//! | `tower_fhir_body_too_large_total` | | [`BodyLimitLayer`] and the proxy |
+//! | `tower_fhir_rate_limited_total` | `limit` (`tenant`, `client`, `upstream`) | the rate limit layer, the proxy's `max_concurrency` |
+//! | `tower_fhir_audit_records_dropped_total`, `tower_fhir_audit_records_delayed_total` | | [`JsonLinesAudit`] |
+
+mod audit;
+mod body_limit;
+mod cors;
+mod facts;
+mod health;
+mod observe;
+mod request_id;
+
+pub use audit::{AuditRecord, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE};
+pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
+pub use cors::{fhir_cors, InvalidOrigin};
+pub use facts::{Facts, RequestFacts};
+pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
+pub use observe::{Observe, ObserveFuture, ObserveLayer};
+pub use request_id::{RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID};
+
+#[cfg(feature = "proxy")]
+pub(crate) use body_limit::{is_length_limit, too_large};

@@ -1,0 +1,534 @@
+//! One place that sees every request end: metrics, the audit record, the request's span.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Span;
+
+use super::audit::{AuditRecord, AuditSink, QueryRecording};
+use super::facts::RequestFacts;
+use super::request_id::X_REQUEST_ID;
+use crate::interaction::classify;
+use crate::outcome::Refusal;
+
+/// Paths that are the token endpoint's (recorded as interaction `token`).
+const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
+
+/// Watches every request to its response: counts it in metrics, writes its audit record,
+/// and runs it inside a `tracing` span.
+///
+/// Put it outside the gateway (or any FHIR stack), inside [`RequestIdLayer`](super::RequestIdLayer)
+/// so the id is known. For each request it:
+///
+/// - puts a [`RequestFacts`] in the extensions, which the tenant, routing and token layers
+///   fill (client, issuer, tenant, upstream);
+/// - runs the inner service inside an `INFO` span `fhir_request` with `request_id`, `method`
+///   and `path`, and records `tenant`, `client_id`, `status`, `outcome` and `latency_ms` on
+///   it when the response is ready (`tracing-opentelemetry` exports it as it is);
+/// - with [`metrics`](Self::metrics) on, counts it through the [`metrics`] facade (install a
+///   recorder, say `metrics-exporter-prometheus`, to export them):
+///   `tower_fhir_requests_total` (labels `tenant` unless
+///   [`tenant_label(false)`](Self::tenant_label), `status_class` `2xx`..`5xx`, `outcome`),
+///   the `tower_fhir_request_duration_seconds` histogram and the
+///   `tower_fhir_requests_in_flight` gauge;
+/// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`].
+///
+/// A request whose client goes away before the response is recorded with status `499` and
+/// outcome `client_closed`.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use http::{Request, Response, StatusCode};
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_fhir::ops::{AuditRecord, ObserveLayer};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let records = Arc::new(Mutex::new(Vec::<AuditRecord>::new()));
+/// let sink = Arc::clone(&records);
+/// let observe = ObserveLayer::new().audit(move |r: AuditRecord| sink.lock().unwrap().push(r));
+/// let service = observe.layer(service_fn(|_r: Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(()))
+/// }));
+///
+/// let request = Request::get("/Patient/7?name=Smith").body(()).unwrap();
+/// assert_eq!(service.oneshot(request).await.unwrap().status(), StatusCode::OK);
+/// let records = records.lock().unwrap();
+/// assert_eq!(records[0].interaction, Some("read"));
+/// assert_eq!(records[0].resource_id.as_deref(), Some("7"));
+/// assert_eq!(records[0].query.as_deref(), Some("name"), "values are not recorded by default");
+/// assert_eq!(records[0].outcome, "ok");
+/// # });
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct ObserveLayer {
+    config: Arc<Config>,
+}
+
+struct Config {
+    audit: Option<Arc<dyn AuditSink>>,
+    query: QueryRecording,
+    metrics: bool,
+    tenant_label: bool,
+}
+
+impl Default for ObserveLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ObserveLayer {
+    /// Spans only: no metrics, no audit records.
+    pub fn new() -> Self {
+        Self {
+            config: Arc::new(Config {
+                audit: None,
+                query: QueryRecording::default(),
+                metrics: false,
+                tenant_label: true,
+            }),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::get_mut(&mut self.config).expect("configured before it is shared")
+    }
+
+    /// Gives every request's [`AuditRecord`] to `sink`.
+    pub fn audit(mut self, sink: impl AuditSink) -> Self {
+        self.config().audit = Some(Arc::new(sink));
+        self
+    }
+
+    /// The same, for a sink already shared.
+    pub fn audit_shared(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.config().audit = Some(sink);
+        self
+    }
+
+    /// How the audit record keeps the query string; default [`QueryRecording::Names`].
+    pub fn audit_query(mut self, query: QueryRecording) -> Self {
+        self.config().query = query;
+        self
+    }
+
+    /// Counts requests in metrics. Default off.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.config().metrics = on;
+        self
+    }
+
+    /// Labels `tower_fhir_requests_total` with the tenant. Default on; turn it off with many
+    /// thousands of tenants (a series per tenant, status class and outcome).
+    pub fn tenant_label(mut self, on: bool) -> Self {
+        self.config().tenant_label = on;
+        self
+    }
+}
+
+impl fmt::Debug for ObserveLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObserveLayer")
+            .field("audit", &self.config.audit.is_some())
+            .field("query", &self.config.query)
+            .field("metrics", &self.config.metrics)
+            .field("tenant_label", &self.config.tenant_label)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// The service [`ObserveLayer`] makes.
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Observe<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observe")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Observe<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let facts = RequestFacts::default();
+        request.extensions_mut().insert(facts.clone());
+        let request_id = request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let path = request.uri().path();
+        let span = tracing::info_span!(
+            "fhir_request",
+            request_id = request_id.as_deref().unwrap_or(""),
+            method = %request.method(),
+            path,
+            tenant = tracing::field::Empty,
+            client_id = tracing::field::Empty,
+            status = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            latency_ms = tracing::field::Empty,
+        );
+        let config = &self.config;
+        let audit = config.audit.as_ref().map(|_| Pending {
+            time: SystemTime::now(),
+            method: request.method().to_string(),
+            path: path.to_owned(),
+            query: config.query.apply(request.uri().query()),
+        });
+        if config.metrics {
+            metrics::gauge!("tower_fhir_requests_in_flight").increment(1.0);
+        }
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        ObserveFuture {
+            future,
+            watch: Some(Watch {
+                config: Arc::clone(&self.config),
+                facts,
+                request_id,
+                audit,
+                span,
+                start: Instant::now(),
+            }),
+        }
+    }
+}
+
+/// What an audit record needs from the request, taken before it goes in.
+struct Pending {
+    time: SystemTime,
+    method: String,
+    path: String,
+    query: Option<String>,
+}
+
+/// One request's bookkeeping, finished when its response is ready or its future dropped.
+struct Watch {
+    config: Arc<Config>,
+    facts: RequestFacts,
+    request_id: Option<String>,
+    audit: Option<Pending>,
+    span: Span,
+    start: Instant,
+}
+
+impl Watch {
+    fn finish(mut self, status: u16, outcome: &'static str) {
+        let elapsed = self.start.elapsed();
+        let facts = self.facts.snapshot();
+        let tenant = facts.tenant.map(|t| t.to_string());
+        let client_id = facts.client_id();
+        let span = &self.span;
+        if let Some(tenant) = &tenant {
+            span.record("tenant", tenant.as_str());
+        }
+        if let Some(client) = &client_id {
+            span.record("client_id", client.as_str());
+        }
+        span.record("status", status);
+        span.record("outcome", outcome);
+        span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+        let config = &self.config;
+        if config.metrics {
+            let class = match status {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            };
+            metrics::gauge!("tower_fhir_requests_in_flight").decrement(1.0);
+            metrics::histogram!("tower_fhir_request_duration_seconds")
+                .record(elapsed.as_secs_f64());
+            match (&tenant, config.tenant_label) {
+                (Some(tenant), true) => metrics::counter!(
+                    "tower_fhir_requests_total",
+                    "tenant" => tenant.clone(), "status_class" => class, "outcome" => outcome
+                )
+                .increment(1),
+                _ => metrics::counter!(
+                    "tower_fhir_requests_total",
+                    "status_class" => class, "outcome" => outcome
+                )
+                .increment(1),
+            }
+        }
+        if let (Some(sink), Some(pending)) = (&config.audit, self.audit.take()) {
+            let classified = classify(&method_of(&pending.method), &pending.path);
+            let token = TOKEN_PATHS
+                .iter()
+                .any(|p| pending.path == *p || (p.ends_with('/') && pending.path.starts_with(p)));
+            let interaction = if token {
+                Some("token")
+            } else {
+                classified.interaction.map(|i| i.as_str())
+            };
+            let (resource_type, resource_id) = if token {
+                (None, None)
+            } else {
+                (
+                    classified.resource_type.map(str::to_owned),
+                    classified.resource_id.map(str::to_owned),
+                )
+            };
+            sink.record(AuditRecord {
+                time: pending.time,
+                request_id: self.request_id.take(),
+                client_id,
+                issuer: facts.issuer(),
+                tenant: facts.tenant,
+                method: pending.method,
+                path: pending.path,
+                query: pending.query,
+                interaction,
+                resource_type,
+                resource_id,
+                status,
+                outcome,
+                upstream: facts.upstream,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+            });
+        }
+    }
+}
+
+fn method_of(method: &str) -> http::Method {
+    http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::GET)
+}
+
+pin_project! {
+    /// The response future of [`Observe`].
+    pub struct ObserveFuture<F> {
+        #[pin]
+        future: F,
+        watch: Option<Watch>,
+    }
+
+    impl<F> PinnedDrop for ObserveFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(watch) = this.project().watch.take() {
+                watch.finish(499, "client_closed");
+            }
+        }
+    }
+}
+
+impl<F, B, E> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _entered = this.watch.as_ref().map(|w| w.span.enter());
+            ready!(this.future.poll(cx))
+        };
+        if let Some(watch) = this.watch.take() {
+            let _entered = watch.span.clone().entered();
+            match &result {
+                Ok(response) => {
+                    let outcome = response
+                        .extensions()
+                        .get::<Refusal>()
+                        .map_or("ok", |refusal| refusal.0);
+                    watch.finish(response.status().as_u16(), outcome);
+                }
+                Err(_) => watch.finish(500, "error"),
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<F> fmt::Debug for ObserveFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObserveFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::VerifiedClaims;
+    use crate::outcome::{IssueType, OperationOutcome};
+    use crate::tenant::TenantId;
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    type Records = Arc<Mutex<Vec<AuditRecord>>>;
+
+    fn observed<S>(inner: S, query: QueryRecording) -> (Observe<S>, Records) {
+        let records: Records = Arc::default();
+        let sink = Arc::clone(&records);
+        let layer = ObserveLayer::new()
+            .audit(move |r: AuditRecord| sink.lock().unwrap().push(r))
+            .audit_query(query)
+            .metrics(true);
+        (layer.layer(inner), records)
+    }
+
+    #[tokio::test]
+    async fn the_facts_the_layers_learn_reach_the_record() {
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        let inner = tower::service_fn(move |r: Request<()>| async move {
+            let facts = r.extensions().get::<RequestFacts>().unwrap();
+            let claims = serde_json::json!({"exp": 1, "iss": "https://idp", "client_id": "app"});
+            facts.set_claims(
+                &VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap(),
+            );
+            facts.set_tenant(tenant);
+            facts.set_upstream(Arc::from("http://fhir.example"));
+            Ok::<_, Infallible>(Response::new(()))
+        });
+        let (service, records) = observed(inner, QueryRecording::Full);
+        let request = Request::post("/Observation/_search?code=x")
+            .header("x-request-id", "abc")
+            .body(())
+            .unwrap();
+        service.oneshot(request).await.unwrap();
+        let record = records.lock().unwrap().pop().unwrap();
+        assert_eq!(record.request_id.as_deref(), Some("abc"));
+        assert_eq!(record.client_id.as_deref(), Some("app"));
+        assert_eq!(record.issuer.as_deref(), Some("https://idp"));
+        assert_eq!(record.tenant, Some(tenant));
+        assert_eq!(record.interaction, Some("search"));
+        assert_eq!(record.resource_type.as_deref(), Some("Observation"));
+        assert_eq!(record.query.as_deref(), Some("code=x"));
+        assert_eq!(record.upstream.as_deref(), Some("http://fhir.example"));
+        assert_eq!((record.status, record.outcome), (200, "ok"));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_the_outcome_and_a_token_request_is_named() {
+        let inner = tower::service_fn(|_r: Request<()>| async {
+            Ok::<_, Infallible>(
+                OperationOutcome::error(IssueType::Forbidden, "no")
+                    .to_response(http::StatusCode::FORBIDDEN),
+            )
+        });
+        let (service, records) = observed(inner, QueryRecording::Names);
+        service
+            .clone()
+            .oneshot(Request::get("/Patient/1").body(()).unwrap())
+            .await
+            .unwrap();
+        service
+            .oneshot(Request::post("/oauth/token").body(()).unwrap())
+            .await
+            .unwrap();
+        let records = records.lock().unwrap();
+        assert_eq!((records[0].status, records[0].outcome), (403, "forbidden"));
+        assert_eq!(records[1].interaction, Some("token"));
+        assert_eq!(records[1].resource_type, None);
+    }
+
+    #[test]
+    fn the_span_carries_the_request_id_tenant_client_status_and_latency() {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let inner = tower::service_fn(move |r: Request<()>| async move {
+                let facts = r.extensions().get::<RequestFacts>().unwrap();
+                facts.set_client_id("app");
+                facts.set_tenant(tenant);
+                Ok::<_, Infallible>(Response::new(()))
+            });
+            let service = ObserveLayer::new().layer(inner);
+            let request = Request::get("/Patient/1")
+                .header("x-request-id", "span-1")
+                .body(())
+                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(service.oneshot(request)).unwrap();
+        });
+        let written = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let closed: serde_json::Value = written
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .find(|event| event["span"]["name"] == "fhir_request")
+            .unwrap_or_else(|| panic!("no fhir_request span closed: {written}"));
+        let span = &closed["span"];
+        assert_eq!(span["request_id"], "span-1");
+        assert_eq!(span["method"], "GET");
+        assert_eq!(span["path"], "/Patient/1");
+        assert_eq!(span["tenant"], tenant.to_string());
+        assert_eq!(span["client_id"], "app");
+        assert_eq!(span["status"], 200);
+        assert_eq!(span["outcome"], "ok");
+        assert!(span["latency_ms"].as_f64().is_some(), "{span}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_is_recorded() {
+        let inner = tower::service_fn(|_r: Request<()>| async {
+            std::future::pending::<()>().await;
+            Ok::<_, Infallible>(Response::new(()))
+        });
+        let (mut service, records) = observed(inner, QueryRecording::None);
+        let future = service.call(Request::delete("/Patient/1").body(()).unwrap());
+        drop(future);
+        let record = records.lock().unwrap().pop().unwrap();
+        assert_eq!((record.status, record.outcome), (499, "client_closed"));
+        assert_eq!(record.interaction, Some("delete"));
+    }
+}

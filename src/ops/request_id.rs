@@ -1,0 +1,191 @@
+//! Request ids: kept when the client's is sound, made otherwise, returned on every response.
+
+use std::task::{Context, Poll};
+
+use http::header::HeaderName;
+use http::{HeaderValue, Request, Response};
+use tower_http::request_id::{
+    MakeRequestUuid, PropagateRequestId, PropagateRequestIdLayer, SetRequestId,
+};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client request id kept.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Gives every request an `X-Request-Id` and returns it on the response.
+///
+/// A client's `X-Request-Id` is kept when it is one header of 1 to 128 characters of
+/// `[A-Za-z0-9._-]`; otherwise (absent, repeated, too long, other characters) a UUID is made
+/// in its place. The id stays in the request's headers, so the proxy forwards it to the
+/// upstream, and is in its extensions as tower-http's
+/// [`RequestId`](tower_http::request_id::RequestId) for traces and audit records. Every
+/// response, the layers' own refusals included, carries it back. Built on tower-http's
+/// `SetRequestId` and `PropagateRequestId`; the check of the client's value is this layer's.
+///
+/// ```
+/// use http::{Request, Response};
+/// use tower::{service_fn, ServiceExt, Layer};
+/// use tower_fhir::ops::RequestIdLayer;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let echo = service_fn(|request: Request<()>| async move {
+///     let seen = request.headers()["x-request-id"].clone();
+///     Ok::<_, std::convert::Infallible>(Response::new(seen))
+/// });
+/// let service = RequestIdLayer::new().layer(echo);
+///
+/// let kept = Request::get("/Patient/1").header("x-request-id", "abc-123").body(()).unwrap();
+/// let response = service.clone().oneshot(kept).await.unwrap();
+/// assert_eq!(response.headers()["x-request-id"], "abc-123");
+/// assert_eq!(response.body(), "abc-123");
+///
+/// let replaced = Request::get("/").header("x-request-id", "no spaces, please").body(()).unwrap();
+/// let response = service.oneshot(replaced).await.unwrap();
+/// assert_ne!(response.headers()["x-request-id"], "no spaces, please");
+/// assert_eq!(response.headers()["x-request-id"].len(), 36);
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+#[must_use]
+pub struct RequestIdLayer {
+    _private: (),
+}
+
+impl RequestIdLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestIdService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let propagate = PropagateRequestIdLayer::new(X_REQUEST_ID).layer(inner);
+        RequestIdService {
+            inner: SetRequestId::new(propagate, X_REQUEST_ID, MakeRequestUuid),
+        }
+    }
+}
+
+/// The service [`RequestIdLayer`] makes.
+#[derive(Clone)]
+pub struct RequestIdService<S> {
+    inner: SetRequestId<PropagateRequestId<S>, MakeRequestUuid>,
+}
+
+impl<S> std::fmt::Debug for RequestIdService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestIdService").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequestIdService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future =
+        <SetRequestId<PropagateRequestId<S>, MakeRequestUuid> as Service<Request<ReqBody>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let headers = request.headers_mut();
+        let mut given = headers.get_all(&X_REQUEST_ID).iter();
+        let sound = match (given.next(), given.next()) {
+            (None, _) => true,
+            (Some(value), None) => is_sound(value),
+            (Some(_), Some(_)) => false,
+        };
+        if !sound {
+            headers.remove(&X_REQUEST_ID);
+        }
+        self.inner.call(request)
+    }
+}
+
+/// 1-128 characters of `[A-Za-z0-9._-]`.
+pub(crate) fn is_sound(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+
+    async fn seen(request: Request<()>) -> (String, String) {
+        let service = RequestIdLayer::new().layer(tower::service_fn(|r: Request<()>| async move {
+            let id = r
+                .extensions()
+                .get::<tower_http::request_id::RequestId>()
+                .map(|id| id.header_value().to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            Ok::<_, Infallible>(Response::new(id))
+        }));
+        let response = service.oneshot(request).await.unwrap();
+        let returned = response.headers()[&X_REQUEST_ID]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (returned, response.into_body())
+    }
+
+    #[tokio::test]
+    async fn sound_ids_are_kept_others_replaced() {
+        for good in ["a", "A-b_c.9", &"x".repeat(128)] {
+            let request = Request::get("/")
+                .header("x-request-id", good)
+                .body(())
+                .unwrap();
+            let (returned, inner) = seen(request).await;
+            assert_eq!(returned, good);
+            assert_eq!(inner, good);
+        }
+        for bad in ["", "a b", "a/b", "ä", &"x".repeat(129), "a\"b", "a,b"] {
+            let Ok(value) = HeaderValue::from_bytes(bad.as_bytes()) else {
+                continue;
+            };
+            let request = Request::get("/")
+                .header("x-request-id", value)
+                .body(())
+                .unwrap();
+            let (returned, inner) = seen(request).await;
+            assert_ne!(returned, bad);
+            assert_eq!(returned, inner, "the inner service sees the id returned");
+            assert!(uuid::Uuid::parse_str(&returned).is_ok(), "{returned}");
+        }
+    }
+
+    #[tokio::test]
+    async fn two_ids_are_replaced_by_one() {
+        let request = Request::get("/")
+            .header("x-request-id", "one")
+            .header("x-request-id", "two")
+            .body(())
+            .unwrap();
+        let (returned, _) = seen(request).await;
+        assert!(uuid::Uuid::parse_str(&returned).is_ok(), "{returned}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_id_is_made() {
+        let (a, _) = seen(Request::get("/").body(()).unwrap()).await;
+        let (b, _) = seen(Request::get("/").body(()).unwrap()).await;
+        assert_ne!(a, b);
+    }
+}
