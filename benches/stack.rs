@@ -19,7 +19,13 @@
 //!   so every request verifies its signature (distinct tokens with the cache on would also pay
 //!   for a cache insertion);
 //! - `full/HS256/warm/1000_tenants`: 1,000 onboarded tenants, one token each, sent round-robin
-//!   (token and route caches warm), against the one-tenant `full/HS256/warm`.
+//!   (token and route caches warm), against the one-tenant `full/HS256/warm`;
+//! - `layer_limits/tenant`, `layer_limits/tenant_and_client`: the rate limit layer alone over
+//!   the bare service, the tenant's limit (and the claims, for the client's) in the extensions,
+//!   limits too high to refuse;
+//! - `full/HS256/warm/limited`: `full/HS256/warm` with the rate limit layer after routing, the
+//!   tenant's record carrying a limit and the client having one (cached), against
+//!   `full/HS256/warm`.
 
 mod common;
 
@@ -35,6 +41,7 @@ use jsonwebtoken::{encode, Algorithm, Header, Validation};
 use serde_json::{json, Map, Value};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::{BearerAuthLayer, VerifiedClaims};
+use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
 use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
@@ -136,6 +143,26 @@ fn bench(c: &mut Criterion) {
         directory.upsert(tenant(n), TenantUpstreams::new([upstream]).unwrap());
     }
     let routing = TenantRoutingLayer::builder(directory).build().unwrap();
+    // Limits too high to refuse anything: the cost of counting, not of refusing.
+    let high = RateLimit::new(1_000_000_000, 1_000_000_000).unwrap();
+    let limited_directory = InMemoryDirectory::new();
+    let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
+    limited_directory.upsert(
+        tenant(0),
+        TenantUpstreams::new([upstream])
+            .unwrap()
+            .with_rate_limit(Some(high)),
+    );
+    let limited_routing = TenantRoutingLayer::builder(limited_directory)
+        .build()
+        .unwrap();
+    let limits = RateLimitLayer::builder()
+        .client_limits(std::collections::HashMap::from([(
+            "app-1".to_owned(),
+            high,
+        )]))
+        .build()
+        .unwrap();
     let versions = VersionNegotiationLayer::builder().build().unwrap();
     let scope = TenantScopeLayer::builder().build().unwrap();
     let stack = |auth: BearerAuthLayer| {
@@ -230,6 +257,49 @@ fn bench(c: &mut Criterion) {
         let mut next = tokens.iter().cycle();
         b.to_async(&runtime)
             .iter(|| service.call(request(next.next().unwrap())))
+    });
+
+    // Rate limits.
+    group.bench_function("layer_limits/tenant", |b| {
+        let mut service = limits.layer(tower::service_fn(ok));
+        let tenant_request = || {
+            let mut request = request_with(&hs256_token, tenant(0));
+            request.extensions_mut().insert(TenantRateLimit(high));
+            request
+        };
+        warm(&runtime, &mut service, std::iter::once(tenant_request()));
+        b.to_async(&runtime).iter(|| service.call(tenant_request()))
+    });
+    let limited_claims =
+        json!({"iss": "https://auth.test", "sub": "app-1", "exp": 4_000_000_000u64});
+    let limited_claims =
+        VerifiedClaims::assume_verified(limited_claims.as_object().unwrap().clone()).unwrap();
+    group.bench_function("layer_limits/tenant_and_client", |b| {
+        let mut service = limits.layer(tower::service_fn(ok));
+        let both = || {
+            let mut request = request_with(&hs256_token, tenant(0));
+            request.extensions_mut().insert(TenantRateLimit(high));
+            request.extensions_mut().insert(limited_claims.clone());
+            request
+        };
+        warm(&runtime, &mut service, std::iter::once(both()));
+        b.to_async(&runtime).iter(|| service.call(both()))
+    });
+    group.bench_function("full/HS256/warm/limited", |b| {
+        let mut service = ServiceBuilder::new()
+            .fhir_versions(versions.clone())
+            .fhir_bearer_auth(auth_layer(hs256, 10_000))
+            .fhir_tenant_scope(scope.clone())
+            .fhir_tenant_routing(limited_routing.clone())
+            .fhir_rate_limits(limits.clone())
+            .service_fn(ok);
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
     });
     group.finish();
 }

@@ -2,9 +2,11 @@
 //! token endpoint mounted beside it (feature `proxy`).
 //!
 //! [`Gateway::builder`] assembles, outermost first: version negotiation, metadata pass-through,
-//! bearer validation, tenant scope, tenant routing, the per-tenant CapabilityStatement cache and
-//! the [`FhirProxy`]. With a [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`)
-//! it also answers, ahead of the stack:
+//! bearer validation, tenant scope, tenant routing, rate limits per tenant and per client
+//! ([`RateLimitLayer`]; clients' limits read from the token endpoint's store), the per-tenant
+//! CapabilityStatement cache and the [`FhirProxy`]. With a
+//! [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`) it also answers, ahead of
+//! the stack:
 //!
 //! | route | what |
 //! |---|---|
@@ -75,6 +77,7 @@ use tower_service::Service;
 
 use crate::auth::{BearerAuth, BearerAuthBuilder, BearerAuthLayer};
 use crate::body::ResponseBody;
+use crate::limit::{RateLimitBuilder, RateLimitLayer, RateLimiting};
 use crate::metadata::{
     CapabilityCache, CapabilityCacheLayer, Metadata, MetadataBuilder, MetadataLayer,
 };
@@ -88,11 +91,13 @@ use crate::version::{VersionNegotiation, VersionNegotiationBuilder, VersionNegot
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The layered stack [`GatewayLayer`] wraps a service in, outermost first.
-pub type GatewayStack<S> =
-    VersionNegotiation<Metadata<BearerAuth<TenantScope<TenantRouting<CapabilityCache<S>>>>>>;
+pub type GatewayStack<S> = VersionNegotiation<
+    Metadata<BearerAuth<TenantScope<TenantRouting<RateLimiting<CapabilityCache<S>>>>>>,
+>;
 
 type RoutingOptions = Box<dyn FnOnce(TenantRoutingBuilder) -> TenantRoutingBuilder + Send>;
 type MetadataOptions = Box<dyn FnOnce(MetadataBuilder) -> MetadataBuilder + Send>;
+type LimitOptions = Box<dyn FnOnce(RateLimitBuilder) -> RateLimitBuilder + Send>;
 
 /// A gateway configuration [`GatewayBuilder::build`] refuses: which part, and why.
 #[derive(Debug)]
@@ -117,6 +122,8 @@ pub enum ConfigError {
     Tenant(crate::tenant::ConfigError),
     /// The routing layer's.
     Route(crate::route::ConfigError),
+    /// The rate limit layer's.
+    Limit(crate::limit::ConfigError),
     /// The proxy's.
     Proxy(crate::proxy::ConfigError),
 }
@@ -135,6 +142,7 @@ impl fmt::Display for ConfigError {
             Self::Auth(e) => write!(f, "bearer validation: {e}"),
             Self::Tenant(e) => write!(f, "tenant scope: {e}"),
             Self::Route(e) => write!(f, "tenant routing: {e}"),
+            Self::Limit(e) => write!(f, "rate limits: {e}"),
             Self::Proxy(e) => write!(f, "proxy: {e}"),
         }
     }
@@ -148,6 +156,7 @@ impl std::error::Error for ConfigError {
             Self::Auth(e) => Some(e),
             Self::Tenant(e) => Some(e),
             Self::Route(e) => Some(e),
+            Self::Limit(e) => Some(e),
             Self::Proxy(e) => Some(e),
             _ => None,
         }
@@ -167,6 +176,7 @@ pub struct GatewayBuilder {
     auth: BearerAuthBuilder,
     tenant: TenantScopeBuilder,
     routing: Option<RoutingOptions>,
+    limits: Option<LimitOptions>,
     capability_cache: (Duration, u64),
     proxy: Option<FhirProxyBuilder>,
     #[cfg(feature = "token")]
@@ -256,6 +266,17 @@ impl GatewayBuilder {
         self
     }
 
+    /// Adjusts the rate limit layer (client limit TTL, capacity, another source of clients'
+    /// limits). With a [`token_endpoint`](Self::token_endpoint), clients of its tokens are
+    /// limited by their records in its store already.
+    pub fn rate_limits(
+        mut self,
+        configure: impl FnOnce(RateLimitBuilder) -> RateLimitBuilder + Send + 'static,
+    ) -> Self {
+        self.limits = Some(Box::new(configure));
+        self
+    }
+
     /// How long, and for how many entries (a tenant's upstream, release, query and requested
     /// format), tenants' CapabilityStatements are cached. Default 5 minutes, 10 000.
     pub fn capability_cache(mut self, ttl: Duration, capacity: u64) -> Self {
@@ -296,6 +317,7 @@ impl GatewayBuilder {
         let layer = self.assemble()?;
         Ok(Gateway {
             route_cache: layer.route_cache().clone(),
+            rate_limits: layer.rate_limits.clone(),
             auth: layer.auth.clone(),
             stack: layer.layer(proxy),
             #[cfg(feature = "token")]
@@ -324,6 +346,17 @@ impl GatewayBuilder {
             issuer = Some(endpoint.issuer().to_owned());
         }
         let token_url = token_url.ok_or(ConfigError::NoTokenUrl)?;
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut limits = RateLimitLayer::builder();
+        #[cfg(feature = "token")]
+        if let Some(endpoint) = &self.token {
+            limits = limits
+                .client_limits(endpoint.clone())
+                .client_issuer(endpoint.issuer());
+        }
+        if let Some(configure) = self.limits {
+            limits = configure(limits);
+        }
 
         let mut metadata = MetadataLayer::builder(&base, token_url);
         if let Some(issuer) = issuer {
@@ -354,6 +387,7 @@ impl GatewayBuilder {
             auth: auth.build().map_err(ConfigError::Auth)?,
             tenant: self.tenant.build().map_err(ConfigError::Tenant)?,
             routing,
+            rate_limits: limits.build().map_err(ConfigError::Limit)?,
             capabilities: CapabilityCacheLayer::new(ttl, capacity),
         };
         Ok(layer)
@@ -376,8 +410,8 @@ const JWKS_PATH: &str = "/.well-known/jwks.json";
 const CLIENTS_PREFIX: &str = "/oauth/clients/";
 
 /// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
-/// own) in version negotiation, metadata, bearer validation, tenant scope, routing and the
-/// CapabilityStatement cache.
+/// own) in version negotiation, metadata, bearer validation, tenant scope, routing, rate limits
+/// and the CapabilityStatement cache.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct GatewayLayer {
@@ -386,6 +420,7 @@ pub struct GatewayLayer {
     auth: BearerAuthLayer,
     tenant: TenantScopeLayer,
     routing: TenantRoutingLayer,
+    rate_limits: RateLimitLayer,
     capabilities: CapabilityCacheLayer,
 }
 
@@ -393,6 +428,12 @@ impl GatewayLayer {
     /// The routing layer's cache, to invalidate a tenant by hand.
     pub fn route_cache(&self) -> &RouteCache {
         self.routing.cache()
+    }
+
+    /// The rate limit layer, to apply a client's changed limit at once
+    /// ([`forget_client`](RateLimitLayer::forget_client)).
+    pub fn rate_limits(&self) -> &RateLimitLayer {
+        &self.rate_limits
     }
 
     /// The bearer layer: whether its key sources have been fetched
@@ -407,6 +448,7 @@ impl<S> Layer<S> for GatewayLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.capabilities.layer(inner);
+        let inner = self.rate_limits.layer(inner);
         let inner = self.routing.layer(inner);
         let inner = self.tenant.layer(inner);
         let inner = self.auth.layer(inner);
@@ -430,6 +472,7 @@ struct TokenRoutes {
 pub struct Gateway {
     stack: GatewayStack<FhirProxy>,
     route_cache: RouteCache,
+    rate_limits: RateLimitLayer,
     auth: BearerAuthLayer,
     #[cfg(feature = "token")]
     token: Option<Arc<TokenRoutes>>,
@@ -440,6 +483,12 @@ impl Gateway {
     /// [`follow`](GatewayBuilder::follow)).
     pub fn route_cache(&self) -> &RouteCache {
         &self.route_cache
+    }
+
+    /// The rate limit layer, to apply a client's changed limit at once
+    /// ([`forget_client`](RateLimitLayer::forget_client)).
+    pub fn rate_limits(&self) -> &RateLimitLayer {
+        &self.rate_limits
     }
 
     /// The bearer layer: whether its key sources (the token endpoint's keys, each trusted
@@ -462,6 +511,7 @@ impl Gateway {
             auth: BearerAuthLayer::builder(),
             tenant: TenantScopeLayer::builder(),
             routing: None,
+            limits: None,
             capability_cache: (Duration::from_secs(300), 10_000),
             proxy: None,
             #[cfg(feature = "token")]
@@ -477,8 +527,9 @@ impl fmt::Debug for Gateway {
 }
 
 /// The response body of the whole stack, one [`ResponseBody`] per layer over the proxy's.
-type StackBody =
-    ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>>;
+type StackBody = ResponseBody<
+    ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>>,
+>;
 
 type Boxed = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
 

@@ -80,6 +80,36 @@ impl<K, V: Clone> HotCache<K, V> {
         if !still_wanted() {
             return;
         }
+        self.make_room(&mut shard, hash, is_stale);
+        shard.insert(hash, (key, value));
+    }
+
+    /// Keeps what `update` makes of the value kept for `key` (`None` when there is none), and
+    /// returns it; read and replaced under the shard's lock, so concurrent callers agree on one
+    /// value. A full shard makes room as [`insert`](Self::insert) does.
+    pub(crate) fn update(
+        &self,
+        hash: u64,
+        key: K,
+        update: impl FnOnce(Option<&V>) -> V,
+        is_stale: impl Fn(&V) -> bool,
+    ) -> V
+    where
+        K: Eq,
+    {
+        let mut shard = self.write(hash);
+        let kept = shard
+            .get(&hash)
+            .and_then(|(kept, value)| (*kept == key).then_some(value));
+        let value = update(kept);
+        self.make_room(&mut shard, hash, is_stale);
+        shard.insert(hash, (key, value.clone()));
+        value
+    }
+
+    /// When the shard is full and `hash` has no slot in it, drops the stale entries among the
+    /// first few, else one of them.
+    fn make_room(&self, shard: &mut Shard<K, V>, hash: u64, is_stale: impl Fn(&V) -> bool) {
         if shard.len() >= self.shard_capacity && !shard.contains_key(&hash) {
             let mut stale = [0u64; EVICTION_SCAN];
             let mut found = 0;
@@ -99,7 +129,6 @@ impl<K, V: Clone> HotCache<K, V> {
                 shard.remove(slot);
             }
         }
-        shard.insert(hash, (key, value));
     }
 
     /// Forgets `key`.

@@ -10,6 +10,7 @@
 //! - [`tenant`]: the tenant a verified token speaks for ([`TenantScopeLayer`](tenant::TenantScopeLayer)).
 //! - [`route`]: the tenant's upstream, through a cached directory
 //!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
+//! - [`limit`]: rate limits per tenant and per client ([`RateLimitLayer`](limit::RateLimitLayer)).
 //! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
 //! - `token`: the OAuth 2.0 client-credentials token endpoint, client store and signing keys
 //!   (`TokenEndpoint`, feature `token`).
@@ -50,6 +51,7 @@ pub mod future;
 pub mod gateway;
 mod hot_cache;
 pub mod interaction;
+pub mod limit;
 pub mod metadata;
 pub mod ops;
 pub mod outcome;
@@ -77,6 +79,7 @@ use tower::ServiceBuilder;
 /// ```
 /// use tower::ServiceBuilder;
 /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+/// use tower_fhir::limit::RateLimitLayer;
 /// use tower_fhir::metadata::MetadataLayer;
 /// use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer};
 /// use tower_fhir::tenant::TenantScopeLayer;
@@ -92,7 +95,8 @@ use tower::ServiceBuilder;
 ///     .fhir_metadata(MetadataLayer::builder("https://gw.example", "https://gw.example/token").build().unwrap())
 ///     .fhir_bearer_auth(auth)
 ///     .fhir_tenant_scope(TenantScopeLayer::builder().build().unwrap())
-///     .fhir_tenant_routing(TenantRoutingLayer::builder(InMemoryDirectory::new()).build().unwrap());
+///     .fhir_tenant_routing(TenantRoutingLayer::builder(InMemoryDirectory::new()).build().unwrap())
+///     .fhir_rate_limits(RateLimitLayer::new());
 /// ```
 pub trait ServiceBuilderExt<L>: sealed::Sealed {
     /// Negotiates the FHIR release; see [`version`].
@@ -124,6 +128,12 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         self,
         layer: route::TenantRoutingLayer,
     ) -> ServiceBuilder<Stack<route::TenantRoutingLayer, L>>;
+
+    /// Refuses requests over their tenant's or client's rate limit; see [`limit`].
+    fn fhir_rate_limits(
+        self,
+        layer: limit::RateLimitLayer,
+    ) -> ServiceBuilder<Stack<limit::RateLimitLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -159,6 +169,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: route::TenantRoutingLayer,
     ) -> ServiceBuilder<Stack<route::TenantRoutingLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_rate_limits(
+        self,
+        layer: limit::RateLimitLayer,
+    ) -> ServiceBuilder<Stack<limit::RateLimitLayer, L>> {
         self.layer(layer)
     }
 }

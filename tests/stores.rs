@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tower_fhir::limit::RateLimit;
 use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantStore, TenantUpstreams, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
@@ -24,6 +25,10 @@ fn tenant(id: &str) -> TenantId {
 
 fn upstreams(base: &str, version: FhirVersion) -> TenantUpstreams {
     TenantUpstreams::new([Upstream::parse(base, version).unwrap()]).unwrap()
+}
+
+fn limit() -> RateLimit {
+    RateLimit::new(2, 4).unwrap()
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -61,6 +66,14 @@ where
     assert_eq!(changes.recv().await.unwrap(), a);
     let found = store.lookup(a).await.unwrap().unwrap();
     assert_eq!(found.default_upstream().fhir_version(), FhirVersion::Dstu2);
+    assert_eq!(found.rate_limit(), None);
+
+    // A tenant's rate limit is kept with its record.
+    let limited = second.clone().with_rate_limit(Some(limit()));
+    assert!(store.put(a, limited).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), a);
+    let found = store.lookup(a).await.unwrap().unwrap();
+    assert_eq!(found.rate_limit(), Some(limit()));
 
     // Many at once, listed sorted; each announced.
     store
@@ -94,6 +107,8 @@ where
             found.default_upstream().base(),
             second.default_upstream().base()
         );
+        assert_eq!(found.rate_limit(), Some(limit()));
+        assert_eq!(store.lookup(c).await.unwrap().unwrap().rate_limit(), None);
         assert!(store.lookup(b).await.unwrap().is_none());
     }
 }
@@ -120,6 +135,7 @@ where
     assert_eq!(record.secrets.len(), 1);
     assert!(record.secrets[0].phc.starts_with("$argon2id$"));
     assert!(!record.secrets[0].phc.contains(secret.expose()));
+    assert_eq!(record.rate_limit, None);
 
     // Refusals are the request's fault, and say so.
     let taken = store.register(NewClient::new("app")).await.unwrap_err();
@@ -188,6 +204,24 @@ where
         .unwrap_err();
     assert!(bad.is_refused(), "{bad}");
 
+    // A rate limit: given at registration, set, changed, removed; not for unknown clients.
+    store
+        .register(NewClient::new("metered").tenant(a).rate_limit(limit()))
+        .await
+        .unwrap();
+    let metered = |store: Arc<dyn ClientStore>| async move {
+        store.client("metered").await.unwrap().unwrap().rate_limit
+    };
+    assert_eq!(metered(Arc::clone(&store)).await, Some(limit()));
+    store.set_rate_limit("app", Some(limit())).await.unwrap();
+    store.set_rate_limit("app", None).await.unwrap();
+    assert_eq!(store.client("app").await.unwrap().unwrap().rate_limit, None);
+    let faster = RateLimit::new(50, 100).unwrap();
+    store.set_rate_limit("metered", Some(faster)).await.unwrap();
+    assert_eq!(metered(Arc::clone(&store)).await, Some(faster));
+    let unknown = store.set_rate_limit("nobody", None).await.unwrap_err();
+    assert!(unknown.is_refused(), "{unknown}");
+
     // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken.
     store.revoke("app").await.unwrap();
     let record = store.client("app").await.unwrap().unwrap();
@@ -219,6 +253,9 @@ where
         assert_eq!(record.tenants, [a, b]);
         let reopened = store.client("provisioned").await.unwrap().unwrap();
         assert_eq!(reopened.secrets[0].phc, provisioned.secrets[0].phc);
+        assert_eq!(reopened.rate_limit, None);
+        let metered = store.client("metered").await.unwrap().unwrap();
+        assert_eq!(metered.rate_limit, RateLimit::new(50, 100).ok());
         assert_eq!(
             store.client("provisioned").await.unwrap().unwrap().tenants,
             [b]
@@ -278,4 +315,30 @@ fn store_errors_carry_their_source() {
     let err = FileClientStore::open(&dir).unwrap_err();
     assert!(err.source().is_some(), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn files_written_before_rate_limits_still_load() {
+    let dir = scratch("legacy");
+    let clients = dir.join("clients.json");
+    std::fs::write(
+        &clients,
+        format!(r#"{{"version": 1, "clients": [{{"id": "app", "secrets": [], "tenants": ["{A}"], "scopes": []}}]}}"#),
+    )
+    .unwrap();
+    let store = FileClientStore::open_with_hashing(&clients, cheap()).unwrap();
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_eq!((record.tenants, record.rate_limit), (vec![tenant(A)], None));
+
+    let tenants = dir.join("tenants.json");
+    std::fs::write(
+        &tenants,
+        format!(r#"{{"tenants": [{{"id": "{A}", "upstreams": [{{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}}]}}]}}"#),
+    )
+    .unwrap();
+    let directory = FileDirectory::open(&tenants).unwrap();
+    let found = directory.get(tenant(A)).unwrap();
+    assert_eq!(found.rate_limit(), None);
+    assert_eq!(found.default_upstream().max_concurrency(), None);
+    let _ = std::fs::remove_dir_all(dir);
 }

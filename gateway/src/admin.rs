@@ -1,8 +1,9 @@
 //! The admin API: onboard, change and remove tenants; register clients, change which tenants
 //! and scopes they may get tokens for, revoke them, reset their secrets. Bearer `admin_token`;
 //! every change is written under `state_dir` and takes effect at once (for tokens issued from
-//! then on: one already issued keeps its scope until it expires). An address that presents
-//! five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
+//! then on: one already issued keeps its scope until it expires; a tenant's or a client's
+//! `rate_limit` applies to tokens already issued too, at their next request). An address that
+//! presents five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::proxy::ClientAddr;
 use tower_fhir::route::{TenantStore, TenantUpstreams};
 use tower_fhir::tenant::TenantId;
@@ -28,6 +30,8 @@ pub(crate) struct Admin {
     pub(crate) token: String,
     pub(crate) directory: Arc<dyn TenantStore>,
     pub(crate) clients: Arc<dyn ClientStore>,
+    /// The gateway's rate limits: a client's changed limit applies at once.
+    pub(crate) limits: RateLimitLayer,
     /// Wrong admin tokens per source address.
     pub(crate) throttle: AdminThrottle,
 }
@@ -115,12 +119,38 @@ fn tenant_id(id: &str) -> Result<TenantId, Box<Response>> {
     })
 }
 
-/// The body of `PUT /admin/tenants/{id}`: `{"upstreams": [...]}` or just the list.
+/// The body of `PUT /admin/tenants/{id}`: `{"upstreams": [...], "rate_limit": {...}}`
+/// (`rate_limit` optional) or just the list of upstreams.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum TenantBody {
-    Wrapped { upstreams: TenantUpstreams },
+    Wrapped {
+        upstreams: TenantUpstreams,
+        #[serde(default)]
+        rate_limit: Option<RateLimit>,
+    },
     List(TenantUpstreams),
+}
+
+/// A refused `rate_limit` or `max_concurrency` in a body, in the one sentence saying why.
+fn limit_refusal(body: &[u8]) -> Option<Response> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if let Some(limit) = value.get("rate_limit").filter(|limit| !limit.is_null()) {
+        if let Err(e) = RateLimit::deserialize(limit) {
+            return Some(error(StatusCode::BAD_REQUEST, &e.to_string()));
+        }
+    }
+    let upstreams = value.get("upstreams").unwrap_or(&value).as_array()?;
+    upstreams.iter().find_map(|upstream| {
+        let max = upstream.get("max_concurrency")?;
+        let whole = max.as_u64().is_some_and(|n| (1..=1 << 20).contains(&n));
+        (!whole).then(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "max_concurrency must be a whole number from 1 to 1048576",
+            )
+        })
+    })
 }
 
 async fn put_tenant(
@@ -133,12 +163,19 @@ async fn put_tenant(
         Err(response) => return *response,
     };
     let upstreams = match serde_json::from_slice::<TenantBody>(&body) {
-        Ok(TenantBody::Wrapped { upstreams } | TenantBody::List(upstreams)) => upstreams,
+        Ok(TenantBody::Wrapped {
+            upstreams,
+            rate_limit,
+        }) => upstreams.with_rate_limit(rate_limit),
+        Ok(TenantBody::List(upstreams)) => upstreams,
         Err(_) => {
+            if let Some(refused) = limit_refusal(&body) {
+                return refused;
+            }
             return error(
                 StatusCode::BAD_REQUEST,
                 "the body must be {\"upstreams\": [{\"base_url\": ..., \"fhir_version\": ...}]} with at least one valid upstream",
-            )
+            );
         }
     };
     let existed = match admin.directory.put(tenant, upstreams.clone()).await {
@@ -162,6 +199,7 @@ async fn put_tenant(
 
 /// The tenant as stored, upstream credentials left out.
 fn tenant_json(tenant: TenantId, upstreams: &TenantUpstreams) -> serde_json::Value {
+    let rate_limit = upstreams.rate_limit();
     let upstreams = {
         let mut value = serde_json::to_value(upstreams).unwrap_or_default();
         if let Some(list) = value.as_array_mut() {
@@ -175,7 +213,11 @@ fn tenant_json(tenant: TenantId, upstreams: &TenantUpstreams) -> serde_json::Val
         }
         value
     };
-    json!({"id": tenant, "upstreams": upstreams})
+    let mut shown = json!({"id": tenant, "upstreams": upstreams});
+    if let Some(limit) = rate_limit {
+        shown["rate_limit"] = json!(limit);
+    }
+    shown
 }
 
 async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
@@ -265,6 +307,9 @@ struct ClientBody {
     /// Registration only: a secret provisioned elsewhere (else one is generated).
     #[serde(default)]
     client_secret: Option<String>,
+    /// The client's rate limit across its tenants (none: unlimited).
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
 }
 
 /// The client as stored, without its secrets' hashes; and which of its tenants have no
@@ -282,6 +327,7 @@ async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value 
         "tenants": record.tenants,
         "scopes": record.scopes,
         "revoked": record.revoked,
+        "rate_limit": record.rate_limit,
         "tenants_not_onboarded": not_onboarded,
     })
 }
@@ -304,10 +350,13 @@ async fn put_client(
     let body = match serde_json::from_slice::<ClientBody>(&body) {
         Ok(body) => body,
         Err(_) => {
+            if let Some(refused) = limit_refusal(&body) {
+                return refused;
+            }
             return error(
                 StatusCode::BAD_REQUEST,
                 "the body must be {\"tenants\": [GUID, ...], \"scopes\": [...]} (and, to register with a given secret, \"client_secret\")",
-            )
+            );
         }
     };
     let existing = match admin.clients.client(&client_id).await {
@@ -332,6 +381,14 @@ async fn put_client(
             {
                 return store_failed(&err, "changing a client's entitlements");
             }
+            if let Err(err) = admin
+                .clients
+                .set_rate_limit(&client_id, body.rate_limit)
+                .await
+            {
+                return store_failed(&err, "changing a client's rate limit");
+            }
+            admin.limits.forget_client(&client_id);
             tracing::info!(client_id = %client_id, tenants, "client entitlements changed");
             match admin.clients.client(&client_id).await {
                 Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
@@ -349,6 +406,9 @@ async fn put_client(
             }
             if let Some(secret) = body.client_secret {
                 client = client.secret(secret);
+            }
+            if let Some(limit) = body.rate_limit {
+                client = client.rate_limit(limit);
             }
             let secret = match admin.clients.register(client).await {
                 Ok(secret) => secret,

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tower_fhir::limit::RateLimit;
 use tower_fhir::route::TenantUpstreams;
 use tower_fhir::tenant::TenantId;
 
@@ -204,6 +205,9 @@ pub(crate) struct ClientConfig {
     /// Scopes besides the tenant the client may ask for.
     #[serde(default)]
     pub(crate) scopes: Vec<String>,
+    /// The client's rate limit across all its tenants. Default none.
+    #[serde(default)]
+    pub(crate) rate_limit: Option<RateLimit>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -211,6 +215,7 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("client_id", &self.client_id)
             .field("tenants", &self.tenants)
+            .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -220,6 +225,16 @@ impl std::fmt::Debug for ClientConfig {
 pub(crate) struct TenantConfig {
     pub(crate) id: TenantId,
     pub(crate) upstreams: TenantUpstreams,
+    /// The rate limit of all the tenant's clients together. Default none.
+    #[serde(default)]
+    pub(crate) rate_limit: Option<RateLimit>,
+}
+
+impl TenantConfig {
+    /// The tenant's record as the directory keeps it.
+    pub(crate) fn record(&self) -> TenantUpstreams {
+        self.upstreams.clone().with_rate_limit(self.rate_limit)
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -402,6 +417,38 @@ mod tests {
         let upstream = config.tenants[0].upstreams.default_upstream();
         assert!(upstream.set_cookie_allowed());
         assert!(Config::empty().forward_request_headers.is_empty());
+    }
+
+    #[test]
+    fn limit_keys_are_read_and_bad_values_refused() {
+        let config: Config = serde_json::from_str(
+            r#"{"clients": [{"client_id": "app", "client_secret": "client-secret-0123456789",
+                             "tenants": [], "rate_limit": {"requests_per_second": 5, "burst": 10}}],
+                "tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                             "rate_limit": {"requests_per_second": 2, "burst": 2},
+                             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0",
+                                            "max_concurrency": 4}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.clients[0].rate_limit, RateLimit::new(5, 10).ok());
+        let record = config.tenants[0].record();
+        assert_eq!(record.rate_limit(), RateLimit::new(2, 2).ok());
+        assert_eq!(
+            record.default_upstream().max_concurrency().map(|n| n.get()),
+            Some(4)
+        );
+        let refused = serde_json::from_str::<Config>(
+            r#"{"tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                             "rate_limit": {"requests_per_second": 0, "burst": 2},
+                             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}]}]}"#,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            refused.contains("rate_limit.requests_per_second must be a whole number from 1"),
+            "{refused}"
+        );
     }
 
     #[test]

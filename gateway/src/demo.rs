@@ -48,6 +48,7 @@ pub(crate) async fn config() -> Config {
             Upstream::parse(base, version).expect("a demo hospital's URL is valid")
         ])
         .expect("one upstream"),
+        rate_limit: None,
     };
     let mut config = Config::empty();
     config.tenants = vec![
@@ -59,6 +60,7 @@ pub(crate) async fn config() -> Config {
         client_secret: DEMO_SECRET.into(),
         tenants: vec![id(TENANT_DSTU2), id(TENANT_STU3)],
         scopes: Vec::new(),
+        rate_limit: None,
     }];
     config.admin_token = Some(DEMO_ADMIN_TOKEN.into());
     config

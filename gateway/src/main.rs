@@ -12,7 +12,9 @@
 //! `POST /oauth/token`; `GET /.well-known/jwks.json`; `GET /.well-known/smart-configuration`;
 //! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `PUT`/`GET`/`DELETE
 //! /admin/tenants/{id}`, `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or
-//! change its tenants and scopes, read, revoke) and `POST /admin/clients/{client_id}/secret`.
+//! change its tenants, scopes and rate limit, read, revoke) and `POST
+//! /admin/clients/{client_id}/secret`. Tenants' and clients' `rate_limit` and upstreams'
+//! `max_concurrency` are enforced in the stack (`429` or `503`, with `Retry-After`).
 //!
 //! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
 //! appear in them. SIGTERM or Ctrl-C stops it after in-flight requests finish (within
@@ -91,7 +93,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
-        directory.upsert(tenant.id, tenant.upstreams.clone());
+        directory.upsert(tenant.id, tenant.record());
     }
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
@@ -141,6 +143,7 @@ async fn run(args: Args) -> Result<(), String> {
             token: token.clone(),
             directory: Arc::clone(&state.directory),
             clients: Arc::clone(&state.clients),
+            limits: gateway.rate_limits().clone(),
             throttle: admin::AdminThrottle::default(),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())

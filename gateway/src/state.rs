@@ -57,7 +57,7 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         let tenants = config
             .tenants
             .iter()
-            .map(|TenantConfig { id, upstreams }| (*id, upstreams.clone()))
+            .map(|tenant: &TenantConfig| (tenant.id, tenant.record()))
             .collect();
         directory
             .put_all(tenants)
@@ -131,6 +131,9 @@ async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(
         }
         for scope in &client.scopes {
             new = new.scope(scope);
+        }
+        if let Some(limit) = client.rate_limit {
+            new = new.rate_limit(limit);
         }
         store.register(new).await.map_err(refused)?;
         tracing::info!(client_id = %id, "client registered");

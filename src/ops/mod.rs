@@ -49,6 +49,7 @@
 //! | `tower_fhir_jwks_fetches_total` | `issuer`, `result` (`ok`, `error`) | the bearer layer's key sources |
 //! | `tower_fhir_cache_total` | `cache` (`token`, `route`), `result` (`hit`, `miss`) | bearer and routing caches |
 //! | `tower_fhir_body_too_large_total` | | [`BodyLimitLayer`] and the proxy |
+//! | `tower_fhir_rate_limited_total` | `limit` (`tenant`, `client`, `upstream`) | the rate limit layer, the proxy's `max_concurrency` |
 //! | `tower_fhir_audit_records_dropped_total`, `tower_fhir_audit_records_delayed_total` | | [`JsonLinesAudit`] |
 
 mod audit;

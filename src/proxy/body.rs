@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::sync::OwnedSemaphorePermit;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -23,6 +24,8 @@ pin_project! {
     pub struct ProxyBody {
         #[pin]
         kind: Kind,
+        // The upstream's concurrency slot, held until the body ends or is dropped.
+        slot: Option<OwnedSemaphorePermit>,
     }
 }
 
@@ -39,6 +42,7 @@ impl ProxyBody {
     pub(crate) fn upstream(read: VecDeque<Bytes>, rest: Incoming) -> Self {
         Self {
             kind: Kind::Upstream { read, rest },
+            slot: None,
         }
     }
 
@@ -47,7 +51,14 @@ impl ProxyBody {
             kind: Kind::Full {
                 bytes: (!bytes.is_empty()).then_some(bytes),
             },
+            slot: None,
         }
+    }
+
+    /// Holds the upstream's concurrency slot until the body ends (or is dropped).
+    pub(crate) fn holding(mut self, slot: Option<OwnedSemaphorePermit>) -> Self {
+        self.slot = slot;
+        self
     }
 }
 
@@ -59,13 +70,19 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let polled = match this.kind.project() {
             KindProj::Upstream { read, rest } => match read.pop_front() {
                 Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 None => rest.poll_frame(cx),
             },
             KindProj::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // The upstream is done with this request: its slot is free.
+            this.slot.take();
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -33,7 +33,11 @@
 //! `Content-Location`, and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a
 //! limit; larger or compressed ones stream through untouched). An upstream that refuses or
 //! resets the connection gives 502, one that does not answer in time 504, each with an
-//! `OperationOutcome`.
+//! `OperationOutcome`. An upstream with a
+//! [`max_concurrency`](crate::route::Upstream::with_max_concurrency) takes at most that many
+//! requests at once (counted per base URL, until each response body ends); one more waits up
+//! to the upstream's timeout for a slot, then gets 503 with `Retry-After` and an
+//! `OperationOutcome` (`throttled`), never reaching the upstream.
 //!
 //! Connections to plain-HTTP upstreams are the proxy's own HTTP/1.1 pool's: per upstream host,
 //! idle connections are reused most recently used first, checked before use, returned once they
@@ -74,6 +78,7 @@ mod pool;
 mod response;
 mod rewrite;
 mod service;
+mod slots;
 mod transport;
 
 pub use crate::client_addr::ClientAddr;

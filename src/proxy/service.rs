@@ -20,6 +20,7 @@ use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
 use super::rewrite::BaseRewriter;
+use super::slots::Slots;
 use super::transport::Transport;
 use crate::client_addr::ClientAddr;
 use crate::outcome::{IssueType, OperationOutcome};
@@ -45,6 +46,7 @@ struct Config {
     headers: HeaderPolicy,
     timeout: Duration,
     rewrite_limit: usize,
+    slots: Slots,
 }
 
 impl FhirProxy {
@@ -250,6 +252,7 @@ impl FhirProxyBuilder {
                 headers: HeaderPolicy::new(&public, self.trust_forwarded, extra),
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
+                slots: Slots::new(),
             }),
         })
     }
@@ -361,6 +364,9 @@ where
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         Box::pin(async move {
+            let Ok(slot) = config.slots.acquire(&upstream, timeout).await else {
+                return Ok(busy(&upstream));
+            };
             let started = std::time::Instant::now();
             let sent = config.transport.send(&upstream, pooled, outgoing);
             let response = match tokio::time::timeout(timeout, sent).await {
@@ -409,13 +415,29 @@ where
             }
             crate::version::label(response.headers_mut(), upstream.fhir_version());
             response.extensions_mut().insert(upstream.fhir_version());
-            Ok(response)
+            Ok(response.map(|body| body.holding(slot)))
         })
     }
 }
 
 fn ready(response: Response<ProxyBody>) -> ResponseFuture {
     Box::pin(std::future::ready(Ok(response)))
+}
+
+/// The upstream's `max_concurrency` requests were in flight for as long as this one could
+/// wait: 503, never sent.
+fn busy(upstream: &Upstream) -> Response<ProxyBody> {
+    metrics::counter!("tower_fhir_rate_limited_total", "limit" => "upstream").increment(1);
+    tracing::warn!(upstream = %upstream.base(), "upstream busy: no concurrency slot in time");
+    let mut response = outcome(
+        StatusCode::SERVICE_UNAVAILABLE,
+        IssueType::Throttled,
+        "The tenant's FHIR server has as many requests in flight as it takes; try again later",
+    );
+    response
+        .headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// `413`: a body stopped by a [`BodyLimitLayer`](crate::ops::BodyLimitLayer) outside.

@@ -174,6 +174,8 @@ impl Default for InMemoryDirectory {
 struct TenantEntry {
     id: TenantId,
     upstreams: TenantUpstreams,
+    #[serde(default)]
+    rate_limit: Option<crate::limit::RateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -190,7 +192,9 @@ impl InMemoryDirectory {
     }
 
     /// A directory from JSON: `{"tenants": [{"id": "<guid>", "upstreams": [{"base_url": ...,
-    /// "fhir_version": "3.0", "authorization": ..., "timeout_ms": ...}]}]}` (or just the list).
+    /// "fhir_version": "3.0", "authorization": ..., "timeout_ms": ...}], "rate_limit":
+    /// {"requests_per_second": ..., "burst": ...}}]}` (or just the list; `rate_limit` is
+    /// optional).
     pub fn from_json(json: &str) -> Result<Self, DirectoryError> {
         let file: DirectoryFile = serde_json::from_str(json)
             .map_err(|e| DirectoryError::new(format!("directory JSON: {e}")))?;
@@ -199,7 +203,7 @@ impl InMemoryDirectory {
         };
         let directory = Self::new();
         for entry in entries {
-            directory.upsert(entry.id, entry.upstreams);
+            directory.upsert(entry.id, entry.upstreams.with_rate_limit(entry.rate_limit));
         }
         Ok(directory)
     }
@@ -344,6 +348,18 @@ struct FileOut<'a> {
 struct EntryOut<'a> {
     id: TenantId,
     upstreams: &'a TenantUpstreams,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<crate::limit::RateLimit>,
+}
+
+impl<'a> EntryOut<'a> {
+    fn new(id: TenantId, upstreams: &'a TenantUpstreams) -> Self {
+        Self {
+            id,
+            upstreams,
+            rate_limit: upstreams.rate_limit(),
+        }
+    }
 }
 
 impl FileDirectory {
@@ -424,7 +440,7 @@ impl FileDirectory {
                 .iter()
                 .filter(|(id, _)| !tenants.contains_key(id))
                 .chain(tenants.iter())
-                .map(|(id, upstreams)| EntryOut { id: *id, upstreams })
+                .map(|(id, upstreams)| EntryOut::new(*id, upstreams))
                 .collect();
             entries.sort_by_key(|e| e.id.to_string());
             self.write_entries(entries)?;
@@ -474,8 +490,8 @@ impl FileDirectory {
         let mut entries: Vec<EntryOut<'_>> = tenants
             .iter()
             .filter(|(id, _)| Some(**id) != remove && upsert.is_none_or(|(t, _)| t != **id))
-            .map(|(id, upstreams)| EntryOut { id: *id, upstreams })
-            .chain(upsert.map(|(id, upstreams)| EntryOut { id, upstreams }))
+            .map(|(id, upstreams)| EntryOut::new(*id, upstreams))
+            .chain(upsert.map(|(id, upstreams)| EntryOut::new(id, upstreams)))
             .collect();
         entries.sort_by_key(|e| e.id.to_string());
         self.write_entries(entries)
@@ -571,6 +587,18 @@ mod tests {
         let tenant = TenantId::parse(A).unwrap();
         let found = directory.lookup(tenant).await.unwrap().unwrap();
         assert_eq!(found.default_upstream().fhir_version(), FhirVersion::Dstu2);
+        assert_eq!(
+            found.rate_limit(),
+            None,
+            "a tenant without rate_limit reads as before"
+        );
+        let limited = InMemoryDirectory::from_json(&format!(
+            r#"[{{"id": "{A}", "rate_limit": {{"requests_per_second": 5, "burst": 10}},
+                 "upstreams": [{{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}}]}}]"#
+        ))
+        .unwrap();
+        let found = limited.get(tenant).unwrap();
+        assert_eq!(found.rate_limit(), crate::limit::RateLimit::new(5, 10).ok());
 
         let mut changes = directory.subscribe();
         assert!(directory.remove(tenant));
@@ -585,6 +613,7 @@ mod tests {
             r#"{"tenants": [{"id": "nope", "upstreams": []}]}"#,
             r#"[{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "upstreams": []}]"#,
             r#"[{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "upstreams": [{"base_url": "http://a", "fhir_version": "9.0"}]}]"#,
+            r#"[{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "upstreams": [{"base_url": "http://a", "fhir_version": "3.0"}], "rate_limit": {"requests_per_second": 0}}]"#,
         ] {
             assert!(InMemoryDirectory::from_json(bad).is_err(), "{bad}");
         }
@@ -619,8 +648,18 @@ mod tests {
         assert!(!directory.remove(other).unwrap());
         assert_eq!(changes.recv().await.unwrap(), tenant);
 
+        let limit = crate::limit::RateLimit::new(2, 4).unwrap();
+        let limited = upstreams("http://127.0.0.1:9003/fhir").with_rate_limit(Some(limit));
+        directory.upsert(tenant, limited).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            written.contains(r#""rate_limit": {"#),
+            "next to the upstreams: {written}"
+        );
+
         let reopened = FileDirectory::open(&path).unwrap();
         assert_eq!(reopened.tenants(), vec![tenant]);
+        assert_eq!(reopened.get(tenant).unwrap().rate_limit(), Some(limit));
         let found = reopened.lookup(tenant).await.unwrap().unwrap();
         assert_eq!(
             found.default_upstream().base().to_string(),

@@ -281,6 +281,11 @@ fn route<B>(
             no_upstream_for(version),
         ));
     };
+    if let Some(limit) = upstreams.rate_limit() {
+        request
+            .extensions_mut()
+            .insert(crate::limit::TenantRateLimit(limit));
+    }
     if let Some(facts) = request.extensions().get::<RequestFacts>() {
         facts.set_upstream(Arc::clone(upstream.base().shared_text()));
     }

@@ -5,7 +5,10 @@
 //! extensions, looks the tenant up in a [`TenantDirectory`] through a cache, picks the
 //! tenant's [`Upstream`] for that version (or its default), and calls the inner service with
 //! the `Upstream` in the extensions: the proxy forwards there, or a service of your own serves
-//! the tenant in-process.
+//! the tenant in-process. A tenant's [`RateLimit`](crate::limit::RateLimit), when its record
+//! has one ([`TenantUpstreams::with_rate_limit`]), goes in the extensions too, as a
+//! [`TenantRateLimit`](crate::limit::TenantRateLimit) for the
+//! [`RateLimitLayer`](crate::limit::RateLimitLayer) after it.
 //!
 //! | case | status |
 //! |---|---|

@@ -1,6 +1,7 @@
 //! Upstreams: a tenant's FHIR servers.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
+use crate::limit::RateLimit;
 use crate::version::FhirVersion;
 
 /// The base URL of an upstream FHIR server: scheme, host and port, and a path prefix
@@ -133,6 +135,7 @@ struct Inner {
     timeout: Option<Duration>,
     http2: bool,
     set_cookie: bool,
+    max_concurrency: Option<NonZeroU32>,
 }
 
 impl Upstream {
@@ -147,6 +150,7 @@ impl Upstream {
                 timeout: None,
                 http2: false,
                 set_cookie: false,
+                max_concurrency: None,
             }),
         }
     }
@@ -195,6 +199,24 @@ impl Upstream {
         self
     }
 
+    /// At most `max` requests in flight to this upstream (`"max_concurrency": N` in JSON); more
+    /// wait for a slot up to the upstream's timeout, then get 503 with `Retry-After`. A request
+    /// holds its slot until the upstream's response body has been sent (or dropped).
+    ///
+    /// The proxy counts requests per base URL and limit, whichever tenant's record the
+    /// upstream comes from, so re-reading the same upstream from the directory neither resets
+    /// nor doubles the count; tenants sharing one server should give it the same limit (each
+    /// different limit for one base URL counts on its own).
+    pub fn with_max_concurrency(mut self, max: NonZeroU32) -> Self {
+        self.inner_mut().max_concurrency = Some(max);
+        self
+    }
+
+    /// The most requests in flight to this upstream, if limited.
+    pub fn max_concurrency(&self) -> Option<NonZeroU32> {
+        self.inner.max_concurrency
+    }
+
     /// Whether this upstream takes part in cookies
     /// ([`with_set_cookie_allowed`](Self::with_set_cookie_allowed)).
     pub fn set_cookie_allowed(&self) -> bool {
@@ -240,7 +262,8 @@ impl PartialEq for Upstream {
                 && self.inner.authorization == other.inner.authorization
                 && self.inner.timeout == other.inner.timeout
                 && self.inner.http2 == other.inner.http2
-                && self.inner.set_cookie == other.inner.set_cookie)
+                && self.inner.set_cookie == other.inner.set_cookie
+                && self.inner.max_concurrency == other.inner.max_concurrency)
     }
 }
 
@@ -256,6 +279,7 @@ impl fmt::Debug for Upstream {
             .field("timeout", &self.inner.timeout)
             .field("http2", &self.inner.http2)
             .field("allow_set_cookie", &self.inner.set_cookie)
+            .field("max_concurrency", &self.inner.max_concurrency)
             .finish()
     }
 }
@@ -274,6 +298,8 @@ struct UpstreamConfig {
     http2: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     allow_set_cookie: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrency: Option<serde_json::Number>,
 }
 
 impl Serialize for Upstream {
@@ -290,6 +316,7 @@ impl Serialize for Upstream {
             timeout_ms: self.inner.timeout.map(|t| t.as_millis() as u64),
             http2: self.inner.http2,
             allow_set_cookie: self.inner.set_cookie,
+            max_concurrency: self.inner.max_concurrency.map(|n| n.get().into()),
         }
         .serialize(serializer)
     }
@@ -314,21 +341,62 @@ impl<'de> Deserialize<'de> for Upstream {
         if config.allow_set_cookie {
             upstream = upstream.with_set_cookie_allowed();
         }
+        if let Some(max) = config.max_concurrency {
+            let max = max
+                .as_u64()
+                .and_then(|max| u32::try_from(max).ok())
+                .and_then(NonZeroU32::new)
+                .filter(|max| max.get() <= MAX_CONCURRENCY)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "max_concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {max}"
+                    ))
+                })?;
+            upstream = upstream.with_max_concurrency(max);
+        }
         Ok(upstream)
     }
 }
 
-/// A tenant's upstreams, one or more; the first is the default.
+/// The highest `max_concurrency` accepted in JSON (tokio's semaphores take fewer permits
+/// than `u32::MAX`).
+const MAX_CONCURRENCY: u32 = 1 << 20;
+
+/// A tenant's record in the directory: its upstreams, one or more (the first is the default),
+/// and its [`RateLimit`], if it has one.
+///
+/// It is written in JSON as the list of upstreams; the rate limit is a sibling key of
+/// `upstreams` in a tenant's entry (directory files, the admin API, the gateway's
+/// configuration), so a record without one reads and writes as before.
 #[derive(Clone, PartialEq)]
 pub struct TenantUpstreams {
     upstreams: Arc<[Upstream]>,
+    rate_limit: Option<RateLimit>,
 }
 
 impl TenantUpstreams {
     /// The upstreams, the first being the default; `None` when empty.
     pub fn new(upstreams: impl IntoIterator<Item = Upstream>) -> Option<Self> {
         let upstreams: Arc<[Upstream]> = upstreams.into_iter().collect();
-        (!upstreams.is_empty()).then_some(Self { upstreams })
+        (!upstreams.is_empty()).then_some(Self {
+            upstreams,
+            rate_limit: None,
+        })
+    }
+
+    /// The same upstreams with this rate limit for all the tenant's clients together (`None`:
+    /// unlimited). The routing layer hands it to
+    /// [`RateLimitLayer`](crate::limit::RateLimitLayer) as a
+    /// [`TenantRateLimit`](crate::limit::TenantRateLimit).
+    #[must_use]
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
+    /// The tenant's rate limit, if it has one.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.rate_limit
     }
 
     /// The upstream for this release, or the default when no release was negotiated.
@@ -352,7 +420,11 @@ impl TenantUpstreams {
 
 impl fmt::Debug for TenantUpstreams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.upstreams.iter()).finish()
+        f.debug_list().entries(self.upstreams.iter()).finish()?;
+        if let Some(limit) = &self.rate_limit {
+            write!(f, " rate_limit: {limit:?}")?;
+        }
+        Ok(())
     }
 }
 
@@ -426,6 +498,31 @@ mod tests {
             json!([{"base_url": "x", "fhir_version": "3.0"}])
         )
         .is_err());
+    }
+
+    #[test]
+    fn max_concurrency_round_trips_and_refuses_bad_values() {
+        let json = json!({"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "4.0",
+                          "max_concurrency": 3});
+        let upstream: Upstream = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(upstream.max_concurrency(), NonZeroU32::new(3));
+        assert_eq!(serde_json::to_value(&upstream).unwrap(), json);
+        let plain = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4).unwrap();
+        assert_eq!(plain.max_concurrency(), None);
+        assert_ne!(plain, upstream);
+        for bad in [json!(0), json!(-1), json!(1.5), json!(u64::MAX), json!("2")] {
+            let json = json!({"base_url": "http://a/fhir", "fhir_version": "4.0",
+                              "max_concurrency": bad});
+            let error = serde_json::from_value::<Upstream>(json)
+                .unwrap_err()
+                .to_string();
+            let says = if bad.is_string() {
+                "invalid type"
+            } else {
+                "max_concurrency must be a whole number from 1"
+            };
+            assert!(error.contains(says), "{bad}: {error}");
+        }
     }
 
     #[test]

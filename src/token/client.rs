@@ -15,6 +15,7 @@ use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use crate::limit::{ClientLimitFuture, ClientLimits, RateLimit};
 use crate::tenant::TenantId;
 
 /// The cost of the Argon2id hashes client secrets are stored as.
@@ -153,6 +154,10 @@ pub struct ClientRecord {
     /// A revoked client gets no new tokens.
     #[serde(default)]
     pub revoked: bool,
+    /// The client's rate limit across all its tenants (see [`crate::limit`]); `None`:
+    /// unlimited. Records written without one read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl ClientRecord {
@@ -170,6 +175,7 @@ pub struct NewClient {
     scopes: Vec<String>,
     token_lifetime: Option<Duration>,
     secret: Option<ClientSecret>,
+    rate_limit: Option<RateLimit>,
 }
 
 /// The shortest secret [`NewClient::secret`] accepts.
@@ -184,7 +190,15 @@ impl NewClient {
             scopes: Vec::new(),
             token_lifetime: None,
             secret: None,
+            rate_limit: None,
         }
+    }
+
+    /// Limits the client's requests across all its tenants (see [`crate::limit`]).
+    #[must_use]
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
     }
 
     /// Entitles the client to a tenant.
@@ -353,6 +367,30 @@ pub trait ClientStore: Send + Sync + 'static {
     fn hashing(&self) -> SecretHashing {
         SecretHashing::default()
     }
+
+    /// Sets or (with `None`) removes the client's rate limit across all its tenants. Refuses
+    /// unknown or revoked clients. The default refuses every change: a store that keeps no
+    /// rate limits.
+    ///
+    /// ```
+    /// use tower_fhir::limit::RateLimit;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// store.register(NewClient::new("app-1")).await.unwrap();
+    /// let limit = RateLimit::new(10, 20).unwrap();
+    /// store.set_rate_limit("app-1", Some(limit)).await.unwrap();
+    /// assert_eq!(store.client("app-1").await.unwrap().unwrap().rate_limit, Some(limit));
+    /// assert!(store.set_rate_limit("app-2", None).await.is_err());
+    /// # });
+    /// ```
+    fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+        let _ = (id, limit);
+        Box::pin(std::future::ready(Err(StoreError::refused(
+            "this client store keeps no rate limits",
+        ))))
+    }
 }
 
 impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
@@ -378,6 +416,29 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     }
     fn hashing(&self) -> SecretHashing {
         (**self).hashing()
+    }
+    fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+        (**self).set_rate_limit(id, limit)
+    }
+}
+
+/// A client's limit as a store read gives it: a failed read is logged and limits nothing.
+pub(crate) fn limit_of(read: StoreFuture<Option<ClientRecord>>) -> ClientLimitFuture {
+    Box::pin(async move {
+        match read.await {
+            Ok(record) => record.and_then(|record| record.rate_limit),
+            Err(err) => {
+                tracing::warn!(error = %err, "client store failed; the client's rate limit is unknown");
+                None
+            }
+        }
+    })
+}
+
+/// The clients' limits, read from the store.
+impl ClientLimits for InMemoryClientStore {
+    fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+        limit_of(self.client(client_id))
     }
 }
 
@@ -464,6 +525,7 @@ impl Clients {
             scopes: crate::auth::dedup(client.scopes),
             token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
             revoked: false,
+            rate_limit: client.rate_limit,
         };
         self.clients.insert(client.id, record);
         Ok(secret.secret)
@@ -519,6 +581,20 @@ impl Clients {
             .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
         record.tenants = crate::auth::dedup(tenants);
         record.scopes = crate::auth::dedup(scopes);
+        Ok(())
+    }
+
+    pub(crate) fn set_rate_limit(
+        &mut self,
+        id: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<(), StoreError> {
+        let record = self
+            .clients
+            .get_mut(id)
+            .filter(|r| !r.revoked)
+            .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
+        record.rate_limit = limit;
         Ok(())
     }
 
@@ -622,6 +698,11 @@ impl ClientStore for InMemoryClientStore {
         scopes: Vec<String>,
     ) -> StoreFuture<()> {
         let result = self.with(|c| c.set_entitlements(id, tenants, scopes));
+        Box::pin(async move { result })
+    }
+
+    fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+        let result = self.with(|c| c.set_rate_limit(id, limit));
         Box::pin(async move { result })
     }
 

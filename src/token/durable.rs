@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limit::{ClientLimitFuture, ClientLimits, RateLimit};
 use crate::tenant::TenantId;
 
 use super::client::{
@@ -212,8 +213,22 @@ impl ClientStore for FileClientStore {
         }))
     }
 
+    fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || {
+            this.change(|c| c.set_rate_limit(&id, limit))
+        }))
+    }
+
     fn hashing(&self) -> SecretHashing {
         self.inner.hashing
+    }
+}
+
+/// The clients' limits, read from the store (in memory: no file read).
+impl ClientLimits for FileClientStore {
+    fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+        super::client::limit_of(self.client(client_id))
     }
 }
 

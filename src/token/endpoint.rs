@@ -425,6 +425,14 @@ fn jti() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// The clients' rate limits, read from the endpoint's client store (see
+/// [`crate::limit`]): what the gateway limits clients of its own tokens by.
+impl crate::limit::ClientLimits for TokenEndpoint {
+    fn client_limit(&self, client_id: &str) -> crate::limit::ClientLimitFuture {
+        super::client::limit_of(self.store().client(client_id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,7 @@ mod tests {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             token_lifetime_secs: None,
             revoked: false,
+            rate_limit: None,
         }
     }
 

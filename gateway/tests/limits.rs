@@ -1,0 +1,339 @@
+//! The gateway binary's rate limits and upstream concurrency limits, from its configuration
+//! file and its admin API: `rate_limit` of tenants and clients, `max_concurrency` of upstreams.
+//! The upstreams are loopback test servers (no npm needed).
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::*;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
+
+const LIMITED: &str = "11110000-0000-4000-8000-000000000001";
+const PLAIN: &str = "22220000-0000-4000-8000-000000000002";
+const OTHER: &str = "33330000-0000-4000-8000-000000000003";
+const PATIENT: &str = "44440000-0000-4000-8000-000000000004";
+const HASTY: &str = "55550000-0000-4000-8000-000000000005";
+const TENANTS: [&str; 5] = [LIMITED, PLAIN, OTHER, PATIENT, HASTY];
+const SECRET: &str = "limits-client-secret-0123456789";
+const ADMIN_TOKEN: &str = "limits-admin-token-0123456789";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+struct Gateway {
+    _proc: Proc,
+    client: TestClient,
+}
+
+fn start_gateway(dir: &Path, config: &Value) -> Gateway {
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let mut command = Command::new(GATEWAY);
+    command
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "info,tower_fhir=debug");
+    let (proc, base) = Proc::start(
+        command,
+        dir.join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    Gateway {
+        _proc: proc,
+        client: TestClient::new(addr),
+    }
+}
+
+fn config(dir: &Path, port: u16, upstream: &str) -> Value {
+    let plain = json!([{"base_url": upstream, "fhir_version": "4.0"}]);
+    let one_at_a_time = |timeout_ms: u64| json!([{"base_url": upstream, "fhir_version": "4.0", "max_concurrency": 1, "timeout_ms": timeout_ms}]);
+    json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "state_dir": dir.join("state"),
+        "clients": [
+            {"client_id": "app", "client_secret": SECRET, "tenants": TENANTS},
+            {"client_id": "metered", "client_secret": SECRET, "tenants": TENANTS,
+             "rate_limit": {"requests_per_second": 1, "burst": 2}}
+        ],
+        "tenants": [
+            {"id": LIMITED, "upstreams": plain, "rate_limit": {"requests_per_second": 2, "burst": 2}},
+            {"id": PLAIN, "upstreams": plain},
+            {"id": OTHER, "upstreams": plain},
+            {"id": PATIENT, "upstreams": one_at_a_time(5_000)},
+            {"id": HASTY, "upstreams": one_at_a_time(150)}
+        ],
+        "admin_token": ADMIN_TOKEN
+    })
+}
+
+async fn token(gateway: &Gateway, client_id: &str, tenant: &str) -> String {
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!("grant_type=client_credentials&client_id={client_id}&client_secret={SECRET}&scope={tenant}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn fhir(gateway: &Gateway, token: &str, path: &str) -> Reply {
+    gateway.client.get_bearer(path, token).await
+}
+
+fn assert_throttled(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    let retry: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    assert_eq!(
+        reply.json()["issue"][0]["code"],
+        "throttled",
+        "{}",
+        reply.text()
+    );
+}
+
+async fn admin(gateway: &Gateway, method: &str, path: &str, body: &Value) -> Reply {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    gateway
+        .client
+        .send(
+            method,
+            path,
+            &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ],
+            &body.to_string(),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn configured_limits_apply_and_admin_changes_apply_at_once() {
+    let dir = scratch("limits");
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/slow",
+        Answer {
+            delay: Duration::from_millis(600),
+            ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
+        },
+    );
+    let base = upstream.base("/fhir");
+    let gateway = start_gateway(&dir, &config(&dir, free_port(), &base));
+
+    // The tenant's limit: its third immediate request is refused; another tenant goes on.
+    let limited = token(&gateway, "app", LIMITED).await;
+    let plain = token(&gateway, "app", PLAIN).await;
+    for _ in 0..2 {
+        assert_eq!(
+            fhir(&gateway, &limited, "/Patient").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_throttled(
+        &fhir(&gateway, &limited, "/Patient").await,
+        StatusCode::TOO_MANY_REQUESTS,
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            fhir(&gateway, &plain, "/Patient").await.status,
+            StatusCode::OK
+        );
+    }
+
+    // The client's limit spans its tenants.
+    let metered_plain = token(&gateway, "metered", PLAIN).await;
+    let metered_other = token(&gateway, "metered", OTHER).await;
+    assert_eq!(
+        fhir(&gateway, &metered_plain, "/Patient").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        fhir(&gateway, &metered_other, "/Patient").await.status,
+        StatusCode::OK
+    );
+    assert_throttled(
+        &fhir(&gateway, &metered_plain, "/Patient").await,
+        StatusCode::TOO_MANY_REQUESTS,
+    );
+
+    // max_concurrency 1: while one request is in flight, one that may wait only 150 ms gets
+    // 503 and never reaches the upstream.
+    let patient = token(&gateway, "app", PATIENT).await;
+    let hasty = token(&gateway, "app", HASTY).await;
+    let in_flight = {
+        let client = gateway.client.clone();
+        let patient = patient.clone();
+        tokio::spawn(async move { client.get_bearer("/slow", &patient).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let received = upstream.received().len();
+    let started = Instant::now();
+    assert_throttled(
+        &fhir(&gateway, &hasty, "/Patient/2").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!(
+        upstream.received().len(),
+        received,
+        "the refused request was sent"
+    );
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        fhir(&gateway, &hasty, "/Patient/2").await.status,
+        StatusCode::OK
+    );
+
+    // Admin PUT of a tenant with a rate limit: GET shows it, and it applies at once.
+    let put = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0"}],
+                "rate_limit": {"requests_per_second": 1, "burst": 1}}),
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    let shown = admin(
+        &gateway,
+        "GET",
+        &format!("/admin/tenants/{PLAIN}"),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(
+        shown.json()["rate_limit"],
+        json!({"requests_per_second": 1, "burst": 1})
+    );
+    assert_eq!(
+        fhir(&gateway, &plain, "/Patient").await.status,
+        StatusCode::OK
+    );
+    assert_throttled(
+        &fhir(&gateway, &plain, "/Patient").await,
+        StatusCode::TOO_MANY_REQUESTS,
+    );
+
+    // Admin PUT of a client with a rate limit: GET shows it, and it applies at once (the
+    // client was used, so its former "no limit" was cached).
+    let other = token(&gateway, "app", OTHER).await;
+    assert_eq!(
+        fhir(&gateway, &other, "/Patient").await.status,
+        StatusCode::OK
+    );
+    let put = admin(
+        &gateway,
+        "PUT",
+        "/admin/clients/app",
+        &json!({"tenants": TENANTS, "rate_limit": {"requests_per_second": 1, "burst": 1}}),
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    assert_eq!(
+        put.json()["rate_limit"],
+        json!({"requests_per_second": 1, "burst": 1})
+    );
+    assert_eq!(
+        fhir(&gateway, &other, "/Patient").await.status,
+        StatusCode::OK
+    );
+    assert_throttled(
+        &fhir(&gateway, &other, "/Patient").await,
+        StatusCode::TOO_MANY_REQUESTS,
+    );
+
+    // Bad values are refused with the one sentence saying why.
+    let refused = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0"}],
+                "rate_limit": {"requests_per_second": 0}}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("rate_limit.requests_per_second must be a whole number from 1"),
+        "{}",
+        refused.text()
+    );
+    let refused = admin(
+        &gateway,
+        "PUT",
+        "/admin/clients/app",
+        &json!({"tenants": TENANTS, "rate_limit": {"requests_per_second": 1, "burst": -1}}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused.text().contains("rate_limit.burst"),
+        "{}",
+        refused.text()
+    );
+    let refused = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0", "max_concurrency": 0}]}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused
+            .text()
+            .contains("max_concurrency must be a whole number from 1"),
+        "{}",
+        refused.text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_limits_in_the_configuration_are_refused_in_one_sentence() {
+    let dir = scratch("limits-check");
+    for (tenant, says) in [
+        (
+            json!({"id": PLAIN, "upstreams": [{"base_url": "http://127.0.0.1:9/fhir", "fhir_version": "4.0"}],
+                   "rate_limit": {"requests_per_second": 0, "burst": 1}}),
+            "rate_limit.requests_per_second must be a whole number from 1",
+        ),
+        (
+            json!({"id": PLAIN, "upstreams": [{"base_url": "http://127.0.0.1:9/fhir", "fhir_version": "4.0",
+                                              "max_concurrency": 0}]}),
+            "max_concurrency must be a whole number from 1",
+        ),
+    ] {
+        let file = dir.join("bad.json");
+        std::fs::write(&file, json!({"tenants": [tenant]}).to_string()).unwrap();
+        let output = Command::new(GATEWAY)
+            .arg("--check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(says), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

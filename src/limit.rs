@@ -1,0 +1,971 @@
+//! Rate limits per tenant and per client: [`RateLimitLayer`].
+//!
+//! A [`RateLimit`] is a steady rate and a burst (`{"requests_per_second": 2, "burst": 5}`):
+//! a key that has been quiet may send `burst` requests at once, and then one every
+//! `1 / requests_per_second` seconds (GCRA, the [`governor`] crate's, one limiter per key so
+//! that each key has its own quota). Two kinds of keys are limited:
+//!
+//! | key | its limit comes from | counts |
+//! |---|---|---|
+//! | the tenant ([`TenantId`] in the extensions) | a [`TenantRateLimit`] in the extensions, which [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) puts there from the tenant's directory record (so no lookup of its own) | every client of that tenant together |
+//! | the client (the verified token's `client_id`, else `azp`, else `sub`) | the [`ClientLimits`] given to [`client_limits`](RateLimitBuilder::client_limits) (say the token endpoint's client store), cached per client for [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl) | one client across all its tenants |
+//!
+//! A request over either limit is answered `429 Too Many Requests` with `Retry-After` (whole
+//! seconds until the limit lets a request through again, rounded up, at least 1) and an
+//! `OperationOutcome` with the code `throttled`; it never reaches the inner service. Other
+//! tenants and clients are untouched: each key has its own limiter. The client's limit is
+//! checked first, so a client refused by its own limit takes nothing from its tenant's.
+//! Requests without a tenant, without a limit, or without verified claims pass.
+//!
+//! **A changed limit** applies to its key at the next request that carries it: for a tenant,
+//! as soon as the routing cache has the new record (at once where the directory announces
+//! changes, see [`RouteCache::follow`](crate::route::RouteCache::follow)); for a client, when
+//! its cached limit expires (default 10 s; [`RateLimitLayer::forget_client`] applies it at
+//! once, as the gateway's admin API does). The trade-off chosen here, rather than signing the
+//! limit into the token: a changed limit reaches tokens already issued, and tokens of other
+//! issuers (with the same client id) are limited too, at the cost of one client-store read per
+//! client every TTL. The limiter of a key whose limit changed starts afresh (full burst).
+//!
+//! **Memory is bounded**: at most [`capacity`](RateLimitBuilder::capacity) tenants and as
+//! many clients are kept (default 100 000 each). When full, a key whose limiter has refilled
+//! (quiet for `burst / requests_per_second`, so forgetting it loses nothing) makes room first;
+//! only when none has, another is forgotten (and starts afresh, with its full burst, when it
+//! comes back).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{header, Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
+//! use tower_fhir::tenant::TenantId;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let service = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new())
+//!     .service_fn(|_: Request<Full<Bytes>>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok")))
+//!     });
+//! let limit: RateLimit = serde_json::from_str(r#"{"requests_per_second": 1, "burst": 2}"#).unwrap();
+//! let request = |tenant: &str| {
+//!     let mut request = Request::new(Full::<Bytes>::default());
+//!     request.extensions_mut().insert(TenantId::parse(tenant).unwrap());
+//!     request.extensions_mut().insert(TenantRateLimit(limit));
+//!     request
+//! };
+//! let (a, b) = ("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f");
+//!
+//! // The burst, then a refusal.
+//! for _ in 0..2 {
+//!     assert_eq!(service.clone().oneshot(request(a)).await.unwrap().status(), StatusCode::OK);
+//! }
+//! let refused = service.clone().oneshot(request(a)).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+//! let body = refused.into_body().collect().await.unwrap().to_bytes();
+//! let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+//! assert_eq!(outcome["issue"][0]["code"], "throttled");
+//!
+//! // Another tenant is untouched.
+//! assert_eq!(service.oneshot(request(b)).await.unwrap().status(), StatusCode::OK);
+//! # });
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::auth::VerifiedClaims;
+use crate::body::ResponseBody;
+use crate::future::PassOrOwn;
+use crate::hot_cache::HotCache;
+use crate::outcome::{IssueType, OperationOutcome};
+use crate::tenant::TenantId;
+
+/// The highest `requests_per_second` and `burst` accepted.
+const MAX_RATE: u32 = 1_000_000_000;
+
+/// A steady rate and a burst: `{"requests_per_second": N, "burst": M}` in JSON (`burst`
+/// defaults to `requests_per_second`). Both are whole numbers from 1 to 1 000 000 000.
+///
+/// ```
+/// use tower_fhir::limit::RateLimit;
+///
+/// let limit: RateLimit = serde_json::from_str(r#"{"requests_per_second": 2, "burst": 5}"#).unwrap();
+/// assert_eq!((limit.requests_per_second(), limit.burst()), (2, 5));
+/// assert_eq!(limit, RateLimit::new(2, 5).unwrap());
+/// let refused = serde_json::from_str::<RateLimit>(r#"{"requests_per_second": 0}"#).unwrap_err();
+/// assert!(refused.to_string().contains("requests_per_second must be a whole number from 1"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    per_second: NonZeroU32,
+    burst: NonZeroU32,
+}
+
+/// A rate limit that cannot be used: the one sentence saying why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRateLimit(String);
+
+impl fmt::Display for InvalidRateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidRateLimit {}
+
+impl RateLimit {
+    /// `requests_per_second` steadily, `burst` at once after a quiet time.
+    pub fn new(requests_per_second: u32, burst: u32) -> Result<Self, InvalidRateLimit> {
+        Ok(Self {
+            per_second: checked("requests_per_second", f64::from(requests_per_second))?,
+            burst: checked("burst", f64::from(burst))?,
+        })
+    }
+
+    /// The steady rate.
+    pub fn requests_per_second(&self) -> u32 {
+        self.per_second.get()
+    }
+
+    /// How many requests may come at once after a quiet time.
+    pub fn burst(&self) -> u32 {
+        self.burst.get()
+    }
+
+    fn quota(&self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+
+    /// How long a key must be quiet for its limiter to be full again.
+    fn refill_nanos(&self) -> u64 {
+        u64::from(self.burst.get()).saturating_mul(1_000_000_000) / u64::from(self.per_second.get())
+    }
+}
+
+fn checked(what: &str, value: f64) -> Result<NonZeroU32, InvalidRateLimit> {
+    let whole = value.fract() == 0.0 && (1.0..=f64::from(MAX_RATE)).contains(&value);
+    match NonZeroU32::new(value as u32) {
+        Some(value) if whole => Ok(value),
+        _ => Err(InvalidRateLimit(format!(
+            "rate_limit.{what} must be a whole number from 1 to {MAX_RATE}, not {value}"
+        ))),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitJson {
+    requests_per_second: f64,
+    #[serde(default)]
+    burst: Option<f64>,
+}
+
+impl Serialize for RateLimit {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Out {
+            requests_per_second: u32,
+            burst: u32,
+        }
+        Out {
+            requests_per_second: self.requests_per_second(),
+            burst: self.burst(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RateLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let json = RateLimitJson::deserialize(deserializer)?;
+        let per_second = checked("requests_per_second", json.requests_per_second)
+            .map_err(serde::de::Error::custom)?;
+        let burst = match json.burst {
+            Some(burst) => checked("burst", burst).map_err(serde::de::Error::custom)?,
+            None => per_second,
+        };
+        Ok(Self { per_second, burst })
+    }
+}
+
+/// The tenant's rate limit, in the request extensions: the routing layer puts it there from
+/// the tenant's directory record; put it there yourself in a stack of your own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantRateLimit(pub RateLimit);
+
+/// The future a [`ClientLimits`] returns: the client's limit, `None` for none.
+pub type ClientLimitFuture = Pin<Box<dyn Future<Output = Option<RateLimit>> + Send>>;
+
+/// Where clients' rate limits are read from (the gateway: its token endpoint's client store).
+///
+/// Asked once per client per [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl), never
+/// per request. A source that fails should answer `None` (and log why): requests then pass
+/// unlimited by the client limit until the next read. A fixed table is one:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use tower_fhir::limit::{ClientLimits, RateLimit};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let limits = HashMap::from([("app-1".to_owned(), RateLimit::new(10, 20).unwrap())]);
+/// assert_eq!(limits.client_limit("app-1").await, Some(RateLimit::new(10, 20).unwrap()));
+/// assert_eq!(limits.client_limit("app-2").await, None);
+/// # });
+/// ```
+pub trait ClientLimits: Send + Sync + 'static {
+    /// The client's limit.
+    fn client_limit(&self, client_id: &str) -> ClientLimitFuture;
+}
+
+impl ClientLimits for HashMap<String, RateLimit> {
+    fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+        Box::pin(std::future::ready(self.get(client_id).copied()))
+    }
+}
+
+impl<T: ClientLimits + ?Sized> ClientLimits for Arc<T> {
+    fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+        (**self).client_limit(client_id)
+    }
+}
+
+/// A configuration [`RateLimitBuilder::build`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The client limit TTL is zero.
+    ZeroTtl,
+    /// The capacity is zero.
+    ZeroCapacity,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroTtl => f.write_str("the client limit TTL must be longer than zero"),
+            Self::ZeroCapacity => f.write_str("the rate limit capacity must be above zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Configures a [`RateLimitLayer`].
+#[must_use]
+pub struct RateLimitBuilder {
+    source: Option<Box<dyn ClientLimits>>,
+    issuer: Option<String>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl fmt::Debug for RateLimitBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitBuilder")
+            .field("client_limits", &self.source.is_some())
+            .field("client_issuer", &self.issuer)
+            .field("client_limit_ttl", &self.ttl)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl RateLimitBuilder {
+    /// Where clients' limits are read (without it, only tenants are limited).
+    pub fn client_limits(mut self, source: impl ClientLimits) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Limits clients only in tokens of this issuer (`iss`): the one whose client ids the
+    /// [`client_limits`](Self::client_limits) source knows. Default: tokens of any issuer.
+    pub fn client_issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = Some(issuer.into());
+        self
+    }
+
+    /// How long a client's limit is used before the source is asked again. Default 10 s.
+    pub fn client_limit_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How many tenants, and how many clients, are kept. Default 100 000.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer, ConfigError> {
+        if self.ttl.is_zero() {
+            return Err(ConfigError::ZeroTtl);
+        }
+        if self.capacity == 0 {
+            return Err(ConfigError::ZeroCapacity);
+        }
+        Ok(self.build_checked())
+    }
+
+    fn build_checked(self) -> RateLimitLayer {
+        let clock = DefaultClock::default();
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                epoch: clock.now(),
+                clock,
+                tenants: HotCache::new(self.capacity),
+                clients: HotCache::new(self.capacity),
+                source: self.source,
+                issuer: self.issuer.map(Box::from),
+                ttl_nanos: u64::try_from(self.ttl.as_nanos()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+}
+
+/// A Tower layer that refuses requests over their tenant's or their client's rate limit (see
+/// the [module docs](self)). Clones share the limiters.
+#[derive(Clone)]
+#[must_use]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl Default for RateLimitLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer").finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayer {
+    /// Tenant limits only, with the defaults.
+    pub fn new() -> Self {
+        Self::builder().build_checked()
+    }
+
+    /// Starts configuring a layer.
+    pub fn builder() -> RateLimitBuilder {
+        RateLimitBuilder {
+            source: None,
+            issuer: None,
+            ttl: Duration::from_secs(10),
+            capacity: 100_000,
+        }
+    }
+
+    /// Forgets the client's cached limit: its next request reads it anew (call it when the
+    /// limit changed in the source). Its limiter's state is kept if the limit is the same.
+    pub fn forget_client(&self, client_id: &str) {
+        let clients = &self.shared.clients;
+        let hash = clients.hash(client_id);
+        if let Some(mut entry) = clients.get(hash, client_id) {
+            entry.until = 0;
+            clients.insert(hash, Box::from(client_id), entry, |_| false);
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimiting<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimiting {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+struct Shared {
+    clock: DefaultClock,
+    epoch: <DefaultClock as Clock>::Instant,
+    tenants: HotCache<TenantId, Arc<Limiter>>,
+    clients: HotCache<Box<str>, ClientEntry>,
+    source: Option<Box<dyn ClientLimits>>,
+    issuer: Option<Box<str>>,
+    ttl_nanos: u64,
+}
+
+/// One key's limiter, and when it was last used (nanoseconds since the layer's epoch).
+struct Limiter {
+    limit: RateLimit,
+    gcra: DefaultDirectRateLimiter,
+    last_used: AtomicU64,
+}
+
+#[derive(Clone)]
+struct ClientEntry {
+    /// `None`: the client has no limit.
+    limiter: Option<Arc<Limiter>>,
+    /// Until then (nanoseconds since the epoch) the limit is used without asking the source.
+    until: u64,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    Tenant,
+    Client,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.clock.now().duration_since(self.epoch).as_u64()
+    }
+
+    fn limiter(&self, limit: RateLimit, now: u64) -> Arc<Limiter> {
+        Arc::new(Limiter {
+            limit,
+            gcra: RateLimiter::direct_with_clock(limit.quota(), self.clock.clone()),
+            last_used: AtomicU64::new(now),
+        })
+    }
+
+    /// Counts a request against `limiter`: `Err` with the time until one would pass.
+    fn check(&self, limiter: &Limiter, now: u64) -> Result<(), Duration> {
+        limiter.last_used.store(now, Ordering::Relaxed);
+        limiter
+            .gcra
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    fn check_tenant(&self, tenant: TenantId, limit: RateLimit, now: u64) -> Result<(), Duration> {
+        let hash = self.tenants.hash(&tenant);
+        let limiter = match self.tenants.get(hash, &tenant) {
+            Some(limiter) if limiter.limit == limit => limiter,
+            _ => self.tenants.update(
+                hash,
+                tenant,
+                |kept| match kept {
+                    Some(kept) if kept.limit == limit => Arc::clone(kept),
+                    _ => self.limiter(limit, now),
+                },
+                |kept| refilled(kept, now),
+            ),
+        };
+        self.check(&limiter, now)
+    }
+
+    /// The client's entry when fresh.
+    fn fresh_client(&self, hash: u64, client: &str, now: u64) -> Option<ClientEntry> {
+        self.clients
+            .get(hash, client)
+            .filter(|entry| now < entry.until)
+    }
+
+    /// Keeps the client's limit as just read, its limiter kept when the limit is the same.
+    fn store_client(&self, client: &str, limit: Option<RateLimit>, now: u64) -> ClientEntry {
+        let hash = self.clients.hash(client);
+        let until = now.saturating_add(self.ttl_nanos);
+        self.clients.update(
+            hash,
+            Box::from(client),
+            |kept| {
+                let limiter = match (kept, limit) {
+                    (_, None) => None,
+                    (
+                        Some(ClientEntry {
+                            limiter: Some(kept),
+                            ..
+                        }),
+                        Some(limit),
+                    ) if kept.limit == limit => Some(Arc::clone(kept)),
+                    (_, Some(limit)) => Some(self.limiter(limit, now)),
+                };
+                ClientEntry { limiter, until }
+            },
+            |kept| now >= kept.until && kept.limiter.as_ref().is_none_or(|l| refilled(l, now)),
+        )
+    }
+
+    /// The client id limits apply to, from the verified claims: `client_id`, else `azp`,
+    /// else `sub`; none for another issuer than the configured one.
+    fn client_of<'c>(&self, claims: &'c VerifiedClaims) -> Option<&'c str> {
+        self.source.as_ref()?;
+        if let Some(issuer) = &self.issuer {
+            if claims.issuer() != Some(&**issuer) {
+                return None;
+            }
+        }
+        ["client_id", "azp"]
+            .into_iter()
+            .find_map(|claim| claims.get(claim).and_then(serde_json::Value::as_str))
+            .or_else(|| claims.subject())
+    }
+}
+
+/// Whether the limiter has been quiet long enough to be full again (forgetting it loses
+/// nothing).
+fn refilled(limiter: &Limiter, now: u64) -> bool {
+    now.saturating_sub(limiter.last_used.load(Ordering::Relaxed)) >= limiter.limit.refill_nanos()
+}
+
+/// Refuses requests over their tenant's or client's rate limit. Made by [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimiting<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimiting<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiting")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The response future of [`RateLimiting`]: the inner service's (no allocation) when the
+/// limits are known; the layer's own work, boxed, when a client's limit must be read first or
+/// the request is refused.
+pub type ResponseFuture<F, B, E> = PassOrOwn<F, B, E>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimiting<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let shared = &*self.shared;
+        let extensions = request.extensions();
+        let tenant = extensions
+            .get::<TenantId>()
+            .copied()
+            .zip(extensions.get::<TenantRateLimit>().map(|limit| limit.0));
+        let claims = extensions.get::<VerifiedClaims>();
+        let client = claims.and_then(|claims| shared.client_of(claims));
+        if tenant.is_none() && client.is_none() {
+            return PassOrOwn::passed(self.inner.call(request));
+        }
+        let now = shared.now();
+        if let Some(client) = client {
+            let hash = shared.clients.hash(client);
+            match shared.fresh_client(hash, client, now) {
+                Some(entry) => {
+                    if let Some(limiter) = &entry.limiter {
+                        if let Err(wait) = shared.check(limiter, now) {
+                            return refused(Whose::Client, wait);
+                        }
+                    }
+                }
+                None => {
+                    let client = client.to_owned();
+                    return self.read_client_first(request, client, tenant);
+                }
+            }
+        }
+        if let Some((tenant, limit)) = tenant {
+            if let Err(wait) = shared.check_tenant(tenant, limit, now) {
+                return refused(Whose::Tenant, wait);
+            }
+        }
+        PassOrOwn::passed(self.inner.call(request))
+    }
+}
+
+impl<S> RateLimiting<S> {
+    /// The client's limit is not cached: read it, then check both limits and call the inner
+    /// service.
+    fn read_client_first<ReqBody, ResBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        client: String,
+        tenant: Option<(TenantId, RateLimit)>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send,
+        ReqBody: Send + 'static,
+        ResBody: 'static,
+    {
+        // The ready service goes with the request; this one keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        let read = shared
+            .source
+            .as_ref()
+            .map(|source| source.client_limit(&client));
+        PassOrOwn::own(async move {
+            let limit = match read {
+                Some(read) => read.await,
+                None => None,
+            };
+            let now = shared.now();
+            let entry = shared.store_client(&client, limit, now);
+            let checked = match &entry.limiter {
+                Some(limiter) => shared.check(limiter, now).map_err(|w| (Whose::Client, w)),
+                None => Ok(()),
+            }
+            .and_then(|()| match tenant {
+                Some((tenant, limit)) => shared
+                    .check_tenant(tenant, limit, now)
+                    .map_err(|w| (Whose::Tenant, w)),
+                None => Ok(()),
+            });
+            match checked {
+                Ok(()) => Ok(inner.call(request).await?.map(ResponseBody::inner)),
+                Err((whose, wait)) => Ok(refusal(whose, wait).map(ResponseBody::full)),
+            }
+        })
+    }
+}
+
+fn refused<F, B: 'static, E: 'static>(whose: Whose, wait: Duration) -> ResponseFuture<F, B, E> {
+    let response = refusal(whose, wait);
+    PassOrOwn::own(async move { Ok(response.map(ResponseBody::full)) })
+}
+
+/// The 429 answer: `Retry-After` in whole seconds, rounded up, at least 1.
+fn refusal(whose: Whose, wait: Duration) -> Response<Bytes> {
+    let limit = match whose {
+        Whose::Tenant => "tenant",
+        Whose::Client => "client",
+    };
+    metrics::counter!("tower_fhir_rate_limited_total", "limit" => limit).increment(1);
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let diagnostics = match whose {
+        Whose::Tenant => "Too many requests for this tenant; retry after the time in Retry-After",
+        Whose::Client => "Too many requests from this client; retry after the time in Retry-After",
+    };
+    tracing::debug!(limit = ?whose, retry_after = seconds, "request over its rate limit");
+    let mut response = OperationOutcome::error(IssueType::Throttled, diagnostics)
+        .to_response(StatusCode::TOO_MANY_REQUESTS);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Full};
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+    const B: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+
+    fn limit(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit::new(per_second, burst).unwrap()
+    }
+
+    #[test]
+    fn limits_parse_and_refuse_bad_values_in_one_sentence() {
+        let parsed: RateLimit =
+            serde_json::from_value(json!({"requests_per_second": 2, "burst": 5})).unwrap();
+        assert_eq!(parsed, limit(2, 5));
+        assert_eq!(
+            serde_json::to_value(parsed).unwrap(),
+            json!({"requests_per_second": 2, "burst": 5})
+        );
+        let defaulted: RateLimit =
+            serde_json::from_value(json!({"requests_per_second": 7})).unwrap();
+        assert_eq!(defaulted, limit(7, 7));
+        for (bad, says) in [
+            (
+                json!({"requests_per_second": 0}),
+                "requests_per_second must be a whole number from 1",
+            ),
+            (
+                json!({"requests_per_second": -3}),
+                "requests_per_second must be a whole number from 1",
+            ),
+            (json!({"requests_per_second": 2.5}), "not 2.5"),
+            (
+                json!({"requests_per_second": 1, "burst": 0}),
+                "burst must be a whole number from 1",
+            ),
+            (json!({"requests_per_second": 1e12}), "to 1000000000,"),
+            (json!({"burst": 3}), "requests_per_second"),
+            (
+                json!({"requests_per_second": 1, "bursts": 3}),
+                "unknown field",
+            ),
+            (json!({"requests_per_second": "2"}), "invalid type"),
+        ] {
+            let error = serde_json::from_value::<RateLimit>(bad.clone()).unwrap_err();
+            assert!(error.to_string().contains(says), "{bad}: {error}");
+        }
+        assert!(RateLimit::new(0, 1).is_err());
+        assert!(RateLimit::new(1, MAX_RATE + 1).is_err());
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_at_least_one() {
+        for (wait, expected) in [
+            (Duration::ZERO, "1"),
+            (Duration::from_millis(1), "1"),
+            (Duration::from_millis(1000), "1"),
+            (Duration::from_millis(1001), "2"),
+            (Duration::from_secs(30), "30"),
+        ] {
+            let response = refusal(Whose::Tenant, wait);
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                response.headers()[header::RETRY_AFTER],
+                expected,
+                "{wait:?}"
+            );
+        }
+        let response = refusal(Whose::Client, Duration::from_millis(10));
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/fhir+json"
+        );
+        let outcome: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+        assert_eq!(outcome["issue"][0]["code"], "throttled");
+        assert!(outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("client"));
+    }
+
+    type Bare =
+        tower::util::BoxCloneService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+
+    /// A service that counts the requests reaching it.
+    fn counted(layer: &RateLimitLayer) -> (RateLimiting<Bare>, Arc<AtomicUsize>) {
+        let reached = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&reached);
+        let bare = tower::service_fn(move |_: Request<Full<Bytes>>| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok"))) }
+        });
+        (layer.layer(Bare::new(bare)), reached)
+    }
+
+    fn request(tenant: Option<(&str, RateLimit)>, client: Option<&str>) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::default());
+        if let Some((tenant, limit)) = tenant {
+            request
+                .extensions_mut()
+                .insert(TenantId::parse(tenant).unwrap());
+            request.extensions_mut().insert(TenantRateLimit(limit));
+        }
+        if let Some(client) = client {
+            let claims = json!({"iss": "https://gw.example", "sub": client, "exp": u64::MAX / 2});
+            let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone());
+            request.extensions_mut().insert(claims.unwrap());
+        }
+        request
+    }
+
+    async fn status<S>(service: &S, request: Request<Full<Bytes>>) -> StatusCode
+    where
+        S: Service<
+                Request<Full<Bytes>>,
+                Response = Response<ResponseBody<Full<Bytes>>>,
+                Error = Infallible,
+            > + Clone,
+    {
+        service.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn each_tenant_has_its_own_limiter() {
+        let layer = RateLimitLayer::new();
+        let (service, reached) = counted(&layer);
+        let slow = limit(1, 2);
+        assert_eq!(
+            status(&service, request(Some((A, slow)), None)).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(Some((A, slow)), None)).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(Some((A, slow)), None)).await,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            2,
+            "a refusal never reaches the service"
+        );
+        assert_eq!(
+            status(&service, request(Some((B, slow)), None)).await,
+            StatusCode::OK
+        );
+        // Without a limit, or without a tenant, nothing is limited.
+        for _ in 0..5 {
+            assert_eq!(status(&service, request(None, None)).await, StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_limit_applies_to_its_key() {
+        let layer = RateLimitLayer::new();
+        let (service, _) = counted(&layer);
+        let one = limit(1, 1);
+        assert_eq!(
+            status(&service, request(Some((A, one)), None)).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(Some((A, one)), None)).await,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        // Raised: a fresh limiter with the new burst.
+        let more = limit(1, 3);
+        for _ in 0..3 {
+            assert_eq!(
+                status(&service, request(Some((A, more)), None)).await,
+                StatusCode::OK
+            );
+        }
+        assert_eq!(
+            status(&service, request(Some((A, more)), None)).await,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    #[tokio::test]
+    async fn clients_are_limited_across_tenants_and_read_once_per_ttl() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        struct Counting(
+            Arc<AtomicUsize>,
+            std::sync::Mutex<HashMap<String, RateLimit>>,
+        );
+        impl ClientLimits for Counting {
+            fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                let found = self.1.lock().unwrap().get(client_id).copied();
+                Box::pin(std::future::ready(found))
+            }
+        }
+        let source = Arc::new(Counting(
+            Arc::clone(&reads),
+            std::sync::Mutex::new(HashMap::from([("app".to_owned(), limit(1, 3))])),
+        ));
+        let layer = RateLimitLayer::builder()
+            .client_limits(Arc::clone(&source))
+            .client_issuer("https://gw.example")
+            .client_limit_ttl(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let (service, _) = counted(&layer);
+        let roomy = limit(100, 100);
+        for tenant in [A, B, A] {
+            assert_eq!(
+                status(&service, request(Some((tenant, roomy)), Some("app"))).await,
+                StatusCode::OK
+            );
+        }
+        let refused = service
+            .clone()
+            .oneshot(request(Some((B, roomy)), Some("app")))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body = refused.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("this client"));
+        // Another client is untouched; and the source was read once per client.
+        assert_eq!(
+            status(&service, request(None, Some("other"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(None, Some("other"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+
+        // A changed limit, forgotten by hand, applies at the next request.
+        source
+            .1
+            .lock()
+            .unwrap()
+            .insert("app".to_owned(), limit(1, 2));
+        layer.forget_client("app");
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+
+        // Tokens of another issuer are not the source's clients.
+        let mut foreign = request(None, None);
+        let claims = json!({"iss": "https://idp.example", "sub": "app", "exp": u64::MAX / 2});
+        foreign
+            .extensions_mut()
+            .insert(VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap());
+        assert_eq!(status(&service, foreign).await, StatusCode::OK);
+        assert_eq!(reads.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn memory_stays_within_the_capacity() {
+        let layer = RateLimitLayer::builder().capacity(64).build().unwrap();
+        let shared = &layer.shared;
+        let now = shared.now();
+        for n in 0..10_000u32 {
+            let tenant = TenantId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap();
+            shared.check_tenant(tenant, limit(1, 1), now).unwrap();
+            shared.store_client(&format!("client-{n}"), Some(limit(1, 1)), now);
+        }
+        assert!(shared.tenants.len() <= shared.tenants.capacity());
+        assert!(shared.clients.len() <= shared.clients.capacity());
+        assert!(
+            shared.tenants.capacity() < 200,
+            "{}",
+            shared.tenants.capacity()
+        );
+    }
+
+    #[test]
+    fn a_quiet_limiter_is_the_first_to_go() {
+        let shared = &RateLimitLayer::new().shared;
+        let limiter = shared.limiter(limit(2, 4), 0);
+        assert!(!refilled(&limiter, 1_999_999_999));
+        assert!(refilled(&limiter, 2_000_000_000));
+    }
+}
