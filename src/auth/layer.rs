@@ -445,6 +445,7 @@ impl BearerAuthBuilder {
             cache: (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity)),
             max_token_bytes: self.max_token_bytes,
             single_key,
+            cache_counts: crate::ops::CacheCounts::new("token"),
             audiences,
         };
         Ok(BearerAuthLayer {

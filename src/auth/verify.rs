@@ -34,6 +34,8 @@ pub(crate) struct Verifier {
     /// With one static key and nothing fetched, the key and a validation pinned to its
     /// algorithms: jsonwebtoken checks the header itself, so ours need not be parsed.
     pub(crate) single_key: Option<(Arc<VerificationKey>, Validation)>,
+    /// The token cache's hit and miss counters.
+    pub(crate) cache_counts: crate::ops::CacheCounts,
     /// Set when some issuer has audiences of its own; jsonwebtoken then checks no `aud` and
     /// [`Audiences::accepts`] does.
     pub(crate) audiences: Option<Audiences>,
@@ -154,13 +156,11 @@ impl Verifier {
             for source in &self.sources {
                 source.refresh_if_due();
             }
-            metrics::counter!("tower_fhir_cache_total", "cache" => "token", "result" => "hit")
-                .increment(1);
+            self.cache_counts.hit.increment(1);
             return Verdict::Accept(claims);
         }
         if self.cache.is_some() {
-            metrics::counter!("tower_fhir_cache_total", "cache" => "token", "result" => "miss")
-                .increment(1);
+            self.cache_counts.miss.increment(1);
         }
         match self.verify_uncached(token) {
             Verdict::Reject(_) if !is_b64token(token) => Verdict::Reject(self.reject(

@@ -172,6 +172,162 @@ impl AuditRecord {
     }
 }
 
+impl AuditRecord {
+    /// Appends the record as one line of JSON (the same object as its `Serialize` form, and a
+    /// newline), written by hand: the audit log writes one per request.
+    pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"time\":\"");
+        push_time(out, self.time);
+        out.extend_from_slice(b"\",\"request_id\":");
+        push_opt_str(out, self.request_id.as_deref());
+        out.extend_from_slice(b",\"client_id\":");
+        push_opt_str(out, self.client_id.as_deref());
+        out.extend_from_slice(b",\"issuer\":");
+        push_opt_str(out, self.issuer.as_deref());
+        out.extend_from_slice(b",\"tenant\":");
+        match self.tenant {
+            Some(tenant) => {
+                out.push(b'"');
+                out.extend_from_slice(tenant.to_string().as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"method\":");
+        push_str(out, &self.method);
+        out.extend_from_slice(b",\"path\":");
+        push_str(out, &self.path);
+        out.extend_from_slice(b",\"query\":");
+        push_opt_str(out, self.query.as_deref());
+        out.extend_from_slice(b",\"interaction\":");
+        push_opt_str(out, self.interaction);
+        out.extend_from_slice(b",\"resource_type\":");
+        push_opt_str(out, self.resource_type.as_deref());
+        out.extend_from_slice(b",\"resource_id\":");
+        push_opt_str(out, self.resource_id.as_deref());
+        out.extend_from_slice(b",\"status\":");
+        push_u64(out, u64::from(self.status));
+        out.extend_from_slice(b",\"outcome\":");
+        push_str(out, self.outcome);
+        out.extend_from_slice(b",\"upstream\":");
+        push_opt_str(out, self.upstream.as_deref());
+        out.extend_from_slice(b",\"duration_ms\":");
+        // Microseconds, written as milliseconds with three decimals.
+        let micros = (self.duration_ms.max(0.0) * 1000.0).round() as u64;
+        push_u64(out, micros / 1000);
+        out.push(b'.');
+        let fraction = micros % 1000;
+        out.extend_from_slice(&[
+            b'0' + (fraction / 100) as u8,
+            b'0' + (fraction / 10 % 10) as u8,
+            b'0' + (fraction % 10) as u8,
+        ]);
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+fn push_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(value) => push_str(out, value),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A JSON string: quotes, `"` and `\` escaped, control characters as `\u00XX`.
+fn push_str(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    let bytes = value.as_bytes();
+    // Most values need no escape: one branch-free scan, one copy.
+    if bytes.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            out.extend_from_slice(&bytes[start..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xf)]);
+                }
+            }
+            start = i + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn push_u64(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC.
+fn push_time(out: &mut Vec<u8>, time: SystemTime) {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    let two = |out: &mut Vec<u8>, n: u64| {
+        out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8])
+    };
+    push_u64(out, year.max(0) as u64);
+    out.push(b'-');
+    two(out, u64::from(month));
+    out.push(b'-');
+    two(out, u64::from(day));
+    out.push(b'T');
+    two(out, of_day / 3600);
+    out.push(b':');
+    two(out, of_day / 60 % 60);
+    out.push(b':');
+    two(out, of_day % 60);
+    out.push(b'.');
+    let millis = u64::from(since.subsec_millis());
+    out.extend_from_slice(&[
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+    ]);
+    out.push(b'Z');
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// How an audit record keeps the query string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -203,14 +359,16 @@ impl QueryRecording {
         match self {
             Self::Full => Some(query.to_owned()),
             Self::None => None,
-            Self::Names => Some(
-                query
-                    .split('&')
-                    .filter(|pair| !pair.is_empty())
-                    .map(|pair| pair.split('=').next().unwrap_or(""))
-                    .collect::<Vec<_>>()
-                    .join("&"),
-            ),
+            Self::Names => {
+                let mut names = String::with_capacity(query.len());
+                for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+                    if !names.is_empty() {
+                        names.push('&');
+                    }
+                    names.push_str(pair.split('=').next().unwrap_or(""));
+                }
+                Some(names)
+            }
         }
     }
 }
@@ -234,6 +392,9 @@ where
 /// How many records [`JsonLinesAudit`] holds while its writer catches up.
 pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
 
+/// How long the writer sleeps when it finds the queue empty.
+const WRITER_NAP: Duration = Duration::from_millis(20);
+
 /// A record waiting longer than this in the queue counts as delayed.
 const DELAYED_AFTER: Duration = Duration::from_secs(1);
 
@@ -241,8 +402,9 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// from a thread of its own.
 ///
 /// The request path only queues a record (a bounded queue of [`DEFAULT_AUDIT_QUEUE`] records,
-/// or [`with_queue`](Self::with_queue)); the writer thread writes and flushes whenever the
-/// queue runs empty. When the writer falls behind (a slow disk), records wait in the queue:
+/// or [`with_queue`](Self::with_queue)); the writer thread drains the queue, writes and
+/// flushes, then naps 20 ms when it finds the queue empty (so no request ever has to wake
+/// it). When the writer falls behind (a slow disk), records wait in the queue:
 /// one written more than a second after its request counts in
 /// `tower_fhir_audit_records_delayed_total`. When the queue is full, or a write fails (a full
 /// disk), the record is dropped: never silently, each one counts in
@@ -352,21 +514,28 @@ fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, co
     // Records in the buffer since the last flush that succeeded: lost if the next one fails.
     let mut pending = 0u64;
     let mut failed = false;
-    while let Ok(first) = records.recv() {
-        let mut next = Some(first);
+    // The writer drains the queue, then sleeps a moment: requests never have to wake it (a
+    // wake-up is a system call), and a record reaches the file within a few tens of ms.
+    loop {
+        let mut next = match records.try_recv() {
+            Ok(first) => Some(first),
+            Err(mpsc::TryRecvError::Empty) => {
+                std::thread::sleep(WRITER_NAP);
+                continue;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
         while let Some((queued, record)) = next.take() {
             if queued.elapsed() > DELAYED_AFTER {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tower_fhir_audit_records_delayed_total").increment(1);
             }
             line.clear();
-            if serde_json::to_writer(&mut line, &record).is_ok() {
-                line.push(b'\n');
-                pending += 1;
-                if out.write_all(&line).is_err() {
-                    failed = true;
-                    break;
-                }
+            record.write_json_line(&mut line);
+            pending += 1;
+            if out.write_all(&line).is_err() {
+                failed = true;
+                break;
             }
             next = records.try_recv().ok();
         }
@@ -486,6 +655,44 @@ mod tests {
             (Some("D"), Some("4"))
         );
         assert_eq!(event["outcomeDesc"], "403 forbidden");
+    }
+
+    #[test]
+    fn the_hand_written_line_is_the_serialized_record() {
+        let mut records = vec![record()];
+        let mut odd = record();
+        odd.path = "/Patient/\"a\\b\"\n\t\u{1}é".into();
+        odd.query = Some("name=Ren\u{e9}e&x=\u{7f}".into());
+        odd.request_id = None;
+        odd.tenant = None;
+        odd.upstream = None;
+        odd.duration_ms = 0.0004;
+        records.push(odd);
+        let mut slow = record();
+        slow.duration_ms = 12_345.6789;
+        slow.time = SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_007); // 2000-02-29
+        records.push(slow);
+        for record in records {
+            let mut line = Vec::new();
+            record.write_json_line(&mut line);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(
+                written,
+                serde_json::to_value(&record).unwrap(),
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
+        }
+        for days in [-1, 0, 59, 60, 365, 10_956, 11_016, 20_000, 2_932_896] {
+            let time = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * days.max(0) as u64);
+            let mut out = Vec::new();
+            push_time(&mut out, time);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_millis(time).to_string()
+            );
+        }
     }
 
     #[test]

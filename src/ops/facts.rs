@@ -10,6 +10,7 @@ use crate::tenant::TenantId;
 /// claims, the tenant, the upstream. The [`ObserveLayer`](super::ObserveLayer) puts one in
 /// each request's extensions and reads it when the response is ready; the tenant, routing and
 /// token layers fill it when they find one. A layer or handler of your own may fill it too.
+/// (With nothing to record, the `ObserveLayer` puts none in.)
 ///
 /// Clones share the slot. Without an `ObserveLayer` outside, nothing puts one in and the
 /// layers skip the filling.

@@ -39,7 +39,8 @@
 //! ```
 //!
 //! Metrics go through the [`metrics`] facade: nothing is exported until the application
-//! installs a recorder (the gateway binary serves Prometheus text at `metrics_listen`).
+//! installs a recorder (the gateway binary serves Prometheus text at `metrics_listen`). The
+//! layers take their metrics' handles when they are built: install the recorder first.
 //! Besides the requests counted by [`ObserveLayer`], the library counts:
 //!
 //! | metric | labels | where |
@@ -66,7 +67,25 @@ pub use cors::{fhir_cors, InvalidOrigin};
 pub use facts::{Facts, RequestFacts};
 pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
 pub use observe::{Observe, ObserveFuture, ObserveLayer};
-pub use request_id::{RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID};
+pub use request_id::{
+    MakeUuid, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
+};
 
 #[cfg(feature = "proxy")]
 pub(crate) use body_limit::{is_length_limit, too_large};
+
+/// `tower_fhir_cache_total`'s two counters for one cache, taken from the recorder once (when
+/// the layer is built), so a lookup costs an atomic increment, not a registry lookup.
+pub(crate) struct CacheCounts {
+    pub(crate) hit: metrics::Counter,
+    pub(crate) miss: metrics::Counter,
+}
+
+impl CacheCounts {
+    pub(crate) fn new(cache: &'static str) -> Self {
+        Self {
+            hit: metrics::counter!("tower_fhir_cache_total", "cache" => cache, "result" => "hit"),
+            miss: metrics::counter!("tower_fhir_cache_total", "cache" => cache, "result" => "miss"),
+        }
+    }
+}

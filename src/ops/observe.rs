@@ -44,7 +44,8 @@ const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
 /// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`].
 ///
 /// A request whose client goes away before the response is recorded with status `499` and
-/// outcome `client_closed`.
+/// outcome `client_closed`. When no subscriber wants the span (the gateway binary's log takes
+/// events only) and metrics and audit are off, a request passes through untouched.
 ///
 /// ```
 /// use std::sync::{Arc, Mutex};
@@ -251,17 +252,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let facts = RequestFacts::default();
-        request.extensions_mut().insert(facts.clone());
-        let request_id = request
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        // The header's bytes are shared, not copied.
+        let request_id = request.headers().get(&X_REQUEST_ID).cloned();
         let path = request.uri().path();
         let span = tracing::info_span!(
             "fhir_request",
-            request_id = request_id.as_deref().unwrap_or(""),
+            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             method = %request.method(),
             path,
             tenant = tracing::field::Empty,
@@ -271,11 +267,19 @@ where
             latency_ms = tracing::field::Empty,
         );
         let config = &self.config;
+        if span.is_disabled() && config.audit.is_none() && config.metrics.is_none() {
+            // Nobody listens: the request passes as it came.
+            return ObserveFuture {
+                future: self.inner.call(request),
+                watch: None,
+            };
+        }
+        let facts = RequestFacts::default();
+        request.extensions_mut().insert(facts.clone());
         let audit = config.audit.as_ref().map(|_| Pending {
             time: SystemTime::now(),
-            method: request.method().to_string(),
-            path: path.to_owned(),
-            query: config.query.apply(request.uri().query()),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
         });
         if let Some(metrics) = &config.metrics {
             metrics.in_flight.increment(1.0);
@@ -298,19 +302,19 @@ where
     }
 }
 
-/// What an audit record needs from the request, taken before it goes in.
+/// What an audit record needs from the request, taken before it goes in (the URI's bytes
+/// shared, not copied).
 struct Pending {
     time: SystemTime,
-    method: String,
-    path: String,
-    query: Option<String>,
+    method: http::Method,
+    uri: http::Uri,
 }
 
 /// One request's bookkeeping, finished when its response is ready or its future dropped.
 struct Watch {
     config: Arc<Config>,
     facts: RequestFacts,
-    request_id: Option<String>,
+    request_id: Option<http::HeaderValue>,
     audit: Option<Pending>,
     span: Span,
     start: Instant,
@@ -347,10 +351,11 @@ impl Watch {
             metrics.requests((tenant, class, outcome)).increment(1);
         }
         if let (Some(sink), Some(pending)) = (&config.audit, self.audit.take()) {
-            let classified = classify(&method_of(&pending.method), &pending.path);
+            let path = pending.uri.path();
+            let classified = classify(&pending.method, path);
             let token = TOKEN_PATHS
                 .iter()
-                .any(|p| pending.path == *p || (p.ends_with('/') && pending.path.starts_with(p)));
+                .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)));
             let interaction = if token {
                 Some("token")
             } else {
@@ -366,13 +371,16 @@ impl Watch {
             };
             sink.record(AuditRecord {
                 time: pending.time,
-                request_id: self.request_id.take(),
+                request_id: self
+                    .request_id
+                    .take()
+                    .and_then(|v| v.to_str().ok().map(str::to_owned)),
                 client_id: facts.client_id(),
                 issuer: facts.issuer(),
                 tenant: facts.tenant,
-                method: pending.method,
-                path: pending.path,
-                query: pending.query,
+                method: pending.method.as_str().to_owned(),
+                path: path.to_owned(),
+                query: config.query.apply(pending.uri.query()),
                 interaction,
                 resource_type,
                 resource_id,
@@ -383,10 +391,6 @@ impl Watch {
             });
         }
     }
-}
-
-fn method_of(method: &str) -> http::Method {
-    http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::GET)
 }
 
 pin_project! {

@@ -43,6 +43,8 @@ struct Inner {
     /// Counts invalidations: an answer looked up before one is not put in front after it.
     generation: AtomicU64,
     policy: CachePolicy,
+    /// The front cache's hit and miss counters.
+    counts: crate::ops::CacheCounts,
 }
 
 #[derive(Clone)]
@@ -96,8 +98,14 @@ impl RouteCache {
                 front: HotCache::new(usize::try_from(policy.capacity).unwrap_or(usize::MAX)),
                 generation: AtomicU64::new(0),
                 policy,
+                counts: crate::ops::CacheCounts::new("route"),
             }),
         }
+    }
+
+    /// The front cache's hit and miss counters.
+    pub(crate) fn counts(&self) -> &crate::ops::CacheCounts {
+        &self.inner.counts
     }
 
     /// The tenant's upstreams (`None`: not onboarded), from the cache when fresh.

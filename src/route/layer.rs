@@ -210,15 +210,13 @@ where
             ));
         };
         if let Some(upstreams) = self.cache.fresh(tenant) {
-            metrics::counter!("tower_fhir_cache_total", "cache" => "route", "result" => "hit")
-                .increment(1);
+            self.cache.counts().hit.increment(1);
             return match route(&mut request, tenant, Ok(upstreams)) {
                 None => PassOrOwn::passed(self.inner.call(request)),
                 Some(refusal) => answered(refusal),
             };
         }
-        metrics::counter!("tower_fhir_cache_total", "cache" => "route", "result" => "miss")
-            .increment(1);
+        self.cache.counts().miss.increment(1);
         // The directory must be asked: the ready service goes with the request, and this one
         // keeps a fresh clone.
         let clone = self.inner.clone();
