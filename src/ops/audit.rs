@@ -517,6 +517,9 @@ fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, co
     // Records in the buffer since the last flush that succeeded: lost if the next one fails.
     let mut pending = 0u64;
     let mut failed = false;
+    // Late records not yet logged, and when that was last logged (at most once a second).
+    let mut late_unlogged = 0u64;
+    let mut last_late_log: Option<Instant> = None;
     // The writer drains the queue, then sleeps a moment: requests never have to wake it (a
     // wake-up is a system call), and a record reaches the file within a few tens of ms.
     loop {
@@ -532,6 +535,15 @@ fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, co
             if queued.elapsed() > DELAYED_AFTER {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tower_fhir_audit_records_delayed_total").increment(1);
+                late_unlogged += 1;
+                if last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::error!(
+                        count = late_unlogged,
+                        "the audit log is behind: records written more than a second after their request"
+                    );
+                    late_unlogged = 0;
+                    last_late_log = Some(Instant::now());
+                }
             }
             line.clear();
             record.write_json_line(&mut line);
@@ -739,6 +751,42 @@ mod tests {
             let json: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(json["path"], "/Patient/1");
         }
+    }
+
+    /// A writer whose first write takes longer than a record may wait.
+    struct Slow(bool);
+    impl Write for Slow {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.0 {
+                self.0 = true;
+                std::thread::sleep(DELAYED_AFTER + Duration::from_millis(200));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_that_wait_behind_a_slow_disk_are_counted_late_not_lost() {
+        // A record larger than the buffer reaches the writer at once: the first one stalls it.
+        let mut big = record();
+        big.path = format!("/Patient/{}", "x".repeat(70 * 1024));
+        let audit = JsonLinesAudit::writer(Slow(false), 16);
+        audit.record(big);
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..3 {
+            audit.record(record());
+        }
+        let counts = Arc::clone(&audit.counts);
+        drop(audit);
+        assert_eq!(counts.dropped.load(Ordering::Relaxed), 0);
+        assert!(
+            counts.delayed.load(Ordering::Relaxed) >= 3,
+            "{}",
+            counts.delayed.load(Ordering::Relaxed)
+        );
     }
 
     /// A writer that blocks until told to go on, then fails every write.
