@@ -90,7 +90,7 @@ use serde::{Deserialize, Serialize};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::auth::VerifiedClaims;
+use crate::auth::{MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
 use crate::future::PassOrOwn;
 use crate::hot_cache::HotCache;
@@ -335,6 +335,7 @@ impl RateLimitBuilder {
                 source: self.source,
                 issuer: self.issuer.map(Box::from),
                 ttl_nanos: u64::try_from(self.ttl.as_nanos()).unwrap_or(u64::MAX),
+                memo: MemoKey::unique(),
             }),
         }
     }
@@ -407,6 +408,9 @@ struct Shared {
     source: Option<Box<dyn ClientLimits>>,
     issuer: Option<Box<str>>,
     ttl_nanos: u64,
+    /// Names this layer's memo in verified claims: a cached token's client id (and its hash)
+    /// is found once, not on each of its requests.
+    memo: MemoKey,
 }
 
 /// One key's limiter, and when it was last used (nanoseconds since the layer's epoch).
@@ -567,13 +571,19 @@ where
             .copied()
             .zip(extensions.get::<TenantRateLimit>().map(|limit| limit.0));
         let claims = extensions.get::<VerifiedClaims>();
-        let client = claims.and_then(|claims| shared.client_of(claims));
+        let client = claims.and_then(|claims| {
+            claims.memoized(shared.memo, |claims| {
+                shared
+                    .client_of(claims)
+                    .map(|id| (Arc::<str>::from(id), shared.clients.hash(id)))
+            })
+        });
         if tenant.is_none() && client.is_none() {
             return PassOrOwn::passed(self.inner.call(request));
         }
         let now = shared.now();
-        if let Some(client) = client {
-            let hash = shared.clients.hash(client);
+        if let Some((client, hash)) = &client {
+            let (client, hash) = (&**client, *hash);
             match shared.fresh_client(hash, client, now) {
                 Some(entry) => {
                     if let Some(limiter) = &entry.limiter {

@@ -26,11 +26,15 @@ struct Inner {
     expires_at: u64,
     key_id: Option<String>,
     algorithm: Option<Algorithm>,
-    /// What one later layer derived from these claims: the claims of a cached token are
-    /// shared by all its requests, so that layer derives its value once per token, not once
-    /// per request. See [`VerifiedClaims::memoized`].
-    memo: OnceLock<Memo>,
+    /// What later layers derived from these claims: the claims of a cached token are shared
+    /// by all its requests, so each such layer derives its value once per token, not once per
+    /// request. See [`VerifiedClaims::memoized`].
+    memo: [OnceLock<Memo>; MEMO_SLOTS],
 }
+
+/// How many layers may keep a value derived from the claims (the tenant scope and the rate
+/// limits do; room for two more).
+const MEMO_SLOTS: usize = 4;
 
 struct Memo {
     key: MemoKey,
@@ -80,32 +84,45 @@ impl VerifiedClaims {
                 expires_at,
                 key_id,
                 algorithm,
-                memo: OnceLock::new(),
+                memo: Default::default(),
             }),
         })
     }
 
-    /// What `derive` makes of these claims: kept for the first key that asks (a gateway has
-    /// one such layer) and handed back to it on later requests with the same claims, derived
-    /// afresh for any other key. `derive` must depend on the claims alone.
+    /// What `derive` makes of these claims: kept for the first few keys that ask (a gateway
+    /// has two such layers) and handed back to each on later requests with the same claims,
+    /// derived afresh for any other key. `derive` must depend on the claims alone (and on
+    /// what never changes for the key's holder).
     pub(crate) fn memoized<T>(&self, key: MemoKey, derive: impl FnOnce(&Self) -> T) -> T
     where
         T: Clone + Send + Sync + UnwindSafe + RefUnwindSafe + 'static,
     {
-        if let Some(memo) = self.inner.memo.get() {
-            if memo.key == key {
-                let value: &(dyn Any + Send + Sync) = &*memo.value;
-                if let Some(value) = value.downcast_ref::<T>() {
-                    return value.clone();
+        let slots = &self.inner.memo;
+        let mut free = None;
+        for slot in slots {
+            match slot.get() {
+                Some(memo) if memo.key == key => {
+                    let value: &(dyn Any + Send + Sync) = &*memo.value;
+                    return match value.downcast_ref::<T>() {
+                        Some(value) => value.clone(),
+                        None => derive(self),
+                    };
+                }
+                Some(_) => {}
+                None => {
+                    free = Some(slot);
+                    break;
                 }
             }
-            return derive(self);
         }
         let value = derive(self);
-        let _ = self.inner.memo.set(Memo {
-            key,
-            value: Box::new(value.clone()),
-        });
+        if let Some(slot) = free {
+            // Another request may fill the slot first: the value is derived again next time.
+            let _ = slot.set(Memo {
+                key,
+                value: Box::new(value.clone()),
+            });
+        }
         value
     }
 
@@ -279,28 +296,35 @@ mod tests {
     }
 
     #[test]
-    fn the_first_key_keeps_its_memo_and_others_derive_afresh() {
+    fn the_first_keys_keep_their_memos_and_others_derive_afresh() {
         let c = claims(json!({"exp": 1, "sub": "app"}));
-        let (first, second) = (MemoKey::unique(), MemoKey::unique());
-        assert_ne!(first, second);
+        let keys: Vec<MemoKey> = (0..=MEMO_SLOTS).map(|_| MemoKey::unique()).collect();
+        assert_ne!(keys[0], keys[1]);
         let derived = std::cell::Cell::new(0);
         let derive = |c: &VerifiedClaims| {
             derived.set(derived.get() + 1);
             c.subject().map(str::to_owned)
         };
-        for _ in 0..3 {
-            assert_eq!(c.memoized(first, derive).as_deref(), Some("app"));
+        for key in &keys[..MEMO_SLOTS] {
+            for _ in 0..3 {
+                assert_eq!(c.memoized(*key, derive).as_deref(), Some("app"));
+            }
         }
-        assert_eq!(derived.get(), 1);
+        assert_eq!(
+            derived.get(),
+            MEMO_SLOTS,
+            "each of the first keys derived once"
+        );
         // A clone shares the memo: it is the same token's claims.
-        assert_eq!(c.clone().memoized(first, derive).as_deref(), Some("app"));
-        assert_eq!(derived.get(), 1);
+        assert_eq!(c.clone().memoized(keys[0], derive).as_deref(), Some("app"));
+        assert_eq!(derived.get(), MEMO_SLOTS);
+        // One key too many derives every time.
         for _ in 0..2 {
-            assert_eq!(c.memoized(second, derive).as_deref(), Some("app"));
+            assert_eq!(c.memoized(keys[MEMO_SLOTS], derive).as_deref(), Some("app"));
         }
-        assert_eq!(derived.get(), 3);
+        assert_eq!(derived.get(), MEMO_SLOTS + 2);
         // The same key asking for another type derives afresh too.
-        assert_eq!(c.memoized(first, |_| 7u8), 7);
+        assert_eq!(c.memoized(keys[0], |_| 7u8), 7);
     }
 
     #[test]
