@@ -8,7 +8,7 @@
 //! | key | its limit comes from | counts |
 //! |---|---|---|
 //! | the tenant ([`TenantId`] in the extensions) | a [`TenantRateLimit`] in the extensions, which [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) puts there from the tenant's directory record (so no lookup of its own) | every client of that tenant together |
-//! | the client (the verified token's `client_id`, else `azp`, else `sub`) | the [`ClientLimits`] given to [`client_limits`](RateLimitBuilder::client_limits) (say the token endpoint's client store), cached per client for [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl) | one client across all its tenants |
+//! | the client (the verified token's [`client_id`](VerifiedClaims::client_id): `client_id`, else `azp`, `appid`, `sub`) | the [`ClientLimits`] given to [`client_limits`](RateLimitBuilder::client_limits) (say the token endpoint's client store), cached per client for [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl) | one client across all its tenants |
 //!
 //! A request over either limit is answered `429 Too Many Requests` with `Retry-After` (whole
 //! seconds until the limit lets a request through again, rounded up, at least 1) and an
@@ -506,8 +506,8 @@ impl Shared {
         )
     }
 
-    /// The client id limits apply to, from the verified claims: `client_id`, else `azp`,
-    /// else `sub`; none for another issuer than the configured one.
+    /// The client id limits apply to ([`VerifiedClaims::client_id`]); none for another issuer
+    /// than the configured one.
     fn client_of<'c>(&self, claims: &'c VerifiedClaims) -> Option<&'c str> {
         self.source.as_ref()?;
         if let Some(issuer) = &self.issuer {
@@ -515,10 +515,7 @@ impl Shared {
                 return None;
             }
         }
-        ["client_id", "azp"]
-            .into_iter()
-            .find_map(|claim| claims.get(claim).and_then(serde_json::Value::as_str))
-            .or_else(|| claims.subject())
+        claims.client_id()
     }
 }
 

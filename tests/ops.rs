@@ -279,20 +279,12 @@ async fn a_declared_body_over_the_limit_is_refused_at_once() {
     let token = access_token(&setup.client, TENANT).await;
     // 100 MiB announced, nothing sent: the answer comes without the body.
     let addr = setup.addr;
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "POST /Bundle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 104857600\r\n\r\n"
-        )
+    let head = format!(
+        "POST /Bundle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 104857600\r\n\r\n"
+    );
+    let answer = tokio::task::spawn_blocking(move || send_head(addr, &head))
+        .await
         .unwrap();
-        let mut head = [0u8; 4096];
-        let read = stream.read(&mut head).unwrap();
-        String::from_utf8_lossy(&head[..read]).into_owned()
-    })
-    .await
-    .unwrap();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("too-long"), "{answer}");
     assert!(

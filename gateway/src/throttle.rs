@@ -1,7 +1,6 @@
 //! Refusing an address that keeps presenting wrong admin tokens, for a while.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,28 +19,8 @@ const PRUNE_ABOVE: usize = 10_000;
 /// The most addresses remembered; beyond, those whose failures expire soonest are forgotten.
 const MAX_ENTRIES: usize = 100_000;
 
-/// Where a request came from, as counted: an IPv4 address, an IPv6 address's /64 network, or
-/// nothing known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Source {
-    Unknown,
-    V4([u8; 4]),
-    V6([u8; 8]),
-}
-
-impl Source {
-    pub(crate) fn of(addr: Option<IpAddr>) -> Self {
-        match addr.map(|ip| ip.to_canonical()) {
-            None => Self::Unknown,
-            Some(IpAddr::V4(v4)) => Self::V4(v4.octets()),
-            Some(IpAddr::V6(v6)) => {
-                let mut network = [0; 8];
-                network.copy_from_slice(&v6.octets()[..8]);
-                Self::V6(network)
-            }
-        }
-    }
-}
+/// Where a request came from, as counted (an IPv6 address by its /64 network).
+pub(crate) use tower_fhir::proxy::SourceNetwork as Source;
 
 #[derive(Debug)]
 struct Entry {

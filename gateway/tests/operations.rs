@@ -6,7 +6,6 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -86,6 +85,11 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// The address of a free port for `metrics_listen`.
+fn metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// Polls `check` every 50 ms for up to `within`.
 async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let until = Instant::now() + within;
@@ -104,8 +108,7 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
     let upstream = RecordingUpstream::start().await;
     let idp = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
     idp.set_status(StatusCode::SERVICE_UNAVAILABLE);
-    let metrics_port = free_port();
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let metrics_addr = metrics_address();
     let audit = dir.join("audit.jsonl");
     let gw = start(
         &dir,
@@ -134,6 +137,18 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
         json!(["trusted issuers' keys"])
     );
     assert!(!waiting.text().contains("idp.test"));
+    // The provider answers again only once a failed fetch has been counted (the first fetch
+    // may still be on its way when readiness is first asked).
+    let failed = eventually(Duration::from_secs(10), async || {
+        sample(
+            &metrics(metrics_addr).await,
+            "tower_fhir_jwks_fetches_total",
+            &["https://idp.test", "result=\"error\""],
+        )
+        .is_some()
+    })
+    .await;
+    assert!(failed, "no failed JWKS fetch was counted");
     idp.set_status(StatusCode::OK);
     let ready = eventually(Duration::from_secs(10), async || {
         gw.client.get("/readyz", &[]).await.status == StatusCode::OK
@@ -262,8 +277,7 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
 async fn a_full_disk_loses_audit_records_loudly_and_requests_go_on() {
     let dir = scratch("operations-full-disk");
     let upstream = RecordingUpstream::start().await;
-    let metrics_port = free_port();
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let metrics_addr = metrics_address();
     let gw = start(
         &dir,
         &upstream,
@@ -342,18 +356,6 @@ async fn cors_preflights_are_answered_without_a_token_for_allowed_origins_only()
     assert!(upstream.received().is_empty());
 }
 
-/// Sends a request head (and no body) on a fresh connection; returns the response head.
-fn head_only(addr: SocketAddr, head: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(head.as_bytes()).unwrap();
-    let mut answer = [0u8; 4096];
-    let read = stream.read(&mut answer).unwrap();
-    String::from_utf8_lossy(&answer[..read]).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_unchanged() {
     let dir = scratch("operations-bodies");
@@ -365,7 +367,7 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
     let addr = gw.addr;
     let bearer = token.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        head_only(
+        send_head(
             addr,
             &format!("POST /Bundle HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/fhir+json\r\nContent-Length: 104857600\r\n\r\n"),
         )
@@ -517,8 +519,7 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
 async fn the_tenant_label_and_query_values_can_be_left_out() {
     let dir = scratch("operations-quiet");
     let upstream = RecordingUpstream::start().await;
-    let metrics_port = free_port();
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let metrics_addr = metrics_address();
     let audit = dir.join("audit.jsonl");
     let gw = start(
         &dir,

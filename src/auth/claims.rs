@@ -126,6 +126,24 @@ impl VerifiedClaims {
         value
     }
 
+    /// The client the token was issued to: the `client_id` claim (RFC 9068), else `azp`, else
+    /// `appid` (Microsoft Entra v1), else `sub` (client-credentials tokens name the client
+    /// there).
+    ///
+    /// ```
+    /// use tower_fhir::auth::VerifiedClaims;
+    ///
+    /// let claims = serde_json::json!({"exp": 1, "sub": "svc", "azp": "app"});
+    /// let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+    /// assert_eq!(claims.client_id(), Some("app"));
+    /// ```
+    pub fn client_id(&self) -> Option<&str> {
+        ["client_id", "azp", "appid"]
+            .into_iter()
+            .find_map(|claim| self.get_str(claim))
+            .or_else(|| self.subject())
+    }
+
     /// The `iss` claim.
     pub fn issuer(&self) -> Option<&str> {
         self.get_str("iss")

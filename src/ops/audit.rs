@@ -405,7 +405,7 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// from a thread of its own.
 ///
 /// The request path only queues a record (a bounded queue of [`DEFAULT_AUDIT_QUEUE`] records,
-/// or [`with_queue`](Self::with_queue)); the writer thread drains the queue, writes and
+/// or the capacity given to [`writer`](Self::writer)); the writer thread drains the queue, writes and
 /// flushes, then naps 20 ms when it finds the queue empty (so no request ever has to wake
 /// it). When the writer falls behind (a slow disk), records wait in the queue:
 /// one written more than a second after its request counts in
@@ -492,11 +492,6 @@ impl JsonLinesAudit {
             counts,
             writer,
         }
-    }
-
-    /// The same, with a queue of `capacity` records instead of [`DEFAULT_AUDIT_QUEUE`].
-    pub fn with_queue(out: impl Write + Send + 'static, capacity: usize) -> Self {
-        Self::writer(out, capacity)
     }
 
     /// How many records were dropped so far (queue full or write failed).

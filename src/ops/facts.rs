@@ -42,18 +42,13 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// The client: the one set by hand, else the token's `client_id`, `azp`, `appid` (Entra)
-    /// or `sub` claim.
+    /// The client: the one set by hand, else the token's
+    /// ([`VerifiedClaims::client_id`]).
     pub fn client_id(&self) -> Option<String> {
         if let Some(client) = &self.client {
             return Some(client.clone());
         }
-        let claims = self.claims.as_ref()?;
-        ["client_id", "azp", "appid"]
-            .iter()
-            .find_map(|name| claims.get(name).and_then(|v| v.as_str()))
-            .or_else(|| claims.subject())
-            .map(str::to_owned)
+        self.claims.as_ref()?.client_id().map(str::to_owned)
     }
 
     /// The token's issuer.

@@ -81,7 +81,7 @@ mod service;
 mod slots;
 mod transport;
 
-pub use crate::client_addr::ClientAddr;
+pub use crate::client_addr::{ClientAddr, SourceNetwork};
 pub use body::ProxyBody;
 pub use headers::FORWARDED_REQUEST_HEADERS;
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

@@ -325,3 +325,45 @@ fn busy() -> TokenError {
     )
     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::{InMemoryClientStore, NewClient, SecretHashing};
+
+    #[tokio::test]
+    async fn a_check_that_finds_no_room_in_time_is_503_and_counts_nothing() {
+        let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+        let secret = store
+            .register(NewClient::new("app").secret("a-secret-of-16-chars-or-more"))
+            .await
+            .unwrap();
+        let limit = HashingLimit {
+            concurrency: 1,
+            wait: Duration::from_millis(50),
+        };
+        // One failure would block the id: a refusal for want of room must not count as one.
+        let policy = ThrottlePolicy {
+            max_failures: 1,
+            ..ThrottlePolicy::default()
+        };
+        let auth = Authenticator::new(Box::new(store), policy, limit);
+        // Every slot taken: the check waits 50 ms, then gives up.
+        let held = Arc::clone(&auth.hashing).acquire_owned().await.unwrap();
+        let denied = auth
+            .authenticate_throttled("app", secret.expose(), None, "test")
+            .await
+            .err()
+            .expect("no room");
+        assert!(matches!(denied, Denied::Overloaded));
+        let error = denied.into_error(None).into_response();
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.headers()[header::RETRY_AFTER], "1");
+        // With the slot free again the same secret works: the refusal counted no failure.
+        drop(held);
+        assert!(auth
+            .authenticate_throttled("app", secret.expose(), None, "test")
+            .await
+            .is_ok());
+    }
+}

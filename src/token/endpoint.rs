@@ -708,5 +708,13 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err, ConfigError::InvalidRealm);
+        let err = TokenEndpoint::builder()
+            .issuer("i")
+            .audience("a")
+            .store(InMemoryClientStore::new())
+            .hashing_concurrency(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ConfigError::Zero("the hashing concurrency"));
     }
 }

@@ -84,7 +84,7 @@ mod scope;
 mod signing;
 mod throttle;
 
-pub use crate::client_addr::ClientAddr;
+pub use crate::client_addr::{ClientAddr, SourceNetwork};
 pub use client::{
     ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient, SecretHash,
     SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,

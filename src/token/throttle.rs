@@ -1,7 +1,6 @@
 //! Refusing repeated failed authentications for one client id from one source for a while.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -48,31 +47,8 @@ impl Default for ThrottlePolicy {
     }
 }
 
-/// Where an authentication came from, as the throttle counts it: an IPv4 address, an IPv6
-/// address's /64 network (what one subscriber is usually given), or nothing known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Source {
-    /// The server did not say (no `ClientAddr`).
-    Unknown,
-    /// An IPv4 address (IPv4-mapped IPv6 addresses included).
-    V4([u8; 4]),
-    /// The first 64 bits of an IPv6 address.
-    V6([u8; 8]),
-}
-
-impl Source {
-    pub(crate) fn of(addr: Option<IpAddr>) -> Self {
-        match addr.map(|ip| ip.to_canonical()) {
-            None => Self::Unknown,
-            Some(IpAddr::V4(v4)) => Self::V4(v4.octets()),
-            Some(IpAddr::V6(v6)) => {
-                let mut network = [0; 8];
-                network.copy_from_slice(&v6.octets()[..8]);
-                Self::V6(network)
-            }
-        }
-    }
-}
+/// Where an authentication came from, as the throttle counts it.
+pub(crate) use crate::client_addr::SourceNetwork as Source;
 
 /// How many checks one source may run at once, whatever the client ids.
 pub(crate) const MAX_CHECKS_PER_SOURCE: u32 = 16;

@@ -4,7 +4,7 @@
 pub mod process;
 
 #[allow(unused_imports)] // (not every test runs processes)
-pub use process::{free_port, scratch, Proc};
+pub use process::{free_port, scratch, send_head, Proc};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

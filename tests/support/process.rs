@@ -101,3 +101,17 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Sends `head` (a request head, and no body) on a fresh connection to `addr`; returns the
+/// first answer read (10 s at most).
+pub fn send_head(addr: std::net::SocketAddr, head: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = [0u8; 4096];
+    let read = stream.read(&mut answer).unwrap();
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
