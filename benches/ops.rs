@@ -26,7 +26,7 @@ use serde_json::json;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::ops::{BodyLimitLayer, HealthLayer, JsonLinesAudit, ObserveLayer, RequestIdLayer};
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 use tower_fhir::ServiceBuilderExt;
@@ -90,7 +90,7 @@ fn bench(c: &mut Criterion) {
     let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
     directory.upsert(
         TENANT.parse::<TenantId>().unwrap(),
-        TenantUpstreams::new([upstream]).unwrap(),
+        TenantRecord::new([upstream]).unwrap(),
     );
     let routing = TenantRoutingLayer::builder(directory).build().unwrap();
     let auth = BearerAuthLayer::builder()

@@ -22,7 +22,7 @@ use serde_json::json;
 use tower::{Service, ServiceBuilder};
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::proxy::FhirProxy;
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::FhirVersion;
 
@@ -118,10 +118,7 @@ async fn proxy_only(upstream: SocketAddr) -> SocketAddr {
 async fn whole_stack(upstream: SocketAddr) -> SocketAddr {
     let tenant: TenantId = TENANT.parse().unwrap();
     let directory = InMemoryDirectory::new();
-    directory.upsert(
-        tenant,
-        TenantUpstreams::new([upstream_of(upstream)]).unwrap(),
-    );
+    directory.upsert(tenant, TenantRecord::new([upstream_of(upstream)]).unwrap());
     let stack = ServiceBuilder::new()
         .layer(
             BearerAuthLayer::builder()

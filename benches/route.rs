@@ -15,7 +15,7 @@ use http_body_util::Full;
 use serde_json::json;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::VerifiedClaims;
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::FhirVersion;
 
@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     let tenant: TenantId = TENANT.parse().unwrap();
     let directory = InMemoryDirectory::new();
     let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
-    directory.upsert(tenant, TenantUpstreams::new([upstream]).unwrap());
+    directory.upsert(tenant, TenantRecord::new([upstream]).unwrap());
     let claims = json!({"exp": 4_000_000_000u64, "scope": format!("system/*.read {TENANT}")});
     let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
 

@@ -42,7 +42,7 @@ use serde_json::{json, Map, Value};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::{BearerAuthLayer, VerifiedClaims};
 use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 use tower_fhir::ServiceBuilderExt;
@@ -140,7 +140,7 @@ fn bench(c: &mut Criterion) {
     let directory = InMemoryDirectory::new();
     for n in 0..TENANTS {
         let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
-        directory.upsert(tenant(n), TenantUpstreams::new([upstream]).unwrap());
+        directory.upsert(tenant(n), TenantRecord::new([upstream]).unwrap());
     }
     let routing = TenantRoutingLayer::builder(directory).build().unwrap();
     // Limits too high to refuse anything: the cost of counting, not of refusing.
@@ -149,7 +149,7 @@ fn bench(c: &mut Criterion) {
     let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
     limited_directory.upsert(
         tenant(0),
-        TenantUpstreams::new([upstream])
+        TenantRecord::new([upstream])
             .unwrap()
             .with_rate_limit(Some(high)),
     );

@@ -20,7 +20,7 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::FhirVersion;
 
@@ -89,7 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
         directory.upsert(
             tenant.parse()?,
-            TenantUpstreams::new([upstream.clone()]).ok_or("no upstream")?,
+            TenantRecord::new([upstream.clone()]).ok_or("no upstream")?,
         );
         let id = format!("{}", 100 + i);
         let patient = json!({"resourceType": "Patient", "id": id, "name": [{"family": format!("Patient of {store}")}]});

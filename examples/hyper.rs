@@ -20,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::ClientAddr;
-use tower_fhir::route::{InMemoryDirectory, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
 use tower_fhir::version::FhirVersion;
@@ -54,8 +54,7 @@ async fn main() -> Result<(), BoxError> {
     let directory = InMemoryDirectory::new();
     directory.upsert(
         TenantId::parse(TENANT)?,
-        TenantUpstreams::new([Upstream::parse(&upstream, FhirVersion::R4)?])
-            .ok_or("no upstream")?,
+        TenantRecord::new([Upstream::parse(&upstream, FhirVersion::R4)?]).ok_or("no upstream")?,
     );
     let clients = InMemoryClientStore::new();
     clients

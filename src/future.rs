@@ -94,7 +94,7 @@ pin_project! {
 pin_project! {
     #[project = PassOrOwnProj]
     enum PassOrOwnKind<F, B, E> {
-        Passed { #[pin] future: F },
+        Passed { #[pin] future: F, served: Option<crate::version::FhirVersion> },
         Own { future: Own<B, E> },
     }
 }
@@ -102,8 +102,14 @@ pin_project! {
 impl<F, B, E> PassOrOwn<F, B, E> {
     /// Waits for the inner service's response.
     pub(crate) fn passed(future: F) -> Self {
+        Self::passed_serving(future, None)
+    }
+
+    /// Waits for the inner service's response, which is in `served` unless it says otherwise
+    /// (a [`FhirVersion`](crate::version::FhirVersion) in its extensions).
+    pub(crate) fn passed_serving(future: F, served: Option<crate::version::FhirVersion>) -> Self {
         Self {
-            kind: PassOrOwnKind::Passed { future },
+            kind: PassOrOwnKind::Passed { future, served },
         }
     }
 
@@ -127,12 +133,23 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            PassOrOwnProj::Passed { future } => {
-                let response = ready!(future.poll(cx))?;
+            PassOrOwnProj::Passed { future, served } => {
+                let mut response = ready!(future.poll(cx))?;
+                if let Some(served) = *served {
+                    served_in(&mut response, served);
+                }
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
             PassOrOwnProj::Own { future } => future.as_mut().poll(cx),
         }
+    }
+}
+
+/// Says that `response` is in `release`, unless it says otherwise already.
+pub(crate) fn served_in<B>(response: &mut Response<B>, release: crate::version::FhirVersion) {
+    let extensions = response.extensions_mut();
+    if extensions.get::<crate::version::FhirVersion>().is_none() {
+        extensions.insert(release);
     }
 }
 

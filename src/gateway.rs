@@ -20,8 +20,10 @@
 //! base URL. Configuration errors surface from [`build`](GatewayBuilder::build) as one
 //! [`ConfigError`].
 //!
-//! [`GatewayLayer`] is the same stack without the proxy and the token routes, for an existing
-//! FHIR service (your own store in place of the proxy).
+//! [`GatewayLayer`] is the same stack without the proxy, for an existing FHIR service (your own
+//! handlers in place of the proxy, tenants served in-process: see
+//! [`InProcessTenant`](crate::route::InProcessTenant)); built with a token endpoint, it answers
+//! the same token routes ahead of your service.
 //!
 //! ```
 //! use http::{Request, StatusCode};
@@ -290,8 +292,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// The stack without the proxy and without the token routes, to wrap your own FHIR
-    /// service.
+    /// The stack without the proxy, to wrap your own FHIR service (an axum `Router`, say).
+    /// With a [`token_endpoint`](Self::token_endpoint), the services it makes answer the token
+    /// routes ahead of the stack, as [`Gateway`] does.
     pub fn build_layer(self) -> Result<GatewayLayer, ConfigError> {
         self.assemble()
     }
@@ -306,22 +309,12 @@ impl GatewayBuilder {
             .unwrap_or_else(|| FhirProxy::builder(self.public_base.clone()))
             .build()
             .map_err(ConfigError::Proxy)?;
-        #[cfg(feature = "token")]
-        let token = self.token.clone().map(|endpoint| {
-            Arc::new(TokenRoutes {
-                jwks: endpoint.signing_keys().jwks_service(),
-                rotation: endpoint.secret_rotation_service(),
-                endpoint,
-            })
-        });
         let layer = self.assemble()?;
         Ok(Gateway {
             route_cache: layer.route_cache().clone(),
             rate_limits: layer.rate_limits.clone(),
             auth: layer.auth.clone(),
-            stack: layer.layer(proxy),
-            #[cfg(feature = "token")]
-            token,
+            service: layer.layer(proxy),
         })
     }
 
@@ -389,6 +382,10 @@ impl GatewayBuilder {
             routing,
             rate_limits: limits.build().map_err(ConfigError::Limit)?,
             capabilities: CapabilityCacheLayer::new(ttl, capacity),
+            #[cfg(feature = "token")]
+            token: self
+                .token
+                .map(|endpoint| Arc::new(TokenRoutes::new(endpoint))),
         };
         Ok(layer)
     }
@@ -411,7 +408,8 @@ const CLIENTS_PREFIX: &str = "/oauth/clients/";
 
 /// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
 /// own) in version negotiation, metadata, bearer validation, tenant scope, routing, rate limits
-/// and the CapabilityStatement cache.
+/// and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
+/// the token routes ahead of the stack, exactly as [`Gateway`] does.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct GatewayLayer {
@@ -422,6 +420,8 @@ pub struct GatewayLayer {
     routing: TenantRoutingLayer,
     rate_limits: RateLimitLayer,
     capabilities: CapabilityCacheLayer,
+    #[cfg(feature = "token")]
+    token: Option<Arc<TokenRoutes>>,
 }
 
 impl GatewayLayer {
@@ -444,7 +444,7 @@ impl GatewayLayer {
 }
 
 impl<S> Layer<S> for GatewayLayer {
-    type Service = GatewayStack<S>;
+    type Service = GatewayService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.capabilities.layer(inner);
@@ -453,7 +453,11 @@ impl<S> Layer<S> for GatewayLayer {
         let inner = self.tenant.layer(inner);
         let inner = self.auth.layer(inner);
         let inner = self.metadata.layer(inner);
-        self.versions.layer(inner)
+        GatewayService {
+            stack: self.versions.layer(inner),
+            #[cfg(feature = "token")]
+            token: self.token.clone(),
+        }
     }
 }
 
@@ -466,16 +470,114 @@ struct TokenRoutes {
     rotation: crate::token::SecretRotation,
 }
 
+#[cfg(feature = "token")]
+impl TokenRoutes {
+    fn new(endpoint: crate::token::TokenEndpoint) -> Self {
+        Self {
+            jwks: endpoint.signing_keys().jwks_service(),
+            rotation: endpoint.secret_rotation_service(),
+            endpoint,
+        }
+    }
+
+    /// The token route `path` names, if any.
+    fn route(path: &str) -> Option<TokenRoute> {
+        if path == TOKEN_PATH {
+            Some(TokenRoute::Token)
+        } else if path == JWKS_PATH {
+            Some(TokenRoute::Jwks)
+        } else if path
+            .strip_prefix(CLIENTS_PREFIX)
+            .and_then(|rest| rest.strip_suffix("/secret"))
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+        {
+            Some(TokenRoute::Rotation)
+        } else {
+            None
+        }
+    }
+
+    fn call<B>(&self, route: TokenRoute, request: Request<B>) -> Boxed
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match route {
+            TokenRoute::Token => oneshot(self.endpoint.clone(), request),
+            TokenRoute::Jwks => oneshot(self.jwks.clone(), request),
+            TokenRoute::Rotation => oneshot(self.rotation.clone(), request),
+        }
+    }
+}
+
+#[cfg(feature = "token")]
+impl fmt::Debug for TokenRoutes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRoutes")
+            .field("issuer", &self.endpoint.issuer())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A service wrapped by [`GatewayLayer`]: the token routes (when the layer was built with a
+/// token endpoint) answered ahead of the stack, everything else through the stack to it. A
+/// Tower service for any request body hyper or axum gives; clones share everything.
+#[derive(Clone)]
+pub struct GatewayService<S> {
+    stack: GatewayStack<S>,
+    #[cfg(feature = "token")]
+    token: Option<Arc<TokenRoutes>>,
+}
+
+impl<S> fmt::Debug for GatewayService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewayService").finish_non_exhaustive()
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for GatewayService<S>
+where
+    GatewayStack<S>: Service<Request<B>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody<ResBody>>;
+    type Error = <GatewayStack<S> as Service<Request<B>>>::Error;
+    type Future = GatewayFuture<<GatewayStack<S> as Service<Request<B>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The token routes are always ready; the stack is readied here and called directly,
+        // so a request costs no clone of it.
+        self.stack.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        #[cfg(feature = "token")]
+        if let Some(token) = &self.token {
+            if let Some(route) = TokenRoutes::route(request.uri().path()) {
+                return GatewayFuture {
+                    kind: FutureKind::Boxed {
+                        future: token.call(route, request),
+                    },
+                };
+            }
+        }
+        GatewayFuture {
+            kind: FutureKind::Stack {
+                future: self.stack.call(request),
+            },
+        }
+    }
+}
+
 /// The gateway: [`GatewayLayer`] over [`FhirProxy`], with the token routes. A Tower service
 /// for any request body hyper or axum gives; clones share everything.
 #[derive(Clone)]
 pub struct Gateway {
-    stack: GatewayStack<FhirProxy>,
+    service: GatewayService<FhirProxy>,
     route_cache: RouteCache,
     rate_limits: RateLimitLayer,
     auth: BearerAuthLayer,
-    #[cfg(feature = "token")]
-    token: Option<Arc<TokenRoutes>>,
 }
 
 impl Gateway {
@@ -526,16 +628,36 @@ impl fmt::Debug for Gateway {
     }
 }
 
-/// The response body of the whole stack, one [`ResponseBody`] per layer over the proxy's.
+/// The response body of the whole stack over the proxy, one [`ResponseBody`] per layer over
+/// the proxy's.
 type StackBody = ResponseBody<
     ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>>,
 >;
 
-type Boxed = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>>;
+impl<B> Service<Request<B>> for Gateway
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody<StackBody>>;
+    type Error = Infallible;
+    type Future = GatewayFuture<<GatewayStack<FhirProxy> as Service<Request<B>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Service::<Request<B>>::poll_ready(&mut self.service, cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        self.service.call(request)
+    }
+}
+
+/// A token route's answer, its body boxed.
+type Boxed = Pin<Box<dyn Future<Output = Response<UnsyncBoxBody<Bytes, BoxError>>> + Send>>;
 
 pin_project! {
-    /// The future a [`Gateway`] returns: the stack's own (FHIR requests: no allocation of
-    /// its own), or the token routes' boxed one.
+    /// The future a [`GatewayService`] (and so a [`Gateway`]) returns: the stack's own (FHIR
+    /// requests: no allocation of its own), or the token routes' boxed one.
     pub struct GatewayFuture<F> {
         #[pin]
         kind: FutureKind<F>,
@@ -550,11 +672,11 @@ pin_project! {
     }
 }
 
-impl<F> Future for GatewayFuture<F>
+impl<F, B, E> Future for GatewayFuture<F>
 where
-    F: Future<Output = Result<Response<StackBody>, Infallible>>,
+    F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<GatewayBody>, Infallible>;
+    type Output = Result<Response<GatewayBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
@@ -563,7 +685,11 @@ where
                     kind: BodyKind::Stack { body },
                 })
             }),
-            FutureKindProj::Boxed { future } => future.as_mut().poll(cx),
+            FutureKindProj::Boxed { future } => future.as_mut().poll(cx).map(|response| {
+                Ok(response.map(|body| GatewayBody {
+                    kind: BodyKind::Boxed { body },
+                }))
+            }),
         }
     }
 }
@@ -571,57 +697,6 @@ where
 impl<F> fmt::Debug for GatewayFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewayFuture").finish_non_exhaustive()
-    }
-}
-
-impl<B> Service<Request<B>> for Gateway
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Response = Response<GatewayBody>;
-    type Error = Infallible;
-    type Future = GatewayFuture<<GatewayStack<FhirProxy> as Service<Request<B>>>::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The token routes are always ready; the stack is readied here and called directly,
-        // so a request costs no clone of it.
-        Service::<Request<B>>::poll_ready(&mut self.stack, cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        #[cfg(feature = "token")]
-        if let Some(token) = &self.token {
-            let path = request.uri().path();
-            let route = if path == TOKEN_PATH {
-                Some(TokenRoute::Token)
-            } else if path == JWKS_PATH {
-                Some(TokenRoute::Jwks)
-            } else if path
-                .strip_prefix(CLIENTS_PREFIX)
-                .and_then(|rest| rest.strip_suffix("/secret"))
-                .is_some_and(|id| !id.is_empty() && !id.contains('/'))
-            {
-                Some(TokenRoute::Rotation)
-            } else {
-                None
-            };
-            if let Some(route) = route {
-                let future = match route {
-                    TokenRoute::Token => oneshot(token.endpoint.clone(), request),
-                    TokenRoute::Jwks => oneshot(token.jwks.clone(), request),
-                    TokenRoute::Rotation => oneshot(token.rotation.clone(), request),
-                };
-                return GatewayFuture {
-                    kind: FutureKind::Boxed { future },
-                };
-            }
-        }
-        GatewayFuture {
-            kind: FutureKind::Stack {
-                future: self.stack.call(request),
-            },
-        }
     }
 }
 
@@ -644,39 +719,43 @@ where
     ResBody::Error: Into<BoxError>,
 {
     Box::pin(async move {
-        std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
-        let response = service.call(request).await?;
-        Ok(response.map(|body| GatewayBody {
-            kind: BodyKind::Boxed {
-                body: body.map_err(Into::into).boxed_unsync(),
-            },
-        }))
+        let response = match std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+            Ok(()) => service.call(request).await,
+            Err(never) => Err(never),
+        };
+        let Ok(response) = response;
+        response.map(|body| body.map_err(Into::into).boxed_unsync())
     })
 }
 
 pin_project! {
-    /// The response body of a [`Gateway`]: the stack's or the token routes'.
-    pub struct GatewayBody {
+    /// The response body of a [`GatewayService`] (and so of a [`Gateway`]): the stack's, or a
+    /// token route's.
+    pub struct GatewayBody<B> {
         #[pin]
-        kind: BodyKind,
+        kind: BodyKind<B>,
     }
 }
 
 pin_project! {
     #[project = BodyKindProj]
-    enum BodyKind {
-        Stack { #[pin] body: StackBody },
+    enum BodyKind<B> {
+        Stack { #[pin] body: B },
         Boxed { body: UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
-impl fmt::Debug for GatewayBody {
+impl<B> fmt::Debug for GatewayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewayBody").finish_non_exhaustive()
     }
 }
 
-impl Body for GatewayBody {
+impl<B> Body for GatewayBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 

@@ -13,7 +13,7 @@ use serde_json::json;
 use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::{ConfigError, Gateway};
-use tower_fhir::route::{InMemoryDirectory, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
@@ -41,10 +41,8 @@ async fn setup(idp: Option<&JwksServer>) -> Setup {
     let directory = InMemoryDirectory::new();
     directory.upsert(
         tenant(TENANT),
-        TenantUpstreams::new(
-            [Upstream::parse(&upstream.base("/fhir"), FhirVersion::Stu3).unwrap()],
-        )
-        .unwrap(),
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::Stu3).unwrap()])
+            .unwrap(),
     );
     let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
     store
@@ -298,7 +296,7 @@ async fn directory_changes_take_effect_at_once() {
     let second = RecordingUpstream::start().await;
     directory.upsert(
         tenant(TENANT),
-        TenantUpstreams::new([Upstream::parse(&second.base("/r3"), FhirVersion::Stu3).unwrap()])
+        TenantRecord::new([Upstream::parse(&second.base("/r3"), FhirVersion::Stu3).unwrap()])
             .unwrap(),
     );
     tokio::time::sleep(Duration::from_millis(50)).await;

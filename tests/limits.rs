@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use support::*;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::limit::RateLimit;
-use tower_fhir::route::{InMemoryDirectory, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
@@ -121,7 +121,7 @@ async fn setup() -> Setup {
     let upstream = RecordingUpstream::start().await;
     let (slow, slow_base) = SlowServer::start(Duration::from_millis(400)).await;
     let plain = |tenant_limit: Option<RateLimit>| {
-        TenantUpstreams::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
             .unwrap()
             .with_rate_limit(tenant_limit)
     };
@@ -132,7 +132,7 @@ async fn setup() -> Setup {
     directory.upsert(tenant(SECOND), plain(None));
     // One server under two tenants: the same slots, whichever record the request comes from.
     let one_at_a_time = |timeout_ms: u64| {
-        TenantUpstreams::new([Upstream::parse(&slow_base, FhirVersion::R4)
+        TenantRecord::new([Upstream::parse(&slow_base, FhirVersion::R4)
             .unwrap()
             .with_max_concurrency(1.try_into().unwrap())
             .with_timeout(Duration::from_millis(timeout_ms))])

@@ -10,7 +10,7 @@ use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::metadata::{CapabilityCacheLayer, MetadataLayer};
 use tower_fhir::proxy::FhirProxy;
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
@@ -30,10 +30,8 @@ async fn setup() -> (TestClient, RecordingUpstream, String) {
     let directory = InMemoryDirectory::new();
     directory.upsert(
         TENANT.parse().unwrap(),
-        TenantUpstreams::new([
-            Upstream::parse(&upstream.base("/fhir"), FhirVersion::Dstu2).unwrap()
-        ])
-        .unwrap(),
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::Dstu2).unwrap()])
+            .unwrap(),
     );
     let stack = ServiceBuilder::new()
         .layer(VersionNegotiationLayer::builder().build().unwrap())

@@ -16,7 +16,7 @@ use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
     AuditRecord, BodyLimitLayer, HealthLayer, ObserveLayer, QueryRecording, RequestIdLayer,
 };
-use tower_fhir::route::{InMemoryDirectory, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
@@ -44,7 +44,7 @@ async fn setup(query: QueryRecording) -> Setup {
     let directory = InMemoryDirectory::new();
     directory.upsert(
         TenantId::parse(TENANT).unwrap(),
-        TenantUpstreams::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
             .unwrap(),
     );
     let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());

@@ -16,8 +16,8 @@ use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{
-    DirectoryError, InMemoryDirectory, RouteCache, TenantDirectory, TenantRoutingLayer,
-    TenantUpstreams, Upstream,
+    DirectoryError, InMemoryDirectory, RouteCache, TenantDirectory, TenantRecord,
+    TenantRoutingLayer, Upstream,
 };
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::FhirVersion;
@@ -36,12 +36,12 @@ fn token_for(tenant: &str) -> String {
     mint(Algorithm::HS256, None, &c)
 }
 
-fn upstreams(base: &str, version: FhirVersion, auth: Option<&str>) -> TenantUpstreams {
+fn upstreams(base: &str, version: FhirVersion, auth: Option<&str>) -> TenantRecord {
     let mut upstream = Upstream::parse(base, version).unwrap();
     if let Some(auth) = auth {
         upstream = upstream.with_authorization(auth).unwrap();
     }
-    TenantUpstreams::new([upstream]).unwrap()
+    TenantRecord::new([upstream]).unwrap()
 }
 
 struct Gateway {
@@ -72,7 +72,7 @@ fn counting(
     }
 }
 
-async fn gateway(tenants: Vec<(&str, TenantUpstreams)>, ttl: Duration) -> Gateway {
+async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
     let directory = InMemoryDirectory::new();
     for (id, upstreams) in tenants {
         directory.upsert(tenant(id), upstreams);
@@ -364,7 +364,7 @@ async fn an_upstream_that_opts_in_takes_part_in_cookies() {
     plain.answer("/fhir", setting_cookies("plain"));
     opted.answer("/fhir", setting_cookies("opted"));
     // The opt-in as the directory JSON and the gateway's configuration write it.
-    let opted_upstreams: TenantUpstreams = serde_json::from_value(json!([{
+    let opted_upstreams: TenantRecord = serde_json::from_value(json!([{
         "base_url": opted.base("/fhir"), "fhir_version": "3.0", "allow_set_cookie": true
     }]))
     .unwrap();
@@ -944,7 +944,7 @@ async fn upstreams_may_speak_http2_with_prior_knowledge() {
         .unwrap()
         .with_http2();
     let gw = gateway(
-        vec![(TENANT_A, TenantUpstreams::new([h2]).unwrap())],
+        vec![(TENANT_A, TenantRecord::new([h2]).unwrap())],
         Duration::from_secs(60),
     )
     .await;

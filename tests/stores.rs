@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_fhir::limit::RateLimit;
-use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantStore, TenantUpstreams, Upstream};
+use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantRecord, TenantStore, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing,
@@ -23,8 +23,8 @@ fn tenant(id: &str) -> TenantId {
     TenantId::parse(id).unwrap()
 }
 
-fn upstreams(base: &str, version: FhirVersion) -> TenantUpstreams {
-    TenantUpstreams::new([Upstream::parse(base, version).unwrap()]).unwrap()
+fn upstreams(base: &str, version: FhirVersion) -> TenantRecord {
+    TenantRecord::new([Upstream::parse(base, version).unwrap()]).unwrap()
 }
 
 fn limit() -> RateLimit {
@@ -56,8 +56,8 @@ where
     assert_eq!(changes.recv().await.unwrap(), a);
     let found = store.lookup(a).await.unwrap().unwrap();
     assert_eq!(
-        found.default_upstream().base(),
-        first.default_upstream().base()
+        found.default_upstream().unwrap().base(),
+        first.default_upstream().unwrap().base()
     );
 
     // Replaced: reported as such, the new upstream answers.
@@ -65,7 +65,10 @@ where
     assert!(store.put(a, second.clone()).await.unwrap());
     assert_eq!(changes.recv().await.unwrap(), a);
     let found = store.lookup(a).await.unwrap().unwrap();
-    assert_eq!(found.default_upstream().fhir_version(), FhirVersion::Dstu2);
+    assert_eq!(
+        found.default_upstream().unwrap().fhir_version(),
+        FhirVersion::Dstu2
+    );
     assert_eq!(found.rate_limit(), None);
 
     // A tenant's rate limit is kept with its record.
@@ -104,8 +107,8 @@ where
         assert_eq!(store.list().await.unwrap(), vec![c, a]);
         let found = store.lookup(a).await.unwrap().unwrap();
         assert_eq!(
-            found.default_upstream().base(),
-            second.default_upstream().base()
+            found.default_upstream().unwrap().base(),
+            second.default_upstream().unwrap().base()
         );
         assert_eq!(found.rate_limit(), Some(limit()));
         assert_eq!(store.lookup(c).await.unwrap().unwrap().rate_limit(), None);
@@ -339,6 +342,6 @@ async fn files_written_before_rate_limits_still_load() {
     let directory = FileDirectory::open(&tenants).unwrap();
     let found = directory.get(tenant(A)).unwrap();
     assert_eq!(found.rate_limit(), None);
-    assert_eq!(found.default_upstream().max_concurrency(), None);
+    assert_eq!(found.default_upstream().unwrap().max_concurrency(), None);
     let _ = std::fs::remove_dir_all(dir);
 }

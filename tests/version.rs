@@ -12,7 +12,7 @@ use support::*;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::proxy::FhirProxy;
-use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
@@ -37,7 +37,7 @@ async fn setup() -> Setup {
     let directory = InMemoryDirectory::new();
     directory.upsert(
         TENANT.parse().unwrap(),
-        TenantUpstreams::new([
+        TenantRecord::new([
             Upstream::parse(&dstu2.base("/dstu2"), FhirVersion::Dstu2).unwrap(),
             Upstream::parse(&stu3.base("/stu3"), FhirVersion::Stu3).unwrap(),
         ])

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::proxy::ClientAddr;
-use tower_fhir::route::{TenantStore, TenantUpstreams};
+use tower_fhir::route::{TenantEntry, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{ClientRecord, ClientStore, NewClient};
 
@@ -119,19 +119,6 @@ fn tenant_id(id: &str) -> Result<TenantId, Box<Response>> {
     })
 }
 
-/// The body of `PUT /admin/tenants/{id}`: `{"upstreams": [...], "rate_limit": {...}}`
-/// (`rate_limit` optional) or just the list of upstreams.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TenantBody {
-    Wrapped {
-        upstreams: TenantUpstreams,
-        #[serde(default)]
-        rate_limit: Option<RateLimit>,
-    },
-    List(TenantUpstreams),
-}
-
 /// A refused `rate_limit` or `max_concurrency` in a body, in the one sentence saying why.
 fn limit_refusal(body: &[u8]) -> Option<Response> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
@@ -162,19 +149,19 @@ async fn put_tenant(
         Ok(tenant) => tenant,
         Err(response) => return *response,
     };
-    let upstreams = match serde_json::from_slice::<TenantBody>(&body) {
-        Ok(TenantBody::Wrapped {
-            upstreams,
-            rate_limit,
-        }) => upstreams.with_rate_limit(rate_limit),
-        Ok(TenantBody::List(upstreams)) => upstreams,
-        Err(_) => {
+    // `{"upstreams": [...]}` or `{"in_process": {...}}`, `rate_limit` beside either; or just
+    // the list of upstreams.
+    let upstreams = match serde_json::from_slice::<TenantRecord>(&body) {
+        Ok(record) => record,
+        Err(e) => {
             if let Some(refused) = limit_refusal(&body) {
                 return refused;
             }
             return error(
                 StatusCode::BAD_REQUEST,
-                "the body must be {\"upstreams\": [{\"base_url\": ..., \"fhir_version\": ...}]} with at least one valid upstream",
+                &format!(
+                    "the body must be {{\"upstreams\": [{{\"base_url\": ..., \"fhir_version\": ...}}]}} with at least one valid upstream, or {{\"in_process\": {{\"key\": ..., \"fhir_versions\": [...]}}}}: {e}"
+                ),
             );
         }
     };
@@ -198,24 +185,20 @@ async fn put_tenant(
 }
 
 /// The tenant as stored, upstream credentials left out.
-fn tenant_json(tenant: TenantId, upstreams: &TenantUpstreams) -> serde_json::Value {
-    let rate_limit = upstreams.rate_limit();
-    let upstreams = {
-        let mut value = serde_json::to_value(upstreams).unwrap_or_default();
-        if let Some(list) = value.as_array_mut() {
-            for upstream in list {
-                if let Some(fields) = upstream.as_object_mut() {
-                    if fields.remove("authorization").is_some() {
-                        fields.insert("authorization".into(), json!("<redacted>"));
-                    }
+fn tenant_json(tenant: TenantId, record: &TenantRecord) -> serde_json::Value {
+    let entry = TenantEntry {
+        id: tenant,
+        record: record.clone(),
+    };
+    let mut shown = serde_json::to_value(entry).unwrap_or_default();
+    if let Some(list) = shown.get_mut("upstreams").and_then(|u| u.as_array_mut()) {
+        for upstream in list {
+            if let Some(fields) = upstream.as_object_mut() {
+                if fields.remove("authorization").is_some() {
+                    fields.insert("authorization".into(), json!("<redacted>"));
                 }
             }
         }
-        value
-    };
-    let mut shown = json!({"id": tenant, "upstreams": upstreams});
-    if let Some(limit) = rate_limit {
-        shown["rate_limit"] = json!(limit);
     }
     shown
 }

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tower_fhir::limit::RateLimit;
-use tower_fhir::route::TenantUpstreams;
 use tower_fhir::tenant::TenantId;
 
 /// The whole file. Every key but `tenants`' and `clients`' contents has a default. Its `Debug`
@@ -220,22 +219,9 @@ impl std::fmt::Debug for ClientConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TenantConfig {
-    pub(crate) id: TenantId,
-    pub(crate) upstreams: TenantUpstreams,
-    /// The rate limit of all the tenant's clients together. Default none.
-    #[serde(default)]
-    pub(crate) rate_limit: Option<RateLimit>,
-}
-
-impl TenantConfig {
-    /// The tenant's record as the directory keeps it.
-    pub(crate) fn record(&self) -> TenantUpstreams {
-        self.upstreams.clone().with_rate_limit(self.rate_limit)
-    }
-}
+/// A tenant in the file: `{"id": ..., "upstreams": [...]}` (or `"in_process"`), with an
+/// optional `rate_limit` for all its clients together.
+pub(crate) type TenantConfig = tower_fhir::route::TenantEntry;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
@@ -414,7 +400,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.forward_request_headers, ["X-Api-Key"]);
-        let upstream = config.tenants[0].upstreams.default_upstream();
+        let upstream = config.tenants[0].record.default_upstream().unwrap();
         assert!(upstream.set_cookie_allowed());
         assert!(Config::empty().forward_request_headers.is_empty());
     }
@@ -431,10 +417,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.clients[0].rate_limit, RateLimit::new(5, 10).ok());
-        let record = config.tenants[0].record();
+        let record = &config.tenants[0].record;
         assert_eq!(record.rate_limit(), RateLimit::new(2, 2).ok());
         assert_eq!(
-            record.default_upstream().max_concurrency().map(|n| n.get()),
+            record
+                .default_upstream()
+                .unwrap()
+                .max_concurrency()
+                .map(|n| n.get()),
             Some(4)
         );
         let refused = serde_json::from_str::<Config>(

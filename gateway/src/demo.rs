@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 use tower_fhir::gateway::Gateway;
-use tower_fhir::route::{TenantUpstreams, Upstream};
+use tower_fhir::route::{TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::version::FhirVersion;
 
@@ -44,11 +44,10 @@ pub(crate) async fn config() -> Config {
     let id = |id: &str| TenantId::parse(id).expect("a demo tenant id is a GUID");
     let tenant = |tenant: &str, base: &str, version| TenantConfig {
         id: id(tenant),
-        upstreams: TenantUpstreams::new([
+        record: TenantRecord::new([
             Upstream::parse(base, version).expect("a demo hospital's URL is valid")
         ])
         .expect("one upstream"),
-        rate_limit: None,
     };
     let mut config = Config::empty();
     config.tenants = vec![

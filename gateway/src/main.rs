@@ -93,7 +93,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
-        directory.upsert(tenant.id, tenant.record());
+        directory.upsert(tenant.id, tenant.record.clone());
     }
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
@@ -157,12 +157,18 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot list the tenants: {e}"))?;
     for tenant in tenants {
-        if let Ok(Some(upstreams)) = state.directory.lookup(tenant).await {
-            for upstream in upstreams.iter() {
+        if let Ok(Some(record)) = state.directory.lookup(tenant).await {
+            for upstream in record.upstreams() {
                 println!(
                     "  tenant {tenant} -> {} ({})",
                     upstream.base(),
                     upstream.fhir_version().name()
+                );
+            }
+            if let Some(local) = record.in_process_tenant() {
+                println!(
+                    "  tenant {tenant} -> served in-process as {:?}: this gateway proxies, so its requests get 502",
+                    local.key()
                 );
             }
         }

@@ -57,7 +57,7 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         let tenants = config
             .tenants
             .iter()
-            .map(|tenant: &TenantConfig| (tenant.id, tenant.record()))
+            .map(|tenant: &TenantConfig| (tenant.id, tenant.record.clone()))
             .collect();
         directory
             .put_all(tenants)

@@ -296,11 +296,16 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let Some(upstream) = request.extensions().get::<Upstream>().cloned() else {
-            return ready(outcome(
-                StatusCode::BAD_GATEWAY,
-                IssueType::Exception,
-                "No upstream was chosen for this request",
-            ));
+            let why = if request
+                .extensions()
+                .get::<crate::route::InProcessTenant>()
+                .is_some()
+            {
+                "The tenant is served in-process, by another service than this proxy"
+            } else {
+                "No upstream was chosen for this request"
+            };
+            return ready(outcome(StatusCode::BAD_GATEWAY, IssueType::Exception, why));
         };
         if !is_fhir_method(request.method()) {
             let mut response = outcome(

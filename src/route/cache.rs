@@ -12,7 +12,7 @@ use moka::ops::compute::Op;
 use tokio::sync::broadcast;
 
 use super::directory::{DirectoryError, TenantDirectory};
-use super::upstream::TenantUpstreams;
+use super::upstream::TenantRecord;
 use crate::hot_cache::HotCache;
 use crate::tenant::TenantId;
 
@@ -49,7 +49,7 @@ struct Inner {
 
 #[derive(Clone)]
 struct Fresh {
-    upstreams: Option<TenantUpstreams>,
+    upstreams: Option<TenantRecord>,
     until: Instant,
 }
 
@@ -57,7 +57,7 @@ struct Fresh {
 struct Cached {
     /// The answer: upstreams, `None` for an unknown tenant, or the error of a failed lookup
     /// with nothing better to serve.
-    answer: Result<Option<TenantUpstreams>, DirectoryError>,
+    answer: Result<Option<TenantRecord>, DirectoryError>,
     /// Until then, the directory is not asked again.
     fresh_until: Instant,
     /// When moka drops the entry.
@@ -113,10 +113,7 @@ impl RouteCache {
     /// Concurrent lookups of one tenant make one directory call. When the directory fails,
     /// a known answer keeps serving until the stale grace runs out, and the directory is asked
     /// again at most once per failure backoff.
-    pub async fn resolve(
-        &self,
-        tenant: TenantId,
-    ) -> Result<Option<TenantUpstreams>, DirectoryError> {
+    pub async fn resolve(&self, tenant: TenantId) -> Result<Option<TenantRecord>, DirectoryError> {
         if let Some(fresh) = self.fresh(tenant) {
             return Ok(fresh);
         }
@@ -160,7 +157,7 @@ impl RouteCache {
     }
 
     /// The tenant's answer if the cache holds a fresh one, without waiting.
-    pub(crate) fn fresh(&self, tenant: TenantId) -> Option<Option<TenantUpstreams>> {
+    pub(crate) fn fresh(&self, tenant: TenantId) -> Option<Option<TenantRecord>> {
         let front = &self.inner.front;
         let fresh = front.get(front.hash(&tenant), &tenant)?;
         (Instant::now() < fresh.until).then_some(fresh.upstreams)
@@ -171,7 +168,7 @@ impl RouteCache {
         &self,
         tenant: TenantId,
         generation: u64,
-    ) -> Result<(Option<TenantUpstreams>, Instant), DirectoryError> {
+    ) -> Result<(Option<TenantRecord>, Instant), DirectoryError> {
         // Fresh: within its time, and asked no earlier than this request began (an answer from
         // before an invalidation may be the very route that was invalidated).
         let fresh = |cached: &Cached| {
@@ -365,7 +362,7 @@ mod tests {
                     Ok(fake
                         .known
                         .load(Ordering::SeqCst)
-                        .then(|| TenantUpstreams::new([upstream]).unwrap()))
+                        .then(|| TenantRecord::new([upstream]).unwrap()))
                 }
             }),
             policy(),
@@ -488,7 +485,7 @@ mod tests {
     #[tokio::test]
     async fn a_hanging_directory_times_out() {
         let cache = RouteCache::new(
-            Box::new(|_| std::future::pending::<Result<Option<TenantUpstreams>, DirectoryError>>()),
+            Box::new(|_| std::future::pending::<Result<Option<TenantRecord>, DirectoryError>>()),
             policy(),
         );
         assert!(cache.resolve(tenant()).await.is_err());

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::upstream::TenantUpstreams;
+use super::upstream::{TenantEntry, TenantRecord};
 use crate::tenant::TenantId;
 
 /// Why the directory could not answer or change. The message is logged, never sent to
@@ -60,21 +60,21 @@ impl std::error::Error for DirectoryError {
 /// The future a [`TenantDirectory`] returns: the tenant's upstreams, `None` for a tenant that
 /// is not onboarded, or an error when the directory cannot answer.
 pub type DirectoryFuture =
-    Pin<Box<dyn Future<Output = Result<Option<TenantUpstreams>, DirectoryError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Option<TenantRecord>, DirectoryError>> + Send>>;
 
 /// Answers which upstreams a tenant has.
 ///
 /// Asynchronous and assuming nothing in-process, so a shared database can stand behind it.
 /// The routing layer caches the answers; any `Fn(TenantId) -> impl Future<Output =
-/// Result<Option<TenantUpstreams>, DirectoryError>>` is a directory:
+/// Result<Option<TenantRecord>, DirectoryError>>` is a directory:
 ///
 /// ```
-/// use tower_fhir::route::{DirectoryError, TenantDirectory, TenantUpstreams, Upstream};
+/// use tower_fhir::route::{DirectoryError, TenantDirectory, TenantRecord, Upstream};
 /// use tower_fhir::version::FhirVersion;
 ///
 /// let directory = |tenant: tower_fhir::tenant::TenantId| async move {
 ///     let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
-///     Ok::<_, DirectoryError>(TenantUpstreams::new([upstream]))
+///     Ok::<_, DirectoryError>(TenantRecord::new([upstream]))
 /// };
 /// # fn is_directory(_: impl TenantDirectory) {}
 /// is_directory(directory);
@@ -87,7 +87,7 @@ pub trait TenantDirectory: Send + Sync + 'static {
 impl<F, Fut> TenantDirectory for F
 where
     F: Fn(TenantId) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Option<TenantUpstreams>, DirectoryError>> + Send + 'static,
+    Fut: Future<Output = Result<Option<TenantRecord>, DirectoryError>> + Send + 'static,
 {
     fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
         Box::pin(self(tenant))
@@ -107,7 +107,7 @@ pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryE
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tower_fhir::route::{InMemoryDirectory, TenantStore, TenantUpstreams, Upstream};
+/// use tower_fhir::route::{InMemoryDirectory, TenantStore, TenantRecord, Upstream};
 /// use tower_fhir::tenant::TenantId;
 /// use tower_fhir::version::FhirVersion;
 ///
@@ -117,7 +117,7 @@ pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryE
 /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
 /// let mut changes = store.changes();
 ///
-/// let replaced = store.put(tenant, TenantUpstreams::new([upstream]).unwrap()).await.unwrap();
+/// let replaced = store.put(tenant, TenantRecord::new([upstream]).unwrap()).await.unwrap();
 /// assert!(!replaced);
 /// assert_eq!(changes.recv().await.unwrap(), tenant);
 /// assert!(store.lookup(tenant).await.unwrap().is_some());
@@ -128,10 +128,10 @@ pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryE
 /// ```
 pub trait TenantStore: TenantDirectory {
     /// Adds or replaces a tenant; resolves to whether it replaced one.
-    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool>;
+    fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool>;
 
     /// Adds or replaces many tenants at once (one write where the store can).
-    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()>;
+    fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()>;
 
     /// Removes a tenant; resolves to whether it was there.
     fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool>;
@@ -155,7 +155,7 @@ fn sorted(mut tenants: Vec<TenantId>) -> Vec<TenantId> {
 /// [`RouteCache::follow`](super::RouteCache::follow)) drop what they knew of that tenant.
 #[derive(Clone)]
 pub struct InMemoryDirectory {
-    tenants: Arc<RwLock<HashMap<TenantId, TenantUpstreams>>>,
+    tenants: Arc<RwLock<HashMap<TenantId, TenantRecord>>>,
     changes: broadcast::Sender<TenantId>,
 }
 
@@ -168,23 +168,6 @@ impl Default for InMemoryDirectory {
     }
 }
 
-/// One tenant as written in a directory file.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TenantEntry {
-    id: TenantId,
-    upstreams: TenantUpstreams,
-    #[serde(default)]
-    rate_limit: Option<crate::limit::RateLimit>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum DirectoryFile {
-    Wrapped { tenants: Vec<TenantEntry> },
-    List(Vec<TenantEntry>),
-}
-
 impl InMemoryDirectory {
     /// An empty directory.
     pub fn new() -> Self {
@@ -194,16 +177,19 @@ impl InMemoryDirectory {
     /// A directory from JSON: `{"tenants": [{"id": "<guid>", "upstreams": [{"base_url": ...,
     /// "fhir_version": "3.0", "authorization": ..., "timeout_ms": ...}], "rate_limit":
     /// {"requests_per_second": ..., "burst": ...}}]}` (or just the list; `rate_limit` is
-    /// optional).
+    /// optional), each tenant a [`TenantEntry`]: proxied (`upstreams`) or served in-process
+    /// (`"in_process": {"key": ..., "fhir_versions": [...]}`).
     pub fn from_json(json: &str) -> Result<Self, DirectoryError> {
-        let file: DirectoryFile = serde_json::from_str(json)
-            .map_err(|e| DirectoryError::new(format!("directory JSON: {e}")))?;
-        let entries = match file {
-            DirectoryFile::Wrapped { tenants } | DirectoryFile::List(tenants) => tenants,
+        let error = |e: serde_json::Error| DirectoryError::new(format!("directory JSON: {e}"));
+        let mut file: serde_json::Value = serde_json::from_str(json).map_err(error)?;
+        let list = match file.get_mut("tenants") {
+            Some(tenants) => tenants.take(),
+            None => file,
         };
+        let entries = Vec::<TenantEntry>::deserialize(list).map_err(error)?;
         let directory = Self::new();
         for entry in entries {
-            directory.upsert(entry.id, entry.upstreams.with_rate_limit(entry.rate_limit));
+            directory.upsert(entry.id, entry.record);
         }
         Ok(directory)
     }
@@ -217,7 +203,7 @@ impl InMemoryDirectory {
     }
 
     /// Adds or replaces a tenant.
-    pub fn upsert(&self, tenant: TenantId, upstreams: TenantUpstreams) {
+    pub fn upsert(&self, tenant: TenantId, upstreams: TenantRecord) {
         self.write().insert(tenant, upstreams);
         let _ = self.changes.send(tenant);
     }
@@ -230,7 +216,7 @@ impl InMemoryDirectory {
     }
 
     /// A tenant's upstreams.
-    pub fn get(&self, tenant: TenantId) -> Option<TenantUpstreams> {
+    pub fn get(&self, tenant: TenantId) -> Option<TenantRecord> {
         self.tenants
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -249,7 +235,7 @@ impl InMemoryDirectory {
         self.changes.subscribe()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TenantId, TenantUpstreams>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TenantId, TenantRecord>> {
         self.tenants.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -262,13 +248,13 @@ impl TenantDirectory for InMemoryDirectory {
 }
 
 impl TenantStore for InMemoryDirectory {
-    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool> {
+    fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool> {
         let replaced = self.write().insert(tenant, upstreams).is_some();
         let _ = self.changes.send(tenant);
         Box::pin(std::future::ready(Ok(replaced)))
     }
 
-    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()> {
+    fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()> {
         for (tenant, upstreams) in tenants {
             self.upsert(tenant, upstreams);
         }
@@ -312,7 +298,7 @@ impl fmt::Debug for InMemoryDirectory {
 /// format [`InMemoryDirectory::from_json`] reads. One process owns the file.
 ///
 /// ```
-/// use tower_fhir::route::{FileDirectory, TenantUpstreams, Upstream};
+/// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
 /// use tower_fhir::tenant::TenantId;
 /// use tower_fhir::version::FhirVersion;
 ///
@@ -323,7 +309,7 @@ impl fmt::Debug for InMemoryDirectory {
 ///
 /// let directory = FileDirectory::open(&path).unwrap();
 /// assert!(!directory.existed());
-/// directory.upsert(tenant, TenantUpstreams::new([upstream]).unwrap()).unwrap();
+/// directory.upsert(tenant, TenantRecord::new([upstream]).unwrap()).unwrap();
 ///
 /// let reopened = FileDirectory::open(&path).unwrap();
 /// assert!(reopened.existed());
@@ -344,21 +330,21 @@ struct FileOut<'a> {
     tenants: Vec<EntryOut<'a>>,
 }
 
-#[derive(Serialize)]
+/// One tenant as written in a directory file: its [`TenantEntry`], borrowed.
 struct EntryOut<'a> {
     id: TenantId,
-    upstreams: &'a TenantUpstreams,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rate_limit: Option<crate::limit::RateLimit>,
+    record: &'a TenantRecord,
 }
 
 impl<'a> EntryOut<'a> {
-    fn new(id: TenantId, upstreams: &'a TenantUpstreams) -> Self {
-        Self {
-            id,
-            upstreams,
-            rate_limit: upstreams.rate_limit(),
-        }
+    fn new(id: TenantId, record: &'a TenantRecord) -> Self {
+        Self { id, record }
+    }
+}
+
+impl Serialize for EntryOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        super::upstream::entry_fields(self.id, self.record).serialize(serializer)
     }
 }
 
@@ -401,20 +387,12 @@ impl FileDirectory {
     }
 
     /// Adds or replaces a tenant: written to the file, then visible and announced.
-    pub fn upsert(
-        &self,
-        tenant: TenantId,
-        upstreams: TenantUpstreams,
-    ) -> Result<(), DirectoryError> {
+    pub fn upsert(&self, tenant: TenantId, upstreams: TenantRecord) -> Result<(), DirectoryError> {
         self.replace(tenant, upstreams).map(drop)
     }
 
     /// [`upsert`](Self::upsert), telling whether the tenant was there before.
-    fn replace(
-        &self,
-        tenant: TenantId,
-        upstreams: TenantUpstreams,
-    ) -> Result<bool, DirectoryError> {
+    fn replace(&self, tenant: TenantId, upstreams: TenantRecord) -> Result<bool, DirectoryError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let replaced = self.memory.get(tenant).is_some();
         self.write_with(Some((tenant, &upstreams)), None)?;
@@ -426,10 +404,10 @@ impl FileDirectory {
     /// tenants one [`upsert`](Self::upsert) at a time would rewrite it thousands of times).
     pub fn upsert_all(
         &self,
-        tenants: impl IntoIterator<Item = (TenantId, TenantUpstreams)>,
+        tenants: impl IntoIterator<Item = (TenantId, TenantRecord)>,
     ) -> Result<(), DirectoryError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
-        let tenants: HashMap<TenantId, TenantUpstreams> = tenants.into_iter().collect();
+        let tenants: HashMap<TenantId, TenantRecord> = tenants.into_iter().collect();
         {
             let current = self
                 .memory
@@ -462,7 +440,7 @@ impl FileDirectory {
     }
 
     /// A tenant's upstreams.
-    pub fn get(&self, tenant: TenantId) -> Option<TenantUpstreams> {
+    pub fn get(&self, tenant: TenantId) -> Option<TenantRecord> {
         self.memory.get(tenant)
     }
 
@@ -479,7 +457,7 @@ impl FileDirectory {
     /// Writes the directory as it will be after the change.
     fn write_with(
         &self,
-        upsert: Option<(TenantId, &TenantUpstreams)>,
+        upsert: Option<(TenantId, &TenantRecord)>,
         remove: Option<TenantId>,
     ) -> Result<(), DirectoryError> {
         let tenants = self
@@ -523,12 +501,12 @@ fn blocking<T: Send + 'static>(
 
 /// Writes go to the file on tokio's blocking pool (so build and use it within a tokio runtime).
 impl TenantStore for FileDirectory {
-    fn put(&self, tenant: TenantId, upstreams: TenantUpstreams) -> TenantStoreFuture<bool> {
+    fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool> {
         let this = self.clone();
         blocking(move || this.replace(tenant, upstreams))
     }
 
-    fn put_all(&self, tenants: Vec<(TenantId, TenantUpstreams)>) -> TenantStoreFuture<()> {
+    fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()> {
         let this = self.clone();
         blocking(move || this.upsert_all(tenants))
     }
@@ -586,7 +564,10 @@ mod tests {
         let directory = InMemoryDirectory::from_json(&json).unwrap();
         let tenant = TenantId::parse(A).unwrap();
         let found = directory.lookup(tenant).await.unwrap().unwrap();
-        assert_eq!(found.default_upstream().fhir_version(), FhirVersion::Dstu2);
+        assert_eq!(
+            found.default_upstream().unwrap().fhir_version(),
+            FhirVersion::Dstu2
+        );
         assert_eq!(
             found.rate_limit(),
             None,
@@ -627,7 +608,7 @@ mod tests {
         let tenant = TenantId::parse(A).unwrap();
         let other = TenantId::parse("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f").unwrap();
         let upstreams = |url: &str| {
-            TenantUpstreams::new([crate::route::Upstream::parse(url, FhirVersion::Stu3)
+            TenantRecord::new([crate::route::Upstream::parse(url, FhirVersion::Stu3)
                 .unwrap()
                 .with_authorization("Bearer upstream-secret")
                 .unwrap()])
@@ -662,7 +643,7 @@ mod tests {
         assert_eq!(reopened.get(tenant).unwrap().rate_limit(), Some(limit));
         let found = reopened.lookup(tenant).await.unwrap().unwrap();
         assert_eq!(
-            found.default_upstream().base().to_string(),
+            found.default_upstream().unwrap().base().to_string(),
             "http://127.0.0.1:9003/fhir"
         );
         assert!(reopened.lookup(other).await.unwrap().is_none());

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::cache::{CachePolicy, RouteCache};
 use super::directory::{DirectoryError, TenantDirectory};
-use super::upstream::TenantUpstreams;
+use super::upstream::TenantRecord;
 use crate::body::ResponseBody;
 use crate::future::PassOrOwn;
 use crate::ops::RequestFacts;
@@ -209,11 +209,11 @@ where
                 "The request names no tenant",
             ));
         };
-        if let Some(upstreams) = self.cache.fresh(tenant) {
+        if let Some(record) = self.cache.fresh(tenant) {
             self.cache.counts().hit.increment(1);
-            return match route(&mut request, tenant, Ok(upstreams)) {
-                None => PassOrOwn::passed(self.inner.call(request)),
-                Some(refusal) => answered(refusal),
+            return match route(&mut request, tenant, Ok(record)) {
+                Ok(served) => PassOrOwn::passed_serving(self.inner.call(request), served),
+                Err(refusal) => answered(*refusal),
             };
         }
         self.cache.counts().miss.increment(1);
@@ -225,8 +225,14 @@ where
         PassOrOwn::own(async move {
             let found = cache.resolve(tenant).await;
             match route(&mut request, tenant, found) {
-                None => Ok(inner.call(request).await?.map(ResponseBody::inner)),
-                Some(refusal) => Ok(refusal.map(ResponseBody::full)),
+                Ok(served) => {
+                    let mut response = inner.call(request).await?;
+                    if let Some(served) = served {
+                        crate::future::served_in(&mut response, served);
+                    }
+                    Ok(response.map(ResponseBody::inner))
+                }
+                Err(refusal) => Ok((*refusal).map(ResponseBody::full)),
             }
         })
     }
@@ -237,22 +243,23 @@ fn answered<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFut
     PassOrOwn::own(async move { Ok(response.map(ResponseBody::full)) })
 }
 
-/// Puts the tenant's upstream for this request in its extensions; or, when there is none,
-/// returns the answer saying why.
+/// Puts what serves this request in its extensions: the tenant's upstream for it, or its
+/// [`InProcessTenant`](super::InProcessTenant) with the release chosen (returned too, so the
+/// response is labelled with it); or, when nothing can serve it, returns the answer saying why.
 fn route<B>(
     request: &mut Request<B>,
     tenant: TenantId,
-    found: Result<Option<TenantUpstreams>, DirectoryError>,
-) -> Option<Response<Bytes>> {
-    let upstreams = match found {
-        Ok(Some(upstreams)) => upstreams,
+    found: Result<Option<TenantRecord>, DirectoryError>,
+) -> Result<Option<FhirVersion>, Box<Response<Bytes>>> {
+    let record = match found {
+        Ok(Some(record)) => record,
         Ok(None) => {
             tracing::debug!(%tenant, "tenant not onboarded");
-            return Some(answer(
+            return Err(Box::new(answer(
                 StatusCode::FORBIDDEN,
                 IssueType::Forbidden,
                 "The tenant is not onboarded with this gateway",
-            ));
+            )));
         }
         Err(_) => {
             let mut response = answer(
@@ -263,32 +270,51 @@ fn route<B>(
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return Some(response);
+            return Err(Box::new(response));
         }
     };
     let version = request.extensions().get::<FhirVersion>().copied();
-    // Unnamed but hinted (a DSTU2-only client): the hinted server if the tenant has one.
-    let hinted = match (version, request.extensions().get::<VersionHint>()) {
-        (None, Some(VersionHint(hint))) => upstreams.select(Some(*hint)),
+    // Unnamed but hinted (a DSTU2-only client): the hinted release if the tenant serves it.
+    let hint = match (version, request.extensions().get::<VersionHint>()) {
+        (None, Some(VersionHint(hint))) => Some(*hint),
         _ => None,
     };
-    let Some(upstream) = hinted.or_else(|| upstreams.select(version)) else {
-        return Some(answer(
+    let not_served = || {
+        Box::new(answer(
             StatusCode::NOT_ACCEPTABLE,
             IssueType::NotSupported,
             no_upstream_for(version),
-        ));
+        ))
     };
-    if let Some(limit) = upstreams.rate_limit() {
+    let served = if let Some(local) = record.in_process_tenant() {
+        let release = hint
+            .and_then(|hint| local.select(Some(hint)))
+            .or_else(|| local.select(version))
+            .ok_or_else(not_served)?;
+        if let Some(facts) = request.extensions().get::<RequestFacts>() {
+            facts.set_upstream(Arc::clone(local.label()));
+        }
+        let extensions = request.extensions_mut();
+        extensions.insert(local.clone());
+        extensions.insert(release);
+        Some(release)
+    } else {
+        let upstream = hint
+            .and_then(|hint| record.select(Some(hint)))
+            .or_else(|| record.select(version))
+            .ok_or_else(not_served)?;
+        if let Some(facts) = request.extensions().get::<RequestFacts>() {
+            facts.set_upstream(Arc::clone(upstream.base().shared_text()));
+        }
+        request.extensions_mut().insert(upstream.clone());
+        None
+    };
+    if let Some(limit) = record.rate_limit() {
         request
             .extensions_mut()
             .insert(crate::limit::TenantRateLimit(limit));
     }
-    if let Some(facts) = request.extensions().get::<RequestFacts>() {
-        facts.set_upstream(Arc::clone(upstream.base().shared_text()));
-    }
-    request.extensions_mut().insert(upstream.clone());
-    None
+    Ok(served)
 }
 
 fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
@@ -314,7 +340,7 @@ mod tests {
     #[test]
     fn documented_defaults() {
         const SECOND: Duration = Duration::from_secs(1);
-        let directory = |_: TenantId| async { Ok::<Option<TenantUpstreams>, DirectoryError>(None) };
+        let directory = |_: TenantId| async { Ok::<Option<TenantRecord>, DirectoryError>(None) };
         let layer = TenantRoutingLayer::builder(directory).build().unwrap();
         let policy = layer.cache().policy();
         assert_eq!(policy.ttl, 5 * 60 * SECOND);

@@ -6,7 +6,7 @@
 //! tenant's [`Upstream`] for that version (or its default), and calls the inner service with
 //! the `Upstream` in the extensions: the proxy forwards there, or a service of your own serves
 //! the tenant in-process. A tenant's [`RateLimit`](crate::limit::RateLimit), when its record
-//! has one ([`TenantUpstreams::with_rate_limit`]), goes in the extensions too, as a
+//! has one ([`TenantRecord::with_rate_limit`]), goes in the extensions too, as a
 //! [`TenantRateLimit`](crate::limit::TenantRateLimit) for the
 //! [`RateLimitLayer`](crate::limit::RateLimitLayer) after it.
 //!
@@ -28,7 +28,7 @@
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
 //! use tower::{ServiceBuilder, ServiceExt};
-//! use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantUpstreams, Upstream};
+//! use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer, TenantRecord, Upstream};
 //! use tower_fhir::tenant::TenantId;
 //! use tower_fhir::version::FhirVersion;
 //!
@@ -36,7 +36,7 @@
 //! let tenant: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
 //! let directory = InMemoryDirectory::new();
 //! let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::Stu3).unwrap();
-//! directory.upsert(tenant, TenantUpstreams::new([upstream]).unwrap());
+//! directory.upsert(tenant, TenantRecord::new([upstream]).unwrap());
 //!
 //! let service = ServiceBuilder::new()
 //!     .layer(TenantRoutingLayer::builder(directory).build().unwrap())
@@ -75,4 +75,7 @@ pub use directory::{
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
-pub use upstream::{InvalidUpstream, TenantUpstreams, Upstream, UpstreamBase};
+pub use upstream::{
+    InProcessTenant, InvalidTenant, InvalidUpstream, TenantEntry, TenantRecord, Upstream,
+    UpstreamBase,
+};

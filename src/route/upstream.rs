@@ -10,6 +10,7 @@ use http::{HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
 use crate::limit::RateLimit;
+use crate::tenant::TenantId;
 use crate::version::FhirVersion;
 
 /// The base URL of an upstream FHIR server: scheme, host and port, and a path prefix
@@ -362,29 +363,208 @@ impl<'de> Deserialize<'de> for Upstream {
 /// than `u32::MAX`).
 const MAX_CONCURRENCY: u32 = 1 << 20;
 
-/// A tenant's record in the directory: its upstreams, one or more (the first is the default),
-/// and its [`RateLimit`], if it has one.
+/// A tenant served by the application in this process rather than proxied: the releases it
+/// serves (the first is the default) and an opaque key the application chooses (a store key, a
+/// database schema name), with no URL.
 ///
-/// It is written in JSON as the list of upstreams; the rate limit is a sibling key of
-/// `upstreams` in a tenant's entry (directory files, the admin API, the gateway's
-/// configuration), so a record without one reads and writes as before.
+/// The routing layer puts it in the request extensions of that tenant's requests, with the
+/// release chosen for the request as a [`FhirVersion`]; a handler reads the key to find the
+/// tenant's data (with feature `axum`, it is an extractor). In JSON (directory files, the admin
+/// API): `"in_process": {"key": "contoso", "fhir_versions": ["4.0", "1.0"]}` in place of
+/// `"upstreams"`.
+///
+/// ```
+/// use tower_fhir::route::InProcessTenant;
+/// use tower_fhir::version::FhirVersion;
+///
+/// let tenant = InProcessTenant::new("contoso", [FhirVersion::R4, FhirVersion::Dstu2]).unwrap();
+/// assert_eq!(tenant.key(), "contoso");
+/// assert_eq!(tenant.select(None), Some(FhirVersion::R4), "the first release is the default");
+/// assert_eq!(tenant.select(Some(FhirVersion::Dstu2)), Some(FhirVersion::Dstu2));
+/// assert_eq!(tenant.select(Some(FhirVersion::Stu3)), None);
+/// assert!(InProcessTenant::new("", [FhirVersion::R4]).is_err());
+/// assert!(InProcessTenant::new("contoso", []).is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct InProcessTenant {
+    inner: Arc<InProcessInner>,
+}
+
+#[derive(PartialEq, Eq)]
+struct InProcessInner {
+    key: Box<str>,
+    releases: Box<[FhirVersion]>,
+    /// `in-process:{key}`, what audit records name as the upstream.
+    label: Arc<str>,
+}
+
+/// The longest key [`InProcessTenant::new`] accepts, in bytes.
+const MAX_KEY_LEN: usize = 256;
+
+impl InProcessTenant {
+    /// A tenant served in-process under `key` (1 to 256 bytes, no control characters) in
+    /// `releases` (at least one, each once; the first is the default).
+    pub fn new(
+        key: impl Into<String>,
+        releases: impl IntoIterator<Item = FhirVersion>,
+    ) -> Result<Self, InvalidTenant> {
+        let key = key.into();
+        if key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control) {
+            return Err(InvalidTenant(format!(
+                "an in-process key is 1 to {MAX_KEY_LEN} bytes without control characters"
+            )));
+        }
+        let releases: Box<[FhirVersion]> = releases.into_iter().collect();
+        if releases.is_empty() {
+            return Err(InvalidTenant(
+                "an in-process tenant serves at least one FHIR release".into(),
+            ));
+        }
+        if releases
+            .iter()
+            .enumerate()
+            .any(|(i, release)| releases[..i].contains(release))
+        {
+            return Err(InvalidTenant(
+                "an in-process tenant names each release once".into(),
+            ));
+        }
+        Ok(Self {
+            inner: Arc::new(InProcessInner {
+                label: Arc::from(format!("in-process:{key}")),
+                key: key.into_boxed_str(),
+                releases,
+            }),
+        })
+    }
+
+    /// The application's key for this tenant.
+    pub fn key(&self) -> &str {
+        &self.inner.key
+    }
+
+    /// The releases served, the default first.
+    pub fn releases(&self) -> &[FhirVersion] {
+        &self.inner.releases
+    }
+
+    /// The release to serve a request in: the requested one if served, the default when none
+    /// was requested; `None` when the requested one is not served.
+    pub fn select(&self, version: Option<FhirVersion>) -> Option<FhirVersion> {
+        match version {
+            None => Some(self.inner.releases[0]),
+            Some(version) => self.inner.releases.contains(&version).then_some(version),
+        }
+    }
+
+    /// What audit records and the request's facts name as its upstream.
+    pub(crate) fn label(&self) -> &Arc<str> {
+        &self.inner.label
+    }
+}
+
+impl fmt::Debug for InProcessTenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InProcessTenant")
+            .field("key", &self.key())
+            .field("releases", &self.releases())
+            .finish()
+    }
+}
+
+/// How an in-process tenant is written in JSON.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InProcessConfig {
+    key: String,
+    fhir_versions: Vec<FhirVersion>,
+}
+
+impl Serialize for InProcessTenant {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        InProcessConfig {
+            key: self.key().to_owned(),
+            fhir_versions: self.releases().to_vec(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for InProcessTenant {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let config = InProcessConfig::deserialize(deserializer)?;
+        Self::new(config.key, config.fhir_versions).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A tenant record (or an in-process tenant) that cannot be: why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidTenant(pub String);
+
+impl fmt::Display for InvalidTenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid tenant: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidTenant {}
+
+/// A tenant's record in the directory: how it is served, proxied to its upstreams (one or
+/// more, the first the default) or [in-process](InProcessTenant), and its [`RateLimit`], if it
+/// has one. Routing, caching, rate limits and the stores treat both kinds alike.
+///
+/// In JSON (directory files, the admin API, the gateway's configuration) it is an object,
+/// `{"upstreams": [...]}` or `{"in_process": {...}}`, with `"rate_limit"` beside either; a bare
+/// list of upstreams reads too. A tenant's entry in a list adds its `"id"`
+/// ([`TenantEntry`]).
+///
+/// ```
+/// use tower_fhir::route::{InProcessTenant, TenantRecord, Upstream};
+/// use tower_fhir::version::FhirVersion;
+///
+/// let proxied: TenantRecord = serde_json::from_str(
+///     r#"{"upstreams": [{"base_url": "https://ehr.example/fhir", "fhir_version": "3.0"}]}"#,
+/// ).unwrap();
+/// assert_eq!(proxied.select(None).unwrap().base().as_str(), "https://ehr.example/fhir");
+///
+/// let local: TenantRecord = serde_json::from_str(
+///     r#"{"in_process": {"key": "contoso", "fhir_versions": ["4.0"]}}"#,
+/// ).unwrap();
+/// assert_eq!(local.in_process_tenant().map(InProcessTenant::key), Some("contoso"));
+/// assert!(local.select(None).is_none(), "no upstream: nothing to proxy");
+/// assert_eq!(serde_json::to_value(&local).unwrap()["in_process"]["fhir_versions"][0], "4.0");
+/// ```
 #[derive(Clone, PartialEq)]
-pub struct TenantUpstreams {
-    upstreams: Arc<[Upstream]>,
+pub struct TenantRecord {
+    serving: Serving,
     rate_limit: Option<RateLimit>,
 }
 
-impl TenantUpstreams {
-    /// The upstreams, the first being the default; `None` when empty.
+#[derive(Clone, PartialEq)]
+enum Serving {
+    Proxied(Arc<[Upstream]>),
+    InProcess(InProcessTenant),
+}
+
+impl TenantRecord {
+    /// A tenant proxied to these upstreams, the first being the default; `None` when empty.
     pub fn new(upstreams: impl IntoIterator<Item = Upstream>) -> Option<Self> {
         let upstreams: Arc<[Upstream]> = upstreams.into_iter().collect();
         (!upstreams.is_empty()).then_some(Self {
-            upstreams,
+            serving: Serving::Proxied(upstreams),
             rate_limit: None,
         })
     }
 
-    /// The same upstreams with this rate limit for all the tenant's clients together (`None`:
+    /// A tenant served in-process.
+    pub fn in_process(tenant: InProcessTenant) -> Self {
+        Self {
+            serving: Serving::InProcess(tenant),
+            rate_limit: None,
+        }
+    }
+
+    /// The same record with this rate limit for all the tenant's clients together (`None`:
     /// unlimited). The routing layer hands it to
     /// [`RateLimitLayer`](crate::limit::RateLimitLayer) as a
     /// [`TenantRateLimit`](crate::limit::TenantRateLimit).
@@ -399,28 +579,77 @@ impl TenantUpstreams {
         self.rate_limit
     }
 
-    /// The upstream for this release, or the default when no release was negotiated.
+    /// The upstream for this release, or the default when no release was negotiated; `None`
+    /// when the tenant has none for it, or is served in-process.
     pub fn select(&self, version: Option<FhirVersion>) -> Option<&Upstream> {
+        let Serving::Proxied(upstreams) = &self.serving else {
+            return None;
+        };
         match version {
-            None => self.upstreams.first(),
-            Some(version) => self.upstreams.iter().find(|u| u.fhir_version() == version),
+            None => upstreams.first(),
+            Some(version) => upstreams.iter().find(|u| u.fhir_version() == version),
         }
     }
 
-    /// The default upstream.
-    pub fn default_upstream(&self) -> &Upstream {
-        &self.upstreams[0]
+    /// The default upstream; `None` for a tenant served in-process.
+    pub fn default_upstream(&self) -> Option<&Upstream> {
+        self.select(None)
     }
 
-    /// All upstreams.
-    pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
-        self.upstreams.iter()
+    /// The upstreams (none for a tenant served in-process).
+    pub fn upstreams(&self) -> &[Upstream] {
+        match &self.serving {
+            Serving::Proxied(upstreams) => upstreams,
+            Serving::InProcess(_) => &[],
+        }
+    }
+
+    /// The in-process tenant, when the tenant is served in-process.
+    pub fn in_process_tenant(&self) -> Option<&InProcessTenant> {
+        match &self.serving {
+            Serving::InProcess(tenant) => Some(tenant),
+            Serving::Proxied(_) => None,
+        }
+    }
+
+    fn fields(&self, id: Option<TenantId>) -> RecordFields<'_> {
+        RecordFields {
+            id,
+            upstreams: match &self.serving {
+                Serving::Proxied(upstreams) => Some(&**upstreams),
+                Serving::InProcess(_) => None,
+            },
+            in_process: self.in_process_tenant(),
+            rate_limit: self.rate_limit,
+        }
+    }
+
+    fn from_fields(fields: RecordFieldsIn) -> Result<Self, InvalidTenant> {
+        let record = match (fields.upstreams, fields.in_process) {
+            (Some(_), Some(_)) => {
+                return Err(InvalidTenant(
+                    "a tenant has either upstreams (proxied) or in_process, not both".into(),
+                ))
+            }
+            (Some(upstreams), None) => Self::new(upstreams)
+                .ok_or_else(|| InvalidTenant("a tenant needs at least one upstream".into()))?,
+            (None, Some(tenant)) => Self::in_process(tenant),
+            (None, None) => {
+                return Err(InvalidTenant(
+                    "a tenant needs upstreams (proxied) or in_process".into(),
+                ))
+            }
+        };
+        Ok(record.with_rate_limit(fields.rate_limit))
     }
 }
 
-impl fmt::Debug for TenantUpstreams {
+impl fmt::Debug for TenantRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.upstreams.iter()).finish()?;
+        match &self.serving {
+            Serving::Proxied(upstreams) => f.debug_list().entries(upstreams.iter()).finish()?,
+            Serving::InProcess(tenant) => tenant.fmt(f)?,
+        }
         if let Some(limit) = &self.rate_limit {
             write!(f, " rate_limit: {limit:?}")?;
         }
@@ -428,18 +657,92 @@ impl fmt::Debug for TenantUpstreams {
     }
 }
 
-impl Serialize for TenantUpstreams {
+/// A record's JSON fields, to write.
+#[derive(Serialize)]
+struct RecordFields<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<TenantId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstreams: Option<&'a [Upstream]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_process: Option<&'a InProcessTenant>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimit>,
+}
+
+/// A record's JSON fields, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFieldsIn {
+    #[serde(default)]
+    id: Option<TenantId>,
+    #[serde(default)]
+    upstreams: Option<Vec<Upstream>>,
+    #[serde(default)]
+    in_process: Option<InProcessTenant>,
+    #[serde(default)]
+    rate_limit: Option<RateLimit>,
+}
+
+impl Serialize for TenantRecord {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.upstreams.serialize(serializer)
+        self.fields(None).serialize(serializer)
     }
 }
 
-impl<'de> Deserialize<'de> for TenantUpstreams {
+impl<'de> Deserialize<'de> for TenantRecord {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let upstreams = Vec::<Upstream>::deserialize(deserializer)?;
-        Self::new(upstreams)
-            .ok_or_else(|| serde::de::Error::custom("a tenant needs at least one upstream"))
+        use serde::de::Error;
+        // Read as a value first: an object and a bare list each get their own precise error.
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value.is_array() {
+            let upstreams = Vec::<Upstream>::deserialize(value).map_err(D::Error::custom)?;
+            return Self::new(upstreams)
+                .ok_or_else(|| D::Error::custom("a tenant needs at least one upstream"));
+        }
+        let fields = RecordFieldsIn::deserialize(value).map_err(D::Error::custom)?;
+        if fields.id.is_some() {
+            return Err(D::Error::custom(
+                "a tenant's record does not name its id here",
+            ));
+        }
+        Self::from_fields(fields).map_err(D::Error::custom)
     }
+}
+
+/// A tenant with its record, as a directory file or a configuration lists it:
+/// `{"id": "<guid>", "upstreams": [...]}` or `{"id": "<guid>", "in_process": {...}}`, with
+/// `"rate_limit"` beside either.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantEntry {
+    /// The tenant.
+    pub id: TenantId,
+    /// Its record.
+    pub record: TenantRecord,
+}
+
+impl Serialize for TenantEntry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.record.fields(Some(self.id)).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for TenantEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = RecordFieldsIn::deserialize(deserializer)?;
+        let id = fields
+            .id
+            .take()
+            .ok_or_else(|| D::Error::missing_field("id"))?;
+        let record = TenantRecord::from_fields(fields).map_err(D::Error::custom)?;
+        Ok(Self { id, record })
+    }
+}
+
+/// Borrows an entry's parts to write it.
+pub(crate) fn entry_fields(id: TenantId, record: &TenantRecord) -> impl Serialize + '_ {
+    record.fields(Some(id))
 }
 
 #[cfg(test)]
@@ -474,27 +777,31 @@ mod tests {
     fn selects_by_version_or_default() {
         let dstu2 = Upstream::parse("http://a/fhir", FhirVersion::Dstu2).unwrap();
         let stu3 = Upstream::parse("http://b/fhir", FhirVersion::Stu3).unwrap();
-        let upstreams = TenantUpstreams::new([dstu2.clone(), stu3.clone()]).unwrap();
+        let upstreams = TenantRecord::new([dstu2.clone(), stu3.clone()]).unwrap();
         assert_eq!(upstreams.select(None), Some(&dstu2));
         assert_eq!(upstreams.select(Some(FhirVersion::Stu3)), Some(&stu3));
         assert_eq!(upstreams.select(Some(FhirVersion::R4)), None);
-        assert!(TenantUpstreams::new([]).is_none());
+        assert!(TenantRecord::new([]).is_none());
     }
 
     #[test]
     fn json_round_trip_and_redacted_debug() {
         let json = json!([{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0",
                            "authorization": "Bearer upstream-secret", "timeout_ms": 1500}]);
-        let upstreams: TenantUpstreams = serde_json::from_value(json.clone()).unwrap();
-        let upstream = upstreams.default_upstream();
+        let upstreams: TenantRecord = serde_json::from_value(json.clone()).unwrap();
+        let upstream = upstreams.default_upstream().unwrap();
         assert_eq!(upstream.fhir_version(), FhirVersion::Stu3);
         assert_eq!(upstream.timeout(), Some(Duration::from_millis(1500)));
         assert!(upstream.authorization().unwrap().is_sensitive());
-        assert_eq!(serde_json::to_value(&upstreams).unwrap(), json);
+        assert_eq!(
+            serde_json::to_value(&upstreams).unwrap(),
+            json!({ "upstreams": json }),
+            "written as an object, the bare list read for compatibility"
+        );
         assert!(!format!("{upstreams:?}").contains("upstream-secret"));
         assert!(!upstream.set_cookie_allowed(), "cookies are off by default");
-        assert!(serde_json::from_value::<TenantUpstreams>(json!([])).is_err());
-        assert!(serde_json::from_value::<TenantUpstreams>(
+        assert!(serde_json::from_value::<TenantRecord>(json!([])).is_err());
+        assert!(serde_json::from_value::<TenantRecord>(
             json!([{"base_url": "x", "fhir_version": "3.0"}])
         )
         .is_err());
