@@ -13,6 +13,21 @@ use std::net::{IpAddr, SocketAddr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+impl ClientAddr {
+    /// The client's address as the server put it in `extensions`: a `ClientAddr`, or (feature
+    /// `axum`) axum's `ConnectInfo<SocketAddr>`.
+    pub fn of(extensions: &http::Extensions) -> Option<Self> {
+        let addr = extensions.get::<Self>().copied();
+        #[cfg(feature = "axum")]
+        let addr = addr.or_else(|| {
+            extensions
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|info| Self(info.0))
+        });
+        addr
+    }
+}
+
 /// Where a request came from, as a throttle counts it: an IPv4 address, an IPv6 address's /64
 /// network (what one subscriber is usually given, so one subscriber counts once), or nothing
 /// known. IPv4-mapped IPv6 addresses count as the IPv4 address.

@@ -22,6 +22,7 @@
 //! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
+//! - `extract`: axum extractors for what the layers verified and chose (feature `axum`).
 //!
 //! Every rejection is an HTTP response, never a service error, so a stack over an
 //! `Infallible` service stays `Infallible` and drops into `axum::Router::layer`.
@@ -33,6 +34,10 @@
 //! - `proxy` (default): forward requests to upstream FHIR servers over pooled connections.
 //! - `tls`: `https://` upstreams and JWKS URLs, with rustls and the webpki roots.
 //! - `token` (default): the client-credentials token endpoint.
+//! - `axum`: axum extractors (`FromRequestParts`) for [`TenantId`](tenant::TenantId),
+//!   [`VerifiedClaims`](auth::VerifiedClaims), [`FhirVersion`](version::FhirVersion) and
+//!   [`InProcessTenant`](route::InProcessTenant); the token endpoint reads the client's
+//!   address from axum's `ConnectInfo` too.
 //!
 //! [Tower]: https://docs.rs/tower
 
@@ -45,6 +50,9 @@ mod client;
 #[cfg(any(feature = "proxy", feature = "token"))]
 mod client_addr;
 mod crypto;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod extract;
 pub mod future;
 #[cfg(feature = "proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]

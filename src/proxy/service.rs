@@ -338,7 +338,7 @@ where
                 ))
             }
         };
-        let client_addr = request.extensions().get::<ClientAddr>().copied();
+        let client_addr = ClientAddr::of(request.extensions());
         let (mut parts, body) = request.into_parts();
         // Some DSTU2 servers answer 406 to the STU3+ media types: speak theirs, and answer the
         // client in the form it asked for.

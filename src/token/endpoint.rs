@@ -411,12 +411,10 @@ impl Inner {
     }
 }
 
-/// The IP address the request came from, when the server put its [`ClientAddr`] in the
-/// extensions.
+/// The IP address the request came from, when the server put it in the extensions
+/// ([`ClientAddr::of`]).
 pub(super) fn source(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
-    extensions
-        .get::<ClientAddr>()
-        .map(|ClientAddr(addr)| addr.ip())
+    ClientAddr::of(extensions).map(|ClientAddr(addr)| addr.ip())
 }
 
 fn jti() -> String {

@@ -1,0 +1,336 @@
+//! An axum FHIR server of one's own behind `GatewayLayer`, over real HTTP: the token routes
+//! through the layer, in-process tenants on their own stores, the axum extractors, the
+//! release each client asked for, and the attacks that would reach another tenant's store.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value};
+use support::*;
+use tower_fhir::gateway::Gateway;
+use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
+use tower_fhir::tenant::TenantId;
+use tower_fhir::token::{
+    ClientStore, InMemoryClientStore, NewClient, SecretHashing, ThrottlePolicy, TokenEndpoint,
+};
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+
+const CONTOSO: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const FABRIKAM: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+const SECRET: &str = "in-process-secret-0123456789";
+
+/// Patients by store key, then by id.
+type Stores = Arc<HashMap<&'static str, HashMap<&'static str, Value>>>;
+
+/// `GET /Patient/{id}` from the tenant's own store, in the release chosen for the request.
+async fn read(
+    State(stores): State<Stores>,
+    tenant: TenantId,
+    local: InProcessTenant,
+    version: FhirVersion,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(patient) = stores
+        .get(local.key())
+        .and_then(|patients| patients.get(id.as_str()))
+    else {
+        return (StatusCode::NOT_FOUND, format!("no Patient/{id}")).into_response();
+    };
+    let mut patient = patient.clone();
+    patient["meta"] = json!({"tag": [
+        {"system": "urn:test:tenant", "code": tenant.to_string()},
+        {"system": "urn:test:release", "code": version.mime_code()}
+    ]});
+    (
+        [(header::CONTENT_TYPE, version.json_media_type())],
+        patient.to_string(),
+    )
+        .into_response()
+}
+
+/// A catch-all route of the application's own: the token routes must be answered by the layer
+/// even where the router has a route matching their paths.
+async fn any_resource(local: InProcessTenant, Path((kind, id)): Path<(String, String)>) -> String {
+    format!("{} {kind}/{id}", local.key())
+}
+
+struct Server {
+    client: TestClient,
+}
+
+async fn server(throttle: Option<ThrottlePolicy>) -> Server {
+    let stores: Stores = Arc::new(HashMap::from([
+        (
+            "contoso-db",
+            HashMap::from([("100", json!({"resourceType": "Patient", "id": "100"}))]),
+        ),
+        (
+            "fabrikam-db",
+            HashMap::from([("200", json!({"resourceType": "Patient", "id": "200"}))]),
+        ),
+    ]));
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        CONTOSO.parse().unwrap(),
+        TenantRecord::in_process(
+            InProcessTenant::new("contoso-db", [FhirVersion::R4, FhirVersion::Dstu2]).unwrap(),
+        ),
+    );
+    directory.upsert(
+        FABRIKAM.parse().unwrap(),
+        TenantRecord::in_process(InProcessTenant::new("fabrikam-db", [FhirVersion::R4]).unwrap()),
+    );
+    let clients = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+    clients
+        .register(
+            NewClient::new("app")
+                .secret(SECRET)
+                .tenant(CONTOSO.parse().unwrap())
+                .tenant(FABRIKAM.parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let mut endpoint = TokenEndpoint::builder()
+        .issuer(&base)
+        .audience("tower-fhir")
+        .store(clients);
+    if let Some(policy) = throttle {
+        endpoint = endpoint.throttle(policy);
+    }
+    let layer = Gateway::builder(&base)
+        .directory(directory.clone())
+        .follow(directory.subscribe())
+        .versions(
+            VersionNegotiationLayer::builder().supported([FhirVersion::Dstu2, FhirVersion::R4]),
+        )
+        .token_endpoint(endpoint.build().unwrap())
+        .build_layer()
+        .unwrap();
+    let app = Router::new()
+        .route("/Patient/{id}", get(read))
+        .route("/{kind}/{id}", get(any_resource).post(any_resource))
+        .with_state(stores)
+        .layer(layer);
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    Server {
+        client: TestClient::new(addr),
+    }
+}
+
+async fn token_for(client: &TestClient, secret: &str, tenant: &str) -> Reply {
+    client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={secret}&scope={tenant}"
+            ),
+        )
+        .await
+}
+
+async fn token(client: &TestClient, tenant: &str) -> String {
+    let reply = token_for(client, SECRET, tenant).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn read_as(client: &TestClient, token: &str, path: &str, accept: &str) -> Reply {
+    client
+        .get(
+            path,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("accept", accept),
+            ],
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_serves_the_token_routes_ahead_of_the_application() {
+    let Server { client } = server(None).await;
+    // The token endpoint, its JWKS and secret rotation answer through the layer, although the
+    // router's catch-all `/{kind}/{id}` matches `/oauth/token`.
+    let contoso = token(&client, CONTOSO).await;
+    let jwks = client.get("/.well-known/jwks.json", &[]).await;
+    assert_eq!(jwks.status, StatusCode::OK);
+    assert!(!jwks.json()["keys"].as_array().unwrap().is_empty());
+    let rotated = client
+        .send(
+            "POST",
+            "/oauth/clients/app/secret",
+            &[FORM],
+            &format!("client_id=app&client_secret={SECRET}"),
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.text());
+    let new_secret = rotated.json()["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        token_for(&client, &new_secret, FABRIKAM).await.status,
+        StatusCode::OK
+    );
+    // The metadata stays open and names the token endpoint served here.
+    let metadata = client.get("/metadata", &[]).await;
+    assert_eq!(metadata.status, StatusCode::OK);
+    assert!(metadata.text().contains("/oauth/token"));
+    // Everything else needs a token: the application's routes are behind the stack.
+    assert_eq!(
+        client.get("/Patient/100", &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let reply = read_as(&client, &contoso, "/Patient/100", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_reads_its_own_store_only() {
+    let Server { client } = server(None).await;
+    let contoso = token(&client, CONTOSO).await;
+    let fabrikam = token(&client, FABRIKAM).await;
+    let fhir = "application/fhir+json";
+
+    let reply = read_as(&client, &contoso, "/Patient/100", fhir).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["meta"]["tag"][0]["code"], CONTOSO);
+    assert_eq!(
+        read_as(&client, &contoso, "/Patient/200", fhir)
+            .await
+            .status,
+        StatusCode::NOT_FOUND,
+        "another tenant's patient is not in this tenant's store"
+    );
+    assert_eq!(
+        read_as(&client, &fabrikam, "/Patient/200", fhir)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        read_as(&client, &fabrikam, "/Patient/100", fhir)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // The application's catch-all gets the tenant's key too.
+    let reply = read_as(&client, &fabrikam, "/Observation/7", fhir).await;
+    assert_eq!(reply.text(), "fabrikam-db Observation/7");
+
+    // A tenant hint in headers or the query changes nothing: the tenant is the token's.
+    for (name, value) in [
+        ("x-tenant-id", FABRIKAM),
+        ("x-ms-tenant-id", FABRIKAM),
+        ("tenant", "fabrikam-db"),
+    ] {
+        let reply = client
+            .get(
+                "/Patient/200",
+                &[
+                    ("authorization", &format!("Bearer {contoso}")),
+                    (name, value),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{name}");
+    }
+    assert_eq!(
+        read_as(&client, &contoso, "/Patient/200?tenant=fabrikam-db", fhir)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // A token for a tenant nobody onboarded: 403, nothing reaches the application.
+    let unknown = client.get_bearer("/Patient/100", "not-even-a-token").await;
+    assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dstu2_and_an_r4_client_each_get_their_release() {
+    let Server { client } = server(None).await;
+    let contoso = token(&client, CONTOSO).await;
+    let fabrikam = token(&client, FABRIKAM).await;
+
+    // A DSTU2 client (the DSTU2 media type) of a tenant serving R4 and DSTU2.
+    let reply = read_as(&client, &contoso, "/Patient/100", "application/json+fhir").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["meta"]["tag"][1]["code"], "1.0");
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json+fhir"));
+    // An R4 client naming its release.
+    let reply = read_as(
+        &client,
+        &contoso,
+        "/Patient/100",
+        "application/fhir+json; fhirVersion=4.0",
+    )
+    .await;
+    assert_eq!(reply.json()["meta"]["tag"][1]["code"], "4.0");
+    // No release named: the tenant's default (its first), and the response says which.
+    let reply = read_as(&client, &contoso, "/Patient/100", "application/fhir+json").await;
+    assert_eq!(reply.json()["meta"]["tag"][1]["code"], "4.0");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=4.0"
+    );
+    // A release the tenant does not serve: 406 with an OperationOutcome, before the handler.
+    let reply = read_as(
+        &client,
+        &fabrikam,
+        "/Patient/200",
+        "application/fhir+json; fhirVersion=1.0",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_throttle_counts_axum_connect_info_addresses() {
+    let policy = ThrottlePolicy {
+        max_failures: 3,
+        window: Duration::from_secs(60),
+        base_block: Duration::from_secs(60),
+        max_block: Duration::from_secs(60),
+    };
+    let Server { client: guesser } = server(Some(policy)).await;
+    let real = guesser.connecting_from("127.0.0.2".parse().unwrap());
+    for _ in 0..3 {
+        assert_eq!(
+            token_for(&guesser, "guess", CONTOSO).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        token_for(&guesser, SECRET, CONTOSO).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "locked out at its address"
+    );
+    assert_eq!(
+        token_for(&real, SECRET, CONTOSO).await.status,
+        StatusCode::OK,
+        "the client from another address is not"
+    );
+}
