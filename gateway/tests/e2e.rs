@@ -685,6 +685,35 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         StatusCode::FORBIDDEN
     );
 
+    // A tenant served in-process (by another service sharing the directory) is kept, shown and
+    // changed like any other; this gateway, which proxies, answers its requests 502, saying so.
+    let body = json!({"in_process": {"key": "r4-store", "fhir_versions": ["4.0"]},
+                      "rate_limit": {"requests_per_second": 50, "burst": 50}})
+    .to_string();
+    let path = format!("/admin/tenants/{R4_TENANT}");
+    let reply = gateway.client.send("PUT", &path, &admin, &body).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.json()["in_process"]["key"], "r4-store");
+    let reply = gateway.client.send("GET", &path, &admin, "").await;
+    assert_eq!(reply.json()["in_process"]["fhir_versions"], json!(["4.0"]));
+    assert_eq!(reply.json()["rate_limit"]["burst"], 50);
+    assert!(reply.json().get("upstreams").is_none());
+    let reply = get(&gateway, &r4, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        reply.text().contains("served in-process"),
+        "{}",
+        reply.text()
+    );
+    let both = json!({"in_process": {"key": "r4-store", "fhir_versions": ["4.0"]},
+                      "upstreams": [upstream(&root, "4_0_0", "4.0")]})
+    .to_string();
+    let reply = gateway.client.send("PUT", &path, &admin, &both).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.text().contains("not both"), "{}", reply.text());
+    let reply = gateway.client.send("DELETE", &path, &admin, "").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+
     // An administrator resets the secret.
     let reply = gateway
         .client

@@ -638,6 +638,18 @@ mod tests {
             "next to the upstreams: {written}"
         );
 
+        let local = crate::route::InProcessTenant::new("schema_b", [FhirVersion::R4]).unwrap();
+        directory
+            .upsert(other, TenantRecord::in_process(local.clone()))
+            .unwrap();
+        let reopened = FileDirectory::open(&path).unwrap();
+        assert_eq!(
+            reopened.get(other).unwrap().in_process_tenant(),
+            Some(&local),
+            "an in-process tenant is kept like any other"
+        );
+        assert!(reopened.remove(other).unwrap());
+
         let reopened = FileDirectory::open(&path).unwrap();
         assert_eq!(reopened.tenants(), vec![tenant]);
         assert_eq!(reopened.get(tenant).unwrap().rate_limit(), Some(limit));

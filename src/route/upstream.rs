@@ -808,6 +808,77 @@ mod tests {
     }
 
     #[test]
+    fn in_process_records_round_trip_and_bad_ones_are_refused() {
+        let json = json!({"in_process": {"key": "contoso-db", "fhir_versions": ["4.0", "1.0"]},
+                          "rate_limit": {"requests_per_second": 5, "burst": 10}});
+        let record: TenantRecord = serde_json::from_value(json.clone()).unwrap();
+        let local = record.in_process_tenant().unwrap();
+        assert_eq!(local.key(), "contoso-db");
+        assert_eq!(local.releases(), [FhirVersion::R4, FhirVersion::Dstu2]);
+        assert_eq!(local.label().as_ref(), "in-process:contoso-db");
+        assert!(record.upstreams().is_empty() && record.default_upstream().is_none());
+        assert_eq!(serde_json::to_value(&record).unwrap(), json);
+        assert!(format!("{record:?}").contains("contoso-db"));
+
+        let id = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+        let entry: TenantEntry = serde_json::from_value(
+            json!({"id": id, "in_process": {"key": "k", "fhir_versions": ["3.0"]}}),
+        )
+        .unwrap();
+        assert_eq!(entry.id.to_string(), id);
+        assert_eq!(
+            serde_json::to_value(&entry).unwrap(),
+            json!({"id": id, "in_process": {"key": "k", "fhir_versions": ["3.0"]}})
+        );
+
+        let upstream = json!({"base_url": "http://a/fhir", "fhir_version": "4.0"});
+        for (bad, says) in [
+            (
+                json!({"in_process": {"key": "k", "fhir_versions": ["4.0"]}, "upstreams": [upstream]}),
+                "not both",
+            ),
+            (json!({}), "needs upstreams (proxied) or in_process"),
+            (json!({"upstreams": []}), "at least one upstream"),
+            (
+                json!({"in_process": {"key": "", "fhir_versions": ["4.0"]}}),
+                "1 to 256 bytes",
+            ),
+            (
+                json!({"in_process": {"key": "a\nb", "fhir_versions": ["4.0"]}}),
+                "control characters",
+            ),
+            (
+                json!({"in_process": {"key": "k", "fhir_versions": []}}),
+                "at least one FHIR release",
+            ),
+            (
+                json!({"in_process": {"key": "k", "fhir_versions": ["4.0", "4.0"]}}),
+                "each release once",
+            ),
+            (
+                json!({"in_process": {"key": "k", "fhir_versions": ["4.0"], "url": "x"}}),
+                "unknown field",
+            ),
+            (
+                json!({"in_process": {"key": "k", "fhir_versions": ["4.0"]}, "id": id}),
+                "does not name its id",
+            ),
+            (json!({"upstream": [upstream]}), "unknown field"),
+        ] {
+            let error = serde_json::from_value::<TenantRecord>(bad.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let key = "k".repeat(MAX_KEY_LEN + 1);
+        assert!(InProcessTenant::new(key, [FhirVersion::R4]).is_err());
+        assert!(
+            serde_json::from_value::<TenantEntry>(json!({"upstreams": [upstream]})).is_err(),
+            "an entry names its tenant"
+        );
+    }
+
+    #[test]
     fn max_concurrency_round_trips_and_refuses_bad_values() {
         let json = json!({"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "4.0",
                           "max_concurrency": 3});
