@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs examples/fhir_server.rs and checks each tenant sees its own store only.
+# Runs examples/fhir_server.rs and drives it as its printed commands do: tokens from the token
+# endpoint through the layer, each tenant's own store, each client's release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port=$((20000 + RANDOM % 20000))
@@ -8,13 +9,20 @@ cargo run --quiet --example fhir_server -- --listen "127.0.0.1:$port" >"$log" 2>
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 900); do
-  [ "$(grep -c '^  ey' "$log")" = 2 ] && break
+  grep -q '^client r4-app' "$log" && break
   kill -0 $pid 2>/dev/null || { cat "$log"; echo "example exited early"; exit 1; }
   sleep 0.2
 done
-a=$(grep '^  ey' "$log" | sed -n 1p | tr -d ' ')
-b=$(grep '^  ey' "$log" | sed -n 2p | tr -d ' ')
 base="http://127.0.0.1:$port"
+contoso=4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f
+fabrikam=9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f
+secret_of() { grep "^client $1: secret " "$log" | sed 's/.*secret //'; }
+token() {
+  curl -s -u "$1:$(secret_of "$1")" -d grant_type=client_credentials -d "scope=$2" "$base/oauth/token" \
+    | sed 's/.*"access_token":"\([^"]*\)".*/\1/'
+}
+a=$(token dstu2-app $contoso)
+b=$(token r4-app $fabrikam)
 expect() {
   local want=$1 what=$2; shift 2
   local got
@@ -22,12 +30,16 @@ expect() {
   [ "$got" = "$want" ] || { echo "FAIL $what: got $got, want $want"; cat "$log"; exit 1; }
   echo "ok $what ($got)"
 }
-expect 200 "tenant A reads its patient" -H "Authorization: Bearer $a" "$base/Patient/100"
-expect 404 "tenant A cannot read tenant B's patient" -H "Authorization: Bearer $a" "$base/Patient/101"
-expect 200 "tenant B reads its patient" -H "Authorization: Bearer $b" "$base/Patient/101"
+expect 200 "the DSTU2 client reads Contoso's patient" -H "Authorization: Bearer $a" -H 'Accept: application/json+fhir' "$base/Patient/100"
+expect 404 "Contoso's token cannot read Fabrikam's patient" -H "Authorization: Bearer $a" "$base/Patient/101"
+expect 200 "the R4 client reads Fabrikam's patient" -H "Authorization: Bearer $b" -H 'Accept: application/fhir+json; fhirVersion=4.0' "$base/Patient/101"
+expect 406 "Fabrikam serves no DSTU2" -H "Authorization: Bearer $b" -H 'Accept: application/fhir+json; fhirVersion=1.0' "$base/Patient/101"
 expect 401 "no token" "$base/Patient/100"
+curl -s -D - -H "Authorization: Bearer $a" -H 'Accept: application/json+fhir' "$base/Patient/100" \
+  | grep -qi '^content-type: application/json+fhir' || { echo "FAIL DSTU2 media type"; exit 1; }
+echo "ok the DSTU2 client gets the DSTU2 media type"
 curl -s -H "Authorization: Bearer $b" "$base/Patient" | grep -q '"total":1' || { echo "FAIL search"; exit 1; }
-echo "ok tenant B's search sees one patient"
+echo "ok Fabrikam's search sees one patient"
 kill -INT $pid
 wait $pid || true
 trap - EXIT

@@ -1,10 +1,12 @@
 //! The tower-fhir layers on an axum `Router`: `cargo run --example axum`.
 //!
 //! A FHIR-flavoured axum app whose handlers extract what the layers verified: the tenant
-//! (`Extension<TenantId>`), the token's claims (`Extension<VerifiedClaims>`) and the negotiated
-//! release (`Extension<FhirVersion>`). The token endpoint is mounted on the same router and the
-//! bearer layer verifies its tokens in-process. Prints the demo client's credentials and curl
-//! commands that work as printed.
+//! (`TenantId`), the token's claims (`VerifiedClaims`) and the negotiated release
+//! (`FhirVersion`), each an axum extractor (the library's feature `axum`). The layers are
+//! stacked one by one here and the token endpoint mounted on the same router by hand, the
+//! bearer layer verifying its tokens in-process (`examples/fhir_server.rs` does it all with one
+//! `GatewayLayer`). Prints the demo client's credentials and curl commands that work as
+//! printed.
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:8083`).
 
@@ -13,7 +15,7 @@ use std::net::SocketAddr;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Router;
 use serde_json::json;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerifiedClaims};
@@ -29,9 +31,9 @@ const CLIENT_SECRET: &str = "axum-demo-secret-0123456789";
 
 /// `GET /Patient/{id}`: answers who asked, for which tenant, in which release.
 async fn read_patient(
-    Extension(tenant): Extension<TenantId>,
-    Extension(claims): Extension<VerifiedClaims>,
-    Extension(version): Extension<FhirVersion>,
+    tenant: TenantId,
+    claims: VerifiedClaims,
+    version: FhirVersion,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> impl IntoResponse {
     let patient = json!({

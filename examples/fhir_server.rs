@@ -1,72 +1,165 @@
-//! An existing in-process FHIR service gaining multi-tenant routing: `cargo run --example fhir_server`.
+//! Your own FHIR server in Rust, made multi-tenant by tower-fhir: `cargo run --example fhir_server`.
 //!
-//! No proxy here: the routing layer's `Upstream` picks a per-tenant patient store inside this
-//! process (the upstream's base URL only names the store). Each tenant sees its own patients
-//! and nothing else. Prints a demo token per tenant and curl commands.
+//! The complete code of the guide `docs/in-process.md`. An axum app keeps each hospital's
+//! patients in a store of its own. `GatewayLayer`, built with a token endpoint, goes over the
+//! whole router: it answers `POST /oauth/token` (and the JWKS, and secret rotation) itself,
+//! verifies every other request's token, finds the tenant in it, and hands the handler that
+//! tenant's store key (`InProcessTenant`), the tenant (`TenantId`) and the FHIR release to
+//! answer in (`FhirVersion`), as axum extractors. Nothing is proxied; no tenant has a URL.
+//!
+//! Two tenants on two stores: Contoso serves R4 and DSTU2, Fabrikam R4 only. Two client
+//! applications: `dstu2-app` speaks DSTU2 (`Accept: application/json+fhir`), `r4-app` R4.
+//! Prints their credentials and curl commands that work as printed.
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:8082`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use axum::Router;
 use serde_json::{json, Value};
-use tower::ServiceBuilder;
-use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
-use tower_fhir::tenant::{TenantId, TenantScopeLayer};
-use tower_fhir::version::FhirVersion;
+use tower_fhir::gateway::Gateway;
+use tower_fhir::outcome::{IssueType, OperationOutcome};
+use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
+use tower_fhir::tenant::TenantId;
+use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
-const DEMO_SECRET: &[u8] = b"tower-fhir-demo-secret-change-me-0123456789";
-const TENANTS: [(&str, &str); 2] = [
-    ("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "store://contoso"),
-    ("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f", "store://fabrikam"),
+/// The customers' directory tenants, each with its store key and the releases it serves.
+const TENANTS: [(&str, &str, &[FhirVersion]); 2] = [
+    (
+        "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+        "contoso",
+        &[FhirVersion::R4, FhirVersion::Dstu2],
+    ),
+    (
+        "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f",
+        "fabrikam",
+        &[FhirVersion::R4],
+    ),
 ];
 
-/// Patients by store name (the upstream's host), then by id.
-type Stores = Arc<RwLock<HashMap<String, HashMap<String, Value>>>>;
+/// The client applications (demo secrets: keep real ones out of code), entitled to both.
+const CLIENTS: [(&str, &str); 2] = [
+    ("dstu2-app", "dstu2-app-secret-0123456789"),
+    ("r4-app", "r4-app-secret-0123456789"),
+];
 
-fn store_of(upstream: &Upstream) -> String {
-    upstream.base().authority().to_string()
+/// One hospital's patients, by id.
+type Store = RwLock<HashMap<String, Value>>;
+
+/// Every hospital's store, by the key its tenant record names.
+type Stores = Arc<HashMap<String, Store>>;
+
+/// A FHIR error answer: an OperationOutcome, as the layers' own.
+fn outcome(status: StatusCode, code: IssueType, diagnostics: String) -> Response {
+    OperationOutcome::error(code, diagnostics)
+        .to_response(status)
+        .map(axum::body::Body::from)
 }
 
+/// A resource in the release the request is served in.
+fn resource(version: FhirVersion, status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, version.json_media_type())],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The tenant's store; every tenant in the directory has one.
+fn store<'a>(stores: &'a Stores, tenant: &InProcessTenant) -> Result<&'a Store, Response> {
+    stores.get(tenant.key()).ok_or_else(|| {
+        outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueType::Exception,
+            format!("no store named {:?}", tenant.key()),
+        )
+    })
+}
+
+/// `GET /Patient/{id}`: a read, from this tenant's store only.
 async fn read(
     State(stores): State<Stores>,
-    Extension(upstream): Extension<Upstream>,
+    tenant: InProcessTenant,
+    version: FhirVersion,
     Path(id): Path<String>,
 ) -> Response {
-    let stores = stores.read().unwrap_or_else(|e| e.into_inner());
-    match stores.get(&store_of(&upstream)).and_then(|patients| patients.get(&id)) {
-        Some(patient) => ([(header::CONTENT_TYPE, "application/fhir+json")], patient.to_string()).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(json!({"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "not-found", "diagnostics": format!("Patient/{id} is not known")}]}))).into_response(),
+    let store = match store(&stores, &tenant) {
+        Ok(store) => store,
+        Err(response) => return response,
+    };
+    let patients = store.read().unwrap_or_else(|e| e.into_inner());
+    match patients.get(&id) {
+        Some(patient) => resource(version, StatusCode::OK, patient),
+        None => outcome(
+            StatusCode::NOT_FOUND,
+            IssueType::NotFound,
+            format!("Patient/{id} is not known"),
+        ),
     }
 }
 
+/// `GET /Patient`: a search returning every patient of this tenant.
 async fn search(
     State(stores): State<Stores>,
-    Extension(upstream): Extension<Upstream>,
-    Extension(tenant): Extension<TenantId>,
+    tenant: InProcessTenant,
+    id: TenantId,
+    version: FhirVersion,
 ) -> Response {
-    let stores = stores.read().unwrap_or_else(|e| e.into_inner());
-    let entries: Vec<Value> = stores
-        .get(&store_of(&upstream))
-        .map(|patients| patients.values().map(|p| json!({"resource": p})).collect())
-        .unwrap_or_default();
+    let store = match store(&stores, &tenant) {
+        Ok(store) => store,
+        Err(response) => return response,
+    };
+    let patients = store.read().unwrap_or_else(|e| e.into_inner());
+    let entries: Vec<Value> = patients.values().map(|p| json!({"resource": p})).collect();
     let bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
-        "meta": {"tag": [{"system": "urn:tower-fhir:tenant", "code": tenant.to_string()}]}, "entry": entries});
-    (
-        [(header::CONTENT_TYPE, "application/fhir+json")],
-        bundle.to_string(),
-    )
-        .into_response()
+        "meta": {"tag": [{"system": "urn:example:tenant", "code": id.to_string()}]},
+        "entry": entries});
+    resource(version, StatusCode::OK, &bundle)
+}
+
+/// The next id a create gives (ids below are the demo's).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1000);
+
+/// `POST /Patient`: a create, into this tenant's store.
+async fn create(
+    State(stores): State<Stores>,
+    tenant: InProcessTenant,
+    version: FhirVersion,
+    body: Bytes,
+) -> Response {
+    let store = match store(&stores, &tenant) {
+        Ok(store) => store,
+        Err(response) => return response,
+    };
+    let mut patient: Value = match serde_json::from_slice(&body) {
+        Ok(patient @ Value::Object(_)) if patient["resourceType"] == "Patient" => patient,
+        _ => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                "the body must be a Patient resource in JSON".into(),
+            )
+        }
+    };
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed).to_string();
+    let mut patients = store.write().unwrap_or_else(|e| e.into_inner());
+    patient["id"] = json!(id);
+    patients.insert(id.clone(), patient.clone());
+    let mut response = resource(version, StatusCode::CREATED, &patient);
+    if let Ok(location) = format!("Patient/{id}").parse() {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
 }
 
 #[tokio::main]
@@ -79,64 +172,75 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown option {other}").into()),
         }
     }
-    let stores: Stores = Arc::default();
-    let directory = InMemoryDirectory::new();
-    for (i, (tenant, store)) in TENANTS.iter().enumerate() {
-        // The "upstream" names a store in this process; nothing is proxied.
-        let upstream = Upstream::parse(
-            &format!("http://{}", store.trim_start_matches("store://")),
-            FhirVersion::R4,
-        )?;
-        directory.upsert(
-            tenant.parse()?,
-            TenantRecord::new([upstream.clone()]).ok_or("no upstream")?,
-        );
-        let id = format!("{}", 100 + i);
-        let patient = json!({"resourceType": "Patient", "id": id, "name": [{"family": format!("Patient of {store}")}]});
-        stores
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(store_of(&upstream), HashMap::from([(id, patient)]));
-    }
-    let fhir = Router::new()
-        .route("/Patient/{id}", get(read))
-        .route("/Patient", get(search))
-        .with_state(stores)
-        .layer(
-            ServiceBuilder::new()
-                .layer(
-                    BearerAuthLayer::builder()
-                        .key(VerificationKey::hmac(DEMO_SECRET)?)
-                        .build()?,
-                )
-                .layer(TenantScopeLayer::builder().build()?)
-                .layer(TenantRoutingLayer::builder(directory).build()?),
-        );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let base = format!("http://{}", listener.local_addr()?);
-    println!("tower-fhir in-process FHIR server listening on {base}");
-    for (tenant, store) in TENANTS {
-        println!("token for tenant {tenant} ({store}):\n  {}", token(tenant)?);
-    }
-    println!("try: curl -s -H 'Authorization: Bearer <token>' {base}/Patient");
-    axum::serve(listener, fhir)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
-}
 
-fn token(tenant: &str) -> Result<String, jsonwebtoken::errors::Error> {
-    tower_fhir::install_crypto_provider();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let claims = json!({"sub": "demo-client", "exp": now + 3600, "scope": tenant});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(DEMO_SECRET),
+    // 1. The tenants: served in-process, each under its store key, in its releases.
+    let directory = InMemoryDirectory::new();
+    let mut stores = HashMap::new();
+    for (i, (tenant, key, releases)) in TENANTS.iter().enumerate() {
+        let record = TenantRecord::in_process(InProcessTenant::new(*key, releases.to_vec())?);
+        directory.upsert(tenant.parse()?, record);
+        let id = (100 + i).to_string();
+        let patient = json!({"resourceType": "Patient", "id": id,
+            "name": [{"family": format!("Patient of {key}")}]});
+        stores.insert(key.to_string(), RwLock::new(HashMap::from([(id, patient)])));
+    }
+
+    // 2. The clients, entitled to both tenants; and the token endpoint issuing their tokens.
+    let clients = InMemoryClientStore::new();
+    for (client_id, secret) in CLIENTS {
+        let mut client = NewClient::new(client_id).secret(secret);
+        for (tenant, _, _) in TENANTS {
+            client = client.tenant(tenant.parse()?);
+        }
+        clients.register(client).await?;
+    }
+    let tokens = TokenEndpoint::builder()
+        .issuer(&base)
+        .audience("tower-fhir")
+        .store(clients)
+        .build()?;
+
+    // 3. The whole stack as one layer: token routes, metadata, version negotiation, bearer
+    //    validation, tenant scope, routing, rate limits.
+    let gateway = Gateway::builder(&base)
+        .directory(directory)
+        .versions(
+            VersionNegotiationLayer::builder().supported([FhirVersion::Dstu2, FhirVersion::R4]),
+        )
+        .token_endpoint(tokens)
+        .build_layer()?;
+
+    // 4. Your FHIR routes, behind it.
+    let app = Router::new()
+        .route("/Patient/{id}", get(read))
+        .route("/Patient", get(search).post(create))
+        .with_state(Arc::new(stores))
+        .layer(gateway);
+
+    println!("tower-fhir in-process FHIR server listening on {base}");
+    for (tenant, key, releases) in TENANTS {
+        let releases: Vec<&str> = releases.iter().map(|r| r.name()).collect();
+        println!("tenant {tenant}: store {key}, {}", releases.join(" and "));
+    }
+    for (client_id, secret) in CLIENTS {
+        println!("client {client_id}: secret {secret}");
+    }
+    let (contoso, _, _) = TENANTS[0];
+    let (client_id, secret) = CLIENTS[0];
+    println!("try:");
+    println!("  TOKEN=$(curl -s -u {client_id}:{secret} -d grant_type=client_credentials -d scope={contoso} {base}/oauth/token | sed 's/.*\"access_token\":\"\\([^\"]*\\)\".*/\\1/')");
+    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Accept: application/json+fhir' {base}/Patient/100");
+    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Accept: application/fhir+json; fhirVersion=4.0' {base}/Patient");
+    // The client's address reaches the token endpoint's brute-force throttle as ConnectInfo.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
     )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
 }

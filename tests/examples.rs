@@ -162,37 +162,89 @@ async fn the_hyper_example_serves_the_whole_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fhir_server_example_keeps_tenants_apart() {
+async fn the_fhir_server_example_keeps_tenants_apart_in_each_clients_release() {
+    const CONTOSO: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+    const FABRIKAM: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
     let dir = scratch("fhir-server-example");
-    let (mut proc, client) = start_example(
+    let (_proc, client) = start_example(
         &dir,
         "fhir_server",
         "tower-fhir in-process FHIR server listening on ",
     );
-    let first = proc.wait_for("  ");
-    let second = proc.wait_for("  ");
+    // Tokens from the token endpoint, through the layer over the application's router.
+    let dstu2 = client_token(&client, "dstu2-app", "dstu2-app-secret-0123456789", CONTOSO).await;
+    let r4 = client_token(&client, "r4-app", "r4-app-secret-0123456789", FABRIKAM).await;
+    let r4_contoso = client_token(&client, "r4-app", "r4-app-secret-0123456789", CONTOSO).await;
+
+    // The DSTU2 client reads Contoso's patient, in DSTU2.
+    let reply = get_with(&client, &dstu2, "/Patient/100", "application/json+fhir").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["name"][0]["family"], "Patient of contoso");
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json+fhir"));
+    // Fabrikam's patient is not in Contoso's store.
+    let reply = get_with(&client, &dstu2, "/Patient/101", "application/json+fhir").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+
+    // The R4 client reads Fabrikam's, in R4; Contoso's is not there.
+    let fhir_r4 = "application/fhir+json; fhirVersion=4.0";
+    let reply = get_with(&client, &r4, "/Patient/101", fhir_r4).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.headers["content-type"], fhir_r4);
     assert_eq!(
-        get_with(&client, &first, "/Patient/100", "application/fhir+json")
-            .await
-            .status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        get_with(&client, &first, "/Patient/101", "application/fhir+json")
-            .await
-            .status,
+        get_with(&client, &r4, "/Patient/100", fhir_r4).await.status,
         StatusCode::NOT_FOUND
     );
+    // Fabrikam serves R4 only: DSTU2 asked of it by name is refused before the handler.
     assert_eq!(
-        get_with(&client, &second, "/Patient/101", "application/fhir+json")
-            .await
-            .status,
-        StatusCode::OK
+        get_with(
+            &client,
+            &r4,
+            "/Patient/101",
+            "application/fhir+json; fhirVersion=1.0"
+        )
+        .await
+        .status,
+        StatusCode::NOT_ACCEPTABLE
     );
+
+    // A create lands in the tenant's own store, and its search sees it; the other's does not.
+    let created = client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {r4}")),
+                ("content-type", "application/fhir+json"),
+            ],
+            r#"{"resourceType": "Patient", "name": [{"family": "New at Fabrikam"}]}"#,
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let search = get_with(&client, &r4, "/Patient", fhir_r4).await;
+    assert_eq!(search.json()["total"], 2);
+    assert_eq!(search.json()["meta"]["tag"][0]["code"], FABRIKAM);
+    let search = get_with(&client, &r4_contoso, "/Patient", fhir_r4).await;
+    assert_eq!(search.json()["total"], 1);
+    let refused = client
+        .send(
+            "POST",
+            "/Patient",
+            &[("authorization", &format!("Bearer {r4}"))],
+            "not json",
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+
+    // No token, no data; the metadata stays open.
     assert_eq!(
         client.get("/Patient/100", &[]).await.status,
         StatusCode::UNAUTHORIZED
     );
+    assert_eq!(client.get("/metadata", &[]).await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
