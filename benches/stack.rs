@@ -25,7 +25,14 @@
 //!   limits too high to refuse;
 //! - `full/HS256/warm/limited`: `full/HS256/warm` with the rate limit layer after routing, the
 //!   tenant's record carrying a limit and the client having one (cached), against
-//!   `full/HS256/warm`.
+//!   `full/HS256/warm`;
+//! - `layer_routing/in_process`, `full/HS256/warm/in_process`: the same with the tenant served
+//!   in-process (an `InProcessTenant` and its release put in the extensions, the response
+//!   labelled), against `layer_routing` and `full/HS256/warm`;
+//! - `gateway_layer/HS256/warm/in_process`: `GatewayLayer` built with a token endpoint (every
+//!   layer: version, metadata, auth, tenant, routing, rate limits, the CapabilityStatement
+//!   cache, and the token routes' path check) over the bare service, against
+//!   `full/HS256/warm/in_process`.
 
 mod common;
 
@@ -41,9 +48,13 @@ use jsonwebtoken::{encode, Algorithm, Header, Validation};
 use serde_json::{json, Map, Value};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::{BearerAuthLayer, VerifiedClaims};
+use tower_fhir::gateway::Gateway;
 use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
-use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
+use tower_fhir::route::{
+    InMemoryDirectory, InProcessTenant, TenantRecord, TenantRoutingLayer, Upstream,
+};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
+use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 use tower_fhir::ServiceBuilderExt;
 
@@ -293,6 +304,68 @@ fn bench(c: &mut Criterion) {
             .fhir_tenant_routing(limited_routing.clone())
             .fhir_rate_limits(limits.clone())
             .service_fn(ok);
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
+    });
+
+    // A tenant served in-process.
+    let local_directory = InMemoryDirectory::new();
+    local_directory.upsert(
+        tenant(0),
+        TenantRecord::in_process(InProcessTenant::new("store-0", [FhirVersion::Stu3]).unwrap()),
+    );
+    let local_routing = TenantRoutingLayer::builder(local_directory.clone())
+        .build()
+        .unwrap();
+    group.bench_function("layer_routing/in_process", |b| {
+        let mut service = local_routing.layer(tower::service_fn(ok));
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request_with(&hs256_token, tenant(0))),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request_with(&hs256_token, tenant(0))))
+    });
+    group.bench_function("full/HS256/warm/in_process", |b| {
+        let mut service = ServiceBuilder::new()
+            .fhir_versions(versions.clone())
+            .fhir_bearer_auth(auth_layer(hs256, 10_000))
+            .fhir_tenant_scope(scope.clone())
+            .fhir_tenant_routing(local_routing.clone())
+            .service_fn(ok);
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
+    });
+    group.bench_function("gateway_layer/HS256/warm/in_process", |b| {
+        let endpoint = TokenEndpoint::builder()
+            .issuer("https://gateway.test")
+            .audience("tower-fhir")
+            .store(InMemoryClientStore::new())
+            .build()
+            .unwrap();
+        let layer = Gateway::builder("https://gateway.test")
+            .directory(local_directory.clone())
+            .auth(
+                BearerAuthLayer::builder()
+                    .key((hs256.key)())
+                    .issuer("https://auth.test")
+                    .audience_for_issuer("https://auth.test", "tower-fhir"),
+            )
+            .token_endpoint(endpoint)
+            .build_layer()
+            .unwrap();
+        let mut service = layer.layer(tower::service_fn(ok));
         warm(
             &runtime,
             &mut service,

@@ -410,6 +410,51 @@ const CLIENTS_PREFIX: &str = "/oauth/clients/";
 /// own) in version negotiation, metadata, bearer validation, tenant scope, routing, rate limits
 /// and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
 /// the token routes ahead of the stack, exactly as [`Gateway`] does.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower::{service_fn, Layer, ServiceExt};
+/// use tower_fhir::gateway::Gateway;
+/// use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
+/// use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
+/// use tower_fhir::version::FhirVersion;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let directory = InMemoryDirectory::new();
+/// let contoso = InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap();
+/// directory.upsert(
+///     "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap(),
+///     TenantRecord::in_process(contoso),
+/// );
+/// let endpoint = TokenEndpoint::builder()
+///     .issuer("https://fhir.example")
+///     .audience("tower-fhir")
+///     .store(InMemoryClientStore::new())
+///     .build()
+///     .unwrap();
+/// let layer = Gateway::builder("https://fhir.example")
+///     .directory(directory)
+///     .token_endpoint(endpoint)
+///     .build_layer()
+///     .unwrap();
+/// // Your FHIR server: reached only with a valid token for an onboarded tenant.
+/// let service = layer.layer(service_fn(|request: Request<Full<Bytes>>| async move {
+///     let tenant = request.extensions().get::<InProcessTenant>().unwrap();
+///     Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(tenant.key().to_owned())))
+/// }));
+///
+/// // The token routes are the layer's own, ahead of your service.
+/// let jwks = Request::get("/.well-known/jwks.json").body(Full::default()).unwrap();
+/// assert_eq!(service.clone().oneshot(jwks).await.unwrap().status(), StatusCode::OK);
+/// let token = Request::post("/oauth/token").body(Full::default()).unwrap();
+/// assert_eq!(service.clone().oneshot(token).await.unwrap().status(), StatusCode::BAD_REQUEST);
+/// let patient = Request::get("/Patient/1").body(Full::default()).unwrap();
+/// assert_eq!(service.oneshot(patient).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+/// # });
+/// ```
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct GatewayLayer {

@@ -296,8 +296,11 @@ fn route<B>(
         }
         let extensions = request.extensions_mut();
         extensions.insert(local.clone());
-        extensions.insert(release);
-        Some(release)
+        // A release the client named is in the extensions already, and labels the response.
+        (version != Some(release)).then(|| {
+            extensions.insert(release);
+            release
+        })
     } else {
         let upstream = hint
             .and_then(|hint| record.select(Some(hint)))

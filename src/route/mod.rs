@@ -2,18 +2,25 @@
 //!
 //! [`TenantRoutingLayer`] reads the [`TenantId`](crate::tenant::TenantId) (and, when a version
 //! layer negotiated one, the [`FhirVersion`](crate::version::FhirVersion)) from the request
-//! extensions, looks the tenant up in a [`TenantDirectory`] through a cache, picks the
-//! tenant's [`Upstream`] for that version (or its default), and calls the inner service with
-//! the `Upstream` in the extensions: the proxy forwards there, or a service of your own serves
-//! the tenant in-process. A tenant's [`RateLimit`](crate::limit::RateLimit), when its record
-//! has one ([`TenantRecord::with_rate_limit`]), goes in the extensions too, as a
+//! extensions, looks the tenant up in a [`TenantDirectory`] through a cache, and calls the inner
+//! service with what serves the request in the extensions. A tenant's [`TenantRecord`] is one
+//! of two kinds, treated alike by the cache, the rate limits and the stores:
+//!
+//! - proxied: its [`Upstream`]s; the one for that version (or the default) goes in the
+//!   extensions, and the proxy forwards there;
+//! - served in-process by your own handlers: an [`InProcessTenant`] (an opaque key of yours and
+//!   the releases served, no URL) goes in the extensions with the release chosen as a
+//!   [`FhirVersion`](crate::version::FhirVersion), and the response is labelled with it.
+//!
+//! A tenant's [`RateLimit`](crate::limit::RateLimit), when its record has one
+//! ([`TenantRecord::with_rate_limit`]), goes in the extensions too, as a
 //! [`TenantRateLimit`](crate::limit::TenantRateLimit) for the
 //! [`RateLimitLayer`](crate::limit::RateLimitLayer) after it.
 //!
 //! | case | status |
 //! |---|---|
 //! | tenant not onboarded (the token is valid, the tenant is unknown) | 403 |
-//! | no upstream for the requested FHIR version | 406 |
+//! | no upstream (or in-process release) for the requested FHIR version | 406 |
 //! | directory down and nothing cached | 503 (`Retry-After`) |
 //! | no `TenantId` in the extensions (no tenant layer in front) | 403 |
 //!
