@@ -10,6 +10,8 @@
 //! - [`tenant`]: the tenant a verified token speaks for ([`TenantScopeLayer`](tenant::TenantScopeLayer)).
 //! - [`route`]: the tenant's upstream, through a cached directory
 //!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
+//! - [`smart`]: SMART scopes enforced per FHIR interaction
+//!   ([`SmartScopeLayer`](smart::SmartScopeLayer)).
 //! - [`limit`]: rate limits per tenant and per client ([`RateLimitLayer`](limit::RateLimitLayer)).
 //! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
 //! - `token`: the OAuth 2.0 client-credentials token endpoint, client store and signing keys
@@ -68,6 +70,7 @@ mod persist;
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod proxy;
 pub mod route;
+pub mod smart;
 pub mod tenant;
 #[cfg(test)]
 mod testing;

@@ -126,7 +126,6 @@ pub(crate) fn too_large(max: Option<u64>) -> Response<bytes::Bytes> {
 }
 
 /// Whether `error` (or what caused it) is a [`Limited`] body's "too long".
-#[cfg_attr(not(feature = "proxy"), allow(dead_code))]
 pub(crate) fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {

@@ -71,7 +71,6 @@ pub use request_id::{
     MakeUuid, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
 };
 
-#[cfg(feature = "proxy")]
 pub(crate) use body_limit::{is_length_limit, too_large};
 
 /// `tower_fhir_cache_total`'s two counters for one cache, taken from the recorder once (when

@@ -1,0 +1,707 @@
+//! What a request needs, and whether a token's grants cover it.
+
+use http::Method;
+use serde_json::Value;
+
+use super::scope::{is_type, parse_query, Grants, Permissions, ResourceScope, ScopeContext};
+use crate::interaction::{classify, Interaction};
+
+/// Why a request is refused: what it needed and no scope granted, with the scopes that would
+/// have sufficed (for `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refused {
+    /// Scopes that would have sufficed, space-separated, each once.
+    pub(crate) sufficient: Vec<String>,
+    /// The OperationOutcome's diagnostics.
+    pub(crate) diagnostics: String,
+}
+
+impl Refused {
+    pub(crate) fn new(diagnostics: impl Into<String>) -> Self {
+        Self {
+            sufficient: Vec::new(),
+            diagnostics: diagnostics.into(),
+        }
+    }
+
+    fn suggest(mut self, scope: String) -> Self {
+        if !self.sufficient.contains(&scope) {
+            self.sufficient.push(scope);
+        }
+        self
+    }
+}
+
+/// Whose data a need touches, as far as the request says before it is forwarded: what
+/// `patient/` scopes are checked against.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// `[type]/[id]` (and its history and operations).
+    Instance { ty: &'a str, id: &'a str },
+    /// A search within a compartment (`Patient/[id]/Observation`), or `Patient/[id]/$everything`.
+    Compartment { ty: &'a str, id: &'a str },
+    /// A search of a type by its parameters.
+    Search { ty: &'a str },
+    /// A resource a search includes (`_include`, `_revinclude`): its type, and the patient the
+    /// search is narrowed to, if it is.
+    Included { ty: &'a str },
+    /// Anything else: a create, system-level searches and history, type history. Whose data
+    /// it is cannot be told before forwarding.
+    Undecidable,
+}
+
+/// One permission a request needs on one resource type (`None`: every type).
+#[derive(Debug, Clone, Copy)]
+struct Need<'a> {
+    resource_type: Option<&'a str>,
+    permission: Permissions,
+    target: Target<'a>,
+}
+
+/// What checks a request: the grants and the request's search parameters.
+pub(crate) struct Check<'g> {
+    grants: &'g Grants,
+}
+
+impl<'g> Check<'g> {
+    pub(crate) fn new(grants: &'g Grants) -> Self {
+        Self { grants }
+    }
+
+    /// Checks a request given its method, path (relative to the FHIR base) and search
+    /// parameters (the query's, plus a form `_search` body's).
+    pub(crate) fn request(
+        &self,
+        method: &Method,
+        path: &str,
+        params: &[(String, String)],
+    ) -> Result<(), Refused> {
+        let found = classify(method, path);
+        let Some(interaction) = found.interaction else {
+            return Err(Refused::new(
+                "The request is not a FHIR interaction that SMART scopes can be checked against",
+            ));
+        };
+        let ty = found.resource_type;
+        let id = found.resource_id;
+        let get = *method == Method::GET || *method == Method::HEAD;
+        let mut needs: Vec<Need<'_>> = Vec::with_capacity(2);
+        let mut need = |resource_type, permission, target| {
+            needs.push(Need {
+                resource_type,
+                permission,
+                target,
+            })
+        };
+        match interaction {
+            Interaction::Capabilities => return Ok(()),
+            Interaction::Read | Interaction::Vread => {
+                let (ty, id) = (ty.unwrap_or_default(), id.unwrap_or_default());
+                need(Some(ty), Permissions::READ, Target::Instance { ty, id });
+            }
+            Interaction::Update | Interaction::Patch | Interaction::Delete => {
+                let permission = if interaction == Interaction::Delete {
+                    Permissions::DELETE
+                } else {
+                    Permissions::UPDATE
+                };
+                let ty = ty.unwrap_or_default();
+                let target = match id {
+                    Some(id) => Target::Instance { ty, id },
+                    // Conditional: the resources the parameters find.
+                    None => Target::Search { ty },
+                };
+                need(Some(ty), permission, target);
+            }
+            Interaction::Create => need(ty, Permissions::CREATE, Target::Undecidable),
+            Interaction::History => match (ty, id) {
+                (Some(ty), Some(id)) => {
+                    need(Some(ty), Permissions::READ, Target::Instance { ty, id })
+                }
+                (ty, _) => need(ty, Permissions::SEARCH, Target::Undecidable),
+            },
+            Interaction::Search => match (ty, id) {
+                (Some(compartment), Some(id)) => {
+                    // `[compartment]/[id]/[type]`: the type searched is the last segment.
+                    let searched = path
+                        .split(['?', '#'])
+                        .next()
+                        .unwrap_or("")
+                        .trim_end_matches('/')
+                        .rsplit('/')
+                        .next()
+                        .filter(|t| is_type(t));
+                    need(
+                        searched,
+                        Permissions::SEARCH,
+                        Target::Compartment {
+                            ty: compartment,
+                            id,
+                        },
+                    );
+                }
+                (Some(ty), None) => need(Some(ty), Permissions::SEARCH, Target::Search { ty }),
+                (None, _) => {
+                    // System search: the types `_type` names, or every type.
+                    let types: Vec<&str> = params
+                        .iter()
+                        .filter(|(name, _)| name == "_type")
+                        .flat_map(|(_, value)| value.split(','))
+                        .collect();
+                    if types.is_empty() || !types.iter().all(|t| is_type(t)) {
+                        need(None, Permissions::SEARCH, Target::Undecidable);
+                    } else {
+                        for ty in types {
+                            need(Some(ty), Permissions::SEARCH, Target::Undecidable);
+                        }
+                    }
+                }
+            },
+            Interaction::Operation => {
+                let target = match (ty, id) {
+                    (Some("Patient"), Some(id)) if found.operation == Some("everything") => {
+                        // Everything in the patient's compartment: every type.
+                        let target = Target::Compartment { ty: "Patient", id };
+                        need(None, Permissions::READ, target);
+                        need(None, Permissions::SEARCH, target);
+                        None
+                    }
+                    (Some(ty), Some(id)) => {
+                        let target = Target::Instance { ty, id };
+                        need(Some(ty), Permissions::READ, target);
+                        Some((Some(ty), target))
+                    }
+                    (ty, None) => {
+                        need(ty, Permissions::SEARCH, Target::Undecidable);
+                        Some((ty, Target::Undecidable))
+                    }
+                    (None, Some(_)) => None,
+                };
+                // An operation invoked otherwise than by GET may change what it touches.
+                if let (Some((ty, target)), false) = (target, get) {
+                    need(ty, Permissions::CREATE, target);
+                    need(ty, Permissions::UPDATE, target);
+                }
+            }
+            Interaction::Batch | Interaction::Transaction => {
+                return Err(Refused::new(
+                    "A batch or transaction is checked entry by entry, from its Bundle",
+                ))
+            }
+        }
+        if interaction == Interaction::Search {
+            for (name, value) in params {
+                let include = name.split(':').next().unwrap_or("");
+                let (reverse, value) = match include {
+                    "_include" => (false, value.as_str()),
+                    "_revinclude" => (true, value.as_str()),
+                    _ => continue,
+                };
+                let target_type = included_type(reverse, value);
+                match target_type {
+                    Some(ty) => need(Some(ty), Permissions::READ, Target::Included { ty }),
+                    None => need(None, Permissions::READ, Target::Undecidable),
+                }
+            }
+        }
+        let mut refused: Option<Refused> = None;
+        for need in &needs {
+            if !self.covered(need, params) {
+                let missing = refused.take().unwrap_or_else(|| {
+                    Refused::new(format!(
+                        "The token's scopes do not allow {} {}",
+                        interaction.as_str(),
+                        describe(ty, id)
+                    ))
+                });
+                refused = Some(missing.suggest(self.sufficient(need)));
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Whether some scope covers `need`.
+    fn covered(&self, need: &Need<'_>, params: &[(String, String)]) -> bool {
+        self.grants
+            .scopes()
+            .iter()
+            .any(|scope| self.scope_covers(scope, need, params))
+    }
+
+    fn scope_covers(
+        &self,
+        scope: &ResourceScope,
+        need: &Need<'_>,
+        params: &[(String, String)],
+    ) -> bool {
+        if !scope.permissions().contains(need.permission) || !scope.covers(need.resource_type) {
+            return false;
+        }
+        if !scope.query().is_empty() {
+            // A granular scope opens searches that carry its parameters, nothing else (a
+            // read could return a resource outside them).
+            let searching = need.permission == Permissions::SEARCH
+                && matches!(
+                    need.target,
+                    Target::Search { .. } | Target::Compartment { .. }
+                );
+            if !searching || !carries(params, scope.query()) {
+                return false;
+            }
+        }
+        match scope.context() {
+            ScopeContext::System | ScopeContext::User => true,
+            ScopeContext::Patient => {
+                let Some(patient) = self.grants.patient() else {
+                    return false;
+                };
+                match need.target {
+                    Target::Instance { ty, id } => ty == "Patient" && id == patient,
+                    Target::Compartment { ty, id } => ty == "Patient" && id == patient,
+                    Target::Search { ty } => narrowed_to(ty, params, patient),
+                    // Only the patient themself, found by a search narrowed to them.
+                    Target::Included { ty } => ty == "Patient" && narrowed_search(params, patient),
+                    Target::Undecidable => false,
+                }
+            }
+        }
+    }
+
+    /// The scope that would have covered `need`, in the token's own non-patient context (or
+    /// `system/`).
+    fn sufficient(&self, need: &Need<'_>) -> String {
+        let context = if self
+            .grants
+            .scopes()
+            .iter()
+            .any(|s| s.context() == ScopeContext::User)
+        {
+            ScopeContext::User
+        } else {
+            ScopeContext::System
+        };
+        format!(
+            "{}/{}.{}",
+            context.as_str(),
+            need.resource_type.unwrap_or("*"),
+            need.permission.letters()
+        )
+    }
+
+    /// Checks a batch or transaction Bundle (JSON), entry by entry.
+    pub(crate) fn bundle(&self, body: &[u8]) -> Result<(), Refused> {
+        let bundle: Value = serde_json::from_slice(body).map_err(|_| {
+            Refused::new(
+                "The batch or transaction is not a JSON Bundle: its entries cannot be checked",
+            )
+        })?;
+        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            return Err(Refused::new(
+                "A POST to the base must be a batch or transaction Bundle",
+            ));
+        }
+        let entries = match bundle.get("entry") {
+            None => return Ok(()),
+            Some(Value::Array(entries)) => entries,
+            Some(_) => return Err(Refused::new("The Bundle's entry is not a list")),
+        };
+        let mut refused: Option<Refused> = None;
+        for (n, entry) in entries.iter().enumerate() {
+            let request = entry.get("request");
+            let method = request
+                .and_then(|r| r.get("method"))
+                .and_then(Value::as_str)
+                .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+            let url = request.and_then(|r| r.get("url")).and_then(Value::as_str);
+            let (Some(method), Some(url)) = (method, url) else {
+                return Err(Refused::new(format!(
+                    "Entry {n} of the Bundle has no request method and url to check"
+                )));
+            };
+            if url.contains("://") || url.starts_with("//") {
+                return Err(Refused::new(format!(
+                    "Entry {n} of the Bundle names an absolute URL; only relative ones can be checked"
+                )));
+            }
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let Some(params) = parse_query(query) else {
+                return Err(Refused::new(format!(
+                    "Entry {n} of the Bundle has a query that is not UTF-8"
+                )));
+            };
+            if path.trim_matches('/').is_empty() || path.trim_matches('/') == "_search" {
+                // A batch within a batch, or a system search in one: refuse rather than guess.
+                if method == Method::POST {
+                    return Err(Refused::new(format!(
+                        "Entry {n} of the Bundle posts to the base: nested batches are not checked"
+                    )));
+                }
+            }
+            if let Err(entry_refused) = self.request(&method, path, &params) {
+                let mut merged = refused.take().unwrap_or_else(|| {
+                    Refused::new(format!(
+                        "Entry {n} of the Bundle: {}",
+                        entry_refused.diagnostics
+                    ))
+                });
+                for scope in entry_refused.sufficient {
+                    merged = merged.suggest(scope);
+                }
+                refused = Some(merged);
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+}
+
+/// The type an `_include` (`Source:param[:Target]`) or `_revinclude` (`Source:param`) brings
+/// in; `None` when it cannot be told (`*`, a parameter that may point anywhere).
+fn included_type(reverse: bool, value: &str) -> Option<&str> {
+    let mut parts = value.split(':');
+    let source = parts.next()?;
+    let param = parts.next()?;
+    if reverse {
+        return is_type(source).then_some(source);
+    }
+    if let Some(target) = parts.next() {
+        return is_type(target).then_some(target);
+    }
+    // Reference parameters whose target is one type whatever the source.
+    let ty = match param {
+        "patient" => "Patient",
+        "encounter" => "Encounter",
+        "organization" => "Organization",
+        "location" => "Location",
+        "device" => "Device",
+        "specimen" => "Specimen",
+        "medication" => "Medication",
+        "practitioner" => "Practitioner",
+        _ => return None,
+    };
+    is_type(source).then_some(ty)
+}
+
+/// Whether the search parameters carry each of a granular scope's (the same value, alone).
+fn carries(params: &[(String, String)], required: &[(String, String)]) -> bool {
+    required
+        .iter()
+        .all(|(name, value)| params.iter().any(|(n, v)| n == name && v == value))
+}
+
+/// Whether a search of `ty` is narrowed to `patient` by its parameters.
+fn narrowed_to(ty: &str, params: &[(String, String)], patient: &str) -> bool {
+    if ty == "Patient" {
+        return params.iter().any(|(n, v)| n == "_id" && v == patient)
+            && !params.iter().any(|(n, v)| n == "_id" && v != patient);
+    }
+    narrowed_search(params, patient)
+}
+
+/// Whether `patient` or `subject` narrows the search to the patient, each such parameter
+/// naming that patient only (no `,` alternatives, no chained or modified forms).
+fn narrowed_search(params: &[(String, String)], patient: &str) -> bool {
+    let reference = format!("Patient/{patient}");
+    let mut narrowed = false;
+    for (name, value) in params {
+        let base = name.split([':', '.']).next().unwrap_or("");
+        if base != "patient" && base != "subject" {
+            continue;
+        }
+        if name != base {
+            // `patient:missing`, `subject.name`, `patient:Patient`: not a plain narrowing.
+            return false;
+        }
+        let names_patient = match base {
+            "patient" => value == patient || *value == reference,
+            _ => *value == reference,
+        };
+        if !names_patient {
+            return false;
+        }
+        narrowed = true;
+    }
+    narrowed
+}
+
+fn describe(ty: Option<&str>, id: Option<&str>) -> String {
+    match (ty, id) {
+        (Some(ty), Some(id)) => format!("{ty}/{id}"),
+        (Some(ty), None) => ty.to_owned(),
+        _ => "at the system level".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn grants(scopes: &str) -> Grants {
+        Grants::from_scopes(scopes.split(' '), Some("123"))
+    }
+
+    fn check(scopes: &str, method: Method, url: &str) -> Result<(), Refused> {
+        let grants = grants(scopes);
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        Check::new(&grants).request(&method, path, &parse_query(query).unwrap())
+    }
+
+    fn allowed(scopes: &str, method: Method, url: &str) -> bool {
+        check(scopes, method, url).is_ok()
+    }
+
+    #[test]
+    fn each_interaction_needs_its_permission() {
+        use Method as M;
+        let cases: &[(M, &str, &str)] = &[
+            (M::GET, "/Patient/1", "r"),
+            (M::HEAD, "/Patient/1", "r"),
+            (M::GET, "/Patient/1/_history/2", "r"),
+            (M::GET, "/Patient/1/_history", "r"),
+            (M::PUT, "/Patient/1", "u"),
+            (M::PATCH, "/Patient/1", "u"),
+            (M::PUT, "/Patient?identifier=x", "u"),
+            (M::DELETE, "/Patient/1", "d"),
+            (M::DELETE, "/Patient?identifier=x", "d"),
+            (M::POST, "/Patient", "c"),
+            (M::GET, "/Patient?name=x", "s"),
+            (M::POST, "/Patient/_search", "s"),
+            (M::GET, "/Patient/_history", "s"),
+            (M::GET, "/Patient/$match", "s"),
+            (M::GET, "/Patient/1/$meta", "r"),
+        ];
+        for (method, url, letter) in cases {
+            let right = format!("system/Patient.{letter}");
+            assert!(
+                allowed(&right, method.clone(), url),
+                "{method} {url} with {right}"
+            );
+            let others: String = "cruds"
+                .chars()
+                .filter(|c| c.to_string() != *letter)
+                .collect();
+            let wrong = format!("system/Patient.{others} system/Observation.cruds");
+            let refused = check(&wrong, method.clone(), url).unwrap_err();
+            assert_eq!(refused.sufficient, [right], "{method} {url}");
+        }
+        // Reading the statement needs nothing; a POSTed operation may write.
+        assert!(allowed("system/Observation.r", Method::GET, "/metadata"));
+        assert!(!allowed(
+            "system/Patient.r",
+            Method::POST,
+            "/Patient/1/$meta"
+        ));
+        assert!(allowed(
+            "system/Patient.cru",
+            Method::POST,
+            "/Patient/1/$meta"
+        ));
+    }
+
+    #[test]
+    fn v1_scopes_and_wildcards() {
+        assert!(allowed("system/Patient.read", Method::GET, "/Patient/1"));
+        assert!(allowed(
+            "system/Patient.read",
+            Method::GET,
+            "/Patient?name=x"
+        ));
+        assert!(!allowed("system/Patient.read", Method::PUT, "/Patient/1"));
+        assert!(allowed("system/Patient.write", Method::PUT, "/Patient/1"));
+        assert!(allowed("system/Patient.write", Method::POST, "/Patient"));
+        assert!(!allowed("system/Patient.write", Method::GET, "/Patient/1"));
+        assert!(allowed("user/*.read", Method::GET, "/Observation/9"));
+        assert!(allowed("system/*.*", Method::DELETE, "/Observation/9"));
+        assert!(allowed("system/*.cruds", Method::GET, "/"));
+        assert!(
+            !allowed("system/Patient.rs", Method::GET, "/"),
+            "system search needs *"
+        );
+        assert!(allowed(
+            "system/Patient.s system/Observation.s",
+            Method::GET,
+            "/?_type=Patient,Observation"
+        ));
+        assert!(!allowed(
+            "system/Patient.s",
+            Method::GET,
+            "/?_type=Patient,Observation"
+        ));
+        assert!(!allowed("system/Patient.rs", Method::GET, "/_history"));
+        let refused = check("user/Patient.r", Method::GET, "/Observation/1").unwrap_err();
+        assert_eq!(
+            refused.sufficient,
+            ["user/Observation.r"],
+            "in the token's context"
+        );
+    }
+
+    #[test]
+    fn patient_scopes_open_that_patient_only() {
+        let p = "patient/*.rs";
+        assert!(allowed(p, Method::GET, "/Patient/123"));
+        assert!(!allowed(p, Method::GET, "/Patient/124"));
+        assert!(allowed(p, Method::GET, "/Patient/123/Observation"));
+        assert!(!allowed(p, Method::GET, "/Patient/124/Observation"));
+        assert!(allowed(p, Method::GET, "/Observation?patient=123&code=x"));
+        assert!(allowed(p, Method::GET, "/Observation?patient=Patient/123"));
+        assert!(allowed(p, Method::GET, "/Observation?subject=Patient/123"));
+        assert!(allowed(p, Method::GET, "/Patient?_id=123"));
+        assert!(allowed(p, Method::GET, "/Patient/123/$everything"));
+        assert!(!allowed(p, Method::GET, "/Patient/124/$everything"));
+        for unnarrowed in [
+            "/Observation",
+            "/Observation?code=x",
+            "/Observation?patient=124",
+            "/Observation?patient=123,124",
+            "/Observation?patient=123&patient=124",
+            "/Observation?subject=123",
+            "/Observation?patient:missing=true",
+            "/Observation?subject.name=x",
+            "/Patient?_id=123,124",
+            "/Patient?_id=124",
+            "/Observation/9",
+            "/Observation/_history",
+        ] {
+            assert!(!allowed(p, Method::GET, unnarrowed), "{unnarrowed}");
+        }
+        assert!(!allowed("patient/*.cruds", Method::POST, "/Observation"));
+        // No patient claim: patient scopes open nothing.
+        let none = Grants::from_scopes(["patient/*.rs"], None);
+        assert!(Check::new(&none)
+            .request(&Method::GET, "/Patient/123", &[])
+            .is_err());
+    }
+
+    #[test]
+    fn granular_scopes_open_searches_carrying_their_parameters() {
+        let g = "system/Observation.rs?category=laboratory";
+        assert!(allowed(g, Method::GET, "/Observation?category=laboratory"));
+        assert!(allowed(
+            g,
+            Method::GET,
+            "/Observation?category=laboratory&code=x"
+        ));
+        assert!(!allowed(
+            g,
+            Method::GET,
+            "/Observation?category=vital-signs"
+        ));
+        assert!(!allowed(
+            g,
+            Method::GET,
+            "/Observation?category=laboratory,vital-signs"
+        ));
+        assert!(!allowed(g, Method::GET, "/Observation"));
+        assert!(
+            !allowed(g, Method::GET, "/Observation/1"),
+            "a read is not decidable"
+        );
+        let both = "patient/Observation.rs?category=laboratory";
+        assert!(allowed(
+            both,
+            Method::GET,
+            "/Observation?category=laboratory&patient=123"
+        ));
+        assert!(!allowed(
+            both,
+            Method::GET,
+            "/Observation?category=laboratory"
+        ));
+    }
+
+    #[test]
+    fn includes_need_read_on_what_they_bring_in() {
+        let url = "/Observation?code=x&_include=Observation:performer:Practitioner";
+        assert!(!allowed("system/Observation.s", Method::GET, url));
+        assert!(allowed(
+            "system/Observation.s system/Practitioner.r",
+            Method::GET,
+            url
+        ));
+        let refused = check("system/Observation.s", Method::GET, url).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Practitioner.r"]);
+        let patient = "/Observation?code=x&_include=Observation:patient";
+        assert!(!allowed("system/Observation.s", Method::GET, patient));
+        assert!(allowed(
+            "system/Observation.s system/Patient.r",
+            Method::GET,
+            patient
+        ));
+        let any = "/Observation?_include=Observation:subject";
+        assert!(!allowed(
+            "system/Observation.s system/Patient.r",
+            Method::GET,
+            any
+        ));
+        assert!(allowed("system/Observation.s system/*.r", Method::GET, any));
+        let rev = "/Patient?name=x&_revinclude=Provenance:target";
+        assert!(!allowed("system/Patient.s", Method::GET, rev));
+        assert!(allowed(
+            "system/Patient.s system/Provenance.r",
+            Method::GET,
+            rev
+        ));
+        let iterate = "/Patient?_include:iterate=Patient:organization";
+        assert!(!allowed("system/Patient.s", Method::GET, iterate));
+        // A patient's own search may include that patient.
+        let own = "/Observation?patient=123&_include=Observation:patient";
+        assert!(allowed("patient/*.rs", Method::GET, own));
+        let other = "/Observation?patient=123&_include=Observation:performer:Practitioner";
+        assert!(!allowed("patient/*.rs", Method::GET, other));
+    }
+
+    #[test]
+    fn bundles_are_checked_entry_by_entry() {
+        let bundle = |entries: serde_json::Value| {
+            serde_json::to_vec(
+                &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+            )
+            .unwrap()
+        };
+        let g = grants("system/Patient.cru system/Observation.rs");
+        let check = Check::new(&g);
+        let ok = bundle(json!([
+            {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+            {"request": {"method": "GET", "url": "Observation?code=x"}},
+            {"request": {"method": "PUT", "url": "Patient/1"}}
+        ]));
+        assert_eq!(check.bundle(&ok), Ok(()));
+        let one_out = bundle(json!([
+            {"request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "DELETE", "url": "Observation/7"}}
+        ]));
+        let refused = check.bundle(&one_out).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Observation.d"]);
+        assert!(
+            refused.diagnostics.starts_with("Entry 1"),
+            "{}",
+            refused.diagnostics
+        );
+        for bad in [
+            b"not json".to_vec(),
+            serde_json::to_vec(&json!({"resourceType": "Patient"})).unwrap(),
+            bundle(json!([{"request": {"url": "Patient"}}])),
+            bundle(json!([{"request": {"method": "GET", "url": "http://elsewhere/Patient/1"}}])),
+            bundle(json!([{"request": {"method": "POST", "url": "/"}}])),
+            bundle(json!([{"request": {"method": "GET", "url": "Patient/../Observation/1"}}])),
+        ] {
+            assert!(
+                check.bundle(&bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+        assert_eq!(check.bundle(&bundle(json!([]))), Ok(()));
+    }
+
+    #[test]
+    fn what_is_not_fhir_is_refused() {
+        assert!(!allowed(
+            "system/*.cruds",
+            Method::GET,
+            "/Patient/1/2/3/4/5/6"
+        ));
+        assert!(!allowed("system/*.cruds", Method::GET, "/admin"));
+    }
+}

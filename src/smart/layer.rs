@@ -1,0 +1,393 @@
+//! `SmartScopeLayer`, its builder, its service and the request body it hands on.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::check::{Check, Refused};
+use super::scope::{parse_query, Grants};
+use crate::auth::{MemoKey, VerifiedClaims};
+use crate::body::ResponseBody;
+use crate::future::PassOrOwn;
+use crate::interaction::{classify, Interaction};
+use crate::outcome::{IssueType, OperationOutcome};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The default for [`SmartScopeBuilder::max_buffered_body`]: 16 MiB, the gateway's default
+/// request body limit.
+pub const DEFAULT_MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
+
+/// A Tower layer that enforces the token's SMART scopes on each FHIR interaction (see the
+/// [module docs](super)).
+#[derive(Clone)]
+#[must_use]
+pub struct SmartScopeLayer {
+    config: Arc<Config>,
+}
+
+struct Config {
+    require_smart_scopes: bool,
+    max_buffered_body: usize,
+    /// This layer's key for the grants it keeps with a token's claims: a cached token's scopes
+    /// are parsed once, not on each of its requests.
+    memo: MemoKey,
+}
+
+impl SmartScopeLayer {
+    /// Starts configuring the layer.
+    pub fn builder() -> SmartScopeBuilder {
+        SmartScopeBuilder {
+            require_smart_scopes: false,
+            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+        }
+    }
+}
+
+impl fmt::Debug for SmartScopeLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmartScopeLayer")
+            .field("require_smart_scopes", &self.config.require_smart_scopes)
+            .field("max_buffered_body", &self.config.max_buffered_body)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for SmartScopeLayer {
+    type Service = SmartScopes<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SmartScopes {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// Configures a [`SmartScopeLayer`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SmartScopeBuilder {
+    require_smart_scopes: bool,
+    max_buffered_body: usize,
+}
+
+/// A setting [`SmartScopeBuilder::build`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_buffered_body` is zero.
+    NoBodyRoom,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoBodyRoom => f.write_str("max_buffered_body must be at least 1 byte"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl SmartScopeBuilder {
+    /// Refuses (`403`) a token with no SMART resource scope. Off by default: such a token (the
+    /// tenant in its scope and nothing else, as the gateway's own clients get) keeps access to
+    /// everything its tenant's server holds.
+    pub fn require_smart_scopes(mut self, require: bool) -> Self {
+        self.require_smart_scopes = require;
+        self
+    }
+
+    /// The largest request body read to check it: a batch or transaction Bundle, a form
+    /// `POST _search`. Larger ones get `413`. Default [`DEFAULT_MAX_BUFFERED_BODY`].
+    pub fn max_buffered_body(mut self, bytes: usize) -> Self {
+        self.max_buffered_body = bytes;
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> Result<SmartScopeLayer, ConfigError> {
+        if self.max_buffered_body == 0 {
+            return Err(ConfigError::NoBodyRoom);
+        }
+        Ok(SmartScopeLayer {
+            config: Arc::new(Config {
+                require_smart_scopes: self.require_smart_scopes,
+                max_buffered_body: self.max_buffered_body,
+                memo: MemoKey::unique(),
+            }),
+        })
+    }
+}
+
+/// The service of [`SmartScopeLayer`].
+#[derive(Clone)]
+pub struct SmartScopes<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for SmartScopes<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmartScopes")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The response future of [`SmartScopes`]: the inner service's for a request checked from its
+/// head (no allocation); the layer's own, boxed, for a refusal or a body read to be checked.
+pub type ResponseFuture<F, B, E> = PassOrOwn<F, B, E>;
+
+/// What a request's head says must be done with it.
+enum Plan {
+    /// Let it through as it is.
+    Pass,
+    /// Refuse it.
+    Refuse(Box<Response<Bytes>>),
+    /// Read its body and check it: a Bundle, or a `_search` form.
+    ReadBody(BodyCheck),
+}
+
+#[derive(Clone, Copy)]
+enum BodyCheck {
+    Bundle,
+    SearchForm,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SmartScopes<S>
+where
+    S: Service<Request<ScopedBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let grants = match request.extensions().get::<VerifiedClaims>() {
+            Some(claims) => {
+                claims.memoized(self.config.memo, |claims| Arc::new(Grants::of(claims)))
+            }
+            None => {
+                return refused(
+                    OperationOutcome::error(
+                        IssueType::Forbidden,
+                        "The request carries no verified token",
+                    )
+                    .to_response(StatusCode::FORBIDDEN),
+                )
+            }
+        };
+        match plan(&self.config, &grants, &request) {
+            Plan::Pass => PassOrOwn::passed(self.inner.call(request.map(ScopedBody::passed))),
+            Plan::Refuse(response) => refused(*response),
+            Plan::ReadBody(what) => {
+                // The body must be read first: the ready service goes with the request, and
+                // this one keeps a fresh clone.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let max = self.config.max_buffered_body;
+                PassOrOwn::own(async move {
+                    let (parts, body) = request.into_parts();
+                    let bytes = match Limited::new(body, max).collect().await {
+                        Ok(collected) => collected.to_bytes(),
+                        Err(error) => {
+                            let response = if crate::ops::is_length_limit(&*error) {
+                                crate::ops::too_large(Some(max as u64))
+                            } else {
+                                OperationOutcome::error(
+                                    IssueType::Invalid,
+                                    "The request body could not be read",
+                                )
+                                .to_response(StatusCode::BAD_REQUEST)
+                            };
+                            return Ok(response.map(ResponseBody::full));
+                        }
+                    };
+                    let checked = match what {
+                        BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
+                        BodyCheck::SearchForm => {
+                            let mut params =
+                                parse_query(parts.uri.query().unwrap_or("")).unwrap_or_default();
+                            let form = std::str::from_utf8(&bytes).ok().and_then(parse_query);
+                            match form {
+                                Some(form) => {
+                                    params.extend(form);
+                                    Check::new(&grants).request(
+                                        &parts.method,
+                                        parts.uri.path(),
+                                        &params,
+                                    )
+                                }
+                                None => {
+                                    Err(Refused::new("The _search form is not UTF-8 form data"))
+                                }
+                            }
+                        }
+                    };
+                    if let Err(why) = checked {
+                        return Ok(insufficient_scope(&why).map(ResponseBody::full));
+                    }
+                    let request = Request::from_parts(parts, ScopedBody::buffered(bytes));
+                    Ok(inner.call(request).await?.map(ResponseBody::inner))
+                })
+            }
+        }
+    }
+}
+
+/// What to do with a request, from its head and the grants.
+fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
+    if grants.is_empty() && !config.require_smart_scopes {
+        // The tenant alone: tenant-wide access, as before SMART scopes were enforced.
+        return Plan::Pass;
+    }
+    let method = request.method();
+    let path = request.uri().path();
+    let found = classify(method, path);
+    match found.interaction {
+        Some(Interaction::Batch) if *method == Method::POST => {
+            return Plan::ReadBody(BodyCheck::Bundle)
+        }
+        Some(Interaction::Search) if *method == Method::POST => {
+            return Plan::ReadBody(BodyCheck::SearchForm)
+        }
+        _ => {}
+    }
+    let params = match request.uri().query() {
+        None => Vec::new(),
+        Some(query) => match parse_query(query) {
+            Some(params) => params,
+            None => {
+                return Plan::Refuse(Box::new(
+                    OperationOutcome::error(IssueType::Invalid, "The query string is not UTF-8")
+                        .to_response(StatusCode::BAD_REQUEST),
+                ))
+            }
+        },
+    };
+    match Check::new(grants).request(method, path, &params) {
+        Ok(()) => Plan::Pass,
+        Err(why) => Plan::Refuse(Box::new(insufficient_scope(&why))),
+    }
+}
+
+/// A refusal, answered at once.
+fn refused<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
+    PassOrOwn::own(async move { Ok(response.map(ResponseBody::full)) })
+}
+
+/// 403 with an OperationOutcome (`forbidden`) and `WWW-Authenticate: Bearer
+/// error="insufficient_scope", scope="<what would have sufficed>"` (RFC 6750 §3.1).
+fn insufficient_scope(why: &Refused) -> Response<Bytes> {
+    let mut response = OperationOutcome::error(IssueType::Forbidden, why.diagnostics.as_str())
+        .to_response(StatusCode::FORBIDDEN);
+    let mut challenge = String::from("Bearer error=\"insufficient_scope\"");
+    if !why.sufficient.is_empty() {
+        challenge.push_str(", scope=\"");
+        challenge.push_str(&why.sufficient.join(" "));
+        challenge.push('"');
+    }
+    // Scopes are printable ASCII without `"` or `\` once parsed; anything else is left out.
+    let value = HeaderValue::from_str(&challenge)
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"insufficient_scope\""));
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, value);
+    response
+}
+
+pin_project! {
+    /// The request body [`SmartScopes`] hands on: the client's, untouched, or (after the layer
+    /// read it to check a Bundle or a `_search` form) the same bytes again.
+    pub struct ScopedBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Passed { #[pin] body: B },
+        Buffered { body: Full<Bytes> },
+    }
+}
+
+impl<B> ScopedBody<B> {
+    /// The client's body, as it is.
+    pub fn passed(body: B) -> Self {
+        Self {
+            kind: Kind::Passed { body },
+        }
+    }
+
+    /// A body read whole.
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self {
+            kind: Kind::Buffered {
+                body: Full::new(bytes),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ScopedBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopedBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for ScopedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Passed { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Buffered { body } => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Passed { body } => body.is_end_stream(),
+            Kind::Buffered { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Passed { body } => body.size_hint(),
+            Kind::Buffered { body } => body.size_hint(),
+        }
+    }
+}

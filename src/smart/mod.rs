@@ -1,0 +1,104 @@
+//! SMART authorization: the token's scopes enforced on each FHIR interaction.
+//!
+//! [`SmartScopeLayer`] goes after the bearer layer (it reads the [`VerifiedClaims`]) and
+//! before anything that forwards. It classifies each request as a FHIR interaction and checks
+//! it against the token's SMART resource scopes ([`Grants`]): v2
+//! (`system/Patient.rs`, `user/Observation.cruds`, `patient/*.r`), v1 (`.read`, `.write`,
+//! `.*`), the `patient/`, `user/` and `system/` contexts, `*` resource types, and granular v2
+//! scopes with a query (`system/Observation.rs?category=laboratory`). Scopes are read from
+//! `scope` and from `scp` (a string or an array, as Microsoft Entra issues them).
+//!
+//! | interaction | needs |
+//! |---|---|
+//! | `read`, `vread`, instance `history` | `r` on the type |
+//! | `update`, `patch` (also conditional) | `u` |
+//! | `delete` (also conditional) | `d` |
+//! | `create` | `c` |
+//! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type |
+//! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
+//! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `device`, `specimen`, `medication`, `practitioner`), else `*` |
+//! | `$operation` by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level); `Patient/[id]/$everything`: `r` and `s` on `*` |
+//! | `$operation` by another method | the same plus `c` and `u` |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only; entries with absolute URLs, nested batches or no request refused) |
+//! | `capabilities` (`metadata`) | nothing |
+//!
+//! What cannot be decided before forwarding is refused rather than guessed:
+//!
+//! - A `patient/` scope opens only what is the token's patient's (its `patient` claim) from the
+//!   request alone: that `Patient` (read, update, history, operations), its compartment
+//!   (`Patient/[id]/Observation`, `$everything`), and searches narrowed to it by `patient=[id]`
+//!   or `patient=Patient/[id]`, `subject=Patient/[id]`, or `Patient?_id=[id]` (each such
+//!   parameter naming that patient alone). A read of another type by id, a create, an
+//!   unnarrowed search or a history of a type are refused: whose data they touch is in the
+//!   resource, which the gateway has not seen. An include under a `patient/` scope brings in
+//!   only `Patient`, in a search narrowed to that patient.
+//! - A granular scope (`?category=laboratory`) opens searches that carry each of its
+//!   parameters with that value exactly (`category=laboratory`, not
+//!   `category=laboratory,vital-signs`); reads by id under it alone are refused, since the
+//!   resource read might not match.
+//! - A request that is not a FHIR interaction (`classify` finds none) is refused.
+//!
+//! A refusal is `403` with an `OperationOutcome` (`forbidden`) saying what was not allowed,
+//! and `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."` naming scopes that
+//! would have sufficed (RFC 6750 §3.1), before anything reaches the inner service.
+//!
+//! A token with no SMART resource scope at all (the tenant in `scope` and nothing else, as the
+//! token endpoint issues to clients registered without scopes) keeps tenant-wide access,
+//! unless the layer is built with
+//! [`require_smart_scopes(true)`](SmartScopeBuilder::require_smart_scopes), which refuses it.
+//! A token's grants are parsed once and kept with its cached claims; a request checked from
+//! its head costs no allocation beyond its query's parameters. A Bundle or a `_search` form is
+//! read whole first (at most [`max_buffered_body`](SmartScopeBuilder::max_buffered_body),
+//! else `413`) and handed on unchanged as a [`ScopedBody`].
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_fhir::auth::VerifiedClaims;
+//! use tower_fhir::smart::{ScopedBody, SmartScopeLayer};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let service = ServiceBuilder::new()
+//!     .layer(SmartScopeLayer::builder().build().unwrap())
+//!     .service_fn(|_req: Request<ScopedBody<Full<Bytes>>>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("ok")))
+//!     });
+//! let with_scopes = |uri: &str, scope: &str| {
+//!     let claims = serde_json::json!({"exp": 4_000_000_000u64, "scope": scope});
+//!     let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+//!     let mut request = Request::get(uri).body(Full::<Bytes>::default()).unwrap();
+//!     request.extensions_mut().insert(claims);
+//!     request
+//! };
+//!
+//! let read = with_scopes("/Patient/1", "system/Patient.rs");
+//! assert_eq!(service.clone().oneshot(read).await.unwrap().status(), StatusCode::OK);
+//!
+//! let other_type = with_scopes("/Observation/1", "system/Patient.rs");
+//! let refused = service.clone().oneshot(other_type).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+//! assert_eq!(
+//!     refused.headers()["www-authenticate"],
+//!     "Bearer error=\"insufficient_scope\", scope=\"system/Observation.r\""
+//! );
+//!
+//! // The tenant alone, no SMART scope: tenant-wide, unless `require_smart_scopes(true)`.
+//! let tenant_only = with_scopes("/Observation/1", "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f");
+//! assert_eq!(service.oneshot(tenant_only).await.unwrap().status(), StatusCode::OK);
+//! # });
+//! ```
+//!
+//! [`VerifiedClaims`]: crate::auth::VerifiedClaims
+
+mod check;
+mod layer;
+mod scope;
+
+pub use layer::{
+    ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
+    DEFAULT_MAX_BUFFERED_BODY,
+};
+pub use scope::{Grants, Permissions, ResourceScope, ScopeContext};

@@ -1,0 +1,444 @@
+//! SMART resource scopes, v1 and v2, and what a token's scopes grant together.
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::auth::VerifiedClaims;
+
+/// What a scope allows on a resource type: SMART v2's `c`, `r`, `u`, `d`, `s`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Permissions(u8);
+
+impl Permissions {
+    /// `c`: create.
+    pub const CREATE: Self = Self(1);
+    /// `r`: read, vread, instance history.
+    pub const READ: Self = Self(2);
+    /// `u`: update and patch.
+    pub const UPDATE: Self = Self(4);
+    /// `d`: delete.
+    pub const DELETE: Self = Self(8);
+    /// `s`: search, type and system history.
+    pub const SEARCH: Self = Self(16);
+    /// Everything: `cruds`, v1's `*`.
+    pub const ALL: Self = Self(31);
+    /// Nothing.
+    pub const NONE: Self = Self(0);
+
+    /// Whether every permission of `other` is in `self`.
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Both together.
+    #[must_use]
+    pub fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The SMART v2 letters, in `cruds` order.
+    pub fn letters(self) -> String {
+        "cruds"
+            .chars()
+            .zip([
+                Self::CREATE,
+                Self::READ,
+                Self::UPDATE,
+                Self::DELETE,
+                Self::SEARCH,
+            ])
+            .filter(|(_, p)| self.contains(*p))
+            .map(|(c, _)| c)
+            .collect()
+    }
+
+    /// The v2 permissions a v2 suffix (`rs`, `cruds`; letters in that order, each once) or a
+    /// v1 one (`read`, `write`, `*`) names.
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            // v1: read is read and search; write is create, update and delete.
+            "read" => return Some(Self::READ.union(Self::SEARCH)),
+            "write" => return Some(Self::CREATE.union(Self::UPDATE).union(Self::DELETE)),
+            "*" => return Some(Self::ALL),
+            _ => {}
+        }
+        let mut order = "cruds".chars();
+        let mut permissions = Self::NONE;
+        for letter in text.chars() {
+            // Each letter once, in `cruds` order.
+            order.by_ref().find(|c| *c == letter)?;
+            permissions = permissions.union(match letter {
+                'c' => Self::CREATE,
+                'r' => Self::READ,
+                'u' => Self::UPDATE,
+                'd' => Self::DELETE,
+                _ => Self::SEARCH,
+            });
+        }
+        (!permissions.is_empty()).then_some(permissions)
+    }
+}
+
+impl fmt::Debug for Permissions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Permissions({})", self.letters())
+    }
+}
+
+/// Whose data a scope opens: SMART's `patient/`, `user/` and `system/` contexts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScopeContext {
+    /// `patient/`: the data of the patient in the token's `patient` claim.
+    Patient,
+    /// `user/`: whatever the user may see (the FHIR server decides which; the gateway lets
+    /// through what the scope's type and permissions allow).
+    User,
+    /// `system/`: a backend service's access, no user or patient.
+    System,
+}
+
+impl ScopeContext {
+    /// `patient`, `user` or `system`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Patient => "patient",
+            Self::User => "user",
+            Self::System => "system",
+        }
+    }
+}
+
+/// One SMART resource scope: `system/Patient.rs`, `user/Observation.cruds`, `patient/*.read`,
+/// `system/Observation.rs?category=laboratory`.
+///
+/// ```
+/// use tower_fhir::smart::{Permissions, ResourceScope, ScopeContext};
+///
+/// let scope = ResourceScope::parse("system/Observation.rs?category=laboratory").unwrap();
+/// assert_eq!(scope.context(), ScopeContext::System);
+/// assert_eq!(scope.resource_type(), Some("Observation"));
+/// assert!(scope.permissions().contains(Permissions::SEARCH));
+/// assert_eq!(scope.query(), [("category".to_owned(), "laboratory".to_owned())]);
+/// // v1: `read` is read and search.
+/// let v1 = ResourceScope::parse("patient/*.read").unwrap();
+/// assert_eq!(v1.resource_type(), None, "every type");
+/// assert_eq!(v1.permissions().letters(), "rs");
+/// // Not resource scopes: a tenant id, `openid`, letters out of order.
+/// assert!(ResourceScope::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").is_none());
+/// assert!(ResourceScope::parse("openid").is_none());
+/// assert!(ResourceScope::parse("system/Patient.sr").is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceScope {
+    context: ScopeContext,
+    /// `None` for `*`.
+    resource_type: Option<Box<str>>,
+    permissions: Permissions,
+    /// A v2 scope's query, decoded: each parameter and its one value.
+    query: Vec<(String, String)>,
+}
+
+impl ResourceScope {
+    /// Parses a scope; `None` when it is not a SMART resource scope.
+    pub fn parse(scope: &str) -> Option<Self> {
+        let (context, rest) = scope.split_once('/')?;
+        let context = match context {
+            "patient" => ScopeContext::Patient,
+            "user" => ScopeContext::User,
+            "system" => ScopeContext::System,
+            _ => return None,
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let (resource_type, permissions) = rest.rsplit_once('.')?;
+        let resource_type = match resource_type {
+            "*" => None,
+            ty if is_type(ty) => Some(Box::from(ty)),
+            _ => return None,
+        };
+        let v1 = matches!(permissions, "read" | "write" | "*");
+        let permissions = Permissions::parse(permissions)?;
+        let query = match query {
+            // Only v2 scopes take a query, and it names at least one parameter.
+            Some(_) if v1 => return None,
+            Some(query) => {
+                let pairs = parse_query(query)?;
+                if pairs.is_empty() {
+                    return None;
+                }
+                pairs
+            }
+            None => Vec::new(),
+        };
+        Some(Self {
+            context,
+            resource_type,
+            permissions,
+            query,
+        })
+    }
+
+    /// The context: `patient/`, `user/` or `system/`.
+    pub fn context(&self) -> ScopeContext {
+        self.context
+    }
+
+    /// The resource type; `None` for `*`.
+    pub fn resource_type(&self) -> Option<&str> {
+        self.resource_type.as_deref()
+    }
+
+    /// What it allows.
+    pub fn permissions(&self) -> Permissions {
+        self.permissions
+    }
+
+    /// A granular v2 scope's query (`?category=laboratory`), decoded; empty for the others.
+    pub fn query(&self) -> &[(String, String)] {
+        &self.query
+    }
+
+    /// Whether it covers `resource_type` (`None`: every type, which only `*` covers).
+    pub(crate) fn covers(&self, resource_type: Option<&str>) -> bool {
+        match (&self.resource_type, resource_type) {
+            (None, _) => true,
+            (Some(own), Some(ty)) => **own == *ty,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// What a token's scopes grant: its SMART resource scopes, and the patient its `patient/`
+/// scopes are about.
+///
+/// Scopes come from `scope` (space-separated, or an array) and `scp` (a string or an array,
+/// as Microsoft Entra issues them); anything that is not a resource scope (the tenant id,
+/// `openid`, `launch/patient`, a malformed scope) grants nothing here.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grants {
+    scopes: Vec<ResourceScope>,
+    patient: Option<Box<str>>,
+}
+
+impl Grants {
+    /// The grants of these verified claims.
+    pub fn of(claims: &VerifiedClaims) -> Self {
+        let mut scopes: Vec<ResourceScope> =
+            claims.scopes().filter_map(ResourceScope::parse).collect();
+        match claims.get("scp") {
+            Some(Value::String(text)) => {
+                scopes.extend(text.split(' ').filter_map(ResourceScope::parse));
+            }
+            Some(Value::Array(items)) => scopes.extend(
+                items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .flat_map(|text| text.split(' '))
+                    .filter_map(ResourceScope::parse),
+            ),
+            _ => {}
+        }
+        let patient = match claims.get("patient") {
+            Some(Value::String(id)) if !id.is_empty() => Some(Box::from(id.as_str())),
+            _ => None,
+        };
+        Self { scopes, patient }
+    }
+
+    /// Grants from scopes alone (and the patient of `patient/` scopes), for tests and
+    /// services that check by other means.
+    pub fn from_scopes<'a>(
+        scopes: impl IntoIterator<Item = &'a str>,
+        patient: Option<&str>,
+    ) -> Self {
+        Self {
+            scopes: scopes
+                .into_iter()
+                .filter_map(ResourceScope::parse)
+                .collect(),
+            patient: patient.filter(|p| !p.is_empty()).map(Box::from),
+        }
+    }
+
+    /// The resource scopes.
+    pub fn scopes(&self) -> &[ResourceScope] {
+        &self.scopes
+    }
+
+    /// The `patient` claim: the patient `patient/` scopes are about.
+    pub fn patient(&self) -> Option<&str> {
+        self.patient.as_deref()
+    }
+
+    /// Whether the token has no SMART resource scope at all.
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+}
+
+/// A resource type name: a capital letter, then letters and digits.
+pub(crate) fn is_type(segment: &str) -> bool {
+    let mut bytes = segment.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A query string's parameters, percent- and `+`-decoded; `None` when one is not UTF-8.
+pub(crate) fn parse_query(query: &str) -> Option<Vec<(String, String)>> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> Option<String> {
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|text| text.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(value: serde_json::Value) -> VerifiedClaims {
+        let mut value = value;
+        value["exp"] = json!(4_000_000_000u64);
+        VerifiedClaims::assume_verified(value.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn v2_and_v1_scopes_parse() {
+        let cases = [
+            (
+                "system/Patient.rs",
+                ScopeContext::System,
+                Some("Patient"),
+                "rs",
+            ),
+            (
+                "user/Observation.cruds",
+                ScopeContext::User,
+                Some("Observation"),
+                "cruds",
+            ),
+            ("patient/*.r", ScopeContext::Patient, None, "r"),
+            ("system/*.read", ScopeContext::System, None, "rs"),
+            (
+                "user/Encounter.write",
+                ScopeContext::User,
+                Some("Encounter"),
+                "cud",
+            ),
+            (
+                "patient/Condition.*",
+                ScopeContext::Patient,
+                Some("Condition"),
+                "cruds",
+            ),
+            (
+                "system/Observation.cu",
+                ScopeContext::System,
+                Some("Observation"),
+                "cu",
+            ),
+        ];
+        for (text, context, ty, letters) in cases {
+            let scope = ResourceScope::parse(text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(scope.context(), context, "{text}");
+            assert_eq!(scope.resource_type(), ty, "{text}");
+            assert_eq!(scope.permissions().letters(), letters, "{text}");
+            assert!(scope.query().is_empty());
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_resource_scope_grants_nothing() {
+        for text in [
+            "openid",
+            "fhirUser",
+            "launch/patient",
+            "offline_access",
+            "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+            "system/Patient",
+            "system/Patient.",
+            "system/Patient.x",
+            "system/Patient.rr",
+            "system/Patient.sr",
+            "system/patient.rs",
+            "system/Pat-ient.rs",
+            "admin/Patient.rs",
+            "system/Patient.read?category=x",
+            "system/Observation.rs?",
+            "system/Observation.rs?%ff=x",
+        ] {
+            assert_eq!(ResourceScope::parse(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn granular_queries_are_decoded() {
+        let scope = ResourceScope::parse(
+            "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category%7Claboratory",
+        )
+        .unwrap();
+        assert_eq!(
+            scope.query(),
+            [(
+                "category".to_owned(),
+                "http://terminology.hl7.org/CodeSystem/observation-category|laboratory".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn grants_read_scope_and_scp_in_every_form() {
+        let grants = Grants::of(&claims(json!({
+            "scope": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f system/Patient.rs openid",
+            "scp": ["user/Observation.r", "patient/*.read"],
+            "patient": "123"
+        })));
+        let texts: Vec<_> = grants
+            .scopes()
+            .iter()
+            .map(|s| (s.context().as_str(), s.resource_type()))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                ("system", Some("Patient")),
+                ("user", Some("Observation")),
+                ("patient", None)
+            ]
+        );
+        assert_eq!(grants.patient(), Some("123"));
+        let entra = Grants::of(&claims(
+            json!({"scp": "system/Patient.r system/Encounter.r"}),
+        ));
+        assert_eq!(entra.scopes().len(), 2);
+        assert!(Grants::of(&claims(
+            json!({"scope": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"})
+        ))
+        .is_empty());
+        assert!(
+            Grants::of(&claims(json!({"scope": ["system/Patient.rs"]})))
+                .scopes()
+                .len()
+                == 1
+        );
+    }
+}
