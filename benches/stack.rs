@@ -53,6 +53,7 @@ use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
 use tower_fhir::route::{
     InMemoryDirectory, InProcessTenant, TenantRecord, TenantRoutingLayer, Upstream,
 };
+use tower_fhir::smart::ScopedBody;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
@@ -365,7 +366,12 @@ fn bench(c: &mut Criterion) {
             .token_endpoint(endpoint)
             .build_layer()
             .unwrap();
-        let mut service = layer.layer(tower::service_fn(ok));
+        // The SMART scope layer hands the request body on as a `ScopedBody`.
+        let mut service = layer.layer(tower::service_fn(
+            |_request: Request<ScopedBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+            },
+        ));
         warm(
             &runtime,
             &mut service,

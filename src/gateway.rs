@@ -2,7 +2,7 @@
 //! token endpoint mounted beside it (feature `proxy`).
 //!
 //! [`Gateway::builder`] assembles, outermost first: version negotiation, metadata pass-through,
-//! bearer validation, tenant scope, tenant routing, rate limits per tenant and per client
+//! bearer validation, tenant scope, SMART scopes ([`SmartScopeLayer`]), tenant routing, rate limits per tenant and per client
 //! ([`RateLimitLayer`]; clients' limits read from the token endpoint's store), the per-tenant
 //! CapabilityStatement cache and the [`FhirProxy`]. With a
 //! [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`) it also answers, ahead of
@@ -87,6 +87,7 @@ use crate::proxy::{FhirProxy, FhirProxyBuilder, ProxyBody};
 use crate::route::{
     RouteCache, TenantDirectory, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
+use crate::smart::{SmartScopeBuilder, SmartScopeLayer, SmartScopes};
 use crate::tenant::{TenantId, TenantScope, TenantScopeBuilder, TenantScopeLayer};
 use crate::version::{VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer};
 
@@ -94,7 +95,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The layered stack [`GatewayLayer`] wraps a service in, outermost first.
 pub type GatewayStack<S> = VersionNegotiation<
-    Metadata<BearerAuth<TenantScope<TenantRouting<RateLimiting<CapabilityCache<S>>>>>>,
+    Metadata<BearerAuth<TenantScope<SmartScopes<TenantRouting<RateLimiting<CapabilityCache<S>>>>>>>,
 >;
 
 type RoutingOptions = Box<dyn FnOnce(TenantRoutingBuilder) -> TenantRoutingBuilder + Send>;
@@ -122,6 +123,8 @@ pub enum ConfigError {
     Auth(crate::auth::ConfigError),
     /// The tenant scope layer's.
     Tenant(crate::tenant::ConfigError),
+    /// The SMART scope layer's.
+    Smart(crate::smart::ConfigError),
     /// The routing layer's.
     Route(crate::route::ConfigError),
     /// The rate limit layer's.
@@ -143,6 +146,7 @@ impl fmt::Display for ConfigError {
             Self::Metadata(e) => write!(f, "metadata: {e}"),
             Self::Auth(e) => write!(f, "bearer validation: {e}"),
             Self::Tenant(e) => write!(f, "tenant scope: {e}"),
+            Self::Smart(e) => write!(f, "SMART scopes: {e}"),
             Self::Route(e) => write!(f, "tenant routing: {e}"),
             Self::Limit(e) => write!(f, "rate limits: {e}"),
             Self::Proxy(e) => write!(f, "proxy: {e}"),
@@ -157,6 +161,7 @@ impl std::error::Error for ConfigError {
             Self::Metadata(e) => Some(e),
             Self::Auth(e) => Some(e),
             Self::Tenant(e) => Some(e),
+            Self::Smart(e) => Some(e),
             Self::Route(e) => Some(e),
             Self::Limit(e) => Some(e),
             Self::Proxy(e) => Some(e),
@@ -177,6 +182,7 @@ pub struct GatewayBuilder {
     metadata: Option<MetadataOptions>,
     auth: BearerAuthBuilder,
     tenant: TenantScopeBuilder,
+    smart: SmartScopeBuilder,
     routing: Option<RoutingOptions>,
     limits: Option<LimitOptions>,
     capability_cache: (Duration, u64),
@@ -256,6 +262,14 @@ impl GatewayBuilder {
     /// Where the tenant is read from in the verified claims (default: a GUID in `scope`).
     pub fn tenant(mut self, tenant: TenantScopeBuilder) -> Self {
         self.tenant = tenant;
+        self
+    }
+
+    /// SMART scope enforcement settings: whether a token without any SMART resource scope is
+    /// refused (default: it keeps tenant-wide access), how large a Bundle or `_search` form
+    /// may be read to check it.
+    pub fn smart_scopes(mut self, smart: SmartScopeBuilder) -> Self {
+        self.smart = smart;
         self
     }
 
@@ -379,6 +393,7 @@ impl GatewayBuilder {
             metadata: metadata.build().map_err(ConfigError::Metadata)?,
             auth: auth.build().map_err(ConfigError::Auth)?,
             tenant: self.tenant.build().map_err(ConfigError::Tenant)?,
+            smart: self.smart.build().map_err(ConfigError::Smart)?,
             routing,
             rate_limits: limits.build().map_err(ConfigError::Limit)?,
             capabilities: CapabilityCacheLayer::new(ttl, capacity),
@@ -407,8 +422,8 @@ const JWKS_PATH: &str = "/.well-known/jwks.json";
 const CLIENTS_PREFIX: &str = "/oauth/clients/";
 
 /// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
-/// own) in version negotiation, metadata, bearer validation, tenant scope, routing, rate limits
-/// and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
+/// own) in version negotiation, metadata, bearer validation, tenant scope, SMART scopes,
+/// routing, rate limits and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
 /// the token routes ahead of the stack, exactly as [`Gateway`] does.
 ///
 /// ```
@@ -419,6 +434,7 @@ const CLIENTS_PREFIX: &str = "/oauth/clients/";
 /// use tower::{service_fn, Layer, ServiceExt};
 /// use tower_fhir::gateway::Gateway;
 /// use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
+/// use tower_fhir::smart::ScopedBody;
 /// use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
 /// use tower_fhir::version::FhirVersion;
 ///
@@ -440,8 +456,9 @@ const CLIENTS_PREFIX: &str = "/oauth/clients/";
 ///     .token_endpoint(endpoint)
 ///     .build_layer()
 ///     .unwrap();
-/// // Your FHIR server: reached only with a valid token for an onboarded tenant.
-/// let service = layer.layer(service_fn(|request: Request<Full<Bytes>>| async move {
+/// // Your FHIR server: reached only with a valid token for an onboarded tenant, the body as
+/// // the client sent it (a `ScopedBody`: the SMART scope layer may have read it to check it).
+/// let service = layer.layer(service_fn(|request: Request<ScopedBody<Full<Bytes>>>| async move {
 ///     let tenant = request.extensions().get::<InProcessTenant>().unwrap();
 ///     Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(tenant.key().to_owned())))
 /// }));
@@ -462,6 +479,7 @@ pub struct GatewayLayer {
     metadata: MetadataLayer,
     auth: BearerAuthLayer,
     tenant: TenantScopeLayer,
+    smart: SmartScopeLayer,
     routing: TenantRoutingLayer,
     rate_limits: RateLimitLayer,
     capabilities: CapabilityCacheLayer,
@@ -495,6 +513,7 @@ impl<S> Layer<S> for GatewayLayer {
         let inner = self.capabilities.layer(inner);
         let inner = self.rate_limits.layer(inner);
         let inner = self.routing.layer(inner);
+        let inner = self.smart.layer(inner);
         let inner = self.tenant.layer(inner);
         let inner = self.auth.layer(inner);
         let inner = self.metadata.layer(inner);
@@ -657,6 +676,7 @@ impl Gateway {
             metadata: None,
             auth: BearerAuthLayer::builder(),
             tenant: TenantScopeLayer::builder(),
+            smart: SmartScopeLayer::builder(),
             routing: None,
             limits: None,
             capability_cache: (Duration::from_secs(300), 10_000),
@@ -676,7 +696,11 @@ impl fmt::Debug for Gateway {
 /// The response body of the whole stack over the proxy, one [`ResponseBody`] per layer over
 /// the proxy's.
 type StackBody = ResponseBody<
-    ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>>,
+    ResponseBody<
+        ResponseBody<
+            ResponseBody<ResponseBody<ResponseBody<ResponseBody<ResponseBody<ProxyBody>>>>>,
+        >,
+    >,
 >;
 
 impl<B> Service<Request<B>> for Gateway

@@ -134,6 +134,12 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         layer: tenant::TenantScopeLayer,
     ) -> ServiceBuilder<Stack<tenant::TenantScopeLayer, L>>;
 
+    /// Enforces the token's SMART scopes per FHIR interaction; see [`smart`].
+    fn fhir_smart_scopes(
+        self,
+        layer: smart::SmartScopeLayer,
+    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>>;
+
     /// Routes to the tenant's upstream; see [`route`].
     fn fhir_tenant_routing(
         self,
@@ -173,6 +179,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: tenant::TenantScopeLayer,
     ) -> ServiceBuilder<Stack<tenant::TenantScopeLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_smart_scopes(
+        self,
+        layer: smart::SmartScopeLayer,
+    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>> {
         self.layer(layer)
     }
 

@@ -57,6 +57,11 @@ pub(crate) struct Config {
     /// `text` (default) or `json` (one JSON object per line).
     #[serde(default)]
     pub(crate) log_format: LogFormat,
+    /// Refuse (403) tokens that carry no SMART resource scope (only the tenant). Default
+    /// false: such tokens keep tenant-wide access; tokens with SMART scopes are held to them
+    /// either way.
+    #[serde(default)]
+    pub(crate) require_smart_scopes: bool,
     /// A larger request body gets 413 before anything reaches the upstream. Default 16 MiB.
     #[serde(default = "default_max_request_body")]
     pub(crate) max_request_body_bytes: u64,
@@ -140,6 +145,7 @@ impl std::fmt::Debug for Config {
             .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
+            .field("require_smart_scopes", &self.require_smart_scopes)
             .field("max_request_body_bytes", &self.max_request_body_bytes)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_label", &self.metrics_tenant_label)
@@ -364,6 +370,7 @@ mod tests {
     #[test]
     fn operations_keys_have_their_defaults_and_are_read() {
         let empty = Config::empty();
+        assert!(!empty.require_smart_scopes);
         assert_eq!(empty.max_request_body_bytes, 16 * 1024 * 1024);
         assert_eq!(empty.metrics_listen, None);
         assert!(empty.metrics_tenant_label);

@@ -41,6 +41,7 @@ use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantStore};
+use tower_fhir::smart::SmartScopeLayer;
 use tower_fhir::token::{SigningKeys, TokenEndpoint};
 
 use config::{Config, LogFormat};
@@ -272,6 +273,13 @@ fn assemble(
         .directory(move |tenant| directory.lookup(tenant))
         .token_endpoint(endpoint)
         .auth(auth)
+        .smart_scopes(
+            SmartScopeLayer::builder()
+                .require_smart_scopes(config.require_smart_scopes)
+                .max_buffered_body(
+                    usize::try_from(config.max_request_body_bytes).unwrap_or(usize::MAX),
+                ),
+        )
         .proxy(proxy)
         .build()
         .map_err(|e| format!("the gateway cannot be set up: {e}"))?;

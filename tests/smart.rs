@@ -1,0 +1,364 @@
+//! SMART scopes enforced by the one-call gateway over real HTTP: every refusal happens before
+//! the upstream hears of the request, and what is allowed reaches it unchanged.
+
+mod support;
+
+use http::StatusCode;
+use jsonwebtoken::Algorithm;
+use serde_json::{json, Value};
+use support::*;
+use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::gateway::Gateway;
+use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
+use tower_fhir::smart::SmartScopeLayer;
+use tower_fhir::token::{
+    ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
+};
+use tower_fhir::version::FhirVersion;
+
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+const SECRET: &str = "smart-client-secret-0123456789";
+
+struct Setup {
+    client: TestClient,
+    upstream: RecordingUpstream,
+}
+
+async fn setup(require_smart_scopes: bool) -> Setup {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "123"})),
+    );
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        TENANT.parse().unwrap(),
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+            .unwrap(),
+    );
+    let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+    store
+        .register(
+            NewClient::new("app")
+                .secret(SECRET)
+                .tenant(TENANT.parse().unwrap())
+                .scope("system/Patient.rs")
+                .scope("system/Observation.rs?category=laboratory"),
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let endpoint = TokenEndpoint::builder()
+        .issuer(&base)
+        .audience("tower-fhir")
+        .store(store)
+        .build()
+        .unwrap();
+    let gateway = Gateway::builder(&base)
+        .directory(directory)
+        .token_endpoint(endpoint)
+        // A second issuer, whose tokens the tests mint with any claims.
+        .auth(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .issuer("https://auth.test")
+                .audience_for_issuer("https://auth.test", "tower-fhir"),
+        )
+        .smart_scopes(SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes))
+        .build()
+        .unwrap();
+    Setup {
+        client: TestClient::new(serve_tower_on(listener, gateway)),
+        upstream,
+    }
+}
+
+/// A token of the second issuer with these extra claims.
+fn minted(extra: Value) -> String {
+    let mut claims = claims();
+    for (name, value) in extra.as_object().unwrap() {
+        claims[name] = value.clone();
+    }
+    mint(Algorithm::HS256, None, &claims)
+}
+
+async fn get(client: &TestClient, token: &str, path: &str) -> Reply {
+    client.get_bearer(path, token).await
+}
+
+async fn send(
+    client: &TestClient,
+    token: &str,
+    method: &str,
+    path: &str,
+    ty: &str,
+    body: &str,
+) -> Reply {
+    client
+        .send(
+            method,
+            path,
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", ty),
+            ],
+            body,
+        )
+        .await
+}
+
+fn assert_refused(reply: &Reply, sufficient: &str) {
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        reply.headers["www-authenticate"],
+        format!("Bearer error=\"insufficient_scope\", scope=\"{sufficient}\"").as_str()
+    );
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert_eq!(reply.json()["issue"][0]["code"], "forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_scopes_are_enforced_before_the_upstream() {
+    let Setup { client, upstream } = setup(false).await;
+    let reply = client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}%20system/Patient.rs%20system/Observation.rs%3Fcategory%3Dlaboratory"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+
+    assert_eq!(
+        get(&client, &token, "/Patient/123").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &token, "/Patient?name=x").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(
+            &client,
+            &token,
+            "/Observation?category=laboratory&patient=123"
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    let seen = upstream.received().len();
+    assert_eq!(seen, 3);
+
+    assert_refused(
+        &get(&client, &token, "/Observation/1").await,
+        "system/Observation.r",
+    );
+    assert_refused(
+        &get(&client, &token, "/Observation?category=vital-signs").await,
+        "system/Observation.s",
+    );
+    assert_refused(
+        &send(
+            &client,
+            &token,
+            "PUT",
+            "/Patient/123",
+            "application/fhir+json",
+            "{}",
+        )
+        .await,
+        "system/Patient.u",
+    );
+    assert_refused(
+        &send(
+            &client,
+            &token,
+            "DELETE",
+            "/Patient/123",
+            "application/fhir+json",
+            "",
+        )
+        .await,
+        "system/Patient.d",
+    );
+    assert_refused(
+        &get(
+            &client,
+            &token,
+            "/Patient?name=x&_revinclude=Provenance:target",
+        )
+        .await,
+        "system/Provenance.r",
+    );
+    assert_refused(&get(&client, &token, "/_history").await, "system/*.s");
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "no refused request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_scp_arrays_and_patient_scopes() {
+    let Setup { client, upstream } = setup(false).await;
+    let entra = minted(json!({"scp": ["system/Patient.r", "system/Observation.s"]}));
+    assert_eq!(
+        get(&client, &entra, "/Patient/9").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &entra, "/Observation?code=x").await.status,
+        StatusCode::OK
+    );
+    assert_refused(
+        &get(&client, &entra, "/Patient?name=x").await,
+        "system/Patient.s",
+    );
+
+    let patient = minted(json!({"scope": format!("{TENANT} patient/*.rs"), "patient": "123"}));
+    assert_eq!(
+        get(&client, &patient, "/Patient/123").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &patient, "/Observation?patient=123")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &patient, "/Patient/123/Observation")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let before = upstream.received().len();
+    for other in [
+        "/Patient/124",
+        "/Observation?patient=124",
+        "/Observation",
+        "/Observation/5",
+    ] {
+        let reply = get(&client, &patient, other).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{other}");
+    }
+    // A hint smuggled in the query does not widen it: the patient is the token's.
+    assert_eq!(
+        get(&client, &patient, "/Observation?patient=123&patient=124")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(upstream.received().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
+    let Setup { client, upstream } = setup(false).await;
+    let token =
+        minted(json!({"scope": format!("{TENANT} system/Patient.crus system/Observation.rs")}));
+    let allowed = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+        {"request": {"method": "GET", "url": "Observation?code=x"}}
+    ]})
+    .to_string();
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/",
+        "application/fhir+json",
+        &allowed,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let last = upstream.last();
+    assert_eq!(
+        last.body,
+        allowed.as_bytes(),
+        "the Bundle reaches the upstream as sent"
+    );
+
+    let seen = upstream.received().len();
+    let one_out = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+        {"request": {"method": "DELETE", "url": "Observation/7"}}
+    ]})
+    .to_string();
+    assert_refused(
+        &send(
+            &client,
+            &token,
+            "POST",
+            "/",
+            "application/fhir+json",
+            &one_out,
+        )
+        .await,
+        "system/Observation.d",
+    );
+    let xml = "<Bundle xmlns=\"http://hl7.org/fhir\"/>";
+    let reply = send(&client, &token, "POST", "/", "application/fhir+xml", xml).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "an XML Bundle cannot be checked"
+    );
+    assert_eq!(upstream.received().len(), seen);
+
+    // A form search: its body's parameters count, and the body goes on as sent.
+    let form = "name=x&_include=Observation:performer:Practitioner";
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        form,
+    )
+    .await;
+    assert_refused(&reply, "system/Practitioner.r");
+    let form = "code=x&category=laboratory";
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        form,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().body, form.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
+    let Setup { client, .. } = setup(false).await;
+    let tenant_only = minted(json!({}));
+    let reply = send(
+        &client,
+        &tenant_only,
+        "PUT",
+        "/Observation/1",
+        "application/fhir+json",
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    let Setup { client, upstream } = setup(true).await;
+    let reply = get(&client, &tenant_only, "/Observation/1").await;
+    assert_refused(&reply, "system/Observation.r");
+    assert!(upstream.received().is_empty());
+    let scoped = minted(json!({"scope": format!("{TENANT} system/*.cruds")}));
+    assert_eq!(
+        get(&client, &scoped, "/Observation/1").await.status,
+        StatusCode::OK
+    );
+}
