@@ -35,10 +35,12 @@ expect 404 "Contoso's token cannot read Fabrikam's patient" -H "Authorization: B
 expect 200 "the R4 client reads Fabrikam's patient" -H "Authorization: Bearer $b" -H 'Accept: application/fhir+json; fhirVersion=4.0' "$base/Patient/101"
 expect 406 "Fabrikam serves no DSTU2" -H "Authorization: Bearer $b" -H 'Accept: application/fhir+json; fhirVersion=1.0' "$base/Patient/101"
 expect 401 "no token" "$base/Patient/100"
-curl -s -D - -H "Authorization: Bearer $a" -H 'Accept: application/json+fhir' "$base/Patient/100" \
-  | grep -qi '^content-type: application/json+fhir' || { echo "FAIL DSTU2 media type"; exit 1; }
+# Captured first: `grep -q` closing the pipe early would fail curl under pipefail.
+headers=$(curl -s -o /dev/null -D - -H "Authorization: Bearer $a" -H 'Accept: application/json+fhir' "$base/Patient/100")
+grep -qi '^content-type: application/json+fhir' <<<"$headers" || { echo "FAIL DSTU2 media type: $headers"; exit 1; }
 echo "ok the DSTU2 client gets the DSTU2 media type"
-curl -s -H "Authorization: Bearer $b" "$base/Patient" | grep -q '"total":1' || { echo "FAIL search"; exit 1; }
+search=$(curl -s -H "Authorization: Bearer $b" "$base/Patient")
+grep -q '"total":1' <<<"$search" || { echo "FAIL search: $search"; exit 1; }
 echo "ok Fabrikam's search sees one patient"
 kill -INT $pid
 wait $pid || true
