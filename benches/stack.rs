@@ -32,7 +32,12 @@
 //! - `gateway_layer/HS256/warm/in_process`: `GatewayLayer` built with a token endpoint (every
 //!   layer: version, metadata, auth, tenant, routing, rate limits, the CapabilityStatement
 //!   cache, and the token routes' path check) over the bare service, against
-//!   `full/HS256/warm/in_process`.
+//!   `full/HS256/warm/in_process`;
+//! - `full/HS256/warm/read`, `full/HS256/warm/read/smart`: the four-layer stack with a read of
+//!   one resource (`GET /Observation/123`), without and with the SMART scope layer after the
+//!   tenant scope (the token's `system/*.read` checked, its grants parsed once per token);
+//!   `full/HS256/warm/smart`: the search request with the SMART layer, against
+//!   `full/HS256/warm`.
 
 mod common;
 
@@ -53,7 +58,7 @@ use tower_fhir::limit::{RateLimit, RateLimitLayer, TenantRateLimit};
 use tower_fhir::route::{
     InMemoryDirectory, InProcessTenant, TenantRecord, TenantRoutingLayer, Upstream,
 };
-use tower_fhir::smart::ScopedBody;
+use tower_fhir::smart::{ScopedBody, SmartScopeLayer};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
@@ -68,6 +73,25 @@ async fn ok(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Inf
         .header("content-type", "application/fhir+json")
         .body(Full::default())
         .unwrap())
+}
+
+/// [`ok`] behind the SMART scope layer, which hands the body on as a `ScopedBody`.
+async fn ok_scoped(
+    _request: Request<ScopedBody<Full<Bytes>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::builder()
+        .header("content-type", "application/fhir+json")
+        .body(Full::default())
+        .unwrap())
+}
+
+/// A read of one resource, the same headers as [`request`].
+fn read_request(authorization: &str) -> Request<Full<Bytes>> {
+    Request::get("/Observation/123")
+        .header("accept", ACCEPT)
+        .header("authorization", authorization)
+        .body(Full::default())
+        .unwrap()
 }
 
 fn request(authorization: &str) -> Request<Full<Bytes>> {
@@ -366,12 +390,49 @@ fn bench(c: &mut Criterion) {
             .token_endpoint(endpoint)
             .build_layer()
             .unwrap();
-        // The SMART scope layer hands the request body on as a `ScopedBody`.
-        let mut service = layer.layer(tower::service_fn(
-            |_request: Request<ScopedBody<Full<Bytes>>>| async {
-                Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
-            },
-        ));
+        let mut service = layer.layer(tower::service_fn(ok_scoped));
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
+    });
+
+    // SMART scopes: the token's `system/*.read` checked against each request.
+    let smart = SmartScopeLayer::builder().build().unwrap();
+    let smart_stack = |auth: BearerAuthLayer| {
+        ServiceBuilder::new()
+            .fhir_versions(versions.clone())
+            .fhir_bearer_auth(auth)
+            .fhir_tenant_scope(scope.clone())
+            .fhir_smart_scopes(smart.clone())
+            .fhir_tenant_routing(routing.clone())
+            .service_fn(ok_scoped)
+    };
+    group.bench_function("full/HS256/warm/read", |b| {
+        let mut service = stack(auth_layer(hs256, 10_000));
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(read_request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(read_request(&hs256_token)))
+    });
+    group.bench_function("full/HS256/warm/read/smart", |b| {
+        let mut service = smart_stack(auth_layer(hs256, 10_000));
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(read_request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(read_request(&hs256_token)))
+    });
+    group.bench_function("full/HS256/warm/smart", |b| {
+        let mut service = smart_stack(auth_layer(hs256, 10_000));
         warm(
             &runtime,
             &mut service,

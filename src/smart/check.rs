@@ -3,8 +3,8 @@
 use http::Method;
 use serde_json::Value;
 
-use super::scope::{is_type, parse_query, Grants, Permissions, ResourceScope, ScopeContext};
-use crate::interaction::{classify, Interaction};
+use super::scope::{is_type, parse_query, Grants, Param, Permissions, ResourceScope, ScopeContext};
+use crate::interaction::{classify, Classified, Interaction};
 
 /// Why a request is refused: what it needed and no scope granted, with the scopes that would
 /// have sufficed (for `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."`).
@@ -74,9 +74,19 @@ impl<'g> Check<'g> {
         &self,
         method: &Method,
         path: &str,
-        params: &[(String, String)],
+        params: &[Param<'_>],
     ) -> Result<(), Refused> {
-        let found = classify(method, path);
+        self.classified(method, path, classify(method, path), params)
+    }
+
+    /// [`request`](Self::request), the request classified already.
+    pub(crate) fn classified(
+        &self,
+        method: &Method,
+        path: &str,
+        found: Classified<'_>,
+        params: &[Param<'_>],
+    ) -> Result<(), Refused> {
         let Some(interaction) = found.interaction else {
             return Err(Refused::new(
                 "The request is not a FHIR interaction that SMART scopes can be checked against",
@@ -85,13 +95,24 @@ impl<'g> Check<'g> {
         let ty = found.resource_type;
         let id = found.resource_id;
         let get = *method == Method::GET || *method == Method::HEAD;
-        let mut needs: Vec<Need<'_>> = Vec::with_capacity(2);
+        // Each need is checked as it is found: no list of them is kept.
+        let mut refused: Option<Refused> = None;
         let mut need = |resource_type, permission, target| {
-            needs.push(Need {
+            let need = Need {
                 resource_type,
                 permission,
                 target,
-            })
+            };
+            if !self.covered(&need, params) {
+                let missing = refused.take().unwrap_or_else(|| {
+                    Refused::new(format!(
+                        "The token's scopes do not allow {} {}",
+                        interaction.as_str(),
+                        describe(ty, id)
+                    ))
+                });
+                refused = Some(missing.suggest(self.sufficient(&need)));
+            }
         };
         match interaction {
             Interaction::Capabilities => return Ok(()),
@@ -143,17 +164,23 @@ impl<'g> Check<'g> {
                 (Some(ty), None) => need(Some(ty), Permissions::SEARCH, Target::Search { ty }),
                 (None, _) => {
                     // System search: the types `_type` names, or every type.
-                    let types: Vec<&str> = params
+                    let mut types = params
                         .iter()
                         .filter(|(name, _)| name == "_type")
                         .flat_map(|(_, value)| value.split(','))
-                        .collect();
-                    if types.is_empty() || !types.iter().all(|t| is_type(t)) {
-                        need(None, Permissions::SEARCH, Target::Undecidable);
-                    } else {
+                        .peekable();
+                    let named = types.peek().is_some()
+                        && params
+                            .iter()
+                            .filter(|(name, _)| name == "_type")
+                            .flat_map(|(_, value)| value.split(','))
+                            .all(is_type);
+                    if named {
                         for ty in types {
                             need(Some(ty), Permissions::SEARCH, Target::Undecidable);
                         }
+                    } else {
+                        need(None, Permissions::SEARCH, Target::Undecidable);
                     }
                 }
             },
@@ -193,8 +220,8 @@ impl<'g> Check<'g> {
             for (name, value) in params {
                 let include = name.split(':').next().unwrap_or("");
                 let (reverse, value) = match include {
-                    "_include" => (false, value.as_str()),
-                    "_revinclude" => (true, value.as_str()),
+                    "_include" => (false, value.as_ref()),
+                    "_revinclude" => (true, value.as_ref()),
                     _ => continue,
                 };
                 let target_type = included_type(reverse, value);
@@ -204,36 +231,18 @@ impl<'g> Check<'g> {
                 }
             }
         }
-        let mut refused: Option<Refused> = None;
-        for need in &needs {
-            if !self.covered(need, params) {
-                let missing = refused.take().unwrap_or_else(|| {
-                    Refused::new(format!(
-                        "The token's scopes do not allow {} {}",
-                        interaction.as_str(),
-                        describe(ty, id)
-                    ))
-                });
-                refused = Some(missing.suggest(self.sufficient(need)));
-            }
-        }
         refused.map_or(Ok(()), Err)
     }
 
     /// Whether some scope covers `need`.
-    fn covered(&self, need: &Need<'_>, params: &[(String, String)]) -> bool {
+    fn covered(&self, need: &Need<'_>, params: &[Param<'_>]) -> bool {
         self.grants
             .scopes()
             .iter()
             .any(|scope| self.scope_covers(scope, need, params))
     }
 
-    fn scope_covers(
-        &self,
-        scope: &ResourceScope,
-        need: &Need<'_>,
-        params: &[(String, String)],
-    ) -> bool {
+    fn scope_covers(&self, scope: &ResourceScope, need: &Need<'_>, params: &[Param<'_>]) -> bool {
         if !scope.permissions().contains(need.permission) || !scope.covers(need.resource_type) {
             return false;
         }
@@ -382,14 +391,14 @@ fn included_type(reverse: bool, value: &str) -> Option<&str> {
 }
 
 /// Whether the search parameters carry each of a granular scope's (the same value, alone).
-fn carries(params: &[(String, String)], required: &[(String, String)]) -> bool {
+fn carries(params: &[Param<'_>], required: &[(String, String)]) -> bool {
     required
         .iter()
         .all(|(name, value)| params.iter().any(|(n, v)| n == name && v == value))
 }
 
 /// Whether a search of `ty` is narrowed to `patient` by its parameters.
-fn narrowed_to(ty: &str, params: &[(String, String)], patient: &str) -> bool {
+fn narrowed_to(ty: &str, params: &[Param<'_>], patient: &str) -> bool {
     if ty == "Patient" {
         return params.iter().any(|(n, v)| n == "_id" && v == patient)
             && !params.iter().any(|(n, v)| n == "_id" && v != patient);
@@ -399,7 +408,7 @@ fn narrowed_to(ty: &str, params: &[(String, String)], patient: &str) -> bool {
 
 /// Whether `patient` or `subject` narrows the search to the patient, each such parameter
 /// naming that patient only (no `,` alternatives, no chained or modified forms).
-fn narrowed_search(params: &[(String, String)], patient: &str) -> bool {
+fn narrowed_search(params: &[Param<'_>], patient: &str) -> bool {
     let reference = format!("Patient/{patient}");
     let mut narrowed = false;
     for (name, value) in params {

@@ -285,7 +285,7 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             }
         },
     };
-    match Check::new(grants).request(method, path, &params) {
+    match Check::new(grants).classified(method, path, found, &params) {
         Ok(()) => Plan::Pass,
         Err(why) => Plan::Refuse(Box::new(insufficient_scope(&why))),
     }

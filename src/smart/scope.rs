@@ -1,5 +1,6 @@
 //! SMART resource scopes, v1 and v2, and what a token's scopes grant together.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde_json::Value;
@@ -175,6 +176,9 @@ impl ResourceScope {
                     return None;
                 }
                 pairs
+                    .into_iter()
+                    .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -290,8 +294,12 @@ pub(crate) fn is_type(segment: &str) -> bool {
     bytes.next().is_some_and(|b| b.is_ascii_uppercase()) && bytes.all(|b| b.is_ascii_alphanumeric())
 }
 
+/// A search parameter and its value, decoded (borrowed from the query when nothing needed
+/// decoding).
+pub(crate) type Param<'a> = (Cow<'a, str>, Cow<'a, str>);
+
 /// A query string's parameters, percent- and `+`-decoded; `None` when one is not UTF-8.
-pub(crate) fn parse_query(query: &str) -> Option<Vec<(String, String)>> {
+pub(crate) fn parse_query(query: &str) -> Option<Vec<Param<'_>>> {
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
@@ -302,12 +310,15 @@ pub(crate) fn parse_query(query: &str) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-fn decode(text: &str) -> Option<String> {
+fn decode(text: &str) -> Option<Cow<'_, str>> {
+    if !text.contains(['%', '+']) {
+        return Some(Cow::Borrowed(text));
+    }
     let spaced = text.replace('+', " ");
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
         .ok()
-        .map(|text| text.into_owned())
+        .map(|text| Cow::Owned(text.into_owned()))
 }
 
 #[cfg(test)]
