@@ -259,7 +259,11 @@ impl GatewayBuilder {
         self
     }
 
-    /// Where the tenant is read from in the verified claims (default: a GUID in `scope`).
+    /// Where the tenant is read from in the verified claims (default: a GUID in `scope`),
+    /// and which issuers may name which tenants
+    /// ([`issuer_tenants`](TenantScopeBuilder::issuer_tenants)); when any issuer is bound,
+    /// the token endpoint's own issuer may name any tenant (it checks clients' tenants at
+    /// issuance).
     pub fn tenant(mut self, tenant: TenantScopeBuilder) -> Self {
         self.tenant = tenant;
         self
@@ -343,8 +347,15 @@ impl GatewayBuilder {
         let mut jwks_uri: Option<String> = None;
         #[cfg_attr(not(feature = "token"), allow(unused_mut))]
         let mut issuer: Option<String> = None;
+        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        let mut tenant = self.tenant;
         #[cfg(feature = "token")]
         if let Some(endpoint) = &self.token {
+            // The endpoint issues a tenant only to clients registered for it: when issuers are
+            // bound to tenants, its own tokens may name any.
+            if tenant.binds_issuers() {
+                tenant = tenant.issuer_any_tenant(endpoint.issuer());
+            }
             auth = auth
                 .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())
                 .audience_for_issuer(endpoint.issuer(), endpoint.audience());
@@ -392,7 +403,7 @@ impl GatewayBuilder {
             versions: self.versions.build().map_err(ConfigError::Version)?,
             metadata: metadata.build().map_err(ConfigError::Metadata)?,
             auth: auth.build().map_err(ConfigError::Auth)?,
-            tenant: self.tenant.build().map_err(ConfigError::Tenant)?,
+            tenant: tenant.build().map_err(ConfigError::Tenant)?,
             smart: self.smart.build().map_err(ConfigError::Smart)?,
             routing,
             rate_limits: limits.build().map_err(ConfigError::Limit)?,

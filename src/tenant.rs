@@ -10,6 +10,28 @@
 //! A token that names no tenant, or more than one, gets 403 with RFC 6750
 //! `insufficient_scope` and an `OperationOutcome`.
 //!
+//! ## Issuers bound to tenants
+//!
+//! A token from a third-party identity provider names the tenant its issuer chose. When
+//! several issuers are trusted, bind each to the tenants it may speak for:
+//! [`issuer_tenants`](TenantScopeBuilder::issuer_tenants) (only these) or
+//! [`issuer_any_tenant`](TenantScopeBuilder::issuer_any_tenant) (an issuer you trust with
+//! every tenant, such as your own token endpoint, which checks each client's tenants when it
+//! issues). Once one issuer is bound, every issuer must be: a token whose `iss` is not bound,
+//! or that names a tenant its issuer is not bound to, gets the same 403. With no binding at
+//! all, any verified token may name any tenant (the layer alone cannot know your issuers).
+//!
+//! ```
+//! use tower_fhir::tenant::{TenantId, TenantScopeLayer};
+//!
+//! let contoso: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
+//! let _layer = TenantScopeLayer::builder()
+//!     .issuer_any_tenant("https://gateway.example")
+//!     .issuer_tenants("https://login.contoso.example/v2.0", [contoso])
+//!     .build()
+//!     .unwrap();
+//! ```
+//!
 //! ```
 //! use std::convert::Infallible;
 //! use bytes::Bytes;
@@ -49,6 +71,7 @@
 //! # });
 //! ```
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -178,6 +201,15 @@ struct Config {
     /// its requests.
     memo: MemoKey,
     hint_headers: Vec<HeaderName>,
+    /// The tenants each issuer may name; empty: any issuer, any tenant.
+    issuers: HashMap<String, IssuerTenants>,
+}
+
+/// The tenants one issuer's tokens may name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IssuerTenants {
+    Any,
+    Only(HashSet<TenantId>),
 }
 
 impl TenantScopeLayer {
@@ -189,6 +221,7 @@ impl TenantScopeLayer {
                 .iter()
                 .map(|h| (*h).to_owned())
                 .collect(),
+            issuers: HashMap::new(),
         }
     }
 }
@@ -204,6 +237,7 @@ impl fmt::Debug for TenantScopeLayer {
         f.debug_struct("TenantScopeLayer")
             .field("source", &source)
             .field("hint_headers", &self.config.hint_headers)
+            .field("issuers", &self.config.issuers)
             .finish()
     }
 }
@@ -216,6 +250,8 @@ pub enum ConfigError {
     InvalidHeaderName(String),
     /// The scope prefix or claim name is empty.
     EmptyName,
+    /// An issuer was bound to tenants with an empty issuer name.
+    EmptyIssuer,
 }
 
 impl fmt::Display for ConfigError {
@@ -223,6 +259,7 @@ impl fmt::Display for ConfigError {
         match self {
             Self::InvalidHeaderName(name) => write!(f, "invalid header name {name:?}"),
             Self::EmptyName => f.write_str("the scope prefix or claim name is empty"),
+            Self::EmptyIssuer => f.write_str("an issuer bound to tenants has an empty name"),
         }
     }
 }
@@ -234,12 +271,14 @@ impl std::error::Error for ConfigError {}
 pub struct TenantScopeBuilder {
     source: Source,
     hint_headers: Vec<String>,
+    issuers: HashMap<String, IssuerTenants>,
 }
 
 impl fmt::Debug for TenantScopeBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantScopeBuilder")
             .field("hint_headers", &self.hint_headers)
+            .field("issuers", &self.issuers)
             .finish_non_exhaustive()
     }
 }
@@ -280,8 +319,43 @@ impl TenantScopeBuilder {
         self
     }
 
+    /// Tokens whose `iss` is `issuer` may name only these tenants (called again for the same
+    /// issuer, the tenants add up). Once any issuer is bound, tokens of issuers not bound are
+    /// refused for every tenant.
+    pub fn issuer_tenants(
+        mut self,
+        issuer: impl Into<String>,
+        tenants: impl IntoIterator<Item = TenantId>,
+    ) -> Self {
+        let entry = self
+            .issuers
+            .entry(issuer.into())
+            .or_insert_with(|| IssuerTenants::Only(HashSet::new()));
+        if let IssuerTenants::Only(allowed) = entry {
+            allowed.extend(tenants);
+        }
+        self
+    }
+
+    /// Tokens whose `iss` is `issuer` may name any tenant: for an issuer that checks the
+    /// tenant itself, such as this crate's token endpoint (which issues a tenant only to the
+    /// clients registered for it). Wins over [`issuer_tenants`](Self::issuer_tenants) for the
+    /// same issuer.
+    pub fn issuer_any_tenant(mut self, issuer: impl Into<String>) -> Self {
+        self.issuers.insert(issuer.into(), IssuerTenants::Any);
+        self
+    }
+
+    /// Whether any issuer is bound to tenants (then every issuer must be).
+    pub fn binds_issuers(&self) -> bool {
+        !self.issuers.is_empty()
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<TenantScopeLayer, ConfigError> {
+        if self.issuers.contains_key("") {
+            return Err(ConfigError::EmptyIssuer);
+        }
         match &self.source {
             Source::ScopePrefix(name) | Source::Claim(name) if name.is_empty() => {
                 return Err(ConfigError::EmptyName)
@@ -301,6 +375,7 @@ impl TenantScopeBuilder {
                 source: self.source,
                 memo: MemoKey::unique(),
                 hint_headers,
+                issuers: self.issuers,
             }),
         })
     }
@@ -355,8 +430,10 @@ where
         let tenant = match request.extensions().get::<VerifiedClaims>() {
             Some(claims) => match self.config.source {
                 // A user's function may look beyond the claims: asked every time.
-                Source::Custom(_) => self.config.tenant_of(claims),
-                _ => claims.memoized(self.config.memo, |claims| self.config.tenant_of(claims)),
+                Source::Custom(_) => self.config.bound_tenant_of(claims),
+                _ => claims.memoized(self.config.memo, |claims| {
+                    self.config.bound_tenant_of(claims)
+                }),
             },
             None => Err(TenantRejection::new(
                 "The request carries no verified token",
@@ -384,6 +461,24 @@ where
 }
 
 impl Config {
+    /// The token's tenant, when its issuer may name it.
+    fn bound_tenant_of(&self, claims: &VerifiedClaims) -> Result<TenantId, TenantRejection> {
+        let tenant = self.tenant_of(claims)?;
+        if self.issuers.is_empty() {
+            return Ok(tenant);
+        }
+        match claims.issuer().and_then(|issuer| self.issuers.get(issuer)) {
+            Some(IssuerTenants::Any) => Ok(tenant),
+            Some(IssuerTenants::Only(allowed)) if allowed.contains(&tenant) => Ok(tenant),
+            Some(IssuerTenants::Only(_)) => Err(TenantRejection::new(
+                "The token's issuer may not name this tenant",
+            )),
+            None => Err(TenantRejection::new(
+                "The token's issuer is not bound to any tenant",
+            )),
+        }
+    }
+
     fn tenant_of(&self, claims: &VerifiedClaims) -> Result<TenantId, TenantRejection> {
         const NONE: TenantRejection = TenantRejection::new("The token's scope names no tenant");
         const MANY: TenantRejection =
@@ -651,6 +746,81 @@ mod tests {
             .await
             .1
             .contains(B));
+    }
+
+    #[tokio::test]
+    async fn issuers_bound_to_tenants_name_only_those() {
+        let (a, b) = (TenantId::parse(A).unwrap(), TenantId::parse(B).unwrap());
+        let layer = TenantScopeLayer::builder()
+            .issuer_tenants("https://idp.a", [a])
+            .issuer_any_tenant("https://gateway")
+            .build()
+            .unwrap();
+        let token = |iss: Option<&str>, tenant: &str| match iss {
+            Some(iss) => claims(json!({"iss": iss, "scope": tenant})),
+            None => claims(json!({"scope": tenant})),
+        };
+        let status = |iss, tenant| {
+            let layer = layer.clone();
+            async move { run(layer, Some(token(iss, tenant)), &[]).await }
+        };
+        assert_eq!(status(Some("https://idp.a"), A).await.0, StatusCode::OK);
+        assert_eq!(status(Some("https://gateway"), A).await.0, StatusCode::OK);
+        assert_eq!(status(Some("https://gateway"), B).await.0, StatusCode::OK);
+        // The bound issuer naming another tenant, an unbound issuer, no issuer at all; each
+        // twice, so the remembered answer is the same.
+        for (iss, tenant, reason) in [
+            (Some("https://idp.a"), B, "may not name this tenant"),
+            (Some("https://idp.b"), A, "not bound to any tenant"),
+            (Some("https://IDP.A"), A, "not bound to any tenant"),
+            (None, A, "not bound to any tenant"),
+        ] {
+            let shared = token(iss, tenant);
+            for _ in 0..2 {
+                let (code, body, challenge) = run(layer.clone(), Some(shared.clone()), &[]).await;
+                assert_eq!(code, StatusCode::FORBIDDEN, "{iss:?} {tenant}");
+                assert!(body.contains(reason), "{body}");
+                assert!(challenge.unwrap().contains("insufficient_scope"));
+            }
+        }
+        // The tenants of repeated calls add up; `issuer_any_tenant` wins.
+        let builder = TenantScopeLayer::builder()
+            .issuer_tenants("https://idp.a", [a])
+            .issuer_tenants("https://idp.a", [b]);
+        assert!(builder.binds_issuers());
+        let layer = builder.build().unwrap();
+        assert_eq!(
+            run(layer, Some(token(Some("https://idp.a"), B)), &[])
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let layer = TenantScopeLayer::builder()
+            .issuer_any_tenant("https://idp.a")
+            .issuer_tenants("https://idp.a", [a])
+            .build()
+            .unwrap();
+        assert_eq!(
+            run(layer, Some(token(Some("https://idp.a"), B)), &[])
+                .await
+                .0,
+            StatusCode::OK
+        );
+        // No binding: any issuer, any tenant.
+        assert!(!TenantScopeLayer::builder().binds_issuers());
+        assert_eq!(
+            run(default_layer(), Some(token(Some("https://idp.z"), B)), &[])
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            TenantScopeLayer::builder()
+                .issuer_any_tenant("")
+                .build()
+                .unwrap_err(),
+            ConfigError::EmptyIssuer
+        );
     }
 
     #[tokio::test]

@@ -199,6 +199,13 @@ pub(crate) struct TrustedIssuer {
     pub(crate) issuer: String,
     pub(crate) jwks_uri: String,
     pub(crate) audience: String,
+    /// The tenants this issuer's tokens may name. Without it (and without `any_tenant`) the
+    /// issuer's tokens are refused for every tenant.
+    #[serde(default)]
+    pub(crate) tenants: Vec<TenantId>,
+    /// The issuer's tokens may name any tenant.
+    #[serde(default)]
+    pub(crate) any_tenant: bool,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +317,15 @@ impl Config {
                 "the configuration file {}: cors_allowed_origins: {e}",
                 path.display()
             ));
+        }
+        for trusted in &config.trusted_issuers {
+            if trusted.any_tenant && !trusted.tenants.is_empty() {
+                return Err(format!(
+                    "the configuration file {}: trusted issuer {:?} has both tenants and any_tenant: keep one",
+                    path.display(),
+                    trusted.issuer
+                ));
+            }
         }
         config
             .check_connection_limits()

@@ -42,6 +42,7 @@ use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantStore};
 use tower_fhir::smart::SmartScopeLayer;
+use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::token::{SigningKeys, TokenEndpoint};
 
 use config::{Config, LogFormat};
@@ -175,10 +176,24 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     for trusted in &config.trusted_issuers {
+        let tenants = if trusted.any_tenant {
+            "for any tenant".to_owned()
+        } else if trusted.tenants.is_empty() {
+            "for no tenant: give it tenants or any_tenant, or every one of its tokens is refused"
+                .to_owned()
+        } else {
+            format!("for {} tenant(s)", trusted.tenants.len())
+        };
         println!(
-            "  trusting tokens from {} (audience {})",
+            "  trusting tokens from {} (audience {}) {tenants}",
             trusted.issuer, trusted.audience
         );
+        if !trusted.any_tenant && trusted.tenants.is_empty() {
+            tracing::warn!(
+                issuer = %trusted.issuer,
+                "a trusted issuer bound to no tenant: its tokens are refused"
+            );
+        }
     }
     if demo {
         demo::print(&base, &gateway).await;
@@ -257,10 +272,18 @@ fn assemble(
     let mut auth = BearerAuthLayer::builder().refetch_cooldown(Duration::from_secs(
         config.jwks_refetch_cooldown_seconds.max(1),
     ));
+    // Every issuer is bound to the tenants it may name: the gateway's own to any (it issues a
+    // tenant only to clients registered for it), each trusted one to its `tenants`.
+    let mut tenant = TenantScopeLayer::builder().issuer_any_tenant(issuer);
     for trusted in &config.trusted_issuers {
         auth = auth
             .jwks_url_for_issuer(&trusted.jwks_uri, &trusted.issuer)
             .audience_for_issuer(&trusted.issuer, &trusted.audience);
+        tenant = if trusted.any_tenant {
+            tenant.issuer_any_tenant(&trusted.issuer)
+        } else {
+            tenant.issuer_tenants(&trusted.issuer, trusted.tenants.iter().copied())
+        };
     }
     let mut proxy = FhirProxy::builder(base)
         .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
@@ -273,6 +296,7 @@ fn assemble(
         .directory(move |tenant| directory.lookup(tenant))
         .token_endpoint(endpoint)
         .auth(auth)
+        .tenant(tenant)
         .smart_scopes(
             SmartScopeLayer::builder()
                 .require_smart_scopes(config.require_smart_scopes)

@@ -124,6 +124,22 @@ fn check_config_says_what_is_wrong() {
             "ftp://idp.example/keys",
         ),
         (
+            "issuer-tenants",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"any_tenant\": true, \"tenants\": [\"4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f\"]}], \"admin_token\"",
+            ),
+            "has both tenants and any_tenant",
+        ),
+        (
+            "issuer-tenant-guid",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"tenants\": [\"contoso\"]}], \"admin_token\"",
+            ),
+            "is not valid",
+        ),
+        (
             "version",
             &GOOD.replace("\"3.0\"", "\"2.5\""),
             "is not valid",

@@ -128,7 +128,8 @@ fn upstream(root: &str, release: &str, version: &str) -> Value {
 fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) -> Value {
     let trusted: Vec<Value> = issuer
         .map(|issuer| {
-            vec![json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"), "audience": "api://tower-fhir"})]
+            vec![json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"), "audience": "api://tower-fhir",
+                "tenants": [STU3_TENANT, DSTU2_TENANT]})]
         })
         .unwrap_or_default();
     json!({
@@ -498,6 +499,23 @@ async fn an_openid_provider_s_tokens_and_its_key_rotation() {
         StatusCode::OK
     );
     let unused = provider_token(DSTU2_TENANT).await;
+    // The provider is trusted for two tenants: its token for a third is refused, though the
+    // provider signed it and the gateway's own clients reach that tenant.
+    let foreign = provider_token(R4_TENANT).await;
+    let reply = get(&gateway, &foreign, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(
+        reply.text().contains("may not name this tenant"),
+        "{}",
+        reply.text()
+    );
+    let own = access_token(&gateway, R4_TENANT).await;
+    assert_eq!(
+        get(&gateway, &own, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
 
     // The provider rotates its key (restarted with a new signing key, the old one published).
     assert!(oidc.terminate(), "the provider did not stop cleanly");
