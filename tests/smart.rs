@@ -203,6 +203,80 @@ async fn issued_scopes_are_enforced_before_the_upstream() {
     );
 }
 
+/// Asks the token endpoint for `scope`; the reply's status, `scope` or `error`, and token.
+async fn ask(client: &TestClient, scope: &str) -> (StatusCode, String, Option<String>) {
+    let scope = scope
+        .replace(' ', "%20")
+        .replace('?', "%3F")
+        .replace('=', "%3D");
+    let reply = client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={scope}"
+            ),
+        )
+        .await;
+    let json = reply.json();
+    let said = json["scope"]
+        .as_str()
+        .or(json["error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let token = json["access_token"].as_str().map(str::to_owned);
+    (reply.status, said, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_at_issuance_are_what_the_client_may_have() {
+    let Setup { client, .. } = setup(false).await;
+    // Only the tenant: every registered scope, enforced.
+    let (status, scope, token) = ask(&client, TENANT).await;
+    assert_eq!(status, StatusCode::OK, "{scope}");
+    assert_eq!(
+        scope,
+        format!("{TENANT} system/Patient.rs system/Observation.rs?category=laboratory")
+    );
+    let token = token.unwrap();
+    assert_eq!(
+        get(&client, &token, "/Patient/1").await.status,
+        StatusCode::OK
+    );
+    assert_refused(
+        &get(&client, &token, "/Encounter/1").await,
+        "system/Encounter.r",
+    );
+    // Narrower than registered: granted as asked, and no more.
+    let (status, scope, token) = ask(&client, &format!("{TENANT} system/Patient.r")).await;
+    assert_eq!(status, StatusCode::OK, "{scope}");
+    assert_eq!(scope, format!("{TENANT} system/Patient.r"));
+    let token = token.unwrap();
+    assert_eq!(
+        get(&client, &token, "/Patient/1").await.status,
+        StatusCode::OK
+    );
+    assert_refused(
+        &get(&client, &token, "/Patient?name=x").await,
+        "system/Patient.s",
+    );
+    // What it may not have beside what it may: left out.
+    let (status, scope, _) = ask(
+        &client,
+        &format!("{TENANT} system/Patient.rs system/Patient.cud system/Observation.rs"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{scope}");
+    assert_eq!(scope, format!("{TENANT} system/Patient.rs"));
+    // Only what it may not have: invalid_scope.
+    for wider in ["system/Encounter.rs", "system/*.rs", "user/Patient.r"] {
+        let (status, error, _) = ask(&client, &format!("{TENANT} {wider}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{wider}");
+        assert_eq!(error, "invalid_scope", "{wider}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entra_scp_arrays_and_patient_scopes() {
     let Setup { client, upstream } = setup(false).await;

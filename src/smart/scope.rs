@@ -210,6 +210,30 @@ impl ResourceScope {
         &self.query
     }
 
+    /// Whether everything this scope allows, `wider` allows too: the same context, a type
+    /// `wider` covers, permissions `wider` holds, and every parameter of `wider`'s query
+    /// present with the same value in this one's.
+    ///
+    /// ```
+    /// use tower_fhir::smart::ResourceScope;
+    ///
+    /// let scope = |s| ResourceScope::parse(s).unwrap();
+    /// assert!(scope("system/Patient.r").within(&scope("system/*.rs")));
+    /// assert!(scope("system/Observation.rs?category=laboratory").within(&scope("system/Observation.read")));
+    /// assert!(!scope("system/Observation.rs").within(&scope("system/Observation.rs?category=laboratory")));
+    /// assert!(!scope("user/Patient.r").within(&scope("system/Patient.r")));
+    /// assert!(!scope("system/Patient.rs").within(&scope("system/Patient.r")));
+    /// ```
+    pub fn within(&self, wider: &ResourceScope) -> bool {
+        self.context == wider.context
+            && wider.covers(self.resource_type())
+            && wider.permissions.contains(self.permissions)
+            && wider
+                .query
+                .iter()
+                .all(|pair| self.query.iter().any(|own| own == pair))
+    }
+
     /// Whether it covers `resource_type` (`None`: every type, which only `*` covers).
     pub(crate) fn covers(&self, resource_type: Option<&str>) -> bool {
         match (&self.resource_type, resource_type) {

@@ -65,7 +65,7 @@
 //! | 400 | `invalid_request` | no or repeated parameter, no `grant_type`, both Basic and form secret, no Content-Type, a `client_id` that is not 1–255 printable ASCII characters |
 //! | 401 | `invalid_client` | unknown client, wrong secret, revoked client, no credentials (`WWW-Authenticate: Basic` unless the form was used) |
 //! | 400 | `unsupported_grant_type` | a grant other than `client_credentials` |
-//! | 400 | `invalid_scope` | a tenant the client is not entitled to, several tenants, no tenant while the client has several, a scope not allowed |
+//! | 400 | `invalid_scope` | a tenant the client is not entitled to, several tenants, no tenant while the client has several, only scopes the client may not have (those it may not have beside ones it may are left out; none asked for grants all its registered scopes) |
 //! | 405 | `invalid_request` | not `POST` (`Allow: POST`) |
 //! | 413 | `invalid_request` | body above the cap |
 //! | 415 | `invalid_request` | Content-Type other than `application/x-www-form-urlencoded` |

@@ -3,15 +3,24 @@
 
 use super::client::ClientRecord;
 use super::error::TokenError;
+use crate::smart::ResourceScope;
 use crate::tenant::TenantId;
 
 /// The tenant and the extra scopes granted for the requested `scope`.
+///
+/// Each value that is not a tenant is granted when the client may have it: one of its
+/// registered `scopes` as written, or a SMART resource scope within one of them
+/// (`system/Patient.r` under `system/*.rs`). Values it may not have are left out (RFC 6749
+/// §3.3: the response's `scope` says what was granted). Asking for no scope besides the
+/// tenant grants every registered scope; asking only for scopes the client may not have is
+/// `invalid_scope`.
 pub(super) fn grant_scope(
     client: &ClientRecord,
     requested: Option<&str>,
 ) -> Result<(TenantId, Vec<String>), TokenError> {
     let mut tenants = Vec::new();
     let mut extras: Vec<String> = Vec::new();
+    let mut refused = false;
     for value in requested.unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
         match TenantId::parse(value) {
             Ok(tenant) => {
@@ -19,16 +28,12 @@ pub(super) fn grant_scope(
                     tenants.push(tenant);
                 }
             }
-            Err(_) => {
-                if !client.scopes.iter().any(|allowed| allowed == value) {
-                    return Err(TokenError::invalid_scope(
-                        "The scope asks for something the client may not have",
-                    ));
-                }
+            Err(_) if may_have(client, value) => {
                 if !extras.iter().any(|e| e == value) {
                     extras.push(value.to_owned());
                 }
             }
+            Err(_) => refused = true,
         }
     }
     let tenant = match tenants.as_slice() {
@@ -50,7 +55,31 @@ pub(super) fn grant_scope(
             "The client is not entitled to that tenant",
         ));
     }
+    if extras.is_empty() {
+        if refused {
+            return Err(TokenError::invalid_scope(
+                "The scope asks only for what the client may not have",
+            ));
+        }
+        extras.clone_from(&client.scopes);
+    }
     Ok((tenant, extras))
+}
+
+/// Whether the client may have `scope`: registered as written, or a SMART resource scope
+/// within a registered one.
+fn may_have(client: &ClientRecord, scope: &str) -> bool {
+    if client.scopes.iter().any(|allowed| allowed == scope) {
+        return true;
+    }
+    let Some(asked) = ResourceScope::parse(scope) else {
+        return false;
+    };
+    client
+        .scopes
+        .iter()
+        .filter_map(|allowed| ResourceScope::parse(allowed))
+        .any(|allowed| asked.within(&allowed))
 }
 
 #[cfg(test)]
@@ -82,21 +111,81 @@ mod tests {
         let granted = |client: &ClientRecord, scope: Option<&str>| {
             grant_scope(client, scope).map_err(|e| e.description)
         };
-        assert_eq!(granted(&one, None), Ok((tenant(A), vec![])));
+        // Only the tenant, or nothing (one tenant): every registered scope.
+        assert_eq!(
+            granted(&one, None),
+            Ok((tenant(A), vec!["system/*.read".to_owned()]))
+        );
         assert_eq!(
             granted(&one, Some(" system/*.read  system/*.read ")),
             Ok((tenant(A), vec!["system/*.read".to_owned()]))
         );
         assert_eq!(
             granted(&one, Some(&A.to_uppercase())),
-            Ok((tenant(A), vec![]))
+            Ok((tenant(A), vec!["system/*.read".to_owned()]))
         );
-        assert!(granted(&one, Some("patient/*.write")).is_err());
+        // Only what it may not have: invalid_scope.
+        assert_eq!(
+            granted(&one, Some("patient/*.write")),
+            Err("The scope asks only for what the client may not have")
+        );
         assert!(granted(&one, Some(B)).is_err());
 
         let two = record(&[A, B], &[]);
         assert_eq!(granted(&two, Some(B)), Ok((tenant(B), vec![])));
         assert!(granted(&two, None).is_err());
         assert!(granted(&two, Some(&format!("{A} {B}"))).is_err());
+        // Registered without scopes: the tenant alone, anything else refused.
+        assert_eq!(granted(&two, Some(A)), Ok((tenant(A), vec![])));
+        assert!(granted(&two, Some(&format!("{A} system/*.read"))).is_err());
+    }
+
+    #[test]
+    fn grants_the_requested_scopes_the_client_may_have() {
+        let client = record(
+            &[A],
+            &["system/*.rs", "system/Observation.cruds", "launch/patient"],
+        );
+        let granted = |scope: &str| grant_scope(&client, Some(scope)).map(|(_, s)| s);
+        // Within a registered scope (narrower type, fewer permissions, a query added; v1
+        // and v2 forms): granted as asked.
+        assert_eq!(
+            granted(&format!(
+                "{A} system/Patient.r system/Observation.read system/Condition.rs?clinical-status=active launch/patient"
+            ))
+            .unwrap(),
+            [
+                "system/Patient.r",
+                "system/Observation.read",
+                "system/Condition.rs?clinical-status=active",
+                "launch/patient"
+            ]
+        );
+        // What it may not have is left out, the rest granted.
+        assert_eq!(
+            granted(&format!(
+                "{A} system/Patient.rs system/Patient.cud user/Patient.r openid"
+            ))
+            .unwrap(),
+            ["system/Patient.rs"]
+        );
+        // Wider than registered, another context, or malformed: nothing granted.
+        for scope in [
+            "system/Patient.cruds",
+            "patient/Patient.r",
+            "system/*.write",
+            "system/Patient.sr",
+            "launch",
+        ] {
+            assert!(granted(&format!("{A} {scope}")).is_err(), "{scope}");
+        }
+        // A registered granular scope grants only as narrow or narrower.
+        let granular = record(&[A], &["system/Observation.rs?category=laboratory"]);
+        let granted = |scope: &str| grant_scope(&granular, Some(scope)).map(|(_, s)| s);
+        assert!(granted("system/Observation.rs").is_err());
+        assert_eq!(
+            granted("system/Observation.s?category=laboratory&code=1234-5").unwrap(),
+            ["system/Observation.s?category=laboratory&code=1234-5"]
+        );
     }
 }
