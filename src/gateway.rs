@@ -13,9 +13,11 @@
 //! | `POST /oauth/token` | client-credentials tokens (RFC 6749 §4.4) |
 //! | `GET /.well-known/jwks.json` | the public signing keys |
 //! | `POST /oauth/clients/{client_id}/secret` | the client rotates its own secret |
+//! | `POST /oauth/introspect` | token introspection (RFC 7662) for registered clients |
+//! | `POST /oauth/revoke` | a client revokes a token it holds (RFC 7009) |
 //!
 //! and the bearer layer accepts the endpoint's tokens (its keys in-process, its issuer and
-//! audience) beside whatever issuers the [`BearerAuthBuilder`] given to
+//! audience, refusing those revoked) beside whatever issuers the [`BearerAuthBuilder`] given to
 //! [`auth`](GatewayBuilder::auth) trusts. Everything else is FHIR, at the root of the public
 //! base URL. Configuration errors surface from [`build`](GatewayBuilder::build) as one
 //! [`ConfigError`].
@@ -358,7 +360,8 @@ impl GatewayBuilder {
             }
             auth = auth
                 .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())
-                .audience_for_issuer(endpoint.issuer(), endpoint.audience());
+                .audience_for_issuer(endpoint.issuer(), endpoint.audience())
+                .revoked_tokens(endpoint.revoked_tokens().clone());
             token_url.get_or_insert_with(|| format!("{base}{TOKEN_PATH}"));
             jwks_uri = Some(format!("{base}{JWKS_PATH}"));
             issuer = Some(endpoint.issuer().to_owned());
@@ -378,7 +381,12 @@ impl GatewayBuilder {
 
         let mut metadata = MetadataLayer::builder(&base, token_url);
         if let Some(issuer) = issuer {
-            metadata = metadata.issuer(issuer);
+            metadata = metadata
+                .issuer(issuer)
+                .introspection_url(format!("{base}{INTROSPECT_PATH}"))
+                .revocation_url(format!("{base}{REVOKE_PATH}"))
+                .capabilities(SMART_CAPABILITIES)
+                .scopes_supported(SMART_SCOPES);
         }
         if let Some(jwks_uri) = jwks_uri {
             metadata = metadata.jwks_uri(jwks_uri);
@@ -431,6 +439,31 @@ const TOKEN_PATH: &str = "/oauth/token";
 const JWKS_PATH: &str = "/.well-known/jwks.json";
 #[cfg(feature = "token")]
 const CLIENTS_PREFIX: &str = "/oauth/clients/";
+/// What a gateway with a token endpoint advertises in `.well-known/smart-configuration`.
+#[cfg(feature = "token")]
+const SMART_CAPABILITIES: [&str; 3] = [
+    "client-confidential-symmetric",
+    "permission-v1",
+    "permission-v2",
+];
+/// The SMART scope forms a client may ask for (each narrowed as the client's registration
+/// allows).
+#[cfg(feature = "token")]
+const SMART_SCOPES: [&str; 9] = [
+    "system/*.cruds",
+    "system/*.rs",
+    "system/*.read",
+    "system/*.write",
+    "user/*.cruds",
+    "user/*.rs",
+    "patient/*.cruds",
+    "patient/*.rs",
+    "patient/*.read",
+];
+#[cfg(feature = "token")]
+const INTROSPECT_PATH: &str = "/oauth/introspect";
+#[cfg(feature = "token")]
+const REVOKE_PATH: &str = "/oauth/revoke";
 
 /// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
 /// own) in version negotiation, metadata, bearer validation, tenant scope, SMART scopes,
@@ -543,6 +576,8 @@ struct TokenRoutes {
     endpoint: crate::token::TokenEndpoint,
     jwks: crate::token::JwksService,
     rotation: crate::token::SecretRotation,
+    introspection: crate::token::Introspection,
+    revocation: crate::token::Revocation,
 }
 
 #[cfg(feature = "token")]
@@ -551,6 +586,8 @@ impl TokenRoutes {
         Self {
             jwks: endpoint.signing_keys().jwks_service(),
             rotation: endpoint.secret_rotation_service(),
+            introspection: endpoint.introspection_service(),
+            revocation: endpoint.revocation_service(),
             endpoint,
         }
     }
@@ -561,6 +598,10 @@ impl TokenRoutes {
             Some(TokenRoute::Token)
         } else if path == JWKS_PATH {
             Some(TokenRoute::Jwks)
+        } else if path == INTROSPECT_PATH {
+            Some(TokenRoute::Introspect)
+        } else if path == REVOKE_PATH {
+            Some(TokenRoute::Revoke)
         } else if path
             .strip_prefix(CLIENTS_PREFIX)
             .and_then(|rest| rest.strip_suffix("/secret"))
@@ -581,6 +622,8 @@ impl TokenRoutes {
             TokenRoute::Token => oneshot(self.endpoint.clone(), request),
             TokenRoute::Jwks => oneshot(self.jwks.clone(), request),
             TokenRoute::Rotation => oneshot(self.rotation.clone(), request),
+            TokenRoute::Introspect => oneshot(self.introspection.clone(), request),
+            TokenRoute::Revoke => oneshot(self.revocation.clone(), request),
         }
     }
 }
@@ -786,6 +829,8 @@ enum TokenRoute {
     Token,
     Jwks,
     Rotation,
+    Introspect,
+    Revoke,
 }
 
 /// Readies `service`, calls it, and boxes the response body.

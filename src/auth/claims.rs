@@ -30,6 +30,9 @@ struct Inner {
     /// by all its requests, so each such layer derives its value once per token, not once per
     /// request. See [`VerifiedClaims::memoized`].
     memo: [OnceLock<Memo>; MEMO_SLOTS],
+    /// The [`RevokedTokens`](super::RevokedTokens) generation at which these claims were last
+    /// found not revoked.
+    revocation_checked: AtomicU64,
 }
 
 /// How many layers may keep a value derived from the claims (the tenant scope and the rate
@@ -85,8 +88,20 @@ impl VerifiedClaims {
                 key_id,
                 algorithm,
                 memo: Default::default(),
+                revocation_checked: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// The revocation list's generation at which these claims were last found not revoked.
+    pub(crate) fn revocation_checked(&self) -> u64 {
+        self.inner.revocation_checked.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_revocation_checked(&self, generation: u64) {
+        self.inner
+            .revocation_checked
+            .fetch_max(generation, Ordering::AcqRel);
     }
 
     /// What `derive` makes of these claims: kept for the first few keys that ask (a gateway

@@ -13,6 +13,7 @@ use tower_layer::Layer;
 use super::config::{Config, RejectFn, SkipFn};
 use super::keys::{KeySet, VerificationKey};
 use super::rejection::Rejection;
+use super::revoked::RevokedTokens;
 use super::service::BearerAuth;
 use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
 use super::verify::{Audiences, TokenCache, Verifier};
@@ -165,6 +166,7 @@ pub struct BearerAuthBuilder {
     max_token_bytes: usize,
     skip: Option<Box<SkipFn>>,
     on_reject: Option<Box<RejectFn>>,
+    revoked: Option<RevokedTokens>,
 }
 
 impl Default for BearerAuthBuilder {
@@ -187,6 +189,7 @@ impl Default for BearerAuthBuilder {
             max_token_bytes: 16 * 1024,
             skip: None,
             on_reject: None,
+            revoked: None,
         }
     }
 }
@@ -328,6 +331,15 @@ impl BearerAuthBuilder {
         self
     }
 
+    /// Refuses the tokens in this list (`401 invalid_token`, "revoked") until they expire,
+    /// cached ones included: the token endpoint's `revoked_tokens()`, filled by its
+    /// revocation route. The list is looked at only when something was revoked since a token
+    /// was last checked.
+    pub fn revoked_tokens(mut self, revoked: RevokedTokens) -> Self {
+        self.revoked = Some(revoked);
+        self
+    }
+
     /// The longest bearer token accepted, in bytes; longer ones get 400. Default 16 KiB.
     pub fn max_token_bytes(mut self, max: usize) -> Self {
         self.max_token_bytes = max;
@@ -447,6 +459,7 @@ impl BearerAuthBuilder {
             single_key,
             cache_counts: crate::ops::CacheCounts::new("token"),
             audiences,
+            revoked: self.revoked,
         };
         Ok(BearerAuthLayer {
             config: Arc::new(Config {

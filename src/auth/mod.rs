@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | no `Authorization`, or another scheme (`Basic`) | 401 | `Bearer realm="fhir"` |
 //! | two `Authorization` headers, empty, oversized or non-`b64token` token | 400 | `error="invalid_request"` |
-//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`, no `exp` | 401 | `error="invalid_token"` |
+//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`, no `exp`, revoked | 401 | `error="invalid_token"` |
 //! | keys cannot be fetched (and none were ever fetched) | 503 | (`Retry-After`) |
 //!
 //! Keys are static ([`VerificationKey`], [`KeySet`]) or fetched ([`KeySource`], a JWKS URL
@@ -18,7 +18,9 @@
 //! the source's `Cache-Control: max-age`); a token with an unknown `kid` triggers one refetch,
 //! at most once per cooldown, shared by all requests waiting on it; when the source is down the
 //! last good keys keep working. Verified tokens are cached (bounded, each entry no longer than
-//! the token's `exp`, dropped when its key leaves the key set).
+//! the token's `exp`, dropped when its key leaves the key set). Tokens revoked before they
+//! expire ([`RevokedTokens`], which the token endpoint's revocation fills) are refused from
+//! then on, cached ones included.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -67,6 +69,7 @@ mod jwks;
 mod keys;
 mod layer;
 mod rejection;
+mod revoked;
 mod service;
 mod source;
 mod verify;
@@ -83,5 +86,8 @@ pub use keys::{KeyError, KeySet, VerificationKey};
 pub(crate) use layer::dedup;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
+pub use revoked::RevokedTokens;
 pub use service::BearerAuth;
 pub use source::{FetchedKeys, KeyChanges, KeySource, KeySourceError, KeySourceFuture};
+#[cfg(feature = "token")]
+pub(crate) use verify::{verify_with_keys, Expected};

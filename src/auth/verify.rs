@@ -39,6 +39,8 @@ pub(crate) struct Verifier {
     /// Set when some issuer has audiences of its own; jsonwebtoken then checks no `aud` and
     /// [`Audiences::accepts`] does.
     pub(crate) audiences: Option<Audiences>,
+    /// Tokens revoked before they expire, refused even when cached.
+    pub(crate) revoked: Option<super::RevokedTokens>,
 }
 
 /// The audiences a token must name, per issuer.
@@ -151,13 +153,19 @@ impl Verifier {
     }
 
     fn verify_with_keys_held(self: &Arc<Self>, token: &[u8]) -> Verdict {
-        if let Some(claims) = self.cache.as_ref().and_then(|cache| cache.get(token)) {
-            // A refresh is due on hits too: keys gone at the IdP must retire their tokens.
-            for source in &self.sources {
-                source.refresh_if_due();
+        if let Some(cache) = &self.cache {
+            if let Some(claims) = cache.get(token) {
+                // A refresh is due on hits too: keys gone at the IdP must retire their tokens.
+                for source in &self.sources {
+                    source.refresh_if_due();
+                }
+                self.cache_counts.hit.increment(1);
+                if self.revoked.as_ref().is_some_and(|r| r.refuses(&claims)) {
+                    cache.forget(token);
+                    return Verdict::Reject(self.revoked_token());
+                }
+                return Verdict::Accept(claims);
             }
-            self.cache_counts.hit.increment(1);
-            return Verdict::Accept(claims);
         }
         if self.cache.is_some() {
             self.cache_counts.miss.increment(1);
@@ -213,6 +221,10 @@ impl Verifier {
             })?
             .unwrap_or_else(|| Err(this.no_key_after_fetch()))
         }))
+    }
+
+    fn revoked_token(&self) -> Rejection {
+        self.reject(RejectionKind::InvalidToken, "The access token was revoked")
     }
 
     fn unknown_key(&self) -> Rejection {
@@ -401,6 +413,9 @@ impl Verifier {
                 true,
             ));
         }
+        if self.revoked.as_ref().is_some_and(|r| r.refuses(&claims)) {
+            return Err((self.revoked_token(), true));
+        }
         if let Some(cache) = &self.cache {
             cache.insert(token, &claims, key);
         }
@@ -434,6 +449,93 @@ impl Verifier {
             signature_ok,
         )
     }
+}
+
+/// What [`verify_with_keys`] checks besides the signature.
+#[cfg(feature = "token")]
+pub(crate) struct Expected<'a> {
+    /// The algorithms accepted (each key still allows only its own).
+    pub(crate) algorithms: &'a [Algorithm],
+    /// The `iss` required, if any.
+    pub(crate) issuer: Option<&'a str>,
+    /// An `aud` required, if any.
+    pub(crate) audience: Option<&'a str>,
+    /// Leeway for `exp` and `nbf`, in seconds.
+    pub(crate) leeway: u64,
+}
+
+/// Verifies one JWT against a key set, outside any layer (the token endpoint's introspection,
+/// client assertions): the header's `alg` among the expected and allowed by the key (no
+/// `none`, no HMAC with a public key), the key by `kid` (a token without one tries at most a
+/// few keys), `exp` required, `nbf`, `iss` and `aud` when expected, no `crit`. The error says
+/// why, for the log only.
+#[cfg(feature = "token")]
+pub(crate) fn verify_with_keys(
+    keys: &KeySet,
+    token: &str,
+    expected: &Expected<'_>,
+) -> Result<VerifiedClaims, &'static str> {
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|_| "not a JWT, or an algorithm not supported")?;
+    if header.crit.is_some() {
+        return Err("critical header extensions");
+    }
+    if !expected.algorithms.contains(&header.alg) {
+        return Err("an algorithm not accepted here");
+    }
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = expected.leeway;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    match expected.issuer {
+        Some(issuer) => {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match expected.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    let tries = if header.kid.is_some() {
+        usize::MAX
+    } else {
+        MAX_KIDLESS_TRIES
+    };
+    let mut outcome = Err("no key for it");
+    for key in keys.candidates(header.kid.as_deref()).take(tries) {
+        if !key.allows(header.alg) {
+            outcome = Err("an algorithm its key does not allow");
+            continue;
+        }
+        match jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation) {
+            Ok(data) => {
+                return VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
+                    .ok_or("no valid exp");
+            }
+            Err(err) => {
+                outcome = Err(match err.kind() {
+                    ErrorKind::InvalidSignature => "a bad signature",
+                    ErrorKind::ExpiredSignature => "expired",
+                    ErrorKind::ImmatureSignature => "not valid yet",
+                    ErrorKind::InvalidIssuer => "another issuer",
+                    ErrorKind::InvalidAudience => "another audience",
+                    ErrorKind::MissingRequiredClaim(_) => "a required claim missing",
+                    _ => "malformed",
+                });
+                if !matches!(err.kind(), ErrorKind::InvalidSignature) {
+                    // The signature was good: no other key will do better.
+                    return outcome;
+                }
+            }
+        }
+    }
+    outcome
 }
 
 fn verdict(result: Result<VerifiedClaims, Rejection>) -> Verdict {
@@ -512,6 +614,11 @@ impl TokenCache {
             return None;
         }
         Some(cached.claims)
+    }
+
+    /// Drops a token (say, one found revoked).
+    fn forget(&self, token: &[u8]) {
+        self.cache.remove(self.key(token), token);
     }
 
     fn insert(&self, token: &[u8], claims: &VerifiedClaims, key: &Arc<VerificationKey>) {

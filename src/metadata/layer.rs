@@ -50,6 +50,13 @@ impl MetadataLayer {
             jwks_uri: None,
             scopes_supported: Vec::new(),
             capabilities: vec!["client-confidential-symmetric".to_owned()],
+            auth_methods: vec![
+                "client_secret_basic".to_owned(),
+                "client_secret_post".to_owned(),
+            ],
+            auth_signing_algs: Vec::new(),
+            introspection_url: None,
+            revocation_url: None,
             software: "tower-fhir gateway".to_owned(),
             default_version: FhirVersion::Stu3,
             from_upstream: None,
@@ -94,6 +101,10 @@ pub struct MetadataBuilder {
     jwks_uri: Option<String>,
     scopes_supported: Vec<String>,
     capabilities: Vec<String>,
+    auth_methods: Vec<String>,
+    auth_signing_algs: Vec<String>,
+    introspection_url: Option<String>,
+    revocation_url: Option<String>,
     software: String,
     default_version: FhirVersion,
     from_upstream: Option<AnonymousSource>,
@@ -160,6 +171,39 @@ impl MetadataBuilder {
         self
     }
 
+    /// The token endpoint's client authentication methods, for
+    /// `token_endpoint_auth_methods_supported`; default `client_secret_basic`,
+    /// `client_secret_post`.
+    pub fn token_endpoint_auth_methods(
+        mut self,
+        methods: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.auth_methods = methods.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The algorithms `private_key_jwt` assertions may be signed with, for
+    /// `token_endpoint_auth_signing_alg_values_supported` (left out when none, the default).
+    pub fn token_endpoint_auth_signing_algs(
+        mut self,
+        algorithms: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.auth_signing_algs = algorithms.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The token introspection endpoint (RFC 7662), for `introspection_endpoint`.
+    pub fn introspection_url(mut self, url: impl Into<String>) -> Self {
+        self.introspection_url = Some(url.into());
+        self
+    }
+
+    /// The token revocation endpoint (RFC 7009), for `revocation_endpoint`.
+    pub fn revocation_url(mut self, url: impl Into<String>) -> Self {
+        self.revocation_url = Some(url.into());
+        self
+    }
+
     /// SMART capabilities advertised; default `client-confidential-symmetric`.
     pub fn capabilities(
         mut self,
@@ -192,6 +236,12 @@ impl MetadataBuilder {
         let token_url = absolute(&self.token_url)?;
         let authorize_url = self.authorize_url.as_deref().map(absolute).transpose()?;
         let jwks_uri = self.jwks_uri.as_deref().map(absolute).transpose()?;
+        let introspection_url = self
+            .introspection_url
+            .as_deref()
+            .map(absolute)
+            .transpose()?;
+        let revocation_url = self.revocation_url.as_deref().map(absolute).transpose()?;
         Ok(MetadataLayer {
             config: Arc::new(Config {
                 statements: Statements {
@@ -208,6 +258,10 @@ impl MetadataBuilder {
                     token_url,
                     scopes_supported: self.scopes_supported,
                     capabilities: self.capabilities,
+                    auth_methods: self.auth_methods,
+                    auth_signing_algs: self.auth_signing_algs,
+                    introspection_url,
+                    revocation_url,
                 },
                 anonymous: self.from_upstream,
             }),

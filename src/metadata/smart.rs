@@ -19,6 +19,14 @@ pub(super) struct SmartConfiguration {
     pub(super) scopes_supported: Vec<String>,
     /// `capabilities`.
     pub(super) capabilities: Vec<String>,
+    /// `token_endpoint_auth_methods_supported`.
+    pub(super) auth_methods: Vec<String>,
+    /// `token_endpoint_auth_signing_alg_values_supported`, left out when empty.
+    pub(super) auth_signing_algs: Vec<String>,
+    /// `introspection_endpoint`, where there is one.
+    pub(super) introspection_url: Option<String>,
+    /// `revocation_endpoint`, where there is one.
+    pub(super) revocation_url: Option<String>,
 }
 
 impl SmartConfiguration {
@@ -41,8 +49,20 @@ impl SmartConfiguration {
         );
         document.insert(
             "token_endpoint_auth_methods_supported".into(),
-            json!(["client_secret_basic", "client_secret_post"]),
+            json!(self.auth_methods),
         );
+        if !self.auth_signing_algs.is_empty() {
+            document.insert(
+                "token_endpoint_auth_signing_alg_values_supported".into(),
+                json!(self.auth_signing_algs),
+            );
+        }
+        if let Some(url) = &self.introspection_url {
+            document.insert("introspection_endpoint".into(), json!(url));
+        }
+        if let Some(url) = &self.revocation_url {
+            document.insert("revocation_endpoint".into(), json!(url));
+        }
         if !self.scopes_supported.is_empty() {
             document.insert("scopes_supported".into(), json!(self.scopes_supported));
         }

@@ -1,6 +1,7 @@
 //! The token endpoint: [`TokenEndpoint`], its builder, and the client-credentials grant
 //! (RFC 6749 §4.4).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -18,12 +19,13 @@ use serde_json::json;
 use tower_service::Service;
 
 use super::authenticate::{Authenticator, Denied, HashingLimit};
-use super::client::{unix_now, ClientStore};
+use super::client::{unix_now, ClientRecord, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::ThrottlePolicy;
+use crate::auth::RevokedTokens;
 use crate::client_addr::ClientAddr;
 
 /// The future a [`TokenEndpoint`] returns.
@@ -42,15 +44,17 @@ pub struct TokenEndpoint {
 /// What the endpoint's clones, and the [`SecretRotation`](super::SecretRotation) services made
 /// from it, share.
 pub(super) struct Inner {
-    issuer: String,
-    audience: String,
+    pub(super) issuer: String,
+    pub(super) audience: String,
     /// The `WWW-Authenticate: Basic` challenge of a 401.
     pub(super) realm: HeaderValue,
     default_lifetime: Duration,
     pub(super) max_body_bytes: usize,
     /// The client store, and the throttled checks of clients' secrets.
     pub(super) clients: Authenticator,
-    keys: SigningKeys,
+    pub(super) keys: SigningKeys,
+    /// The tokens revoked before they expire.
+    pub(super) revoked: RevokedTokens,
 }
 
 impl fmt::Debug for TokenEndpoint {
@@ -110,6 +114,7 @@ pub struct TokenEndpointBuilder {
     keys: Option<SigningKeys>,
     throttle: ThrottlePolicy,
     hashing: HashingLimit,
+    revoked: Option<RevokedTokens>,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -188,6 +193,13 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// Where revoked tokens are kept (default: a list of the endpoint's own). Give a list
+    /// shared with something else, say one a database keeps in step across replicas.
+    pub fn revoked_tokens(mut self, revoked: RevokedTokens) -> Self {
+        self.revoked = Some(revoked);
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -221,6 +233,7 @@ impl TokenEndpointBuilder {
                 max_body_bytes: self.max_body_bytes,
                 clients: Authenticator::new(store, self.throttle, self.hashing),
                 keys,
+                revoked: self.revoked.unwrap_or_default(),
             }),
         })
     }
@@ -239,6 +252,7 @@ impl TokenEndpoint {
             keys: None,
             throttle: ThrottlePolicy::default(),
             hashing: HashingLimit::default(),
+            revoked: None,
         }
     }
 
@@ -261,6 +275,13 @@ impl TokenEndpoint {
     /// The client store.
     pub fn store(&self) -> &dyn ClientStore {
         &*self.inner.clients.store
+    }
+
+    /// The tokens revoked through [`revocation_service`](Self::revocation_service): hand it
+    /// to [`BearerAuthBuilder::revoked_tokens`](crate::auth::BearerAuthBuilder::revoked_tokens)
+    /// (the [`Gateway`](crate::gateway::Gateway) does) so that bearer layers refuse them.
+    pub fn revoked_tokens(&self) -> &RevokedTokens {
+        &self.inner.revoked
     }
 
     /// The `iss` of the tokens it issues.
@@ -342,35 +363,10 @@ impl Inner {
             ));
         }
 
-        let credentials = credentials(&parts.headers, &form, &self.realm)?;
-        let (id, secret, basic) = match &credentials {
-            Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
-            Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
-        };
         let facts = parts.extensions.get::<crate::ops::RequestFacts>();
-        if let Some(facts) = facts {
-            facts.set_client_id(id);
-        }
-        let challenge = basic.then_some(&self.realm);
-        let checked = self
-            .clients
-            .authenticate_throttled(id, secret, source(&parts.extensions), "token request")
-            .await
-            .map_err(|denied| denied.into_error(challenge))?;
-
-        // The check took a while: the client may have been revoked, rotated or given other
-        // tenants meanwhile. Issue only what the store says now.
-        let client = match self.clients.recheck(&checked).await {
-            Ok(Some(client)) => client,
-            Ok(None) => {
-                tracing::info!(client_id = %id, "token request: the client was revoked or its secret rotated during the check");
-                return Err(Denied::Failed.into_error(challenge));
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "client store failed");
-                return Err(TokenError::server_error());
-            }
-        };
+        let client = self
+            .authenticate_client(&parts, &form, "token request")
+            .await?;
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
         let lifetime = client
             .token_lifetime_secs
@@ -408,6 +404,45 @@ impl Inner {
                 "scope": scope,
             }),
         ))
+    }
+}
+
+impl Inner {
+    /// The client a form request (a token, introspection or revocation request) authenticates
+    /// as, under the throttle, as the store has it after the check (the check takes a while:
+    /// the client may have been revoked, rotated or given other tenants meanwhile). `doing`
+    /// names the request in the log.
+    pub(super) async fn authenticate_client(
+        &self,
+        parts: &http::request::Parts,
+        form: &HashMap<String, String>,
+        doing: &'static str,
+    ) -> Result<ClientRecord, TokenError> {
+        let credentials = credentials(&parts.headers, form, &self.realm)?;
+        let (id, secret, basic) = match &credentials {
+            Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
+            Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
+        };
+        if let Some(facts) = parts.extensions.get::<crate::ops::RequestFacts>() {
+            facts.set_client_id(id);
+        }
+        let challenge = basic.then_some(&self.realm);
+        let checked = self
+            .clients
+            .authenticate_throttled(id, secret, source(&parts.extensions), doing)
+            .await
+            .map_err(|denied| denied.into_error(challenge))?;
+        match self.clients.recheck(&checked).await {
+            Ok(Some(client)) => Ok(client),
+            Ok(None) => {
+                tracing::info!(client_id = %id, doing, "the client was revoked or its secret rotated during the check");
+                Err(Denied::Failed.into_error(challenge))
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                Err(TokenError::server_error())
+            }
+        }
     }
 }
 

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     TemporarilyUnavailable,
     /// The gateway could not answer (client store or signing failed); details are logged.
     ServerError,
+    /// The authenticated client may not do this (revoke another client's token).
+    UnauthorizedClient,
 }
 
 impl ErrorCode {
@@ -41,6 +43,7 @@ impl ErrorCode {
             Self::InvalidScope => "invalid_scope",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
             Self::ServerError => "server_error",
+            Self::UnauthorizedClient => "unauthorized_client",
         }
     }
 }

@@ -79,6 +79,7 @@ mod durable;
 mod endpoint;
 mod error;
 mod form;
+mod introspect;
 mod rotation;
 mod scope;
 mod signing;
@@ -92,6 +93,7 @@ pub use client::{
 pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
 pub use error::{ErrorCode, TokenResponseBody};
+pub use introspect::{Introspection, Revocation};
 pub use rotation::SecretRotation;
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::ThrottlePolicy;

@@ -1,0 +1,215 @@
+//! Tokens revoked before they expire: [`RevokedTokens`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::claims::VerifiedClaims;
+
+/// The tokens revoked before they expire, by issuer and `jti`, shared by whoever revokes
+/// (the token endpoint's `POST /oauth/revoke`) and the bearer layers that must refuse them
+/// ([`BearerAuthBuilder::revoked_tokens`](super::BearerAuthBuilder::revoked_tokens)).
+///
+/// A bearer layer looks here only when something was revoked since it last checked a token
+/// (one atomic load per request otherwise), cached tokens included. An entry is kept until
+/// the token it names expires, then dropped at the next revocation; a token without `jti`
+/// cannot be revoked. Clones share the list.
+///
+/// ```
+/// use tower_fhir::auth::{RevokedTokens, VerifiedClaims};
+///
+/// let claims = serde_json::json!({"iss": "https://gw.example", "jti": "t-1", "exp": 4_000_000_000u64});
+/// let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+/// let revoked = RevokedTokens::new();
+/// assert!(!revoked.is_revoked(&claims));
+/// assert!(revoked.revoke(&claims));
+/// assert!(revoked.is_revoked(&claims));
+/// assert_eq!(revoked.len(), 1);
+/// ```
+#[derive(Clone, Default)]
+pub struct RevokedTokens {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Moves on every revocation; 0 while nothing was ever revoked, so claims (which start
+    /// at 0) need no look-up until then.
+    generation: AtomicU64,
+    /// `jti` → the issuers that revoked a token with it, and when each expires.
+    entries: RwLock<HashMap<String, Vec<Entry>>>,
+}
+
+struct Entry {
+    issuer: Option<String>,
+    expires_at: u64,
+}
+
+impl fmt::Debug for RevokedTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevokedTokens")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl RevokedTokens {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Revokes the token these claims are from, until it expires. `false` when it has no
+    /// `jti` (it cannot be told from others) or has expired already (nothing to revoke).
+    pub fn revoke(&self, claims: &VerifiedClaims) -> bool {
+        match claims.token_id() {
+            Some(jti) => self.revoke_id(claims.issuer(), jti, claims.expires_at()),
+            None => false,
+        }
+    }
+
+    /// Revokes the token of `issuer` with this `jti`, until `expires_at` (Unix seconds).
+    /// `false` when that time has passed.
+    pub fn revoke_id(&self, issuer: Option<&str>, jti: &str, expires_at: u64) -> bool {
+        let now = unix_now();
+        if expires_at <= now {
+            return false;
+        }
+        let mut entries = self
+            .inner
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Expired entries go first: the list holds only tokens that still verify.
+        entries.retain(|_, revoked| {
+            revoked.retain(|entry| entry.expires_at > now);
+            !revoked.is_empty()
+        });
+        let revoked = entries.entry(jti.to_owned()).or_default();
+        if !revoked
+            .iter()
+            .any(|entry| entry.issuer.as_deref() == issuer)
+        {
+            revoked.push(Entry {
+                issuer: issuer.map(str::to_owned),
+                expires_at,
+            });
+        }
+        drop(entries);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Whether the token these claims are from was revoked.
+    pub fn is_revoked(&self, claims: &VerifiedClaims) -> bool {
+        let Some(jti) = claims.token_id() else {
+            return false;
+        };
+        let entries = self
+            .inner
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.get(jti).is_some_and(|revoked| {
+            revoked
+                .iter()
+                .any(|entry| entry.issuer.as_deref() == claims.issuer())
+        })
+    }
+
+    /// How many revoked tokens are kept (some may have expired since the last revocation).
+    pub fn len(&self) -> usize {
+        self.inner
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Whether nothing is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A number that moves on every revocation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether `claims` were revoked, looked up only when something was revoked since they
+    /// were last checked (then remembered in them).
+    pub(crate) fn refuses(&self, claims: &VerifiedClaims) -> bool {
+        let generation = self.generation();
+        if claims.revocation_checked() == generation {
+            return false;
+        }
+        if self.is_revoked(claims) {
+            return true;
+        }
+        claims.set_revocation_checked(generation);
+        false
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(value: serde_json::Value) -> VerifiedClaims {
+        VerifiedClaims::assume_verified(value.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn revokes_by_issuer_and_jti_until_expiry() {
+        let revoked = RevokedTokens::new();
+        let ours = claims(json!({"iss": "https://a", "jti": "1", "exp": 4_000_000_000u64}));
+        let theirs = claims(json!({"iss": "https://b", "jti": "1", "exp": 4_000_000_000u64}));
+        let no_jti = claims(json!({"iss": "https://a", "exp": 4_000_000_000u64}));
+        assert!(!revoked.refuses(&ours));
+        assert!(revoked.revoke(&ours));
+        assert!(revoked.is_revoked(&ours) && revoked.refuses(&ours));
+        assert!(
+            !revoked.is_revoked(&theirs),
+            "another issuer's token with the same jti"
+        );
+        assert!(!revoked.revoke(&no_jti) && !revoked.refuses(&no_jti));
+        // Twice is once.
+        assert!(revoked.revoke(&ours));
+        assert_eq!(revoked.len(), 1);
+        // Expired: nothing to revoke; expired entries are dropped at the next revocation.
+        assert!(!revoked.revoke_id(Some("https://a"), "old", 1));
+        let soon = unix_now() + 1;
+        assert!(revoked.revoke_id(Some("https://a"), "soon", soon));
+        assert_eq!(revoked.len(), 2);
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert!(revoked.revoke(&theirs));
+        assert_eq!(revoked.len(), 2, "the expired entry was dropped");
+    }
+
+    #[test]
+    fn a_checked_token_is_looked_up_again_only_after_a_revocation() {
+        let revoked = RevokedTokens::new();
+        let token = claims(json!({"iss": "https://a", "jti": "1", "exp": 4_000_000_000u64}));
+        let other = claims(json!({"iss": "https://a", "jti": "2", "exp": 4_000_000_000u64}));
+        assert!(!revoked.refuses(&token));
+        assert_eq!(token.revocation_checked(), revoked.generation());
+        revoked.revoke(&other);
+        assert_ne!(token.revocation_checked(), revoked.generation());
+        assert!(!revoked.refuses(&token));
+        revoked.revoke(&token);
+        // The claims a cache shares are refused on their next use.
+        assert!(revoked.refuses(&token.clone()));
+        assert!(revoked.refuses(&token));
+    }
+}

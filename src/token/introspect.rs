@@ -1,0 +1,251 @@
+//! Token introspection (RFC 7662) and revocation (RFC 7009): [`Introspection`] and
+//! [`Revocation`], made by [`TokenEndpoint::introspection_service`] and
+//! [`TokenEndpoint::revocation_service`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body;
+use serde_json::{json, Map, Value};
+use tower_service::Service;
+
+use super::client::ClientRecord;
+use super::endpoint::{answer, Inner, TokenEndpoint, TokenFuture};
+use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
+use super::form::{check_content_type, read_form};
+use crate::auth::{verify_with_keys, Algorithm, Expected, VerifiedClaims};
+use crate::tenant::TenantId;
+
+/// The algorithms the endpoint signs with.
+const OWN_ALGORITHMS: [Algorithm; 2] = [Algorithm::ES256, Algorithm::RS256];
+
+impl TokenEndpoint {
+    /// A Tower service for token introspection (RFC 7662; mount it at, say,
+    /// `/oauth/introspect`). A registered client authenticates as at the token endpoint and
+    /// `POST`s `token=<access token>` (`token_type_hint` is optional and ignored). A live token
+    /// of this endpoint (its signature, issuer and audience good, not expired, not revoked)
+    /// gets `{"active": true, "scope", "client_id", "sub", "iss", "aud", "exp", "iat",
+    /// "tenant", "token_type": "Bearer", "jti"}`; any other (expired, revoked, another
+    /// issuer's, garbled) gets `{"active": false}` and nothing more. Answers carry
+    /// `Cache-Control: no-store`; client authentication failures are RFC 6749 errors, counted
+    /// by the throttle.
+    ///
+    /// ```
+    /// use http::{Request, StatusCode};
+    /// use http_body_util::{BodyExt, Full};
+    /// use bytes::Bytes;
+    /// use tower::ServiceExt;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// let tenant = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
+    /// let secret = store.register(NewClient::new("app").tenant(tenant)).await.unwrap();
+    /// let endpoint = TokenEndpoint::builder().issuer("https://gw.example").audience("fhir").store(store).build().unwrap();
+    /// let form = |body: String| {
+    ///     Request::post("/")
+    ///         .header("content-type", "application/x-www-form-urlencoded")
+    ///         .body(Full::new(Bytes::from(body)))
+    ///         .unwrap()
+    /// };
+    /// let credentials = format!("client_id=app&client_secret={}", secret.expose());
+    /// let issued = endpoint.clone().oneshot(form(format!("grant_type=client_credentials&{credentials}"))).await.unwrap();
+    /// let issued: serde_json::Value = serde_json::from_slice(&issued.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    /// let token = issued["access_token"].as_str().unwrap();
+    ///
+    /// let asked = endpoint.introspection_service().oneshot(form(format!("token={token}&{credentials}"))).await.unwrap();
+    /// assert_eq!(asked.status(), StatusCode::OK);
+    /// let answer: serde_json::Value = serde_json::from_slice(&asked.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    /// assert_eq!(answer["active"], true);
+    /// assert_eq!(answer["tenant"], "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f");
+    ///
+    /// // Revoked by its client: no longer active.
+    /// let revoked = endpoint.revocation_service().oneshot(form(format!("token={token}&{credentials}"))).await.unwrap();
+    /// assert_eq!(revoked.status(), StatusCode::OK);
+    /// let asked = endpoint.introspection_service().oneshot(form(format!("token={token}&{credentials}"))).await.unwrap();
+    /// let answer: serde_json::Value = serde_json::from_slice(&asked.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    /// assert_eq!(answer, serde_json::json!({"active": false}));
+    /// # });
+    /// ```
+    pub fn introspection_service(&self) -> Introspection {
+        Introspection {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// A Tower service for token revocation (RFC 7009; mount it at, say, `/oauth/revoke`).
+    /// A client authenticates as at the token endpoint and `POST`s `token=<access token>`
+    /// (`token_type_hint` optional: `access_token`, or anything else, which is ignored). A live
+    /// token this endpoint issued to that client is added to
+    /// [`revoked_tokens`](Self::revoked_tokens) until it expires; bearer layers given that list
+    /// refuse it from then on, cached or not. The answer is `200` with an empty body, also for
+    /// a token that is expired, garbled or not this endpoint's (RFC 7009 §2.2: there is
+    /// nothing to revoke); a live token of another client is `400 unauthorized_client`, and
+    /// stays valid.
+    pub fn revocation_service(&self) -> Revocation {
+        Revocation {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// Token introspection (RFC 7662), from [`TokenEndpoint::introspection_service`].
+#[derive(Clone)]
+pub struct Introspection {
+    inner: Arc<Inner>,
+}
+
+/// Token revocation (RFC 7009), from [`TokenEndpoint::revocation_service`].
+#[derive(Clone)]
+pub struct Revocation {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Introspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Introspection").finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Revocation").finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for Introspection
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<TokenResponseBody>;
+    type Error = Infallible;
+    type Future = TokenFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        answer(async move {
+            let (_client, form) = inner.authenticated_form(request, "introspection").await?;
+            let answer = match form.get("token").map(|token| inner.live_token(token)) {
+                Some(Some(claims)) => describe(&claims),
+                _ => json!({"active": false}),
+            };
+            Ok(json_response(StatusCode::OK, &answer))
+        })
+    }
+}
+
+impl<B> Service<Request<B>> for Revocation
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<TokenResponseBody>;
+    type Error = Infallible;
+    type Future = TokenFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        answer(async move {
+            let (client, form) = inner.authenticated_form(request, "revocation").await?;
+            let Some(token) = form.get("token") else {
+                return Err(TokenError::bad_request("token is missing"));
+            };
+            if let Some(claims) = inner.live_token(token) {
+                if claims.subject() != Some(client.id.as_str()) {
+                    tracing::info!(client_id = %client.id, "revocation of another client's token refused");
+                    return Err(TokenError::new(
+                        StatusCode::BAD_REQUEST,
+                        ErrorCode::UnauthorizedClient,
+                        "The token was not issued to this client",
+                    ));
+                }
+                inner.revoked.revoke(&claims);
+                tracing::info!(client_id = %client.id, "token revoked");
+            }
+            Ok(json_response(StatusCode::OK, &Value::Object(Map::new())))
+        })
+    }
+}
+
+impl Inner {
+    /// The form of a `POST` to introspection or revocation, and the client it authenticates.
+    async fn authenticated_form<B>(
+        &self,
+        request: Request<B>,
+        doing: &'static str,
+    ) -> Result<(ClientRecord, HashMap<String, String>), TokenError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if request.method() != Method::POST {
+            return Err(TokenError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidRequest,
+                "This endpoint accepts POST only",
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("POST")));
+        }
+        check_content_type(request.headers())?;
+        let (parts, body) = request.into_parts();
+        let form = read_form(&parts.headers, body, self.max_body_bytes).await?;
+        let client = self.authenticate_client(&parts, &form, doing).await?;
+        Ok((client, form))
+    }
+
+    /// The claims of `token` when it is a live token of this endpoint: signed by one of its
+    /// current keys, its issuer and audience, not expired (no leeway), not revoked.
+    pub(super) fn live_token(&self, token: &str) -> Option<VerifiedClaims> {
+        let keys = self.keys.key_set().ok()?;
+        let expected = Expected {
+            algorithms: &OWN_ALGORITHMS,
+            issuer: Some(&self.issuer),
+            audience: Some(&self.audience),
+            leeway: 0,
+        };
+        let claims = verify_with_keys(&keys, token, &expected).ok()?;
+        (!claims.is_expired() && !self.revoked.is_revoked(&claims)).then_some(claims)
+    }
+}
+
+/// RFC 7662 §2.2: what an active token is.
+fn describe(claims: &VerifiedClaims) -> Value {
+    let scope: Vec<&str> = claims.scopes().collect();
+    let tenant = scope.iter().find_map(|s| TenantId::parse(s).ok());
+    let mut answer = json!({
+        "active": true,
+        "token_type": "Bearer",
+        "scope": scope.join(" "),
+        "exp": claims.expires_at(),
+    });
+    let fields = [
+        ("client_id", claims.subject().map(Value::from)),
+        ("sub", claims.subject().map(Value::from)),
+        ("iss", claims.issuer().map(Value::from)),
+        ("aud", claims.get("aud").cloned()),
+        ("iat", claims.issued_at().map(Value::from)),
+        ("nbf", claims.not_before().map(Value::from)),
+        ("jti", claims.token_id().map(Value::from)),
+        ("tenant", tenant.map(|t| Value::from(t.to_string()))),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            answer[name] = value;
+        }
+    }
+    answer
+}
