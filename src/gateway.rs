@@ -347,7 +347,7 @@ impl GatewayBuilder {
         let mut token_url = self.token_url;
         #[cfg_attr(not(feature = "token"), allow(unused_mut))]
         let mut jwks_uri: Option<String> = None;
-        #[cfg_attr(not(feature = "token"), allow(unused_mut))]
+        #[cfg_attr(not(feature = "token"), allow(unused_mut, unused_variables))]
         let mut issuer: Option<String> = None;
         #[cfg_attr(not(feature = "token"), allow(unused_mut))]
         let mut tenant = self.tenant;
@@ -380,13 +380,20 @@ impl GatewayBuilder {
         }
 
         let mut metadata = MetadataLayer::builder(&base, token_url);
+        #[cfg(feature = "token")]
         if let Some(issuer) = issuer {
             metadata = metadata
                 .issuer(issuer)
                 .introspection_url(format!("{base}{INTROSPECT_PATH}"))
                 .revocation_url(format!("{base}{REVOKE_PATH}"))
                 .capabilities(SMART_CAPABILITIES)
-                .scopes_supported(SMART_SCOPES);
+                .scopes_supported(SMART_SCOPES)
+                .token_endpoint_auth_methods([
+                    "client_secret_basic",
+                    "client_secret_post",
+                    "private_key_jwt",
+                ])
+                .token_endpoint_auth_signing_algs(crate::token::assertion_algorithms());
         }
         if let Some(jwks_uri) = jwks_uri {
             metadata = metadata.jwks_uri(jwks_uri);
@@ -441,8 +448,9 @@ const JWKS_PATH: &str = "/.well-known/jwks.json";
 const CLIENTS_PREFIX: &str = "/oauth/clients/";
 /// What a gateway with a token endpoint advertises in `.well-known/smart-configuration`.
 #[cfg(feature = "token")]
-const SMART_CAPABILITIES: [&str; 3] = [
+const SMART_CAPABILITIES: [&str; 4] = [
     "client-confidential-symmetric",
+    "client-confidential-asymmetric",
     "permission-v1",
     "permission-v2",
 ];

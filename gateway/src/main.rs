@@ -255,6 +255,7 @@ fn assemble(
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
     let endpoint = TokenEndpoint::builder()
         .issuer(issuer)
+        .token_url(format!("{base}/oauth/token"))
         .audience(config.token.audience.as_deref().unwrap_or("tower-fhir"))
         .store(clients)
         .signing_keys(keys)

@@ -78,6 +78,8 @@ pub(crate) use claims::MemoKey;
 pub use claims::VerifiedClaims;
 pub use future::ResponseFuture;
 pub use jsonwebtoken::Algorithm;
+#[cfg(all(feature = "remote-jwks", feature = "token"))]
+pub(crate) use jwks::RemoteKeys;
 #[cfg(feature = "remote-jwks")]
 #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
 pub use jwks::{HttpJwks, InvalidJwksUrl};

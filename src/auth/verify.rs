@@ -458,8 +458,8 @@ pub(crate) struct Expected<'a> {
     pub(crate) algorithms: &'a [Algorithm],
     /// The `iss` required, if any.
     pub(crate) issuer: Option<&'a str>,
-    /// An `aud` required, if any.
-    pub(crate) audience: Option<&'a str>,
+    /// The `aud` must name one of these; empty: `aud` is not checked.
+    pub(crate) audiences: &'a [String],
     /// Leeway for `exp` and `nbf`, in seconds.
     pub(crate) leeway: u64,
 }
@@ -494,12 +494,11 @@ pub(crate) fn verify_with_keys(
         }
         None => validation.iss = None,
     }
-    match expected.audience {
-        Some(audience) => {
-            validation.set_audience(&[audience]);
-            required.push("aud");
-        }
-        None => validation.validate_aud = false,
+    if expected.audiences.is_empty() {
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(expected.audiences);
+        required.push("aud");
     }
     validation.set_required_spec_claims(&required);
     let tries = if header.kid.is_some() {

@@ -99,6 +99,18 @@ impl Authenticator {
         }
     }
 
+    /// A place under the throttle for an authentication of `id` from `from` that is not a
+    /// secret check (a client assertion): report its outcome on the [`Attempt`].
+    pub(super) async fn admit(&self, id: &str, from: Option<IpAddr>) -> Result<Attempt, Denied> {
+        self.throttle
+            .admit(id, Source::of(from))
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Blocked(wait) => Denied::Blocked(wait),
+                Refusal::Busy => Denied::Busy,
+            })
+    }
+
     /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
     /// blocked for the request's source address (`from`; `None` when the server did not say),
     /// waiting while parallel checks of it could use up its allowance, a wrong secret counted.

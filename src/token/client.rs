@@ -93,7 +93,9 @@ pub(crate) fn unix_now() -> u64 {
 
 /// A client secret in clear, as handed out once at registration or rotation.
 ///
-/// Its `Debug` output is redacted; read it with [`expose`](ClientSecret::expose).
+/// Its `Debug` output is redacted; read it with [`expose`](ClientSecret::expose). A client
+/// registered to authenticate with `private_key_jwt` has no secret: registering it returns an
+/// empty one ([`is_empty`](ClientSecret::is_empty)), which authenticates nothing.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClientSecret(String);
 
@@ -101,6 +103,39 @@ impl ClientSecret {
     /// The secret, to hand to the client.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// Whether there is no secret (a `private_key_jwt` client's registration).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// How a client authenticates at the token endpoint (and at introspection and revocation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthMethod {
+    /// With its secret, by HTTP Basic or in the form (`client_secret_basic`,
+    /// `client_secret_post`).
+    #[default]
+    #[serde(rename = "client_secret_basic", alias = "client_secret_post")]
+    ClientSecret,
+    /// With a JWT signed by its private key (`private_key_jwt`, RFC 7523, SMART Backend
+    /// Services), verified with its registered `jwks` or `jwks_uri`. It has no secret.
+    #[serde(rename = "private_key_jwt")]
+    PrivateKeyJwt,
+}
+
+impl AuthMethod {
+    /// The method's name in `token_endpoint_auth_method`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientSecret => "client_secret_basic",
+            Self::PrivateKeyJwt => "private_key_jwt",
+        }
+    }
+
+    fn is_secret(&self) -> bool {
+        *self == Self::ClientSecret
     }
 }
 
@@ -158,6 +193,15 @@ pub struct ClientRecord {
     /// unlimited. Records written without one read as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// How the client authenticates; records written without it use their secret.
+    #[serde(default, skip_serializing_if = "AuthMethod::is_secret")]
+    pub token_endpoint_auth_method: AuthMethod,
+    /// A `private_key_jwt` client's public keys, as a JWK Set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    /// Where a `private_key_jwt` client publishes its public keys (fetched and cached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
 }
 
 impl ClientRecord {
@@ -176,6 +220,8 @@ pub struct NewClient {
     token_lifetime: Option<Duration>,
     secret: Option<ClientSecret>,
     rate_limit: Option<RateLimit>,
+    jwks: Option<serde_json::Value>,
+    jwks_uri: Option<String>,
 }
 
 /// The shortest secret [`NewClient::secret`] accepts.
@@ -191,6 +237,36 @@ impl NewClient {
             token_lifetime: None,
             secret: None,
             rate_limit: None,
+            jwks: None,
+            jwks_uri: None,
+        }
+    }
+
+    /// The client authenticates with `private_key_jwt`, its assertions verified with the
+    /// public keys of this JWK Set (RSA, EC P-256/P-384 or Ed25519 signing keys; symmetric
+    /// keys are refused). It has no secret.
+    #[must_use]
+    pub fn jwks(mut self, jwks: serde_json::Value) -> Self {
+        self.jwks = Some(jwks);
+        self
+    }
+
+    /// The client authenticates with `private_key_jwt`, its assertions verified with the keys
+    /// published at this URL (`https://`, or `http://` on loopback; fetched and cached as
+    /// trusted issuers' keys are, refetched for an unknown `kid`). Needs the `remote-jwks`
+    /// feature. It has no secret.
+    #[must_use]
+    pub fn jwks_uri(mut self, uri: impl Into<String>) -> Self {
+        self.jwks_uri = Some(uri.into());
+        self
+    }
+
+    /// How the client will authenticate.
+    pub fn auth_method(&self) -> AuthMethod {
+        if self.jwks.is_some() || self.jwks_uri.is_some() {
+            AuthMethod::PrivateKeyJwt
+        } else {
+            AuthMethod::ClientSecret
         }
     }
 
@@ -446,7 +522,8 @@ impl ClientLimits for InMemoryClientStore {
 /// store's lock is also what its look-ups take.
 pub(crate) struct HashedSecret {
     secret: ClientSecret,
-    hash: SecretHash,
+    /// `None` for a client without a secret (`private_key_jwt`).
+    hash: Option<SecretHash>,
 }
 
 impl HashedSecret {
@@ -461,6 +538,12 @@ impl HashedSecret {
         client: &NewClient,
         hashing: SecretHashing,
     ) -> Result<Self, StoreError> {
+        if client.auth_method() == AuthMethod::PrivateKeyJwt {
+            return Ok(Self {
+                secret: ClientSecret(String::new()),
+                hash: None,
+            });
+        }
         Self::of(client.secret.clone().unwrap_or_else(new_secret), hashing)
     }
 
@@ -468,10 +551,10 @@ impl HashedSecret {
         let phc = hashing.hash(secret.expose())?;
         Ok(Self {
             secret,
-            hash: SecretHash {
+            hash: Some(SecretHash {
                 phc,
                 expires_at: None,
-            },
+            }),
         })
     }
 }
@@ -499,6 +582,7 @@ impl Clients {
             )));
         }
         check_scopes(&client.id, &client.scopes)?;
+        check_keys(client)?;
         match &client.secret {
             Some(given) if given.0.chars().count() < MIN_SECRET_LEN => {
                 Err(StoreError::refused(format!(
@@ -518,14 +602,18 @@ impl Clients {
         secret: HashedSecret,
     ) -> Result<ClientSecret, StoreError> {
         self.check_new(&client)?;
+        let method = client.auth_method();
         let record = ClientRecord {
             id: client.id.clone(),
-            secrets: vec![secret.hash],
+            secrets: secret.hash.into_iter().collect(),
             tenants: crate::auth::dedup(client.tenants),
             scopes: crate::auth::dedup(client.scopes),
             token_lifetime_secs: client.token_lifetime.map(|d| d.as_secs().max(1)),
             revoked: false,
             rate_limit: client.rate_limit,
+            token_endpoint_auth_method: method,
+            jwks: client.jwks,
+            jwks_uri: client.jwks_uri,
         };
         self.clients.insert(client.id, record);
         Ok(secret.secret)
@@ -536,6 +624,19 @@ impl Clients {
         match self.clients.get(id) {
             Some(record) if !record.revoked => Ok(()),
             _ => Err(StoreError::refused(format!("no active client {id:?}"))),
+        }
+    }
+
+    /// Refuses a client that is unknown, revoked, or has no secret to rotate.
+    pub(crate) fn check_rotatable(&self, id: &str) -> Result<(), StoreError> {
+        self.check_active(id)?;
+        match self.clients.get(id) {
+            Some(record) if record.token_endpoint_auth_method == AuthMethod::PrivateKeyJwt => {
+                Err(StoreError::refused(format!(
+                    "client {id:?} authenticates with private_key_jwt and has no secret"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -563,7 +664,7 @@ impl Clients {
                 old.expires_at = Some(old.expires_at.map_or(grace_ends, |t| t.min(grace_ends)));
             }
         }
-        record.secrets.push(secret.hash);
+        record.secrets.extend(secret.hash);
         Ok(secret.secret)
     }
 
@@ -616,6 +717,56 @@ pub(crate) const MAX_CLIENT_ID_LEN: usize = 255;
 /// [`MAX_CLIENT_ID_LEN`] of them. Nothing else is registered, looked up or logged.
 pub(crate) fn is_client_id(id: &str) -> bool {
     (1..=MAX_CLIENT_ID_LEN).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7E).contains(&b))
+}
+
+/// Refuses `private_key_jwt` keys that could never verify an assertion: both `jwks` and
+/// `jwks_uri`, a JWK Set without a usable public signing key or with a symmetric one, a
+/// `jwks_uri` that is not `https://` (or `http://` on loopback), and a secret beside them.
+fn check_keys(client: &NewClient) -> Result<(), StoreError> {
+    let id = &client.id;
+    let refused = |why: String| Err(StoreError::refused(format!("client {id:?}: {why}")));
+    match (&client.jwks, &client.jwks_uri) {
+        (None, None) => return Ok(()),
+        (Some(_), Some(_)) => return refused("give jwks or jwks_uri, not both".into()),
+        (Some(jwks), None) => {
+            if let Err(why) = client_keys(jwks) {
+                return refused(why);
+            }
+        }
+        (None, Some(uri)) => {
+            #[cfg(feature = "remote-jwks")]
+            if let Err(e) = crate::auth::HttpJwks::new(uri) {
+                return refused(format!("jwks_uri: {e}"));
+            }
+            #[cfg(not(feature = "remote-jwks"))]
+            return refused(format!(
+                "jwks_uri {uri:?} needs the remote-jwks feature; give jwks"
+            ));
+        }
+    }
+    if client.secret.is_some() {
+        return refused("a private_key_jwt client has no secret".into());
+    }
+    Ok(())
+}
+
+/// The public signing keys of a `private_key_jwt` client's JWK Set; symmetric keys refused.
+pub(crate) fn client_keys(jwks: &serde_json::Value) -> Result<crate::auth::KeySet, String> {
+    let is_symmetric =
+        |key: &serde_json::Value| key.get("kty").and_then(|k| k.as_str()) == Some("oct");
+    if jwks
+        .get("keys")
+        .and_then(|keys| keys.as_array())
+        .is_some_and(|keys| keys.iter().any(is_symmetric))
+    {
+        return Err("jwks holds a symmetric (oct) key: private_key_jwt needs public keys".into());
+    }
+    let keys = crate::auth::KeySet::from_jwks(jwks.to_string())
+        .map_err(|e| format!("jwks is not a usable JWK Set: {e}"))?;
+    if keys.is_empty() {
+        return Err("jwks holds no public signing key".into());
+    }
+    Ok(keys)
 }
 
 /// Refuses a scope a token request could never name: empty, or outside RFC 6749's
@@ -680,7 +831,7 @@ impl ClientStore for InMemoryClientStore {
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || {
-            this.with(|c| c.check_active(&id))?;
+            this.with(|c| c.check_rotatable(&id))?;
             let secret = HashedSecret::generate(this.hashing)?;
             this.with(|c| c.rotate(&id, grace, secret))
         }))

@@ -190,7 +190,7 @@ impl ClientStore for FileClientStore {
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || {
-            this.current().check_active(&id)?;
+            this.current().check_rotatable(&id)?;
             let secret = HashedSecret::generate(this.inner.hashing)?;
             this.change(|c| c.rotate(&id, grace, secret))
         }))

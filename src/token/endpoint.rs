@@ -18,8 +18,9 @@ use rand::RngCore;
 use serde_json::json;
 use tower_service::Service;
 
+use super::assertion::Assertions;
 use super::authenticate::{Authenticator, Denied, HashingLimit};
-use super::client::{unix_now, ClientRecord, ClientStore};
+use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{check_content_type, credentials, read_form, Credentials};
 use super::scope::grant_scope;
@@ -55,6 +56,8 @@ pub(super) struct Inner {
     pub(super) keys: SigningKeys,
     /// The tokens revoked before they expire.
     pub(super) revoked: RevokedTokens,
+    /// `private_key_jwt` assertions: their audience and the `jti`s seen.
+    pub(super) assertions: Assertions,
 }
 
 impl fmt::Debug for TokenEndpoint {
@@ -115,6 +118,7 @@ pub struct TokenEndpointBuilder {
     throttle: ThrottlePolicy,
     hashing: HashingLimit,
     revoked: Option<RevokedTokens>,
+    token_url: Option<String>,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -193,6 +197,14 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// The URL clients `POST` token requests to: the `aud` their `private_key_jwt` assertions
+    /// must name. Default: the issuer followed by `/oauth/token` (where
+    /// [`Gateway`](crate::gateway::Gateway) serves it when the issuer is its base URL).
+    pub fn token_url(mut self, url: impl Into<String>) -> Self {
+        self.token_url = Some(url.into());
+        self
+    }
+
     /// Where revoked tokens are kept (default: a list of the endpoint's own). Give a list
     /// shared with something else, say one a database keeps in step across replicas.
     pub fn revoked_tokens(mut self, revoked: RevokedTokens) -> Self {
@@ -220,6 +232,9 @@ impl TokenEndpointBuilder {
         }
         let realm = HeaderValue::from_str(&format!("Basic realm=\"{}\"", self.realm))
             .map_err(|_| ConfigError::InvalidRealm)?;
+        let token_url = self
+            .token_url
+            .unwrap_or_else(|| format!("{}/oauth/token", issuer.trim_end_matches('/')));
         let keys = match self.keys {
             Some(keys) => keys,
             None => SigningKeys::generate().map_err(|e| ConfigError::Keys(e.to_string()))?,
@@ -234,6 +249,7 @@ impl TokenEndpointBuilder {
                 clients: Authenticator::new(store, self.throttle, self.hashing),
                 keys,
                 revoked: self.revoked.unwrap_or_default(),
+                assertions: Assertions::new(vec![token_url]),
             }),
         })
     }
@@ -253,6 +269,7 @@ impl TokenEndpoint {
             throttle: ThrottlePolicy::default(),
             hashing: HashingLimit::default(),
             revoked: None,
+            token_url: None,
         }
     }
 
@@ -282,6 +299,16 @@ impl TokenEndpoint {
     /// (the [`Gateway`](crate::gateway::Gateway) does) so that bearer layers refuse them.
     pub fn revoked_tokens(&self) -> &RevokedTokens {
         &self.inner.revoked
+    }
+
+    /// The URL `private_key_jwt` assertions must name as their `aud`
+    /// ([`token_url`](TokenEndpointBuilder::token_url)).
+    pub fn token_url(&self) -> &str {
+        self.inner
+            .assertions
+            .audiences()
+            .first()
+            .map_or("", String::as_str)
     }
 
     /// The `iss` of the tokens it issues.
@@ -422,6 +449,11 @@ impl Inner {
         let (id, secret, basic) = match &credentials {
             Credentials::Basic { id, secret } => (id.as_str(), secret.as_str(), true),
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
+            Credentials::Assertion { id, assertion } => {
+                return self
+                    .authenticate_assertion(parts, id, assertion, doing)
+                    .await;
+            }
         };
         if let Some(facts) = parts.extensions.get::<crate::ops::RequestFacts>() {
             facts.set_client_id(id);
@@ -441,6 +473,65 @@ impl Inner {
             Err(err) => {
                 tracing::error!(error = %err, "client store failed");
                 Err(TokenError::server_error())
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// The client a `private_key_jwt` assertion proves the request comes from, under the
+    /// throttle (a failure counts as a wrong secret does). Every failure is the same
+    /// `401 invalid_client`; the log says why.
+    async fn authenticate_assertion(
+        &self,
+        parts: &http::request::Parts,
+        id: &str,
+        assertion: &str,
+        doing: &'static str,
+    ) -> Result<ClientRecord, TokenError> {
+        if let Some(facts) = parts.extensions.get::<crate::ops::RequestFacts>() {
+            facts.set_client_id(id);
+        }
+        let from = source(&parts.extensions);
+        let attempt = self
+            .clients
+            .admit(id, from)
+            .await
+            .map_err(|denied| denied.into_error(None))?;
+        let record = match self.clients.store.client(id).await {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::error!(error = %err, "client store failed");
+                return Err(TokenError::server_error());
+            }
+        };
+        let verdict = match record {
+            Some(record) if record.revoked => Err("the client is revoked"),
+            Some(record) if record.token_endpoint_auth_method != AuthMethod::PrivateKeyJwt => {
+                Err("the client does not authenticate with private_key_jwt")
+            }
+            Some(record) => self
+                .assertions
+                .verify(&record, assertion)
+                .await
+                .map(|()| record),
+            None => Err("no such client"),
+        };
+        match verdict {
+            Ok(record) => {
+                attempt.succeeded();
+                Ok(record)
+            }
+            Err(why) => {
+                let from = from.map(|ip| ip.to_canonical());
+                tracing::info!(client_id = %id, from = ?from, reason = why, "{doing}: client assertion refused");
+                if let Some(wait) = attempt.failed() {
+                    tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
+                }
+                Err(TokenError::invalid_client(
+                    "Client authentication failed",
+                    None,
+                ))
             }
         }
     }

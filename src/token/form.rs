@@ -11,6 +11,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use percent_encoding::percent_decode_str;
 
+use super::assertion::{Assertions, ASSERTION_TYPE};
 use super::client;
 use super::error::{ErrorCode, TokenError};
 
@@ -20,6 +21,9 @@ pub(super) enum Credentials {
     Basic { id: String, secret: String },
     /// `client_id` and `client_secret` in the form.
     Post { id: String, secret: String },
+    /// A `private_key_jwt` assertion (`client_assertion_type`, `client_assertion`), and the
+    /// client it names.
+    Assertion { id: String, assertion: String },
 }
 
 /// Refuses a request whose Content-Type is not `application/x-www-form-urlencoded` (400
@@ -99,7 +103,9 @@ pub(super) fn credentials(
     challenge: &HeaderValue,
 ) -> Result<Credentials, TokenError> {
     let credentials = given_credentials(headers, form, challenge)?;
-    let (Credentials::Basic { id, .. } | Credentials::Post { id, .. }) = &credentials;
+    let (Credentials::Basic { id, .. }
+    | Credentials::Post { id, .. }
+    | Credentials::Assertion { id, .. }) = &credentials;
     // Checked before it is looked up, counted or logged: no control characters (forged
     // log lines) and no 8 KB ids (a throttle entry each).
     if !client::is_client_id(id) {
@@ -117,6 +123,35 @@ fn given_credentials(
 ) -> Result<Credentials, TokenError> {
     let form_secret = form.get("client_secret");
     let form_id = form.get("client_id");
+    let assertion_type = form.get("client_assertion_type");
+    let assertion = form.get("client_assertion");
+    if assertion_type.is_some() || assertion.is_some() {
+        if form_secret.is_some() || headers.contains_key(header::AUTHORIZATION) {
+            return Err(TokenError::bad_request(
+                "Use one client authentication method, not both",
+            ));
+        }
+        let (Some(assertion_type), Some(assertion)) = (assertion_type, assertion) else {
+            return Err(TokenError::bad_request(
+                "client_assertion and client_assertion_type go together",
+            ));
+        };
+        if assertion_type != ASSERTION_TYPE {
+            return Err(TokenError::bad_request(
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+        }
+        // Whose keys to verify it with; nothing about it is trusted yet.
+        let failed = || TokenError::invalid_client("Client authentication failed", None);
+        let id = Assertions::claimed_client(assertion).ok_or_else(failed)?;
+        if form_id.is_some_and(|form_id| *form_id != id) {
+            return Err(failed());
+        }
+        return Ok(Credentials::Assertion {
+            id,
+            assertion: assertion.clone(),
+        });
+    }
     match headers.get(header::AUTHORIZATION) {
         Some(value) => {
             if form_secret.is_some() {

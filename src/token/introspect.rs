@@ -214,7 +214,7 @@ impl Inner {
         let expected = Expected {
             algorithms: &OWN_ALGORITHMS,
             issuer: Some(&self.issuer),
-            audience: Some(&self.audience),
+            audiences: std::slice::from_ref(&self.audience),
             leeway: 0,
         };
         let claims = verify_with_keys(&keys, token, &expected).ok()?;

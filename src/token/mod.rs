@@ -73,6 +73,7 @@
 //! | 500 | `server_error` | the store or signing failed (logged) |
 //! | 503 | `temporarily_unavailable` | other checks of the same client id from the same address, or 16 checks of that address, ran 10 s without making room (a slow store; `Retry-After: 1`) |
 
+mod assertion;
 mod authenticate;
 mod client;
 mod durable;
@@ -87,13 +88,29 @@ mod throttle;
 
 pub use crate::client_addr::{ClientAddr, SourceNetwork};
 pub use client::{
-    ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient, SecretHash,
-    SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
+    AuthMethod, ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient,
+    SecretHash, SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
 pub use error::{ErrorCode, TokenResponseBody};
 pub use introspect::{Introspection, Revocation};
 pub use rotation::SecretRotation;
+
+/// The algorithms a `private_key_jwt` client assertion may be signed with, as JOSE names
+/// (`RS384`, `ES384` first, as SMART Backend Services asks).
+pub fn assertion_algorithms() -> impl Iterator<Item = &'static str> {
+    assertion::ASSERTION_ALGORITHMS.iter().map(|alg| match alg {
+        crate::auth::Algorithm::RS256 => "RS256",
+        crate::auth::Algorithm::RS384 => "RS384",
+        crate::auth::Algorithm::RS512 => "RS512",
+        crate::auth::Algorithm::ES256 => "ES256",
+        crate::auth::Algorithm::ES384 => "ES384",
+        crate::auth::Algorithm::PS256 => "PS256",
+        crate::auth::Algorithm::PS384 => "PS384",
+        crate::auth::Algorithm::PS512 => "PS512",
+        _ => "EdDSA",
+    })
+}
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::ThrottlePolicy;

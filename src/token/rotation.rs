@@ -135,6 +135,11 @@ impl Inner {
         let (id, secret, basic) = match credentials(&parts.headers, &form, &self.realm)? {
             Credentials::Basic { id, secret } => (id, secret, true),
             Credentials::Post { id, secret } => (id, secret, false),
+            Credentials::Assertion { .. } => {
+                return Err(TokenError::bad_request(
+                    "A private_key_jwt client has no secret to rotate",
+                ))
+            }
         };
         if id != path_id {
             return Err(TokenError::bad_request(

@@ -102,6 +102,9 @@ mod tests {
             token_lifetime_secs: None,
             revoked: false,
             rate_limit: None,
+            token_endpoint_auth_method: Default::default(),
+            jwks: None,
+            jwks_uri: None,
         }
     }
 
