@@ -21,7 +21,7 @@ use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::proxy::ClientAddr;
 use tower_fhir::route::{TenantEntry, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
-use tower_fhir::token::{ClientRecord, ClientStore, NewClient};
+use tower_fhir::token::{AuthMethod, ClientRecord, ClientStore, NewClient};
 
 pub(crate) use crate::throttle::AdminThrottle;
 use crate::throttle::{Source, Verdict};
@@ -293,6 +293,25 @@ struct ClientBody {
     /// The client's rate limit across its tenants (none: unlimited).
     #[serde(default)]
     rate_limit: Option<RateLimit>,
+    /// Registration only: `client_secret_basic` (the default) or `private_key_jwt`.
+    #[serde(default)]
+    token_endpoint_auth_method: Option<AuthMethod>,
+    /// Registration only: a `private_key_jwt` client's public keys (a JWK Set).
+    #[serde(default)]
+    jwks: Option<serde_json::Value>,
+    /// Registration only: where a `private_key_jwt` client publishes its public keys.
+    #[serde(default)]
+    jwks_uri: Option<String>,
+}
+
+impl ClientBody {
+    /// Whether it says how the client authenticates (registration only).
+    fn names_authentication(&self) -> bool {
+        self.client_secret.is_some()
+            || self.token_endpoint_auth_method.is_some()
+            || self.jwks.is_some()
+            || self.jwks_uri.is_some()
+    }
 }
 
 /// The client as stored, without its secrets' hashes; and which of its tenants have no
@@ -311,6 +330,9 @@ async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value 
         "scopes": record.scopes,
         "revoked": record.revoked,
         "rate_limit": record.rate_limit,
+        "token_endpoint_auth_method": record.token_endpoint_auth_method.as_str(),
+        "jwks": record.jwks,
+        "jwks_uri": record.jwks_uri,
         "tenants_not_onboarded": not_onboarded,
     })
 }
@@ -338,7 +360,7 @@ async fn put_client(
             }
             return error(
                 StatusCode::BAD_REQUEST,
-                "the body must be {\"tenants\": [GUID, ...], \"scopes\": [...]} (and, to register with a given secret, \"client_secret\")",
+                "the body must be {\"tenants\": [GUID, ...], \"scopes\": [...]} (and, to register with a given secret, \"client_secret\"; for private_key_jwt, \"jwks\" or \"jwks_uri\")",
             );
         }
     };
@@ -351,9 +373,9 @@ async fn put_client(
             StatusCode::CONFLICT,
             "the client is revoked; register the application under a new client id",
         ),
-        Some(_) if body.client_secret.is_some() => error(
+        Some(_) if body.names_authentication() => error(
             StatusCode::BAD_REQUEST,
-            "the client is registered: change its secret with POST /admin/clients/{client_id}/secret",
+            "the client is registered: its authentication stays as registered (change a secret with POST /admin/clients/{client_id}/secret; new keys at its jwks_uri, or register the application under a new client id)",
         ),
         Some(_) => {
             let tenants = body.tenants.len();
@@ -393,6 +415,15 @@ async fn put_client(
             if let Some(limit) = body.rate_limit {
                 client = client.rate_limit(limit);
             }
+            if let Some(method) = body.token_endpoint_auth_method {
+                client = client.token_endpoint_auth_method(method);
+            }
+            if let Some(jwks) = body.jwks {
+                client = client.jwks(jwks);
+            }
+            if let Some(uri) = body.jwks_uri {
+                client = client.jwks_uri(uri);
+            }
             let secret = match admin.clients.register(client).await {
                 Ok(secret) => secret,
                 Err(err) => return store_failed(&err, "registering a client"),
@@ -404,7 +435,10 @@ async fn put_client(
                 Err(err) => return store_failed(&err, "looking up a client"),
             };
             let mut shown = client_json(&admin, &record).await;
-            shown["client_secret"] = json!(secret.expose());
+            // A private_key_jwt client has no secret to show.
+            if !secret.is_empty() {
+                shown["client_secret"] = json!(secret.expose());
+            }
             let mut response = (StatusCode::CREATED, Json(shown)).into_response();
             response.headers_mut().insert(
                 header::CACHE_CONTROL,

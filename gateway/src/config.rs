@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tower_fhir::limit::RateLimit;
 use tower_fhir::tenant::TenantId;
+use tower_fhir::token::AuthMethod;
 
 /// The whole file. Every key but `tenants`' and `clients`' contents has a default. Its `Debug`
 /// leaves the admin token out (client secrets are left out by `ClientConfig`'s).
@@ -212,7 +213,19 @@ pub(crate) struct TrustedIssuer {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ClientConfig {
     pub(crate) client_id: String,
-    pub(crate) client_secret: String,
+    /// A `client_secret_basic`/`client_secret_post` client's secret.
+    #[serde(default)]
+    pub(crate) client_secret: Option<String>,
+    /// `client_secret_basic` (also `client_secret_post`) or `private_key_jwt`; default: as
+    /// the keys given say.
+    #[serde(default)]
+    pub(crate) token_endpoint_auth_method: Option<AuthMethod>,
+    /// A `private_key_jwt` client's public keys (a JWK Set).
+    #[serde(default)]
+    pub(crate) jwks: Option<serde_json::Value>,
+    /// Where a `private_key_jwt` client publishes its public keys.
+    #[serde(default)]
+    pub(crate) jwks_uri: Option<String>,
     pub(crate) tenants: Vec<TenantId>,
     /// Scopes besides the tenant the client may ask for.
     #[serde(default)]
@@ -226,6 +239,11 @@ impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientConfig")
             .field("client_id", &self.client_id)
+            .field(
+                "token_endpoint_auth_method",
+                &self.token_endpoint_auth_method,
+            )
+            .field("jwks_uri", &self.jwks_uri)
             .field("tenants", &self.tenants)
             .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()

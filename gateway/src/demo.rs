@@ -56,7 +56,10 @@ pub(crate) async fn config() -> Config {
     ];
     config.clients = vec![ClientConfig {
         client_id: DEMO_CLIENT.into(),
-        client_secret: DEMO_SECRET.into(),
+        client_secret: Some(DEMO_SECRET.into()),
+        token_endpoint_auth_method: None,
+        jwks: None,
+        jwks_uri: None,
         tenants: vec![id(TENANT_DSTU2), id(TENANT_STU3)],
         scopes: Vec::new(),
         rate_limit: None,

@@ -121,11 +121,34 @@ pub(crate) async fn check(config: &Config) -> Result<(), String> {
 async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(), String> {
     for client in clients {
         let id = &client.client_id;
-        let refused = |e| format!("a client in the configuration is refused: {e}");
-        if store.client(id).await.map_err(refused)?.is_some() {
+        let refused = |e: String| format!("a client in the configuration is refused: {e}");
+        if store
+            .client(id)
+            .await
+            .map_err(|e| refused(e.to_string()))?
+            .is_some()
+        {
             continue;
         }
-        let mut new = NewClient::new(id).secret(&client.client_secret);
+        let mut new = NewClient::new(id);
+        match (&client.client_secret, &client.jwks, &client.jwks_uri) {
+            (Some(secret), _, _) => new = new.secret(secret),
+            (None, None, None) => {
+                return Err(refused(format!(
+                    "client {id:?} needs a client_secret, or jwks or jwks_uri for private_key_jwt"
+                )))
+            }
+            _ => {}
+        }
+        if let Some(jwks) = &client.jwks {
+            new = new.jwks(jwks.clone());
+        }
+        if let Some(uri) = &client.jwks_uri {
+            new = new.jwks_uri(uri);
+        }
+        if let Some(method) = client.token_endpoint_auth_method {
+            new = new.token_endpoint_auth_method(method);
+        }
         for tenant in &client.tenants {
             new = new.tenant(*tenant);
         }
@@ -135,7 +158,10 @@ async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(
         if let Some(limit) = client.rate_limit {
             new = new.rate_limit(limit);
         }
-        store.register(new).await.map_err(refused)?;
+        store
+            .register(new)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
         tracing::info!(client_id = %id, "client registered");
     }
     Ok(())

@@ -222,6 +222,7 @@ pub struct NewClient {
     rate_limit: Option<RateLimit>,
     jwks: Option<serde_json::Value>,
     jwks_uri: Option<String>,
+    method: Option<AuthMethod>,
 }
 
 /// The shortest secret [`NewClient::secret`] accepts.
@@ -239,7 +240,18 @@ impl NewClient {
             rate_limit: None,
             jwks: None,
             jwks_uri: None,
+            method: None,
         }
+    }
+
+    /// States how the client authenticates (`token_endpoint_auth_method`), checked at
+    /// registration against what else it was given: `private_key_jwt` needs
+    /// [`jwks`](Self::jwks) or [`jwks_uri`](Self::jwks_uri), a secret method refuses them.
+    /// Without it, the method follows from whether keys were given.
+    #[must_use]
+    pub fn token_endpoint_auth_method(mut self, method: AuthMethod) -> Self {
+        self.method = Some(method);
+        self
     }
 
     /// The client authenticates with `private_key_jwt`, its assertions verified with the
@@ -263,6 +275,9 @@ impl NewClient {
 
     /// How the client will authenticate.
     pub fn auth_method(&self) -> AuthMethod {
+        if let Some(method) = self.method {
+            return method;
+        }
         if self.jwks.is_some() || self.jwks_uri.is_some() {
             AuthMethod::PrivateKeyJwt
         } else {
@@ -725,6 +740,16 @@ pub(crate) fn is_client_id(id: &str) -> bool {
 fn check_keys(client: &NewClient) -> Result<(), StoreError> {
     let id = &client.id;
     let refused = |why: String| Err(StoreError::refused(format!("client {id:?}: {why}")));
+    let keys_given = client.jwks.is_some() || client.jwks_uri.is_some();
+    match (client.method, keys_given) {
+        (Some(AuthMethod::PrivateKeyJwt), false) => {
+            return refused("private_key_jwt needs jwks or jwks_uri".into())
+        }
+        (Some(AuthMethod::ClientSecret), true) => {
+            return refused("jwks and jwks_uri are for private_key_jwt clients".into())
+        }
+        _ => {}
+    }
     match (&client.jwks, &client.jwks_uri) {
         (None, None) => return Ok(()),
         (Some(_), Some(_)) => return refused("give jwks or jwks_uri, not both".into()),
@@ -901,6 +926,83 @@ mod tests {
             .register(NewClient::new("short").secret("too-short"))
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn private_key_jwt_clients_have_keys_and_no_secret() {
+        let store = InMemoryClientStore::new();
+        let key = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k1",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"});
+        let jwks = serde_json::json!({"keys": [key]});
+        let secret = store
+            .register(NewClient::new("backend").jwks(jwks.clone()))
+            .await
+            .unwrap();
+        assert!(secret.is_empty());
+        let record = store.client("backend").await.unwrap().unwrap();
+        assert_eq!(record.token_endpoint_auth_method, AuthMethod::PrivateKeyJwt);
+        assert!(record.secrets.is_empty() && record.jwks == Some(jwks.clone()));
+        // It has no secret to rotate.
+        assert!(store
+            .rotate_secret("backend", Duration::ZERO)
+            .await
+            .unwrap_err()
+            .is_refused());
+        // The record reads back as written; older records (no method) are secret clients.
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["token_endpoint_auth_method"], "private_key_jwt");
+        assert_eq!(
+            serde_json::from_value::<ClientRecord>(json).unwrap(),
+            record
+        );
+        let old: ClientRecord = serde_json::from_value(serde_json::json!({
+            "id": "old", "secrets": [], "tenants": []
+        }))
+        .unwrap();
+        assert_eq!(old.token_endpoint_auth_method, AuthMethod::ClientSecret);
+
+        let refused = |client: NewClient| {
+            let store = store.clone();
+            async move { store.register(client).await.unwrap_err().to_string() }
+        };
+        let oct = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]});
+        for (client, why) in [
+            (NewClient::new("a").jwks(oct), "symmetric"),
+            (
+                NewClient::new("b").jwks(serde_json::json!({"keys": []})),
+                "no public signing key",
+            ),
+            (
+                NewClient::new("c").jwks(serde_json::json!("nope")),
+                "not a usable JWK Set",
+            ),
+            (
+                NewClient::new("d")
+                    .jwks(jwks.clone())
+                    .jwks_uri("https://keys.example/jwks"),
+                "not both",
+            ),
+            (
+                NewClient::new("e")
+                    .jwks(jwks.clone())
+                    .secret("a-secret-of-16-or-more"),
+                "has no secret",
+            ),
+            (
+                NewClient::new("f").token_endpoint_auth_method(AuthMethod::PrivateKeyJwt),
+                "needs jwks or jwks_uri",
+            ),
+            (
+                NewClient::new("g")
+                    .jwks(jwks.clone())
+                    .token_endpoint_auth_method(AuthMethod::ClientSecret),
+                "are for private_key_jwt clients",
+            ),
+        ] {
+            let message = refused(client).await;
+            assert!(message.contains(why), "{why}: {message}");
+        }
     }
 
     #[tokio::test]
