@@ -25,6 +25,8 @@ const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 struct Setup {
     client: TestClient,
     token_url: String,
+    /// The gateway's client store (clones share it).
+    store: InMemoryClientStore,
     _keys: JwksServer,
 }
 
@@ -81,7 +83,7 @@ async fn setup() -> Setup {
     let endpoint = TokenEndpoint::builder()
         .issuer(&base)
         .audience("tower-fhir")
-        .store(store)
+        .store(store.clone())
         // The attacks below come from one address: let them all be answered, not throttled.
         .throttle(ThrottlePolicy {
             max_failures: 1000,
@@ -99,6 +101,7 @@ async fn setup() -> Setup {
     Setup {
         client: TestClient::new(serve_tower_on(listener, gateway)),
         token_url,
+        store,
         _keys: remote_keys,
     }
 }
@@ -419,4 +422,47 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
         token_with(&client, &assertion, "").await.status,
         StatusCode::OK
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assertions_made_by_pyjwt_authenticate() {
+    // An independent JOSE implementation makes the keys and signs the assertions.
+    pyjwt_installed();
+    let Setup {
+        client,
+        token_url,
+        store,
+        ..
+    } = setup().await;
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/assert_pyjwt.py"
+        ))
+        .args(["py-backend", &token_url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "assert_pyjwt.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let assertions = made["assertions"].as_object().unwrap();
+    // Not registered yet: refused.
+    let first = assertions["ES384"].as_str().unwrap();
+    assert_refused(&token_with(&client, first, "").await, "unknown client");
+    store
+        .register(
+            NewClient::new("py-backend")
+                .tenant(TENANT.parse().unwrap())
+                .jwks(made["jwks"].clone()),
+        )
+        .await
+        .unwrap();
+    for (alg, assertion) in assertions {
+        let reply = token_with(&client, assertion.as_str().unwrap(), "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{alg}: {}", reply.text());
+    }
+    assert_eq!(assertions.len(), 4, "{assertions:?}");
 }

@@ -797,24 +797,7 @@ async fn signing_key_rotation_keeps_old_tokens_valid_until_retired_and_not_a_req
 
 #[tokio::test]
 async fn tokens_validate_under_pyjwt() {
-    // PyJWT is installed here when missing, as `.ci/run` does; a machine where that fails
-    // fails this test (it never passes without having run).
-    let importable = || {
-        std::process::Command::new("python3")
-            .args(["-c", "import jwt, cryptography"])
-            .output()
-            .is_ok_and(|out| out.status.success())
-    };
-    if !importable() {
-        let installed = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "pyjwt[crypto]"])
-            .status()
-            .is_ok_and(|status| status.success());
-        assert!(
-            installed && importable(),
-            "the PyJWT interop test needs Python 3 with PyJWT: `python3 -m pip install \"pyjwt[crypto]\"` failed"
-        );
-    }
+    pyjwt_installed();
     let store = InMemoryClientStore::new();
     let secret = store
         .register(

@@ -41,6 +41,28 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
+/// Makes sure Python 3 with PyJWT (and `cryptography`) can run the interop scripts: installs
+/// it when missing, as `.ci/run` does, and fails the test when that fails (an interop test
+/// never passes without having run).
+pub fn pyjwt_installed() {
+    let importable = || {
+        std::process::Command::new("python3")
+            .args(["-c", "import jwt, cryptography"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if !importable() {
+        let installed = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "pyjwt[crypto]"])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(
+            installed && importable(),
+            "the PyJWT interop test needs Python 3 with PyJWT: `python3 -m pip install \"pyjwt[crypto]\"` failed"
+        );
+    }
+}
+
 /// Standard claims valid for an hour, to be adjusted per test.
 pub fn claims() -> Value {
     json!({"iss": "https://auth.test", "aud": "tower-fhir", "sub": "app-1",
