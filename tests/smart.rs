@@ -154,8 +154,9 @@ async fn issued_scopes_are_enforced_before_the_upstream() {
     let seen = upstream.received().len();
     assert_eq!(seen, 3);
 
+    // A version of an Observation: the granular scope cannot vouch for an old version.
     assert_refused(
-        &get(&client, &token, "/Observation/1").await,
+        &get(&client, &token, "/Observation/1/_history/1").await,
         "system/Observation.r",
     );
     assert_refused(
@@ -275,6 +276,72 @@ async fn scopes_at_issuance_are_what_the_client_may_have() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{wider}");
         assert_eq!(error, "invalid_scope", "{wider}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granular_reads_are_checked_with_a_search_first() {
+    let Setup { client, upstream } = setup(false).await;
+    let (status, _, token) = ask(
+        &client,
+        &format!("{TENANT} system/Observation.rs?category=laboratory"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let token = token.unwrap();
+    let bundle = |total: u64| {
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": total}))
+    };
+    upstream.answer("/fhir/Observation?_id=lab-1&", bundle(1));
+    upstream.answer("/fhir/Observation?_id=vital-2&", bundle(0));
+    upstream.answer(
+        "/fhir/Observation?_id=broken&",
+        Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            ..bundle(0)
+        },
+    );
+    upstream.answer(
+        "/fhir/Observation/lab-1",
+        Answer::json(json!({"resourceType": "Observation", "id": "lab-1"})),
+    );
+
+    // A laboratory Observation: the search finds it, then the read goes as the client sent it.
+    let reply = get(&client, &token, "/Observation/lab-1").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["id"], "lab-1");
+    let received = upstream.received();
+    let targets: Vec<&str> = received.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        [
+            "/fhir/Observation?_id=lab-1&category=laboratory&_summary=count",
+            "/fhir/Observation/lab-1"
+        ]
+    );
+    assert_eq!(received[0].method, "GET");
+    assert!(received[0].body.is_empty());
+
+    // Another category: the search finds nothing, the read is refused and never sent.
+    assert_refused(
+        &get(&client, &token, "/Observation/vital-2").await,
+        "system/Observation.r",
+    );
+    assert_eq!(
+        upstream.last().target,
+        "/fhir/Observation?_id=vital-2&category=laboratory&_summary=count"
+    );
+    // The upstream cannot say: 502, and the read not sent.
+    let reply = get(&client, &token, "/Observation/broken").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert!(upstream.last().target.contains("_summary=count"));
+    // Another type is not probed at all.
+    let seen = upstream.received().len();
+    assert_refused(
+        &get(&client, &token, "/Encounter/lab-1").await,
+        "system/Encounter.r",
+    );
+    assert_eq!(upstream.received().len(), seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,6 +156,46 @@ fn max_age(headers: &HeaderMap) -> Option<Duration> {
     found
 }
 
+/// A JWKS URL's keys fetched and cached outside any bearer layer (the token endpoint's
+/// `private_key_jwt` clients registered with a `jwks_uri`): refreshed every 5 minutes (or the
+/// document's max-age), fetched again for an unknown `kid` at most every 30 s, the last good
+/// keys kept while the URL fails.
+pub(crate) struct RemoteKeys(std::sync::Arc<super::source::RefreshingKeys>);
+
+impl RemoteKeys {
+    pub(crate) fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
+        let source = HttpJwks::new(url)?;
+        let policy = super::source::RefreshPolicy {
+            interval: std::time::Duration::from_secs(300),
+            cooldown: std::time::Duration::from_secs(30),
+            max_age_cap: std::time::Duration::from_secs(86_400),
+            timeout: std::time::Duration::from_secs(5),
+        };
+        Ok(Self(std::sync::Arc::new(
+            super::source::RefreshingKeys::new(Box::new(source), policy),
+        )))
+    }
+
+    /// The keys, fetched first if they never were.
+    pub(crate) async fn current(&self) -> std::sync::Arc<super::KeySet> {
+        self.0.refresh_if_due();
+        if !self.0.has_fetched() {
+            if let Some(fetch) = self.0.fetch(super::source::Trigger::Cold) {
+                let _ = fetch.await;
+            }
+        }
+        self.0.current()
+    }
+
+    /// The keys after a fetch for an unknown `kid` (when the cooldown allows one).
+    pub(crate) async fn refetch(&self) -> std::sync::Arc<super::KeySet> {
+        if let Some(fetch) = self.0.fetch(super::source::Trigger::UnknownKid) {
+            let _ = fetch.await;
+        }
+        self.0.current()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,45 +242,5 @@ mod tests {
         );
         assert!(HttpJwks::new("/jwks").is_err());
         assert!(HttpJwks::new("not a url").is_err());
-    }
-}
-
-/// A JWKS URL's keys fetched and cached outside any bearer layer (the token endpoint's
-/// `private_key_jwt` clients registered with a `jwks_uri`): refreshed every 5 minutes (or the
-/// document's max-age), fetched again for an unknown `kid` at most every 30 s, the last good
-/// keys kept while the URL fails.
-pub(crate) struct RemoteKeys(std::sync::Arc<super::source::RefreshingKeys>);
-
-impl RemoteKeys {
-    pub(crate) fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
-        let source = HttpJwks::new(url)?;
-        let policy = super::source::RefreshPolicy {
-            interval: std::time::Duration::from_secs(300),
-            cooldown: std::time::Duration::from_secs(30),
-            max_age_cap: std::time::Duration::from_secs(86_400),
-            timeout: std::time::Duration::from_secs(5),
-        };
-        Ok(Self(std::sync::Arc::new(
-            super::source::RefreshingKeys::new(Box::new(source), policy),
-        )))
-    }
-
-    /// The keys, fetched first if they never were.
-    pub(crate) async fn current(&self) -> std::sync::Arc<super::KeySet> {
-        self.0.refresh_if_due();
-        if !self.0.has_fetched() {
-            if let Some(fetch) = self.0.fetch(super::source::Trigger::Cold) {
-                let _ = fetch.await;
-            }
-        }
-        self.0.current()
-    }
-
-    /// The keys after a fetch for an unknown `kid` (when the cooldown allows one).
-    pub(crate) async fn refetch(&self) -> std::sync::Arc<super::KeySet> {
-        if let Some(fetch) = self.0.fetch(super::source::Trigger::UnknownKid) {
-            let _ = fetch.await;
-        }
-        self.0.current()
     }
 }

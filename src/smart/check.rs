@@ -234,6 +234,23 @@ impl<'g> Check<'g> {
         refused.map_or(Ok(()), Err)
     }
 
+    /// For a read of `ty` that no scope allows outright: the queries of the granular scopes
+    /// (`system/` or `user/`, with read permission on the type) under which it would be allowed
+    /// if the resource matches them.
+    pub(crate) fn granular_reads(&self, ty: &str) -> Vec<Vec<(String, String)>> {
+        self.grants
+            .scopes()
+            .iter()
+            .filter(|scope| {
+                !scope.query().is_empty()
+                    && scope.context() != ScopeContext::Patient
+                    && scope.permissions().contains(Permissions::READ)
+                    && scope.covers(Some(ty))
+            })
+            .map(|scope| scope.query().to_vec())
+            .collect()
+    }
+
     /// Whether some scope covers `need`.
     fn covered(&self, need: &Need<'_>, params: &[Param<'_>]) -> bool {
         self.grants

@@ -157,6 +157,14 @@ enum Plan {
     Refuse(Box<Response<Bytes>>),
     /// Read its body and check it: a Bundle, or a `_search` form.
     ReadBody(BodyCheck),
+    /// A read allowed only if the resource matches a granular scope's query: ask the inner
+    /// service first whether a search by its id and each query finds it.
+    Probe {
+        /// The searches to try, each `[type]?_id=[id]&[query]&_summary=count`.
+        searches: Vec<String>,
+        /// The refusal if none finds it.
+        refusal: Box<Response<Bytes>>,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -172,7 +180,8 @@ where
     S::Error: Send + 'static,
     ReqBody: Body<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    ResBody: 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -200,6 +209,28 @@ where
         match plan(&self.config, &grants, &request) {
             Plan::Pass => PassOrOwn::passed(self.inner.call(request.map(ScopedBody::passed))),
             Plan::Refuse(response) => refused(*response),
+            Plan::Probe { searches, refusal } => {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let mut prober = self.inner.clone();
+                let probes: Vec<_> = searches
+                    .iter()
+                    .filter_map(|search| probe_request(&request, search))
+                    .collect();
+                PassOrOwn::own(async move {
+                    for search in probes {
+                        match probe(&mut prober, search).await {
+                            Ok(true) => {
+                                let request = request.map(ScopedBody::passed);
+                                return Ok(inner.call(request).await?.map(ResponseBody::inner));
+                            }
+                            Ok(false) => {}
+                            Err(response) => return Ok(response.map(ResponseBody::full)),
+                        }
+                    }
+                    Ok(refusal.map(ResponseBody::full))
+                })
+            }
             Plan::ReadBody(what) => {
                 // The body must be read first: the ready service goes with the request, and
                 // this one keeps a fresh clone.
@@ -285,10 +316,118 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             }
         },
     };
-    match Check::new(grants).classified(method, path, found, &params) {
+    let check = Check::new(grants);
+    match check.classified(method, path, found, &params) {
         Ok(()) => Plan::Pass,
-        Err(why) => Plan::Refuse(Box::new(insufficient_scope(&why))),
+        Err(why) => {
+            let refusal = Box::new(insufficient_scope(&why));
+            // A read (not a vread: an old version may not match what the current one does)
+            // that a granular scope of its type may allow.
+            if let (Some(Interaction::Read), Some(ty), Some(id)) =
+                (found.interaction, found.resource_type, found.resource_id)
+            {
+                // The FHIR base as the client reached it: the path before `[type]/[id]`.
+                let base = path
+                    .trim_end_matches('/')
+                    .strip_suffix(&format!("{ty}/{id}"))
+                    .unwrap_or("/");
+                let searches: Vec<String> = check
+                    .granular_reads(ty)
+                    .iter()
+                    .map(|query| probe_search(base, ty, query, id))
+                    .collect();
+                if !searches.is_empty() {
+                    return Plan::Probe { searches, refusal };
+                }
+            }
+            Plan::Refuse(refusal)
+        }
     }
+}
+
+/// `[base][type]?_id=[id]&[name]=[value]...&_summary=count`, each value encoded.
+fn probe_search(base: &str, ty: &str, query: &[(String, String)], id: &str) -> String {
+    // Everything but unreserved characters escaped (`,`, `|`, `:` included: the upstream reads
+    // each value exactly as the scope has it).
+    const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let encode = |text: &str| percent_encoding::utf8_percent_encode(text, COMPONENT).to_string();
+    let mut search = format!("{base}{ty}?_id={}", encode(id));
+    for (name, value) in query {
+        search.push('&');
+        search.push_str(&encode(name));
+        search.push('=');
+        search.push_str(&encode(value));
+    }
+    search.push_str("&_summary=count");
+    search
+}
+
+/// The largest probe answer read.
+const MAX_PROBE_ANSWER: usize = 1024 * 1024;
+
+/// The search `search` (under the read's FHIR base), with the read's extensions, asking for
+/// JSON, without a body.
+fn probe_request<B, ReqBody>(
+    read: &Request<B>,
+    search: &str,
+) -> Option<Request<ScopedBody<ReqBody>>> {
+    let uri: http::Uri = search.parse().ok()?;
+    let mut request = Request::get(uri)
+        .header(
+            header::ACCEPT,
+            HeaderValue::from_static("application/fhir+json"),
+        )
+        .body(ScopedBody::buffered(Bytes::new()))
+        .ok()?;
+    *request.extensions_mut() = read.extensions().clone();
+    Some(request)
+}
+
+/// Whether the probe search finds the resource; `Err` with the answer to give when that
+/// cannot be told.
+async fn probe<S, ReqBody, ResBody>(
+    inner: &mut S,
+    request: Request<ScopedBody<ReqBody>>,
+) -> Result<bool, Response<Bytes>>
+where
+    S: Service<Request<ScopedBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    let unavailable = || {
+        OperationOutcome::error(
+            IssueType::Transient,
+            "Whether the resource matches the token's granular scope could not be checked",
+        )
+        .to_response(StatusCode::BAD_GATEWAY)
+    };
+    std::future::poll_fn(|cx| inner.poll_ready(cx))
+        .await
+        .map_err(|_| unavailable())?;
+    let response = inner.call(request).await.map_err(|_| unavailable())?;
+    if response.status() != StatusCode::OK {
+        tracing::info!(status = %response.status(), "a granular-scope probe search failed");
+        return Err(unavailable());
+    }
+    let body = Limited::new(response.into_body(), MAX_PROBE_ANSWER)
+        .collect()
+        .await
+        .map_err(|_| unavailable())?
+        .to_bytes();
+    let bundle: serde_json::Value = serde_json::from_slice(&body).map_err(|_| unavailable())?;
+    if bundle.get("resourceType").and_then(|t| t.as_str()) != Some("Bundle") {
+        return Err(unavailable());
+    }
+    let total = bundle.get("total").and_then(serde_json::Value::as_u64);
+    let entries = bundle
+        .get("entry")
+        .and_then(|e| e.as_array())
+        .map_or(0, Vec::len);
+    Ok(total.unwrap_or(entries as u64) > 0)
 }
 
 /// A refusal, answered at once.

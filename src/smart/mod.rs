@@ -34,8 +34,15 @@
 //!   only `Patient`, in a search narrowed to that patient.
 //! - A granular scope (`?category=laboratory`) opens searches that carry each of its
 //!   parameters with that value exactly (`category=laboratory`, not
-//!   `category=laboratory,vital-signs`); reads by id under it alone are refused, since the
-//!   resource read might not match.
+//!   `category=laboratory,vital-signs`). A read by id that only a granular scope could allow
+//!   (`system/` or `user/`) is checked by asking the inner service first: a `GET
+//!   [type]?_id=[id]&[the scope's query]&_summary=count` with the read's extensions; when it
+//!   finds the resource the read goes on as the client sent it, when it finds nothing the read
+//!   is refused (`403`) without being sent, and when the answer is not a JSON search Bundle
+//!   (an error, a timeout) it is `502`. The upstream evaluates its own search parameters, so
+//!   the check means what the scope means there; the read costs one more request upstream
+//!   (and one more against a rate limit). A vread under a granular scope is refused: an old
+//!   version may not match what the current one does.
 //! - A request that is not a FHIR interaction (`classify` finds none) is refused.
 //!
 //! A refusal is `403` with an `OperationOutcome` (`forbidden`) saying what was not allowed,
