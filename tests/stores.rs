@@ -11,7 +11,8 @@ use tower_fhir::limit::RateLimit;
 use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantRecord, TenantStore, Upstream};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
-    ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing,
+    AuthMethod, ClientKeys, ClientStore, FileClientStore, InMemoryClientStore, NewClient,
+    SecretHashing,
 };
 use tower_fhir::version::FhirVersion;
 
@@ -225,6 +226,70 @@ where
     let unknown = store.set_rate_limit("nobody", None).await.unwrap_err();
     assert!(unknown.is_refused(), "{unknown}");
 
+    // A private_key_jwt client: no secret; its keys replaced (inline, then at a URL); keys
+    // refused for a secret client and when unusable.
+    let key = |kid: &str| {
+        serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid,
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"})
+    };
+    let none = store
+        .register(
+            NewClient::new("backend")
+                .tenant(a)
+                .jwks(serde_json::json!({"keys": [key("k1")]})),
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let rotated = serde_json::json!({"keys": [key("k1"), key("k2")]});
+    store
+        .set_keys("backend", ClientKeys::Jwks(rotated.clone()))
+        .await
+        .unwrap();
+    let backend = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        backend.token_endpoint_auth_method,
+        AuthMethod::PrivateKeyJwt
+    );
+    assert!(backend.secrets.is_empty());
+    assert_eq!(backend.jwks, Some(rotated));
+    store
+        .set_keys(
+            "backend",
+            ClientKeys::JwksUri("http://127.0.0.1:9/backend.json".into()),
+        )
+        .await
+        .unwrap();
+    let backend = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        (backend.jwks, backend.jwks_uri.as_deref()),
+        (None, Some("http://127.0.0.1:9/backend.json"))
+    );
+    for (id, keys) in [
+        (
+            "app",
+            ClientKeys::Jwks(serde_json::json!({"keys": [key("k3")]})),
+        ),
+        ("backend", ClientKeys::Jwks(serde_json::json!({"keys": []}))),
+        (
+            "backend",
+            ClientKeys::JwksUri("ftp://keys.example/x".into()),
+        ),
+        (
+            "nobody",
+            ClientKeys::Jwks(serde_json::json!({"keys": [key("k3")]})),
+        ),
+    ] {
+        let refused = store.set_keys(id, keys).await.unwrap_err();
+        assert!(refused.is_refused(), "{id}: {refused}");
+    }
+    assert!(store
+        .rotate_secret("backend", Duration::ZERO)
+        .await
+        .unwrap_err()
+        .is_refused());
+
     // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken.
     store.revoke("app").await.unwrap();
     let record = store.client("app").await.unwrap().unwrap();
@@ -259,6 +324,15 @@ where
         assert_eq!(reopened.rate_limit, None);
         let metered = store.client("metered").await.unwrap().unwrap();
         assert_eq!(metered.rate_limit, RateLimit::new(50, 100).ok());
+        let backend = store.client("backend").await.unwrap().unwrap();
+        assert_eq!(
+            backend.token_endpoint_auth_method,
+            AuthMethod::PrivateKeyJwt
+        );
+        assert_eq!(
+            backend.jwks_uri.as_deref(),
+            Some("http://127.0.0.1:9/backend.json")
+        );
         assert_eq!(
             store.client("provisioned").await.unwrap().unwrap().tenants,
             [b]

@@ -21,7 +21,7 @@ use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::proxy::ClientAddr;
 use tower_fhir::route::{TenantEntry, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
-use tower_fhir::token::{AuthMethod, ClientRecord, ClientStore, NewClient};
+use tower_fhir::token::{AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient};
 
 pub(crate) use crate::throttle::AdminThrottle;
 use crate::throttle::{Source, Verdict};
@@ -305,12 +305,23 @@ struct ClientBody {
 }
 
 impl ClientBody {
-    /// Whether it says how the client authenticates (registration only).
-    fn names_authentication(&self) -> bool {
+    /// Whether it would change how a registered client authenticates (its secret, or its
+    /// method): registration only.
+    fn changes_authentication(&self, record: &ClientRecord) -> bool {
         self.client_secret.is_some()
-            || self.token_endpoint_auth_method.is_some()
-            || self.jwks.is_some()
-            || self.jwks_uri.is_some()
+            || self
+                .token_endpoint_auth_method
+                .is_some_and(|method| method != record.token_endpoint_auth_method)
+    }
+
+    /// New keys for a registered `private_key_jwt` client, if the body gives any.
+    fn keys(&mut self) -> Result<Option<ClientKeys>, &'static str> {
+        match (self.jwks.take(), self.jwks_uri.take()) {
+            (None, None) => Ok(None),
+            (Some(jwks), None) => Ok(Some(ClientKeys::Jwks(jwks))),
+            (None, Some(uri)) => Ok(Some(ClientKeys::JwksUri(uri))),
+            (Some(_), Some(_)) => Err("give jwks or jwks_uri, not both"),
+        }
     }
 }
 
@@ -373,11 +384,22 @@ async fn put_client(
             StatusCode::CONFLICT,
             "the client is revoked; register the application under a new client id",
         ),
-        Some(_) if body.names_authentication() => error(
+        Some(record) if body.changes_authentication(&record) => error(
             StatusCode::BAD_REQUEST,
-            "the client is registered: its authentication stays as registered (change a secret with POST /admin/clients/{client_id}/secret; new keys at its jwks_uri, or register the application under a new client id)",
+            "the client is registered: its authentication method stays as registered (change a secret with POST /admin/clients/{client_id}/secret, keys with jwks or jwks_uri; or register the application under a new client id)",
         ),
         Some(_) => {
+            let mut body = body;
+            match body.keys() {
+                Ok(None) => {}
+                Ok(Some(keys)) => {
+                    if let Err(err) = admin.clients.set_keys(&client_id, keys).await {
+                        return store_failed(&err, "replacing a client's keys");
+                    }
+                    tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
+                }
+                Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            }
             let tenants = body.tenants.len();
             if let Err(err) = admin
                 .clients

@@ -213,7 +213,30 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     )
     .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
-    // Keys and a secret at once, or keys for a registered client: refused.
+    // The administrator replaces its keys (its key rotation): the new key works, the old
+    // one no longer does.
+    let body = json!({"tenants": [TENANT], "scopes": ["system/Patient.r"],
+        "jwks": {"keys": [public_jwk(RSA_PRIVATE, "ops-2")]}});
+    let reply = client
+        .send("PUT", "/admin/clients/ops", &admin, &body.to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    for (pem, kid, jti, status) in [
+        (RSA_PRIVATE, "ops-2", "o-3", StatusCode::OK),
+        (RSA2_PRIVATE, "ops-1", "o-4", StatusCode::UNAUTHORIZED),
+    ] {
+        let reply = post(
+            client,
+            "/oauth/token",
+            &format!(
+                "grant_type=client_credentials&{}",
+                assertion(pem, kid, "ops", &base, jti)
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, status, "{kid}: {}", reply.text());
+    }
+    // Keys and a secret at once, a secret or unusable keys for a registered client: refused.
     for (path, body) in [
         (
             "/admin/clients/both",
@@ -222,6 +245,14 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
         ),
         (
             "/admin/clients/ops",
+            json!({"tenants": [TENANT], "client_secret": "a-secret-of-16-or-more"}),
+        ),
+        (
+            "/admin/clients/ops",
+            json!({"tenants": [TENANT], "jwks": {"keys": []}}),
+        ),
+        (
+            "/admin/clients/app",
             json!({"tenants": [TENANT], "jwks": {"keys": [public_jwk(RSA_PRIVATE, "y")]}}),
         ),
         (

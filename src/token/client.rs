@@ -111,6 +111,15 @@ impl ClientSecret {
     }
 }
 
+/// A `private_key_jwt` client's public keys: a JWK Set, or where it is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientKeys {
+    /// The keys themselves (a JWK Set).
+    Jwks(serde_json::Value),
+    /// The URL the client publishes them at.
+    JwksUri(String),
+}
+
 /// How a client authenticates at the token endpoint (and at introspection and revocation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthMethod {
@@ -482,6 +491,34 @@ pub trait ClientStore: Send + Sync + 'static {
             "this client store keeps no rate limits",
         ))))
     }
+
+    /// Replaces a `private_key_jwt` client's public keys (its key rotation: publish the new
+    /// key beside the old one, switch, then drop the old one). Refuses unknown or revoked
+    /// clients, clients that authenticate with a secret, and keys that could never verify an
+    /// assertion (as [`register`](Self::register) does). The default refuses every change: a
+    /// store that keeps no keys.
+    ///
+    /// ```
+    /// use tower_fhir::token::{ClientKeys, ClientStore, InMemoryClientStore, NewClient};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let key = |kid: &str| serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid,
+    ///     "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+    ///     "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"});
+    /// let store = InMemoryClientStore::new();
+    /// store.register(NewClient::new("backend").jwks(serde_json::json!({"keys": [key("k1")]}))).await.unwrap();
+    /// let rotated = serde_json::json!({"keys": [key("k2")]});
+    /// store.set_keys("backend", ClientKeys::Jwks(rotated.clone())).await.unwrap();
+    /// assert_eq!(store.client("backend").await.unwrap().unwrap().jwks, Some(rotated));
+    /// assert!(store.set_keys("backend", ClientKeys::Jwks(serde_json::json!({"keys": []}))).await.is_err());
+    /// # });
+    /// ```
+    fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+        let _ = (id, keys);
+        Box::pin(std::future::ready(Err(StoreError::refused(
+            "this client store keeps no client keys",
+        ))))
+    }
 }
 
 impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
@@ -510,6 +547,9 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     }
     fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
         (**self).set_rate_limit(id, limit)
+    }
+    fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+        (**self).set_keys(id, keys)
     }
 }
 
@@ -714,6 +754,30 @@ impl Clients {
         Ok(())
     }
 
+    pub(crate) fn set_keys(&mut self, id: &str, keys: ClientKeys) -> Result<(), StoreError> {
+        let record = self
+            .clients
+            .get_mut(id)
+            .filter(|r| !r.revoked)
+            .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
+        if record.token_endpoint_auth_method != AuthMethod::PrivateKeyJwt {
+            return Err(StoreError::refused(format!(
+                "client {id:?} authenticates with a secret, not with keys"
+            )));
+        }
+        let (jwks, jwks_uri) = match keys {
+            ClientKeys::Jwks(jwks) => (Some(jwks), None),
+            ClientKeys::JwksUri(uri) => (None, Some(uri)),
+        };
+        let mut check = NewClient::new(id);
+        check.jwks = jwks;
+        check.jwks_uri = jwks_uri;
+        check_keys(&check)?;
+        record.jwks = check.jwks;
+        record.jwks_uri = check.jwks_uri;
+        Ok(())
+    }
+
     pub(crate) fn revoke(&mut self, id: &str) -> Result<(), StoreError> {
         let record = self
             .clients
@@ -879,6 +943,11 @@ impl ClientStore for InMemoryClientStore {
 
     fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
         let result = self.with(|c| c.set_rate_limit(id, limit));
+        Box::pin(async move { result })
+    }
+
+    fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+        let result = self.with(|c| c.set_keys(id, keys));
         Box::pin(async move { result })
     }
 

@@ -12,8 +12,8 @@ use crate::limit::{ClientLimitFuture, ClientLimits, RateLimit};
 use crate::tenant::TenantId;
 
 use super::client::{
-    blocking, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret, NewClient,
-    SecretHashing, StoreError, StoreFuture,
+    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret,
+    NewClient, SecretHashing, StoreError, StoreFuture,
 };
 
 /// Clients in a JSON file, so registrations, rotations and revocations survive a restart.
@@ -218,6 +218,11 @@ impl ClientStore for FileClientStore {
         Box::pin(blocking(move || {
             this.change(|c| c.set_rate_limit(&id, limit))
         }))
+    }
+
+    fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || this.change(|c| c.set_keys(&id, keys))))
     }
 
     fn hashing(&self) -> SecretHashing {

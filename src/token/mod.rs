@@ -88,8 +88,8 @@ mod throttle;
 
 pub use crate::client_addr::{ClientAddr, SourceNetwork};
 pub use client::{
-    AuthMethod, ClientRecord, ClientSecret, ClientStore, InMemoryClientStore, NewClient,
-    SecretHash, SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
+    AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, InMemoryClientStore,
+    NewClient, SecretHash, SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
