@@ -1,6 +1,8 @@
 //! One conformance suite for every store backend: the tenant directories (`TenantStore`) and
-//! the client stores (`ClientStore`), in memory and in files. A new backend (a database, say)
-//! passes when it runs these same functions.
+//! the client stores (`ClientStore`), in memory, in files and in PostgreSQL (a real server,
+//! started for the test). A new backend passes when it runs these same functions.
+
+mod support;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -418,4 +420,41 @@ async fn files_written_before_rate_limits_still_load() {
     assert_eq!(found.rate_limit(), None);
     assert_eq!(found.default_upstream().unwrap().max_concurrency(), None);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stores() {
+    use tower_fhir::postgres::PgState;
+    let server = support::postgres::Postgres::start("stores");
+    server.create_database("stores");
+    let url = server.url("stores");
+    // Replicas starting at once against the empty database: one migrates, the others wait
+    // for it under the advisory lock, none fails.
+    let starting = (0..4).map(|_| PgState::connect(&url));
+    for state in futures::future::join_all(starting).await {
+        state.unwrap();
+    }
+    let clients = || {
+        let url = url.clone();
+        async move {
+            let state = PgState::connect(&url).await.unwrap();
+            Arc::new(state.client_store(cheap())) as Arc<dyn ClientStore>
+        }
+    };
+    client_store_conformance(clients().await, Some(clients)).await;
+    let tenants = || {
+        let url = url.clone();
+        async move {
+            Arc::new(PgState::connect(&url).await.unwrap().tenant_store()) as Arc<dyn TenantStore>
+        }
+    };
+    tenant_store_conformance(tenants().await, Some(tenants)).await;
+    // A URL that is not one, and a server that is not there: clear errors, no hang.
+    assert!(PgState::connect("not a url").await.is_err());
+    let closed = format!(
+        "postgres://gateway@127.0.0.1:{}/stores",
+        support::free_port()
+    );
+    let refused = PgState::connect(&closed).await.unwrap_err();
+    assert!(refused.to_string().contains("cannot connect"), "{refused}");
 }

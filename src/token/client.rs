@@ -282,6 +282,11 @@ impl NewClient {
         self
     }
 
+    /// The client's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// How the client will authenticate.
     pub fn auth_method(&self) -> AuthMethod {
         if let Some(method) = self.method {

@@ -87,6 +87,8 @@ mod signing;
 mod throttle;
 
 pub use crate::client_addr::{ClientAddr, SourceNetwork};
+#[cfg(feature = "postgres")]
+pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
 pub use client::{
     AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, InMemoryClientStore,
     NewClient, SecretHash, SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,

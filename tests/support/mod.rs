@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: keys, token minting, loopback servers, a client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod postgres;
 pub mod process;
 
 #[allow(unused_imports)] // (not every test runs processes)

@@ -1,0 +1,586 @@
+//! PostgreSQL as the shared state of many gateway replicas (feature `postgres`): the client
+//! store and the tenant directory, in one database.
+//!
+//! [`PgState::connect`] opens a pool (tokio-postgres with deadpool) and brings the schema up to
+//! date with the migrations embedded here, under a transaction-level advisory lock, so that
+//! replicas starting at once against an empty database do not race: one creates the tables,
+//! the others wait for it and find them made. From it, [`PgClientStore`] is a
+//! [`ClientStore`] and [`PgTenantStore`] a [`TenantStore`]; both keep each record as the JSON
+//! the file stores write (table `tower_fhir_clients`, `tower_fhir_tenants`), change it in a
+//! transaction that locks its row, and pass the suite every store passes
+//! (`tests/stores.rs`). Secrets are hashed before any transaction starts, so a slow hash holds
+//! no lock. Each tenant change is announced to this process's [`TenantStore::changes`]
+//! subscribers and `NOTIFY`ed on the channel `tower_fhir_changes` (payload
+//! `tenant:<id>`) in the same transaction.
+//!
+//! ```no_run
+//! use tower_fhir::postgres::PgState;
+//! use tower_fhir::route::TenantStore;
+//! use tower_fhir::token::{ClientStore, SecretHashing};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let state = PgState::connect("postgres://gateway@127.0.0.1:5432/gateway").await?;
+//! let clients = state.client_store(SecretHashing::default());
+//! let tenants = state.tenant_store();
+//! assert!(clients.client("app").await?.is_none());
+//! println!("{} tenants", tenants.list().await?.len());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::broadcast;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::limit::RateLimit;
+use crate::route::{
+    DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore, TenantStoreFuture,
+};
+use crate::tenant::TenantId;
+use crate::token::{
+    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret,
+    NewClient, SecretHashing, StoreError, StoreFuture,
+};
+
+/// The advisory lock migrations run under (any number that is this crate's).
+const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
+
+/// The schema, one migration per version, applied in order and recorded.
+const MIGRATIONS: [&str; 1] = ["CREATE TABLE tower_fhir_clients (
+         id text PRIMARY KEY,
+         record jsonb NOT NULL,
+         updated_at timestamptz NOT NULL DEFAULT now()
+     );
+     CREATE TABLE tower_fhir_tenants (
+         id uuid PRIMARY KEY,
+         record jsonb NOT NULL,
+         updated_at timestamptz NOT NULL DEFAULT now()
+     );"];
+
+/// The channel changes are announced on.
+pub const CHANGES_CHANNEL: &str = "tower_fhir_changes";
+
+/// Why the database could not be opened.
+#[derive(Debug)]
+pub struct PgError {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl PgError {
+    fn new(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A pool of connections to the gateway's database, its schema up to date.
+#[derive(Clone)]
+pub struct PgState {
+    pool: Pool,
+}
+
+impl fmt::Debug for PgState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: not shown.
+        f.debug_struct("PgState")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgState {
+    /// Connects to `url` (`postgres://user[:password]@host:port/database`; the connection
+    /// is not encrypted: use a loopback address or a private network) and migrates the
+    /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
+    pub async fn connect(url: &str) -> Result<Self, PgError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| PgError::new("the database URL is not valid", e))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| PgError::new("the connection pool cannot be made", e))?;
+        let state = Self { pool };
+        state.migrate().await?;
+        Ok(state)
+    }
+
+    /// Applies the migrations not applied yet, under the advisory lock.
+    async fn migrate(&self) -> Result<(), PgError> {
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        let failed = |e| PgError::new("the database schema cannot be brought up to date", e);
+        let transaction = connection.transaction().await.map_err(failed)?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(failed)?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS tower_fhir_migrations (
+                     version integer PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(failed)?;
+        let applied: i32 = transaction
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM tower_fhir_migrations",
+                &[],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        for (version, migration) in (1..).zip(MIGRATIONS) {
+            if version <= applied {
+                continue;
+            }
+            transaction.batch_execute(migration).await.map_err(failed)?;
+            transaction
+                .execute(
+                    "INSERT INTO tower_fhir_migrations (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await
+                .map_err(failed)?;
+            tracing::info!(version, "database migration applied");
+        }
+        transaction.commit().await.map_err(failed)
+    }
+
+    /// The clients, their secrets hashed with `hashing`.
+    pub fn client_store(&self, hashing: SecretHashing) -> PgClientStore {
+        PgClientStore {
+            pool: self.pool.clone(),
+            hashing,
+        }
+    }
+
+    /// The tenant directory.
+    pub fn tenant_store(&self) -> PgTenantStore {
+        let (changes, _) = broadcast::channel(1024);
+        PgTenantStore {
+            pool: self.pool.clone(),
+            changes,
+        }
+    }
+}
+
+fn store_error(doing: &str, error: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::with_source(format!("the database failed while {doing}"), error)
+}
+
+/// Clients in PostgreSQL (see the [module docs](self)).
+#[derive(Clone)]
+pub struct PgClientStore {
+    pool: Pool,
+    hashing: SecretHashing,
+}
+
+impl fmt::Debug for PgClientStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgClientStore")
+            .field("hashing", &self.hashing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgClientStore {
+    async fn read(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| store_error("connecting", e))?;
+        let row = connection
+            .query_opt(
+                "SELECT record FROM tower_fhir_clients WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| store_error("reading a client", e))?;
+        row.map(|row| {
+            serde_json::from_value(row.get(0)).map_err(|e| store_error("reading a client", e))
+        })
+        .transpose()
+    }
+
+    /// Runs `change` on the client's record (alone in a [`Clients`]) in a transaction that
+    /// locks its row, and writes back what it leaves.
+    async fn modify<T: Send + 'static>(
+        &self,
+        id: &str,
+        doing: &'static str,
+        change: impl FnOnce(&mut Clients) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let failed = |e| store_error(doing, e);
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| store_error("connecting", e))?;
+        let transaction = connection.transaction().await.map_err(failed)?;
+        let row = transaction
+            .query_opt(
+                "SELECT record FROM tower_fhir_clients WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(failed)?;
+        let mut clients = Clients::default();
+        if let Some(row) = row {
+            let record: ClientRecord =
+                serde_json::from_value(row.get(0)).map_err(|e| store_error(doing, e))?;
+            clients.clients.insert(id.to_owned(), record);
+        }
+        let result = change(&mut clients)?;
+        if let Some(record) = clients.clients.get(id) {
+            let json = serde_json::to_value(record).map_err(|e| store_error(doing, e))?;
+            transaction
+                .execute(
+                    "UPDATE tower_fhir_clients SET record = $2, updated_at = now() WHERE id = $1",
+                    &[&id, &json],
+                )
+                .await
+                .map_err(failed)?;
+        }
+        transaction.commit().await.map_err(failed)?;
+        Ok(result)
+    }
+}
+
+impl ClientStore for PgClientStore {
+    fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move { this.read(&id).await })
+    }
+
+    fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+        let this = self.clone();
+        Box::pin(async move {
+            // Everything but "already taken" is checked before hashing; the hash is made
+            // before any transaction; the insert refuses a taken id atomically.
+            Clients::default().check_new(&client)?;
+            let hashing = this.hashing;
+            let (client, secret) = blocking(move || {
+                let secret = HashedSecret::for_client(&client, hashing)?;
+                Ok((client, secret))
+            })
+            .await?;
+            let id = client.id().to_owned();
+            let mut made = Clients::default();
+            let secret = made.register(client, secret)?;
+            let record = made
+                .clients
+                .get(&id)
+                .ok_or_else(|| StoreError::new("the registered client went missing"))?;
+            let json =
+                serde_json::to_value(record).map_err(|e| store_error("registering a client", e))?;
+            let connection = this
+                .pool
+                .get()
+                .await
+                .map_err(|e| store_error("connecting", e))?;
+            let inserted = connection
+                .execute(
+                    "INSERT INTO tower_fhir_clients (id, record) VALUES ($1, $2)
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&id, &json],
+                )
+                .await
+                .map_err(|e| store_error("registering a client", e))?;
+            if inserted == 0 {
+                return Err(StoreError::refused(format!(
+                    "client {id:?} is already registered"
+                )));
+            }
+            Ok(secret)
+        })
+    }
+
+    fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move {
+            // Refused before hashing when it can be; checked again under the row lock.
+            let mut current = Clients::default();
+            if let Some(record) = this.read(&id).await? {
+                current.clients.insert(id.clone(), record);
+            }
+            current.check_rotatable(&id)?;
+            let hashing = this.hashing;
+            let secret = blocking(move || HashedSecret::generate(hashing)).await?;
+            let key = id.clone();
+            this.modify(&key, "rotating a secret", move |clients| {
+                clients.check_rotatable(&id)?;
+                clients.rotate(&id, grace, secret)
+            })
+            .await
+        })
+    }
+
+    fn revoke(&self, id: &str) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move {
+            let key = id.clone();
+            this.modify(&key, "revoking a client", move |clients| {
+                clients.revoke(&id)
+            })
+            .await
+        })
+    }
+
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move {
+            let key = id.clone();
+            this.modify(&key, "changing entitlements", move |clients| {
+                clients.set_entitlements(&id, tenants, scopes)
+            })
+            .await
+        })
+    }
+
+    fn hashing(&self) -> SecretHashing {
+        self.hashing
+    }
+
+    fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move {
+            let key = id.clone();
+            this.modify(&key, "changing a rate limit", move |clients| {
+                clients.set_rate_limit(&id, limit)
+            })
+            .await
+        })
+    }
+
+    fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(async move {
+            let key = id.clone();
+            this.modify(&key, "replacing client keys", move |clients| {
+                clients.set_keys(&id, keys)
+            })
+            .await
+        })
+    }
+}
+
+/// The clients' rate limits, read from the database.
+impl crate::limit::ClientLimits for PgClientStore {
+    fn client_limit(&self, client_id: &str) -> crate::limit::ClientLimitFuture {
+        crate::token::limit_of(self.client(client_id))
+    }
+}
+
+/// The tenant directory in PostgreSQL (see the [module docs](self)).
+#[derive(Clone)]
+pub struct PgTenantStore {
+    pool: Pool,
+    changes: broadcast::Sender<TenantId>,
+}
+
+impl fmt::Debug for PgTenantStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTenantStore").finish_non_exhaustive()
+    }
+}
+
+fn directory_error(
+    doing: &str,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> DirectoryError {
+    DirectoryError::with_source(format!("the database failed while {doing}"), error)
+}
+
+fn uuid(tenant: TenantId) -> Uuid {
+    Uuid::from_bytes(*tenant.as_bytes())
+}
+
+impl PgTenantStore {
+    /// Writes `tenants` in one transaction, each change `NOTIFY`ed with it; `true` for each
+    /// that replaced a tenant.
+    async fn write(
+        &self,
+        tenants: Vec<(TenantId, TenantRecord)>,
+    ) -> Result<Vec<bool>, DirectoryError> {
+        let failed = |e| directory_error("writing tenants", e);
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| directory_error("connecting", e))?;
+        let transaction = connection.transaction().await.map_err(failed)?;
+        let mut replaced = Vec::with_capacity(tenants.len());
+        for (tenant, record) in &tenants {
+            let json =
+                serde_json::to_value(record).map_err(|e| directory_error("writing tenants", e))?;
+            let row = transaction
+                .query_one(
+                    "INSERT INTO tower_fhir_tenants (id, record) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, updated_at = now()
+                     RETURNING (xmax <> 0)",
+                    &[&uuid(*tenant), &json],
+                )
+                .await
+                .map_err(failed)?;
+            replaced.push(row.get(0));
+            notify(&transaction, *tenant).await.map_err(failed)?;
+        }
+        transaction.commit().await.map_err(failed)?;
+        for (tenant, _) in tenants {
+            let _ = self.changes.send(tenant);
+        }
+        Ok(replaced)
+    }
+}
+
+async fn notify(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    tenant: TenantId,
+) -> Result<(), tokio_postgres::Error> {
+    transaction
+        .execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANGES_CHANNEL, &format!("tenant:{tenant}")],
+        )
+        .await
+        .map(drop)
+}
+
+impl TenantDirectory for PgTenantStore {
+    fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            let row = connection
+                .query_opt(
+                    "SELECT record FROM tower_fhir_tenants WHERE id = $1",
+                    &[&uuid(tenant)],
+                )
+                .await
+                .map_err(|e| directory_error("looking a tenant up", e))?;
+            row.map(|row| {
+                serde_json::from_value(row.get(0))
+                    .map_err(|e| directory_error("reading a tenant", e))
+            })
+            .transpose()
+        })
+    }
+}
+
+impl TenantStore for PgTenantStore {
+    fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool> {
+        let this = self.clone();
+        Box::pin(async move {
+            let replaced = this.write(vec![(tenant, upstreams)]).await?;
+            Ok(replaced.first().copied().unwrap_or(false))
+        })
+    }
+
+    fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()> {
+        let this = self.clone();
+        Box::pin(async move { this.write(tenants).await.map(drop) })
+    }
+
+    fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool> {
+        let this = self.clone();
+        Box::pin(async move {
+            let failed = |e| directory_error("removing a tenant", e);
+            let mut connection = this
+                .pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            let transaction = connection.transaction().await.map_err(failed)?;
+            let removed = transaction
+                .execute(
+                    "DELETE FROM tower_fhir_tenants WHERE id = $1",
+                    &[&uuid(tenant)],
+                )
+                .await
+                .map_err(failed)?
+                > 0;
+            if removed {
+                notify(&transaction, tenant).await.map_err(failed)?;
+            }
+            transaction.commit().await.map_err(failed)?;
+            if removed {
+                let _ = this.changes.send(tenant);
+            }
+            Ok(removed)
+        })
+    }
+
+    fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            let rows = connection
+                .query("SELECT id FROM tower_fhir_tenants ORDER BY id::text", &[])
+                .await
+                .map_err(|e| directory_error("listing tenants", e))?;
+            Ok(rows
+                .iter()
+                .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
+                .collect())
+        })
+    }
+
+    fn changes(&self) -> broadcast::Receiver<TenantId> {
+        self.changes.subscribe()
+    }
+}

@@ -1,0 +1,183 @@
+//! A real PostgreSQL server for the tests: `initdb` into a scratch directory (as the `postgres`
+//! user when the tests run as root, since `initdb` refuses root), started with `pg_ctl` on a
+//! free loopback port, stopped when dropped. The tools must be on the PATH (PostgreSQL 15's
+//! Debian package puts them in `/usr/lib/postgresql/15/bin`, which is tried too); without
+//! them the test fails, saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::process::free_port;
+
+pub struct Postgres {
+    dir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+/// Where a PostgreSQL tool is: on the PATH, or in a Debian package's directory.
+fn tool(name: &str) -> PathBuf {
+    let on_path = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    if let Some(path) = on_path {
+        return path;
+    }
+    for version in ["17", "16", "15", "14"] {
+        let path = PathBuf::from(format!("/usr/lib/postgresql/{version}/bin/{name}"));
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "the PostgreSQL tests need `{name}` (PostgreSQL 14 or later: `apt-get install postgresql`), and it is not installed"
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+impl Postgres {
+    /// Starts a fresh server; panics with the tool's output when it cannot.
+    pub fn start(name: &str) -> Self {
+        let as_postgres = is_root();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-fhir-pg-{name}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if as_postgres {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(
+                chown.success(),
+                "cannot hand {} to the postgres user",
+                dir.display()
+            );
+        }
+        let port = free_port();
+        let server = Self {
+            dir,
+            port,
+            as_postgres,
+        };
+        let data = server.dir.join("data");
+        server.run(
+            &tool("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "gateway",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            server.dir.display()
+        );
+        server.run(
+            &tool("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                server.dir.join("server.log").to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+        );
+        server
+    }
+
+    fn run(&self, program: &Path, args: &[&str]) -> Output {
+        let out = if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(program)
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
+        } else {
+            Command::new(program)
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
+        }
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed:\n{}{}",
+            program.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The URL of `database` on this server, as the `gateway` superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://gateway@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates an empty database.
+    pub fn create_database(&self, database: &str) {
+        self.run(
+            &tool("createdb"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "gateway",
+                database,
+            ],
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.run_quietly(
+            &tool("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Postgres {
+    fn run_quietly(&self, program: &Path, args: &[&str]) -> std::io::Result<Output> {
+        if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(program)
+                .args(args)
+                .output()
+        } else {
+            Command::new(program).args(args).output()
+        }
+    }
+}
