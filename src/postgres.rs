@@ -11,7 +11,8 @@
 //! (`tests/stores.rs`). Secrets are hashed before any transaction starts, so a slow hash holds
 //! no lock. Each tenant change is announced to this process's [`TenantStore::changes`]
 //! subscribers and `NOTIFY`ed on the channel `tower_fhir_changes` (payload
-//! `tenant:<id>`) in the same transaction.
+//! `tenant:<id> <origin>`, the origin naming the store that made it) in the same
+//! transaction; every other replica's store hears it and tells its own subscribers.
 //!
 //! ```no_run
 //! use tower_fhir::postgres::PgState;
@@ -28,7 +29,9 @@
 //! # }
 //! ```
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -104,6 +107,8 @@ impl std::error::Error for PgError {
 #[derive(Clone)]
 pub struct PgState {
     pool: Pool,
+    /// For the connection that listens for changes.
+    config: tokio_postgres::Config,
 }
 
 impl fmt::Debug for PgState {
@@ -124,7 +129,7 @@ impl PgState {
             .parse()
             .map_err(|e| PgError::new("the database URL is not valid", e))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -137,7 +142,7 @@ impl PgState {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::new("the connection pool cannot be made", e))?;
-        let state = Self { pool };
+        let state = Self { pool, config };
         state.migrate().await?;
         Ok(state)
     }
@@ -197,13 +202,29 @@ impl PgState {
         }
     }
 
-    /// The tenant directory.
+    /// The tenant directory. Its [`changes`](TenantStore::changes) carry this process's
+    /// changes and, through a connection that `LISTEN`s on [`CHANGES_CHANNEL`], every other
+    /// replica's, within moments of their commit. When that connection drops, it is made
+    /// again (waiting 0.25 s, doubling up to 5 s, between attempts) and every tenant that was
+    /// or is now in the directory is announced as changed, so caches forget what they may
+    /// have missed; nothing waits for it meanwhile. The listening stops when the last clone of
+    /// the store is dropped. Needs a tokio runtime.
     pub fn tenant_store(&self) -> PgTenantStore {
         let (changes, _) = broadcast::channel(1024);
-        PgTenantStore {
+        let alive = Arc::new(());
+        let store = PgTenantStore {
             pool: self.pool.clone(),
             changes,
-        }
+            _alive: Arc::clone(&alive),
+            origin: Arc::from(origin()),
+        };
+        tokio::spawn(listen(
+            self.config.clone(),
+            store.clone_detached(),
+            Arc::downgrade(&alive),
+        ));
+        drop(alive);
+        store
     }
 }
 
@@ -425,6 +446,11 @@ impl crate::limit::ClientLimits for PgClientStore {
 pub struct PgTenantStore {
     pool: Pool,
     changes: broadcast::Sender<TenantId>,
+    /// Held by every clone the user has: the listener stops when none is left.
+    _alive: Arc<()>,
+    /// Names this store in its notifications, so its listener skips its own changes (its
+    /// subscribers heard them already).
+    origin: Arc<str>,
 }
 
 impl fmt::Debug for PgTenantStore {
@@ -445,6 +471,15 @@ fn uuid(tenant: TenantId) -> Uuid {
 }
 
 impl PgTenantStore {
+    /// A clone that does not keep the listener alive (the listener's own).
+    fn clone_detached(&self) -> Detached {
+        Detached {
+            pool: self.pool.clone(),
+            changes: self.changes.clone(),
+            origin: Arc::clone(&self.origin),
+        }
+    }
+
     /// Writes `tenants` in one transaction, each change `NOTIFY`ed with it; `true` for each
     /// that replaced a tenant.
     async fn write(
@@ -472,7 +507,9 @@ impl PgTenantStore {
                 .await
                 .map_err(failed)?;
             replaced.push(row.get(0));
-            notify(&transaction, *tenant).await.map_err(failed)?;
+            notify(&transaction, *tenant, &self.origin)
+                .await
+                .map_err(failed)?;
         }
         transaction.commit().await.map_err(failed)?;
         for (tenant, _) in tenants {
@@ -482,14 +519,16 @@ impl PgTenantStore {
     }
 }
 
+/// `NOTIFY`s a tenant's change: `tenant:<id> <origin>`.
 async fn notify(
     transaction: &deadpool_postgres::Transaction<'_>,
     tenant: TenantId,
+    origin: &str,
 ) -> Result<(), tokio_postgres::Error> {
     transaction
         .execute(
             "SELECT pg_notify($1, $2)",
-            &[&CHANGES_CHANNEL, &format!("tenant:{tenant}")],
+            &[&CHANGES_CHANNEL, &format!("tenant:{tenant} {origin}")],
         )
         .await
         .map(drop)
@@ -552,7 +591,9 @@ impl TenantStore for PgTenantStore {
                 .map_err(failed)?
                 > 0;
             if removed {
-                notify(&transaction, tenant).await.map_err(failed)?;
+                notify(&transaction, tenant, &this.origin)
+                    .await
+                    .map_err(failed)?;
             }
             transaction.commit().await.map_err(failed)?;
             if removed {
@@ -583,4 +624,134 @@ impl TenantStore for PgTenantStore {
     fn changes(&self) -> broadcast::Receiver<TenantId> {
         self.changes.subscribe()
     }
+}
+
+/// What the listener needs of the store, without keeping it alive.
+struct Detached {
+    pool: Pool,
+    changes: broadcast::Sender<TenantId>,
+    origin: Arc<str>,
+}
+
+impl Detached {
+    async fn list(&self) -> Result<Vec<TenantId>, DirectoryError> {
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| directory_error("connecting", e))?;
+        let rows = connection
+            .query("SELECT id FROM tower_fhir_tenants", &[])
+            .await
+            .map_err(|e| directory_error("listing tenants", e))?;
+        Ok(rows
+            .iter()
+            .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
+            .collect())
+    }
+}
+
+/// Listens for other replicas' changes and hands them to the store's subscribers, connecting
+/// again (and resynchronising) whenever the connection drops, until the store is gone.
+async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>) {
+    let mut known: HashSet<TenantId> = HashSet::new();
+    let mut wait = Duration::from_millis(250);
+    let mut first = true;
+    while alive.strong_count() > 0 {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(message) = futures::StreamExt::next(&mut messages).await {
+                        match message {
+                            Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
+                                if notes.send(note.payload().to_owned()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, "the database change listener lost its connection");
+                                break;
+                            }
+                        }
+                    }
+                });
+                let listening = client
+                    .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                    .await;
+                if let Err(error) = listening {
+                    tracing::warn!(%error, "cannot listen for database changes");
+                    driver.abort();
+                } else {
+                    wait = Duration::from_millis(250);
+                    // Whatever changed while nobody listened: every tenant known before or
+                    // now is announced (the first time, only learnt: nothing is cached yet).
+                    match store.list().await {
+                        Ok(now) => {
+                            if !first {
+                                for tenant in known.iter().chain(&now) {
+                                    let _ = store.changes.send(*tenant);
+                                }
+                                tracing::info!(
+                                    "database change listener reconnected; caches resynchronised"
+                                );
+                            }
+                            known.extend(now);
+                        }
+                        Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
+                    }
+                    first = false;
+                    loop {
+                        let note =
+                            match tokio::time::timeout(Duration::from_secs(1), received.recv())
+                                .await
+                            {
+                                Ok(note) => note,
+                                Err(_) if alive.strong_count() == 0 => break,
+                                Err(_) => continue,
+                            };
+                        let Some(note) = note else { break };
+                        let Some((id, from)) = note
+                            .strip_prefix("tenant:")
+                            .and_then(|rest| rest.split_once(' '))
+                        else {
+                            continue;
+                        };
+                        if let Ok(tenant) = TenantId::parse(id) {
+                            known.insert(tenant);
+                            if from != &*store.origin {
+                                let _ = store.changes.send(tenant);
+                            }
+                        }
+                    }
+                    driver.abort();
+                    drop(client);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
+            }
+        }
+        if alive.strong_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A name for one store, unique enough across replicas: the process, a counter, the time.
+fn origin() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{nanos:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }

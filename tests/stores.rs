@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_fhir::limit::RateLimit;
-use tower_fhir::route::{FileDirectory, InMemoryDirectory, TenantRecord, TenantStore, Upstream};
+use tower_fhir::route::{
+    FileDirectory, InMemoryDirectory, TenantDirectory, TenantRecord, TenantStore, Upstream,
+};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     AuthMethod, ClientKeys, ClientStore, FileClientStore, InMemoryClientStore, NewClient,
@@ -457,4 +459,102 @@ async fn postgres_stores() {
     );
     let refused = PgState::connect(&closed).await.unwrap_err();
     assert!(refused.to_string().contains("cannot connect"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_changes_reach_every_replica_within_a_second() {
+    use tokio::time::timeout;
+    use tower_fhir::postgres::PgState;
+    let server = support::postgres::Postgres::start("changes");
+    server.create_database("changes");
+    let url = server.url("changes");
+    let (one, two) = (
+        PgState::connect(&url).await.unwrap().tenant_store(),
+        PgState::connect(&url).await.unwrap().tenant_store(),
+    );
+    let mut heard = two.changes();
+    let admin = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(admin.1);
+    let admin = admin.0;
+    let listening = async || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Both replicas' listeners connected (a busy machine may take a while to connect).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while listening().await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let next = |heard: &mut tokio::sync::broadcast::Receiver<TenantId>| {
+        let heard = heard.resubscribe();
+        async move {
+            let mut heard = heard;
+            timeout(Duration::from_secs(1), heard.recv()).await
+        }
+    };
+    let waiting = next(&mut heard);
+    one.put(
+        tenant(A),
+        upstreams("http://127.0.0.1:9001/fhir", FhirVersion::R4),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        waiting.await.expect("not heard within 1 s").unwrap(),
+        tenant(A)
+    );
+    assert!(two.lookup(tenant(A)).await.unwrap().is_some());
+    let waiting = next(&mut heard);
+    assert!(one.delete(tenant(A)).await.unwrap());
+    assert_eq!(
+        waiting.await.expect("not heard within 1 s").unwrap(),
+        tenant(A)
+    );
+
+    // The listener's connection is cut: it connects again and announces every tenant known,
+    // the ones changed meanwhile included.
+    one.put(
+        tenant(B),
+        upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4),
+    )
+    .await
+    .unwrap();
+    let mut resync = two.changes();
+    let cut = admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut, 2, "each replica listens on one connection");
+    one.put(
+        tenant(C),
+        upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4),
+    )
+    .await
+    .unwrap();
+    let mut announced = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !(announced.contains(&tenant(A)) && announced.contains(&tenant(C))) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match timeout(left, resync.recv()).await {
+            Ok(Ok(tenant)) => {
+                announced.insert(tenant);
+            }
+            other => panic!("not resynchronised: {other:?}, heard {announced:?}"),
+        }
+    }
 }
