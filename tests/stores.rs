@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tower_fhir::limit::RateLimit;
 use tower_fhir::route::{
-    FileDirectory, InMemoryDirectory, TenantDirectory, TenantRecord, TenantStore, Upstream,
+    FileDirectory, InMemoryDirectory, InProcessTenant, TenantDirectory, TenantRecord, TenantStore,
+    Upstream,
 };
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
@@ -83,10 +84,14 @@ where
     let found = store.lookup(a).await.unwrap().unwrap();
     assert_eq!(found.rate_limit(), Some(limit()));
 
-    // Many at once, listed sorted; each announced.
+    // Many at once, listed sorted; each announced. One is served in-process: no URL, an
+    // opaque key of the application's and its releases, kept alike.
+    let local = TenantRecord::in_process(
+        InProcessTenant::new("schema_c", [FhirVersion::R4, FhirVersion::Dstu2]).unwrap(),
+    );
     store
         .put_all(vec![
-            (c, upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4)),
+            (c, local.clone()),
             (
                 b,
                 upstreams("http://127.0.0.1:9004/fhir", FhirVersion::Stu3),
@@ -98,6 +103,12 @@ where
     announced.sort_by_key(|t| t.to_string());
     assert_eq!(announced, [c, b]);
     assert_eq!(store.list().await.unwrap(), vec![c, a, b]);
+    let found = store.lookup(c).await.unwrap().unwrap();
+    assert_eq!(found.in_process_tenant().unwrap().key(), "schema_c");
+    assert_eq!(
+        found.in_process_tenant().unwrap().releases(),
+        [FhirVersion::R4, FhirVersion::Dstu2]
+    );
 
     // Removed: reported, gone, announced; removing again reports nothing was there.
     assert!(store.delete(b).await.unwrap());
@@ -118,6 +129,9 @@ where
         assert_eq!(found.rate_limit(), Some(limit()));
         assert_eq!(store.lookup(c).await.unwrap().unwrap().rate_limit(), None);
         assert!(store.lookup(b).await.unwrap().is_none());
+        let reread = store.lookup(c).await.unwrap().unwrap();
+        assert_eq!(reread.in_process_tenant(), local.in_process_tenant());
+        assert!(reread.default_upstream().is_none());
     }
 }
 
