@@ -20,6 +20,36 @@ pub(crate) struct State {
     pub(crate) dir: PathBuf,
     /// Without a configured `state_dir`: the fresh directory, removed when this is dropped.
     _temporary: Option<tempfile::TempDir>,
+    /// The lock this process holds on the directory while it runs (released at exit, also a
+    /// crash: the operating system drops it with the process).
+    _lock: std::fs::File,
+}
+
+/// The file in `state_dir` whose lock says which process owns the directory.
+const LOCK_FILE: &str = "gateway.lock";
+
+/// Takes the state directory for this process: a second process on the same directory would
+/// write the same files, each overwriting the other's changes.
+fn lock(dir: &Path) -> Result<std::fs::File, String> {
+    let path = dir.join(LOCK_FILE);
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "the state directory {} is in use by another tower-fhir-gateway process (it holds {}); stop that one, or give this one another state_dir",
+            dir.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(format!("cannot lock {}: {e}", path.display()))
+        }
+    }
 }
 
 /// The secret hashing cost the configuration names.
@@ -50,6 +80,7 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         }
     };
 
+    let lock = lock(&dir)?;
     let tenants_file = dir.join("tenants.json");
     let directory = FileDirectory::open(&tenants_file)
         .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
@@ -76,6 +107,7 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         keys,
         dir,
         _temporary: temporary,
+        _lock: lock,
     })
 }
 

@@ -257,3 +257,37 @@ fn without_state_dir_the_state_is_in_a_fresh_private_directory_removed_at_exit()
         "the temporary state directory outlived the gateway"
     );
 }
+
+#[test]
+fn a_second_process_on_the_same_state_dir_is_refused_until_the_first_ends() {
+    let file = config_file("locked-state", GOOD);
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", file.to_str().unwrap()]);
+    let stderr_file = file.parent().unwrap().join("gateway.log");
+    let (mut first, _base) =
+        process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+    let keys = std::fs::read(file.parent().unwrap().join("state/signing-keys.json")).unwrap();
+
+    // The second refuses at once, in one sentence, and writes nothing.
+    let out = gateway(&["--config", file.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "a second process shared the state");
+    assert!(
+        stderr.contains("is in use by another tower-fhir-gateway process"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(
+        std::fs::read(file.parent().unwrap().join("state/signing-keys.json")).unwrap(),
+        keys
+    );
+
+    // Once the first has ended, the directory can be taken again (the lock file stays).
+    assert!(first.terminate(), "did not exit cleanly");
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", file.to_str().unwrap()]);
+    let stderr_file = file.parent().unwrap().join("gateway-2.log");
+    let (mut second, _base) =
+        process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+    assert!(second.terminate(), "did not exit cleanly");
+}
