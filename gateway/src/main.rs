@@ -151,6 +151,8 @@ async fn run(args: Args) -> Result<(), String> {
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });
 
+    // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
+    let stop = serve::shutdown();
     println!("tower-fhir gateway listening on {base}");
     println!("  state in {}", state.dir.display());
     let tenants = state
@@ -205,7 +207,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_connections: config.max_connections,
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
     };
-    serve::serve(listener, front, admin, limits).await;
+    serve::serve(listener, front, admin, limits, stop).await;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");

@@ -57,6 +57,7 @@ pub(crate) async fn serve(
     gateway: Front,
     admin: Option<Router>,
     limits: Limits,
+    stop: impl std::future::Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -66,7 +67,7 @@ pub(crate) async fn serve(
     // Each connection holds a permit: with none left, the next one waits in the listen backlog.
     let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
     let (stopping, stop_watch) = watch::channel(false);
-    let mut stop = std::pin::pin!(shutdown());
+    let mut stop = std::pin::pin!(stop);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {
@@ -336,21 +337,36 @@ impl ConnectionGateway {
     }
 }
 
-/// Ctrl-C or SIGTERM; in-flight requests get the grace period.
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Ctrl-C or SIGTERM; in-flight requests get the grace period. The handlers are installed
+/// when this is called, not when the future is first polled: call it before saying the
+/// gateway listens, so a SIGTERM sent as soon as it does is a graceful stop, not the default
+/// kill.
+pub(crate) fn shutdown() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            term.recv().await;
-        }
+    let (interrupt, term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down: finishing in-flight requests");
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |stream: Option<tokio::signal::unix::Signal>| async move {
+                match stream {
+                    Some(mut stream) => {
+                        stream.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! { () = wait(interrupt) => {}, () = wait(term) => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+    }
 }
