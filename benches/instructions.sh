@@ -25,6 +25,8 @@ CONNECTIONS=${CONNECTIONS:-4}
 
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
+# (The harness's build honours CARGO_TARGET_DIR: so do the binaries run here.)
+bin=${CARGO_TARGET_DIR:-target}/release
 need valgrind valgrind
 
 tenant=00000000-0000-4000-8000-000000000000

@@ -2,7 +2,6 @@
 //! audit records, the request body limit; and the Prometheus endpoint beside it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -12,7 +11,7 @@ use tower::util::Either;
 use tower::{Layer, ServiceBuilder};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
-    fhir_cors, AuditSink, BodyLimit, BodyLimitLayer, Health, HealthLayer, JsonLinesAudit, Observe,
+    fhir_cors, BodyLimit, BodyLimitLayer, Health, HealthLayer, JsonLinesAudit, Observe,
     ObserveLayer, RequestIdLayer, RequestIdService,
 };
 use tower_fhir::token::SigningKeys;
@@ -42,15 +41,14 @@ pub(crate) fn front(
         .tenant_label(config.metrics_tenant_label)
         .audit_query(config.audit_query.recording());
     if let Some(path) = &config.audit_log {
-        let sink: Arc<dyn AuditSink> = if path.as_os_str() == "-" {
-            Arc::new(JsonLinesAudit::stdout())
+        // Given as it is (not shared), the audit log formats the records on its own thread.
+        let sink = if path.as_os_str() == "-" {
+            JsonLinesAudit::stdout()
         } else {
-            Arc::new(
-                JsonLinesAudit::file(path)
-                    .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?,
-            )
+            JsonLinesAudit::file(path)
+                .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?
         };
-        observe = observe.audit_shared(sink);
+        observe = observe.audit(sink);
     }
     let auth = gateway.bearer_auth().clone();
     // Fetch every trusted issuer's keys now, so that readiness does not wait for a token.

@@ -5,12 +5,15 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
+use super::facts::RequestFacts;
+use crate::auth::{MemoKey, VerifiedClaims};
+use crate::interaction::classify;
 use crate::tenant::TenantId;
 
 /// Who asked what of which tenant, and what came of it: one per request.
@@ -176,41 +179,116 @@ impl AuditRecord {
     /// Appends the record as one line of JSON (the same object as its `Serialize` form, and a
     /// newline), written by hand: the audit log writes one per request.
     pub fn write_json_line(&self, out: &mut Vec<u8>) {
+        Line {
+            time: self.time,
+            request_id: self.request_id.as_deref(),
+            client_id: self.client_id.as_deref(),
+            issuer: self.issuer.as_deref(),
+            tenant: self.tenant,
+            method: &self.method,
+            path: &self.path,
+            query: match &self.query {
+                Some(query) => LineQuery::Text(query),
+                None => LineQuery::Absent,
+            },
+            interaction: self.interaction,
+            resource_type: self.resource_type.as_deref(),
+            resource_id: self.resource_id.as_deref(),
+            status: self.status,
+            outcome: self.outcome,
+            upstream: self.upstream.as_deref(),
+            duration_ms: self.duration_ms,
+        }
+        .write(out);
+    }
+}
+
+/// An audit record's fields, borrowed: what [`AuditRecord::write_json_line`] and the audit
+/// log's writer (from an [`AuditDraft`]) write alike.
+struct Line<'a> {
+    time: SystemTime,
+    request_id: Option<&'a str>,
+    client_id: Option<&'a str>,
+    issuer: Option<&'a str>,
+    tenant: Option<TenantId>,
+    method: &'a str,
+    path: &'a str,
+    query: LineQuery<'a>,
+    interaction: Option<&'static str>,
+    resource_type: Option<&'a str>,
+    resource_id: Option<&'a str>,
+    status: u16,
+    outcome: &'static str,
+    upstream: Option<&'a str>,
+    duration_ms: f64,
+}
+
+/// The `query` field: as recorded, or the names still to be picked from the query string.
+enum LineQuery<'a> {
+    Absent,
+    Text(&'a str),
+    /// A non-empty query string whose parameter names are recorded (see
+    /// [`QueryRecording::Names`]).
+    NamesOf(&'a str),
+}
+
+impl Line<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.reserve(384 + self.path.len());
         out.extend_from_slice(b"{\"time\":\"");
         push_time(out, self.time);
         out.extend_from_slice(b"\",\"request_id\":");
-        push_opt_str(out, self.request_id.as_deref());
+        push_opt_str(out, self.request_id);
         out.extend_from_slice(b",\"client_id\":");
-        push_opt_str(out, self.client_id.as_deref());
+        push_opt_str(out, self.client_id);
         out.extend_from_slice(b",\"issuer\":");
-        push_opt_str(out, self.issuer.as_deref());
+        push_opt_str(out, self.issuer);
         out.extend_from_slice(b",\"tenant\":");
         match self.tenant {
             Some(tenant) => {
+                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+                let text = uuid::Uuid::from_bytes(*tenant.as_bytes())
+                    .hyphenated()
+                    .encode_lower(&mut text);
                 out.push(b'"');
-                out.extend_from_slice(tenant.to_string().as_bytes());
+                out.extend_from_slice(text.as_bytes());
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"method\":");
-        push_str(out, &self.method);
+        push_str(out, self.method);
         out.extend_from_slice(b",\"path\":");
-        push_str(out, &self.path);
+        push_str(out, self.path);
         out.extend_from_slice(b",\"query\":");
-        push_opt_str(out, self.query.as_deref());
+        match self.query {
+            LineQuery::Absent => out.extend_from_slice(b"null"),
+            LineQuery::Text(query) => push_str(out, query),
+            LineQuery::NamesOf(query) => {
+                out.push(b'"');
+                let mut first = true;
+                for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+                    if !first {
+                        out.push(b'&');
+                    }
+                    first = false;
+                    push_escaped(out, pair.split('=').next().unwrap_or(""));
+                }
+                out.push(b'"');
+            }
+        }
         out.extend_from_slice(b",\"interaction\":");
         push_opt_str(out, self.interaction);
         out.extend_from_slice(b",\"resource_type\":");
-        push_opt_str(out, self.resource_type.as_deref());
+        push_opt_str(out, self.resource_type);
         out.extend_from_slice(b",\"resource_id\":");
-        push_opt_str(out, self.resource_id.as_deref());
+        push_opt_str(out, self.resource_id);
         out.extend_from_slice(b",\"status\":");
         push_u64(out, u64::from(self.status));
         out.extend_from_slice(b",\"outcome\":");
         push_str(out, self.outcome);
         out.extend_from_slice(b",\"upstream\":");
-        push_opt_str(out, self.upstream.as_deref());
+        push_opt_str(out, self.upstream);
         out.extend_from_slice(b",\"duration_ms\":");
         // Microseconds, written as milliseconds with three decimals.
         let micros = (self.duration_ms.max(0.0) * 1000.0).round() as u64;
@@ -236,14 +314,47 @@ fn push_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
 /// A JSON string: quotes, `"` and `\` escaped, control characters as `\u00XX`.
 fn push_str(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
+    push_escaped(out, value);
+    out.push(b'"');
+}
+
+/// Whether any byte needs an escape in a JSON string (`"`, `\`, a control character), eight
+/// bytes at a time.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    // A byte of `word` is below `n` (n <= 128) iff its high bit is set in the result.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
+    let escapes = |word: u64| {
+        below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+    };
+    let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+    if bytes.len() < 8 {
+        // Padded with a byte that needs no escape.
+        let mut padded = [b'a'; 8];
+        padded[..bytes.len()].copy_from_slice(bytes);
+        return escapes(u64::from_le_bytes(padded)) != 0;
+    }
+    let mut found = 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        found |= escapes(word(chunk));
+    }
+    if !chunks.remainder().is_empty() {
+        // The last eight bytes again, overlapping what was checked.
+        found |= escapes(word(&bytes[bytes.len() - 8..]));
+    }
+    found != 0
+}
+
+/// The contents of a JSON string, escaped as [`push_str`] says.
+fn push_escaped(out: &mut Vec<u8>, value: &str) {
     let bytes = value.as_bytes();
-    // Most values need no escape: one scan without early exit (so it vectorizes), one copy.
-    let escapes = bytes.iter().fold(false, |found, &b| {
-        found | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !escapes {
+    // Most values need no escape: one scan, one copy.
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
-        out.push(b'"');
         return;
     }
     let mut start = 0;
@@ -267,7 +378,6 @@ fn push_str(out: &mut Vec<u8>, value: &str) {
         }
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 fn push_u64(out: &mut Vec<u8>, mut value: u64) {
@@ -376,6 +486,154 @@ impl QueryRecording {
     }
 }
 
+/// Paths that are the token endpoint's (recorded as interaction `token`).
+const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
+
+/// What an audit record says of the request's method and path.
+struct Described<'a> {
+    interaction: Option<&'static str>,
+    resource_type: Option<&'a str>,
+    resource_id: Option<&'a str>,
+}
+
+fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
+    let token = TOKEN_PATHS
+        .iter()
+        .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)));
+    if token {
+        return Described {
+            interaction: Some("token"),
+            resource_type: None,
+            resource_id: None,
+        };
+    }
+    let classified = classify(method, path);
+    Described {
+        interaction: classified.interaction.map(|i| i.as_str()),
+        resource_type: classified.resource_type,
+        resource_id: classified.resource_id,
+    }
+}
+
+/// The client and issuer a token's claims name, read from the claims once per token (the
+/// claims of a cached token are shared by all its requests) instead of once per record.
+struct Who {
+    client_id: Option<Box<str>>,
+    issuer: Option<Box<str>>,
+}
+
+fn who(claims: &VerifiedClaims) -> Arc<Who> {
+    static KEY: OnceLock<MemoKey> = OnceLock::new();
+    let key = *KEY.get_or_init(MemoKey::unique);
+    claims.memoized(key, |claims| {
+        Arc::new(Who {
+            client_id: claims.client_id().map(Box::from),
+            issuer: claims.issuer().map(Box::from),
+        })
+    })
+}
+
+/// An audit record as the [`ObserveLayer`](super::ObserveLayer) has it when the response is
+/// ready: the request's parts and facts shared, nothing copied, classified or formatted yet.
+/// [`JsonLinesAudit`] writes it as its JSON line on its own thread; any other sink gets the
+/// [`AuditRecord`] made of it.
+pub(crate) struct AuditDraft {
+    facts: RequestFacts,
+    status: u16,
+    outcome: &'static str,
+    duration: Duration,
+    query: QueryRecording,
+}
+
+impl AuditDraft {
+    /// The draft of a request whose facts hold its parts (`None` when they do not).
+    pub(crate) fn new(
+        facts: RequestFacts,
+        status: u16,
+        outcome: &'static str,
+        duration: Duration,
+        query: QueryRecording,
+    ) -> Option<Self> {
+        facts.request()?;
+        Some(Self {
+            facts,
+            status,
+            outcome,
+            duration,
+            query,
+        })
+    }
+
+    /// Calls `f` with the record's fields, borrowed from the request's parts and facts.
+    fn with_line<R>(&self, f: impl FnOnce(&Line<'_>) -> R) -> R {
+        let parts = self
+            .facts
+            .request()
+            .expect("a draft is made of a request's parts");
+        self.facts.read(|facts| {
+            let who = facts.claims.as_ref().map(who);
+            let path = parts.uri.path();
+            let described = describe(&parts.method, path);
+            let query = match (self.query, parts.uri.query().filter(|q| !q.is_empty())) {
+                (QueryRecording::Full, Some(query)) => LineQuery::Text(query),
+                (QueryRecording::Names, Some(query)) => LineQuery::NamesOf(query),
+                _ => LineQuery::Absent,
+            };
+            f(&Line {
+                time: parts.time,
+                request_id: parts.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                client_id: facts
+                    .client
+                    .as_deref()
+                    .or_else(|| who.as_ref()?.client_id.as_deref()),
+                issuer: who.as_ref().and_then(|who| who.issuer.as_deref()),
+                tenant: facts.tenant,
+                method: parts.method.as_str(),
+                path,
+                query,
+                interaction: described.interaction,
+                resource_type: described.resource_type,
+                resource_id: described.resource_id,
+                status: self.status,
+                outcome: self.outcome,
+                upstream: facts.upstream.as_deref(),
+                duration_ms: self.duration.as_secs_f64() * 1000.0,
+            })
+        })
+    }
+
+    /// Appends the record's JSON line, as [`AuditRecord::write_json_line`] writes it.
+    pub(crate) fn write_json_line(&self, out: &mut Vec<u8>) {
+        self.with_line(|line| line.write(out));
+    }
+
+    /// The record, its strings copied.
+    pub(crate) fn into_record(self) -> AuditRecord {
+        let upstream = self.facts.read(|facts| facts.upstream.clone());
+        self.with_line(|line| AuditRecord {
+            time: line.time,
+            request_id: line.request_id.map(str::to_owned),
+            client_id: line.client_id.map(str::to_owned),
+            issuer: line.issuer.map(str::to_owned),
+            tenant: line.tenant,
+            method: line.method.to_owned(),
+            path: line.path.to_owned(),
+            query: match line.query {
+                LineQuery::Absent => None,
+                LineQuery::Text(query) => Some(query.to_owned()),
+                LineQuery::NamesOf(query) => QueryRecording::Names.apply(Some(query)),
+            },
+            interaction: line.interaction,
+            resource_type: line.resource_type.map(str::to_owned),
+            resource_id: line.resource_id.map(str::to_owned),
+            status: line.status,
+            outcome: line.outcome,
+            upstream,
+            duration_ms: line.duration_ms,
+        })
+    }
+}
+
 /// Where audit records go. `record` is called on the request path as each response is
 /// ready: it must not block (queue the record and return).
 pub trait AuditSink: Send + Sync + 'static {
@@ -414,6 +672,11 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// `tower_fhir_audit_records_dropped_total` and drops are logged at `error` (at most once a
 /// second, with the count). Requests are never held up by the audit log.
 ///
+/// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
+/// more than records: the request's parts and what the layers learned, shared as they are, and
+/// the writer thread classifies the request and writes the line straight from them (the
+/// same line as [`AuditRecord::write_json_line`]), so the request path makes no string for it.
+///
 /// ```
 /// use tower_fhir::ops::JsonLinesAudit;
 ///
@@ -426,7 +689,7 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// ```
 pub struct JsonLinesAudit {
-    queue: SyncSender<(Instant, AuditRecord)>,
+    queue: SyncSender<(Instant, Entry)>,
     counts: Arc<Counts>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -505,13 +768,30 @@ impl JsonLinesAudit {
     }
 }
 
-fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, counts: &Counts) {
+/// What the audit log's queue holds.
+enum Entry {
+    /// A record given to [`AuditSink::record`].
+    Record(Box<AuditRecord>),
+    /// A record the [`ObserveLayer`](super::ObserveLayer) left to the writer to make.
+    Draft(AuditDraft),
+}
+
+impl Entry {
+    fn write_json_line(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Record(record) => record.write_json_line(out),
+            Self::Draft(draft) => draft.write_json_line(out),
+        }
+    }
+}
+
+fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, counts: &Counts) {
     const BUFFER: usize = 64 * 1024;
-    let mut out = std::io::BufWriter::with_capacity(BUFFER, out);
-    let mut line = Vec::with_capacity(512);
-    // Records in the buffer since the last flush that succeeded: lost if the next one fails.
+    // The lines are written straight into this buffer, which goes to `out` when full and
+    // when the queue is drained.
+    let mut buffer = Vec::with_capacity(BUFFER + 1024);
+    // Records in the buffer: lost if writing it fails.
     let mut pending = 0u64;
-    let mut failed = false;
     // Late records not yet logged, and when that was last logged (at most once a second).
     let mut late_unlogged = 0u64;
     let mut last_late_log: Option<Instant> = None;
@@ -526,8 +806,10 @@ fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, co
             }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
-        while let Some((queued, record)) = next.take() {
-            if queued.elapsed() > DELAYED_AFTER {
+        // The clock is read again after every write (what may take long), not per record.
+        let mut now = Instant::now();
+        while let Some((queued, entry)) = next.take() {
+            if now.saturating_duration_since(queued) > DELAYED_AFTER {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tower_fhir_audit_records_delayed_total").increment(1);
                 late_unlogged += 1;
@@ -540,31 +822,41 @@ fn write_records(out: impl Write, records: &Receiver<(Instant, AuditRecord)>, co
                     last_late_log = Some(Instant::now());
                 }
             }
-            line.clear();
-            record.write_json_line(&mut line);
+            entry.write_json_line(&mut buffer);
             pending += 1;
-            if out.write_all(&line).is_err() {
-                failed = true;
-                break;
+            drop(entry);
+            if buffer.len() >= BUFFER {
+                write_out(&mut out, &mut buffer, &mut pending, counts);
+                now = Instant::now();
             }
             next = records.try_recv().ok();
         }
-        if failed || out.flush().is_err() {
-            for _ in 0..pending {
-                counts.dropped("the audit log could not be written");
-            }
-            // What could not be written goes with the buffer; start afresh.
-            out = std::io::BufWriter::with_capacity(BUFFER, out.into_parts().0);
-            failed = false;
-        }
-        pending = 0;
+        write_out(&mut out, &mut buffer, &mut pending, counts);
     }
-    let _ = out.flush();
+    write_out(&mut out, &mut buffer, &mut pending, counts);
 }
 
-impl AuditSink for JsonLinesAudit {
-    fn record(&self, record: AuditRecord) {
-        match self.queue.try_send((Instant::now(), record)) {
+/// Writes the buffer to `out` and empties it; counts its records as dropped if that fails.
+fn write_out(out: &mut impl Write, buffer: &mut Vec<u8>, pending: &mut u64, counts: &Counts) {
+    let written = out.write_all(buffer).and_then(|()| out.flush());
+    buffer.clear();
+    if written.is_err() {
+        for _ in 0..*pending {
+            counts.dropped("the audit log could not be written");
+        }
+    }
+    *pending = 0;
+}
+
+impl JsonLinesAudit {
+    /// Queues a draft the [`ObserveLayer`](super::ObserveLayer) made, for a response ready at
+    /// `at`.
+    pub(crate) fn draft(&self, at: Instant, draft: AuditDraft) {
+        self.queue(at, Entry::Draft(draft));
+    }
+
+    fn queue(&self, at: Instant, entry: Entry) {
+        match self.queue.try_send((at, entry)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.counts
@@ -574,6 +866,12 @@ impl AuditSink for JsonLinesAudit {
                 self.counts.dropped("the audit log writer stopped");
             }
         }
+    }
+}
+
+impl AuditSink for JsonLinesAudit {
+    fn record(&self, record: AuditRecord) {
+        self.queue(Instant::now(), Entry::Record(Box::new(record)));
     }
 }
 
@@ -702,6 +1000,109 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 humantime::format_rfc3339_millis(time).to_string()
             );
+        }
+    }
+
+    fn draft(
+        method: &str,
+        uri: &str,
+        query: QueryRecording,
+        fill: impl FnOnce(&RequestFacts),
+    ) -> AuditDraft {
+        let facts = RequestFacts::with_request(crate::ops::facts::RequestParts {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            method: method.parse().unwrap(),
+            uri: uri.parse().unwrap(),
+            request_id: Some(http::HeaderValue::from_static("r-1")),
+        });
+        fill(&facts);
+        AuditDraft::new(facts, 200, "ok", Duration::from_micros(1_234_567), query).unwrap()
+    }
+
+    #[test]
+    fn a_draft_writes_the_line_of_the_record_it_makes() {
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        let claims = |json: serde_json::Value| {
+            VerifiedClaims::assume_verified(json.as_object().unwrap().clone()).unwrap()
+        };
+        let token = claims(serde_json::json!({"exp": 1, "azp": "app", "iss": "https://idp"}));
+        let drafts = [
+            draft(
+                "GET",
+                "/Patient/7?name=Smith&birthdate=ge1970&&flag",
+                QueryRecording::Names,
+                |facts| {
+                    facts.set_claims(&token);
+                    facts.set_tenant(tenant);
+                    facts.set_upstream(Arc::from("http://fhir.example/r4"));
+                },
+            ),
+            draft(
+                "GET",
+                "/Observation?code=%22x%22&a=b",
+                QueryRecording::Full,
+                |facts| facts.set_claims(&token),
+            ),
+            draft("POST", "/Patient/_search?", QueryRecording::Full, |_| {}),
+            draft("DELETE", "/Patient/1?x=y", QueryRecording::None, |_| {}),
+            draft("POST", "/oauth/token", QueryRecording::Names, |facts| {
+                facts.set_client_id("by \"hand\"\n");
+                facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
+            }),
+            draft("GET", "/a/b/c/d/e/f/g?&&", QueryRecording::Names, |_| {}),
+            draft(
+                "PATCH",
+                "http://gw.example/Patient/1",
+                QueryRecording::Names,
+                |_| {},
+            ),
+        ];
+        for draft in drafts {
+            let mut line = Vec::new();
+            draft.write_json_line(&mut line);
+            let record = draft.into_record();
+            let mut expected = Vec::new();
+            record.write_json_line(&mut expected);
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                String::from_utf8_lossy(&expected)
+            );
+            let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(written, serde_json::to_value(&record).unwrap());
+        }
+        let names = draft(
+            "GET",
+            "/Patient?name=a&_count=1",
+            QueryRecording::Names,
+            |_| {},
+        );
+        let record = names.into_record();
+        assert_eq!(record.query.as_deref(), Some("name&_count"));
+        assert_eq!(record.interaction, Some("search"));
+        assert_eq!(record.resource_type.as_deref(), Some("Patient"));
+        let token = draft("POST", "/oauth/token", QueryRecording::Names, |facts| {
+            facts.set_claims(&claims(
+                serde_json::json!({"exp": 1, "client_id": "c", "iss": "i"}),
+            ));
+        })
+        .into_record();
+        assert_eq!(token.interaction, Some("token"));
+        assert_eq!(token.client_id.as_deref(), Some("c"));
+        assert_eq!(token.issuer.as_deref(), Some("i"));
+        assert_eq!(token.duration_ms, 1_234.567);
+    }
+
+    #[test]
+    fn the_escape_scan_finds_every_byte_that_needs_one() {
+        for len in 0..24 {
+            for at in 0..len {
+                for special in [b'"', b'\\', 0, 0x1f, b'\n', b'a', 0x7f, 0xc3] {
+                    let mut bytes = vec![b'x'; len];
+                    bytes[at] = special;
+                    let naive = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+                    assert_eq!(needs_escape(&bytes), naive, "{bytes:?}");
+                }
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use crate::auth::VerifiedClaims;
 use crate::tenant::TenantId;
@@ -24,7 +25,24 @@ use crate::tenant::TenantId;
 /// ```
 #[derive(Clone, Default)]
 pub struct RequestFacts {
-    inner: Arc<Mutex<Facts>>,
+    inner: Arc<Shared>,
+}
+
+/// The slot, and what the [`ObserveLayer`](super::ObserveLayer) took from the request for its
+/// audit record: one allocation a request for both.
+#[derive(Default)]
+struct Shared {
+    facts: Mutex<Facts>,
+    request: Option<RequestParts>,
+}
+
+/// What an audit record needs from the request, taken before it goes in (the URI's and the
+/// request id's bytes shared, not copied).
+pub(crate) struct RequestParts {
+    pub(crate) time: SystemTime,
+    pub(crate) method: http::Method,
+    pub(crate) uri: http::Uri,
+    pub(crate) request_id: Option<http::HeaderValue>,
 }
 
 /// What a [`RequestFacts`] holds at one moment.
@@ -72,8 +90,36 @@ impl fmt::Debug for Facts {
 }
 
 impl RequestFacts {
+    /// A slot that also keeps the request's parts for the audit record.
+    pub(crate) fn with_request(request: RequestParts) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                facts: Mutex::default(),
+                request: Some(request),
+            }),
+        }
+    }
+
+    /// The request's parts, when the slot was made with them.
+    pub(crate) fn request(&self) -> Option<&RequestParts> {
+        self.inner.request.as_ref()
+    }
+
     fn with(&self, f: impl FnOnce(&mut Facts)) {
-        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner));
+        f(&mut self
+            .inner
+            .facts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Reads what has been recorded so far, without copying it.
+    pub(crate) fn read<R>(&self, f: impl FnOnce(&Facts) -> R) -> R {
+        f(&self
+            .inner
+            .facts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Records the verified claims (the client and issuer are read from them).
@@ -100,10 +146,7 @@ impl RequestFacts {
 
     /// What has been recorded so far.
     pub fn snapshot(&self) -> Facts {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.read(Facts::clone)
     }
 }
 

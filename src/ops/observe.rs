@@ -1,8 +1,10 @@
 //! One place that sees every request end: metrics, the audit record, the request's span.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
@@ -14,15 +16,11 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Span;
 
-use super::audit::{AuditRecord, AuditSink, QueryRecording};
-use super::facts::RequestFacts;
+use super::audit::{AuditDraft, AuditSink, JsonLinesAudit, QueryRecording};
+use super::facts::{RequestFacts, RequestParts};
 use super::request_id::X_REQUEST_ID;
-use crate::interaction::classify;
 use crate::outcome::Refusal;
 use crate::tenant::TenantId;
-
-/// Paths that are the token endpoint's (recorded as interaction `token`).
-const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
 
 /// Watches every request to its response: counts it in metrics, writes its audit record,
 /// and runs it inside a `tracing` span.
@@ -41,7 +39,7 @@ const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
 ///   [`tenant_label(false)`](Self::tenant_label), `status_class` `2xx`..`5xx`, `outcome`),
 ///   the `tower_fhir_request_duration_seconds` histogram and the
 ///   `tower_fhir_requests_in_flight` gauge;
-/// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`].
+/// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`](super::AuditRecord).
 ///
 /// A request whose client goes away before the response is recorded with status `499` and
 /// outcome `client_closed`. When no subscriber wants the span (the gateway binary's log takes
@@ -77,10 +75,19 @@ pub struct ObserveLayer {
 }
 
 struct Config {
-    audit: Option<Arc<dyn AuditSink>>,
+    audit: Option<Audit>,
     query: QueryRecording,
     metrics: Option<Metrics>,
     tenant_label: bool,
+}
+
+/// Where the audit records go.
+enum Audit {
+    /// The audit log, given as it is: it takes each record's parts as the request has them
+    /// and classifies, copies and formats them on its own thread.
+    Lines(JsonLinesAudit),
+    /// Any other sink: it gets each [`AuditRecord`](super::AuditRecord) on the request path.
+    Sink(Arc<dyn AuditSink>),
 }
 
 /// The request metrics' handles, taken from the recorder once: a request then costs no key
@@ -89,11 +96,62 @@ struct Config {
 struct Metrics {
     in_flight: metrics::Gauge,
     duration: metrics::Histogram,
-    requests: RwLock<HashMap<RequestsKey, metrics::Counter>>,
+    requests: RwLock<HashMap<RequestsKey, metrics::Counter, BuildHasherDefault<KeyHasher>>>,
 }
 
 /// `tower_fhir_requests_total`'s labels: tenant (when labelled), status class, outcome.
-type RequestsKey = (Option<TenantId>, &'static str, &'static str);
+///
+/// The status class and outcome are `&'static str`s, compared and hashed by address: the same
+/// text at two addresses makes two entries, whose handles count in the same series.
+#[derive(Clone, Copy)]
+struct RequestsKey {
+    tenant: Option<TenantId>,
+    class: &'static str,
+    outcome: &'static str,
+}
+
+impl PartialEq for RequestsKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.tenant == other.tenant
+            && std::ptr::eq(self.class, other.class)
+            && std::ptr::eq(self.outcome, other.outcome)
+    }
+}
+
+impl Eq for RequestsKey {}
+
+impl Hash for RequestsKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let tenant = self
+            .tenant
+            .map_or(0, |tenant| u128::from_le_bytes(*tenant.as_bytes()));
+        state.write_u64(tenant as u64);
+        state.write_u64((tenant >> 64) as u64);
+        state.write_u64(self.class.as_ptr() as u64);
+        state.write_u64(self.outcome.as_ptr() as u64 ^ ((self.outcome.len() as u64) << 48));
+    }
+}
+
+/// A multiply-rotate hash of a [`RequestsKey`]'s words: its tenants are verified ones and its
+/// series are bounded, so it needs no protection against chosen collisions, only speed.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// More series than this and the tenant label is dropped for new tenants (the series count
 /// of a metric must stay bounded).
@@ -108,28 +166,37 @@ impl Metrics {
         }
     }
 
-    fn requests(&self, key: RequestsKey) -> metrics::Counter {
+    /// Counts one request in `tower_fhir_requests_total`.
+    fn count(&self, key: RequestsKey) {
         if let Some(counter) = self
             .requests
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
         {
-            return counter.clone();
+            counter.increment(1);
+            return;
         }
         let mut series = self
             .requests
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let key = if series.len() >= MAX_REQUEST_SERIES {
-            (None, key.1, key.2)
+            RequestsKey {
+                tenant: None,
+                ..key
+            }
         } else {
             key
         };
         series
             .entry(key)
             .or_insert_with(|| {
-                let (tenant, class, outcome) = key;
+                let RequestsKey {
+                    tenant,
+                    class,
+                    outcome,
+                } = key;
                 match tenant {
                     Some(tenant) => metrics::counter!(
                         "tower_fhir_requests_total",
@@ -141,7 +208,7 @@ impl Metrics {
                     ),
                 }
             })
-            .clone()
+            .increment(1);
     }
 }
 
@@ -168,15 +235,25 @@ impl ObserveLayer {
         Arc::get_mut(&mut self.config).expect("configured before it is shared")
     }
 
-    /// Gives every request's [`AuditRecord`] to `sink`.
-    pub fn audit(mut self, sink: impl AuditSink) -> Self {
-        self.config().audit = Some(Arc::new(sink));
+    /// Gives every request's [`AuditRecord`](super::AuditRecord) to `sink`.
+    ///
+    /// A [`JsonLinesAudit`] given here gets more than the record: the request's parts as they
+    /// are (shared, not copied), so that its writer thread classifies the request and writes
+    /// the line without any string made on the request path.
+    pub fn audit<S: AuditSink>(mut self, sink: S) -> Self {
+        let mut sink = Some(sink);
+        let audit = match (&mut sink as &mut dyn Any).downcast_mut::<Option<JsonLinesAudit>>() {
+            Some(lines) => Audit::Lines(lines.take().expect("given above")),
+            None => Audit::Sink(Arc::new(sink.take().expect("given above"))),
+        };
+        self.config().audit = Some(audit);
         self
     }
 
-    /// The same, for a sink already shared.
+    /// The same, for a sink already shared (which gets [`AuditRecord`](super::AuditRecord)s, made on the request
+    /// path: give a [`JsonLinesAudit`] to [`audit`](Self::audit) instead).
     pub fn audit_shared(mut self, sink: Arc<dyn AuditSink>) -> Self {
-        self.config().audit = Some(sink);
+        self.config().audit = Some(Audit::Sink(sink));
         self
     }
 
@@ -252,14 +329,15 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // The header's bytes are shared, not copied.
-        let request_id = request.headers().get(&X_REQUEST_ID).cloned();
-        let path = request.uri().path();
         let span = tracing::info_span!(
             "fhir_request",
-            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            request_id = request
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
             method = %request.method(),
-            path,
+            path = request.uri().path(),
             tenant = tracing::field::Empty,
             client_id = tracing::field::Empty,
             status = tracing::field::Empty,
@@ -274,13 +352,18 @@ where
                 watch: None,
             };
         }
-        let facts = RequestFacts::default();
+        let facts = if config.audit.is_some() {
+            // The header's and the URI's bytes are shared, not copied.
+            RequestFacts::with_request(RequestParts {
+                time: SystemTime::now(),
+                method: request.method().clone(),
+                uri: request.uri().clone(),
+                request_id: request.headers().get(&X_REQUEST_ID).cloned(),
+            })
+        } else {
+            RequestFacts::default()
+        };
         request.extensions_mut().insert(facts.clone());
-        let audit = config.audit.as_ref().map(|_| Pending {
-            time: SystemTime::now(),
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-        });
         if let Some(metrics) = &config.metrics {
             metrics.in_flight.increment(1.0);
         }
@@ -293,8 +376,6 @@ where
             watch: Some(Watch {
                 config: Arc::clone(&self.config),
                 facts,
-                request_id,
-                audit,
                 span,
                 start: Instant::now(),
             }),
@@ -302,31 +383,23 @@ where
     }
 }
 
-/// What an audit record needs from the request, taken before it goes in (the URI's bytes
-/// shared, not copied).
-struct Pending {
-    time: SystemTime,
-    method: http::Method,
-    uri: http::Uri,
-}
-
 /// One request's bookkeeping, finished when its response is ready or its future dropped.
 struct Watch {
     config: Arc<Config>,
+    /// The slot the inner layers fill, holding the request's parts when there is an audit.
     facts: RequestFacts,
-    request_id: Option<http::HeaderValue>,
-    audit: Option<Pending>,
     span: Span,
     start: Instant,
 }
 
 impl Watch {
-    fn finish(mut self, status: u16, outcome: &'static str) {
-        let elapsed = self.start.elapsed();
+    fn finish(self, status: u16, outcome: &'static str) {
+        let done = Instant::now();
+        let elapsed = done.saturating_duration_since(self.start);
         let config = &self.config;
         let span = &self.span;
-        let facts = self.facts.snapshot();
         if !span.is_disabled() {
+            let facts = self.facts.snapshot();
             if let Some(tenant) = facts.tenant {
                 span.record("tenant", tracing::field::display(tenant));
             }
@@ -347,48 +420,27 @@ impl Watch {
             };
             metrics.in_flight.decrement(1.0);
             metrics.duration.record(elapsed.as_secs_f64());
-            let tenant = facts.tenant.filter(|_| config.tenant_label);
-            metrics.requests((tenant, class, outcome)).increment(1);
-        }
-        if let (Some(sink), Some(pending)) = (&config.audit, self.audit.take()) {
-            let path = pending.uri.path();
-            let classified = classify(&pending.method, path);
-            let token = TOKEN_PATHS
-                .iter()
-                .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)));
-            let interaction = if token {
-                Some("token")
+            let tenant = if config.tenant_label {
+                self.facts.read(|facts| facts.tenant)
             } else {
-                classified.interaction.map(|i| i.as_str())
+                None
             };
-            let (resource_type, resource_id) = if token {
-                (None, None)
-            } else {
-                (
-                    classified.resource_type.map(str::to_owned),
-                    classified.resource_id.map(str::to_owned),
-                )
-            };
-            sink.record(AuditRecord {
-                time: pending.time,
-                request_id: self
-                    .request_id
-                    .take()
-                    .and_then(|v| v.to_str().ok().map(str::to_owned)),
-                client_id: facts.client_id(),
-                issuer: facts.issuer(),
-                tenant: facts.tenant,
-                method: pending.method.as_str().to_owned(),
-                path: path.to_owned(),
-                query: config.query.apply(pending.uri.query()),
-                interaction,
-                resource_type,
-                resource_id,
-                status,
+            metrics.count(RequestsKey {
+                tenant,
+                class,
                 outcome,
-                upstream: facts.upstream,
-                duration_ms: elapsed.as_secs_f64() * 1000.0,
             });
+        }
+        let Some(audit) = &config.audit else {
+            return;
+        };
+        let Some(draft) = AuditDraft::new(self.facts, status, outcome, elapsed, config.query)
+        else {
+            return;
+        };
+        match audit {
+            Audit::Lines(lines) => lines.draft(done, draft),
+            Audit::Sink(sink) => sink.record(draft.into_record()),
         }
     }
 }
@@ -449,6 +501,7 @@ impl<F> fmt::Debug for ObserveFuture<F> {
 mod tests {
     use super::*;
     use crate::auth::VerifiedClaims;
+    use crate::ops::AuditRecord;
     use crate::outcome::{IssueType, OperationOutcome};
     use crate::tenant::TenantId;
     use std::convert::Infallible;
