@@ -266,13 +266,16 @@ impl Line<'_> {
             LineQuery::Text(query) => push_str(out, query),
             LineQuery::NamesOf(query) => {
                 out.push(b'"');
-                let mut first = true;
+                // As `QueryRecording::apply` keeps them: a separator only once something was
+                // kept (a leading empty name leaves none).
+                let mut kept = false;
                 for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-                    if !first {
+                    let name = pair.split('=').next().unwrap_or("");
+                    if kept {
                         out.push(b'&');
                     }
-                    first = false;
-                    push_escaped(out, pair.split('=').next().unwrap_or(""));
+                    kept |= !name.is_empty();
+                    push_escaped(out, name);
                 }
                 out.push(b'"');
             }
@@ -992,6 +995,35 @@ mod tests {
                 String::from_utf8_lossy(&line)
             );
         }
+        // The exact bytes, escapes included: `"` and `\` escaped, control characters as `\n`,
+        // `\r`, `\t` or `\u00XX` (also U+0008 and U+000C), DEL and non-ASCII as they are,
+        // the duration with three decimals.
+        let mut exact = record();
+        exact.request_id = Some("r\"1\\".into());
+        exact.client_id = Some("a\u{0}\u{8}\u{c}\u{1f}\r\n\t".into());
+        exact.issuer = Some("https://idp/\u{e9}\u{4e2d}\u{1f600}\u{7f}".into());
+        exact.tenant = None;
+        exact.path = "/Patient/\u{e9}".into();
+        exact.query = Some("a=\u{1}".into());
+        exact.resource_id = Some("\u{e9}".into());
+        exact.upstream = None;
+        exact.duration_ms = 0.0004;
+        let mut line = Vec::new();
+        exact.write_json_line(&mut line);
+        let expected = concat!(
+            r#"{"time":"2023-11-14T22:13:20.123Z","request_id":"r\"1\\","#,
+            r#""client_id":"a\u0000\u0008\u000c\u001f\r\n\t","#,
+            "\"issuer\":\"https://idp/\u{e9}\u{4e2d}\u{1f600}\u{7f}\",",
+            r#""tenant":null,"method":"GET","#,
+            "\"path\":\"/Patient/\u{e9}\",",
+            r#""query":"a=\u0001","interaction":"read","resource_type":"Patient","#,
+            "\"resource_id\":\"\u{e9}\",",
+            r#""status":200,"outcome":"ok","upstream":null,"duration_ms":0.000}"#,
+            "\n"
+        );
+        assert_eq!(String::from_utf8(line.clone()).unwrap(), expected);
+        let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(written, serde_json::to_value(&exact).unwrap());
         for days in [-1, 0, 59, 60, 365, 10_956, 11_016, 20_000, 2_932_896] {
             let time = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * days.max(0) as u64);
             let mut out = Vec::new();
@@ -1050,6 +1082,13 @@ mod tests {
                 facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
             }),
             draft("GET", "/a/b/c/d/e/f/g?&&", QueryRecording::Names, |_| {}),
+            draft(
+                "GET",
+                "/Patient?=x&a==b&&c&%22d\\=e&",
+                QueryRecording::Names,
+                |_| {},
+            ),
+            draft("GET", "/Patient?a%5C=1&b", QueryRecording::Names, |_| {}),
             draft(
                 "PATCH",
                 "http://gw.example/Patient/1",
