@@ -199,7 +199,7 @@ impl AuditRecord {
             upstream: self.upstream.as_deref(),
             duration_ms: self.duration_ms,
         }
-        .write(out);
+        .write(out, &mut TimeText::default());
     }
 }
 
@@ -233,10 +233,10 @@ enum LineQuery<'a> {
 }
 
 impl Line<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+    fn write(&self, out: &mut Vec<u8>, time: &mut TimeText) {
         out.reserve(384 + self.path.len());
         out.extend_from_slice(b"{\"time\":\"");
-        push_time(out, self.time);
+        push_time_cached(out, self.time, time);
         out.extend_from_slice(b"\",\"request_id\":");
         push_opt_str(out, self.request_id);
         out.extend_from_slice(b",\"client_id\":");
@@ -266,17 +266,7 @@ impl Line<'_> {
             LineQuery::Text(query) => push_str(out, query),
             LineQuery::NamesOf(query) => {
                 out.push(b'"');
-                // As `QueryRecording::apply` keeps them: a separator only once something was
-                // kept (a leading empty name leaves none).
-                let mut kept = false;
-                for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-                    let name = pair.split('=').next().unwrap_or("");
-                    if kept {
-                        out.push(b'&');
-                    }
-                    kept |= !name.is_empty();
-                    push_escaped(out, name);
-                }
+                push_names(out, query);
                 out.push(b'"');
             }
         }
@@ -287,7 +277,14 @@ impl Line<'_> {
         out.extend_from_slice(b",\"resource_id\":");
         push_opt_str(out, self.resource_id);
         out.extend_from_slice(b",\"status\":");
-        push_u64(out, u64::from(self.status));
+        match self.status {
+            100..=999 => out.extend_from_slice(&[
+                b'0' + (self.status / 100) as u8,
+                b'0' + (self.status / 10 % 10) as u8,
+                b'0' + (self.status % 10) as u8,
+            ]),
+            status => push_u64(out, u64::from(status)),
+        }
         out.extend_from_slice(b",\"outcome\":");
         push_str(out, self.outcome);
         out.extend_from_slice(b",\"upstream\":");
@@ -335,10 +332,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
     };
     let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
     if bytes.len() < 8 {
-        // Padded with a byte that needs no escape.
-        let mut padded = [b'a'; 8];
-        padded[..bytes.len()].copy_from_slice(bytes);
-        return escapes(u64::from_le_bytes(padded)) != 0;
+        return bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
     let mut found = 0;
     let mut chunks = bytes.chunks_exact(8);
@@ -383,6 +377,41 @@ fn push_escaped(out: &mut Vec<u8>, value: &str) {
     out.extend_from_slice(&bytes[start..]);
 }
 
+/// The parameter names of a query string joined by `&`, exactly as [`QueryRecording::apply`]
+/// keeps them (a separator only once something was kept, so a leading empty name leaves no
+/// `&`), escaped as [`push_str`] says: one pass over the query, each name copied at once.
+fn push_names(out: &mut Vec<u8>, query: &str) {
+    let bytes = query.as_bytes();
+    let clean = !needs_escape(bytes);
+    // Whether anything was kept yet (a name or a separator), as `apply`'s `!names.is_empty()`.
+    let mut kept = false;
+    let mut at = 0;
+    while at < bytes.len() {
+        // One pair, from `at` to the next `&`; its name ends at its first `=`.
+        let start = at;
+        let mut name_end = None;
+        while at < bytes.len() && bytes[at] != b'&' {
+            if bytes[at] == b'=' && name_end.is_none() {
+                name_end = Some(at);
+            }
+            at += 1;
+        }
+        if at > start {
+            let name = &bytes[start..name_end.unwrap_or(at)];
+            if kept {
+                out.push(b'&');
+            }
+            kept |= !name.is_empty();
+            if clean {
+                out.extend_from_slice(name);
+            } else {
+                push_escaped(out, &query[start..name_end.unwrap_or(at)]);
+            }
+        }
+        at += 1;
+    }
+}
+
 fn push_u64(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -397,36 +426,56 @@ fn push_u64(out: &mut Vec<u8>, mut value: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC.
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, with no cache (what the cached text must equal).
+#[cfg(test)]
 fn push_time(out: &mut Vec<u8>, time: SystemTime) {
+    push_time_cached(out, time, &mut TimeText::default());
+}
+
+/// The text of the last second written (`YYYY-MM-DDTHH:MM:SS.`): the audit log's writer keeps
+/// one, as records come many to a second.
+#[derive(Default)]
+pub(crate) struct TimeText {
+    secs: Option<u64>,
+    text: Vec<u8>,
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, the second's text from `cache` when it is the same.
+fn push_time_cached(out: &mut Vec<u8>, time: SystemTime, cache: &mut TimeText) {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = since.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let of_day = secs % 86_400;
-    let two = |out: &mut Vec<u8>, n: u64| {
-        out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8])
-    };
-    push_u64(out, year.max(0) as u64);
-    out.push(b'-');
-    two(out, u64::from(month));
-    out.push(b'-');
-    two(out, u64::from(day));
-    out.push(b'T');
-    two(out, of_day / 3600);
-    out.push(b':');
-    two(out, of_day / 60 % 60);
-    out.push(b':');
-    two(out, of_day % 60);
-    out.push(b'.');
-    let millis = u64::from(since.subsec_millis());
+    if cache.secs != Some(secs) {
+        let text = &mut cache.text;
+        text.clear();
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let of_day = secs % 86_400;
+        let two = |out: &mut Vec<u8>, n: u64| {
+            out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8])
+        };
+        push_u64(text, year.max(0) as u64);
+        text.push(b'-');
+        two(text, u64::from(month));
+        text.push(b'-');
+        two(text, u64::from(day));
+        text.push(b'T');
+        two(text, of_day / 3600);
+        text.push(b':');
+        two(text, of_day / 60 % 60);
+        text.push(b':');
+        two(text, of_day % 60);
+        text.push(b'.');
+        cache.secs = Some(secs);
+    }
+    out.extend_from_slice(&cache.text);
+    let millis = since.subsec_millis();
     out.extend_from_slice(&[
         b'0' + (millis / 100) as u8,
         b'0' + (millis / 10 % 10) as u8,
         b'0' + (millis % 10) as u8,
+        b'Z',
     ]);
-    out.push(b'Z');
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
@@ -606,8 +655,8 @@ impl AuditDraft {
     }
 
     /// Appends the record's JSON line, as [`AuditRecord::write_json_line`] writes it.
-    pub(crate) fn write_json_line(&self, out: &mut Vec<u8>) {
-        self.with_line(|line| line.write(out));
+    pub(crate) fn write_json_line(&self, out: &mut Vec<u8>, time: &mut TimeText) {
+        self.with_line(|line| line.write(out, time));
     }
 
     /// The record, its strings copied.
@@ -780,10 +829,10 @@ enum Entry {
 }
 
 impl Entry {
-    fn write_json_line(&self, out: &mut Vec<u8>) {
+    fn write_json_line(&self, out: &mut Vec<u8>, time: &mut TimeText) {
         match self {
             Self::Record(record) => record.write_json_line(out),
-            Self::Draft(draft) => draft.write_json_line(out),
+            Self::Draft(draft) => draft.write_json_line(out, time),
         }
     }
 }
@@ -798,6 +847,7 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
     // Late records not yet logged, and when that was last logged (at most once a second).
     let mut late_unlogged = 0u64;
     let mut last_late_log: Option<Instant> = None;
+    let mut time = TimeText::default();
     // The writer drains the queue, then sleeps a moment: requests never have to wake it (a
     // wake-up is a system call), and a record reaches the file within a few tens of ms.
     loop {
@@ -825,7 +875,7 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
                     last_late_log = Some(Instant::now());
                 }
             }
-            entry.write_json_line(&mut buffer);
+            entry.write_json_line(&mut buffer, &mut time);
             pending += 1;
             drop(entry);
             if buffer.len() >= BUFFER {
@@ -1024,14 +1074,25 @@ mod tests {
         assert_eq!(String::from_utf8(line.clone()).unwrap(), expected);
         let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(written, serde_json::to_value(&exact).unwrap());
+        let mut cache = TimeText::default();
         for days in [-1, 0, 59, 60, 365, 10_956, 11_016, 20_000, 2_932_896] {
             let time = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * days.max(0) as u64);
-            let mut out = Vec::new();
-            push_time(&mut out, time);
-            assert_eq!(
-                String::from_utf8(out).unwrap(),
-                humantime::format_rfc3339_millis(time).to_string()
-            );
+            // The same second again, and the next (the second's text cached, then not).
+            for time in [
+                time,
+                time + Duration::from_millis(999),
+                time + Duration::from_millis(1_001),
+            ] {
+                let mut out = Vec::new();
+                push_time(&mut out, time);
+                let mut cached = Vec::new();
+                push_time_cached(&mut cached, time, &mut cache);
+                assert_eq!(out, cached);
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    humantime::format_rfc3339_millis(time).to_string()
+                );
+            }
         }
     }
 
@@ -1098,7 +1159,7 @@ mod tests {
         ];
         for draft in drafts {
             let mut line = Vec::new();
-            draft.write_json_line(&mut line);
+            draft.write_json_line(&mut line, &mut TimeText::default());
             let record = draft.into_record();
             let mut expected = Vec::new();
             record.write_json_line(&mut expected);
