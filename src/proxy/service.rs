@@ -47,6 +47,9 @@ struct Config {
     timeout: Duration,
     rewrite_limit: usize,
     slots: Slots,
+    /// `tower_fhir_upstream_duration_seconds`, taken from the recorder once (when the proxy is
+    /// built), so an answer costs a record, not a registry lookup.
+    upstream_duration: metrics::Histogram,
 }
 
 impl FhirProxy {
@@ -253,6 +256,7 @@ impl FhirProxyBuilder {
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
                 slots: Slots::new(),
+                upstream_duration: metrics::histogram!("tower_fhir_upstream_duration_seconds"),
             }),
         })
     }
@@ -376,7 +380,8 @@ where
             let sent = config.transport.send(&upstream, pooled, outgoing);
             let response = match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(response)) => {
-                    metrics::histogram!("tower_fhir_upstream_duration_seconds")
+                    config
+                        .upstream_duration
                         .record(started.elapsed().as_secs_f64());
                     response
                 }
