@@ -624,16 +624,16 @@ impl AuditDraft {
             .expect("a draft is made of a request's parts");
         self.facts.read(|facts| {
             let who = facts.claims.as_ref().map(who);
-            let path = parts.uri.path();
+            let path = parts.path();
             let described = describe(&parts.method, path);
-            let query = match (self.query, parts.uri.query().filter(|q| !q.is_empty())) {
+            let query = match (self.query, parts.query()) {
                 (QueryRecording::Full, Some(query)) => LineQuery::Text(query),
                 (QueryRecording::Names, Some(query)) => LineQuery::NamesOf(query),
                 _ => LineQuery::Absent,
             };
             f(&Line {
                 time: parts.time,
-                request_id: parts.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                request_id: parts.request_id(),
                 client_id: facts
                     .client
                     .as_deref()
@@ -1102,12 +1102,12 @@ mod tests {
         query: QueryRecording,
         fill: impl FnOnce(&RequestFacts),
     ) -> AuditDraft {
-        let facts = RequestFacts::with_request(crate::ops::facts::RequestParts {
-            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            method: method.parse().unwrap(),
-            uri: uri.parse().unwrap(),
-            request_id: Some(http::HeaderValue::from_static("r-1")),
-        });
+        let facts = RequestFacts::with_request(crate::ops::facts::RequestParts::new(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            method.parse().unwrap(),
+            &uri.parse().unwrap(),
+            Some(&http::HeaderValue::from_static("r-1")),
+        ));
         fill(&facts);
         AuditDraft::new(facts, 200, "ok", Duration::from_micros(1_234_567), query).unwrap()
     }

@@ -36,13 +36,60 @@ struct Shared {
     request: Option<RequestParts>,
 }
 
-/// What an audit record needs from the request, taken before it goes in (the URI's and the
-/// request id's bytes shared, not copied).
+/// What an audit record needs from the request, taken before it goes in.
+///
+/// The request id, path and query are copied into one small string: the URI's and the
+/// header's bytes are slices of hyper's read buffer, and holding them while the record waits
+/// for the audit log's writer would make hyper allocate a new buffer for every request (and
+/// the writer thread free the old one).
 pub(crate) struct RequestParts {
     pub(crate) time: SystemTime,
     pub(crate) method: http::Method,
-    pub(crate) uri: http::Uri,
-    pub(crate) request_id: Option<http::HeaderValue>,
+    /// The request id (when it is text), the path, then the query, one after the other.
+    text: Box<str>,
+    /// Where the request id ends (`None`: no request id) and where the path does.
+    id_end: Option<usize>,
+    path_end: usize,
+}
+
+impl RequestParts {
+    pub(crate) fn new(
+        time: SystemTime,
+        method: http::Method,
+        uri: &http::Uri,
+        request_id: Option<&http::HeaderValue>,
+    ) -> Self {
+        let id = request_id.and_then(|id| id.to_str().ok());
+        let (path, query) = (uri.path(), uri.query().unwrap_or(""));
+        let mut text = String::with_capacity(id.map_or(0, str::len) + path.len() + query.len());
+        text.push_str(id.unwrap_or(""));
+        let id_end = id.map(|_| text.len());
+        text.push_str(path);
+        let path_end = text.len();
+        text.push_str(query);
+        Self {
+            time,
+            method,
+            text: text.into_boxed_str(),
+            id_end,
+            path_end,
+        }
+    }
+
+    /// The request id, when the request had one that is text.
+    pub(crate) fn request_id(&self) -> Option<&str> {
+        Some(&self.text[..self.id_end?])
+    }
+
+    /// The URI's path.
+    pub(crate) fn path(&self) -> &str {
+        &self.text[self.id_end.unwrap_or(0)..self.path_end]
+    }
+
+    /// The URI's query, when not empty.
+    pub(crate) fn query(&self) -> Option<&str> {
+        Some(&self.text[self.path_end..]).filter(|query| !query.is_empty())
+    }
 }
 
 /// What a [`RequestFacts`] holds at one moment.
@@ -159,6 +206,41 @@ impl fmt::Debug for RequestFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_parts_keep_the_id_path_and_query_as_the_request_had_them() {
+        let parts = |uri: &str, id: Option<http::HeaderValue>| {
+            let uri: http::Uri = uri.parse().unwrap();
+            let parts =
+                RequestParts::new(SystemTime::UNIX_EPOCH, http::Method::GET, &uri, id.as_ref());
+            assert_eq!(parts.path(), uri.path());
+            assert_eq!(parts.query(), uri.query().filter(|q| !q.is_empty()));
+            (
+                parts.request_id().map(str::to_owned),
+                parts.path().to_owned(),
+                parts.query().map(str::to_owned),
+            )
+        };
+        let id = |bytes: &[u8]| Some(http::HeaderValue::from_bytes(bytes).unwrap());
+        assert_eq!(
+            parts("/Patient?name=a&b", id(b"r-1")),
+            (
+                Some("r-1".into()),
+                "/Patient".into(),
+                Some("name=a&b".into())
+            )
+        );
+        assert_eq!(
+            parts("/Patient/1?", None),
+            (None, "/Patient/1".into(), None)
+        );
+        assert_eq!(parts("/", id(b"")), (Some(String::new()), "/".into(), None));
+        assert_eq!(
+            parts("http://gw.example/fhir/Patient?x", id(b"caf\xe9")),
+            (None, "/fhir/Patient".into(), Some("x".into()))
+        );
+        assert_eq!(parts("*", id(b"r")).1, "*");
+    }
 
     #[test]
     fn the_client_comes_from_the_first_claim_that_names_it() {

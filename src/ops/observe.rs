@@ -353,13 +353,12 @@ where
             };
         }
         let facts = if config.audit.is_some() {
-            // The header's and the URI's bytes are shared, not copied.
-            RequestFacts::with_request(RequestParts {
-                time: SystemTime::now(),
-                method: request.method().clone(),
-                uri: request.uri().clone(),
-                request_id: request.headers().get(&X_REQUEST_ID).cloned(),
-            })
+            RequestFacts::with_request(RequestParts::new(
+                SystemTime::now(),
+                request.method().clone(),
+                request.uri(),
+                request.headers().get(&X_REQUEST_ID),
+            ))
         } else {
             RequestFacts::default()
         };
