@@ -35,9 +35,9 @@ struct Inner {
     revocation_checked: AtomicU64,
 }
 
-/// How many layers may keep a value derived from the claims (the tenant scope and the rate
-/// limits do; room for two more).
-const MEMO_SLOTS: usize = 4;
+/// How many layers may keep a value derived from the claims (the gateway's tenant scope, SMART
+/// scopes, rate limits and audit records do; room for two more).
+const MEMO_SLOTS: usize = 6;
 
 struct Memo {
     key: MemoKey,
@@ -105,7 +105,7 @@ impl VerifiedClaims {
     }
 
     /// What `derive` makes of these claims: kept for the first few keys that ask (a gateway
-    /// has two such layers) and handed back to each on later requests with the same claims,
+    /// has four such layers) and handed back to each on later requests with the same claims,
     /// derived afresh for any other key. `derive` must depend on the claims alone (and on
     /// what never changes for the key's holder).
     pub(crate) fn memoized<T>(&self, key: MemoKey, derive: impl FnOnce(&Self) -> T) -> T

@@ -538,8 +538,14 @@ impl QueryRecording {
     }
 }
 
-/// Paths that are the token endpoint's (recorded as interaction `token`).
-const TOKEN_PATHS: [&str; 2] = ["/oauth/token", "/oauth/clients/"];
+/// Paths that are the token endpoint's (recorded as interaction `token`): tokens, secret
+/// rotation, introspection and revocation.
+const TOKEN_PATHS: [&str; 4] = [
+    "/oauth/token",
+    "/oauth/clients/",
+    "/oauth/introspect",
+    "/oauth/revoke",
+];
 
 /// What an audit record says of the request's method and path.
 struct Described<'a> {
@@ -1190,6 +1196,12 @@ mod tests {
         assert_eq!(token.client_id.as_deref(), Some("c"));
         assert_eq!(token.issuer.as_deref(), Some("i"));
         assert_eq!(token.duration_ms, 1_234.567);
+        // Introspection and revocation are the token endpoint's too.
+        for path in ["/oauth/introspect", "/oauth/revoke"] {
+            let record = draft("POST", path, QueryRecording::Names, |_| {}).into_record();
+            assert_eq!(record.interaction, Some("token"), "{path}");
+            assert_eq!(record.resource_type, None, "{path}");
+        }
     }
 
     #[test]
