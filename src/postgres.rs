@@ -605,20 +605,7 @@ impl TenantStore for PgTenantStore {
 
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
         let pool = self.pool.clone();
-        Box::pin(async move {
-            let connection = pool
-                .get()
-                .await
-                .map_err(|e| directory_error("connecting", e))?;
-            let rows = connection
-                .query("SELECT id FROM tower_fhir_tenants ORDER BY id::text", &[])
-                .await
-                .map_err(|e| directory_error("listing tenants", e))?;
-            Ok(rows
-                .iter()
-                .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
-                .collect())
-        })
+        Box::pin(async move { list(&pool).await })
     }
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
@@ -633,22 +620,20 @@ struct Detached {
     origin: Arc<str>,
 }
 
-impl Detached {
-    async fn list(&self) -> Result<Vec<TenantId>, DirectoryError> {
-        let connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| directory_error("connecting", e))?;
-        let rows = connection
-            .query("SELECT id FROM tower_fhir_tenants", &[])
-            .await
-            .map_err(|e| directory_error("listing tenants", e))?;
-        Ok(rows
-            .iter()
-            .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
-            .collect())
-    }
+/// Every tenant in the directory, sorted by their text (as the other stores list them).
+async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
+    let connection = pool
+        .get()
+        .await
+        .map_err(|e| directory_error("connecting", e))?;
+    let rows = connection
+        .query("SELECT id FROM tower_fhir_tenants ORDER BY id::text", &[])
+        .await
+        .map_err(|e| directory_error("listing tenants", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
+        .collect())
 }
 
 /// Listens for other replicas' changes and hands them to the store's subscribers, connecting
@@ -689,7 +674,7 @@ async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>
                     wait = Duration::from_millis(250);
                     // Whatever changed while nobody listened: every tenant known before or
                     // now is announced (the first time, only learnt: nothing is cached yet).
-                    match store.list().await {
+                    match list(&store.pool).await {
                         Ok(now) => {
                             if !first {
                                 for tenant in known.iter().chain(&now) {
