@@ -641,7 +641,9 @@ async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
 async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>) {
     let mut known: HashSet<TenantId> = HashSet::new();
     let mut wait = Duration::from_millis(250);
-    let mut first = true;
+    // Whether changes may have gone unheard: after a connection that failed or dropped (at
+    // the start, nothing was cached before the store was made).
+    let mut missed = false;
     while alive.strong_count() > 0 {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
@@ -670,13 +672,14 @@ async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>
                 if let Err(error) = listening {
                     tracing::warn!(%error, "cannot listen for database changes");
                     driver.abort();
+                    missed = true;
                 } else {
                     wait = Duration::from_millis(250);
                     // Whatever changed while nobody listened: every tenant known before or
-                    // now is announced (the first time, only learnt: nothing is cached yet).
+                    // now is announced.
                     match list(&store.pool).await {
                         Ok(now) => {
-                            if !first {
+                            if missed {
                                 for tenant in known.iter().chain(&now) {
                                     let _ = store.changes.send(*tenant);
                                 }
@@ -688,7 +691,6 @@ async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>
                         }
                         Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
                     }
-                    first = false;
                     loop {
                         let note =
                             match tokio::time::timeout(Duration::from_secs(1), received.recv())
@@ -714,10 +716,12 @@ async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>
                     }
                     driver.abort();
                     drop(client);
+                    missed = true;
                 }
             }
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
+                missed = true;
             }
         }
         if alive.strong_count() == 0 {
