@@ -37,7 +37,9 @@
 //!   one resource (`GET /Observation/123`), without and with the SMART scope layer after the
 //!   tenant scope (the token's `system/*.read` checked, its grants parsed once per token);
 //!   `full/HS256/warm/smart`: the search request with the SMART layer, against
-//!   `full/HS256/warm`.
+//!   `full/HS256/warm`;
+//! - `full/HS256/warm/revocable`: `full/HS256/warm` with a revocation list holding another
+//!   token (what `Gateway` wires from its token endpoint), against `full/HS256/warm`.
 
 mod common;
 
@@ -293,6 +295,28 @@ fn bench(c: &mut Criterion) {
         let mut next = tokens.iter().cycle();
         b.to_async(&runtime)
             .iter(|| service.call(request(next.next().unwrap())))
+    });
+
+    // Revocation: the bearer layer given a revocation list in which another token was revoked
+    // (so the list is looked at once for this token, then one atomic load a request).
+    group.bench_function("full/HS256/warm/revocable", |b| {
+        let revoked = tower_fhir::auth::RevokedTokens::new();
+        revoked.revoke_id(Some("https://auth.test"), "some-other-token", 4_000_000_000);
+        let auth = BearerAuthLayer::builder()
+            .key((hs256.key)())
+            .issuer("https://auth.test")
+            .audience("tower-fhir")
+            .revoked_tokens(revoked)
+            .build()
+            .unwrap();
+        let mut service = stack(auth);
+        warm(
+            &runtime,
+            &mut service,
+            std::iter::once(request(&hs256_token)),
+        );
+        b.to_async(&runtime)
+            .iter(|| service.call(request(&hs256_token)))
     });
 
     // Rate limits.
