@@ -39,6 +39,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
+use crate::auth::{RevocationLog, RevokedTokens};
 use crate::limit::RateLimit;
 use crate::route::{
     DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore, TenantStoreFuture,
@@ -53,7 +54,8 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 1] = ["CREATE TABLE tower_fhir_clients (
+const MIGRATIONS: [&str; 2] = [
+    "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
          updated_at timestamptz NOT NULL DEFAULT now()
@@ -62,7 +64,14 @@ const MIGRATIONS: [&str; 1] = ["CREATE TABLE tower_fhir_clients (
          id uuid PRIMARY KEY,
          record jsonb NOT NULL,
          updated_at timestamptz NOT NULL DEFAULT now()
-     );"];
+     );",
+    "CREATE TABLE tower_fhir_revoked_tokens (
+         issuer text NOT NULL,
+         jti text NOT NULL,
+         expires_at bigint NOT NULL,
+         PRIMARY KEY (issuer, jti)
+     );",
+];
 
 /// The channel changes are announced on.
 pub const CHANGES_CHANNEL: &str = "tower_fhir_changes";
@@ -194,6 +203,40 @@ impl PgState {
         transaction.commit().await.map_err(failed)
     }
 
+    /// Where a token endpoint records its revocations
+    /// ([`TokenEndpointBuilder::revocation_log`](crate::token::TokenEndpointBuilder::revocation_log)):
+    /// a table, each revocation `NOTIFY`ed; with [`follow_revocations`](Self::follow_revocations)
+    /// every replica refuses a revoked token within moments.
+    pub fn revocation_log(&self) -> PgRevocationLog {
+        PgRevocationLog {
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// Keeps `revoked` (the list a replica's bearer layer refuses tokens from; the token
+    /// endpoint's [`revoked_tokens`](crate::token::TokenEndpoint::revoked_tokens)) in step with
+    /// every replica's revocations: those still in force before this returns (so a replica
+    /// refuses them from its first request), then each as it is announced, and all of them
+    /// again after the listening connection was lost. The listening stops when nothing else
+    /// holds the list. Needs a tokio runtime.
+    pub async fn follow_revocations(&self, revoked: &RevokedTokens) -> Result<(), PgError> {
+        let now = revocations(&self.pool).await.map_err(|e| PgError {
+            message: format!("cannot read the revoked tokens: {e}"),
+            source: None,
+        })?;
+        for entry in now {
+            revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+        }
+        tokio::spawn(listen(
+            self.config.clone(),
+            RevocationChanges {
+                pool: self.pool.clone(),
+                revoked: revoked.clone(),
+            },
+        ));
+        Ok(())
+    }
+
     /// The clients, their secrets hashed with `hashing`.
     pub fn client_store(&self, hashing: SecretHashing) -> PgClientStore {
         PgClientStore {
@@ -220,8 +263,11 @@ impl PgState {
         };
         tokio::spawn(listen(
             self.config.clone(),
-            store.clone_detached(),
-            Arc::downgrade(&alive),
+            TenantChanges {
+                store: store.clone_detached(),
+                alive: Arc::downgrade(&alive),
+                known: HashSet::new(),
+            },
         ));
         drop(alive);
         store
@@ -636,15 +682,28 @@ async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
         .collect())
 }
 
-/// Listens for other replicas' changes and hands them to the store's subscribers, connecting
-/// again (and resynchronising) whenever the connection drops, until the store is gone.
-async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>) {
-    let mut known: HashSet<TenantId> = HashSet::new();
+/// What a listener does with what it hears, and when to stop.
+trait Handler: Send + 'static {
+    /// Whether anybody still wants what it hears.
+    fn alive(&self) -> bool;
+
+    /// Connected and listening; `missed`: after a connection that failed or dropped, so
+    /// notifications may have gone unheard.
+    fn listening(&mut self, missed: bool) -> impl std::future::Future<Output = ()> + Send;
+
+    /// A notification's payload.
+    fn heard(&mut self, payload: &str);
+}
+
+/// Listens on [`CHANGES_CHANNEL`] and hands what it hears to `handler`, connecting again
+/// (waiting 0.25 s, doubling up to 5 s) whenever the connection drops, until the handler
+/// is not alive any more.
+async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
     let mut wait = Duration::from_millis(250);
-    // Whether changes may have gone unheard: after a connection that failed or dropped (at
-    // the start, nothing was cached before the store was made).
+    // Whether notifications may have gone unheard: after a connection that failed or
+    // dropped (at the start, nothing was cached before the listener was made).
     let mut missed = false;
-    while alive.strong_count() > 0 {
+    while handler.alive() {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
                 let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
@@ -671,64 +730,214 @@ async fn listen(config: tokio_postgres::Config, store: Detached, alive: Weak<()>
                     .await;
                 if let Err(error) = listening {
                     tracing::warn!(%error, "cannot listen for database changes");
-                    driver.abort();
-                    missed = true;
                 } else {
                     wait = Duration::from_millis(250);
-                    // Whatever changed while nobody listened: every tenant known before or
-                    // now is announced.
-                    match list(&store.pool).await {
-                        Ok(now) => {
-                            if missed {
-                                for tenant in known.iter().chain(&now) {
-                                    let _ = store.changes.send(*tenant);
-                                }
-                                tracing::info!(
-                                    "database change listener reconnected; caches resynchronised"
-                                );
-                            }
-                            known.extend(now);
-                        }
-                        Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
-                    }
+                    handler.listening(missed).await;
                     loop {
                         let note =
                             match tokio::time::timeout(Duration::from_secs(1), received.recv())
                                 .await
                             {
                                 Ok(note) => note,
-                                Err(_) if alive.strong_count() == 0 => break,
+                                Err(_) if !handler.alive() => break,
                                 Err(_) => continue,
                             };
                         let Some(note) = note else { break };
-                        let Some((id, from)) = note
-                            .strip_prefix("tenant:")
-                            .and_then(|rest| rest.split_once(' '))
-                        else {
-                            continue;
-                        };
-                        if let Ok(tenant) = TenantId::parse(id) {
-                            known.insert(tenant);
-                            if from != &*store.origin {
-                                let _ = store.changes.send(tenant);
-                            }
-                        }
+                        handler.heard(&note);
                     }
-                    driver.abort();
-                    drop(client);
-                    missed = true;
                 }
+                driver.abort();
+                drop(client);
             }
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
-                missed = true;
             }
         }
-        if alive.strong_count() == 0 {
+        missed = true;
+        if !handler.alive() {
             break;
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A tenant store's listener: other replicas' tenant changes to its subscribers.
+struct TenantChanges {
+    store: Detached,
+    alive: Weak<()>,
+    /// Every tenant heard of or listed: what a cache may hold.
+    known: HashSet<TenantId>,
+}
+
+impl Handler for TenantChanges {
+    fn alive(&self) -> bool {
+        self.alive.strong_count() > 0
+    }
+
+    async fn listening(&mut self, missed: bool) {
+        // Whatever changed while nobody listened: every tenant known before or now is
+        // announced.
+        match list(&self.store.pool).await {
+            Ok(now) => {
+                if missed {
+                    for tenant in self.known.iter().chain(&now) {
+                        let _ = self.store.changes.send(*tenant);
+                    }
+                    tracing::info!("database change listener reconnected; caches resynchronised");
+                }
+                self.known.extend(now);
+            }
+            Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
+        }
+    }
+
+    fn heard(&mut self, payload: &str) {
+        let Some((id, from)) = payload
+            .strip_prefix("tenant:")
+            .and_then(|rest| rest.split_once(' '))
+        else {
+            return;
+        };
+        if let Ok(tenant) = TenantId::parse(id) {
+            self.known.insert(tenant);
+            if from != &*self.store.origin {
+                let _ = self.store.changes.send(tenant);
+            }
+        }
+    }
+}
+
+/// A revocation as it is announced: `revoked:` and this, as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Revoked {
+    iss: Option<String>,
+    jti: String,
+    exp: u64,
+}
+
+/// Every replica's revocations, into one process's [`RevokedTokens`].
+struct RevocationChanges {
+    pool: Pool,
+    revoked: RevokedTokens,
+}
+
+impl Handler for RevocationChanges {
+    fn alive(&self) -> bool {
+        // The listener's own handle is one; somebody else must still hold the list.
+        self.revoked.holders() > 1
+    }
+
+    async fn listening(&mut self, _missed: bool) {
+        // Every revocation still in force, at the start as after a gap.
+        match revocations(&self.pool).await {
+            Ok(all) => {
+                for entry in all {
+                    self.revoked
+                        .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the revoked tokens"),
+        }
+    }
+
+    fn heard(&mut self, payload: &str) {
+        if let Some(entry) = payload
+            .strip_prefix("revoked:")
+            .and_then(|json| serde_json::from_str::<Revoked>(json).ok())
+        {
+            self.revoked
+                .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+        }
+    }
+}
+
+/// The revocations that have not expired.
+async fn revocations(pool: &Pool) -> Result<Vec<Revoked>, String> {
+    let connection = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = connection
+        .query(
+            "SELECT issuer, jti, expires_at FROM tower_fhir_revoked_tokens WHERE expires_at > $1",
+            &[&unix_now()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let issuer: String = row.get(0);
+            Revoked {
+                iss: (!issuer.is_empty()).then_some(issuer),
+                jti: row.get(1),
+                exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Revocations recorded in the database and announced to every replica (see
+/// [`PgState::revocation_log`]).
+#[derive(Clone)]
+pub struct PgRevocationLog {
+    pool: Pool,
+}
+
+impl fmt::Debug for PgRevocationLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgRevocationLog").finish_non_exhaustive()
+    }
+}
+
+impl RevocationLog for PgRevocationLog {
+    fn record(
+        &self,
+        issuer: Option<&str>,
+        jti: &str,
+        expires_at: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let pool = self.pool.clone();
+        let entry = Revoked {
+            iss: issuer.map(str::to_owned),
+            jti: jti.to_owned(),
+            exp: expires_at,
+        };
+        Box::pin(async move {
+            let failed = |e: tokio_postgres::Error| e.to_string();
+            let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+            let transaction = connection.transaction().await.map_err(failed)?;
+            let expires = i64::try_from(entry.exp).unwrap_or(i64::MAX);
+            // Expired entries go as new ones come: the table holds only tokens that verify.
+            transaction
+                .execute(
+                    "DELETE FROM tower_fhir_revoked_tokens WHERE expires_at <= $1",
+                    &[&unix_now()],
+                )
+                .await
+                .map_err(failed)?;
+            transaction
+                .execute(
+                    "INSERT INTO tower_fhir_revoked_tokens (issuer, jti, expires_at)
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&entry.iss.as_deref().unwrap_or(""), &entry.jti, &expires],
+                )
+                .await
+                .map_err(failed)?;
+            let payload = format!(
+                "revoked:{}",
+                serde_json::to_string(&entry).map_err(|e| e.to_string())?
+            );
+            transaction
+                .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload])
+                .await
+                .map_err(failed)?;
+            transaction.commit().await.map_err(failed)
+        })
     }
 }
 

@@ -88,7 +88,7 @@ pub use keys::{KeyError, KeySet, VerificationKey};
 pub(crate) use layer::dedup;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
-pub use revoked::RevokedTokens;
+pub use revoked::{RevocationLog, RevokedTokens};
 pub use service::BearerAuth;
 pub use source::{FetchedKeys, KeyChanges, KeySource, KeySourceError, KeySourceFuture};
 #[cfg(feature = "token")]

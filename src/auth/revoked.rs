@@ -47,6 +47,21 @@ struct Entry {
     expires_at: u64,
 }
 
+/// Where revocations are recorded for other processes to learn of (a database shared by
+/// replicas, which tells each of them: see `tower_fhir::postgres`). The token endpoint calls
+/// [`record`](Self::record) for every token it revokes, after revoking it in its own
+/// [`RevokedTokens`], and answers only once it succeeded.
+pub trait RevocationLog: Send + Sync + 'static {
+    /// Records that the token of `issuer` with this `jti` is revoked until `expires_at` (Unix
+    /// seconds). The error is for the log.
+    fn record(
+        &self,
+        issuer: Option<&str>,
+        jti: &str,
+        expires_at: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+}
+
 impl fmt::Debug for RevokedTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RevokedTokens")
@@ -133,6 +148,12 @@ impl RevokedTokens {
     /// Whether nothing is revoked.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many handles share this list.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn holders(&self) -> usize {
+        Arc::strong_count(&self.inner)
     }
 
     /// A number that moves on every revocation.

@@ -26,7 +26,7 @@ use super::form::{check_content_type, credentials, read_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::ThrottlePolicy;
-use crate::auth::RevokedTokens;
+use crate::auth::{RevocationLog, RevokedTokens};
 use crate::client_addr::ClientAddr;
 
 /// The future a [`TokenEndpoint`] returns.
@@ -58,6 +58,8 @@ pub(super) struct Inner {
     pub(super) revoked: RevokedTokens,
     /// `private_key_jwt` assertions: their audience and the `jti`s seen.
     pub(super) assertions: Assertions,
+    /// Where revocations are recorded for other processes, if anywhere.
+    pub(super) revocation_log: Option<Box<dyn RevocationLog>>,
 }
 
 impl fmt::Debug for TokenEndpoint {
@@ -119,6 +121,7 @@ pub struct TokenEndpointBuilder {
     hashing: HashingLimit,
     revoked: Option<RevokedTokens>,
     token_url: Option<String>,
+    revocation_log: Option<Box<dyn RevocationLog>>,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -212,6 +215,16 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// Records every revocation here too, for other processes (replicas sharing a database:
+    /// `tower_fhir::postgres::PgState::revocation_log`, with
+    /// `follow_revocations` on each replica's list). A revocation is answered `200` only once
+    /// it is recorded; when recording fails, `503` (`temporarily_unavailable`, `Retry-After`),
+    /// though this process refuses the token already.
+    pub fn revocation_log(mut self, log: impl RevocationLog) -> Self {
+        self.revocation_log = Some(Box::new(log));
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -250,6 +263,7 @@ impl TokenEndpointBuilder {
                 keys,
                 revoked: self.revoked.unwrap_or_default(),
                 assertions: Assertions::new(vec![token_url]),
+                revocation_log: self.revocation_log,
             }),
         })
     }
@@ -270,6 +284,7 @@ impl TokenEndpoint {
             hashing: HashingLimit::default(),
             revoked: None,
             token_url: None,
+            revocation_log: None,
         }
     }
 

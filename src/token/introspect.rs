@@ -174,6 +174,18 @@ where
                     ));
                 }
                 inner.revoked.revoke(&claims);
+                if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
+                    if let Err(error) = log.record(claims.issuer(), jti, claims.expires_at()).await
+                    {
+                        tracing::error!(client_id = %client.id, %error, "a revocation could not be recorded for the other replicas");
+                        return Err(TokenError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            ErrorCode::TemporarilyUnavailable,
+                            "The revocation could not be recorded everywhere; retry shortly",
+                        )
+                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                    }
+                }
                 tracing::info!(client_id = %client.id, "token revoked");
             }
             Ok(json_response(StatusCode::OK, &Value::Object(Map::new())))
