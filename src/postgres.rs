@@ -45,6 +45,7 @@ use crate::route::{
     DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore, TenantStoreFuture,
 };
 use crate::tenant::TenantId;
+use crate::token::ReplayGuard;
 use crate::token::{
     blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret,
     NewClient, SecretHashing, StoreError, StoreFuture,
@@ -54,7 +55,7 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -70,6 +71,12 @@ const MIGRATIONS: [&str; 2] = [
          jti text NOT NULL,
          expires_at bigint NOT NULL,
          PRIMARY KEY (issuer, jti)
+     );",
+    "CREATE TABLE tower_fhir_assertion_jtis (
+         client text NOT NULL,
+         jti text NOT NULL,
+         expires_at bigint NOT NULL,
+         PRIMARY KEY (client, jti)
      );",
 ];
 
@@ -209,6 +216,15 @@ impl PgState {
     /// every replica refuses a revoked token within moments.
     pub fn revocation_log(&self) -> PgRevocationLog {
         PgRevocationLog {
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// Where a token endpoint checks client assertions' `jti`s across replicas
+    /// ([`TokenEndpointBuilder::assertion_replay_guard`](crate::token::TokenEndpointBuilder::assertion_replay_guard)):
+    /// an assertion accepted by one replica is refused by every other until it expires.
+    pub fn assertion_replay_guard(&self) -> PgReplayGuard {
+        PgReplayGuard {
             pool: self.pool.clone(),
         }
     }
@@ -952,4 +968,52 @@ fn origin() -> String {
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
+}
+
+/// Client assertions' `jti`s, remembered in the database until they expire (see
+/// [`PgState::assertion_replay_guard`]).
+#[derive(Clone)]
+pub struct PgReplayGuard {
+    pool: Pool,
+}
+
+impl fmt::Debug for PgReplayGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgReplayGuard").finish_non_exhaustive()
+    }
+}
+
+impl ReplayGuard for PgReplayGuard {
+    fn first_use(
+        &self,
+        client: &str,
+        jti: &str,
+        until: u64,
+    ) -> futures::future::BoxFuture<'static, Result<bool, String>> {
+        let (pool, client, jti) = (self.pool.clone(), client.to_owned(), jti.to_owned());
+        Box::pin(async move {
+            let failed = |e: tokio_postgres::Error| e.to_string();
+            let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+            let transaction = connection.transaction().await.map_err(failed)?;
+            // Expired entries go as new ones come.
+            transaction
+                .execute(
+                    "DELETE FROM tower_fhir_assertion_jtis WHERE expires_at <= $1",
+                    &[&unix_now()],
+                )
+                .await
+                .map_err(failed)?;
+            let until = i64::try_from(until).unwrap_or(i64::MAX);
+            let inserted = transaction
+                .execute(
+                    "INSERT INTO tower_fhir_assertion_jtis (client, jti, expires_at)
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&client, &jti, &until],
+                )
+                .await
+                .map_err(failed)?;
+            transaction.commit().await.map_err(failed)?;
+            Ok(inserted == 1)
+        })
+    }
 }

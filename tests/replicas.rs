@@ -30,6 +30,7 @@ async fn replica(url: &str, keys: &SigningKeys) -> TestClient {
         .store(state.client_store(SecretHashing::new(64, 1).unwrap()))
         .signing_keys(keys.clone())
         .revocation_log(state.revocation_log())
+        .assertion_replay_guard(state.assertion_replay_guard())
         .build()
         .unwrap();
     state
@@ -70,6 +71,17 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
             NewClient::new("app")
                 .secret(SECRET)
                 .tenant(TENANT.parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    let mut backend_key = rsa_jwk(RSA_PRIVATE, "backend-1");
+    backend_key.as_object_mut().unwrap().remove("alg");
+    state
+        .client_store(SecretHashing::new(64, 1).unwrap())
+        .register(
+            NewClient::new("backend")
+                .tenant(TENANT.parse().unwrap())
+                .jwks(json!({"keys": [backend_key]})),
         )
         .await
         .unwrap();
@@ -138,4 +150,60 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
             StatusCode::OK
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() {
+    let server = support::postgres::Postgres::start("assertions");
+    server.create_database("assertions");
+    let url = server.url("assertions");
+    let state = PgState::connect(&url).await.unwrap();
+    let mut key = rsa_jwk(RSA_PRIVATE, "backend-1");
+    key.as_object_mut().unwrap().remove("alg");
+    state
+        .client_store(SecretHashing::new(64, 1).unwrap())
+        .register(
+            NewClient::new("backend")
+                .tenant(TENANT.parse().unwrap())
+                .jwks(json!({"keys": [key]})),
+        )
+        .await
+        .unwrap();
+    let keys = SigningKeys::generate().unwrap();
+    let (one, two) = (replica(&url, &keys).await, replica(&url, &keys).await);
+    let assertion = |jti: &str| {
+        let claims = json!({"iss": "backend", "sub": "backend", "aud": format!("{ISSUER}/oauth/token"),
+            "exp": now() + 240, "jti": jti});
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        format!(
+            "grant_type=client_credentials&client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer&client_assertion={}",
+            mint_with(&key, jsonwebtoken::Algorithm::RS384, Some("backend-1"), &claims)
+        )
+    };
+    let once = assertion("once");
+    let reply = one.send("POST", "/oauth/token", &[FORM], &once).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // The same assertion at the other replica, which never saw it: a replay.
+    let reply = two.send("POST", "/oauth/token", &[FORM], &once).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "invalid_client");
+    // A fresh one works there.
+    let reply = two
+        .send("POST", "/oauth/token", &[FORM], &assertion("twice"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // The database gone: the client cannot be read nor its assertion checked, so none is
+    // accepted: 503 with Retry-After (not 401: nothing is wrong with the client's).
+    drop(server);
+    let reply = one
+        .send("POST", "/oauth/token", &[FORM], &assertion("thrice"))
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(reply.headers.contains_key("retry-after"));
 }

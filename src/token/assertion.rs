@@ -38,6 +38,20 @@ const MAX_REMEMBERED: usize = 100_000;
 /// The longest `jti` accepted.
 const MAX_JTI_LEN: usize = 256;
 
+/// Where client assertions' `jti`s are remembered across processes (a database that replicas
+/// share: `tower_fhir::postgres::PgState::assertion_replay_guard`), so that an assertion
+/// accepted by one is refused by every other.
+pub trait ReplayGuard: Send + Sync + 'static {
+    /// Records that `client` used `jti`, until `until` (Unix seconds): `true` the first time,
+    /// `false` when it was used before. The error is for the log.
+    fn first_use(
+        &self,
+        client: &str,
+        jti: &str,
+        until: u64,
+    ) -> futures::future::BoxFuture<'static, Result<bool, String>>;
+}
+
 /// Verifies client assertions and remembers their `jti`s until they expire.
 pub(super) struct Assertions {
     /// What an assertion's `aud` must be: the token endpoint's URL.
@@ -79,13 +93,14 @@ impl Assertions {
 
     /// Whether `assertion` proves it comes from `client`: signed by one of its keys with an
     /// accepted algorithm, `iss` and `sub` its id, `aud` this endpoint, `exp` no more than
-    /// five minutes ahead, a `jti` never seen before (then remembered until `exp`). The error
-    /// says why, for the log only.
+    /// five minutes ahead, a `jti` never seen before here (then remembered until `exp`). On
+    /// success, the `jti` and until when it must stay unused, for a check across processes.
+    /// The error says why, for the log only.
     pub(super) async fn verify(
         &self,
         client: &ClientRecord,
         assertion: &str,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(String, u64), &'static str> {
         let expected = Expected {
             algorithms: &ASSERTION_ALGORITHMS,
             issuer: Some(&client.id),
@@ -110,7 +125,9 @@ impl Assertions {
             Some(jti) if !jti.is_empty() && jti.len() <= MAX_JTI_LEN => jti,
             _ => return Err("it has no jti (or one too long)"),
         };
-        self.remember(&client.id, jti, claims.expires_at() + LEEWAY_SECS)
+        let until = claims.expires_at() + LEEWAY_SECS;
+        self.remember(&client.id, jti, until)?;
+        Ok((jti.to_owned(), until))
     }
 
     /// Remembers an assertion's `jti` until `until`; refuses one seen before.

@@ -69,14 +69,14 @@ pub(super) struct Authenticated {
 impl Denied {
     /// The RFC 6749 answer: 429 while blocked, 503 when busy, 401 `invalid_client` for a wrong
     /// secret (with `challenge`, the `WWW-Authenticate: Basic` value, when the client used
-    /// Basic), 500 when the store failed.
+    /// Basic), 503 when the store failed.
     pub(super) fn into_error(self, challenge: Option<&HeaderValue>) -> TokenError {
         match self {
             Self::Blocked(wait) => too_many(wait),
             Self::Busy => busy(),
             Self::Overloaded => overloaded(),
             Self::Failed => TokenError::invalid_client("Client authentication failed", challenge),
-            Self::StoreFailed(_) => TokenError::server_error(),
+            Self::StoreFailed(_) => TokenError::store_unavailable(),
         }
     }
 }

@@ -18,7 +18,7 @@ use rand::RngCore;
 use serde_json::json;
 use tower_service::Service;
 
-use super::assertion::Assertions;
+use super::assertion::{Assertions, ReplayGuard};
 use super::authenticate::{Authenticator, Denied, HashingLimit};
 use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
@@ -60,6 +60,8 @@ pub(super) struct Inner {
     pub(super) assertions: Assertions,
     /// Where revocations are recorded for other processes, if anywhere.
     pub(super) revocation_log: Option<Box<dyn RevocationLog>>,
+    /// Where client assertions' `jti`s are checked across processes, if anywhere.
+    pub(super) replay_guard: Option<Box<dyn ReplayGuard>>,
 }
 
 impl fmt::Debug for TokenEndpoint {
@@ -122,6 +124,7 @@ pub struct TokenEndpointBuilder {
     revoked: Option<RevokedTokens>,
     token_url: Option<String>,
     revocation_log: Option<Box<dyn RevocationLog>>,
+    replay_guard: Option<Box<dyn ReplayGuard>>,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -225,6 +228,16 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// Also checks every `private_key_jwt` assertion's `jti` here, so that one accepted by
+    /// another process (a replica sharing a database:
+    /// `tower_fhir::postgres::PgState::assertion_replay_guard`) is refused as a replay. When
+    /// the check cannot be made, the request gets `503` (`temporarily_unavailable`,
+    /// `Retry-After`).
+    pub fn assertion_replay_guard(mut self, guard: impl ReplayGuard) -> Self {
+        self.replay_guard = Some(Box::new(guard));
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -264,6 +277,7 @@ impl TokenEndpointBuilder {
                 revoked: self.revoked.unwrap_or_default(),
                 assertions: Assertions::new(vec![token_url]),
                 revocation_log: self.revocation_log,
+                replay_guard: self.replay_guard,
             }),
         })
     }
@@ -285,6 +299,7 @@ impl TokenEndpoint {
             revoked: None,
             token_url: None,
             revocation_log: None,
+            replay_guard: None,
         }
     }
 
@@ -487,7 +502,7 @@ impl Inner {
             }
             Err(err) => {
                 tracing::error!(error = %err, "client store failed");
-                Err(TokenError::server_error())
+                Err(TokenError::store_unavailable())
             }
         }
     }
@@ -517,7 +532,7 @@ impl Inner {
             Ok(record) => record,
             Err(err) => {
                 tracing::error!(error = %err, "client store failed");
-                return Err(TokenError::server_error());
+                return Err(TokenError::store_unavailable());
             }
         };
         let verdict = match record {
@@ -525,11 +540,25 @@ impl Inner {
             Some(record) if record.token_endpoint_auth_method != AuthMethod::PrivateKeyJwt => {
                 Err("the client does not authenticate with private_key_jwt")
             }
-            Some(record) => self
-                .assertions
-                .verify(&record, assertion)
-                .await
-                .map(|()| record),
+            Some(record) => match self.assertions.verify(&record, assertion).await {
+                Ok((jti, until)) => match &self.replay_guard {
+                    None => Ok(record),
+                    Some(guard) => match guard.first_use(id, &jti, until).await {
+                        Ok(true) => Ok(record),
+                        Ok(false) => Err("its jti was used before, at another replica"),
+                        Err(error) => {
+                            tracing::error!(client_id = %id, %error, "client assertion jtis cannot be checked across replicas");
+                            return Err(TokenError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                ErrorCode::TemporarilyUnavailable,
+                                "Client assertions cannot be checked now; retry shortly",
+                            )
+                            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                        }
+                    },
+                },
+                Err(why) => Err(why),
+            },
             None => Err("no such client"),
         };
         match verdict {

@@ -114,6 +114,18 @@ impl TokenError {
         )
     }
 
+    /// The client store could not answer (a database down, a disk failing): `503`
+    /// (`temporarily_unavailable`, `Retry-After: 1`), as the failure is the server's and may
+    /// pass.
+    pub(crate) fn store_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::TemporarilyUnavailable,
+            "The client store cannot be reached; retry shortly",
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     pub(crate) fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
         self.extra_headers.push((name, value));
         self

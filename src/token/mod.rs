@@ -70,7 +70,8 @@
 //! | 413 | `invalid_request` | body above the cap |
 //! | 415 | `invalid_request` | Content-Type other than `application/x-www-form-urlencoded` |
 //! | 429 | `temporarily_unavailable` | too many failed authentications for the client id from the request's address (`Retry-After`) |
-//! | 500 | `server_error` | the store or signing failed (logged) |
+//! | 500 | `server_error` | signing failed (logged) |
+//! | 503 | `temporarily_unavailable` | the client store failed: a database down, a disk failing (logged; `Retry-After: 1`) |
 //! | 503 | `temporarily_unavailable` | other checks of the same client id from the same address, or 16 checks of that address, ran 10 s without making room (a slow store; `Retry-After: 1`) |
 
 mod assertion;
@@ -87,6 +88,7 @@ mod signing;
 mod throttle;
 
 pub use crate::client_addr::{ClientAddr, SourceNetwork};
+pub use assertion::ReplayGuard;
 #[cfg(feature = "postgres")]
 pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
 pub use client::{

@@ -157,7 +157,11 @@ impl Inner {
             .await
             .map_err(|err| {
                 tracing::error!(error = %err, "could not rotate a client secret");
-                TokenError::server_error()
+                if err.is_refused() {
+                    TokenError::server_error()
+                } else {
+                    TokenError::store_unavailable()
+                }
             })?;
         tracing::info!(client_id = %id, "client rotated its secret");
         Ok(json_response(
