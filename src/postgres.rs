@@ -335,7 +335,7 @@ impl PgClientStore {
         &self,
         id: &str,
         doing: &'static str,
-        change: impl FnOnce(&mut Clients) -> Result<T, StoreError> + Send + 'static,
+        change: impl FnOnce(&mut Clients, &str) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let failed = |e| store_error(doing, e);
         let mut connection = self
@@ -357,7 +357,7 @@ impl PgClientStore {
                 serde_json::from_value(row.get(0)).map_err(|e| store_error(doing, e))?;
             clients.clients.insert(id.to_owned(), record);
         }
-        let result = change(&mut clients)?;
+        let result = change(&mut clients, id)?;
         if let Some(record) = clients.clients.get(id) {
             let json = serde_json::to_value(record).map_err(|e| store_error(doing, e))?;
             transaction
@@ -433,10 +433,9 @@ impl ClientStore for PgClientStore {
             current.check_rotatable(&id)?;
             let hashing = this.hashing;
             let secret = blocking(move || HashedSecret::generate(hashing)).await?;
-            let key = id.clone();
-            this.modify(&key, "rotating a secret", move |clients| {
-                clients.check_rotatable(&id)?;
-                clients.rotate(&id, grace, secret)
+            this.modify(&id, "rotating a secret", move |clients, id| {
+                clients.check_rotatable(id)?;
+                clients.rotate(id, grace, secret)
             })
             .await
         })
@@ -445,9 +444,8 @@ impl ClientStore for PgClientStore {
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(async move {
-            let key = id.clone();
-            this.modify(&key, "revoking a client", move |clients| {
-                clients.revoke(&id)
+            this.modify(&id, "revoking a client", move |clients, id| {
+                clients.revoke(id)
             })
             .await
         })
@@ -461,9 +459,8 @@ impl ClientStore for PgClientStore {
     ) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(async move {
-            let key = id.clone();
-            this.modify(&key, "changing entitlements", move |clients| {
-                clients.set_entitlements(&id, tenants, scopes)
+            this.modify(&id, "changing entitlements", move |clients, id| {
+                clients.set_entitlements(id, tenants, scopes)
             })
             .await
         })
@@ -476,9 +473,8 @@ impl ClientStore for PgClientStore {
     fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(async move {
-            let key = id.clone();
-            this.modify(&key, "changing a rate limit", move |clients| {
-                clients.set_rate_limit(&id, limit)
+            this.modify(&id, "changing a rate limit", move |clients, id| {
+                clients.set_rate_limit(id, limit)
             })
             .await
         })
@@ -487,9 +483,8 @@ impl ClientStore for PgClientStore {
     fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(async move {
-            let key = id.clone();
-            this.modify(&key, "replacing client keys", move |clients| {
-                clients.set_keys(&id, keys)
+            this.modify(&id, "replacing client keys", move |clients, id| {
+                clients.set_keys(id, keys)
             })
             .await
         })

@@ -45,17 +45,23 @@ async fn replica(url: &str, keys: &SigningKeys) -> TestClient {
     TestClient::new(serve_tower(gateway).await)
 }
 
+/// A PostgreSQL server with an empty database `name`, its URL, and the state over it.
+async fn database(name: &str) -> (support::postgres::Postgres, String, PgState) {
+    let server = support::postgres::Postgres::start(name);
+    server.create_database(name);
+    let url = server.url(name);
+    let state = PgState::connect(&url).await.unwrap();
+    (server, url, state)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_through_one_replica_reaches_the_others() {
-    let server = support::postgres::Postgres::start("replicas");
-    server.create_database("replicas");
-    let url = server.url("replicas");
+    let (_server, url, state) = database("replicas").await;
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
         Answer::json(json!({"resourceType": "Patient", "id": "1"})),
     );
-    let state = PgState::connect(&url).await.unwrap();
     state
         .tenant_store()
         .put(
@@ -71,17 +77,6 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
             NewClient::new("app")
                 .secret(SECRET)
                 .tenant(TENANT.parse().unwrap()),
-        )
-        .await
-        .unwrap();
-    let mut backend_key = rsa_jwk(RSA_PRIVATE, "backend-1");
-    backend_key.as_object_mut().unwrap().remove("alg");
-    state
-        .client_store(SecretHashing::new(64, 1).unwrap())
-        .register(
-            NewClient::new("backend")
-                .tenant(TENANT.parse().unwrap())
-                .jwks(json!({"keys": [backend_key]})),
         )
         .await
         .unwrap();
@@ -154,10 +149,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() {
-    let server = support::postgres::Postgres::start("assertions");
-    server.create_database("assertions");
-    let url = server.url("assertions");
-    let state = PgState::connect(&url).await.unwrap();
+    let (server, url, state) = database("assertions").await;
     let mut key = rsa_jwk(RSA_PRIVATE, "backend-1");
     key.as_object_mut().unwrap().remove("alg");
     state

@@ -321,21 +321,15 @@ impl HashingThreads {
 }
 
 fn overloaded() -> TokenError {
-    TokenError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::TemporarilyUnavailable,
+    TokenError::unavailable(
         "The token endpoint is busy checking other clients' secrets; retry shortly",
     )
-    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 fn busy() -> TokenError {
-    TokenError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::TemporarilyUnavailable,
+    TokenError::unavailable(
         "Other authentications of this client or from this address are still being checked; retry shortly",
     )
-    .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use rand::RngCore;
 use serde_json::json;
@@ -22,7 +22,7 @@ use super::assertion::{Assertions, ReplayGuard};
 use super::authenticate::{Authenticator, Denied, HashingLimit};
 use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
-use super::form::{check_content_type, credentials, read_form, Credentials};
+use super::form::{credentials, posted_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::ThrottlePolicy;
@@ -393,17 +393,12 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if request.method() != Method::POST {
-            return Err(TokenError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidRequest,
-                "The token endpoint accepts POST only",
-            )
-            .with_header(header::ALLOW, HeaderValue::from_static("POST")));
-        }
-        check_content_type(request.headers())?;
-        let (parts, body) = request.into_parts();
-        let form = read_form(&parts.headers, body, self.max_body_bytes).await?;
+        let (parts, form) = posted_form(
+            request,
+            "The token endpoint accepts POST only",
+            self.max_body_bytes,
+        )
+        .await?;
 
         let grant = match (form.get("grant_type"), form.get("grant-type")) {
             (Some(a), Some(b)) if a != b => {
@@ -548,12 +543,9 @@ impl Inner {
                         Ok(false) => Err("its jti was used before, at another replica"),
                         Err(error) => {
                             tracing::error!(client_id = %id, %error, "client assertion jtis cannot be checked across replicas");
-                            return Err(TokenError::new(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                ErrorCode::TemporarilyUnavailable,
+                            return Err(TokenError::unavailable(
                                 "Client assertions cannot be checked now; retry shortly",
-                            )
-                            .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                            ));
                         }
                     },
                 },
@@ -607,7 +599,7 @@ mod tests {
     use crate::tenant::TenantId;
     use crate::token::{InMemoryClientStore, NewClient};
     use base64::engine::general_purpose::STANDARD;
-    use http::HeaderMap;
+    use http::{header, HeaderMap};
     use http_body_util::{BodyExt, Full};
     use tower::ServiceExt;
 

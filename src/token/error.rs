@@ -114,16 +114,20 @@ impl TokenError {
         )
     }
 
-    /// The client store could not answer (a database down, a disk failing): `503`
-    /// (`temporarily_unavailable`, `Retry-After: 1`), as the failure is the server's and may
-    /// pass.
-    pub(crate) fn store_unavailable() -> Self {
+    /// `503` (`temporarily_unavailable`, `Retry-After: 1`): nothing is wrong with the
+    /// request, and what stopped it may pass.
+    pub(crate) fn unavailable(description: &'static str) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::TemporarilyUnavailable,
-            "The client store cannot be reached; retry shortly",
+            description,
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
+    /// The client store could not answer (a database down, a disk failing).
+    pub(crate) fn store_unavailable() -> Self {
+        Self::unavailable("The client store cannot be reached; retry shortly")
     }
 
     pub(crate) fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use percent_encoding::percent_decode_str;
@@ -24,6 +24,37 @@ pub(super) enum Credentials {
     /// A `private_key_jwt` assertion (`client_assertion_type`, `client_assertion`), and the
     /// client it names.
     Assertion { id: String, assertion: String },
+}
+
+/// Refuses a method other than `POST`: `405` with `Allow: POST`; `refusal` says so.
+pub(super) fn post_only(method: &Method, refusal: &'static str) -> Result<(), TokenError> {
+    if method == Method::POST {
+        return Ok(());
+    }
+    Err(TokenError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::InvalidRequest,
+        refusal,
+    )
+    .with_header(header::ALLOW, HeaderValue::from_static("POST")))
+}
+
+/// The form a route of the token endpoint takes: `POST` only ([`post_only`] with `refusal`),
+/// a form Content-Type, the body read whole under `max_bytes`; and the request's parts.
+pub(super) async fn posted_form<B>(
+    request: http::Request<B>,
+    refusal: &'static str,
+    max_bytes: usize,
+) -> Result<(http::request::Parts, HashMap<String, String>), TokenError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    post_only(request.method(), refusal)?;
+    check_content_type(request.headers())?;
+    let (parts, body) = request.into_parts();
+    let form = read_form(&parts.headers, body, max_bytes).await?;
+    Ok((parts, form))
 }
 
 /// Refuses a request whose Content-Type is not `application/x-www-form-urlencoded` (400

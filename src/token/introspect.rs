@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use serde_json::{json, Map, Value};
 use tower_service::Service;
@@ -17,7 +17,7 @@ use tower_service::Service;
 use super::client::ClientRecord;
 use super::endpoint::{answer, Inner, TokenEndpoint, TokenFuture};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
-use super::form::{check_content_type, read_form};
+use super::form::posted_form;
 use crate::auth::{verify_with_keys, Algorithm, Expected, VerifiedClaims};
 use crate::tenant::TenantId;
 
@@ -178,12 +178,9 @@ where
                     if let Err(error) = log.record(claims.issuer(), jti, claims.expires_at()).await
                     {
                         tracing::error!(client_id = %client.id, %error, "a revocation could not be recorded for the other replicas");
-                        return Err(TokenError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            ErrorCode::TemporarilyUnavailable,
+                        return Err(TokenError::unavailable(
                             "The revocation could not be recorded everywhere; retry shortly",
-                        )
-                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                        ));
                     }
                 }
                 tracing::info!(client_id = %client.id, "token revoked");
@@ -204,17 +201,12 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if request.method() != Method::POST {
-            return Err(TokenError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidRequest,
-                "This endpoint accepts POST only",
-            )
-            .with_header(header::ALLOW, HeaderValue::from_static("POST")));
-        }
-        check_content_type(request.headers())?;
-        let (parts, body) = request.into_parts();
-        let form = read_form(&parts.headers, body, self.max_body_bytes).await?;
+        let (parts, form) = posted_form(
+            request,
+            "This endpoint accepts POST only",
+            self.max_body_bytes,
+        )
+        .await?;
         let client = self.authenticate_client(&parts, &form, doing).await?;
         Ok((client, form))
     }

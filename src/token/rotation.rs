@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body::Body;
 use serde_json::json;
 use tower_service::Service;
@@ -17,8 +17,8 @@ use tower_service::Service;
 use super::authenticate::Denied;
 use super::client::{ClientSecret, StoreError};
 use super::endpoint::{answer, source, Inner, TokenEndpoint, TokenFuture};
-use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
-use super::form::{check_content_type, credentials, read_form, Credentials};
+use super::error::{json_response, TokenError, TokenResponseBody};
+use super::form::{check_content_type, credentials, post_only, read_form, Credentials};
 
 impl TokenEndpoint {
     /// A Tower service for `POST …/{client_id}/secret` (mount it at, say,
@@ -110,14 +110,7 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if request.method() != Method::POST {
-            return Err(TokenError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidRequest,
-                "Secret rotation accepts POST only",
-            )
-            .with_header(header::ALLOW, HeaderValue::from_static("POST")));
-        }
+        post_only(request.method(), "Secret rotation accepts POST only")?;
         let path_id = client_id_in_path(request.uri().path())
             .ok_or_else(|| TokenError::bad_request("The path does not name a client"))?;
         let (parts, body) = request.into_parts();
