@@ -3,7 +3,8 @@
 # endpoint through the layer, each tenant's own store, each client's release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-port=$((20000 + RANDOM % 20000))
+# Below the ephemeral range (32768 and up), where the tests' outgoing connections take ports.
+port=$((20000 + RANDOM % 12000))
 log=$(mktemp)
 cargo run --quiet --example fhir_server -- --listen "127.0.0.1:$port" >"$log" 2>&1 &
 pid=$!
