@@ -42,6 +42,8 @@ impl ClientAddr {
 /// let v4 = SourceNetwork::of(Some("192.0.2.1".parse().unwrap()));
 /// assert_eq!(v4, SourceNetwork::of(Some("::ffff:192.0.2.1".parse().unwrap())));
 /// assert_eq!(SourceNetwork::of(None), SourceNetwork::Unknown);
+/// assert_eq!(a.to_string(), "2001:db8::/64");
+/// assert_eq!(v4.to_string(), "192.0.2.1");
 /// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +54,21 @@ pub enum SourceNetwork {
     V4([u8; 4]),
     /// The first 64 bits of an IPv6 address.
     V6([u8; 8]),
+}
+
+/// `192.0.2.1`, `2001:db8:0:1::/64`, or `unknown`: how a shared store names the source.
+impl std::fmt::Display for SourceNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unknown => f.write_str("unknown"),
+            Self::V4(octets) => std::net::Ipv4Addr::from(*octets).fmt(f),
+            Self::V6(network) => {
+                let mut octets = [0; 16];
+                octets[..8].copy_from_slice(network);
+                write!(f, "{}/64", std::net::Ipv6Addr::from(octets))
+            }
+        }
+    }
 }
 
 impl SourceNetwork {

@@ -1,7 +1,9 @@
-//! Gateways sharing one PostgreSQL database, over real HTTP: a token revoked through one
-//! replica is refused by another within a second, cached there or not, and by a replica
-//! started afterwards at once. (The replicas share their signing keys in-process here: keeping
-//! those in the database is the PostgreSQL issue's next step.)
+//! Gateways sharing one PostgreSQL database, over real HTTP: one set of signing keys, kept
+//! sealed in the database, rotated everywhere (published before any replica signs with the new
+//! key, the old one kept until its tokens expire); a token revoked through one replica is
+//! refused by another within a second, cached there or not, and by a replica started
+//! afterwards at once; failed secret checks spread over the replicas are throttled as if on
+//! one.
 
 mod support;
 
@@ -11,9 +13,9 @@ use http::StatusCode;
 use serde_json::json;
 use support::*;
 use tower_fhir::gateway::Gateway;
-use tower_fhir::postgres::PgState;
+use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState};
 use tower_fhir::route::{TenantRecord, TenantStore, Upstream};
-use tower_fhir::token::{ClientStore, NewClient, SecretHashing, SigningKeys, TokenEndpoint};
+use tower_fhir::token::{ClientStore, NewClient, SecretHashing, TokenEndpoint};
 use tower_fhir::version::FhirVersion;
 
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
@@ -21,16 +23,28 @@ const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded")
 const SECRET: &str = "replicated-client-secret-0123";
 const ISSUER: &str = "https://gateway.example";
 
-/// One replica: a gateway over the shared database, on its own port.
-async fn replica(url: &str, keys: &SigningKeys) -> TestClient {
+/// The key-encryption key every replica here shares.
+fn kek() -> KeyEncryptionKey {
+    KeyEncryptionKey::from_base64("cmVwbGljYXMtc2hhcmUtdGhpcy0zMi1ieXRlLWtleSE=").unwrap()
+}
+
+/// One replica: a gateway over the shared database, on its own port, with a connection pool
+/// of its own; and its handle on the shared signing keys.
+async fn replica(url: &str) -> TestClient {
+    replica_with_keys(url).await.0
+}
+
+async fn replica_with_keys(url: &str) -> (TestClient, PgSigningKeys) {
     let state = PgState::connect(url).await.unwrap();
+    let keys = state.signing_keys(kek()).await.unwrap();
     let endpoint = TokenEndpoint::builder()
         .issuer(ISSUER)
         .audience("tower-fhir")
         .store(state.client_store(SecretHashing::new(64, 1).unwrap()))
-        .signing_keys(keys.clone())
+        .signing_keys(keys.signing_keys())
         .revocation_log(state.revocation_log())
         .assertion_replay_guard(state.assertion_replay_guard())
+        .shared_failure_counts(state.failure_counts())
         .build()
         .unwrap();
     state
@@ -42,7 +56,7 @@ async fn replica(url: &str, keys: &SigningKeys) -> TestClient {
         .token_endpoint(endpoint)
         .build()
         .unwrap();
-    TestClient::new(serve_tower(gateway).await)
+    (TestClient::new(serve_tower(gateway).await), keys)
 }
 
 /// A PostgreSQL server with an empty database `name`, its URL, and the state over it.
@@ -80,8 +94,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
         )
         .await
         .unwrap();
-    let keys = SigningKeys::generate().unwrap();
-    let (one, two) = (replica(&url, &keys).await, replica(&url, &keys).await);
+    let (one, two) = (replica(&url).await, replica(&url).await);
 
     // A token from replica one works on replica two (and is cached there).
     let reply = one
@@ -124,7 +137,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
     }
 
     // A replica started afterwards refuses it from its first request.
-    let three = replica(&url, &keys).await;
+    let three = replica(&url).await;
     assert_eq!(
         three.get_bearer("/Patient/1", &token).await.status,
         StatusCode::UNAUTHORIZED
@@ -161,8 +174,7 @@ async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() 
         )
         .await
         .unwrap();
-    let keys = SigningKeys::generate().unwrap();
-    let (one, two) = (replica(&url, &keys).await, replica(&url, &keys).await);
+    let (one, two) = (replica(&url).await, replica(&url).await);
     let assertion = |jti: &str| {
         let claims = json!({"iss": "backend", "sub": "backend", "aud": format!("{ISSUER}/oauth/token"),
             "exp": now() + 240, "jti": jti});
@@ -198,4 +210,230 @@ async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() 
         reply.text()
     );
     assert!(reply.headers.contains_key("retry-after"));
+}
+
+/// A client with `SECRET`, registered for `TENANT`, whose upstream (returned) answers
+/// every read.
+async fn register_app(state: &PgState) -> RecordingUpstream {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    state
+        .tenant_store()
+        .put(
+            TENANT.parse().unwrap(),
+            TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    state
+        .client_store(SecretHashing::new(64, 1).unwrap())
+        .register(
+            NewClient::new("app")
+                .secret(SECRET)
+                .tenant(TENANT.parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    upstream
+}
+
+/// A token for "app" from `replica`, and the `kid` that signed it.
+async fn token_from(replica: &TestClient) -> (String, String) {
+    let reply = replica
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    (token, kid)
+}
+
+/// The `kid`s a replica publishes, sorted.
+async fn published(replica: &TestClient) -> Vec<String> {
+    let reply = replica.get("/.well-known/jwks.json", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let mut kids: Vec<String> = reply.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| key["kid"].as_str().unwrap().to_owned())
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// Waits (at most `within`) until `check` holds.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_signing_keys_and_rotate_them_together() {
+    let (server, url, state) = database("keys").await;
+    let _upstream = register_app(&state).await;
+    // Three replicas starting at once against a database without keys make one key.
+    let ((one, keys), two, three) =
+        tokio::join!(replica_with_keys(&url), replica(&url), replica(&url));
+    let first = published(&one).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(published(&two).await, first);
+    assert_eq!(published(&three).await, first);
+    // A token from any replica is good at every other.
+    let (token, kid) = token_from(&three).await;
+    assert_eq!(vec![kid.clone()], first);
+    for replica in [&one, &two] {
+        assert_eq!(
+            replica.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+    }
+
+    // The private key is sealed in the database: no PEM there.
+    let sealed = server.query(
+        "keys",
+        "SELECT encode(sealed, 'escape') FROM tower_fhir_signing_keys",
+    );
+    assert!(sealed.len() > 100, "{sealed}");
+    assert!(!sealed.contains("PRIVATE KEY"), "{sealed}");
+    // A replica with another key-encryption key cannot start.
+    let other = KeyEncryptionKey::from_base64(&"A".repeat(43)).unwrap();
+    let refused = PgState::connect(&url)
+        .await
+        .unwrap()
+        .signing_keys(other)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("TOWER_FHIR_KEY_ENCRYPTION_KEY"),
+        "{refused}"
+    );
+
+    // Rotated through replica one: every replica publishes the new key within a second, and
+    // none signs with it before its time.
+    let publish_for = Duration::from_secs(3);
+    let retire_after = Duration::from_secs(2);
+    let rotated_at = Instant::now();
+    let new = keys.rotate(publish_for, retire_after).await.unwrap();
+    let both = {
+        let mut both = vec![kid.clone(), new.clone()];
+        both.sort();
+        both
+    };
+    for replica in [&one, &two, &three] {
+        eventually(Duration::from_secs(1), "the new key published", || async {
+            published(replica).await == both
+        })
+        .await;
+    }
+    for replica in [&one, &two, &three] {
+        let (_, signer) = token_from(replica).await;
+        if rotated_at.elapsed() < publish_for {
+            assert_eq!(signer, kid, "signed with the new key before its time");
+        }
+    }
+    // From its time on, every replica signs with it; the old key's token still verifies.
+    tokio::time::sleep(publish_for.saturating_sub(rotated_at.elapsed())).await;
+    for replica in [&one, &two, &three] {
+        eventually(
+            Duration::from_secs(1),
+            "signing with the new key",
+            || async { token_from(replica).await.1 == new },
+        )
+        .await;
+        assert_eq!(
+            replica.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+    }
+    // Once the old key's last token has expired, it is no longer published anywhere.
+    tokio::time::sleep((publish_for + retire_after).saturating_sub(rotated_at.elapsed())).await;
+    for replica in [&one, &two, &three] {
+        eventually(Duration::from_secs(1), "the old key retired", || async {
+            published(replica).await == vec![new.clone()]
+        })
+        .await;
+        assert_eq!(
+            replica.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The key that signs cannot be retired; a compromised older one can, at once.
+    assert!(keys.retire(&new).await.is_err());
+    let (fresh, _) = token_from(&two).await;
+    let newer = keys
+        .rotate(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    for replica in [&one, &two, &three] {
+        eventually(Duration::from_secs(1), "the newest key signing", || async {
+            token_from(replica).await.1 == newer
+        })
+        .await;
+    }
+    keys.retire(&new).await.unwrap();
+    for replica in [&one, &two, &three] {
+        eventually(
+            Duration::from_secs(1),
+            "the compromised key gone",
+            || async {
+                replica.get_bearer("/Patient/1", &fresh).await.status == StatusCode::UNAUTHORIZED
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_secret_checks_spread_over_replicas_are_throttled_as_on_one() {
+    let (_server, url, state) = database("throttle").await;
+    let _upstream = register_app(&state).await;
+    let replicas = [
+        replica(&url).await,
+        replica(&url).await,
+        replica(&url).await,
+    ];
+    let guess = "grant_type=client_credentials&client_id=app&client_secret=wrong-guess";
+    // Five wrong secrets (the default allowance), one replica after another.
+    for n in 0..5 {
+        let reply = replicas[n % 3]
+            .send("POST", "/oauth/token", &[FORM], guess)
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    }
+    // Now every replica refuses the id from this address, the right secret included.
+    for replica in &replicas {
+        let reply = replica
+            .send(
+                "POST",
+                "/oauth/token",
+                &[FORM],
+                &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}"),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.text()
+        );
+        assert!(reply.headers.contains_key("retry-after"));
+    }
 }

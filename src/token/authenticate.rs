@@ -9,7 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
-use super::throttle::{Attempt, Refusal, Source, Throttle, ThrottlePolicy};
+use super::throttle::{Attempt, FailureCounts, Refusal, Source, Throttle, ThrottlePolicy};
 
 /// How many secret checks run at once, and how long one waits for room.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +33,8 @@ pub(super) struct Authenticator {
     /// The client store.
     pub(super) store: Box<dyn ClientStore>,
     throttle: Arc<Throttle>,
+    /// Failures counted across processes too, if anywhere.
+    shared: Option<Box<dyn FailureCounts>>,
     /// Room for the checks running at once, and how long to wait for it.
     hashing: Arc<Semaphore>,
     hashing_wait: Duration,
@@ -54,6 +56,15 @@ pub(super) enum Denied {
     Failed,
     /// The store failed (logged).
     StoreFailed(StoreError),
+}
+
+/// An authentication admitted under the throttle: report how it went through
+/// [`Authenticator::failed`] or [`Authenticator::succeeded`]; dropped, it counts as neither.
+pub(super) struct Admitted {
+    attempt: Attempt,
+    source: Source,
+    /// The failures the shared counts held when it was admitted.
+    shared_failures: u32,
 }
 
 /// A client whose secret was right when it was checked.
@@ -86,10 +97,12 @@ impl Authenticator {
         store: Box<dyn ClientStore>,
         policy: ThrottlePolicy,
         hashing: HashingLimit,
+        shared: Option<Box<dyn FailureCounts>>,
     ) -> Self {
         Self {
             store,
             throttle: Arc::new(Throttle::new(policy)),
+            shared,
             hashing: Arc::new(Semaphore::new(
                 hashing.concurrency.min(Semaphore::MAX_PERMITS),
             )),
@@ -101,14 +114,73 @@ impl Authenticator {
 
     /// A place under the throttle for an authentication of `id` from `from` that is not a
     /// secret check (a client assertion): report its outcome on the [`Attempt`].
-    pub(super) async fn admit(&self, id: &str, from: Option<IpAddr>) -> Result<Attempt, Denied> {
-        self.throttle
-            .admit(id, Source::of(from))
+    pub(super) async fn admit(&self, id: &str, from: Option<IpAddr>) -> Result<Admitted, Denied> {
+        let source = Source::of(from);
+        let attempt = self
+            .throttle
+            .admit(id, source)
             .await
             .map_err(|refusal| match refusal {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
                 Refusal::Busy => Denied::Busy,
-            })
+            })?;
+        let shared_failures = match &self.shared {
+            None => 0,
+            Some(shared) => match shared
+                .standing(id, &source.to_string(), self.throttle.policy())
+                .await
+            {
+                Ok(standing) => match standing.blocked_for {
+                    Some(wait) => return Err(Denied::Blocked(wait)),
+                    None => standing.failures,
+                },
+                Err(error) => {
+                    return Err(Denied::StoreFailed(StoreError::new(format!(
+                        "the shared failure counts cannot be read: {error}"
+                    ))))
+                }
+            },
+        };
+        Ok(Admitted {
+            attempt,
+            source,
+            shared_failures,
+        })
+    }
+
+    /// Counts a failed authentication, here and in the shared counts; the block it starts,
+    /// if it starts one (the longer of the two).
+    pub(super) async fn failed(&self, admitted: Admitted, id: &str) -> Option<Duration> {
+        // Counted in the shared counts while this check still holds its place, so a parallel
+        // check of the id waits for the count.
+        let shared = match &self.shared {
+            None => None,
+            Some(shared) => {
+                let source = admitted.source.to_string();
+                match shared.failed(id, &source, self.throttle.policy()).await {
+                    Ok(block) => block,
+                    Err(error) => {
+                        tracing::error!(client_id = %id, %error, "a failed authentication could not be counted across replicas");
+                        None
+                    }
+                }
+            }
+        };
+        let local = admitted.attempt.failed();
+        shared.max(local)
+    }
+
+    /// A successful authentication: clears the id's failures from its source, here and (if
+    /// it had any) in the shared counts.
+    pub(super) async fn succeeded(&self, admitted: Admitted, id: &str) {
+        if admitted.shared_failures > 0 {
+            if let Some(shared) = &self.shared {
+                if let Err(error) = shared.succeeded(id, &admitted.source.to_string()).await {
+                    tracing::error!(client_id = %id, %error, "a success could not clear the failures counted across replicas");
+                }
+            }
+        }
+        admitted.attempt.succeeded();
     }
 
     /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
@@ -122,14 +194,7 @@ impl Authenticator {
         from: Option<IpAddr>,
         doing: &'static str,
     ) -> Result<Authenticated, Denied> {
-        let attempt = self
-            .throttle
-            .admit(id, Source::of(from))
-            .await
-            .map_err(|refusal| match refusal {
-                Refusal::Blocked(wait) => Denied::Blocked(wait),
-                Refusal::Busy => Denied::Busy,
-            })?;
+        let admitted = self.admit(id, from).await?;
         // Room to hash: taken before the store is read, given back when the hash ends.
         let slot = match tokio::time::timeout(
             self.hashing_wait,
@@ -143,15 +208,15 @@ impl Authenticator {
                 return Err(Denied::Overloaded);
             }
         };
-        match self.authenticate(id, secret, attempt, slot).await {
-            Ok((Some(client), attempt)) => {
-                attempt.succeeded();
+        match self.authenticate(id, secret, admitted, slot).await {
+            Ok((Some(client), admitted)) => {
+                self.succeeded(admitted, id).await;
                 Ok(client)
             }
-            Ok((None, attempt)) => {
+            Ok((None, admitted)) => {
                 let from = from.map(|ip| ip.to_canonical());
                 tracing::info!(client_id = %id, from = ?from, "{doing}: client authentication failed");
-                if let Some(wait) = attempt.failed() {
+                if let Some(wait) = self.failed(admitted, id).await {
                     tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(Denied::Failed)
@@ -190,9 +255,9 @@ impl Authenticator {
         &self,
         id: &str,
         secret: &str,
-        attempt: Attempt,
+        attempt: Admitted,
         slot: OwnedSemaphorePermit,
-    ) -> Result<(Option<Authenticated>, Attempt), StoreError> {
+    ) -> Result<(Option<Authenticated>, Admitted), StoreError> {
         let record = self.store.client(id).await?;
         let now = unix_now();
         let mut hashes: Vec<String> = record
@@ -353,7 +418,7 @@ mod tests {
             max_failures: 1,
             ..ThrottlePolicy::default()
         };
-        let auth = Authenticator::new(Box::new(store), policy, limit);
+        let auth = Authenticator::new(Box::new(store), policy, limit, None);
         // Every slot taken: the check waits 50 ms, then gives up.
         let held = Arc::clone(&auth.hashing).acquire_owned().await.unwrap();
         let denied = auth

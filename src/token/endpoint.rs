@@ -25,7 +25,7 @@ use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{credentials, posted_form, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
-use super::throttle::ThrottlePolicy;
+use super::throttle::{FailureCounts, ThrottlePolicy};
 use crate::auth::{RevocationLog, RevokedTokens};
 use crate::client_addr::ClientAddr;
 
@@ -125,6 +125,7 @@ pub struct TokenEndpointBuilder {
     token_url: Option<String>,
     revocation_log: Option<Box<dyn RevocationLog>>,
     replay_guard: Option<Box<dyn ReplayGuard>>,
+    failure_counts: Option<Box<dyn FailureCounts>>,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -238,6 +239,15 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// Counts failed authentications here too, so that guesses spread over several processes
+    /// (replicas sharing a database: `tower_fhir::postgres::PgState::failure_counts`) are
+    /// throttled as if they met one; see [`FailureCounts`] for the rules. When the counts
+    /// cannot be read, the request gets `503` (`temporarily_unavailable`, `Retry-After`).
+    pub fn shared_failure_counts(mut self, counts: impl FailureCounts) -> Self {
+        self.failure_counts = Some(Box::new(counts));
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -272,7 +282,12 @@ impl TokenEndpointBuilder {
                 realm,
                 default_lifetime: self.default_lifetime,
                 max_body_bytes: self.max_body_bytes,
-                clients: Authenticator::new(store, self.throttle, self.hashing),
+                clients: Authenticator::new(
+                    store,
+                    self.throttle,
+                    self.hashing,
+                    self.failure_counts,
+                ),
                 keys,
                 revoked: self.revoked.unwrap_or_default(),
                 assertions: Assertions::new(vec![token_url]),
@@ -300,6 +315,7 @@ impl TokenEndpoint {
             token_url: None,
             revocation_log: None,
             replay_guard: None,
+            failure_counts: None,
         }
     }
 
@@ -555,13 +571,13 @@ impl Inner {
         };
         match verdict {
             Ok(record) => {
-                attempt.succeeded();
+                self.clients.succeeded(attempt, id).await;
                 Ok(record)
             }
             Err(why) => {
                 let from = from.map(|ip| ip.to_canonical());
                 tracing::info!(client_id = %id, from = ?from, reason = why, "{doing}: client assertion refused");
-                if let Some(wait) = attempt.failed() {
+                if let Some(wait) = self.clients.failed(attempt, id).await {
                     tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(TokenError::invalid_client(

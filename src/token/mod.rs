@@ -85,7 +85,7 @@ mod introspect;
 mod rotation;
 mod scope;
 mod signing;
-mod throttle;
+pub(crate) mod throttle;
 
 pub use crate::client_addr::{ClientAddr, SourceNetwork};
 pub use assertion::ReplayGuard;
@@ -117,4 +117,4 @@ pub fn assertion_algorithms() -> impl Iterator<Item = &'static str> {
     })
 }
 pub use signing::{JwksService, SigningKey, SigningKeys};
-pub use throttle::ThrottlePolicy;
+pub use throttle::{FailureCounts, Standing, ThrottlePolicy};

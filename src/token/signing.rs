@@ -117,6 +117,26 @@ impl SigningKey {
         &self.public_jwk
     }
 
+    /// A key of algorithm `alg` from its private key in PEM (the two kinds kept: `ES256`,
+    /// `RS256`).
+    pub(crate) fn from_pem(
+        alg: Algorithm,
+        pem: impl AsRef<[u8]>,
+        kid: impl Into<String>,
+    ) -> Result<Self, KeyError> {
+        match alg {
+            Algorithm::ES256 => Self::ec_pem(pem, kid),
+            Algorithm::RS256 => Self::rsa_pem(pem, kid),
+            other => Err(KeyError::Malformed(format!("{other:?} keys are not kept"))),
+        }
+    }
+
+    /// The private key in PEM, for a store that keeps it.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn pem(&self) -> &str {
+        &self.pem
+    }
+
     fn verification_key(&self) -> Result<VerificationKey, KeyError> {
         VerificationKey::from_jwk(&self.public_jwk)
     }
@@ -165,6 +185,9 @@ pub struct SigningKeys {
     file: Option<Arc<PathBuf>>,
     /// Moved on every change, so bearer layers in this process learn of it at once.
     changes: KeyChanges,
+    /// Kept by a store elsewhere that makes every change (its name, for the refusal): the
+    /// changing methods here are refused.
+    managed_by: Option<&'static str>,
 }
 
 /// The key file: private keys in PEM, the current one named.
@@ -193,7 +216,50 @@ impl SigningKeys {
             })),
             file: None,
             changes: KeyChanges::new(),
+            managed_by: None,
         }
+    }
+
+    /// Keys that the store named `by` changes through [`replace`](Self::replace); `add`,
+    /// `rotate`, `retire` and `make_current` are refused.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn managed(
+        published: Vec<Arc<SigningKey>>,
+        current: Arc<SigningKey>,
+        by: &'static str,
+    ) -> Self {
+        Self {
+            ring: Arc::new(RwLock::new(Ring { current, published })),
+            file: None,
+            changes: KeyChanges::new(),
+            managed_by: Some(by),
+        }
+    }
+
+    /// Makes these the published keys, `current` the one that signs (a managing store's
+    /// change); bearer layers in this process learn of it at once.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn replace(&self, published: Vec<Arc<SigningKey>>, current: Arc<SigningKey>) {
+        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
+        *ring = Ring { current, published };
+        drop(ring);
+        self.changes.changed();
+    }
+
+    /// The `kid`s published, in order, and the current one's.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn kids(&self) -> (Vec<String>, String) {
+        let ring = self.read();
+        (
+            ring.published.iter().map(|k| k.kid.clone()).collect(),
+            ring.current.kid.clone(),
+        )
+    }
+
+    /// How many handles share these keys.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn holders(&self) -> usize {
+        Arc::strong_count(&self.ring)
     }
 
     /// Keys with a freshly generated `ES256` key current.
@@ -229,14 +295,9 @@ impl SigningKeys {
                     .keys
                     .into_iter()
                     .map(|entry| {
-                        let key = match entry.alg {
-                            Algorithm::ES256 => SigningKey::ec_pem(&entry.pem, entry.kid),
-                            Algorithm::RS256 => SigningKey::rsa_pem(&entry.pem, entry.kid),
-                            other => {
-                                Err(KeyError::Malformed(format!("{other:?} keys are not kept")))
-                            }
-                        };
-                        key.map(Arc::new).map_err(|e| bad(&e))
+                        SigningKey::from_pem(entry.alg, &entry.pem, entry.kid)
+                            .map(Arc::new)
+                            .map_err(|e| bad(&e))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let current = published
@@ -248,6 +309,7 @@ impl SigningKeys {
                     ring: Arc::new(RwLock::new(Ring { current, published })),
                     file: Some(Arc::new(path.to_path_buf())),
                     changes: KeyChanges::new(),
+                    managed_by: None,
                 }
             }
             None => {
@@ -331,6 +393,11 @@ impl SigningKeys {
         &self,
         change: impl FnOnce(&mut Ring) -> Result<(), KeyError>,
     ) -> Result<(), KeyError> {
+        if let Some(store) = self.managed_by {
+            return Err(KeyError::Malformed(format!(
+                "these keys are kept in {store}: change them there"
+            )));
+        }
         let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
         let mut next = ring.clone();
         change(&mut next)?;

@@ -47,6 +47,123 @@ impl Default for ThrottlePolicy {
     }
 }
 
+/// Failed authentications counted across processes, so that guesses spread over several
+/// replicas of a token endpoint are throttled as if they all met one
+/// ([`TokenEndpointBuilder::shared_failure_counts`](crate::token::TokenEndpointBuilder::shared_failure_counts);
+/// `tower_fhir::postgres::PgState::failure_counts` keeps them in PostgreSQL).
+///
+/// Counts are per client id and source network (its text: `192.0.2.1`, `2001:db8::/64`,
+/// `unknown`), under the endpoint's [`ThrottlePolicy`]: `max_failures` within `window` start a
+/// block of `base_block`, each further block doubling up to `max_block`; a success clears them.
+/// The endpoint asks for the standing before each check (refusing with 429 while blocked), and
+/// reports each failure, and a success after failures. Each process still limits its own
+/// parallel checks: a burst of parallel guesses spread over N processes gets at most N times
+/// `max_failures` tries before the first block, a sequence no more than one process allows.
+/// An error (for the log) answers the request 503 `temporarily_unavailable`.
+pub trait FailureCounts: Send + Sync + 'static {
+    /// How `client_id` stands from `source` now, under `policy`.
+    fn standing(
+        &self,
+        client_id: &str,
+        source: &str,
+        policy: ThrottlePolicy,
+    ) -> futures::future::BoxFuture<'static, Result<Standing, String>>;
+
+    /// Counts a failure; the block it starts, if it starts one.
+    fn failed(
+        &self,
+        client_id: &str,
+        source: &str,
+        policy: ThrottlePolicy,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Duration>, String>>;
+
+    /// Clears the failures and blocks of `client_id` from `source`.
+    fn succeeded(
+        &self,
+        client_id: &str,
+        source: &str,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+}
+
+/// How a client id stands from one source, in [`FailureCounts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// Blocked for this long more.
+    pub blocked_for: Option<Duration>,
+    /// Failures counted in the current window.
+    pub failures: u32,
+}
+
+/// One (client id, source)'s counts as a shared store keeps them, in Unix milliseconds, with
+/// the rules [`Throttle`] applies.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) window_start: i64,
+    pub(crate) failures: u32,
+    pub(crate) blocks: u32,
+    pub(crate) blocked_until: Option<i64>,
+}
+
+#[cfg(feature = "postgres")]
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(feature = "postgres")]
+impl Counts {
+    /// How they stand at `now`.
+    pub(crate) fn standing(&self, now: i64, policy: ThrottlePolicy) -> Standing {
+        let blocked_for = self
+            .blocked_until
+            .filter(|until| *until > now)
+            .map(|until| Duration::from_millis(u64::try_from(until - now).unwrap_or(0)));
+        let in_window = now.saturating_sub(self.window_start) < millis(policy.window);
+        Standing {
+            blocked_for,
+            failures: if in_window { self.failures } else { 0 },
+        }
+    }
+
+    /// Counts a failure at `now`; the block it starts, if it starts one.
+    pub(crate) fn fail(&mut self, now: i64, policy: ThrottlePolicy) -> Option<Duration> {
+        if now.saturating_sub(self.window_start) >= millis(policy.window) {
+            self.window_start = now;
+            self.failures = 0;
+        }
+        self.failures = self.failures.saturating_add(1);
+        if self.failures < policy.max_failures {
+            return None;
+        }
+        let block = block_after(policy, self.blocks);
+        self.blocks = self.blocks.saturating_add(1);
+        self.failures = 0;
+        self.window_start = now;
+        self.blocked_until = Some(now.saturating_add(millis(block)));
+        Some(block)
+    }
+
+    /// When nothing about them matters any more.
+    pub(crate) fn expires(&self, policy: ThrottlePolicy) -> i64 {
+        let window_ends = self.window_start.saturating_add(millis(policy.window));
+        // A later block doubles from the count of earlier ones, so they are kept as long as
+        // the longest block.
+        let remembered = self.blocked_until.map_or(window_ends, |until| {
+            until.saturating_add(millis(policy.max_block))
+        });
+        remembered.max(window_ends)
+    }
+}
+
+/// The block that the `blocks`+1th time of too many failures starts.
+fn block_after(policy: ThrottlePolicy, blocks: u32) -> Duration {
+    let factor = 1u32.checked_shl(blocks.min(20)).unwrap_or(u32::MAX);
+    policy
+        .base_block
+        .saturating_mul(factor)
+        .min(policy.max_block)
+}
+
 /// Where an authentication came from, as the throttle counts it.
 pub(crate) use crate::client_addr::SourceNetwork as Source;
 
@@ -199,6 +316,10 @@ impl Throttle {
         }
     }
 
+    pub(crate) fn policy(&self) -> ThrottlePolicy {
+        self.policy
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -336,12 +457,7 @@ impl Throttle {
         if entry.failures < self.policy.max_failures {
             return None;
         }
-        let factor = 1u32.checked_shl(entry.blocks.min(20)).unwrap_or(u32::MAX);
-        let block = self
-            .policy
-            .base_block
-            .saturating_mul(factor)
-            .min(self.policy.max_block);
+        let block = block_after(self.policy, entry.blocks);
         entry.blocks = entry.blocks.saturating_add(1);
         entry.failures = 0;
         entry.window_start = now;

@@ -140,6 +140,26 @@ impl Postgres {
         format!("postgres://gateway@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// What `psql` prints for `sql` in `database`: unaligned, tuples only.
+    pub fn query(&self, database: &str, sql: &str) -> String {
+        let out = self.run(
+            &tool("psql"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "gateway",
+                "-d",
+                database,
+                "-tAc",
+                sql,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Creates an empty database.
     pub fn create_database(&self, database: &str) {
         self.run(

@@ -29,6 +29,12 @@
 //! # }
 //! ```
 
+mod failures;
+mod keys;
+
+pub use failures::PgFailureCounts;
+pub use keys::{KeyEncryptionKey, PgSigningKeys, KEY_ENCRYPTION_KEY_ENV};
+
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -55,7 +61,7 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -78,6 +84,25 @@ const MIGRATIONS: [&str; 3] = [
          expires_at bigint NOT NULL,
          PRIMARY KEY (client, jti)
      );",
+    "CREATE TABLE tower_fhir_signing_keys (
+         kid text PRIMARY KEY,
+         alg text NOT NULL,
+         sealed bytea NOT NULL,
+         published_at bigint NOT NULL,
+         signs_from bigint NOT NULL,
+         retire_at bigint
+     );
+     CREATE TABLE tower_fhir_auth_failures (
+         client text NOT NULL,
+         source text NOT NULL,
+         window_start bigint NOT NULL,
+         failures integer NOT NULL,
+         blocks integer NOT NULL,
+         blocked_until bigint,
+         expires_at bigint NOT NULL,
+         PRIMARY KEY (client, source)
+     );
+     CREATE INDEX tower_fhir_auth_failures_expiry ON tower_fhir_auth_failures (expires_at);",
 ];
 
 /// The channel changes are announced on.
@@ -91,6 +116,13 @@ pub struct PgError {
 }
 
 impl PgError {
+    fn plain(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
     fn new(
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -251,6 +283,27 @@ impl PgState {
             },
         ));
         Ok(())
+    }
+
+    /// The token endpoint's signing keys, shared by every replica
+    /// ([`TokenEndpointBuilder::signing_keys`](crate::token::TokenEndpointBuilder::signing_keys)
+    /// takes [`PgSigningKeys::signing_keys`]). Private keys are kept sealed with `kek`
+    /// (AES-256-GCM), which every replica needs; one sealed with another key is an error
+    /// here. The first call against a database without keys makes one (`ES256`), under an
+    /// advisory lock, so replicas starting together share it. Each replica then follows every
+    /// change within moments (`NOTIFY`, and a new read after a lost connection) and applies
+    /// each key's schedule itself: see [`PgSigningKeys::rotate`]. Needs a tokio runtime.
+    pub async fn signing_keys(&self, kek: KeyEncryptionKey) -> Result<PgSigningKeys, PgError> {
+        PgSigningKeys::open(self.pool.clone(), self.config.clone(), kek).await
+    }
+
+    /// Failed authentications counted across replicas
+    /// ([`TokenEndpointBuilder::shared_failure_counts`](crate::token::TokenEndpointBuilder::shared_failure_counts)),
+    /// so that guesses spread over the replicas are throttled as if they met one.
+    pub fn failure_counts(&self) -> PgFailureCounts {
+        PgFailureCounts {
+            pool: self.pool.clone(),
+        }
     }
 
     /// The clients, their secrets hashed with `hashing`.

@@ -1,0 +1,574 @@
+//! The token endpoint's signing keys, shared by every replica through the database: sealed
+//! at rest with a key-encryption key, published before they sign, retired after their last
+//! token expires.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use base64::Engine;
+use deadpool_postgres::Pool;
+use jsonwebtoken::Algorithm;
+use tokio::sync::Notify;
+
+use super::{listen, Handler, PgError, CHANGES_CHANNEL};
+use crate::token::{SigningKey, SigningKeys};
+
+/// The environment variable the gateway reads its key-encryption key from.
+pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
+
+/// The advisory lock key changes run under, so that two replicas starting on an empty
+/// database make one first key, and two rotations do not interleave.
+const KEYS_LOCK: i64 = 0x746f_7765_726b_6579; // "towerkey"
+
+/// The notification payload of a key change.
+const KEYS_CHANGED: &str = "keys";
+
+/// The 256-bit AES key that seals signing keys in the database (AES-256-GCM, a random nonce
+/// per key, the `kid` bound as associated data so a sealed key cannot be passed off as
+/// another). Every replica needs the same one; `Debug` does not show it.
+///
+/// ```
+/// use tower_fhir::postgres::KeyEncryptionKey;
+///
+/// // 32 random bytes in base64, as `openssl rand -base64 32` prints them.
+/// let key = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+/// assert_eq!(format!("{key:?}"), "KeyEncryptionKey(..)");
+/// assert!(KeyEncryptionKey::from_base64("c2hvcnQ=").is_err(), "not 32 bytes");
+/// ```
+#[derive(Clone)]
+pub struct KeyEncryptionKey(Key<Aes256Gcm>);
+
+impl fmt::Debug for KeyEncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyEncryptionKey(..)")
+    }
+}
+
+impl KeyEncryptionKey {
+    /// The key from 32 bytes in base64 (standard or URL-safe alphabet, padded or not).
+    pub fn from_base64(text: &str) -> Result<Self, PgError> {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let text = text.trim();
+        let bytes = STANDARD
+            .decode(text)
+            .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')))
+            .map_err(|_| PgError::plain("the key-encryption key is not base64"))?;
+        let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            PgError::plain(format!(
+                "the key-encryption key is {} bytes; it must be 32 random bytes in base64 (`openssl rand -base64 32`)",
+                bytes.len()
+            ))
+        })?;
+        Ok(Self(Key::<Aes256Gcm>::from(bytes)))
+    }
+
+    /// The key in [`KEY_ENCRYPTION_KEY_ENV`]; an error naming the variable when it is unset or
+    /// not a key.
+    pub fn from_env() -> Result<Self, PgError> {
+        let value = std::env::var(KEY_ENCRYPTION_KEY_ENV).map_err(|_| {
+            PgError::plain(format!(
+                "{KEY_ENCRYPTION_KEY_ENV} is not set: with a database the signing keys are kept there, sealed with this key; set it to 32 random bytes in base64 (`openssl rand -base64 32`), the same on every replica"
+            ))
+        })?;
+        Self::from_base64(&value)
+            .map_err(|e| PgError::plain(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))
+    }
+
+    /// `plaintext` sealed for `kid`: the nonce, then the ciphertext and tag.
+    fn seal(&self, kid: &str, plaintext: &[u8]) -> Result<Vec<u8>, PgError> {
+        let cipher = Aes256Gcm::new(&self.0);
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let sealed = cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: kid.as_bytes(),
+                },
+            )
+            .map_err(|_| PgError::plain("a signing key cannot be sealed"))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// What [`seal`](Self::seal) sealed for `kid`, if this key sealed it.
+    fn open(&self, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        let (nonce, ciphertext) = sealed.split_at_checked(12)?;
+        let nonce: [u8; 12] = nonce.try_into().ok()?;
+        Aes256Gcm::new(&self.0)
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: kid.as_bytes(),
+                },
+            )
+            .ok()
+    }
+}
+
+/// One row of `tower_fhir_signing_keys`, opened.
+#[derive(Clone)]
+struct Row {
+    key: Arc<SigningKey>,
+    /// Unix milliseconds from which it may sign.
+    signs_from: i64,
+    /// Unix milliseconds from which it is no longer published, if that is decided.
+    retire_at: Option<i64>,
+}
+
+impl Row {
+    fn published(&self, now: i64) -> bool {
+        self.retire_at.is_none_or(|at| at > now)
+    }
+}
+
+fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The published keys at `now` and the one that signs: of those whose time to sign has come,
+/// the latest; before any has (it cannot happen through [`PgSigningKeys`]), the earliest.
+fn ring(rows: &[Row], now: i64) -> Option<(Vec<Arc<SigningKey>>, Arc<SigningKey>)> {
+    let mut live: Vec<&Row> = rows.iter().filter(|row| row.published(now)).collect();
+    live.sort_by(|a, b| (a.signs_from, a.key.kid()).cmp(&(b.signs_from, b.key.kid())));
+    let current = live
+        .iter()
+        .rev()
+        .find(|row| row.signs_from <= now)
+        .or(live.first())?;
+    let current = Arc::clone(&current.key);
+    Some((
+        live.iter().map(|row| Arc::clone(&row.key)).collect(),
+        current,
+    ))
+}
+
+/// When `ring` next changes by itself after `now`: a key starts signing or is retired.
+fn next_change(rows: &[Row], now: i64) -> Option<i64> {
+    rows.iter()
+        .flat_map(|row| [Some(row.signs_from), row.retire_at])
+        .flatten()
+        .filter(|at| *at > now)
+        .min()
+}
+
+/// Every key in the table, opened with `kek`.
+async fn load(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>, PgError> {
+    let connection = pool
+        .get()
+        .await
+        .map_err(|e| PgError::new("cannot connect to the database", e))?;
+    let rows = connection
+        .query(
+            "SELECT kid, alg, sealed, signs_from, retire_at FROM tower_fhir_signing_keys",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::new("cannot read the signing keys", e))?;
+    rows.iter()
+        .map(|row| {
+            let kid: String = row.get(0);
+            let alg: String = row.get(1);
+            let sealed: Vec<u8> = row.get(2);
+            let pem = kek.open(&kid, &sealed).ok_or_else(|| {
+                PgError::plain(format!(
+                    "the signing key {kid:?} in the database cannot be opened with this key-encryption key: every replica needs the {KEY_ENCRYPTION_KEY_ENV} the keys were sealed with"
+                ))
+            })?;
+            let alg: Algorithm = alg
+                .parse()
+                .map_err(|_| PgError::plain(format!("signing key {kid:?}: unknown algorithm {alg:?}")))?;
+            let key = SigningKey::from_pem(alg, &pem, kid.as_str())
+                .map_err(|e| PgError::plain(format!("signing key {kid:?}: {e}")))?;
+            Ok(Row {
+                key: Arc::new(key),
+                signs_from: row.get(3),
+                retire_at: row.get(4),
+            })
+        })
+        .collect()
+}
+
+/// Inserts `key`, sealed, signing from `signs_from`.
+async fn insert(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    kek: &KeyEncryptionKey,
+    key: &SigningKey,
+    now: i64,
+    signs_from: i64,
+) -> Result<(), PgError> {
+    let sealed = kek.seal(key.kid(), key.pem().as_bytes())?;
+    let alg = format!("{:?}", key.algorithm());
+    transaction
+        .execute(
+            "INSERT INTO tower_fhir_signing_keys (kid, alg, sealed, published_at, signs_from)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&key.kid(), &alg, &sealed, &now, &signs_from],
+        )
+        .await
+        .map_err(|e| PgError::new("cannot store a signing key", e))?;
+    Ok(())
+}
+
+async fn announce(transaction: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
+    transaction
+        .execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANGES_CHANNEL, &KEYS_CHANGED],
+        )
+        .await
+        .map_err(|e| PgError::new("cannot announce a key change", e))?;
+    Ok(())
+}
+
+/// The token endpoint's signing keys, kept in the database and shared by every replica (see
+/// [`PgState::signing_keys`](super::PgState::signing_keys)).
+#[derive(Clone)]
+pub struct PgSigningKeys {
+    pool: Pool,
+    kek: KeyEncryptionKey,
+    keys: SigningKeys,
+    /// Wakes this process's follower to read the keys again.
+    reload: Arc<Notify>,
+}
+
+impl fmt::Debug for PgSigningKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSigningKeys")
+            .field("current", &self.keys.current_kid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgSigningKeys {
+    /// Opens the keys: makes the first one (`ES256`) when the database holds none, under an
+    /// advisory lock, so replicas starting together make one; then follows every change.
+    pub(super) async fn open(
+        pool: Pool,
+        config: tokio_postgres::Config,
+        kek: KeyEncryptionKey,
+    ) -> Result<Self, PgError> {
+        {
+            let mut connection = pool
+                .get()
+                .await
+                .map_err(|e| PgError::new("cannot connect to the database", e))?;
+            let failed = |e| PgError::new("cannot make the first signing key", e);
+            let transaction = connection.transaction().await.map_err(failed)?;
+            transaction
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
+                .await
+                .map_err(failed)?;
+            let now = unix_millis();
+            let live: i64 = transaction
+                .query_one(
+                    "SELECT count(*) FROM tower_fhir_signing_keys
+                     WHERE retire_at IS NULL OR retire_at > $1",
+                    &[&now],
+                )
+                .await
+                .map_err(failed)?
+                .get(0);
+            if live == 0 {
+                let key = SigningKey::generate_es256()
+                    .map_err(|e| PgError::plain(format!("cannot make a signing key: {e}")))?;
+                // Nothing was published before: no replica has a token to verify yet.
+                insert(&transaction, &kek, &key, now, now).await?;
+                announce(&transaction).await?;
+                tracing::info!(kid = key.kid(), "first signing key made");
+            }
+            transaction.commit().await.map_err(failed)?;
+        }
+        let rows = load(&pool, &kek).await?;
+        let (published, current) = ring(&rows, unix_millis())
+            .ok_or_else(|| PgError::plain("the database holds no signing key"))?;
+        let keys = SigningKeys::managed(published, current, "the database");
+        let reload = Arc::new(Notify::new());
+        tokio::spawn(follow(
+            pool.clone(),
+            kek.clone(),
+            keys.clone(),
+            Arc::clone(&reload),
+            rows,
+        ));
+        tokio::spawn(listen(
+            config,
+            KeyChanges {
+                keys: keys.clone(),
+                reload: Arc::clone(&reload),
+            },
+        ));
+        Ok(Self {
+            pool,
+            kek,
+            keys,
+            reload,
+        })
+    }
+
+    /// The keys to sign with and publish
+    /// ([`TokenEndpointBuilder::signing_keys`](crate::token::TokenEndpointBuilder::signing_keys)),
+    /// kept in step with the database. Their own `add`, `rotate`, `retire` and `make_current`
+    /// are refused: change them here.
+    pub fn signing_keys(&self) -> SigningKeys {
+        self.keys.clone()
+    }
+
+    /// Rotates to a fresh `ES256` key and returns its `kid`. The key is published at once by
+    /// every replica (each hears of it within moments) and signs from `publish_for` later, so
+    /// that every replica (and every verifier reading a replica's JWKS) has it before any token
+    /// it signed is presented; give `publish_for` more than a few seconds. Every older key
+    /// still published stays so until `retire_after` past that switch: pass the longest
+    /// lifetime a token is issued for, so the last token an old key signed expires first.
+    pub async fn rotate(
+        &self,
+        publish_for: Duration,
+        retire_after: Duration,
+    ) -> Result<String, PgError> {
+        let key = SigningKey::generate_es256()
+            .map_err(|e| PgError::plain(format!("cannot make a signing key: {e}")))?;
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        let failed = |e| PgError::new("cannot rotate the signing keys", e);
+        let transaction = connection.transaction().await.map_err(failed)?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
+            .await
+            .map_err(failed)?;
+        let now = unix_millis();
+        let switch = now.saturating_add(millis(publish_for));
+        // Keys long gone go now; the ones still published get their end.
+        transaction
+            .execute(
+                "DELETE FROM tower_fhir_signing_keys WHERE retire_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(failed)?;
+        transaction
+            .execute(
+                "UPDATE tower_fhir_signing_keys SET retire_at = $1 WHERE retire_at IS NULL",
+                &[&switch.saturating_add(millis(retire_after))],
+            )
+            .await
+            .map_err(failed)?;
+        insert(&transaction, &self.kek, &key, now, switch).await?;
+        announce(&transaction).await?;
+        transaction.commit().await.map_err(failed)?;
+        self.reload.notify_one();
+        tracing::info!(kid = key.kid(), signs_in = ?publish_for, "signing key rotation started");
+        Ok(key.kid().to_owned())
+    }
+
+    /// Stops publishing the key `kid` everywhere at once, for a compromised key: tokens it
+    /// signed are refused by every replica within moments. The key that signs now cannot be
+    /// retired: [`rotate`](Self::rotate) first (with a short `publish_for`).
+    pub async fn retire(&self, kid: &str) -> Result<(), PgError> {
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        let failed = |e| PgError::new("cannot retire a signing key", e);
+        let transaction = connection.transaction().await.map_err(failed)?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
+            .await
+            .map_err(failed)?;
+        let now = unix_millis();
+        let mut live: Vec<(i64, String)> = transaction
+            .query(
+                "SELECT signs_from, kid FROM tower_fhir_signing_keys
+                 WHERE retire_at IS NULL OR retire_at > $1",
+                &[&now],
+            )
+            .await
+            .map_err(failed)?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        live.sort();
+        // As `ring` chooses it.
+        let current = live
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= now)
+            .or(live.first());
+        if current.is_some_and(|(_, current)| current == kid) {
+            return Err(PgError::plain(
+                "the key that signs now cannot be retired: rotate first",
+            ));
+        }
+        if !live.iter().any(|(_, published)| published == kid) {
+            return Err(PgError::plain(format!("no published signing key {kid:?}")));
+        }
+        transaction
+            .execute(
+                "UPDATE tower_fhir_signing_keys SET retire_at = $2 WHERE kid = $1",
+                &[&kid, &now],
+            )
+            .await
+            .map_err(failed)?;
+        announce(&transaction).await?;
+        transaction.commit().await.map_err(failed)?;
+        self.reload.notify_one();
+        Ok(())
+    }
+}
+
+/// Keeps `keys` what the rows say: read again when told (a change heard, a reconnection),
+/// and recomputed when a key's time to sign or to go comes. Stops when nobody else holds the
+/// keys.
+async fn follow(
+    pool: Pool,
+    kek: KeyEncryptionKey,
+    keys: SigningKeys,
+    reload: Arc<Notify>,
+    mut rows: Vec<Row>,
+) {
+    let mut stale = false;
+    while keys.holders() > 1 {
+        let now = unix_millis();
+        // At most a second asleep: to see that nobody holds the keys, and to retry a failed read.
+        let wait = next_change(&rows, now).map_or(1000, |at| (at - now).clamp(1, 1000));
+        let woken = tokio::time::timeout(
+            Duration::from_millis(u64::try_from(wait).unwrap_or(1000)),
+            reload.notified(),
+        )
+        .await
+        .is_ok();
+        if woken || stale {
+            match load(&pool, &kek).await {
+                Ok(fresh) => {
+                    rows = fresh;
+                    stale = false;
+                }
+                Err(error) => {
+                    if !stale {
+                        tracing::error!(%error, "cannot read the signing keys; retrying every second");
+                    }
+                    stale = true;
+                }
+            }
+        }
+        let now = unix_millis();
+        let Some((published, current)) = ring(&rows, now) else {
+            continue;
+        };
+        let (kids, current_kid) = keys.kids();
+        let same = current_kid == current.kid()
+            && kids.len() == published.len()
+            && kids.iter().zip(&published).all(|(a, b)| a == b.kid());
+        if !same {
+            tracing::info!(
+                current = current.kid(),
+                published = published.len(),
+                "signing keys changed"
+            );
+            keys.replace(published, current);
+        }
+    }
+}
+
+/// Tells the follower to read the keys again on a change and after a reconnection.
+struct KeyChanges {
+    keys: SigningKeys,
+    reload: Arc<Notify>,
+}
+
+impl Handler for KeyChanges {
+    fn alive(&self) -> bool {
+        // The listener's and the follower's handles; somebody else must hold one more.
+        self.keys.holders() > 2
+    }
+
+    async fn listening(&mut self, missed: bool) {
+        if missed {
+            self.reload.notify_one();
+        }
+    }
+
+    fn heard(&mut self, payload: &str) {
+        if payload == KEYS_CHANGED {
+            self.reload.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kid: &str, signs_from: i64, retire_at: Option<i64>) -> Row {
+        let key = SigningKey::generate_es256().unwrap();
+        let pem = key.pem().to_owned();
+        Row {
+            key: Arc::new(SigningKey::ec_pem(pem, kid).unwrap()),
+            signs_from,
+            retire_at,
+        }
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_their_kek_and_kid() {
+        let kek = KeyEncryptionKey::from_base64(
+            &base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
+        )
+        .unwrap();
+        let other = KeyEncryptionKey::from_base64(
+            &base64::engine::general_purpose::STANDARD.encode([8u8; 32]),
+        )
+        .unwrap();
+        let sealed = kek.seal("k1", b"private").unwrap();
+        assert_eq!(kek.open("k1", &sealed).as_deref(), Some(&b"private"[..]));
+        assert_eq!(
+            other.open("k1", &sealed),
+            None,
+            "another key-encryption key"
+        );
+        assert_eq!(kek.open("k2", &sealed), None, "sealed for another kid");
+        assert_eq!(kek.open("k1", &sealed[..8]), None, "truncated");
+        assert_ne!(
+            kek.seal("k1", b"private").unwrap(),
+            sealed,
+            "a fresh nonce each time"
+        );
+        assert!(!sealed.windows(7).any(|w| w == b"private"));
+    }
+
+    #[test]
+    fn a_new_key_signs_only_from_its_time_and_an_old_one_stays_until_retired() {
+        let rows = vec![row("old", 0, Some(5_000)), row("new", 2_000, None)];
+        let kids = |at| {
+            let (published, current) = ring(&rows, at).unwrap();
+            let published: Vec<String> = published.iter().map(|k| k.kid().to_owned()).collect();
+            (published, current.kid().to_owned())
+        };
+        assert_eq!(
+            kids(1_000),
+            (vec!["old".into(), "new".into()], "old".into())
+        );
+        assert_eq!(
+            kids(2_000),
+            (vec!["old".into(), "new".into()], "new".into())
+        );
+        assert_eq!(kids(5_000), (vec!["new".into()], "new".into()));
+        assert_eq!(next_change(&rows, 1_000), Some(2_000));
+        assert_eq!(next_change(&rows, 2_000), Some(5_000));
+        assert_eq!(next_change(&rows, 5_000), None);
+    }
+}
