@@ -60,6 +60,16 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
 
+/// `503` with `Retry-After`: the store (a database that went away, say) cannot answer now;
+/// the same request may succeed shortly.
+fn unavailable(message: &str) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    response
+}
+
 /// Lets a request through only with the admin token (compared in constant time), and not at
 /// all from an address that presented too many wrong ones lately (`429`, `Retry-After`).
 async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
@@ -169,10 +179,7 @@ async fn put_tenant(
         Ok(existed) => existed,
         Err(err) => {
             tracing::error!(%tenant, error = %err, "could not save a tenant");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the tenant could not be saved",
-            );
+            return unavailable("the tenant could not be saved");
         }
     };
     tracing::info!(%tenant, created = !existed, "tenant onboarded or changed");
@@ -213,10 +220,7 @@ async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> 
         Ok(None) => error(StatusCode::NOT_FOUND, "no such tenant"),
         Err(err) => {
             tracing::error!(%tenant, error = %err, "could not read a tenant");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the tenant directory cannot answer",
-            )
+            unavailable("the tenant directory cannot answer")
         }
     }
 }
@@ -234,10 +238,7 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
         Ok(false) => error(StatusCode::NOT_FOUND, "no such tenant"),
         Err(err) => {
             tracing::error!(%tenant, error = %err, "could not remove a tenant");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the tenant could not be removed",
-            )
+            unavailable("the tenant could not be removed")
         }
     }
 }
@@ -248,7 +249,7 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
         Ok(_) => return error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => {
             tracing::error!(error = %err, "client store failed");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "the client store failed");
+            return unavailable("the client store failed");
         }
     }
     match admin
@@ -270,10 +271,7 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
         Err(err) if err.is_refused() => error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => {
             tracing::error!(error = %err, "could not rotate a client secret");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the secret could not be rotated",
-            )
+            unavailable("the secret could not be rotated")
         }
     }
 }
@@ -353,7 +351,7 @@ fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
         return error(StatusCode::BAD_REQUEST, &err.to_string());
     }
     tracing::error!(error = %err, "client store failed while {doing}");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "the client store failed")
+    unavailable("the client store failed")
 }
 
 /// Registers the client (`201`, its secret shown this once) or replaces its entitlements

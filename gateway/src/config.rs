@@ -23,6 +23,11 @@ pub(crate) struct Config {
     /// directory under the system's temporary directory, gone with the machine.
     #[serde(default)]
     pub(crate) state_dir: Option<PathBuf>,
+    /// The PostgreSQL database that many replicas share (`postgres://user@host:port/db`),
+    /// instead of `state_dir`; `TOWER_FHIR_DATABASE_URL` wins over it. Not shown in `Debug`
+    /// (it may hold a password).
+    #[serde(default)]
+    pub(crate) database_url: Option<String>,
     /// The token endpoint's settings.
     #[serde(default)]
     pub(crate) token: TokenConfig,
@@ -129,6 +134,10 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("public_base_url", &self.public_base_url)
             .field("state_dir", &self.state_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
+            )
             .field("token", &self.token)
             .field("trusted_issuers", &self.trusted_issuers)
             .field("clients", &self.clients)
@@ -297,7 +306,20 @@ pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
+/// The environment variable that names the database, winning over `database_url`.
+pub(crate) const DATABASE_URL_ENV: &str = "TOWER_FHIR_DATABASE_URL";
+
 impl Config {
+    /// Takes the database from [`DATABASE_URL_ENV`] when it is set (and not empty).
+    pub(crate) fn database_from_env(&mut self) {
+        if let Some(url) = std::env::var(DATABASE_URL_ENV)
+            .ok()
+            .filter(|url| !url.is_empty())
+        {
+            self.database_url = Some(url);
+        }
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the configuration file {}: {e}", path.display()))?;

@@ -2,6 +2,8 @@
 //! audit records, the request body limit; and the Prometheus endpoint beside it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -35,6 +37,7 @@ pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
     keys: &SigningKeys,
+    database_up: Option<Arc<AtomicBool>>,
 ) -> Result<Front, String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
@@ -54,7 +57,11 @@ pub(crate) fn front(
     // Fetch every trusted issuer's keys now, so that readiness does not wait for a token.
     auth.prefetch_keys();
     let keys = keys.clone();
-    let health = HealthLayer::new()
+    let mut health = HealthLayer::new();
+    if let Some(up) = database_up {
+        health = health.readiness("database", move || up.load(Ordering::Relaxed));
+    }
+    let health = health
         .readiness("signing keys", move || {
             keys.jwks()["keys"]
                 .as_array()

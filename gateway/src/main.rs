@@ -99,7 +99,15 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     }
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
-    assemble(&config, &base, Arc::new(directory), Arc::new(store), keys)?;
+    assemble(
+        &config,
+        &base,
+        Arc::new(directory),
+        Arc::new(store),
+        keys,
+        None,
+    )
+    .await?;
     println!("{}: ok", file.display());
     Ok(())
 }
@@ -113,6 +121,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    config.database_from_env();
     init_logs(config.log_format);
 
     // Metrics first: what the start does (the first key fetches) is counted too.
@@ -137,7 +146,9 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.directory),
         Arc::clone(&state.clients),
         state.keys.clone(),
-    )?;
+        state.database.as_ref().map(|database| &database.state),
+    )
+    .await?;
 
     // The admin API (axum) answers under /admin/; everything else goes to the gateway.
     let admin = config.admin_token.as_ref().map(|token| {
@@ -154,7 +165,7 @@ async fn run(args: Args) -> Result<(), String> {
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
     println!("tower-fhir gateway listening on {base}");
-    println!("  state in {}", state.dir.display());
+    println!("  state in {}", state.location);
     let tenants = state
         .directory
         .list()
@@ -200,7 +211,11 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::print(&base, &gateway).await;
     }
-    let front = front::front(&config, gateway, &state.keys)?;
+    let database_up = state
+        .database
+        .as_ref()
+        .map(|database| Arc::clone(&database.up));
+    let front = front::front(&config, gateway, &state.keys, database_up)?;
     let limits = serve::Limits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
@@ -246,13 +261,16 @@ fn public_base_url(config: &Config, listening: SocketAddr) -> String {
         .to_owned()
 }
 
-/// The token endpoint and the whole gateway, as the configuration says.
-fn assemble(
+/// The token endpoint and the whole gateway, as the configuration says; with a shared
+/// `database`, revocations, client assertions' `jti`s and failed authentications are shared
+/// with every replica.
+async fn assemble(
     config: &Config,
     base: &str,
     directory: Arc<dyn TenantStore>,
     clients: Arc<dyn tower_fhir::token::ClientStore>,
     keys: SigningKeys,
+    database: Option<&tower_fhir::postgres::PgState>,
 ) -> Result<Gateway, String> {
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
     let endpoint = TokenEndpoint::builder()
@@ -268,9 +286,22 @@ fn assemble(
         Some(checks) => endpoint.hashing_concurrency(checks),
         None => endpoint,
     };
+    let endpoint = match database {
+        Some(database) => endpoint
+            .revocation_log(database.revocation_log())
+            .assertion_replay_guard(database.assertion_replay_guard())
+            .shared_failure_counts(database.failure_counts()),
+        None => endpoint,
+    };
     let endpoint = endpoint
         .build()
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
+    if let Some(database) = database {
+        database
+            .follow_revocations(endpoint.revoked_tokens())
+            .await
+            .map_err(|e| format!("cannot follow the revocations: {e}"))?;
+    }
 
     let mut auth = BearerAuthLayer::builder().refetch_cooldown(Duration::from_secs(
         config.jwks_refetch_cooldown_seconds.max(1),

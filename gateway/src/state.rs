@@ -1,9 +1,13 @@
-//! The gateway's state: clients, tenants and signing keys, opened from `state_dir` (or made in
-//! memory to check a configuration) and seeded from the configuration at the first start.
+//! The gateway's state: clients, tenants and signing keys, opened from `state_dir` or from a
+//! PostgreSQL database many replicas share (or made in memory to check a configuration), and
+//! seeded from the configuration with what it does not hold yet.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState};
 use tower_fhir::route::{FileDirectory, TenantStore};
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
@@ -16,13 +20,25 @@ pub(crate) struct State {
     pub(crate) directory: Arc<dyn TenantStore>,
     pub(crate) clients: Arc<dyn ClientStore>,
     pub(crate) keys: SigningKeys,
-    /// Where it lives.
-    pub(crate) dir: PathBuf,
-    /// Without a configured `state_dir`: the fresh directory, removed when this is dropped.
+    /// Where it lives, as the start-up lines say it (no password).
+    pub(crate) location: String,
+    /// The shared database, when the state is there.
+    pub(crate) database: Option<Database>,
+    /// Without a configured `state_dir` nor a database: the fresh directory, removed when this
+    /// is dropped.
     _temporary: Option<tempfile::TempDir>,
-    /// The lock this process holds on the directory while it runs (released at exit, also a
-    /// crash: the operating system drops it with the process).
-    _lock: std::fs::File,
+    /// The lock this process holds on its state directory while it runs (released at exit,
+    /// also a crash: the operating system drops it with the process).
+    _lock: Option<std::fs::File>,
+}
+
+/// The database the replicas share.
+pub(crate) struct Database {
+    pub(crate) state: PgState,
+    /// The signing keys' handle, kept so they are followed as long as the gateway runs.
+    _keys: PgSigningKeys,
+    /// Whether the database answered the last ping (once a second).
+    pub(crate) up: Arc<AtomicBool>,
 }
 
 /// The file in `state_dir` whose lock says which process owns the directory.
@@ -61,9 +77,97 @@ fn hashing(config: &Config) -> Result<SecretHashing, String> {
     }
 }
 
-/// Opens the state in `state_dir` (a fresh temporary directory without one) and seeds it with
-/// the configured clients and tenants it does not hold yet.
+/// Opens the state in the database (`database_url`) or in `state_dir` (a fresh temporary
+/// directory without either) and seeds it with the configured clients and tenants it does not
+/// hold yet.
 pub(crate) async fn open(config: &Config) -> Result<State, String> {
+    match &config.database_url {
+        Some(url) => open_database(config, url).await,
+        None => open_directory(config).await,
+    }
+}
+
+/// The state in the shared database: refused without the key-encryption key, which seals the
+/// signing keys there.
+async fn open_database(config: &Config, url: &str) -> Result<State, String> {
+    let kek = KeyEncryptionKey::from_env().map_err(|e| format!("cannot use the database: {e}"))?;
+    let location = format!("PostgreSQL at {}", without_password(url));
+    if let Some(dir) = &config.state_dir {
+        tracing::warn!(state_dir = %dir.display(), "state_dir is not used: the state is in the database");
+    }
+    let state = PgState::connect(url)
+        .await
+        .map_err(|e| format!("cannot open the database ({location}): {e}"))?;
+    let directory = state.tenant_store();
+    for tenant in &config.tenants {
+        if directory
+            .insert_if_absent(tenant.id, &tenant.record)
+            .await
+            .map_err(|e| format!("cannot write the configured tenants: {e}"))?
+        {
+            tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
+        }
+    }
+    let clients = state.client_store(hashing(config)?);
+    register(&clients, &config.clients).await?;
+    let keys = state
+        .signing_keys(kek)
+        .await
+        .map_err(|e| format!("cannot open the signing keys: {e}"))?;
+    let up = Arc::new(AtomicBool::new(true));
+    tokio::spawn(watch(state.clone(), Arc::downgrade(&up)));
+    Ok(State {
+        directory: Arc::new(directory),
+        clients: Arc::new(clients),
+        keys: keys.signing_keys(),
+        location,
+        database: Some(Database {
+            state,
+            _keys: keys,
+            up,
+        }),
+        _temporary: None,
+        _lock: None,
+    })
+}
+
+/// Pings the database once a second while anybody reads `up`, and says whether it answered;
+/// logs each change.
+async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let answered = tokio::time::timeout(Duration::from_secs(1), state.ping()).await;
+        let Some(up) = up.upgrade() else { return };
+        let now = matches!(answered, Ok(Ok(())));
+        if up.swap(now, Ordering::Relaxed) != now {
+            if now {
+                tracing::info!("the database answers again");
+            } else {
+                tracing::error!("the database does not answer: cached tenants are still served; token requests and admin changes get 503 until it is back");
+            }
+        }
+    }
+}
+
+/// `url` with its password (if any) left out.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<a database URL>".into();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = match authority.rsplit_once('@') {
+        Some((user, host)) => format!("{}@{host}", user.split(':').next().unwrap_or("")),
+        None => authority.to_owned(),
+    };
+    // Query parameters may hold a password too.
+    let path = path.split('?').next().unwrap_or("");
+    format!("{scheme}://{host}{path}")
+}
+
+/// The state in `state_dir`, owned by this process.
+async fn open_directory(config: &Config) -> Result<State, String> {
     let (dir, temporary) = match &config.state_dir {
         Some(dir) => (private_directory(dir)?, None),
         None => {
@@ -105,9 +209,10 @@ pub(crate) async fn open(config: &Config) -> Result<State, String> {
         directory: Arc::new(directory),
         clients: Arc::new(clients),
         keys,
-        dir,
+        location: dir.display().to_string(),
+        database: None,
         _temporary: temporary,
-        _lock: lock,
+        _lock: Some(lock),
     })
 }
 
@@ -190,11 +295,33 @@ async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(
         if let Some(limit) = client.rate_limit {
             new = new.rate_limit(limit);
         }
-        store
-            .register(new)
-            .await
-            .map_err(|e| refused(e.to_string()))?;
-        tracing::info!(client_id = %id, "client registered");
+        match store.register(new).await {
+            Ok(_) => tracing::info!(client_id = %id, "client registered"),
+            // Another replica with the same configuration registered it meanwhile.
+            Err(e) if e.is_refused() && matches!(store.client(id).await, Ok(Some(_))) => {}
+            Err(e) => return Err(refused(e.to_string())),
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn database_urls_are_shown_without_their_password() {
+        assert_eq!(
+            without_password("postgres://gateway:s3cret@db.internal:5432/gateway"),
+            "postgres://gateway@db.internal:5432/gateway"
+        );
+        assert_eq!(
+            without_password("postgres://gateway@127.0.0.1/gw?password=s3cret"),
+            "postgres://gateway@127.0.0.1/gw"
+        );
+        assert_eq!(
+            without_password("host=db password=s3cret"),
+            "<a database URL>"
+        );
+    }
 }

@@ -195,6 +195,21 @@ impl PgState {
         Ok(state)
     }
 
+    /// Whether the database answers now (a `SELECT 1` through the pool): for a readiness
+    /// check.
+    pub async fn ping(&self) -> Result<(), PgError> {
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        connection
+            .execute("SELECT 1", &[])
+            .await
+            .map_err(|e| PgError::new("the database does not answer", e))?;
+        Ok(())
+    }
+
     /// Applies the migrations not applied yet, under the advisory lock.
     async fn migrate(&self) -> Result<(), PgError> {
         let mut connection = self
@@ -588,6 +603,44 @@ impl PgTenantStore {
             changes: self.changes.clone(),
             origin: Arc::clone(&self.origin),
         }
+    }
+
+    /// Adds `tenant` unless the directory holds it already (the addition announced as every
+    /// change is); whether it was added. For seeding many replicas from one configuration:
+    /// none of them overwrites a change made since through another.
+    pub async fn insert_if_absent(
+        &self,
+        tenant: TenantId,
+        record: &TenantRecord,
+    ) -> Result<bool, DirectoryError> {
+        let failed = |e| directory_error("adding a tenant", e);
+        let json =
+            serde_json::to_value(record).map_err(|e| directory_error("adding a tenant", e))?;
+        let mut connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| directory_error("connecting", e))?;
+        let transaction = connection.transaction().await.map_err(failed)?;
+        let added = transaction
+            .execute(
+                "INSERT INTO tower_fhir_tenants (id, record) VALUES ($1, $2)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&uuid(tenant), &json],
+            )
+            .await
+            .map_err(failed)?
+            == 1;
+        if added {
+            notify(&transaction, tenant, &self.origin)
+                .await
+                .map_err(failed)?;
+        }
+        transaction.commit().await.map_err(failed)?;
+        if added {
+            let _ = self.changes.send(tenant);
+        }
+        Ok(added)
     }
 
     /// Writes `tenants` in one transaction, each change `NOTIFY`ed with it; `true` for each

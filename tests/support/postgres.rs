@@ -88,17 +88,25 @@ impl Postgres {
                 "UTF8",
             ],
         );
+        server.resume();
+        server
+    }
+
+    /// Starts the server (again, after [`pause`](Self::pause)) on its port.
+    pub fn resume(&self) {
+        let data = self.dir.join("data");
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            server.dir.display()
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
         );
-        server.run(
+        self.run(
             &tool("pg_ctl"),
             &[
                 "-D",
                 data.to_str().unwrap(),
                 "-l",
-                server.dir.join("server.log").to_str().unwrap(),
+                self.dir.join("server.log").to_str().unwrap(),
                 "-o",
                 &options,
                 "-w",
@@ -107,7 +115,15 @@ impl Postgres {
                 "start",
             ],
         );
-        server
+    }
+
+    /// Stops the server (every connection dropped at once), keeping its data.
+    pub fn pause(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            &tool("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
     }
 
     fn run(&self, program: &Path, args: &[&str]) -> Output {

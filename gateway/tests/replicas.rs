@@ -1,0 +1,423 @@
+//! Three gateway processes sharing one real PostgreSQL database, driven over HTTP: one JWKS,
+//! tokens good everywhere, tenants and secrets changed through one replica seen by the others,
+//! revocations and failed secret checks shared, a replica killed under load, and the database
+//! stopped and started again under load.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::postgres::Postgres;
+use support::*;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
+const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const LATER: &str = "7b3e9a10-2c4d-4e5f-8a6b-0c1d2e3f4a5b";
+const SECRET: &str = "replicated-secret-0123456789";
+const ADMIN: &str = "replicas-admin-token-0123456789";
+const KEK: &str = "cmVwbGljYXMtc2hhcmUtdGhpcy0zMi1ieXRlLWtleSE=";
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+struct Replica {
+    proc: Proc,
+    client: TestClient,
+}
+
+/// The configuration every replica is started with (the same file: they must not fight over
+/// seeding the database).
+fn config_file(
+    dir: &Path,
+    name: &str,
+    upstream: &RecordingUpstream,
+    url: &str,
+) -> std::path::PathBuf {
+    let config = json!({
+        "database_url": url,
+        "admin_token": ADMIN,
+        "public_base_url": "https://gateway.example",
+        "clients": [
+            {"client_id": "app", "client_secret": SECRET, "tenants": [TENANT, LATER]},
+            {"client_id": "leaving", "client_secret": SECRET, "tenants": [TENANT]},
+            {"client_id": "guessed", "client_secret": SECRET, "tenants": [TENANT]}
+        ],
+        "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
+        "secret_hashing": {"memory_kib": 1024, "iterations": 1}
+    });
+    let file = dir.join(name);
+    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    file
+}
+
+/// Starts replica `n` with `file`, the key-encryption key in its environment, and `url` in
+/// `TOWER_FHIR_DATABASE_URL` when given.
+fn start(dir: &Path, file: &Path, n: usize, url: Option<&str>) -> Replica {
+    let port = free_port();
+    let mut command = Command::new(GATEWAY);
+    command
+        .arg("--config")
+        .arg(file)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK);
+    if let Some(url) = url {
+        command.env("TOWER_FHIR_DATABASE_URL", url);
+    }
+    let (mut proc, _) = Proc::start(
+        command,
+        dir.join(format!("replica{n}.log")),
+        "tower-fhir gateway listening on ",
+    );
+    let state = proc.wait_for("  state in ");
+    assert!(
+        state.starts_with("PostgreSQL at postgres://gateway@"),
+        "{state}"
+    );
+    Replica {
+        proc,
+        client: TestClient::new(SocketAddr::from(([127, 0, 0, 1], port))),
+    }
+}
+
+async fn token_request(replica: &Replica, client: &str, secret: &str, scope: &str) -> Reply {
+    replica
+        .client
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id={client}&client_secret={secret}&scope={scope}"
+            ),
+        )
+        .await
+}
+
+async fn token(replica: &Replica, scope: &str) -> String {
+    let reply = token_request(replica, "app", SECRET, scope).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn admin(replica: &Replica, method: &str, path: &str, body: Value) -> Reply {
+    let auth = format!("Bearer {ADMIN}");
+    replica
+        .client
+        .send(
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            &body.to_string(),
+        )
+        .await
+}
+
+/// Polls `check` every 20 ms; fails the test when it does not hold within `within`.
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads `/Patient/1` with `token` from each replica until `stop`; counts the answers that
+/// are not 200 (and the first few of them, to show).
+fn load(
+    replicas: Vec<TestClient>,
+    token: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (s, f) = (Arc::clone(&served), Arc::clone(&failed));
+    let task = tokio::spawn(async move {
+        let mut shown = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            for replica in &replicas {
+                let reply = replica.get_bearer("/Patient/1", &token).await;
+                if reply.status == StatusCode::OK {
+                    s.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    if shown.len() < 5 {
+                        shown.push(format!("{}: {}", reply.status, reply.text()));
+                    }
+                }
+            }
+        }
+        shown
+    });
+    (served, failed, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateway_processes_share_one_database() {
+    let dir = scratch("replicas");
+    let server = Postgres::start("gateways");
+    server.create_database("gateway");
+    let url = server.url("gateway");
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let file = config_file(&dir, "gateway.json", &upstream, &url);
+    // The second and third replicas' file names a database that is not there: the
+    // environment's `TOWER_FHIR_DATABASE_URL` wins over it.
+    let elsewhere = config_file(
+        &dir,
+        "elsewhere.json",
+        &upstream,
+        "postgres://gateway@127.0.0.1:1/nothing",
+    );
+
+    // Without the key-encryption key, a gateway with a database refuses to start.
+    let refused = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&file)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env_remove("TOWER_FHIR_KEY_ENCRYPTION_KEY")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("TOWER_FHIR_KEY_ENCRYPTION_KEY"), "{said}");
+
+    // Three replicas, started together, seeded from the same configuration.
+    let (one, two, three) = std::thread::scope(|scope| {
+        let started: Vec<_> = (1..=3)
+            .map(|n| {
+                let (dir, file, elsewhere, url) = (&dir, &file, &elsewhere, &url);
+                scope.spawn(move || match n {
+                    1 => start(dir, file, n, None),
+                    _ => start(dir, elsewhere, n, Some(url)),
+                })
+            })
+            .collect();
+        let mut started = started.into_iter().map(|t| t.join().unwrap());
+        (
+            started.next().unwrap(),
+            started.next().unwrap(),
+            started.next().unwrap(),
+        )
+    });
+    let mut one = one;
+    let replicas = [&one, &two, &three];
+    for replica in replicas {
+        within(Duration::from_secs(10), "ready", async || {
+            replica.client.get("/readyz", &[]).await.status == StatusCode::OK
+        })
+        .await;
+    }
+
+    // One JWKS; a token from replica 1 is accepted by 2 and 3.
+    let jwks = one.client.get("/.well-known/jwks.json", &[]).await.json();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
+    for replica in [&two, &three] {
+        assert_eq!(
+            replica
+                .client
+                .get("/.well-known/jwks.json", &[])
+                .await
+                .json(),
+            jwks
+        );
+    }
+    let first = token(&one, TENANT).await;
+    for replica in replicas {
+        assert_eq!(
+            replica.client.get_bearer("/Patient/1", &first).await.status,
+            StatusCode::OK
+        );
+    }
+
+    // A tenant onboarded through replica 2 is routed by replica 3 within a second; removed,
+    // refused within a second.
+    let later = token(&one, LATER).await;
+    assert_ne!(
+        three.client.get_bearer("/Patient/1", &later).await.status,
+        StatusCode::OK
+    );
+    let reply = admin(
+        &two,
+        "PUT",
+        &format!("/admin/tenants/{LATER}"),
+        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    within(
+        Duration::from_secs(1),
+        "the new tenant routed",
+        async || three.client.get_bearer("/Patient/1", &later).await.status == StatusCode::OK,
+    )
+    .await;
+    let reply = admin(
+        &two,
+        "DELETE",
+        &format!("/admin/tenants/{LATER}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    within(
+        Duration::from_secs(1),
+        "the removed tenant refused",
+        async || three.client.get_bearer("/Patient/1", &later).await.status != StatusCode::OK,
+    )
+    .await;
+
+    // A secret rotated through replica 1: replica 3 refuses the old one at once and takes the
+    // new one.
+    let reply = admin(&one, "POST", "/admin/clients/leaving/secret", json!({})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let rotated = reply.json()["client_secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        token_request(&three, "leaving", SECRET, TENANT)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        token_request(&three, "leaving", &rotated, TENANT)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Revoked through replica 2: no replica issues it a token.
+    let reply = admin(&two, "DELETE", "/admin/clients/leaving", json!({})).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    for replica in replicas {
+        assert_eq!(
+            token_request(replica, "leaving", &rotated, TENANT)
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    // Five wrong secrets spread over the three (none sees more than two) block the id
+    // everywhere, the right secret included.
+    for n in 0..5 {
+        let reply = token_request(replicas[n % 3], "guessed", "wrong-guess", TENANT).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    }
+    for replica in replicas {
+        let reply = token_request(replica, "guessed", SECRET, TENANT).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.text()
+        );
+    }
+
+    // Replica 1 killed while load runs on 2 and 3: they answer every request.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (served, failed, task) = load(
+        vec![two.client.clone(), three.client.clone()],
+        first.clone(),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one.proc.child.kill().unwrap();
+    one.proc.child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let shown = task.await.unwrap();
+    assert!(served.load(Ordering::Relaxed) > 20);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{shown:?}");
+
+    // The database stopped under load: cached tenants are still served, token requests and
+    // admin changes get 503 with Retry-After, readiness says the database is missing.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (served, failed, task) = load(
+        vec![two.client.clone(), three.client.clone()],
+        first.clone(),
+        Arc::clone(&stop),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.pause();
+    let reply = token_request(&two, "app", SECRET, TENANT).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(reply.headers.contains_key("retry-after"));
+    let reply = admin(
+        &three,
+        "PUT",
+        &format!("/admin/tenants/{LATER}"),
+        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert!(reply.headers.contains_key("retry-after"));
+    within(
+        Duration::from_secs(5),
+        "not ready without the database",
+        async || {
+            let reply = three.client.get("/readyz", &[]).await;
+            reply.status == StatusCode::SERVICE_UNAVAILABLE
+                && reply.json()["waiting_for"] == json!(["database"])
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Started again: everything recovers by itself.
+    server.resume();
+    for replica in [&two, &three] {
+        within(Duration::from_secs(10), "ready again", async || {
+            replica.client.get("/readyz", &[]).await.status == StatusCode::OK
+        })
+        .await;
+        within(Duration::from_secs(10), "tokens again", async || {
+            token_request(replica, "app", SECRET, TENANT).await.status == StatusCode::OK
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let shown = task.await.unwrap();
+    assert!(served.load(Ordering::Relaxed) > 20);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{shown:?}");
+    // And changes made through one replica reach the other again.
+    let reply = admin(
+        &three,
+        "PUT",
+        &format!("/admin/tenants/{LATER}"),
+        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    within(
+        Duration::from_secs(1),
+        "a tenant onboarded after the outage",
+        async || two.client.get_bearer("/Patient/1", &later).await.status == StatusCode::OK,
+    )
+    .await;
+    drop(server);
+}
