@@ -15,10 +15,10 @@
 //! the first request of a tenant or of a token.
 
 #[path = "../tests/support/postgres.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod postgres;
 #[path = "../tests/support/process.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod process;
 
 use std::time::Duration;
