@@ -124,7 +124,8 @@ fn stores(c: &mut Criterion) {
             )
             .await
             .unwrap();
-        let kek = KeyEncryptionKey::from_base64("YmVuY2gtb25seS1rZXktZW5jcnlwdGlvbi1rZXktMzI=").unwrap();
+        let kek =
+            KeyEncryptionKey::from_base64("YmVuY2gtb25seS1rZXktZW5jcnlwdGlvbi1rZXktMzI=").unwrap();
         let keys = pg.signing_keys(kek).await.unwrap();
         let pg_endpoint = TokenEndpoint::builder()
             .issuer("https://gateway.bench")

@@ -60,17 +60,20 @@ async fn replica_with_keys(url: &str) -> (TestClient, PgSigningKeys) {
 }
 
 /// A PostgreSQL server with an empty database `name`, its URL, and the state over it.
-async fn database(name: &str) -> (support::postgres::Postgres, String, PgState) {
-    let server = support::postgres::Postgres::start(name);
+async fn database(name: &str) -> Option<(support::postgres::Postgres, String, PgState)> {
+    let server =
+        support::postgres::Postgres::start_or_skip(name, &format!("tests/replicas.rs ({name})"))?;
     server.create_database(name);
     let url = server.url(name);
     let state = PgState::connect(&url).await.unwrap();
-    (server, url, state)
+    Some((server, url, state))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_through_one_replica_reaches_the_others() {
-    let (_server, url, state) = database("replicas").await;
+    let Some((_server, url, state)) = database("replicas").await else {
+        return;
+    };
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -162,7 +165,9 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() {
-    let (server, url, state) = database("assertions").await;
+    let Some((server, url, state)) = database("assertions").await else {
+        return;
+    };
     let mut key = rsa_jwk(RSA_PRIVATE, "backend-1");
     key.as_object_mut().unwrap().remove("alg");
     state
@@ -286,7 +291,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_signing_keys_and_rotate_them_together() {
-    let (server, url, state) = database("keys").await;
+    let Some((server, url, state)) = database("keys").await else {
+        return;
+    };
     let _upstream = register_app(&state).await;
     // Three replicas starting at once against a database without keys make one key.
     let ((one, keys), two, three) =
@@ -403,7 +410,9 @@ async fn replicas_share_signing_keys_and_rotate_them_together() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_secret_checks_spread_over_replicas_are_throttled_as_on_one() {
-    let (_server, url, state) = database("throttle").await;
+    let Some((_server, url, state)) = database("throttle").await else {
+        return;
+    };
     let _upstream = register_app(&state).await;
     let replicas = [
         replica(&url).await,
