@@ -1,6 +1,7 @@
 //! The admin API: onboard, change and remove tenants; register clients, change which tenants
-//! and scopes they may get tokens for, revoke them, reset their secrets. Bearer `admin_token`;
-//! every change is written under `state_dir` and takes effect at once (for tokens issued from
+//! and scopes they may get tokens for, revoke them, reset their secrets; rotate and retire
+//! signing keys. Bearer `admin_token`; every change is written to the state (`state_dir` or the
+//! database; `503` with `Retry-After` when it cannot be) and takes effect at once (for tokens issued from
 //! then on: one already issued keeps its scope until it expires; a tenant's or a client's
 //! `rate_limit` applies to tokens already issued too, at their next request). An address that
 //! presents five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
@@ -13,15 +14,18 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
+use tower_fhir::postgres::PgSigningKeys;
 use tower_fhir::proxy::ClientAddr;
 use tower_fhir::route::{TenantEntry, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
-use tower_fhir::token::{AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient};
+use tower_fhir::token::{
+    AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient, SigningKey, SigningKeys,
+};
 
 pub(crate) use crate::throttle::AdminThrottle;
 use crate::throttle::{Source, Verdict};
@@ -34,7 +38,31 @@ pub(crate) struct Admin {
     pub(crate) limits: RateLimitLayer,
     /// Wrong admin tokens per source address.
     pub(crate) throttle: AdminThrottle,
+    /// The token endpoint's signing keys.
+    pub(crate) keys: KeyAdmin,
+    /// The longest lifetime of the gateway's tokens: how long a replaced key stays published.
+    pub(crate) token_lifetime: Duration,
 }
+
+/// Where the signing keys are changed.
+pub(crate) enum KeyAdmin {
+    /// In `state_dir`: this process alone signs with them.
+    Files(SigningKeys),
+    /// In the database, for every replica.
+    Database(PgSigningKeys),
+}
+
+impl KeyAdmin {
+    fn keys(&self) -> SigningKeys {
+        match self {
+            Self::Files(keys) => keys.clone(),
+            Self::Database(keys) => keys.signing_keys(),
+        }
+    }
+}
+
+/// Clock skew tolerated by verifiers, added to how long a replaced key stays published.
+const LEEWAY: Duration = Duration::from_secs(60);
 
 /// The routes under `/admin`.
 pub(crate) fn routes(admin: Arc<Admin>) -> Router {
@@ -48,6 +76,8 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
             put(put_client).get(get_client).delete(delete_client),
         )
         .route("/admin/clients/{client_id}/secret", post(reset_secret))
+        .route("/admin/signing-keys", get(list_keys).post(rotate_keys))
+        .route("/admin/signing-keys/{kid}", delete(retire_key))
         // Every admin route needs the admin token; checked once, before any handler.
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&admin),
@@ -474,6 +504,152 @@ async fn get_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<Strin
         Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => store_failed(&err, "looking up a client"),
+    }
+}
+
+/// The published keys' `kid`s and the one that signs.
+fn keys_json(keys: &SigningKeys) -> serde_json::Value {
+    let published: Vec<serde_json::Value> = keys.jwks()["keys"]
+        .as_array()
+        .map(|keys| keys.iter().map(|key| key["kid"].clone()).collect())
+        .unwrap_or_default();
+    json!({"current": keys.current_kid(), "published": published})
+}
+
+async fn list_keys(State(admin): State<Arc<Admin>>) -> Response {
+    Json(keys_json(&admin.keys.keys())).into_response()
+}
+
+/// The body of `POST /admin/signing-keys`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the new key is published before it signs (with a database).
+    #[serde(default)]
+    publish_seconds: Option<u64>,
+}
+
+/// The longest `publish_seconds`.
+const MAX_PUBLISH_SECONDS: u64 = 86_400;
+
+/// Rotates to a new key: with a database, published by every replica at once and signing
+/// after `publish_seconds` (default 60); on files, signing at once. The keys it replaces stay
+/// published until the last token they signed has expired.
+async fn rotate_keys(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
+    let body: RotateBody = if body.is_empty() {
+        RotateBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body must be {{\"publish_seconds\": N}} or empty: {e}"),
+                )
+            }
+        }
+    };
+    if body
+        .publish_seconds
+        .is_some_and(|s| s > MAX_PUBLISH_SECONDS)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("publish_seconds must be at most {MAX_PUBLISH_SECONDS}"),
+        );
+    }
+    let retire_after = admin.token_lifetime + LEEWAY;
+    match &admin.keys {
+        KeyAdmin::Database(keys) => {
+            let publish = Duration::from_secs(body.publish_seconds.unwrap_or(60));
+            match keys.rotate(publish, retire_after).await {
+                Ok(kid) => {
+                    tracing::info!(%kid, "signing key rotation started by an administrator");
+                    Json(json!({"kid": kid, "signs_in_seconds": publish.as_secs(),
+                        "replaced_keys_retire_in_seconds": (publish + retire_after).as_secs()}))
+                    .into_response()
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "could not rotate the signing keys");
+                    unavailable("the signing keys could not be rotated")
+                }
+            }
+        }
+        KeyAdmin::Files(keys) => {
+            if body.publish_seconds.is_some_and(|s| s > 0) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "publish_seconds needs database_url: one process publishes a new key and signs with it at once",
+                );
+            }
+            let replaced: Vec<String> = keys_json(keys)["published"]
+                .as_array()
+                .map(|kids| {
+                    kids.iter()
+                        .filter_map(|k| k.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let rotated = SigningKey::generate_es256().and_then(|key| {
+                let kid = key.kid().to_owned();
+                keys.rotate(key).map(|()| kid)
+            });
+            match rotated {
+                Ok(kid) => {
+                    tracing::info!(%kid, "signing key rotated by an administrator");
+                    // The replaced keys go once their last token has expired (while this
+                    // process runs: after a restart they stay published, which is harmless,
+                    // until retired by hand).
+                    let keys = keys.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(retire_after).await;
+                        for old in replaced {
+                            if keys.retire(&old).is_ok() {
+                                tracing::info!(kid = %old, "replaced signing key retired");
+                            }
+                        }
+                    });
+                    Json(json!({"kid": kid, "signs_in_seconds": 0,
+                        "replaced_keys_retire_in_seconds": retire_after.as_secs()}))
+                    .into_response()
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "could not rotate the signing keys");
+                    unavailable("the signing keys could not be rotated")
+                }
+            }
+        }
+    }
+}
+
+/// Stops publishing the key `kid` at once (a compromised key): tokens it signed are refused.
+async fn retire_key(State(admin): State<Arc<Admin>>, Path(kid): Path<String>) -> Response {
+    let keys = admin.keys.keys();
+    if keys.current_kid() == kid {
+        return error(
+            StatusCode::CONFLICT,
+            "the key that signs now cannot be retired: rotate first (POST /admin/signing-keys)",
+        );
+    }
+    let published = keys_json(&keys)["published"]
+        .as_array()
+        .is_some_and(|kids| kids.iter().any(|k| k == &json!(kid)));
+    if !published {
+        return error(StatusCode::NOT_FOUND, "no such published key");
+    }
+    let retired = match &admin.keys {
+        KeyAdmin::Database(keys) => keys.retire(&kid).await.map_err(|e| e.to_string()),
+        KeyAdmin::Files(keys) => keys.retire(&kid).map_err(|e| e.to_string()),
+    };
+    match retired {
+        Ok(()) => {
+            tracing::warn!(%kid, "signing key retired by an administrator: its tokens are refused");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(error) => {
+            tracing::error!(%error, "could not retire a signing key");
+            unavailable("the key could not be retired")
+        }
     }
 }
 

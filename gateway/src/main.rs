@@ -158,6 +158,11 @@ async fn run(args: Args) -> Result<(), String> {
             clients: Arc::clone(&state.clients),
             limits: gateway.rate_limits().clone(),
             throttle: admin::AdminThrottle::default(),
+            keys: match &state.database {
+                Some(database) => admin::KeyAdmin::Database(database.keys.clone()),
+                None => admin::KeyAdmin::Files(state.keys.clone()),
+            },
+            token_lifetime: Duration::from_secs(config.token.ttl_seconds.unwrap_or(3600)),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });

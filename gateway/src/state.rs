@@ -35,8 +35,8 @@ pub(crate) struct State {
 /// The database the replicas share.
 pub(crate) struct Database {
     pub(crate) state: PgState,
-    /// The signing keys' handle, kept so they are followed as long as the gateway runs.
-    _keys: PgSigningKeys,
+    /// The signing keys' handle (kept, they are followed as long as the gateway runs).
+    pub(crate) keys: PgSigningKeys,
     /// Whether the database answered the last ping (once a second).
     pub(crate) up: Arc<AtomicBool>,
 }
@@ -121,11 +121,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         clients: Arc::new(clients),
         keys: keys.signing_keys(),
         location,
-        database: Some(Database {
-            state,
-            _keys: keys,
-            up,
-        }),
+        database: Some(Database { state, keys, up }),
         _temporary: None,
         _lock: None,
     })

@@ -566,3 +566,65 @@ async fn the_tenant_label_and_query_values_can_be_left_out() {
     assert_eq!(search["tenant"], TENANT, "the record keeps the tenant");
     assert!(!written.contains("Smith") && !written.contains("birthdate"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_and_retire_through_the_admin_api() {
+    let dir = scratch("operations-keys");
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+    let auth = format!("Bearer {admin_token}");
+    let admin = async |method: &str, path: &str, body: &str| {
+        gw.client
+            .send(method, path, &[("authorization", &auth)], body)
+            .await
+    };
+    let old = token(&gw.client).await;
+    let listed = admin("GET", "/admin/signing-keys", "").await.json();
+    let old_kid = listed["current"].as_str().unwrap().to_owned();
+    assert_eq!(listed["published"], json!([old_kid]));
+
+    // On files one process signs: publishing ahead is refused, a rotation signs at once.
+    let reply = admin("POST", "/admin/signing-keys", r#"{"publish_seconds": 30}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let reply = admin("POST", "/admin/signing-keys", "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let new_kid = reply.json()["kid"].as_str().unwrap().to_owned();
+    assert_eq!(reply.json()["replaced_keys_retire_in_seconds"], 3660);
+    let new = token(&gw.client).await;
+    assert_eq!(
+        jsonwebtoken::decode_header(&new).unwrap().kid.unwrap(),
+        new_kid
+    );
+    let jwks = gw.client.get("/.well-known/jwks.json", &[]).await.json();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    for token in [&old, &new] {
+        assert_eq!(
+            gw.client.get_bearer("/Patient/1", token).await.status,
+            StatusCode::OK
+        );
+    }
+
+    // The key that signs cannot be retired; the old one can, and its tokens go with it.
+    let reply = admin("DELETE", &format!("/admin/signing-keys/{new_kid}"), "").await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let reply = admin("DELETE", "/admin/signing-keys/no-such-kid", "").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+    let reply = admin("DELETE", &format!("/admin/signing-keys/{old_kid}"), "").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &old).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &new).await.status,
+        StatusCode::OK
+    );
+    // Without the admin token, nothing.
+    let reply = gw.client.send("POST", "/admin/signing-keys", &[], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}

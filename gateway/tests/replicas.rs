@@ -1,7 +1,7 @@
 //! Three gateway processes sharing one real PostgreSQL database, driven over HTTP: one JWKS,
 //! tokens good everywhere, tenants and secrets changed through one replica seen by the others,
-//! revocations and failed secret checks shared, a replica killed under load, and the database
-//! stopped and started again under load.
+//! revocations and failed secret checks shared, a signing key rotated everywhere, a replica
+//! killed under load, and the database stopped and started again under load.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -332,11 +332,73 @@ async fn three_gateway_processes_share_one_database() {
         );
     }
 
+    // A signing key rotated through replica 2: every replica publishes it within a second, none
+    // signs with it before its second is up, then all do; tokens of the old key stay good.
+    let before = admin(&one, "GET", "/admin/signing-keys", json!({}))
+        .await
+        .json();
+    let old_kid = before["current"].as_str().unwrap().to_owned();
+    let reply = admin(
+        &two,
+        "POST",
+        "/admin/signing-keys",
+        json!({"publish_seconds": 2}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let rotated_at = Instant::now();
+    let new_kid = reply.json()["kid"].as_str().unwrap().to_owned();
+    for replica in replicas {
+        within(
+            Duration::from_secs(1),
+            "the new key published",
+            async || {
+                let jwks = replica
+                    .client
+                    .get("/.well-known/jwks.json", &[])
+                    .await
+                    .json();
+                jwks["keys"].as_array().unwrap().len() == 2
+            },
+        )
+        .await;
+        let token = token(replica, TENANT).await;
+        let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+        if rotated_at.elapsed() < Duration::from_secs(2) {
+            assert_eq!(kid, old_kid, "signed with the new key before its time");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(rotated_at.elapsed())).await;
+    for replica in replicas {
+        within(
+            Duration::from_secs(1),
+            "signing with the new key",
+            async || {
+                let token = token(replica, TENANT).await;
+                jsonwebtoken::decode_header(&token).unwrap().kid.unwrap() == new_kid
+            },
+        )
+        .await;
+        assert_eq!(
+            replica.client.get_bearer("/Patient/1", &first).await.status,
+            StatusCode::OK
+        );
+    }
+    let reply = admin(
+        &three,
+        "DELETE",
+        &format!("/admin/signing-keys/{new_kid}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    let fresh = token(&three, TENANT).await;
+
     // Replica 1 killed while load runs on 2 and 3: they answer every request.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (served, failed, task) = load(
         vec![two.client.clone(), three.client.clone()],
-        first.clone(),
+        fresh.clone(),
         Arc::clone(&stop),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -353,7 +415,7 @@ async fn three_gateway_processes_share_one_database() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (served, failed, task) = load(
         vec![two.client.clone(), three.client.clone()],
-        first.clone(),
+        fresh.clone(),
         Arc::clone(&stop),
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
