@@ -74,29 +74,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
     let Some((_server, url, state)) = database("replicas").await else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    upstream.answer(
-        "/fhir",
-        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
-    );
-    state
-        .tenant_store()
-        .put(
-            TENANT.parse().unwrap(),
-            TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    state
-        .client_store(SecretHashing::new(64, 1).unwrap())
-        .register(
-            NewClient::new("app")
-                .secret(SECRET)
-                .tenant(TENANT.parse().unwrap()),
-        )
-        .await
-        .unwrap();
+    let _upstream = register_app(&state).await;
     let (one, two) = (replica(&url).await, replica(&url).await);
 
     // A token from replica one works on replica two (and is cached there).

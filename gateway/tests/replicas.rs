@@ -123,6 +123,17 @@ async fn admin(replica: &Replica, method: &str, path: &str, body: Value) -> Repl
         .await
 }
 
+/// Onboards `LATER` through `replica`, with `upstream`.
+async fn onboard(replica: &Replica, upstream: &RecordingUpstream) -> Reply {
+    admin(
+        replica,
+        "PUT",
+        &format!("/admin/tenants/{LATER}"),
+        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
+    )
+    .await
+}
+
 /// Polls `check` every 20 ms; fails the test when it does not hold within `within`.
 async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
@@ -258,13 +269,7 @@ async fn three_gateway_processes_share_one_database() {
         three.client.get_bearer("/Patient/1", &later).await.status,
         StatusCode::OK
     );
-    let reply = admin(
-        &two,
-        "PUT",
-        &format!("/admin/tenants/{LATER}"),
-        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
-    )
-    .await;
+    let reply = onboard(&two, &upstream).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     within(
         Duration::from_secs(1),
@@ -428,13 +433,7 @@ async fn three_gateway_processes_share_one_database() {
         reply.text()
     );
     assert!(reply.headers.contains_key("retry-after"));
-    let reply = admin(
-        &three,
-        "PUT",
-        &format!("/admin/tenants/{LATER}"),
-        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
-    )
-    .await;
+    let reply = onboard(&three, &upstream).await;
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -471,13 +470,7 @@ async fn three_gateway_processes_share_one_database() {
     assert!(served.load(Ordering::Relaxed) > 20);
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{shown:?}");
     // And changes made through one replica reach the other again.
-    let reply = admin(
-        &three,
-        "PUT",
-        &format!("/admin/tenants/{LATER}"),
-        json!({"upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}),
-    )
-    .await;
+    let reply = onboard(&three, &upstream).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
     within(
         Duration::from_secs(1),

@@ -221,6 +221,25 @@ async fn insert(
     Ok(())
 }
 
+async fn connect(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
+    pool.get()
+        .await
+        .map_err(|e| PgError::new("cannot connect to the database", e))
+}
+
+/// A transaction holding the keys' advisory lock until it ends.
+async fn locked(
+    connection: &mut deadpool_postgres::Object,
+    failed: impl Fn(tokio_postgres::Error) -> PgError,
+) -> Result<deadpool_postgres::Transaction<'_>, PgError> {
+    let transaction = connection.transaction().await.map_err(&failed)?;
+    transaction
+        .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
+        .await
+        .map_err(&failed)?;
+    Ok(transaction)
+}
+
 async fn announce(transaction: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
     transaction
         .execute(
@@ -260,16 +279,9 @@ impl PgSigningKeys {
         kek: KeyEncryptionKey,
     ) -> Result<Self, PgError> {
         {
-            let mut connection = pool
-                .get()
-                .await
-                .map_err(|e| PgError::new("cannot connect to the database", e))?;
+            let mut connection = connect(&pool).await?;
             let failed = |e| PgError::new("cannot make the first signing key", e);
-            let transaction = connection.transaction().await.map_err(failed)?;
-            transaction
-                .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
-                .await
-                .map_err(failed)?;
+            let transaction = locked(&mut connection, failed).await?;
             let now = unix_millis();
             let live: i64 = transaction
                 .query_one(
@@ -338,17 +350,9 @@ impl PgSigningKeys {
     ) -> Result<String, PgError> {
         let key = SigningKey::generate_es256()
             .map_err(|e| PgError::plain(format!("cannot make a signing key: {e}")))?;
-        let mut connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        let mut connection = connect(&self.pool).await?;
         let failed = |e| PgError::new("cannot rotate the signing keys", e);
-        let transaction = connection.transaction().await.map_err(failed)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
-            .await
-            .map_err(failed)?;
+        let transaction = locked(&mut connection, failed).await?;
         let now = unix_millis();
         let switch = now.saturating_add(millis(publish_for));
         // Keys long gone go now; the ones still published get their end.
@@ -378,17 +382,9 @@ impl PgSigningKeys {
     /// signed are refused by every replica within moments. The key that signs now cannot be
     /// retired: [`rotate`](Self::rotate) first (with a short `publish_for`).
     pub async fn retire(&self, kid: &str) -> Result<(), PgError> {
-        let mut connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| PgError::new("cannot connect to the database", e))?;
+        let mut connection = connect(&self.pool).await?;
         let failed = |e| PgError::new("cannot retire a signing key", e);
-        let transaction = connection.transaction().await.map_err(failed)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&KEYS_LOCK])
-            .await
-            .map_err(failed)?;
+        let transaction = locked(&mut connection, failed).await?;
         let now = unix_millis();
         let mut live: Vec<(i64, String)> = transaction
             .query(
