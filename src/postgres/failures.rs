@@ -48,12 +48,15 @@ impl FailureCounts for PgFailureCounts {
         let (pool, client, source) = (self.pool.clone(), client_id.to_owned(), source.to_owned());
         Box::pin(async move {
             let connection = pool.get().await.map_err(|e| e.to_string())?;
-            let row = connection
-                .query_opt(
+            let statement = connection
+                .prepare_cached(
                     "SELECT window_start, failures, blocks, blocked_until
                      FROM tower_fhir_auth_failures WHERE client = $1 AND source = $2",
-                    &[&client, &source],
                 )
+                .await
+                .map_err(|e| e.to_string())?;
+            let row = connection
+                .query_opt(&statement, &[&client, &source])
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(row.map_or_else(Standing::default, |row| {

@@ -384,11 +384,13 @@ impl PgClientStore {
             .get()
             .await
             .map_err(|e| store_error("connecting", e))?;
+        // Prepared once per pooled connection: one round trip a read.
+        let statement = connection
+            .prepare_cached("SELECT record FROM tower_fhir_clients WHERE id = $1")
+            .await
+            .map_err(|e| store_error("reading a client", e))?;
         let row = connection
-            .query_opt(
-                "SELECT record FROM tower_fhir_clients WHERE id = $1",
-                &[&id],
-            )
+            .query_opt(&statement, &[&id])
             .await
             .map_err(|e| store_error("reading a client", e))?;
         row.map(|row| {
@@ -705,11 +707,13 @@ impl TenantDirectory for PgTenantStore {
                 .get()
                 .await
                 .map_err(|e| directory_error("connecting", e))?;
+            // Prepared once per pooled connection: one round trip a lookup.
+            let statement = connection
+                .prepare_cached("SELECT record FROM tower_fhir_tenants WHERE id = $1")
+                .await
+                .map_err(|e| directory_error("looking a tenant up", e))?;
             let row = connection
-                .query_opt(
-                    "SELECT record FROM tower_fhir_tenants WHERE id = $1",
-                    &[&uuid(tenant)],
-                )
+                .query_opt(&statement, &[&uuid(tenant)])
                 .await
                 .map_err(|e| directory_error("looking a tenant up", e))?;
             row.map(|row| {
