@@ -1,5 +1,9 @@
 //! PostgreSQL as the shared state of many gateway replicas (feature `postgres`): the client
-//! store and the tenant directory, in one database.
+//! store and the tenant directory, the signing keys ([`PgState::signing_keys`], sealed with a
+//! [`KeyEncryptionKey`]), revoked tokens ([`PgState::revocation_log`],
+//! [`PgState::follow_revocations`]), client assertions' `jti`s
+//! ([`PgState::assertion_replay_guard`]) and failed-authentication counts
+//! ([`PgState::failure_counts`]), in one database.
 //!
 //! [`PgState::connect`] opens a pool (tokio-postgres with deadpool) and brings the schema up to
 //! date with the migrations embedded here, under a transaction-level advisory lock, so that
