@@ -34,6 +34,8 @@ use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 
+mod plot;
+
 const HELP: &str = "\
 fhir-loadgen: drive a FHIR gateway and report throughput and latency
 
@@ -58,7 +60,9 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
                           (BODY form-encoded, for POST _search); `#` starts a comment
   --http2                 HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1
-  --json                  print the report as JSON
+  --json                  print the report as JSON (with the per-second timeline)
+  --plot FILE.svg         draw the run: requests per second and latency (p50, p90, p99,
+                          max) over time, and latency by percentile (SVG)
   --cpu-of LABEL=PID      also report the CPU time process PID (all its threads, user and
                           system, from /proc: Linux only) spent per measured request; repeat
                           for several (the server under test, its upstream, ...)
@@ -95,6 +99,8 @@ struct Options {
     mix: Vec<Interaction>,
     http2: bool,
     json: bool,
+    /// Where the run's SVG chart goes, if anywhere.
+    plot: Option<std::path::PathBuf>,
     /// Processes whose CPU time per request is reported, with their labels.
     cpu_of: Vec<(String, u32)>,
     /// `host:port` and the path prefix of `target`.
@@ -115,6 +121,7 @@ fn options() -> Result<Options, String> {
         mix: default_mix(),
         http2: false,
         json: false,
+        plot: None,
         cpu_of: Vec::new(),
         authority: String::new(),
         base_path: String::new(),
@@ -167,6 +174,16 @@ fn options() -> Result<Options, String> {
                 o.mix = parse_mix(&text).map_err(|e| format!("{file}: {e}"))?;
             }
             "--json" => o.json = true,
+            "--plot" => {
+                let file = std::path::PathBuf::from(value()?);
+                if file.extension().and_then(|e| e.to_str()) != Some("svg") {
+                    return Err(format!(
+                        "--plot {}: the chart is SVG: name a .svg file",
+                        file.display()
+                    ));
+                }
+                o.plot = Some(file);
+            }
             "--http2" => o.http2 = true,
             "--cpu-of" => {
                 let given = value()?;
@@ -521,6 +538,8 @@ struct Shared {
     measuring_from: Instant,
     stop_at: Instant,
     tally: Mutex<Tally>,
+    /// Each measured second's latencies, by when the requests were due.
+    seconds: Mutex<Vec<Histogram<u64>>>,
 }
 
 impl Shared {
@@ -575,7 +594,16 @@ impl Shared {
         if due < self.measuring_from || due >= self.stop_at {
             return;
         }
-        latency.saturating_record(due.elapsed().as_micros().max(1) as u64);
+        let took = due.elapsed().as_micros().max(1) as u64;
+        latency.saturating_record(took);
+        let second = due.duration_since(self.measuring_from).as_secs() as usize;
+        {
+            let mut seconds = self.seconds.lock().unwrap();
+            if seconds.len() <= second {
+                seconds.resize_with(second + 1, plot::second_histogram);
+            }
+            seconds[second].saturating_record(took);
+        }
         self.done.fetch_add(1, Ordering::Relaxed);
         let mut tally = self.tally.lock().unwrap();
         match outcome {
@@ -632,6 +660,7 @@ async fn main() {
         measuring_from,
         stop_at,
         tally: Mutex::default(),
+        seconds: Mutex::default(),
     });
 
     let progress = {
@@ -641,8 +670,26 @@ async fn main() {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let done = shared.done.load(Ordering::Relaxed);
+                // The last whole second measured: its p99 and max.
+                let recent = Instant::now()
+                    .checked_duration_since(measuring_from)
+                    .and_then(|d| (d.as_secs() as usize).checked_sub(1))
+                    .and_then(|second| {
+                        let seconds = shared.seconds.lock().unwrap();
+                        seconds
+                            .get(second)
+                            .filter(|h| !h.is_empty())
+                            .map(|h| (h.value_at_quantile(0.99), h.max()))
+                    });
+                let latency = recent.map_or(String::new(), |(p99, max)| {
+                    format!(
+                        "  p99 {:.2} ms  max {:.2} ms",
+                        p99 as f64 / 1000.0,
+                        max as f64 / 1000.0
+                    )
+                });
                 eprint!(
-                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s   ",
+                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s{latency}   ",
                     start.elapsed().as_secs_f64(),
                     done,
                     done - last
@@ -734,7 +781,31 @@ async fn main() {
         }
         Err(_) => Vec::new(),
     };
-    report(&shared, &latency, elapsed, &cpu);
+    let timeline = {
+        let seconds = shared.seconds.lock().unwrap();
+        // The seconds inside the measured window (a request due at its very end may run on).
+        let measured = (elapsed.as_secs_f64().ceil() as usize).min(seconds.len());
+        plot::timeline(&seconds[..measured])
+    };
+    if let Some(file) = &shared.options.plot {
+        let title = format!(
+            "{} - {}, {} connections",
+            shared.options.target,
+            shared
+                .options
+                .rate
+                .map_or("closed loop".to_owned(), |r| format!("{r} req/s")),
+            shared.options.connections
+        );
+        match plot::svg(file, &title, &timeline, &latency) {
+            Ok(()) => eprintln!("plot written to {}", file.display()),
+            Err(message) => {
+                eprintln!("{message}");
+                std::process::exit(1);
+            }
+        }
+    }
+    report(&shared, &latency, elapsed, &cpu, &timeline);
 }
 
 /// Each watched process's CPU time so far (user and system, all threads), in seconds.
@@ -803,7 +874,13 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
 }
 
 /// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
-fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration, cpu: &[(String, f64)]) {
+fn report(
+    shared: &Shared,
+    latency: &Histogram<u64>,
+    elapsed: Duration,
+    cpu: &[(String, f64)],
+    timeline: &[plot::Second],
+) {
     let tally = shared.tally.lock().unwrap();
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
@@ -831,6 +908,12 @@ fn report(shared: &Shared, latency: &Histogram<u64>, elapsed: Duration, cpu: &[(
                 .iter()
                 .map(|(label, seconds)| (label.clone(), json!(per_request(*seconds))))
                 .collect::<serde_json::Map<_, _>>(),
+            "timeline": timeline
+                .iter()
+                .enumerate()
+                .map(|(second, s)| json!({"second": second, "requests": s.requests,
+                    "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max}))
+                .collect::<Vec<_>>(),
         });
         println!("{report:#}");
         return;

@@ -1,0 +1,256 @@
+//! The run over time and the latency distribution: a per-second timeline, and an SVG chart of
+//! it (plotters) a person can read at a glance.
+
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+/// One measured second: how many requests were due in it, and their latencies (µs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Second {
+    pub(crate) requests: u64,
+    pub(crate) p50: u64,
+    pub(crate) p90: u64,
+    pub(crate) p99: u64,
+    pub(crate) max: u64,
+}
+
+/// A histogram for one second of the timeline (two significant digits: small, and enough to
+/// draw).
+pub(crate) fn second_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 2).expect("histogram bounds")
+}
+
+/// The seconds of a run, from their histograms (an empty second counts zero requests).
+pub(crate) fn timeline(seconds: &[Histogram<u64>]) -> Vec<Second> {
+    seconds
+        .iter()
+        .map(|h| Second {
+            requests: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        })
+        .collect()
+}
+
+/// The latency at each percentile from 0 to 99.999 (or as far as the samples go), as
+/// (nines, milliseconds): nines is `log10(1 / (1 - q))`, so 1 is p90, 2 p99, 3 p99.9.
+fn distribution(latency: &Histogram<u64>) -> Vec<(f64, f64)> {
+    let most = if latency.is_empty() {
+        0.0
+    } else {
+        (latency.len() as f64).log10().min(5.0)
+    };
+    let steps = 200;
+    (0..=steps)
+        .map(|i| {
+            let nines = most * f64::from(i) / f64::from(steps);
+            let q = 1.0 - 10f64.powf(-nines);
+            (nines, latency.value_at_quantile(q) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+/// A line of the latency chart: its name, its colour, and what of a second it shows.
+type Line = (&'static str, RGBColor, fn(&Second) -> u64);
+
+fn failed(e: impl std::fmt::Display) -> String {
+    format!("cannot draw the plot: {e}")
+}
+
+/// Draws `title`'s run into the SVG file `path`: requests per second over time, latency over
+/// time (p50, p90, p99, max per second), and latency by percentile over the whole run.
+pub(crate) fn svg(
+    path: &Path,
+    title: &str,
+    timeline: &[Second],
+    latency: &Histogram<u64>,
+) -> Result<(), String> {
+    let root = SVGBackend::new(path, (1000, 1150)).into_drawing_area();
+    root.fill(&WHITE).map_err(failed)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(failed)?;
+    let (top, rest) = root.split_vertically(340);
+    let (middle, bottom) = rest.split_vertically(380);
+    let seconds = timeline.len().max(1) as f64;
+    let ms = |us: u64| us as f64 / 1000.0;
+
+    let most = timeline
+        .iter()
+        .map(|s| s.requests)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let mut chart = ChartBuilder::on(&top)
+        .caption("requests per second", ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..seconds, 0f64..most * 1.1)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds measured")
+        .y_desc("requests")
+        .draw()
+        .map_err(failed)?;
+    chart
+        .draw_series(LineSeries::new(
+            timeline
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as f64 + 0.5, s.requests as f64)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(failed)?;
+
+    let highest = timeline
+        .iter()
+        .map(|s| ms(s.max))
+        .fold(0.0, f64::max)
+        .max(0.001);
+    let mut chart = ChartBuilder::on(&middle)
+        .caption(
+            "latency over time (from when each request was due)",
+            ("sans-serif", 17),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..seconds, 0f64..highest * 1.1)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds measured")
+        .y_desc("milliseconds")
+        .draw()
+        .map_err(failed)?;
+    let lines: [Line; 4] = [
+        ("p50", GREEN, |s| s.p50),
+        ("p90", BLUE, |s| s.p90),
+        ("p99", MAGENTA, |s| s.p99),
+        ("max", RED, |s| s.max),
+    ];
+    for (name, color, value) in lines {
+        chart
+            .draw_series(LineSeries::new(
+                timeline
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.requests > 0)
+                    .map(|(i, s)| (i as f64 + 0.5, ms(value(s)))),
+                color.stroke_width(2),
+            ))
+            .map_err(failed)?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(failed)?;
+
+    let points = distribution(latency);
+    let nines = points.last().map_or(1.0, |(n, _)| *n).max(1.0);
+    let highest = points
+        .iter()
+        .map(|(_, v)| *v)
+        .fold(0.0, f64::max)
+        .max(0.001);
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("latency by percentile (whole run)", ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..nines, 0f64..highest * 1.1)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("milliseconds")
+        .x_labels(nines.ceil() as usize + 1)
+        .x_label_formatter(&|n| percentile_label(*n))
+        .draw()
+        .map_err(failed)?;
+    chart
+        .draw_series(LineSeries::new(points, BLACK.stroke_width(2)))
+        .map_err(failed)?;
+    root.present().map_err(failed)?;
+    Ok(())
+}
+
+/// `0` -> `p0`, `1` -> `p90`, `2` -> `p99`, `3` -> `p99.9`, ...
+fn percentile_label(nines: f64) -> String {
+    let q = 100.0 * (1.0 - 10f64.powf(-nines));
+    let text = format!("{q:.5}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("p{text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_labels_count_nines() {
+        assert_eq!(percentile_label(0.0), "p0");
+        assert_eq!(percentile_label(1.0), "p90");
+        assert_eq!(percentile_label(2.0), "p99");
+        assert_eq!(percentile_label(3.0), "p99.9");
+    }
+
+    #[test]
+    fn the_timeline_and_the_plot_show_what_was_recorded() {
+        let mut seconds = vec![second_histogram(), second_histogram(), second_histogram()];
+        for v in 1..=1000u64 {
+            seconds[0].record(v).unwrap();
+            seconds[2].record(v * 10).unwrap();
+        }
+        let timeline = timeline(&seconds);
+        assert_eq!(timeline[0].requests, 1000);
+        assert_eq!(timeline[1].requests, 0);
+        assert!((495..=505).contains(&timeline[0].p50), "{:?}", timeline[0]);
+        assert!(
+            (9_900..=10_100).contains(&timeline[2].max),
+            "{:?}",
+            timeline[2]
+        );
+        let mut whole = second_histogram();
+        for h in &seconds {
+            whole.add(h).unwrap();
+        }
+        let points = distribution(&whole);
+        assert_eq!(points.first().unwrap().0, 0.0);
+        assert!(
+            points.windows(2).all(|w| w[0].1 <= w[1].1),
+            "latency rises with the percentile"
+        );
+        let path =
+            std::env::temp_dir().join(format!("fhir-loadgen-plot-{}.svg", std::process::id()));
+        svg(&path, "a test run", &timeline, &whole).unwrap();
+        let drawn = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            drawn.starts_with("<svg"),
+            "{}",
+            &drawn[..100.min(drawn.len())]
+        );
+        for text in [
+            "a test run",
+            "requests per second",
+            "p99",
+            "latency by percentile",
+            "p99.9",
+        ] {
+            assert!(drawn.contains(text), "{text} missing");
+        }
+        assert!(drawn.matches("<polyline").count() >= 6, "six lines");
+    }
+}

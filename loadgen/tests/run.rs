@@ -1,0 +1,127 @@
+//! A real run against a small HTTP/1.1 server on loopback: the JSON report with its per-second
+//! timeline, and the SVG chart, in a closed loop and at a fixed rate.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
+
+/// A keep-alive server answering every request head with `200 {}`; its address.
+fn server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(read) = stream.read(&mut chunk) else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..read]);
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buffer.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+fn run(extra: &[&str]) -> (serde_json::Value, String) {
+    let plot = std::env::temp_dir().join(format!(
+        "fhir-loadgen-run-{}-{}.svg",
+        std::process::id(),
+        extra.len()
+    ));
+    let out = Command::new(LOADGEN)
+        .args([
+            "--target",
+            &server(),
+            "--path",
+            "/Patient/1",
+            "--duration",
+            "2",
+        ])
+        .args(["--warmup", "0.5", "--connections", "2", "--json", "--plot"])
+        .arg(&plot)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("plot written to"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    std::fs::remove_file(&plot).unwrap();
+    (report, svg)
+}
+
+fn check(report: &serde_json::Value, svg: &str) {
+    assert_eq!(report["errors"], serde_json::json!({}), "{report:#}");
+    let requests = report["requests"].as_u64().unwrap();
+    assert!(requests > 20, "{report:#}");
+    assert_eq!(report["statuses"]["200"].as_u64(), Some(requests));
+    let timeline = report["timeline"].as_array().unwrap();
+    assert_eq!(timeline.len(), 2, "two measured seconds: {report:#}");
+    let counted: u64 = timeline
+        .iter()
+        .map(|s| s["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        counted, requests,
+        "every measured request is in the timeline"
+    );
+    for second in timeline {
+        assert!(second["p50_us"].as_u64() <= second["p99_us"].as_u64());
+        assert!(second["p99_us"].as_u64() <= second["max_us"].as_u64());
+    }
+    assert!(svg.starts_with("<svg"));
+    for text in [
+        "requests per second",
+        "latency over time",
+        "latency by percentile",
+        "p99",
+    ] {
+        assert!(svg.contains(text), "the chart lacks {text:?}");
+    }
+}
+
+#[test]
+fn a_closed_loop_run_reports_its_timeline_and_draws_it() {
+    let (report, svg) = run(&[]);
+    assert_eq!(report["mode"], "closed");
+    check(&report, &svg);
+}
+
+#[test]
+fn a_fixed_rate_run_keeps_its_rate_second_by_second() {
+    let (report, svg) = run(&["--rate", "200"]);
+    assert_eq!(report["mode"], "rate 200/s");
+    check(&report, &svg);
+    for second in report["timeline"].as_array().unwrap() {
+        let n = second["requests"].as_u64().unwrap();
+        assert!((190..=210).contains(&n), "{second}");
+    }
+}
+
+#[test]
+fn a_plot_that_is_not_svg_is_refused() {
+    let out = Command::new(LOADGEN)
+        .args(["--target", "http://127.0.0.1:9/fhir", "--plot", "run.png"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".svg"));
+}
