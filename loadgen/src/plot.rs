@@ -45,13 +45,18 @@ fn distribution(latency: &Histogram<u64>) -> Vec<(f64, f64)> {
         (latency.len() as f64).log10().min(5.0)
     };
     let steps = 200;
-    (0..=steps)
+    let mut points: Vec<(f64, f64)> = (0..=steps)
         .map(|i| {
             let nines = most * f64::from(i) / f64::from(steps);
             let q = 1.0 - 10f64.powf(-nines);
             (nines, latency.value_at_quantile(q) as f64 / 1000.0)
         })
-        .collect()
+        .collect();
+    // The slowest request ends the line.
+    if let Some(last) = points.last_mut() {
+        last.1 = last.1.max(latency.max() as f64 / 1000.0);
+    }
+    points
 }
 
 /// A line of the latency chart: its name, its colour, and what of a second it shows.
@@ -94,6 +99,7 @@ pub(crate) fn svg(
         .configure_mesh()
         .x_desc("seconds measured")
         .y_desc("requests")
+        .y_label_formatter(&|n| format!("{n:.0}"))
         .draw()
         .map_err(failed)?;
     chart
