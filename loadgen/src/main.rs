@@ -55,6 +55,8 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --alg ALG               --mint-key's algorithm: RS256..RS512, PS256..PS512, ES256, ES384,
                           EdDSA; default ES256
   --kid KID               the `kid` header of minted tokens
+  --bearer TOKEN          send this one bearer token with every request (a gateway whose
+                          tokens you get elsewhere)
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
   --path PATH             one request path instead of the client mix
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
@@ -74,6 +76,8 @@ during it when 80% of their lifetime has passed.
 #[derive(Clone)]
 enum Tokens {
     None,
+    /// One `Authorization` value for every request (`--bearer`).
+    Static(HeaderValue),
     Mint {
         key: EncodingKey,
         header: Box<Header>,
@@ -129,6 +133,7 @@ fn options() -> Result<Options, String> {
     let (mut issuer, mut audience, mut secret) = (None, None, None);
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
+    let mut bearer: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -158,6 +163,7 @@ fn options() -> Result<Options, String> {
             "--issuer" => issuer = Some(value()?),
             "--audience" => audience = Some(value()?),
             "--token-url" => token_url = Some(value()?),
+            "--bearer" => bearer = Some(value()?),
             "--client-id" => client_id = Some(value()?),
             "--client-secret" => client_secret = Some(value()?),
             "--path" => {
@@ -209,6 +215,16 @@ fn options() -> Result<Options, String> {
         (None, Some(file)) => Some(minting_key(&file, alg.as_deref().unwrap_or("ES256"))?),
         (None, None) => None,
     };
+    let sources = [minting_key.is_some(), token_url.is_some(), bearer.is_some()];
+    if sources.iter().filter(|given| **given).count() > 1 {
+        return Err("give one of --mint-hs256/--mint-key, --token-url and --bearer".to_owned());
+    }
+    if let Some(token) = bearer {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "--bearer: not a token a header can carry".to_owned())?;
+        o.tokens = Tokens::Static(value);
+        return finish(o);
+    }
     o.tokens = match (minting_key, token_url) {
         (Some((key, algorithm)), _) => {
             let mut header = Header::new(algorithm);
@@ -227,6 +243,11 @@ fn options() -> Result<Options, String> {
         },
         (None, None) => Tokens::None,
     };
+    finish(o)
+}
+
+/// Checks the target and fills in what follows from it.
+fn finish(mut o: Options) -> Result<Options, String> {
     let target: Uri = o.target.parse().map_err(|e| format!("--target: {e}"))?;
     if target.scheme_str() != Some("http") {
         return Err("--target must be an http:// URL".to_owned());
@@ -388,8 +409,10 @@ struct TokenBook {
 impl TokenBook {
     /// The `Authorization` value for tenant number `index`, `tenant`.
     async fn bearer(&self, index: usize, tenant: &str) -> Result<Option<HeaderValue>, String> {
-        if matches!(self.tokens, Tokens::None) {
-            return Ok(None);
+        match &self.tokens {
+            Tokens::None => return Ok(None),
+            Tokens::Static(value) => return Ok(Some(value.clone())),
+            _ => {}
         }
         if let Some((value, until)) = &*self.held[index].lock().unwrap() {
             if Instant::now() < *until {
@@ -397,7 +420,7 @@ impl TokenBook {
             }
         }
         let (token, lifetime) = match &self.tokens {
-            Tokens::None => unreachable!(),
+            Tokens::None | Tokens::Static(_) => unreachable!("answered above"),
             Tokens::Mint {
                 key,
                 header,

@@ -7,7 +7,8 @@ use std::process::Command;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
 
-/// A keep-alive server answering every request head with `200 {}`; its address.
+/// A keep-alive server answering every request head with `200 {}` (`401` for a bearer token
+/// other than `t0ken`); its address.
 fn server() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -26,8 +27,16 @@ fn server() -> String {
                     }
                     buffer.extend_from_slice(&chunk[..read]);
                     while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
                         buffer.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}";
+                        // A bearer token, when sent, must be the right one.
+                        let refused = head.contains("authorization:")
+                            && !head.contains("authorization: bearer t0ken");
+                        let answer: &[u8] = if refused {
+                            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}"
+                        };
                         if stream.write_all(answer).is_err() {
                             return;
                         }
@@ -40,10 +49,11 @@ fn server() -> String {
 }
 
 fn run(extra: &[&str]) -> (serde_json::Value, String) {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let plot = std::env::temp_dir().join(format!(
         "fhir-loadgen-run-{}-{}.svg",
         std::process::id(),
-        extra.len()
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let out = Command::new(LOADGEN)
         .args([
@@ -124,4 +134,17 @@ fn a_plot_that_is_not_svg_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(".svg"));
+}
+
+#[test]
+fn one_bearer_token_goes_with_every_request() {
+    let (report, svg) = run(&["--bearer", "t0ken"]);
+    check(&report, &svg);
+    let (report, _) = run(&["--bearer", "wrong"]);
+    let requests = report["requests"].as_u64().unwrap();
+    assert_eq!(
+        report["statuses"]["401"].as_u64(),
+        Some(requests),
+        "{report:#}"
+    );
 }
