@@ -105,7 +105,14 @@ pub(crate) struct Config {
     /// anyway. Default 30.
     #[serde(default = "default_shutdown_grace")]
     pub(crate) shutdown_grace_seconds: u64,
+    /// Worker threads serving connections, each with a listening socket of its own on
+    /// `listen`. Default: the CPUs this process may use.
+    #[serde(default)]
+    pub(crate) workers: Option<usize>,
 }
+
+/// The most `workers` accepted.
+pub(crate) const MAX_WORKERS: usize = 1024;
 
 /// `audit_query`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -170,6 +177,7 @@ impl std::fmt::Debug for Config {
             .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_connections", &self.max_connections)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -393,7 +401,23 @@ impl Config {
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1, not 0".to_owned());
         }
+        if let Some(workers) = self.workers {
+            if !(1..=MAX_WORKERS).contains(&workers) {
+                return Err(format!(
+                    "workers must be between 1 and {MAX_WORKERS}, not {workers}"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The worker threads to run: `workers`, or the CPUs this process may use.
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_WORKERS)
+        })
     }
 
     /// An empty configuration with every default.
@@ -512,6 +536,14 @@ mod tests {
         assert_eq!(defaults.max_connections, 10_000);
         assert_eq!(defaults.shutdown_grace_seconds, 30);
         assert_eq!(defaults.check_connection_limits(), Ok(()));
+        assert!(defaults.worker_count() >= 1);
+        let two: Config = serde_json::from_str(r#"{"workers": 2}"#).unwrap();
+        assert_eq!(two.worker_count(), 2);
+        let none: Config = serde_json::from_str(r#"{"workers": 0}"#).unwrap();
+        assert_eq!(
+            none.check_connection_limits(),
+            Err("workers must be between 1 and 1024, not 0".to_owned())
+        );
 
         let config: Config = serde_json::from_str(
             r#"{"header_read_timeout_seconds": 5, "idle_timeout_seconds": 7,

@@ -69,7 +69,12 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The main thread's runtime: start-up, then background work (change listeners, key
+    // refreshes, metrics); connections are served by the workers' runtimes (see `serve`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => return failed(&format!("cannot start the async runtime: {e}")),
     };
@@ -132,10 +137,12 @@ async fn run(args: Args) -> Result<(), String> {
         front::serve_metrics(listener, handle);
         eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let workers = config.worker_count();
+    let listeners = serve::bind(config.listen, workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let local = listener
+    let local = listeners
+        .first()
+        .ok_or("no listening socket")?
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
@@ -170,6 +177,7 @@ async fn run(args: Args) -> Result<(), String> {
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
     println!("tower-fhir gateway listening on {base}");
+    println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
     println!("  state in {}", state.location);
     let tenants = state
         .directory
@@ -227,7 +235,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_connections: config.max_connections,
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
     };
-    serve::serve(listener, front, admin, limits, stop).await;
+    serve::serve(listeners, front, admin, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");

@@ -1,9 +1,18 @@
 //! Serving: HTTP/1.1 and HTTP/2 connections, the admin API beside the gateway, graceful
 //! shutdown on SIGTERM or Ctrl-C.
 //!
+//! One worker per CPU (`workers`), as nginx runs one per core: each a thread of its own with a
+//! single-threaded tokio runtime and a listening socket of its own on the same address
+//! (`SO_REUSEPORT`: the kernel spreads new connections over them). A connection lives on the
+//! worker that accepted it; a request never changes threads, and no work-stealing scheduler
+//! runs between it and the socket. The workers share the gateway (its caches, keys and
+//! limits); background work (change listeners, key refreshes, metrics) runs on the main
+//! thread's runtime.
+//!
 //! Each connection is bounded: a whole request head within the header-read timeout, no idle
-//! keep-alive beyond the idle timeout, at most `max_connections` at once (the rest wait in the
-//! kernel's listen backlog), and at shutdown in-flight requests get the grace period, no more.
+//! keep-alive beyond the idle timeout, at most `max_connections` served at once (beyond, each
+//! worker holds one accepted connection unserved and the rest wait in the kernel's listen
+//! backlog), and at shutdown in-flight requests get the grace period, no more.
 //! HTTP/1.1's header-read timeout is hyper's own timer, which also runs while a keep-alive
 //! connection waits for its next request (so such a connection is closed after the smaller of
 //! the two timeouts). The per-connection watchdog covers the rest: a connection that has
@@ -14,6 +23,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,32 +60,118 @@ pub(crate) struct Limits {
     pub(crate) shutdown_grace: Duration,
 }
 
-/// Serves HTTP/1.1 and HTTP/2 until Ctrl-C or SIGTERM, then lets in-flight requests finish
-/// within `limits.shutdown_grace`.
+/// `workers` listening sockets on `addr` (the first one's port for the others, when `addr`
+/// names port 0), each with `SO_REUSEPORT` (on Unix; elsewhere one socket, one worker).
+/// Call it inside a tokio runtime.
+pub(crate) fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(workers);
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        #[cfg(unix)]
+        {
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        addr = listener.local_addr()?;
+        listeners.push(listener.into_std()?);
+        if cfg!(not(unix)) {
+            break;
+        }
+    }
+    Ok(listeners)
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on `listeners`, a worker each (see the [module docs](self)),
+/// until Ctrl-C or SIGTERM, then lets in-flight requests finish within
+/// `limits.shutdown_grace`.
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     gateway: Front,
     admin: Option<Router>,
     limits: Limits,
     stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    // Each connection holds a permit, whichever worker has it: with none left, the next one
+    // waits in the listen backlog.
+    let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let (stopping, stop_watch) = watch::channel(false);
+    // Told when the main thread has stopped waiting for connections: the workers then end.
+    let (finished, finished_watch) = watch::channel(false);
+    let mut workers = Vec::with_capacity(listeners.len());
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start a worker's runtime: {e}"))?;
+        let (gateway, admin, permits) = (gateway.clone(), admin.clone(), Arc::clone(&permits));
+        let (stop_watch, mut finished_watch) = (stop_watch.clone(), finished_watch.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("tower-fhir-worker-{n}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            accept(listener, gateway, admin, limits, permits, stop_watch).await;
+                        }
+                        Err(error) => tracing::error!(%error, "a worker cannot listen"),
+                    }
+                    // Its connections run on this thread: it stays until they are done.
+                    let _ = finished_watch.wait_for(|&finished| finished).await;
+                });
+            })
+            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
+        workers.push(worker);
+    }
+    stop.await;
+    let _ = stopping.send(true);
+    // Every permit back means every connection is closed.
+    let all = limits.max_connections;
+    if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        let open = (all as usize).saturating_sub(permits.available_permits());
+        tracing::warn!(
+            open_connections = open,
+            grace_seconds = limits.shutdown_grace.as_secs(),
+            "shutdown grace period over with {open} connections still open; exiting anyway"
+        );
+    }
+    let _ = finished.send(true);
+    for worker in workers {
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
+    Ok(())
+}
+
+/// One worker's accept loop: each connection served on this thread, until `stop_watch` says
+/// stop (then every connection is told to finish its requests and close).
+async fn accept(
+    listener: tokio::net::TcpListener,
+    gateway: Front,
+    admin: Option<Router>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    stop_watch: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    // Each connection holds a permit: with none left, the next one waits in the listen backlog.
-    let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
-    let (stopping, stop_watch) = watch::channel(false);
+    let mut stop_signal = stop_watch.clone();
+    let stop = async move {
+        let _ = stop_signal.wait_for(|&stop| stop).await;
+    };
     let mut stop = std::pin::pin!(stop);
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_closed) => break,
-            },
-            () = &mut stop => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -85,6 +181,17 @@ pub(crate) async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            () = &mut stop => break,
+        };
+        // Accepted first, then a permit waited for: a permit freed on another worker must not
+        // sit with a worker whose own backlog is empty while this one's connection waits. So
+        // at max_connections each worker holds at most one connection unserved; the rest wait
+        // in the kernel's backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
             },
             () = &mut stop => break,
         };
@@ -151,20 +258,6 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
-    let _ = stopping.send(true);
-    // Every permit back means every connection is closed.
-    let all = limits.max_connections;
-    if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        let open = (all as usize).saturating_sub(permits.available_permits());
-        tracing::warn!(
-            open_connections = open,
-            grace_seconds = limits.shutdown_grace.as_secs(),
-            "shutdown grace period over with {open} connections still open; exiting anyway"
-        );
-    }
 }
 
 /// What one connection has done, for its watchdog: bytes moved and requests started and
