@@ -5,6 +5,7 @@
 #   DURATION=20 CONNECTIONS=64 ROUNDS=6 bash benches/compare.sh
 #   EXTRAS=0 bash benches/compare.sh   # skip the 10,000-connection and 100,000-tenant runs
 #   ENVOY=0 bash benches/compare.sh    # leave Envoy out
+#   WRK=0 bash benches/compare.sh      # leave out the second load generator, wrk
 #
 # A fixed upstream (loadgen/src/bin/bench_servers.rs `upstream`: one small Patient for every request)
 # and the load generator (loadgen/src/main.rs, the deployed clients' request mix, one token per tenant
@@ -36,6 +37,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 EXTRAS=${EXTRAS:-1}
 ENVOY=${ENVOY:-1}
+WRK=${WRK:-1}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 # The targets are measured in turn, ROUNDS times over, every other round in reverse order (so a
 # machine that speeds up or slows down during the run favours no target); ratios are taken
@@ -49,6 +51,7 @@ before_cleanup() {
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
 need nginx nginx
+[ "$WRK" = 1 ] && need wrk wrk
 envoy_bin=""
 if [ "$ENVOY" = 1 ]; then
   if command -v envoy >/dev/null; then
@@ -67,9 +70,10 @@ if [ "$ENVOY" = 1 ]; then
 fi
 # gateway_config FILE PORT TENANTS: the gateway with TENANTS tenants, all on the upstream.
 gateway_config() {
-  python3 - "$1" "$2" "$3" "$upstream_port" "$work" <<'PY'
+  python3 - "$1" "$2" "$3" "$upstream_port" "$work" "${4:-{\}}" <<'PY'
 import json, sys
 path, port, count, upstream, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+extra = json.loads(sys.argv[6])
 tenants = ["00000000-0000-4000-8000-%012x" % i for i in range(count)]
 json.dump({
     "listen": f"127.0.0.1:{port}",
@@ -78,11 +82,11 @@ json.dump({
     "tenants": [{"id": t, "upstreams": [{"base_url": f"http://127.0.0.1:{upstream}/fhir", "fhir_version": "3.0"}]} for t in tenants],
     # Token issuance is not what is measured: a cheap hash lets 100,000 tokens come quickly.
     "secret_hashing": {"memory_kib": 8, "iterations": 1},
-}, open(path, "w"))
+} | extra, open(path, "w"))
 PY
 }
-start_gateway() { # PORT TENANTS -> pid in $gateway_pid
-  gateway_config "$work/gateway-$1.json" "$1" "$2"
+start_gateway() { # PORT TENANTS [EXTRA_JSON] -> pid in $gateway_pid
+  gateway_config "$work/gateway-$1.json" "$1" "$2" "${3:-{\}}"
   RUST_LOG=warn taskset -c "$SERVER_CPU" "$bin/tower-fhir-gateway" --config "$work/gateway-$1.json" >"$work/gateway-$1.log" 2>&1 &
   gateway_pid=$!
   pids+=("$gateway_pid")
@@ -281,6 +285,82 @@ for label, a, b, key, target in rows:
         print(f"{label:<32} {per_round(a, b, key):>8.2f}x        {bests(a, b, key):.2f}x" + (f"   (target {target})" if target else ""))
 PY
 echo "gateway peak RSS after these runs: $(peak_rss_kib "$single_gateway") KiB"
+
+if [ "$WRK" = 1 ]; then
+  # wrk: a lighter load generator than ours (one thread, one path, one token), so that the
+  # proxy under test, not the load side, is what saturates. The gateway also with its metrics
+  # endpoint and audit log on.
+  observed_port=$(port)
+  start_gateway "$observed_port" 1 "{\"metrics_listen\": \"127.0.0.1:$(port)\", \"audit_log\": \"$work/audit.jsonl\"}"
+  observed_gateway=$gateway_pid
+  # Each gateway signs its own tokens.
+  token_of() {
+    curl -s -X POST "http://127.0.0.1:$1/oauth/token" \
+      -d "grant_type=client_credentials&client_id=bench&client_secret=bench-secret-0123456789&scope=$one" |
+      python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
+  }
+  gateway_token=$(token_of "$gateway_port")
+  observed_token=$(token_of "$observed_port")
+  wrk_targets=(passthrough nginx gateway gateway+ops)
+  wrk_one() { # TARGET ROUND
+    local url token=$gateway_token
+    case $1 in
+      passthrough) url="http://127.0.0.1:$passthrough_port/fhir/Patient/123" ;;
+      nginx) url="http://127.0.0.1:$nginx_port/fhir/Patient/123" ;;
+      gateway) url="http://127.0.0.1:$gateway_port/Patient/123" ;;
+      gateway+ops) url="http://127.0.0.1:$observed_port/Patient/123" token=$observed_token ;;
+    esac
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+      -H "Authorization: Bearer $token" -H "Accept: application/fhir+json" "$url" >"$work/wrk.$1.$2.txt"
+    python3 - "$work/wrk.$1.$2.txt" "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+value, unit = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", text, re.M).groups()
+p99 = float(value) * {"us": 1, "ms": 1000, "s": 1000000}[unit]
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+errors = re.search(r"Socket errors: (.*)", text)
+print(f"  {sys.argv[2]:<12} {rps:>9.0f} req/s   p99 {p99:>6.0f} us" + (f"   non-2xx {bad.group(1)}" if bad else "") + (f"   socket errors {errors.group(1)}" if errors else ""))
+open(sys.argv[1] + ".tsv", "w").write(f"{rps}\t{p99}\t{bad.group(1) if bad else 0}\n")
+PY
+  }
+  echo
+  echo "wrk -t1 -c$CONNECTIONS, GET /Patient/123 with a bearer token, ${DURATION}s a run (wrk on CPU $CLIENT_CPU with the upstream):"
+  for round in $(seq 1 "$ROUNDS"); do
+    order=("${wrk_targets[@]}")
+    if [ $((round % 2)) = 0 ]; then
+      order=()
+      for ((i = ${#wrk_targets[@]} - 1; i >= 0; i--)); do order+=("${wrk_targets[$i]}"); done
+    fi
+    echo "round $round"
+    for target in "${order[@]}"; do wrk_one "$target" "$round"; done
+  done
+  python3 - "$work" "$ROUNDS" "${wrk_targets[@]}" <<'PY'
+import sys
+w, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+runs = {n: [tuple(map(float, open(f"{w}/wrk.{n}.{i}.txt.tsv").read().split())) for i in range(1, rounds + 1)] for n in names}
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+print()
+print(f"wrk, medians of {rounds} rounds per target:")
+print()
+print("| target | req/s | p99 (us) |")
+print("|---|---:|---:|")
+for n in names:
+    print(f"| {n} | {median(r[0] for r in runs[n]):.0f} | {median(r[1] for r in runs[n]):.0f} |")
+print()
+def ratio(a, b, at):
+    return median(x[at] / y[at] for x, y in zip(runs[a], runs[b]))
+for a, b in [("gateway", "nginx"), ("gateway+ops", "nginx"), ("gateway", "passthrough"), ("gateway+ops", "gateway")]:
+    print(f"{a + ' / ' + b:<28} throughput {ratio(a, b, 0):.2f}x   p99 {ratio(a, b, 1):.2f}x   (median of the rounds' ratios)")
+bad = sum(r[2] for n in names for r in runs[n])
+if bad:
+    print(f"non-2xx answers in the wrk runs: {bad:.0f}: the figures above are not valid")
+    sys.exit(1)
+PY
+fi
 
 [ "$EXTRAS" = 1 ] || exit 0
 
