@@ -580,3 +580,35 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_seeding_adds_only_tenants_never_held() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("seeding", "the PostgreSQL seeding test")
+    else {
+        return;
+    };
+    server.create_database("seeding");
+    let store = PgState::connect(&server.url("seeding"))
+        .await
+        .unwrap()
+        .tenant_store();
+    let a = TenantId::parse(A).unwrap();
+    let seeded = upstreams("http://seeded.example/fhir", FhirVersion::R4);
+    let changed = upstreams("http://changed.example/fhir", FhirVersion::R4);
+    assert!(store.insert_if_absent(a, &seeded).await.unwrap());
+    // A change made since is kept.
+    store.put(a, changed.clone()).await.unwrap();
+    assert!(!store.insert_if_absent(a, &seeded).await.unwrap());
+    assert_eq!(store.lookup(a).await.unwrap(), Some(changed.clone()));
+    // A tenant removed since stays removed.
+    assert!(store.delete(a).await.unwrap());
+    assert!(!store.insert_if_absent(a, &seeded).await.unwrap());
+    assert_eq!(store.lookup(a).await.unwrap(), None);
+    // Onboarded again on purpose, it is there; removed again, seeding still leaves it out.
+    store.put(a, changed.clone()).await.unwrap();
+    assert_eq!(store.lookup(a).await.unwrap(), Some(changed));
+    assert!(store.delete(a).await.unwrap());
+    assert!(!store.insert_if_absent(a, &seeded).await.unwrap());
+}

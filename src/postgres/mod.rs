@@ -65,7 +65,7 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -107,6 +107,10 @@ const MIGRATIONS: [&str; 4] = [
          PRIMARY KEY (client, source)
      );
      CREATE INDEX tower_fhir_auth_failures_expiry ON tower_fhir_auth_failures (expires_at);",
+    "CREATE TABLE tower_fhir_removed_tenants (
+         id uuid PRIMARY KEY,
+         removed_at timestamptz NOT NULL DEFAULT now()
+     );",
 ];
 
 /// The channel changes are announced on.
@@ -611,9 +615,11 @@ impl PgTenantStore {
         }
     }
 
-    /// Adds `tenant` unless the directory holds it already (the addition announced as every
-    /// change is); whether it was added. For seeding many replicas from one configuration:
-    /// none of them overwrites a change made since through another.
+    /// Adds `tenant` unless the directory holds it already or held it and it was removed (the
+    /// addition announced as every change is); whether it was added. For seeding many
+    /// replicas from one configuration: none of them overwrites a change made since through
+    /// another, nor brings back a tenant removed since. ([`put`](TenantStore::put) onboards a
+    /// removed tenant again.)
     pub async fn insert_if_absent(
         &self,
         tenant: TenantId,
@@ -630,7 +636,9 @@ impl PgTenantStore {
         let transaction = connection.transaction().await.map_err(failed)?;
         let added = transaction
             .execute(
-                "INSERT INTO tower_fhir_tenants (id, record) VALUES ($1, $2)
+                "INSERT INTO tower_fhir_tenants (id, record)
+                 SELECT $1, $2
+                 WHERE NOT EXISTS (SELECT 1 FROM tower_fhir_removed_tenants WHERE id = $1)
                  ON CONFLICT (id) DO NOTHING",
                 &[&uuid(tenant), &json],
             )
@@ -676,6 +684,13 @@ impl PgTenantStore {
                 .await
                 .map_err(failed)?;
             replaced.push(row.get(0));
+            transaction
+                .execute(
+                    "DELETE FROM tower_fhir_removed_tenants WHERE id = $1",
+                    &[&uuid(*tenant)],
+                )
+                .await
+                .map_err(failed)?;
             notify(&transaction, *tenant, &self.origin)
                 .await
                 .map_err(failed)?;
@@ -762,6 +777,15 @@ impl TenantStore for PgTenantStore {
                 .map_err(failed)?
                 > 0;
             if removed {
+                // Remembered, so that seeding from a configuration does not bring it back.
+                transaction
+                    .execute(
+                        "INSERT INTO tower_fhir_removed_tenants (id) VALUES ($1)
+                         ON CONFLICT (id) DO UPDATE SET removed_at = now()",
+                        &[&uuid(tenant)],
+                    )
+                    .await
+                    .map_err(failed)?;
                 notify(&transaction, tenant, &this.origin)
                     .await
                     .map_err(failed)?;
