@@ -384,6 +384,26 @@ async fn replicas_share_signing_keys_and_rotate_them_together() {
         )
         .await;
     }
+
+    // A new key retired before its time to sign cancels its rotation: the key that signs keeps
+    // signing, and is no longer scheduled to go.
+    let pending = keys
+        .rotate(Duration::from_secs(60), Duration::from_secs(1))
+        .await
+        .unwrap();
+    let scheduled = format!(
+        "SELECT count(*) FROM tower_fhir_signing_keys WHERE kid = '{newer}' AND retire_at IS NOT NULL"
+    );
+    assert_eq!(server.query("keys", &scheduled).trim(), "1");
+    keys.retire(&pending).await.unwrap();
+    assert_eq!(server.query("keys", &scheduled).trim(), "0");
+    for replica in [&one, &two, &three] {
+        eventually(Duration::from_secs(1), "the cancelled key gone", || async {
+            !published(replica).await.contains(&pending)
+        })
+        .await;
+        assert_eq!(token_from(replica).await.1, newer);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,9 @@ pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
 /// database make one first key, and two rotations do not interleave.
 const KEYS_LOCK: i64 = 0x746f_7765_726b_6579; // "towerkey"
 
+/// How often a replica reads the keys again though it heard of no change.
+const RELOAD_EVERY: Duration = Duration::from_secs(60);
+
 /// The notification payload of a key change.
 const KEYS_CHANGED: &str = "keys";
 
@@ -380,7 +383,9 @@ impl PgSigningKeys {
 
     /// Stops publishing the key `kid` everywhere at once, for a compromised key: tokens it
     /// signed are refused by every replica within moments. The key that signs now cannot be
-    /// retired: [`rotate`](Self::rotate) first (with a short `publish_for`).
+    /// retired: [`rotate`](Self::rotate) first (with a short `publish_for`). A new key retired
+    /// before its time to sign cancels its rotation: the keys it was to replace stay published
+    /// until the next rotation.
     pub async fn retire(&self, kid: &str) -> Result<(), PgError> {
         let mut connection = connect(&self.pool).await?;
         let failed = |e| PgError::new("cannot retire a signing key", e);
@@ -412,6 +417,14 @@ impl PgSigningKeys {
         if !live.iter().any(|(_, published)| published == kid) {
             return Err(PgError::plain(format!("no published signing key {kid:?}")));
         }
+        let pending = transaction
+            .query_opt(
+                "SELECT 1 FROM tower_fhir_signing_keys WHERE kid = $1 AND signs_from > $2",
+                &[&kid, &now],
+            )
+            .await
+            .map_err(failed)?
+            .is_some();
         transaction
             .execute(
                 "UPDATE tower_fhir_signing_keys SET retire_at = $2 WHERE kid = $1",
@@ -419,6 +432,18 @@ impl PgSigningKeys {
             )
             .await
             .map_err(failed)?;
+        if pending {
+            // A key retired before it signed: the keys its rotation was to replace stay
+            // published (until the next rotation schedules them), or nothing would sign.
+            transaction
+                .execute(
+                    "UPDATE tower_fhir_signing_keys SET retire_at = NULL
+                     WHERE retire_at > $1 AND signs_from <= $1",
+                    &[&now],
+                )
+                .await
+                .map_err(failed)?;
+        }
         announce(&transaction).await?;
         transaction.commit().await.map_err(failed)?;
         self.reload.notify_one();
@@ -437,6 +462,8 @@ async fn follow(
     mut rows: Vec<Row>,
 ) {
     let mut stale = false;
+    let mut read_at = tokio::time::Instant::now();
+    let mut unusable = false;
     while keys.holders() > 1 {
         let now = unix_millis();
         // At most a second asleep: to see that nobody holds the keys, and to retry a failed read.
@@ -447,7 +474,10 @@ async fn follow(
         )
         .await
         .is_ok();
-        if woken || stale {
+        // Read again when told, after a failed read, and every minute whatever was heard (a
+        // listening connection can die without a word).
+        if woken || stale || read_at.elapsed() >= RELOAD_EVERY {
+            read_at = tokio::time::Instant::now();
             match load(&pool, &kek).await {
                 Ok(fresh) => {
                     rows = fresh;
@@ -463,8 +493,13 @@ async fn follow(
         }
         let now = unix_millis();
         let Some((published, current)) = ring(&rows, now) else {
+            if !unusable {
+                tracing::error!("the database holds no signing key that is still published: signing on with the keys last read");
+            }
+            unusable = true;
             continue;
         };
+        unusable = false;
         let (kids, current_kid) = keys.kids();
         let same = current_kid == current.kid()
             && kids.len() == published.len()
@@ -492,10 +527,10 @@ impl Handler for KeyChanges {
         self.keys.holders() > 2
     }
 
-    async fn listening(&mut self, missed: bool) {
-        if missed {
-            self.reload.notify_one();
-        }
+    async fn listening(&mut self, _missed: bool) {
+        // Every time, the first included: a change committed between the first read and
+        // this connection's LISTEN would otherwise go unheard.
+        self.reload.notify_one();
     }
 
     fn heard(&mut self, payload: &str) {
