@@ -29,6 +29,21 @@ impl fmt::Debug for PgFailureCounts {
     }
 }
 
+/// Whether this process should remove expired counts now (at most once a minute).
+fn cleanup_due(now: i64) -> bool {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    now.saturating_sub(last) >= 60_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+}
+
 fn counts(row: &tokio_postgres::Row) -> Counts {
     Counts {
         window_start: row.get(0),
@@ -77,14 +92,6 @@ impl FailureCounts for PgFailureCounts {
             let mut connection = pool.get().await.map_err(|e| e.to_string())?;
             let transaction = connection.transaction().await.map_err(failed)?;
             let now = unix_millis();
-            // Counts nothing matters about any more go as new ones come.
-            transaction
-                .execute(
-                    "DELETE FROM tower_fhir_auth_failures WHERE expires_at <= $1",
-                    &[&now],
-                )
-                .await
-                .map_err(failed)?;
             // The row exists before it is locked, so parallel first failures count twice.
             transaction
                 .execute(
@@ -125,6 +132,19 @@ impl FailureCounts for PgFailureCounts {
                 .await
                 .map_err(failed)?;
             transaction.commit().await.map_err(failed)?;
+            // Counts nothing matters about any more go, at most once a minute from each
+            // process and outside the failure's transaction (no lock held meanwhile); rows
+            // another transaction holds are left for the next time.
+            if cleanup_due(now) {
+                let _ = connection
+                    .execute(
+                        "DELETE FROM tower_fhir_auth_failures WHERE ctid IN (
+                             SELECT ctid FROM tower_fhir_auth_failures
+                             WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)",
+                        &[&now],
+                    )
+                    .await;
+            }
             Ok(block)
         })
     }

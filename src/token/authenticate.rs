@@ -63,8 +63,9 @@ pub(super) enum Denied {
 pub(super) struct Admitted {
     attempt: Attempt,
     source: Source,
-    /// The failures the shared counts held when it was admitted.
-    shared_failures: u32,
+    /// Whether the shared counts held failures or blocks when it was admitted (a success
+    /// then clears them).
+    shared_counted: bool,
 }
 
 /// A client whose secret was right when it was checked.
@@ -124,15 +125,15 @@ impl Authenticator {
                 Refusal::Blocked(wait) => Denied::Blocked(wait),
                 Refusal::Busy => Denied::Busy,
             })?;
-        let shared_failures = match &self.shared {
-            None => 0,
+        let shared_counted = match &self.shared {
+            None => false,
             Some(shared) => match shared
                 .standing(id, &source.to_string(), self.throttle.policy())
                 .await
             {
                 Ok(standing) => match standing.blocked_for {
                     Some(wait) => return Err(Denied::Blocked(wait)),
-                    None => standing.failures,
+                    None => standing.failures > 0 || standing.blocks > 0,
                 },
                 Err(error) => {
                     return Err(Denied::StoreFailed(StoreError::new(format!(
@@ -144,7 +145,7 @@ impl Authenticator {
         Ok(Admitted {
             attempt,
             source,
-            shared_failures,
+            shared_counted,
         })
     }
 
@@ -173,7 +174,7 @@ impl Authenticator {
     /// A successful authentication: clears the id's failures from its source, here and (if
     /// it had any) in the shared counts.
     pub(super) async fn succeeded(&self, admitted: Admitted, id: &str) {
-        if admitted.shared_failures > 0 {
+        if admitted.shared_counted {
             if let Some(shared) = &self.shared {
                 if let Err(error) = shared.succeeded(id, &admitted.source.to_string()).await {
                     tracing::error!(client_id = %id, %error, "a success could not clear the failures counted across replicas");

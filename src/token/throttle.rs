@@ -92,6 +92,8 @@ pub struct Standing {
     pub blocked_for: Option<Duration>,
     /// Failures counted in the current window.
     pub failures: u32,
+    /// Blocks so far (each further one lasts twice as long), until a success clears them.
+    pub blocks: u32,
 }
 
 /// One (client id, source)'s counts as a shared store keeps them, in Unix milliseconds, with
@@ -122,6 +124,7 @@ impl Counts {
         Standing {
             blocked_for,
             failures: if in_window { self.failures } else { 0 },
+            blocks: self.blocks,
         }
     }
 
@@ -517,6 +520,36 @@ mod tests {
         );
         throttle.success(&key("app"));
         assert_eq!(throttle.blocked_for("app", HERE, t1), None);
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn shared_counts_block_like_the_local_ones_and_remember_their_blocks() {
+        let policy = ThrottlePolicy::default();
+        let mut counts = Counts::default();
+        let t0 = 1_000_000;
+        for _ in 0..4 {
+            assert_eq!(counts.fail(t0, policy), None);
+        }
+        assert_eq!(counts.standing(t0, policy).failures, 4);
+        assert_eq!(counts.fail(t0, policy), Some(Duration::from_secs(30)));
+        let blocked = counts.standing(t0 + 1_000, policy);
+        assert_eq!(blocked.blocked_for, Some(Duration::from_secs(29)));
+        // After the block: no failures in the window, but a block to clear on success (or the
+        // next one would last twice as long).
+        let after = counts.standing(t0 + 31_000, policy);
+        assert_eq!(
+            (after.blocked_for, after.failures, after.blocks),
+            (None, 0, 1)
+        );
+        for _ in 0..4 {
+            counts.fail(t0 + 31_000, policy);
+        }
+        assert_eq!(
+            counts.fail(t0 + 31_000, policy),
+            Some(Duration::from_secs(60))
+        );
+        assert!(counts.expires(policy) >= t0 + 31_000 + 60_000 + 900_000);
     }
 
     #[test]
