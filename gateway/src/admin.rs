@@ -524,16 +524,22 @@ async fn list_keys(State(admin): State<Arc<Admin>>) -> Response {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RotateBody {
-    /// How long the new key is published before it signs (with a database).
+    /// How long the new key is published before it signs (with a database; default
+    /// [`DEFAULT_PUBLISH_SECONDS`]).
     #[serde(default)]
     publish_seconds: Option<u64>,
 }
+
+/// How long a new key is published before it signs, by default: longer than the JWKS may be
+/// cached (`max-age=300`), so a verifier honouring its cache has the key before any token it
+/// signed reaches it.
+const DEFAULT_PUBLISH_SECONDS: u64 = 360;
 
 /// The longest `publish_seconds`.
 const MAX_PUBLISH_SECONDS: u64 = 86_400;
 
 /// Rotates to a new key: with a database, published by every replica at once and signing
-/// after `publish_seconds` (default 60); on files, signing at once. The keys it replaces stay
+/// after `publish_seconds` (default [`DEFAULT_PUBLISH_SECONDS`]); on files, signing at once. The keys it replaces stay
 /// published until the last token they signed has expired.
 async fn rotate_keys(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
     let body: RotateBody = if body.is_empty() {
@@ -561,7 +567,8 @@ async fn rotate_keys(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
     let retire_after = admin.token_lifetime + LEEWAY;
     match &admin.keys {
         KeyAdmin::Database(keys) => {
-            let publish = Duration::from_secs(body.publish_seconds.unwrap_or(60));
+            let publish =
+                Duration::from_secs(body.publish_seconds.unwrap_or(DEFAULT_PUBLISH_SECONDS));
             match keys.rotate(publish, retire_after).await {
                 Ok(kid) => {
                     tracing::info!(%kid, "signing key rotation started by an administrator");
@@ -638,15 +645,20 @@ async fn retire_key(State(admin): State<Arc<Admin>>, Path(kid): Path<String>) ->
         return error(StatusCode::NOT_FOUND, "no such published key");
     }
     let retired = match &admin.keys {
-        KeyAdmin::Database(keys) => keys.retire(&kid).await.map_err(|e| e.to_string()),
-        KeyAdmin::Files(keys) => keys.retire(&kid).map_err(|e| e.to_string()),
+        KeyAdmin::Database(keys) => keys
+            .retire(&kid)
+            .await
+            .map_err(|e| (e.is_refused(), e.to_string())),
+        KeyAdmin::Files(keys) => keys.retire(&kid).map_err(|e| (true, e.to_string())),
     };
     match retired {
         Ok(()) => {
             tracing::warn!(%kid, "signing key retired by an administrator: its tokens are refused");
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(error) => {
+        // Another replica changed the keys meanwhile: what they are now refuses it.
+        Err((true, message)) => error(StatusCode::CONFLICT, &message),
+        Err((false, error)) => {
             tracing::error!(%error, "could not retire a signing key");
             unavailable("the key could not be retired")
         }

@@ -343,7 +343,8 @@ impl PgSigningKeys {
     /// Rotates to a fresh `ES256` key and returns its `kid`. The key is published at once by
     /// every replica (each hears of it within moments) and signs from `publish_for` later, so
     /// that every replica (and every verifier reading a replica's JWKS) has it before any token
-    /// it signed is presented; give `publish_for` more than a few seconds. Every older key
+    /// it signed is presented; give `publish_for` more than a few seconds, and more than the
+    /// JWKS document may be cached (`max-age=300`) when verifiers outside the gateway read it. Every older key
     /// still published stays so until `retire_after` past that switch: pass the longest
     /// lifetime a token is issued for, so the last token an old key signed expires first.
     pub async fn rotate(
@@ -410,12 +411,14 @@ impl PgSigningKeys {
             .find(|(from, _)| *from <= now)
             .or(live.first());
         if current.is_some_and(|(_, current)| current == kid) {
-            return Err(PgError::plain(
+            return Err(PgError::refused(
                 "the key that signs now cannot be retired: rotate first",
             ));
         }
         if !live.iter().any(|(_, published)| published == kid) {
-            return Err(PgError::plain(format!("no published signing key {kid:?}")));
+            return Err(PgError::refused(format!(
+                "no published signing key {kid:?}"
+            )));
         }
         let pending = transaction
             .query_opt(

@@ -121,6 +121,8 @@ pub const CHANGES_CHANNEL: &str = "tower_fhir_changes";
 pub struct PgError {
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// Refused for what was asked, not for the database: asking again will not help.
+    refused: bool,
 }
 
 impl PgError {
@@ -128,7 +130,23 @@ impl PgError {
         Self {
             message: message.into(),
             source: None,
+            refused: false,
         }
+    }
+
+    /// Refused for what was asked (say, retiring the key that signs), not because the
+    /// database failed.
+    fn refused(message: impl Into<String>) -> Self {
+        Self {
+            refused: true,
+            ..Self::plain(message)
+        }
+    }
+
+    /// Whether the request itself was refused (asking again will not help), rather than the
+    /// database failing.
+    pub fn is_refused(&self) -> bool {
+        self.refused
     }
 
     fn new(
@@ -138,6 +156,7 @@ impl PgError {
         Self {
             message: message.into(),
             source: Some(Box::new(source)),
+            refused: false,
         }
     }
 }
@@ -291,10 +310,9 @@ impl PgState {
     /// again after the listening connection was lost. The listening stops when nothing else
     /// holds the list. Needs a tokio runtime.
     pub async fn follow_revocations(&self, revoked: &RevokedTokens) -> Result<(), PgError> {
-        let now = revocations(&self.pool).await.map_err(|e| PgError {
-            message: format!("cannot read the revoked tokens: {e}"),
-            source: None,
-        })?;
+        let now = revocations(&self.pool)
+            .await
+            .map_err(|e| PgError::plain(format!("cannot read the revoked tokens: {e}")))?;
         for entry in now {
             revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
         }
