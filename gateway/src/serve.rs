@@ -64,8 +64,12 @@ pub(crate) struct Limits {
 /// names port 0), each with `SO_REUSEPORT` (on Unix; elsewhere one socket, one worker).
 /// Call it inside a tokio runtime.
 pub(crate) fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    // First without SO_REUSEPORT: an address another process listens on (a second gateway
+    // started by mistake, say) is refused, instead of the two splitting its connections.
+    let probe = std::net::TcpListener::bind(addr)?;
+    let mut addr = probe.local_addr()?;
+    drop(probe);
     let mut listeners = Vec::with_capacity(workers);
-    let mut addr = addr;
     for _ in 0..workers.max(1) {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?

@@ -127,16 +127,23 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     })
 }
 
-/// Pings the database once a second while anybody reads `up`, and says whether it answered;
-/// logs each change.
+/// Pings the database once a second while anybody reads `up`, and says whether it answers
+/// (down after two failed pings in a row); logs each change.
 async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Down only after two pings in a row failed: one slow answer (a pool busy under load)
+    // does not take every replica out at once.
+    let mut failed_in_a_row = 0;
     loop {
         every.tick().await;
         let answered = tokio::time::timeout(Duration::from_secs(1), state.ping()).await;
         let Some(up) = up.upgrade() else { return };
-        let now = matches!(answered, Ok(Ok(())));
+        failed_in_a_row = match answered {
+            Ok(Ok(())) => 0,
+            _ => failed_in_a_row + 1,
+        };
+        let now = failed_in_a_row < 2;
         if up.swap(now, Ordering::Relaxed) != now {
             if now {
                 tracing::info!("the database answers again");

@@ -291,3 +291,33 @@ fn a_second_process_on_the_same_state_dir_is_refused_until_the_first_ends() {
         process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
     assert!(second.terminate(), "did not exit cleanly");
 }
+
+#[test]
+fn a_second_gateway_on_the_same_address_is_refused_though_the_first_shares_it_among_its_workers() {
+    let file = config_file(
+        "shared-port",
+        &GOOD.replace("\"listen\"", "\"workers\": 2, \"listen\""),
+    );
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", file.to_str().unwrap()]);
+    let stderr_file = file.parent().unwrap().join("gateway.log");
+    let (mut first, base) =
+        process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+    assert_eq!(
+        first.wait_for("  2 worker thread(s)"),
+        ", one listening socket each (SO_REUSEPORT)"
+    );
+    let addr = base.trim_start_matches("http://").to_owned();
+    let other = config_file("shared-port-2", GOOD);
+    let out = gateway(&["--config", other.to_str().unwrap(), "--listen", &addr]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second gateway joined the first's port"
+    );
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(first.terminate(), "did not exit cleanly");
+}

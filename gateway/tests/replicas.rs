@@ -343,6 +343,8 @@ async fn three_gateway_processes_share_one_database() {
         .await
         .json();
     let old_kid = before["current"].as_str().unwrap().to_owned();
+    // Taken before asking: the replica reads its clock for the switch later than this.
+    let rotated_at = Instant::now();
     let reply = admin(
         &two,
         "POST",
@@ -351,7 +353,6 @@ async fn three_gateway_processes_share_one_database() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let rotated_at = Instant::now();
     let new_kid = reply.json()["kid"].as_str().unwrap().to_owned();
     for replica in replicas {
         within(

@@ -810,6 +810,8 @@ async fn main() {
         let measured = (elapsed.as_secs_f64().ceil() as usize).min(seconds.len());
         plot::timeline(&seconds[..measured])
     };
+    // The report first: a chart that cannot be written loses nothing of the run.
+    report(&shared, &latency, elapsed, &cpu, &timeline);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -828,7 +830,6 @@ async fn main() {
             }
         }
     }
-    report(&shared, &latency, elapsed, &cpu, &timeline);
 }
 
 /// Each watched process's CPU time so far (user and system, all threads), in seconds.
