@@ -78,16 +78,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
     let (one, two) = (replica(&url).await, replica(&url).await);
 
     // A token from replica one works on replica two (and is cached there).
-    let reply = one
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}"),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let (token, _) = token_from(&one).await;
     assert_eq!(
         two.get_bearer("/Patient/1", &token).await.status,
         StatusCode::OK
@@ -124,15 +115,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
         StatusCode::UNAUTHORIZED
     );
     // The client's other tokens are untouched everywhere.
-    let reply = two
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!("grant_type=client_credentials&client_id=app&client_secret={SECRET}"),
-        )
-        .await;
-    let fresh = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let (fresh, _) = token_from(&two).await;
     for replica in [&one, &two, &three] {
         assert_eq!(
             replica.get_bearer("/Patient/1", &fresh).await.status,
@@ -443,4 +426,27 @@ async fn failed_secret_checks_spread_over_replicas_are_throttled_as_on_one() {
         );
         assert!(reply.headers.contains_key("retry-after"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_jti_is_refused_until_it_expires_then_free_again() {
+    use tower_fhir::token::ReplayGuard;
+    let Some((_server, _url, state)) = database("jtis").await else {
+        return;
+    };
+    let guard = state.assertion_replay_guard();
+    let soon = now() + 60;
+    assert!(guard.first_use("backend", "j-1", soon).await.unwrap());
+    assert!(
+        !guard.first_use("backend", "j-1", soon).await.unwrap(),
+        "a replay"
+    );
+    assert!(
+        guard.first_use("other", "j-1", soon).await.unwrap(),
+        "another client's"
+    );
+    // An entry whose time is over does not hold its jti, though not swept yet.
+    assert!(guard.first_use("backend", "j-2", now() - 1).await.unwrap());
+    assert!(guard.first_use("backend", "j-2", soon).await.unwrap());
+    assert!(!guard.first_use("backend", "j-2", soon).await.unwrap());
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 
+use super::Expiring;
 use crate::token::throttle::Counts;
 use crate::token::{FailureCounts, Standing, ThrottlePolicy};
 
@@ -29,20 +30,8 @@ impl fmt::Debug for PgFailureCounts {
     }
 }
 
-/// Whether this process should remove expired counts now (at most once a minute).
-fn cleanup_due(now: i64) -> bool {
-    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
-    now.saturating_sub(last) >= 60_000
-        && LAST
-            .compare_exchange(
-                last,
-                now,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-            .is_ok()
-}
+/// Counts nothing matters about any more go, at most once a minute from each process.
+static FAILURES: Expiring = Expiring::new("tower_fhir_auth_failures");
 
 fn counts(row: &tokio_postgres::Row) -> Counts {
     Counts {
@@ -132,19 +121,7 @@ impl FailureCounts for PgFailureCounts {
                 .await
                 .map_err(failed)?;
             transaction.commit().await.map_err(failed)?;
-            // Counts nothing matters about any more go, at most once a minute from each
-            // process and outside the failure's transaction (no lock held meanwhile); rows
-            // another transaction holds are left for the next time.
-            if cleanup_due(now) {
-                let _ = connection
-                    .execute(
-                        "DELETE FROM tower_fhir_auth_failures WHERE ctid IN (
-                             SELECT ctid FROM tower_fhir_auth_failures
-                             WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)",
-                        &[&now],
-                    )
-                    .await;
-            }
+            FAILURES.sweep(&connection, now).await;
             Ok(block)
         })
     }

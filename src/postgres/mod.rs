@@ -1042,6 +1042,97 @@ async fn revocations(pool: &Pool) -> Result<Vec<Revoked>, String> {
         .collect())
 }
 
+/// A table whose rows expire (`expires_at`): its expired rows are removed at most once a
+/// minute from each process, outside any other transaction, skipping rows another holds.
+pub(super) struct Expiring {
+    table: &'static str,
+    /// When (Unix milliseconds) this process last removed them.
+    swept_at: std::sync::atomic::AtomicI64,
+}
+
+static REVOKED: Expiring = Expiring::new("tower_fhir_revoked_tokens");
+static JTIS: Expiring = Expiring::new("tower_fhir_assertion_jtis");
+
+impl Expiring {
+    pub(super) const fn new(table: &'static str) -> Self {
+        Self {
+            table,
+            swept_at: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Removes the rows expired by `now` (in the table's unit), unless this process did so
+    /// less than a minute ago. A failure is left for the next time.
+    pub(super) async fn sweep(&self, connection: &deadpool_postgres::Object, now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let last = self.swept_at.load(Relaxed);
+        if wall.saturating_sub(last) < 60_000
+            || self
+                .swept_at
+                .compare_exchange(last, wall, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let table = self.table;
+        let removed = connection
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE ctid IN (
+                         SELECT ctid FROM {table} WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
+                ),
+                &[&now],
+            )
+            .await;
+        if let Err(error) = removed {
+            tracing::debug!(%error, table, "expired rows not removed this time");
+        }
+    }
+}
+
+/// Records `(key, id)` in `table` (columns `key.0`, `jti`, `expires_at`) until `expires_at`
+/// (Unix seconds) unless it is there and has not expired, `NOTIFY`ing `payload` in the same
+/// transaction when given; whether it was new. Expired rows are swept now and then.
+async fn remember(
+    pool: &Pool,
+    table: &Expiring,
+    key: (&str, &str),
+    jti: &str,
+    expires_at: i64,
+    payload: Option<&str>,
+) -> Result<bool, String> {
+    let failed = |e: tokio_postgres::Error| e.to_string();
+    let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+    let transaction = connection.transaction().await.map_err(failed)?;
+    let (column, value) = key;
+    let now = unix_now();
+    let inserted = transaction
+        .execute(
+            // An expired row not swept yet counts as absent.
+            &format!(
+                "INSERT INTO {table} ({column}, jti, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT ({column}, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                 WHERE {table}.expires_at <= $4",
+                table = table.table
+            ),
+            &[&value, &jti, &expires_at, &now],
+        )
+        .await
+        .map_err(failed)?;
+    if let Some(payload) = payload {
+        transaction
+            .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload])
+            .await
+            .map_err(failed)?;
+    }
+    transaction.commit().await.map_err(failed)?;
+    table.sweep(&connection, now).await;
+    Ok(inserted == 1)
+}
+
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1075,35 +1166,22 @@ impl RevocationLog for PgRevocationLog {
             exp: expires_at,
         };
         Box::pin(async move {
-            let failed = |e: tokio_postgres::Error| e.to_string();
-            let mut connection = pool.get().await.map_err(|e| e.to_string())?;
-            let transaction = connection.transaction().await.map_err(failed)?;
-            let expires = i64::try_from(entry.exp).unwrap_or(i64::MAX);
-            // Expired entries go as new ones come: the table holds only tokens that verify.
-            transaction
-                .execute(
-                    "DELETE FROM tower_fhir_revoked_tokens WHERE expires_at <= $1",
-                    &[&unix_now()],
-                )
-                .await
-                .map_err(failed)?;
-            transaction
-                .execute(
-                    "INSERT INTO tower_fhir_revoked_tokens (issuer, jti, expires_at)
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&entry.iss.as_deref().unwrap_or(""), &entry.jti, &expires],
-                )
-                .await
-                .map_err(failed)?;
             let payload = format!(
                 "revoked:{}",
                 serde_json::to_string(&entry).map_err(|e| e.to_string())?
             );
-            transaction
-                .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload])
-                .await
-                .map_err(failed)?;
-            transaction.commit().await.map_err(failed)
+            let issuer = entry.iss.as_deref().unwrap_or("");
+            let expires = i64::try_from(entry.exp).unwrap_or(i64::MAX);
+            remember(
+                &pool,
+                &REVOKED,
+                ("issuer", issuer),
+                &entry.jti,
+                expires,
+                Some(&payload),
+            )
+            .await
+            .map(drop)
         })
     }
 }
@@ -1143,28 +1221,8 @@ impl ReplayGuard for PgReplayGuard {
     ) -> futures::future::BoxFuture<'static, Result<bool, String>> {
         let (pool, client, jti) = (self.pool.clone(), client.to_owned(), jti.to_owned());
         Box::pin(async move {
-            let failed = |e: tokio_postgres::Error| e.to_string();
-            let mut connection = pool.get().await.map_err(|e| e.to_string())?;
-            let transaction = connection.transaction().await.map_err(failed)?;
-            // Expired entries go as new ones come.
-            transaction
-                .execute(
-                    "DELETE FROM tower_fhir_assertion_jtis WHERE expires_at <= $1",
-                    &[&unix_now()],
-                )
-                .await
-                .map_err(failed)?;
             let until = i64::try_from(until).unwrap_or(i64::MAX);
-            let inserted = transaction
-                .execute(
-                    "INSERT INTO tower_fhir_assertion_jtis (client, jti, expires_at)
-                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&client, &jti, &until],
-                )
-                .await
-                .map_err(failed)?;
-            transaction.commit().await.map_err(failed)?;
-            Ok(inserted == 1)
+            remember(&pool, &JTIS, ("client", &client), &jti, until, None).await
         })
     }
 }
