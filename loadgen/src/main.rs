@@ -36,6 +36,11 @@ use serde_json::json;
 
 mod plot;
 
+/// mimalloc, as the gateway binary uses: the load generator then spend on allocation what the
+/// gateway does, and a comparison measures the HTTP work, not two allocators.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const HELP: &str = "\
 fhir-loadgen: drive a FHIR gateway and report throughput and latency
 
@@ -560,15 +565,59 @@ struct Shared {
     done: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
-    tally: Mutex<Tally>,
-    /// Each measured second's latencies, by when the requests were due.
-    seconds: Mutex<Vec<Histogram<u64>>>,
+    /// What each worker measured, its own: a worker locks only its own (uncontended; the
+    /// progress line reads them once a second), so workers never wait on each other.
+    workers: Vec<Mutex<Measured>>,
+}
+
+/// One worker's statuses and errors, and each measured second's latencies by when the
+/// requests were due.
+#[derive(Default)]
+struct Measured {
+    tally: Tally,
+    seconds: Vec<Histogram<u64>>,
+}
+
+impl Measured {
+    /// Everything the workers measured, together.
+    fn merged(workers: &[Mutex<Measured>]) -> Measured {
+        let mut all = Measured::default();
+        for worker in workers {
+            let worker = worker.lock().unwrap();
+            for (status, count) in &worker.tally.statuses {
+                *all.tally.statuses.entry(*status).or_default() += count;
+            }
+            for (error, count) in &worker.tally.errors {
+                *all.tally.errors.entry(error.clone()).or_default() += count;
+            }
+            if all.seconds.len() < worker.seconds.len() {
+                all.seconds
+                    .resize_with(worker.seconds.len(), plot::second_histogram);
+            }
+            for (sum, second) in all.seconds.iter_mut().zip(&worker.seconds) {
+                let _ = sum.add(second);
+            }
+        }
+        all
+    }
+
+    /// The p99 and max of measured second `second`, over every worker.
+    fn second(workers: &[Mutex<Measured>], second: usize) -> Option<(u64, u64)> {
+        let mut sum = plot::second_histogram();
+        for worker in workers {
+            if let Some(h) = worker.lock().unwrap().seconds.get(second) {
+                let _ = sum.add(h);
+            }
+        }
+        (!sum.is_empty()).then(|| (sum.value_at_quantile(0.99), sum.max()))
+    }
 }
 
 impl Shared {
     /// Sends request `i`; returns whether it was measured.
     async fn one(
         &self,
+        worker: usize,
         connection: &mut Connection,
         i: u64,
         due: Instant,
@@ -620,19 +669,19 @@ impl Shared {
         let took = due.elapsed().as_micros().max(1) as u64;
         latency.saturating_record(took);
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
-        {
-            let mut seconds = self.seconds.lock().unwrap();
-            if seconds.len() <= second {
-                seconds.resize_with(second + 1, plot::second_histogram);
-            }
-            seconds[second].saturating_record(took);
+        let mut measured = self.workers[worker].lock().unwrap();
+        if measured.seconds.len() <= second {
+            measured
+                .seconds
+                .resize_with(second + 1, plot::second_histogram);
         }
-        self.done.fetch_add(1, Ordering::Relaxed);
-        let mut tally = self.tally.lock().unwrap();
+        measured.seconds[second].saturating_record(took);
         match outcome {
-            Ok(status) => *tally.statuses.entry(status).or_default() += 1,
-            Err(error) => *tally.errors.entry(error).or_default() += 1,
+            Ok(status) => *measured.tally.statuses.entry(status).or_default() += 1,
+            Err(error) => *measured.tally.errors.entry(error).or_default() += 1,
         }
+        drop(measured);
+        self.done.fetch_add(1, Ordering::Relaxed);
     }
 
     fn finished(&self) -> bool {
@@ -675,6 +724,7 @@ async fn main() {
         } else {
             options.duration
         };
+    let options_connections = options.connections;
     let shared = Arc::new(Shared {
         tokens,
         options,
@@ -682,8 +732,7 @@ async fn main() {
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
-        tally: Mutex::default(),
-        seconds: Mutex::default(),
+        workers: (0..options_connections).map(|_| Mutex::default()).collect(),
     });
 
     let progress = {
@@ -697,13 +746,7 @@ async fn main() {
                 let recent = Instant::now()
                     .checked_duration_since(measuring_from)
                     .and_then(|d| (d.as_secs() as usize).checked_sub(1))
-                    .and_then(|second| {
-                        let seconds = shared.seconds.lock().unwrap();
-                        seconds
-                            .get(second)
-                            .filter(|h| !h.is_empty())
-                            .map(|h| (h.value_at_quantile(0.99), h.max()))
-                    });
+                    .and_then(|second| Measured::second(&shared.workers, second));
                 let latency = recent.map_or(String::new(), |(p99, max)| {
                     format!(
                         "  p99 {:.2} ms  max {:.2} ms",
@@ -742,7 +785,7 @@ async fn main() {
                         while !shared.finished() {
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
                             shared
-                                .one(&mut connection, i, Instant::now(), &mut latency)
+                                .one(worker, &mut connection, i, Instant::now(), &mut latency)
                                 .await;
                         }
                     }
@@ -765,7 +808,9 @@ async fn main() {
                         while !shared.finished() && due < shared.stop_at {
                             tokio::time::sleep_until(due.into()).await;
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(&mut connection, i, due, &mut latency).await;
+                            shared
+                                .one(worker, &mut connection, i, due, &mut latency)
+                                .await;
                             due += interval;
                         }
                     }
@@ -804,14 +849,14 @@ async fn main() {
         }
         Err(_) => Vec::new(),
     };
+    let measured = Measured::merged(&shared.workers);
     let timeline = {
-        let seconds = shared.seconds.lock().unwrap();
         // The seconds inside the measured window (a request due at its very end may run on).
-        let measured = (elapsed.as_secs_f64().ceil() as usize).min(seconds.len());
-        plot::timeline(&seconds[..measured])
+        let within = (elapsed.as_secs_f64().ceil() as usize).min(measured.seconds.len());
+        plot::timeline(&measured.seconds[..within])
     };
     // The report first: a chart that cannot be written loses nothing of the run.
-    report(&shared, &latency, elapsed, &cpu, &timeline);
+    report(&shared, &measured.tally, &latency, elapsed, &cpu, &timeline);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -900,12 +945,12 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
 /// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
 fn report(
     shared: &Shared,
+    tally: &Tally,
     latency: &Histogram<u64>,
     elapsed: Duration,
     cpu: &[(String, f64)],
     timeline: &[plot::Second],
 ) {
-    let tally = shared.tally.lock().unwrap();
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];

@@ -20,6 +20,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
+/// mimalloc, as the gateway binary uses: the upstream and the pass-through then spend on allocation what the
+/// gateway does, and a comparison measures the HTTP work, not two allocators.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const PATIENT: &str = r#"{"resourceType":"Patient","id":"123","meta":{"versionId":"1","lastUpdated":"2026-11-01T09:30:00Z"},"identifier":[{"system":"urn:oid:1.2.36.146.595.217.0.1","value":"12345"}],"name":[{"family":"Chalmers","given":["Peter","James"]}],"gender":"male","birthDate":"1974-12-25"}"#;
