@@ -198,6 +198,81 @@ fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
 }
 
 #[test]
+fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
+    // The first request is answered; the next head comes half and stops. The idle timeout is
+    // far away: the header-read timeout closes it.
+    let (proc, addr, _dir) = start(
+        "slow-second-head",
+        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
+    );
+    let mut stream = connect(addr);
+    stream.write_all(METADATA).unwrap();
+    let (status, _, _) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200);
+    let sent = Instant::now();
+    stream.write_all(HALF_HEAD).unwrap();
+    assert!(
+        !closed_within(&mut stream, Duration::from_millis(500)),
+        "closed before the header-read timeout"
+    );
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10)),
+        "a half-sent second head is still open {:?} after it began; stderr:\n{}",
+        sent.elapsed(),
+        proc.stderr()
+    );
+    eprintln!("closed {:?} after the half head", sent.elapsed());
+    // The rest of a head sent in pieces in time is a request like any other.
+    let mut pieces = connect(addr);
+    pieces.write_all(METADATA).unwrap();
+    assert_eq!(
+        read_response(&mut pieces, Duration::from_secs(10))
+            .unwrap()
+            .0,
+        200
+    );
+    pieces.write_all(HALF_HEAD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    pieces
+        .write_all(b"Accept: application/fhir+json\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        read_response(&mut pieces, Duration::from_secs(10))
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[test]
+fn a_keep_alive_connection_waiting_for_its_next_request_is_bounded_by_the_idle_timeout() {
+    // No byte of a next request yet: the idle timeout applies, not the header-read timeout.
+    let (_proc, addr, _dir) = start(
+        "waiting",
+        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
+    );
+    let mut stream = connect(addr);
+    stream.write_all(METADATA).unwrap();
+    assert_eq!(
+        read_response(&mut stream, Duration::from_secs(10))
+            .unwrap()
+            .0,
+        200
+    );
+    assert!(
+        !closed_within(&mut stream, Duration::from_secs(3)),
+        "a kept-alive connection was closed within three header-read timeouts"
+    );
+    stream.write_all(METADATA).unwrap();
+    assert_eq!(
+        read_response(&mut stream, Duration::from_secs(10))
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[test]
 fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     let (proc, addr, _dir) = start("idle", json!({"idle_timeout_seconds": 1}));
 
