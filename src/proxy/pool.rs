@@ -12,7 +12,12 @@
 //! - a connection goes back to the pool once it can take the next request (at once when the
 //!   response was read whole with its head, else when its body is done);
 //! - idle connections older than the idle timeout are closed: at checkout, and by a sweep that
-//!   runs while the pool has idle connections and ends with the pool.
+//!   runs while the pool has idle connections and ends with the pool;
+//! - on a single-threaded runtime (the gateway binary's workers, one per CPU), a connection is
+//!   used only by requests on the thread whose runtime drives it, as nginx keeps an upstream
+//!   keep-alive pool per worker: a request never waits on another worker's thread to move its
+//!   bytes. On a multi-threaded runtime every thread shares the connections, which any of its
+//!   threads drives.
 //!
 //! HTTPS upstreams (ALPN may choose HTTP/2) and those speaking h2c keep hyper-util's client.
 
@@ -21,6 +26,7 @@ use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
@@ -41,7 +47,7 @@ pub(crate) struct Http1Pool {
 
 struct Inner {
     connector: HttpConnector,
-    idle: Mutex<HashMap<Authority, Vec<Idle>, BuildHasherDefault<AuthorityHasher>>>,
+    idle: Mutex<HashMap<Authority, Stacks, BuildHasherDefault<AuthorityHasher>>>,
     idle_timeout: Duration,
     sweeping: AtomicBool,
 }
@@ -81,6 +87,25 @@ struct Idle {
     since: Instant,
 }
 
+/// One upstream's idle connections, a stack per driving runtime: `Some(thread)` for a
+/// single-threaded runtime on that thread, `None` for multi-threaded runtimes (a handful of
+/// stacks at most: one per worker).
+type Stacks = Vec<(Option<ThreadId>, Vec<Idle>)>;
+
+/// Which runtime a connection made now is driven by: the current thread's when its runtime is
+/// single-threaded (its tasks never leave the thread), else none in particular.
+fn driver() -> Option<ThreadId> {
+    thread_local! {
+        static THREAD: ThreadId = std::thread::current().id();
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            Some(THREAD.with(|id| *id))
+        }
+        _ => None,
+    }
+}
+
 impl Http1Pool {
     pub(crate) fn new(connector: HttpConnector, idle_timeout: Duration) -> Self {
         Self {
@@ -94,16 +119,17 @@ impl Http1Pool {
     }
 
     /// Sends `request` (its URI in origin form, its `Host` set) to `http://{authority}`, on an
-    /// idle connection or a new one.
+    /// idle connection this runtime drives or a new one.
     pub(crate) async fn send(
         &self,
         authority: &Authority,
         mut request: Request<OutgoingBody>,
     ) -> Result<Response<Incoming>, BoxError> {
-        while let Some(mut sender) = self.inner.checkout(authority) {
+        let driver = driver();
+        while let Some(mut sender) = self.inner.checkout(authority, driver) {
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.inner.give_back(authority, sender);
+                    self.inner.give_back(authority, driver, sender);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -113,9 +139,10 @@ impl Http1Pool {
                 },
             }
         }
+        // Its connection task is spawned on this runtime: `driver` drives it.
         let mut sender = self.connect(authority).await?;
         let response = sender.send_request(request).await?;
-        self.inner.give_back(authority, sender);
+        self.inner.give_back(authority, driver, sender);
         Ok(response)
     }
 
@@ -141,16 +168,21 @@ impl Http1Pool {
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.values().map(Vec::len).sum()
+        idle.values().flatten().map(|(_, stack)| stack.len()).sum()
     }
 }
 
 impl Inner {
-    /// The most recently returned idle connection to `authority` that can take a request;
-    /// closed and expired ones met on the way are dropped.
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<OutgoingBody>> {
+    /// The most recently returned idle connection to `authority` driven by `driver` that can
+    /// take a request; closed and expired ones met on the way are dropped.
+    fn checkout(
+        &self,
+        authority: &Authority,
+        driver: Option<ThreadId>,
+    ) -> Option<SendRequest<OutgoingBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let stack = idle.get_mut(authority)?;
+        let stacks = idle.get_mut(authority)?;
+        let (_, stack) = stacks.iter_mut().find(|(of, _)| *of == driver)?;
         while let Some(entry) = stack.pop() {
             if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
                 return Some(entry.sender);
@@ -159,10 +191,15 @@ impl Inner {
         None
     }
 
-    /// Returns a connection that carried a request, once it can carry the next.
-    fn give_back(self: &Arc<Self>, authority: &Authority, mut sender: SendRequest<OutgoingBody>) {
+    /// Returns a connection `driver` drives that carried a request, once it can carry the next.
+    fn give_back(
+        self: &Arc<Self>,
+        authority: &Authority,
+        driver: Option<ThreadId>,
+        mut sender: SendRequest<OutgoingBody>,
+    ) {
         if sender.is_ready() {
-            self.keep(authority, sender);
+            self.keep(authority, driver, sender);
         } else if !sender.is_closed() {
             // The response's body is still being read: back when it is done.
             let pool = Arc::downgrade(self);
@@ -170,14 +207,19 @@ impl Inner {
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     if let Some(pool) = pool.upgrade() {
-                        pool.keep(&authority, sender);
+                        pool.keep(&authority, driver, sender);
                     }
                 }
             });
         }
     }
 
-    fn keep(self: &Arc<Self>, authority: &Authority, sender: SendRequest<OutgoingBody>) {
+    fn keep(
+        self: &Arc<Self>,
+        authority: &Authority,
+        driver: Option<ThreadId>,
+        sender: SendRequest<OutgoingBody>,
+    ) {
         let entry = Idle {
             sender,
             since: Instant::now(),
@@ -185,9 +227,12 @@ impl Inner {
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             match idle.get_mut(authority) {
-                Some(stack) => stack.push(entry),
+                Some(stacks) => match stacks.iter_mut().find(|(of, _)| *of == driver) {
+                    Some((_, stack)) => stack.push(entry),
+                    None => stacks.push((driver, vec![entry])),
+                },
                 None => {
-                    idle.insert(authority.clone(), vec![entry]);
+                    idle.insert(authority.clone(), vec![(driver, vec![entry])]);
                 }
             }
         }
@@ -208,11 +253,14 @@ async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
             return;
         };
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|_, stack| {
-            stack.retain(|entry| {
-                !entry.sender.is_closed() && entry.since.elapsed() < pool.idle_timeout
+        idle.retain(|_, stacks| {
+            stacks.retain_mut(|(_, stack)| {
+                stack.retain(|entry| {
+                    !entry.sender.is_closed() && entry.since.elapsed() < pool.idle_timeout
+                });
+                !stack.is_empty()
             });
-            !stack.is_empty()
+            !stacks.is_empty()
         });
         if idle.is_empty() {
             // The next connection kept starts a new sweep.
@@ -301,6 +349,72 @@ mod tests {
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[test]
+    fn each_single_threaded_runtime_uses_the_connections_it_drives() {
+        let serving = tokio::runtime::Runtime::new().unwrap();
+        let (origin, connections) = serving.block_on(server(None));
+        let pool = Arc::new(pool(Duration::from_secs(60)));
+        // Two workers, as the gateway runs them: A's connection is idle in the pool while B
+        // asks, and B opens its own rather than take one A's runtime drives.
+        let (a_done, after_a) = std::sync::mpsc::channel::<()>();
+        let (b_done, after_b) = std::sync::mpsc::channel::<()>();
+        let turn = Duration::from_secs(30);
+        let worker = |first: bool,
+                      done: std::sync::mpsc::Sender<()>,
+                      wait: std::sync::mpsc::Receiver<()>| {
+            let (pool, origin) = (Arc::clone(&pool), origin.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let three = || {
+                    runtime.block_on(async {
+                        for _ in 0..3 {
+                            // A connection of A's, idle while A's runtime is not running,
+                            // would never answer B.
+                            let got =
+                                tokio::time::timeout(Duration::from_secs(5), get(&pool, &origin))
+                                    .await
+                                    .expect("a request used a connection another runtime drives");
+                            assert_eq!(got.unwrap(), "ok");
+                        }
+                    })
+                };
+                // A worker that fails drops its sender: the other goes on rather than wait.
+                if first {
+                    three();
+                    let _ = done.send(());
+                    let _ = wait.recv_timeout(turn);
+                    three();
+                } else {
+                    let _ = wait.recv_timeout(turn);
+                    three();
+                    let _ = done.send(());
+                }
+            })
+        };
+        let (a, b) = (
+            worker(true, a_done, after_b),
+            worker(false, b_done, after_a),
+        );
+        a.join().unwrap();
+        b.join().unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_threaded_runtime_every_thread_shares_the_connections() {
+        let (origin, connections) = server(None).await;
+        let pool = Arc::new(pool(Duration::from_secs(60)));
+        for _ in 0..8 {
+            let (pool, origin) = (Arc::clone(&pool), origin.clone());
+            let answer = tokio::spawn(async move { get(&pool, &origin).await.unwrap() });
+            assert_eq!(answer.await.unwrap(), "ok");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
