@@ -226,7 +226,7 @@ async fn accept(
         let io = TokioIo::new(CountingIo {
             stream,
             activity: Arc::clone(&activity),
-            sniffed: false,
+            preface: Preface::default(),
         });
         let connection = builder
             .serve_connection_with_upgrades(io, service)
@@ -391,13 +391,41 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
 struct CountingIo {
     stream: TcpStream,
     activity: Arc<Activity>,
-    // Whether the first bytes were looked at for HTTP/2's preface.
-    sniffed: bool,
+    // The first bytes compared with HTTP/2's preface.
+    preface: Preface,
 }
 
-/// How an HTTP/2 client opens a connection (RFC 9113, section 3.4), as far as told apart from
-/// an HTTP/1.1 request line.
+/// How an HTTP/2 client opens a connection (RFC 9113, section 3.4), as far as it tells it
+/// apart from an HTTP/1.1 request line.
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Whether a connection's first bytes are HTTP/2's preface, however the reads split them. Only
+/// the whole preface makes a connection HTTP/2 (which has no header-read timeout after its
+/// first request): a client sending `P` alone first must not escape the timeout of its later
+/// heads.
+#[derive(Debug, Default)]
+struct Preface {
+    // How many of the preface's bytes matched so far.
+    matched: usize,
+    verdict: Option<bool>,
+}
+
+impl Preface {
+    /// Takes the next bytes read; the verdict once there is one.
+    fn feed(&mut self, bytes: &[u8]) -> Option<bool> {
+        if self.verdict.is_none() {
+            let want = &HTTP2_PREFACE[self.matched..];
+            let n = want.len().min(bytes.len());
+            self.verdict = if bytes[..n] != want[..n] {
+                Some(false)
+            } else {
+                self.matched += n;
+                (self.matched == HTTP2_PREFACE.len()).then_some(true)
+            };
+        }
+        self.verdict
+    }
+}
 
 impl CountingIo {
     fn moved(&self) {
@@ -416,14 +444,10 @@ impl AsyncRead for CountingIo {
         if buf.filled().len() != before {
             self.moved();
             self.activity.reads.fetch_add(1, Ordering::Relaxed);
-            if !self.sniffed {
-                // hyper reads the preface whole before choosing; a first read that begins
-                // like it is taken for HTTP/2 (one that is not is HTTP/1.1 or nothing).
-                self.sniffed = true;
-                let first = &buf.filled()[before..];
-                let n = first.len().min(HTTP2_PREFACE.len());
-                if first[..n] == HTTP2_PREFACE[..n] {
-                    self.activity.http2.store(true, Ordering::Relaxed);
+            if self.preface.verdict.is_none() {
+                let this = &mut *self;
+                if this.preface.feed(&buf.filled()[before..]) == Some(true) {
+                    this.activity.http2.store(true, Ordering::Relaxed);
                 }
             }
         }
@@ -532,5 +556,44 @@ pub(crate) fn shutdown() -> impl std::future::Future<Output = ()> + Send {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutting down: finishing in-flight requests");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_whole_http2_preface_makes_a_connection_http2_however_it_is_split() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        for split in 1..=preface.len() {
+            let mut sniff = Preface::default();
+            let verdicts: Vec<_> = preface.chunks(split).map(|c| sniff.feed(c)).collect();
+            assert_eq!(verdicts.last(), Some(&Some(true)), "split {split}");
+        }
+        for start in [
+            &b"P"[..],
+            b"PR",
+            b"PRI",
+            b"POST / HTTP/1.1\r\n",
+            b"PRI * HTTP/1.1\r\n",
+        ] {
+            let mut sniff = Preface::default();
+            let first = sniff.feed(start);
+            assert_ne!(first, Some(true), "{start:?}");
+            // What follows decides: an HTTP/1.1 request is never taken for HTTP/2.
+            assert_eq!(
+                sniff.feed(b"OST /metadata HTTP/1.1\r\n"),
+                Some(false),
+                "{start:?}"
+            );
+        }
+        let mut sniff = Preface::default();
+        assert_eq!(sniff.feed(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(
+            sniff.feed(b"PRI * HTTP/2.0\r\n"),
+            Some(false),
+            "decided once"
+        );
     }
 }

@@ -222,6 +222,34 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
         proc.stderr()
     );
     eprintln!("closed {:?} after the half head", sent.elapsed());
+    // Bytes dripped one at a time keep a connection busy, not its head on time; nor does a
+    // first request that began with what HTTP/2's preface begins with make it HTTP/2.
+    let mut drip = connect(addr);
+    drip.write_all(b"P").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drip.write_all(b"OST /metadata HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let (status, head, _) = read_response(&mut drip, Duration::from_secs(10)).unwrap();
+    eprintln!("POST /metadata: {status}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let dripping = Instant::now();
+    let mut closed = false;
+    for byte in HALF_HEAD.iter().cycle().take(100) {
+        if drip.write_all(&[*byte]).is_err() || closed_within(&mut drip, Duration::from_millis(100))
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed && dripping.elapsed() < Duration::from_secs(8),
+        "a head dripped a byte at a time is still open after {:?}",
+        dripping.elapsed()
+    );
+    eprintln!(
+        "the dripped head closed {:?} after it began",
+        dripping.elapsed()
+    );
     // The rest of a head sent in pieces in time is a request like any other.
     let mut pieces = connect(addr);
     pieces.write_all(METADATA).unwrap();
