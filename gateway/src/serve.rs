@@ -209,9 +209,11 @@ async fn accept(
             request.extensions_mut().insert(ClientAddr(peer));
             let to_admin = request.uri().path().starts_with("/admin/");
             let answer = match admin.as_ref().filter(|_| to_admin) {
-                Some(router) => future::Either::Right(
+                // Boxed: the admin API's future is as large as the gateway's, and a request's
+                // future is moved whole (hyper stores it per request).
+                Some(router) => future::Either::Right(Box::pin(
                     router.clone().oneshot(request.map(axum::body::Body::new)),
-                ),
+                )),
                 None => future::Either::Left(connection_gateway.call(request)),
             };
             async move {
@@ -493,6 +495,12 @@ impl AsyncWrite for CountingIo {
     }
 }
 
+/// What the gateway answers a request with.
+type FrontFuture = <Front as Service<Request<Incoming>>>::Future;
+
+/// The gateway readied and called for one request, when the connection's own was not ready.
+type FrontOneshot = tower::util::Oneshot<Front, Request<Incoming>>;
+
 /// One connection's gateway: its requests are sent to one readied [`Front`] rather than to a
 /// clone of it each (hyper calls services through `&self`, Tower through `&mut self`).
 struct ConnectionGateway {
@@ -509,10 +517,7 @@ impl ConnectionGateway {
     fn call(
         &self,
         request: Request<Incoming>,
-    ) -> future::Either<
-        <Front as Service<Request<Incoming>>>::Future,
-        tower::util::Oneshot<Front, Request<Incoming>>,
-    > {
+    ) -> future::Either<FrontFuture, Pin<Box<FrontOneshot>>> {
         let mut gateway = self.gateway.lock().unwrap_or_else(PoisonError::into_inner);
         // The gateway applies no backpressure (every layer is ready at once); should it ever
         // not be ready, this request waits on a clone of its own.
@@ -520,7 +525,9 @@ impl ConnectionGateway {
         match Service::<Request<Incoming>>::poll_ready(&mut *gateway, &mut cx) {
             Poll::Ready(Ok(())) => future::Either::Left(gateway.call(request)),
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => future::Either::Right(gateway.clone().oneshot(request)),
+            // Boxed: never taken today, it would double every request's future (a whole
+            // gateway and request inside).
+            Poll::Pending => future::Either::Right(Box::pin(gateway.clone().oneshot(request))),
         }
     }
 }
