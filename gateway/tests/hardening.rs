@@ -49,6 +49,22 @@ fn start(name: &str, keys: Value) -> (Proc, SocketAddr, PathBuf) {
     (proc, addr, dir)
 }
 
+/// Sends `GET /metadata` on `stream` and asserts a kept-alive `200`.
+fn metadata_answered(stream: &mut TcpStream) {
+    stream.write_all(METADATA).unwrap();
+    let (status, head, _) = read_response(stream, Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+}
+
+/// A gateway whose header-read timeout (1 s) is far shorter than its idle timeout (600 s).
+fn start_short_heads(name: &str) -> (Proc, SocketAddr, PathBuf) {
+    start(
+        name,
+        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
+    )
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
     stream.set_nodelay(true).unwrap();
@@ -186,10 +202,7 @@ fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are
 fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     // Before its first byte a connection is still picking HTTP/1.1 or HTTP/2: hyper's timer
     // does not run yet, the gateway's own watchdog does.
-    let (_proc, addr, _dir) = start(
-        "silent",
-        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
-    );
+    let (_proc, addr, _dir) = start_short_heads("silent");
     let mut silent = connect(addr);
     assert!(
         closed_within(&mut silent, Duration::from_secs(10)),
@@ -201,14 +214,9 @@ fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
 fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
     // The first request is answered; the next head comes half and stops. The idle timeout is
     // far away: the header-read timeout closes it.
-    let (proc, addr, _dir) = start(
-        "slow-second-head",
-        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
-    );
+    let (proc, addr, _dir) = start_short_heads("slow-second-head");
     let mut stream = connect(addr);
-    stream.write_all(METADATA).unwrap();
-    let (status, _, _) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
-    assert_eq!(status, 200);
+    metadata_answered(&mut stream);
     let sent = Instant::now();
     stream.write_all(HALF_HEAD).unwrap();
     assert!(
@@ -252,13 +260,7 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
     );
     // The rest of a head sent in pieces in time is a request like any other.
     let mut pieces = connect(addr);
-    pieces.write_all(METADATA).unwrap();
-    assert_eq!(
-        read_response(&mut pieces, Duration::from_secs(10))
-            .unwrap()
-            .0,
-        200
-    );
+    metadata_answered(&mut pieces);
     pieces.write_all(HALF_HEAD).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     pieces
@@ -275,29 +277,14 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
 #[test]
 fn a_keep_alive_connection_waiting_for_its_next_request_is_bounded_by_the_idle_timeout() {
     // No byte of a next request yet: the idle timeout applies, not the header-read timeout.
-    let (_proc, addr, _dir) = start(
-        "waiting",
-        json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 600}),
-    );
+    let (_proc, addr, _dir) = start_short_heads("waiting");
     let mut stream = connect(addr);
-    stream.write_all(METADATA).unwrap();
-    assert_eq!(
-        read_response(&mut stream, Duration::from_secs(10))
-            .unwrap()
-            .0,
-        200
-    );
+    metadata_answered(&mut stream);
     assert!(
         !closed_within(&mut stream, Duration::from_secs(3)),
         "a kept-alive connection was closed within three header-read timeouts"
     );
-    stream.write_all(METADATA).unwrap();
-    assert_eq!(
-        read_response(&mut stream, Duration::from_secs(10))
-            .unwrap()
-            .0,
-        200
-    );
+    metadata_answered(&mut stream);
 }
 
 #[test]
