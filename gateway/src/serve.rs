@@ -13,14 +13,15 @@
 //! keep-alive beyond the idle timeout, at most `max_connections` served at once (beyond, each
 //! worker holds one accepted connection unserved and the rest wait in the kernel's listen
 //! backlog), and at shutdown in-flight requests get the grace period, no more.
-//! A per-connection watchdog keeps the two timeouts, not hyper's timer (which arms a timer for
-//! every request head: about 2% of the gateway's requests/s under wrk). It closes a connection
-//! that has started no request within the header-read timeout; an HTTP/1.1 connection that,
-//! with no request in flight, received bytes that have not made a request head for the
-//! header-read timeout (a later head sent slowly, found within a quarter of the timeout); and,
-//! gracefully, one with no request in flight and no bytes either way for the idle timeout. It
-//! wakes a few times per timeout, never per request; what a request costs it is a few relaxed
-//! atomic additions.
+//! A per-connection watchdog keeps the two timeouts, not hyper's timer (which arms and cancels
+//! a timer for every request head). It closes a connection that has started no request within
+//! the header-read timeout; an HTTP/1.1 connection that, with no request in flight and no
+//! response bytes going out, received bytes that have not made a request head for the
+//! header-read timeout (a later head sent slowly, found within a quarter of the timeout; a
+//! head pipelined behind a response still being sent waits for that response, as hyper reads
+//! it only then); and, gracefully, one with no request in flight and no bytes either way for
+//! the idle timeout. It wakes a few times per timeout, never per request; what a request costs
+//! it is a few relaxed atomic additions.
 
 use std::convert::Infallible;
 use std::io;
@@ -342,9 +343,9 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
     let mut head_deadline = Some(opened + limits.header_read_timeout);
     let mut seen = activity.snapshot();
     let mut quiet_since = opened;
-    // Requests started, and when the watchdog first saw bytes of a next head that is not
-    // whole yet (HTTP/1.1, nothing in flight, after the first request).
-    let mut partial: Option<(u64, Instant)> = None;
+    // Requests started and bytes written when the watchdog first saw bytes of a next head that
+    // is not whole yet (HTTP/1.1, nothing in flight, after the first request), and when.
+    let mut partial: Option<(u64, u64, Instant)> = None;
     loop {
         let mut wake = Instant::now() + tick;
         if let Some(deadline) = head_deadline {
@@ -353,7 +354,8 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
         let current = activity.snapshot();
-        let (_, reads, started, finished) = current;
+        let (io, reads, started, finished) = current;
+        let writes = io - reads;
         if let Some(deadline) = head_deadline {
             if now >= deadline {
                 if started == 0 {
@@ -368,13 +370,15 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
             && !activity.http2.load(Ordering::Relaxed);
         partial = match partial {
             _ if !heading => None,
-            Some((of, since)) if of == started => {
+            // The same head, and the last response is sent: its time runs.
+            Some((of, written, since)) if of == started && written == writes => {
                 if now.duration_since(since) >= limits.header_read_timeout {
                     return Close::Now;
                 }
-                Some((of, since))
+                Some((of, written, since))
             }
-            _ => Some((started, now)),
+            // A new head, or a response still going out (hyper reads the next head after it).
+            _ => Some((started, writes, now)),
         };
         if current != seen || started != finished {
             seen = current;
@@ -602,5 +606,100 @@ mod tests {
             Some(false),
             "decided once"
         );
+    }
+
+    /// The watchdog over `activity`, polled once after the clock moves by `by`.
+    async fn after(
+        watchdog: &mut Pin<Box<impl std::future::Future<Output = Close>>>,
+        by: Duration,
+    ) -> Option<Close> {
+        tokio::time::advance(by).await;
+        futures::FutureExt::now_or_never(watchdog.as_mut())
+    }
+
+    const SHORT_HEADS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(600),
+        max_connections: 1,
+        shutdown_grace: Duration::from_secs(1),
+    };
+
+    /// A connection that has had one request answered.
+    fn answered_once() -> Arc<Activity> {
+        let activity = Arc::new(Activity::default());
+        activity.reads.fetch_add(1, Ordering::Relaxed);
+        activity.io.fetch_add(1, Ordering::Relaxed);
+        drop(InFlight::start(&activity));
+        activity.io.fetch_add(1, Ordering::Relaxed);
+        activity
+    }
+
+    fn read(activity: &Activity) {
+        activity.reads.fetch_add(1, Ordering::Relaxed);
+        activity.io.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_that_stops_coming_is_closed_at_once_after_the_header_read_timeout() {
+        let activity = answered_once();
+        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
+        assert_eq!(after(&mut watchdog, Duration::ZERO).await, None);
+        read(&activity);
+        for _ in 0..4 {
+            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
+        }
+        let mut waited = Duration::ZERO;
+        let close = loop {
+            if let Some(close) = after(&mut watchdog, Duration::from_millis(250)).await {
+                break close;
+            }
+            waited += Duration::from_millis(250);
+            assert!(waited < Duration::from_secs(2), "not closed");
+        };
+        assert_eq!(close, Close::Now);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_pipelined_behind_a_response_still_going_out_waits_for_it() {
+        let activity = answered_once();
+        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
+        assert_eq!(after(&mut watchdog, Duration::ZERO).await, None);
+        // The next head came whole, but hyper reads it only once the response is sent, which
+        // takes ten header-read timeouts.
+        read(&activity);
+        for _ in 0..40 {
+            activity.io.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
+        }
+        // Sent: hyper starts the request.
+        drop(InFlight::start(&activity));
+        for _ in 0..20 {
+            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_with_no_byte_of_a_next_request_is_only_idle() {
+        let activity = answered_once();
+        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
+        for _ in 0..40 {
+            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
+        }
+        let limits = Limits {
+            idle_timeout: Duration::from_secs(2),
+            ..SHORT_HEADS
+        };
+        let activity = answered_once();
+        let mut watchdog = Box::pin(super::watchdog(&activity, limits));
+        let mut waited = Duration::ZERO;
+        let close = loop {
+            if let Some(close) = after(&mut watchdog, Duration::from_millis(250)).await {
+                break close;
+            }
+            waited += Duration::from_millis(250);
+            assert!(waited < Duration::from_secs(4), "not closed");
+        };
+        assert_eq!(close, Close::Gracefully);
+        assert!(waited >= Duration::from_millis(1750), "{waited:?}");
     }
 }
