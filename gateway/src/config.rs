@@ -90,7 +90,7 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) token_hashing_concurrency: Option<usize>,
     /// A connection that has not sent a whole request head this long after it opened (or, over
-    /// HTTP/1.1, after the first bytes of a later head) is closed. Default 30.
+    /// HTTP/1.1, after its previous response) is closed. Default 30.
     #[serde(default = "default_header_read_timeout")]
     pub(crate) header_read_timeout_seconds: u64,
     /// A keep-alive connection with no request in flight and no bytes either way for this long

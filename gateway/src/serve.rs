@@ -13,21 +13,19 @@
 //! keep-alive beyond the idle timeout, at most `max_connections` served at once (beyond, each
 //! worker holds one accepted connection unserved and the rest wait in the kernel's listen
 //! backlog), and at shutdown in-flight requests get the grace period, no more.
-//! A per-connection watchdog keeps the two timeouts, not hyper's timer (which arms and cancels
-//! a timer for every request head). It closes a connection that has started no request within
-//! the header-read timeout; an HTTP/1.1 connection that, with no request in flight and no
-//! response bytes going out, received bytes that have not made a request head for the
-//! header-read timeout (a later head sent slowly, found within a quarter of the timeout; a
-//! head pipelined behind a response still being sent waits for that response, as hyper reads
-//! it only then); and, gracefully, one with no request in flight and no bytes either way for
-//! the idle timeout. It wakes a few times per timeout, never per request; what a request costs
-//! it is a few relaxed atomic additions.
+//! HTTP/1.1's header-read timeout is hyper's own timer, which also runs while a keep-alive
+//! connection waits for its next request (so such a connection is closed after the smaller of
+//! the two timeouts). The per-connection watchdog covers the rest: a connection that has
+//! started no request within the header-read timeout (HTTP/2, or still picking its protocol),
+//! and one with no request in flight and no bytes either way for the idle timeout. It wakes a
+//! few times per idle timeout, never per request; what a request costs it is three relaxed
+//! atomic additions.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -37,7 +35,7 @@ use futures::future;
 use http::Request;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -168,8 +166,10 @@ async fn accept(
     stop_watch: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The watchdog keeps the header-read timeout (see the module docs).
-    builder.http1().header_read_timeout(None);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     let mut stop_signal = stop_watch.clone();
     let stop = async move {
         let _ = stop_signal.wait_for(|&stop| stop).await;
@@ -229,7 +229,6 @@ async fn accept(
         let io = TokioIo::new(CountingIo {
             stream,
             activity: Arc::clone(&activity),
-            preface: Preface::default(),
         });
         let connection = builder
             .serve_connection_with_upgrades(io, service)
@@ -253,19 +252,12 @@ async fn accept(
                         closing = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    close = watchdog.as_mut(), if !closing => match close {
-                        Close::Now => {
-                            // Nothing is in flight: a head that came too slowly is dropped.
-                            tracing::debug!(%peer, "closing a connection: no whole request head in time");
-                            break;
-                        }
-                        Close::Gracefully => {
-                            tracing::debug!(%peer, "closing an idle connection");
-                            closing = true;
-                            // Never cuts a request in flight: HTTP/1.1 finishes it (and then
-                            // closes), HTTP/2 sends GOAWAY and finishes its streams.
-                            connection.as_mut().graceful_shutdown();
-                        }
+                    () = watchdog.as_mut(), if !closing => {
+                        tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
+                        closing = true;
+                        // Never cuts a request in flight: HTTP/1.1 finishes it (and then
+                        // closes), HTTP/2 sends GOAWAY and finishes its streams.
+                        connection.as_mut().graceful_shutdown();
                     }
                 }
             }
@@ -280,14 +272,6 @@ async fn accept(
 struct Activity {
     /// Reads and writes that moved bytes.
     io: AtomicU64,
-    /// Reads that brought bytes.
-    reads: AtomicU64,
-    /// `reads` when a request last finished: more since, with nothing in flight, are the
-    /// start of the next head.
-    reads_when_finished: AtomicU64,
-    /// The client opened with HTTP/2's preface (its heads are frames: no header-read timeout
-    /// after the first request).
-    http2: AtomicBool,
     /// Requests handed to the service.
     started: AtomicU64,
     /// Requests whose response (head) is ready, or whose future was dropped.
@@ -295,12 +279,11 @@ struct Activity {
 }
 
 impl Activity {
-    /// (io, reads, started, finished), `finished` read first so that `started >= finished`.
-    fn snapshot(&self) -> (u64, u64, u64, u64) {
+    /// (io, started, finished), `finished` read first so that `started >= finished`.
+    fn snapshot(&self) -> (u64, u64, u64) {
         let finished = self.finished.load(Ordering::Relaxed);
         let started = self.started.load(Ordering::Relaxed);
-        let reads = self.reads.load(Ordering::Relaxed);
-        (self.io.load(Ordering::Relaxed), reads, started, finished)
+        (self.io.load(Ordering::Relaxed), started, finished)
     }
 }
 
@@ -316,36 +299,20 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let reads = self.0.reads.load(Ordering::Relaxed);
-        self.0.reads_when_finished.store(reads, Ordering::Relaxed);
         self.0.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// How the watchdog wants a connection closed.
-#[derive(Debug, PartialEq)]
-enum Close {
-    /// No request is in flight and a request head is overdue: drop the connection.
-    Now,
-    /// Idle: let the protocol close it (HTTP/2 sends GOAWAY).
-    Gracefully,
-}
-
-/// Completes when the connection should be closed (see the module docs). Wakes every quarter
-/// of the smaller timeout (at least every 50 ms), and at the first head's deadline: an idle
-/// connection is closed between one and about one and a quarter idle timeouts after its last
-/// byte, a later head sent too slowly between one and about one and a half header-read
-/// timeouts after its first bytes.
-async fn watchdog(activity: &Activity, limits: Limits) -> Close {
-    let tick =
-        (limits.idle_timeout.min(limits.header_read_timeout) / 4).max(Duration::from_millis(50));
+/// Completes when the connection should be closed: it has started no request within the
+/// header-read timeout, or has had no request in flight and no bytes for the idle timeout.
+/// Wakes every quarter of the idle timeout (at least every 50 ms), so an idle connection is
+/// closed between one and about one and a half idle timeouts after its last byte.
+async fn watchdog(activity: &Activity, limits: Limits) {
+    let tick = (limits.idle_timeout / 4).max(Duration::from_millis(50));
     let opened = Instant::now();
     let mut head_deadline = Some(opened + limits.header_read_timeout);
     let mut seen = activity.snapshot();
     let mut quiet_since = opened;
-    // Requests started and bytes written when the watchdog first saw bytes of a next head that
-    // is not whole yet (HTTP/1.1, nothing in flight, after the first request), and when.
-    let mut partial: Option<(u64, u64, Instant)> = None;
     loop {
         let mut wake = Instant::now() + tick;
         if let Some(deadline) = head_deadline {
@@ -354,41 +321,20 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
         let current = activity.snapshot();
-        let (io, reads, started, finished) = current;
-        let writes = io - reads;
+        let (_, started, finished) = current;
         if let Some(deadline) = head_deadline {
             if now >= deadline {
                 if started == 0 {
-                    return Close::Now;
+                    return;
                 }
                 head_deadline = None;
             }
         }
-        let heading = started > 0
-            && started == finished
-            && reads > activity.reads_when_finished.load(Ordering::Relaxed)
-            && !activity.http2.load(Ordering::Relaxed);
-        partial = match partial {
-            _ if !heading => None,
-            // The same head, and the last response is sent: its time runs.
-            Some((of, written, since)) if of == started && written == writes => {
-                if now.duration_since(since) >= limits.header_read_timeout {
-                    return Close::Now;
-                }
-                Some((of, written, since))
-            }
-            // A new head, or a response still going out (hyper reads the next head after it).
-            _ => Some((started, writes, now)),
-        };
         if current != seen || started != finished {
             seen = current;
             quiet_since = now;
         } else if now.duration_since(quiet_since) >= limits.idle_timeout {
-            return if partial.is_some() {
-                Close::Now
-            } else {
-                Close::Gracefully
-            };
+            return;
         }
     }
 }
@@ -397,40 +343,6 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
 struct CountingIo {
     stream: TcpStream,
     activity: Arc<Activity>,
-    // The first bytes compared with HTTP/2's preface.
-    preface: Preface,
-}
-
-/// How an HTTP/2 client opens a connection (RFC 9113, section 3.4), as far as it tells it
-/// apart from an HTTP/1.1 request line.
-const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-
-/// Whether a connection's first bytes are HTTP/2's preface, however the reads split them. Only
-/// the whole preface makes a connection HTTP/2 (which has no header-read timeout after its
-/// first request): a client sending `P` alone first must not escape the timeout of its later
-/// heads.
-#[derive(Debug, Default)]
-struct Preface {
-    // How many of the preface's bytes matched so far.
-    matched: usize,
-    verdict: Option<bool>,
-}
-
-impl Preface {
-    /// Takes the next bytes read; the verdict once there is one.
-    fn feed(&mut self, bytes: &[u8]) -> Option<bool> {
-        if self.verdict.is_none() {
-            let want = &HTTP2_PREFACE[self.matched..];
-            let n = want.len().min(bytes.len());
-            self.verdict = if bytes[..n] != want[..n] {
-                Some(false)
-            } else {
-                self.matched += n;
-                (self.matched == HTTP2_PREFACE.len()).then_some(true)
-            };
-        }
-        self.verdict
-    }
 }
 
 impl CountingIo {
@@ -449,13 +361,6 @@ impl AsyncRead for CountingIo {
         let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() != before {
             self.moved();
-            self.activity.reads.fetch_add(1, Ordering::Relaxed);
-            if self.preface.verdict.is_none() {
-                let this = &mut *self;
-                if this.preface.feed(&buf.filled()[before..]) == Some(true) {
-                    this.activity.http2.store(true, Ordering::Relaxed);
-                }
-            }
         }
         poll
     }
@@ -567,139 +472,5 @@ pub(crate) fn shutdown() -> impl std::future::Future<Output = ()> + Send {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutting down: finishing in-flight requests");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_whole_http2_preface_makes_a_connection_http2_however_it_is_split() {
-        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-        for split in 1..=preface.len() {
-            let mut sniff = Preface::default();
-            let verdicts: Vec<_> = preface.chunks(split).map(|c| sniff.feed(c)).collect();
-            assert_eq!(verdicts.last(), Some(&Some(true)), "split {split}");
-        }
-        for start in [
-            &b"P"[..],
-            b"PR",
-            b"PRI",
-            b"POST / HTTP/1.1\r\n",
-            b"PRI * HTTP/1.1\r\n",
-        ] {
-            let mut sniff = Preface::default();
-            let first = sniff.feed(start);
-            assert_ne!(first, Some(true), "{start:?}");
-            // What follows decides: an HTTP/1.1 request is never taken for HTTP/2.
-            assert_eq!(
-                sniff.feed(b"OST /metadata HTTP/1.1\r\n"),
-                Some(false),
-                "{start:?}"
-            );
-        }
-        let mut sniff = Preface::default();
-        assert_eq!(sniff.feed(b"GET / HTTP/1.1\r\n"), Some(false));
-        assert_eq!(
-            sniff.feed(b"PRI * HTTP/2.0\r\n"),
-            Some(false),
-            "decided once"
-        );
-    }
-
-    /// The watchdog over `activity`, polled once after the clock moves by `by`.
-    async fn after(
-        watchdog: &mut Pin<Box<impl std::future::Future<Output = Close>>>,
-        by: Duration,
-    ) -> Option<Close> {
-        tokio::time::advance(by).await;
-        futures::FutureExt::now_or_never(watchdog.as_mut())
-    }
-
-    const SHORT_HEADS: Limits = Limits {
-        header_read_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(600),
-        max_connections: 1,
-        shutdown_grace: Duration::from_secs(1),
-    };
-
-    /// A connection that has had one request answered.
-    fn answered_once() -> Arc<Activity> {
-        let activity = Arc::new(Activity::default());
-        activity.reads.fetch_add(1, Ordering::Relaxed);
-        activity.io.fetch_add(1, Ordering::Relaxed);
-        drop(InFlight::start(&activity));
-        activity.io.fetch_add(1, Ordering::Relaxed);
-        activity
-    }
-
-    fn read(activity: &Activity) {
-        activity.reads.fetch_add(1, Ordering::Relaxed);
-        activity.io.fetch_add(1, Ordering::Relaxed);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_later_head_that_stops_coming_is_closed_at_once_after_the_header_read_timeout() {
-        let activity = answered_once();
-        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
-        assert_eq!(after(&mut watchdog, Duration::ZERO).await, None);
-        read(&activity);
-        for _ in 0..4 {
-            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
-        }
-        let mut waited = Duration::ZERO;
-        let close = loop {
-            if let Some(close) = after(&mut watchdog, Duration::from_millis(250)).await {
-                break close;
-            }
-            waited += Duration::from_millis(250);
-            assert!(waited < Duration::from_secs(2), "not closed");
-        };
-        assert_eq!(close, Close::Now);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_head_pipelined_behind_a_response_still_going_out_waits_for_it() {
-        let activity = answered_once();
-        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
-        assert_eq!(after(&mut watchdog, Duration::ZERO).await, None);
-        // The next head came whole, but hyper reads it only once the response is sent, which
-        // takes ten header-read timeouts.
-        read(&activity);
-        for _ in 0..40 {
-            activity.io.fetch_add(1, Ordering::Relaxed);
-            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
-        }
-        // Sent: hyper starts the request.
-        drop(InFlight::start(&activity));
-        for _ in 0..20 {
-            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_kept_alive_connection_with_no_byte_of_a_next_request_is_only_idle() {
-        let activity = answered_once();
-        let mut watchdog = Box::pin(watchdog(&activity, SHORT_HEADS));
-        for _ in 0..40 {
-            assert_eq!(after(&mut watchdog, Duration::from_millis(250)).await, None);
-        }
-        let limits = Limits {
-            idle_timeout: Duration::from_secs(2),
-            ..SHORT_HEADS
-        };
-        let activity = answered_once();
-        let mut watchdog = Box::pin(super::watchdog(&activity, limits));
-        let mut waited = Duration::ZERO;
-        let close = loop {
-            if let Some(close) = after(&mut watchdog, Duration::from_millis(250)).await {
-                break close;
-            }
-            waited += Duration::from_millis(250);
-            assert!(waited < Duration::from_secs(4), "not closed");
-        };
-        assert_eq!(close, Close::Gracefully);
-        assert!(waited >= Duration::from_millis(1750), "{waited:?}");
     }
 }

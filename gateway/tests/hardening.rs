@@ -275,19 +275,6 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
 }
 
 #[test]
-fn a_keep_alive_connection_waiting_for_its_next_request_is_bounded_by_the_idle_timeout() {
-    // No byte of a next request yet: the idle timeout applies, not the header-read timeout.
-    let (_proc, addr, _dir) = start_short_heads("waiting");
-    let mut stream = connect(addr);
-    metadata_answered(&mut stream);
-    assert!(
-        !closed_within(&mut stream, Duration::from_secs(3)),
-        "a kept-alive connection was closed within three header-read timeouts"
-    );
-    metadata_answered(&mut stream);
-}
-
-#[test]
 fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     let (proc, addr, _dir) = start("idle", json!({"idle_timeout_seconds": 1}));
 
