@@ -36,8 +36,8 @@ use serde_json::json;
 
 mod plot;
 
-/// mimalloc, as the gateway binary uses: the load generator then spend on allocation what the
-/// gateway does, and a comparison measures the HTTP work, not two allocators.
+/// mimalloc, as the gateway binary uses: the load generator then spends on allocation what
+/// the gateway does, and a comparison measures the HTTP work, not two allocators.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -565,12 +565,16 @@ struct Shared {
     done: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
-    /// What each worker measured, its own: a worker locks only its own (uncontended; the
-    /// progress line reads them once a second), so workers never wait on each other.
-    workers: Vec<Mutex<Measured>>,
+    /// What the workers measured, in [`MEASURED_SHARDS`] shards at most: worker `w` records
+    /// into shard `w % len`, so few workers share a lock (the progress line reads them once a
+    /// second) and 10,000 connections do not hold 10,000 sets of per-second histograms.
+    measured: Vec<Mutex<Measured>>,
 }
 
-/// One worker's statuses and errors, and each measured second's latencies by when the
+/// The most shards of [`Shared::measured`] (a second's histogram is about 24 KiB).
+const MEASURED_SHARDS: usize = 64;
+
+/// Some workers' statuses and errors, and each measured second's latencies by when the
 /// requests were due.
 #[derive(Default)]
 struct Measured {
@@ -580,9 +584,9 @@ struct Measured {
 
 impl Measured {
     /// Everything the workers measured, together.
-    fn merged(workers: &[Mutex<Measured>]) -> Measured {
+    fn merged(shards: &[Mutex<Measured>]) -> Measured {
         let mut all = Measured::default();
-        for worker in workers {
+        for worker in shards {
             let worker = worker.lock().unwrap();
             for (status, count) in &worker.tally.statuses {
                 *all.tally.statuses.entry(*status).or_default() += count;
@@ -602,9 +606,9 @@ impl Measured {
     }
 
     /// The p99 and max of measured second `second`, over every worker.
-    fn second(workers: &[Mutex<Measured>], second: usize) -> Option<(u64, u64)> {
+    fn second(shards: &[Mutex<Measured>], second: usize) -> Option<(u64, u64)> {
         let mut sum = plot::second_histogram();
-        for worker in workers {
+        for worker in shards {
             if let Some(h) = worker.lock().unwrap().seconds.get(second) {
                 let _ = sum.add(h);
             }
@@ -614,7 +618,8 @@ impl Measured {
 }
 
 impl Shared {
-    /// Sends request `i`; returns whether it was measured.
+    /// Sends request `i` for worker `worker`, and records it when it was due within the
+    /// measured window.
     async fn one(
         &self,
         worker: usize,
@@ -669,7 +674,8 @@ impl Shared {
         let took = due.elapsed().as_micros().max(1) as u64;
         latency.saturating_record(took);
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
-        let mut measured = self.workers[worker].lock().unwrap();
+        let shard = &self.measured[worker % self.measured.len()];
+        let mut measured = shard.lock().unwrap();
         if measured.seconds.len() <= second {
             measured
                 .seconds
@@ -732,7 +738,9 @@ async fn main() {
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
-        workers: (0..options_connections).map(|_| Mutex::default()).collect(),
+        measured: (0..options_connections.clamp(1, MEASURED_SHARDS))
+            .map(|_| Mutex::default())
+            .collect(),
     });
 
     let progress = {
@@ -746,7 +754,7 @@ async fn main() {
                 let recent = Instant::now()
                     .checked_duration_since(measuring_from)
                     .and_then(|d| (d.as_secs() as usize).checked_sub(1))
-                    .and_then(|second| Measured::second(&shared.workers, second));
+                    .and_then(|second| Measured::second(&shared.measured, second));
                 let latency = recent.map_or(String::new(), |(p99, max)| {
                     format!(
                         "  p99 {:.2} ms  max {:.2} ms",
@@ -849,7 +857,7 @@ async fn main() {
         }
         Err(_) => Vec::new(),
     };
-    let measured = Measured::merged(&shared.workers);
+    let measured = Measured::merged(&shared.measured);
     let timeline = {
         // The seconds inside the measured window (a request due at its very end may run on).
         let within = (elapsed.as_secs_f64().ceil() as usize).min(measured.seconds.len());

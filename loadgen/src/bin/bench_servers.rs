@@ -20,8 +20,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-/// mimalloc, as the gateway binary uses: the upstream and the pass-through then spend on allocation what the
-/// gateway does, and a comparison measures the HTTP work, not two allocators.
+/// mimalloc, as the gateway binary uses: the upstream and the pass-through then spend on
+/// allocation what the gateway does, and a comparison measures the HTTP work, not two
+/// allocators.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
