@@ -13,11 +13,10 @@
 //!   response was read whole with its head, else when its body is done);
 //! - idle connections older than the idle timeout are closed: at checkout, and by a sweep that
 //!   runs while the pool has idle connections and ends with the pool;
-//! - on a single-threaded runtime (the gateway binary's workers, one per CPU), a connection is
-//!   used only by requests on the thread whose runtime drives it, as nginx keeps an upstream
-//!   keep-alive pool per worker: a request never waits on another worker's thread to move its
-//!   bytes. On a multi-threaded runtime every thread shares the connections, which any of its
-//!   threads drives.
+//! - a connection is used only by requests on the runtime that drives it (its connection task
+//!   was spawned there), as nginx keeps an upstream keep-alive pool per worker: with the
+//!   gateway binary's single-threaded workers, a request never waits on another worker's thread
+//!   to move its bytes, nor on a runtime that is not running.
 //!
 //! HTTPS upstreams (ALPN may choose HTTP/2) and those speaking h2c keep hyper-util's client.
 
@@ -26,8 +25,8 @@ use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
+use tokio::runtime::Id as RuntimeId;
 
 use http::uri::Authority;
 use http::{Request, Response, Uri};
@@ -87,23 +86,15 @@ struct Idle {
     since: Instant,
 }
 
-/// One upstream's idle connections, a stack per driving runtime: `Some(thread)` for a
-/// single-threaded runtime on that thread, `None` for multi-threaded runtimes (a handful of
-/// stacks at most: one per worker).
-type Stacks = Vec<(Option<ThreadId>, Vec<Idle>)>;
+/// One upstream's idle connections, a stack per runtime that drives them (a handful at most:
+/// one per worker).
+type Stacks = Vec<(Option<RuntimeId>, Vec<Idle>)>;
 
-/// Which runtime a connection made now is driven by: the current thread's when its runtime is
-/// single-threaded (its tasks never leave the thread), else none in particular.
-fn driver() -> Option<ThreadId> {
-    thread_local! {
-        static THREAD: ThreadId = std::thread::current().id();
-    }
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-            Some(THREAD.with(|id| *id))
-        }
-        _ => None,
-    }
+/// The runtime a connection made now is driven by: the current one.
+fn driver() -> Option<RuntimeId> {
+    tokio::runtime::Handle::try_current()
+        .ok()
+        .map(|handle| handle.id())
 }
 
 impl Http1Pool {
@@ -178,7 +169,7 @@ impl Inner {
     fn checkout(
         &self,
         authority: &Authority,
-        driver: Option<ThreadId>,
+        driver: Option<RuntimeId>,
     ) -> Option<SendRequest<OutgoingBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let stacks = idle.get_mut(authority)?;
@@ -195,7 +186,7 @@ impl Inner {
     fn give_back(
         self: &Arc<Self>,
         authority: &Authority,
-        driver: Option<ThreadId>,
+        driver: Option<RuntimeId>,
         mut sender: SendRequest<OutgoingBody>,
     ) {
         if sender.is_ready() {
@@ -217,7 +208,7 @@ impl Inner {
     fn keep(
         self: &Arc<Self>,
         authority: &Authority,
-        driver: Option<ThreadId>,
+        driver: Option<RuntimeId>,
         sender: SendRequest<OutgoingBody>,
     ) {
         let entry = Idle {
@@ -246,6 +237,17 @@ impl Inner {
 /// Closes idle connections past the idle timeout (and drops closed ones) every half timeout,
 /// until no idle connection is left or the pool is gone.
 async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
+    /// Clears the pool's `sweeping` flag when the sweep ends, however it ends (its runtime may
+    /// be dropped under it): the next connection kept then starts another.
+    struct Ended(Weak<Inner>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            if let Some(pool) = self.0.upgrade() {
+                pool.sweeping.store(false, Ordering::Release);
+            }
+        }
+    }
+    let mut ended = Ended(pool.clone());
     let period = (idle_timeout / 2).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(period).await;
@@ -263,8 +265,10 @@ async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
             !stacks.is_empty()
         });
         if idle.is_empty() {
-            // The next connection kept starts a new sweep.
+            // The next connection kept starts a new sweep: said under the lock, so that one
+            // kept just after this sees it.
             pool.sweeping.store(false, Ordering::Release);
+            ended.0 = Weak::new();
             return;
         }
     }
