@@ -567,19 +567,30 @@ struct Shared {
     stop_at: Instant,
     /// What the workers measured, in [`MEASURED_SHARDS`] shards at most: worker `w` records
     /// into shard `w % len`, so few workers share a lock (the progress line reads them once a
-    /// second) and 10,000 connections do not hold 10,000 sets of per-second histograms.
+    /// second) and 10,000 connections do not hold 10,000 sets of histograms (the whole run's
+    /// is about 170 KiB, a second's about 24 KiB).
     measured: Vec<Mutex<Measured>>,
 }
 
 /// The most shards of [`Shared::measured`] (a second's histogram is about 24 KiB).
 const MEASURED_SHARDS: usize = 64;
 
-/// Some workers' statuses and errors, and each measured second's latencies by when the
-/// requests were due.
-#[derive(Default)]
+/// Some workers' statuses and errors, their latencies, and each measured second's latencies
+/// by when the requests were due.
 struct Measured {
     tally: Tally,
+    latency: Histogram<u64>,
     seconds: Vec<Histogram<u64>>,
+}
+
+impl Default for Measured {
+    fn default() -> Self {
+        Self {
+            tally: Tally::default(),
+            latency: histogram(),
+            seconds: Vec::new(),
+        }
+    }
 }
 
 impl Measured {
@@ -594,6 +605,7 @@ impl Measured {
             for (error, count) in &worker.tally.errors {
                 *all.tally.errors.entry(error.clone()).or_default() += count;
             }
+            let _ = all.latency.add(&worker.latency);
             if all.seconds.len() < worker.seconds.len() {
                 all.seconds
                     .resize_with(worker.seconds.len(), plot::second_histogram);
@@ -620,14 +632,7 @@ impl Measured {
 impl Shared {
     /// Sends request `i` for worker `worker`, and records it when it was due within the
     /// measured window.
-    async fn one(
-        &self,
-        worker: usize,
-        connection: &mut Connection,
-        i: u64,
-        due: Instant,
-        latency: &mut Histogram<u64>,
-    ) {
+    async fn one(&self, worker: usize, connection: &mut Connection, i: u64, due: Instant) {
         let index = (i as usize) % self.options.tenants.len();
         let tenant = &self.options.tenants[index];
         let Interaction {
@@ -672,10 +677,10 @@ impl Shared {
             return;
         }
         let took = due.elapsed().as_micros().max(1) as u64;
-        latency.saturating_record(took);
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
         let shard = &self.measured[worker % self.measured.len()];
         let mut measured = shard.lock().unwrap();
+        measured.latency.saturating_record(took);
         if measured.seconds.len() <= second {
             measured
                 .seconds
@@ -786,15 +791,12 @@ async fn main() {
         .map(|worker| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
-                let mut latency = histogram();
                 let mut connection = Connection::None;
                 match shared.options.rate {
                     None => {
                         while !shared.finished() {
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared
-                                .one(worker, &mut connection, i, Instant::now(), &mut latency)
-                                .await;
+                            shared.one(worker, &mut connection, i, Instant::now()).await;
                         }
                     }
                     Some(rate) => {
@@ -816,22 +818,16 @@ async fn main() {
                         while !shared.finished() && due < shared.stop_at {
                             tokio::time::sleep_until(due.into()).await;
                             let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared
-                                .one(worker, &mut connection, i, due, &mut latency)
-                                .await;
+                            shared.one(worker, &mut connection, i, due).await;
                             due += interval;
                         }
                     }
                 }
-                latency
             })
         })
         .collect();
-    let mut latency = histogram();
     for worker in workers {
-        if let Ok(h) = worker.await {
-            let _ = latency.add(h);
-        }
+        let _ = worker.await;
     }
     let cpu_at_end = cpu_times(&shared.options.cpu_of);
     progress.abort();
@@ -864,7 +860,8 @@ async fn main() {
         plot::timeline(&measured.seconds[..within])
     };
     // The report first: a chart that cannot be written loses nothing of the run.
-    report(&shared, &measured.tally, &latency, elapsed, &cpu, &timeline);
+    let latency = &measured.latency;
+    report(&shared, &measured.tally, latency, elapsed, &cpu, &timeline);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -875,7 +872,7 @@ async fn main() {
                 .map_or("closed loop".to_owned(), |r| format!("{r} req/s")),
             shared.options.connections
         );
-        match plot::svg(file, &title, &timeline, &latency) {
+        match plot::svg(file, &title, &timeline, latency) {
             Ok(()) => eprintln!("plot written to {}", file.display()),
             Err(message) => {
                 eprintln!("{message}");
