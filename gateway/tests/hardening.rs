@@ -280,10 +280,7 @@ fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
 
     // One request, then nothing: closed, but not at once.
     let mut idle = connect(addr);
-    idle.write_all(METADATA).unwrap();
-    let (status, head, _) = read_response(&mut idle, Duration::from_secs(10)).unwrap();
-    assert_eq!(status, 200);
-    assert!(!head.contains("connection: close"), "{head}");
+    metadata_answered(&mut idle);
     assert!(
         !closed_within(&mut idle, Duration::from_millis(500)),
         "closed right after its response, not after being idle"

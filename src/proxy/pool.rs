@@ -88,14 +88,7 @@ struct Idle {
 
 /// One upstream's idle connections, a stack per runtime that drives them (a handful at most:
 /// one per worker).
-type Stacks = Vec<(Option<RuntimeId>, Vec<Idle>)>;
-
-/// The runtime a connection made now is driven by: the current one.
-fn driver() -> Option<RuntimeId> {
-    tokio::runtime::Handle::try_current()
-        .ok()
-        .map(|handle| handle.id())
-}
+type Stacks = Vec<(RuntimeId, Vec<Idle>)>;
 
 impl Http1Pool {
     pub(crate) fn new(connector: HttpConnector, idle_timeout: Duration) -> Self {
@@ -116,7 +109,9 @@ impl Http1Pool {
         authority: &Authority,
         mut request: Request<OutgoingBody>,
     ) -> Result<Response<Incoming>, BoxError> {
-        let driver = driver();
+        // The runtime this request runs on, which drives the connections it opens (the proxy
+        // runs on tokio: its upstream timeout needs tokio's timer).
+        let driver = tokio::runtime::Handle::current().id();
         while let Some(mut sender) = self.inner.checkout(authority, driver) {
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -169,7 +164,7 @@ impl Inner {
     fn checkout(
         &self,
         authority: &Authority,
-        driver: Option<RuntimeId>,
+        driver: RuntimeId,
     ) -> Option<SendRequest<OutgoingBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let stacks = idle.get_mut(authority)?;
@@ -186,7 +181,7 @@ impl Inner {
     fn give_back(
         self: &Arc<Self>,
         authority: &Authority,
-        driver: Option<RuntimeId>,
+        driver: RuntimeId,
         mut sender: SendRequest<OutgoingBody>,
     ) {
         if sender.is_ready() {
@@ -208,7 +203,7 @@ impl Inner {
     fn keep(
         self: &Arc<Self>,
         authority: &Authority,
-        driver: Option<RuntimeId>,
+        driver: RuntimeId,
         sender: SendRequest<OutgoingBody>,
     ) {
         let entry = Idle {
