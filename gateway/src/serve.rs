@@ -15,17 +15,26 @@
 //! backlog), and at shutdown in-flight requests get the grace period, no more.
 //! HTTP/1.1's header-read timeout is hyper's own timer, which also runs while a keep-alive
 //! connection waits for its next request (so such a connection is closed after the smaller of
-//! the two timeouts). The per-connection watchdog covers the rest: a connection that has
-//! started no request within the header-read timeout (HTTP/2, or still picking its protocol),
-//! and one with no request in flight and no bytes either way for the idle timeout. It wakes a
-//! few times per idle timeout, never per request; what a request costs it is three relaxed
-//! atomic additions.
+//! the two timeouts). The per-connection watchdog covers the rest:
+//!
+//! - a connection that has started no request within the header-read timeout (HTTP/2, or
+//!   still picking its protocol) is closed;
+//! - one with no request in flight for the idle timeout is closed gracefully, whatever else it
+//!   sends (HTTP/2 PINGs keep no connection open);
+//! - one whose client has taken none of its response for the idle timeout (it stopped
+//!   reading, or an HTTP/2 client stopped granting flow-control window) is dropped at once:
+//!   such a response can never finish, so a graceful close would wait for ever. A response
+//!   that waits on its upstream is not the client's doing and is never cut.
+//!
+//! A request is in flight from the moment hyper hands it over until its response body has
+//! been taken whole (or given up). The watchdog wakes a few times per idle timeout, never per
+//! request; what a request costs it is a few relaxed atomic operations.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -34,9 +43,10 @@ use axum::Router;
 use futures::future;
 use http::Request;
 use http_body_util::Either;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
@@ -205,7 +215,7 @@ async fn accept(
         let admin = admin.clone();
         let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let in_flight = InFlight::start(&requests);
+            let in_flight = InFlight::start(&requests, request.version());
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
             let to_admin = request.uri().path().starts_with("/admin/");
@@ -222,8 +232,8 @@ async fn accept(
                     future::Either::Left(gateway) => gateway.await?.map(Either::Left),
                     future::Either::Right(admin) => admin.await?.map(Either::Right),
                 };
-                drop(in_flight);
-                Ok::<_, Infallible>(response)
+                // In flight until the client has taken the body (or hyper gives it up).
+                Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))
             }
         });
         let io = TokioIo::new(CountingIo {
@@ -240,6 +250,10 @@ async fn accept(
             let mut connection = std::pin::pin!(connection);
             let mut watchdog = std::pin::pin!(watchdog(&activity, limits));
             let mut closing = false;
+            // A connection the watchdog closes gracefully gets the idle timeout to finish
+            // (what it still has to send); then it is dropped.
+            let mut finish_by = std::pin::pin!(tokio::time::sleep(Duration::MAX));
+            let mut finishing = false;
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -252,12 +266,25 @@ async fn accept(
                         closing = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    () = watchdog.as_mut(), if !closing => {
+                    close = watchdog.as_mut(), if !closing => {
+                        if close == Close::Stalled {
+                            tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
+                            activity.drop_now();
+                            break;
+                        }
                         tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
                         closing = true;
+                        finishing = true;
+                        finish_by.as_mut().reset(Instant::now() + limits.idle_timeout);
                         // Never cuts a request in flight: HTTP/1.1 finishes it (and then
                         // closes), HTTP/2 sends GOAWAY and finishes its streams.
                         connection.as_mut().graceful_shutdown();
+                    }
+                    () = finish_by.as_mut(), if finishing => {
+                        // An HTTP/2 response its client grants no window for, say.
+                        tracing::info!(%peer, "dropping a connection: it did not finish closing within the idle timeout");
+                        activity.drop_now();
+                        break;
                     }
                 }
             }
@@ -266,24 +293,36 @@ async fn accept(
     drop(listener);
 }
 
-/// What one connection has done, for its watchdog: bytes moved and requests started and
-/// finished, counted with relaxed atomics (the watchdog only compares them between its wakes).
+/// What one connection has done, for its watchdog: requests started and finished, response
+/// frames taken and socket writes, and whether the client is what a response waits for.
+/// Relaxed atomics: the watchdog only compares them between its wakes.
 #[derive(Debug, Default)]
 struct Activity {
-    /// Reads and writes that moved bytes.
-    io: AtomicU64,
     /// Requests handed to the service.
     started: AtomicU64,
-    /// Requests whose response (head) is ready, or whose future was dropped.
+    /// Requests whose response body was taken whole, or given up (its future or body dropped).
     finished: AtomicU64,
+    /// Frames hyper has taken from response bodies.
+    frames: AtomicU64,
+    /// Socket writes that moved bytes (made by the connection's task alone).
+    writes: AtomicU64,
+    /// A socket write found no room, and none has moved bytes since: the client is not reading.
+    write_blocked: AtomicBool,
+    /// The last response frame taken is still being delivered: hyper has not asked for the
+    /// next (it is writing it, or waiting for HTTP/2 flow-control window). Cleared when a body
+    /// has nothing yet (it waits on its upstream).
+    delivering: AtomicBool,
+    /// The connection speaks HTTP/2 (whose writes may be PING answers, not response bytes).
+    http2: AtomicBool,
+    /// The connection is being dropped: its socket is reset rather than left to send what it
+    /// still holds to a client that takes nothing.
+    reset: AtomicBool,
 }
 
 impl Activity {
-    /// (io, started, finished), `finished` read first so that `started >= finished`.
-    fn snapshot(&self) -> (u64, u64, u64) {
-        let finished = self.finished.load(Ordering::Relaxed);
-        let started = self.started.load(Ordering::Relaxed);
-        (self.io.load(Ordering::Relaxed), started, finished)
+    /// Marks the connection as dropped by the watchdog: its socket closes with a reset.
+    fn drop_now(&self) {
+        self.reset.store(true, Ordering::Relaxed);
     }
 }
 
@@ -291,7 +330,10 @@ impl Activity {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<Activity>) -> Self {
+    fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
+        if version == http::Version::HTTP_2 && !activity.http2.load(Ordering::Relaxed) {
+            activity.http2.store(true, Ordering::Relaxed);
+        }
         activity.started.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(activity))
     }
@@ -303,16 +345,106 @@ impl Drop for InFlight {
     }
 }
 
-/// Completes when the connection should be closed: it has started no request within the
-/// header-read timeout, or has had no request in flight and no bytes for the idle timeout.
-/// Wakes every quarter of the idle timeout (at least every 50 ms), so an idle connection is
-/// closed between one and about one and a half idle timeouts after its last byte.
-async fn watchdog(activity: &Activity, limits: Limits) {
+pin_project! {
+    /// A response body, with its request counted in flight until the body has been taken
+    /// whole or dropped, and each frame taken counted as progress.
+    struct Delivered<B> {
+        #[pin]
+        body: B,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<B> Delivered<B> {
+    fn new(body: B, in_flight: InFlight) -> Self {
+        Self {
+            body,
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+impl<B: Body> Body for Delivered<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let poll = this.body.poll_frame(cx);
+        if let Some(InFlight(activity)) = this.in_flight.as_ref() {
+            match &poll {
+                Poll::Ready(Some(Ok(_))) => {
+                    activity.frames.fetch_add(1, Ordering::Relaxed);
+                    activity.delivering.store(true, Ordering::Relaxed);
+                }
+                Poll::Pending => activity.delivering.store(false, Ordering::Relaxed),
+                Poll::Ready(None | Some(Err(_))) => *this.in_flight = None,
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Why the watchdog says to close a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    /// No request head in time, or nothing in flight for the idle timeout: close gracefully.
+    Idle,
+    /// The client has taken none of a response for the idle timeout: drop the connection.
+    Stalled,
+}
+
+/// When a counter last changed, as seen by the watchdog's wakes.
+struct Since {
+    seen: u64,
+    at: Instant,
+}
+
+impl Since {
+    fn new(seen: u64, at: Instant) -> Self {
+        Self { seen, at }
+    }
+
+    /// How long `current` has stayed the same, as of `now`.
+    fn quiet(&mut self, current: u64, now: Instant) -> Duration {
+        if current != self.seen {
+            self.seen = current;
+            self.at = now;
+        }
+        now.duration_since(self.at)
+    }
+}
+
+/// Completes when the connection should be closed:
+///
+/// - [`Close::Idle`]: it has started no request within the header-read timeout, or has had no
+///   request in flight for the idle timeout (whatever else it sent: HTTP/2 PINGs, say);
+/// - [`Close::Stalled`]: its client has taken nothing for the idle timeout while a response
+///   waited for it: a socket write found no room and none has moved bytes since, or (HTTP/2)
+///   a response's next frame waits for flow-control window the client does not grant.
+///
+/// A response waiting on its upstream, however long, is neither. Wakes every quarter of the
+/// idle timeout (at least every 50 ms), so such a connection is closed between one and about
+/// one and a half idle timeouts after it went quiet.
+async fn watchdog(activity: &Activity, limits: Limits) -> Close {
     let tick = (limits.idle_timeout / 4).max(Duration::from_millis(50));
     let opened = Instant::now();
     let mut head_deadline = Some(opened + limits.header_read_timeout);
-    let mut seen = activity.snapshot();
-    let mut quiet_since = opened;
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let mut requests = Since::new(0, opened);
+    let mut frames = Since::new(0, opened);
+    let mut writes = Since::new(0, opened);
     loop {
         let mut wake = Instant::now() + tick;
         if let Some(deadline) = head_deadline {
@@ -320,34 +452,72 @@ async fn watchdog(activity: &Activity, limits: Limits) {
         }
         tokio::time::sleep_until(wake).await;
         let now = Instant::now();
-        let current = activity.snapshot();
-        let (_, started, finished) = current;
+        // `finished` first, so that `started >= finished`.
+        let finished = load(&activity.finished);
+        let started = load(&activity.started);
         if let Some(deadline) = head_deadline {
             if now >= deadline {
                 if started == 0 {
-                    return;
+                    return Close::Idle;
                 }
                 head_deadline = None;
             }
         }
-        if current != seen || started != finished {
-            seen = current;
-            quiet_since = now;
-        } else if now.duration_since(quiet_since) >= limits.idle_timeout {
-            return;
+        let in_flight = started != finished;
+        // Each request started or finished moves this on (the sum changes with either).
+        let requests_quiet = requests.quiet(started.wrapping_add(finished), now);
+        let writes_quiet = writes.quiet(load(&activity.writes), now);
+        let frames_quiet = frames.quiet(load(&activity.frames), now);
+        let idle = limits.idle_timeout;
+        if activity.write_blocked.load(Ordering::Relaxed)
+            && writes_quiet.min(requests_quiet) >= idle
+        {
+            return Close::Stalled;
+        }
+        if in_flight
+            && activity.http2.load(Ordering::Relaxed)
+            && activity.delivering.load(Ordering::Relaxed)
+            && frames_quiet.min(requests_quiet) >= idle
+        {
+            return Close::Stalled;
+        }
+        if !in_flight && requests_quiet >= idle {
+            return Close::Idle;
         }
     }
 }
 
-/// The connection's socket, counting the reads and writes that move bytes.
+/// The connection's socket, noting the writes that move bytes and those that find no room.
 struct CountingIo {
     stream: TcpStream,
     activity: Arc<Activity>,
 }
 
 impl CountingIo {
-    fn moved(&self) {
-        self.activity.io.fetch_add(1, Ordering::Relaxed);
+    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
+        let activity = &self.activity;
+        match poll {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                // Only this connection's task writes: no read-modify-write needed.
+                let writes = activity.writes.load(Ordering::Relaxed);
+                activity.writes.store(writes + 1, Ordering::Relaxed);
+                if activity.write_blocked.load(Ordering::Relaxed) {
+                    activity.write_blocked.store(false, Ordering::Relaxed);
+                }
+            }
+            Poll::Pending => activity.write_blocked.store(true, Ordering::Relaxed),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
+impl Drop for CountingIo {
+    fn drop(&mut self) {
+        if self.activity.reset.load(Ordering::Relaxed) {
+            // A reset frees at once what the kernel still holds for a client that takes
+            // nothing, instead of trying to send it for minutes after the close.
+            let _ = self.stream.set_zero_linger();
+        }
     }
 }
 
@@ -357,12 +527,7 @@ impl AsyncRead for CountingIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() != before {
-            self.moved();
-        }
-        poll
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -373,9 +538,7 @@ impl AsyncWrite for CountingIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
-        }
+        self.wrote(&poll);
         poll
     }
 
@@ -385,9 +548,7 @@ impl AsyncWrite for CountingIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
-        }
+        self.wrote(&poll);
         poll
     }
 

@@ -318,6 +318,238 @@ fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     assert!(!head.contains("connection: close"), "{head}");
 }
 
+/// A connection with a receive buffer of 4 KiB, so that a client that stops reading makes
+/// the server's writes find no room soon.
+fn connect_small_window(addr: SocketAddr) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(addr).await.unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Sends `count` pipelined `GET /metadata`s on a thread of its own (the server may take them
+/// slowly).
+fn pipeline_metadata(stream: &TcpStream, count: usize) -> std::thread::JoinHandle<()> {
+    let mut writer = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = writer.write_all(&METADATA.repeat(count));
+    })
+}
+
+/// Reads `stream` until it ends, `enough` responses have come, or a read waits longer than
+/// `quiet`, pausing `pause` after each `burst` bytes: how many responses came, and whether
+/// the server ended the connection.
+fn count_responses(
+    stream: &mut TcpStream,
+    quiet: Duration,
+    enough: usize,
+    (burst, pause): (usize, Duration),
+) -> (usize, bool) {
+    const STATUS_LINE: &[u8] = b"HTTP/1.1 200 OK\r\n";
+    let mut seen = 0;
+    // The end of the last read, which may hold the start of a status line.
+    let mut tail = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut in_burst = 0;
+    stream.set_read_timeout(Some(quiet)).unwrap();
+    while seen < enough {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (seen, true),
+            Ok(n) => {
+                tail.extend_from_slice(&chunk[..n]);
+                seen += tail
+                    .windows(STATUS_LINE.len())
+                    .filter(|w| *w == STATUS_LINE)
+                    .count();
+                let keep = tail.len().min(STATUS_LINE.len() - 1);
+                tail.drain(..tail.len() - keep);
+                in_burst += n;
+                if in_burst >= burst {
+                    in_burst = 0;
+                    std::thread::sleep(pause);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return (seen, false)
+            }
+            Err(_) => return (seen, true),
+        }
+    }
+    (seen, false)
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_reader_is_not() {
+    // An idle timeout of 2 s: the slow reader's pauses below stay well within it, busy as the
+    // machine may be.
+    let (proc, addr, _dir) = start("stalled", json!({"idle_timeout_seconds": 2}));
+
+    // 8,000 responses (about 8 MB, more than the kernel buffers on both sides) asked for and
+    // none read: the server's writes find no room, and after the idle timeout the connection
+    // is dropped, its responses unsent.
+    const ASKED: usize = 8_000;
+    let mut stalled = connect_small_window(addr);
+    let writer = pipeline_metadata(&stalled, ASKED);
+    std::thread::sleep(Duration::from_secs(5));
+    let (seen, ended) = count_responses(
+        &mut stalled,
+        Duration::from_secs(10),
+        ASKED,
+        (usize::MAX, Duration::ZERO),
+    );
+    assert!(
+        ended && seen < ASKED,
+        "a client that stopped reading still holds its connection ({seen} of {ASKED} responses \
+         came, ended: {ended}); stderr:\n{}",
+        proc.stderr()
+    );
+    writer.join().unwrap();
+    assert!(
+        proc.stderr()
+            .contains("its client has taken none of its response"),
+        "{}",
+        proc.stderr()
+    );
+
+    // The same from a reader that takes 2 MB, then nothing for 600 ms, and so on: the
+    // server's writes find no room in every pause, each shorter than the idle timeout, for
+    // seconds in all. It gets every response. (Linux lets a blocked socket write again once
+    // about a third of its send buffer, at most 4 MB by default, is free: a reader taking
+    // less than that per idle timeout leaves the server unable to write for all of it.)
+    let began = Instant::now();
+    let mut slow = connect_small_window(addr);
+    const SLOW: usize = 12_000;
+    let writer = pipeline_metadata(&slow, SLOW);
+    let (seen, ended) = count_responses(
+        &mut slow,
+        Duration::from_secs(10),
+        SLOW,
+        (2 << 20, Duration::from_millis(600)),
+    );
+    assert_eq!(
+        (seen, ended),
+        (SLOW, false),
+        "a slow reader was cut; stderr:\n{}",
+        proc.stderr()
+    );
+    assert!(
+        began.elapsed() > Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    writer.join().unwrap();
+    assert_eq!(metadata(addr).0, 200, "the gateway still serves others");
+}
+
+/// An HTTP/2 connection to `addr` from hyper's client, sending a PING every 200 ms even when
+/// idle, with a stream window of `window` bytes: the request sender and the connection's
+/// task, which ends when the server closes the connection.
+async fn h2_connect(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .adaptive_window(false)
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, task)
+}
+
+fn h2_metadata() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get("http://gateway/metadata")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_connection_with_no_request_is_closed_after_the_idle_timeout_pings_or_not() {
+    use http_body_util::BodyExt;
+    let (proc, addr, _dir) = start("h2-idle", json!({"idle_timeout_seconds": 1}));
+
+    // One request, then only PINGs (five a second, each answered): closed all the same.
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    let response = sender.send_request(h2_metadata()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let idle = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "an HTTP/2 connection kept open by PINGs alone; stderr:\n{}",
+                proc.stderr()
+            )
+        })
+        .unwrap();
+    assert!(
+        idle.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        idle.elapsed()
+    );
+
+    // A request every half second keeps one open for 3 s.
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(3) {
+        let response = sender.send_request(h2_metadata()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !connection.is_finished(),
+        "a busy HTTP/2 connection was closed"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_client_that_grants_no_window_is_dropped_after_the_idle_timeout() {
+    let (proc, addr, _dir) = start("h2-stalled", json!({"idle_timeout_seconds": 1}));
+
+    // A stream window of 100 bytes, and the body never read: the window is never given back,
+    // so the rest of the response can never be sent.
+    let (mut sender, connection) = h2_connect(addr, 100).await;
+    let response = sender.send_request(h2_metadata()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "an HTTP/2 response its client takes none of holds its connection; stderr:\n{}",
+                proc.stderr()
+            )
+        })
+        .unwrap();
+    assert!(
+        proc.stderr().contains("dropping a connection"),
+        "{}",
+        proc.stderr()
+    );
+    drop(response);
+}
+
 #[test]
 fn beyond_max_connections_a_new_connection_waits_until_one_closes() {
     let (_proc, addr, _dir) = start("max", json!({"max_connections": 2}));
