@@ -304,6 +304,75 @@ async fn every_refusal() {
     );
 }
 
+/// Sends `head` and the first `sent` bytes of `body` on a new connection, then waits: what the
+/// server answers within `within` (up to the connection's end).
+async fn held_body_answer(addr: SocketAddr, body: &str, sent: usize, within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..sent]).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(within, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closed() {
+    let (store, secret) = store_with_app().await;
+    let endpoint = TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .store(store)
+        .body_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let router = Router::new()
+        .route_service("/token", endpoint)
+        .layer(axum::middleware::from_fn(name_the_client));
+    let addr = serve_naming_clients(router).await;
+    let body = format!(
+        "grant_type=client_credentials&client_id=app&client_secret={}&scope={TENANT_A}",
+        secret.expose()
+    );
+
+    // Ten bytes of the body, then nothing: 408 after the timeout, and the connection ends
+    // (read_to_end returns well within the 10 s).
+    let began = Instant::now();
+    let answer = held_body_answer(addr, &body, 10, Duration::from_secs(10)).await;
+    let waited = began.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"invalid_request\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(9),
+        "{waited:?}"
+    );
+
+    // The whole body at once: a token, as ever.
+    let answer = held_body_answer(addr, &body, body.len(), Duration::from_millis(500)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("access_token"), "{answer}");
+}
+
+#[test]
+fn a_zero_body_timeout_is_refused() {
+    let built = TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience(AUDIENCE)
+        .store(InMemoryClientStore::new())
+        .body_timeout(Duration::ZERO)
+        .build();
+    assert!(built.is_err());
+}
+
 #[tokio::test]
 async fn rotation_without_and_with_grace_and_revocation() {
     let store = InMemoryClientStore::new();

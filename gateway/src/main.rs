@@ -300,7 +300,9 @@ async fn assemble(
         .signing_keys(keys)
         .default_lifetime(Duration::from_secs(
             config.token.ttl_seconds.unwrap_or(3600),
-        ));
+        ))
+        // A token request's body (8 KiB at most) must come within the head's time after it.
+        .body_timeout(Duration::from_secs(config.header_read_timeout_seconds));
     let endpoint = match config.token_hashing_concurrency {
         Some(checks) => endpoint.hashing_concurrency(checks),
         None => endpoint,

@@ -275,6 +275,26 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
 }
 
 #[test]
+fn a_token_request_body_held_back_past_the_header_read_timeout_gets_408_and_a_close() {
+    let (proc, addr, _dir) = start_short_heads("slow-body");
+    let mut slow = connect(addr);
+    let began = Instant::now();
+    let _rest = start_token_request(&mut slow);
+    let (status, head, body) = read_response(&mut slow, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no answer to a held-back body; stderr:\n{}", proc.stderr()));
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(head.contains("connection: close"), "{head}");
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"], "invalid_request");
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(closed_within(&mut slow, Duration::from_secs(5)));
+}
+
+#[test]
 fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     let (proc, addr, _dir) = start("idle", json!({"idle_timeout_seconds": 1}));
 

@@ -22,7 +22,7 @@ use super::assertion::{Assertions, ReplayGuard};
 use super::authenticate::{Authenticator, Denied, HashingLimit};
 use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
-use super::form::{credentials, posted_form, Credentials};
+use super::form::{credentials, posted_form, BodyBounds, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::{FailureCounts, ThrottlePolicy};
@@ -50,7 +50,8 @@ pub(super) struct Inner {
     /// The `WWW-Authenticate: Basic` challenge of a 401.
     pub(super) realm: HeaderValue,
     default_lifetime: Duration,
-    pub(super) max_body_bytes: usize,
+    /// How large a request body may be, and how long it may take to arrive.
+    pub(super) body: BodyBounds,
     /// The client store, and the throttled checks of clients' secrets.
     pub(super) clients: Authenticator,
     pub(super) keys: SigningKeys,
@@ -70,7 +71,8 @@ impl fmt::Debug for TokenEndpoint {
             .field("issuer", &self.inner.issuer)
             .field("audience", &self.inner.audience)
             .field("default_lifetime", &self.inner.default_lifetime)
-            .field("max_body_bytes", &self.inner.max_body_bytes)
+            .field("max_body_bytes", &self.inner.body.max_bytes)
+            .field("body_timeout", &self.inner.body.timeout)
             .field("keys", &self.inner.keys)
             .finish_non_exhaustive()
     }
@@ -117,6 +119,7 @@ pub struct TokenEndpointBuilder {
     realm: String,
     default_lifetime: Duration,
     max_body_bytes: usize,
+    body_timeout: Duration,
     store: Option<Box<dyn ClientStore>>,
     keys: Option<SigningKeys>,
     throttle: ThrottlePolicy,
@@ -172,6 +175,16 @@ impl TokenEndpointBuilder {
     /// The largest request body accepted (default 8 KiB); larger ones get 413.
     pub fn max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = max;
+        self
+    }
+
+    /// How long a request's body may take to arrive whole once its head has (default 30 s);
+    /// a slower one gets `408` (`invalid_request`, with `Connection: close`), so that a client
+    /// sending a byte now and then cannot hold a connection for ever. The wait is a tokio
+    /// timer: the runtime serving the endpoint needs its time driver (`enable_time`, or
+    /// `enable_all` as `#[tokio::main]` does).
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
         self
     }
 
@@ -260,6 +273,9 @@ impl TokenEndpointBuilder {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::Zero("the body cap"));
         }
+        if self.body_timeout.is_zero() {
+            return Err(ConfigError::Zero("the body timeout"));
+        }
         if self.realm.contains('"') {
             return Err(ConfigError::InvalidRealm);
         }
@@ -281,7 +297,10 @@ impl TokenEndpointBuilder {
                 audience,
                 realm,
                 default_lifetime: self.default_lifetime,
-                max_body_bytes: self.max_body_bytes,
+                body: BodyBounds {
+                    max_bytes: self.max_body_bytes,
+                    timeout: self.body_timeout,
+                },
                 clients: Authenticator::new(
                     store,
                     self.throttle,
@@ -307,6 +326,7 @@ impl TokenEndpoint {
             realm: "tower-fhir".into(),
             default_lifetime: Duration::from_secs(3600),
             max_body_bytes: 8 * 1024,
+            body_timeout: Duration::from_secs(30),
             store: None,
             keys: None,
             throttle: ThrottlePolicy::default(),
@@ -409,12 +429,8 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (parts, form) = posted_form(
-            request,
-            "The token endpoint accepts POST only",
-            self.max_body_bytes,
-        )
-        .await?;
+        let (parts, form) =
+            posted_form(request, "The token endpoint accepts POST only", self.body).await?;
 
         let grant = match (form.get("grant_type"), form.get("grant-type")) {
             (Some(a), Some(b)) if a != b => {
@@ -672,7 +688,8 @@ mod tests {
         let inner = &endpoint.inner;
         assert_eq!(inner.realm, "Basic realm=\"tower-fhir\"");
         assert_eq!(inner.default_lifetime, 60 * 60 * SECOND);
-        assert_eq!(inner.max_body_bytes, 8 * 1024);
+        assert_eq!(inner.body.max_bytes, 8 * 1024);
+        assert_eq!(inner.body.timeout, Duration::from_secs(30));
         assert_eq!(
             endpoint.signing_keys().jwks()["keys"][0]["alg"],
             "ES256",

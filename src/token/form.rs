@@ -39,12 +39,21 @@ pub(super) fn post_only(method: &Method, refusal: &'static str) -> Result<(), To
     .with_header(header::ALLOW, HeaderValue::from_static("POST")))
 }
 
+/// How much of a request body the token endpoint reads, and for how long it waits for it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BodyBounds {
+    /// Larger bodies get 413.
+    pub(super) max_bytes: usize,
+    /// A body not all arrived by then gets 408.
+    pub(super) timeout: std::time::Duration,
+}
+
 /// The form a route of the token endpoint takes: `POST` only ([`post_only`] with `refusal`),
-/// a form Content-Type, the body read whole under `max_bytes`; and the request's parts.
+/// a form Content-Type, the body read whole within `bounds`; and the request's parts.
 pub(super) async fn posted_form<B>(
     request: http::Request<B>,
     refusal: &'static str,
-    max_bytes: usize,
+    bounds: BodyBounds,
 ) -> Result<(http::request::Parts, HashMap<String, String>), TokenError>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -53,7 +62,7 @@ where
     post_only(request.method(), refusal)?;
     check_content_type(request.headers())?;
     let (parts, body) = request.into_parts();
-    let form = read_form(&parts.headers, body, max_bytes).await?;
+    let form = read_form(&parts.headers, body, bounds).await?;
     Ok((parts, form))
 }
 
@@ -82,12 +91,15 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> 
     }
 }
 
-/// The form parameters of a request body of at most `max_bytes` (413 above), each at most once
-/// (RFC 6749 §3.2).
+/// The form parameters of a request body within `bounds` (413 above its size, 408 when it has
+/// not all arrived in its time, with `Connection: close`), each at most once (RFC 6749 §3.2).
+///
+/// The time bound keeps a client that sends a few bytes now and then (a slow-body attack)
+/// from holding a connection and a request for ever.
 pub(super) async fn read_form<B>(
     headers: &HeaderMap,
     body: B,
-    max_bytes: usize,
+    bounds: BodyBounds,
 ) -> Result<HashMap<String, String>, TokenError>
 where
     B: Body<Data = Bytes> + Send + 'static,
@@ -104,10 +116,19 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max_bytes as u64) {
+    if declared.is_some_and(|len| len > bounds.max_bytes as u64) {
         return Err(too_large());
     }
-    let bytes = match Limited::new(body, max_bytes).collect().await {
+    let read = Limited::new(body, bounds.max_bytes).collect();
+    let Ok(read) = tokio::time::timeout(bounds.timeout, read).await else {
+        return Err(TokenError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::InvalidRequest,
+            "The request body did not arrive in time",
+        )
+        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+    };
+    let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
         Err(_) => {

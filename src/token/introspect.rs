@@ -201,12 +201,8 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let (parts, form) = posted_form(
-            request,
-            "This endpoint accepts POST only",
-            self.max_body_bytes,
-        )
-        .await?;
+        let (parts, form) =
+            posted_form(request, "This endpoint accepts POST only", self.body).await?;
         let client = self.authenticate_client(&parts, &form, doing).await?;
         Ok((client, form))
     }

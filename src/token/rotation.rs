@@ -117,7 +117,7 @@ impl Inner {
         // A Basic-authenticated rotation may come without a body.
         let form = if parts.headers.contains_key(header::CONTENT_TYPE) {
             check_content_type(&parts.headers)?;
-            read_form(&parts.headers, body, self.max_body_bytes).await?
+            read_form(&parts.headers, body, self.body).await?
         } else {
             HashMap::new()
         };
