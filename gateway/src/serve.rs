@@ -247,6 +247,7 @@ async fn accept(
         tokio::spawn(async move {
             // Released when the connection is over, letting the next one be accepted.
             let _permit = permit;
+            let _open = OpenConnection::count();
             let mut connection = std::pin::pin!(connection);
             let mut watchdog = std::pin::pin!(watchdog(&activity, limits));
             let mut closing = false;
@@ -258,6 +259,9 @@ async fn accept(
                 tokio::select! {
                     result = connection.as_mut() => {
                         if let Err(error) = result {
+                            if is_header_read_timeout(&*error) {
+                                closed("header_read_timeout");
+                            }
                             tracing::debug!(%error, "connection ended with an error");
                         }
                         break;
@@ -269,9 +273,11 @@ async fn accept(
                     close = watchdog.as_mut(), if !closing => {
                         if close == Close::Stalled {
                             tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
+                            closed("stalled");
                             activity.drop_now();
                             break;
                         }
+                        closed(if close == Close::NoRequest { "no_request" } else { "idle" });
                         tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
                         closing = true;
                         finishing = true;
@@ -283,6 +289,7 @@ async fn accept(
                     () = finish_by.as_mut(), if finishing => {
                         // An HTTP/2 response its client grants no window for, say.
                         tracing::info!(%peer, "dropping a connection: it did not finish closing within the idle timeout");
+                        closed("unfinished");
                         activity.drop_now();
                         break;
                     }
@@ -396,10 +403,52 @@ impl<B: Body> Body for Delivered<B> {
     }
 }
 
+/// Counts a connection closed by the gateway in `tower_fhir_connections_closed_total`, by
+/// `reason`: `header_read_timeout` (hyper's timer: no whole head in time), `no_request`
+/// (no request started within the header-read timeout), `idle`, `stalled` (its client took
+/// none of its response for the idle timeout) or `unfinished` (a graceful close that did not
+/// finish within the idle timeout).
+fn closed(reason: &'static str) {
+    metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
+}
+
+/// Whether a connection's error is hyper's header-read timeout.
+fn is_header_read_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// One open connection, counted in the `tower_fhir_connections_open` gauge while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn count() -> Self {
+        metrics::gauge!("tower_fhir_connections_open").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!("tower_fhir_connections_open").decrement(1.0);
+    }
+}
+
 /// Why the watchdog says to close a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Close {
-    /// No request head in time, or nothing in flight for the idle timeout: close gracefully.
+    /// No request started within the header-read timeout: close gracefully.
+    NoRequest,
+    /// Nothing in flight for the idle timeout: close gracefully.
     Idle,
     /// The client has taken none of a response for the idle timeout: drop the connection.
     Stalled,
@@ -428,8 +477,9 @@ impl Since {
 
 /// Completes when the connection should be closed:
 ///
-/// - [`Close::Idle`]: it has started no request within the header-read timeout, or has had no
-///   request in flight for the idle timeout (whatever else it sent: HTTP/2 PINGs, say);
+/// - [`Close::NoRequest`]: it has started no request within the header-read timeout;
+/// - [`Close::Idle`]: it has had no request in flight for the idle timeout (whatever else it
+///   sent: HTTP/2 PINGs, say);
 /// - [`Close::Stalled`]: its client has taken nothing for the idle timeout while a response
 ///   waited for it: a socket write found no room and none has moved bytes since, or (HTTP/2)
 ///   a response's next frame waits for flow-control window the client does not grant.
@@ -458,7 +508,7 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
         if let Some(deadline) = head_deadline {
             if now >= deadline {
                 if started == 0 {
-                    return Close::Idle;
+                    return Close::NoRequest;
                 }
                 head_deadline = None;
             }

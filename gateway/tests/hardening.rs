@@ -65,6 +65,34 @@ fn start_short_heads(name: &str) -> (Proc, SocketAddr, PathBuf) {
     )
 }
 
+/// `metrics_listen` on a free port, to add to a gateway's keys, and that address.
+fn with_metrics(mut keys: Value) -> (Value, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], process::free_port()));
+    keys["metrics_listen"] = json!(addr.to_string());
+    (keys, addr)
+}
+
+/// The value of the sample of `name` with `labels` (as written between its braces), 0 when
+/// absent, from the gateway's `/metrics` at `addr`.
+fn metric(addr: SocketAddr, name: &str, labels: &str) -> f64 {
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (status, _, body) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200);
+    let series = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
     stream.set_nodelay(true).unwrap();
@@ -165,7 +193,8 @@ fn start_token_request(stream: &mut TcpStream) -> &'static [u8] {
 
 #[test]
 fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are_served() {
-    let (proc, addr, _dir) = start("slowloris", json!({"header_read_timeout_seconds": 1}));
+    let (keys, metrics) = with_metrics(json!({"header_read_timeout_seconds": 1}));
+    let (proc, addr, _dir) = start("slowloris", keys);
     const HELD: usize = 500;
     let opened = Instant::now();
     let mut held: Vec<TcpStream> = (0..HELD)
@@ -196,17 +225,32 @@ fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are
     eprintln!("all {HELD} closed {:?} after opening", opened.elapsed());
     // And the gateway still serves.
     assert_eq!(metadata(addr).0, 200);
+    let counted = metric(
+        metrics,
+        "tower_fhir_connections_closed_total",
+        "reason=\"header_read_timeout\"",
+    );
+    assert_eq!(counted, HELD as f64);
 }
 
 #[test]
 fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     // Before its first byte a connection is still picking HTTP/1.1 or HTTP/2: hyper's timer
     // does not run yet, the gateway's own watchdog does.
-    let (_proc, addr, _dir) = start_short_heads("silent");
+    let (keys, metrics) = with_metrics(json!({"header_read_timeout_seconds": 1}));
+    let (_proc, addr, _dir) = start("silent", keys);
     let mut silent = connect(addr);
     assert!(
         closed_within(&mut silent, Duration::from_secs(10)),
         "a connection that sent nothing is still open"
+    );
+    assert_eq!(
+        metric(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            "reason=\"no_request\""
+        ),
+        1.0
     );
 }
 
@@ -411,7 +455,8 @@ fn count_responses(
 fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_reader_is_not() {
     // An idle timeout of 2 s: the slow reader's pauses below stay well within it, busy as the
     // machine may be.
-    let (proc, addr, _dir) = start("stalled", json!({"idle_timeout_seconds": 2}));
+    let (keys, metrics) = with_metrics(json!({"idle_timeout_seconds": 2}));
+    let (proc, addr, _dir) = start("stalled", keys);
 
     // 8,000 responses (about 8 MB, more than the kernel buffers on both sides) asked for and
     // none read: the server's writes find no room, and after the idle timeout the connection
@@ -439,6 +484,15 @@ fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_read
         "{}",
         proc.stderr()
     );
+    assert_eq!(
+        metric(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            "reason=\"stalled\""
+        ),
+        1.0
+    );
+    assert_eq!(metric(metrics, "tower_fhir_connections_open", ""), 0.0);
 
     // The same from a reader that takes 2 MB, then nothing for 600 ms, and so on: the
     // server's writes find no room in every pause, each shorter than the idle timeout, for
