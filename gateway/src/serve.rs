@@ -19,16 +19,18 @@
 //!
 //! - a connection that has started no request within the header-read timeout (HTTP/2, or
 //!   still picking its protocol) is closed;
-//! - one with no request in flight for the idle timeout is closed gracefully, whatever else it
-//!   sends (HTTP/2 PINGs keep no connection open);
+//! - one with no request in flight and nothing to send for the idle timeout is closed
+//!   gracefully, whatever else it sends (HTTP/2 PINGs keep no connection open);
 //! - one whose client has taken none of its response for the idle timeout (it stopped
-//!   reading, or an HTTP/2 client stopped granting flow-control window) is dropped at once:
-//!   such a response can never finish, so a graceful close would wait for ever. A response
-//!   that waits on its upstream is not the client's doing and is never cut.
+//!   reading, or an HTTP/2 client stopped granting flow-control window) is dropped, its socket
+//!   reset: such a response can never finish, so a graceful close would wait for ever. A
+//!   request waiting on its upstream is not the client's doing and is never cut.
 //!
-//! A request is in flight from the moment hyper hands it over until its response body has
-//! been taken whole (or given up). The watchdog wakes a few times per idle timeout, never per
-//! request; what a request costs it is a few relaxed atomic operations.
+//! A request is in flight from the moment hyper hands it over until its response body ends
+//! (or is given up); the body's chunks are still to send until hyper has written them (or
+//! HTTP/2 has framed them), and the bytes it writes of them are the client's progress. The
+//! watchdog wakes a few times per idle timeout, never per request; what a request costs it is
+//! a few relaxed atomic operations (and one `Arc` clone per body chunk).
 
 use std::convert::Infallible;
 use std::io;
@@ -36,10 +38,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Router;
+use bytes::Buf;
 use futures::future;
 use http::Request;
 use http_body_util::Either;
@@ -215,7 +218,7 @@ async fn accept(
         let admin = admin.clone();
         let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let in_flight = InFlight::start(&requests, request.version());
+            let in_flight = InFlight::start(&requests);
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
             let to_admin = request.uri().path().starts_with("/admin/");
@@ -249,12 +252,8 @@ async fn accept(
             let _permit = permit;
             let _open = OpenConnection::count();
             let mut connection = std::pin::pin!(connection);
-            let mut watchdog = std::pin::pin!(watchdog(&activity, limits));
+            let mut watchdog = std::pin::pin!(watchdog(&activity, limits, Watch::All));
             let mut closing = false;
-            // A connection the watchdog closes gracefully gets the idle timeout to finish
-            // (what it still has to send); then it is dropped.
-            let mut finish_by = std::pin::pin!(tokio::time::sleep(Duration::MAX));
-            let mut finishing = false;
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -269,8 +268,9 @@ async fn accept(
                     _ = stop_watch.wait_for(|&stop| stop), if !closing => {
                         closing = true;
                         connection.as_mut().graceful_shutdown();
+                        watchdog.set(self::watchdog(&activity, limits, Watch::Stalls));
                     }
-                    close = watchdog.as_mut(), if !closing => {
+                    close = watchdog.as_mut() => {
                         if close == Close::Stalled {
                             tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
                             closed("stalled");
@@ -280,18 +280,11 @@ async fn accept(
                         closed(if close == Close::NoRequest { "no_request" } else { "idle" });
                         tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
                         closing = true;
-                        finishing = true;
-                        finish_by.as_mut().reset(Instant::now() + limits.idle_timeout);
                         // Never cuts a request in flight: HTTP/1.1 finishes it (and then
-                        // closes), HTTP/2 sends GOAWAY and finishes its streams.
+                        // closes), HTTP/2 sends GOAWAY and finishes its streams. A client
+                        // that stops taking what is still to send is dropped all the same.
                         connection.as_mut().graceful_shutdown();
-                    }
-                    () = finish_by.as_mut(), if finishing => {
-                        // An HTTP/2 response its client grants no window for, say.
-                        tracing::info!(%peer, "dropping a connection: it did not finish closing within the idle timeout");
-                        closed("unfinished");
-                        activity.drop_now();
-                        break;
+                        watchdog.set(self::watchdog(&activity, limits, Watch::Stalls));
                     }
                 }
             }
@@ -301,26 +294,24 @@ async fn accept(
 }
 
 /// What one connection has done, for its watchdog: requests started and finished, response
-/// frames taken and socket writes, and whether the client is what a response waits for.
-/// Relaxed atomics: the watchdog only compares them between its wakes.
+/// bytes sent and still to send, socket writes. Relaxed atomics: the watchdog only compares
+/// them between its wakes.
 #[derive(Debug, Default)]
 struct Activity {
     /// Requests handed to the service.
     started: AtomicU64,
-    /// Requests whose response body was taken whole, or given up (its future or body dropped).
+    /// Requests whose response body has ended, or was given up (its future or body dropped).
     finished: AtomicU64,
-    /// Frames hyper has taken from response bodies.
-    frames: AtomicU64,
+    /// Response body bytes hyper has written to the socket (or HTTP/2 has framed): delivery
+    /// progress, whatever else goes either way (HTTP/2 PINGs, say).
+    sent: AtomicU64,
+    /// Response body chunks taken from the service and not yet all sent: while there are any,
+    /// what the connection waits for is its client.
+    unsent: AtomicU64,
     /// Socket writes that moved bytes (made by the connection's task alone).
     writes: AtomicU64,
     /// A socket write found no room, and none has moved bytes since: the client is not reading.
     write_blocked: AtomicBool,
-    /// The last response frame taken is still being delivered: hyper has not asked for the
-    /// next (it is writing it, or waiting for HTTP/2 flow-control window). Cleared when a body
-    /// has nothing yet (it waits on its upstream).
-    delivering: AtomicBool,
-    /// The connection speaks HTTP/2 (whose writes may be PING answers, not response bytes).
-    http2: AtomicBool,
     /// The connection is being dropped: its socket is reset rather than left to send what it
     /// still holds to a client that takes nothing.
     reset: AtomicBool,
@@ -337,10 +328,7 @@ impl Activity {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(activity: &Arc<Activity>, version: http::Version) -> Self {
-        if version == http::Version::HTTP_2 && !activity.http2.load(Ordering::Relaxed) {
-            activity.http2.store(true, Ordering::Relaxed);
-        }
+    fn start(activity: &Arc<Activity>) -> Self {
         activity.started.fetch_add(1, Ordering::Relaxed);
         Self(Arc::clone(activity))
     }
@@ -353,8 +341,8 @@ impl Drop for InFlight {
 }
 
 pin_project! {
-    /// A response body, with its request counted in flight until the body has been taken
-    /// whole or dropped, and each frame taken counted as progress.
+    /// A response body, with its request counted in flight until the body has ended or is
+    /// dropped, and each chunk of it counted as unsent until hyper has sent it all.
     struct Delivered<B> {
         #[pin]
         body: B,
@@ -372,7 +360,7 @@ impl<B> Delivered<B> {
 }
 
 impl<B: Body> Body for Delivered<B> {
-    type Data = B::Data;
+    type Data = Chunk<B::Data>;
     type Error = B::Error;
 
     fn poll_frame(
@@ -380,18 +368,16 @@ impl<B: Body> Body for Delivered<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let poll = this.body.poll_frame(cx);
-        if let Some(InFlight(activity)) = this.in_flight.as_ref() {
-            match &poll {
-                Poll::Ready(Some(Ok(_))) => {
-                    activity.frames.fetch_add(1, Ordering::Relaxed);
-                    activity.delivering.store(true, Ordering::Relaxed);
-                }
-                Poll::Pending => activity.delivering.store(false, Ordering::Relaxed),
-                Poll::Ready(None | Some(Err(_))) => *this.in_flight = None,
+        match ready!(this.body.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let activity = this.in_flight.as_ref().map(|InFlight(a)| a);
+                Poll::Ready(Some(Ok(frame.map_data(|data| Chunk::new(data, activity)))))
+            }
+            end => {
+                *this.in_flight = None;
+                Poll::Ready(end.map(|error| error.map(|frame| frame.map_data(Chunk::plain))))
             }
         }
-        poll
     }
 
     fn is_end_stream(&self) -> bool {
@@ -403,11 +389,75 @@ impl<B: Body> Body for Delivered<B> {
     }
 }
 
+/// A chunk of a response body: counted as unsent until dropped (hyper drops a chunk once it
+/// has written it all, HTTP/2 once it has framed it all), its bytes counted as sent as hyper
+/// advances over them.
+struct Chunk<D> {
+    data: D,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<D: Buf> Chunk<D> {
+    fn new(data: D, activity: Option<&Arc<Activity>>) -> Self {
+        let activity = activity.filter(|_| data.has_remaining()).map(|activity| {
+            activity.unsent.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(activity)
+        });
+        Self { data, activity }
+    }
+
+    /// A chunk not counted (past the end of the body: never, in practice).
+    fn plain(data: D) -> Self {
+        Self {
+            data,
+            activity: None,
+        }
+    }
+
+    fn sent(&self, bytes: usize) {
+        if let Some(activity) = &self.activity {
+            activity.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<D: Buf> Buf for Chunk<D> {
+    fn remaining(&self) -> usize {
+        self.data.remaining()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.data.chunk()
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        self.data.chunks_vectored(dst)
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        self.data.advance(cnt);
+        self.sent(cnt);
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> bytes::Bytes {
+        let bytes = self.data.copy_to_bytes(len);
+        self.sent(len);
+        bytes
+    }
+}
+
+impl<D> Drop for Chunk<D> {
+    fn drop(&mut self) {
+        if let Some(activity) = &self.activity {
+            activity.unsent.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Counts a connection closed by the gateway in `tower_fhir_connections_closed_total`, by
 /// `reason`: `header_read_timeout` (hyper's timer: no whole head in time), `no_request`
-/// (no request started within the header-read timeout), `idle`, `stalled` (its client took
-/// none of its response for the idle timeout) or `unfinished` (a graceful close that did not
-/// finish within the idle timeout).
+/// (no request started within the header-read timeout), `idle` or `stalled` (its client took
+/// none of its response for the idle timeout).
 fn closed(reason: &'static str) {
     metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
 }
@@ -454,6 +504,16 @@ enum Close {
     Stalled,
 }
 
+/// What the watchdog watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Everything: no request in time, idle, stalled.
+    All,
+    /// Stalls only: a connection already closing gracefully, which must still not wait for
+    /// ever on a client that takes nothing.
+    Stalls,
+}
+
 /// When a counter last changed, as seen by the watchdog's wakes.
 struct Since {
     seen: u64,
@@ -478,23 +538,25 @@ impl Since {
 /// Completes when the connection should be closed:
 ///
 /// - [`Close::NoRequest`]: it has started no request within the header-read timeout;
-/// - [`Close::Idle`]: it has had no request in flight for the idle timeout (whatever else it
-///   sent: HTTP/2 PINGs, say);
+/// - [`Close::Idle`]: it has had no request in flight and nothing to send for the idle
+///   timeout (whatever else it sent: HTTP/2 PINGs, say);
 /// - [`Close::Stalled`]: its client has taken nothing for the idle timeout while a response
-///   waited for it: a socket write found no room and none has moved bytes since, or (HTTP/2)
-///   a response's next frame waits for flow-control window the client does not grant.
+///   waited for it: response bytes were waiting to be sent (in hyper's or HTTP/2's hands: no
+///   room in the socket, or no flow-control window) and none was, or a socket write found no
+///   room and none has moved bytes since. Requests it keeps sending do not count as taking.
 ///
-/// A response waiting on its upstream, however long, is neither. Wakes every quarter of the
-/// idle timeout (at least every 50 ms), so such a connection is closed between one and about
-/// one and a half idle timeouts after it went quiet.
-async fn watchdog(activity: &Activity, limits: Limits) -> Close {
+/// A request waiting on its upstream, however long, is none of these. Wakes every quarter of
+/// the idle timeout (at least every 50 ms), so such a connection is closed between one and
+/// about one and a half idle timeouts after it went quiet.
+async fn watchdog(activity: &Activity, limits: Limits, watch: Watch) -> Close {
     let tick = (limits.idle_timeout / 4).max(Duration::from_millis(50));
-    let opened = Instant::now();
-    let mut head_deadline = Some(opened + limits.header_read_timeout);
+    let began = Instant::now();
+    let mut head_deadline = (watch == Watch::All).then(|| began + limits.header_read_timeout);
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-    let mut requests = Since::new(0, opened);
-    let mut frames = Since::new(0, opened);
-    let mut writes = Since::new(0, opened);
+    let mut requests = Since::new(0, began);
+    let mut sent = Since::new(load(&activity.sent), began);
+    let mut writes = Since::new(load(&activity.writes), began);
+    let idle = limits.idle_timeout;
     loop {
         let mut wake = Instant::now() + tick;
         if let Some(deadline) = head_deadline {
@@ -513,25 +575,17 @@ async fn watchdog(activity: &Activity, limits: Limits) -> Close {
                 head_deadline = None;
             }
         }
-        let in_flight = started != finished;
+        let unsent = load(&activity.unsent) > 0;
+        let sent_quiet = sent.quiet(load(&activity.sent), now);
+        let writes_quiet = writes.quiet(load(&activity.writes), now);
+        if (unsent && sent_quiet >= idle)
+            || (activity.write_blocked.load(Ordering::Relaxed) && writes_quiet >= idle)
+        {
+            return Close::Stalled;
+        }
         // Each request started or finished moves this on (the sum changes with either).
         let requests_quiet = requests.quiet(started.wrapping_add(finished), now);
-        let writes_quiet = writes.quiet(load(&activity.writes), now);
-        let frames_quiet = frames.quiet(load(&activity.frames), now);
-        let idle = limits.idle_timeout;
-        if activity.write_blocked.load(Ordering::Relaxed)
-            && writes_quiet.min(requests_quiet) >= idle
-        {
-            return Close::Stalled;
-        }
-        if in_flight
-            && activity.http2.load(Ordering::Relaxed)
-            && activity.delivering.load(Ordering::Relaxed)
-            && frames_quiet.min(requests_quiet) >= idle
-        {
-            return Close::Stalled;
-        }
-        if !in_flight && requests_quiet >= idle {
+        if watch == Watch::All && started == finished && !unsent && requests_quiet >= idle {
             return Close::Idle;
         }
     }

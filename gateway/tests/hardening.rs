@@ -3,9 +3,8 @@
 //! period, and the four configuration keys. Every wait is bounded, so a regression fails rather
 //! than hangs; the only time bounds asserted are generous ones.
 
-#[path = "../../tests/support/process.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod process;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,8 +12,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use process::{scratch, Proc};
 use serde_json::{json, Value};
+use support::{process, scratch, Answer, Proc, RecordingUpstream};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
 
@@ -464,7 +463,16 @@ fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_read
     const ASKED: usize = 8_000;
     let mut stalled = connect_small_window(addr);
     let writer = pipeline_metadata(&stalled, ASKED);
-    std::thread::sleep(Duration::from_secs(5));
+    // Dropped once the gateway has filled the socket buffers (some seconds of work for a
+    // debug build on a busy machine) and then waited out the idle timeout.
+    let dropped = Instant::now() + Duration::from_secs(60);
+    while !proc
+        .stderr()
+        .contains("its client has taken none of its response")
+        && Instant::now() < dropped
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (seen, ended) = count_responses(
         &mut stalled,
         Duration::from_secs(10),
@@ -551,6 +559,25 @@ async fn h2_connect(
     (sender, task)
 }
 
+/// The same with a body type for requests that have one (and the default window).
+async fn h2_connect_full(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, task)
+}
+
 fn h2_metadata() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::get("http://gateway/metadata")
         .body(http_body_util::Empty::new())
@@ -617,11 +644,78 @@ async fn an_http2_client_that_grants_no_window_is_dropped_after_the_idle_timeout
         })
         .unwrap();
     assert!(
-        proc.stderr().contains("dropping a connection"),
+        proc.stderr()
+            .contains("its client has taken none of its response"),
         "{}",
         proc.stderr()
     );
     drop(response);
+}
+
+#[tokio::test]
+async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
+    use http_body_util::BodyExt;
+    const TENANT: &str = "66660000-0000-4000-8000-000000000006";
+    const SECRET: &str = "hardening-client-secret-0123456789";
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/Patient/slow",
+        Answer {
+            delay: Duration::from_millis(3_000),
+            ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
+        },
+    );
+    let (proc, addr, _dir) = start(
+        "h2-slow-upstream",
+        json!({
+            "idle_timeout_seconds": 1,
+            "clients": [{"client_id": "app", "client_secret": SECRET, "tenants": [TENANT]}],
+            "tenants": [{"id": TENANT, "upstreams": [
+                {"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
+            "secret_hashing": {"memory_kib": 8, "iterations": 1}
+        }),
+    );
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    let token = {
+        let request = http::Request::post("http://gateway/oauth/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
+            ))))
+            .unwrap();
+        let (mut token_sender, token_connection) = h2_connect_full(addr).await;
+        let response = token_sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        token_connection.abort();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        json["access_token"].as_str().unwrap().to_owned()
+    };
+
+    // A first response taken whole, then a request its upstream answers three idle timeouts
+    // later, on the same connection: answered, not cut.
+    let response = sender.send_request(h2_metadata()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let began = Instant::now();
+    let request = http::Request::get("http://gateway/Patient/slow")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap_or_else(|e| {
+        panic!(
+            "a request waiting on its upstream was cut: {e}; stderr:\n{}",
+            proc.stderr()
+        )
+    });
+    assert_eq!(response.status(), 200, "stderr:\n{}", proc.stderr());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("slow"));
+    assert!(
+        began.elapsed() >= Duration::from_millis(2_900),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!connection.is_finished());
 }
 
 #[test]

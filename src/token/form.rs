@@ -2,6 +2,8 @@
 //! (HTTP Basic or form fields, RFC 6749 §2.3.1).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::task::Poll;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -119,14 +121,22 @@ where
     if declared.is_some_and(|len| len > bounds.max_bytes as u64) {
         return Err(too_large());
     }
-    let read = Limited::new(body, bounds.max_bytes).collect();
-    let Ok(read) = tokio::time::timeout(bounds.timeout, read).await else {
-        return Err(TokenError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            ErrorCode::InvalidRequest,
-            "The request body did not arrive in time",
-        )
-        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+    let mut read = std::pin::pin!(Limited::new(body, bounds.max_bytes).collect());
+    // A body that has come with its head (as most do) is read without arming a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    let read = match first {
+        Poll::Ready(read) => read,
+        Poll::Pending => match tokio::time::timeout(bounds.timeout, read).await {
+            Ok(read) => read,
+            Err(_) => {
+                return Err(TokenError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorCode::InvalidRequest,
+                    "The request body did not arrive in time",
+                )
+                .with_header(header::CONNECTION, HeaderValue::from_static("close")))
+            }
+        },
     };
     let bytes = match read {
         Ok(collected) => collected.to_bytes(),
