@@ -252,10 +252,13 @@ async fn accept(
             let _permit = permit;
             let _open = OpenConnection::count();
             let mut connection = std::pin::pin!(connection);
-            let mut watchdog = std::pin::pin!(watchdog(&activity, limits, Watch::All));
+            let mut watchdog = Watchdog::new(Arc::clone(&activity), limits);
             let mut closing = false;
             loop {
                 tokio::select! {
+                    // The connection first: after a wait for the CPU, what it can now write
+                    // counts before the watchdog looks.
+                    biased;
                     result = connection.as_mut() => {
                         if let Err(error) = result {
                             if is_header_read_timeout(&*error) {
@@ -268,23 +271,28 @@ async fn accept(
                     _ = stop_watch.wait_for(|&stop| stop), if !closing => {
                         closing = true;
                         connection.as_mut().graceful_shutdown();
-                        watchdog.set(self::watchdog(&activity, limits, Watch::Stalls));
+                        watchdog.closing();
                     }
-                    close = watchdog.as_mut() => {
-                        if close == Close::Stalled {
-                            tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
-                            closed("stalled");
-                            activity.drop_now();
-                            break;
+                    close = watchdog.next() => {
+                        match close {
+                            Close::Stalled => tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout"),
+                            Close::Unfinished => tracing::info!(%peer, "dropping a connection: its graceful close has not ended after the idle timeout"),
+                            Close::NoRequest | Close::Idle => {
+                                closed(if close == Close::NoRequest { "no_request" } else { "idle" });
+                                tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
+                                closing = true;
+                                // Never cuts a request in flight: HTTP/1.1 finishes it (and
+                                // then closes), HTTP/2 sends GOAWAY and finishes its streams.
+                                // A client that stops taking what is still to send is dropped
+                                // all the same.
+                                connection.as_mut().graceful_shutdown();
+                                watchdog.closing();
+                                continue;
+                            }
                         }
-                        closed(if close == Close::NoRequest { "no_request" } else { "idle" });
-                        tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
-                        closing = true;
-                        // Never cuts a request in flight: HTTP/1.1 finishes it (and then
-                        // closes), HTTP/2 sends GOAWAY and finishes its streams. A client
-                        // that stops taking what is still to send is dropped all the same.
-                        connection.as_mut().graceful_shutdown();
-                        watchdog.set(self::watchdog(&activity, limits, Watch::Stalls));
+                        closed(if close == Close::Stalled { "stalled" } else { "unfinished" });
+                        activity.drop_now();
+                        break;
                     }
                 }
             }
@@ -293,21 +301,15 @@ async fn accept(
     drop(listener);
 }
 
-/// What one connection has done, for its watchdog: requests started and finished, response
-/// bytes sent and still to send, socket writes. Relaxed atomics: the watchdog only compares
-/// them between its wakes.
+/// What one connection has done, for its watchdog: requests started and finished, socket
+/// writes, and the progress of each response body still being sent. Relaxed atomics: the
+/// watchdog only compares them between its wakes.
 #[derive(Debug, Default)]
 struct Activity {
     /// Requests handed to the service.
     started: AtomicU64,
     /// Requests whose response body has ended, or was given up (its future or body dropped).
     finished: AtomicU64,
-    /// Response body bytes hyper has written to the socket (or HTTP/2 has framed): delivery
-    /// progress, whatever else goes either way (HTTP/2 PINGs, say).
-    sent: AtomicU64,
-    /// Response body chunks taken from the service and not yet all sent: while there are any,
-    /// what the connection waits for is its client.
-    unsent: AtomicU64,
     /// Socket writes that moved bytes (made by the connection's task alone).
     writes: AtomicU64,
     /// A socket write found no room, and none has moved bytes since: the client is not reading.
@@ -315,6 +317,9 @@ struct Activity {
     /// The connection is being dropped: its socket is reset rather than left to send what it
     /// still holds to a client that takes nothing.
     reset: AtomicBool,
+    /// The response bodies that have yielded data, each until it and its chunks are gone
+    /// (the entries only this list holds are pruned as new ones come).
+    bodies: Mutex<Vec<Arc<Progress>>>,
 }
 
 impl Activity {
@@ -322,6 +327,34 @@ impl Activity {
     fn drop_now(&self) {
         self.reset.store(true, Ordering::Relaxed);
     }
+
+    /// A new response body's progress, watched from now on.
+    fn watch_body(&self) -> Arc<Progress> {
+        let progress = Arc::new(Progress {
+            waiting_since: AtomicU64::new(NOT_WAITING),
+            ..Progress::default()
+        });
+        let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        bodies.retain(|body| Arc::strong_count(body) > 1);
+        bodies.push(Arc::clone(&progress));
+        progress
+    }
+}
+
+/// [`Progress::waiting_since`] of a body with nothing waiting to be sent.
+const NOT_WAITING: u64 = u64::MAX;
+
+/// How one response body's sending goes.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Bytes of its chunks hyper has written to the socket (or HTTP/2 has framed).
+    sent: AtomicU64,
+    /// Its chunks taken from the service and not yet all sent.
+    unsent: AtomicU64,
+    /// The watchdog's own: `sent` as last seen, and since when (milliseconds since the
+    /// watchdog began) bytes have waited with `sent` unmoved ([`NOT_WAITING`] when none wait).
+    seen: AtomicU64,
+    waiting_since: AtomicU64,
 }
 
 /// One request in flight on a connection, until dropped.
@@ -347,6 +380,8 @@ pin_project! {
         #[pin]
         body: B,
         in_flight: Option<InFlight>,
+        // Made when the body first yields data.
+        progress: Option<Arc<Progress>>,
     }
 }
 
@@ -355,6 +390,7 @@ impl<B> Delivered<B> {
         Self {
             body,
             in_flight: Some(in_flight),
+            progress: None,
         }
     }
 }
@@ -370,12 +406,22 @@ impl<B: Body> Body for Delivered<B> {
         let this = self.project();
         match ready!(this.body.poll_frame(cx)) {
             Some(Ok(frame)) => {
-                let activity = this.in_flight.as_ref().map(|InFlight(a)| a);
-                Poll::Ready(Some(Ok(frame.map_data(|data| Chunk::new(data, activity)))))
+                let frame = frame.map_data(|data| {
+                    let progress = match (data.has_remaining(), &this.in_flight) {
+                        (true, Some(InFlight(activity))) => Some(Arc::clone(
+                            this.progress.get_or_insert_with(|| activity.watch_body()),
+                        )),
+                        _ => None,
+                    };
+                    Chunk::new(data, progress)
+                });
+                Poll::Ready(Some(Ok(frame)))
             }
             end => {
                 *this.in_flight = None;
-                Poll::Ready(end.map(|error| error.map(|frame| frame.map_data(Chunk::plain))))
+                Poll::Ready(
+                    end.map(|error| error.map(|frame| frame.map_data(|d| Chunk::new(d, None)))),
+                )
             }
         }
     }
@@ -394,29 +440,20 @@ impl<B: Body> Body for Delivered<B> {
 /// advances over them.
 struct Chunk<D> {
     data: D,
-    activity: Option<Arc<Activity>>,
+    progress: Option<Arc<Progress>>,
 }
 
-impl<D: Buf> Chunk<D> {
-    fn new(data: D, activity: Option<&Arc<Activity>>) -> Self {
-        let activity = activity.filter(|_| data.has_remaining()).map(|activity| {
-            activity.unsent.fetch_add(1, Ordering::Relaxed);
-            Arc::clone(activity)
-        });
-        Self { data, activity }
-    }
-
-    /// A chunk not counted (past the end of the body: never, in practice).
-    fn plain(data: D) -> Self {
-        Self {
-            data,
-            activity: None,
+impl<D> Chunk<D> {
+    fn new(data: D, progress: Option<Arc<Progress>>) -> Self {
+        if let Some(progress) = &progress {
+            progress.unsent.fetch_add(1, Ordering::Relaxed);
         }
+        Self { data, progress }
     }
 
     fn sent(&self, bytes: usize) {
-        if let Some(activity) = &self.activity {
-            activity.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        if let Some(progress) = &self.progress {
+            progress.sent.fetch_add(bytes as u64, Ordering::Relaxed);
         }
     }
 }
@@ -448,16 +485,17 @@ impl<D: Buf> Buf for Chunk<D> {
 
 impl<D> Drop for Chunk<D> {
     fn drop(&mut self) {
-        if let Some(activity) = &self.activity {
-            activity.unsent.fetch_sub(1, Ordering::Relaxed);
+        if let Some(progress) = &self.progress {
+            progress.unsent.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 /// Counts a connection closed by the gateway in `tower_fhir_connections_closed_total`, by
 /// `reason`: `header_read_timeout` (hyper's timer: no whole head in time), `no_request`
-/// (no request started within the header-read timeout), `idle` or `stalled` (its client took
-/// none of its response for the idle timeout).
+/// (no request started within the header-read timeout), `idle`, `stalled` (its client took
+/// none of its response for the idle timeout) or `unfinished` (a graceful close not ended an
+/// idle timeout later with nothing in flight).
 fn closed(reason: &'static str) {
     metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
 }
@@ -502,16 +540,10 @@ enum Close {
     Idle,
     /// The client has taken none of a response for the idle timeout: drop the connection.
     Stalled,
-}
-
-/// What the watchdog watches for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Watch {
-    /// Everything: no request in time, idle, stalled.
-    All,
-    /// Stalls only: a connection already closing gracefully, which must still not wait for
-    /// ever on a client that takes nothing.
-    Stalls,
+    /// Closing gracefully, it has had nothing in flight and nothing to send for another idle
+    /// timeout and is still open (an HTTP/2 client that never answers the closing PING):
+    /// drop it.
+    Unfinished,
 }
 
 /// When a counter last changed, as seen by the watchdog's wakes.
@@ -535,58 +567,127 @@ impl Since {
     }
 }
 
-/// Completes when the connection should be closed:
+/// One connection's watchdog. [`next`](Self::next) completes when the connection should be
+/// closed:
 ///
 /// - [`Close::NoRequest`]: it has started no request within the header-read timeout;
 /// - [`Close::Idle`]: it has had no request in flight and nothing to send for the idle
 ///   timeout (whatever else it sent: HTTP/2 PINGs, say);
-/// - [`Close::Stalled`]: its client has taken nothing for the idle timeout while a response
-///   waited for it: response bytes were waiting to be sent (in hyper's or HTTP/2's hands: no
-///   room in the socket, or no flow-control window) and none was, or a socket write found no
-///   room and none has moved bytes since. Requests it keeps sending do not count as taking.
+/// - [`Close::Stalled`]: its client has taken nothing of a response for the idle timeout
+///   while the response waited for it: a response body had bytes waiting to be sent (in
+///   hyper's or HTTP/2's hands: no room in the socket, or no flow-control window for its
+///   stream) and none was, whatever the connection's other streams did; or a socket write found
+///   no room and none has moved bytes since;
+/// - [`Close::Unfinished`], once [`closing`](Self::closing): a graceful close that has not
+///   ended after another idle timeout with nothing in flight and nothing to send.
 ///
 /// A request waiting on its upstream, however long, is none of these. Wakes every quarter of
 /// the idle timeout (at least every 50 ms), so such a connection is closed between one and
 /// about one and a half idle timeouts after it went quiet.
-async fn watchdog(activity: &Activity, limits: Limits, watch: Watch) -> Close {
-    let tick = (limits.idle_timeout / 4).max(Duration::from_millis(50));
-    let began = Instant::now();
-    let mut head_deadline = (watch == Watch::All).then(|| began + limits.header_read_timeout);
-    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-    let mut requests = Since::new(0, began);
-    let mut sent = Since::new(load(&activity.sent), began);
-    let mut writes = Since::new(load(&activity.writes), began);
-    let idle = limits.idle_timeout;
-    loop {
-        let mut wake = Instant::now() + tick;
-        if let Some(deadline) = head_deadline {
-            wake = wake.min(deadline);
+struct Watchdog {
+    activity: Arc<Activity>,
+    limits: Limits,
+    began: Instant,
+    head_deadline: Option<Instant>,
+    closing: bool,
+    requests: Since,
+    writes: Since,
+}
+
+impl Watchdog {
+    fn new(activity: Arc<Activity>, limits: Limits) -> Self {
+        let began = Instant::now();
+        Self {
+            activity,
+            limits,
+            began,
+            head_deadline: Some(began + limits.header_read_timeout),
+            closing: false,
+            requests: Since::new(0, began),
+            writes: Since::new(0, began),
         }
-        tokio::time::sleep_until(wake).await;
-        let now = Instant::now();
+    }
+
+    /// The connection is closing gracefully: from now on, only stalls and a close that does
+    /// not end count.
+    fn closing(&mut self) {
+        self.closing = true;
+        self.head_deadline = None;
+        self.requests = Since::new(self.requests.seen, Instant::now());
+    }
+
+    async fn next(&mut self) -> Close {
+        let tick = (self.limits.idle_timeout / 4).max(Duration::from_millis(50));
+        loop {
+            let mut wake = Instant::now() + tick;
+            if let Some(deadline) = self.head_deadline {
+                wake = wake.min(deadline);
+            }
+            tokio::time::sleep_until(wake).await;
+            if let Some(close) = self.check(Instant::now()) {
+                return close;
+            }
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> Option<Close> {
+        let activity = &*self.activity;
+        let idle = self.limits.idle_timeout;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         // `finished` first, so that `started >= finished`.
         let finished = load(&activity.finished);
         let started = load(&activity.started);
-        if let Some(deadline) = head_deadline {
+        if let Some(deadline) = self.head_deadline {
             if now >= deadline {
                 if started == 0 {
-                    return Close::NoRequest;
+                    return Some(Close::NoRequest);
                 }
-                head_deadline = None;
+                self.head_deadline = None;
             }
         }
-        let unsent = load(&activity.unsent) > 0;
-        let sent_quiet = sent.quiet(load(&activity.sent), now);
-        let writes_quiet = writes.quiet(load(&activity.writes), now);
-        if (unsent && sent_quiet >= idle)
-            || (activity.write_blocked.load(Ordering::Relaxed) && writes_quiet >= idle)
+        // A socket write that finds no room: stalled once it has found none for the idle
+        // timeout (the clock starts when it is first found blocked).
+        let writes = if activity.write_blocked.load(Ordering::Relaxed) {
+            load(&activity.writes)
+        } else {
+            // Not blocked: a value it never has, so the clock restarts when it blocks.
+            u64::MAX
+        };
+        if self.writes.quiet(writes, now) >= idle && writes != u64::MAX {
+            return Some(Close::Stalled);
+        }
+        // Each response body with bytes waiting: stalled once none of them has been sent for
+        // the idle timeout (the clock starts when it first has some waiting).
+        let at = u64::try_from(now.duration_since(self.began).as_millis()).unwrap_or(u64::MAX);
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let mut waiting = false;
+        for body in activity
+            .bodies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
         {
-            return Close::Stalled;
+            if load(&body.unsent) == 0 {
+                body.waiting_since.store(NOT_WAITING, Ordering::Relaxed);
+                continue;
+            }
+            waiting = true;
+            let sent = load(&body.sent);
+            let since = load(&body.waiting_since);
+            if since == NOT_WAITING || sent != load(&body.seen) {
+                body.seen.store(sent, Ordering::Relaxed);
+                body.waiting_since.store(at, Ordering::Relaxed);
+            } else if at.saturating_sub(since) >= idle_ms {
+                return Some(Close::Stalled);
+            }
         }
         // Each request started or finished moves this on (the sum changes with either).
-        let requests_quiet = requests.quiet(started.wrapping_add(finished), now);
-        if watch == Watch::All && started == finished && !unsent && requests_quiet >= idle {
-            return Close::Idle;
+        let requests_quiet = self.requests.quiet(started.wrapping_add(finished), now);
+        let quiet = started == finished && !waiting && writes == u64::MAX && requests_quiet >= idle;
+        match (quiet, self.closing) {
+            (true, false) => Some(Close::Idle),
+            (true, true) => Some(Close::Unfinished),
+            (false, _) => None,
         }
     }
 }

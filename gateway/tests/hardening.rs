@@ -653,6 +653,76 @@ async fn an_http2_client_that_grants_no_window_is_dropped_after_the_idle_timeout
 }
 
 #[tokio::test]
+async fn an_http2_stream_given_no_window_is_not_hidden_by_the_connections_other_streams() {
+    use http_body_util::BodyExt;
+    let (proc, addr, _dir) = start("h2-stalled-stream", json!({"idle_timeout_seconds": 1}));
+
+    // Stream A's response is never read (its 100-byte window never given back), while a new
+    // stream every 300 ms is read whole: the connection is dropped all the same.
+    let (mut sender, connection) = h2_connect(addr, 100).await;
+    let stalled = sender.send_request(h2_metadata()).await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    let began = Instant::now();
+    let mut answered = 0;
+    while !connection.is_finished() && began.elapsed() < Duration::from_secs(10) {
+        let Ok(response) = sender.send_request(h2_metadata()).await else {
+            break;
+        };
+        if response.into_body().collect().await.is_err() {
+            break;
+        }
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "a stream its client grants no window held the connection ({answered} other streams \
+         answered); stderr:\n{}",
+        proc.stderr()
+    );
+    assert!(answered >= 2, "{answered}");
+    assert!(
+        proc.stderr()
+            .contains("its client has taken none of its response"),
+        "{}",
+        proc.stderr()
+    );
+    drop(stalled);
+}
+
+#[test]
+fn an_http2_client_that_never_answers_the_closing_ping_is_dropped() {
+    // The HTTP/2 preface and SETTINGS, then nothing: no request in time, so the gateway
+    // closes gracefully (GOAWAY, and a PING whose answer a graceful HTTP/2 close waits for).
+    // The answer never comes: after another idle timeout, the connection is dropped.
+    let (keys, metrics) =
+        with_metrics(json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 1}));
+    let (proc, addr, _dir) = start("h2-silent", keys);
+    let mut silent = connect(addr);
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)),
+        "an HTTP/2 connection that never answers PINGs is still open; stderr:\n{}",
+        proc.stderr()
+    );
+    assert!(
+        proc.stderr().contains("its graceful close has not ended"),
+        "{}",
+        proc.stderr()
+    );
+    assert_eq!(
+        metric(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            "reason=\"unfinished\""
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
     use http_body_util::BodyExt;
     const TENANT: &str = "66660000-0000-4000-8000-000000000006";
@@ -675,7 +745,6 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
             "secret_hashing": {"memory_kib": 8, "iterations": 1}
         }),
     );
-    let (mut sender, connection) = h2_connect(addr, 65_535).await;
     let token = {
         let request = http::Request::post("http://gateway/oauth/token")
             .header("content-type", "application/x-www-form-urlencoded")
@@ -691,6 +760,7 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
         let json: Value = serde_json::from_slice(&body).unwrap();
         json["access_token"].as_str().unwrap().to_owned()
     };
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
 
     // A first response taken whole, then a request its upstream answers three idle timeouts
     // later, on the same connection: answered, not cut.
