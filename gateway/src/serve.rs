@@ -290,8 +290,15 @@ async fn accept(
                                 continue;
                             }
                         }
-                        closed(if close == Close::Stalled { "stalled" } else { "unfinished" });
-                        activity.drop_now();
+                        if close == Close::Stalled {
+                            // A reset frees at once what the kernel holds for a client that
+                            // takes nothing.
+                            closed("stalled");
+                            activity.drop_now();
+                        } else {
+                            // A plain close: the kernel still sends what it holds, then FIN.
+                            closed("unfinished");
+                        }
                         break;
                     }
                 }
@@ -320,6 +327,9 @@ struct Activity {
     /// The response bodies that have yielded data, each until it and its chunks are gone
     /// (the entries only this list holds are pruned as new ones come).
     bodies: Mutex<Vec<Arc<Progress>>>,
+    /// Response body bytes sent on the connection, all bodies together (shared with each
+    /// body's [`Progress`]).
+    sent: Arc<AtomicU64>,
 }
 
 impl Activity {
@@ -332,6 +342,7 @@ impl Activity {
     fn watch_body(&self) -> Arc<Progress> {
         let progress = Arc::new(Progress {
             waiting_since: AtomicU64::new(NOT_WAITING),
+            connection_sent: Arc::clone(&self.sent),
             ..Progress::default()
         });
         let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
@@ -351,10 +362,14 @@ struct Progress {
     sent: AtomicU64,
     /// Its chunks taken from the service and not yet all sent.
     unsent: AtomicU64,
-    /// The watchdog's own: `sent` as last seen, and since when (milliseconds since the
-    /// watchdog began) bytes have waited with `sent` unmoved ([`NOT_WAITING`] when none wait).
+    /// The connection's [`Activity::sent`].
+    connection_sent: Arc<AtomicU64>,
+    /// The watchdog's own: `sent` as last seen, since when (milliseconds since the watchdog
+    /// began) bytes have waited with `sent` unmoved ([`NOT_WAITING`] when none wait), and the
+    /// connection's `sent` then.
     seen: AtomicU64,
     waiting_since: AtomicU64,
+    connection_seen: AtomicU64,
 }
 
 /// One request in flight on a connection, until dropped.
@@ -454,6 +469,9 @@ impl<D> Chunk<D> {
     fn sent(&self, bytes: usize) {
         if let Some(progress) = &self.progress {
             progress.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+            progress
+                .connection_sent
+                .fetch_add(bytes as u64, Ordering::Relaxed);
         }
     }
 }
@@ -495,7 +513,8 @@ impl<D> Drop for Chunk<D> {
 /// `reason`: `header_read_timeout` (hyper's timer: no whole head in time), `no_request`
 /// (no request started within the header-read timeout), `idle`, `stalled` (its client took
 /// none of its response for the idle timeout) or `unfinished` (a graceful close not ended an
-/// idle timeout later with nothing in flight).
+/// idle timeout later with nothing in flight). These are events: a connection closed
+/// gracefully (`no_request`, `idle`) and then dropped (`stalled`, `unfinished`) counts twice.
 fn closed(reason: &'static str) {
     metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
 }
@@ -657,34 +676,48 @@ impl Watchdog {
             return Some(Close::Stalled);
         }
         // Each response body with bytes waiting: stalled once none of them has been sent for
-        // the idle timeout (the clock starts when it first has some waiting).
+        // the idle timeout (the clock starts when it first has some waiting), unless the
+        // connection, moving meanwhile, may not have come round to it: HTTP/2 sends its
+        // streams a frame (16 KiB at most) each in turn, so a stream is passed over only if at
+        // least two such frames for each stream waiting went out without it.
         let at = u64::try_from(now.duration_since(self.began).as_millis()).unwrap_or(u64::MAX);
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-        let mut waiting = false;
-        for body in activity
+        let connection_sent = load(&activity.sent);
+        let bodies = activity
             .bodies
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
+            .unwrap_or_else(PoisonError::into_inner);
+        let waiting = bodies.iter().filter(|b| load(&b.unsent) > 0).count() as u64;
+        let round = waiting.saturating_mul(2 * 16 * 1024);
+        for body in bodies.iter() {
             if load(&body.unsent) == 0 {
                 body.waiting_since.store(NOT_WAITING, Ordering::Relaxed);
                 continue;
             }
-            waiting = true;
             let sent = load(&body.sent);
             let since = load(&body.waiting_since);
             if since == NOT_WAITING || sent != load(&body.seen) {
                 body.seen.store(sent, Ordering::Relaxed);
                 body.waiting_since.store(at, Ordering::Relaxed);
-            } else if at.saturating_sub(since) >= idle_ms {
+                body.connection_seen
+                    .store(connection_sent, Ordering::Relaxed);
+                continue;
+            }
+            let others = connection_sent.wrapping_sub(load(&body.connection_seen));
+            if at.saturating_sub(since) >= idle_ms && (others == 0 || others >= round) {
                 return Some(Close::Stalled);
             }
         }
-        // Each request started or finished moves this on (the sum changes with either).
+        drop(bodies);
+        // Quiet: nothing in flight, nothing to send, no write blocked, and so since the idle
+        // timeout (the clock restarts at every check that finds the connection busy).
+        let busy = started != finished || waiting > 0 || writes != u64::MAX;
         let requests_quiet = self.requests.quiet(started.wrapping_add(finished), now);
-        let quiet = started == finished && !waiting && writes == u64::MAX && requests_quiet >= idle;
-        match (quiet, self.closing) {
+        if busy {
+            self.requests = Since::new(started.wrapping_add(finished), now);
+            return None;
+        }
+        match (requests_quiet >= idle, self.closing) {
             (true, false) => Some(Close::Idle),
             (true, true) => Some(Close::Unfinished),
             (false, _) => None,
