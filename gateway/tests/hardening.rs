@@ -578,6 +578,15 @@ async fn h2_connect_full(
     (sender, task)
 }
 
+/// Waits up to 10 s for an HTTP/2 connection's task to end (the gateway closed it); panics
+/// saying `what`, with the gateway's log, when it does not.
+async fn h2_closed(connection: tokio::task::JoinHandle<()>, proc: &Proc, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap_or_else(|_| panic!("{what}; stderr:\n{}", proc.stderr()))
+        .unwrap();
+}
+
 fn h2_metadata() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::get("http://gateway/metadata")
         .body(http_body_util::Empty::new())
@@ -595,15 +604,12 @@ async fn an_http2_connection_with_no_request_is_closed_after_the_idle_timeout_pi
     assert_eq!(response.status(), 200);
     response.into_body().collect().await.unwrap();
     let idle = Instant::now();
-    tokio::time::timeout(Duration::from_secs(10), connection)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "an HTTP/2 connection kept open by PINGs alone; stderr:\n{}",
-                proc.stderr()
-            )
-        })
-        .unwrap();
+    h2_closed(
+        connection,
+        &proc,
+        "an HTTP/2 connection kept open by PINGs alone",
+    )
+    .await;
     assert!(
         idle.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -634,15 +640,12 @@ async fn an_http2_client_that_grants_no_window_is_dropped_after_the_idle_timeout
     let (mut sender, connection) = h2_connect(addr, 100).await;
     let response = sender.send_request(h2_metadata()).await.unwrap();
     assert_eq!(response.status(), 200);
-    tokio::time::timeout(Duration::from_secs(10), connection)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "an HTTP/2 response its client takes none of holds its connection; stderr:\n{}",
-                proc.stderr()
-            )
-        })
-        .unwrap();
+    h2_closed(
+        connection,
+        &proc,
+        "an HTTP/2 response its client takes none of holds its connection",
+    )
+    .await;
     assert!(
         proc.stderr()
             .contains("its client has taken none of its response"),
