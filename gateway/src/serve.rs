@@ -273,34 +273,32 @@ async fn accept(
                         connection.as_mut().graceful_shutdown();
                         watchdog.closing();
                     }
-                    close = watchdog.next() => {
-                        match close {
-                            Close::Stalled => tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout"),
-                            Close::Unfinished => tracing::info!(%peer, "dropping a connection: its graceful close has not ended after the idle timeout"),
-                            Close::NoRequest | Close::Idle => {
-                                closed(if close == Close::NoRequest { "no_request" } else { "idle" });
-                                tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
-                                closing = true;
-                                // Never cuts a request in flight: HTTP/1.1 finishes it (and
-                                // then closes), HTTP/2 sends GOAWAY and finishes its streams.
-                                // A client that stops taking what is still to send is dropped
-                                // all the same.
-                                connection.as_mut().graceful_shutdown();
-                                watchdog.closing();
-                                continue;
-                            }
+                    close = watchdog.next() => match close {
+                        Close::NoRequest | Close::Idle => {
+                            closed(if close == Close::NoRequest { "no_request" } else { "idle" });
+                            tracing::debug!(%peer, "closing a connection: no request head in time, or idle");
+                            closing = true;
+                            // Never cuts a request in flight: HTTP/1.1 finishes it (and then
+                            // closes), HTTP/2 sends GOAWAY and finishes its streams. A client
+                            // that stops taking what is still to send is dropped all the same.
+                            connection.as_mut().graceful_shutdown();
+                            watchdog.closing();
                         }
-                        if close == Close::Stalled {
+                        Close::Stalled => {
+                            tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
+                            closed("stalled");
                             // A reset frees at once what the kernel holds for a client that
                             // takes nothing.
-                            closed("stalled");
                             activity.drop_now();
-                        } else {
-                            // A plain close: the kernel still sends what it holds, then FIN.
-                            closed("unfinished");
+                            break;
                         }
-                        break;
-                    }
+                        Close::Unfinished => {
+                            tracing::info!(%peer, "dropping a connection: its graceful close has not ended after the idle timeout");
+                            closed("unfinished");
+                            // A plain close: the kernel still sends what it holds, then FIN.
+                            break;
+                        }
+                    },
                 }
             }
         });
