@@ -30,7 +30,9 @@
 //! (or is given up); the body's chunks are still to send until hyper has written them (or
 //! HTTP/2 has framed them), and the bytes it writes of them are the client's progress. The
 //! watchdog wakes a few times per idle timeout, never per request; what a request costs it is
-//! a few relaxed atomic operations (and one `Arc` clone per body chunk).
+//! a few relaxed atomic operations, a shared progress record for a body that yields data (an
+//! allocation and a push under the connection's own lock) and an `Arc` clone per chunk:
+//! about 650 instructions in all (`benches/instructions.sh`).
 
 use std::convert::Infallible;
 use std::io;
@@ -432,8 +434,9 @@ impl<B: Body> Body for Delivered<B> {
             }
             end => {
                 *this.in_flight = None;
+                // The end, or an error: no frame with data to count.
                 Poll::Ready(
-                    end.map(|error| error.map(|frame| frame.map_data(|d| Chunk::new(d, None)))),
+                    end.map(|result| result.map(|frame| frame.map_data(|d| Chunk::new(d, None)))),
                 )
             }
         }
@@ -709,17 +712,19 @@ impl Watchdog {
         drop(bodies);
         // Quiet: nothing in flight, nothing to send, no write blocked, and so since the idle
         // timeout (the clock restarts at every check that finds the connection busy).
-        let busy = started != finished || waiting > 0 || writes != u64::MAX;
-        let requests_quiet = self.requests.quiet(started.wrapping_add(finished), now);
-        if busy {
-            self.requests = Since::new(started.wrapping_add(finished), now);
+        let requests = started.wrapping_add(finished);
+        if started != finished || waiting > 0 || writes != u64::MAX {
+            self.requests = Since::new(requests, now);
             return None;
         }
-        match (requests_quiet >= idle, self.closing) {
-            (true, false) => Some(Close::Idle),
-            (true, true) => Some(Close::Unfinished),
-            (false, _) => None,
+        if self.requests.quiet(requests, now) < idle {
+            return None;
         }
+        Some(if self.closing {
+            Close::Unfinished
+        } else {
+            Close::Idle
+        })
     }
 }
 

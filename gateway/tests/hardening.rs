@@ -534,14 +534,19 @@ fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_read
 
 /// An HTTP/2 connection to `addr` from hyper's client, sending a PING every 200 ms even when
 /// idle, with a stream window of `window` bytes: the request sender and the connection's
-/// task, which ends when the server closes the connection.
-async fn h2_connect(
+/// task, which ends when the server closes the connection. `B` is the requests' body type.
+async fn h2_connect<B>(
     addr: SocketAddr,
     window: u32,
 ) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<()>,
-) {
+)
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (sender, connection) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -550,25 +555,6 @@ async fn h2_connect(
             .keep_alive_while_idle(true)
             .adaptive_window(false)
             .initial_stream_window_size(window)
-            .handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    (sender, task)
-}
-
-/// The same with a body type for requests that have one (and the default window).
-async fn h2_connect_full(
-    addr: SocketAddr,
-) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
@@ -756,7 +742,7 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
                 "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
             ))))
             .unwrap();
-        let (mut token_sender, token_connection) = h2_connect_full(addr).await;
+        let (mut token_sender, token_connection) = h2_connect(addr, 65_535).await;
         let response = token_sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
         let body = response.into_body().collect().await.unwrap().to_bytes();
