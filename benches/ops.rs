@@ -8,7 +8,7 @@
 //! at INFO taking events only, writing to nowhere). Rows, in this order:
 //! - `stack`: the stack alone, no metrics recorder;
 //! - `stack+ops/quiet`: under `RequestIdLayer`, `HealthLayer`, `ObserveLayer` (span only:
-//!   metrics and audit off) and `BodyLimitLayer`;
+//!   metrics and audit off), `BodyTimeoutLayer` and `BodyLimitLayer`, as in the gateway binary;
 //! - `stack/recorder`: the stack alone once a Prometheus recorder is installed (the library's
 //!   cache counters now count);
 //! - `stack+ops/metrics+audit`: everything on: metrics into the Prometheus recorder, and an
@@ -25,7 +25,9 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
-use tower_fhir::ops::{BodyLimitLayer, HealthLayer, JsonLinesAudit, ObserveLayer, RequestIdLayer};
+use tower_fhir::ops::{
+    BodyLimitLayer, BodyTimeoutLayer, HealthLayer, JsonLinesAudit, ObserveLayer, RequestIdLayer,
+};
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
@@ -119,6 +121,7 @@ fn bench(c: &mut Criterion) {
                 .layer(RequestIdLayer::new())
                 .layer(HealthLayer::new().readiness("keys", || true))
                 .layer($observe)
+                .layer(BodyTimeoutLayer::default())
                 .layer(BodyLimitLayer::default())
                 .service(stack!())
         };

@@ -1,7 +1,8 @@
 //! The operations layers around the whole gateway, over real HTTP on loopback: request ids
 //! from the client to the upstream and back (refusals included), health and readiness,
-//! audit records for forwarded, refused and token requests, and request body limits (a
-//! declared length, a streamed body, a large Bundle within the limit).
+//! audit records for forwarded, refused and token requests, request body limits (a
+//! declared length, a streamed body, a large Bundle within the limit) and a body that stops
+//! arriving.
 
 mod support;
 
@@ -14,7 +15,8 @@ use support::*;
 use tower::ServiceBuilder;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
-    AuditRecord, BodyLimitLayer, HealthLayer, ObserveLayer, QueryRecording, RequestIdLayer,
+    AuditRecord, BodyLimitLayer, BodyTimeoutLayer, HealthLayer, ObserveLayer, QueryRecording,
+    RequestIdLayer,
 };
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantId;
@@ -29,6 +31,8 @@ const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded")
 const SECRET: &str = "the-first-secret-0123456789";
 /// The body limit in these tests.
 const LIMIT: u64 = 1024 * 1024;
+/// How long a request body may pause in these tests.
+const BODY_PAUSE: Duration = Duration::from_secs(1);
 
 type Records = Arc<Mutex<Vec<AuditRecord>>>;
 
@@ -87,6 +91,7 @@ async fn setup(query: QueryRecording) -> Setup {
                 .audit_query(query)
                 .audit(move |record: AuditRecord| sink.lock().unwrap().push(record)),
         )
+        .layer(BodyTimeoutLayer::new(BODY_PAUSE))
         .layer(BodyLimitLayer::new(LIMIT))
         .service(gateway);
     serve_tower_on(listener, service);
@@ -345,6 +350,59 @@ async fn a_streamed_body_over_the_limit_is_cut_off_not_buffered() {
             "{} bytes",
             received.body.len()
         );
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_and_its_record_says_timeout() {
+    let setup = setup(QueryRecording::Names).await;
+    let token = access_token(&setup.client, TENANT).await;
+    let addr = setup.addr;
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 64\r\n\r\n{{\"resourceType\""
+        )
+        .unwrap();
+        let began = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Until the server closes the connection (or the read times out).
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        (String::from_utf8_lossy(&answer).into_owned(), began.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains(r#""code":"timeout""#), "{answer}");
+    assert!(
+        waited >= BODY_PAUSE - Duration::from_millis(100),
+        "{waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(9),
+        "closed only by the client's timeout: {waited:?}"
+    );
+    let records = records(&setup, 2).await;
+    let record = records.last().unwrap();
+    assert_eq!((record.status, record.outcome), (408, "timeout"));
+    assert_eq!(
+        record.tenant.as_ref().map(ToString::to_string).as_deref(),
+        Some(TENANT)
+    );
+    for received in setup.upstream.received() {
+        assert!(received.body.len() < 64, "{received:?}");
     }
 }
 

@@ -93,6 +93,10 @@ pub(crate) struct Config {
     /// HTTP/1.1, after its previous response) is closed. Default 30.
     #[serde(default = "default_header_read_timeout")]
     pub(crate) header_read_timeout_seconds: u64,
+    /// A request body that sends nothing for this long mid-way is answered `408` and its
+    /// connection closed. Default 30.
+    #[serde(default = "default_body_read_timeout")]
+    pub(crate) body_read_timeout_seconds: u64,
     /// A keep-alive connection with no request in flight and no bytes either way for this long
     /// is closed. Default 60.
     #[serde(default = "default_idle_timeout")]
@@ -174,6 +178,7 @@ impl std::fmt::Debug for Config {
                 "header_read_timeout_seconds",
                 &self.header_read_timeout_seconds,
             )
+            .field("body_read_timeout_seconds", &self.body_read_timeout_seconds)
             .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_connections", &self.max_connections)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
@@ -295,6 +300,10 @@ fn default_header_read_timeout() -> u64 {
     30
 }
 
+fn default_body_read_timeout() -> u64 {
+    30
+}
+
 fn default_idle_timeout() -> u64 {
     60
 }
@@ -307,8 +316,8 @@ fn default_shutdown_grace() -> u64 {
     30
 }
 
-/// The longest `header_read_timeout_seconds`, `idle_timeout_seconds` and
-/// `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
+/// The longest `header_read_timeout_seconds`, `body_read_timeout_seconds`,
+/// `idle_timeout_seconds` and `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
 /// The shortest `admin_token` accepted.
@@ -389,6 +398,7 @@ impl Config {
                 "header_read_timeout_seconds",
                 self.header_read_timeout_seconds,
             ),
+            ("body_read_timeout_seconds", self.body_read_timeout_seconds),
             ("idle_timeout_seconds", self.idle_timeout_seconds),
             ("shutdown_grace_seconds", self.shutdown_grace_seconds),
         ] {
@@ -532,6 +542,7 @@ mod tests {
     fn connection_keys_have_their_defaults_and_are_read() {
         let defaults = Config::empty();
         assert_eq!(defaults.header_read_timeout_seconds, 30);
+        assert_eq!(defaults.body_read_timeout_seconds, 30);
         assert_eq!(defaults.idle_timeout_seconds, 60);
         assert_eq!(defaults.max_connections, 10_000);
         assert_eq!(defaults.shutdown_grace_seconds, 30);
@@ -547,10 +558,12 @@ mod tests {
 
         let config: Config = serde_json::from_str(
             r#"{"header_read_timeout_seconds": 5, "idle_timeout_seconds": 7,
-                "max_connections": 2, "shutdown_grace_seconds": 9}"#,
+                "max_connections": 2, "shutdown_grace_seconds": 9,
+                "body_read_timeout_seconds": 11}"#,
         )
         .unwrap();
         assert_eq!(config.header_read_timeout_seconds, 5);
+        assert_eq!(config.body_read_timeout_seconds, 11);
         assert_eq!(config.idle_timeout_seconds, 7);
         assert_eq!(config.max_connections, 2);
         assert_eq!(config.shutdown_grace_seconds, 9);
@@ -569,6 +582,10 @@ mod tests {
             (
                 r#"{"idle_timeout_seconds": 0}"#,
                 "idle_timeout_seconds must be between 1",
+            ),
+            (
+                r#"{"body_read_timeout_seconds": 0}"#,
+                "body_read_timeout_seconds must be between 1 and 86400 (a day), not 0",
             ),
             (
                 r#"{"shutdown_grace_seconds": 86401}"#,

@@ -1,5 +1,5 @@
 //! What stands in front of the gateway: request ids, CORS, health and readiness, metrics and
-//! audit records, the request body limit; and the Prometheus endpoint beside it.
+//! audit records, the request body timeout and limit; and the Prometheus endpoint beside it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,8 @@ use tower::util::Either;
 use tower::{Layer, ServiceBuilder};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
-    fhir_cors, BodyLimit, BodyLimitLayer, Health, HealthLayer, JsonLinesAudit, Observe,
-    ObserveLayer, RequestIdLayer, RequestIdService,
+    fhir_cors, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer, Health, HealthLayer,
+    JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer, RequestIdService,
 };
 use tower_fhir::token::SigningKeys;
 use tower_http::cors::Cors;
@@ -22,7 +22,7 @@ use tower_http::cors::Cors;
 use crate::config::Config;
 
 /// The stack under the CORS layer.
-type Inner = Health<Observe<BodyLimit<Gateway>>>;
+type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
 
 /// The whole service a connection is served by.
 pub(crate) type Front = RequestIdService<Either<Cors<Inner>, Inner>>;
@@ -85,6 +85,9 @@ pub(crate) fn front(
     let inner = ServiceBuilder::new()
         .layer(health)
         .layer(observe)
+        .layer(BodyTimeoutLayer::new(Duration::from_secs(
+            config.body_read_timeout_seconds,
+        )))
         .layer(BodyLimitLayer::new(config.max_request_body_bytes))
         .service(gateway);
     Ok(RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner)))

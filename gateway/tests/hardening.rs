@@ -1,6 +1,6 @@
 //! Connection-level hardening of the gateway binary, over real TCP against the real binary:
-//! the header-read timeout (slowloris), the idle timeout, `max_connections`, the shutdown grace
-//! period, and the four configuration keys. Every wait is bounded, so a regression fails rather
+//! the header-read timeout (slowloris), the idle timeout, request bodies that stop arriving or
+//! arrive slowly, `max_connections`, the shutdown grace period, and their configuration keys. Every wait is bounded, so a regression fails rather
 //! than hangs; the only time bounds asserted are generous ones.
 
 #[path = "../../tests/support/mod.rs"]
@@ -776,6 +776,222 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
         began.elapsed()
     );
     assert!(!connection.is_finished());
+}
+
+const BODY_TENANT: &str = "77770000-0000-4000-8000-000000000007";
+const BODY_SECRET: &str = "hardening-client-secret-0123456789";
+
+/// A gateway with one client and one tenant on `upstream`, and `keys` added.
+fn start_with_tenant(name: &str, upstream: &RecordingUpstream, keys: Value) -> (Proc, SocketAddr) {
+    let mut all = json!({
+        "clients": [{"client_id": "app", "client_secret": BODY_SECRET, "tenants": [BODY_TENANT]}],
+        "tenants": [{"id": BODY_TENANT, "upstreams": [
+            {"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
+        "secret_hashing": {"memory_kib": 8, "iterations": 1}
+    });
+    all.as_object_mut()
+        .unwrap()
+        .extend(keys.as_object().unwrap().clone());
+    let (proc, addr, _dir) = start(name, all);
+    (proc, addr)
+}
+
+/// A token for [`BODY_TENANT`], over HTTP/1.1.
+fn token(addr: SocketAddr) -> String {
+    let form = format!(
+        "grant_type=client_credentials&client_id=app&client_secret={BODY_SECRET}&scope={BODY_TENANT}"
+    );
+    let mut stream = connect(addr);
+    write!(
+        stream,
+        "POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let (status, _, body) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    json["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The head of a `POST /Patient` whose body is `length` bytes.
+fn post_head(token: &str, length: usize) -> String {
+    format!(
+        "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_arriving_gets_408_and_the_upstream_no_whole_request() {
+    let upstream = RecordingUpstream::start().await;
+    let (keys, metrics) = with_metrics(json!({"body_read_timeout_seconds": 1}));
+    let (proc, addr) = start_with_tenant("body-stops", &upstream, keys);
+    let (answer, waited, closed) = tokio::task::spawn_blocking(move || {
+        let token = token(addr);
+        let mut stream = connect(addr);
+        // Sixteen bytes of a hundred, then nothing: a client holding a request open.
+        stream.write_all(post_head(&token, 100).as_bytes()).unwrap();
+        stream.write_all(br#"{"resourceType":"#).unwrap();
+        let began = Instant::now();
+        let answer = read_response(&mut stream, Duration::from_secs(15));
+        let waited = began.elapsed();
+        (
+            answer,
+            waited,
+            closed_within(&mut stream, Duration::from_secs(5)),
+        )
+    })
+    .await
+    .unwrap();
+    let (status, head, body) =
+        answer.unwrap_or_else(|| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()));
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(head.contains("connection: close"), "{head}");
+    let outcome: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "timeout");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(closed, "the connection stayed open after the 408");
+    // The upstream saw the request start and never its whole body.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for received in upstream.received() {
+        assert!(received.body.len() < 100, "{received:?}");
+    }
+    let counted =
+        tokio::task::spawn_blocking(move || metric(metrics, "tower_fhir_body_timeouts_total", ""))
+            .await
+            .unwrap();
+    assert_eq!(counted, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_body_that_stops_arriving_gets_408_and_the_connection_serves_on() {
+    use bytes::Bytes;
+    use http_body_util::{channel::Channel, BodyExt};
+    let upstream = RecordingUpstream::start().await;
+    let (proc, addr) = start_with_tenant(
+        "h2-body-stops",
+        &upstream,
+        json!({"body_read_timeout_seconds": 1}),
+    );
+    let token = tokio::task::spawn_blocking(move || token(addr))
+        .await
+        .unwrap();
+    let (mut sender, connection) = h2_connect::<Channel<Bytes>>(addr, 65_535).await;
+    let (mut feed, body) = Channel::<Bytes>::new(1);
+    feed.send_data(Bytes::from_static(br#"{"resourceType":"#))
+        .await
+        .unwrap();
+    let request = http::Request::post("http://gateway/Patient")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/fhir+json")
+        .header("content-length", "100")
+        .body(body)
+        .unwrap();
+    let began = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(15), sender.send_request(request))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()))
+        .unwrap();
+    assert_eq!(response.status(), 408, "stderr:\n{}", proc.stderr());
+    assert!(began.elapsed() >= Duration::from_millis(900));
+    let outcome = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&outcome).contains(r#""code":"timeout""#));
+    // Only that stream ended: the connection serves the next request.
+    let (done, empty) = Channel::<Bytes>::new(1);
+    drop(done);
+    let metadata = http::Request::get("http://gateway/metadata")
+        .body(empty)
+        .unwrap();
+    let response = sender.send_request(metadata).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!connection.is_finished());
+    drop(feed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_paused_as_long_as_the_upstream_may_take_is_the_clients_408_not_a_504() {
+    let upstream = RecordingUpstream::start().await;
+    // The body read timeout is far off: the proxy's own bound on the upstream's wait ends it,
+    // and puts the blame where it lies.
+    let (proc, addr) = start_with_tenant(
+        "body-pause",
+        &upstream,
+        json!({"body_read_timeout_seconds": 600, "upstream_timeout_seconds": 1}),
+    );
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        let token = token(addr);
+        let mut stream = connect(addr);
+        stream.write_all(post_head(&token, 100).as_bytes()).unwrap();
+        stream.write_all(br#"{"resourceType":"#).unwrap();
+        let began = Instant::now();
+        (
+            read_response(&mut stream, Duration::from_secs(15)),
+            began.elapsed(),
+        )
+    })
+    .await
+    .unwrap();
+    let (status, head, body) =
+        answer.unwrap_or_else(|| panic!("no answer to a paused body; stderr:\n{}", proc.stderr()));
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_that_keeps_arriving_passes_whole_and_is_not_the_upstreams_time() {
+    let upstream = RecordingUpstream::start().await;
+    // The whole upload takes about five upstream timeouts; no pause is as long as either
+    // timeout.
+    let (proc, addr) = start_with_tenant(
+        "body-slow",
+        &upstream,
+        json!({"body_read_timeout_seconds": 2, "upstream_timeout_seconds": 1}),
+    );
+    let sent: Vec<u8> = br#"{"resourceType":"Patient","name":[{"family":"Slow"}]}"#.to_vec();
+    let (answer, took) = {
+        let sent = sent.clone();
+        tokio::task::spawn_blocking(move || {
+            let token = token(addr);
+            let mut stream = connect(addr);
+            stream
+                .write_all(post_head(&token, sent.len()).as_bytes())
+                .unwrap();
+            let began = Instant::now();
+            for piece in sent.chunks(6) {
+                std::thread::sleep(Duration::from_millis(600));
+                stream.write_all(piece).unwrap();
+            }
+            (
+                read_response(&mut stream, Duration::from_secs(10)),
+                began.elapsed(),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let (status, _, body) =
+        answer.unwrap_or_else(|| panic!("no answer to a slow upload; stderr:\n{}", proc.stderr()));
+    assert_eq!(
+        status,
+        200,
+        "{}; stderr:\n{}",
+        String::from_utf8_lossy(&body),
+        proc.stderr()
+    );
+    assert!(took >= Duration::from_millis(5_000), "{took:?}");
+    let received = upstream.last();
+    assert_eq!(received.method, "POST");
+    assert_eq!(
+        received.body, sent,
+        "the body reached the upstream whole and unchanged"
+    );
+    assert_eq!(
+        received.headers["content-length"],
+        sent.len().to_string().as_str(),
+        "a Content-Length stays one"
+    );
 }
 
 #[test]

@@ -127,9 +127,16 @@ pub(crate) fn too_large(max: Option<u64>) -> Response<bytes::Bytes> {
 
 /// Whether `error` (or what caused it) is a [`Limited`] body's "too long".
 pub(crate) fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<http_body_util::LengthLimitError>(error)
+}
+
+/// Whether `error`, or an error in its `source()` chain, is an `E`.
+pub(crate) fn caused_by<E: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
-        if error.is::<http_body_util::LengthLimitError>() {
+        if error.is::<E>() {
             return true;
         }
         // An `io::Error` wrapping one hides it from `source()`.
@@ -137,7 +144,7 @@ pub(crate) fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool
             .downcast_ref::<std::io::Error>()
             .and_then(std::io::Error::get_ref)
         {
-            if is_length_limit(wrapped) {
+            if caused_by::<E>(wrapped) {
                 return true;
             }
         }

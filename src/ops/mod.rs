@@ -7,18 +7,19 @@
 //! | [`HealthLayer`] | `GET /healthz`, `GET /readyz` with your readiness checks, no token |
 //! | [`ObserveLayer`] | metrics, one [`AuditRecord`] per request to an [`AuditSink`], a span per request |
 //! | [`BodyLimitLayer`] | `413` with an OperationOutcome for bodies over a limit, nothing buffered |
+//! | [`BodyTimeoutLayer`] | `408` with an OperationOutcome for a body that stops arriving mid-way |
 //! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps |
 //! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
 //! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
 //!
 //! Outermost first: `RequestIdLayer`, `fhir_cors`, `HealthLayer`, `ObserveLayer`,
-//! `BodyLimitLayer`, then the gateway (or your FHIR stack):
+//! `BodyTimeoutLayer`, `BodyLimitLayer`, then the gateway (or your FHIR stack):
 //!
 //! ```
 //! use std::convert::Infallible;
 //! use http::{Request, Response, StatusCode};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_fhir::ops::{BodyLimitLayer, HealthLayer, ObserveLayer, RequestIdLayer};
+//! use tower_fhir::ops::{BodyLimitLayer, BodyTimeoutLayer, HealthLayer, ObserveLayer, RequestIdLayer};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let fhir = service_fn(|_r: Request<_>| async {
@@ -28,6 +29,7 @@
 //!     .layer(RequestIdLayer::new())
 //!     .layer(HealthLayer::new())
 //!     .layer(ObserveLayer::new().metrics(true))
+//!     .layer(BodyTimeoutLayer::new(std::time::Duration::from_secs(30)))
 //!     .layer(BodyLimitLayer::new(16 * 1024 * 1024))
 //!     .service(fhir);
 //!
@@ -50,11 +52,13 @@
 //! | `tower_fhir_jwks_fetches_total` | `issuer`, `result` (`ok`, `error`) | the bearer layer's key sources |
 //! | `tower_fhir_cache_total` | `cache` (`token`, `route`), `result` (`hit`, `miss`) | bearer and routing caches |
 //! | `tower_fhir_body_too_large_total` | | [`BodyLimitLayer`] and the proxy |
+//! | `tower_fhir_body_timeouts_total` | | [`BodyTimeoutLayer`], and the proxy when a body pauses as long as the upstream may take |
 //! | `tower_fhir_rate_limited_total` | `limit` (`tenant`, `client`, `upstream`) | the rate limit layer, the proxy's `max_concurrency` |
 //! | `tower_fhir_audit_records_dropped_total`, `tower_fhir_audit_records_delayed_total` | | [`JsonLinesAudit`] |
 
 mod audit;
 mod body_limit;
+mod body_timeout;
 mod cors;
 mod facts;
 mod health;
@@ -63,6 +67,9 @@ mod request_id;
 
 pub use audit::{AuditRecord, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE};
 pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
+pub use body_timeout::{
+    BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_READ_TIMEOUT,
+};
 pub use cors::{fhir_cors, InvalidOrigin};
 pub use facts::{Facts, RequestFacts};
 pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
@@ -72,6 +79,7 @@ pub use request_id::{
 };
 
 pub(crate) use body_limit::{is_length_limit, too_large};
+pub(crate) use body_timeout::{body_too_slow, is_body_timeout};
 
 /// `tower_fhir_cache_total`'s two counters for one cache, taken from the recorder once (when
 /// the layer is built), so a lookup costs an atomic increment, not a registry lookup.

@@ -72,6 +72,7 @@
 //! ```
 
 mod body;
+mod deadline;
 mod headers;
 mod path;
 mod pool;

@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use super::body::ProxyBody;
+use super::deadline::{wait, Turns, Waited, Watched};
 use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
@@ -192,6 +193,13 @@ impl FhirProxyBuilder {
 
     /// How long an upstream may take to answer (its response head) before the gateway
     /// answers 504, unless the upstream has its own timeout. Default 30 s.
+    ///
+    /// The time runs from when the request was sent whole: while a request body is still
+    /// arriving from the client, only the upstream's own delays count (a frame handed over and
+    /// not taken). A body that sends nothing for this long is the client's fault: `408` with
+    /// an OperationOutcome (`timeout`) and `Connection: close`, the upstream left with an
+    /// unfinished request. (A [`BodyTimeoutLayer`](crate::ops::BodyTimeoutLayer) in front
+    /// bounds such pauses separately, and for every service.)
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -368,7 +376,15 @@ where
             Version::HTTP_11
         };
         parts.extensions = http::Extensions::new();
-        let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        // A body still to come is watched, so that the upstream's time starts once it is sent.
+        let turns = (!body.is_end_stream()).then(Turns::new);
+        let body = match &turns {
+            None => body.map_err(Into::into).boxed_unsync(),
+            Some(turns) => Watched::new(body, Arc::clone(turns))
+                .map_err(Into::into)
+                .boxed_unsync(),
+        };
+        let outgoing = Request::from_parts(parts, body);
 
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
@@ -378,21 +394,40 @@ where
             };
             let started = std::time::Instant::now();
             let sent = config.transport.send(&upstream, pooled, outgoing);
-            let response = match tokio::time::timeout(timeout, sent).await {
-                Ok(Ok(response)) => {
+            let waited = match &turns {
+                None => match tokio::time::timeout(timeout, sent).await {
+                    Ok(answered) => Waited::Answered(answered),
+                    Err(_) => Waited::UpstreamTooSlow,
+                },
+                Some(turns) => wait(sent, timeout, turns).await,
+            };
+            let response = match waited {
+                Waited::Answered(Ok(response)) => {
                     config
                         .upstream_duration
                         .record(started.elapsed().as_secs_f64());
                     response
                 }
-                Ok(Err(error)) if crate::ops::is_length_limit(&*error) => {
+                Waited::Answered(Err(error)) if crate::ops::is_length_limit(&*error) => {
                     // The body outgrew the limit while it was streamed: the upstream got an
                     // unfinished request, and the client its answer.
                     tracing::info!(upstream = %upstream.base(), "request body over the limit");
                     let limit = outcome_too_large();
                     return Ok(limit);
                 }
-                Ok(Err(error)) => {
+                Waited::Answered(Err(error)) if crate::ops::is_body_timeout(&*error) => {
+                    tracing::info!(upstream = %upstream.base(), "request body stopped arriving");
+                    return Ok(crate::ops::body_too_slow().map(ProxyBody::full));
+                }
+                Waited::BodyTooSlow => {
+                    tracing::info!(
+                        upstream = %upstream.base(),
+                        ?timeout,
+                        "request body sent nothing for the upstream's timeout"
+                    );
+                    return Ok(crate::ops::body_too_slow().map(ProxyBody::full));
+                }
+                Waited::Answered(Err(error)) => {
                     tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
                     return Ok(outcome(
                         StatusCode::BAD_GATEWAY,
@@ -400,7 +435,7 @@ where
                         "The tenant's FHIR server could not be reached",
                     ));
                 }
-                Err(_) => {
+                Waited::UpstreamTooSlow => {
                     tracing::warn!(upstream = %upstream.base(), ?timeout, "upstream timed out");
                     return Ok(outcome(
                         StatusCode::GATEWAY_TIMEOUT,

@@ -244,6 +244,8 @@ where
                         Err(error) => {
                             let response = if crate::ops::is_length_limit(&*error) {
                                 crate::ops::too_large(Some(max as u64))
+                            } else if crate::ops::is_body_timeout(&*error) {
+                                crate::ops::body_too_slow()
                             } else {
                                 OperationOutcome::error(
                                     IssueType::Invalid,

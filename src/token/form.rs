@@ -121,6 +121,14 @@ where
     if declared.is_some_and(|len| len > bounds.max_bytes as u64) {
         return Err(too_large());
     }
+    let too_slow = || {
+        TokenError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::InvalidRequest,
+            "The request body did not arrive in time",
+        )
+        .with_header(header::CONNECTION, HeaderValue::from_static("close"))
+    };
     let mut read = std::pin::pin!(Limited::new(body, bounds.max_bytes).collect());
     // A body that has come with its head (as most do) is read without arming a timer.
     let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
@@ -128,19 +136,14 @@ where
         Poll::Ready(read) => read,
         Poll::Pending => match tokio::time::timeout(bounds.timeout, read).await {
             Ok(read) => read,
-            Err(_) => {
-                return Err(TokenError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    ErrorCode::InvalidRequest,
-                    "The request body did not arrive in time",
-                )
-                .with_header(header::CONNECTION, HeaderValue::from_static("close")))
-            }
+            Err(_) => return Err(too_slow()),
         },
     };
     let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        // A `BodyTimeoutLayer` in front gave up first.
+        Err(err) if crate::ops::is_body_timeout(&*err) => return Err(too_slow()),
         Err(_) => {
             return Err(TokenError::bad_request(
                 "The request body could not be read",
