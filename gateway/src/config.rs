@@ -97,6 +97,10 @@ pub(crate) struct Config {
     /// connection closed. Default 30.
     #[serde(default = "default_body_read_timeout")]
     pub(crate) body_read_timeout_seconds: u64,
+    /// A request body that averages fewer bytes a second than this, past its first
+    /// `body_read_timeout_seconds`, is answered `408`; 0 turns it off. Default 500.
+    #[serde(default = "default_body_min_rate")]
+    pub(crate) body_min_bytes_per_second: u32,
     /// A keep-alive connection with no request in flight and no bytes either way for this long
     /// is closed. Default 60.
     #[serde(default = "default_idle_timeout")]
@@ -179,6 +183,7 @@ impl std::fmt::Debug for Config {
                 &self.header_read_timeout_seconds,
             )
             .field("body_read_timeout_seconds", &self.body_read_timeout_seconds)
+            .field("body_min_bytes_per_second", &self.body_min_bytes_per_second)
             .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_connections", &self.max_connections)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
@@ -302,6 +307,10 @@ fn default_header_read_timeout() -> u64 {
 
 fn default_body_read_timeout() -> u64 {
     30
+}
+
+fn default_body_min_rate() -> u32 {
+    tower_fhir::ops::DEFAULT_BODY_MIN_RATE
 }
 
 fn default_idle_timeout() -> u64 {
@@ -543,6 +552,7 @@ mod tests {
         let defaults = Config::empty();
         assert_eq!(defaults.header_read_timeout_seconds, 30);
         assert_eq!(defaults.body_read_timeout_seconds, 30);
+        assert_eq!(defaults.body_min_bytes_per_second, 500);
         assert_eq!(defaults.idle_timeout_seconds, 60);
         assert_eq!(defaults.max_connections, 10_000);
         assert_eq!(defaults.shutdown_grace_seconds, 30);
@@ -559,11 +569,12 @@ mod tests {
         let config: Config = serde_json::from_str(
             r#"{"header_read_timeout_seconds": 5, "idle_timeout_seconds": 7,
                 "max_connections": 2, "shutdown_grace_seconds": 9,
-                "body_read_timeout_seconds": 11}"#,
+                "body_read_timeout_seconds": 11, "body_min_bytes_per_second": 0}"#,
         )
         .unwrap();
         assert_eq!(config.header_read_timeout_seconds, 5);
         assert_eq!(config.body_read_timeout_seconds, 11);
+        assert_eq!(config.body_min_bytes_per_second, 0);
         assert_eq!(config.idle_timeout_seconds, 7);
         assert_eq!(config.max_connections, 2);
         assert_eq!(config.shutdown_grace_seconds, 9);

@@ -85,9 +85,10 @@ pub(crate) fn front(
     let inner = ServiceBuilder::new()
         .layer(health)
         .layer(observe)
-        .layer(BodyTimeoutLayer::new(Duration::from_secs(
-            config.body_read_timeout_seconds,
-        )))
+        .layer(
+            BodyTimeoutLayer::new(Duration::from_secs(config.body_read_timeout_seconds))
+                .min_rate(config.body_min_bytes_per_second),
+        )
         .layer(BodyLimitLayer::new(config.max_request_body_bytes))
         .service(gateway);
     Ok(RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner)))

@@ -814,6 +814,32 @@ fn token(addr: SocketAddr) -> String {
     json["access_token"].as_str().unwrap().to_owned()
 }
 
+/// Over a connection of its own, with a token: a `POST /Patient` of 100 bytes whose first
+/// 16 come, then `more` more bytes one at a time every 500 ms, then nothing. The answer (within
+/// 15 s) and how long after the first 16 bytes it came.
+async fn stalled_post(
+    addr: SocketAddr,
+    more: usize,
+) -> (Option<(u16, String, Vec<u8>)>, Duration, TcpStream) {
+    tokio::task::spawn_blocking(move || {
+        let token = token(addr);
+        let mut stream = connect(addr);
+        stream.write_all(post_head(&token, 100).as_bytes()).unwrap();
+        stream.write_all(br#"{"resourceType":"#).unwrap();
+        let began = Instant::now();
+        for _ in 0..more {
+            std::thread::sleep(Duration::from_millis(500));
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+        }
+        let answer = read_response(&mut stream, Duration::from_secs(15));
+        (answer, began.elapsed(), stream)
+    })
+    .await
+    .unwrap()
+}
+
 /// The head of a `POST /Patient` whose body is `length` bytes.
 fn post_head(token: &str, length: usize) -> String {
     format!(
@@ -826,23 +852,9 @@ async fn a_request_body_that_stops_arriving_gets_408_and_the_upstream_no_whole_r
     let upstream = RecordingUpstream::start().await;
     let (keys, metrics) = with_metrics(json!({"body_read_timeout_seconds": 1}));
     let (proc, addr) = start_with_tenant("body-stops", &upstream, keys);
-    let (answer, waited, closed) = tokio::task::spawn_blocking(move || {
-        let token = token(addr);
-        let mut stream = connect(addr);
-        // Sixteen bytes of a hundred, then nothing: a client holding a request open.
-        stream.write_all(post_head(&token, 100).as_bytes()).unwrap();
-        stream.write_all(br#"{"resourceType":"#).unwrap();
-        let began = Instant::now();
-        let answer = read_response(&mut stream, Duration::from_secs(15));
-        let waited = began.elapsed();
-        (
-            answer,
-            waited,
-            closed_within(&mut stream, Duration::from_secs(5)),
-        )
-    })
-    .await
-    .unwrap();
+    // Sixteen bytes of a hundred, then nothing: a client holding a request open.
+    let (answer, waited, mut stream) = stalled_post(addr, 0).await;
+    let closed = closed_within(&mut stream, Duration::from_secs(5));
     let (status, head, body) =
         answer.unwrap_or_else(|| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()));
     assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
@@ -919,19 +931,7 @@ async fn a_body_paused_as_long_as_the_upstream_may_take_is_the_clients_408_not_a
         &upstream,
         json!({"body_read_timeout_seconds": 600, "upstream_timeout_seconds": 1}),
     );
-    let (answer, waited) = tokio::task::spawn_blocking(move || {
-        let token = token(addr);
-        let mut stream = connect(addr);
-        stream.write_all(post_head(&token, 100).as_bytes()).unwrap();
-        stream.write_all(br#"{"resourceType":"#).unwrap();
-        let began = Instant::now();
-        (
-            read_response(&mut stream, Duration::from_secs(15)),
-            began.elapsed(),
-        )
-    })
-    .await
-    .unwrap();
+    let (answer, waited, _stream) = stalled_post(addr, 0).await;
     let (status, head, body) =
         answer.unwrap_or_else(|| panic!("no answer to a paused body; stderr:\n{}", proc.stderr()));
     assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
@@ -940,16 +940,65 @@ async fn a_body_paused_as_long_as_the_upstream_may_take_is_the_clients_408_not_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_a_byte_within_each_timeout_falls_behind_the_least_rate_and_gets_408() {
+    let upstream = RecordingUpstream::start().await;
+    let (proc, addr) = start_with_tenant(
+        "body-dribble",
+        &upstream,
+        json!({"body_read_timeout_seconds": 1, "body_min_bytes_per_second": 500}),
+    );
+    // A byte every 500 ms: never a pause of a whole timeout, far below 500 bytes a second.
+    let (answer, waited, _stream) = stalled_post(addr, 20).await;
+    let (status, head, body) = answer
+        .unwrap_or_else(|| panic!("no answer to a dribbled body; stderr:\n{}", proc.stderr()));
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(
+        waited < Duration::from_secs(9),
+        "not cut by the rate: {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_to_an_http2_upstream_is_the_clients_408_not_a_502() {
+    let upstream = RecordingUpstream::start().await;
+    let (proc, addr) = start_with_tenant(
+        "body-h2-upstream",
+        &upstream,
+        json!({
+            "body_read_timeout_seconds": 1,
+            "tenants": [{"id": BODY_TENANT, "upstreams": [
+                {"base_url": upstream.base("/fhir"), "fhir_version": "4.0", "http2": true}]}]
+        }),
+    );
+    let (answer, _, _stream) = stalled_post(addr, 0).await;
+    let (status, _, body) =
+        answer.unwrap_or_else(|| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()));
+    assert_eq!(
+        status,
+        408,
+        "{}; stderr:\n{}",
+        String::from_utf8_lossy(&body),
+        proc.stderr()
+    );
+    // The stream to the upstream was reset: it never got the body whole.
+    assert!(upstream.received().iter().all(|r| r.body.len() < 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_that_keeps_arriving_passes_whole_and_is_not_the_upstreams_time() {
     let upstream = RecordingUpstream::start().await;
-    // The whole upload takes about five upstream timeouts; no pause is as long as either
-    // timeout.
+    // The whole upload takes about four upstream timeouts, at about 640 bytes a second (over
+    // the least rate); no pause is as long as either timeout.
     let (proc, addr) = start_with_tenant(
         "body-slow",
         &upstream,
-        json!({"body_read_timeout_seconds": 2, "upstream_timeout_seconds": 1}),
+        json!({"body_read_timeout_seconds": 3, "upstream_timeout_seconds": 2}),
     );
-    let sent: Vec<u8> = br#"{"resourceType":"Patient","name":[{"family":"Slow"}]}"#.to_vec();
+    let mut sent: Vec<u8> = br#"{"resourceType":"Patient","text":{"div":""#.to_vec();
+    sent.resize(18 * 256 - 4, b'x');
+    sent.extend_from_slice(br#""}}"#);
+    sent.push(b'\n');
     let (answer, took) = {
         let sent = sent.clone();
         tokio::task::spawn_blocking(move || {
@@ -959,8 +1008,8 @@ async fn a_slow_upload_that_keeps_arriving_passes_whole_and_is_not_the_upstreams
                 .write_all(post_head(&token, sent.len()).as_bytes())
                 .unwrap();
             let began = Instant::now();
-            for piece in sent.chunks(6) {
-                std::thread::sleep(Duration::from_millis(600));
+            for piece in sent.chunks(256) {
+                std::thread::sleep(Duration::from_millis(400));
                 stream.write_all(piece).unwrap();
             }
             (
@@ -980,7 +1029,7 @@ async fn a_slow_upload_that_keeps_arriving_passes_whole_and_is_not_the_upstreams
         String::from_utf8_lossy(&body),
         proc.stderr()
     );
-    assert!(took >= Duration::from_millis(5_000), "{took:?}");
+    assert!(took >= Duration::from_millis(7_000), "{took:?}");
     let received = upstream.last();
     assert_eq!(received.method, "POST");
     assert_eq!(

@@ -68,7 +68,8 @@ mod request_id;
 pub use audit::{AuditRecord, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE};
 pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
 pub use body_timeout::{
-    BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_READ_TIMEOUT,
+    BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_MIN_RATE,
+    DEFAULT_BODY_READ_TIMEOUT,
 };
 pub use cors::{fhir_cors, InvalidOrigin};
 pub use facts::{Facts, RequestFacts};

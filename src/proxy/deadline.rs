@@ -5,12 +5,13 @@
 
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
@@ -22,6 +23,31 @@ pub(super) struct Turns {
     /// Microseconds since `began` shifted left by one; the low bit set while it is the
     /// client's turn.
     turn: AtomicU64,
+    /// How the body itself failed, if it did: [`BodyFailure`] as a number, 0 for none. Over
+    /// HTTP/2 the upstream connection reports only a reset stream, not the body's error.
+    failure: AtomicU8,
+}
+
+/// A request body's own failure, whatever the upstream connection made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BodyFailure {
+    /// Past a `BodyLimitLayer`'s limit: `413`.
+    TooLarge = 1,
+    /// A `BodyTimeoutLayer` gave up on it: `408`.
+    TooSlow = 2,
+}
+
+impl BodyFailure {
+    /// What `error`, or an error it was caused by, says of the body.
+    pub(super) fn of(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        if crate::ops::is_length_limit(error) {
+            Some(Self::TooLarge)
+        } else if crate::ops::is_body_timeout(error) {
+            Some(Self::TooSlow)
+        } else {
+            None
+        }
+    }
 }
 
 impl Turns {
@@ -29,7 +55,17 @@ impl Turns {
         Arc::new(Self {
             began: Instant::now(),
             turn: AtomicU64::new(0),
+            failure: AtomicU8::new(0),
         })
+    }
+
+    /// How the body failed, if it did.
+    pub(super) fn failure(&self) -> Option<BodyFailure> {
+        match self.failure.load(Ordering::Relaxed) {
+            1 => Some(BodyFailure::TooLarge),
+            2 => Some(BodyFailure::TooSlow),
+            _ => None,
+        }
     }
 
     fn set(&self, clients: bool) {
@@ -49,8 +85,11 @@ impl Turns {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pin_project! {
-    /// A request body that tells its [`Turns`] whenever it hands a frame over or has none.
+    /// A request body that tells its [`Turns`] whenever it hands a frame over or has none,
+    /// and how it failed.
     pub(super) struct Watched<B> {
         #[pin]
         body: B,
@@ -64,9 +103,21 @@ impl<B> Watched<B> {
     }
 }
 
-impl<B: Body> Body for Watched<B> {
+impl<D: bytes::Buf> Watched<UnsyncBoxBody<D, BoxError>> {
+    /// `body`, its errors boxed, watched by `turns`.
+    pub(super) fn boxed<B>(body: B, turns: Arc<Turns>) -> Self
+    where
+        B: Body<Data = D> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt;
+        Self::new(body.map_err(Into::into).boxed_unsync(), turns)
+    }
+}
+
+impl<B: Body<Error = BoxError>> Body for Watched<B> {
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -81,6 +132,11 @@ impl<B: Body> Body for Watched<B> {
         } else {
             // A frame (or the end) handed over: the upstream's turn, from now.
             this.turns.set(false);
+            if let Poll::Ready(Some(Err(error))) = &polled {
+                if let Some(failure) = BodyFailure::of(&**error) {
+                    this.turns.failure.store(failure as u8, Ordering::Relaxed);
+                }
+            }
         }
         polled
     }
@@ -120,7 +176,10 @@ pub(super) async fn wait<F: Future>(
         }
         ready!(alarm.as_mut().poll(cx));
         let (clients, since) = turns.current();
-        let deadline = since + timeout;
+        // (An alarm that far off would have saturated to tokio's far future already.)
+        let Some(deadline) = since.checked_add(timeout) else {
+            return Poll::Pending;
+        };
         if deadline <= Instant::now() {
             return Poll::Ready(if clients {
                 metrics::counter!("tower_fhir_body_timeouts_total").increment(1);
@@ -157,7 +216,7 @@ mod tests {
     async fn a_slow_upload_is_not_the_upstreams_time() {
         let (mut sender, body) = Channel::<Bytes>::new(1);
         let turns = Turns::new();
-        let body = Watched::new(body, Arc::clone(&turns));
+        let body = Watched::boxed(body, Arc::clone(&turns));
         tokio::spawn(async move {
             for _ in 0..5 {
                 tokio::time::sleep(Duration::from_secs(8)).await;
@@ -174,7 +233,7 @@ mod tests {
     async fn an_upstream_slow_after_the_body_is_too_slow_one_timeout_after_its_end() {
         let (mut sender, body) = Channel::<Bytes>::new(1);
         let turns = Turns::new();
-        let body = Watched::new(body, Arc::clone(&turns));
+        let body = Watched::boxed(body, Arc::clone(&turns));
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(8)).await;
             sender.send_data(Bytes::from("x")).await.unwrap();
@@ -189,7 +248,7 @@ mod tests {
     async fn a_body_that_stops_is_the_clients_fault() {
         let (mut sender, body) = Channel::<Bytes>::new(1);
         let turns = Turns::new();
-        let body = Watched::new(body, Arc::clone(&turns));
+        let body = Watched::boxed(body, Arc::clone(&turns));
         sender.send_data(Bytes::from("x")).await.unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let began = Instant::now();
@@ -200,10 +259,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_bodys_own_failure_is_kept_whatever_the_connection_reports() {
+        let turns = Turns::new();
+        let (_sender, stalled) = Channel::<Bytes>::new(1);
+        let slow = crate::ops::TimedBody::new(stalled, Duration::from_secs(1));
+        let mut body = Watched::boxed(slow, Arc::clone(&turns));
+        assert_eq!(turns.failure(), None);
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(turns.failure(), Some(BodyFailure::TooSlow));
+
+        let turns = Turns::new();
+        let large =
+            http_body_util::Limited::new(http_body_util::Full::new(Bytes::from("12345")), 2);
+        let mut body = Watched::boxed(large, Arc::clone(&turns));
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(turns.failure(), Some(BodyFailure::TooLarge));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_upstream_that_stops_taking_the_body_is_the_upstreams_fault() {
         let (mut sender, body) = Channel::<Bytes>::new(1);
         let turns = Turns::new();
-        let mut body = Watched::new(body, Arc::clone(&turns));
+        let mut body = Watched::boxed(body, Arc::clone(&turns));
         sender.send_data(Bytes::from("x")).await.unwrap();
         // One frame taken, then the upstream takes no more (and never answers).
         let taker = async move {

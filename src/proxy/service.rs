@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use super::body::ProxyBody;
-use super::deadline::{wait, Turns, Waited, Watched};
+use super::deadline::{wait, BodyFailure, Turns, Waited, Watched};
 use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
@@ -380,9 +380,7 @@ where
         let turns = (!body.is_end_stream()).then(Turns::new);
         let body = match &turns {
             None => body.map_err(Into::into).boxed_unsync(),
-            Some(turns) => Watched::new(body, Arc::clone(turns))
-                .map_err(Into::into)
-                .boxed_unsync(),
+            Some(turns) => Watched::boxed(body, Arc::clone(turns)).boxed_unsync(),
         };
         let outgoing = Request::from_parts(parts, body);
 
@@ -408,16 +406,29 @@ where
                         .record(started.elapsed().as_secs_f64());
                     response
                 }
-                Waited::Answered(Err(error)) if crate::ops::is_length_limit(&*error) => {
-                    // The body outgrew the limit while it was streamed: the upstream got an
-                    // unfinished request, and the client its answer.
-                    tracing::info!(upstream = %upstream.base(), "request body over the limit");
-                    let limit = outcome_too_large();
-                    return Ok(limit);
-                }
-                Waited::Answered(Err(error)) if crate::ops::is_body_timeout(&*error) => {
-                    tracing::info!(upstream = %upstream.base(), "request body stopped arriving");
-                    return Ok(crate::ops::body_too_slow().map(ProxyBody::full));
+                Waited::Answered(Err(error)) => {
+                    // A body that failed while it was streamed left the upstream an unfinished
+                    // request, and the client gets the body's answer. (Over HTTP/2 the
+                    // connection reports only a reset stream: the body's own record says why.)
+                    let failure = BodyFailure::of(&*error).or_else(|| turns.as_ref()?.failure());
+                    return Ok(match failure {
+                        Some(BodyFailure::TooLarge) => {
+                            tracing::info!(upstream = %upstream.base(), "request body over the limit");
+                            outcome_too_large()
+                        }
+                        Some(BodyFailure::TooSlow) => {
+                            tracing::info!(upstream = %upstream.base(), "request body stopped arriving");
+                            crate::ops::body_too_slow().map(ProxyBody::full)
+                        }
+                        None => {
+                            tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
+                            outcome(
+                                StatusCode::BAD_GATEWAY,
+                                IssueType::Exception,
+                                "The tenant's FHIR server could not be reached",
+                            )
+                        }
+                    });
                 }
                 Waited::BodyTooSlow => {
                     tracing::info!(
@@ -426,14 +437,6 @@ where
                         "request body sent nothing for the upstream's timeout"
                     );
                     return Ok(crate::ops::body_too_slow().map(ProxyBody::full));
-                }
-                Waited::Answered(Err(error)) => {
-                    tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
-                    return Ok(outcome(
-                        StatusCode::BAD_GATEWAY,
-                        IssueType::Exception,
-                        "The tenant's FHIR server could not be reached",
-                    ));
                 }
                 Waited::UpstreamTooSlow => {
                     tracing::warn!(upstream = %upstream.base(), ?timeout, "upstream timed out");
