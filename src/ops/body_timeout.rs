@@ -35,17 +35,19 @@ pub const DEFAULT_BODY_MIN_RATE: u32 = 500;
 /// average rate instead: from the body's first read, each byte earns `1 / min_rate` seconds
 /// beyond the first timeout ([`DEFAULT_BODY_MIN_RATE`], 500 bytes a second, unless
 /// [`min_rate`](Self::min_rate) says otherwise), and a body behind that schedule fails when it
-/// next keeps its reader waiting. A 16 MiB upload may so take about nine hours. The [`FhirProxy`](crate::proxy::FhirProxy) then abandons
-/// the upstream request mid-body (the upstream never receives a complete request; over
-/// HTTP/2 its stream is reset) and answers `408 Request Timeout` with an OperationOutcome
-/// (`timeout`) and `Connection: close` (which hyper's HTTP/2 server drops: there only the
-/// stream ends); so does the SMART scope layer when it reads a body. Each failure counts in the
+/// next keeps its reader waiting. A 16 MiB upload may so take about nine hours.
+///
+/// On either failure the [`FhirProxy`](crate::proxy::FhirProxy) abandons the upstream request
+/// mid-body (the upstream never receives a complete request; over HTTP/2 its stream is reset)
+/// and answers `408 Request Timeout` with an OperationOutcome (`timeout`) and `Connection:
+/// close` (which hyper's HTTP/2 server drops: there only the stream ends); so do the SMART
+/// scope layer when it reads a body and the token endpoint. Each failure counts in the
 /// `tower_fhir_body_timeouts_total` metric.
 ///
 /// A body's length and end are passed through unchanged (a `Content-Length` stays one), and a
-/// timer is armed only while the body has nothing ready: a request without a body, or whose
-/// body is already read, costs no timer. A body that is never read (a `GET`'s, or one refused
-/// before it is needed) costs nothing.
+/// timer is armed (and allocated) only while the body has nothing ready: a request whose body
+/// is already there costs no timer. A body that is never read (a `GET`'s, or one refused
+/// before it is needed) costs a wrapper of a few words.
 ///
 /// ```
 /// use std::time::Duration;
@@ -150,9 +152,9 @@ pin_project! {
     pub struct TimedBody<B> {
         #[pin]
         body: B,
-        // Armed when a poll finds nothing ready, disarmed when a frame comes.
-        #[pin]
-        waiting: Option<Sleep>,
+        // Armed when a poll finds nothing ready, disarmed when a frame comes. Boxed: most
+        // bodies never wait, and the request (this inline) moves through every layer.
+        waiting: Option<Pin<Box<Sleep>>>,
         timeout: Duration,
         min_rate: u32,
         // The first read, and the data bytes read since.
@@ -210,10 +212,10 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         let began = *this.began.get_or_insert_with(Instant::now);
         if let Poll::Ready(frame) = this.body.poll_frame(cx) {
-            this.waiting.set(None);
+            *this.waiting = None;
             if let Some(Ok(frame)) = &frame {
                 *this.received += frame.data_ref().map_or(0, |d| d.remaining() as u64);
             }
@@ -231,12 +233,12 @@ where
                 .flatten();
             *this.by_rate = earned.is_some_and(|earned| earned < quiet);
             let deadline = earned.filter(|_| *this.by_rate).unwrap_or(quiet);
-            this.waiting.set(Some(tokio::time::sleep_until(deadline)));
+            *this.waiting = Some(Box::pin(tokio::time::sleep_until(deadline)));
         }
-        if let Some(waiting) = this.waiting.as_mut().as_pin_mut() {
-            ready!(waiting.poll(cx));
+        if let Some(waiting) = this.waiting.as_mut() {
+            ready!(waiting.as_mut().poll(cx));
         }
-        this.waiting.set(None);
+        *this.waiting = None;
         metrics::counter!("tower_fhir_body_timeouts_total").increment(1);
         Poll::Ready(Some(Err(Box::new(BodyTimeoutError {
             timeout: *this.timeout,
