@@ -840,6 +840,24 @@ async fn stalled_post(
     .unwrap()
 }
 
+/// Asserts that `answer` (to a body held back: `what`) is a `408` OperationOutcome (`timeout`)
+/// with `Connection: close`.
+fn assert_408(answer: Option<(u16, String, Vec<u8>)>, proc: &Proc, what: &str) {
+    let (status, head, body) =
+        answer.unwrap_or_else(|| panic!("no answer to {what}; stderr:\n{}", proc.stderr()));
+    assert_eq!(
+        status,
+        408,
+        "{what}: {}; stderr:\n{}",
+        String::from_utf8_lossy(&body),
+        proc.stderr()
+    );
+    assert!(head.contains("connection: close"), "{what}: {head}");
+    let outcome: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "timeout");
+}
+
 /// The head of a `POST /Patient` whose body is `length` bytes.
 fn post_head(token: &str, length: usize) -> String {
     format!(
@@ -855,13 +873,7 @@ async fn a_request_body_that_stops_arriving_gets_408_and_the_upstream_no_whole_r
     // Sixteen bytes of a hundred, then nothing: a client holding a request open.
     let (answer, waited, mut stream) = stalled_post(addr, 0).await;
     let closed = closed_within(&mut stream, Duration::from_secs(5));
-    let (status, head, body) =
-        answer.unwrap_or_else(|| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()));
-    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
-    assert!(head.contains("connection: close"), "{head}");
-    let outcome: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(outcome["resourceType"], "OperationOutcome");
-    assert_eq!(outcome["issue"][0]["code"], "timeout");
+    assert_408(answer, &proc, "a stalled body");
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
     assert!(closed, "the connection stayed open after the 408");
     // The upstream saw the request start and never its whole body.
@@ -932,10 +944,7 @@ async fn a_body_paused_as_long_as_the_upstream_may_take_is_the_clients_408_not_a
         json!({"body_read_timeout_seconds": 600, "upstream_timeout_seconds": 1}),
     );
     let (answer, waited, _stream) = stalled_post(addr, 0).await;
-    let (status, head, body) =
-        answer.unwrap_or_else(|| panic!("no answer to a paused body; stderr:\n{}", proc.stderr()));
-    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
-    assert!(head.contains("connection: close"), "{head}");
+    assert_408(answer, &proc, "a paused body");
     assert!(waited >= Duration::from_millis(900), "{waited:?}");
 }
 
@@ -949,10 +958,7 @@ async fn a_body_sent_a_byte_within_each_timeout_falls_behind_the_least_rate_and_
     );
     // A byte every 500 ms: never a pause of a whole timeout, far below 500 bytes a second.
     let (answer, waited, _stream) = stalled_post(addr, 20).await;
-    let (status, head, body) = answer
-        .unwrap_or_else(|| panic!("no answer to a dribbled body; stderr:\n{}", proc.stderr()));
-    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
-    assert!(head.contains("connection: close"), "{head}");
+    assert_408(answer, &proc, "a dribbled body");
     assert!(
         waited < Duration::from_secs(9),
         "not cut by the rate: {waited:?}"
@@ -972,15 +978,7 @@ async fn a_stalled_body_to_an_http2_upstream_is_the_clients_408_not_a_502() {
         }),
     );
     let (answer, _, _stream) = stalled_post(addr, 0).await;
-    let (status, _, body) =
-        answer.unwrap_or_else(|| panic!("no answer to a stalled body; stderr:\n{}", proc.stderr()));
-    assert_eq!(
-        status,
-        408,
-        "{}; stderr:\n{}",
-        String::from_utf8_lossy(&body),
-        proc.stderr()
-    );
+    assert_408(answer, &proc, "a stalled body to an HTTP/2 upstream");
     // The stream to the upstream was reset: it never got the body whole.
     assert!(upstream.received().iter().all(|r| r.body.len() < 100));
 }
