@@ -14,13 +14,17 @@ gateway's token endpoint) that sends the head of a `POST /Patient` with `Content
 and its first 16 bytes, then nothing: the gateway should answer each `408` and close it about
 `body_read_timeout_seconds` after that. The tenant's upstream is a small FHIR stand-in started
 here that reads every body whole before answering, as FHIR servers do; it reports how many
-whole bodies it received (none of the held ones should arrive whole).
+whole bodies it received (none of the held ones should arrive whole). With `--dribble S` too,
+each held connection sends one more byte every S seconds, never pausing a whole timeout: the
+gateway's `body_min_bytes_per_second` (`--min-rate`, default 500) should close them about one
+timeout after their first bytes; with `--min-rate 0` nothing bounds them.
 
     cargo build --release -p tower-fhir-gateway
     python3 benches/slowloris.py                        # 2,000 connections, a 5 s timeout
     python3 benches/slowloris.py --connections 5000 --header-timeout 10
     python3 benches/slowloris.py --stalled              # 200 that stop reading, a 5 s timeout
     python3 benches/slowloris.py --slow-body            # 500 bodies that stop, a 5 s timeout
+    python3 benches/slowloris.py --slow-body --dribble 2   # 500 bodies sending a byte every 2 s
 
 The binary is `$CARGO_TARGET_DIR/release/tower-fhir-gateway` (`target/` without the variable)
 unless `--gateway` names another. Each held connection takes a file descriptor here and one in
@@ -139,6 +143,10 @@ def main():
                         help="authenticated requests whose bodies stop arriving")
     parser.add_argument("--body-timeout", type=int, default=5,
                         help="the gateway's body_read_timeout_seconds (with --slow-body)")
+    parser.add_argument("--dribble", type=float,
+                        help="with --slow-body: send one more byte every this many seconds")
+    parser.add_argument("--min-rate", type=int, default=500,
+                        help="the gateway's body_min_bytes_per_second (with --slow-body)")
     parser.add_argument("--requests", type=int, default=3000,
                         help="pipelined requests per stalled connection")
     target = os.environ.get("CARGO_TARGET_DIR", "target")
@@ -157,6 +165,7 @@ def main():
         upstream.daemon_threads = True
         threading.Thread(target=upstream.serve_forever, daemon=True).start()
         keys = {"body_read_timeout_seconds": args.body_timeout,
+                "body_min_bytes_per_second": args.min_rate,
                 "clients": [{"client_id": "slow", "client_secret": SECRET, "tenants": [TENANT]}],
                 "tenants": [{"id": TENANT, "upstreams": [{
                     "base_url": f"http://127.0.0.1:{upstream.server_address[1]}/fhir",
@@ -210,6 +219,8 @@ def main():
             selector.register(s, selectors.EVENT_READ)
         opened = time.monotonic() - began
         what = (f"asking for {args.requests} responses each and reading none" if args.stalled
+                else f"sending a POST body's first 16 bytes, then a byte every {args.dribble} s"
+                if args.slow_body and args.dribble
                 else "holding a POST body after its first 16 bytes" if args.slow_body
                 else "holding half a request head")
         print(f"{args.connections} connections {what}, opened in {opened:.2f} s")
@@ -224,8 +235,16 @@ def main():
         timeout = (args.idle_timeout if args.stalled else args.body_timeout if args.slow_body
                    else args.header_timeout)
         deadline = time.monotonic() + timeout * 3 + 30
+        next_drip = time.monotonic() + (args.dribble or 0)
         while sent_at and time.monotonic() < deadline:
             peak_rss = max(peak_rss, rss_mib(gateway.pid))
+            if args.slow_body and args.dribble and time.monotonic() >= next_drip:
+                next_drip += args.dribble
+                for s in list(sent_at):
+                    try:
+                        s.send(b" ")
+                    except OSError:
+                        pass
             if args.stalled:
                 # Never read: look at each socket's state (a reset closes it).
                 time.sleep(0.1)
@@ -234,7 +253,7 @@ def main():
                     selector.unregister(s)
                     s.close()
                 continue
-            for key, _ in selector.select(timeout=1):
+            for key, _ in selector.select(timeout=0.2 if args.dribble else 1):
                 s = key.fileobj
                 try:
                     data = s.recv(4096)
@@ -254,8 +273,9 @@ def main():
                if args.slow_body else "header_read_timeout_seconds")
         print(f"closed by the gateway: {len(closed_after)} of {args.connections} ({key} {timeout})")
         if closed_after:
-            start = ("last request sent" if args.stalled else "last body bytes" if args.slow_body
-                     else "half head")
+            start = ("last request sent" if args.stalled
+                     else "first body bytes" if args.slow_body and args.dribble
+                     else "last body bytes" if args.slow_body else "half head")
             print("  time from {} to close: min {:.2f} s, median {:.2f} s, max {:.2f} s".format(
                 start, min(closed_after), statistics.median(closed_after), max(closed_after)))
         print(f"gateway resident memory at its peak: {peak_rss:.0f} MiB")
