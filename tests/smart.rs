@@ -1,7 +1,11 @@
 //! SMART scopes enforced by the one-call gateway over real HTTP: every refusal happens before
-//! the upstream hears of the request, and what is allowed reaches it unchanged.
+//! the upstream hears of the request, and what is allowed reaches it unchanged. (A
+//! `BodyTimeoutLayer` of one second stands in front, as the gateway binary has one.)
 
 mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
 
 use http::StatusCode;
 use jsonwebtoken::Algorithm;
@@ -9,6 +13,7 @@ use serde_json::{json, Value};
 use support::*;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::gateway::Gateway;
+use tower_fhir::ops::BodyTimeoutLayer;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::smart::SmartScopeLayer;
 use tower_fhir::token::{
@@ -24,6 +29,9 @@ struct Setup {
     client: TestClient,
     upstream: RecordingUpstream,
 }
+
+/// How long a request body may pause here.
+const BODY_PAUSE: Duration = Duration::from_secs(1);
 
 async fn setup(require_smart_scopes: bool) -> Setup {
     let upstream = RecordingUpstream::start().await;
@@ -69,8 +77,9 @@ async fn setup(require_smart_scopes: bool) -> Setup {
         .smart_scopes(SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes))
         .build()
         .unwrap();
+    let service = tower::Layer::layer(&BodyTimeoutLayer::new(BODY_PAUSE), gateway);
     Setup {
-        client: TestClient::new(serve_tower_on(listener, gateway)),
+        client: TestClient::new(serve_tower_on(listener, service)),
         upstream,
     }
 }
@@ -396,6 +405,48 @@ async fn entra_scp_arrays_and_patient_scopes() {
         StatusCode::FORBIDDEN
     );
     assert_eq!(upstream.received().len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_whose_body_stops_arriving_while_it_is_checked_gets_408() {
+    let Setup { client, upstream } = setup(false).await;
+    let token = minted(json!({"scope": format!("{TENANT} system/Patient.crus")}));
+    let addr = client.addr();
+    let (answer, waited) = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 200\r\n\r\n{{\"resourceType\":\"Bundle\""
+        )
+        .unwrap();
+        let began = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        (String::from_utf8_lossy(&answer).into_owned(), began.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"timeout""#), "{answer}");
+    assert!(
+        waited >= BODY_PAUSE - Duration::from_millis(100),
+        "{waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(9),
+        "closed only by the client: {waited:?}"
+    );
+    assert!(
+        upstream.received().is_empty(),
+        "a Bundle still being checked reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

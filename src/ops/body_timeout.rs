@@ -298,7 +298,7 @@ pub(crate) fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool
 /// `408` with an OperationOutcome (`timeout`) and `Connection: close`: the rest of the body
 /// will not be read, so an HTTP/1.1 connection cannot serve another request (over HTTP/2 the
 /// header is dropped and only the stream ends).
-pub(crate) fn body_too_slow() -> Response<bytes::Bytes> {
+pub(super) fn body_too_slow() -> Response<bytes::Bytes> {
     let mut response = OperationOutcome::error(
         IssueType::Timeout,
         "The request body stopped arriving before it was complete",

@@ -80,7 +80,38 @@ pub use request_id::{
 };
 
 pub(crate) use body_limit::{is_length_limit, too_large};
-pub(crate) use body_timeout::{body_too_slow, is_body_timeout};
+pub(crate) use body_timeout::is_body_timeout;
+
+/// A request body's own failure, found in an error's `source()` chain: what a layer that
+/// reads or forwards bodies answers instead of its own error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFailure {
+    /// Past a [`BodyLimitLayer`]'s limit: `413`.
+    TooLarge = 1,
+    /// A [`BodyTimeoutLayer`] gave up on it: `408`.
+    TooSlow = 2,
+}
+
+impl BodyFailure {
+    /// What `error`, or an error it was caused by, says of the body.
+    pub(crate) fn of(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        if is_length_limit(error) {
+            Some(Self::TooLarge)
+        } else if is_body_timeout(error) {
+            Some(Self::TooSlow)
+        } else {
+            None
+        }
+    }
+
+    /// The answer: `413` naming the limit `max` when known, or `408` with `Connection: close`.
+    pub(crate) fn answer(self, max: Option<u64>) -> http::Response<bytes::Bytes> {
+        match self {
+            Self::TooLarge => too_large(max),
+            Self::TooSlow => body_timeout::body_too_slow(),
+        }
+    }
+}
 
 /// `tower_fhir_cache_total`'s two counters for one cache, taken from the recorder once (when
 /// the layer is built), so a lookup costs an atomic increment, not a registry lookup.

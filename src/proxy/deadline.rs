@@ -15,6 +15,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use crate::ops::BodyFailure;
+
 /// Whose turn it is, and since when: the client's (the body was polled and had nothing) or the
 /// upstream's (a frame was handed over and not yet taken, or the body ended).
 #[derive(Debug)]
@@ -26,28 +28,6 @@ pub(super) struct Turns {
     /// How the body itself failed, if it did: [`BodyFailure`] as a number, 0 for none. Over
     /// HTTP/2 the upstream connection reports only a reset stream, not the body's error.
     failure: AtomicU8,
-}
-
-/// A request body's own failure, whatever the upstream connection made of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BodyFailure {
-    /// Past a `BodyLimitLayer`'s limit: `413`.
-    TooLarge = 1,
-    /// A `BodyTimeoutLayer` gave up on it: `408`.
-    TooSlow = 2,
-}
-
-impl BodyFailure {
-    /// What `error`, or an error it was caused by, says of the body.
-    pub(super) fn of(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
-        if crate::ops::is_length_limit(error) {
-            Some(Self::TooLarge)
-        } else if crate::ops::is_body_timeout(error) {
-            Some(Self::TooSlow)
-        } else {
-            None
-        }
-    }
 }
 
 impl Turns {

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tower_service::Service;
 
 use super::body::ProxyBody;
-use super::deadline::{wait, BodyFailure, Turns, Waited, Watched};
+use super::deadline::{wait, Turns, Waited, Watched};
 use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::relay_response;
@@ -24,6 +24,7 @@ use super::rewrite::BaseRewriter;
 use super::slots::Slots;
 use super::transport::Transport;
 use crate::client_addr::ClientAddr;
+use crate::ops::BodyFailure;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
 use crate::version::dstu2::{asked_form, request_to_dstu2, response_from_dstu2, AskedForm};
@@ -412,13 +413,9 @@ where
                     // connection reports only a reset stream: the body's own record says why.)
                     let failure = BodyFailure::of(&*error).or_else(|| turns.as_ref()?.failure());
                     return Ok(match failure {
-                        Some(BodyFailure::TooLarge) => {
-                            tracing::info!(upstream = %upstream.base(), "request body over the limit");
-                            outcome_too_large()
-                        }
-                        Some(BodyFailure::TooSlow) => {
-                            tracing::info!(upstream = %upstream.base(), "request body stopped arriving");
-                            crate::ops::body_too_slow().map(ProxyBody::full)
+                        Some(failure) => {
+                            tracing::info!(upstream = %upstream.base(), ?failure, "request body failed");
+                            failure.answer(None).map(ProxyBody::full)
                         }
                         None => {
                             tracing::warn!(upstream = %upstream.base(), %error, "upstream request failed");
@@ -436,7 +433,7 @@ where
                         ?timeout,
                         "request body sent nothing for the upstream's timeout"
                     );
-                    return Ok(crate::ops::body_too_slow().map(ProxyBody::full));
+                    return Ok(BodyFailure::TooSlow.answer(None).map(ProxyBody::full));
                 }
                 Waited::UpstreamTooSlow => {
                     tracing::warn!(upstream = %upstream.base(), ?timeout, "upstream timed out");
@@ -486,11 +483,6 @@ fn busy(upstream: &Upstream) -> Response<ProxyBody> {
         .headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
-}
-
-/// `413`: a body stopped by a [`BodyLimitLayer`](crate::ops::BodyLimitLayer) outside.
-fn outcome_too_large() -> Response<ProxyBody> {
-    crate::ops::too_large(None).map(ProxyBody::full)
 }
 
 fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {

@@ -242,16 +242,13 @@ where
                     let bytes = match Limited::new(body, max).collect().await {
                         Ok(collected) => collected.to_bytes(),
                         Err(error) => {
-                            let response = if crate::ops::is_length_limit(&*error) {
-                                crate::ops::too_large(Some(max as u64))
-                            } else if crate::ops::is_body_timeout(&*error) {
-                                crate::ops::body_too_slow()
-                            } else {
-                                OperationOutcome::error(
+                            let response = match crate::ops::BodyFailure::of(&*error) {
+                                Some(failure) => failure.answer(Some(max as u64)),
+                                None => OperationOutcome::error(
                                     IssueType::Invalid,
                                     "The request body could not be read",
                                 )
-                                .to_response(StatusCode::BAD_REQUEST)
+                                .to_response(StatusCode::BAD_REQUEST),
                             };
                             return Ok(response.map(ResponseBody::full));
                         }

@@ -206,6 +206,11 @@ pub struct TestClient {
 }
 
 impl TestClient {
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub async fn send(
         &self,
         method: &str,
@@ -395,6 +400,23 @@ impl RecordingUpstream {
 
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 10 s) until a request has reached this upstream, then asserts that none
+    /// came with a whole body of `length` bytes (a request cut off mid-body is recorded with
+    /// none).
+    pub async fn assert_started_never_whole(&self, length: usize) {
+        for _ in 0..1000 {
+            if !self.received().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let received = self.received();
+        assert!(!received.is_empty(), "no request reached the upstream");
+        for request in received {
+            assert!(request.body.len() < length, "{request:?}");
+        }
     }
 
     pub fn last(&self) -> Received {
