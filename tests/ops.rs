@@ -358,28 +358,12 @@ async fn a_body_that_stops_arriving_gets_408_and_its_record_says_timeout() {
     let setup = setup(QueryRecording::Names).await;
     let token = access_token(&setup.client, TENANT).await;
     let addr = setup.addr;
-    let (answer, waited) = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 64\r\n\r\n{{\"resourceType\""
-        )
+    let request = format!(
+        "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 64\r\n\r\n{{\"resourceType\""
+    );
+    let (answer, waited) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
         .unwrap();
-        let began = std::time::Instant::now();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Until the server closes the connection (or the read times out).
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            answer.extend_from_slice(&buf[..n]);
-        }
-        (String::from_utf8_lossy(&answer).into_owned(), began.elapsed())
-    })
-    .await
-    .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("connection: close"),

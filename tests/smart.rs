@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -412,27 +411,12 @@ async fn a_bundle_whose_body_stops_arriving_while_it_is_checked_gets_408() {
     let Setup { client, upstream } = setup(false).await;
     let token = minted(json!({"scope": format!("{TENANT} system/Patient.crus")}));
     let addr = client.addr();
-    let (answer, waited) = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            stream,
-            "POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 200\r\n\r\n{{\"resourceType\":\"Bundle\""
-        )
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 200\r\n\r\n{{\"resourceType\":\"Bundle\""
+    );
+    let (answer, waited) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
         .unwrap();
-        let began = std::time::Instant::now();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            answer.extend_from_slice(&buf[..n]);
-        }
-        (String::from_utf8_lossy(&answer).into_owned(), began.elapsed())
-    })
-    .await
-    .unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""code":"timeout""#), "{answer}");
     assert!(

@@ -5,7 +5,7 @@ pub mod postgres;
 pub mod process;
 
 #[allow(unused_imports)] // (not every test runs processes)
-pub use process::{free_port, scratch, send_head, Proc};
+pub use process::{free_port, scratch, send_head, send_until_closed, Proc};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -102,6 +102,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Sends `bytes` (a request, or the start of one) on a fresh connection to `addr` and reads
+/// until the server closes it (or 10 s pass without a byte): what came, and how long after
+/// sending the server took to close.
+pub fn send_until_closed(addr: std::net::SocketAddr, bytes: &str) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes.as_bytes()).unwrap();
+    let began = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        began.elapsed(),
+    )
+}
+
 /// Sends `head` (a request head, and no body) on a fresh connection to `addr`; returns the
 /// first answer read (10 s at most).
 pub fn send_head(addr: std::net::SocketAddr, head: &str) -> String {
