@@ -21,7 +21,7 @@ use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::postgres::PgSigningKeys;
 use tower_fhir::proxy::ClientAddr;
-use tower_fhir::route::{TenantEntry, TenantRecord, TenantStore};
+use tower_fhir::route::{RouteCache, TenantEntry, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient, SigningKey, SigningKeys,
@@ -33,6 +33,9 @@ use crate::throttle::{Source, Verdict};
 pub(crate) struct Admin {
     pub(crate) token: String,
     pub(crate) directory: Arc<dyn TenantStore>,
+    /// This process's route cache: a changed or removed tenant is forgotten before the change
+    /// is answered, so the next request sees it (other replicas follow the directory's changes).
+    pub(crate) routes: RouteCache,
     pub(crate) clients: Arc<dyn ClientStore>,
     /// The gateway's rate limits: a client's changed limit applies at once.
     pub(crate) limits: RateLimitLayer,
@@ -212,6 +215,9 @@ async fn put_tenant(
             return unavailable("the tenant could not be saved");
         }
     };
+    // Read-your-writes: the change stream would tell this process too, but only after the
+    // answer may have reached the client.
+    admin.routes.invalidate(tenant).await;
     tracing::info!(%tenant, created = !existed, "tenant onboarded or changed");
     let status = if existed {
         StatusCode::OK
@@ -262,6 +268,7 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
     };
     match admin.directory.delete(tenant).await {
         Ok(true) => {
+            admin.routes.invalidate(tenant).await;
             tracing::info!(%tenant, "tenant removed");
             StatusCode::NO_CONTENT.into_response()
         }
@@ -678,5 +685,79 @@ async fn delete_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<St
             StatusCode::NO_CONTENT.into_response()
         }
         Err(err) => store_failed(&err, "revoking a client"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+    use tower_fhir::route::{InMemoryDirectory, TenantRoutingLayer};
+    use tower_fhir::token::InMemoryClientStore;
+
+    const TENANT: &str = "7f9c5e1a-2b3d-4c5e-8f90-1a2b3c4d5e6f";
+
+    /// An admin API over `directory`, with a route cache that follows nothing: only the admin
+    /// handlers themselves can make it forget a tenant.
+    fn admin(directory: &InMemoryDirectory) -> (Router, RouteCache) {
+        let routing = TenantRoutingLayer::builder(directory.clone())
+            .build()
+            .unwrap();
+        let routes = routing.cache().clone();
+        let admin = Admin {
+            token: "admin-secret".into(),
+            directory: Arc::new(directory.clone()),
+            routes: routes.clone(),
+            clients: Arc::new(InMemoryClientStore::new()),
+            limits: RateLimitLayer::new(),
+            throttle: AdminThrottle::default(),
+            keys: KeyAdmin::Files(SigningKeys::generate().unwrap()),
+            token_lifetime: Duration::from_secs(3600),
+        };
+        (super::routes(Arc::new(admin)), routes)
+    }
+
+    async fn send(router: &Router, method: &str, body: &str) -> StatusCode {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("/admin/tenants/{TENANT}"))
+            .header(header::AUTHORIZATION, "Bearer admin-secret")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn a_changed_tenant_is_routed_anew_by_the_time_the_change_is_answered() {
+        let directory = InMemoryDirectory::new();
+        let (router, routes) = admin(&directory);
+        let tenant = TenantId::parse(TENANT).unwrap();
+        // A request before onboarding: the cache now holds "not onboarded".
+        assert!(routes.resolve(tenant).await.unwrap().is_none());
+
+        let body =
+            r#"{"upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"}]}"#;
+        assert_eq!(send(&router, "PUT", body).await, StatusCode::CREATED);
+        let record = routes.resolve(tenant).await.unwrap();
+        assert!(
+            record.is_some(),
+            "the onboarded tenant is still cached as unknown"
+        );
+
+        let moved =
+            r#"{"upstreams": [{"base_url": "http://127.0.0.1:2/fhir", "fhir_version": "4.0"}]}"#;
+        assert_eq!(send(&router, "PUT", moved).await, StatusCode::OK);
+        let record = routes.resolve(tenant).await.unwrap().unwrap();
+        assert_eq!(
+            record.upstreams()[0].base().as_str(),
+            "http://127.0.0.1:2/fhir"
+        );
+
+        assert_eq!(send(&router, "DELETE", "").await, StatusCode::NO_CONTENT);
+        assert!(
+            routes.resolve(tenant).await.unwrap().is_none(),
+            "the removed tenant is still routed"
+        );
     }
 }

@@ -168,6 +168,7 @@ async fn run(args: Args) -> Result<(), String> {
         admin::routes(Arc::new(admin::Admin {
             token: token.clone(),
             directory: Arc::clone(&state.directory),
+            routes: gateway.route_cache().clone(),
             clients: Arc::clone(&state.clients),
             limits: gateway.rate_limits().clone(),
             throttle: admin::AdminThrottle::default(),
