@@ -110,7 +110,16 @@ pub struct Classified<'a> {
 /// Classifies a request by its method and its path relative to the FHIR base (`/Patient/1`,
 /// or `Patient/1`; the query string, if given, is ignored).
 pub fn classify<'a>(method: &Method, path: &'a str) -> Classified<'a> {
-    let path = path.split(['?', '#']).next().unwrap_or("");
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    classify_path(method, &path[..end])
+}
+
+/// [`classify`] of a path with no query string or fragment (a [`Uri`](http::Uri)'s `path()`).
+pub(crate) fn classify_path<'a>(method: &Method, path: &'a str) -> Classified<'a> {
+    debug_assert!(
+        !path.contains(['?', '#']),
+        "{path:?} has a query or fragment"
+    );
     let path = path.trim_start_matches('/');
     let path = path.strip_suffix('/').unwrap_or(path);
     // No FHIR URL has more than five segments (`[type]/[id]/_history/[vid]/$op`): a sixth

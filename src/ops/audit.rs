@@ -13,7 +13,7 @@ use serde::{Serialize, Serializer};
 
 use super::facts::RequestFacts;
 use crate::auth::{MemoKey, VerifiedClaims};
-use crate::interaction::classify;
+use crate::interaction::classify_path;
 use crate::tenant::TenantId;
 
 /// Who asked what of which tenant, and what came of it: one per request.
@@ -184,6 +184,8 @@ impl AuditRecord {
             request_id: self.request_id.as_deref(),
             client_id: self.client_id.as_deref(),
             issuer: self.issuer.as_deref(),
+            who_json: None,
+            classified: false,
             tenant: self.tenant,
             method: &self.method,
             path: &self.path,
@@ -210,6 +212,13 @@ struct Line<'a> {
     request_id: Option<&'a str>,
     client_id: Option<&'a str>,
     issuer: Option<&'a str>,
+    /// `client_id` and `issuer` as their JSON values, `"client_id":...,"issuer":...`, when
+    /// they were rendered once for the token (see [`Who`]).
+    who_json: Option<&'a [u8]>,
+    /// Whether `method`, `interaction`, `resource_type` and `resource_id` are the request's
+    /// parsed method and what [`classify`](crate::interaction::classify) found, which need no escape (an [`AuditRecord`]'s
+    /// may hold anything).
+    classified: bool,
     tenant: Option<TenantId>,
     method: &'a str,
     path: &'a str,
@@ -239,10 +248,10 @@ impl Line<'_> {
         push_time_cached(out, self.time, time);
         out.extend_from_slice(b"\",\"request_id\":");
         push_opt_str(out, self.request_id);
-        out.extend_from_slice(b",\"client_id\":");
-        push_opt_str(out, self.client_id);
-        out.extend_from_slice(b",\"issuer\":");
-        push_opt_str(out, self.issuer);
+        match self.who_json {
+            Some(who) => out.extend_from_slice(who),
+            None => push_who(out, self.client_id, self.issuer),
+        }
         out.extend_from_slice(b",\"tenant\":");
         match self.tenant {
             Some(tenant) => {
@@ -256,8 +265,14 @@ impl Line<'_> {
             }
             None => out.extend_from_slice(b"null"),
         }
+        // Pushes a field that needs no escape when classified.
+        let push_field = |out: &mut Vec<u8>, value: Option<&str>| match value {
+            Some(value) if self.classified => push_clean(out, value),
+            value => push_opt_str(out, value),
+        };
         out.extend_from_slice(b",\"method\":");
-        push_str(out, self.method);
+        // A parsed method is a token (RFC 9110 §5.6.2): nothing in it needs an escape.
+        push_field(out, Some(self.method));
         out.extend_from_slice(b",\"path\":");
         push_str(out, self.path);
         out.extend_from_slice(b",\"query\":");
@@ -270,12 +285,14 @@ impl Line<'_> {
                 out.push(b'"');
             }
         }
+        // The interaction is one of the crate's names; a classified type and id are a FHIR
+        // type (letters and digits) and a FHIR id (letters, digits, `-`, `.`).
         out.extend_from_slice(b",\"interaction\":");
-        push_opt_str(out, self.interaction);
+        push_field(out, self.interaction);
         out.extend_from_slice(b",\"resource_type\":");
-        push_opt_str(out, self.resource_type);
+        push_field(out, self.resource_type);
         out.extend_from_slice(b",\"resource_id\":");
-        push_opt_str(out, self.resource_id);
+        push_field(out, self.resource_id);
         out.extend_from_slice(b",\"status\":");
         match self.status {
             100..=999 => out.extend_from_slice(&[
@@ -302,6 +319,22 @@ impl Line<'_> {
         ]);
         out.extend_from_slice(b"}\n");
     }
+}
+
+/// `,"client_id":...,"issuer":...`.
+fn push_who(out: &mut Vec<u8>, client_id: Option<&str>, issuer: Option<&str>) {
+    out.extend_from_slice(b",\"client_id\":");
+    push_opt_str(out, client_id);
+    out.extend_from_slice(b",\"issuer\":");
+    push_opt_str(out, issuer);
+}
+
+/// A JSON string of text known to need no escape (checked in debug builds).
+fn push_clean(out: &mut Vec<u8>, value: &str) {
+    debug_assert!(!needs_escape(value.as_bytes()), "{value:?} needs an escape");
+    out.push(b'"');
+    out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
 }
 
 fn push_opt_str(out: &mut Vec<u8>, value: Option<&str>) {
@@ -565,7 +598,8 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
             resource_id: None,
         };
     }
-    let classified = classify(method, path);
+    // The path of a `Uri`: no query, no fragment.
+    let classified = classify_path(method, path);
     Described {
         interaction: classified.interaction.map(|i| i.as_str()),
         resource_type: classified.resource_type,
@@ -578,15 +612,20 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
 struct Who {
     client_id: Option<Box<str>>,
     issuer: Option<Box<str>>,
+    /// Both as the audit line has them: `,"client_id":...,"issuer":...`.
+    json: Box<[u8]>,
 }
 
 fn who(claims: &VerifiedClaims) -> Arc<Who> {
     static KEY: OnceLock<MemoKey> = OnceLock::new();
     let key = *KEY.get_or_init(MemoKey::unique);
     claims.memoized(key, |claims| {
+        let mut json = Vec::new();
+        push_who(&mut json, claims.client_id(), claims.issuer());
         Arc::new(Who {
             client_id: claims.client_id().map(Box::from),
             issuer: claims.issuer().map(Box::from),
+            json: json.into_boxed_slice(),
         })
     })
 }
@@ -645,6 +684,12 @@ impl AuditDraft {
                     .as_deref()
                     .or_else(|| who.as_ref()?.client_id.as_deref()),
                 issuer: who.as_ref().and_then(|who| who.issuer.as_deref()),
+                // The token's rendering, unless the client was set by hand.
+                who_json: who
+                    .as_ref()
+                    .filter(|_| facts.client.is_none())
+                    .map(|who| &*who.json),
+                classified: true,
                 tenant: facts.tenant,
                 method: parts.method.as_str(),
                 path,
@@ -1034,6 +1079,12 @@ mod tests {
         odd.tenant = None;
         odd.upstream = None;
         odd.duration_ms = 0.0004;
+        // A record made by hand may hold anything, in every field.
+        odd.method = "G\"ET\n".into();
+        odd.interaction = Some("re\\ad");
+        odd.resource_type = Some("Pa\"tient".into());
+        odd.resource_id = Some("\u{1}".into());
+        odd.outcome = "o\"k";
         records.push(odd);
         let mut slow = record();
         slow.duration_ms = 12_345.678_9;
@@ -1147,6 +1198,12 @@ mod tests {
             draft("POST", "/oauth/token", QueryRecording::Names, |facts| {
                 facts.set_client_id("by \"hand\"\n");
                 facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
+            }),
+            // A token naming a client and an issuer that need escapes (rendered once a token).
+            draft("GET", "/Patient/1", QueryRecording::Names, |facts| {
+                facts.set_claims(&claims(serde_json::json!(
+                    {"exp": 1, "client_id": "a\"p\\p\n\u{1}", "iss": "https://idp/\"x"}
+                )));
             }),
             draft("GET", "/a/b/c/d/e/f/g?&&", QueryRecording::Names, |_| {}),
             draft(
