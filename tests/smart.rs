@@ -538,3 +538,112 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_could_reach_other_types_needs_scopes_on_them() {
+    let Setup { client, upstream } = setup(false).await;
+    let patients = minted(json!({"scope": format!("{TENANT} system/Patient.crus")}));
+    // Operations answering with any type: every type's read and search.
+    for path in [
+        "/Patient/$everything",
+        "/Patient/1/$summary",
+        "/Encounter/1/$everything",
+        "/Patient/1/$graphql?query=%7BObservationList%7Bid%7D%7D",
+    ] {
+        assert_refused(
+            &get(&client, &patients, path).await,
+            "system/*.r system/*.s",
+        );
+    }
+    // One that stays within its type: its type's scopes decide.
+    let reply = get(&client, &patients, "/Patient/1/$meta").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = upstream.received().len();
+
+    // A transaction entry writes the type its resource says: it must be the url's.
+    let forged = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Observation", "status": "final"}}
+    ]})
+    .to_string();
+    let reply = send(
+        &client,
+        &patients,
+        "POST",
+        "/",
+        "application/fhir+json",
+        &forged,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(reply.text().contains("not a Patient"), "{}", reply.text());
+    // A conditional create's search names no other type.
+    let probing = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient", "ifNoneExist": "Observation?code=secret"},
+         "resource": {"resourceType": "Patient"}}
+    ]})
+    .to_string();
+    let reply = send(
+        &client,
+        &patients,
+        "POST",
+        "/",
+        "application/fhir+json",
+        &probing,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    // And it needs search on its own type, in a Bundle or an If-None-Exist header.
+    let creator = minted(json!({"scope": format!("{TENANT} system/Patient.c")}));
+    let reply = client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {creator}")),
+                ("content-type", "application/fhir+json"),
+                ("if-none-exist", "identifier=x"),
+            ],
+            r#"{"resourceType": "Patient"}"#,
+        )
+        .await;
+    assert_refused(&reply, "system/Patient.s");
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "nothing refused was forwarded"
+    );
+
+    // A resource scope that does not parse grants nothing, and does not leave the token with
+    // the tenant-wide access of a token without SMART scopes.
+    let typo = minted(json!({"scope": format!("{TENANT} system/patient.rs")}));
+    let reply = send(
+        &client,
+        &typo,
+        "DELETE",
+        "/Observation/1",
+        "application/fhir+json",
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(
+        reply.text().contains("system/patient.rs"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(upstream.received().len(), seen);
+    let reply = client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {patients}")),
+                ("content-type", "application/fhir+json"),
+                ("if-none-exist", "identifier=x"),
+            ],
+            r#"{"resourceType": "Patient"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}

@@ -106,9 +106,10 @@ impl<'g> Check<'g> {
             if !self.covered(&need, params) {
                 let missing = refused.take().unwrap_or_else(|| {
                     Refused::new(format!(
-                        "The token's scopes do not allow {} {}",
+                        "The token's scopes do not allow {} {}{}",
                         interaction.as_str(),
-                        describe(ty, id)
+                        describe(ty, id),
+                        self.unreadable_note()
                     ))
                 });
                 refused = Some(missing.suggest(self.sufficient(&need)));
@@ -185,13 +186,23 @@ impl<'g> Check<'g> {
                 }
             },
             Interaction::Operation => {
+                let within_type = found.operation.is_some_and(stays_within_its_type);
                 let target = match (ty, id) {
-                    (Some("Patient"), Some(id)) if found.operation == Some("everything") => {
-                        // Everything in the patient's compartment: every type.
+                    (Some("Patient"), Some(id)) if !within_type => {
+                        // Everything in the patient's compartment (`$everything`, `$summary`,
+                        // ...): every type, for that patient.
                         let target = Target::Compartment { ty: "Patient", id };
                         need(None, Permissions::READ, target);
                         need(None, Permissions::SEARCH, target);
-                        None
+                        (!get).then_some((None, target))
+                    }
+                    _ if !within_type => {
+                        // An operation that may return or touch resources of any type
+                        // (`Encounter/1/$everything`, `Composition/1/$document`, `$graphql`,
+                        // `$export`, one the gateway does not know): every type, anyone's.
+                        need(None, Permissions::READ, Target::Undecidable);
+                        need(None, Permissions::SEARCH, Target::Undecidable);
+                        Some((None, Target::Undecidable))
                     }
                     (Some(ty), Some(id)) => {
                         let target = Target::Instance { ty, id };
@@ -249,6 +260,19 @@ impl<'g> Check<'g> {
             })
             .map(|scope| scope.query().to_vec())
             .collect()
+    }
+
+    /// `" (... grants nothing: it is not a SMART scope ...)"` when the token has scopes that
+    /// look like resource scopes and do not parse, else nothing.
+    fn unreadable_note(&self) -> String {
+        match self.grants.unreadable() {
+            [] => String::new(),
+            unreadable => format!(
+                " ({} grant{} nothing: not a SMART resource scope, such as system/Patient.rs)",
+                unreadable.join(" "),
+                if unreadable.len() == 1 { "s" } else { "" }
+            ),
+        }
     }
 
     /// Whether some scope covers `need`.
@@ -314,6 +338,27 @@ impl<'g> Check<'g> {
         )
     }
 
+    /// Checks the search of a conditional create (`If-None-Exist`, or a Bundle entry's
+    /// `ifNoneExist`) of `ty`: its answer tells whether a matching resource exists, so it
+    /// needs what that search would need. A search naming another type is refused.
+    pub(crate) fn if_none_exist(&self, ty: &str, query: &str) -> Result<(), Refused> {
+        let (named, query) = match query.split_once('?') {
+            Some((named, query)) => (named.trim_matches('/'), query),
+            None => (ty, query),
+        };
+        if named != ty {
+            return Err(Refused::new(format!(
+                "The conditional create of a {ty} searches another type"
+            )));
+        }
+        let Some(params) = parse_query(query) else {
+            return Err(Refused::new(
+                "The conditional create's search is not UTF-8 form data",
+            ));
+        };
+        self.request(&Method::GET, &format!("/{ty}"), &params)
+    }
+
     /// Checks a batch or transaction Bundle (JSON), entry by entry.
     pub(crate) fn bundle(&self, body: &[u8]) -> Result<(), Refused> {
         let bundle: Value = serde_json::from_slice(body).map_err(|_| {
@@ -363,7 +408,39 @@ impl<'g> Check<'g> {
                     )));
                 }
             }
-            if let Err(entry_refused) = self.request(&method, path, &params) {
+            let checked = self.request(&method, path, &params).and_then(|()| {
+                let found = classify(&method, path);
+                let written = matches!(
+                    found.interaction,
+                    Some(Interaction::Create | Interaction::Update)
+                );
+                let ty = found.resource_type.unwrap_or_default();
+                if written {
+                    // The server stores the entry's resource as the type it says it is: it
+                    // must be the type the scopes were checked for.
+                    if let Some(resource) = entry.get("resource") {
+                        let said = resource.get("resourceType").and_then(Value::as_str);
+                        if said != Some(ty) {
+                            return Err(Refused::new(format!(
+                                "Entry {n} of the Bundle writes a resource that is not a {ty}, \
+                                 the type its request url names"
+                            )));
+                        }
+                    }
+                }
+                match request.and_then(|r| r.get("ifNoneExist")) {
+                    None | Some(Value::Null) => Ok(()),
+                    Some(Value::String(query))
+                        if found.interaction == Some(Interaction::Create) =>
+                    {
+                        self.if_none_exist(ty, query)
+                    }
+                    Some(_) => Err(Refused::new(format!(
+                        "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
+                    ))),
+                }
+            });
+            if let Err(entry_refused) = checked {
                 let mut merged = refused.take().unwrap_or_else(|| {
                     Refused::new(format!(
                         "Entry {n} of the Bundle: {}",
@@ -378,6 +455,22 @@ impl<'g> Check<'g> {
         }
         refused.map_or(Ok(()), Err)
     }
+}
+
+/// Whether an operation (its name, without `$`) reads and changes nothing but resources of the
+/// type it is invoked on (and answers with them, a `Parameters` or an `OperationOutcome`): then
+/// the scopes on that type decide. Any other operation, such as `$everything`, `$summary`,
+/// `$document`, `$graphql` or `$export`, or one not listed here, may reach every type.
+fn stays_within_its_type(operation: &str) -> bool {
+    matches!(
+        operation,
+        // The resource's own metadata and versions.
+        "meta" | "meta-add" | "meta-delete" | "diff" | "validate"
+            // Searches and statistics of the type itself (`Patient/$match`, `Observation/$lastn`).
+            | "match" | "lastn" | "stats"
+            // Terminology, on ValueSet, CodeSystem and ConceptMap.
+            | "expand" | "lookup" | "validate-code" | "subsumes" | "translate"
+    )
 }
 
 /// The type an `_include` (`Source:param[:Target]`) or `_revinclude` (`Source:param`) brings
@@ -719,6 +812,170 @@ mod tests {
             );
         }
         assert_eq!(check.bundle(&bundle(json!([]))), Ok(()));
+    }
+
+    #[test]
+    fn operations_that_may_reach_other_types_need_every_type() {
+        for url in [
+            "/Patient/$everything",
+            "/Patient/1/$summary",
+            "/Encounter/1/$everything",
+            "/Encounter/$everything",
+            "/Composition/1/$document",
+            "/Patient/1/$graphql",
+            "/$graphql",
+            "/$export",
+            "/Group/1/$export",
+            "/Patient/1/$made-up",
+        ] {
+            for own in [
+                "system/Patient.rs system/Encounter.rs system/Composition.rs system/Group.rs",
+                "system/*.s",
+                "system/*.r",
+            ] {
+                let refused = check(own, Method::GET, url).unwrap_err();
+                assert!(
+                    refused
+                        .sufficient
+                        .iter()
+                        .all(|s| s.starts_with("system/*.")),
+                    "{url}: {refused:?}"
+                );
+            }
+            assert!(allowed("system/*.rs", Method::GET, url), "{url}");
+            assert!(
+                !allowed("system/*.rs", Method::POST, url),
+                "{url} by POST may write"
+            );
+            assert!(allowed("system/*.crus", Method::POST, url), "{url}");
+        }
+        // The patient's own compartment, for a patient-context token.
+        assert!(allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient/123/$summary"
+        ));
+        assert!(!allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient/124/$summary"
+        ));
+        assert!(!allowed(
+            "patient/Patient.rs",
+            Method::GET,
+            "/Patient/123/$graphql"
+        ));
+        assert!(!allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Encounter/1/$everything"
+        ));
+        // Operations that stay within their type: that type's scopes decide.
+        for (url, scope) in [
+            ("/Patient/1/$meta", "system/Patient.r"),
+            ("/Patient/1/$validate", "system/Patient.r"),
+            ("/Patient/$match", "system/Patient.s"),
+            ("/Observation/$lastn?patient=1", "system/Observation.s"),
+            ("/ValueSet/$expand?url=x", "system/ValueSet.s"),
+            ("/CodeSystem/$lookup?code=x", "system/CodeSystem.s"),
+        ] {
+            assert!(allowed(scope, Method::GET, url), "{url} with {scope}");
+        }
+    }
+
+    #[test]
+    fn transaction_entries_write_the_types_their_urls_name() {
+        let bundle = |entries: serde_json::Value| {
+            serde_json::to_vec(
+                &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+            )
+            .unwrap()
+        };
+        let g = grants("system/Patient.cru");
+        let check = Check::new(&g);
+        for wrong in [
+            json!([{"request": {"method": "POST", "url": "Patient"},
+                    "resource": {"resourceType": "Observation"}}]),
+            json!([{"request": {"method": "PUT", "url": "Patient/1"},
+                    "resource": {"resourceType": "Consent"}}]),
+            json!([{"request": {"method": "PUT", "url": "Patient?identifier=x"},
+                    "resource": {"resourceType": "Consent"}}]),
+            json!([{"request": {"method": "POST", "url": "Patient"}, "resource": {}}]),
+            json!([{"request": {"method": "POST", "url": "Patient"}, "resource": "Patient"}]),
+        ] {
+            let refused = check.bundle(&bundle(wrong.clone())).unwrap_err();
+            assert!(
+                refused.diagnostics.contains("not a Patient"),
+                "{wrong}: {refused:?}"
+            );
+        }
+        let right = json!([
+            {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+            {"request": {"method": "PUT", "url": "Patient/1"}, "resource": {"resourceType": "Patient"}},
+            // A patch's resource is the patch (a Parameters or a Binary), not the patient.
+            {"request": {"method": "PATCH", "url": "Patient/1"}, "resource": {"resourceType": "Parameters"}}
+        ]);
+        assert_eq!(check.bundle(&bundle(right)), Ok(()));
+        // A conditional create searches: that needs search on the type, and the type only.
+        let conditional = |if_none_exist: serde_json::Value| {
+            bundle(
+                json!([{"request": {"method": "POST", "url": "Patient", "ifNoneExist": if_none_exist},
+                           "resource": {"resourceType": "Patient"}}]),
+            )
+        };
+        let refused = check
+            .bundle(&conditional(json!("identifier=x")))
+            .unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Patient.s"]);
+        let searching = grants("system/Patient.crus");
+        let check = Check::new(&searching);
+        assert_eq!(check.bundle(&conditional(json!("identifier=x"))), Ok(()));
+        assert_eq!(
+            check.bundle(&conditional(json!("Patient?identifier=x"))),
+            Ok(())
+        );
+        for other in [json!("Observation?code=secret"), json!(7)] {
+            assert!(
+                check.bundle(&conditional(other.clone())).is_err(),
+                "{other}"
+            );
+        }
+        assert!(check
+            .if_none_exist("Patient", "/Observation?code=x")
+            .is_err());
+    }
+
+    #[test]
+    fn scopes_that_do_not_parse_restrict_and_grant_nothing() {
+        for typo in [
+            "system/patient.rs",
+            "system/Patient.sr",
+            "System/Patient.rs",
+            "system/Patient.read?category=x",
+            "system/Patient.rs?",
+            "patient.Patient.read",
+            "user.all.read",
+        ] {
+            let g = Grants::from_scopes(["openid", typo], Some("123"));
+            assert!(!g.is_empty(), "{typo}");
+            assert!(g.scopes().is_empty(), "{typo}");
+            let refused = Check::new(&g)
+                .request(&Method::GET, "/Patient/123", &[])
+                .unwrap_err();
+            assert!(refused.diagnostics.contains(typo), "{refused:?}");
+        }
+        for not_smart in [
+            "openid",
+            "launch/patient",
+            "user.read",
+            "fhirUser",
+            "profile",
+        ] {
+            assert!(
+                Grants::from_scopes([not_smart], None).is_empty(),
+                "{not_smart}"
+            );
+        }
     }
 
     #[test]

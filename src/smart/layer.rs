@@ -316,7 +316,21 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         },
     };
     let check = Check::new(grants);
-    match check.classified(method, path, found, &params) {
+    let checked = check
+        .classified(method, path, found, &params)
+        .and_then(|()| {
+            // A conditional create searches too.
+            match (found.interaction, request.headers().get("if-none-exist")) {
+                (Some(Interaction::Create), Some(query)) => match query.to_str() {
+                    Ok(query) => {
+                        check.if_none_exist(found.resource_type.unwrap_or_default(), query)
+                    }
+                    Err(_) => Err(Refused::new("The If-None-Exist header is not text")),
+                },
+                _ => Ok(()),
+            }
+        });
+    match checked {
         Ok(()) => Plan::Pass,
         Err(why) => {
             let refusal = Box::new(insufficient_scope(&why));

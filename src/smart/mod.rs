@@ -17,9 +17,11 @@
 //! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
 //! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `device`, `specimen`, `medication`, `practitioner`), else `*` |
-//! | `$operation` by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level); `Patient/[id]/$everything`: `r` and `s` on `*` |
+//! | `$operation` that stays within its type (`meta`, `meta-add`, `meta-delete`, `diff`, `validate`, `match`, `lastn`, `stats`, `expand`, `lookup`, `validate-code`, `subsumes`, `translate`) by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level) |
+//! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/...`: for that patient under `patient/` scopes) |
 //! | `$operation` by another method | the same plus `c` and `u` |
-//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only; entries with absolute URLs, nested batches or no request refused) |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only; entries with absolute URLs, nested batches or no request refused); a create's or update's `resource` must be of the type its `url` names, and a conditional create's `ifNoneExist` is checked as a search of that type |
+//! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
 //! What cannot be decided before forwarding is refused rather than guessed:
@@ -53,6 +55,10 @@
 //! token endpoint issues to clients registered without scopes) keeps tenant-wide access,
 //! unless the layer is built with
 //! [`require_smart_scopes(true)`](SmartScopeBuilder::require_smart_scopes), which refuses it.
+//! A scope that looks like a resource scope and does not parse (`system/patient.rs`,
+//! `system/Patient.sr`, the dotted `patient.Patient.read`) grants nothing and counts as a
+//! resource scope, so a typo restricts rather than opens; the refusal names it, and the
+//! token endpoint's client stores refuse to register it.
 //! A token's grants are parsed once and kept with its cached claims; a request checked from
 //! its head costs no allocation beyond its query's parameters. A Bundle or a `_search` form is
 //! read whole first (at most [`max_buffered_body`](SmartScopeBuilder::max_buffered_body),
@@ -108,4 +114,5 @@ pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
     DEFAULT_MAX_BUFFERED_BODY,
 };
+pub(crate) use scope::looks_like_resource_scope;
 pub use scope::{Grants, Permissions, ResourceScope, ScopeContext};

@@ -249,36 +249,74 @@ impl ResourceScope {
 ///
 /// Scopes come from `scope` (space-separated, or an array) and `scp` (a string or an array,
 /// as Microsoft Entra issues them); anything that is not a resource scope (the tenant id,
-/// `openid`, `launch/patient`, a malformed scope) grants nothing here.
+/// `openid`, `launch/patient`) grants nothing here.
+///
+/// A scope that looks like a resource scope and does not parse (`system/patient.rs`,
+/// `system/Patient.sr`, Entra's dotted `patient.Patient.read`) grants nothing either, but it
+/// makes the grants restricted ([`is_empty`](Self::is_empty) is false): a typo must not turn
+/// a client meant to read one type into one with tenant-wide access.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Grants {
     scopes: Vec<ResourceScope>,
     patient: Option<Box<str>>,
+    unreadable: Vec<Box<str>>,
+}
+
+/// Whether `scope` looks like a SMART resource scope: `patient/`, `user/` or `system/` (in any
+/// case) followed by something, or the dotted `context.type.permissions` form.
+pub(crate) fn looks_like_resource_scope(scope: &str) -> bool {
+    let context = |text: &str| {
+        ["patient", "user", "system"]
+            .iter()
+            .any(|c| text.eq_ignore_ascii_case(c))
+    };
+    if let Some((head, rest)) = scope.split_once('/') {
+        return context(head) && !rest.is_empty();
+    }
+    let mut parts = scope.split('.');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(head), Some(ty), Some(permissions), None)
+            if context(head) && !ty.is_empty() && !permissions.is_empty()
+    )
+}
+
+/// The resource scopes among `scopes`, and those that look like one and do not parse.
+fn read_scopes<'a>(scopes: impl Iterator<Item = &'a str>) -> (Vec<ResourceScope>, Vec<Box<str>>) {
+    let mut read = Vec::new();
+    let mut unreadable = Vec::new();
+    for scope in scopes {
+        match ResourceScope::parse(scope) {
+            Some(parsed) => read.push(parsed),
+            None if looks_like_resource_scope(scope) => unreadable.push(Box::from(scope)),
+            None => {}
+        }
+    }
+    (read, unreadable)
 }
 
 impl Grants {
     /// The grants of these verified claims.
     pub fn of(claims: &VerifiedClaims) -> Self {
-        let mut scopes: Vec<ResourceScope> =
-            claims.scopes().filter_map(ResourceScope::parse).collect();
-        match claims.get("scp") {
-            Some(Value::String(text)) => {
-                scopes.extend(text.split(' ').filter_map(ResourceScope::parse));
-            }
-            Some(Value::Array(items)) => scopes.extend(
-                items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .flat_map(|text| text.split(' '))
-                    .filter_map(ResourceScope::parse),
-            ),
-            _ => {}
-        }
+        let scp: Vec<&str> = match claims.get("scp") {
+            Some(Value::String(text)) => text.split(' ').collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .flat_map(|text| text.split(' '))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let (scopes, unreadable) = read_scopes(claims.scopes().chain(scp));
         let patient = match claims.get("patient") {
             Some(Value::String(id)) if !id.is_empty() => Some(Box::from(id.as_str())),
             _ => None,
         };
-        Self { scopes, patient }
+        Self {
+            scopes,
+            patient,
+            unreadable,
+        }
     }
 
     /// Grants from scopes alone (and the patient of `patient/` scopes), for tests and
@@ -287,12 +325,11 @@ impl Grants {
         scopes: impl IntoIterator<Item = &'a str>,
         patient: Option<&str>,
     ) -> Self {
+        let (scopes, unreadable) = read_scopes(scopes.into_iter());
         Self {
-            scopes: scopes
-                .into_iter()
-                .filter_map(ResourceScope::parse)
-                .collect(),
+            scopes,
             patient: patient.filter(|p| !p.is_empty()).map(Box::from),
+            unreadable,
         }
     }
 
@@ -306,9 +343,15 @@ impl Grants {
         self.patient.as_deref()
     }
 
-    /// Whether the token has no SMART resource scope at all.
+    /// The scopes that look like resource scopes and do not parse: they grant nothing.
+    pub fn unreadable(&self) -> &[Box<str>] {
+        &self.unreadable
+    }
+
+    /// Whether the token has no SMART resource scope at all (not even one that does not
+    /// parse): then the tenant alone decides, unless SMART scopes are required.
     pub fn is_empty(&self) -> bool {
-        self.scopes.is_empty()
+        self.scopes.is_empty() && self.unreadable.is_empty()
     }
 }
 

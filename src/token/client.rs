@@ -864,7 +864,8 @@ pub(crate) fn client_keys(jwks: &serde_json::Value) -> Result<crate::auth::KeySe
 }
 
 /// Refuses a scope a token request could never name: empty, or outside RFC 6749's
-/// `scope-token` characters (`%x21 / %x23-5B / %x5D-7E`).
+/// `scope-token` characters (`%x21 / %x23-5B / %x5D-7E`); and one that looks like a SMART
+/// resource scope (`system/...`, `patient/...`, `user/...`) but does not parse.
 fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
     let bad = |scope: &String| {
         scope.is_empty()
@@ -872,9 +873,20 @@ fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
                 .bytes()
                 .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
     };
-    match scopes.iter().find(|scope| bad(scope)) {
-        Some(scope) => Err(StoreError::refused(format!(
+    if let Some(scope) = scopes.iter().find(|scope| bad(scope)) {
+        return Err(StoreError::refused(format!(
             "client {id:?}: {scope:?} is not a scope (printable ASCII without spaces, '\"' or '\\')"
+        )));
+    }
+    // A resource scope that does not parse would grant nothing, silently.
+    let unreadable = |scope: &&String| {
+        crate::smart::looks_like_resource_scope(scope)
+            && crate::smart::ResourceScope::parse(scope).is_none()
+    };
+    match scopes.iter().find(unreadable) {
+        Some(scope) => Err(StoreError::refused(format!(
+            "client {id:?}: {scope:?} is not a SMART resource scope (such as system/Patient.rs, \
+             patient/*.read or user/Observation.rs?category=laboratory)"
         ))),
         None => Ok(()),
     }
@@ -1000,6 +1012,36 @@ mod tests {
             .register(NewClient::new("short").secret("too-short"))
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_resource_scope_that_does_not_parse_is_refused() {
+        let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+        for typo in [
+            "system/patient.rs",
+            "system/Patient.sr",
+            "patient.Patient.read",
+        ] {
+            let refused = store
+                .register(NewClient::new("app").scope(typo))
+                .await
+                .unwrap_err();
+            assert!(refused.is_refused(), "{typo}");
+            assert!(refused.to_string().contains(typo), "{refused}");
+        }
+        store
+            .register(
+                NewClient::new("app")
+                    .scope("system/Patient.rs")
+                    .scope("openid"),
+            )
+            .await
+            .unwrap();
+        let refused = store
+            .set_entitlements("app", Vec::new(), vec!["user/Observation.r?".into()])
+            .await
+            .unwrap_err();
+        assert!(refused.is_refused());
     }
 
     #[tokio::test]
