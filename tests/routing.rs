@@ -975,6 +975,51 @@ async fn upstreams_may_speak_http2_with_prior_knowledge() {
     );
 }
 
+#[tokio::test]
+async fn a_clients_trailers_reach_no_upstream() {
+    // Trailers would pass around the header policy: an Authorization, a tenant hint, a
+    // method override. hyper never sends them to an HTTP/1.1 upstream; HTTP/2 could.
+    let upstream = RecordingUpstream::start().await;
+    let h2 = Upstream::parse(&upstream.base("/h2"), FhirVersion::R4)
+        .unwrap()
+        .with_http2();
+    let h1 = Upstream::parse(&upstream.base("/h1"), FhirVersion::R4).unwrap();
+    let gw = gateway(
+        vec![
+            (TENANT_A, TenantRecord::new([h2]).unwrap()),
+            (TENANT_B, TenantRecord::new([h1]).unwrap()),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    for tenant in [TENANT_A, TENANT_B] {
+        let request = format!(
+            "POST /Patient HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n\
+             2\r\n{{}}\r\n0\r\nAuthorization: Bearer smuggled\r\nX-Tenant-Id: {TENANT_B}\r\n\
+             X-HTTP-Method-Override: DELETE\r\nCookie: session=x\r\n\r\n",
+            token_for(tenant)
+        );
+        let addr = gw.client.addr();
+        let (answer, _) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 2);
+    for request in received {
+        assert_eq!(
+            request.body,
+            "{}".as_bytes(),
+            "the body still arrives whole"
+        );
+        assert!(request.trailers.is_none(), "{request:?}");
+        assert!(request.headers.get("x-tenant-id").is_none());
+    }
+}
+
 /// An upstream that counts its connections and ends each after three answers
 /// (`Connection: close`), echoing every request's method, target and body.
 async fn keep_alive_upstream() -> (String, Arc<AtomicUsize>) {

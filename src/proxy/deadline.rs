@@ -69,7 +69,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pin_project! {
     /// A request body that tells its [`Turns`] whenever it hands a frame over or has none,
-    /// and how it failed.
+    /// and how it failed; the client's trailers it does not pass on.
     pub(super) struct Watched<B> {
         #[pin]
         body: B,
@@ -104,7 +104,15 @@ impl<B: Body<Error = BoxError>> Body for Watched<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let polled = this.body.poll_frame(cx);
+        let mut polled = this.body.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.is_trailers() {
+                // The client's trailers would reach an HTTP/2 upstream around the header
+                // policy (hyper drops them toward HTTP/1.1): they are not forwarded. They end
+                // the body.
+                polled = Poll::Ready(None);
+            }
+        }
         if polled.is_pending() {
             if !this.turns.clients_turn() {
                 this.turns.set(true);

@@ -288,6 +288,8 @@ pub struct Received {
     pub target: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body's trailers, when it had any.
+    pub trailers: Option<HeaderMap>,
 }
 
 /// How an upstream test server answers a path (the first rule whose prefix matches).
@@ -337,11 +339,13 @@ impl RecordingUpstream {
                             let (rec, ans) = (rec.clone(), ans.clone());
                             async move {
                                 let (parts, body) = req.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
+                                let (body, trailers) = match body.collect().await {
+                                    Ok(collected) => {
+                                        let trailers = collected.trailers().cloned();
+                                        (collected.to_bytes(), trailers)
+                                    }
+                                    Err(_) => (Bytes::new(), None),
+                                };
                                 let target = parts
                                     .uri
                                     .path_and_query()
@@ -353,6 +357,7 @@ impl RecordingUpstream {
                                     target: target.clone(),
                                     headers: parts.headers.clone(),
                                     body: body.clone(),
+                                    trailers,
                                 });
                                 let answer = ans
                                     .lock()
