@@ -114,5 +114,6 @@ pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
     DEFAULT_MAX_BUFFERED_BODY,
 };
+#[cfg(feature = "token")]
 pub(crate) use scope::looks_like_resource_scope;
 pub use scope::{Grants, Permissions, ResourceScope, ScopeContext};
