@@ -976,6 +976,42 @@ async fn upstreams_may_speak_http2_with_prior_knowledge() {
 }
 
 #[tokio::test]
+async fn answers_vary_by_the_token_so_no_cache_shares_them_across_tenants() {
+    // Every tenant reads `/Patient/1` at the same URL: a cache must key it by the token.
+    let upstream = RecordingUpstream::start().await;
+    let mut cacheable = Answer::json(json!({"resourceType": "Patient", "id": "1"}));
+    cacheable
+        .headers
+        .push(("cache-control".into(), "public, max-age=3600".into()));
+    cacheable.headers.push(("vary".into(), "Accept".into()));
+    upstream.answer("/fhir/Patient/1", cacheable);
+    let record =
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+            .unwrap();
+    let gw = gateway(
+        vec![(TENANT_A, record.clone()), (TENANT_B, record)],
+        Duration::from_secs(60),
+    )
+    .await;
+    for (path, upstream_vary) in [("/Patient/1", vec!["Accept"]), ("/Patient/2", vec![])] {
+        let reply = gw.client.get_bearer(path, &token_for(TENANT_A)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let vary: Vec<&str> = reply
+            .headers
+            .get_all("vary")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        let expected: Vec<&str> = upstream_vary.into_iter().chain(["Authorization"]).collect();
+        assert_eq!(vary, expected, "{path}");
+    }
+    // A refusal does not depend on a token's tenant.
+    let reply = gw.client.get("/Patient/1", &[]).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.headers.get("vary").is_none(), "{:?}", reply.headers);
+}
+
+#[tokio::test]
 async fn a_clients_trailers_reach_no_upstream() {
     // Trailers would pass around the header policy: an Authorization, a tenant hint, a
     // method override. hyper never sends them to an HTTP/1.1 upstream; HTTP/2 could.

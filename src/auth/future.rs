@@ -35,7 +35,8 @@ pin_project! {
         // The rare paths are boxed: this future is moved through every outer layer, and a
         // request held inline would make it several hundred bytes.
         Verifying { waiting: Option<Box<Waiting<S, ReqBody>>> },
-        Calling { #[pin] future: S::Future },
+        // `vary`: the token was verified, so the response says it depends on it.
+        Calling { #[pin] future: S::Future, vary: bool },
         Rejected { response: Option<Box<Response<bytes::Bytes>>> },
     }
 }
@@ -44,9 +45,20 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
+    /// A request let through without a token (a skipped path).
     pub(crate) fn call(future: S::Future) -> Self {
         Self {
-            state: State::Calling { future },
+            state: State::Calling {
+                future,
+                vary: false,
+            },
+        }
+    }
+
+    /// A request whose token was verified.
+    pub(crate) fn accepted(future: S::Future) -> Self {
+        Self {
+            state: State::Calling { future, vary: true },
         }
     }
 
@@ -91,8 +103,11 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project().state.project() {
-                StateProj::Calling { future } => {
-                    let response = ready!(future.poll(cx))?;
+                StateProj::Calling { future, vary } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    if *vary {
+                        vary_by_authorization(response.headers_mut());
+                    }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
                 StateProj::Rejected { response } => {
@@ -113,6 +128,7 @@ where
                             request.extensions_mut().insert(claims);
                             State::Calling {
                                 future: inner.call(request),
+                                vary: true,
                             }
                         }
                         Err(rejection) => Self::reject(&config, &rejection).state,
@@ -121,6 +137,28 @@ where
                 }
             }
         }
+    }
+}
+
+/// Adds `Vary: Authorization` unless the response varies by it (or by everything) already.
+///
+/// What a verified token's request gets depends on the token: the same URL answers each
+/// tenant with its own data. Without it, a cache (a browser's, a shared one for a `public`
+/// answer) could hand one token's response to a request with another.
+fn vary_by_authorization(headers: &mut http::HeaderMap) {
+    let varies = headers.get_all(http::header::VARY).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .any(|name| name == "*" || name.eq_ignore_ascii_case("authorization"))
+        })
+    });
+    if !varies {
+        headers.append(
+            http::header::VARY,
+            http::HeaderValue::from_static("Authorization"),
+        );
     }
 }
 

@@ -22,6 +22,10 @@
 //! expire ([`RevokedTokens`], which the token endpoint's revocation fills) are refused from
 //! then on, cached ones included.
 //!
+//! The answer to a request whose token was verified carries `Vary: Authorization` (added
+//! unless it varies by it, or by `*`, already): what it holds was chosen by the token, so a
+//! cache must not hand it to a request with another.
+//!
 //! ```
 //! use std::convert::Infallible;
 //! use bytes::Bytes;
@@ -58,6 +62,7 @@
 //!     .unwrap();
 //! let response = service.oneshot(request).await.unwrap();
 //! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.headers()["vary"], "Authorization");
 //! # });
 //! ```
 

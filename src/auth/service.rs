@@ -62,7 +62,7 @@ where
         match verdict {
             Verdict::Accept(claims) => {
                 request.extensions_mut().insert(claims);
-                ResponseFuture::call(self.inner.call(request))
+                ResponseFuture::accepted(self.inner.call(request))
             }
             Verdict::Reject(rejection) => ResponseFuture::reject(&self.config, &rejection),
             Verdict::Wait(verifying) => {
