@@ -15,8 +15,11 @@ pub(crate) struct UnsafePath(pub(crate) &'static str);
 ///
 /// Only the path and query of `target` are used: an absolute-form target
 /// (`GET http://other/...`) cannot change the destination. Dot segments (also percent-encoded,
-/// also with `;` parameters, as in `..;`), encoded slashes or backslashes inside a segment, and
-/// encoded NULs are refused: they could lead out of the tenant's base path on the upstream.
+/// also with `;` parameters, as in `..;`, and the look-alikes some servers trim to one: `...`,
+/// `.. `), empty segments (`//`, which some read as an authority), a `%` that does not begin
+/// a percent-encoded byte (IIS reads `%u002e` as `.`), encoded slashes or backslashes inside a
+/// segment, and encoded NULs are refused: they could lead out of the tenant's base path on the
+/// upstream.
 pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
     check_segments(path)?;
@@ -57,6 +60,13 @@ pub(crate) fn absolute(base: &UpstreamBase, path: PathAndQuery) -> Result<Uri, U
 }
 
 fn check_segments(path: &str) -> Result<(), UnsafePath> {
+    if memchr::memmem::find(path.as_bytes(), b"//").is_some() {
+        // `//host/x` is a network path to some (Node's `new URL(target, base)`), and an
+        // empty segment names nothing in FHIR.
+        return Err(UnsafePath(
+            "Empty segments (`//`) are not allowed in the request path",
+        ));
+    }
     // Most paths hold none of the bytes a dangerous segment needs: one pass over the whole.
     if memchr::memchr3(b'%', b'.', b'\\', path.as_bytes()).is_none() {
         return Ok(());
@@ -65,18 +75,35 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
         if !raw.contains('%') && !raw.contains('.') && !raw.contains('\\') {
             continue;
         }
+        check_escapes(raw.as_bytes())?;
         let decoded = percent_decode(raw.as_bytes()).collect::<Vec<u8>>();
         check_segment(&decoded)?;
         // An upstream that decodes twice would see `%252e%252e` as `..`: what the second
         // decoding makes must be as safe as the first (a FHIR path has no use for `%25`).
         if decoded.contains(&b'%') {
+            check_escapes(&decoded)?;
             check_segment(&percent_decode(&decoded).collect::<Vec<u8>>())?;
         }
     }
     Ok(())
 }
 
-/// Refuses a decoded segment holding a slash, backslash or NUL, or naming `.` or `..`.
+/// Refuses a `%` not followed by two hex digits: servers differ on what it means (IIS reads
+/// `%u002e` as `.`).
+fn check_escapes(segment: &[u8]) -> Result<(), UnsafePath> {
+    for at in memchr::memchr_iter(b'%', segment) {
+        let escape = segment.get(at + 1..at + 3);
+        if !escape.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) {
+            return Err(UnsafePath(
+                "A % in the request path must begin a percent-encoded byte (% and two hex digits)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a decoded segment holding a slash, backslash or NUL, or naming `.` or `..` (or
+/// nothing but dots and spaces).
 fn check_segment(decoded: &[u8]) -> Result<(), UnsafePath> {
     if decoded.contains(&b'/') || decoded.contains(&b'\\') {
         return Err(UnsafePath(
@@ -88,9 +115,10 @@ fn check_segment(decoded: &[u8]) -> Result<(), UnsafePath> {
             "Encoded NUL bytes are not allowed in the request path",
         ));
     }
-    // `..;jsessionid` is `..` to some servlet containers.
+    // `..;jsessionid` is `..` to some servlet containers; Windows servers trim a segment's
+    // trailing dots and spaces (`...`, `.. ` are `..` there, or nothing).
     let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-    if name == b"." || name == b".." {
+    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b == b' ') {
         return Err(UnsafePath(
             "Dot segments are not allowed in the request path",
         ));
@@ -174,6 +202,18 @@ mod tests {
             "/Patient%252f..%252fother",
             "/Patient%255c..",
             "/Patient%2500",
+            // Look-alikes that some servers read as `..`, and network paths.
+            "/%u002e%u002e/other",
+            "/Patient/%u002E",
+            "/..%20/other",
+            "/.../other",
+            "/%2e%2e%2e/other",
+            "/Patient/.%20",
+            "//evil.example/x",
+            "/Patient//1",
+            "/Patient/%2",
+            "/Patient/%zz",
+            "/%25u002e%25u002e/other",
         ] {
             assert!(
                 join("http://ehr:9001/fhir/tenant-a", target).is_err(),
@@ -199,7 +239,7 @@ mod properties {
                 prop_oneof![
                     Just("..".to_owned()), Just(".".to_owned()), Just("%2e".to_owned()), Just("%2E%2e".to_owned()),
                     Just("%2f".to_owned()), Just("%5C".to_owned()), Just(";".to_owned()), Just("Patient".to_owned()),
-                    Just("..;x".to_owned()), Just("%252e".to_owned()), Just("%252E%252e".to_owned()), Just("%252f".to_owned()), Just("%255c".to_owned()), Just("".to_owned()), "[a-zA-Z0-9._~%-]{0,6}",
+                    Just("..;x".to_owned()), Just("...".to_owned()), Just("..%20".to_owned()), Just("%u002e".to_owned()), Just("%252e".to_owned()), Just("%252E%252e".to_owned()), Just("%252f".to_owned()), Just("%255c".to_owned()), Just("".to_owned()), "[a-zA-Z0-9._~%-]{0,6}",
                 ],
                 0..8,
             ),
@@ -216,13 +256,17 @@ mod properties {
                 prop_assert_eq!(forwarded.authority().unwrap().as_str(), "ehr:9001");
                 let path = forwarded.path();
                 prop_assert!(path.starts_with("/fhir/tenant-a/"), "{}", path);
+                prop_assert!(!path.contains("//"), "{}", path);
                 for segment in path.split('/') {
                     // Decoded once (as it should be) or twice (as some servers do).
                     let once = percent_decode(segment.as_bytes()).collect::<Vec<u8>>();
                     let twice = percent_decode(&once).collect::<Vec<u8>>();
                     for decoded in [once, twice] {
                         let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-                        prop_assert!(name != b"." && name != b"..", "{}", path);
+                        prop_assert!(
+                            name.is_empty() || !name.iter().all(|&b| b == b'.' || b == b' '),
+                            "{}", path
+                        );
                         prop_assert!(!decoded.contains(&b'/') && !decoded.contains(&b'\\'), "{}", path);
                     }
                 }
