@@ -60,7 +60,8 @@ pub(crate) fn absolute(base: &UpstreamBase, path: PathAndQuery) -> Result<Uri, U
 }
 
 fn check_segments(path: &str) -> Result<(), UnsafePath> {
-    if memchr::memmem::find(path.as_bytes(), b"//").is_some() {
+    let bytes = path.as_bytes();
+    if memchr::memchr_iter(b'/', bytes).any(|at| bytes.get(at + 1) == Some(&b'/')) {
         // `//host/x` is a network path to some (Node's `new URL(target, base)`), and an
         // empty segment names nothing in FHIR.
         return Err(UnsafePath(
@@ -68,7 +69,7 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
         ));
     }
     // Most paths hold none of the bytes a dangerous segment needs: one pass over the whole.
-    if memchr::memchr3(b'%', b'.', b'\\', path.as_bytes()).is_none() {
+    if memchr::memchr3(b'%', b'.', b'\\', bytes).is_none() {
         return Ok(());
     }
     for raw in path.split('/') {
