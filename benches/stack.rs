@@ -411,6 +411,7 @@ fn bench(c: &mut Criterion) {
                     .issuer("https://auth.test")
                     .audience_for_issuer("https://auth.test", "tower-fhir"),
             )
+            .tenant(TenantScopeLayer::builder().issuer_any_tenant("https://auth.test"))
             .token_endpoint(endpoint)
             .build_layer()
             .unwrap();

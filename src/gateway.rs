@@ -133,6 +133,13 @@ pub enum ConfigError {
     Limit(crate::limit::ConfigError),
     /// The proxy's.
     Proxy(crate::proxy::ConfigError),
+    /// Beside the token endpoint, the bearer layer trusts this issuer, and the tenant scope
+    /// layer binds no issuer to tenants: its tokens could name any tenant. Bind it
+    /// ([`TenantScopeBuilder::issuer_tenants`](crate::tenant::TenantScopeBuilder::issuer_tenants)),
+    /// or say that it may name any
+    /// ([`issuer_any_tenant`](crate::tenant::TenantScopeBuilder::issuer_any_tenant)), in the
+    /// builder given to [`GatewayBuilder::tenant`].
+    UnboundIssuer(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -152,6 +159,12 @@ impl fmt::Display for ConfigError {
             Self::Route(e) => write!(f, "tenant routing: {e}"),
             Self::Limit(e) => write!(f, "rate limits: {e}"),
             Self::Proxy(e) => write!(f, "proxy: {e}"),
+            Self::UnboundIssuer(issuer) => write!(
+                f,
+                "tokens of the trusted issuer {issuer:?} could name any tenant: bind it to its \
+                 tenants (TenantScopeLayer::builder().issuer_tenants(..)) or let it name any \
+                 (issuer_any_tenant), in the builder given to GatewayBuilder::tenant"
+            ),
         }
     }
 }
@@ -354,9 +367,17 @@ impl GatewayBuilder {
         #[cfg(feature = "token")]
         if let Some(endpoint) = &self.token {
             // The endpoint issues a tenant only to clients registered for it: when issuers are
-            // bound to tenants, its own tokens may name any.
+            // bound to tenants, its own tokens may name any. Another trusted issuer must be
+            // bound (or let name any) by whoever builds the gateway: its tokens' tenants are
+            // its own say.
             if tenant.binds_issuers() {
                 tenant = tenant.issuer_any_tenant(endpoint.issuer());
+            } else if let Some(other) = auth
+                .accepted_issuers()
+                .iter()
+                .find(|issuer| *issuer != endpoint.issuer())
+            {
+                return Err(ConfigError::UnboundIssuer(other.clone()));
             }
             auth = auth
                 .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())

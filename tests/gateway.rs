@@ -14,7 +14,7 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::{ConfigError, Gateway};
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
-use tower_fhir::tenant::TenantId;
+use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
 };
@@ -65,16 +65,20 @@ async fn setup(idp: Option<&JwksServer>) -> Setup {
         .build()
         .unwrap();
     let mut auth = BearerAuthLayer::builder();
+    let mut tenants = TenantScopeLayer::builder();
     if let Some(idp) = idp {
         auth = auth
             .jwks_url_for_issuer(idp.url(), "https://idp.test")
             .audience_for_issuer("https://idp.test", "api://fhir");
+        // The provider may name this tenant only.
+        tenants = tenants.issuer_tenants("https://idp.test", [tenant(TENANT)]);
     }
     let gateway = Gateway::builder(&base)
         .directory(directory.clone())
         .follow(directory.subscribe())
         .token_endpoint(endpoint)
         .auth(auth)
+        .tenant(tenants)
         .build()
         .unwrap();
     let served = serve_tower_on(listener, gateway);
@@ -252,11 +256,12 @@ async fn a_trusted_identity_provider_with_its_own_audience() {
     let idp = JwksServer::start(vec![rsa_jwk(RSA2_PRIVATE, "idp-1")]).await;
     let Setup { client, .. } = setup(Some(&idp)).await;
     let key = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
-    let idp_token = |aud: &str| {
+    let idp_token_for = |aud: &str, tenant: &str| {
         let claims = json!({"iss": "https://idp.test", "aud": aud, "sub": "svc",
-                            "exp": now() + 600, "iat": now(), "scope": TENANT});
+                            "exp": now() + 600, "iat": now(), "scope": tenant});
         mint_with(&key, Algorithm::RS256, Some("idp-1"), &claims)
     };
+    let idp_token = |aud: &str| idp_token_for(aud, TENANT);
     assert_eq!(
         client
             .get_bearer("/Patient/1", &idp_token("api://fhir"))
@@ -271,6 +276,14 @@ async fn a_trusted_identity_provider_with_its_own_audience() {
             .await
             .status,
         StatusCode::UNAUTHORIZED
+    );
+    // Nor may it name a tenant it is not bound to.
+    assert_eq!(
+        client
+            .get_bearer("/Patient/1", &idp_token_for("api://fhir", OTHER))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
     );
     // And the gateway's own tokens still work beside it.
     let own = access_token(&client, SECRET, TENANT).await;
@@ -343,4 +356,39 @@ fn configuration_errors_surface_when_built() {
         follow_without_runtime,
         Err(ConfigError::NoRuntime)
     ));
+    // Beside the token endpoint, another issuer must be told which tenants it may name.
+    let endpoint = || {
+        TokenEndpoint::builder()
+            .issuer("http://127.0.0.1:8080")
+            .audience("tower-fhir")
+            .store(InMemoryClientStore::new())
+            .build()
+            .unwrap()
+    };
+    let other = || {
+        BearerAuthLayer::builder()
+            .key(tower_fhir::auth::VerificationKey::hmac(HMAC_SECRET).unwrap())
+            .issuer("https://idp.test")
+    };
+    let unbound = Gateway::builder("http://127.0.0.1:8080")
+        .directory(InMemoryDirectory::new())
+        .token_endpoint(endpoint())
+        .auth(other())
+        .build();
+    match unbound {
+        Err(ConfigError::UnboundIssuer(issuer)) => assert_eq!(issuer, "https://idp.test"),
+        other => panic!("{:?}", other.err()),
+    }
+    for tenants in [
+        TenantScopeLayer::builder().issuer_any_tenant("https://idp.test"),
+        TenantScopeLayer::builder().issuer_tenants("https://idp.test", [tenant(TENANT)]),
+    ] {
+        let bound = Gateway::builder("http://127.0.0.1:8080")
+            .directory(InMemoryDirectory::new())
+            .token_endpoint(endpoint())
+            .auth(other())
+            .tenant(tenants)
+            .build();
+        assert!(bound.is_ok(), "{:?}", bound.err());
+    }
 }

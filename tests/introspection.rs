@@ -14,6 +14,7 @@ use support::*;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
+use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
 };
@@ -77,6 +78,8 @@ async fn setup() -> Setup {
                 .issuer("https://auth.test")
                 .audience_for_issuer("https://auth.test", "tower-fhir"),
         )
+        // The tests' issuer mints tokens naming any tenant.
+        .tenant(TenantScopeLayer::builder().issuer_any_tenant("https://auth.test"))
         .build()
         .unwrap();
     Setup {

@@ -15,6 +15,7 @@ use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::BodyTimeoutLayer;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::smart::SmartScopeLayer;
+use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
 };
@@ -73,6 +74,8 @@ async fn setup(require_smart_scopes: bool) -> Setup {
                 .issuer("https://auth.test")
                 .audience_for_issuer("https://auth.test", "tower-fhir"),
         )
+        // The tests' issuer mints tokens naming any tenant.
+        .tenant(TenantScopeLayer::builder().issuer_any_tenant("https://auth.test"))
         .smart_scopes(SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes))
         .build()
         .unwrap();

@@ -268,6 +268,12 @@ impl BearerAuthBuilder {
         self
     }
 
+    /// The issuers whose tokens are accepted (empty: any).
+    #[cfg_attr(not(all(feature = "proxy", feature = "token")), allow(dead_code))]
+    pub(crate) fn accepted_issuers(&self) -> &[String] {
+        &self.issuers
+    }
+
     /// Adds a source of keys that vouch only for tokens whose `iss` is `issuer` (also added
     /// to the accepted issuers): with several identity providers, one cannot sign tokens in
     /// another's name.
