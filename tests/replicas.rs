@@ -350,6 +350,8 @@ async fn replicas_share_signing_keys_and_rotate_them_together() {
         .rotate(Duration::ZERO, Duration::from_secs(3600))
         .await
         .unwrap();
+    // The replica it was rotated through signs with it as soon as the rotation is answered.
+    assert_eq!(token_from(&one).await.1, newer, "read your writes");
     for replica in [&one, &two, &three] {
         eventually(Duration::from_secs(1), "the newest key signing", || async {
             token_from(replica).await.1 == newer
@@ -357,6 +359,12 @@ async fn replicas_share_signing_keys_and_rotate_them_together() {
         .await;
     }
     keys.retire(&new).await.unwrap();
+    // The replica it was retired through refuses its tokens as soon as that is answered.
+    assert_eq!(
+        one.get_bearer("/Patient/1", &fresh).await.status,
+        StatusCode::UNAUTHORIZED,
+        "read your writes"
+    );
     for replica in [&one, &two, &three] {
         eventually(
             Duration::from_secs(1),

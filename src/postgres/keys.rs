@@ -263,6 +263,9 @@ pub struct PgSigningKeys {
     keys: SigningKeys,
     /// Wakes this process's follower to read the keys again.
     reload: Arc<Notify>,
+    /// Held while the keys are read and applied, by the follower or by a change made here;
+    /// counts those reads, so the follower knows when rows it holds are older than the keys.
+    applying: Arc<tokio::sync::Mutex<u64>>,
 }
 
 impl fmt::Debug for PgSigningKeys {
@@ -310,11 +313,13 @@ impl PgSigningKeys {
             .ok_or_else(|| PgError::plain("the database holds no signing key"))?;
         let keys = SigningKeys::managed(published, current, "the database");
         let reload = Arc::new(Notify::new());
+        let applying = Arc::new(tokio::sync::Mutex::new(0));
         tokio::spawn(follow(
             pool.clone(),
             kek.clone(),
             keys.clone(),
             Arc::clone(&reload),
+            Arc::clone(&applying),
             rows,
         ));
         tokio::spawn(listen(
@@ -329,6 +334,7 @@ impl PgSigningKeys {
             kek,
             keys,
             reload,
+            applying,
         })
     }
 
@@ -377,6 +383,7 @@ impl PgSigningKeys {
         insert(&transaction, &self.kek, &key, now, switch).await?;
         announce(&transaction).await?;
         transaction.commit().await.map_err(failed)?;
+        self.apply_now().await;
         self.reload.notify_one();
         tracing::info!(kid = key.kid(), signs_in = ?publish_for, "signing key rotation started");
         Ok(key.kid().to_owned())
@@ -449,9 +456,47 @@ impl PgSigningKeys {
         }
         announce(&transaction).await?;
         transaction.commit().await.map_err(failed)?;
+        self.apply_now().await;
         self.reload.notify_one();
         Ok(())
     }
+
+    /// Reads the keys back and applies them before a change made here is answered, so this
+    /// replica (the one a client or an operator just changed them through) already signs,
+    /// publishes and verifies as they say; the others hear of it within moments. If the read
+    /// fails, the follower, told to read again, applies them.
+    async fn apply_now(&self) {
+        let mut applied = self.applying.lock().await;
+        match load(&self.pool, &self.kek).await {
+            Ok(rows) => {
+                apply(&self.keys, &rows, unix_millis());
+                *applied += 1;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the changed signing keys back: this replica applies them within moments");
+            }
+        }
+    }
+}
+
+/// Makes `keys` what `rows` say at `now`; `false` when no key in them is published.
+fn apply(keys: &SigningKeys, rows: &[Row], now: i64) -> bool {
+    let Some((published, current)) = ring(rows, now) else {
+        return false;
+    };
+    let (kids, current_kid) = keys.kids();
+    let same = current_kid == current.kid()
+        && kids.len() == published.len()
+        && kids.iter().zip(&published).all(|(a, b)| a == b.kid());
+    if !same {
+        tracing::info!(
+            current = current.kid(),
+            published = published.len(),
+            "signing keys changed"
+        );
+        keys.replace(published, current);
+    }
+    true
 }
 
 /// Keeps `keys` what the rows say: read again when told (a change heard, a reconnection),
@@ -462,9 +507,13 @@ async fn follow(
     kek: KeyEncryptionKey,
     keys: SigningKeys,
     reload: Arc<Notify>,
+    applying: Arc<tokio::sync::Mutex<u64>>,
     mut rows: Vec<Row>,
 ) {
     let mut stale = false;
+    // The reads applied when `rows` were read: fewer than now, and a change made through this
+    // process applied newer ones.
+    let mut seen = 0;
     let mut read_at = tokio::time::Instant::now();
     let mut unusable = false;
     while keys.holders() > 1 {
@@ -477,14 +526,17 @@ async fn follow(
         )
         .await
         .is_ok();
-        // Read again when told, after a failed read, and every minute whatever was heard (a
-        // listening connection can die without a word).
-        if woken || stale || read_at.elapsed() >= RELOAD_EVERY {
+        let mut applied = applying.lock().await;
+        // Read again when told, after a failed read, when newer keys were applied here, and
+        // every minute whatever was heard (a listening connection can die without a word).
+        if woken || stale || *applied != seen || read_at.elapsed() >= RELOAD_EVERY {
             read_at = tokio::time::Instant::now();
             match load(&pool, &kek).await {
                 Ok(fresh) => {
                     rows = fresh;
                     stale = false;
+                    *applied += 1;
+                    seen = *applied;
                 }
                 Err(error) => {
                     if !stale {
@@ -494,27 +546,15 @@ async fn follow(
                 }
             }
         }
-        let now = unix_millis();
-        let Some((published, current)) = ring(&rows, now) else {
+        if apply(&keys, &rows, unix_millis()) {
+            unusable = false;
+        } else {
             if !unusable {
                 tracing::error!("the database holds no signing key that is still published: signing on with the keys last read");
             }
             unusable = true;
-            continue;
-        };
-        unusable = false;
-        let (kids, current_kid) = keys.kids();
-        let same = current_kid == current.kid()
-            && kids.len() == published.len()
-            && kids.iter().zip(&published).all(|(a, b)| a == b.kid());
-        if !same {
-            tracing::info!(
-                current = current.kid(),
-                published = published.len(),
-                "signing keys changed"
-            );
-            keys.replace(published, current);
         }
+        drop(applied);
     }
 }
 
