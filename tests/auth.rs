@@ -607,9 +607,10 @@ mod jwks {
 
     #[tokio::test]
     async fn the_refetch_cooldown_ends() {
-        // A short cooldown: within it a new unknown `kid` is refused without a fetch; once it
-        // has passed, the next unknown `kid` fetches again and its token is accepted.
-        const COOLDOWN: Duration = Duration::from_millis(500);
+        // A short cooldown (long enough that a stalled machine still makes its checks within
+        // it): within it a new unknown `kid` is refused without a fetch; once it has passed,
+        // the next unknown `kid` fetches again and its token is accepted.
+        const COOLDOWN: Duration = Duration::from_secs(3);
         let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
         let client = app(remote(&server).refetch_cooldown(COOLDOWN).build().unwrap()).await;
         let good = mint(Algorithm::RS256, Some("k1"), &claims());

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,11 +41,13 @@ fn tenant(text: &str) -> TenantId {
 }
 
 /// A FHIR server whose `/slow` answers after `delay`, and whose `/stream` sends its head at
-/// once and ends its body after `delay`; it counts the requests in flight at once.
+/// once and ends its body after `delay`; it counts the requests in flight at once. The delay
+/// can be changed (`set_delay`); a request uses the one current when it arrives.
 #[derive(Clone)]
 struct SlowServer {
     in_flight: Arc<AtomicUsize>,
     most: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl SlowServer {
@@ -53,6 +55,7 @@ impl SlowServer {
         let server = Self {
             in_flight: Arc::default(),
             most: Arc::default(),
+            delay_ms: Arc::new(AtomicU64::new(delay.as_millis() as u64)),
         };
         let (slow, stream) = (server.clone(), server.clone());
         let router = Router::new()
@@ -62,7 +65,7 @@ impl SlowServer {
                     let server = slow.clone();
                     async move {
                         let _counted = server.enter();
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep(server.delay()).await;
                         "{}"
                     }
                 }),
@@ -73,6 +76,7 @@ impl SlowServer {
                     let server = stream.clone();
                     async move {
                         let counted = server.enter();
+                        let delay = server.delay();
                         let chunks = futures::stream::unfold(0, move |n| async move {
                             match n {
                                 0 => Some((Ok::<_, std::io::Error>(Bytes::from("{")), 1)),
@@ -94,6 +98,28 @@ impl SlowServer {
             );
         let addr = serve(router).await;
         (server, format!("http://{addr}/fhir"))
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
+    }
+
+    fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Waits (up to 10 s) until `count` requests are in flight.
+    async fn wait_in_flight(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.in_flight.load(Ordering::SeqCst) != count {
+            assert!(
+                Instant::now() < deadline,
+                "never {count} in flight: {}",
+                self.in_flight.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn enter(&self) -> Leave {
@@ -294,12 +320,14 @@ async fn max_concurrency_makes_a_second_request_wait_then_503_after_the_timeout(
     );
     assert_eq!(slow.most.load(Ordering::SeqCst), 1);
 
-    // While one request is in flight, one that may wait only 150 ms gets 503, never sent.
+    // While one request is in flight (held for 3 s), one that may wait only 150 ms gets 503,
+    // never sent.
+    slow.set_delay(Duration::from_secs(3));
     let busy = {
         let (client, patient) = (client.clone(), patient.clone());
         tokio::spawn(async move { client.get_bearer("/slow", &patient).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    slow.wait_in_flight(1).await;
     let started = Instant::now();
     let refused = client.get_bearer("/slow", &hasty).await;
     assert_throttled(&refused, StatusCode::SERVICE_UNAVAILABLE);
@@ -316,7 +344,8 @@ async fn the_slot_is_held_until_the_response_body_ends() {
     let patient = token(&client, "app", PATIENT).await;
     let hasty = token(&client, "app", HASTY).await;
 
-    // The head of a streamed response arrives; its body is still coming.
+    // The head of a streamed response arrives; its body is still coming (for 3 s).
+    slow.set_delay(Duration::from_secs(3));
     let raw: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let request = http::Request::get(format!("http://{addr}/stream"))
         .header("authorization", format!("Bearer {patient}"))
@@ -332,6 +361,7 @@ async fn the_slot_is_held_until_the_response_body_ends() {
     // Once the body has ended, the slot is free.
     let body = streaming.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "{}");
+    slow.set_delay(Duration::from_millis(400));
     let after = client.get_bearer("/slow", &patient).await;
     assert_eq!(after.status, StatusCode::OK, "{}", after.text());
 }

@@ -341,20 +341,23 @@ fn a_token_request_body_held_back_past_the_header_read_timeout_gets_408_and_a_cl
 fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     let (proc, addr, _dir) = start("idle", json!({"idle_timeout_seconds": 1}));
 
-    // One request, then nothing: closed, but not at once.
+    // One request, then nothing: closed, but not at once (the idle clock can only start once
+    // the request has arrived, after `sent`).
     let mut idle = connect(addr);
+    let sent = Instant::now();
     metadata_answered(&mut idle);
-    assert!(
-        !closed_within(&mut idle, Duration::from_millis(500)),
-        "closed right after its response, not after being idle"
-    );
     assert!(
         closed_within(&mut idle, Duration::from_secs(10)),
         "an idle keep-alive connection is still open; stderr:\n{}",
         proc.stderr()
     );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after its request, not after being idle",
+        sent.elapsed()
+    );
 
-    // A request every half second: one connection serves them all for 3 s.
+    // A request every 200 ms: one connection serves them all for 3 s.
     let mut busy = connect(addr);
     let began = Instant::now();
     let mut answered = 0;
@@ -365,9 +368,9 @@ fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
         assert_eq!(status, 200);
         assert!(!head.contains("connection: close"), "{head}");
         answered += 1;
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(answered >= 5, "{answered}");
+    assert!(answered >= 3, "{answered}");
 
     // A request in flight whose client is silent for 3 s (a body held back) is not cut, nor
     // is its connection marked for closing.
@@ -585,11 +588,12 @@ async fn an_http2_connection_with_no_request_is_closed_after_the_idle_timeout_pi
     let (proc, addr, _dir) = start("h2-idle", json!({"idle_timeout_seconds": 1}));
 
     // One request, then only PINGs (five a second, each answered): closed all the same.
+    // `idle` is taken before the request: the idle clock can only start once it has arrived.
     let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    let idle = Instant::now();
     let response = sender.send_request(h2_metadata()).await.unwrap();
     assert_eq!(response.status(), 200);
     response.into_body().collect().await.unwrap();
-    let idle = Instant::now();
     h2_closed(
         connection,
         &proc,
@@ -602,14 +606,14 @@ async fn an_http2_connection_with_no_request_is_closed_after_the_idle_timeout_pi
         idle.elapsed()
     );
 
-    // A request every half second keeps one open for 3 s.
+    // A request every 200 ms keeps one open for 3 s.
     let (mut sender, connection) = h2_connect(addr, 65_535).await;
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(3) {
         let response = sender.send_request(h2_metadata()).await.unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
         !connection.is_finished(),

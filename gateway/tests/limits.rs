@@ -66,8 +66,8 @@ fn config(dir: &Path, port: u16, upstream: &str) -> Value {
             {"id": LIMITED, "upstreams": plain, "rate_limit": {"requests_per_second": 2, "burst": 2}},
             {"id": PLAIN, "upstreams": plain},
             {"id": OTHER, "upstreams": plain},
-            {"id": PATIENT, "upstreams": one_at_a_time(5_000)},
-            {"id": HASTY, "upstreams": one_at_a_time(150)}
+            {"id": PATIENT, "upstreams": one_at_a_time(10_000)},
+            {"id": HASTY, "upstreams": one_at_a_time(1_000)}
         ],
         "admin_token": ADMIN_TOKEN
     })
@@ -130,7 +130,7 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
     upstream.answer(
         "/fhir/slow",
         Answer {
-            delay: Duration::from_millis(600),
+            delay: Duration::from_secs(5),
             ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
         },
     );
@@ -173,8 +173,8 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         StatusCode::TOO_MANY_REQUESTS,
     );
 
-    // max_concurrency 1: while one request is in flight, one that may wait only 150 ms gets
-    // 503 and never reaches the upstream.
+    // max_concurrency 1: while one request is in flight (the upstream holds it for 5 s), one
+    // that may wait only 1 s gets 503 and never reaches the upstream.
     let patient = token(&gateway, "app", PATIENT).await;
     let hasty = token(&gateway, "app", HASTY).await;
     let in_flight = {
@@ -182,14 +182,27 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         let patient = patient.clone();
         tokio::spawn(async move { client.get_bearer("/slow", &patient).await })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The slow request holds the only slot once the upstream has it (it is recorded before
+    // its 5 s delay).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !upstream
+        .received()
+        .iter()
+        .any(|r| r.target.starts_with("/fhir/slow"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let received = upstream.received().len();
     let started = Instant::now();
     assert_throttled(
         &fhir(&gateway, &hasty, "/Patient/2").await,
         StatusCode::SERVICE_UNAVAILABLE,
     );
-    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(started.elapsed() >= Duration::from_millis(1_000));
     assert_eq!(
         upstream.received().len(),
         received,
