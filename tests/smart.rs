@@ -542,6 +542,22 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
     );
 }
 
+/// `POST /Patient` with `If-None-Exist: identifier=x`, with `token`.
+async fn conditional_create(client: &TestClient, token: &str) -> Reply {
+    client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/fhir+json"),
+                ("if-none-exist", "identifier=x"),
+            ],
+            r#"{"resourceType": "Patient"}"#,
+        )
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_could_reach_other_types_needs_scopes_on_them() {
     let Setup { client, upstream } = setup(false).await;
@@ -563,53 +579,37 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let seen = upstream.received().len();
 
-    // A transaction entry writes the type its resource says: it must be the url's.
-    let forged = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "Patient"},
-         "resource": {"resourceType": "Observation", "status": "final"}}
-    ]})
-    .to_string();
-    let reply = send(
-        &client,
-        &patients,
-        "POST",
-        "/",
-        "application/fhir+json",
-        &forged,
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
-    assert!(reply.text().contains("not a Patient"), "{}", reply.text());
-    // A conditional create's search names no other type.
-    let probing = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "POST", "url": "Patient", "ifNoneExist": "Observation?code=secret"},
-         "resource": {"resourceType": "Patient"}}
-    ]})
-    .to_string();
-    let reply = send(
-        &client,
-        &patients,
-        "POST",
-        "/",
-        "application/fhir+json",
-        &probing,
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
-    // And it needs search on its own type, in a Bundle or an If-None-Exist header.
-    let creator = minted(json!({"scope": format!("{TENANT} system/Patient.c")}));
-    let reply = client
-        .send(
+    // A transaction entry writes the type its resource says: it must be the url's; and a
+    // conditional create's search names no other type.
+    for (entry, why) in [
+        (
+            json!({"request": {"method": "POST", "url": "Patient"},
+                   "resource": {"resourceType": "Observation", "status": "final"}}),
+            "not a Patient",
+        ),
+        (
+            json!({"request": {"method": "POST", "url": "Patient",
+                               "ifNoneExist": "Observation?code=secret"},
+                   "resource": {"resourceType": "Patient"}}),
+            "searches another type",
+        ),
+    ] {
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [entry]});
+        let reply = send(
+            &client,
+            &patients,
             "POST",
-            "/Patient",
-            &[
-                ("authorization", &format!("Bearer {creator}")),
-                ("content-type", "application/fhir+json"),
-                ("if-none-exist", "identifier=x"),
-            ],
-            r#"{"resourceType": "Patient"}"#,
+            "/",
+            "application/fhir+json",
+            &bundle.to_string(),
         )
         .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+        assert!(reply.text().contains(why), "{}", reply.text());
+    }
+    // And it needs search on its own type, in a Bundle or an If-None-Exist header.
+    let creator = minted(json!({"scope": format!("{TENANT} system/Patient.c")}));
+    let reply = conditional_create(&client, &creator).await;
     assert_refused(&reply, "system/Patient.s");
     assert_eq!(
         upstream.received().len(),
@@ -636,17 +636,6 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
         reply.text()
     );
     assert_eq!(upstream.received().len(), seen);
-    let reply = client
-        .send(
-            "POST",
-            "/Patient",
-            &[
-                ("authorization", &format!("Bearer {patients}")),
-                ("content-type", "application/fhir+json"),
-                ("if-none-exist", "identifier=x"),
-            ],
-            r#"{"resourceType": "Patient"}"#,
-        )
-        .await;
+    let reply = conditional_create(&client, &patients).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
