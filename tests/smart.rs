@@ -542,17 +542,19 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
     );
 }
 
-/// `POST /Patient` with `If-None-Exist: identifier=x`, with `token`.
-async fn conditional_create(client: &TestClient, token: &str) -> Reply {
+/// `POST /Patient` with an `If-None-Exist` header of each search, with `token`.
+async fn conditional_create(client: &TestClient, token: &str, searches: &[&str]) -> Reply {
+    let bearer = format!("Bearer {token}");
+    let mut headers = vec![
+        ("authorization", bearer.as_str()),
+        ("content-type", "application/fhir+json"),
+    ];
+    headers.extend(searches.iter().map(|search| ("if-none-exist", *search)));
     client
         .send(
             "POST",
             "/Patient",
-            &[
-                ("authorization", &format!("Bearer {token}")),
-                ("content-type", "application/fhir+json"),
-                ("if-none-exist", "identifier=x"),
-            ],
+            &headers,
             r#"{"resourceType": "Patient"}"#,
         )
         .await
@@ -609,7 +611,7 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     }
     // And it needs search on its own type, in a Bundle or an If-None-Exist header.
     let creator = minted(json!({"scope": format!("{TENANT} system/Patient.c")}));
-    let reply = conditional_create(&client, &creator).await;
+    let reply = conditional_create(&client, &creator, &["identifier=x"]).await;
     assert_refused(&reply, "system/Patient.s");
     assert_eq!(
         upstream.received().len(),
@@ -636,6 +638,21 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
         reply.text()
     );
     assert_eq!(upstream.received().len(), seen);
-    let reply = conditional_create(&client, &patients).await;
+    let reply = conditional_create(&client, &patients, &["identifier=x"]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // Two searches for one create: which would the server use?
+    let reply = conditional_create(&client, &patients, &["identifier=x", "identifier=y"]).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    // An operation that only reads across types may come by POST (its parameters in a body).
+    let everyone = minted(json!({"scope": format!("{TENANT} system/*.rs")}));
+    let reply = send(
+        &client,
+        &everyone,
+        "POST",
+        "/Patient/1/$everything",
+        "application/fhir+json",
+        r#"{"resourceType": "Parameters"}"#,
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }

@@ -383,6 +383,9 @@ impl PgSigningKeys {
         insert(&transaction, &self.kek, &key, now, switch).await?;
         announce(&transaction).await?;
         transaction.commit().await.map_err(failed)?;
+        // The connection goes back to the pool first: the follower may be waiting for one
+        // while it holds what `apply_now` waits for.
+        drop(connection);
         self.apply_now().await;
         self.reload.notify_one();
         tracing::info!(kid = key.kid(), signs_in = ?publish_for, "signing key rotation started");
@@ -456,6 +459,9 @@ impl PgSigningKeys {
         }
         announce(&transaction).await?;
         transaction.commit().await.map_err(failed)?;
+        // The connection goes back to the pool first: the follower may be waiting for one
+        // while it holds what `apply_now` waits for.
+        drop(connection);
         self.apply_now().await;
         self.reload.notify_one();
         Ok(())
@@ -545,6 +551,11 @@ async fn follow(
                     stale = true;
                 }
             }
+        }
+        if *applied != seen {
+            // The read failed, and newer keys were applied here since `rows` were read:
+            // applying these would undo them. Read again first.
+            continue;
         }
         if apply(&keys, &rows, unix_millis()) {
             unusable = false;

@@ -16,13 +16,24 @@ pub(crate) struct UnsafePath(pub(crate) &'static str);
 /// Only the path and query of `target` are used: an absolute-form target
 /// (`GET http://other/...`) cannot change the destination. Dot segments (also percent-encoded,
 /// also with `;` parameters, as in `..;`, and the look-alikes some servers trim to one: `...`,
-/// `.. `), empty segments (`//`, which some read as an authority), a `%` that does not begin
-/// a percent-encoded byte (IIS reads `%u002e` as `.`), encoded slashes or backslashes inside a
-/// segment, and encoded NULs are refused: they could lead out of the tenant's base path on the
-/// upstream.
+/// `.. `), a `%` that does not begin a percent-encoded byte (IIS reads `%u002e` as `.`),
+/// encoded slashes or backslashes inside a segment, and encoded NULs are refused: they could
+/// lead out of the tenant's base path on the upstream. Runs of slashes are merged (`//host/x`
+/// would be a network path to some upstreams).
 pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
     check_segments(path)?;
+    let merged;
+    let bytes = path.as_bytes();
+    let path = if memchr::memchr_iter(b'/', bytes).any(|at| bytes.get(at + 1) == Some(&b'/')) {
+        // Empty segments name nothing in FHIR, and a path that begins `//` is a network path
+        // to some upstreams (Node's `new URL(target, base)`): runs of slashes are merged, as
+        // nginx's `merge_slashes` does.
+        merged = merge_slashes(path);
+        merged.as_str()
+    } else {
+        path
+    };
     let query = target.query();
     let mut joined =
         String::with_capacity(base.path().len() + path.len() + query.map_or(0, |q| q.len() + 1));
@@ -59,17 +70,20 @@ pub(crate) fn absolute(base: &UpstreamBase, path: PathAndQuery) -> Result<Uri, U
         .map_err(|_| UnsafePath("The request path is not a valid URI path"))
 }
 
-fn check_segments(path: &str) -> Result<(), UnsafePath> {
-    let bytes = path.as_bytes();
-    if memchr::memchr_iter(b'/', bytes).any(|at| bytes.get(at + 1) == Some(&b'/')) {
-        // `//host/x` is a network path to some (Node's `new URL(target, base)`), and an
-        // empty segment names nothing in FHIR.
-        return Err(UnsafePath(
-            "Empty segments (`//`) are not allowed in the request path",
-        ));
+/// `path` with each run of slashes made one.
+fn merge_slashes(path: &str) -> String {
+    let mut merged = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c != '/' || !merged.ends_with('/') {
+            merged.push(c);
+        }
     }
+    merged
+}
+
+fn check_segments(path: &str) -> Result<(), UnsafePath> {
     // Most paths hold none of the bytes a dangerous segment needs: one pass over the whole.
-    if memchr::memchr3(b'%', b'.', b'\\', bytes).is_none() {
+    if memchr::memchr3(b'%', b'.', b'\\', path.as_bytes()).is_none() {
         return Ok(());
     }
     for raw in path.split('/') {
@@ -181,6 +195,18 @@ mod tests {
     }
 
     #[test]
+    fn runs_of_slashes_are_merged() {
+        assert_eq!(
+            join("http://ehr:9001", "//evil.example/x").unwrap(),
+            "http://ehr:9001/evil.example/x"
+        );
+        assert_eq!(
+            join("http://ehr:9001/fhir", "//Patient//1?a=b//c").unwrap(),
+            "http://ehr:9001/fhir/Patient/1?a=b//c"
+        );
+    }
+
+    #[test]
     fn traversal_is_refused_in_every_spelling() {
         for target in [
             "/../other/Patient",
@@ -210,8 +236,6 @@ mod tests {
             "/.../other",
             "/%2e%2e%2e/other",
             "/Patient/.%20",
-            "//evil.example/x",
-            "/Patient//1",
             "/Patient/%2",
             "/Patient/%zz",
             "/%25u002e%25u002e/other",

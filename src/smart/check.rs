@@ -187,6 +187,9 @@ impl<'g> Check<'g> {
             },
             Interaction::Operation => {
                 let within_type = found.operation.is_some_and(stays_within_its_type);
+                // Reads across types by any method (FHIR lets a client POST an operation that
+                // changes nothing); any other operation by another method than GET may write.
+                let reads_only = get || found.operation.is_some_and(reads_across_types);
                 let target = match (ty, id) {
                     (Some("Patient"), Some(id)) if !within_type => {
                         // Everything in the patient's compartment (`$everything`, `$summary`,
@@ -194,7 +197,7 @@ impl<'g> Check<'g> {
                         let target = Target::Compartment { ty: "Patient", id };
                         need(None, Permissions::READ, target);
                         need(None, Permissions::SEARCH, target);
-                        (!get).then_some((None, target))
+                        (!reads_only).then_some((None, target))
                     }
                     _ if !within_type => {
                         // An operation that may return or touch resources of any type
@@ -202,7 +205,7 @@ impl<'g> Check<'g> {
                         // `$export`, one the gateway does not know): every type, anyone's.
                         need(None, Permissions::READ, Target::Undecidable);
                         need(None, Permissions::SEARCH, Target::Undecidable);
-                        Some((None, Target::Undecidable))
+                        (!reads_only).then_some((None, Target::Undecidable))
                     }
                     (Some(ty), Some(id)) => {
                         let target = Target::Instance { ty, id };
@@ -215,10 +218,14 @@ impl<'g> Check<'g> {
                     }
                     (None, Some(_)) => None,
                 };
-                // An operation invoked otherwise than by GET may change what it touches.
+                // An operation invoked otherwise than by GET may change what it touches; one the
+                // gateway does not know may also delete (`$expunge`, `$merge`).
                 if let (Some((ty, target)), false) = (target, get) {
                     need(ty, Permissions::CREATE, target);
                     need(ty, Permissions::UPDATE, target);
+                    if !within_type {
+                        need(ty, Permissions::DELETE, target);
+                    }
                 }
             }
             Interaction::Batch | Interaction::Transaction => {
@@ -227,7 +234,8 @@ impl<'g> Check<'g> {
                 ))
             }
         }
-        if interaction == Interaction::Search {
+        // An operation's parameters may include as a search's do (`$lastn?_revinclude=...`).
+        if matches!(interaction, Interaction::Search | Interaction::Operation) {
             for (name, value) in params {
                 let include = name.split(':').next().unwrap_or("");
                 let (reverse, value) = match include {
@@ -343,6 +351,8 @@ impl<'g> Check<'g> {
     /// needs what that search would need. A search naming another type is refused.
     pub(crate) fn if_none_exist(&self, ty: &str, query: &str) -> Result<(), Refused> {
         let (named, query) = match query.split_once('?') {
+            // `?identifier=x` (as HAPI takes it) is the type's own search.
+            Some(("", query)) => (ty, query),
             Some((named, query)) => (named.trim_matches('/'), query),
             None => (ty, query),
         };
@@ -471,6 +481,12 @@ fn stays_within_its_type(operation: &str) -> bool {
             // Terminology, on ValueSet, CodeSystem and ConceptMap.
             | "expand" | "lookup" | "validate-code" | "subsumes" | "translate"
     )
+}
+
+/// Whether an operation that may answer with any type only reads, whatever the method it is
+/// invoked by (`POST Patient/[id]/$everything` with its parameters in a body).
+fn reads_across_types(operation: &str) -> bool {
+    matches!(operation, "everything" | "summary" | "document")
 }
 
 /// The type an `_include` (`Source:param[:Target]`) or `_revinclude` (`Source:param`) brings
@@ -843,12 +859,29 @@ mod tests {
                 );
             }
             assert!(allowed("system/*.rs", Method::GET, url), "{url}");
-            assert!(
-                !allowed("system/*.rs", Method::POST, url),
-                "{url} by POST may write"
-            );
-            assert!(allowed("system/*.crus", Method::POST, url), "{url}");
+            let name = url.rsplit('$').next().unwrap();
+            if reads_across_types(name) {
+                // Only reads, by POST too.
+                assert!(allowed("system/*.rs", Method::POST, url), "{url}");
+            } else {
+                // By POST it may write, even delete.
+                assert!(!allowed("system/*.crus", Method::POST, url), "{url}");
+                assert!(allowed("system/*.cruds", Method::POST, url), "{url}");
+            }
         }
+        assert!(allowed(
+            "patient/*.rs",
+            Method::POST,
+            "/Patient/123/$everything"
+        ));
+        // An operation's includes need read on what they bring in, as a search's do.
+        let lastn = "/Observation/$lastn?patient=1&_revinclude=Provenance:target";
+        assert!(!allowed("system/Observation.s", Method::GET, lastn));
+        assert!(allowed(
+            "system/Observation.s system/Provenance.r",
+            Method::GET,
+            lastn
+        ));
         // The patient's own compartment, for a patient-context token.
         assert!(allowed(
             "patient/*.rs",
@@ -934,6 +967,7 @@ mod tests {
             check.bundle(&conditional(json!("Patient?identifier=x"))),
             Ok(())
         );
+        assert_eq!(check.bundle(&conditional(json!("?identifier=x"))), Ok(()));
         for other in [json!("Observation?code=secret"), json!(7)] {
             assert!(
                 check.bundle(&conditional(other.clone())).is_err(),
@@ -970,6 +1004,8 @@ mod tests {
             "user.read",
             "fhirUser",
             "profile",
+            "User.Read.All",
+            "user.Read.All",
         ] {
             assert!(
                 Grants::from_scopes([not_smart], None).is_empty(),

@@ -320,13 +320,17 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         .classified(method, path, found, &params)
         .and_then(|()| {
             // A conditional create searches too.
-            match (found.interaction, request.headers().get("if-none-exist")) {
-                (Some(Interaction::Create), Some(query)) => match query.to_str() {
+            let mut searches = request.headers().get_all("if-none-exist").iter();
+            match (found.interaction, searches.next(), searches.next()) {
+                (Some(Interaction::Create), Some(query), None) => match query.to_str() {
                     Ok(query) => {
                         check.if_none_exist(found.resource_type.unwrap_or_default(), query)
                     }
                     Err(_) => Err(Refused::new("The If-None-Exist header is not text")),
                 },
+                (Some(Interaction::Create), Some(_), Some(_)) => Err(Refused::new(
+                    "A create has one If-None-Exist header at most",
+                )),
                 _ => Ok(()),
             }
         });

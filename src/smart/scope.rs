@@ -263,7 +263,8 @@ pub struct Grants {
 }
 
 /// Whether `scope` looks like a SMART resource scope: `patient/`, `user/` or `system/` (in any
-/// case) followed by something, or the dotted `context.type.permissions` form.
+/// case) followed by something, or the dotted `context.type.permissions` form (lower-case
+/// context, permissions `read`, `write`, `*` or `cruds` letters).
 pub(crate) fn looks_like_resource_scope(scope: &str) -> bool {
     let context = |text: &str| {
         ["patient", "user", "system"]
@@ -273,12 +274,19 @@ pub(crate) fn looks_like_resource_scope(scope: &str) -> bool {
     if let Some((head, rest)) = scope.split_once('/') {
         return context(head) && !rest.is_empty();
     }
+    // The dotted form (`patient.Patient.read`, `user.all.rs`): lower-case context, SMART
+    // permissions last (Microsoft Graph's `User.Read.All` is not one).
+    let scope = scope.split_once('?').map_or(scope, |(scope, _)| scope);
     let mut parts = scope.split('.');
-    matches!(
-        (parts.next(), parts.next(), parts.next(), parts.next()),
-        (Some(head), Some(ty), Some(permissions), None)
-            if context(head) && !ty.is_empty() && !permissions.is_empty()
-    )
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("patient" | "user" | "system"), Some(ty), Some(permissions), None) => {
+            !ty.is_empty()
+                && (matches!(permissions, "read" | "write" | "*")
+                    || (!permissions.is_empty()
+                        && permissions.bytes().all(|b| b"cruds".contains(&b))))
+        }
+        _ => false,
+    }
 }
 
 /// The resource scopes among `scopes`, and those that look like one and do not parse.

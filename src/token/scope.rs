@@ -13,7 +13,8 @@ use crate::tenant::TenantId;
 /// (`system/Patient.r` under `system/*.rs`). Values it may not have are left out (RFC 6749
 /// §3.3: the response's `scope` says what was granted). Asking for no scope besides the
 /// tenant grants every registered scope; asking only for scopes the client may not have is
-/// `invalid_scope`.
+/// `invalid_scope`. A client registered with SMART resource scopes gets its registered ones
+/// when it asks only for others (`openid`): a token without any would have tenant-wide access.
 pub(super) fn grant_scope(
     client: &ClientRecord,
     requested: Option<&str>,
@@ -62,6 +63,15 @@ pub(super) fn grant_scope(
             ));
         }
         extras.clone_from(&client.scopes);
+    } else if !extras.iter().any(|e| ResourceScope::parse(e).is_some()) {
+        // A token with no resource scope has the tenant-wide access of a client registered
+        // without any: one restricted to some resources never gets such a token by asking
+        // only for other scopes (`openid`). Its registered resource scopes come with them.
+        for registered in &client.scopes {
+            if ResourceScope::parse(registered).is_some() {
+                extras.push(registered.clone());
+            }
+        }
     }
     Ok((tenant, extras))
 }
@@ -189,6 +199,21 @@ mod tests {
         assert_eq!(
             granted("system/Observation.s?category=laboratory&code=1234-5").unwrap(),
             ["system/Observation.s?category=laboratory&code=1234-5"]
+        );
+        // Asking only for scopes that are not resource scopes does not shed the restriction:
+        // the registered resource scopes come with them.
+        let restricted = record(&[A], &["system/Patient.rs", "openid", "launch/patient"]);
+        assert_eq!(
+            grant_scope(&restricted, Some(&format!("{A} openid")))
+                .unwrap()
+                .1,
+            ["openid", "system/Patient.rs"]
+        );
+        // A client registered without resource scopes keeps tenant-wide tokens.
+        let open = record(&[A], &["openid"]);
+        assert_eq!(
+            grant_scope(&open, Some(&format!("{A} openid"))).unwrap().1,
+            ["openid"]
         );
     }
 }
