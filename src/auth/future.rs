@@ -185,3 +185,50 @@ where
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::vary_by_authorization;
+    use http::header::VARY;
+    use http::{HeaderMap, HeaderValue};
+
+    fn varied(upstream: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut headers = HeaderMap::new();
+        for value in upstream {
+            headers.append(VARY, HeaderValue::from_bytes(value).unwrap());
+        }
+        vary_by_authorization(&mut headers);
+        headers
+            .get_all(VARY)
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn authorization_is_added_once_and_only_where_missing() {
+        let bytes = |values: &[&str]| -> Vec<Vec<u8>> {
+            values.iter().map(|v| v.as_bytes().to_vec()).collect()
+        };
+        assert_eq!(varied(&[]), bytes(&["Authorization"]));
+        assert_eq!(varied(&[b"Accept"]), bytes(&["Accept", "Authorization"]));
+        // Already varying by it (any case, in a list) or by everything: left as it is.
+        for kept in [
+            &b"authorization"[..],
+            b"Accept, AUTHORIZATION",
+            b"*",
+            b"Accept,*",
+        ] {
+            assert_eq!(varied(&[kept]), vec![kept.to_vec()]);
+        }
+        assert_eq!(
+            varied(&[b"Accept", b"Authorization"]),
+            bytes(&["Accept", "Authorization"])
+        );
+        // A value that is not text does not hide a missing one.
+        assert_eq!(
+            varied(&[b"\xffx"]),
+            vec![b"\xffx".to_vec(), b"Authorization".to_vec()]
+        );
+    }
+}

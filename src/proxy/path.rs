@@ -195,6 +195,24 @@ mod tests {
     }
 
     #[test]
+    fn ordinary_fhir_paths_pass_as_they_are() {
+        for (target, forwarded) in [
+            ("/Patient/", "http://ehr:9001/fhir/Patient/"),
+            (
+                "/Patient/a.b-1/_history/2",
+                "http://ehr:9001/fhir/Patient/a.b-1/_history/2",
+            ),
+            ("/Binary/x%20y", "http://ehr:9001/fhir/Binary/x%20y"),
+            (
+                "/Patient?name=%zz&x=..",
+                "http://ehr:9001/fhir/Patient?name=%zz&x=..",
+            ),
+        ] {
+            assert_eq!(join("http://ehr:9001/fhir", target).unwrap(), forwarded);
+        }
+    }
+
+    #[test]
     fn runs_of_slashes_are_merged() {
         assert_eq!(
             join("http://ehr:9001", "//evil.example/x").unwrap(),
