@@ -115,3 +115,9 @@ print()
 print(f"gateway / pass-through instructions per request: {gw / pt:.3f}x")
 print(f"gateway with metrics and audit / gateway: {ops / gw:.3f}x ({audited:,} audit records written)")
 PY
+
+# PROFILES=DIR keeps the three callgrind profiles there, for `callgrind_annotate --inclusive=yes`.
+if [[ -n ${PROFILES:-} ]]; then
+  mkdir -p "$PROFILES"
+  cp "$work"/cg.*.1 "$PROFILES"/
+fi

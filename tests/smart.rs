@@ -613,11 +613,38 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     let creator = minted(json!({"scope": format!("{TENANT} system/Patient.c")}));
     let reply = conditional_create(&client, &creator, &["identifier=x"]).await;
     assert_refused(&reply, "system/Patient.s");
+    // So do a conditional update, patch and delete: whether (and how many) resources match
+    // shows in the answer.
+    let writer = minted(json!({"scope": format!("{TENANT} system/Patient.cud")}));
+    for method in ["PUT", "PATCH", "DELETE"] {
+        let reply = send(
+            &client,
+            &writer,
+            method,
+            "/Patient?identifier=x",
+            "application/fhir+json",
+            r#"{"resourceType": "Patient"}"#,
+        )
+        .await;
+        assert_refused(&reply, "system/Patient.s");
+    }
     assert_eq!(
         upstream.received().len(),
         seen,
         "nothing refused was forwarded"
     );
+    let searcher = minted(json!({"scope": format!("{TENANT} system/Patient.us")}));
+    let reply = send(
+        &client,
+        &searcher,
+        "PUT",
+        "/Patient?identifier=x",
+        "application/fhir+json",
+        r#"{"resourceType": "Patient"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen = upstream.received().len();
 
     // A resource scope that does not parse grants nothing, and does not leave the token with
     // the tenant-wide access of a token without SMART scopes.

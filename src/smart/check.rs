@@ -128,12 +128,17 @@ impl<'g> Check<'g> {
                     Permissions::UPDATE
                 };
                 let ty = ty.unwrap_or_default();
-                let target = match id {
-                    Some(id) => Target::Instance { ty, id },
-                    // Conditional: the resources the parameters find.
-                    None => Target::Search { ty },
-                };
-                need(Some(ty), permission, target);
+                match id {
+                    Some(id) => need(Some(ty), permission, Target::Instance { ty, id }),
+                    None => {
+                        // Conditional: the resources the parameters find. The answer tells
+                        // whether and how many match (`201` or `200`, `412` for several), so
+                        // it is a search as well.
+                        let target = Target::Search { ty };
+                        need(Some(ty), permission, target);
+                        need(Some(ty), Permissions::SEARCH, target);
+                    }
+                }
             }
             Interaction::Create => need(ty, Permissions::CREATE, Target::Undecidable),
             Interaction::History => match (ty, id) {
@@ -595,9 +600,10 @@ mod tests {
             (M::GET, "/Patient/1/_history", "r"),
             (M::PUT, "/Patient/1", "u"),
             (M::PATCH, "/Patient/1", "u"),
-            (M::PUT, "/Patient?identifier=x", "u"),
+            (M::PUT, "/Patient?identifier=x", "us"),
+            (M::PATCH, "/Patient?identifier=x", "us"),
             (M::DELETE, "/Patient/1", "d"),
-            (M::DELETE, "/Patient?identifier=x", "d"),
+            (M::DELETE, "/Patient?identifier=x", "ds"),
             (M::POST, "/Patient", "c"),
             (M::GET, "/Patient?name=x", "s"),
             (M::POST, "/Patient/_search", "s"),
@@ -611,13 +617,17 @@ mod tests {
                 allowed(&right, method.clone(), url),
                 "{method} {url} with {right}"
             );
-            let others: String = "cruds"
-                .chars()
-                .filter(|c| c.to_string() != *letter)
-                .collect();
-            let wrong = format!("system/Patient.{others} system/Observation.cruds");
-            let refused = check(&wrong, method.clone(), url).unwrap_err();
-            assert_eq!(refused.sufficient, [right], "{method} {url}");
+            // Without any one of the letters, the request is refused and that letter named.
+            for missing in letter.chars() {
+                let others: String = "cruds".chars().filter(|c| *c != missing).collect();
+                let wrong = format!("system/Patient.{others} system/Observation.cruds");
+                let refused = check(&wrong, method.clone(), url).unwrap_err();
+                assert_eq!(
+                    refused.sufficient,
+                    [format!("system/Patient.{missing}")],
+                    "{method} {url}"
+                );
+            }
         }
         // Reading the statement needs nothing; a POSTed operation may write.
         assert!(allowed("system/Observation.r", Method::GET, "/metadata"));
@@ -701,6 +711,20 @@ mod tests {
             assert!(!allowed(p, Method::GET, unnarrowed), "{unnarrowed}");
         }
         assert!(!allowed("patient/*.cruds", Method::POST, "/Observation"));
+        // A conditional update or delete searches within the patient's data, and needs `s`.
+        let conditional = "/Observation?patient=123&code=x";
+        assert!(allowed("patient/Observation.us", Method::PUT, conditional));
+        assert!(allowed(
+            "patient/Observation.ds",
+            Method::DELETE,
+            conditional
+        ));
+        assert!(!allowed("patient/Observation.u", Method::PUT, conditional));
+        assert!(!allowed(
+            "patient/Observation.us",
+            Method::PUT,
+            "/Observation?code=x"
+        ));
         // No patient claim: patient scopes open nothing.
         let none = Grants::from_scopes(["patient/*.rs"], None);
         assert!(Check::new(&none)
@@ -924,6 +948,8 @@ mod tests {
             )
             .unwrap()
         };
+        // (A conditional update searches too: `s` lets its entry reach the type check.)
+        let all = grants("system/Patient.crus");
         let g = grants("system/Patient.cru");
         let check = Check::new(&g);
         for wrong in [
@@ -936,7 +962,7 @@ mod tests {
             json!([{"request": {"method": "POST", "url": "Patient"}, "resource": {}}]),
             json!([{"request": {"method": "POST", "url": "Patient"}, "resource": "Patient"}]),
         ] {
-            let refused = check.bundle(&bundle(wrong.clone())).unwrap_err();
+            let refused = Check::new(&all).bundle(&bundle(wrong.clone())).unwrap_err();
             assert!(
                 refused.diagnostics.contains("not a Patient"),
                 "{wrong}: {refused:?}"

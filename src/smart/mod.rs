@@ -11,8 +11,9 @@
 //! | interaction | needs |
 //! |---|---|
 //! | `read`, `vread`, instance `history` | `r` on the type |
-//! | `update`, `patch` (also conditional) | `u` |
-//! | `delete` (also conditional) | `d` |
+//! | `update`, `patch` | `u` |
+//! | `delete` | `d` |
+//! | conditional `update`, `patch`, `delete` (`Patient?identifier=x`) | `u` or `d`, and `s` for the search |
 //! | `create` | `c` |
 //! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
