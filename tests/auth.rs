@@ -869,6 +869,35 @@ mod jwks {
             )
             .await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+        // A key bound to no issuer vouches for the issuers that have no keys of their own, and
+        // cannot sign in the name of one that has.
+        let layer = BearerAuthLayer::builder()
+            .jwks_url_for_issuer(idp_a.url(), "https://a.test")
+            .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+            .issuer("https://shared.test")
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let shared = |iss: &str| mint(Algorithm::HS256, None, &with_iss(iss));
+        assert_eq!(
+            client
+                .get_bearer("/Patient/1", &shared("https://shared.test"))
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let reply = client
+            .get_bearer("/Patient/1", &shared("https://a.test"))
+            .await;
+        assert_invalid_token(
+            &reply,
+            "The access token's issuer is not trusted for its key",
+        );
+        assert_eq!(
+            client.get_bearer("/Patient/1", &a_as_a).await.status,
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]

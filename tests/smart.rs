@@ -517,6 +517,32 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_issuers_key_cannot_sign_in_the_token_endpoints_name() {
+    let Setup { client, upstream } = setup(false).await;
+    // The second issuer's key is bound to no issuer; the endpoint's tokens may name any tenant
+    // it issued them for. A token signed by that key with the endpoint's `iss` is refused.
+    let endpoint = format!("http://{}", client.addr());
+    let forged = minted(json!({"iss": endpoint, "scope": format!("{TENANT} system/*.cruds")}));
+    let reply = get(&client, &forged, "/Patient/123").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert!(
+        reply.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token"),
+        "{:?}",
+        reply.headers
+    );
+    assert!(upstream.received().is_empty());
+    // In its own name it is served.
+    let own = minted(json!({"scope": format!("{TENANT} system/Patient.rs")}));
+    assert_eq!(
+        get(&client, &own, "/Patient/123").await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
     let Setup { client, .. } = setup(false).await;
     let tenant_only = minted(json!({}));

@@ -248,7 +248,9 @@ impl BearerAuthBuilder {
         self
     }
 
-    /// Adds a static verification key.
+    /// Adds a static verification key. It vouches for tokens of any accepted issuer, except
+    /// the issuers whose keys are bound to them ([`key_source_for_issuer`](Self::key_source_for_issuer),
+    /// `jwks_url_for_issuer`, the token endpoint's in a gateway): only their own keys do.
     pub fn key(mut self, key: VerificationKey) -> Self {
         self.static_keys = self.static_keys.with_key(key);
         self
@@ -276,7 +278,8 @@ impl BearerAuthBuilder {
 
     /// Adds a source of keys that vouch only for tokens whose `iss` is `issuer` (also added
     /// to the accepted issuers): with several identity providers, one cannot sign tokens in
-    /// another's name.
+    /// another's name. Keys bound to no issuer ([`key`](Self::key), [`key_source`](Self::key_source))
+    /// then no longer vouch for `issuer` either.
     pub fn key_source_for_issuer(
         mut self,
         source: impl KeySource,

@@ -403,8 +403,20 @@ impl Verifier {
                 true,
             ));
         }
-        if bound_issuer.is_some_and(|bound| claims.issuer() != Some(bound)) {
+        let trusted_for_key = match bound_issuer {
             // Each identity provider vouches for its own tokens only.
+            Some(bound) => claims.issuer() == Some(bound),
+            // A key bound to no issuer vouches for none that has keys of its own: the holder of
+            // a shared or static key cannot sign in the name of an issuer (the token endpoint,
+            // say) whose tokens its own keys vouch for.
+            None => claims.issuer().is_none_or(|issuer| {
+                !self
+                    .sources
+                    .iter()
+                    .any(|source| source.issuer.as_deref() == Some(issuer))
+            }),
+        };
+        if !trusted_for_key {
             return Err((
                 self.reject(
                     RejectionKind::InvalidToken,
