@@ -21,7 +21,9 @@ use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::postgres::PgSigningKeys;
 use tower_fhir::proxy::ClientAddr;
-use tower_fhir::route::{RouteCache, TenantEntry, TenantRecord, TenantStore};
+use tower_fhir::route::{
+    nested_bases, DirectoryError, NestedBases, RouteCache, TenantEntry, TenantRecord, TenantStore,
+};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient, SigningKey, SigningKeys,
@@ -208,6 +210,14 @@ async fn put_tenant(
             );
         }
     };
+    match nested_with_others(&admin, tenant, &upstreams).await {
+        Ok(None) => {}
+        Ok(Some(nested)) => return error(StatusCode::CONFLICT, &nested.to_string()),
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not read the tenants to check a change");
+            return unavailable("the tenant could not be saved");
+        }
+    }
     let existed = match admin.directory.put(tenant, upstreams.clone()).await {
         Ok(existed) => existed,
         Err(err) => {
@@ -225,6 +235,34 @@ async fn put_tenant(
         StatusCode::CREATED
     };
     (status, Json(tenant_json(tenant, &upstreams))).into_response()
+}
+
+/// The first upstream base of `record` that lies under another tenant's on the same server,
+/// or holds one: that tenant's tokens would reach the other's data through the path. Reads
+/// every other tenant (a lookup each).
+async fn nested_with_others(
+    admin: &Admin,
+    tenant: TenantId,
+    record: &TenantRecord,
+) -> Result<Option<NestedBases>, DirectoryError> {
+    if record.upstreams().is_empty() {
+        return Ok(None);
+    }
+    let mut others = Vec::new();
+    for other in admin.directory.list().await? {
+        if other != tenant {
+            if let Some(found) = admin.directory.lookup(other).await? {
+                others.push((other, found));
+            }
+        }
+    }
+    let all = others
+        .iter()
+        .map(|(other, found)| (*other, found))
+        .chain([(tenant, record)]);
+    Ok(nested_bases(all)
+        .into_iter()
+        .find(|nested| nested.outer_tenant == tenant || nested.inner_tenant == tenant))
 }
 
 /// The tenant as stored, upstream credentials left out.

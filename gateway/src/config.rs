@@ -384,6 +384,19 @@ impl Config {
                 path.display()
             ));
         }
+        if let Some(nested) = tower_fhir::route::nested_bases(
+            config
+                .tenants
+                .iter()
+                .map(|tenant| (tenant.id, &tenant.record)),
+        )
+        .first()
+        {
+            return Err(format!(
+                "the configuration file {}: {nested}",
+                path.display()
+            ));
+        }
         for trusted in &config.trusted_issuers {
             if trusted.any_tenant && !trusted.tenants.is_empty() {
                 return Err(format!(
@@ -581,6 +594,30 @@ mod tests {
         assert_eq!(config.check_connection_limits(), Ok(()));
         let shown = format!("{config:?}");
         assert!(shown.contains("idle_timeout_seconds: 7"), "{shown}");
+    }
+
+    #[test]
+    fn tenants_whose_bases_nest_are_refused() {
+        let file = std::env::temp_dir().join(format!("nested-{}.json", std::process::id()));
+        let config = |inner: &str| {
+            format!(
+                r#"{{"tenants": [
+                    {{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                      "upstreams": [{{"base_url": "http://hapi:8080/fhir", "fhir_version": "4.0"}}]}},
+                    {{"id": "5e2a7d3f-9b4c-4d6e-8f80-2b3c4d5e6f70",
+                      "upstreams": [{{"base_url": "{inner}", "fhir_version": "4.0"}}]}}]}}"#
+            )
+        };
+        std::fs::write(&file, config("http://hapi:8080/fhir/tenant-b")).unwrap();
+        let refused = Config::load(&file).unwrap_err();
+        assert!(
+            refused.contains("tenant 5e2a7d3f-9b4c-4d6e-8f80-2b3c4d5e6f70's upstream http://hapi:8080/fhir/tenant-b lies under tenant 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f's"),
+            "{refused}"
+        );
+        std::fs::write(&file, config("http://hapi:8080/fhir-b")).unwrap();
+        let loaded = Config::load(&file);
+        std::fs::remove_file(&file).unwrap();
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
     }
 
     #[test]

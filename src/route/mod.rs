@@ -72,6 +72,7 @@
 mod cache;
 mod directory;
 mod layer;
+mod nesting;
 mod upstream;
 
 pub use cache::RouteCache;
@@ -82,6 +83,7 @@ pub use directory::{
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
+pub use nesting::{nested_bases, NestedBases};
 pub use upstream::{
     InProcessTenant, InvalidTenant, InvalidUpstream, TenantEntry, TenantRecord, Upstream,
     UpstreamBase,

@@ -1,0 +1,233 @@
+//! Upstream bases of different tenants, one under the other on the same server.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::upstream::{TenantRecord, UpstreamBase};
+use crate::tenant::TenantId;
+
+/// One tenant's upstream base lies under another tenant's on the same server
+/// (`http://hapi/fhir` and `http://hapi/fhir/tenant-b`).
+///
+/// The proxy puts a client's path under its tenant's base, so the outer tenant's tokens would
+/// reach the inner tenant's data (`/tenant-b/Patient/1`). [`nested_bases`] finds such pairs;
+/// the gateway binary refuses them in its configuration and in the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestedBases {
+    /// The tenant whose base holds the other's.
+    pub outer_tenant: TenantId,
+    /// Its base.
+    pub outer: UpstreamBase,
+    /// The tenant whose base lies under it.
+    pub inner_tenant: TenantId,
+    /// Its base.
+    pub inner: UpstreamBase,
+}
+
+impl fmt::Display for NestedBases {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tenant {}'s upstream {} lies under tenant {}'s upstream {} on the same server: the \
+             second tenant's tokens could reach the first's data through the path; give each \
+             tenant a base of its own beside the others' (/fhir/tenant-a, /fhir/tenant-b)",
+            self.inner_tenant, self.inner, self.outer_tenant, self.outer
+        )
+    }
+}
+
+/// Host, port and path.
+type Place = (String, u16, String);
+
+/// A base as the server it reaches reads it: host (lower-cased), port (the scheme's default
+/// when none is written) and path segments (lower-cased, since some servers ignore case).
+fn server_and_path(base: &UpstreamBase) -> Place {
+    let authority = base.authority();
+    let port = authority
+        .port_u16()
+        .unwrap_or(match base.scheme().as_str() {
+            "https" => 443,
+            _ => 80,
+        });
+    (
+        authority.host().to_ascii_lowercase(),
+        port,
+        base.path().to_ascii_lowercase(),
+    )
+}
+
+/// Every pair of tenants whose upstream bases lie one under the other on the same server
+/// (same host and port; paths compared by whole segments, ignoring case). Bases that are
+/// equal are not nested (the tenants then share one server's data by their own
+/// configuration), nor are a tenant's own upstreams, nor in-process tenants.
+///
+/// Each base is checked against its own ancestors only, so the cost grows with the number of
+/// bases times their depth, not with its square.
+///
+/// ```
+/// use tower_fhir::route::{nested_bases, TenantRecord, Upstream};
+/// use tower_fhir::tenant::TenantId;
+/// use tower_fhir::version::FhirVersion;
+///
+/// let record = |url: &str| TenantRecord::new([Upstream::parse(url, FhirVersion::R4).unwrap()]).unwrap();
+/// let a: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
+/// let b: TenantId = "5e2a7d3f-9b4c-4d6e-8f80-2b3c4d5e6f70".parse().unwrap();
+/// let (outer, inner) = (record("http://hapi:8080/fhir"), record("http://HAPI:8080/FHIR/tenant-b"));
+/// let found = nested_bases([(a, &outer), (b, &inner)]);
+/// assert_eq!(found.len(), 1);
+/// assert_eq!((found[0].outer_tenant, found[0].inner_tenant), (a, b));
+///
+/// // Siblings, another server or the same base are not nested.
+/// let sibling = record("http://hapi:8080/fhir-b");
+/// let other_port = record("http://hapi:8081/fhir/tenant-b");
+/// assert!(nested_bases([(a, &outer), (b, &sibling)]).is_empty());
+/// assert!(nested_bases([(a, &outer), (b, &other_port)]).is_empty());
+/// assert!(nested_bases([(a, &outer), (b, &outer)]).is_empty());
+/// ```
+pub fn nested_bases<'a>(
+    tenants: impl IntoIterator<Item = (TenantId, &'a TenantRecord)>,
+) -> Vec<NestedBases> {
+    let bases: Vec<(TenantId, &UpstreamBase, Place)> = tenants
+        .into_iter()
+        .flat_map(|(tenant, record)| {
+            record
+                .upstreams()
+                .iter()
+                .map(move |upstream| (tenant, upstream.base()))
+        })
+        .map(|(tenant, base)| (tenant, base, server_and_path(base)))
+        .collect();
+    // Each base by its server and path, with every tenant (and the base as written) at it.
+    type Key<'k> = (&'k str, u16, &'k str);
+    let mut at: HashMap<Key<'_>, Vec<(TenantId, &UpstreamBase)>> = HashMap::new();
+    for (tenant, base, (host, port, path)) in &bases {
+        at.entry((host.as_str(), *port, path.as_str()))
+            .or_default()
+            .push((*tenant, *base));
+    }
+    let mut found = Vec::new();
+    for (tenant, base, (host, port, path)) in &bases {
+        // The proper ancestors of `/a/b/c`: `/a/b`, `/a`, and the root.
+        let mut ancestor = path.as_str();
+        while let Some(cut) = ancestor.rfind('/') {
+            ancestor = &ancestor[..cut];
+            let Some(outers) = at.get(&(host.as_str(), *port, ancestor)) else {
+                continue;
+            };
+            for (outer_tenant, outer) in outers {
+                let pair = NestedBases {
+                    outer_tenant: *outer_tenant,
+                    outer: (*outer).clone(),
+                    inner_tenant: *tenant,
+                    inner: (*base).clone(),
+                };
+                if outer_tenant != tenant && !found.contains(&pair) {
+                    found.push(pair);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Upstream;
+    use crate::version::FhirVersion;
+
+    fn tenant(n: u8) -> TenantId {
+        format!("00000000-0000-4000-8000-0000000000{n:02}")
+            .parse()
+            .unwrap()
+    }
+
+    fn record(urls: &[&str]) -> TenantRecord {
+        TenantRecord::new(
+            urls.iter()
+                .map(|url| Upstream::parse(url, FhirVersion::R4).unwrap()),
+        )
+        .unwrap()
+    }
+
+    fn pairs(records: &[(u8, TenantRecord)]) -> Vec<(TenantId, TenantId)> {
+        nested_bases(records.iter().map(|(n, r)| (tenant(*n), r)))
+            .into_iter()
+            .map(|found| (found.outer_tenant, found.inner_tenant))
+            .collect()
+    }
+
+    #[test]
+    fn a_base_under_another_tenants_is_found_at_any_depth_and_either_order() {
+        let records = [
+            (2, record(&["http://hapi/fhir/a/b"])),
+            (1, record(&["http://hapi/fhir"])),
+        ];
+        assert_eq!(pairs(&records), [(tenant(1), tenant(2))]);
+        // The root holds every path; a default port is the same server.
+        let records = [
+            (1, record(&["http://hapi:80"])),
+            (2, record(&["http://hapi/x"])),
+            (3, record(&["https://hapi/x"])),
+        ];
+        assert_eq!(pairs(&records), [(tenant(1), tenant(2))]);
+        // Case is ignored: some servers do.
+        let records = [
+            (1, record(&["http://Hapi/FHIR"])),
+            (2, record(&["http://hapi/fhir/B"])),
+        ];
+        assert_eq!(pairs(&records), [(tenant(1), tenant(2))]);
+        // Several tenants at one base are each named.
+        let records = [
+            (1, record(&["http://hapi/fhir"])),
+            (2, record(&["http://hapi/fhir"])),
+            (3, record(&["http://hapi/fhir/c"])),
+        ];
+        assert_eq!(
+            pairs(&records),
+            [(tenant(1), tenant(3)), (tenant(2), tenant(3))]
+        );
+    }
+
+    #[test]
+    fn siblings_prefixes_equal_bases_and_a_tenants_own_upstreams_are_not_nested() {
+        let records = [
+            (1, record(&["http://hapi/fhir", "http://hapi/fhir/stu3"])),
+            (2, record(&["http://hapi/fhir-b"])),
+            (3, record(&["http://hapi/fhir-b"])),
+            (4, record(&["http://other/fhir/d"])),
+            (5, record(&["http://hapi:8080/fhir/e"])),
+        ];
+        assert_eq!(pairs(&records), []);
+        // But a tenant sharing another's base reaches the upstreams that tenant has under it.
+        let records = [
+            (1, record(&["http://hapi/fhir", "http://hapi/fhir/stu3"])),
+            (2, record(&["http://hapi/fhir"])),
+        ];
+        assert_eq!(pairs(&records), [(tenant(2), tenant(1))]);
+        let local = TenantRecord::in_process(
+            crate::route::InProcessTenant::new("k", [FhirVersion::R4]).unwrap(),
+        );
+        assert!(
+            nested_bases([(tenant(1), &record(&["http://hapi"])), (tenant(2), &local)]).is_empty()
+        );
+    }
+
+    #[test]
+    fn the_message_names_both_tenants_and_bases() {
+        let (outer, inner) = (
+            record(&["http://hapi/fhir"]),
+            record(&["http://hapi/fhir/b"]),
+        );
+        let found = nested_bases([(tenant(1), &outer), (tenant(2), &inner)]);
+        let text = found[0].to_string();
+        for part in [
+            "http://hapi/fhir/b",
+            "http://hapi/fhir",
+            &tenant(1).to_string(),
+            &tenant(2).to_string(),
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+    }
+}
