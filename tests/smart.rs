@@ -304,6 +304,22 @@ async fn granular_reads_are_checked_with_a_search_first() {
     };
     upstream.answer("/fhir/Observation?_id=lab-1&", bundle(1));
     upstream.answer("/fhir/Observation?_id=vital-2&", bundle(0));
+    // A server that ignored the category (lenient handling) and says so in its `self` link.
+    upstream.answer(
+        "/fhir/Observation?_id=lenient&",
+        Answer::json(
+            json!({"resourceType": "Bundle", "type": "searchset", "total": 1,
+            "link": [{"relation": "self",
+                      "url": "http://fhir.example/Observation?_id=lenient&_summary=count"}]}),
+        ),
+    );
+    // One that used both.
+    upstream.answer(
+        "/fhir/Observation?_id=strict&",
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": 1,
+            "link": [{"relation": "self",
+                      "url": "http://fhir.example/Observation?_id=strict&category=laboratory&_summary=count"}]})),
+    );
     upstream.answer(
         "/fhir/Observation?_id=broken&",
         Answer {
@@ -331,6 +347,20 @@ async fn granular_reads_are_checked_with_a_search_first() {
     );
     assert_eq!(received[0].method, "GET");
     assert!(received[0].body.is_empty());
+    // The server is asked to fail on a parameter it does not support, not to ignore it.
+    assert_eq!(received[0].headers["prefer"], "handling=strict");
+
+    // The search's `self` link shows the category was not used: it cannot vouch, 502.
+    let reply = get(&client, &token, "/Observation/lenient").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(upstream.last().target.contains("_summary=count"));
+    let reply = get(&client, &token, "/Observation/strict").await;
+    assert_eq!(
+        upstream.last().target,
+        "/fhir/Observation/strict",
+        "{}",
+        reply.text()
+    );
 
     // Another category: the search finds nothing, the read is refused and never sent.
     assert_refused(

@@ -398,6 +398,9 @@ fn probe_request<B, ReqBody>(
             header::ACCEPT,
             HeaderValue::from_static("application/fhir+json"),
         )
+        // A server that does not support one of the parameters must fail, not ignore it and
+        // find the resource by its id alone (FHIR's default handling is lenient).
+        .header("prefer", HeaderValue::from_static("handling=strict"))
         .body(ScopedBody::buffered(Bytes::new()))
         .ok()?;
     *request.extensions_mut() = read.extensions().clone();
@@ -425,6 +428,10 @@ where
     std::future::poll_fn(|cx| inner.poll_ready(cx))
         .await
         .map_err(|_| unavailable())?;
+    // The parameters the search must have used: all but `_summary`.
+    let required: Vec<String> = query_names(request.uri().query().unwrap_or(""))
+        .filter(|name| name != "_summary")
+        .collect();
     let response = inner.call(request).await.map_err(|_| unavailable())?;
     if response.status() != StatusCode::OK {
         tracing::info!(status = %response.status(), "a granular-scope probe search failed");
@@ -439,12 +446,44 @@ where
     if bundle.get("resourceType").and_then(|t| t.as_str()) != Some("Bundle") {
         return Err(unavailable());
     }
+    // A server reports the parameters it used in the `self` link; one that dropped one of
+    // ours (lenient handling despite `Prefer`) found the resource by less than the scope says.
+    let used = bundle
+        .get("link")
+        .and_then(|links| links.as_array())
+        .into_iter()
+        .flatten()
+        .find(|link| link.get("relation").and_then(|r| r.as_str()) == Some("self"))
+        .and_then(|link| link.get("url").and_then(|u| u.as_str()));
+    if let Some(used) = used {
+        let used: Vec<String> = query_names(used.split_once('?').map_or("", |(_, q)| q)).collect();
+        if let Some(dropped) = required.iter().find(|name| !used.contains(name)) {
+            tracing::warn!(
+                parameter = %dropped,
+                "a granular-scope probe search did not use one of its parameters"
+            );
+            return Err(unavailable());
+        }
+    }
     let total = bundle.get("total").and_then(serde_json::Value::as_u64);
     let entries = bundle
         .get("entry")
         .and_then(|e| e.as_array())
         .map_or(0, Vec::len);
     Ok(total.unwrap_or(entries as u64) > 0)
+}
+
+/// The parameter names of a query string, decoded (`+` as a space).
+fn query_names(query: &str) -> impl Iterator<Item = String> + '_ {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            percent_encoding::percent_decode_str(&name.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
 }
 
 /// A refusal, answered at once.
