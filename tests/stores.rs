@@ -510,15 +510,15 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
             .unwrap()
             .get::<_, i64>(0)
     };
-    // Both replicas' listeners connected (a busy machine may take a while to connect).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while listening().await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the listeners never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Both replicas' listeners connected (a busy machine may take a while to connect): the
+    // stores say so, and so does the server.
+    for store in [&one, &two] {
+        timeout(Duration::from_secs(10), store.listening())
+            .await
+            .expect("the listeners never connected");
+        assert!(store.is_listening());
     }
+    assert_eq!(listening().await, 2);
     let next = |heard: &mut tokio::sync::broadcast::Receiver<TenantId>| {
         let heard = heard.resubscribe();
         async move {
@@ -554,6 +554,16 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
     .await
     .unwrap();
     let mut resync = two.changes();
+    // No new connection is let in for a while: the stores say they are not listening. (A
+    // database's connections are allowed and disallowed from another database.)
+    let root = tokio_postgres::connect(&server.url("postgres"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(root.1);
+    let root = root.0;
+    root.batch_execute("ALTER DATABASE changes ALLOW_CONNECTIONS false")
+        .await
+        .unwrap();
     let cut = admin
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
@@ -562,6 +572,20 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         .await
         .unwrap();
     assert_eq!(cut, 2, "each replica listens on one connection");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while one.is_listening() || two.is_listening() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still said to be listening"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    root.batch_execute("ALTER DATABASE changes ALLOW_CONNECTIONS true")
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(10), two.listening())
+        .await
+        .expect("the listener never connected again");
     one.put(
         tenant(C),
         upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4),

@@ -16,6 +16,7 @@ use tower_fhir::ops::{
     fhir_cors, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer, Health, HealthLayer,
     JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer, RequestIdService,
 };
+use tower_fhir::postgres::PgTenantStore;
 use tower_fhir::token::SigningKeys;
 use tower_http::cors::Cors;
 
@@ -37,7 +38,7 @@ pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
     keys: &SigningKeys,
-    database_up: Option<Arc<AtomicBool>>,
+    database: Option<(Arc<AtomicBool>, PgTenantStore)>,
 ) -> Result<Front, String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
@@ -58,8 +59,10 @@ pub(crate) fn front(
     auth.prefetch_keys();
     let keys = keys.clone();
     let mut health = HealthLayer::new();
-    if let Some(up) = database_up {
-        health = health.readiness("database", move || up.load(Ordering::Relaxed));
+    if let Some((up, tenants)) = database {
+        health = health
+            .readiness("database", move || up.load(Ordering::Relaxed))
+            .readiness("database change listener", move || tenants.is_listening());
     }
     let health = health
         .readiness("signing keys", move || {

@@ -231,11 +231,11 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::print(&base, &gateway).await;
     }
-    let database_up = state
+    let database = state
         .database
         .as_ref()
-        .map(|database| Arc::clone(&database.up));
-    let front = front::front(&config, gateway, &state.keys, database_up)?;
+        .map(|database| (Arc::clone(&database.up), database.tenants.clone()));
+    let front = front::front(&config, gateway, &state.keys, database)?;
     let limits = serve::Limits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState};
+use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
 use tower_fhir::route::{FileDirectory, TenantStore};
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
@@ -39,6 +39,8 @@ pub(crate) struct Database {
     pub(crate) keys: PgSigningKeys,
     /// Whether the database answered the last ping (once a second).
     pub(crate) up: Arc<AtomicBool>,
+    /// The tenant directory, whose listener hears other replicas' changes.
+    pub(crate) tenants: PgTenantStore,
 }
 
 /// The file in `state_dir` whose lock says which process owns the directory.
@@ -114,14 +116,27 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         .signing_keys(kek)
         .await
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
+    // Serve only once other replicas' tenant changes are heard: a lookup cached before then
+    // could miss a change for as long as the cache keeps it.
+    if tokio::time::timeout(Duration::from_secs(10), directory.listening())
+        .await
+        .is_err()
+    {
+        tracing::warn!("not yet listening for other replicas' tenant changes after 10 s: serving anyway; /readyz says so until it listens");
+    }
     let up = Arc::new(AtomicBool::new(true));
     tokio::spawn(watch(state.clone(), Arc::downgrade(&up)));
     Ok(State {
-        directory: Arc::new(directory),
+        directory: Arc::new(directory.clone()),
         clients: Arc::new(clients),
         keys: keys.signing_keys(),
         location,
-        database: Some(Database { state, keys, up }),
+        database: Some(Database {
+            state,
+            keys,
+            up,
+            tenants: directory,
+        }),
         _temporary: None,
         _lock: None,
     })

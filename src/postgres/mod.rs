@@ -45,7 +45,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
@@ -365,11 +365,13 @@ impl PgState {
     pub fn tenant_store(&self) -> PgTenantStore {
         let (changes, _) = broadcast::channel(1024);
         let alive = Arc::new(());
+        let (up, listening) = watch::channel(false);
         let store = PgTenantStore {
             pool: self.pool.clone(),
             changes,
             _alive: Arc::clone(&alive),
             origin: Arc::from(origin()),
+            listening,
         };
         tokio::spawn(listen(
             self.config.clone(),
@@ -377,6 +379,7 @@ impl PgState {
                 store: store.clone_detached(),
                 alive: Arc::downgrade(&alive),
                 known: HashSet::new(),
+                up,
             },
         ));
         drop(alive);
@@ -604,6 +607,8 @@ pub struct PgTenantStore {
     /// Names this store in its notifications, so its listener skips its own changes (its
     /// subscribers heard them already).
     origin: Arc<str>,
+    /// Whether the listener is connected and listening now.
+    listening: watch::Receiver<bool>,
 }
 
 impl fmt::Debug for PgTenantStore {
@@ -624,6 +629,24 @@ fn uuid(tenant: TenantId) -> Uuid {
 }
 
 impl PgTenantStore {
+    /// Whether the listener for other replicas' changes is connected and listening now: false
+    /// until its first `LISTEN` has taken effect, and while it connects again after a drop.
+    /// Until then, a change another replica makes reaches this process's caches only when
+    /// their entries expire (or, after a drop, when it resynchronises): a readiness check.
+    pub fn is_listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
+    /// Resolves once the listener is connected and listening (at once if it is). A process
+    /// that awaits it before serving caches nothing a change could go unheard for: a tenant
+    /// another replica onboards in the moments after this store is made would otherwise stay
+    /// cached as unknown for the route cache's negative TTL.
+    pub async fn listening(&self) {
+        let mut listening = self.listening.clone();
+        // An error: the listener has stopped, which it does only when no store is left.
+        let _ = listening.wait_for(|up| *up).await;
+    }
+
     /// A clone that does not keep the listener alive (the listener's own).
     fn clone_detached(&self) -> Detached {
         Detached {
@@ -860,6 +883,10 @@ trait Handler: Send + 'static {
 
     /// A notification's payload.
     fn heard(&mut self, payload: &str);
+
+    /// Not listening any more: the connection dropped (it is made again unless the handler
+    /// is not alive).
+    fn stopped(&mut self) {}
 }
 
 /// Listens on [`CHANGES_CHANNEL`] and hands what it hears to `handler`, connecting again
@@ -912,6 +939,7 @@ async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
                         let Some(note) = note else { break };
                         handler.heard(&note);
                     }
+                    handler.stopped();
                 }
                 driver.abort();
                 drop(client);
@@ -935,6 +963,8 @@ struct TenantChanges {
     alive: Weak<()>,
     /// Every tenant heard of or listed: what a cache may hold.
     known: HashSet<TenantId>,
+    /// Whether it listens now, for [`PgTenantStore::is_listening`].
+    up: watch::Sender<bool>,
 }
 
 impl Handler for TenantChanges {
@@ -957,6 +987,11 @@ impl Handler for TenantChanges {
             }
             Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
         }
+        self.up.send_replace(true);
+    }
+
+    fn stopped(&mut self) {
+        self.up.send_replace(false);
     }
 
     fn heard(&mut self, payload: &str) {
