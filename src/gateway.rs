@@ -379,6 +379,17 @@ impl GatewayBuilder {
             {
                 return Err(ConfigError::UnboundIssuer(other.clone()));
             }
+            if auth.has_unbound_keys()
+                && auth
+                    .accepted_issuers()
+                    .iter()
+                    .all(|issuer| issuer == endpoint.issuer())
+            {
+                // Only the endpoint's issuer is accepted, and its own keys alone vouch for it.
+                tracing::warn!(
+                    "the bearer layer has keys bound to no issuer and accepts no issuer but the                      token endpoint's: those keys verify no token (accept their issuer, or bind                      them with key_source_for_issuer)"
+                );
+            }
             auth = auth
                 .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())
                 .audience_for_issuer(endpoint.issuer(), endpoint.audience())

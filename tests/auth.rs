@@ -898,6 +898,19 @@ mod jwks {
             client.get_bearer("/Patient/1", &a_as_a).await.status,
             StatusCode::OK
         );
+
+        // The same keys given unbound and bound (tried in that order): the unbound ones may
+        // not vouch for the issuer, its bound ones then do.
+        let layer = BearerAuthLayer::builder()
+            .jwks_url(idp_a.url())
+            .jwks_url_for_issuer(idp_a.url(), "https://a.test")
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        assert_eq!(
+            client.get_bearer("/Patient/1", &a_as_a).await.status,
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]

@@ -313,12 +313,20 @@ async fn granular_reads_are_checked_with_a_search_first() {
                       "url": "http://fhir.example/Observation?_id=lenient&_summary=count"}]}),
         ),
     );
-    // One that used both.
+    // A self link that does not echo the search (no `_id`) tells nothing either way.
+    upstream.answer(
+        "/fhir/Observation?_id=paged&",
+        Answer::json(
+            json!({"resourceType": "Bundle", "type": "searchset", "total": 1,
+            "link": [{"relation": "self", "url": "http://fhir.example/?_getpages=abc"}]}),
+        ),
+    );
+    // One that used both, naming them in another order and encoding.
     upstream.answer(
         "/fhir/Observation?_id=strict&",
         Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": 1,
             "link": [{"relation": "self",
-                      "url": "http://fhir.example/Observation?_id=strict&category=laboratory&_summary=count"}]})),
+                      "url": "http://fhir.example/Observation?_summary=count&%63ategory=laboratory&_id=strict"}]})),
     );
     upstream.answer(
         "/fhir/Observation?_id=broken&",
@@ -354,13 +362,15 @@ async fn granular_reads_are_checked_with_a_search_first() {
     let reply = get(&client, &token, "/Observation/lenient").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
     assert!(upstream.last().target.contains("_summary=count"));
-    let reply = get(&client, &token, "/Observation/strict").await;
-    assert_eq!(
-        upstream.last().target,
-        "/fhir/Observation/strict",
-        "{}",
-        reply.text()
-    );
+    for id in ["strict", "paged"] {
+        let reply = get(&client, &token, &format!("/Observation/{id}")).await;
+        assert_eq!(
+            upstream.last().target,
+            format!("/fhir/Observation/{id}"),
+            "{}",
+            reply.text()
+        );
+    }
 
     // Another category: the search finds nothing, the read is refused and never sent.
     assert_refused(

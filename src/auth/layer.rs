@@ -256,7 +256,8 @@ impl BearerAuthBuilder {
         self
     }
 
-    /// Adds static verification keys, such as a parsed JWKS document.
+    /// Adds static verification keys, such as a parsed JWKS document. Like [`key`](Self::key)'s,
+    /// they do not vouch for an issuer whose keys are bound to it.
     pub fn keys(mut self, keys: KeySet) -> Self {
         for key in keys.into_keys() {
             self.static_keys = self.static_keys.with_shared_key(key);
@@ -264,10 +265,20 @@ impl BearerAuthBuilder {
         self
     }
 
-    /// Adds a source of keys fetched at run time, cached, refreshed and refetched.
+    /// Adds a source of keys fetched at run time, cached, refreshed and refetched. Bound to no
+    /// issuer: like [`key`](Self::key)'s, its keys do not vouch for an issuer whose keys are
+    /// bound to it.
     pub fn key_source(mut self, source: impl KeySource) -> Self {
         self.sources.push((Box::new(source), None));
         self
+    }
+
+    /// Whether some key is bound to no issuer (static keys, `key_source`, `jwks_url`).
+    #[cfg_attr(not(all(feature = "proxy", feature = "token")), allow(dead_code))]
+    pub(crate) fn has_unbound_keys(&self) -> bool {
+        !self.static_keys.is_empty()
+            || self.sources.iter().any(|(_, issuer)| issuer.is_none())
+            || self.jwks_urls.iter().any(|(_, issuer)| issuer.is_none())
     }
 
     /// The issuers whose tokens are accepted (empty: any).
@@ -291,7 +302,9 @@ impl BearerAuthBuilder {
         self
     }
 
-    /// Adds a JWKS URL (`http://`), fetched with the hyper-util client.
+    /// Adds a JWKS URL (`http://`), fetched with the hyper-util client. Bound to no issuer:
+    /// like [`key`](Self::key)'s, its keys do not vouch for an issuer whose keys are bound to
+    /// it.
     #[cfg(feature = "remote-jwks")]
     #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
     pub fn jwks_url(mut self, url: impl Into<String>) -> Self {
@@ -300,7 +313,7 @@ impl BearerAuthBuilder {
     }
 
     /// Adds a JWKS URL whose keys vouch only for tokens whose `iss` is `issuer` (also added to
-    /// the accepted issuers).
+    /// the accepted issuers); keys bound to no issuer then no longer vouch for `issuer`.
     #[cfg(feature = "remote-jwks")]
     #[cfg_attr(docsrs, doc(cfg(feature = "remote-jwks")))]
     pub fn jwks_url_for_issuer(

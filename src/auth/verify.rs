@@ -417,12 +417,15 @@ impl Verifier {
             }),
         };
         if !trusted_for_key {
+            // The signature is good, but this key may not vouch for it: the same key may be
+            // configured again for its issuer (a key source given bound and unbound), so the
+            // other keys still get their turn.
             return Err((
                 self.reject(
                     RejectionKind::InvalidToken,
                     "The access token's issuer is not trusted for its key",
                 ),
-                true,
+                false,
             ));
         }
         if self.revoked.as_ref().is_some_and(|r| r.refuses(&claims)) {

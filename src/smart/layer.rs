@@ -457,7 +457,10 @@ where
         .and_then(|link| link.get("url").and_then(|u| u.as_str()));
     if let Some(used) = used {
         let used: Vec<String> = query_names(used.split_once('?').map_or("", |(_, q)| q)).collect();
-        if let Some(dropped) = required.iter().find(|name| !used.contains(name)) {
+        // A link without `_id` does not echo the search's parameters (a paging token, say):
+        // it tells nothing either way.
+        let echoes = used.iter().any(|name| name == "_id");
+        if let Some(dropped) = required.iter().find(|name| echoes && !used.contains(name)) {
             tracing::warn!(
                 parameter = %dropped,
                 "a granular-scope probe search did not use one of its parameters"

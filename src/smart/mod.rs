@@ -44,8 +44,11 @@
 //!   finds the resource the read goes on as the client sent it, when it finds nothing the read
 //!   is refused (`403`) without being sent, and when the answer is not a JSON search Bundle
 //!   (an error, a timeout) it is `502`. The search asks for `Prefer: handling=strict`, and an
-//!   answer whose `self` link lacks one of the search's parameters (the server ignored it) is
-//!   `502` too: the resource was found by less than the scope says. The upstream evaluates its own search parameters, so
+//!   answer whose `self` link echoes the search (it has `_id`) but lacks one of its parameters
+//!   (the server ignored it) is `502` too: the resource was found by less than the scope says.
+//!   Both are best effort: a server may ignore `Prefer`, and may echo the parameters it was
+//!   sent rather than those it used (HAPI rejects unknown parameters by itself). Grant
+//!   granular scopes only on parameters the upstream supports. The upstream evaluates its own search parameters, so
 //!   the check means what the scope means there; the read costs one more request upstream
 //!   (and one more against a rate limit). A vread under a granular scope is refused: an old
 //!   version may not match what the current one does.
