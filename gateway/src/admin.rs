@@ -47,6 +47,9 @@ pub(crate) struct Admin {
     pub(crate) keys: KeyAdmin,
     /// The longest lifetime of the gateway's tokens: how long a replaced key stays published.
     pub(crate) token_lifetime: Duration,
+    /// Held from checking a tenant change against the other tenants until it is saved, so two
+    /// changes through this process cannot each pass the check and nest together.
+    pub(crate) tenant_writes: tokio::sync::Mutex<()>,
 }
 
 /// Where the signing keys are changed.
@@ -210,6 +213,7 @@ async fn put_tenant(
             );
         }
     };
+    let _writing = admin.tenant_writes.lock().await;
     match nested_with_others(&admin, tenant, &upstreams).await {
         Ok(None) => {}
         Ok(Some(nested)) => return error(StatusCode::CONFLICT, &nested.to_string()),
@@ -752,6 +756,7 @@ mod tests {
             throttle: AdminThrottle::default(),
             keys: KeyAdmin::Files(SigningKeys::generate().unwrap()),
             token_lifetime: Duration::from_secs(3600),
+            tenant_writes: tokio::sync::Mutex::new(()),
         };
         (super::routes(Arc::new(admin)), routes)
     }

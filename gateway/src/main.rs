@@ -177,6 +177,7 @@ async fn run(args: Args) -> Result<(), String> {
                 None => admin::KeyAdmin::Files(state.keys.clone()),
             },
             token_lifetime: Duration::from_secs(config.token.ttl_seconds.unwrap_or(3600)),
+            tenant_writes: tokio::sync::Mutex::new(()),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });

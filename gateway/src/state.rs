@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
-use tower_fhir::route::{FileDirectory, TenantStore};
+use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantStore};
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
 };
@@ -110,6 +110,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
         }
     }
+    refuse_nested_bases(&directory, &location).await?;
     let clients = state.client_store(hashing(config)?);
     register(&clients, &config.clients).await?;
     let keys = state
@@ -140,6 +141,27 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         _temporary: None,
         _lock: None,
     })
+}
+
+/// Refuses to serve a directory where one tenant's upstream base lies under another's on the
+/// same server (stored before the admin API refused it, or seeded beside it): the outer
+/// tenant's tokens would reach the inner tenant's data. Reads every tenant once.
+async fn refuse_nested_bases(directory: &dyn TenantStore, location: &str) -> Result<(), String> {
+    let failed = |e: DirectoryError| format!("cannot read the tenant directory ({location}): {e}");
+    let mut tenants = Vec::new();
+    for tenant in directory.list().await.map_err(failed)? {
+        if let Some(record) = directory.lookup(tenant).await.map_err(failed)? {
+            tenants.push((tenant, record));
+        }
+    }
+    match nested_bases(tenants.iter().map(|(tenant, record)| (*tenant, record))).first() {
+        None => Ok(()),
+        Some(nested) => Err(format!(
+            "the tenant directory ({location}): {nested}. Change or remove one of them (PUT or \
+             DELETE /admin/tenants/{{id}} on a gateway still running, or in the directory \
+             itself) before starting this one"
+        )),
+    }
 }
 
 /// Pings the database once a second while anybody reads `up`, and says whether it answers
@@ -217,6 +239,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             .await
             .map_err(|e| format!("cannot write the configured tenants: {e}"))?;
     }
+    refuse_nested_bases(&directory, &format!("{}", tenants_file.display())).await?;
     let clients_file = dir.join("clients.json");
     let clients = FileClientStore::open_with_hashing(&clients_file, hashing(config)?)
         .map_err(|e| format!("cannot open the client store: {e}"))?;

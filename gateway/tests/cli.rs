@@ -208,6 +208,33 @@ fn a_startup_error_is_one_sentence_not_a_debug_dump() {
 
 #[cfg(unix)]
 #[test]
+fn a_directory_holding_tenants_whose_bases_nest_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    // Stored before the admin API refused such tenants: the configuration's own are fine.
+    let file = config_file("nested-state", GOOD);
+    let state = file.parent().unwrap().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(
+        state.join("tenants.json"),
+        r#"{"tenants": [
+            {"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}]},
+            {"id": "5e2a7d3f-9b4c-4d6e-8f80-2b3c4d5e6f70",
+             "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir/b", "fhir_version": "3.0"}]}]}"#,
+    )
+    .unwrap();
+    let out = gateway(&["--config", file.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("tenant 5e2a7d3f-9b4c-4d6e-8f80-2b3c4d5e6f70's upstream http://127.0.0.1:9001/fhir/b lies under tenant 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f's"),
+        "{stderr}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
 fn a_state_dir_others_can_write_to_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let file = config_file("shared-state", GOOD);

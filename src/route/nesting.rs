@@ -39,8 +39,11 @@ impl fmt::Display for NestedBases {
 /// Host, port and path.
 type Place = (String, u16, String);
 
-/// A base as the server it reaches reads it: host (lower-cased), port (the scheme's default
-/// when none is written) and path segments (lower-cased, since some servers ignore case).
+/// A base as the server it reaches reads it: the host (lower-cased, without a trailing dot;
+/// an IP address in its canonical form), the port (the scheme's default when none is written)
+/// and the path as most servers resolve it: percent-escapes decoded, `;` parameters dropped,
+/// runs of slashes merged, `.` and `..` segments resolved, lower-cased (some servers ignore
+/// case).
 fn server_and_path(base: &UpstreamBase) -> Place {
     let authority = base.authority();
     let port = authority
@@ -49,11 +52,33 @@ fn server_and_path(base: &UpstreamBase) -> Place {
             "https" => 443,
             _ => 80,
         });
-    (
-        authority.host().to_ascii_lowercase(),
-        port,
-        base.path().to_ascii_lowercase(),
-    )
+    let host = authority.host();
+    let host = match host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        Ok(ip) => ip.to_canonical().to_string(),
+        Err(_) => host.trim_end_matches('.').to_ascii_lowercase(),
+    };
+    let decoded = percent_encoding::percent_decode_str(base.path()).decode_utf8_lossy();
+    let mut segments: Vec<String> = Vec::new();
+    for segment in decoded.split('/') {
+        let segment = segment.split(';').next().unwrap_or("");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment.to_lowercase()),
+        }
+    }
+    let path = segments.iter().fold(String::new(), |mut path, segment| {
+        path.push('/');
+        path.push_str(segment);
+        path
+    });
+    (host, port, path)
 }
 
 /// Every pair of tenants whose upstream bases lie one under the other on the same server
@@ -177,6 +202,21 @@ mod tests {
             (2, record(&["http://hapi/fhir/B"])),
         ];
         assert_eq!(pairs(&records), [(tenant(1), tenant(2))]);
+        // Paths and hosts as the server reads them: escapes, `;` parameters, doubled slashes,
+        // dot segments, IP address spellings, a trailing dot.
+        for (outer, inner) in [
+            ("http://hapi/%66hir", "http://hapi/fhir/b"),
+            ("http://hapi/fhir;v=1", "http://hapi/fhir/b"),
+            ("http://hapi/x/%2e%2e/fhir", "http://hapi/fhir/b"),
+            ("http://hapi//fhir", "http://hapi/fhir/b"),
+            ("http://hapi/fhir", "http://hapi/fhir//b"),
+            ("http://[::1]:8080/fhir", "http://[0:0::1]:8080/fhir/b"),
+            ("http://[::ffff:127.0.0.1]/fhir", "http://127.0.0.1/fhir/b"),
+            ("http://hapi./fhir", "http://HAPI/fhir/b"),
+        ] {
+            let records = [(1, record(&[outer])), (2, record(&[inner]))];
+            assert_eq!(pairs(&records), [(tenant(1), tenant(2))], "{outer} {inner}");
+        }
         // Several tenants at one base are each named.
         let records = [
             (1, record(&["http://hapi/fhir"])),
