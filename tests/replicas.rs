@@ -122,6 +122,37 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
             StatusCode::OK
         );
     }
+
+    // The client itself revoked (as the admin API does, through any replica's endpoint): the
+    // tokens it holds are refused by every replica within a second, and by one started after.
+    let admin = TokenEndpoint::builder()
+        .issuer(ISSUER)
+        .audience("tower-fhir")
+        .store(state.client_store(SecretHashing::new(64, 1).unwrap()))
+        .revocation_log(state.revocation_log())
+        .build()
+        .unwrap();
+    admin.revoke_client("app").await.unwrap();
+    let revoked_at = Instant::now();
+    for replica in [&one, &two, &three] {
+        loop {
+            let status = replica.get_bearer("/Patient/1", &fresh).await.status;
+            if status == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert_eq!(status, StatusCode::OK);
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "a replica still accepts a revoked client's token after a second"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let four = replica(&url).await;
+    assert_eq!(
+        four.get_bearer("/Patient/1", &fresh).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

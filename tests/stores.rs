@@ -308,8 +308,18 @@ where
         .unwrap_err()
         .is_refused());
 
-    // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken.
+    // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken,
+    // and listed among the revoked (alone).
+    assert!(store.revoked_clients().await.unwrap().is_empty());
     store.revoke("app").await.unwrap();
+    let revoked: Vec<String> = store
+        .revoked_clients()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|client| client.id)
+        .collect();
+    assert_eq!(revoked, ["app"]);
     let record = store.client("app").await.unwrap().unwrap();
     assert!(record.revoked);
     assert!(record.secrets.is_empty());
@@ -335,6 +345,7 @@ where
         let store = reopen().await;
         let record = store.client("app").await.unwrap().unwrap();
         assert!(record.revoked);
+        assert_eq!(store.revoked_clients().await.unwrap().len(), 1);
         assert!(record.secrets.is_empty());
         assert_eq!(record.tenants, [a, b]);
         let reopened = store.client("provisioned").await.unwrap().unwrap();

@@ -27,6 +27,7 @@ use tower_fhir::route::{
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient, SigningKey, SigningKeys,
+    TokenEndpoint,
 };
 
 pub(crate) use crate::throttle::AdminThrottle;
@@ -50,6 +51,8 @@ pub(crate) struct Admin {
     /// Held from checking a tenant change against the other tenants until it is saved, so two
     /// changes through this process cannot each pass the check and nest together.
     pub(crate) tenant_writes: tokio::sync::Mutex<()>,
+    /// The token endpoint: revoking a client revokes the tokens it holds.
+    pub(crate) endpoint: TokenEndpoint,
 }
 
 /// Where the signing keys are changed.
@@ -714,14 +717,15 @@ async fn retire_key(State(admin): State<Arc<Admin>>, Path(kid): Path<String>) ->
     }
 }
 
-/// Revokes the client: no new tokens (the id stays taken).
+/// Revokes the client: no new tokens (the id stays taken), and the ones it holds are refused
+/// from now on, by every replica.
 async fn delete_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
     match admin.clients.client(&client_id).await {
         Ok(Some(_)) => {}
         Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => return store_failed(&err, "looking up a client"),
     }
-    match admin.clients.revoke(&client_id).await {
+    match admin.endpoint.revoke_client(&client_id).await {
         Ok(()) => {
             tracing::info!(client_id = %client_id, "client revoked by an administrator");
             StatusCode::NO_CONTENT.into_response()
@@ -747,16 +751,23 @@ mod tests {
             .build()
             .unwrap();
         let routes = routing.cache().clone();
+        let clients = InMemoryClientStore::new();
         let admin = Admin {
             token: "admin-secret".into(),
             directory: Arc::new(directory.clone()),
             routes: routes.clone(),
-            clients: Arc::new(InMemoryClientStore::new()),
+            clients: Arc::new(clients.clone()),
             limits: RateLimitLayer::new(),
             throttle: AdminThrottle::default(),
             keys: KeyAdmin::Files(SigningKeys::generate().unwrap()),
             token_lifetime: Duration::from_secs(3600),
             tenant_writes: tokio::sync::Mutex::new(()),
+            endpoint: TokenEndpoint::builder()
+                .issuer("https://gateway.test")
+                .audience("tower-fhir")
+                .store(clients)
+                .build()
+                .unwrap(),
         };
         (super::routes(Arc::new(admin)), routes)
     }

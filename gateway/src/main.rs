@@ -153,7 +153,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     let state = state::open(&config).await?;
-    let gateway = assemble(
+    let (gateway, endpoint) = assemble(
         &config,
         &base,
         Arc::clone(&state.directory),
@@ -178,6 +178,7 @@ async fn run(args: Args) -> Result<(), String> {
             },
             token_lifetime: Duration::from_secs(config.token.ttl_seconds.unwrap_or(3600)),
             tenant_writes: tokio::sync::Mutex::new(()),
+            endpoint: endpoint.clone(),
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });
@@ -282,7 +283,7 @@ fn public_base_url(config: &Config, listening: SocketAddr) -> String {
         .to_owned()
 }
 
-/// The token endpoint and the whole gateway, as the configuration says; with a shared
+/// The whole gateway and its token endpoint, as the configuration says; with a shared
 /// `database`, revocations, client assertions' `jti`s and failed authentications are shared
 /// with every replica.
 async fn assemble(
@@ -292,7 +293,7 @@ async fn assemble(
     clients: Arc<dyn tower_fhir::token::ClientStore>,
     keys: SigningKeys,
     database: Option<&tower_fhir::postgres::PgState>,
-) -> Result<Gateway, String> {
+) -> Result<(Gateway, TokenEndpoint), String> {
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
     let endpoint = TokenEndpoint::builder()
         .issuer(issuer)
@@ -319,6 +320,11 @@ async fn assemble(
     let endpoint = endpoint
         .build()
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
+    // The signing keys outlive a restart, and so do the tokens of clients revoked before it.
+    endpoint
+        .refuse_revoked_clients()
+        .await
+        .map_err(|e| format!("cannot read the revoked clients: {e}"))?;
     if let Some(database) = database {
         database
             .follow_revocations(endpoint.revoked_tokens())
@@ -351,7 +357,7 @@ async fn assemble(
     let gateway = Gateway::builder(base)
         .follow(directory.changes())
         .directory(move |tenant| directory.lookup(tenant))
-        .token_endpoint(endpoint)
+        .token_endpoint(endpoint.clone())
         .auth(auth)
         .tenant(tenant)
         .smart_scopes(
@@ -364,5 +370,5 @@ async fn assemble(
         .proxy(proxy)
         .build()
         .map_err(|e| format!("the gateway cannot be set up: {e}"))?;
-    Ok(gateway)
+    Ok((gateway, endpoint))
 }

@@ -870,7 +870,13 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         .send("PUT", "/admin/clients/a:b", &admin, "{\"tenants\": []}")
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
-    // Revoked: no new tokens; the one already issued lasts until it expires.
+    // Revoked: no new tokens, and the one already issued is refused at once.
+    assert_eq!(
+        get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::OK
+    );
     let reply = gateway
         .client
         .send("DELETE", "/admin/clients/nobody", &admin, "")
@@ -884,17 +890,22 @@ async fn secret_rotation_admin_changes_and_a_restart() {
             .status,
         StatusCode::UNAUTHORIZED
     );
+    let reply = get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     let body = json!({"tenants": [DSTU2_TENANT]}).to_string();
     let reply = gateway.client.send("PUT", path, &admin, &body).await;
     assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
     let reply = gateway.client.send("GET", path, &admin, "").await;
     assert_eq!(reply.json()["revoked"], true);
 
-    // Restart: secrets, tenants and signing keys are as they were.
+    // Restart: secrets, tenants and signing keys are as they were, and the revoked client's
+    // token is still refused.
     let log = gateway.proc.stderr();
     assert!(gateway.proc.terminate(), "the gateway did not stop cleanly");
     drop(gateway);
     let gateway = start_gateway(&dir, &config);
+    let reply = get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     assert_eq!(
         token(&gateway, CLIENT_SECRET, STU3_TENANT).await.status,
         StatusCode::UNAUTHORIZED

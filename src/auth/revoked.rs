@@ -40,11 +40,22 @@ struct Inner {
     generation: AtomicU64,
     /// `jti` → the issuers that revoked a token with it, and when each expires.
     entries: RwLock<HashMap<String, Vec<Entry>>>,
+    /// Client (`sub`) → the issuers that revoked every token issued to it until then, and
+    /// until when such a token may live.
+    clients: RwLock<HashMap<String, Vec<ClientEntry>>>,
 }
 
 struct Entry {
     issuer: Option<String>,
     expires_at: u64,
+}
+
+struct ClientEntry {
+    issuer: Option<String>,
+    /// Tokens issued (`iat`) at or before this time are refused.
+    revoked_at: u64,
+    /// When the last of them expires: the entry is dropped after.
+    until: u64,
 }
 
 /// Where revocations are recorded for other processes to learn of (a database shared by
@@ -60,6 +71,24 @@ pub trait RevocationLog: Send + Sync + 'static {
         jti: &str,
         expires_at: u64,
     ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+
+    /// Records that every token `issuer` issued to `client` (its `sub`) up to `revoked_at` is
+    /// revoked, until `until` (when the last of them expires); see
+    /// [`RevokedTokens::revoke_client`]. The default fails: a log that cannot tell other
+    /// processes leaves their bearer layers accepting the tokens, which must not pass
+    /// unnoticed.
+    fn record_client(
+        &self,
+        issuer: Option<&str>,
+        client: &str,
+        revoked_at: u64,
+        until: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let _ = (issuer, client, revoked_at, until);
+        Box::pin(std::future::ready(Err(
+            "this revocation log does not record revoked clients".to_owned(),
+        )))
+    }
 }
 
 impl fmt::Debug for RevokedTokens {
@@ -117,24 +146,88 @@ impl RevokedTokens {
         true
     }
 
-    /// Whether the token these claims are from was revoked.
+    /// Revokes every token `issuer` issued to `client` (the token's `sub`, as the token
+    /// endpoint issues them) up to `revoked_at` (its `iat` at or before it; a token without
+    /// `iat` too), until `until` (Unix seconds: when the last such token expires). For a
+    /// client whose registration is revoked: its live tokens stop working at once, not when
+    /// they expire. `false` when `until` has passed.
+    pub fn revoke_client(
+        &self,
+        issuer: Option<&str>,
+        client: &str,
+        revoked_at: u64,
+        until: u64,
+    ) -> bool {
+        let now = unix_now();
+        if until <= now {
+            return false;
+        }
+        let mut clients = self
+            .inner
+            .clients
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients.retain(|_, revoked| {
+            revoked.retain(|entry| entry.until > now);
+            !revoked.is_empty()
+        });
+        let revoked = clients.entry(client.to_owned()).or_default();
+        match revoked
+            .iter_mut()
+            .find(|entry| entry.issuer.as_deref() == issuer)
+        {
+            Some(entry) => {
+                entry.revoked_at = entry.revoked_at.max(revoked_at);
+                entry.until = entry.until.max(until);
+            }
+            None => revoked.push(ClientEntry {
+                issuer: issuer.map(str::to_owned),
+                revoked_at,
+                until,
+            }),
+        }
+        drop(clients);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Whether the token these claims are from was revoked, by its `jti` or with its client.
     pub fn is_revoked(&self, claims: &VerifiedClaims) -> bool {
-        let Some(jti) = claims.token_id() else {
+        if let Some(jti) = claims.token_id() {
+            let entries = self
+                .inner
+                .entries
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let by_id = entries.get(jti).is_some_and(|revoked| {
+                revoked
+                    .iter()
+                    .any(|entry| entry.issuer.as_deref() == claims.issuer())
+            });
+            if by_id {
+                return true;
+            }
+        }
+        let Some(client) = claims.subject() else {
             return false;
         };
-        let entries = self
+        let clients = self
             .inner
-            .entries
+            .clients
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.get(jti).is_some_and(|revoked| {
-            revoked
-                .iter()
-                .any(|entry| entry.issuer.as_deref() == claims.issuer())
+        clients.get(client).is_some_and(|revoked| {
+            revoked.iter().any(|entry| {
+                entry.issuer.as_deref() == claims.issuer()
+                    && claims
+                        .issued_at()
+                        .is_none_or(|issued| issued <= entry.revoked_at)
+            })
         })
     }
 
-    /// How many revoked tokens are kept (some may have expired since the last revocation).
+    /// How many revoked tokens are kept, by `jti` (some may have expired since the last
+    /// revocation); revoked clients are not counted.
     pub fn len(&self) -> usize {
         self.inner
             .entries
@@ -189,6 +282,34 @@ mod tests {
 
     fn claims(value: serde_json::Value) -> VerifiedClaims {
         VerifiedClaims::assume_verified(value.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_revoked_client_loses_the_tokens_issued_to_it_until_then() {
+        let revoked = RevokedTokens::new();
+        let token = |iss: &str, sub: &str, iat: u64| {
+            claims(json!({"iss": iss, "sub": sub, "iat": iat, "exp": 4_000_000_000u64}))
+        };
+        let (before, same_second, after) = (
+            token("https://a", "app", 1_000),
+            token("https://a", "app", 2_000),
+            token("https://a", "app", 2_001),
+        );
+        let other_issuer = token("https://b", "app", 1_000);
+        let other_client = token("https://a", "web", 1_000);
+        let no_iat = claims(json!({"iss": "https://a", "sub": "app", "exp": 4_000_000_000u64}));
+        assert!(!revoked.refuses(&before));
+        assert!(revoked.revoke_client(Some("https://a"), "app", 2_000, 4_000_000_000));
+        assert!(revoked.refuses(&before), "a checked token is checked again");
+        assert!(revoked.refuses(&same_second));
+        assert!(revoked.refuses(&no_iat));
+        assert!(!revoked.refuses(&after), "issued after the revocation");
+        assert!(!revoked.refuses(&other_issuer));
+        assert!(!revoked.refuses(&other_client));
+        assert_eq!(revoked.len(), 0, "no token is listed by jti");
+        // Past its tokens' lifetime, nothing is revoked.
+        assert!(!revoked.revoke_client(Some("https://a"), "web", 0, 1));
+        assert!(!revoked.refuses(&other_client));
     }
 
     #[test]

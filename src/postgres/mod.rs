@@ -65,7 +65,7 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -110,6 +110,13 @@ const MIGRATIONS: [&str; 5] = [
     "CREATE TABLE tower_fhir_removed_tenants (
          id uuid PRIMARY KEY,
          removed_at timestamptz NOT NULL DEFAULT now()
+     );",
+    "CREATE TABLE tower_fhir_revoked_clients (
+         issuer text NOT NULL,
+         client text NOT NULL,
+         revoked_at bigint NOT NULL,
+         expires_at bigint NOT NULL,
+         PRIMARY KEY (issuer, client)
      );",
 ];
 
@@ -316,6 +323,12 @@ impl PgState {
         for entry in now {
             revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
         }
+        let clients = revoked_clients(&self.pool)
+            .await
+            .map_err(|e| PgError::plain(format!("cannot read the revoked clients: {e}")))?;
+        for entry in clients {
+            entry.apply(revoked);
+        }
         tokio::spawn(listen(
             self.config.clone(),
             RevocationChanges {
@@ -476,6 +489,27 @@ impl ClientStore for PgClientStore {
     fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(async move { this.read(&id).await })
+    }
+
+    fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let failed = |e| store_error("listing the revoked clients", e);
+            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
+            let rows = connection
+                .query(
+                    "SELECT record FROM tower_fhir_clients WHERE (record->>'revoked')::boolean",
+                    &[],
+                )
+                .await
+                .map_err(failed)?;
+            rows.into_iter()
+                .map(|row| {
+                    serde_json::from_value(row.get(0))
+                        .map_err(|e| store_error("reading a client", e))
+                })
+                .collect()
+        })
     }
 
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
@@ -1018,6 +1052,26 @@ struct Revoked {
     exp: u64,
 }
 
+/// A client's tokens revoked, as announced: `revoked-client:` and this, as JSON.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RevokedClient {
+    iss: Option<String>,
+    client: String,
+    revoked_at: u64,
+    until: u64,
+}
+
+impl RevokedClient {
+    fn apply(&self, revoked: &RevokedTokens) {
+        revoked.revoke_client(
+            self.iss.as_deref(),
+            &self.client,
+            self.revoked_at,
+            self.until,
+        );
+    }
+}
+
 /// Every replica's revocations, into one process's [`RevokedTokens`].
 struct RevocationChanges {
     pool: Pool,
@@ -1041,6 +1095,14 @@ impl Handler for RevocationChanges {
             }
             Err(error) => tracing::warn!(%error, "cannot read the revoked tokens"),
         }
+        match revoked_clients(&self.pool).await {
+            Ok(all) => {
+                for entry in all {
+                    entry.apply(&self.revoked);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the revoked clients"),
+        }
     }
 
     fn heard(&mut self, payload: &str) {
@@ -1050,8 +1112,38 @@ impl Handler for RevocationChanges {
         {
             self.revoked
                 .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+        } else if let Some(entry) = payload
+            .strip_prefix("revoked-client:")
+            .and_then(|json| serde_json::from_str::<RevokedClient>(json).ok())
+        {
+            entry.apply(&self.revoked);
         }
     }
+}
+
+/// The clients whose tokens are revoked, while some may still live.
+async fn revoked_clients(pool: &Pool) -> Result<Vec<RevokedClient>, String> {
+    let connection = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = connection
+        .query(
+            "SELECT issuer, client, revoked_at, expires_at FROM tower_fhir_revoked_clients
+             WHERE expires_at > $1",
+            &[&unix_now()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let issuer: String = row.get(0);
+            RevokedClient {
+                iss: (!issuer.is_empty()).then_some(issuer),
+                client: row.get(1),
+                revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+                until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+            }
+        })
+        .collect())
 }
 
 /// The revocations that have not expired.
@@ -1086,6 +1178,7 @@ pub(super) struct Expiring {
 }
 
 static REVOKED: Expiring = Expiring::new("tower_fhir_revoked_tokens");
+static REVOKED_CLIENTS: Expiring = Expiring::new("tower_fhir_revoked_clients");
 static JTIS: Expiring = Expiring::new("tower_fhir_assertion_jtis");
 
 impl Expiring {
@@ -1217,6 +1310,52 @@ impl RevocationLog for PgRevocationLog {
             )
             .await
             .map(drop)
+        })
+    }
+
+    fn record_client(
+        &self,
+        issuer: Option<&str>,
+        client: &str,
+        revoked_at: u64,
+        until: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let pool = self.pool.clone();
+        let entry = RevokedClient {
+            iss: issuer.map(str::to_owned),
+            client: client.to_owned(),
+            revoked_at,
+            until,
+        };
+        Box::pin(async move {
+            let failed = |e: tokio_postgres::Error| e.to_string();
+            let payload = format!(
+                "revoked-client:{}",
+                serde_json::to_string(&entry).map_err(|e| e.to_string())?
+            );
+            let issuer = entry.iss.as_deref().unwrap_or("");
+            let revoked_at = i64::try_from(entry.revoked_at).unwrap_or(i64::MAX);
+            let until = i64::try_from(entry.until).unwrap_or(i64::MAX);
+            let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+            let transaction = connection.transaction().await.map_err(failed)?;
+            transaction
+                .execute(
+                    "INSERT INTO tower_fhir_revoked_clients (issuer, client, revoked_at, expires_at)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (issuer, client) DO UPDATE SET
+                         revoked_at = greatest(tower_fhir_revoked_clients.revoked_at, EXCLUDED.revoked_at),
+                         expires_at = greatest(tower_fhir_revoked_clients.expires_at, EXCLUDED.expires_at)",
+                    &[&issuer, &entry.client, &revoked_at, &until],
+                )
+                .await
+                .map_err(failed)?;
+            transaction
+                .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &payload])
+                .await
+                .map_err(failed)?;
+            transaction.commit().await.map_err(failed)?;
+            REVOKED_CLIENTS.sweep(&connection, unix_now()).await;
+            Ok(())
         })
     }
 }

@@ -429,7 +429,18 @@ pub trait ClientStore: Send + Sync + 'static {
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret>;
 
     /// Revokes the client: it gets no new tokens from now on.
+    /// [`TokenEndpoint::revoke_client`](super::TokenEndpoint::revoke_client) also refuses the
+    /// tokens it holds.
     fn revoke(&self, id: &str) -> StoreFuture<()>;
+
+    /// The revoked clients, for refusing the tokens they may still hold after a restart
+    /// ([`TokenEndpoint::refuse_revoked_clients`](super::TokenEndpoint::refuse_revoked_clients)).
+    /// The default fails: a store that cannot tell must not pass for one that has none.
+    fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        Box::pin(std::future::ready(Err(StoreError::new(
+            "this client store cannot list its revoked clients",
+        ))))
+    }
 
     /// Replaces what the client may get tokens for: its tenants, and the scopes it may ask for
     /// besides a tenant (each an RFC 6749 scope token: printable ASCII without spaces, `"` or
@@ -539,6 +550,9 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         (**self).revoke(id)
     }
+    fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        (**self).revoked_clients()
+    }
     fn set_entitlements(
         &self,
         id: &str,
@@ -626,6 +640,15 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
+    /// The revoked clients.
+    pub(crate) fn revoked(&self) -> Vec<ClientRecord> {
+        self.clients
+            .values()
+            .filter(|client| client.revoked)
+            .cloned()
+            .collect()
+    }
+
     /// Whether `client` can be registered: its id, its scopes, a given secret's length, the id
     /// not taken. Cheap: check it before hashing the secret, and again (in
     /// [`register`](Self::register)) when inserting.
@@ -946,6 +969,11 @@ impl ClientStore for InMemoryClientStore {
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         let result = self.with(|c| c.revoke(id));
         Box::pin(async move { result })
+    }
+
+    fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let revoked = self.with(|c| c.revoked());
+        Box::pin(async move { Ok(revoked) })
     }
 
     fn set_entitlements(

@@ -201,6 +201,11 @@ impl ClientStore for FileClientStore {
         Box::pin(blocking(move || this.change(|c| c.revoke(&id))))
     }
 
+    fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let revoked = self.current().revoked();
+        Box::pin(async move { Ok(revoked) })
+    }
+
     fn set_entitlements(
         &self,
         id: &str,

@@ -20,13 +20,16 @@ use tower_service::Service;
 
 use super::assertion::{Assertions, ReplayGuard};
 use super::authenticate::{Authenticator, Denied, HashingLimit};
-use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore};
+use super::client::{unix_now, AuthMethod, ClientRecord, ClientStore, StoreError};
 use super::error::{json_response, ErrorCode, TokenError, TokenResponseBody};
 use super::form::{credentials, posted_form, BodyBounds, Credentials};
 use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::{FailureCounts, ThrottlePolicy};
 use crate::auth::{RevocationLog, RevokedTokens};
+
+/// The longest clock skew a bearer layer allows on `exp` (its `leeway` is at most an hour).
+const MAX_LEEWAY_SECS: u64 = 3600;
 use crate::client_addr::ClientAddr;
 
 /// The future a [`TokenEndpoint`] returns.
@@ -365,6 +368,90 @@ impl TokenEndpoint {
     /// (the [`Gateway`](crate::gateway::Gateway) does) so that bearer layers refuse them.
     pub fn revoked_tokens(&self) -> &RevokedTokens {
         &self.inner.revoked
+    }
+
+    /// Revokes a client and every token it holds: the store's
+    /// [`revoke`](ClientStore::revoke) (no new tokens), then the tokens issued to it so far
+    /// are refused by every bearer layer following [`revoked_tokens`](Self::revoked_tokens)
+    /// (and, with a [`revocation_log`](TokenEndpointBuilder::revocation_log), every replica's)
+    /// until the last of them expires. Revoking the client in the store alone leaves its live
+    /// tokens working until they expire.
+    ///
+    /// ```
+    /// use tower_fhir::auth::VerifiedClaims;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// store.register(NewClient::new("app").secret("app-secret-0123456789")).await.unwrap();
+    /// let endpoint = TokenEndpoint::builder()
+    ///     .issuer("https://gw.example")
+    ///     .audience("fhir")
+    ///     .store(store)
+    ///     .build()
+    ///     .unwrap();
+    /// let now = std::time::SystemTime::now()
+    ///     .duration_since(std::time::UNIX_EPOCH)
+    ///     .unwrap()
+    ///     .as_secs();
+    /// let issued = serde_json::json!({"iss": "https://gw.example", "sub": "app",
+    ///                                 "iat": now, "exp": now + 3600});
+    /// let issued = VerifiedClaims::assume_verified(issued.as_object().unwrap().clone()).unwrap();
+    ///
+    /// endpoint.revoke_client("app").await.unwrap();
+    /// assert!(endpoint.revoked_tokens().is_revoked(&issued));
+    /// assert!(endpoint.store().client("app").await.unwrap().unwrap().revoked);
+    /// # });
+    /// ```
+    pub async fn revoke_client(&self, id: &str) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let Some(client) = inner.clients.store.client(id).await? else {
+            return Err(StoreError::refused(format!("no client {id:?}")));
+        };
+        inner.clients.store.revoke(id).await?;
+        let now = unix_now();
+        let lifetime = client
+            .token_lifetime_secs
+            .unwrap_or(inner.default_lifetime.as_secs());
+        // A token issued this very second may be one more; the clock's skew is the bearer
+        // layer's leeway, which `exp` is checked with.
+        let until = now + lifetime + 1 + MAX_LEEWAY_SECS;
+        let issuer = Some(inner.issuer.as_str());
+        inner.revoked.revoke_client(issuer, id, now, until);
+        if let Some(log) = &inner.revocation_log {
+            log.record_client(issuer, id, now, until)
+                .await
+                .map_err(|error| {
+                    StoreError::new(format!(
+                        "the client is revoked here, but its tokens' revocation could not be \
+                         recorded for the other replicas: {error}"
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Refuses, in this process, the tokens every client revoked so far may still hold
+    /// (issued up to now): for a process starting over a persistent store with persistent
+    /// signing keys, whose list of revoked tokens began empty. Revoked clients get no new
+    /// tokens, so nothing they could use is lost. Returns how many clients it read; fails
+    /// when the store cannot list them ([`ClientStore::revoked_clients`]).
+    pub async fn refuse_revoked_clients(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let revoked = inner.clients.store.revoked_clients().await?;
+        let now = unix_now();
+        for client in &revoked {
+            let lifetime = client
+                .token_lifetime_secs
+                .unwrap_or(inner.default_lifetime.as_secs());
+            inner.revoked.revoke_client(
+                Some(&inner.issuer),
+                &client.id,
+                now,
+                now + lifetime + 1 + MAX_LEEWAY_SECS,
+            );
+        }
+        Ok(revoked.len())
     }
 
     /// The URL `private_key_jwt` assertions must name as their `aud`
