@@ -730,7 +730,23 @@ async fn delete_client(State(admin): State<Arc<Admin>>, Path(client_id): Path<St
             tracing::info!(client_id = %client_id, "client revoked by an administrator");
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(err) => store_failed(&err, "revoking a client"),
+        Err(err) if err.is_refused() => store_failed(&err, "revoking a client"),
+        Err(err) => {
+            // Revoked in the store (and here) but not told to the other replicas, whose
+            // bearer layers still take its tokens: say so; the same DELETE again finishes it.
+            let revoked = matches!(
+                admin.clients.client(&client_id).await,
+                Ok(Some(record)) if record.revoked
+            );
+            if !revoked {
+                return store_failed(&err, "revoking a client");
+            }
+            tracing::error!(client_id = %client_id, error = %err, "a client was revoked, but its tokens' revocation was not shared with the other replicas");
+            unavailable(
+                "the client is revoked, but its tokens' revocation could not be shared with \
+                 the other replicas, which still accept them: send the same DELETE again",
+            )
+        }
     }
 }
 
@@ -747,11 +763,42 @@ mod tests {
     /// An admin API over `directory`, with a route cache that follows nothing: only the admin
     /// handlers themselves can make it forget a tenant.
     fn admin(directory: &InMemoryDirectory) -> (Router, RouteCache) {
+        admin_with(directory, None)
+    }
+
+    /// A revocation log that records tokens but not clients (the trait's default).
+    struct TokensOnly;
+    impl tower_fhir::auth::RevocationLog for TokensOnly {
+        fn record(
+            &self,
+            _: Option<&str>,
+            _: &str,
+            _: u64,
+        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn admin_with(
+        directory: &InMemoryDirectory,
+        clients: Option<(InMemoryClientStore, TokensOnly)>,
+    ) -> (Router, RouteCache) {
         let routing = TenantRoutingLayer::builder(directory.clone())
             .build()
             .unwrap();
         let routes = routing.cache().clone();
-        let clients = InMemoryClientStore::new();
+        let (clients, log) = match clients {
+            Some((clients, log)) => (clients, Some(log)),
+            None => (InMemoryClientStore::new(), None),
+        };
+        let endpoint = TokenEndpoint::builder()
+            .issuer("https://gateway.test")
+            .audience("tower-fhir")
+            .store(clients.clone());
+        let endpoint = match log {
+            Some(log) => endpoint.revocation_log(log),
+            None => endpoint,
+        };
         let admin = Admin {
             token: "admin-secret".into(),
             directory: Arc::new(directory.clone()),
@@ -762,12 +809,7 @@ mod tests {
             keys: KeyAdmin::Files(SigningKeys::generate().unwrap()),
             token_lifetime: Duration::from_secs(3600),
             tenant_writes: tokio::sync::Mutex::new(()),
-            endpoint: TokenEndpoint::builder()
-                .issuer("https://gateway.test")
-                .audience("tower-fhir")
-                .store(clients)
-                .build()
-                .unwrap(),
+            endpoint: endpoint.build().unwrap(),
         };
         (super::routes(Arc::new(admin)), routes)
     }
@@ -780,6 +822,38 @@ mod tests {
             .body(Body::from(body.to_owned()))
             .unwrap();
         router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn a_revocation_not_shared_with_the_other_replicas_says_so() {
+        let clients = InMemoryClientStore::new();
+        clients
+            .register(NewClient::new("app").secret("app-secret-0123456789"))
+            .await
+            .unwrap();
+        let (router, _) = admin_with(
+            &InMemoryDirectory::new(),
+            Some((clients.clone(), TokensOnly)),
+        );
+        let delete = || {
+            Request::builder()
+                .method("DELETE")
+                .uri("/admin/clients/app")
+                .header(header::AUTHORIZATION, "Bearer admin-secret")
+                .body(Body::empty())
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let response = router.clone().oneshot(delete()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(response.headers().contains_key(header::RETRY_AFTER));
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap();
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains("the client is revoked, but"), "{body}");
+        }
+        assert!(clients.client("app").await.unwrap().unwrap().revoked);
     }
 
     #[tokio::test]

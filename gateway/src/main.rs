@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tower_fhir::auth::BearerAuthLayer;
+use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantStore};
@@ -117,6 +118,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
         Arc::new(store),
         keys,
         None,
+        None,
     )
     .await?;
     println!("{}: ok", file.display());
@@ -160,6 +162,7 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.clients),
         state.keys.clone(),
         state.database.as_ref().map(|database| &database.state),
+        state.revocations.as_ref(),
     )
     .await?;
 
@@ -293,6 +296,7 @@ async fn assemble(
     clients: Arc<dyn tower_fhir::token::ClientStore>,
     keys: SigningKeys,
     database: Option<&tower_fhir::postgres::PgState>,
+    revocations: Option<&FileRevocationLog>,
 ) -> Result<(Gateway, TokenEndpoint), String> {
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
     let endpoint = TokenEndpoint::builder()
@@ -315,12 +319,19 @@ async fn assemble(
             .revocation_log(database.revocation_log())
             .assertion_replay_guard(database.assertion_replay_guard())
             .shared_failure_counts(database.failure_counts()),
-        None => endpoint,
+        None => match revocations {
+            Some(log) => endpoint.revocation_log(log.clone()),
+            None => endpoint,
+        },
     };
     let endpoint = endpoint
         .build()
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
-    // The signing keys outlive a restart, and so do the tokens of clients revoked before it.
+    // The signing keys outlive a restart, and so do the tokens revoked before it, and those of
+    // the clients revoked before it.
+    if let Some(log) = revocations {
+        log.apply(endpoint.revoked_tokens());
+    }
     endpoint
         .refuse_revoked_clients()
         .await

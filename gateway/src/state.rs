@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantStore};
 use tower_fhir::token::{
@@ -24,6 +25,9 @@ pub(crate) struct State {
     pub(crate) location: String,
     /// The shared database, when the state is there.
     pub(crate) database: Option<Database>,
+    /// In `state_dir`: the revoked tokens and clients, kept across restarts (with a database,
+    /// they are in it).
+    pub(crate) revocations: Option<FileRevocationLog>,
     /// Without a configured `state_dir` nor a database: the fresh directory, removed when this
     /// is dropped.
     _temporary: Option<tempfile::TempDir>,
@@ -138,6 +142,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             up,
             tenants: directory,
         }),
+        revocations: None,
         _temporary: None,
         _lock: None,
     })
@@ -246,12 +251,15 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     register(&clients, &config.clients).await?;
     let keys = SigningKeys::open(dir.join("signing-keys.json"))
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
+    let revocations = FileRevocationLog::open(dir.join("revoked-tokens.json"))
+        .map_err(|e| format!("cannot open the revoked tokens: {e}"))?;
     Ok(State {
         directory: Arc::new(directory),
         clients: Arc::new(clients),
         keys,
         location: dir.display().to_string(),
         database: None,
+        revocations: Some(revocations),
         _temporary: temporary,
         _lock: Some(lock),
     })

@@ -898,14 +898,34 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     let reply = gateway.client.send("GET", path, &admin, "").await;
     assert_eq!(reply.json()["revoked"], true);
 
-    // Restart: secrets, tenants and signing keys are as they were, and the revoked client's
-    // token is still refused.
+    // A token its client revokes (RFC 7009) is refused.
+    let revoked = token(&gateway, &reset, STU3_TENANT).await.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/oauth/revoke",
+            &[FORM],
+            &format!("token={revoked}&client_id=app&client_secret={reset}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = get(&gateway, &revoked, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+
+    // Restart: secrets, tenants and signing keys are as they were, and the revoked token and
+    // the revoked client's token are still refused.
     let log = gateway.proc.stderr();
     assert!(gateway.proc.terminate(), "the gateway did not stop cleanly");
     drop(gateway);
     let gateway = start_gateway(&dir, &config);
-    let reply = get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json").await;
-    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    for token in [&care_stu3, &revoked] {
+        let reply = get(&gateway, token, "/Patient/p1", "application/fhir+json").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    }
     assert_eq!(
         token(&gateway, CLIENT_SECRET, STU3_TENANT).await.status,
         StatusCode::UNAUTHORIZED

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,10 +12,13 @@ use super::claims::VerifiedClaims;
 /// (the token endpoint's `POST /oauth/revoke`) and the bearer layers that must refuse them
 /// ([`BearerAuthBuilder::revoked_tokens`](super::BearerAuthBuilder::revoked_tokens)).
 ///
+/// Whole clients can be revoked too ([`revoke_client`](Self::revoke_client)): every token
+/// issued to one up to a time.
+///
 /// A bearer layer looks here only when something was revoked since it last checked a token
 /// (one atomic load per request otherwise), cached tokens included. An entry is kept until
-/// the token it names expires, then dropped at the next revocation; a token without `jti`
-/// cannot be revoked. Clones share the list.
+/// the token it names expires, then dropped at a later revocation; a token without `jti`
+/// cannot be revoked by itself (only with its client). Clones share the list.
 ///
 /// ```
 /// use tower_fhir::auth::{RevokedTokens, VerifiedClaims};
@@ -43,6 +46,8 @@ struct Inner {
     /// Client (`sub`) → the issuers that revoked every token issued to it until then, and
     /// until when such a token may live.
     clients: RwLock<HashMap<String, Vec<ClientEntry>>>,
+    /// How many clients were kept when expired entries last went.
+    clients_pruned_at: AtomicUsize,
 }
 
 struct Entry {
@@ -167,10 +172,16 @@ impl RevokedTokens {
             .clients
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients.retain(|_, revoked| {
-            revoked.retain(|entry| entry.until > now);
-            !revoked.is_empty()
-        });
+        // Expired entries go now and then: when the map has doubled since they last went (a
+        // start applying every revoked client stays linear).
+        let pruned = &self.inner.clients_pruned_at;
+        if clients.len() >= 2 * pruned.load(Ordering::Relaxed) {
+            clients.retain(|_, revoked| {
+                revoked.retain(|entry| entry.until > now);
+                !revoked.is_empty()
+            });
+            pruned.store(clients.len().max(16), Ordering::Relaxed);
+        }
         let revoked = clients.entry(client.to_owned()).or_default();
         match revoked
             .iter_mut()
@@ -238,7 +249,7 @@ impl RevokedTokens {
             .sum()
     }
 
-    /// Whether nothing is revoked.
+    /// Whether no token is listed by `jti` (clients may be revoked).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -68,6 +68,21 @@ pub(super) struct Inner {
     pub(super) replay_guard: Option<Box<dyn ReplayGuard>>,
 }
 
+impl Inner {
+    /// Until when the tokens a client holds now may be accepted somewhere: its lifetime (or
+    /// the default; the longer, should a shorter one have been set since), a second for a
+    /// token being issued, and the longest clock skew a bearer layer allows on `exp`.
+    fn revoked_until(&self, client: &ClientRecord) -> u64 {
+        let lifetime = client
+            .token_lifetime_secs
+            .unwrap_or(0)
+            .max(self.default_lifetime.as_secs());
+        unix_now()
+            .saturating_add(lifetime)
+            .saturating_add(1 + MAX_LEEWAY_SECS)
+    }
+}
+
 impl fmt::Debug for TokenEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenEndpoint")
@@ -409,17 +424,14 @@ impl TokenEndpoint {
             return Err(StoreError::refused(format!("no client {id:?}")));
         };
         inner.clients.store.revoke(id).await?;
-        let now = unix_now();
-        let lifetime = client
-            .token_lifetime_secs
-            .unwrap_or(inner.default_lifetime.as_secs());
-        // A token issued this very second may be one more; the clock's skew is the bearer
-        // layer's leeway, which `exp` is checked with.
-        let until = now + lifetime + 1 + MAX_LEEWAY_SECS;
+        let until = inner.revoked_until(&client);
         let issuer = Some(inner.issuer.as_str());
-        inner.revoked.revoke_client(issuer, id, now, until);
+        // Every token issued up to `until`: a token request that passed its check before the
+        // store's revoke may still be signed a moment later, or on a replica whose clock is
+        // ahead; the client gets no token after, and its id is never registered again.
+        inner.revoked.revoke_client(issuer, id, until, until);
         if let Some(log) = &inner.revocation_log {
-            log.record_client(issuer, id, now, until)
+            log.record_client(issuer, id, until, until)
                 .await
                 .map_err(|error| {
                     StoreError::new(format!(
@@ -439,17 +451,11 @@ impl TokenEndpoint {
     pub async fn refuse_revoked_clients(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
         let revoked = inner.clients.store.revoked_clients().await?;
-        let now = unix_now();
         for client in &revoked {
-            let lifetime = client
-                .token_lifetime_secs
-                .unwrap_or(inner.default_lifetime.as_secs());
-            inner.revoked.revoke_client(
-                Some(&inner.issuer),
-                &client.id,
-                now,
-                now + lifetime + 1 + MAX_LEEWAY_SECS,
-            );
+            let until = inner.revoked_until(client);
+            inner
+                .revoked
+                .revoke_client(Some(&inner.issuer), &client.id, until, until);
         }
         Ok(revoked.len())
     }
