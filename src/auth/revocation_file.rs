@@ -242,16 +242,14 @@ mod tests {
 
     #[tokio::test]
     async fn an_unwritable_file_fails_the_record_and_keeps_nothing() {
-        let path = scratch("unwritable")
-            .join("missing-dir")
-            .join("revoked.json");
+        let dir = scratch("unwritable").parent().unwrap().to_path_buf();
+        let path = dir.join("missing-dir").join("revoked.json");
         let log = FileRevocationLog::open(&path).unwrap();
         assert!(log.record(None, "t", 4_000_000_000).await.is_err());
         let revoked = RevokedTokens::new();
         log.apply(&revoked);
         assert!(revoked.is_empty());
-        let scratch = path.parent().and_then(Path::parent).unwrap();
-        std::fs::remove_dir_all(scratch).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
