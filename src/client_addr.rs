@@ -28,6 +28,86 @@ impl ClientAddr {
     }
 }
 
+/// The address of the client behind a load balancer, as the balancer named it: what the
+/// throttles count (the token endpoint's failed authentications) instead of the connection's
+/// peer, which is then the balancer's address for every client. The server puts it in the
+/// request extensions, from the header the balancer sets: [`from_x_forwarded_for`] (its last
+/// address, the one the balancer appended) or [`from_forwarded`] (the last element's `for`).
+/// Only behind a balancer that sets that header: anywhere else a client names any address it
+/// likes there. [`ClientAddr`] stays the peer (what the proxy appends to the forwarding
+/// headers).
+///
+/// [`from_x_forwarded_for`]: Self::from_x_forwarded_for
+/// [`from_forwarded`]: Self::from_forwarded
+///
+/// ```
+/// # #[cfg(feature = "proxy")] {
+/// use http::HeaderMap;
+/// use tower_fhir::proxy::ForwardedClient;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.append("x-forwarded-for", "203.0.113.9, 198.51.100.2".parse().unwrap());
+/// headers.append("x-forwarded-for", "192.0.2.44".parse().unwrap());
+/// let client = ForwardedClient::from_x_forwarded_for(&headers).unwrap();
+/// assert_eq!(client.0.to_string(), "192.0.2.44", "the balancer's own entry, the last");
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("forwarded", r#"for=198.51.100.2, for="[2001:db8::1]:4711";proto=https"#.parse().unwrap());
+/// let client = ForwardedClient::from_forwarded(&headers).unwrap();
+/// assert_eq!(client.0.to_string(), "2001:db8::1");
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardedClient(pub IpAddr);
+
+impl ForwardedClient {
+    /// The last address of the last `X-Forwarded-For` line; `None` when there is none or it
+    /// is not an IP address (with or without a port).
+    pub fn from_x_forwarded_for(headers: &http::HeaderMap) -> Option<Self> {
+        let last = headers.get_all("x-forwarded-for").iter().next_back()?;
+        let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
+        parse_node(entry).map(Self)
+    }
+
+    /// The `for` of the last element of the last `Forwarded` line (RFC 7239); `None` when it
+    /// has none, or it is `unknown` or obfuscated.
+    pub fn from_forwarded(headers: &http::HeaderMap) -> Option<Self> {
+        let last = headers
+            .get_all(http::header::FORWARDED)
+            .iter()
+            .next_back()?;
+        let element = last.to_str().ok()?.rsplit(',').next()?;
+        let node = element.split(';').find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("for")
+                .then(|| value.trim().trim_matches('"'))
+        })?;
+        parse_node(node).map(Self)
+    }
+
+    /// The address the throttles count for a request: the forwarded client's when the server
+    /// put one, else the peer's ([`ClientAddr::of`]).
+    pub fn source(extensions: &http::Extensions) -> Option<IpAddr> {
+        extensions
+            .get::<Self>()
+            .map(|Self(ip)| *ip)
+            .or_else(|| ClientAddr::of(extensions).map(|ClientAddr(addr)| addr.ip()))
+    }
+}
+
+/// An address as forwarding headers write it: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`,
+/// `[2001:db8::1]`, `[2001:db8::1]:4711`.
+fn parse_node(node: &str) -> Option<IpAddr> {
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = node.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    node.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+}
+
 /// Where a request came from, as a throttle counts it: an IPv4 address, an IPv6 address's /64
 /// network (what one subscriber is usually given, so one subscriber counts once), or nothing
 /// known. IPv4-mapped IPv6 addresses count as the IPv4 address.
@@ -83,5 +163,67 @@ impl SourceNetwork {
                 Self::V6(network)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &str, values: &[&str]) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        for value in values {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn the_balancers_entry_is_the_last_and_nothing_else_is_guessed() {
+        let xff = |values: &[&str]| {
+            ForwardedClient::from_x_forwarded_for(&headers("x-forwarded-for", values))
+                .map(|c| c.0.to_string())
+        };
+        assert_eq!(xff(&["1.1.1.1, 2.2.2.2"]).as_deref(), Some("2.2.2.2"));
+        assert_eq!(xff(&["1.1.1.1", "3.3.3.3"]).as_deref(), Some("3.3.3.3"));
+        assert_eq!(xff(&["[2001:db8::1]:80"]).as_deref(), Some("2001:db8::1"));
+        assert_eq!(xff(&["9.9.9.9:1234"]).as_deref(), Some("9.9.9.9"));
+        // The last entry is not an address: nothing (not the one before it).
+        assert_eq!(xff(&["1.1.1.1, unknown"]), None);
+        assert_eq!(xff(&["1.1.1.1, "]), None);
+        assert_eq!(xff(&[]), None);
+        let fwd = |values: &[&str]| {
+            ForwardedClient::from_forwarded(&headers("forwarded", values)).map(|c| c.0.to_string())
+        };
+        assert_eq!(
+            fwd(&["for=1.1.1.1, For=2.2.2.2;proto=http"]).as_deref(),
+            Some("2.2.2.2")
+        );
+        assert_eq!(
+            fwd(&["proto=https;for=\"[::1]:9\""]).as_deref(),
+            Some("::1")
+        );
+        assert_eq!(fwd(&["for=1.1.1.1, for=_hidden"]), None);
+        assert_eq!(fwd(&["for=unknown"]), None);
+        assert_eq!(fwd(&["proto=https"]), None);
+    }
+
+    #[test]
+    fn the_throttles_count_the_forwarded_client_when_there_is_one() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(ForwardedClient::source(&extensions), None);
+        extensions.insert(ClientAddr("10.0.0.1:5000".parse().unwrap()));
+        assert_eq!(
+            ForwardedClient::source(&extensions),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        extensions.insert(ForwardedClient("192.0.2.7".parse().unwrap()));
+        assert_eq!(
+            ForwardedClient::source(&extensions),
+            Some("192.0.2.7".parse().unwrap())
+        );
     }
 }

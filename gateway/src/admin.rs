@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
 use tower_fhir::postgres::PgSigningKeys;
-use tower_fhir::proxy::ClientAddr;
+use tower_fhir::proxy::ForwardedClient;
 use tower_fhir::route::{
     nested_bases, DirectoryError, NestedBases, RouteCache, TenantEntry, TenantRecord, TenantStore,
 };
@@ -122,10 +122,8 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token);
-    let from = request
-        .extensions()
-        .get::<ClientAddr>()
-        .map(|ClientAddr(addr)| addr.ip());
+    // The client a trusted balancer names, else the connection's peer.
+    let from = ForwardedClient::source(request.extensions());
     let verdict = admin.throttle.check(
         Source::of(from),
         presented,

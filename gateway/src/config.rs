@@ -54,6 +54,11 @@ pub(crate) struct Config {
     /// balancer that sets them) instead of replacing them. Default false.
     #[serde(default)]
     pub(crate) trust_forwarded_headers: bool,
+    /// The header a load balancer names the client in (`"x-forwarded-for"`: its last
+    /// address; `"forwarded"`: its last `for`): the throttles count that address instead of
+    /// the balancer's. Default none: the connection's peer.
+    #[serde(default)]
+    pub(crate) client_address_header: Option<ClientAddressHeader>,
     /// Request headers forwarded to upstreams besides those FHIR clients need. Default none.
     #[serde(default)]
     pub(crate) forward_request_headers: Vec<String>,
@@ -167,6 +172,7 @@ impl std::fmt::Debug for Config {
             )
             .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
             .field("trust_forwarded_headers", &self.trust_forwarded_headers)
+            .field("client_address_header", &self.client_address_header)
             .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
@@ -197,6 +203,30 @@ impl std::fmt::Debug for Config {
 pub(crate) struct HashingConfig {
     pub(crate) memory_kib: u32,
     pub(crate) iterations: u32,
+}
+
+/// `client_address_header`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum ClientAddressHeader {
+    #[serde(alias = "X-Forwarded-For")]
+    XForwardedFor,
+    #[serde(alias = "Forwarded")]
+    Forwarded,
+}
+
+impl ClientAddressHeader {
+    /// The client the header names, if it names one.
+    pub(crate) fn client(
+        self,
+        headers: &http::HeaderMap,
+    ) -> Option<tower_fhir::token::ForwardedClient> {
+        use tower_fhir::token::ForwardedClient;
+        match self {
+            Self::XForwardedFor => ForwardedClient::from_x_forwarded_for(headers),
+            Self::Forwarded => ForwardedClient::from_forwarded(headers),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -246,6 +246,7 @@ async fn run(args: Args) -> Result<(), String> {
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
         max_connections: config.max_connections,
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
+        client_address_header: config.client_address_header,
     };
     serve::serve(listeners, front, admin, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)

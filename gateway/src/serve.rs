@@ -61,7 +61,7 @@ use tower_fhir::proxy::ClientAddr;
 
 use crate::front::Front;
 
-/// The connection bounds, from the configuration.
+/// The connection bounds, and how requests name their client, from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     /// A connection must send a whole request head within this (`header_read_timeout_seconds`).
@@ -73,6 +73,9 @@ pub(crate) struct Limits {
     pub(crate) max_connections: u32,
     /// How long in-flight requests may take after SIGTERM or Ctrl-C (`shutdown_grace_seconds`).
     pub(crate) shutdown_grace: Duration,
+    /// The header a load balancer names each request's client in (`client_address_header`),
+    /// read into a [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles.
+    pub(crate) client_address_header: Option<crate::config::ClientAddressHeader>,
 }
 
 /// `workers` listening sockets on `addr` (the first one's port for the others, when `addr`
@@ -223,6 +226,13 @@ async fn accept(
             let in_flight = InFlight::start(&requests);
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
+            // Behind a balancer: the client it names, for the throttles.
+            if let Some(client) = limits
+                .client_address_header
+                .and_then(|header| header.client(request.headers()))
+            {
+                request.extensions_mut().insert(client);
+            }
             let to_admin = request.uri().path().starts_with("/admin/");
             let answer = match admin.as_ref().filter(|_| to_admin) {
                 // Boxed: the admin API's future is as large as the gateway's, and a request's

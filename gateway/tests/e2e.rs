@@ -1042,6 +1042,64 @@ async fn wrong_admin_tokens_get_their_address_429_and_only_theirs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_throttles_count_the_client_it_names() {
+    let right = format!("Bearer {ADMIN_TOKEN}");
+    let path = "/admin/clients/app";
+    let nowhere = "http://127.0.0.1:9";
+    // Two clients behind one balancer (one peer address), named in X-Forwarded-For.
+    let send = |gateway: &Gateway, client: &'static str, auth: String| {
+        let client_headers = [
+            ("x-forwarded-for", client),
+            ("authorization", auth.as_str()),
+        ]
+        .map(|(k, v)| (k, v.to_owned()));
+        let gateway_client = gateway.client.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = client_headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            gateway_client.send("GET", path, &headers, "").await
+        }
+    };
+    for (trusted, other_client_served) in [(false, false), (true, true)] {
+        let dir = scratch(&format!("balancer-{trusted}"));
+        let mut config = config(&dir, free_port(), nowhere, nowhere, None);
+        if trusted {
+            config["client_address_header"] = json!("x-forwarded-for");
+        }
+        let gateway = start_gateway(&dir, &config);
+        for i in 0..5 {
+            let reply = send(
+                &gateway,
+                "203.0.113.5",
+                format!("Bearer wrong-{i:04}-guess"),
+            )
+            .await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "guess {i}");
+        }
+        let guesser = send(&gateway, "203.0.113.5", right.clone()).await;
+        assert_eq!(guesser.status, StatusCode::TOO_MANY_REQUESTS);
+        // Another client behind the same balancer: counted apart only when the gateway reads
+        // the balancer's header (otherwise anybody could name any address there).
+        let other = send(&gateway, "198.51.100.7", right.clone()).await;
+        let expected = if other_client_served {
+            StatusCode::OK
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        assert_eq!(
+            other.status,
+            expected,
+            "trusted {trusted}: {}",
+            other.text()
+        );
+        drop(gateway);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 #[test]
 fn a_missing_short_or_spaced_admin_token_keeps_the_gateway_from_starting() {
     let dir = scratch("admin-token");

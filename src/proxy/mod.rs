@@ -82,7 +82,7 @@ mod service;
 mod slots;
 mod transport;
 
-pub use crate::client_addr::{ClientAddr, SourceNetwork};
+pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use body::ProxyBody;
 pub use headers::FORWARDED_REQUEST_HEADERS;
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

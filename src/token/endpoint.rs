@@ -30,7 +30,7 @@ use crate::auth::{RevocationLog, RevokedTokens};
 
 /// The longest clock skew a bearer layer allows on `exp` (its `leeway` is at most an hour).
 const MAX_LEEWAY_SECS: u64 = 3600;
-use crate::client_addr::ClientAddr;
+use crate::client_addr::ForwardedClient;
 
 /// The future a [`TokenEndpoint`] returns.
 pub type TokenFuture =
@@ -698,10 +698,10 @@ impl Inner {
     }
 }
 
-/// The IP address the request came from, when the server put it in the extensions
-/// ([`ClientAddr::of`]).
+/// The IP address the request came from, when the server put it in the extensions: the
+/// forwarded client's behind a balancer, else the peer's ([`ForwardedClient::source`]).
 pub(super) fn source(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
-    ClientAddr::of(extensions).map(|ClientAddr(addr)| addr.ip())
+    ForwardedClient::source(extensions)
 }
 
 fn jti() -> String {

@@ -87,7 +87,7 @@ mod scope;
 mod signing;
 pub(crate) mod throttle;
 
-pub use crate::client_addr::{ClientAddr, SourceNetwork};
+pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use assertion::ReplayGuard;
 #[cfg(feature = "postgres")]
 pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
