@@ -19,8 +19,9 @@ use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::tenant::{TenantId, TenantScopeLayer};
 use tower_fhir::token::{
-    ClientAddr, ClientRecord, ClientSecret, ClientStore, FileClientStore, InMemoryClientStore,
-    NewClient, SigningKey, SigningKeys, StoreFuture, ThrottlePolicy, TokenEndpoint,
+    ClientAddr, ClientRecord, ClientSecret, ClientStore, FileClientStore, ForwardedClient,
+    InMemoryClientStore, NewClient, SigningKey, SigningKeys, StoreFuture, ThrottlePolicy,
+    TokenEndpoint,
 };
 
 const ISSUER: &str = "https://gateway.test";
@@ -68,14 +69,18 @@ async fn gateway(endpoint: TokenEndpoint) -> TestClient {
     TestClient::new(serve_naming_clients(router).await)
 }
 
-/// Puts the connection's peer in the request extensions as `ClientAddr`, as the gateway
-/// binary does.
+/// Puts the connection's peer in the request extensions as `ClientAddr`, and the client an
+/// `X-Forwarded-For` names as `ForwardedClient`, as the gateway binary does (the latter with
+/// `client_address_header`).
 async fn name_the_client(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     request.extensions_mut().insert(ClientAddr(peer));
+    if let Some(client) = ForwardedClient::from_x_forwarded_for(request.headers()) {
+        request.extensions_mut().insert(client);
+    }
     next.run(request).await
 }
 
@@ -568,6 +573,36 @@ async fn guesses_from_one_address_do_not_lock_the_client_out_from_another() {
         token_post(&real, "app", secret.expose(), "").await.status,
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn behind_a_balancer_guesses_count_against_the_client_it_names() {
+    let (store, secret) = store_with_app().await;
+    let policy = throttle(5, Duration::from_secs(60), Duration::from_secs(60));
+    // Both come through one balancer (one peer address), which names them.
+    let balancer = gateway(endpoint_over(store, policy)).await;
+    let post = |named: &'static str, secret: String| {
+        let balancer = balancer.clone();
+        async move {
+            let body =
+                format!("grant_type=client_credentials&client_id=app&client_secret={secret}");
+            balancer
+                .send("POST", "/token", &[FORM, ("x-forwarded-for", named)], &body)
+                .await
+        }
+    };
+    for _ in 0..5 {
+        let reply = post("203.0.113.5", "guess".into()).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let reply = post("203.0.113.5", secret.expose().to_owned()).await;
+    assert_error(
+        &reply,
+        StatusCode::TOO_MANY_REQUESTS,
+        "temporarily_unavailable",
+    );
+    let reply = post("198.51.100.7", secret.expose().to_owned()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
 /// An in-memory store whose next look-up, once armed, reads the client, says so, and answers
