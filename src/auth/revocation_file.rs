@@ -5,12 +5,11 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use super::revoked::{RevocationLog, RevokedTokens};
+use super::revoked::{unix_now, RevocationLog, RevokedTokens};
 
 /// A [`RevocationLog`] in one JSON file, for a single process whose signing keys outlive a
 /// restart (kept in a file too): what it revoked is written before the revocation is answered,
@@ -184,12 +183,6 @@ impl RevocationLog for FileRevocationLog {
         };
         self.write(move |entries| entries.clients.push(client))
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -1123,50 +1123,52 @@ impl Handler for RevocationChanges {
 
 /// The clients whose tokens are revoked, while some may still live.
 async fn revoked_clients(pool: &Pool) -> Result<Vec<RevokedClient>, String> {
-    let connection = pool.get().await.map_err(|e| e.to_string())?;
-    let rows = connection
-        .query(
-            "SELECT issuer, client, revoked_at, expires_at FROM tower_fhir_revoked_clients
-             WHERE expires_at > $1",
-            &[&unix_now()],
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let issuer: String = row.get(0);
-            RevokedClient {
-                iss: (!issuer.is_empty()).then_some(issuer),
-                client: row.get(1),
-                revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-                until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
-            }
-        })
-        .collect())
+    unexpired(
+        pool,
+        "SELECT issuer, client, revoked_at, expires_at FROM tower_fhir_revoked_clients
+         WHERE expires_at > $1",
+        |row| RevokedClient {
+            iss: issuer_of(row),
+            client: row.get(1),
+            revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+            until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        },
+    )
+    .await
 }
 
 /// The revocations that have not expired.
 async fn revocations(pool: &Pool) -> Result<Vec<Revoked>, String> {
+    unexpired(
+        pool,
+        "SELECT issuer, jti, expires_at FROM tower_fhir_revoked_tokens WHERE expires_at > $1",
+        |row| Revoked {
+            iss: issuer_of(row),
+            jti: row.get(1),
+            exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+        },
+    )
+    .await
+}
+
+/// The rows `query` selects with `$1` the time now, each made into a `T`.
+async fn unexpired<T>(
+    pool: &Pool,
+    query: &str,
+    each: impl Fn(&tokio_postgres::Row) -> T,
+) -> Result<Vec<T>, String> {
     let connection = pool.get().await.map_err(|e| e.to_string())?;
     let rows = connection
-        .query(
-            "SELECT issuer, jti, expires_at FROM tower_fhir_revoked_tokens WHERE expires_at > $1",
-            &[&unix_now()],
-        )
+        .query(query, &[&unix_now()])
         .await
         .map_err(|e| e.to_string())?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let issuer: String = row.get(0);
-            Revoked {
-                iss: (!issuer.is_empty()).then_some(issuer),
-                jti: row.get(1),
-                exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-            }
-        })
-        .collect())
+    Ok(rows.iter().map(each).collect())
+}
+
+/// A revocation row's issuer (column 0; empty for none).
+fn issuer_of(row: &tokio_postgres::Row) -> Option<String> {
+    let issuer: String = row.get(0);
+    (!issuer.is_empty()).then_some(issuer)
 }
 
 /// A table whose rows expire (`expires_at`): its expired rows are removed at most once a
