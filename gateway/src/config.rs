@@ -76,6 +76,11 @@ pub(crate) struct Config {
     /// A larger request body gets 413 before anything reaches the upstream. Default 16 MiB.
     #[serde(default = "default_max_request_body")]
     pub(crate) max_request_body_bytes: u64,
+    /// The most bytes of request bodies held at once to check their SMART scopes (Bundles,
+    /// `_search` forms), all requests together; beyond, `503` with `Retry-After`. Default
+    /// 256 MiB, or `max_request_body_bytes` when larger; at least `max_request_body_bytes`.
+    #[serde(default)]
+    pub(crate) max_buffered_request_bytes_total: Option<u64>,
     /// Where `GET /metrics` (Prometheus text) is served; off when absent.
     #[serde(default)]
     pub(crate) metrics_listen: Option<SocketAddr>,
@@ -178,6 +183,10 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("require_smart_scopes", &self.require_smart_scopes)
             .field("max_request_body_bytes", &self.max_request_body_bytes)
+            .field(
+                "max_buffered_request_bytes_total",
+                &self.max_buffered_request_bytes_total,
+            )
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_label", &self.metrics_tenant_label)
             .field("audit_log", &self.audit_log)
@@ -402,6 +411,16 @@ impl Config {
                 path.display()
             ));
         }
+        if config
+            .max_buffered_request_bytes_total
+            .is_some_and(|total| total < config.max_request_body_bytes || total > 1 << 60)
+        {
+            return Err(format!(
+                "the configuration file {}: max_buffered_request_bytes_total must be at least max_request_body_bytes ({}) and at most 2^60",
+                path.display(),
+                config.max_request_body_bytes
+            ));
+        }
         if config.token_hashing_concurrency == Some(0) {
             return Err(format!(
                 "the configuration file {}: token_hashing_concurrency must be at least 1",
@@ -474,6 +493,13 @@ impl Config {
     }
 
     /// The worker threads to run: `workers`, or the CPUs this process may use.
+    /// `max_buffered_request_bytes_total`, or its default.
+    pub(crate) fn max_buffered_total(&self) -> u64 {
+        self.max_buffered_request_bytes_total.unwrap_or(
+            (tower_fhir::smart::DEFAULT_MAX_BUFFERED_TOTAL as u64).max(self.max_request_body_bytes),
+        )
+    }
+
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -624,6 +650,31 @@ mod tests {
         assert_eq!(config.check_connection_limits(), Ok(()));
         let shown = format!("{config:?}");
         assert!(shown.contains("idle_timeout_seconds: 7"), "{shown}");
+    }
+
+    #[test]
+    fn the_buffered_bodies_budget_has_its_default_and_holds_the_largest_body() {
+        assert_eq!(Config::empty().max_buffered_total(), 256 * 1024 * 1024);
+        let large: Config =
+            serde_json::from_str(r#"{"max_request_body_bytes": 1073741824}"#).unwrap();
+        assert_eq!(large.max_buffered_total(), 1 << 30);
+        let file = std::env::temp_dir().join(format!("budget-{}.json", std::process::id()));
+        std::fs::write(
+            &file,
+            r#"{"max_request_body_bytes": 2048, "max_buffered_request_bytes_total": 1024}"#,
+        )
+        .unwrap();
+        let refused = Config::load(&file).unwrap_err();
+        std::fs::write(&file, r#"{"max_buffered_request_bytes_total": 33554432}"#).unwrap();
+        let loaded = Config::load(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            refused.contains(
+                "max_buffered_request_bytes_total must be at least max_request_body_bytes (2048)"
+            ),
+            "{refused}"
+        );
+        assert_eq!(loaded.max_buffered_total(), 32 * 1024 * 1024);
     }
 
     #[test]

@@ -377,6 +377,9 @@ async fn assemble(
                 .require_smart_scopes(config.require_smart_scopes)
                 .max_buffered_body(
                     usize::try_from(config.max_request_body_bytes).unwrap_or(usize::MAX),
+                )
+                .max_buffered_total(
+                    usize::try_from(config.max_buffered_total()).unwrap_or(usize::MAX),
                 ),
         )
         .proxy(proxy)

@@ -10,6 +10,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
 use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -27,6 +28,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// request body limit.
 pub const DEFAULT_MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
 
+/// The default for [`SmartScopeBuilder::max_buffered_total`]: 256 MiB, sixteen of the largest
+/// bodies at once.
+pub const DEFAULT_MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
+
 /// A Tower layer that enforces the token's SMART scopes on each FHIR interaction (see the
 /// [module docs](super)).
 #[derive(Clone)]
@@ -38,6 +43,10 @@ pub struct SmartScopeLayer {
 struct Config {
     require_smart_scopes: bool,
     max_buffered_body: usize,
+    /// The bytes of bodies held at once, across every request through the layer's clones: a
+    /// permit a byte.
+    buffered: Arc<Semaphore>,
+    max_buffered_total: usize,
     /// This layer's key for the grants it keeps with a token's claims: a cached token's scopes
     /// are parsed once, not on each of its requests.
     memo: MemoKey,
@@ -49,6 +58,7 @@ impl SmartScopeLayer {
         SmartScopeBuilder {
             require_smart_scopes: false,
             max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+            max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
         }
     }
 }
@@ -58,6 +68,7 @@ impl fmt::Debug for SmartScopeLayer {
         f.debug_struct("SmartScopeLayer")
             .field("require_smart_scopes", &self.config.require_smart_scopes)
             .field("max_buffered_body", &self.config.max_buffered_body)
+            .field("max_buffered_total", &self.config.max_buffered_total)
             .finish()
     }
 }
@@ -79,6 +90,7 @@ impl<S> Layer<S> for SmartScopeLayer {
 pub struct SmartScopeBuilder {
     require_smart_scopes: bool,
     max_buffered_body: usize,
+    max_buffered_total: usize,
 }
 
 /// A setting [`SmartScopeBuilder::build`] refuses.
@@ -87,12 +99,18 @@ pub struct SmartScopeBuilder {
 pub enum ConfigError {
     /// `max_buffered_body` is zero.
     NoBodyRoom,
+    /// `max_buffered_total` is below `max_buffered_body` (the largest body could never be
+    /// checked), or above what a semaphore counts.
+    TotalBelowBody,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoBodyRoom => f.write_str("max_buffered_body must be at least 1 byte"),
+            Self::TotalBelowBody => f.write_str(
+                "max_buffered_total must be at least max_buffered_body (and at most 2^61 bytes)",
+            ),
         }
     }
 }
@@ -115,15 +133,33 @@ impl SmartScopeBuilder {
         self
     }
 
+    /// The most bytes of request bodies the layer holds at once to check them, across all
+    /// requests (through every clone of the layer and its services): many large Bundles at
+    /// once cannot take the process's memory. A body that would take the total past it gets
+    /// `503` with `Retry-After: 1` (an OperationOutcome, `transient`), read no further and not
+    /// forwarded; a body held is let go when it has been forwarded or refused. Default
+    /// [`DEFAULT_MAX_BUFFERED_TOTAL`]; at least [`max_buffered_body`](Self::max_buffered_body).
+    pub fn max_buffered_total(mut self, bytes: usize) -> Self {
+        self.max_buffered_total = bytes;
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> Result<SmartScopeLayer, ConfigError> {
         if self.max_buffered_body == 0 {
             return Err(ConfigError::NoBodyRoom);
         }
+        if self.max_buffered_total < self.max_buffered_body
+            || self.max_buffered_total > Semaphore::MAX_PERMITS
+        {
+            return Err(ConfigError::TotalBelowBody);
+        }
         Ok(SmartScopeLayer {
             config: Arc::new(Config {
                 require_smart_scopes: self.require_smart_scopes,
                 max_buffered_body: self.max_buffered_body,
+                buffered: Arc::new(Semaphore::new(self.max_buffered_total)),
+                max_buffered_total: self.max_buffered_total,
                 memo: MemoKey::unique(),
             }),
         })
@@ -237,10 +273,12 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let max = self.config.max_buffered_body;
+                let budget = Arc::clone(&self.config.buffered);
                 PassOrOwn::own(async move {
                     let (parts, body) = request.into_parts();
-                    let bytes = match Limited::new(body, max).collect().await {
-                        Ok(collected) => collected.to_bytes(),
+                    let (bytes, held) = match read_within(body, max, budget).await {
+                        Ok(Some(read)) => read,
+                        Ok(None) => return Ok(too_many_bodies().map(ResponseBody::full)),
                         Err(error) => {
                             let response = match crate::ops::BodyFailure::of(&*error) {
                                 Some(failure) => failure.answer(Some(max as u64)),
@@ -277,7 +315,7 @@ where
                     if let Err(why) = checked {
                         return Ok(insufficient_scope(&why).map(ResponseBody::full));
                     }
-                    let request = Request::from_parts(parts, ScopedBody::buffered(bytes));
+                    let request = Request::from_parts(parts, ScopedBody::held(bytes, held));
                     Ok(inner.call(request).await?.map(ResponseBody::inner))
                 })
             }
@@ -489,6 +527,61 @@ fn query_names(query: &str) -> impl Iterator<Item = String> + '_ {
         })
 }
 
+/// The body whole, within `max` bytes (else the `Limited` error), and the permits it holds in
+/// `budget`, a byte each, taken as its frames arrive; `None` when the budget has not room for
+/// the next frame (the body is read no further).
+async fn read_within<B>(
+    body: B,
+    max: usize,
+    budget: Arc<Semaphore>,
+) -> Result<Option<(Bytes, Option<OwnedSemaphorePermit>)>, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(Limited::new(body, max));
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let Some(permit) = u32::try_from(data.len())
+            .ok()
+            .and_then(|n| Arc::clone(&budget).try_acquire_many_owned(n).ok())
+        else {
+            return Ok(None);
+        };
+        match &mut held {
+            Some(held) => held.merge(permit),
+            None => held = Some(permit),
+        }
+        chunks.push(data);
+    }
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    };
+    Ok(Some((bytes, held)))
+}
+
+/// `503`: the bodies held to be checked fill the layer's budget.
+fn too_many_bodies() -> Response<Bytes> {
+    let mut response = OperationOutcome::error(
+        IssueType::Transient,
+        "Too many request bodies are being checked at once; retry shortly",
+    )
+    .to_response(StatusCode::SERVICE_UNAVAILABLE);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// A refusal, answered at once.
 fn refused<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFuture<F, B, E> {
     PassOrOwn::own(async move { Ok(response.map(ResponseBody::full)) })
@@ -527,7 +620,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Passed { #[pin] body: B },
-        Buffered { body: Full<Bytes> },
+        Buffered { body: Full<Bytes>, held: Option<OwnedSemaphorePermit> },
     }
 }
 
@@ -541,9 +634,15 @@ impl<B> ScopedBody<B> {
 
     /// A body read whole.
     pub fn buffered(bytes: Bytes) -> Self {
+        Self::held(bytes, None)
+    }
+
+    /// A body read whole, holding its share of the layer's budget until it is dropped.
+    fn held(bytes: Bytes, held: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             kind: Kind::Buffered {
                 body: Full::new(bytes),
+                held,
             },
         }
     }
@@ -569,7 +668,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             KindProj::Passed { body } => body.poll_frame(cx).map_err(Into::into),
-            KindProj::Buffered { body } => Pin::new(body)
+            KindProj::Buffered { body, .. } => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
         }
@@ -578,14 +677,120 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Passed { body } => body.is_end_stream(),
-            Kind::Buffered { body } => body.is_end_stream(),
+            Kind::Buffered { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Passed { body } => body.size_hint(),
-            Kind::Buffered { body } => body.size_hint(),
+            Kind::Buffered { body, .. } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::channel::Channel;
+    use std::convert::Infallible;
+    use tower::{Service, ServiceExt};
+
+    const BUNDLE: &str = r#"{"resourceType":"Bundle","type":"batch"}"#;
+
+    /// The Bundle whole, as a body already complete.
+    async fn whole() -> Channel<Bytes, Infallible> {
+        let (mut sender, body) = Channel::<Bytes, Infallible>::new(1);
+        sender
+            .send_data(Bytes::from_static(BUNDLE.as_bytes()))
+            .await
+            .unwrap();
+        body
+    }
+
+    fn request<B>(body: B) -> Request<B> {
+        let claims = serde_json::json!({"scope": "system/Patient.crus", "exp": 4_000_000_000u64});
+        let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+        let mut request = Request::post("/")
+            .header(header::CONTENT_TYPE, "application/fhir+json")
+            .body(body)
+            .unwrap();
+        request.extensions_mut().insert(claims);
+        request
+    }
+
+    #[tokio::test]
+    async fn bodies_held_at_once_stay_within_the_budget_and_the_rest_get_503() {
+        let layer = SmartScopeLayer::builder()
+            .max_buffered_body(BUNDLE.len())
+            .max_buffered_total(BUNDLE.len() + 10)
+            .build()
+            .unwrap();
+        // The inner service reads the body it is given whole, then answers.
+        let inner = tower::service_fn(|request: Request<ScopedBody<_>>| async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, Infallible>(Response::new(Full::new(body)))
+        });
+        let service = layer.layer(inner);
+
+        // One Bundle arrives in part and waits for the rest: its part is held.
+        let (mut sender, body) = Channel::<Bytes, Infallible>::new(1);
+        let first = tokio::spawn(service.clone().oneshot(request(body)));
+        sender
+            .send_data(Bytes::from_static(&BUNDLE.as_bytes()[..20]))
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+        let held = async {
+            loop {
+                if layer.config.buffered.available_permits() == BUNDLE.len() + 10 - 20 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), held)
+            .await
+            .expect("the first part is not held");
+
+        // Another whole Bundle would take the total past the budget: 503, not forwarded.
+        let refused = service
+            .clone()
+            .oneshot(request(whole().await))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+
+        // The first one ends, is checked and forwarded whole; its share is let go.
+        sender
+            .send_data(Bytes::from_static(&BUNDLE.as_bytes()[20..]))
+            .await
+            .unwrap();
+        drop(sender);
+        let answered = first.await.unwrap().unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+        let echoed = answered.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed, BUNDLE.as_bytes());
+        assert_eq!(layer.config.buffered.available_permits(), BUNDLE.len() + 10);
+        let mut service = service;
+        let again = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request(whole().await))
+            .await
+            .unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn a_budget_below_one_body_is_refused() {
+        let refused = SmartScopeLayer::builder()
+            .max_buffered_body(100)
+            .max_buffered_total(99)
+            .build()
+            .unwrap_err();
+        assert_eq!(refused, ConfigError::TotalBelowBody);
     }
 }

@@ -69,7 +69,9 @@
 //! A token's grants are parsed once and kept with its cached claims; a request checked from
 //! its head costs no allocation beyond its query's parameters. A Bundle or a `_search` form is
 //! read whole first (at most [`max_buffered_body`](SmartScopeBuilder::max_buffered_body),
-//! else `413`) and handed on unchanged as a [`ScopedBody`].
+//! else `413`; all such bodies held at once at most
+//! [`max_buffered_total`](SmartScopeBuilder::max_buffered_total), else `503` with
+//! `Retry-After`) and handed on unchanged as a [`ScopedBody`].
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -119,7 +121,7 @@ mod scope;
 
 pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
-    DEFAULT_MAX_BUFFERED_BODY,
+    DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL,
 };
 #[cfg(feature = "token")]
 pub(crate) use scope::looks_like_resource_scope;
