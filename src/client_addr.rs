@@ -65,8 +65,9 @@ impl ForwardedClient {
     /// is not an IP address (with or without a port).
     pub fn from_x_forwarded_for(headers: &http::HeaderMap) -> Option<Self> {
         let last = headers.get_all("x-forwarded-for").iter().next_back()?;
-        let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
-        parse_node(entry).map(Self)
+        // Bytes, not text: what a client put before the balancer's entry does not matter.
+        let entry = last.as_bytes().rsplit(|b| *b == b',').next()?;
+        parse_node(std::str::from_utf8(entry).ok()?.trim()).map(Self)
     }
 
     /// The `for` of the last element of the last `Forwarded` line (RFC 7239); `None` when it
@@ -76,7 +77,8 @@ impl ForwardedClient {
             .get_all(http::header::FORWARDED)
             .iter()
             .next_back()?;
-        let element = last.to_str().ok()?.rsplit(',').next()?;
+        let element = last.as_bytes().rsplit(|b| *b == b',').next()?;
+        let element = std::str::from_utf8(element).ok()?;
         let node = element.split(';').find_map(|pair| {
             let (name, value) = pair.split_once('=')?;
             name.trim()
@@ -195,6 +197,16 @@ mod tests {
         assert_eq!(xff(&["1.1.1.1, unknown"]), None);
         assert_eq!(xff(&["1.1.1.1, "]), None);
         assert_eq!(xff(&[]), None);
+        // What the client wrote before the balancer's entry, text or not, does not matter.
+        let mut obs = http::HeaderMap::new();
+        obs.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff\xfe, 4.4.4.4").unwrap(),
+        );
+        assert_eq!(
+            ForwardedClient::from_x_forwarded_for(&obs).map(|c| c.0.to_string()),
+            Some("4.4.4.4".to_owned())
+        );
         let fwd = |values: &[&str]| {
             ForwardedClient::from_forwarded(&headers("forwarded", values)).map(|c| c.0.to_string())
         };

@@ -405,6 +405,12 @@ impl Config {
                 ));
             }
         }
+        if config.max_request_body_bytes > 1 << 60 {
+            return Err(format!(
+                "the configuration file {}: max_request_body_bytes must be at most 2^60",
+                path.display()
+            ));
+        }
         if config.max_request_body_bytes == 0 {
             return Err(format!(
                 "the configuration file {}: max_request_body_bytes must be at least 1",
@@ -492,14 +498,16 @@ impl Config {
         Ok(())
     }
 
-    /// The worker threads to run: `workers`, or the CPUs this process may use.
-    /// `max_buffered_request_bytes_total`, or its default.
+    /// `max_buffered_request_bytes_total`, or its default (at most 2^60).
     pub(crate) fn max_buffered_total(&self) -> u64 {
         self.max_buffered_request_bytes_total.unwrap_or(
-            (tower_fhir::smart::DEFAULT_MAX_BUFFERED_TOTAL as u64).max(self.max_request_body_bytes),
+            (tower_fhir::smart::DEFAULT_MAX_BUFFERED_TOTAL as u64)
+                .max(self.max_request_body_bytes)
+                .min(1 << 60),
         )
     }
 
+    /// The worker threads to run: `workers`, or the CPUs this process may use.
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()

@@ -528,8 +528,10 @@ fn query_names(query: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 /// The body whole, within `max` bytes (else the `Limited` error), and the permits it holds in
-/// `budget`, a byte each, taken as its frames arrive; `None` when the budget has not room for
-/// the next frame (the body is read no further).
+/// `budget`: a byte each of the memory it takes (the buffer's capacity, into which each frame
+/// is copied and then let go, so a body sent a byte a frame costs what its bytes do). A body
+/// whose length is known takes its share before a byte is read. `None` when the budget has
+/// not room for it (the body is read no further).
 async fn read_within<B>(
     body: B,
     max: usize,
@@ -539,34 +541,59 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    let mut held = Held {
+        budget,
+        permit: None,
+        bytes: 0,
+    };
+    let mut buffer = bytes::BytesMut::new();
+    // A known length within the limit (a larger one is `Limited`'s to refuse).
+    if let Some(length) = body.size_hint().exact() {
+        let length = usize::try_from(length).unwrap_or(usize::MAX);
+        if length <= max {
+            buffer.reserve(length);
+            if !held.cover(buffer.capacity()) {
+                return Ok(None);
+            }
+        }
+    }
     let mut body = std::pin::pin!(Limited::new(body, max));
-    let mut held: Option<OwnedSemaphorePermit> = None;
-    let mut chunks: Vec<Bytes> = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        if data.is_empty() {
-            continue;
-        }
-        let Some(permit) = u32::try_from(data.len())
-            .ok()
-            .and_then(|n| Arc::clone(&budget).try_acquire_many_owned(n).ok())
-        else {
+        buffer.reserve(data.len());
+        if !held.cover(buffer.capacity()) {
             return Ok(None);
-        };
-        match &mut held {
-            Some(held) => held.merge(permit),
-            None => held = Some(permit),
         }
-        chunks.push(data);
+        buffer.extend_from_slice(&data);
     }
-    let bytes = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => Bytes::from(chunks.concat()),
-    };
-    Ok(Some((bytes, held)))
+    Ok(Some((buffer.freeze(), held.permit)))
+}
+
+/// The permits a body holds, and how many bytes they are.
+struct Held {
+    budget: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Takes permits until they cover `bytes`; false when the budget has not that many free.
+    fn cover(&mut self, bytes: usize) -> bool {
+        while self.bytes < bytes {
+            let more = u32::try_from(bytes - self.bytes).unwrap_or(u32::MAX);
+            let Ok(permit) = Arc::clone(&self.budget).try_acquire_many_owned(more) else {
+                return false;
+            };
+            self.bytes += more as usize;
+            match &mut self.permit {
+                Some(held) => held.merge(permit),
+                None => self.permit = Some(permit),
+            }
+        }
+        true
+    }
 }
 
 /// `503`: the bodies held to be checked fill the layer's budget.
@@ -694,19 +721,9 @@ mod tests {
     use super::*;
     use http_body_util::channel::Channel;
     use std::convert::Infallible;
-    use tower::{Service, ServiceExt};
+    use tower::ServiceExt;
 
     const BUNDLE: &str = r#"{"resourceType":"Bundle","type":"batch"}"#;
-
-    /// The Bundle whole, as a body already complete.
-    async fn whole() -> Channel<Bytes, Infallible> {
-        let (mut sender, body) = Channel::<Bytes, Infallible>::new(1);
-        sender
-            .send_data(Bytes::from_static(BUNDLE.as_bytes()))
-            .await
-            .unwrap();
-        body
-    }
 
     fn request<B>(body: B) -> Request<B> {
         let claims = serde_json::json!({"scope": "system/Patient.crus", "exp": 4_000_000_000u64});
@@ -719,48 +736,72 @@ mod tests {
         request
     }
 
-    #[tokio::test]
-    async fn bodies_held_at_once_stay_within_the_budget_and_the_rest_get_503() {
-        let layer = SmartScopeLayer::builder()
-            .max_buffered_body(BUNDLE.len())
-            .max_buffered_total(BUNDLE.len() + 10)
-            .build()
-            .unwrap();
-        // The inner service reads the body it is given whole, then answers.
-        let inner = tower::service_fn(|request: Request<ScopedBody<_>>| async move {
-            let body = request.into_body().collect().await.unwrap().to_bytes();
-            Ok::<_, Infallible>(Response::new(Full::new(body)))
-        });
-        let service = layer.layer(inner);
-
-        // One Bundle arrives in part and waits for the rest: its part is held.
-        let (mut sender, body) = Channel::<Bytes, Infallible>::new(1);
-        let first = tokio::spawn(service.clone().oneshot(request(body)));
-        sender
-            .send_data(Bytes::from_static(&BUNDLE.as_bytes()[..20]))
-            .await
-            .unwrap();
-        tokio::task::yield_now().await;
+    /// Waits until `budget` has `free` permits or fewer.
+    async fn until_held(budget: &Semaphore, free: usize) {
         let held = async {
-            loop {
-                if layer.config.buffered.available_permits() == BUNDLE.len() + 10 - 20 {
-                    break;
-                }
+            while budget.available_permits() > free {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         };
         tokio::time::timeout(std::time::Duration::from_secs(5), held)
             .await
-            .expect("the first part is not held");
+            .expect("the body's part is not held");
+    }
 
-        // Another whole Bundle would take the total past the budget: 503, not forwarded.
-        let refused = service
-            .clone()
-            .oneshot(request(whole().await))
+    #[tokio::test]
+    async fn bodies_held_at_once_stay_within_the_budget_and_the_rest_get_503() {
+        let total = BUNDLE.len() + 10;
+        let layer = SmartScopeLayer::builder()
+            .max_buffered_body(BUNDLE.len())
+            .max_buffered_total(total)
+            .build()
+            .unwrap();
+        let budget = &layer.config.buffered;
+        // The inner services read the body they are given whole, then answer with it.
+        let streamed = layer.layer(tower::service_fn(
+            |request: Request<ScopedBody<Channel<Bytes, Infallible>>>| async move {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            },
+        ));
+        let whole_bodies = layer.layer(tower::service_fn(
+            |request: Request<ScopedBody<Full<Bytes>>>| async move {
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                Ok::<_, Infallible>(Response::new(Full::new(body)))
+            },
+        ));
+
+        // One Bundle arrives in part and waits for the rest: its part is held.
+        let (mut sender, body) = Channel::<Bytes, Infallible>::new(1);
+        let first = tokio::spawn(streamed.clone().oneshot(request(body)));
+        sender
+            .send_data(Bytes::from_static(&BUNDLE.as_bytes()[..20]))
             .await
             .unwrap();
+        until_held(budget, total - 20).await;
+
+        // Another whole Bundle, its length known, would take the total past the budget: 503
+        // before it is read, not forwarded.
+        let whole = Full::new(Bytes::from_static(BUNDLE.as_bytes()));
+        let refused = whole_bodies.clone().oneshot(request(whole)).await.unwrap();
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+        // One of unknown length is refused at the frame that does not fit, and lets go what
+        // it held.
+        let (mut partial, body) = Channel::<Bytes, Infallible>::new(1);
+        let second = tokio::spawn(streamed.clone().oneshot(request(body)));
+        partial
+            .send_data(Bytes::from_static(b"{\"re"))
+            .await
+            .unwrap();
+        let _ = partial
+            .send_data(Bytes::from_static(&BUNDLE.as_bytes()[4..]))
+            .await;
+        let refused = second.await.unwrap().unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(partial);
+        until_held(budget, total - 20).await;
+        assert!(budget.available_permits() >= total - 20);
 
         // The first one ends, is checked and forwarded whole; its share is let go.
         sender
@@ -772,16 +813,11 @@ mod tests {
         assert_eq!(answered.status(), StatusCode::OK);
         let echoed = answered.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(echoed, BUNDLE.as_bytes());
-        assert_eq!(layer.config.buffered.available_permits(), BUNDLE.len() + 10);
-        let mut service = service;
-        let again = service
-            .ready()
-            .await
-            .unwrap()
-            .call(request(whole().await))
-            .await
-            .unwrap();
+        assert_eq!(budget.available_permits(), total);
+        let whole = Full::new(Bytes::from_static(BUNDLE.as_bytes()));
+        let again = whole_bodies.oneshot(request(whole)).await.unwrap();
         assert_eq!(again.status(), StatusCode::OK);
+        assert_eq!(budget.available_permits(), total);
     }
 
     #[test]

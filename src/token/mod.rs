@@ -15,7 +15,8 @@
 //!   also a [`KeySource`](crate::auth::KeySource), so a bearer layer in the same process
 //!   verifies the endpoint's tokens without HTTP.
 //! - [`ThrottlePolicy`]: repeated failed authentications for one client id from one address
-//!   (the [`ClientAddr`] the server puts in the request extensions) get 429 for a while.
+//!   (the [`ClientAddr`] the server puts in the request extensions, or behind a load balancer
+//!   the [`ForwardedClient`] it names) get 429 for a while.
 //!
 //! Signing keys: [`SigningKey::generate_es256`] generates a P-256 key at run time in every
 //! build (pure Rust, `p256`); `ES256` and `RS256` keys can also be loaded from PEM.

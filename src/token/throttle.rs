@@ -10,7 +10,8 @@ use tokio::sync::Notify;
 /// How failed authentications are limited, per client id and source address.
 ///
 /// Failures are counted per client id *and* the address the request came from (the
-/// [`ClientAddr`](crate::token::ClientAddr) in its extensions; an IPv6 address by its /64
+/// [`ClientAddr`](crate::token::ClientAddr) in its extensions, or the
+/// [`ForwardedClient`](crate::token::ForwardedClient) a load balancer names; an IPv6 address by its /64
 /// network; requests without one share a single "unknown" source). After `max_failures`
 /// failures within `window`, that client id is refused from that source (429 with
 /// `Retry-After`) for `base_block`; each further block doubles, up to `max_block`. A success
