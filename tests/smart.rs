@@ -14,7 +14,7 @@ use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::BodyTimeoutLayer;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
-use tower_fhir::smart::SmartScopeLayer;
+use tower_fhir::smart::{SmartScopeBuilder, SmartScopeLayer};
 use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
@@ -34,6 +34,15 @@ struct Setup {
 const BODY_PAUSE: Duration = Duration::from_secs(1);
 
 async fn setup(require_smart_scopes: bool) -> Setup {
+    setup_with(
+        SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes),
+        BODY_PAUSE,
+    )
+    .await
+}
+
+/// The gateway with these SMART settings, its request bodies allowed to pause `pause`.
+async fn setup_with(smart: SmartScopeBuilder, pause: Duration) -> Setup {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -76,10 +85,10 @@ async fn setup(require_smart_scopes: bool) -> Setup {
         )
         // The tests' issuer mints tokens naming any tenant.
         .tenant(TenantScopeLayer::builder().issuer_any_tenant("https://auth.test"))
-        .smart_scopes(SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes))
+        .smart_scopes(smart)
         .build()
         .unwrap();
-    let service = tower::Layer::layer(&BodyTimeoutLayer::new(BODY_PAUSE), gateway);
+    let service = tower::Layer::layer(&BodyTimeoutLayer::new(pause), gateway);
     Setup {
         client: TestClient::new(serve_tower_on(listener, service)),
         upstream,
@@ -473,6 +482,82 @@ async fn a_bundle_whose_body_stops_arriving_while_it_is_checked_gets_408() {
     assert!(
         upstream.received().is_empty(),
         "a Bundle still being checked reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_held_at_once_beyond_the_budget_get_503_and_are_not_forwarded() {
+    // The budget holds one largest body: a Bundle that announced it and is still arriving
+    // takes all of it.
+    let Setup { client, upstream } = setup_with(
+        SmartScopeLayer::builder()
+            .max_buffered_body(4096)
+            .max_buffered_total(4096),
+        Duration::from_secs(20),
+    )
+    .await;
+    let token = minted(json!({"scope": format!("{TENANT} system/Patient.crus")}));
+    let addr = client.addr();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/fhir+json\r\nContent-Length: 4096\r\n\r\n{{\"resourceType\":\"Bundle\""
+    );
+    let mut held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut held, head.as_bytes())
+        .await
+        .unwrap();
+    // Another Bundle is refused, 503 with Retry-After, once the first holds the budget.
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": []}).to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let reply = send(
+            &client,
+            &token,
+            "POST",
+            "/",
+            "application/fhir+json",
+            &bundle,
+        )
+        .await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            break reply;
+        }
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held Bundle never took the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.json()["issue"][0]["code"], "transient");
+    let forwarded = upstream.received().len();
+    // The held one is abandoned: its share is let go, and Bundles pass again.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = send(
+            &client,
+            &token,
+            "POST",
+            "/",
+            "application/fhir+json",
+            &bundle,
+        )
+        .await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned Bundle's share was never let go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        upstream.received().len(),
+        forwarded + 1,
+        "a refused Bundle reached the upstream"
     );
 }
 
