@@ -59,6 +59,11 @@ pub(crate) struct Config {
     /// the balancer's. Default none: the connection's peer.
     #[serde(default)]
     pub(crate) client_address_header: Option<ClientAddressHeader>,
+    /// The balancers `client_address_header` is read from: addresses or networks
+    /// (`10.0.0.0/8`, `2001:db8::/32`). Required with it; a request from any other peer
+    /// counts as that peer.
+    #[serde(default)]
+    pub(crate) client_address_trusted_peers: Vec<String>,
     /// Request headers forwarded to upstreams besides those FHIR clients need. Default none.
     #[serde(default)]
     pub(crate) forward_request_headers: Vec<String>,
@@ -178,6 +183,10 @@ impl std::fmt::Debug for Config {
             .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
             .field("trust_forwarded_headers", &self.trust_forwarded_headers)
             .field("client_address_header", &self.client_address_header)
+            .field(
+                "client_address_trusted_peers",
+                &self.client_address_trusted_peers,
+            )
             .field("forward_request_headers", &self.forward_request_headers)
             .field("secret_hashing", &self.secret_hashing)
             .field("log_format", &self.log_format)
@@ -235,6 +244,72 @@ impl ClientAddressHeader {
             Self::XForwardedFor => ForwardedClient::from_x_forwarded_for(headers),
             Self::Forwarded => ForwardedClient::from_forwarded(headers),
         }
+    }
+}
+
+/// `client_address_header`, read only from `client_address_trusted_peers`.
+#[derive(Debug)]
+pub(crate) struct ClientAddressRule {
+    header: ClientAddressHeader,
+    trusted: Vec<Network>,
+}
+
+impl ClientAddressRule {
+    /// The client the header names, when `peer` is a trusted balancer and it names one.
+    pub(crate) fn client(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &http::HeaderMap,
+    ) -> Option<tower_fhir::token::ForwardedClient> {
+        let peer = peer.to_canonical();
+        if !self.trusted.iter().any(|network| network.contains(peer)) {
+            return None;
+        }
+        self.header.client(headers)
+    }
+}
+
+/// An address and how many of its leading bits make its network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Network {
+    address: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// `192.0.2.1`, `10.0.0.0/8`, `2001:db8::/32`.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        let invalid = || format!("{text:?} is not an address or a network (10.0.0.0/8)");
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let address: std::net::IpAddr = address.trim().parse().map_err(|_| invalid())?;
+        let address = address.to_canonical();
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(invalid)?,
+        };
+        Ok(Self { address, prefix })
+    }
+
+    fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let bits = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+            std::net::IpAddr::V6(v6) => (u128::from(v6), 128u32),
+        };
+        let ((ours, width), (theirs, their_width)) = (bits(self.address), bits(ip));
+        if width != their_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (ours >> shift) == (theirs >> shift)
     }
 }
 
@@ -452,6 +527,9 @@ impl Config {
                 path.display()
             ));
         }
+        config
+            .client_address_rule()
+            .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
         for trusted in &config.trusted_issuers {
             if trusted.any_tenant && !trusted.tenants.is_empty() {
                 return Err(format!(
@@ -496,6 +574,29 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `client_address_header` with the peers it is read from; `None` without it.
+    pub(crate) fn client_address_rule(&self) -> Result<Option<ClientAddressRule>, String> {
+        let Some(header) = self.client_address_header else {
+            if !self.client_address_trusted_peers.is_empty() {
+                return Err(
+                    "client_address_trusted_peers is set without client_address_header".into(),
+                );
+            }
+            return Ok(None);
+        };
+        if self.client_address_trusted_peers.is_empty() {
+            return Err("client_address_header needs client_address_trusted_peers: the balancers' addresses or networks (10.0.0.0/8), since any other client could write any address there".into());
+        }
+        let trusted = self
+            .client_address_trusted_peers
+            .iter()
+            .map(|peer| {
+                Network::parse(peer).map_err(|e| format!("client_address_trusted_peers: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(ClientAddressRule { header, trusted }))
     }
 
     /// `max_buffered_request_bytes_total`, or its default (at most 2^60).
@@ -683,6 +784,60 @@ mod tests {
             "{refused}"
         );
         assert_eq!(loaded.max_buffered_total(), 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn the_client_address_header_is_read_from_trusted_peers_only() {
+        let rule = |json: &str| {
+            serde_json::from_str::<Config>(json)
+                .unwrap()
+                .client_address_rule()
+        };
+        let config = r#"{"client_address_header": "x-forwarded-for",
+                          "client_address_trusted_peers": ["10.0.0.0/8", "2001:db8::/32", "192.0.2.1"]}"#;
+        let rule = rule(config).unwrap().unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        let named = |peer: &str| {
+            rule.client(peer.parse().unwrap(), &headers)
+                .map(|client| client.0.to_string())
+        };
+        for trusted in ["10.1.2.3", "::ffff:10.9.9.9", "2001:db8:1::5", "192.0.2.1"] {
+            assert_eq!(named(trusted).as_deref(), Some("203.0.113.9"), "{trusted}");
+        }
+        for untrusted in ["11.0.0.1", "192.0.2.2", "2001:db9::1", "127.0.0.1"] {
+            assert_eq!(named(untrusted), None, "{untrusted}");
+        }
+        for (json, error) in [
+            (
+                r#"{"client_address_header": "forwarded"}"#,
+                "needs client_address_trusted_peers",
+            ),
+            (
+                r#"{"client_address_trusted_peers": ["10.0.0.0/8"]}"#,
+                "without client_address_header",
+            ),
+            (
+                r#"{"client_address_header": "forwarded", "client_address_trusted_peers": ["10.0.0.0/33"]}"#,
+                "is not an address or a network",
+            ),
+            (
+                r#"{"client_address_header": "forwarded", "client_address_trusted_peers": ["balancer"]}"#,
+                "is not an address or a network",
+            ),
+        ] {
+            let refused = serde_json::from_str::<Config>(json)
+                .unwrap()
+                .client_address_rule()
+                .unwrap_err();
+            assert!(refused.contains(error), "{json}: {refused}");
+        }
+        assert!(Network::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Network::parse("::/0")
+            .unwrap()
+            .contains("2001:db8::1".parse().unwrap()));
     }
 
     #[test]

@@ -246,7 +246,10 @@ async fn run(args: Args) -> Result<(), String> {
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
         max_connections: config.max_connections,
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
-        client_address_header: config.client_address_header,
+        // Checked when the configuration was loaded; kept for the whole process.
+        client_address: config
+            .client_address_rule()?
+            .map(|rule| &*Box::leak(Box::new(rule))),
     };
     serve::serve(listeners, front, admin, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)

@@ -74,8 +74,10 @@ pub(crate) struct Limits {
     /// How long in-flight requests may take after SIGTERM or Ctrl-C (`shutdown_grace_seconds`).
     pub(crate) shutdown_grace: Duration,
     /// The header a load balancer names each request's client in (`client_address_header`),
-    /// read into a [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles.
-    pub(crate) client_address_header: Option<crate::config::ClientAddressHeader>,
+    /// read from the trusted balancers into a
+    /// [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles. Made once
+    /// for the process.
+    pub(crate) client_address: Option<&'static crate::config::ClientAddressRule>,
 }
 
 /// `workers` listening sockets on `addr` (the first one's port for the others, when `addr`
@@ -228,8 +230,8 @@ async fn accept(
             request.extensions_mut().insert(ClientAddr(peer));
             // Behind a balancer: the client it names, for the throttles.
             if let Some(client) = limits
-                .client_address_header
-                .and_then(|header| header.client(request.headers()))
+                .client_address
+                .and_then(|rule| rule.client(peer.ip(), request.headers()))
             {
                 request.extensions_mut().insert(client);
             }

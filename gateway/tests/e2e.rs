@@ -1063,11 +1063,19 @@ async fn behind_a_balancer_the_throttles_count_the_client_it_names() {
             gateway_client.send("GET", path, &headers, "").await
         }
     };
-    for (trusted, other_client_served) in [(false, false), (true, true)] {
-        let dir = scratch(&format!("balancer-{trusted}"));
+    // Not read at all; read from the balancer's network (loopback here); read only from
+    // another network, so not from this peer.
+    for (case, peers, other_client_served) in [
+        ("off", None, false),
+        ("trusted", Some("127.0.0.0/8"), true),
+        ("elsewhere", Some("10.0.0.0/8"), false),
+    ] {
+        let trusted = case;
+        let dir = scratch(&format!("balancer-{case}"));
         let mut config = config(&dir, free_port(), nowhere, nowhere, None);
-        if trusted {
+        if let Some(peers) = peers {
             config["client_address_header"] = json!("x-forwarded-for");
+            config["client_address_trusted_peers"] = json!([peers]);
         }
         let gateway = start_gateway(&dir, &config);
         for i in 0..5 {
