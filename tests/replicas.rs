@@ -95,18 +95,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let revoked_at = Instant::now();
-    loop {
-        let status = two.get_bearer("/Patient/1", &token).await.status;
-        if status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        assert_eq!(status, StatusCode::OK);
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "replica two still accepts the revoked token after a second"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    refused_within_a_second(&two, &token, revoked_at, "the revoked token").await;
 
     // A replica started afterwards refuses it from its first request.
     let three = replica(&url).await;
@@ -135,18 +124,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
     admin.revoke_client("app").await.unwrap();
     let revoked_at = Instant::now();
     for replica in [&one, &two, &three] {
-        loop {
-            let status = replica.get_bearer("/Patient/1", &fresh).await.status;
-            if status == StatusCode::UNAUTHORIZED {
-                break;
-            }
-            assert_eq!(status, StatusCode::OK);
-            assert!(
-                revoked_at.elapsed() < Duration::from_secs(1),
-                "a replica still accepts a revoked client's token after a second"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        refused_within_a_second(replica, &fresh, revoked_at, "a revoked client's token").await;
     }
     let four = replica(&url).await;
     assert_eq!(
@@ -269,6 +247,23 @@ async fn published(replica: &TestClient) -> Vec<String> {
 }
 
 /// Waits (at most `within`) until `check` holds.
+/// Waits until `replica` refuses `token` (`401`), accepted (`200`) until then, at most a
+/// second after `since`.
+async fn refused_within_a_second(replica: &TestClient, token: &str, since: Instant, what: &str) {
+    loop {
+        let status = replica.get_bearer("/Patient/1", token).await.status;
+        if status == StatusCode::UNAUTHORIZED {
+            return;
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            since.elapsed() < Duration::from_secs(1),
+            "a replica still accepts {what} after a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

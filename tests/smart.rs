@@ -511,9 +511,8 @@ async fn bundles_held_at_once_beyond_the_budget_get_503_and_are_not_forwarded() 
     let mut held = hold().await;
     // Another Bundle is refused, 503 with Retry-After, once the first holds the budget.
     let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": []}).to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let refused = loop {
-        let reply = send(
+    let post_bundle = || {
+        send(
             &client,
             &token,
             "POST",
@@ -521,7 +520,10 @@ async fn bundles_held_at_once_beyond_the_budget_get_503_and_are_not_forwarded() 
             "application/fhir+json",
             &bundle,
         )
-        .await;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let reply = post_bundle().await;
         if reply.status == StatusCode::SERVICE_UNAVAILABLE {
             break reply;
         }
@@ -546,15 +548,7 @@ async fn bundles_held_at_once_beyond_the_budget_get_503_and_are_not_forwarded() 
     drop(held);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reply = send(
-            &client,
-            &token,
-            "POST",
-            "/",
-            "application/fhir+json",
-            &bundle,
-        )
-        .await;
+        let reply = post_bundle().await;
         if reply.status == StatusCode::OK {
             break;
         }
@@ -778,16 +772,16 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     // So do a conditional update, patch and delete: whether (and how many) resources match
     // shows in the answer.
     let writer = minted(json!({"scope": format!("{TENANT} system/Patient.cud")}));
+    let conditionally = |token: String, method: &'static str| {
+        let client = client.clone();
+        async move {
+            let body = r#"{"resourceType": "Patient"}"#;
+            let path = "/Patient?identifier=x";
+            send(&client, &token, method, path, "application/fhir+json", body).await
+        }
+    };
     for method in ["PUT", "PATCH", "DELETE"] {
-        let reply = send(
-            &client,
-            &writer,
-            method,
-            "/Patient?identifier=x",
-            "application/fhir+json",
-            r#"{"resourceType": "Patient"}"#,
-        )
-        .await;
+        let reply = conditionally(writer.clone(), method).await;
         assert_refused(&reply, "system/Patient.s");
     }
     assert_eq!(
@@ -796,15 +790,7 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
         "nothing refused was forwarded"
     );
     let searcher = minted(json!({"scope": format!("{TENANT} system/Patient.us")}));
-    let reply = send(
-        &client,
-        &searcher,
-        "PUT",
-        "/Patient?identifier=x",
-        "application/fhir+json",
-        r#"{"resourceType": "Patient"}"#,
-    )
-    .await;
+    let reply = conditionally(searcher, "PUT").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let seen = upstream.received().len();
 

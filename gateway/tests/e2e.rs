@@ -682,17 +682,10 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     // A base under another tenant's on the same server, or holding one, is refused: that
     // tenant's tokens would reach the other's data through the path. Nothing is saved.
+    let slow = format!("/admin/tenants/{SLOW_TENANT}");
     for (release, version) in [("4_0_0/tenant-b", "4.0"), ("", "3.0")] {
         let body = json!({"upstreams": [upstream(&root, release, version)]}).to_string();
-        let reply = gateway
-            .client
-            .send(
-                "PUT",
-                &format!("/admin/tenants/{SLOW_TENANT}"),
-                &admin,
-                &body,
-            )
-            .await;
+        let reply = gateway.client.send("PUT", &slow, &admin, &body).await;
         assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
         assert!(
             reply.json()["error"]
@@ -703,10 +696,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
             reply.text()
         );
     }
-    let reply = gateway
-        .client
-        .send("GET", &format!("/admin/tenants/{SLOW_TENANT}"), &admin, "")
-        .await;
+    let reply = gateway.client.send("GET", &slow, &admin, "").await;
     assert_eq!(
         reply.json()["upstreams"][0]["base_url"],
         format!("{root}/4_0_0"),

@@ -467,9 +467,8 @@ where
         .await
         .map_err(|_| unavailable())?;
     // The parameters the search must have used: all but `_summary`.
-    let required: Vec<String> = query_names(request.uri().query().unwrap_or(""))
-        .filter(|name| name != "_summary")
-        .collect();
+    let mut required = names(request.uri().query().unwrap_or(""));
+    required.retain(|name| name != "_summary");
     let response = inner.call(request).await.map_err(|_| unavailable())?;
     if response.status() != StatusCode::OK {
         tracing::info!(status = %response.status(), "a granular-scope probe search failed");
@@ -494,7 +493,7 @@ where
         .find(|link| link.get("relation").and_then(|r| r.as_str()) == Some("self"))
         .and_then(|link| link.get("url").and_then(|u| u.as_str()));
     if let Some(used) = used {
-        let used: Vec<String> = query_names(used.split_once('?').map_or("", |(_, q)| q)).collect();
+        let used = names(used.split_once('?').map_or("", |(_, q)| q));
         // A link without `_id` does not echo the search's parameters (a paging token, say):
         // it tells nothing either way.
         let echoes = used.iter().any(|name| name == "_id");
@@ -514,17 +513,13 @@ where
     Ok(total.unwrap_or(entries as u64) > 0)
 }
 
-/// The parameter names of a query string, decoded (`+` as a space).
-fn query_names(query: &str) -> impl Iterator<Item = String> + '_ {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-            percent_encoding::percent_decode_str(&name.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+/// The parameter names of a query string, decoded; none when it is not UTF-8.
+fn names(query: &str) -> Vec<String> {
+    parse_query(query)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, _)| name.into_owned())
+        .collect()
 }
 
 /// The body whole, within `max` bytes (else the `Limited` error), and the permits it holds in
