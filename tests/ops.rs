@@ -195,6 +195,7 @@ async fn health_and_readiness_need_no_token_and_reveal_nothing() {
 
 #[tokio::test]
 async fn every_request_gets_one_audit_record_without_secrets() {
+    let started = std::time::SystemTime::now();
     let setup = setup(QueryRecording::Names).await;
     let token = access_token(&setup.client, TENANT).await;
     let auth = format!("Bearer {token}");
@@ -225,6 +226,12 @@ async fn every_request_gets_one_audit_record_without_secrets() {
 
     let records = records(&setup, 6).await;
     assert_eq!(records.len(), 6, "{records:#?}");
+    for record in &records {
+        assert!(
+            record.time >= started && record.time <= std::time::SystemTime::now(),
+            "{record:?}: its time is the request's"
+        );
+    }
     let [issued, _, search, refused, invalid, failed] = &records[..] else {
         unreachable!()
     };

@@ -9,7 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -104,6 +104,7 @@ async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_request_ids_metrics_and_audit_records() {
+    let started = SystemTime::now();
     let dir = scratch("operations");
     let upstream = RecordingUpstream::start().await;
     let idp = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
@@ -262,7 +263,13 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
     assert_eq!(read["outcome"], "ok");
     assert_eq!(read["upstream"], upstream.base("/fhir"));
     assert!(read["duration_ms"].as_f64().unwrap() >= 0.0);
-    assert!(read["time"].as_str().unwrap().ends_with('Z'));
+    // The request's wall time, to the millisecond, read from the monotonic clock against
+    // the writer's wall clock.
+    let time = humantime::parse_rfc3339(read["time"].as_str().unwrap()).unwrap();
+    assert!(
+        time + Duration::from_millis(1) >= started && time <= SystemTime::now(),
+        "{time:?} is not between the test's start {started:?} and now"
+    );
     assert!(records
         .iter()
         .any(|r| r["interaction"] == "token" && r["status"] == 200));

@@ -23,7 +23,10 @@ use crate::tenant::TenantId;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct AuditRecord {
-    /// When the request arrived (`time`, RFC 3339 UTC with milliseconds).
+    /// When the request arrived (`time`, RFC 3339 UTC with milliseconds). The
+    /// [`ObserveLayer`](super::ObserveLayer) reads only the monotonic clock then: this is the
+    /// wall clock read when the record is made, less the time since on the monotonic clock (a
+    /// step of the wall clock in between moves it with the step).
     pub time: SystemTime,
     /// The request id (`X-Request-Id`).
     pub request_id: Option<String>,
@@ -199,9 +202,10 @@ impl AuditRecord {
             status: self.status,
             outcome: self.outcome,
             upstream: self.upstream.as_deref(),
+            shared_upstream: None,
             duration_ms: self.duration_ms,
         }
-        .write(out, &mut TimeText::default());
+        .write(out, &mut LineCache::default());
     }
 }
 
@@ -229,6 +233,9 @@ struct Line<'a> {
     status: u16,
     outcome: &'static str,
     upstream: Option<&'a str>,
+    /// The upstream as the facts share it, when they do: its JSON string is then cached (see
+    /// [`LineCache`]).
+    shared_upstream: Option<&'a Arc<str>>,
     duration_ms: f64,
 }
 
@@ -242,10 +249,10 @@ enum LineQuery<'a> {
 }
 
 impl Line<'_> {
-    fn write(&self, out: &mut Vec<u8>, time: &mut TimeText) {
+    fn write(&self, out: &mut Vec<u8>, cache: &mut LineCache) {
         out.reserve(384 + self.path.len());
         out.extend_from_slice(b"{\"time\":\"");
-        push_time_cached(out, self.time, time);
+        push_time_cached(out, self.time, cache);
         out.extend_from_slice(b"\",\"request_id\":");
         push_opt_str(out, self.request_id);
         match self.who_json {
@@ -254,15 +261,7 @@ impl Line<'_> {
         }
         out.extend_from_slice(b",\"tenant\":");
         match self.tenant {
-            Some(tenant) => {
-                let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-                let text = uuid::Uuid::from_bytes(*tenant.as_bytes())
-                    .hyphenated()
-                    .encode_lower(&mut text);
-                out.push(b'"');
-                out.extend_from_slice(text.as_bytes());
-                out.push(b'"');
-            }
+            Some(tenant) => out.extend_from_slice(cache.tenant_json(tenant)),
             None => out.extend_from_slice(b"null"),
         }
         // Pushes a field that needs no escape when classified.
@@ -303,9 +302,15 @@ impl Line<'_> {
             status => push_u64(out, u64::from(status)),
         }
         out.extend_from_slice(b",\"outcome\":");
-        push_str(out, self.outcome);
+        match self.outcome {
+            "ok" => out.extend_from_slice(b"\"ok\""),
+            outcome => push_str(out, outcome),
+        }
         out.extend_from_slice(b",\"upstream\":");
-        push_opt_str(out, self.upstream);
+        match self.shared_upstream {
+            Some(upstream) => out.extend_from_slice(cache.upstream_json(upstream)),
+            None => push_opt_str(out, self.upstream),
+        }
         out.extend_from_slice(b",\"duration_ms\":");
         // Microseconds, written as milliseconds with three decimals.
         let micros = (self.duration_ms.max(0.0) * 1000.0).round() as u64;
@@ -462,19 +467,93 @@ fn push_u64(out: &mut Vec<u8>, mut value: u64) {
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, with no cache (what the cached text must equal).
 #[cfg(test)]
 fn push_time(out: &mut Vec<u8>, time: SystemTime) {
-    push_time_cached(out, time, &mut TimeText::default());
+    push_time_cached(out, time, &mut LineCache::default());
 }
 
-/// The text of the last second written (`YYYY-MM-DDTHH:MM:SS.`): the audit log's writer keeps
-/// one, as records come many to a second.
+/// What the last line written had, kept by the audit log's writer, as records come many to a
+/// second and mostly for few tenants: the second's text (`YYYY-MM-DDTHH:MM:SS.`) and the
+/// tenant's JSON string.
 #[derive(Default)]
-pub(crate) struct TimeText {
+pub(crate) struct LineCache {
     secs: Option<u64>,
     text: Vec<u8>,
+    tenant: Option<(TenantId, [u8; TENANT_JSON])>,
+    /// The upstream held (so that its address is not another's while cached) and its JSON
+    /// string.
+    upstream: Option<(Arc<str>, Vec<u8>)>,
+    /// The clocks the writer read last, against which drafts' start times become wall times.
+    clock: Option<Clock>,
+}
+
+/// The wall clock and the monotonic clock, read together: a request's start (an [`Instant`])
+/// is turned into its record's wall time against them, so the request path reads only the
+/// monotonic clock, and the writer both once per batch of records.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    wall: SystemTime,
+    at: Instant,
+}
+
+impl Clock {
+    /// Both clocks now.
+    pub(crate) fn now() -> Self {
+        Self::at(Instant::now())
+    }
+
+    /// The wall clock now, paired with `at`, an instant just read.
+    pub(crate) fn at(at: Instant) -> Self {
+        Self {
+            wall: SystemTime::now(),
+            at,
+        }
+    }
+
+    /// The wall time of `instant`.
+    fn wall_time(self, instant: Instant) -> SystemTime {
+        match instant.checked_duration_since(self.at) {
+            Some(after) => self.wall.checked_add(after),
+            None => self.wall.checked_sub(self.at.duration_since(instant)),
+        }
+        .unwrap_or(self.wall)
+    }
+}
+
+/// A tenant id as a JSON string: a hyphenated UUID in quotes.
+const TENANT_JSON: usize = uuid::fmt::Hyphenated::LENGTH + 2;
+
+impl LineCache {
+    /// `tenant` as a JSON string, from the cache when it is the last line's.
+    fn tenant_json(&mut self, tenant: TenantId) -> &[u8] {
+        if self.tenant.is_none_or(|(cached, _)| cached != tenant) {
+            let mut json = [b'"'; TENANT_JSON];
+            uuid::Uuid::from_bytes(*tenant.as_bytes())
+                .hyphenated()
+                .encode_lower(&mut json[1..TENANT_JSON - 1]);
+            self.tenant = Some((tenant, json));
+        }
+        let (_, json) = self.tenant.as_ref().expect("cached above");
+        json
+    }
+
+    /// `upstream` as a JSON string, from the cache when it is the last line's (the same
+    /// allocation, as the routing shares one per upstream).
+    fn upstream_json(&mut self, upstream: &Arc<str>) -> &[u8] {
+        if self
+            .upstream
+            .as_ref()
+            .is_none_or(|(cached, _)| !Arc::ptr_eq(cached, upstream))
+        {
+            let mut json = Vec::with_capacity(upstream.len() + 2);
+            push_str(&mut json, upstream);
+            self.upstream = Some((Arc::clone(upstream), json));
+        }
+        let (_, json) = self.upstream.as_ref().expect("cached above");
+        json
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC, the second's text from `cache` when it is the same.
-fn push_time_cached(out: &mut Vec<u8>, time: SystemTime, cache: &mut TimeText) {
+fn push_time_cached(out: &mut Vec<u8>, time: SystemTime, cache: &mut LineCache) {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -662,7 +741,7 @@ impl AuditDraft {
     }
 
     /// Calls `f` with the record's fields, borrowed from the request's parts and facts.
-    fn with_line<R>(&self, f: impl FnOnce(&Line<'_>) -> R) -> R {
+    fn with_line<R>(&self, clock: Clock, f: impl FnOnce(&Line<'_>) -> R) -> R {
         let parts = self
             .facts
             .request()
@@ -677,7 +756,7 @@ impl AuditDraft {
                 _ => LineQuery::Absent,
             };
             f(&Line {
-                time: parts.time,
+                time: clock.wall_time(parts.start),
                 request_id: parts.request_id(),
                 client_id: facts
                     .client
@@ -700,20 +779,23 @@ impl AuditDraft {
                 status: self.status,
                 outcome: self.outcome,
                 upstream: facts.upstream.as_deref(),
+                shared_upstream: facts.upstream.as_ref(),
                 duration_ms: self.duration.as_secs_f64() * 1000.0,
             })
         })
     }
 
-    /// Appends the record's JSON line, as [`AuditRecord::write_json_line`] writes it.
-    pub(crate) fn write_json_line(&self, out: &mut Vec<u8>, time: &mut TimeText) {
-        self.with_line(|line| line.write(out, time));
+    /// Appends the record's JSON line, as [`AuditRecord::write_json_line`] writes it, its time
+    /// read against the cache's clock (read now when it has none).
+    pub(crate) fn write_json_line(&self, out: &mut Vec<u8>, cache: &mut LineCache) {
+        let clock = *cache.clock.get_or_insert_with(Clock::now);
+        self.with_line(clock, |line| line.write(out, cache));
     }
 
-    /// The record, its strings copied.
-    pub(crate) fn into_record(self) -> AuditRecord {
+    /// The record, its strings copied, its time read against `clock`.
+    pub(crate) fn into_record(self, clock: Clock) -> AuditRecord {
         let upstream = self.facts.read(|facts| facts.upstream.clone());
-        self.with_line(|line| AuditRecord {
+        self.with_line(clock, |line| AuditRecord {
             time: line.time,
             request_id: line.request_id.map(str::to_owned),
             client_id: line.client_id.map(str::to_owned),
@@ -880,10 +962,10 @@ enum Entry {
 }
 
 impl Entry {
-    fn write_json_line(&self, out: &mut Vec<u8>, time: &mut TimeText) {
+    fn write_json_line(&self, out: &mut Vec<u8>, cache: &mut LineCache) {
         match self {
             Self::Record(record) => record.write_json_line(out),
-            Self::Draft(draft) => draft.write_json_line(out, time),
+            Self::Draft(draft) => draft.write_json_line(out, cache),
         }
     }
 }
@@ -898,7 +980,7 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
     // Late records not yet logged, and when that was last logged (at most once a second).
     let mut late_unlogged = 0u64;
     let mut last_late_log: Option<Instant> = None;
-    let mut time = TimeText::default();
+    let mut cache = LineCache::default();
     // The writer drains the queue, then sleeps a moment: requests never have to wake it (a
     // wake-up is a system call), and a record reaches the file within a few tens of ms.
     loop {
@@ -910,8 +992,9 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
             }
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
-        // The clock is read again after every write (what may take long), not per record.
+        // The clocks are read again after every write (what may take long), not per record.
         let mut now = Instant::now();
+        cache.clock = Some(Clock::at(now));
         while let Some((queued, entry)) = next.take() {
             if now.saturating_duration_since(queued) > DELAYED_AFTER {
                 counts.delayed.fetch_add(1, Ordering::Relaxed);
@@ -926,12 +1009,13 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
                     last_late_log = Some(Instant::now());
                 }
             }
-            entry.write_json_line(&mut buffer, &mut time);
+            entry.write_json_line(&mut buffer, &mut cache);
             pending += 1;
             drop(entry);
             if buffer.len() >= BUFFER {
                 write_out(&mut out, &mut buffer, &mut pending, counts);
                 now = Instant::now();
+                cache.clock = Some(Clock::at(now));
             }
             next = records.try_recv().ok();
         }
@@ -1131,7 +1215,7 @@ mod tests {
         assert_eq!(String::from_utf8(line.clone()).unwrap(), expected);
         let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(written, serde_json::to_value(&exact).unwrap());
-        let mut cache = TimeText::default();
+        let mut cache = LineCache::default();
         for days in [-1, 0, 59, 60, 365, 10_956, 11_016, 20_000, 2_932_896] {
             let time = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * days.max(0) as u64);
             // The same second again, and the next (the second's text cached, then not).
@@ -1153,6 +1237,19 @@ mod tests {
         }
     }
 
+    /// The start of the drafts' requests, at the wall time of [`record`]'s (with [`clock`]).
+    fn start() -> Instant {
+        static START: OnceLock<Instant> = OnceLock::new();
+        *START.get_or_init(Instant::now)
+    }
+
+    fn clock() -> Clock {
+        Clock {
+            wall: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            at: start(),
+        }
+    }
+
     fn draft(
         method: &str,
         uri: &str,
@@ -1160,7 +1257,7 @@ mod tests {
         fill: impl FnOnce(&RequestFacts),
     ) -> AuditDraft {
         let facts = RequestFacts::with_request(crate::ops::facts::RequestParts::new(
-            SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            start(),
             method.parse().unwrap(),
             &uri.parse().unwrap(),
             Some(&http::HeaderValue::from_static("r-1")),
@@ -1222,8 +1319,12 @@ mod tests {
         ];
         for draft in drafts {
             let mut line = Vec::new();
-            draft.write_json_line(&mut line, &mut TimeText::default());
-            let record = draft.into_record();
+            let mut cache = LineCache {
+                clock: Some(clock()),
+                ..LineCache::default()
+            };
+            draft.write_json_line(&mut line, &mut cache);
+            let record = draft.into_record(clock());
             let mut expected = Vec::new();
             record.write_json_line(&mut expected);
             assert_eq!(
@@ -1239,7 +1340,7 @@ mod tests {
             QueryRecording::Names,
             |_| {},
         );
-        let record = names.into_record();
+        let record = names.into_record(clock());
         assert_eq!(record.query.as_deref(), Some("name&_count"));
         assert_eq!(record.interaction, Some("search"));
         assert_eq!(record.resource_type.as_deref(), Some("Patient"));
@@ -1248,16 +1349,52 @@ mod tests {
                 serde_json::json!({"exp": 1, "client_id": "c", "iss": "i"}),
             ));
         })
-        .into_record();
+        .into_record(clock());
         assert_eq!(token.interaction, Some("token"));
         assert_eq!(token.client_id.as_deref(), Some("c"));
         assert_eq!(token.issuer.as_deref(), Some("i"));
         assert_eq!(token.duration_ms, 1_234.567);
         // Introspection and revocation are the token endpoint's too.
         for path in ["/oauth/introspect", "/oauth/revoke"] {
-            let record = draft("POST", path, QueryRecording::Names, |_| {}).into_record();
+            let record = draft("POST", path, QueryRecording::Names, |_| {}).into_record(clock());
             assert_eq!(record.interaction, Some("token"), "{path}");
             assert_eq!(record.resource_type, None, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_start_becomes_its_wall_time_against_the_clocks() {
+        let at = Instant::now() + Duration::from_secs(60);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let clock = Clock { wall, at };
+        let ms = Duration::from_millis;
+        assert_eq!(clock.wall_time(at), wall);
+        assert_eq!(clock.wall_time(at + ms(5)), wall + ms(5));
+        assert_eq!(clock.wall_time(at - ms(7)), wall - ms(7));
+    }
+
+    #[test]
+    fn the_cached_tenant_and_upstream_texts_follow_the_line() {
+        let mut cache = LineCache::default();
+        let a = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        let b = TenantId::parse("00000000-0000-4000-8000-00000000000b").unwrap();
+        for tenant in [a, a, b, a, b, b] {
+            assert_eq!(
+                cache.tenant_json(tenant),
+                format!("\"{tenant}\"").as_bytes()
+            );
+        }
+        let a: Arc<str> = Arc::from("http://a.example/fhir");
+        let b: Arc<str> = Arc::from("http://b.example/\"fhir\"");
+        let a_again: Arc<str> = Arc::from("http://a.example/fhir");
+        for (upstream, json) in [
+            (&a, r#""http://a.example/fhir""#),
+            (&a, r#""http://a.example/fhir""#),
+            (&b, r#""http://b.example/\"fhir\"""#),
+            (&a_again, r#""http://a.example/fhir""#),
+            (&b, r#""http://b.example/\"fhir\"""#),
+        ] {
+            assert_eq!(cache.upstream_json(upstream), json.as_bytes());
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::Instant;
 
 use crate::auth::VerifiedClaims;
 use crate::tenant::TenantId;
@@ -43,7 +43,9 @@ struct Shared {
 /// for the audit log's writer would make hyper allocate a new buffer for every request (and
 /// the writer thread free the old one).
 pub(crate) struct RequestParts {
-    pub(crate) time: SystemTime,
+    /// When the request arrived, on the monotonic clock: the audit log's writer turns it into
+    /// the record's wall time (see `Clock`), so the request path reads one clock, not two.
+    pub(crate) start: Instant,
     pub(crate) method: http::Method,
     /// The request id (when it is text), the path, then the query, one after the other.
     text: Box<str>,
@@ -54,7 +56,7 @@ pub(crate) struct RequestParts {
 
 impl RequestParts {
     pub(crate) fn new(
-        time: SystemTime,
+        start: Instant,
         method: http::Method,
         uri: &http::Uri,
         request_id: Option<&http::HeaderValue>,
@@ -68,7 +70,7 @@ impl RequestParts {
         let path_end = text.len();
         text.push_str(query);
         Self {
-            time,
+            start,
             method,
             text: text.into_boxed_str(),
             id_end,
@@ -211,8 +213,7 @@ mod tests {
     fn the_request_parts_keep_the_id_path_and_query_as_the_request_had_them() {
         let parts = |uri: &str, id: Option<http::HeaderValue>| {
             let uri: http::Uri = uri.parse().unwrap();
-            let parts =
-                RequestParts::new(SystemTime::UNIX_EPOCH, http::Method::GET, &uri, id.as_ref());
+            let parts = RequestParts::new(Instant::now(), http::Method::GET, &uri, id.as_ref());
             assert_eq!(parts.path(), uri.path());
             assert_eq!(parts.query(), uri.query().filter(|q| !q.is_empty()));
             (

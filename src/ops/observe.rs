@@ -8,15 +8,16 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use tower_http::request_id::RequestId;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Span;
 
-use super::audit::{AuditDraft, AuditSink, JsonLinesAudit, QueryRecording};
+use super::audit::{AuditDraft, AuditSink, Clock, JsonLinesAudit, QueryRecording};
 use super::facts::{RequestFacts, RequestParts};
 use super::request_id::X_REQUEST_ID;
 use crate::outcome::Refusal;
@@ -331,9 +332,7 @@ where
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let span = tracing::info_span!(
             "fhir_request",
-            request_id = request
-                .headers()
-                .get(&X_REQUEST_ID)
+            request_id = request_id(&request)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or(""),
             method = %request.method(),
@@ -352,12 +351,13 @@ where
                 watch: None,
             };
         }
+        let start = Instant::now();
         let facts = if config.audit.is_some() {
             RequestFacts::with_request(RequestParts::new(
-                SystemTime::now(),
+                start,
                 request.method().clone(),
                 request.uri(),
-                request.headers().get(&X_REQUEST_ID),
+                request_id(&request),
             ))
         } else {
             RequestFacts::default()
@@ -376,9 +376,18 @@ where
                 config: Arc::clone(&self.config),
                 facts,
                 span,
-                start: Instant::now(),
+                start,
             }),
         }
+    }
+}
+
+/// The request's `X-Request-Id`: the one [`RequestIdLayer`](super::RequestIdLayer) put in the
+/// extensions (found by type, cheaper than by header name), else the header's.
+fn request_id<B>(request: &Request<B>) -> Option<&http::HeaderValue> {
+    match request.extensions().get::<RequestId>() {
+        Some(id) => Some(id.header_value()),
+        None => request.headers().get(&X_REQUEST_ID),
     }
 }
 
@@ -439,7 +448,7 @@ impl Watch {
         };
         match audit {
             Audit::Lines(lines) => lines.draft(done, draft),
-            Audit::Sink(sink) => sink.record(draft.into_record()),
+            Audit::Sink(sink) => sink.record(draft.into_record(Clock::at(done))),
         }
     }
 }
