@@ -294,13 +294,8 @@ if [ "$WRK" = 1 ]; then
   start_gateway "$observed_port" 1 "{\"metrics_listen\": \"127.0.0.1:$(port)\", \"audit_log\": \"$work/audit.jsonl\"}"
   observed_gateway=$gateway_pid
   # Each gateway signs its own tokens.
-  token_of() {
-    curl -s -X POST "http://127.0.0.1:$1/oauth/token" \
-      -d "grant_type=client_credentials&client_id=bench&client_secret=bench-secret-0123456789&scope=$one" |
-      python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
-  }
-  gateway_token=$(token_of "$gateway_port")
-  observed_token=$(token_of "$observed_port")
+  gateway_token=$(token_of "$gateway_port" "$one")
+  observed_token=$(token_of "$observed_port" "$one")
   wrk_targets=(passthrough nginx gateway gateway+ops)
   wrk_one() { # TARGET ROUND
     local url token=$gateway_token

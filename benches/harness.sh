@@ -32,3 +32,10 @@ wait_port() {
   echo "nothing listens on port $1" >&2
   exit 1
 }
+# token_of PORT SCOPE: an access token from the gateway's token endpoint on PORT for the bench
+# client (the configs here name it `bench`), with SCOPE.
+token_of() {
+  curl -s -X POST "http://127.0.0.1:$1/oauth/token" \
+    -d "grant_type=client_credentials&client_id=bench&client_secret=bench-secret-0123456789&scope=$2" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
+}

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Requests/s of the gateway with `metrics_listen` and `audit_log` on against the same build with
-# them off: both servers side by side on CPU $SERVER_CPU (one worker each), the load generator
-# and the fixed upstream on $CLIENT_CPU, as benches/compare.sh runs them. ROUNDS rounds, each
-# measuring both in turn (every other round in reverse order), the ratio taken within each
-# round and the median reported, with the server CPU time a request (from /proc).
+# The cost of `metrics_listen` and `audit_log`: the gateway with them on against the same build
+# with them off, one worker each, on CPU $SERVER_CPU; the load and the fixed upstream on
+# $CLIENT_CPU.
+#
+# MODE=together (the default): both gateways serve at once, each under its own wrk (-t1
+# -c$CONNECTIONS, GET /Patient/123 with a token) for ROUNDS rounds of DURATION seconds. They
+# share the CPU and whatever else slows the machine down at that moment, so a round's ratios
+# hold still where one-after-the-other rounds move by 10% and more on a shared machine. Per
+# round it reads each server's CPU time (all its threads, the audit writer's included, from
+# /proc) and requests served, and reports the medians of: CPU a request on/off (the cost: the
+# requests/s a CPU serves with them on is its inverse) and requests on/off (in which the "on"
+# server also gets the CPU its extra threads take from the shared one, so it flatters them).
+#
+# MODE=turns: one after the other under fhir-loadgen (its request mix), the order alternating,
+# as benches/compare.sh runs its targets.
+#
+# What the "on" server has: AUDIT=file (the default; `audit_log` a file in the work folder),
+# null (/dev/null: the records made and written, not stored) or none; METRICS=1 (the default)
+# or 0 (`metrics_listen`). So the cost can be taken apart:
 #
 #   bash benches/ops_ratio.sh
-#   ROUNDS=8 DURATION=10 bash benches/ops_ratio.sh
+#   AUDIT=none bash benches/ops_ratio.sh            # metrics alone
+#   AUDIT=null METRICS=0 bash benches/ops_ratio.sh  # the audit records, not their file
+#   ROUNDS=12 DURATION=10 bash benches/ops_ratio.sh
+#   MODE=turns bash benches/ops_ratio.sh
 #   BASE_TARGET_DIR=/path/to/other/target bash benches/ops_ratio.sh   # also another build's
-#                                        # release binaries, in the same rounds
+#                                        # release binaries (in the same rounds with turns)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${MODE:-together}; AUDIT=${AUDIT:-file}; METRICS=${METRICS:-1}
 DURATION=${DURATION:-8}; WARMUP=${WARMUP:-2}; CONNECTIONS=${CONNECTIONS:-32}; ROUNDS=${ROUNDS:-6}
 SERVER_CPU=${SERVER_CPU:-0}; CLIENT_CPU=${CLIENT_CPU:-1}
 # shellcheck source=benches/harness.sh
@@ -20,18 +38,29 @@ base_bin=${BASE_TARGET_DIR:-}/release
 tenant=00000000-0000-4000-8000-000000000000
 up=$(port); off=$(port); on=$(port); metrics=$(port); boff=$(port); bon=$(port); bmetrics=$(port)
 taskset -c "$CLIENT_CPU" "$bin/bench_servers" upstream --listen "127.0.0.1:$up" >/dev/null & upstream_pid=$!; pids+=($!)
-python3 - "$work" "$off" "$on" "$up" "$tenant" "$metrics" "$boff" "$bon" "$bmetrics" <<'PY'
+python3 - "$work" "$off" "$on" "$up" "$tenant" "$metrics" "$boff" "$bon" "$bmetrics" "$AUDIT" "$METRICS" <<'PY'
 import json, sys
-work, off, on, up, tenant, metrics, boff, bon, bmetrics = sys.argv[1:]
+work, off, on, up, tenant, metrics, boff, bon, bmetrics, audit, with_metrics = sys.argv[1:]
+def ops(metrics_port, audit_file):
+    extra = {}
+    if with_metrics == "1":
+        extra["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+    if audit == "file":
+        extra["audit_log"] = f"{work}/{audit_file}"
+    elif audit == "null":
+        extra["audit_log"] = "/dev/null"
+    elif audit != "none":
+        sys.exit(f"AUDIT is file, null or none, not {audit!r}")
+    return extra
 base = {"clients": [{"client_id": "bench", "client_secret": "bench-secret-0123456789", "tenants": [tenant]}],
         "tenants": [{"id": tenant, "upstreams": [{"base_url": f"http://127.0.0.1:{up}/fhir", "fhir_version": "3.0"}]}],
         "secret_hashing": {"memory_kib": 8, "iterations": 1}}
 json.dump(dict(base, listen=f"127.0.0.1:{off}", state_dir=f"{work}/state-off"), open(f"{work}/off.json", "w"))
-json.dump(dict(base, listen=f"127.0.0.1:{on}", state_dir=f"{work}/state-on", metrics_listen=f"127.0.0.1:{metrics}",
-               audit_log=f"{work}/audit.jsonl"), open(f"{work}/on.json", "w"))
+json.dump(dict(base, listen=f"127.0.0.1:{on}", state_dir=f"{work}/state-on", **ops(metrics, "audit.jsonl")),
+          open(f"{work}/on.json", "w"))
 json.dump(dict(base, listen=f"127.0.0.1:{boff}", state_dir=f"{work}/state-boff"), open(f"{work}/base-off.json", "w"))
-json.dump(dict(base, listen=f"127.0.0.1:{bon}", state_dir=f"{work}/state-bon", metrics_listen=f"127.0.0.1:{bmetrics}",
-               audit_log=f"{work}/base-audit.jsonl"), open(f"{work}/base-on.json", "w"))
+json.dump(dict(base, listen=f"127.0.0.1:{bon}", state_dir=f"{work}/state-bon", **ops(bmetrics, "base-audit.jsonl")),
+          open(f"{work}/base-on.json", "w"))
 PY
 declare -A pid
 names="off on"
@@ -43,6 +72,43 @@ for name in $names; do
 done
 declare -A portof=([off]=$off [on]=$on [base-off]=$boff [base-on]=$bon)
 wait_port "$up"; for name in $names; do wait_port "${portof[$name]}"; done
+if [ "$MODE" = together ]; then
+  need wrk wrk
+  cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks, all threads
+  load() { # NAME TOKEN SECONDS: wrk's request count (nothing when an answer was not 2xx)
+    taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$3s" -H "Authorization: Bearer $2" \
+      "http://127.0.0.1:${portof[$1]}/Patient/123" |
+      awk '/requests in/ {n = $1} /Non-2xx|Socket errors/ {bad = 1} END {if (!bad) print n}'
+  }
+  pairs=("off on"); [ -n "${BASE_TARGET_DIR:-}" ] && pairs+=("base-off base-on")
+  echo "both at once on CPU $SERVER_CPU, wrk -t1 -c$CONNECTIONS each on CPU $CLIENT_CPU, ${DURATION}s rounds; on: AUDIT=$AUDIT METRICS=$METRICS"
+  for pair in "${pairs[@]}"; do
+    read -r a b <<<"$pair"
+    ta=$(token_of "${portof[$a]}" "$tenant"); tb=$(token_of "${portof[$b]}" "$tenant")
+    load "$a" "$ta" "$WARMUP" >/dev/null & warm=$!; load "$b" "$tb" "$WARMUP" >/dev/null; wait "$warm"
+    for r in $(seq 1 "$ROUNDS"); do
+      ca=$(cpu "${pid[$a]}"); cb=$(cpu "${pid[$b]}")
+      load "$a" "$ta" "$DURATION" >"$work/$a.$r" & other=$!
+      load "$b" "$tb" "$DURATION" >"$work/$b.$r"; wait "$other"
+      echo "$(cat "$work/$a.$r") $(cat "$work/$b.$r") $(( $(cpu "${pid[$a]}") - ca )) $(( $(cpu "${pid[$b]}") - cb ))"
+    done >"$work/$a.rounds"
+    echo "== ${a%off}build"
+    python3 - "$work/$a.rounds" "$DURATION" <<'PY'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1])]
+assert all(len(r) == 4 for r in rows), f"a run had answers other than 2xx: {rows}"
+seconds = float(sys.argv[2])
+for i, (n_off, n_on, c_off, c_on) in enumerate(([float(x) for x in r] for r in rows), 1):
+    print(f"round {i}: off {n_off / seconds:7.0f} req/s  on {n_on / seconds:7.0f} req/s  "
+          f"requests on/off {n_on / n_off:.3f}  CPU a request on/off {(c_on / n_on) / (c_off / n_off):.3f}")
+rq = statistics.median(float(r[1]) / float(r[0]) for r in rows)
+cost = statistics.median((float(r[3]) / float(r[1])) / (float(r[2]) / float(r[0])) for r in rows)
+print(f"median CPU a request on/off: {cost:.3f} (requests/s a CPU serves with them on: {1 / cost:.3f}x)   "
+      f"median requests on/off: {rq:.3f}")
+PY
+  done
+  exit 0
+fi
 run() { # NAME ROUND
   local p=${portof[$1]}
   taskset -c "$CLIENT_CPU" "$bin/fhir-loadgen" --target "http://127.0.0.1:$p" --connections "$CONNECTIONS" \
@@ -55,7 +121,7 @@ for r in $(seq 1 "$ROUNDS"); do
   if (( r % 2 )); then order=$names; else order=$(echo $names | tr ' ' '\n' | tac | tr '\n' ' '); fi
   for name in $order; do run "$name" "$r"; done
 done
-audited=$(wc -l <"$work/audit.jsonl")
+audited=$(cat "$work/audit.jsonl" 2>/dev/null | wc -l)
 for prefix in "" ${BASE_TARGET_DIR:+base-}; do
 echo "== ${prefix:-this build }"
 python3 - "$work" "$ROUNDS" "$audited" "$prefix" <<'PY'
