@@ -45,7 +45,7 @@ pub(crate) fn front(
         .tenant_label(config.metrics_tenant_label)
         .audit_query(config.audit_query.recording());
     if let Some(path) = &config.audit_log {
-        // Given as it is (not shared), the audit log formats the records on its own thread.
+        // Given as it is (not shared), the audit log writes the lines with no record made.
         let sink = if path.as_os_str() == "-" {
             JsonLinesAudit::stdout()
         } else {

@@ -3,9 +3,8 @@
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::ser::SerializeMap;
@@ -711,7 +710,7 @@ fn who(claims: &VerifiedClaims) -> Arc<Who> {
 
 /// An audit record as the [`ObserveLayer`](super::ObserveLayer) has it when the response is
 /// ready: the request's parts and facts shared, nothing copied, classified or formatted yet.
-/// [`JsonLinesAudit`] writes it as its JSON line on its own thread; any other sink gets the
+/// [`JsonLinesAudit`] writes its JSON line straight from it; any other sink gets the
 /// [`AuditRecord`] made of it.
 pub(crate) struct AuditDraft {
     facts: RequestFacts,
@@ -838,29 +837,31 @@ where
 /// How many records [`JsonLinesAudit`] holds while its writer catches up.
 pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
 
-/// How long the writer sleeps when it finds the queue empty.
+/// How long the writer sleeps between turns.
 const WRITER_NAP: Duration = Duration::from_millis(20);
 
-/// A record waiting longer than this in the queue counts as delayed.
+/// A record written longer than this after it was ready counts as delayed.
 const DELAYED_AFTER: Duration = Duration::from_secs(1);
 
 /// Writes audit records as JSON lines, one object per line, to a file (appended) or stdout,
 /// from a thread of its own.
 ///
-/// The request path only queues a record (a bounded queue of [`DEFAULT_AUDIT_QUEUE`] records,
-/// or the capacity given to [`writer`](Self::writer)); the writer thread drains the queue, writes and
-/// flushes, then naps 20 ms when it finds the queue empty (so no request ever has to wake
-/// it). When the writer falls behind (a slow disk), records wait in the queue:
-/// one written more than a second after its request counts in
-/// `tower_fhir_audit_records_delayed_total`. When the queue is full, or a write fails (a full
-/// disk), the record is dropped: never silently, each one counts in
-/// `tower_fhir_audit_records_dropped_total` and drops are logged at `error` (at most once a
-/// second, with the count). Requests are never held up by the audit log.
+/// A record's line is made on the thread that has the record (for a request, when its
+/// response is ready, while its parts are still in that CPU's cache) and appended to a buffer
+/// of that thread's own (one of a few, each behind a lock no other request thread takes). The
+/// writer thread takes the buffers whole every 20 ms, writes and flushes them; no request ever
+/// waits for it or has to wake it. At most [`DEFAULT_AUDIT_QUEUE`] records (or the capacity
+/// given to [`writer`](Self::writer)) wait to be written. When the writer falls behind (a slow
+/// disk), records wait in the buffers: one written more than a second after its request
+/// counts in `tower_fhir_audit_records_delayed_total`. When that many records are waiting
+/// already, or a write fails (a full disk), the record is dropped: never silently, each one
+/// counts in `tower_fhir_audit_records_dropped_total` and drops are logged at `error` (at most
+/// once a second, with the count). Requests are never held up by the audit log.
 ///
 /// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
-/// more than records: the request's parts and what the layers learned, shared as they are, and
-/// the writer thread classifies the request and writes the line straight from them (the
-/// same line as [`AuditRecord::write_json_line`]), so the request path makes no string for it.
+/// more than records: the request's parts and what the layers learned, and writes the line
+/// straight from them (the same line as [`AuditRecord::write_json_line`]), so no record is
+/// made for it. Dropping the log writes what is waiting, then closes.
 ///
 /// ```
 /// use tower_fhir::ops::JsonLinesAudit;
@@ -870,13 +871,42 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// let path = dir.join("audit.jsonl");
 /// let audit = JsonLinesAudit::file(&path).unwrap();
 /// assert_eq!(audit.dropped(), 0);
-/// drop(audit); // writes what is queued, then closes
+/// drop(audit); // writes what is waiting, then closes
 /// # std::fs::remove_dir_all(&dir).unwrap();
 /// ```
 pub struct JsonLinesAudit {
-    queue: SyncSender<(Instant, Entry)>,
+    lines: Arc<Lines>,
     counts: Arc<Counts>,
     writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The lines waiting for the writer, in buffers the request threads write to.
+struct Lines {
+    shards: Box<[Mutex<Shard>]>,
+    /// Records in the buffers or being written, at most `capacity`.
+    waiting: AtomicUsize,
+    capacity: usize,
+    /// Set when the log is dropped: the writer writes what is left and ends.
+    closing: AtomicBool,
+}
+
+/// One buffer of lines, and what its thread's lines had last (see [`LineCache`]).
+#[derive(Default)]
+struct Shard {
+    lines: Vec<u8>,
+    /// When each line's record was ready, to count the ones written late.
+    ready: Vec<Instant>,
+    cache: LineCache,
+}
+
+/// The buffer the calling thread writes to: threads take one each in turn, so a few request
+/// threads (a worker per CPU) each have one to themselves.
+fn shard_of_thread(shards: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SHARD.with(|shard| shard % shards)
 }
 
 #[derive(Default)]
@@ -926,23 +956,34 @@ impl JsonLinesAudit {
         Self::writer(std::io::stdout(), DEFAULT_AUDIT_QUEUE)
     }
 
-    /// Writes to any writer, with a queue of `capacity` records.
+    /// Writes to any writer, with at most `capacity` records waiting.
     pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
-        let (queue, records) = mpsc::sync_channel(capacity.max(1));
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let lines = Arc::new(Lines {
+            shards: (0..(2 * threads).min(256))
+                .map(|_| Mutex::default())
+                .collect(),
+            waiting: AtomicUsize::new(0),
+            capacity: capacity.max(1),
+            closing: AtomicBool::new(false),
+        });
         let counts = Arc::new(Counts::default());
-        let writer_counts = Arc::clone(&counts);
         let writer = std::thread::Builder::new()
             .name("tower-fhir-audit".into())
-            .spawn(move || write_records(out, &records, &writer_counts))
+            .spawn({
+                let lines = Arc::clone(&lines);
+                let counts = Arc::clone(&counts);
+                move || write_lines(out, &lines, &counts)
+            })
             .ok();
         Self {
-            queue,
+            lines,
             counts,
             writer,
         }
     }
 
-    /// How many records were dropped so far (queue full or write failed).
+    /// How many records were dropped so far (too many waiting, or a write failed).
     pub fn dropped(&self) -> u64 {
         self.counts.dropped.load(Ordering::Relaxed)
     }
@@ -951,55 +992,72 @@ impl JsonLinesAudit {
     pub fn delayed(&self) -> u64 {
         self.counts.delayed.load(Ordering::Relaxed)
     }
-}
 
-/// What the audit log's queue holds.
-enum Entry {
-    /// A record given to [`AuditSink::record`].
-    Record(Box<AuditRecord>),
-    /// A record the [`ObserveLayer`](super::ObserveLayer) left to the writer to make.
-    Draft(AuditDraft),
-}
-
-impl Entry {
-    fn write_json_line(&self, out: &mut Vec<u8>, cache: &mut LineCache) {
-        match self {
-            Self::Record(record) => record.write_json_line(out),
-            Self::Draft(draft) => draft.write_json_line(out, cache),
+    /// Appends a line (`write` makes it) for a record ready at `ready` to this thread's
+    /// buffer, unless too many are waiting already.
+    fn append(&self, ready: Instant, write: impl FnOnce(&mut Vec<u8>, &mut LineCache)) {
+        let lines = &*self.lines;
+        if self.writer.is_none() {
+            self.counts.dropped("the audit log writer stopped");
+            return;
         }
+        if lines.waiting.fetch_add(1, Ordering::Relaxed) >= lines.capacity {
+            lines.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.counts
+                .dropped("the audit log is behind and its queue is full");
+            return;
+        }
+        let shard = &lines.shards[shard_of_thread(lines.shards.len())];
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        let Shard {
+            lines,
+            ready: times,
+            cache,
+        } = &mut *shard;
+        write(lines, cache);
+        times.push(ready);
+    }
+
+    /// Writes the line of a draft the [`ObserveLayer`](super::ObserveLayer) made, for a
+    /// response ready at `at`.
+    pub(crate) fn draft(&self, at: Instant, draft: AuditDraft) {
+        self.append(at, |out, cache| draft.write_json_line(out, cache));
     }
 }
 
-fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, counts: &Counts) {
-    const BUFFER: usize = 64 * 1024;
-    // The lines are written straight into this buffer, which goes to `out` when full and
-    // when the queue is drained.
-    let mut buffer = Vec::with_capacity(BUFFER + 1024);
-    // Records in the buffer: lost if writing it fails.
-    let mut pending = 0u64;
+/// The writer thread: every [`WRITER_NAP`], takes each buffer that has lines (leaving an
+/// empty one), writes and flushes it, and counts its late records; until the log is closed,
+/// then once more.
+fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
+    let mut taken = Vec::new();
+    let mut times = Vec::new();
     // Late records not yet logged, and when that was last logged (at most once a second).
     let mut late_unlogged = 0u64;
     let mut last_late_log: Option<Instant> = None;
-    let mut cache = LineCache::default();
-    // The writer drains the queue, then sleeps a moment: requests never have to wake it (a
-    // wake-up is a system call), and a record reaches the file within a few tens of ms.
     loop {
-        let mut next = match records.try_recv() {
-            Ok(first) => Some(first),
-            Err(mpsc::TryRecvError::Empty) => {
-                std::thread::sleep(WRITER_NAP);
-                continue;
+        let closing = lines.closing.load(Ordering::Acquire);
+        for shard in &lines.shards {
+            {
+                let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                // The clocks its next lines' times are read against (see `Clock`), kept
+                // fresh, as the wall clock may be slewed or set.
+                shard.cache.clock = Some(Clock::now());
+                if shard.ready.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut shard.lines, &mut taken);
+                std::mem::swap(&mut shard.ready, &mut times);
             }
-            Err(mpsc::TryRecvError::Disconnected) => break,
-        };
-        // The clocks are read again after every write (what may take long), not per record.
-        let mut now = Instant::now();
-        cache.clock = Some(Clock::at(now));
-        while let Some((queued, entry)) = next.take() {
-            if now.saturating_duration_since(queued) > DELAYED_AFTER {
-                counts.delayed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("tower_fhir_audit_records_delayed_total").increment(1);
-                late_unlogged += 1;
+            // The clock is read after every write (what may take long), not per record.
+            let now = Instant::now();
+            let late = times
+                .iter()
+                .filter(|&&ready| now.saturating_duration_since(ready) > DELAYED_AFTER)
+                .count() as u64;
+            if late > 0 {
+                counts.delayed.fetch_add(late, Ordering::Relaxed);
+                metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
+                late_unlogged += late;
                 if last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
                     tracing::error!(
                         count = late_unlogged,
@@ -1009,66 +1067,41 @@ fn write_records(mut out: impl Write, records: &Receiver<(Instant, Entry)>, coun
                     last_late_log = Some(Instant::now());
                 }
             }
-            entry.write_json_line(&mut buffer, &mut cache);
-            pending += 1;
-            drop(entry);
-            if buffer.len() >= BUFFER {
-                write_out(&mut out, &mut buffer, &mut pending, counts);
-                now = Instant::now();
-                cache.clock = Some(Clock::at(now));
+            let written = out.write_all(&taken).and_then(|()| out.flush());
+            lines.waiting.fetch_sub(times.len(), Ordering::Relaxed);
+            if written.is_err() {
+                for _ in 0..times.len() {
+                    counts.dropped("the audit log could not be written");
+                }
             }
-            next = records.try_recv().ok();
+            // (A burst's buffer is let go rather than kept.)
+            taken.clear();
+            taken.shrink_to(KEPT_BUFFER);
+            times.clear();
+            times.shrink_to(KEPT_BUFFER / 256);
         }
-        write_out(&mut out, &mut buffer, &mut pending, counts);
+        if closing {
+            break;
+        }
+        std::thread::park_timeout(WRITER_NAP);
     }
-    write_out(&mut out, &mut buffer, &mut pending, counts);
 }
 
-/// Writes the buffer to `out` and empties it; counts its records as dropped if that fails.
-fn write_out(out: &mut impl Write, buffer: &mut Vec<u8>, pending: &mut u64, counts: &Counts) {
-    let written = out.write_all(buffer).and_then(|()| out.flush());
-    buffer.clear();
-    if written.is_err() {
-        for _ in 0..*pending {
-            counts.dropped("the audit log could not be written");
-        }
-    }
-    *pending = 0;
-}
-
-impl JsonLinesAudit {
-    /// Queues a draft the [`ObserveLayer`](super::ObserveLayer) made, for a response ready at
-    /// `at`.
-    pub(crate) fn draft(&self, at: Instant, draft: AuditDraft) {
-        self.queue(at, Entry::Draft(draft));
-    }
-
-    fn queue(&self, at: Instant, entry: Entry) {
-        match self.queue.try_send((at, entry)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.counts
-                    .dropped("the audit log is behind and its queue is full");
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.counts.dropped("the audit log writer stopped");
-            }
-        }
-    }
-}
+/// The bytes of a buffer the writer keeps between turns.
+const KEPT_BUFFER: usize = 1 << 20;
 
 impl AuditSink for JsonLinesAudit {
     fn record(&self, record: AuditRecord) {
-        self.queue(Instant::now(), Entry::Record(Box::new(record)));
+        self.append(Instant::now(), |out, _| record.write_json_line(out));
     }
 }
 
 impl Drop for JsonLinesAudit {
     fn drop(&mut self) {
-        // Closing the queue ends the writer once it has written what is queued.
-        let (closed, _) = mpsc::sync_channel(1);
-        drop(std::mem::replace(&mut self.queue, closed));
+        // The writer writes what is waiting, then ends.
+        self.lines.closing.store(true, Ordering::Release);
         if let Some(writer) = self.writer.take() {
+            writer.thread().unpark();
             let _ = writer.join();
         }
     }
@@ -1453,6 +1486,48 @@ mod tests {
             let json: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(json["path"], "/Patient/1");
         }
+    }
+
+    #[test]
+    fn records_from_many_threads_are_all_written_whole_and_soon() {
+        let out = Shared::default();
+        let audit = Arc::new(JsonLinesAudit::writer(out.clone(), 100_000));
+        // One record reaches the output within the writer's turn, the log still open.
+        audit.record(record());
+        let started = Instant::now();
+        while out.0.lock().unwrap().is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "not written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let threads: Vec<_> = (0..8)
+            .map(|thread| {
+                let audit = Arc::clone(&audit);
+                std::thread::spawn(move || {
+                    for i in 0..1_000 {
+                        let mut record = record();
+                        record.path = format!("/Patient/{thread}-{i}");
+                        audit.record(record);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(audit.dropped(), 0);
+        drop(Arc::into_inner(audit).expect("the threads are done"));
+        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let mut paths: Vec<String> = written
+            .lines()
+            .map(|line| {
+                let json: serde_json::Value = serde_json::from_str(line).unwrap();
+                json["path"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(paths.len(), 8_001);
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), 8_001, "each record once");
     }
 
     /// A writer whose first write takes longer than a record may wait.

@@ -39,9 +39,8 @@ struct Shared {
 /// What an audit record needs from the request, taken before it goes in.
 ///
 /// The request id, path and query are copied into one small string: the URI's and the
-/// header's bytes are slices of hyper's read buffer, and holding them while the record waits
-/// for the audit log's writer would make hyper allocate a new buffer for every request (and
-/// the writer thread free the old one).
+/// header's bytes are slices of hyper's read buffer, and holding them until the response is
+/// ready would make hyper allocate a new buffer for every request.
 pub(crate) struct RequestParts {
     /// When the request arrived, on the monotonic clock: the audit log's writer turns it into
     /// the record's wall time (see `Clock`), so the request path reads one clock, not two.

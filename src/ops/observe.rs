@@ -85,7 +85,7 @@ struct Config {
 /// Where the audit records go.
 enum Audit {
     /// The audit log, given as it is: it takes each record's parts as the request has them
-    /// and classifies, copies and formats them on its own thread.
+    /// and writes the line straight from them, with no record made.
     Lines(JsonLinesAudit),
     /// Any other sink: it gets each [`AuditRecord`](super::AuditRecord) on the request path.
     Sink(Arc<dyn AuditSink>),
@@ -239,8 +239,7 @@ impl ObserveLayer {
     /// Gives every request's [`AuditRecord`](super::AuditRecord) to `sink`.
     ///
     /// A [`JsonLinesAudit`] given here gets more than the record: the request's parts as they
-    /// are (shared, not copied), so that its writer thread classifies the request and writes
-    /// the line without any string made on the request path.
+    /// are, from which it writes the line into its buffer with no record (no string) made.
     pub fn audit<S: AuditSink>(mut self, sink: S) -> Self {
         let mut sink = Some(sink);
         let audit = match (&mut sink as &mut dyn Any).downcast_mut::<Option<JsonLinesAudit>>() {
