@@ -25,7 +25,7 @@
 #   ROUNDS=12 DURATION=10 bash benches/ops_ratio.sh
 #   MODE=turns bash benches/ops_ratio.sh
 #   BASE_TARGET_DIR=/path/to/other/target bash benches/ops_ratio.sh   # also another build's
-#                                        # release binaries (in the same rounds with turns)
+#                                        # release binaries, round by round beside this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${MODE:-together}; AUDIT=${AUDIT:-file}; METRICS=${METRICS:-1}
@@ -82,16 +82,23 @@ if [ "$MODE" = together ]; then
   }
   pairs=("off on"); [ -n "${BASE_TARGET_DIR:-}" ] && pairs+=("base-off base-on")
   echo "both at once on CPU $SERVER_CPU, wrk -t1 -c$CONNECTIONS each on CPU $CLIENT_CPU, ${DURATION}s rounds; on: AUDIT=$AUDIT METRICS=$METRICS"
+  declare -A token
+  for name in $names; do token[$name]=$(token_of "${portof[$name]}" "$tenant"); done
+  # load_pair A B SECONDS ROUND: both at once; A's and B's requests and CPU ticks into $work/A.rounds.
+  load_pair() {
+    local a=$1 b=$2 ca cb
+    ca=$(cpu "${pid[$a]}"); cb=$(cpu "${pid[$b]}")
+    load "$a" "${token[$a]}" "$3" >"$work/$a.$4" & local other=$!
+    load "$b" "${token[$b]}" "$3" >"$work/$b.$4"; wait "$other"
+    echo "$(cat "$work/$a.$4") $(cat "$work/$b.$4") $(( $(cpu "${pid[$a]}") - ca )) $(( $(cpu "${pid[$b]}") - cb ))" >>"$work/$a.rounds"
+  }
+  # The pairs take turns round by round, so both builds meet the same stretch of the run.
+  for pair in "${pairs[@]}"; do load_pair $pair "$WARMUP" warmup; : >"$work/${pair%% *}.rounds"; done
+  for r in $(seq 1 "$ROUNDS"); do
+    for pair in "${pairs[@]}"; do load_pair $pair "$DURATION" "$r"; done
+  done
   for pair in "${pairs[@]}"; do
     read -r a b <<<"$pair"
-    ta=$(token_of "${portof[$a]}" "$tenant"); tb=$(token_of "${portof[$b]}" "$tenant")
-    load "$a" "$ta" "$WARMUP" >/dev/null & warm=$!; load "$b" "$tb" "$WARMUP" >/dev/null; wait "$warm"
-    for r in $(seq 1 "$ROUNDS"); do
-      ca=$(cpu "${pid[$a]}"); cb=$(cpu "${pid[$b]}")
-      load "$a" "$ta" "$DURATION" >"$work/$a.$r" & other=$!
-      load "$b" "$tb" "$DURATION" >"$work/$b.$r"; wait "$other"
-      echo "$(cat "$work/$a.$r") $(cat "$work/$b.$r") $(( $(cpu "${pid[$a]}") - ca )) $(( $(cpu "${pid[$b]}") - cb ))"
-    done >"$work/$a.rounds"
     echo "== ${a%off}build"
     python3 - "$work/$a.rounds" "$DURATION" <<'PY'
 import statistics, sys
