@@ -23,9 +23,9 @@ use crate::tenant::TenantId;
 #[non_exhaustive]
 pub struct AuditRecord {
     /// When the request arrived (`time`, RFC 3339 UTC with milliseconds). The
-    /// [`ObserveLayer`](super::ObserveLayer) reads only the monotonic clock then: this is the
-    /// wall clock read when the record is made, less the time since on the monotonic clock (a
-    /// step of the wall clock in between moves it with the step).
+    /// [`ObserveLayer`](super::ObserveLayer) reads only the monotonic clock then: this is that
+    /// instant turned into wall time against a reading of both clocks taken at most about a
+    /// second before or after it (a step of the wall clock in between moves it with the step).
     pub time: SystemTime,
     /// The request id (`X-Request-Id`).
     pub request_id: Option<String>,
@@ -209,7 +209,7 @@ impl AuditRecord {
 }
 
 /// An audit record's fields, borrowed: what [`AuditRecord::write_json_line`] and the audit
-/// log's writer (from an [`AuditDraft`]) write alike.
+/// log (from an [`AuditDraft`]) write alike.
 struct Line<'a> {
     time: SystemTime,
     request_id: Option<&'a str>,
@@ -485,8 +485,9 @@ pub(crate) struct LineCache {
 }
 
 /// The wall clock and the monotonic clock, read together: a request's start (an [`Instant`])
-/// is turned into its record's wall time against them, so the request path reads only the
-/// monotonic clock, and the writer both once per batch of records.
+/// is turned into its record's wall time against them, so a request reads only the monotonic
+/// clock. The audit log's writer reads both for each buffer every turn, and a line's thread
+/// again when they are more than a second old.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Clock {
     wall: SystemTime,
@@ -848,15 +849,18 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 ///
 /// A record's line is made on the thread that has the record (for a request, when its
 /// response is ready, while its parts are still in that CPU's cache) and appended to a buffer
-/// of that thread's own (one of a few, each behind a lock no other request thread takes). The
+/// of that thread's own (there are twice as many buffers as CPUs, so a worker thread per CPU
+/// has one to itself; each is locked only to append a line, and by the writer to take it). The
 /// writer thread takes the buffers whole every 20 ms, writes and flushes them; no request ever
-/// waits for it or has to wake it. At most [`DEFAULT_AUDIT_QUEUE`] records (or the capacity
-/// given to [`writer`](Self::writer)) wait to be written. When the writer falls behind (a slow
-/// disk), records wait in the buffers: one written more than a second after its request
-/// counts in `tower_fhir_audit_records_delayed_total`. When that many records are waiting
-/// already, or a write fails (a full disk), the record is dropped: never silently, each one
-/// counts in `tower_fhir_audit_records_dropped_total` and drops are logged at `error` (at most
-/// once a second, with the count). Requests are never held up by the audit log.
+/// waits for it or has to wake it. Lines of different threads may reach the file out of time
+/// order by up to that turn; each carries its time. At most [`DEFAULT_AUDIT_QUEUE`] records
+/// (or the capacity given to [`writer`](Self::writer)) wait to be written. When the writer
+/// falls behind (a slow disk), records wait in the buffers: one written more than a second
+/// after its request counts in `tower_fhir_audit_records_delayed_total`. When that many
+/// records are waiting already, when a write fails (a full disk), or when the writer thread
+/// has ended (a panic in the `Write` it was given), the record is dropped: never silently,
+/// each one counts in `tower_fhir_audit_records_dropped_total` and drops are logged at `error`
+/// (at most once a second, with the count). Requests are never held up by the audit log.
 ///
 /// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
 /// more than records: the request's parts and what the layers learned, and writes the line
@@ -888,6 +892,9 @@ struct Lines {
     capacity: usize,
     /// Set when the log is dropped: the writer writes what is left and ends.
     closing: AtomicBool,
+    /// Cleared when the writer thread ends, whether closed or not (a panic in the `Write` it
+    /// was given): records are then dropped and counted, not kept for nobody.
+    alive: AtomicBool,
 }
 
 /// One buffer of lines, and what its thread's lines had last (see [`LineCache`]).
@@ -922,9 +929,16 @@ struct Counts {
 
 impl Counts {
     fn dropped(&self, why: &str) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.unlogged.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("tower_fhir_audit_records_dropped_total").increment(1);
+        self.dropped_many(1, why);
+    }
+
+    fn dropped_many(&self, count: u64, why: &str) {
+        if count == 0 {
+            return;
+        }
+        self.dropped.fetch_add(count, Ordering::Relaxed);
+        self.unlogged.fetch_add(count, Ordering::Relaxed);
+        metrics::counter!("tower_fhir_audit_records_dropped_total").increment(count);
         let start = *self.start.get_or_init(Instant::now);
         let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.last_log_ms.load(Ordering::Relaxed);
@@ -966,6 +980,7 @@ impl JsonLinesAudit {
             waiting: AtomicUsize::new(0),
             capacity: capacity.max(1),
             closing: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
         });
         let counts = Arc::new(Counts::default());
         let writer = std::thread::Builder::new()
@@ -994,28 +1009,41 @@ impl JsonLinesAudit {
     }
 
     /// Appends a line (`write` makes it) for a record ready at `ready` to this thread's
-    /// buffer, unless too many are waiting already.
+    /// buffer, unless too many are waiting already or the writer is gone.
     fn append(&self, ready: Instant, write: impl FnOnce(&mut Vec<u8>, &mut LineCache)) {
         let lines = &*self.lines;
-        if self.writer.is_none() {
+        if self.writer.is_none() || !lines.alive.load(Ordering::Acquire) {
             self.counts.dropped("the audit log writer stopped");
             return;
         }
-        if lines.waiting.fetch_add(1, Ordering::Relaxed) >= lines.capacity {
-            lines.waiting.fetch_sub(1, Ordering::Relaxed);
+        // (Threads that pass this check at once may each add one more.)
+        if lines.waiting.load(Ordering::Relaxed) >= lines.capacity {
             self.counts
-                .dropped("the audit log is behind and its queue is full");
+                .dropped("the audit log is behind: too many records wait to be written");
             return;
         }
         let shard = &lines.shards[shard_of_thread(lines.shards.len())];
         let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
         let Shard {
-            lines,
+            lines: buffer,
             ready: times,
             cache,
         } = &mut *shard;
-        write(lines, cache);
+        // The clocks the line's time is read against: the writer's, unless it has not read
+        // them for a second (blocked on a stalled disk or pipe).
+        if cache
+            .clock
+            .is_none_or(|clock| ready.saturating_duration_since(clock.at) > DELAYED_AFTER)
+        {
+            cache.clock = Some(Clock::now());
+        }
+        // A line cut short by a panic is taken back, not left for the next one to follow.
+        let from = buffer.len();
+        let mut line = Unfinished { buffer, from };
+        write(line.buffer, cache);
+        line.from = usize::MAX;
         times.push(ready);
+        lines.waiting.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Writes the line of a draft the [`ObserveLayer`](super::ObserveLayer) made, for a
@@ -1025,10 +1053,42 @@ impl JsonLinesAudit {
     }
 }
 
+/// A line being written to a buffer: cut back to where it began unless finished
+/// (`from == usize::MAX`).
+struct Unfinished<'a> {
+    buffer: &'a mut Vec<u8>,
+    from: usize,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.from != usize::MAX {
+            self.buffer.truncate(self.from);
+        }
+    }
+}
+
+/// Marks the writer gone when its thread ends, even by a panic, and counts as dropped the
+/// records still waiting then (none when it ends closed, having written them all).
+struct WriterEnds<'a> {
+    lines: &'a Lines,
+    counts: &'a Counts,
+}
+
+impl Drop for WriterEnds<'_> {
+    fn drop(&mut self) {
+        self.lines.alive.store(false, Ordering::Release);
+        let left = self.lines.waiting.swap(0, Ordering::AcqRel);
+        self.counts
+            .dropped_many(left as u64, "the audit log writer stopped");
+    }
+}
+
 /// The writer thread: every [`WRITER_NAP`], takes each buffer that has lines (leaving an
 /// empty one), writes and flushes it, and counts its late records; until the log is closed,
 /// then once more.
 fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
+    let _ends = WriterEnds { lines, counts };
     let mut taken = Vec::new();
     let mut times = Vec::new();
     // Late records not yet logged, and when that was last logged (at most once a second).
@@ -1048,32 +1108,33 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
                 std::mem::swap(&mut shard.lines, &mut taken);
                 std::mem::swap(&mut shard.ready, &mut times);
             }
-            // The clock is read after every write (what may take long), not per record.
-            let now = Instant::now();
-            let late = times
-                .iter()
-                .filter(|&&ready| now.saturating_duration_since(ready) > DELAYED_AFTER)
-                .count() as u64;
-            if late > 0 {
-                counts.delayed.fetch_add(late, Ordering::Relaxed);
-                metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
-                late_unlogged += late;
-                if last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
-                    tracing::error!(
-                        count = late_unlogged,
-                        "the audit log is behind: records written more than a second after their request"
-                    );
-                    late_unlogged = 0;
-                    last_late_log = Some(Instant::now());
-                }
-            }
             let written = out.write_all(&taken).and_then(|()| out.flush());
-            lines.waiting.fetch_sub(times.len(), Ordering::Relaxed);
             if written.is_err() {
-                for _ in 0..times.len() {
-                    counts.dropped("the audit log could not be written");
+                counts.dropped_many(times.len() as u64, "the audit log could not be written");
+            } else {
+                // Late: written (the write may take long) more than a second after ready.
+                let now = Instant::now();
+                let late = times
+                    .iter()
+                    .filter(|&&ready| now.saturating_duration_since(ready) > DELAYED_AFTER)
+                    .count() as u64;
+                if late > 0 {
+                    counts.delayed.fetch_add(late, Ordering::Relaxed);
+                    metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
+                    late_unlogged += late;
+                    if last_late_log
+                        .is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1))
+                    {
+                        tracing::error!(
+                            count = late_unlogged,
+                            "the audit log is behind: records written more than a second after their request"
+                        );
+                        late_unlogged = 0;
+                        last_late_log = Some(Instant::now());
+                    }
                 }
             }
+            lines.waiting.fetch_sub(times.len(), Ordering::Relaxed);
             // (A burst's buffer is let go rather than kept.)
             taken.clear();
             taken.shrink_to(KEPT_BUFFER);
@@ -1530,6 +1591,60 @@ mod tests {
         assert_eq!(paths.len(), 8_001, "each record once");
     }
 
+    /// A writer that panics.
+    struct Panics;
+    impl Write for Panics {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            panic!("a broken sink (this panic is the test's)")
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn when_the_writer_thread_dies_every_record_is_dropped_and_counted() {
+        let audit = JsonLinesAudit::writer(Panics, 100);
+        audit.record(record());
+        let started = Instant::now();
+        while audit.lines.alive.load(Ordering::Acquire) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the writer lives on"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for _ in 0..5 {
+            audit.record(record());
+        }
+        assert_eq!(
+            audit.dropped(),
+            6,
+            "the one being written and the five after"
+        );
+        assert_eq!(audit.lines.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_panic_is_taken_back() {
+        let out = Shared::default();
+        let audit = JsonLinesAudit::writer(out.clone(), 16);
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            audit.append(Instant::now(), |line, _| {
+                line.extend_from_slice(b"{\"half\":");
+                panic!("while writing a line (this panic is the test's)");
+            });
+        }));
+        assert!(cut.is_err());
+        audit.record(record());
+        let counts = Arc::clone(&audit.counts);
+        drop(audit);
+        let written = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(written.lines().count(), 1, "{written}");
+        let _: serde_json::Value = serde_json::from_str(written.trim_end()).unwrap();
+        assert_eq!(counts.dropped.load(Ordering::Relaxed), 0);
+    }
+
     /// A writer whose first write takes longer than a record may wait.
     struct Slow(bool);
     impl Write for Slow {
@@ -1547,7 +1662,7 @@ mod tests {
 
     #[test]
     fn records_that_wait_behind_a_slow_disk_are_counted_late_not_lost() {
-        // A record larger than the buffer reaches the writer at once: the first one stalls it.
+        // The writer stalls writing the first record: the next ones wait behind it.
         let mut big = record();
         big.path = format!("/Patient/{}", "x".repeat(70 * 1024));
         let audit = JsonLinesAudit::writer(Slow(false), 16);

@@ -42,8 +42,8 @@ struct Shared {
 /// header's bytes are slices of hyper's read buffer, and holding them until the response is
 /// ready would make hyper allocate a new buffer for every request.
 pub(crate) struct RequestParts {
-    /// When the request arrived, on the monotonic clock: the audit log's writer turns it into
-    /// the record's wall time (see `Clock`), so the request path reads one clock, not two.
+    /// When the request arrived, on the monotonic clock: the record's wall time is made from
+    /// it (see `Clock`), so the request path reads one clock, not two.
     pub(crate) start: Instant,
     pub(crate) method: http::Method,
     /// The request id (when it is text), the path, then the query, one after the other.

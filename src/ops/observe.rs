@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tower_http::request_id::RequestId;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Span;
@@ -381,13 +380,11 @@ where
     }
 }
 
-/// The request's `X-Request-Id`: the one [`RequestIdLayer`](super::RequestIdLayer) put in the
-/// extensions (found by type, cheaper than by header name), else the header's.
+/// The request's `X-Request-Id`. (Not tower-http's `RequestId` extension, cheaper to find: a
+/// `SetRequestIdLayer` of another header outside, or one that found the extension already
+/// there, leaves it naming another id than the header the upstream and the client see.)
 fn request_id<B>(request: &Request<B>) -> Option<&http::HeaderValue> {
-    match request.extensions().get::<RequestId>() {
-        Some(id) => Some(id.header_value()),
-        None => request.headers().get(&X_REQUEST_ID),
-    }
+    request.headers().get(&X_REQUEST_ID)
 }
 
 /// One request's bookkeeping, finished when its response is ready or its future dropped.
