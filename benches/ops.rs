@@ -148,9 +148,11 @@ fn bench(c: &mut Criterion) {
     }
     row!("stack", stack!());
     row!("stack+ops/quiet", ops!(ObserveLayer::new()));
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap();
+    // The gateway binary's recorder: the exporter's counters and gauges, histograms as buckets.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let histograms =
+        tower_fhir::ops::BucketHistograms::new(&tower_fhir::ops::DURATION_BUCKETS).unwrap();
+    metrics::set_global_recorder(histograms.over(prometheus)).unwrap();
     row!("stack/recorder", stack!());
     row!(
         "stack+ops/metrics+audit",

@@ -13,8 +13,9 @@ use tower::util::Either;
 use tower::{Layer, ServiceBuilder};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
-    fhir_cors, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer, Health, HealthLayer,
-    JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer, RequestIdService,
+    fhir_cors, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer, BucketHistograms, Health,
+    HealthLayer, JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer, RequestIdService,
+    DURATION_BUCKETS,
 };
 use tower_fhir::postgres::PgTenantStore;
 use tower_fhir::token::SigningKeys;
@@ -27,11 +28,6 @@ type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
 
 /// The whole service a connection is served by.
 pub(crate) type Front = RequestIdService<Either<Cors<Inner>, Inner>>;
-
-/// Histogram buckets, in seconds: 0.5 ms to 30 s.
-const BUCKETS: [f64; 15] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
 
 /// The gateway wrapped as the configuration says.
 pub(crate) fn front(
@@ -97,37 +93,50 @@ pub(crate) fn front(
     Ok(RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner)))
 }
 
-/// Installs the Prometheus recorder: every metric from here on is kept for `/metrics`.
-pub(crate) fn install_metrics() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(&BUCKETS)
-        .map_err(|e| format!("cannot set up metrics: {e}"))?
-        .install_recorder()
+/// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the
+/// histograms kept as buckets beside them (a sample is then an atomic add and a compare-and-swap, where the
+/// exporter's own histograms keep every sample until upkeep).
+#[derive(Clone)]
+pub(crate) struct MetricsPage {
+    counters: PrometheusHandle,
+    histograms: BucketHistograms,
+}
+
+impl MetricsPage {
+    fn render(&self) -> String {
+        let mut page = self.counters.render();
+        self.histograms.render_into(&mut page);
+        page
+    }
+}
+
+/// Installs the recorder: every metric from here on is kept for `/metrics`.
+pub(crate) fn install_metrics() -> Result<MetricsPage, String> {
+    let prometheus = PrometheusBuilder::new().build_recorder();
+    let counters = prometheus.handle();
+    let histograms = BucketHistograms::new(&DURATION_BUCKETS)
         .map_err(|e| format!("cannot set up metrics: {e}"))?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            every.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    Ok(handle)
+    metrics::set_global_recorder(histograms.over(prometheus))
+        .map_err(|e| format!("cannot set up metrics: {e}"))?;
+    Ok(MetricsPage {
+        counters,
+        histograms,
+    })
 }
 
 /// Serves `GET /metrics` on `listener` until the process ends.
-pub(crate) fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+pub(crate) fn serve_metrics(listener: tokio::net::TcpListener, page: MetricsPage) {
     let app = Router::new().route(
         "/metrics",
         get(move || {
-            let handle = handle.clone();
+            let page = page.clone();
             async move {
                 (
                     [(
                         http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    handle.render(),
+                    page.render(),
                 )
             }
         }),

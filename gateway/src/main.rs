@@ -140,9 +140,9 @@ async fn run(args: Args) -> Result<(), String> {
     // Metrics first: what the start does (the first key fetches) is counted too.
     if let Some(addr) = config.metrics_listen {
         let listener = front::bind_metrics(addr).await?;
-        let handle = front::install_metrics()?;
+        let page = front::install_metrics()?;
         let local = listener.local_addr().unwrap_or(addr);
-        front::serve_metrics(listener, handle);
+        front::serve_metrics(listener, page);
         eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
     }
     let workers = config.worker_count();

@@ -220,14 +220,30 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
         .is_some(),
         "{text}"
     );
-    assert!(
-        sample(&text, "tower_fhir_request_duration_seconds_count", &[]).is_some(),
-        "{text}"
-    );
-    assert!(
-        sample(&text, "tower_fhir_upstream_duration_seconds_count", &[]).is_some(),
-        "{text}"
-    );
+    // Every request counted has its duration in the histogram; the read went upstream once.
+    let requests: f64 = text
+        .lines()
+        .filter(|line| line.starts_with("tower_fhir_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    for (histogram, count) in [
+        ("tower_fhir_request_duration_seconds", requests),
+        ("tower_fhir_upstream_duration_seconds", 1.0),
+    ] {
+        // Once: kept as buckets, not also by the exporter.
+        let types = text.matches(&format!("# TYPE {histogram} ")).count();
+        assert_eq!(types, 1, "{text}");
+        assert!(
+            text.contains(&format!("# TYPE {histogram} histogram\n")),
+            "{text}"
+        );
+        let counted = sample(&text, &format!("{histogram}_count"), &[]);
+        assert_eq!(counted, Some(count), "{text}");
+        let all = sample(&text, &format!("{histogram}_bucket"), &["le=\"+Inf\""]);
+        assert_eq!(all, Some(count), "{text}");
+        let under_30s = sample(&text, &format!("{histogram}_bucket"), &["le=\"30\""]);
+        assert_eq!(under_30s, Some(count), "{text}");
+    }
     assert!(
         sample(&text, "tower_fhir_cache_total", &["cache=\"route\""]).is_some(),
         "{text}"

@@ -11,6 +11,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::facts::RequestFacts;
+use super::shard_of_thread;
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::interaction::classify_path;
 use crate::tenant::TenantId;
@@ -906,16 +907,6 @@ struct Shard {
     cache: LineCache,
 }
 
-/// The buffer the calling thread writes to: threads take one each in turn, so a few request
-/// threads (a worker per CPU) each have one to themselves.
-fn shard_of_thread(shards: usize) -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    SHARD.with(|shard| shard % shards)
-}
-
 #[derive(Default)]
 struct Counts {
     dropped: AtomicU64,
@@ -1112,12 +1103,13 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
             if written.is_err() {
                 counts.dropped_many(times.len() as u64, "the audit log could not be written");
             } else {
-                // Late: written (the write may take long) more than a second after ready.
-                let now = Instant::now();
-                let late = times
-                    .iter()
-                    .filter(|&&ready| now.saturating_duration_since(ready) > DELAYED_AFTER)
-                    .count() as u64;
+                // Late: written (the write may take long) more than a second after ready,
+                // so ready before the cut-off (compared, not subtracted, record by record).
+                let late = Instant::now()
+                    .checked_sub(DELAYED_AFTER)
+                    .map_or(0, |cutoff| {
+                        times.iter().filter(|&&ready| ready < cutoff).count()
+                    }) as u64;
                 if late > 0 {
                     counts.delayed.fetch_add(late, Ordering::Relaxed);
                     metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);

@@ -10,6 +10,7 @@
 //! | [`BodyTimeoutLayer`] | `408` with an OperationOutcome for a body that stops arriving mid-way |
 //! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps |
 //! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
+//! | [`BucketHistograms`] | a metrics recorder wrapper keeping histograms as Prometheus buckets, cheaply |
 //! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
 //!
 //! Outermost first: `RequestIdLayer`, `fhir_cors`, `HealthLayer`, `ObserveLayer`,
@@ -62,6 +63,7 @@ mod body_timeout;
 mod cors;
 mod facts;
 mod health;
+mod histogram;
 mod observe;
 mod request_id;
 
@@ -74,6 +76,7 @@ pub use body_timeout::{
 pub use cors::{fhir_cors, InvalidOrigin};
 pub use facts::{Facts, RequestFacts};
 pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
+pub use histogram::{BucketHistograms, InvalidBuckets, WithBucketHistograms, DURATION_BUCKETS};
 pub use observe::{Observe, ObserveFuture, ObserveLayer};
 pub use request_id::{
     MakeUuid, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
@@ -81,6 +84,28 @@ pub use request_id::{
 
 pub(crate) use body_limit::{is_length_limit, too_large};
 pub(crate) use body_timeout::is_body_timeout;
+
+/// The shard (of `shards`) the calling thread uses: threads take one each in turn, so a few
+/// request threads (a worker per CPU) each have one to themselves. The audit log's buffers and
+/// the histograms' counts are sharded so.
+pub(crate) fn shard_of_thread(shards: usize) -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        // Taken on first use (`usize::MAX` until then): a const-initialised cell is read with
+        // no lazy-initialisation check.
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    SHARD.with(|shard| {
+        let mut taken = shard.get();
+        if taken == usize::MAX {
+            taken = NEXT.fetch_add(1, Ordering::Relaxed) & (usize::MAX >> 1);
+            shard.set(taken);
+        }
+        taken % shards
+    })
+}
 
 /// A request body's own failure, found in an error's `source()` chain: what a layer that
 /// reads or forwards bodies answers instead of its own error.

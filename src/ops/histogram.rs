@@ -1,0 +1,629 @@
+//! Histograms kept as bucket counts, for a Prometheus endpoint.
+//!
+//! `metrics-exporter-prometheus` keeps every histogram sample until it is rendered or its
+//! upkeep runs: each sample is a store into a growing block list under a `crossbeam` epoch
+//! guard. On the gateway's request path that cost as much as all its counters together. The
+//! recorder [`BucketHistograms::over`] makes keeps a histogram as what Prometheus reads of it,
+//! one count a bucket and a sum: a sample is an atomic add and a compare-and-swap, into a
+//! block the calling thread shares with few others or none.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use metrics::{
+    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+};
+
+use super::shard_of_thread;
+
+/// Bucket bounds for durations in seconds, 0.5 ms to 30 s: what the gateway binary uses for
+/// `tower_fhir_request_duration_seconds` and `tower_fhir_upstream_duration_seconds`.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every histogram of the process kept as Prometheus buckets; counters and gauges go to the
+/// recorder it wraps.
+///
+/// Wrap your recorder with [`over`](Self::over) and install the result; render the
+/// histograms beside the recorder's own text, on the same page, with [`render`](Self::render).
+/// A sample through a kept handle costs an atomic add and a compare-and-swap (the sum), on
+/// counts in blocks of 128 bytes that threads take in turn (twice as many blocks as CPUs,
+/// at most 64): no allocation, no lock, no epoch guard.
+///
+/// What it gives up:
+/// - a fixed set of buckets: no quantiles of its own, no bounds chosen per metric (every
+///   histogram has the bounds given to [`new`](Self::new));
+/// - the wrapped recorder's settings do not reach histograms: its global labels, unit
+///   suffixes and idle timeouts apply to counters and gauges only, and a histogram, once
+///   registered, is rendered for the life of the process;
+/// - a scrape reads the counts as they are, without stopping samples: a sample being recorded
+///   meanwhile may be in `_count` and not yet in `_sum` (one a thread at most). `_count` is
+///   always the `+Inf` bucket, and no bucket ever goes down.
+///
+/// Names and label names are rendered with every character Prometheus does not allow made
+/// `_`, and series whose names and labels render alike are counted as one. A label named `le`
+/// (the bucket's own) is rendered `exported_le`.
+///
+/// ```
+/// use metrics::Recorder;
+/// use metrics_exporter_prometheus::PrometheusBuilder;
+/// use tower_fhir::ops::{BucketHistograms, DURATION_BUCKETS};
+///
+/// let prometheus = PrometheusBuilder::new().build_recorder();
+/// let counters = prometheus.handle();
+/// let histograms = BucketHistograms::new(&DURATION_BUCKETS).unwrap();
+/// let recorder = histograms.over(prometheus);
+/// // In an application: `metrics::set_global_recorder(recorder)`, then build the layers.
+///
+/// metrics::with_local_recorder(&recorder, || {
+///     metrics::counter!("tower_fhir_requests_total").increment(1);
+///     let duration = metrics::histogram!("tower_fhir_request_duration_seconds");
+///     duration.record(0.002);
+///     duration.record(0.2);
+/// });
+///
+/// let page = counters.render() + &histograms.render();
+/// assert!(page.contains("tower_fhir_requests_total 1"));
+/// assert!(page.contains("# TYPE tower_fhir_request_duration_seconds histogram\n"));
+/// assert!(page.contains("tower_fhir_request_duration_seconds_bucket{le=\"0.0025\"} 1\n"));
+/// assert!(page.contains("tower_fhir_request_duration_seconds_bucket{le=\"+Inf\"} 2\n"));
+/// assert!(page.contains("tower_fhir_request_duration_seconds_sum 0.202\n"));
+/// assert!(page.contains("tower_fhir_request_duration_seconds_count 2\n"));
+/// ```
+#[derive(Clone)]
+pub struct BucketHistograms {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    bounds: Arc<[f64]>,
+    /// Blocks of counts a histogram has (see [`Buckets`]).
+    shards: usize,
+    families: RwLock<BTreeMap<String, Family>>,
+}
+
+/// The histograms of one name as rendered.
+#[derive(Default)]
+struct Family {
+    /// The first description given with `describe_histogram!`: its `# HELP` line.
+    help: Option<String>,
+    /// By labels as rendered (`name="value",` each, sorted by name).
+    series: BTreeMap<String, Arc<Buckets>>,
+}
+
+/// Most blocks of counts a histogram has, however many CPUs.
+const MAX_SHARDS: usize = 64;
+
+/// Bounds that are not finite and strictly increasing, given to [`BucketHistograms::new`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidBuckets(String);
+
+impl fmt::Display for InvalidBuckets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "histogram buckets {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidBuckets {}
+
+impl BucketHistograms {
+    /// Histograms with these upper bounds (`le`), finite and strictly increasing; every
+    /// histogram also has the `+Inf` bucket.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidBuckets`] when a bound is not finite or not greater than the one before.
+    pub fn new(bounds: &[f64]) -> Result<Self, InvalidBuckets> {
+        if let Some(bound) = bounds.iter().find(|bound| !bound.is_finite()) {
+            return Err(InvalidBuckets(format!("must be finite, not {bound}")));
+        }
+        if let Some(pair) = bounds.windows(2).find(|pair| pair[0] >= pair[1]) {
+            return Err(InvalidBuckets(format!(
+                "must increase, but {} comes after {}",
+                pair[1], pair[0]
+            )));
+        }
+        let cpus = std::thread::available_parallelism().map_or(4, usize::from);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                bounds: bounds.into(),
+                shards: (2 * cpus).min(MAX_SHARDS),
+                families: RwLock::default(),
+            }),
+        })
+    }
+
+    /// A recorder that keeps histograms here and gives counters and gauges to `inner`.
+    pub fn over<R: Recorder>(&self, inner: R) -> WithBucketHistograms<R> {
+        WithBucketHistograms {
+            inner,
+            histograms: self.clone(),
+        }
+    }
+
+    /// The histogram named by `key`, made on first use.
+    fn histogram(&self, key: &Key) -> Arc<Buckets> {
+        let name = metric_name(key.name());
+        let mut labels: Vec<(String, String)> = key
+            .labels()
+            .map(|label| {
+                let name = match label_name(label.key()) {
+                    le if le == "le" => "exported_le".to_owned(),
+                    name => name,
+                };
+                (name, label_value(label.value()))
+            })
+            .collect();
+        labels.sort();
+        let labels: String = labels
+            .iter()
+            .map(|(name, value)| format!("{name}=\"{value}\","))
+            .collect();
+        if let Some(buckets) = self
+            .read()
+            .get(&name)
+            .and_then(|family| family.series.get(&labels))
+        {
+            return Arc::clone(buckets);
+        }
+        let mut families = self.write();
+        let series = &mut families.entry(name).or_default().series;
+        Arc::clone(series.entry(labels).or_insert_with(|| {
+            Arc::new(Buckets::new(
+                Arc::clone(&self.shared.bounds),
+                self.shared.shards,
+            ))
+        }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Family>> {
+        self.shared
+            .families
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Family>> {
+        self.shared
+            .families
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every histogram in the Prometheus text format (0.0.4): `_bucket` lines with cumulative
+    /// counts, `_sum` and `_count`, after a `# HELP` (when described) and a `# TYPE` line.
+    pub fn render(&self) -> String {
+        let mut page = String::new();
+        self.render_into(&mut page);
+        page
+    }
+
+    /// The same, appended to `page`.
+    pub fn render_into(&self, page: &mut String) {
+        // The histograms are listed under the lock and read after it: registering one never
+        // waits for a scrape's formatting.
+        type Listed = (String, Option<String>, Vec<(String, Arc<Buckets>)>);
+        let families: Vec<Listed> = self
+            .read()
+            .iter()
+            .map(|(name, family)| {
+                let series = family
+                    .series
+                    .iter()
+                    .map(|(labels, buckets)| (labels.clone(), Arc::clone(buckets)))
+                    .collect();
+                (name.clone(), family.help.clone(), series)
+            })
+            .collect();
+        for (name, help, series) in families {
+            if let Some(text) = help {
+                let _ = writeln!(page, "# HELP {name} {text}");
+            }
+            let _ = writeln!(page, "# TYPE {name} histogram");
+            for (labels, buckets) in series {
+                let (counts, sum) = buckets.snapshot();
+                let mut cumulative = 0;
+                for (at, count) in counts.iter().enumerate() {
+                    cumulative += count;
+                    let _ = match self.shared.bounds.get(at) {
+                        Some(bound) => {
+                            writeln!(page, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}")
+                        }
+                        None => {
+                            writeln!(page, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}")
+                        }
+                    };
+                }
+                let labels = labels.trim_end_matches(',');
+                let braced = if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{labels}}}")
+                };
+                let _ = writeln!(page, "{name}_sum{braced} {}", Number(sum));
+                let _ = writeln!(page, "{name}_count{braced} {cumulative}");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for BucketHistograms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BucketHistograms")
+            .field("bounds", &self.shared.bounds)
+            .field("names", &self.read().len())
+            .finish()
+    }
+}
+
+/// The recorder [`BucketHistograms::over`] makes: histograms kept as buckets, the rest given
+/// to the recorder wrapped.
+#[derive(Debug)]
+pub struct WithBucketHistograms<R> {
+    inner: R,
+    histograms: BucketHistograms,
+}
+
+impl<R> WithBucketHistograms<R> {
+    /// The histograms, to render.
+    pub fn histograms(&self) -> &BucketHistograms {
+        &self.histograms
+    }
+}
+
+impl<R: Recorder> Recorder for WithBucketHistograms<R> {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_counter(key, unit, description);
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.inner.describe_gauge(key, unit, description);
+    }
+
+    /// Keeps the first description of a name for its `# HELP` line; the unit is not added to
+    /// the name (name the metric with its unit, as `_seconds`).
+    fn describe_histogram(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
+        let mut families = self.histograms.write();
+        let family = families.entry(metric_name(key.as_str())).or_default();
+        family.help.get_or_insert_with(|| help_text(&description));
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.inner.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.inner.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, _metadata: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.histograms.histogram(key))
+    }
+}
+
+/// Sixteen words on a line of their own (two cache lines, which some CPUs fetch together).
+#[repr(align(128))]
+struct Block([AtomicU64; WORDS_A_BLOCK]);
+
+const WORDS_A_BLOCK: usize = 16;
+
+/// One histogram: for each shard, a count a bucket (the bounds', then `+Inf`) and the sum's
+/// bits, in blocks no other shard shares. A thread adds to the shard [`shard_of_thread`]
+/// gives it (threads take them in turn, so a few busy threads have one each); rendering adds
+/// the shards up.
+struct Buckets {
+    bounds: Arc<[f64]>,
+    /// Blocks a shard: its words are `bounds.len() + 2`.
+    stride: usize,
+    shards: usize,
+    blocks: Box<[Block]>,
+}
+
+impl Buckets {
+    fn new(bounds: Arc<[f64]>, shards: usize) -> Self {
+        let stride = (bounds.len() + 2).div_ceil(WORDS_A_BLOCK);
+        let blocks = (0..stride * shards)
+            .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
+            .collect();
+        Self {
+            bounds,
+            stride,
+            shards,
+            blocks,
+        }
+    }
+
+    fn word(&self, shard: usize, word: usize) -> &AtomicU64 {
+        &self.blocks[shard * self.stride + word / WORDS_A_BLOCK].0[word % WORDS_A_BLOCK]
+    }
+
+    /// The bucket a value counts in: the first bound it does not exceed, else `+Inf` (NaN
+    /// too, as Prometheus' own clients count it).
+    fn bucket_of(&self, value: f64) -> usize {
+        if value.is_nan() {
+            self.bounds.len()
+        } else {
+            self.bounds.partition_point(|&bound| bound < value)
+        }
+    }
+
+    fn add(&self, value: f64, times: u64) {
+        let shard = shard_of_thread(self.shards);
+        self.word(shard, self.bucket_of(value))
+            .fetch_add(times, Ordering::Relaxed);
+        // Times as a float: `record_many` takes a `usize`, far within f64's exact integers
+        // for any count a caller has.
+        #[allow(clippy::cast_precision_loss)]
+        let added = value * times as f64;
+        let sum = self.word(shard, self.bounds.len() + 1);
+        let _ = sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            Some((f64::from_bits(bits) + added).to_bits())
+        });
+    }
+
+    /// The counts a bucket (not cumulative) and the sum, over every shard.
+    fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut counts = vec![0_u64; self.bounds.len() + 1];
+        let mut sum = 0.0;
+        for shard in 0..self.shards {
+            for (bucket, count) in counts.iter_mut().enumerate() {
+                *count += self.word(shard, bucket).load(Ordering::Relaxed);
+            }
+            sum += f64::from_bits(
+                self.word(shard, self.bounds.len() + 1)
+                    .load(Ordering::Relaxed),
+            );
+        }
+        (counts, sum)
+    }
+}
+
+impl HistogramFn for Buckets {
+    fn record(&self, value: f64) {
+        self.add(value, 1);
+    }
+
+    fn record_many(&self, value: f64, count: usize) {
+        self.add(value, count as u64);
+    }
+}
+
+/// A float as Prometheus writes it: `+Inf`, `-Inf`, `NaN`, or Rust's shortest form that reads
+/// back the same, never in exponent notation.
+struct Number(f64);
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            value if value.is_nan() => f.write_str("NaN"),
+            f64::INFINITY => f.write_str("+Inf"),
+            f64::NEG_INFINITY => f.write_str("-Inf"),
+            value => write!(f, "{value}"),
+        }
+    }
+}
+
+/// A metric name with every character Prometheus does not allow (`[a-zA-Z_:][a-zA-Z0-9_:]*`)
+/// made `_`.
+fn metric_name(name: &str) -> String {
+    sanitized(name, |c| c == ':')
+}
+
+/// A label name with every character Prometheus does not allow (`[a-zA-Z_][a-zA-Z0-9_]*`)
+/// made `_`.
+fn label_name(name: &str) -> String {
+    sanitized(name, |_| false)
+}
+
+fn sanitized(name: &str, also: impl Fn(char) -> bool) -> String {
+    let mut text: String = name
+        .chars()
+        .enumerate()
+        .map(|(at, c)| {
+            let allowed =
+                c.is_ascii_alphabetic() || c == '_' || also(c) || (at > 0 && c.is_ascii_digit());
+            if allowed {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if text.is_empty() {
+        text.push('_');
+    }
+    text
+}
+
+/// A label value with `\`, `"` and line feeds escaped.
+fn label_value(value: &str) -> String {
+    escaped(value, true)
+}
+
+/// A description with `\` and line feeds escaped.
+fn help_text(text: &str) -> String {
+    escaped(text, false)
+}
+
+fn escaped(text: &str, quotes: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorded(bounds: &[f64], record: impl FnOnce()) -> String {
+        let histograms = BucketHistograms::new(bounds).unwrap();
+        let recorder = histograms.over(metrics::NoopRecorder);
+        metrics::with_local_recorder(&recorder, record);
+        histograms.render()
+    }
+
+    #[test]
+    fn a_value_counts_in_the_first_bucket_it_does_not_exceed() {
+        let page = recorded(&[1.0, 2.0], || {
+            let h = metrics::histogram!("h");
+            for value in [0.5, 1.0, 1.5, 2.0, 2.5, -3.0] {
+                h.record(value);
+            }
+        });
+        assert_eq!(
+            page,
+            "# TYPE h histogram\n\
+             h_bucket{le=\"1\"} 3\n\
+             h_bucket{le=\"2\"} 5\n\
+             h_bucket{le=\"+Inf\"} 6\n\
+             h_sum 4.5\n\
+             h_count 6\n"
+        );
+    }
+
+    #[test]
+    fn nan_counts_in_inf_and_makes_the_sum_nan() {
+        let page = recorded(&[1.0], || {
+            metrics::histogram!("h").record(f64::NAN);
+        });
+        assert!(page.contains("h_bucket{le=\"1\"} 0\n"), "{page}");
+        assert!(page.contains("h_bucket{le=\"+Inf\"} 1\n"), "{page}");
+        assert!(page.contains("h_sum NaN\n"), "{page}");
+    }
+
+    #[test]
+    fn record_many_counts_each_time() {
+        let histograms = BucketHistograms::new(&[1.0]).unwrap();
+        let key = Key::from_name("h");
+        histograms.histogram(&key).record_many(0.25, 4);
+        let page = histograms.render();
+        assert!(page.contains("h_bucket{le=\"1\"} 4\n"), "{page}");
+        assert!(page.contains("h_sum 1\n"), "{page}");
+    }
+
+    #[test]
+    fn labels_are_escaped_and_sorted_and_series_of_a_name_share_one_type_line() {
+        let page = recorded(&[], || {
+            metrics::describe_histogram!("h", "a \\ help\nline");
+            metrics::describe_histogram!("h", "a later description is not kept");
+            metrics::histogram!("h", "path" => "a\"b\\c\nd", "2bad-key" => "x").record(1.0);
+            metrics::histogram!("h", "path" => "plain").record(1.0);
+            metrics::histogram!("bad name").record(1.0);
+        });
+        assert_eq!(
+            page,
+            "# TYPE bad_name histogram\n\
+             bad_name_bucket{le=\"+Inf\"} 1\n\
+             bad_name_sum 1\n\
+             bad_name_count 1\n\
+             # HELP h a \\\\ help\\nline\n\
+             # TYPE h histogram\n\
+             h_bucket{_bad_key=\"x\",path=\"a\\\"b\\\\c\\nd\",le=\"+Inf\"} 1\n\
+             h_sum{_bad_key=\"x\",path=\"a\\\"b\\\\c\\nd\"} 1\n\
+             h_count{_bad_key=\"x\",path=\"a\\\"b\\\\c\\nd\"} 1\n\
+             h_bucket{path=\"plain\",le=\"+Inf\"} 1\n\
+             h_sum{path=\"plain\"} 1\n\
+             h_count{path=\"plain\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn series_that_render_alike_are_one_and_a_label_le_is_renamed() {
+        let page = recorded(&[1.0], || {
+            metrics::describe_histogram!("a.b", "described under another spelling");
+            metrics::histogram!("a-b").record(0.5);
+            metrics::histogram!("a.b").record(0.5);
+            metrics::histogram!("a_b").record(2.0);
+            metrics::histogram!("a_b", "x" => "1", "y" => "2").record(0.5);
+            metrics::histogram!("a_b", "y" => "2", "x" => "1").record(0.5);
+            metrics::histogram!("a_b", "le" => "7").record(0.5);
+        });
+        assert_eq!(page.matches("# TYPE a_b histogram\n").count(), 1, "{page}");
+        assert_eq!(
+            page.matches("# HELP a_b described under another spelling\n")
+                .count(),
+            1,
+            "{page}"
+        );
+        assert!(page.contains("a_b_count 3\n"), "{page}");
+        assert!(page.contains("a_b_bucket{le=\"1\"} 2\n"), "{page}");
+        assert!(page.contains("a_b_count{x=\"1\",y=\"2\"} 2\n"), "{page}");
+        assert!(
+            page.contains("a_b_bucket{exported_le=\"7\",le=\"1\"} 1\n"),
+            "{page}"
+        );
+        let series = page.lines().filter(|l| l.starts_with("a_b_count")).count();
+        assert_eq!(series, 3, "{page}");
+    }
+
+    #[test]
+    fn bounds_must_be_finite_and_increasing() {
+        assert!(BucketHistograms::new(&[]).is_ok());
+        assert!(BucketHistograms::new(&DURATION_BUCKETS).is_ok());
+        let error = BucketHistograms::new(&[1.0, 1.0]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "histogram buckets must increase, but 1 comes after 1"
+        );
+        assert!(BucketHistograms::new(&[2.0, 1.0]).is_err());
+        assert!(BucketHistograms::new(&[1.0, f64::INFINITY]).is_err());
+        assert!(BucketHistograms::new(&[f64::NAN]).is_err());
+    }
+
+    #[test]
+    fn counters_and_gauges_go_to_the_inner_recorder() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let inner = prometheus.handle();
+        let histograms = BucketHistograms::new(&[1.0]).unwrap();
+        let recorder = histograms.over(prometheus);
+        metrics::with_local_recorder(&recorder, || {
+            metrics::describe_counter!("c", "counted");
+            metrics::counter!("c").increment(2);
+            metrics::gauge!("g").set(3.0);
+            metrics::histogram!("h").record(0.5);
+        });
+        let text = inner.render();
+        assert!(text.contains("# HELP c counted\n"), "{text}");
+        assert!(text.contains("c 2\n"), "{text}");
+        assert!(text.contains("g 3\n"), "{text}");
+        assert!(
+            !text.contains("h_"),
+            "histograms stay out of the inner recorder: {text}"
+        );
+        assert!(recorder.histograms().render().contains("h_count 1\n"));
+    }
+
+    #[test]
+    fn every_thread_s_samples_are_counted_once() {
+        // The duration buckets: 17 words a shard, so the sum is in a shard's second block.
+        let histograms = BucketHistograms::new(&DURATION_BUCKETS).unwrap();
+        let h = histograms.histogram(&Key::from_name("h"));
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let h = &h;
+                scope.spawn(move || {
+                    for _ in 0..10_000 {
+                        h.record(if thread % 2 == 0 { 0.25 } else { 40.0 });
+                    }
+                });
+            }
+        });
+        let page = histograms.render();
+        assert!(page.contains("h_bucket{le=\"0.1\"} 0\n"), "{page}");
+        assert!(page.contains("h_bucket{le=\"0.25\"} 40000\n"), "{page}");
+        assert!(page.contains("h_bucket{le=\"30\"} 40000\n"), "{page}");
+        assert!(page.contains("h_bucket{le=\"+Inf\"} 80000\n"), "{page}");
+        assert!(page.contains("h_count 80000\n"), "{page}");
+        assert!(page.contains("h_sum 1610000\n"), "{page}");
+    }
+}
