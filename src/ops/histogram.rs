@@ -31,7 +31,7 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 /// histograms beside the recorder's own text, on the same page, with [`render`](Self::render).
 /// A sample through a kept handle costs an atomic add and a compare-and-swap (the sum), on
 /// counts in blocks of 128 bytes that threads take in turn (twice as many blocks as CPUs,
-/// at most 64): no allocation, no lock, no epoch guard.
+/// rounded up to a power of two, at most 64): no allocation, no lock, no epoch guard.
 ///
 /// What it gives up:
 /// - a fixed set of buckets: no quantiles of its own, no bounds chosen per metric (every
@@ -130,7 +130,7 @@ impl BucketHistograms {
         Ok(Self {
             shared: Arc::new(Shared {
                 bounds: bounds.into(),
-                shards: (2 * cpus).min(MAX_SHARDS),
+                shards: (2 * cpus).next_power_of_two().min(MAX_SHARDS),
                 families: RwLock::default(),
             }),
         })

@@ -103,7 +103,12 @@ pub(crate) fn shard_of_thread(shards: usize) -> usize {
             taken = NEXT.fetch_add(1, Ordering::Relaxed) & (usize::MAX >> 1);
             shard.set(taken);
         }
-        taken % shards
+        // (A mask, not a division, for the usual power of two.)
+        if shards.is_power_of_two() {
+            taken & (shards - 1)
+        } else {
+            taken % shards
+        }
     })
 }
 
