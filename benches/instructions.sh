@@ -8,7 +8,11 @@
 #
 # The gateway is counted twice: as configured by default (no metrics, no audit log), and with
 # `metrics_listen` and `audit_log` on (every request counted in the Prometheus recorder and
-# written to the audit file by its thread, whose instructions count too).
+# written to the audit file by its thread, whose instructions count too). As in ops_ratio.sh,
+# AUDIT=file|null|none and METRICS=1|0 say what the second one has:
+#
+#   AUDIT=none bash benches/instructions.sh            # metrics alone
+#   METRICS=0 bash benches/instructions.sh             # the audit log alone
 #
 # Each server runs under callgrind (about 50 times slower, one thread); the counters are zeroed
 # after the warm-up and dumped after the measured requests, so start-up, the token fetch for the
@@ -22,6 +26,7 @@ cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-4000}
 WARMUP_REQUESTS=${WARMUP_REQUESTS:-500}
 CONNECTIONS=${CONNECTIONS:-4}
+AUDIT=${AUDIT:-file}; METRICS=${METRICS:-1}
 
 # shellcheck source=benches/harness.sh
 . benches/harness.sh
@@ -37,9 +42,9 @@ metrics_port=$(port)
 passthrough_port=$(port)
 "$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
 pids+=($!)
-python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" "$ops_port" "$metrics_port" <<'PY'
+python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" "$ops_port" "$metrics_port" "$AUDIT" "$METRICS" <<'PY'
 import json, sys
-work, gateway, upstream, tenant, ops, metrics = sys.argv[1:]
+work, gateway, upstream, tenant, ops, metrics, audit, with_metrics = sys.argv[1:]
 config = {
     "listen": f"127.0.0.1:{gateway}",
     "state_dir": f"{work}/state",
@@ -50,8 +55,15 @@ config = {
     "secret_hashing": {"memory_kib": 8, "iterations": 1},
 }
 json.dump(config, open(f"{work}/gateway.json", "w"))
-config.update({"listen": f"127.0.0.1:{ops}", "state_dir": f"{work}/state-ops",
-               "metrics_listen": f"127.0.0.1:{metrics}", "audit_log": f"{work}/audit.jsonl"})
+config.update({"listen": f"127.0.0.1:{ops}", "state_dir": f"{work}/state-ops"})
+if with_metrics == "1":
+    config["metrics_listen"] = f"127.0.0.1:{metrics}"
+if audit == "file":
+    config["audit_log"] = f"{work}/audit.jsonl"
+elif audit == "null":
+    config["audit_log"] = "/dev/null"
+elif audit != "none":
+    sys.exit(f"AUDIT is file, null or none, not {audit!r}")
 json.dump(config, open(f"{work}/gateway-ops.json", "w"))
 PY
 wait_port "$upstream_port"
@@ -91,7 +103,8 @@ ops_pid=$!
 pids+=($ops_pid)
 wait_port "$ops_port"
 read -r _ ops_requests ops_total < <(count ops "$ops_pid" "http://127.0.0.1:$ops_port" "$ops_port")
-audited=$(wc -l <"$work/audit.jsonl")
+audited=0
+if [[ -f $work/audit.jsonl ]]; then audited=$(wc -l <"$work/audit.jsonl"); fi
 
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.passthrough.%p" \
   "$bin/bench_servers" passthrough --listen "127.0.0.1:$passthrough_port" \
@@ -101,19 +114,22 @@ pids+=($passthrough_pid)
 wait_port "$passthrough_port"
 read -r _ pt_requests pt_total < <(count passthrough "$passthrough_pid" "http://127.0.0.1:$passthrough_port/fhir")
 
-python3 - "$gw_requests" "$gw_total" "$pt_requests" "$pt_total" "$ops_requests" "$ops_total" "$audited" <<'PY'
+python3 - "$gw_requests" "$gw_total" "$pt_requests" "$pt_total" "$ops_requests" "$ops_total" "$audited" "$AUDIT" "$METRICS" <<'PY'
 import sys
-gw_n, gw_i, pt_n, pt_i, ops_n, ops_i, audited = map(int, sys.argv[1:])
+gw_n, gw_i, pt_n, pt_i, ops_n, ops_i, audited = map(int, sys.argv[1:8])
+audit, with_metrics = sys.argv[8:]
+on = " and ".join(([] if with_metrics != "1" else ["metrics"])
+                  + ([] if audit == "none" else [f"audit log ({audit})"])) or "nothing more"
 gw, pt, ops = gw_i / gw_n, pt_i / pt_n, ops_i / ops_n
 print()
 print("| server | requests | instructions | per request |")
 print("|---|---:|---:|---:|")
 print(f"| bare hyper pass-through | {pt_n:,} | {pt_i:,} | {pt:,.0f} |")
 print(f"| gateway | {gw_n:,} | {gw_i:,} | {gw:,.0f} |")
-print(f"| gateway, metrics and audit log on | {ops_n:,} | {ops_i:,} | {ops:,.0f} |")
+print(f"| gateway, {on} | {ops_n:,} | {ops_i:,} | {ops:,.0f} |")
 print()
 print(f"gateway / pass-through instructions per request: {gw / pt:.3f}x")
-print(f"gateway with metrics and audit / gateway: {ops / gw:.3f}x ({audited:,} audit records written)")
+print(f"gateway with {on} / gateway: {ops / gw:.3f}x ({audited:,} audit records written)")
 PY
 
 # PROFILES=DIR keeps the three callgrind profiles there, for `callgrind_annotate --inclusive=yes`.
