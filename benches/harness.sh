@@ -1,4 +1,4 @@
-# Sourced by compare.sh and instructions.sh: the release build of the gateway, the load generator and the bench servers, a work folder
+# Sourced by compare.sh, instructions.sh and ops_ratio.sh: the release build of the gateway, the load generator and the bench servers, a work folder
 # and the processes to end on exit, Debian packages when missing, a free port, and waiting
 # for one to listen.
 # A script may define `before_cleanup` to end more on exit.
@@ -31,6 +31,25 @@ wait_port() {
   done
   echo "nothing listens on port $1" >&2
   exit 1
+}
+# ops_keys METRICS_PORT AUDIT_FILE: the gateway config keys, as a JSON object, that AUDIT
+# (file, the default: `audit_log` AUDIT_FILE; null: /dev/null; none) and METRICS (1, the
+# default: `metrics_listen` on METRICS_PORT; 0) ask for.
+ops_keys() {
+  python3 - "$1" "$2" "${AUDIT:-file}" "${METRICS:-1}" <<'PY'
+import json, sys
+metrics_port, audit_file, audit, with_metrics = sys.argv[1:]
+keys = {}
+if with_metrics == "1":
+    keys["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+if audit == "file":
+    keys["audit_log"] = audit_file
+elif audit == "null":
+    keys["audit_log"] = "/dev/null"
+elif audit != "none":
+    sys.exit(f"AUDIT is file, null or none, not {audit!r}")
+print(json.dumps(keys))
+PY
 }
 # token_of PORT SCOPE: an access token from the gateway's token endpoint on PORT for the bench
 # client (the configs here name it `bench`), with SCOPE.

@@ -42,9 +42,10 @@ metrics_port=$(port)
 passthrough_port=$(port)
 "$bin/bench_servers" upstream --listen "127.0.0.1:$upstream_port" >/dev/null &
 pids+=($!)
-python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" "$ops_port" "$metrics_port" "$AUDIT" "$METRICS" <<'PY'
+python3 - "$work" "$gateway_port" "$upstream_port" "$tenant" "$ops_port" \
+  "$(ops_keys "$metrics_port" "$work/audit.jsonl")" <<'PY'
 import json, sys
-work, gateway, upstream, tenant, ops, metrics, audit, with_metrics = sys.argv[1:]
+work, gateway, upstream, tenant, ops, ops_keys = sys.argv[1:]
 config = {
     "listen": f"127.0.0.1:{gateway}",
     "state_dir": f"{work}/state",
@@ -55,15 +56,8 @@ config = {
     "secret_hashing": {"memory_kib": 8, "iterations": 1},
 }
 json.dump(config, open(f"{work}/gateway.json", "w"))
-config.update({"listen": f"127.0.0.1:{ops}", "state_dir": f"{work}/state-ops"})
-if with_metrics == "1":
-    config["metrics_listen"] = f"127.0.0.1:{metrics}"
-if audit == "file":
-    config["audit_log"] = f"{work}/audit.jsonl"
-elif audit == "null":
-    config["audit_log"] = "/dev/null"
-elif audit != "none":
-    sys.exit(f"AUDIT is file, null or none, not {audit!r}")
+config.update({"listen": f"127.0.0.1:{ops}", "state_dir": f"{work}/state-ops"},
+              **json.loads(ops_keys))
 json.dump(config, open(f"{work}/gateway-ops.json", "w"))
 PY
 wait_port "$upstream_port"

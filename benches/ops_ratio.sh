@@ -38,28 +38,18 @@ base_bin=${BASE_TARGET_DIR:-}/release
 tenant=00000000-0000-4000-8000-000000000000
 up=$(port); off=$(port); on=$(port); metrics=$(port); boff=$(port); bon=$(port); bmetrics=$(port)
 taskset -c "$CLIENT_CPU" "$bin/bench_servers" upstream --listen "127.0.0.1:$up" >/dev/null & upstream_pid=$!; pids+=($!)
-python3 - "$work" "$off" "$on" "$up" "$tenant" "$metrics" "$boff" "$bon" "$bmetrics" "$AUDIT" "$METRICS" <<'PY'
+python3 - "$work" "$off" "$on" "$up" "$tenant" "$boff" "$bon" \
+  "$(ops_keys "$metrics" "$work/audit.jsonl")" "$(ops_keys "$bmetrics" "$work/base-audit.jsonl")" <<'PY'
 import json, sys
-work, off, on, up, tenant, metrics, boff, bon, bmetrics, audit, with_metrics = sys.argv[1:]
-def ops(metrics_port, audit_file):
-    extra = {}
-    if with_metrics == "1":
-        extra["metrics_listen"] = f"127.0.0.1:{metrics_port}"
-    if audit == "file":
-        extra["audit_log"] = f"{work}/{audit_file}"
-    elif audit == "null":
-        extra["audit_log"] = "/dev/null"
-    elif audit != "none":
-        sys.exit(f"AUDIT is file, null or none, not {audit!r}")
-    return extra
+work, off, on, up, tenant, boff, bon, on_keys, base_on_keys = sys.argv[1:]
 base = {"clients": [{"client_id": "bench", "client_secret": "bench-secret-0123456789", "tenants": [tenant]}],
         "tenants": [{"id": tenant, "upstreams": [{"base_url": f"http://127.0.0.1:{up}/fhir", "fhir_version": "3.0"}]}],
         "secret_hashing": {"memory_kib": 8, "iterations": 1}}
 json.dump(dict(base, listen=f"127.0.0.1:{off}", state_dir=f"{work}/state-off"), open(f"{work}/off.json", "w"))
-json.dump(dict(base, listen=f"127.0.0.1:{on}", state_dir=f"{work}/state-on", **ops(metrics, "audit.jsonl")),
+json.dump(dict(base, listen=f"127.0.0.1:{on}", state_dir=f"{work}/state-on", **json.loads(on_keys)),
           open(f"{work}/on.json", "w"))
 json.dump(dict(base, listen=f"127.0.0.1:{boff}", state_dir=f"{work}/state-boff"), open(f"{work}/base-off.json", "w"))
-json.dump(dict(base, listen=f"127.0.0.1:{bon}", state_dir=f"{work}/state-bon", **ops(bmetrics, "base-audit.jsonl")),
+json.dump(dict(base, listen=f"127.0.0.1:{bon}", state_dir=f"{work}/state-bon", **json.loads(base_on_keys)),
           open(f"{work}/base-on.json", "w"))
 PY
 declare -A pid
