@@ -209,6 +209,8 @@ impl BucketHistograms {
         let families: Vec<Listed> = self
             .read()
             .iter()
+            // (A name described and never recorded has no series, and no lines.)
+            .filter(|(_, family)| !family.series.is_empty())
             .map(|(name, family)| {
                 let series = family
                     .series
@@ -519,6 +521,7 @@ mod tests {
             metrics::histogram!("h", "path" => "a\"b\\c\nd", "2bad-key" => "x").record(1.0);
             metrics::histogram!("h", "path" => "plain").record(1.0);
             metrics::histogram!("bad name").record(1.0);
+            metrics::describe_histogram!("described_only", "never recorded");
         });
         assert_eq!(
             page,
