@@ -94,8 +94,8 @@ pub(crate) fn front(
 }
 
 /// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the
-/// histograms kept as buckets beside them (a sample is then an atomic add and a compare-and-swap, where the
-/// exporter's own histograms keep every sample until upkeep).
+/// histograms kept as buckets beside them (a sample is then an atomic add and a
+/// compare-and-swap, where the exporter's own histograms keep every sample until upkeep).
 #[derive(Clone)]
 pub(crate) struct MetricsPage {
     counters: PrometheusHandle,

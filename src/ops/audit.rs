@@ -11,7 +11,7 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::facts::RequestFacts;
-use super::shard_of_thread;
+use super::{shard_count, shard_of_thread};
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::interaction::classify_path;
 use crate::tenant::TenantId;
@@ -850,11 +850,11 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 ///
 /// A record's line is made on the thread that has the record (for a request, when its
 /// response is ready, while its parts are still in that CPU's cache) and appended to a buffer
-/// of that thread's own (there are twice as many buffers as CPUs, so a worker thread per CPU
-/// has one to itself; each is locked only to append a line, and by the writer to take it). The
-/// writer thread takes the buffers whole every 20 ms, writes and flushes them; no request ever
-/// waits for it or has to wake it. Lines of different threads may reach the file out of time
-/// order by up to that turn; each carries its time. At most [`DEFAULT_AUDIT_QUEUE`] records
+/// of that thread's own (twice as many buffers as CPUs, rounded up to a power of two, so a
+/// worker thread per CPU has one to itself; each is locked only to append a line, and by the
+/// writer to take it). The writer thread takes the buffers whole every 20 ms, writes and
+/// flushes them; no request ever waits for it or has to wake it. Lines of different threads
+/// may reach the file out of time order by up to that turn; each carries its time. At most [`DEFAULT_AUDIT_QUEUE`] records
 /// (or the capacity given to [`writer`](Self::writer)) wait to be written. When the writer
 /// falls behind (a slow disk), records wait in the buffers: one written more than a second
 /// after its request counts in `tower_fhir_audit_records_delayed_total`. When that many
@@ -894,7 +894,8 @@ struct Lines {
     /// Set when the log is dropped: the writer writes what is left and ends.
     closing: AtomicBool,
     /// Cleared when the writer thread ends, whether closed or not (a panic in the `Write` it
-    /// was given): records are then dropped and counted, not kept for nobody.
+    /// was given), or could not be started: records are then dropped and counted, not kept
+    /// for nobody.
     alive: AtomicBool,
 }
 
@@ -963,11 +964,8 @@ impl JsonLinesAudit {
 
     /// Writes to any writer, with at most `capacity` records waiting.
     pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
-        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         let lines = Arc::new(Lines {
-            shards: (0..(2 * threads).min(256))
-                .map(|_| Mutex::default())
-                .collect(),
+            shards: (0..shard_count(256)).map(|_| Mutex::default()).collect(),
             waiting: AtomicUsize::new(0),
             capacity: capacity.max(1),
             closing: AtomicBool::new(false),
@@ -982,6 +980,10 @@ impl JsonLinesAudit {
                 move || write_lines(out, &lines, &counts)
             })
             .ok();
+        if writer.is_none() {
+            // No thread to write: every record is dropped and counted.
+            lines.alive.store(false, Ordering::Release);
+        }
         Self {
             lines,
             counts,
@@ -1003,7 +1005,7 @@ impl JsonLinesAudit {
     /// buffer, unless too many are waiting already or the writer is gone.
     fn append(&self, ready: Instant, write: impl FnOnce(&mut Vec<u8>, &mut LineCache)) {
         let lines = &*self.lines;
-        if self.writer.is_none() || !lines.alive.load(Ordering::Acquire) {
+        if !lines.alive.load(Ordering::Acquire) {
             self.counts.dropped("the audit log writer stopped");
             return;
         }

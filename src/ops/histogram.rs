@@ -16,7 +16,7 @@ use metrics::{
     Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
 
-use super::shard_of_thread;
+use super::{shard_count, shard_of_thread};
 
 /// Bucket bounds for durations in seconds, 0.5 ms to 30 s: what the gateway binary uses for
 /// `tower_fhir_request_duration_seconds` and `tower_fhir_upstream_duration_seconds`.
@@ -126,11 +126,10 @@ impl BucketHistograms {
                 pair[1], pair[0]
             )));
         }
-        let cpus = std::thread::available_parallelism().map_or(4, usize::from);
         Ok(Self {
             shared: Arc::new(Shared {
                 bounds: bounds.into(),
-                shards: (2 * cpus).next_power_of_two().min(MAX_SHARDS),
+                shards: shard_count(MAX_SHARDS),
                 families: RwLock::default(),
             }),
         })

@@ -85,6 +85,13 @@ pub use request_id::{
 pub(crate) use body_limit::{is_length_limit, too_large};
 pub(crate) use body_timeout::is_body_timeout;
 
+/// How many shards a sharded structure has: twice as many as CPUs (so each worker thread can
+/// have one to itself), rounded up to a power of two (see [`shard_of_thread`]), at most `max`.
+pub(crate) fn shard_count(max: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(4, usize::from);
+    (2 * cpus).next_power_of_two().min(max)
+}
+
 /// The shard (of `shards`) the calling thread uses: threads take one each in turn, so a few
 /// request threads (a worker per CPU) each have one to themselves. The audit log's buffers and
 /// the histograms' counts are sharded so.
