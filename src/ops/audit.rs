@@ -861,7 +861,10 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// records are waiting already, when a write fails (a full disk), or when the writer thread
 /// has ended (a panic in the `Write` it was given), the record is dropped: never silently,
 /// each one counts in `tower_fhir_audit_records_dropped_total` and drops are logged at `error`
-/// (at most once a second, with the count). Requests are never held up by the audit log.
+/// (at most once a second, with the count). A write that fails part-way (the disk filled)
+/// loses only the records it did not write whole; a line it cut short is ended with a newline
+/// before anything else is written, so the records after it stand on lines of their own.
+/// Requests are never held up by the audit log.
 ///
 /// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
 /// more than records: the request's parts and what the layers learned, and writes the line
@@ -1087,6 +1090,8 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
     // Late records not yet logged, and when that was last logged (at most once a second).
     let mut late_unlogged = 0u64;
     let mut last_late_log: Option<Instant> = None;
+    // Whether the output ends in a line a failed write cut short.
+    let mut torn = false;
     loop {
         let closing = lines.closing.load(Ordering::Acquire);
         for shard in &lines.shards {
@@ -1101,31 +1106,37 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
                 std::mem::swap(&mut shard.lines, &mut taken);
                 std::mem::swap(&mut shard.ready, &mut times);
             }
-            let written = out.write_all(&taken).and_then(|()| out.flush());
-            if written.is_err() {
-                counts.dropped_many(times.len() as u64, "the audit log could not be written");
-            } else {
-                // Late: written (the write may take long) more than a second after ready,
-                // so ready before the cut-off (compared, not subtracted, record by record).
-                let late = Instant::now()
-                    .checked_sub(DELAYED_AFTER)
-                    .map_or(0, |cutoff| {
-                        times.iter().filter(|&&ready| ready < cutoff).count()
-                    }) as u64;
-                if late > 0 {
-                    counts.delayed.fetch_add(late, Ordering::Relaxed);
-                    metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
-                    late_unlogged += late;
-                    if last_late_log
-                        .is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1))
-                    {
-                        tracing::error!(
-                            count = late_unlogged,
-                            "the audit log is behind: records written more than a second after their request"
-                        );
-                        late_unlogged = 0;
-                        last_late_log = Some(Instant::now());
-                    }
+            let whole = match write_whole_lines(&mut out, &taken, &mut torn) {
+                Ok(()) => times.len(),
+                Err(whole) => {
+                    counts.dropped_many(
+                        times.len().saturating_sub(whole) as u64,
+                        "the audit log could not be written",
+                    );
+                    whole.min(times.len())
+                }
+            };
+            // Late: written (the write may take long) more than a second after ready, so
+            // ready before the cut-off (compared, not subtracted, record by record).
+            let late = Instant::now()
+                .checked_sub(DELAYED_AFTER)
+                .map_or(0, |cutoff| {
+                    times[..whole]
+                        .iter()
+                        .filter(|&&ready| ready < cutoff)
+                        .count()
+                }) as u64;
+            if late > 0 {
+                counts.delayed.fetch_add(late, Ordering::Relaxed);
+                metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
+                late_unlogged += late;
+                if last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::error!(
+                        count = late_unlogged,
+                        "the audit log is behind: records written more than a second after their request"
+                    );
+                    late_unlogged = 0;
+                    last_late_log = Some(Instant::now());
                 }
             }
             lines.waiting.fetch_sub(times.len(), Ordering::Relaxed);
@@ -1140,6 +1151,44 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
         }
         std::thread::park_timeout(WRITER_NAP);
     }
+}
+
+/// Writes `lines` (whole lines) to `out` and flushes it. When a write fails (a full disk),
+/// or the flush does, returns how many of the lines reached it whole: those before the failed
+/// write, none when the flush failed (what it held may be lost).
+///
+/// A write can fail part-way through a line, which then stays in the output cut short. `torn`
+/// says so: the next call ends that line with a newline before anything else (and writes
+/// nothing while it cannot), so the records after it are never joined to the fragment.
+fn write_whole_lines(out: &mut impl Write, lines: &[u8], torn: &mut bool) -> Result<(), usize> {
+    if *torn {
+        if write_some(out, b"\n").0 == 0 {
+            return Err(0);
+        }
+        *torn = false;
+    }
+    let (written, result) = write_some(out, lines);
+    if result.is_ok() {
+        return out.flush().map_err(|_| 0);
+    }
+    let written = &lines[..written];
+    *torn = written.last().is_some_and(|&last| last != b'\n');
+    Err(memchr::memchr_iter(b'\n', written).count())
+}
+
+/// Writes as much of `bytes` as `out` takes: how many bytes it took, and the error that
+/// stopped it short.
+fn write_some(out: &mut impl Write, bytes: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut written = 0;
+    while written < bytes.len() {
+        match out.write(&bytes[written..]) {
+            Ok(0) => return (written, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return (written, Err(error)),
+        }
+    }
+    (written, Ok(()))
 }
 
 /// The bytes of a buffer the writer keeps between turns.
@@ -1673,6 +1722,79 @@ mod tests {
             "{}",
             counts.delayed.load(Ordering::Relaxed)
         );
+    }
+
+    /// A disk with `room` bytes left (`None`: no limit): a write past it is cut short, and
+    /// the next one fails, as a full disk's.
+    #[derive(Clone, Default)]
+    struct Filling(Arc<Mutex<(Vec<u8>, Option<usize>)>>);
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut disk = self.0.lock().unwrap();
+            let (written, room) = &mut *disk;
+            let take = match room {
+                Some(0) => return Err(std::io::ErrorKind::StorageFull.into()),
+                Some(room) => buf.len().min(*room),
+                None => buf.len(),
+            };
+            written.extend_from_slice(&buf[..take]);
+            if let Some(room) = room {
+                *room -= take;
+            }
+            Ok(take)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_disk_that_fills_mid_line_loses_only_the_records_it_cut_and_the_next_line_starts_anew() {
+        let record_of = |n: u32| {
+            let mut record = record();
+            record.path = format!("/Patient/{n}");
+            record
+        };
+        let mut first = Vec::new();
+        record_of(1).write_json_line(&mut first);
+        let disk = Filling::default();
+        // Room for the first line and ten bytes of the second.
+        disk.0.lock().unwrap().1 = Some(first.len() + 10);
+        let audit = JsonLinesAudit::writer(disk.clone(), 16);
+        for n in 1..=3 {
+            audit.record(record_of(n));
+        }
+        let started = Instant::now();
+        while audit.dropped() < 2 {
+            assert!(started.elapsed() < Duration::from_secs(5), "not dropped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Space is freed; the log goes on.
+        disk.0.lock().unwrap().1 = None;
+        for n in 4..=5 {
+            audit.record(record_of(n));
+        }
+        let counts = Arc::clone(&audit.counts);
+        drop(audit);
+        assert_eq!(
+            counts.dropped.load(Ordering::Relaxed),
+            2,
+            "the second and third"
+        );
+        let written = String::from_utf8(disk.0.lock().unwrap().0.clone()).unwrap();
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 4, "{written}");
+        assert_eq!(lines[0].as_bytes(), &first[..first.len() - 1]);
+        assert_eq!(
+            lines[1].len(),
+            10,
+            "the second line cut short, then ended: {written}"
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(lines[1]).is_err());
+        for (line, n) in lines[2..].iter().zip(4..) {
+            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(json["path"], format!("/Patient/{n}"));
+        }
     }
 
     /// A writer that blocks until told to go on, then fails every write.
