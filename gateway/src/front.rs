@@ -13,9 +13,9 @@ use tower::util::Either;
 use tower::{Layer, ServiceBuilder};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
-    fhir_cors, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer, BucketHistograms, Health,
-    HealthLayer, JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer, RequestIdService,
-    DURATION_BUCKETS,
+    fhir_cors, AuditReopener, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer,
+    BucketHistograms, Health, HealthLayer, JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer,
+    RequestIdService, DURATION_BUCKETS,
 };
 use tower_fhir::postgres::PgTenantStore;
 use tower_fhir::token::SigningKeys;
@@ -29,17 +29,19 @@ type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
 /// The whole service a connection is served by.
 pub(crate) type Front = RequestIdService<Either<Cors<Inner>, Inner>>;
 
-/// The gateway wrapped as the configuration says.
+/// The gateway wrapped as the configuration says, and what reopens its audit log file (for
+/// rotation) when it has one.
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
     keys: &SigningKeys,
     database: Option<(Arc<AtomicBool>, PgTenantStore)>,
-) -> Result<Front, String> {
+) -> Result<(Front, Option<AuditReopener>), String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
         .tenant_label(config.metrics_tenant_label)
         .audit_query(config.audit_query.recording());
+    let mut reopener = None;
     if let Some(path) = &config.audit_log {
         // Given as it is (not shared), the audit log writes the lines with no record made.
         let sink = if path.as_os_str() == "-" {
@@ -48,6 +50,7 @@ pub(crate) fn front(
             JsonLinesAudit::file(path)
                 .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?
         };
+        reopener = sink.reopener();
         observe = observe.audit(sink);
     }
     let auth = gateway.bearer_auth().clone();
@@ -90,7 +93,8 @@ pub(crate) fn front(
         )
         .layer(BodyLimitLayer::new(config.max_request_body_bytes))
         .service(gateway);
-    Ok(RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner)))
+    let front = RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner));
+    Ok((front, reopener))
 }
 
 /// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the

@@ -188,6 +188,9 @@ async fn run(args: Args) -> Result<(), String> {
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
+    // So is SIGHUP, which reopens the audit log instead of ending the process.
+    #[cfg(unix)]
+    let hangups = serve::hangups();
     println!("tower-fhir gateway listening on {base}");
     println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
     println!("  state in {}", state.location);
@@ -240,7 +243,13 @@ async fn run(args: Args) -> Result<(), String> {
         .database
         .as_ref()
         .map(|database| (Arc::clone(&database.up), database.tenants.clone()));
-    let front = front::front(&config, gateway, &state.keys, database)?;
+    let (front, reopener) = front::front(&config, gateway, &state.keys, database)?;
+    #[cfg(unix)]
+    if let Some(hangups) = hangups {
+        tokio::spawn(serve::reopen_on_hangup(hangups, reopener));
+    }
+    #[cfg(not(unix))]
+    drop(reopener);
     let limits = serve::Limits {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),

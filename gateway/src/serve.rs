@@ -855,6 +855,39 @@ impl ConnectionGateway {
     }
 }
 
+/// SIGHUP from now on, which then no longer ends the process: see [`reopen_on_hangup`].
+#[cfg(unix)]
+pub(crate) fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+
+/// Each SIGHUP reopens the audit log file at its path, for log rotation: rename the file, then
+/// send SIGHUP; once the gateway logs `audit log reopened`, the renamed file is written no more.
+/// Without an audit log file (none, or standard output) a SIGHUP is logged and ignored.
+#[cfg(unix)]
+pub(crate) async fn reopen_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reopener: Option<tower_fhir::ops::AuditReopener>,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(reopener) = reopener.clone() else {
+            tracing::info!("SIGHUP: no audit log file to reopen");
+            continue;
+        };
+        let path = reopener.path().display().to_string();
+        // (It waits for the audit writer to switch files: not on the runtime's thread.)
+        match tokio::task::spawn_blocking(move || reopener.reopen()).await {
+            Ok(Ok(())) => tracing::info!(path, "audit log reopened"),
+            Ok(Err(error)) => tracing::error!(
+                path,
+                %error,
+                "SIGHUP: the audit log was not reopened"
+            ),
+            Err(error) => tracing::error!(path, %error, "SIGHUP: reopening the audit log failed"),
+        }
+    }
+}
+
 /// Ctrl-C or SIGTERM; in-flight requests get the grace period. The handlers are installed
 /// when this is called, not when the future is first polled: call it before saying the
 /// gateway listens, so a SIGTERM sent as soon as it does is a graceful stop, not the default

@@ -538,6 +538,95 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
     );
 }
 
+/// Sends `signal` (`HUP`, ...) to the gateway.
+fn signal(gw: &Running, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &gw.proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} failed");
+}
+
+/// The audit file's request ids, in order (none when it does not exist).
+fn audited_ids(file: &Path) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["request_id"].to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_audit_log_for_rotation_and_loses_no_record() {
+    let dir = scratch("operations-rotate");
+    let upstream = RecordingUpstream::start().await;
+    let (audit, rotated) = (dir.join("audit.jsonl"), dir.join("audit.jsonl.1"));
+    let gw = start(&dir, &upstream, json!({"audit_log": audit}));
+    let token = token(&gw.client).await;
+    let read = async |id: &str| {
+        let reply = gw
+            .client
+            .get(
+                "/Patient/1",
+                &[
+                    ("authorization", &format!("Bearer {token}")),
+                    ("x-request-id", id),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    };
+    read("before-1").await;
+    let written = eventually(Duration::from_secs(5), async || {
+        audited_ids(&audit).contains(&"\"before-1\"".to_owned())
+    })
+    .await;
+    assert!(written, "{:?}", audited_ids(&audit));
+
+    // Rotate: rename, then SIGHUP; once reopened, the renamed file is written no more.
+    std::fs::rename(&audit, &rotated).unwrap();
+    signal(&gw, "HUP");
+    let reopened = eventually(Duration::from_secs(10), async || {
+        gw.proc.stderr().contains("audit log reopened")
+    })
+    .await;
+    assert!(reopened, "{}", gw.proc.stderr());
+    let rotated_len = std::fs::metadata(&rotated).unwrap().len();
+    read("after-1").await;
+    read("after-2").await;
+    let written = eventually(Duration::from_secs(5), async || {
+        audited_ids(&audit).len() >= 2
+    })
+    .await;
+    assert!(written, "{:?}", audited_ids(&audit));
+    assert_eq!(audited_ids(&audit), ["\"after-1\"", "\"after-2\""]);
+    assert_eq!(std::fs::metadata(&rotated).unwrap().len(), rotated_len);
+    assert!(audited_ids(&rotated).contains(&"\"before-1\"".to_owned()));
+    // The gateway still serves (the signal did not end it).
+    assert_eq!(gw.client.get("/healthz", &[]).await.status, StatusCode::OK);
+    // The reopened file is private, as the first one.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&audit).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_an_audit_file_is_logged_and_ignored() {
+    let dir = scratch("operations-hup");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(&dir, &upstream, json!({}));
+    signal(&gw, "HUP");
+    let logged = eventually(Duration::from_secs(10), async || {
+        gw.proc.stderr().contains("no audit log file to reopen")
+    })
+    .await;
+    assert!(logged, "{}", gw.proc.stderr());
+    assert_eq!(gw.client.get("/healthz", &[]).await.status, StatusCode::OK);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tenant_label_and_query_values_can_be_left_out() {
     let dir = scratch("operations-quiet");

@@ -1,10 +1,11 @@
 //! Audit records: one per request, to a sink of your choice.
 
 use std::fmt;
+use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::ser::SerializeMap;
@@ -869,7 +870,8 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
 /// more than records: the request's parts and what the layers learned, and writes the line
 /// straight from them (the same line as [`AuditRecord::write_json_line`]), so no record is
-/// made for it. Dropping the log writes what is waiting, then closes.
+/// made for it. Dropping the log writes what is waiting, then closes. A file log is rotated by
+/// renaming the file, then [`AuditReopener::reopen`] (see [`reopener`](Self::reopener)).
 ///
 /// ```
 /// use tower_fhir::ops::JsonLinesAudit;
@@ -886,6 +888,130 @@ pub struct JsonLinesAudit {
     lines: Arc<Lines>,
     counts: Arc<Counts>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// A file log's path, to open it again (see [`reopener`](Self::reopener)).
+    reopen: Option<Arc<Reopen>>,
+}
+
+/// A file log's path, and the file opened there again, until the writer switches to it.
+struct Reopen {
+    path: PathBuf,
+    next: Mutex<Option<File>>,
+    switched: Condvar,
+}
+
+impl Reopen {
+    /// The writer's side: the file to write to from now on, if one was opened.
+    fn take(&self) -> Option<File> {
+        let file = self
+            .next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.switched.notify_all();
+        Some(file)
+    }
+}
+
+/// How long [`AuditReopener::reopen`] waits for the writer to switch files.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens a file audit log: appended to, created if absent (mode 0600 on Unix).
+fn open_log(path: &Path) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+/// Opens a file [`JsonLinesAudit`] again at its path and has its writer switch to it: what
+/// log rotation needs (rename the file, then reopen). Cloned freely; from
+/// [`JsonLinesAudit::reopener`].
+///
+/// ```
+/// use tower_fhir::ops::JsonLinesAudit;
+///
+/// let dir = std::env::temp_dir().join(format!("audit-reopen-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("audit.jsonl");
+/// let audit = JsonLinesAudit::file(&path).unwrap();
+/// let reopener = audit.reopener().expect("a file log");
+/// // Rotate: move the file aside, then reopen; later lines go to a new file at `path`.
+/// std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
+/// reopener.reopen().unwrap();
+/// assert!(path.exists());
+/// # drop(audit);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct AuditReopener {
+    reopen: Arc<Reopen>,
+    lines: Arc<Lines>,
+    writer: Option<std::thread::Thread>,
+}
+
+impl AuditReopener {
+    /// The log's path, as given to [`JsonLinesAudit::file`].
+    pub fn path(&self) -> &Path {
+        &self.reopen.path
+    }
+
+    /// Opens the log's path again (appended to, created if absent, mode 0600 on Unix) and
+    /// returns once the writer writes there: from then on nothing more is written to the file
+    /// it wrote to before, so a rotated file can be compressed or shipped. Lines still waiting
+    /// go to the new file. A line a failed write had cut short stays in the old file.
+    ///
+    /// # Errors
+    ///
+    /// The path cannot be opened (the log goes on in the file it had); the writer has stopped;
+    /// or it did not switch within 5 s (a write stalled on the disk, `ErrorKind::TimedOut`),
+    /// in which case it switches once that write ends.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let stopped = || std::io::Error::other("the audit log's writer has stopped");
+        let writer = match &self.writer {
+            Some(writer) if self.lines.alive.load(Ordering::Acquire) => writer,
+            _ => return Err(stopped()),
+        };
+        let file = open_log(&self.reopen.path)?;
+        let mut next = self
+            .reopen
+            .next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *next = Some(file);
+        writer.unpark();
+        let deadline = Instant::now() + REOPEN_WAIT;
+        while next.is_some() {
+            if !self.lines.alive.load(Ordering::Acquire) {
+                *next = None;
+                return Err(stopped());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the audit log's writer is still writing (a stalled disk?): it switches files when that write ends",
+                ));
+            }
+            // (Woken when the writer switches; the slices also catch a writer that ended.)
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            next = self
+                .reopen
+                .switched
+                .wait_timeout(next, slice)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AuditReopener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditReopener")
+            .field("path", &self.reopen.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The lines waiting for the writer, in buffers the request threads write to.
@@ -950,14 +1076,20 @@ impl Counts {
 }
 
 impl JsonLinesAudit {
-    /// Appends to the file at `path` (created if absent, mode 0600 on Unix).
+    /// Appends to the file at `path` (created if absent, mode 0600 on Unix). For log
+    /// rotation, [`reopener`](Self::reopener) opens the path again.
     pub fn file(path: impl AsRef<Path>) -> std::io::Result<Self> {
-        let mut options = std::fs::OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(path)?;
-        Ok(Self::writer(file, DEFAULT_AUDIT_QUEUE))
+        let path = path.as_ref().to_path_buf();
+        let file = open_log(&path)?;
+        let reopen = Arc::new(Reopen {
+            path,
+            next: Mutex::new(None),
+            switched: Condvar::new(),
+        });
+        let next = Arc::clone(&reopen);
+        let mut audit = Self::start(file, DEFAULT_AUDIT_QUEUE, move || next.take());
+        audit.reopen = Some(reopen);
+        Ok(audit)
     }
 
     /// Writes to standard output.
@@ -967,6 +1099,15 @@ impl JsonLinesAudit {
 
     /// Writes to any writer, with at most `capacity` records waiting.
     pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
+        Self::start(out, capacity, || None)
+    }
+
+    /// Starts the writer thread on `out`, which switches to what `next` gives when it does.
+    fn start<W: Write + Send + 'static>(
+        out: W,
+        capacity: usize,
+        next: impl FnMut() -> Option<W> + Send + 'static,
+    ) -> Self {
         let lines = Arc::new(Lines {
             shards: (0..shard_count(256)).map(|_| Mutex::default()).collect(),
             waiting: AtomicUsize::new(0),
@@ -980,7 +1121,7 @@ impl JsonLinesAudit {
             .spawn({
                 let lines = Arc::clone(&lines);
                 let counts = Arc::clone(&counts);
-                move || write_lines(out, &lines, &counts)
+                move || write_lines(out, next, &lines, &counts)
             })
             .ok();
         if writer.is_none() {
@@ -991,7 +1132,18 @@ impl JsonLinesAudit {
             lines,
             counts,
             writer,
+            reopen: None,
         }
+    }
+
+    /// What opens a file log again at its path, for log rotation (`None` for standard output
+    /// or a writer given to [`writer`](Self::writer)).
+    pub fn reopener(&self) -> Option<AuditReopener> {
+        Some(AuditReopener {
+            reopen: Arc::clone(self.reopen.as_ref()?),
+            lines: Arc::clone(&self.lines),
+            writer: self.writer.as_ref().map(|writer| writer.thread().clone()),
+        })
     }
 
     /// How many records were dropped so far (too many waiting, or a write failed).
@@ -1083,7 +1235,12 @@ impl Drop for WriterEnds<'_> {
 /// The writer thread: every [`WRITER_NAP`], takes each buffer that has lines (leaving an
 /// empty one), writes and flushes it, and counts its late records; until the log is closed,
 /// then once more.
-fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
+fn write_lines<W: Write>(
+    mut out: W,
+    mut next: impl FnMut() -> Option<W>,
+    lines: &Lines,
+    counts: &Counts,
+) {
     let _ends = WriterEnds { lines, counts };
     let mut taken = Vec::new();
     let mut times = Vec::new();
@@ -1093,6 +1250,12 @@ fn write_lines(mut out: impl Write, lines: &Lines, counts: &Counts) {
     // Whether the output ends in a line a failed write cut short.
     let mut torn = false;
     loop {
+        if let Some(file) = next() {
+            // Reopened: what the old output holds is its own, a torn last line too.
+            let _ = out.flush();
+            out = file;
+            torn = false;
+        }
         let closing = lines.closing.load(Ordering::Acquire);
         for shard in &lines.shards {
             {
@@ -1722,6 +1885,88 @@ mod tests {
             "{}",
             counts.delayed.load(Ordering::Relaxed)
         );
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn paths_in(file: &Path) -> Vec<String> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let json: serde_json::Value = serde_json::from_str(line).unwrap();
+                json["path"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    fn record_at(path: &str) -> AuditRecord {
+        AuditRecord {
+            path: path.to_owned(),
+            ..record()
+        }
+    }
+
+    #[test]
+    fn a_rotated_file_log_is_reopened_and_every_record_is_in_one_file_once() {
+        let dir = scratch_dir("audit-rotate");
+        let (path, rotated) = (dir.join("audit.jsonl"), dir.join("audit.jsonl.1"));
+        let audit = JsonLinesAudit::file(&path).unwrap();
+        let reopener = audit.reopener().expect("a file log can be reopened");
+        assert_eq!(reopener.path(), path);
+        for n in 0..50 {
+            audit.record(record_at(&format!("/before/{n}")));
+        }
+        std::fs::rename(&path, &rotated).unwrap();
+        reopener.reopen().unwrap();
+        // From here on the rotated file is left alone.
+        let rotated_len = std::fs::metadata(&rotated).unwrap().len();
+        for n in 0..50 {
+            audit.record(record_at(&format!("/after/{n}")));
+        }
+        drop(audit);
+        assert_eq!(std::fs::metadata(&rotated).unwrap().len(), rotated_len);
+        let (old, new) = (paths_in(&rotated), paths_in(&path));
+        assert!(new.iter().any(|p| p == "/after/0"), "{new:?}");
+        assert!(old.iter().all(|p| p.starts_with("/before/")), "{old:?}");
+        let mut all: Vec<String> = old.into_iter().chain(new).collect();
+        assert_eq!(all.len(), 100);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 100, "each record once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reopen_that_cannot_open_the_path_leaves_the_log_in_its_file() {
+        let dir = scratch_dir("audit-reopen-fails");
+        let (path, kept) = (dir.join("logs/audit.jsonl"), dir.join("audit.jsonl"));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let audit = JsonLinesAudit::file(&path).unwrap();
+        let reopener = audit.reopener().unwrap();
+        // The file moved out and its directory gone: nothing can be created at the path.
+        std::fs::rename(&path, &kept).unwrap();
+        std::fs::remove_dir(dir.join("logs")).unwrap();
+        let error = reopener.reopen().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+        audit.record(record_at("/still"));
+        drop(audit);
+        assert_eq!(paths_in(&kept), ["/still"]);
+        // A closed log has no writer to switch.
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        assert!(reopener.reopen().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_file_log_has_a_reopener() {
+        assert!(JsonLinesAudit::writer(Vec::new(), 4).reopener().is_none());
+        assert!(JsonLinesAudit::stdout().reopener().is_none());
     }
 
     /// A disk with `room` bytes left (`None`: no limit): a write past it is cut short, and

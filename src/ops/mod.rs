@@ -67,7 +67,9 @@ mod histogram;
 mod observe;
 mod request_id;
 
-pub use audit::{AuditRecord, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE};
+pub use audit::{
+    AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE,
+};
 pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
 pub use body_timeout::{
     BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_MIN_RATE,
