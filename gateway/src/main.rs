@@ -136,6 +136,10 @@ async fn run(args: Args) -> Result<(), String> {
     }
     config.database_from_env();
     init_logs(config.log_format);
+    // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
+    // that signals a gateway still starting).
+    #[cfg(unix)]
+    let hangups = serve::hangups();
 
     // Metrics first: what the start does (the first key fetches) is counted too.
     if let Some(addr) = config.metrics_listen {
@@ -188,9 +192,6 @@ async fn run(args: Args) -> Result<(), String> {
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
-    // So is SIGHUP, which reopens the audit log instead of ending the process.
-    #[cfg(unix)]
-    let hangups = serve::hangups();
     println!("tower-fhir gateway listening on {base}");
     println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
     println!("  state in {}", state.location);

@@ -858,12 +858,19 @@ impl ConnectionGateway {
 /// SIGHUP from now on, which then no longer ends the process: see [`reopen_on_hangup`].
 #[cfg(unix)]
 pub(crate) fn hangups() -> Option<tokio::signal::unix::Signal> {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(error) => {
+            tracing::error!(%error, "cannot handle SIGHUP: it ends the gateway, and reopens no audit log");
+            None
+        }
+    }
 }
 
 /// Each SIGHUP reopens the audit log file at its path, for log rotation: rename the file, then
-/// send SIGHUP; once the gateway logs `audit log reopened`, the renamed file is written no more.
-/// Without an audit log file (none, or standard output) a SIGHUP is logged and ignored.
+/// send SIGHUP; once `audit log reopened` is logged (by the audit log's writer, as it switches),
+/// the renamed file is written no more. Without an audit log file (none, or standard output) a
+/// SIGHUP is logged and ignored.
 #[cfg(unix)]
 pub(crate) async fn reopen_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
@@ -877,12 +884,15 @@ pub(crate) async fn reopen_on_hangup(
         let path = reopener.path().display().to_string();
         // (It waits for the audit writer to switch files: not on the runtime's thread.)
         match tokio::task::spawn_blocking(move || reopener.reopen()).await {
-            Ok(Ok(())) => tracing::info!(path, "audit log reopened"),
-            Ok(Err(error)) => tracing::error!(
+            Ok(Ok(())) => {}
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::TimedOut => tracing::warn!(
                 path,
                 %error,
-                "SIGHUP: the audit log was not reopened"
+                "SIGHUP: the audit log is reopened, but its writer has not switched yet"
             ),
+            Ok(Err(error)) => {
+                tracing::error!(path, %error, "SIGHUP: the audit log was not reopened");
+            }
             Err(error) => tracing::error!(path, %error, "SIGHUP: reopening the audit log failed"),
         }
     }

@@ -547,10 +547,12 @@ fn signal(gw: &Running, signal: &str) {
     assert!(sent.success(), "kill -{signal} failed");
 }
 
-/// The audit file's request ids, in order (none when it does not exist).
+/// The audit file's request ids, in order (none when it does not exist); a last line not yet
+/// written whole is left out.
 fn audited_ids(file: &Path) -> Vec<String> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
+    let written = std::fs::read_to_string(file).unwrap_or_default();
+    let whole = written.rfind('\n').map_or("", |end| &written[..end]);
+    whole
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["request_id"].to_string())
         .collect()

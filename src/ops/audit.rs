@@ -908,6 +908,7 @@ impl Reopen {
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
         self.switched.notify_all();
+        tracing::info!(path = %self.path.display(), "audit log reopened");
         Some(file)
     }
 }
@@ -957,9 +958,10 @@ impl AuditReopener {
     }
 
     /// Opens the log's path again (appended to, created if absent, mode 0600 on Unix) and
-    /// returns once the writer writes there: from then on nothing more is written to the file
-    /// it wrote to before, so a rotated file can be compressed or shipped. Lines still waiting
-    /// go to the new file. A line a failed write had cut short stays in the old file.
+    /// returns once the writer writes there (it logs `audit log reopened` at `info` as it
+    /// switches): from then on nothing more is written to the file it wrote to before, so a
+    /// rotated file can be compressed or shipped. Lines still waiting go to the new file. A
+    /// line a failed write had cut short in the old file is ended there if it can be.
     ///
     /// # Errors
     ///
@@ -1097,7 +1099,9 @@ impl JsonLinesAudit {
         Self::writer(std::io::stdout(), DEFAULT_AUDIT_QUEUE)
     }
 
-    /// Writes to any writer, with at most `capacity` records waiting.
+    /// Writes to any writer, with at most `capacity` records waiting. Each buffer of lines is
+    /// written, then `out` is flushed; when the flush fails its lines count as dropped, even
+    /// if a writer that buffers (a `BufWriter`) writes them later.
     pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
         Self::start(out, capacity, || None)
     }
@@ -1251,8 +1255,8 @@ fn write_lines<W: Write>(
     let mut torn = false;
     loop {
         if let Some(file) = next() {
-            // Reopened: what the old output holds is its own, a torn last line too.
-            let _ = out.flush();
+            // Reopened: the old output's last line is ended there, if torn and it can be.
+            end_torn_line(&mut out, &mut torn);
             out = file;
             torn = false;
         }
@@ -1310,10 +1314,19 @@ fn write_lines<W: Write>(
             times.shrink_to(KEPT_BUFFER / 256);
         }
         if closing {
+            end_torn_line(&mut out, &mut torn);
             break;
         }
         std::thread::park_timeout(WRITER_NAP);
     }
+}
+
+/// Ends a line a failed write cut short, if `torn` and `out` takes the newline now.
+fn end_torn_line(out: &mut impl Write, torn: &mut bool) {
+    if *torn && write_some(out, b"\n").0 == 1 {
+        *torn = false;
+    }
+    let _ = out.flush();
 }
 
 /// Writes `lines` (whole lines) to `out` and flushes it. When a write fails (a full disk),
@@ -1325,10 +1338,10 @@ fn write_lines<W: Write>(
 /// nothing while it cannot), so the records after it are never joined to the fragment.
 fn write_whole_lines(out: &mut impl Write, lines: &[u8], torn: &mut bool) -> Result<(), usize> {
     if *torn {
-        if write_some(out, b"\n").0 == 0 {
+        end_torn_line(out, torn);
+        if *torn {
             return Err(0);
         }
-        *torn = false;
     }
     let (written, result) = write_some(out, lines);
     if result.is_ok() {
@@ -1910,6 +1923,32 @@ mod tests {
             path: path.to_owned(),
             ..record()
         }
+    }
+
+    #[test]
+    fn a_line_cut_short_is_ended_when_the_log_closes() {
+        let mut line = Vec::new();
+        record().write_json_line(&mut line);
+        let disk = Filling::default();
+        disk.0.lock().unwrap().1 = Some(line.len() + 10);
+        let audit = JsonLinesAudit::writer(disk.clone(), 16);
+        audit.record(record());
+        audit.record(record());
+        let started = Instant::now();
+        while audit.dropped() < 1 {
+            assert!(started.elapsed() < Duration::from_secs(5), "not dropped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        disk.0.lock().unwrap().1 = None;
+        drop(audit);
+        let written = disk.0.lock().unwrap().0.clone();
+        assert_eq!(
+            written.len(),
+            line.len() + 11,
+            "{:?}",
+            String::from_utf8_lossy(&written)
+        );
+        assert_eq!(written.last(), Some(&b'\n'));
     }
 
     #[test]
