@@ -427,27 +427,20 @@ fn push_names(out: &mut Vec<u8>, query: &str) {
     let mut at = 0;
     while at < bytes.len() {
         // One pair, from `at` to the next `&`; its name ends at its first `=`.
-        let start = at;
-        let mut name_end = None;
-        while at < bytes.len() && bytes[at] != b'&' {
-            if bytes[at] == b'=' && name_end.is_none() {
-                name_end = Some(at);
-            }
-            at += 1;
-        }
-        if at > start {
-            let name = &bytes[start..name_end.unwrap_or(at)];
+        let end = memchr::memchr(b'&', &bytes[at..]).map_or(bytes.len(), |pair| at + pair);
+        if end > at {
+            let name_end = memchr::memchr(b'=', &bytes[at..end]).map_or(end, |name| at + name);
             if kept {
                 out.push(b'&');
             }
-            kept |= !name.is_empty();
+            kept |= name_end > at;
             if clean {
-                out.extend_from_slice(name);
+                out.extend_from_slice(&bytes[at..name_end]);
             } else {
-                push_escaped(out, &query[start..name_end.unwrap_or(at)]);
+                push_escaped(out, &query[at..name_end]);
             }
         }
-        at += 1;
+        at = end + 1;
     }
 }
 
@@ -1737,6 +1730,34 @@ mod tests {
         assert_eq!(QueryRecording::Names.apply(Some("")), None);
         assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
         assert_eq!(QueryRecording::parse("all"), None);
+    }
+
+    #[test]
+    fn the_line_keeps_the_names_the_record_keeps() {
+        for query in [
+            "a",
+            "&",
+            "&&a",
+            "a=&=b",
+            "=x&y",
+            "a&b=",
+            "a=b=c&d",
+            "a\"b=1&\\=2&\u{1}",
+            "a&&b&",
+            "name=Smith&birthdate=ge1970&_count=10&flag",
+            "=&=",
+            "x=1&&&y=2&z",
+        ] {
+            let mut line = b"\"".to_vec();
+            push_names(&mut line, query);
+            line.push(b'"');
+            let names: String = serde_json::from_slice(&line).unwrap();
+            assert_eq!(
+                Some(names),
+                QueryRecording::Names.apply(Some(query)),
+                "{query:?}"
+            );
+        }
     }
 
     #[derive(Clone, Default)]
