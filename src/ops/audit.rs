@@ -2023,6 +2023,81 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A writer stuck on a full pipe: `reopen` gives up waiting after 5 s with `TimedOut`,
+    /// and the writer switches once its write ends.
+    #[cfg(unix)]
+    #[test]
+    fn a_reopen_behind_a_stalled_write_times_out_and_switches_later() {
+        use std::io::Read;
+        let dir = scratch_dir("audit-reopen-stalled");
+        let pipe = dir.join("audit.pipe");
+        let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+        assert!(made.as_ref().is_ok_and(|s| s.success()), "mkfifo: {made:?}");
+        // Opening a pipe to write waits for a reader: open both ends at once.
+        let reader = std::thread::spawn({
+            let pipe = pipe.clone();
+            move || std::fs::File::open(pipe).unwrap()
+        });
+        let audit = JsonLinesAudit::file(&pipe).unwrap();
+        let mut reader = reader.join().unwrap();
+        // More than the pipe holds (64 KiB), nobody reading: the writer blocks in its write.
+        for n in 0..400 {
+            audit.record(record_at(&format!("/stalled/{n}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        // The pipe moved aside: reopening makes a file at its path.
+        std::fs::rename(&pipe, dir.join("audit.pipe.old")).unwrap();
+        let reopener = audit.reopener().unwrap();
+        let started = Instant::now();
+        let reopened = reopener.reopen();
+        let waited = started.elapsed();
+        assert_eq!(
+            reopened.unwrap_err().kind(),
+            std::io::ErrorKind::TimedOut,
+            "waited {waited:?}"
+        );
+        assert!(waited >= REOPEN_WAIT, "{waited:?}");
+        // The pipe drained, the stalled write ends and the writer switches: a later record
+        // goes to the new file.
+        let drain = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            all
+        });
+        let started = Instant::now();
+        loop {
+            audit.record(record_at("/later"));
+            std::thread::sleep(Duration::from_millis(20));
+            if paths_in(&pipe).iter().any(|p| p == "/later") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never switched"
+            );
+        }
+        drop(audit);
+        let piped = String::from_utf8(drain.join().unwrap()).unwrap();
+        assert!(
+            !piped.contains("/later"),
+            "a record after the switch went to the pipe"
+        );
+        // Every stalled record is in one of the two, once.
+        let mut stalled: Vec<String> = piped
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["path"].to_string()
+            })
+            .chain(paths_in(&pipe).into_iter().map(|p| format!("{p:?}")))
+            .filter(|p| p.contains("/stalled/"))
+            .collect();
+        assert_eq!(stalled.len(), 400);
+        stalled.sort();
+        stalled.dedup();
+        assert_eq!(stalled.len(), 400, "each once");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn only_a_file_log_has_a_reopener() {
         assert!(JsonLinesAudit::writer(Vec::new(), 4).reopener().is_none());
