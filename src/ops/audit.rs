@@ -1939,6 +1939,14 @@ mod tests {
             .collect()
     }
 
+    /// `paths` are `count` records' paths, no two alike.
+    fn assert_each_once(mut paths: Vec<String>, count: usize) {
+        assert_eq!(paths.len(), count, "{paths:?}");
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), count, "a record written twice");
+    }
+
     fn record_at(path: &str) -> AuditRecord {
         AuditRecord {
             path: path.to_owned(),
@@ -1994,11 +2002,7 @@ mod tests {
         let (old, new) = (paths_in(&rotated), paths_in(&path));
         assert!(new.iter().any(|p| p == "/after/0"), "{new:?}");
         assert!(old.iter().all(|p| p.starts_with("/before/")), "{old:?}");
-        let mut all: Vec<String> = old.into_iter().chain(new).collect();
-        assert_eq!(all.len(), 100);
-        all.sort();
-        all.dedup();
-        assert_eq!(all.len(), 100, "each record once");
+        assert_each_once(old.into_iter().chain(new).collect(), 100);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -2083,7 +2087,7 @@ mod tests {
             "a record after the switch went to the pipe"
         );
         // Every stalled record is in one of the two, once.
-        let mut stalled: Vec<String> = piped
+        let stalled: Vec<String> = piped
             .lines()
             .map(|line| {
                 serde_json::from_str::<serde_json::Value>(line).unwrap()["path"].to_string()
@@ -2091,10 +2095,7 @@ mod tests {
             .chain(paths_in(&pipe).into_iter().map(|p| format!("{p:?}")))
             .filter(|p| p.contains("/stalled/"))
             .collect();
-        assert_eq!(stalled.len(), 400);
-        stalled.sort();
-        stalled.dedup();
-        assert_eq!(stalled.len(), 400, "each once");
+        assert_each_once(stalled, 400);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
