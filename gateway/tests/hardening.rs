@@ -1093,11 +1093,7 @@ fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
     assert!(matches!(proc.child.try_wait(), Ok(None)));
 
     let signalled = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    assert!(proc.signal("TERM"), "kill -TERM failed");
     std::thread::sleep(Duration::from_millis(200));
     finishing.write_all(rest).unwrap();
     let (status, head, _) = read_response(&mut finishing, Duration::from_secs(10))

@@ -538,15 +538,6 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
     );
 }
 
-/// Sends `signal` (`HUP`, ...) to the gateway.
-fn signal(gw: &Running, signal: &str) {
-    let sent = Command::new("kill")
-        .args([&format!("-{signal}"), &gw.proc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill -{signal} failed");
-}
-
 /// The audit file's request ids, in order (none when it does not exist); a last line not yet
 /// written whole is left out.
 fn audited_ids(file: &Path) -> Vec<String> {
@@ -587,7 +578,7 @@ async fn sighup_reopens_the_audit_log_for_rotation_and_loses_no_record() {
 
     // Rotate: rename, then SIGHUP; once reopened, the renamed file is written no more.
     std::fs::rename(&audit, &rotated).unwrap();
-    signal(&gw, "HUP");
+    assert!(gw.proc.signal("HUP"), "kill -HUP failed");
     let reopened = eventually(Duration::from_secs(10), async || {
         gw.proc.stderr().contains("audit log reopened")
     })
@@ -620,7 +611,7 @@ async fn sighup_without_an_audit_file_is_logged_and_ignored() {
     let dir = scratch("operations-hup");
     let upstream = RecordingUpstream::start().await;
     let gw = start(&dir, &upstream, json!({}));
-    signal(&gw, "HUP");
+    assert!(gw.proc.signal("HUP"), "kill -HUP failed");
     let logged = eventually(Duration::from_secs(10), async || {
         gw.proc.stderr().contains("no audit log file to reopen")
     })

@@ -61,11 +61,17 @@ impl Proc {
         std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
     }
 
+    /// Sends the process `signal` (`"TERM"`, `"HUP"`, ...) with `kill`; true when sent.
+    pub fn signal(&self, signal: &str) -> bool {
+        Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
     /// SIGTERM, then waits for the exit; true when it exited cleanly.
     pub fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.signal("TERM");
         for _ in 0..200 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.success();
