@@ -296,6 +296,16 @@ async fn scopes_at_issuance_are_what_the_client_may_have() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{wider}");
         assert_eq!(error, "invalid_scope", "{wider}");
     }
+    // A character RFC 6749 does not allow in a scope (a tab, which a resource server that
+    // splits on any white space reads as a separator): invalid_scope, nothing issued.
+    let (status, error, token) = ask(
+        &client,
+        &format!("{TENANT} system/Observation.rs?category=laboratory%26x=%09system/*.cruds"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error, "invalid_scope");
+    assert!(token.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,6 +654,64 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(upstream.last().body, form.as_bytes());
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        "application/x-www-form-urlencoded; charset=UTF-8",
+        form,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // A body of another type (or none named) would not be read as a form by the FHIR server,
+    // which would then search without the parameters checked here (`patient=`, `category=`):
+    // 415, nothing forwarded.
+    let seen = upstream.received().len();
+    for ty in [
+        "text/plain",
+        "application/json",
+        "multipart/form-data; boundary=x",
+    ] {
+        let reply = send(
+            &client,
+            &token,
+            "POST",
+            "/Observation/_search",
+            ty,
+            "category=laboratory",
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{ty}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    }
+    let bearer = format!("Bearer {token}");
+    let untyped = client
+        .send(
+            "POST",
+            "/Observation/_search",
+            &[("authorization", &bearer)],
+            "category=laboratory",
+        )
+        .await;
+    assert_eq!(untyped.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(upstream.received().len(), seen);
+    // No body and no type: the query's parameters are the search.
+    let reply = client
+        .send(
+            "POST",
+            "/Observation/_search?category=laboratory",
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

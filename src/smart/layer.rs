@@ -206,7 +206,11 @@ enum Plan {
 #[derive(Clone, Copy)]
 enum BodyCheck {
     Bundle,
-    SearchForm,
+    /// A `_search` form; `untyped` when the request has no `Content-Type` (then only an
+    /// empty body will do).
+    SearchForm {
+        untyped: bool,
+    },
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SmartScopes<S>
@@ -293,7 +297,10 @@ where
                     };
                     let checked = match what {
                         BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
-                        BodyCheck::SearchForm => {
+                        BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
+                            return Ok(not_a_form().map(ResponseBody::full));
+                        }
+                        BodyCheck::SearchForm { .. } => {
                             let mut params =
                                 parse_query(parts.uri.query().unwrap_or("")).unwrap_or_default();
                             let form = std::str::from_utf8(&bytes).ok().and_then(parse_query);
@@ -337,7 +344,15 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             return Plan::ReadBody(BodyCheck::Bundle)
         }
         Some(Interaction::Search) if *method == Method::POST => {
-            return Plan::ReadBody(BodyCheck::SearchForm)
+            // The FHIR server reads the body's parameters only from a form: of any other
+            // type, it would run a search other than the one checked here.
+            return match request.headers().get(header::CONTENT_TYPE) {
+                None => Plan::ReadBody(BodyCheck::SearchForm { untyped: true }),
+                Some(value) if is_form(value) => {
+                    Plan::ReadBody(BodyCheck::SearchForm { untyped: false })
+                }
+                Some(_) => Plan::Refuse(Box::new(not_a_form())),
+            };
         }
         _ => {}
     }
@@ -602,6 +617,26 @@ fn too_many_bodies() -> Response<Bytes> {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+/// Whether a `Content-Type` is `application/x-www-form-urlencoded` (any parameters).
+fn is_form(value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
+    value[..end]
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+}
+
+/// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not
+/// read as the ones checked.
+fn not_a_form() -> Response<Bytes> {
+    OperationOutcome::error(
+        IssueType::NotSupported,
+        "A _search body must be application/x-www-form-urlencoded: its parameters are what \
+         the token's scopes are checked against",
+    )
+    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE)
 }
 
 /// A refusal, answered at once.

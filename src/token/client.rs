@@ -890,12 +890,7 @@ pub(crate) fn client_keys(jwks: &serde_json::Value) -> Result<crate::auth::KeySe
 /// `scope-token` characters (`%x21 / %x23-5B / %x5D-7E`); and one that looks like a SMART
 /// resource scope (`system/...`, `patient/...`, `user/...`) but does not parse.
 fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
-    let bad = |scope: &String| {
-        scope.is_empty()
-            || !scope
-                .bytes()
-                .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
-    };
+    let bad = |scope: &String| !super::scope::is_scope_token(scope);
     if let Some(scope) = scopes.iter().find(|scope| bad(scope)) {
         return Err(StoreError::refused(format!(
             "client {id:?}: {scope:?} is not a scope (printable ASCII without spaces, '\"' or '\\')"

@@ -22,7 +22,19 @@ pub(super) fn grant_scope(
     let mut tenants = Vec::new();
     let mut extras: Vec<String> = Vec::new();
     let mut refused = false;
-    for value in requested.unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
+    let requested = requested.unwrap_or("");
+    // (Checked whole: a value with a tab or newline in it would be read as two scopes by a
+    // resource server that splits on any white space.)
+    if !requested
+        .split(' ')
+        .all(|value| value.is_empty() || is_scope_token(value))
+    {
+        return Err(TokenError::invalid_scope(
+            "The scope has characters RFC 6749 does not allow in one (only visible ASCII, \
+             without double quote and backslash, separated by spaces)",
+        ));
+    }
+    for value in requested.split(' ').filter(|s| !s.is_empty()) {
         match TenantId::parse(value) {
             Ok(tenant) => {
                 if !tenants.contains(&tenant) {
@@ -74,6 +86,15 @@ pub(super) fn grant_scope(
         }
     }
     Ok((tenant, extras))
+}
+
+/// Whether `scope` is one RFC 6749 `scope-token` (§3.3): one or more of `%x21 / %x23-5B /
+/// %x5D-7E`, that is visible ASCII but `"` and `\`.
+pub(super) fn is_scope_token(scope: &str) -> bool {
+    !scope.is_empty()
+        && scope
+            .bytes()
+            .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
 }
 
 /// Whether the client may have `scope`: registered as written, or a SMART resource scope
@@ -214,6 +235,38 @@ mod tests {
         assert_eq!(
             grant_scope(&open, Some(&format!("{A} openid"))).unwrap().1,
             ["openid"]
+        );
+    }
+
+    #[test]
+    fn a_scope_outside_the_scope_token_characters_is_invalid_scope() {
+        // A granular scope's query may carry any text the client asks for: a tab, a newline
+        // or a quote in it would reach the signed token's `scope`, where a resource server
+        // splitting on any white space reads a second scope (or tenant) into it.
+        let granular = record(&[A, B], &["system/Observation.rs?category=laboratory"]);
+        for smuggled in [
+            "system/Observation.rs?category=laboratory&x=\tsystem/*.cruds",
+            "system/Observation.rs?category=laboratory&x=\n9b2e7d4a-1c3f-4e5a-8b6c-7d8e9f0a1b2c",
+            "system/Observation.rs?category=laboratory&x=\"",
+            "system/Observation.rs?category=laboratory&x=\\",
+            "system/Observation.rs?category=laboratory&x=\u{e9}",
+            "system/Observation.rs?category=laboratory&x=\u{7f}",
+        ] {
+            let error = grant_scope(&granular, Some(&format!("{A} {smuggled}"))).unwrap_err();
+            assert_eq!(error.code.as_str(), "invalid_scope", "{smuggled:?}");
+            assert!(error.description.contains("RFC 6749"), "{smuggled:?}");
+        }
+        // Spaces alone separate: runs of them, and at either end, are still taken.
+        assert_eq!(
+            grant_scope(
+                &granular,
+                Some(&format!(
+                    "  {A}   system/Observation.rs?category=laboratory&x=1 "
+                ))
+            )
+            .unwrap()
+            .1,
+            ["system/Observation.rs?category=laboratory&x=1"]
         );
     }
 }
