@@ -465,7 +465,35 @@ async fn entra_scp_arrays_and_patient_scopes() {
             .status,
         StatusCode::FORBIDDEN
     );
+    // Nor do includes that may bring in other patients, or filters on other types' data.
+    for other in [
+        "/Observation?patient=123&_include=Observation:performer:Patient",
+        "/Observation?patient=123&_include=Observation:patient&_include:iterate=Patient:link:Patient",
+        "/Patient?_id=123&_revinclude=Patient:link",
+        "/Patient?_id=123&_has:Observation:patient:code=x",
+        "/Observation?patient=123&subject:Patient.name=x",
+    ] {
+        let reply = get(&client, &patient, other).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{other}");
+    }
     assert_eq!(upstream.received().len(), before);
+    assert_eq!(
+        get(
+            &client,
+            &patient,
+            "/Observation?patient=123&_include=Observation:patient"
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // Which patients have an Observation with a code tells about the Observations.
+    let patients = minted(json!({"scope": format!("{TENANT} system/Patient.rs")}));
+    let has = "/Patient?_has:Observation:patient:code=x";
+    assert_refused(&get(&client, &patients, has).await, "system/Observation.s");
+    assert_eq!(upstream.received().len(), before + 1);
+    let both = minted(json!({"scope": format!("{TENANT} system/Patient.rs system/Observation.s")}));
+    assert_eq!(get(&client, &both, has).await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

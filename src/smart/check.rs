@@ -42,9 +42,10 @@ enum Target<'a> {
     Compartment { ty: &'a str, id: &'a str },
     /// A search of a type by its parameters.
     Search { ty: &'a str },
-    /// A resource a search includes (`_include`, `_revinclude`): its type, and the patient the
-    /// search is narrowed to, if it is.
-    Included { ty: &'a str },
+    /// A resource a search includes (`_include`, `_revinclude`): its type, and the parameter
+    /// of a plain `_include` (no `:iterate`) by `patient` or `subject`, through which it is
+    /// whom a search narrowed by that parameter names.
+    Included { ty: &'a str, via: Option<&'a str> },
     /// Anything else: a create, system-level searches and history, type history. Whose data
     /// it is cannot be told before forwarding.
     Undecidable,
@@ -239,18 +240,43 @@ impl<'g> Check<'g> {
                 ))
             }
         }
-        // An operation's parameters may include as a search's do (`$lastn?_revinclude=...`).
-        if matches!(interaction, Interaction::Search | Interaction::Operation) {
+        // What a search's parameters reach besides the type searched: the types it includes
+        // (an operation's parameters may include as a search's do: `$lastn?_revinclude=...`),
+        // and the types a reverse chain (`_has:Observation:patient:code=x`) or a chain
+        // (`subject:Patient.name=x`) filters on, whose data the answer reveals.
+        let searches = matches!(interaction, Interaction::Search | Interaction::Operation)
+            || (matches!(
+                interaction,
+                Interaction::Update | Interaction::Patch | Interaction::Delete
+            ) && id.is_none());
+        if searches {
             for (name, value) in params {
-                let include = name.split(':').next().unwrap_or("");
-                let (reverse, value) = match include {
+                let mut pieces = name.split(':');
+                let first = pieces.next().unwrap_or("");
+                let (reverse, value) = match first {
                     "_include" => (false, value.as_ref()),
                     "_revinclude" => (true, value.as_ref()),
-                    _ => continue,
+                    "_has" => {
+                        for ty in reverse_chained_types(name) {
+                            need(ty, Permissions::SEARCH, Target::Undecidable);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        for ty in chained_types(name) {
+                            need(ty, Permissions::SEARCH, Target::Undecidable);
+                        }
+                        continue;
+                    }
                 };
-                let target_type = included_type(reverse, value);
-                match target_type {
-                    Some(ty) => need(Some(ty), Permissions::READ, Target::Included { ty }),
+                let plain = pieces.next().is_none();
+                match included_type(reverse, value) {
+                    Some(ty) => {
+                        let via = value.split(':').nth(1).filter(|param| {
+                            plain && !reverse && ["patient", "subject"].contains(param)
+                        });
+                        need(Some(ty), Permissions::READ, Target::Included { ty, via })
+                    }
                     None => need(None, Permissions::READ, Target::Undecidable),
                 }
             }
@@ -322,8 +348,17 @@ impl<'g> Check<'g> {
                     Target::Instance { ty, id } => ty == "Patient" && id == patient,
                     Target::Compartment { ty, id } => ty == "Patient" && id == patient,
                     Target::Search { ty } => narrowed_to(ty, params, patient),
-                    // Only the patient themself, found by a search narrowed to them.
-                    Target::Included { ty } => ty == "Patient" && narrowed_search(params, patient),
+                    // Only the patient themself: included through the parameter that narrows
+                    // the search to them (`Observation?patient=123&_include=Observation:patient`).
+                    // Through another (`performer`, `link`), by `:iterate` or `_revinclude`, a
+                    // `Patient` may be another patient.
+                    Target::Included { ty, via } => {
+                        ty == "Patient"
+                            && via.is_some_and(|via| {
+                                narrowed_search(params, patient)
+                                    && params.iter().any(|(name, _)| name == via)
+                            })
+                    }
                     Target::Undecidable => false,
                 }
             }
@@ -506,19 +541,61 @@ fn included_type(reverse: bool, value: &str) -> Option<&str> {
     if let Some(target) = parts.next() {
         return is_type(target).then_some(target);
     }
-    // Reference parameters whose target is one type whatever the source.
-    let ty = match param {
+    let ty = reference_target(param)?;
+    is_type(source).then_some(ty)
+}
+
+/// The one type a reference search parameter points to whatever the type searched (`patient`:
+/// `Patient`); `None` for one that may point to several (`subject`, `performer`).
+fn reference_target(param: &str) -> Option<&'static str> {
+    Some(match param {
         "patient" => "Patient",
         "encounter" => "Encounter",
         "organization" => "Organization",
         "location" => "Location",
-        "device" => "Device",
         "specimen" => "Specimen",
         "medication" => "Medication",
         "practitioner" => "Practitioner",
         _ => return None,
-    };
-    is_type(source).then_some(ty)
+    })
+}
+
+/// The types a reverse chain (`_has:Observation:patient:code`, nested
+/// `_has:Observation:patient:_has:AuditEvent:entity:agent`) filters on; one `None` (every
+/// type) when it does not read as one.
+fn reverse_chained_types(name: &str) -> Vec<Option<&str>> {
+    let pieces: Vec<&str> = name.split(':').collect();
+    let mut types = Vec::new();
+    let mut at = 0;
+    while pieces.get(at) == Some(&"_has") {
+        match (pieces.get(at + 1), pieces.get(at + 2), pieces.get(at + 3)) {
+            (Some(ty), Some(_reference), Some(_)) if is_type(ty) => types.push(Some(*ty)),
+            _ => return vec![None],
+        }
+        at += 3;
+    }
+    types
+}
+
+/// The types a chained parameter's links lead to (`subject:Patient.name`: `Patient`;
+/// `patient.general-practitioner:Practitioner.name`: `Patient`, then `Practitioner`): a link's
+/// type modifier, else the one type of a few reference parameters, else `None` (every type).
+/// Nothing for a parameter that is not chained.
+fn chained_types(name: &str) -> Vec<Option<&str>> {
+    let mut links: Vec<&str> = name.split('.').collect();
+    links.pop();
+    links
+        .into_iter()
+        .map(|link| {
+            let mut parts = link.split(':');
+            let param = parts.next().unwrap_or("");
+            match parts.next() {
+                Some(ty) if is_type(ty) => Some(ty),
+                Some(_) => None,
+                None => reference_target(param),
+            }
+        })
+        .collect()
 }
 
 /// Whether the search parameters carry each of a granular scope's (the same value, alone).
@@ -808,6 +885,133 @@ mod tests {
         assert!(allowed("patient/*.rs", Method::GET, own));
         let other = "/Observation?patient=123&_include=Observation:performer:Practitioner";
         assert!(!allowed("patient/*.rs", Method::GET, other));
+        let subject = "/Observation?subject=Patient/123&_include=Observation:subject:Patient";
+        assert!(allowed("patient/*.rs", Method::GET, subject));
+        // A Patient included otherwise than through the parameter that narrows the search may
+        // be another patient: the performer, a linked patient, one an iteration reaches.
+        for another in [
+            "/Observation?patient=123&_include=Observation:performer:Patient",
+            "/Observation?patient=123&_include=Observation:subject:Patient",
+            "/Observation?patient=123&_include:iterate=Observation:patient",
+            "/Observation?patient=123&_include=Observation:patient&_include:iterate=Patient:link:Patient",
+            "/Observation?patient=123&_include:recurse=Observation:patient",
+            "/Patient?_id=123&_include=Patient:link:Patient",
+            "/Patient?_id=123&_revinclude=Patient:link",
+            "/Observation?patient=123&_revinclude:iterate=Patient:link",
+        ] {
+            assert!(!allowed("patient/*.rs", Method::GET, another), "{another}");
+        }
+        // `device` may point to a Device or a DeviceMetric: it needs both, or `*`.
+        let device = "/Observation?code=x&_include=Observation:device";
+        assert!(!allowed(
+            "system/Observation.s system/Device.r",
+            Method::GET,
+            device
+        ));
+        assert!(allowed(
+            "system/Observation.s system/*.r",
+            Method::GET,
+            device
+        ));
+    }
+
+    #[test]
+    fn chains_and_reverse_chains_need_search_on_the_types_they_filter_on() {
+        // What patients have an Observation with this code tells about the Observations.
+        let has = "/Patient?_has:Observation:patient:code=1234-5";
+        assert!(!allowed("system/Patient.rs", Method::GET, has));
+        let refused = check("system/Patient.rs", Method::GET, has).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Observation.s"]);
+        assert!(allowed(
+            "system/Patient.rs system/Observation.s",
+            Method::GET,
+            has
+        ));
+        let nested = "/Patient?_has:Observation:patient:_has:AuditEvent:entity:agent=x";
+        assert!(!allowed(
+            "system/Patient.rs system/Observation.s",
+            Method::GET,
+            nested
+        ));
+        assert!(allowed(
+            "system/Patient.rs system/Observation.s system/AuditEvent.s",
+            Method::GET,
+            nested
+        ));
+        // A `_has` that does not read as one: every type.
+        for odd in [
+            "/Patient?_has:Observation:patient=x",
+            "/Patient?_has:observation:patient:code=x",
+        ] {
+            assert!(
+                !allowed("system/Patient.rs system/Observation.s", Method::GET, odd),
+                "{odd}"
+            );
+            assert!(
+                allowed("system/Patient.rs system/*.s", Method::GET, odd),
+                "{odd}"
+            );
+        }
+        // Chains: the type modifier, or the one type of the parameter, else every type.
+        let typed = "/Observation?subject:Patient.name=Smith";
+        assert!(!allowed("system/Observation.rs", Method::GET, typed));
+        assert!(allowed(
+            "system/Observation.rs system/Patient.s",
+            Method::GET,
+            typed
+        ));
+        let by_param = "/Observation?patient.birthdate=2000";
+        assert!(!allowed("system/Observation.rs", Method::GET, by_param));
+        assert!(allowed(
+            "system/Observation.rs system/Patient.s",
+            Method::GET,
+            by_param
+        ));
+        let untyped = "/Observation?subject.name=Smith";
+        assert!(!allowed(
+            "system/Observation.rs system/Patient.s",
+            Method::GET,
+            untyped
+        ));
+        assert!(allowed(
+            "system/Observation.rs system/*.s",
+            Method::GET,
+            untyped
+        ));
+        let two = "/Observation?patient.general-practitioner:Practitioner.name=x";
+        assert!(!allowed(
+            "system/Observation.rs system/Patient.s",
+            Method::GET,
+            two
+        ));
+        assert!(allowed(
+            "system/Observation.rs system/Patient.s system/Practitioner.s",
+            Method::GET,
+            two
+        ));
+        // The same in a conditional update's search, and under patient scopes (a chain is not
+        // a narrowing: refused).
+        assert!(!allowed(
+            "system/Observation.rus",
+            Method::PUT,
+            "/Observation?subject:Patient.identifier=x"
+        ));
+        assert!(!allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Observation?patient=123&subject:Patient.name=Smith"
+        ));
+        assert!(!allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient?_id=123&_has:Observation:patient:code=x"
+        ));
+        // Plain and modified parameters are no chains.
+        assert!(allowed(
+            "system/Observation.rs",
+            Method::GET,
+            "/Observation?code:text=x&value-quantity=5.4"
+        ));
     }
 
     #[test]

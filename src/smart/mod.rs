@@ -17,7 +17,8 @@
 //! | `create` | `c` |
 //! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type; a `_search` body must be `application/x-www-form-urlencoded` (`415` otherwise, a body with no `Content-Type` too: the server would not read it as the parameters checked) |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
-//! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `device`, `specimen`, `medication`, `practitioner`), else `*` |
+//! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `specimen`, `medication`, `practitioner`), else `*` |
+//! | a reverse chain (`_has:Observation:patient:code=x`, nested too), a chain (`subject:Patient.name=x`, `patient.birthdate=x`) | `s` on each type it filters on: a `_has`'s types; a chain link's type modifier, else the one type of the parameter (as for includes), else `*`. Which resources match tells about those types' data |
 //! | `$operation` that stays within its type (`meta`, `meta-add`, `meta-delete`, `diff`, `validate`, `match`, `lastn`, `stats`, `expand`, `lookup`, `validate-code`, `subsumes`, `translate`) by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level) |
 //! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/...`: for that patient under `patient/` scopes) |
 //! | `$operation` by another method | the same plus `c` and `u` (and `d`, for one not known to stay within its type); `$everything`, `$summary`, `$document` by POST only read: as by GET |
@@ -35,7 +36,11 @@
 //!   parameter naming that patient alone). A read of another type by id, a create, an
 //!   unnarrowed search or a history of a type are refused: whose data they touch is in the
 //!   resource, which the gateway has not seen. An include under a `patient/` scope brings in
-//!   only `Patient`, in a search narrowed to that patient.
+//!   only `Patient`, through the very parameter that narrows the search to that patient
+//!   (`Observation?patient=123&_include=Observation:patient`, or `subject=Patient/123` with
+//!   `Observation:subject:Patient`): not through another (`performer`, `link`), by
+//!   `:iterate`, or by `_revinclude`, which may bring in other patients. A chain or `_has`
+//!   is no narrowing.
 //! - A granular scope (`?category=laboratory`) opens searches that carry each of its
 //!   parameters with that value exactly (`category=laboratory`, not
 //!   `category=laboratory,vital-signs`). A read by id that only a granular scope could allow
