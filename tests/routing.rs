@@ -915,6 +915,100 @@ async fn upstream_failures_are_502_and_504_and_a_slow_upstream_blocks_no_one_els
     assert_eq!(reply.json()["issue"][0]["code"], "timeout");
 }
 
+/// An upstream that answers every request with a response head and the first chunk of its
+/// body, then, by the request's last path segment: `stall` sends nothing more (holding the
+/// connection), `cut` closes the connection. `json` in the path makes it FHIR JSON (read whole
+/// by the proxy to rewrite), else an octet stream (streamed through).
+async fn half_answering_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let ty = if head.contains("json") {
+                    "application/fhir+json"
+                } else {
+                    "application/octet-stream"
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{{\"resourceType\":\r\n"
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                if head.contains("/stall ") {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                // `cut`: the connection closes mid-body.
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+#[tokio::test]
+async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole_answer() {
+    let base = half_answering_upstream().await;
+    // The proxy's upstream timeout is 500 ms.
+    let gw = gateway(
+        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
+        Duration::from_secs(60),
+    )
+    .await;
+    let token = token_for(TENANT_A);
+    // A JSON body (read whole to rewrite its links, before the client gets the head): 504
+    // when it stops coming, 502 when it breaks off; an OperationOutcome either way, not a
+    // 200 with the cut body.
+    let started = std::time::Instant::now();
+    let reply = gw.client.get_bearer("/Patient/json/stall", &token).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["issue"][0]["code"], "timeout");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let reply = gw.client.get_bearer("/Patient/json/cut", &token).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+
+    // A streamed body: the head and the first chunk reach the client, then its connection is
+    // closed without the chunked body's end, so no client takes the cut body for the whole.
+    for (path, what) in [("/Binary/stall", "stalled"), ("/Binary/cut", "cut")] {
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+            gw.addr
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let started = std::time::Instant::now();
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        assert!(
+            ended.is_ok(),
+            "{what}: the connection is still open after 10 s"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+        assert!(answer.contains("{\"resourceType\":"), "{what}: {answer}");
+        assert!(
+            !answer.ends_with("0\r\n\r\n"),
+            "{what}: the cut body was ended as if whole: {answer:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
     let upstream = RecordingUpstream::start().await;

@@ -1,8 +1,10 @@
 //! The proxy's bodies: the outgoing request's, and the response's.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -10,6 +12,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -20,6 +23,12 @@ pub(super) type OutgoingBody = UnsyncBoxBody<Bytes, BoxError>;
 pin_project! {
     /// The body of a proxied response: the upstream's, streamed (after any chunks already
     /// read), or bytes the proxy made (a rewritten Bundle, an `OperationOutcome`).
+    ///
+    /// An upstream that sends nothing more of a streamed body for its timeout (it hung, or its
+    /// host went away without a word) ends it with an error ([`UpstreamStalled`]), so the
+    /// client's connection is closed rather than kept waiting, and the response is never taken
+    /// for complete. Only the upstream's silence counts: a client that reads slowly makes the
+    /// body wait to be polled, not the upstream.
     #[derive(Debug)]
     pub struct ProxyBody {
         #[pin]
@@ -33,15 +42,76 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind {
-        Upstream { read: VecDeque<Bytes>, #[pin] rest: Incoming },
+        Upstream {
+            read: VecDeque<Bytes>,
+            #[pin]
+            rest: Incoming,
+            // How long the upstream may send nothing, and the timer of the current wait (made
+            // only when the upstream has nothing ready).
+            wait: Duration,
+            stall: Option<Pin<Box<Sleep>>>,
+        },
         Full { bytes: Option<Bytes> },
     }
 }
 
+/// The error a [`ProxyBody`] ends with when the upstream sent nothing more of it for its
+/// timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamStalled {
+    /// The upstream's timeout, that long without a byte.
+    pub waited: Duration,
+}
+
+impl std::fmt::Display for UpstreamStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upstream sent nothing more of its response body for {:?}",
+            self.waited
+        )
+    }
+}
+
+impl std::error::Error for UpstreamStalled {}
+
+/// What the upstream's body gave when polled: its next frame, its end or its error, as
+/// [`Body::poll_frame`] gives them.
+pub(super) type UpstreamFrame = Option<Result<Frame<Bytes>, hyper::Error>>;
+
+/// Polls `rest` for its next frame; while it has none, `stall` (made on the first wait) runs
+/// out after `wait`: then `Err`.
+pub(super) fn poll_upstream_frame(
+    rest: Pin<&mut Incoming>,
+    stall: &mut Option<Pin<Box<Sleep>>>,
+    wait: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<Result<UpstreamFrame, UpstreamStalled>> {
+    if let Poll::Ready(frame) = rest.poll_frame(cx) {
+        *stall = None;
+        return Poll::Ready(Ok(frame));
+    }
+    let timer = stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => {
+            *stall = None;
+            Poll::Ready(Err(UpstreamStalled { waited: wait }))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 impl ProxyBody {
-    pub(crate) fn upstream(read: VecDeque<Bytes>, rest: Incoming) -> Self {
+    /// The upstream's body, after the chunks already `read`; `wait` is how long the upstream
+    /// may send nothing before the body ends with [`UpstreamStalled`].
+    pub(crate) fn upstream(read: VecDeque<Bytes>, rest: Incoming, wait: Duration) -> Self {
         Self {
-            kind: Kind::Upstream { read, rest },
+            kind: Kind::Upstream {
+                read,
+                rest,
+                wait,
+                stall: None,
+            },
             slot: None,
         }
     }
@@ -64,7 +134,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -72,9 +142,21 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         let polled = match this.kind.project() {
-            KindProj::Upstream { read, rest } => match read.pop_front() {
+            KindProj::Upstream {
+                read,
+                rest,
+                wait,
+                stall,
+            } => match read.pop_front() {
                 Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                None => rest.poll_frame(cx),
+                None => match poll_upstream_frame(rest, stall, *wait, cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(frame)) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                    Poll::Ready(Err(stalled)) => {
+                        tracing::warn!(%stalled, "upstream response body stalled: the client's connection is closed");
+                        Poll::Ready(Some(Err(stalled.into())))
+                    }
+                },
             },
             KindProj::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
@@ -87,14 +169,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Upstream { read, rest } => read.is_empty() && rest.is_end_stream(),
+            Kind::Upstream { read, rest, .. } => read.is_empty() && rest.is_end_stream(),
             Kind::Full { bytes } => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Upstream { read, rest } => {
+            Kind::Upstream { read, rest, .. } => {
                 let buffered: u64 = read.iter().map(|b| b.len() as u64).sum();
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();

@@ -83,6 +83,6 @@ mod slots;
 mod transport;
 
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
-pub use body::ProxyBody;
+pub use body::{ProxyBody, UpstreamStalled};
 pub use headers::FORWARDED_REQUEST_HEADERS;
 pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};

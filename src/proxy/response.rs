@@ -4,28 +4,36 @@
 //! larger or compressed ones stream through untouched).
 
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::Response;
+use http::{Response, StatusCode};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::ProxyBody;
+use super::body::{poll_upstream_frame, ProxyBody};
 use super::headers::remove_hop_by_hop;
 use super::rewrite::BaseRewriter;
+use crate::outcome::{IssueType, OperationOutcome};
 
 /// The upstream's response as the client must see it: hop-by-hop headers gone, `Set-Cookie`
 /// (and the obsolete `Set-Cookie2`) gone unless `cookies` (the upstream takes part in cookies:
 /// all tenants share the gateway's origin), upstream URLs in `Location`, `Content-Location`
-/// and JSON Bundle links rewritten to the gateway's base.
+/// and JSON Bundle links rewritten to the gateway's base. `wait` is how long the upstream may
+/// send nothing of the body.
+///
+/// `Err` is the answer instead when a body read whole (to rewrite it) failed, `502`, or the
+/// upstream sent nothing of it for `wait`, `504`: nothing of the response has gone to the
+/// client yet, and a cut body must not pass for the whole one.
 pub(super) async fn relay_response(
     response: Response<Incoming>,
     rewriter: &BaseRewriter,
     rewrite_limit: usize,
     cookies: bool,
-) -> Response<ProxyBody> {
+    wait: Duration,
+) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let heads = ResponseHeads::scan(&parts.headers);
@@ -47,7 +55,10 @@ pub(super) async fn relay_response(
         }
     }
     if !heads.may_be_json_bundle(rewrite_limit) {
-        return Response::from_parts(parts, ProxyBody::upstream(VecDeque::new(), body));
+        return Ok(Response::from_parts(
+            parts,
+            ProxyBody::upstream(VecDeque::new(), body, wait),
+        ));
     }
     // Read up to the limit; beyond it, stream what was read and the rest untouched. Most
     // bodies come in one chunk: it is kept apart, and a queue made only for more.
@@ -55,9 +66,14 @@ pub(super) async fn relay_response(
     let mut more = VecDeque::new();
     let mut size = 0;
     let mut body = body;
+    let mut stall = None;
     while !body.is_end_stream() {
-        match body.frame().await {
-            Some(Ok(frame)) => {
+        let next = std::future::poll_fn(|cx| {
+            poll_upstream_frame(Pin::new(&mut body), &mut stall, wait, cx)
+        })
+        .await;
+        match next {
+            Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     size += data.len();
                     match &first {
@@ -66,16 +82,30 @@ pub(super) async fn relay_response(
                     }
                     if size > rewrite_limit {
                         let read = in_order(first, more);
-                        return Response::from_parts(parts, ProxyBody::upstream(read, body));
+                        return Ok(Response::from_parts(
+                            parts,
+                            ProxyBody::upstream(read, body, wait),
+                        ));
                     }
                 }
             }
-            Some(Err(error)) => {
+            Ok(Some(Err(error))) => {
                 tracing::warn!(%error, "upstream response body failed");
-                let read = in_order(first, more);
-                return Response::from_parts(parts, ProxyBody::upstream(read, body));
+                return Err(failed(
+                    StatusCode::BAD_GATEWAY,
+                    IssueType::Exception,
+                    "The tenant's FHIR server broke off its answer",
+                ));
             }
-            None => break,
+            Ok(None) => break,
+            Err(stalled) => {
+                tracing::warn!(%stalled, "upstream response body stalled");
+                return Err(failed(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    IssueType::Timeout,
+                    "The tenant's FHIR server stopped sending its answer",
+                ));
+            }
         }
     }
     let whole = match (first, more.is_empty()) {
@@ -97,7 +127,14 @@ pub(super) async fn relay_response(
         }
         None => whole,
     };
-    Response::from_parts(parts, ProxyBody::full(bytes))
+    Ok(Response::from_parts(parts, ProxyBody::full(bytes)))
+}
+
+/// An `OperationOutcome` answer of the proxy's own.
+fn failed(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {
+    OperationOutcome::error(code, diagnostics)
+        .to_response(status)
+        .map(ProxyBody::full)
 }
 
 /// The chunks read so far, the first one first.

@@ -201,6 +201,13 @@ impl FhirProxyBuilder {
     /// an OperationOutcome (`timeout`) and `Connection: close`, the upstream left with an
     /// unfinished request. (A [`BodyTimeoutLayer`](crate::ops::BodyTimeoutLayer) in front
     /// bounds such pauses separately, and for every service.)
+    ///
+    /// It also bounds the upstream's pauses within its response body. A JSON body read whole
+    /// (to rewrite its links) that stops coming for this long is `504`, one that breaks off
+    /// `502`, each with an OperationOutcome: nothing of the response has reached the client,
+    /// and a cut body never passes for the whole. A streamed body that stops coming ends with
+    /// an [`UpstreamStalled`](super::UpstreamStalled) error, which closes the client's
+    /// connection (a chunked body is never ended as if whole).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -448,13 +455,18 @@ where
                 Arc::clone(upstream.base().shared_text()),
                 Arc::clone(&config.public_base),
             );
-            let mut response = relay_response(
+            let relayed = relay_response(
                 response,
                 &rewriter,
                 config.rewrite_limit,
                 upstream.set_cookie_allowed(),
+                timeout,
             )
             .await;
+            let mut response = match relayed {
+                Ok(response) => response,
+                Err(failed) => return Ok(failed),
+            };
             if client_wants == AskedForm::Current {
                 response_from_dstu2(response.headers_mut());
             }
