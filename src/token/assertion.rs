@@ -35,6 +35,10 @@ const MAX_LIFETIME_SECS: u64 = 300;
 const LEEWAY_SECS: u64 = 30;
 /// The most assertions remembered at once (each for at most its lifetime).
 const MAX_REMEMBERED: usize = 100_000;
+/// The most assertions of one client remembered at once: a client that makes assertions
+/// faster than about 30 a second (each remembered five and a half minutes) is refused
+/// until some expire, and cannot fill the memory shared with the other clients.
+const MAX_REMEMBERED_PER_CLIENT: usize = 10_000;
 /// The longest `jti` accepted.
 const MAX_JTI_LEN: usize = 256;
 
@@ -52,12 +56,75 @@ pub trait ReplayGuard: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'static, Result<bool, String>>;
 }
 
+/// The `jti`s of accepted assertions, by client, until each expires.
+#[derive(Debug, Default)]
+struct Seen {
+    by_client: HashMap<String, HashMap<String, u64>>,
+    /// How many `jti`s `by_client` holds, all clients together.
+    total: usize,
+}
+
+impl Seen {
+    fn remember(
+        &mut self,
+        client: &str,
+        jti: &str,
+        until: u64,
+        now: u64,
+    ) -> Result<(), &'static str> {
+        if let Some(jtis) = self.by_client.get(client) {
+            if jtis.get(jti).is_some_and(|&expires| expires > now) {
+                return Err("its jti was used before");
+            }
+            if jtis.len() >= MAX_REMEMBERED_PER_CLIENT {
+                self.forget_expired(Some(client), now);
+                if self.by_client.get(client).map_or(0, HashMap::len) >= MAX_REMEMBERED_PER_CLIENT {
+                    return Err(
+                        "too many of the client's assertions are remembered; refused until some expire",
+                    );
+                }
+            }
+        }
+        if self.total >= MAX_REMEMBERED {
+            self.forget_expired(None, now);
+            if self.total >= MAX_REMEMBERED {
+                return Err("too many assertions are remembered; refused until some expire");
+            }
+        }
+        let jtis = self.by_client.entry(client.to_owned()).or_default();
+        if jtis.insert(jti.to_owned(), until).is_none() {
+            self.total += 1;
+        }
+        Ok(())
+    }
+
+    /// Forgets the expired `jti`s of `client`, or of every client.
+    fn forget_expired(&mut self, client: Option<&str>, now: u64) {
+        let mut forgotten = 0;
+        let mut sweep = |jtis: &mut HashMap<String, u64>| {
+            let before = jtis.len();
+            jtis.retain(|_, expires| *expires > now);
+            forgotten += before - jtis.len();
+        };
+        match client {
+            Some(client) => {
+                if let Some(jtis) = self.by_client.get_mut(client) {
+                    sweep(jtis);
+                }
+            }
+            None => self.by_client.values_mut().for_each(&mut sweep),
+        }
+        self.by_client.retain(|_, jtis| !jtis.is_empty());
+        self.total -= forgotten;
+    }
+}
+
 /// Verifies client assertions and remembers their `jti`s until they expire.
 pub(super) struct Assertions {
     /// What an assertion's `aud` must be: the token endpoint's URL.
     audiences: Vec<String>,
-    /// `(client id, jti)` of assertions accepted, and when each expires.
-    seen: Mutex<HashMap<(String, String), u64>>,
+    /// The `jti`s of assertions accepted, by client, and when each expires.
+    seen: Mutex<Seen>,
     /// The keys of clients registered with a `jwks_uri`, fetched and cached per URL.
     #[cfg(feature = "remote-jwks")]
     remote: Mutex<HashMap<String, Arc<crate::auth::RemoteKeys>>>,
@@ -67,7 +134,7 @@ impl Assertions {
     pub(super) fn new(audiences: Vec<String>) -> Self {
         Self {
             audiences,
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen::default()),
             #[cfg(feature = "remote-jwks")]
             remote: Mutex::new(HashMap::new()),
         }
@@ -130,22 +197,13 @@ impl Assertions {
         Ok((jti.to_owned(), until))
     }
 
-    /// Remembers an assertion's `jti` until `until`; refuses one seen before.
+    /// Remembers an assertion's `jti` until `until`; refuses one seen before, and one past
+    /// the client's share or everyone's (until some expire).
     fn remember(&self, client: &str, jti: &str, until: u64) -> Result<(), &'static str> {
-        let now = unix_now();
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (client.to_owned(), jti.to_owned());
-        if seen.get(&key).is_some_and(|&expires| expires > now) {
-            return Err("its jti was used before");
-        }
-        if seen.len() >= MAX_REMEMBERED {
-            seen.retain(|_, expires| *expires > now);
-            if seen.len() >= MAX_REMEMBERED {
-                return Err("too many assertions are remembered; refused until some expire");
-            }
-        }
-        seen.insert(key, until);
-        Ok(())
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remember(client, jti, until, unix_now())
     }
 
     #[cfg(feature = "remote-jwks")]
@@ -189,5 +247,67 @@ impl Assertions {
     ) -> Result<crate::auth::VerifiedClaims, &'static str> {
         let _: Option<KeySet> = None;
         Err("its jwks_uri needs the remote-jwks feature")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jti_is_accepted_once_until_it_expires() {
+        let mut seen = Seen::default();
+        assert_eq!(seen.remember("app", "j1", 100, 0), Ok(()));
+        assert_eq!(
+            seen.remember("app", "j1", 100, 50),
+            Err("its jti was used before")
+        );
+        // Another client's jti of the same text is its own.
+        assert_eq!(seen.remember("other", "j1", 100, 50), Ok(()));
+        // Past its expiry the entry no longer counts.
+        assert_eq!(seen.remember("app", "j1", 200, 100), Ok(()));
+        assert_eq!(seen.total, 2);
+    }
+
+    #[test]
+    fn one_client_cannot_fill_what_every_client_shares() {
+        let mut seen = Seen::default();
+        for n in 0..MAX_REMEMBERED_PER_CLIENT {
+            assert_eq!(seen.remember("greedy", &n.to_string(), 1_000, 0), Ok(()));
+        }
+        // The greedy client is refused until some of its assertions expire; others are not.
+        let refused = seen.remember("greedy", "one more", 1_000, 10);
+        assert!(refused.unwrap_err().contains("the client's assertions"));
+        assert_eq!(seen.remember("polite", "j1", 1_000, 10), Ok(()));
+        assert_eq!(seen.total, MAX_REMEMBERED_PER_CLIENT + 1);
+        // Once they expire, the greedy client's expired ones are forgotten, the polite
+        // client's still-live one kept.
+        assert_eq!(seen.remember("greedy", "one more", 3_000, 1_000), Ok(()));
+        assert_eq!(seen.by_client["greedy"].len(), 1);
+        assert_eq!(seen.by_client["polite"].len(), 1);
+        assert_eq!(seen.total, 2);
+    }
+
+    #[test]
+    fn everyones_total_is_bounded_and_freed_as_assertions_expire() {
+        let mut seen = Seen::default();
+        let clients = MAX_REMEMBERED / MAX_REMEMBERED_PER_CLIENT;
+        for client in 0..clients {
+            for n in 0..MAX_REMEMBERED_PER_CLIENT {
+                let until = if client == 0 { 10 } else { 1_000 };
+                seen.remember(&client.to_string(), &n.to_string(), until, 0)
+                    .unwrap();
+            }
+        }
+        assert_eq!(seen.total, MAX_REMEMBERED);
+        // Full: a new client is refused while nothing has expired...
+        assert_eq!(
+            seen.remember("new", "j1", 1_000, 5),
+            Err("too many assertions are remembered; refused until some expire")
+        );
+        // ... and taken once the first client's have: they are forgotten.
+        assert_eq!(seen.remember("new", "j1", 1_000, 20), Ok(()));
+        assert!(!seen.by_client.contains_key("0"));
+        assert_eq!(seen.total, MAX_REMEMBERED - MAX_REMEMBERED_PER_CLIENT + 1);
     }
 }
