@@ -32,6 +32,33 @@ impl Refused {
     }
 }
 
+/// A request the scopes allow, and how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Allowed {
+    /// Allowed only by its search parameters (a search narrowed to the token's patient, one
+    /// carrying a granular scope's parameters): the FHIR server must not ignore any of them
+    /// (`Prefer: handling=strict`), or it would search more than was checked.
+    pub(crate) by_parameters: bool,
+}
+
+impl Allowed {
+    /// Both allowed: by parameters if either is.
+    pub(crate) fn and(self, other: Self) -> Self {
+        Self {
+            by_parameters: self.by_parameters || other.by_parameters,
+        }
+    }
+}
+
+/// How a scope covers a need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coverage {
+    /// By what the request names (its type, its path).
+    Outright,
+    /// Only by its search parameters.
+    ByParameters,
+}
+
 /// Whose data a need touches, as far as the request says before it is forwarded: what
 /// `patient/` scopes are checked against.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +103,7 @@ impl<'g> Check<'g> {
         method: &Method,
         path: &str,
         params: &[Param<'_>],
-    ) -> Result<(), Refused> {
+    ) -> Result<Allowed, Refused> {
         self.classified(method, path, classify(method, path), params)
     }
 
@@ -87,7 +114,7 @@ impl<'g> Check<'g> {
         path: &str,
         found: Classified<'_>,
         params: &[Param<'_>],
-    ) -> Result<(), Refused> {
+    ) -> Result<Allowed, Refused> {
         let Some(interaction) = found.interaction else {
             return Err(Refused::new(
                 "The request is not a FHIR interaction that SMART scopes can be checked against",
@@ -98,13 +125,18 @@ impl<'g> Check<'g> {
         let get = *method == Method::GET || *method == Method::HEAD;
         // Each need is checked as it is found: no list of them is kept.
         let mut refused: Option<Refused> = None;
+        let mut allowed = Allowed::default();
         let mut need = |resource_type, permission, target| {
             let need = Need {
                 resource_type,
                 permission,
                 target,
             };
-            if !self.covered(&need, params) {
+            let coverage = self.covered(&need, params);
+            if coverage == Some(Coverage::ByParameters) {
+                allowed.by_parameters = true;
+            }
+            if coverage.is_none() {
                 let missing = refused.take().unwrap_or_else(|| {
                     Refused::new(format!(
                         "The token's scopes do not allow {} {}{}",
@@ -117,7 +149,7 @@ impl<'g> Check<'g> {
             }
         };
         match interaction {
-            Interaction::Capabilities => return Ok(()),
+            Interaction::Capabilities => return Ok(Allowed::default()),
             Interaction::Read | Interaction::Vread => {
                 let (ty, id) = (ty.unwrap_or_default(), id.unwrap_or_default());
                 need(Some(ty), Permissions::READ, Target::Instance { ty, id });
@@ -281,7 +313,7 @@ impl<'g> Check<'g> {
                 }
             }
         }
-        refused.map_or(Ok(()), Err)
+        refused.map_or(Ok(allowed), Err)
     }
 
     /// For a read of `ty` that no scope allows outright: the queries of the granular scopes
@@ -314,18 +346,29 @@ impl<'g> Check<'g> {
         }
     }
 
-    /// Whether some scope covers `need`.
-    fn covered(&self, need: &Need<'_>, params: &[Param<'_>]) -> bool {
-        self.grants
-            .scopes()
-            .iter()
-            .any(|scope| self.scope_covers(scope, need, params))
+    /// How some scope covers `need`, outright if one does.
+    fn covered(&self, need: &Need<'_>, params: &[Param<'_>]) -> Option<Coverage> {
+        let mut coverage = None;
+        for scope in self.grants.scopes() {
+            match self.scope_covers(scope, need, params) {
+                Some(Coverage::Outright) => return Some(Coverage::Outright),
+                Some(Coverage::ByParameters) => coverage = Some(Coverage::ByParameters),
+                None => {}
+            }
+        }
+        coverage
     }
 
-    fn scope_covers(&self, scope: &ResourceScope, need: &Need<'_>, params: &[Param<'_>]) -> bool {
+    fn scope_covers(
+        &self,
+        scope: &ResourceScope,
+        need: &Need<'_>,
+        params: &[Param<'_>],
+    ) -> Option<Coverage> {
         if !scope.permissions().contains(need.permission) || !scope.covers(need.resource_type) {
-            return false;
+            return None;
         }
+        let mut coverage = Coverage::Outright;
         if !scope.query().is_empty() {
             // A granular scope opens searches that carry its parameters, nothing else (a
             // read could return a resource outside them).
@@ -335,24 +378,27 @@ impl<'g> Check<'g> {
                     Target::Search { .. } | Target::Compartment { .. }
                 );
             if !searching || !carries(params, scope.query()) {
-                return false;
+                return None;
             }
+            coverage = Coverage::ByParameters;
         }
-        match scope.context() {
-            ScopeContext::System | ScopeContext::User => true,
+        let covers = match scope.context() {
+            ScopeContext::System | ScopeContext::User => return Some(coverage),
             ScopeContext::Patient => {
-                let Some(patient) = self.grants.patient() else {
-                    return false;
-                };
+                let patient = self.grants.patient()?;
                 match need.target {
                     Target::Instance { ty, id } => ty == "Patient" && id == patient,
                     Target::Compartment { ty, id } => ty == "Patient" && id == patient,
-                    Target::Search { ty } => narrowed_to(ty, params, patient),
+                    Target::Search { ty } => {
+                        coverage = Coverage::ByParameters;
+                        narrowed_to(ty, params, patient)
+                    }
                     // Only the patient themself: included through the parameter that narrows
                     // the search to them (`Observation?patient=123&_include=Observation:patient`).
                     // Through another (`performer`, `link`), by `:iterate` or `_revinclude`, a
                     // `Patient` may be another patient.
                     Target::Included { ty, via } => {
+                        coverage = Coverage::ByParameters;
                         ty == "Patient"
                             && via.is_some_and(|via| {
                                 narrowed_search(params, patient)
@@ -362,7 +408,8 @@ impl<'g> Check<'g> {
                     Target::Undecidable => false,
                 }
             }
-        }
+        };
+        covers.then_some(coverage)
     }
 
     /// The scope that would have covered `need`, in the token's own non-patient context (or
@@ -389,7 +436,7 @@ impl<'g> Check<'g> {
     /// Checks the search of a conditional create (`If-None-Exist`, or a Bundle entry's
     /// `ifNoneExist`) of `ty`: its answer tells whether a matching resource exists, so it
     /// needs what that search would need. A search naming another type is refused.
-    pub(crate) fn if_none_exist(&self, ty: &str, query: &str) -> Result<(), Refused> {
+    pub(crate) fn if_none_exist(&self, ty: &str, query: &str) -> Result<Allowed, Refused> {
         let (named, query) = match query.split_once('?') {
             // `?identifier=x` (as HAPI takes it) is the type's own search.
             Some(("", query)) => (ty, query),
@@ -458,7 +505,7 @@ impl<'g> Check<'g> {
                     )));
                 }
             }
-            let checked = self.request(&method, path, &params).and_then(|()| {
+            let checked = self.request(&method, path, &params).and_then(|_| {
                 let found = classify(&method, path);
                 let written = matches!(
                     found.interaction,
@@ -483,7 +530,7 @@ impl<'g> Check<'g> {
                     Some(Value::String(query))
                         if found.interaction == Some(Interaction::Create) =>
                     {
-                        self.if_none_exist(ty, query)
+                        self.if_none_exist(ty, query).map(|_| ())
                     }
                     Some(_) => Err(Refused::new(format!(
                         "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
@@ -657,7 +704,7 @@ mod tests {
         Grants::from_scopes(scopes.split(' '), Some("123"))
     }
 
-    fn check(scopes: &str, method: Method, url: &str) -> Result<(), Refused> {
+    fn check(scopes: &str, method: Method, url: &str) -> Result<Allowed, Refused> {
         let grants = grants(scopes);
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
         Check::new(&grants).request(&method, path, &parse_query(query).unwrap())
@@ -912,6 +959,53 @@ mod tests {
             "system/Observation.s system/*.r",
             Method::GET,
             device
+        ));
+    }
+
+    #[test]
+    fn what_only_its_parameters_allow_says_so() {
+        let by_parameters = |scopes: &str, method: Method, url: &str| {
+            check(scopes, method, url).unwrap().by_parameters
+        };
+        // Narrowed to the patient, or carrying a granular scope's parameters: the server must
+        // not ignore them.
+        assert!(by_parameters(
+            "patient/*.rs",
+            Method::GET,
+            "/Observation?patient=123"
+        ));
+        assert!(by_parameters(
+            "patient/*.rs",
+            Method::GET,
+            "/Observation?patient=123&_include=Observation:patient"
+        ));
+        assert!(by_parameters(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient?_id=123"
+        ));
+        assert!(by_parameters(
+            "system/Observation.rs?category=laboratory",
+            Method::GET,
+            "/Observation?category=laboratory&code=x"
+        ));
+        // What the path alone allows, or a scope on the whole type: not.
+        assert!(!by_parameters("patient/*.rs", Method::GET, "/Patient/123"));
+        assert!(!by_parameters(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient/123/Observation"
+        ));
+        assert!(!by_parameters(
+            "system/Observation.rs",
+            Method::GET,
+            "/Observation?code=x"
+        ));
+        // A scope covering it outright wins over one covering it by its parameters.
+        assert!(!by_parameters(
+            "system/Observation.rs?category=laboratory system/Observation.s",
+            Method::GET,
+            "/Observation?category=laboratory"
         ));
     }
 

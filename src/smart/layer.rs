@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::check::{Check, Refused};
+use super::check::{Allowed, Check, Refused};
 use super::scope::{parse_query, Grants};
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
@@ -189,6 +189,9 @@ pub type ResponseFuture<F, B, E> = PassOrOwn<F, B, E>;
 enum Plan {
     /// Let it through as it is.
     Pass,
+    /// Let it through, asking the FHIR server not to ignore any search parameter
+    /// (`Prefer: handling=strict`): the scopes allowed it by its parameters.
+    PassStrict,
     /// Refuse it.
     Refuse(Box<Response<Bytes>>),
     /// Read its body and check it: a Bundle, or a `_search` form.
@@ -248,6 +251,11 @@ where
         };
         match plan(&self.config, &grants, &request) {
             Plan::Pass => PassOrOwn::passed(self.inner.call(request.map(ScopedBody::passed))),
+            Plan::PassStrict => {
+                let mut request = request.map(ScopedBody::passed);
+                prefer_strict(request.headers_mut());
+                PassOrOwn::passed(self.inner.call(request))
+            }
             Plan::Refuse(response) => refused(*response),
             Plan::Probe { searches, refusal } => {
                 let clone = self.inner.clone();
@@ -296,7 +304,9 @@ where
                         }
                     };
                     let checked = match what {
-                        BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
+                        BodyCheck::Bundle => Check::new(&grants)
+                            .bundle(&bytes)
+                            .map(|()| Allowed::default()),
                         BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
@@ -319,8 +329,11 @@ where
                             }
                         }
                     };
-                    if let Err(why) = checked {
-                        return Ok(insufficient_scope(&why).map(ResponseBody::full));
+                    let mut parts = parts;
+                    match checked {
+                        Err(why) => return Ok(insufficient_scope(&why).map(ResponseBody::full)),
+                        Ok(allowed) if allowed.by_parameters => prefer_strict(&mut parts.headers),
+                        Ok(_) => {}
                     }
                     let request = Request::from_parts(parts, ScopedBody::held(bytes, held));
                     Ok(inner.call(request).await?.map(ResponseBody::inner))
@@ -371,24 +384,25 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
     let check = Check::new(grants);
     let checked = check
         .classified(method, path, found, &params)
-        .and_then(|()| {
+        .and_then(|allowed| {
             // A conditional create searches too.
             let mut searches = request.headers().get_all("if-none-exist").iter();
             match (found.interaction, searches.next(), searches.next()) {
                 (Some(Interaction::Create), Some(query), None) => match query.to_str() {
-                    Ok(query) => {
-                        check.if_none_exist(found.resource_type.unwrap_or_default(), query)
-                    }
+                    Ok(query) => check
+                        .if_none_exist(found.resource_type.unwrap_or_default(), query)
+                        .map(|search| allowed.and(search)),
                     Err(_) => Err(Refused::new("The If-None-Exist header is not text")),
                 },
                 (Some(Interaction::Create), Some(_), Some(_)) => Err(Refused::new(
                     "A create has one If-None-Exist header at most",
                 )),
-                _ => Ok(()),
+                _ => Ok(allowed),
             }
         });
     match checked {
-        Ok(()) => Plan::Pass,
+        Ok(allowed) if allowed.by_parameters => Plan::PassStrict,
+        Ok(_) => Plan::Pass,
         Err(why) => {
             let refusal = Box::new(insufficient_scope(&why));
             // A read (not a vread: an old version may not match what the current one does)
@@ -619,6 +633,33 @@ fn too_many_bodies() -> Response<Bytes> {
     response
 }
 
+/// Asks the FHIR server not to ignore any search parameter: `Prefer: handling=strict` in
+/// place of any `handling` preference the client sent, its other preferences kept (all
+/// `Prefer` headers in one). A server that supports `Prefer` (RFC 7240; FHIR's search
+/// `handling`) then fails a search with a parameter it does not know, rather than searching
+/// without it, which would return more than the scopes allowed.
+fn prefer_strict(headers: &mut http::HeaderMap) {
+    let mut preferences: Vec<&str> = headers
+        .get_all(PREFER)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|preference| {
+            let name = preference.split(['=', ';']).next().unwrap_or("").trim();
+            !preference.is_empty() && !name.eq_ignore_ascii_case("handling")
+        })
+        .collect();
+    preferences.push("handling=strict");
+    let joined = preferences.join(", ");
+    // (Each piece came from a header value, so the joined text is one too.)
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(PREFER, value);
+    }
+}
+
+const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
+
 /// Whether a `Content-Type` is `application/x-www-form-urlencoded` (any parameters).
 fn is_form(value: &HeaderValue) -> bool {
     let value = value.as_bytes();
@@ -749,6 +790,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strict_handling_replaces_the_clients_and_keeps_its_other_preferences() {
+        let strict = |sent: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for value in sent {
+                headers.append(PREFER, HeaderValue::from_str(value).unwrap());
+            }
+            prefer_strict(&mut headers);
+            let all: Vec<_> = headers.get_all(PREFER).iter().collect();
+            assert_eq!(all.len(), 1, "{sent:?}");
+            all[0].to_str().unwrap().to_owned()
+        };
+        assert_eq!(strict(&[]), "handling=strict");
+        assert_eq!(strict(&["handling=lenient"]), "handling=strict");
+        assert_eq!(
+            strict(&["return=minimal, Handling = lenient", "respond-async"]),
+            "return=minimal, respond-async, handling=strict"
+        );
+        assert_eq!(
+            strict(&["handling=strict; x=1,return=representation"]),
+            "return=representation, handling=strict"
+        );
+    }
     use http_body_util::channel::Channel;
     use std::convert::Infallible;
     use tower::ServiceExt;

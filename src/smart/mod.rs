@@ -41,6 +41,12 @@
 //!   `Observation:subject:Patient`): not through another (`performer`, `link`), by
 //!   `:iterate`, or by `_revinclude`, which may bring in other patients. A chain or `_has`
 //!   is no narrowing.
+//! - What only its search parameters allow (a search narrowed to the token's patient, one
+//!   carrying a granular scope's parameters) goes on with `Prefer: handling=strict` in place
+//!   of any `handling` the client asked for (its other preferences kept): a server that would
+//!   ignore a parameter it does not support (`Binary?patient=123`) and search without it
+//!   fails instead. A server that ignores `Prefer` as well is not held to it: grant such
+//!   scopes only for searches the upstream supports.
 //! - A granular scope (`?category=laboratory`) opens searches that carry each of its
 //!   parameters with that value exactly (`category=laboratory`, not
 //!   `category=laboratory,vital-signs`). A read by id that only a granular scope could allow
