@@ -616,6 +616,77 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
     }
 }
 
+/// A database that stops answering without closing anything (a hung server, a firewall that
+/// forgot the flows): requests fail within the operation timeout instead of hanging, the
+/// change listener finds its connection dead and, once the database answers again, connects
+/// again and catches up with what changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() {
+    use tokio::time::timeout;
+    use tower_fhir::postgres::PgState;
+    use tower_fhir::route::TenantDirectory;
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("frozen", "the PostgreSQL hung-server test")
+    else {
+        return;
+    };
+    server.create_database("frozen");
+    let proxy = support::postgres::FreezingProxy::start(server.port()).await;
+    let direct = PgState::connect(&server.url("frozen"))
+        .await
+        .unwrap()
+        .tenant_store();
+    let through = PgState::connect(&proxy.url("frozen"))
+        .await
+        .unwrap()
+        .tenant_store();
+    timeout(Duration::from_secs(10), through.listening())
+        .await
+        .expect("the listener never connected");
+    let before = upstreams("http://127.0.0.1:9001/fhir", FhirVersion::R4);
+    direct.put(tenant(A), before.clone()).await.unwrap();
+    assert_eq!(through.lookup(tenant(A)).await.unwrap(), Some(before));
+
+    proxy.freeze(true);
+    let started = std::time::Instant::now();
+    let looked = timeout(Duration::from_secs(30), through.lookup(tenant(A)))
+        .await
+        .expect("a lookup hung on a database that stopped answering");
+    let error = looked.unwrap_err().to_string();
+    assert!(error.contains("did not answer"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // The listener hears nothing, checks its connection (after 10 s of quiet) and gives up on
+    // it (5 s later).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while through.is_listening() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still said to be listening on a connection that stopped answering"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A change made meanwhile reaches it once the database answers again.
+    let after = upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4);
+    direct.put(tenant(B), after.clone()).await.unwrap();
+    let mut resync = through.changes();
+    proxy.freeze(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match timeout(left, resync.recv()).await {
+            Ok(Ok(heard)) if heard == tenant(B) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("not caught up: {other:?}"),
+        }
+    }
+    assert!(through.is_listening());
+    assert_eq!(through.lookup(tenant(B)).await.unwrap(), Some(after));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_seeding_adds_only_tenants_never_held() {
     use tower_fhir::postgres::PgState;

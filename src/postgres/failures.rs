@@ -6,7 +6,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
 
-use super::Expiring;
+use super::{bounded, Expiring};
 use crate::token::throttle::Counts;
 use crate::token::{FailureCounts, Standing, ThrottlePolicy};
 
@@ -50,7 +50,7 @@ impl FailureCounts for PgFailureCounts {
         policy: ThrottlePolicy,
     ) -> BoxFuture<'static, Result<Standing, String>> {
         let (pool, client, source) = (self.pool.clone(), client_id.to_owned(), source.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let connection = pool.get().await.map_err(|e| e.to_string())?;
             let statement = connection
                 .prepare_cached(
@@ -66,7 +66,7 @@ impl FailureCounts for PgFailureCounts {
             Ok(row.map_or_else(Standing::default, |row| {
                 counts(&row).standing(unix_millis(), policy)
             }))
-        })
+        }))
     }
 
     fn failed(
@@ -76,7 +76,7 @@ impl FailureCounts for PgFailureCounts {
         policy: ThrottlePolicy,
     ) -> BoxFuture<'static, Result<Option<Duration>, String>> {
         let (pool, client, source) = (self.pool.clone(), client_id.to_owned(), source.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let failed = |e: tokio_postgres::Error| e.to_string();
             let mut connection = pool.get().await.map_err(|e| e.to_string())?;
             let transaction = connection.transaction().await.map_err(failed)?;
@@ -123,12 +123,12 @@ impl FailureCounts for PgFailureCounts {
             transaction.commit().await.map_err(failed)?;
             FAILURES.sweep(&connection, now).await;
             Ok(block)
-        })
+        }))
     }
 
     fn succeeded(&self, client_id: &str, source: &str) -> BoxFuture<'static, Result<(), String>> {
         let (pool, client, source) = (self.pool.clone(), client_id.to_owned(), source.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let connection = pool.get().await.map_err(|e| e.to_string())?;
             connection
                 .execute(
@@ -138,6 +138,6 @@ impl FailureCounts for PgFailureCounts {
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(())
-        })
+        }))
     }
 }

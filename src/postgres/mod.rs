@@ -207,20 +207,34 @@ impl PgState {
     /// is not encrypted: use a loopback address or a private network) and migrates the
     /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
     pub async fn connect(url: &str) -> Result<Self, PgError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| PgError::new("the database URL is not valid", e))?;
+        // A connection whose peer went away without a word (a host down, a firewall or NAT
+        // that forgets idle flows) is found out by TCP in about a minute, not hours: idle,
+        // by keepalive probes; with data unacknowledged, by the user timeout.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // Each pooled connection is checked (an empty query, at most 2 s) before it
+                // is used again: one that stopped answering is let go, not handed to the next
+                // request to hang on.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
             .max_size(16)
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(2)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::new("the connection pool cannot be made", e))?;
@@ -404,6 +418,69 @@ fn store_error(doing: &str, error: impl std::error::Error + Send + Sync + 'stati
     StoreError::with_source(format!("the database failed while {doing}"), error)
 }
 
+/// The longest a database operation may take (connecting included) before it fails as
+/// the database not answering: a database that stops answering without closing its
+/// connections (a hung server, a network that drops packets) must not hang requests.
+pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The same for operations that may be slow by nature: many tenants written or listed at
+/// once, a secret hashed.
+const LONG_OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A database operation that got no answer within its time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TimedOut(Duration);
+
+impl fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the database did not answer within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+impl From<tokio::time::error::Elapsed> for TimedOut {
+    fn from(_: tokio::time::error::Elapsed) -> Self {
+        Self(OPERATION_TIMEOUT)
+    }
+}
+
+impl From<TimedOut> for StoreError {
+    fn from(timed_out: TimedOut) -> Self {
+        StoreError::with_source(timed_out.to_string(), timed_out)
+    }
+}
+
+impl From<TimedOut> for DirectoryError {
+    fn from(timed_out: TimedOut) -> Self {
+        DirectoryError::with_source(timed_out.to_string(), timed_out)
+    }
+}
+
+impl From<TimedOut> for String {
+    fn from(timed_out: TimedOut) -> Self {
+        timed_out.to_string()
+    }
+}
+
+/// `operation`, failing with [`TimedOut`] after [`OPERATION_TIMEOUT`].
+pub(crate) async fn bounded<T, E: From<TimedOut>>(
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    bounded_for(OPERATION_TIMEOUT, operation).await
+}
+
+/// `operation`, failing with [`TimedOut`] after `limit`.
+pub(crate) async fn bounded_for<T, E: From<TimedOut>>(
+    limit: Duration,
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(TimedOut(limit).into()),
+    }
+}
+
 /// Clients in PostgreSQL (see the [module docs](self)).
 #[derive(Clone)]
 pub struct PgClientStore {
@@ -488,12 +565,12 @@ impl PgClientStore {
 impl ClientStore for PgClientStore {
     fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move { this.read(&id).await })
+        Box::pin(bounded(async move { this.read(&id).await }))
     }
 
     fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
         let pool = self.pool.clone();
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let failed = |e| store_error("listing the revoked clients", e);
             let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
             let rows = connection
@@ -509,12 +586,12 @@ impl ClientStore for PgClientStore {
                         .map_err(|e| store_error("reading a client", e))
                 })
                 .collect()
-        })
+        }))
     }
 
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
         let this = self.clone();
-        Box::pin(async move {
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
             // Everything but "already taken" is checked before hashing; the hash is made
             // before any transaction; the insert refuses a taken id atomically.
             Clients::default().check_new(&client)?;
@@ -552,12 +629,12 @@ impl ClientStore for PgClientStore {
                 )));
             }
             Ok(secret)
-        })
+        }))
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
             // Refused before hashing when it can be; checked again under the row lock.
             let mut current = Clients::default();
             if let Some(record) = this.read(&id).await? {
@@ -571,17 +648,17 @@ impl ClientStore for PgClientStore {
                 clients.rotate(id, grace, secret)
             })
             .await
-        })
+        }))
     }
 
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             this.modify(&id, "revoking a client", move |clients, id| {
                 clients.revoke(id)
             })
             .await
-        })
+        }))
     }
 
     fn set_entitlements(
@@ -591,12 +668,12 @@ impl ClientStore for PgClientStore {
         scopes: Vec<String>,
     ) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             this.modify(&id, "changing entitlements", move |clients, id| {
                 clients.set_entitlements(id, tenants, scopes)
             })
             .await
-        })
+        }))
     }
 
     fn hashing(&self) -> SecretHashing {
@@ -605,22 +682,22 @@ impl ClientStore for PgClientStore {
 
     fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             this.modify(&id, "changing a rate limit", move |clients, id| {
                 clients.set_rate_limit(id, limit)
             })
             .await
-        })
+        }))
     }
 
     fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             this.modify(&id, "replacing client keys", move |clients, id| {
                 clients.set_keys(id, keys)
             })
             .await
-        })
+        }))
     }
 }
 
@@ -796,7 +873,7 @@ async fn notify(
 impl TenantDirectory for PgTenantStore {
     fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
         let pool = self.pool.clone();
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let connection = pool
                 .get()
                 .await
@@ -815,27 +892,29 @@ impl TenantDirectory for PgTenantStore {
                     .map_err(|e| directory_error("reading a tenant", e))
             })
             .transpose()
-        })
+        }))
     }
 }
 
 impl TenantStore for PgTenantStore {
     fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool> {
         let this = self.clone();
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let replaced = this.write(vec![(tenant, upstreams)]).await?;
             Ok(replaced.first().copied().unwrap_or(false))
-        })
+        }))
     }
 
     fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()> {
         let this = self.clone();
-        Box::pin(async move { this.write(tenants).await.map(drop) })
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            this.write(tenants).await.map(drop)
+        }))
     }
 
     fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool> {
         let this = self.clone();
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let failed = |e| directory_error("removing a tenant", e);
             let mut connection = this
                 .pool
@@ -870,12 +949,14 @@ impl TenantStore for PgTenantStore {
                 let _ = this.changes.send(tenant);
             }
             Ok(removed)
-        })
+        }))
     }
 
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
         let pool = self.pool.clone();
-        Box::pin(async move { list(&pool).await })
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            list(&pool).await
+        }))
     }
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
@@ -923,6 +1004,10 @@ trait Handler: Send + 'static {
     fn stopped(&mut self) {}
 }
 
+/// How long the change listener may hear nothing before it checks its connection (an empty
+/// query, answered within [`OPERATION_TIMEOUT`], else it connects again and catches up).
+const LISTEN_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// Listens on [`CHANGES_CHANNEL`] and hands what it hears to `handler`, connecting again
 /// (waiting 0.25 s, doubling up to 5 s) whenever the connection drops, until the handler
 /// is not alive any more.
@@ -932,55 +1017,84 @@ async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
     // dropped (at the start, nothing was cached before the listener was made).
     let mut missed = false;
     while handler.alive() {
-        match config.connect(NoTls).await {
-            Ok((client, mut connection)) => {
-                let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
-                    let mut messages =
-                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    while let Some(message) = futures::StreamExt::next(&mut messages).await {
-                        match message {
-                            Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
-                                if notes.send(note.payload().to_owned()).is_err() {
+        // (A database that accepts the connection and then says nothing is given up on.)
+        let connected = tokio::time::timeout(OPERATION_TIMEOUT, config.connect(NoTls)).await;
+        match connected.map_err(TimedOut::from) {
+            Err(timed_out) => {
+                tracing::warn!(%timed_out, retry_in = ?wait, "cannot connect to listen for database changes");
+            }
+            Ok(connected) => match connected {
+                Ok((client, mut connection)) => {
+                    let (notes, mut received) = tokio::sync::mpsc::unbounded_channel();
+                    let driver = tokio::spawn(async move {
+                        let mut messages =
+                            futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                        while let Some(message) = futures::StreamExt::next(&mut messages).await {
+                            match message {
+                                Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
+                                    if notes.send(note.payload().to_owned()).is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(error) => {
+                                    tracing::warn!(%error, "the database change listener lost its connection");
                                     break;
                                 }
                             }
-                            Ok(_) => {}
-                            Err(error) => {
-                                tracing::warn!(%error, "the database change listener lost its connection");
-                                break;
-                            }
                         }
-                    }
-                });
-                let listening = client
-                    .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
-                    .await;
-                if let Err(error) = listening {
-                    tracing::warn!(%error, "cannot listen for database changes");
-                } else {
-                    wait = Duration::from_millis(250);
-                    handler.listening(missed).await;
-                    loop {
-                        let note =
-                            match tokio::time::timeout(Duration::from_secs(1), received.recv())
-                                .await
+                    });
+                    let listening = client
+                        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+                        .await;
+                    if let Err(error) = listening {
+                        tracing::warn!(%error, "cannot listen for database changes");
+                    } else {
+                        wait = Duration::from_millis(250);
+                        handler.listening(missed).await;
+                        let mut last_heard = tokio::time::Instant::now();
+                        loop {
+                            let note = match tokio::time::timeout(
+                                Duration::from_secs(1),
+                                received.recv(),
+                            )
+                            .await
                             {
                                 Ok(note) => note,
                                 Err(_) if !handler.alive() => break,
-                                Err(_) => continue,
+                                Err(_) if last_heard.elapsed() < LISTEN_HEARTBEAT => continue,
+                                Err(_) => {
+                                    // Nothing heard for a while: is the connection still
+                                    // there? One that went quiet without closing (a firewall
+                                    // that forgot it) would leave this replica deaf.
+                                    let asked = tokio::time::timeout(
+                                        OPERATION_TIMEOUT,
+                                        client.simple_query(""),
+                                    )
+                                    .await;
+                                    if let Ok(Ok(_)) = asked {
+                                        last_heard = tokio::time::Instant::now();
+                                        continue;
+                                    }
+                                    tracing::warn!(
+                                        "the database change listener's connection stopped answering: connecting again"
+                                    );
+                                    break;
+                                }
                             };
-                        let Some(note) = note else { break };
-                        handler.heard(&note);
+                            let Some(note) = note else { break };
+                            last_heard = tokio::time::Instant::now();
+                            handler.heard(&note);
+                        }
+                        handler.stopped();
                     }
-                    handler.stopped();
+                    driver.abort();
+                    drop(client);
                 }
-                driver.abort();
-                drop(client);
-            }
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
-            }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
+                }
+            },
         }
         missed = true;
         if !handler.alive() {
@@ -1295,7 +1409,7 @@ impl RevocationLog for PgRevocationLog {
             jti: jti.to_owned(),
             exp: expires_at,
         };
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let payload = format!(
                 "revoked:{}",
                 serde_json::to_string(&entry).map_err(|e| e.to_string())?
@@ -1312,7 +1426,7 @@ impl RevocationLog for PgRevocationLog {
             )
             .await
             .map(drop)
-        })
+        }))
     }
 
     fn record_client(
@@ -1329,7 +1443,7 @@ impl RevocationLog for PgRevocationLog {
             revoked_at,
             until,
         };
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let failed = |e: tokio_postgres::Error| e.to_string();
             let payload = format!(
                 "revoked-client:{}",
@@ -1358,7 +1472,7 @@ impl RevocationLog for PgRevocationLog {
             transaction.commit().await.map_err(failed)?;
             REVOKED_CLIENTS.sweep(&connection, unix_now()).await;
             Ok(())
-        })
+        }))
     }
 }
 
@@ -1396,9 +1510,9 @@ impl ReplayGuard for PgReplayGuard {
         until: u64,
     ) -> futures::future::BoxFuture<'static, Result<bool, String>> {
         let (pool, client, jti) = (self.pool.clone(), client.to_owned(), jti.to_owned());
-        Box::pin(async move {
+        Box::pin(bounded(async move {
             let until = i64::try_from(until).unwrap_or(i64::MAX);
             remember(&pool, &JTIS, ("client", &client), &jti, until, None).await
-        })
+        }))
     }
 }

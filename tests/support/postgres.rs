@@ -243,3 +243,80 @@ impl Postgres {
         }
     }
 }
+
+impl Postgres {
+    /// The port the server listens on (loopback).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A TCP proxy on a loopback port to a PostgreSQL server's, that can stop passing bytes either
+/// way without closing anything: what a hung server, or a firewall that forgot a flow, looks
+/// like to a client (its bytes are taken, no answer comes).
+pub struct FreezingProxy {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    pub async fn start(target: u16) -> Self {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let shared = Arc::clone(&frozen);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, Arc::clone(&shared)));
+                tokio::spawn(pump(server_read, client_write, Arc::clone(&shared)));
+            }
+        });
+        Self { port, frozen }
+    }
+
+    /// Stops (`true`) or resumes passing bytes.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The URL of `database` through the proxy.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://gateway@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// Copies `from` to `to`, holding whatever it has while frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    let held = || async {
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    loop {
+        held().await;
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => read,
+        };
+        held().await;
+        if to.write_all(&buffer[..read]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
