@@ -13,7 +13,7 @@ use deadpool_postgres::Pool;
 use jsonwebtoken::Algorithm;
 use tokio::sync::Notify;
 
-use super::{listen, Handler, PgError, CHANGES_CHANNEL};
+use super::{bounded, listen, Handler, PgError, CHANGES_CHANNEL};
 use crate::token::{SigningKey, SigningKeys};
 
 /// The environment variable the gateway reads its key-encryption key from.
@@ -168,6 +168,10 @@ fn next_change(rows: &[Row], now: i64) -> Option<i64> {
 
 /// Every key in the table, opened with `kek`.
 async fn load(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>, PgError> {
+    bounded(load_unbounded(pool, kek)).await
+}
+
+async fn load_unbounded(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>, PgError> {
     let connection = pool
         .get()
         .await
@@ -360,6 +364,20 @@ impl PgSigningKeys {
     ) -> Result<String, PgError> {
         let key = SigningKey::generate_es256()
             .map_err(|e| PgError::plain(format!("cannot make a signing key: {e}")))?;
+        bounded(self.store_rotation(&key, publish_for, retire_after)).await?;
+        self.apply_now().await;
+        self.reload.notify_one();
+        tracing::info!(kid = key.kid(), signs_in = ?publish_for, "signing key rotation started");
+        Ok(key.kid().to_owned())
+    }
+
+    /// The database side of [`rotate`](Self::rotate).
+    async fn store_rotation(
+        &self,
+        key: &SigningKey,
+        publish_for: Duration,
+        retire_after: Duration,
+    ) -> Result<(), PgError> {
         let mut connection = connect(&self.pool).await?;
         let failed = |e| PgError::new("cannot rotate the signing keys", e);
         let transaction = locked(&mut connection, failed).await?;
@@ -380,16 +398,11 @@ impl PgSigningKeys {
             )
             .await
             .map_err(failed)?;
-        insert(&transaction, &self.kek, &key, now, switch).await?;
+        insert(&transaction, &self.kek, key, now, switch).await?;
         announce(&transaction).await?;
-        transaction.commit().await.map_err(failed)?;
-        // The connection goes back to the pool first: the follower may be waiting for one
-        // while it holds what `apply_now` waits for.
-        drop(connection);
-        self.apply_now().await;
-        self.reload.notify_one();
-        tracing::info!(kid = key.kid(), signs_in = ?publish_for, "signing key rotation started");
-        Ok(key.kid().to_owned())
+        transaction.commit().await.map_err(failed)
+        // (The connection goes back to the pool before `apply_now`: the follower may be
+        // waiting for one while it holds what `apply_now` waits for.)
     }
 
     /// Stops publishing the key `kid` everywhere at once, for a compromised key: tokens it
@@ -398,6 +411,14 @@ impl PgSigningKeys {
     /// before its time to sign cancels its rotation: the keys it was to replace stay published
     /// until the next rotation.
     pub async fn retire(&self, kid: &str) -> Result<(), PgError> {
+        bounded(self.store_retirement(kid)).await?;
+        self.apply_now().await;
+        self.reload.notify_one();
+        Ok(())
+    }
+
+    /// The database side of [`retire`](Self::retire).
+    async fn store_retirement(&self, kid: &str) -> Result<(), PgError> {
         let mut connection = connect(&self.pool).await?;
         let failed = |e| PgError::new("cannot retire a signing key", e);
         let transaction = locked(&mut connection, failed).await?;
@@ -458,13 +479,7 @@ impl PgSigningKeys {
                 .map_err(failed)?;
         }
         announce(&transaction).await?;
-        transaction.commit().await.map_err(failed)?;
-        // The connection goes back to the pool first: the follower may be waiting for one
-        // while it holds what `apply_now` waits for.
-        drop(connection);
-        self.apply_now().await;
-        self.reload.notify_one();
-        Ok(())
+        transaction.commit().await.map_err(failed)
     }
 
     /// Reads the keys back and applies them before a change made here is answered, so this

@@ -457,6 +457,12 @@ impl From<TimedOut> for DirectoryError {
     }
 }
 
+impl From<TimedOut> for PgError {
+    fn from(timed_out: TimedOut) -> Self {
+        PgError::new("the database did not answer in time", timed_out)
+    }
+}
+
 impl From<TimedOut> for String {
     fn from(timed_out: TimedOut) -> Self {
         timed_out.to_string()
