@@ -468,16 +468,13 @@ async fn put_client(
         ),
         Some(_) => {
             let mut body = body;
-            match body.keys() {
-                Ok(None) => {}
-                Ok(Some(keys)) => {
-                    if let Err(err) = admin.clients.set_keys(&client_id, keys).await {
-                        return store_failed(&err, "replacing a client's keys");
-                    }
-                    tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
-                }
+            // Everything is checked before anything is written: the keys here, the tenants
+            // and scopes by the entitlements' write, which goes first. A body refused leaves
+            // the client as it was.
+            let keys = match body.keys() {
+                Ok(keys) => keys,
                 Err(why) => return error(StatusCode::BAD_REQUEST, why),
-            }
+            };
             let tenants = body.tenants.len();
             if let Err(err) = admin
                 .clients
@@ -485,6 +482,12 @@ async fn put_client(
                 .await
             {
                 return store_failed(&err, "changing a client's entitlements");
+            }
+            if let Some(keys) = keys {
+                if let Err(err) = admin.clients.set_keys(&client_id, keys).await {
+                    return store_failed(&err, "replacing a client's keys");
+                }
+                tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
             }
             if let Err(err) = admin
                 .clients

@@ -268,6 +268,24 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
             reply.text()
         );
     }
+    // A body refused for its scopes changes nothing, its keys included: the key that
+    // worked still does.
+    let body = json!({"tenants": [TENANT], "scopes": ["not a scope"],
+        "jwks": {"keys": [public_jwk(RSA2_PRIVATE, "ops-3")]}});
+    let reply = client
+        .send("PUT", "/admin/clients/ops", &admin, &body.to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let reply = post(
+        client,
+        "/oauth/token",
+        &format!(
+            "grant_type=client_credentials&{}",
+            assertion(RSA_PRIVATE, "ops-2", "ops", &base, "o-5")
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 
     // What the SMART configuration advertises.
     let config = client

@@ -162,10 +162,20 @@ impl Upstream {
     }
 
     /// The `Authorization` value the gateway sends to this upstream (the client's own token
-    /// is never forwarded). Marked sensitive, never shown in `Debug`.
+    /// is never forwarded). Marked sensitive, never shown in `Debug`. It must be visible
+    /// ASCII (spaces and tabs between): other bytes would not be kept when the upstream is
+    /// saved, nor read alike by every server.
     pub fn with_authorization(mut self, value: &str) -> Result<Self, InvalidUpstream> {
-        let mut value = HeaderValue::from_str(value)
-            .map_err(|_| InvalidUpstream("authorization is not a valid header value".into()))?;
+        let invalid = || {
+            InvalidUpstream(
+                "authorization is not a valid header value (visible ASCII, spaces and tabs between)"
+                    .into(),
+            )
+        };
+        if !value.is_ascii() {
+            return Err(invalid());
+        }
+        let mut value = HeaderValue::from_str(value).map_err(|_| invalid())?;
         value.set_sensitive(true);
         self.inner_mut().authorization = Some(value);
         Ok(self)
@@ -807,6 +817,28 @@ mod tests {
         .is_err());
     }
 
+    #[test]
+    fn an_authorization_that_is_not_ascii_is_refused_not_dropped() {
+        for value in ["Bearer t\u{f6}k\u{e9}n", "Bearer a\nb", "Bearer \u{7f}"] {
+            let refused = Upstream::parse("http://ehr:9001/fhir", FhirVersion::R4)
+                .unwrap()
+                .with_authorization(value)
+                .unwrap_err();
+            assert!(refused.to_string().contains("authorization"), "{value:?}");
+            let json = serde_json::json!({"base_url": "http://ehr:9001/fhir", "fhir_version": "4.0",
+                                          "authorization": value});
+            assert!(
+                serde_json::from_value::<Upstream>(json).is_err(),
+                "{value:?}"
+            );
+        }
+        let kept = Upstream::parse("http://ehr:9001/fhir", FhirVersion::R4)
+            .unwrap()
+            .with_authorization("Basic dXNlcjpwYXNz\t x")
+            .unwrap();
+        let json = serde_json::to_value(&kept).unwrap();
+        assert_eq!(json["authorization"], "Basic dXNlcjpwYXNz\t x");
+    }
     #[test]
     fn in_process_records_round_trip_and_bad_ones_are_refused() {
         let json = json!({"in_process": {"key": "contoso-db", "fhir_versions": ["4.0", "1.0"]},
