@@ -283,7 +283,16 @@ fn private_directory(dir: &Path) -> Result<PathBuf, String> {
     }
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // Another user's directory (one planted before the first start, say) is theirs to
+        // change whatever its mode: they could replace the keys or the tenants between runs.
+        let owner = metadata.uid();
+        let me = rustix::process::geteuid().as_raw();
+        if owner != me {
+            return Err(format!(
+                "the state directory {shown} belongs to another user (uid {owner}, this process runs as uid {me}): choose a directory of this user's, or create it afresh"
+            ));
+        }
         let mode = metadata.permissions().mode();
         if mode & 0o022 != 0 {
             return Err(format!(
