@@ -443,6 +443,10 @@ fn default_shutdown_grace() -> u64 {
 /// `idle_timeout_seconds` and `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
+/// The longest `token.ttl_seconds` accepted: a day (access tokens are short-lived; a longer
+/// one could overflow the clock).
+const MAX_TOKEN_TTL_SECONDS: u64 = 86_400;
+
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
@@ -565,6 +569,13 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1, not 0".to_owned());
+        }
+        if let Some(ttl) = self.token.ttl_seconds {
+            if !(1..=MAX_TOKEN_TTL_SECONDS).contains(&ttl) {
+                return Err(format!(
+                    "token.ttl_seconds must be between 1 and {MAX_TOKEN_TTL_SECONDS} (a day), not {ttl}"
+                ));
+            }
         }
         if let Some(workers) = self.workers {
             if !(1..=MAX_WORKERS).contains(&workers) {
@@ -886,6 +897,14 @@ mod tests {
             (
                 r#"{"max_connections": 0}"#,
                 "max_connections must be at least 1, not 0",
+            ),
+            (
+                r#"{"token": {"ttl_seconds": 18446744073709551615}}"#,
+                "token.ttl_seconds must be between 1 and 86400 (a day), not 18446744073709551615",
+            ),
+            (
+                r#"{"token": {"ttl_seconds": 0}}"#,
+                "token.ttl_seconds must be between 1 and 86400 (a day), not 0",
             ),
         ] {
             let config: Config = serde_json::from_str(json).unwrap();

@@ -560,7 +560,7 @@ impl Inner {
             "aud": self.audience,
             "iat": now,
             "nbf": now,
-            "exp": now + lifetime,
+            "exp": now.saturating_add(lifetime),
             "jti": jti(),
             "scope": scope,
         });
