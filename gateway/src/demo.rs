@@ -68,9 +68,17 @@ pub(crate) async fn config() -> Config {
     config
 }
 
+/// Keeps the demo's admin API only on a loopback address: its token is published (here and in
+/// the README), and whoever has it may point a tenant anywhere the gateway can reach.
+pub(crate) fn keep_admin_on_loopback(config: &mut Config) {
+    if !config.listen.ip().is_loopback() {
+        config.admin_token = None;
+    }
+}
+
 /// Prints the demo credentials, a token per tenant (from the gateway's own token endpoint)
 /// and curl commands that work as printed.
-pub(crate) async fn print(base: &str, gateway: &Gateway) {
+pub(crate) async fn print(base: &str, gateway: &Gateway, admin: bool) {
     let token = |tenant: &'static str| {
         let gateway = gateway.clone();
         async move {
@@ -96,7 +104,11 @@ pub(crate) async fn print(base: &str, gateway: &Gateway) {
     let token_dstu2 = token(TENANT_DSTU2).await;
     let token_stu3 = token(TENANT_STU3).await;
     println!("demo client: client_id {DEMO_CLIENT}, client_secret {DEMO_SECRET}");
-    println!("demo admin token: {DEMO_ADMIN_TOKEN}");
+    if admin {
+        println!("demo admin token: {DEMO_ADMIN_TOKEN}");
+    } else {
+        println!("the admin API is off: the demo's admin token is published, and this demo listens beyond loopback (run it on 127.0.0.1 to use it)");
+    }
     println!("demo token for the DSTU2 tenant (ES256, valid for 1 hour):\n  {token_dstu2}");
     println!("demo token for the STU3 tenant (ES256, valid for 1 hour):\n  {token_stu3}\n");
     println!("try:");

@@ -134,6 +134,9 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if demo {
+        demo::keep_admin_on_loopback(&mut config);
+    }
     config.database_from_env();
     init_logs(config.log_format);
     // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
@@ -238,7 +241,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
     if demo {
-        demo::print(&base, &gateway).await;
+        demo::print(&base, &gateway, config.admin_token.is_some()).await;
     }
     let database = state
         .database

@@ -733,3 +733,41 @@ async fn signing_keys_rotate_and_retire_through_the_admin_api() {
     let reply = gw.client.send("POST", "/admin/signing-keys", &[], "").await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 }
+
+/// The demo's admin token is published: its admin API answers only when the demo listens on
+/// loopback; beyond it (`--listen 0.0.0.0:...`) the demo runs without one, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demos_admin_api_is_on_loopback_only() {
+    for (host, admin) in [("127.0.0.1", true), ("0.0.0.0", false)] {
+        let port = free_port();
+        let dir = scratch(&format!("demo-admin-{admin}"));
+        let mut command = Command::new(GATEWAY);
+        command
+            .arg("--listen")
+            .arg(format!("{host}:{port}"))
+            .env("RUST_LOG", "warn");
+        let (mut proc, _) = Proc::start(
+            command,
+            dir.join("gateway.log"),
+            "tower-fhir gateway listening on ",
+        );
+        proc.wait_for(if admin {
+            "demo admin token: "
+        } else {
+            "the admin API is off"
+        });
+        let client = TestClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
+        let reply = client
+            .get(
+                "/admin/signing-keys",
+                &[("authorization", "Bearer demo-admin-token-change-me")],
+            )
+            .await;
+        if admin {
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        } else {
+            assert_ne!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        proc.terminate();
+    }
+}
