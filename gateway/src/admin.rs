@@ -53,7 +53,14 @@ pub(crate) struct Admin {
     pub(crate) tenant_writes: tokio::sync::Mutex<()>,
     /// The token endpoint: revoking a client revokes the tokens it holds.
     pub(crate) endpoint: TokenEndpoint,
+    /// How long a request body may pause, and its least average rate (the gateway's
+    /// `body_read_timeout_seconds` and `body_min_bytes_per_second`).
+    pub(crate) body_timeout: Duration,
+    pub(crate) body_min_rate: u32,
 }
+
+/// The most an admin request's body may hold: a tenant or a client is a few kilobytes.
+pub(crate) const MAX_ADMIN_BODY_BYTES: u64 = 1 << 20;
 
 /// Where the signing keys are changed.
 pub(crate) enum KeyAdmin {
@@ -94,7 +101,37 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
             Arc::clone(&admin),
             require_admin,
         ))
+        // Every request's body is bounded first, as the gateway's are.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&admin),
+            bounded_body,
+        ))
         .with_state(admin)
+}
+
+/// `413` for a body declared larger than [`MAX_ADMIN_BODY_BYTES`] (before it is read); any
+/// other body read at most that far, and given up on when it pauses longer than the body
+/// timeout or falls behind the least rate (its handler then answers `400`, `413` past the
+/// limit).
+async fn bounded_body(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_ADMIN_BODY_BYTES) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("an admin request's body may hold at most {MAX_ADMIN_BODY_BYTES} bytes"),
+        );
+    }
+    let request = request.map(|body| {
+        let limited = http_body_util::Limited::new(body, MAX_ADMIN_BODY_BYTES as usize);
+        axum::body::Body::new(
+            tower_fhir::ops::TimedBody::new(limited, admin.body_timeout)
+                .min_rate(admin.body_min_rate),
+        )
+    });
+    next.run(request).await
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -811,6 +848,8 @@ mod tests {
             token_lifetime: Duration::from_secs(3600),
             tenant_writes: tokio::sync::Mutex::new(()),
             endpoint: endpoint.build().unwrap(),
+            body_timeout: Duration::from_secs(30),
+            body_min_rate: 0,
         };
         (super::routes(Arc::new(admin)), routes)
     }

@@ -189,6 +189,8 @@ async fn run(args: Args) -> Result<(), String> {
             token_lifetime: Duration::from_secs(config.token.ttl_seconds.unwrap_or(3600)),
             tenant_writes: tokio::sync::Mutex::new(()),
             endpoint: endpoint.clone(),
+            body_timeout: Duration::from_secs(config.body_read_timeout_seconds),
+            body_min_rate: config.body_min_bytes_per_second,
         }))
         .layer(tower_http::trace::TraceLayer::new_for_http())
     });

@@ -350,3 +350,37 @@ fn bad_limits_in_the_configuration_are_refused_in_one_sentence() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The admin API's bodies are bounded as the gateway's are: one declared too large gets `413`
+/// before a byte of it is read, one that stops arriving is given up on after
+/// `body_read_timeout_seconds`, even with the right admin token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_request_bodies_are_bounded_in_size_and_time() {
+    let dir = scratch("admin-bodies");
+    let upstream = RecordingUpstream::start().await;
+    let mut config = config(&dir, free_port(), &upstream.base("/fhir"));
+    config["body_read_timeout_seconds"] = json!(2);
+    let gateway = start_gateway(&dir, &config);
+    let addr = gateway.client.addr();
+    let head = |length: u64| {
+        format!(
+            "PUT /admin/tenants/{OTHER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let huge = head(100 * 1024 * 1024);
+    let (answer, waited) = tokio::task::spawn_blocking(move || send_until_closed(addr, &huge))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let stalled = format!("{}{{\"upstreams\"", head(100));
+    let (answer, waited) = tokio::task::spawn_blocking(move || send_until_closed(addr, &stalled))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert!(waited < Duration::from_secs(9), "{waited:?}");
+    // The tenant is as it was.
+    let reply = admin(&gateway, "GET", &format!("/admin/tenants/{OTHER}"), &json!(null)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["upstreams"][0]["base_url"], upstream.base("/fhir"));
+}
