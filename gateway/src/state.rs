@@ -243,6 +243,21 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             .put_all(tenants)
             .await
             .map_err(|e| format!("cannot write the configured tenants: {e}"))?;
+    } else {
+        // The state holds the tenants from the first start on; one of the configuration's
+        // that it lacks was removed through the admin API, or added to the file since. Which,
+        // the files do not say: it is not added back, but said.
+        let held = directory
+            .list()
+            .await
+            .map_err(|e| format!("cannot read the tenant directory: {e}"))?;
+        for tenant in config.tenants.iter().filter(|t| !held.contains(&t.id)) {
+            tracing::warn!(
+                tenant = %tenant.id,
+                state = %tenants_file.display(),
+                "a tenant of the configuration is not in the state (removed through the admin API, or added to the configuration after the first start): not added; onboard it with PUT /admin/tenants/{{id}}"
+            );
+        }
     }
     refuse_nested_bases(&directory, &format!("{}", tenants_file.display())).await?;
     let clients_file = dir.join("clients.json");

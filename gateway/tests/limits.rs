@@ -380,7 +380,16 @@ async fn admin_request_bodies_are_bounded_in_size_and_time() {
     assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
     assert!(waited < Duration::from_secs(9), "{waited:?}");
     // The tenant is as it was.
-    let reply = admin(&gateway, "GET", &format!("/admin/tenants/{OTHER}"), &json!(null)).await;
+    let reply = admin(
+        &gateway,
+        "GET",
+        &format!("/admin/tenants/{OTHER}"),
+        &json!(null),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert_eq!(reply.json()["upstreams"][0]["base_url"], upstream.base("/fhir"));
+    assert_eq!(
+        reply.json()["upstreams"][0]["base_url"],
+        upstream.base("/fhir")
+    );
 }

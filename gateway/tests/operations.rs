@@ -771,3 +771,27 @@ async fn the_demos_admin_api_is_on_loopback_only() {
         proc.terminate();
     }
 }
+
+/// With `state_dir`, tenants are seeded at the first start only: one added to the
+/// configuration later is not added (the files do not say whether it was removed through the
+/// admin API), and the log says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not_added() {
+    let dir = scratch("late-tenant");
+    let upstream = RecordingUpstream::start().await;
+    let mut first = start(&dir, &upstream, json!({}));
+    first.proc.terminate();
+    let late = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+    let tenants = json!([
+        {"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]},
+        {"id": late, "upstreams": [{"base_url": "http://127.0.0.1:9/late", "fhir_version": "4.0"}]}
+    ]);
+    let mut second = start(&dir, &upstream, json!({ "tenants": tenants }));
+    let log = second.proc.stderr();
+    assert!(
+        log.contains("a tenant of the configuration is not in the state") && log.contains(late),
+        "{log}"
+    );
+    assert!(!log.contains(&format!("tenant={TENANT}")), "{log}");
+    second.proc.terminate();
+}
