@@ -71,8 +71,12 @@ enum Target<'a> {
     Search { ty: &'a str },
     /// A resource a search includes (`_include`, `_revinclude`): its type, and the parameter
     /// of a plain `_include` (no `:iterate`) by `patient` or `subject`, through which it is
-    /// whom a search narrowed by that parameter names.
-    Included { ty: &'a str, via: Option<&'a str> },
+    /// whom a search narrowed by that parameter names; and the type searched.
+    Included {
+        ty: &'a str,
+        via: Option<&'a str>,
+        searched: &'a str,
+    },
     /// Anything else: a create, system-level searches and history, type history. Whose data
     /// it is cannot be told before forwarding.
     Undecidable,
@@ -307,7 +311,12 @@ impl<'g> Check<'g> {
                         let via = value.split(':').nth(1).filter(|param| {
                             plain && !reverse && ["patient", "subject"].contains(param)
                         });
-                        need(Some(ty), Permissions::READ, Target::Included { ty, via })
+                        let searched = found.resource_type.unwrap_or_default();
+                        need(
+                            Some(ty),
+                            Permissions::READ,
+                            Target::Included { ty, via, searched },
+                        )
                     }
                     None => need(None, Permissions::READ, Target::Undecidable),
                 }
@@ -397,11 +406,11 @@ impl<'g> Check<'g> {
                     // the search to them (`Observation?patient=123&_include=Observation:patient`).
                     // Through another (`performer`, `link`), by `:iterate` or `_revinclude`, a
                     // `Patient` may be another patient.
-                    Target::Included { ty, via } => {
+                    Target::Included { ty, via, searched } => {
                         coverage = Coverage::ByParameters;
                         ty == "Patient"
                             && via.is_some_and(|via| {
-                                narrowed_search(params, patient)
+                                narrowed_search(searched, params, patient)
                                     && params.iter().any(|(name, _)| name == via)
                             })
                     }
@@ -658,18 +667,157 @@ fn narrowed_to(ty: &str, params: &[Param<'_>], patient: &str) -> bool {
         return params.iter().any(|(n, v)| n == "_id" && v == patient)
             && !params.iter().any(|(n, v)| n == "_id" && v != patient);
     }
-    narrowed_search(params, patient)
+    narrowed_search(ty, params, patient)
 }
 
-/// Whether `patient` or `subject` narrows the search to the patient, each such parameter
-/// naming that patient only (no `,` alternatives, no chained or modified forms).
-fn narrowed_search(params: &[Param<'_>], patient: &str) -> bool {
+/// The types whose `patient` search parameter can point to a Patient in every FHIR release
+/// that has the type (DSTU2, STU3, R4, R5: the releases' `search-parameters.json`), sorted.
+const PATIENT_PARAM_TYPES: [&str; 80] = [
+    "Account",
+    "AllergyIntolerance",
+    "Appointment",
+    "AppointmentResponse",
+    "AuditEvent",
+    "Basic",
+    "BiologicallyDerivedProductDispense",
+    "BodySite",
+    "BodyStructure",
+    "CarePlan",
+    "CareTeam",
+    "ChargeItem",
+    "Claim",
+    "ClinicalImpression",
+    "Communication",
+    "CommunicationRequest",
+    "Composition",
+    "Condition",
+    "Consent",
+    "Contract",
+    "CoverageEligibilityRequest",
+    "CoverageEligibilityResponse",
+    "DetectedIssue",
+    "DeviceAssociation",
+    "DeviceDispense",
+    "DeviceRequest",
+    "DeviceUsage",
+    "DeviceUseRequest",
+    "DeviceUseStatement",
+    "DiagnosticOrder",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "Encounter",
+    "EncounterHistory",
+    "EnrollmentRequest",
+    "EpisodeOfCare",
+    "FamilyMemberHistory",
+    "Flag",
+    "GenomicStudy",
+    "Goal",
+    "GuidanceResponse",
+    "ImagingManifest",
+    "ImagingObjectSelection",
+    "ImagingSelection",
+    "ImagingStudy",
+    "Immunization",
+    "ImmunizationEvaluation",
+    "ImmunizationRecommendation",
+    "Invoice",
+    "List",
+    "MeasureReport",
+    "Media",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationOrder",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MolecularSequence",
+    "NutritionIntake",
+    "NutritionOrder",
+    "Observation",
+    "Order",
+    "Person",
+    "Procedure",
+    "ProcedureRequest",
+    "Provenance",
+    "QuestionnaireResponse",
+    "ReferralRequest",
+    "RelatedPerson",
+    "RequestGroup",
+    "RequestOrchestration",
+    "ResearchSubject",
+    "RiskAssessment",
+    "Sequence",
+    "ServiceRequest",
+    "Specimen",
+    "SupplyDelivery",
+    "Task",
+    "VisionPrescription",
+];
+
+/// The same for the `subject` search parameter, sorted.
+const SUBJECT_PARAM_TYPES: [&str; 43] = [
+    "Account",
+    "AdverseEvent",
+    "Basic",
+    "CarePlan",
+    "CareTeam",
+    "ChargeItem",
+    "Communication",
+    "CommunicationRequest",
+    "Composition",
+    "Contract",
+    "DeviceAssociation",
+    "DeviceDispense",
+    "DeviceRequest",
+    "DeviceUseRequest",
+    "DeviceUseStatement",
+    "DiagnosticOrder",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "EncounterHistory",
+    "EnrollmentRequest",
+    "Flag",
+    "GenomicStudy",
+    "Goal",
+    "GuidanceResponse",
+    "ImagingSelection",
+    "InventoryItem",
+    "Invoice",
+    "List",
+    "Media",
+    "MedicationRequest",
+    "NutritionIntake",
+    "Observation",
+    "Order",
+    "Procedure",
+    "ProcedureRequest",
+    "QuestionnaireResponse",
+    "RequestGroup",
+    "RequestOrchestration",
+    "RiskAssessment",
+    "ServiceRequest",
+    "Specimen",
+    "Task",
+];
+
+/// Whether `patient` or `subject` narrows a search of `ty` to the patient, each such parameter
+/// naming that patient only (no `,` alternatives, no chained or modified forms) and being one
+/// the type has: on another type (`Binary?patient=123`), a server that ignores a parameter it
+/// does not know would search everyone's.
+fn narrowed_search(ty: &str, params: &[Param<'_>], patient: &str) -> bool {
     let reference = format!("Patient/{patient}");
     let mut narrowed = false;
     for (name, value) in params {
         let base = name.split([':', '.']).next().unwrap_or("");
-        if base != "patient" && base != "subject" {
-            continue;
+        let types: &[&str] = match base {
+            "patient" => &PATIENT_PARAM_TYPES,
+            "subject" => &SUBJECT_PARAM_TYPES,
+            _ => continue,
+        };
+        if types.binary_search(&ty).is_err() {
+            return false;
         }
         if name != base {
             // `patient:missing`, `subject.name`, `patient:Patient`: not a plain narrowing.
@@ -960,6 +1108,38 @@ mod tests {
             Method::GET,
             device
         ));
+    }
+
+    #[test]
+    fn a_patient_narrowing_counts_only_on_a_type_that_has_the_parameter() {
+        // Sorted, for the binary search.
+        for types in [&PATIENT_PARAM_TYPES[..], &SUBJECT_PARAM_TYPES[..]] {
+            assert!(types.windows(2).all(|w| w[0] < w[1]));
+        }
+        for narrowed in [
+            "/Observation?patient=123",
+            "/Observation?subject=Patient/123",
+            "/Condition?patient=Patient/123",
+            "/MedicationOrder?patient=123",
+            "/Task?subject=Patient/123",
+        ] {
+            assert!(allowed("patient/*.rs", Method::GET, narrowed), "{narrowed}");
+        }
+        // A type without such a parameter (in some release that has the type): a lenient
+        // server would ignore it and search everyone's.
+        for unnarrowed in [
+            "/Binary?patient=123",
+            "/Practitioner?patient=123",
+            "/Group?patient=123",
+            "/Coverage?patient=123",
+            "/Condition?subject=Patient/123",
+            "/Binary?patient=123&_include=Binary:patient",
+        ] {
+            assert!(
+                !allowed("patient/*.rs", Method::GET, unnarrowed),
+                "{unnarrowed}"
+            );
+        }
     }
 
     #[test]

@@ -33,7 +33,10 @@
 //!   request alone: that `Patient` (read, update, history, operations), its compartment
 //!   (`Patient/[id]/Observation`, `$everything`), and searches narrowed to it by `patient=[id]`
 //!   or `patient=Patient/[id]`, `subject=Patient/[id]`, or `Patient?_id=[id]` (each such
-//!   parameter naming that patient alone). A read of another type by id, a create, an
+//!   parameter naming that patient alone, and one the type searched has in every FHIR
+//!   release that has the type, DSTU2 to R5: `Observation?patient=123`, not
+//!   `Binary?patient=123`, which a lenient server would run without it). (On STU3 a bare
+//!   `patient=[id]` may also match a `Group` of that id; `patient=Patient/[id]` does not.) A read of another type by id, a create, an
 //!   unnarrowed search or a history of a type are refused: whose data they touch is in the
 //!   resource, which the gateway has not seen. An include under a `patient/` scope brings in
 //!   only `Patient`, through the very parameter that narrows the search to that patient
