@@ -134,6 +134,11 @@ async fn bounded_body(State(admin): State<Arc<Admin>>, request: Request, next: N
     next.run(request).await
 }
 
+/// Why a tenant whose upstreams serve one release twice is refused.
+pub(crate) fn repeated_release(version: tower_fhir::version::FhirVersion) -> String {
+    format!("two upstreams serve FHIR {version}: requests for that release would only ever reach the first")
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"error": message}))).into_response()
 }
@@ -251,6 +256,9 @@ async fn put_tenant(
             );
         }
     };
+    if let Some(version) = upstreams.repeated_release() {
+        return error(StatusCode::BAD_REQUEST, &repeated_release(version));
+    }
     let _writing = admin.tenant_writes.lock().await;
     match nested_with_others(&admin, tenant, &upstreams).await {
         Ok(None) => {}
@@ -926,6 +934,27 @@ mod tests {
         assert!(
             routes.resolve(tenant).await.unwrap().is_none(),
             "the removed tenant is still routed"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_upstreams_of_one_release_are_refused() {
+        use tower_fhir::route::TenantDirectory;
+        let directory = InMemoryDirectory::new();
+        let (router, _) = admin(&directory);
+        let twice = r#"{"upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"},
+                                      {"base_url": "http://127.0.0.1:2/fhir", "fhir_version": "4.0"}]}"#;
+        assert_eq!(send(&router, "PUT", twice).await, StatusCode::BAD_REQUEST);
+        assert!(directory
+            .lookup(TenantId::parse(TENANT).unwrap())
+            .await
+            .unwrap()
+            .is_none());
+        let two_releases = r#"{"upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"},
+                                             {"base_url": "http://127.0.0.1:2/fhir", "fhir_version": "3.0"}]}"#;
+        assert_eq!(
+            send(&router, "PUT", two_releases).await,
+            StatusCode::CREATED
         );
     }
 }

@@ -518,6 +518,18 @@ impl Config {
                 path.display()
             ));
         }
+        if let Some((tenant, version)) = config
+            .tenants
+            .iter()
+            .find_map(|tenant| Some(tenant).zip(tenant.record.repeated_release()))
+        {
+            return Err(format!(
+                "the configuration file {}: tenant {}: {}",
+                path.display(),
+                tenant.id,
+                crate::admin::repeated_release(version)
+            ));
+        }
         if let Some(nested) = tower_fhir::route::nested_bases(
             config
                 .tenants

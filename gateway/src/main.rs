@@ -102,7 +102,14 @@ fn failed(message: &str) -> ExitCode {
 
 /// `--check-config FILE`: everything `run` builds from the file, in memory.
 async fn check_config(file: &std::path::Path) -> Result<(), String> {
-    let config = Config::load(file)?;
+    let mut config = Config::load(file)?;
+    config.database_from_env();
+    if config.database_url.is_some() {
+        // What the start would refuse first: the database's key-encryption key. (The database
+        // itself is not reached.)
+        tower_fhir::postgres::KeyEncryptionKey::from_env()
+            .map_err(|e| format!("cannot use the database: {e}"))?;
+    }
     state::check(&config).await?;
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();

@@ -93,10 +93,37 @@ fn check_config_accepts_a_good_file_and_writes_nothing() {
 }
 
 #[test]
+fn check_config_with_a_database_needs_the_key_encryption_key_as_the_start_does() {
+    let file = config_file(
+        "database-without-kek",
+        r#"{"listen": "127.0.0.1:0", "database_url": "postgres://gateway@127.0.0.1:9/none"}"#,
+    );
+    let out = Command::new(GATEWAY)
+        .args(["--check-config", file.to_str().unwrap()])
+        .env("RUST_LOG", "off")
+        .env_remove("TOWER_FHIR_KEY_ENCRYPTION_KEY")
+        .env_remove("TOWER_FHIR_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "said ok: {}", text(&out.stdout));
+    assert!(stderr.contains("TOWER_FHIR_KEY_ENCRYPTION_KEY"), "{stderr}");
+}
+
+#[test]
 fn check_config_says_what_is_wrong() {
     let cases = [
         ("syntax", "{\"listen\": ", "is not valid"),
         ("unknown-key", r#"{"listn": "127.0.0.1:1"}"#, "unknown field `listn`"),
+        (
+            "repeated-release",
+            &GOOD.replace(
+                r#"[{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}]"#,
+                r#"[{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"},
+                    {"base_url": "http://127.0.0.1:9002/fhir", "fhir_version": "3.0"}]"#,
+            ),
+            "two upstreams serve FHIR 3.0",
+        ),
         (
             "short-secret",
             &GOOD.replace("a-secret-of-16-or-more-chars", "short"),

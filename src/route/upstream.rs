@@ -601,6 +601,22 @@ impl TenantRecord {
         }
     }
 
+    /// A FHIR release two of the upstreams serve, if any: [`select`](Self::select) picks the
+    /// first, so the second is never reached. (Allowed, for records stored before; a
+    /// configuration or an API taking new records should refuse it.)
+    pub fn repeated_release(&self) -> Option<FhirVersion> {
+        let Serving::Proxied(upstreams) = &self.serving else {
+            return None;
+        };
+        upstreams.iter().enumerate().find_map(|(at, upstream)| {
+            let version = upstream.fhir_version();
+            upstreams[..at]
+                .iter()
+                .any(|u| u.fhir_version() == version)
+                .then_some(version)
+        })
+    }
+
     /// The default upstream; `None` for a tenant served in-process.
     pub fn default_upstream(&self) -> Option<&Upstream> {
         self.select(None)
