@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
 
 /// Rewrites URLs under `from` (the upstream base) to `to` (the gateway's public base).
 #[derive(Debug, Clone)]
@@ -26,41 +25,28 @@ impl BaseRewriter {
         at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
     }
 
-    /// A FHIR JSON Bundle with `link[].url` and `entry[].fullUrl` (any `"url"` or `"fullUrl"`
-    /// value) under the upstream base rewritten; `None` when the body is not a JSON Bundle or
-    /// holds nothing to rewrite.
+    /// A FHIR JSON Bundle with its own `link[].url`, `entry[].fullUrl` and
+    /// `entry[].response.location` under the upstream base rewritten; `None` when the body is
+    /// not a JSON Bundle or holds nothing to rewrite. Nothing inside the entries' resources is
+    /// touched (a canonical `url`, an extension's, a Bundle within), so resources read through
+    /// a search are the ones the upstream holds.
     pub(crate) fn bundle(&self, body: &[u8]) -> Option<Bytes> {
-        #[derive(Deserialize)]
-        struct Probe<'a> {
-            #[serde(rename = "resourceType", borrow)]
-            resource_type: Option<std::borrow::Cow<'a, str>>,
-        }
         // Cheap tests first: most responses are no Bundle (its searcher is built once), or
         // hold no upstream URL.
         let from = self.from.as_bytes();
         find_bundle(body)?;
         find(body, from)?;
-        let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
-        if probe.resource_type.as_deref() != Some("Bundle") {
-            return None;
-        }
+        let values = bundle_links(body)?;
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
-        let mut search = 0;
-        while let Some(found) = find(&body[search..], from) {
-            let value = search + found;
-            let after = value + from.len();
-            search = after;
-            // A JSON string value starting with the base, after a `"url":` or `"fullUrl":` key.
-            let Some(start) = value.checked_sub(1).filter(|&quote| body[quote] == b'"') else {
-                continue;
-            };
-            if !at_boundary(&body[after..]) || !follows_url_key(&body[..start]) {
+        for value in values {
+            let rest = &body[value.clone()];
+            if !rest.starts_with(from) || !at_boundary(&rest[from.len()..]) {
                 continue;
             }
-            out.extend_from_slice(&body[copied..value]);
+            out.extend_from_slice(&body[copied..value.start]);
             out.extend_from_slice(self.to.as_bytes());
-            copied = after;
+            copied = value.start + from.len();
         }
         if copied == 0 {
             return None;
@@ -70,26 +56,141 @@ impl BaseRewriter {
     }
 }
 
+/// Where a JSON value stands, as far as a Bundle's links go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The top-level object.
+    Root,
+    /// `link`, and one of its objects.
+    Links,
+    Link,
+    /// `entry`, one of its objects, and its `response`.
+    Entries,
+    Entry,
+    Response,
+    /// Anywhere else (an entry's resource included).
+    Other,
+}
+
+impl Place {
+    /// The place of the value under `key` of an object here (`None`: an element of an array
+    /// here).
+    fn child(self, key: Option<&[u8]>) -> Self {
+        match (self, key) {
+            (Self::Root, Some(b"link")) => Self::Links,
+            (Self::Root, Some(b"entry")) => Self::Entries,
+            (Self::Links, None) => Self::Link,
+            (Self::Entries, None) => Self::Entry,
+            (Self::Entry, Some(b"response")) => Self::Response,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the string under `key` of an object here is a link to rewrite.
+    fn holds_link(self, key: &[u8]) -> bool {
+        matches!(
+            (self, key),
+            (Self::Link, b"url") | (Self::Entry, b"fullUrl") | (Self::Response, b"location")
+        )
+    }
+}
+
+/// The byte ranges (inside the quotes) of a JSON Bundle's `link[].url`, `entry[].fullUrl`
+/// and `entry[].response.location` string values, in order; `None` when the body is not a
+/// JSON object whose `resourceType` is `"Bundle"`, or is cut short. Keys are compared as
+/// written (one spelt with escapes is no link key: left as it is). A scan of the structure
+/// only: string contents are skipped with `memchr`.
+fn bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    // Each open object or array: its place, and (objects) the key whose value comes next.
+    struct Open<'a> {
+        place: Place,
+        object: bool,
+        key: Option<&'a [u8]>,
+    }
+    let mut stack: Vec<Open<'_>> = Vec::new();
+    let mut links = Vec::new();
+    let mut bundle = false;
+    // Inside an object: whether the next string is a key (else a value).
+    let mut expect_key = false;
+    let mut at = 0;
+    while at < body.len() {
+        match body[at] {
+            b'{' | b'[' => {
+                let object = body[at] == b'{';
+                let place = match stack.last() {
+                    None => Place::Root,
+                    Some(open) if open.object => open.place.child(open.key),
+                    Some(open) => open.place.child(None),
+                };
+                if stack.is_empty() && !object {
+                    return None;
+                }
+                stack.push(Open {
+                    place,
+                    object,
+                    key: None,
+                });
+                expect_key = object;
+                at += 1;
+            }
+            b'}' | b']' => {
+                stack.pop()?;
+                if stack.is_empty() {
+                    // The top-level value ends: only white space may follow.
+                    return (bundle && body[at + 1..].iter().all(u8::is_ascii_whitespace))
+                        .then_some(links);
+                }
+                expect_key = false;
+                at += 1;
+            }
+            b'"' => {
+                let start = at + 1;
+                let end = string_end(body, start)?;
+                let text = &body[start..end];
+                let open = stack.last_mut()?;
+                if open.object && expect_key {
+                    open.key = Some(text);
+                    expect_key = false;
+                } else if open.object {
+                    let key = open.key.unwrap_or_default();
+                    if open.place.holds_link(key) {
+                        links.push(start..end);
+                    } else if open.place == Place::Root && key == b"resourceType" {
+                        bundle = text == b"Bundle";
+                    }
+                }
+                at = end + 1;
+            }
+            b',' => {
+                expect_key = stack.last().is_some_and(|open| open.object);
+                at += 1;
+            }
+            // `:`, white space, numbers, `true`, `false`, `null`.
+            _ => at += 1,
+        }
+    }
+    None
+}
+
+/// Where the JSON string starting at `start` (after its opening quote) ends: its closing
+/// quote's index.
+fn string_end(body: &[u8], mut start: usize) -> Option<usize> {
+    loop {
+        let at = start + memchr::memchr2(b'"', b'\\', &body[start..])?;
+        if body[at] == b'"' {
+            return Some(at);
+        }
+        // An escape: the next byte is escaped, whatever it is.
+        start = at + 2;
+        if start > body.len() {
+            return None;
+        }
+    }
+}
+
 /// Whether what follows the base ends it: a path, a query, the end of the string.
 fn at_boundary(rest: &[u8]) -> bool {
     matches!(rest.first(), None | Some(b'/' | b'?' | b'"' | b'#'))
-}
-
-/// Whether `before` ends with `"url":` or `"fullUrl":` (with optional whitespace).
-fn follows_url_key(before: &[u8]) -> bool {
-    let trimmed = trim_end(before);
-    let Some(trimmed) = trimmed.strip_suffix(b":") else {
-        return false;
-    };
-    let trimmed = trim_end(trimmed);
-    trimmed.ends_with(b"\"url\"") || trimmed.ends_with(b"\"fullUrl\"")
-}
-
-fn trim_end(mut bytes: &[u8]) -> &[u8] {
-    while let [rest @ .., b' ' | b'\t' | b'\r' | b'\n'] = bytes {
-        bytes = rest;
-    }
-    bytes
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -158,6 +259,40 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out), expected);
         assert!(String::from_utf8_lossy(&out).contains("see http://ehr:9001/fhir/r3/Patient/1"));
         assert!(String::from_utf8_lossy(&out).contains("1.50"));
+    }
+
+    #[test]
+    fn leaves_what_the_entries_resources_hold_as_the_upstream_has_it() {
+        // A canonical or extension URL under the base is the resource's own data; a Bundle
+        // within an entry has links of its own. A transaction response's location is the
+        // Bundle's: rewritten as the Location header is.
+        let body = br#"{"resourceType":"Bundle","type":"searchset",
+ "entry":[{"fullUrl":"http://ehr:9001/fhir/r3/StructureDefinition/x",
+   "resource":{"resourceType":"StructureDefinition","url":"http://ehr:9001/fhir/r3/StructureDefinition/x",
+     "extension":[{"url":"http://ehr:9001/fhir/r3/ext"}]}},
+  {"fullUrl":"urn:uuid:1","resource":{"resourceType":"Bundle","link":[{"url":"http://ehr:9001/fhir/r3/Patient"}]}},
+  {"response":{"status":"201","location":"http://ehr:9001/fhir/r3/Patient/1/_history/1"}}]}"#;
+        let out = String::from_utf8(rewriter().bundle(body).unwrap().to_vec()).unwrap();
+        let expected = String::from_utf8_lossy(body)
+            .replacen(
+                "\"fullUrl\":\"http://ehr:9001/fhir/r3",
+                "\"fullUrl\":\"https://gw.example",
+                1,
+            )
+            .replace(
+                "\"location\":\"http://ehr:9001/fhir/r3",
+                "\"location\":\"https://gw.example",
+            );
+        assert_eq!(out, expected);
+        // Escaped quotes in a string, keys spelt with escapes, and a body cut short.
+        let escaped = br#"{"resourceType":"Bundle","note":"a \"link\" [{","link":[{"url":"http://ehr:9001/fhir/r3/x"},{"u\u0072l":"http://ehr:9001/fhir/r3/y"}]}"#;
+        let out = String::from_utf8(rewriter().bundle(escaped).unwrap().to_vec()).unwrap();
+        assert!(out.contains(r#""url":"https://gw.example/x""#), "{out}");
+        assert!(
+            out.contains(r#""u\u0072l":"http://ehr:9001/fhir/r3/y""#),
+            "{out}"
+        );
+        assert!(rewriter().bundle(&escaped[..escaped.len() - 2]).is_none());
     }
 
     #[test]
@@ -315,25 +450,31 @@ mod properties {
         }
     }
 
-    /// A member with a string value (and whitespace around it), under a URL key or another.
-    fn string_member() -> impl Strategy<Value = Json> {
+    /// A member with a string value (and whitespace around it), under a URL key or another;
+    /// `link_key` is the key whose value is a link to rewrite where the member stands (`url`
+    /// in a `link` object, `fullUrl` in an `entry`; none in a resource or the Bundle itself).
+    fn string_member(link_key: Option<&'static str>) -> impl Strategy<Value = Json> {
         let key = prop_oneof![
-            3 => select(&["url", "fullUrl"]),
+            // (The place's link key, most often where there is one.)
+            3 => Just(link_key.unwrap_or("url")),
+            2 => select(&["url", "fullUrl"]),
             2 => select(&[
                 "reference", "div", "system", "valueUri", "URL", "fullurl", "Url", "myurl",
                 "fullUrl2", "link",
             ]),
         ];
         let space = || select(&["", " ", "  ", "\n    ", "\t", "\r\n"]);
-        (space(), key, space(), space(), value()).prop_map(|(lead, key, before, after, value)| {
-            let fates = fates(&value, key == "url" || key == "fullUrl");
-            let head = format!("{lead}\"{key}\"{before}:{after}\"");
-            Json {
-                sent: format!("{head}{value}\""),
-                expected: format!("{head}{}\"", rewritten(&value, &fates)),
-                fates,
-            }
-        })
+        (space(), key, space(), space(), value()).prop_map(
+            move |(lead, key, before, after, value)| {
+                let fates = fates(&value, Some(key) == link_key);
+                let head = format!("{lead}\"{key}\"{before}:{after}\"");
+                Json {
+                    sent: format!("{head}{value}\""),
+                    expected: format!("{head}{}\"", rewritten(&value, &fates)),
+                    fates,
+                }
+            },
+        )
     }
 
     /// An object of fixed members, then generated ones.
@@ -344,18 +485,19 @@ mod properties {
     /// A Bundle with `link`s, `entry`s (each with a resource) and members of its own; mostly a
     /// Bundle, else a resource holding the same.
     fn body() -> impl Strategy<Value = (&'static str, Json)> {
-        let members = |most: usize| prop::collection::vec(string_member(), 0..=most);
+        let members =
+            |link_key, most: usize| prop::collection::vec(string_member(link_key), 0..=most);
         let entry = (
             select(&["Patient", "Observation", "Bundle"]),
-            members(2),
-            members(3),
+            members(Some("fullUrl"), 2),
+            members(None, 3),
         );
         (
             prop_oneof![6 => Just("Bundle"), 1 => Just("Patient"), 1 => Just("Parameters")],
             any::<bool>(),
-            prop::collection::vec(members(2), 0..3),
+            prop::collection::vec(members(Some("url"), 2), 0..3),
             prop::collection::vec(entry, 0..3),
-            members(2),
+            members(None, 2),
         )
             .prop_map(|(resource_type, type_first, links, entries, own)| {
                 let type_of = |name: &str| Json::same(&format!("\"resourceType\":\"{name}\""));
@@ -395,8 +537,9 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
-        /// Exactly the `"url"`/`"fullUrl"` values under the base are rewritten, and every
-        /// other byte is as sent.
+        /// Exactly the links' `"url"` and the entries' `"fullUrl"` values under the base are
+        /// rewritten (not a resource's `url`, nor the Bundle's own), and every other byte is
+        /// as sent.
         #[test]
         fn bundles_rewrite_exactly_their_url_values(case in body()) {
             let sent = &case.1.sent;
