@@ -467,6 +467,14 @@ impl<'g> Check<'g> {
 
     /// Checks a batch or transaction Bundle (JSON), entry by entry.
     pub(crate) fn bundle(&self, body: &[u8]) -> Result<(), Refused> {
+        // A key twice in one object is read as its last by this parser and as its first by
+        // others: the FHIR server could run another request than the one checked.
+        if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
+            return Err(Refused::new(
+                "The batch or transaction is not a JSON Bundle with each key once in an object: \
+                 servers differ on which of two counts, so its entries cannot be checked",
+            ));
+        }
         let bundle: Value = serde_json::from_slice(body).map_err(|_| {
             Refused::new(
                 "The batch or transaction is not a JSON Bundle: its entries cannot be checked",
@@ -560,6 +568,69 @@ impl<'g> Check<'g> {
             }
         }
         refused.map_or(Ok(()), Err)
+    }
+}
+
+/// Any JSON value with no key twice in one of its objects (else it fails to deserialize).
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = NoDuplicateKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON with each key once in an object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if !seen.insert(key) {
+                        return Err(serde::de::Error::custom("a key twice in one object"));
+                    }
+                    map.next_value::<NoDuplicateKeys>()?;
+                }
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -1286,6 +1357,24 @@ mod tests {
             Method::GET,
             "/Observation?code:text=x&value-quantity=5.4"
         ));
+    }
+
+    #[test]
+    fn a_bundle_with_a_key_twice_in_an_object_is_refused() {
+        let g = grants("system/Patient.r");
+        let check = Check::new(&g);
+        // The last `url` is what this parser keeps; a server keeping the first would delete.
+        let twice = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"DELETE","url":"Patient/1","method":"GET"}}]}"#;
+        let refused = check.bundle(twice).unwrap_err();
+        assert!(refused.diagnostics.contains("each key once"), "{refused:?}");
+        let escaped = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"DELETE","url":"Patient/1","m\u0065thod":"GET"}}]}"#;
+        assert!(check.bundle(escaped).is_err());
+        // The same key in two objects is fine.
+        let once = br#"{"resourceType":"Bundle","type":"batch","entry":[
+            {"request":{"method":"GET","url":"Patient/1"}},{"request":{"method":"GET","url":"Patient/2"}}]}"#;
+        assert_eq!(check.bundle(once), Ok(()));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/...`: for that patient under `patient/` scopes) |
 //! | `$operation` by another method | the same plus `c` and `u` (and `d`, for one not known to stay within its type); `$everything`, `$summary`, `$document` by POST only read: as by GET |
 //! | an `$operation`'s `_include`, `_revinclude` | as a search's |
-//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only; entries with absolute URLs, nested batches or no request refused); a create's or update's `resource` must be of the type its `url` names, and a conditional create's `ifNoneExist` is checked as a search of that type |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused); a create's or update's `resource` must be of the type its `url` names, and a conditional create's `ifNoneExist` is checked as a search of that type |
 //! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
