@@ -683,7 +683,9 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
             other => panic!("not caught up: {other:?}"),
         }
     }
-    assert!(through.is_listening());
+    timeout(Duration::from_secs(10), through.listening())
+        .await
+        .expect("caught up, but not said to be listening");
     assert_eq!(through.lookup(tenant(B)).await.unwrap(), Some(after));
 }
 
