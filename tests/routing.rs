@@ -1009,6 +1009,100 @@ async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole
     }
 }
 
+/// An upstream answering every request with a JSON Bundle of about 40 KB, sent in two parts
+/// a second apart.
+async fn slow_bundle_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let first = format!(
+                    "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"meta\":{{\"tag\":[{{\"code\":\"{}",
+                    "x".repeat(40_000)
+                );
+                let last = "\"}]}}";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                    first.len()
+                );
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let end = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
+                let _ = stream.write_all(end.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_back() {
+    let base = slow_bundle_upstream().await;
+    let directory = InMemoryDirectory::new();
+    directory.upsert(tenant(TENANT_A), upstreams(&base, FhirVersion::Stu3, None));
+    let stack = ServiceBuilder::new()
+        .layer(
+            BearerAuthLayer::builder()
+                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+                .issuer("https://auth.test")
+                .audience("tower-fhir")
+                .build()
+                .unwrap(),
+        )
+        .layer(TenantScopeLayer::builder().build().unwrap())
+        .layer(TenantRoutingLayer::builder(directory).build().unwrap())
+        .service(
+            FhirProxy::builder(PUBLIC_BASE)
+                .rewrite_limit(64 * 1024)
+                .rewrite_budget(64 * 1024)
+                .build()
+                .unwrap(),
+        );
+    let client = TestClient::new(serve_tower(stack).await);
+    let token = token_for(TENANT_A);
+    // Two at once: each holds its first 40 KB while the rest comes; the second to read its
+    // part passes the 64 KB budget and is refused, the other completes.
+    let (one, two) = tokio::join!(
+        client.get_bearer("/Patient?one", &token),
+        client.get_bearer("/Patient?two", &token)
+    );
+    let mut statuses = [one.status, two.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE],
+        "{} / {}",
+        one.text(),
+        two.text()
+    );
+    let refused = if one.status == StatusCode::OK {
+        &two
+    } else {
+        &one
+    };
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.json()["issue"][0]["code"], "transient");
+    let served = if one.status == StatusCode::OK {
+        &one
+    } else {
+        &two
+    };
+    assert_eq!(served.json()["resourceType"], "Bundle");
+    // Once taken, its bytes are free: the next one alone passes.
+    let again = client.get_bearer("/Patient?three", &token).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+}
+
 #[tokio::test]
 async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
     let upstream = RecordingUpstream::start().await;

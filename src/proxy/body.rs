@@ -35,6 +35,8 @@ pin_project! {
         kind: Kind,
         // The upstream's concurrency slot, held until the body ends or is dropped.
         slot: Option<OwnedSemaphorePermit>,
+        // The rewrite budget's bytes this body holds, until it ends or is dropped.
+        bytes: Option<OwnedSemaphorePermit>,
     }
 }
 
@@ -54,6 +56,9 @@ pin_project! {
         Full { bytes: Option<Bytes> },
     }
 }
+
+/// The largest frame a body made here is handed over in.
+const FULL_FRAME: usize = 64 * 1024;
 
 /// The error a [`ProxyBody`] ends with when the upstream sent nothing more of it for its
 /// timeout.
@@ -113,6 +118,7 @@ impl ProxyBody {
                 stall: None,
             },
             slot: None,
+            bytes: None,
         }
     }
 
@@ -122,7 +128,14 @@ impl ProxyBody {
                 bytes: (!bytes.is_empty()).then_some(bytes),
             },
             slot: None,
+            bytes: None,
         }
+    }
+
+    /// Holds bytes of the proxy's rewrite budget until the body ends (or is dropped).
+    pub(crate) fn holding_bytes(mut self, bytes: Option<OwnedSemaphorePermit>) -> Self {
+        self.bytes = bytes;
+        self
     }
 
     /// Holds the upstream's concurrency slot until the body ends (or is dropped).
@@ -158,11 +171,31 @@ impl Body for ProxyBody {
                     }
                 },
             },
-            KindProj::Full { bytes } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            // In frames of at most 64 KiB: the connection takes one when it can send it, so
+            // a body its client does not read stays here, counted in the budget, rather than
+            // in the connection's buffers.
+            KindProj::Full { bytes } => Poll::Ready(
+                bytes
+                    .as_mut()
+                    .map(|rest| {
+                        let frame = if rest.len() > FULL_FRAME {
+                            rest.split_to(FULL_FRAME)
+                        } else {
+                            std::mem::take(rest)
+                        };
+                        Ok(Frame::data(frame))
+                    })
+                    .inspect(|_| {
+                        if bytes.as_ref().is_some_and(Bytes::is_empty) {
+                            *bytes = None;
+                        }
+                    }),
+            ),
         };
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            // The upstream is done with this request: its slot is free.
+            // The upstream is done with this request: its slot is free, and the bytes held.
             this.slot.take();
+            this.bytes.take();
         }
         polled
     }

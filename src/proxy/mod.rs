@@ -85,4 +85,6 @@ mod transport;
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use body::{ProxyBody, UpstreamStalled};
 pub use headers::FORWARDED_REQUEST_HEADERS;
-pub use service::{ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture};
+pub use service::{
+    ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_REWRITE_BUDGET,
+};

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::{poll_upstream_frame, ProxyBody};
 use super::headers::remove_hop_by_hop;
@@ -30,10 +32,11 @@ use crate::outcome::{IssueType, OperationOutcome};
 pub(super) async fn relay_response(
     response: Response<Incoming>,
     rewriter: &BaseRewriter,
-    rewrite_limit: usize,
+    rewriting: Rewriting<'_>,
     cookies: bool,
     wait: Duration,
 ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    let rewrite_limit = rewriting.limit;
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let heads = ResponseHeads::scan(&parts.headers);
@@ -67,6 +70,8 @@ pub(super) async fn relay_response(
     let mut size = 0;
     let mut body = body;
     let mut stall = None;
+    // The budget's bytes this body holds, taken as its frames arrive.
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while !body.is_end_stream() {
         let next = std::future::poll_fn(|cx| {
             poll_upstream_frame(Pin::new(&mut body), &mut stall, wait, cx)
@@ -75,6 +80,26 @@ pub(super) async fn relay_response(
         match next {
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
+                    let Some(taken) = u32::try_from(data.len())
+                        .ok()
+                        .and_then(|n| Arc::clone(rewriting.budget).try_acquire_many_owned(n).ok())
+                    else {
+                        tracing::warn!(
+                            "the response bodies held to rewrite their links fill the proxy's budget: 503"
+                        );
+                        let mut busy = failed(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            IssueType::Transient,
+                            "The gateway holds too many answers for their clients to take; retry shortly",
+                        );
+                        busy.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        return Err(busy);
+                    };
+                    match &mut held {
+                        Some(held) => held.merge(taken),
+                        None => held = Some(taken),
+                    }
                     size += data.len();
                     match &first {
                         None => first = Some(data),
@@ -84,7 +109,7 @@ pub(super) async fn relay_response(
                         let read = in_order(first, more);
                         return Ok(Response::from_parts(
                             parts,
-                            ProxyBody::upstream(read, body, wait),
+                            ProxyBody::upstream(read, body, wait).holding_bytes(held),
                         ));
                     }
                 }
@@ -127,7 +152,18 @@ pub(super) async fn relay_response(
         }
         None => whole,
     };
-    Ok(Response::from_parts(parts, ProxyBody::full(bytes)))
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::full(bytes).holding_bytes(held),
+    ))
+}
+
+/// How the relay rewrites JSON Bundles: the largest it reads whole, and the budget of bytes
+/// held so, all requests together.
+#[derive(Clone, Copy)]
+pub(super) struct Rewriting<'a> {
+    pub(super) limit: usize,
+    pub(super) budget: &'a Arc<Semaphore>,
 }
 
 /// An `OperationOutcome` answer of the proxy's own.

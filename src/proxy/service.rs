@@ -19,7 +19,7 @@ use super::body::ProxyBody;
 use super::deadline::{wait, Turns, Waited, Watched};
 use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
-use super::response::relay_response;
+use super::response::{relay_response, Rewriting};
 use super::rewrite::BaseRewriter;
 use super::slots::Slots;
 use super::transport::Transport;
@@ -48,6 +48,9 @@ struct Config {
     headers: HeaderPolicy,
     timeout: Duration,
     rewrite_limit: usize,
+    /// The bytes of response bodies read whole (to rewrite their links) held at once, all
+    /// requests together, until each body is sent.
+    rewrite_budget: Arc<tokio::sync::Semaphore>,
     slots: Slots,
     /// `tower_fhir_upstream_duration_seconds`, taken from the recorder once (when the proxy is
     /// built), so an answer costs a record, not a registry lookup.
@@ -63,6 +66,7 @@ impl FhirProxy {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             rewrite_limit: 4 * 1024 * 1024,
+            rewrite_budget: DEFAULT_REWRITE_BUDGET,
             pool_idle_timeout: Duration::from_secs(90),
             root_certificates: Vec::new(),
             trust_forwarded: false,
@@ -127,6 +131,7 @@ pub struct FhirProxyBuilder {
     timeout: Duration,
     connect_timeout: Duration,
     rewrite_limit: usize,
+    rewrite_budget: usize,
     pool_idle_timeout: Duration,
     root_certificates: Vec<Vec<u8>>,
     trust_forwarded: bool,
@@ -226,6 +231,17 @@ impl FhirProxyBuilder {
         self
     }
 
+    /// The most bytes of response bodies read whole to rewrite their links (JSON up to
+    /// [`rewrite_limit`](Self::rewrite_limit)) that are held at once, all requests together,
+    /// each until its client has taken it: a response that would pass it gets `503` with
+    /// `Retry-After: 1` and an OperationOutcome (`transient`) instead of being held, so
+    /// clients that ask for large searches and do not read the answers cannot fill the
+    /// memory. Default [`DEFAULT_REWRITE_BUDGET`] (256 MiB); at least the rewrite limit.
+    pub fn rewrite_budget(mut self, bytes: usize) -> Self {
+        self.rewrite_budget = bytes;
+        self
+    }
+
     /// How long an idle pooled connection to an upstream is kept. Default 90 s.
     pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
         self.pool_idle_timeout = timeout;
@@ -271,12 +287,20 @@ impl FhirProxyBuilder {
                 headers: HeaderPolicy::new(&public, self.trust_forwarded, extra),
                 timeout: self.timeout,
                 rewrite_limit: self.rewrite_limit,
+                rewrite_budget: Arc::new(tokio::sync::Semaphore::new(
+                    self.rewrite_budget
+                        .max(self.rewrite_limit)
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 slots: Slots::new(),
                 upstream_duration: metrics::histogram!("tower_fhir_upstream_duration_seconds"),
             }),
         })
     }
 }
+
+/// The default [`FhirProxyBuilder::rewrite_budget`]: 256 MiB.
+pub const DEFAULT_REWRITE_BUDGET: usize = 256 * 1024 * 1024;
 
 /// The methods forwarded, as an `Allow` header lists them.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
@@ -458,7 +482,10 @@ where
             let relayed = relay_response(
                 response,
                 &rewriter,
-                config.rewrite_limit,
+                Rewriting {
+                    limit: config.rewrite_limit,
+                    budget: &config.rewrite_budget,
+                },
                 upstream.set_cookie_allowed(),
                 timeout,
             )
