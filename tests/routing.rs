@@ -72,6 +72,16 @@ fn counting(
     }
 }
 
+/// The bearer layer of these tests: HS256 tokens of `https://auth.test` for `tower-fhir`.
+fn bearer() -> BearerAuthLayer {
+    BearerAuthLayer::builder()
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+        .issuer("https://auth.test")
+        .audience("tower-fhir")
+        .build()
+        .unwrap()
+}
+
 async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
     let directory = InMemoryDirectory::new();
     for (id, upstreams) in tenants {
@@ -91,14 +101,7 @@ async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
     .unwrap();
     let cache = routing.cache().clone();
     let stack = ServiceBuilder::new()
-        .layer(
-            BearerAuthLayer::builder()
-                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
-                .issuer("https://auth.test")
-                .audience("tower-fhir")
-                .build()
-                .unwrap(),
-        )
+        .layer(bearer())
         .layer(TenantScopeLayer::builder().build().unwrap())
         .layer(routing)
         .service(
@@ -915,16 +918,19 @@ async fn upstream_failures_are_502_and_504_and_a_slow_upstream_blocks_no_one_els
     assert_eq!(reply.json()["issue"][0]["code"], "timeout");
 }
 
-/// An upstream that answers every request with a response head and the first chunk of its
-/// body, then, by the request's last path segment: `stall` sends nothing more (holding the
-/// connection), `cut` closes the connection. `json` in the path makes it FHIR JSON (read whole
-/// by the proxy to rewrite), else an octet stream (streamed through).
-async fn half_answering_upstream() -> String {
+/// A raw HTTP/1.1 upstream on a loopback port: each request's head (as text) and its
+/// connection go to `answer`. Returns its base URL (`/fhir`).
+async fn raw_upstream<F, Fut>(answer: F) -> String
+where
+    F: Fn(String, tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -934,24 +940,34 @@ async fn half_answering_upstream() -> String {
                     }
                     head.push(byte[0]);
                 }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let ty = if head.contains("json") {
-                    "application/fhir+json"
-                } else {
-                    "application/octet-stream"
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{{\"resourceType\":\r\n"
-                );
-                stream.write_all(answer.as_bytes()).await.unwrap();
-                if head.contains("/stall ") {
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                }
-                // `cut`: the connection closes mid-body.
+                answer(String::from_utf8_lossy(&head).into_owned(), stream).await;
             });
         }
     });
     format!("http://{addr}/fhir")
+}
+
+/// An upstream that answers every request with a response head and the first chunk of its
+/// body, then, by the request's last path segment: `stall` sends nothing more (holding the
+/// connection), `cut` closes the connection. `json` in the path makes it FHIR JSON (read whole
+/// by the proxy to rewrite), else an octet stream (streamed through).
+async fn half_answering_upstream() -> String {
+    raw_upstream(|head, mut stream| async move {
+        let ty = if head.contains("json") {
+            "application/fhir+json"
+        } else {
+            "application/octet-stream"
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{{\"resourceType\":\r\n"
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        if head.contains("/stall ") {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        // `cut`: the connection closes mid-body.
+    })
+    .await
 }
 
 #[tokio::test]
@@ -1012,37 +1028,22 @@ async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole
 /// An upstream answering every request with a JSON Bundle of about 40 KB, sent in two parts
 /// a second apart.
 async fn slow_bundle_upstream() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let first = format!(
-                    "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"meta\":{{\"tag\":[{{\"code\":\"{}",
-                    "x".repeat(40_000)
-                );
-                let last = "\"}]}}";
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
-                    first.len()
-                );
-                stream.write_all(answer.as_bytes()).await.unwrap();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let end = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
-                let _ = stream.write_all(end.as_bytes()).await;
-            });
-        }
-    });
-    format!("http://{addr}/fhir")
+    raw_upstream(|_head, mut stream| async move {
+        let first = format!(
+            "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"meta\":{{\"tag\":[{{\"code\":\"{}",
+            "x".repeat(40_000)
+        );
+        let last = "\"}]}}";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+            first.len()
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let end = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
+        let _ = stream.write_all(end.as_bytes()).await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1051,14 +1052,7 @@ async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_b
     let directory = InMemoryDirectory::new();
     directory.upsert(tenant(TENANT_A), upstreams(&base, FhirVersion::Stu3, None));
     let stack = ServiceBuilder::new()
-        .layer(
-            BearerAuthLayer::builder()
-                .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
-                .issuer("https://auth.test")
-                .audience("tower-fhir")
-                .build()
-                .unwrap(),
-        )
+        .layer(bearer())
         .layer(TenantScopeLayer::builder().build().unwrap())
         .layer(TenantRoutingLayer::builder(directory).build().unwrap())
         .service(

@@ -1260,29 +1260,32 @@ mod tests {
         ));
     }
 
+    /// A GET of `url` is refused with the scopes `short`, allowed with `enough`.
+    fn needs_more_than(url: &str, short: &str, enough: &str) {
+        assert!(!allowed(short, Method::GET, url), "{url} with {short}");
+        assert!(allowed(enough, Method::GET, url), "{url} with {enough}");
+    }
+
     #[test]
     fn chains_and_reverse_chains_need_search_on_the_types_they_filter_on() {
         // What patients have an Observation with this code tells about the Observations.
         let has = "/Patient?_has:Observation:patient:code=1234-5";
-        assert!(!allowed("system/Patient.rs", Method::GET, has));
         let refused = check("system/Patient.rs", Method::GET, has).unwrap_err();
         assert_eq!(refused.sufficient, ["system/Observation.s"]);
-        assert!(allowed(
-            "system/Patient.rs system/Observation.s",
-            Method::GET,
-            has
-        ));
-        let nested = "/Patient?_has:Observation:patient:_has:AuditEvent:entity:agent=x";
-        assert!(!allowed(
-            "system/Patient.rs system/Observation.s",
-            Method::GET,
-            nested
-        ));
-        assert!(allowed(
-            "system/Patient.rs system/Observation.s system/AuditEvent.s",
-            Method::GET,
-            nested
-        ));
+        for (reverse, short, enough) in [
+            (
+                has,
+                "system/Patient.rs",
+                "system/Patient.rs system/Observation.s",
+            ),
+            (
+                "/Patient?_has:Observation:patient:_has:AuditEvent:entity:agent=x",
+                "system/Patient.rs system/Observation.s",
+                "system/Patient.rs system/Observation.s system/AuditEvent.s",
+            ),
+        ] {
+            needs_more_than(reverse, short, enough);
+        }
         // A `_has` that does not read as one: every type.
         for odd in [
             "/Patient?_has:Observation:patient=x",
@@ -1298,42 +1301,30 @@ mod tests {
             );
         }
         // Chains: the type modifier, or the one type of the parameter, else every type.
-        let typed = "/Observation?subject:Patient.name=Smith";
-        assert!(!allowed("system/Observation.rs", Method::GET, typed));
-        assert!(allowed(
-            "system/Observation.rs system/Patient.s",
-            Method::GET,
-            typed
-        ));
-        let by_param = "/Observation?patient.birthdate=2000";
-        assert!(!allowed("system/Observation.rs", Method::GET, by_param));
-        assert!(allowed(
-            "system/Observation.rs system/Patient.s",
-            Method::GET,
-            by_param
-        ));
-        let untyped = "/Observation?subject.name=Smith";
-        assert!(!allowed(
-            "system/Observation.rs system/Patient.s",
-            Method::GET,
-            untyped
-        ));
-        assert!(allowed(
-            "system/Observation.rs system/*.s",
-            Method::GET,
-            untyped
-        ));
-        let two = "/Observation?patient.general-practitioner:Practitioner.name=x";
-        assert!(!allowed(
-            "system/Observation.rs system/Patient.s",
-            Method::GET,
-            two
-        ));
-        assert!(allowed(
-            "system/Observation.rs system/Patient.s system/Practitioner.s",
-            Method::GET,
-            two
-        ));
+        for (chained, short, enough) in [
+            (
+                "/Observation?subject:Patient.name=Smith",
+                "system/Observation.rs",
+                "system/Observation.rs system/Patient.s",
+            ),
+            (
+                "/Observation?patient.birthdate=2000",
+                "system/Observation.rs",
+                "system/Observation.rs system/Patient.s",
+            ),
+            (
+                "/Observation?subject.name=Smith",
+                "system/Observation.rs system/Patient.s",
+                "system/Observation.rs system/*.s",
+            ),
+            (
+                "/Observation?patient.general-practitioner:Practitioner.name=x",
+                "system/Observation.rs system/Patient.s",
+                "system/Observation.rs system/Patient.s system/Practitioner.s",
+            ),
+        ] {
+            needs_more_than(chained, short, enough);
+        }
         // The same in a conditional update's search, and under patient scopes (a chain is not
         // a narrowing: refused).
         assert!(!allowed(
