@@ -505,7 +505,7 @@ async fn entra_scp_arrays_and_patient_scopes() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(
         upstream.last().headers["prefer"],
-        "return=minimal, handling=strict"
+        "handling=strict, return=minimal"
     );
     let sent = lenient(&entra);
     let headers: Vec<(&str, &str)> = sent.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -759,6 +759,30 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
         )
         .await;
     assert_eq!(untyped.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // A checked header named in `Connection` (removed on the way upstream), or two
+    // Content-Types (some servers join them): 400, nothing forwarded.
+    for extra in [
+        [("connection", "keep-alive, Content-Type"), ("x-unused", "")],
+        [("connection", "prefer"), ("x-unused", "")],
+        [("content-type", "text/plain"), ("x-unused", "")],
+    ] {
+        let mut headers = vec![("authorization", bearer.as_str()), FORM];
+        headers.extend(extra.iter().filter(|(_, v)| !v.is_empty()).copied());
+        let reply = client
+            .send(
+                "POST",
+                "/Observation/_search",
+                &headers,
+                "category=laboratory",
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{extra:?}: {}",
+            reply.text()
+        );
+    }
     assert_eq!(upstream.received().len(), seen);
     // No body and no type: the query's parameters are the search.
     let reply = client

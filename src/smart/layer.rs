@@ -349,6 +349,14 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         // The tenant alone: tenant-wide access, as before SMART scopes were enforced.
         return Plan::Pass;
     }
+    // A header the checks read, named in `Connection`, would be removed on the way to the
+    // FHIR server (a hop-by-hop field, RFC 9110 §7.6.1): the server would see another request
+    // than the one checked. And two `Content-Type`s are read as one by some servers.
+    if let Some(why) = unsound_heads(request.headers()) {
+        return Plan::Refuse(Box::new(
+            OperationOutcome::error(IssueType::Invalid, why).to_response(StatusCode::BAD_REQUEST),
+        ));
+    }
     let method = request.method();
     let path = request.uri().path();
     let found = classify(method, path);
@@ -633,6 +641,35 @@ fn too_many_bodies() -> Response<Bytes> {
     response
 }
 
+/// Why a request's headers would reach the FHIR server otherwise than checked, if they would.
+fn unsound_heads(headers: &http::HeaderMap) -> Option<&'static str> {
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    for name in named {
+        if [&b"content-type"[..], b"prefer", b"if-none-exist"]
+            .iter()
+            .any(|checked| name.eq_ignore_ascii_case(checked))
+        {
+            return Some(
+                "Connection names a header the token's scopes are checked with (Content-Type, \
+                 Prefer or If-None-Exist): it would not reach the FHIR server",
+            );
+        }
+    }
+    if headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Some("The request has more than one Content-Type");
+    }
+    None
+}
+
 /// Asks the FHIR server not to ignore any search parameter: `Prefer: handling=strict` in
 /// place of any `handling` preference the client sent, its other preferences kept (all
 /// `Prefer` headers in one). A server that supports `Prefer` (RFC 7240; FHIR's search
@@ -646,11 +683,17 @@ fn prefer_strict(headers: &mut http::HeaderMap) {
         .flat_map(|value| value.split(','))
         .map(str::trim)
         .filter(|preference| {
-            let name = preference.split(['=', ';']).next().unwrap_or("").trim();
-            !preference.is_empty() && !name.eq_ignore_ascii_case("handling")
+            // (Any item with a `handling` in it, as its name or a parameter: parsers differ
+            // on which of `return=minimal; handling=lenient` they read.)
+            !preference.is_empty()
+                && !preference.split(';').any(|part| {
+                    let name = part.split('=').next().unwrap_or("").trim();
+                    name.eq_ignore_ascii_case("handling")
+                })
         })
         .collect();
-    preferences.push("handling=strict");
+    // First: RFC 7240 has the first of a preference count.
+    preferences.insert(0, "handling=strict");
     let joined = preferences.join(", ");
     // (Each piece came from a header value, so the joined text is one too.)
     if let Ok(value) = HeaderValue::from_str(&joined) {
@@ -807,11 +850,16 @@ mod tests {
         assert_eq!(strict(&["handling=lenient"]), "handling=strict");
         assert_eq!(
             strict(&["return=minimal, Handling = lenient", "respond-async"]),
-            "return=minimal, respond-async, handling=strict"
+            "handling=strict, return=minimal, respond-async"
         );
         assert_eq!(
             strict(&["handling=strict; x=1,return=representation"]),
-            "return=representation, handling=strict"
+            "handling=strict, return=representation"
+        );
+        // A `handling` hidden as a parameter of another preference goes too.
+        assert_eq!(
+            strict(&["return=minimal; handling=lenient", "respond-async"]),
+            "handling=strict, respond-async"
         );
     }
     use http_body_util::channel::Channel;
