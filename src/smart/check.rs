@@ -409,6 +409,7 @@ impl<'g> Check<'g> {
                     Target::Included { ty, via, searched } => {
                         coverage = Coverage::ByParameters;
                         ty == "Patient"
+                            && ONE_PATIENT_TYPES.binary_search(&searched).is_ok()
                             && via.is_some_and(|via| {
                                 narrowed_search(searched, params, patient)
                                     && params.iter().any(|(name, _)| name == via)
@@ -873,6 +874,21 @@ const SUBJECT_PARAM_TYPES: [&str; 43] = [
     "Task",
 ];
 
+/// The types whose `patient` and `subject` name one patient, the record's own, in every
+/// release: a search of one narrowed to the patient may include that Patient through them.
+/// (Not an Appointment's participants, an AuditEvent's agents, a Provenance's targets, a
+/// Person's links, an Account's or a Contract's subjects, or a List's or a Composition's,
+/// which may be many patients.) Sorted.
+#[rustfmt::skip]
+const ONE_PATIENT_TYPES: [&str; 27] = [
+    "AllergyIntolerance", "CarePlan", "ClinicalImpression", "Condition", "DetectedIssue",
+    "DiagnosticReport", "DocumentReference", "Encounter", "EpisodeOfCare",
+    "FamilyMemberHistory", "Flag", "Goal", "ImagingStudy", "Immunization",
+    "MedicationAdministration", "MedicationDispense", "MedicationOrder", "MedicationRequest",
+    "MedicationStatement", "NutritionOrder", "Observation", "Procedure", "QuestionnaireResponse",
+    "RiskAssessment", "ServiceRequest", "Specimen", "VisionPrescription",
+];
+
 /// Whether `patient` or `subject` narrows a search of `ty` to the patient, each such parameter
 /// naming that patient only (no `,` alternatives, no chained or modified forms) and being one
 /// the type has: on another type (`Binary?patient=123`), a server that ignores a parameter it
@@ -1196,6 +1212,19 @@ mod tests {
         ] {
             assert!(allowed("patient/*.rs", Method::GET, narrowed), "{narrowed}");
         }
+        assert!(ONE_PATIENT_TYPES.windows(2).all(|w| w[0] < w[1]));
+        // Through a parameter that may name other patients (an appointment's participants):
+        // no Patient included.
+        assert!(!allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Appointment?patient=123&_include=Appointment:patient"
+        ));
+        assert!(allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Condition?patient=123&_include=Condition:patient"
+        ));
         // A type without such a parameter (in some release that has the type): a lenient
         // server would ignore it and search everyone's.
         for unnarrowed in [

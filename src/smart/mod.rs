@@ -41,7 +41,9 @@
 //!   resource, which the gateway has not seen. An include under a `patient/` scope brings in
 //!   only `Patient`, through the very parameter that narrows the search to that patient
 //!   (`Observation?patient=123&_include=Observation:patient`, or `subject=Patient/123` with
-//!   `Observation:subject:Patient`): not through another (`performer`, `link`), by
+//!   `Observation:subject:Patient`), of a type whose parameter names one patient, the
+//!   record's own (an Observation, a Condition; not an Appointment, whose participants may be
+//!   other patients): not through another (`performer`, `link`), by
 //!   `:iterate`, or by `_revinclude`, which may bring in other patients. A chain or `_has`
 //!   is no narrowing.
 //! - What only its search parameters allow (a search narrowed to the token's patient, one
