@@ -161,7 +161,13 @@ impl Body for ProxyBody {
                 wait,
                 stall,
             } => match read.pop_front() {
-                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                Some(chunk) => {
+                    if read.is_empty() {
+                        // What was read first is handed over: its budget bytes are free.
+                        this.bytes.take();
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
                 None => match poll_upstream_frame(rest, stall, *wait, cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Ok(frame)) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),

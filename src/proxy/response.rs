@@ -80,6 +80,16 @@ pub(super) async fn relay_response(
         match next {
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
+                    if size + data.len() > rewrite_limit {
+                        // Past the limit: streamed untouched from here, what was read first
+                        // (its bytes held until they are sent).
+                        more.push_back(data);
+                        let read = in_order(first, more);
+                        return Ok(Response::from_parts(
+                            parts,
+                            ProxyBody::upstream(read, body, wait).holding_bytes(held),
+                        ));
+                    }
                     let Some(taken) = u32::try_from(data.len())
                         .ok()
                         .and_then(|n| Arc::clone(rewriting.budget).try_acquire_many_owned(n).ok())
@@ -104,13 +114,6 @@ pub(super) async fn relay_response(
                     match &first {
                         None => first = Some(data),
                         Some(_) => more.push_back(data),
-                    }
-                    if size > rewrite_limit {
-                        let read = in_order(first, more);
-                        return Ok(Response::from_parts(
-                            parts,
-                            ProxyBody::upstream(read, body, wait).holding_bytes(held),
-                        ));
                     }
                 }
             }
