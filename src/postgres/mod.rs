@@ -1050,14 +1050,27 @@ async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
                             }
                         }
                     });
-                    let listening = client
-                        .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
-                        .await;
-                    if let Err(error) = listening {
+                    let listening = tokio::time::timeout(
+                        OPERATION_TIMEOUT,
+                        client.batch_execute(&format!("LISTEN {CHANGES_CHANNEL}")),
+                    )
+                    .await;
+                    // (Catching up reads the database too: bounded, or the listener would
+                    // hang on a database that stopped answering right then.)
+                    let caught_up = match listening {
+                        Err(_) => Err("the LISTEN got no answer".to_owned()),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Ok(Ok(())) => {
+                            tokio::time::timeout(LONG_OPERATION_TIMEOUT, handler.listening(missed))
+                                .await
+                                .map_err(|_| "catching up got no answer".to_owned())
+                        }
+                    };
+                    if let Err(error) = caught_up {
                         tracing::warn!(%error, "cannot listen for database changes");
+                        handler.stopped();
                     } else {
                         wait = Duration::from_millis(250);
-                        handler.listening(missed).await;
                         let mut last_heard = tokio::time::Instant::now();
                         loop {
                             let note = match tokio::time::timeout(
