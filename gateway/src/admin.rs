@@ -520,6 +520,9 @@ async fn put_client(
                 Ok(keys) => keys,
                 Err(why) => return error(StatusCode::BAD_REQUEST, why),
             };
+            if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(&client_id)) {
+                return store_failed(&err, "checking a client's keys");
+            }
             let tenants = body.tenants.len();
             if let Err(err) = admin
                 .clients

@@ -268,14 +268,21 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
             reply.text()
         );
     }
-    // A body refused for its scopes changes nothing, its keys included: the key that
-    // worked still does.
-    let body = json!({"tenants": [TENANT], "scopes": ["not a scope"],
-        "jwks": {"keys": [public_jwk(RSA2_PRIVATE, "ops-3")]}});
-    let reply = client
-        .send("PUT", "/admin/clients/ops", &admin, &body.to_string())
-        .await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    // A body refused for its scopes, or for its keys, changes nothing: the key that worked
+    // still does, and the scopes are as they were.
+    for body in [
+        json!({"tenants": [TENANT], "scopes": ["not a scope"],
+            "jwks": {"keys": [public_jwk(RSA2_PRIVATE, "ops-3")]}}),
+        json!({"tenants": [TENANT], "scopes": ["system/Observation.r"],
+            "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0LXNlY3JldA"}]}}),
+    ] {
+        let reply = client
+            .send("PUT", "/admin/clients/ops", &admin, &body.to_string())
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    }
+    let stored = client.get("/admin/clients/ops", &admin).await.json();
+    assert_eq!(stored["scopes"], json!(["system/Patient.r"]), "{stored}");
     let reply = post(
         client,
         "/oauth/token",

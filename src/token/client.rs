@@ -120,6 +120,25 @@ pub enum ClientKeys {
     JwksUri(String),
 }
 
+impl ClientKeys {
+    /// Refuses keys that could never verify an assertion, as
+    /// [`ClientStore::set_keys`] would (a JWK Set without a usable public signing key or with
+    /// a symmetric one, a `jwks_uri` that is not `https://` or loopback `http://`): to check a
+    /// change whole before writing any of it.
+    ///
+    /// # Errors
+    ///
+    /// Why the keys are refused.
+    pub fn check(&self, client_id: &str) -> Result<(), StoreError> {
+        let mut check = NewClient::new(client_id);
+        match self {
+            Self::Jwks(jwks) => check.jwks = Some(jwks.clone()),
+            Self::JwksUri(uri) => check.jwks_uri = Some(uri.clone()),
+        }
+        check_keys(&check)
+    }
+}
+
 /// How a client authenticates at the token endpoint (and at introspection and revocation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthMethod {
