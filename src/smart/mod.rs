@@ -69,6 +69,9 @@
 //!   (and one more against a rate limit). A vread under a granular scope is refused: an old
 //!   version may not match what the current one does.
 //! - A request that is not a FHIR interaction (`classify` finds none) is refused.
+//! - A request whose `Connection` names `Content-Type`, `Prefer` or `If-None-Exist` (a proxy
+//!   removes what `Connection` names, so the server would see another request than the one
+//!   checked), or that has two `Content-Type`s, is `400`.
 //!
 //! A refusal is `403` with an `OperationOutcome` (`forbidden`) saying what was not allowed,
 //! and `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."` naming scopes that
