@@ -711,8 +711,8 @@ fn reverse_chained_types(name: &str) -> Vec<Option<&str>> {
 /// Nothing for a parameter that is not chained.
 fn chained_types(name: &str) -> Vec<Option<&str>> {
     let mut links: Vec<&str> = name.split('.').collect();
-    links.pop();
-    links
+    let last = links.pop().unwrap_or("");
+    let mut types: Vec<Option<&str>> = links
         .into_iter()
         .map(|link| {
             let mut parts = link.split(':');
@@ -723,7 +723,13 @@ fn chained_types(name: &str) -> Vec<Option<&str>> {
                 None => reference_target(param),
             }
         })
-        .collect()
+        .collect();
+    // A chain ending in a reverse chain (`patient._has:Group:member:_id`) filters on its
+    // types too.
+    if !types.is_empty() && last.starts_with("_has:") {
+        types.extend(reverse_chained_types(last));
+    }
+    types
 }
 
 /// Whether the search parameters carry each of a granular scope's (the same value, alone).
@@ -1350,6 +1356,11 @@ mod tests {
                 "/Observation?patient.general-practitioner:Practitioner.name=x",
                 "system/Observation.rs system/Patient.s",
                 "system/Observation.rs system/Patient.s system/Practitioner.s",
+            ),
+            (
+                "/Observation?patient._has:Group:member:_id=102",
+                "system/Observation.rs system/Patient.s",
+                "system/Observation.rs system/Patient.s system/Group.s",
             ),
         ] {
             needs_more_than(chained, short, enough);
