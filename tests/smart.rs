@@ -491,32 +491,27 @@ async fn entra_scp_arrays_and_patient_scopes() {
     // A search allowed only by its parameters reaches the upstream with `handling=strict`
     // in place of the client's `handling=lenient`: a server that ignored `patient` (on a type
     // without it) would return every patient's. One the scopes allow outright keeps it.
-    let lenient = |token: &str| {
-        [
-            ("authorization", format!("Bearer {token}")),
-            ("prefer", "return=minimal, handling=lenient".to_owned()),
-        ]
-    };
-    let sent = lenient(&patient);
-    let headers: Vec<(&str, &str)> = sent.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let reply = client
-        .send("GET", "/Observation?patient=123", &headers, "")
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(
-        upstream.last().headers["prefer"],
-        "handling=strict, return=minimal"
-    );
-    let sent = lenient(&entra);
-    let headers: Vec<(&str, &str)> = sent.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let reply = client
-        .send("GET", "/Observation?code=x", &headers, "")
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(
-        upstream.last().headers["prefer"],
-        "return=minimal, handling=lenient"
-    );
+    for (token, path, reached) in [
+        (
+            &patient,
+            "/Observation?patient=123",
+            "handling=strict, return=minimal",
+        ),
+        (
+            &entra,
+            "/Observation?code=x",
+            "return=minimal, handling=lenient",
+        ),
+    ] {
+        let bearer = format!("Bearer {token}");
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("prefer", "return=minimal, handling=lenient"),
+        ];
+        let reply = client.send("GET", path, &headers, "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert_eq!(upstream.last().headers["prefer"], reached, "{path}");
+    }
     let before = upstream.received().len();
     let patients = minted(json!({"scope": format!("{TENANT} system/Patient.rs")}));
     let has = "/Patient?_has:Observation:patient:code=x";

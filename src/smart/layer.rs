@@ -475,7 +475,7 @@ fn probe_request<B, ReqBody>(
         )
         // A server that does not support one of the parameters must fail, not ignore it and
         // find the resource by its id alone (FHIR's default handling is lenient).
-        .header("prefer", HeaderValue::from_static("handling=strict"))
+        .header(PREFER, HeaderValue::from_static("handling=strict"))
         .body(ScopedBody::buffered(Bytes::new()))
         .ok()?;
     *request.extensions_mut() = read.extensions().clone();
@@ -704,7 +704,7 @@ fn prefer_strict(headers: &mut http::HeaderMap) {
 const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
 
 /// Whether a `Content-Type` is `application/x-www-form-urlencoded` (any parameters).
-fn is_form(value: &HeaderValue) -> bool {
+pub(crate) fn is_form(value: &HeaderValue) -> bool {
     let value = value.as_bytes();
     let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
     value[..end]

@@ -76,13 +76,7 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> 
             "Content-Type application/x-www-form-urlencoded is required",
         ));
     };
-    let essence = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split(';').next())
-        .map(str::trim)
-        .unwrap_or("");
-    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+    if crate::smart::is_form(value) {
         Ok(())
     } else {
         Err(TokenError::new(
