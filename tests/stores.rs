@@ -16,8 +16,8 @@ use tower_fhir::route::{
 };
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
-    AuthMethod, ClientKeys, ClientStore, FileClientStore, InMemoryClientStore, NewClient,
-    SecretHashing,
+    AuthMethod, ClientKeys, ClientStore, ClientUpdate, FileClientStore, InMemoryClientStore,
+    NewClient, SecretHashing,
 };
 use tower_fhir::version::FhirVersion;
 
@@ -308,6 +308,63 @@ where
         .unwrap_err()
         .is_refused());
 
+    // A whole update: entitlements, keys and rate limit in one write. A part refused (keys
+    // for a secret client, unusable keys, a malformed scope) leaves the client as it was,
+    // the parts before it included; a rate limit not named stays.
+    let k4 = serde_json::json!({"keys": [key("k4")]});
+    store
+        .update(
+            "backend",
+            ClientUpdate::new(vec![b], vec!["system/*.read".into()])
+                .keys(ClientKeys::Jwks(k4.clone()))
+                .rate_limit(Some(limit())),
+        )
+        .await
+        .unwrap();
+    let backend = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        (&backend.tenants, &backend.scopes, &backend.jwks),
+        (&vec![b], &vec!["system/*.read".to_owned()], &Some(k4))
+    );
+    assert_eq!(
+        (backend.jwks_uri.as_deref(), backend.rate_limit),
+        (None, Some(limit()))
+    );
+    let app = store.client("app").await.unwrap().unwrap();
+    for (id, update) in [
+        (
+            "app",
+            ClientUpdate::new(vec![b], vec![])
+                .keys(ClientKeys::Jwks(serde_json::json!({"keys": [key("k5")]})))
+                .rate_limit(Some(limit())),
+        ),
+        (
+            "backend",
+            ClientUpdate::new(vec![a], vec![])
+                .keys(ClientKeys::Jwks(serde_json::json!({"keys": []})))
+                .rate_limit(None),
+        ),
+        (
+            "backend",
+            ClientUpdate::new(vec![a], vec!["two words".into()]).rate_limit(None),
+        ),
+        ("nobody", ClientUpdate::new(vec![a], vec![])),
+    ] {
+        let refused = store.update(id, update).await.unwrap_err();
+        assert!(refused.is_refused(), "{id}: {refused}");
+    }
+    assert_eq!(store.client("app").await.unwrap().unwrap(), app);
+    assert_eq!(store.client("backend").await.unwrap().unwrap(), backend);
+    store
+        .update("backend", ClientUpdate::new(vec![a], vec![]))
+        .await
+        .unwrap();
+    let backend = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        (backend.tenants, backend.rate_limit),
+        (vec![a], Some(limit()))
+    );
+
     // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken,
     // and listed among the revoked (alone).
     assert!(store.revoked_clients().await.unwrap().is_empty());
@@ -358,10 +415,12 @@ where
             backend.token_endpoint_auth_method,
             AuthMethod::PrivateKeyJwt
         );
+        // As the last whole update left it.
         assert_eq!(
-            backend.jwks_uri.as_deref(),
-            Some("http://127.0.0.1:9/backend.json")
+            (backend.jwks_uri, backend.tenants, backend.rate_limit),
+            (None, vec![a], Some(limit()))
         );
+        assert_eq!(backend.jwks.unwrap()["keys"][0]["kid"], "k4");
         assert_eq!(
             store.client("provisioned").await.unwrap().unwrap().tenants,
             [b]

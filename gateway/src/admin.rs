@@ -26,8 +26,8 @@ use tower_fhir::route::{
 };
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
-    AuthMethod, ClientKeys, ClientRecord, ClientStore, NewClient, SigningKey, SigningKeys,
-    TokenEndpoint,
+    AuthMethod, ClientKeys, ClientRecord, ClientStore, ClientUpdate, NewClient, SigningKey,
+    SigningKeys, TokenEndpoint,
 };
 
 pub(crate) use crate::throttle::AdminThrottle;
@@ -513,36 +513,24 @@ async fn put_client(
         ),
         Some(_) => {
             let mut body = body;
-            // Everything is checked before anything is written: the keys here, the tenants
-            // and scopes by the entitlements' write, which goes first. A body refused leaves
-            // the client as it was.
             let keys = match body.keys() {
                 Ok(keys) => keys,
                 Err(why) => return error(StatusCode::BAD_REQUEST, why),
             };
-            if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(&client_id)) {
-                return store_failed(&err, "checking a client's keys");
-            }
             let tenants = body.tenants.len();
-            if let Err(err) = admin
-                .clients
-                .set_entitlements(&client_id, body.tenants, body.scopes)
-                .await
-            {
-                return store_failed(&err, "changing a client's entitlements");
-            }
+            let replaces_keys = keys.is_some();
+            let mut update =
+                ClientUpdate::new(body.tenants, body.scopes).rate_limit(body.rate_limit);
             if let Some(keys) = keys {
-                if let Err(err) = admin.clients.set_keys(&client_id, keys).await {
-                    return store_failed(&err, "replacing a client's keys");
-                }
-                tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
+                update = update.keys(keys);
             }
-            if let Err(err) = admin
-                .clients
-                .set_rate_limit(&client_id, body.rate_limit)
-                .await
-            {
-                return store_failed(&err, "changing a client's rate limit");
+            // One write, checked whole: a body refused (or a store failing) leaves the client
+            // as it was, and no replica sees half of it.
+            if let Err(err) = admin.clients.update(&client_id, update).await {
+                return store_failed(&err, "changing a client");
+            }
+            if replaces_keys {
+                tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
             }
             admin.limits.forget_client(&client_id);
             tracing::info!(client_id = %client_id, tenants, "client entitlements changed");

@@ -57,8 +57,8 @@ use crate::route::{
 use crate::tenant::TenantId;
 use crate::token::ReplayGuard;
 use crate::token::{
-    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret,
-    NewClient, SecretHashing, StoreError, StoreFuture,
+    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate, Clients,
+    HashedSecret, NewClient, SecretHashing, StoreError, StoreFuture,
 };
 
 /// The advisory lock migrations run under (any number that is this crate's).
@@ -701,6 +701,16 @@ impl ClientStore for PgClientStore {
         Box::pin(bounded(async move {
             this.modify(&id, "replacing client keys", move |clients, id| {
                 clients.set_keys(id, keys)
+            })
+            .await
+        }))
+    }
+
+    fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(bounded(async move {
+            this.modify(&id, "changing a client", move |clients, id| {
+                clients.update(id, update)
             })
             .await
         }))

@@ -139,6 +139,69 @@ impl ClientKeys {
     }
 }
 
+/// A change to a registered client, written whole or not at all by
+/// [`ClientStore::update`]: its tenants and scopes, and optionally its keys and rate limit.
+///
+/// ```
+/// use tower_fhir::limit::RateLimit;
+/// use tower_fhir::tenant::TenantId;
+/// use tower_fhir::token::{ClientKeys, ClientStore, ClientUpdate, InMemoryClientStore, NewClient};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+/// let store = InMemoryClientStore::new();
+/// store.register(NewClient::new("app-1").tenant(tenant)).await.unwrap();
+/// let limit = RateLimit::new(10, 20).unwrap();
+///
+/// let update = ClientUpdate::new(vec![tenant], vec!["system/*.read".into()]).rate_limit(Some(limit));
+/// store.update("app-1", update).await.unwrap();
+/// let record = store.client("app-1").await.unwrap().unwrap();
+/// assert_eq!((record.scopes.as_slice(), record.rate_limit), (["system/*.read".to_owned()].as_slice(), Some(limit)));
+///
+/// // Keys for a client that authenticates with a secret: refused, and nothing else changed.
+/// let keys = ClientKeys::JwksUri("https://app.example/jwks".into());
+/// let refused = ClientUpdate::new(vec![], vec![]).keys(keys).rate_limit(None);
+/// assert!(store.update("app-1", refused).await.is_err());
+/// let record = store.client("app-1").await.unwrap().unwrap();
+/// assert_eq!((record.tenants, record.rate_limit), (vec![tenant], Some(limit)));
+/// # });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct ClientUpdate {
+    tenants: Vec<TenantId>,
+    scopes: Vec<String>,
+    keys: Option<ClientKeys>,
+    rate_limit: Option<Option<RateLimit>>,
+}
+
+impl ClientUpdate {
+    /// Replaces the client's tenants and scopes (as
+    /// [`set_entitlements`](ClientStore::set_entitlements) does), leaving its keys and rate
+    /// limit as they are unless [`keys`](Self::keys) or [`rate_limit`](Self::rate_limit) say.
+    pub fn new(tenants: Vec<TenantId>, scopes: Vec<String>) -> Self {
+        Self {
+            tenants,
+            scopes,
+            keys: None,
+            rate_limit: None,
+        }
+    }
+
+    /// Also replaces a `private_key_jwt` client's keys (as [`set_keys`](ClientStore::set_keys)).
+    pub fn keys(mut self, keys: ClientKeys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Also sets (or, with `None`, removes) the client's rate limit (as
+    /// [`set_rate_limit`](ClientStore::set_rate_limit)).
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+}
+
 /// How a client authenticates at the token endpoint (and at introspection and revocation).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthMethod {
@@ -554,6 +617,42 @@ pub trait ClientStore: Send + Sync + 'static {
             "this client store keeps no client keys",
         ))))
     }
+
+    /// Applies `update` to the client: its tenants and scopes, and the keys and rate limit it
+    /// names, refused as the single setters refuse them. The crate's stores write it whole or
+    /// not at all (one transaction in PostgreSQL), so a refusal or a failure leaves the client
+    /// as it was, and no reader sees half of it.
+    ///
+    /// The default, for stores written before this method, is not atomic: after checking the
+    /// keys ([`ClientKeys::check`]) it makes the [`set_entitlements`](Self::set_entitlements),
+    /// [`set_keys`](Self::set_keys) and [`set_rate_limit`](Self::set_rate_limit) calls, in
+    /// this order, and returns the first failure, so a part refused for another reason (keys
+    /// for a client that uses a secret) may leave the others applied. A store should override
+    /// it.
+    fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
+        let ClientUpdate {
+            tenants,
+            scopes,
+            keys,
+            rate_limit,
+        } = update;
+        if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(id)) {
+            return Box::pin(std::future::ready(Err(err)));
+        }
+        let entitlements = self.set_entitlements(id, tenants, scopes);
+        let keys = keys.map(|keys| self.set_keys(id, keys));
+        let limit = rate_limit.map(|limit| self.set_rate_limit(id, limit));
+        Box::pin(async move {
+            entitlements.await?;
+            if let Some(keys) = keys {
+                keys.await?;
+            }
+            if let Some(limit) = limit {
+                limit.await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
@@ -588,6 +687,9 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     }
     fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
         (**self).set_keys(id, keys)
+    }
+    fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
+        (**self).update(id, update)
     }
 }
 
@@ -825,6 +927,33 @@ impl Clients {
         Ok(())
     }
 
+    /// Applies `update` whole, or (refused) changes nothing.
+    pub(crate) fn update(&mut self, id: &str, update: ClientUpdate) -> Result<(), StoreError> {
+        let ClientUpdate {
+            tenants,
+            scopes,
+            keys,
+            rate_limit,
+        } = update;
+        let kept = self.clients.get(id).cloned();
+        let result = (|| {
+            self.set_entitlements(id, tenants, scopes)?;
+            if let Some(keys) = keys {
+                self.set_keys(id, keys)?;
+            }
+            match rate_limit {
+                Some(limit) => self.set_rate_limit(id, limit),
+                None => Ok(()),
+            }
+        })();
+        if result.is_err() {
+            if let Some(record) = kept {
+                self.clients.insert(id.to_owned(), record);
+            }
+        }
+        result
+    }
+
     pub(crate) fn revoke(&mut self, id: &str) -> Result<(), StoreError> {
         let record = self
             .clients
@@ -1007,6 +1136,11 @@ impl ClientStore for InMemoryClientStore {
 
     fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
         let result = self.with(|c| c.set_keys(id, keys));
+        Box::pin(async move { result })
+    }
+
+    fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
+        let result = self.with(|c| c.update(id, update));
         Box::pin(async move { result })
     }
 

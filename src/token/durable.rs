@@ -12,8 +12,8 @@ use crate::limit::{ClientLimitFuture, ClientLimits, RateLimit};
 use crate::tenant::TenantId;
 
 use super::client::{
-    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, Clients, HashedSecret,
-    NewClient, SecretHashing, StoreError, StoreFuture,
+    blocking, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate, Clients,
+    HashedSecret, NewClient, SecretHashing, StoreError, StoreFuture,
 };
 
 /// Clients in a JSON file, so registrations, rotations and revocations survive a restart.
@@ -228,6 +228,11 @@ impl ClientStore for FileClientStore {
     fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || this.change(|c| c.set_keys(&id, keys))))
+    }
+
+    fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || this.change(|c| c.update(&id, update))))
     }
 
     fn hashing(&self) -> SecretHashing {

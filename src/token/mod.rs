@@ -93,8 +93,9 @@ pub use assertion::ReplayGuard;
 #[cfg(feature = "postgres")]
 pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
 pub use client::{
-    AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, InMemoryClientStore,
-    NewClient, SecretHash, SecretHashing, StoreError, StoreFuture, MIN_SECRET_LEN,
+    AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate,
+    InMemoryClientStore, NewClient, SecretHash, SecretHashing, StoreError, StoreFuture,
+    MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
