@@ -169,6 +169,25 @@ async fn request_ids_reach_the_upstream_and_every_response() {
     assert_eq!(setup.upstream.last().headers["x-request-id"], made.as_str());
     let made_too = setup.client.get("/metadata", &[]).await;
     assert!(made_too.headers.contains_key("x-request-id"));
+
+    // An upstream that answers with an id of its own: the client gets the request's, and the
+    // upstream's beside it.
+    let mut answer = Answer::json(serde_json::json!({"resourceType": "Patient", "id": "3"}));
+    answer
+        .headers
+        .push(("x-request-id".into(), "hapi 7f3a".into()));
+    setup.upstream.answer("/fhir/Patient/3", answer);
+    let reply = setup
+        .client
+        .get(
+            "/Patient/3",
+            &[("authorization", &auth), ("x-request-id", "trace-44")],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let ids: Vec<_> = reply.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["trace-44"]);
+    assert_eq!(reply.headers["x-upstream-request-id"], "hapi 7f3a");
 }
 
 #[tokio::test]

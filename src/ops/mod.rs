@@ -81,7 +81,8 @@ pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
 pub use histogram::{BucketHistograms, InvalidBuckets, WithBucketHistograms, DURATION_BUCKETS};
 pub use observe::{Observe, ObserveFuture, ObserveLayer};
 pub use request_id::{
-    MakeUuid, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
+    MakeUuid, RequestIdFuture, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
+    X_UPSTREAM_REQUEST_ID,
 };
 
 pub(crate) use body_limit::{is_length_limit, too_large};

@@ -1,17 +1,22 @@
 //! Request ids: kept when the client's is sound, made otherwise, returned on every response.
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestId, PropagateRequestIdLayer, RequestId, SetRequestId,
-};
+use pin_project_lite::pin_project;
+use tower_http::request_id::{MakeRequestId, RequestId, SetRequestId};
 use tower_layer::Layer;
 use tower_service::Service;
 
 /// `X-Request-Id`.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `X-Upstream-Request-Id`: an upstream's own `X-Request-Id`, when it answered with another
+/// id than the request's.
+pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
 /// The longest client request id kept.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -23,8 +28,11 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// in its place. The id stays in the request's headers, so the proxy forwards it to the
 /// upstream, and is in its extensions as tower-http's
 /// [`RequestId`](tower_http::request_id::RequestId) for traces and audit records. Every
-/// response, the layers' own refusals included, carries it back. Built on tower-http's
-/// `SetRequestId` and `PropagateRequestId`; the check of the client's value is this layer's.
+/// response, the layers' own refusals included, carries it back, in place of any
+/// `X-Request-Id` the response had: an upstream that answers with an id of its own (many
+/// make one) has it returned as [`X-Upstream-Request-Id`](X_UPSTREAM_REQUEST_ID). Built on
+/// tower-http's `SetRequestId`; the check of the client's value, and the response's header,
+/// are this layer's.
 ///
 /// ```
 /// use http::{Request, Response};
@@ -44,9 +52,19 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// assert_eq!(response.body(), "abc-123");
 ///
 /// let replaced = Request::get("/").header("x-request-id", "no spaces, please").body(()).unwrap();
-/// let response = service.oneshot(replaced).await.unwrap();
+/// let response = service.clone().oneshot(replaced).await.unwrap();
 /// assert_ne!(response.headers()["x-request-id"], "no spaces, please");
 /// assert_eq!(response.headers()["x-request-id"].len(), 36);
+///
+/// // An upstream's own id is returned beside the request's.
+/// let upstream = RequestIdLayer::new().layer(service_fn(|_request: Request<()>| async {
+///     let response = Response::builder().header("x-request-id", "hapi-7f3a").body(()).unwrap();
+///     Ok::<_, std::convert::Infallible>(response)
+/// }));
+/// let request = Request::get("/Patient/1").header("x-request-id", "abc-123").body(()).unwrap();
+/// let response = upstream.oneshot(request).await.unwrap();
+/// assert_eq!(response.headers()["x-request-id"], "abc-123");
+/// assert_eq!(response.headers()["x-upstream-request-id"], "hapi-7f3a");
 /// # });
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,9 +84,8 @@ impl<S> Layer<S> for RequestIdLayer {
     type Service = RequestIdService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let propagate = PropagateRequestIdLayer::new(X_REQUEST_ID).layer(inner);
         RequestIdService {
-            inner: SetRequestId::new(propagate, X_REQUEST_ID, MakeUuid),
+            inner: SetRequestId::new(Stamp { inner }, X_REQUEST_ID, MakeUuid),
         }
     }
 }
@@ -76,7 +93,72 @@ impl<S> Layer<S> for RequestIdLayer {
 /// The service [`RequestIdLayer`] makes.
 #[derive(Clone)]
 pub struct RequestIdService<S> {
-    inner: SetRequestId<PropagateRequestId<S>, MakeUuid>,
+    inner: SetRequestId<Stamp<S>, MakeUuid>,
+}
+
+/// Puts the request's id (set by then) on its response.
+#[derive(Clone)]
+#[doc(hidden)]
+pub struct Stamp<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Stamp<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = RequestIdFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let id = request.headers().get(&X_REQUEST_ID).cloned();
+        RequestIdFuture {
+            future: self.inner.call(request),
+            id,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`RequestIdService`].
+    pub struct RequestIdFuture<F> {
+        #[pin]
+        future: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, B, E> Future for RequestIdFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.future.poll(cx))?;
+        if let Some(id) = this.id.take() {
+            let headers = response.headers_mut();
+            // Theirs, when another, is kept beside (any others of it are dropped).
+            if let Some(theirs) = headers.insert(&X_REQUEST_ID, id.clone()) {
+                if theirs != id {
+                    headers.insert(&X_UPSTREAM_REQUEST_ID, theirs);
+                }
+            }
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl<F> std::fmt::Debug for RequestIdFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestIdFuture").finish_non_exhaustive()
+    }
 }
 
 /// Makes a random (v4) UUID, written straight into the header value: tower-http's
@@ -104,8 +186,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future =
-        <SetRequestId<PropagateRequestId<S>, MakeUuid> as Service<Request<ReqBody>>>::Future;
+    type Future = RequestIdFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -193,6 +274,44 @@ mod tests {
             .unwrap();
         let (returned, _) = seen(request).await;
         assert!(uuid::Uuid::parse_str(&returned).is_ok(), "{returned}");
+    }
+
+    #[tokio::test]
+    async fn the_requests_id_replaces_the_upstreams_which_is_kept_beside() {
+        let answer = |ids: &'static [&'static str]| {
+            RequestIdLayer::new().layer(tower::service_fn(move |_r: Request<()>| async move {
+                let mut response = Response::builder();
+                for id in ids {
+                    response = response.header("x-request-id", *id);
+                }
+                Ok::<_, Infallible>(response.body(()).unwrap())
+            }))
+        };
+        let request = || {
+            Request::get("/Patient/1")
+                .header("x-request-id", "client-1")
+                .body(())
+                .unwrap()
+        };
+        let ids = |response: &Response<()>, name: HeaderName| -> Vec<String> {
+            let values = response.headers().get_all(name).iter();
+            values.map(|v| v.to_str().unwrap().to_owned()).collect()
+        };
+        let response = answer(&["upstream id, with spaces", "second"])
+            .oneshot(request())
+            .await
+            .unwrap();
+        assert_eq!(ids(&response, X_REQUEST_ID), ["client-1"]);
+        assert_eq!(
+            ids(&response, X_UPSTREAM_REQUEST_ID),
+            ["upstream id, with spaces"]
+        );
+        // The same id, or none: nothing beside.
+        for given in [&["client-1"][..], &[]] {
+            let response = answer(given).oneshot(request()).await.unwrap();
+            assert_eq!(ids(&response, X_REQUEST_ID), ["client-1"]);
+            assert!(ids(&response, X_UPSTREAM_REQUEST_ID).is_empty());
+        }
     }
 
     #[tokio::test]
