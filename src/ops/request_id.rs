@@ -98,8 +98,7 @@ pub struct RequestIdService<S> {
 
 /// Puts the request's id (set by then) on its response.
 #[derive(Clone)]
-#[doc(hidden)]
-pub struct Stamp<S> {
+pub(crate) struct Stamp<S> {
     inner: S,
 }
 
