@@ -200,7 +200,7 @@ pub struct GatewayBuilder {
     smart: SmartScopeBuilder,
     routing: Option<RoutingOptions>,
     limits: Option<LimitOptions>,
-    capability_cache: (Duration, u64),
+    capability_cache: (Duration, u64, u64),
     proxy: Option<FhirProxyBuilder>,
     #[cfg(feature = "token")]
     token: Option<crate::token::TokenEndpoint>,
@@ -315,7 +315,16 @@ impl GatewayBuilder {
     /// How long, and for how many entries (a tenant's upstream, release, query and requested
     /// format), tenants' CapabilityStatements are cached. Default 5 minutes, 10 000.
     pub fn capability_cache(mut self, ttl: Duration, capacity: u64) -> Self {
-        self.capability_cache = (ttl, capacity);
+        (self.capability_cache.0, self.capability_cache.1) = (ttl, capacity);
+        self
+    }
+
+    /// The bytes the CapabilityStatement cache holds at most (statements and their keys).
+    /// Default [`DEFAULT_CAPABILITY_CACHE_BYTES`](crate::metadata::DEFAULT_CAPABILITY_CACHE_BYTES),
+    /// 64 MiB: any token holder can ask with queries and `Accept` values of its choosing, each
+    /// an entry of its own (see [`CapabilityCacheLayer`]).
+    pub fn capability_cache_bytes(mut self, max_bytes: u64) -> Self {
+        self.capability_cache.2 = max_bytes;
         self
     }
 
@@ -445,7 +454,7 @@ impl GatewayBuilder {
             // Ends by itself when the directory (the sender) is dropped.
             drop(routing.cache().follow(changes));
         }
-        let (ttl, capacity) = self.capability_cache;
+        let (ttl, capacity, max_bytes) = self.capability_cache;
         let layer = GatewayLayer {
             versions: self.versions.build().map_err(ConfigError::Version)?,
             metadata: metadata.build().map_err(ConfigError::Metadata)?,
@@ -454,7 +463,7 @@ impl GatewayBuilder {
             smart: self.smart.build().map_err(ConfigError::Smart)?,
             routing,
             rate_limits: limits.build().map_err(ConfigError::Limit)?,
-            capabilities: CapabilityCacheLayer::new(ttl, capacity),
+            capabilities: CapabilityCacheLayer::new(ttl, capacity).max_bytes(max_bytes),
             #[cfg(feature = "token")]
             token: self
                 .token
@@ -773,7 +782,11 @@ impl Gateway {
             smart: SmartScopeLayer::builder(),
             routing: None,
             limits: None,
-            capability_cache: (Duration::from_secs(300), 10_000),
+            capability_cache: (
+                Duration::from_secs(300),
+                10_000,
+                crate::metadata::DEFAULT_CAPABILITY_CACHE_BYTES,
+            ),
             proxy: None,
             #[cfg(feature = "token")]
             token: None,

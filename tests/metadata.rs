@@ -18,6 +18,14 @@ const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
 async fn setup() -> (TestClient, RecordingUpstream, String) {
+    setup_with(CapabilityCacheLayer::new(
+        std::time::Duration::from_secs(60),
+        1000,
+    ))
+    .await
+}
+
+async fn setup_with(cache: CapabilityCacheLayer) -> (TestClient, RecordingUpstream, String) {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir/metadata",
@@ -48,10 +56,7 @@ async fn setup() -> (TestClient, RecordingUpstream, String) {
         )
         .layer(TenantScopeLayer::builder().build().unwrap())
         .layer(TenantRoutingLayer::builder(directory).build().unwrap())
-        .layer(CapabilityCacheLayer::new(
-            std::time::Duration::from_secs(60),
-            1000,
-        ))
+        .layer(cache)
         .service(FhirProxy::builder("http://gateway.test").build().unwrap());
     let client = TestClient::new(serve_tower(stack).await);
     let mut c = claims();
@@ -267,4 +272,34 @@ async fn an_xml_statement_is_never_cached_nor_served_to_a_json_client() {
     assert_eq!(upstream.received().len(), 3);
     check_json(&ask_json().await);
     assert_eq!(upstream.received().len(), 3, "the JSON statement is cached");
+}
+
+#[tokio::test]
+async fn a_statement_larger_than_the_caches_bytes_is_served_and_never_kept() {
+    let cache = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 1000);
+    let (client, upstream, bearer) = setup_with(cache.max_bytes(100 << 10)).await;
+    let padding = "x".repeat(200 << 10);
+    upstream.answer(
+        "/fhir/metadata",
+        Answer::json(
+            json!({"resourceType": "Conformance", "fhirVersion": "1.0.2",
+            "text": {"status": "generated", "div": padding}, "rest": [{"mode": "server"}]}),
+        ),
+    );
+    for asked in 1..=2 {
+        let headers = [("authorization", bearer.as_str())];
+        let reply = client.send("GET", "/metadata", &headers, "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let statement = reply.json();
+        assert_eq!(
+            statement["text"]["div"].as_str().map(str::len),
+            Some(200 << 10)
+        );
+        let oauth = &statement["rest"][0]["security"]["extension"][0];
+        assert_eq!(
+            oauth["extension"][0]["valueUri"],
+            "http://gateway.test/oauth/token"
+        );
+        assert_eq!(upstream.received().len(), asked, "asked again, not kept");
+    }
 }

@@ -7,6 +7,11 @@
 //! release, query string and `Accept`/`Accept-Language`: an XML statement asked for with
 //! `_format=xml` goes to the client as the upstream sent it and is never kept, so it never
 //! reaches a client that asked for JSON.
+//!
+//! Any token holder chooses the query and `Accept` it asks with, so the entries a client can
+//! make are many: what they hold is bounded in bytes (each entry weighs its statement and its
+//! key, and at least the byte bound over the entry bound), and so are the statements being
+//! read on a miss ([`MAX_STATEMENT_READS`] at once).
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,6 +22,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
+
+use tokio::sync::Semaphore;
 
 use super::statement::{is_json, json_statement, read_statement};
 use super::ResponseFuture;
@@ -32,7 +39,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[must_use]
 pub struct CapabilityCacheLayer {
     cache: Arc<StatementCache>,
+    reads: Arc<Semaphore>,
+    ttl: std::time::Duration,
+    capacity: u64,
+    max_bytes: u64,
 }
+
+/// The bytes a [`CapabilityCacheLayer`] keeps at most unless told
+/// ([`max_bytes`](CapabilityCacheLayer::max_bytes)): 64 MiB.
+pub const DEFAULT_CAPABILITY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// At most this many upstream statements missing from the cache are read at once (each up to
+/// 8 MiB); more wait their turn, then look in the cache again.
+pub const MAX_STATEMENT_READS: usize = 16;
 
 type StatementCache = moka::future::Cache<StatementKey, CachedStatement>;
 
@@ -54,6 +73,15 @@ struct StatementKey {
 }
 
 impl StatementKey {
+    /// About the bytes the key holds.
+    fn bytes(&self) -> usize {
+        let values = self.accept.iter().chain(self.accept_language.iter());
+        std::mem::size_of::<Self>()
+            + self.upstream.len()
+            + self.query.as_ref().map_or(0, |query| query.len())
+            + values.map(|value| value.len() + 16).sum::<usize>()
+    }
+
     /// The key of a `GET metadata` routed to a tenant's upstream; `None` for anything else.
     fn of<B>(request: &Request<B>) -> Option<Self> {
         if request.method() != Method::GET || request.uri().path() != "/metadata" {
@@ -88,22 +116,63 @@ struct CachedStatement {
 
 impl CapabilityCacheLayer {
     /// Keeps statements for `ttl`, for at most `capacity` entries (tenant, upstream, release,
-    /// query and requested format).
+    /// query and requested format) and [`DEFAULT_CAPABILITY_CACHE_BYTES`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fhir::metadata::CapabilityCacheLayer;
+    ///
+    /// // Five minutes, 1,000 entries, and 16 MiB of statements at most.
+    /// let cache = CapabilityCacheLayer::new(Duration::from_secs(300), 1_000).max_bytes(16 << 20);
+    /// assert_eq!(cache.entry_count(), 0);
+    /// ```
     pub fn new(ttl: std::time::Duration, capacity: u64) -> Self {
         Self {
-            cache: Arc::new(
-                moka::future::Cache::builder()
-                    .time_to_live(ttl)
-                    .max_capacity(capacity)
-                    .build(),
-            ),
+            cache: Arc::new(statement_cache(
+                ttl,
+                capacity,
+                DEFAULT_CAPABILITY_CACHE_BYTES,
+            )),
+            reads: Arc::new(Semaphore::new(MAX_STATEMENT_READS)),
+            ttl,
+            capacity,
+            max_bytes: DEFAULT_CAPABILITY_CACHE_BYTES,
         }
+    }
+
+    /// Keeps at most `max_bytes` of statements and their keys (each entry counted as at least
+    /// `max_bytes / capacity`, so the entry bound holds too); a statement larger than that is
+    /// not kept. Forgets what the cache held.
+    pub fn max_bytes(self, max_bytes: u64) -> Self {
+        Self {
+            cache: Arc::new(statement_cache(self.ttl, self.capacity, max_bytes)),
+            max_bytes,
+            ..self
+        }
+    }
+
+    /// How many statements the cache holds (after its pending upkeep, approximately).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
     }
 
     /// Forgets every cached statement.
     pub fn invalidate_all(&self) {
         self.cache.invalidate_all();
     }
+}
+
+/// A cache weighing each entry its bytes, and at least `max_bytes / capacity`.
+fn statement_cache(ttl: std::time::Duration, capacity: u64, max_bytes: u64) -> StatementCache {
+    let least = max_bytes.div_ceil(capacity.max(1)).max(1);
+    moka::future::Cache::builder()
+        .time_to_live(ttl)
+        .weigher(move |key: &StatementKey, statement: &CachedStatement| {
+            let bytes = (key.bytes() + statement.bytes()) as u64;
+            u32::try_from(bytes.max(least)).unwrap_or(u32::MAX)
+        })
+        .max_capacity(max_bytes)
+        .build()
 }
 
 impl fmt::Debug for CapabilityCacheLayer {
@@ -121,6 +190,8 @@ impl<S> Layer<S> for CapabilityCacheLayer {
         CapabilityCache {
             inner,
             cache: Arc::clone(&self.cache),
+            reads: Arc::clone(&self.reads),
+            max_bytes: self.max_bytes,
         }
     }
 }
@@ -130,6 +201,8 @@ impl<S> Layer<S> for CapabilityCacheLayer {
 pub struct CapabilityCache<S> {
     inner: S,
     cache: Arc<StatementCache>,
+    reads: Arc<Semaphore>,
+    max_bytes: u64,
 }
 
 impl<S: fmt::Debug> fmt::Debug for CapabilityCache<S> {
@@ -165,7 +238,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cache = Arc::clone(&self.cache);
+        let reads = Arc::clone(&self.reads);
+        let max_bytes = self.max_bytes;
         ResponseFuture::own(async move {
+            if let Some(cached) = cache.get(&key).await {
+                return Ok(cached.response());
+            }
+            // A turn to read (never closed); meanwhile another request may have cached it.
+            let _turn = reads.acquire().await;
             if let Some(cached) = cache.get(&key).await {
                 return Ok(cached.response());
             }
@@ -190,7 +270,10 @@ where
                     content_type: content_type.cloned(),
                     body: body.clone(),
                 };
-                cache.insert(key, cached).await;
+                // (One over the whole bound would be served until the cache's next upkeep.)
+                if ((key.bytes() + cached.bytes()) as u64) <= max_bytes {
+                    cache.insert(key, cached).await;
+                }
             }
             parts.headers.remove(header::TRANSFER_ENCODING);
             Ok(Response::from_parts(parts, ResponseBody::full(body)))
@@ -199,6 +282,12 @@ where
 }
 
 impl CachedStatement {
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.body.len()
+            + self.content_type.as_ref().map_or(0, HeaderValue::len)
+    }
+
     fn response<B>(&self) -> Response<ResponseBody<B>> {
         let mut response = Response::new(ResponseBody::full(self.body.clone()));
         if let Some(content_type) = &self.content_type {
@@ -333,5 +422,101 @@ mod tests {
             body(&service, routed(A, "/metadata?gzip", json)).await;
         }
         assert_eq!(calls.load(Ordering::SeqCst), 8);
+    }
+
+    /// A cache in front of an upstream answering a JSON statement of `size` bytes, counting
+    /// the calls that reach it and the most at once.
+    fn large_statements(
+        layer: &CapabilityCacheLayer,
+        size: usize,
+        pause: std::time::Duration,
+    ) -> (
+        impl Service<Request<Full<Bytes>>, Response = Answer, Error = Infallible> + Clone,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
+        let (calls, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let now = Arc::new(AtomicUsize::new(0));
+        let padding = "x".repeat(size);
+        let statement = format!(r#"{{"resourceType":"CapabilityStatement","text":"{padding}"}}"#);
+        let (counted, highest) = (Arc::clone(&calls), Arc::clone(&most));
+        let service = layer.layer(service_fn(move |_request: Request<Full<Bytes>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+            highest.fetch_max(at_once, Ordering::SeqCst);
+            let (now, body) = (Arc::clone(&now), statement.clone());
+            async move {
+                tokio::time::sleep(pause).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                let response = Response::builder()
+                    .header(header::CONTENT_TYPE, "application/fhir+json")
+                    .body(Full::<Bytes>::from(body))
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        }));
+        (service, calls, most)
+    }
+
+    #[tokio::test]
+    async fn what_the_entries_hold_is_bounded_in_bytes_and_entries() {
+        // One client asking with queries of its choosing: 50 entries of about 300 KiB.
+        let ttl = std::time::Duration::from_secs(60);
+        let layer = CapabilityCacheLayer::new(ttl, 10_000).max_bytes(1 << 20);
+        let (service, calls, _) = large_statements(&layer, 300 << 10, Default::default());
+        for n in 0..50 {
+            let uri = format!("/metadata?junk={n}");
+            assert!(body(&service, routed(A, &uri, None)).await.len() > 300 << 10);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 50);
+        layer.cache.run_pending_tasks().await;
+        assert!(
+            layer.cache.weighted_size() <= 1 << 20,
+            "{}",
+            layer.cache.weighted_size()
+        );
+        assert!(
+            (1..=3).contains(&layer.entry_count()),
+            "{}",
+            layer.entry_count()
+        );
+
+        // The entry bound holds for small statements too.
+        let layer = CapabilityCacheLayer::new(ttl, 10);
+        let (service, _, _) = large_statements(&layer, 10, Default::default());
+        for n in 0..50 {
+            body(&service, routed(A, &format!("/metadata?junk={n}"), None)).await;
+        }
+        layer.cache.run_pending_tasks().await;
+        assert!(layer.entry_count() <= 10, "{}", layer.entry_count());
+
+        // A statement larger than the bound is served, never kept.
+        let layer = CapabilityCacheLayer::new(ttl, 10).max_bytes(100 << 10);
+        let (service, calls, _) = large_statements(&layer, 200 << 10, Default::default());
+        for _ in 0..2 {
+            assert!(body(&service, routed(A, "/metadata", None)).await.len() > 200 << 10);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn misses_are_read_a_few_at_a_time_and_look_again_after_waiting() {
+        let layer = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100);
+        let pause = std::time::Duration::from_millis(50);
+        let (service, calls, most) = large_statements(&layer, 10, pause);
+        // Distinct questions: at most MAX_STATEMENT_READS reach the upstream at once.
+        let distinct = (0..40).map(|n| {
+            let service = service.clone();
+            async move { body(&service, routed(A, &format!("/metadata?n={n}"), None)).await }
+        });
+        futures::future::join_all(distinct).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 40);
+        assert_eq!(most.load(Ordering::SeqCst), MAX_STATEMENT_READS);
+        // One question asked 40 times at once: those that waited find it cached.
+        let before = calls.load(Ordering::SeqCst);
+        let same = (0..40).map(|_| body(&service, routed(B, "/metadata", None)));
+        futures::future::join_all(same).await;
+        let reached = calls.load(Ordering::SeqCst) - before;
+        assert!(reached <= MAX_STATEMENT_READS, "{reached}");
     }
 }

@@ -67,7 +67,9 @@ mod statement;
 mod test_support;
 mod upstream;
 
-pub use cache::{CapabilityCache, CapabilityCacheLayer};
+pub use cache::{
+    CapabilityCache, CapabilityCacheLayer, DEFAULT_CAPABILITY_CACHE_BYTES, MAX_STATEMENT_READS,
+};
 pub use layer::{ConfigError, Metadata, MetadataBuilder, MetadataLayer};
 
 /// The response future of [`Metadata`] and [`CapabilityCache`]: the inner service's (every
