@@ -443,6 +443,26 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
         .await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(reply.json()["issue"][0]["code"], "too-long");
+
+    // A compressed body, which the limit would count compressed (a gzip bomb): refused.
+    let received = upstream.received().len();
+    let reply = gw
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/fhir+json"),
+                ("content-encoding", "gzip"),
+            ],
+            "\u{1f}\u{8b}",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(reply.headers["accept-encoding"], "identity");
+    assert_eq!(reply.json()["issue"][0]["code"], "not-supported");
+    assert_eq!(upstream.received().len(), received);
 }
 
 /// Resident memory of `pid` in KiB.

@@ -25,6 +25,14 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
 /// OperationOutcome; axum's body extractors answer `413` too. Each refusal counts in the
 /// `tower_fhir_body_too_large_total` metric.
 ///
+/// The limit is on the bytes sent, so a body sent compressed (a `Content-Encoding` other than
+/// `identity`) would be held to it only as compressed: a few MiB of gzip can inflate to
+/// gigabytes in a server that decompresses request bodies (HAPI does, by default). Such a
+/// request is answered `415 Unsupported Media Type` with an OperationOutcome
+/// (`not-supported`) and `Accept-Encoding: identity`, unless
+/// [`allow_coded_bodies`](Self::allow_coded_bodies) says the servers behind bound what they
+/// inflate.
+///
 /// ```
 /// use bytes::Bytes;
 /// use http::{Request, Response, StatusCode};
@@ -45,20 +53,39 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
 ///     .header("content-length", "2048")
 ///     .body(Full::new(Bytes::from(vec![b' '; 2048])))
 ///     .unwrap();
-/// let refused = service.oneshot(large).await.unwrap();
+/// let refused = service.clone().oneshot(large).await.unwrap();
 /// assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+///
+/// let gzipped = Request::post("/Patient")
+///     .header("content-encoding", "gzip")
+///     .body(Full::new(Bytes::from_static(b"\x1f\x8b")))
+///     .unwrap();
+/// let refused = service.oneshot(gzipped).await.unwrap();
+/// assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+/// assert_eq!(refused.headers()["accept-encoding"], "identity");
 /// # });
 /// ```
 #[derive(Debug, Clone, Copy)]
 #[must_use]
 pub struct BodyLimitLayer {
     max: u64,
+    coded: bool,
 }
 
 impl BodyLimitLayer {
-    /// Bodies of at most `max_bytes` pass.
+    /// Bodies of at most `max_bytes` pass (uncompressed ones).
     pub fn new(max_bytes: u64) -> Self {
-        Self { max: max_bytes }
+        Self {
+            max: max_bytes,
+            coded: false,
+        }
+    }
+
+    /// Passes bodies with a `Content-Encoding` (held to the limit as sent). Default off:
+    /// turn it on only when every service behind bounds what it decompresses.
+    pub fn allow_coded_bodies(mut self, allow: bool) -> Self {
+        self.coded = allow;
+        self
     }
 }
 
@@ -76,6 +103,7 @@ impl<S> Layer<S> for BodyLimitLayer {
         BodyLimit {
             inner,
             max: self.max,
+            coded: self.coded,
         }
     }
 }
@@ -85,6 +113,7 @@ impl<S> Layer<S> for BodyLimitLayer {
 pub struct BodyLimit<S> {
     inner: S,
     max: u64,
+    coded: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BodyLimit<S>
@@ -108,10 +137,41 @@ where
         if declared.is_some_and(|length| length > self.max) {
             return ResponseFuture::answered(too_large(Some(self.max)));
         }
+        if !self.coded && is_coded(request.headers()) {
+            return ResponseFuture::answered(coded_refused());
+        }
         // `Limited` counts in `usize`; a limit beyond it cannot be reached anyway.
         let max = usize::try_from(self.max).unwrap_or(usize::MAX);
         ResponseFuture::inner(self.inner.call(request.map(|body| Limited::new(body, max))))
     }
+}
+
+/// Whether the body has a content coding other than `identity`.
+fn is_coded(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|value| {
+            value.as_bytes().split(|&b| b == b',').any(|coding| {
+                let coding = coding.trim_ascii();
+                !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity")
+            })
+        })
+}
+
+/// `415` for a compressed body, with `Accept-Encoding: identity` (RFC 9110 §15.5.16).
+fn coded_refused() -> Response<bytes::Bytes> {
+    let mut response = OperationOutcome::error(
+        IssueType::NotSupported,
+        "This gateway does not accept compressed request bodies (Content-Encoding): send the \
+         body uncompressed",
+    )
+    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    response.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
+    response
 }
 
 /// `413` with an OperationOutcome naming the limit when known; counted.
@@ -162,6 +222,49 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_coded_body_is_refused_unless_allowed() {
+        let service = |allow| {
+            BodyLimitLayer::new(1024)
+                .allow_coded_bodies(allow)
+                .layer(tower::service_fn(
+                    |_r: Request<Limited<http_body_util::Empty<Bytes>>>| async {
+                        Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+                    },
+                ))
+        };
+        let request = |codings: &[&str]| {
+            let mut request = Request::post("/Patient");
+            for coding in codings {
+                request = request.header("content-encoding", *coding);
+            }
+            request.body(http_body_util::Empty::new()).unwrap()
+        };
+        for codings in [&[][..], &["identity"], &["IDENTITY"], &[" identity , "]] {
+            let response = service(false).oneshot(request(codings)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{codings:?}");
+        }
+        for codings in [
+            &["gzip"][..],
+            &["identity, br"],
+            &["identity", "deflate"],
+            &["x"],
+        ] {
+            let response = service(false).oneshot(request(codings)).await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{codings:?}"
+            );
+            assert_eq!(response.headers()[header::ACCEPT_ENCODING], "identity");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["issue"][0]["code"], "not-supported");
+            let allowed = service(true).oneshot(request(codings)).await.unwrap();
+            assert_eq!(allowed.status(), StatusCode::OK, "{codings:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_declared_length_over_the_limit_never_reaches_the_inner_service() {
