@@ -174,9 +174,20 @@ impl Config {
         headers: &HeaderMap,
     ) -> Decision {
         let versions_operation = method == Method::GET && path == "/$versions";
-        let format = query
-            .filter(|q| q.contains("_format="))
-            .and_then(format_parameter);
+        // (A name may be percent-encoded: `%5Fformat`.)
+        let format = match query.filter(|q| q.contains("format") || q.contains('%')) {
+            Some(query) => match format_parameter(query) {
+                Ok(format) => format,
+                Err(()) => {
+                    return Decision::Answer(error(
+                        StatusCode::BAD_REQUEST,
+                        IssueType::Invalid,
+                        "More than one _format parameter: servers differ on which one counts",
+                    ))
+                }
+            },
+            None => None,
+        };
         // Most requests name no release: skip parsing unless a header mentions one; and only
         // `$versions` needs the ranges themselves.
         let accept_headers = headers.get_all(header::ACCEPT);
@@ -351,19 +362,38 @@ fn named_content(value: &HeaderValue) -> Option<Named> {
     parse_parts(value.to_str().ok()?).map(|(_, named, _)| named)
 }
 
-/// The `_format` query parameter, percent-decoded.
-fn format_parameter(query: &str) -> Option<MediaRange> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(name, _)| *name == "_format")
-        .and_then(|(_, value)| {
-            let value = value.replace('+', " ");
-            let decoded = percent_encoding::percent_decode_str(&value)
-                .decode_utf8()
-                .ok()?;
-            parse_format(&decoded)
-        })
+/// The `_format` query parameter (its name percent-decoded as servers decode it), its value
+/// percent-decoded with a `+` sent unencoded inside the media type read as the `+` it is
+/// (`application/fhir+json`, which form decoding would make `application/fhir json`, as no
+/// server means). `Err` when the parameter is there more than once.
+fn format_parameter(query: &str) -> Result<Option<MediaRange>, ()> {
+    let is_format = |name: &str| {
+        name == "_format"
+            || (name.contains('%')
+                && percent_encoding::percent_decode_str(name).eq(b"_format".iter().copied()))
+    };
+    let mut found = None;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if is_format(name) {
+            if found.is_some() {
+                return Err(());
+            }
+            found = Some(value);
+        }
+    }
+    let Some(value) = found else {
+        return Ok(None);
+    };
+    let value = value.replace('+', " ");
+    let Ok(decoded) = percent_encoding::percent_decode_str(&value).decode_utf8() else {
+        return Ok(None);
+    };
+    // A media type holds no space: one between its type's characters was a `+`.
+    let decoded = decoded.trim();
+    let (essence, parameters) = decoded.split_at(decoded.find(';').unwrap_or(decoded.len()));
+    let essence = essence.trim_end().replace(' ', "+");
+    Ok(parse_format(&format!("{essence}{parameters}")))
 }
 
 fn error(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<Bytes> {
@@ -568,6 +598,34 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(run(layer(), request).await.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn format_is_read_as_servers_read_it() {
+        let version = |uri: &'static str| async move {
+            let accept = [("accept", "application/fhir+json; fhirVersion=1.0")];
+            run(layer(), get(uri, &accept)).await
+        };
+        // A `+` sent unencoded (form decoding makes it a space), an encoded name.
+        for uri in [
+            "/Patient?_format=application/fhir+json;fhirVersion=3.0",
+            "/Patient?_format=application/fhir+json;+fhirVersion=3.0",
+            "/Patient?_format=+application/fhir+json+;fhirVersion%3D3.0",
+            "/Patient?%5Fformat=application/fhir%2Bjson;fhirVersion=3.0",
+            "/Patient?name=a%20b&%5fformat=application/fhir+json;fhirVersion=3.0",
+        ] {
+            assert_eq!(version(uri).await.2, "3.0", "{uri}");
+        }
+        // Twice: which one a server reads is anyone's guess.
+        for uri in [
+            "/Patient?_format=json&_format=application/fhir+json;fhirVersion=3.0",
+            "/Patient?_format=xml&%5Fformat=json",
+        ] {
+            assert_eq!(version(uri).await.0, StatusCode::BAD_REQUEST, "{uri}");
+        }
+        // Names that are not it.
+        assert_eq!(version("/Patient?x_format=json").await.2, "1.0");
+        assert_eq!(version("/Patient?name=%5Fformat").await.2, "1.0");
     }
 
     #[tokio::test]
