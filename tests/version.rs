@@ -101,6 +101,25 @@ async fn the_named_release_picks_the_tenants_server_for_it() {
 }
 
 #[tokio::test]
+async fn format_with_its_plus_unencoded_picks_the_release_it_names() {
+    let s = setup().await;
+    let uri = "/Patient/1?_format=application/fhir+json;fhirVersion=3.0";
+    let headers = [("authorization", s.bearer.as_str())];
+    let reply = s.client.send("GET", uri, &headers, "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        s.stu3.last().target,
+        "/stu3/Patient/1?_format=application/fhir+json;fhirVersion=3.0",
+        "forwarded as sent, to the release it names"
+    );
+    assert!(s.dstu2.received().is_empty());
+    let twice = format!("{uri}&%5Fformat=xml");
+    let reply = s.client.send("GET", &twice, &headers, "").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(s.stu3.received().len(), 1);
+}
+
+#[tokio::test]
 async fn a_dstu2_server_gets_its_own_media_types_and_the_client_gets_its_own_back() {
     let s = setup().await;
     let body = r#"{"resourceType":"Patient","name":[{"family":"Chalmers"}]}"#;
