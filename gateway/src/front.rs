@@ -14,12 +14,11 @@ use tower::{Layer, ServiceBuilder};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::{
     fhir_cors, AuditReopener, BodyLimit, BodyLimitLayer, BodyTimeout, BodyTimeoutLayer,
-    BucketHistograms, Health, HealthLayer, JsonLinesAudit, Observe, ObserveLayer, RequestIdLayer,
-    RequestIdService, DURATION_BUCKETS,
+    BucketHistograms, FhirCors, Health, HealthLayer, JsonLinesAudit, Observe, ObserveLayer,
+    RequestIdLayer, RequestIdService, DURATION_BUCKETS,
 };
 use tower_fhir::postgres::PgTenantStore;
 use tower_fhir::token::SigningKeys;
-use tower_http::cors::Cors;
 
 use crate::config::Config;
 
@@ -27,7 +26,7 @@ use crate::config::Config;
 type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
 
 /// The whole service a connection is served by.
-pub(crate) type Front = RequestIdService<Either<Cors<Inner>, Inner>>;
+pub(crate) type Front = RequestIdService<Either<FhirCors<Inner>, Inner>>;
 
 /// The gateway wrapped as the configuration says, and what reopens its audit log file (for
 /// rotation) when it has one.

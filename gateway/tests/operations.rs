@@ -377,6 +377,18 @@ async fn cors_preflights_are_answered_without_a_token_for_allowed_origins_only()
         "https://app.example"
     );
     assert!(upstream.received().is_empty());
+    // An OPTIONS that is no preflight (DSTU2's capabilities interaction) is the stack's: it
+    // needs a token, and with one reaches the upstream.
+    let options = gw.client.send("OPTIONS", "/", &[], "").await;
+    assert_eq!(options.status, StatusCode::UNAUTHORIZED);
+    let token = token(&gw.client).await;
+    let bearer = format!("Bearer {token}");
+    let options = gw
+        .client
+        .send("OPTIONS", "/", &[("authorization", &bearer)], "")
+        .await;
+    assert!(options.headers.get("access-control-allow-methods").is_none());
+    assert_eq!(upstream.last().method, "OPTIONS");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,15 @@
 //! CORS for browser apps: tower-http's layer with what FHIR clients send and read.
 
 use std::fmt;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::Either;
 use http::header::{self, HeaderName};
-use http::{HeaderValue, Method};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use http::{HeaderValue, Method, Request, Response};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+use tower_layer::Layer;
+use tower_service::Service;
 
 use super::request_id::X_REQUEST_ID;
 
@@ -26,11 +30,13 @@ impl fmt::Display for InvalidOrigin {
 impl std::error::Error for InvalidOrigin {}
 
 /// tower-http's [`CorsLayer`] for a FHIR API used from browsers at `origins`
-/// (`https://app.example`, exactly as browsers send them).
+/// (`https://app.example`, exactly as browsers send them: lower case, no default port).
 ///
-/// Preflight `OPTIONS` requests are answered by the layer itself, without a token; other
-/// requests go on and their responses get `Access-Control-Allow-Origin` when their origin is
-/// allowed. Allowed: FHIR's methods; the request headers `Authorization`, `Content-Type`,
+/// Preflight `OPTIONS` requests (with `Origin` and `Access-Control-Request-Method`) are
+/// answered by the layer itself, without a token; other requests go on and their responses
+/// get `Access-Control-Allow-Origin` when their origin is allowed. An `OPTIONS` that is no
+/// preflight (DSTU2's capabilities interaction, `OPTIONS [base]`) goes on as it came: tower-http's
+/// layer alone would answer every `OPTIONS` itself. Allowed: FHIR's methods; the request headers `Authorization`, `Content-Type`,
 /// `Accept`, `Prefer`, `If-Match`, `If-None-Match`, `If-None-Exist`, `If-Modified-Since` and
 /// `X-Request-Id`; the response headers `Location`, `Content-Location`, `ETag`,
 /// `Last-Modified` and `X-Request-Id` are exposed. No credentials mode: tokens travel in
@@ -42,8 +48,11 @@ impl std::error::Error for InvalidOrigin {}
 /// let _cors = fhir_cors(["https://app.example"]).unwrap();
 /// assert!(fhir_cors(["*"]).is_err());
 /// assert!(fhir_cors(["https://app.example/path"]).is_err());
+/// // Never what a browser sends: it would never match.
+/// assert!(fhir_cors(["https://App.example"]).is_err());
+/// assert!(fhir_cors(["https://app.example:443"]).is_err());
 /// ```
-pub fn fhir_cors<I>(origins: I) -> Result<CorsLayer, InvalidOrigin>
+pub fn fhir_cors<I>(origins: I) -> Result<FhirCorsLayer, InvalidOrigin>
 where
     I: IntoIterator,
     I::Item: AsRef<str>,
@@ -57,7 +66,7 @@ where
         let value = HeaderValue::from_str(origin).map_err(|_| InvalidOrigin(origin.to_owned()))?;
         allowed.push(value);
     }
-    Ok(CorsLayer::new()
+    let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::list(allowed))
         .allow_methods([
             Method::GET,
@@ -86,21 +95,77 @@ where
             header::LAST_MODIFIED,
             X_REQUEST_ID,
         ])
-        .max_age(Duration::from_secs(600)))
+        .max_age(Duration::from_secs(600));
+    Ok(FhirCorsLayer { cors })
 }
 
-/// `http(s)://host[:port]`, nothing after.
+/// `http(s)://host[:port]` as a browser serializes it: lower case, no default port, nothing
+/// after.
 fn is_origin(origin: &str) -> bool {
-    let Some(rest) = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-    else {
-        return false;
+    let (rest, default_port) = match (
+        origin.strip_prefix("https://"),
+        origin.strip_prefix("http://"),
+    ) {
+        (Some(rest), _) => (rest, ":443"),
+        (None, Some(rest)) => (rest, ":80"),
+        (None, None) => return false,
     };
     !rest.is_empty()
-        && rest
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+        && !rest.ends_with(default_port)
+        && rest.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+        })
+}
+
+/// The layer [`fhir_cors`] makes: tower-http's [`CorsLayer`], which answers preflights only.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct FhirCorsLayer {
+    cors: CorsLayer,
+}
+
+impl<S> Layer<S> for FhirCorsLayer {
+    type Service = FhirCors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FhirCors {
+            cors: self.cors.layer(inner),
+        }
+    }
+}
+
+/// The service [`FhirCorsLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct FhirCors<S> {
+    cors: Cors<S>,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for FhirCors<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.cors.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let headers = request.headers();
+        let preflight = headers.contains_key(header::ORIGIN)
+            && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if request.method() == Method::OPTIONS && !preflight {
+            // (The service `poll_ready` made ready is the one inside.)
+            Either::Right(self.cors.get_mut().call(request))
+        } else {
+            Either::Left(self.cors.call(request))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +221,41 @@ mod tests {
             .contains("x-request-id"));
     }
 
+    #[tokio::test]
+    async fn an_options_that_is_no_preflight_goes_on() {
+        let cors = fhir_cors(["https://app.example"]).unwrap();
+        let service = cors.layer(tower::service_fn(|_r: Request<()>| async {
+            Ok::<_, Infallible>(Response::builder().status(401).body(()).unwrap())
+        }));
+        for (origin, method) in [
+            (None, None),
+            (Some("https://app.example"), None),
+            (None, Some("GET")),
+        ] {
+            let mut request = Request::options("/");
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            if let Some(method) = method {
+                request = request.header("access-control-request-method", method);
+            }
+            let answered = service
+                .clone()
+                .oneshot(request.body(()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                answered.status(),
+                StatusCode::UNAUTHORIZED,
+                "{origin:?} {method:?}"
+            );
+            assert!(answered
+                .headers()
+                .get("access-control-allow-methods")
+                .is_none());
+        }
+    }
+
     #[test]
     fn origins_are_checked() {
         for bad in [
@@ -166,9 +266,14 @@ mod tests {
             "https://a/b",
             "ftp://a",
             "https://a b",
+            "https://App.example",
+            "HTTPS://app.example",
+            "https://app.example:443",
+            "http://app.example:80",
         ] {
             assert!(fhir_cors([bad]).is_err(), "{bad}");
         }
+        assert!(fhir_cors(["https://app.example:80", "http://app.example:443"]).is_ok());
         assert!(fhir_cors(["http://localhost:3000", "https://[::1]:8443"]).is_ok());
     }
 }

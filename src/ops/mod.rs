@@ -8,7 +8,7 @@
 //! | [`ObserveLayer`] | metrics, one [`AuditRecord`] per request to an [`AuditSink`], a span per request |
 //! | [`BodyLimitLayer`] | `413` with an OperationOutcome for bodies over a limit, nothing buffered |
 //! | [`BodyTimeoutLayer`] | `408` with an OperationOutcome for a body that stops arriving mid-way |
-//! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps |
+//! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps, answering preflights only |
 //! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
 //! | [`BucketHistograms`] | a metrics recorder wrapper keeping histograms as Prometheus buckets, cheaply |
 //! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
@@ -75,7 +75,7 @@ pub use body_timeout::{
     BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_MIN_RATE,
     DEFAULT_BODY_READ_TIMEOUT,
 };
-pub use cors::{fhir_cors, InvalidOrigin};
+pub use cors::{fhir_cors, FhirCors, FhirCorsLayer, InvalidOrigin};
 pub use facts::{Facts, RequestFacts};
 pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
 pub use histogram::{BucketHistograms, InvalidBuckets, WithBucketHistograms, DURATION_BUCKETS};
