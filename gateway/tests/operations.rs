@@ -387,7 +387,10 @@ async fn cors_preflights_are_answered_without_a_token_for_allowed_origins_only()
         .client
         .send("OPTIONS", "/", &[("authorization", &bearer)], "")
         .await;
-    assert!(options.headers.get("access-control-allow-methods").is_none());
+    assert!(options
+        .headers
+        .get("access-control-allow-methods")
+        .is_none());
     assert_eq!(upstream.last().method, "OPTIONS");
 }
 

@@ -11,7 +11,8 @@
 //! Any token holder chooses the query and `Accept` it asks with, so the entries a client can
 //! make are many: what they hold is bounded in bytes (each entry weighs its statement and its
 //! key, and at least the byte bound over the entry bound), and so are the statements being
-//! read on a miss ([`MAX_STATEMENT_READS`] at once).
+//! read on a miss ([`MAX_STATEMENT_READS`] at once for one tenant, so one tenant's clients
+//! cannot hold up another's).
 
 use std::fmt;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[must_use]
 pub struct CapabilityCacheLayer {
     cache: Arc<StatementCache>,
-    reads: Arc<Semaphore>,
+    reads: Reads,
     ttl: std::time::Duration,
     capacity: u64,
     max_bytes: u64,
@@ -49,9 +50,20 @@ pub struct CapabilityCacheLayer {
 /// ([`max_bytes`](CapabilityCacheLayer::max_bytes)): 64 MiB.
 pub const DEFAULT_CAPABILITY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// At most this many upstream statements missing from the cache are read at once (each up to
-/// 8 MiB); more wait their turn, then look in the cache again.
-pub const MAX_STATEMENT_READS: usize = 16;
+/// At most this many upstream statements missing from the cache are read at once for one
+/// tenant (each up to 8 MiB); more of that tenant's wait their turn, then look in the cache
+/// again.
+pub const MAX_STATEMENT_READS: usize = 4;
+
+/// Each tenant's turns to read a statement (forgotten after a while unused).
+type Reads = moka::future::Cache<crate::tenant::TenantId, Arc<Semaphore>>;
+
+fn reads() -> Reads {
+    moka::future::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_idle(std::time::Duration::from_secs(600))
+        .build()
+}
 
 type StatementCache = moka::future::Cache<StatementKey, CachedStatement>;
 
@@ -133,7 +145,7 @@ impl CapabilityCacheLayer {
                 capacity,
                 DEFAULT_CAPABILITY_CACHE_BYTES,
             )),
-            reads: Arc::new(Semaphore::new(MAX_STATEMENT_READS)),
+            reads: reads(),
             ttl,
             capacity,
             max_bytes: DEFAULT_CAPABILITY_CACHE_BYTES,
@@ -142,7 +154,8 @@ impl CapabilityCacheLayer {
 
     /// Keeps at most `max_bytes` of statements and their keys (each entry counted as at least
     /// `max_bytes / capacity`, so the entry bound holds too); a statement larger than that is
-    /// not kept. Forgets what the cache held.
+    /// not kept, nor anything under a bound of 1 KiB (or with a capacity of 0). Forgets what
+    /// the cache held.
     pub fn max_bytes(self, max_bytes: u64) -> Self {
         Self {
             cache: Arc::new(statement_cache(self.ttl, self.capacity, max_bytes)),
@@ -162,16 +175,20 @@ impl CapabilityCacheLayer {
     }
 }
 
-/// A cache weighing each entry its bytes, and at least `max_bytes / capacity`.
+/// A cache weighing each entry its bytes, and at least `max_bytes / capacity` (in KiB, so that
+/// a weight fits a `u32`; the bound is lowered to `capacity` times the heaviest weight).
 fn statement_cache(ttl: std::time::Duration, capacity: u64, max_bytes: u64) -> StatementCache {
-    let least = max_bytes.div_ceil(capacity.max(1)).max(1);
+    let max_kib = max_bytes / 1024;
+    let least = max_kib
+        .div_ceil(capacity.max(1))
+        .clamp(1, u64::from(u32::MAX));
     moka::future::Cache::builder()
         .time_to_live(ttl)
         .weigher(move |key: &StatementKey, statement: &CachedStatement| {
-            let bytes = (key.bytes() + statement.bytes()) as u64;
-            u32::try_from(bytes.max(least)).unwrap_or(u32::MAX)
+            let kib = ((key.bytes() + statement.bytes()) as u64).div_ceil(1024);
+            u32::try_from(kib.max(least)).unwrap_or(u32::MAX)
         })
-        .max_capacity(max_bytes)
+        .max_capacity(max_kib.min(least.saturating_mul(capacity)))
         .build()
 }
 
@@ -190,8 +207,9 @@ impl<S> Layer<S> for CapabilityCacheLayer {
         CapabilityCache {
             inner,
             cache: Arc::clone(&self.cache),
-            reads: Arc::clone(&self.reads),
+            reads: self.reads.clone(),
             max_bytes: self.max_bytes,
+            keeps: self.capacity > 0 && self.max_bytes >= 1024,
         }
     }
 }
@@ -201,8 +219,10 @@ impl<S> Layer<S> for CapabilityCacheLayer {
 pub struct CapabilityCache<S> {
     inner: S,
     cache: Arc<StatementCache>,
-    reads: Arc<Semaphore>,
+    reads: Reads,
     max_bytes: u64,
+    /// Whether anything is kept (not with a capacity of 0).
+    keeps: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for CapabilityCache<S> {
@@ -238,14 +258,20 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cache = Arc::clone(&self.cache);
-        let reads = Arc::clone(&self.reads);
-        let max_bytes = self.max_bytes;
+        let reads = self.reads.clone();
+        let (max_bytes, keeps) = (self.max_bytes, self.keeps);
         ResponseFuture::own(async move {
             if let Some(cached) = cache.get(&key).await {
                 return Ok(cached.response());
             }
-            // A turn to read (never closed); meanwhile another request may have cached it.
-            let _turn = reads.acquire().await;
+            // A turn to read among the tenant's (never closed); meanwhile another request may
+            // have cached it.
+            let turns = reads
+                .get_with(key.tenant, async {
+                    Arc::new(Semaphore::new(MAX_STATEMENT_READS))
+                })
+                .await;
+            let _turn = turns.acquire().await;
             if let Some(cached) = cache.get(&key).await {
                 return Ok(cached.response());
             }
@@ -271,7 +297,7 @@ where
                     body: body.clone(),
                 };
                 // (One over the whole bound would be served until the cache's next upkeep.)
-                if ((key.bytes() + cached.bytes()) as u64) <= max_bytes {
+                if keeps && ((key.bytes() + cached.bytes()) as u64) <= max_bytes {
                     cache.insert(key, cached).await;
                 }
             }
@@ -440,13 +466,16 @@ mod tests {
         let padding = "x".repeat(size);
         let statement = format!(r#"{{"resourceType":"CapabilityStatement","text":"{padding}"}}"#);
         let (counted, highest) = (Arc::clone(&calls), Arc::clone(&most));
-        let service = layer.layer(service_fn(move |_request: Request<Full<Bytes>>| {
+        let service = layer.layer(service_fn(move |request: Request<Full<Bytes>>| {
             counted.fetch_add(1, Ordering::SeqCst);
             let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
             highest.fetch_max(at_once, Ordering::SeqCst);
             let (now, body) = (Arc::clone(&now), statement.clone());
+            let slow = request.uri().query().is_some_and(|q| q.contains("slow"));
             async move {
-                tokio::time::sleep(pause).await;
+                if slow {
+                    tokio::time::sleep(pause).await;
+                }
                 now.fetch_sub(1, Ordering::SeqCst);
                 let response = Response::builder()
                     .header(header::CONTENT_TYPE, "application/fhir+json")
@@ -500,23 +529,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn misses_are_read_a_few_at_a_time_and_look_again_after_waiting() {
+    async fn misses_are_read_a_few_at_a_time_per_tenant_and_look_again_after_waiting() {
         let layer = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100);
         let pause = std::time::Duration::from_millis(50);
         let (service, calls, most) = large_statements(&layer, 10, pause);
-        // Distinct questions: at most MAX_STATEMENT_READS reach the upstream at once.
-        let distinct = (0..40).map(|n| {
+        // Distinct questions: at most MAX_STATEMENT_READS of a tenant's reach it at once.
+        let distinct = (0..20).map(|n| {
             let service = service.clone();
-            async move { body(&service, routed(A, &format!("/metadata?n={n}"), None)).await }
+            async move { body(&service, routed(A, &format!("/metadata?slow&n={n}"), None)).await }
         });
         futures::future::join_all(distinct).await;
-        assert_eq!(calls.load(Ordering::SeqCst), 40);
+        assert_eq!(calls.load(Ordering::SeqCst), 20);
         assert_eq!(most.load(Ordering::SeqCst), MAX_STATEMENT_READS);
-        // One question asked 40 times at once: those that waited find it cached.
+        // One question asked 20 times at once: those that waited find it cached.
         let before = calls.load(Ordering::SeqCst);
-        let same = (0..40).map(|_| body(&service, routed(B, "/metadata", None)));
+        let same = (0..20).map(|_| body(&service, routed(B, "/metadata?slow", None)));
         futures::future::join_all(same).await;
         let reached = calls.load(Ordering::SeqCst) - before;
         assert!(reached <= MAX_STATEMENT_READS, "{reached}");
+    }
+
+    #[tokio::test]
+    async fn one_tenants_slow_reads_do_not_hold_up_anothers() {
+        let layer = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100);
+        let (service, _, _) = large_statements(&layer, 10, std::time::Duration::from_secs(30));
+        let stuck =
+            futures::future::join_all(
+                (0..20).map(|n| {
+                    let service = service.clone();
+                    async move {
+                        body(&service, routed(A, &format!("/metadata?slow&n={n}"), None)).await
+                    }
+                }),
+            );
+        let other = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let other = body(&service, routed(B, "/metadata", None));
+            tokio::time::timeout(std::time::Duration::from_secs(5), other).await
+        };
+        tokio::select! {
+            _ = stuck => panic!("A's reads ended first"),
+            answered = other => assert!(answered.is_ok(), "tenant B waited on tenant A's reads"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bounds_hold_at_their_edges() {
+        let ttl = std::time::Duration::from_secs(60);
+        // A capacity of 0, or a bound under a KiB: nothing kept.
+        for layer in [
+            CapabilityCacheLayer::new(ttl, 0),
+            CapabilityCacheLayer::new(ttl, 10).max_bytes(1000),
+        ] {
+            let (service, calls, _) = large_statements(&layer, 10, Default::default());
+            for _ in 0..3 {
+                body(&service, routed(A, "/metadata", None)).await;
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 3);
+        }
+        // A huge byte bound: the entry bound still holds.
+        let layer = CapabilityCacheLayer::new(ttl, 2).max_bytes(u64::MAX);
+        let (service, _, _) = large_statements(&layer, 10, Default::default());
+        for n in 0..20 {
+            body(&service, routed(A, &format!("/metadata?n={n}"), None)).await;
+        }
+        layer.cache.run_pending_tasks().await;
+        assert!(layer.entry_count() <= 2, "{}", layer.entry_count());
     }
 }
