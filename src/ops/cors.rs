@@ -4,14 +4,13 @@ use std::fmt;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::Either;
 use http::header::{self, HeaderName};
 use http::{HeaderValue, Method, Request, Response};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::request_id::X_REQUEST_ID;
+use super::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 
 /// An origin [`fhir_cors`] cannot use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +38,7 @@ impl std::error::Error for InvalidOrigin {}
 /// layer alone would answer every `OPTIONS` itself. Allowed: FHIR's methods; the request headers `Authorization`, `Content-Type`,
 /// `Accept`, `Prefer`, `If-Match`, `If-None-Match`, `If-None-Exist`, `If-Modified-Since` and
 /// `X-Request-Id`; the response headers `Location`, `Content-Location`, `ETag`,
-/// `Last-Modified` and `X-Request-Id` are exposed. No credentials mode: tokens travel in
+/// `Last-Modified`, `X-Request-Id` and `X-Upstream-Request-Id` are exposed. No credentials mode: tokens travel in
 /// `Authorization`, not in cookies. Preflights are cached for 10 minutes.
 ///
 /// ```
@@ -94,36 +93,72 @@ where
             header::ETAG,
             header::LAST_MODIFIED,
             X_REQUEST_ID,
+            X_UPSTREAM_REQUEST_ID,
         ])
         .max_age(Duration::from_secs(600));
     Ok(FhirCorsLayer { cors })
 }
 
-/// `http(s)://host[:port]` as a browser serializes it: lower case, no default port, nothing
-/// after.
+/// `http(s)://host[:port]` as a browser serializes it: lower case, a port only when not the
+/// scheme's default (decimal, no leading zero), nothing after.
 fn is_origin(origin: &str) -> bool {
     let (rest, default_port) = match (
         origin.strip_prefix("https://"),
         origin.strip_prefix("http://"),
     ) {
-        (Some(rest), _) => (rest, ":443"),
-        (None, Some(rest)) => (rest, ":80"),
+        (Some(rest), _) => (rest, "443"),
+        (None, Some(rest)) => (rest, "80"),
         (None, None) => return false,
     };
-    !rest.is_empty()
-        && !rest.ends_with(default_port)
-        && rest.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
-        })
+    // An IPv6 host is bracketed; any other holds no `:`.
+    let (host, port) = match rest.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, after)) if address.parse::<std::net::Ipv6Addr>().is_ok() => {
+                (address, after)
+            }
+            _ => return false,
+        },
+        None => rest.split_at(rest.find(':').unwrap_or(rest.len())),
+    };
+    let host_ok = rest.starts_with('[')
+        || (!host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-')));
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(port) => {
+            !port.is_empty()
+                && !port.starts_with('0')
+                && port.parse::<u16>().is_ok()
+                && port != default_port
+        }
+    };
+    host_ok && port_ok
 }
 
-/// The layer [`fhir_cors`] makes: tower-http's [`CorsLayer`], which answers preflights only.
+/// The layer [`fhir_cors`] makes: tower-http's [`CorsLayer`], its preflight answer given only
+/// to preflights.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct FhirCorsLayer {
     cors: CorsLayer,
+}
+
+impl FhirCorsLayer {
+    /// Adjusts the tower-http layer inside (credentials, more headers, another max age).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fhir::ops::fhir_cors;
+    ///
+    /// let _cors = fhir_cors(["https://app.example"]).unwrap().map(|cors| cors.max_age(Duration::from_secs(60)));
+    /// ```
+    pub fn map(self, adjust: impl FnOnce(CorsLayer) -> CorsLayer) -> Self {
+        Self {
+            cors: adjust(self.cors),
+        }
+    }
 }
 
 impl<S> Layer<S> for FhirCorsLayer {
@@ -131,7 +166,7 @@ impl<S> Layer<S> for FhirCorsLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         FhirCors {
-            cors: self.cors.layer(inner),
+            cors: self.cors.layer(Restore { inner }),
         }
     }
 }
@@ -139,7 +174,39 @@ impl<S> Layer<S> for FhirCorsLayer {
 /// The service [`FhirCorsLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct FhirCors<S> {
-    cors: Cors<S>,
+    cors: Cors<Restore<S>>,
+}
+
+/// Marks a request that came as an `OPTIONS` but is no preflight: it passes tower-http's layer
+/// as a `GET` (which gets the headers of an actual CORS request), and [`Restore`] makes it an
+/// `OPTIONS` again.
+#[derive(Clone, Copy)]
+struct NoPreflight;
+
+/// Gives an `OPTIONS` that is no preflight its method back (see [`NoPreflight`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Restore<S> {
+    inner: S,
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for Restore<S>
+where
+    S: Service<Request<ReqBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        if request.extensions_mut().remove::<NoPreflight>().is_some() {
+            *request.method_mut() = Method::OPTIONS;
+        }
+        self.inner.call(request)
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for FhirCors<S>
@@ -149,22 +216,21 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
+    type Future = tower_http::cors::ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.cors.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let headers = request.headers();
         let preflight = headers.contains_key(header::ORIGIN)
             && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if request.method() == Method::OPTIONS && !preflight {
-            // (The service `poll_ready` made ready is the one inside.)
-            Either::Right(self.cors.get_mut().call(request))
-        } else {
-            Either::Left(self.cors.call(request))
+            *request.method_mut() = Method::GET;
+            request.extensions_mut().insert(NoPreflight);
         }
+        self.cors.call(request)
     }
 }
 
@@ -222,14 +288,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_options_that_is_no_preflight_goes_on() {
+    async fn an_options_that_is_no_preflight_goes_on_as_an_options() {
         let cors = fhir_cors(["https://app.example"]).unwrap();
-        let service = cors.layer(tower::service_fn(|_r: Request<()>| async {
-            Ok::<_, Infallible>(Response::builder().status(401).body(()).unwrap())
+        let service = cors.layer(tower::service_fn(|r: Request<()>| async move {
+            let status = if r.method() == Method::OPTIONS {
+                401
+            } else {
+                500
+            };
+            Ok::<_, Infallible>(Response::builder().status(status).body(()).unwrap())
         }));
         for (origin, method) in [
             (None, None),
             (Some("https://app.example"), None),
+            (Some("https://evil.example"), None),
             (None, Some("GET")),
         ] {
             let mut request = Request::options("/");
@@ -249,10 +321,17 @@ mod tests {
                 StatusCode::UNAUTHORIZED,
                 "{origin:?} {method:?}"
             );
-            assert!(answered
-                .headers()
-                .get("access-control-allow-methods")
-                .is_none());
+            let headers = answered.headers();
+            assert!(headers.get("access-control-allow-methods").is_none());
+            // An allowed origin's actual OPTIONS may read the answer, as its GET may.
+            let allowed = headers.get("access-control-allow-origin");
+            if origin == Some("https://app.example") {
+                assert_eq!(allowed.unwrap(), "https://app.example");
+                let exposed = headers["access-control-expose-headers"].to_str().unwrap();
+                assert!(exposed.contains("x-upstream-request-id"), "{exposed}");
+            } else {
+                assert!(allowed.is_none(), "{origin:?}");
+            }
         }
     }
 
@@ -270,10 +349,19 @@ mod tests {
             "HTTPS://app.example",
             "https://app.example:443",
             "http://app.example:80",
+            "https://a:",
+            "https://a:1:2",
+            "https://:8080",
+            "https://a:0443",
+            "https://a:65536",
+            "https://[::1",
+            "https://[zz]:1",
+            "https://[::1]x",
         ] {
             assert!(fhir_cors([bad]).is_err(), "{bad}");
         }
         assert!(fhir_cors(["https://app.example:80", "http://app.example:443"]).is_ok());
+        assert!(fhir_cors(["http://127.0.0.1:8080", "https://[::1]", "https://a-b.c"]).is_ok());
         assert!(fhir_cors(["http://localhost:3000", "https://[::1]:8443"]).is_ok());
     }
 }
