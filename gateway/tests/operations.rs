@@ -392,6 +392,17 @@ async fn cors_preflights_are_answered_without_a_token_for_allowed_origins_only()
         .get("access-control-allow-methods")
         .is_none());
     assert_eq!(upstream.last().method, "OPTIONS");
+    // From a page of the allowed origin, the browser may read it.
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("origin", "https://app.example"),
+    ];
+    let options = gw.client.send("OPTIONS", "/", &headers, "").await;
+    assert_eq!(
+        options.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(upstream.received().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
