@@ -137,7 +137,12 @@ where
         if declared.is_some_and(|length| length > self.max) {
             return ResponseFuture::answered(too_large(Some(self.max)));
         }
-        if !self.coded && is_coded(request.headers()) {
+        // (A request that has no body has nothing to inflate.)
+        let no_body = declared == Some(0)
+            || (declared.is_none()
+                && !request.headers().contains_key(header::TRANSFER_ENCODING)
+                && matches!(*request.method(), http::Method::GET | http::Method::HEAD));
+        if !self.coded && !no_body && is_coded(request.headers()) {
             return ResponseFuture::answered(coded_refused());
         }
         // `Limited` counts in `usize`; a limit beyond it cannot be reached anyway.
@@ -244,6 +249,20 @@ mod tests {
         for codings in [&[][..], &["identity"], &["IDENTITY"], &[" identity , "]] {
             let response = service(false).oneshot(request(codings)).await.unwrap();
             assert_eq!(response.status(), StatusCode::OK, "{codings:?}");
+        }
+        // No body: nothing to inflate.
+        let empty = Request::delete("/Patient/1")
+            .header("content-encoding", "gzip")
+            .header("content-length", "0")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let get = Request::get("/Patient/1")
+            .header("content-encoding", "gzip")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        for request in [empty, get] {
+            let response = service(false).oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
         }
         for codings in [
             &["gzip"][..],

@@ -623,12 +623,14 @@ pub trait ClientStore: Send + Sync + 'static {
     /// not at all (one transaction in PostgreSQL), so a refusal or a failure leaves the client
     /// as it was, and no reader sees half of it.
     ///
-    /// The default, for stores written before this method, is not atomic: after checking the
-    /// keys ([`ClientKeys::check`]) it makes the [`set_entitlements`](Self::set_entitlements),
-    /// [`set_keys`](Self::set_keys) and [`set_rate_limit`](Self::set_rate_limit) calls, in
-    /// this order, and returns the first failure, so a part refused for another reason (keys
-    /// for a client that uses a secret) may leave the others applied. A store should override
-    /// it.
+    /// The default, for stores written before this method, is not atomic. It refuses what it
+    /// can tell without the store (unusable keys, [`ClientKeys::check`]; malformed scopes),
+    /// then makes the [`set_entitlements`](Self::set_entitlements),
+    /// [`set_keys`](Self::set_keys) and [`set_rate_limit`](Self::set_rate_limit) calls at once
+    /// (a future borrows nothing of the store, so none can wait for the one before) and awaits
+    /// them in this order, returning the first failure. A store whose setters act when called
+    /// may so apply one part while refusing another (keys for a client that uses a secret). A
+    /// store should override it.
     fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
         let ClientUpdate {
             tenants,
@@ -637,6 +639,9 @@ pub trait ClientStore: Send + Sync + 'static {
             rate_limit,
         } = update;
         if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(id)) {
+            return Box::pin(std::future::ready(Err(err)));
+        }
+        if let Err(err) = check_scopes(id, &scopes) {
             return Box::pin(std::future::ready(Err(err)));
         }
         let entitlements = self.set_entitlements(id, tenants, scopes);
@@ -1167,6 +1172,65 @@ mod tests {
     use super::*;
 
     const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+
+    /// A store with only the setters: `update` is the trait's default.
+    struct SettersOnly(InMemoryClientStore);
+
+    impl ClientStore for SettersOnly {
+        fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+            self.0.client(id)
+        }
+        fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+            self.0.register(client)
+        }
+        fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+            self.0.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> StoreFuture<()> {
+            self.0.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> StoreFuture<()> {
+            self.0.set_entitlements(id, tenants, scopes)
+        }
+        fn set_rate_limit(&self, id: &str, limit: Option<RateLimit>) -> StoreFuture<()> {
+            self.0.set_rate_limit(id, limit)
+        }
+        fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
+            self.0.set_keys(id, keys)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_update_refuses_what_it_can_tell_before_writing_anything() {
+        let store = SettersOnly(InMemoryClientStore::new());
+        let tenant = TenantId::parse(TENANT).unwrap();
+        store
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+        let limit = RateLimit::new(1, 1).unwrap();
+        for refused in [
+            ClientUpdate::new(vec![], vec!["two words".into()]).rate_limit(Some(limit)),
+            ClientUpdate::new(vec![], vec![])
+                .keys(ClientKeys::JwksUri("ftp://keys.example".into()))
+                .rate_limit(Some(limit)),
+        ] {
+            assert!(store.update("app", refused).await.unwrap_err().is_refused());
+        }
+        let record = store.client("app").await.unwrap().unwrap();
+        assert_eq!((record.tenants, record.rate_limit), (vec![tenant], None));
+        // Accepted whole.
+        let update =
+            ClientUpdate::new(vec![], vec!["system/*.read".into()]).rate_limit(Some(limit));
+        store.update("app", update).await.unwrap();
+        let record = store.client("app").await.unwrap().unwrap();
+        assert_eq!((record.scopes.len(), record.rate_limit), (1, Some(limit)));
+    }
 
     fn live_secret_matches(record: &ClientRecord, secret: &ClientSecret) -> bool {
         record
