@@ -138,11 +138,13 @@ where
             return ResponseFuture::answered(too_large(Some(self.max)));
         }
         // (A request that has no body has nothing to inflate.)
-        let no_body = declared == Some(0)
-            || (declared.is_none()
-                && !request.headers().contains_key(header::TRANSFER_ENCODING)
-                && matches!(*request.method(), http::Method::GET | http::Method::HEAD));
-        if !self.coded && !no_body && is_coded(request.headers()) {
+        let no_body = || {
+            declared == Some(0)
+                || (declared.is_none()
+                    && !request.headers().contains_key(header::TRANSFER_ENCODING)
+                    && matches!(*request.method(), http::Method::GET | http::Method::HEAD))
+        };
+        if !self.coded && is_coded(request.headers()) && !no_body() {
             return ResponseFuture::answered(coded_refused());
         }
         // `Limited` counts in `usize`; a limit beyond it cannot be reached anyway.
