@@ -539,6 +539,20 @@ async fn postgres_stores() {
         }
     };
     tenant_store_conformance(tenants().await, Some(tenants)).await;
+    // Two replicas' writers checking other tenants take turns: the second waits for the
+    // first's lock, and gets it once that is let go (its session closed).
+    let (first, second) = (tenants().await, tenants().await);
+    let held = first.lock_writes().await.unwrap();
+    let mut waiting = tokio::spawn(async move { second.lock_writes().await.map(drop) });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(
+        early.is_err(),
+        "the second took the lock while the first held it"
+    );
+    drop(held);
+    let taken = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    assert!(matches!(taken, Ok(Ok(Ok(())))), "{taken:?}");
+    drop(first.lock_writes().await.unwrap());
     // A URL that is not one, and a server that is not there: clear errors, no hang.
     assert!(PgState::connect("not a url").await.is_err());
     let closed = format!(

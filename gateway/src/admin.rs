@@ -260,6 +260,14 @@ async fn put_tenant(
         return error(StatusCode::BAD_REQUEST, &repeated_release(version));
     }
     let _writing = admin.tenant_writes.lock().await;
+    // And against other replicas' (a shared database's lock).
+    let _shared = match admin.directory.lock_writes().await {
+        Ok(lock) => lock,
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not lock tenant writes to check a change");
+            return unavailable("the tenant could not be saved");
+        }
+    };
     match nested_with_others(&admin, tenant, &upstreams).await {
         Ok(None) => {}
         Ok(Some(nested)) => return error(StatusCode::CONFLICT, &nested.to_string()),

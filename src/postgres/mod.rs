@@ -53,6 +53,7 @@ use crate::auth::{RevocationLog, RevokedTokens};
 use crate::limit::RateLimit;
 use crate::route::{
     DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore, TenantStoreFuture,
+    TenantWriteLock,
 };
 use crate::tenant::TenantId;
 use crate::token::ReplayGuard;
@@ -871,6 +872,22 @@ impl PgTenantStore {
     }
 }
 
+/// The advisory lock tenant writers that check other tenants take (`tfhirtnt`, another than
+/// the migrations').
+const TENANT_WRITES_LOCK: i64 = 0x7466_6869_7274_6e74;
+
+/// A pooled connection holding a session lock: closed when dropped (taken out of the pool),
+/// which ends the session and frees the lock.
+struct SessionLock(Option<deadpool_postgres::Object>);
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            drop(deadpool_postgres::Object::take(connection));
+        }
+    }
+}
+
 /// `NOTIFY`s a tenant's change: `tenant:<id> <origin>`.
 async fn notify(
     transaction: &deadpool_postgres::Transaction<'_>,
@@ -977,6 +994,29 @@ impl TenantStore for PgTenantStore {
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
         self.changes.subscribe()
+    }
+
+    /// A session lock every replica's writers take (`pg_advisory_lock`), on a connection of
+    /// its own that is closed, not pooled, when the lock is let go: ending the session frees
+    /// the lock whatever happened meanwhile. Waiting for it fails after 5 s.
+    fn lock_writes(&self) -> TenantStoreFuture<TenantWriteLock> {
+        let pool = self.pool.clone();
+        Box::pin(bounded(async move {
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            // Held from here: a wait cut short closes the session, and with it the lock.
+            let session = SessionLock(Some(connection));
+            let Some(connection) = &session.0 else {
+                unreachable!("set above")
+            };
+            connection
+                .execute("SELECT pg_advisory_lock($1)", &[&TENANT_WRITES_LOCK])
+                .await
+                .map_err(|e| directory_error("locking tenant writes", e))?;
+            Ok(TenantWriteLock::holding(session))
+        }))
     }
 }
 

@@ -97,6 +97,32 @@ where
 /// The future a [`TenantStore`] change or listing returns.
 pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryError>> + Send>>;
 
+/// Held by a writer from checking a tenant change against the other tenants to writing it
+/// (see [`TenantStore::lock_writes`]); let go when dropped.
+#[must_use = "the lock is let go when dropped"]
+pub struct TenantWriteLock(Option<Box<dyn Send + Sync>>);
+
+impl TenantWriteLock {
+    /// A lock that holds nothing: for a store that only one process writes, whose writers
+    /// take turns by themselves.
+    pub fn in_process() -> Self {
+        Self(None)
+    }
+
+    /// A lock that holds `guard` until dropped (a database session holding a lock, say).
+    pub fn holding(guard: impl Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(guard)))
+    }
+}
+
+impl fmt::Debug for TenantWriteLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantWriteLock")
+            .field("holding", &self.0.is_some())
+            .finish()
+    }
+}
+
 /// A [`TenantDirectory`] that can be changed: onboarding, replacing and removing tenants, as
 /// an admin API or a bootstrap does.
 ///
@@ -141,6 +167,17 @@ pub trait TenantStore: TenantDirectory {
 
     /// The tenants that change from now on.
     fn changes(&self) -> broadcast::Receiver<TenantId>;
+
+    /// Takes the lock a writer holds from checking a change against the other tenants (two
+    /// upstream bases nested, say) to writing it, so that two such changes, from any process,
+    /// cannot each pass a check the other breaks.
+    ///
+    /// The default holds nothing: enough for a store that one process writes, if its writers
+    /// take turns (the gateway's admin API does). A store several processes write should
+    /// override it, as [`PgTenantStore`](crate::postgres::PgTenantStore) does.
+    fn lock_writes(&self) -> TenantStoreFuture<TenantWriteLock> {
+        Box::pin(std::future::ready(Ok(TenantWriteLock::in_process())))
+    }
 }
 
 /// Every tenant of `tenants`, sorted (by their text, as the files list them).
