@@ -21,10 +21,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
+use tokio::sync::Semaphore;
 use tower_layer::Layer;
 use tower_service::Service;
-
-use tokio::sync::Semaphore;
 
 use super::statement::{is_json, json_statement, read_statement};
 use super::ResponseFuture;
