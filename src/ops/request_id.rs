@@ -31,8 +31,8 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// response, the layers' own refusals included, carries it back, in place of any
 /// `X-Request-Id` the response had: an upstream that answers with an id of its own (many
 /// make one) has it returned as [`X-Upstream-Request-Id`](X_UPSTREAM_REQUEST_ID). Built on
-/// tower-http's `SetRequestId`; the check of the client's value, and the response's header,
-/// are this layer's.
+/// tower-http's `SetRequestId`; the check of the client's value, the id made, and the
+/// response's header are this layer's.
 ///
 /// ```
 /// use http::{Request, Response};
@@ -85,7 +85,7 @@ impl<S> Layer<S> for RequestIdLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         RequestIdService {
-            inner: SetRequestId::new(Stamp { inner }, X_REQUEST_ID, MakeUuid),
+            inner: SetRequestId::new(inner, X_REQUEST_ID, MakeUuid),
         }
     }
 }
@@ -93,34 +93,7 @@ impl<S> Layer<S> for RequestIdLayer {
 /// The service [`RequestIdLayer`] makes.
 #[derive(Clone)]
 pub struct RequestIdService<S> {
-    inner: SetRequestId<Stamp<S>, MakeUuid>,
-}
-
-/// Puts the request's id (set by then) on its response.
-#[derive(Clone)]
-pub(crate) struct Stamp<S> {
-    inner: S,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Stamp<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-{
-    type Response = Response<ResBody>;
-    type Error = S::Error;
-    type Future = RequestIdFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let id = request.headers().get(&X_REQUEST_ID).cloned();
-        RequestIdFuture {
-            future: self.inner.call(request),
-            id,
-        }
-    }
+    inner: SetRequestId<S, MakeUuid>,
 }
 
 pin_project! {
@@ -202,7 +175,20 @@ where
         if !sound {
             headers.remove(&X_REQUEST_ID);
         }
-        self.inner.call(request)
+        // Made here when missing, so the response can carry it back (`SetRequestId` then
+        // finds it and puts the `RequestId` extension in).
+        let id = match request.headers().get(&X_REQUEST_ID) {
+            Some(id) => Some(id.clone()),
+            None => MakeUuid.make_request_id(&request).map(|id| {
+                let id = id.into_header_value();
+                request.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }),
+        };
+        RequestIdFuture {
+            future: self.inner.call(request),
+            id,
+        }
     }
 }
 
