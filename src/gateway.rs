@@ -313,7 +313,8 @@ impl GatewayBuilder {
     }
 
     /// How long, and for how many entries (a tenant's upstream, release, query and requested
-    /// format), tenants' CapabilityStatements are cached. Default 5 minutes, 10 000.
+    /// format), tenants' CapabilityStatements are cached. Default 5 minutes, 10 000. An
+    /// upstream's `Cache-Control` or `Expires` can shorten it or keep its statement out.
     pub fn capability_cache(mut self, ttl: Duration, capacity: u64) -> Self {
         (self.capability_cache.0, self.capability_cache.1) = (ttl, capacity);
         self

@@ -303,3 +303,35 @@ async fn a_statement_larger_than_the_caches_bytes_is_served_and_never_kept() {
         assert_eq!(upstream.received().len(), asked, "asked again, not kept");
     }
 }
+
+#[tokio::test]
+async fn a_statement_the_upstream_marks_no_store_is_asked_for_each_time() {
+    let (client, upstream, bearer) = setup().await;
+    let statement = json!({"resourceType": "Conformance", "fhirVersion": "1.0.2",
+        "rest": [{"mode": "server"}]});
+    let mut answer = Answer::json(statement);
+    answer
+        .headers
+        .push(("cache-control".into(), "no-store".into()));
+    upstream.answer("/fhir/metadata", answer.clone());
+    let headers = [("authorization", bearer.as_str())];
+    for asked in 1..=2 {
+        let reply = client.send("GET", "/metadata", &headers, "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["resourceType"], "Conformance");
+        assert_eq!(upstream.received().len(), asked, "kept against no-store");
+    }
+    // The same statement with a lifetime of its own is kept.
+    answer.headers.pop();
+    answer
+        .headers
+        .push(("cache-control".into(), "public, max-age=120".into()));
+    upstream.answer("/fhir/metadata", answer);
+    for _ in 0..2 {
+        let reply = client
+            .send("GET", "/metadata?mode=full", &headers, "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.received().len(), 3, "asked once, then kept");
+}

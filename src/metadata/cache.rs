@@ -13,10 +13,17 @@
 //! key, and at least the byte bound over the entry bound), and so are the statements being
 //! read on a miss ([`MAX_STATEMENT_READS`] at once for one tenant, so one tenant's clients
 //! cannot hold up another's).
+//!
+//! It is a shared cache, so it follows what the upstream says of its answer (RFC 9111): a
+//! statement sent with `Cache-Control: no-store`, `no-cache` or `private`, with a `Vary` on a
+//! header the key does not hold (or `*`), or already stale, is served and not kept; `s-maxage`,
+//! else `max-age`, else `Expires` (against the upstream's `Date`), less its `Age`, shortens
+//! how long it is kept (never beyond the layer's own lifetime).
 
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -118,16 +125,125 @@ impl StatementKey {
     }
 }
 
-/// A cached statement: its `Content-Type` and body, all a response from the cache carries.
+/// A cached statement: its `Content-Type` and body, all a response from the cache carries,
+/// and how long it is kept.
 #[derive(Clone)]
 struct CachedStatement {
     content_type: Option<HeaderValue>,
     body: Bytes,
+    lifetime: Duration,
+}
+
+/// Keeps each statement for its own lifetime.
+struct StatementLifetime;
+
+impl moka::Expiry<StatementKey, CachedStatement> for StatementLifetime {
+    fn expire_after_create(
+        &self,
+        _: &StatementKey,
+        statement: &CachedStatement,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(statement.lifetime)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &StatementKey,
+        statement: &CachedStatement,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(statement.lifetime)
+    }
+}
+
+/// The request headers whose values the key holds, or whose answers differ only in what the
+/// cache does not keep: a `Vary` naming only these still lets a statement be kept.
+/// (`Accept-Encoding`: only an uncoded statement is kept, which any client takes; `Origin`:
+/// only the CORS headers differ, and the cache keeps none.)
+const VARY_COVERED: [&str; 4] = ["accept", "accept-language", "accept-encoding", "origin"];
+
+/// How long a shared cache may keep a response with these headers, at most `ceiling`: `None`
+/// when it may not keep it at all (RFC 9111 sections 3, 4.2 and 5.2.2). A directive that
+/// cannot be read, two different values of one, or an `Expires` that is not a date counts as
+/// stale.
+fn freshness(headers: &http::HeaderMap, ceiling: Duration) -> Option<Duration> {
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        for directive in value.to_str().ok()?.split(',') {
+            let (name, argument) = match directive.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument.trim())),
+                None => (directive.trim(), None),
+            };
+            let seconds = || -> Option<u64> {
+                let digits = argument?.trim_matches('"');
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                // Past 2^31 seconds RFC 9111 has a cache take 2^31.
+                Some(digits.parse().unwrap_or(u64::MAX).min(1 << 31))
+            };
+            let slot = if name.eq_ignore_ascii_case("no-store")
+                || name.eq_ignore_ascii_case("no-cache")
+                || name.eq_ignore_ascii_case("private")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case("s-maxage") {
+                &mut s_maxage
+            } else if name.eq_ignore_ascii_case("max-age") {
+                &mut max_age
+            } else {
+                continue;
+            };
+            let seconds = seconds()?;
+            if slot.is_some_and(|was| was != seconds) {
+                return None;
+            }
+            *slot = Some(seconds);
+        }
+    }
+    for value in headers.get_all(header::VARY) {
+        for field in value.to_str().ok()?.split(',') {
+            let field = field.trim();
+            if !field.is_empty() && !VARY_COVERED.iter().any(|c| field.eq_ignore_ascii_case(c)) {
+                return None;
+            }
+        }
+    }
+    let lifetime = match s_maxage.or(max_age) {
+        Some(seconds) => Duration::from_secs(seconds),
+        None => match headers.get(header::EXPIRES) {
+            Some(expires) => {
+                let expires = httpdate::parse_http_date(expires.to_str().ok()?).ok()?;
+                let date = headers
+                    .get(header::DATE)
+                    .and_then(|date| httpdate::parse_http_date(date.to_str().ok()?).ok())
+                    .unwrap_or_else(std::time::SystemTime::now);
+                expires.duration_since(date).ok()?
+            }
+            None => ceiling,
+        },
+    };
+    let age = match headers.get(header::AGE) {
+        Some(age) => {
+            let age = age.to_str().ok()?;
+            if age.is_empty() || !age.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Duration::from_secs(age.parse().unwrap_or(u64::MAX))
+        }
+        None => Duration::ZERO,
+    };
+    Some(lifetime.saturating_sub(age).min(ceiling)).filter(|left| !left.is_zero())
 }
 
 impl CapabilityCacheLayer {
-    /// Keeps statements for `ttl`, for at most `capacity` entries (tenant, upstream, release,
-    /// query and requested format) and [`DEFAULT_CAPABILITY_CACHE_BYTES`].
+    /// Keeps statements for `ttl` (less when the upstream's `Cache-Control` or `Expires` says
+    /// so; not at all when it says `no-store`, `no-cache` or `private`), for at most
+    /// `capacity` entries (tenant, upstream, release, query and requested format) and
+    /// [`DEFAULT_CAPABILITY_CACHE_BYTES`].
     ///
     /// ```
     /// use std::time::Duration;
@@ -139,11 +255,7 @@ impl CapabilityCacheLayer {
     /// ```
     pub fn new(ttl: std::time::Duration, capacity: u64) -> Self {
         Self {
-            cache: Arc::new(statement_cache(
-                ttl,
-                capacity,
-                DEFAULT_CAPABILITY_CACHE_BYTES,
-            )),
+            cache: Arc::new(statement_cache(capacity, DEFAULT_CAPABILITY_CACHE_BYTES)),
             reads: reads(),
             ttl,
             capacity,
@@ -157,7 +269,7 @@ impl CapabilityCacheLayer {
     /// the cache held.
     pub fn max_bytes(self, max_bytes: u64) -> Self {
         Self {
-            cache: Arc::new(statement_cache(self.ttl, self.capacity, max_bytes)),
+            cache: Arc::new(statement_cache(self.capacity, max_bytes)),
             max_bytes,
             ..self
         }
@@ -176,13 +288,13 @@ impl CapabilityCacheLayer {
 
 /// A cache weighing each entry its bytes, and at least `max_bytes / capacity` (in KiB, so that
 /// a weight fits a `u32`; the bound is lowered to `capacity` times the heaviest weight).
-fn statement_cache(ttl: std::time::Duration, capacity: u64, max_bytes: u64) -> StatementCache {
+fn statement_cache(capacity: u64, max_bytes: u64) -> StatementCache {
     let max_kib = max_bytes / 1024;
     let least = max_kib
         .div_ceil(capacity.max(1))
         .clamp(1, u64::from(u32::MAX));
     moka::future::Cache::builder()
-        .time_to_live(ttl)
+        .expire_after(StatementLifetime)
         .weigher(move |key: &StatementKey, statement: &CachedStatement| {
             let kib = ((key.bytes() + statement.bytes()) as u64).div_ceil(1024);
             u32::try_from(kib.max(least)).unwrap_or(u32::MAX)
@@ -208,6 +320,7 @@ impl<S> Layer<S> for CapabilityCacheLayer {
             cache: Arc::clone(&self.cache),
             reads: self.reads.clone(),
             max_bytes: self.max_bytes,
+            ttl: self.ttl,
             keeps: self.capacity > 0 && self.max_bytes >= 1024,
         }
     }
@@ -220,6 +333,8 @@ pub struct CapabilityCache<S> {
     cache: Arc<StatementCache>,
     reads: Reads,
     max_bytes: u64,
+    /// The longest a statement is kept.
+    ttl: Duration,
     /// Whether anything is kept (not with a capacity of 0).
     keeps: bool,
 }
@@ -258,7 +373,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cache = Arc::clone(&self.cache);
         let reads = self.reads.clone();
-        let (max_bytes, keeps) = (self.max_bytes, self.keeps);
+        let (max_bytes, ttl, keeps) = (self.max_bytes, self.ttl, self.keeps);
         ResponseFuture::own(async move {
             if let Some(cached) = cache.get(&key).await {
                 return Ok(cached.response());
@@ -288,12 +403,17 @@ where
                 .headers
                 .get(header::CONTENT_ENCODING)
                 .is_none_or(|e| e.as_bytes().eq_ignore_ascii_case(b"identity"));
-            // Only what the metadata layer rewrites is kept: an XML statement (or anything
-            // else) goes to this client alone, as it came.
-            if identity && content_type.is_some_and(is_json) && json_statement(&body).is_some() {
+            // Only what the metadata layer rewrites, and the upstream lets a shared cache keep,
+            // is kept: an XML statement (or anything else) goes to this client alone, as it
+            // came.
+            let lifetime = freshness(&parts.headers, ttl);
+            if let Some(lifetime) = lifetime.filter(|_| {
+                identity && content_type.is_some_and(is_json) && json_statement(&body).is_some()
+            }) {
                 let cached = CachedStatement {
                     content_type: content_type.cloned(),
                     body: body.clone(),
+                    lifetime,
                 };
                 // (One over the whole bound would be served until the cache's next upkeep.)
                 if keeps && ((key.bytes() + cached.bytes()) as u64) <= max_bytes {
@@ -594,5 +714,153 @@ mod tests {
         }
         layer.cache.run_pending_tasks().await;
         assert!(layer.entry_count() <= 2, "{}", layer.entry_count());
+    }
+
+    /// A cache in front of an upstream answering a JSON statement with `headers`, counting the
+    /// calls that reach it.
+    fn answering_with(
+        headers: &'static [(&'static str, &'static str)],
+    ) -> (
+        impl Service<Request<Full<Bytes>>, Response = Answer, Error = Infallible> + Clone,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let layer = CapabilityCacheLayer::new(Duration::from_secs(60), 100);
+        let service = layer.layer(service_fn(move |_: Request<Full<Bytes>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut response =
+                Response::builder().header(header::CONTENT_TYPE, "application/fhir+json");
+            for (name, value) in headers {
+                response = response.header(*name, *value);
+            }
+            let response = response.body(Full::<Bytes>::from(JSON)).unwrap();
+            async { Ok::<_, Infallible>(response) }
+        }));
+        (service, calls)
+    }
+
+    #[tokio::test]
+    async fn what_the_upstream_forbids_a_shared_cache_is_not_kept() {
+        let refused: [&[(&str, &str)]; 11] = [
+            &[("cache-control", "no-store")],
+            &[("cache-control", "public, No-Cache")],
+            &[("cache-control", "no-cache=\"set-cookie\"")],
+            &[("cache-control", "private, max-age=600")],
+            &[("cache-control", "max-age=0")],
+            &[("cache-control", "max-age=ten")],
+            &[("cache-control", "max-age=10"), ("age", "20")],
+            &[("vary", "Accept, Authorization")],
+            &[("vary", "*")],
+            &[("expires", "0")],
+            &[
+                ("date", "Thu, 03 Dec 2026 17:00:00 GMT"),
+                ("expires", "Thu, 03 Dec 2026 16:00:00 GMT"),
+            ],
+        ];
+        for headers in refused {
+            let (service, calls) = answering_with(headers);
+            for _ in 0..2 {
+                assert_eq!(body(&service, routed(A, "/metadata", None)).await, JSON);
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 2, "kept with {headers:?}");
+        }
+        let kept: [&[(&str, &str)]; 4] = [
+            &[],
+            &[("cache-control", "public, max-age=300, must-revalidate")],
+            &[("cache-control", "max-age=0, s-maxage=60")],
+            &[
+                ("vary", "Accept, accept-language,Origin"),
+                ("cache-control", "max-age=\"30\""),
+            ],
+        ];
+        for headers in kept {
+            let (service, calls) = answering_with(headers);
+            for _ in 0..2 {
+                assert_eq!(body(&service, routed(A, "/metadata", None)).await, JSON);
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "not kept with {headers:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_statement_is_kept_no_longer_than_the_upstream_says() {
+        let (service, calls) = answering_with(&[("cache-control", "max-age=1")]);
+        body(&service, routed(A, "/metadata", None)).await;
+        body(&service, routed(A, "/metadata", None)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        body(&service, routed(A, "/metadata", None)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "kept past its max-age");
+    }
+
+    #[test]
+    fn freshness_follows_rfc_9111() {
+        let ceiling = Duration::from_secs(300);
+        let of = |headers: &[(&str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            freshness(&map, ceiling).map(|d| d.as_secs())
+        };
+        assert_eq!(of(&[]), Some(300), "nothing said: the layer's own lifetime");
+        assert_eq!(of(&[("cache-control", "max-age=60")]), Some(60));
+        assert_eq!(
+            of(&[("cache-control", "max-age=6000")]),
+            Some(300),
+            "never past the ceiling"
+        );
+        assert_eq!(
+            of(&[("cache-control", "max-age=99999999999999999999999")]),
+            Some(300)
+        );
+        assert_eq!(
+            of(&[("cache-control", "max-age=60, s-maxage=10")]),
+            Some(10),
+            "s-maxage first"
+        );
+        assert_eq!(
+            of(&[
+                ("cache-control", "max-age=60"),
+                ("cache-control", "max-age=60")
+            ]),
+            Some(60)
+        );
+        assert_eq!(
+            of(&[
+                ("cache-control", "max-age=60"),
+                ("cache-control", "max-age=61")
+            ]),
+            None
+        );
+        assert_eq!(
+            of(&[("cache-control", "max-age=60"), ("age", "45")]),
+            Some(15)
+        );
+        assert_eq!(of(&[("cache-control", "max-age=60"), ("age", "-1")]), None);
+        assert_eq!(of(&[("cache-control", "max-age=")]), None);
+        assert_eq!(of(&[("cache-control", "max-age=+5")]), None);
+        assert_eq!(
+            of(&[("cache-control", "immutable, stale-while-revalidate=9")]),
+            Some(300)
+        );
+        let date = "Thu, 03 Dec 2026 17:00:00 GMT";
+        let expires = "Thu, 03 Dec 2026 17:01:40 GMT";
+        assert_eq!(of(&[("date", date), ("expires", expires)]), Some(100));
+        assert_eq!(
+            of(&[
+                ("date", date),
+                ("expires", expires),
+                ("cache-control", "max-age=5")
+            ]),
+            Some(5),
+            "max-age before Expires"
+        );
+        assert_eq!(of(&[("vary", "")]), Some(300));
+        assert_eq!(of(&[("vary", "accept-encoding"), ("vary", "Prefer")]), None);
     }
 }
