@@ -210,14 +210,41 @@ impl<'de> Deserialize<'de> for RateLimit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantRateLimit(pub RateLimit);
 
-/// The future a [`ClientLimits`] returns: the client's limit, `None` for none.
-pub type ClientLimitFuture = Pin<Box<dyn Future<Output = Option<RateLimit>> + Send>>;
+/// The future a [`ClientLimits`] returns: the client's limit, `Ok(None)` for none, `Err` when
+/// the source could not say.
+pub type ClientLimitFuture =
+    Pin<Box<dyn Future<Output = Result<Option<RateLimit>, ClientLimitUnknown>> + Send>>;
+
+/// A [`ClientLimits`] source could not read a client's limit (its store is down, say).
+#[derive(Debug)]
+pub struct ClientLimitUnknown(Box<dyn std::error::Error + Send + Sync>);
+
+impl ClientLimitUnknown {
+    /// Wraps why the limit could not be read.
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(cause.into())
+    }
+}
+
+impl fmt::Display for ClientLimitUnknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the client's rate limit could not be read: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientLimitUnknown {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
 
 /// Where clients' rate limits are read from (the gateway: its token endpoint's client store).
 ///
 /// Asked once per client per [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl), never
-/// per request. A source that fails should answer `None` (and log why): requests then pass
-/// unlimited by the client limit until the next read. A fixed table is one:
+/// per request. When the source fails (`Err`), the client's limit last read stays in force
+/// until the next read, a `client_limit_ttl` later (logged at `warn`): a store that is down
+/// does not lift the limits it held. A client whose limit was never read passes unlimited by
+/// it until then. A fixed table is a source:
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -225,8 +252,8 @@ pub type ClientLimitFuture = Pin<Box<dyn Future<Output = Option<RateLimit>> + Se
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let limits = HashMap::from([("app-1".to_owned(), RateLimit::new(10, 20).unwrap())]);
-/// assert_eq!(limits.client_limit("app-1").await, Some(RateLimit::new(10, 20).unwrap()));
-/// assert_eq!(limits.client_limit("app-2").await, None);
+/// assert_eq!(limits.client_limit("app-1").await.unwrap(), Some(RateLimit::new(10, 20).unwrap()));
+/// assert_eq!(limits.client_limit("app-2").await.unwrap(), None);
 /// # });
 /// ```
 pub trait ClientLimits: Send + Sync + 'static {
@@ -236,7 +263,7 @@ pub trait ClientLimits: Send + Sync + 'static {
 
 impl ClientLimits for HashMap<String, RateLimit> {
     fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
-        Box::pin(std::future::ready(self.get(client_id).copied()))
+        Box::pin(std::future::ready(Ok(self.get(client_id).copied())))
     }
 }
 
@@ -481,14 +508,24 @@ impl Shared {
             .filter(|entry| now < entry.until)
     }
 
-    /// Keeps the client's limit as just read, its limiter kept when the limit is the same.
-    fn store_client(&self, client: &str, limit: Option<RateLimit>, now: u64) -> ClientEntry {
+    /// Keeps the client's limit as just read, its limiter kept when the limit is the same;
+    /// when it could not be read (`Err`), the limit last read, if any.
+    fn store_client(
+        &self,
+        client: &str,
+        limit: Result<Option<RateLimit>, ()>,
+        now: u64,
+    ) -> ClientEntry {
         let hash = self.clients.hash(client);
         let until = now.saturating_add(self.ttl_nanos);
         self.clients.update(
             hash,
             Box::from(client),
             |kept| {
+                let Ok(limit) = limit else {
+                    let limiter = kept.and_then(|kept| kept.limiter.clone());
+                    return ClientEntry { limiter, until };
+                };
                 let limiter = match (kept, limit) {
                     (_, None) => None,
                     (
@@ -629,8 +666,14 @@ impl<S> RateLimiting<S> {
             .map(|source| source.client_limit(&client));
         PassOrOwn::own(async move {
             let limit = match read {
-                Some(read) => read.await,
-                None => None,
+                Some(read) => read.await.map_err(|unknown| {
+                    tracing::warn!(
+                        client_id = %client,
+                        error = %unknown,
+                        "the client's rate limit last read stays in force"
+                    );
+                }),
+                None => Ok(None),
             };
             let now = shared.now();
             let entry = shared.store_client(&client, limit, now);
@@ -878,7 +921,7 @@ mod tests {
             fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
                 self.0.fetch_add(1, Ordering::SeqCst);
                 let found = self.1.lock().unwrap().get(client_id).copied();
-                Box::pin(std::future::ready(found))
+                Box::pin(std::future::ready(Ok(found)))
             }
         }
         let source = Arc::new(Counting(
@@ -949,6 +992,57 @@ mod tests {
         assert_eq!(reads.load(Ordering::SeqCst), 3);
     }
 
+    #[tokio::test]
+    async fn a_source_that_fails_leaves_the_limit_last_read_in_force() {
+        /// Answers from its table until told to fail.
+        struct Flaky(
+            std::sync::Mutex<HashMap<String, RateLimit>>,
+            std::sync::atomic::AtomicBool,
+        );
+        impl ClientLimits for Flaky {
+            fn client_limit(&self, client_id: &str) -> ClientLimitFuture {
+                let answer = if self.1.load(Ordering::SeqCst) {
+                    Err(ClientLimitUnknown::new("the store is down"))
+                } else {
+                    Ok(self.0.lock().unwrap().get(client_id).copied())
+                };
+                Box::pin(std::future::ready(answer))
+            }
+        }
+        let source = Arc::new(Flaky(
+            std::sync::Mutex::new(HashMap::from([("app".to_owned(), limit(1, 2))])),
+            Default::default(),
+        ));
+        let layer = RateLimitLayer::builder()
+            .client_limits(Arc::clone(&source))
+            .client_issuer("https://gw.example")
+            .build()
+            .unwrap();
+        let (service, _) = counted(&layer);
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::OK
+        );
+        // The store goes down; the limit is read again (forgotten by hand, as a change
+        // would), and the one read before still counts.
+        source.1.store(true, Ordering::SeqCst);
+        layer.forget_client("app");
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the limit was lifted while the store was down"
+        );
+        // A client never read passes while the store is down.
+        assert_eq!(
+            status(&service, request(None, Some("new"))).await,
+            StatusCode::OK
+        );
+    }
+
     #[test]
     fn memory_stays_within_the_capacity() {
         let layer = RateLimitLayer::builder().capacity(64).build().unwrap();
@@ -957,7 +1051,7 @@ mod tests {
         for n in 0..10_000u32 {
             let tenant = TenantId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap();
             shared.check_tenant(tenant, limit(1, 1), now).unwrap();
-            shared.store_client(&format!("client-{n}"), Some(limit(1, 1)), now);
+            shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now);
         }
         assert!(shared.tenants.len() <= shared.tenants.capacity());
         assert!(shared.clients.len() <= shared.clients.capacity());

@@ -701,13 +701,9 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
 /// A client's limit as a store read gives it: a failed read is logged and limits nothing.
 pub(crate) fn limit_of(read: StoreFuture<Option<ClientRecord>>) -> ClientLimitFuture {
     Box::pin(async move {
-        match read.await {
-            Ok(record) => record.and_then(|record| record.rate_limit),
-            Err(err) => {
-                tracing::warn!(error = %err, "client store failed; the client's rate limit is unknown");
-                None
-            }
-        }
+        read.await
+            .map(|record| record.and_then(|record| record.rate_limit))
+            .map_err(crate::limit::ClientLimitUnknown::new)
     })
 }
 
