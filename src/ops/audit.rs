@@ -604,7 +604,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum QueryRecording {
-    /// As it came.
+    /// As it came, but for the values of parameters that carry credentials
+    /// (`access_token`, `client_secret`, `client_assertion`, ...), recorded as `REDACTED`.
     Full,
     /// The parameter names only, values dropped (`name&birthdate`): what was searched by,
     /// not for whom. The default.
@@ -629,7 +630,7 @@ impl QueryRecording {
     pub fn apply(self, query: Option<&str>) -> Option<String> {
         let query = query.filter(|q| !q.is_empty())?;
         match self {
-            Self::Full => Some(query.to_owned()),
+            Self::Full => Some(redact_secrets(query).into_owned()),
             Self::None => None,
             Self::Names => {
                 let mut names = String::with_capacity(query.len());
@@ -643,6 +644,50 @@ impl QueryRecording {
             }
         }
     }
+}
+
+/// Query parameters whose values are credentials: [`QueryRecording::Full`] records their
+/// names with the value `REDACTED`.
+/// (Not `code`: FHIR searches by it.)
+const SECRET_PARAMETERS: [&str; 9] = [
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "token",
+    "client_secret",
+    "client_assertion",
+    "assertion",
+    "code_verifier",
+    "password",
+];
+
+/// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
+/// percent-decoded, any case) replaced by `REDACTED`; borrowed when it has none.
+fn redact_secrets(query: &str) -> std::borrow::Cow<'_, str> {
+    let secret = |name: &str| {
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        SECRET_PARAMETERS
+            .iter()
+            .any(|secret| name.eq_ignore_ascii_case(secret))
+    };
+    let has_secret = |pair: &str| pair.split_once('=').is_some_and(|(name, _)| secret(name));
+    if !query.split('&').any(has_secret) {
+        return std::borrow::Cow::Borrowed(query);
+    }
+    let mut redacted = String::with_capacity(query.len());
+    for (n, pair) in query.split('&').enumerate() {
+        if n > 0 {
+            redacted.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) if secret(name) => {
+                redacted.push_str(name);
+                redacted.push_str("=REDACTED");
+            }
+            _ => redacted.push_str(pair),
+        }
+    }
+    std::borrow::Cow::Owned(redacted)
 }
 
 /// Paths that are the token endpoint's (recorded as interaction `token`): tokens, secret
@@ -745,8 +790,14 @@ impl AuditDraft {
             let who = facts.claims.as_ref().map(who);
             let path = parts.path();
             let described = describe(&parts.method, path);
+            let full = match (self.query, parts.query()) {
+                (QueryRecording::Full, Some(query)) => Some(redact_secrets(query)),
+                _ => None,
+            };
             let query = match (self.query, parts.query()) {
-                (QueryRecording::Full, Some(query)) => LineQuery::Text(query),
+                (QueryRecording::Full, Some(_)) => {
+                    LineQuery::Text(full.as_deref().unwrap_or_default())
+                }
                 (QueryRecording::Names, Some(query)) => LineQuery::NamesOf(query),
                 _ => LineQuery::Absent,
             };
@@ -1640,6 +1691,20 @@ mod tests {
             let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
             assert_eq!(written, serde_json::to_value(&record).unwrap());
         }
+        let full = draft(
+            "GET",
+            "/Patient/1?access_token=eyJ.secret.sig&_elements=id",
+            QueryRecording::Full,
+            |_| {},
+        );
+        let mut line = Vec::new();
+        full.write_json_line(&mut line, &mut LineCache::default());
+        let line = String::from_utf8(line).unwrap();
+        assert!(!line.contains("secret"), "{line}");
+        assert!(
+            line.contains(r#""query":"access_token=REDACTED&_elements=id""#),
+            "{line}"
+        );
         let names = draft(
             "GET",
             "/Patient?name=a&_count=1",
@@ -1728,6 +1793,14 @@ mod tests {
         );
         assert_eq!(QueryRecording::None.apply(q), None);
         assert_eq!(QueryRecording::Names.apply(Some("")), None);
+        // Credentials are not recorded, whatever the case or escapes of their names.
+        let q = Some("code=x&access_token=eyJ.a.b&ACCESS%5Ftoken=c&client_secret=s3&n&a=1");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some(
+                "code=x&access_token=REDACTED&ACCESS%5Ftoken=REDACTED&client_secret=REDACTED&n&a=1"
+            )
+        );
         assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
         assert_eq!(QueryRecording::parse("all"), None);
     }
