@@ -42,7 +42,7 @@ use crate::tenant::TenantId;
 /// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`](super::AuditRecord).
 ///
 /// A request whose client goes away before the response is recorded with status `499` and
-/// outcome `client_closed`. When no subscriber wants the span (the gateway binary's log takes
+/// outcome `client_closed`; one whose inner service panicked, with `500` and `panicked`. When no subscriber wants the span (the gateway binary's log takes
 /// events only) and metrics and audit are off, a request passes through untouched.
 ///
 /// ```
@@ -460,7 +460,13 @@ pin_project! {
     impl<F> PinnedDrop for ObserveFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(watch) = this.project().watch.take() {
-                watch.finish(499, "client_closed");
+                // Dropped while a panic unwinds it (one of the inner layers' bugs): the
+                // gateway failed the request, not the client that left.
+                if std::thread::panicking() {
+                    watch.finish(500, "panicked");
+                } else {
+                    watch.finish(499, "client_closed");
+                }
             }
         }
     }
@@ -646,5 +652,21 @@ mod tests {
         let record = records.lock().unwrap().pop().unwrap();
         assert_eq!((record.status, record.outcome), (499, "client_closed"));
         assert_eq!(record.interaction, Some("delete"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_recorded_as_the_gateways_failure() {
+        let inner = tower::service_fn(|_r: Request<()>| async {
+            tokio::task::yield_now().await;
+            panic!("a bug in an inner layer");
+            #[allow(unreachable_code)]
+            Ok::<_, Infallible>(Response::new(()))
+        });
+        let (mut service, records) = observed(inner, QueryRecording::None);
+        let future = service.call(Request::get("/Patient/1").body(()).unwrap());
+        let joined = tokio::spawn(future).await;
+        assert!(joined.unwrap_err().is_panic());
+        let record = records.lock().unwrap().pop().unwrap();
+        assert_eq!((record.status, record.outcome), (500, "panicked"));
     }
 }
