@@ -726,6 +726,31 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
     }
 }
 
+/// The path as the upstream reads it, for classifying: runs of slashes merged (as the proxy
+/// merges them) and percent-encoded bytes decoded (`/%50atient/%31` is `Patient/1` to a FHIR
+/// server). Borrowed when there is nothing to change, or when a decoded byte would be a `/`,
+/// `\`, `?`, `#` or NUL, or not UTF-8 (paths the proxy refuses; left unclassified).
+fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if memchr::memchr(b'%', path.as_bytes()).is_none() && !path.contains("//") {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut canonical = String::with_capacity(path.len());
+    for segment in path.split('/').filter(|segment| !segment.is_empty()) {
+        let Ok(decoded) = percent_encoding::percent_decode_str(segment).decode_utf8() else {
+            return std::borrow::Cow::Borrowed(path);
+        };
+        if decoded.contains(['/', '\\', '?', '#', '\0']) {
+            return std::borrow::Cow::Borrowed(path);
+        }
+        canonical.push('/');
+        canonical.push_str(&decoded);
+    }
+    if canonical.is_empty() {
+        canonical.push('/');
+    }
+    std::borrow::Cow::Owned(canonical)
+}
+
 /// The client and issuer a token's claims name, read from the claims once per token (the
 /// claims of a cached token are shared by all its requests) instead of once per record.
 struct Who {
@@ -789,7 +814,8 @@ impl AuditDraft {
         self.facts.read(|facts| {
             let who = facts.claims.as_ref().map(who);
             let path = parts.path();
-            let described = describe(&parts.method, path);
+            let canonical = canonical_path(path);
+            let described = describe(&parts.method, &canonical);
             let full = match (self.query, parts.query()) {
                 (QueryRecording::Full, Some(query)) => Some(redact_secrets(query)),
                 _ => None,
@@ -1784,6 +1810,40 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_classified_as_the_upstream_reads_them() {
+        let get = http::Method::GET;
+        for path in [
+            "/Patient/123",
+            "/Patient//123",
+            "//Patient/123/",
+            "/Patient/%31%32%33",
+            "/%50atient/123",
+        ] {
+            let canonical = canonical_path(path);
+            let described = describe(&get, &canonical);
+            assert_eq!(
+                (
+                    described.interaction,
+                    described.resource_type,
+                    described.resource_id
+                ),
+                (Some("read"), Some("Patient"), Some("123")),
+                "{path}"
+            );
+        }
+        for (path, canonical) in [
+            ("/Patient/1", "/Patient/1"),
+            ("//", "/"),
+            ("/Patient/a%2Fb", "/Patient/a%2Fb"),
+            ("/Patient/%2e%2e", "/Patient/.."),
+            ("/Patient/%FF", "/Patient/%FF"),
+            ("/a%00", "/a%00"),
+        ] {
+            assert_eq!(canonical_path(path), canonical, "{path}");
+        }
+    }
+
+    #[test]
     fn query_recording() {
         let q = Some("name=Smith&birthdate=ge1970&_count=10&flag");
         assert_eq!(QueryRecording::Full.apply(q).as_deref(), q);
@@ -1794,6 +1854,7 @@ mod tests {
         assert_eq!(QueryRecording::None.apply(q), None);
         assert_eq!(QueryRecording::Names.apply(Some("")), None);
         // Credentials are not recorded, whatever the case or escapes of their names.
+        // (See also `paths_are_classified_as_the_upstream_reads_them`.)
         let q = Some("code=x&access_token=eyJ.a.b&ACCESS%5Ftoken=c&client_secret=s3&n&a=1");
         assert_eq!(
             QueryRecording::Full.apply(q).as_deref(),
