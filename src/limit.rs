@@ -241,7 +241,10 @@ impl std::error::Error for ClientLimitUnknown {
 /// Where clients' rate limits are read from (the gateway: its token endpoint's client store).
 ///
 /// Asked once per client per [`client_limit_ttl`](RateLimitBuilder::client_limit_ttl), never
-/// per request. When the source fails (`Err`), the client's limit last read stays in force
+/// per request. Only a client's first request (and its first after
+/// [`forget_client`](RateLimitLayer::forget_client)) waits for the read; later, the limit
+/// read before keeps counting while it is read again on a task of its own (one read at a
+/// time), so a slow store holds up no request. When the source fails (`Err`), the client's limit last read stays in force
 /// until the next read, a `client_limit_ttl` later (logged at `warn`): a store that is down
 /// does not lift the limits it held. A client whose limit was never read passes unlimited by
 /// it until then. A fixed table is a source:
@@ -411,6 +414,7 @@ impl RateLimitLayer {
         let hash = clients.hash(client_id);
         if let Some(mut entry) = clients.get(hash, client_id) {
             entry.until = 0;
+            entry.forgotten = true;
             clients.insert(hash, Box::from(client_id), entry, |_| false);
         }
     }
@@ -453,6 +457,8 @@ struct ClientEntry {
     limiter: Option<Arc<Limiter>>,
     /// Until then (nanoseconds since the epoch) the limit is used without asking the source.
     until: u64,
+    /// Set by [`RateLimitLayer::forget_client`]: the next request reads the limit first.
+    forgotten: bool,
 }
 
 /// Which limit refused a request.
@@ -501,11 +507,34 @@ impl Shared {
         self.check(&limiter, now)
     }
 
-    /// The client's entry when fresh.
-    fn fresh_client(&self, hash: u64, client: &str, now: u64) -> Option<ClientEntry> {
-        self.clients
-            .get(hash, client)
-            .filter(|entry| now < entry.until)
+    /// Marks the client's stale entry fresh for another ttl, for the request that will read
+    /// it again: `false` when another request did so first.
+    fn claim_refresh(&self, client: &str, hash: u64, now: u64) -> bool {
+        let mut claimed = false;
+        let until = now.saturating_add(self.ttl_nanos);
+        self.clients.update(
+            hash,
+            Box::from(client),
+            |kept| match kept {
+                Some(kept) if now < kept.until || kept.forgotten => kept.clone(),
+                kept => {
+                    claimed = true;
+                    let limiter = kept.and_then(|kept| kept.limiter.clone());
+                    ClientEntry {
+                        limiter,
+                        until,
+                        forgotten: false,
+                    }
+                }
+            },
+            |kept| self.forgettable(kept, now),
+        );
+        claimed
+    }
+
+    /// Whether an entry may go to make room: stale, and its limiter (if any) full again.
+    fn forgettable(&self, entry: &ClientEntry, now: u64) -> bool {
+        now >= entry.until && entry.limiter.as_ref().is_none_or(|l| refilled(l, now))
     }
 
     /// Keeps the client's limit as just read, its limiter kept when the limit is the same;
@@ -524,7 +553,11 @@ impl Shared {
             |kept| {
                 let Ok(limit) = limit else {
                     let limiter = kept.and_then(|kept| kept.limiter.clone());
-                    return ClientEntry { limiter, until };
+                    return ClientEntry {
+                        limiter,
+                        until,
+                        forgotten: false,
+                    };
                 };
                 let limiter = match (kept, limit) {
                     (_, None) => None,
@@ -537,9 +570,13 @@ impl Shared {
                     ) if kept.limit == limit => Some(Arc::clone(kept)),
                     (_, Some(limit)) => Some(self.limiter(limit, now)),
                 };
-                ClientEntry { limiter, until }
+                ClientEntry {
+                    limiter,
+                    until,
+                    forgotten: false,
+                }
             },
-            |kept| now >= kept.until && kept.limiter.as_ref().is_none_or(|l| refilled(l, now)),
+            |kept| self.forgettable(kept, now),
         )
     }
 
@@ -618,15 +655,20 @@ where
         let now = shared.now();
         if let Some((client, hash)) = &client {
             let (client, hash) = (&**client, *hash);
-            match shared.fresh_client(hash, client, now) {
-                Some(entry) => {
+            match shared.clients.get(hash, client) {
+                // A stale limit is read again in the background, one read at a time, while it
+                // still counts: a slow store holds up no request.
+                Some(entry)
+                    if !entry.forgotten
+                        && (now < entry.until || self.refresh_client(client, hash, now)) =>
+                {
                     if let Some(limiter) = &entry.limiter {
                         if let Err(wait) = shared.check(limiter, now) {
                             return refused(Whose::Client, wait);
                         }
                     }
                 }
-                None => {
+                _ => {
                     let client = client.to_owned();
                     return self.read_client_first(request, client, tenant);
                 }
@@ -642,6 +684,28 @@ where
 }
 
 impl<S> RateLimiting<S> {
+    /// Starts reading the stale limit of `client` again, on a task of its own, unless another
+    /// request just did: `true` when the stale limit may count meanwhile; `false` outside a
+    /// Tokio runtime (the caller then reads it first).
+    fn refresh_client(&self, client: &str, hash: u64, now: u64) -> bool {
+        let shared = &self.shared;
+        let (Some(source), Ok(runtime)) = (&shared.source, tokio::runtime::Handle::try_current())
+        else {
+            return false;
+        };
+        if shared.claim_refresh(client, hash, now) {
+            let read = source.client_limit(client);
+            let (shared, client) = (Arc::clone(shared), client.to_owned());
+            runtime.spawn(async move {
+                let limit = read
+                    .await
+                    .map_err(|unknown| warn_unknown(&client, &unknown));
+                shared.store_client(&client, limit, shared.now());
+            });
+        }
+        true
+    }
+
     /// The client's limit is not cached: read it, then check both limits and call the inner
     /// service.
     fn read_client_first<ReqBody, ResBody>(
@@ -666,13 +730,9 @@ impl<S> RateLimiting<S> {
             .map(|source| source.client_limit(&client));
         PassOrOwn::own(async move {
             let limit = match read {
-                Some(read) => read.await.map_err(|unknown| {
-                    tracing::warn!(
-                        client_id = %client,
-                        error = %unknown,
-                        "the client's rate limit last read stays in force"
-                    );
-                }),
+                Some(read) => read
+                    .await
+                    .map_err(|unknown| warn_unknown(&client, &unknown)),
                 None => Ok(None),
             };
             let now = shared.now();
@@ -693,6 +753,14 @@ impl<S> RateLimiting<S> {
             }
         })
     }
+}
+
+fn warn_unknown(client: &str, unknown: &ClientLimitUnknown) {
+    tracing::warn!(
+        client_id = %client,
+        error = %unknown,
+        "the client's rate limit last read stays in force"
+    );
 }
 
 fn refused<F, B: 'static, E: 'static>(whose: Whose, wait: Duration) -> ResponseFuture<F, B, E> {
@@ -1041,6 +1109,51 @@ mod tests {
             status(&service, request(None, Some("new"))).await,
             StatusCode::OK
         );
+    }
+
+    #[tokio::test]
+    async fn a_stale_limit_counts_while_a_hung_store_is_read_once_in_the_background() {
+        /// Answers the first read, then hangs, counting reads.
+        struct Hanging(AtomicUsize);
+        impl ClientLimits for Hanging {
+            fn client_limit(&self, _: &str) -> ClientLimitFuture {
+                if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Box::pin(std::future::ready(Ok(Some(limit(1, 3)))))
+                } else {
+                    Box::pin(std::future::pending())
+                }
+            }
+        }
+        let source = Arc::new(Hanging(AtomicUsize::new(0)));
+        let layer = RateLimitLayer::builder()
+            .client_limits(Arc::clone(&source))
+            .client_issuer("https://gw.example")
+            .client_limit_ttl(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let (service, _) = counted(&layer);
+        assert_eq!(
+            status(&service, request(None, Some("app"))).await,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Stale now, and the store hangs: nobody waits for it, and it is read once.
+        let statuses = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::future::join_all((0..6).map(|_| status(&service, request(None, Some("app"))))),
+        )
+        .await
+        .expect("requests waited for a hung store");
+        let refused = statuses
+            .iter()
+            .filter(|status| **status == StatusCode::TOO_MANY_REQUESTS)
+            .count();
+        // (Two of the burst of 3 are left, and one more comes a second.)
+        assert!(
+            refused >= 2,
+            "the limit read before was lifted: {statuses:?}"
+        );
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
     }
 
     #[test]
