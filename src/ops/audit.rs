@@ -4,7 +4,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -910,6 +910,22 @@ where
 /// How many records [`JsonLinesAudit`] holds while its writer catches up.
 pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
 
+/// How many bytes of lines [`JsonLinesAudit`] holds while its writer catches up (64 MiB): a
+/// record's path comes from its client, so records alone do not bound them.
+pub const DEFAULT_AUDIT_BYTES: usize = 64 << 20;
+
+/// The most records a [`JsonLinesAudit`] can be given to hold (its capacity is lowered to it).
+const MAX_AUDIT_QUEUE: usize = (1 << 24) - 1;
+
+/// [`Lines::waiting`] holds records in its high bits, bytes in these.
+const BYTES_BITS: u32 = 40;
+const BYTES_MASK: u64 = (1 << BYTES_BITS) - 1;
+
+/// What [`Lines::waiting`] counts for `records` records of `bytes` bytes.
+fn waiting(records: usize, bytes: usize) -> u64 {
+    ((records as u64) << BYTES_BITS) | (bytes as u64 & BYTES_MASK)
+}
+
 /// How long the writer sleeps between turns.
 const WRITER_NAP: Duration = Duration::from_millis(20);
 
@@ -926,10 +942,11 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// writer to take it). The writer thread takes the buffers whole every 20 ms, writes and
 /// flushes them; no request ever waits for it or has to wake it. Lines of different threads
 /// may reach the file out of time order by up to that turn; each carries its time. At most [`DEFAULT_AUDIT_QUEUE`] records
-/// (or the capacity given to [`writer`](Self::writer)) wait to be written. When the writer
+/// (or the capacity given to [`writer`](Self::writer)), and [`DEFAULT_AUDIT_BYTES`] of lines
+/// ([`max_waiting_bytes`](Self::max_waiting_bytes)), wait to be written. When the writer
 /// falls behind (a slow disk), records wait in the buffers: one written more than a second
 /// after its request counts in `tower_fhir_audit_records_delayed_total`. When that many
-/// records are waiting already, when a write fails (a full disk), or when the writer thread
+/// records or bytes are waiting already, when a write fails (a full disk), or when the writer thread
 /// has ended (a panic in the `Write` it was given), the record is dropped: never silently,
 /// each one counts in `tower_fhir_audit_records_dropped_total` and drops are logged at `error`
 /// (at most once a second, with the count). A write that fails part-way (the disk filled)
@@ -1089,9 +1106,12 @@ impl fmt::Debug for AuditReopener {
 /// The lines waiting for the writer, in buffers the request threads write to.
 struct Lines {
     shards: Box<[Mutex<Shard>]>,
-    /// Records in the buffers or being written, at most `capacity`.
-    waiting: AtomicUsize,
+    /// Records (the high bits) and their bytes (the low [`BYTES_BITS`]) in the buffers or
+    /// being written: at most `capacity` records and, but for the line that passes it,
+    /// `max_bytes`. One counter, so a record costs one atomic add.
+    waiting: AtomicU64,
     capacity: usize,
+    max_bytes: AtomicU64,
     /// Set when the log is dropped: the writer writes what is left and ends.
     closing: AtomicBool,
     /// Cleared when the writer thread ends, whether closed or not (a panic in the `Write` it
@@ -1184,8 +1204,9 @@ impl JsonLinesAudit {
     ) -> Self {
         let lines = Arc::new(Lines {
             shards: (0..shard_count(256)).map(|_| Mutex::default()).collect(),
-            waiting: AtomicUsize::new(0),
-            capacity: capacity.max(1),
+            waiting: AtomicU64::new(0),
+            capacity: capacity.clamp(1, MAX_AUDIT_QUEUE),
+            max_bytes: AtomicU64::new(DEFAULT_AUDIT_BYTES as u64),
             closing: AtomicBool::new(false),
             alive: AtomicBool::new(true),
         });
@@ -1220,6 +1241,15 @@ impl JsonLinesAudit {
         })
     }
 
+    /// Holds at most `max_bytes` of lines waiting to be written (default
+    /// [`DEFAULT_AUDIT_BYTES`]; at least one line): past it, records are dropped and counted as
+    /// past the record bound are.
+    pub fn max_waiting_bytes(self, max_bytes: usize) -> Self {
+        let max = (max_bytes as u64).clamp(1, BYTES_MASK >> 1);
+        self.lines.max_bytes.store(max, Ordering::Relaxed);
+        self
+    }
+
     /// How many records were dropped so far (too many waiting, or a write failed).
     pub fn dropped(&self) -> u64 {
         self.counts.dropped.load(Ordering::Relaxed)
@@ -1239,9 +1269,15 @@ impl JsonLinesAudit {
             return;
         }
         // (Threads that pass this check at once may each add one more.)
-        if lines.waiting.load(Ordering::Relaxed) >= lines.capacity {
+        let held = lines.waiting.load(Ordering::Relaxed);
+        if (held >> BYTES_BITS) as usize >= lines.capacity {
             self.counts
                 .dropped("the audit log is behind: too many records wait to be written");
+            return;
+        }
+        if held & BYTES_MASK >= lines.max_bytes.load(Ordering::Relaxed) {
+            self.counts
+                .dropped("the audit log is behind: too many bytes of records wait to be written");
             return;
         }
         let shard = &lines.shards[shard_of_thread(lines.shards.len())];
@@ -1265,7 +1301,10 @@ impl JsonLinesAudit {
         write(line.buffer, cache);
         line.from = usize::MAX;
         times.push(ready);
-        lines.waiting.fetch_add(1, Ordering::Relaxed);
+        let bytes = line.buffer.len() - from;
+        lines
+            .waiting
+            .fetch_add(waiting(1, bytes), Ordering::Relaxed);
     }
 
     /// Writes the line of a draft the [`ObserveLayer`](super::ObserveLayer) made, for a
@@ -1300,9 +1339,9 @@ struct WriterEnds<'a> {
 impl Drop for WriterEnds<'_> {
     fn drop(&mut self) {
         self.lines.alive.store(false, Ordering::Release);
-        let left = self.lines.waiting.swap(0, Ordering::AcqRel);
+        let left = self.lines.waiting.swap(0, Ordering::AcqRel) >> BYTES_BITS;
         self.counts
-            .dropped_many(left as u64, "the audit log writer stopped");
+            .dropped_many(left, "the audit log writer stopped");
     }
 }
 
@@ -1376,7 +1415,9 @@ fn write_lines<W: Write>(
                     last_late_log = Some(Instant::now());
                 }
             }
-            lines.waiting.fetch_sub(times.len(), Ordering::Relaxed);
+            lines
+                .waiting
+                .fetch_sub(waiting(times.len(), taken.len()), Ordering::Relaxed);
             // (A burst's buffer is let go rather than kept.)
             taken.clear();
             taken.shrink_to(KEPT_BUFFER);
@@ -1996,7 +2037,11 @@ mod tests {
             6,
             "the one being written and the five after"
         );
-        assert_eq!(audit.lines.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            audit.lines.waiting.load(Ordering::Relaxed),
+            0,
+            "records and bytes"
+        );
     }
 
     #[test]
@@ -2351,5 +2396,29 @@ mod tests {
             sent,
             "{queued_or_buffered} more"
         );
+    }
+
+    #[test]
+    fn the_bytes_waiting_are_bounded_too() {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        // Records with 60 KB paths (what any client can send) behind a stuck writer: at most
+        // 1 MiB of them are held, far fewer than the record bound.
+        let audit =
+            JsonLinesAudit::writer(Stuck(Arc::clone(&gate)), 100_000).max_waiting_bytes(1 << 20);
+        let long = format!("/Patient/{}", "a".repeat(60_000));
+        for _ in 0..100 {
+            audit.record(record_at(&long));
+        }
+        let held = audit.lines.waiting.load(Ordering::Relaxed);
+        let (records, bytes) = (held >> BYTES_BITS, held & BYTES_MASK);
+        assert!(bytes <= (1 << 20) + 61_000, "{bytes} bytes held");
+        assert!(records < 20, "{records} records held");
+        assert_eq!(
+            audit.dropped(),
+            100 - records,
+            "the rest are dropped and counted"
+        );
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 }

@@ -68,7 +68,8 @@ mod observe;
 mod request_id;
 
 pub use audit::{
-    AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_QUEUE,
+    AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_BYTES,
+    DEFAULT_AUDIT_QUEUE,
 };
 pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
 pub use body_timeout::{
