@@ -958,7 +958,10 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// more than records: the request's parts and what the layers learned, and writes the line
 /// straight from them (the same line as [`AuditRecord::write_json_line`]), so no record is
 /// made for it. Dropping the log writes what is waiting, then closes. A file log is rotated by
-/// renaming the file, then [`AuditReopener::reopen`] (see [`reopener`](Self::reopener)).
+/// renaming the file, then [`AuditReopener::reopen`] (see [`reopener`](Self::reopener)). Its
+/// writer also looks once a second whether the file at the path is still the one it writes
+/// to, and opens a new one there if not: renamed, it logs a `warn`; deleted, it counts the
+/// records written since its last look (lost with the file) as dropped, logged at `error`.
 ///
 /// ```
 /// use tower_fhir::ops::JsonLinesAudit;
@@ -997,6 +1000,79 @@ impl Reopen {
         self.switched.notify_all();
         tracing::info!(path = %self.path.display(), "audit log reopened");
         Some(file)
+    }
+}
+
+/// Once a second, whether the file at a file log's path is still the one written to: a log
+/// file deleted, or moved without a reopen, is not written to for more than a second.
+struct FileWatch {
+    path: PathBuf,
+    /// The file written to (another handle to it).
+    open: Option<File>,
+    checked: Instant,
+    /// [`Counts::written`] at the last check.
+    written: u64,
+}
+
+impl FileWatch {
+    fn new(path: &Path, file: &File) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            open: file.try_clone().ok(),
+            checked: Instant::now(),
+            written: 0,
+        }
+    }
+
+    /// The writer now writes to `file`.
+    fn follow(&mut self, file: &File) {
+        self.open = file.try_clone().ok();
+    }
+
+    /// A file opened anew at the path, when the one written to is no longer there (deleted:
+    /// the records written since the last check, a second's at most, are counted as dropped
+    /// and logged at `error`; moved: logged at `warn`, nothing lost).
+    fn check(&mut self, counts: &Counts) -> Option<File> {
+        if self.checked.elapsed() < Duration::from_secs(1) {
+            return None;
+        }
+        self.checked = Instant::now();
+        let written = counts.written.load(Ordering::Relaxed);
+        let since = written.saturating_sub(std::mem::replace(&mut self.written, written));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let open = self.open.as_ref()?.metadata().ok()?;
+            let at_path = std::fs::metadata(&self.path).ok();
+            if at_path.is_some_and(|m| m.dev() == open.dev() && m.ino() == open.ino()) {
+                return None;
+            }
+            let path = self.path.display();
+            let file = match open_log(&self.path) {
+                Ok(file) => file,
+                Err(error) => {
+                    tracing::error!(%path, %error, "the audit log file is gone and cannot be created again");
+                    return None;
+                }
+            };
+            if open.nlink() == 0 {
+                counts.dropped_many(since, "the audit log file was deleted while written to");
+                tracing::error!(
+                    %path,
+                    at_most = since,
+                    "the audit log file was deleted: the records written to it in the last second are lost; writing to a new file at its path"
+                );
+            } else {
+                tracing::warn!(%path, "the audit log file was moved without a reopen; writing to a new file at its path");
+            }
+            self.follow(&file);
+            Some(file)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = since;
+            None
+        }
     }
 }
 
@@ -1132,6 +1208,8 @@ struct Shard {
 #[derive(Default)]
 struct Counts {
     dropped: AtomicU64,
+    /// Records written (and flushed) to the output.
+    written: AtomicU64,
     delayed: AtomicU64,
     /// Drops not yet logged.
     unlogged: AtomicU64,
@@ -1179,7 +1257,16 @@ impl JsonLinesAudit {
             switched: Condvar::new(),
         });
         let next = Arc::clone(&reopen);
-        let mut audit = Self::start(file, DEFAULT_AUDIT_QUEUE, move || next.take());
+        let mut watch = FileWatch::new(&reopen.path, &file);
+        let mut audit = Self::start(file, DEFAULT_AUDIT_QUEUE, move |counts: &Counts| match next
+            .take()
+        {
+            Some(file) => {
+                watch.follow(&file);
+                Some(file)
+            }
+            None => watch.check(counts),
+        });
         audit.reopen = Some(reopen);
         Ok(audit)
     }
@@ -1193,14 +1280,14 @@ impl JsonLinesAudit {
     /// written, then `out` is flushed; when the flush fails its lines count as dropped, even
     /// if a writer that buffers (a `BufWriter`) writes them later.
     pub fn writer(out: impl Write + Send + 'static, capacity: usize) -> Self {
-        Self::start(out, capacity, || None)
+        Self::start(out, capacity, |_: &Counts| None)
     }
 
     /// Starts the writer thread on `out`, which switches to what `next` gives when it does.
     fn start<W: Write + Send + 'static>(
         out: W,
         capacity: usize,
-        next: impl FnMut() -> Option<W> + Send + 'static,
+        next: impl FnMut(&Counts) -> Option<W> + Send + 'static,
     ) -> Self {
         let lines = Arc::new(Lines {
             shards: (0..shard_count(256)).map(|_| Mutex::default()).collect(),
@@ -1350,7 +1437,7 @@ impl Drop for WriterEnds<'_> {
 /// then once more.
 fn write_lines<W: Write>(
     mut out: W,
-    mut next: impl FnMut() -> Option<W>,
+    mut next: impl FnMut(&Counts) -> Option<W>,
     lines: &Lines,
     counts: &Counts,
 ) {
@@ -1363,7 +1450,7 @@ fn write_lines<W: Write>(
     // Whether the output ends in a line a failed write cut short.
     let mut torn = false;
     loop {
-        if let Some(file) = next() {
+        if let Some(file) = next(counts) {
             // Reopened: the old output's last line is ended there, if torn and it can be.
             end_torn_line(&mut out, &mut torn);
             out = file;
@@ -1392,6 +1479,7 @@ fn write_lines<W: Write>(
                     whole.min(times.len())
                 }
             };
+            counts.written.fetch_add(whole as u64, Ordering::Relaxed);
             // Late: written (the write may take long) more than a second after ready, so
             // ready before the cut-off (compared, not subtracted, record by record).
             let late = Instant::now()
@@ -2420,5 +2508,50 @@ mod tests {
         );
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
+    }
+
+    /// Records until `path` holds one of them, for at most 5 s.
+    fn record_until_written(audit: &JsonLinesAudit, path: &Path, name: &str) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            audit.record(record_at(name));
+            std::thread::sleep(Duration::from_millis(50));
+            if paths_in(path).iter().any(|p| p == name) {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_deleted_or_moved_log_file_is_not_written_to_for_long() {
+        let dir = scratch_dir("audit-deleted");
+        let path = dir.join("audit.jsonl");
+        let audit = JsonLinesAudit::file(&path).unwrap();
+        assert!(record_until_written(&audit, &path, "/before"));
+        // Deleted: within a second or so a new file is at the path, and the records written to
+        // the deleted one meanwhile are counted as dropped.
+        std::fs::remove_file(&path).unwrap();
+        audit.record(record_at("/lost"));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            record_until_written(&audit, &path, "/after-delete"),
+            "the deleted file is still written to"
+        );
+        assert!(audit.dropped() >= 1, "the lost records are not counted");
+        let dropped = audit.dropped();
+        // Moved without a reopen: the moved file keeps what it had, a new one takes the rest,
+        // and nothing counts as lost.
+        let moved = dir.join("audit.jsonl.1");
+        std::fs::rename(&path, &moved).unwrap();
+        assert!(
+            record_until_written(&audit, &path, "/after-move"),
+            "the moved file is still written to"
+        );
+        assert!(paths_in(&moved).iter().any(|p| p == "/after-delete"));
+        assert_eq!(audit.dropped(), dropped);
+        drop(audit);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
