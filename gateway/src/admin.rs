@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tower_fhir::limit::{RateLimit, RateLimitLayer};
+use tower_fhir::outcome::Refusal;
 use tower_fhir::postgres::PgSigningKeys;
 use tower_fhir::proxy::ForwardedClient;
 use tower_fhir::route::{
@@ -106,7 +107,30 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
             Arc::clone(&admin),
             bounded_body,
         ))
+        .layer(middleware::map_response(mark_refusal))
         .with_state(admin)
+}
+
+/// Names what an answer from 400 up refused, for the request's audit record and metrics
+/// (their `outcome`): the FHIR issue code its status stands for.
+async fn mark_refusal(mut response: Response) -> Response {
+    let status = response.status().as_u16();
+    if status >= 400 && response.extensions().get::<Refusal>().is_none() {
+        let code = match status {
+            400 | 422 => "invalid",
+            401 => "login",
+            403 => "forbidden",
+            404 => "not-found",
+            405 | 415 => "not-supported",
+            409 => "conflict",
+            413 => "too-long",
+            429 => "throttled",
+            503 => "transient",
+            _ => "exception",
+        };
+        response.extensions_mut().insert(Refusal(code));
+    }
+    response
 }
 
 /// `413` for a body declared larger than [`MAX_ADMIN_BODY_BYTES`] (before it is read); any

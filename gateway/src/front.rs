@@ -28,14 +28,20 @@ type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
 /// The whole service a connection is served by.
 pub(crate) type Front = RequestIdService<Either<FhirCors<Inner>, Inner>>;
 
-/// The gateway wrapped as the configuration says, and what reopens its audit log file (for
-/// rotation) when it has one.
+/// The admin API as a connection serves it: request ids, metrics, audit records and the
+/// request's span, as the gateway's requests have them.
+pub(crate) type AdminFront = RequestIdService<Observe<Router>>;
+
+/// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
+/// in the same request ids, metrics and audit records, and what reopens the audit log file
+/// (for rotation) when there is one.
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
+    admin: Option<Router>,
     keys: &SigningKeys,
     database: Option<(Arc<AtomicBool>, PgTenantStore)>,
-) -> Result<(Front, Option<AuditReopener>), String> {
+) -> Result<(Front, Option<AdminFront>, Option<AuditReopener>), String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
         .tenant_label(config.metrics_tenant_label)
@@ -83,6 +89,7 @@ pub(crate) fn front(
                 .map_err(|e| format!("cors_allowed_origins: {e}"))?,
         )
     };
+    let admin = admin.map(|router| RequestIdLayer::new().layer(observe.clone().layer(router)));
     let inner = ServiceBuilder::new()
         .layer(health)
         .layer(observe)
@@ -93,7 +100,7 @@ pub(crate) fn front(
         .layer(BodyLimitLayer::new(config.max_request_body_bytes))
         .service(gateway);
     let front = RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner));
-    Ok((front, reopener))
+    Ok((front, admin, reopener))
 }
 
 /// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the

@@ -256,7 +256,7 @@ async fn run(args: Args) -> Result<(), String> {
         .database
         .as_ref()
         .map(|database| (Arc::clone(&database.up), database.tenants.clone()));
-    let (front, reopener) = front::front(&config, gateway, &state.keys, database)?;
+    let (front, admin, reopener) = front::front(&config, gateway, admin, &state.keys, database)?;
     #[cfg(unix)]
     if let Some(hangups) = hangups {
         tokio::spawn(serve::reopen_on_hangup(hangups, reopener));

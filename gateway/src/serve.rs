@@ -43,7 +43,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::Router;
 use bytes::Buf;
 use futures::future;
 use http::Request;
@@ -59,7 +58,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tower_fhir::proxy::ClientAddr;
 
-use crate::front::Front;
+use crate::front::{AdminFront, Front};
 
 /// The connection bounds, and how requests name their client, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +117,7 @@ pub(crate) fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net:
 pub(crate) async fn serve(
     listeners: Vec<std::net::TcpListener>,
     gateway: Front,
-    admin: Option<Router>,
+    admin: Option<AdminFront>,
     limits: Limits,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
@@ -180,7 +179,7 @@ pub(crate) async fn serve(
 async fn accept(
     listener: tokio::net::TcpListener,
     gateway: Front,
-    admin: Option<Router>,
+    admin: Option<AdminFront>,
     limits: Limits,
     permits: Arc<Semaphore>,
     stop_watch: watch::Receiver<bool>,

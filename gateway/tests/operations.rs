@@ -719,6 +719,106 @@ async fn the_tenant_label_and_query_values_can_be_left_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_get_request_ids_audit_records_and_metrics() {
+    let dir = scratch("operations-admin-audit");
+    let upstream = RecordingUpstream::start().await;
+    let metrics_addr = metrics_address();
+    let audit = dir.join("audit.jsonl");
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({
+            "admin_token": admin_token,
+            "audit_log": audit,
+            "metrics_listen": metrics_addr.to_string(),
+        }),
+    );
+    let good = format!("Bearer {admin_token}");
+    let ok = gw
+        .client
+        .send(
+            "GET",
+            "/admin/clients/app",
+            &[("authorization", &good), ("x-request-id", "admin-1")],
+            "",
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(ok.headers["x-request-id"], "admin-1");
+    let refused = gw
+        .client
+        .send(
+            "DELETE",
+            "/admin/clients/app",
+            &[
+                ("authorization", "Bearer wrong"),
+                ("x-request-id", "admin-2"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.headers["x-request-id"], "admin-2");
+    let unknown = gw
+        .client
+        .send("GET", "/admin/nothing", &[("authorization", &good)], "")
+        .await;
+    assert!(
+        unknown.headers.contains_key("x-request-id"),
+        "an id is made for a request that came without one"
+    );
+
+    let recorded = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(recorded, "fewer than 3 audit records");
+    let written = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !written.contains(admin_token),
+        "the admin token was written"
+    );
+    let records: Vec<Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r["request_id"] == id)
+            .unwrap_or_else(|| panic!("no record of {id}: {written}"))
+            .clone()
+    };
+    let read = by_id("admin-1");
+    assert_eq!(
+        (&read["interaction"], &read["method"], &read["path"]),
+        (&json!("admin"), &json!("GET"), &json!("/admin/clients/app"))
+    );
+    assert_eq!(
+        (&read["status"], &read["outcome"]),
+        (&json!(200), &json!("ok"))
+    );
+    let delete = by_id("admin-2");
+    assert_eq!(delete["interaction"], "admin");
+    assert_eq!(
+        (&delete["status"], &delete["outcome"]),
+        (&json!(401), &json!("login"))
+    );
+    let text = metrics(metrics_addr).await;
+    let refused = sample(
+        &text,
+        "tower_fhir_requests_total",
+        &["status_class=\"4xx\"", "outcome=\"login\""],
+    );
+    assert_eq!(refused, Some(1.0), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_rotate_and_retire_through_the_admin_api() {
     let dir = scratch("operations-keys");
     let upstream = RecordingUpstream::start().await;

@@ -45,8 +45,9 @@ pub struct AuditRecord {
     /// not recorded).
     pub query: Option<String>,
     /// FHIR's name of the interaction (`read`, `search`, ...; see
-    /// [`Interaction`](crate::interaction::Interaction)); `token` for a token request; absent
-    /// when the request is neither.
+    /// [`Interaction`](crate::interaction::Interaction)); `token` for a token request; `admin`
+    /// for a request under `/admin/` (an admin API's, as the gateway binary's); absent when the
+    /// request is none of these.
     pub interaction: Option<&'static str>,
     /// The resource type the path names.
     pub resource_type: Option<String>,
@@ -699,6 +700,10 @@ const TOKEN_PATHS: [&str; 4] = [
     "/oauth/revoke",
 ];
 
+/// Paths under this are an admin API's (the gateway binary's): recorded as interaction
+/// `admin`.
+const ADMIN_PATHS: &str = "/admin/";
+
 /// What an audit record says of the request's method and path.
 struct Described<'a> {
     interaction: Option<&'static str>,
@@ -710,9 +715,16 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
     let token = TOKEN_PATHS
         .iter()
         .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)));
-    if token {
+    let interaction = if token {
+        Some("token")
+    } else if path.starts_with(ADMIN_PATHS) {
+        Some("admin")
+    } else {
+        None
+    };
+    if interaction.is_some() {
         return Described {
-            interaction: Some("token"),
+            interaction,
             resource_type: None,
             resource_id: None,
         };
