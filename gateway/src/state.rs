@@ -280,8 +280,9 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     })
 }
 
-/// The configured `state_dir`, created (mode 0700) when missing. One that others may write to
-/// is refused: they could replace the client store or read what is written there next.
+/// The configured `state_dir`, created (mode 0700) when missing. One that others may write to,
+/// or that lies in a directory others may change, is refused: they could replace the client
+/// store or read what is written there next.
 fn private_directory(dir: &Path) -> Result<PathBuf, String> {
     let shown = dir.display();
     let mut builder = std::fs::DirBuilder::new();
@@ -315,8 +316,44 @@ fn private_directory(dir: &Path) -> Result<PathBuf, String> {
                 mode & 0o777
             ));
         }
+        parents_are_private(dir, me)?;
     }
     Ok(dir.to_path_buf())
+}
+
+/// Refuses a state directory that lies in one another user may change, as named or as
+/// resolved: they could move it (or a link on the way) aside and put theirs in its place
+/// between two runs. A sticky directory (as `/tmp`) lets nobody move what they do not own.
+#[cfg(unix)]
+fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let shown = dir.display();
+    let named = std::path::absolute(dir)
+        .map_err(|e| format!("cannot resolve the state directory {shown}: {e}"))?;
+    let resolved = std::fs::canonicalize(dir)
+        .map_err(|e| format!("cannot resolve the state directory {shown}: {e}"))?;
+    for above in named
+        .ancestors()
+        .skip(1)
+        .chain(resolved.ancestors().skip(1))
+    {
+        let metadata = std::fs::metadata(above).map_err(|e| {
+            format!(
+                "cannot read {}, above the state directory: {e}",
+                above.display()
+            )
+        })?;
+        let (owner, mode) = (metadata.uid(), metadata.permissions().mode());
+        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        if (owner != me && owner != 0) || others_write {
+            return Err(format!(
+                "the state directory {shown} lies in {}, which other users can change (owner uid {owner}, mode {:o}): they could replace the state directory between two runs; choose a directory whose parents only this user or root can change",
+                above.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks what [`open`] would store, in memory: the hashing cost and every configured client
@@ -396,5 +433,45 @@ mod tests {
             without_password("host=db password=s3cret"),
             "<a database URL>"
         );
+    }
+}
+
+#[cfg(all(test, unix))]
+mod parents {
+    use super::parents_are_private;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_state_directory_is_refused_under_a_directory_others_can_change() {
+        let top = std::env::temp_dir().join(format!("tower-fhir-parents-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let state = top.join("shared").join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        let mode = |mode: u32| {
+            std::fs::set_permissions(top.join("shared"), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        };
+        mode(0o755);
+        assert_eq!(parents_are_private(&state, me), Ok(()));
+        mode(0o1777);
+        assert_eq!(parents_are_private(&state, me), Ok(()), "sticky, as /tmp");
+        for open in [0o777, 0o775, 0o757] {
+            mode(open);
+            let refused = parents_are_private(&state, me).unwrap_err();
+            assert!(
+                refused.contains("which other users can change"),
+                "{refused}"
+            );
+        }
+        // Reached through a link in a directory others can change: refused as named.
+        mode(0o755);
+        let open = top.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(top.join("shared"), open.join("link")).unwrap();
+        let refused = parents_are_private(&open.join("link").join("state"), me).unwrap_err();
+        assert!(refused.contains(&open.display().to_string()), "{refused}");
+        std::fs::remove_dir_all(&top).unwrap();
     }
 }

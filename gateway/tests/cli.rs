@@ -283,6 +283,30 @@ fn a_state_dir_others_can_write_to_is_refused() {
 
 #[cfg(unix)]
 #[test]
+fn a_state_dir_in_a_directory_others_can_change_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let file = config_file("shared-parent", GOOD);
+    let parent = file.parent().unwrap().join("shared");
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let state = parent.join("state");
+    let json = GOOD.replace("STATE", &state.display().to_string());
+    std::fs::write(&file, json).unwrap();
+    let out = gateway(&["--config", file.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started under a world-writable directory"
+    );
+    assert!(stderr.contains("which other users can change"), "{stderr}");
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_none(),
+        "wrote into it"
+    );
+}
+
+#[cfg(unix)]
+#[test]
 fn a_state_dir_another_user_owns_is_refused() {
     let file = config_file("planted-state", GOOD);
     let state = file.parent().unwrap().join("state");
