@@ -134,6 +134,47 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_cannot_catch_up_after_a_gap_tries_again() {
+    let Some((server, url, state)) = database("catchingup").await else {
+        return;
+    };
+    let _upstream = register_app(&state).await;
+    let two = replica(&url).await;
+    let (token, _) = token_from(&two).await;
+    assert_eq!(
+        two.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    // The listeners lose their connection while the revoked clients cannot be read, so their
+    // first catching up fails; meanwhile the client is revoked without a notification (as in
+    // a gap the listener did not hear).
+    server.query(
+        "catchingup",
+        "ALTER TABLE tower_fhir_revoked_clients RENAME TO hidden_revoked_clients",
+    );
+    server.query(
+        "catchingup",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = 'catchingup' AND query LIKE 'LISTEN%'",
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.query(
+        "catchingup",
+        &format!(
+            "INSERT INTO hidden_revoked_clients (issuer, client, revoked_at, expires_at)
+             VALUES ('{ISSUER}', 'app', extract(epoch from now())::bigint + 5,
+                     extract(epoch from now())::bigint + 3600);
+             ALTER TABLE hidden_revoked_clients RENAME TO tower_fhir_revoked_clients"
+        ),
+    );
+    // Listening again, the replica reads what it missed: the client's token is refused.
+    eventually(Duration::from_secs(15), "the missed revocation", || async {
+        two.get_bearer("/Patient/1", &token).await.status == StatusCode::UNAUTHORIZED
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_assertion_accepted_by_one_replica_is_a_replay_at_the_others() {
     let Some((server, url, state)) = database("assertions").await else {
         return;

@@ -596,10 +596,12 @@ impl Handler for KeyChanges {
         self.keys.holders() > 2
     }
 
-    async fn listening(&mut self, _missed: bool) {
+    async fn listening(&mut self, _missed: bool) -> Result<(), String> {
         // Every time, the first included: a change committed between the first read and
-        // this connection's LISTEN would otherwise go unheard.
+        // this connection's LISTEN would otherwise go unheard. (The reload retries on its
+        // own when the read fails.)
         self.reload.notify_one();
+        Ok(())
     }
 
     fn heard(&mut self, payload: &str) {

@@ -1049,8 +1049,13 @@ trait Handler: Send + 'static {
     fn alive(&self) -> bool;
 
     /// Connected and listening; `missed`: after a connection that failed or dropped, so
-    /// notifications may have gone unheard.
-    fn listening(&mut self, missed: bool) -> impl std::future::Future<Output = ()> + Send;
+    /// notifications may have gone unheard. `Err` when it could not catch up with what it may
+    /// have missed: the listener then connects again and retries, rather than listen on with
+    /// a gap.
+    fn listening(
+        &mut self,
+        missed: bool,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 
     /// A notification's payload.
     fn heard(&mut self, payload: &str);
@@ -1114,6 +1119,7 @@ async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
                             tokio::time::timeout(LONG_OPERATION_TIMEOUT, handler.listening(missed))
                                 .await
                                 .map_err(|_| "catching up got no answer".to_owned())
+                                .and_then(|caught_up| caught_up)
                         }
                     };
                     if let Err(error) = caught_up {
@@ -1189,22 +1195,21 @@ impl Handler for TenantChanges {
         self.alive.strong_count() > 0
     }
 
-    async fn listening(&mut self, missed: bool) {
+    async fn listening(&mut self, missed: bool) -> Result<(), String> {
         // Whatever changed while nobody listened: every tenant known before or now is
         // announced.
-        match list(&self.store.pool).await {
-            Ok(now) => {
-                if missed {
-                    for tenant in self.known.iter().chain(&now) {
-                        let _ = self.store.changes.send(*tenant);
-                    }
-                    tracing::info!("database change listener reconnected; caches resynchronised");
-                }
-                self.known.extend(now);
+        let now = list(&self.store.pool)
+            .await
+            .map_err(|error| format!("cannot resynchronise tenants: {error}"))?;
+        if missed {
+            for tenant in self.known.iter().chain(&now) {
+                let _ = self.store.changes.send(*tenant);
             }
-            Err(error) => tracing::warn!(%error, "cannot resynchronise tenants"),
+            tracing::info!("database change listener reconnected; caches resynchronised");
         }
+        self.known.extend(now);
         self.up.send_replace(true);
+        Ok(())
     }
 
     fn stopped(&mut self) {
@@ -1267,25 +1272,22 @@ impl Handler for RevocationChanges {
         self.revoked.holders() > 1
     }
 
-    async fn listening(&mut self, _missed: bool) {
+    async fn listening(&mut self, _missed: bool) -> Result<(), String> {
         // Every revocation still in force, at the start as after a gap.
-        match revocations(&self.pool).await {
-            Ok(all) => {
-                for entry in all {
-                    self.revoked
-                        .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot read the revoked tokens"),
+        let tokens = revocations(&self.pool)
+            .await
+            .map_err(|error| format!("cannot read the revoked tokens: {error}"))?;
+        for entry in tokens {
+            self.revoked
+                .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
         }
-        match revoked_clients(&self.pool).await {
-            Ok(all) => {
-                for entry in all {
-                    entry.apply(&self.revoked);
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot read the revoked clients"),
+        let clients = revoked_clients(&self.pool)
+            .await
+            .map_err(|error| format!("cannot read the revoked clients: {error}"))?;
+        for entry in clients {
+            entry.apply(&self.revoked);
         }
+        Ok(())
     }
 
     fn heard(&mut self, payload: &str) {
