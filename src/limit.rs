@@ -244,10 +244,10 @@ impl std::error::Error for ClientLimitUnknown {
 /// per request. Only a client's first request (and its first after
 /// [`forget_client`](RateLimitLayer::forget_client)) waits for the read; later, the limit
 /// read before keeps counting while it is read again on a task of its own (one read at a
-/// time), so a slow store holds up no request. When the source fails (`Err`), the client's limit last read stays in force
-/// until the next read, a `client_limit_ttl` later (logged at `warn`): a store that is down
-/// does not lift the limits it held. A client whose limit was never read passes unlimited by
-/// it until then. A fixed table is a source:
+/// time), so a slow store holds up no request. When the source fails (`Err`), the client's
+/// limit last read stays in force until the next read, a `client_limit_ttl` later (logged at
+/// `warn`): a store that is down does not lift the limits it held. A client whose limit was
+/// never read passes unlimited by it until then. A fixed table is a source:
 ///
 /// ```
 /// use std::collections::HashMap;
@@ -538,12 +538,14 @@ impl Shared {
     }
 
     /// Keeps the client's limit as just read, its limiter kept when the limit is the same;
-    /// when it could not be read (`Err`), the limit last read, if any.
+    /// when it could not be read (`Err`), the limit last read, if any. A `refresh` (a read
+    /// begun before) leaves an entry forgotten meanwhile as it is, to be read anew.
     fn store_client(
         &self,
         client: &str,
         limit: Result<Option<RateLimit>, ()>,
         now: u64,
+        refresh: bool,
     ) -> ClientEntry {
         let hash = self.clients.hash(client);
         let until = now.saturating_add(self.ttl_nanos);
@@ -551,6 +553,9 @@ impl Shared {
             hash,
             Box::from(client),
             |kept| {
+                if let Some(kept) = kept.filter(|kept| refresh && kept.forgotten) {
+                    return kept.clone();
+                }
                 let Ok(limit) = limit else {
                     let limiter = kept.and_then(|kept| kept.limiter.clone());
                     return ClientEntry {
@@ -700,7 +705,7 @@ impl<S> RateLimiting<S> {
                 let limit = read
                     .await
                     .map_err(|unknown| warn_unknown(&client, &unknown));
-                shared.store_client(&client, limit, shared.now());
+                shared.store_client(&client, limit, shared.now(), true);
             });
         }
         true
@@ -736,7 +741,7 @@ impl<S> RateLimiting<S> {
                 None => Ok(None),
             };
             let now = shared.now();
-            let entry = shared.store_client(&client, limit, now);
+            let entry = shared.store_client(&client, limit, now, false);
             let checked = match &entry.limiter {
                 Some(limiter) => shared.check(limiter, now).map_err(|w| (Whose::Client, w)),
                 None => Ok(()),
@@ -1164,7 +1169,7 @@ mod tests {
         for n in 0..10_000u32 {
             let tenant = TenantId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap();
             shared.check_tenant(tenant, limit(1, 1), now).unwrap();
-            shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now);
+            shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now, false);
         }
         assert!(shared.tenants.len() <= shared.tenants.capacity());
         assert!(shared.clients.len() <= shared.clients.capacity());
