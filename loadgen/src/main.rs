@@ -52,6 +52,9 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --duration S            seconds to measure, default 10 (or --requests N)
   --requests N            stop after N measured requests
   --warmup S              seconds of load before measuring, default 1
+  --timeout S             seconds to wait for a connection, a request's answer or its body,
+                          default 10; past it the request counts as an error (\"timeout\")
+                          and its connection is closed
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
@@ -73,6 +76,8 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --cpu-of LABEL=PID      also report the CPU time process PID (all its threads, user and
                           system, from /proc: Linux only) spent per measured request; repeat
                           for several (the server under test, its upstream, ...)
+
+Ctrl-C stops the run early, prints the report of what was measured so far and exits 130.
 
 Tokens for every tenant are fetched (or minted) before the run, 16 at a time, and refetched
 during it when 80% of their lifetime has passed.
@@ -103,6 +108,8 @@ struct Options {
     duration: Duration,
     requests: Option<u64>,
     warmup: Duration,
+    /// How long to wait for a connection, an answer or a body.
+    timeout: Duration,
     tenants: Vec<String>,
     tokens: Tokens,
     mix: Vec<Interaction>,
@@ -125,6 +132,7 @@ fn options() -> Result<Options, String> {
         duration: Duration::from_secs(10),
         requests: None,
         warmup: Duration::from_secs(1),
+        timeout: Duration::from_secs(10),
         tenants: Vec::new(),
         tokens: Tokens::None,
         mix: default_mix(),
@@ -154,6 +162,13 @@ fn options() -> Result<Options, String> {
             "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
             "--requests" => o.requests = Some(number(value()?)? as u64),
             "--warmup" => o.warmup = Duration::from_secs_f64(number(value()?)?),
+            "--timeout" => {
+                let seconds = number(value()?)?;
+                if !(seconds > 0.0 && seconds.is_finite()) {
+                    return Err(format!("--timeout {seconds}: must be above 0"));
+                }
+                o.timeout = Duration::from_secs_f64(seconds);
+            }
             "--tenants" => o.tenants = value()?.split(',').map(str::to_owned).collect(),
             "--tenant-count" => {
                 let n = number(value()?)? as u32;
@@ -638,7 +653,7 @@ impl Shared {
         let Interaction {
             method, path, body, ..
         } = pick(i, &self.options.mix);
-        let outcome = async {
+        let attempt = async {
             // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
             let uri: Uri = if self.options.http2 {
                 format!("{}{}", self.options.target, path)
@@ -671,8 +686,15 @@ impl Shared {
                 .await
                 .map_err(|e| format!("body: {e}"))?;
             Ok::<u16, String>(status)
-        }
-        .await;
+        };
+        let outcome = match tokio::time::timeout(self.options.timeout, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The connection may still owe an answer: do not reuse it.
+                *connection = Connection::None;
+                Err("timeout".to_owned())
+            }
+        };
         if due < self.measuring_from || due >= self.stop_at {
             return;
         }
@@ -787,47 +809,54 @@ async fn main() {
         })
     };
 
-    let workers: Vec<_> = (0..shared.options.connections)
-        .map(|worker| {
-            let shared = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let mut connection = Connection::None;
-                match shared.options.rate {
-                    None => {
-                        while !shared.finished() {
-                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(worker, &mut connection, i, Instant::now()).await;
-                        }
-                    }
-                    Some(rate) => {
-                        // Each worker owns every N-th slot of the schedule; a late request is
-                        // measured from when it was due (coordinated-omission correction).
-                        let interval =
-                            Duration::from_secs_f64(shared.options.connections as f64 / rate);
-                        let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
-                        // Open the connection before the first slot (spread over the warm-up),
-                        // so every connection is held for the whole run.
-                        let opening = shared
-                            .options
-                            .warmup
-                            .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
-                        tokio::time::sleep_until((start + opening).into()).await;
-                        if let Ok(opened) = Connection::open(&shared.options).await {
-                            connection = opened;
-                        }
-                        while !shared.finished() && due < shared.stop_at {
-                            tokio::time::sleep_until(due.into()).await;
-                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(worker, &mut connection, i, due).await;
-                            due += interval;
-                        }
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..shared.options.connections {
+        let shared = Arc::clone(&shared);
+        workers.spawn(async move {
+            let mut connection = Connection::None;
+            match shared.options.rate {
+                None => {
+                    while !shared.finished() {
+                        let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                        shared.one(worker, &mut connection, i, Instant::now()).await;
                     }
                 }
-            })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.await;
+                Some(rate) => {
+                    // Each worker owns every N-th slot of the schedule; a late request is
+                    // measured from when it was due (coordinated-omission correction).
+                    let interval =
+                        Duration::from_secs_f64(shared.options.connections as f64 / rate);
+                    let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
+                    // Open the connection before the first slot (spread over the warm-up),
+                    // so every connection is held for the whole run.
+                    let opening = shared
+                        .options
+                        .warmup
+                        .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
+                    tokio::time::sleep_until((start + opening).into()).await;
+                    let opening = Connection::open(&shared.options);
+                    if let Ok(Ok(opened)) =
+                        tokio::time::timeout(shared.options.timeout, opening).await
+                    {
+                        connection = opened;
+                    }
+                    while !shared.finished() && due < shared.stop_at {
+                        tokio::time::sleep_until(due.into()).await;
+                        let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                        shared.one(worker, &mut connection, i, due).await;
+                        due += interval;
+                    }
+                }
+            }
+        });
+    }
+    // Every worker ends at most `--timeout` after the measured window; Ctrl-C ends them at once.
+    let interrupted = tokio::select! {
+        _ = async { while workers.join_next().await.is_some() {} } => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        workers.abort_all();
     }
     let cpu_at_end = cpu_times(&shared.options.cpu_of);
     progress.abort();
@@ -861,7 +890,15 @@ async fn main() {
     };
     // The report first: a chart that cannot be written loses nothing of the run.
     let latency = &measured.latency;
-    report(&shared, &measured.tally, latency, elapsed, &cpu, &timeline);
+    report(
+        &shared,
+        &measured.tally,
+        latency,
+        elapsed,
+        &cpu,
+        &timeline,
+        interrupted,
+    );
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -879,6 +916,9 @@ async fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if interrupted {
+        std::process::exit(130);
     }
 }
 
@@ -955,6 +995,7 @@ fn report(
     elapsed: Duration,
     cpu: &[(String, f64)],
     timeline: &[plot::Second],
+    interrupted: bool,
 ) {
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
@@ -973,6 +1014,7 @@ fn report(
             "protocol": if shared.options.http2 { "h2c" } else { "http/1.1" },
             "tenants": shared.options.tenants.len(),
             "seconds": elapsed.as_secs_f64(),
+            "interrupted": interrupted,
             "requests": total,
             "requests_per_second": rate,
             "latency_us": percentiles,
@@ -991,6 +1033,9 @@ fn report(
         });
         println!("{report:#}");
         return;
+    }
+    if interrupted {
+        println!("interrupted  (Ctrl-C): the report covers what was measured until then");
     }
     println!("target       {}", shared.options.target);
     println!(

@@ -1,0 +1,77 @@
+//! Runs against targets that misbehave: a server that never answers, one that closes every
+//! connection after its answer, a port nobody listens on. Each run is bounded in time.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
+
+/// Runs the load generator with `args`, killing it (and failing) past `limit`.
+fn run_within(limit: Duration, args: &[&str]) -> Output {
+    let mut child = Command::new(LOADGEN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A server that accepts connections, reads what comes and never answers; its address.
+fn silent_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_target_that_never_answers_ends_the_run_with_timeouts() {
+    let target = silent_server();
+    let args = [
+        "--target",
+        &target,
+        "--path",
+        "/Patient/1",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--connections",
+        "4",
+        "--timeout",
+        "1",
+        "--json",
+    ];
+    // 0.5 s of warm-up, 2 s measured, then at most 1 s for the last requests (and slack for a
+    // busy machine).
+    let out = run_within(Duration::from_secs(30), &args);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let timeouts = report["error_counts"]["timeout"].as_u64().unwrap_or(0)
+        + report["errors"]["timeout"].as_u64().unwrap_or(0);
+    assert!(timeouts >= 4, "{report:#}");
+    assert_eq!(report["interrupted"], false);
+}
