@@ -518,6 +518,9 @@ fn urlencode(text: &str) -> String {
 struct Tally {
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
+    /// Slots of the rate's schedule due in the measured window and never sent: the target
+    /// fell behind.
+    unsent: u64,
 }
 
 /// One worker's own connection to the target, opened on first use and again after a failure.
@@ -577,6 +580,8 @@ struct Shared {
     options: Options,
     tokens: TokenBook,
     sequence: AtomicU64,
+    /// Requests due in the measured window that were sent (answered or not).
+    sent: AtomicU64,
     done: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
@@ -620,6 +625,7 @@ impl Measured {
             for (error, count) in &worker.tally.errors {
                 *all.tally.errors.entry(error.clone()).or_default() += count;
             }
+            all.tally.unsent += worker.tally.unsent;
             let _ = all.latency.add(&worker.latency);
             if all.seconds.len() < worker.seconds.len() {
                 all.seconds
@@ -653,6 +659,9 @@ impl Shared {
         let Interaction {
             method, path, body, ..
         } = pick(i, &self.options.mix);
+        if self.measures(due) {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+        }
         let attempt = async {
             // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
             let uri: Uri = if self.options.http2 {
@@ -695,10 +704,21 @@ impl Shared {
                 Err("timeout".to_owned())
             }
         };
-        if due < self.measuring_from || due >= self.stop_at {
-            return;
+        if self.measures(due) {
+            let took = due.elapsed().as_micros().max(1) as u64;
+            self.record(worker, due, took, Some(outcome));
         }
-        let took = due.elapsed().as_micros().max(1) as u64;
+    }
+
+    /// Whether a request due at `due` is in the measured window.
+    fn measures(&self, due: Instant) -> bool {
+        due >= self.measuring_from && due < self.stop_at
+    }
+
+    /// Records a request due at `due` that took `took` µs: its outcome, or `None` for a slot
+    /// never sent (its latency then a lower bound: from when it was due to when its worker
+    /// stopped).
+    fn record(&self, worker: usize, due: Instant, took: u64, outcome: Option<Result<u16, String>>) {
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
         let shard = &self.measured[worker % self.measured.len()];
         let mut measured = shard.lock().unwrap();
@@ -710,8 +730,12 @@ impl Shared {
         }
         measured.seconds[second].saturating_record(took);
         match outcome {
-            Ok(status) => *measured.tally.statuses.entry(status).or_default() += 1,
-            Err(error) => *measured.tally.errors.entry(error).or_default() += 1,
+            Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
+            Some(Err(error)) => *measured.tally.errors.entry(error).or_default() += 1,
+            None => {
+                measured.tally.unsent += 1;
+                return;
+            }
         }
         drop(measured);
         self.done.fetch_add(1, Ordering::Relaxed);
@@ -762,6 +786,7 @@ async fn main() {
         tokens,
         options,
         sequence: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
@@ -845,6 +870,18 @@ async fn main() {
                         let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
                         shared.one(worker, &mut connection, i, due).await;
                         due += interval;
+                    }
+                    // The slots due in the window that the target left no time to send:
+                    // each counts, unsent, with the least latency it would have had.
+                    if Instant::now() >= shared.stop_at {
+                        let stopped = Instant::now();
+                        while due < shared.stop_at {
+                            if shared.measures(due) {
+                                let took = stopped.duration_since(due).as_micros().max(1);
+                                shared.record(worker, due, took as u64, None);
+                            }
+                            due += interval;
+                        }
                     }
                 }
             }
@@ -999,6 +1036,24 @@ fn report(
 ) {
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let scheduled = sent + tally.unsent;
+    // At a fixed rate: slots left unsent, or fewer sent than asked, mean the target (or the
+    // load generator) fell behind the schedule.
+    let behind = shared.options.rate.and_then(|asked| {
+        let achieved = sent as f64 / elapsed.as_secs_f64().max(1e-9);
+        (tally.unsent > 0 || achieved < 0.95 * asked).then(|| {
+            format!(
+                "the target fell behind the rate: {achieved:.0} of {asked} req/s sent, \
+                 {} of {scheduled} scheduled requests never sent (their latency counted \
+                 until the run stopped)",
+                tally.unsent
+            )
+        })
+    });
+    if let Some(warning) = &behind {
+        eprintln!("warning: {warning}");
+    }
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
     if shared.options.json {
@@ -1016,6 +1071,11 @@ fn report(
             "seconds": elapsed.as_secs_f64(),
             "interrupted": interrupted,
             "requests": total,
+            "scheduled": scheduled,
+            "sent": sent,
+            "completed": total,
+            "unsent": tally.unsent,
+            "warning": behind,
             "requests_per_second": rate,
             "latency_us": percentiles,
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -1051,6 +1111,13 @@ fn report(
         "measured     {:.1} s, {total} requests, {rate:.0} req/s",
         elapsed.as_secs_f64()
     );
+    println!(
+        "requests     {scheduled} scheduled, {sent} sent, {total} completed, {} unsent",
+        tally.unsent
+    );
+    if let Some(warning) = &behind {
+        println!("WARNING      {warning}");
+    }
     print!("latency us  ");
     for (name, q) in quantiles {
         print!(" {name} {}", latency.value_at_quantile(q));

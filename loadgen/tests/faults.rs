@@ -75,3 +75,42 @@ fn a_target_that_never_answers_ends_the_run_with_timeouts() {
     assert!(timeouts >= 4, "{report:#}");
     assert_eq!(report["interrupted"], false);
 }
+
+#[test]
+fn a_rate_the_target_cannot_keep_counts_what_was_never_sent() {
+    let target = silent_server();
+    let args = [
+        "--target",
+        &target,
+        "--path",
+        "/Patient/1",
+        "--rate",
+        "50",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--connections",
+        "2",
+        "--timeout",
+        "1",
+        "--json",
+    ];
+    let out = run_within(Duration::from_secs(30), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
+    let count = |field: &str| report[field].as_u64().unwrap();
+    // 2 s at 50/s: 100 slots, each sent or counted unsent.
+    assert_eq!(count("scheduled"), 100, "{report:#}");
+    assert_eq!(count("sent") + count("unsent"), 100, "{report:#}");
+    assert!(count("unsent") > 50, "{report:#}");
+    assert!(stderr.contains("fell behind the rate"), "{stderr}");
+    let timeline: u64 = report["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["requests"].as_u64().unwrap())
+        .sum();
+    assert!(timeline >= count("unsent"), "{report:#}");
+}
