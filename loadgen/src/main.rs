@@ -582,6 +582,8 @@ struct Shared {
     sequence: AtomicU64,
     /// Requests due in the measured window that were sent (answered or not).
     sent: AtomicU64,
+    /// Set on Ctrl-C: the schedule stops.
+    interrupted: std::sync::atomic::AtomicBool,
     done: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
@@ -600,6 +602,8 @@ const MEASURED_SHARDS: usize = 64;
 struct Measured {
     tally: Tally,
     latency: Histogram<u64>,
+    /// At a fixed rate: from when each request was due to when it was sent (µs).
+    send_delay: Histogram<u64>,
     seconds: Vec<Histogram<u64>>,
 }
 
@@ -608,6 +612,7 @@ impl Default for Measured {
         Self {
             tally: Tally::default(),
             latency: histogram(),
+            send_delay: histogram(),
             seconds: Vec::new(),
         }
     }
@@ -627,6 +632,7 @@ impl Measured {
             }
             all.tally.unsent += worker.tally.unsent;
             let _ = all.latency.add(&worker.latency);
+            let _ = all.send_delay.add(&worker.send_delay);
             if all.seconds.len() < worker.seconds.len() {
                 all.seconds
                     .resize_with(worker.seconds.len(), plot::second_histogram);
@@ -661,6 +667,12 @@ impl Shared {
         } = pick(i, &self.options.mix);
         if self.measures(due) {
             self.sent.fetch_add(1, Ordering::Relaxed);
+            if self.options.rate.is_some() {
+                // How late the load generator itself sent the request.
+                let late = due.elapsed().as_micros().max(1) as u64;
+                let shard = &self.measured[worker % self.measured.len()];
+                shard.lock().unwrap().send_delay.saturating_record(late);
+            }
         }
         let attempt = async {
             // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
@@ -787,6 +799,7 @@ async fn main() {
         options,
         sequence: AtomicU64::new(0),
         sent: AtomicU64::new(0),
+        interrupted: std::sync::atomic::AtomicBool::new(false),
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
@@ -834,55 +847,62 @@ async fn main() {
         })
     };
 
+    // At a fixed rate, one thread keeps the schedule: it sleeps (`std::thread::sleep`, to
+    // within tens of µs, where tokio's timer rounds up to the next millisecond) until each
+    // slot is due and hands it to its worker. Worker `w` owns every N-th slot.
+    let mut slots = Vec::new();
+    let mut schedule = Vec::new();
+    for _ in 0..shared.options.connections {
+        let (hand, take) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        schedule.push(hand);
+        slots.push(take);
+    }
+    if let Some(rate) = shared.options.rate {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || keep_schedule(&shared, rate, start, schedule));
+    }
     let mut workers = tokio::task::JoinSet::new();
-    for worker in 0..shared.options.connections {
+    for (worker, mut slots) in slots.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
         workers.spawn(async move {
             let mut connection = Connection::None;
-            match shared.options.rate {
-                None => {
-                    while !shared.finished() {
-                        let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                        shared.one(worker, &mut connection, i, Instant::now()).await;
-                    }
+            if shared.options.rate.is_none() {
+                while !shared.finished() {
+                    let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                    shared.one(worker, &mut connection, i, Instant::now()).await;
                 }
-                Some(rate) => {
-                    // Each worker owns every N-th slot of the schedule; a late request is
-                    // measured from when it was due (coordinated-omission correction).
-                    let interval =
-                        Duration::from_secs_f64(shared.options.connections as f64 / rate);
-                    let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
-                    // Open the connection before the first slot (spread over the warm-up),
-                    // so every connection is held for the whole run.
-                    let opening = shared
-                        .options
-                        .warmup
-                        .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
-                    tokio::time::sleep_until((start + opening).into()).await;
-                    let opening = Connection::open(&shared.options);
-                    if let Ok(Ok(opened)) =
-                        tokio::time::timeout(shared.options.timeout, opening).await
-                    {
-                        connection = opened;
+                return;
+            }
+            // Open the connection before the first slot (spread over the warm-up), so every
+            // connection is held for the whole run.
+            let opening = shared
+                .options
+                .warmup
+                .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
+            tokio::time::sleep_until((start + opening).into()).await;
+            let opening = Connection::open(&shared.options);
+            if let Ok(Ok(opened)) = tokio::time::timeout(shared.options.timeout, opening).await {
+                connection = opened;
+            }
+            // A late request is measured from when it was due (coordinated-omission
+            // correction). Once the window has closed, the slots still waiting for this
+            // worker are the target's backlog: each counts, unsent, with the least latency
+            // it would have had.
+            let mut stopped = None;
+            while let Some((i, due)) = slots.recv().await {
+                if let Some(stopped) = stopped {
+                    if shared.measures(due) {
+                        let took = Instant::duration_since(&stopped, due).as_micros().max(1);
+                        shared.record(worker, due, took as u64, None);
                     }
-                    while !shared.finished() && due < shared.stop_at {
-                        tokio::time::sleep_until(due.into()).await;
-                        let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                        shared.one(worker, &mut connection, i, due).await;
-                        due += interval;
-                    }
-                    // The slots due in the window that the target left no time to send:
-                    // each counts, unsent, with the least latency it would have had.
-                    if Instant::now() >= shared.stop_at {
-                        let stopped = Instant::now();
-                        while due < shared.stop_at {
-                            if shared.measures(due) {
-                                let took = stopped.duration_since(due).as_micros().max(1);
-                                shared.record(worker, due, took as u64, None);
-                            }
-                            due += interval;
-                        }
-                    }
+                    continue;
+                }
+                if shared.finished() && Instant::now() < shared.stop_at {
+                    continue; // --requests reached
+                }
+                shared.one(worker, &mut connection, i, due).await;
+                if Instant::now() >= shared.stop_at {
+                    stopped = Some(Instant::now());
                 }
             }
         });
@@ -893,6 +913,7 @@ async fn main() {
         _ = tokio::signal::ctrl_c() => true,
     };
     if interrupted {
+        shared.interrupted.store(true, Ordering::Relaxed);
         workers.abort_all();
     }
     let cpu_at_end = cpu_times(&shared.options.cpu_of);
@@ -927,15 +948,7 @@ async fn main() {
     };
     // The report first: a chart that cannot be written loses nothing of the run.
     let latency = &measured.latency;
-    report(
-        &shared,
-        &measured.tally,
-        latency,
-        elapsed,
-        &cpu,
-        &timeline,
-        interrupted,
-    );
+    report(&shared, &measured, elapsed, &cpu, &timeline, interrupted);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -956,6 +969,34 @@ async fn main() {
     }
     if interrupted {
         std::process::exit(130);
+    }
+}
+
+/// Hands each slot of a fixed rate's schedule, from `start` until the measured window ends, to
+/// its worker when it is due: slot `k` (due at `start + k / rate`) to worker `k % N`.
+fn keep_schedule(
+    shared: &Shared,
+    rate: f64,
+    start: Instant,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<(u64, Instant)>>,
+) {
+    for k in 0u64.. {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        if due >= shared.stop_at {
+            return;
+        }
+        // Sleep until due, waking at least every 100 ms to see whether the run was stopped.
+        loop {
+            if shared.interrupted.load(Ordering::Relaxed) || shared.finished() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
+        let _ = workers[(k % workers.len() as u64) as usize].send((k, due));
     }
 }
 
@@ -1027,13 +1068,17 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
 /// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
 fn report(
     shared: &Shared,
-    tally: &Tally,
-    latency: &Histogram<u64>,
+    measured: &Measured,
     elapsed: Duration,
     cpu: &[(String, f64)],
     timeline: &[plot::Second],
     interrupted: bool,
 ) {
+    let (tally, latency) = (&measured.tally, &measured.latency);
+    let send_delay = shared.options.rate.map(|_| {
+        let d = &measured.send_delay;
+        (d.value_at_quantile(0.5), d.value_at_quantile(0.99))
+    });
     let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
     let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
     let sent = shared.sent.load(Ordering::Relaxed);
@@ -1078,6 +1123,7 @@ fn report(
             "warning": behind,
             "requests_per_second": rate,
             "latency_us": percentiles,
+            "send_delay_us": send_delay.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "errors": tally.errors,
             "cpu_us_per_request": cpu
@@ -1123,6 +1169,9 @@ fn report(
         print!(" {name} {}", latency.value_at_quantile(q));
     }
     println!(" max {}", latency.max());
+    if let Some((p50, p99)) = send_delay {
+        println!("send delay   p50 {p50} p99 {p99} us (the load generator's own lateness)");
+    }
     for (status, count) in &tally.statuses {
         println!("status {status}   {count}");
     }

@@ -120,6 +120,11 @@ fn a_fixed_rate_run_keeps_its_rate_second_by_second() {
     let (report, svg) = run(&["--rate", "200"]);
     assert_eq!(report["mode"], "rate 200/s");
     check(&report, &svg);
+    // The load generator's own lateness is reported apart (no bound asserted: the machine
+    // may be busy).
+    let delay = &report["send_delay_us"];
+    assert!(delay["p50"].as_u64() <= delay["p99"].as_u64(), "{report:#}");
+    assert!(delay["p99"].as_u64().is_some(), "{report:#}");
     for second in report["timeline"].as_array().unwrap() {
         let n = second["requests"].as_u64().unwrap();
         assert!((190..=210).contains(&n), "{second}");
