@@ -55,6 +55,9 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --timeout S             seconds to wait for a connection, a request's answer or its body,
                           default 10; past it the request counts as an error (\"timeout\")
                           and its connection is closed
+  --max-error-rate F      exit 1 when more than this share of the measured requests failed
+                          (no HTTP answer: connection refused, reset, timeout...) or when
+                          none was answered; default 0.01 (1%)
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
@@ -110,6 +113,8 @@ struct Options {
     warmup: Duration,
     /// How long to wait for a connection, an answer or a body.
     timeout: Duration,
+    /// Above this share of failed requests (or with none answered), the run exits 1.
+    max_error_rate: f64,
     tenants: Vec<String>,
     tokens: Tokens,
     mix: Vec<Interaction>,
@@ -133,6 +138,7 @@ fn options() -> Result<Options, String> {
         requests: None,
         warmup: Duration::from_secs(1),
         timeout: Duration::from_secs(10),
+        max_error_rate: 0.01,
         tenants: Vec::new(),
         tokens: Tokens::None,
         mix: default_mix(),
@@ -162,6 +168,13 @@ fn options() -> Result<Options, String> {
             "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
             "--requests" => o.requests = Some(number(value()?)? as u64),
             "--warmup" => o.warmup = Duration::from_secs_f64(number(value()?)?),
+            "--max-error-rate" => {
+                let share = number(value()?)?;
+                if !(0.0..=1.0).contains(&share) {
+                    return Err(format!("--max-error-rate {share}: a share from 0 to 1"));
+                }
+                o.max_error_rate = share;
+            }
             "--timeout" => {
                 let seconds = number(value()?)?;
                 if !(seconds > 0.0 && seconds.is_finite()) {
@@ -734,6 +747,18 @@ impl Shared {
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
         let shard = &self.measured[worker % self.measured.len()];
         let mut measured = shard.lock().unwrap();
+        // Failed requests are counted, not timed: their latencies (a refused connection's
+        // few µs, a timeout's seconds) say nothing of the target's answers.
+        match outcome {
+            Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
+            Some(Err(error)) => {
+                *measured.tally.errors.entry(error).or_default() += 1;
+                drop(measured);
+                self.done.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            None => measured.tally.unsent += 1,
+        }
         measured.latency.saturating_record(took);
         if measured.seconds.len() <= second {
             measured
@@ -741,16 +766,11 @@ impl Shared {
                 .resize_with(second + 1, plot::second_histogram);
         }
         measured.seconds[second].saturating_record(took);
-        match outcome {
-            Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
-            Some(Err(error)) => *measured.tally.errors.entry(error).or_default() += 1,
-            None => {
-                measured.tally.unsent += 1;
-                return;
-            }
-        }
+        let unsent = outcome.is_none();
         drop(measured);
-        self.done.fetch_add(1, Ordering::Relaxed);
+        if !unsent {
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn finished(&self) -> bool {
@@ -948,7 +968,7 @@ async fn main() {
     };
     // The report first: a chart that cannot be written loses nothing of the run.
     let latency = &measured.latency;
-    report(&shared, &measured, elapsed, &cpu, &timeline, interrupted);
+    let failed = report(&shared, &measured, elapsed, &cpu, &timeline, interrupted);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -969,6 +989,9 @@ async fn main() {
     }
     if interrupted {
         std::process::exit(130);
+    }
+    if failed {
+        std::process::exit(1);
     }
 }
 
@@ -1073,14 +1096,25 @@ fn report(
     cpu: &[(String, f64)],
     timeline: &[plot::Second],
     interrupted: bool,
-) {
+) -> bool {
     let (tally, latency) = (&measured.tally, &measured.latency);
     let send_delay = shared.options.rate.map(|_| {
         let d = &measured.send_delay;
         (d.value_at_quantile(0.5), d.value_at_quantile(0.99))
     });
-    let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
-    let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+    let answered: u64 = tally.statuses.values().sum();
+    let errors: u64 = tally.errors.values().sum();
+    let non_2xx: u64 = tally
+        .statuses
+        .iter()
+        .filter(|(status, _)| !(200..300).contains(*status))
+        .map(|(_, count)| count)
+        .sum();
+    let total = answered + errors;
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    let rate = answered as f64 / seconds;
+    let error_rate = errors as f64 / total.max(1) as f64;
+    let failed = answered == 0 || error_rate > shared.options.max_error_rate;
     let sent = shared.sent.load(Ordering::Relaxed);
     let scheduled = sent + tally.unsent;
     // At a fixed rate: slots left unsent, or fewer sent than asked, mean the target (or the
@@ -1116,6 +1150,11 @@ fn report(
             "seconds": elapsed.as_secs_f64(),
             "interrupted": interrupted,
             "requests": total,
+            "answered": answered,
+            "errors": errors,
+            "non_2xx": non_2xx,
+            "error_rate": error_rate,
+            "errors_per_second": errors as f64 / seconds,
             "scheduled": scheduled,
             "sent": sent,
             "completed": total,
@@ -1125,7 +1164,7 @@ fn report(
             "latency_us": percentiles,
             "send_delay_us": send_delay.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "errors": tally.errors,
+            "error_counts": tally.errors,
             "cpu_us_per_request": cpu
                 .iter()
                 .map(|(label, seconds)| (label.clone(), json!(per_request(*seconds))))
@@ -1138,7 +1177,7 @@ fn report(
                 .collect::<Vec<_>>(),
         });
         println!("{report:#}");
-        return;
+        return failed;
     }
     if interrupted {
         println!("interrupted  (Ctrl-C): the report covers what was measured until then");
@@ -1154,8 +1193,11 @@ fn report(
         shared.options.tenants.len()
     );
     println!(
-        "measured     {:.1} s, {total} requests, {rate:.0} req/s",
-        elapsed.as_secs_f64()
+        "measured     {:.1} s, {answered} answered, {rate:.0} req/s; {errors} errors \
+         ({:.0}/s, {:.2}% of requests); {non_2xx} answers not 2xx",
+        elapsed.as_secs_f64(),
+        errors as f64 / seconds,
+        error_rate * 100.0
     );
     println!(
         "requests     {scheduled} scheduled, {sent} sent, {total} completed, {} unsent",
@@ -1164,7 +1206,7 @@ fn report(
     if let Some(warning) = &behind {
         println!("WARNING      {warning}");
     }
-    print!("latency us  ");
+    print!("latency us  "); // of the answered requests (and, at a fixed rate, the unsent)
     for (name, q) in quantiles {
         print!(" {name} {}", latency.value_at_quantile(q));
     }
@@ -1185,4 +1227,14 @@ fn report(
             seconds * 100.0 / elapsed.as_secs_f64().max(1e-9)
         );
     }
+    if failed {
+        println!(
+            "FAILED       {errors} of {total} requests failed ({:.2}%, more than --max-error-rate \
+             {}%){}",
+            error_rate * 100.0,
+            shared.options.max_error_rate * 100.0,
+            if answered == 0 { "; none answered" } else { "" }
+        );
+    }
+    failed
 }

@@ -70,10 +70,11 @@ fn a_target_that_never_answers_ends_the_run_with_timeouts() {
     let out = run_within(Duration::from_secs(30), &args);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    let timeouts = report["error_counts"]["timeout"].as_u64().unwrap_or(0)
-        + report["errors"]["timeout"].as_u64().unwrap_or(0);
+    let timeouts = report["error_counts"]["timeout"].as_u64().unwrap();
     assert!(timeouts >= 4, "{report:#}");
+    assert_eq!(report["errors"].as_u64(), Some(timeouts), "{report:#}");
     assert_eq!(report["interrupted"], false);
+    assert_eq!(out.status.code(), Some(1), "every request failed");
 }
 
 #[test]
@@ -113,4 +114,33 @@ fn a_rate_the_target_cannot_keep_counts_what_was_never_sent() {
         .map(|s| s["requests"].as_u64().unwrap())
         .sum();
     assert!(timeline >= count("unsent"), "{report:#}");
+}
+
+#[test]
+fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
+    // A port just freed: nobody listens there.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("http://127.0.0.1:{port}");
+    let args = [
+        "--target",
+        &target,
+        "--path",
+        "/Patient/1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--connections",
+        "2",
+    ];
+    let out = run_within(Duration::from_secs(30), &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(" 0 answered, 0 req/s"), "{text}");
+    assert!(text.contains("FAILED"), "{text}");
+    assert!(text.contains("connect:"), "{text}");
 }
