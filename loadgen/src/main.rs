@@ -547,23 +547,49 @@ impl Connection {
     async fn send(
         &mut self,
         options: &Options,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, String> {
-        if matches!(self, Connection::None) {
-            *self = Connection::open(options).await?;
+        // A connection the server closed after its last answer (keep-alive ended, as nginx
+        // does after `keepalive_requests`) is opened again and the request sent on the new
+        // one: only a request actually sent can fail.
+        loop {
+            let fresh = match self {
+                Connection::None => true,
+                Connection::Http1(sender) => sender.is_closed(),
+                Connection::Http2(sender) => sender.is_closed(),
+            };
+            if fresh {
+                *self = Connection::open(options).await?;
+            }
+            let ready = match self {
+                Connection::Http1(sender) => sender.ready().await,
+                Connection::Http2(sender) => sender.ready().await,
+                Connection::None => unreachable!("opened above"),
+            };
+            if let Err(e) = ready {
+                *self = Connection::None;
+                if fresh {
+                    return Err(format!("send: {e}"));
+                }
+                continue;
+            }
+            let sent = match self {
+                Connection::Http1(sender) => sender.try_send_request(request).await,
+                Connection::Http2(sender) => sender.try_send_request(request).await,
+                Connection::None => unreachable!("opened above"),
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                Err(mut e) => {
+                    *self = Connection::None;
+                    match e.take_message() {
+                        // Not written: the connection closed first.
+                        Some(unsent) if !fresh => request = unsent,
+                        _ => return Err(format!("send: {}", e.into_error())),
+                    }
+                }
+            }
         }
-        let sent = match self {
-            Connection::Http1(sender) => match sender.ready().await {
-                Ok(()) => sender.send_request(request).await,
-                Err(e) => Err(e),
-            },
-            Connection::Http2(sender) => sender.send_request(request).await,
-            Connection::None => unreachable!("opened above"),
-        };
-        sent.map_err(|e| {
-            *self = Connection::None;
-            format!("send: {e}")
-        })
     }
 
     async fn open(options: &Options) -> Result<Connection, String> {

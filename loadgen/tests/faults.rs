@@ -1,7 +1,7 @@
 //! Runs against targets that misbehave: a server that never answers, one that closes every
 //! connection after its answer, a port nobody listens on. Each run is bounded in time.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -143,4 +143,60 @@ fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
     assert!(text.contains(" 0 answered, 0 req/s"), "{text}");
     assert!(text.contains("FAILED"), "{text}");
     assert!(text.contains("connect:"), "{text}");
+}
+
+/// A server that answers one request per connection, `Connection: close`, and closes it (as
+/// nginx does after `keepalive_requests`); its address.
+fn closing_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(n) if n > 0 => buffer.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}",
+                );
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_connection_the_server_closes_after_its_answer_is_opened_again() {
+    let target = closing_server();
+    for rate in [None, Some("100")] {
+        let mut args = vec![
+            "--target",
+            &target,
+            "--path",
+            "/Patient/1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--connections",
+            "2",
+            "--json",
+        ];
+        if let Some(rate) = rate {
+            args.extend(["--rate", rate]);
+        }
+        let out = run_within(Duration::from_secs(30), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
+        assert_eq!(report["errors"], 0, "{report:#}");
+        assert!(report["answered"].as_u64().unwrap() > 10, "{report:#}");
+        assert!(out.status.success(), "{report:#}");
+    }
 }
