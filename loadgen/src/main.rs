@@ -126,6 +126,8 @@ struct Options {
     cpu_of: Vec<(String, u32)>,
     /// `host:port` and the path prefix of `target`.
     authority: String,
+    /// `host:port` to connect to (port 80 when `target` names none).
+    connect_to: String,
     base_path: String,
 }
 
@@ -147,6 +149,7 @@ fn options() -> Result<Options, String> {
         plot: None,
         cpu_of: Vec::new(),
         authority: String::new(),
+        connect_to: String::new(),
         base_path: String::new(),
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
@@ -282,9 +285,7 @@ fn options() -> Result<Options, String> {
 /// Checks the target and fills in what follows from it.
 fn finish(mut o: Options) -> Result<Options, String> {
     let target: Uri = o.target.parse().map_err(|e| format!("--target: {e}"))?;
-    if target.scheme_str() != Some("http") {
-        return Err("--target must be an http:// URL".to_owned());
-    }
+    o.connect_to = connect_address(&target)?;
     o.authority = target
         .authority()
         .map(|a| a.to_string())
@@ -295,6 +296,27 @@ fn finish(mut o: Options) -> Result<Options, String> {
             .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
     }
     Ok(o)
+}
+
+/// Where to connect for `target`, an `http://` URL: its host and port, 80 when it names none.
+fn connect_address(target: &Uri) -> Result<String, String> {
+    match target.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "--target: https is not supported: give the gateway's plain http:// \
+                        address (measure TLS separately)"
+                    .to_owned(),
+            )
+        }
+        _ => return Err("--target must be an http:// URL".to_owned()),
+    }
+    let authority = target.authority().ok_or("--target needs a host")?;
+    Ok(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    ))
 }
 
 /// The key in PEM `file` for `alg`, an asymmetric JWS algorithm.
@@ -593,7 +615,7 @@ impl Connection {
     }
 
     async fn open(options: &Options) -> Result<Connection, String> {
-        let stream = tokio::net::TcpStream::connect(&options.authority)
+        let stream = tokio::net::TcpStream::connect(&options.connect_to)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
@@ -1263,4 +1285,21 @@ fn report(
         );
     }
     failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_without_a_port_is_reached_on_port_80() {
+        let address = |url: &str| connect_address(&url.parse().unwrap());
+        assert_eq!(address("http://gateway/fhir").unwrap(), "gateway:80");
+        assert_eq!(address("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(address("http://[::1]/fhir").unwrap(), "[::1]:80");
+        assert!(address("https://gateway")
+            .unwrap_err()
+            .contains("https is not supported"));
+        assert!(address("ftp://gateway").is_err());
+    }
 }
