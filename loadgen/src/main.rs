@@ -643,6 +643,8 @@ struct Shared {
     sequence: AtomicU64,
     /// Requests due in the measured window that were sent (answered or not).
     sent: AtomicU64,
+    /// With `--requests N`: how many of the N measured requests were taken.
+    claimed: AtomicU64,
     /// Set on Ctrl-C: the schedule stops.
     interrupted: std::sync::atomic::AtomicBool,
     done: AtomicU64,
@@ -821,12 +823,21 @@ impl Shared {
         }
     }
 
+    /// With `--requests N`, takes one of the N measured requests for a request due at `due`
+    /// (before it is sent, so exactly N are); false when all N are taken.
+    fn claim(&self, due: Instant) -> bool {
+        match self.options.requests {
+            Some(n) if self.measures(due) => self.claimed.fetch_add(1, Ordering::Relaxed) < n,
+            _ => true,
+        }
+    }
+
     fn finished(&self) -> bool {
         Instant::now() >= self.stop_at
             || self
                 .options
                 .requests
-                .is_some_and(|n| self.done.load(Ordering::Relaxed) >= n)
+                .is_some_and(|n| self.claimed.load(Ordering::Relaxed) >= n)
     }
 }
 
@@ -868,6 +879,7 @@ async fn main() {
         sequence: AtomicU64::new(0),
         sent: AtomicU64::new(0),
         interrupted: std::sync::atomic::AtomicBool::new(false),
+        claimed: AtomicU64::new(0),
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
@@ -936,8 +948,12 @@ async fn main() {
             let mut connection = Connection::None;
             if shared.options.rate.is_none() {
                 while !shared.finished() {
+                    let due = Instant::now();
+                    if !shared.claim(due) {
+                        break;
+                    }
                     let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                    shared.one(worker, &mut connection, i, Instant::now()).await;
+                    shared.one(worker, &mut connection, i, due).await;
                 }
                 return;
             }
@@ -964,9 +980,6 @@ async fn main() {
                         shared.record(worker, due, took as u64, None);
                     }
                     continue;
-                }
-                if shared.finished() && Instant::now() < shared.stop_at {
-                    continue; // --requests reached
                 }
                 shared.one(worker, &mut connection, i, due).await;
                 if Instant::now() >= shared.stop_at {
@@ -1066,6 +1079,9 @@ fn keep_schedule(
                 break;
             }
             std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
+        if !shared.claim(due) {
+            return;
         }
         let _ = workers[(k % workers.len() as u64) as usize].send((k, due));
     }

@@ -155,3 +155,27 @@ fn one_bearer_token_goes_with_every_request() {
         "{report:#}"
     );
 }
+
+#[test]
+fn a_number_of_requests_is_met_exactly() {
+    for extra in [&[][..], &["--rate", "500"][..]] {
+        let out = Command::new(LOADGEN)
+            .args([
+                "--target",
+                &server(),
+                "--path",
+                "/Patient/1",
+                "--requests",
+                "300",
+            ])
+            .args(["--warmup", "0.2", "--connections", "16", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["answered"], 300, "{report:#}");
+        assert_eq!(report["requests"], 300, "{report:#}");
+    }
+}
