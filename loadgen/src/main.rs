@@ -52,6 +52,12 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --duration S            seconds to measure, default 10 (or --requests N)
   --requests N            stop after N measured requests
   --warmup S              seconds of load before measuring, default 1
+  --timeout S             seconds to wait for a connection, a request's answer or its body,
+                          default 10; past it the request counts as an error (\"timeout\")
+                          and its connection is closed
+  --max-error-rate F      exit 1 when more than this share of the measured requests failed
+                          (no HTTP answer: connection refused, reset, timeout...) or when
+                          none was answered; default 0.01 (1%)
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
@@ -73,6 +79,8 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --cpu-of LABEL=PID      also report the CPU time process PID (all its threads, user and
                           system, from /proc: Linux only) spent per measured request; repeat
                           for several (the server under test, its upstream, ...)
+
+Ctrl-C stops the run early, prints the report of what was measured so far and exits 130.
 
 Tokens for every tenant are fetched (or minted) before the run, 16 at a time, and refetched
 during it when 80% of their lifetime has passed.
@@ -103,6 +111,10 @@ struct Options {
     duration: Duration,
     requests: Option<u64>,
     warmup: Duration,
+    /// How long to wait for a connection, an answer or a body.
+    timeout: Duration,
+    /// Above this share of failed requests (or with none answered), the run exits 1.
+    max_error_rate: f64,
     tenants: Vec<String>,
     tokens: Tokens,
     mix: Vec<Interaction>,
@@ -114,6 +126,8 @@ struct Options {
     cpu_of: Vec<(String, u32)>,
     /// `host:port` and the path prefix of `target`.
     authority: String,
+    /// `host:port` to connect to (port 80 when `target` names none).
+    connect_to: String,
     base_path: String,
 }
 
@@ -125,6 +139,8 @@ fn options() -> Result<Options, String> {
         duration: Duration::from_secs(10),
         requests: None,
         warmup: Duration::from_secs(1),
+        timeout: Duration::from_secs(10),
+        max_error_rate: 0.01,
         tenants: Vec::new(),
         tokens: Tokens::None,
         mix: default_mix(),
@@ -133,6 +149,7 @@ fn options() -> Result<Options, String> {
         plot: None,
         cpu_of: Vec::new(),
         authority: String::new(),
+        connect_to: String::new(),
         base_path: String::new(),
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
@@ -154,6 +171,20 @@ fn options() -> Result<Options, String> {
             "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
             "--requests" => o.requests = Some(number(value()?)? as u64),
             "--warmup" => o.warmup = Duration::from_secs_f64(number(value()?)?),
+            "--max-error-rate" => {
+                let share = number(value()?)?;
+                if !(0.0..=1.0).contains(&share) {
+                    return Err(format!("--max-error-rate {share}: a share from 0 to 1"));
+                }
+                o.max_error_rate = share;
+            }
+            "--timeout" => {
+                let seconds = number(value()?)?;
+                if !(seconds > 0.0 && seconds.is_finite()) {
+                    return Err(format!("--timeout {seconds}: must be above 0"));
+                }
+                o.timeout = Duration::from_secs_f64(seconds);
+            }
             "--tenants" => o.tenants = value()?.split(',').map(str::to_owned).collect(),
             "--tenant-count" => {
                 let n = number(value()?)? as u32;
@@ -254,9 +285,7 @@ fn options() -> Result<Options, String> {
 /// Checks the target and fills in what follows from it.
 fn finish(mut o: Options) -> Result<Options, String> {
     let target: Uri = o.target.parse().map_err(|e| format!("--target: {e}"))?;
-    if target.scheme_str() != Some("http") {
-        return Err("--target must be an http:// URL".to_owned());
-    }
+    o.connect_to = connect_address(&target)?;
     o.authority = target
         .authority()
         .map(|a| a.to_string())
@@ -267,6 +296,27 @@ fn finish(mut o: Options) -> Result<Options, String> {
             .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
     }
     Ok(o)
+}
+
+/// Where to connect for `target`, an `http://` URL: its host and port, 80 when it names none.
+fn connect_address(target: &Uri) -> Result<String, String> {
+    match target.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "--target: https is not supported: give the gateway's plain http:// \
+                        address (measure TLS separately)"
+                    .to_owned(),
+            )
+        }
+        _ => return Err("--target must be an http:// URL".to_owned()),
+    }
+    let authority = target.authority().ok_or("--target needs a host")?;
+    Ok(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    ))
 }
 
 /// The key in PEM `file` for `alg`, an asymmetric JWS algorithm.
@@ -503,6 +553,9 @@ fn urlencode(text: &str) -> String {
 struct Tally {
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
+    /// Slots of the rate's schedule due in the measured window and never sent: the target
+    /// fell behind.
+    unsent: u64,
 }
 
 /// One worker's own connection to the target, opened on first use and again after a failure.
@@ -516,27 +569,53 @@ impl Connection {
     async fn send(
         &mut self,
         options: &Options,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<http::Response<hyper::body::Incoming>, String> {
-        if matches!(self, Connection::None) {
-            *self = Connection::open(options).await?;
+        // A connection the server closed after its last answer (keep-alive ended, as nginx
+        // does after `keepalive_requests`) is opened again and the request sent on the new
+        // one: only a request actually sent can fail.
+        loop {
+            let fresh = match self {
+                Connection::None => true,
+                Connection::Http1(sender) => sender.is_closed(),
+                Connection::Http2(sender) => sender.is_closed(),
+            };
+            if fresh {
+                *self = Connection::open(options).await?;
+            }
+            let ready = match self {
+                Connection::Http1(sender) => sender.ready().await,
+                Connection::Http2(sender) => sender.ready().await,
+                Connection::None => unreachable!("opened above"),
+            };
+            if let Err(e) = ready {
+                *self = Connection::None;
+                if fresh {
+                    return Err(format!("send: {e}"));
+                }
+                continue;
+            }
+            let sent = match self {
+                Connection::Http1(sender) => sender.try_send_request(request).await,
+                Connection::Http2(sender) => sender.try_send_request(request).await,
+                Connection::None => unreachable!("opened above"),
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                Err(mut e) => {
+                    *self = Connection::None;
+                    match e.take_message() {
+                        // Not written: the connection closed first.
+                        Some(unsent) if !fresh => request = unsent,
+                        _ => return Err(format!("send: {}", e.into_error())),
+                    }
+                }
+            }
         }
-        let sent = match self {
-            Connection::Http1(sender) => match sender.ready().await {
-                Ok(()) => sender.send_request(request).await,
-                Err(e) => Err(e),
-            },
-            Connection::Http2(sender) => sender.send_request(request).await,
-            Connection::None => unreachable!("opened above"),
-        };
-        sent.map_err(|e| {
-            *self = Connection::None;
-            format!("send: {e}")
-        })
     }
 
     async fn open(options: &Options) -> Result<Connection, String> {
-        let stream = tokio::net::TcpStream::connect(&options.authority)
+        let stream = tokio::net::TcpStream::connect(&options.connect_to)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
@@ -562,6 +641,12 @@ struct Shared {
     options: Options,
     tokens: TokenBook,
     sequence: AtomicU64,
+    /// Requests due in the measured window that were sent (answered or not).
+    sent: AtomicU64,
+    /// With `--requests N`: how many of the N measured requests were taken.
+    claimed: AtomicU64,
+    /// Set on Ctrl-C: the schedule stops.
+    interrupted: std::sync::atomic::AtomicBool,
     done: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
@@ -580,6 +665,8 @@ const MEASURED_SHARDS: usize = 64;
 struct Measured {
     tally: Tally,
     latency: Histogram<u64>,
+    /// At a fixed rate: from when each request was due to when it was sent (µs).
+    send_delay: Histogram<u64>,
     seconds: Vec<Histogram<u64>>,
 }
 
@@ -588,6 +675,7 @@ impl Default for Measured {
         Self {
             tally: Tally::default(),
             latency: histogram(),
+            send_delay: histogram(),
             seconds: Vec::new(),
         }
     }
@@ -605,7 +693,9 @@ impl Measured {
             for (error, count) in &worker.tally.errors {
                 *all.tally.errors.entry(error.clone()).or_default() += count;
             }
+            all.tally.unsent += worker.tally.unsent;
             let _ = all.latency.add(&worker.latency);
+            let _ = all.send_delay.add(&worker.send_delay);
             if all.seconds.len() < worker.seconds.len() {
                 all.seconds
                     .resize_with(worker.seconds.len(), plot::second_histogram);
@@ -638,7 +728,16 @@ impl Shared {
         let Interaction {
             method, path, body, ..
         } = pick(i, &self.options.mix);
-        let outcome = async {
+        if self.measures(due) {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            if self.options.rate.is_some() {
+                // How late the load generator itself sent the request.
+                let late = due.elapsed().as_micros().max(1) as u64;
+                let shard = &self.measured[worker % self.measured.len()];
+                shard.lock().unwrap().send_delay.saturating_record(late);
+            }
+        }
+        let attempt = async {
             // HTTP/1.1 sends the path with a Host header; HTTP/2 the whole URI.
             let uri: Uri = if self.options.http2 {
                 format!("{}{}", self.options.target, path)
@@ -671,15 +770,45 @@ impl Shared {
                 .await
                 .map_err(|e| format!("body: {e}"))?;
             Ok::<u16, String>(status)
+        };
+        let outcome = match tokio::time::timeout(self.options.timeout, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // The connection may still owe an answer: do not reuse it.
+                *connection = Connection::None;
+                Err("timeout".to_owned())
+            }
+        };
+        if self.measures(due) {
+            let took = due.elapsed().as_micros().max(1) as u64;
+            self.record(worker, due, took, Some(outcome));
         }
-        .await;
-        if due < self.measuring_from || due >= self.stop_at {
-            return;
-        }
-        let took = due.elapsed().as_micros().max(1) as u64;
+    }
+
+    /// Whether a request due at `due` is in the measured window.
+    fn measures(&self, due: Instant) -> bool {
+        due >= self.measuring_from && due < self.stop_at
+    }
+
+    /// Records a request due at `due` that took `took` µs: its outcome, or `None` for a slot
+    /// never sent (its latency then a lower bound: from when it was due to when its worker
+    /// stopped).
+    fn record(&self, worker: usize, due: Instant, took: u64, outcome: Option<Result<u16, String>>) {
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
         let shard = &self.measured[worker % self.measured.len()];
         let mut measured = shard.lock().unwrap();
+        // Failed requests are counted, not timed: their latencies (a refused connection's
+        // few µs, a timeout's seconds) say nothing of the target's answers.
+        match outcome {
+            Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
+            Some(Err(error)) => {
+                *measured.tally.errors.entry(error).or_default() += 1;
+                drop(measured);
+                self.done.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            None => measured.tally.unsent += 1,
+        }
         measured.latency.saturating_record(took);
         if measured.seconds.len() <= second {
             measured
@@ -687,12 +816,20 @@ impl Shared {
                 .resize_with(second + 1, plot::second_histogram);
         }
         measured.seconds[second].saturating_record(took);
-        match outcome {
-            Ok(status) => *measured.tally.statuses.entry(status).or_default() += 1,
-            Err(error) => *measured.tally.errors.entry(error).or_default() += 1,
-        }
+        let unsent = outcome.is_none();
         drop(measured);
-        self.done.fetch_add(1, Ordering::Relaxed);
+        if !unsent {
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// With `--requests N`, takes one of the N measured requests for a request due at `due`
+    /// (before it is sent, so exactly N are); false when all N are taken.
+    fn claim(&self, due: Instant) -> bool {
+        match self.options.requests {
+            Some(n) if self.measures(due) => self.claimed.fetch_add(1, Ordering::Relaxed) < n,
+            _ => true,
+        }
     }
 
     fn finished(&self) -> bool {
@@ -700,7 +837,7 @@ impl Shared {
             || self
                 .options
                 .requests
-                .is_some_and(|n| self.done.load(Ordering::Relaxed) >= n)
+                .is_some_and(|n| self.claimed.load(Ordering::Relaxed) >= n)
     }
 }
 
@@ -740,6 +877,9 @@ async fn main() {
         tokens,
         options,
         sequence: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        interrupted: std::sync::atomic::AtomicBool::new(false),
+        claimed: AtomicU64::new(0),
         done: AtomicU64::new(0),
         measuring_from,
         stop_at,
@@ -787,47 +927,75 @@ async fn main() {
         })
     };
 
-    let workers: Vec<_> = (0..shared.options.connections)
-        .map(|worker| {
-            let shared = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let mut connection = Connection::None;
-                match shared.options.rate {
-                    None => {
-                        while !shared.finished() {
-                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(worker, &mut connection, i, Instant::now()).await;
-                        }
+    // At a fixed rate, one thread keeps the schedule: it sleeps (`std::thread::sleep`, to
+    // within tens of µs, where tokio's timer rounds up to the next millisecond) until each
+    // slot is due and hands it to its worker. Worker `w` owns every N-th slot.
+    let mut slots = Vec::new();
+    let mut schedule = Vec::new();
+    for _ in 0..shared.options.connections {
+        let (hand, take) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+        schedule.push(hand);
+        slots.push(take);
+    }
+    if let Some(rate) = shared.options.rate {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || keep_schedule(&shared, rate, start, schedule));
+    }
+    let mut workers = tokio::task::JoinSet::new();
+    for (worker, mut slots) in slots.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        workers.spawn(async move {
+            let mut connection = Connection::None;
+            if shared.options.rate.is_none() {
+                while !shared.finished() {
+                    let due = Instant::now();
+                    if !shared.claim(due) {
+                        break;
                     }
-                    Some(rate) => {
-                        // Each worker owns every N-th slot of the schedule; a late request is
-                        // measured from when it was due (coordinated-omission correction).
-                        let interval =
-                            Duration::from_secs_f64(shared.options.connections as f64 / rate);
-                        let mut due = start + Duration::from_secs_f64(worker as f64 / rate);
-                        // Open the connection before the first slot (spread over the warm-up),
-                        // so every connection is held for the whole run.
-                        let opening = shared
-                            .options
-                            .warmup
-                            .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
-                        tokio::time::sleep_until((start + opening).into()).await;
-                        if let Ok(opened) = Connection::open(&shared.options).await {
-                            connection = opened;
-                        }
-                        while !shared.finished() && due < shared.stop_at {
-                            tokio::time::sleep_until(due.into()).await;
-                            let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
-                            shared.one(worker, &mut connection, i, due).await;
-                            due += interval;
-                        }
-                    }
+                    let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
+                    shared.one(worker, &mut connection, i, due).await;
                 }
-            })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.await;
+                return;
+            }
+            // Open the connection before the first slot (spread over the warm-up), so every
+            // connection is held for the whole run.
+            let opening = shared
+                .options
+                .warmup
+                .mul_f64(0.5 * worker as f64 / shared.options.connections as f64);
+            tokio::time::sleep_until((start + opening).into()).await;
+            let opening = Connection::open(&shared.options);
+            if let Ok(Ok(opened)) = tokio::time::timeout(shared.options.timeout, opening).await {
+                connection = opened;
+            }
+            // A late request is measured from when it was due (coordinated-omission
+            // correction). Once the window has closed, the slots still waiting for this
+            // worker are the target's backlog: each counts, unsent, with the least latency
+            // it would have had.
+            let mut stopped = None;
+            while let Some((i, due)) = slots.recv().await {
+                if let Some(stopped) = stopped {
+                    if shared.measures(due) {
+                        let took = Instant::duration_since(&stopped, due).as_micros().max(1);
+                        shared.record(worker, due, took as u64, None);
+                    }
+                    continue;
+                }
+                shared.one(worker, &mut connection, i, due).await;
+                if Instant::now() >= shared.stop_at {
+                    stopped = Some(Instant::now());
+                }
+            }
+        });
+    }
+    // Every worker ends at most `--timeout` after the measured window; Ctrl-C ends them at once.
+    let interrupted = tokio::select! {
+        _ = async { while workers.join_next().await.is_some() {} } => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        shared.interrupted.store(true, Ordering::Relaxed);
+        workers.abort_all();
     }
     let cpu_at_end = cpu_times(&shared.options.cpu_of);
     progress.abort();
@@ -861,7 +1029,7 @@ async fn main() {
     };
     // The report first: a chart that cannot be written loses nothing of the run.
     let latency = &measured.latency;
-    report(&shared, &measured.tally, latency, elapsed, &cpu, &timeline);
+    let failed = report(&shared, &measured, elapsed, &cpu, &timeline, interrupted);
     if let Some(file) = &shared.options.plot {
         let title = format!(
             "{} - {}, {} connections",
@@ -879,6 +1047,45 @@ async fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if interrupted {
+        std::process::exit(130);
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// Hands each slot of a fixed rate's schedule, from `start` until the measured window ends, to
+/// its worker when it is due: slot `k` (due at `start + k / rate`) to worker `k % N`.
+fn keep_schedule(
+    shared: &Shared,
+    rate: f64,
+    start: Instant,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<(u64, Instant)>>,
+) {
+    for k in 0u64.. {
+        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        if due >= shared.stop_at {
+            return;
+        }
+        // Sleep until due, waking at least every 100 ms to see whether the run was stopped.
+        loop {
+            // (Not `finished()`: a schedule that lags still hands out every slot due in the
+            // window, for its worker to send or count unsent.)
+            if shared.interrupted.load(Ordering::Relaxed) {
+                return;
+            }
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
+        if !shared.claim(due) {
+            return;
+        }
+        let _ = workers[(k % workers.len() as u64) as usize].send((k, due));
     }
 }
 
@@ -950,14 +1157,48 @@ async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> 
 /// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
 fn report(
     shared: &Shared,
-    tally: &Tally,
-    latency: &Histogram<u64>,
+    measured: &Measured,
     elapsed: Duration,
     cpu: &[(String, f64)],
     timeline: &[plot::Second],
-) {
-    let total: u64 = tally.statuses.values().sum::<u64>() + tally.errors.values().sum::<u64>();
-    let rate = total as f64 / elapsed.as_secs_f64().max(1e-9);
+    interrupted: bool,
+) -> bool {
+    let (tally, latency) = (&measured.tally, &measured.latency);
+    let send_delay = shared.options.rate.map(|_| {
+        let d = &measured.send_delay;
+        (d.value_at_quantile(0.5), d.value_at_quantile(0.99))
+    });
+    let answered: u64 = tally.statuses.values().sum();
+    let errors: u64 = tally.errors.values().sum();
+    let non_2xx: u64 = tally
+        .statuses
+        .iter()
+        .filter(|(status, _)| !(200..300).contains(*status))
+        .map(|(_, count)| count)
+        .sum();
+    let total = answered + errors;
+    let seconds = elapsed.as_secs_f64().max(1e-9);
+    let rate = answered as f64 / seconds;
+    let error_rate = errors as f64 / total.max(1) as f64;
+    let failed = answered == 0 || error_rate > shared.options.max_error_rate;
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let scheduled = sent + tally.unsent;
+    // At a fixed rate: slots left unsent, or fewer sent than asked, mean the target (or the
+    // load generator) fell behind the schedule.
+    let behind = shared.options.rate.and_then(|asked| {
+        let achieved = sent as f64 / elapsed.as_secs_f64().max(1e-9);
+        (tally.unsent > 0 || achieved < 0.95 * asked).then(|| {
+            format!(
+                "the target fell behind the rate: {achieved:.0} of {asked} req/s sent, \
+                 {} of {scheduled} scheduled requests never sent (their latency counted \
+                 until the run stopped)",
+                tally.unsent
+            )
+        })
+    });
+    if let Some(warning) = &behind {
+        eprintln!("warning: {warning}");
+    }
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
     if shared.options.json {
@@ -973,11 +1214,23 @@ fn report(
             "protocol": if shared.options.http2 { "h2c" } else { "http/1.1" },
             "tenants": shared.options.tenants.len(),
             "seconds": elapsed.as_secs_f64(),
+            "interrupted": interrupted,
             "requests": total,
+            "answered": answered,
+            "errors": errors,
+            "non_2xx": non_2xx,
+            "error_rate": error_rate,
+            "errors_per_second": errors as f64 / seconds,
+            "scheduled": scheduled,
+            "sent": sent,
+            "completed": total,
+            "unsent": tally.unsent,
+            "warning": behind,
             "requests_per_second": rate,
             "latency_us": percentiles,
+            "send_delay_us": send_delay.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "errors": tally.errors,
+            "error_counts": tally.errors,
             "cpu_us_per_request": cpu
                 .iter()
                 .map(|(label, seconds)| (label.clone(), json!(per_request(*seconds))))
@@ -990,7 +1243,10 @@ fn report(
                 .collect::<Vec<_>>(),
         });
         println!("{report:#}");
-        return;
+        return failed;
+    }
+    if interrupted {
+        println!("interrupted  (Ctrl-C): the report covers what was measured until then");
     }
     println!("target       {}", shared.options.target);
     println!(
@@ -1003,14 +1259,27 @@ fn report(
         shared.options.tenants.len()
     );
     println!(
-        "measured     {:.1} s, {total} requests, {rate:.0} req/s",
-        elapsed.as_secs_f64()
+        "measured     {:.1} s, {answered} answered, {rate:.0} req/s; {errors} errors \
+         ({:.0}/s, {:.2}% of requests); {non_2xx} answers not 2xx",
+        elapsed.as_secs_f64(),
+        errors as f64 / seconds,
+        error_rate * 100.0
     );
-    print!("latency us  ");
+    println!(
+        "requests     {scheduled} scheduled, {sent} sent, {total} completed, {} unsent",
+        tally.unsent
+    );
+    if let Some(warning) = &behind {
+        println!("WARNING      {warning}");
+    }
+    print!("latency us  "); // of the answered requests (and, at a fixed rate, the unsent)
     for (name, q) in quantiles {
         print!(" {name} {}", latency.value_at_quantile(q));
     }
     println!(" max {}", latency.max());
+    if let Some((p50, p99)) = send_delay {
+        println!("send delay   p50 {p50} p99 {p99} us (the load generator's own lateness)");
+    }
     for (status, count) in &tally.statuses {
         println!("status {status}   {count}");
     }
@@ -1023,5 +1292,33 @@ fn report(
             per_request(*seconds),
             seconds * 100.0 / elapsed.as_secs_f64().max(1e-9)
         );
+    }
+    if answered == 0 {
+        println!("FAILED       no request was answered");
+    } else if failed {
+        println!(
+            "FAILED       {errors} of {total} requests failed ({:.2}%, more than \
+             --max-error-rate {}%)",
+            error_rate * 100.0,
+            shared.options.max_error_rate * 100.0
+        );
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_without_a_port_is_reached_on_port_80() {
+        let address = |url: &str| connect_address(&url.parse().unwrap());
+        assert_eq!(address("http://gateway/fhir").unwrap(), "gateway:80");
+        assert_eq!(address("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
+        assert_eq!(address("http://[::1]/fhir").unwrap(), "[::1]:80");
+        assert!(address("https://gateway")
+            .unwrap_err()
+            .contains("https is not supported"));
+        assert!(address("ftp://gateway").is_err());
     }
 }

@@ -79,7 +79,9 @@ fn run(extra: &[&str]) -> (serde_json::Value, String) {
 }
 
 fn check(report: &serde_json::Value, svg: &str) {
-    assert_eq!(report["errors"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["error_counts"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["errors"], 0, "{report:#}");
+    assert_eq!(report["answered"], report["requests"], "{report:#}");
     let requests = report["requests"].as_u64().unwrap();
     assert!(requests > 20, "{report:#}");
     assert_eq!(report["statuses"]["200"].as_u64(), Some(requests));
@@ -120,6 +122,11 @@ fn a_fixed_rate_run_keeps_its_rate_second_by_second() {
     let (report, svg) = run(&["--rate", "200"]);
     assert_eq!(report["mode"], "rate 200/s");
     check(&report, &svg);
+    // The load generator's own lateness is reported apart (no bound asserted: the machine
+    // may be busy).
+    let delay = &report["send_delay_us"];
+    assert!(delay["p50"].as_u64() <= delay["p99"].as_u64(), "{report:#}");
+    assert!(delay["p99"].as_u64().is_some(), "{report:#}");
     for second in report["timeline"].as_array().unwrap() {
         let n = second["requests"].as_u64().unwrap();
         assert!((190..=210).contains(&n), "{second}");
@@ -147,4 +154,28 @@ fn one_bearer_token_goes_with_every_request() {
         Some(requests),
         "{report:#}"
     );
+}
+
+#[test]
+fn a_number_of_requests_is_met_exactly() {
+    for extra in [&[][..], &["--rate", "500"][..]] {
+        let out = Command::new(LOADGEN)
+            .args([
+                "--target",
+                &server(),
+                "--path",
+                "/Patient/1",
+                "--requests",
+                "300",
+            ])
+            .args(["--warmup", "0.2", "--connections", "16", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["answered"], 300, "{report:#}");
+        assert_eq!(report["requests"], 300, "{report:#}");
+    }
 }
