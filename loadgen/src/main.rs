@@ -1217,7 +1217,7 @@ fn report(
             "interrupted": interrupted,
             "requests": total,
             "answered": answered,
-            "errors": errors,
+            "error_count": errors,
             "non_2xx": non_2xx,
             "error_rate": error_rate,
             "errors_per_second": errors as f64 / seconds,
@@ -1230,7 +1230,7 @@ fn report(
             "latency_us": percentiles,
             "send_delay_us": send_delay.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "error_counts": tally.errors,
+            "errors": tally.errors,
             "cpu_us_per_request": cpu
                 .iter()
                 .map(|(label, seconds)| (label.clone(), json!(per_request(*seconds))))

@@ -79,8 +79,8 @@ fn run(extra: &[&str]) -> (serde_json::Value, String) {
 }
 
 fn check(report: &serde_json::Value, svg: &str) {
-    assert_eq!(report["error_counts"], serde_json::json!({}), "{report:#}");
-    assert_eq!(report["errors"], 0, "{report:#}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["error_count"], 0, "{report:#}");
     assert_eq!(report["answered"], report["requests"], "{report:#}");
     let requests = report["requests"].as_u64().unwrap();
     assert!(requests > 20, "{report:#}");
