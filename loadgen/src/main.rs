@@ -455,25 +455,58 @@ fn pick(i: u64, mix: &[Interaction]) -> &Interaction {
 struct TokenBook {
     tokens: Tokens,
     client: Client<HttpConnector, Full<Bytes>>,
-    /// By tenant index: the `Authorization` value ready to send, and until when to use it.
-    /// (One slot per tenant, so a request costs the load generator the same whatever the
-    /// number of tenants.)
-    held: Vec<Mutex<Option<(HeaderValue, Instant)>>>,
+    /// By tenant index: the `Authorization` value ready to send. (One slot per tenant, so a
+    /// request costs the load generator the same whatever the number of tenants.)
+    held: Vec<Mutex<Option<Held>>>,
+    /// By tenant index: whether a refetch is under way (one at a time).
+    refetching: Vec<std::sync::atomic::AtomicBool>,
+}
+
+/// A token in use.
+struct Held {
+    value: HeaderValue,
+    /// From then, it is fetched again in the background (80% of its lifetime).
+    refetch_at: Instant,
+    /// From then, a request waits for a fresh one (a tenth of its lifetime, at most a
+    /// minute, before it expires).
+    expires_at: Instant,
 }
 
 impl TokenBook {
-    /// The `Authorization` value for tenant number `index`, `tenant`.
-    async fn bearer(&self, index: usize, tenant: &str) -> Result<Option<HeaderValue>, String> {
+    /// The `Authorization` value for tenant number `index`, `tenant`. Past 80% of its
+    /// lifetime a token is fetched again on a task of its own, one fetch at a time, while
+    /// requests go on with the one held: no measured request waits for the token endpoint
+    /// (unless a token expires before a new one comes).
+    async fn bearer(
+        self: &Arc<Self>,
+        index: usize,
+        tenant: &str,
+    ) -> Result<Option<HeaderValue>, String> {
         match &self.tokens {
             Tokens::None => return Ok(None),
             Tokens::Static(value) => return Ok(Some(value.clone())),
             _ => {}
         }
-        if let Some((value, until)) = &*self.held[index].lock().unwrap() {
-            if Instant::now() < *until {
-                return Ok(Some(value.clone()));
+        if let Some(held) = &*self.held[index].lock().unwrap() {
+            let now = Instant::now();
+            if now < held.expires_at {
+                if now >= held.refetch_at && !self.refetching[index].swap(true, Ordering::AcqRel) {
+                    let (book, tenant) = (Arc::clone(self), tenant.to_owned());
+                    tokio::spawn(async move {
+                        if let Err(error) = book.fetch(index, &tenant).await {
+                            eprintln!("\nrefetching a token failed: {error}");
+                        }
+                        book.refetching[index].store(false, Ordering::Release);
+                    });
+                }
+                return Ok(Some(held.value.clone()));
             }
         }
+        self.fetch(index, tenant).await.map(Some)
+    }
+
+    /// Gets a token for `tenant` and holds it in slot `index`.
+    async fn fetch(&self, index: usize, tenant: &str) -> Result<HeaderValue, String> {
         let (token, lifetime) = match &self.tokens {
             Tokens::None | Tokens::Static(_) => unreachable!("answered above"),
             Tokens::Mint {
@@ -529,12 +562,21 @@ impl TokenBook {
                 )
             }
         };
-        // Refetch when 80% of the lifetime has passed.
-        let until = Instant::now() + Duration::from_secs(lifetime * 4 / 5);
+        let now = Instant::now();
+        let refetch_at = now + Duration::from_secs(lifetime * 4 / 5);
+        // Given up on a tenth of its lifetime (at most a minute) before it expires.
+        let margin = Duration::from_secs(lifetime)
+            .div_f64(10.0)
+            .min(Duration::from_secs(60));
+        let expires_at = now + Duration::from_secs(lifetime) - margin;
         let value = HeaderValue::try_from(format!("Bearer {token}"))
             .map_err(|_| "the token is not a valid header value".to_owned())?;
-        *self.held[index].lock().unwrap() = Some((value.clone(), until));
-        Ok(Some(value))
+        *self.held[index].lock().unwrap() = Some(Held {
+            value: value.clone(),
+            refetch_at,
+            expires_at,
+        });
+        Ok(value)
     }
 }
 
@@ -639,7 +681,7 @@ impl Connection {
 
 struct Shared {
     options: Options,
-    tokens: TokenBook,
+    tokens: Arc<TokenBook>,
     sequence: AtomicU64,
     /// Requests due in the measured window that were sent (answered or not).
     sent: AtomicU64,
@@ -859,7 +901,9 @@ async fn main() {
         tokens: options.tokens.clone(),
         client: Client::builder(TokioExecutor::new()).build_http(),
         held: options.tenants.iter().map(|_| Mutex::default()).collect(),
+        refetching: options.tenants.iter().map(|_| Default::default()).collect(),
     };
+    let tokens = Arc::new(tokens);
     if let Err(message) = prefetch(&tokens, &options.tenants).await {
         eprintln!("could not get tokens: {message}");
         std::process::exit(1);
@@ -1133,7 +1177,7 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// Gets every tenant's token before the run, 16 requests at a time.
-async fn prefetch(tokens: &TokenBook, tenants: &[String]) -> Result<(), String> {
+async fn prefetch(tokens: &Arc<TokenBook>, tenants: &[String]) -> Result<(), String> {
     use futures::{StreamExt, TryStreamExt};
     if matches!(tokens.tokens, Tokens::None) {
         return Ok(());
