@@ -1254,6 +1254,10 @@ fn report(
         let report = json!({
             "target": shared.options.target,
             "mode": shared.options.rate.map_or("closed".to_owned(), |r| format!("rate {r}/s")),
+            "rate": shared.options.rate,
+            "warmup_seconds": shared.options.warmup.as_secs_f64(),
+            "duration_seconds": shared.options.duration.as_secs_f64(),
+            "requests_asked": shared.options.requests,
             "connections": shared.options.connections,
             "protocol": if shared.options.http2 { "h2c" } else { "http/1.1" },
             "tenants": shared.options.tenants.len(),

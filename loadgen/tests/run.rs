@@ -114,6 +114,11 @@ fn check(report: &serde_json::Value, svg: &str) {
 fn a_closed_loop_run_reports_its_timeline_and_draws_it() {
     let (report, svg) = run(&[]);
     assert_eq!(report["mode"], "closed");
+    assert_eq!(report["rate"], serde_json::Value::Null);
+    assert_eq!(
+        (&report["warmup_seconds"], &report["duration_seconds"]),
+        (&serde_json::json!(0.5), &serde_json::json!(2.0))
+    );
     check(&report, &svg);
 }
 
@@ -121,6 +126,7 @@ fn a_closed_loop_run_reports_its_timeline_and_draws_it() {
 fn a_fixed_rate_run_keeps_its_rate_second_by_second() {
     let (report, svg) = run(&["--rate", "200"]);
     assert_eq!(report["mode"], "rate 200/s");
+    assert_eq!(report["rate"], 200.0);
     check(&report, &svg);
     // The load generator's own lateness is reported apart (no bound asserted: the machine
     // may be busy).
