@@ -650,7 +650,7 @@ impl QueryRecording {
 /// Query parameters whose values are credentials: [`QueryRecording::Full`] records their
 /// names with the value `REDACTED`.
 /// (Not `code`: FHIR searches by it.)
-const SECRET_PARAMETERS: [&str; 9] = [
+const SECRET_PARAMETERS: [&str; 13] = [
     "access_token",
     "refresh_token",
     "id_token",
@@ -660,6 +660,10 @@ const SECRET_PARAMETERS: [&str; 9] = [
     "assertion",
     "code_verifier",
     "password",
+    "subject_token",
+    "actor_token",
+    "api_key",
+    "apikey",
 ];
 
 /// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
@@ -711,7 +715,10 @@ struct Described<'a> {
     resource_id: Option<&'a str>,
 }
 
-fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
+/// What the record says of a request to `path`, as sent: the token endpoint's and the admin
+/// API's paths are matched as sent (as they are routed), a FHIR path as the upstream reads it
+/// ([`canonical_path`]).
+fn describe<'a>(method: &http::Method, path: &'a str, canonical: &'a str) -> Described<'a> {
     let token = TOKEN_PATHS
         .iter()
         .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p)));
@@ -730,7 +737,7 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
         };
     }
     // The path of a `Uri`: no query, no fragment.
-    let classified = classify_path(method, path);
+    let classified = classify_path(method, canonical);
     Described {
         interaction: classified.interaction.map(|i| i.as_str()),
         resource_type: classified.resource_type,
@@ -743,7 +750,12 @@ fn describe<'a>(method: &http::Method, path: &'a str) -> Described<'a> {
 /// server). Borrowed when there is nothing to change, or when a decoded byte would be a `/`,
 /// `\`, `?`, `#` or NUL, or not UTF-8 (paths the proxy refuses; left unclassified).
 fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
-    if memchr::memchr(b'%', path.as_bytes()).is_none() && !path.contains("//") {
+    // One pass over the few `/` and `%` (`str::contains("//")` runs a two-way search, a
+    // hundred instructions and more a path).
+    let bytes = path.as_bytes();
+    let plain = memchr::memchr2_iter(b'/', b'%', bytes)
+        .all(|at| bytes[at] == b'/' && bytes.get(at + 1) != Some(&b'/'));
+    if plain {
         return std::borrow::Cow::Borrowed(path);
     }
     let mut canonical = String::with_capacity(path.len());
@@ -827,7 +839,7 @@ impl AuditDraft {
             let who = facts.claims.as_ref().map(who);
             let path = parts.path();
             let canonical = canonical_path(path);
-            let described = describe(&parts.method, &canonical);
+            let described = describe(&parts.method, path, &canonical);
             let full = match (self.query, parts.query()) {
                 (QueryRecording::Full, Some(query)) => Some(redact_secrets(query)),
                 _ => None,
@@ -926,8 +938,10 @@ pub const DEFAULT_AUDIT_QUEUE: usize = 65_536;
 /// record's path comes from its client, so records alone do not bound them.
 pub const DEFAULT_AUDIT_BYTES: usize = 64 << 20;
 
-/// The most records a [`JsonLinesAudit`] can be given to hold (its capacity is lowered to it).
-const MAX_AUDIT_QUEUE: usize = (1 << 24) - 1;
+/// The most records a [`JsonLinesAudit`] can be given to hold (its capacity is lowered to it):
+/// half what [`Lines::waiting`]'s record bits count, so the few threads that pass the check at
+/// once cannot carry it over.
+const MAX_AUDIT_QUEUE: usize = 1 << 23;
 
 /// [`Lines::waiting`] holds records in its high bits, bytes in these.
 const BYTES_BITS: u32 = 40;
@@ -1060,6 +1074,10 @@ impl FileWatch {
                 return None;
             }
             let path = self.path.display();
+            let deleted = open.nlink() == 0;
+            if deleted {
+                counts.dropped_many(since, "the audit log file was deleted while written to");
+            }
             let file = match open_log(&self.path) {
                 Ok(file) => file,
                 Err(error) => {
@@ -1067,8 +1085,7 @@ impl FileWatch {
                     return None;
                 }
             };
-            if open.nlink() == 0 {
-                counts.dropped_many(since, "the audit log file was deleted while written to");
+            if deleted {
                 tracing::error!(
                     %path,
                     at_most = since,
@@ -1961,7 +1978,7 @@ mod tests {
             "/%50atient/123",
         ] {
             let canonical = canonical_path(path);
-            let described = describe(&get, &canonical);
+            let described = describe(&get, path, &canonical);
             assert_eq!(
                 (
                     described.interaction,
@@ -1982,6 +1999,20 @@ mod tests {
         ] {
             assert_eq!(canonical_path(path), canonical, "{path}");
         }
+        // The token endpoint's and the admin API's paths as sent, as they are routed: a FHIR
+        // request cannot pass for one by its spelling.
+        let post = http::Method::POST;
+        for (path, interaction) in [
+            ("/oauth/token", Some("token")),
+            ("//oauth/token", None),
+            ("/admin/clients/x", Some("admin")),
+            ("//admin/clients/x", None),
+            ("/%61dmin/tenants", None),
+        ] {
+            let canonical = canonical_path(path);
+            let described = describe(&post, path, &canonical);
+            assert_eq!(described.interaction, interaction, "{path}");
+        }
     }
 
     #[test]
@@ -1996,11 +2027,11 @@ mod tests {
         assert_eq!(QueryRecording::Names.apply(Some("")), None);
         // Credentials are not recorded, whatever the case or escapes of their names.
         // (See also `paths_are_classified_as_the_upstream_reads_them`.)
-        let q = Some("code=x&access_token=eyJ.a.b&ACCESS%5Ftoken=c&client_secret=s3&n&a=1");
+        let q = Some("code=x&access_token=eyJ.a.b&ACCESS%5Ftoken=c&client_secret=s3&n&api_key=k");
         assert_eq!(
             QueryRecording::Full.apply(q).as_deref(),
             Some(
-                "code=x&access_token=REDACTED&ACCESS%5Ftoken=REDACTED&client_secret=REDACTED&n&a=1"
+                "code=x&access_token=REDACTED&ACCESS%5Ftoken=REDACTED&client_secret=REDACTED&n&api_key=REDACTED"
             )
         );
         assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
