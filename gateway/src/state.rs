@@ -321,8 +321,8 @@ fn private_directory(dir: &Path) -> Result<PathBuf, String> {
     Ok(dir.to_path_buf())
 }
 
-/// Refuses a state directory that lies in one another user may change, as named or as
-/// resolved: they could move it (or a link on the way) aside and put theirs in its place
+/// Refuses a state directory that lies in one any user may write to (and not sticky), or that
+/// another user than this one or root owns, as named or as resolved: they could move it (or a link on the way) aside and put theirs in its place
 /// between two runs. A sticky directory (as `/tmp`) lets nobody move what they do not own.
 #[cfg(unix)]
 fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
@@ -344,7 +344,9 @@ fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
             )
         })?;
         let (owner, mode) = (metadata.uid(), metadata.permissions().mode());
-        let others_write = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        // (Group write is the operator's choice: with a group of one's own, as user private
+        // groups and Kubernetes' `fsGroup` volumes have, directories are 0775.)
+        let others_write = mode & 0o002 != 0 && mode & 0o1000 == 0;
         if (owner != me && owner != 0) || others_write {
             return Err(format!(
                 "the state directory {shown} lies in {}, which other users can change (owner uid {owner}, mode {:o}): they could replace the state directory between two runs; choose a directory whose parents only this user or root can change",
@@ -456,7 +458,13 @@ mod parents {
         assert_eq!(parents_are_private(&state, me), Ok(()));
         mode(0o1777);
         assert_eq!(parents_are_private(&state, me), Ok(()), "sticky, as /tmp");
-        for open in [0o777, 0o775, 0o757] {
+        mode(0o775);
+        assert_eq!(
+            parents_are_private(&state, me),
+            Ok(()),
+            "group write is allowed"
+        );
+        for open in [0o777, 0o757, 0o703] {
             mode(open);
             let refused = parents_are_private(&state, me).unwrap_err();
             assert!(
