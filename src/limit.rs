@@ -244,7 +244,8 @@ impl std::error::Error for ClientLimitUnknown {
 /// per request. Only a client's first request (and its first after
 /// [`forget_client`](RateLimitLayer::forget_client)) waits for the read; later, the limit
 /// read before keeps counting while it is read again on a task of its own (one read at a
-/// time), so a slow store holds up no request. When the source fails (`Err`), the client's
+/// time, given up after a `client_limit_ttl`), so a slow store holds up no request; a read
+/// begun before a `forget_client` is not kept. When the source fails (`Err`), the client's
 /// limit last read stays in force until the next read, a `client_limit_ttl` later (logged at
 /// `warn`): a store that is down does not lift the limits it held. A client whose limit was
 /// never read passes unlimited by it until then. A fixed table is a source:
@@ -415,6 +416,7 @@ impl RateLimitLayer {
         if let Some(mut entry) = clients.get(hash, client_id) {
             entry.until = 0;
             entry.forgotten = true;
+            entry.generation += 1;
             clients.insert(hash, Box::from(client_id), entry, |_| false);
         }
     }
@@ -459,6 +461,8 @@ struct ClientEntry {
     until: u64,
     /// Set by [`RateLimitLayer::forget_client`]: the next request reads the limit first.
     forgotten: bool,
+    /// Counts [`RateLimitLayer::forget_client`] calls: a read begun before one is not kept.
+    generation: u64,
 }
 
 /// Which limit refused a request.
@@ -508,9 +512,9 @@ impl Shared {
     }
 
     /// Marks the client's stale entry fresh for another ttl, for the request that will read
-    /// it again: `false` when another request did so first.
-    fn claim_refresh(&self, client: &str, hash: u64, now: u64) -> bool {
-        let mut claimed = false;
+    /// it again: the entry's generation, or `None` when another request did so first.
+    fn claim_refresh(&self, client: &str, hash: u64, now: u64) -> Option<u64> {
+        let mut claimed = None;
         let until = now.saturating_add(self.ttl_nanos);
         self.clients.update(
             hash,
@@ -518,12 +522,14 @@ impl Shared {
             |kept| match kept {
                 Some(kept) if now < kept.until || kept.forgotten => kept.clone(),
                 kept => {
-                    claimed = true;
+                    let generation = kept.map_or(0, |kept| kept.generation);
+                    claimed = Some(generation);
                     let limiter = kept.and_then(|kept| kept.limiter.clone());
                     ClientEntry {
                         limiter,
                         until,
                         forgotten: false,
+                        generation,
                     }
                 }
             },
@@ -537,15 +543,16 @@ impl Shared {
         now >= entry.until && entry.limiter.as_ref().is_none_or(|l| refilled(l, now))
     }
 
-    /// Keeps the client's limit as just read, its limiter kept when the limit is the same;
-    /// when it could not be read (`Err`), the limit last read, if any. A `refresh` (a read
-    /// begun before) leaves an entry forgotten meanwhile as it is, to be read anew.
+    /// Keeps the client's limit as just read by a read begun at `generation`, its limiter
+    /// kept when the limit is the same; when it could not be read (`Err`), the limit last
+    /// read, if any. An entry forgotten since the read began is left as it is, to be read
+    /// anew.
     fn store_client(
         &self,
         client: &str,
         limit: Result<Option<RateLimit>, ()>,
         now: u64,
-        refresh: bool,
+        generation: u64,
     ) -> ClientEntry {
         let hash = self.clients.hash(client);
         let until = now.saturating_add(self.ttl_nanos);
@@ -553,7 +560,7 @@ impl Shared {
             hash,
             Box::from(client),
             |kept| {
-                if let Some(kept) = kept.filter(|kept| refresh && kept.forgotten) {
+                if let Some(kept) = kept.filter(|kept| kept.generation != generation) {
                     return kept.clone();
                 }
                 let Ok(limit) = limit else {
@@ -562,6 +569,7 @@ impl Shared {
                         limiter,
                         until,
                         forgotten: false,
+                        generation,
                     };
                 };
                 let limiter = match (kept, limit) {
@@ -579,6 +587,7 @@ impl Shared {
                     limiter,
                     until,
                     forgotten: false,
+                    generation,
                 }
             },
             |kept| self.forgettable(kept, now),
@@ -698,14 +707,21 @@ impl<S> RateLimiting<S> {
         else {
             return false;
         };
-        if shared.claim_refresh(client, hash, now) {
+        if let Some(generation) = shared.claim_refresh(client, hash, now) {
             let read = source.client_limit(client);
             let (shared, client) = (Arc::clone(shared), client.to_owned());
             runtime.spawn(async move {
-                let limit = read
-                    .await
-                    .map_err(|unknown| warn_unknown(&client, &unknown));
-                shared.store_client(&client, limit, shared.now(), true);
+                // Bounded by the ttl, so that reads of a hung store do not pile up.
+                let ttl = Duration::from_nanos(shared.ttl_nanos);
+                let limit = match tokio::time::timeout(ttl, read).await {
+                    Ok(read) => read.map_err(|unknown| warn_unknown(&client, &unknown)),
+                    Err(_) => {
+                        let unknown = ClientLimitUnknown::new("no answer within the ttl");
+                        warn_unknown(&client, &unknown);
+                        Err(())
+                    }
+                };
+                shared.store_client(&client, limit, shared.now(), generation);
             });
         }
         true
@@ -729,6 +745,11 @@ impl<S> RateLimiting<S> {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
+        // The generation the read begins at: a forget_client meanwhile makes it stale.
+        let generation = shared
+            .clients
+            .get(shared.clients.hash(&client), &*client)
+            .map_or(0, |entry| entry.generation);
         let read = shared
             .source
             .as_ref()
@@ -741,7 +762,7 @@ impl<S> RateLimiting<S> {
                 None => Ok(None),
             };
             let now = shared.now();
-            let entry = shared.store_client(&client, limit, now, false);
+            let entry = shared.store_client(&client, limit, now, generation);
             let checked = match &entry.limiter {
                 Some(limiter) => shared.check(limiter, now).map_err(|w| (Whose::Client, w)),
                 None => Ok(()),
@@ -1161,6 +1182,62 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test]
+    async fn a_read_begun_before_forget_client_does_not_undo_the_one_after() {
+        /// Answers its limit now, but the second read (the background one) only when let go,
+        /// with the limit it had when asked.
+        struct Gated {
+            calls: AtomicUsize,
+            limit: std::sync::Mutex<RateLimit>,
+            gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+        }
+        impl ClientLimits for Gated {
+            fn client_limit(&self, _: &str) -> ClientLimitFuture {
+                let limit = *self.limit.lock().unwrap();
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                    let gate = self.gate.lock().unwrap().take().unwrap();
+                    return Box::pin(async move {
+                        let _ = gate.await;
+                        Ok(Some(limit))
+                    });
+                }
+                Box::pin(std::future::ready(Ok(Some(limit))))
+            }
+        }
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let source = Arc::new(Gated {
+            calls: AtomicUsize::new(0),
+            limit: std::sync::Mutex::new(limit(1, 1)),
+            gate: std::sync::Mutex::new(Some(gate)),
+        });
+        let layer = RateLimitLayer::builder()
+            .client_limits(Arc::clone(&source))
+            .client_issuer("https://gw.example")
+            .client_limit_ttl(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let (service, _) = counted(&layer);
+        status(&service, request(None, Some("app"))).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Stale: read again in the background (held at the gate), with the old limit.
+        status(&service, request(None, Some("app"))).await;
+        // The limit changes, and is forgotten: the next request reads the new one.
+        *source.limit.lock().unwrap() = limit(100, 100);
+        layer.forget_client("app");
+        status(&service, request(None, Some("app"))).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+        // The old read ends now: what it read is older than the forget, and not kept.
+        open.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for _ in 0..10 {
+            assert_eq!(
+                status(&service, request(None, Some("app"))).await,
+                StatusCode::OK,
+                "the limit read before forget_client came back"
+            );
+        }
+    }
+
     #[test]
     fn memory_stays_within_the_capacity() {
         let layer = RateLimitLayer::builder().capacity(64).build().unwrap();
@@ -1169,7 +1246,7 @@ mod tests {
         for n in 0..10_000u32 {
             let tenant = TenantId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap();
             shared.check_tenant(tenant, limit(1, 1), now).unwrap();
-            shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now, false);
+            shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now, 0);
         }
         assert!(shared.tenants.len() <= shared.tenants.capacity());
         assert!(shared.clients.len() <= shared.clients.capacity());
