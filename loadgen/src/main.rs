@@ -458,6 +458,8 @@ struct TokenBook {
     /// By tenant index: the `Authorization` value ready to send. (One slot per tenant, so a
     /// request costs the load generator the same whatever the number of tenants.)
     held: Vec<Mutex<Option<Held>>>,
+    /// How long the token endpoint may take to answer (`--timeout`).
+    timeout: Duration,
     /// By tenant index: whether a refetch is under way (one at a time).
     refetching: Vec<std::sync::atomic::AtomicBool>,
 }
@@ -495,6 +497,8 @@ impl TokenBook {
                     tokio::spawn(async move {
                         if let Err(error) = book.fetch(index, &tenant).await {
                             eprintln!("\nrefetching a token failed: {error}");
+                            // At most one try a second against a failing endpoint.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                         book.refetching[index].store(false, Ordering::Release);
                     });
@@ -539,18 +543,24 @@ impl TokenBook {
                     .header("content-type", "application/x-www-form-urlencoded")
                     .body(Full::from(form))
                     .map_err(|e| e.to_string())?;
-                let response = self
-                    .client
-                    .request(request)
+                let asked = async {
+                    let response = self
+                        .client
+                        .request(request)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = response.status();
+                    let body = response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .to_bytes();
+                    Ok::<_, String>((status, body))
+                };
+                let (status, body) = tokio::time::timeout(self.timeout, asked)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let status = response.status();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
+                    .map_err(|_| format!("no answer within {:?}", self.timeout))??;
                 let reply: serde_json::Value =
                     serde_json::from_slice(&body).map_err(|e| e.to_string())?;
                 let token = reply["access_token"]
@@ -563,12 +573,11 @@ impl TokenBook {
             }
         };
         let now = Instant::now();
-        let refetch_at = now + Duration::from_secs(lifetime * 4 / 5);
+        // (At most a year: `Instant` arithmetic must not overflow.)
+        let lifetime = Duration::from_secs(lifetime.clamp(1, 365 * 86_400));
+        let refetch_at = now + lifetime.mul_f64(0.8);
         // Given up on a tenth of its lifetime (at most a minute) before it expires.
-        let margin = Duration::from_secs(lifetime)
-            .div_f64(10.0)
-            .min(Duration::from_secs(60));
-        let expires_at = now + Duration::from_secs(lifetime) - margin;
+        let expires_at = now + lifetime - lifetime.div_f64(10.0).min(Duration::from_secs(60));
         let value = HeaderValue::try_from(format!("Bearer {token}"))
             .map_err(|_| "the token is not a valid header value".to_owned())?;
         *self.held[index].lock().unwrap() = Some(Held {
@@ -902,6 +911,7 @@ async fn main() {
         client: Client::builder(TokioExecutor::new()).build_http(),
         held: options.tenants.iter().map(|_| Mutex::default()).collect(),
         refetching: options.tenants.iter().map(|_| Default::default()).collect(),
+        timeout: options.timeout,
     };
     let tokens = Arc::new(tokens);
     if let Err(message) = prefetch(&tokens, &options.tenants).await {
