@@ -458,6 +458,8 @@ struct TokenBook {
     /// By tenant index: the `Authorization` value ready to send. (One slot per tenant, so a
     /// request costs the load generator the same whatever the number of tenants.)
     held: Vec<Mutex<Option<Held>>>,
+    /// By tenant index: held by the one fetch under way.
+    fetching: Vec<tokio::sync::Mutex<()>>,
     /// How long the token endpoint may take to answer (`--timeout`).
     timeout: Duration,
     /// By tenant index: whether a refetch is under way (one at a time).
@@ -489,13 +491,32 @@ impl TokenBook {
             Tokens::Static(value) => return Ok(Some(value.clone())),
             _ => {}
         }
+        if let Some(value) = self.held_or_refetch(index, tenant) {
+            return Ok(Some(value));
+        }
+        // None held, or it expired: one fetch a tenant at a time (a refetch under way
+        // included); the others wait for it, then take what it got.
+        let _turn = self.fetching[index].lock().await;
+        if let Some(held) = &*self.held[index].lock().unwrap() {
+            if Instant::now() < held.expires_at {
+                return Ok(Some(held.value.clone()));
+            }
+        }
+        self.fetch(index, tenant).await.map(Some)
+    }
+
+    /// The token held for tenant `index` if it has not expired, starting its refetch when due.
+    fn held_or_refetch(self: &Arc<Self>, index: usize, tenant: &str) -> Option<HeaderValue> {
         if let Some(held) = &*self.held[index].lock().unwrap() {
             let now = Instant::now();
             if now < held.expires_at {
                 if now >= held.refetch_at && !self.refetching[index].swap(true, Ordering::AcqRel) {
                     let (book, tenant) = (Arc::clone(self), tenant.to_owned());
                     tokio::spawn(async move {
-                        if let Err(error) = book.fetch(index, &tenant).await {
+                        let turn = book.fetching[index].lock().await;
+                        let fetched = book.fetch(index, &tenant).await;
+                        drop(turn);
+                        if let Err(error) = fetched {
                             eprintln!("\nrefetching a token failed: {error}");
                             // At most one try a second against a failing endpoint.
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -503,10 +524,10 @@ impl TokenBook {
                         book.refetching[index].store(false, Ordering::Release);
                     });
                 }
-                return Ok(Some(held.value.clone()));
+                return Some(held.value.clone());
             }
         }
-        self.fetch(index, tenant).await.map(Some)
+        None
     }
 
     /// Gets a token for `tenant` and holds it in slot `index`.
@@ -911,6 +932,7 @@ async fn main() {
         client: Client::builder(TokioExecutor::new()).build_http(),
         held: options.tenants.iter().map(|_| Mutex::default()).collect(),
         refetching: options.tenants.iter().map(|_| Default::default()).collect(),
+        fetching: options.tenants.iter().map(|_| Default::default()).collect(),
         timeout: options.timeout,
     };
     let tokens = Arc::new(tokens);
