@@ -465,6 +465,18 @@ struct ClientEntry {
     generation: u64,
 }
 
+impl ClientEntry {
+    /// The limit `kept` held (none without one), used until `until`.
+    fn keeping(kept: Option<&ClientEntry>, until: u64, generation: u64) -> Self {
+        Self {
+            limiter: kept.and_then(|kept| kept.limiter.clone()),
+            until,
+            forgotten: false,
+            generation,
+        }
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Whose {
@@ -524,13 +536,7 @@ impl Shared {
                 kept => {
                     let generation = kept.map_or(0, |kept| kept.generation);
                     claimed = Some(generation);
-                    let limiter = kept.and_then(|kept| kept.limiter.clone());
-                    ClientEntry {
-                        limiter,
-                        until,
-                        forgotten: false,
-                        generation,
-                    }
+                    ClientEntry::keeping(kept, until, generation)
                 }
             },
             |kept| self.forgettable(kept, now),
@@ -564,13 +570,7 @@ impl Shared {
                     return kept.clone();
                 }
                 let Ok(limit) = limit else {
-                    let limiter = kept.and_then(|kept| kept.limiter.clone());
-                    return ClientEntry {
-                        limiter,
-                        until,
-                        forgotten: false,
-                        generation,
-                    };
+                    return ClientEntry::keeping(kept, until, generation);
                 };
                 let limiter = match (kept, limit) {
                     (_, None) => None,
