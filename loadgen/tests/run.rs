@@ -1,48 +1,24 @@
 //! A real run against a small HTTP/1.1 server on loopback: the JSON report with its per-second
 //! timeline, and the SVG chart, in a closed loop and at a fixed rate.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::Command;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
 
-/// A keep-alive server answering every request head with `200 {}` (`401` for a bearer token
-/// other than `t0ken`); its address.
+mod common;
+
+/// A keep-alive server answering every request with `200 {}` (`401` for a bearer token other
+/// than `t0ken`); its FHIR base.
 fn server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(read) = stream.read(&mut chunk) else {
-                        return;
-                    };
-                    if read == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
-                        buffer.drain(..end + 4);
-                        // A bearer token, when sent, must be the right one.
-                        let refused = head.contains("authorization:")
-                            && !head.contains("authorization: bearer t0ken");
-                        let answer: &[u8] = if refused {
-                            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
-                        } else {
-                            b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}"
-                        };
-                        if stream.write_all(answer).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+    let addr = common::keep_alive_server(|head| {
+        // A bearer token, when sent, must be the right one.
+        let refused =
+            head.contains("authorization:") && !head.contains("authorization: bearer t0ken");
+        if refused {
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n".to_vec()
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}"
+                .to_vec()
         }
     });
     format!("http://{addr}/fhir")

@@ -1,7 +1,5 @@
 //! Tokens from a token endpoint: fetched again before they expire, once, in the background.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,56 +7,24 @@ use std::time::Duration;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
 
+mod common;
+
 /// A keep-alive server with a slow token endpoint (`POST /oauth/token`: 300 ms, tokens that
 /// live 2 s) counting its token requests, and a FHIR endpoint answering `200 {}`.
 fn server(token_requests: Arc<AtomicUsize>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let token_requests = Arc::clone(&token_requests);
-            std::thread::spawn(move || {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(read) = stream.read(&mut chunk) else {
-                        return;
-                    };
-                    if read == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..read]);
-                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
-                        let length = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if buffer.len() < end + 4 + length {
-                            break;
-                        }
-                        buffer.drain(..end + 4 + length);
-                        let answer: Vec<u8> = if head.starts_with("post /oauth/token") {
-                            token_requests.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(Duration::from_millis(300));
-                            let body =
-                                r#"{"access_token":"t0ken","token_type":"Bearer","expires_in":2}"#;
-                            format!(
-                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .into_bytes()
-                        } else {
-                            b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}".to_vec()
-                        };
-                        if stream.write_all(&answer).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+    let addr = common::keep_alive_server(move |head| {
+        if head.starts_with("post /oauth/token") {
+            token_requests.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            let body = r#"{"access_token":"t0ken","token_type":"Bearer","expires_in":2}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 2\r\n\r\n{}"
+                .to_vec()
         }
     });
     format!("http://{addr}")
