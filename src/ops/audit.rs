@@ -750,11 +750,14 @@ fn describe<'a>(method: &http::Method, path: &'a str, canonical: &'a str) -> Des
 /// server). Borrowed when there is nothing to change, or when a decoded byte would be a `/`,
 /// `\`, `?`, `#` or NUL, or not UTF-8 (paths the proxy refuses; left unclassified).
 fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
-    // One pass over the few `/` and `%` (`str::contains("//")` runs a two-way search, a
-    // hundred instructions and more a path).
-    let bytes = path.as_bytes();
-    let plain = memchr::memchr2_iter(b'/', b'%', bytes)
-        .all(|at| bytes[at] == b'/' && bytes.get(at + 1) != Some(&b'/'));
+    // One plain pass over the (short) path: `str::contains("//")` runs a two-way search and
+    // `memchr2` sets up vectors, each well over a hundred instructions a path.
+    let mut previous = 0;
+    let plain = path.bytes().all(|byte| {
+        let plain = byte != b'%' && !(byte == b'/' && previous == b'/');
+        previous = byte;
+        plain
+    });
     if plain {
         return std::borrow::Cow::Borrowed(path);
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 /// A keep-alive server answering each request (its head, and a body of its `Content-Length`)
 /// with what `answer` makes of the head, in lower case; its address.
-pub(crate) fn keep_alive_server(answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> SocketAddr {
+pub(crate) fn keep_alive_server(
+    answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = Arc::new(answer);
