@@ -740,6 +740,8 @@ struct Measured {
     /// At a fixed rate: from when each request was due to when it was sent (µs).
     send_delay: Histogram<u64>,
     seconds: Vec<Histogram<u64>>,
+    /// The failed requests (counted, not timed) by the second they were due.
+    errors_by_second: Vec<u64>,
 }
 
 impl Default for Measured {
@@ -749,6 +751,7 @@ impl Default for Measured {
             latency: histogram(),
             send_delay: histogram(),
             seconds: Vec::new(),
+            errors_by_second: Vec::new(),
         }
     }
 }
@@ -775,6 +778,22 @@ impl Measured {
             for (sum, second) in all.seconds.iter_mut().zip(&worker.seconds) {
                 let _ = sum.add(second);
             }
+            if all.errors_by_second.len() < worker.errors_by_second.len() {
+                all.errors_by_second
+                    .resize(worker.errors_by_second.len(), 0);
+            }
+            for (sum, errors) in all
+                .errors_by_second
+                .iter_mut()
+                .zip(&worker.errors_by_second)
+            {
+                *sum += errors;
+            }
+        }
+        // A second with errors only is a second of the timeline too.
+        if all.seconds.len() < all.errors_by_second.len() {
+            all.seconds
+                .resize_with(all.errors_by_second.len(), plot::second_histogram);
         }
         all
     }
@@ -875,6 +894,10 @@ impl Shared {
             Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
             Some(Err(error)) => {
                 *measured.tally.errors.entry(error).or_default() += 1;
+                if measured.errors_by_second.len() <= second {
+                    measured.errors_by_second.resize(second + 1, 0);
+                }
+                measured.errors_by_second[second] += 1;
                 drop(measured);
                 self.done.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -1319,6 +1342,7 @@ fn report(
                 .iter()
                 .enumerate()
                 .map(|(second, s)| json!({"second": second, "requests": s.requests,
+                    "errors": measured.errors_by_second.get(second).copied().unwrap_or(0),
                     "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max}))
                 .collect::<Vec<_>>(),
         });

@@ -143,6 +143,12 @@ fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
     assert!(text.contains(" 0 answered, 0 req/s"), "{text}");
     assert!(text.contains("FAILED"), "{text}");
     assert!(text.contains("connect:"), "{text}");
+    // The timeline counts the failures in their second.
+    let out = run_within(Duration::from_secs(30), &[&args[..], &["--json"]].concat());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let second = &report["timeline"][0];
+    assert_eq!(second["requests"], 0, "{report:#}");
+    assert!(second["errors"].as_u64().unwrap() > 0, "{report:#}");
 }
 
 /// A server that answers one request per connection, `Connection: close`, and closes it (as
