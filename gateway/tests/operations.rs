@@ -102,6 +102,25 @@ async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> b
     false
 }
 
+/// The audit log's text and records once it holds at least `count` (for at most 5 s).
+async fn audit_records(audit: &Path, count: usize) -> (String, Vec<Value>) {
+    let recorded = eventually(Duration::from_secs(5), async || {
+        std::fs::read_to_string(audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= count
+    })
+    .await;
+    assert!(recorded, "fewer than {count} audit records");
+    let written = std::fs::read_to_string(audit).unwrap();
+    let records = written
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (written, records)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_request_ids_metrics_and_audit_records() {
     let started = SystemTime::now();
@@ -251,20 +270,7 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
     assert!(text.contains("tower_fhir_requests_in_flight"), "{text}");
 
     // The audit log: the token request, the read, the refusal; no token or secret.
-    let lines = eventually(Duration::from_secs(5), async || {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 3
-    })
-    .await;
-    assert!(lines, "the audit log has fewer than 3 records");
-    let written = std::fs::read_to_string(&audit).unwrap();
-    let records: Vec<Value> = written
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (written, records) = audit_records(&audit, 3).await;
     let read = records
         .iter()
         .find(|r| r["request_id"] == "op-1")
@@ -698,19 +704,9 @@ async fn the_tenant_label_and_query_values_can_be_left_out() {
     assert_eq!(ok, Some(2.0), "{text}");
     assert!(!text.contains(TENANT), "a tenant label is left: {text}");
 
-    let recorded = eventually(Duration::from_secs(5), async || {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 2
-    })
-    .await;
-    assert!(recorded, "fewer than 2 audit records");
-    let written = std::fs::read_to_string(&audit).unwrap();
-    let search: Value = written
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let (written, records) = audit_records(&audit, 2).await;
+    let search = records
+        .iter()
         .find(|r| r["interaction"] == "search")
         .expect("the search's record");
     assert_eq!(search["query"], Value::Null);
@@ -769,24 +765,11 @@ async fn admin_requests_get_request_ids_audit_records_and_metrics() {
         "an id is made for a request that came without one"
     );
 
-    let recorded = eventually(Duration::from_secs(5), async || {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 3
-    })
-    .await;
-    assert!(recorded, "fewer than 3 audit records");
-    let written = std::fs::read_to_string(&audit).unwrap();
+    let (written, records) = audit_records(&audit, 3).await;
     assert!(
         !written.contains(admin_token),
         "the admin token was written"
     );
-    let records: Vec<Value> = written
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let by_id = |id: &str| {
         records
             .iter()
