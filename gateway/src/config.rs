@@ -132,6 +132,13 @@ pub(crate) struct Config {
     /// `listen`. Default: the CPUs this process may use.
     #[serde(default)]
     pub(crate) workers: Option<usize>,
+    /// TLS on `listen`: the certificate chain, PEM, the server's certificate first. With
+    /// `tls_private_key_file`; without both, plain HTTP.
+    #[serde(default)]
+    pub(crate) tls_certificate_file: Option<PathBuf>,
+    /// The private key of `tls_certificate_file`, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub(crate) tls_private_key_file: Option<PathBuf>,
 }
 
 /// The most `workers` accepted.
@@ -212,6 +219,8 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .field("workers", &self.workers)
+            .field("tls_certificate_file", &self.tls_certificate_file)
+            .field("tls_private_key_file", &self.tls_private_key_file)
             .finish()
     }
 }
@@ -558,6 +567,12 @@ impl Config {
         config
             .check_connection_limits()
             .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
+        if config.tls_certificate_file.is_some() != config.tls_private_key_file.is_some() {
+            return Err(format!(
+                "the configuration file {}: tls_certificate_file and tls_private_key_file go together: give both for TLS, or neither",
+                path.display()
+            ));
+        }
         Ok(config)
     }
 
@@ -597,6 +612,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The listener's TLS, its files read; `None` for plain HTTP.
+    pub(crate) fn tls(&self) -> Result<Option<crate::tls::FrontTls>, String> {
+        match (&self.tls_certificate_file, &self.tls_private_key_file) {
+            (Some(certificate), Some(key)) => {
+                crate::tls::FrontTls::load(certificate, key).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// `client_address_header` with the peers it is read from; `None` without it.

@@ -29,6 +29,7 @@ mod front;
 mod serve;
 mod state;
 mod throttle;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
             .map_err(|e| format!("cannot use the database: {e}"))?;
     }
     state::check(&config).await?;
+    config.tls()?;
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
@@ -159,6 +161,8 @@ async fn run(args: Args) -> Result<(), String> {
         front::serve_metrics(listener, page);
         eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
     }
+    // Read before listening: a certificate that cannot be used stops the start.
+    let tls = config.tls()?;
     let workers = config.worker_count();
     let listeners = serve::bind(config.listen, workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -207,6 +211,12 @@ async fn run(args: Args) -> Result<(), String> {
     println!("tower-fhir gateway listening on {base}");
     println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
     println!("  state in {}", state.location);
+    if let (Some(certificate), Some(_)) = (&config.tls_certificate_file, &tls) {
+        println!(
+            "  TLS with the certificate in {} (read again on SIGHUP or when it changes)",
+            certificate.display()
+        );
+    }
     let tenants = state
         .directory
         .list()
@@ -259,7 +269,10 @@ async fn run(args: Args) -> Result<(), String> {
     let (front, admin, reopener) = front::front(&config, gateway, admin, &state.keys, database)?;
     #[cfg(unix)]
     if let Some(hangups) = hangups {
-        tokio::spawn(serve::reopen_on_hangup(hangups, reopener));
+        tokio::spawn(serve::reopen_on_hangup(hangups, reopener, tls.clone()));
+    }
+    if let Some(tls) = &tls {
+        tokio::spawn(tls::reload_when_changed(tls.clone()));
     }
     #[cfg(not(unix))]
     drop(reopener);
@@ -273,7 +286,7 @@ async fn run(args: Args) -> Result<(), String> {
             .client_address_rule()?
             .map(|rule| &*Box::leak(Box::new(rule))),
     };
-    serve::serve(listeners, front, admin, limits, stop).await?;
+    serve::serve(listeners, front, admin, tls, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");
@@ -302,12 +315,18 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-/// The URL clients use: the configured one, or `http://` and the listening address.
+/// The URL clients use: the configured one, or `http://` (`https://` with TLS) and the
+/// listening address.
 fn public_base_url(config: &Config, listening: SocketAddr) -> String {
+    let scheme = if config.tls_certificate_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     config
         .public_base_url
         .clone()
-        .unwrap_or_else(|| format!("http://{listening}"))
+        .unwrap_or_else(|| format!("{scheme}://{listening}"))
         .trim_end_matches('/')
         .to_owned()
 }

@@ -1,5 +1,5 @@
-//! Serving: HTTP/1.1 and HTTP/2 connections, the admin API beside the gateway, graceful
-//! shutdown on SIGTERM or Ctrl-C.
+//! Serving: HTTP/1.1 and HTTP/2 connections, over TLS when it is configured (see
+//! [`crate::tls`]), the admin API beside the gateway, graceful shutdown on SIGTERM or Ctrl-C.
 //!
 //! One worker per CPU (`workers`), as nginx runs one per core: each a thread of its own with a
 //! single-threaded tokio runtime and a listening socket of its own on the same address
@@ -59,6 +59,7 @@ use tower::{Service, ServiceExt};
 use tower_fhir::proxy::ClientAddr;
 
 use crate::front::{AdminFront, Front};
+use crate::tls::FrontTls;
 
 /// The connection bounds, and how requests name their client, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +119,7 @@ pub(crate) async fn serve(
     listeners: Vec<std::net::TcpListener>,
     gateway: Front,
     admin: Option<AdminFront>,
+    tls: Option<FrontTls>,
     limits: Limits,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
@@ -134,6 +136,7 @@ pub(crate) async fn serve(
             .build()
             .map_err(|e| format!("cannot start a worker's runtime: {e}"))?;
         let (gateway, admin, permits) = (gateway.clone(), admin.clone(), Arc::clone(&permits));
+        let tls = tls.as_ref().map(|tls| tls.acceptor().clone());
         let (stop_watch, mut finished_watch) = (stop_watch.clone(), finished_watch.clone());
         let worker = std::thread::Builder::new()
             .name(format!("tower-fhir-worker-{n}"))
@@ -141,7 +144,12 @@ pub(crate) async fn serve(
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            accept(listener, gateway, admin, limits, permits, stop_watch).await;
+                            let front = Fronts {
+                                gateway,
+                                admin,
+                                tls,
+                            };
+                            accept(listener, front, limits, permits, stop_watch).await;
                         }
                         Err(error) => tracing::error!(%error, "a worker cannot listen"),
                     }
@@ -178,17 +186,22 @@ pub(crate) async fn serve(
 /// stop (then every connection is told to finish its requests and close).
 async fn accept(
     listener: tokio::net::TcpListener,
-    gateway: Front,
-    admin: Option<AdminFront>,
+    front: Fronts,
     limits: Limits,
     permits: Arc<Semaphore>,
     stop_watch: watch::Receiver<bool>,
 ) {
+    let Fronts {
+        gateway,
+        admin,
+        tls,
+    } = front;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    let builder = Arc::new(builder);
     let mut stop_signal = stop_watch.clone();
     let stop = async move {
         let _ = stop_signal.wait_for(|&stop| stop).await;
@@ -252,18 +265,44 @@ async fn accept(
                 Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))
             }
         });
-        let io = TokioIo::new(CountingIo {
-            stream,
-            activity: Arc::clone(&activity),
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
         let mut stop_watch = stop_watch.clone();
+        let (builder, tls) = (Arc::clone(&builder), tls.clone());
         tokio::spawn(async move {
             // Released when the connection is over, letting the next one be accepted.
             let _permit = permit;
             let _open = OpenConnection::count();
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                Some(tls) => {
+                    // The handshake within the header-read timeout; the request head's own
+                    // begins after it.
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, tls.accept(stream));
+                    tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => Stream::Tls(Box::new(stream)),
+                            Ok(Err(error)) => {
+                                closed("tls_handshake_failed");
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                closed("tls_handshake_timeout");
+                                tracing::debug!(%peer, "no TLS handshake within the header-read timeout");
+                                return;
+                            }
+                        },
+                        _ = stop_watch.wait_for(|&stop| stop) => return,
+                    }
+                }
+            };
+            let io = TokioIo::new(CountingIo {
+                stream,
+                activity: Arc::clone(&activity),
+            });
+            let connection = builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned();
             let mut connection = std::pin::pin!(connection);
             let mut watchdog = Watchdog::new(Arc::clone(&activity), limits);
             let mut closing = false;
@@ -741,8 +780,90 @@ impl Watchdog {
 
 /// The connection's socket, noting the writes that move bytes and those that find no room.
 struct CountingIo {
-    stream: TcpStream,
+    stream: Stream,
     activity: Arc<Activity>,
+}
+
+/// What the gateway's workers serve: the gateway, the admin API beside it, and the listener's
+/// TLS (`None`: plain TCP).
+struct Fronts {
+    gateway: Front,
+    admin: Option<AdminFront>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A connection's bytes: plain TCP, or TLS over it (boxed: a TLS session is large, and most
+/// gateways run behind a balancer that ends TLS).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Stream::Tls(tls) => Pin::new(&mut **tls).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+        }
+    }
 }
 
 impl CountingIo {
@@ -768,7 +889,7 @@ impl Drop for CountingIo {
         if self.activity.reset.load(Ordering::Relaxed) {
             // A reset frees at once what the kernel still holds for a client that takes
             // nothing, instead of trying to send it for minutes after the close.
-            let _ = self.stream.set_zero_linger();
+            let _ = self.stream.tcp().set_zero_linger();
         }
     }
 }
@@ -868,16 +989,30 @@ pub(crate) fn hangups() -> Option<tokio::signal::unix::Signal> {
 
 /// Each SIGHUP reopens the audit log file at its path, for log rotation: rename the file, then
 /// send SIGHUP; once `audit log reopened` is logged (by the audit log's writer, as it switches),
-/// the renamed file is written no more. Without an audit log file (none, or standard output) a
-/// SIGHUP is logged and ignored.
+/// the renamed file is written no more. Without an audit log file (none, or standard output)
+/// there is none to reopen. With TLS on, it also reads the certificate and key again (kept as
+/// they were, with an `error` logged, when they cannot be used).
 #[cfg(unix)]
 pub(crate) async fn reopen_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     reopener: Option<tower_fhir::ops::AuditReopener>,
+    tls: Option<crate::tls::FrontTls>,
 ) {
     while hangups.recv().await.is_some() {
+        if let Some(tls) = tls.clone() {
+            match tokio::task::spawn_blocking(move || tls.reload()).await {
+                Ok(Ok(())) => tracing::info!("SIGHUP: TLS certificate read again"),
+                Ok(Err(error)) => tracing::error!(
+                    %error,
+                    "SIGHUP: the TLS certificate cannot be used: still serving the one before"
+                ),
+                Err(error) => tracing::error!(%error, "SIGHUP: reading the TLS certificate failed"),
+            }
+        }
         let Some(reopener) = reopener.clone() else {
-            tracing::info!("SIGHUP: no audit log file to reopen");
+            if tls.is_none() {
+                tracing::info!("SIGHUP: no audit log file to reopen");
+            }
             continue;
         };
         let path = reopener.path().display().to_string();
