@@ -89,10 +89,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/Patient/{id}", get(read_patient))
         .layer(
             ServiceBuilder::new()
-                .fhir_versions(VersionNegotiationLayer::builder().build()?)
+                // A request that names no release is an R4 one (so the handler always gets a
+                // `FhirVersion`), and so is the statement `metadata` answers it with.
+                .fhir_versions(
+                    VersionNegotiationLayer::builder()
+                        .default_version(FhirVersion::R4)
+                        .build()?,
+                )
                 .fhir_metadata(
                     MetadataLayer::builder(&base, format!("{base}/oauth/token"))
                         .issuer(&base)
+                        .default_version(FhirVersion::R4)
                         .build()?,
                 )
                 .fhir_bearer_auth(

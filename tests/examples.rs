@@ -119,18 +119,27 @@ async fn the_axum_example_hands_its_handlers_the_tenant_and_claims() {
     );
     let tenant = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
     let token = client_token(&client, "axum-demo", "axum-demo-secret-0123456789", tenant).await;
+    // As the example prints it: no release named (R4 then), and then naming one.
+    let bearer = format!("Bearer {token}");
+    let reply = client
+        .get("/Patient/42", &[("authorization", bearer.as_str())])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["meta"]["tag"][2]["code"], "4.0.1");
+    let statement = client.get("/metadata", &[]).await.json();
+    assert_eq!(statement["fhirVersion"], "4.0.1");
     let reply = get_with(
         &client,
         &token,
         "/Patient/42",
-        "application/fhir+json; fhirVersion=4.0",
+        "application/fhir+json; fhirVersion=3.0",
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let tags = reply.json()["meta"]["tag"].clone();
     assert_eq!(tags[0]["code"], tenant);
     assert_eq!(tags[1]["code"], "axum-demo");
-    assert_eq!(tags[2]["code"], "4.0.1");
+    assert_eq!(tags[2]["code"], "3.0.2");
     assert_eq!(
         client.get("/.well-known/jwks.json", &[]).await.status,
         StatusCode::OK

@@ -74,18 +74,21 @@ pub struct ObserveLayer {
     config: Arc<Config>,
 }
 
+/// Cloned only when a layer already cloned is configured further: each then goes its own way.
+#[derive(Clone)]
 struct Config {
     audit: Option<Audit>,
     query: QueryRecording,
-    metrics: Option<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     tenant_label: bool,
 }
 
 /// Where the audit records go.
+#[derive(Clone)]
 enum Audit {
     /// The audit log, given as it is: it takes each record's parts as the request has them
     /// and writes the line straight from them, with no record made.
-    Lines(JsonLinesAudit),
+    Lines(Arc<JsonLinesAudit>),
     /// Any other sink: it gets each [`AuditRecord`](super::AuditRecord) on the request path.
     Sink(Arc<dyn AuditSink>),
 }
@@ -231,8 +234,9 @@ impl ObserveLayer {
         }
     }
 
+    /// This layer's configuration, its own from now on if it was shared with a clone.
     fn config(&mut self) -> &mut Config {
-        Arc::get_mut(&mut self.config).expect("configured before it is shared")
+        Arc::make_mut(&mut self.config)
     }
 
     /// Gives every request's [`AuditRecord`](super::AuditRecord) to `sink`.
@@ -242,7 +246,7 @@ impl ObserveLayer {
     pub fn audit<S: AuditSink>(mut self, sink: S) -> Self {
         let mut sink = Some(sink);
         let audit = match (&mut sink as &mut dyn Any).downcast_mut::<Option<JsonLinesAudit>>() {
-            Some(lines) => Audit::Lines(lines.take().expect("given above")),
+            Some(lines) => Audit::Lines(Arc::new(lines.take().expect("given above"))),
             None => Audit::Sink(Arc::new(sink.take().expect("given above"))),
         };
         self.config().audit = Some(audit);
@@ -266,7 +270,7 @@ impl ObserveLayer {
     /// recorder installed now: install it (`metrics::set_global_recorder`, or the exporter's
     /// `install_recorder`) before this call.
     pub fn metrics(mut self, on: bool) -> Self {
-        self.config().metrics = on.then(Metrics::new);
+        self.config().metrics = on.then(|| Arc::new(Metrics::new()));
         self
     }
 
@@ -559,6 +563,32 @@ mod tests {
         assert_eq!(record.query.as_deref(), Some("code=x"));
         assert_eq!(record.upstream.as_deref(), Some("http://fhir.example"));
         assert_eq!((record.status, record.outcome), (200, "ok"));
+    }
+
+    #[tokio::test]
+    async fn a_clone_configured_further_goes_its_own_way() {
+        let records: Records = Arc::default();
+        let sink = Arc::clone(&records);
+        let plain = ObserveLayer::new();
+        let kept = plain.clone();
+        // Configuring a layer that is shared with a clone used to panic.
+        let audited = plain.audit(move |r: AuditRecord| sink.lock().unwrap().push(r));
+        let ok = || {
+            tower::service_fn(|_r: Request<()>| async { Ok::<_, Infallible>(Response::new(())) })
+        };
+        for layer in [&kept, &audited] {
+            layer
+                .layer(ok())
+                .oneshot(Request::get("/Patient/1").body(()).unwrap())
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            records.lock().unwrap().len(),
+            1,
+            "the clone has no audit sink"
+        );
+        assert!(format!("{kept:?}").contains("audit: false"), "{kept:?}");
     }
 
     #[tokio::test]
