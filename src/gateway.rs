@@ -25,7 +25,10 @@
 //! [`GatewayLayer`] is the same stack without the proxy, for an existing FHIR service (your own
 //! handlers in place of the proxy, tenants served in-process: see
 //! [`InProcessTenant`](crate::route::InProcessTenant)); built with a token endpoint, it answers
-//! the same token routes ahead of your service.
+//! the same token routes ahead of your service. Under a prefix of an axum app, mount the
+//! layered router with `Router::nest_service` (or as its `fallback_service`), not
+//! `Router::nest`: a nested router without a fallback gets only the paths its routes match,
+//! so the token routes and `metadata` would never reach the layer.
 //!
 //! ```
 //! use http::{Request, StatusCode};

@@ -17,6 +17,7 @@ use axum::Router;
 use serde_json::{json, Value};
 use support::*;
 use tower_fhir::gateway::Gateway;
+use tower_fhir::ops::BodyLimitLayer;
 use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
@@ -62,6 +63,14 @@ async fn read(
 /// even where the router has a route matching their paths.
 async fn any_resource(local: InProcessTenant, Path((kind, id)): Path<(String, String)>) -> String {
     format!("{} {kind}/{id}", local.key())
+}
+
+/// The request body limit of these tests' server.
+const BODY_LIMIT: u64 = 1024;
+
+/// `POST /Patient`: the body's length, read whole by axum's extractor.
+async fn create(_local: InProcessTenant, body: axum::body::Bytes) -> String {
+    format!("{} bytes", body.len())
 }
 
 struct Server {
@@ -121,9 +130,11 @@ async fn server(throttle: Option<ThrottlePolicy>) -> Server {
         .unwrap();
     let app = Router::new()
         .route("/Patient/{id}", get(read))
+        .route("/Patient", axum::routing::post(create))
         .route("/{kind}/{id}", get(any_resource).post(any_resource))
         .with_state(stores)
-        .layer(layer);
+        .layer(layer)
+        .layer(BodyLimitLayer::new(BODY_LIMIT));
     tokio::spawn(async move {
         axum::serve(
             listener,
@@ -333,4 +344,55 @@ async fn the_token_throttle_counts_axum_connect_info_addresses() {
         StatusCode::OK,
         "the client from another address is not"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_gets_413_with_an_outcome_from_an_axum_handler() {
+    use std::io::{Read, Write};
+    let Server { client } = server(None).await;
+    let token = token(&client, CONTOSO).await;
+    let addr = client.addr();
+    // Within the limit, the handler has it; chunked past it (so no Content-Length refuses it
+    // first), axum's extractor fails, and the client gets the layer's 413, not axum's text.
+    let small = client
+        .send(
+            "POST",
+            "/Patient",
+            &[("authorization", &format!("Bearer {token}"))],
+            "{}",
+        )
+        .await;
+    assert_eq!(small.status, StatusCode::OK, "{}", small.text());
+    assert_eq!(small.text(), "2 bytes");
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let chunk = "x".repeat(1000);
+        write!(
+            stream,
+            "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n\
+             3e8\r\n{chunk}\r\n3e8\r\n{chunk}\r\n0\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.ends_with(b"}") || answer.ends_with(b"}\n") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"too-long\""), "{answer}");
+    assert!(answer.contains("application/fhir+json"), "{answer}");
 }

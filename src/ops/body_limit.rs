@@ -1,9 +1,16 @@
 //! A limit on request bodies: `413` with an OperationOutcome, nothing buffered.
 
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Limited;
+use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -18,12 +25,14 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
 ///
 /// A request whose `Content-Length` exceeds the limit is answered `413 Content Too Large`
 /// with an OperationOutcome (`too-long`) at once: the inner service never sees it, and its
-/// body is not read. Any other body is passed on wrapped in
-/// [`http_body_util::Limited`], which fails once more than the limit has been read: the
-/// [`FhirProxy`](crate::proxy::FhirProxy) then abandons the upstream request mid-body (the
-/// upstream never receives a complete request) and answers `413` with the same
-/// OperationOutcome; axum's body extractors answer `413` too. Each refusal counts in the
-/// `tower_fhir_body_too_large_total` metric.
+/// body is not read. Any other body is passed on as a [`LimitedBody`] (an
+/// [`http_body_util::Limited`]), which fails once more than the limit has been read, with
+/// `Limited`'s error: the [`FhirProxy`](crate::proxy::FhirProxy) then abandons the upstream
+/// request mid-body (the upstream never receives a complete request) and answers `413` with
+/// the same OperationOutcome. Whatever else the inner service answers a body it found too
+/// long with (an axum extractor's plain-text `400` or `413`, say: one that wraps the error
+/// does not recognise it), an error status is replaced by that `413` OperationOutcome. Each
+/// refusal counts in the `tower_fhir_body_too_large_total` metric.
 ///
 /// The limit is on the bytes sent, so a body sent compressed (a `Content-Encoding` other than
 /// `identity`) would be held to it only as compressed: a few MiB of gzip can inflate to
@@ -118,11 +127,11 @@ pub struct BodyLimit<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BodyLimit<S>
 where
-    S: Service<Request<Limited<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<LimitedBody<ReqBody>>, Response = Response<ResBody>>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = BodyLimitFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -135,7 +144,7 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max) {
-            return ResponseFuture::answered(too_large(Some(self.max)));
+            return BodyLimitFuture::answered(too_large(Some(self.max)));
         }
         // (A request that has no body has nothing to inflate.)
         let no_body = || {
@@ -145,11 +154,123 @@ where
                     && matches!(*request.method(), http::Method::GET | http::Method::HEAD))
         };
         if !self.coded && is_coded(request.headers()) && !no_body() {
-            return ResponseFuture::answered(coded_refused());
+            return BodyLimitFuture::answered(coded_refused());
         }
+        // Watched only when there may be a body (not for the reads that are most requests).
+        let hit = (!no_body()).then(Arc::default);
         // `Limited` counts in `usize`; a limit beyond it cannot be reached anyway.
         let max = usize::try_from(self.max).unwrap_or(usize::MAX);
-        ResponseFuture::inner(self.inner.call(request.map(|body| Limited::new(body, max))))
+        let watch = hit.clone();
+        let future = self.inner.call(request.map(|body| LimitedBody {
+            inner: Limited::new(body, max),
+            hit: watch,
+        }));
+        BodyLimitFuture {
+            inner: ResponseFuture::inner(future),
+            hit,
+            max: self.max,
+        }
+    }
+}
+
+pin_project! {
+    /// A request body as [`BodyLimit`] passes it on: at most its limit, then
+    /// [`http_body_util::Limited`]'s error (a
+    /// [`LengthLimitError`](http_body_util::LengthLimitError) in a `BoxError`), which the
+    /// layer remembers.
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: Limited<B>,
+        hit: Option<Arc<AtomicBool>>,
+    }
+}
+
+impl<B> std::fmt::Debug for LimitedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitedBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let (Some(Err(error)), Some(hit)) = (&frame, this.hit.as_ref()) {
+            if is_length_limit(&**error) {
+                hit.store(true, Ordering::Relaxed);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The response future of [`BodyLimit`]: the inner service's answer, or `413` when it
+    /// answered an error status to a body it found too long.
+    pub struct BodyLimitFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+        hit: Option<Arc<AtomicBool>>,
+        max: u64,
+    }
+}
+
+impl<F> BodyLimitFuture<F> {
+    fn answered(response: Response<Bytes>) -> Self {
+        Self {
+            inner: ResponseFuture::answered(response),
+            hit: None,
+            max: 0,
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for BodyLimitFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyLimitFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for BodyLimitFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let status = response.status();
+        let refused = this
+            .hit
+            .as_ref()
+            .is_some_and(|hit| hit.load(Ordering::Relaxed));
+        // The proxy's own 413 is kept (and counted once); a success stays what it was.
+        if refused
+            && status != StatusCode::PAYLOAD_TOO_LARGE
+            && (status.is_client_error() || status.is_server_error())
+        {
+            return Poll::Ready(Ok(too_large(Some(*this.max)).map(ResponseBody::full)));
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -236,7 +357,7 @@ mod tests {
             BodyLimitLayer::new(1024)
                 .allow_coded_bodies(allow)
                 .layer(tower::service_fn(
-                    |_r: Request<Limited<http_body_util::Empty<Bytes>>>| async {
+                    |_r: Request<LimitedBody<http_body_util::Empty<Bytes>>>| async {
                         Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
                     },
                 ))
@@ -292,7 +413,7 @@ mod tests {
         let called = Arc::new(AtomicBool::new(false));
         let seen = Arc::clone(&called);
         let service = BodyLimitLayer::new(10).layer(tower::service_fn(
-            move |_r: Request<Limited<http_body_util::Empty<Bytes>>>| {
+            move |_r: Request<LimitedBody<http_body_util::Empty<Bytes>>>| {
                 seen.store(true, Ordering::SeqCst);
                 async { Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new())) }
             },
@@ -312,7 +433,7 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_body_fails_past_the_limit_and_the_error_is_recognised() {
         let service = BodyLimitLayer::new(10).layer(tower::service_fn(
-            |r: Request<Limited<StreamBody<_>>>| async move {
+            |r: Request<LimitedBody<StreamBody<_>>>| async move {
                 let error = r
                     .into_body()
                     .collect()
@@ -338,6 +459,45 @@ mod tests {
         let response = service.oneshot(request).await.unwrap();
         let recognised = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(recognised, "limit");
+    }
+
+    #[tokio::test]
+    async fn an_error_answered_to_a_body_over_the_limit_becomes_413_and_other_answers_stay() {
+        // An inner service that reads the body and answers `status` whatever happened (as an
+        // axum extractor that does not recognise a wrapped error answers 400).
+        let service = |status: StatusCode| {
+            BodyLimitLayer::new(10).layer(tower::service_fn(
+                move |r: Request<LimitedBody<StreamBody<_>>>| async move {
+                    let _ = r.into_body().collect().await;
+                    let mut response = Response::new(http_body_util::Full::new(Bytes::from("x")));
+                    *response.status_mut() = status;
+                    Ok::<_, Infallible>(response)
+                },
+            ))
+        };
+        let body = |chunks: usize| {
+            StreamBody::new(futures::stream::iter((0..chunks).map(|_| {
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("12345")))
+            })))
+        };
+        let post = |chunks| Request::post("/Patient").body(body(chunks)).unwrap();
+        for status in [StatusCode::BAD_REQUEST, StatusCode::INTERNAL_SERVER_ERROR] {
+            let response = service(status).oneshot(post(3)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{status}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["issue"][0]["code"], "too-long");
+            // Within the limit, the inner answer stands.
+            let response = service(status).oneshot(post(2)).await.unwrap();
+            assert_eq!(response.status(), status);
+        }
+        // A success stays a success, and the inner service's own 413 is kept.
+        for status in [StatusCode::OK, StatusCode::PAYLOAD_TOO_LARGE] {
+            let response = service(status).oneshot(post(3)).await.unwrap();
+            assert_eq!(response.status(), status);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "x");
+        }
     }
 
     #[tokio::test]

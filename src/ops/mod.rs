@@ -71,7 +71,9 @@ pub use audit::{
     AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_BYTES,
     DEFAULT_AUDIT_QUEUE,
 };
-pub use body_limit::{BodyLimit, BodyLimitLayer, DEFAULT_MAX_REQUEST_BODY_BYTES};
+pub use body_limit::{
+    BodyLimit, BodyLimitFuture, BodyLimitLayer, LimitedBody, DEFAULT_MAX_REQUEST_BODY_BYTES,
+};
 pub use body_timeout::{
     BodyTimeout, BodyTimeoutError, BodyTimeoutLayer, TimedBody, DEFAULT_BODY_MIN_RATE,
     DEFAULT_BODY_READ_TIMEOUT,
