@@ -132,6 +132,10 @@ pub(crate) struct Config {
     /// `listen`. Default: the CPUs this process may use.
     #[serde(default)]
     pub(crate) workers: Option<usize>,
+    /// The most requests (streams) at once on one HTTP/2 connection; more are refused with
+    /// `REFUSED_STREAM`, which clients retry. Default 100.
+    #[serde(default = "default_http2_streams")]
+    pub(crate) http2_max_concurrent_streams: u32,
     /// TLS on `listen`: the certificate chain, PEM, the server's certificate first. With
     /// `tls_private_key_file`; without both, plain HTTP.
     #[serde(default)]
@@ -143,6 +147,13 @@ pub(crate) struct Config {
 
 /// The most `workers` accepted.
 pub(crate) const MAX_WORKERS: usize = 1024;
+
+/// The most `http2_max_concurrent_streams` accepted.
+const MAX_HTTP2_STREAMS: u32 = 1000;
+
+fn default_http2_streams() -> u32 {
+    100
+}
 
 /// `audit_query`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -219,6 +230,10 @@ impl std::fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .field("workers", &self.workers)
+            .field(
+                "http2_max_concurrent_streams",
+                &self.http2_max_concurrent_streams,
+            )
             .field("tls_certificate_file", &self.tls_certificate_file)
             .field("tls_private_key_file", &self.tls_private_key_file)
             .finish()
@@ -603,6 +618,12 @@ impl Config {
                     "token.ttl_seconds must be between 1 and {MAX_TOKEN_TTL_SECONDS} (a day), not {ttl}"
                 ));
             }
+        }
+        if !(1..=MAX_HTTP2_STREAMS).contains(&self.http2_max_concurrent_streams) {
+            return Err(format!(
+                "http2_max_concurrent_streams must be between 1 and {MAX_HTTP2_STREAMS}, not {}",
+                self.http2_max_concurrent_streams
+            ));
         }
         if let Some(workers) = self.workers {
             if !(1..=MAX_WORKERS).contains(&workers) {

@@ -280,6 +280,7 @@ async fn run(args: Args) -> Result<(), String> {
         header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
         max_connections: config.max_connections,
+        http2_max_streams: config.http2_max_concurrent_streams,
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
         // Checked when the configuration was loaded; kept for the whole process.
         client_address: config

@@ -21,10 +21,11 @@
 //!   still picking its protocol) is closed;
 //! - one with no request in flight and nothing to send for the idle timeout is closed
 //!   gracefully, whatever else it sends (HTTP/2 PINGs keep no connection open);
-//! - one whose client has taken none of its response for the idle timeout (it stopped
-//!   reading, or an HTTP/2 client stopped granting flow-control window) is dropped, its socket
-//!   reset: such a response can never finish, so a graceful close would wait for ever. A
-//!   request waiting on its upstream is not the client's doing and is never cut.
+//! - one whose client has taken none of its response for the idle timeout, or less than
+//!   16 KiB of what waits (it stopped reading, or an HTTP/2 client stopped granting
+//!   flow-control window, or grants it a byte at a time) is dropped, its socket reset: such a
+//!   response may never finish, so a graceful close would wait for ever. A request waiting on
+//!   its upstream is not the client's doing and is never cut.
 //!
 //! A request is in flight from the moment hyper hands it over until its response body ends
 //! (or is given up); the body's chunks are still to send until hyper has written them (or
@@ -71,6 +72,8 @@ pub(crate) struct Limits {
     pub(crate) idle_timeout: Duration,
     /// The most connections open at once (`max_connections`, at least 1).
     pub(crate) max_connections: u32,
+    /// The most requests at once on one HTTP/2 connection (`http2_max_concurrent_streams`).
+    pub(crate) http2_max_streams: u32,
     /// How long in-flight requests may take after SIGTERM or Ctrl-C (`shutdown_grace_seconds`).
     pub(crate) shutdown_grace: Duration,
     /// The header a load balancer names each request's client in (`client_address_header`),
@@ -201,6 +204,9 @@ async fn accept(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .max_concurrent_streams(limits.http2_max_streams);
     let builder = Arc::new(builder);
     let mut stop_signal = stop_watch.clone();
     let stop = async move {
@@ -337,7 +343,7 @@ async fn accept(
                             watchdog.closing();
                         }
                         Close::Stalled => {
-                            tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout");
+                            tracing::info!(%peer, "dropping a connection: its client has taken none of its response for the idle timeout (or less than 16 KiB of what waits)");
                             closed("stalled");
                             // A reset frees at once what the kernel holds for a client that
                             // takes nothing.
@@ -404,6 +410,12 @@ impl Activity {
 
 /// [`Progress::waiting_since`] of a body with nothing waiting to be sent.
 const NOT_WAITING: u64 = u64::MAX;
+
+/// The least a response body with bytes waiting must send per idle timeout (unless it sends
+/// all it has waiting): an HTTP/2 frame's worth. A client that grants a byte of flow-control
+/// window now and then holds its streams, and their connection, no longer than one that grants
+/// none.
+const MIN_PROGRESS: u64 = 16 * 1024;
 
 /// How one response body's sending goes.
 #[derive(Debug, Default)]
@@ -726,11 +738,12 @@ impl Watchdog {
         if self.writes.quiet(writes, now) >= idle && writes != u64::MAX {
             return Some(Close::Stalled);
         }
-        // Each response body with bytes waiting: stalled once none of them has been sent for
-        // the idle timeout (the clock starts when it first has some waiting), unless the
-        // connection, moving meanwhile, may not have come round to it: HTTP/2 sends its
-        // streams a frame (16 KiB at most) each in turn, so a stream is passed over only if at
-        // least two such frames for each stream waiting went out without it.
+        // Each response body with bytes waiting: stalled once, for the idle timeout (the clock
+        // starts when it first has some waiting), it has neither sent them all nor moved
+        // `MIN_PROGRESS` bytes (a client that lets a byte through now and then is not taking
+        // it), unless the connection, moving meanwhile, may not have come round to it: HTTP/2
+        // sends its streams a frame (16 KiB at most) each in turn, so a stream is excused only
+        // while the others took at least `MIN_PROGRESS` each but not yet two frames each.
         let at = u64::try_from(now.duration_since(self.began).as_millis()).unwrap_or(u64::MAX);
         let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
         let connection_sent = load(&activity.sent);
@@ -740,6 +753,7 @@ impl Watchdog {
             .unwrap_or_else(PoisonError::into_inner);
         let waiting = bodies.iter().filter(|b| load(&b.unsent) > 0).count() as u64;
         let round = waiting.saturating_mul(2 * 16 * 1024);
+        let busy = waiting.saturating_mul(MIN_PROGRESS);
         for body in bodies.iter() {
             if load(&body.unsent) == 0 {
                 body.waiting_since.store(NOT_WAITING, Ordering::Relaxed);
@@ -747,15 +761,18 @@ impl Watchdog {
             }
             let sent = load(&body.sent);
             let since = load(&body.waiting_since);
-            if since == NOT_WAITING || sent != load(&body.seen) {
+            let moved = sent.wrapping_sub(load(&body.seen));
+            if since == NOT_WAITING || moved >= MIN_PROGRESS {
                 body.seen.store(sent, Ordering::Relaxed);
                 body.waiting_since.store(at, Ordering::Relaxed);
                 body.connection_seen
                     .store(connection_sent, Ordering::Relaxed);
                 continue;
             }
-            let others = connection_sent.wrapping_sub(load(&body.connection_seen));
-            if at.saturating_sub(since) >= idle_ms && (others == 0 || others >= round) {
+            let others = connection_sent
+                .wrapping_sub(load(&body.connection_seen))
+                .saturating_sub(moved);
+            if at.saturating_sub(since) >= idle_ms && (others < busy || others >= round) {
                 return Some(Close::Stalled);
             }
         }

@@ -646,6 +646,75 @@ async fn an_http2_client_that_grants_no_window_is_dropped_after_the_idle_timeout
 }
 
 #[tokio::test]
+async fn an_http2_client_that_grants_a_few_bytes_at_a_time_is_dropped_after_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let (proc, addr, _dir) = start("h2-trickle", json!({"idle_timeout_seconds": 1}));
+
+    // A stream window of 10 bytes, given back a frame (10 bytes) every 200 ms: the response
+    // moves, 50 bytes a second, far below what an idle timeout asks (16 KiB, or all that
+    // waits). Before, each byte restarted the clock, and such a client held its streams and
+    // connection for as long as it liked.
+    let (mut sender, connection) = h2_connect(addr, 10).await;
+    let response = sender.send_request(h2_metadata()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let began = Instant::now();
+    let mut taken = 0;
+    while !connection.is_finished() && began.elapsed() < Duration::from_secs(10) {
+        match tokio::time::timeout(Duration::from_millis(500), body.frame()).await {
+            Ok(Some(Ok(frame))) => taken += frame.data_ref().map_or(0, |data| data.len()),
+            Ok(Some(Err(_)) | None) => break,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "a client taking {taken} bytes in 10 s held its connection; stderr:\n{}",
+        proc.stderr()
+    );
+    assert!(taken > 0, "it did take some");
+    h2_closed(connection, &proc, "dropped").await;
+    assert!(
+        proc.stderr()
+            .contains("its client has taken none of its response"),
+        "{}",
+        proc.stderr()
+    );
+}
+
+#[tokio::test]
+async fn http2_max_concurrent_streams_bounds_the_requests_of_one_connection() {
+    use http_body_util::BodyExt;
+    let (proc, addr, _dir) = start(
+        "h2-streams",
+        // (A second's grace at the end: the response still held is not waited for.)
+        json!({"http2_max_concurrent_streams": 2, "idle_timeout_seconds": 60, "shutdown_grace_seconds": 1}),
+    );
+    // Two responses held (their 100-byte windows never given back): a third request waits
+    // for a stream, as the gateway's SETTINGS say, until one of them is read.
+    let (sender, connection) = h2_connect(addr, 100).await;
+    let first = sender.clone().send_request(h2_metadata()).await.unwrap();
+    let second = sender.clone().send_request(h2_metadata()).await.unwrap();
+    let mut third = Box::pin(sender.clone().send_request(h2_metadata()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third stream was opened; stderr:\n{}",
+        proc.stderr()
+    );
+    first.into_body().collect().await.unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("served once a stream is free")
+        .unwrap();
+    assert_eq!(third.status(), 200);
+    connection.abort();
+    drop(second);
+}
+
+#[tokio::test]
 async fn an_http2_stream_given_no_window_is_not_hidden_by_the_connections_other_streams() {
     use http_body_util::BodyExt;
     let (proc, addr, _dir) = start("h2-stalled-stream", json!({"idle_timeout_seconds": 2}));
@@ -1160,7 +1229,8 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
     let good = check_config(
         "good",
         r#""header_read_timeout_seconds": 10, "idle_timeout_seconds": 120,
-           "max_connections": 500, "shutdown_grace_seconds": 5"#,
+           "max_connections": 500, "shutdown_grace_seconds": 5,
+           "http2_max_concurrent_streams": 1000"#,
     );
     assert!(
         good.status.success(),
@@ -1189,6 +1259,16 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
             "max_connections must be at least 1, not 0",
         ),
         ("max-negative", r#""max_connections": -1"#, "is not valid"),
+        (
+            "streams-zero",
+            r#""http2_max_concurrent_streams": 0"#,
+            "http2_max_concurrent_streams must be between 1 and 1000, not 0",
+        ),
+        (
+            "streams-huge",
+            r#""http2_max_concurrent_streams": 1001"#,
+            "http2_max_concurrent_streams must be between 1 and 1000, not 1001",
+        ),
         (
             "misspelt",
             r#""idle_timeout": 5"#,
