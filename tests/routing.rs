@@ -1193,6 +1193,82 @@ async fn answers_vary_by_the_token_so_no_cache_shares_them_across_tenants() {
     assert!(reply.headers.get("vary").is_none(), "{:?}", reply.headers);
 }
 
+/// An HTTP/2 upstream that answers every request `200` with `Content-Length: 1000` and the
+/// content type `content_type`, sends 16 bytes of it, then resets the stream with `NO_ERROR`
+/// (which a client's HTTP/2 stack takes for the body's end).
+async fn resetting_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    tokio::spawn(async move {
+                        let content_type = if request.uri().path().contains("/Binary/") {
+                            "application/octet-stream"
+                        } else {
+                            "application/fhir+json"
+                        };
+                        let response = http::Response::builder()
+                            .header("content-type", content_type)
+                            .header("content-length", "1000")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(response, false) else {
+                            return;
+                        };
+                        let _ =
+                            send.send_data(bytes::Bytes::from_static(b"{\"resourceType\":"), false);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        send.send_reset(h2::Reason::NO_ERROR);
+                    });
+                }
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+#[tokio::test]
+async fn an_http2_upstream_body_cut_short_of_its_length_never_passes_for_whole() {
+    let base = resetting_upstream().await;
+    let upstream = Upstream::parse(&base, FhirVersion::R4)
+        .unwrap()
+        .with_http2();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = gw.client.addr();
+    let token = token_for(TENANT_A);
+    // JSON, read whole to rewrite its links: 502, nothing of the cut body.
+    let request = format!(
+        "GET /Patient/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, _) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("broke off its answer"), "{answer}");
+    // Streamed: the head has gone, so the client's connection is broken off at once, short
+    // of the length declared (before, it waited 30 s for the rest, or a chunked body ended as
+    // if whole).
+    let request = format!(
+        "GET /Binary/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, took) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    assert!(body.len() < 1000, "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
 #[tokio::test]
 async fn a_clients_trailers_reach_no_upstream() {
     // Trailers would pass around the header policy: an Authorization, a tenant hint, a

@@ -52,6 +52,8 @@ pin_project! {
             // only when the upstream has nothing ready).
             wait: Duration,
             stall: Option<Pin<Box<Sleep>>>,
+            // The bytes the upstream's `Content-Length` says are still to come (after `read`).
+            left: Option<u64>,
         },
         Full { bytes: Option<Bytes> },
     }
@@ -79,6 +81,27 @@ impl std::fmt::Display for UpstreamStalled {
 }
 
 impl std::error::Error for UpstreamStalled {}
+
+/// The error a [`ProxyBody`] ends with when the upstream's body ended before the length its
+/// `Content-Length` declared (an HTTP/2 upstream that resets the stream with `NO_ERROR`
+/// mid-body, say, which ends the body as if whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamCut {
+    /// The bytes declared and never sent.
+    pub missing: u64,
+}
+
+impl std::fmt::Display for UpstreamCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upstream's response body ended {} bytes short of its Content-Length",
+            self.missing
+        )
+    }
+}
+
+impl std::error::Error for UpstreamCut {}
 
 /// What the upstream's body gave when polled: its next frame, its end or its error, as
 /// [`Body::poll_frame`] gives them.
@@ -116,10 +139,21 @@ impl ProxyBody {
                 rest,
                 wait,
                 stall: None,
+                left: None,
             },
             slot: None,
             bytes: None,
         }
+    }
+
+    /// The upstream declared `length` bytes in all (read ones included): a body that ends
+    /// before them ends with [`UpstreamCut`].
+    pub(crate) fn declared(mut self, length: Option<u64>) -> Self {
+        if let Kind::Upstream { read, left, .. } = &mut self.kind {
+            let read: u64 = read.iter().map(|chunk| chunk.len() as u64).sum();
+            *left = length.map(|length| length.saturating_sub(read));
+        }
+        self
     }
 
     pub(crate) fn full(bytes: Bytes) -> Self {
@@ -160,6 +194,7 @@ impl Body for ProxyBody {
                 rest,
                 wait,
                 stall,
+                left,
             } => match read.pop_front() {
                 Some(chunk) => {
                     if read.is_empty() {
@@ -170,7 +205,20 @@ impl Body for ProxyBody {
                 }
                 None => match poll_upstream_frame(rest, stall, *wait, cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Ok(frame)) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+                    Poll::Ready(Ok(None)) if left.is_some_and(|left| left > 0) => {
+                        let cut = UpstreamCut {
+                            missing: left.unwrap_or_default(),
+                        };
+                        tracing::warn!(%cut, "upstream response body cut short: the client's connection is broken off");
+                        Poll::Ready(Some(Err(cut.into())))
+                    }
+                    Poll::Ready(Ok(frame)) => {
+                        if let (Some(left), Some(Ok(frame))) = (left.as_mut(), &frame) {
+                            let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+                            *left = left.saturating_sub(len);
+                        }
+                        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                    }
                     Poll::Ready(Err(stalled)) => {
                         tracing::warn!(%stalled, "upstream response body stalled: the client's connection is closed");
                         Poll::Ready(Some(Err(stalled.into())))

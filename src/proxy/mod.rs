@@ -83,7 +83,7 @@ mod slots;
 mod transport;
 
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
-pub use body::{ProxyBody, UpstreamStalled};
+pub use body::{ProxyBody, UpstreamCut, UpstreamStalled};
 pub use headers::FORWARDED_REQUEST_HEADERS;
 pub use service::{
     ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_REWRITE_BUDGET,

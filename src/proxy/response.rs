@@ -26,18 +26,36 @@ use crate::outcome::{IssueType, OperationOutcome};
 /// and JSON Bundle links rewritten to the gateway's base. `wait` is how long the upstream may
 /// send nothing of the body.
 ///
-/// `Err` is the answer instead when a body read whole (to rewrite it) failed, `502`, or the
-/// upstream sent nothing of it for `wait`, `504`: nothing of the response has gone to the
-/// client yet, and a cut body must not pass for the whole one.
+/// `Err` is the answer instead when a body read whole (to rewrite it) failed or ended short of
+/// its `Content-Length`, `502`, or the upstream sent nothing of it for `wait`, `504`: nothing
+/// of the response has gone to the client yet, and a cut body must not pass for the whole one.
+/// A streamed body that ends short of its `Content-Length` ends with an error, so the client's
+/// connection is broken off rather than the body taken for whole. (`head`: the request was a
+/// HEAD, whose answer sends none of the length it declares.)
 pub(super) async fn relay_response(
     response: Response<Incoming>,
     rewriter: &BaseRewriter,
     rewriting: Rewriting<'_>,
     cookies: bool,
     wait: Duration,
+    head: bool,
 ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let rewrite_limit = rewriting.limit;
     let (mut parts, body) = response.into_parts();
+    // The length the body must have; none for answers that send no body whatever they declare.
+    let declared = if head
+        || parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED
+    {
+        None
+    } else {
+        parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     remove_hop_by_hop(&mut parts.headers);
     let heads = ResponseHeads::scan(&parts.headers);
     if heads.set_cookie && !cookies {
@@ -60,7 +78,7 @@ pub(super) async fn relay_response(
     if !heads.may_be_json_bundle(rewrite_limit) {
         return Ok(Response::from_parts(
             parts,
-            ProxyBody::upstream(VecDeque::new(), body, wait),
+            ProxyBody::upstream(VecDeque::new(), body, wait).declared(declared),
         ));
     }
     // Read up to the limit; beyond it, stream what was read and the rest untouched. Most
@@ -87,7 +105,9 @@ pub(super) async fn relay_response(
                         let read = in_order(first, more);
                         return Ok(Response::from_parts(
                             parts,
-                            ProxyBody::upstream(read, body, wait).holding_bytes(held),
+                            ProxyBody::upstream(read, body, wait)
+                                .declared(declared)
+                                .holding_bytes(held),
                         ));
                     }
                     let Some(taken) = u32::try_from(data.len())
@@ -135,6 +155,20 @@ pub(super) async fn relay_response(
                 ));
             }
         }
+    }
+    // An HTTP/2 upstream's reset with NO_ERROR ends the body as if whole: only its declared
+    // length tells.
+    if let Some(declared) = declared.filter(|&declared| declared != size as u64) {
+        tracing::warn!(
+            declared,
+            received = size,
+            "upstream response body ended short of its Content-Length: 502"
+        );
+        return Err(failed(
+            StatusCode::BAD_GATEWAY,
+            IssueType::Exception,
+            "The tenant's FHIR server broke off its answer",
+        ));
     }
     let whole = match (first, more.is_empty()) {
         (Some(only), true) => only,

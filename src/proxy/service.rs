@@ -414,6 +414,8 @@ where
             None => body.map_err(Into::into).boxed_unsync(),
             Some(turns) => Watched::boxed(body, Arc::clone(turns)).boxed_unsync(),
         };
+        // A HEAD's answer declares a length it does not send.
+        let head = parts.method == Method::HEAD;
         let outgoing = Request::from_parts(parts, body);
 
         let config = Arc::clone(&self.config);
@@ -488,6 +490,7 @@ where
                 },
                 upstream.set_cookie_allowed(),
                 timeout,
+                head,
             )
             .await;
             let mut response = match relayed {
