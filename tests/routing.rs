@@ -460,6 +460,13 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
             ("proxy-connection", "keep-alive"),
             ("trailer", "x-checksum"),
             ("x-end-to-end", "kept"),
+            // Headers for the whole origin, which every tenant's upstream answers under.
+            ("strict-transport-security", "max-age=0"),
+            ("alt-svc", "h3=\":443\""),
+            ("clear-site-data", "\"*\""),
+            ("access-control-allow-origin", "https://evil.example"),
+            ("access-control-allow-credentials", "true"),
+            ("public-key-pins", "pin-sha256=\"x\"; max-age=1"),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned())),
     );
@@ -477,6 +484,12 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
         "proxy-authenticate",
         "proxy-connection",
         "trailer",
+        "strict-transport-security",
+        "alt-svc",
+        "clear-site-data",
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "public-key-pins",
     ] {
         assert!(
             !reply.headers.contains_key(gone),

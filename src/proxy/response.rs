@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -61,6 +61,17 @@ pub(super) async fn relay_response(
     if heads.set_cookie && !cookies {
         parts.headers.remove(header::SET_COOKIE);
         parts.headers.remove(SET_COOKIE2);
+    }
+    if heads.origin_wide {
+        let names: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|name| origin_wide(name))
+            .cloned()
+            .collect();
+        for name in names {
+            parts.headers.remove(name);
+        }
     }
     if heads.location {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
@@ -203,6 +214,24 @@ pub(super) struct Rewriting<'a> {
     pub(super) budget: &'a Arc<Semaphore>,
 }
 
+/// Whether a response header speaks for the whole origin rather than for this response:
+/// HSTS, `Alt-Svc`, `Clear-Site-Data`, key pins, and CORS's `Access-Control-*`. Every tenant's
+/// upstream answers under the gateway's one origin, so one upstream's would bind the others'
+/// (HSTS switched off, a browser's data cleared, an origin given credentialed CORS access past
+/// the gateway's `cors_allowed_origins`): they are the gateway's to send, never an upstream's.
+fn origin_wide(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("access-control-")
+        || matches!(
+            name,
+            "strict-transport-security"
+                | "alt-svc"
+                | "clear-site-data"
+                | "public-key-pins"
+                | "public-key-pins-report-only"
+        )
+}
+
 /// An `OperationOutcome` answer of the proxy's own.
 fn failed(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {
     OperationOutcome::error(code, diagnostics)
@@ -229,6 +258,8 @@ struct ResponseHeads {
     location: bool,
     /// A `Set-Cookie` or `Set-Cookie2` is there (to remove unless the upstream may set cookies).
     set_cookie: bool,
+    /// A header that speaks for the whole origin is there (to remove: see [`origin_wide`]).
+    origin_wide: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
     /// The first `Content-Encoding` is `identity`.
@@ -267,6 +298,8 @@ impl ResponseHeads {
                 heads.length.get_or_insert_with(|| {
                     value.to_str().ok().and_then(|v| v.parse::<usize>().ok())
                 });
+            } else if origin_wide(name) {
+                heads.origin_wide = true;
             }
         }
         heads
