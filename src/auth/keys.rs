@@ -320,15 +320,16 @@ impl KeySet {
         self.keys.iter().map(|k| &**k)
     }
 
-    /// The keys that may verify a token with this `kid`: those with that `kid` and those
-    /// without one (a token without a `kid` may be verified by any key).
+    /// The keys that may verify a token with this `kid`: those with that `kid`, or, when none
+    /// has it, those without one (a token without a `kid` may be verified by any key).
     pub(crate) fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
     ) -> impl Iterator<Item = &'a Arc<VerificationKey>> + 'a {
-        self.keys
-            .iter()
-            .filter(move |key| kid.is_none() || key.kid.is_none() || key.kid.as_deref() == kid)
+        let named = kid.is_some() && self.keys.iter().any(|key| key.kid.as_deref() == kid);
+        self.keys.iter().filter(move |key| {
+            kid.is_none() || key.kid.as_deref() == kid || (!named && key.kid.is_none())
+        })
     }
 
     /// This set, but keeping the identity of keys that `previous` already held, and retiring

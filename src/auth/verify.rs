@@ -20,8 +20,10 @@ use crate::hot_cache::HotCache;
 
 /// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
 const MAX_HEADER_BYTES: usize = 1024;
-/// How many keys a token without `kid` is tried against.
-const MAX_KIDLESS_TRIES: usize = 4;
+/// How many keys of one set a token is tried against, with or without a `kid`: each try is a
+/// signature check, and a key set that holds many keys under one `kid` (or none) must not make
+/// a forged token cost hundreds of them.
+const MAX_TRIES: usize = 4;
 
 /// Everything the bearer layer needs to verify a request, shared by all its services.
 pub(crate) struct Verifier {
@@ -300,24 +302,21 @@ impl Verifier {
             .iter()
             .map(|s| (s.current(), s.issuer.as_deref()))
             .collect();
+        // A few keys of each set, not hundreds: each try is a signature check. (Of each set:
+        // two issuers may use the same `kid`.)
         let keys = self
             .static_keys
             .candidates(kid)
+            .take(MAX_TRIES)
             .map(|key| (key, None))
-            .chain(
-                fetched
-                    .iter()
-                    .flat_map(|(set, issuer)| set.candidates(kid).map(move |key| (key, *issuer))),
-            );
+            .chain(fetched.iter().flat_map(|(set, issuer)| {
+                set.candidates(kid)
+                    .take(MAX_TRIES)
+                    .map(move |key| (key, *issuer))
+            }));
         let mut outcome = None;
         let mut named = false;
-        // A token without `kid` may try a few keys, not hundreds: each try is a signature check.
-        let tries = if kid.is_none() {
-            MAX_KIDLESS_TRIES
-        } else {
-            usize::MAX
-        };
-        for (key, issuer) in keys.take(tries) {
+        for (key, issuer) in keys {
             named |= kid.is_none() || key.kid() == kid;
             if !key.allows(alg) {
                 // A key's own algorithm wins over the token header's.
@@ -516,13 +515,8 @@ pub(crate) fn verify_with_keys(
         required.push("aud");
     }
     validation.set_required_spec_claims(&required);
-    let tries = if header.kid.is_some() {
-        usize::MAX
-    } else {
-        MAX_KIDLESS_TRIES
-    };
     let mut outcome = Err("no key for it");
-    for key in keys.candidates(header.kid.as_deref()).take(tries) {
+    for key in keys.candidates(header.kid.as_deref()).take(MAX_TRIES) {
         if !key.allows(header.alg) {
             outcome = Err("an algorithm its key does not allow");
             continue;
@@ -698,6 +692,57 @@ mod tests {
             "one slot per hash: the later token took it"
         );
         assert_eq!(cache.get(&two).unwrap().subject(), Some("two"));
+    }
+
+    /// An HS256 token signed with `secret`, naming `kid`.
+    #[cfg(feature = "token")]
+    fn signed(secret: &str, kid: Option<&str>) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = kid.map(str::to_owned);
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({"sub": "s", "exp": exp});
+        let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    #[cfg(feature = "token")]
+    #[test]
+    fn a_token_tries_a_few_keys_of_a_set_whatever_its_kid() {
+        let expected = Expected {
+            algorithms: &[Algorithm::HS256],
+            issuer: None,
+            audiences: &[],
+            leeway: 0,
+        };
+        let secret = |n: usize| format!("the-{n:02}th-secret-of-32-bytes-or-more!");
+        // Ten keys under one `kid` (a JWK Set's `kid`s should differ; one that does not must
+        // not make each forged token cost ten signature checks).
+        let set = |right: usize| {
+            (0..10).fold(KeySet::new(), |set, n| {
+                let key = VerificationKey::hmac(secret(if n == right { 99 } else { n }))
+                    .unwrap()
+                    .with_kid("dup");
+                set.with_key(key)
+            })
+        };
+        let token = signed(&secret(99), Some("dup"));
+        assert!(verify_with_keys(&set(1), &token, &expected).is_ok());
+        assert_eq!(
+            verify_with_keys(&set(9), &token, &expected).unwrap_err(),
+            "a bad signature",
+            "the tenth key is never tried"
+        );
+        // Keys without a `kid` are tried for a named one only when no key has it.
+        let kidless = VerificationKey::hmac(secret(99)).unwrap();
+        let named = VerificationKey::hmac(secret(1)).unwrap().with_kid("k");
+        let both = KeySet::new().with_key(kidless).with_key(named);
+        assert!(verify_with_keys(&both, &signed(&secret(99), Some("other")), &expected).is_ok());
+        assert!(verify_with_keys(&both, &signed(&secret(99), Some("k")), &expected).is_err());
+        assert!(verify_with_keys(&both, &signed(&secret(1), Some("k")), &expected).is_ok());
     }
 
     #[test]
