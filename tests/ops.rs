@@ -326,6 +326,29 @@ async fn a_declared_body_over_the_limit_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn a_malformed_request_body_is_the_clients_400_not_an_upstream_failure() {
+    let setup = setup(QueryRecording::Names).await;
+    let token = access_token(&setup.client, TENANT).await;
+    let addr = setup.addr;
+    // A first chunk, then a chunk size that is not hex: hyper fails the body mid-way, while
+    // the request is already on its way upstream. Before, that answered 502 "could not be
+    // reached" and logged an upstream failure: a client could fake outages at will.
+    let request = format!(
+        "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         1\r\n{{\r\nzz\r\n}}\r\n0\r\n\r\n"
+    );
+    let (answer, _) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("could not be read whole"), "{answer}");
+    for received in setup.upstream.received() {
+        assert!(received.body.len() < 2, "{received:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_streamed_body_over_the_limit_is_cut_off_not_buffered() {
     let setup = setup(QueryRecording::Names).await;
     let token = access_token(&setup.client, TENANT).await;

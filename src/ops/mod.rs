@@ -133,6 +133,9 @@ pub(crate) enum BodyFailure {
     TooLarge = 1,
     /// A [`BodyTimeoutLayer`] gave up on it: `408`.
     TooSlow = 2,
+    /// It failed otherwise, as read from the client (a malformed chunked encoding, a
+    /// connection cut mid-body): `400`, the client's doing, not the upstream's.
+    Broken = 3,
 }
 
 impl BodyFailure {
@@ -152,6 +155,18 @@ impl BodyFailure {
         match self {
             Self::TooLarge => too_large(max),
             Self::TooSlow => body_timeout::body_too_slow(),
+            Self::Broken => {
+                let mut response = crate::outcome::OperationOutcome::error(
+                    crate::outcome::IssueType::Invalid,
+                    "The request body could not be read whole: it is malformed or was cut off",
+                )
+                .to_response(http::StatusCode::BAD_REQUEST);
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                response
+            }
         }
     }
 }

@@ -44,6 +44,7 @@ impl Turns {
         match self.failure.load(Ordering::Relaxed) {
             1 => Some(BodyFailure::TooLarge),
             2 => Some(BodyFailure::TooSlow),
+            3 => Some(BodyFailure::Broken),
             _ => None,
         }
     }
@@ -121,9 +122,9 @@ impl<B: Body<Error = BoxError>> Body for Watched<B> {
             // A frame (or the end) handed over: the upstream's turn, from now.
             this.turns.set(false);
             if let Poll::Ready(Some(Err(error))) = &polled {
-                if let Some(failure) = BodyFailure::of(&**error) {
-                    this.turns.failure.store(failure as u8, Ordering::Relaxed);
-                }
+                // Whatever else failed in the client's body is the client's doing too.
+                let failure = BodyFailure::of(&**error).unwrap_or(BodyFailure::Broken);
+                this.turns.failure.store(failure as u8, Ordering::Relaxed);
             }
         }
         polled
