@@ -1283,6 +1283,41 @@ async fn an_http2_upstream_body_cut_short_of_its_length_never_passes_for_whole()
 }
 
 #[tokio::test]
+async fn an_upstreams_101_to_a_plain_request_is_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that switches protocols though nobody asked it to.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let upstream = Upstream::parse(&format!("http://{addr}/fhir"), FhirVersion::R4).unwrap();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    let reply = gw
+        .client
+        .send("GET", "/Patient/1", &[("authorization", &bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(
+        reply.text().contains("gave no final answer"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
 async fn a_clients_trailers_reach_no_upstream() {
     // Trailers would pass around the header policy: an Authorization, a tenant hint, a
     // method override. hyper never sends them to an HTTP/1.1 upstream; HTTP/2 could.

@@ -203,7 +203,10 @@ async fn accept(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // A response its client does not read waits in this buffer (hyper's default is about
+        // 400 KiB a connection); request heads past it get 431.
+        .max_buf_size(MAX_BUF_SIZE);
     builder
         .http2()
         .max_concurrent_streams(limits.http2_max_streams);
@@ -410,6 +413,9 @@ impl Activity {
 
 /// [`Progress::waiting_since`] of a body with nothing waiting to be sent.
 const NOT_WAITING: u64 = u64::MAX;
+
+/// The most an HTTP/1.1 connection buffers of its responses (and of a request head).
+const MAX_BUF_SIZE: usize = 64 * 1024;
 
 /// The least a response body with bytes waiting must send per idle timeout (unless it sends
 /// all it has waiting): an HTTP/2 frame's worth. A client that grants a byte of flow-control

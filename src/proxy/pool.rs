@@ -141,7 +141,10 @@ impl Http1Pool {
         let mut connector = self.inner.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(origin).await?;
-        let (sender, connection) = http1::handshake(io).await?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(super::transport::MAX_BUF_SIZE)
+            .handshake(io)
+            .await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection ended");

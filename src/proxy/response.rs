@@ -42,6 +42,16 @@ pub(super) async fn relay_response(
 ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let rewrite_limit = rewriting.limit;
     let (mut parts, body) = response.into_parts();
+    // A final answer only: an upgrade (`101`) the client never asked for would leave it a
+    // connection in another protocol.
+    if parts.status.is_informational() {
+        tracing::warn!(upstream = rewriter.upstream(), status = %parts.status, "upstream answered with an informational status: 502");
+        return Err(failed(
+            StatusCode::BAD_GATEWAY,
+            IssueType::Exception,
+            "The tenant's FHIR server gave no final answer",
+        ));
+    }
     // The length the body must have; none for answers that send no body whatever they declare.
     let declared = if head
         || parts.status.is_informational()
@@ -149,7 +159,7 @@ pub(super) async fn relay_response(
                 }
             }
             Ok(Some(Err(error))) => {
-                tracing::warn!(%error, "upstream response body failed");
+                tracing::warn!(upstream = rewriter.upstream(), %error, "upstream response body failed");
                 return Err(failed(
                     StatusCode::BAD_GATEWAY,
                     IssueType::Exception,
@@ -158,7 +168,7 @@ pub(super) async fn relay_response(
             }
             Ok(None) => break,
             Err(stalled) => {
-                tracing::warn!(%stalled, "upstream response body stalled");
+                tracing::warn!(upstream = rewriter.upstream(), %stalled, "upstream response body stalled");
                 return Err(failed(
                     StatusCode::GATEWAY_TIMEOUT,
                     IssueType::Timeout,
@@ -171,6 +181,7 @@ pub(super) async fn relay_response(
     // length tells.
     if let Some(declared) = declared.filter(|&declared| declared != size as u64) {
         tracing::warn!(
+            upstream = rewriter.upstream(),
             declared,
             received = size,
             "upstream response body ended short of its Content-Length: 502"

@@ -19,6 +19,11 @@ impl BaseRewriter {
         Self { from, to }
     }
 
+    /// The upstream's base URL, for the log.
+    pub(crate) fn upstream(&self) -> &str {
+        &self.from
+    }
+
     /// The URL with its upstream base replaced, or `None` when it is not under that base.
     pub(crate) fn url(&self, url: &str) -> Option<String> {
         let rest = url.strip_prefix(&*self.from)?;

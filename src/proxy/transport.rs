@@ -14,6 +14,11 @@ use super::pool::Http1Pool;
 use crate::client::{connector, http_connector, Connector};
 use crate::route::Upstream;
 
+/// The most an HTTP/1.1 upstream connection buffers of a response it reads (hyper's default is
+/// about 400 KiB): a streamed body waits in it for the client to take what was read, so
+/// each response a client does not read holds up to this much, besides the kernel's buffers.
+pub(super) const MAX_BUF_SIZE: usize = 64 * 1024;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The connections to upstreams, shared by every clone of the proxy.
@@ -38,6 +43,7 @@ impl Transport {
         let connector = connector(connect_timeout, root_certificates)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool_idle_timeout)
+            .http1_max_buf_size(MAX_BUF_SIZE)
             .build(connector.clone());
         let h2_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool_idle_timeout)
