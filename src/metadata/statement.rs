@@ -18,6 +18,11 @@ pub(super) const OAUTH_URIS: &str =
     "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 /// The largest upstream CapabilityStatement read; real ones are well under a megabyte.
 pub(super) const MAX_STATEMENT_BYTES: usize = 8 * 1024 * 1024;
+/// The most JSON values (objects, arrays, strings, numbers...) an upstream CapabilityStatement
+/// may hold to be read as one; real ones hold tens of thousands. Counted before the statement
+/// is parsed into a tree, which costs some 30 times its bytes when it is made of tiny values
+/// (8 MiB of `0,` took 270 MiB).
+pub(super) const MAX_STATEMENT_VALUES: usize = 250_000;
 
 /// What the gateway writes into CapabilityStatements.
 pub(super) struct Statements {
@@ -125,6 +130,18 @@ impl Statements {
             Ok(bytes) => bytes,
             Err(unreadable) => return unreadable.map(ResponseBody::full),
         };
+        if !within_values(&bytes, MAX_STATEMENT_VALUES) {
+            tracing::warn!(
+                bytes = bytes.len(),
+                "the upstream CapabilityStatement holds more than {MAX_STATEMENT_VALUES} JSON values: 502"
+            );
+            return OperationOutcome::error(
+                IssueType::TooLong,
+                "The tenant's CapabilityStatement is too large to read",
+            )
+            .to_response(StatusCode::BAD_GATEWAY)
+            .map(ResponseBody::full);
+        }
         let Some(mut statement) = json_statement(&bytes) else {
             // Not a JSON statement (XML, say): passed on as it came. The capability cache
             // keeps none of these.
@@ -140,10 +157,96 @@ impl Statements {
     }
 }
 
+/// Whether `bytes` is JSON of at most `max` values, or not JSON at all (which is no tree to
+/// build); counted without building one.
+pub(super) fn within_values(bytes: &[u8], max: usize) -> bool {
+    use serde::de::DeserializeSeed;
+    let left = std::cell::Cell::new(max);
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    match ValueCount(&left).deserialize(&mut json) {
+        Ok(()) => true,
+        // Not JSON: XML, say, passed on as it came, never parsed.
+        Err(_) => left.get() > 0,
+    }
+}
+
+/// Counts the JSON values it is given down from a number, and fails at the one past it.
+struct ValueCount<'a>(&'a std::cell::Cell<usize>);
+
+impl ValueCount<'_> {
+    fn one<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.0.get() {
+            0 => Err(E::custom("too many values")),
+            left => {
+                self.0.set(left - 1);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ValueCount<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, json: D) -> Result<(), D::Error> {
+        json.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ValueCount<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.one()
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        self.one()?;
+        while items.next_element_seed(ValueCount(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+        self.one()?;
+        while entries.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            entries.next_value_seed(ValueCount(self.0))?;
+        }
+        Ok(())
+    }
+}
+
 /// The JSON CapabilityStatement (DSTU2: `Conformance`) in `bytes`: what the gateway rewrites
 /// (and the only statement the capability cache keeps). `None` for anything else (XML, another
-/// resource, compressed bytes), which is passed on as it came.
+/// resource, compressed bytes, a statement of more than [`MAX_STATEMENT_VALUES`] values),
+/// which is passed on as it came.
 pub(super) fn json_statement(bytes: &[u8]) -> Option<Map<String, Value>> {
+    if !within_values(bytes, MAX_STATEMENT_VALUES) {
+        return None;
+    }
     let Ok(Value::Object(statement)) = serde_json::from_slice::<Value>(bytes) else {
         return None;
     };
@@ -290,6 +393,44 @@ mod tests {
             statement["rest"][0]["security"]["service"][0]["coding"][0]["code"],
             "OAuth"
         );
+    }
+
+    #[test]
+    fn values_are_counted_without_a_tree() {
+        assert!(within_values(b"[1,2,3]", 4));
+        assert!(!within_values(b"[1,2,3]", 3));
+        // Keys are not values; objects, arrays, strings, null and booleans are.
+        assert!(within_values(br#"{"a":[null,true,"x"],"b":{}}"#, 6));
+        assert!(!within_values(br#"{"a":[null,true,"x"],"b":{}}"#, 5));
+        // What is not JSON has no tree to build: passed as it came.
+        assert!(within_values(
+            br#"<CapabilityStatement xmlns="http://hl7.org/fhir"/>"#,
+            1
+        ));
+        let many = format!(
+            r#"{{"resourceType":"CapabilityStatement","x":[{}0]}}"#,
+            "0,".repeat(MAX_STATEMENT_VALUES)
+        );
+        assert!(!within_values(many.as_bytes(), MAX_STATEMENT_VALUES));
+        assert!(json_statement(many.as_bytes()).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_statement_of_too_many_values_is_a_502_not_a_tree() {
+        let statements = Statements {
+            public_base: "https://gw.example".into(),
+            token_url: "https://gw.example/oauth/token".into(),
+            authorize_url: None,
+            software: "test".into(),
+            default_version: FhirVersion::R4,
+        };
+        let many = format!(
+            r#"{{"resourceType":"CapabilityStatement","x":[{}0]}}"#,
+            "0,".repeat(MAX_STATEMENT_VALUES)
+        );
+        let response = Response::new(Full::new(Bytes::from(many)));
+        let answer = statements.secure_upstream_statement(response).await;
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
     }
 
     #[tokio::test]

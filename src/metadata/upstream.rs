@@ -66,9 +66,7 @@ impl AnonymousSource {
                     .collect()
                     .await
                     .ok()?;
-                let statement: Value = serde_json::from_slice(&body.to_bytes()).ok()?;
-                let kind = statement.get("resourceType").and_then(Value::as_str);
-                matches!(kind, Some("CapabilityStatement" | "Conformance")).then_some(statement)
+                super::statement::json_statement(&body.to_bytes()).map(Value::Object)
             };
             Box::pin(fetched) as Pin<Box<dyn Future<Output = Option<Value>> + Send>>
         };
