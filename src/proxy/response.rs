@@ -52,22 +52,17 @@ pub(super) async fn relay_response(
             "The tenant's FHIR server gave no final answer",
         ));
     }
+    remove_hop_by_hop(&mut parts.headers);
+    let heads = ResponseHeads::scan(&parts.headers);
     // The length the body must have; none for answers that send no body whatever they declare.
     let declared = if head
-        || parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED
     {
         None
     } else {
-        parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        heads.length.flatten().map(|length| length as u64)
     };
-    remove_hop_by_hop(&mut parts.headers);
-    let heads = ResponseHeads::scan(&parts.headers);
     if heads.set_cookie && !cookies {
         parts.headers.remove(header::SET_COOKIE);
         parts.headers.remove(SET_COOKIE2);
