@@ -467,6 +467,14 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
             ("access-control-allow-origin", "https://evil.example"),
             ("access-control-allow-credentials", "true"),
             ("public-key-pins", "pin-sha256=\"x\"; max-age=1"),
+            (
+                "nel",
+                "{\"report_to\":\"x\",\"max_age\":86400,\"success_fraction\":1.0}",
+            ),
+            (
+                "report-to",
+                "{\"group\":\"x\",\"endpoints\":[{\"url\":\"https://evil.example\"}]}",
+            ),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned())),
     );
@@ -490,6 +498,8 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
         "access-control-allow-origin",
         "access-control-allow-credentials",
         "public-key-pins",
+        "nel",
+        "report-to",
     ] {
         assert!(
             !reply.headers.contains_key(gone),

@@ -579,10 +579,11 @@ impl<D> Drop for Chunk<D> {
 }
 
 /// Counts a connection closed by the gateway in `tower_fhir_connections_closed_total`, by
-/// `reason`: `header_read_timeout` (hyper's timer: no whole head in time), `no_request`
-/// (no request started within the header-read timeout), `idle`, `stalled` (its client took
-/// none of its response for the idle timeout) or `unfinished` (a graceful close not ended an
-/// idle timeout later with nothing in flight). These are events: a connection closed
+/// `reason`: `tls_handshake_timeout`, `tls_handshake_failed`, `header_read_timeout` (hyper's
+/// timer: no whole head in time), `no_request` (no request started within the header-read
+/// timeout), `idle`, `stalled` (its client took too little of its response for the idle
+/// timeout) or `unfinished` (a graceful close not ended an idle timeout later with nothing in
+/// flight). These are events: a connection closed
 /// gracefully (`no_request`, `idle`) and then dropped (`stalled`, `unfinished`) counts twice.
 fn closed(reason: &'static str) {
     metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
@@ -661,10 +662,11 @@ impl Since {
 /// - [`Close::NoRequest`]: it has started no request within the header-read timeout;
 /// - [`Close::Idle`]: it has had no request in flight and nothing to send for the idle
 ///   timeout (whatever else it sent: HTTP/2 PINGs, say);
-/// - [`Close::Stalled`]: its client has taken nothing of a response for the idle timeout
+/// - [`Close::Stalled`]: its client has taken too little of a response for the idle timeout
 ///   while the response waited for it: a response body had bytes waiting to be sent (in
 ///   hyper's or HTTP/2's hands: no room in the socket, or no flow-control window for its
-///   stream) and none was, whatever the connection's other streams did; or a socket write found
+///   stream) and fewer than [`MIN_PROGRESS`] bytes (and not all) were, unless the other
+///   streams took at least that much each and not yet a fair turn; or a socket write found
 ///   no room and none has moved bytes since;
 /// - [`Close::Unfinished`], once [`closing`](Self::closing): a graceful close that has not
 ///   ended after another idle timeout with nothing in flight and nothing to send.
@@ -759,7 +761,12 @@ impl Watchdog {
             .unwrap_or_else(PoisonError::into_inner);
         let waiting = bodies.iter().filter(|b| load(&b.unsent) > 0).count() as u64;
         let round = waiting.saturating_mul(2 * 16 * 1024);
-        let busy = waiting.saturating_mul(MIN_PROGRESS);
+        // (The others: the stream judged is one of those waiting. Alone, the others must have
+        // taken something.)
+        let busy = waiting
+            .saturating_sub(1)
+            .saturating_mul(MIN_PROGRESS)
+            .max(1);
         for body in bodies.iter() {
             if load(&body.unsent) == 0 {
                 body.waiting_since.store(NOT_WAITING, Ordering::Relaxed);
@@ -1086,5 +1093,59 @@ pub(crate) fn shutdown() -> impl std::future::Future<Output = ()> + Send {
             let _ = tokio::signal::ctrl_c().await;
         }
         tracing::info!("shutting down: finishing in-flight requests");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(1),
+            max_connections: 10,
+            http2_max_streams: 100,
+            shutdown_grace: Duration::from_secs(1),
+            client_address: None,
+        }
+    }
+
+    /// `bytes` of `body` sent on its connection.
+    fn send(activity: &Activity, body: &Progress, bytes: u64) {
+        body.sent.fetch_add(bytes, Ordering::Relaxed);
+        activity.sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Two streams with bytes waiting on one connection, after `a` and `b` bytes of them are
+    /// sent in a little more than the idle timeout: what the watchdog says.
+    fn two_streams(a: u64, b: u64) -> Option<Close> {
+        let activity = Arc::new(Activity::default());
+        activity.started.store(2, Ordering::Relaxed);
+        let (first, second) = (activity.watch_body(), activity.watch_body());
+        first.unsent.store(1, Ordering::Relaxed);
+        second.unsent.store(1, Ordering::Relaxed);
+        let mut watchdog = Watchdog::new(Arc::clone(&activity), limits());
+        let began = watchdog.began;
+        assert_eq!(watchdog.check(began), None);
+        send(&activity, &first, a);
+        send(&activity, &second, b);
+        watchdog.check(began + Duration::from_millis(1100))
+    }
+
+    #[test]
+    fn a_response_must_move_its_floor_unless_passed_over_for_the_others() {
+        // Both take their 16 KiB: busy, not stalled.
+        assert_eq!(two_streams(16 * 1024, 16 * 1024), None);
+        // A few bytes each: no better than none.
+        assert_eq!(two_streams(100, 100), Some(Close::Stalled));
+        assert_eq!(two_streams(0, 0), Some(Close::Stalled));
+        // One passed over while the other takes at least 16 KiB, not yet a fair turn (two
+        // 16 KiB frames for each stream waiting): excused.
+        assert_eq!(two_streams(20 * 1024, 0), None);
+        // Passed over for a whole turn and more: stalled.
+        assert_eq!(two_streams(64 * 1024, 0), Some(Close::Stalled));
+        // Passed over while the other trickles: stalled.
+        assert_eq!(two_streams(1000, 0), Some(Close::Stalled));
     }
 }

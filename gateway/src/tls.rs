@@ -56,6 +56,7 @@ impl FrontTls {
             private_key_file: private_key_file.to_owned(),
             provider: Arc::clone(&provider),
             current: RwLock::new(Current { key, stamp }),
+            reading: std::sync::Mutex::new(()),
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -78,6 +79,15 @@ impl FrontTls {
     /// in use stays when they cannot be used.
     pub(crate) fn reload(&self) -> Result<(), String> {
         let certificate = &self.certificate;
+        let _reading = certificate
+            .reading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.read_and_store()
+    }
+
+    fn read_and_store(&self) -> Result<(), String> {
+        let certificate = &self.certificate;
         let (key, stamp) = read_pair(
             &certificate.certificate_file,
             &certificate.private_key_file,
@@ -94,6 +104,10 @@ impl FrontTls {
     /// when it read them again.
     pub(crate) fn reload_if_changed(&self) -> Result<bool, String> {
         let certificate = &self.certificate;
+        let _reading = certificate
+            .reading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = stamp(&certificate.certificate_file, &certificate.private_key_file);
         let before = certificate
             .current
@@ -103,7 +117,7 @@ impl FrontTls {
         if now == before {
             return Ok(false);
         }
-        match self.reload() {
+        match self.read_and_store() {
             Ok(()) => Ok(true),
             Err(error) => {
                 // Said once for this state of the files, not every check.
@@ -124,6 +138,9 @@ struct Certificate {
     private_key_file: PathBuf,
     provider: Arc<CryptoProvider>,
     current: RwLock<Current>,
+    /// Held across a reading of the files and its store: a SIGHUP's reload and the periodic
+    /// check never store an older pair over a newer one.
+    reading: std::sync::Mutex<()>,
 }
 
 struct Current {

@@ -247,10 +247,11 @@ async fn a_connection_that_never_finishes_its_handshake_is_closed_after_the_head
     let began = Instant::now();
     for stream in [&mut silent, &mut half] {
         let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        // Ended (closed, or reset) within 10 s, with nothing sent back.
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
             .await
             .expect("closed within 10 s");
-        assert!(read.is_ok() || rest.is_empty());
+        assert!(rest.is_empty(), "{rest:?}");
     }
     assert!(began.elapsed() >= Duration::from_millis(900));
     // Meanwhile and after, others are served.

@@ -20,9 +20,11 @@ use crate::hot_cache::HotCache;
 
 /// A decoded JWS header can be no larger than this; real ones are under 200 bytes.
 const MAX_HEADER_BYTES: usize = 1024;
-/// How many keys of one set a token is tried against, with or without a `kid`: each try is a
-/// signature check, and a key set that holds many keys under one `kid` (or none) must not make
-/// a forged token cost hundreds of them.
+/// How many keys of one fetched set (or of a client's keys) a token is tried against, with or
+/// without a `kid`: each try is a signature check, and a key set that holds many keys under
+/// one `kid` (or none) must not make a forged token cost hundreds of them. Keys that do not
+/// allow the token's algorithm are not tried, so they do not count; static keys, which the
+/// operator chose, are all tried.
 const MAX_TRIES: usize = 4;
 
 /// Everything the bearer layer needs to verify a request, shared by all its services.
@@ -302,21 +304,21 @@ impl Verifier {
             .iter()
             .map(|s| (s.current(), s.issuer.as_deref()))
             .collect();
-        // A few keys of each set, not hundreds: each try is a signature check. (Of each set:
-        // two issuers may use the same `kid`.)
+        // Each key is tagged with its set (0: the static keys, which the operator chose, are
+        // all tried), so that a fetched set's signature checks are counted.
         let keys = self
             .static_keys
             .candidates(kid)
-            .take(MAX_TRIES)
-            .map(|key| (key, None))
-            .chain(fetched.iter().flat_map(|(set, issuer)| {
-                set.candidates(kid)
-                    .take(MAX_TRIES)
-                    .map(move |key| (key, *issuer))
+            .map(|key| (key, None, 0))
+            .chain(fetched.iter().enumerate().flat_map(|(n, (set, issuer))| {
+                set.candidates(kid).map(move |key| (key, *issuer, n + 1))
             }));
         let mut outcome = None;
         let mut named = false;
-        for (key, issuer) in keys {
+        // A few signature checks of each fetched set, not hundreds (of each set: two issuers
+        // may use the same `kid`).
+        let (mut checking, mut checks) = (0, 0);
+        for (key, issuer, set) in keys {
             named |= kid.is_none() || key.kid() == kid;
             if !key.allows(alg) {
                 // A key's own algorithm wins over the token header's.
@@ -328,6 +330,13 @@ impl Verifier {
                 });
                 continue;
             }
+            if set != checking {
+                (checking, checks) = (set, 0);
+            }
+            if set > 0 && checks == MAX_TRIES {
+                continue;
+            }
+            checks += 1;
             match self.decode(token, key, validation, issuer) {
                 Ok(claims) => return Some(Ok(claims)),
                 Err((rejection, signature_ok)) => {
@@ -516,11 +525,16 @@ pub(crate) fn verify_with_keys(
     }
     validation.set_required_spec_claims(&required);
     let mut outcome = Err("no key for it");
-    for key in keys.candidates(header.kid.as_deref()).take(MAX_TRIES) {
+    let mut checks = 0;
+    for key in keys.candidates(header.kid.as_deref()) {
         if !key.allows(header.alg) {
             outcome = Err("an algorithm its key does not allow");
             continue;
         }
+        if checks == MAX_TRIES {
+            break;
+        }
+        checks += 1;
         match jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation) {
             Ok(data) => {
                 return VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
@@ -743,6 +757,15 @@ mod tests {
         assert!(verify_with_keys(&both, &signed(&secret(99), Some("other")), &expected).is_ok());
         assert!(verify_with_keys(&both, &signed(&secret(99), Some("k")), &expected).is_err());
         assert!(verify_with_keys(&both, &signed(&secret(1), Some("k")), &expected).is_ok());
+        // Keys that cannot check the token's algorithm are no try: four RSA keys under the
+        // same `kid` leave the HMAC key its turn.
+        let rsa = include_str!("../../tests/support/keys/rsa_public.pem");
+        let mixed = (0..4)
+            .fold(KeySet::new(), |set, _| {
+                set.with_key(VerificationKey::rsa_pem(rsa).unwrap().with_kid("k"))
+            })
+            .with_key(VerificationKey::hmac(secret(99)).unwrap().with_kid("k"));
+        assert!(verify_with_keys(&mixed, &signed(&secret(99), Some("k")), &expected).is_ok());
     }
 
     #[test]

@@ -30,9 +30,9 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
 /// `Limited`'s error: the [`FhirProxy`](crate::proxy::FhirProxy) then abandons the upstream
 /// request mid-body (the upstream never receives a complete request) and answers `413` with
 /// the same OperationOutcome. Whatever else the inner service answers a body it found too
-/// long with (an axum extractor's plain-text `400` or `413`, say: one that wraps the error
-/// does not recognise it), an error status is replaced by that `413` OperationOutcome. Each
-/// refusal counts in the `tower_fhir_body_too_large_total` metric.
+/// long with (an axum extractor's plain-text `413`, or `400` when it does not recognise a
+/// wrapped error), an error status is replaced by that `413` OperationOutcome. Each refusal
+/// counts in the `tower_fhir_body_too_large_total` metric.
 ///
 /// The limit is on the bytes sent, so a body sent compressed (a `Content-Encoding` other than
 /// `identity`) would be held to it only as compressed: a few MiB of gzip can inflate to
@@ -128,6 +128,7 @@ pub struct BodyLimit<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for BodyLimit<S>
 where
     S: Service<Request<LimitedBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -146,13 +147,8 @@ where
         if declared.is_some_and(|length| length > self.max) {
             return BodyLimitFuture::answered(too_large(Some(self.max)));
         }
-        // (A request that has no body has nothing to inflate.)
-        let no_body = || {
-            declared == Some(0)
-                || (declared.is_none()
-                    && !request.headers().contains_key(header::TRANSFER_ENCODING)
-                    && matches!(*request.method(), http::Method::GET | http::Method::HEAD))
-        };
+        // (A request that has no body has nothing to inflate. An HTTP/2 GET may have one.)
+        let no_body = || declared == Some(0) || request.body().is_end_stream();
         if !self.coded && is_coded(request.headers()) && !no_body() {
             return BodyLimitFuture::answered(coded_refused());
         }
@@ -263,11 +259,14 @@ where
             .hit
             .as_ref()
             .is_some_and(|hit| hit.load(Ordering::Relaxed));
-        // The proxy's own 413 is kept (and counted once); a success stays what it was.
-        if refused
-            && status != StatusCode::PAYLOAD_TOO_LARGE
-            && (status.is_client_error() || status.is_server_error())
-        {
+        // The proxy's own 413 (an OperationOutcome, counted already) is kept; a success stays
+        // what it was.
+        let outcome_413 = status == StatusCode::PAYLOAD_TOO_LARGE
+            && response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|t| t.as_bytes().starts_with(b"application/fhir+json"));
+        if refused && !outcome_413 && (status.is_client_error() || status.is_server_error()) {
             return Poll::Ready(Ok(too_large(Some(*this.max)).map(ResponseBody::full)));
         }
         Poll::Ready(Ok(response))
@@ -357,7 +356,7 @@ mod tests {
             BodyLimitLayer::new(1024)
                 .allow_coded_bodies(allow)
                 .layer(tower::service_fn(
-                    |_r: Request<LimitedBody<http_body_util::Empty<Bytes>>>| async {
+                    |_r: Request<LimitedBody<http_body_util::Full<Bytes>>>| async {
                         Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
                     },
                 ))
@@ -367,7 +366,9 @@ mod tests {
             for coding in codings {
                 request = request.header("content-encoding", *coding);
             }
-            request.body(http_body_util::Empty::new()).unwrap()
+            request
+                .body(http_body_util::Full::new(Bytes::from("x")))
+                .unwrap()
         };
         for codings in [&[][..], &["identity"], &["IDENTITY"], &[" identity , "]] {
             let response = service(false).oneshot(request(codings)).await.unwrap();
@@ -377,11 +378,11 @@ mod tests {
         let empty = Request::delete("/Patient/1")
             .header("content-encoding", "gzip")
             .header("content-length", "0")
-            .body(http_body_util::Empty::new())
+            .body(http_body_util::Full::default())
             .unwrap();
         let get = Request::get("/Patient/1")
             .header("content-encoding", "gzip")
-            .body(http_body_util::Empty::new())
+            .body(http_body_util::Full::default())
             .unwrap();
         for request in [empty, get] {
             let response = service(false).oneshot(request).await.unwrap();
@@ -465,16 +466,21 @@ mod tests {
     async fn an_error_answered_to_a_body_over_the_limit_becomes_413_and_other_answers_stay() {
         // An inner service that reads the body and answers `status` whatever happened (as an
         // axum extractor that does not recognise a wrapped error answers 400).
-        let service = |status: StatusCode| {
+        let answering = |status: StatusCode, content_type: &'static str| {
             BodyLimitLayer::new(10).layer(tower::service_fn(
                 move |r: Request<LimitedBody<StreamBody<_>>>| async move {
                     let _ = r.into_body().collect().await;
                     let mut response = Response::new(http_body_util::Full::new(Bytes::from("x")));
                     *response.status_mut() = status;
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(content_type),
+                    );
                     Ok::<_, Infallible>(response)
                 },
             ))
         };
+        let service = |status| answering(status, "text/plain");
         let body = |chunks: usize| {
             StreamBody::new(futures::stream::iter((0..chunks).map(|_| {
                 Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("12345")))
@@ -491,12 +497,20 @@ mod tests {
             let response = service(status).oneshot(post(2)).await.unwrap();
             assert_eq!(response.status(), status);
         }
-        // A success stays a success, and the inner service's own 413 is kept.
-        for status in [StatusCode::OK, StatusCode::PAYLOAD_TOO_LARGE] {
-            let response = service(status).oneshot(post(3)).await.unwrap();
+        // A success stays a success, and a 413 OperationOutcome (the proxy's) is kept; a plain
+        // 413 (axum's text) is replaced.
+        for (status, content_type, kept) in [
+            (StatusCode::OK, "text/plain", true),
+            (StatusCode::PAYLOAD_TOO_LARGE, "application/fhir+json", true),
+            (StatusCode::PAYLOAD_TOO_LARGE, "text/plain", false),
+        ] {
+            let response = answering(status, content_type)
+                .oneshot(post(3))
+                .await
+                .unwrap();
             assert_eq!(response.status(), status);
             let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, "x");
+            assert_eq!(body == "x", kept, "{status} {content_type}");
         }
     }
 

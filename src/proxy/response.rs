@@ -54,14 +54,15 @@ pub(super) async fn relay_response(
     }
     remove_hop_by_hop(&mut parts.headers);
     let heads = ResponseHeads::scan(&parts.headers);
-    // The length the body must have; none for answers that send no body whatever they declare.
+    // The length the body must have, as hyper framed it (so not a `Content-Length` that a
+    // chunked encoding overrides); none for answers that send no body whatever they declare.
     let declared = if head
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED
     {
         None
     } else {
-        heads.length.flatten().map(|length| length as u64)
+        body.size_hint().exact()
     };
     if heads.set_cookie && !cookies {
         parts.headers.remove(header::SET_COOKIE);
@@ -221,10 +222,12 @@ pub(super) struct Rewriting<'a> {
 }
 
 /// Whether a response header speaks for the whole origin rather than for this response:
-/// HSTS, `Alt-Svc`, `Clear-Site-Data`, key pins, and CORS's `Access-Control-*`. Every tenant's
-/// upstream answers under the gateway's one origin, so one upstream's would bind the others'
-/// (HSTS switched off, a browser's data cleared, an origin given credentialed CORS access past
-/// the gateway's `cors_allowed_origins`): they are the gateway's to send, never an upstream's.
+/// HSTS, `Alt-Svc`, `Clear-Site-Data`, key pins, Network Error Logging and its reporting
+/// endpoints (`NEL`, `Report-To`, `Reporting-Endpoints`), and CORS's `Access-Control-*`. Every
+/// tenant's upstream answers under the gateway's one origin, so one upstream's would bind the
+/// others' (HSTS switched off, a browser's data cleared, every tenant's request URLs reported to
+/// it, an origin given credentialed CORS access past the gateway's `cors_allowed_origins`):
+/// they are the gateway's to send, never an upstream's.
 fn origin_wide(name: &HeaderName) -> bool {
     let name = name.as_str();
     name.starts_with("access-control-")
@@ -235,6 +238,9 @@ fn origin_wide(name: &HeaderName) -> bool {
                 | "clear-site-data"
                 | "public-key-pins"
                 | "public-key-pins-report-only"
+                | "nel"
+                | "report-to"
+                | "reporting-endpoints"
         )
 }
 
