@@ -92,6 +92,18 @@ fn start(name: &str, pair: &Pair, upstream: &RecordingUpstream, keys: Value) -> 
     }
 }
 
+/// [`start`], with `metrics_listen` on a port of its own: the gateway and that port.
+fn start_with_metrics(
+    name: &str,
+    pair: &Pair,
+    upstream: &RecordingUpstream,
+    mut keys: Value,
+) -> (Gateway, u16) {
+    let port = support::free_port();
+    keys["metrics_listen"] = json!(format!("127.0.0.1:{port}"));
+    (start(name, pair, upstream, keys), port)
+}
+
 struct Gateway {
     proc: Proc,
     addr: SocketAddr,
@@ -231,12 +243,11 @@ async fn over_tls_a_client_gets_a_token_and_reads_over_http1_and_http2() {
 async fn a_connection_that_never_finishes_its_handshake_is_closed_after_the_header_read_timeout() {
     let upstream = RecordingUpstream::start().await;
     let pair = pair();
-    let metrics = support::free_port();
-    let gateway = start(
+    let (gateway, metrics) = start_with_metrics(
         "handshake",
         &pair,
         &upstream,
-        json!({"header_read_timeout_seconds": 1, "metrics_listen": format!("127.0.0.1:{metrics}")}),
+        json!({"header_read_timeout_seconds": 1}),
     );
     // One sends nothing; the other the first bytes of a ClientHello, then nothing.
     let mut silent = TcpStream::connect(gateway.addr).await.unwrap();
@@ -258,7 +269,7 @@ async fn a_connection_that_never_finishes_its_handshake_is_closed_after_the_head
     let stream = connect(gateway.addr, &pair, &[]).await.unwrap();
     assert_eq!(send(stream, get("/metadata", None)).await.0, 200);
 
-    let page = reqwest_metrics(metrics).await;
+    let page = metrics_page(metrics).await;
     let line = page
         .lines()
         .find(|line| {
@@ -271,7 +282,7 @@ async fn a_connection_that_never_finishes_its_handshake_is_closed_after_the_head
 }
 
 /// `GET /metrics` on `port`, over plain HTTP.
-async fn reqwest_metrics(port: u16) -> String {
+async fn metrics_page(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -411,12 +422,11 @@ async fn over_tls_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
         },
     );
     let pair = pair();
-    let metrics = support::free_port();
-    let gateway = start(
+    let (gateway, metrics) = start_with_metrics(
         "stalled",
         &pair,
         &upstream,
-        json!({"idle_timeout_seconds": 1, "metrics_listen": format!("127.0.0.1:{metrics}")}),
+        json!({"idle_timeout_seconds": 1}),
     );
     let token = token(&gateway, &pair).await;
     let mut stream = connect(gateway.addr, &pair, &[b"http/1.1"]).await.unwrap();
@@ -435,11 +445,11 @@ async fn over_tls_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
     // Then reads nothing more: dropped within a few idle timeouts.
     let began = Instant::now();
     let stalled = "tower_fhir_connections_closed_total{reason=\"stalled\"} 1";
-    while !reqwest_metrics(metrics).await.contains(stalled) {
+    while !metrics_page(metrics).await.contains(stalled) {
         assert!(
             began.elapsed() < Duration::from_secs(15),
             "not dropped: {}",
-            reqwest_metrics(metrics).await
+            metrics_page(metrics).await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
