@@ -857,11 +857,13 @@ mod jwks {
             client.get_bearer("/Patient/1", &b_as_b).await.status,
             StatusCode::OK
         );
+        // Only B's keys are tried for a token naming B, and none has the `kid` a1.
         let reply = client.get_bearer("/Patient/1", &a_as_b).await;
-        assert_invalid_token(
-            &reply,
-            "The access token's issuer is not trusted for its key",
-        );
+        assert_invalid_token(&reply, "No key is known for this token");
+        // Without a `kid`, B's keys are tried, and none verifies A's signature.
+        let a_as_b = mint(Algorithm::RS256, None, &with_iss("https://b.test"));
+        let reply = client.get_bearer("/Patient/1", &a_as_b).await;
+        assert_invalid_token(&reply, "The access token signature is invalid");
         let reply = client
             .get_bearer(
                 "/Patient/1",
@@ -887,13 +889,11 @@ mod jwks {
                 .status,
             StatusCode::OK
         );
+        // Only A's own (RSA) keys are tried for a token naming A.
         let reply = client
             .get_bearer("/Patient/1", &shared("https://a.test"))
             .await;
-        assert_invalid_token(
-            &reply,
-            "The access token's issuer is not trusted for its key",
-        );
+        assert_invalid_token(&reply, "The token's algorithm is not allowed for its key");
         assert_eq!(
             client.get_bearer("/Patient/1", &a_as_a).await.status,
             StatusCode::OK
@@ -911,6 +911,101 @@ mod jwks {
             client.get_bearer("/Patient/1", &a_as_a).await.status,
             StatusCode::OK
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_fetches_and_waits_on_its_own_issuers_keys_only() {
+        // A's keys also hold a `kid` that B takes up later with a key of its own.
+        let idp_a = JwksServer::start(vec![
+            rsa_jwk(RSA_PRIVATE, "a1"),
+            rsa_jwk(RSA_PRIVATE, "shared"),
+        ])
+        .await;
+        let idp_b = JwksServer::start(vec![rsa_jwk(RSA2_PRIVATE, "b1")]).await;
+        let key_a = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        let key_b = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
+        let token = |key: &EncodingKey, kid: &str, iss: &str| {
+            let mut c = claims();
+            c["iss"] = json!(iss);
+            mint_with(key, Algorithm::RS256, Some(kid), &c)
+        };
+        // A new layer, with both providers' keys fetched.
+        let fresh = || async {
+            let layer = BearerAuthLayer::builder()
+                .jwks_url_for_issuer(idp_a.url(), "https://a.test")
+                .jwks_url_for_issuer(idp_b.url(), "https://b.test")
+                .build()
+                .unwrap();
+            let client = app(layer).await;
+            for (key, kid, iss) in [
+                (&key_a, "a1", "https://a.test"),
+                (&key_b, "b1", "https://b.test"),
+            ] {
+                let reply = client.get_bearer("/Patient/1", &token(key, kid, iss)).await;
+                assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            }
+            client
+        };
+        let hits = || (idp_a.hits(), idp_b.hits());
+
+        // Random `kid`s in B's name refetch B's keys (once a cooldown), never A's, and leave
+        // A's cooldown alone: A's rotation right after is picked up.
+        let client = fresh().await;
+        let (a, b) = hits();
+        for n in 0..5 {
+            let forged = token(&key_b, &format!("random-{n}"), "https://b.test");
+            let reply = client.get_bearer("/Patient/1", &forged).await;
+            assert_invalid_token(&reply, "No key is known for this token");
+        }
+        assert_eq!(hits(), (a, b + 1));
+        idp_a.set_keys(vec![
+            rsa_jwk(RSA_PRIVATE, "a1"),
+            rsa_jwk(RSA_PRIVATE, "shared"),
+            rsa_jwk(RSA2_PRIVATE, "a2"),
+        ]);
+        let reply = client
+            .get_bearer("/Patient/1", &token(&key_b, "a2", "https://a.test"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(hits(), (a + 1, b + 1));
+
+        // B hangs, A rotates: a token with A's new `kid` fetches A's keys alone, so it neither
+        // waits on B nor starts a fetch there.
+        let client = fresh().await;
+        let (a, b) = hits();
+        idp_b.set_delay(Duration::from_secs(30));
+        idp_a.set_keys(vec![
+            rsa_jwk(RSA_PRIVATE, "a1"),
+            rsa_jwk(RSA_PRIVATE, "shared"),
+            rsa_jwk(RSA2_PRIVATE, "a3"),
+        ]);
+        let reply = client
+            .get_bearer("/Patient/1", &token(&key_b, "a3", "https://a.test"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(hits(), (a + 1, b));
+        idp_b.set_delay(Duration::ZERO);
+
+        // B takes up a `kid` that A also has (with B's own key): B's token is not judged by
+        // A's key of that name, and B's keys are fetched for it.
+        let client = fresh().await;
+        idp_b.set_keys(vec![
+            rsa_jwk(RSA2_PRIVATE, "b1"),
+            rsa_jwk(RSA2_PRIVATE, "shared"),
+        ]);
+        let reply = client
+            .get_bearer("/Patient/1", &token(&key_b, "shared", "https://b.test"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        // A's key of that name signs for A, never for B.
+        let reply = client
+            .get_bearer("/Patient/1", &token(&key_a, "shared", "https://a.test"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let reply = client
+            .get_bearer("/Patient/1", &token(&key_a, "shared", "https://b.test"))
+            .await;
+        assert_invalid_token(&reply, "The access token signature is invalid");
     }
 
     #[tokio::test]

@@ -72,7 +72,7 @@ impl HttpJwks {
             .uri(uri.clone())
             .header(header::ACCEPT, "application/jwk-set+json, application/json")
             .body(Empty::new())
-            .map_err(|e| KeySourceError::new(format!("JWKS request: {e}")))?;
+            .map_err(|e| KeySourceError::new(format!("JWKS request for {uri}: {e}")))?;
         let response = client
             .request(request)
             .await

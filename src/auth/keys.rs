@@ -326,8 +326,16 @@ impl KeySet {
         &'a self,
         kid: Option<&'a str>,
     ) -> impl Iterator<Item = &'a Arc<VerificationKey>> + 'a {
-        let named = kid.is_some() && self.keys.iter().any(|key| key.kid.as_deref() == kid);
-        self.keys.iter().filter(move |key| {
+        Self::candidates_of(&self.keys, kid)
+    }
+
+    /// [`candidates`](Self::candidates) among `keys`.
+    pub(crate) fn candidates_of<'a>(
+        keys: &'a [Arc<VerificationKey>],
+        kid: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<VerificationKey>> + 'a {
+        let named = kid.is_some() && keys.iter().any(|key| key.kid.as_deref() == kid);
+        keys.iter().filter(move |key| {
             kid.is_none() || key.kid.as_deref() == kid || (!named && key.kid.is_none())
         })
     }

@@ -17,7 +17,11 @@
 //! with the `remote-jwks` feature). Fetched keys are cached and refreshed on an interval (or
 //! the source's `Cache-Control: max-age`); a token with an unknown `kid` triggers one refetch,
 //! at most once per cooldown, shared by all requests waiting on it; when the source is down the
-//! last good keys keep working. Verified tokens are cached (bounded, each entry no longer than
+//! last good keys keep working. With sources bound to issuers (`key_source_for_issuer`,
+//! `jwks_url_for_issuer`), a token is checked against, and refetches, only the sources of the
+//! issuer its `iss` names (or, when no source is bound to it, the static keys and the unbound
+//! sources): one identity provider that hangs or whose `kid`s are forged neither delays nor
+//! uses up the refetches of another's tokens. Verified tokens are cached (bounded, each entry no longer than
 //! the token's `exp`, dropped when its key leaves the key set). Tokens revoked before they
 //! expire ([`RevokedTokens`], which the token endpoint's revocation fills) are refused from
 //! then on, cached ones included.

@@ -274,7 +274,10 @@ impl RefreshingKeys {
             let fetched = tokio::time::timeout(this.policy.timeout, this.source.fetch()).await;
             let fetched = match fetched {
                 Ok(result) => result,
-                Err(_) => Err(KeySourceError::new("key fetch timed out")),
+                Err(_) => Err(KeySourceError::new(format!(
+                    "key fetch timed out after {:?}",
+                    this.policy.timeout
+                ))),
             };
             let installed = this.install(fetched);
             if let (Some(changes), Ok(())) = (changes, &installed) {
@@ -315,7 +318,11 @@ impl RefreshingKeys {
                 Ok(())
             }
             Err(err) => {
-                tracing::warn!(error = %err, "could not fetch verification keys; keeping the last good ones");
+                tracing::warn!(
+                    issuer = self.issuer.as_deref().unwrap_or("(none: keys for any issuer)"),
+                    error = %err,
+                    "could not fetch verification keys; keeping the last good ones"
+                );
                 self.schedule_refresh(self.policy.cooldown);
                 Err(Arc::from(err.to_string()))
             }

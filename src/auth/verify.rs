@@ -75,6 +75,40 @@ pub(crate) enum Verdict {
     Wait(BoxFuture<'static, Result<VerifiedClaims, Rejection>>),
 }
 
+/// A JWT payload's `iss` as its verified claims will read it: the last `iss` member, when it
+/// is a string (a duplicate member replaces the earlier one, as in the claims' map).
+struct UnverifiedIssuer(Option<String>);
+
+impl<'de> Deserialize<'de> for UnverifiedIssuer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = UnverifiedIssuer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut members: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut issuer = None;
+                while let Some(name) = members.next_key::<Cow<'de, str>>()? {
+                    if name == "iss" {
+                        issuer = match members.next_value::<Value>()? {
+                            Value::String(iss) => Some(iss),
+                            _ => None,
+                        };
+                    } else {
+                        members.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(UnverifiedIssuer(issuer))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
 #[derive(Deserialize)]
 struct JwsHeader<'a> {
     #[serde(borrow)]
@@ -193,17 +227,19 @@ impl Verifier {
         for source in &self.sources {
             source.refresh_if_due();
         }
+        let scope = self.scope(token);
         match self.with_header(token, |alg, kid| {
-            self.verify_with_current_keys(token, alg, kid)
+            self.verify_with_current_keys(token, alg, kid, &scope)
         }) {
             Err(rejection) => return Verdict::Reject(rejection),
             Ok(Some(result)) => return verdict(result),
-            Ok(None) if self.sources.is_empty() => return Verdict::Reject(self.unknown_key()),
             Ok(None) => {}
         }
+        // Only the sources that may vouch for this token are fetched, and waited for: a token
+        // naming one identity provider neither spends another's refetch cooldown nor waits on
+        // another that hangs.
         let fetches: Vec<SharedFetch> = self
-            .sources
-            .iter()
+            .sources_for(&scope)
             .filter_map(|source| {
                 let trigger = if source.has_fetched() {
                     Trigger::UnknownKid
@@ -214,17 +250,48 @@ impl Verifier {
             })
             .collect();
         if fetches.is_empty() {
-            return Verdict::Reject(self.no_key_after_fetch());
+            return Verdict::Reject(self.no_key_after_fetch(&scope));
         }
         let this = Arc::clone(self);
         let token = token.to_vec();
         Verdict::Wait(Box::pin(async move {
             futures::future::join_all(fetches).await;
             this.with_header(&token, |alg, kid| {
-                this.verify_with_current_keys(&token, alg, kid)
+                this.verify_with_current_keys(&token, alg, kid, &scope)
             })?
-            .unwrap_or_else(|| Err(this.no_key_after_fetch()))
+            .unwrap_or_else(|| Err(this.no_key_after_fetch(&scope)))
         }))
+    }
+
+    /// Whose keys may verify `token`: the sources bound to its `iss` when some source is
+    /// (`Some`, that issuer), otherwise the static keys and the sources bound to no issuer
+    /// (`None`). A key of any other source could verify its signature but never vouch for
+    /// it (see `decode`), so the token's `iss` is read before its signature is checked: the
+    /// claims verified later are these same bytes, so nothing that could accept the token is
+    /// left out.
+    fn scope(&self, token: &[u8]) -> Option<Arc<str>> {
+        if self.sources.iter().all(|source| source.issuer.is_none()) {
+            return None;
+        }
+        let payload = token.split(|&b| b == b'.').nth(1)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).ok()?;
+        let UnverifiedIssuer(issuer) = serde_json::from_slice(&payload).ok()?;
+        let issuer = issuer?;
+        self.sources
+            .iter()
+            .filter_map(|source| source.issuer.as_ref())
+            .find(|bound| ***bound == *issuer)
+            .cloned()
+    }
+
+    /// The sources whose keys may verify a token of this scope (see [`scope`](Self::scope)).
+    fn sources_for<'a>(
+        &'a self,
+        scope: &'a Option<Arc<str>>,
+    ) -> impl Iterator<Item = &'a Arc<RefreshingKeys>> + 'a {
+        self.sources
+            .iter()
+            .filter(move |source| source.issuer == *scope)
     }
 
     fn revoked_token(&self) -> Rejection {
@@ -238,9 +305,9 @@ impl Verifier {
         )
     }
 
-    fn no_key_after_fetch(&self) -> Rejection {
+    fn no_key_after_fetch(&self, scope: &Option<Arc<str>>) -> Rejection {
         // A source that never answered might hold the key: that is an outage, not a bad token.
-        if self.sources.iter().any(|s| !s.has_fetched()) {
+        if self.sources_for(scope).any(|s| !s.has_fetched()) {
             self.reject(
                 RejectionKind::KeysUnavailable,
                 "The keys to verify tokens are unavailable; try again later",
@@ -292,6 +359,7 @@ impl Verifier {
         token: &[u8],
         alg: Algorithm,
         kid: Option<&str>,
+        scope: &Option<Arc<str>>,
     ) -> Option<Result<VerifiedClaims, Rejection>> {
         let Some(validation) = self.validation(alg) else {
             return Some(Err(self.reject(
@@ -300,15 +368,18 @@ impl Verifier {
             )));
         };
         let fetched: Vec<(Arc<KeySet>, Option<&str>)> = self
-            .sources
-            .iter()
+            .sources_for(scope)
             .map(|s| (s.current(), s.issuer.as_deref()))
             .collect();
+        // The static keys vouch for no issuer bound to keys of its own.
+        let static_keys = if scope.is_none() {
+            self.static_keys.keys()
+        } else {
+            &[]
+        };
         // Each key is tagged with its set (0: the static keys, which the operator chose, are
         // all tried), so that a fetched set's signature checks are counted.
-        let keys = self
-            .static_keys
-            .candidates(kid)
+        let keys = KeySet::candidates_of(static_keys, kid)
             .map(|key| (key, None, 0))
             .chain(fetched.iter().enumerate().flat_map(|(n, (set, issuer))| {
                 set.candidates(kid).map(move |key| (key, *issuer, n + 1))
@@ -766,6 +837,42 @@ mod tests {
             })
             .with_key(VerificationKey::hmac(secret(99)).unwrap().with_kid("k"));
         assert!(verify_with_keys(&mixed, &signed(&secret(99), Some("k")), &expected).is_ok());
+    }
+
+    #[test]
+    fn the_unverified_issuer_is_the_one_the_claims_will_read() {
+        let issuer = |payload: &str| {
+            let UnverifiedIssuer(issuer) = serde_json::from_str(payload).unwrap();
+            let claims: Map<String, Value> = serde_json::from_str(payload).unwrap();
+            // What the verified claims would say: the map's `iss`, when a string.
+            assert_eq!(
+                issuer.as_deref(),
+                claims.get("iss").and_then(Value::as_str),
+                "{payload}"
+            );
+            issuer
+        };
+        assert_eq!(
+            issuer(r#"{"iss":"https://a.test","exp":1}"#).unwrap(),
+            "https://a.test"
+        );
+        // A later member replaces an earlier one, whatever its type.
+        assert_eq!(
+            issuer(r#"{"iss":"https://a.test","iss":"https://b.test"}"#).unwrap(),
+            "https://b.test"
+        );
+        assert_eq!(issuer(r#"{"iss":"https://a.test","iss":7}"#), None);
+        assert_eq!(issuer(r#"{"iss":["https://a.test"]}"#), None);
+        assert_eq!(
+            issuer(r#"{"sub":"x","nested":{"iss":"https://a.test"}}"#),
+            None
+        );
+        // An escaped name is the same name.
+        assert_eq!(
+            issuer(r#"{"\u0069ss":"https://a.\u0074est"}"#).unwrap(),
+            "https://a.test"
+        );
+        assert!(serde_json::from_str::<UnverifiedIssuer>("[1]").is_err());
     }
 
     #[test]
