@@ -1,7 +1,8 @@
 //! A load generator for FHIR gateways: `cargo run --release -p fhir-loadgen -- --help`.
 //!
-//! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), each worker on a
-//! connection of its own (so `--connections 10000` holds 10,000 open): a closed loop, or a
+//! Drives any FHIR gateway over HTTP/1.1 (or HTTP/2 with `--http2`), plain or over TLS (an
+//! `https://` target: the webpki roots, `--ca-file` for your own, `--insecure` for none), each
+//! worker on a connection of its own (so `--connections 10000` holds 10,000 open): a closed loop, or a
 //! fixed request rate with coordinated-omission correction (latency counted from when each
 //! request was due, not when it was sent). Tokens are minted locally (one per tenant, HS256
 //! from a shared secret or RS256/PS256/ES256/EdDSA from a private key in PEM) or fetched from a
@@ -46,7 +47,7 @@ fhir-loadgen: drive a FHIR gateway and report throughput and latency
 
 usage: fhir-loadgen --target URL [OPTIONS]
 
-  --target URL            the gateway's FHIR base (required)
+  --target URL            the gateway's FHIR base, http:// or https:// (required)
   --connections N         concurrent connections (closed loop), default 16
   --rate R                open loop: R requests per second, latency from when each was due
   --duration S            seconds to measure, default 10 (or --requests N)
@@ -72,7 +73,13 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --path PATH             one request path instead of the client mix
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
                           (BODY form-encoded, for POST _search); `#` starts a comment
-  --http2                 HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1
+  --http2                 HTTP/2 instead of HTTP/1.1: with prior knowledge (h2c) on http://,
+                          agreed by ALPN on https:// (a server that does not agree fails)
+  --ca-file FILE          https: also trust the certificates in this PEM file (a private CA,
+                          or a self-signed server certificate); repeat for several. The
+                          webpki roots (Mozilla's) are always trusted
+  --insecure              https: accept any server certificate, unchecked (a test bed with a
+                          throwaway certificate); the handshake's signatures are still checked
   --json                  print the report as JSON (with the per-second timeline)
   --plot FILE.svg         draw the run: requests per second and latency (p50, p90, p99,
                           max) over time, and latency by percentile (SVG)
@@ -126,9 +133,24 @@ struct Options {
     cpu_of: Vec<(String, u32)>,
     /// `host:port` and the path prefix of `target`.
     authority: String,
-    /// `host:port` to connect to (port 80 when `target` names none).
+    /// `host:port` to connect to (port 80, or 443 for https, when `target` names none).
     connect_to: String,
     base_path: String,
+    /// PEM files of certificates to trust besides the webpki roots (`--ca-file`).
+    ca_files: Vec<String>,
+    /// Accept any server certificate (`--insecure`).
+    insecure: bool,
+    /// How to speak TLS to an `https://` target; `None` for `http://`.
+    tls: Option<TargetTls>,
+    /// How to speak TLS to an `https://` token URL (HTTP/1.1).
+    token_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// TLS to the target: the client's configuration (its ALPN the protocol asked for) and the
+/// name the server's certificate must carry.
+struct TargetTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
 }
 
 fn options() -> Result<Options, String> {
@@ -151,6 +173,10 @@ fn options() -> Result<Options, String> {
         authority: String::new(),
         connect_to: String::new(),
         base_path: String::new(),
+        ca_files: Vec::new(),
+        insecure: false,
+        tls: None,
+        token_tls: None,
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
@@ -227,6 +253,8 @@ fn options() -> Result<Options, String> {
                 o.plot = Some(file);
             }
             "--http2" => o.http2 = true,
+            "--ca-file" => o.ca_files.push(value()?),
+            "--insecure" => o.insecure = true,
             "--cpu-of" => {
                 let given = value()?;
                 let (label, pid) = given
@@ -291,6 +319,24 @@ fn finish(mut o: Options) -> Result<Options, String> {
         .map(|a| a.to_string())
         .ok_or("--target needs a host")?;
     o.base_path = target.path().trim_end_matches('/').to_owned();
+    // Built here, whatever the URLs, so that a bad `--ca-file` is an error before the run.
+    // (hyper-rustls offers the token endpoint its own ALPN.)
+    o.token_tls = Some(tls_config(&o, &[])?);
+    if target.scheme_str() == Some("https") {
+        let host = target.host().ok_or("--target needs a host")?;
+        // `[::1]` names the address `::1`.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name =
+            rustls::pki_types::ServerName::try_from(host).map_err(|e| format!("--target: {e}"))?;
+        let alpn: &[&[u8]] = if o.http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        o.tls = Some(TargetTls {
+            config: tls_config(&o, alpn)?,
+            server_name,
+        });
+    }
     if o.tenants.is_empty() {
         o.tenants
             .push("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".to_owned());
@@ -298,25 +344,108 @@ fn finish(mut o: Options) -> Result<Options, String> {
     Ok(o)
 }
 
-/// Where to connect for `target`, an `http://` URL: its host and port, 80 when it names none.
+/// Where to connect for `target`, an `http://` or `https://` URL: its host and port, 80 (443
+/// for https) when it names none.
 fn connect_address(target: &Uri) -> Result<String, String> {
-    match target.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "--target: https is not supported: give the gateway's plain http:// \
-                        address (measure TLS separately)"
-                    .to_owned(),
-            )
-        }
-        _ => return Err("--target must be an http:// URL".to_owned()),
-    }
+    let default_port = match target.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return Err("--target must be an http:// or https:// URL".to_owned()),
+    };
     let authority = target.authority().ok_or("--target needs a host")?;
     Ok(format!(
         "{}:{}",
         authority.host(),
-        authority.port_u16().unwrap_or(80)
+        authority.port_u16().unwrap_or(default_port)
     ))
+}
+
+/// A TLS client configuration offering the protocols `alpn`: the webpki roots and
+/// `--ca-file`'s certificates, or (`--insecure`) any certificate.
+fn tls_config(o: &Options, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut config = if o.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for file in &o.ca_files {
+            let mut found = 0;
+            for certificate in
+                CertificateDer::pem_file_iter(file).map_err(|e| format!("--ca-file {file}: {e}"))?
+            {
+                let certificate = certificate.map_err(|e| format!("--ca-file {file}: {e}"))?;
+                roots
+                    .add(certificate)
+                    .map_err(|e| format!("--ca-file {file}: {e}"))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(format!("--ca-file {file}: no CERTIFICATE in it"));
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// `--insecure`: any server certificate is taken, unchecked; the handshake's signatures are
+/// still verified (with the certificate's key), so the connection is at least whole.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The key in PEM `file` for `alg`, an asymmetric JWS algorithm.
@@ -454,7 +583,7 @@ fn pick(i: u64, mix: &[Interaction]) -> &Interaction {
 /// Tokens per tenant, refetched when close to expiry.
 struct TokenBook {
     tokens: Tokens,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// By tenant index: the `Authorization` value ready to send. (One slot per tenant, so a
     /// request costs the load generator the same whatever the number of tenants.)
     held: Vec<Mutex<Option<Held>>>,
@@ -569,7 +698,7 @@ impl TokenBook {
                         .client
                         .request(request)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| with_causes(&e))?;
                     let status = response.status();
                     let body = response
                         .into_body()
@@ -608,6 +737,19 @@ impl TokenBook {
         });
         Ok(value)
     }
+}
+
+/// An error and its causes, `: `-separated (hyper-util's client says only "client error
+/// (Connect)"; its causes say which certificate or address).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 fn urlencode(text: &str) -> String {
@@ -691,8 +833,26 @@ impl Connection {
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
+        let Some(tls) = &options.tls else {
+            return Self::handshake(stream, options.http2).await;
+        };
+        let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+            .connect(tls.server_name.clone(), stream)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        if options.http2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("tls: the server did not agree to HTTP/2 (ALPN h2)".to_owned());
+        }
+        Self::handshake(stream, options.http2).await
+    }
+
+    /// HTTP/1.1 or HTTP/2 on a connected stream, its connection driven by a task of its own.
+    async fn handshake<S>(stream: S, http2: bool) -> Result<Connection, String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let io = hyper_util::rt::TokioIo::new(stream);
-        if options.http2 {
+        if http2 {
             let (sender, connection) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
@@ -940,6 +1100,20 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
+/// The token endpoint's connector: `http://`, or `https://` with the target's trust
+/// (`--ca-file`, `--insecure`), HTTP/1.1.
+fn token_connector(options: &Options) -> hyper_rustls::HttpsConnector<HttpConnector> {
+    let config = options.token_tls.clone().expect("made with the options");
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(Arc::unwrap_or_clone(config))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
 #[tokio::main]
 async fn main() {
     let options = match options() {
@@ -952,7 +1126,7 @@ async fn main() {
     tower_fhir::install_crypto_provider();
     let tokens = TokenBook {
         tokens: options.tokens.clone(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(token_connector(&options)),
         held: options.tenants.iter().map(|_| Mutex::default()).collect(),
         refetching: options.tenants.iter().map(|_| Default::default()).collect(),
         fetching: options.tenants.iter().map(|_| Default::default()).collect(),
@@ -1314,7 +1488,12 @@ fn report(
             "duration_seconds": shared.options.duration.as_secs_f64(),
             "requests_asked": shared.options.requests,
             "connections": shared.options.connections,
-            "protocol": if shared.options.http2 { "h2c" } else { "http/1.1" },
+            "protocol": match (shared.options.http2, shared.options.tls.is_some()) {
+                (true, false) => "h2c",
+                (true, true) => "h2",
+                (false, _) => "http/1.1",
+            },
+            "tls": shared.options.tls.is_some(),
             "tenants": shared.options.tenants.len(),
             "seconds": elapsed.as_secs_f64(),
             "interrupted": interrupted,
@@ -1420,9 +1599,11 @@ mod tests {
         assert_eq!(address("http://gateway/fhir").unwrap(), "gateway:80");
         assert_eq!(address("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080");
         assert_eq!(address("http://[::1]/fhir").unwrap(), "[::1]:80");
-        assert!(address("https://gateway")
-            .unwrap_err()
-            .contains("https is not supported"));
+        assert_eq!(address("https://gateway").unwrap(), "gateway:443");
+        assert_eq!(
+            address("https://gateway:8443/fhir").unwrap(),
+            "gateway:8443"
+        );
         assert!(address("ftp://gateway").is_err());
     }
 }
