@@ -212,6 +212,11 @@ impl Body for ProxyBody {
                         tracing::warn!(%cut, "upstream response body cut short: the client's connection is broken off");
                         Poll::Ready(Some(Err(cut.into())))
                     }
+                    Poll::Ready(Ok(Some(Err(error)))) => {
+                        // A reset, a malformed chunk: what the client has is not the whole.
+                        tracing::warn!(%error, "upstream response body broke off: the client's connection is broken off");
+                        Poll::Ready(Some(Err(error.into())))
+                    }
                     Poll::Ready(Ok(frame)) => {
                         if let (Some(left), Some(Ok(frame))) = (left.as_mut(), &frame) {
                             let len = frame.data_ref().map_or(0, |data| data.len() as u64);
