@@ -114,6 +114,57 @@ async fn without_a_token_the_gateway_describes_itself() {
 }
 
 #[tokio::test]
+async fn a_client_that_asks_for_xml_gets_the_statement_in_xml() {
+    let (client, upstream, _) = setup().await;
+    for (query, accept) in [
+        ("/metadata?_format=xml", None),
+        ("/metadata", Some("application/fhir+xml; fhirVersion=4.0")),
+        (
+            "/metadata",
+            Some("application/fhir+xml;q=1.0, application/fhir+json;q=0.8"),
+        ),
+    ] {
+        let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
+        let reply = client.send("GET", query, &headers, "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let content_type = reply.headers["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("application/fhir+xml; fhirVersion="),
+            "{content_type}"
+        );
+        let xml = reply.text();
+        assert!(
+            xml.contains(r#"<CapabilityStatement xmlns="http://hl7.org/fhir">"#),
+            "{xml}"
+        );
+        assert!(xml.contains(&format!(r#"<extension url="{OAUTH_URIS}"><extension url="token"><valueUri value="http://gateway.test/oauth/token"/>"#)), "{xml}");
+    }
+    // DSTU2's own media type and root.
+    let reply = client
+        .send(
+            "GET",
+            "/metadata",
+            &[("accept", "application/xml+fhir; fhirVersion=1.0")],
+            "",
+        )
+        .await;
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/xml+fhir; fhirVersion=1.0"
+    );
+    assert!(reply
+        .text()
+        .contains(r#"<Conformance xmlns="http://hl7.org/fhir">"#));
+    // HAPI's clients take either at the same preference: JSON.
+    let hapi = "application/fhir+xml;q=1.0, application/fhir+json;q=1.0, application/xml+fhir;q=0.9, application/json+fhir;q=0.9";
+    let reply = client
+        .send("GET", "/metadata", &[("accept", hapi)], "")
+        .await;
+    assert_eq!(reply.json()["resourceType"], "CapabilityStatement");
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
 async fn with_a_token_the_tenants_server_answers_with_the_gateways_security() {
     let (client, upstream, bearer) = setup().await;
     let reply = client

@@ -12,12 +12,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::smart::SmartConfiguration;
-use super::statement::{respond, Statements};
+use super::statement::{respond, respond_xml, Statements};
 use super::upstream::AnonymousSource;
 use super::ResponseFuture;
 use crate::body::ResponseBody;
 use crate::route::UpstreamBase;
-use crate::version::FhirVersion;
+use crate::version::{prefers_xml, FhirVersion};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -329,6 +329,14 @@ where
         let version = request.extensions().get::<FhirVersion>().copied();
         if !request.headers().contains_key(header::AUTHORIZATION) {
             let version = version.unwrap_or(config.statements.default_version);
+            // XML is written for the generated statement only (an upstream's has elements
+            // whose XML order the gateway does not know): a client that asks for XML gets it.
+            if prefers_xml(request.uri().query(), request.headers()) {
+                let response = respond_xml(&config.statements.generated(version), version);
+                return ResponseFuture::own(std::future::ready(Ok(
+                    response.map(ResponseBody::full)
+                )));
+            }
             if config.anonymous.is_none() {
                 let response = respond(&config.statements.generated(version), version);
                 return ResponseFuture::own(std::future::ready(Ok(

@@ -5,7 +5,9 @@
 //!
 //! - `GET [base]/metadata` (any query, such as `?_format=json`): without a token, a
 //!   CapabilityStatement (DSTU2: `Conformance`) generated for the negotiated release (or a
-//!   configured upstream's, fetched and cached: `statement_from_upstream`); with a
+//!   configured upstream's, fetched and cached: `statement_from_upstream`), in FHIR XML
+//!   when the client asks for XML (`_format=xml`, or an `Accept` preferring XML to JSON:
+//!   always the generated statement then, whose XML form the gateway writes); with a
 //!   token, the request goes through the authenticated stack to the tenant's own server, and
 //!   its JSON answer comes back with the gateway's security section (one in another format,
 //!   XML, passes as the upstream sent it: the gateway rewrites JSON only).

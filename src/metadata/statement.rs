@@ -283,6 +283,145 @@ pub(super) fn respond(statement: &Value, version: FhirVersion) -> Response<Bytes
     response
 }
 
+/// A generated statement as FHIR XML, for clients that ask for XML (see [`to_xml`]).
+pub(super) fn respond_xml(statement: &Value, version: FhirVersion) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(to_xml(statement)));
+    let media_type = format!(
+        "{}; fhirVersion={}",
+        version.xml_media_type(),
+        version.mime_code()
+    );
+    if let Ok(value) = HeaderValue::from_str(&media_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// The order FHIR's XML gives the elements of a generated statement (the same in DSTU2,
+/// STU3 and R4 for those it holds; XML, unlike JSON, fixes the order). Only the generated
+/// statements are written as XML: a test checks that this lists every member they hold.
+const XML_ORDER: &[&str] = &[
+    "extension",
+    "status",
+    "date",
+    "kind",
+    "software",
+    "implementation",
+    "name",
+    "version",
+    "service",
+    "coding",
+    "system",
+    "code",
+    "text",
+    "description",
+    "url",
+    "fhirVersion",
+    "acceptUnknown",
+    "format",
+    "rest",
+    "mode",
+    "security",
+    "valueUri",
+];
+
+/// A generated statement (JSON, as [`Statements::generated`] makes it) in FHIR's XML form:
+/// the resource type as the root element in the FHIR namespace, a primitive as an element with
+/// a `value` attribute, an array as repeated elements, an extension's `url` as an attribute,
+/// members in FHIR's order ([`XML_ORDER`]).
+pub(super) fn to_xml(statement: &Value) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
+    let root = statement
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("CapabilityStatement");
+    out.push('<');
+    out.push_str(root);
+    out.push_str(" xmlns=\"http://hl7.org/fhir\">");
+    if let Some(members) = statement.as_object() {
+        write_members(&mut out, members, &["resourceType"]);
+    }
+    out.push_str("</");
+    out.push_str(root);
+    out.push('>');
+    out
+}
+
+fn write_members(out: &mut String, members: &Map<String, Value>, skip: &[&str]) {
+    let mut ordered: Vec<(&String, &Value)> = members
+        .iter()
+        .filter(|(name, _)| !skip.contains(&name.as_str()))
+        .collect();
+    ordered.sort_by_key(|(name, _)| {
+        XML_ORDER
+            .iter()
+            .position(|known| known == name)
+            .unwrap_or(XML_ORDER.len())
+    });
+    for (name, value) in ordered {
+        match value {
+            Value::Array(items) => {
+                for item in items {
+                    write_element(out, name, item);
+                }
+            }
+            value => write_element(out, name, value),
+        }
+    }
+}
+
+fn write_element(out: &mut String, name: &str, value: &Value) {
+    out.push('<');
+    out.push_str(name);
+    match value {
+        Value::Object(members) => {
+            // An extension's `url` is an attribute.
+            let url = (name == "extension")
+                .then(|| members.get("url").and_then(Value::as_str))
+                .flatten();
+            if let Some(url) = url {
+                out.push_str(" url=\"");
+                escape_attribute(out, url);
+                out.push('"');
+            }
+            out.push('>');
+            write_members(out, members, if url.is_some() { &["url"] } else { &[] });
+            out.push_str("</");
+            out.push_str(name);
+            out.push('>');
+        }
+        Value::String(text) => {
+            out.push_str(" value=\"");
+            escape_attribute(out, text);
+            out.push_str("\"/>");
+        }
+        other => {
+            out.push_str(" value=\"");
+            escape_attribute(out, &other.to_string());
+            out.push_str("\"/>");
+        }
+    }
+}
+
+/// Escapes `text` for a double-quoted XML attribute; characters XML 1.0 cannot carry at all
+/// become U+FFFD.
+fn escape_attribute(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            // Kept as themselves, these would be read back as spaces.
+            '\t' => out.push_str("&#x9;"),
+            '\n' => out.push_str("&#xA;"),
+            '\r' => out.push_str("&#xD;"),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+}
+
 /// An upstream CapabilityStatement's bytes, up to the limit; or the 502 that says it could
 /// not be read.
 pub(super) async fn read_statement<B>(body: B) -> Result<Bytes, Response<Bytes>>
@@ -413,6 +552,91 @@ mod tests {
         );
         assert!(!within_values(many.as_bytes(), MAX_STATEMENT_VALUES));
         assert!(json_statement(many.as_bytes()).is_none());
+    }
+
+    fn statements(software: &str) -> Statements {
+        Statements {
+            public_base: "https://gw.example/fhir".into(),
+            token_url: "https://gw.example/oauth/token".into(),
+            authorize_url: Some("https://gw.example/oauth/authorize".into()),
+            software: software.into(),
+            default_version: FhirVersion::R4,
+        }
+    }
+
+    #[test]
+    fn a_generated_statement_in_xml_follows_fhirs_order() {
+        let xml = to_xml(&statements("gw").generated(FhirVersion::R4));
+        let system = "http://terminology.hl7.org/CodeSystem/restful-security-service";
+        let expected = format!(
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?>"#,
+                r#"<CapabilityStatement xmlns="http://hl7.org/fhir">"#,
+                r#"<status value="active"/><date value="2026-01-01"/><kind value="instance"/>"#,
+                r#"<software><name value="gw"/><version value="{version}"/></software>"#,
+                r#"<implementation><description value="Multi-tenant FHIR gateway"/>"#,
+                r#"<url value="https://gw.example/fhir"/></implementation>"#,
+                r#"<fhirVersion value="4.0.1"/><format value="json"/><format value="xml"/>"#,
+                r#"<rest><mode value="server"/><security>"#,
+                r#"<extension url="{oauth}">"#,
+                r#"<extension url="token"><valueUri value="https://gw.example/oauth/token"/></extension>"#,
+                r#"<extension url="authorize"><valueUri value="https://gw.example/oauth/authorize"/></extension>"#,
+                r#"</extension>"#,
+                r#"<service><coding><system value="{system}"/><code value="OAuth"/></coding>"#,
+                r#"<text value="OAuth 2.0 client credentials"/></service>"#,
+                r#"<service><coding><system value="{system}"/><code value="SMART-on-FHIR"/></coding></service>"#,
+                r#"<description value="Send a bearer token from the token endpoint; its scope names the tenant."/>"#,
+                r#"</security></rest></CapabilityStatement>"#
+            ),
+            version = env!("CARGO_PKG_VERSION"),
+            oauth = OAUTH_URIS,
+            system = system,
+        );
+        assert_eq!(xml, expected);
+
+        // DSTU2: a Conformance, acceptUnknown before format.
+        let xml = to_xml(&statements("gw").generated(FhirVersion::Dstu2));
+        assert!(
+            xml.contains(r#"<Conformance xmlns="http://hl7.org/fhir"><status "#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(
+                r#"<fhirVersion value="1.0.2"/><acceptUnknown value="both"/><format value="json"/>"#
+            ),
+            "{xml}"
+        );
+        assert!(xml.ends_with("</Conformance>"), "{xml}");
+    }
+
+    #[test]
+    fn every_member_of_a_generated_statement_has_its_place_in_the_xml_order() {
+        fn check(value: &Value) {
+            match value {
+                Value::Object(members) => {
+                    for (name, value) in members {
+                        assert!(
+                            name == "resourceType" || XML_ORDER.contains(&name.as_str()),
+                            "{name} has no place in XML_ORDER"
+                        );
+                        check(value);
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(check),
+                _ => {}
+            }
+        }
+        for version in FhirVersion::ALL {
+            check(&statements("gw").generated(version));
+        }
+    }
+
+    #[test]
+    fn xml_attributes_are_escaped() {
+        let xml = to_xml(&statements("a & b <\"c\">\tline\nnext\u{1}").generated(FhirVersion::R4));
+        let expected =
+            "<name value=\"a &amp; b &lt;&quot;c&quot;&gt;&#x9;line&#xA;next\u{FFFD}\"/>";
+        assert!(xml.contains(expected), "{xml}");
     }
 
     #[tokio::test]

@@ -362,6 +362,43 @@ fn named_content(value: &HeaderValue) -> Option<Named> {
     parse_parts(value.to_str().ok()?).map(|(_, named, _)| named)
 }
 
+/// Whether a request asks for XML rather than JSON: its `_format` names XML (`xml`,
+/// `application/fhir+xml`, `application/xml+fhir`, `application/xml`, `text/xml`), or, without
+/// a `_format`, its `Accept` takes an XML type at a higher q-value than any JSON one (or
+/// `*/*`). Equal preferences (HAPI's clients send both at `q=1.0`), no `Accept`, or one
+/// naming neither: JSON.
+pub(crate) fn prefers_xml(query: Option<&str>, headers: &HeaderMap) -> bool {
+    let is_xml = |essence: &str| {
+        matches!(
+            essence,
+            "application/fhir+xml" | "application/xml+fhir" | "application/xml" | "text/xml"
+        )
+    };
+    if let Ok(Some(format)) = format_parameter(query.unwrap_or("")) {
+        return is_xml(&format.essence);
+    }
+    let mut best_xml = 0.0_f32;
+    let mut best_json = 0.0_f32;
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(value) = value.to_str() else { continue };
+        for range in parse_accept(value) {
+            if is_xml(&range.essence) {
+                best_xml = best_xml.max(range.q);
+            } else if matches!(
+                range.essence.as_str(),
+                "application/fhir+json"
+                    | "application/json+fhir"
+                    | "application/json"
+                    | "application/*"
+                    | "*/*"
+            ) {
+                best_json = best_json.max(range.q);
+            }
+        }
+    }
+    best_xml > best_json
+}
+
 /// The `_format` query parameter (its name percent-decoded as servers decode it), its value
 /// percent-decoded with a `+` sent unencoded inside the media type read as the `+` it is
 /// (`application/fhir+json`, which form decoding would make `application/fhir json`, as no
@@ -512,6 +549,54 @@ mod tests {
             headers["content-type"],
             "application/fhir+json; fhirVersion=3.0"
         );
+    }
+
+    #[test]
+    fn xml_is_chosen_only_when_asked_for_more_than_json() {
+        let prefers = |query: Option<&str>, accept: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in accept {
+                headers.append(header::ACCEPT, HeaderValue::from_str(value).unwrap());
+            }
+            prefers_xml(query, &headers)
+        };
+        for query in [
+            "_format=xml",
+            "_format=application/fhir%2Bxml",
+            "_format=application/fhir+xml",
+            "_format=application/xml+fhir;fhirVersion=1.0",
+            "_format=text/xml",
+            "x=1&%5Fformat=application/xml",
+        ] {
+            assert!(prefers(Some(query), &[]), "{query}");
+            // `_format` wins over `Accept`.
+            assert!(prefers(Some(query), &["application/fhir+json"]), "{query}");
+        }
+        for query in [
+            "_format=json",
+            "_format=application/fhir+json",
+            "_format=html",
+        ] {
+            assert!(!prefers(Some(query), &["application/fhir+xml"]), "{query}");
+        }
+        assert!(prefers(None, &["application/fhir+xml"]));
+        assert!(prefers(None, &["application/xml+fhir"]));
+        assert!(prefers(
+            None,
+            &["application/fhir+xml;q=1.0, application/fhir+json;q=0.5"]
+        ));
+        assert!(prefers(None, &["text/html", "application/fhir+xml"]));
+        // Equal preference (HAPI's clients), JSON first, wildcards, nothing: JSON.
+        let hapi = "application/fhir+xml;q=1.0, application/fhir+json;q=1.0, application/xml+fhir;q=0.9, application/json+fhir;q=0.9";
+        assert!(!prefers(None, &[hapi]));
+        assert!(!prefers(
+            None,
+            &["application/fhir+json, application/fhir+xml;q=0.9"]
+        ));
+        assert!(!prefers(None, &["application/fhir+xml;q=0.5, */*"]));
+        assert!(!prefers(None, &["application/fhir+xml;q=0"]));
+        assert!(!prefers(None, &[]));
+        assert!(!prefers(Some("_format=xml&_format=json"), &[]));
     }
 
     #[tokio::test]

@@ -36,6 +36,9 @@ pub use layer::{
 pub(crate) use response::label;
 pub use response::ResponseFuture;
 
+/// Whether a request asks for XML rather than JSON (see [`layer::prefers_xml`]).
+pub(crate) use layer::prefers_xml;
+
 /// A FHIR release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
@@ -95,6 +98,15 @@ impl FhirVersion {
         match self {
             Self::Dstu2 => "application/json+fhir",
             _ => "application/fhir+json",
+        }
+    }
+
+    /// The release's XML media type: `application/xml+fhir` for DSTU2, `application/fhir+xml`
+    /// after.
+    pub fn xml_media_type(self) -> &'static str {
+        match self {
+            Self::Dstu2 => "application/xml+fhir",
+            _ => "application/fhir+xml",
         }
     }
 
