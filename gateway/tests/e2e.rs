@@ -682,9 +682,19 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     // A base under another tenant's on the same server, or holding one, is refused: that
     // tenant's tokens would reach the other's data through the path. Nothing is saved.
+    // Another spelling of the same host is the same server.
     let slow = format!("/admin/tenants/{SLOW_TENANT}");
-    for (release, version) in [("4_0_0/tenant-b", "4.0"), ("", "3.0")] {
-        let body = json!({"upstreams": [upstream(&root, release, version)]}).to_string();
+    assert!(root.contains("//127.0.0.1:"), "{root}");
+    let respelt = ["localhost", "127.1", "0x7f000001"].map(|host| root.replace("127.0.0.1", host));
+    let cases = [
+        (root.as_str(), "4_0_0/tenant-b", "4.0"),
+        (root.as_str(), "", "3.0"),
+        (respelt[0].as_str(), "4_0_0/tenant-b", "4.0"),
+        (respelt[1].as_str(), "4_0_0/tenant-b", "4.0"),
+        (respelt[2].as_str(), "", "3.0"),
+    ];
+    for (root, release, version) in cases {
+        let body = json!({"upstreams": [upstream(root, release, version)]}).to_string();
         let reply = gateway.client.send("PUT", &slow, &admin, &body).await;
         assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
         assert!(

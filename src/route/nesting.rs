@@ -52,15 +52,7 @@ fn server_and_path(base: &UpstreamBase) -> Place {
             "https" => 443,
             _ => 80,
         });
-    let host = authority.host();
-    let host = match host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<std::net::IpAddr>()
-    {
-        Ok(ip) => ip.to_canonical().to_string(),
-        Err(_) => host.trim_end_matches('.').to_ascii_lowercase(),
-    };
+    let host = canonical_host(authority.host());
     let decoded = percent_encoding::percent_decode_str(base.path()).decode_utf8_lossy();
     let mut segments: Vec<String> = Vec::new();
     for segment in decoded.split('/') {
@@ -81,8 +73,86 @@ fn server_and_path(base: &UpstreamBase) -> Place {
     (host, port, path)
 }
 
+/// A host as the resolver reads it, so that two spellings of one server compare equal:
+/// - IPv4 in any form `inet_aton` takes (`127.1`, `0x7f000001`, `2130706433`, `0177.0.0.1`),
+///   and IPv4 mapped into IPv6, as its dotted quad;
+/// - every loopback address (`127.0.0.0/8`, `::1`), the unspecified ones (`0.0.0.0`, `::`, which
+///   reach this host) and `localhost` or a name under it, as `localhost`: one host, whichever
+///   address a server there listens on;
+/// - other names lower-cased, without a trailing dot.
+///
+/// A name and an address of one server still differ (`ehr.example` and `10.0.0.5`): that
+/// would take resolving the name, which may change.
+fn canonical_host(host: &str) -> String {
+    use std::net::IpAddr;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = bare
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| inet_aton(bare).map(IpAddr::V4))
+        .map(|ip| ip.to_canonical());
+    match ip {
+        Some(ip) if ip.is_loopback() || ip.is_unspecified() => "localhost".to_owned(),
+        Some(ip) => ip.to_string(),
+        None => {
+            let name = bare.trim_end_matches('.').to_ascii_lowercase();
+            if name == "localhost" || name.ends_with(".localhost") {
+                "localhost".to_owned()
+            } else {
+                name
+            }
+        }
+    }
+}
+
+/// An IPv4 address in the forms `inet_aton` (and so the system's resolver) accepts: one to
+/// four parts, each decimal, `0x` hexadecimal or `0` octal, the last filling the bytes left.
+fn inet_aton(text: &str) -> Option<std::net::Ipv4Addr> {
+    let text = text.strip_suffix('.').unwrap_or(text);
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let (digits, radix) =
+            if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                (hex, 16)
+            } else if part.len() > 1 && part.starts_with('0') {
+                (&part[1..], 8)
+            } else {
+                (*part, 10)
+            };
+        if digits.is_empty() && radix != 16 {
+            return None;
+        }
+        let value = if digits.is_empty() {
+            0
+        } else {
+            u32::from_str_radix(digits, radix).ok()?
+        };
+        values.push(value);
+    }
+    let (last, leading) = values.split_last()?;
+    if leading.iter().any(|&byte| byte > 0xff) {
+        return None;
+    }
+    let room = 8 * (4 - leading.len() as u32);
+    if room < 32 && *last >> room != 0 {
+        return None;
+    }
+    let mut address = *last;
+    for (index, byte) in leading.iter().enumerate() {
+        address |= byte << (24 - 8 * index as u32);
+    }
+    Some(std::net::Ipv4Addr::from(address))
+}
+
 /// Every pair of tenants whose upstream bases lie one under the other on the same server
-/// (same host and port; paths compared by whole segments, ignoring case). Bases that are
+/// (same host and port, the host as the resolver reads it: `127.1`, `0x7f000001` and
+/// `localhost` are `127.0.0.1`; paths compared by whole segments, ignoring case). A name and
+/// an address of one server are not seen as one: give every tenant's upstream the same
+/// spelling of its host. Bases that are
 /// equal are not nested (the tenants then share one server's data by their own
 /// configuration), nor are a tenant's own upstreams, nor in-process tenants.
 ///
@@ -173,6 +243,73 @@ mod tests {
                 .map(|url| Upstream::parse(url, FhirVersion::R4).unwrap()),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn every_spelling_of_one_host_is_one_host() {
+        for loopback in [
+            "127.0.0.1",
+            "127.0.0.1.",
+            "127.1",
+            "0x7f000001",
+            "2130706433",
+            "0177.0.0.1",
+            "127.0.1",
+            "0x7f.1",
+            "127.2.3.4",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "0.0.0.0",
+            "0",
+            "[::]",
+            "localhost",
+            "LOCALHOST.",
+            "api.localhost",
+        ] {
+            assert_eq!(canonical_host(loopback), "localhost", "{loopback}");
+        }
+        for (spelling, canonical) in [
+            ("10.0.0.5", "10.0.0.5"),
+            ("10.5", "10.0.0.5"),
+            ("0xa000005", "10.0.0.5"),
+            ("167772165", "10.0.0.5"),
+            ("012.0.0.05", "10.0.0.5"),
+            ("[::ffff:10.0.0.5]", "10.0.0.5"),
+            ("[2001:DB8::1]", "2001:db8::1"),
+            ("EHR.Example.", "ehr.example"),
+            ("hapi", "hapi"),
+            // Not addresses: names, as the resolver would take them.
+            ("1.2.3.4.5", "1.2.3.4.5"),
+            ("256.1.1.1", "256.1.1.1"),
+            ("1.2.3.256", "1.2.3.256"),
+            ("08.1.1.1", "08.1.1.1"),
+            ("4294967296", "4294967296"),
+        ] {
+            assert_eq!(canonical_host(spelling), canonical, "{spelling}");
+        }
+    }
+
+    #[test]
+    fn a_base_nested_under_another_spelling_of_its_host_is_found() {
+        for host in [
+            "localhost",
+            "127.1",
+            "0x7f000001",
+            "2130706433",
+            "[::1]",
+            "0.0.0.0",
+        ] {
+            let records = [
+                (1, record(&["http://127.0.0.1:19001/fhir"])),
+                (2, record(&[&format!("http://{host}:19001/fhir/tenant-b")])),
+            ];
+            assert_eq!(pairs(&records), [(tenant(1), tenant(2))], "{host}");
+        }
+        let records = [
+            (1, record(&["http://10.0.0.5/fhir"])),
+            (2, record(&["http://10.5:80/fhir/tenant-b"])),
+        ];
+        assert_eq!(pairs(&records), [(tenant(1), tenant(2))]);
     }
 
     fn pairs(records: &[(u8, TenantRecord)]) -> Vec<(TenantId, TenantId)> {
