@@ -318,6 +318,19 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         "{}",
         refused.text()
     );
+    let refused = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0", "timeout_ms": 0}]}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused.text().contains("timeout_ms must be from 1"),
+        "{}",
+        refused.text()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -334,6 +347,11 @@ fn bad_limits_in_the_configuration_are_refused_in_one_sentence() {
             json!({"id": PLAIN, "upstreams": [{"base_url": "http://127.0.0.1:9/fhir", "fhir_version": "4.0",
                                               "max_concurrency": 0}]}),
             "max_concurrency must be a whole number from 1",
+        ),
+        (
+            json!({"id": PLAIN, "upstreams": [{"base_url": "http://127.0.0.1:9/fhir", "fhir_version": "4.0",
+                                              "timeout_ms": 0}]}),
+            "timeout_ms must be from 1 to 86400000",
         ),
     ] {
         let file = dir.join("bad.json");

@@ -181,7 +181,8 @@ impl Upstream {
         Ok(self)
     }
 
-    /// How long a request to this upstream may take before the gateway answers 504.
+    /// How long a request to this upstream may take before the gateway answers 504. In JSON,
+    /// `"timeout_ms"`, from 1 to a day: a zero timeout would answer 504 or not by a race.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.inner_mut().timeout = Some(timeout);
         self
@@ -344,6 +345,11 @@ impl<'de> Deserialize<'de> for Upstream {
                 .map_err(serde::de::Error::custom)?;
         }
         if let Some(ms) = config.timeout_ms {
+            if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+                return Err(serde::de::Error::custom(format!(
+                    "timeout_ms must be from 1 to {MAX_TIMEOUT_MS} (a day), not {ms}"
+                )));
+            }
             upstream = upstream.with_timeout(Duration::from_millis(ms));
         }
         if config.http2 {
@@ -372,6 +378,9 @@ impl<'de> Deserialize<'de> for Upstream {
 /// The highest `max_concurrency` accepted in JSON (tokio's semaphores take fewer permits
 /// than `u32::MAX`).
 const MAX_CONCURRENCY: u32 = 1 << 20;
+
+/// The longest `timeout_ms` accepted in JSON: a day.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 /// A tenant served by the application in this process rather than proxied: the releases it
 /// serves (the first is the default) and an opaque key the application chooses (a store key, a
@@ -948,6 +957,25 @@ mod tests {
                 "max_concurrency must be a whole number from 1"
             };
             assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_timeout_is_from_a_millisecond_to_a_day() {
+        let upstream = |timeout: serde_json::Value| {
+            serde_json::from_value::<Upstream>(json!({"base_url": "http://a/fhir",
+                "fhir_version": "4.0", "timeout_ms": timeout}))
+        };
+        for good in [1_u64, 1500, MAX_TIMEOUT_MS] {
+            let timeout = upstream(json!(good)).unwrap().timeout();
+            assert_eq!(timeout, Some(Duration::from_millis(good)));
+        }
+        for bad in [0, MAX_TIMEOUT_MS + 1, u64::MAX] {
+            let error = upstream(json!(bad)).unwrap_err().to_string();
+            assert!(
+                error.contains("timeout_ms must be from 1 to 86400000"),
+                "{bad}: {error}"
+            );
         }
     }
 
