@@ -402,8 +402,15 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
 
 async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
     match admin.clients.client(&client_id).await {
-        Ok(Some(record)) if !record.revoked => {}
-        Ok(_) => return error(StatusCode::NOT_FOUND, "no such client"),
+        Ok(Some(record)) if record.revoked => return error(StatusCode::NOT_FOUND, "no such client"),
+        Ok(Some(record)) if record.token_endpoint_auth_method == AuthMethod::PrivateKeyJwt => {
+            return error(
+                StatusCode::CONFLICT,
+                "the client authenticates with private_key_jwt and has no secret: change its keys with PUT /admin/clients/{client_id}",
+            )
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
         Err(err) => {
             tracing::error!(error = %err, "client store failed");
             return unavailable("the client store failed");

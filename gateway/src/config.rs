@@ -542,6 +542,28 @@ impl Config {
                 path.display()
             ));
         }
+        // One entry each: with two, one would be dropped without a word (and which one
+        // differed between tenants and clients).
+        let mut seen = std::collections::HashSet::new();
+        if let Some(tenant) = config.tenants.iter().find(|tenant| !seen.insert(tenant.id)) {
+            return Err(format!(
+                "the configuration file {}: tenant {} is listed twice (however its id is spelt): keep one entry",
+                path.display(),
+                tenant.id
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(client) = config
+            .clients
+            .iter()
+            .find(|client| !seen.insert(client.client_id.as_str()))
+        {
+            return Err(format!(
+                "the configuration file {}: client {:?} is listed twice: keep one entry",
+                path.display(),
+                client.client_id
+            ));
+        }
         if let Some((tenant, version)) = config
             .tenants
             .iter()
@@ -931,6 +953,45 @@ mod tests {
         let loaded = Config::load(&file);
         std::fs::remove_file(&file).unwrap();
         assert!(loaded.is_ok(), "{:?}", loaded.err());
+    }
+
+    #[test]
+    fn a_tenant_or_client_listed_twice_is_refused() {
+        let file = std::env::temp_dir().join(format!("twice-{}.json", std::process::id()));
+        let tenant = |id: &str, port: u16| {
+            format!(
+                r#"{{"id": "{id}", "upstreams": [{{"base_url": "http://127.0.0.1:{port}/fhir", "fhir_version": "4.0"}}]}}"#
+            )
+        };
+        let client = r#"{"client_id": "app", "client_secret": "a-long-enough-client-secret-0123", "tenants": []}"#;
+        for (tenants, clients, says) in [
+            (
+                vec![
+                    tenant("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", 9001),
+                    tenant("4D1F6C2E8A3B4C5D9E7F1A2B3C4D5E6F", 9002),
+                ],
+                vec![],
+                "tenant 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f is listed twice",
+            ),
+            (
+                vec![],
+                vec![client, client],
+                "client \"app\" is listed twice",
+            ),
+        ] {
+            std::fs::write(
+                &file,
+                format!(
+                    r#"{{"tenants": [{}], "clients": [{}]}}"#,
+                    tenants.join(","),
+                    clients.join(",")
+                ),
+            )
+            .unwrap();
+            let refused = Config::load(&file).unwrap_err();
+            assert!(refused.contains(says), "{refused}");
+        }
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

@@ -191,6 +191,12 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let created = reply.json();
     assert_eq!(created["token_endpoint_auth_method"], "private_key_jwt");
     assert!(created.get("client_secret").is_none(), "{created}");
+    // It has no secret to reset: a conflict that says so, not "no such client".
+    let reply = client
+        .send("POST", "/admin/clients/ops/secret", &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.text());
+    assert!(reply.text().contains("private_key_jwt"), "{}", reply.text());
     let reply = post(
         client,
         "/oauth/token",
