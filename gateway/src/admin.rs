@@ -520,6 +520,11 @@ fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
 
 /// Registers the client (`201`, its secret shown this once) or replaces its entitlements
 /// (`200`).
+/// Whether the client is registered now (a store that fails says no).
+async fn registered(admin: &Admin, client_id: &str) -> bool {
+    matches!(admin.clients.client(client_id).await, Ok(Some(_)))
+}
+
 async fn put_client(
     State(admin): State<Arc<Admin>>,
     Path(client_id): Path<String>,
@@ -604,6 +609,14 @@ async fn put_client(
             }
             let secret = match admin.clients.register(client).await {
                 Ok(secret) => secret,
+                // Another request registered it since it was looked up: this body was not
+                // applied, and that other request's secret is the client's.
+                Err(err) if err.is_refused() && registered(&admin, &client_id).await => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "another request registered this client at the same time; this one was not applied: PUT again to change it",
+                    )
+                }
                 Err(err) => return store_failed(&err, "registering a client"),
             };
             tracing::info!(client_id = %client_id, "client registered by an administrator");

@@ -802,6 +802,56 @@ async fn admin_requests_get_request_ids_audit_records_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_registrations_of_one_client_make_one_and_tell_the_others() {
+    let dir = scratch("operations-race");
+    let upstream = RecordingUpstream::start().await;
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+    let auth = format!("Bearer {admin_token}");
+    for round in 0..3 {
+        let path = format!("/admin/clients/racer-{round}");
+        let body = json!({"tenants": [TENANT]}).to_string();
+        let puts = (0..8).map(|_| {
+            let (client, path, body, auth) =
+                (gw.client.clone(), path.clone(), body.clone(), auth.clone());
+            tokio::spawn(async move {
+                client
+                    .send(
+                        "PUT",
+                        &path,
+                        &[
+                            ("authorization", &auth),
+                            ("content-type", "application/json"),
+                        ],
+                        &body,
+                    )
+                    .await
+            })
+        });
+        let mut created = 0;
+        for reply in futures::future::join_all(puts).await {
+            let reply = reply.unwrap();
+            match reply.status {
+                StatusCode::CREATED => created += 1,
+                // Made after the registration (an update), or beside it (not applied).
+                StatusCode::OK => {}
+                StatusCode::CONFLICT => {
+                    assert!(
+                        reply.text().contains("at the same time"),
+                        "{}",
+                        reply.text()
+                    )
+                }
+                other => panic!("{other}: {}", reply.text()),
+            }
+        }
+        assert_eq!(created, 1, "round {round}");
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_keys_rotate_and_retire_through_the_admin_api() {
     let dir = scratch("operations-keys");
     let upstream = RecordingUpstream::start().await;
