@@ -32,6 +32,28 @@ pub(crate) type Front = RequestIdService<Either<FhirCors<Inner>, Inner>>;
 /// request's span, as the gateway's requests have them.
 pub(crate) type AdminFront = RequestIdService<Observe<Router>>;
 
+/// Whether the audit log can be opened (appended to, created if absent) as the start will:
+/// `Err` says why. A file this check created is removed again, so `--check-config` leaves
+/// nothing behind.
+pub(crate) fn check_audit_log(config: &Config) -> Result<(), String> {
+    let Some(path) = config.audit_log.as_deref() else {
+        return Ok(());
+    };
+    if path.as_os_str() == "-" {
+        return Ok(());
+    }
+    let existed = path.symlink_metadata().is_ok();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
 /// in the same request ids, metrics and audit records, and what reopens the audit log file
 /// (for rotation) when there is one.

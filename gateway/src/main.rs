@@ -113,6 +113,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     }
     state::check(&config).await?;
     config.tls()?;
+    front::check_audit_log(&config)?;
     let base = public_base_url(&config, config.listen);
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
@@ -161,8 +162,10 @@ async fn run(args: Args) -> Result<(), String> {
         front::serve_metrics(listener, page);
         eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
     }
-    // Read before listening: a certificate that cannot be used stops the start.
+    // Read before listening: a certificate that cannot be used stops the start, as does an
+    // audit log that cannot be opened.
     let tls = config.tls()?;
+    front::check_audit_log(&config)?;
     let workers = config.worker_count();
     let listeners = serve::bind(config.listen, workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -83,13 +83,30 @@ fn an_unknown_option_is_refused_with_usage() {
 #[test]
 fn check_config_accepts_a_good_file_and_writes_nothing() {
     let file = config_file("good", GOOD);
-    let out = gateway(&["--check-config", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
-    assert!(
-        !file.parent().unwrap().join("state").exists(),
-        "--check-config created the state directory"
+    let audit = file.parent().unwrap().join("audit.jsonl");
+    let with_audit = config_file(
+        "good-audit",
+        &GOOD.replace(
+            "\"admin_token\"",
+            &format!(
+                "\"audit_log\": {:?}, \"admin_token\"",
+                audit.to_str().unwrap()
+            ),
+        ),
     );
+    for file in [&file, &with_audit] {
+        let out = gateway(&["--check-config", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
+        assert!(
+            !file.parent().unwrap().join("state").exists(),
+            "--check-config created the state directory"
+        );
+        assert!(
+            !audit.exists(),
+            "--check-config left the audit log it tried"
+        );
+    }
 }
 
 #[test]
@@ -172,6 +189,14 @@ fn check_config_says_what_is_wrong() {
             "is not valid",
         ),
         (
+            "audit-log",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"audit_log\": \"/nonexistent/dir/audit.jsonl\", \"admin_token\"",
+            ),
+            "cannot open the audit log /nonexistent/dir/audit.jsonl",
+        ),
+        (
             "forwarded-cookie",
             &GOOD.replace(
                 "\"admin_token\"",
@@ -230,6 +255,29 @@ fn a_startup_error_is_one_sentence_not_a_debug_dump() {
     assert!(
         stderr.contains(&format!("cannot listen on {addr}")),
         "{stderr}"
+    );
+
+    // An audit log that cannot be opened stops the start before it says it listens.
+    let file = config_file(
+        "start-audit-log",
+        &GOOD.replace(
+            "\"admin_token\"",
+            "\"audit_log\": \"/nonexistent/dir/audit.jsonl\", \"admin_token\"",
+        ),
+    );
+    let out = gateway(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot open the audit log"), "{stderr}");
+    assert!(
+        !text(&out.stdout).contains("listening on"),
+        "{}",
+        text(&out.stdout)
     );
 }
 
