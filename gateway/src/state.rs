@@ -246,17 +246,22 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     } else {
         // The state holds the tenants from the first start on; one of the configuration's
         // that it lacks was removed through the admin API, or added to the file since. Which,
-        // the files do not say: it is not added back, but said.
-        let held = directory
-            .list()
-            .await
-            .map_err(|e| format!("cannot read the tenant directory: {e}"))?;
-        for tenant in config.tenants.iter().filter(|t| !held.contains(&t.id)) {
-            tracing::warn!(
-                tenant = %tenant.id,
-                state = %tenants_file.display(),
-                "a tenant of the configuration is not in the state (removed through the admin API, or added to the configuration after the first start): not added; onboard it with PUT /admin/tenants/{{id}}"
-            );
+        // the files do not say: it is not added back, but said. One the state holds otherwise
+        // than the file says is kept as held, and said too.
+        for tenant in &config.tenants {
+            match directory.get(tenant.id) {
+                None => tracing::warn!(
+                    tenant = %tenant.id,
+                    state = %tenants_file.display(),
+                    "a tenant of the configuration is not in the state (removed through the admin API, or added to the configuration after the first start): not added; onboard it with PUT /admin/tenants/{{id}}"
+                ),
+                Some(record) if record != tenant.record => tracing::warn!(
+                    tenant = %tenant.id,
+                    state = %tenants_file.display(),
+                    "a tenant's upstreams in the configuration differ from the state's (changed in the file after the first start, or through the admin API): the state's are used; change them with PUT /admin/tenants/{{id}}"
+                ),
+                Some(_) => {}
+            }
         }
     }
     refuse_nested_bases(&directory, &format!("{}", tenants_file.display())).await?;
@@ -365,18 +370,32 @@ pub(crate) async fn check(config: &Config) -> Result<(), String> {
     register(&clients, &config.clients).await
 }
 
+/// Whether what the configuration says of a client (but its secret and keys) differs from
+/// what the store holds.
+fn differs(record: &tower_fhir::token::ClientRecord, client: &ClientConfig) -> bool {
+    let tenants: std::collections::BTreeSet<_> = client.tenants.iter().collect();
+    let scopes: std::collections::BTreeSet<_> = client.scopes.iter().collect();
+    tenants != record.tenants.iter().collect()
+        || scopes != record.scopes.iter().collect()
+        || client.rate_limit != record.rate_limit
+        || client
+            .token_endpoint_auth_method
+            .is_some_and(|method| method != record.token_endpoint_auth_method)
+}
+
 /// Registers the configured clients the store does not know yet. A known client keeps its
 /// stored state (a rotated secret stays rotated).
 async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(), String> {
     for client in clients {
         let id = &client.client_id;
         let refused = |e: String| format!("a client in the configuration is refused: {e}");
-        if store
-            .client(id)
-            .await
-            .map_err(|e| refused(e.to_string()))?
-            .is_some()
-        {
+        if let Some(record) = store.client(id).await.map_err(|e| refused(e.to_string()))? {
+            if !record.revoked && differs(&record, client) {
+                tracing::warn!(
+                    client_id = %id,
+                    "a client's tenants, scopes, rate limit or authentication method in the configuration differ from the state's (changed in the file after the first start, or through the admin API): the state's are used; change them with PUT /admin/clients/{{client_id}} (a client_secret in the file is used only to register the client: reset it with POST /admin/clients/{{client_id}}/secret)"
+                );
+            }
             continue;
         }
         let mut new = NewClient::new(id);

@@ -951,6 +951,22 @@ async fn the_demos_admin_api_is_on_loopback_only() {
     }
 }
 
+/// The log as text: without the terminal colours that split `name=value` fields.
+fn without_colours(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut rest = log;
+    while let Some(at) = rest.find('\x1b') {
+        plain.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = match rest.find('m') {
+            Some(end) => &rest[end + 1..],
+            None => "",
+        };
+    }
+    plain.push_str(rest);
+    plain
+}
+
 /// With `state_dir`, tenants are seeded at the first start only: one added to the
 /// configuration later is not added (the files do not say whether it was removed through the
 /// admin API), and the log says so.
@@ -966,11 +982,39 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
         {"id": late, "upstreams": [{"base_url": "http://127.0.0.1:9/late", "fhir_version": "4.0"}]}
     ]);
     let mut second = start(&dir, &upstream, json!({ "tenants": tenants }));
-    let log = second.proc.stderr();
+    let log = without_colours(&second.proc.stderr());
     assert!(
         log.contains("a tenant of the configuration is not in the state") && log.contains(late),
         "{log}"
     );
     assert!(!log.contains(&format!("tenant={TENANT}")), "{log}");
+    assert!(!log.contains("differ from the state's"), "{log}");
     second.proc.terminate();
+
+    // A tenant's upstream and a client's tenants changed in the file: the state's are kept,
+    // and the log says so (the old upstream still serves).
+    let tenants = json!([
+        {"id": TENANT, "upstreams": [{"base_url": "http://127.0.0.1:9/moved", "fhir_version": "4.0"}]}
+    ]);
+    let clients = json!([{"client_id": "app", "client_secret": SECRET, "tenants": [TENANT, late]}]);
+    let mut third = start(
+        &dir,
+        &upstream,
+        json!({ "tenants": tenants, "clients": clients }),
+    );
+    let log = without_colours(&third.proc.stderr());
+    assert!(
+        log.contains("a tenant's upstreams in the configuration differ from the state's")
+            && log.contains(&format!("tenant={TENANT}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("a client's tenants, scopes, rate limit or authentication method in the configuration differ")
+            && log.contains("client_id=app"),
+        "{log}"
+    );
+    let token = token(&third.client).await;
+    let reply = third.client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(upstream.received().len(), 1, "{}", reply.text());
+    third.proc.terminate();
 }
