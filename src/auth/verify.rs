@@ -94,10 +94,7 @@ impl<'de> Deserialize<'de> for UnverifiedIssuer {
                 let mut issuer = None;
                 while let Some(name) = members.next_key::<Cow<'de, str>>()? {
                     if name == "iss" {
-                        issuer = match members.next_value::<Value>()? {
-                            Value::String(iss) => Some(iss),
-                            _ => None,
-                        };
+                        issuer = members.next_value::<StringOrNone>()?.0;
                     } else {
                         members.next_value::<serde::de::IgnoredAny>()?;
                     }
@@ -106,6 +103,52 @@ impl<'de> Deserialize<'de> for UnverifiedIssuer {
             }
         }
         deserializer.deserialize_map(Members)
+    }
+}
+
+/// A JSON string, or `None` for any other value (read past without building it).
+struct StringOrNone(Option<String>);
+
+impl<'de> Deserialize<'de> for StringOrNone {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct Any;
+        impl<'de> Visitor<'de> for Any {
+            type Value = StringOrNone;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(StringOrNone(Some(text.to_owned())))
+            }
+            fn visit_string<E>(self, text: String) -> Result<Self::Value, E> {
+                Ok(StringOrNone(Some(text)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
+                while items.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(StringOrNone(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut members: A) -> Result<Self::Value, A::Error> {
+                while members.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(StringOrNone(None))
+            }
+        }
+        deserializer.deserialize_any(Any)
     }
 }
 
@@ -227,13 +270,27 @@ impl Verifier {
         for source in &self.sources {
             source.refresh_if_due();
         }
-        let scope = self.scope(token);
-        match self.with_header(token, |alg, kid| {
-            self.verify_with_current_keys(token, alg, kid, &scope)
-        }) {
+        // The issuer is read once the header is known good: a token that is not a JWT, or
+        // names an algorithm not allowed, costs no more than its header.
+        let checked = self.with_header(token, |alg, kid| {
+            let scope = self.scope(token);
+            let result = self.verify_with_current_keys(token, alg, kid, &scope);
+            (scope, result)
+        });
+        let scope = match checked {
             Err(rejection) => return Verdict::Reject(rejection),
-            Ok(Some(result)) => return verdict(result),
-            Ok(None) => {}
+            Ok((_, Some(result))) => return verdict(result),
+            Ok((scope, None)) => scope,
+        };
+        if scope.is_none()
+            && self.static_keys.is_empty()
+            && self.sources_for(&scope).next().is_none()
+        {
+            // No key vouches for this token's issuer (or for a token naming none).
+            return Verdict::Reject(self.reject(
+                RejectionKind::InvalidToken,
+                "The access token's issuer is not trusted",
+            ));
         }
         // Only the sources that may vouch for this token are fetched, and waited for: a token
         // naming one identity provider neither spends another's refetch cooldown nor waits on
