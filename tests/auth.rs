@@ -865,7 +865,11 @@ mod jwks {
         let reply = client.get_bearer("/Patient/1", &a_as_b).await;
         assert_invalid_token(&reply, "The access token signature is invalid");
         // An issuer no key vouches for (a trailing slash is another issuer), or none.
-        for iss in [json!("https://c.test"), json!("https://a.test/"), json!(null)] {
+        for iss in [
+            json!("https://c.test"),
+            json!("https://a.test/"),
+            json!(null),
+        ] {
             let mut c = claims();
             c["iss"] = iss;
             let reply = client

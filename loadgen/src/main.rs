@@ -279,6 +279,9 @@ fn options() -> Result<Options, String> {
         (None, Some(file)) => Some(minting_key(&file, alg.as_deref().unwrap_or("ES256"))?),
         (None, None) => None,
     };
+    if o.insecure && !o.ca_files.is_empty() {
+        return Err("--ca-file or --insecure, not both".to_owned());
+    }
     let sources = [minting_key.is_some(), token_url.is_some(), bearer.is_some()];
     if sources.iter().filter(|given| **given).count() > 1 {
         return Err("give one of --mint-hs256/--mint-key, --token-url and --bearer".to_owned());
@@ -320,7 +323,7 @@ fn finish(mut o: Options) -> Result<Options, String> {
         .ok_or("--target needs a host")?;
     o.base_path = target.path().trim_end_matches('/').to_owned();
     // Built here, whatever the URLs, so that a bad `--ca-file` is an error before the run.
-    // (hyper-rustls offers the token endpoint its own ALPN.)
+    // (No ALPN: hyper-rustls, speaking HTTP/1.1 only, offers none.)
     o.token_tls = Some(tls_config(&o, &[])?);
     if target.scheme_str() == Some("https") {
         let host = target.host().ok_or("--target needs a host")?;
@@ -1136,6 +1139,18 @@ async fn main() {
     if let Err(message) = prefetch(&tokens, &options.tenants).await {
         eprintln!("could not get tokens: {message}");
         std::process::exit(1);
+    }
+    // Over TLS, one connection first: a certificate or protocol the load generator cannot
+    // take is a mistake in the options (exit 2), not thousands of failed handshakes counted
+    // as the target's errors. (A target that refuses connections is measured as such.)
+    if options.tls.is_some() {
+        let probe = tokio::time::timeout(options.timeout, Connection::open(&options)).await;
+        if let Ok(Err(message)) = probe {
+            if message.starts_with("tls:") {
+                eprintln!("cannot speak TLS to the target: {message}");
+                std::process::exit(2);
+            }
+        }
     }
     let start = Instant::now();
     let measuring_from = start + options.warmup;

@@ -30,6 +30,11 @@ struct Seen {
 /// anything else answers `200 {}` to a request bearing it and `401` otherwise. Its address, the
 /// certificate's PEM, and what it saw.
 async fn server() -> (SocketAddr, String, Arc<Seen>) {
+    server_offering(&[b"h2", b"http/1.1"]).await
+}
+
+/// [`server`], agreeing to the protocols `alpn` only.
+async fn server_offering(alpn: &[&[u8]]) -> (SocketAddr, String, Arc<Seen>) {
     let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let certificate = made.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::try_from(made.signing_key.serialize_der()).unwrap();
@@ -40,7 +45,7 @@ async fn server() -> (SocketAddr, String, Arc<Seen>) {
         .with_no_client_auth()
         .with_single_cert(vec![certificate], key)
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -165,20 +170,61 @@ async fn an_untrusted_certificate_is_refused_unless_insecure() {
     assert!(stderr.contains("could not get tokens"), "{stderr}");
     assert!(stderr.contains("certificate"), "{stderr}");
     assert_eq!(seen.tokens_issued.load(Ordering::Relaxed), 0);
-    // Nor is the target: every request fails, on the certificate.
+    // Nor is the target: one connection tries, and the run stops before it starts.
     let out = run(addr, vec!["--bearer".into(), TOKEN.into()]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let failed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(failed["answered"], 0, "{failed:#}");
-    let errors = failed["errors"].to_string();
-    assert!(errors.contains("certificate"), "{failed:#}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot speak TLS to the target"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(seen.http1.load(Ordering::Relaxed), 0);
 
     // `--insecure`: the same server is used, unchecked.
     let out = run(addr, vec!["--insecure".into()]).await;
     report(&out);
     assert_eq!(seen.tokens_issued.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_from_a_server_that_does_not_agree_to_it_stops_the_run() {
+    for alpn in [&[b"http/1.1".as_slice()][..], &[]] {
+        let (addr, _, seen) = server_offering(alpn).await;
+        let out = run(addr, vec!["--insecure".into(), "--http2".into()]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("cannot speak TLS to the target"),
+            "{stderr}"
+        );
+        assert_eq!(seen.http2.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[test]
+fn a_ca_file_and_insecure_together_are_refused() {
+    let out = Command::new(LOADGEN)
+        .args([
+            "--target",
+            "https://localhost:1/fhir",
+            "--insecure",
+            "--ca-file",
+            "x.pem",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--ca-file or --insecure, not both"),
+        "{stderr}"
+    );
 }
 
 #[test]
