@@ -97,8 +97,10 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .route("/admin/clients/{client_id}/secret", post(reset_secret))
         .route("/admin/signing-keys", get(list_keys).post(rotate_keys))
         .route("/admin/signing-keys/{kid}", delete(retire_key))
-        // Every admin route needs the admin token; checked once, before any handler.
-        .route_layer(middleware::from_fn_with_state(
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
+        // Every admin path needs the admin token, one that names no route included (so the
+        // routes cannot be listed without it); checked once, before any handler.
+        .layer(middleware::from_fn_with_state(
             Arc::clone(&admin),
             require_admin,
         ))
@@ -111,9 +113,42 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
+/// A refusal that is not JSON (axum's own: a method a route does not take, a body past the
+/// limit as it arrives) made one, as every other admin answer is; its headers kept.
+fn as_json(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::NOT_FOUND => "no such admin route".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "this admin route does not take that method".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("an admin request's body may hold at most {MAX_ADMIN_BODY_BYTES} bytes")
+        }
+        other => other
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_ascii_lowercase(),
+    };
+    let (mut parts, _) = response.into_parts();
+    let replacement = error(status, &message);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, replacement.into_body())
+}
+
 /// Names what an answer from 400 up refused, for the request's audit record and metrics
 /// (their `outcome`): the FHIR issue code its status stands for.
-async fn mark_refusal(mut response: Response) -> Response {
+async fn mark_refusal(response: Response) -> Response {
+    let mut response = as_json(response);
     let status = response.status().as_u16();
     if status >= 400 && response.extensions().get::<Refusal>().is_none() {
         let code = match status {

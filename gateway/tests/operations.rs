@@ -802,6 +802,69 @@ async fn admin_requests_get_request_ids_audit_records_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = scratch("operations-admin-json");
+    let upstream = RecordingUpstream::start().await;
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+    let auth = format!("Bearer {admin_token}");
+    // A path that names no route: 401 without the token (the routes cannot be listed), 404
+    // with it; a method a route does not take: 405. Each a JSON error.
+    let reply = gw.client.send("GET", "/admin/no-such-route", &[], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    let with_token = [("authorization", auth.as_str())];
+    for (method, path, status, says) in [
+        (
+            "GET",
+            "/admin/no-such-route",
+            StatusCode::NOT_FOUND,
+            "no such admin route",
+        ),
+        (
+            "POST",
+            "/admin/clients/app",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this admin route does not take that method",
+        ),
+    ] {
+        let reply = gw.client.send(method, path, &with_token, "").await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+        assert_eq!(reply.json()["error"], says, "{}", reply.text());
+    }
+    // A chunked body past the limit, found as it arrives: 413, JSON too.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT /admin/clients/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+    for _ in 0..40 {
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("an admin request's body may hold at most"),
+        "{answer}"
+    );
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_registrations_of_one_client_make_one_and_tell_the_others() {
     let dir = scratch("operations-race");
     let upstream = RecordingUpstream::start().await;
