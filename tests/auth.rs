@@ -953,6 +953,18 @@ mod jwks {
             client
         };
         let hits = || (idp_a.hits(), idp_b.hits());
+        // A publishes `new` beside its keys, and a token of A's naming it (signed with B's key
+        // material, which A publishes under that `kid`) is asked for.
+        let rotate_a = async |client: &TestClient, new: &str| {
+            idp_a.set_keys(vec![
+                rsa_jwk(RSA_PRIVATE, "a1"),
+                rsa_jwk(RSA_PRIVATE, "shared"),
+                rsa_jwk(RSA2_PRIVATE, new),
+            ]);
+            client
+                .get_bearer("/Patient/1", &token(&key_b, new, "https://a.test"))
+                .await
+        };
 
         // Random `kid`s in B's name refetch B's keys (once a cooldown), never A's, and leave
         // A's cooldown alone: A's rotation right after is picked up.
@@ -964,14 +976,7 @@ mod jwks {
             assert_invalid_token(&reply, "No key is known for this token");
         }
         assert_eq!(hits(), (a, b + 1));
-        idp_a.set_keys(vec![
-            rsa_jwk(RSA_PRIVATE, "a1"),
-            rsa_jwk(RSA_PRIVATE, "shared"),
-            rsa_jwk(RSA2_PRIVATE, "a2"),
-        ]);
-        let reply = client
-            .get_bearer("/Patient/1", &token(&key_b, "a2", "https://a.test"))
-            .await;
+        let reply = rotate_a(&client, "a2").await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(hits(), (a + 1, b + 1));
 
@@ -980,14 +985,7 @@ mod jwks {
         let client = fresh().await;
         let (a, b) = hits();
         idp_b.set_delay(Duration::from_secs(30));
-        idp_a.set_keys(vec![
-            rsa_jwk(RSA_PRIVATE, "a1"),
-            rsa_jwk(RSA_PRIVATE, "shared"),
-            rsa_jwk(RSA2_PRIVATE, "a3"),
-        ]);
-        let reply = client
-            .get_bearer("/Patient/1", &token(&key_b, "a3", "https://a.test"))
-            .await;
+        let reply = rotate_a(&client, "a3").await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         assert_eq!(hits(), (a + 1, b));
         idp_b.set_delay(Duration::ZERO);

@@ -271,26 +271,18 @@ pub(super) fn is_json(content_type: &HeaderValue) -> bool {
 
 /// A statement of `version` as a response: JSON, with its release's media type.
 pub(super) fn respond(statement: &Value, version: FhirVersion) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from(statement.to_string()));
-    let media_type = format!(
-        "{}; fhirVersion={}",
-        version.json_media_type(),
-        version.mime_code()
-    );
-    if let Ok(value) = HeaderValue::from_str(&media_type) {
-        response.headers_mut().insert(header::CONTENT_TYPE, value);
-    }
-    response
+    typed(statement.to_string(), version.json_media_type(), version)
 }
 
 /// A generated statement as FHIR XML, for clients that ask for XML (see [`to_xml`]).
 pub(super) fn respond_xml(statement: &Value, version: FhirVersion) -> Response<Bytes> {
-    let mut response = Response::new(Bytes::from(to_xml(statement)));
-    let media_type = format!(
-        "{}; fhirVersion={}",
-        version.xml_media_type(),
-        version.mime_code()
-    );
+    typed(to_xml(statement), version.xml_media_type(), version)
+}
+
+/// `body` as `media_type` with the release's `fhirVersion` parameter.
+fn typed(body: String, media_type: &str, version: FhirVersion) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(body));
+    let media_type = format!("{media_type}; fhirVersion={}", version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&media_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
