@@ -127,6 +127,7 @@ async fn a_client_that_asks_for_xml_gets_the_statement_in_xml() {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
         let reply = client.send("GET", query, &headers, "").await;
         assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.headers["vary"], "accept");
         let content_type = reply.headers["content-type"].to_str().unwrap();
         assert!(
             content_type.starts_with("application/fhir+xml; fhirVersion="),

@@ -33,8 +33,10 @@ pub(crate) type Front = RequestIdService<Either<FhirCors<Inner>, Inner>>;
 pub(crate) type AdminFront = RequestIdService<Observe<Router>>;
 
 /// Whether the audit log can be opened (appended to, created if absent) as the start will:
-/// `Err` says why. A file this check created is removed again, so `--check-config` leaves
-/// nothing behind.
+/// `Err` says why. Without side effects: a path that is not a regular file (a FIFO a log
+/// shipper reads, a device) is left alone, an existing file is opened for appending and
+/// closed, and a missing one is created only if nothing is there (`O_EXCL`, so a link is not
+/// followed) and removed again.
 pub(crate) fn check_audit_log(config: &Config) -> Result<(), String> {
     let Some(path) = config.audit_log.as_deref() else {
         return Ok(());
@@ -42,14 +44,35 @@ pub(crate) fn check_audit_log(config: &Config) -> Result<(), String> {
     if path.as_os_str() == "-" {
         return Ok(());
     }
-    let existed = path.symlink_metadata().is_ok();
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?;
-    if !existed {
-        let _ = std::fs::remove_file(path);
+    let cannot = |e: std::io::Error| format!("cannot open the audit log {}: {e}", path.display());
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_file() => {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(cannot)?;
+        }
+        Ok(metadata) if metadata.is_dir() => {
+            return Err(cannot(std::io::Error::other("it is a directory")));
+        }
+        // A FIFO, a socket or a device: opening it could block, or end a reader's stream.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(path);
+                }
+                // Something is there after all (a link to a missing file, say): the start
+                // follows it and creates the file then.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(cannot(e)),
+            }
+        }
+        Err(e) => return Err(cannot(e)),
     }
     Ok(())
 }

@@ -109,6 +109,59 @@ fn check_config_accepts_a_good_file_and_writes_nothing() {
     }
 }
 
+#[cfg(unix)]
+#[test]
+fn check_config_leaves_an_audit_fifo_a_link_and_a_log_alone() {
+    let dir = config_file("audit-kinds", GOOD)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let fifo = dir.join("audit.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let link = dir.join("audit-link.jsonl");
+    std::os::unix::fs::symlink(dir.join("missing-target.jsonl"), &link).unwrap();
+    let log = dir.join("audit.jsonl");
+    std::fs::write(&log, "{\"kept\": true}\n").unwrap();
+    for (name, path) in [("fifo", &fifo), ("link", &link), ("log", &log)] {
+        let file = config_file(
+            &format!("audit-kind-{name}"),
+            &GOOD.replace(
+                "\"admin_token\"",
+                &format!(
+                    "\"audit_log\": {:?}, \"admin_token\"",
+                    path.to_str().unwrap()
+                ),
+            ),
+        );
+        // A FIFO no one reads would block an open for writing: the check must not.
+        let mut child = Command::new(GATEWAY)
+            .args(["--check-config", file.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{name}: --check-config still running after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    }
+    assert!(
+        !dir.join("missing-target.jsonl").exists(),
+        "the link's target was created"
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"kept\": true}\n");
+}
+
 #[test]
 fn check_config_with_a_database_needs_the_key_encryption_key_as_the_start_does() {
     let file = config_file(

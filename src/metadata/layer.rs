@@ -328,10 +328,11 @@ where
         }
         let version = request.extensions().get::<FhirVersion>().copied();
         if !request.headers().contains_key(header::AUTHORIZATION) {
+            let negotiated = version;
             let version = version.unwrap_or(config.statements.default_version);
             // XML is written for the generated statement only (an upstream's has elements
             // whose XML order the gateway does not know): a client that asks for XML gets it.
-            if prefers_xml(request.uri().query(), request.headers()) {
+            if prefers_xml(request.uri().query(), request.headers(), negotiated) {
                 let response = respond_xml(&config.statements.generated(version), version);
                 return ResponseFuture::own(std::future::ready(Ok(
                     response.map(ResponseBody::full)

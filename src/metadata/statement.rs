@@ -279,13 +279,17 @@ pub(super) fn respond_xml(statement: &Value, version: FhirVersion) -> Response<B
     typed(to_xml(statement), version.xml_media_type(), version)
 }
 
-/// `body` as `media_type` with the release's `fhirVersion` parameter.
+/// `body` as `media_type` with the release's `fhirVersion` parameter, varying by `Accept`
+/// (which chose the release and the format).
 fn typed(body: String, media_type: &str, version: FhirVersion) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body));
     let media_type = format!("{media_type}; fhirVersion={}", version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&media_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
     response
 }
 

@@ -75,7 +75,7 @@ fn server_and_path(base: &UpstreamBase) -> Place {
 
 /// A host as the resolver reads it, so that two spellings of one server compare equal:
 /// - IPv4 in any form `inet_aton` takes (`127.1`, `0x7f000001`, `2130706433`, `0177.0.0.1`),
-///   and IPv4 mapped into IPv6, as its dotted quad;
+///   and IPv4 mapped into IPv6, as its dotted quad; an IPv6 address without its zone (`%1`);
 /// - every loopback address (`127.0.0.0/8`, `::1`), the unspecified ones (`0.0.0.0`, `::`, which
 ///   reach this host) and `localhost` or a name under it, as `localhost`: one host, whichever
 ///   address a server there listens on;
@@ -86,6 +86,11 @@ fn server_and_path(base: &UpstreamBase) -> Place {
 fn canonical_host(host: &str) -> String {
     use std::net::IpAddr;
     let bare = host.trim_start_matches('[').trim_end_matches(']');
+    // An IPv6 zone (`[::1%1]`, which the resolver takes) names an interface, not another host.
+    let bare = match bare.split_once('%') {
+        Some((address, _zone)) if address.contains(':') => address,
+        _ => bare,
+    };
     let ip = bare
         .parse::<IpAddr>()
         .ok()
@@ -258,6 +263,9 @@ mod tests {
             "0x7f.1",
             "127.2.3.4",
             "[::1]",
+            "[::1%1]",
+            "[::1%25lo]",
+            "[::%2]",
             "[::ffff:127.0.0.1]",
             "0.0.0.0",
             "0",
@@ -276,6 +284,7 @@ mod tests {
             ("012.0.0.05", "10.0.0.5"),
             ("[::ffff:10.0.0.5]", "10.0.0.5"),
             ("[2001:DB8::1]", "2001:db8::1"),
+            ("[fe80::1%eth0]", "fe80::1"),
             ("EHR.Example.", "ehr.example"),
             ("hapi", "hapi"),
             // Not addresses: names, as the resolver would take them.
@@ -297,6 +306,7 @@ mod tests {
             "0x7f000001",
             "2130706433",
             "[::1]",
+            "[::1%1]",
             "0.0.0.0",
         ] {
             let records = [

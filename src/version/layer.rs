@@ -366,8 +366,14 @@ fn named_content(value: &HeaderValue) -> Option<Named> {
 /// `application/fhir+xml`, `application/xml+fhir`, `application/xml`, `text/xml`), or, without
 /// a `_format`, its `Accept` takes an XML type at a higher q-value than any JSON one (or
 /// `*/*`). Equal preferences (HAPI's clients send both at `q=1.0`), no `Accept`, or one
-/// naming neither: JSON.
-pub(crate) fn prefers_xml(query: Option<&str>, headers: &HeaderMap) -> bool {
+/// naming neither: JSON. Only the ranges that allow the `negotiated` release count (a range
+/// naming another `fhirVersion` was not the one chosen), so the answer is a format and
+/// release the client takes together.
+pub(crate) fn prefers_xml(
+    query: Option<&str>,
+    headers: &HeaderMap,
+    negotiated: Option<FhirVersion>,
+) -> bool {
     let is_xml = |essence: &str| {
         matches!(
             essence,
@@ -382,6 +388,14 @@ pub(crate) fn prefers_xml(query: Option<&str>, headers: &HeaderMap) -> bool {
     for value in headers.get_all(header::ACCEPT) {
         let Ok(value) = value.to_str() else { continue };
         for range in parse_accept(value) {
+            let allows = match (range.named, negotiated) {
+                (Named::Nothing, _) | (_, None) => true,
+                (Named::Version(named), Some(negotiated)) => named == negotiated,
+                (Named::Unknown, Some(_)) => false,
+            };
+            if !allows {
+                continue;
+            }
             if is_xml(&range.essence) {
                 best_xml = best_xml.max(range.q);
             } else if matches!(
@@ -558,7 +572,7 @@ mod tests {
             for value in accept {
                 headers.append(header::ACCEPT, HeaderValue::from_str(value).unwrap());
             }
-            prefers_xml(query, &headers)
+            prefers_xml(query, &headers, None)
         };
         for query in [
             "_format=xml",
@@ -597,6 +611,23 @@ mod tests {
         assert!(!prefers(None, &["application/fhir+xml;q=0"]));
         assert!(!prefers(None, &[]));
         assert!(!prefers(Some("_format=xml&_format=json"), &[]));
+
+        // A range naming another release than the one negotiated does not count.
+        let accept = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        let r4 = Some(FhirVersion::R4);
+        let xml_r5 =
+            "application/fhir+xml; fhirVersion=5.0, application/fhir+json; fhirVersion=4.0; q=0.5";
+        assert!(!prefers_xml(None, &accept(xml_r5), r4));
+        assert!(prefers_xml(None, &accept(xml_r5), None));
+        let json_r5 =
+            "application/fhir+json; fhirVersion=5.0, application/fhir+xml; fhirVersion=4.0; q=0.5";
+        assert!(prefers_xml(None, &accept(json_r5), r4));
+        let unknown = "application/fhir+xml; fhirVersion=9.9, application/fhir+json; q=0.5";
+        assert!(!prefers_xml(None, &accept(unknown), r4));
     }
 
     #[tokio::test]
