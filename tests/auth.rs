@@ -825,16 +825,21 @@ mod jwks {
         assert!(server.hits() >= 2);
     }
 
+    /// A layer trusting `a`'s keys for `https://a.test` and `b`'s for `https://b.test`, served.
+    async fn two_providers(a: &JwksServer, b: &JwksServer) -> TestClient {
+        let layer = BearerAuthLayer::builder()
+            .jwks_url_for_issuer(a.url(), "https://a.test")
+            .jwks_url_for_issuer(b.url(), "https://b.test")
+            .build()
+            .unwrap();
+        app(layer).await
+    }
+
     #[tokio::test]
     async fn an_identity_provider_cannot_sign_in_anothers_name() {
         let idp_a = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "a1")]).await;
         let idp_b = JwksServer::start(vec![rsa_jwk(RSA2_PRIVATE, "b1")]).await;
-        let layer = BearerAuthLayer::builder()
-            .jwks_url_for_issuer(idp_a.url(), "https://a.test")
-            .jwks_url_for_issuer(idp_b.url(), "https://b.test")
-            .build()
-            .unwrap();
-        let client = app(layer).await;
+        let client = two_providers(&idp_a, &idp_b).await;
         let key_b = EncodingKey::from_rsa_pem(RSA2_PRIVATE.as_bytes()).unwrap();
         let with_iss = |iss: &str| {
             let mut c = claims();
@@ -937,12 +942,7 @@ mod jwks {
         };
         // A new layer, with both providers' keys fetched.
         let fresh = || async {
-            let layer = BearerAuthLayer::builder()
-                .jwks_url_for_issuer(idp_a.url(), "https://a.test")
-                .jwks_url_for_issuer(idp_b.url(), "https://b.test")
-                .build()
-                .unwrap();
-            let client = app(layer).await;
+            let client = two_providers(&idp_a, &idp_b).await;
             for (key, kid, iss) in [
                 (&key_a, "a1", "https://a.test"),
                 (&key_b, "b1", "https://b.test"),
