@@ -553,13 +553,13 @@ fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
     unavailable("the client store failed")
 }
 
-/// Registers the client (`201`, its secret shown this once) or replaces its entitlements
-/// (`200`).
 /// Whether the client is registered now (a store that fails says no).
 async fn registered(admin: &Admin, client_id: &str) -> bool {
     matches!(admin.clients.client(client_id).await, Ok(Some(_)))
 }
 
+/// Registers the client (`201`, its secret shown this once) or replaces its entitlements
+/// (`200`).
 async fn put_client(
     State(admin): State<Arc<Admin>>,
     Path(client_id): Path<String>,
