@@ -399,6 +399,122 @@ async fn several_issuers_and_audiences_may_be_allowed() {
     }
 }
 
+/// A token whose JWS header declares `typ` (or, with `None`, declares none).
+fn typed(typ: Option<&str>, claims: &Value) -> String {
+    let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+    header.typ = typ.map(str::to_owned);
+    header.kid = Some("ec".to_owned());
+    jsonwebtoken::encode(&header, claims, &encoding_key(Algorithm::ES256)).unwrap()
+}
+
+#[tokio::test]
+async fn an_explicit_token_type_refuses_every_other_jwt() {
+    // One key (the fast path) and several (the general one) check alike.
+    let one_key = builder()
+        .key(VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("ec"))
+        .token_type("at+jwt")
+        .build()
+        .unwrap();
+    let several = builder()
+        .key(VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("ec"))
+        .key(VerificationKey::hmac(HMAC_SECRET).unwrap().with_kid("hs"))
+        .token_type("application/at+jwt")
+        .build()
+        .unwrap();
+    for layer in [one_key, several] {
+        let client = app(layer).await;
+        for typ in [
+            "at+jwt",
+            "application/at+jwt",
+            "AT+JWT",
+            "Application/At+Jwt",
+        ] {
+            let reply = client
+                .get_bearer("/Patient/1", &typed(Some(typ), &claims()))
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{typ}: {}", reply.text());
+        }
+        // An ID token, an untyped JWT, other kinds of JWT the same keys may sign, and near
+        // misses.
+        for typ in [
+            Some("JWT"),
+            None,
+            Some("dpop+jwt"),
+            Some("logout+jwt"),
+            Some("at+jwt "),
+            Some("application/at+jwt/x"),
+            Some("text/at+jwt"),
+            Some(""),
+        ] {
+            let reply = client
+                .get_bearer("/Patient/1", &typed(typ, &claims()))
+                .await;
+            assert_invalid_token(
+                &reply,
+                "The token's type (typ) is not one accepted for access tokens",
+            );
+        }
+        // A refused token is not cached: asking again is refused again.
+        let id_token = typed(Some("JWT"), &claims());
+        for _ in 0..2 {
+            assert_eq!(
+                client.get_bearer("/Patient/1", &id_token).await.status,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_token_type_for_one_issuer_holds_for_its_tokens_only() {
+    let layer = builder()
+        .key(VerificationKey::ec_pem(EC_PUBLIC).unwrap().with_kid("ec"))
+        .token_type_for_issuer("https://typed.test", "at+jwt")
+        .build()
+        .unwrap();
+    let client = app(layer).await;
+    let from = |issuer: &str| {
+        let mut c = claims();
+        c["iss"] = json!(issuer);
+        c
+    };
+    for (issuer, typ, status) in [
+        ("https://auth.test", Some("JWT"), StatusCode::OK),
+        ("https://auth.test", None, StatusCode::OK),
+        ("https://typed.test", Some("at+jwt"), StatusCode::OK),
+        ("https://typed.test", Some("JWT"), StatusCode::UNAUTHORIZED),
+        ("https://typed.test", None, StatusCode::UNAUTHORIZED),
+    ] {
+        let reply = client
+            .get_bearer("/Patient/1", &typed(typ, &from(issuer)))
+            .await;
+        assert_eq!(reply.status, status, "{issuer} {typ:?}: {}", reply.text());
+    }
+}
+
+#[test]
+fn a_token_type_must_be_a_media_type_name() {
+    for bad in [
+        "",
+        "at+jwt; charset=x",
+        "a/b/c",
+        "at jwt",
+        "/at+jwt",
+        "application/",
+    ] {
+        let built = BearerAuthLayer::builder()
+            .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+            .token_type(bad)
+            .build();
+        assert!(built.is_err(), "{bad:?} was taken");
+        let built = BearerAuthLayer::builder()
+            .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
+            .token_type_for_issuer("https://a.test", bad)
+            .build();
+        assert!(built.is_err(), "{bad:?} was taken for an issuer");
+    }
+}
+
 #[tokio::test]
 async fn tampered_truncated_and_garbage_tokens_are_refused() {
     let client = app(static_layer()).await;

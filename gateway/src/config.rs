@@ -372,6 +372,9 @@ pub(crate) struct TrustedIssuer {
     /// The issuer's tokens may name any tenant.
     #[serde(default)]
     pub(crate) any_tenant: bool,
+    /// The JWS `typ` values its access tokens declare (`at+jwt`); empty: not checked.
+    #[serde(default)]
+    pub(crate) token_types: Vec<String>,
 }
 
 #[derive(Deserialize)]

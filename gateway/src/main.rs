@@ -402,6 +402,9 @@ async fn assemble(
         auth = auth
             .jwks_url_for_issuer(&trusted.jwks_uri, &trusted.issuer)
             .audience_for_issuer(&trusted.issuer, &trusted.audience);
+        for typ in &trusted.token_types {
+            auth = auth.token_type_for_issuer(&trusted.issuer, typ);
+        }
         tenant = if trusted.any_tenant {
             tenant.issuer_any_tenant(&trusted.issuer)
         } else {

@@ -229,6 +229,14 @@ fn check_config_says_what_is_wrong() {
             "has both tenants and any_tenant",
         ),
         (
+            "issuer-token-type",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"any_tenant\": true, \"token_types\": [\"at+jwt; v=1\"]}], \"admin_token\"",
+            ),
+            "not a token type (a media type name): \"at+jwt; v=1\"",
+        ),
+        (
             "issuer-tenant-guid",
             &GOOD.replace(
                 "\"admin_token\"",

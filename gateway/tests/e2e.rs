@@ -128,8 +128,10 @@ fn upstream(root: &str, release: &str, version: &str) -> Value {
 fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) -> Value {
     let trusted: Vec<Value> = issuer
         .map(|issuer| {
+            // oidc-provider types its JWT access tokens as RFC 9068 has it: nothing else it
+            // signs passes for one.
             vec![json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"), "audience": "api://tower-fhir",
-                "tenants": [STU3_TENANT, DSTU2_TENANT]})]
+                "tenants": [STU3_TENANT, DSTU2_TENANT], "token_types": ["at+jwt"]})]
         })
         .unwrap_or_default();
     json!({

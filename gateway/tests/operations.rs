@@ -1,7 +1,7 @@
 //! Operating the gateway binary, over real HTTP: health and readiness, request ids, metrics,
-//! audit records (to a file, and to a full disk), CORS, request body limits, and a flood of
-//! token requests with unknown client ids. Each attack is bounded in time: a regression
-//! fails, it does not hang.
+//! audit records (to a file, and to a full disk), CORS, request body limits, a flood of
+//! token requests with unknown client ids, and a trusted identity provider whose access
+//! tokens are typed. Each attack is bounded in time: a regression fails, it does not hang.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -119,6 +119,74 @@ async fn audit_records(audit: &Path, count: usize) -> (String, Vec<Value>) {
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     (written, records)
+}
+
+/// The decoded JSON of a compact JWT's header (`part` 0) or payload (1).
+fn jwt_part(token: &str, part: usize) -> Value {
+    use base64::Engine;
+    let encoded = token.split('.').nth(part).unwrap();
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .unwrap();
+    serde_json::from_slice(&decoded).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_issuers_token_types_refuse_its_other_jwts_and_our_tokens_are_typed() {
+    let dir = scratch("operations-token-types");
+    let upstream = RecordingUpstream::start().await;
+    let idp = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"trusted_issuers": [{"issuer": "https://idp.test", "jwks_uri": idp.url(),
+            "audience": "api://fhir", "any_tenant": true, "token_types": ["at+jwt"]}]}),
+    );
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+    let minted = |typ: Option<&str>| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.typ = typ.map(str::to_owned);
+        header.kid = Some("k1".to_owned());
+        let claims = json!({"iss": "https://idp.test", "aud": "api://fhir", "sub": "svc",
+            "exp": now() + 600, "scope": TENANT});
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let read = async |token: &str| {
+        gw.client
+            .get(
+                "/Patient/1",
+                &[("authorization", &format!("Bearer {token}"))],
+            )
+            .await
+    };
+
+    let typed = read(&minted(Some("at+jwt"))).await;
+    assert_eq!(typed.status, StatusCode::OK, "{}", typed.text());
+    let forwarded = upstream.received().len();
+    // An ID token or any other JWT the provider signs with the same key, typed otherwise or
+    // not at all, is not an access token here.
+    for typ in [Some("JWT"), None, Some("logout+jwt")] {
+        let refused = read(&minted(typ)).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{typ:?}");
+        let challenge = refused.headers["www-authenticate"].to_str().unwrap();
+        assert!(
+            challenge.contains("error=\"invalid_token\"")
+                && challenge.contains("The token's type (typ) is not one accepted"),
+            "{typ:?}: {challenge}"
+        );
+        assert_eq!(refused.json()["resourceType"], "OperationOutcome");
+    }
+    assert_eq!(
+        upstream.received().len(),
+        forwarded,
+        "a refused token reached the upstream"
+    );
+
+    // The gateway's own tokens are RFC 9068 access tokens: typed, naming their client.
+    let own = token(&gw.client).await;
+    assert_eq!(jwt_part(&own, 0)["typ"], "at+jwt");
+    assert_eq!(jwt_part(&own, 1)["client_id"], "app");
+    assert_eq!(read(&own).await.status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

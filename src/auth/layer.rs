@@ -16,7 +16,7 @@ use super::rejection::Rejection;
 use super::revoked::RevokedTokens;
 use super::service::BearerAuth;
 use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
-use super::verify::{Audiences, TokenCache, Verifier};
+use super::verify::{token_type_name, Audiences, TokenCache, TokenTypes, Verifier};
 
 /// The longest clock-skew leeway accepted.
 const MAX_LEEWAY: Duration = Duration::from_secs(3600);
@@ -129,6 +129,8 @@ pub enum ConfigError {
     ZeroDuration(&'static str),
     /// The leeway is longer than an hour.
     LeewayTooLong(Duration),
+    /// A token type is not a media type name (`at+jwt`, `application/at+jwt`).
+    InvalidTokenType(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -140,6 +142,9 @@ impl fmt::Display for ConfigError {
             Self::InvalidJwksUrl(url) => write!(f, "not an absolute http:// JWKS URL: {url:?}"),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::LeewayTooLong(leeway) => write!(f, "leeway {leeway:?} is longer than an hour"),
+            Self::InvalidTokenType(typ) => {
+                write!(f, "not a token type (a media type name): {typ:?}")
+            }
         }
     }
 }
@@ -154,6 +159,8 @@ pub struct BearerAuthBuilder {
     issuers: Vec<String>,
     audiences: Vec<String>,
     issuer_audiences: Vec<(String, Vec<String>)>,
+    types: Vec<String>,
+    issuer_types: Vec<(String, Vec<String>)>,
     leeway: Duration,
     static_keys: KeySet,
     sources: Vec<(Box<dyn KeySource>, Option<String>)>,
@@ -177,6 +184,8 @@ impl Default for BearerAuthBuilder {
             issuers: Vec::new(),
             audiences: Vec::new(),
             issuer_audiences: Vec::new(),
+            types: Vec::new(),
+            issuer_types: Vec::new(),
             leeway: Duration::from_secs(60),
             static_keys: KeySet::new(),
             sources: Vec::new(),
@@ -237,6 +246,57 @@ impl BearerAuthBuilder {
             None => {
                 self.issuers.push(issuer.clone());
                 self.issuer_audiences.push((issuer, vec![audience.into()]));
+            }
+        }
+        self
+    }
+
+    /// Accepts tokens whose JWS header declares this type (`typ`); call again to allow several.
+    /// When any type is set, `typ` is required; when none is (the default), it is not checked.
+    ///
+    /// Explicit typing (RFC 8725 §3.11): an identity provider signs other JWTs than access
+    /// tokens with the same keys, ID tokens among them, and an ID token issued to an
+    /// application registered under the API's own audience would otherwise pass for an access
+    /// token. RFC 9068's access tokens declare `at+jwt`. Types are media types, compared
+    /// without case and with `application/` optional (`at+jwt` accepts `application/at+jwt`).
+    /// Providers that declare only `JWT` on every token (Microsoft Entra ID, Keycloak) cannot
+    /// be told apart so: leave the type unchecked for them, or set it per issuer with
+    /// [`token_type_for_issuer`](Self::token_type_for_issuer).
+    ///
+    /// ```
+    /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+    ///
+    /// let layer = BearerAuthLayer::builder()
+    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .token_type("at+jwt")
+    ///     .build();
+    /// assert!(layer.is_ok());
+    /// let bad = BearerAuthLayer::builder()
+    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .token_type("at+jwt; q=1")
+    ///     .build();
+    /// assert!(bad.is_err(), "a type is a media type name, nothing more");
+    /// ```
+    pub fn token_type(mut self, typ: impl Into<String>) -> Self {
+        self.types.push(typ.into());
+        self
+    }
+
+    /// Tokens whose `iss` is `issuer` must declare this type (`typ`) instead of those set with
+    /// [`token_type`](Self::token_type); call again to allow several. For an identity provider
+    /// that types its access tokens (`at+jwt`) beside others that do not. Adds `issuer` to the
+    /// accepted issuers.
+    pub fn token_type_for_issuer(
+        mut self,
+        issuer: impl Into<String>,
+        typ: impl Into<String>,
+    ) -> Self {
+        let issuer = issuer.into();
+        match self.issuer_types.iter_mut().find(|(i, _)| *i == issuer) {
+            Some((_, types)) => types.push(typ.into()),
+            None => {
+                self.issuers.push(issuer.clone());
+                self.issuer_types.push((issuer, vec![typ.into()]));
             }
         }
         self
@@ -410,6 +470,23 @@ impl BearerAuthBuilder {
                 return Err(ConfigError::ZeroDuration(what));
             }
         }
+        let names = |types: Vec<String>| -> Result<Vec<String>, ConfigError> {
+            let names = types
+                .into_iter()
+                .map(|typ| token_type_name(&typ).ok_or(ConfigError::InvalidTokenType(typ)))
+                .collect::<Result<_, _>>()?;
+            Ok(dedup(names))
+        };
+        let types = names(self.types)?;
+        let issuer_types = self
+            .issuer_types
+            .into_iter()
+            .map(|(issuer, types)| Ok((issuer, names(types)?)))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let types = (!types.is_empty() || !issuer_types.is_empty()).then_some(TokenTypes {
+            per_issuer: issuer_types,
+            default: types,
+        });
         #[cfg_attr(not(feature = "remote-jwks"), allow(unused_mut))]
         let mut sources = self.sources;
         #[cfg(feature = "remote-jwks")]
@@ -482,6 +559,7 @@ impl BearerAuthBuilder {
             cache_counts: crate::ops::CacheCounts::new("token"),
             audiences,
             revoked: self.revoked,
+            types,
         };
         Ok(BearerAuthLayer {
             config: Arc::new(Config {
@@ -539,6 +617,7 @@ impl fmt::Debug for BearerAuthBuilder {
             .field("algorithms", &self.algorithms)
             .field("issuers", &self.issuers)
             .field("audiences", &self.audiences)
+            .field("token_types", &self.types)
             .field("leeway", &self.leeway)
             .field("static_keys", &self.static_keys)
             .field("jwks_urls", &self.jwks_urls)

@@ -2,7 +2,8 @@
 //!
 //! [`BearerAuthLayer`] reads `Authorization: Bearer <jwt>`, verifies the signature with
 //! jsonwebtoken against keys pinned to their algorithms, checks `exp`, `nbf` (with leeway),
-//! `iss` and `aud`, and calls the inner service with the [`VerifiedClaims`] in the request
+//! `iss` and `aud` (and the header's `typ`, when [`token_type`](BearerAuthBuilder::token_type)
+//! names the types access tokens declare), and calls the inner service with the [`VerifiedClaims`] in the request
 //! extensions. Anything else is answered by the layer itself, per RFC 6750, with an
 //! `OperationOutcome` body:
 //!
@@ -10,7 +11,7 @@
 //! |---|---|---|
 //! | no `Authorization`, or another scheme (`Basic`) | 401 | `Bearer realm="fhir"` |
 //! | two `Authorization` headers, empty, oversized or non-`b64token` token | 400 | `error="invalid_request"` |
-//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`, no `exp`, revoked | 401 | `error="invalid_token"` |
+//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`/`typ`, no `exp`, revoked | 401 | `error="invalid_token"` |
 //! | keys cannot be fetched (and none were ever fetched) | 503 | (`Retry-After`) |
 //!
 //! Keys are static ([`VerificationKey`], [`KeySet`]) or fetched ([`KeySource`], a JWKS URL

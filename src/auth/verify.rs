@@ -45,6 +45,67 @@ pub(crate) struct Verifier {
     pub(crate) audiences: Option<Audiences>,
     /// Tokens revoked before they expire, refused even when cached.
     pub(crate) revoked: Option<super::RevokedTokens>,
+    /// Set when some token type (`typ`) is required, for all issuers or for some.
+    pub(crate) types: Option<TokenTypes>,
+}
+
+/// The token types (the JWS header's `typ`) a token must declare, per issuer: explicit typing
+/// (RFC 8725 §3.11, RFC 9068 §4), so that another kind of JWT an identity provider signs with
+/// the same keys (an ID token, a logout token) is not taken for an access token. Each name is
+/// held as [`token_type_name`] makes it.
+pub(crate) struct TokenTypes {
+    /// `(issuer, its types)`; an issuer not listed uses `default`.
+    pub(crate) per_issuer: Vec<(String, Vec<String>)>,
+    /// The types set with `token_type()`; empty means `typ` is not checked.
+    pub(crate) default: Vec<String>,
+}
+
+impl TokenTypes {
+    pub(crate) fn accepts(&self, issuer: Option<&str>, typ: Option<&str>) -> bool {
+        let wanted = self
+            .per_issuer
+            .iter()
+            .find(|(iss, _)| Some(iss.as_str()) == issuer)
+            .map_or(&self.default, |(_, types)| types);
+        wanted.is_empty()
+            || typ.is_some_and(|typ| {
+                let typ = without_application(typ);
+                wanted.iter().any(|w| w.eq_ignore_ascii_case(typ))
+            })
+    }
+}
+
+/// A `typ` value as it is compared: a media type, so without case, and with `application/`
+/// left out when no other `/` follows (RFC 7515 §4.1.9: `at+jwt` is `application/at+jwt`).
+/// `None` when it is not a media type name (`type/subtype` or `subtype` of RFC 6838's
+/// characters, nothing more).
+pub(crate) fn token_type_name(typ: &str) -> Option<String> {
+    let name = without_application(typ);
+    let chars = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 127
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    let valid = match name.split_once('/') {
+        Some((kind, subtype)) => chars(kind) && chars(subtype),
+        None => chars(name),
+    };
+    valid.then(|| name.to_ascii_lowercase())
+}
+
+/// `typ` without a leading `application/` (in any case) when no other `/` follows.
+fn without_application(typ: &str) -> &str {
+    const PREFIX: &str = "application/";
+    match typ.get(..PREFIX.len()) {
+        Some(prefix)
+            if prefix.eq_ignore_ascii_case(PREFIX) && !typ[PREFIX.len()..].contains('/') =>
+        {
+            &typ[PREFIX.len()..]
+        }
+        _ => typ,
+    }
 }
 
 /// The audiences a token must name, per issuer.
@@ -564,6 +625,19 @@ impl Verifier {
                 false,
             ));
         }
+        if self
+            .types
+            .as_ref()
+            .is_some_and(|types| !types.accepts(claims.issuer(), data.header.typ.as_deref()))
+        {
+            return Err((
+                self.reject(
+                    RejectionKind::InvalidToken,
+                    "The token's type (typ) is not one accepted for access tokens",
+                ),
+                true,
+            ));
+        }
         if self.revoked.as_ref().is_some_and(|r| r.refuses(&claims)) {
             return Err((self.revoked_token(), true));
         }
@@ -788,6 +862,38 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_types_are_media_types_with_application_optional() {
+        assert_eq!(token_type_name("at+jwt").as_deref(), Some("at+jwt"));
+        assert_eq!(
+            token_type_name("Application/AT+JWT").as_deref(),
+            Some("at+jwt")
+        );
+        assert_eq!(token_type_name("text/plain").as_deref(), Some("text/plain"));
+        assert_eq!(token_type_name("application/a/b"), None);
+        for bad in ["", "a b", "at+jwt;x=1", "/x", "x/", "é"] {
+            assert_eq!(token_type_name(bad), None, "{bad:?}");
+        }
+        let types = TokenTypes {
+            per_issuer: vec![("https://typed".into(), vec!["at+jwt".into()])],
+            default: Vec::new(),
+        };
+        assert!(
+            types.accepts(Some("https://other"), None),
+            "no default: unchecked"
+        );
+        assert!(types.accepts(Some("https://typed"), Some("application/At+Jwt")));
+        assert!(!types.accepts(Some("https://typed"), Some("JWT")));
+        assert!(!types.accepts(Some("https://typed"), None));
+        assert!(!types.accepts(Some("https://typed"), Some("text/at+jwt")));
+        let typed = TokenTypes {
+            per_issuer: Vec::new(),
+            default: vec!["at+jwt".into()],
+        };
+        assert!(!typed.accepts(None, Some("jwt")));
+        assert!(typed.accepts(None, Some("at+jwt")));
+    }
 
     #[test]
     fn the_token_cache_answers_only_for_the_very_token() {

@@ -557,6 +557,7 @@ impl Inner {
         let claims = json!({
             "iss": self.issuer,
             "sub": client.id,
+            "client_id": client.id,
             "aud": self.audience,
             "iat": now,
             "nbf": now,
@@ -564,7 +565,7 @@ impl Inner {
             "jti": jti(),
             "scope": scope,
         });
-        let token = self.keys.sign(&claims).map_err(|err| {
+        let token = self.keys.sign_access_token(&claims).map_err(|err| {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()
         })?;

@@ -91,7 +91,7 @@ impl SigningKey {
             public_jwk,
             pem: String::from_utf8(pem.to_vec()).map_err(malformed)?,
         };
-        let probe = key.sign(&json!({"probe": true}))?;
+        let probe = key.sign(&json!({"probe": true}), "JWT")?;
         let verification = key.verification_key()?;
         let mut validation = jsonwebtoken::Validation::new(algorithm);
         validation.required_spec_claims.clear();
@@ -141,8 +141,9 @@ impl SigningKey {
         VerificationKey::from_jwk(&self.public_jwk)
     }
 
-    fn sign(&self, claims: &Value) -> Result<String, KeyError> {
+    fn sign(&self, claims: &Value, typ: &str) -> Result<String, KeyError> {
         let mut header = Header::new(self.algorithm);
+        header.typ = Some(typ.to_owned());
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(malformed)
     }
@@ -454,10 +455,28 @@ impl SigningKeys {
         })
     }
 
-    /// Signs claims with the current key; returns the compact JWT.
+    /// Signs claims with the current key; returns the compact JWT, typed `JWT`.
     pub fn sign(&self, claims: &Value) -> Result<String, KeyError> {
         let key = Arc::clone(&self.read().current);
-        key.sign(claims)
+        key.sign(claims, "JWT")
+    }
+
+    /// Signs an access token's claims with the current key; returns the compact JWT, typed
+    /// `at+jwt` as RFC 9068 has it, so that a resource server checking explicit types
+    /// ([`BearerAuthBuilder::token_type`](crate::auth::BearerAuthBuilder::token_type)) tells
+    /// it from any other JWT signed with these keys. The token endpoint signs its tokens so.
+    ///
+    /// ```
+    /// use tower_fhir::token::SigningKeys;
+    ///
+    /// let keys = SigningKeys::generate().unwrap();
+    /// let token = keys.sign_access_token(&serde_json::json!({"sub": "app"})).unwrap();
+    /// let header = jsonwebtoken::decode_header(&token).unwrap();
+    /// assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+    /// ```
+    pub fn sign_access_token(&self, claims: &Value) -> Result<String, KeyError> {
+        let key = Arc::clone(&self.read().current);
+        key.sign(claims, "at+jwt")
     }
 
     /// A Tower service answering `GET` with the JWKS document (mount it at your JWKS URL).
