@@ -121,6 +121,71 @@ async fn audit_records(audit: &Path, count: usize) -> (String, Vec<Value>) {
     (written, records)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_body_that_breaks_off_is_logged_and_cut_for_the_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream whose streamed (not JSON) answer has a malformed second chunk.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                          Transfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = stream.write_all(b"zz\r\nnot a chunk\r\n").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    let dir = scratch("operations-body-breaks-off");
+    let unused = RecordingUpstream::start().await;
+    let gw = start(
+        &dir,
+        &unused,
+        json!({"tenants": [{"id": TENANT, "upstreams": [{"base_url": format!("http://{upstream_addr}/fhir"),
+            "fhir_version": "4.0"}]}]}),
+    );
+    let token = token(&gw.client).await;
+    let request = format!(
+        "GET /Binary/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    let addr = gw.addr;
+    let (answer, took) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
+        .unwrap();
+    // The head had gone: the client gets what came, then its connection is broken off
+    // without the chunked body's end, so it cannot take the part for the whole.
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("0123456789abcdef"), "{answer}");
+    assert!(!answer.ends_with("0\r\n\r\n"), "{answer}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let logged = eventually(Duration::from_secs(5), async || {
+        let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+        without_colours(&log)
+            .lines()
+            .any(|line| line.contains("WARN") && line.contains("upstream response body broke off"))
+    })
+    .await;
+    assert!(
+        logged,
+        "no warning: {}",
+        std::fs::read_to_string(dir.join("gateway.log")).unwrap()
+    );
+}
+
 /// The decoded JSON of a compact JWT's header (`part` 0) or payload (1).
 fn jwt_part(token: &str, part: usize) -> Value {
     use base64::Engine;
