@@ -678,8 +678,13 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
     let reply = send(&client, &token, "POST", "/", "application/fhir+xml", xml).await;
     assert_eq!(
         reply.status,
-        StatusCode::FORBIDDEN,
-        "an XML Bundle cannot be checked"
+        StatusCode::BAD_REQUEST,
+        "an XML Bundle cannot be checked: {}",
+        reply.text()
+    );
+    assert!(
+        !reply.headers.contains_key("www-authenticate"),
+        "not a scope the token lacks"
     );
     assert_eq!(upstream.received().len(), seen);
 
@@ -934,7 +939,10 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
         seen,
         "nothing refused was forwarded"
     );
-    let searcher = minted(json!({"scope": format!("{TENANT} system/Patient.us")}));
+    // A conditional update that finds nothing creates: it needs `c` too.
+    let updater = minted(json!({"scope": format!("{TENANT} system/Patient.us")}));
+    assert_refused(&conditionally(updater, "PUT").await, "system/Patient.c");
+    let searcher = minted(json!({"scope": format!("{TENANT} system/Patient.cus")}));
     let reply = conditionally(searcher, "PUT").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let seen = upstream.received().len();
@@ -960,9 +968,11 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     assert_eq!(upstream.received().len(), seen);
     let reply = conditional_create(&client, &patients, &["identifier=x"]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    // Two searches for one create: which would the server use?
+    // Two searches for one create: which would the server use? A malformed request, not a
+    // scope the token lacks.
     let reply = conditional_create(&client, &patients, &["identifier=x", "identifier=y"]).await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(reply.json()["issue"][0]["code"], "invalid");
     // An operation that only reads across types may come by POST (its parameters in a body).
     let everyone = minted(json!({"scope": format!("{TENANT} system/*.rs")}));
     let reply = send(

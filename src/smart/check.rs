@@ -14,6 +14,9 @@ pub(crate) struct Refused {
     pub(crate) sufficient: Vec<String>,
     /// The OperationOutcome's diagnostics.
     pub(crate) diagnostics: String,
+    /// The request cannot be checked as it is written (a Bundle that is not JSON, a query
+    /// that is not UTF-8): `400`, not a missing scope.
+    pub(crate) malformed: bool,
 }
 
 impl Refused {
@@ -21,6 +24,15 @@ impl Refused {
         Self {
             sufficient: Vec::new(),
             diagnostics: diagnostics.into(),
+            malformed: false,
+        }
+    }
+
+    /// A request that cannot be checked as it is written.
+    pub(crate) fn malformed(diagnostics: impl Into<String>) -> Self {
+        Self {
+            malformed: true,
+            ..Self::new(diagnostics)
         }
     }
 
@@ -171,9 +183,20 @@ impl<'g> Check<'g> {
                         // Conditional: the resources the parameters find. The answer tells
                         // whether and how many match (`201` or `200`, `412` for several), so
                         // it is a search as well.
-                        let target = Target::Search { ty };
-                        need(Some(ty), permission, target);
-                        need(Some(ty), Permissions::SEARCH, target);
+                        let search = Target::Search { ty };
+                        need(Some(ty), Permissions::SEARCH, search);
+                        if interaction == Interaction::Delete {
+                            need(Some(ty), permission, search);
+                        } else {
+                            // What an update or patch writes is its body's: a resource found
+                            // by a search narrowed to one patient may be rewritten into
+                            // another's record, so whose it becomes cannot be told here.
+                            need(Some(ty), permission, Target::Undecidable);
+                        }
+                        if interaction == Interaction::Update {
+                            // A conditional update that finds nothing creates.
+                            need(Some(ty), Permissions::CREATE, Target::Undecidable);
+                        }
                     }
                 }
             }
@@ -239,7 +262,9 @@ impl<'g> Check<'g> {
                         let target = Target::Compartment { ty: "Patient", id };
                         need(None, Permissions::READ, target);
                         need(None, Permissions::SEARCH, target);
-                        (!reads_only).then_some((None, target))
+                        // What one that writes (`$merge`) changes is named in its body, maybe
+                        // another patient's record.
+                        (!reads_only).then_some((None, Target::Undecidable))
                     }
                     _ if !within_type => {
                         // An operation that may return or touch resources of any type
@@ -292,6 +317,24 @@ impl<'g> Check<'g> {
                 let (reverse, value) = match first {
                     "_include" => (false, value.as_ref()),
                     "_revinclude" => (true, value.as_ref()),
+                    "_filter" => {
+                        // Its expression may chain to any type or reverse-chain from one
+                        // (`general-practitioner.name eq x`, `_has:Observation:...`), which
+                        // is not parsed here: it needs search on every type.
+                        need(None, Permissions::SEARCH, Target::Undecidable);
+                        continue;
+                    }
+                    "_query" => {
+                        // A named query the server defines may find and return any type.
+                        need(None, Permissions::READ, Target::Undecidable);
+                        need(None, Permissions::SEARCH, Target::Undecidable);
+                        continue;
+                    }
+                    "_list" => {
+                        // The answer tells which resources the List holds.
+                        need(Some("List"), Permissions::READ, Target::Undecidable);
+                        continue;
+                    }
                     "_has" => {
                         for ty in reverse_chained_types(name) {
                             need(ty, Permissions::SEARCH, Target::Undecidable);
@@ -397,7 +440,18 @@ impl<'g> Check<'g> {
                 let patient = self.grants.patient()?;
                 match need.target {
                     Target::Instance { ty, id } => ty == "Patient" && id == patient,
-                    Target::Compartment { ty, id } => ty == "Patient" && id == patient,
+                    Target::Compartment { ty, id } => {
+                        // `Patient/[id]/[type]` is `[type]?patient=[id]` (or `subject`) only for
+                        // the types whose parameter names the record's patient; the compartment
+                        // holds others through other links (a Patient's `link`, a Group's
+                        // members, a Practitioner), whose resources may be other patients'.
+                        ty == "Patient"
+                            && id == patient
+                            && need.resource_type.is_none_or(|searched| {
+                                PATIENT_PARAM_TYPES.binary_search(&searched).is_ok()
+                                    || SUBJECT_PARAM_TYPES.binary_search(&searched).is_ok()
+                            })
+                    }
                     Target::Search { ty } => {
                         coverage = Coverage::ByParameters;
                         narrowed_to(ty, params, patient)
@@ -459,7 +513,7 @@ impl<'g> Check<'g> {
             )));
         }
         let Some(params) = parse_query(query) else {
-            return Err(Refused::new(
+            return Err(Refused::malformed(
                 "The conditional create's search is not UTF-8 form data",
             ));
         };
@@ -471,25 +525,25 @@ impl<'g> Check<'g> {
         // A key twice in one object is read as its last by this parser and as its first by
         // others: the FHIR server could run another request than the one checked.
         if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
-            return Err(Refused::new(
+            return Err(Refused::malformed(
                 "The batch or transaction is not a JSON Bundle with each key once in an object: \
                  servers differ on which of two counts, so its entries cannot be checked",
             ));
         }
         let bundle: Value = serde_json::from_slice(body).map_err(|_| {
-            Refused::new(
+            Refused::malformed(
                 "The batch or transaction is not a JSON Bundle: its entries cannot be checked",
             )
         })?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(Refused::new(
+            return Err(Refused::malformed(
                 "A POST to the base must be a batch or transaction Bundle",
             ));
         }
         let entries = match bundle.get("entry") {
             None => return Ok(()),
             Some(Value::Array(entries)) => entries,
-            Some(_) => return Err(Refused::new("The Bundle's entry is not a list")),
+            Some(_) => return Err(Refused::malformed("The Bundle's entry is not a list")),
         };
         let mut refused: Option<Refused> = None;
         for (n, entry) in entries.iter().enumerate() {
@@ -500,7 +554,7 @@ impl<'g> Check<'g> {
                 .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
             let url = request.and_then(|r| r.get("url")).and_then(Value::as_str);
             let (Some(method), Some(url)) = (method, url) else {
-                return Err(Refused::new(format!(
+                return Err(Refused::malformed(format!(
                     "Entry {n} of the Bundle has no request method and url to check"
                 )));
             };
@@ -511,7 +565,7 @@ impl<'g> Check<'g> {
             }
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
             let Some(params) = parse_query(query) else {
-                return Err(Refused::new(format!(
+                return Err(Refused::malformed(format!(
                     "Entry {n} of the Bundle has a query that is not UTF-8"
                 )));
             };
@@ -550,7 +604,7 @@ impl<'g> Check<'g> {
                     {
                         self.if_none_exist(ty, query).map(|_| ())
                     }
-                    Some(_) => Err(Refused::new(format!(
+                    Some(_) => Err(Refused::malformed(format!(
                         "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
                     ))),
                 }
@@ -562,6 +616,7 @@ impl<'g> Check<'g> {
                         entry_refused.diagnostics
                     ))
                 });
+                merged.malformed |= entry_refused.malformed;
                 for scope in entry_refused.sufficient {
                     merged = merged.suggest(scope);
                 }
@@ -965,7 +1020,8 @@ mod tests {
             (M::GET, "/Patient/1/_history", "r"),
             (M::PUT, "/Patient/1", "u"),
             (M::PATCH, "/Patient/1", "u"),
-            (M::PUT, "/Patient?identifier=x", "us"),
+            // A conditional update that finds nothing creates.
+            (M::PUT, "/Patient?identifier=x", "cus"),
             (M::PATCH, "/Patient?identifier=x", "us"),
             (M::DELETE, "/Patient/1", "d"),
             (M::DELETE, "/Patient?identifier=x", "ds"),
@@ -1076,20 +1132,57 @@ mod tests {
             assert!(!allowed(p, Method::GET, unnarrowed), "{unnarrowed}");
         }
         assert!(!allowed("patient/*.cruds", Method::POST, "/Observation"));
-        // A conditional update or delete searches within the patient's data, and needs `s`.
+        // A conditional delete searches within the patient's data, and needs `s`.
         let conditional = "/Observation?patient=123&code=x";
-        assert!(allowed("patient/Observation.us", Method::PUT, conditional));
         assert!(allowed(
             "patient/Observation.ds",
             Method::DELETE,
             conditional
         ));
-        assert!(!allowed("patient/Observation.u", Method::PUT, conditional));
         assert!(!allowed(
-            "patient/Observation.us",
-            Method::PUT,
+            "patient/Observation.d",
+            Method::DELETE,
+            conditional
+        ));
+        assert!(!allowed(
+            "patient/Observation.ds",
+            Method::DELETE,
             "/Observation?code=x"
         ));
+        // A conditional update or patch writes what its body says, maybe into another
+        // patient's record (a found resource's subject rewritten, or one created for
+        // another): refused, however narrowed its search.
+        for method in [Method::PUT, Method::PATCH] {
+            assert!(!allowed("patient/*.cruds", method, conditional));
+        }
+        // So is an operation that writes on the patient (`$merge` names the other one in its
+        // body); the ones that read their compartment are not.
+        assert!(!allowed(
+            "patient/*.cruds",
+            Method::POST,
+            "/Patient/123/$merge"
+        ));
+        assert!(allowed(
+            "patient/*.rs",
+            Method::POST,
+            "/Patient/123/$everything"
+        ));
+        // A compartment search only of the types whose `patient` or `subject` names the
+        // record's patient: not the patients it links, a practitioner, a group.
+        assert!(allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient/123/Observation"
+        ));
+        assert!(allowed(
+            "patient/*.rs",
+            Method::GET,
+            "/Patient/123/Condition"
+        ));
+        for other in ["Patient", "Practitioner", "Group", "Organization"] {
+            let url = format!("/Patient/123/{other}");
+            assert!(!allowed("patient/*.rs", Method::GET, &url), "{url}");
+        }
         // No patient claim: patient scopes open nothing.
         let none = Grants::from_scopes(["patient/*.rs"], None);
         assert!(Check::new(&none)
@@ -1299,6 +1392,50 @@ mod tests {
     fn needs_more_than(url: &str, short: &str, enough: &str) {
         assert!(!allowed(short, Method::GET, url), "{url} with {short}");
         assert!(allowed(enough, Method::GET, url), "{url} with {enough}");
+    }
+
+    #[test]
+    fn filter_named_queries_and_lists_need_what_they_may_reach() {
+        // `_filter` may chain and reverse-chain anywhere: search on every type.
+        for url in [
+            "/Patient?_filter=general-practitioner.name%20eq%20smith",
+            "/Patient?_filter=_has:Observation:patient:code%20eq%201234-5",
+            "/Patient?_filter=name%20eq%20smith",
+        ] {
+            needs_more_than(url, "system/Patient.rs", "system/Patient.rs system/*.s");
+        }
+        // A conditional delete filtered so, too.
+        let delete = "/Observation?_filter=patient.name%20eq%20smith";
+        assert!(!allowed("system/Observation.cruds", Method::DELETE, delete));
+        assert!(allowed(
+            "system/Observation.cruds system/*.s",
+            Method::DELETE,
+            delete
+        ));
+        // A named query may return anything.
+        needs_more_than(
+            "/Patient?_query=everyone-interesting",
+            "system/Patient.rs",
+            "system/*.rs",
+        );
+        // Searching within a List tells what the List holds.
+        needs_more_than(
+            "/Patient?_list=42",
+            "system/Patient.rs",
+            "system/Patient.rs system/List.r",
+        );
+        // None opens a patient/ scope, however narrowed the search.
+        let patient = Grants::from_scopes(["patient/*.cruds"], Some("123"));
+        for special in ["_filter", "_query", "_list"] {
+            let query = format!("patient=123&{special}=x");
+            let params = parse_query(&query).unwrap();
+            assert!(
+                Check::new(&patient)
+                    .request(&Method::GET, "/Observation", &params)
+                    .is_err(),
+                "{special}"
+            );
+        }
     }
 
     #[test]

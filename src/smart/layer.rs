@@ -323,9 +323,9 @@ where
                                         &params,
                                     )
                                 }
-                                None => {
-                                    Err(Refused::new("The _search form is not UTF-8 form data"))
-                                }
+                                None => Err(Refused::malformed(
+                                    "The _search form is not UTF-8 form data",
+                                )),
                             }
                         }
                     };
@@ -400,9 +400,9 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                     Ok(query) => check
                         .if_none_exist(found.resource_type.unwrap_or_default(), query)
                         .map(|search| allowed.and(search)),
-                    Err(_) => Err(Refused::new("The If-None-Exist header is not text")),
+                    Err(_) => Err(Refused::malformed("The If-None-Exist header is not text")),
                 },
-                (Some(Interaction::Create), Some(_), Some(_)) => Err(Refused::new(
+                (Some(Interaction::Create), Some(_), Some(_)) => Err(Refused::malformed(
                     "A create has one If-None-Exist header at most",
                 )),
                 _ => Ok(allowed),
@@ -731,6 +731,11 @@ fn refused<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFutu
 /// 403 with an OperationOutcome (`forbidden`) and `WWW-Authenticate: Bearer
 /// error="insufficient_scope", scope="<what would have sufficed>"` (RFC 6750 §3.1).
 fn insufficient_scope(why: &Refused) -> Response<Bytes> {
+    if why.malformed {
+        // Not a scope the token lacks: no challenge.
+        return OperationOutcome::error(IssueType::Invalid, why.diagnostics.as_str())
+            .to_response(StatusCode::BAD_REQUEST);
+    }
     let mut response = OperationOutcome::error(IssueType::Forbidden, why.diagnostics.as_str())
         .to_response(StatusCode::FORBIDDEN);
     let mut challenge = String::from("Bearer error=\"insufficient_scope\"");
