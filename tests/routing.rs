@@ -1470,3 +1470,113 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
         "the burst's connections are reused"
     );
 }
+
+/// An upstream that frames its answers twice, `Content-Length` beside `Transfer-Encoding:
+/// chunked`, each chunked body itself a whole HTTP response: `length` is the `Content-Length`
+/// it claims, `content_type` its type.
+async fn twice_framing_upstream(length: &'static str, content_type: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let forged = FORGED_RESPONSE;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
+                         Content-Length: {length}\r\nTransfer-Encoding: chunked\r\n\r\n\
+                         {:x}\r\n{forged}\r\n0\r\n\r\n",
+                        forged.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+/// What [`twice_framing_upstream`] sends as the body of each answer.
+const FORGED_RESPONSE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\
+    Set-Cookie: session=forged\r\nAccess-Control-Allow-Origin: https://evil.example\r\n\r\nforged!";
+
+#[tokio::test]
+async fn an_upstream_framing_its_answer_twice_cannot_split_the_clients_connection() {
+    use http_body_util::BodyExt;
+    // A Content-Length of 0 (the body would be read as the next answer), one shorter than the
+    // body (its tail would), one longer (the next answer would be swallowed); for a JSON
+    // answer (read whole) and a streamed one.
+    for length in ["0", "5", "1000"] {
+        for (content_type, path) in [
+            ("application/fhir+json", "/Patient/1"),
+            ("application/octet-stream", "/Binary/1"),
+        ] {
+            let base = Box::leak(
+                twice_framing_upstream(length, content_type)
+                    .await
+                    .into_boxed_str(),
+            );
+            let upstream = Upstream::parse(base, FhirVersion::R4).unwrap();
+            let gw = gateway(
+                vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+                Duration::from_secs(60),
+            )
+            .await;
+            // One keep-alive connection, two requests, as a balancer in front would send them.
+            let stream = tokio::net::TcpStream::connect(gw.client.addr())
+                .await
+                .unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            let request = |path: &str, token: bool| {
+                let mut request = http::Request::get(path).header("host", "gw");
+                if token {
+                    request =
+                        request.header("authorization", format!("Bearer {}", token_for(TENANT_A)));
+                }
+                request
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .unwrap()
+            };
+            let case = format!("Content-Length: {length}, {content_type}");
+            let first = sender.send_request(request(path, true)).await.unwrap();
+            assert_eq!(first.status(), StatusCode::OK, "{case}");
+            let first_length = first.headers().get("content-length").cloned();
+            let body = first.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                body,
+                FORGED_RESPONSE.as_bytes(),
+                "{case}: the body as sent, all of it"
+            );
+            if let Some(declared) = first_length {
+                assert_eq!(declared, body.len().to_string().as_str(), "{case}");
+            }
+            // The next answer on the connection is the gateway's own (no token: 401), not
+            // the forged one.
+            sender.ready().await.unwrap();
+            let second = sender
+                .send_request(request("/Patient/2", false))
+                .await
+                .unwrap();
+            assert_eq!(second.status(), StatusCode::UNAUTHORIZED, "{case}");
+            assert!(second.headers().get("set-cookie").is_none(), "{case}");
+            let body = second.into_body().collect().await.unwrap().to_bytes();
+            let outcome: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("{case}: {}", String::from_utf8_lossy(&body)));
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "{case}");
+        }
+    }
+}

@@ -143,8 +143,11 @@ impl Statements {
             .map(ResponseBody::full);
         }
         let Some(mut statement) = json_statement(&bytes) else {
-            // Not a JSON statement (XML, say): passed on as it came. The capability cache
-            // keeps none of these.
+            // Not a JSON statement (XML, say): passed on as it came, its length the bytes'.
+            // The capability cache keeps none of these.
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             return Response::from_parts(parts, ResponseBody::full(bytes));
         };
         self.secure(&mut statement);

@@ -52,18 +52,32 @@ pub(super) async fn relay_response(
             "The tenant's FHIR server gave no final answer",
         ));
     }
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     remove_hop_by_hop(&mut parts.headers);
-    let heads = ResponseHeads::scan(&parts.headers);
+    let bodiless =
+        head || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
     // The length the body must have, as hyper framed it (so not a `Content-Length` that a
     // chunked encoding overrides); none for answers that send no body whatever they declare.
-    let declared = if head
-        || parts.status == StatusCode::NO_CONTENT
-        || parts.status == StatusCode::NOT_MODIFIED
-    {
+    let declared = if bodiless {
         None
     } else {
         body.size_hint().exact()
     };
+    // The client's framing is the body's as it was read, never the upstream's header: with
+    // `Transfer-Encoding`, a `Content-Length` beside it (`0`, say, before a chunked body that
+    // is itself a whole response) would split the answer on the client's connection, the
+    // rest read as the answer to its next request (RFC 9112 §6.3: an intermediary removes
+    // it). A bodiless answer keeps the length it speaks of (a HEAD's, a 304's), unless a
+    // transfer coding made it meaningless; a 204 has none.
+    if chunked || (!bodiless && declared.is_none()) || parts.status == StatusCode::NO_CONTENT {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    } else if let Some(length) = declared {
+        // One value, as read (`5, 5` is one length to hyper, two to some clients).
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    let heads = ResponseHeads::scan(&parts.headers);
     if heads.set_cookie && !cookies {
         parts.headers.remove(header::SET_COOKIE);
         parts.headers.remove(SET_COOKIE2);
@@ -198,15 +212,12 @@ pub(super) async fn relay_response(
             Bytes::from(whole)
         }
     };
-    let bytes = match rewriter.bundle(&whole) {
-        Some(rewritten) => {
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-            rewritten
-        }
-        None => whole,
-    };
+    let bytes = rewriter.bundle(&whole).unwrap_or(whole);
+    if !bodiless {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    }
     Ok(Response::from_parts(
         parts,
         ProxyBody::full(bytes).holding_bytes(held),
