@@ -1580,3 +1580,71 @@ async fn an_upstream_framing_its_answer_twice_cannot_split_the_clients_connectio
         }
     }
 }
+
+#[tokio::test]
+async fn an_upstreams_trailers_reach_no_client() {
+    // An HTTP/2 upstream whose answer ends with trailers the head could not carry past the
+    // header policy.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    let response = http::Response::builder()
+                        .header("content-type", "application/octet-stream")
+                        .body(())
+                        .unwrap();
+                    let Ok(mut send) = respond.send_response(response, false) else {
+                        return;
+                    };
+                    let _ = send.send_data(bytes::Bytes::from_static(b"binary"), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("set-cookie", "session=from-a-trailer".parse().unwrap());
+                    trailers.insert(
+                        "access-control-allow-origin",
+                        "https://evil.example".parse().unwrap(),
+                    );
+                    let _ = send.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    let upstream = Upstream::parse(&format!("http://{addr}/fhir"), FhirVersion::R4)
+        .unwrap()
+        .with_http2();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    // An HTTP/2 client, to whom a server sends trailers as they come.
+    let stream = tokio::net::TcpStream::connect(gw.client.addr())
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://gw/Binary/1")
+        .header("authorization", format!("Bearer {}", token_for(TENANT_A)))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    assert_eq!(
+        collected.trailers(),
+        None,
+        "the upstream's trailers reached the client"
+    );
+    assert_eq!(collected.to_bytes(), "binary");
+}

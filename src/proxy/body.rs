@@ -217,6 +217,14 @@ impl Body for ProxyBody {
                         tracing::warn!(%error, "upstream response body broke off: the client's connection is broken off");
                         Poll::Ready(Some(Err(error.into())))
                     }
+                    Poll::Ready(Ok(Some(Ok(frame)))) if frame.is_trailers() => {
+                        // The upstream's trailers would reach the client past the header
+                        // policy the head went through (a `Set-Cookie`, an origin-wide
+                        // header): dropped, as the client's are on the way up. The body's end
+                        // follows them; polled again to take it as any other end.
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
                     Poll::Ready(Ok(frame)) => {
                         if let (Some(left), Some(Ok(frame))) = (left.as_mut(), &frame) {
                             let len = frame.data_ref().map_or(0, |data| data.len() as u64);
