@@ -986,3 +986,137 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_resource_must_be_of_the_type_its_url_names() {
+    let Setup { client, upstream } = setup(false).await;
+    let writer = minted(json!({"scope": format!("{TENANT} system/Observation.cruds")}));
+    let patient = r#"{"resourceType": "Patient", "id": "1"}"#;
+    let observation = r#"{"resourceType": "Observation", "id": "1"}"#;
+    let seen = upstream.received().len();
+    // A Patient written through an Observation URL: the server stores what the body says.
+    for (method, path) in [
+        ("POST", "/Observation"),
+        ("PUT", "/Observation/1"),
+        ("PUT", "/Observation?identifier=x"),
+    ] {
+        let reply = send(
+            &client,
+            &writer,
+            method,
+            path,
+            "application/fhir+json",
+            patient,
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.text().contains("not a Observation"),
+            "{}",
+            reply.text()
+        );
+        let xml = r#"<Patient xmlns="http://hl7.org/fhir"><id value="1"/></Patient>"#;
+        let reply = send(&client, &writer, method, path, "application/fhir+xml", xml).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path} XML");
+    }
+    // Bodies whose type cannot be read, or told two ways.
+    let twice = r#"{"resourceType": "Observation", "resourceType": "Patient"}"#;
+    let reply = send(
+        &client,
+        &writer,
+        "POST",
+        "/Observation",
+        "application/fhir+json",
+        twice,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let reply = send(
+        &client,
+        &writer,
+        "POST",
+        "/Observation",
+        "text/plain",
+        observation,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "nothing refused was forwarded"
+    );
+
+    // The right type passes, its body unchanged.
+    for (method, path) in [("POST", "/Observation"), ("PUT", "/Observation/1")] {
+        let reply = send(
+            &client,
+            &writer,
+            method,
+            path,
+            "application/fhir+json",
+            observation,
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{method} {path}: {}",
+            reply.text()
+        );
+        assert_eq!(upstream.last().body, observation.as_bytes());
+    }
+    // A Binary is created from any content.
+    let binary = minted(json!({"scope": format!("{TENANT} system/Binary.c")}));
+    let reply = send(
+        &client,
+        &binary,
+        "POST",
+        "/Binary",
+        "image/png",
+        "\u{89}PNG",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operations_form_parameters_are_checked_as_a_searchs() {
+    let Setup { client, upstream } = setup(false).await;
+    // (An operation invoked by POST may write what it touches: `c` and `u` too.)
+    let token = minted(json!({"scope": format!("{TENANT} system/Observation.cruds")}));
+    let seen = upstream.received().len();
+    // In the query, refused; posted as a form (which servers read as the query), too.
+    let including = "_include=Observation:patient&patient.name=smith";
+    let post = async |form: &str| {
+        client
+            .send(
+                "POST",
+                "/Observation/$lastn",
+                &[("authorization", &format!("Bearer {token}")), FORM],
+                form,
+            )
+            .await
+    };
+    let reply = get(&client, &token, &format!("/Observation/$lastn?{including}")).await;
+    assert_refused(&reply, "system/Patient.r system/Patient.s");
+    assert_refused(&post(including).await, "system/Patient.r system/Patient.s");
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "nothing refused was forwarded"
+    );
+    let reply = post("code=1234-5").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().body, &b"code=1234-5"[..]);
+}

@@ -385,6 +385,18 @@ impl<'g> Check<'g> {
             .collect()
     }
 
+    /// Whether some scope lets the token create and update every type, whoever's: then what
+    /// type a written body says it is changes nothing, and it need not be read.
+    pub(crate) fn writes_every_type(&self) -> bool {
+        self.grants.scopes().iter().any(|scope| {
+            scope.context() != ScopeContext::Patient
+                && scope.query().is_empty()
+                && scope.covers(None)
+                && scope.permissions().contains(Permissions::CREATE)
+                && scope.permissions().contains(Permissions::UPDATE)
+        })
+    }
+
     /// `" (... grants nothing: it is not a SMART scope ...)"` when the token has scopes that
     /// look like resource scopes and do not parse, else nothing.
     fn unreadable_note(&self) -> String {
@@ -521,7 +533,7 @@ impl<'g> Check<'g> {
     }
 
     /// Checks a batch or transaction Bundle (JSON), entry by entry.
-    pub(crate) fn bundle(&self, body: &[u8]) -> Result<(), Refused> {
+    pub(crate) fn bundle(&self, body: &[u8]) -> Result<Allowed, Refused> {
         // A key twice in one object is read as its last by this parser and as its first by
         // others: the FHIR server could run another request than the one checked.
         if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
@@ -541,11 +553,12 @@ impl<'g> Check<'g> {
             ));
         }
         let entries = match bundle.get("entry") {
-            None => return Ok(()),
+            None => return Ok(Allowed::default()),
             Some(Value::Array(entries)) => entries,
             Some(_) => return Err(Refused::malformed("The Bundle's entry is not a list")),
         };
         let mut refused: Option<Refused> = None;
+        let mut allowed = Allowed::default();
         for (n, entry) in entries.iter().enumerate() {
             let request = entry.get("request");
             let method = request
@@ -564,6 +577,19 @@ impl<'g> Check<'g> {
                 )));
             }
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            // What is checked is what the URL names up to its `?` or `#`; a server that
+            // resolves dot segments over the whole URL (`Patient/1?/../../Observation/1`),
+            // decodes its path, or reads a backslash as a slash would run another request.
+            let dots = url.split(['/', '?', '&', '=']).any(|segment| {
+                let segment = segment.trim_matches(|c: char| c == ' ' || c.is_ascii_control());
+                !segment.is_empty() && segment.bytes().all(|b| b == b'.')
+            });
+            if dots || url.contains(['#', '\\']) || path.contains('%') {
+                return Err(Refused::malformed(format!(
+                    "Entry {n} of the Bundle has a url with a dot segment, a fragment, a \
+                     backslash or a percent-encoded path: servers differ on what it names"
+                )));
+            }
             let Some(params) = parse_query(query) else {
                 return Err(Refused::malformed(format!(
                     "Entry {n} of the Bundle has a query that is not UTF-8"
@@ -577,38 +603,45 @@ impl<'g> Check<'g> {
                     )));
                 }
             }
-            let checked = self.request(&method, path, &params).and_then(|_| {
-                let found = classify(&method, path);
-                let written = matches!(
-                    found.interaction,
-                    Some(Interaction::Create | Interaction::Update)
-                );
-                let ty = found.resource_type.unwrap_or_default();
-                if written {
-                    // The server stores the entry's resource as the type it says it is: it
-                    // must be the type the scopes were checked for.
-                    if let Some(resource) = entry.get("resource") {
-                        let said = resource.get("resourceType").and_then(Value::as_str);
-                        if said != Some(ty) {
-                            return Err(Refused::new(format!(
+            let checked = self
+                .request(&method, path, &params)
+                .and_then(|entry_allowed| {
+                    let found = classify(&method, path);
+                    let written = matches!(
+                        found.interaction,
+                        Some(Interaction::Create | Interaction::Update)
+                    );
+                    let ty = found.resource_type.unwrap_or_default();
+                    if written {
+                        // The server stores the entry's resource as the type it says it is: it
+                        // must be the type the scopes were checked for.
+                        if let Some(resource) = entry.get("resource") {
+                            let said = resource.get("resourceType").and_then(Value::as_str);
+                            if said != Some(ty) {
+                                return Err(Refused::new(format!(
                                 "Entry {n} of the Bundle writes a resource that is not a {ty}, \
                                  the type its request url names"
                             )));
+                            }
                         }
                     }
-                }
-                match request.and_then(|r| r.get("ifNoneExist")) {
-                    None | Some(Value::Null) => Ok(()),
-                    Some(Value::String(query))
-                        if found.interaction == Some(Interaction::Create) =>
-                    {
-                        self.if_none_exist(ty, query).map(|_| ())
+                    match request.and_then(|r| r.get("ifNoneExist")) {
+                        None | Some(Value::Null) => Ok(entry_allowed),
+                        Some(Value::String(query))
+                            if found.interaction == Some(Interaction::Create) =>
+                        {
+                            self.if_none_exist(ty, query)
+                                .map(|search| entry_allowed.and(search))
+                        }
+                        Some(_) => Err(Refused::malformed(format!(
+                            "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
+                        ))),
                     }
-                    Some(_) => Err(Refused::malformed(format!(
-                        "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
-                    ))),
-                }
-            });
+                });
+            if let Ok(entry_allowed) = checked {
+                // An entry allowed by its parameters: the server must not ignore any of them.
+                allowed = allowed.and(entry_allowed);
+            }
             if let Err(entry_refused) = checked {
                 let mut merged = refused.take().unwrap_or_else(|| {
                     Refused::new(format!(
@@ -623,8 +656,27 @@ impl<'g> Check<'g> {
                 refused = Some(merged);
             }
         }
-        refused.map_or(Ok(()), Err)
+        refused.map_or(Ok(allowed), Err)
     }
+}
+
+/// The `resourceType` of a JSON resource, `None` when it is not an object with a string one;
+/// refused when a key is there twice (servers differ on which counts).
+pub(crate) fn json_resource_type(body: &[u8]) -> Result<Option<String>, Refused> {
+    if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
+        return Err(Refused::malformed(
+            "The body is not JSON with each key once in an object: servers differ on which of \
+             two counts, so its resource type cannot be checked",
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "resourceType")]
+        resource_type: Option<String>,
+    }
+    Ok(serde_json::from_slice::<Typed>(body)
+        .ok()
+        .and_then(|typed| typed.resource_type))
 }
 
 /// Any JSON value with no key twice in one of its objects (else it fails to deserialize).
@@ -1542,7 +1594,47 @@ mod tests {
         // The same key in two objects is fine.
         let once = br#"{"resourceType":"Bundle","type":"batch","entry":[
             {"request":{"method":"GET","url":"Patient/1"}},{"request":{"method":"GET","url":"Patient/2"}}]}"#;
-        assert_eq!(check.bundle(once), Ok(()));
+        assert_eq!(check.bundle(once), Ok(Allowed::default()));
+    }
+
+    #[test]
+    fn bundle_entry_urls_must_name_one_thing_to_every_server() {
+        let check_with = |scopes: &str, url: &str| {
+            let grants = grants(scopes);
+            let body = json!({"resourceType": "Bundle", "type": "batch",
+                "entry": [{"request": {"method": "GET", "url": url}}]})
+            .to_string();
+            Check::new(&grants).bundle(body.as_bytes())
+        };
+        for url in [
+            "Patient/1#/../../Observation/1",
+            "Patient/1?/../../Observation/1",
+            "Patient/1?x=/../Observation",
+            "Patient/./1",
+            "Patient/1/..",
+            "Patient\\..\\Observation/1",
+            "Patient/%2e%2e/Observation/1",
+            "Patient/1?_id=..",
+        ] {
+            let refused = check_with("system/Patient.rs", url).unwrap_err();
+            assert!(refused.malformed, "{url}: {refused:?}");
+        }
+        assert!(check_with("system/Patient.rs", "Patient/1").is_ok());
+        assert!(check_with(
+            "system/Patient.rs",
+            "Patient?name=a.b&birthdate=ge2000-01-01"
+        )
+        .is_ok());
+        // An entry allowed only by its parameters makes the batch a strict one.
+        assert_eq!(
+            check_with(
+                "system/Observation.rs?category=laboratory",
+                "Observation?category=laboratory"
+            ),
+            Ok(Allowed {
+                by_parameters: true
+            })
+        );
     }
 
     #[test]
@@ -1560,7 +1652,7 @@ mod tests {
             {"request": {"method": "GET", "url": "Observation?code=x"}},
             {"request": {"method": "PUT", "url": "Patient/1"}}
         ]));
-        assert_eq!(check.bundle(&ok), Ok(()));
+        assert_eq!(check.bundle(&ok), Ok(Allowed::default()));
         let one_out = bundle(json!([
             {"request": {"method": "POST", "url": "Patient"}},
             {"request": {"method": "DELETE", "url": "Observation/7"}}
@@ -1586,7 +1678,7 @@ mod tests {
                 String::from_utf8_lossy(&bad)
             );
         }
-        assert_eq!(check.bundle(&bundle(json!([]))), Ok(()));
+        assert_eq!(check.bundle(&bundle(json!([]))), Ok(Allowed::default()));
     }
 
     #[test]
@@ -1712,7 +1804,7 @@ mod tests {
             // A patch's resource is the patch (a Parameters or a Binary), not the patient.
             {"request": {"method": "PATCH", "url": "Patient/1"}, "resource": {"resourceType": "Parameters"}}
         ]);
-        assert_eq!(check.bundle(&bundle(right)), Ok(()));
+        assert_eq!(check.bundle(&bundle(right)), Ok(Allowed::default()));
         // A conditional create searches: that needs search on the type, and the type only.
         let conditional = |if_none_exist: serde_json::Value| {
             bundle(
@@ -1726,12 +1818,18 @@ mod tests {
         assert_eq!(refused.sufficient, ["system/Patient.s"]);
         let searching = grants("system/Patient.crus");
         let check = Check::new(&searching);
-        assert_eq!(check.bundle(&conditional(json!("identifier=x"))), Ok(()));
+        assert_eq!(
+            check.bundle(&conditional(json!("identifier=x"))),
+            Ok(Allowed::default())
+        );
         assert_eq!(
             check.bundle(&conditional(json!("Patient?identifier=x"))),
-            Ok(())
+            Ok(Allowed::default())
         );
-        assert_eq!(check.bundle(&conditional(json!("?identifier=x"))), Ok(()));
+        assert_eq!(
+            check.bundle(&conditional(json!("?identifier=x"))),
+            Ok(Allowed::default())
+        );
         for other in [json!("Observation?code=secret"), json!(7)] {
             assert!(
                 check.bundle(&conditional(other.clone())).is_err(),

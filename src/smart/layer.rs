@@ -206,14 +206,29 @@ enum Plan {
     },
 }
 
-#[derive(Clone, Copy)]
 enum BodyCheck {
     Bundle,
-    /// A `_search` form; `untyped` when the request has no `Content-Type` (then only an
-    /// empty body will do).
+    /// A `_search` form, or an operation's parameters posted as one; `untyped` when the
+    /// request has no `Content-Type` (then only an empty body will do).
     SearchForm {
         untyped: bool,
     },
+    /// A created or updated resource, allowed by the head: it must be of the type the URL
+    /// names, which the scopes were checked for.
+    Resource {
+        ty: Box<str>,
+        format: ResourceFormat,
+        allowed: Allowed,
+    },
+}
+
+/// How a created or updated resource is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResourceFormat {
+    Json,
+    Xml,
+    /// No `Content-Type`: JSON or XML as its first byte says.
+    Untyped,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SmartScopes<S>
@@ -304,9 +319,12 @@ where
                         }
                     };
                     let checked = match what {
-                        BodyCheck::Bundle => Check::new(&grants)
-                            .bundle(&bytes)
-                            .map(|()| Allowed::default()),
+                        BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
+                        BodyCheck::Resource {
+                            ty,
+                            format,
+                            allowed,
+                        } => resource_of_type(&bytes, &ty, format).map(|()| allowed),
                         BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
@@ -360,10 +378,19 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
     let method = request.method();
     let path = request.uri().path();
     let found = classify(method, path);
+    let operation_form = found.interaction == Some(Interaction::Operation)
+        && *method == Method::POST
+        && request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(is_form);
     match found.interaction {
         Some(Interaction::Batch) if *method == Method::POST => {
             return Plan::ReadBody(BodyCheck::Bundle)
         }
+        // An operation's parameters posted as a form are search parameters to a server that
+        // reads a form's as the query's (`$lastn` with an `_include`): checked as they are.
+        _ if operation_form => return Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
         Some(Interaction::Search) if *method == Method::POST => {
             // The FHIR server reads the body's parameters only from a form: of any other
             // type, it would run a search other than the one checked here.
@@ -408,9 +435,32 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                 _ => Ok(allowed),
             }
         });
+    if let (Ok(allowed), Some(Interaction::Create | Interaction::Update), Some(ty), false) = (
+        &checked,
+        found.interaction,
+        found.resource_type,
+        check.writes_every_type(),
+    ) {
+        let allowed = *allowed;
+        let format = match request.headers().get(header::CONTENT_TYPE) {
+            None => ResourceFormat::Untyped,
+            Some(value) => match media_suffix(value) {
+                Some("json") => ResourceFormat::Json,
+                Some("xml") => ResourceFormat::Xml,
+                // A Binary is created from any content (FHIR's raw binary create): it is
+                // stored as a Binary whatever it holds.
+                _ if ty == "Binary" => return pass(allowed),
+                _ => return Plan::Refuse(Box::new(not_a_resource_format())),
+            },
+        };
+        return Plan::ReadBody(BodyCheck::Resource {
+            ty: ty.into(),
+            format,
+            allowed,
+        });
+    }
     match checked {
-        Ok(allowed) if allowed.by_parameters => Plan::PassStrict,
-        Ok(_) => Plan::Pass,
+        Ok(allowed) => pass(allowed),
         Err(why) => {
             let refusal = Box::new(insufficient_scope(&why));
             // A read (not a vread: an old version may not match what the current one does)
@@ -435,6 +485,108 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             Plan::Refuse(refusal)
         }
     }
+}
+
+/// Passes a request allowed from its head, strictly if by its parameters.
+fn pass(allowed: Allowed) -> Plan {
+    if allowed.by_parameters {
+        Plan::PassStrict
+    } else {
+        Plan::Pass
+    }
+}
+
+/// `json` or `xml` when a `Content-Type` names a FHIR resource format (`application/fhir+json`,
+/// `application/json`, `application/xml+fhir`, `text/xml`, any `+json` or `+xml`).
+fn media_suffix(value: &HeaderValue) -> Option<&'static str> {
+    let value = value.to_str().ok()?;
+    let media = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let (kind, subtype) = media.split_once('/')?;
+    if !matches!(kind, "application" | "text") {
+        return None;
+    }
+    let subtype = subtype.strip_suffix("+fhir").unwrap_or(subtype);
+    if subtype == "json" || subtype.ends_with("+json") {
+        Some("json")
+    } else if subtype == "xml" || subtype.ends_with("+xml") {
+        Some("xml")
+    } else {
+        None
+    }
+}
+
+/// `415`: a create or update in a format whose resource type cannot be read.
+fn not_a_resource_format() -> Response<Bytes> {
+    OperationOutcome::error(
+        IssueType::NotSupported,
+        "A created or updated resource must be FHIR JSON or XML: its resource type is checked \
+         against the type the URL names",
+    )
+    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+}
+
+/// Whether a created or updated resource's body is a resource of type `ty`: the server
+/// stores what the body says it is, and the scopes were checked for the type the URL names.
+/// An empty body is the server's to refuse.
+fn resource_of_type(body: &[u8], ty: &str, format: ResourceFormat) -> Result<(), Refused> {
+    let start = body
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(body)
+        .trim_ascii_start();
+    let Some(&first) = start.first() else {
+        return Ok(());
+    };
+    let xml = match format {
+        ResourceFormat::Json => false,
+        ResourceFormat::Xml => true,
+        ResourceFormat::Untyped => first == b'<',
+    };
+    let said = if xml {
+        xml_root(start).map(str::to_owned)
+    } else {
+        super::check::json_resource_type(start)?
+    };
+    match said {
+        Some(said) if said == ty => Ok(()),
+        Some(said) => Err(Refused::new(format!(
+            "The body is a {said}, not a {ty}, the type the URL names"
+        ))),
+        None => Err(Refused::malformed(format!(
+            "The body is not a {} resource whose type can be read",
+            if xml { "FHIR XML" } else { "FHIR JSON" }
+        ))),
+    }
+}
+
+/// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
+/// past a declaration, processing instructions and comments; `None` for anything else (a
+/// document type declaration among them: entities could make the element another).
+fn xml_root(xml: &[u8]) -> Option<&str> {
+    let mut rest = xml;
+    loop {
+        rest = rest.trim_ascii_start();
+        if let Some(after) = rest.strip_prefix(b"<?") {
+            let end = after.windows(2).position(|w| w == b"?>")?;
+            rest = &after[end + 2..];
+        } else if let Some(after) = rest.strip_prefix(b"<!--") {
+            let end = after.windows(3).position(|w| w == b"-->")?;
+            rest = &after[end + 3..];
+        } else {
+            break;
+        }
+    }
+    let name = rest.strip_prefix(b"<")?;
+    let end = name
+        .iter()
+        .position(|&b| b.is_ascii_whitespace() || b == b'/' || b == b'>')?;
+    let name = std::str::from_utf8(&name[..end]).ok()?;
+    let local = name.rsplit(':').next()?;
+    (!local.is_empty() && local.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(local)
 }
 
 /// `[base][type]?_id=[id]&[name]=[value]...&_summary=count`, each value encoded.
@@ -838,6 +990,82 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_written_resource_is_read_as_the_server_reads_its_type() {
+        let json = ResourceFormat::Json;
+        assert!(
+            resource_of_type(br#"{"resourceType": "Observation"}"#, "Observation", json).is_ok()
+        );
+        let other = resource_of_type(br#"{"resourceType": "Patient"}"#, "Observation", json);
+        assert!(
+            !other.unwrap_err().malformed,
+            "another type: a scope matter, 403"
+        );
+        for malformed in [
+            &br#"{"resourceType": "Observation", "resourceType": "Patient"}"#[..],
+            b"{\"resourceType\": 1}",
+            b"[]",
+            b"not json",
+        ] {
+            let refused = resource_of_type(malformed, "Observation", json).unwrap_err();
+            assert!(refused.malformed, "{}", String::from_utf8_lossy(malformed));
+        }
+        assert!(
+            resource_of_type(b"  ", "Observation", json).is_ok(),
+            "empty: the server's"
+        );
+        let xml = ResourceFormat::Xml;
+        for good in [
+            &b"<Observation xmlns=\"http://hl7.org/fhir\"/>"[..],
+            b"\xEF\xBB\xBF<?xml version=\"1.0\"?>\n<!-- a comment --><f:Observation xmlns:f=\"http://hl7.org/fhir\">",
+        ] {
+            assert!(resource_of_type(good, "Observation", xml).is_ok());
+        }
+        assert!(
+            !resource_of_type(b"<Patient/>", "Observation", xml)
+                .unwrap_err()
+                .malformed
+        );
+        for malformed in [
+            &b"<!DOCTYPE x [<!ENTITY e \"Patient\">]><Observation/>"[..],
+            b"<?xml version=\"1.0\"",
+            b"<>",
+        ] {
+            assert!(
+                resource_of_type(malformed, "Observation", xml)
+                    .unwrap_err()
+                    .malformed
+            );
+        }
+        // No `Content-Type`: as the first byte says.
+        let untyped = ResourceFormat::Untyped;
+        assert!(resource_of_type(b"<Patient/>", "Patient", untyped).is_ok());
+        assert!(
+            resource_of_type(br#"{"resourceType":"Patient"}"#, "Observation", untyped).is_err()
+        );
+    }
+
+    #[test]
+    fn resource_formats_are_told_by_their_media_types() {
+        for (value, suffix) in [
+            ("application/fhir+json", Some("json")),
+            ("application/json; charset=utf-8", Some("json")),
+            ("application/json+fhir", Some("json")),
+            ("Application/FHIR+XML", Some("xml")),
+            ("application/xml+fhir", Some("xml")),
+            ("text/xml", Some("xml")),
+            ("text/plain", None),
+            ("image/png", None),
+            ("application/fhir+turtle", None),
+        ] {
+            assert_eq!(
+                media_suffix(&HeaderValue::from_static(value)),
+                suffix,
+                "{value}"
+            );
+        }
+    }
 
     #[test]
     fn strict_handling_replaces_the_clients_and_keeps_its_other_preferences() {
