@@ -271,6 +271,25 @@ async fn every_refusal() {
         )
         .await;
     assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    // Two Authorization headers, even both good: which one a proxy in front read is unknown.
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[
+                FORM,
+                ("authorization", &basic("app-1", s)),
+                ("authorization", &basic("app-1", s)),
+            ],
+            "grant_type=client_credentials",
+        )
+        .await;
+    assert_error(&reply, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(
+        reply.text().contains("More than one Authorization header"),
+        "{}",
+        reply.text()
+    );
     // None.
     let reply = client
         .send("POST", "/token", &[FORM], "grant_type=client_credentials")

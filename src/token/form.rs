@@ -180,6 +180,17 @@ fn given_credentials(
     form: &HashMap<String, String>,
     challenge: &HeaderValue,
 ) -> Result<Credentials, TokenError> {
+    // Two would be read one way here and maybe another way by a proxy in front.
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(TokenError::bad_request(
+            "More than one Authorization header",
+        ));
+    }
     let form_secret = form.get("client_secret");
     let form_id = form.get("client_id");
     let assertion_type = form.get("client_assertion_type");
