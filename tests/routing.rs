@@ -1133,6 +1133,11 @@ async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
         "/%252e%252e/x",
         "/Patient%255c..%255cx",
         "/Patient\\..\\x",
+        "/%25252e%25252e/x",
+        "/..%09/x",
+        "/..%3f/x",
+        "/%c0%ae%c0%ae/x",
+        "/%ef%bc%8e%ef%bc%8e/x",
     ] {
         let reply = gw.client.get_bearer(target, &token).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{target}");
@@ -1647,4 +1652,79 @@ async fn an_upstreams_trailers_reach_no_client() {
         "the upstream's trailers reached the client"
     );
     assert_eq!(collected.to_bytes(), "binary");
+}
+
+#[tokio::test]
+async fn a_body_that_could_not_reach_the_upstream_as_sent_is_refused() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let addr = gw.client.addr();
+    let token = token_for(TENANT_A);
+    let send =
+        |request: String| tokio::task::spawn_blocking(move || send_until_closed(addr, &request).0);
+    // Compressed in transit: the chunks taken off, the bytes would go on still compressed.
+    let gzip = format!(
+        "POST /Patient HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/fhir+json\r\nTransfer-Encoding: gzip, chunked\r\n\
+         Connection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let answer = send(gzip).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("OperationOutcome"), "{answer}");
+    // A GET's body reached the upstream or not by how it was framed.
+    for framing in [
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Content-Length: 5\r\n\r\nhello",
+    ] {
+        let get = format!(
+            "GET /Patient?name=x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n{framing}"
+        );
+        let answer = send(get).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{framing}: {answer}");
+        assert!(answer.contains("_search"), "{answer}");
+    }
+    assert!(
+        upstream.received().is_empty(),
+        "nothing refused was forwarded"
+    );
+    // An empty one is no body.
+    let get = format!(
+        "GET /Patient?name=x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer = send(get).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_http_1_0_upstream_is_answered_for_in_http_1_1() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let _ = stream
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}")
+                .await;
+        }
+    });
+    let upstream =
+        Upstream::parse(&format!("http://{upstream_addr}/fhir"), FhirVersion::R4).unwrap();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = gw.client.addr();
+    let request = format!(
+        "GET /Patient/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token_for(TENANT_A)
+    );
+    let (answer, _) = tokio::task::spawn_blocking(move || send_until_closed(addr, &request))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("{}"), "{answer}");
 }

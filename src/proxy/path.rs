@@ -93,11 +93,19 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
         check_escapes(raw.as_bytes())?;
         let decoded = percent_decode(raw.as_bytes()).collect::<Vec<u8>>();
         check_segment(&decoded)?;
-        // An upstream that decodes twice would see `%252e%252e` as `..`: what the second
-        // decoding makes must be as safe as the first (a FHIR path has no use for `%25`).
+        // An upstream that decodes twice (or three times) would see `%252e%252e` as `..`; a
+        // FHIR path has no use for an encoded `%`.
         if decoded.contains(&b'%') {
-            check_escapes(&decoded)?;
-            check_segment(&percent_decode(&decoded).collect::<Vec<u8>>())?;
+            return Err(UnsafePath(
+                "An encoded % is not allowed in the request path",
+            ));
+        }
+        // Nor for bytes beyond ASCII: an overlong `%c0%ae` is `.` to a lax UTF-8 decoder, a
+        // fullwidth `%ef%bc%8e` to a server that normalises Unicode.
+        if !decoded.is_ascii() {
+            return Err(UnsafePath(
+                "Encoded bytes beyond ASCII are not allowed in the request path",
+            ));
         }
     }
     Ok(())
@@ -130,10 +138,15 @@ fn check_segment(decoded: &[u8]) -> Result<(), UnsafePath> {
             "Encoded NUL bytes are not allowed in the request path",
         ));
     }
-    // `..;jsessionid` is `..` to some servlet containers; Windows servers trim a segment's
-    // trailing dots and spaces (`...`, `.. ` are `..` there, or nothing).
-    let name = decoded.split(|&b| b == b';').next().unwrap_or_default();
-    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b == b' ') {
+    // `..;jsessionid` is `..` to some servlet containers, and `..%3f` or `..%23` to a server
+    // that decodes the path and parses it again; Windows servers trim a segment's trailing
+    // dots and spaces (`...`, `.. ` are `..` there, or nothing), Java's `trim()` every
+    // control character (`..%09`).
+    let name = decoded
+        .split(|&b| matches!(b, b';' | b'?' | b'#'))
+        .next()
+        .unwrap_or_default();
+    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b <= b' ') {
         return Err(UnsafePath(
             "Dot segments are not allowed in the request path",
         ));
@@ -257,6 +270,18 @@ mod tests {
             "/Patient/%2",
             "/Patient/%zz",
             "/%25u002e%25u002e/other",
+            // Encoded three times; trimmed as control characters; cut at a `?` or `#` that a
+            // server decoding and parsing the path again would see; overlong UTF-8 and a
+            // fullwidth full stop.
+            "/%25252e%25252e/other",
+            "/..%09/other",
+            "/..%0d/other",
+            "/..%0a/other",
+            "/..%3f/other",
+            "/..%23/other",
+            "/..%253f/other",
+            "/%c0%ae%c0%ae/other",
+            "/%ef%bc%8e%ef%bc%8e/other",
         ] {
             assert!(
                 join("http://ehr:9001/fhir/tenant-a", target).is_err(),

@@ -52,6 +52,9 @@ pub(super) async fn relay_response(
             "The tenant's FHIR server gave no final answer",
         ));
     }
+    // The gateway speaks HTTP/1.1 (or 2) to its client whatever its upstream spoke: an
+    // HTTP/1.0 upstream's version would tell an HTTP/1.1 client its connection closes.
+    parts.version = http::Version::HTTP_11;
     let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     remove_hop_by_hop(&mut parts.headers);
     let bodiless =

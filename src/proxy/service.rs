@@ -305,6 +305,45 @@ pub const DEFAULT_REWRITE_BUDGET: usize = 256 * 1024 * 1024;
 /// The methods forwarded, as an `Allow` header lists them.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
+/// A request body that could not reach the upstream as the client sent it: one under a
+/// transfer coding besides `chunked` (`gzip, chunked`: hyper takes the chunks off and would
+/// forward the compressed bytes with nothing saying so), `501` as RFC 9112 §6.1 has it; and
+/// one on a GET or HEAD, which hyper's client sends without a chunked body (and with a
+/// `Content-Length` one), so a GET's body would reach the upstream or not by how it was
+/// framed: `400`.
+fn unforwardable_body<B>(request: &Request<B>) -> Option<Response<ProxyBody>> {
+    let headers = request.headers();
+    let codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    let mut chunked = false;
+    for coding in codings {
+        if !coding.eq_ignore_ascii_case(b"chunked") {
+            return Some(outcome(
+                StatusCode::NOT_IMPLEMENTED,
+                IssueType::NotSupported,
+                "This gateway takes request bodies under no transfer coding but chunked",
+            ));
+        }
+        chunked = true;
+    }
+    let bodiless = matches!(*request.method(), Method::GET | Method::HEAD);
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|length| length.as_bytes() != b"0");
+    if bodiless && (chunked || declared) {
+        return Some(outcome(
+            StatusCode::BAD_REQUEST,
+            IssueType::Invalid,
+            "A GET or HEAD request has no body in FHIR: send the search parameters in the query, \
+             or POST them to _search",
+        ));
+    }
+    None
+}
+
 /// Whether FHIR (or a CORS preflight) uses `method`. `TRACE`, `CONNECT` and made-up methods
 /// are answered here: an upstream or a proxy behind it might honour them.
 fn is_fhir_method(method: &Method) -> bool {
@@ -362,6 +401,9 @@ where
                 HeaderValue::from_static(ALLOWED_METHODS),
             );
             return ready(response);
+        }
+        if let Some(refusal) = unforwardable_body(&request) {
+            return ready(refusal);
         }
         // Plain-HTTP HTTP/1.1 upstreams take the proxy's own pool and an origin-form target;
         // the others hyper-util's client and an absolute one.
