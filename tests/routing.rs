@@ -1728,3 +1728,21 @@ async fn an_http_1_0_upstream_is_answered_for_in_http_1_1() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("{}"), "{answer}");
 }
+
+/// Without the `tls` feature, an https:// upstream cannot be reached: the answer says why.
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn without_tls_an_https_upstream_gets_a_502_that_says_why() {
+    let upstream = Upstream::parse("https://127.0.0.1:9/fhir", FhirVersion::R4).unwrap();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let reply = gw
+        .client
+        .get_bearer("/Patient/1", &token_for(TENANT_A))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(reply.text().contains("`tls` feature"), "{}", reply.text());
+}

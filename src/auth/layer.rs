@@ -139,7 +139,21 @@ impl fmt::Display for ConfigError {
             Self::NoKeys => f.write_str("no verification key or key source configured"),
             Self::NoAlgorithms => f.write_str("the algorithm allow-list is empty"),
             Self::InvalidRealm(realm) => write!(f, "invalid realm {realm:?}"),
-            Self::InvalidJwksUrl(url) => write!(f, "not an absolute http:// JWKS URL: {url:?}"),
+            Self::InvalidJwksUrl(url)
+                if cfg!(not(feature = "tls"))
+                    && url
+                        .get(..8)
+                        .is_some_and(|s| s.eq_ignore_ascii_case("https://")) =>
+            {
+                write!(
+                    f,
+                    "an https:// JWKS URL needs tower-fhir's `tls` feature, which this build lacks: {url:?}"
+                )
+            }
+            Self::InvalidJwksUrl(url) => write!(
+                f,
+                "not an absolute http:// (or, with the `tls` feature, https://) JWKS URL: {url:?}"
+            ),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::LeewayTooLong(leeway) => write!(f, "leeway {leeway:?} is longer than an hour"),
             Self::InvalidTokenType(typ) => {
@@ -632,6 +646,16 @@ mod tests {
 
     fn hmac() -> VerificationKey {
         VerificationKey::hmac("secret").unwrap()
+    }
+
+    #[cfg(all(feature = "remote-jwks", not(feature = "tls")))]
+    #[test]
+    fn an_https_jwks_url_without_tls_says_which_feature_it_needs() {
+        let refused = BearerAuthLayer::builder()
+            .jwks_url("https://login.example/keys")
+            .build()
+            .unwrap_err();
+        assert!(refused.to_string().contains("`tls` feature"), "{refused}");
     }
 
     #[test]

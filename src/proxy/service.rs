@@ -405,6 +405,16 @@ where
         if let Some(refusal) = unforwardable_body(&request) {
             return ready(refusal);
         }
+        #[cfg(not(feature = "tls"))]
+        if *upstream.base().scheme() == http::uri::Scheme::HTTPS {
+            tracing::warn!(upstream = %upstream.base(), "an https:// upstream, and this build has no TLS client (tower-fhir's `tls` feature): 502");
+            return ready(outcome(
+                StatusCode::BAD_GATEWAY,
+                IssueType::Exception,
+                "The tenant's FHIR server is reached by https://, which this gateway was built \
+                 without (tower-fhir's `tls` feature)",
+            ));
+        }
         // Plain-HTTP HTTP/1.1 upstreams take the proxy's own pool and an origin-form target;
         // the others hyper-util's client and an absolute one.
         let pooled = Transport::pooled(&upstream);
