@@ -779,6 +779,22 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
         format!("{base}/Patient/9/_history/1"),
     ));
     upstream.answer("/fhir/r3/Patient/new", created);
+    // The same spelt as a client reads it: the host in capitals, a path-absolute reference,
+    // and paging links in a `Link` header.
+    let mut spelt = Answer::json(json!({"resourceType": "Patient", "id": "9"}));
+    spelt.status = StatusCode::CREATED;
+    spelt.headers.push((
+        "location".into(),
+        base.replace("http://127.0.0.1", "HTTP://127.0.0.1") + "/Patient/9",
+    ));
+    spelt
+        .headers
+        .push(("content-location".into(), "/fhir/r3/Patient/9".into()));
+    spelt.headers.push((
+        "link".into(),
+        format!("<{base}/Patient?page=2>; rel=\"next\", <https://hl7.org/fhir>; rel=\"help\""),
+    ));
+    upstream.answer("/fhir/r3/Patient/spelt", spelt);
 
     let token = token_for(TENANT_A);
     let reply = gw.client.get_bearer("/Patient?family=x", &token).await;
@@ -810,6 +826,24 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
     assert_eq!(
         reply.headers["content-location"],
         format!("{PUBLIC_BASE}/Patient/9/_history/1")
+    );
+
+    let reply = gw.client.get_bearer("/Patient/spelt", &token).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(
+        reply.headers["location"],
+        format!("{PUBLIC_BASE}/Patient/9")
+    );
+    assert_eq!(
+        reply.headers["content-location"],
+        format!("{PUBLIC_BASE}/Patient/9")
+    );
+    assert_eq!(
+        reply.headers["link"],
+        format!(
+            "<{PUBLIC_BASE}/Patient?page=2>; rel=\"next\", <https://hl7.org/fhir>; rel=\"help\""
+        )
+        .as_str()
     );
 }
 

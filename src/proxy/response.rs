@@ -102,10 +102,30 @@ pub(super) async fn relay_response(
                 .headers
                 .get(&name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| rewriter.url(v))
+                .and_then(|v| rewriter.header_url(v))
                 .and_then(|v| HeaderValue::from_str(&v).ok());
             if let Some(value) = rewritten {
                 parts.headers.insert(name, value);
+            }
+        }
+        // Paging links a server sends in `Link` (RFC 8288) lead back through the gateway too.
+        if parts.headers.contains_key(header::LINK) {
+            let links: Vec<HeaderValue> = parts
+                .headers
+                .get_all(header::LINK)
+                .iter()
+                .map(|value| {
+                    value
+                        .to_str()
+                        .ok()
+                        .and_then(|v| rewriter.link(v))
+                        .and_then(|v| HeaderValue::from_str(&v).ok())
+                        .unwrap_or_else(|| value.clone())
+                })
+                .collect();
+            parts.headers.remove(header::LINK);
+            for link in links {
+                parts.headers.append(header::LINK, link);
             }
         }
     }
@@ -280,7 +300,8 @@ const SET_COOKIE2: header::HeaderName = header::HeaderName::from_static("set-coo
 /// lookups by name cost more). Each name's first value counts, as with `HeaderMap::get`.
 #[derive(Debug, Default)]
 struct ResponseHeads {
-    /// A `Location` or `Content-Location` is there (to rewrite if it names the upstream).
+    /// A `Location`, `Content-Location` or `Link` is there (to rewrite if it names the
+    /// upstream).
     location: bool,
     /// A `Set-Cookie` or `Set-Cookie2` is there (to remove unless the upstream may set cookies).
     set_cookie: bool,
@@ -298,7 +319,8 @@ impl ResponseHeads {
     fn scan(headers: &HeaderMap) -> Self {
         let mut heads = Self::default();
         for (name, value) in headers {
-            if name == header::LOCATION || name == header::CONTENT_LOCATION {
+            if name == header::LOCATION || name == header::CONTENT_LOCATION || name == header::LINK
+            {
                 heads.location = true;
             } else if name == header::SET_COOKIE || name == SET_COOKIE2 {
                 heads.set_cookie = true;

@@ -30,6 +30,54 @@ impl BaseRewriter {
         at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
     }
 
+    /// [`url`](Self::url) for a header's URL (`Location`, `Content-Location`, a `Link`
+    /// target), read as a client resolves it: the scheme and host in any case, the scheme's
+    /// default port written or not, and a path-absolute reference (`/fhir/Patient/1`) under
+    /// the base's path, which the client would resolve against the gateway.
+    pub(crate) fn header_url(&self, url: &str) -> Option<String> {
+        if let Some(rewritten) = self.url(url) {
+            return Some(rewritten);
+        }
+        let (scheme, authority, path) = split_url(&self.from)?;
+        let rest = if url.starts_with('/') && !url.starts_with("//") {
+            url
+        } else {
+            let (their_scheme, after) = url.split_once("://")?;
+            let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            if !their_scheme.eq_ignore_ascii_case(scheme)
+                || !same_authority(scheme, &after[..end], authority)
+            {
+                return None;
+            }
+            &after[end..]
+        };
+        let rest = rest.strip_prefix(path)?;
+        at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
+    }
+
+    /// A `Link` header's value with each target (`<...>`) under the upstream base rewritten;
+    /// `None` when none is.
+    pub(crate) fn link(&self, value: &str) -> Option<String> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        let mut changed = false;
+        while let Some(open) = rest.find('<') {
+            let close = open + rest[open..].find('>')?;
+            out.push_str(&rest[..=open]);
+            let target = &rest[open + 1..close];
+            match self.header_url(target) {
+                Some(rewritten) => {
+                    out.push_str(&rewritten);
+                    changed = true;
+                }
+                None => out.push_str(target),
+            }
+            rest = &rest[close..];
+        }
+        out.push_str(rest);
+        changed.then_some(out)
+    }
+
     /// A FHIR JSON Bundle with its own `link[].url`, `entry[].fullUrl` and
     /// `entry[].response.location` under the upstream base rewritten; `None` when the body is
     /// not a JSON Bundle or holds nothing to rewrite. Nothing inside the entries' resources is
@@ -193,6 +241,38 @@ fn string_end(body: &[u8], mut start: usize) -> Option<usize> {
     }
 }
 
+/// A base URL's scheme, authority and path (`http`, `ehr:9001`, `/fhir`).
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, after) = url.split_once("://")?;
+    let end = after.find('/').unwrap_or(after.len());
+    Some((scheme, &after[..end], &after[end..]))
+}
+
+/// Whether two authorities name one host and port to a client: the host in any case, the
+/// scheme's default port written or not. (User information never matches.)
+fn same_authority(scheme: &str, theirs: &str, ours: &str) -> bool {
+    let default = if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    };
+    let parts = |authority: &str| -> Option<(String, u16)> {
+        if authority.contains('@') {
+            return None;
+        }
+        // An IPv6 literal's colons are inside its brackets.
+        let port_at = authority
+            .rfind(':')
+            .filter(|&at| !authority[at..].contains(']'));
+        let (host, port) = match port_at {
+            Some(at) => (&authority[..at], authority[at + 1..].parse().ok()?),
+            None => (authority, default),
+        };
+        Some((host.to_ascii_lowercase(), port))
+    };
+    matches!((parts(theirs), parts(ours)), (Some(a), Some(b)) if a == b)
+}
+
 /// Whether what follows the base ends it: a path, a query, the end of the string.
 fn at_boundary(rest: &[u8]) -> bool {
     matches!(rest.first(), None | Some(b'/' | b'?' | b'"' | b'#'))
@@ -237,6 +317,56 @@ mod tests {
         );
         assert_eq!(r.url("http://ehr:9001/fhir/r30/Patient"), None);
         assert_eq!(r.url("http://other/fhir/r3/Patient"), None);
+    }
+
+    #[test]
+    fn header_urls_are_read_as_a_client_resolves_them() {
+        let r = rewriter();
+        for spelling in [
+            "http://ehr:9001/fhir/r3/Patient/1",
+            "HTTP://EHR:9001/fhir/r3/Patient/1",
+            "/fhir/r3/Patient/1",
+        ] {
+            assert_eq!(
+                r.header_url(spelling).as_deref(),
+                Some("https://gw.example/Patient/1"),
+                "{spelling}"
+            );
+        }
+        for other in [
+            "/fhir/r30/Patient/1",
+            "/other/Patient/1",
+            "//ehr:9001/fhir/r3/Patient/1",
+            "http://ehr:9002/fhir/r3/Patient/1",
+            "http://user@ehr:9001/fhir/r3/Patient/1",
+            "https://ehr:9001/fhir/r3/Patient/1",
+            "http://ehr:9001/FHIR/r3/Patient/1",
+            "Patient/1",
+        ] {
+            assert_eq!(r.header_url(other), None, "{other}");
+        }
+        // The scheme's default port, written or not.
+        let default = BaseRewriter::new("http://ehr/fhir".into(), "https://gw.example".into());
+        assert_eq!(
+            default
+                .header_url("http://Ehr:80/fhir/Patient/1")
+                .as_deref(),
+            Some("https://gw.example/Patient/1")
+        );
+        let six = BaseRewriter::new("http://[::1]:9001/fhir".into(), "https://gw".into());
+        assert_eq!(
+            six.header_url("http://[::1]:9001/fhir/Patient/1")
+                .as_deref(),
+            Some("https://gw/Patient/1")
+        );
+        // A Link header's targets.
+        assert_eq!(
+            r.link(r#"<http://ehr:9001/fhir/r3/Patient?page=2>; rel="next", <https://elsewhere/x>; rel="help""#)
+                .as_deref(),
+            Some(r#"<https://gw.example/Patient?page=2>; rel="next", <https://elsewhere/x>; rel="help""#)
+        );
+        assert_eq!(r.link(r#"<https://elsewhere/x>; rel="help""#), None);
+        assert_eq!(r.link("<unclosed"), None);
     }
 
     #[test]
