@@ -1076,6 +1076,48 @@ async fn a_written_resource_must_be_of_the_type_its_url_names() {
         );
         assert_eq!(upstream.last().body, observation.as_bytes());
     }
+    // A conditional reference is a search of the type it names, which the server makes.
+    let referring =
+        r#"{"resourceType": "Observation", "subject": {"reference": "Patient?name=smith"}}"#;
+    let seen = upstream.received().len();
+    let reply = send(
+        &client,
+        &writer,
+        "POST",
+        "/Observation",
+        "application/fhir+json",
+        referring,
+    )
+    .await;
+    assert_refused(&reply, "system/Patient.s");
+    let xml = r#"<Observation xmlns="http://hl7.org/fhir"><subject><reference value="Patient?name=smith"/></subject></Observation>"#;
+    let reply = send(
+        &client,
+        &writer,
+        "POST",
+        "/Observation",
+        "application/fhir+xml",
+        xml,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "nothing refused was forwarded"
+    );
+    let searcher =
+        minted(json!({"scope": format!("{TENANT} system/Observation.cruds system/Patient.s")}));
+    let reply = send(
+        &client,
+        &searcher,
+        "POST",
+        "/Observation",
+        "application/fhir+json",
+        referring,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     // A Binary is created from any content.
     let binary = minted(json!({"scope": format!("{TENANT} system/Binary.c")}));
     let reply = send(

@@ -385,8 +385,9 @@ impl<'g> Check<'g> {
             .collect()
     }
 
-    /// Whether some scope lets the token create and update every type, whoever's: then what
-    /// type a written body says it is changes nothing, and it need not be read.
+    /// Whether some scope lets the token create, update and search every type, whoever's:
+    /// then neither what type a written body says it is nor the searches its conditional
+    /// references make change anything, and it need not be read.
     pub(crate) fn writes_every_type(&self) -> bool {
         self.grants.scopes().iter().any(|scope| {
             scope.context() != ScopeContext::Patient
@@ -394,6 +395,7 @@ impl<'g> Check<'g> {
                 && scope.covers(None)
                 && scope.permissions().contains(Permissions::CREATE)
                 && scope.permissions().contains(Permissions::UPDATE)
+                && scope.permissions().contains(Permissions::SEARCH)
         })
     }
 
@@ -532,6 +534,46 @@ impl<'g> Check<'g> {
         self.request(&Method::GET, &format!("/{ty}"), &params)
     }
 
+    /// Checks the conditional references a written resource holds (`"reference":
+    /// "Patient?identifier=x"`): the server resolves each by a search of the type it names,
+    /// whose outcome (one match, none, several) tells of that type's data, so each needs what
+    /// that search would, outright (the server takes no `Prefer: handling=strict` for it).
+    pub(crate) fn conditional_references(&self, resource: &Value) -> Result<(), Refused> {
+        let mut found = Vec::new();
+        conditional_references_in(resource, &mut found);
+        for reference in found {
+            let (target, query) = reference.split_once('?').unwrap_or((reference, ""));
+            if !is_type(target) {
+                return Err(Refused::new(format!(
+                    "The resource holds a conditional reference ({reference}) whose search \
+                     cannot be checked: only [type]?[parameters] can"
+                )));
+            }
+            let Some(params) = parse_query(query) else {
+                return Err(Refused::malformed(format!(
+                    "The resource holds a conditional reference ({reference}) that is not \
+                     UTF-8 form data"
+                )));
+            };
+            let allowed = self
+                .request(&Method::GET, &format!("/{target}"), &params)
+                .map_err(|refused| Refused {
+                    diagnostics: format!(
+                        "The resource holds a conditional reference ({reference}): {}",
+                        refused.diagnostics
+                    ),
+                    ..refused
+                })?;
+            if allowed.by_parameters {
+                return Err(Refused::new(format!(
+                    "The resource holds a conditional reference ({reference}) that only its \
+                     parameters allow: the server could ignore one of them"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a batch or transaction Bundle (JSON), entry by entry.
     pub(crate) fn bundle(&self, body: &[u8]) -> Result<Allowed, Refused> {
         // A key twice in one object is read as its last by this parser and as its first by
@@ -623,6 +665,7 @@ impl<'g> Check<'g> {
                                  the type its request url names"
                             )));
                             }
+                            self.conditional_references(resource)?;
                         }
                     }
                     match request.and_then(|r| r.get("ifNoneExist")) {
@@ -677,6 +720,28 @@ pub(crate) fn json_resource_type(body: &[u8]) -> Result<Option<String>, Refused>
     Ok(serde_json::from_slice::<Typed>(body)
         .ok()
         .and_then(|typed| typed.resource_type))
+}
+
+/// The conditional references (`reference` strings holding a `?`) anywhere in `value`.
+fn conditional_references_in<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
+    match value {
+        Value::Object(members) => {
+            for (key, member) in members {
+                match (key.as_str(), member) {
+                    ("reference", Value::String(reference)) if reference.contains('?') => {
+                        found.push(reference);
+                    }
+                    _ => conditional_references_in(member, found),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                conditional_references_in(item, found);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Any JSON value with no key twice in one of its objects (else it fails to deserialize).
@@ -1595,6 +1660,44 @@ mod tests {
         let once = br#"{"resourceType":"Bundle","type":"batch","entry":[
             {"request":{"method":"GET","url":"Patient/1"}},{"request":{"method":"GET","url":"Patient/2"}}]}"#;
         assert_eq!(check.bundle(once), Ok(Allowed::default()));
+    }
+
+    #[test]
+    fn conditional_references_need_the_searches_they_make() {
+        let check_with = |scopes: &str, resource: Value| {
+            let grants = grants(scopes);
+            Check::new(&grants).conditional_references(&resource)
+        };
+        let observation = |reference: &str| {
+            json!({"resourceType": "Observation", "subject": {"reference": reference},
+                "performer": [{"reference": "Practitioner/1"}]})
+        };
+        let searching = observation("Patient?identifier=x&birthdate=2000-01-01");
+        assert!(check_with("system/Observation.c", searching.clone()).is_err());
+        assert!(check_with("system/Observation.c system/Patient.s", searching.clone()).is_ok());
+        // Plain references search nothing.
+        assert!(check_with("system/Observation.c", observation("Patient/1")).is_ok());
+        // Nested anywhere in the resource.
+        let nested = json!({"resourceType": "Observation",
+            "contained": [{"resourceType": "Specimen", "subject": {"reference": "Group?name=x"}}]});
+        let refused = check_with("system/Observation.c system/Patient.s", nested).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Group.s"]);
+        // One that cannot be read as a search of a type.
+        for odd in ["http://other/Patient?x=1", "?identifier=x", "patient?x=1"] {
+            assert!(check_with("system/*.s", observation(odd)).is_err(), "{odd}");
+        }
+        // A patient/ scope's search narrowed by its parameters only: the server resolving the
+        // reference would not be held to them.
+        let patient = Grants::from_scopes(["patient/*.cruds"], Some("123"));
+        assert!(Check::new(&patient)
+            .conditional_references(&observation("Observation?patient=123"))
+            .is_err());
+        // In a transaction's entries too.
+        let grants = grants("system/Observation.cu");
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "POST", "url": "Observation"}, "resource": searching}]})
+        .to_string();
+        assert!(Check::new(&grants).bundle(bundle.as_bytes()).is_err());
     }
 
     #[test]

@@ -324,7 +324,9 @@ where
                             ty,
                             format,
                             allowed,
-                        } => resource_of_type(&bytes, &ty, format).map(|()| allowed),
+                        } => resource_of_type(&bytes, &ty, format)
+                            .and_then(|()| references_checked(&grants, &bytes, format))
+                            .map(|()| allowed),
                         BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
@@ -561,6 +563,48 @@ fn resource_of_type(body: &[u8], ty: &str, format: ResourceFormat) -> Result<(),
             if xml { "FHIR XML" } else { "FHIR JSON" }
         ))),
     }
+}
+
+/// Checks a written resource's conditional references (see
+/// [`Check::conditional_references`]). In XML, whose references are not parsed here, one is
+/// refused: the resource can be sent as JSON.
+fn references_checked(grants: &Grants, body: &[u8], format: ResourceFormat) -> Result<(), Refused> {
+    // Most resources hold no `?` at all.
+    if memchr::memchr(b'?', body).is_none() {
+        return Ok(());
+    }
+    let start = body
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(body)
+        .trim_ascii_start();
+    let xml = match format {
+        ResourceFormat::Json => false,
+        ResourceFormat::Xml => true,
+        ResourceFormat::Untyped => start.first() == Some(&b'<'),
+    };
+    if xml {
+        return if xml_conditional_reference(start) {
+            Err(Refused::new(
+                "The resource holds a conditional reference, which is checked in JSON only: \
+                 send it as application/fhir+json",
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    let resource: serde_json::Value = serde_json::from_slice(start)
+        .map_err(|_| Refused::malformed("The body is not a FHIR JSON resource"))?;
+    Check::new(grants).conditional_references(&resource)
+}
+
+/// Whether an XML resource may hold a conditional reference: a `reference` element whose
+/// tag holds a `?` (read loosely, so as to refuse rather than miss one).
+fn xml_conditional_reference(xml: &[u8]) -> bool {
+    memchr::memmem::find_iter(xml, b"reference").any(|at| {
+        let after = &xml[at..];
+        let tag_end = memchr::memchr(b'>', after).unwrap_or(after.len());
+        after[..tag_end].contains(&b'?')
+    })
 }
 
 /// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
