@@ -318,6 +318,9 @@ async fn put_tenant(
     if let Some(version) = upstreams.repeated_release() {
         return error(StatusCode::BAD_REQUEST, &repeated_release(version));
     }
+    if let Some(refused) = redacted_authorization(&upstreams) {
+        return error(StatusCode::BAD_REQUEST, &refused);
+    }
     let _writing = admin.tenant_writes.lock().await;
     // And against other replicas' (a shared database's lock).
     let _shared = match admin.directory.lock_writes().await {
@@ -382,6 +385,25 @@ async fn nested_with_others(
         .find(|nested| nested.outer_tenant == tenant || nested.inner_tenant == tenant))
 }
 
+/// What `GET /admin/tenants/{id}` shows in place of an upstream's `authorization`.
+pub(crate) const REDACTED: &str = "<redacted>";
+
+/// Why a tenant whose upstream's `authorization` is [`REDACTED`] is refused, if one is: the
+/// record was read back from `GET` and sent again, and would send the placeholder upstream as
+/// its credential. A tenant is written whole, so leaving `authorization` out does not keep the
+/// stored credential: that upstream then gets no `Authorization` header.
+pub(crate) fn redacted_authorization(record: &TenantRecord) -> Option<String> {
+    let upstream = record.upstreams().iter().find(|upstream| {
+        upstream
+            .authorization()
+            .is_some_and(|value| value.as_bytes().trim_ascii() == REDACTED.as_bytes())
+    })?;
+    Some(format!(
+        "the authorization of upstream {} is {REDACTED:?}, the placeholder GET /admin/tenants/{{id}} shows in place of a credential: send the real credential, or leave authorization out to send that upstream no Authorization header (the stored credential is not kept: a tenant is replaced whole)",
+        upstream.base()
+    ))
+}
+
 /// The tenant as stored, upstream credentials left out.
 fn tenant_json(tenant: TenantId, record: &TenantRecord) -> serde_json::Value {
     let entry = TenantEntry {
@@ -393,7 +415,7 @@ fn tenant_json(tenant: TenantId, record: &TenantRecord) -> serde_json::Value {
         for upstream in list {
             if let Some(fields) = upstream.as_object_mut() {
                 if fields.remove("authorization").is_some() {
-                    fields.insert("authorization".into(), json!("<redacted>"));
+                    fields.insert("authorization".into(), json!(REDACTED));
                 }
             }
         }

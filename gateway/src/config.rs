@@ -579,6 +579,15 @@ impl Config {
                 crate::admin::repeated_release(version)
             ));
         }
+        if let Some((tenant, refused)) = config.tenants.iter().find_map(|tenant| {
+            Some(tenant).zip(crate::admin::redacted_authorization(&tenant.record))
+        }) {
+            return Err(format!(
+                "the configuration file {}: tenant {}: {refused}",
+                path.display(),
+                tenant.id
+            ));
+        }
         if let Some(nested) = tower_fhir::route::nested_bases(
             config
                 .tenants

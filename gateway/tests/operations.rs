@@ -1214,3 +1214,89 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     assert_eq!(upstream.received().len(), 1, "{}", reply.text());
     third.proc.terminate();
 }
+
+/// A tenant read with `GET /admin/tenants/{id}` shows its upstream's credential as
+/// `<redacted>`: sending that record back unchanged is refused (`400`, saying what to send),
+/// and the stored credential still goes upstream. The same placeholder in the configuration
+/// file stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sent_back_with_its_redacted_credential_is_refused() {
+    let dir = scratch("operations-redacted");
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let admin_token = "operations-admin-token-0123456789";
+    let tenants = json!([{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"),
+        "fhir_version": "4.0", "authorization": "Bearer upstream-secret"}]}]);
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"admin_token": admin_token, "tenants": tenants}),
+    );
+    let auth = format!("Bearer {admin_token}");
+    let path = format!("/admin/tenants/{TENANT}");
+    let read = gw
+        .client
+        .send("GET", &path, &[("authorization", &auth)], "")
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    assert_eq!(read.json()["upstreams"][0]["authorization"], "<redacted>");
+
+    // Read, edit, write: the placeholder comes back as it was shown (the id is the path's).
+    let mut record = read.json();
+    record.as_object_mut().unwrap().remove("id");
+    let reply = gw
+        .client
+        .send(
+            "PUT",
+            &path,
+            &[("authorization", &auth)],
+            &record.to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("send the real credential, or leave authorization out"),
+        "{error}"
+    );
+    assert!(error.contains("no Authorization header"), "{error}");
+
+    // The stored credential is untouched and still the one sent upstream.
+    let token = token(&gw.client).await;
+    let answer = gw.client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(
+        upstream.last().headers["authorization"],
+        "Bearer upstream-secret"
+    );
+    drop(gw);
+
+    // The configuration file's tenants are held to the same.
+    let config = json!({
+        "listen": "127.0.0.1:0",
+        "state_dir": dir.join("state-2"),
+        "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"),
+            "fhir_version": "4.0", "authorization": "<redacted>"}]}]
+    });
+    let file = dir.join("redacted.json");
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    for flag in ["--check-config", "--config"] {
+        let out = Command::new(GATEWAY)
+            .arg(flag)
+            .arg(&file)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}: accepted");
+        assert!(
+            stderr.contains(&format!("tenant {TENANT}: the authorization of upstream"))
+                && stderr.contains("send the real credential"),
+            "{flag}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
