@@ -44,10 +44,10 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) admin_token: Option<String>,
     /// The least time between two fetches of a provider's JWKS caused by an unknown `kid`.
-    /// Default 30.
+    /// Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_cooldown")]
     pub(crate) jwks_refetch_cooldown_seconds: u64,
-    /// Upstream request timeout. Default 30.
+    /// Upstream request timeout. Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_upstream_timeout")]
     pub(crate) upstream_timeout_seconds: u64,
     /// Extend the `Forwarded`/`X-Forwarded-For` headers requests arrive with (behind a load
@@ -467,7 +467,8 @@ fn default_shutdown_grace() -> u64 {
 }
 
 /// The longest `header_read_timeout_seconds`, `body_read_timeout_seconds`,
-/// `idle_timeout_seconds` and `shutdown_grace_seconds` accepted: a day (a longer one could overflow the clock).
+/// `idle_timeout_seconds`, `shutdown_grace_seconds`, `upstream_timeout_seconds` and
+/// `jwks_refetch_cooldown_seconds` accepted: a day (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
 /// The longest `token.ttl_seconds` accepted: a day (access tokens are short-lived; a longer
@@ -625,8 +626,9 @@ impl Config {
         Ok(config)
     }
 
-    /// The connection keys are within range: 0 would mean "close at once" or "never accept",
-    /// so it is refused rather than read as "off".
+    /// The connection keys and the other `_seconds` keys are within range: 0 would mean "close
+    /// at once", "never accept" or "time out at once", so it is refused rather than read as
+    /// "off" or raised without a word.
     fn check_connection_limits(&self) -> Result<(), String> {
         for (key, value) in [
             (
@@ -636,6 +638,11 @@ impl Config {
             ("body_read_timeout_seconds", self.body_read_timeout_seconds),
             ("idle_timeout_seconds", self.idle_timeout_seconds),
             ("shutdown_grace_seconds", self.shutdown_grace_seconds),
+            ("upstream_timeout_seconds", self.upstream_timeout_seconds),
+            (
+                "jwks_refetch_cooldown_seconds",
+                self.jwks_refetch_cooldown_seconds,
+            ),
         ] {
             if !(1..=MAX_CONNECTION_SECONDS).contains(&value) {
                 return Err(format!(
@@ -1024,6 +1031,14 @@ mod tests {
             (
                 r#"{"shutdown_grace_seconds": 86401}"#,
                 "shutdown_grace_seconds must be between 1 and 86400 (a day), not 86401",
+            ),
+            (
+                r#"{"upstream_timeout_seconds": 0}"#,
+                "upstream_timeout_seconds must be between 1 and 86400 (a day), not 0",
+            ),
+            (
+                r#"{"jwks_refetch_cooldown_seconds": 86401}"#,
+                "jwks_refetch_cooldown_seconds must be between 1 and 86400 (a day), not 86401",
             ),
             (
                 r#"{"max_connections": 0}"#,

@@ -392,9 +392,9 @@ async fn assemble(
             .map_err(|e| format!("cannot follow the revocations: {e}"))?;
     }
 
-    let mut auth = BearerAuthLayer::builder().refetch_cooldown(Duration::from_secs(
-        config.jwks_refetch_cooldown_seconds.max(1),
-    ));
+    // Both at least 1 s: the configuration refuses 0.
+    let mut auth = BearerAuthLayer::builder()
+        .refetch_cooldown(Duration::from_secs(config.jwks_refetch_cooldown_seconds));
     // Every issuer is bound to the tenants it may name: the gateway's own to any (it issues a
     // tenant only to clients registered for it), each trusted one to its `tenants`.
     let mut tenant = TenantScopeLayer::builder().issuer_any_tenant(issuer);
@@ -412,7 +412,7 @@ async fn assemble(
         };
     }
     let mut proxy = FhirProxy::builder(base)
-        .timeout(Duration::from_secs(config.upstream_timeout_seconds.max(1)))
+        .timeout(Duration::from_secs(config.upstream_timeout_seconds))
         .trust_forwarded_headers(config.trust_forwarded_headers);
     for name in &config.forward_request_headers {
         proxy = proxy.forward_request_header(name);

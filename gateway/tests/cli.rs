@@ -258,6 +258,30 @@ fn check_config_says_what_is_wrong() {
             "cannot open the audit log /nonexistent/dir/audit.jsonl",
         ),
         (
+            "upstream-timeout-0",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"upstream_timeout_seconds\": 0, \"admin_token\"",
+            ),
+            "upstream_timeout_seconds must be between 1 and 86400 (a day), not 0",
+        ),
+        (
+            "upstream-timeout-long",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"upstream_timeout_seconds\": 86401, \"admin_token\"",
+            ),
+            "upstream_timeout_seconds must be between 1 and 86400 (a day), not 86401",
+        ),
+        (
+            "jwks-cooldown-0",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"jwks_refetch_cooldown_seconds\": 0, \"admin_token\"",
+            ),
+            "jwks_refetch_cooldown_seconds must be between 1 and 86400 (a day), not 0",
+        ),
+        (
             "forwarded-cookie",
             &GOOD.replace(
                 "\"admin_token\"",
