@@ -617,6 +617,9 @@ impl Config {
         config
             .check_connection_limits()
             .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
+        config
+            .check_listeners()
+            .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
         if config.tls_certificate_file.is_some() != config.tls_private_key_file.is_some() {
             return Err(format!(
                 "the configuration file {}: tls_certificate_file and tls_private_key_file go together: give both for TLS, or neither",
@@ -672,6 +675,31 @@ impl Config {
                     "workers must be between 1 and {MAX_WORKERS}, not {workers}"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `metrics_listen` is not where the gateway listens: the same port on the same address,
+    /// or on an address one of them covers (`0.0.0.0` all of IPv4, `[::]` all of both), could
+    /// not be bound twice. (TLS is on `listen`; there is no other listener.) Port 0 is a fresh
+    /// port each time.
+    pub(crate) fn check_listeners(&self) -> Result<(), String> {
+        let Some(metrics) = self.metrics_listen else {
+            return Ok(());
+        };
+        let listen = self.listen;
+        let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
+            wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+        };
+        let overlap = metrics.port() != 0
+            && metrics.port() == listen.port()
+            && (metrics.ip() == listen.ip()
+                || covers(metrics.ip(), listen.ip())
+                || covers(listen.ip(), metrics.ip()));
+        if overlap {
+            return Err(format!(
+                "metrics_listen ({metrics}) takes the port listen ({listen}) is on: give metrics_listen a port of its own"
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! token; it prints the demo credentials and curl commands that work as printed. With
 //! `--config FILE` (a JSON file, every key documented in the README) it serves the clients,
 //! tenants and identity providers the file names, keeping its state under `state_dir`.
-//! `--check-config FILE` checks such a file without starting (exit 0, or what is wrong and 1).
+//! `--check-config FILE` checks such a file without starting (`FILE: ok` and exit 0, or what
+//! is wrong and 1); it binds no port and reaches nothing, so a port in use still stops a start.
 //!
 //! Routes: FHIR at the root of the public base URL (version negotiation, unauthenticated
 //! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
@@ -69,8 +70,11 @@ struct Args {
     /// The socket address to listen on, instead of the configuration's `listen`.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Check FILE and exit: status 0 when the gateway would start with it, otherwise what is
-    /// wrong and status 1. Binds no port and touches no `state_dir`.
+    /// Check FILE and exit: print "FILE: ok" and exit 0 when its keys and values are valid
+    /// (the TLS files and the audit log are opened too), otherwise say what is wrong and exit 1.
+    /// Binds no port, reaches no database, upstream or identity provider, and does not look
+    /// into `state_dir`: a port in use, or a `state_dir` the gateway may not use, still stops
+    /// the start.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
 }
@@ -143,6 +147,9 @@ async fn run(args: Args) -> Result<(), String> {
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
+        config
+            .check_listeners()
+            .map_err(|e| format!("--listen {listen}: {e}"))?;
     }
     if demo {
         demo::keep_admin_on_loopback(&mut config);

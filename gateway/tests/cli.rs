@@ -97,7 +97,11 @@ fn check_config_accepts_a_good_file_and_writes_nothing() {
     for file in [&file, &with_audit] {
         let out = gateway(&["--check-config", file.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out.stderr));
-        assert!(text(&out.stdout).contains("ok"), "{}", text(&out.stdout));
+        assert_eq!(
+            text(&out.stdout),
+            format!("{}: ok\n", file.display()),
+            "what the README says it prints"
+        );
         assert!(
             !file.parent().unwrap().join("state").exists(),
             "--check-config created the state directory"
@@ -314,6 +318,58 @@ fn check_config_says_what_is_wrong() {
         "{}",
         text(&missing.stderr)
     );
+}
+
+/// `metrics_listen` on the address the gateway listens on (or one that overlaps it: the same
+/// port on the unspecified address) would fail to bind at start: `--check-config` and the
+/// start say so at once, naming both keys; `--listen` is held to it too.
+#[test]
+fn metrics_listen_on_the_gateways_own_address_is_refused() {
+    let port = process::free_port();
+    let with = |name: &str, listen: &str, metrics: &str| {
+        config_file(
+            name,
+            &GOOD.replace(
+                "\"listen\": \"127.0.0.1:0\"",
+                &format!("\"listen\": {listen:?}, \"metrics_listen\": {metrics:?}"),
+            ),
+        )
+    };
+    let same = format!("127.0.0.1:{port}");
+    let any = format!("0.0.0.0:{port}");
+    for (name, listen, metrics) in [
+        ("metrics-same", &same, &same),
+        ("metrics-any", &any, &same),
+        ("metrics-under-any", &same, &any),
+    ] {
+        let file = with(name, listen, metrics);
+        let out = gateway(&["--check-config", file.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{name}: said {}", text(&out.stdout));
+        assert!(
+            stderr.contains(&format!("metrics_listen ({metrics}) takes the port listen ({listen}) is on: give metrics_listen a port of its own")),
+            "{name}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+    }
+    // Apart, the file is good; `--listen` onto the metrics address is not.
+    let apart = with(
+        "metrics-apart",
+        &format!("127.0.0.1:{}", process::free_port()),
+        &same,
+    );
+    let out = gateway(&["--check-config", apart.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = gateway(&["--config", apart.to_str().unwrap(), "--listen", &same]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "started");
+    assert!(
+        stderr.contains(&format!(
+            "--listen {same}: metrics_listen ({same}) takes the port"
+        )),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains("listening on"));
 }
 
 #[test]
