@@ -183,6 +183,12 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     let state = state::open(&config).await?;
+    if !demo && config.state_dir.is_none() && config.database_url.is_none() {
+        tracing::warn!(
+            state = %state.location,
+            "the state is in a temporary directory removed at exit: every restart makes new signing keys (refusing the tokens issued before it), forgets rotated secrets and revocations, and loses every admin change; set state_dir (one process) or database_url (many replicas) to keep it"
+        );
+    }
     let (gateway, endpoint) = assemble(
         &config,
         &base,

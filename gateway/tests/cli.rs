@@ -551,6 +551,44 @@ fn without_state_dir_the_state_is_in_a_fresh_private_directory_removed_at_exit()
     );
 }
 
+/// Started with `--config` but neither `state_dir` nor `database_url`, the gateway keeps its
+/// state in a directory removed at exit, and warns that a restart loses it; with `state_dir`
+/// it does not.
+#[test]
+fn without_state_dir_or_database_url_the_start_warns_that_a_restart_loses_the_state() {
+    let warning = "the state is in a temporary directory removed at exit";
+    for (name, json, warned) in [
+        (
+            "warn-no-state-dir",
+            GOOD.replace("\"state_dir\": \"STATE\",", ""),
+            true,
+        ),
+        ("warn-state-dir", GOOD.to_owned(), false),
+    ] {
+        let file = config_file(name, &json);
+        let mut command = Command::new(GATEWAY);
+        command
+            .args(["--config", file.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env_remove("TOWER_FHIR_DATABASE_URL");
+        let stderr_file = file.parent().unwrap().join("gateway.log");
+        let (mut proc, _base) =
+            process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+        let log = proc.stderr();
+        if warned {
+            assert!(log.contains(warning), "{name}: {log}");
+            assert!(log.contains("WARN"), "{name}: {log}");
+            assert!(
+                log.contains("set state_dir") && log.contains("database_url"),
+                "{name}: {log}"
+            );
+        } else {
+            assert!(!log.contains(warning), "{name}: {log}");
+        }
+        assert!(proc.terminate(), "{name}: did not exit cleanly");
+    }
+}
+
 #[test]
 fn a_second_process_on_the_same_state_dir_is_refused_until_the_first_ends() {
     let file = config_file("locked-state", GOOD);

@@ -1131,6 +1131,12 @@ async fn the_demos_admin_api_is_on_loopback_only() {
         } else {
             "the admin API is off"
         });
+        // The demo's state is meant to go with it: no warning that it does.
+        let log = proc.stderr();
+        assert!(
+            !log.contains("the state is in a temporary directory"),
+            "{log}"
+        );
         let client = TestClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
         let reply = client
             .get(
