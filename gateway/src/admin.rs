@@ -113,6 +113,20 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
+/// What answers under `/admin` when the admin API is off: `404` for every path, with
+/// `{"error": "the admin API is off: {why}"}`, so an administrator is told why rather than
+/// having the request taken for a FHIR one.
+pub(crate) fn off(why: &'static str) -> Router {
+    Router::new()
+        .fallback(move || async move {
+            error(
+                StatusCode::NOT_FOUND,
+                &format!("the admin API is off: {why}"),
+            )
+        })
+        .layer(middleware::map_response(mark_refusal))
+}
+
 /// A refusal that is not JSON (axum's own: a method a route does not take, a body past the
 /// limit as it arrives) made one, as every other admin answer is; its headers kept.
 fn as_json(response: Response) -> Response {
@@ -225,6 +239,8 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         .map(|(_, token)| token);
     // The client a trusted balancer names, else the connection's peer.
     let from = ForwardedClient::source(request.extensions());
+    // The address as it is written (`Option`'s `Debug` would wrap it in `Some(...)`).
+    let shown = from.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
     let verdict = admin.throttle.check(
         Source::of(from),
         presented,
@@ -235,7 +251,7 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         Verdict::Allowed => return next.run(request).await,
         Verdict::Blocked(wait) => {
             tracing::warn!(
-                ?from,
+                from = %shown,
                 "admin request refused: too many wrong admin tokens from this address"
             );
             let mut response = error(
@@ -251,7 +267,7 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         }
         Verdict::Refused => {}
     }
-    tracing::warn!(?from, "admin request refused: missing or wrong admin token");
+    tracing::warn!(from = %shown, "admin request refused: missing or wrong admin token");
     let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,

@@ -200,9 +200,10 @@ async fn run(args: Args) -> Result<(), String> {
     )
     .await?;
 
-    // The admin API (axum) answers under /admin/; everything else goes to the gateway.
-    let admin = config.admin_token.as_ref().map(|token| {
-        admin::routes(Arc::new(admin::Admin {
+    // The admin API (axum) answers under /admin/; everything else goes to the gateway. Off,
+    // it says why there.
+    let admin = match &config.admin_token {
+        Some(token) => admin::routes(Arc::new(admin::Admin {
             token: token.clone(),
             directory: Arc::clone(&state.directory),
             routes: gateway.route_cache().clone(),
@@ -218,9 +219,13 @@ async fn run(args: Args) -> Result<(), String> {
             endpoint: endpoint.clone(),
             body_timeout: Duration::from_secs(config.body_read_timeout_seconds),
             body_min_rate: config.body_min_bytes_per_second,
-        }))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-    });
+        })),
+        None if demo => admin::off(
+            "this demo listens beyond loopback and its admin token is published; run it on 127.0.0.1 to use it",
+        ),
+        None => admin::off("the configuration sets no admin_token; set one to use it"),
+    }
+    .layer(tower_http::trace::TraceLayer::new_for_http());
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
@@ -282,7 +287,8 @@ async fn run(args: Args) -> Result<(), String> {
         .database
         .as_ref()
         .map(|database| (Arc::clone(&database.up), database.tenants.clone()));
-    let (front, admin, reopener) = front::front(&config, gateway, admin, &state.keys, database)?;
+    let (front, admin, reopener) =
+        front::front(&config, gateway, Some(admin), &state.keys, database)?;
     #[cfg(unix)]
     if let Some(hangups) = hangups {
         tokio::spawn(serve::reopen_on_hangup(hangups, reopener, tls.clone()));

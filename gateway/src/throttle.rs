@@ -107,7 +107,7 @@ impl AdminThrottle {
             entry.window_start = now;
             entry.blocked_until = Some(now + block);
             tracing::warn!(
-                ?source,
+                %source,
                 ?block,
                 "too many wrong admin tokens; refusing this address for a while"
             );

@@ -1040,6 +1040,17 @@ async fn wrong_admin_tokens_get_their_address_429_and_only_theirs() {
     let log = gateway.proc.stderr();
     assert!(log.contains("too many wrong admin tokens"), "{log}");
     assert!(!log.contains(ADMIN_TOKEN), "the admin token is in the log");
+    // The address itself, not Rust's `Some(...)` around it.
+    for says in [
+        "too many wrong admin tokens",
+        "missing or wrong admin token",
+    ] {
+        let line = log.lines().find(|line| line.contains(says)).unwrap();
+        assert!(
+            line.contains("127.0.0.1") && !line.contains("Some("),
+            "{line}"
+        );
+    }
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1147,10 +1147,43 @@ async fn the_demos_admin_api_is_on_loopback_only() {
         if admin {
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         } else {
-            assert_ne!(reply.status, StatusCode::OK, "{}", reply.text());
+            // Said as the start said it, not taken for a FHIR request with a bad token.
+            assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+            let error = reply.json()["error"].as_str().unwrap().to_owned();
+            assert!(
+                error.starts_with("the admin API is off: ") && error.contains("loopback"),
+                "{error}"
+            );
         }
         proc.terminate();
     }
+}
+
+/// Without `admin_token` the admin API is off, and `/admin/...` says so (a JSON `404`)
+/// instead of being taken for a FHIR request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_token_admin_paths_say_the_admin_api_is_off() {
+    let dir = scratch("operations-admin-off");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(&dir, &upstream, json!({}));
+    for (method, path) in [
+        ("GET", format!("/admin/tenants/{TENANT}")),
+        ("POST", "/admin/signing-keys".to_owned()),
+    ] {
+        let reply = gw
+            .client
+            .send(method, &path, &[("authorization", "Bearer anything")], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+        let error = reply.json()["error"].as_str().unwrap().to_owned();
+        assert!(
+            error.starts_with("the admin API is off: ") && error.contains("admin_token"),
+            "{error}"
+        );
+    }
+    assert!(upstream.received().is_empty());
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The log as text: without the terminal colours that split `name=value` fields.
