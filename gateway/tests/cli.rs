@@ -286,6 +286,30 @@ fn check_config_says_what_is_wrong() {
             "jwks_refetch_cooldown_seconds must be between 1 and 86400 (a day), not 0",
         ),
         (
+            "cors-upper-case",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"cors_allowed_origins\": [\"https://App.example\"], \"admin_token\"",
+            ),
+            "cors_allowed_origins: \"https://App.example\" has upper-case letters: browsers send an origin in lower case and without its scheme's default port, so it would never match; write \"https://app.example\"",
+        ),
+        (
+            "cors-default-port",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"cors_allowed_origins\": [\"https://app.example:443\"], \"admin_token\"",
+            ),
+            "\"https://app.example:443\" gives its scheme's default port (443): browsers send an origin in lower case and without its scheme's default port, so it would never match; write \"https://app.example\"",
+        ),
+        (
+            "cors-path",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"cors_allowed_origins\": [\"https://app.example/app\"], \"admin_token\"",
+            ),
+            "\"https://app.example/app\" is not an origin (scheme://host[:port], no path, no `*`)",
+        ),
+        (
             "forwarded-cookie",
             &GOOD.replace(
                 "\"admin_token\"",

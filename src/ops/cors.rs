@@ -16,12 +16,35 @@ use super::request_id::{X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidOrigin(pub String);
 
+/// Says what is wrong: for an origin that is one but for upper-case letters or its scheme's
+/// default port (which no browser sends, so it would never match), which of those and the
+/// origin to write instead; otherwise what an origin looks like.
 impl fmt::Display for InvalidOrigin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origin = &self.0;
+        let mut wrong = Vec::new();
+        let mut fixed = origin.to_ascii_lowercase();
+        if fixed != *origin {
+            wrong.push("has upper-case letters".to_owned());
+        }
+        let default_port = [("https://", ":443"), ("http://", ":80")]
+            .into_iter()
+            .find(|(scheme, port)| fixed.starts_with(scheme) && fixed.ends_with(port));
+        if let Some((_, port)) = default_port {
+            fixed.truncate(fixed.len() - port.len());
+            wrong.push(format!("gives its scheme's default port ({})", &port[1..]));
+        }
+        if wrong.is_empty() || !is_origin(&fixed) {
+            return write!(
+                f,
+                "{origin:?} is not an origin (scheme://host[:port], no path, no `*`)"
+            );
+        }
         write!(
             f,
-            "{:?} is not an origin (scheme://host[:port], no path, no `*`)",
-            self.0
+            "{origin:?} {}: browsers send an origin in lower case and without its scheme's \
+             default port, so it would never match; write {fixed:?}",
+            wrong.join(" and ")
         )
     }
 }
@@ -363,5 +386,51 @@ mod tests {
         assert!(fhir_cors(["https://app.example:80", "http://app.example:443"]).is_ok());
         assert!(fhir_cors(["http://127.0.0.1:8080", "https://[::1]", "https://a-b.c"]).is_ok());
         assert!(fhir_cors(["http://localhost:3000", "https://[::1]:8443"]).is_ok());
+    }
+
+    #[test]
+    fn a_refused_origin_says_what_is_wrong_with_it() {
+        let said = |origin: &str| fhir_cors([origin]).err().unwrap().to_string();
+        let rule = "browsers send an origin in lower case and without its scheme's default \
+                    port, so it would never match";
+        for (origin, wrong, fixed) in [
+            (
+                "https://App.example",
+                "has upper-case letters",
+                "https://app.example",
+            ),
+            (
+                "HTTPS://app.example",
+                "has upper-case letters",
+                "https://app.example",
+            ),
+            (
+                "https://app.example:443",
+                "gives its scheme's default port (443)",
+                "https://app.example",
+            ),
+            (
+                "http://[::1]:80",
+                "gives its scheme's default port (80)",
+                "http://[::1]",
+            ),
+            (
+                "HTTP://App.example:80",
+                "has upper-case letters and gives its scheme's default port (80)",
+                "http://app.example",
+            ),
+        ] {
+            assert_eq!(
+                said(origin),
+                format!("{origin:?} {wrong}: {rule}; write {fixed:?}")
+            );
+        }
+        // Anything else is not an origin at all, or not only for those reasons.
+        for origin in ["https://App.example/path", "*", "https://a:0443", "ftp://A"] {
+            assert_eq!(
+                said(origin),
+                format!("{origin:?} is not an origin (scheme://host[:port], no path, no `*`)")
+            );
+        }
     }
 }
