@@ -703,23 +703,19 @@ impl<'g> Check<'g> {
     }
 }
 
-/// The `resourceType` of a JSON resource, `None` when it is not an object with a string one;
-/// refused when a key is there twice (servers differ on which counts).
-pub(crate) fn json_resource_type(body: &[u8]) -> Result<Option<String>, Refused> {
+/// A written resource's JSON, refused when it is not JSON or holds a key twice in an object
+/// (servers differ on which of the two counts).
+pub(crate) fn json_resource(body: &[u8]) -> Result<Value, Refused> {
+    let refused = || {
+        Refused::malformed(
+            "The body is not JSON with each key once in an object: its resource cannot be \
+             checked",
+        )
+    };
     if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
-        return Err(Refused::malformed(
-            "The body is not JSON with each key once in an object: servers differ on which of \
-             two counts, so its resource type cannot be checked",
-        ));
+        return Err(refused());
     }
-    #[derive(serde::Deserialize)]
-    struct Typed {
-        #[serde(rename = "resourceType")]
-        resource_type: Option<String>,
-    }
-    Ok(serde_json::from_slice::<Typed>(body)
-        .ok()
-        .and_then(|typed| typed.resource_type))
+    serde_json::from_slice(body).map_err(|_| refused())
 }
 
 /// The conditional references (`reference` strings holding a `?`) anywhere in `value`.

@@ -324,9 +324,7 @@ where
                             ty,
                             format,
                             allowed,
-                        } => resource_of_type(&bytes, &ty, format)
-                            .and_then(|()| references_checked(&grants, &bytes, format))
-                            .map(|()| allowed),
+                        } => written_resource(&grants, &bytes, &ty, format).map(|()| allowed),
                         BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
@@ -446,9 +444,8 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         let allowed = *allowed;
         let format = match request.headers().get(header::CONTENT_TYPE) {
             None => ResourceFormat::Untyped,
-            Some(value) => match media_suffix(value) {
-                Some("json") => ResourceFormat::Json,
-                Some("xml") => ResourceFormat::Xml,
+            Some(value) => match format_of(value) {
+                Some(format) => format,
                 // A Binary is created from any content (FHIR's raw binary create): it is
                 // stored as a Binary whatever it holds.
                 _ if ty == "Binary" => return pass(allowed),
@@ -498,9 +495,9 @@ fn pass(allowed: Allowed) -> Plan {
     }
 }
 
-/// `json` or `xml` when a `Content-Type` names a FHIR resource format (`application/fhir+json`,
-/// `application/json`, `application/xml+fhir`, `text/xml`, any `+json` or `+xml`).
-fn media_suffix(value: &HeaderValue) -> Option<&'static str> {
+/// The FHIR format a `Content-Type` names (`application/fhir+json`, `application/json`,
+/// `application/xml+fhir`, `text/xml`, any `+json` or `+xml`), if any.
+fn format_of(value: &HeaderValue) -> Option<ResourceFormat> {
     let value = value.to_str().ok()?;
     let media = value
         .split(';')
@@ -514,9 +511,9 @@ fn media_suffix(value: &HeaderValue) -> Option<&'static str> {
     }
     let subtype = subtype.strip_suffix("+fhir").unwrap_or(subtype);
     if subtype == "json" || subtype.ends_with("+json") {
-        Some("json")
+        Some(ResourceFormat::Json)
     } else if subtype == "xml" || subtype.ends_with("+xml") {
-        Some("xml")
+        Some(ResourceFormat::Xml)
     } else {
         None
     }
@@ -532,10 +529,17 @@ fn not_a_resource_format() -> Response<Bytes> {
     .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE)
 }
 
-/// Whether a created or updated resource's body is a resource of type `ty`: the server
-/// stores what the body says it is, and the scopes were checked for the type the URL names.
-/// An empty body is the server's to refuse.
-fn resource_of_type(body: &[u8], ty: &str, format: ResourceFormat) -> Result<(), Refused> {
+/// Checks a created or updated resource's body: it must be a resource of type `ty` (the
+/// server stores what the body says it is, and the scopes were checked for the type the URL
+/// names), and its conditional references need what their searches would (see
+/// [`Check::conditional_references`]; in XML, whose references are not parsed here, one is
+/// refused: the resource can be sent as JSON). An empty body is the server's to refuse.
+fn written_resource(
+    grants: &Grants,
+    body: &[u8],
+    ty: &str,
+    format: ResourceFormat,
+) -> Result<(), Refused> {
     let start = body
         .strip_prefix(b"\xEF\xBB\xBF")
         .unwrap_or(body)
@@ -548,52 +552,42 @@ fn resource_of_type(body: &[u8], ty: &str, format: ResourceFormat) -> Result<(),
         ResourceFormat::Xml => true,
         ResourceFormat::Untyped => first == b'<',
     };
-    let said = if xml {
-        xml_root(start).map(str::to_owned)
-    } else {
-        super::check::json_resource_type(start)?
-    };
-    match said {
-        Some(said) if said == ty => Ok(()),
-        Some(said) => Err(Refused::new(format!(
+    let not_of_type = |said: &str| {
+        Refused::new(format!(
             "The body is a {said}, not a {ty}, the type the URL names"
-        ))),
-        None => Err(Refused::malformed(format!(
-            "The body is not a {} resource whose type can be read",
-            if xml { "FHIR XML" } else { "FHIR JSON" }
-        ))),
-    }
-}
-
-/// Checks a written resource's conditional references (see
-/// [`Check::conditional_references`]). In XML, whose references are not parsed here, one is
-/// refused: the resource can be sent as JSON.
-fn references_checked(grants: &Grants, body: &[u8], format: ResourceFormat) -> Result<(), Refused> {
-    // Most resources hold no `?` at all.
-    if memchr::memchr(b'?', body).is_none() {
-        return Ok(());
-    }
-    let start = body
-        .strip_prefix(b"\xEF\xBB\xBF")
-        .unwrap_or(body)
-        .trim_ascii_start();
-    let xml = match format {
-        ResourceFormat::Json => false,
-        ResourceFormat::Xml => true,
-        ResourceFormat::Untyped => start.first() == Some(&b'<'),
+        ))
     };
     if xml {
-        return if xml_conditional_reference(start) {
-            Err(Refused::new(
+        match xml_root(start) {
+            Some(said) if said == ty => {}
+            Some(said) => return Err(not_of_type(said)),
+            None => {
+                return Err(Refused::malformed(
+                    "The body is not a FHIR XML resource whose type can be read",
+                ))
+            }
+        }
+        if xml_conditional_reference(start) {
+            return Err(Refused::new(
                 "The resource holds a conditional reference, which is checked in JSON only: \
                  send it as application/fhir+json",
-            ))
-        } else {
-            Ok(())
-        };
+            ));
+        }
+        return Ok(());
     }
-    let resource: serde_json::Value = serde_json::from_slice(start)
-        .map_err(|_| Refused::malformed("The body is not a FHIR JSON resource"))?;
+    let resource = super::check::json_resource(start)?;
+    match resource
+        .get("resourceType")
+        .and_then(serde_json::Value::as_str)
+    {
+        Some(said) if said == ty => {}
+        Some(said) => return Err(not_of_type(said)),
+        None => {
+            return Err(Refused::malformed(
+                "The body is not a FHIR JSON resource whose type can be read",
+            ))
+        }
+    }
     Check::new(grants).conditional_references(&resource)
 }
 
@@ -1037,11 +1031,11 @@ mod tests {
 
     #[test]
     fn a_written_resource_is_read_as_the_server_reads_its_type() {
+        let grants = Grants::from_scopes(["system/Observation.cu"], None);
+        let written = |body: &[u8], format| written_resource(&grants, body, "Observation", format);
         let json = ResourceFormat::Json;
-        assert!(
-            resource_of_type(br#"{"resourceType": "Observation"}"#, "Observation", json).is_ok()
-        );
-        let other = resource_of_type(br#"{"resourceType": "Patient"}"#, "Observation", json);
+        assert!(written(br#"{"resourceType": "Observation"}"#, json).is_ok());
+        let other = written(br#"{"resourceType": "Patient"}"#, json);
         assert!(
             !other.unwrap_err().malformed,
             "another type: a scope matter, 403"
@@ -1052,60 +1046,55 @@ mod tests {
             b"[]",
             b"not json",
         ] {
-            let refused = resource_of_type(malformed, "Observation", json).unwrap_err();
+            let refused = written(malformed, json).unwrap_err();
             assert!(refused.malformed, "{}", String::from_utf8_lossy(malformed));
         }
-        assert!(
-            resource_of_type(b"  ", "Observation", json).is_ok(),
-            "empty: the server's"
-        );
+        assert!(written(b"  ", json).is_ok(), "empty: the server's");
         let xml = ResourceFormat::Xml;
         for good in [
             &b"<Observation xmlns=\"http://hl7.org/fhir\"/>"[..],
             b"\xEF\xBB\xBF<?xml version=\"1.0\"?>\n<!-- a comment --><f:Observation xmlns:f=\"http://hl7.org/fhir\">",
         ] {
-            assert!(resource_of_type(good, "Observation", xml).is_ok());
+            assert!(written(good, xml).is_ok());
         }
-        assert!(
-            !resource_of_type(b"<Patient/>", "Observation", xml)
-                .unwrap_err()
-                .malformed
-        );
+        assert!(!written(b"<Patient/>", xml).unwrap_err().malformed);
         for malformed in [
             &b"<!DOCTYPE x [<!ENTITY e \"Patient\">]><Observation/>"[..],
             b"<?xml version=\"1.0\"",
             b"<>",
         ] {
-            assert!(
-                resource_of_type(malformed, "Observation", xml)
-                    .unwrap_err()
-                    .malformed
-            );
+            assert!(written(malformed, xml).unwrap_err().malformed);
         }
+        // A conditional reference: in JSON checked as the search it is; in XML refused.
+        let referring =
+            br#"{"resourceType": "Observation", "subject": {"reference": "Patient?name=x"}}"#;
+        assert!(written(referring, json).is_err());
+        let xml_referring =
+            b"<Observation><subject><reference value=\"Patient?name=x\"/></subject></Observation>";
+        assert!(written(xml_referring, xml).is_err());
         // No `Content-Type`: as the first byte says.
         let untyped = ResourceFormat::Untyped;
-        assert!(resource_of_type(b"<Patient/>", "Patient", untyped).is_ok());
-        assert!(
-            resource_of_type(br#"{"resourceType":"Patient"}"#, "Observation", untyped).is_err()
-        );
+        assert!(written(b"<Observation/>", untyped).is_ok());
+        assert!(written(br#"{"resourceType":"Patient"}"#, untyped).is_err());
     }
 
     #[test]
     fn resource_formats_are_told_by_their_media_types() {
-        for (value, suffix) in [
-            ("application/fhir+json", Some("json")),
-            ("application/json; charset=utf-8", Some("json")),
-            ("application/json+fhir", Some("json")),
-            ("Application/FHIR+XML", Some("xml")),
-            ("application/xml+fhir", Some("xml")),
-            ("text/xml", Some("xml")),
+        use ResourceFormat::{Json, Xml};
+        for (value, format) in [
+            ("application/fhir+json", Some(Json)),
+            ("application/json; charset=utf-8", Some(Json)),
+            ("application/json+fhir", Some(Json)),
+            ("Application/FHIR+XML", Some(Xml)),
+            ("application/xml+fhir", Some(Xml)),
+            ("text/xml", Some(Xml)),
             ("text/plain", None),
             ("image/png", None),
             ("application/fhir+turtle", None),
         ] {
             assert_eq!(
-                media_suffix(&HeaderValue::from_static(value)),
-                suffix,
+                format_of(&HeaderValue::from_static(value)),
+                format,
                 "{value}"
             );
         }
