@@ -13,31 +13,37 @@
 //! | `read`, `vread`, instance `history` | `r` on the type |
 //! | `update`, `patch` | `u` |
 //! | `delete` | `d` |
-//! | conditional `update`, `patch`, `delete` (`Patient?identifier=x`) | `u` or `d`, and `s` for the search |
+//! | conditional `update`, `patch`, `delete` (`Patient?identifier=x`) | `u` or `d`, and `s` for the search; a conditional `update` `c` too (finding nothing, it creates) |
 //! | `create` | `c` |
+//! | the resource a `create` or `update` writes | of the type its URL names (JSON's `resourceType`, XML's root element; `415` for another format, but to a Binary; read unless a scope grants `c`, `u` and `s` on `*`); each conditional reference it holds (`"reference": "Patient?name=x"`, resolved by the server with a search) needs what that search would, outright (in XML, one is refused) |
 //! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type; a `_search` body must be `application/x-www-form-urlencoded` (`415` otherwise, a body with no `Content-Type` too: the server would not read it as the parameters checked) |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
 //! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `specimen`, `medication`, `practitioner`), else `*` |
 //! | a reverse chain (`_has:Observation:patient:code=x`, nested too), a chain (`subject:Patient.name=x`, `patient.birthdate=x`) | `s` on each type it filters on: a `_has`'s types; a chain link's type modifier, else the one type of the parameter (as for includes), else `*`. Which resources match tells about those types' data |
+//! | `_filter` (its expression may chain and reverse-chain anywhere), `_query` (a named query the server defines), `_list` | `s` on `*`; `r` and `s` on `*`; `r` on List |
 //! | `$operation` that stays within its type (`meta`, `meta-add`, `meta-delete`, `diff`, `validate`, `match`, `lastn`, `stats`, `expand`, `lookup`, `validate-code`, `subsumes`, `translate`) by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level) |
 //! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/...`: for that patient under `patient/` scopes) |
 //! | `$operation` by another method | the same plus `c` and `u` (and `d`, for one not known to stay within its type); `$everything`, `$summary`, `$document` by POST only read: as by GET |
-//! | an `$operation`'s `_include`, `_revinclude` | as a search's |
-//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused); a create's or update's `resource` must be of the type its `url` names, and a conditional create's `ifNoneExist` is checked as a search of that type |
+//! | an `$operation`'s `_include`, `_revinclude` | as a search's, in the query or in a form posted to it (servers read a form's parameters as the query's) |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused, as are urls with a dot segment anywhere, a fragment, a backslash or a percent-encoded path, which servers read differently); a create's or update's `resource` is checked as a top-level one's, and a conditional create's `ifNoneExist` as a search of that type; an entry allowed only by its parameters makes the batch go with `Prefer: handling=strict` |
 //! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
 //! What cannot be decided before forwarding is refused rather than guessed:
 //!
 //! - A `patient/` scope opens only what is the token's patient's (its `patient` claim) from the
-//!   request alone: that `Patient` (read, update, history, operations), its compartment
-//!   (`Patient/[id]/Observation`, `$everything`), and searches narrowed to it by `patient=[id]`
+//!   request alone: that `Patient` (read, update, history, operations that only read it or
+//!   its compartment), its compartment's types whose `patient` or `subject` parameter names
+//!   the record's patient (`Patient/[id]/Observation`, not `Patient/[id]/Patient` or
+//!   `/Group`), `$everything`, and searches narrowed to it by `patient=[id]`
 //!   or `patient=Patient/[id]`, `subject=Patient/[id]`, or `Patient?_id=[id]` (each such
 //!   parameter naming that patient alone, and one the type searched has in every FHIR
 //!   release that has the type, DSTU2 to R5: `Observation?patient=123`, not
 //!   `Binary?patient=123`, which a lenient server would run without it). (On STU3 a bare
-//!   `patient=[id]` may also match a `Group` of that id; `patient=Patient/[id]` does not.) A read of another type by id, a create, an
-//!   unnarrowed search or a history of a type are refused: whose data they touch is in the
+//!   `patient=[id]` may also match a `Group` of that id; `patient=Patient/[id]` does not.) A read of another type by id, a create, a
+//!   conditional update or patch (its body may move a found resource to another patient), an
+//!   operation by POST on the Patient that may write (`$merge`), an unnarrowed search or a
+//!   history of a type are refused: whose data they touch is in the
 //!   resource, which the gateway has not seen. An include under a `patient/` scope brings in
 //!   only `Patient`, through the very parameter that narrows the search to that patient
 //!   (`Observation?patient=123&_include=Observation:patient`, or `subject=Patient/123` with
