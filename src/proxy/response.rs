@@ -236,7 +236,9 @@ pub(super) async fn relay_response(
         }
     };
     let bytes = rewriter.bundle(&whole).unwrap_or(whole);
-    if !bodiless {
+    // (The length set above is the body's already, unless rewriting changed it or it came
+    // chunked.)
+    if !bodiless && declared != Some(bytes.len() as u64) {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
