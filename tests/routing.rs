@@ -1780,3 +1780,108 @@ async fn without_tls_an_https_upstream_gets_a_502_that_says_why() {
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert!(reply.text().contains("`tls` feature"), "{}", reply.text());
 }
+
+#[tokio::test]
+async fn an_http2_get_with_a_body_is_refused_and_one_without_passes() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let stream = tokio::net::TcpStream::connect(gw.client.addr())
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let get = |body: &'static str| {
+        // DATA frames with no `content-length` (a stream body, not a full one).
+        let (mut tx, rx) = futures::channel::mpsc::channel::<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(1);
+        if !body.is_empty() {
+            tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                body.as_bytes(),
+            ))))
+            .unwrap();
+        }
+        drop(tx);
+        let body = http_body_util::StreamBody::new(rx);
+        http::Request::get("http://gw/Patient?name=x")
+            .header("authorization", format!("Bearer {}", token_for(TENANT_A)))
+            .body(http_body_util::Either::Left(body))
+            .unwrap()
+    };
+    let refused = sender.send_request(get("name=y")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert!(upstream.received().is_empty());
+    sender.ready().await.unwrap();
+    let empty = http::Request::get("http://gw/Patient?name=x")
+        .header("authorization", format!("Bearer {}", token_for(TENANT_A)))
+        .body(http_body_util::Either::Right(http_body_util::Empty::<
+            bytes::Bytes,
+        >::new()))
+        .unwrap();
+    let passed = sender.send_request(empty).await.unwrap();
+    assert_eq!(passed.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_bodiless_answer_keeps_the_length_it_speaks_of_and_a_204_has_none() {
+    // An upstream answering HEAD with the length of the GET's body, a 304 with its
+    // representation's, and a DELETE with a 204 that declares a length anyway.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head);
+                let answer: &[u8] = if head.starts_with("HEAD") {
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 42\r\n\r\n"
+                } else if head.starts_with("DELETE") {
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 304 Not Modified\r\nETag: W/\"1\"\r\nContent-Length: 42\r\n\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    let upstream =
+        Upstream::parse(&format!("http://{upstream_addr}/fhir"), FhirVersion::R4).unwrap();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = gw.client.addr();
+    let token = token_for(TENANT_A);
+    let ask = |method: &str, extra: &str| {
+        let request = format!(
+            "{method} /Patient/1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n{extra}\
+             Connection: close\r\n\r\n"
+        );
+        tokio::task::spawn_blocking(move || send_until_closed(addr, &request).0)
+    };
+    let head = ask("HEAD", "").await.unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 42\r\n"), "{head}");
+    let not_modified = ask("GET", "If-None-Match: W/\"1\"\r\n").await.unwrap();
+    assert!(not_modified.starts_with("HTTP/1.1 304"), "{not_modified}");
+    assert!(
+        not_modified.ends_with("\r\n\r\n"),
+        "no body: {not_modified}"
+    );
+    let deleted = ask("DELETE", "").await.unwrap().to_ascii_lowercase();
+    assert!(deleted.starts_with("http/1.1 204"), "{deleted}");
+    assert!(!deleted.contains("content-length"), "{deleted}");
+}

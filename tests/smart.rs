@@ -1100,7 +1100,22 @@ async fn a_written_resource_must_be_of_the_type_its_url_names() {
         xml,
     )
     .await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("JSON only"), "{}", reply.text());
+    // A patch that writes one in.
+    let patch =
+        r#"[{"op": "add", "path": "/subject", "value": {"reference": "Patient?name=smith"}}]"#;
+    let json_patch = "application/json-patch+json";
+    let reply = send(
+        &client,
+        &writer,
+        "PATCH",
+        "/Observation/1",
+        json_patch,
+        patch,
+    )
+    .await;
+    assert_refused(&reply, "system/Patient.s");
     assert_eq!(
         upstream.received().len(),
         seen,
@@ -1130,6 +1145,19 @@ async fn a_written_resource_must_be_of_the_type_its_url_names() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A JSON or XML document that is not FHIR's is a Binary's content too (a CDA document).
+    for (ty, body) in [
+        ("application/json", r#"{"a": 1}"#),
+        ("text/xml", "<ClinicalDocument xmlns=\"urn:hl7-org:v3\"/>"),
+    ] {
+        let reply = send(&client, &binary, "POST", "/Binary", ty, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{ty}: {}", reply.text());
+        assert_eq!(upstream.last().body, body.as_bytes());
+    }
+    // In FHIR's own format it is a Binary resource, of that type.
+    let fhir_json = "application/fhir+json";
+    let reply = send(&client, &binary, "POST", "/Binary", fhir_json, patient).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,12 +385,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes the hop-by-hop headers and those the `Connection` header names, from a request or a
-/// response.
-pub(super) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// response; whether a `Transfer-Encoding` was among them.
+pub(super) fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // Most messages carry none: one pass over the names (cheap comparisons) before any removal.
     if !headers.keys().any(is_hop_by_hop) {
-        return;
+        return false;
     }
+    let coded = headers.contains_key(header::TRANSFER_ENCODING);
     let mut named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -402,6 +403,7 @@ pub(super) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    coded
 }
 
 #[cfg(test)]

@@ -26,11 +26,15 @@
 //!   (`"allow_set_cookie": true`); otherwise `Set-Cookie` is removed from its responses, so no
 //!   upstream sets cookies on the gateway's origin.
 //!
-//! A request never leaves its tenant's upstream: dot segments (also percent-encoded, once or
-//! twice, also `..;`), encoded slashes, backslashes and NULs get 400, and an absolute-form target or a `Host` header
-//! cannot change the destination. Responses pass through with hop-by-hop headers removed and
-//! the upstream's base URL rewritten to the gateway's public base in `Location`,
-//! `Content-Location`, and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a
+//! A request never leaves its tenant's upstream: dot segments (also percent-encoded, also
+//! `..;`, `..%3f`, or trailed by control characters), an encoded `%` (a path encoded twice or
+//! more), encoded bytes beyond ASCII, encoded slashes, backslashes and NULs get 400, and an
+//! absolute-form target or a `Host` header cannot change the destination. A request body under
+//! a transfer coding other than `chunked` gets 501, a GET or HEAD with a body 400. Responses
+//! pass through with hop-by-hop headers and trailers removed, their `Content-Length` the one
+//! the body was read with, and the upstream's base URL rewritten to the gateway's public base
+//! in `Location`, `Content-Location` and `Link` (read as a client resolves them: host in any
+//! case, default port, path-absolute), and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a
 //! limit; larger or compressed ones stream through untouched). An upstream that refuses or
 //! resets the connection gives 502, one that does not answer in time 504, each with an
 //! `OperationOutcome`. An upstream with a

@@ -1,7 +1,8 @@
 //! The upstream's response relayed to the client: hop-by-hop headers removed, `Set-Cookie`
-//! removed unless the upstream takes part in cookies, the upstream's base URL rewritten to the
-//! gateway's in `Location`, `Content-Location` and JSON Bundles' links (bodies up to a limit;
-//! larger or compressed ones stream through untouched).
+//! removed unless the upstream takes part in cookies, its `Content-Length` the one the body
+//! was read with, the upstream's base URL rewritten to the gateway's in `Location`,
+//! `Content-Location`, `Link` and JSON Bundles' links (bodies up to a limit; larger or
+//! compressed ones stream through untouched).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -55,8 +56,7 @@ pub(super) async fn relay_response(
     // The gateway speaks HTTP/1.1 (or 2) to its client whatever its upstream spoke: an
     // HTTP/1.0 upstream's version would tell an HTTP/1.1 client its connection closes.
     parts.version = http::Version::HTTP_11;
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-    remove_hop_by_hop(&mut parts.headers);
+    let chunked = remove_hop_by_hop(&mut parts.headers);
     let bodiless =
         head || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
     // The length the body must have, as hyper framed it (so not a `Content-Length` that a
@@ -72,15 +72,24 @@ pub(super) async fn relay_response(
     // rest read as the answer to its next request (RFC 9112 §6.3: an intermediary removes
     // it). A bodiless answer keeps the length it speaks of (a HEAD's, a 304's), unless a
     // transfer coding made it meaningless; a 204 has none.
+    let mut heads = ResponseHeads::scan(&parts.headers);
     if chunked || (!bodiless && declared.is_none()) || parts.status == StatusCode::NO_CONTENT {
-        parts.headers.remove(header::CONTENT_LENGTH);
+        if heads.lengths > 0 {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
     } else if let Some(length) = declared {
-        // One value, as read (`5, 5` is one length to hyper, two to some clients).
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        // One value, as read (`5, 5` is one length to hyper, two to some clients); most
+        // answers have it so already.
+        let as_read = heads.lengths == 1 && heads.length == Some(usize::try_from(length).ok());
+        if !as_read {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
     }
-    let heads = ResponseHeads::scan(&parts.headers);
+    if !bodiless {
+        heads.length = Some(declared.and_then(|length| usize::try_from(length).ok()));
+    }
     if heads.set_cookie && !cookies {
         parts.headers.remove(header::SET_COOKIE);
         parts.headers.remove(SET_COOKIE2);
@@ -315,6 +324,8 @@ struct ResponseHeads {
     identity: Option<bool>,
     /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
     length: Option<Option<usize>>,
+    /// How many `Content-Length` values there are (at most 255 counted).
+    lengths: u8,
 }
 
 impl ResponseHeads {
@@ -345,6 +356,7 @@ impl ResponseHeads {
                     .identity
                     .get_or_insert_with(|| value.as_bytes().eq_ignore_ascii_case(b"identity"));
             } else if name == header::CONTENT_LENGTH {
+                heads.lengths = heads.lengths.saturating_add(1);
                 heads.length.get_or_insert_with(|| {
                     value.to_str().ok().and_then(|v| v.parse::<usize>().ok())
                 });

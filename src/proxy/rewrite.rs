@@ -62,7 +62,10 @@ impl BaseRewriter {
         let mut rest = value;
         let mut changed = false;
         while let Some(open) = rest.find('<') {
-            let close = open + rest[open..].find('>')?;
+            // A `<` with no `>` after it (in a quoted parameter, `title="a<b"`) ends the targets.
+            let Some(close) = rest[open..].find('>').map(|at| open + at) else {
+                break;
+            };
             out.push_str(&rest[..=open]);
             let target = &rest[open + 1..close];
             match self.header_url(target) {
@@ -367,6 +370,11 @@ mod tests {
         );
         assert_eq!(r.link(r#"<https://elsewhere/x>; rel="help""#), None);
         assert_eq!(r.link("<unclosed"), None);
+        assert_eq!(
+            r.link(r#"<http://ehr:9001/fhir/r3/Patient?page=2>; rel="next"; title="a<b""#)
+                .as_deref(),
+            Some(r#"<https://gw.example/Patient?page=2>; rel="next"; title="a<b""#)
+        );
     }
 
     #[test]

@@ -311,7 +311,7 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// one on a GET or HEAD, which hyper's client sends without a chunked body (and with a
 /// `Content-Length` one), so a GET's body would reach the upstream or not by how it was
 /// framed: `400`.
-fn unforwardable_body<B>(request: &Request<B>) -> Option<Response<ProxyBody>> {
+fn unforwardable_body<B: Body>(request: &Request<B>) -> Option<Response<ProxyBody>> {
     let headers = request.headers();
     let codings = headers
         .get_all(http::header::TRANSFER_ENCODING)
@@ -320,20 +320,27 @@ fn unforwardable_body<B>(request: &Request<B>) -> Option<Response<ProxyBody>> {
         .map(<[u8]>::trim_ascii);
     let mut chunked = false;
     for coding in codings {
-        if !coding.eq_ignore_ascii_case(b"chunked") {
+        // (`chunked, chunked`: hyper takes one off, and the upstream would get the other's
+        // framing as content.)
+        if !coding.eq_ignore_ascii_case(b"chunked") || chunked {
             return Some(outcome(
                 StatusCode::NOT_IMPLEMENTED,
                 IssueType::NotSupported,
-                "This gateway takes request bodies under no transfer coding but chunked",
+                "This gateway takes request bodies under no transfer coding but chunked, once",
             ));
         }
         chunked = true;
     }
-    let bodiless = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|length| length.as_bytes() != b"0");
-    if bodiless && (chunked || declared) {
+    // Over HTTP/2 a body needs no header to come: DATA frames after a HEADERS frame that did
+    // not end the stream.
+    let streamed = request.version() == http::Version::HTTP_2 && !request.body().is_end_stream();
+    if chunked || declared || streamed {
         return Some(outcome(
             StatusCode::BAD_REQUEST,
             IssueType::Invalid,

@@ -385,17 +385,22 @@ impl<'g> Check<'g> {
             .collect()
     }
 
-    /// Whether some scope lets the token create, update and search every type, whoever's:
-    /// then neither what type a written body says it is nor the searches its conditional
-    /// references make change anything, and it need not be read.
+    /// Whether one scope lets the token create, read, update and search every type,
+    /// whoever's: then neither what type a written body says it is nor what its conditional
+    /// references search or read (`_list`, `_query`) opens anything, and it need not be read.
     pub(crate) fn writes_every_type(&self) -> bool {
         self.grants.scopes().iter().any(|scope| {
             scope.context() != ScopeContext::Patient
                 && scope.query().is_empty()
                 && scope.covers(None)
-                && scope.permissions().contains(Permissions::CREATE)
-                && scope.permissions().contains(Permissions::UPDATE)
-                && scope.permissions().contains(Permissions::SEARCH)
+                && [
+                    Permissions::CREATE,
+                    Permissions::READ,
+                    Permissions::UPDATE,
+                    Permissions::SEARCH,
+                ]
+                .into_iter()
+                .all(|permission| scope.permissions().contains(permission))
         })
     }
 
@@ -455,10 +460,12 @@ impl<'g> Check<'g> {
                 match need.target {
                     Target::Instance { ty, id } => ty == "Patient" && id == patient,
                     Target::Compartment { ty, id } => {
-                        // `Patient/[id]/[type]` is `[type]?patient=[id]` (or `subject`) only for
-                        // the types whose parameter names the record's patient; the compartment
-                        // holds others through other links (a Patient's `link`, a Group's
-                        // members, a Practitioner), whose resources may be other patients'.
+                        // Only the types whose `patient` or `subject` parameter can name the
+                        // patient: the compartment holds others through other links (a
+                        // Patient's `link`, a Group's members, a Practitioner), which are other
+                        // people's records. (What the server's compartment holds of these types
+                        // may still include one linked otherwise: an Observation the patient
+                        // performed.)
                         ty == "Patient"
                             && id == patient
                             && need.resource_type.is_none_or(|searched| {
@@ -544,7 +551,7 @@ impl<'g> Check<'g> {
         for reference in found {
             let (target, query) = reference.split_once('?').unwrap_or((reference, ""));
             if !is_type(target) {
-                return Err(Refused::new(format!(
+                return Err(Refused::malformed(format!(
                     "The resource holds a conditional reference ({reference}) whose search \
                      cannot be checked: only [type]?[parameters] can"
                 )));

@@ -214,9 +214,10 @@ enum BodyCheck {
         untyped: bool,
     },
     /// A created or updated resource, allowed by the head: it must be of the type the URL
-    /// names, which the scopes were checked for.
+    /// names (`None`: a patch, of no type), which the scopes were checked for, and its
+    /// conditional references need what their searches would.
     Resource {
-        ty: Box<str>,
+        ty: Option<Box<str>>,
         format: ResourceFormat,
         allowed: Allowed,
     },
@@ -324,7 +325,8 @@ where
                             ty,
                             format,
                             allowed,
-                        } => written_resource(&grants, &bytes, &ty, format).map(|()| allowed),
+                        } => written_resource(&grants, &bytes, ty.as_deref(), format)
+                            .map(|()| allowed),
                         BodyCheck::SearchForm { untyped: true } if !bytes.is_empty() => {
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
@@ -435,28 +437,32 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                 _ => Ok(allowed),
             }
         });
-    if let (Ok(allowed), Some(Interaction::Create | Interaction::Update), Some(ty), false) = (
-        &checked,
-        found.interaction,
-        found.resource_type,
-        check.writes_every_type(),
-    ) {
-        let allowed = *allowed;
-        let format = match request.headers().get(header::CONTENT_TYPE) {
-            None => ResourceFormat::Untyped,
-            Some(value) => match format_of(value) {
-                Some(format) => format,
-                // A Binary is created from any content (FHIR's raw binary create): it is
-                // stored as a Binary whatever it holds.
-                _ if ty == "Binary" => return pass(allowed),
-                _ => return Plan::Refuse(Box::new(not_a_resource_format())),
-            },
-        };
-        return Plan::ReadBody(BodyCheck::Resource {
-            ty: ty.into(),
-            format,
-            allowed,
-        });
+    if let (
+        Ok(allowed),
+        Some(interaction @ (Interaction::Create | Interaction::Update | Interaction::Patch)),
+        Some(ty),
+    ) = (&checked, found.interaction, found.resource_type)
+    {
+        if !check.writes_every_type() {
+            let allowed = *allowed;
+            let format = match request.headers().get(header::CONTENT_TYPE).map(format_of) {
+                None => ResourceFormat::Untyped,
+                // A Binary is created from any content but FHIR's own formats (FHIR's raw
+                // binary create): a JSON or XML document is stored as a Binary's content.
+                Some(Some((_, false))) if ty == "Binary" => return pass(allowed),
+                Some(Some((format, _))) => format,
+                // A patch in another format (none is FHIR's) holds no reference to check.
+                _ if interaction == Interaction::Patch || ty == "Binary" => return pass(allowed),
+                Some(None) => return Plan::Refuse(Box::new(not_a_resource_format())),
+            };
+            return Plan::ReadBody(BodyCheck::Resource {
+                // A patch (JSON Patch, a FHIRPath Patch's Parameters) is not the resource: only
+                // its references are checked.
+                ty: (interaction != Interaction::Patch).then(|| ty.into()),
+                format,
+                allowed,
+            });
+        }
     }
     match checked {
         Ok(allowed) => pass(allowed),
@@ -495,9 +501,10 @@ fn pass(allowed: Allowed) -> Plan {
     }
 }
 
-/// The FHIR format a `Content-Type` names (`application/fhir+json`, `application/json`,
-/// `application/xml+fhir`, `text/xml`, any `+json` or `+xml`), if any.
-fn format_of(value: &HeaderValue) -> Option<ResourceFormat> {
+/// The format a `Content-Type` names (`application/fhir+json`, `application/json`,
+/// `application/xml+fhir`, `text/xml`, any `+json` or `+xml`), if JSON or XML, and whether it
+/// is FHIR's own (`fhir+json`, `json+fhir`, `fhir+xml`, `xml+fhir`).
+fn format_of(value: &HeaderValue) -> Option<(ResourceFormat, bool)> {
     let value = value.to_str().ok()?;
     let media = value
         .split(';')
@@ -509,11 +516,12 @@ fn format_of(value: &HeaderValue) -> Option<ResourceFormat> {
     if !matches!(kind, "application" | "text") {
         return None;
     }
+    let fhir = matches!(subtype, "fhir+json" | "json+fhir" | "fhir+xml" | "xml+fhir");
     let subtype = subtype.strip_suffix("+fhir").unwrap_or(subtype);
     if subtype == "json" || subtype.ends_with("+json") {
-        Some(ResourceFormat::Json)
+        Some((ResourceFormat::Json, fhir))
     } else if subtype == "xml" || subtype.ends_with("+xml") {
-        Some(ResourceFormat::Xml)
+        Some((ResourceFormat::Xml, fhir))
     } else {
         None
     }
@@ -537,7 +545,7 @@ fn not_a_resource_format() -> Response<Bytes> {
 fn written_resource(
     grants: &Grants,
     body: &[u8],
-    ty: &str,
+    ty: Option<&str>,
     format: ResourceFormat,
 ) -> Result<(), Refused> {
     let start = body
@@ -552,52 +560,80 @@ fn written_resource(
         ResourceFormat::Xml => true,
         ResourceFormat::Untyped => first == b'<',
     };
-    let not_of_type = |said: &str| {
-        Refused::new(format!(
+    let of_type = |said: Option<&str>, what: &str| match (ty, said) {
+        (None, _) => Ok(()),
+        (Some(ty), Some(said)) if said == ty => Ok(()),
+        (Some(ty), Some(said)) => Err(Refused::new(format!(
             "The body is a {said}, not a {ty}, the type the URL names"
-        ))
+        ))),
+        (Some(_), None) => Err(Refused::malformed(format!(
+            "The body is not a {what} resource whose type can be read"
+        ))),
     };
     if xml {
-        match xml_root(start) {
-            Some(said) if said == ty => {}
-            Some(said) => return Err(not_of_type(said)),
-            None => {
-                return Err(Refused::malformed(
-                    "The body is not a FHIR XML resource whose type can be read",
-                ))
-            }
-        }
-        if xml_conditional_reference(start) {
-            return Err(Refused::new(
-                "The resource holds a conditional reference, which is checked in JSON only: \
-                 send it as application/fhir+json",
+        of_type(xml_root(start), "FHIR XML")?;
+        if xml_may_hold_conditional_reference(start) {
+            return Err(Refused::malformed(
+                "The body may hold a conditional reference (a reference value with a ? or a \
+                 character reference), which is checked in JSON only: send it as \
+                 application/fhir+json",
             ));
         }
         return Ok(());
     }
     let resource = super::check::json_resource(start)?;
-    match resource
-        .get("resourceType")
-        .and_then(serde_json::Value::as_str)
-    {
-        Some(said) if said == ty => {}
-        Some(said) => return Err(not_of_type(said)),
-        None => {
-            return Err(Refused::malformed(
-                "The body is not a FHIR JSON resource whose type can be read",
-            ))
-        }
-    }
+    of_type(
+        resource
+            .get("resourceType")
+            .and_then(serde_json::Value::as_str),
+        "FHIR JSON",
+    )?;
     Check::new(grants).conditional_references(&resource)
 }
 
-/// Whether an XML resource may hold a conditional reference: a `reference` element whose
-/// tag holds a `?` (read loosely, so as to refuse rather than miss one).
-fn xml_conditional_reference(xml: &[u8]) -> bool {
+/// Whether an XML resource may hold a conditional reference: a `reference` element (any
+/// prefix) with an attribute value holding a `?`, or a `&` (a character reference such as
+/// `&#63;` is a `?` to the server). Attribute values are read in their quotes, so a `>` in
+/// one does not end the tag; a `reference` that is not an element's name (in text, in
+/// another attribute) does not count.
+fn xml_may_hold_conditional_reference(xml: &[u8]) -> bool {
     memchr::memmem::find_iter(xml, b"reference").any(|at| {
-        let after = &xml[at..];
-        let tag_end = memchr::memchr(b'>', after).unwrap_or(after.len());
-        after[..tag_end].contains(&b'?')
+        // The element's name: after `<` or a prefix's `:`, ending at a space, `/` or `>`.
+        let named = match at.checked_sub(1).map(|before| xml[before]) {
+            Some(b'<') => true,
+            Some(b':') => xml[..at - 1]
+                .iter()
+                .rposition(|&b| b == b'<')
+                .is_some_and(|open| {
+                    xml[open + 1..at - 1]
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+                }),
+            _ => false,
+        };
+        let rest = &xml[at + b"reference".len()..];
+        if !named
+            || !matches!(
+                rest.first(),
+                Some(b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>')
+            )
+        {
+            return false;
+        }
+        // Its attributes, to the `>` outside quotes.
+        let mut quote = None;
+        for &b in rest {
+            match quote {
+                Some(q) if b == q => quote = None,
+                Some(_) if b == b'?' || b == b'&' => return true,
+                Some(_) => {}
+                None if b == b'"' || b == b'\'' => quote = Some(b),
+                None if b == b'>' => return false,
+                None => {}
+            }
+        }
+        // A tag that never ends: refuse rather than guess.
+        true
     })
 }
 
@@ -1032,7 +1068,8 @@ mod tests {
     #[test]
     fn a_written_resource_is_read_as_the_server_reads_its_type() {
         let grants = Grants::from_scopes(["system/Observation.cu"], None);
-        let written = |body: &[u8], format| written_resource(&grants, body, "Observation", format);
+        let written =
+            |body: &[u8], format| written_resource(&grants, body, Some("Observation"), format);
         let json = ResourceFormat::Json;
         assert!(written(br#"{"resourceType": "Observation"}"#, json).is_ok());
         let other = written(br#"{"resourceType": "Patient"}"#, json);
@@ -1069,9 +1106,29 @@ mod tests {
         let referring =
             br#"{"resourceType": "Observation", "subject": {"reference": "Patient?name=x"}}"#;
         assert!(written(referring, json).is_err());
-        let xml_referring =
-            b"<Observation><subject><reference value=\"Patient?name=x\"/></subject></Observation>";
-        assert!(written(xml_referring, xml).is_err());
+        // In XML however it is spelt: a character reference, a `>` in another attribute, a
+        // prefix; and not for `reference` in text or another element's name.
+        for referring in [
+            &b"<Observation><subject><reference value=\"Patient?name=x\"/></subject></Observation>"[..],
+            b"<Observation><subject><reference value=\"Patient&#63;name=x\"/></subject></Observation>",
+            b"<Observation><subject><reference id=\">\" value=\"Patient?name=x\"/></subject></Observation>",
+            b"<f:Observation><f:subject><f:reference value='Patient?name=x'/></f:subject></f:Observation>",
+        ] {
+            let refused = written(referring, xml).unwrap_err();
+            assert!(refused.malformed, "{}", String::from_utf8_lossy(referring));
+        }
+        for plain in [
+            &b"<Observation><text value=\"a reference? none\"/></Observation>"[..],
+            b"<Observation><subject><reference value=\"Patient/1\"/></subject><url value=\"http://x/reference?x=1\"/></Observation>",
+            b"<Observation><referenceRange><text value=\"what?\"/></referenceRange></Observation>",
+        ] {
+            assert!(written(plain, xml).is_ok(), "{}", String::from_utf8_lossy(plain));
+        }
+        // A patch has no type; its references count.
+        let patch = br#"[{"op": "add", "path": "/subject", "value": {"reference": "Patient?identifier=x"}}]"#;
+        assert!(written_resource(&grants, patch, None, json).is_err());
+        let plain_patch = br#"[{"op": "replace", "path": "/status", "value": "final"}]"#;
+        assert!(written_resource(&grants, plain_patch, None, json).is_ok());
         // No `Content-Type`: as the first byte says.
         let untyped = ResourceFormat::Untyped;
         assert!(written(b"<Observation/>", untyped).is_ok());
@@ -1082,12 +1139,13 @@ mod tests {
     fn resource_formats_are_told_by_their_media_types() {
         use ResourceFormat::{Json, Xml};
         for (value, format) in [
-            ("application/fhir+json", Some(Json)),
-            ("application/json; charset=utf-8", Some(Json)),
-            ("application/json+fhir", Some(Json)),
-            ("Application/FHIR+XML", Some(Xml)),
-            ("application/xml+fhir", Some(Xml)),
-            ("text/xml", Some(Xml)),
+            ("application/fhir+json", Some((Json, true))),
+            ("application/json; charset=utf-8", Some((Json, false))),
+            ("application/json+fhir", Some((Json, true))),
+            ("application/json-patch+json", Some((Json, false))),
+            ("Application/FHIR+XML", Some((Xml, true))),
+            ("application/xml+fhir", Some((Xml, true))),
+            ("text/xml", Some((Xml, false))),
             ("text/plain", None),
             ("image/png", None),
             ("application/fhir+turtle", None),

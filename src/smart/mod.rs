@@ -15,7 +15,7 @@
 //! | `delete` | `d` |
 //! | conditional `update`, `patch`, `delete` (`Patient?identifier=x`) | `u` or `d`, and `s` for the search; a conditional `update` `c` too (finding nothing, it creates) |
 //! | `create` | `c` |
-//! | the resource a `create` or `update` writes | of the type its URL names (JSON's `resourceType`, XML's root element; `415` for another format, but to a Binary; read unless a scope grants `c`, `u` and `s` on `*`); each conditional reference it holds (`"reference": "Patient?name=x"`, resolved by the server with a search) needs what that search would, outright (in XML, one is refused) |
+//! | the resource a `create` or `update` writes | of the type its URL names (JSON's `resourceType`, XML's root element; `415` for another format; a Binary in a format that is not FHIR's own is content, not checked; read unless one scope grants `c`, `r`, `u` and `s` on `*`); each conditional reference it, or a patch, holds (`"reference": "Patient?name=x"`, resolved by the server with a search) needs what that search would, outright (in XML, a `reference` whose value holds a `?` or a character reference gets `400`) |
 //! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type; a `_search` body must be `application/x-www-form-urlencoded` (`415` otherwise, a body with no `Content-Type` too: the server would not read it as the parameters checked) |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
 //! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `specimen`, `medication`, `practitioner`), else `*` |
@@ -33,9 +33,10 @@
 //!
 //! - A `patient/` scope opens only what is the token's patient's (its `patient` claim) from the
 //!   request alone: that `Patient` (read, update, history, operations that only read it or
-//!   its compartment), its compartment's types whose `patient` or `subject` parameter names
-//!   the record's patient (`Patient/[id]/Observation`, not `Patient/[id]/Patient` or
-//!   `/Group`), `$everything`, and searches narrowed to it by `patient=[id]`
+//!   its compartment), its compartment searches of the types whose `patient` or `subject`
+//!   parameter can name the patient (`Patient/[id]/Observation`, not `Patient/[id]/Patient` or
+//!   `/Group`; the server answers with what its compartment holds, which for an Observation
+//!   includes one the patient performed), `$everything`, and searches narrowed to it by `patient=[id]`
 //!   or `patient=Patient/[id]`, `subject=Patient/[id]`, or `Patient?_id=[id]` (each such
 //!   parameter naming that patient alone, and one the type searched has in every FHIR
 //!   release that has the type, DSTU2 to R5: `Observation?patient=123`, not
