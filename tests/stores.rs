@@ -143,6 +143,7 @@ where
 {
     let (a, b) = (tenant(A), tenant(B));
     assert!(store.client("app").await.unwrap().is_none());
+    assert!(store.clients().await.unwrap().is_empty());
 
     // Registered with a generated secret: stored as a hash, never in clear.
     let secret = store
@@ -396,10 +397,32 @@ where
         .unwrap_err()
         .is_refused());
 
+    // Every client listed, the revoked one included, in byte order of its id (an upper-case
+    // id first, whatever a database's collation says), each as its own look-up gives it.
+    store
+        .register(NewClient::new("Zeta").tenant(b))
+        .await
+        .unwrap();
+    let listed = store.clients().await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|client| client.id.as_str()).collect();
+    assert_eq!(ids, ["Zeta", "app", "backend", "metered", "provisioned"]);
+    for client in &listed {
+        assert_eq!(
+            Some(client),
+            store.client(&client.id).await.unwrap().as_ref()
+        );
+    }
+    assert_eq!(
+        listed.iter().filter(|client| client.revoked).count(),
+        1,
+        "only app is revoked"
+    );
+
     if let Some(reopen) = reopen {
         let provisioned = store.client("provisioned").await.unwrap().unwrap();
         drop(store);
         let store = reopen().await;
+        assert_eq!(store.clients().await.unwrap(), listed);
         let record = store.client("app").await.unwrap().unwrap();
         assert!(record.revoked);
         assert_eq!(store.revoked_clients().await.unwrap().len(), 1);

@@ -596,6 +596,28 @@ impl ClientStore for PgClientStore {
         }))
     }
 
+    fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let pool = self.pool.clone();
+        Box::pin(bounded(async move {
+            let failed = |e| store_error("listing the clients", e);
+            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
+            // Byte order, as the other stores sort: not the database's collation.
+            let rows = connection
+                .query(
+                    "SELECT record FROM tower_fhir_clients ORDER BY id COLLATE \"C\"",
+                    &[],
+                )
+                .await
+                .map_err(failed)?;
+            rows.into_iter()
+                .map(|row| {
+                    serde_json::from_value(row.get(0))
+                        .map_err(|e| store_error("reading a client", e))
+                })
+                .collect()
+        }))
+    }
+
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
         let this = self.clone();
         Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {

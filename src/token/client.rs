@@ -524,6 +524,33 @@ pub trait ClientStore: Send + Sync + 'static {
         ))))
     }
 
+    /// Every registered client, revoked ones included (marked revoked), in `id` order: what an
+    /// administrator lists (the gateway's `GET /admin/clients`). Each record is as
+    /// [`client`](Self::client) gives it, its secrets' hashes included: show only what is not
+    /// secret. The default fails: a store that cannot tell must not pass for one that has none.
+    ///
+    /// ```
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// assert!(store.clients().await.unwrap().is_empty());
+    /// store.register(NewClient::new("app-2")).await.unwrap();
+    /// store.register(NewClient::new("app-1")).await.unwrap();
+    /// store.revoke("app-2").await.unwrap();
+    ///
+    /// let listed = store.clients().await.unwrap();
+    /// let ids: Vec<&str> = listed.iter().map(|client| client.id.as_str()).collect();
+    /// assert_eq!(ids, ["app-1", "app-2"]);
+    /// assert!(!listed[0].revoked && listed[1].revoked);
+    /// # });
+    /// ```
+    fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        Box::pin(std::future::ready(Err(StoreError::new(
+            "this client store cannot list its clients",
+        ))))
+    }
+
     /// Replaces what the client may get tokens for: its tenants, and the scopes it may ask for
     /// besides a tenant (each an RFC 6749 scope token: printable ASCII without spaces, `"` or
     /// `\`). Refuses unknown or revoked clients. Tokens issued before keep the scope they
@@ -676,6 +703,9 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
         (**self).revoked_clients()
     }
+    fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        (**self).clients()
+    }
     fn set_entitlements(
         &self,
         id: &str,
@@ -769,6 +799,13 @@ impl Clients {
             .filter(|client| client.revoked)
             .cloned()
             .collect()
+    }
+
+    /// Every client, in id order.
+    pub(crate) fn all(&self) -> Vec<ClientRecord> {
+        let mut all: Vec<ClientRecord> = self.clients.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// Whether `client` can be registered: its id, its scopes, a given secret's length, the id
@@ -1120,6 +1157,11 @@ impl ClientStore for InMemoryClientStore {
         Box::pin(async move { Ok(revoked) })
     }
 
+    fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let all = self.with(|c| c.all());
+        Box::pin(async move { Ok(all) })
+    }
+
     fn set_entitlements(
         &self,
         id: &str,
@@ -1226,6 +1268,15 @@ mod tests {
         store.update("app", update).await.unwrap();
         let record = store.client("app").await.unwrap().unwrap();
         assert_eq!((record.scopes.len(), record.rate_limit), (1, Some(limit)));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_list_its_clients_fails_rather_than_listing_none() {
+        let store = SettersOnly(InMemoryClientStore::new());
+        store.register(NewClient::new("app")).await.unwrap();
+        let failed = store.clients().await.unwrap_err();
+        assert!(!failed.is_refused(), "{failed}");
+        assert!(failed.to_string().contains("cannot list its clients"));
     }
 
     fn live_secret_matches(record: &ClientRecord, secret: &ClientSecret) -> bool {

@@ -206,6 +206,11 @@ impl ClientStore for FileClientStore {
         Box::pin(async move { Ok(revoked) })
     }
 
+    fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        let all = self.current().all();
+        Box::pin(async move { Ok(all) })
+    }
+
     fn set_entitlements(
         &self,
         id: &str,
