@@ -6,6 +6,7 @@
 //! `rate_limit` applies to tokens already issued too, at their next request). An address that
 //! presents five wrong admin tokens within a minute gets `429` for a while (`AdminThrottle`).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,10 +87,12 @@ const LEEWAY: Duration = Duration::from_secs(60);
 /// The routes under `/admin`.
 pub(crate) fn routes(admin: Arc<Admin>) -> Router {
     Router::new()
+        .route("/admin/tenants", get(list_tenants))
         .route(
             "/admin/tenants/{id}",
             put(put_tenant).delete(delete_tenant).get(get_tenant),
         )
+        .route("/admin/clients", get(list_clients))
         .route(
             "/admin/clients/{client_id}",
             put(put_client).get(get_client).delete(delete_client),
@@ -315,6 +318,10 @@ async fn put_tenant(
         Ok(tenant) => tenant,
         Err(response) => return *response,
     };
+    let body = match without_own_id(tenant, body) {
+        Ok(body) => body,
+        Err(response) => return *response,
+    };
     // `{"upstreams": [...]}` or `{"in_process": {...}}`, `rate_limit` beside either; or just
     // the list of upstreams.
     let upstreams = match serde_json::from_slice::<TenantRecord>(&body) {
@@ -371,6 +378,34 @@ async fn put_tenant(
         StatusCode::CREATED
     };
     (status, Json(tenant_json(tenant, &upstreams))).into_response()
+}
+
+/// The body of `PUT /admin/tenants/{id}` without the `"id"` that a record read with `GET`
+/// names, when it is `tenant` (in any spelling of the GUID); the body unchanged when it names
+/// none. `400` for an id that is another tenant's, or not a GUID: a tenant's id cannot change.
+fn without_own_id(tenant: TenantId, body: Bytes) -> Result<Bytes, Box<Response>> {
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(&body) else {
+        return Ok(body);
+    };
+    let named = match fields.remove("id") {
+        None | Some(serde_json::Value::Null) => return Ok(body),
+        Some(named) => named,
+    };
+    match named.as_str().map(TenantId::parse) {
+        Some(Ok(named)) if named == tenant => serde_json::to_vec(&fields)
+            .map(Bytes::from)
+            .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.to_string()))),
+        Some(Ok(named)) => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the body's id {named} is not the tenant of the path, {tenant}: a tenant's id cannot change (leave id out, or make it the path's; to onboard {named}, PUT to /admin/tenants/{named})"
+            ),
+        ))),
+        _ => Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body's id is not a GUID: leave id out, or make it the path's, {tenant}"),
+        ))),
+    }
 }
 
 /// The first upstream base of `record` that lies under another tenant's on the same server,
@@ -437,6 +472,22 @@ fn tenant_json(tenant: TenantId, record: &TenantRecord) -> serde_json::Value {
         }
     }
     shown
+}
+
+/// `{"tenants": [ids]}`, sorted: ids only, since a record each would take a lookup each (read
+/// one with `GET /admin/tenants/{id}`).
+async fn list_tenants(State(admin): State<Arc<Admin>>) -> Response {
+    match admin.directory.list().await {
+        Ok(mut tenants) => {
+            tenants.sort_unstable();
+            tenants.dedup();
+            Json(json!({"tenants": tenants})).into_response()
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "could not list the tenants");
+            unavailable("the tenant directory cannot answer")
+        }
+    }
 }
 
 async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
@@ -560,16 +611,17 @@ impl ClientBody {
     }
 }
 
-/// The client as stored, without its secrets' hashes; and which of its tenants have no
-/// upstream here yet (their tokens would be refused as not onboarded).
-/// A tenant the directory cannot answer for counts as not onboarded.
-async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
-    let mut not_onboarded = Vec::new();
-    for tenant in &record.tenants {
-        if !matches!(admin.directory.lookup(*tenant).await, Ok(Some(_))) {
-            not_onboarded.push(tenant);
-        }
-    }
+/// The client as stored, without its secrets' hashes; and which of its tenants are not
+/// `onboarded`: they have no upstream here yet, so their tokens would be refused.
+fn client_fields(
+    record: &ClientRecord,
+    onboarded: impl Fn(&TenantId) -> bool,
+) -> serde_json::Value {
+    let not_onboarded: Vec<&TenantId> = record
+        .tenants
+        .iter()
+        .filter(|tenant| !onboarded(tenant))
+        .collect();
     json!({
         "client_id": record.id,
         "tenants": record.tenants,
@@ -581,6 +633,45 @@ async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value 
         "jwks_uri": record.jwks_uri,
         "tenants_not_onboarded": not_onboarded,
     })
+}
+
+/// The client as [`client_fields`] shows it, each of its tenants looked up in the directory.
+/// A tenant the directory cannot answer for counts as not onboarded.
+async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
+    let mut onboarded = HashSet::new();
+    for tenant in &record.tenants {
+        if matches!(admin.directory.lookup(*tenant).await, Ok(Some(_))) {
+            onboarded.insert(*tenant);
+        }
+    }
+    client_fields(record, |tenant| onboarded.contains(tenant))
+}
+
+/// `{"clients": [...]}`, sorted by `client_id`, revoked ones included: each as
+/// `GET /admin/clients/{client_id}` shows it (no secrets). Which tenants are onboarded is read
+/// once, from the directory's list, not with a lookup per tenant of each client; a directory
+/// that cannot answer leaves every tenant not onboarded, as it does for one client.
+async fn list_clients(State(admin): State<Arc<Admin>>) -> Response {
+    let mut clients = match admin.clients.clients().await {
+        Ok(clients) => clients,
+        Err(err) => {
+            tracing::error!(error = %err, "could not list the clients");
+            return unavailable("the client store failed");
+        }
+    };
+    clients.sort_by(|a, b| a.id.cmp(&b.id));
+    let onboarded: HashSet<TenantId> = match admin.directory.list().await {
+        Ok(tenants) => tenants.into_iter().collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not list the tenants to show which clients' tenants are onboarded");
+            HashSet::new()
+        }
+    };
+    let shown: Vec<serde_json::Value> = clients
+        .iter()
+        .map(|record| client_fields(record, |tenant| onboarded.contains(tenant)))
+        .collect();
+    Json(json!({"clients": shown})).into_response()
 }
 
 fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
@@ -945,14 +1036,23 @@ mod tests {
         directory: &InMemoryDirectory,
         clients: Option<(InMemoryClientStore, TokensOnly)>,
     ) -> (Router, RouteCache) {
-        let routing = TenantRoutingLayer::builder(directory.clone())
-            .build()
-            .unwrap();
-        let routes = routing.cache().clone();
         let (clients, log) = match clients {
             Some((clients, log)) => (clients, Some(log)),
             None => (InMemoryClientStore::new(), None),
         };
+        admin_over(directory.clone(), Arc::new(clients), log)
+    }
+
+    /// An admin API over any directory and client store.
+    fn admin_over(
+        directory: impl TenantStore + Clone,
+        clients: Arc<dyn ClientStore>,
+        log: Option<TokensOnly>,
+    ) -> (Router, RouteCache) {
+        let routing = TenantRoutingLayer::builder(directory.clone())
+            .build()
+            .unwrap();
+        let routes = routing.cache().clone();
         let endpoint = TokenEndpoint::builder()
             .issuer("https://gateway.test")
             .audience("tower-fhir")
@@ -963,9 +1063,9 @@ mod tests {
         };
         let admin = Admin {
             token: "admin-secret".into(),
-            directory: Arc::new(directory.clone()),
+            directory: Arc::new(directory),
             routes: routes.clone(),
-            clients: Arc::new(clients.clone()),
+            clients,
             limits: RateLimitLayer::new(),
             throttle: AdminThrottle::default(),
             keys: KeyAdmin::Files(SigningKeys::generate().unwrap()),
@@ -986,6 +1086,165 @@ mod tests {
             .body(Body::from(body.to_owned()))
             .unwrap();
         router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    /// `GET path` with the admin token: its status, `Retry-After` and JSON body.
+    async fn get(router: &Router, path: &str) -> (StatusCode, bool, serde_json::Value) {
+        let request = Request::builder()
+            .uri(path)
+            .header(header::AUTHORIZATION, "Bearer admin-secret")
+            .body(Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let retry = response.headers().contains_key(header::RETRY_AFTER);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, retry, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A directory that cannot list its tenants (a database gone away, say); look-ups work.
+    #[derive(Clone)]
+    struct Unlisted(InMemoryDirectory);
+    impl tower_fhir::route::TenantDirectory for Unlisted {
+        fn lookup(&self, tenant: TenantId) -> tower_fhir::route::DirectoryFuture {
+            self.0.lookup(tenant)
+        }
+    }
+    impl TenantStore for Unlisted {
+        fn put(
+            &self,
+            tenant: TenantId,
+            record: TenantRecord,
+        ) -> tower_fhir::route::TenantStoreFuture<bool> {
+            self.0.put(tenant, record)
+        }
+        fn put_all(
+            &self,
+            tenants: Vec<(TenantId, TenantRecord)>,
+        ) -> tower_fhir::route::TenantStoreFuture<()> {
+            self.0.put_all(tenants)
+        }
+        fn delete(&self, tenant: TenantId) -> tower_fhir::route::TenantStoreFuture<bool> {
+            self.0.delete(tenant)
+        }
+        fn list(&self) -> tower_fhir::route::TenantStoreFuture<Vec<TenantId>> {
+            Box::pin(async { Err(DirectoryError::new("the database went away")) })
+        }
+        fn changes(&self) -> tokio::sync::broadcast::Receiver<TenantId> {
+            self.0.changes()
+        }
+    }
+
+    /// A client store without `clients`: the trait's default, which fails.
+    struct Unlisting(InMemoryClientStore);
+    impl ClientStore for Unlisting {
+        fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
+            self.0.client(id)
+        }
+        fn register(
+            &self,
+            client: NewClient,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.0.register(client)
+        }
+        fn rotate_secret(
+            &self,
+            id: &str,
+            grace: Duration,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.0.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+            self.0.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> tower_fhir::token::StoreFuture<()> {
+            self.0.set_entitlements(id, tenants, scopes)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_list_answers_503_and_the_directory_only_hides_onboarding() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let directory = InMemoryDirectory::new();
+        let record: TenantRecord = serde_json::from_str(
+            r#"{"upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"}]}"#,
+        )
+        .unwrap();
+        directory.put(tenant, record).await.unwrap();
+        let clients = InMemoryClientStore::new();
+        clients
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+
+        // The directory cannot list: no tenant list (503, Retry-After, JSON); the clients are
+        // still listed, their tenants shown as not onboarded (as one client's are when the
+        // directory cannot answer).
+        let (router, _) = admin_over(Unlisted(directory.clone()), Arc::new(clients.clone()), None);
+        let (status, retry, body) = get(&router, "/admin/tenants").await;
+        assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, true));
+        assert_eq!(body["error"], "the tenant directory cannot answer");
+        let (status, _, body) = get(&router, "/admin/clients").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["clients"][0]["tenants_not_onboarded"], json!([TENANT]));
+
+        // The client store cannot list: 503, not an empty list.
+        let (router, _) = admin_over(directory, Arc::new(Unlisting(clients)), None);
+        let (status, retry, body) = get(&router, "/admin/clients").await;
+        assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, true));
+        assert_eq!(body["error"], "the client store failed");
+        let (status, _, body) = get(&router, "/admin/tenants").await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, json!({"tenants": [TENANT]}))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tenant_body_may_name_the_paths_id_in_any_spelling_and_no_other() {
+        use tower_fhir::route::TenantDirectory;
+        let directory = InMemoryDirectory::new();
+        let (router, _) = admin(&directory);
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let with_id = |id: serde_json::Value| {
+            json!({"id": id, "upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"}]})
+                .to_string()
+        };
+        for refused in [
+            json!("9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f"),
+            json!("not-a-guid"),
+            json!(7),
+        ] {
+            assert_eq!(
+                send(&router, "PUT", &with_id(refused.clone())).await,
+                StatusCode::BAD_REQUEST,
+                "{refused}"
+            );
+        }
+        assert!(directory.lookup(tenant).await.unwrap().is_none());
+        let upper = TENANT.to_ascii_uppercase();
+        assert_eq!(
+            send(&router, "PUT", &with_id(json!(upper))).await,
+            StatusCode::CREATED
+        );
+        for same in [
+            json!(format!("{{{TENANT}}}")),
+            json!(TENANT.replace('-', "")),
+            json!(null),
+        ] {
+            assert_eq!(
+                send(&router, "PUT", &with_id(same.clone())).await,
+                StatusCode::OK,
+                "{same}"
+            );
+        }
     }
 
     #[tokio::test]
