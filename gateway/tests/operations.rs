@@ -1283,9 +1283,9 @@ async fn a_tenant_sent_back_with_its_redacted_credential_is_refused() {
     assert_eq!(read.status, StatusCode::OK, "{}", read.text());
     assert_eq!(read.json()["upstreams"][0]["authorization"], "<redacted>");
 
-    // Read, edit, write: the placeholder comes back as it was shown (the id is the path's).
-    let mut record = read.json();
-    record.as_object_mut().unwrap().remove("id");
+    // Read, edit, write: the placeholder comes back as it was shown, the id with it.
+    let record = read.json();
+    assert_eq!(record["id"], TENANT);
     let reply = gw
         .client
         .send(
@@ -1337,5 +1337,180 @@ async fn a_tenant_sent_back_with_its_redacted_credential_is_refused() {
             "{flag}: {stderr}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `GET /admin/tenants` and `GET /admin/clients` need the admin token, and list what exists as
+/// it changes: a tenant added then removed, a client registered then revoked. The tenants are
+/// ids only, sorted; the clients sorted by id, each as `GET /admin/clients/{id}` shows it, and
+/// never a secret or its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_lists_tenants_and_clients_as_they_change() {
+    const ADDED: &str = "1d2d0000-0000-4000-8000-000000000001";
+    const NOT_ONBOARDED: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+    let dir = scratch("operations-admin-lists");
+    let upstream = RecordingUpstream::start().await;
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+    let auth = format!("Bearer {admin_token}");
+    let admin = async |method: &str, path: &str, body: &str| {
+        gw.client
+            .send(method, path, &[("authorization", &auth)], body)
+            .await
+    };
+
+    // Without the admin token, or with a wrong one: 401, JSON, nothing listed.
+    for path in ["/admin/tenants", "/admin/clients"] {
+        for headers in [
+            vec![],
+            vec![("authorization", "Bearer not-the-admin-token")],
+        ] {
+            let reply = gw.client.send("GET", path, &headers, "").await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(reply.json()["error"], "a valid admin token is required");
+            assert!(!reply.text().contains(TENANT), "{path}: {}", reply.text());
+        }
+        // A method the route does not take: 405, JSON.
+        let reply = admin("POST", path, "").await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(
+            reply.json()["error"],
+            "this admin route does not take that method"
+        );
+    }
+
+    // The configuration's tenant; one added (sorted before it), then removed.
+    let tenants = async || {
+        let reply = admin("GET", "/admin/tenants", "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        reply.json()
+    };
+    assert_eq!(tenants().await, json!({"tenants": [TENANT]}));
+    let record =
+        json!({"upstreams": [{"base_url": upstream.base("/other"), "fhir_version": "4.0"}]});
+    let added = format!("/admin/tenants/{}", ADDED.to_ascii_uppercase());
+    let reply = admin("PUT", &added, &record.to_string()).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(tenants().await, json!({"tenants": [ADDED, TENANT]}));
+    let reply = admin("DELETE", &format!("/admin/tenants/{ADDED}"), "").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    assert_eq!(tenants().await, json!({"tenants": [TENANT]}));
+
+    // The configuration's client; one registered, then revoked.
+    let clients = async || {
+        let reply = admin("GET", "/admin/clients", "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let text = reply.text();
+        assert!(
+            !text.contains("argon2") && !text.contains("secret\"") && !text.contains(SECRET),
+            "a secret or its hash is listed: {text}"
+        );
+        reply.json()["clients"].as_array().unwrap().clone()
+    };
+    let listed = clients().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            &listed[0]["client_id"],
+            &listed[0]["revoked"],
+            &listed[0]["tenants"],
+            &listed[0]["token_endpoint_auth_method"]
+        ),
+        (
+            &json!("app"),
+            &json!(false),
+            &json!([TENANT]),
+            &json!("client_secret_basic")
+        )
+    );
+    let body = json!({"tenants": [TENANT, NOT_ONBOARDED], "scopes": ["system/*.read"]});
+    let reply = admin("PUT", "/admin/clients/Backend", &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let secret = reply.json()["client_secret"].as_str().unwrap().to_owned();
+    let listed = clients().await;
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|client| client["client_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["Backend", "app"], "sorted by id, byte by byte");
+    assert!(!serde_json::to_string(&listed).unwrap().contains(&secret));
+    // Each as its own GET shows it: the same rendering.
+    for client in &listed {
+        let path = format!("/admin/clients/{}", client["client_id"].as_str().unwrap());
+        assert_eq!(&admin("GET", &path, "").await.json(), client);
+    }
+    assert_eq!(listed[0]["tenants_not_onboarded"], json!([NOT_ONBOARDED]));
+    assert_eq!(listed[0]["revoked"], false);
+    let reply = admin("DELETE", "/admin/clients/Backend", "").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    let listed = clients().await;
+    assert_eq!(
+        (&listed[0]["client_id"], &listed[0]["revoked"]),
+        (&json!("Backend"), &json!(true)),
+        "a revoked client stays listed, marked"
+    );
+    assert_eq!(listed[1]["revoked"], false);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tenant read with `GET /admin/tenants/{id}` names its id; `PUT` takes that record back
+/// (read, edit, write), the id written in any spelling of the same GUID; an id that is another
+/// tenant's is refused (`400`, saying so), and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_read_with_get_is_put_back_and_another_id_is_refused() {
+    const OTHER: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+    let dir = scratch("operations-admin-round-trip");
+    let upstream = RecordingUpstream::start().await;
+    let admin_token = "operations-admin-token-0123456789";
+    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+    let auth = format!("Bearer {admin_token}");
+    let admin = async |method: &str, path: &str, body: &str| {
+        gw.client
+            .send(method, path, &[("authorization", &auth)], body)
+            .await
+    };
+    let path = format!("/admin/tenants/{TENANT}");
+    let read = admin("GET", &path, "").await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    let mut record = read.json();
+    assert_eq!(record["id"], TENANT);
+
+    // Edited and written back whole, id included: replaced.
+    record["rate_limit"] = json!({"requests_per_second": 5, "burst": 10});
+    let reply = admin("PUT", &path, &record.to_string()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), record);
+    assert_eq!(admin("GET", &path, "").await.json(), record);
+
+    // The same GUID spelled otherwise, in the body or in the path.
+    let mut upper = record.clone();
+    upper["id"] = json!(TENANT.to_ascii_uppercase());
+    let reply = admin("PUT", &path, &upper.to_string()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let digits = format!(
+        "/admin/tenants/{}",
+        TENANT.replace('-', "").to_ascii_uppercase()
+    );
+    let reply = admin("PUT", &digits, &record.to_string()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // Another tenant's id: refused, saying so; neither tenant changes.
+    let mut moved = record.clone();
+    moved["id"] = json!(OTHER);
+    moved["upstreams"][0]["base_url"] = json!(upstream.base("/moved"));
+    let reply = admin("PUT", &path, &moved.to_string()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains(&format!(
+            "the body's id {OTHER} is not the tenant of the path, {TENANT}"
+        )),
+        "{error}"
+    );
+    assert_eq!(admin("GET", &path, "").await.json(), record);
+    let listed = admin("GET", "/admin/tenants", "").await.json();
+    assert_eq!(listed, json!({"tenants": [TENANT]}));
+    drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
