@@ -1,6 +1,6 @@
-//! The admin API: onboard, change and remove tenants; register clients, change which tenants
-//! and scopes they may get tokens for, revoke them, reset their secrets; rotate and retire
-//! signing keys. Bearer `admin_token`; every change is written to the state (`state_dir` or the
+//! The admin API: list, onboard, change and remove tenants; list and register clients, change
+//! which tenants and scopes they may get tokens for, revoke them, reset their secrets; rotate
+//! and retire signing keys. Bearer `admin_token`; every change is written to the state (`state_dir` or the
 //! database; `503` with `Retry-After` when it cannot be) and takes effect at once (for tokens issued from
 //! then on: one already issued keeps its scope until it expires; a tenant's or a client's
 //! `rate_limit` applies to tokens already issued too, at their next request). An address that

@@ -11,10 +11,10 @@
 //! Routes: FHIR at the root of the public base URL (version negotiation, unauthenticated
 //! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
 //! `POST /oauth/token`; `GET /.well-known/jwks.json`; `GET /.well-known/smart-configuration`;
-//! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `PUT`/`GET`/`DELETE
-//! /admin/tenants/{id}`, `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or
-//! change its tenants, scopes and rate limit, read, revoke) and `POST
-//! /admin/clients/{client_id}/secret`. Tenants' and clients' `rate_limit` and upstreams'
+//! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `GET /admin/tenants` and
+//! `GET /admin/clients` (list them), `PUT`/`GET`/`DELETE /admin/tenants/{id}`,
+//! `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or change its tenants,
+//! scopes and rate limit, read, revoke) and `POST /admin/clients/{client_id}/secret`. Tenants' and clients' `rate_limit` and upstreams'
 //! `max_concurrency` are enforced in the stack (`429` or `503`, with `Retry-After`).
 //!
 //! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
