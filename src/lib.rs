@@ -4,27 +4,42 @@
 //! A client application authenticates with OAuth 2.0 client credentials and sends its bearer
 //! token with every request; the gateway verifies it, finds the customer's tenant in the
 //! token's scope, and forwards the request to that hospital's FHIR server. Each step is a
-//! layer of its own, usable alone or stacked:
+//! layer of its own, usable alone or stacked. The layers, outermost first:
 //!
+//! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)) and their negotiation
+//!   ([`VersionNegotiationLayer`](version::VersionNegotiationLayer)).
+//! - [`metadata`]: `metadata` and the SMART configuration without a token
+//!   ([`MetadataLayer`](metadata::MetadataLayer)), and the tenants' CapabilityStatements
+//!   cached in front of the proxy ([`CapabilityCacheLayer`](metadata::CapabilityCacheLayer)).
 //! - [`auth`]: bearer JWT validation ([`BearerAuthLayer`](auth::BearerAuthLayer)).
 //! - [`tenant`]: the tenant a verified token speaks for ([`TenantScopeLayer`](tenant::TenantScopeLayer)).
-//! - [`route`]: the tenant's upstream, through a cached directory
-//!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
 //! - [`smart`]: SMART scopes enforced per FHIR interaction
 //!   ([`SmartScopeLayer`](smart::SmartScopeLayer)).
+//! - [`route`]: the tenant's upstream, through a cached directory
+//!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
 //! - [`limit`]: rate limits per tenant and per client ([`RateLimitLayer`](limit::RateLimitLayer)).
 //! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
-//! - `token`: the OAuth 2.0 client-credentials token endpoint, client store and signing keys
+//!
+//! Around them:
+//!
+//! - `token`: the OAuth 2.0 client-credentials token endpoint, client stores and signing keys
 //!   (`TokenEndpoint`, feature `token`).
-//! - `gateway`: every layer assembled in one call, over the proxy, with the token routes
-//!   (`Gateway`, feature `proxy`).
+//! - `gateway`: every layer assembled in one call, over the proxy (`Gateway`) or over your
+//!   own service (`GatewayLayer`), feature `proxy`; its token routes
+//!   (`GatewayBuilder::token_endpoint`) need feature `token` too.
+//! - `postgres`: the client store, tenant directory, signing keys, revocations and
+//!   failed-authentication counts of many replicas in one PostgreSQL database (`PgState`,
+//!   feature `postgres`).
 //! - [`ops`]: running it as a service: request ids, health and readiness, metrics, audit
-//!   records, traces, body limits, CORS.
+//!   records, traces, body limits and timeouts, CORS.
+//! - `extract`: axum extractors for what the layers verified and chose (feature `axum`).
+//!
+//! Shared by the layers:
+//!
 //! - [`interaction`]: which FHIR interaction a request is.
-//! - [`version`]: FHIR releases ([`FhirVersion`](version::FhirVersion)).
 //! - [`outcome`]: FHIR `OperationOutcome` error bodies shared by every layer.
 //! - [`body`]: the response body type the layers return.
-//! - `extract`: axum extractors for what the layers verified and chose (feature `axum`).
+//! - [`future`]: the response futures the layers return.
 //!
 //! Every rejection is an HTTP response, never a service error, so a stack over an
 //! `Infallible` service stays `Infallible` and drops into `axum::Router::layer`.
@@ -32,10 +47,18 @@
 //! # Features
 //! - `aws-lc-rs` (default): JWT crypto with aws-lc-rs. `rust-crypto`: pure-Rust crypto
 //!   instead. With both enabled, aws-lc-rs is used.
-//! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client.
-//! - `proxy` (default): forward requests to upstream FHIR servers over pooled connections.
-//! - `tls`: `https://` upstreams and JWKS URLs, with rustls and the webpki roots.
-//! - `token` (default): the client-credentials token endpoint.
+//! - `remote-jwks` (default): fetch JWKS documents over HTTP with the hyper-util client: the
+//!   bearer layer's JWKS URLs, and the `jwks_uri` of token endpoint clients that sign
+//!   assertions (`private_key_jwt`).
+//! - `proxy` (default): the `proxy` and `gateway` modules: forward requests to upstream FHIR
+//!   servers over pooled connections.
+//! - `tls`: `https://` upstreams and JWKS URLs, with rustls (the aws-lc-rs provider) and the
+//!   webpki roots, plus any root certificates you add; for `proxy` and `remote-jwks`, which
+//!   it does not enable.
+//! - `token` (default): the `token` module, the client-credentials token endpoint, and the
+//!   gateway's token routes.
+//! - `postgres`: the `postgres` module (tokio-postgres with a deadpool pool, AES-256-GCM
+//!   sealed signing keys); enables `token`.
 //! - `axum`: axum extractors (`FromRequestParts`) for [`TenantId`](tenant::TenantId),
 //!   [`VerifiedClaims`](auth::VerifiedClaims), [`FhirVersion`](version::FhirVersion) and
 //!   [`InProcessTenant`](route::InProcessTenant); the token endpoint reads the client's
