@@ -20,14 +20,18 @@
 //! use std::convert::Infallible;
 //! use http::{Request, Response, StatusCode};
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_fhir::ops::{BodyLimitLayer, BodyTimeoutLayer, HealthLayer, ObserveLayer, RequestIdLayer};
+//! use tower_fhir::ops::{
+//!     fhir_cors, BodyLimitLayer, BodyTimeoutLayer, HealthLayer, ObserveLayer, RequestIdLayer,
+//! };
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let fhir = service_fn(|_r: Request<_>| async {
 //!     Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
 //! });
+//! // Install the metrics recorder before this: the layers take their metrics' handles now.
 //! let service = ServiceBuilder::new()
 //!     .layer(RequestIdLayer::new())
+//!     .layer(fhir_cors(["https://app.example"]).unwrap())
 //!     .layer(HealthLayer::new())
 //!     .layer(ObserveLayer::new().metrics(true))
 //!     .layer(BodyTimeoutLayer::new(std::time::Duration::from_secs(30)))
