@@ -318,11 +318,23 @@ impl RefreshingKeys {
                 Ok(())
             }
             Err(err) => {
-                tracing::warn!(
-                    issuer = self.issuer.as_deref().unwrap_or("(none: keys for any issuer)"),
-                    error = %err,
-                    "could not fetch verification keys; keeping the last good ones"
-                );
+                let issuer = self
+                    .issuer
+                    .as_deref()
+                    .unwrap_or("(none: keys for any issuer)");
+                if self.has_fetched() {
+                    tracing::warn!(
+                        issuer,
+                        error = %err,
+                        "could not fetch verification keys; keeping the last good ones"
+                    );
+                } else {
+                    tracing::warn!(
+                        issuer,
+                        error = %err,
+                        "could not fetch verification keys; no keys are known yet"
+                    );
+                }
                 self.schedule_refresh(self.policy.cooldown);
                 Err(Arc::from(err.to_string()))
             }
@@ -485,6 +497,45 @@ mod tests {
         keys.install(Err(KeySourceError::new("down again")))
             .unwrap_err();
         assert_eq!(keys.current().len(), 1);
+    }
+
+    #[test]
+    fn a_failure_before_any_fetch_says_no_keys_are_known_yet() {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let logged = || String::from_utf8(std::mem::take(&mut *buffer.0.lock().unwrap())).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let keys = RefreshingKeys::new(counting_source(calls, true), policy());
+        tracing::subscriber::with_default(subscriber, || {
+            keys.install(Err(KeySourceError::new("down"))).unwrap_err();
+            let first = logged();
+            assert!(first.contains("no keys are known yet"), "{first}");
+            assert!(!first.contains("last good"), "{first}");
+
+            keys.install(Ok(FetchedKeys::from(
+                KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
+            )))
+            .unwrap();
+            keys.install(Err(KeySourceError::new("down again")))
+                .unwrap_err();
+            let later = logged();
+            assert!(later.contains("keeping the last good ones"), "{later}");
+            assert!(!later.contains("no keys are known yet"), "{later}");
+        });
     }
 
     #[tokio::test]
