@@ -975,35 +975,6 @@ async fn upstream_failures_are_502_and_504_and_a_slow_upstream_blocks_no_one_els
     assert_eq!(reply.json()["issue"][0]["code"], "timeout");
 }
 
-/// A raw HTTP/1.1 upstream on a loopback port: each request's head (as text) and its
-/// connection go to `answer`. Returns its base URL (`/fhir`).
-async fn raw_upstream<F, Fut>(answer: F) -> String
-where
-    F: Fn(String, tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let answer = answer.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                answer(String::from_utf8_lossy(&head).into_owned(), stream).await;
-            });
-        }
-    });
-    format!("http://{addr}/fhir")
-}
-
 /// An upstream that answers every request with a response head and the first chunk of its
 /// body, then, by the request's last path segment: `stall` sends nothing more (holding the
 /// connection), `cut` closes the connection. `json` in the path makes it FHIR JSON (read whole
@@ -1514,35 +1485,17 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
 /// chunked`, each chunked body itself a whole HTTP response: `length` is the `Content-Length`
 /// it claims, `content_type` its type.
 async fn twice_framing_upstream(length: &'static str, content_type: &'static str) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let forged = FORGED_RESPONSE;
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
-                         Content-Length: {length}\r\nTransfer-Encoding: chunked\r\n\r\n\
-                         {:x}\r\n{forged}\r\n0\r\n\r\n",
-                        forged.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}/fhir")
+    raw_upstream(move |_head, mut stream| async move {
+        let forged = FORGED_RESPONSE;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {length}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {:x}\r\n{forged}\r\n0\r\n\r\n",
+            forged.len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+    })
+    .await
 }
 
 /// What [`twice_framing_upstream`] sends as the body of each answer.
@@ -1831,33 +1784,18 @@ async fn an_http2_get_with_a_body_is_refused_and_one_without_passes() {
 async fn a_bodiless_answer_keeps_the_length_it_speaks_of_and_a_204_has_none() {
     // An upstream answering HEAD with the length of the GET's body, a 304 with its
     // representation's, and a DELETE with a 204 that declares a length anyway.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head);
-                let answer: &[u8] = if head.starts_with("HEAD") {
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 42\r\n\r\n"
-                } else if head.starts_with("DELETE") {
-                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 304 Not Modified\r\nETag: W/\"1\"\r\nContent-Length: 42\r\n\r\n"
-                };
-                let _ = stream.write_all(answer).await;
-            });
-        }
-    });
-    let upstream =
-        Upstream::parse(&format!("http://{upstream_addr}/fhir"), FhirVersion::R4).unwrap();
+    let base = raw_upstream(|head, mut stream| async move {
+        let answer: &[u8] = if head.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 42\r\n\r\n"
+        } else if head.starts_with("DELETE") {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 304 Not Modified\r\nETag: W/\"1\"\r\nContent-Length: 42\r\n\r\n"
+        };
+        let _ = stream.write_all(answer).await;
+    })
+    .await;
+    let upstream = Upstream::parse(&base, FhirVersion::R4).unwrap();
     let gw = gateway(
         vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
         Duration::from_secs(60),

@@ -123,40 +123,26 @@ async fn audit_records(audit: &Path, count: usize) -> (String, Vec<Value>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_body_that_breaks_off_is_logged_and_cut_for_the_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // An upstream whose streamed (not JSON) answer has a malformed second chunk.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
-                          Transfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let _ = stream.write_all(b"zz\r\nnot a chunk\r\n").await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            });
-        }
-    });
+    let base = raw_upstream(|_head, mut stream| async move {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n",
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.write_all(b"zz\r\nnot a chunk\r\n").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
     let dir = scratch("operations-body-breaks-off");
     let unused = RecordingUpstream::start().await;
     let gw = start(
         &dir,
         &unused,
-        json!({"tenants": [{"id": TENANT, "upstreams": [{"base_url": format!("http://{upstream_addr}/fhir"),
-            "fhir_version": "4.0"}]}]}),
+        json!({"tenants": [{"id": TENANT, "upstreams": [{"base_url": base, "fhir_version": "4.0"}]}]}),
     );
     let token = token(&gw.client).await;
     let request = format!(

@@ -493,3 +493,36 @@ where
     });
     addr
 }
+
+/// A raw HTTP/1.1 upstream on a loopback port: each request's head (as text) and its
+/// connection go to `answer`. Returns its base URL (`/fhir`).
+pub async fn raw_upstream<F, Fut>(answer: F) -> String
+where
+    F: Fn(String, tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tokio::io::AsyncReadExt::read(&mut stream, &mut byte)
+                        .await
+                        .unwrap_or(0)
+                        == 0
+                    {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                answer(String::from_utf8_lossy(&head).into_owned(), stream).await;
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
