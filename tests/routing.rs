@@ -1686,19 +1686,13 @@ async fn a_body_that_could_not_reach_the_upstream_as_sent_is_refused() {
 
 #[tokio::test]
 async fn an_http_1_0_upstream_is_answered_for_in_http_1_1() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let mut head = [0u8; 4096];
-            let _ = stream.read(&mut head).await;
-            let _ = stream
-                .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}")
-                .await;
-        }
-    });
-    let upstream =
-        Upstream::parse(&format!("http://{upstream_addr}/fhir"), FhirVersion::R4).unwrap();
+    let base = raw_upstream(|_head, mut stream| async move {
+        let _ = stream
+            .write_all(b"HTTP/1.0 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}")
+            .await;
+    })
+    .await;
+    let upstream = Upstream::parse(&base, FhirVersion::R4).unwrap();
     let gw = gateway(
         vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
         Duration::from_secs(60),
