@@ -1614,16 +1614,7 @@ async fn an_upstreams_trailers_reach_no_client() {
     )
     .await;
     // An HTTP/2 client, to whom a server sends trailers as they come.
-    let stream = tokio::net::TcpStream::connect(gw.client.addr())
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http2_client(gw.client.addr()).await;
     let request = http::Request::get("http://gw/Binary/1")
         .header("authorization", format!("Bearer {}", token_for(TENANT_A)))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -1732,16 +1723,7 @@ async fn without_tls_an_https_upstream_gets_a_502_that_says_why() {
 async fn an_http2_get_with_a_body_is_refused_and_one_without_passes() {
     let upstream = RecordingUpstream::start().await;
     let gw = one_tenant(&upstream).await;
-    let stream = tokio::net::TcpStream::connect(gw.client.addr())
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http2_client(gw.client.addr()).await;
     let get = |body: &'static str| {
         // DATA frames with no `content-length` (a stream body, not a full one).
         let (mut tx, rx) = futures::channel::mpsc::channel::<
@@ -1816,4 +1798,22 @@ async fn a_bodiless_answer_keeps_the_length_it_speaks_of_and_a_204_has_none() {
     let deleted = ask("DELETE", "").await.unwrap().to_ascii_lowercase();
     assert!(deleted.starts_with("http/1.1 204"), "{deleted}");
     assert!(!deleted.contains("content-length"), "{deleted}");
+}
+
+/// An HTTP/2 (prior knowledge) connection to `addr`, its driver spawned.
+async fn http2_client<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
 }

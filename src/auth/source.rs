@@ -501,23 +501,11 @@ mod tests {
 
     #[test]
     fn a_failure_before_any_fetch_says_no_keys_are_known_yet() {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
+        let buffer = crate::testing::LogBuffer::default();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
+            .with_writer(buffer.writer())
             .finish();
-        let logged = || String::from_utf8(std::mem::take(&mut *buffer.0.lock().unwrap())).unwrap();
+        let logged = || buffer.take();
         let calls = Arc::new(AtomicUsize::new(0));
         let keys = RefreshingKeys::new(counting_source(calls, true), policy());
         tracing::subscriber::with_default(subscriber, || {

@@ -617,23 +617,11 @@ mod tests {
 
     #[test]
     fn the_span_carries_the_request_id_tenant_client_status_and_latency() {
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Buffer::default();
-        let writer = buffer.clone();
+        let buffer = crate::testing::LogBuffer::default();
         let subscriber = tracing_subscriber::fmt()
             .json()
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-            .with_writer(move || writer.clone())
+            .with_writer(buffer.writer())
             .finish();
         let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
         tracing::subscriber::with_default(subscriber, || {
@@ -653,7 +641,7 @@ mod tests {
                 .unwrap();
             runtime.block_on(service.oneshot(request)).unwrap();
         });
-        let written = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let written = buffer.take();
         let closed: serde_json::Value = written
             .lines()
             .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())

@@ -569,6 +569,27 @@ impl PgClientStore {
     }
 }
 
+impl PgClientStore {
+    /// The client records a query (`SELECT record ...`, no parameters) finds; `doing` names it
+    /// in a failure.
+    fn records(&self, query: &'static str, doing: &'static str) -> StoreFuture<Vec<ClientRecord>> {
+        let pool = self.pool.clone();
+        Box::pin(bounded(async move {
+            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
+            let rows = connection
+                .query(query, &[])
+                .await
+                .map_err(|e| store_error(doing, e))?;
+            rows.into_iter()
+                .map(|row| {
+                    serde_json::from_value(row.get(0))
+                        .map_err(|e| store_error("reading a client", e))
+                })
+                .collect()
+        }))
+    }
+}
+
 impl ClientStore for PgClientStore {
     fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
         let (this, id) = (self.clone(), id.to_owned());
@@ -576,46 +597,18 @@ impl ClientStore for PgClientStore {
     }
 
     fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
-        let pool = self.pool.clone();
-        Box::pin(bounded(async move {
-            let failed = |e| store_error("listing the revoked clients", e);
-            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
-            let rows = connection
-                .query(
-                    "SELECT record FROM tower_fhir_clients WHERE (record->>'revoked')::boolean",
-                    &[],
-                )
-                .await
-                .map_err(failed)?;
-            rows.into_iter()
-                .map(|row| {
-                    serde_json::from_value(row.get(0))
-                        .map_err(|e| store_error("reading a client", e))
-                })
-                .collect()
-        }))
+        self.records(
+            "SELECT record FROM tower_fhir_clients WHERE (record->>'revoked')::boolean",
+            "listing the revoked clients",
+        )
     }
 
     fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
-        let pool = self.pool.clone();
-        Box::pin(bounded(async move {
-            let failed = |e| store_error("listing the clients", e);
-            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
-            // Byte order, as the other stores sort: not the database's collation.
-            let rows = connection
-                .query(
-                    "SELECT record FROM tower_fhir_clients ORDER BY id COLLATE \"C\"",
-                    &[],
-                )
-                .await
-                .map_err(failed)?;
-            rows.into_iter()
-                .map(|row| {
-                    serde_json::from_value(row.get(0))
-                        .map_err(|e| store_error("reading a client", e))
-                })
-                .collect()
-        }))
+        // Byte order, as the other stores sort: not the database's collation.
+        self.records(
+            "SELECT record FROM tower_fhir_clients ORDER BY id COLLATE \"C\"",
+            "listing the clients",
+        )
     }
 
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
