@@ -252,7 +252,12 @@ impl GatewayBuilder {
         self
     }
 
-    /// Version negotiation settings (supported releases, default).
+    /// Version negotiation settings (supported releases, default). The gateway turns
+    /// [`tenant_versions`](VersionNegotiationBuilder::tenant_versions) on, so that `$versions`
+    /// with a token answers for its tenant, and, unless
+    /// [`reported_default`](VersionNegotiationBuilder::reported_default) is set, reports the
+    /// metadata layer's `default_version` (the release an anonymous `metadata` is answered in)
+    /// as the default of a `$versions` without one.
     pub fn versions(mut self, versions: VersionNegotiationBuilder) -> Self {
         self.versions = versions;
         self
@@ -459,8 +464,14 @@ impl GatewayBuilder {
             drop(routing.cache().follow(changes));
         }
         let (ttl, capacity, max_bytes) = self.capability_cache;
+        // `$versions` answers for the token's tenant, and without a token reports as its
+        // default the release an anonymous `metadata` is answered in.
+        let versions = self
+            .versions
+            .tenant_versions(true)
+            .reported_default_unless_set(metadata.anonymous_release());
         let layer = GatewayLayer {
-            versions: self.versions.build().map_err(ConfigError::Version)?,
+            versions: versions.build().map_err(ConfigError::Version)?,
             metadata: metadata.build().map_err(ConfigError::Metadata)?,
             auth: auth.build().map_err(ConfigError::Auth)?,
             tenant: tenant.build().map_err(ConfigError::Tenant)?,

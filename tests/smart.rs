@@ -841,6 +841,16 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
     let reply = get(&client, &tenant_only, "/Observation/1").await;
     assert_refused(&reply, "system/Observation.r");
     assert!(upstream.received().is_empty());
+    // `$versions` reads no data and reaches no server: the tenant's releases, whatever the
+    // scopes.
+    let reply = get(&client, &tenant_only, "/$versions").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let parameters = reply.json()["parameter"].clone();
+    assert_eq!(
+        parameters,
+        json!([{"name": "version", "valueCode": "4.0"}, {"name": "default", "valueCode": "4.0"}])
+    );
+    assert!(upstream.received().is_empty());
     let scoped = minted(json!({"scope": format!("{TENANT} system/*.cruds")}));
     assert_eq!(
         get(&client, &scoped, "/Observation/1").await.status,

@@ -14,7 +14,7 @@ use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
 use tower_fhir::tenant::TenantScopeLayer;
-use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
+use tower_fhir::version::{FhirVersion, VersionNegotiationBuilder, VersionNegotiationLayer};
 
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 
@@ -26,6 +26,15 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(VersionNegotiationLayer::builder().supported([
+        FhirVersion::Dstu2,
+        FhirVersion::Stu3,
+        FhirVersion::R4,
+    ]))
+    .await
+}
+
+async fn setup_with(versions: VersionNegotiationBuilder) -> Setup {
     let dstu2 = RecordingUpstream::start().await;
     let stu3 = RecordingUpstream::start().await;
     let mut patient = Answer::json(json!({"resourceType": "Patient", "id": "1"}));
@@ -44,12 +53,7 @@ async fn setup() -> Setup {
         .unwrap(),
     );
     let stack = ServiceBuilder::new()
-        .layer(
-            VersionNegotiationLayer::builder()
-                .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
-                .build()
-                .unwrap(),
-        )
+        .layer(versions.build().unwrap())
         .layer(
             BearerAuthLayer::builder()
                 .key(VerificationKey::hmac(HMAC_SECRET).unwrap())
@@ -241,4 +245,95 @@ async fn versions_needs_no_token() {
         .map(|p| p["valueCode"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(codes, ["1.0", "3.0", "4.0"]);
+}
+
+/// `(name, valueCode)` of a `$versions` answer's parameters.
+fn parameters(reply: &Reply) -> Vec<(String, String)> {
+    reply.json()["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["valueCode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
+    let s = setup_with(
+        VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
+            .reported_default(FhirVersion::Stu3)
+            .tenant_versions(true),
+    )
+    .await;
+    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    // The tenant's servers speak DSTU2 (its default: a request naming none goes there) and
+    // STU3; not R4, which the gateway supports.
+    let reply = s
+        .client
+        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        parameters(&reply),
+        [
+            pair("version", "1.0"),
+            pair("version", "3.0"),
+            pair("default", "1.0")
+        ]
+    );
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/json+fhir; fhirVersion=1.0"
+    );
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/$versions",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", "application/fhir+json; fhirVersion=3.0"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=3.0"
+    );
+    // What it says is so: a request naming no release reaches the DSTU2 server.
+    let reply = s
+        .client
+        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(s.dstu2.received().len(), 1);
+    assert!(s.stu3.received().is_empty());
+    // A bad token gets 401, as for any request: nothing about any tenant.
+    let reply = s
+        .client
+        .send("GET", "/$versions", &[("authorization", "Bearer nope")], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    // Without a token: every release the gateway supports, and the default it was given.
+    let reply = s.client.send("GET", "/$versions", &[], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        parameters(&reply),
+        [
+            pair("version", "1.0"),
+            pair("version", "3.0"),
+            pair("version", "4.0"),
+            pair("default", "3.0")
+        ]
+    );
+    // None of these reached a FHIR server.
+    assert_eq!(s.dstu2.received().len(), 1);
+    assert!(s.stu3.received().is_empty());
 }

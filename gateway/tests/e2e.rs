@@ -431,6 +431,42 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
         format!("{}/oauth/token", gateway.base)
     );
 
+    // `$versions` with a token names the tenant's releases and the one a request naming none
+    // gets there; without one, every release the gateway supports and, as the default, the
+    // release an anonymous `metadata` is answered in.
+    let versions = |reply: Reply| -> Vec<String> {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        reply.json()["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}={}",
+                    p["name"].as_str().unwrap(),
+                    p["valueCode"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        versions(get(&gateway, &token, "/$versions", "application/fhir+json").await),
+        ["version=4.0", "default=4.0"]
+    );
+    let both = access_token(&gateway, BOTH_TENANT).await;
+    assert_eq!(
+        versions(get(&gateway, &both, "/$versions", "application/fhir+json").await),
+        ["version=1.0", "version=3.0", "default=3.0"]
+    );
+    let anonymous = versions(gateway.client.get("/$versions", &[]).await);
+    assert_eq!(anonymous.last().unwrap(), "default=3.0");
+    assert!(
+        anonymous.contains(&"version=4.0".to_owned()),
+        "{anonymous:?}"
+    );
+    let reply = gateway.client.get("/metadata", &[]).await;
+    assert_eq!(reply.json()["fhirVersion"], "3.0.2");
+
     // A tenant with DSTU2 and STU3 upstreams: fhirVersion picks; none means the first.
     let token = access_token(&gateway, BOTH_TENANT).await;
     for (accept, release) in [

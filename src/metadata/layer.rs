@@ -225,6 +225,12 @@ impl MetadataBuilder {
         self
     }
 
+    /// The release an anonymous `metadata` request naming none is answered in.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn anonymous_release(&self) -> FhirVersion {
+        self.default_version
+    }
+
     /// Checks the URLs and builds the layer.
     pub fn build(self) -> Result<MetadataLayer, ConfigError> {
         let absolute = |url: &str| {

@@ -18,7 +18,7 @@ use crate::future::PassOrOwn;
 use crate::ops::RequestFacts;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::tenant::TenantId;
-use crate::version::{FhirVersion, VersionHint};
+use crate::version::{FhirVersion, VersionHint, VersionsQuery};
 
 /// A Tower layer that finds the request's tenant's upstream and puts it in the request
 /// extensions.
@@ -274,6 +274,9 @@ fn route<B>(
         }
     };
     let version = request.extensions().get::<FhirVersion>().copied();
+    if let Some(query) = request.extensions().get::<VersionsQuery>() {
+        return Err(Box::new(tenant_versions(&record, query, version)));
+    }
     // Unnamed but hinted (a DSTU2-only client): the hinted release if the tenant serves it.
     let hint = match (version, request.extensions().get::<VersionHint>()) {
         (None, Some(VersionHint(hint))) => Some(*hint),
@@ -320,6 +323,37 @@ fn route<B>(
     Ok(served)
 }
 
+/// `$versions` for the tenant (see
+/// [`VersionNegotiationBuilder::tenant_versions`](crate::version::VersionNegotiationBuilder::tenant_versions)):
+/// the releases it is served in, and the one a request naming none gets.
+fn tenant_versions(
+    record: &TenantRecord,
+    query: &VersionsQuery,
+    named: Option<FhirVersion>,
+) -> Response<Bytes> {
+    let answer_for = |releases: &mut dyn Iterator<Item = FhirVersion>, default| {
+        query.answer(releases, default, named)
+    };
+    let answered = match record.in_process_tenant() {
+        Some(local) => local
+            .select(None)
+            .and_then(|default| answer_for(&mut local.releases().iter().copied(), default)),
+        None => record.default_upstream().and_then(|default| {
+            answer_for(
+                &mut record.upstreams().iter().map(|u| u.fhir_version()),
+                default.fhir_version(),
+            )
+        }),
+    };
+    answered.unwrap_or_else(|| {
+        answer(
+            StatusCode::NOT_ACCEPTABLE,
+            IssueType::NotSupported,
+            "The tenant has no FHIR server for a release this gateway supports",
+        )
+    })
+}
+
 fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
     match version {
         Some(FhirVersion::Dstu2) => "The tenant has no FHIR server for DSTU2 (1.0)",
@@ -353,5 +387,53 @@ mod tests {
         assert_eq!(policy.lookup_timeout, 5 * SECOND);
         assert_eq!(policy.capacity, 100_000);
         assert_eq!(layer.cache().capacities(), (100_000, Some(100_000)));
+    }
+
+    /// `(name, valueCode)` of a `$versions` answer's parameters.
+    fn parameters(response: Response<Bytes>) -> Vec<String> {
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        json["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}={}",
+                    p["name"].as_str().unwrap(),
+                    p["valueCode"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn versions_names_the_tenants_releases_and_the_one_it_serves_by_default() {
+        use crate::route::{InProcessTenant, Upstream};
+        let all = VersionsQuery::new(&FhirVersion::ALL, false);
+        let upstream = |version| Upstream::parse("http://fhir.test/x", version).unwrap();
+        let proxied =
+            TenantRecord::new([upstream(FhirVersion::Stu3), upstream(FhirVersion::Dstu2)]).unwrap();
+        assert_eq!(
+            parameters(tenant_versions(&proxied, &all, None)),
+            ["version=1.0", "version=3.0", "default=3.0"]
+        );
+        let local = TenantRecord::in_process(
+            InProcessTenant::new("store", [FhirVersion::R4, FhirVersion::R5]).unwrap(),
+        );
+        let response = tenant_versions(&local, &all, Some(FhirVersion::R5));
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/fhir+json; fhirVersion=5.0"
+        );
+        assert_eq!(
+            parameters(response),
+            ["version=4.0", "version=5.0", "default=4.0"]
+        );
+        // Served in no release the gateway supports: 406, with an OperationOutcome.
+        let r4_only = VersionsQuery::new(&[FhirVersion::R4], false);
+        let response = tenant_versions(&proxied, &r4_only, None);
+        assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(json["resourceType"], "OperationOutcome");
     }
 }

@@ -369,6 +369,15 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         // The tenant alone: tenant-wide access, as before SMART scopes were enforced.
         return Plan::Pass;
     }
+    // `$versions`, left by the version layer to the routing layer: which releases the
+    // tenant's servers speak, as `metadata` says what they do, reaching no server and no data.
+    if request
+        .extensions()
+        .get::<crate::version::VersionsQuery>()
+        .is_some()
+    {
+        return Plan::Pass;
+    }
     // A header the checks read, named in `Connection`, would be removed on the way to the
     // FHIR server (a hop-by-hop field, RFC 9110 §7.6.1): the server would see another request
     // than the one checked. And two `Content-Type`s are read as one by some servers.

@@ -32,6 +32,10 @@ pub struct VersionNegotiationLayer {
 struct Config {
     supported: Vec<FhirVersion>,
     default: Option<FhirVersion>,
+    /// What `$versions` reports as the default when there is no `default`.
+    reported_default: Option<FhirVersion>,
+    /// Whether `$versions` with credentials is left to the routing layer inside.
+    tenant_versions: bool,
 }
 
 impl VersionNegotiationLayer {
@@ -41,6 +45,8 @@ impl VersionNegotiationLayer {
         VersionNegotiationBuilder {
             supported: FhirVersion::ALL.to_vec(),
             default: None,
+            reported_default: None,
+            tenant_versions: false,
         }
     }
 }
@@ -62,6 +68,8 @@ pub enum ConfigError {
     NothingSupported,
     /// The default release is not among the supported ones.
     UnsupportedDefault(FhirVersion),
+    /// The release `$versions` reports as the default is not among the supported ones.
+    UnsupportedReportedDefault(FhirVersion),
 }
 
 impl fmt::Display for ConfigError {
@@ -71,6 +79,11 @@ impl fmt::Display for ConfigError {
             Self::UnsupportedDefault(v) => {
                 write!(f, "the default release {} is not supported", v.name())
             }
+            Self::UnsupportedReportedDefault(v) => write!(
+                f,
+                "the release $versions reports as the default, {}, is not supported",
+                v.name()
+            ),
         }
     }
 }
@@ -83,6 +96,8 @@ impl std::error::Error for ConfigError {}
 pub struct VersionNegotiationBuilder {
     supported: Vec<FhirVersion>,
     default: Option<FhirVersion>,
+    reported_default: Option<FhirVersion>,
+    tenant_versions: bool,
 }
 
 impl VersionNegotiationBuilder {
@@ -101,6 +116,45 @@ impl VersionNegotiationBuilder {
         self
     }
 
+    /// The release `$versions` reports as its `default` when no
+    /// [`default_version`](Self::default_version) is set. A request that names no release then
+    /// goes to its tenant's default upstream, so no one release is every tenant's default:
+    /// report the one such a request gets where no tenant decides, as an anonymous `metadata`
+    /// request ([`Gateway::builder`](crate::gateway::Gateway::builder) reports the metadata layer's
+    /// [`default_version`](crate::metadata::MetadataBuilder::default_version)). Default: the
+    /// latest release supported. With [`tenant_versions`](Self::tenant_versions) on, this is
+    /// only what a request without credentials is told.
+    pub fn reported_default(mut self, version: FhirVersion) -> Self {
+        self.reported_default = Some(version);
+        self
+    }
+
+    /// Leaves `GET $versions` with an `Authorization` header to the
+    /// [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) inside, which answers with the
+    /// releases the token's tenant is served in (those this layer supports) and, as the
+    /// `default`, the one a request naming none gets there. This layer alone knows no tenant:
+    /// its own answer lists every release it supports.
+    ///
+    /// The request passes the layers between as any other does (a missing or bad token gets
+    /// 401, a tenant not onboarded 403) and is answered by the routing layer, before rate
+    /// limits and any upstream. Off by default; [`Gateway::builder`](crate::gateway::Gateway::builder)
+    /// turns it on. Turn it on only with a `TenantRoutingLayer` inside: nothing else answers
+    /// such a request.
+    pub fn tenant_versions(mut self, on: bool) -> Self {
+        self.tenant_versions = on;
+        self
+    }
+
+    /// Reports `version` as the default, unless a release to report was set or `version` is
+    /// not supported.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) fn reported_default_unless_set(mut self, version: FhirVersion) -> Self {
+        if self.reported_default.is_none() && self.supported.contains(&version) {
+            self.reported_default = Some(version);
+        }
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<VersionNegotiationLayer, ConfigError> {
         if self.supported.is_empty() {
@@ -109,10 +163,18 @@ impl VersionNegotiationBuilder {
         if let Some(default) = self.default.filter(|d| !self.supported.contains(d)) {
             return Err(ConfigError::UnsupportedDefault(default));
         }
+        if let Some(reported) = self
+            .reported_default
+            .filter(|d| !self.supported.contains(d))
+        {
+            return Err(ConfigError::UnsupportedReportedDefault(reported));
+        }
         Ok(VersionNegotiationLayer {
             config: Arc::new(Config {
                 supported: self.supported,
                 default: self.default,
+                reported_default: self.reported_default,
+                tenant_versions: self.tenant_versions,
             }),
         })
     }
@@ -148,7 +210,63 @@ impl<S: fmt::Debug> fmt::Debug for VersionNegotiation<S> {
 /// What negotiation decided for one request.
 enum Decision {
     Proceed(Option<FhirVersion>),
+    /// A `$versions` with credentials, left to the routing layer (see
+    /// [`VersionNegotiationBuilder::tenant_versions`]).
+    TenantVersions(Option<FhirVersion>, VersionsQuery),
     Answer(Response<Bytes>),
+}
+
+/// A `GET $versions` the [`VersionNegotiationLayer`] left to the routing layer, in the
+/// request's extensions: what the tenant's answer needs besides the tenant. (Only the layer
+/// puts it there: a client cannot.)
+#[derive(Debug, Clone)]
+pub(crate) struct VersionsQuery {
+    /// The releases the layer supports, ascending.
+    supported: Arc<[FhirVersion]>,
+    /// Whether the answer is labelled plain `application/json`, as the client asked first.
+    plain_json: bool,
+}
+
+impl VersionsQuery {
+    /// The query of a layer supporting `supported`, answered as plain JSON or not.
+    pub(crate) fn new(supported: &[FhirVersion], plain_json: bool) -> Self {
+        let mut supported = supported.to_vec();
+        supported.sort();
+        Self {
+            supported: supported.into(),
+            plain_json,
+        }
+    }
+
+    /// The answer for a tenant served in `releases`, `default` the one a request naming none
+    /// gets; `named`, the release the request named, if any, shapes its media type. `None`
+    /// when the tenant is served in no release the layer supports.
+    pub(crate) fn answer(
+        &self,
+        releases: impl IntoIterator<Item = FhirVersion>,
+        default: FhirVersion,
+        named: Option<FhirVersion>,
+    ) -> Option<Response<Bytes>> {
+        let mut served: Vec<FhirVersion> = releases
+            .into_iter()
+            .filter(|release| self.supported.contains(release))
+            .collect();
+        served.sort();
+        served.dedup();
+        // (A default upstream in a release the layer does not support is never what a request
+        // naming none gets here: such a request is answered in another.)
+        let default = if served.contains(&default) {
+            default
+        } else {
+            *served.first()?
+        };
+        Some(versions_answer(
+            &served,
+            default,
+            named.unwrap_or(default),
+            self.plain_json,
+        ))
+    }
 }
 
 impl Config {
@@ -162,6 +280,7 @@ impl Config {
     /// The release `$versions` reports as the default.
     fn reported_default(&self) -> FhirVersion {
         self.default
+            .or(self.reported_default)
             .or_else(|| self.supported.last().copied())
             .unwrap_or(FhirVersion::R4)
     }
@@ -249,7 +368,20 @@ impl Config {
         }
         let version = body_version.or(accepted).or(self.default);
         if versions_operation {
-            return Decision::Answer(self.versions(version, &accept));
+            let plain_json = plain_json(&accept);
+            if self.tenant_versions && headers.contains_key(header::AUTHORIZATION) {
+                return Decision::TenantVersions(
+                    version,
+                    VersionsQuery::new(&self.supported, plain_json),
+                );
+            }
+            let default = self.reported_default();
+            return Decision::Answer(versions_answer(
+                &self.supported,
+                default,
+                version.unwrap_or(default),
+                plain_json,
+            ));
         }
         Decision::Proceed(version)
     }
@@ -282,36 +414,44 @@ impl Config {
             None => Ok(None),
         }
     }
+}
 
-    /// `$versions`: a `Parameters` resource with each supported `version` and the `default`.
-    fn versions(&self, version: Option<FhirVersion>, accept: &[MediaRange]) -> Response<Bytes> {
-        let mut parameter: Vec<_> = self
-            .supported
-            .iter()
-            .map(|v| json!({"name": "version", "valueCode": v.mime_code()}))
-            .collect();
-        parameter
-            .push(json!({"name": "default", "valueCode": self.reported_default().mime_code()}));
-        let body = json!({"resourceType": "Parameters", "parameter": parameter});
-        let shape = version.unwrap_or_else(|| self.reported_default());
-        let plain_json = accept
-            .first()
-            .is_some_and(|r| r.essence == "application/json" || r.essence == "text/json");
-        let media_type = if plain_json {
-            "application/json".to_owned()
-        } else {
-            format!(
-                "{}; fhirVersion={}",
-                shape.json_media_type(),
-                shape.mime_code()
-            )
-        };
-        let mut response = Response::new(Bytes::from(body.to_string()));
-        if let Ok(value) = HeaderValue::from_str(&media_type) {
-            response.headers_mut().insert(header::CONTENT_TYPE, value);
-        }
-        response
+/// Whether `$versions` is answered as plain `application/json`: the client's first range asks
+/// for it.
+fn plain_json(accept: &[MediaRange]) -> bool {
+    accept
+        .first()
+        .is_some_and(|r| r.essence == "application/json" || r.essence == "text/json")
+}
+
+/// `$versions`' answer: a `Parameters` resource with each `version` and the `default`, its
+/// media type FHIR's JSON in release `shape` (or plain JSON).
+fn versions_answer(
+    versions: &[FhirVersion],
+    default: FhirVersion,
+    shape: FhirVersion,
+    plain_json: bool,
+) -> Response<Bytes> {
+    let mut parameter: Vec<_> = versions
+        .iter()
+        .map(|v| json!({"name": "version", "valueCode": v.mime_code()}))
+        .collect();
+    parameter.push(json!({"name": "default", "valueCode": default.mime_code()}));
+    let body = json!({"resourceType": "Parameters", "parameter": parameter});
+    let media_type = if plain_json {
+        "application/json".to_owned()
+    } else {
+        format!(
+            "{}; fhirVersion={}",
+            shape.json_media_type(),
+            shape.mime_code()
+        )
+    };
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    if let Ok(value) = HeaderValue::from_str(&media_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
+    response
 }
 
 /// Whether the request's `Accept` and `Content-Type` use DSTU2's media types
@@ -470,23 +610,26 @@ where
             request.uri().query(),
             request.headers(),
         );
-        match decision {
-            Decision::Answer(response) => ResponseFuture::answered(response),
-            Decision::Proceed(version) => {
-                match version {
-                    Some(version) => {
-                        request.extensions_mut().insert(version);
-                    }
-                    None if speaks_dstu2_only(request.headers()) => {
-                        request
-                            .extensions_mut()
-                            .insert(super::VersionHint(FhirVersion::Dstu2));
-                    }
-                    None => {}
-                }
-                ResponseFuture::inner(self.inner.call(request), version)
+        let version = match decision {
+            Decision::Answer(response) => return ResponseFuture::answered(response),
+            Decision::Proceed(version) => version,
+            Decision::TenantVersions(version, query) => {
+                request.extensions_mut().insert(query);
+                version
             }
+        };
+        match version {
+            Some(version) => {
+                request.extensions_mut().insert(version);
+            }
+            None if speaks_dstu2_only(request.headers()) => {
+                request
+                    .extensions_mut()
+                    .insert(super::VersionHint(FhirVersion::Dstu2));
+            }
+            None => {}
         }
+        ResponseFuture::inner(self.inner.call(request), version)
     }
 }
 
@@ -840,6 +983,199 @@ mod tests {
         assert_eq!(
             headers["content-type"],
             "application/json+fhir; fhirVersion=1.0"
+        );
+    }
+
+    /// `(name, valueCode)` of a `$versions` answer's parameters.
+    fn parameters(body: &str) -> Vec<(String, String)> {
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["resourceType"], "Parameters");
+        json["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().into(),
+                    p["valueCode"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn versions_reports_the_default_it_is_given_where_none_is_set() {
+        let layer = VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Stu3, FhirVersion::R4])
+            .reported_default(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        let (status, headers, body) = run(layer.clone(), get("/$versions", &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=3.0"
+        );
+        let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+        assert_eq!(
+            parameters(&body),
+            [
+                pair("version", "3.0"),
+                pair("version", "4.0"),
+                pair("default", "3.0")
+            ]
+        );
+        // A request naming none gets no release from the layer: its tenant's decides.
+        let (_, _, body) = run(layer, get("/Patient/1", &[])).await;
+        assert_eq!(body, "none");
+        // A default that is set is what a request naming none gets, and is reported.
+        let with_default = VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Stu3, FhirVersion::R4])
+            .default_version(FhirVersion::R4)
+            .reported_default(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        let (_, _, body) = run(with_default, get("/$versions", &[])).await;
+        assert_eq!(parameters(&body).last().unwrap(), &pair("default", "4.0"));
+        assert_eq!(
+            VersionNegotiationLayer::builder()
+                .supported([FhirVersion::R4])
+                .reported_default(FhirVersion::Stu3)
+                .build()
+                .unwrap_err(),
+            ConfigError::UnsupportedReportedDefault(FhirVersion::Stu3)
+        );
+        // Set by the gateway only where the user set none and it is supported.
+        let builder = VersionNegotiationLayer::builder().supported([FhirVersion::R4]);
+        let kept = builder.reported_default_unless_set(FhirVersion::Stu3);
+        assert_eq!(kept.reported_default, None);
+        let kept = VersionNegotiationLayer::builder()
+            .reported_default(FhirVersion::R4)
+            .reported_default_unless_set(FhirVersion::Stu3);
+        assert_eq!(kept.reported_default, Some(FhirVersion::R4));
+    }
+
+    #[tokio::test]
+    async fn tenant_versions_leaves_versions_with_credentials_to_the_routing_layer() {
+        let tenant_layer = VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Stu3, FhirVersion::R4])
+            .tenant_versions(true)
+            .build()
+            .unwrap();
+        // What the inner service is given: the query and the release named.
+        let seen = |req: Request<Full<Bytes>>| async move {
+            let query = req.extensions().get::<VersionsQuery>().cloned();
+            let body = match query {
+                Some(query) => {
+                    let answer = query
+                        .answer(
+                            [FhirVersion::Dstu2, FhirVersion::R4],
+                            FhirVersion::R4,
+                            req.extensions().get::<FhirVersion>().copied(),
+                        )
+                        .unwrap();
+                    let content_type = answer.headers()["content-type"].clone();
+                    let body = answer.into_body();
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", content_type)
+                            .body(Full::new(body))
+                            .unwrap(),
+                    );
+                }
+                None => Bytes::from_static(b"no query"),
+            };
+            Ok(Response::new(Full::new(body)))
+        };
+        let call = |request| {
+            let service = tenant_layer.clone().layer(service_fn(seen));
+            async move {
+                let response = service.oneshot(request).await.unwrap();
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
+                (
+                    parts.status,
+                    parts.headers,
+                    String::from_utf8(body.to_vec()).unwrap(),
+                )
+            }
+        };
+        let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+        // With credentials: passed inward, answered for the tenant (DSTU2 is not supported
+        // here, so not listed).
+        let (status, headers, body) =
+            call(get("/$versions", &[("authorization", "Bearer x")])).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=4.0"
+        );
+        assert_eq!(
+            parameters(&body),
+            [pair("version", "4.0"), pair("default", "4.0")]
+        );
+        // The release the client named shapes the answer; plain JSON stays plain.
+        let (_, headers, _) = call(get(
+            "/$versions",
+            &[
+                ("authorization", "Bearer x"),
+                ("accept", "application/fhir+json; fhirVersion=3.0"),
+            ],
+        ))
+        .await;
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=3.0"
+        );
+        let (_, headers, _) = call(get(
+            "/$versions",
+            &[
+                ("authorization", "Bearer x"),
+                ("accept", "application/json"),
+            ],
+        ))
+        .await;
+        assert_eq!(headers["content-type"], "application/json");
+        // Without: the layer's own answer, every release it supports.
+        let (_, _, body) = call(get("/$versions", &[])).await;
+        assert_eq!(
+            parameters(&body),
+            [
+                pair("version", "3.0"),
+                pair("version", "4.0"),
+                pair("default", "4.0")
+            ]
+        );
+        // A release the layer does not serve is still refused by the layer.
+        let (status, _, _) = call(get(
+            "/$versions",
+            &[
+                ("authorization", "Bearer x"),
+                ("accept", "application/fhir+json; fhirVersion=1.0"),
+            ],
+        ))
+        .await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        // Off (the default): answered by the layer, credentials or not.
+        let (_, _, body) = run(layer(), get("/$versions", &[("authorization", "Bearer x")])).await;
+        assert_eq!(parameters(&body).len(), 4);
+        // No tenant serves a supported release: no answer to give.
+        let query = VersionsQuery::new(&[FhirVersion::R4], false);
+        assert!(query
+            .answer([FhirVersion::Stu3], FhirVersion::Stu3, None)
+            .is_none());
+        // A default upstream in an unsupported release: the first supported is reported.
+        let answer = query
+            .answer(
+                [FhirVersion::Stu3, FhirVersion::R4],
+                FhirVersion::Stu3,
+                None,
+            )
+            .unwrap();
+        let body = String::from_utf8(answer.into_body().to_vec()).unwrap();
+        assert_eq!(
+            parameters(&body),
+            [pair("version", "4.0"), pair("default", "4.0")]
         );
     }
 

@@ -29,6 +29,7 @@ mod layer;
 mod media;
 mod response;
 
+pub(crate) use layer::VersionsQuery;
 pub use layer::{
     ConfigError, VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer,
 };
