@@ -12,6 +12,10 @@
 # requests/s a CPU serves with them on is its inverse) and requests on/off (in which the "on"
 # server also gets the CPU its extra threads take from the shared one, so it flatters them).
 #
+# LOAD=loadgen: the same, each server under its own fhir-loadgen (the deployed clients' request
+# mix, a token per tenant from each gateway's token endpoint) instead of wrk's one small read;
+# the load generator then sets the pace, so read the CPU a request, not the requests.
+#
 # MODE=turns: one after the other under fhir-loadgen (its request mix), the order alternating,
 # as benches/compare.sh runs its targets.
 #
@@ -20,6 +24,7 @@
 # or 0 (`metrics_listen`). So the cost can be taken apart:
 #
 #   bash benches/ops_ratio.sh
+#   LOAD=loadgen bash benches/ops_ratio.sh          # the request mix, both at once
 #   AUDIT=none bash benches/ops_ratio.sh            # metrics alone
 #   AUDIT=null METRICS=0 bash benches/ops_ratio.sh  # the audit records, not their file
 #   ROUNDS=12 DURATION=10 bash benches/ops_ratio.sh
@@ -28,7 +33,7 @@
 #                                        # release binaries, round by round beside this one
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${MODE:-together}; AUDIT=${AUDIT:-file}; METRICS=${METRICS:-1}
+MODE=${MODE:-together}; LOAD=${LOAD:-wrk}; AUDIT=${AUDIT:-file}; METRICS=${METRICS:-1}
 DURATION=${DURATION:-8}; WARMUP=${WARMUP:-2}; CONNECTIONS=${CONNECTIONS:-32}; ROUNDS=${ROUNDS:-6}
 SERVER_CPU=${SERVER_CPU:-0}; CLIENT_CPU=${CLIENT_CPU:-1}
 # shellcheck source=benches/harness.sh
@@ -63,20 +68,43 @@ done
 declare -A portof=([off]=$off [on]=$on [base-off]=$boff [base-on]=$bon)
 wait_port "$up"; for name in $names; do wait_port "${portof[$name]}"; done
 if [ "$MODE" = together ]; then
-  need wrk wrk
+  if [ "$LOAD" = wrk ]; then need wrk wrk; fi
   cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks, all threads
   load() { # NAME TOKEN SECONDS: wrk's request count (nothing when an answer was not 2xx)
     taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$3s" -H "Authorization: Bearer $2" \
       "http://127.0.0.1:${portof[$1]}/Patient/123" |
       awk '/requests in/ {n = $1} /Non-2xx|Socket errors/ {bad = 1} END {if (!bad) print n}'
   }
+  # LOAD=loadgen: the deployed clients' request mix from fhir-loadgen instead of wrk's one read,
+  # which reads the server's CPU for its measured requests itself (after its warm-up second).
+  # Prints "REQUESTS CPU_TICKS" for them (the ticks at 100 a second, as /proc counts them).
+  mixed() { # NAME SECONDS
+    local p=${portof[$1]}
+    taskset -c "$CLIENT_CPU" "$bin/fhir-loadgen" --target "http://127.0.0.1:$p" --connections "$CONNECTIONS" \
+      --duration "$2" --warmup 1 --json --tenants "$tenant" \
+      --token-url "http://127.0.0.1:$p/oauth/token" --client-id bench --client-secret bench-secret-0123456789 \
+      --cpu-of "server=${pid[$1]}" 2>"$work/$1.err" | python3 -c '
+import json, sys
+x = json.load(sys.stdin)
+bad = sum(x["errors"].values()) + sum(v for k, v in x["statuses"].items() if k != "200")
+if not bad:
+    print(x["requests"], x["requests"] * x["cpu_us_per_request"]["server"] / 1e4)'
+  }
   pairs=("off on"); [ -n "${BASE_TARGET_DIR:-}" ] && pairs+=("base-off base-on")
-  echo "both at once on CPU $SERVER_CPU, wrk -t1 -c$CONNECTIONS each on CPU $CLIENT_CPU, ${DURATION}s rounds; on: AUDIT=$AUDIT METRICS=$METRICS"
+  load_name="wrk -t1 -c$CONNECTIONS"; [ "$LOAD" = loadgen ] && load_name="fhir-loadgen --connections $CONNECTIONS"
+  echo "both at once on CPU $SERVER_CPU, $load_name each on CPU $CLIENT_CPU, ${DURATION}s rounds; on: AUDIT=$AUDIT METRICS=$METRICS"
   declare -A token
   for name in $names; do token[$name]=$(token_of "${portof[$name]}" "$tenant"); done
   # load_pair A B SECONDS ROUND: both at once; A's and B's requests and CPU ticks into $work/A.rounds.
   load_pair() {
     local a=$1 b=$2 ca cb
+    if [ "$LOAD" = loadgen ]; then
+      mixed "$a" "$3" >"$work/$a.$4" & local other=$!
+      mixed "$b" "$3" >"$work/$b.$4"; wait "$other"
+      read -r na ta <"$work/$a.$4" || true; read -r nb tb <"$work/$b.$4" || true
+      echo "$na $nb $ta $tb" >>"$work/$a.rounds"
+      return
+    fi
     ca=$(cpu "${pid[$a]}"); cb=$(cpu "${pid[$b]}")
     load "$a" "${token[$a]}" "$3" >"$work/$a.$4" & local other=$!
     load "$b" "${token[$b]}" "$3" >"$work/$b.$4"; wait "$other"
