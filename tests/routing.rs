@@ -848,6 +848,43 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
 }
 
 #[tokio::test]
+async fn bundle_links_written_with_escaped_slashes_lead_back_through_the_gateway_too() {
+    // PHP's `json_encode` writes every `/` as `\/`: the same URLs to a JSON reader.
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let escaped = upstream.base("/fhir/r3").replace('/', "\\/");
+    let mut answer = Answer::json(json!({}));
+    answer.body = format!(
+        r#"{{"resourceType":"Bundle","type":"searchset","link":[{{"relation":"next","url":"{escaped}\/Patient?page=2"}}],"entry":[{{"fullUrl":"{escaped}\/Patient\/1","resource":{{"resourceType":"Patient","id":"1","text":{{"div":"<div>{escaped}<\/div>"}}}}}}]}}"#
+    );
+    upstream.answer("/fhir/r3/Patient?", answer);
+    let reply = gw
+        .client
+        .get_bearer("/Patient?family=x", &token_for(TENANT_A))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let bundle = reply.json();
+    assert_eq!(
+        bundle["link"][0]["url"],
+        format!("{PUBLIC_BASE}/Patient?page=2")
+    );
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{PUBLIC_BASE}/Patient/1")
+    );
+    // The resource is as the upstream wrote it, escapes and all.
+    assert!(
+        reply.text().contains(&format!(r#""div":"<div>{escaped}<\/div>""#)),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        reply.headers["content-length"],
+        reply.body.len().to_string()
+    );
+}
+
+#[tokio::test]
 async fn a_bundle_sent_in_chunks_is_read_whole_and_rewritten() {
     // An upstream that writes its Bundle in three chunks, pausing between them.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

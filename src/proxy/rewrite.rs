@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde_json::Value;
 
 /// Rewrites URLs under `from` (the upstream base) to `to` (the gateway's public base).
 #[derive(Debug, Clone)]
@@ -86,23 +87,40 @@ impl BaseRewriter {
     /// not a JSON Bundle or holds nothing to rewrite. Nothing inside the entries' resources is
     /// touched (a canonical `url`, an extension's, a Bundle within), so resources read through
     /// a search are the ones the upstream holds.
+    ///
+    /// A link written with escapes (`http:\/\/ehr\/fhir\/Patient\/1`, as PHP's
+    /// `json_encode` writes every `/`) is read as a JSON reader reads it: under the base, it is
+    /// written anew, rewritten, with only the escapes JSON needs.
     pub(crate) fn bundle(&self, body: &[u8]) -> Option<Bytes> {
         // Cheap tests first: most responses are no Bundle (its searcher is built once), or
-        // hold no upstream URL.
+        // hold no upstream URL, as written or escaped.
         let from = self.from.as_bytes();
         find_bundle(body)?;
-        find(body, from)?;
+        if find(body, from).is_none() && memchr::memchr(b'\\', body).is_none() {
+            return None;
+        }
         let values = bundle_links(body)?;
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
         for value in values {
             let rest = &body[value.clone()];
-            if !rest.starts_with(from) || !at_boundary(&rest[from.len()..]) {
-                continue;
+            if rest.starts_with(from) && at_boundary(&rest[from.len()..]) {
+                out.extend_from_slice(&body[copied..value.start]);
+                out.extend_from_slice(self.to.as_bytes());
+                copied = value.start + from.len();
+            } else if memchr::memchr(b'\\', rest).is_some() {
+                // The value with its quotes, read as JSON.
+                let quoted = &body[value.start - 1..value.end + 1];
+                let Some(rewritten) = serde_json::from_slice::<String>(quoted)
+                    .ok()
+                    .and_then(|url| self.url(&url))
+                else {
+                    continue;
+                };
+                out.extend_from_slice(&body[copied..value.start - 1]);
+                out.extend_from_slice(Value::String(rewritten).to_string().as_bytes());
+                copied = value.end + 1;
             }
-            out.extend_from_slice(&body[copied..value.start]);
-            out.extend_from_slice(self.to.as_bytes());
-            copied = value.start + from.len();
         }
         if copied == 0 {
             return None;
@@ -436,6 +454,42 @@ mod tests {
             "{out}"
         );
         assert!(rewriter().bundle(&escaped[..escaped.len() - 2]).is_none());
+    }
+
+    #[test]
+    fn reads_links_written_with_escapes_as_a_json_reader_does() {
+        // PHP's `json_encode` escapes every `/`; any character may be written `\uXXXX`.
+        let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"http:\/\/ehr:9001\/fhir\/r3\/Patient?_page=2&x=\"q\""}],
+ "entry":[{"fullUrl":"\u0068ttp://ehr:9001/fhir/r3/Patient/1","resource":{"resourceType":"Patient","id":"1","url":"http:\/\/ehr:9001\/fhir\/r3\/x"}},
+  {"fullUrl":"http:\/\/ehr:9001\/fhir\/r30\/Patient\/2"},
+  {"fullUrl":"http:\/\/elsewhere\/fhir\/r3\/Patient\/3"}]}"#;
+        let out = String::from_utf8(rewriter().bundle(body).unwrap().to_vec()).unwrap();
+        let json: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            json["link"][0]["url"],
+            "https://gw.example/Patient?_page=2&x=\"q\""
+        );
+        assert_eq!(json["entry"][0]["fullUrl"], "https://gw.example/Patient/1");
+        // Written anew with only the escapes JSON needs; the rest byte for byte: a resource's
+        // own URL, a base that goes on (`r30`), another host.
+        assert!(
+            out.contains(r#""url":"https://gw.example/Patient?_page=2&x=\"q\""}"#),
+            "{out}"
+        );
+        for kept in [
+            r#""url":"http:\/\/ehr:9001\/fhir\/r3\/x""#,
+            r#""fullUrl":"http:\/\/ehr:9001\/fhir\/r30\/Patient\/2""#,
+            r#""fullUrl":"http:\/\/elsewhere\/fhir\/r3\/Patient\/3""#,
+        ] {
+            assert!(out.contains(kept), "{kept} in {out}");
+        }
+        // Escapes and no upstream URL in any link: nothing to do.
+        let none = br#"{"resourceType":"Bundle","link":[{"url":"https:\/\/gw.example\/x"}]}"#;
+        assert!(rewriter().bundle(none).is_none());
+        // An escape that is no JSON (a lone surrogate) is left as it is.
+        let odd =
+            br#"{"resourceType":"Bundle","link":[{"url":"http:\/\/ehr:9001\/fhir\/r3\/\ud800"}]}"#;
+        assert!(rewriter().bundle(odd).is_none());
     }
 
     #[test]
