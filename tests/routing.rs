@@ -874,7 +874,9 @@ async fn bundle_links_written_with_escaped_slashes_lead_back_through_the_gateway
     );
     // The resource is as the upstream wrote it, escapes and all.
     assert!(
-        reply.text().contains(&format!(r#""div":"<div>{escaped}<\/div>""#)),
+        reply
+            .text()
+            .contains(&format!(r#""div":"<div>{escaped}<\/div>""#)),
         "{}",
         reply.text()
     );
@@ -1093,20 +1095,31 @@ async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole
 /// An upstream answering every request with a JSON Bundle of about 40 KB, sent in two parts
 /// a second apart.
 async fn slow_bundle_upstream() -> String {
-    raw_upstream(|_head, mut stream| async move {
-        let first = format!(
-            "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"meta\":{{\"tag\":[{{\"code\":\"{}",
-            "x".repeat(40_000)
-        );
-        let last = "\"}]}}";
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
-            first.len()
-        );
-        stream.write_all(answer.as_bytes()).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let end = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
-        let _ = stream.write_all(end.as_bytes()).await;
+    // Requests begun so far: the first two answers end only once both have begun (and a
+    // second more), so that each holds its first part while the other's is read, however
+    // slowly a loaded machine starts the second request.
+    let (begun, _) = tokio::sync::watch::channel(0usize);
+    let begun = Arc::new(begun);
+    raw_upstream(move |_head, mut stream| {
+        let begun = Arc::clone(&begun);
+        async move {
+            let first = format!(
+                "{{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"meta\":{{\"tag\":[{{\"code\":\"{}",
+                "x".repeat(40_000)
+            );
+            let last = "\"}]}}";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                first.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            begun.send_modify(|n| *n += 1);
+            let mut both = begun.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(30), both.wait_for(|n| *n >= 2)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let end = format!("{:x}\r\n{last}\r\n0\r\n\r\n", last.len());
+            let _ = stream.write_all(end.as_bytes()).await;
+        }
     })
     .await
 }
