@@ -47,6 +47,12 @@ pub(crate) struct Config {
     /// Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_cooldown")]
     pub(crate) jwks_refetch_cooldown_seconds: u64,
+    /// The FHIR release of what the gateway answers itself, where a request names none and
+    /// no tenant decides: the `metadata` statement served without a token, and the `default`
+    /// `$versions` reports without one. Default STU3 (`"3.0"`). (A request with a token that
+    /// names no release goes to its tenant's first upstream whatever this says.)
+    #[serde(default)]
+    pub(crate) default_fhir_version: Option<tower_fhir::version::FhirVersion>,
     /// Upstream request timeout. Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_upstream_timeout")]
     pub(crate) upstream_timeout_seconds: u64,

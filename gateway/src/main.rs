@@ -436,7 +436,12 @@ async fn assemble(
     for name in &config.forward_request_headers {
         proxy = proxy.forward_request_header(name);
     }
+    let default_release = config.default_fhir_version;
     let gateway = Gateway::builder(base)
+        .metadata(move |metadata| match default_release {
+            Some(release) => metadata.default_version(release),
+            None => metadata,
+        })
         .follow(directory.changes())
         .directory(move |tenant| directory.lookup(tenant))
         .token_endpoint(endpoint.clone())

@@ -190,6 +190,14 @@ fn check_config_says_what_is_wrong() {
         ("syntax", "{\"listen\": ", "is not valid"),
         ("unknown-key", r#"{"listn": "127.0.0.1:1"}"#, "unknown field `listn`"),
         (
+            "default-release",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"default_fhir_version\": \"4.1\", \"admin_token\"",
+            ),
+            "unknown FHIR version \"4.1\"",
+        ),
+        (
             "repeated-release",
             &GOOD.replace(
                 r#"[{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "3.0"}]"#,

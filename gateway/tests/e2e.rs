@@ -491,6 +491,37 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     assert_eq!(reply.json()["resourceType"], "OperationOutcome");
 }
 
+#[tokio::test]
+async fn default_fhir_version_is_the_release_of_what_the_gateway_answers_without_a_token() {
+    let dir = scratch("default-release");
+    let port = free_port();
+    let mut config = config(&dir, port, "http://127.0.0.1:9", "http://127.0.0.1:9", None);
+    config["default_fhir_version"] = json!("4.0");
+    let gateway = start_gateway(&dir, &config);
+    let reply = gateway.client.get("/metadata", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["fhirVersion"], "4.0.1");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=4.0"
+    );
+    let reply = gateway.client.get("/$versions", &[]).await;
+    let parameters = reply.json()["parameter"].as_array().unwrap().clone();
+    assert_eq!(
+        parameters.last().unwrap(),
+        &json!({"name": "default", "valueCode": "4.0"})
+    );
+    // A tenant's `$versions` still names its own servers' releases and default.
+    let token = access_token(&gateway, BOTH_TENANT).await;
+    let reply = get(&gateway, &token, "/$versions", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json()["parameter"],
+        json!([{"name": "version", "valueCode": "1.0"}, {"name": "version", "valueCode": "3.0"},
+               {"name": "default", "valueCode": "3.0"}])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openid_provider_s_tokens_and_its_key_rotation() {
     let dir = scratch("oidc");
