@@ -204,6 +204,7 @@ impl std::fmt::Debug for Config {
                 "jwks_refetch_cooldown_seconds",
                 &self.jwks_refetch_cooldown_seconds,
             )
+            .field("default_fhir_version", &self.default_fhir_version)
             .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
             .field("trust_forwarded_headers", &self.trust_forwarded_headers)
             .field("client_address_header", &self.client_address_header)
