@@ -253,8 +253,8 @@ impl GatewayBuilder {
     }
 
     /// Version negotiation settings (supported releases, default). The gateway turns
-    /// [`tenant_versions`](VersionNegotiationBuilder::tenant_versions) on, so that `$versions`
-    /// with a token answers for its tenant, and, unless
+    /// [`tenant_versions`](VersionNegotiationBuilder::tenant_versions) on unless it was set,
+    /// so that `$versions` with a token answers for its tenant, and, unless
     /// [`reported_default`](VersionNegotiationBuilder::reported_default) is set, reports the
     /// metadata layer's `default_version` (the release an anonymous `metadata` is answered in)
     /// as the default of a `$versions` without one.
@@ -468,7 +468,7 @@ impl GatewayBuilder {
         // default the release an anonymous `metadata` is answered in.
         let versions = self
             .versions
-            .tenant_versions(true)
+            .tenant_versions_unless_set(true)
             .reported_default_unless_set(metadata.anonymous_release());
         let layer = GatewayLayer {
             versions: versions.build().map_err(ConfigError::Version)?,

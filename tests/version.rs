@@ -337,3 +337,64 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
     assert_eq!(s.dstu2.received().len(), 1);
     assert!(s.stu3.received().is_empty());
 }
+
+/// With a `default_version` on the version layer, a request naming no release is sent in
+/// that release, not to the tenant's first server: the tenant's `$versions` says so.
+#[tokio::test]
+async fn a_tenants_versions_default_is_the_layers_default_where_it_has_one() {
+    let s = setup_with(
+        VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
+            .default_version(FhirVersion::Stu3)
+            .tenant_versions(true),
+    )
+    .await;
+    let reply = s
+        .client
+        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.stu3.received().len(), 1);
+    assert!(s.dstu2.received().is_empty());
+    let reply = s
+        .client
+        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
+        .await;
+    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    assert_eq!(
+        parameters(&reply),
+        [
+            pair("version", "1.0"),
+            pair("version", "3.0"),
+            pair("default", "3.0")
+        ]
+    );
+}
+
+/// A tenant whose first server speaks a release the layer does not support: a request naming
+/// none still goes there, so `$versions` names it as the default, though not among the
+/// releases a client may name.
+#[tokio::test]
+async fn a_tenants_versions_default_is_its_first_servers_release_even_one_not_supported() {
+    let s = setup_with(
+        VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Stu3, FhirVersion::R4])
+            .tenant_versions(true),
+    )
+    .await;
+    let reply = s
+        .client
+        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
+        .await;
+    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    assert_eq!(
+        parameters(&reply),
+        [pair("version", "3.0"), pair("default", "1.0")]
+    );
+    let reply = s
+        .client
+        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.dstu2.received().len(), 1);
+}

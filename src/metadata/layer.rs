@@ -225,7 +225,8 @@ impl MetadataBuilder {
         self
     }
 
-    /// The release an anonymous `metadata` request naming none is answered in.
+    /// The release an anonymous `metadata` request naming none is answered in (asked of the
+    /// upstream, when its statement is read from one).
     #[cfg(feature = "proxy")]
     pub(crate) fn anonymous_release(&self) -> FhirVersion {
         self.default_version

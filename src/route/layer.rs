@@ -331,27 +331,26 @@ fn tenant_versions(
     query: &VersionsQuery,
     named: Option<FhirVersion>,
 ) -> Response<Bytes> {
-    let answer_for = |releases: &mut dyn Iterator<Item = FhirVersion>, default| {
-        query.answer(releases, default, named)
+    let (releases, first): (Vec<FhirVersion>, _) = match record.in_process_tenant() {
+        Some(local) => (local.releases().to_vec(), local.select(None)),
+        None => (
+            record
+                .upstreams()
+                .iter()
+                .map(|u| u.fhir_version())
+                .collect(),
+            record.default_upstream().map(|u| u.fhir_version()),
+        ),
     };
-    let answered = match record.in_process_tenant() {
-        Some(local) => local
-            .select(None)
-            .and_then(|default| answer_for(&mut local.releases().iter().copied(), default)),
-        None => record.default_upstream().and_then(|default| {
-            answer_for(
-                &mut record.upstreams().iter().map(|u| u.fhir_version()),
-                default.fhir_version(),
-            )
-        }),
-    };
-    answered.unwrap_or_else(|| {
-        answer(
+    match first {
+        Some(first) => query.answer(releases, first, named),
+        // (A record always has a first server.)
+        None => answer(
             StatusCode::NOT_ACCEPTABLE,
             IssueType::NotSupported,
-            "The tenant has no FHIR server for a release this gateway supports",
-        )
-    })
+            "The tenant has no FHIR server",
+        ),
+    }
 }
 
 fn no_upstream_for(version: Option<FhirVersion>) -> &'static str {
@@ -409,7 +408,7 @@ mod tests {
     #[test]
     fn versions_names_the_tenants_releases_and_the_one_it_serves_by_default() {
         use crate::route::{InProcessTenant, Upstream};
-        let all = VersionsQuery::new(&FhirVersion::ALL, false);
+        let all = VersionsQuery::new(&FhirVersion::ALL, None, false);
         let upstream = |version| Upstream::parse("http://fhir.test/x", version).unwrap();
         let proxied =
             TenantRecord::new([upstream(FhirVersion::Stu3), upstream(FhirVersion::Dstu2)]).unwrap();
@@ -429,11 +428,12 @@ mod tests {
             parameters(response),
             ["version=4.0", "version=5.0", "default=4.0"]
         );
-        // Served in no release the gateway supports: 406, with an OperationOutcome.
-        let r4_only = VersionsQuery::new(&[FhirVersion::R4], false);
-        let response = tenant_versions(&proxied, &r4_only, None);
-        assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE);
-        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
-        assert_eq!(json["resourceType"], "OperationOutcome");
+        // Served in no release the gateway supports: none a client may name, and the one a
+        // request naming none gets.
+        let r4_only = VersionsQuery::new(&[FhirVersion::R4], None, false);
+        assert_eq!(
+            parameters(tenant_versions(&proxied, &r4_only, None)),
+            ["default=3.0"]
+        );
     }
 }

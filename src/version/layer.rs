@@ -46,7 +46,7 @@ impl VersionNegotiationLayer {
             supported: FhirVersion::ALL.to_vec(),
             default: None,
             reported_default: None,
-            tenant_versions: false,
+            tenant_versions: None,
         }
     }
 }
@@ -68,8 +68,6 @@ pub enum ConfigError {
     NothingSupported,
     /// The default release is not among the supported ones.
     UnsupportedDefault(FhirVersion),
-    /// The release `$versions` reports as the default is not among the supported ones.
-    UnsupportedReportedDefault(FhirVersion),
 }
 
 impl fmt::Display for ConfigError {
@@ -79,11 +77,6 @@ impl fmt::Display for ConfigError {
             Self::UnsupportedDefault(v) => {
                 write!(f, "the default release {} is not supported", v.name())
             }
-            Self::UnsupportedReportedDefault(v) => write!(
-                f,
-                "the release $versions reports as the default, {}, is not supported",
-                v.name()
-            ),
         }
     }
 }
@@ -97,7 +90,7 @@ pub struct VersionNegotiationBuilder {
     supported: Vec<FhirVersion>,
     default: Option<FhirVersion>,
     reported_default: Option<FhirVersion>,
-    tenant_versions: bool,
+    tenant_versions: Option<bool>,
 }
 
 impl VersionNegotiationBuilder {
@@ -121,9 +114,10 @@ impl VersionNegotiationBuilder {
     /// goes to its tenant's default upstream, so no one release is every tenant's default:
     /// report the one such a request gets where no tenant decides, as an anonymous `metadata`
     /// request ([`Gateway::builder`](crate::gateway::Gateway::builder) reports the metadata layer's
-    /// [`default_version`](crate::metadata::MetadataBuilder::default_version)). Default: the
-    /// latest release supported. With [`tenant_versions`](Self::tenant_versions) on, this is
-    /// only what a request without credentials is told.
+    /// [`default_version`](crate::metadata::MetadataBuilder::default_version)). It need not
+    /// be supported: it says what such a request gets, which a client may not name. Default:
+    /// the latest release supported. With [`tenant_versions`](Self::tenant_versions) on, this
+    /// is only what a request without credentials is told.
     pub fn reported_default(mut self, version: FhirVersion) -> Self {
         self.reported_default = Some(version);
         self
@@ -131,27 +125,36 @@ impl VersionNegotiationBuilder {
 
     /// Leaves `GET $versions` with an `Authorization` header to the
     /// [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) inside, which answers with the
-    /// releases the token's tenant is served in (those this layer supports) and, as the
-    /// `default`, the one a request naming none gets there. This layer alone knows no tenant:
-    /// its own answer lists every release it supports.
+    /// releases the token's tenant is served in that a client may name (those this layer
+    /// supports) and, as the `default`, the one a request naming none gets there: this layer's
+    /// [`default_version`](Self::default_version) when it has one (even where the tenant has
+    /// no server for it, and such a request gets 406), else the tenant's first server's
+    /// release (even one this layer does not support, where a tenant has such a server
+    /// first). This layer alone knows no tenant: its own answer lists every release it
+    /// supports.
     ///
-    /// The request passes the layers between as any other does (a missing or bad token gets
-    /// 401, a tenant not onboarded 403) and is answered by the routing layer, before rate
-    /// limits and any upstream. Off by default; [`Gateway::builder`](crate::gateway::Gateway::builder)
-    /// turns it on. Turn it on only with a `TenantRoutingLayer` inside: nothing else answers
-    /// such a request.
+    /// The request passes the bearer and tenant layers as any other does (a missing or bad
+    /// token gets 401, a tenant not onboarded 403); the SMART scope layer lets it by, as it
+    /// reads no data; the routing layer answers it, before rate limits and any upstream. Off
+    /// by default; [`Gateway::builder`](crate::gateway::Gateway::builder) turns it on unless
+    /// it was set. Turn it on only with a `TenantRoutingLayer` inside: nothing else answers
+    /// such a request, which would reach the service inside with its scopes unchecked.
     pub fn tenant_versions(mut self, on: bool) -> Self {
-        self.tenant_versions = on;
+        self.tenant_versions = Some(on);
         self
     }
 
-    /// Reports `version` as the default, unless a release to report was set or `version` is
-    /// not supported.
+    /// [`tenant_versions`](Self::tenant_versions), unless it was set.
+    #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
+    pub(crate) fn tenant_versions_unless_set(mut self, on: bool) -> Self {
+        self.tenant_versions.get_or_insert(on);
+        self
+    }
+
+    /// Reports `version` as the default, unless a release to report was set.
     #[cfg_attr(not(feature = "proxy"), allow(dead_code))]
     pub(crate) fn reported_default_unless_set(mut self, version: FhirVersion) -> Self {
-        if self.reported_default.is_none() && self.supported.contains(&version) {
-            self.reported_default = Some(version);
-        }
+        self.reported_default.get_or_insert(version);
         self
     }
 
@@ -163,18 +166,12 @@ impl VersionNegotiationBuilder {
         if let Some(default) = self.default.filter(|d| !self.supported.contains(d)) {
             return Err(ConfigError::UnsupportedDefault(default));
         }
-        if let Some(reported) = self
-            .reported_default
-            .filter(|d| !self.supported.contains(d))
-        {
-            return Err(ConfigError::UnsupportedReportedDefault(reported));
-        }
         Ok(VersionNegotiationLayer {
             config: Arc::new(Config {
                 supported: self.supported,
                 default: self.default,
                 reported_default: self.reported_default,
-                tenant_versions: self.tenant_versions,
+                tenant_versions: self.tenant_versions.unwrap_or(false),
             }),
         })
     }
@@ -223,49 +220,47 @@ enum Decision {
 pub(crate) struct VersionsQuery {
     /// The releases the layer supports, ascending.
     supported: Arc<[FhirVersion]>,
+    /// The layer's default release, which a request naming none gets.
+    default: Option<FhirVersion>,
     /// Whether the answer is labelled plain `application/json`, as the client asked first.
     plain_json: bool,
 }
 
 impl VersionsQuery {
-    /// The query of a layer supporting `supported`, answered as plain JSON or not.
-    pub(crate) fn new(supported: &[FhirVersion], plain_json: bool) -> Self {
+    /// The query of a layer supporting `supported`, with `default` as its default release,
+    /// answered as plain JSON or not.
+    pub(crate) fn new(
+        supported: &[FhirVersion],
+        default: Option<FhirVersion>,
+        plain_json: bool,
+    ) -> Self {
         let mut supported = supported.to_vec();
         supported.sort();
         Self {
             supported: supported.into(),
+            default,
             plain_json,
         }
     }
 
-    /// The answer for a tenant served in `releases`, `default` the one a request naming none
-    /// gets; `named`, the release the request named, if any, shapes its media type. `None`
-    /// when the tenant is served in no release the layer supports.
+    /// The answer for a tenant served in `releases`, whose first server's release is
+    /// `first`; `named`, the release the request named, if any, shapes its media type.
     pub(crate) fn answer(
         &self,
         releases: impl IntoIterator<Item = FhirVersion>,
-        default: FhirVersion,
+        first: FhirVersion,
         named: Option<FhirVersion>,
-    ) -> Option<Response<Bytes>> {
+    ) -> Response<Bytes> {
         let mut served: Vec<FhirVersion> = releases
             .into_iter()
             .filter(|release| self.supported.contains(release))
             .collect();
         served.sort();
         served.dedup();
-        // (A default upstream in a release the layer does not support is never what a request
-        // naming none gets here: such a request is answered in another.)
-        let default = if served.contains(&default) {
-            default
-        } else {
-            *served.first()?
-        };
-        Some(versions_answer(
-            &served,
-            default,
-            named.unwrap_or(default),
-            self.plain_json,
-        ))
+        // What a request naming none gets: the layer's default when it has one, else the
+        // tenant's first server, whatever its release.
+        let default = self.default.unwrap_or(first);
+        versions_answer(&served, default, named.unwrap_or(default), self.plain_json)
     }
 }
 
@@ -372,7 +367,7 @@ impl Config {
             if self.tenant_versions && headers.contains_key(header::AUTHORIZATION) {
                 return Decision::TenantVersions(
                     version,
-                    VersionsQuery::new(&self.supported, plain_json),
+                    VersionsQuery::new(&self.supported, self.default, plain_json),
                 );
             }
             let default = self.reported_default();
@@ -1037,22 +1032,31 @@ mod tests {
             .unwrap();
         let (_, _, body) = run(with_default, get("/$versions", &[])).await;
         assert_eq!(parameters(&body).last().unwrap(), &pair("default", "4.0"));
+        // A release the layer does not negotiate may be what a request naming none gets (an
+        // anonymous `metadata` in STU3 where only R4 is supported): reported as it is.
+        let r4_only = VersionNegotiationLayer::builder()
+            .supported([FhirVersion::R4])
+            .reported_default(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        let (_, _, body) = run(r4_only, get("/$versions", &[])).await;
         assert_eq!(
-            VersionNegotiationLayer::builder()
-                .supported([FhirVersion::R4])
-                .reported_default(FhirVersion::Stu3)
-                .build()
-                .unwrap_err(),
-            ConfigError::UnsupportedReportedDefault(FhirVersion::Stu3)
+            parameters(&body),
+            [pair("version", "4.0"), pair("default", "3.0")]
         );
-        // Set by the gateway only where the user set none and it is supported.
+        // Set by the gateway only where the user set none.
         let builder = VersionNegotiationLayer::builder().supported([FhirVersion::R4]);
-        let kept = builder.reported_default_unless_set(FhirVersion::Stu3);
-        assert_eq!(kept.reported_default, None);
+        let set = builder.reported_default_unless_set(FhirVersion::Stu3);
+        assert_eq!(set.reported_default, Some(FhirVersion::Stu3));
         let kept = VersionNegotiationLayer::builder()
             .reported_default(FhirVersion::R4)
-            .reported_default_unless_set(FhirVersion::Stu3);
+            .reported_default_unless_set(FhirVersion::Stu3)
+            .tenant_versions(false)
+            .tenant_versions_unless_set(true);
         assert_eq!(kept.reported_default, Some(FhirVersion::R4));
+        assert_eq!(kept.tenant_versions, Some(false));
+        let set = VersionNegotiationLayer::builder().tenant_versions_unless_set(true);
+        assert_eq!(set.tenant_versions, Some(true));
     }
 
     #[tokio::test]
@@ -1067,13 +1071,11 @@ mod tests {
             let query = req.extensions().get::<VersionsQuery>().cloned();
             let body = match query {
                 Some(query) => {
-                    let answer = query
-                        .answer(
-                            [FhirVersion::Dstu2, FhirVersion::R4],
-                            FhirVersion::R4,
-                            req.extensions().get::<FhirVersion>().copied(),
-                        )
-                        .unwrap();
+                    let answer = query.answer(
+                        [FhirVersion::Dstu2, FhirVersion::R4],
+                        FhirVersion::R4,
+                        req.extensions().get::<FhirVersion>().copied(),
+                    );
                     let content_type = answer.headers()["content-type"].clone();
                     let body = answer.into_body();
                     return Ok::<_, Infallible>(
@@ -1159,23 +1161,44 @@ mod tests {
         // Off (the default): answered by the layer, credentials or not.
         let (_, _, body) = run(layer(), get("/$versions", &[("authorization", "Bearer x")])).await;
         assert_eq!(parameters(&body).len(), 4);
-        // No tenant serves a supported release: no answer to give.
-        let query = VersionsQuery::new(&[FhirVersion::R4], false);
-        assert!(query
-            .answer([FhirVersion::Stu3], FhirVersion::Stu3, None)
-            .is_none());
-        // A default upstream in an unsupported release: the first supported is reported.
-        let answer = query
-            .answer(
-                [FhirVersion::Stu3, FhirVersion::R4],
-                FhirVersion::Stu3,
-                None,
-            )
-            .unwrap();
-        let body = String::from_utf8(answer.into_body().to_vec()).unwrap();
+        // A tenant whose first server speaks a release the layer does not support: a request
+        // naming none goes there, so it is the default, though a client may not name it.
+        let query = VersionsQuery::new(&[FhirVersion::R4], None, false);
+        let body_of =
+            |answer: Response<Bytes>| String::from_utf8(answer.into_body().to_vec()).unwrap();
+        let answer = query.answer(
+            [FhirVersion::Stu3, FhirVersion::R4],
+            FhirVersion::Stu3,
+            None,
+        );
         assert_eq!(
-            parameters(&body),
-            [pair("version", "4.0"), pair("default", "4.0")]
+            parameters(&body_of(answer)),
+            [pair("version", "4.0"), pair("default", "3.0")]
+        );
+        // The layer's default is what a request naming none gets, whatever the tenant's first
+        // server (or 406, where the tenant has no server for it: still its default).
+        let query = VersionsQuery::new(
+            &[FhirVersion::Stu3, FhirVersion::R4],
+            Some(FhirVersion::R4),
+            false,
+        );
+        let answer = query.answer(
+            [FhirVersion::Stu3, FhirVersion::R4],
+            FhirVersion::Stu3,
+            None,
+        );
+        assert_eq!(
+            parameters(&body_of(answer)),
+            [
+                pair("version", "3.0"),
+                pair("version", "4.0"),
+                pair("default", "4.0")
+            ]
+        );
+        let answer = query.answer([FhirVersion::Stu3], FhirVersion::Stu3, None);
+        assert_eq!(
+            parameters(&body_of(answer)),
+            [pair("version", "3.0"), pair("default", "4.0")]
         );
     }
 
