@@ -232,10 +232,12 @@ fn unavailable(message: &str) -> Response {
 /// Lets a request through only with the admin token (compared in constant time), and not at
 /// all from an address that presented too many wrong ones lately (`429`, `Retry-After`).
 async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
-    // The scheme is case-insensitive (RFC 9110 §11.1).
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
+    // The scheme is case-insensitive (RFC 9110 §11.1). Two `Authorization` headers present
+    // no token (a proxy before the gateway may read the other one).
+    let mut authorizations = request.headers().get_all(header::AUTHORIZATION).iter();
+    let presented = authorizations
+        .next()
+        .filter(|_| authorizations.next().is_none())
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))

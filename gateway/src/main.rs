@@ -329,6 +329,12 @@ fn init_logs(format: LogFormat) {
         tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| "info".into())
             .and(filter_fn(|metadata| metadata.is_event()))
+            .and(filter_fn(|metadata| {
+                // tokio-postgres logs each statement's parameters at debug (a tenant's upstream
+                // credentials, secret hashes): never in this log, whatever `RUST_LOG` asks.
+                !metadata.target().starts_with("tokio_postgres")
+                    || *metadata.level() <= tracing::Level::INFO
+            }))
     };
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry();

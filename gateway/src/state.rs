@@ -198,17 +198,37 @@ async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
 
 /// `url` with its password (if any) left out.
 fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    // Read as tokio-postgres reads it (a password may hold an unencoded `/`, `?` or `#`: its
+    // credentials run to the first `@`), and shown from what it read: no password, no options.
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
         return "<a database URL>".into();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = match authority.rsplit_once('@') {
-        Some((user, host)) => format!("{}@{host}", user.split(':').next().unwrap_or("")),
-        None => authority.to_owned(),
-    };
-    // Query parameters may hold a password too.
-    let path = path.split('?').next().unwrap_or("");
-    format!("{scheme}://{host}{path}")
+    if !url.contains("://") {
+        return "<a database URL>".into();
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(at, host)| {
+            let host = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for all hosts, or one each.
+            match ports.get(at).or(ports.first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map_or(String::new(), |user| format!("{user}@"));
+    let database = config.get_dbname().unwrap_or("");
+    format!("postgres://{user}{}/{database}", hosts.join(","))
 }
 
 /// The state in `state_dir`, owned by this process.
@@ -448,10 +468,22 @@ mod tests {
         );
         assert_eq!(
             without_password("postgres://gateway@127.0.0.1/gw?password=s3cret"),
-            "postgres://gateway@127.0.0.1/gw"
+            "postgres://gateway@127.0.0.1:5432/gw"
         );
         assert_eq!(
             without_password("host=db password=s3cret"),
+            "<a database URL>"
+        );
+        // tokio-postgres takes the credentials to the first `@`: a password with an
+        // unencoded `/` (as `openssl rand -base64` makes) connects, and is not shown.
+        let shown = without_password("postgres://gateway:pa/ss?w#0rd@db.internal:5432/gateway");
+        assert_eq!(shown, "postgres://gateway@db.internal:5432/gateway");
+        assert_eq!(
+            without_password("postgresql://u:p@a:1,b:2/db?sslmode=disable&password=x"),
+            "postgres://u@a:1,b:2/db"
+        );
+        assert_eq!(
+            without_password("postgres://u:s3cret@db:port/gw"),
             "<a database URL>"
         );
     }

@@ -951,6 +951,21 @@ async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
         assert_eq!(reply.status, status, "{}", reply.text());
         assert_eq!(reply.json()["error"], says, "{}", reply.text());
     }
+    // Two `Authorization` headers present no token, the right one first or not (a proxy in
+    // front may read the other).
+    for pair in [
+        [
+            ("authorization", auth.as_str()),
+            ("authorization", "Bearer wrong"),
+        ],
+        [
+            ("authorization", "Bearer wrong"),
+            ("authorization", auth.as_str()),
+        ],
+    ] {
+        let reply = gw.client.send("GET", "/admin/tenants", &pair, "").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    }
     // A chunked body past the limit, found as it arrives: 413, JSON too.
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(

@@ -1014,6 +1014,9 @@ pub struct JsonLinesAudit {
 /// A file log's path, and the file opened there again, until the writer switches to it.
 struct Reopen {
     path: PathBuf,
+    /// Whether the path was a symbolic link when the log was opened: only then is one
+    /// followed when the path is opened again (see [`open_log`]).
+    link: bool,
     next: Mutex<Option<File>>,
     switched: Condvar,
 }
@@ -1036,6 +1039,8 @@ impl Reopen {
 /// file deleted, or moved without a reopen, is not written to for more than a second.
 struct FileWatch {
     path: PathBuf,
+    /// Whether a symbolic link at the path is followed (it was one when the log began).
+    link: bool,
     /// The file written to (another handle to it).
     open: Option<File>,
     checked: Instant,
@@ -1044,9 +1049,10 @@ struct FileWatch {
 }
 
 impl FileWatch {
-    fn new(path: &Path, file: &File) -> Self {
+    fn new(path: &Path, link: bool, file: &File) -> Self {
         Self {
             path: path.to_path_buf(),
+            link,
             open: file.try_clone().ok(),
             checked: Instant::now(),
             written: 0,
@@ -1081,10 +1087,10 @@ impl FileWatch {
             if deleted {
                 counts.dropped_many(since, "the audit log file was deleted while written to");
             }
-            let file = match open_log(&self.path) {
+            let file = match open_log(&self.path, self.link) {
                 Ok(file) => file,
                 Err(error) => {
-                    tracing::error!(%path, %error, "the audit log file is gone and cannot be created again");
+                    tracing::error!(%path, %error, "the audit log file is gone and a new one cannot be opened at its path (a symbolic link put there since the start is not followed)");
                     return None;
                 }
             };
@@ -1111,12 +1117,24 @@ impl FileWatch {
 /// How long [`AuditReopener::reopen`] waits for the writer to switch files.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
-/// Opens a file audit log: appended to, created if absent (mode 0600 on Unix).
-fn open_log(path: &Path) -> std::io::Result<File> {
+/// Opens a file audit log: appended to, created if absent (mode 0600 on Unix). A symbolic
+/// link at `path` is followed only when `follow` (on Unix): opened again after a rotation or
+/// a move, a path that was no link when the log began must not have become one (planted by
+/// someone who may write to its directory, to have the records appended to a file of their
+/// choosing).
+fn open_log(path: &Path, follow: bool) -> std::io::Result<File> {
     let mut options = std::fs::OpenOptions::new();
     options.create(true).append(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+        if !follow {
+            options.custom_flags(libc::O_NOFOLLOW);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = follow;
     options.open(path)
 }
 
@@ -1169,7 +1187,7 @@ impl AuditReopener {
             Some(writer) if self.lines.alive.load(Ordering::Acquire) => writer,
             _ => return Err(stopped()),
         };
-        let file = open_log(&self.reopen.path)?;
+        let file = open_log(&self.reopen.path, self.reopen.link)?;
         let mut next = self
             .reopen
             .next
@@ -1282,14 +1300,18 @@ impl JsonLinesAudit {
     /// rotation, [`reopener`](Self::reopener) opens the path again.
     pub fn file(path: impl AsRef<Path>) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = open_log(&path)?;
+        // (`/dev/stdout`, or a path an operator links to another disk: followed, then and
+        // at every reopen.)
+        let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        let file = open_log(&path, true)?;
         let reopen = Arc::new(Reopen {
             path,
+            link,
             next: Mutex::new(None),
             switched: Condvar::new(),
         });
         let next = Arc::clone(&reopen);
-        let mut watch = FileWatch::new(&reopen.path, &file);
+        let mut watch = FileWatch::new(&reopen.path, reopen.link, &file);
         let mut audit = Self::start(file, DEFAULT_AUDIT_QUEUE, move |counts: &Counts| match next
             .take()
         {
@@ -2337,6 +2359,53 @@ mod tests {
         // A closed log has no writer to switch.
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         assert!(reopener.reopen().is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A link planted at the path (by someone who may write to its directory) is not
+    /// followed when the log is opened again; a path that was a link when the log began is.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_planted_at_the_path_is_not_followed_when_the_log_is_opened_again() {
+        let dir = scratch_dir("audit-planted-link");
+        let (path, moved, victim) = (
+            dir.join("audit.jsonl"),
+            dir.join("moved.jsonl"),
+            dir.join("victim"),
+        );
+        std::fs::write(&victim, "untouched\n").unwrap();
+        let audit = JsonLinesAudit::file(&path).unwrap();
+        let reopener = audit.reopener().unwrap();
+        std::fs::rename(&path, &moved).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let error = reopener.reopen().unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ELOOP), "{error}");
+        // Nor by the watch that finds the file moved (once a second).
+        for at in 0..15 {
+            audit.record(record_at(&format!("/after/{at}")));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(audit);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched\n");
+        assert_eq!(paths_in(&moved).len(), 15);
+
+        // The operator's own link (to another disk, say) is followed, at start and after.
+        let (linked, target, rotated) = (
+            dir.join("linked.jsonl"),
+            dir.join("target.jsonl"),
+            dir.join("target.jsonl.1"),
+        );
+        std::os::unix::fs::symlink(&target, &linked).unwrap();
+        let audit = JsonLinesAudit::file(&linked).unwrap();
+        audit.record(record_at("/before"));
+        let reopener = audit.reopener().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::rename(&target, &rotated).unwrap();
+        reopener.reopen().unwrap();
+        audit.record(record_at("/after"));
+        drop(audit);
+        assert_eq!(paths_in(&rotated), ["/before"]);
+        assert_eq!(paths_in(&target), ["/after"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

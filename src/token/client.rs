@@ -1082,6 +1082,18 @@ fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
             "client {id:?}: {scope:?} is not a scope (printable ASCII without spaces, '\"' or '\\')"
         )));
     }
+    // A tenant is granted by `tenants`, which the token endpoint checks against the scope
+    // asked for: a tenant id among the scopes would be copied into every token the client
+    // gets, naming a tenant it is not entitled to beside its own.
+    if let Some(scope) = scopes
+        .iter()
+        .find(|scope| crate::tenant::TenantId::parse(scope).is_ok())
+    {
+        return Err(StoreError::refused(format!(
+            "client {id:?}: {scope:?} is a tenant id: a client's tenants are its tenants, not \
+             its scopes"
+        )));
+    }
     // A resource scope that does not parse would grant nothing, silently.
     let unreadable = |scope: &&String| {
         crate::smart::looks_like_resource_scope(scope)
@@ -1326,6 +1338,42 @@ mod tests {
             .unwrap();
         let refused = store
             .set_entitlements("app", Vec::new(), vec!["user/Observation.r?".into()])
+            .await
+            .unwrap_err();
+        assert!(refused.is_refused());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_id_is_no_scope_a_client_may_be_given() {
+        // It would be copied into every token the client gets, beside the tenant it asks for.
+        let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+        let other = "7B3E9A10-2C4D-4E5F-8A6B-0C1D2E3F4A5B";
+        for spelling in [
+            other.to_owned(),
+            format!("{{{other}}}"),
+            other.replace('-', ""),
+        ] {
+            let refused = store
+                .register(
+                    NewClient::new("app")
+                        .secret("a-secret-of-16-or-more")
+                        .scope(&spelling),
+                )
+                .await
+                .unwrap_err();
+            assert!(refused.is_refused(), "{spelling}");
+            assert!(refused.to_string().contains("is a tenant id"), "{refused}");
+        }
+        store
+            .register(
+                NewClient::new("app")
+                    .secret("a-secret-of-16-or-more")
+                    .scope("system/Patient.rs"),
+            )
+            .await
+            .unwrap();
+        let refused = store
+            .set_entitlements("app", Vec::new(), vec![other.into()])
             .await
             .unwrap_err();
         assert!(refused.is_refused());
