@@ -650,7 +650,7 @@ impl QueryRecording {
 /// Query parameters whose values are credentials: [`QueryRecording::Full`] records their
 /// names with the value `REDACTED`.
 /// (Not `code`: FHIR searches by it.)
-const SECRET_PARAMETERS: [&str; 13] = [
+const SECRET_PARAMETERS: [&str; 16] = [
     "access_token",
     "refresh_token",
     "id_token",
@@ -664,13 +664,18 @@ const SECRET_PARAMETERS: [&str; 13] = [
     "actor_token",
     "api_key",
     "apikey",
+    "key",
+    "secret",
+    "authorization",
 ];
 
 /// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
-/// percent-decoded, any case) replaced by `REDACTED`; borrowed when it has none.
+/// percent-decoded, any case, white space and a leading `;` around it ignored, as lenient
+/// servers read names) replaced by `REDACTED`; borrowed when it has none.
 fn redact_secrets(query: &str) -> std::borrow::Cow<'_, str> {
     let secret = |name: &str| {
         let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        let name = name.trim().trim_start_matches(';').trim();
         SECRET_PARAMETERS
             .iter()
             .any(|secret| name.eq_ignore_ascii_case(secret))
@@ -2057,6 +2062,13 @@ mod tests {
             QueryRecording::Full.apply(q).as_deref(),
             Some(
                 "code=x&access_token=REDACTED&ACCESS%5Ftoken=REDACTED&client_secret=REDACTED&n&api_key=REDACTED"
+            )
+        );
+        let q = Some(";access_token=a&access_token%20=b&Key=c&secret=d&Authorization=e&keyword=f");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some(
+                ";access_token=REDACTED&access_token%20=REDACTED&Key=REDACTED&secret=REDACTED&Authorization=REDACTED&keyword=f"
             )
         );
         assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
