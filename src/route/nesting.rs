@@ -43,7 +43,8 @@ type Place = (String, u16, String);
 /// an IP address in its canonical form), the port (the scheme's default when none is written)
 /// and the path as most servers resolve it: percent-escapes decoded, `;` parameters dropped,
 /// runs of slashes merged, `.` and `..` segments resolved, lower-cased (some servers ignore
-/// case).
+/// case); and as Windows servers (IIS) also do: a backslash is a slash, a NUL ends the path,
+/// and a segment's trailing dots and spaces are not part of it.
 fn server_and_path(base: &UpstreamBase) -> Place {
     let authority = base.authority();
     let port = authority
@@ -54,15 +55,19 @@ fn server_and_path(base: &UpstreamBase) -> Place {
         });
     let host = canonical_host(authority.host());
     let decoded = percent_encoding::percent_decode_str(base.path()).decode_utf8_lossy();
+    let decoded = decoded.split('\0').next().unwrap_or("");
     let mut segments: Vec<String> = Vec::new();
-    for segment in decoded.split('/') {
+    for segment in decoded.split(['/', '\\']) {
         let segment = segment.split(';').next().unwrap_or("");
         match segment {
             "" | "." => {}
             ".." => {
                 segments.pop();
             }
-            segment => segments.push(segment.to_lowercase()),
+            segment => match segment.trim_end_matches(['.', ' ']) {
+                "" => {}
+                segment => segments.push(segment.to_lowercase()),
+            },
         }
     }
     let path = segments.iter().fold(String::new(), |mut path, segment| {
@@ -360,6 +365,12 @@ mod tests {
             ("http://[::1]:8080/fhir", "http://[0:0::1]:8080/fhir/b"),
             ("http://[::ffff:127.0.0.1]/fhir", "http://127.0.0.1/fhir/b"),
             ("http://hapi./fhir", "http://HAPI/fhir/b"),
+            // As Windows servers read paths.
+            ("http://hapi/fhir", "http://hapi/fhir%5Cb"),
+            ("http://hapi/fhir%00x", "http://hapi/fhir/b"),
+            ("http://hapi/fhir", "http://hapi/fhir./b"),
+            ("http://hapi/fhir", "http://hapi/fhir%20/b"),
+            ("http://hapi/fhir.", "http://hapi/fhir/b"),
         ] {
             let records = [(1, record(&[outer])), (2, record(&[inner]))];
             assert_eq!(pairs(&records), [(tenant(1), tenant(2))], "{outer} {inner}");
