@@ -247,19 +247,18 @@ async fn versions_needs_no_token() {
     assert_eq!(codes, ["1.0", "3.0", "4.0"]);
 }
 
-/// `(name, valueCode)` of a `$versions` answer's parameters.
-fn parameters(reply: &Reply) -> Vec<(String, String)> {
-    reply.json()["parameter"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_owned(),
-                p["valueCode"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+/// `GET $versions` with the tenant's token.
+async fn tenant_versions(s: &Setup) -> Reply {
+    s.client
+        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
+        .await
+}
+
+/// `GET /Patient/1` with the tenant's token, naming no release.
+async fn read_naming_no_release(s: &Setup) -> Reply {
+    s.client
+        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
+        .await
 }
 
 #[tokio::test]
@@ -271,21 +270,13 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
             .tenant_versions(true),
     )
     .await;
-    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
     // The tenant's servers speak DSTU2 (its default: a request naming none goes there) and
     // STU3; not R4, which the gateway supports.
-    let reply = s
-        .client
-        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
-        .await;
+    let reply = tenant_versions(&s).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
-        parameters(&reply),
-        [
-            pair("version", "1.0"),
-            pair("version", "3.0"),
-            pair("default", "1.0")
-        ]
+        parameters(&reply.json()),
+        ["version=1.0", "version=3.0", "default=1.0"]
     );
     assert_eq!(
         reply.headers["content-type"],
@@ -308,10 +299,7 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
         "application/fhir+json; fhirVersion=3.0"
     );
     // What it says is so: a request naming no release reaches the DSTU2 server.
-    let reply = s
-        .client
-        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
-        .await;
+    let reply = read_naming_no_release(&s).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(s.dstu2.received().len(), 1);
     assert!(s.stu3.received().is_empty());
@@ -325,13 +313,8 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
     let reply = s.client.send("GET", "/$versions", &[], "").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(
-        parameters(&reply),
-        [
-            pair("version", "1.0"),
-            pair("version", "3.0"),
-            pair("version", "4.0"),
-            pair("default", "3.0")
-        ]
+        parameters(&reply.json()),
+        ["version=1.0", "version=3.0", "version=4.0", "default=3.0"]
     );
     // None of these reached a FHIR server.
     assert_eq!(s.dstu2.received().len(), 1);
@@ -349,25 +332,14 @@ async fn a_tenants_versions_default_is_the_layers_default_where_it_has_one() {
             .tenant_versions(true),
     )
     .await;
-    let reply = s
-        .client
-        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
-        .await;
+    let reply = read_naming_no_release(&s).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(s.stu3.received().len(), 1);
     assert!(s.dstu2.received().is_empty());
-    let reply = s
-        .client
-        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
-        .await;
-    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    let reply = tenant_versions(&s).await;
     assert_eq!(
-        parameters(&reply),
-        [
-            pair("version", "1.0"),
-            pair("version", "3.0"),
-            pair("default", "3.0")
-        ]
+        parameters(&reply.json()),
+        ["version=1.0", "version=3.0", "default=3.0"]
     );
 }
 
@@ -382,19 +354,9 @@ async fn a_tenants_versions_default_is_its_first_servers_release_even_one_not_su
             .tenant_versions(true),
     )
     .await;
-    let reply = s
-        .client
-        .send("GET", "/$versions", &[("authorization", &s.bearer)], "")
-        .await;
-    let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
-    assert_eq!(
-        parameters(&reply),
-        [pair("version", "3.0"), pair("default", "1.0")]
-    );
-    let reply = s
-        .client
-        .send("GET", "/Patient/1", &[("authorization", &s.bearer)], "")
-        .await;
+    let reply = tenant_versions(&s).await;
+    assert_eq!(parameters(&reply.json()), ["version=3.0", "default=1.0"]);
+    let reply = read_naming_no_release(&s).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(s.dstu2.received().len(), 1);
 }

@@ -436,18 +436,7 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     // release an anonymous `metadata` is answered in.
     let versions = |reply: Reply| -> Vec<String> {
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        reply.json()["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}={}",
-                    p["name"].as_str().unwrap(),
-                    p["valueCode"].as_str().unwrap()
-                )
-            })
-            .collect()
+        parameters(&reply.json())
     };
     assert_eq!(
         versions(get(&gateway, &token, "/$versions", "application/fhir+json").await),

@@ -388,21 +388,8 @@ mod tests {
         assert_eq!(layer.cache().capacities(), (100_000, Some(100_000)));
     }
 
-    /// `(name, valueCode)` of a `$versions` answer's parameters.
     fn parameters(response: Response<Bytes>) -> Vec<String> {
-        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
-        json["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}={}",
-                    p["name"].as_str().unwrap(),
-                    p["valueCode"].as_str().unwrap()
-                )
-            })
-            .collect()
+        crate::version::parameters_of(response.body())
     }
 
     #[test]

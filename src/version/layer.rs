@@ -449,6 +449,25 @@ fn versions_answer(
     response
 }
 
+/// A `$versions` answer's parameters as `name=valueCode`, for tests.
+#[cfg(test)]
+pub(crate) fn parameters_of(body: &[u8]) -> Vec<String> {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(json["resourceType"], "Parameters");
+    json["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{}={}",
+                p["name"].as_str().unwrap(),
+                p["valueCode"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 /// Whether the request's `Accept` and `Content-Type` use DSTU2's media types
 /// (`json+fhir`, `xml+fhir`) and none of the later ones (`fhir+json`, `fhir+xml`).
 fn speaks_dstu2_only(headers: &http::HeaderMap) -> bool {
@@ -981,23 +1000,6 @@ mod tests {
         );
     }
 
-    /// `(name, valueCode)` of a `$versions` answer's parameters.
-    fn parameters(body: &str) -> Vec<(String, String)> {
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(json["resourceType"], "Parameters");
-        json["parameter"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                (
-                    p["name"].as_str().unwrap().into(),
-                    p["valueCode"].as_str().unwrap().into(),
-                )
-            })
-            .collect()
-    }
-
     #[tokio::test]
     async fn versions_reports_the_default_it_is_given_where_none_is_set() {
         let layer = VersionNegotiationLayer::builder()
@@ -1011,14 +1013,9 @@ mod tests {
             headers["content-type"],
             "application/fhir+json; fhirVersion=3.0"
         );
-        let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
         assert_eq!(
-            parameters(&body),
-            [
-                pair("version", "3.0"),
-                pair("version", "4.0"),
-                pair("default", "3.0")
-            ]
+            parameters_of(body.as_bytes()),
+            ["version=3.0", "version=4.0", "default=3.0"]
         );
         // A request naming none gets no release from the layer: its tenant's decides.
         let (_, _, body) = run(layer, get("/Patient/1", &[])).await;
@@ -1031,7 +1028,10 @@ mod tests {
             .build()
             .unwrap();
         let (_, _, body) = run(with_default, get("/$versions", &[])).await;
-        assert_eq!(parameters(&body).last().unwrap(), &pair("default", "4.0"));
+        assert_eq!(
+            parameters_of(body.as_bytes()).last().unwrap(),
+            &"default=4.0"
+        );
         // A release the layer does not negotiate may be what a request naming none gets (an
         // anonymous `metadata` in STU3 where only R4 is supported): reported as it is.
         let r4_only = VersionNegotiationLayer::builder()
@@ -1041,8 +1041,8 @@ mod tests {
             .unwrap();
         let (_, _, body) = run(r4_only, get("/$versions", &[])).await;
         assert_eq!(
-            parameters(&body),
-            [pair("version", "4.0"), pair("default", "3.0")]
+            parameters_of(body.as_bytes()),
+            ["version=4.0", "default=3.0"]
         );
         // Set by the gateway only where the user set none.
         let builder = VersionNegotiationLayer::builder().supported([FhirVersion::R4]);
@@ -1102,7 +1102,6 @@ mod tests {
                 )
             }
         };
-        let pair = |name: &str, code: &str| (name.to_owned(), code.to_owned());
         // With credentials: passed inward, answered for the tenant (DSTU2 is not supported
         // here, so not listed).
         let (status, headers, body) =
@@ -1113,8 +1112,8 @@ mod tests {
             "application/fhir+json; fhirVersion=4.0"
         );
         assert_eq!(
-            parameters(&body),
-            [pair("version", "4.0"), pair("default", "4.0")]
+            parameters_of(body.as_bytes()),
+            ["version=4.0", "default=4.0"]
         );
         // The release the client named shapes the answer; plain JSON stays plain.
         let (_, headers, _) = call(get(
@@ -1141,12 +1140,8 @@ mod tests {
         // Without: the layer's own answer, every release it supports.
         let (_, _, body) = call(get("/$versions", &[])).await;
         assert_eq!(
-            parameters(&body),
-            [
-                pair("version", "3.0"),
-                pair("version", "4.0"),
-                pair("default", "4.0")
-            ]
+            parameters_of(body.as_bytes()),
+            ["version=3.0", "version=4.0", "default=4.0"]
         );
         // A release the layer does not serve is still refused by the layer.
         let (status, _, _) = call(get(
@@ -1160,21 +1155,16 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
         // Off (the default): answered by the layer, credentials or not.
         let (_, _, body) = run(layer(), get("/$versions", &[("authorization", "Bearer x")])).await;
-        assert_eq!(parameters(&body).len(), 4);
+        assert_eq!(parameters_of(body.as_bytes()).len(), 4);
         // A tenant whose first server speaks a release the layer does not support: a request
         // naming none goes there, so it is the default, though a client may not name it.
         let query = VersionsQuery::new(&[FhirVersion::R4], None, false);
-        let body_of =
-            |answer: Response<Bytes>| String::from_utf8(answer.into_body().to_vec()).unwrap();
         let answer = query.answer(
             [FhirVersion::Stu3, FhirVersion::R4],
             FhirVersion::Stu3,
             None,
         );
-        assert_eq!(
-            parameters(&body_of(answer)),
-            [pair("version", "4.0"), pair("default", "3.0")]
-        );
+        assert_eq!(parameters_of(answer.body()), ["version=4.0", "default=3.0"]);
         // The layer's default is what a request naming none gets, whatever the tenant's first
         // server (or 406, where the tenant has no server for it: still its default).
         let query = VersionsQuery::new(
@@ -1188,18 +1178,11 @@ mod tests {
             None,
         );
         assert_eq!(
-            parameters(&body_of(answer)),
-            [
-                pair("version", "3.0"),
-                pair("version", "4.0"),
-                pair("default", "4.0")
-            ]
+            parameters_of(answer.body()),
+            ["version=3.0", "version=4.0", "default=4.0"]
         );
         let answer = query.answer([FhirVersion::Stu3], FhirVersion::Stu3, None);
-        assert_eq!(
-            parameters(&body_of(answer)),
-            [pair("version", "3.0"), pair("default", "4.0")]
-        );
+        assert_eq!(parameters_of(answer.body()), ["version=3.0", "default=4.0"]);
     }
 
     #[test]

@@ -29,6 +29,8 @@ mod layer;
 mod media;
 mod response;
 
+#[cfg(test)]
+pub(crate) use layer::parameters_of;
 pub(crate) use layer::VersionsQuery;
 pub use layer::{
     ConfigError, VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer,

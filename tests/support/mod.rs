@@ -65,6 +65,22 @@ pub fn pyjwt_installed() {
 }
 
 /// Standard claims valid for an hour, to be adjusted per test.
+/// A FHIR `Parameters` resource's parameters as `name=valueCode` (what `$versions` answers).
+pub fn parameters(resource: &Value) -> Vec<String> {
+    resource["parameter"]
+        .as_array()
+        .expect("a Parameters resource")
+        .iter()
+        .map(|p| {
+            format!(
+                "{}={}",
+                p["name"].as_str().unwrap(),
+                p["valueCode"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 pub fn claims() -> Value {
     json!({"iss": "https://auth.test", "aud": "tower-fhir", "sub": "app-1",
            "exp": now() + 3600, "iat": now(), "scope": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"})
