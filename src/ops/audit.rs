@@ -1302,7 +1302,11 @@ impl Counts {
 
 impl JsonLinesAudit {
     /// Appends to the file at `path` (created if absent, mode 0600 on Unix). For log
-    /// rotation, [`reopener`](Self::reopener) opens the path again.
+    /// rotation, [`reopener`](Self::reopener) opens the path again; so does the writer, within
+    /// a second, when it finds the file moved or deleted. Opened again, the path is not
+    /// followed through a symbolic link (on Unix) unless it was one now: a link put there since
+    /// (by someone who may write to the directory) is refused, and the records go on to the
+    /// file they were going to.
     pub fn file(path: impl AsRef<Path>) -> std::io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         // (`/dev/stdout`, or a path an operator links to another disk: followed, then and
