@@ -274,7 +274,7 @@ fn route<B>(
         }
     };
     let version = request.extensions().get::<FhirVersion>().copied();
-    if let Some(query) = request.extensions().get::<VersionsQuery>() {
+    if let Some(query) = VersionsQuery::of(request) {
         return Err(Box::new(tenant_versions(&record, query, version)));
     }
     // Unnamed but hinted (a DSTU2-only client): the hinted release if the tenant serves it.

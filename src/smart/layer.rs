@@ -371,11 +371,7 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
     }
     // `$versions`, left by the version layer to the routing layer: which releases the
     // tenant's servers speak, as `metadata` says what they do, reaching no server and no data.
-    if request
-        .extensions()
-        .get::<crate::version::VersionsQuery>()
-        .is_some()
-    {
+    if crate::version::VersionsQuery::of(request).is_some() {
         return Plan::Pass;
     }
     // A header the checks read, named in `Connection`, would be removed on the way to the

@@ -226,7 +226,19 @@ pub(crate) struct VersionsQuery {
     plain_json: bool,
 }
 
+/// The path of the `$versions` operation the layer answers or leaves to routing.
+const VERSIONS_PATH: &str = "/$versions";
+
 impl VersionsQuery {
+    /// The query the layer left on `request`, if any. (The path is compared first: most
+    /// requests are answered with no look in their extensions.)
+    pub(crate) fn of<B>(request: &Request<B>) -> Option<&Self> {
+        if request.uri().path() != VERSIONS_PATH {
+            return None;
+        }
+        request.extensions().get::<Self>()
+    }
+
     /// The query of a layer supporting `supported`, with `default` as its default release,
     /// answered as plain JSON or not.
     pub(crate) fn new(
@@ -287,7 +299,7 @@ impl Config {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Decision {
-        let versions_operation = method == Method::GET && path == "/$versions";
+        let versions_operation = method == Method::GET && path == VERSIONS_PATH;
         // (A name may be percent-encoded: `%5Fformat`.)
         let format = match query.filter(|q| q.contains("format") || q.contains('%')) {
             Some(query) => match format_parameter(query) {
