@@ -542,6 +542,13 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
             return unavailable("the client store failed");
         }
     }
+    // The tokens the client holds are refused before the secret changes (a failure then
+    // leaves the client as it was) and again after (for any taken with the old secret
+    // meanwhile, in a later second).
+    let began = unix_seconds();
+    if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
+        return tokens_not_refused(&client_id, &err, "before its secret was reset");
+    }
     match admin
         .clients
         .rotate_secret(&client_id, Duration::ZERO)
@@ -549,9 +556,17 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
     {
         Ok(secret) => {
             tracing::info!(client_id = %client_id, "client secret reset by an administrator");
-            let mut response =
-                Json(json!({"client_id": client_id, "client_secret": secret.expose()}))
-                    .into_response();
+            let shown = json!({"client_id": client_id, "client_secret": secret.expose()});
+            let mut response = match refuse_tokens_again(&admin, &client_id, began).await {
+                Ok(()) => Json(shown).into_response(),
+                Err(why) => {
+                    let mut shown = shown;
+                    shown["error"] = json!(format!(
+                        "the secret is reset (shown here this once), but {why}"
+                    ));
+                    (StatusCode::SERVICE_UNAVAILABLE, Json(shown)).into_response()
+                }
+            };
             response.headers_mut().insert(
                 header::CACHE_CONTROL,
                 header::HeaderValue::from_static("no-store"),
@@ -564,6 +579,47 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
             unavailable("the secret could not be rotated")
         }
     }
+}
+
+/// The answer when the tokens a client holds could not be refused before a change to it
+/// (`doing` says which), so the change was not made: `404` for a client gone meanwhile, else
+/// `503`.
+fn tokens_not_refused(
+    client_id: &str,
+    err: &tower_fhir::token::StoreError,
+    doing: &str,
+) -> Response {
+    if err.is_refused() {
+        return error(StatusCode::NOT_FOUND, "no such client");
+    }
+    tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused {doing}; nothing was changed");
+    unavailable(
+        "the tokens the client holds could not be refused at every replica, so nothing was \
+         changed: send the same request again",
+    )
+}
+
+/// The Unix second now.
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+/// Refuses again the tokens the client holds, after a change to it that began by refusing
+/// them at second `began` (or after): only when the change took the clock past that second
+/// (a token taken meanwhile in a later second would otherwise still work). The reason, for
+/// the answer, when that cannot be recorded for the other replicas.
+async fn refuse_tokens_again(admin: &Admin, client_id: &str, began: u64) -> Result<(), String> {
+    if unix_seconds() <= began {
+        return Ok(());
+    }
+    admin.endpoint.revoke_tokens_of(client_id).await.map_err(|err| {
+        tracing::error!(client_id = %client_id, error = %err, "the tokens a client took while it was being changed could not be refused at every replica");
+        "the tokens the client took while it was being changed (within a second or so) could \
+         not be refused at every replica, and work there until they expire"
+            .to_owned()
+    })
 }
 
 /// The body of `PUT /admin/clients/{client_id}`.
@@ -600,6 +656,18 @@ impl ClientBody {
             || self
                 .token_endpoint_auth_method
                 .is_some_and(|method| method != record.token_endpoint_auth_method)
+    }
+
+    /// Whether it takes a tenant or a scope away from the registered client.
+    fn takes_away(&self, record: &ClientRecord) -> bool {
+        record
+            .tenants
+            .iter()
+            .any(|tenant| !self.tenants.contains(tenant))
+            || record
+                .scopes
+                .iter()
+                .any(|scope| !self.scopes.contains(scope))
     }
 
     /// New keys for a registered `private_key_jwt` client, if the body gives any.
@@ -721,7 +789,7 @@ async fn put_client(
             StatusCode::BAD_REQUEST,
             "the client is registered: its authentication method stays as registered (change a secret with POST /admin/clients/{client_id}/secret, keys with jwks or jwks_uri; or register the application under a new client id)",
         ),
-        Some(_) => {
+        Some(record) => {
             let mut body = body;
             let keys = match body.keys() {
                 Ok(keys) => keys,
@@ -729,10 +797,24 @@ async fn put_client(
             };
             let tenants = body.tenants.len();
             let replaces_keys = keys.is_some();
+            // Tokens the client holds for what it loses (a tenant, a scope) or taken with the
+            // keys replaced are refused: before the change (a failure then leaves the client
+            // as it was) and again after it (for any taken meanwhile, in a later second).
+            let takes_away = replaces_keys || body.takes_away(&record);
             let mut update =
                 ClientUpdate::new(body.tenants, body.scopes).rate_limit(body.rate_limit);
             if let Some(keys) = keys {
                 update = update.keys(keys);
+            }
+            // A change the store would refuse refuses no token either.
+            if let Err(err) = update.check(&record) {
+                return store_failed(&err, "changing a client");
+            }
+            let began = unix_seconds();
+            if takes_away {
+                if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
+                    return tokens_not_refused(&client_id, &err, "before it was changed");
+                }
             }
             // One write, checked whole: a body refused (or a store failing) leaves the client
             // as it was, and no replica sees half of it.
@@ -743,7 +825,15 @@ async fn put_client(
                 tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
             }
             admin.limits.forget_client(&client_id);
-            tracing::info!(client_id = %client_id, tenants, "client entitlements changed");
+            tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
+            if takes_away {
+                if let Err(why) = refuse_tokens_again(&admin, &client_id, began).await {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("the client is changed, but {why}"),
+                    );
+                }
+            }
             match admin.clients.client(&client_id).await {
                 Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
                 Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),

@@ -292,8 +292,16 @@ async fn three_gateway_processes_share_one_database() {
     )
     .await;
 
-    // A secret rotated through replica 1: replica 3 refuses the old one at once and takes the
-    // new one.
+    // A secret reset through replica 1: replica 3 refuses the old one at once, and the token
+    // taken with it as soon as it hears of the reset; it gives a token for the new one once
+    // the second of the reset is over (before, one would be refused with the old ones).
+    let reply = token_request(&three, "leaving", SECRET, TENANT).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let held = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        three.client.get_bearer("/Patient/1", &held).await.status,
+        StatusCode::OK
+    );
     let reply = admin(&one, "POST", "/admin/clients/leaving/secret", json!({})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let rotated = reply.json()["client_secret"].as_str().unwrap().to_owned();
@@ -303,10 +311,35 @@ async fn three_gateway_processes_share_one_database() {
             .status,
         StatusCode::UNAUTHORIZED
     );
+    within(
+        Duration::from_secs(1),
+        "the token taken with the old secret refused",
+        async || {
+            three.client.get_bearer("/Patient/1", &held).await.status == StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
+    let mut reply = token_request(&three, "leaving", &rotated, TENANT).await;
+    if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+        assert_eq!(
+            reply.json()["error"],
+            "temporarily_unavailable",
+            "{}",
+            reply.text()
+        );
+        let wait: u64 = reply.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&wait), "Retry-After {wait}");
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        reply = token_request(&three, "leaving", &rotated, TENANT).await;
+    }
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let fresh = reply.json()["access_token"].as_str().unwrap().to_owned();
     assert_eq!(
-        token_request(&three, "leaving", &rotated, TENANT)
-            .await
-            .status,
+        three.client.get_bearer("/Patient/1", &fresh).await.status,
         StatusCode::OK
     );
     // Revoked through replica 2: no replica issues it a token.

@@ -208,6 +208,11 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.r"));
+    let held = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &held).await.status,
+        StatusCode::OK
+    );
     // The other backend's key does not make an assertion of this one.
     let reply = post(
         client,
@@ -219,14 +224,43 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     )
     .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
-    // The administrator replaces its keys (its key rotation): the new key works, the old
-    // one no longer does.
+    // The administrator replaces its keys (its key rotation): the new key works (once the
+    // second of the change is over), the old one no longer does, and the token taken with
+    // the old one is refused at once.
     let body = json!({"tenants": [TENANT], "scopes": ["system/Patient.r"],
         "jwks": {"keys": [public_jwk(RSA_PRIVATE, "ops-2")]}});
     let reply = client
         .send("PUT", "/admin/clients/ops", &admin, &body.to_string())
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        client.get_bearer("/Patient/1", &held).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let reply = post(
+        client,
+        "/oauth/token",
+        &format!(
+            "grant_type=client_credentials&{}",
+            assertion(RSA_PRIVATE, "ops-2", "ops", &base, "o-2b")
+        ),
+    )
+    .await;
+    if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+        assert_eq!(
+            reply.json()["error"],
+            "temporarily_unavailable",
+            "{}",
+            reply.text()
+        );
+        let wait: u64 = reply.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&wait), "Retry-After {wait}");
+        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+    }
     for (pem, kid, jti, status) in [
         (RSA_PRIVATE, "ops-2", "o-3", StatusCode::OK),
         (RSA2_PRIVATE, "ops-1", "o-4", StatusCode::UNAUTHORIZED),

@@ -237,6 +237,22 @@ impl RevokedTokens {
         })
     }
 
+    /// The latest cut-off of the tokens `issuer` issued to `client` that is still kept: every
+    /// one issued (`iat`) at or before this second is refused. `None` when none is kept.
+    #[cfg(feature = "token")]
+    pub(crate) fn client_revoked_at(&self, issuer: Option<&str>, client: &str) -> Option<u64> {
+        let now = unix_now();
+        self.inner
+            .clients
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(client)?
+            .iter()
+            .filter(|entry| entry.issuer.as_deref() == issuer && entry.until > now)
+            .map(|entry| entry.revoked_at)
+            .max()
+    }
+
     /// How many revoked tokens are kept, by `jti` (some may have expired since the last
     /// revocation); revoked clients are not counted.
     pub fn len(&self) -> usize {

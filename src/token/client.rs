@@ -200,6 +200,31 @@ impl ClientUpdate {
         self.rate_limit = Some(limit);
         self
     }
+
+    /// Refuses what [`ClientStore::update`] would refuse of this change to `client` as it
+    /// is: scopes no request could name, keys that could never verify an assertion, keys for
+    /// a client that authenticates with a secret, a revoked client. To check a change before
+    /// acting on it (refusing the client's tokens, say); the store checks it again.
+    ///
+    /// # Errors
+    ///
+    /// Why the change is refused.
+    pub fn check(&self, client: &ClientRecord) -> Result<(), StoreError> {
+        let id = client.id.as_str();
+        if client.revoked {
+            return Err(StoreError::refused(format!("no active client {id:?}")));
+        }
+        check_scopes(id, &self.scopes)?;
+        if let Some(keys) = &self.keys {
+            if client.token_endpoint_auth_method != AuthMethod::PrivateKeyJwt {
+                return Err(StoreError::refused(format!(
+                    "client {id:?} authenticates with a secret, not with keys"
+                )));
+            }
+            keys.check(id)?;
+        }
+        Ok(())
+    }
 }
 
 /// How a client authenticates at the token endpoint (and at introspection and revocation).
@@ -1253,6 +1278,44 @@ mod tests {
         fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
             self.0.set_keys(id, keys)
         }
+    }
+
+    #[tokio::test]
+    async fn an_update_checked_before_is_refused_as_the_store_refuses_it() {
+        let store = InMemoryClientStore::new();
+        let tenant = TenantId::parse(TENANT).unwrap();
+        store
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+        let jwks = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
+        let uri = ClientKeys::JwksUri("https://app.example/jwks".into());
+        let cases = [
+            (
+                ClientUpdate::new(vec![tenant], vec!["system/*.read".into()]),
+                true,
+            ),
+            (ClientUpdate::new(vec![], vec!["a b".into()]), false),
+            (ClientUpdate::new(vec![], vec![TENANT.into()]), false),
+            // Keys for a client with a secret, usable or not.
+            (ClientUpdate::new(vec![tenant], vec![]).keys(uri), false),
+            (
+                ClientUpdate::new(vec![tenant], vec![]).keys(ClientKeys::Jwks(jwks)),
+                false,
+            ),
+        ];
+        for (update, ok) in cases {
+            let record = store.client("app").await.unwrap().unwrap();
+            let checked = update.check(&record);
+            assert_eq!(checked.is_ok(), ok, "{update:?}: {checked:?}");
+            let stored = store.update("app", update.clone()).await;
+            assert_eq!(stored.is_ok(), ok, "the store agrees on {update:?}");
+        }
+        store.revoke("app").await.unwrap();
+        let revoked = store.client("app").await.unwrap().unwrap();
+        let update = ClientUpdate::new(vec![tenant], vec![]);
+        assert!(update.check(&revoked).is_err());
+        assert!(store.update("app", update).await.is_err());
     }
 
     #[tokio::test]

@@ -443,6 +443,70 @@ impl TokenEndpoint {
         Ok(())
     }
 
+    /// Refuses every token issued to the client `id` so far (its `iat` at or before this
+    /// second), while the client stays registered and gets new tokens: for a secret reset
+    /// (a token taken with the old secret stops working at once, not when it expires) or
+    /// entitlements taken away (a token for a tenant no longer the client's). Like
+    /// [`revoke_client`](Self::revoke_client), it is refused by every bearer layer following
+    /// [`revoked_tokens`](Self::revoked_tokens) and, with a
+    /// [`revocation_log`](TokenEndpointBuilder::revocation_log), by every replica, until
+    /// the last such token expires. A token the client asks for in the same second is
+    /// refused, `503` (`temporarily_unavailable`) with `Retry-After: 1`: one issued then
+    /// would be refused too (its `iat` is that second), and the client proves itself again a
+    /// second later (with its new secret, after a reset). Fails when the client is unknown, or, after refusing them here, when
+    /// the log cannot record it for the other replicas.
+    ///
+    /// ```
+    /// use tower_fhir::auth::VerifiedClaims;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// store.register(NewClient::new("app").secret("app-secret-0123456789")).await.unwrap();
+    /// let endpoint = TokenEndpoint::builder()
+    ///     .issuer("https://gw.example")
+    ///     .audience("fhir")
+    ///     .store(store)
+    ///     .build()
+    ///     .unwrap();
+    /// let now = std::time::SystemTime::now()
+    ///     .duration_since(std::time::UNIX_EPOCH)
+    ///     .unwrap()
+    ///     .as_secs();
+    /// let token = |iat: u64| {
+    ///     let claims = serde_json::json!({"iss": "https://gw.example", "sub": "app",
+    ///                                     "iat": iat, "exp": now + 3600});
+    ///     VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap()
+    /// };
+    ///
+    /// endpoint.revoke_tokens_of("app").await.unwrap();
+    /// assert!(endpoint.revoked_tokens().is_revoked(&token(now)));
+    /// assert!(!endpoint.revoked_tokens().is_revoked(&token(now + 2)), "a later token works");
+    /// assert!(!endpoint.store().client("app").await.unwrap().unwrap().revoked);
+    /// # });
+    /// ```
+    pub async fn revoke_tokens_of(&self, id: &str) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let Some(client) = inner.clients.store.client(id).await? else {
+            return Err(StoreError::refused(format!("no client {id:?}")));
+        };
+        let until = inner.revoked_until(&client);
+        let cut_off = unix_now();
+        let issuer = Some(inner.issuer.as_str());
+        inner.revoked.revoke_client(issuer, id, cut_off, until);
+        if let Some(log) = &inner.revocation_log {
+            log.record_client(issuer, id, cut_off, until)
+                .await
+                .map_err(|error| {
+                    StoreError::new(format!(
+                        "the client's tokens are refused here, but that could not be recorded \
+                         for the other replicas: {error}"
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
     /// Refuses, in this process, the tokens every client revoked so far may still hold
     /// (issued up to now): for a process starting over a persistent store with persistent
     /// signing keys, whose list of revoked tokens began empty. Revoked clients get no new
@@ -553,7 +617,7 @@ impl Inner {
             scope.push(' ');
             scope.push_str(extra);
         }
-        let now = unix_now();
+        let now = self.issue_time(&client.id)?;
         let claims = json!({
             "iss": self.issuer,
             "sub": client.id,
@@ -586,6 +650,25 @@ impl Inner {
 }
 
 impl Inner {
+    /// The second to issue a token to `client` at: now, unless its tokens were cut off at
+    /// this second or later ([`TokenEndpoint::revoke_tokens_of`]), so that a token issued now
+    /// would be refused with the ones before it: then `503` (`temporarily_unavailable`) with
+    /// `Retry-After`, for the client to ask again once the cut-off has passed (and prove
+    /// itself again then: its secret may have been reset this very second).
+    fn issue_time(&self, client: &str) -> Result<u64, TokenError> {
+        let now = unix_now();
+        match self.revoked.client_revoked_at(Some(&self.issuer), client) {
+            Some(cut_off) if cut_off >= now => Err(TokenError::unavailable(
+                "The client's tokens were refused moments ago (its secret reset or its entitlements changed); ask again after Retry-After",
+            )
+            .with_header(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(cut_off - now + 1),
+            )),
+            _ => Ok(now),
+        }
+    }
+
     /// The client a form request (a token, introspection or revocation request) authenticates
     /// as, under the throttle, as the store has it after the check (the check takes a while:
     /// the client may have been revoked, rotated or given other tenants meanwhile). `doing`
@@ -895,6 +978,124 @@ mod tests {
             jtis.push(claims["jti"].as_str().unwrap().to_owned());
         }
         assert_ne!(jtis[0], jtis[1]);
+    }
+
+    #[tokio::test]
+    async fn a_token_asked_for_by_the_cut_off_second_is_asked_for_again_after_it() {
+        let (endpoint, secret) = endpoint(NewClient::new("app").tenant(tenant(A))).await;
+        let body = format!("grant_type=client_credentials&client_id=app&client_secret={secret}");
+        let form = [("content-type", FORM)];
+        let now = unix_now();
+        let revoked = endpoint.revoked_tokens();
+        // Cut off in the past: a token now comes after it.
+        revoked.revoke_client(Some("https://issuer.test"), "app", now - 5, now + 60);
+        assert_eq!(post(&endpoint, &form, &body).await.0, StatusCode::OK);
+        // Another issuer's cut-off is not this endpoint's.
+        revoked.revoke_client(Some("https://other.test"), "app", now + 9, now + 60);
+        assert_eq!(post(&endpoint, &form, &body).await.0, StatusCode::OK);
+        // Cut off at a second still to come (a replica whose clock is ahead): a token issued
+        // now would be refused, so none is; the client asks again after Retry-After.
+        revoked.revoke_client(Some("https://issuer.test"), "app", now + 3, now + 60);
+        let (status, headers, json) = post(&endpoint, &form, &body).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json["error"], "temporarily_unavailable");
+        let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((3..=4).contains(&wait), "Retry-After {wait}");
+        // A wrong secret is still told as such, not asked to wait.
+        let wrong =
+            "grant_type=client_credentials&client_id=app&client_secret=wrong-secret-0123456789";
+        assert_eq!(
+            post(&endpoint, &form, wrong).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
+    #[tokio::test]
+    async fn revoking_a_clients_tokens_keeps_the_client_and_is_told_to_the_log() {
+        #[derive(Default)]
+        struct Log(std::sync::Mutex<Vec<(String, u64, u64)>>);
+        impl RevocationLog for Arc<Log> {
+            fn record(
+                &self,
+                _: Option<&str>,
+                _: &str,
+                _: u64,
+            ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+                Box::pin(std::future::ready(Ok(())))
+            }
+            fn record_client(
+                &self,
+                issuer: Option<&str>,
+                client: &str,
+                revoked_at: u64,
+                until: u64,
+            ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+                assert_eq!(issuer, Some("https://issuer.test"));
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((client.to_owned(), revoked_at, until));
+                Box::pin(std::future::ready(Ok(())))
+            }
+        }
+        let store = InMemoryClientStore::new();
+        let secret = store
+            .register(
+                NewClient::new("app")
+                    .tenant(tenant(A))
+                    .token_lifetime(Duration::from_secs(120)),
+            )
+            .await
+            .unwrap();
+        let log = Arc::new(Log::default());
+        let endpoint = TokenEndpoint::builder()
+            .issuer("https://issuer.test")
+            .audience("fhir")
+            .store(store)
+            .revocation_log(Arc::clone(&log))
+            .build()
+            .unwrap();
+        let before = unix_now();
+        endpoint.revoke_tokens_of("app").await.unwrap();
+        let recorded = log.0.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 1);
+        let (client, cut_off, until) = &recorded[0];
+        assert_eq!(client, "app");
+        assert!(
+            (before..=before + 1).contains(cut_off),
+            "{cut_off} {before}"
+        );
+        assert!(
+            *until >= cut_off + 120,
+            "kept until the last token cut off expires"
+        );
+        assert_eq!(
+            endpoint
+                .revoked_tokens()
+                .client_revoked_at(Some("https://issuer.test"), "app"),
+            Some(*cut_off)
+        );
+        assert!(
+            !endpoint
+                .store()
+                .client("app")
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked
+        );
+        // The client is not revoked: once the cut-off second is over, it gets tokens again.
+        let body = format!(
+            "grant_type=client_credentials&client_id=app&client_secret={}",
+            secret.expose()
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            post(&endpoint, &[("content-type", FORM)], &body).await.0,
+            StatusCode::OK
+        );
+        let unknown = endpoint.revoke_tokens_of("nobody").await.unwrap_err();
+        assert!(unknown.is_refused(), "{unknown}");
     }
 
     #[tokio::test]
