@@ -545,7 +545,6 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
     // The tokens the client holds are refused before the secret changes (a failure then
     // leaves the client as it was) and again after (for any taken with the old secret
     // meanwhile, in a later second).
-    let began = unix_seconds();
     if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
         return tokens_not_refused(&client_id, &err, "before its secret was reset");
     }
@@ -557,16 +556,12 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
         Ok(secret) => {
             tracing::info!(client_id = %client_id, "client secret reset by an administrator");
             let shown = json!({"client_id": client_id, "client_secret": secret.expose()});
-            let mut response = match refuse_tokens_again(&admin, &client_id, began).await {
-                Ok(()) => Json(shown).into_response(),
-                Err(why) => {
-                    let mut shown = shown;
-                    shown["error"] = json!(format!(
-                        "the secret is reset (shown here this once), but {why}"
-                    ));
-                    (StatusCode::SERVICE_UNAVAILABLE, Json(shown)).into_response()
-                }
-            };
+            // The new secret is in force: shown (`200`) whatever follows, as it is shown once.
+            let mut shown = shown;
+            if let Err(why) = refuse_tokens_again(&admin, &client_id).await {
+                shown["warning"] = json!(format!("the secret is reset, but {why}"));
+            }
+            let mut response = Json(shown).into_response();
             response.headers_mut().insert(
                 header::CACHE_CONTROL,
                 header::HeaderValue::from_static("no-store"),
@@ -594,26 +589,15 @@ fn tokens_not_refused(
     }
     tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused {doing}; nothing was changed");
     unavailable(
-        "the tokens the client holds could not be refused at every replica, so nothing was \
-         changed: send the same request again",
+        "the tokens the client holds could not be refused at every replica, so the change was \
+         not made (this replica refuses them for a moment): send the same request again",
     )
 }
 
-/// The Unix second now.
-fn unix_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
-}
-
 /// Refuses again the tokens the client holds, after a change to it that began by refusing
-/// them at second `began` (or after): only when the change took the clock past that second
-/// (a token taken meanwhile in a later second would otherwise still work). The reason, for
-/// the answer, when that cannot be recorded for the other replicas.
-async fn refuse_tokens_again(admin: &Admin, client_id: &str, began: u64) -> Result<(), String> {
-    if unix_seconds() <= began {
-        return Ok(());
-    }
+/// them: the cut-off moves past the change, for a token checked before it and signed after.
+/// The reason, for the answer, when that cannot be recorded for the other replicas.
+async fn refuse_tokens_again(admin: &Admin, client_id: &str) -> Result<(), String> {
     admin.endpoint.revoke_tokens_of(client_id).await.map_err(|err| {
         tracing::error!(client_id = %client_id, error = %err, "the tokens a client took while it was being changed could not be refused at every replica");
         "the tokens the client took while it was being changed (within a second or so) could \
@@ -796,7 +780,11 @@ async fn put_client(
                 Err(why) => return error(StatusCode::BAD_REQUEST, why),
             };
             let tenants = body.tenants.len();
-            let replaces_keys = keys.is_some();
+            let replaces_keys = match &keys {
+                Some(ClientKeys::Jwks(jwks)) => record.jwks.as_ref() != Some(jwks),
+                Some(ClientKeys::JwksUri(uri)) => record.jwks_uri.as_ref() != Some(uri),
+                None => false,
+            };
             // Tokens the client holds for what it loses (a tenant, a scope) or taken with the
             // keys replaced are refused: before the change (a failure then leaves the client
             // as it was) and again after it (for any taken meanwhile, in a later second).
@@ -810,7 +798,6 @@ async fn put_client(
             if let Err(err) = update.check(&record) {
                 return store_failed(&err, "changing a client");
             }
-            let began = unix_seconds();
             if takes_away {
                 if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
                     return tokens_not_refused(&client_id, &err, "before it was changed");
@@ -827,7 +814,7 @@ async fn put_client(
             admin.limits.forget_client(&client_id);
             tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
             if takes_away {
-                if let Err(why) = refuse_tokens_again(&admin, &client_id, began).await {
+                if let Err(why) = refuse_tokens_again(&admin, &client_id).await {
                     return error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &format!("the client is changed, but {why}"),

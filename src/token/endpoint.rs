@@ -28,6 +28,11 @@ use super::signing::SigningKeys;
 use super::throttle::{FailureCounts, ThrottlePolicy};
 use crate::auth::{RevocationLog, RevokedTokens};
 
+/// How far ahead of now [`TokenEndpoint::revoke_tokens_of`] cuts a client's tokens off: a
+/// token request checked just before the change and signed a moment after it, or issued by a
+/// replica whose clock is a little ahead, still carries an `iat` at or before the cut-off.
+const CUT_OFF_MARGIN_SECS: u64 = 2;
+
 /// The longest clock skew a bearer layer allows on `exp` (its `leeway` is at most an hour).
 const MAX_LEEWAY_SECS: u64 = 3600;
 use crate::client_addr::ForwardedClient;
@@ -443,17 +448,18 @@ impl TokenEndpoint {
         Ok(())
     }
 
-    /// Refuses every token issued to the client `id` so far (its `iat` at or before this
-    /// second), while the client stays registered and gets new tokens: for a secret reset
+    /// Refuses every token issued to the client `id` so far and for the next two seconds (its
+    /// `iat` at or before that cut-off), while the client stays registered and gets new tokens: for a secret reset
     /// (a token taken with the old secret stops working at once, not when it expires) or
     /// entitlements taken away (a token for a tenant no longer the client's). Like
     /// [`revoke_client`](Self::revoke_client), it is refused by every bearer layer following
     /// [`revoked_tokens`](Self::revoked_tokens) and, with a
     /// [`revocation_log`](TokenEndpointBuilder::revocation_log), by every replica, until
-    /// the last such token expires. A token the client asks for in the same second is
-    /// refused, `503` (`temporarily_unavailable`) with `Retry-After: 1`: one issued then
-    /// would be refused too (its `iat` is that second), and the client proves itself again a
-    /// second later (with its new secret, after a reset). Fails when the client is unknown, or, after refusing them here, when
+    /// the last such token expires. The margin covers a token request checked just before the
+    /// change and signed just after it, and replicas' clocks a little apart. Until the cut-off
+    /// has passed, a token the client asks for is refused, `503` (`temporarily_unavailable`)
+    /// with `Retry-After` (three seconds at most): one issued then would be refused too, and
+    /// the client proves itself again after it (with its new secret, after a reset). Fails when the client is unknown, or, after refusing them here, when
     /// the log cannot record it for the other replicas.
     ///
     /// ```
@@ -481,7 +487,7 @@ impl TokenEndpoint {
     ///
     /// endpoint.revoke_tokens_of("app").await.unwrap();
     /// assert!(endpoint.revoked_tokens().is_revoked(&token(now)));
-    /// assert!(!endpoint.revoked_tokens().is_revoked(&token(now + 2)), "a later token works");
+    /// assert!(!endpoint.revoked_tokens().is_revoked(&token(now + 4)), "a later token works");
     /// assert!(!endpoint.store().client("app").await.unwrap().unwrap().revoked);
     /// # });
     /// ```
@@ -490,8 +496,10 @@ impl TokenEndpoint {
         let Some(client) = inner.clients.store.client(id).await? else {
             return Err(StoreError::refused(format!("no client {id:?}")));
         };
-        let until = inner.revoked_until(&client);
-        let cut_off = unix_now();
+        let until = inner
+            .revoked_until(&client)
+            .saturating_add(CUT_OFF_MARGIN_SECS);
+        let cut_off = unix_now().saturating_add(CUT_OFF_MARGIN_SECS);
         let issuer = Some(inner.issuer.as_str());
         inner.revoked.revoke_client(issuer, id, cut_off, until);
         if let Some(log) = &inner.revocation_log {
@@ -761,6 +769,27 @@ impl Inner {
                 Err(why) => Err(why),
             },
             None => Err("no such client"),
+        };
+        // The verification may take a while (a `jwks_uri` fetched): the client as the store
+        // has it now, refused if its keys were replaced or it was revoked meanwhile (a token
+        // proved with a key just replaced must not be issued after the cut-off).
+        let verdict = match verdict {
+            Ok(checked) => match self.clients.store.client(id).await {
+                Ok(Some(now))
+                    if !now.revoked
+                        && now.token_endpoint_auth_method == checked.token_endpoint_auth_method
+                        && now.jwks == checked.jwks
+                        && now.jwks_uri == checked.jwks_uri =>
+                {
+                    Ok(now)
+                }
+                Ok(_) => Err("the client was revoked or its keys replaced during the check"),
+                Err(err) => {
+                    tracing::error!(error = %err, "client store failed");
+                    return Err(TokenError::store_unavailable());
+                }
+            },
+            Err(why) => Err(why),
         };
         match verdict {
             Ok(record) => {
@@ -1062,7 +1091,7 @@ mod tests {
         let (client, cut_off, until) = &recorded[0];
         assert_eq!(client, "app");
         assert!(
-            (before..=before + 1).contains(cut_off),
+            (before + 2..=before + 3).contains(cut_off),
             "{cut_off} {before}"
         );
         assert!(
@@ -1089,7 +1118,8 @@ mod tests {
             "grant_type=client_credentials&client_id=app&client_secret={}",
             secret.expose()
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let after = Duration::from_secs((cut_off + 1).saturating_sub(unix_now()));
+        tokio::time::sleep(after + Duration::from_millis(100)).await;
         assert_eq!(
             post(&endpoint, &[("content-type", FORM)], &body).await.0,
             StatusCode::OK
