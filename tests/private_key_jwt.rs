@@ -14,7 +14,8 @@ use support::*;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::token::{
-    ClientStore, InMemoryClientStore, NewClient, SecretHashing, ThrottlePolicy, TokenEndpoint,
+    ClientKeys, ClientStore, InMemoryClientStore, NewClient, SecretHashing, ThrottlePolicy,
+    TokenEndpoint,
 };
 use tower_fhir::version::FhirVersion;
 
@@ -465,4 +466,47 @@ async fn assertions_made_by_pyjwt_authenticate() {
         assert_eq!(reply.status, StatusCode::OK, "{alg}: {}", reply.text());
     }
     assert_eq!(assertions.len(), 4, "{assertions:?}");
+}
+
+/// Keys replaced while an assertion is being checked (its `jwks_uri` slow to answer, the old
+/// key still there): the client is read again once the assertion is verified, and no token
+/// comes of a key the administrator has just replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_replaced_during_the_check_refuse_the_token() {
+    let Setup {
+        client,
+        token_url,
+        store,
+        _keys: keys,
+    } = setup().await;
+    keys.set_delay(std::time::Duration::from_millis(600));
+    let assertion = sign(
+        RSA2_PRIVATE,
+        Algorithm::PS256,
+        "remote-1",
+        &assertion_claims("remote", &token_url),
+    );
+    let replaced = json!({"keys": [public_jwk(RSA_PRIVATE, "replacement-1")]});
+    let (reply, ()) = tokio::join!(token_with(&client, &assertion, ""), async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        store
+            .set_keys("remote", ClientKeys::Jwks(replaced.clone()))
+            .await
+            .unwrap();
+    });
+    assert!(keys.hits() >= 1, "the jwks_uri was not fetched");
+    assert_refused(
+        &reply,
+        "an assertion checked against keys replaced meanwhile",
+    );
+    // The replacement key works.
+    keys.set_delay(std::time::Duration::ZERO);
+    let assertion = sign(
+        RSA_PRIVATE,
+        Algorithm::PS256,
+        "replacement-1",
+        &assertion_claims("remote", &token_url),
+    );
+    let reply = token_with(&client, &assertion, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }

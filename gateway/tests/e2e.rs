@@ -1104,6 +1104,16 @@ async fn secret_rotation_admin_changes_and_a_restart() {
             .status,
         StatusCode::UNAUTHORIZED
     );
+    // A tenant removed before the restart is still not routed.
+    let reply = token(&gateway, &reset, R4_TENANT).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let r4 = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        get(&gateway, &r4, "/Patient/p1", "application/fhir+json")
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
 
     // No secret reached the logs.
     let log = log + &gateway.proc.stderr();
