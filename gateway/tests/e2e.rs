@@ -156,35 +156,6 @@ async fn token(gateway: &Gateway, secret: &str, tenant: &str) -> Reply {
     token_as(gateway, "app", secret, tenant).await
 }
 
-/// A token asked for just after its client's tokens were refused (its secret reset, a tenant
-/// taken away): in that same second the endpoint answers `503` with `Retry-After` (a token
-/// issued then would be refused with the others); asked again after it, it comes.
-async fn token_after_cut_off(
-    gateway: &Gateway,
-    client_id: &str,
-    secret: &str,
-    tenant: &str,
-) -> Reply {
-    let reply = token_as(gateway, client_id, secret, tenant).await;
-    if reply.status != StatusCode::SERVICE_UNAVAILABLE {
-        return reply;
-    }
-    assert_eq!(
-        reply.json()["error"],
-        "temporarily_unavailable",
-        "{}",
-        reply.text()
-    );
-    let wait: u64 = reply.headers["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=4).contains(&wait), "Retry-After {wait}");
-    tokio::time::sleep(Duration::from_secs(wait)).await;
-    token_as(gateway, client_id, secret, tenant).await
-}
-
 async fn token_as(gateway: &Gateway, client_id: &str, secret: &str, tenant: &str) -> Reply {
     gateway
         .client
@@ -871,7 +842,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         let reply = get(&gateway, held, path, "application/fhir+json").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     }
-    let reply = token_after_cut_off(&gateway, "app", &reset, STU3_TENANT).await;
+    let reply = after_cut_off(async || token_as(&gateway, "app", &reset, STU3_TENANT).await).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let after_reset = reply.json()["access_token"].as_str().unwrap().to_owned();
     let reply = get(
@@ -930,7 +901,9 @@ async fn secret_rotation_admin_changes_and_a_restart() {
             .json()["error"],
         "invalid_scope"
     );
-    let reply = token_after_cut_off(&gateway, "care-app", &care_secret, DSTU2_TENANT).await;
+    let reply =
+        after_cut_off(async || token_as(&gateway, "care-app", &care_secret, DSTU2_TENANT).await)
+            .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let care_dstu2 = reply.json()["access_token"].as_str().unwrap().to_owned();
     let reply = get(
@@ -1044,7 +1017,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     assert_eq!(reply.json()["revoked"], true);
 
     // A token its client revokes (RFC 7009) is refused.
-    let revoked = token_after_cut_off(&gateway, "app", &reset, STU3_TENANT)
+    let revoked = after_cut_off(async || token_as(&gateway, "app", &reset, STU3_TENANT).await)
         .await
         .json()["access_token"]
         .as_str()

@@ -542,3 +542,28 @@ where
     });
     format!("http://{addr}/fhir")
 }
+
+/// A token request's answer (`ask` makes the request), asked once more when it was refused
+/// because the client's tokens were refused moments ago (an administrator reset its secret or
+/// took something away: until the cut-off, `503 temporarily_unavailable` with a `Retry-After`
+/// of one to four seconds), after that wait.
+pub async fn after_cut_off(mut ask: impl AsyncFnMut() -> Reply) -> Reply {
+    let reply = ask().await;
+    if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+        return reply;
+    }
+    assert_eq!(
+        reply.json()["error"],
+        "temporarily_unavailable",
+        "{}",
+        reply.text()
+    );
+    let wait: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=4).contains(&wait), "Retry-After {wait}");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    ask().await
+}
