@@ -4,7 +4,7 @@
 # A script may define `before_cleanup` to end more on exit.
 
 cargo build --quiet --release -p tower-fhir-gateway -p fhir-loadgen
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -542,9 +542,9 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
             return unavailable("the client store failed");
         }
     }
-    // The tokens the client holds are refused before the secret changes (a failure then
-    // leaves the client as it was) and again after (for any taken with the old secret
-    // meanwhile, in a later second).
+    // The tokens the client holds are refused before the secret changes (up to two seconds
+    // ahead; a failure then leaves the secret as it was), and again after it, the cut-off
+    // moved past the change.
     if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
         return tokens_not_refused(&client_id, &err, "before its secret was reset");
     }
@@ -555,9 +555,8 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
     {
         Ok(secret) => {
             tracing::info!(client_id = %client_id, "client secret reset by an administrator");
-            let shown = json!({"client_id": client_id, "client_secret": secret.expose()});
             // The new secret is in force: shown (`200`) whatever follows, as it is shown once.
-            let mut shown = shown;
+            let mut shown = json!({"client_id": client_id, "client_secret": secret.expose()});
             if let Err(why) = refuse_tokens_again(&admin, &client_id).await {
                 shown["warning"] = json!(format!("the secret is reset, but {why}"));
             }
@@ -587,7 +586,7 @@ fn tokens_not_refused(
     if err.is_refused() {
         return error(StatusCode::NOT_FOUND, "no such client");
     }
-    tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused {doing}; nothing was changed");
+    tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused {doing}; the change was not made");
     unavailable(
         "the tokens the client holds could not be refused at every replica, so the change was \
          not made (this replica refuses them for a moment): send the same request again",
@@ -787,8 +786,8 @@ async fn put_client(
                 None => false,
             };
             // Tokens the client holds for what it loses (a tenant, a scope) or taken with the
-            // keys replaced are refused: before the change (a failure then leaves the client
-            // as it was) and again after it (for any taken meanwhile, in a later second).
+            // keys replaced are refused: before the change (up to two seconds ahead; a failure
+            // then leaves the client as it was), and again after it, the cut-off moved past it.
             let takes_away = replaces_keys || body.takes_away(&record);
             let mut update =
                 ClientUpdate::new(body.tenants, body.scopes).rate_limit(body.rate_limit);

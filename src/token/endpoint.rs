@@ -449,18 +449,19 @@ impl TokenEndpoint {
     }
 
     /// Refuses every token issued to the client `id` so far and for the next two seconds (its
-    /// `iat` at or before that cut-off), while the client stays registered and gets new tokens: for a secret reset
-    /// (a token taken with the old secret stops working at once, not when it expires) or
-    /// entitlements taken away (a token for a tenant no longer the client's). Like
-    /// [`revoke_client`](Self::revoke_client), it is refused by every bearer layer following
-    /// [`revoked_tokens`](Self::revoked_tokens) and, with a
-    /// [`revocation_log`](TokenEndpointBuilder::revocation_log), by every replica, until
-    /// the last such token expires. The margin covers a token request checked just before the
-    /// change and signed just after it, and replicas' clocks a little apart. Until the cut-off
-    /// has passed, a token the client asks for is refused, `503` (`temporarily_unavailable`)
-    /// with `Retry-After` (three seconds at most): one issued then would be refused too, and
-    /// the client proves itself again after it (with its new secret, after a reset). Fails when the client is unknown, or, after refusing them here, when
-    /// the log cannot record it for the other replicas.
+    /// `iat` at or before that cut-off), while the client stays registered and gets new tokens
+    /// after it: for a secret reset (a token taken with the old secret stops working at once,
+    /// not when it expires) or entitlements taken away (a token for a tenant no longer the
+    /// client's). As with [`revoke_client`](Self::revoke_client), the tokens are refused by
+    /// every bearer layer following [`revoked_tokens`](Self::revoked_tokens) and, with a
+    /// [`revocation_log`](TokenEndpointBuilder::revocation_log), by every replica and after a
+    /// restart, until the last of them expires. The margin covers a token request checked just
+    /// before the change and signed just after it, and replicas' clocks a little apart. Until
+    /// the cut-off has passed, a token the client asks for is refused, `503`
+    /// (`temporarily_unavailable`) with `Retry-After` (three seconds at most): one issued then
+    /// would be refused too, and the client proves itself again after it (with its new secret,
+    /// after a reset). Fails when the client is unknown, or, after refusing the tokens here,
+    /// when the log cannot record it for the other replicas.
     ///
     /// ```
     /// use tower_fhir::auth::VerifiedClaims;
