@@ -98,6 +98,7 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
             put(put_client).get(get_client).delete(delete_client),
         )
         .route("/admin/clients/{client_id}/secret", post(reset_secret))
+        .route("/admin/clients/{client_id}/tokens", delete(refuse_tokens))
         .route("/admin/signing-keys", get(list_keys).post(rotate_keys))
         .route("/admin/signing-keys/{kid}", delete(retire_key))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
@@ -575,6 +576,33 @@ async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<Str
     }
 }
 
+/// Refuses every token the client holds (issued up to two seconds from now), by every replica
+/// and after a restart, and changes nothing else: for a token that leaked without its secret,
+/// or to finish a change whose refusal after it failed. `204`; `404` for an unknown or revoked
+/// client (a revoked one's tokens are refused already); `503` when the refusal cannot be
+/// recorded for the other replicas.
+async fn refuse_tokens(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
+    match admin.clients.client(&client_id).await {
+        Ok(Some(record)) if !record.revoked => {}
+        Ok(_) => return error(StatusCode::NOT_FOUND, "no such client"),
+        Err(err) => return store_failed(&err, "looking up a client"),
+    }
+    match admin.endpoint.revoke_tokens_of(&client_id).await {
+        Ok(()) => {
+            tracing::info!(client_id = %client_id, "the tokens a client holds refused by an administrator");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(err) if err.is_refused() => error(StatusCode::NOT_FOUND, "no such client"),
+        Err(err) => {
+            tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused at every replica");
+            unavailable(
+                "the tokens the client holds are refused here, but that could not be recorded \
+                 for the other replicas, which still accept them: send the same DELETE again",
+            )
+        }
+    }
+}
+
 /// The answer when the tokens a client holds could not be refused before a change to it
 /// (`doing` says which), so the change was not made: `404` for a client gone meanwhile, else
 /// `503`.
@@ -600,8 +628,8 @@ async fn refuse_tokens_again(admin: &Admin, client_id: &str) -> Result<(), Strin
     admin.endpoint.revoke_tokens_of(client_id).await.map_err(|err| {
         tracing::error!(client_id = %client_id, error = %err, "the tokens a client took while it was being changed could not be refused at every replica");
         "the tokens the client took while it was being changed (if the change took more than \
-         the two seconds the first refusal covered) could not be refused at every replica, and \
-         work there until they expire"
+         the two seconds the first refusal covered) could not be refused at every replica: \
+         DELETE /admin/clients/{client_id}/tokens refuses them"
             .to_owned()
     })
 }
@@ -1406,6 +1434,23 @@ mod tests {
             after.tenants, before.tenants,
             "the tenants are as they were"
         );
+        // Refusing its tokens alone: refused here, but not recorded for the other replicas.
+        let response = router
+            .clone()
+            .oneshot(call("DELETE", "/admin/clients/app/tokens", String::new()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = router
+            .clone()
+            .oneshot(call(
+                "DELETE",
+                "/admin/clients/nobody/tokens",
+                String::new(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
         // A change that takes nothing away needs no refusal, and is made.
         let wider = serde_json::json!({"tenants": [TENANT], "scopes": ["system/*.read", "launch"]});
         let response = router

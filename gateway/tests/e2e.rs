@@ -690,6 +690,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         ("GET", format!("/admin/tenants/{STU3_TENANT}")),
         ("PUT", "/admin/tenants/not-a-guid".to_owned()),
         ("POST", "/admin/clients/app/secret".to_owned()),
+        ("DELETE", "/admin/clients/app/tokens".to_owned()),
         ("PUT", "/admin/clients/app".to_owned()),
         ("GET", "/admin/clients/app".to_owned()),
         ("DELETE", "/admin/clients/app".to_owned()),
@@ -844,6 +845,29 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     }
     let reply = after_cut_off(async || token_as(&gateway, "app", &reset, STU3_TENANT).await).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let leaked = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let reply = get(&gateway, &leaked, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A token leaked, not the secret: its tokens are refused, nothing else changes.
+    let reply = gateway
+        .client
+        .send("DELETE", "/admin/clients/app/tokens", &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text());
+    let reply = get(&gateway, &leaked, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    let reply = gateway
+        .client
+        .send("DELETE", "/admin/clients/nobody/tokens", &admin, "")
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+    let reply = after_cut_off(async || token_as(&gateway, "app", &reset, STU3_TENANT).await).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the same secret: {}",
+        reply.text()
+    );
     let after_reset = reply.json()["access_token"].as_str().unwrap().to_owned();
     let reply = get(
         &gateway,
@@ -996,6 +1020,13 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let reply = gateway.client.send("DELETE", path, &admin, "").await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    let tokens = format!("{path}/tokens");
+    let reply = gateway.client.send("DELETE", &tokens, &admin, "").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::NOT_FOUND,
+        "a revoked client's tokens are refused already"
+    );
     assert_eq!(
         token_as(&gateway, "care-app", &care_secret, DSTU2_TENANT)
             .await
@@ -1097,6 +1128,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         ADMIN_TOKEN,
         &before_restart,
         &after_reset,
+        &leaked,
         &onboarded,
         &care_secret,
         &care_stu3,
