@@ -596,8 +596,8 @@ async fn refuse_tokens(State(admin): State<Arc<Admin>>, Path(client_id): Path<St
         Err(err) => {
             tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused at every replica");
             unavailable(
-                "the tokens the client holds are refused here, but that could not be recorded \
-                 for the other replicas, which still accept them: send the same DELETE again",
+                "the tokens the client holds could not be refused at every replica (the client \
+                 store or the revocation log failed): send the same DELETE again",
             )
         }
     }
@@ -617,7 +617,8 @@ fn tokens_not_refused(
     tracing::error!(client_id = %client_id, error = %err, "the tokens a client holds could not be refused {doing}; the change was not made");
     unavailable(
         "the tokens the client holds could not be refused at every replica, so the change was \
-         not made (this replica refuses them for a moment): send the same request again",
+         not made (this replica may refuse them already, until they expire): send the same \
+         request again",
     )
 }
 
@@ -841,16 +842,22 @@ async fn put_client(
             }
             admin.limits.forget_client(&client_id);
             tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
-            if takes_away {
-                if let Err(why) = refuse_tokens_again(&admin, &client_id).await {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("the client is changed, but {why}"),
-                    );
-                }
-            }
+            // The change is made: answered `200` whatever follows (the same PUT again would
+            // find nothing taken away), with a warning when the tokens taken meanwhile could
+            // not be refused everywhere.
+            let warning = if takes_away {
+                refuse_tokens_again(&admin, &client_id).await.err()
+            } else {
+                None
+            };
             match admin.clients.client(&client_id).await {
-                Ok(Some(record)) => Json(client_json(&admin, &record).await).into_response(),
+                Ok(Some(record)) => {
+                    let mut shown = client_json(&admin, &record).await;
+                    if let Some(why) = warning {
+                        shown["warning"] = json!(format!("the client is changed, but {why}"));
+                    }
+                    Json(shown).into_response()
+                }
                 Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
                 Err(err) => store_failed(&err, "looking up a client"),
             }
@@ -1123,7 +1130,7 @@ mod tests {
     /// An admin API over `directory`, with a route cache that follows nothing: only the admin
     /// handlers themselves can make it forget a tenant.
     fn admin(directory: &InMemoryDirectory) -> (Router, RouteCache) {
-        admin_with(directory, None)
+        admin_with::<TokensOnly>(directory, None)
     }
 
     /// A revocation log that records tokens but not clients (the trait's default).
@@ -1139,9 +1146,39 @@ mod tests {
         }
     }
 
-    fn admin_with(
+    /// A revocation log that records a client's tokens refused once, then fails.
+    #[derive(Default)]
+    struct ClientsOnce(std::sync::atomic::AtomicBool);
+    impl tower_fhir::auth::RevocationLog for ClientsOnce {
+        fn record(
+            &self,
+            _: Option<&str>,
+            _: &str,
+            _: u64,
+        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn record_client(
+            &self,
+            _: Option<&str>,
+            _: &str,
+            _: u64,
+            _: u64,
+        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+            let again = self.0.swap(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if again {
+                    Err("the log is gone".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    fn admin_with<L: tower_fhir::auth::RevocationLog>(
         directory: &InMemoryDirectory,
-        clients: Option<(InMemoryClientStore, TokensOnly)>,
+        clients: Option<(InMemoryClientStore, L)>,
     ) -> (Router, RouteCache) {
         let (clients, log) = match clients {
             Some((clients, log)) => (clients, Some(log)),
@@ -1151,10 +1188,10 @@ mod tests {
     }
 
     /// An admin API over any directory and client store.
-    fn admin_over(
+    fn admin_over<L: tower_fhir::auth::RevocationLog>(
         directory: impl TenantStore + Clone,
         clients: Arc<dyn ClientStore>,
-        log: Option<TokensOnly>,
+        log: Option<L>,
     ) -> (Router, RouteCache) {
         let routing = TenantRoutingLayer::builder(directory.clone())
             .build()
@@ -1294,7 +1331,8 @@ mod tests {
         // The directory cannot list: no tenant list (503, Retry-After, JSON); the clients are
         // still listed, their tenants shown as not onboarded (as one client's are when the
         // directory cannot answer).
-        let (router, _) = admin_over(Unlisted(directory.clone()), Arc::new(clients.clone()), None);
+        let (router, _) =
+            admin_over::<TokensOnly>(Unlisted(directory.clone()), Arc::new(clients.clone()), None);
         let (status, retry, body) = get(&router, "/admin/tenants").await;
         assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, true));
         assert_eq!(body["error"], "the tenant directory cannot answer");
@@ -1303,7 +1341,7 @@ mod tests {
         assert_eq!(body["clients"][0]["tenants_not_onboarded"], json!([TENANT]));
 
         // The client store cannot list: 503, not an empty list.
-        let (router, _) = admin_over(directory, Arc::new(Unlisting(clients)), None);
+        let (router, _) = admin_over::<TokensOnly>(directory, Arc::new(Unlisting(clients)), None);
         let (status, retry, body) = get(&router, "/admin/clients").await;
         assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, true));
         assert_eq!(body["error"], "the client store failed");
@@ -1463,6 +1501,55 @@ mod tests {
             clients.client("app").await.unwrap().unwrap().scopes.len(),
             2
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_made_whose_second_refusal_fails_is_answered_with_a_warning() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let call = |method: &str, path: &str, body: String| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::AUTHORIZATION, "Bearer admin-secret")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let narrowed = serde_json::json!({"tenants": []}).to_string();
+        for (method, path, body) in [
+            ("POST", "/admin/clients/app/secret", String::new()),
+            ("PUT", "/admin/clients/app", narrowed),
+        ] {
+            let clients = InMemoryClientStore::new();
+            clients
+                .register(
+                    NewClient::new("app")
+                        .secret("app-secret-0123456789")
+                        .tenant(tenant),
+                )
+                .await
+                .unwrap();
+            let (router, _) = admin_with(
+                &InMemoryDirectory::new(),
+                Some((clients.clone(), ClientsOnce::default())),
+            );
+            let response = router.oneshot(call(method, path, body)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{method} {path}");
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let warning = body["warning"].as_str().unwrap_or_default();
+            assert!(
+                warning.contains("DELETE /admin/clients/{client_id}/tokens"),
+                "{method} {path}: {body}"
+            );
+            let record = clients.client("app").await.unwrap().unwrap();
+            if method == "POST" {
+                assert!(body["client_secret"].is_string(), "the new secret is shown");
+            } else {
+                assert!(record.tenants.is_empty(), "the change is made");
+            }
+        }
     }
 
     #[test]

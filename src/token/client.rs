@@ -201,10 +201,11 @@ impl ClientUpdate {
         self
     }
 
-    /// Refuses what [`ClientStore::update`] would refuse of this change to `client` as it
-    /// is: scopes no request could name, keys that could never verify an assertion, keys for
-    /// a client that authenticates with a secret, a revoked client. To check a change before
-    /// acting on it (refusing the client's tokens, say); the store checks it again.
+    /// Refuses what the crate's stores' [`ClientStore::update`] refuses of this change to
+    /// `client` as it is: scopes no request could name, keys that could never verify an
+    /// assertion, keys for a client that authenticates with a secret, a revoked client. To
+    /// check a change before acting on it (refusing the client's tokens, say); the store
+    /// checks it again (a store of your own may refuse more).
     ///
     /// # Errors
     ///

@@ -771,31 +771,35 @@ impl Inner {
             },
             None => Err("no such client"),
         };
-        // The verification may take a while (a `jwks_uri` fetched): the client as the store
-        // has it now, refused if its keys were replaced or it was revoked meanwhile (a token
-        // proved with a key just replaced must not be issued after the cut-off).
-        let verdict = match verdict {
-            Ok(checked) => match self.clients.store.client(id).await {
-                Ok(Some(now))
-                    if !now.revoked
-                        && now.token_endpoint_auth_method == checked.token_endpoint_auth_method
-                        && now.jwks == checked.jwks
-                        && now.jwks_uri == checked.jwks_uri =>
-                {
-                    Ok(now)
-                }
-                Ok(_) => Err("the client was revoked or its keys replaced during the check"),
-                Err(err) => {
-                    tracing::error!(error = %err, "client store failed");
-                    return Err(TokenError::store_unavailable());
-                }
-            },
-            Err(why) => Err(why),
-        };
         match verdict {
-            Ok(record) => {
+            Ok(checked) => {
                 self.clients.succeeded(attempt, id).await;
-                Ok(record)
+                // The verification may take a while (a `jwks_uri` fetched): the client as the
+                // store has it now, refused if its keys were replaced or it was revoked
+                // meanwhile (a token proved with a key just replaced must not be issued after
+                // the cut-off). As for a secret rotated during its check, no failure counts.
+                match self.clients.store.client(id).await {
+                    Ok(Some(now))
+                        if !now.revoked
+                            && now.token_endpoint_auth_method
+                                == checked.token_endpoint_auth_method
+                            && now.jwks == checked.jwks
+                            && now.jwks_uri == checked.jwks_uri =>
+                    {
+                        Ok(now)
+                    }
+                    Ok(_) => {
+                        tracing::info!(client_id = %id, doing, "the client was revoked or its keys replaced during the check");
+                        Err(TokenError::invalid_client(
+                            "Client authentication failed",
+                            None,
+                        ))
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "client store failed");
+                        Err(TokenError::store_unavailable())
+                    }
+                }
             }
             Err(why) => {
                 let from = from.map(|ip| ip.to_canonical());
