@@ -1222,6 +1222,16 @@ mod tests {
         (super::routes(Arc::new(admin)), routes)
     }
 
+    /// A request to the admin API with the admin token.
+    fn admin_request(method: &str, path: &str, body: String) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, "Bearer admin-secret")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
     async fn send(router: &Router, method: &str, body: &str) -> StatusCode {
         let request = Request::builder()
             .method(method)
@@ -1403,16 +1413,12 @@ mod tests {
             &InMemoryDirectory::new(),
             Some((clients.clone(), TokensOnly)),
         );
-        let delete = || {
-            Request::builder()
-                .method("DELETE")
-                .uri("/admin/clients/app")
-                .header(header::AUTHORIZATION, "Bearer admin-secret")
-                .body(Body::empty())
-                .unwrap()
-        };
         for _ in 0..2 {
-            let response = router.clone().oneshot(delete()).await.unwrap();
+            let response = router
+                .clone()
+                .oneshot(admin_request("DELETE", "/admin/clients/app", String::new()))
+                .await
+                .unwrap();
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert!(response.headers().contains_key(header::RETRY_AFTER));
             let body = axum::body::to_bytes(response.into_body(), 4096)
@@ -1443,18 +1449,10 @@ mod tests {
             &InMemoryDirectory::new(),
             Some((clients.clone(), TokensOnly)),
         );
-        let call = |method: &str, path: &str, body: String| {
-            Request::builder()
-                .method(method)
-                .uri(path)
-                .header(header::AUTHORIZATION, "Bearer admin-secret")
-                .body(Body::from(body))
-                .unwrap()
-        };
         let narrowed = serde_json::json!({"tenants": [], "scopes": ["system/*.read"]});
         for request in [
-            call("POST", "/admin/clients/app/secret", String::new()),
-            call("PUT", "/admin/clients/app", narrowed.to_string()),
+            admin_request("POST", "/admin/clients/app/secret", String::new()),
+            admin_request("PUT", "/admin/clients/app", narrowed.to_string()),
         ] {
             let response = router.clone().oneshot(request).await.unwrap();
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -1475,13 +1473,17 @@ mod tests {
         // Refusing its tokens alone: refused here, but not recorded for the other replicas.
         let response = router
             .clone()
-            .oneshot(call("DELETE", "/admin/clients/app/tokens", String::new()))
+            .oneshot(admin_request(
+                "DELETE",
+                "/admin/clients/app/tokens",
+                String::new(),
+            ))
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         let response = router
             .clone()
-            .oneshot(call(
+            .oneshot(admin_request(
                 "DELETE",
                 "/admin/clients/nobody/tokens",
                 String::new(),
@@ -1493,7 +1495,11 @@ mod tests {
         let wider = serde_json::json!({"tenants": [TENANT], "scopes": ["system/*.read", "launch"]});
         let response = router
             .clone()
-            .oneshot(call("PUT", "/admin/clients/app", wider.to_string()))
+            .oneshot(admin_request(
+                "PUT",
+                "/admin/clients/app",
+                wider.to_string(),
+            ))
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -1506,14 +1512,6 @@ mod tests {
     #[tokio::test]
     async fn a_change_made_whose_second_refusal_fails_is_answered_with_a_warning() {
         let tenant = TenantId::parse(TENANT).unwrap();
-        let call = |method: &str, path: &str, body: String| {
-            Request::builder()
-                .method(method)
-                .uri(path)
-                .header(header::AUTHORIZATION, "Bearer admin-secret")
-                .body(Body::from(body))
-                .unwrap()
-        };
         let narrowed = serde_json::json!({"tenants": []}).to_string();
         for (method, path, body) in [
             ("POST", "/admin/clients/app/secret", String::new()),
@@ -1532,7 +1530,10 @@ mod tests {
                 &InMemoryDirectory::new(),
                 Some((clients.clone(), ClientsOnce::default())),
             );
-            let response = router.oneshot(call(method, path, body)).await.unwrap();
+            let response = router
+                .oneshot(admin_request(method, path, body))
+                .await
+                .unwrap();
             assert_eq!(response.status(), StatusCode::OK, "{method} {path}");
             let body = axum::body::to_bytes(response.into_body(), 4096)
                 .await
