@@ -444,12 +444,12 @@ where
                 "The request carries no verified token",
             )),
         };
-        if let Some(facts) = request.extensions().get::<RequestFacts>() {
+        if RequestFacts::is_watched() {
             if let Some(claims) = request.extensions().get::<VerifiedClaims>() {
-                facts.set_claims(claims);
+                RequestFacts::set_claims(claims);
             }
             if let Ok(tenant) = &tenant {
-                facts.set_tenant(*tenant);
+                RequestFacts::set_tenant(*tenant);
             }
         }
         match tenant {

@@ -149,8 +149,9 @@ pub(crate) fn front(
 }
 
 /// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the
-/// histograms kept as buckets beside them (a sample is then an atomic add and a
-/// compare-and-swap, where the exporter's own histograms keep every sample until upkeep).
+/// histograms kept as buckets beside them (each thread counts on its own, with no atomic
+/// read-modify-write; rendering the histograms first gives the counters and gauges to the
+/// exporter).
 #[derive(Clone)]
 pub(crate) struct MetricsPage {
     counters: PrometheusHandle,
@@ -159,9 +160,8 @@ pub(crate) struct MetricsPage {
 
 impl MetricsPage {
     fn render(&self) -> String {
-        let mut page = self.counters.render();
-        self.histograms.render_into(&mut page);
-        page
+        let histograms = self.histograms.render();
+        self.counters.render() + &histograms
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use super::facts::RequestFacts;
+use super::facts::{Facts, RequestParts};
 use super::{shard_count, shard_of_thread};
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::interaction::classify_path;
@@ -807,11 +807,12 @@ fn who(claims: &VerifiedClaims) -> Arc<Who> {
 }
 
 /// An audit record as the [`ObserveLayer`](super::ObserveLayer) has it when the response is
-/// ready: the request's parts and facts shared, nothing copied, classified or formatted yet.
+/// ready: the request's parts and facts, nothing copied, classified or formatted yet.
 /// [`JsonLinesAudit`] writes its JSON line straight from it; any other sink gets the
 /// [`AuditRecord`] made of it.
 pub(crate) struct AuditDraft {
-    facts: RequestFacts,
+    parts: RequestParts,
+    facts: Facts,
     status: u16,
     outcome: &'static str,
     duration: Duration,
@@ -819,31 +820,29 @@ pub(crate) struct AuditDraft {
 }
 
 impl AuditDraft {
-    /// The draft of a request whose facts hold its parts (`None` when they do not).
+    /// The draft of a request.
     pub(crate) fn new(
-        facts: RequestFacts,
+        parts: RequestParts,
+        facts: Facts,
         status: u16,
         outcome: &'static str,
         duration: Duration,
         query: QueryRecording,
-    ) -> Option<Self> {
-        facts.request()?;
-        Some(Self {
+    ) -> Self {
+        Self {
+            parts,
             facts,
             status,
             outcome,
             duration,
             query,
-        })
+        }
     }
 
     /// Calls `f` with the record's fields, borrowed from the request's parts and facts.
     fn with_line<R>(&self, clock: Clock, f: impl FnOnce(&Line<'_>) -> R) -> R {
-        let parts = self
-            .facts
-            .request()
-            .expect("a draft is made of a request's parts");
-        self.facts.read(|facts| {
+        let (parts, facts) = (&self.parts, &self.facts);
+        {
             let who = facts.claims.as_ref().map(who);
             let path = parts.path();
             let canonical = canonical_path(path);
@@ -886,7 +885,7 @@ impl AuditDraft {
                 shared_upstream: facts.upstream.as_ref(),
                 duration_ms: self.duration.as_secs_f64() * 1000.0,
             })
-        })
+        }
     }
 
     /// Appends the record's JSON line, as [`AuditRecord::write_json_line`] writes it, its time
@@ -898,7 +897,7 @@ impl AuditDraft {
 
     /// The record, its strings copied, its time read against `clock`.
     pub(crate) fn into_record(self, clock: Clock) -> AuditRecord {
-        let upstream = self.facts.read(|facts| facts.upstream.clone());
+        let upstream = self.facts.upstream.clone();
         self.with_line(clock, |line| AuditRecord {
             time: line.time,
             request_id: line.request_id.map(str::to_owned),
@@ -1661,6 +1660,7 @@ impl fmt::Debug for JsonLinesAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::RequestFacts;
     use std::sync::Mutex;
 
     pub(crate) fn record() -> AuditRecord {
@@ -1825,20 +1825,23 @@ mod tests {
         }
     }
 
-    fn draft(
-        method: &str,
-        uri: &str,
-        query: QueryRecording,
-        fill: impl FnOnce(&RequestFacts),
-    ) -> AuditDraft {
-        let facts = RequestFacts::with_request(crate::ops::facts::RequestParts::new(
+    fn draft(method: &str, uri: &str, query: QueryRecording, fill: impl FnOnce()) -> AuditDraft {
+        let parts = RequestParts::new(
             start(),
             method.parse().unwrap(),
             &uri.parse().unwrap(),
             Some(&http::HeaderValue::from_static("r-1")),
-        ));
-        fill(&facts);
-        AuditDraft::new(facts, 200, "ok", Duration::from_micros(1_234_567), query).unwrap()
+        );
+        let mut facts = Facts::default();
+        RequestFacts::watching(&mut facts, fill);
+        AuditDraft::new(
+            parts,
+            facts,
+            200,
+            "ok",
+            Duration::from_micros(1_234_567),
+            query,
+        )
     }
 
     #[test]
@@ -1853,43 +1856,43 @@ mod tests {
                 "GET",
                 "/Patient/7?name=Smith&birthdate=ge1970&&flag",
                 QueryRecording::Names,
-                |facts| {
-                    facts.set_claims(&token);
-                    facts.set_tenant(tenant);
-                    facts.set_upstream(Arc::from("http://fhir.example/r4"));
+                || {
+                    RequestFacts::set_claims(&token);
+                    RequestFacts::set_tenant(tenant);
+                    RequestFacts::set_upstream(&Arc::from("http://fhir.example/r4"));
                 },
             ),
             draft(
                 "GET",
                 "/Observation?code=%22x%22&a=b",
                 QueryRecording::Full,
-                |facts| facts.set_claims(&token),
+                || RequestFacts::set_claims(&token),
             ),
-            draft("POST", "/Patient/_search?", QueryRecording::Full, |_| {}),
-            draft("DELETE", "/Patient/1?x=y", QueryRecording::None, |_| {}),
-            draft("POST", "/oauth/token", QueryRecording::Names, |facts| {
-                facts.set_client_id("by \"hand\"\n");
-                facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
+            draft("POST", "/Patient/_search?", QueryRecording::Full, || {}),
+            draft("DELETE", "/Patient/1?x=y", QueryRecording::None, || {}),
+            draft("POST", "/oauth/token", QueryRecording::Names, || {
+                RequestFacts::set_client_id("by \"hand\"\n");
+                RequestFacts::set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
             }),
             // A token naming a client and an issuer that need escapes (rendered once a token).
-            draft("GET", "/Patient/1", QueryRecording::Names, |facts| {
-                facts.set_claims(&claims(serde_json::json!(
+            draft("GET", "/Patient/1", QueryRecording::Names, || {
+                RequestFacts::set_claims(&claims(serde_json::json!(
                     {"exp": 1, "client_id": "a\"p\\p\n\u{1}", "iss": "https://idp/\"x"}
                 )));
             }),
-            draft("GET", "/a/b/c/d/e/f/g?&&", QueryRecording::Names, |_| {}),
+            draft("GET", "/a/b/c/d/e/f/g?&&", QueryRecording::Names, || {}),
             draft(
                 "GET",
                 "/Patient?=x&a==b&&c&%22d\\=e&",
                 QueryRecording::Names,
-                |_| {},
+                || {},
             ),
-            draft("GET", "/Patient?a%5C=1&b", QueryRecording::Names, |_| {}),
+            draft("GET", "/Patient?a%5C=1&b", QueryRecording::Names, || {}),
             draft(
                 "PATCH",
                 "http://gw.example/Patient/1",
                 QueryRecording::Names,
-                |_| {},
+                || {},
             ),
         ];
         for draft in drafts {
@@ -1913,7 +1916,7 @@ mod tests {
             "GET",
             "/Patient/1?access_token=eyJ.secret.sig&_elements=id",
             QueryRecording::Full,
-            |_| {},
+            || {},
         );
         let mut line = Vec::new();
         full.write_json_line(&mut line, &mut LineCache::default());
@@ -1927,14 +1930,14 @@ mod tests {
             "GET",
             "/Patient?name=a&_count=1",
             QueryRecording::Names,
-            |_| {},
+            || {},
         );
         let record = names.into_record(clock());
         assert_eq!(record.query.as_deref(), Some("name&_count"));
         assert_eq!(record.interaction, Some("search"));
         assert_eq!(record.resource_type.as_deref(), Some("Patient"));
-        let token = draft("POST", "/oauth/token", QueryRecording::Names, |facts| {
-            facts.set_claims(&claims(
+        let token = draft("POST", "/oauth/token", QueryRecording::Names, || {
+            RequestFacts::set_claims(&claims(
                 serde_json::json!({"exp": 1, "client_id": "c", "iss": "i"}),
             ));
         })
@@ -1945,7 +1948,7 @@ mod tests {
         assert_eq!(token.duration_ms, 1_234.567);
         // Introspection and revocation are the token endpoint's too.
         for path in ["/oauth/introspect", "/oauth/revoke"] {
-            let record = draft("POST", path, QueryRecording::Names, |_| {}).into_record(clock());
+            let record = draft("POST", path, QueryRecording::Names, || {}).into_record(clock());
             assert_eq!(record.interaction, Some("token"), "{path}");
             assert_eq!(record.resource_type, None, "{path}");
         }

@@ -1,39 +1,134 @@
 //! What the layers learn about a request, for the audit record and metrics written after it.
 
+use std::cell::RefCell;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::VerifiedClaims;
 use crate::tenant::TenantId;
 
-/// A slot the gateway's layers fill as they learn who is asking and for what: the verified
-/// claims, the tenant, the upstream. The [`ObserveLayer`](super::ObserveLayer) puts one in
-/// each request's extensions and reads it when the response is ready; the tenant, routing and
-/// token layers fill it when they find one. A layer or handler of your own may fill it too.
-/// (With nothing to record, the `ObserveLayer` puts none in.)
+/// What the gateway's layers learn about the request being served, as they learn it: the
+/// verified claims, the tenant, the upstream.
 ///
-/// Clones share the slot. Without an `ObserveLayer` outside, nothing puts one in and the
-/// layers skip the filling.
+/// The [`ObserveLayer`](super::ObserveLayer) keeps the [`Facts`] of each request it watches and
+/// makes them the current request's on the thread while the inner service's `call` runs and
+/// each time its response future is polled; it reads them when the response is ready. The
+/// tenant, routing and token layers fill them with the functions here, and so may a layer or
+/// handler of your own, from the request's `call` or its future (not from a task it spawns).
+/// With no `ObserveLayer` watching (or nothing for it to record) they do nothing.
+///
+/// Nothing is shared between threads: no lock, no reference count, no atomic read-modify-write
+/// on the request path.
 ///
 /// ```
-/// use tower_fhir::ops::RequestFacts;
+/// use tower_fhir::ops::{Facts, RequestFacts};
 ///
-/// let facts = RequestFacts::default();
-/// facts.set_client_id("app");
-/// assert_eq!(facts.snapshot().client_id().as_deref(), Some("app"));
+/// // Outside a watched request: nothing is recorded.
+/// RequestFacts::set_client_id("app");
+/// assert!(RequestFacts::snapshot().is_none());
+///
+/// let mut facts = Facts::default();
+/// RequestFacts::watching(&mut facts, || RequestFacts::set_client_id("app"));
+/// assert_eq!(facts.client_id().as_deref(), Some("app"));
 /// ```
-#[derive(Clone, Default)]
-pub struct RequestFacts {
-    inner: Arc<Shared>,
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RequestFacts;
+
+thread_local! {
+    /// The facts of the request whose `call` or `poll` runs on this thread, if watched.
+    static CURRENT: RefCell<Option<Facts>> = const { RefCell::new(None) };
 }
 
-/// The slot, and what the [`ObserveLayer`](super::ObserveLayer) took from the request for its
-/// audit record: one allocation a request for both.
-#[derive(Default)]
-struct Shared {
-    facts: Mutex<Facts>,
-    request: Option<RequestParts>,
+/// What [`RequestFacts::watching`] puts back when its call returns or unwinds: the caller's
+/// facts to it, the facts of a request watched further out to the thread.
+struct Restore<'a> {
+    facts: &'a mut Facts,
+    outer: Option<Facts>,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        let mine = CURRENT.try_with(|current| {
+            let mut current = current.try_borrow_mut().ok()?;
+            std::mem::replace(&mut *current, outer)
+        });
+        if let Ok(Some(mine)) = mine {
+            *self.facts = mine;
+        }
+    }
+}
+
+impl RequestFacts {
+    /// Runs `f` with `facts` as the current request's, then puts them back with what `f`
+    /// recorded (also when `f` panics). Calls nest: inside, the innermost watch is current.
+    /// The [`ObserveLayer`](super::ObserveLayer) does this around each `call` and `poll`.
+    pub fn watching<R>(facts: &mut Facts, f: impl FnOnce() -> R) -> R {
+        let mut taken = Some(std::mem::take(facts));
+        let installed = CURRENT.try_with(|current| {
+            let mut current = current.try_borrow_mut().ok()?;
+            Some(std::mem::replace(&mut *current, taken.take()))
+        });
+        match installed {
+            Ok(Some(outer)) => {
+                let _restore = Restore { facts, outer };
+                f()
+            }
+            // The thread's storage is being torn down (or in use, which the functions here
+            // never leave it): `f` runs unwatched.
+            _ => {
+                *facts = taken.unwrap_or_default();
+                f()
+            }
+        }
+    }
+
+    /// Whether a request is watched on this thread now (so what it would record is wanted).
+    pub fn is_watched() -> bool {
+        CURRENT
+            .try_with(|current| current.try_borrow().is_ok_and(|facts| facts.is_some()))
+            .unwrap_or(false)
+    }
+
+    fn with(f: impl FnOnce(&mut Facts)) {
+        let _ = CURRENT.try_with(|current| {
+            if let Ok(mut current) = current.try_borrow_mut() {
+                if let Some(facts) = current.as_mut() {
+                    f(facts);
+                }
+            }
+        });
+    }
+
+    /// Records the verified claims (the client and issuer are read from them).
+    pub fn set_claims(claims: &VerifiedClaims) {
+        Self::with(|facts| facts.claims = Some(claims.clone()));
+    }
+
+    /// Records the client by hand (the token endpoint, before any token exists).
+    pub fn set_client_id(client: &str) {
+        Self::with(|facts| facts.client = Some(client.to_owned()));
+    }
+
+    /// Records the tenant.
+    pub fn set_tenant(tenant: TenantId) {
+        Self::with(|facts| facts.tenant = Some(tenant));
+    }
+
+    /// Records the upstream's base URL.
+    pub fn set_upstream(upstream: &Arc<str>) {
+        Self::with(|facts| facts.upstream = Some(Arc::clone(upstream)));
+    }
+
+    /// What has been recorded so far for the current request, if one is watched.
+    pub fn snapshot() -> Option<Facts> {
+        CURRENT
+            .try_with(|current| current.try_borrow().ok()?.clone())
+            .ok()
+            .flatten()
+    }
 }
 
 /// What an audit record needs from the request, taken before it goes in.
@@ -93,7 +188,7 @@ impl RequestParts {
     }
 }
 
-/// What a [`RequestFacts`] holds at one moment.
+/// What the layers learned about one request (see [`RequestFacts`]).
 #[derive(Clone, Default)]
 #[non_exhaustive]
 pub struct Facts {
@@ -134,73 +229,6 @@ impl fmt::Debug for Facts {
             .field("tenant", &self.tenant)
             .field("upstream", &self.upstream)
             .finish()
-    }
-}
-
-impl RequestFacts {
-    /// A slot that also keeps the request's parts for the audit record.
-    pub(crate) fn with_request(request: RequestParts) -> Self {
-        Self {
-            inner: Arc::new(Shared {
-                facts: Mutex::default(),
-                request: Some(request),
-            }),
-        }
-    }
-
-    /// The request's parts, when the slot was made with them.
-    pub(crate) fn request(&self) -> Option<&RequestParts> {
-        self.inner.request.as_ref()
-    }
-
-    fn with(&self, f: impl FnOnce(&mut Facts)) {
-        f(&mut self
-            .inner
-            .facts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner));
-    }
-
-    /// Reads what has been recorded so far, without copying it.
-    pub(crate) fn read<R>(&self, f: impl FnOnce(&Facts) -> R) -> R {
-        f(&self
-            .inner
-            .facts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Records the verified claims (the client and issuer are read from them).
-    pub fn set_claims(&self, claims: &VerifiedClaims) {
-        let claims = claims.clone();
-        self.with(|facts| facts.claims = Some(claims));
-    }
-
-    /// Records the client by hand (the token endpoint, before any token exists).
-    pub fn set_client_id(&self, client: &str) {
-        let client = client.to_owned();
-        self.with(|facts| facts.client = Some(client));
-    }
-
-    /// Records the tenant.
-    pub fn set_tenant(&self, tenant: TenantId) {
-        self.with(|facts| facts.tenant = Some(tenant));
-    }
-
-    /// Records the upstream's base URL.
-    pub fn set_upstream(&self, upstream: Arc<str>) {
-        self.with(|facts| facts.upstream = Some(upstream));
-    }
-
-    /// What has been recorded so far.
-    pub fn snapshot(&self) -> Facts {
-        self.read(Facts::clone)
-    }
-}
-
-impl fmt::Debug for RequestFacts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.snapshot().fmt(f)
     }
 }
 
@@ -247,19 +275,61 @@ mod tests {
         let claims = |json: serde_json::Value| {
             VerifiedClaims::assume_verified(json.as_object().unwrap().clone()).unwrap()
         };
-        let facts = RequestFacts::default();
-        facts.set_claims(&claims(
-            serde_json::json!({"exp": 1, "sub": "s", "azp": "a", "iss": "i"}),
-        ));
-        let seen = facts.snapshot();
-        assert_eq!(seen.client_id().as_deref(), Some("a"));
-        assert_eq!(seen.issuer().as_deref(), Some("i"));
-        facts.set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
-        assert_eq!(facts.snapshot().client_id().as_deref(), Some("s"));
-        facts.set_client_id("by-hand");
-        assert_eq!(facts.snapshot().client_id().as_deref(), Some("by-hand"));
+        let mut facts = Facts::default();
+        RequestFacts::watching(&mut facts, || {
+            RequestFacts::set_claims(&claims(
+                serde_json::json!({"exp": 1, "sub": "s", "azp": "a", "iss": "i"}),
+            ));
+            let seen = RequestFacts::snapshot().unwrap();
+            assert_eq!(seen.client_id().as_deref(), Some("a"));
+            assert_eq!(seen.issuer().as_deref(), Some("i"));
+            RequestFacts::set_claims(&claims(serde_json::json!({"exp": 1, "sub": "s"})));
+            assert_eq!(
+                RequestFacts::snapshot().unwrap().client_id().as_deref(),
+                Some("s")
+            );
+            RequestFacts::set_client_id("by-hand");
+        });
+        assert_eq!(facts.client_id().as_deref(), Some("by-hand"));
         let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
-        facts.clone().set_tenant(tenant);
-        assert_eq!(facts.snapshot().tenant, Some(tenant));
+        RequestFacts::watching(&mut facts, || RequestFacts::set_tenant(tenant));
+        assert_eq!(facts.tenant, Some(tenant));
+        assert_eq!(facts.client_id().as_deref(), Some("by-hand"), "kept");
+    }
+
+    #[test]
+    fn watches_nest_and_each_request_gets_its_own_facts_back_also_after_a_panic() {
+        let tenant =
+            |n: u8| TenantId::parse(&format!("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e{n:02x}")).unwrap();
+        let (mut outer, mut inner) = (Facts::default(), Facts::default());
+        assert!(!RequestFacts::is_watched());
+        RequestFacts::watching(&mut outer, || {
+            assert!(RequestFacts::is_watched());
+            RequestFacts::set_tenant(tenant(1));
+            RequestFacts::watching(&mut inner, || RequestFacts::set_tenant(tenant(2)));
+            RequestFacts::set_client_id("outer");
+        });
+        assert_eq!(
+            (outer.tenant, outer.client.as_deref()),
+            (Some(tenant(1)), Some("outer"))
+        );
+        assert_eq!((inner.tenant, inner.client), (Some(tenant(2)), None));
+        assert!(!RequestFacts::is_watched());
+
+        let mut failing = Facts::default();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            RequestFacts::watching(&mut failing, || {
+                RequestFacts::set_tenant(tenant(3));
+                panic!("an inner layer's bug");
+            })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(failing.tenant, Some(tenant(3)), "recorded before the panic");
+        assert!(
+            !RequestFacts::is_watched(),
+            "the thread watches nothing after it"
+        );
+        RequestFacts::set_tenant(tenant(4));
+        assert_eq!(failing.tenant, Some(tenant(3)));
     }
 }

@@ -1,22 +1,26 @@
-//! Histograms kept as bucket counts, for a Prometheus endpoint.
+//! Histograms kept as bucket counts, and counters and gauges counted on each thread, for a
+//! Prometheus endpoint.
 //!
 //! `metrics-exporter-prometheus` keeps every histogram sample until it is rendered or its
 //! upkeep runs: each sample is a store into a growing block list under a `crossbeam` epoch
-//! guard. On the gateway's request path that cost as much as all its counters together. The
-//! recorder [`BucketHistograms::over`] makes keeps a histogram as what Prometheus reads of it,
-//! one count a bucket and a sum: a sample is an atomic add and a compare-and-swap, into a
-//! block the calling thread shares with few others or none.
+//! guard; each counter add is two atomic read-modify-writes (the count and a generation), a
+//! gauge's a compare-and-swap loop besides. On the gateway's request path such atomics cost
+//! tens of nanoseconds each (they wait for the stores before them). The recorder
+//! [`BucketHistograms::over`] makes keeps a histogram as what Prometheus reads of it, one count
+//! a bucket and a sum, and every counter, gauge and histogram in words each thread adds to on
+//! its own (see `tally`): a sample is a load and a store, and a scrape adds the threads up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use metrics::{
-    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
 };
 
-use super::{shard_count, shard_of_thread};
+use super::tally::{self, Sums};
 
 /// Bucket bounds for durations in seconds, 0.5 ms to 30 s: what the gateway binary uses for
 /// `tower_fhir_request_duration_seconds` and `tower_fhir_upstream_duration_seconds`.
@@ -24,14 +28,16 @@ pub const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Every histogram of the process kept as Prometheus buckets; counters and gauges go to the
-/// recorder it wraps.
+/// Every histogram of the process kept as Prometheus buckets, and every counter and gauge
+/// counted on each thread and given to the recorder it wraps when a scrape asks.
 ///
 /// Wrap your recorder with [`over`](Self::over) and install the result; render the
-/// histograms beside the recorder's own text, on the same page, with [`render`](Self::render).
-/// A sample through a kept handle costs an atomic add and a compare-and-swap (the sum), on
-/// counts in blocks of 128 bytes that threads take in turn (twice as many blocks as CPUs,
-/// rounded up to a power of two, at most 64): no allocation, no lock, no epoch guard.
+/// histograms with [`render`](Self::render) (which first gives the wrapped recorder the
+/// counters' and gauges' values, as [`publish`](Self::publish) does), then the recorder's own
+/// text, on the same page. Each thread counts in words of its own, which only it writes: a
+/// counter's add, a gauge's change or a histogram's sample through a kept handle is a load and
+/// a store (no atomic read-modify-write, no allocation, no lock, no epoch guard); a scrape adds
+/// the threads' words up. A thread's words outlive it, taken over by the next thread to start.
 ///
 /// What it gives up:
 /// - a fixed set of buckets: no quantiles of its own, no bounds chosen per metric (every
@@ -41,7 +47,11 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 ///   registered, is rendered for the life of the process;
 /// - a scrape reads the counts as they are, without stopping samples: a sample being recorded
 ///   meanwhile may be in `_count` and not yet in `_sum` (one a thread at most). `_count` is
-///   always the `+Inf` bucket, and no bucket ever goes down.
+///   always the `+Inf` bucket, and no bucket ever goes down;
+/// - the wrapped recorder sees counters and gauges only as they were at the last
+///   [`publish`](Self::publish) or [`render`](Self::render): render this first, then its text
+///   (with a recorder that pushes, publish on its interval); a gauge's `set` adds every
+///   thread's words up, as a scrape does, so set gauges rarely or keep them elsewhere.
 ///
 /// Names and label names are rendered with every character Prometheus does not allow made
 /// `_`, and series whose names and labels render alike are counted as one. A label named `le`
@@ -65,8 +75,10 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 ///     duration.record(0.2);
 /// });
 ///
-/// let page = counters.render() + &histograms.render();
-/// assert!(page.contains("tower_fhir_requests_total 1"));
+/// // The histograms first: rendering them gives the counters to the exporter.
+/// let histograms_text = histograms.render();
+/// let page = counters.render() + &histograms_text;
+/// assert!(page.contains("tower_fhir_requests_total 1\n"));
 /// assert!(page.contains("# TYPE tower_fhir_request_duration_seconds histogram\n"));
 /// assert!(page.contains("tower_fhir_request_duration_seconds_bucket{le=\"0.0025\"} 1\n"));
 /// assert!(page.contains("tower_fhir_request_duration_seconds_bucket{le=\"+Inf\"} 2\n"));
@@ -80,9 +92,9 @@ pub struct BucketHistograms {
 
 struct Shared {
     bounds: Arc<[f64]>,
-    /// Blocks of counts a histogram has (see [`Buckets`]).
-    shards: usize,
     families: RwLock<BTreeMap<String, Family>>,
+    counters: RwLock<HashMap<Key, Arc<ThreadCounter>>>,
+    gauges: RwLock<HashMap<Key, Arc<ThreadGauge>>>,
 }
 
 /// The histograms of one name as rendered.
@@ -93,9 +105,6 @@ struct Family {
     /// By labels as rendered (`name="value",` each, sorted by name).
     series: BTreeMap<String, Arc<Buckets>>,
 }
-
-/// Most blocks of counts a histogram has, however many CPUs.
-const MAX_SHARDS: usize = 64;
 
 /// Bounds that are not finite and strictly increasing, given to [`BucketHistograms::new`].
 #[derive(Debug, Clone, PartialEq)]
@@ -129,13 +138,15 @@ impl BucketHistograms {
         Ok(Self {
             shared: Arc::new(Shared {
                 bounds: bounds.into(),
-                shards: shard_count(MAX_SHARDS),
                 families: RwLock::default(),
+                counters: RwLock::default(),
+                gauges: RwLock::default(),
             }),
         })
     }
 
-    /// A recorder that keeps histograms here and gives counters and gauges to `inner`.
+    /// A recorder that keeps histograms here, and counts counters and gauges here for `inner`
+    /// (see [`publish`](Self::publish)).
     pub fn over<R: Recorder>(&self, inner: R) -> WithBucketHistograms<R> {
         WithBucketHistograms {
             inner,
@@ -170,12 +181,44 @@ impl BucketHistograms {
         }
         let mut families = self.write();
         let series = &mut families.entry(name).or_default().series;
-        Arc::clone(series.entry(labels).or_insert_with(|| {
-            Arc::new(Buckets::new(
-                Arc::clone(&self.shared.bounds),
-                self.shared.shards,
-            ))
-        }))
+        Arc::clone(
+            series
+                .entry(labels)
+                .or_insert_with(|| Arc::new(Buckets::new(Arc::clone(&self.shared.bounds)))),
+        )
+    }
+
+    /// The counter named by `key`, made (and registered with `inner`) on first use.
+    fn counter(&self, key: &Key, make: impl FnOnce() -> Counter) -> Arc<ThreadCounter> {
+        one_of(&self.shared.counters, key, || ThreadCounter {
+            id: tally::ids(1),
+            raised: AtomicU64::new(0),
+            inner: make(),
+        })
+    }
+
+    /// The gauge named by `key`, made (and registered with `inner`) on first use.
+    fn gauge(&self, key: &Key, make: impl FnOnce() -> Gauge) -> Arc<ThreadGauge> {
+        one_of(&self.shared.gauges, key, || ThreadGauge {
+            id: tally::ids(1),
+            base: Mutex::new(0.0),
+            inner: make(),
+        })
+    }
+
+    /// Gives the wrapped recorder every counter's and gauge's value now (the threads' words
+    /// added up): what [`render`](Self::render) does first. Call it before rendering that
+    /// recorder's text, or on a recorder that pushes, before it pushes.
+    pub fn publish(&self) {
+        let sums = Sums::now();
+        let counters: Vec<_> = read(&self.shared.counters).values().cloned().collect();
+        for counter in counters {
+            counter.inner.absolute(counter.value(&sums));
+        }
+        let gauges: Vec<_> = read(&self.shared.gauges).values().cloned().collect();
+        for gauge in gauges {
+            gauge.inner.set(gauge.value(&sums));
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Family>> {
@@ -194,6 +237,7 @@ impl BucketHistograms {
 
     /// Every histogram in the Prometheus text format (0.0.4): `_bucket` lines with cumulative
     /// counts, `_sum` and `_count`, after a `# HELP` (when described) and a `# TYPE` line.
+    /// First [`publish`](Self::publish)es the counters and gauges to the wrapped recorder.
     pub fn render(&self) -> String {
         let mut page = String::new();
         self.render_into(&mut page);
@@ -202,6 +246,7 @@ impl BucketHistograms {
 
     /// The same, appended to `page`.
     pub fn render_into(&self, page: &mut String) {
+        self.publish();
         // The histograms are listed under the lock and read after it: registering one never
         // waits for a scrape's formatting.
         type Listed = (String, Option<String>, Vec<(String, Arc<Buckets>)>);
@@ -219,13 +264,14 @@ impl BucketHistograms {
                 (name.clone(), family.help.clone(), series)
             })
             .collect();
+        let sums = Sums::now();
         for (name, help, series) in families {
             if let Some(text) = help {
                 let _ = writeln!(page, "# HELP {name} {text}");
             }
             let _ = writeln!(page, "# TYPE {name} histogram");
             for (labels, buckets) in series {
-                let (counts, sum) = buckets.snapshot();
+                let (counts, sum) = buckets.snapshot(&sums);
                 let mut cumulative = 0;
                 for (at, count) in counts.iter().enumerate() {
                     cumulative += count;
@@ -260,8 +306,8 @@ impl fmt::Debug for BucketHistograms {
     }
 }
 
-/// The recorder [`BucketHistograms::over`] makes: histograms kept as buckets, the rest given
-/// to the recorder wrapped.
+/// The recorder [`BucketHistograms::over`] makes: histograms kept as buckets, counters and
+/// gauges counted on each thread for the recorder wrapped.
 #[derive(Debug)]
 pub struct WithBucketHistograms<R> {
     inner: R,
@@ -293,11 +339,17 @@ impl<R: Recorder> Recorder for WithBucketHistograms<R> {
     }
 
     fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
-        self.inner.register_counter(key, metadata)
+        Counter::from_arc(
+            self.histograms
+                .counter(key, || self.inner.register_counter(key, metadata)),
+        )
     }
 
     fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
-        self.inner.register_gauge(key, metadata)
+        Gauge::from_arc(
+            self.histograms
+                .gauge(key, || self.inner.register_gauge(key, metadata)),
+        )
     }
 
     fn register_histogram(&self, key: &Key, _metadata: &Metadata<'_>) -> Histogram {
@@ -305,40 +357,93 @@ impl<R: Recorder> Recorder for WithBucketHistograms<R> {
     }
 }
 
-/// Sixteen words on a line of their own (two cache lines, which some CPUs fetch together).
-#[repr(align(128))]
-struct Block([AtomicU64; WORDS_A_BLOCK]);
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
 
-const WORDS_A_BLOCK: usize = 16;
+/// The entry for `key` in `map`, made by `make` if there is none.
+fn one_of<T>(map: &RwLock<HashMap<Key, Arc<T>>>, key: &Key, make: impl FnOnce() -> T) -> Arc<T> {
+    if let Some(found) = read(map).get(key) {
+        return Arc::clone(found);
+    }
+    let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(map.entry(key.clone()).or_insert_with(|| Arc::new(make())))
+}
 
-/// One histogram: for each shard, a count a bucket (the bounds', then `+Inf`) and the sum's
-/// bits, in blocks no other shard shares. A thread adds to the shard [`shard_of_thread`]
-/// gives it (threads take them in turn, so a few busy threads have one each); rendering adds
-/// the shards up.
+/// A counter each thread adds to in its own word; its value (published to `inner`) is their
+/// sum and what `absolute` raised it by.
+struct ThreadCounter {
+    id: usize,
+    raised: AtomicU64,
+    inner: Counter,
+}
+
+impl ThreadCounter {
+    fn value(&self, sums: &Sums) -> u64 {
+        sums.u64(self.id)
+            .wrapping_add(self.raised.load(Ordering::Relaxed))
+    }
+}
+
+impl CounterFn for ThreadCounter {
+    fn increment(&self, value: u64) {
+        tally::with_adder(|adder| adder.add(self.id, value));
+    }
+
+    /// Raises the counter to `value` if it is below: by then the threads' words can only
+    /// have grown, so it stays at least `value`.
+    fn absolute(&self, value: u64) {
+        let counted = Sums::now().u64(self.id);
+        self.raised
+            .fetch_max(value.saturating_sub(counted), Ordering::Relaxed);
+    }
+}
+
+/// A gauge each thread changes in its own word; its value (published to `inner`) is `base`
+/// plus their sum, and `set` moves `base`.
+struct ThreadGauge {
+    id: usize,
+    base: Mutex<f64>,
+    inner: Gauge,
+}
+
+impl ThreadGauge {
+    fn value(&self, sums: &Sums) -> f64 {
+        *self.base.lock().unwrap_or_else(PoisonError::into_inner) + sums.f64(self.id)
+    }
+}
+
+impl GaugeFn for ThreadGauge {
+    fn increment(&self, value: f64) {
+        tally::with_adder(|adder| adder.add_f64(self.id, value));
+    }
+
+    fn decrement(&self, value: f64) {
+        tally::with_adder(|adder| adder.add_f64(self.id, -value));
+    }
+
+    fn set(&self, value: f64) {
+        let mut base = self.base.lock().unwrap_or_else(PoisonError::into_inner);
+        *base = value - Sums::now().f64(self.id);
+    }
+}
+
+/// One histogram: words (see `tally`) for a count a bucket (the bounds', then `+Inf`) and the
+/// sum, from `first` on.
 struct Buckets {
     bounds: Arc<[f64]>,
-    /// Blocks a shard: its words are `bounds.len() + 2`.
-    stride: usize,
-    shards: usize,
-    blocks: Box<[Block]>,
+    first: usize,
 }
 
 impl Buckets {
-    fn new(bounds: Arc<[f64]>, shards: usize) -> Self {
-        let stride = (bounds.len() + 2).div_ceil(WORDS_A_BLOCK);
-        let blocks = (0..stride * shards)
-            .map(|_| Block(std::array::from_fn(|_| AtomicU64::new(0))))
-            .collect();
-        Self {
-            bounds,
-            stride,
-            shards,
-            blocks,
-        }
+    fn new(bounds: Arc<[f64]>) -> Self {
+        let first = tally::ids(bounds.len() + 2);
+        Self { bounds, first }
     }
 
-    fn word(&self, shard: usize, word: usize) -> &AtomicU64 {
-        &self.blocks[shard * self.stride + word / WORDS_A_BLOCK].0[word % WORDS_A_BLOCK]
+    /// The sum's word.
+    fn sum(&self) -> usize {
+        self.first + self.bounds.len() + 1
     }
 
     /// The bucket a value counts in: the first bound it does not exceed, else `+Inf` (NaN
@@ -352,33 +457,23 @@ impl Buckets {
     }
 
     fn add(&self, value: f64, times: u64) {
-        let shard = shard_of_thread(self.shards);
-        self.word(shard, self.bucket_of(value))
-            .fetch_add(times, Ordering::Relaxed);
+        let bucket = self.first + self.bucket_of(value);
         // Times as a float: `record_many` takes a `usize`, far within f64's exact integers
         // for any count a caller has.
         #[allow(clippy::cast_precision_loss)]
         let added = value * times as f64;
-        let sum = self.word(shard, self.bounds.len() + 1);
-        let _ = sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-            Some((f64::from_bits(bits) + added).to_bits())
+        tally::with_adder(|adder| {
+            adder.add(bucket, times);
+            adder.add_f64(self.sum(), added);
         });
     }
 
-    /// The counts a bucket (not cumulative) and the sum, over every shard.
-    fn snapshot(&self) -> (Vec<u64>, f64) {
-        let mut counts = vec![0_u64; self.bounds.len() + 1];
-        let mut sum = 0.0;
-        for shard in 0..self.shards {
-            for (bucket, count) in counts.iter_mut().enumerate() {
-                *count += self.word(shard, bucket).load(Ordering::Relaxed);
-            }
-            sum += f64::from_bits(
-                self.word(shard, self.bounds.len() + 1)
-                    .load(Ordering::Relaxed),
-            );
-        }
-        (counts, sum)
+    /// The counts a bucket (not cumulative) and the sum, over every thread.
+    fn snapshot(&self, sums: &Sums) -> (Vec<u64>, f64) {
+        let counts = (0..=self.bounds.len())
+            .map(|bucket| sums.u64(self.first + bucket))
+            .collect();
+        (counts, sums.f64(self.sum()))
     }
 }
 
@@ -594,6 +689,11 @@ mod tests {
             metrics::gauge!("g").set(3.0);
             metrics::histogram!("h").record(0.5);
         });
+        assert!(
+            !inner.render().contains("c 2\n"),
+            "counted on the threads until published"
+        );
+        recorder.histograms().publish();
         let text = inner.render();
         assert!(text.contains("# HELP c counted\n"), "{text}");
         assert!(text.contains("c 2\n"), "{text}");
@@ -606,8 +706,57 @@ mod tests {
     }
 
     #[test]
+    fn counters_and_gauges_count_every_thread_and_absolute_and_set_hold() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let inner = prometheus.handle();
+        let histograms = BucketHistograms::new(&[1.0]).unwrap();
+        let recorder = histograms.over(prometheus);
+        let (counter, gauge, labelled) = metrics::with_local_recorder(&recorder, || {
+            (
+                metrics::counter!("c"),
+                metrics::gauge!("g"),
+                metrics::counter!("c", "tenant" => "t"),
+            )
+        });
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        counter.increment(2);
+                        gauge.increment(1.0);
+                    }
+                    gauge.decrement(500.0);
+                });
+            }
+        });
+        // The same key gives the same counter; another label, another one.
+        metrics::with_local_recorder(&recorder, || metrics::counter!("c").increment(1));
+        labelled.increment(7);
+        let page = |histograms: &BucketHistograms| {
+            histograms.publish();
+            inner.render()
+        };
+        let text = page(&histograms);
+        assert!(text.contains("c 8001\n"), "{text}");
+        assert!(text.contains("c{tenant=\"t\"} 7\n"), "{text}");
+        assert!(text.contains("g 2000\n"), "{text}");
+
+        counter.absolute(10_000);
+        counter.absolute(9_000);
+        gauge.set(3.0);
+        gauge.increment(0.5);
+        let text = page(&histograms);
+        assert!(text.contains("c 10000\n"), "raised to the absolute: {text}");
+        assert!(text.contains("g 3.5\n"), "set, then changed: {text}");
+        counter.increment(1);
+        let text = page(&histograms);
+        assert!(text.contains("c 10001\n"), "counts on from there: {text}");
+        counter.absolute(5);
+        assert!(page(&histograms).contains("c 10001\n"), "never lowered");
+    }
+
+    #[test]
     fn every_thread_s_samples_are_counted_once() {
-        // The duration buckets: 17 words a shard, so the sum is in a shard's second block.
         let histograms = BucketHistograms::new(&DURATION_BUCKETS).unwrap();
         let h = histograms.histogram(&Key::from_name("h"));
         std::thread::scope(|scope| {

@@ -70,6 +70,7 @@ mod health;
 mod histogram;
 mod observe;
 mod request_id;
+mod tally;
 
 pub use audit::{
     AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_BYTES,

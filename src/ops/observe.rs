@@ -1,11 +1,13 @@
 //! One place that sees every request end: metrics, the audit record, the request's span.
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -17,7 +19,7 @@ use tower_service::Service;
 use tracing::Span;
 
 use super::audit::{AuditDraft, AuditSink, Clock, JsonLinesAudit, QueryRecording};
-use super::facts::{RequestFacts, RequestParts};
+use super::facts::{Facts, RequestFacts, RequestParts};
 use super::request_id::X_REQUEST_ID;
 use crate::outcome::Refusal;
 use crate::tenant::TenantId;
@@ -28,8 +30,9 @@ use crate::tenant::TenantId;
 /// Put it outside the gateway (or any FHIR stack), inside [`RequestIdLayer`](super::RequestIdLayer)
 /// so the id is known. For each request it:
 ///
-/// - puts a [`RequestFacts`] in the extensions, which the tenant, routing and token layers
-///   fill (client, issuer, tenant, upstream);
+/// - keeps the request's [`Facts`](super::Facts), which the tenant, routing and token layers
+///   fill through [`RequestFacts`] (client, issuer, tenant, upstream) while it calls and polls
+///   the inner service;
 /// - runs the inner service inside an `INFO` span `fhir_request` with `request_id`, `method`
 ///   and `path`, and records `tenant`, `client_id`, `status`, `outcome` and `latency_ms` on
 ///   it when the response is ready (`tracing-opentelemetry` exports it as it is);
@@ -94,12 +97,23 @@ enum Audit {
 }
 
 /// The request metrics' handles, taken from the recorder once: a request then costs no key
-/// building or registry lookup, only the counters' atomics (and, for the first request of a
-/// tenant, status class and outcome, one registration).
+/// building or registry lookup, only the handles' own work (and, for the first request of a
+/// tenant, status class and outcome, one registration). Each thread keeps its own copy of the
+/// counters' handles it used (see [`REQUEST_COUNTERS`]), so a count takes no lock.
 struct Metrics {
+    /// Which layer's these are, in the threads' copies.
+    id: usize,
     in_flight: metrics::Gauge,
     duration: metrics::Histogram,
     requests: RwLock<HashMap<RequestsKey, metrics::Counter, BuildHasherDefault<KeyHasher>>>,
+}
+
+/// The request counters' handles a thread used, by [`Metrics::id`] and labels.
+type RequestCounters =
+    HashMap<(usize, RequestsKey), metrics::Counter, BuildHasherDefault<KeyHasher>>;
+
+thread_local! {
+    static REQUEST_COUNTERS: RefCell<RequestCounters> = RefCell::new(HashMap::default());
 }
 
 /// `tower_fhir_requests_total`'s labels: tenant (when labelled), status class, outcome.
@@ -151,6 +165,10 @@ impl Hasher for KeyHasher {
         self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
     }
 
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+
     fn finish(&self) -> u64 {
         self.0
     }
@@ -162,23 +180,48 @@ const MAX_REQUEST_SERIES: usize = 100_000;
 
 impl Metrics {
     fn new() -> Self {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             in_flight: metrics::gauge!("tower_fhir_requests_in_flight"),
             duration: metrics::histogram!("tower_fhir_request_duration_seconds"),
             requests: RwLock::default(),
         }
     }
 
-    /// Counts one request in `tower_fhir_requests_total`.
+    /// Counts one request in `tower_fhir_requests_total`, through this thread's copy of its
+    /// handle when there is one.
     fn count(&self, key: RequestsKey) {
+        let counted = REQUEST_COUNTERS.try_with(|copies| {
+            let mut copies = copies.try_borrow_mut().ok()?;
+            if let Some(counter) = copies.get(&(self.id, key)) {
+                counter.increment(1);
+                return Some(());
+            }
+            let (series, counter) = self.counter(key);
+            counter.increment(1);
+            // (A key counted without its tenant, past the series bound, is not copied: the
+            // copies stay as few as the series.)
+            if series == key {
+                copies.insert((self.id, key), counter);
+            }
+            Some(())
+        });
+        if counted != Ok(Some(())) {
+            self.counter(key).1.increment(1);
+        }
+    }
+
+    /// The handle `key` counts in, and its labels: `key`'s, or without the tenant once there
+    /// are [`MAX_REQUEST_SERIES`].
+    fn counter(&self, key: RequestsKey) -> (RequestsKey, metrics::Counter) {
         if let Some(counter) = self
             .requests
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
         {
-            counter.increment(1);
-            return;
+            return (key, counter.clone());
         }
         let mut series = self
             .requests
@@ -192,26 +235,24 @@ impl Metrics {
         } else {
             key
         };
-        series
-            .entry(key)
-            .or_insert_with(|| {
-                let RequestsKey {
-                    tenant,
-                    class,
-                    outcome,
-                } = key;
-                match tenant {
-                    Some(tenant) => metrics::counter!(
-                        "tower_fhir_requests_total",
-                        "tenant" => tenant.to_string(), "status_class" => class, "outcome" => outcome
-                    ),
-                    None => metrics::counter!(
-                        "tower_fhir_requests_total",
-                        "status_class" => class, "outcome" => outcome
-                    ),
-                }
-            })
-            .increment(1);
+        let counter = series.entry(key).or_insert_with(|| {
+            let RequestsKey {
+                tenant,
+                class,
+                outcome,
+            } = key;
+            match tenant {
+                Some(tenant) => metrics::counter!(
+                    "tower_fhir_requests_total",
+                    "tenant" => tenant.to_string(), "status_class" => class, "outcome" => outcome
+                ),
+                None => metrics::counter!(
+                    "tower_fhir_requests_total",
+                    "status_class" => class, "outcome" => outcome
+                ),
+            }
+        });
+        (key, counter.clone())
     }
 }
 
@@ -331,7 +372,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let span = tracing::info_span!(
             "fhir_request",
             request_id = request_id(&request)
@@ -354,29 +395,29 @@ where
             };
         }
         let start = Instant::now();
-        let facts = if config.audit.is_some() {
-            RequestFacts::with_request(RequestParts::new(
+        let parts = config.audit.is_some().then(|| {
+            RequestParts::new(
                 start,
                 request.method().clone(),
                 request.uri(),
                 request_id(&request),
-            ))
-        } else {
-            RequestFacts::default()
-        };
-        request.extensions_mut().insert(facts.clone());
+            )
+        });
         if let Some(metrics) = &config.metrics {
             metrics.in_flight.increment(1.0);
         }
+        let mut facts = Facts::default();
         let future = {
             let _entered = span.enter();
-            self.inner.call(request)
+            let inner = &mut self.inner;
+            RequestFacts::watching(&mut facts, || inner.call(request))
         };
         ObserveFuture {
             future,
             watch: Some(Watch {
                 config: Arc::clone(&self.config),
                 facts,
+                parts,
                 span,
                 start,
             }),
@@ -394,8 +435,10 @@ fn request_id<B>(request: &Request<B>) -> Option<&http::HeaderValue> {
 /// One request's bookkeeping, finished when its response is ready or its future dropped.
 struct Watch {
     config: Arc<Config>,
-    /// The slot the inner layers fill, holding the request's parts when there is an audit.
-    facts: RequestFacts,
+    /// What the inner layers learned.
+    facts: Facts,
+    /// The request's parts, when there is an audit.
+    parts: Option<RequestParts>,
     span: Span,
     start: Instant,
 }
@@ -407,7 +450,7 @@ impl Watch {
         let config = &self.config;
         let span = &self.span;
         if !span.is_disabled() {
-            let facts = self.facts.snapshot();
+            let facts = &self.facts;
             if let Some(tenant) = facts.tenant {
                 span.record("tenant", tracing::field::display(tenant));
             }
@@ -429,7 +472,7 @@ impl Watch {
             metrics.in_flight.decrement(1.0);
             metrics.duration.record(elapsed.as_secs_f64());
             let tenant = if config.tenant_label {
-                self.facts.read(|facts| facts.tenant)
+                self.facts.tenant
             } else {
                 None
             };
@@ -439,13 +482,10 @@ impl Watch {
                 outcome,
             });
         }
-        let Some(audit) = &config.audit else {
+        let (Some(audit), Some(parts)) = (&config.audit, self.parts) else {
             return;
         };
-        let Some(draft) = AuditDraft::new(self.facts, status, outcome, elapsed, config.query)
-        else {
-            return;
-        };
+        let draft = AuditDraft::new(parts, self.facts, status, outcome, elapsed, config.query);
         match audit {
             Audit::Lines(lines) => lines.draft(done, draft),
             Audit::Sink(sink) => sink.record(draft.into_record(Clock::at(done))),
@@ -484,9 +524,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = {
-            let _entered = this.watch.as_ref().map(|w| w.span.enter());
-            ready!(this.future.poll(cx))
+        let result = match this.watch.as_mut() {
+            Some(watch) => {
+                let _entered = watch.span.enter();
+                let future = this.future;
+                ready!(RequestFacts::watching(&mut watch.facts, || future.poll(cx)))
+            }
+            None => ready!(this.future.poll(cx)),
         };
         if let Some(watch) = this.watch.take() {
             let _entered = watch.span.clone().entered();
@@ -537,14 +581,13 @@ mod tests {
     #[tokio::test]
     async fn the_facts_the_layers_learn_reach_the_record() {
         let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
-        let inner = tower::service_fn(move |r: Request<()>| async move {
-            let facts = r.extensions().get::<RequestFacts>().unwrap();
+        let inner = tower::service_fn(move |_r: Request<()>| async move {
             let claims = serde_json::json!({"exp": 1, "iss": "https://idp", "client_id": "app"});
-            facts.set_claims(
+            RequestFacts::set_claims(
                 &VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap(),
             );
-            facts.set_tenant(tenant);
-            facts.set_upstream(Arc::from("http://fhir.example"));
+            RequestFacts::set_tenant(tenant);
+            RequestFacts::set_upstream(&Arc::from("http://fhir.example"));
             Ok::<_, Infallible>(Response::new(()))
         });
         let (service, records) = observed(inner, QueryRecording::Full);
@@ -625,10 +668,9 @@ mod tests {
             .finish();
         let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
         tracing::subscriber::with_default(subscriber, || {
-            let inner = tower::service_fn(move |r: Request<()>| async move {
-                let facts = r.extensions().get::<RequestFacts>().unwrap();
-                facts.set_client_id("app");
-                facts.set_tenant(tenant);
+            let inner = tower::service_fn(move |_r: Request<()>| async move {
+                RequestFacts::set_client_id("app");
+                RequestFacts::set_tenant(tenant);
                 Ok::<_, Infallible>(Response::new(()))
             });
             let service = ObserveLayer::new().layer(inner);

@@ -1,7 +1,6 @@
 //! `TenantRoutingLayer`, its builder and its service.
 
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -294,9 +293,7 @@ fn route<B>(
             .and_then(|hint| local.select(Some(hint)))
             .or_else(|| local.select(version))
             .ok_or_else(not_served)?;
-        if let Some(facts) = request.extensions().get::<RequestFacts>() {
-            facts.set_upstream(Arc::clone(local.label()));
-        }
+        RequestFacts::set_upstream(local.label());
         let extensions = request.extensions_mut();
         extensions.insert(local.clone());
         // A release the client named is in the extensions already, and labels the response.
@@ -309,9 +306,7 @@ fn route<B>(
             .and_then(|hint| record.select(Some(hint)))
             .or_else(|| record.select(version))
             .ok_or_else(not_served)?;
-        if let Some(facts) = request.extensions().get::<RequestFacts>() {
-            facts.set_upstream(Arc::clone(upstream.base().shared_text()));
-        }
+        RequestFacts::set_upstream(upstream.base().shared_text());
         request.extensions_mut().insert(upstream.clone());
         None
     };

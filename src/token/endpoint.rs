@@ -613,7 +613,6 @@ impl Inner {
             ));
         }
 
-        let facts = parts.extensions.get::<crate::ops::RequestFacts>();
         let client = self
             .authenticate_client(&parts, &form, "token request")
             .await?;
@@ -642,9 +641,7 @@ impl Inner {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()
         })?;
-        if let Some(facts) = facts {
-            facts.set_tenant(tenant);
-        }
+        crate::ops::RequestFacts::set_tenant(tenant);
         tracing::debug!(client_id = %client.id, tenant = %tenant, "token issued");
         Ok(json_response(
             StatusCode::OK,
@@ -698,9 +695,7 @@ impl Inner {
                     .await;
             }
         };
-        if let Some(facts) = parts.extensions.get::<crate::ops::RequestFacts>() {
-            facts.set_client_id(id);
-        }
+        crate::ops::RequestFacts::set_client_id(id);
         let challenge = basic.then_some(&self.realm);
         let checked = self
             .clients
@@ -732,9 +727,7 @@ impl Inner {
         assertion: &str,
         doing: &'static str,
     ) -> Result<ClientRecord, TokenError> {
-        if let Some(facts) = parts.extensions.get::<crate::ops::RequestFacts>() {
-            facts.set_client_id(id);
-        }
+        crate::ops::RequestFacts::set_client_id(id);
         let from = source(&parts.extensions);
         let attempt = self
             .clients
