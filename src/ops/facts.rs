@@ -15,8 +15,11 @@ use crate::tenant::TenantId;
 /// makes them the current request's on the thread while the inner service's `call` runs and
 /// each time its response future is polled; it reads them when the response is ready. The
 /// tenant, routing and token layers fill them with the functions here, and so may a layer or
-/// handler of your own, from the request's `call` or its future (not from a task it spawns).
-/// With no `ObserveLayer` watching (or nothing for it to record) they do nothing.
+/// handler of your own, from the request's `call` or its future. Facts set on another task are
+/// not seen: one the handler spawns, or the worker of a `tower::buffer::Buffer` (or any
+/// middleware that hands requests to another task) between the `ObserveLayer` and the layers
+/// that set them; put such middleware outside the `ObserveLayer`. With no `ObserveLayer`
+/// watching (or nothing for it to record) they do nothing.
 ///
 /// Nothing is shared between threads: no lock, no reference count, no atomic read-modify-write
 /// on the request path.

@@ -42,16 +42,21 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 /// What it gives up:
 /// - a fixed set of buckets: no quantiles of its own, no bounds chosen per metric (every
 ///   histogram has the bounds given to [`new`](Self::new));
-/// - the wrapped recorder's settings do not reach histograms: its global labels, unit
-///   suffixes and idle timeouts apply to counters and gauges only, and a histogram, once
-///   registered, is rendered for the life of the process;
+/// - the wrapped recorder's settings do not reach histograms: its global labels and unit
+///   suffixes apply to counters and gauges only; and no metric goes idle: a histogram, once
+///   registered, is rendered for the life of the process, and every counter and gauge is
+///   given its value at each publish (the wrapped recorder's idle timeouts never see one
+///   idle);
 /// - a scrape reads the counts as they are, without stopping samples: a sample being recorded
 ///   meanwhile may be in `_count` and not yet in `_sum` (one a thread at most). `_count` is
 ///   always the `+Inf` bucket, and no bucket ever goes down;
 /// - the wrapped recorder sees counters and gauges only as they were at the last
 ///   [`publish`](Self::publish) or [`render`](Self::render): render this first, then its text
-///   (with a recorder that pushes, publish on its interval); a gauge's `set` adds every
-///   thread's words up, as a scrape does, so set gauges rarely or keep them elsewhere.
+///   (a recorder that serves or pushes on its own, such as the exporter's `install`, needs
+///   `publish` called on its interval); a gauge's `set` and a counter's `absolute` add every
+///   thread's words up, as a scrape does, so use them rarely or keep such metrics elsewhere;
+/// - call [`over`](Self::over) once: the counters and gauges are kept here by key, and a
+///   second recorder made with it publishes to the first one's handles.
 ///
 /// Names and label names are rendered with every character Prometheus does not allow made
 /// `_`, and series whose names and labels render alike are counted as one. A label named `le`

@@ -116,6 +116,10 @@ thread_local! {
     static REQUEST_COUNTERS: RefCell<RequestCounters> = RefCell::new(HashMap::default());
 }
 
+/// The most handles a thread copies (see [`REQUEST_COUNTERS`]): when full, its copies are
+/// dropped and made again as they are used, which also lets go of those of layers gone.
+const MAX_THREAD_COPIES: usize = 4096;
+
 /// `tower_fhir_requests_total`'s labels: tenant (when labelled), status class, outcome.
 ///
 /// The status class and outcome are `&'static str`s, compared and hashed by address: the same
@@ -203,6 +207,9 @@ impl Metrics {
             // (A key counted without its tenant, past the series bound, is not copied: the
             // copies stay as few as the series.)
             if series == key {
+                if copies.len() >= MAX_THREAD_COPIES {
+                    copies.clear();
+                }
                 copies.insert((self.id, key), counter);
             }
             Some(())
@@ -403,15 +410,16 @@ where
                 request_id(&request),
             )
         });
-        if let Some(metrics) = &config.metrics {
-            metrics.in_flight.increment(1.0);
-        }
         let mut facts = Facts::default();
         let future = {
             let _entered = span.enter();
             let inner = &mut self.inner;
             RequestFacts::watching(&mut facts, || inner.call(request))
         };
+        // (Counted once the call returned: a call that panics makes no watch to finish.)
+        if let Some(metrics) = &config.metrics {
+            metrics.in_flight.increment(1.0);
+        }
         ObserveFuture {
             future,
             watch: Some(Watch {
@@ -728,5 +736,65 @@ mod tests {
         assert!(joined.unwrap_err().is_panic());
         let record = records.lock().unwrap().pop().unwrap();
         assert_eq!((record.status, record.outcome), (500, "panicked"));
+    }
+
+    /// A service whose `call` panics on a path starting `/panic`.
+    #[derive(Clone)]
+    struct PanicsInCall;
+
+    impl Service<Request<()>> for PanicsInCall {
+        type Response = Response<()>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<()>, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<()>) -> Self::Future {
+            assert!(!request.uri().path().starts_with("/panic"), "a bug in call");
+            RequestFacts::set_client_id("app");
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_count_each_request_once_also_when_call_panics() {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let text = prometheus.handle();
+        let histograms = crate::ops::BucketHistograms::new(&[1.0]).unwrap();
+        let recorder = histograms.over(prometheus);
+        let mut service =
+            metrics::with_local_recorder(&recorder, || ObserveLayer::new().metrics(true))
+                .layer(PanicsInCall);
+        let in_flight = || {
+            histograms.publish();
+            text.render()
+                .lines()
+                .find(|line| line.starts_with("tower_fhir_requests_in_flight "))
+                .map(str::to_owned)
+        };
+        let pending = service.call(Request::get("/Patient/1").body(()).unwrap());
+        assert_eq!(
+            in_flight().as_deref(),
+            Some("tower_fhir_requests_in_flight 1")
+        );
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.call(Request::get("/panic").body(()).unwrap())
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(
+            in_flight().as_deref(),
+            Some("tower_fhir_requests_in_flight 1")
+        );
+        drop(pending);
+        assert_eq!(
+            in_flight().as_deref(),
+            Some("tower_fhir_requests_in_flight 0")
+        );
+        assert!(
+            !RequestFacts::is_watched(),
+            "the panic left no facts watched"
+        );
     }
 }
