@@ -39,28 +39,42 @@ use crate::tenant::TenantId;
 #[non_exhaustive]
 pub struct RequestFacts;
 
-thread_local! {
-    /// The facts of the request whose `call` or `poll` runs on this thread, if watched.
-    static CURRENT: RefCell<Option<Facts>> = const { RefCell::new(None) };
+/// The facts of the request whose `call` or `poll` runs on this thread, when `watched`.
+struct Current {
+    watched: bool,
+    facts: Facts,
 }
 
-/// What [`RequestFacts::watching`] puts back when its call returns or unwinds: the caller's
-/// facts to it, the facts of a request watched further out to the thread.
+thread_local! {
+    static CURRENT: RefCell<Current> = const {
+        RefCell::new(Current {
+            watched: false,
+            facts: Facts {
+                claims: None,
+                client: None,
+                tenant: None,
+                upstream: None,
+            },
+        })
+    };
+}
+
+/// What [`RequestFacts::watching`] puts back when its call returns or unwinds: the facts of
+/// the request watched further out (or none) to the thread, the caller's with what was
+/// recorded to it. (Swapped, both ways: nothing is dropped or copied.)
 struct Restore<'a> {
     facts: &'a mut Facts,
-    outer: Option<Facts>,
+    outer_watched: bool,
 }
 
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
-        let outer = self.outer.take();
-        let mine = CURRENT.try_with(|current| {
-            let mut current = current.try_borrow_mut().ok()?;
-            std::mem::replace(&mut *current, outer)
+        let _ = CURRENT.try_with(|current| {
+            if let Ok(mut current) = current.try_borrow_mut() {
+                std::mem::swap(&mut current.facts, self.facts);
+                current.watched = self.outer_watched;
+            }
         });
-        if let Ok(Some(mine)) = mine {
-            *self.facts = mine;
-        }
     }
 }
 
@@ -69,37 +83,38 @@ impl RequestFacts {
     /// recorded (also when `f` panics). Calls nest: inside, the innermost watch is current.
     /// The [`ObserveLayer`](super::ObserveLayer) does this around each `call` and `poll`.
     pub fn watching<R>(facts: &mut Facts, f: impl FnOnce() -> R) -> R {
-        let mut taken = Some(std::mem::take(facts));
+        // While `f` runs, `facts` holds the outer request's (swapped out of the thread's).
         let installed = CURRENT.try_with(|current| {
             let mut current = current.try_borrow_mut().ok()?;
-            Some(std::mem::replace(&mut *current, taken.take()))
+            std::mem::swap(&mut current.facts, facts);
+            Some(std::mem::replace(&mut current.watched, true))
         });
         match installed {
-            Ok(Some(outer)) => {
-                let _restore = Restore { facts, outer };
+            Ok(Some(outer_watched)) => {
+                let _restore = Restore {
+                    facts,
+                    outer_watched,
+                };
                 f()
             }
             // The thread's storage is being torn down (or in use, which the functions here
             // never leave it): `f` runs unwatched.
-            _ => {
-                *facts = taken.unwrap_or_default();
-                f()
-            }
+            _ => f(),
         }
     }
 
     /// Whether a request is watched on this thread now (so what it would record is wanted).
     pub fn is_watched() -> bool {
         CURRENT
-            .try_with(|current| current.try_borrow().is_ok_and(|facts| facts.is_some()))
+            .try_with(|current| current.try_borrow().is_ok_and(|current| current.watched))
             .unwrap_or(false)
     }
 
     fn with(f: impl FnOnce(&mut Facts)) {
         let _ = CURRENT.try_with(|current| {
             if let Ok(mut current) = current.try_borrow_mut() {
-                if let Some(facts) = current.as_mut() {
-                    f(facts);
+                if current.watched {
+                    f(&mut current.facts);
                 }
             }
         });
@@ -128,7 +143,10 @@ impl RequestFacts {
     /// What has been recorded so far for the current request, if one is watched.
     pub fn snapshot() -> Option<Facts> {
         CURRENT
-            .try_with(|current| current.try_borrow().ok()?.clone())
+            .try_with(|current| {
+                let current = current.try_borrow().ok()?;
+                current.watched.then(|| current.facts.clone())
+            })
             .ok()
             .flatten()
     }

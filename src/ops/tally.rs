@@ -113,11 +113,23 @@ impl Local {
 
     fn word(&mut self, id: usize) -> &AtomicU64 {
         let at = id / CHUNK;
+        if !matches!(self.chunks.get(at), Some(Some(_))) {
+            self.grow(id);
+        }
+        match &self.chunks[at] {
+            Some(chunk) => &chunk.0[id % CHUNK],
+            None => unreachable!("grown above"),
+        }
+    }
+
+    /// Makes (or finds) the chunk of word `id`.
+    #[cold]
+    fn grow(&mut self, id: usize) {
+        let at = id / CHUNK;
         if self.chunks.len() <= at {
             self.chunks.resize(at + 1, None);
         }
-        let chunk = self.chunks[at].get_or_insert_with(|| self.words.chunk(id));
-        &chunk.0[id % CHUNK]
+        self.chunks[at] = Some(self.words.chunk(id));
     }
 }
 
