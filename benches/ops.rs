@@ -148,7 +148,8 @@ fn bench(c: &mut Criterion) {
     }
     row!("stack", stack!());
     row!("stack+ops/quiet", ops!(ObserveLayer::new()));
-    // The gateway binary's recorder: the exporter's counters and gauges, histograms as buckets.
+    // The gateway binary's recorder: every metric counted per thread, histograms as buckets,
+    // counters and gauges given to the exporter when rendered.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let histograms =
         tower_fhir::ops::BucketHistograms::new(&tower_fhir::ops::DURATION_BUCKETS).unwrap();

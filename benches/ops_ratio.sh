@@ -16,8 +16,12 @@
 # mix, a token per tenant from each gateway's token endpoint) instead of wrk's one small read;
 # the load generator then sets the pace, so read the CPU a request, not the requests.
 #
-# MODE=turns: one after the other under fhir-loadgen (its request mix), the order alternating,
-# as benches/compare.sh runs its targets.
+# MODE=turns: one after the other, each alone on $SERVER_CPU under wrk (or, with LOAD=loadgen,
+# fhir-loadgen's request mix, as benches/compare.sh runs its targets), the order alternating
+# round by round; the server's CPU a request from /proc (wrk) or fhir-loadgen's --cpu-of. Each
+# server then has the CPU to itself, as a deployed one does, where "together" shares it; with
+# wrk it is the steadier of the two in turns. With BASE_TARGET_DIR both builds' pairs take
+# part in every round.
 #
 # What the "on" server has: AUDIT=file (the default; `audit_log` a file in the work folder),
 # null (/dev/null: the records made and written, not stored) or none; METRICS=1 (the default)
@@ -28,7 +32,8 @@
 #   AUDIT=none bash benches/ops_ratio.sh            # metrics alone
 #   AUDIT=null METRICS=0 bash benches/ops_ratio.sh  # the audit records, not their file
 #   ROUNDS=12 DURATION=10 bash benches/ops_ratio.sh
-#   MODE=turns bash benches/ops_ratio.sh
+#   MODE=turns bash benches/ops_ratio.sh                # each alone, in turns, under wrk
+#   MODE=turns LOAD=loadgen bash benches/ops_ratio.sh   # the same under fhir-loadgen
 #   BASE_TARGET_DIR=/path/to/other/target bash benches/ops_ratio.sh   # also another build's
 #                                        # release binaries, round by round beside this one
 set -euo pipefail
@@ -130,6 +135,48 @@ rq = statistics.median(float(r[1]) / float(r[0]) for r in rows)
 cost = statistics.median((float(r[3]) / float(r[1])) / (float(r[2]) / float(r[0])) for r in rows)
 print(f"median CPU a request on/off: {cost:.3f} (requests/s a CPU serves with them on: {1 / cost:.3f}x)   "
       f"median requests on/off: {rq:.3f}")
+PY
+  done
+  exit 0
+fi
+if [ "$LOAD" = wrk ]; then
+  need wrk wrk
+  echo "each alone on CPU $SERVER_CPU in turns, wrk -t1 -c$CONNECTIONS on CPU $CLIENT_CPU, ${DURATION}s rounds; on: AUDIT=$AUDIT METRICS=$METRICS"
+  cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks, all threads
+  declare -A token
+  for name in $names; do token[$name]=$(token_of "${portof[$name]}" "$tenant"); done
+  # alone NAME SECONDS: "REQUESTS CPU_TICKS" of wrk's run against NAME (nothing but 2xx answers).
+  alone() {
+    local c0 n
+    c0=$(cpu "${pid[$1]}")
+    n=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" -H "Authorization: Bearer ${token[$1]}" \
+      "http://127.0.0.1:${portof[$1]}/Patient/123" |
+      awk '/requests in/ {n = $1} /Non-2xx|Socket errors/ {bad = 1} END {if (!bad) print n}')
+    echo "$n $(( $(cpu "${pid[$1]}") - c0 ))"
+  }
+  for name in $names; do alone "$name" "$WARMUP" >/dev/null; done
+  for r in $(seq 1 "$ROUNDS"); do
+    if (( r % 2 )); then order=$names; else order=$(echo $names | tr ' ' '\n' | tac | tr '\n' ' '); fi
+    for name in $order; do alone "$name" "$DURATION" >"$work/$name-$r.wrk"; done
+  done
+  for prefix in "" ${BASE_TARGET_DIR:+base-}; do
+    echo "== ${prefix:-this build }"
+    python3 - "$work" "$ROUNDS" "$DURATION" "$prefix" <<'PY'
+import statistics, sys
+work, rounds, seconds, p = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+rows = []
+for r in range(1, rounds + 1):
+    runs = [open(f"{work}/{p}{name}-{r}.wrk").read().split() for name in ("off", "on")]
+    assert all(len(run) == 2 for run in runs), f"round {r} had answers other than 2xx: {runs}"
+    (n_off, c_off), (n_on, c_on) = ([float(x) for x in run] for run in runs)
+    us_off, us_on = c_off / n_off * 1e4, c_on / n_on * 1e4  # ticks are 10 ms
+    rows.append((n_on / n_off, us_on / us_off))
+    print(f"round {r}: off {n_off / seconds:7.0f} req/s ({us_off:.2f} us CPU a request)  "
+          f"on {n_on / seconds:7.0f} req/s ({us_on:.2f} us)  requests on/off {n_on / n_off:.3f}  "
+          f"CPU a request on/off {us_on / us_off:.3f}")
+cost = statistics.median(r[1] for r in rows)
+print(f"median CPU a request on/off: {cost:.3f} (requests/s a CPU serves with them on: {1 / cost:.3f}x)   "
+      f"median requests on/off: {statistics.median(r[0] for r in rows):.3f}")
 PY
   done
   exit 0

@@ -10,7 +10,7 @@
 //! | [`BodyTimeoutLayer`] | `408` with an OperationOutcome for a body that stops arriving mid-way |
 //! | [`fhir_cors`] | tower-http's `CorsLayer` for browser apps, answering preflights only |
 //! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
-//! | [`BucketHistograms`] | a metrics recorder wrapper keeping histograms as Prometheus buckets, cheaply |
+//! | [`BucketHistograms`] | a metrics recorder wrapper: histograms as Prometheus buckets, every metric counted per thread |
 //! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
 //!
 //! Outermost first: `RequestIdLayer`, `fhir_cors`, `HealthLayer`, `ObserveLayer`,

@@ -189,8 +189,10 @@ pub(crate) fn with_adder<R>(add: impl FnOnce(&mut Adder<'_>) -> R) -> R {
     let mut add = Some(add);
     let done = LOCAL.try_with(|local| {
         let mut local = local.try_borrow_mut().ok()?;
-        let local = local.get_or_insert_with(Local::take);
-        Some((add.take()?)(&mut Adder(Some(local))))
+        if local.is_none() {
+            *local = Some(Local::take());
+        }
+        Some((add.take()?)(&mut Adder(local.as_mut())))
     });
     match (done, add) {
         (Ok(Some(result)), _) => result,
