@@ -145,42 +145,26 @@ if [ "$LOAD" = wrk ]; then
   cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks, all threads
   declare -A token
   for name in $names; do token[$name]=$(token_of "${portof[$name]}" "$tenant"); done
-  # alone NAME SECONDS: "REQUESTS CPU_TICKS" of wrk's run against NAME (nothing but 2xx answers).
+  # alone NAME SECONDS: wrk's run against NAME alone, as the summary below reads fhir-loadgen's
+  # report (requests/s, the server's CPU a request from /proc; a status "other" when wrk saw
+  # an answer other than 2xx).
   alone() {
     local c0 n
     c0=$(cpu "${pid[$1]}")
     n=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"$2s" -H "Authorization: Bearer ${token[$1]}" \
       "http://127.0.0.1:${portof[$1]}/Patient/123" |
-      awk '/requests in/ {n = $1} /Non-2xx|Socket errors/ {bad = 1} END {if (!bad) print n}')
-    echo "$n $(( $(cpu "${pid[$1]}") - c0 ))"
+      awk '/requests in/ {n = $1} /Non-2xx|Socket errors/ {bad = 1} END {print bad ? 0 : n}')
+    python3 -c '
+import json, sys
+n, ticks, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+print(json.dumps({"requests_per_second": n / seconds, "errors": {},
+                  "statuses": {"200": n} if n else {"other": 1},
+                  "cpu_us_per_request": {"server": ticks * 1e4 / max(n, 1)}}))' \
+      "$n" "$(( $(cpu "${pid[$1]}") - c0 ))" "$2"
   }
   for name in $names; do alone "$name" "$WARMUP" >/dev/null; done
-  for r in $(seq 1 "$ROUNDS"); do
-    if (( r % 2 )); then order=$names; else order=$(echo $names | tr ' ' '\n' | tac | tr '\n' ' '); fi
-    for name in $order; do alone "$name" "$DURATION" >"$work/$name-$r.wrk"; done
-  done
-  for prefix in "" ${BASE_TARGET_DIR:+base-}; do
-    echo "== ${prefix:-this build }"
-    python3 - "$work" "$ROUNDS" "$DURATION" "$prefix" <<'PY'
-import statistics, sys
-work, rounds, seconds, p = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-rows = []
-for r in range(1, rounds + 1):
-    runs = [open(f"{work}/{p}{name}-{r}.wrk").read().split() for name in ("off", "on")]
-    assert all(len(run) == 2 for run in runs), f"round {r} had answers other than 2xx: {runs}"
-    (n_off, c_off), (n_on, c_on) = ([float(x) for x in run] for run in runs)
-    us_off, us_on = c_off / n_off * 1e4, c_on / n_on * 1e4  # ticks are 10 ms
-    rows.append((n_on / n_off, us_on / us_off))
-    print(f"round {r}: off {n_off / seconds:7.0f} req/s ({us_off:.2f} us CPU a request)  "
-          f"on {n_on / seconds:7.0f} req/s ({us_on:.2f} us)  requests on/off {n_on / n_off:.3f}  "
-          f"CPU a request on/off {us_on / us_off:.3f}")
-cost = statistics.median(r[1] for r in rows)
-print(f"median CPU a request on/off: {cost:.3f} (requests/s a CPU serves with them on: {1 / cost:.3f}x)   "
-      f"median requests on/off: {statistics.median(r[0] for r in rows):.3f}")
-PY
-  done
-  exit 0
-fi
+  run() { alone "$1" "$DURATION" >"$work/$1-$2.json"; } # NAME ROUND
+else
 run() { # NAME ROUND
   local p=${portof[$1]}
   taskset -c "$CLIENT_CPU" "$bin/fhir-loadgen" --target "http://127.0.0.1:$p" --connections "$CONNECTIONS" \
@@ -189,6 +173,7 @@ run() { # NAME ROUND
     --cpu-of "server=${pid[$1]}" --cpu-of "upstream=$upstream_pid" >"$work/$1-$2.json" 2>"$work/$1-$2.err" ||
     { cat "$work/$1-$2.err"; exit 1; }
 }
+fi
 for r in $(seq 1 "$ROUNDS"); do
   if (( r % 2 )); then order=$names; else order=$(echo $names | tr ' ' '\n' | tac | tr '\n' ' '); fi
   for name in $order; do run "$name" "$r"; done

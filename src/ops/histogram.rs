@@ -563,8 +563,22 @@ fn escaped(text: &str, quotes: bool) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The gateway binary's recorder (with one bucket bound, 1): the exporter's text, the
+    /// histograms, the recorder.
+    pub(crate) fn over_prometheus() -> (
+        metrics_exporter_prometheus::PrometheusHandle,
+        BucketHistograms,
+        WithBucketHistograms<metrics_exporter_prometheus::PrometheusRecorder>,
+    ) {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let text = prometheus.handle();
+        let histograms = BucketHistograms::new(&[1.0]).unwrap();
+        let recorder = histograms.over(prometheus);
+        (text, histograms, recorder)
+    }
 
     fn recorded(bounds: &[f64], record: impl FnOnce()) -> String {
         let histograms = BucketHistograms::new(bounds).unwrap();
@@ -684,10 +698,7 @@ mod tests {
 
     #[test]
     fn counters_and_gauges_go_to_the_inner_recorder() {
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let inner = prometheus.handle();
-        let histograms = BucketHistograms::new(&[1.0]).unwrap();
-        let recorder = histograms.over(prometheus);
+        let (inner, _histograms, recorder) = over_prometheus();
         metrics::with_local_recorder(&recorder, || {
             metrics::describe_counter!("c", "counted");
             metrics::counter!("c").increment(2);
@@ -712,10 +723,7 @@ mod tests {
 
     #[test]
     fn counters_and_gauges_count_every_thread_and_absolute_and_set_hold() {
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let inner = prometheus.handle();
-        let histograms = BucketHistograms::new(&[1.0]).unwrap();
-        let recorder = histograms.over(prometheus);
+        let (inner, histograms, recorder) = over_prometheus();
         let (counter, gauge, labelled) = metrics::with_local_recorder(&recorder, || {
             (
                 metrics::counter!("c"),

@@ -760,10 +760,7 @@ mod tests {
 
     #[test]
     fn requests_in_flight_count_each_request_once_also_when_call_panics() {
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let text = prometheus.handle();
-        let histograms = crate::ops::BucketHistograms::new(&[1.0]).unwrap();
-        let recorder = histograms.over(prometheus);
+        let (text, histograms, recorder) = crate::ops::histogram::tests::over_prometheus();
         let mut service =
             metrics::with_local_recorder(&recorder, || ObserveLayer::new().metrics(true))
                 .layer(PanicsInCall);
