@@ -21,8 +21,8 @@ use crate::tenant::TenantId;
 /// that set them; put such middleware outside the `ObserveLayer`. With no `ObserveLayer`
 /// watching (or nothing for it to record) they do nothing.
 ///
-/// Nothing is shared between threads: no lock, no reference count, no atomic read-modify-write
-/// on the request path.
+/// The facts are the request's own, not shared between threads: no lock and no reference
+/// count of their own (the claims and upstream they record are `Arc`s, each counted once).
 ///
 /// ```
 /// use tower_fhir::ops::{Facts, RequestFacts};
