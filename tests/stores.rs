@@ -362,8 +362,45 @@ where
         .unwrap();
     let backend = store.client("backend").await.unwrap().unwrap();
     assert_eq!(
-        (backend.tenants, backend.rate_limit),
-        (vec![a], Some(limit()))
+        (&backend.tenants, backend.rate_limit),
+        (&vec![a], Some(limit()))
+    );
+
+    // Made only if unchanged: decided on the client as it was read, a change is not made over
+    // one made since (a conflict, not a refusal, and nothing changed); decided on the client
+    // as it is now, it is made. Tenants and scopes compare as sets; the rate limit not at all.
+    store
+        .update(
+            "backend",
+            ClientUpdate::new(vec![a, b], vec!["system/*.read".into()]),
+        )
+        .await
+        .unwrap();
+    let stale = ClientUpdate::new(vec![a], vec![]).if_unchanged(&backend);
+    let conflict = store.update("backend", stale).await.unwrap_err();
+    assert!(
+        conflict.is_conflict() && !conflict.is_refused(),
+        "{conflict}"
+    );
+    let now = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        (&now.tenants, &now.scopes),
+        (&vec![a, b], &vec!["system/*.read".to_owned()])
+    );
+    let mut reordered = now.clone();
+    reordered.tenants.reverse();
+    reordered.rate_limit = None;
+    store
+        .update(
+            "backend",
+            ClientUpdate::new(vec![a], vec![]).if_unchanged(&reordered),
+        )
+        .await
+        .unwrap();
+    let backend = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(
+        (&backend.tenants, backend.scopes.len(), backend.rate_limit),
+        (&vec![a], 0, Some(limit()))
     );
 
     // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken,

@@ -770,6 +770,119 @@ async fn registered(admin: &Admin, client_id: &str) -> bool {
     matches!(admin.clients.client(client_id).await, Ok(Some(_)))
 }
 
+/// How many times a change to a client is decided again on the client as it is then, when
+/// another change was written between its read and its write, before it is answered `409`.
+const CLIENT_CHANGE_ATTEMPTS: usize = 4;
+
+/// Replaces the entitlements of the client `record` says was registered (`200`).
+///
+/// Whether the change takes something away (so that the client's tokens are refused) is
+/// decided on the client as read; the write is made only if the client is still so
+/// ([`ClientUpdate::if_unchanged`]), else it is decided again on the client as it is now. So
+/// a tenant or scope another request granted meanwhile, for which the client may have taken
+/// tokens, is never written away without those tokens refused.
+async fn change_client(
+    admin: &Admin,
+    client_id: &str,
+    mut body: ClientBody,
+    mut record: ClientRecord,
+) -> Response {
+    let keys = match body.keys() {
+        Ok(keys) => keys,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let tenants = body.tenants.len();
+    let mut attempts = 1;
+    loop {
+        if record.revoked {
+            return error(
+                StatusCode::CONFLICT,
+                "the client is revoked; register the application under a new client id",
+            );
+        }
+        if body.changes_authentication(&record) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the client is registered: its authentication method stays as registered (change a secret with POST /admin/clients/{client_id}/secret, keys with jwks or jwks_uri; or register the application under a new client id)",
+            );
+        }
+        let replaces_keys = match &keys {
+            Some(ClientKeys::Jwks(jwks)) => record.jwks.as_ref() != Some(jwks),
+            Some(ClientKeys::JwksUri(uri)) => record.jwks_uri.as_ref() != Some(uri),
+            None => false,
+        };
+        // Tokens the client holds for what it loses (a tenant, a scope) or taken with the
+        // keys replaced are refused: before the change (up to two seconds ahead; a failure
+        // then leaves the client as it was), and again after it, the cut-off moved past it.
+        let takes_away = replaces_keys || body.takes_away(&record);
+        let mut update = ClientUpdate::new(body.tenants.clone(), body.scopes.clone())
+            .rate_limit(body.rate_limit)
+            .if_unchanged(&record);
+        if let Some(keys) = &keys {
+            update = update.keys(keys.clone());
+        }
+        // A change the store would refuse refuses no token either.
+        if let Err(err) = update.check(&record) {
+            return store_failed(&err, "changing a client");
+        }
+        if takes_away {
+            if let Err(err) = admin.endpoint.revoke_tokens_of(client_id).await {
+                return tokens_not_refused(client_id, &err, "before it was changed");
+            }
+        }
+        // One write, checked whole: a body refused (or a store failing) leaves the client
+        // as it was, and no replica sees half of it.
+        match admin.clients.update(client_id, update).await {
+            Ok(()) => {}
+            Err(err) if err.is_conflict() && attempts < CLIENT_CHANGE_ATTEMPTS => {
+                attempts += 1;
+                record = match admin.clients.client(client_id).await {
+                    Ok(Some(record)) => record,
+                    Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
+                    Err(err) => return store_failed(&err, "looking up a client"),
+                };
+                continue;
+            }
+            Err(err) if err.is_conflict() => {
+                tracing::warn!(client_id = %client_id, attempts, "a client change was not made: other changes to the client were written between each of its reads and its write");
+                return error(
+                    StatusCode::CONFLICT,
+                    "other requests changed the client while this change was being made, each time it was tried: this one was not applied; GET the client and PUT again",
+                );
+            }
+            // Deleted since it was read.
+            Err(err) if err.is_refused() && !registered(admin, client_id).await => {
+                return error(StatusCode::NOT_FOUND, "no such client");
+            }
+            Err(err) => return store_failed(&err, "changing a client"),
+        }
+        if replaces_keys {
+            tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
+        }
+        admin.limits.forget_client(client_id);
+        tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
+        // The change is made: answered `200` whatever follows (the same PUT again would
+        // find nothing taken away), with a warning when the tokens taken meanwhile could
+        // not be refused everywhere.
+        let warning = if takes_away {
+            refuse_tokens_again(admin, client_id).await.err()
+        } else {
+            None
+        };
+        return match admin.clients.client(client_id).await {
+            Ok(Some(record)) => {
+                let mut shown = client_json(admin, &record).await;
+                if let Some(why) = warning {
+                    shown["warning"] = json!(format!("the client is changed, but {why}"));
+                }
+                Json(shown).into_response()
+            }
+            Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
+            Err(err) => store_failed(&err, "looking up a client"),
+        };
+    }
+}
+
 /// Registers the client (`201`, its secret shown this once) or replaces its entitlements
 /// (`200`).
 async fn put_client(
@@ -794,74 +907,7 @@ async fn put_client(
         Err(err) => return store_failed(&err, "looking up a client"),
     };
     match existing {
-        Some(record) if record.revoked => error(
-            StatusCode::CONFLICT,
-            "the client is revoked; register the application under a new client id",
-        ),
-        Some(record) if body.changes_authentication(&record) => error(
-            StatusCode::BAD_REQUEST,
-            "the client is registered: its authentication method stays as registered (change a secret with POST /admin/clients/{client_id}/secret, keys with jwks or jwks_uri; or register the application under a new client id)",
-        ),
-        Some(record) => {
-            let mut body = body;
-            let keys = match body.keys() {
-                Ok(keys) => keys,
-                Err(why) => return error(StatusCode::BAD_REQUEST, why),
-            };
-            let tenants = body.tenants.len();
-            let replaces_keys = match &keys {
-                Some(ClientKeys::Jwks(jwks)) => record.jwks.as_ref() != Some(jwks),
-                Some(ClientKeys::JwksUri(uri)) => record.jwks_uri.as_ref() != Some(uri),
-                None => false,
-            };
-            // Tokens the client holds for what it loses (a tenant, a scope) or taken with the
-            // keys replaced are refused: before the change (up to two seconds ahead; a failure
-            // then leaves the client as it was), and again after it, the cut-off moved past it.
-            let takes_away = replaces_keys || body.takes_away(&record);
-            let mut update =
-                ClientUpdate::new(body.tenants, body.scopes).rate_limit(body.rate_limit);
-            if let Some(keys) = keys {
-                update = update.keys(keys);
-            }
-            // A change the store would refuse refuses no token either.
-            if let Err(err) = update.check(&record) {
-                return store_failed(&err, "changing a client");
-            }
-            if takes_away {
-                if let Err(err) = admin.endpoint.revoke_tokens_of(&client_id).await {
-                    return tokens_not_refused(&client_id, &err, "before it was changed");
-                }
-            }
-            // One write, checked whole: a body refused (or a store failing) leaves the client
-            // as it was, and no replica sees half of it.
-            if let Err(err) = admin.clients.update(&client_id, update).await {
-                return store_failed(&err, "changing a client");
-            }
-            if replaces_keys {
-                tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
-            }
-            admin.limits.forget_client(&client_id);
-            tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
-            // The change is made: answered `200` whatever follows (the same PUT again would
-            // find nothing taken away), with a warning when the tokens taken meanwhile could
-            // not be refused everywhere.
-            let warning = if takes_away {
-                refuse_tokens_again(&admin, &client_id).await.err()
-            } else {
-                None
-            };
-            match admin.clients.client(&client_id).await {
-                Ok(Some(record)) => {
-                    let mut shown = client_json(&admin, &record).await;
-                    if let Some(why) = warning {
-                        shown["warning"] = json!(format!("the client is changed, but {why}"));
-                    }
-                    Json(shown).into_response()
-                }
-                Ok(None) => error(StatusCode::NOT_FOUND, "no such client"),
-                Err(err) => store_failed(&err, "looking up a client"),
-            }
-        }
+        Some(record) => change_client(&admin, &client_id, body, record).await,
         None => {
             let mut client = NewClient::new(client_id.clone());
             for tenant in body.tenants {
@@ -1550,6 +1596,216 @@ mod tests {
             } else {
                 assert!(record.tenants.is_empty(), "the change is made");
             }
+        }
+    }
+
+    /// A client store where another administrator's change is written between each read of
+    /// a client and the write of a change to it, `races` times: each grants the tenant
+    /// `raced` if the client lacks it, or takes it away if it has it.
+    struct Racing {
+        inner: InMemoryClientStore,
+        raced: TenantId,
+        races: std::sync::atomic::AtomicUsize,
+    }
+    impl ClientStore for Racing {
+        fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
+            self.inner.client(id)
+        }
+        fn register(
+            &self,
+            client: NewClient,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.inner.register(client)
+        }
+        fn rotate_secret(
+            &self,
+            id: &str,
+            grace: Duration,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.inner.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+            self.inner.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> tower_fhir::token::StoreFuture<()> {
+            self.inner.set_entitlements(id, tenants, scopes)
+        }
+        fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let race = self
+                .races
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok();
+            let (inner, id, raced) = (self.inner.clone(), id.to_owned(), self.raced);
+            Box::pin(async move {
+                if race {
+                    let mut record = inner.client(&id).await?.expect("registered");
+                    match record.tenants.iter().position(|t| *t == raced) {
+                        Some(at) => drop(record.tenants.remove(at)),
+                        None => record.tenants.push(raced),
+                    }
+                    inner
+                        .set_entitlements(&id, record.tenants, record.scopes)
+                        .await?;
+                }
+                inner.update(&id, update).await
+            })
+        }
+    }
+
+    /// A revocation log that counts the refusals of all a client's tokens.
+    #[derive(Default, Clone)]
+    struct CountsClients(Arc<std::sync::atomic::AtomicUsize>);
+    impl tower_fhir::auth::RevocationLog for CountsClients {
+        fn record(
+            &self,
+            _: Option<&str>,
+            _: &str,
+            _: u64,
+        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn record_client(
+            &self,
+            _: Option<&str>,
+            _: &str,
+            _: u64,
+            _: u64,
+        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_granted_between_a_changes_read_and_its_write_is_taken_away_with_its_tokens() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let raced = TenantId::parse("0b8e2f4a-6c1d-4e3f-9a7b-5c6d7e8f9a0b").unwrap();
+        let unchanged = serde_json::json!({"tenants": [TENANT]}).to_string();
+        for races in [0, 1, CLIENT_CHANGE_ATTEMPTS] {
+            let inner = InMemoryClientStore::new();
+            inner
+                .register(NewClient::new("app").tenant(tenant))
+                .await
+                .unwrap();
+            let store = Racing {
+                inner: inner.clone(),
+                raced,
+                races: races.into(),
+            };
+            let log = CountsClients::default();
+            let (router, _) =
+                admin_over(InMemoryDirectory::new(), Arc::new(store), Some(log.clone()));
+            let response = router
+                .oneshot(admin_request(
+                    "PUT",
+                    "/admin/clients/app",
+                    unchanged.clone(),
+                ))
+                .await
+                .unwrap();
+            let refusals = log.0.load(std::sync::atomic::Ordering::SeqCst);
+            let record = inner.client("app").await.unwrap().unwrap();
+            match races {
+                // Nothing taken away from the client as read, nor written meanwhile.
+                0 => {
+                    assert_eq!(response.status(), StatusCode::OK);
+                    assert_eq!((record.tenants, refusals), (vec![tenant], 0));
+                }
+                // The tenant granted after the read was seen at the write: decided again on
+                // the client as it then was, the change takes it away and refuses the tokens
+                // (before the write and after it).
+                1 => {
+                    assert_eq!(response.status(), StatusCode::OK);
+                    assert_eq!((record.tenants, refusals), (vec![tenant], 2));
+                }
+                // Changed again before every write: not applied, and said so; the client is
+                // as the other writer left it.
+                _ => {
+                    assert_eq!(response.status(), StatusCode::CONFLICT);
+                    assert_eq!(record.tenants, vec![tenant]);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_revoked_or_gone_between_a_changes_read_and_its_write_is_so_answered() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        /// Revokes the client (`revoke`) or, as a store of one's own might, deletes it, just
+        /// before a change's write.
+        struct Ending {
+            inner: InMemoryClientStore,
+            revoke: bool,
+            gone: Arc<AtomicBool>,
+        }
+        impl ClientStore for Ending {
+            fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
+                if self.gone.load(SeqCst) {
+                    return Box::pin(async { Ok(None) });
+                }
+                self.inner.client(id)
+            }
+            fn register(
+                &self,
+                client: NewClient,
+            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+                self.inner.register(client)
+            }
+            fn rotate_secret(
+                &self,
+                id: &str,
+                grace: Duration,
+            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+                self.inner.rotate_secret(id, grace)
+            }
+            fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+                self.inner.revoke(id)
+            }
+            fn set_entitlements(
+                &self,
+                id: &str,
+                tenants: Vec<TenantId>,
+                scopes: Vec<String>,
+            ) -> tower_fhir::token::StoreFuture<()> {
+                self.inner.set_entitlements(id, tenants, scopes)
+            }
+            fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
+                let (inner, id) = (self.inner.clone(), id.to_owned());
+                if !self.revoke {
+                    self.gone.store(true, SeqCst);
+                    let refused = format!("no client {id:?}");
+                    return Box::pin(async move {
+                        Err(tower_fhir::token::StoreError::refused(refused))
+                    });
+                }
+                Box::pin(async move {
+                    inner.revoke(&id).await?;
+                    inner.update(&id, update).await
+                })
+            }
+        }
+        for (revoke, status) in [(true, StatusCode::CONFLICT), (false, StatusCode::NOT_FOUND)] {
+            let inner = InMemoryClientStore::new();
+            inner.register(NewClient::new("app")).await.unwrap();
+            let store = Ending {
+                inner,
+                revoke,
+                gone: Arc::default(),
+            };
+            let (router, _) =
+                admin_over::<TokensOnly>(InMemoryDirectory::new(), Arc::new(store), None);
+            let body = serde_json::json!({"tenants": [TENANT]}).to_string();
+            let response = router
+                .oneshot(admin_request("PUT", "/admin/clients/app", body))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "revoked: {revoke}");
         }
     }
 

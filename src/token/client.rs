@@ -164,6 +164,16 @@ impl ClientKeys {
 /// assert!(store.update("app-1", refused).await.is_err());
 /// let record = store.client("app-1").await.unwrap().unwrap();
 /// assert_eq!((record.tenants, record.rate_limit), (vec![tenant], Some(limit)));
+///
+/// // A change decided on the client as read is not made over one made since.
+/// let read = store.client("app-1").await.unwrap().unwrap();
+/// store.update("app-1", ClientUpdate::new(vec![], vec![])).await.unwrap();
+/// let stale = ClientUpdate::new(vec![tenant], vec![]).if_unchanged(&read);
+/// assert!(store.update("app-1", stale).await.unwrap_err().is_conflict());
+/// let now = store.client("app-1").await.unwrap().unwrap();
+/// assert!(now.tenants.is_empty());
+/// let fresh = ClientUpdate::new(vec![tenant], vec![]).if_unchanged(&now);
+/// store.update("app-1", fresh).await.unwrap();
 /// # });
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +183,51 @@ pub struct ClientUpdate {
     scopes: Vec<String>,
     keys: Option<ClientKeys>,
     rate_limit: Option<Option<RateLimit>>,
+    /// The client as the caller read it, when the change is made only if it is still so.
+    read: Option<Entitlements>,
+}
+
+/// What [`ClientUpdate::if_unchanged`] compares: what a client may get tokens for, and with
+/// what keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entitlements {
+    tenants: Vec<TenantId>,
+    scopes: Vec<String>,
+    revoked: bool,
+    token_endpoint_auth_method: AuthMethod,
+    jwks: Option<serde_json::Value>,
+    jwks_uri: Option<String>,
+}
+
+/// The conflict of a change made [`if_unchanged`](ClientUpdate::if_unchanged).
+fn changed_since_read(id: &str) -> StoreError {
+    StoreError::conflict(format!("client {id:?} was changed since it was read"))
+}
+
+impl Entitlements {
+    fn of(record: &ClientRecord) -> Self {
+        Self {
+            tenants: record.tenants.clone(),
+            scopes: record.scopes.clone(),
+            revoked: record.revoked,
+            token_endpoint_auth_method: record.token_endpoint_auth_method,
+            jwks: record.jwks.clone(),
+            jwks_uri: record.jwks_uri.clone(),
+        }
+    }
+
+    /// Whether `record` has the same ones (the same tenants and scopes in any order).
+    fn matches(&self, record: &ClientRecord) -> bool {
+        fn same_set<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+            a.iter().all(|x| b.contains(x)) && b.iter().all(|x| a.contains(x))
+        }
+        same_set(&self.tenants, &record.tenants)
+            && same_set(&self.scopes, &record.scopes)
+            && self.revoked == record.revoked
+            && self.token_endpoint_auth_method == record.token_endpoint_auth_method
+            && self.jwks == record.jwks
+            && self.jwks_uri == record.jwks_uri
+    }
 }
 
 impl ClientUpdate {
@@ -185,7 +240,25 @@ impl ClientUpdate {
             scopes,
             keys: None,
             rate_limit: None,
+            read: None,
         }
+    }
+
+    /// Makes the change only if the client's tenants, scopes, keys and revocation are still
+    /// those of `read` (the record the caller decided the change on): otherwise the store
+    /// answers a [conflict](StoreError::is_conflict) and changes nothing. For a caller whose
+    /// decision depends on what the client had: one that refuses the client's tokens when the
+    /// change takes a tenant or a scope away, say, must not write over a tenant another
+    /// request granted meanwhile, whose tokens it never refused. Tenants and scopes compare
+    /// as sets; the secrets and the rate limit are not compared.
+    ///
+    /// The crate's stores compare and write under one lock (one transaction, the client's row
+    /// locked, in PostgreSQL). The trait's default [`ClientStore::update`] reads the client
+    /// before its writes, which another writer can come between: a store of your own should
+    /// call [`check`](Self::check) in the transaction of its `update`.
+    pub fn if_unchanged(mut self, read: &ClientRecord) -> Self {
+        self.read = Some(Entitlements::of(read));
+        self
     }
 
     /// Also replaces a `private_key_jwt` client's keys (as [`set_keys`](ClientStore::set_keys)).
@@ -203,15 +276,20 @@ impl ClientUpdate {
 
     /// Refuses what the crate's stores' [`ClientStore::update`] refuses of this change to
     /// `client` as it is: scopes no request could name, keys that could never verify an
-    /// assertion, keys for a client that authenticates with a secret, a revoked client. To
-    /// check a change before acting on it (refusing the client's tokens, say); the store
-    /// checks it again (a store of your own may refuse more).
+    /// assertion, keys for a client that authenticates with a secret, a revoked client; and,
+    /// made [`if_unchanged`](Self::if_unchanged), a client no longer as read (a
+    /// [conflict](StoreError::is_conflict)). To check a change before acting on it (refusing
+    /// the client's tokens, say); the store checks it again (a store of your own may refuse
+    /// more).
     ///
     /// # Errors
     ///
-    /// Why the change is refused.
+    /// Why the change is refused, or the conflict.
     pub fn check(&self, client: &ClientRecord) -> Result<(), StoreError> {
         let id = client.id.as_str();
+        if self.read.as_ref().is_some_and(|read| !read.matches(client)) {
+            return Err(changed_since_read(id));
+        }
         if client.revoked {
             return Err(StoreError::refused(format!("no active client {id:?}")));
         }
@@ -448,20 +526,29 @@ impl NewClient {
 /// Why a store operation failed. The message is for logs and administrators.
 ///
 /// A *refusal* is the request's fault (an id already taken or unknown, a revoked client, a
-/// secret too short, a malformed scope): asking again the same way fails again. Any other error
-/// is the store's (a file or database that cannot be read or written), with the underlying
-/// error as its [`source`](std::error::Error::source) when there is one. Two errors are equal
-/// when their messages and kinds are.
+/// secret too short, a malformed scope): asking again the same way fails again. A *conflict*
+/// is a change made only if the client is still as read ([`ClientUpdate::if_unchanged`]) that
+/// found it changed. Any other error is the store's (a file or database that cannot be read or
+/// written), with the underlying error as its [`source`](std::error::Error::source) when there
+/// is one. Two errors are equal when their messages and kinds are.
 #[derive(Debug, Clone)]
 pub struct StoreError {
     message: String,
-    refusal: bool,
+    kind: ErrorKind,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+/// What a [`StoreError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    Failed,
+    Refused,
+    Conflict,
 }
 
 impl PartialEq for StoreError {
     fn eq(&self, other: &Self) -> bool {
-        self.message == other.message && self.refusal == other.refusal
+        self.message == other.message && self.kind == other.kind
     }
 }
 
@@ -472,7 +559,7 @@ impl StoreError {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            refusal: false,
+            kind: ErrorKind::Failed,
             source: None,
         }
     }
@@ -492,14 +579,32 @@ impl StoreError {
     pub fn refused(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            refusal: true,
+            kind: ErrorKind::Refused,
             source: None,
         }
     }
 
-    /// Whether the request was refused (rather than the store failing).
+    /// The change was not made because the client is no longer as the caller read it (see
+    /// [`ClientUpdate::if_unchanged`]): read it again and decide again.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: ErrorKind::Conflict,
+            source: None,
+        }
+    }
+
+    /// Whether the request was refused (rather than the store failing). A
+    /// [`conflict`](Self::is_conflict) is not a refusal: the same request may succeed once
+    /// decided again on what the store holds now.
     pub fn is_refused(&self) -> bool {
-        self.refusal
+        self.kind == ErrorKind::Refused
+    }
+
+    /// Whether the change was not made because the client changed since it was read (see
+    /// [`ClientUpdate::if_unchanged`]).
+    pub fn is_conflict(&self) -> bool {
+        self.kind == ErrorKind::Conflict
     }
 }
 
@@ -682,14 +787,18 @@ pub trait ClientStore: Send + Sync + 'static {
     /// [`set_keys`](Self::set_keys) and [`set_rate_limit`](Self::set_rate_limit) calls at once
     /// (a future borrows nothing of the store, so none can wait for the one before) and awaits
     /// them in this order, returning the first failure. A store whose setters act when called
-    /// may so apply one part while refusing another (keys for a client that uses a secret). A
-    /// store should override it.
+    /// may so apply one part while refusing another (keys for a client that uses a secret).
+    /// Made [`if_unchanged`](ClientUpdate::if_unchanged), it reads the client first and
+    /// awaits none of the setters if it changed; but setters that write when called (not when
+    /// awaited) have written by then, and another writer can come between the read and the
+    /// writes. A store should override it.
     fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
         let ClientUpdate {
             tenants,
             scopes,
             keys,
             rate_limit,
+            read,
         } = update;
         if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(id)) {
             return Box::pin(std::future::ready(Err(err)));
@@ -697,10 +806,17 @@ pub trait ClientStore: Send + Sync + 'static {
         if let Err(err) = check_scopes(id, &scopes) {
             return Box::pin(std::future::ready(Err(err)));
         }
+        let current = read.map(|read| (read, self.client(id)));
         let entitlements = self.set_entitlements(id, tenants, scopes);
         let keys = keys.map(|keys| self.set_keys(id, keys));
         let limit = rate_limit.map(|limit| self.set_rate_limit(id, limit));
+        let id = id.to_owned();
         Box::pin(async move {
+            if let Some((read, current)) = current {
+                if current.await?.is_some_and(|record| !read.matches(&record)) {
+                    return Err(changed_since_read(&id));
+                }
+            }
             entitlements.await?;
             if let Some(keys) = keys {
                 keys.await?;
@@ -993,13 +1109,19 @@ impl Clients {
 
     /// Applies `update` whole, or (refused) changes nothing.
     pub(crate) fn update(&mut self, id: &str, update: ClientUpdate) -> Result<(), StoreError> {
+        let kept = self.clients.get(id).cloned();
+        if let (Some(read), Some(record)) = (&update.read, &kept) {
+            if !read.matches(record) {
+                return Err(changed_since_read(id));
+            }
+        }
         let ClientUpdate {
             tenants,
             scopes,
             keys,
             rate_limit,
+            read: _,
         } = update;
-        let kept = self.clients.get(id).cloned();
         let result = (|| {
             self.set_entitlements(id, tenants, scopes)?;
             if let Some(keys) = keys {
@@ -1344,6 +1466,43 @@ mod tests {
         store.update("app", update).await.unwrap();
         let record = store.client("app").await.unwrap().unwrap();
         assert_eq!((record.scopes.len(), record.rate_limit), (1, Some(limit)));
+    }
+
+    #[tokio::test]
+    async fn an_update_made_if_unchanged_is_a_conflict_once_the_client_changed() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let crates = InMemoryClientStore::new();
+        let default = SettersOnly(InMemoryClientStore::new());
+        // (The default `update` reads the client before awaiting the setters; these setters,
+        // the in-memory store's, write when called, so there the change is made regardless.)
+        let stores: [(&dyn ClientStore, bool); 2] = [(&crates, false), (&default, true)];
+        for (store, written_anyway) in stores {
+            store.register(NewClient::new("app")).await.unwrap();
+            let read = store.client("app").await.unwrap().unwrap();
+            // Another writer grants a tenant after the read.
+            store
+                .update("app", ClientUpdate::new(vec![tenant], vec![]))
+                .await
+                .unwrap();
+            let stale = ClientUpdate::new(vec![], vec!["system/*.read".into()])
+                .rate_limit(Some(RateLimit::new(1, 1).unwrap()))
+                .if_unchanged(&read);
+            let now = store.client("app").await.unwrap().unwrap();
+            assert!(stale.check(&now).unwrap_err().is_conflict());
+            assert!(stale.check(&read).is_ok());
+            let conflict = store.update("app", stale).await.unwrap_err();
+            assert!(conflict.is_conflict(), "{conflict}");
+            // Nothing of it was written, the rate limit included.
+            let after = store.client("app").await.unwrap().unwrap();
+            assert_eq!(after == now, !written_anyway, "{after:?}");
+            let fresh = ClientUpdate::new(vec![], vec![]).if_unchanged(&after);
+            store.update("app", fresh).await.unwrap();
+            // Revoked since the read: a conflict too.
+            let read = store.client("app").await.unwrap().unwrap();
+            store.revoke("app").await.unwrap();
+            let late = ClientUpdate::new(vec![], vec![]).if_unchanged(&read);
+            assert!(store.update("app", late).await.unwrap_err().is_conflict());
+        }
     }
 
     #[tokio::test]
