@@ -402,6 +402,34 @@ where
         (&backend.tenants, backend.scopes.len(), backend.rate_limit),
         (&vec![a], 0, Some(limit()))
     );
+    // Two changes decided on the same read, written at once: one is made, the other finds
+    // the client changed (the store compares and writes under one lock).
+    let (first, second) = tokio::join!(
+        store.update(
+            "backend",
+            ClientUpdate::new(vec![a, b], vec![]).if_unchanged(&backend)
+        ),
+        store.update(
+            "backend",
+            ClientUpdate::new(vec![], vec![]).if_unchanged(&backend)
+        ),
+    );
+    let conflicts = [&first, &second]
+        .iter()
+        .filter(|result| result.as_ref().is_err_and(|err| err.is_conflict()))
+        .count();
+    assert_eq!(
+        (first.is_ok() || second.is_ok(), conflicts),
+        (true, 1),
+        "{first:?} {second:?}"
+    );
+    let made = if first.is_ok() { vec![a, b] } else { vec![] };
+    let now = store.client("backend").await.unwrap().unwrap();
+    assert_eq!(now.tenants, made);
+    store
+        .update("backend", ClientUpdate::new(vec![a], vec![]))
+        .await
+        .unwrap();
 
     // Revoked: marked, its secrets gone, no rotation or entitlement change, the id stays taken,
     // and listed among the revoked (alone).

@@ -793,6 +793,9 @@ async fn change_client(
     };
     let tenants = body.tenants.len();
     let mut attempts = 1;
+    // Whether an attempt refused the client's tokens (a later one, decided on the client as
+    // it then was, may not).
+    let mut refused = false;
     loop {
         if record.revoked {
             return error(
@@ -829,6 +832,7 @@ async fn change_client(
             if let Err(err) = admin.endpoint.revoke_tokens_of(client_id).await {
                 return tokens_not_refused(client_id, &err, "before it was changed");
             }
+            refused = true;
         }
         // One write, checked whole: a body refused (or a store failing) leaves the client
         // as it was, and no replica sees half of it.
@@ -844,10 +848,15 @@ async fn change_client(
                 continue;
             }
             Err(err) if err.is_conflict() => {
-                tracing::warn!(client_id = %client_id, attempts, "a client change was not made: other changes to the client were written between each of its reads and its write");
+                tracing::warn!(client_id = %client_id, attempts, tokens_refused = refused, "a client change was not made: other changes to the client were written between each of its reads and its write");
+                let also = if refused {
+                    " (the tokens the client held were refused on the way: it takes new ones)"
+                } else {
+                    ""
+                };
                 return error(
                     StatusCode::CONFLICT,
-                    "other requests changed the client while this change was being made, each time it was tried: this one was not applied; GET the client and PUT again",
+                    &format!("other requests changed the client while this change was being made, each time it was tried: this one was not applied{also}; GET the client and PUT again"),
                 );
             }
             // Deleted since it was read.
@@ -860,7 +869,7 @@ async fn change_client(
             tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
         }
         admin.limits.forget_client(client_id);
-        tracing::info!(client_id = %client_id, tenants, tokens_refused = takes_away, "client entitlements changed");
+        tracing::info!(client_id = %client_id, tenants, tokens_refused = refused, "client entitlements changed");
         // The change is made: answered `200` whatever follows (the same PUT again would
         // find nothing taken away), with a warning when the tokens taken meanwhile could
         // not be refused everywhere.
@@ -1726,9 +1735,11 @@ mod tests {
                 }
                 // Changed again before every write: not applied, and said so; the client is
                 // as the other writer left it.
+                // (The attempts alternate between the tenant granted, so taken away with the
+                // tokens refused, and not.)
                 _ => {
                     assert_eq!(response.status(), StatusCode::CONFLICT);
-                    assert_eq!(record.tenants, vec![tenant]);
+                    assert_eq!((record.tenants, refusals), (vec![tenant], 2));
                 }
             }
         }

@@ -244,8 +244,8 @@ impl ClientUpdate {
         }
     }
 
-    /// Makes the change only if the client's tenants, scopes, keys and revocation are still
-    /// those of `read` (the record the caller decided the change on): otherwise the store
+    /// Makes the change only if the client's tenants, scopes, keys, authentication method and
+    /// revocation are still those of `read` (the record the caller decided the change on): otherwise the store
     /// answers a [conflict](StoreError::is_conflict) and changes nothing. For a caller whose
     /// decision depends on what the client had: one that refuses the client's tokens when the
     /// change takes a tenant or a scope away, say, must not write over a tenant another
@@ -253,9 +253,9 @@ impl ClientUpdate {
     /// as sets; the secrets and the rate limit are not compared.
     ///
     /// The crate's stores compare and write under one lock (one transaction, the client's row
-    /// locked, in PostgreSQL). The trait's default [`ClientStore::update`] reads the client
-    /// before its writes, which another writer can come between: a store of your own should
-    /// call [`check`](Self::check) in the transaction of its `update`.
+    /// locked, in PostgreSQL). A store of your own does so by overriding
+    /// [`ClientStore::update`] with [`apply`](Self::apply); the trait's default, which cannot,
+    /// fails such a change rather than make it unchecked.
     pub fn if_unchanged(mut self, read: &ClientRecord) -> Self {
         self.read = Some(Entitlements::of(read));
         self
@@ -301,6 +301,25 @@ impl ClientUpdate {
                 )));
             }
             keys.check(id)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the change to `record` (the client as a store holds it) as the crate's stores
+    /// do: whole or, refused (or a [conflict](StoreError::is_conflict) when made
+    /// [`if_unchanged`](Self::if_unchanged)), not at all. For a store of your own, in its
+    /// [`update`](ClientStore::update): read the client, apply, write it back, under one lock
+    /// or transaction.
+    ///
+    /// # Errors
+    ///
+    /// Why the change is refused, or the conflict; `record` is then as it was.
+    pub fn apply(self, record: &mut ClientRecord) -> Result<(), StoreError> {
+        let mut clients = Clients::default();
+        clients.clients.insert(record.id.clone(), record.clone());
+        clients.update(&record.id, self)?;
+        if let Some(changed) = clients.clients.remove(&record.id) {
+            *record = changed;
         }
         Ok(())
     }
@@ -788,10 +807,10 @@ pub trait ClientStore: Send + Sync + 'static {
     /// (a future borrows nothing of the store, so none can wait for the one before) and awaits
     /// them in this order, returning the first failure. A store whose setters act when called
     /// may so apply one part while refusing another (keys for a client that uses a secret).
-    /// Made [`if_unchanged`](ClientUpdate::if_unchanged), it reads the client first and
-    /// awaits none of the setters if it changed; but setters that write when called (not when
-    /// awaited) have written by then, and another writer can come between the read and the
-    /// writes. A store should override it.
+    /// A change made [`if_unchanged`](ClientUpdate::if_unchanged) it cannot make (no read and
+    /// write under one lock): it fails (not a refusal) and writes nothing. A store should
+    /// override it: read the client, [`apply`](ClientUpdate::apply) the change to the record
+    /// and write it, under one lock or transaction.
     fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
         let ClientUpdate {
             tenants,
@@ -800,23 +819,22 @@ pub trait ClientStore: Send + Sync + 'static {
             rate_limit,
             read,
         } = update;
+        if read.is_some() {
+            return Box::pin(std::future::ready(Err(StoreError::new(
+                "this client store cannot make a change only if the client is unchanged: its \
+                 `update` must be overridden (see `ClientUpdate::apply`)",
+            ))));
+        }
         if let Some(Err(err)) = keys.as_ref().map(|keys| keys.check(id)) {
             return Box::pin(std::future::ready(Err(err)));
         }
         if let Err(err) = check_scopes(id, &scopes) {
             return Box::pin(std::future::ready(Err(err)));
         }
-        let current = read.map(|read| (read, self.client(id)));
         let entitlements = self.set_entitlements(id, tenants, scopes);
         let keys = keys.map(|keys| self.set_keys(id, keys));
         let limit = rate_limit.map(|limit| self.set_rate_limit(id, limit));
-        let id = id.to_owned();
         Box::pin(async move {
-            if let Some((read, current)) = current {
-                if current.await?.is_some_and(|record| !read.matches(&record)) {
-                    return Err(changed_since_read(&id));
-                }
-            }
             entitlements.await?;
             if let Some(keys) = keys {
                 keys.await?;
@@ -1471,38 +1489,83 @@ mod tests {
     #[tokio::test]
     async fn an_update_made_if_unchanged_is_a_conflict_once_the_client_changed() {
         let tenant = TenantId::parse(TENANT).unwrap();
-        let crates = InMemoryClientStore::new();
+        let store = InMemoryClientStore::new();
+        store.register(NewClient::new("app")).await.unwrap();
+        let read = store.client("app").await.unwrap().unwrap();
+        // Another writer grants a tenant after the read.
+        store
+            .update("app", ClientUpdate::new(vec![tenant], vec![]))
+            .await
+            .unwrap();
+        let stale = ClientUpdate::new(vec![], vec!["system/*.read".into()])
+            .rate_limit(Some(RateLimit::new(1, 1).unwrap()))
+            .if_unchanged(&read);
+        let now = store.client("app").await.unwrap().unwrap();
+        assert!(stale.check(&now).unwrap_err().is_conflict());
+        assert!(stale.check(&read).is_ok());
+        let conflict = store.update("app", stale.clone()).await.unwrap_err();
+        assert!(
+            conflict.is_conflict() && !conflict.is_refused(),
+            "{conflict}"
+        );
+        // Nothing of it was written, the rate limit included; nor by `apply`.
+        assert_eq!(store.client("app").await.unwrap().unwrap(), now);
+        let mut record = now.clone();
+        assert!(stale.apply(&mut record).unwrap_err().is_conflict());
+        assert_eq!(record, now);
+        // Decided on the client as it is: made.
+        let fresh = ClientUpdate::new(vec![], vec!["system/*.read".into()]).if_unchanged(&now);
+        fresh.clone().apply(&mut record).unwrap();
+        store.update("app", fresh).await.unwrap();
+        assert_eq!(store.client("app").await.unwrap().unwrap(), record);
+        assert_eq!((record.tenants.len(), record.scopes.len()), (0, 1));
+        // Revoked since the read: a conflict too.
+        let read = store.client("app").await.unwrap().unwrap();
+        store.revoke("app").await.unwrap();
+        let late = ClientUpdate::new(vec![], vec![]).if_unchanged(&read);
+        assert!(store.update("app", late).await.unwrap_err().is_conflict());
+
+        // The trait's default `update` cannot compare and write under one lock: it fails
+        // such a change (the store's failure, not a refusal) and writes nothing.
         let default = SettersOnly(InMemoryClientStore::new());
-        // (The default `update` reads the client before awaiting the setters; these setters,
-        // the in-memory store's, write when called, so there the change is made regardless.)
-        let stores: [(&dyn ClientStore, bool); 2] = [(&crates, false), (&default, true)];
-        for (store, written_anyway) in stores {
-            store.register(NewClient::new("app")).await.unwrap();
-            let read = store.client("app").await.unwrap().unwrap();
-            // Another writer grants a tenant after the read.
-            store
-                .update("app", ClientUpdate::new(vec![tenant], vec![]))
-                .await
-                .unwrap();
-            let stale = ClientUpdate::new(vec![], vec!["system/*.read".into()])
-                .rate_limit(Some(RateLimit::new(1, 1).unwrap()))
-                .if_unchanged(&read);
-            let now = store.client("app").await.unwrap().unwrap();
-            assert!(stale.check(&now).unwrap_err().is_conflict());
-            assert!(stale.check(&read).is_ok());
-            let conflict = store.update("app", stale).await.unwrap_err();
-            assert!(conflict.is_conflict(), "{conflict}");
-            // Nothing of it was written, the rate limit included.
-            let after = store.client("app").await.unwrap().unwrap();
-            assert_eq!(after == now, !written_anyway, "{after:?}");
-            let fresh = ClientUpdate::new(vec![], vec![]).if_unchanged(&after);
-            store.update("app", fresh).await.unwrap();
-            // Revoked since the read: a conflict too.
-            let read = store.client("app").await.unwrap().unwrap();
-            store.revoke("app").await.unwrap();
-            let late = ClientUpdate::new(vec![], vec![]).if_unchanged(&read);
-            assert!(store.update("app", late).await.unwrap_err().is_conflict());
+        default.register(NewClient::new("app")).await.unwrap();
+        let read = default.client("app").await.unwrap().unwrap();
+        let unchecked = ClientUpdate::new(vec![tenant], vec![]).if_unchanged(&read);
+        let failed = default.update("app", unchecked).await.unwrap_err();
+        assert!(!failed.is_refused() && !failed.is_conflict(), "{failed}");
+        assert_eq!(default.client("app").await.unwrap().unwrap(), read);
+    }
+
+    #[test]
+    fn apply_refuses_as_the_stores_do_and_leaves_the_record_as_it_was() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let mut record = ClientRecord {
+            id: "app".into(),
+            secrets: Vec::new(),
+            tenants: vec![tenant],
+            scopes: Vec::new(),
+            token_lifetime_secs: None,
+            revoked: false,
+            rate_limit: None,
+            token_endpoint_auth_method: AuthMethod::ClientSecret,
+            jwks: None,
+            jwks_uri: None,
+        };
+        let was = record.clone();
+        let keys = ClientKeys::JwksUri("https://app.example/jwks".into());
+        for refused in [
+            ClientUpdate::new(vec![], vec!["two words".into()]),
+            ClientUpdate::new(vec![], vec![]).keys(keys),
+        ] {
+            assert!(refused.apply(&mut record).unwrap_err().is_refused());
+            assert_eq!(record, was);
         }
+        let limit = RateLimit::new(2, 4).unwrap();
+        ClientUpdate::new(vec![], vec![])
+            .rate_limit(Some(limit))
+            .apply(&mut record)
+            .unwrap();
+        assert_eq!((record.tenants.len(), record.rate_limit), (0, Some(limit)));
     }
 
     #[tokio::test]
