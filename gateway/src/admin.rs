@@ -102,6 +102,7 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .route("/admin/signing-keys", get(list_keys).post(rotate_keys))
         .route("/admin/signing-keys/{kid}", delete(retire_key))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
+        .layer(middleware::from_fn(detached))
         // Every admin path needs the admin token, one that names no route included (so the
         // routes cannot be listed without it); checked once, before any handler.
         .layer(middleware::from_fn_with_state(
@@ -115,6 +116,25 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         ))
         .layer(middleware::map_response(mark_refusal))
         .with_state(admin)
+}
+
+/// Runs the rest of an admin request (past the token check) in a task of its own, which this
+/// future awaits: a client that goes away, or a timeout in front of the gateway, drops this
+/// future, not the request's work. A change's steps (the write, then the refusal of a client's
+/// tokens, this process's caches told) all run once begun; dropped between two of them, a
+/// client would be left revoked or narrowed with its tokens working, or a tenant changed with
+/// this process's route cache still holding it.
+async fn detached(request: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(err) => {
+            tracing::error!(error = %err, "an admin request failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request failed: see the gateway's log",
+            )
+        }
+    }
 }
 
 /// What answers under `/admin` when the admin API is off: `404` for every path, with
@@ -364,16 +384,19 @@ async fn put_tenant(
             return unavailable("the tenant could not be saved");
         }
     }
-    let existed = match admin.directory.put(tenant, upstreams.clone()).await {
+    let saved = admin.directory.put(tenant, upstreams.clone()).await;
+    // Read-your-writes: the change stream would tell this process too, but only after the
+    // answer may have reached the client. Also after a failure: a write that timed out may
+    // have been made (a database that committed it), and this process's own changes do not
+    // come back to it from the database.
+    admin.routes.invalidate(tenant).await;
+    let existed = match saved {
         Ok(existed) => existed,
         Err(err) => {
             tracing::error!(%tenant, error = %err, "could not save a tenant");
             return unavailable("the tenant could not be saved");
         }
     };
-    // Read-your-writes: the change stream would tell this process too, but only after the
-    // answer may have reached the client.
-    admin.routes.invalidate(tenant).await;
     tracing::info!(%tenant, created = !existed, "tenant onboarded or changed");
     let status = if existed {
         StatusCode::OK
@@ -513,9 +536,12 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
         Ok(tenant) => tenant,
         Err(response) => return *response,
     };
-    match admin.directory.delete(tenant).await {
+    let deleted = admin.directory.delete(tenant).await;
+    // Whatever the answer (as for a `PUT`): a removal that timed out may have been made, and
+    // the same `DELETE` again then finds no tenant.
+    admin.routes.invalidate(tenant).await;
+    match deleted {
         Ok(true) => {
-            admin.routes.invalidate(tenant).await;
             tracing::info!(%tenant, "tenant removed");
             StatusCode::NO_CONTENT.into_response()
         }
@@ -863,7 +889,16 @@ async fn change_client(
             Err(err) if err.is_refused() && !registered(admin, client_id).await => {
                 return error(StatusCode::NOT_FOUND, "no such client");
             }
-            Err(err) => return store_failed(&err, "changing a client"),
+            Err(err) if err.is_refused() => return store_failed(&err, "changing a client"),
+            Err(err) => {
+                // The store failed, or timed out: the change may have been made all the same
+                // (a database that committed it). Its tokens are refused again as if it had
+                // been: the same request again would find nothing taken away.
+                if takes_away {
+                    let _ = refuse_tokens_again(admin, client_id).await;
+                }
+                return store_failed(&err, "changing a client");
+            }
         }
         if replaces_keys {
             tracing::info!(client_id = %client_id, "client keys replaced by an administrator");
@@ -1667,9 +1702,10 @@ mod tests {
         }
     }
 
-    /// A revocation log that counts the refusals of all a client's tokens.
+    /// A revocation log that counts the refusals of all a client's tokens, each once recorded
+    /// (after the delay).
     #[derive(Default, Clone)]
-    struct CountsClients(Arc<std::sync::atomic::AtomicUsize>);
+    struct CountsClients(Arc<std::sync::atomic::AtomicUsize>, Duration);
     impl tower_fhir::auth::RevocationLog for CountsClients {
         fn record(
             &self,
@@ -1686,9 +1722,210 @@ mod tests {
             _: u64,
             _: u64,
         ) -> futures::future::BoxFuture<'static, Result<(), String>> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
+            let (count, delay) = (Arc::clone(&self.0), self.1);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
         }
+    }
+
+    /// A client store whose change is written at once, then answered late (`late`) or as a
+    /// failure after all (a database that committed, then timed out).
+    struct Committing {
+        inner: InMemoryClientStore,
+        late: Duration,
+        fails: bool,
+    }
+    impl ClientStore for Committing {
+        fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
+            self.inner.client(id)
+        }
+        fn register(
+            &self,
+            client: NewClient,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.inner.register(client)
+        }
+        fn rotate_secret(
+            &self,
+            id: &str,
+            grace: Duration,
+        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+            self.inner.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+            self.inner.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> tower_fhir::token::StoreFuture<()> {
+            self.inner.set_entitlements(id, tenants, scopes)
+        }
+        fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
+            let written = self.inner.update(id, update);
+            let (late, fails) = (self.late, self.fails);
+            Box::pin(async move {
+                written.await?;
+                tokio::time::sleep(late).await;
+                if fails {
+                    return Err(tower_fhir::token::StoreError::new("timed out"));
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_caller_leaves_or_whose_store_fails_after_writing_still_refuses_the_tokens(
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let narrowed = serde_json::json!({"tenants": []}).to_string();
+        // The caller gone while the store answers (its change written): the request goes on
+        // and refuses the tokens again after the change.
+        let inner = InMemoryClientStore::new();
+        inner
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+        let store = Committing {
+            inner: inner.clone(),
+            late: Duration::from_millis(300),
+            fails: false,
+        };
+        let log = CountsClients::default();
+        let (router, _) = admin_over(InMemoryDirectory::new(), Arc::new(store), Some(log.clone()));
+        let request = router.oneshot(admin_request("PUT", "/admin/clients/app", narrowed.clone()));
+        assert!(tokio::time::timeout(Duration::from_millis(100), request)
+            .await
+            .is_err());
+        assert_eq!(log.0.load(SeqCst), 1, "refused before the change");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(log.0.load(SeqCst), 2, "refused again after it");
+        assert!(inner
+            .client("app")
+            .await
+            .unwrap()
+            .unwrap()
+            .tenants
+            .is_empty());
+
+        // The store failing after it wrote: `503`, the tokens refused again all the same.
+        let inner = InMemoryClientStore::new();
+        inner
+            .register(NewClient::new("app").tenant(tenant))
+            .await
+            .unwrap();
+        let store = Committing {
+            inner: inner.clone(),
+            late: Duration::ZERO,
+            fails: true,
+        };
+        let log = CountsClients::default();
+        let (router, _) = admin_over(InMemoryDirectory::new(), Arc::new(store), Some(log.clone()));
+        let response = router
+            .oneshot(admin_request("PUT", "/admin/clients/app", narrowed))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(log.0.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_whose_caller_leaves_is_still_recorded_for_the_other_replicas() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let clients = InMemoryClientStore::new();
+        clients.register(NewClient::new("app")).await.unwrap();
+        let log = CountsClients(Arc::default(), Duration::from_millis(300));
+        let (router, _) = admin_over(
+            InMemoryDirectory::new(),
+            Arc::new(clients.clone()),
+            Some(log.clone()),
+        );
+        let request = router.oneshot(admin_request("DELETE", "/admin/clients/app", String::new()));
+        assert!(tokio::time::timeout(Duration::from_millis(100), request)
+            .await
+            .is_err());
+        assert!(clients.client("app").await.unwrap().unwrap().revoked);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(log.0.load(SeqCst), 1, "the revocation reached the log");
+    }
+
+    /// A directory whose writes are made, then answered as failures (a database that
+    /// committed, then timed out).
+    #[derive(Clone)]
+    struct CommitsThenFails(InMemoryDirectory);
+    impl tower_fhir::route::TenantDirectory for CommitsThenFails {
+        fn lookup(&self, tenant: TenantId) -> tower_fhir::route::DirectoryFuture {
+            self.0.lookup(tenant)
+        }
+    }
+    impl TenantStore for CommitsThenFails {
+        fn put(
+            &self,
+            tenant: TenantId,
+            record: TenantRecord,
+        ) -> tower_fhir::route::TenantStoreFuture<bool> {
+            let written = self.0.put(tenant, record);
+            Box::pin(async move {
+                written.await?;
+                Err(DirectoryError::new("timed out"))
+            })
+        }
+        fn put_all(
+            &self,
+            tenants: Vec<(TenantId, TenantRecord)>,
+        ) -> tower_fhir::route::TenantStoreFuture<()> {
+            self.0.put_all(tenants)
+        }
+        fn delete(&self, tenant: TenantId) -> tower_fhir::route::TenantStoreFuture<bool> {
+            let written = self.0.delete(tenant);
+            Box::pin(async move {
+                written.await?;
+                Err(DirectoryError::new("timed out"))
+            })
+        }
+        fn list(&self) -> tower_fhir::route::TenantStoreFuture<Vec<TenantId>> {
+            self.0.list()
+        }
+        fn changes(&self) -> tokio::sync::broadcast::Receiver<TenantId> {
+            self.0.changes()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_write_answered_as_failed_is_routed_anew_all_the_same() {
+        let directory = InMemoryDirectory::new();
+        let (router, routes) = admin_over::<TokensOnly>(
+            CommitsThenFails(directory.clone()),
+            Arc::new(InMemoryClientStore::new()),
+            None,
+        );
+        let tenant = TenantId::parse(TENANT).unwrap();
+        assert!(routes.resolve(tenant).await.unwrap().is_none());
+        let body =
+            r#"{"upstreams": [{"base_url": "http://127.0.0.1:1/fhir", "fhir_version": "4.0"}]}"#;
+        assert_eq!(
+            send(&router, "PUT", body).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            routes.resolve(tenant).await.unwrap().is_some(),
+            "the tenant written is still cached as unknown"
+        );
+        assert_eq!(
+            send(&router, "DELETE", "").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            routes.resolve(tenant).await.unwrap().is_none(),
+            "the tenant removed is still routed"
+        );
     }
 
     #[tokio::test]
