@@ -1193,6 +1193,8 @@ async fn traversal_is_a_bad_request_that_never_reaches_the_upstream() {
         "/..%3f/x",
         "/%c0%ae%c0%ae/x",
         "/%ef%bc%8e%ef%bc%8e/x",
+        // The fullwidth full stops sent as they are.
+        "/Patient/\u{ff0e}\u{ff0e}/\u{ff0e}\u{ff0e}/x",
     ] {
         let reply = gw.client.get_bearer(target, &token).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{target}");

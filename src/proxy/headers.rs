@@ -123,6 +123,15 @@ pub(super) fn unforwardable(name: &HeaderName) -> Option<&'static str> {
             Some("the proxy writes it itself")
         }
         "cookie" => Some("cookies cross only to an upstream with `allow_set_cookie`"),
+        "x-http-method-override"
+        | "x-http-method"
+        | "x-method-override"
+        | "x-original-url"
+        | "x-original-uri"
+        | "x-rewrite-url" => Some(
+            "it overrides the method or the path: an upstream honouring it would bypass the \
+             gateway's checks of them",
+        ),
         _ if policy(name.as_str()) == Policy::Chain => Some("it follows `trust_forwarded_headers`"),
         _ => None,
     }
@@ -674,6 +683,12 @@ mod tests {
             "x-forwarded-host",
             "x-forwarded-proto",
             "x-real-ip",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "x-original-url",
+            "x-original-uri",
+            "x-rewrite-url",
         ] {
             assert!(
                 unforwardable(&HeaderName::from_static(name)).is_some(),
