@@ -256,15 +256,23 @@ impl<'g> Check<'g> {
                 // changes nothing); any other operation by another method than GET may write.
                 let reads_only = get || found.operation.is_some_and(reads_across_types);
                 let target = match (ty, id) {
-                    (Some("Patient"), Some(id)) if !within_type => {
-                        // Everything in the patient's compartment (`$everything`, `$summary`,
-                        // ...): every type, for that patient.
+                    (Some("Patient"), Some(id))
+                        if !within_type
+                            && found
+                                .operation
+                                .is_some_and(stays_in_the_patients_compartment) =>
+                    {
+                        // Everything in the patient's compartment (`$everything`, `$summary`):
+                        // every type, for that patient. (Not any other operation on a patient:
+                        // `Patient/[id]/$graphql` follows references and reverse lists out of
+                        // the compartment, to every patient of the organization, say.)
                         let target = Target::Compartment { ty: "Patient", id };
                         need(None, Permissions::READ, target);
                         need(None, Permissions::SEARCH, target);
-                        // What one that writes (`$merge`) changes is named in its body, maybe
-                        // another patient's record.
-                        (!reads_only).then_some((None, Target::Undecidable))
+                        // Both only read, by any method. (One that writes, `$merge`, is of the
+                        // next arm: what it changes is named in its body, maybe another
+                        // patient's record.)
+                        None
                     }
                     _ if !within_type => {
                         // An operation that may return or touch resources of any type
@@ -333,12 +341,6 @@ impl<'g> Check<'g> {
                     "_list" => {
                         // The answer tells which resources the List holds.
                         need(Some("List"), Permissions::READ, Target::Undecidable);
-                        continue;
-                    }
-                    "_has" => {
-                        for ty in reverse_chained_types(name) {
-                            need(ty, Permissions::SEARCH, Target::Undecidable);
-                        }
                         continue;
                     }
                     _ => {
@@ -533,11 +535,8 @@ impl<'g> Check<'g> {
                 "The conditional create of a {ty} searches another type"
             )));
         }
-        let Some(params) = parse_query(query) else {
-            return Err(Refused::malformed(
-                "The conditional create's search is not UTF-8 form data",
-            ));
-        };
+        let params = parse_query(query)
+            .map_err(|why| Refused::malformed(format!("The conditional create's search {why}")))?;
         self.request(&Method::GET, &format!("/{ty}"), &params)
     }
 
@@ -556,12 +555,11 @@ impl<'g> Check<'g> {
                      cannot be checked: only [type]?[parameters] can"
                 )));
             }
-            let Some(params) = parse_query(query) else {
-                return Err(Refused::malformed(format!(
-                    "The resource holds a conditional reference ({reference}) that is not \
-                     UTF-8 form data"
-                )));
-            };
+            let params = parse_query(query).map_err(|why| {
+                Refused::malformed(format!(
+                    "The resource holds a conditional reference ({reference}) whose search {why}"
+                ))
+            })?;
             let allowed = self
                 .request(&Method::GET, &format!("/{target}"), &params)
                 .map_err(|refused| Refused {
@@ -639,11 +637,9 @@ impl<'g> Check<'g> {
                      backslash or a percent-encoded path: servers differ on what it names"
                 )));
             }
-            let Some(params) = parse_query(query) else {
-                return Err(Refused::malformed(format!(
-                    "Entry {n} of the Bundle has a query that is not UTF-8"
-                )));
-            };
+            let params = parse_query(query).map_err(|why| {
+                Refused::malformed(format!("The query of entry {n} of the Bundle {why}"))
+            })?;
             if path.trim_matches('/').is_empty() || path.trim_matches('/') == "_search" {
                 // A batch within a batch, or a system search in one: refuse rather than guess.
                 if method == Method::POST {
@@ -826,6 +822,11 @@ fn stays_within_its_type(operation: &str) -> bool {
     )
 }
 
+/// Whether an operation on a patient answers with that patient's compartment only.
+fn stays_in_the_patients_compartment(operation: &str) -> bool {
+    matches!(operation, "everything" | "summary")
+}
+
 /// Whether an operation that may answer with any type only reads, whatever the method it is
 /// invoked by (`POST Patient/[id]/$everything` with its parameters in a body).
 fn reads_across_types(operation: &str) -> bool {
@@ -863,48 +864,44 @@ fn reference_target(param: &str) -> Option<&'static str> {
     })
 }
 
-/// The types a reverse chain (`_has:Observation:patient:code`, nested
-/// `_has:Observation:patient:_has:AuditEvent:entity:agent`) filters on; one `None` (every
-/// type) when it does not read as one.
-fn reverse_chained_types(name: &str) -> Vec<Option<&str>> {
-    let pieces: Vec<&str> = name.split(':').collect();
-    let mut types = Vec::new();
-    let mut at = 0;
-    while pieces.get(at) == Some(&"_has") {
-        match (pieces.get(at + 1), pieces.get(at + 2), pieces.get(at + 3)) {
-            (Some(ty), Some(_reference), Some(_)) if is_type(ty) => types.push(Some(*ty)),
-            _ => return vec![None],
-        }
-        at += 3;
-    }
-    types
-}
-
-/// The types a chained parameter's links lead to (`subject:Patient.name`: `Patient`;
-/// `patient.general-practitioner:Practitioner.name`: `Patient`, then `Practitioner`): a link's
-/// type modifier, else the one type of a few reference parameters, else `None` (every type).
-/// Nothing for a parameter that is not chained.
+/// The types a chained or reverse-chained parameter filters on, link by link, in any mix:
+/// `subject:Patient.name`: `Patient`; `patient.general-practitioner:Practitioner.name`:
+/// `Patient`, then `Practitioner`; `_has:Observation:patient:code`: `Observation`;
+/// `_has:Observation:encounter:patient.name`: `Observation`, then `Patient`;
+/// `patient._has:Group:member:_id`: `Patient`, then `Group`. A forward link's type is its type
+/// modifier, else the one type of a few reference parameters, else `None` (every type); a
+/// reverse chain that does not read as one is `None` too. Nothing for a plain parameter.
 fn chained_types(name: &str) -> Vec<Option<&str>> {
-    let mut links: Vec<&str> = name.split('.').collect();
-    let last = links.pop().unwrap_or("");
-    let mut types: Vec<Option<&str>> = links
-        .into_iter()
-        .map(|link| {
-            let mut parts = link.split(':');
-            let param = parts.next().unwrap_or("");
-            match parts.next() {
-                Some(ty) if is_type(ty) => Some(ty),
-                Some(_) => None,
-                None => reference_target(param),
+    let mut types = Vec::new();
+    let mut rest = name;
+    loop {
+        if let Some(reverse) = rest.strip_prefix("_has:") {
+            // `_has:[type]:[reference]:[the rest, itself a parameter of that type]`.
+            let mut pieces = reverse.splitn(3, ':');
+            match (pieces.next(), pieces.next(), pieces.next()) {
+                (Some(ty), Some(_reference), Some(then)) if is_type(ty) && !then.is_empty() => {
+                    types.push(Some(ty));
+                    rest = then;
+                }
+                _ => {
+                    types.push(None);
+                    return types;
+                }
             }
-        })
-        .collect();
-    // A chain ending in a reverse chain (`patient._has:Group:member:_id`) filters on its
-    // types too.
-    if !types.is_empty() && last.starts_with("_has:") {
-        types.extend(reverse_chained_types(last));
+            continue;
+        }
+        let Some((link, then)) = rest.split_once('.') else {
+            return types;
+        };
+        let mut parts = link.split(':');
+        let param = parts.next().unwrap_or("");
+        types.push(match parts.next() {
+            Some(ty) if is_type(ty) => Some(ty),
+            Some(_) => None,
+            None => reference_target(param),
+        });
+        rest = then;
     }
-    types
 }
 
 /// Whether the search parameters carry each of a granular scope's (the same value, alone).
@@ -1559,6 +1556,45 @@ mod tests {
     }
 
     #[test]
+    fn parameter_names_a_server_could_read_otherwise_are_refused() {
+        for query in [
+            "?_include:iterate=*",
+            "%3F_include=*",
+            "_include%20=*",
+            "=x",
+            "name;x=1",
+            "na%00me=1",
+            "caf%C3%A9=1",
+        ] {
+            assert!(
+                matches!(
+                    parse_query(query),
+                    Err(super::super::scope::Unreadable::Name(_))
+                ),
+                "{query}"
+            );
+        }
+        assert_eq!(
+            parse_query("%FF=1"),
+            Err(super::super::scope::Unreadable::NotUtf8)
+        );
+        let params = parse_query(
+            "_has:Observation:patient:code=1&subject:Patient.name=a+b&_include:iterate=x&value-quantity=1&&",
+        )
+        .unwrap();
+        assert_eq!(params.len(), 4);
+        assert_eq!(params[1].1, "a b");
+        // In a Bundle entry's url too.
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Observation??_revinclude:iterate=*"}}]});
+        let g = grants("system/Observation.rs");
+        let refused = Check::new(&g)
+            .bundle(&serde_json::to_vec(&bundle).unwrap())
+            .unwrap_err();
+        assert!(refused.malformed, "{}", refused.diagnostics);
+    }
+
+    #[test]
     fn chains_and_reverse_chains_need_search_on_the_types_they_filter_on() {
         // What patients have an Observation with this code tells about the Observations.
         let has = "/Patient?_has:Observation:patient:code=1234-5";
@@ -1618,6 +1654,22 @@ mod tests {
                 "/Observation?patient._has:Group:member:_id=102",
                 "system/Observation.rs system/Patient.s",
                 "system/Observation.rs system/Patient.s system/Group.s",
+            ),
+            // Mixed: a chain within a reverse chain, and a chain after one within a chain.
+            (
+                "/Encounter?_has:Observation:encounter:patient.name=Smith",
+                "system/Encounter.rs system/Observation.s",
+                "system/Encounter.rs system/Observation.s system/Patient.s",
+            ),
+            (
+                "/Encounter?_has:Observation:encounter:subject:Patient.general-practitioner:Practitioner.name=x",
+                "system/Encounter.rs system/Observation.s system/Patient.s",
+                "system/Encounter.rs system/Observation.s system/Patient.s system/Practitioner.s",
+            ),
+            (
+                "/Observation?patient._has:Observation:subject:device.identifier=x",
+                "system/Observation.rs system/Patient.s",
+                "system/Observation.rs system/Patient.s system/*.s",
             ),
         ] {
             needs_more_than(chained, short, enough);
@@ -1855,6 +1907,15 @@ mod tests {
             Method::GET,
             "/Patient/123/$graphql"
         ));
+        // Not even with every type of the patient's: a GraphQL query follows references and
+        // reverse lists out of the compartment; nor an operation the gateway does not know.
+        for url in [
+            "/Patient/123/$graphql?query=%7BmanagingOrganization%7Bid%7D%7D",
+            "/Patient/123/$some-other",
+        ] {
+            assert!(!allowed("patient/*.rs", Method::GET, url), "{url}");
+            assert!(allowed("user/*.rs", Method::GET, url), "{url}");
+        }
         assert!(!allowed(
             "patient/*.rs",
             Method::GET,

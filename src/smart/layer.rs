@@ -331,22 +331,22 @@ where
                             return Ok(not_a_form().map(ResponseBody::full));
                         }
                         BodyCheck::SearchForm { .. } => {
-                            let mut params =
-                                parse_query(parts.uri.query().unwrap_or("")).unwrap_or_default();
-                            let form = std::str::from_utf8(&bytes).ok().and_then(parse_query);
-                            match form {
-                                Some(form) => {
-                                    params.extend(form);
-                                    Check::new(&grants).request(
-                                        &parts.method,
-                                        parts.uri.path(),
-                                        &params,
-                                    )
-                                }
-                                None => Err(Refused::malformed(
-                                    "The _search form is not UTF-8 form data",
-                                )),
-                            }
+                            let query =
+                                parse_query(parts.uri.query().unwrap_or("")).map_err(|why| {
+                                    Refused::malformed(format!("The query string {why}"))
+                                });
+                            let form = std::str::from_utf8(&bytes)
+                                .map_err(|_| super::scope::Unreadable::NotUtf8)
+                                .and_then(parse_query)
+                                .map_err(|why| Refused::malformed(format!("The form {why}")));
+                            query.and_then(|mut params| {
+                                params.extend(form?);
+                                Check::new(&grants).request(
+                                    &parts.method,
+                                    parts.uri.path(),
+                                    &params,
+                                )
+                            })
                         }
                     };
                     let mut parts = parts;
@@ -382,15 +382,20 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             OperationOutcome::error(IssueType::Invalid, why).to_response(StatusCode::BAD_REQUEST),
         ));
     }
+    let form = match form_body(request.headers()) {
+        Ok(form) => form,
+        Err(why) => {
+            return Plan::Refuse(Box::new(
+                OperationOutcome::error(IssueType::NotSupported, why)
+                    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ))
+        }
+    };
     let method = request.method();
     let path = request.uri().path();
     let found = classify(method, path);
-    let operation_form = found.interaction == Some(Interaction::Operation)
-        && *method == Method::POST
-        && request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(is_form);
+    let operation_form =
+        found.interaction == Some(Interaction::Operation) && *method == Method::POST && form;
     match found.interaction {
         Some(Interaction::Batch) if *method == Method::POST => {
             return Plan::ReadBody(BodyCheck::Bundle)
@@ -403,9 +408,7 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             // type, it would run a search other than the one checked here.
             return match request.headers().get(header::CONTENT_TYPE) {
                 None => Plan::ReadBody(BodyCheck::SearchForm { untyped: true }),
-                Some(value) if is_form(value) => {
-                    Plan::ReadBody(BodyCheck::SearchForm { untyped: false })
-                }
+                Some(_) if form => Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
                 Some(_) => Plan::Refuse(Box::new(not_a_form())),
             };
         }
@@ -414,10 +417,10 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
     let params = match request.uri().query() {
         None => Vec::new(),
         Some(query) => match parse_query(query) {
-            Some(params) => params,
-            None => {
+            Ok(params) => params,
+            Err(why) => {
                 return Plan::Refuse(Box::new(
-                    OperationOutcome::error(IssueType::Invalid, "The query string is not UTF-8")
+                    OperationOutcome::error(IssueType::Invalid, format!("The query string {why}"))
                         .to_response(StatusCode::BAD_REQUEST),
                 ))
             }
@@ -941,6 +944,54 @@ pub(crate) fn is_form(value: &HeaderValue) -> bool {
     value[..end]
         .trim_ascii()
         .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+}
+
+/// Whether the body is a form (`application/x-www-form-urlencoded`) whose parameters every
+/// FHIR server reads as this layer does: the media type in lower case, no parameter but
+/// `charset=utf-8`, and no `Content-Encoding`.
+///
+/// # Errors
+///
+/// A form spelt or sent otherwise: servers differ on reading it. HAPI takes a form only by a
+/// case-sensitive prefix and reads none when the request has a `Content-Encoding` (even
+/// `identity`) and no query string; a servlet container decodes the body in the charset it
+/// names. The layer would check parameters the server never reads, and the server would run
+/// a search with none.
+fn form_body(headers: &http::HeaderMap) -> Result<bool, &'static str> {
+    const FORM: &[u8] = b"application/x-www-form-urlencoded";
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(false);
+    };
+    let mut parts = value.as_bytes().split(|&b| b == b';');
+    let media = parts.next().unwrap_or_default().trim_ascii();
+    if !media.eq_ignore_ascii_case(FORM) {
+        return Ok(false);
+    }
+    // Each parameter `charset=utf-8` (any case, quoted or not); an empty one (`;;`) is none.
+    let charset_ok = parts.all(|param| {
+        let param = param.trim_ascii();
+        let Some(at) = param.iter().position(|&b| b == b'=') else {
+            return param.is_empty();
+        };
+        let (name, value) = (param[..at].trim_ascii(), param[at + 1..].trim_ascii());
+        let value = value
+            .strip_prefix(b"\"")
+            .and_then(|value| value.strip_suffix(b"\""))
+            .unwrap_or(value);
+        name.eq_ignore_ascii_case(b"charset") && value.eq_ignore_ascii_case(b"utf-8")
+    });
+    if media != FORM || !charset_ok {
+        return Err(
+            "A form's Content-Type must be application/x-www-form-urlencoded, in lower case, \
+             with no parameter but charset=utf-8: FHIR servers differ on reading any other",
+        );
+    }
+    if headers.contains_key(header::CONTENT_ENCODING) {
+        return Err(
+            "A form must come without Content-Encoding: some FHIR servers read no form with one",
+        );
+    }
+    Ok(true)
 }
 
 /// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not

@@ -171,7 +171,7 @@ impl ResourceScope {
             // Only v2 scopes take a query, and it names at least one parameter.
             Some(_) if v1 => return None,
             Some(query) => {
-                let pairs = parse_query(query)?;
+                let pairs = parse_query(query).ok()?;
                 if pairs.is_empty() {
                     return None;
                 }
@@ -373,16 +373,58 @@ pub(crate) fn is_type(segment: &str) -> bool {
 /// decoding).
 pub(crate) type Param<'a> = (Cow<'a, str>, Cow<'a, str>);
 
-/// A query string's parameters, percent- and `+`-decoded; `None` when one is not UTF-8.
-pub(crate) fn parse_query(query: &str) -> Option<Vec<Param<'_>>> {
+/// Why a query string (or a form) cannot be checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unreadable {
+    /// A name or value is not UTF-8 once decoded.
+    NotUtf8,
+    /// A parameter name (decoded) is not one FHIR could define.
+    Name(String),
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotUtf8 => f.write_str("is not UTF-8 form data"),
+            Self::Name(name) => write!(
+                f,
+                "names a parameter {name:?} that no FHIR server defines (a name, its modifiers \
+                 and chains are letters, digits and _ - . : only): servers differ on what it is"
+            ),
+        }
+    }
+}
+
+/// A query string's parameters, percent- and `+`-decoded.
+///
+/// # Errors
+///
+/// A name or value that is not UTF-8; a name that is not a FHIR parameter name with its
+/// modifiers and chains (letters, digits, `_`, `-`, `.`, `:`), which a server may read as
+/// another: HAPI strips a leading `?` (`??_include=*` is an `_include`).
+pub(crate) fn parse_query(query: &str) -> Result<Vec<Param<'_>>, Unreadable> {
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((decode(name)?, decode(value)?))
+            let name = decode(name).ok_or(Unreadable::NotUtf8)?;
+            let value = decode(value).ok_or(Unreadable::NotUtf8)?;
+            if !is_parameter_name(&name) {
+                return Err(Unreadable::Name(name.into_owned()));
+            }
+            Ok((name, value))
         })
         .collect()
+}
+
+/// A search parameter's name as FHIR spells one, with its modifiers, chains and reverse
+/// chains (`_include:iterate`, `subject:Patient.name`, `_has:Observation:patient:code`).
+fn is_parameter_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 fn decode(text: &str) -> Option<Cow<'_, str>> {
