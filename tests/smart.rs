@@ -1278,4 +1278,22 @@ async fn requests_a_server_could_read_otherwise_than_checked_are_refused() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(upstream.last().body, &b"code=x"[..]);
+
+    // A JSON Patch setting a conditional reference by its `value`: the server resolves it
+    // with a search of Patient, which the token cannot make.
+    let writer = minted(json!({"scope": format!("{TENANT} system/Observation.rus")}));
+    let seen = upstream.received().len();
+    let patch =
+        r#"[{"op": "replace", "path": "/subject/reference", "value": "Patient?identifier=x"}]"#;
+    let reply = send(
+        &client,
+        &writer,
+        "PATCH",
+        "/Observation/1",
+        "application/json-patch+json",
+        patch,
+    )
+    .await;
+    assert_refused(&reply, "system/Patient.s");
+    assert_eq!(upstream.received().len(), seen);
 }

@@ -547,6 +547,22 @@ impl<'g> Check<'g> {
     pub(crate) fn conditional_references(&self, resource: &Value) -> Result<(), Refused> {
         let mut found = Vec::new();
         conditional_references_in(resource, &mut found);
+        self.searches_of(found)
+    }
+
+    /// Checks the conditional references a patch may write: a JSON Patch's `value`, a FHIRPath
+    /// Patch's `valueString` or `valueReference` set a reference whose key is not
+    /// `reference` in the patch itself, so every string that reads as `[type]?...` counts,
+    /// besides each `reference` with a `?`.
+    pub(crate) fn patch_references(&self, patch: &Value) -> Result<(), Refused> {
+        let mut found = Vec::new();
+        conditional_references_in(patch, &mut found);
+        strings_like_conditional_references(patch, &mut found);
+        self.searches_of(found)
+    }
+
+    /// Checks the search of each conditional reference found.
+    fn searches_of(&self, found: Vec<&str>) -> Result<(), Refused> {
         for reference in found {
             let (target, query) = reference.split_once('?').unwrap_or((reference, ""));
             if !is_type(target) {
@@ -657,6 +673,11 @@ impl<'g> Check<'g> {
                         Some(Interaction::Create | Interaction::Update)
                     );
                     let ty = found.resource_type.unwrap_or_default();
+                    if found.interaction == Some(Interaction::Patch) {
+                        if let Some(patch) = entry.get("resource") {
+                            self.patch_references(&entry_patch(n, patch)?)?;
+                        }
+                    }
                     if written {
                         // The server stores the entry's resource as the type it says it is: it
                         // must be the type the scopes were checked for.
@@ -706,6 +727,32 @@ impl<'g> Check<'g> {
     }
 }
 
+/// The patch a Bundle entry's resource holds: a FHIRPath Patch (`Parameters`) as it is, a
+/// JSON Patch from its `Binary`'s base64 `data`.
+fn entry_patch(n: usize, resource: &Value) -> Result<Value, Refused> {
+    use base64::Engine as _;
+    let unreadable = || {
+        Refused::malformed(format!(
+            "Entry {n} of the Bundle patches with what cannot be checked: only a FHIRPath \
+             Patch (Parameters) or a JSON Patch (a Binary's base64 data) can"
+        ))
+    };
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some("Parameters") => Ok(resource.clone()),
+        Some("Binary") => {
+            let data = resource
+                .get("data")
+                .and_then(Value::as_str)
+                .ok_or_else(unreadable)?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|_| unreadable())?;
+            json_resource(&bytes).map_err(|_| unreadable())
+        }
+        _ => Err(unreadable()),
+    }
+}
+
 /// A written resource's JSON, refused when it is not JSON or holds a key twice in an object
 /// (servers differ on which of the two counts).
 pub(crate) fn json_resource(body: &[u8]) -> Result<Value, Refused> {
@@ -737,6 +784,32 @@ fn conditional_references_in<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
         Value::Array(items) => {
             for item in items {
                 conditional_references_in(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every string in `value` that reads as a conditional reference, `[type]?...`.
+fn strings_like_conditional_references<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
+    match value {
+        Value::String(text) => {
+            let text_start = text.trim_start();
+            if text_start
+                .split_once('?')
+                .is_some_and(|(ty, _)| is_type(ty.trim_end()))
+            {
+                found.push(text);
+            }
+        }
+        Value::Object(members) => {
+            for member in members.values() {
+                strings_like_conditional_references(member, found);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                strings_like_conditional_references(item, found);
             }
         }
         _ => {}
@@ -1931,6 +2004,57 @@ mod tests {
             ("/CodeSystem/$lookup?code=x", "system/CodeSystem.s"),
         ] {
             assert!(allowed(scope, Method::GET, url), "{url} with {scope}");
+        }
+    }
+
+    #[test]
+    fn a_bundles_patch_entries_conditional_references_need_their_searches() {
+        use base64::Engine as _;
+        let bundle = |resource: serde_json::Value| {
+            serde_json::to_vec(&json!({"resourceType": "Bundle", "type": "transaction",
+                "entry": [{"request": {"method": "PATCH", "url": "Observation/1"},
+                           "resource": resource}]}))
+            .unwrap()
+        };
+        let json_patch = |value: &str| {
+            let patch = json!([{"op": "replace", "path": "/subject/reference", "value": value}]);
+            json!({"resourceType": "Binary", "contentType": "application/json-patch+json",
+                   "data": base64::engine::general_purpose::STANDARD.encode(patch.to_string())})
+        };
+        let fhirpath_patch = |value: &str| {
+            json!({"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+                {"name": "type", "valueCode": "replace"},
+                {"name": "path", "valueString": "Observation.subject"},
+                {"name": "value", "valueReference": {"reference": value}}]}]})
+        };
+        let writer = grants("system/Observation.u");
+        let searcher = grants("system/Observation.u system/Patient.s");
+        for patch in [
+            json_patch("Patient?identifier=x"),
+            fhirpath_patch("Patient?identifier=x"),
+        ] {
+            let body = bundle(patch);
+            let refused = Check::new(&writer).bundle(&body).unwrap_err();
+            assert_eq!(
+                refused.sufficient,
+                ["system/Patient.s"],
+                "{}",
+                refused.diagnostics
+            );
+            assert!(Check::new(&searcher).bundle(&body).is_ok());
+        }
+        for plain in [json_patch("Patient/1"), fhirpath_patch("Patient/1")] {
+            assert!(Check::new(&writer).bundle(&bundle(plain)).is_ok());
+        }
+        // A patch that cannot be read: refused, not passed unchecked.
+        for unreadable in [
+            json!({"resourceType": "Binary", "data": "not base64!"}),
+            json!({"resourceType": "Observation", "status": "final"}),
+        ] {
+            let refused = Check::new(&searcher)
+                .bundle(&bundle(unreadable))
+                .unwrap_err();
+            assert!(refused.malformed, "{}", refused.diagnostics);
         }
     }
 

@@ -580,6 +580,14 @@ fn written_resource(
     };
     if xml {
         of_type(xml_root(start), "FHIR XML")?;
+        // A patch may set a reference by a value of any name (`valueString`): any `?`, or a
+        // character reference that could be one, may be a conditional reference.
+        if ty.is_none() && (start.contains(&b'?') || memchr::memmem::find(start, b"&#").is_some()) {
+            return Err(Refused::malformed(
+                "The patch may set a conditional reference (it holds a ? or a character \
+                 reference), which is checked in JSON only: send it as JSON",
+            ));
+        }
         if xml_may_hold_conditional_reference(start) {
             return Err(Refused::malformed(
                 "The body may hold a conditional reference (a reference value with a ? or a \
@@ -596,7 +604,10 @@ fn written_resource(
             .and_then(serde_json::Value::as_str),
         "FHIR JSON",
     )?;
-    Check::new(grants).conditional_references(&resource)
+    match ty {
+        Some(_) => Check::new(grants).conditional_references(&resource),
+        None => Check::new(grants).patch_references(&resource),
+    }
 }
 
 /// Whether an XML resource may hold a conditional reference: a `reference` element (any
@@ -1185,6 +1196,32 @@ mod tests {
         assert!(written_resource(&grants, patch, None, json).is_err());
         let plain_patch = br#"[{"op": "replace", "path": "/status", "value": "final"}]"#;
         assert!(written_resource(&grants, plain_patch, None, json).is_ok());
+        // Nor only under a `reference` key: a JSON Patch's string value, a FHIRPath Patch's
+        // `valueString`, set a reference the server resolves all the same.
+        for patch in [
+            &br#"[{"op": "replace", "path": "/subject/reference", "value": "Patient?identifier=x"}]"#[..],
+            br#"{"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+                {"name": "type", "valueCode": "replace"},
+                {"name": "path", "valueString": "Observation.subject.reference"},
+                {"name": "value", "valueString": "Patient?identifier=x"}]}]}"#,
+        ] {
+            assert!(
+                written_resource(&grants, patch, None, json).is_err(),
+                "{}",
+                String::from_utf8_lossy(patch)
+            );
+        }
+        let question = br#"[{"op": "replace", "path": "/note/0/text", "value": "worse? no"}]"#;
+        assert!(written_resource(&grants, question, None, json).is_ok());
+        // In XML, any `?` (or a character reference) in a patch: send it as JSON.
+        let xml_patch = b"<Parameters><parameter><part><valueString value=\"Patient?identifier=x\"/></part></parameter></Parameters>";
+        assert!(
+            written_resource(&grants, xml_patch, None, xml)
+                .unwrap_err()
+                .malformed
+        );
+        let plain_xml_patch = b"<Parameters><parameter><part><valueCode value=\"final\"/></part></parameter></Parameters>";
+        assert!(written_resource(&grants, plain_xml_patch, None, xml).is_ok());
         // No `Content-Type`: as the first byte says.
         let untyped = ResourceFormat::Untyped;
         assert!(written(b"<Observation/>", untyped).is_ok());
