@@ -948,15 +948,6 @@ fn prefer_strict(headers: &mut http::HeaderMap) {
 
 const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
 
-/// Whether a `Content-Type` is `application/x-www-form-urlencoded` (any parameters).
-pub(crate) fn is_form(value: &HeaderValue) -> bool {
-    let value = value.as_bytes();
-    let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
-    value[..end]
-        .trim_ascii()
-        .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
-}
-
 /// Whether the body is a form (`application/x-www-form-urlencoded`) whose parameters every
 /// FHIR server reads as this layer does: the media type in lower case, no parameter but
 /// `charset=utf-8`, and no `Content-Encoding`.

@@ -146,8 +146,6 @@ mod check;
 mod layer;
 mod scope;
 
-#[cfg(feature = "token")]
-pub(crate) use layer::is_form;
 pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
     DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL,

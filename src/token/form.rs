@@ -76,7 +76,7 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> 
             "Content-Type application/x-www-form-urlencoded is required",
         ));
     };
-    if crate::smart::is_form(value) {
+    if is_form(value) {
         Ok(())
     } else {
         Err(TokenError::new(
@@ -85,6 +85,15 @@ pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> 
             "Content-Type must be application/x-www-form-urlencoded",
         ))
     }
+}
+
+/// Whether a `Content-Type` is `application/x-www-form-urlencoded` (any parameters).
+fn is_form(value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    let end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
+    value[..end]
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
 }
 
 /// The form parameters of a request body within `bounds` (413 above its size, 408 when it has
