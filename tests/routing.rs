@@ -361,6 +361,66 @@ async fn cookies_cross_neither_way_by_default() {
 }
 
 #[tokio::test]
+async fn an_upstream_refusing_the_gateways_credentials_is_a_bad_gateway_not_a_refused_token() {
+    let upstream = RecordingUpstream::start().await;
+    for (status, challenge) in [
+        (StatusCode::UNAUTHORIZED, "www-authenticate"),
+        (
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "proxy-authenticate",
+        ),
+    ] {
+        upstream.answer(
+            "/fhir",
+            Answer {
+                status,
+                headers: vec![
+                    ("content-type".into(), "application/fhir+json".into()),
+                    (challenge.into(), "Basic realm=\"EHR-prod\"".into()),
+                ],
+                body: r#"{"resourceType": "OperationOutcome"}"#.into(),
+                delay: Duration::ZERO,
+            },
+        );
+        let gw = one_tenant(&upstream).await;
+        let reply = gw
+            .client
+            .get_bearer("/Patient/1", &token_for(TENANT_A))
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{status}");
+        assert!(
+            !reply.headers.contains_key("www-authenticate")
+                && !reply.headers.contains_key("proxy-authenticate"),
+            "{:?}",
+            reply.headers
+        );
+        let outcome: Value = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+        assert!(
+            outcome["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains("credentials"),
+            "{outcome}"
+        );
+    }
+    // The upstream's other refusals are its answer to the client's request: relayed.
+    upstream.answer(
+        "/fhir",
+        Answer {
+            status: StatusCode::FORBIDDEN,
+            ..Answer::json(json!({"resourceType": "OperationOutcome"}))
+        },
+    );
+    let gw = one_tenant(&upstream).await;
+    let reply = gw
+        .client
+        .get_bearer("/Patient/1", &token_for(TENANT_A))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
 async fn an_upstream_that_opts_in_takes_part_in_cookies() {
     let plain = RecordingUpstream::start().await;
     let opted = RecordingUpstream::start().await;

@@ -2,7 +2,8 @@
 //! removed unless the upstream takes part in cookies, its `Content-Length` the one the body
 //! was read with, the upstream's base URL rewritten to the gateway's in `Location`,
 //! `Content-Location`, `Link` and JSON Bundles' links (bodies up to a limit; larger or
-//! compressed ones stream through untouched).
+//! compressed ones stream through untouched). An informational answer, and a `401` or `407`
+//! (the upstream refusing the gateway's own credentials), are `502` instead.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -51,6 +52,22 @@ pub(super) async fn relay_response(
             StatusCode::BAD_GATEWAY,
             IssueType::Exception,
             "The tenant's FHIR server gave no final answer",
+        ));
+    }
+    // The client's own credentials never reach the upstream (the gateway sends its own, or
+    // none): a `401` (or a proxy's `407`) refuses the gateway's. Relayed, it would tell the
+    // client its valid token was refused (so it throws it away and asks again, in a loop), and
+    // show it the upstream's challenge (`WWW-Authenticate: Basic realm=...`, which a browser
+    // answers with a password prompt on the gateway's origin).
+    if matches!(
+        parts.status,
+        StatusCode::UNAUTHORIZED | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    ) {
+        tracing::error!(upstream = rewriter.upstream(), status = %parts.status, "upstream refused the gateway's credentials for it: 502");
+        return Err(failed(
+            StatusCode::BAD_GATEWAY,
+            IssueType::Exception,
+            "The tenant's FHIR server refused the gateway's credentials for it",
         ));
     }
     // The gateway speaks HTTP/1.1 (or 2) to its client whatever its upstream spoke: an
