@@ -797,13 +797,17 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
         .await
         .unwrap()
         .tenant_store();
-    let through = PgState::connect(&proxy.url("frozen"))
-        .await
-        .unwrap()
-        .tenant_store();
+    let through_state = PgState::connect(&proxy.url("frozen")).await.unwrap();
+    let through = through_state.tenant_store();
+    // Its revocation listener too (the list must be held for it to listen on).
+    let revoked = tower_fhir::auth::RevokedTokens::new();
+    let revocations = through_state.follow_revocations(&revoked).await.unwrap();
     timeout(Duration::from_secs(10), through.listening())
         .await
         .expect("the listener never connected");
+    timeout(Duration::from_secs(10), revocations.listening())
+        .await
+        .expect("the revocation listener never connected");
     let before = upstreams("http://127.0.0.1:9001/fhir", FhirVersion::R4);
     direct.put(tenant(A), before.clone()).await.unwrap();
     assert_eq!(through.lookup(tenant(A)).await.unwrap(), Some(before));
@@ -823,7 +827,7 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
     // The listener hears nothing, checks its connection (after 10 s of quiet) and gives up on
     // it (5 s later).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while through.is_listening() {
+    while through.is_listening() || revocations.is_listening() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "still said to be listening on a connection that stopped answering"
@@ -847,7 +851,11 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
     timeout(Duration::from_secs(10), through.listening())
         .await
         .expect("caught up, but not said to be listening");
+    timeout(Duration::from_secs(30), revocations.listening())
+        .await
+        .expect("the revocation listener did not connect again");
     assert_eq!(through.lookup(tenant(B)).await.unwrap(), Some(after));
+    drop(revoked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use tower_fhir::ops::{
     BucketHistograms, FhirCors, Health, HealthLayer, JsonLinesAudit, Observe, ObserveLayer,
     RequestIdLayer, RequestIdService, DURATION_BUCKETS,
 };
-use tower_fhir::postgres::PgTenantStore;
+use tower_fhir::postgres::{PgTenantStore, RevocationsFollowed};
 use tower_fhir::token::SigningKeys;
 
 use crate::config::Config;
@@ -80,12 +80,21 @@ pub(crate) fn check_audit_log(config: &Config) -> Result<(), String> {
 /// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
 /// in the same request ids, metrics and audit records, and what reopens the audit log file
 /// (for rotation) when there is one.
+/// What readiness watches of a shared database: whether it answers its pings, and whether
+/// this process hears the other replicas' tenant changes and revocations.
+pub(crate) struct Listening {
+    pub(crate) up: Arc<AtomicBool>,
+    pub(crate) tenants: PgTenantStore,
+    /// `None` when revocations are not followed (never, once the gateway runs).
+    pub(crate) revocations: Option<RevocationsFollowed>,
+}
+
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
     admin: Option<Router>,
     keys: &SigningKeys,
-    database: Option<(Arc<AtomicBool>, PgTenantStore)>,
+    database: Option<Listening>,
 ) -> Result<(Front, Option<AdminFront>, Option<AuditReopener>), String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
@@ -108,10 +117,20 @@ pub(crate) fn front(
     auth.prefetch_keys();
     let keys = keys.clone();
     let mut health = HealthLayer::new();
-    if let Some((up, tenants)) = database {
+    if let Some(Listening {
+        up,
+        tenants,
+        revocations,
+    }) = database
+    {
         health = health
             .readiness("database", move || up.load(Ordering::Relaxed))
             .readiness("database change listener", move || tenants.is_listening());
+        if let Some(revocations) = revocations {
+            health = health.readiness("database revocation listener", move || {
+                revocations.is_listening()
+            });
+        }
     }
     let health = health
         .readiness("signing keys", move || {

@@ -189,7 +189,7 @@ async fn run(args: Args) -> Result<(), String> {
             "the state is in a temporary directory removed at exit: every restart makes new signing keys (refusing the tokens issued before it), forgets rotated secrets and revocations, and loses every admin change; set state_dir (one process) or database_url (many replicas) to keep it"
         );
     }
-    let (gateway, endpoint) = assemble(
+    let (gateway, endpoint, revocations) = assemble(
         &config,
         &base,
         Arc::clone(&state.directory),
@@ -283,10 +283,11 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::print(&base, &gateway, config.admin_token.is_some()).await;
     }
-    let database = state
-        .database
-        .as_ref()
-        .map(|database| (Arc::clone(&database.up), database.tenants.clone()));
+    let database = state.database.as_ref().map(|database| front::Listening {
+        up: Arc::clone(&database.up),
+        tenants: database.tenants.clone(),
+        revocations,
+    });
     let (front, admin, reopener) =
         front::front(&config, gateway, Some(admin), &state.keys, database)?;
     #[cfg(unix)]
@@ -371,7 +372,14 @@ async fn assemble(
     keys: SigningKeys,
     database: Option<&tower_fhir::postgres::PgState>,
     revocations: Option<&FileRevocationLog>,
-) -> Result<(Gateway, TokenEndpoint), String> {
+) -> Result<
+    (
+        Gateway,
+        TokenEndpoint,
+        Option<tower_fhir::postgres::RevocationsFollowed>,
+    ),
+    String,
+> {
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
     let endpoint = TokenEndpoint::builder()
         .issuer(issuer)
@@ -410,12 +418,15 @@ async fn assemble(
         .refuse_revoked_clients()
         .await
         .map_err(|e| format!("cannot read the revoked clients: {e}"))?;
-    if let Some(database) = database {
-        database
-            .follow_revocations(endpoint.revoked_tokens())
-            .await
-            .map_err(|e| format!("cannot follow the revocations: {e}"))?;
-    }
+    let followed = match database {
+        Some(database) => Some(
+            database
+                .follow_revocations(endpoint.revoked_tokens())
+                .await
+                .map_err(|e| format!("cannot follow the revocations: {e}"))?,
+        ),
+        None => None,
+    };
 
     // Both at least 1 s: the configuration refuses 0.
     let mut auth = BearerAuthLayer::builder()
@@ -466,5 +477,5 @@ async fn assemble(
         .proxy(proxy)
         .build()
         .map_err(|e| format!("the gateway cannot be set up: {e}"))?;
-    Ok((gateway, endpoint))
+    Ok((gateway, endpoint, followed))
 }

@@ -465,9 +465,14 @@ async fn three_gateway_processes_share_one_database() {
         "not ready without the database",
         async || {
             let reply = three.client.get("/readyz", &[]).await;
-            // The database's pings fail, and the connection its listener held is gone.
+            // The database's pings fail, and the connections its listeners held are gone.
             reply.status == StatusCode::SERVICE_UNAVAILABLE
-                && reply.json()["waiting_for"] == json!(["database", "database change listener"])
+                && reply.json()["waiting_for"]
+                    == json!([
+                        "database",
+                        "database change listener",
+                        "database revocation listener"
+                    ])
         },
     )
     .await;

@@ -331,7 +331,15 @@ impl PgState {
     /// refuses them from its first request), then each as it is announced, and all of them
     /// again after the listening connection was lost. The listening stops when nothing else
     /// holds the list. Needs a tokio runtime.
-    pub async fn follow_revocations(&self, revoked: &RevokedTokens) -> Result<(), PgError> {
+    ///
+    /// The answer tells whether the listener hears the announcements now
+    /// ([`RevocationsFollowed::is_listening`]): while it does not (its connection lost, until
+    /// it is made again and has read every revocation anew), a revocation another replica
+    /// records is not refused here. A readiness check.
+    pub async fn follow_revocations(
+        &self,
+        revoked: &RevokedTokens,
+    ) -> Result<RevocationsFollowed, PgError> {
         let now = revocations(&self.pool)
             .await
             .map_err(|e| PgError::plain(format!("cannot read the revoked tokens: {e}")))?;
@@ -344,14 +352,16 @@ impl PgState {
         for entry in clients {
             entry.apply(revoked);
         }
+        let (up, listening) = watch::channel(false);
         tokio::spawn(listen(
             self.config.clone(),
             RevocationChanges {
                 pool: self.pool.clone(),
                 revoked: revoked.clone(),
+                up,
             },
         ));
-        Ok(())
+        Ok(RevocationsFollowed { listening })
     }
 
     /// The token endpoint's signing keys, shared by every replica
@@ -1275,10 +1285,36 @@ impl RevokedClient {
     }
 }
 
+/// What [`PgState::follow_revocations`] started: its listener for other replicas'
+/// revocations.
+#[derive(Debug, Clone)]
+pub struct RevocationsFollowed {
+    listening: watch::Receiver<bool>,
+}
+
+impl RevocationsFollowed {
+    /// Whether the listener is connected, has read every revocation in force, and hears each
+    /// new one now: false until its first `LISTEN` has taken effect, and from a lost
+    /// connection until it is made again and has caught up. A readiness check: meanwhile a
+    /// revocation another replica records is not refused here.
+    pub fn is_listening(&self) -> bool {
+        *self.listening.borrow()
+    }
+
+    /// Resolves once the listener listens (at once if it does).
+    pub async fn listening(&self) {
+        let mut listening = self.listening.clone();
+        // An error: the listener has stopped (nothing holds the revoked list any more).
+        let _ = listening.wait_for(|up| *up).await;
+    }
+}
+
 /// Every replica's revocations, into one process's [`RevokedTokens`].
 struct RevocationChanges {
     pool: Pool,
     revoked: RevokedTokens,
+    /// Whether it listens now, for [`RevocationsFollowed::is_listening`].
+    up: watch::Sender<bool>,
 }
 
 impl Handler for RevocationChanges {
@@ -1302,7 +1338,12 @@ impl Handler for RevocationChanges {
         for entry in clients {
             entry.apply(&self.revoked);
         }
+        self.up.send_replace(true);
         Ok(())
+    }
+
+    fn stopped(&mut self) {
+        self.up.send_replace(false);
     }
 
     fn heard(&mut self, payload: &str) {
