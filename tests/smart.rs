@@ -1255,6 +1255,9 @@ async fn requests_a_server_could_read_otherwise_than_checked_are_refused() {
         vec![(FORM.0, "Application/X-WWW-Form-Urlencoded")],
         vec![(FORM.0, "application/x-www-form-urlencoded; charset=utf-16")],
         vec![(FORM.0, "application/x-www-form-urlencoded; boundary=x")],
+        // What begins as a form's type is one to HAPI.
+        vec![(FORM.0, "application/x-www-form-urlencodedx")],
+        vec![(FORM.0, "application/x-www-form-urlencoded charset=utf-8")],
     ] {
         let reply = form_search(headers.clone()).await;
         assert_eq!(
@@ -1295,5 +1298,25 @@ async fn requests_a_server_could_read_otherwise_than_checked_are_refused() {
     )
     .await;
     assert_refused(&reply, "system/Patient.s");
+    assert_eq!(upstream.received().len(), seen);
+    // An operation's form too, which would otherwise not be read as one: its `_revinclude`
+    // would go unchecked.
+    let reply = client
+        .send(
+            "POST",
+            "/Observation/$lastn?patient=1",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                (FORM.0, "application/x-www-form-urlencoded charset=utf-8"),
+            ],
+            "_revinclude:iterate=*",
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
     assert_eq!(upstream.received().len(), seen);
 }

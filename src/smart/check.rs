@@ -553,8 +553,26 @@ impl<'g> Check<'g> {
     /// Checks the conditional references a patch may write: a JSON Patch's `value`, a FHIRPath
     /// Patch's `valueString` or `valueReference` set a reference whose key is not
     /// `reference` in the patch itself, so every string that reads as `[type]?...` counts,
-    /// besides each `reference` with a `?`.
+    /// besides each `reference` with a `?`. A JSON Patch's `copy` or `move` into a
+    /// `reference` is refused: the value it takes (a text the resource holds, say) is not in
+    /// the patch to be checked.
     pub(crate) fn patch_references(&self, patch: &Value) -> Result<(), Refused> {
+        if let Value::Array(operations) = patch {
+            let into_reference = operations.iter().any(|operation| {
+                let op = operation.get("op").and_then(Value::as_str);
+                let path = operation.get("path").and_then(Value::as_str).unwrap_or("");
+                matches!(op, Some("copy" | "move"))
+                    && path.rsplit('/').next().is_some_and(|last| {
+                        last.eq_ignore_ascii_case("reference") || last == "-" || last.is_empty()
+                    })
+            });
+            if into_reference {
+                return Err(Refused::malformed(
+                    "The patch copies or moves a value into a reference, whose search (a \
+                     conditional reference) could not be checked",
+                ));
+            }
+        }
         let mut found = Vec::new();
         conditional_references_in(patch, &mut found);
         strings_like_conditional_references(patch, &mut found);
@@ -744,8 +762,10 @@ fn entry_patch(n: usize, resource: &Value) -> Result<Value, Refused> {
                 .get("data")
                 .and_then(Value::as_str)
                 .ok_or_else(unreadable)?;
+            // FHIR's base64Binary may hold white space between its groups.
+            let data: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
             let bytes = base64::engine::general_purpose::STANDARD
-                .decode(data.trim())
+                .decode(data)
                 .map_err(|_| unreadable())?;
             json_resource(&bytes).map_err(|_| unreadable())
         }
@@ -790,18 +810,27 @@ fn conditional_references_in<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
     }
 }
 
+/// Whether `text` is a conditional reference as HAPI reads one: the word after the last `/`
+/// before its `?` a type's name.
+fn reads_as_conditional_reference(text: &str) -> bool {
+    text.split_once('?').is_some_and(|(before, _)| {
+        let last = before
+            .trim()
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("");
+        is_type(last.trim())
+    })
+}
+
 /// Every string in `value` that reads as a conditional reference, `[type]?...`.
 fn strings_like_conditional_references<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
     match value {
-        Value::String(text) => {
-            let text_start = text.trim_start();
-            if text_start
-                .split_once('?')
-                .is_some_and(|(ty, _)| is_type(ty.trim_end()))
-            {
-                found.push(text);
-            }
-        }
+        // As HAPI reads a reference: the type is what follows the last `/` before the `?`
+        // (`Patient?x`, `Patient/?x`, `http://ehr/Patient?x`). One with a `/` before its `?`
+        // is found too, and refused: only `[type]?[parameters]` can be checked.
+        Value::String(text) if reads_as_conditional_reference(text) => found.push(text),
         Value::Object(members) => {
             for member in members.values() {
                 strings_like_conditional_references(member, found);
@@ -948,6 +977,11 @@ fn chained_types(name: &str) -> Vec<Option<&str>> {
     let mut types = Vec::new();
     let mut rest = name;
     loop {
+        if rest == "_has" {
+            // A reverse chain with nothing after it: refused by servers, every type here.
+            types.push(None);
+            return types;
+        }
         if let Some(reverse) = rest.strip_prefix("_has:") {
             // `_has:[type]:[reference]:[the rest, itself a parameter of that type]`.
             let mut pieces = reverse.splitn(3, ':');
@@ -1691,6 +1725,8 @@ mod tests {
         for odd in [
             "/Patient?_has:Observation:patient=x",
             "/Patient?_has:observation:patient:code=x",
+            "/Patient?_has=x",
+            "/Patient?_has:Observation:patient:_has=x",
         ] {
             assert!(
                 !allowed("system/Patient.rs system/Observation.s", Method::GET, odd),
@@ -2018,8 +2054,11 @@ mod tests {
         };
         let json_patch = |value: &str| {
             let patch = json!([{"op": "replace", "path": "/subject/reference", "value": value}]);
+            // Wrapped, as FHIR's base64Binary may be.
+            let data = base64::engine::general_purpose::STANDARD.encode(patch.to_string());
+            let (head, tail) = data.split_at(8);
             json!({"resourceType": "Binary", "contentType": "application/json-patch+json",
-                   "data": base64::engine::general_purpose::STANDARD.encode(patch.to_string())})
+                   "data": format!("{head}\n  {tail}")})
         };
         let fhirpath_patch = |value: &str| {
             json!({"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [

@@ -580,13 +580,24 @@ fn written_resource(
     };
     if xml {
         of_type(xml_root(start), "FHIR XML")?;
-        // A patch may set a reference by a value of any name (`valueString`): any `?`, or a
-        // character reference that could be one, may be a conditional reference.
-        if ty.is_none() && (start.contains(&b'?') || memchr::memmem::find(start, b"&#").is_some()) {
-            return Err(Refused::malformed(
-                "The patch may set a conditional reference (it holds a ? or a character \
-                 reference), which is checked in JSON only: send it as JSON",
-            ));
+        // A patch may set a reference by a value of any name (`valueString`, an XML Patch's
+        // text): any `?` past the prolog, or a character reference that could be one, may be
+        // a conditional reference. Read as UTF-8 (a `?` in UTF-16 or EBCDIC is no `?` byte),
+        // with no document type (whose entities could spell one).
+        if ty.is_none() {
+            let body = xml_body(start);
+            let unreadable = std::str::from_utf8(start).is_err()
+                || xml_root(start).is_none()
+                || memchr::memmem::find(start, b"<!").is_some_and(|at| {
+                    start[at..].starts_with(b"<!DOCTYPE") || start[at..].starts_with(b"<!ENTITY")
+                });
+            if unreadable || body.contains(&b'?') || memchr::memmem::find(body, b"&#").is_some() {
+                return Err(Refused::malformed(
+                    "The patch may set a conditional reference (it holds a ? or a character \
+                     reference, or is not UTF-8 XML with no document type), which is checked in \
+                     JSON only: send it as JSON",
+                ));
+            }
         }
         if xml_may_hold_conditional_reference(start) {
             return Err(Refused::malformed(
@@ -659,6 +670,31 @@ fn xml_may_hold_conditional_reference(xml: &[u8]) -> bool {
 /// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
 /// past a declaration, processing instructions and comments; `None` for anything else (a
 /// document type declaration among them: entities could make the element another).
+/// An XML document past its prolog (the declaration, processing instructions, comments).
+fn xml_body(xml: &[u8]) -> &[u8] {
+    let mut rest = xml;
+    loop {
+        rest = rest.trim_ascii_start();
+        let skipped = if let Some(after) = rest.strip_prefix(b"<?") {
+            after
+                .windows(2)
+                .position(|w| w == b"?>")
+                .map(|end| &after[end + 2..])
+        } else if let Some(after) = rest.strip_prefix(b"<!--") {
+            after
+                .windows(3)
+                .position(|w| w == b"-->")
+                .map(|end| &after[end + 3..])
+        } else {
+            None
+        };
+        match skipped {
+            Some(after) => rest = after,
+            None => return rest,
+        }
+    }
+}
+
 fn xml_root(xml: &[u8]) -> Option<&str> {
     let mut rest = xml;
     loop {
@@ -964,11 +1000,17 @@ fn form_body(headers: &http::HeaderMap) -> Result<bool, &'static str> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(false);
     };
-    let mut parts = value.as_bytes().split(|&b| b == b';');
-    let media = parts.next().unwrap_or_default().trim_ascii();
-    if !media.eq_ignore_ascii_case(FORM) {
+    // A type that begins as a form's is one to HAPI (it reads a form by that prefix, even
+    // `application/x-www-form-urlencodedx` or one with no `;` before its charset).
+    let whole = value.as_bytes().trim_ascii_start();
+    if !whole
+        .get(..FORM.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(FORM))
+    {
         return Ok(false);
     }
+    let mut parts = whole.split(|&b| b == b';');
+    let media = parts.next().unwrap_or_default().trim_ascii();
     // Each parameter `charset=utf-8` (any case, quoted or not); an empty one (`;;`) is none.
     let charset_ok = parts.all(|param| {
         let param = param.trim_ascii();
@@ -1204,6 +1246,32 @@ mod tests {
         }
         let question = br#"[{"op": "replace", "path": "/note/0/text", "value": "worse? no"}]"#;
         assert!(written_resource(&grants, question, None, json).is_ok());
+        // As HAPI reads a reference: the type after the last `/` before the `?` (refused, as
+        // only `[type]?...` can be checked); a URL whose last segment is no type is text.
+        for value in [
+            "Patient/?identifier=x",
+            "http://ehr/fhir/Patient?identifier=x",
+        ] {
+            let patch = serde_json::json!([{"op": "replace", "path": "/subject/reference", "value": value}]);
+            let refused =
+                written_resource(&grants, patch.to_string().as_bytes(), None, json).unwrap_err();
+            assert!(refused.malformed, "{value}: {}", refused.diagnostics);
+        }
+        let link =
+            br#"[{"op": "add", "path": "/note/0/text", "value": "see http://x.org/page?a=1"}]"#;
+        assert!(written_resource(&grants, link, None, json).is_ok());
+        // A copy or move into a reference takes a value the patch does not hold: refused.
+        for (op, path) in [
+            ("copy", "/subject/reference"),
+            ("move", "/performer/0/reference"),
+        ] {
+            let patch = serde_json::json!([{"op": op, "from": "/note/0/text", "path": path}]);
+            let refused =
+                written_resource(&grants, patch.to_string().as_bytes(), None, json).unwrap_err();
+            assert!(refused.malformed, "{op} {path}");
+        }
+        let copy = br#"[{"op": "copy", "from": "/note/0", "path": "/note/1"}]"#;
+        assert!(written_resource(&grants, copy, None, json).is_ok());
         // In XML, any `?` (or a character reference) in a patch: send it as JSON.
         let xml_patch = b"<Parameters><parameter><part><valueString value=\"Patient?identifier=x\"/></part></parameter></Parameters>";
         assert!(
@@ -1211,8 +1279,22 @@ mod tests {
                 .unwrap_err()
                 .malformed
         );
-        let plain_xml_patch = b"<Parameters><parameter><part><valueCode value=\"final\"/></part></parameter></Parameters>";
+        let plain_xml_patch = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<!-- a patch? -->\n<Parameters><parameter><part><valueCode value=\"final\"/></part></parameter></Parameters>";
         assert!(written_resource(&grants, plain_xml_patch, None, xml).is_ok());
+        // One a server would read otherwise: UTF-16 (its `?` is no `?` byte), entities.
+        let utf16: Vec<u8> =
+            "<Parameters><valueString value=\"Patient?identifier=x\"/></Parameters>"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes)
+                .collect();
+        let doctype = b"<!DOCTYPE Parameters [<!ENTITY q \"Patient\">]><Parameters><valueString value=\"&q;\"/></Parameters>";
+        for unreadable in [&utf16[..], doctype] {
+            assert!(
+                written_resource(&grants, unreadable, None, xml)
+                    .unwrap_err()
+                    .malformed
+            );
+        }
         // No `Content-Type`: as the first byte says.
         let untyped = ResourceFormat::Untyped;
         assert!(written(b"<Observation/>", untyped).is_ok());
