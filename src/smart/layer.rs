@@ -831,12 +831,19 @@ where
     Ok(total.unwrap_or(entries as u64) > 0)
 }
 
-/// The parameter names of a query string, decoded; none when it is not UTF-8.
+/// The parameter names of a query string, decoded (lossily: a name that is not UTF-8 or not
+/// one FHIR could define is still a name, and matches none of the request's, so a server's
+/// `self` link holding one cannot hide a parameter it dropped).
 fn names(query: &str) -> Vec<String> {
-    parse_query(query)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(name, _)| name.into_owned())
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            percent_encoding::percent_decode_str(&name.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .collect()
 }
 
