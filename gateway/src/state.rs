@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
-use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantStore};
+use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
+use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
     ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
 };
@@ -105,16 +106,32 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         .await
         .map_err(|e| format!("cannot open the database ({location}): {e}"))?;
     let directory = state.tenant_store();
-    for tenant in &config.tenants {
-        if directory
-            .insert_if_absent(tenant.id, &tenant.record)
+    {
+        // Under the lock every replica's tenant writes take (the admin API's too): a change
+        // made on a running replica cannot pass its nesting check between this start's check
+        // and its seeding. The configured tenants are checked as if seeded, before any is: one
+        // that would nest with a tenant the directory holds is never written (the running
+        // replicas would serve both).
+        let _writes = directory
+            .lock_writes()
             .await
-            .map_err(|e| format!("cannot write the configured tenants: {e}"))?
-        {
-            tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
+            .map_err(|e| format!("cannot lock the tenant directory ({location}): {e}"))?;
+        let seeded: Vec<_> = config
+            .tenants
+            .iter()
+            .map(|tenant| (tenant.id, &tenant.record))
+            .collect();
+        refuse_nested_bases(&directory, &location, &seeded).await?;
+        for tenant in &config.tenants {
+            if directory
+                .insert_if_absent(tenant.id, &tenant.record)
+                .await
+                .map_err(|e| format!("cannot write the configured tenants: {e}"))?
+            {
+                tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
+            }
         }
     }
-    refuse_nested_bases(&directory, &location).await?;
     let clients = state.client_store(hashing(config)?);
     register(&clients, &config.clients).await?;
     let keys = state
@@ -150,8 +167,16 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
 
 /// Refuses to serve a directory where one tenant's upstream base lies under another's on the
 /// same server (stored before the admin API refused it, or seeded beside it): the outer
-/// tenant's tokens would reach the inner tenant's data. Reads every tenant once.
-async fn refuse_nested_bases(directory: &dyn TenantStore, location: &str) -> Result<(), String> {
+/// tenant's tokens would reach the inner tenant's data. Reads every tenant once; `seeded`
+/// (the configured tenants, about to be written where the directory lacks them) count as
+/// held where it holds none of their ids. (A configured tenant removed through the admin API,
+/// which seeding leaves out, counts too: a configuration naming one that would nest is
+/// refused all the same.)
+async fn refuse_nested_bases(
+    directory: &dyn TenantStore,
+    location: &str,
+    seeded: &[(TenantId, &TenantRecord)],
+) -> Result<(), String> {
     let failed = |e: DirectoryError| format!("cannot read the tenant directory ({location}): {e}");
     let mut tenants = Vec::new();
     for tenant in directory.list().await.map_err(failed)? {
@@ -159,7 +184,15 @@ async fn refuse_nested_bases(directory: &dyn TenantStore, location: &str) -> Res
             tenants.push((tenant, record));
         }
     }
-    match nested_bases(tenants.iter().map(|(tenant, record)| (*tenant, record))).first() {
+    let held: Vec<(TenantId, &TenantRecord)> = tenants
+        .iter()
+        .map(|(tenant, record)| (*tenant, record))
+        .collect();
+    let new = seeded
+        .iter()
+        .filter(|(id, _)| !held.iter().any(|(tenant, _)| tenant == id))
+        .copied();
+    match nested_bases(held.iter().copied().chain(new)).first() {
         None => Ok(()),
         Some(nested) => Err(format!(
             "the tenant directory ({location}): {nested}. Change or remove one of them (PUT or \
@@ -284,7 +317,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             }
         }
     }
-    refuse_nested_bases(&directory, &format!("{}", tenants_file.display())).await?;
+    refuse_nested_bases(&directory, &format!("{}", tenants_file.display()), &[]).await?;
     let clients_file = dir.join("clients.json");
     let clients = FileClientStore::open_with_hashing(&clients_file, hashing(config)?)
         .map_err(|e| format!("cannot open the client store: {e}"))?;

@@ -21,6 +21,7 @@ use support::*;
 const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const LATER: &str = "7b3e9a10-2c4d-4e5f-8a6b-0c1d2e3f4a5b";
+const NESTED: &str = "8c4f0b21-3d5e-4f60-9b7c-1d2e3f4a5b6c";
 const SECRET: &str = "replicated-secret-0123456789";
 const ADMIN: &str = "replicas-admin-token-0123456789";
 const KEK: &str = "cmVwbGljYXMtc2hhcmUtdGhpcy0zMi1ieXRlLWtleSE=";
@@ -240,6 +241,35 @@ async fn three_gateway_processes_share_one_database() {
         })
         .await;
     }
+
+    // A replica whose configuration adds a tenant whose base lies under one the directory
+    // holds refuses to start, and writes nothing: the running replicas would serve both.
+    let nesting = dir.join("nesting.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    config["tenants"].as_array_mut().unwrap().push(json!({
+        "id": NESTED,
+        "upstreams": [{"base_url": upstream.base("/fhir/inner"), "fhir_version": "4.0"}]
+    }));
+    std::fs::write(&nesting, serde_json::to_vec(&config).unwrap()).unwrap();
+    let refused = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&nesting)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("lies under"), "{said}");
+    let held = admin(
+        &one,
+        "GET",
+        &format!("/admin/tenants/{NESTED}"),
+        json!(null),
+    )
+    .await;
+    assert_eq!(held.status, StatusCode::NOT_FOUND, "{}", held.text());
 
     // One JWKS; a token from replica 1 is accepted by 2 and 3.
     let jwks = one.client.get("/.well-known/jwks.json", &[]).await.json();
