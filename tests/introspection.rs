@@ -271,3 +271,26 @@ async fn a_revoked_token_is_refused_at_once_cached_or_not() {
 fn base64_url(bytes: &[u8]) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_past_its_expiry_but_within_the_leeway_can_still_be_revoked() {
+    let Setup { client, .. } = setup().await;
+    let brief = token(&client, "brief", OTHER_SECRET).await;
+    // Expired (three seconds at most), but within the bearer layer's leeway (a minute): taken.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(introspect(&client, &brief).await, json!({"active": false}));
+    assert_eq!(
+        client.get_bearer("/Patient/1", &brief).await.status,
+        StatusCode::OK
+    );
+    // Its client revokes it: refused from then on, though it has expired.
+    let reply = post(
+        &client,
+        "/oauth/revoke",
+        &format!("token={brief}&client_id=brief&client_secret={OTHER_SECRET}"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = client.get_bearer("/Patient/1", &brief).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+}

@@ -612,7 +612,19 @@ impl Config {
         config
             .client_address_rule()
             .map_err(|e| format!("the configuration file {}: {e}", path.display()))?;
-        for trusted in &config.trusted_issuers {
+        for (n, trusted) in config.trusted_issuers.iter().enumerate() {
+            // Two entries for one issuer would bind its keys and tenants twice over (the
+            // broader binding winning silently).
+            if config.trusted_issuers[..n]
+                .iter()
+                .any(|earlier| earlier.issuer == trusted.issuer)
+            {
+                return Err(format!(
+                    "the configuration file {}: trusted issuer {:?} is named twice: keep one entry",
+                    path.display(),
+                    trusted.issuer
+                ));
+            }
             if trusted.any_tenant && !trusted.tenants.is_empty() {
                 return Err(format!(
                     "the configuration file {}: trusted issuer {:?} has both tenants and any_tenant: keep one",

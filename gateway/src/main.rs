@@ -381,6 +381,14 @@ async fn assemble(
     String,
 > {
     let issuer = config.token.issuer.as_deref().unwrap_or(base);
+    // Another issuer's keys bound to the gateway's own name would vouch for tokens naming any
+    // tenant (the gateway's own tokens may), whatever its `tenants` say.
+    if let Some(trusted) = config.trusted_issuers.iter().find(|t| t.issuer == issuer) {
+        return Err(format!(
+            "trusted issuer {:?} is the gateway's own issuer: its tokens would be taken as the gateway's, for any tenant; give the gateway another token.issuer or remove the entry",
+            trusted.issuer
+        ));
+    }
     let endpoint = TokenEndpoint::builder()
         .issuer(issuer)
         .token_url(format!("{base}/oauth/token"))

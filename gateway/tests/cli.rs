@@ -241,6 +241,22 @@ fn check_config_says_what_is_wrong() {
             "has both tenants and any_tenant",
         ),
         (
+            "issuer-twice",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"tenants\": [\"4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f\"]}, {\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/other\", \"audience\": \"x\", \"any_tenant\": true}], \"admin_token\"",
+            ),
+            "is named twice",
+        ),
+        (
+            "issuer-is-ours",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"token\": {\"issuer\": \"https://gateway.example\"}, \"trusted_issuers\": [{\"issuer\": \"https://gateway.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"tenants\": [\"4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f\"]}], \"admin_token\"",
+            ),
+            "is the gateway's own issuer",
+        ),
+        (
             "issuer-token-type",
             &GOOD.replace(
                 "\"admin_token\"",

@@ -100,7 +100,7 @@ pub(crate) use layer::dedup;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
 pub use revocation_file::FileRevocationLog;
-pub use revoked::{RevocationLog, RevokedTokens};
+pub use revoked::{revoked_until, RevocationLog, RevokedTokens};
 pub use service::BearerAuth;
 pub use source::{FetchedKeys, KeyChanges, KeySource, KeySourceError, KeySourceFuture};
 #[cfg(feature = "token")]

@@ -104,23 +104,33 @@ impl fmt::Debug for RevokedTokens {
     }
 }
 
+/// Until when a token that expires at `expires_at` (Unix seconds) must stay revoked: past its
+/// expiry by the longest leeway a bearer layer takes (an hour), for a layer with a leeway
+/// still takes it until then. What to give [`RevokedTokens::revoke_id`] and a
+/// [`RevocationLog`]'s `record` for a token revoked by its claims.
+pub fn revoked_until(expires_at: u64) -> u64 {
+    expires_at.saturating_add(super::layer::MAX_LEEWAY.as_secs())
+}
+
 impl RevokedTokens {
     /// An empty list.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Revokes the token these claims are from, until it expires. `false` when it has no
-    /// `jti` (it cannot be told from others) or has expired already (nothing to revoke).
+    /// Revokes the token these claims are from, until it can verify no more: its expiry and
+    /// then the longest clock-skew leeway a bearer layer takes (an hour; [`revoked_until`]),
+    /// since a layer with a leeway still takes it that long after its `exp`. `false` when it
+    /// has no `jti` (it cannot be told from others) or verifies no more (nothing to revoke).
     pub fn revoke(&self, claims: &VerifiedClaims) -> bool {
         match claims.token_id() {
-            Some(jti) => self.revoke_id(claims.issuer(), jti, claims.expires_at()),
+            Some(jti) => self.revoke_id(claims.issuer(), jti, revoked_until(claims.expires_at())),
             None => false,
         }
     }
 
-    /// Revokes the token of `issuer` with this `jti`, until `expires_at` (Unix seconds).
-    /// `false` when that time has passed.
+    /// Revokes the token of `issuer` with this `jti`, until `expires_at` (Unix seconds: for a
+    /// token whose `exp` is known, [`revoked_until`] of it). `false` when that time has passed.
     pub fn revoke_id(&self, issuer: Option<&str>, jti: &str, expires_at: u64) -> bool {
         let now = unix_now();
         if expires_at <= now {
@@ -356,6 +366,16 @@ mod tests {
         // Twice is once.
         assert!(revoked.revoke(&ours));
         assert_eq!(revoked.len(), 1);
+        // Revoked by its claims: kept past its expiry by the longest leeway a bearer layer
+        // takes, within which a layer may still take it.
+        let recent = unix_now() - 60;
+        let lately = claims(json!({"iss": "https://a", "jti": "lately", "exp": recent}));
+        assert!(revoked.revoke(&lately) && revoked.is_revoked(&lately));
+        assert_eq!(revoked_until(recent), recent + 3600);
+        assert!(revoked.revoke_id(Some("https://a"), "lately", revoked_until(recent)));
+        let gone = claims(json!({"iss": "https://a", "jti": "gone", "exp": unix_now() - 3601}));
+        assert!(!revoked.revoke(&gone));
+        revoked.inner.entries.write().unwrap().remove("lately");
         // Expired: nothing to revoke; expired entries are dropped at the next revocation.
         assert!(!revoked.revoke_id(Some("https://a"), "old", 1));
         let soon = unix_now() + 1;

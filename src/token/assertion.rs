@@ -192,7 +192,9 @@ impl Assertions {
             Some(jti) if !jti.is_empty() && jti.len() <= MAX_JTI_LEN => jti,
             _ => return Err("it has no jti (or one too long)"),
         };
-        let until = claims.expires_at() + LEEWAY_SECS;
+        // One second more: an assertion is taken until `exp + LEEWAY_SECS` inclusive, and a `jti`
+        // remembered until then counts as unused from that second on.
+        let until = claims.expires_at() + LEEWAY_SECS + 1;
         self.remember(&client.id, jti, until)?;
         Ok((jti.to_owned(), until))
     }

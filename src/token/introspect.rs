@@ -164,7 +164,7 @@ where
             let Some(token) = form.get("token") else {
                 return Err(TokenError::bad_request("token is missing"));
             };
-            if let Some(claims) = inner.live_token(token) {
+            if let Some(claims) = inner.revocable_token(token) {
                 if claims.subject() != Some(client.id.as_str()) {
                     tracing::info!(client_id = %client.id, "revocation of another client's token refused");
                     return Err(TokenError::new(
@@ -175,8 +175,8 @@ where
                 }
                 inner.revoked.revoke(&claims);
                 if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
-                    if let Err(error) = log.record(claims.issuer(), jti, claims.expires_at()).await
-                    {
+                    let until = crate::auth::revoked_until(claims.expires_at());
+                    if let Err(error) = log.record(claims.issuer(), jti, until).await {
                         tracing::error!(client_id = %client.id, %error, "a revocation could not be recorded for the other replicas");
                         return Err(TokenError::unavailable(
                             "The revocation could not be recorded everywhere; retry shortly",
@@ -210,15 +210,31 @@ impl Inner {
     /// The claims of `token` when it is a live token of this endpoint: signed by one of its
     /// current keys, its issuer and audience, not expired (no leeway), not revoked.
     pub(super) fn live_token(&self, token: &str) -> Option<VerifiedClaims> {
+        let claims = self.own_token(token, 0)?;
+        (!claims.is_expired() && !self.revoked.is_revoked(&claims)).then_some(claims)
+    }
+
+    /// The claims of `token` when it is a token of this endpoint that a bearer layer may still
+    /// take: as [`live_token`](Self::live_token), but expired less than the longest leeway a
+    /// bearer layer takes (an hour) ago. What a client may revoke: a layer with a leeway
+    /// takes the token that long past its `exp`.
+    fn revocable_token(&self, token: &str) -> Option<VerifiedClaims> {
+        let leeway = crate::auth::revoked_until(0);
+        let claims = self.own_token(token, leeway)?;
+        (!self.revoked.is_revoked(&claims)).then_some(claims)
+    }
+
+    /// The claims of `token` when this endpoint signed it (one of its current keys, its issuer
+    /// and audience), expired no more than `leeway` seconds ago.
+    fn own_token(&self, token: &str, leeway: u64) -> Option<VerifiedClaims> {
         let keys = self.keys.key_set().ok()?;
         let expected = Expected {
             algorithms: &OWN_ALGORITHMS,
             issuer: Some(&self.issuer),
             audiences: std::slice::from_ref(&self.audience),
-            leeway: 0,
+            leeway,
         };
-        let claims = verify_with_keys(&keys, token, &expected).ok()?;
-        (!claims.is_expired() && !self.revoked.is_revoked(&claims)).then_some(claims)
+        verify_with_keys(&keys, token, &expected).ok()
     }
 }
 
