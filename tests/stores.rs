@@ -212,6 +212,22 @@ where
         "a rotation without grace keeps one secret"
     );
     assert_ne!(record.secrets[0].phc, old);
+    // From a given secret: only while it is still live. One replaced since (a reset made
+    // while a client's own rotation was checking its old secret) is a conflict, nothing
+    // changed; the live one rotates.
+    let conflict = store
+        .rotate_secret_from("app", &old, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(conflict.is_conflict(), "{conflict}");
+    assert_eq!(store.client("app").await.unwrap().unwrap(), record);
+    let live = record.secrets[0].phc.clone();
+    store
+        .rotate_secret_from("app", &live, Duration::ZERO)
+        .await
+        .unwrap();
+    let record = store.client("app").await.unwrap().unwrap();
+    assert_ne!(record.secrets[0].phc, live);
 
     // Entitlements replaced; a malformed scope refused.
     store

@@ -995,3 +995,90 @@ async fn tokens_validate_under_pyjwt() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A store where an administrator resets the client's secret while the client's own rotation
+/// is being checked (between its check and its rotation).
+struct ResetMeanwhile(InMemoryClientStore);
+
+impl ClientStore for ResetMeanwhile {
+    fn client(
+        &self,
+        id: &str,
+    ) -> tower_fhir::token::StoreFuture<Option<tower_fhir::token::ClientRecord>> {
+        self.0.client(id)
+    }
+    fn register(
+        &self,
+        client: NewClient,
+    ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+        self.0.register(client)
+    }
+    fn rotate_secret(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+        self.0.rotate_secret(id, grace)
+    }
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+        let (store, id, used) = (self.0.clone(), id.to_owned(), used.to_owned());
+        Box::pin(async move {
+            store.rotate_secret(&id, Duration::ZERO).await?;
+            store.rotate_secret_from(&id, &used, grace).await
+        })
+    }
+    fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+        self.0.revoke(id)
+    }
+    fn set_entitlements(
+        &self,
+        id: &str,
+        tenants: Vec<TenantId>,
+        scopes: Vec<String>,
+    ) -> tower_fhir::token::StoreFuture<()> {
+        self.0.set_entitlements(id, tenants, scopes)
+    }
+}
+
+#[tokio::test]
+async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
+    let store = InMemoryClientStore::new();
+    let first = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let endpoint = endpoint_over(ResetMeanwhile(store.clone()), ThrottlePolicy::default());
+    // Through the library's call and through the HTTP service alike: the rotation that began
+    // with the old secret is refused, and hands out no secret.
+    let refused = endpoint
+        .rotate_own_secret("app", first.expose(), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(refused.is_conflict(), "{refused}");
+    let reset = store.client("app").await.unwrap().unwrap();
+    assert_eq!(reset.secrets.len(), 1, "the reset's secret stands alone");
+
+    let second = store.rotate_secret("app", Duration::ZERO).await.unwrap();
+    let rotation = endpoint.secret_rotation_service();
+    let client = TestClient::new(serve_tower(rotation).await);
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("app:{}", second.expose()))
+    );
+    let reply = client
+        .send(
+            "POST",
+            "/oauth/clients/app/secret",
+            &[("authorization", &basic)],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "invalid_client");
+    assert!(reply.json().get("client_secret").is_none());
+}

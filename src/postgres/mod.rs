@@ -537,6 +537,27 @@ impl PgClientStore {
 
     /// Runs `change` on the client's record (alone in a [`Clients`]) in a transaction that
     /// locks its row, and writes back what it leaves.
+    /// Rotates the client's secret, only if `used` is still one of its live secrets when given
+    /// ([`ClientStore::rotate_secret_from`]).
+    fn rotate(&self, id: &str, used: Option<String>, grace: Duration) -> StoreFuture<ClientSecret> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            // Refused before hashing when it can be; checked again under the row lock.
+            let mut current = Clients::default();
+            if let Some(record) = this.read(&id).await? {
+                current.clients.insert(id.clone(), record);
+            }
+            current.check_rotatable(&id)?;
+            let hashing = this.hashing;
+            let secret = blocking(move || HashedSecret::generate(hashing)).await?;
+            this.modify(&id, "rotating a secret", move |clients, id| {
+                clients.check_rotatable(id)?;
+                clients.rotate_from(id, used.as_deref(), grace, secret)
+            })
+            .await
+        }))
+    }
+
     async fn modify<T: Send + 'static>(
         &self,
         id: &str,
@@ -665,22 +686,16 @@ impl ClientStore for PgClientStore {
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
-        let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
-            // Refused before hashing when it can be; checked again under the row lock.
-            let mut current = Clients::default();
-            if let Some(record) = this.read(&id).await? {
-                current.clients.insert(id.clone(), record);
-            }
-            current.check_rotatable(&id)?;
-            let hashing = this.hashing;
-            let secret = blocking(move || HashedSecret::generate(hashing)).await?;
-            this.modify(&id, "rotating a secret", move |clients, id| {
-                clients.check_rotatable(id)?;
-                clients.rotate(id, grace, secret)
-            })
-            .await
-        }))
+        self.rotate(id, None, grace)
+    }
+
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> StoreFuture<ClientSecret> {
+        self.rotate(id, Some(used.to_owned()), grace)
     }
 
     fn revoke(&self, id: &str) -> StoreFuture<()> {

@@ -78,6 +78,13 @@ pub(super) struct Authenticated {
     at: u64,
 }
 
+impl Authenticated {
+    /// The hash (PHC form) the secret matched.
+    pub(super) fn matched(&self) -> &str {
+        &self.matched
+    }
+}
+
 impl Denied {
     /// The RFC 6749 answer: 429 while blocked, 503 when busy, 401 `invalid_client` for a wrong
     /// secret (with `challenge`, the `WWW-Authenticate: Basic` value, when the client used

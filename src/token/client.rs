@@ -660,6 +660,27 @@ pub trait ClientStore: Send + Sync + 'static {
     /// (at once when zero). Refuses unknown or revoked clients.
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret>;
 
+    /// Rotates the secret as [`rotate_secret`](Self::rotate_secret) does, only if `used` (the
+    /// hash, in PHC form, of the secret the request authenticated with) is still one of the
+    /// client's live secrets; otherwise a [conflict](StoreError::is_conflict), and nothing
+    /// changes. A client rotating its own secret checks it first (a hash takes a while): a
+    /// reset made meanwhile, by an administrator after the old secret leaked, is then not
+    /// undone by a rotation that began with the old secret (which would hand whoever holds it
+    /// the client again, and take the new secret from the administrator).
+    ///
+    /// The crate's stores check and rotate under one lock (the client's row locked, in
+    /// PostgreSQL). The default, for stores written before this method, does not check: it
+    /// rotates (a store should override it).
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> StoreFuture<ClientSecret> {
+        let _ = used;
+        self.rotate_secret(id, grace)
+    }
+
     /// Revokes the client: it gets no new tokens from now on.
     /// [`TokenEndpoint::revoke_client`](super::TokenEndpoint::revoke_client) also refuses the
     /// tokens it holds.
@@ -857,6 +878,14 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
         (**self).rotate_secret(id, grace)
     }
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> StoreFuture<ClientSecret> {
+        (**self).rotate_secret_from(id, used, grace)
+    }
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         (**self).revoke(id)
     }
@@ -1050,12 +1079,29 @@ impl Clients {
         grace: Duration,
         secret: HashedSecret,
     ) -> Result<ClientSecret, StoreError> {
+        self.rotate_from(id, None, grace, secret)
+    }
+
+    /// As [`rotate`](Self::rotate), only if `used` (a hash) is one of the client's live secrets
+    /// when given: a [conflict](StoreError::is_conflict) otherwise.
+    pub(crate) fn rotate_from(
+        &mut self,
+        id: &str,
+        used: Option<&str>,
+        grace: Duration,
+        secret: HashedSecret,
+    ) -> Result<ClientSecret, StoreError> {
         let record = self
             .clients
             .get_mut(id)
             .filter(|r| !r.revoked)
             .ok_or_else(|| StoreError::refused(format!("no active client {id:?}")))?;
         let now = unix_now();
+        if used.is_some_and(|used| !record.live_secrets(now).any(|h| h.phc == used)) {
+            return Err(StoreError::conflict(format!(
+                "the secret client {id:?} authenticated with was replaced since"
+            )));
+        }
         let grace_ends = now.saturating_add(grace.as_secs());
         // Old secrets stop at once, or when the grace ends (never later than they would have).
         record.secrets.retain(|s| s.is_live(now));
@@ -1322,6 +1368,20 @@ impl ClientStore for InMemoryClientStore {
             this.with(|c| c.check_rotatable(&id))?;
             let secret = HashedSecret::generate(this.hashing)?;
             this.with(|c| c.rotate(&id, grace, secret))
+        }))
+    }
+
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> StoreFuture<ClientSecret> {
+        let (this, id, used) = (self.clone(), id.to_owned(), used.to_owned());
+        Box::pin(blocking(move || {
+            this.with(|c| c.check_rotatable(&id))?;
+            let secret = HashedSecret::generate(this.hashing)?;
+            this.with(|c| c.rotate_from(&id, Some(&used), grace, secret))
         }))
     }
 

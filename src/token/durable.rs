@@ -196,6 +196,20 @@ impl ClientStore for FileClientStore {
         }))
     }
 
+    fn rotate_secret_from(
+        &self,
+        id: &str,
+        used: &str,
+        grace: Duration,
+    ) -> StoreFuture<ClientSecret> {
+        let (this, id, used) = (self.clone(), id.to_owned(), used.to_owned());
+        Box::pin(blocking(move || {
+            this.current().check_rotatable(&id)?;
+            let secret = HashedSecret::generate(this.inner.hashing)?;
+            this.change(|c| c.rotate_from(&id, Some(&used), grace, secret))
+        }))
+    }
+
     fn revoke(&self, id: &str) -> StoreFuture<()> {
         let (this, id) = (self.clone(), id.to_owned());
         Box::pin(blocking(move || this.change(|c| c.revoke(&id))))

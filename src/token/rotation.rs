@@ -49,11 +49,12 @@ impl TokenEndpoint {
             .authenticate_throttled(client_id, current_secret, None, "secret rotation")
             .await
         {
-            Ok(_) => {
+            // Only if the secret checked is still the client's (a reset made meanwhile stands).
+            Ok(checked) => {
                 self.inner
                     .clients
                     .store
-                    .rotate_secret(client_id, grace)
+                    .rotate_secret_from(client_id, checked.matched(), grace)
                     .await
             }
             Err(Denied::Blocked(_) | Denied::Failed) => {
@@ -139,16 +140,26 @@ impl Inner {
                 "client_id does not match the client in the path",
             ));
         }
-        self.clients
+        let checked = self
+            .clients
             .authenticate_throttled(&id, &secret, source(&parts.extensions), "secret rotation")
             .await
             .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
+        // Only if the secret it was checked with is still the client's: a reset made while it
+        // was hashed (an administrator's, after a leak) is not undone.
         let new_secret = self
             .clients
             .store
-            .rotate_secret(&id, Duration::ZERO)
+            .rotate_secret_from(&id, checked.matched(), Duration::ZERO)
             .await
             .map_err(|err| {
+                if err.is_conflict() {
+                    tracing::warn!(client_id = %id, "a secret rotation refused: the secret it authenticated with was replaced meanwhile");
+                    return TokenError::invalid_client(
+                        "Client authentication failed",
+                        basic.then_some(&self.realm),
+                    );
+                }
                 tracing::error!(error = %err, "could not rotate a client secret");
                 if err.is_refused() {
                     TokenError::server_error()
