@@ -198,7 +198,19 @@ pub(crate) fn install_metrics() -> Result<MetricsPage, String> {
     })
 }
 
-/// Serves `GET /metrics` on `listener` until the process ends.
+/// How many connections the metrics endpoint holds at once; more are closed as they come.
+/// (A scraper or two, and a person with curl, need a handful.)
+const METRICS_CONNECTIONS: usize = 16;
+/// How long a metrics connection may take to send a request head.
+const METRICS_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a metrics connection is kept at most, idle or not (a scraper connects again).
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
+/// Serves `GET /metrics` on `listener` until the process ends: at most
+/// [`METRICS_CONNECTIONS`] connections at once (more are closed at once, and counted in the
+/// log), each given [`METRICS_HEADER_READ_TIMEOUT`] for a request head and kept no longer
+/// than [`METRICS_CONNECTION_LIFETIME`], so a few slow or idle connections cannot take the
+/// process's file descriptors.
 pub(crate) fn serve_metrics(listener: tokio::net::TcpListener, page: MetricsPage) {
     let app = Router::new().route(
         "/metrics",
@@ -215,9 +227,37 @@ pub(crate) fn serve_metrics(listener: tokio::net::TcpListener, page: MetricsPage
             }
         }),
     );
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "the metrics endpoint stopped");
+        let mut refused: u64 = 0;
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "the metrics endpoint could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                refused += 1;
+                // Said once, then every thousandth: a flood does not flood the log.
+                if refused == 1 || refused.is_multiple_of(1000) {
+                    tracing::warn!(refused, "the metrics endpoint holds {METRICS_CONNECTIONS} connections: a new one is closed");
+                }
+                drop(stream);
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // An error is the client's (gone, or too slow): nothing to say.
+                let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, connection).await;
+                drop(slot);
+            });
         }
     });
 }

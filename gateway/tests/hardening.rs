@@ -1285,3 +1285,29 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
     }
 }
+
+#[test]
+fn the_metrics_endpoint_holds_few_connections_and_closes_those_that_send_nothing() {
+    let (keys, metrics) = with_metrics(json!({}));
+    let (_proc, _addr, _dir) = start("metrics-connections", keys);
+    // Up, and the connection of that scrape closed again.
+    metric(metrics, "tower_fhir_requests_in_flight", "");
+    std::thread::sleep(Duration::from_millis(300));
+    // Sixteen connections that send nothing are held; the next is closed at once.
+    let mut held: Vec<TcpStream> = (0..16).map(|_| connect(metrics)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = connect(metrics);
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(5)),
+        "a metrics connection past the limit was kept"
+    );
+    // Those held are closed once the header-read timeout (10 s) has passed, and scraping
+    // works again.
+    assert!(
+        closed_within(&mut held[0], Duration::from_secs(20)),
+        "a metrics connection that sent nothing is still open"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    metric(metrics, "tower_fhir_requests_in_flight", "");
+}
