@@ -124,7 +124,7 @@ pub(crate) async fn serve(
     admin: Option<AdminFront>,
     tls: Option<FrontTls>,
     limits: Limits,
-    stop: impl std::future::Future<Output = ()>,
+    mut stop: Signals,
 ) -> Result<(), String> {
     // Each connection holds a permit, whichever worker has it: with none left, the next one
     // waits in the listen backlog.
@@ -163,20 +163,28 @@ pub(crate) async fn serve(
             .map_err(|e| format!("cannot start a worker thread: {e}"))?;
         workers.push(worker);
     }
-    stop.await;
+    stop.received().await;
+    tracing::info!(
+        "shutting down: finishing in-flight requests (a second Ctrl-C or SIGTERM stops at once)"
+    );
     let _ = stopping.send(true);
     // Every permit back means every connection is closed.
     let all = limits.max_connections;
-    if tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
-        let open = (all as usize).saturating_sub(permits.available_permits());
-        tracing::warn!(
-            open_connections = open,
-            grace_seconds = limits.shutdown_grace.as_secs(),
-            "shutdown grace period over with {open} connections still open; exiting anyway"
-        );
+    let drained = tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all));
+    let open = || (all as usize).saturating_sub(permits.available_permits());
+    tokio::select! {
+        drained = drained => if drained.is_err() {
+            let open = open();
+            tracing::warn!(
+                open_connections = open,
+                grace_seconds = limits.shutdown_grace.as_secs(),
+                "shutdown grace period over with {open} connections still open; exiting anyway"
+            );
+        },
+        () = stop.received() => {
+            let open = open();
+            tracing::warn!(open_connections = open, "a second stop signal: exiting now with {open} connections still open");
+        }
     }
     let _ = finished.send(true);
     for worker in workers {
@@ -1062,37 +1070,50 @@ pub(crate) async fn reopen_on_hangup(
     }
 }
 
-/// Ctrl-C or SIGTERM; in-flight requests get the grace period. The handlers are installed
-/// when this is called, not when the future is first polled: call it before saying the
-/// gateway listens, so a SIGTERM sent as soon as it does is a graceful stop, not the default
-/// kill.
-pub(crate) fn shutdown() -> impl std::future::Future<Output = ()> + Send {
+/// Ctrl-C or SIGTERM: the first stops the gateway gracefully (in-flight requests get the
+/// grace period), a second during the grace stops it at once. The handlers are installed
+/// when this is called: call it before saying the gateway listens, so a SIGTERM sent as soon
+/// as it does is a graceful stop, not the default kill.
+pub(crate) fn shutdown() -> Signals {
     #[cfg(unix)]
-    let (interrupt, term) = {
+    {
         use tokio::signal::unix::{signal, SignalKind};
-        (
-            signal(SignalKind::interrupt()).ok(),
-            signal(SignalKind::terminate()).ok(),
-        )
-    };
-    async move {
+        Signals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+    #[cfg(not(unix))]
+    Signals {}
+}
+
+/// The stop signals (see [`shutdown`]).
+pub(crate) struct Signals {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Resolves at the next Ctrl-C or SIGTERM.
+    pub(crate) async fn received(&mut self) {
         #[cfg(unix)]
         {
-            let wait = |stream: Option<tokio::signal::unix::Signal>| async move {
+            async fn wait(stream: &mut Option<tokio::signal::unix::Signal>) {
                 match stream {
-                    Some(mut stream) => {
+                    Some(stream) => {
                         stream.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
-            };
-            tokio::select! { () = wait(interrupt) => {}, () = wait(term) => {} }
+            }
+            tokio::select! { () = wait(&mut self.interrupt) => {}, () = wait(&mut self.term) => {} }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
         }
-        tracing::info!("shutting down: finishing in-flight requests");
     }
 }
 

@@ -1311,3 +1311,38 @@ fn the_metrics_endpoint_holds_few_connections_and_closes_those_that_send_nothing
     std::thread::sleep(Duration::from_millis(300));
     metric(metrics, "tower_fhir_requests_in_flight", "");
 }
+
+#[test]
+fn a_second_sigterm_during_the_grace_period_stops_at_once() {
+    let (mut proc, addr, _dir) = start("second-signal", json!({"shutdown_grace_seconds": 600}));
+    // A request that never finishes holds the grace period open.
+    let mut stalled = connect(addr);
+    let _ = start_token_request(&mut stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(proc.signal("TERM"), "kill -TERM failed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        matches!(proc.child.try_wait(), Ok(None)),
+        "exited at the first SIGTERM with a request held"
+    );
+    let signalled = Instant::now();
+    assert!(proc.signal("TERM"), "kill -TERM failed");
+    let exited = loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running {:?} after a second SIGTERM; stderr:\n{}",
+            signalled.elapsed(),
+            proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.success(), "{exited}; stderr:\n{}", proc.stderr());
+    let stderr = proc.stderr();
+    assert!(
+        stderr.contains("a second stop signal: exiting now with 1 connections still open"),
+        "{stderr}"
+    );
+}
