@@ -139,6 +139,44 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// File descriptors kept besides the clients' connections: upstream connections (pooled per
+/// worker), the database's pool and listeners, the admin API's and metrics' clients, the
+/// audit log, the state files.
+#[cfg(unix)]
+const OPEN_FILES_RESERVE: u64 = 1024;
+
+/// Raises the open files limit (`RLIMIT_NOFILE`) to its hard limit, as a server that holds
+/// thousands of connections must (systemd's default soft limit is 1024), and warns when it is
+/// still below `max_connections` and [`OPEN_FILES_RESERVE`]: then accepts, upstream connects
+/// and file opens fail before `max_connections` holds anyone back.
+#[cfg(unix)]
+fn open_files(max_connections: u32) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None`: no limit.
+    let mut soft = limit.current;
+    if soft.is_some() && soft < limit.maximum.or(Some(u64::MAX)) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = limit.maximum,
+            Err(error) => {
+                tracing::warn!(%error, "cannot raise the open files limit to its hard limit")
+            }
+        }
+    }
+    let needed = u64::from(max_connections) + OPEN_FILES_RESERVE;
+    if let Some(soft) = soft.filter(|&soft| soft < needed) {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open files limit ({soft}) is below max_connections ({max_connections}) plus {OPEN_FILES_RESERVE} for upstream connections, the database and files: past it, new connections and upstream requests fail before max_connections holds anyone back; raise the limit (systemd LimitNOFILE=, ulimit -n) or lower max_connections"
+        );
+    }
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let demo = args.config.is_none();
     let mut config = match &args.config {
@@ -156,6 +194,8 @@ async fn run(args: Args) -> Result<(), String> {
     }
     config.database_from_env();
     init_logs(config.log_format);
+    #[cfg(unix)]
+    open_files(config.max_connections);
     // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
     // that signals a gateway still starting).
     #[cfg(unix)]

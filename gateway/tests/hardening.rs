@@ -1346,3 +1346,39 @@ fn a_second_sigterm_during_the_grace_period_stops_at_once() {
         "{stderr}"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_open_files_limit_is_raised_to_its_hard_limit_and_a_low_one_is_said() {
+    // Started with a soft limit of 1024 (systemd's default) under a hard one of 4096: raised
+    // to 4096, still below max_connections (10,000 by default) and the reserve: said at warn.
+    let dir = scratch("hardening-open-files");
+    let config = json!({"listen": "127.0.0.1:0", "state_dir": dir.join("state")});
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let mut command = Command::new("prlimit");
+    command
+        .arg("--nofile=1024:4096")
+        .arg("--")
+        .arg(GATEWAY)
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "warn");
+    let (proc, _) = Proc::start(
+        command,
+        dir.join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proc.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+    let stderr = proc.stderr();
+    assert!(
+        stderr.contains("the open files limit (4096) is below max_connections (10000)"),
+        "{stderr}"
+    );
+}
