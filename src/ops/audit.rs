@@ -649,52 +649,77 @@ impl QueryRecording {
 
 /// Query parameters whose values are credentials: [`QueryRecording::Full`] records their
 /// names with the value `REDACTED`.
-/// (Not `code`: FHIR searches by it.)
-const SECRET_PARAMETERS: [&str; 16] = [
+/// (Not `code`: FHIR searches by it.) Names outside the list are recorded as sent: keep
+/// credentials out of URLs, or record the names only ([`QueryRecording::Names`]).
+const SECRET_PARAMETERS: [&str; 31] = [
     "access_token",
     "refresh_token",
     "id_token",
     "token",
+    "jwt",
     "client_secret",
     "client_assertion",
     "assertion",
     "code_verifier",
     "password",
+    "passwd",
+    "pwd",
     "subject_token",
     "actor_token",
     "api_key",
     "apikey",
+    "api-key",
+    "x-api-key",
     "key",
     "secret",
     "authorization",
+    "auth",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "session",
+    "sessionid",
+    "sid",
 ];
 
 /// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
-/// percent-decoded, any case, white space and a leading `;` around it ignored, as lenient
-/// servers read names) replaced by `REDACTED`; borrowed when it has none.
+/// percent-decoded, any case, white space around it ignored, as lenient servers read names)
+/// replaced by `REDACTED`; borrowed when it has none. Pairs are split at `&` and at `;`
+/// (which some servers also take between parameters).
 fn redact_secrets(query: &str) -> std::borrow::Cow<'_, str> {
     let secret = |name: &str| {
         let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        let name = name.trim().trim_start_matches(';').trim();
+        let name = name.trim();
         SECRET_PARAMETERS
             .iter()
             .any(|secret| name.eq_ignore_ascii_case(secret))
     };
     let has_secret = |pair: &str| pair.split_once('=').is_some_and(|(name, _)| secret(name));
-    if !query.split('&').any(has_secret) {
+    if !query.split(['&', ';']).any(has_secret) {
         return std::borrow::Cow::Borrowed(query);
     }
     let mut redacted = String::with_capacity(query.len());
-    for (n, pair) in query.split('&').enumerate() {
-        if n > 0 {
-            redacted.push('&');
-        }
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let pair = &rest[..end];
         match pair.split_once('=') {
             Some((name, _)) if secret(name) => {
                 redacted.push_str(name);
                 redacted.push_str("=REDACTED");
             }
             _ => redacted.push_str(pair),
+        }
+        // The separator as it was.
+        match rest[end..].chars().next() {
+            Some(separator) => {
+                redacted.push(separator);
+                rest = &rest[end + 1..];
+            }
+            None => break,
         }
     }
     std::borrow::Cow::Owned(redacted)
@@ -2076,6 +2101,14 @@ mod tests {
             QueryRecording::Full.apply(q).as_deref(),
             Some(
                 ";access_token=REDACTED&access_token%20=REDACTED&Key=REDACTED&secret=REDACTED&Authorization=REDACTED&keyword=f"
+            )
+        );
+        // Signed URLs' and sessions' names, and pairs after a `;`.
+        let q = Some("_count=1;access_token=a&X-Amz-Signature=b;sig=c&session=d&name=e;f=g");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some(
+                "_count=1;access_token=REDACTED&X-Amz-Signature=REDACTED;sig=REDACTED&session=REDACTED&name=e;f=g"
             )
         );
         assert_eq!(QueryRecording::parse("names"), Some(QueryRecording::Names));
