@@ -824,6 +824,10 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
     timeout(Duration::from_secs(10), revocations.listening())
         .await
         .expect("the revocation listener never connected");
+    assert!(
+        revocations.is_listening(),
+        "the revocation listener stopped"
+    );
     let before = upstreams("http://127.0.0.1:9001/fhir", FhirVersion::R4);
     direct.put(tenant(A), before.clone()).await.unwrap();
     assert_eq!(through.lookup(tenant(A)).await.unwrap(), Some(before));
@@ -870,6 +874,10 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
     timeout(Duration::from_secs(30), revocations.listening())
         .await
         .expect("the revocation listener did not connect again");
+    assert!(
+        revocations.is_listening(),
+        "the revocation listener stopped"
+    );
     assert_eq!(through.lookup(tenant(B)).await.unwrap(), Some(after));
     drop(revoked);
 }

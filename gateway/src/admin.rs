@@ -125,7 +125,9 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
 /// client would be left revoked or narrowed with its tokens working, or a tenant changed with
 /// this process's route cache still holding it.
 async fn detached(request: Request, next: Next) -> Response {
-    match tokio::spawn(next.run(request)).await {
+    // In the request's span (its request id, in every line the handler logs).
+    let run = tracing::Instrument::instrument(next.run(request), tracing::Span::current());
+    match tokio::spawn(run).await {
         Ok(response) => response,
         Err(err) => {
             tracing::error!(error = %err, "an admin request failed");

@@ -77,9 +77,6 @@ pub(crate) fn check_audit_log(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
-/// in the same request ids, metrics and audit records, and what reopens the audit log file
-/// (for rotation) when there is one.
 /// What readiness watches of a shared database: whether it answers its pings, and whether
 /// this process hears the other replicas' tenant changes and revocations.
 pub(crate) struct Listening {
@@ -89,6 +86,9 @@ pub(crate) struct Listening {
     pub(crate) revocations: Option<RevocationsFollowed>,
 }
 
+/// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
+/// in the same request ids, metrics and audit records, and what reopens the audit log file
+/// (for rotation) when there is one.
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,

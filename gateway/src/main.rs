@@ -153,21 +153,23 @@ const OPEN_FILES_RESERVE: u64 = 1024;
 fn open_files(max_connections: u32) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
-    // `None`: no limit.
+    let needed = u64::from(max_connections) + OPEN_FILES_RESERVE;
+    // `None`: no limit. Under no hard limit, what is needed (the kernel refuses "unlimited"
+    // open files: Linux caps them at `fs.nr_open`).
     let mut soft = limit.current;
-    if soft.is_some() && soft < limit.maximum.or(Some(u64::MAX)) {
+    let target = limit.maximum.or(Some(needed));
+    if soft.is_some() && soft < target {
         let raised = Rlimit {
-            current: limit.maximum,
+            current: target,
             maximum: limit.maximum,
         };
         match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => soft = limit.maximum,
+            Ok(()) => soft = target,
             Err(error) => {
                 tracing::warn!(%error, "cannot raise the open files limit to its hard limit")
             }
         }
     }
-    let needed = u64::from(max_connections) + OPEN_FILES_RESERVE;
     if let Some(soft) = soft.filter(|&soft| soft < needed) {
         tracing::warn!(
             open_files = soft,

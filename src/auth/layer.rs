@@ -19,7 +19,7 @@ use super::source::{KeySource, RefreshPolicy, RefreshingKeys};
 use super::verify::{token_type_name, Audiences, TokenCache, TokenTypes, Verifier};
 
 /// The longest clock-skew leeway accepted.
-pub(super) const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_LEEWAY: Duration = Duration::from_secs(3600);
 
 /// Every algorithm jsonwebtoken verifies; `none` is not one of them.
 const ALL_ALGORITHMS: [Algorithm; 12] = [

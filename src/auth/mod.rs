@@ -97,6 +97,7 @@ pub use jwks::{HttpJwks, InvalidJwksUrl};
 pub use keys::{KeyError, KeySet, VerificationKey};
 #[cfg(feature = "token")]
 pub(crate) use layer::dedup;
+pub(crate) use layer::MAX_LEEWAY;
 pub use layer::{BearerAuthBuilder, BearerAuthLayer, ConfigError};
 pub use rejection::{Rejection, RejectionKind};
 pub use revocation_file::FileRevocationLog;

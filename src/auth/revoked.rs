@@ -69,7 +69,8 @@ struct ClientEntry {
 /// [`RevokedTokens`], and answers only once it succeeded.
 pub trait RevocationLog: Send + Sync + 'static {
     /// Records that the token of `issuer` with this `jti` is revoked until `expires_at` (Unix
-    /// seconds). The error is for the log.
+    /// seconds: the token endpoint gives [`revoked_until`] of its `exp`, an hour past it, as
+    /// long as a bearer layer may take it). The error is for the log.
     fn record(
         &self,
         issuer: Option<&str>,
@@ -109,7 +110,7 @@ impl fmt::Debug for RevokedTokens {
 /// still takes it until then. What to give [`RevokedTokens::revoke_id`] and a
 /// [`RevocationLog`]'s `record` for a token revoked by its claims.
 pub fn revoked_until(expires_at: u64) -> u64 {
-    expires_at.saturating_add(super::layer::MAX_LEEWAY.as_secs())
+    expires_at.saturating_add(super::MAX_LEEWAY.as_secs())
 }
 
 impl RevokedTokens {

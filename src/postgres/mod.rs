@@ -535,8 +535,6 @@ impl PgClientStore {
         .transpose()
     }
 
-    /// Runs `change` on the client's record (alone in a [`Clients`]) in a transaction that
-    /// locks its row, and writes back what it leaves.
     /// Rotates the client's secret, only if `used` is still one of its live secrets when given
     /// ([`ClientStore::rotate_secret_from`]).
     fn rotate(&self, id: &str, used: Option<String>, grace: Duration) -> StoreFuture<ClientSecret> {
@@ -558,6 +556,8 @@ impl PgClientStore {
         }))
     }
 
+    /// Runs `change` on the client's record (alone in a [`Clients`]) in a transaction that
+    /// locks its row, and writes back what it leaves.
     async fn modify<T: Send + 'static>(
         &self,
         id: &str,
@@ -1316,7 +1316,9 @@ impl RevocationsFollowed {
         *self.listening.borrow()
     }
 
-    /// Resolves once the listener listens (at once if it does).
+    /// Resolves once the listener listens (at once if it does), or once it has stopped
+    /// (nothing holds the revoked list any more): check [`is_listening`](Self::is_listening)
+    /// after it.
     pub async fn listening(&self) {
         let mut listening = self.listening.clone();
         // An error: the listener has stopped (nothing holds the revoked list any more).

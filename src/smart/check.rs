@@ -561,10 +561,7 @@ impl<'g> Check<'g> {
             let into_reference = operations.iter().any(|operation| {
                 let op = operation.get("op").and_then(Value::as_str);
                 let path = operation.get("path").and_then(Value::as_str).unwrap_or("");
-                matches!(op, Some("copy" | "move"))
-                    && path.rsplit('/').next().is_some_and(|last| {
-                        last.eq_ignore_ascii_case("reference") || last == "-" || last.is_empty()
-                    })
+                matches!(op, Some("copy" | "move")) && path.rsplit('/').next() == Some("reference")
             });
             if into_reference {
                 return Err(Refused::malformed(
@@ -575,7 +572,7 @@ impl<'g> Check<'g> {
         }
         let mut found = Vec::new();
         conditional_references_in(patch, &mut found);
-        strings_like_conditional_references(patch, &mut found);
+        patch_reference_strings(patch, &mut found);
         self.searches_of(found)
     }
 
@@ -822,6 +819,61 @@ fn reads_as_conditional_reference(text: &str) -> bool {
             .unwrap_or("");
         is_type(last.trim())
     })
+}
+
+/// The strings a patch writes where a reference goes that read as conditional references: a
+/// JSON Patch's string `value` whose `path` ends in `/reference`; a FHIRPath Patch's string
+/// value (`valueString`, `valueUri`, ...) in an operation whose `path` ends in `.reference` or
+/// whose `name` is `reference`. (A `reference` member of an object a patch writes is found
+/// as in a resource.) In a patch of another shape, every string that reads as one.
+fn patch_reference_strings<'v>(patch: &'v Value, found: &mut Vec<&'v str>) {
+    let mut push = |value: Option<&'v Value>| {
+        if let Some(Value::String(text)) = value {
+            if reads_as_conditional_reference(text) {
+                found.push(text);
+            }
+        }
+    };
+    match patch {
+        Value::Array(operations) => {
+            for operation in operations {
+                let path = operation.get("path").and_then(Value::as_str).unwrap_or("");
+                if path.rsplit('/').next() == Some("reference") {
+                    push(operation.get("value"));
+                }
+            }
+        }
+        Value::Object(members)
+            if members.get("resourceType").and_then(Value::as_str) == Some("Parameters") =>
+        {
+            let parameters = members.get("parameter").and_then(Value::as_array);
+            for operation in parameters.into_iter().flatten() {
+                let parts = operation.get("part").and_then(Value::as_array);
+                let parts = parts.map(Vec::as_slice).unwrap_or_default();
+                let part = |name: &str| {
+                    parts
+                        .iter()
+                        .find(|part| part.get("name").and_then(Value::as_str) == Some(name))
+                };
+                let text = |name: &str| {
+                    part(name)
+                        .and_then(|part| part.get("valueString"))
+                        .and_then(Value::as_str)
+                };
+                let sets_reference = text("path")
+                    .is_some_and(|path| path.trim_end().ends_with(".reference"))
+                    || text("name").is_some_and(|name| name.trim() == "reference");
+                if let (true, Some(Value::Object(value))) = (sets_reference, part("value")) {
+                    for (key, member) in value {
+                        if key.starts_with("value") {
+                            push(Some(member));
+                        }
+                    }
+                }
+            }
+        }
+        other => strings_like_conditional_references(other, found),
+    }
 }
 
 /// Every string in `value` that reads as a conditional reference, `[type]?...`.

@@ -582,15 +582,12 @@ fn written_resource(
         of_type(xml_root(start), "FHIR XML")?;
         // A patch may set a reference by a value of any name (`valueString`, an XML Patch's
         // text): any `?` past the prolog, or a character reference that could be one, may be
-        // a conditional reference. Read as UTF-8 (a `?` in UTF-16 or EBCDIC is no `?` byte),
-        // with no document type (whose entities could spell one).
+        // a conditional reference. Read as UTF-8 with an ASCII root element (EBCDIC's `?` is
+        // no `?` byte, UTF-16's `&#` no `&#` pair) and no document type (whose entities could
+        // spell one; `xml_root` finds no root past one).
         if ty.is_none() {
             let body = xml_body(start);
-            let unreadable = std::str::from_utf8(start).is_err()
-                || xml_root(start).is_none()
-                || memchr::memmem::find(start, b"<!").is_some_and(|at| {
-                    start[at..].starts_with(b"<!DOCTYPE") || start[at..].starts_with(b"<!ENTITY")
-                });
+            let unreadable = std::str::from_utf8(start).is_err() || xml_root(start).is_none();
             if unreadable || body.contains(&b'?') || memchr::memmem::find(body, b"&#").is_some() {
                 return Err(Refused::malformed(
                     "The patch may set a conditional reference (it holds a ? or a character \
@@ -667,9 +664,6 @@ fn xml_may_hold_conditional_reference(xml: &[u8]) -> bool {
     })
 }
 
-/// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
-/// past a declaration, processing instructions and comments; `None` for anything else (a
-/// document type declaration among them: entities could make the element another).
 /// An XML document past its prolog (the declaration, processing instructions, comments).
 fn xml_body(xml: &[u8]) -> &[u8] {
     let mut rest = xml;
@@ -695,20 +689,11 @@ fn xml_body(xml: &[u8]) -> &[u8] {
     }
 }
 
+/// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
+/// past a declaration, processing instructions and comments; `None` for anything else (a
+/// document type declaration among them: entities could make the element another).
 fn xml_root(xml: &[u8]) -> Option<&str> {
-    let mut rest = xml;
-    loop {
-        rest = rest.trim_ascii_start();
-        if let Some(after) = rest.strip_prefix(b"<?") {
-            let end = after.windows(2).position(|w| w == b"?>")?;
-            rest = &after[end + 2..];
-        } else if let Some(after) = rest.strip_prefix(b"<!--") {
-            let end = after.windows(3).position(|w| w == b"-->")?;
-            rest = &after[end + 3..];
-        } else {
-            break;
-        }
-    }
+    let rest = xml_body(xml);
     let name = rest.strip_prefix(b"<")?;
     let end = name
         .iter()
@@ -1251,8 +1236,37 @@ mod tests {
                 String::from_utf8_lossy(patch)
             );
         }
-        let question = br#"[{"op": "replace", "path": "/note/0/text", "value": "worse? no"}]"#;
-        assert!(written_resource(&grants, question, None, json).is_ok());
+        // Only where a reference goes: text elsewhere is text, however it reads.
+        for text in [
+            "worse? no",
+            "Pain? none",
+            "Fever?",
+            "https://cdn/Reports/Scan1?sig=x",
+        ] {
+            let patch =
+                serde_json::json!([{"op": "replace", "path": "/note/0/text", "value": text}]);
+            assert!(
+                written_resource(&grants, patch.to_string().as_bytes(), None, json).is_ok(),
+                "{text}"
+            );
+            let fhirpath = serde_json::json!({"resourceType": "Parameters", "parameter": [
+                {"name": "operation", "part": [
+                    {"name": "type", "valueCode": "replace"},
+                    {"name": "path", "valueString": "Observation.note.text"},
+                    {"name": "value", "valueString": text}]}]});
+            assert!(
+                written_resource(&grants, fhirpath.to_string().as_bytes(), None, json).is_ok(),
+                "{text}"
+            );
+        }
+        // A FHIRPath Patch adding the reference by its name.
+        let added =
+            br#"{"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+            {"name": "type", "valueCode": "add"},
+            {"name": "path", "valueString": "Observation.subject"},
+            {"name": "name", "valueString": "reference"},
+            {"name": "value", "valueString": "Patient?identifier=x"}]}]}"#;
+        assert!(written_resource(&grants, added, None, json).is_err());
         // As HAPI reads a reference: the type after the last `/` before the `?` (refused, as
         // only `[type]?...` can be checked); a URL whose last segment is no type is text.
         for value in [
@@ -1277,8 +1291,12 @@ mod tests {
                 written_resource(&grants, patch.to_string().as_bytes(), None, json).unwrap_err();
             assert!(refused.malformed, "{op} {path}");
         }
-        let copy = br#"[{"op": "copy", "from": "/note/0", "path": "/note/1"}]"#;
-        assert!(written_resource(&grants, copy, None, json).is_ok());
+        for copy in [
+            &br#"[{"op": "copy", "from": "/note/0", "path": "/note/1"}]"#[..],
+            br#"[{"op": "copy", "from": "/identifier/0", "path": "/identifier/-"}]"#,
+        ] {
+            assert!(written_resource(&grants, copy, None, json).is_ok());
+        }
         // In XML, any `?` (or a character reference) in a patch: send it as JSON.
         let xml_patch = b"<Parameters><parameter><part><valueString value=\"Patient?identifier=x\"/></part></parameter></Parameters>";
         assert!(

@@ -666,7 +666,9 @@ pub trait ClientStore: Send + Sync + 'static {
     /// changes. A client rotating its own secret checks it first (a hash takes a while): a
     /// reset made meanwhile, by an administrator after the old secret leaked, is then not
     /// undone by a rotation that began with the old secret (which would hand whoever holds it
-    /// the client again, and take the new secret from the administrator).
+    /// the client again, and take the new secret from the administrator). A reset with a grace
+    /// period leaves the old secret live until it ends, so it stands only against rotations
+    /// made after that: reset a leaked secret without grace (as the gateway's admin API does).
     ///
     /// The crate's stores check and rotate under one lock (the client's row locked, in
     /// PostgreSQL). The default, for stores written before this method, does not check: it
@@ -1072,18 +1074,8 @@ impl Clients {
     }
 
     /// Gives the client `secret` (hashed beforehand, outside any lock); its old secrets stop
-    /// at once, or when `grace` ends.
-    pub(crate) fn rotate(
-        &mut self,
-        id: &str,
-        grace: Duration,
-        secret: HashedSecret,
-    ) -> Result<ClientSecret, StoreError> {
-        self.rotate_from(id, None, grace, secret)
-    }
-
-    /// As [`rotate`](Self::rotate), only if `used` (a hash) is one of the client's live secrets
-    /// when given: a [conflict](StoreError::is_conflict) otherwise.
+    /// at once, or when `grace` ends. Only if `used` (a hash) is one of the client's live
+    /// secrets, when given: a [conflict](StoreError::is_conflict) otherwise.
     pub(crate) fn rotate_from(
         &mut self,
         id: &str,
@@ -1341,6 +1333,17 @@ impl InMemoryClientStore {
         }
     }
 
+    /// Rotates the client's secret, only if `used` is still one of its live secrets when given
+    /// ([`ClientStore::rotate_secret_from`]); the new secret hashed outside the lock.
+    fn rotate(&self, id: &str, used: Option<String>, grace: Duration) -> StoreFuture<ClientSecret> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || {
+            this.with(|c| c.check_rotatable(&id))?;
+            let secret = HashedSecret::generate(this.hashing)?;
+            this.with(|c| c.rotate_from(&id, used.as_deref(), grace, secret))
+        }))
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Clients) -> T) -> T {
         f(&mut self.clients.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -1363,12 +1366,7 @@ impl ClientStore for InMemoryClientStore {
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
-        let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(blocking(move || {
-            this.with(|c| c.check_rotatable(&id))?;
-            let secret = HashedSecret::generate(this.hashing)?;
-            this.with(|c| c.rotate(&id, grace, secret))
-        }))
+        self.rotate(id, None, grace)
     }
 
     fn rotate_secret_from(
@@ -1377,12 +1375,7 @@ impl ClientStore for InMemoryClientStore {
         used: &str,
         grace: Duration,
     ) -> StoreFuture<ClientSecret> {
-        let (this, id, used) = (self.clone(), id.to_owned(), used.to_owned());
-        Box::pin(blocking(move || {
-            this.with(|c| c.check_rotatable(&id))?;
-            let secret = HashedSecret::generate(this.hashing)?;
-            this.with(|c| c.rotate_from(&id, Some(&used), grace, secret))
-        }))
+        self.rotate(id, Some(used.to_owned()), grace)
     }
 
     fn revoke(&self, id: &str) -> StoreFuture<()> {

@@ -123,6 +123,17 @@ impl FileClientStore {
         &self.inner.path
     }
 
+    /// Rotates the client's secret, only if `used` is still one of its live secrets when given
+    /// ([`ClientStore::rotate_secret_from`]); the new secret hashed outside the lock.
+    fn rotate(&self, id: &str, used: Option<String>, grace: Duration) -> StoreFuture<ClientSecret> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(blocking(move || {
+            this.current().check_rotatable(&id)?;
+            let secret = HashedSecret::generate(this.inner.hashing)?;
+            this.change(|c| c.rotate_from(&id, used.as_deref(), grace, secret))
+        }))
+    }
+
     /// The clients as last written.
     fn current(&self) -> Arc<Clients> {
         Arc::clone(
@@ -188,12 +199,7 @@ impl ClientStore for FileClientStore {
     }
 
     fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
-        let (this, id) = (self.clone(), id.to_owned());
-        Box::pin(blocking(move || {
-            this.current().check_rotatable(&id)?;
-            let secret = HashedSecret::generate(this.inner.hashing)?;
-            this.change(|c| c.rotate(&id, grace, secret))
-        }))
+        self.rotate(id, None, grace)
     }
 
     fn rotate_secret_from(
@@ -202,12 +208,7 @@ impl ClientStore for FileClientStore {
         used: &str,
         grace: Duration,
     ) -> StoreFuture<ClientSecret> {
-        let (this, id, used) = (self.clone(), id.to_owned(), used.to_owned());
-        Box::pin(blocking(move || {
-            this.current().check_rotatable(&id)?;
-            let secret = HashedSecret::generate(this.inner.hashing)?;
-            this.change(|c| c.rotate_from(&id, Some(&used), grace, secret))
-        }))
+        self.rotate(id, Some(used.to_owned()), grace)
     }
 
     fn revoke(&self, id: &str) -> StoreFuture<()> {

@@ -34,7 +34,7 @@ use crate::auth::{RevocationLog, RevokedTokens};
 const CUT_OFF_MARGIN_SECS: u64 = 2;
 
 /// The longest clock skew a bearer layer allows on `exp` (its `leeway` is at most an hour).
-const MAX_LEEWAY_SECS: u64 = 3600;
+const MAX_LEEWAY_SECS: u64 = crate::auth::MAX_LEEWAY.as_secs();
 use crate::client_addr::ForwardedClient;
 
 /// The future a [`TokenEndpoint`] returns.

@@ -219,8 +219,7 @@ impl Inner {
     /// bearer layer takes (an hour) ago. What a client may revoke: a layer with a leeway
     /// takes the token that long past its `exp`.
     fn revocable_token(&self, token: &str) -> Option<VerifiedClaims> {
-        let leeway = crate::auth::revoked_until(0);
-        let claims = self.own_token(token, leeway)?;
+        let claims = self.own_token(token, crate::auth::MAX_LEEWAY.as_secs())?;
         (!self.revoked.is_revoked(&claims)).then_some(claims)
     }
 
