@@ -1238,36 +1238,6 @@ mod tests {
         }
     }
 
-    /// A revocation log that records a client's tokens refused once, then fails.
-    #[derive(Default)]
-    struct ClientsOnce(std::sync::atomic::AtomicBool);
-    impl tower_fhir::auth::RevocationLog for ClientsOnce {
-        fn record(
-            &self,
-            _: Option<&str>,
-            _: &str,
-            _: u64,
-        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn record_client(
-            &self,
-            _: Option<&str>,
-            _: &str,
-            _: u64,
-            _: u64,
-        ) -> futures::future::BoxFuture<'static, Result<(), String>> {
-            let again = self.0.swap(true, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async move {
-                if again {
-                    Err("the log is gone".to_owned())
-                } else {
-                    Ok(())
-                }
-            })
-        }
-    }
-
     fn admin_with<L: tower_fhir::auth::RevocationLog>(
         directory: &InMemoryDirectory,
         clients: Option<(InMemoryClientStore, L)>,
@@ -1383,35 +1353,43 @@ mod tests {
         }
     }
 
+    /// The methods a test's client store passes on to the store in `self.$field` unchanged:
+    /// `register`, `rotate_secret`, `revoke`, `set_entitlements`.
+    macro_rules! delegate_to {
+        ($field:tt) => {
+            fn register(
+                &self,
+                client: NewClient,
+            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+                self.$field.register(client)
+            }
+            fn rotate_secret(
+                &self,
+                id: &str,
+                grace: Duration,
+            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
+                self.$field.rotate_secret(id, grace)
+            }
+            fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
+                self.$field.revoke(id)
+            }
+            fn set_entitlements(
+                &self,
+                id: &str,
+                tenants: Vec<TenantId>,
+                scopes: Vec<String>,
+            ) -> tower_fhir::token::StoreFuture<()> {
+                self.$field.set_entitlements(id, tenants, scopes)
+            }
+        };
+    }
+
     /// A client store without `clients`: the trait's default, which fails.
     struct Unlisting(InMemoryClientStore);
     impl ClientStore for Unlisting {
+        delegate_to!(0);
         fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
             self.0.client(id)
-        }
-        fn register(
-            &self,
-            client: NewClient,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.0.register(client)
-        }
-        fn rotate_secret(
-            &self,
-            id: &str,
-            grace: Duration,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.0.rotate_secret(id, grace)
-        }
-        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
-            self.0.revoke(id)
-        }
-        fn set_entitlements(
-            &self,
-            id: &str,
-            tenants: Vec<TenantId>,
-            scopes: Vec<String>,
-        ) -> tower_fhir::token::StoreFuture<()> {
-            self.0.set_entitlements(id, tenants, scopes)
         }
     }
 
@@ -1620,7 +1598,13 @@ mod tests {
                 .unwrap();
             let (router, _) = admin_with(
                 &InMemoryDirectory::new(),
-                Some((clients.clone(), ClientsOnce::default())),
+                Some((
+                    clients.clone(),
+                    CountsClients {
+                        fails_after: Some(1),
+                        ..CountsClients::default()
+                    },
+                )),
             );
             let response = router
                 .oneshot(admin_request(method, path, body))
@@ -1654,32 +1638,9 @@ mod tests {
         races: std::sync::atomic::AtomicUsize,
     }
     impl ClientStore for Racing {
+        delegate_to!(inner);
         fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
             self.inner.client(id)
-        }
-        fn register(
-            &self,
-            client: NewClient,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.inner.register(client)
-        }
-        fn rotate_secret(
-            &self,
-            id: &str,
-            grace: Duration,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.inner.rotate_secret(id, grace)
-        }
-        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
-            self.inner.revoke(id)
-        }
-        fn set_entitlements(
-            &self,
-            id: &str,
-            tenants: Vec<TenantId>,
-            scopes: Vec<String>,
-        ) -> tower_fhir::token::StoreFuture<()> {
-            self.inner.set_entitlements(id, tenants, scopes)
         }
         fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
             use std::sync::atomic::Ordering::SeqCst;
@@ -1705,9 +1666,13 @@ mod tests {
     }
 
     /// A revocation log that counts the refusals of all a client's tokens, each once recorded
-    /// (after the delay).
+    /// (after `delay`); with `fails_after`, the refusals past that many fail.
     #[derive(Default, Clone)]
-    struct CountsClients(Arc<std::sync::atomic::AtomicUsize>, Duration);
+    struct CountsClients {
+        count: Arc<std::sync::atomic::AtomicUsize>,
+        delay: Duration,
+        fails_after: Option<usize>,
+    }
     impl tower_fhir::auth::RevocationLog for CountsClients {
         fn record(
             &self,
@@ -1724,11 +1689,15 @@ mod tests {
             _: u64,
             _: u64,
         ) -> futures::future::BoxFuture<'static, Result<(), String>> {
-            let (count, delay) = (Arc::clone(&self.0), self.1);
+            let (count, delay, fails_after) =
+                (Arc::clone(&self.count), self.delay, self.fails_after);
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                Ok(())
+                let before = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match fails_after {
+                    Some(most) if before >= most => Err("the log is gone".to_owned()),
+                    _ => Ok(()),
+                }
             })
         }
     }
@@ -1741,32 +1710,9 @@ mod tests {
         fails: bool,
     }
     impl ClientStore for Committing {
+        delegate_to!(inner);
         fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
             self.inner.client(id)
-        }
-        fn register(
-            &self,
-            client: NewClient,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.inner.register(client)
-        }
-        fn rotate_secret(
-            &self,
-            id: &str,
-            grace: Duration,
-        ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-            self.inner.rotate_secret(id, grace)
-        }
-        fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
-            self.inner.revoke(id)
-        }
-        fn set_entitlements(
-            &self,
-            id: &str,
-            tenants: Vec<TenantId>,
-            scopes: Vec<String>,
-        ) -> tower_fhir::token::StoreFuture<()> {
-            self.inner.set_entitlements(id, tenants, scopes)
         }
         fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
             let written = self.inner.update(id, update);
@@ -1806,9 +1752,9 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_millis(100), request)
             .await
             .is_err());
-        assert_eq!(log.0.load(SeqCst), 1, "refused before the change");
+        assert_eq!(log.count.load(SeqCst), 1, "refused before the change");
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(log.0.load(SeqCst), 2, "refused again after it");
+        assert_eq!(log.count.load(SeqCst), 2, "refused again after it");
         assert!(inner
             .client("app")
             .await
@@ -1835,7 +1781,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(log.0.load(SeqCst), 2);
+        assert_eq!(log.count.load(SeqCst), 2);
     }
 
     #[tokio::test]
@@ -1843,7 +1789,10 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let clients = InMemoryClientStore::new();
         clients.register(NewClient::new("app")).await.unwrap();
-        let log = CountsClients(Arc::default(), Duration::from_millis(300));
+        let log = CountsClients {
+            delay: Duration::from_millis(300),
+            ..CountsClients::default()
+        };
         let (router, _) = admin_over(
             InMemoryDirectory::new(),
             Arc::new(clients.clone()),
@@ -1855,7 +1804,7 @@ mod tests {
             .is_err());
         assert!(clients.client("app").await.unwrap().unwrap().revoked);
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(log.0.load(SeqCst), 1, "the revocation reached the log");
+        assert_eq!(log.count.load(SeqCst), 1, "the revocation reached the log");
     }
 
     /// A directory whose writes are made, then answered as failures (a database that
@@ -1957,7 +1906,7 @@ mod tests {
                 ))
                 .await
                 .unwrap();
-            let refusals = log.0.load(std::sync::atomic::Ordering::SeqCst);
+            let refusals = log.count.load(std::sync::atomic::Ordering::SeqCst);
             let record = inner.client("app").await.unwrap().unwrap();
             match races {
                 // Nothing taken away from the client as read, nor written meanwhile.
@@ -1995,35 +1944,12 @@ mod tests {
             gone: Arc<AtomicBool>,
         }
         impl ClientStore for Ending {
+            delegate_to!(inner);
             fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
                 if self.gone.load(SeqCst) {
                     return Box::pin(async { Ok(None) });
                 }
                 self.inner.client(id)
-            }
-            fn register(
-                &self,
-                client: NewClient,
-            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-                self.inner.register(client)
-            }
-            fn rotate_secret(
-                &self,
-                id: &str,
-                grace: Duration,
-            ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
-                self.inner.rotate_secret(id, grace)
-            }
-            fn revoke(&self, id: &str) -> tower_fhir::token::StoreFuture<()> {
-                self.inner.revoke(id)
-            }
-            fn set_entitlements(
-                &self,
-                id: &str,
-                tenants: Vec<TenantId>,
-                scopes: Vec<String>,
-            ) -> tower_fhir::token::StoreFuture<()> {
-                self.inner.set_entitlements(id, tenants, scopes)
             }
             fn update(&self, id: &str, update: ClientUpdate) -> tower_fhir::token::StoreFuture<()> {
                 let (inner, id) = (self.inner.clone(), id.to_owned());
