@@ -413,12 +413,19 @@ impl RateLimitLayer {
     pub fn forget_client(&self, client_id: &str) {
         let clients = &self.shared.clients;
         let hash = clients.hash(client_id);
-        if let Some(mut entry) = clients.get(hash, client_id) {
-            entry.until = 0;
-            entry.forgotten = true;
-            entry.generation += 1;
-            clients.insert(hash, Box::from(client_id), entry, |_| false);
-        }
+        // An entry even for a client not cached: a first read of its limit may be under way,
+        // begun before the change, and must not be kept for a ttl.
+        clients.update(
+            hash,
+            Box::from(client_id),
+            |kept| ClientEntry {
+                limiter: kept.and_then(|kept| kept.limiter.clone()),
+                until: 0,
+                forgotten: true,
+                generation: kept.map_or(0, |kept| kept.generation) + 1,
+            },
+            |_| false,
+        );
     }
 }
 
@@ -1236,6 +1243,57 @@ mod tests {
                 "the limit read before forget_client came back"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_first_read_begun_before_forget_client_is_not_kept() {
+        /// Its first read answers, with the limit it had when asked, only when let go.
+        struct GatedFirst {
+            calls: AtomicUsize,
+            limit: std::sync::Mutex<RateLimit>,
+            gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+        }
+        impl ClientLimits for GatedFirst {
+            fn client_limit(&self, _: &str) -> ClientLimitFuture {
+                let limit = *self.limit.lock().unwrap();
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let gate = self.gate.lock().unwrap().take().unwrap();
+                    return Box::pin(async move {
+                        let _ = gate.await;
+                        Ok(Some(limit))
+                    });
+                }
+                Box::pin(std::future::ready(Ok(Some(limit))))
+            }
+        }
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let source = Arc::new(GatedFirst {
+            calls: AtomicUsize::new(0),
+            limit: std::sync::Mutex::new(limit(1, 1)),
+            gate: std::sync::Mutex::new(Some(gate)),
+        });
+        let layer = RateLimitLayer::builder()
+            .client_limits(Arc::clone(&source))
+            .client_issuer("https://gw.example")
+            .build()
+            .unwrap();
+        let (service, _) = counted(&layer);
+        // The client's first request reads its limit (held at the gate) ...
+        let first = tokio::spawn(service.clone().oneshot(request(None, Some("app"))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // ... the limit changes and is forgotten before that read ends.
+        *source.limit.lock().unwrap() = limit(100, 100);
+        layer.forget_client("app");
+        open.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                status(&service, request(None, Some("app"))).await,
+                StatusCode::OK,
+                "the limit read before forget_client was kept"
+            );
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]
