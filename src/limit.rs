@@ -1189,30 +1189,33 @@ mod tests {
         assert_eq!(source.0.load(Ordering::SeqCst), 2);
     }
 
+    /// A source that answers each read now but the `held`th (from 0), which answers only when
+    /// let go, with the limit it had when asked.
+    struct Gated {
+        held: usize,
+        calls: AtomicUsize,
+        limit: std::sync::Mutex<RateLimit>,
+        gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    }
+    impl ClientLimits for Gated {
+        fn client_limit(&self, _: &str) -> ClientLimitFuture {
+            let limit = *self.limit.lock().unwrap();
+            if self.calls.fetch_add(1, Ordering::SeqCst) == self.held {
+                let gate = self.gate.lock().unwrap().take().unwrap();
+                return Box::pin(async move {
+                    let _ = gate.await;
+                    Ok(Some(limit))
+                });
+            }
+            Box::pin(std::future::ready(Ok(Some(limit))))
+        }
+    }
+
     #[tokio::test]
     async fn a_read_begun_before_forget_client_does_not_undo_the_one_after() {
-        /// Answers its limit now, but the second read (the background one) only when let go,
-        /// with the limit it had when asked.
-        struct Gated {
-            calls: AtomicUsize,
-            limit: std::sync::Mutex<RateLimit>,
-            gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
-        }
-        impl ClientLimits for Gated {
-            fn client_limit(&self, _: &str) -> ClientLimitFuture {
-                let limit = *self.limit.lock().unwrap();
-                if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
-                    let gate = self.gate.lock().unwrap().take().unwrap();
-                    return Box::pin(async move {
-                        let _ = gate.await;
-                        Ok(Some(limit))
-                    });
-                }
-                Box::pin(std::future::ready(Ok(Some(limit))))
-            }
-        }
         let (open, gate) = tokio::sync::oneshot::channel();
         let source = Arc::new(Gated {
+            held: 1,
             calls: AtomicUsize::new(0),
             limit: std::sync::Mutex::new(limit(1, 1)),
             gate: std::sync::Mutex::new(Some(gate)),
@@ -1247,27 +1250,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_first_read_begun_before_forget_client_is_not_kept() {
-        /// Its first read answers, with the limit it had when asked, only when let go.
-        struct GatedFirst {
-            calls: AtomicUsize,
-            limit: std::sync::Mutex<RateLimit>,
-            gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
-        }
-        impl ClientLimits for GatedFirst {
-            fn client_limit(&self, _: &str) -> ClientLimitFuture {
-                let limit = *self.limit.lock().unwrap();
-                if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                    let gate = self.gate.lock().unwrap().take().unwrap();
-                    return Box::pin(async move {
-                        let _ = gate.await;
-                        Ok(Some(limit))
-                    });
-                }
-                Box::pin(std::future::ready(Ok(Some(limit))))
-            }
-        }
         let (open, gate) = tokio::sync::oneshot::channel();
-        let source = Arc::new(GatedFirst {
+        let source = Arc::new(Gated {
+            held: 0,
             calls: AtomicUsize::new(0),
             limit: std::sync::Mutex::new(limit(1, 1)),
             gate: std::sync::Mutex::new(Some(gate)),
