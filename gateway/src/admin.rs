@@ -153,6 +153,14 @@ pub(crate) fn off(why: &'static str) -> Router {
         .layer(middleware::map_response(mark_refusal))
 }
 
+/// What answers `/admin/...` on `listen` when the admin API is on `admin_listen`: `404`, as
+/// for a path that names nothing (the admin token is not asked for, nor checked, here).
+pub(crate) fn elsewhere() -> Router {
+    Router::new()
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
+        .layer(middleware::map_response(mark_refusal))
+}
+
 /// A refusal that is not JSON (axum's own: a method a route does not take, a body past the
 /// limit as it arrives) made one, as every other admin answer is; its headers kept.
 fn as_json(response: Response) -> Response {

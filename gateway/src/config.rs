@@ -43,6 +43,11 @@ pub(crate) struct Config {
     /// The bearer token for `/admin/...`; without one, the admin API is off.
     #[serde(default)]
     pub(crate) admin_token: Option<String>,
+    /// Where the admin API is served instead of beside the gateway on `listen` (an internal
+    /// address, say); `listen` then answers `/admin/...` with `404`. Default none: on
+    /// `listen`. Needs `admin_token`.
+    #[serde(default)]
+    pub(crate) admin_listen: Option<SocketAddr>,
     /// The least time between two fetches of a provider's JWKS caused by an unknown `kid`.
     /// Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_cooldown")]
@@ -221,6 +226,7 @@ impl std::fmt::Debug for Config {
                 "max_buffered_request_bytes_total",
                 &self.max_buffered_request_bytes_total,
             )
+            .field("admin_listen", &self.admin_listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_label", &self.metrics_tenant_label)
             .field("audit_log", &self.audit_log)
@@ -698,27 +704,37 @@ impl Config {
         Ok(())
     }
 
-    /// `metrics_listen` is not where the gateway listens: the same port on the same address,
-    /// or on an address one of them covers (`0.0.0.0` all of IPv4, `[::]` all of both), could
-    /// not be bound twice. (TLS is on `listen`; there is no other listener.) Port 0 is a fresh
-    /// port each time.
+    /// `listen`, `admin_listen` and `metrics_listen` are three places: the same port on the
+    /// same address, or on an address one of them covers (`0.0.0.0` all of IPv4, `[::]` all
+    /// of both), could not be bound twice. Port 0 is a fresh port each time. And
+    /// `admin_listen` serves an admin API, so it needs `admin_token`.
     pub(crate) fn check_listeners(&self) -> Result<(), String> {
-        let Some(metrics) = self.metrics_listen else {
-            return Ok(());
-        };
-        let listen = self.listen;
+        if self.admin_listen.is_some() && self.admin_token.is_none() {
+            return Err("admin_listen is set without admin_token: the admin API is off".into());
+        }
         let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
             wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
         };
-        let overlap = metrics.port() != 0
-            && metrics.port() == listen.port()
-            && (metrics.ip() == listen.ip()
-                || covers(metrics.ip(), listen.ip())
-                || covers(listen.ip(), metrics.ip()));
-        if overlap {
-            return Err(format!(
-                "metrics_listen ({metrics}) takes the port listen ({listen}) is on: give metrics_listen a port of its own"
-            ));
+        let overlap = |a: SocketAddr, b: SocketAddr| {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+        };
+        let places = [
+            ("listen", Some(self.listen)),
+            ("admin_listen", self.admin_listen),
+            ("metrics_listen", self.metrics_listen),
+        ];
+        for (n, (name, addr)) in places.iter().enumerate() {
+            for (other, other_addr) in &places[n + 1..] {
+                if let (Some(addr), Some(other_addr)) = (addr, other_addr) {
+                    if overlap(*addr, *other_addr) {
+                        return Err(format!(
+                            "{other} ({other_addr}) takes the port {name} ({addr}) is on: give {other} a port of its own"
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }

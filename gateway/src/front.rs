@@ -86,16 +86,27 @@ pub(crate) struct Listening {
     pub(crate) revocations: Option<RevocationsFollowed>,
 }
 
-/// The gateway wrapped as the configuration says, the admin API (when there is one) wrapped
-/// in the same request ids, metrics and audit records, and what reopens the audit log file
-/// (for rotation) when there is one.
+/// What the workers serve, each wrapped as the configuration says.
+pub(crate) struct Served {
+    pub(crate) gateway: Front,
+    /// What answers `/admin/...` on `listen`: the admin API, or with `admin_listen` a `404`.
+    pub(crate) admin: Option<AdminFront>,
+    /// The admin API on `admin_listen`, alone there.
+    pub(crate) admin_apart: Option<AdminFront>,
+    /// What reopens the audit log file (for rotation), when there is one.
+    pub(crate) reopener: Option<AuditReopener>,
+}
+
+/// The gateway wrapped as the configuration says, and the admin API (`admin`: on `listen`;
+/// `admin_apart`: on `admin_listen`) wrapped in the same request ids, metrics and audit
+/// records.
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
-    admin: Option<Router>,
+    (admin, admin_apart): (Option<Router>, Option<Router>),
     keys: &SigningKeys,
     database: Option<Listening>,
-) -> Result<(Front, Option<AdminFront>, Option<AuditReopener>), String> {
+) -> Result<Served, String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
         .tenant_label(config.metrics_tenant_label)
@@ -153,7 +164,8 @@ pub(crate) fn front(
                 .map_err(|e| format!("cors_allowed_origins: {e}"))?,
         )
     };
-    let admin = admin.map(|router| RequestIdLayer::new().layer(observe.clone().layer(router)));
+    let wrap = |router| RequestIdLayer::new().layer(observe.clone().layer(router));
+    let (admin, admin_apart) = (admin.map(wrap), admin_apart.map(wrap));
     let inner = ServiceBuilder::new()
         .layer(health)
         .layer(observe)
@@ -163,8 +175,13 @@ pub(crate) fn front(
         )
         .layer(BodyLimitLayer::new(config.max_request_body_bytes))
         .service(gateway);
-    let front = RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner));
-    Ok((front, admin, reopener))
+    let gateway = RequestIdLayer::new().layer(tower::util::option_layer(cors).layer(inner));
+    Ok(Served {
+        gateway,
+        admin,
+        admin_apart,
+        reopener,
+    })
 }
 
 /// What `GET /metrics` renders: the Prometheus recorder's counters and gauges, and the

@@ -14,7 +14,8 @@
 //! `POST /oauth/clients/{client_id}/secret`; with an `admin_token`, `GET /admin/tenants` and
 //! `GET /admin/clients` (list them), `PUT`/`GET`/`DELETE /admin/tenants/{id}`,
 //! `PUT`/`GET`/`DELETE /admin/clients/{client_id}` (register a client or change its tenants,
-//! scopes and rate limit, read, revoke) and `POST /admin/clients/{client_id}/secret`. Tenants' and clients' `rate_limit` and upstreams'
+//! scopes and rate limit, read, revoke) and `POST /admin/clients/{client_id}/secret`, on
+//! `admin_listen` alone when it is set. Tenants' and clients' `rate_limit` and upstreams'
 //! `max_concurrency` are enforced in the stack (`429` or `503`, with `Retry-After`).
 //!
 //! Logs go to stderr (`RUST_LOG=tower_fhir=debug` shows the gateway's decisions); secrets never
@@ -243,7 +244,7 @@ async fn run(args: Args) -> Result<(), String> {
     .await?;
 
     // The admin API (axum) answers under /admin/; everything else goes to the gateway. Off,
-    // it says why there.
+    // it says why there. With admin_listen, it answers there alone, and /admin/ here is a 404.
     let admin = match &config.admin_token {
         Some(token) => admin::routes(Arc::new(admin::Admin {
             token: token.clone(),
@@ -268,12 +269,34 @@ async fn run(args: Args) -> Result<(), String> {
         None => admin::off("the configuration sets no admin_token; set one to use it"),
     }
     .layer(tower_http::trace::TraceLayer::new_for_http());
+    let admins = match config.admin_listen {
+        Some(_) => (
+            Some(admin::elsewhere().layer(tower_http::trace::TraceLayer::new_for_http())),
+            Some(admin),
+        ),
+        None => (Some(admin), None),
+    };
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            serve::bind(addr, 1)
+                .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?
+                .remove(0),
+        ),
+        None => None,
+    };
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
     println!("tower-fhir gateway listening on {base}");
     println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
     println!("  state in {}", state.location);
+    if let Some(listener) = &admin_listener {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read admin_listen's address: {e}"))?;
+        println!("  admin API at {scheme}://{local}/admin/ (admin_listen; not on {base})");
+    }
     if let (Some(certificate), Some(_)) = (&config.tls_certificate_file, &tls) {
         println!(
             "  TLS with the certificate in {} (read again on SIGHUP or when it changes)",
@@ -330,8 +353,8 @@ async fn run(args: Args) -> Result<(), String> {
         tenants: database.tenants.clone(),
         revocations,
     });
-    let (front, admin, reopener) =
-        front::front(&config, gateway, Some(admin), &state.keys, database)?;
+    let mut served = front::front(&config, gateway, admins, &state.keys, database)?;
+    let reopener = served.reopener.take();
     #[cfg(unix)]
     if let Some(hangups) = hangups {
         tokio::spawn(serve::reopen_on_hangup(hangups, reopener, tls.clone()));
@@ -352,7 +375,7 @@ async fn run(args: Args) -> Result<(), String> {
             .client_address_rule()?
             .map(|rule| &*Box::leak(Box::new(rule))),
     };
-    serve::serve(listeners, front, admin, tls, limits, stop).await?;
+    serve::serve(listeners, admin_listener, served, tls, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)
     drop(state);
     tracing::info!("gateway stopped");

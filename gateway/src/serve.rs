@@ -59,7 +59,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tower_fhir::proxy::ClientAddr;
 
-use crate::front::{AdminFront, Front};
+use crate::front::{AdminFront, Front, Served};
 use crate::tls::FrontTls;
 
 /// The connection bounds, and how requests name their client, from the configuration.
@@ -115,53 +115,67 @@ pub(crate) fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net:
     Ok(listeners)
 }
 
+/// The most connections `admin_listen` holds open at once, apart from `max_connections`: a
+/// flood on `listen` does not lock the administrator out.
+const ADMIN_MAX_CONNECTIONS: u32 = 64;
+
 /// Serves HTTP/1.1 and HTTP/2 on `listeners`, a worker each (see the [module docs](self)),
-/// until Ctrl-C or SIGTERM, then lets in-flight requests finish within
-/// `limits.shutdown_grace`.
+/// and the admin API alone on `admin_listener` (`admin_listen`) when there is one, until Ctrl-C
+/// or SIGTERM, then lets in-flight requests finish within `limits.shutdown_grace`.
 pub(crate) async fn serve(
     listeners: Vec<std::net::TcpListener>,
-    gateway: Front,
-    admin: Option<AdminFront>,
+    admin_listener: Option<std::net::TcpListener>,
+    served: Served,
     tls: Option<FrontTls>,
     limits: Limits,
     mut stop: Signals,
 ) -> Result<(), String> {
     // Each connection holds a permit, whichever worker has it: with none left, the next one
-    // waits in the listen backlog.
+    // waits in the listen backlog. The admin listener's are its own.
     let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let admin_permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS as usize));
     let (stopping, stop_watch) = watch::channel(false);
     // Told when the main thread has stopped waiting for connections: the workers then end.
     let (finished, finished_watch) = watch::channel(false);
-    let mut workers = Vec::with_capacity(listeners.len());
+    let tls = tls.as_ref().map(|tls| tls.acceptor().clone());
+    let Served {
+        gateway,
+        admin,
+        admin_apart,
+        ..
+    } = served;
+    let mut workers = Vec::with_capacity(listeners.len() + 1);
     for (n, listener) in listeners.into_iter().enumerate() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a worker's runtime: {e}"))?;
-        let (gateway, admin, permits) = (gateway.clone(), admin.clone(), Arc::clone(&permits));
-        let tls = tls.as_ref().map(|tls| tls.acceptor().clone());
-        let (stop_watch, mut finished_watch) = (stop_watch.clone(), finished_watch.clone());
-        let worker = std::thread::Builder::new()
-            .name(format!("tower-fhir-worker-{n}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            let front = Fronts {
-                                gateway,
-                                admin,
-                                tls,
-                            };
-                            accept(listener, front, limits, permits, stop_watch).await;
-                        }
-                        Err(error) => tracing::error!(%error, "a worker cannot listen"),
-                    }
-                    // Its connections run on this thread: it stays until they are done.
-                    let _ = finished_watch.wait_for(|&finished| finished).await;
-                });
-            })
-            .map_err(|e| format!("cannot start a worker thread: {e}"))?;
-        workers.push(worker);
+        let fronts = Fronts {
+            gateway: gateway.clone(),
+            admin: admin.clone(),
+            only_admin: false,
+            tls: tls.clone(),
+        };
+        workers.push(worker(
+            format!("tower-fhir-worker-{n}"),
+            listener,
+            fronts,
+            limits,
+            Arc::clone(&permits),
+            (stop_watch.clone(), finished_watch.clone()),
+        )?);
+    }
+    if let (Some(listener), Some(admin)) = (admin_listener, admin_apart) {
+        let fronts = Fronts {
+            gateway,
+            admin: Some(admin),
+            only_admin: true,
+            tls,
+        };
+        workers.push(worker(
+            "tower-fhir-admin".to_owned(),
+            listener,
+            fronts,
+            limits,
+            Arc::clone(&admin_permits),
+            (stop_watch, finished_watch),
+        )?);
     }
     stop.received().await;
     tracing::info!(
@@ -170,8 +184,17 @@ pub(crate) async fn serve(
     let _ = stopping.send(true);
     // Every permit back means every connection is closed.
     let all = limits.max_connections;
-    let drained = tokio::time::timeout(limits.shutdown_grace, permits.acquire_many(all));
-    let open = || (all as usize).saturating_sub(permits.available_permits());
+    let drained = tokio::time::timeout(
+        limits.shutdown_grace,
+        future::join(
+            permits.acquire_many(all),
+            admin_permits.acquire_many(ADMIN_MAX_CONNECTIONS),
+        ),
+    );
+    let open = || {
+        (all as usize).saturating_sub(permits.available_permits())
+            + (ADMIN_MAX_CONNECTIONS as usize).saturating_sub(admin_permits.available_permits())
+    };
     tokio::select! {
         drained = drained => if drained.is_err() {
             let open = open();
@@ -193,6 +216,36 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// A worker thread serving `listener` on a single-threaded runtime of its own until
+/// `watches.0` says stop, and staying until `watches.1` says every connection is done.
+fn worker(
+    name: String,
+    listener: std::net::TcpListener,
+    fronts: Fronts,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    watches: (watch::Receiver<bool>, watch::Receiver<bool>),
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a worker's runtime: {e}"))?;
+    let (stop_watch, mut finished_watch) = watches;
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => accept(listener, fronts, limits, permits, stop_watch).await,
+                    Err(error) => tracing::error!(%error, "a worker cannot listen"),
+                }
+                // Its connections run on this thread: it stays until they are done.
+                let _ = finished_watch.wait_for(|&finished| finished).await;
+            });
+        })
+        .map_err(|e| format!("cannot start a worker thread: {e}"))
+}
+
 /// One worker's accept loop: each connection served on this thread, until `stop_watch` says
 /// stop (then every connection is told to finish its requests and close).
 async fn accept(
@@ -205,6 +258,7 @@ async fn accept(
     let Fronts {
         gateway,
         admin,
+        only_admin,
         tls,
     } = front;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -264,7 +318,7 @@ async fn accept(
             {
                 request.extensions_mut().insert(client);
             }
-            let to_admin = request.uri().path().starts_with("/admin/");
+            let to_admin = only_admin || request.uri().path().starts_with("/admin/");
             let answer = match admin.as_ref().filter(|_| to_admin) {
                 // Boxed: the admin API's future is as large as the gateway's, and a request's
                 // future is moved whole (hyper stores it per request).
@@ -822,11 +876,12 @@ struct CountingIo {
     activity: Arc<Activity>,
 }
 
-/// What the gateway's workers serve: the gateway, the admin API beside it, and the listener's
-/// TLS (`None`: plain TCP).
+/// What a worker serves: the gateway, the admin API beside it (under `/admin/`, or every path
+/// when `only_admin`: the `admin_listen` worker), and the listener's TLS (`None`: plain TCP).
 struct Fronts {
     gateway: Front,
     admin: Option<AdminFront>,
+    only_admin: bool,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 

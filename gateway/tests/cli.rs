@@ -420,6 +420,59 @@ fn metrics_listen_on_the_gateways_own_address_is_refused() {
     assert!(!text(&out.stdout).contains("listening on"));
 }
 
+/// `admin_listen` overlapping `listen` or `metrics_listen` is refused as `metrics_listen` is,
+/// naming both keys; without `admin_token` there would be nothing to serve on it.
+#[test]
+fn admin_listen_needs_a_port_of_its_own_and_the_admin_token() {
+    let port = process::free_port();
+    let same = format!("127.0.0.1:{port}");
+    let elsewhere = format!("127.0.0.1:{}", process::free_port());
+    for (name, keys, says) in [
+        (
+            "admin-on-listen",
+            format!("\"listen\": {same:?}, \"admin_listen\": {same:?}"),
+            format!("admin_listen ({same}) takes the port listen ({same}) is on: give admin_listen a port of its own"),
+        ),
+        (
+            "admin-on-metrics",
+            format!("\"listen\": {elsewhere:?}, \"admin_listen\": \"0.0.0.0:{port}\", \"metrics_listen\": {same:?}"),
+            format!("metrics_listen ({same}) takes the port admin_listen (0.0.0.0:{port}) is on"),
+        ),
+    ] {
+        let file = config_file(name, &GOOD.replace("\"listen\": \"127.0.0.1:0\"", &keys));
+        let out = gateway(&["--check-config", file.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{name}: said {}", text(&out.stdout));
+        assert!(stderr.contains(&says), "{name}: {stderr}");
+    }
+    let without_token = config_file(
+        "admin-without-token",
+        &GOOD
+            .replace(",\n  \"admin_token\": \"a-long-random-admin-token\"", "")
+            .replace(
+                "\"listen\": \"127.0.0.1:0\"",
+                &format!("\"listen\": \"127.0.0.1:0\", \"admin_listen\": {elsewhere:?}"),
+            ),
+    );
+    let out = gateway(&["--check-config", without_token.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "said {}", text(&out.stdout));
+    assert!(
+        stderr.contains("admin_listen is set without admin_token"),
+        "{stderr}"
+    );
+    // Apart, with the token, the file is good.
+    let apart = config_file(
+        "admin-apart",
+        &GOOD.replace(
+            "\"listen\": \"127.0.0.1:0\"",
+            &format!("\"listen\": \"127.0.0.1:0\", \"admin_listen\": {elsewhere:?}"),
+        ),
+    );
+    let out = gateway(&["--check-config", apart.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn a_startup_error_is_one_sentence_not_a_debug_dump() {
     let file = config_file(

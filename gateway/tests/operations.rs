@@ -998,6 +998,101 @@ async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `admin_listen`: the admin API answers there and only there (`listen` says `404` under
+/// `/admin/`, whatever the token), nothing but the admin API answers there, and a `listen`
+/// holding all its `max_connections` does not hold the administrator out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
+    let dir = scratch("operations-admin-listen");
+    let upstream = RecordingUpstream::start().await;
+    let admin_token = "operations-admin-token-0123456789";
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut gw = start(
+        &dir,
+        &upstream,
+        json!({"admin_token": admin_token, "admin_listen": admin_addr.to_string(), "max_connections": 1}),
+    );
+    let said = gw.proc.wait_for("  admin API at ");
+    assert!(
+        said.starts_with(&format!("http://{admin_addr}/admin/")),
+        "{said}"
+    );
+    let auth = format!("Bearer {admin_token}");
+    let with_token = [("authorization", auth.as_str())];
+    let admin = TestClient::new(admin_addr);
+
+    // listen's one connection held open (max_connections 1), before anything else: the admin
+    // API still answers.
+    let held = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin.send("GET", "/admin/clients", &with_token, ""),
+    )
+    .await
+    .expect("the admin API answers while listen is full");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    drop(held);
+
+    // On listen: 404 under /admin/, with the token or without, a JSON error with a request id;
+    // the gateway's own routes as before.
+    for headers in [&with_token[..], &[]] {
+        let reply = gw.client.send("GET", "/admin/tenants", headers, "").await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+        assert_eq!(reply.json()["error"], "not found", "{}", reply.text());
+        assert!(reply.headers.contains_key("x-request-id"));
+        assert!(!reply.text().contains(TENANT), "{}", reply.text());
+    }
+    let bearer = token(&gw.client).await;
+    let reply = gw
+        .client
+        .get(
+            "/Patient/1",
+            &[("authorization", &format!("Bearer {bearer}"))],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // On admin_listen: the admin API, its token needed on every path; nothing else.
+    let reply = admin.send("GET", "/admin/tenants", &with_token, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(reply.text().contains(TENANT), "{}", reply.text());
+    let reply = admin.send("GET", "/admin/tenants", &[], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    for path in ["/metadata", "/Patient/1", "/healthz"] {
+        let reply = admin.send("GET", path, &[], "").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}: {}",
+            reply.text()
+        );
+        let reply = admin.send("GET", path, &with_token, "").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_FOUND,
+            "{path}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"], "no such admin route");
+    }
+    let reply = admin
+        .send(
+            "POST",
+            "/oauth/token",
+            &[FORM],
+            &format!(
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert!(!reply.text().contains("access_token"), "{}", reply.text());
+
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_registrations_of_one_client_make_one_and_tell_the_others() {
     let dir = scratch("operations-race");
