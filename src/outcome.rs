@@ -171,14 +171,19 @@ impl OperationOutcome {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 
-    /// An HTTP response with this outcome as an `application/fhir+json` body, and the first
-    /// issue's code as its [`Refusal`].
+    /// An HTTP response with this outcome as an `application/fhir+json` body (not to be
+    /// stored by a cache, nor read as another type: `Cache-Control: no-store`,
+    /// `X-Content-Type-Options: nosniff`), and the first issue's code as its [`Refusal`].
     pub fn to_response(&self, status: StatusCode) -> Response<Bytes> {
         let mut response = Response::new(self.to_json());
         *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         if let Some(issue) = self.issues.first() {
             response
                 .extensions_mut()
@@ -191,6 +196,18 @@ impl OperationOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn its_response_is_not_stored_nor_sniffed() {
+        let response =
+            OperationOutcome::error(IssueType::NotFound, "no").to_response(StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(
+            response.headers()[header::X_CONTENT_TYPE_OPTIONS],
+            "nosniff"
+        );
+        assert_eq!(response.headers()[header::CONTENT_TYPE], FHIR_JSON);
+    }
 
     #[test]
     fn serializes_in_fhir_shape() {

@@ -535,6 +535,7 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
                 "report-to",
                 "{\"group\":\"x\",\"endpoints\":[{\"url\":\"https://evil.example\"}]}",
             ),
+            ("service-worker-allowed", "/"),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned())),
     );
@@ -560,6 +561,7 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
         "public-key-pins",
         "nel",
         "report-to",
+        "service-worker-allowed",
     ] {
         assert!(
             !reply.headers.contains_key(gone),
@@ -568,6 +570,8 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
         );
     }
     assert_eq!(reply.headers["x-end-to-end"], "kept");
+    // Whatever the upstream says of sniffing, a browser is told not to.
+    assert_eq!(reply.headers["x-content-type-options"], "nosniff");
 }
 
 #[tokio::test]
@@ -907,6 +911,54 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
     );
 }
 
+/// A Bundle read as a resource (a signed document) comes as the upstream holds it; a rewritten
+/// answer loses the digests of the upstream's bytes, an untouched one keeps them.
+#[tokio::test]
+async fn stored_bundles_are_read_unchanged_and_rewritten_answers_lose_their_digests() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let base = upstream.base("/fhir/r3");
+    let document = json!({"resourceType": "Bundle", "id": "d", "type": "document",
+        "entry": [{"fullUrl": format!("{base}/Composition/1"), "resource": {"resourceType": "Composition", "id": "1"}}],
+        "signature": {"data": "c2lnbmVk"}});
+    let mut stored = Answer::json(document.clone());
+    stored
+        .headers
+        .push(("content-digest".into(), "sha-256=:AAAA:".into()));
+    upstream.answer("/fhir/r3/Bundle/d", stored);
+    let mut search = Answer::json(json!({"resourceType": "Bundle", "type": "searchset",
+        "entry": [{"fullUrl": format!("{base}/Patient/1"), "resource": {"resourceType": "Patient", "id": "1"}}]}));
+    for (name, value) in [
+        ("content-digest", "sha-256=:AAAA:"),
+        ("repr-digest", "sha-256=:AAAA:"),
+        ("digest", "SHA-256=AAAA"),
+        ("content-md5", "AAAA"),
+    ] {
+        search.headers.push((name.into(), value.into()));
+    }
+    upstream.answer("/fhir/r3/Patient?", search);
+    let token = token_for(TENANT_A);
+
+    let reply = gw.client.get_bearer("/Bundle/d", &token).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), document);
+    assert_eq!(reply.headers["content-digest"], "sha-256=:AAAA:");
+
+    let reply = gw.client.get_bearer("/Patient?family=x", &token).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json()["entry"][0]["fullUrl"],
+        format!("{PUBLIC_BASE}/Patient/1")
+    );
+    for gone in ["content-digest", "repr-digest", "digest", "content-md5"] {
+        assert!(
+            !reply.headers.contains_key(gone),
+            "{gone}: {:?}",
+            reply.headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn bundle_links_written_with_escaped_slashes_lead_back_through_the_gateway_too() {
     // PHP's `json_encode` writes every `/` as `\/`: the same URLs to a JSON reader.
@@ -1233,6 +1285,41 @@ async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_b
     // Once taken, its bytes are free: the next one alone passes.
     let again = client.get_bearer("/Patient?three", &token).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+}
+
+/// The answers to requests the upstream has acted on (two creates here) are never refused for
+/// the budget: the second waits for the first's bytes to be taken, and both are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_writes_wait_for_the_budget_instead_of_a_503() {
+    let base = slow_bundle_upstream().await;
+    let directory = InMemoryDirectory::new();
+    directory.upsert(tenant(TENANT_A), upstreams(&base, FhirVersion::Stu3, None));
+    let stack = ServiceBuilder::new()
+        .layer(bearer())
+        .layer(TenantScopeLayer::builder().build().unwrap())
+        .layer(TenantRoutingLayer::builder(directory).build().unwrap())
+        .service(
+            FhirProxy::builder(PUBLIC_BASE)
+                .rewrite_limit(64 * 1024)
+                .rewrite_budget(64 * 1024)
+                .build()
+                .unwrap(),
+        );
+    let client = TestClient::new(serve_tower(stack).await);
+    let auth = format!("Bearer {}", token_for(TENANT_A));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/fhir+json"),
+    ];
+    let body = r#"{"resourceType":"Bundle","type":"transaction","entry":[]}"#;
+    let (one, two) = tokio::join!(
+        client.send("POST", "/", &headers, body),
+        client.send("POST", "/", &headers, body)
+    );
+    for reply in [&one, &two] {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["resourceType"], "Bundle");
+    }
 }
 
 #[tokio::test]

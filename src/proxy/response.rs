@@ -1,8 +1,9 @@
 //! The upstream's response relayed to the client: hop-by-hop headers removed, `Set-Cookie`
-//! removed unless the upstream takes part in cookies, its `Content-Length` the one the body
-//! was read with, the upstream's base URL rewritten to the gateway's in `Location`,
-//! `Content-Location`, `Link` and JSON Bundles' links (bodies up to a limit; larger or
-//! compressed ones stream through untouched). An informational answer, and a `401` or `407`
+//! removed unless the upstream takes part in cookies, `X-Content-Type-Options: nosniff` set,
+//! its `Content-Length` the one the body was read with, the upstream's base URL rewritten to
+//! the gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
+//! a server answers with (bodies up to a limit; larger or compressed ones stream through
+//! untouched; digests of a rewritten body's bytes dropped). An informational answer, and a `401` or `407`
 //! (the upstream refusing the gateway's own credentials), are `502` instead.
 
 use std::collections::VecDeque;
@@ -74,6 +75,12 @@ pub(super) async fn relay_response(
     // HTTP/1.0 upstream's version would tell an HTTP/1.1 client its connection closes.
     parts.version = http::Version::HTTP_11;
     let chunked = remove_hop_by_hop(&mut parts.headers);
+    // Every tenant's answers share the gateway's origin: a browser must take each for the type
+    // it is labelled with (or none), never sniff a script or a page out of it.
+    parts.headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let bodiless =
         head || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
     // The length the body must have, as hyper framed it (so not a `Content-Length` that a
@@ -190,10 +197,36 @@ pub(super) async fn relay_response(
                                 .holding_bytes(held),
                         ));
                     }
-                    let Some(taken) = u32::try_from(data.len())
-                        .ok()
-                        .and_then(|n| Arc::clone(rewriting.budget).try_acquire_many_owned(n).ok())
-                    else {
+                    let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                    let take = || Arc::clone(rewriting.budget).try_acquire_many_owned(n).ok();
+                    let mut taken = take();
+                    if taken.is_none() && !rewriting.retry_safe {
+                        // Acted on upstream: wait for room rather than refuse the answer, and
+                        // past the wait let it through unrewritten. Looked for now and then,
+                        // not queued for: tokio's semaphore hands a queued waiter every permit
+                        // freed until it has all it asked for, so two bodies each waiting for
+                        // the other's last bytes would wait for ever.
+                        let until = tokio::time::Instant::now() + wait;
+                        while taken.is_none() && tokio::time::Instant::now() < until {
+                            tokio::time::sleep(BUDGET_LOOK).await;
+                            taken = take();
+                        }
+                        if taken.is_none() {
+                            tracing::warn!(
+                                upstream = rewriter.upstream(),
+                                "the response bodies held to rewrite their links fill the proxy's budget: the answer to a request acted on upstream streams through with its links unrewritten"
+                            );
+                            more.push_back(data);
+                            let read = in_order(first, more);
+                            return Ok(Response::from_parts(
+                                parts,
+                                ProxyBody::upstream(read, body, wait)
+                                    .declared(declared)
+                                    .holding_bytes(held),
+                            ));
+                        }
+                    }
+                    let Some(taken) = taken else {
                         tracing::warn!(
                             "the response bodies held to rewrite their links fill the proxy's budget: 503"
                         );
@@ -261,7 +294,17 @@ pub(super) async fn relay_response(
             Bytes::from(whole)
         }
     };
-    let bytes = rewriter.bundle(&whole).unwrap_or(whole);
+    let bytes = match rewriter.bundle(&whole) {
+        Some(rewritten) => {
+            // Digests of the upstream's bytes would not match these: the client would take
+            // the answer for corrupted.
+            for name in DIGESTS {
+                parts.headers.remove(name);
+            }
+            rewritten
+        }
+        None => whole,
+    };
     // (The length set above is the body's already, unless rewriting changed it or it came
     // chunked.)
     if !bodiless && declared != Some(bytes.len() as u64) {
@@ -275,17 +318,24 @@ pub(super) async fn relay_response(
     ))
 }
 
+/// How often an answer to a request acted on upstream looks for room in a full budget.
+const BUDGET_LOOK: Duration = Duration::from_millis(10);
+
 /// How the relay rewrites JSON Bundles: the largest it reads whole, and the budget of bytes
 /// held so, all requests together.
 #[derive(Clone, Copy)]
 pub(super) struct Rewriting<'a> {
     pub(super) limit: usize,
     pub(super) budget: &'a Arc<Semaphore>,
+    /// The request may be sent again with no harm (`GET`, `HEAD`, `OPTIONS`): with the budget
+    /// full, its answer is a `503`; any other's waits, then streams unrewritten.
+    pub(super) retry_safe: bool,
 }
 
 /// Whether a response header speaks for the whole origin rather than for this response:
 /// HSTS, `Alt-Svc`, `Clear-Site-Data`, key pins, Network Error Logging and its reporting
-/// endpoints (`NEL`, `Report-To`, `Reporting-Endpoints`), and CORS's `Access-Control-*`. Every
+/// endpoints (`NEL`, `Report-To`, `Reporting-Endpoints`), `Service-Worker-Allowed` (a service
+/// worker's scope widened to the whole origin), and CORS's `Access-Control-*`. Every
 /// tenant's upstream answers under the gateway's one origin, so one upstream's would bind the
 /// others' (HSTS switched off, a browser's data cleared, every tenant's request URLs reported to
 /// it, an origin given credentialed CORS access past the gateway's `cors_allowed_origins`):
@@ -303,6 +353,7 @@ fn origin_wide(name: &HeaderName) -> bool {
                 | "nel"
                 | "report-to"
                 | "reporting-endpoints"
+                | "service-worker-allowed"
         )
 }
 
@@ -320,6 +371,15 @@ fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> 
     }
     more
 }
+
+/// The headers that carry a digest of the body as the upstream sent it: RFC 9530's
+/// `Content-Digest` and `Repr-Digest`, RFC 3230's `Digest` and RFC 1864's `Content-MD5`.
+const DIGESTS: [HeaderName; 4] = [
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("repr-digest"),
+    HeaderName::from_static("digest"),
+    HeaderName::from_static("content-md5"),
+];
 
 /// RFC 2965's `Set-Cookie2`, obsolete, that some servers may still send.
 const SET_COOKIE2: header::HeaderName = header::HeaderName::from_static("set-cookie2");

@@ -82,11 +82,13 @@ impl BaseRewriter {
         changed.then_some(out)
     }
 
-    /// A FHIR JSON Bundle with its own `link[].url`, `entry[].fullUrl` and
-    /// `entry[].response.location` under the upstream base rewritten; `None` when the body is
-    /// not a JSON Bundle or holds nothing to rewrite. Nothing inside the entries' resources is
-    /// touched (a canonical `url`, an extension's, a Bundle within), so resources read through
-    /// a search are the ones the upstream holds.
+    /// A FHIR JSON Bundle the server answered with (a `searchset`, `history`,
+    /// `batch-response` or `transaction-response`) with its own `link[].url`,
+    /// `entry[].fullUrl` and `entry[].response.location` under the upstream base rewritten;
+    /// `None` when the body is no such Bundle or holds nothing to rewrite. Nothing inside the
+    /// entries' resources is touched (a canonical `url`, an extension's, a Bundle within), and
+    /// a Bundle read as a resource (a `document`, a `collection`) is left whole, so resources
+    /// read are the ones the upstream holds.
     ///
     /// A link written with escapes (`http:\/\/ehr\/fhir\/Patient\/1`, as PHP's
     /// `json_encode` writes every `/`) is read as a JSON reader reads it: under the base, it is
@@ -169,9 +171,21 @@ impl Place {
     }
 }
 
+/// The `Bundle.type`s a server makes as its answer, whose links lead to it: a search's, a
+/// history's, a batch's or a transaction's. Any other Bundle (a `document`, a `collection`, a
+/// `message`, a `transaction` stored as it was sent) is a resource the server holds, read as
+/// any other (`GET /Bundle/1`): a document's signature covers its `fullUrl`s.
+const ANSWER_TYPES: [&[u8]; 4] = [
+    b"searchset",
+    b"history",
+    b"batch-response",
+    b"transaction-response",
+];
+
 /// The byte ranges (inside the quotes) of a JSON Bundle's `link[].url`, `entry[].fullUrl`
 /// and `entry[].response.location` string values, in order; `None` when the body is not a
-/// JSON object whose `resourceType` is `"Bundle"`, or is cut short. Keys are compared as
+/// JSON object whose `resourceType` is `"Bundle"` and whose `type` is one of
+/// [`ANSWER_TYPES`], or is cut short. Keys are compared as
 /// written (one spelt with escapes is no link key: left as it is). A scan of the structure
 /// only: string contents are skipped with `memchr`.
 fn bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
@@ -184,6 +198,8 @@ fn bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
     let mut stack: Vec<Open<'_>> = Vec::new();
     let mut links = Vec::new();
     let mut bundle = false;
+    // Whether its `type` is one the server makes as an answer.
+    let mut answer = false;
     // Inside an object: whether the next string is a key (else a value).
     let mut expect_key = false;
     let mut at = 0;
@@ -211,8 +227,10 @@ fn bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
                 stack.pop()?;
                 if stack.is_empty() {
                     // The top-level value ends: only white space may follow.
-                    return (bundle && body[at + 1..].iter().all(u8::is_ascii_whitespace))
-                        .then_some(links);
+                    return (bundle
+                        && answer
+                        && body[at + 1..].iter().all(u8::is_ascii_whitespace))
+                    .then_some(links);
                 }
                 expect_key = false;
                 at += 1;
@@ -231,6 +249,8 @@ fn bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
                         links.push(start..end);
                     } else if open.place == Place::Root && key == b"resourceType" {
                         bundle = text == b"Bundle";
+                    } else if open.place == Place::Root && key == b"type" {
+                        answer = ANSWER_TYPES.contains(&text);
                     }
                 }
                 at = end + 1;
@@ -423,6 +443,42 @@ mod tests {
     }
 
     #[test]
+    fn rewrites_only_the_bundles_a_server_answers_with() {
+        let with_type = |kind: &str| {
+            format!(
+                r#"{{"resourceType":"Bundle",{kind}"link":[{{"relation":"self","url":"http://ehr:9001/fhir/r3/Bundle/d"}}],"entry":[{{"fullUrl":"http://ehr:9001/fhir/r3/Composition/1","resource":{{"resourceType":"Composition"}}}}]}}"#
+            )
+        };
+        for kind in [
+            "searchset",
+            "history",
+            "batch-response",
+            "transaction-response",
+        ] {
+            let body = with_type(&format!(r#""type":"{kind}","#));
+            let out = rewriter().bundle(body.as_bytes()).expect(kind);
+            let out = String::from_utf8(out.to_vec()).unwrap();
+            assert!(!out.contains("ehr:9001"), "{kind}: {out}");
+        }
+        // A Bundle the server holds, read as a resource (a signed document, a collection, a
+        // transaction or a message as sent), or one with no type: as the server has it.
+        for kind in [
+            r#""type":"document","#,
+            r#""type":"collection","#,
+            r#""type":"transaction","#,
+            r#""type":"message","#,
+            r#""type":"Searchset","#,
+            "",
+        ] {
+            let body = with_type(kind);
+            assert_eq!(rewriter().bundle(body.as_bytes()), None, "{kind}");
+        }
+        // The type may come last.
+        let last = r#"{"resourceType":"Bundle","link":[{"url":"http://ehr:9001/fhir/r3/Patient"}],"type":"searchset"}"#;
+        assert!(rewriter().bundle(last.as_bytes()).is_some());
+    }
+
+    #[test]
     fn leaves_what_the_entries_resources_hold_as_the_upstream_has_it() {
         // A canonical or extension URL under the base is the resource's own data; a Bundle
         // within an entry has links of its own. A transaction response's location is the
@@ -446,7 +502,7 @@ mod tests {
             );
         assert_eq!(out, expected);
         // Escaped quotes in a string, keys spelt with escapes, and a body cut short.
-        let escaped = br#"{"resourceType":"Bundle","note":"a \"link\" [{","link":[{"url":"http://ehr:9001/fhir/r3/x"},{"u\u0072l":"http://ehr:9001/fhir/r3/y"}]}"#;
+        let escaped = br#"{"resourceType":"Bundle","type":"history","note":"a \"link\" [{","link":[{"url":"http://ehr:9001/fhir/r3/x"},{"u\u0072l":"http://ehr:9001/fhir/r3/y"}]}"#;
         let out = String::from_utf8(rewriter().bundle(escaped).unwrap().to_vec()).unwrap();
         assert!(out.contains(r#""url":"https://gw.example/x""#), "{out}");
         assert!(
@@ -459,7 +515,7 @@ mod tests {
     #[test]
     fn reads_links_written_with_escapes_as_a_json_reader_does() {
         // PHP's `json_encode` escapes every `/`; any character may be written `\uXXXX`.
-        let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"http:\/\/ehr:9001\/fhir\/r3\/Patient?_page=2&x=\"q\""}],
+        let body = br#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next","url":"http:\/\/ehr:9001\/fhir\/r3\/Patient?_page=2&x=\"q\""}],
  "entry":[{"fullUrl":"\u0068ttp://ehr:9001/fhir/r3/Patient/1","resource":{"resourceType":"Patient","id":"1","url":"http:\/\/ehr:9001\/fhir\/r3\/x"}},
   {"fullUrl":"http:\/\/ehr:9001\/fhir\/r30\/Patient\/2"},
   {"fullUrl":"http:\/\/elsewhere\/fhir\/r3\/Patient\/3"}]}"#;
@@ -484,11 +540,11 @@ mod tests {
             assert!(out.contains(kept), "{kept} in {out}");
         }
         // Escapes and no upstream URL in any link: nothing to do.
-        let none = br#"{"resourceType":"Bundle","link":[{"url":"https:\/\/gw.example\/x"}]}"#;
+        let none = br#"{"resourceType":"Bundle","type":"searchset","link":[{"url":"https:\/\/gw.example\/x"}]}"#;
         assert!(rewriter().bundle(none).is_none());
         // An escape that is no JSON (a lone surrogate) is left as it is.
         let odd =
-            br#"{"resourceType":"Bundle","link":[{"url":"http:\/\/ehr:9001\/fhir\/r3\/\ud800"}]}"#;
+            br#"{"resourceType":"Bundle","type":"searchset","link":[{"url":"http:\/\/ehr:9001\/fhir\/r3\/\ud800"}]}"#;
         assert!(rewriter().bundle(odd).is_none());
     }
 
@@ -500,7 +556,7 @@ mod tests {
             .is_none());
         assert!(r.bundle(b"not json").is_none());
         assert!(r
-            .bundle(br#"{"resourceType":"Bundle","link":[]}"#)
+            .bundle(br#"{"resourceType":"Bundle","type":"searchset","link":[]}"#)
             .is_none());
     }
 }
@@ -772,7 +828,7 @@ mod properties {
         ) {
             let noise: String = pieces.concat();
             let r = rewriter();
-            let mut body = String::from("{\"resourceType\":\"Bundle\",\"link\":[");
+            let mut body = String::from("{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"link\":[");
             for i in 0..links {
                 if i > 0 { body.push(','); }
                 body.push_str(&format!("{{\"url\":\"{FROM}/Patient/{i}\"}}"));

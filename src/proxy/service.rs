@@ -233,10 +233,14 @@ impl FhirProxyBuilder {
 
     /// The most bytes of response bodies read whole to rewrite their links (JSON up to
     /// [`rewrite_limit`](Self::rewrite_limit)) that are held at once, all requests together,
-    /// each until its client has taken it: a response that would pass it gets `503` with
-    /// `Retry-After: 1` and an OperationOutcome (`transient`) instead of being held, so
-    /// clients that ask for large searches and do not read the answers cannot fill the
-    /// memory. Default [`DEFAULT_REWRITE_BUDGET`] (256 MiB); at least the rewrite limit.
+    /// each until its client has taken it, so clients that ask for large searches and do not
+    /// read the answers cannot fill the memory. The answer to a `GET`, `HEAD` or `OPTIONS`
+    /// that would pass it gets `503` with `Retry-After: 1` and an OperationOutcome
+    /// (`transient`) instead of being held (asking again changes nothing upstream). Any other
+    /// request has been acted on upstream (a create, a transaction): its answer waits for room
+    /// as long as the upstream may pause (its timeout), then streams through with its links
+    /// as the upstream wrote them, logged at `warn`, rather than tell the client to send again
+    /// what was done. Default [`DEFAULT_REWRITE_BUDGET`] (256 MiB); at least the rewrite limit.
     pub fn rewrite_budget(mut self, bytes: usize) -> Self {
         self.rewrite_budget = bytes;
         self
@@ -475,6 +479,8 @@ where
         };
         // A HEAD's answer declares a length it does not send.
         let head = parts.method == Method::HEAD;
+        // A method whose answer may be refused after the upstream has acted on it: safe ones.
+        let retry_safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let outgoing = Request::from_parts(parts, body);
 
         let config = Arc::clone(&self.config);
@@ -546,6 +552,7 @@ where
                 Rewriting {
                     limit: config.rewrite_limit,
                     budget: &config.rewrite_budget,
+                    retry_safe,
                 },
                 upstream.set_cookie_allowed(),
                 timeout,

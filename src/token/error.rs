@@ -151,7 +151,8 @@ impl TokenError {
     }
 }
 
-/// A JSON response with the no-store headers RFC 6749 §5.1 asks for.
+/// A JSON response with the no-store headers RFC 6749 §5.1 asks for, and
+/// `X-Content-Type-Options: nosniff`.
 pub(crate) fn json_response(
     status: StatusCode,
     body: &serde_json::Value,
@@ -166,6 +167,10 @@ pub(crate) fn json_response(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
