@@ -1680,6 +1680,45 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
     );
 }
 
+/// An answer under a transfer coding hyper does not undo (`gzip, chunked`; `chunked, chunked`,
+/// which leaves one framing in the body) would reach the client as content once
+/// `Transfer-Encoding` is gone: `502`, for an answer read whole and a streamed one.
+#[tokio::test]
+async fn answers_under_a_transfer_coding_but_chunked_are_a_502() {
+    for coding in ["gzip, chunked", "chunked, chunked", "x-custom, chunked"] {
+        for (content_type, path) in [
+            ("application/fhir+json", "/Patient/1"),
+            ("application/octet-stream", "/Binary/1"),
+        ] {
+            let base = raw_upstream(move |_head, mut stream| async move {
+                let body = "{\"resourceType\":\"Patient\"}";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n\
+                     Transfer-Encoding: {coding}\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            })
+            .await;
+            let base = Box::leak(base.into_boxed_str());
+            let upstream = Upstream::parse(base, FhirVersion::R4).unwrap();
+            let gw = gateway(
+                vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+                Duration::from_secs(60),
+            )
+            .await;
+            let reply = gw.client.get_bearer(path, &token_for(TENANT_A)).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_GATEWAY,
+                "{coding} {path}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+        }
+    }
+}
+
 /// An upstream that frames its answers twice, `Content-Length` beside `Transfer-Encoding:
 /// chunked`, each chunked body itself a whole HTTP response: `length` is the `Content-Length`
 /// it claims, `content_type` its type.

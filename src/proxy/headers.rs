@@ -393,6 +393,26 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// Whether a message's `Transfer-Encoding` names no coding but `chunked`, at most once: what
+/// hyper takes off whole. Under any other (`gzip, chunked`) the body hyper reads is still
+/// coded (and `chunked, chunked` leaves one framing in it), which the message would no longer
+/// say once the hop-by-hop header is gone.
+pub(super) fn only_chunked(headers: &HeaderMap) -> bool {
+    let codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii);
+    let mut chunked = false;
+    for coding in codings {
+        if !coding.eq_ignore_ascii_case(b"chunked") || chunked {
+            return false;
+        }
+        chunked = true;
+    }
+    true
+}
+
 /// Removes the hop-by-hop headers and those the `Connection` header names, from a request or a
 /// response; whether a `Transfer-Encoding` was among them.
 pub(super) fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {

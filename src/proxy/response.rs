@@ -3,8 +3,9 @@
 //! its `Content-Length` the one the body was read with, the upstream's base URL rewritten to
 //! the gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
 //! a server answers with (bodies up to a limit; larger or compressed ones stream through
-//! untouched; digests of a rewritten body's bytes dropped). An informational answer, and a `401` or `407`
-//! (the upstream refusing the gateway's own credentials), are `502` instead.
+//! untouched; digests of a rewritten body's bytes dropped). An informational answer, a `401`
+//! or `407` (the upstream refusing the gateway's own credentials), and an answer under a
+//! transfer coding other than `chunked` are `502` instead.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -19,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::{poll_upstream_frame, ProxyBody};
-use super::headers::remove_hop_by_hop;
+use super::headers::{only_chunked, remove_hop_by_hop};
 use super::rewrite::BaseRewriter;
 use crate::outcome::{IssueType, OperationOutcome};
 
@@ -74,6 +75,19 @@ pub(super) async fn relay_response(
     // The gateway speaks HTTP/1.1 (or 2) to its client whatever its upstream spoke: an
     // HTTP/1.0 upstream's version would tell an HTTP/1.1 client its connection closes.
     parts.version = http::Version::HTTP_11;
+    // A transfer coding hyper did not undo (`gzip, chunked`) would reach the client as content
+    // once `Transfer-Encoding` is gone: compressed bytes labelled as JSON.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) && !only_chunked(&parts.headers) {
+        tracing::warn!(
+            upstream = rewriter.upstream(),
+            "upstream answered under a transfer coding other than chunked: 502"
+        );
+        return Err(failed(
+            StatusCode::BAD_GATEWAY,
+            IssueType::Exception,
+            "The tenant's FHIR server answered under a transfer coding this gateway does not take",
+        ));
+    }
     let chunked = remove_hop_by_hop(&mut parts.headers);
     // Every tenant's answers share the gateway's origin: a browser must take each for the type
     // it is labelled with (or none), never sniff a script or a page out of it.

@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use super::body::ProxyBody;
 use super::deadline::{wait, Turns, Waited, Watched};
-use super::headers::{prepare_request_headers, unforwardable, HeaderPolicy};
+use super::headers::{only_chunked, prepare_request_headers, unforwardable, HeaderPolicy};
 use super::path::{absolute, upstream_path};
 use super::response::{relay_response, Rewriting};
 use super::rewrite::BaseRewriter;
@@ -317,27 +317,17 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// framed: `400`.
 fn unforwardable_body<B: Body>(request: &Request<B>) -> Option<Response<ProxyBody>> {
     let headers = request.headers();
-    let codings = headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii);
-    let mut chunked = false;
-    for coding in codings {
-        // (`chunked, chunked`: hyper takes one off, and the upstream would get the other's
-        // framing as content.)
-        if !coding.eq_ignore_ascii_case(b"chunked") || chunked {
-            return Some(outcome(
-                StatusCode::NOT_IMPLEMENTED,
-                IssueType::NotSupported,
-                "This gateway takes request bodies under no transfer coding but chunked, once",
-            ));
-        }
-        chunked = true;
+    if !only_chunked(headers) {
+        return Some(outcome(
+            StatusCode::NOT_IMPLEMENTED,
+            IssueType::NotSupported,
+            "This gateway takes request bodies under no transfer coding but chunked, once",
+        ));
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return None;
     }
+    let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|length| length.as_bytes() != b"0");
