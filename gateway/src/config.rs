@@ -70,9 +70,10 @@ pub(crate) struct Config {
     /// the balancer's. Default none: the connection's peer.
     #[serde(default)]
     pub(crate) client_address_header: Option<ClientAddressHeader>,
-    /// The balancers `client_address_header` is read from: addresses or networks
-    /// (`10.0.0.0/8`, `2001:db8::/32`). Required with it; a request from any other peer
-    /// counts as that peer.
+    /// The balancers `client_address_header` is read from, and (with
+    /// `trust_forwarded_headers`) whose forwarding headers are kept: addresses or networks
+    /// (`10.0.0.0/8`, `2001:db8::/32`). Required with `client_address_header`; a request from
+    /// any other peer counts as that peer, its forwarding headers dropped.
     #[serde(default)]
     pub(crate) client_address_trusted_peers: Vec<String>,
     /// Request headers forwarded to upstreams besides those FHIR clients need. Default none.
@@ -284,25 +285,56 @@ impl ClientAddressHeader {
     }
 }
 
-/// `client_address_header`, read only from `client_address_trusted_peers`.
+/// What is believed of `client_address_trusted_peers` alone: `client_address_header` read
+/// from them, and (with `trust_forwarded_headers`) the forwarding chains kept from them only.
 #[derive(Debug)]
 pub(crate) struct ClientAddressRule {
-    header: ClientAddressHeader,
+    header: Option<ClientAddressHeader>,
     trusted: Vec<Network>,
+    /// `trust_forwarded_headers`: the chains of a request from any other peer are dropped.
+    chains: bool,
+}
+
+/// What a request from a peer is believed to say of its client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PeerSays {
+    /// The client `client_address_header` names (a trusted balancer named one).
+    Client(tower_fhir::token::ForwardedClient),
+    /// Nothing to take from it: a trusted peer whose header names no client, or no header.
+    Nothing,
+    /// An untrusted peer's `Forwarded`/`X-Forwarded-*` chains, which
+    /// `trust_forwarded_headers` would keep: to be dropped.
+    DropChains,
 }
 
 impl ClientAddressRule {
     /// The client the header names, when `peer` is a trusted balancer and it names one.
+    #[cfg(test)]
     pub(crate) fn client(
         &self,
         peer: std::net::IpAddr,
         headers: &http::HeaderMap,
     ) -> Option<tower_fhir::token::ForwardedClient> {
+        match self.peer_says(peer, headers) {
+            PeerSays::Client(client) => Some(client),
+            _ => None,
+        }
+    }
+
+    /// What a request from `peer` with `headers` is believed to say (see [`PeerSays`]).
+    pub(crate) fn peer_says(&self, peer: std::net::IpAddr, headers: &http::HeaderMap) -> PeerSays {
         let peer = peer.to_canonical();
         if !self.trusted.iter().any(|network| network.contains(peer)) {
-            return None;
+            return if self.chains {
+                PeerSays::DropChains
+            } else {
+                PeerSays::Nothing
+            };
         }
-        self.header.client(headers)
+        match self.header.and_then(|header| header.client(headers)) {
+            Some(client) => PeerSays::Client(client),
+            None => PeerSays::Nothing,
+        }
     }
 }
 
@@ -751,14 +783,16 @@ impl Config {
 
     /// `client_address_header` with the peers it is read from; `None` without it.
     pub(crate) fn client_address_rule(&self) -> Result<Option<ClientAddressRule>, String> {
-        let Some(header) = self.client_address_header else {
-            if !self.client_address_trusted_peers.is_empty() {
-                return Err(
-                    "client_address_trusted_peers is set without client_address_header".into(),
-                );
-            }
+        let header = self.client_address_header;
+        if header.is_none() && self.client_address_trusted_peers.is_empty() {
             return Ok(None);
-        };
+        }
+        if header.is_none() && !self.trust_forwarded_headers {
+            return Err(
+                "client_address_trusted_peers is set without client_address_header or trust_forwarded_headers: it would trust nothing"
+                    .into(),
+            );
+        }
         if self.client_address_trusted_peers.is_empty() {
             return Err("client_address_header needs client_address_trusted_peers: the balancers' addresses or networks (10.0.0.0/8), since any other client could write any address there".into());
         }
@@ -769,7 +803,11 @@ impl Config {
                 Network::parse(peer).map_err(|e| format!("client_address_trusted_peers: {e}"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Some(ClientAddressRule { header, trusted }))
+        Ok(Some(ClientAddressRule {
+            header,
+            trusted,
+            chains: self.trust_forwarded_headers,
+        }))
     }
 
     /// `max_buffered_request_bytes_total`, or its default (at most 2^60).
@@ -988,7 +1026,7 @@ mod tests {
             ),
             (
                 r#"{"client_address_trusted_peers": ["10.0.0.0/8"]}"#,
-                "without client_address_header",
+                "without client_address_header or trust_forwarded_headers",
             ),
             (
                 r#"{"client_address_header": "forwarded", "client_address_trusted_peers": ["10.0.0.0/33"]}"#,
@@ -1005,6 +1043,32 @@ mod tests {
                 .unwrap_err();
             assert!(refused.contains(error), "{json}: {refused}");
         }
+        // With trust_forwarded_headers, the trusted peers alone keep their chains.
+        let rule = serde_json::from_str::<Config>(
+            r#"{"trust_forwarded_headers": true, "client_address_trusted_peers": ["10.0.0.0/8"]}"#,
+        )
+        .unwrap()
+        .client_address_rule()
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            rule.peer_says("10.0.0.1".parse().unwrap(), &headers),
+            PeerSays::Nothing
+        );
+        assert_eq!(
+            rule.peer_says("11.0.0.1".parse().unwrap(), &headers),
+            PeerSays::DropChains
+        );
+        // Without it, an untrusted peer's chains are the proxy's to drop anyway.
+        let rule = serde_json::from_str::<Config>(config)
+            .unwrap()
+            .client_address_rule()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            rule.peer_says("11.0.0.1".parse().unwrap(), &headers),
+            PeerSays::Nothing
+        );
         assert!(Network::parse("0.0.0.0/0")
             .unwrap()
             .contains("8.8.8.8".parse().unwrap()));

@@ -226,6 +226,11 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     let state = state::open(&config).await?;
+    if config.trust_forwarded_headers && config.client_address_trusted_peers.is_empty() {
+        tracing::warn!(
+            "trust_forwarded_headers without client_address_trusted_peers: every client's Forwarded and X-Forwarded-* headers (the addresses, the prefix, the port it claims) reach the upstreams; name the balancers there to keep theirs only"
+        );
+    }
     if !demo && config.state_dir.is_none() && config.database_url.is_none() {
         tracing::warn!(
             state = %state.location,

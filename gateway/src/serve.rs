@@ -59,6 +59,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 use tower_fhir::proxy::ClientAddr;
 
+use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
 use crate::tls::FrontTls;
 
@@ -78,8 +79,8 @@ pub(crate) struct Limits {
     pub(crate) shutdown_grace: Duration,
     /// The header a load balancer names each request's client in (`client_address_header`),
     /// read from the trusted balancers into a
-    /// [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles. Made once
-    /// for the process.
+    /// [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles, and whose
+    /// forwarding headers `trust_forwarded_headers` keeps. Made once for the process.
     pub(crate) client_address: Option<&'static crate::config::ClientAddressRule>,
 }
 
@@ -311,12 +312,16 @@ async fn accept(
             let in_flight = InFlight::start(&requests);
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
-            // Behind a balancer: the client it names, for the throttles.
-            if let Some(client) = limits
-                .client_address
-                .and_then(|rule| rule.client(peer.ip(), request.headers()))
-            {
-                request.extensions_mut().insert(client);
+            // Behind a balancer: the client it names, for the throttles; a peer that is no
+            // balancer has its claims of where the request came from dropped.
+            if let Some(rule) = limits.client_address {
+                match rule.peer_says(peer.ip(), request.headers()) {
+                    PeerSays::Client(client) => {
+                        request.extensions_mut().insert(client);
+                    }
+                    PeerSays::Nothing => {}
+                    PeerSays::DropChains => drop_chains(request.headers_mut()),
+                }
             }
             let to_admin = only_admin || request.uri().path().starts_with("/admin/");
             let answer = match admin.as_ref().filter(|_| to_admin) {
@@ -874,6 +879,16 @@ impl Watchdog {
 struct CountingIo {
     stream: Stream,
     activity: Arc<Activity>,
+}
+
+/// Removes what a request says of where it came from (`Forwarded`, `X-Forwarded-For`,
+/// `X-Real-IP`, `X-Forwarded-Port`/`-Prefix`/`-Server`): from a peer that is not one of
+/// `client_address_trusted_peers`, `trust_forwarded_headers` must not pass them on. (The
+/// proxy then starts the chains, naming the peer.)
+fn drop_chains(headers: &mut http::HeaderMap) {
+    for name in tower_fhir::proxy::FORWARDING_CHAIN_HEADERS {
+        headers.remove(name);
+    }
 }
 
 /// What a worker serves: the gateway, the admin API beside it (under `/admin/`, or every path

@@ -998,6 +998,75 @@ async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `trust_forwarded_headers` keeps a request's `Forwarded`/`X-Forwarded-*` chains only from
+/// `client_address_trusted_peers` when they are named: from any other peer (a client that
+/// reached the gateway past the balancer) they are dropped, and the gateway starts the chains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_kept_from_the_trusted_peers_only() {
+    let claims = [
+        ("forwarded", "for=198.51.100.7;host=evil.example"),
+        ("x-forwarded-for", "198.51.100.7"),
+        ("x-real-ip", "198.51.100.7"),
+        ("x-forwarded-prefix", "/other-tenant"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-server", "evil.example"),
+    ];
+    // (the keys, whether the client's chains reach the upstream)
+    for (case, keys, kept) in [
+        ("off", json!({}), false),
+        ("any-peer", json!({"trust_forwarded_headers": true}), true),
+        (
+            "peer-trusted",
+            json!({"trust_forwarded_headers": true, "client_address_trusted_peers": ["127.0.0.0/8"]}),
+            true,
+        ),
+        (
+            "peer-untrusted",
+            json!({"trust_forwarded_headers": true, "client_address_trusted_peers": ["10.0.0.0/8"]}),
+            false,
+        ),
+    ] {
+        let dir = scratch(&format!("operations-chains-{case}"));
+        let upstream = RecordingUpstream::start().await;
+        let gw = start(&dir, &upstream, keys);
+        let bearer = format!("Bearer {}", token(&gw.client).await);
+        let mut headers = vec![("authorization", bearer.as_str())];
+        headers.extend(claims);
+        let reply = gw.client.get("/Patient/1", &headers).await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}: {}", reply.text());
+        let got = upstream.last();
+        let text = |name: &str| {
+            got.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (name, value) in claims {
+            assert_eq!(
+                text(name).contains(value),
+                kept,
+                "{case}: {name}: {:?}",
+                text(name)
+            );
+        }
+        // Either way the gateway names its peer last.
+        assert!(
+            text("x-forwarded-for").ends_with("127.0.0.1"),
+            "{case}: {}",
+            text("x-forwarded-for")
+        );
+        assert!(
+            text("forwarded").contains("for=127.0.0.1"),
+            "{case}: {}",
+            text("forwarded")
+        );
+        drop(gw);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// `admin_listen`: the admin API answers there and only there (`listen` says `404` under
 /// `/admin/`, whatever the token), nothing but the admin API answers there, and a `listen`
 /// holding all its `max_connections` does not hold the administrator out.

@@ -66,6 +66,21 @@ pub const FORWARDED_REQUEST_HEADERS: [&str; 19] = [
     "access-control-request-headers",
 ];
 
+/// The request headers that say where a request came from: `Forwarded`, `X-Forwarded-For`,
+/// `X-Real-IP`, `X-Forwarded-Port`, `X-Forwarded-Prefix`, `X-Forwarded-Server`. A client's are
+/// dropped (the proxy starts `Forwarded` and `X-Forwarded-For`, naming the peer) unless
+/// [`FhirProxyBuilder::trust_forwarded_headers`](super::FhirProxyBuilder::trust_forwarded_headers)
+/// keeps and extends them: a server that lets clients other than its trusted balancers reach
+/// such a proxy removes these from those clients' requests first.
+pub const FORWARDING_CHAIN_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+];
+
 /// What the policy does with one request header a client sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Policy {
@@ -540,12 +555,7 @@ mod tests {
             assert_eq!(policy(name), Policy::Drop, "{name}");
         }
         assert_eq!(policy("cookie"), Policy::Cookie);
-        for name in [
-            "forwarded",
-            "x-forwarded-for",
-            "x-real-ip",
-            "x-forwarded-prefix",
-        ] {
+        for name in FORWARDING_CHAIN_HEADERS {
             assert_eq!(policy(name), Policy::Chain, "{name}");
         }
     }

@@ -88,7 +88,7 @@ mod transport;
 
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use body::{ProxyBody, UpstreamCut, UpstreamStalled};
-pub use headers::FORWARDED_REQUEST_HEADERS;
+pub use headers::{FORWARDED_REQUEST_HEADERS, FORWARDING_CHAIN_HEADERS};
 pub use service::{
     ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_REWRITE_BUDGET,
 };
