@@ -541,10 +541,28 @@ const REVOKE_PATH: &str = "/oauth/revoke";
 /// use bytes::Bytes;
 /// use tower::{service_fn, Layer, ServiceExt};
 /// use tower_fhir::gateway::Gateway;
+/// use tower_fhir::outcome::{IssueType, OperationOutcome};
 /// use tower_fhir::route::{InMemoryDirectory, InProcessTenant, TenantRecord};
 /// use tower_fhir::smart::ScopedBody;
 /// use tower_fhir::token::{InMemoryClientStore, TokenEndpoint};
 /// use tower_fhir::version::FhirVersion;
+///
+/// // Your FHIR server: reached only with a valid token for an onboarded tenant, the body as
+/// // the client sent it (a `ScopedBody`: the SMART scope layer may have read it to check it).
+/// // A tenant whose record names upstream servers (not `in_process`) comes without an
+/// // `InProcessTenant`: answered 502, as the proxy answers a request it has no server for.
+/// async fn fhir(
+///     request: Request<ScopedBody<Full<Bytes>>>,
+/// ) -> Result<Response<Full<Bytes>>, Infallible> {
+///     let Some(tenant) = request.extensions().get::<InProcessTenant>() else {
+///         let outcome = OperationOutcome::error(
+///             IssueType::Exception,
+///             "The tenant is not served in-process by this service",
+///         );
+///         return Ok(outcome.to_response(StatusCode::BAD_GATEWAY).map(Full::new));
+///     };
+///     Ok(Response::new(Full::from(tenant.key().to_owned())))
+/// }
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let directory = InMemoryDirectory::new();
@@ -564,12 +582,7 @@ const REVOKE_PATH: &str = "/oauth/revoke";
 ///     .token_endpoint(endpoint)
 ///     .build_layer()
 ///     .unwrap();
-/// // Your FHIR server: reached only with a valid token for an onboarded tenant, the body as
-/// // the client sent it (a `ScopedBody`: the SMART scope layer may have read it to check it).
-/// let service = layer.layer(service_fn(|request: Request<ScopedBody<Full<Bytes>>>| async move {
-///     let tenant = request.extensions().get::<InProcessTenant>().unwrap();
-///     Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(tenant.key().to_owned())))
-/// }));
+/// let service = layer.layer(service_fn(fhir));
 ///
 /// // The token routes are the layer's own, ahead of your service.
 /// let jwks = Request::get("/.well-known/jwks.json").body(Full::default()).unwrap();
@@ -578,6 +591,9 @@ const REVOKE_PATH: &str = "/oauth/revoke";
 /// assert_eq!(service.clone().oneshot(token).await.unwrap().status(), StatusCode::BAD_REQUEST);
 /// let patient = Request::get("/Patient/1").body(Full::default()).unwrap();
 /// assert_eq!(service.oneshot(patient).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+/// // Your service, given a request of a tenant it does not serve, answers 502.
+/// let proxied = Request::get("/Patient/1").body(ScopedBody::passed(Full::default())).unwrap();
+/// assert_eq!(fhir(proxied).await.unwrap().status(), StatusCode::BAD_GATEWAY);
 /// # });
 /// ```
 #[derive(Debug, Clone)]

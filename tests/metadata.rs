@@ -127,7 +127,7 @@ async fn a_client_that_asks_for_xml_gets_the_statement_in_xml() {
         let headers: Vec<(&str, &str)> = accept.map(|a| ("accept", a)).into_iter().collect();
         let reply = client.send("GET", query, &headers, "").await;
         assert_eq!(reply.status, StatusCode::OK);
-        assert_eq!(reply.headers["vary"], "accept");
+        assert_eq!(reply.headers["vary"], "Accept, Authorization");
         let content_type = reply.headers["content-type"].to_str().unwrap();
         assert!(
             content_type.starts_with("application/fhir+xml; fhirVersion="),
@@ -197,14 +197,112 @@ async fn look_alike_paths_need_a_token() {
     let (client, upstream, _) = setup().await;
     for target in [
         "/metadata/x",
-        "//metadata",
+        "//metadata/x",
         "/%6detadata",
+        "/METADATA",
         "/Patient?x=metadata",
     ] {
         let reply = client.send("GET", target, &[], "").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{target}");
     }
     assert!(upstream.received().is_empty());
+}
+
+/// The proxy merges runs of slashes (and an upstream ignores a trailing one): these reach the
+/// hospital as its `metadata`, so the gateway answers them as `metadata`, rewritten and cached.
+#[tokio::test]
+async fn metadata_spelled_with_empty_segments_is_metadata() {
+    let (client, upstream, bearer) = setup().await;
+    let targets = ["//metadata", "///metadata", "/metadata/", "/metadata//"];
+    for target in targets {
+        let reply = client
+            .send("GET", target, &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{target}: {}", reply.text());
+        let statement = reply.json();
+        assert_eq!(statement["resourceType"], "Conformance", "{target}");
+        let oauth = &statement["rest"][0]["security"]["extension"][0];
+        assert_eq!(
+            oauth["extension"][0]["valueUri"], "http://gateway.test/oauth/token",
+            "{target}"
+        );
+        assert!(!reply.text().contains("ehr.internal"), "{target}");
+    }
+    assert_eq!(upstream.received().len(), 1, "asked once, then cached");
+    assert_eq!(upstream.last().target, "/fhir/metadata");
+    // Without a token: the gateway's own statement, as for `/metadata`.
+    for target in targets {
+        let reply = client.send("GET", target, &[], "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{target}");
+        assert_eq!(reply.json()["fhirVersion"], "3.0.2", "{target}");
+    }
+    assert_eq!(upstream.received().len(), 1);
+}
+
+/// A HEAD tells what the GET would send: the length of the rewritten statement.
+#[tokio::test]
+async fn a_head_of_metadata_has_the_length_of_the_get() {
+    let (client, upstream, bearer) = setup().await;
+    for token in [Some(bearer.as_str()), None] {
+        let headers: Vec<(&str, &str)> = token.map(|t| ("authorization", t)).into_iter().collect();
+        let get = client.send("GET", "/metadata", &headers, "").await;
+        assert_eq!(get.status, StatusCode::OK);
+        let head = client.send("HEAD", "/metadata", &headers, "").await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(head.body.is_empty());
+        assert_eq!(
+            head.headers["content-length"],
+            get.body.len().to_string(),
+            "token: {}",
+            token.is_some()
+        );
+        assert_eq!(head.headers["content-type"], get.headers["content-type"]);
+    }
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "the HEAD was answered from the cache"
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_a_dstu2_only_client_gets_dstu2() {
+    let (client, _, _) = setup().await;
+    let reply = client
+        .send(
+            "GET",
+            "/metadata",
+            &[("accept", "application/json+fhir")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["resourceType"], "Conformance");
+    assert_eq!(reply.json()["fhirVersion"], "1.0.2");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/json+fhir; fhirVersion=1.0"
+    );
+}
+
+/// A GET has no body: its `Content-Type` names no release, and the answer varies only by what
+/// a cache keys it with (and `Vary` names).
+#[tokio::test]
+async fn a_gets_content_type_does_not_choose_the_statement() {
+    let (client, _, _) = setup().await;
+    let reply = client
+        .send(
+            "GET",
+            "/metadata",
+            &[("content-type", "application/fhir+json; fhirVersion=1.0")],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["resourceType"], "CapabilityStatement");
+    assert_eq!(reply.json()["fhirVersion"], "3.0.2");
+    let vary: Vec<_> = reply.headers.get_all("vary").iter().collect();
+    assert_eq!(vary, ["Accept, Authorization"]);
 }
 
 #[tokio::test]
@@ -255,6 +353,38 @@ async fn without_a_token_a_configured_upstreams_statement_can_stand_in() {
     }
     assert_eq!(upstream.received().len(), 1, "fetched once, then cached");
     assert!(!upstream.last().headers.contains_key("authorization"));
+}
+
+#[tokio::test]
+async fn an_upstream_that_gives_no_statement_is_not_asked_for_each_client() {
+    let upstream = RecordingUpstream::start().await;
+    let mut unavailable = Answer::json(json!({"resourceType": "OperationOutcome"}));
+    unavailable.status = StatusCode::SERVICE_UNAVAILABLE;
+    upstream.answer("/fhir/metadata", unavailable);
+    let proxy = FhirProxy::builder("http://gateway.test").build().unwrap();
+    let source = Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap();
+    let stack = ServiceBuilder::new()
+        .layer(VersionNegotiationLayer::builder().build().unwrap())
+        .layer(
+            MetadataLayer::builder("http://gateway.test", "http://gateway.test/oauth/token")
+                .default_version(FhirVersion::R4)
+                .statement_from_upstream(proxy.clone(), source)
+                .build()
+                .unwrap(),
+        )
+        .service(proxy);
+    let client = TestClient::new(serve_tower(stack).await);
+    for _ in 0..5 {
+        let reply = client.send("GET", "/metadata", &[], "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let statement = reply.json();
+        assert_eq!(
+            statement["software"]["name"], "tower-fhir gateway",
+            "generated"
+        );
+        assert_eq!(statement["fhirVersion"], "4.0.1");
+    }
+    assert_eq!(upstream.received().len(), 1, "the failure is remembered");
 }
 
 #[tokio::test]

@@ -192,6 +192,47 @@ async fn no_release_named_goes_to_the_tenants_default() {
     assert_eq!(s.dstu2.last().target, "/dstu2/Patient/1");
 }
 
+/// A GET has no body: a `Content-Type` sent with one names no release (it would choose an
+/// answer that caches do not key by), and does not disagree with `Accept`.
+#[tokio::test]
+async fn a_gets_content_type_names_no_release() {
+    let s = setup().await;
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[
+                ("authorization", &s.bearer),
+                ("content-type", "application/fhir+json; fhirVersion=3.0"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        s.dstu2.last().target,
+        "/dstu2/Patient/1",
+        "the tenant's default"
+    );
+    assert!(s.stu3.received().is_empty());
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", "application/fhir+json; fhirVersion=1.0"),
+                ("content-type", "application/fhir+json; fhirVersion=5.0"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.dstu2.received().len(), 2);
+}
+
 #[tokio::test]
 async fn unservable_releases_and_disagreements_are_refused() {
     let s = setup().await;
@@ -237,6 +278,9 @@ async fn versions_needs_no_token() {
         .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers["content-type"], "application/json");
+    // Chosen by `Accept` (and, with a token, by its tenant): not for a shared cache to give
+    // another client.
+    assert_eq!(reply.headers["vary"], "Accept, Authorization");
     let codes: Vec<String> = reply.json()["parameter"]
         .as_array()
         .unwrap()

@@ -33,7 +33,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::statement::{is_json, json_statement, read_statement};
-use super::ResponseFuture;
+use super::{is_metadata_path, ResponseFuture};
 use crate::body::ResponseBody;
 use crate::version::FhirVersion;
 
@@ -101,8 +101,10 @@ impl StatementKey {
     }
 
     /// The key of a `GET metadata` routed to a tenant's upstream; `None` for anything else.
+    /// `metadata` is read as the proxy forwards it ([`is_metadata_path`]: `//metadata` and
+    /// `/metadata/` too, under the same key as `/metadata`).
     fn of<B>(request: &Request<B>) -> Option<Self> {
-        if request.method() != Method::GET || request.uri().path() != "/metadata" {
+        if request.method() != Method::GET || !is_metadata_path(request.uri().path()) {
             return None;
         }
         let extensions = request.extensions();
@@ -534,6 +536,23 @@ mod tests {
         body(&service, routed(A, "/Patient/1", None)).await;
         body(&service, routed(A, "/Patient/1", None)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 4, "only metadata is cached");
+    }
+
+    #[tokio::test]
+    async fn metadata_with_empty_segments_is_cached_as_metadata() {
+        let (service, calls) = cached_upstream();
+        // The proxy would send each of these upstream as `metadata`: one statement, one entry.
+        for path in [
+            "//metadata",
+            "/metadata",
+            "///metadata",
+            "/metadata/",
+            "/metadata//",
+        ] {
+            assert_eq!(body(&service, routed(A, path, None)).await, JSON, "{path}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(StatementKey::of(&routed(A, "/metadata/x", None)).is_none());
     }
 
     #[tokio::test]

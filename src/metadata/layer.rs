@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::uri::{PathAndQuery, Uri};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -14,10 +15,10 @@ use tower_service::Service;
 use super::smart::SmartConfiguration;
 use super::statement::{respond, respond_xml, Statements};
 use super::upstream::AnonymousSource;
-use super::ResponseFuture;
+use super::{is_metadata_path, ResponseFuture};
 use crate::body::ResponseBody;
 use crate::route::UpstreamBase;
-use crate::version::{prefers_xml, FhirVersion};
+use crate::version::{prefers_xml, FhirVersion, VersionHint};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -122,7 +123,11 @@ impl fmt::Debug for MetadataBuilder {
 impl MetadataBuilder {
     /// Serves, to requests without a token, this upstream's CapabilityStatement (fetched
     /// through `service`, cached for five minutes per release, with the gateway's security
-    /// section) instead of a generated one; if the upstream fails, a generated one.
+    /// section) instead of a generated one; if the upstream fails, a generated one. A failure
+    /// (no answer, a status but 200, no JSON statement) is remembered for 30 seconds per
+    /// release: meanwhile the generated statement is served without asking the upstream
+    /// again, so a failing upstream is asked at most twice a minute, however many clients
+    /// ask. (Concurrent requests for a release not cached wait for one fetch.)
     ///
     /// `service` is a [`FhirProxy`](crate::proxy::FhirProxy), or any service that sends a
     /// request to the [`Upstream`](crate::route::Upstream) in its extensions: each fetch is a
@@ -219,7 +224,9 @@ impl MetadataBuilder {
         self
     }
 
-    /// The release of the generated CapabilityStatement when none was negotiated; default STU3.
+    /// The release of the CapabilityStatement served without a token when the request named
+    /// none (no [`FhirVersion`] was negotiated) and its media types hint at none (no
+    /// [`VersionHint`]: a client whose media types are DSTU2's alone gets DSTU2); default STU3.
     pub fn default_version(mut self, version: FhirVersion) -> Self {
         self.default_version = version;
         self
@@ -320,9 +327,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let read = request.method() == Method::GET || request.method() == Method::HEAD;
+        let head = request.method() == Method::HEAD;
+        let read = head || request.method() == Method::GET;
         let path = request.uri().path();
-        let metadata = read && path == "/metadata";
+        // `//metadata` and `/metadata/` too: the proxy would send them upstream as `metadata`.
+        let metadata = read && is_metadata_path(path);
         let smart_configuration = read && path == "/.well-known/smart-configuration";
         if !(metadata || smart_configuration) {
             // Everything else passes through untouched.
@@ -330,48 +339,107 @@ where
         }
         let config = Arc::clone(&self.config);
         if !metadata {
-            let response = config.smart.response().map(ResponseBody::full);
-            return ResponseFuture::own(std::future::ready(Ok(response)));
+            let response = config.smart.response();
+            return ResponseFuture::own(std::future::ready(Ok(own_answer(response, head))));
         }
         let version = request.extensions().get::<FhirVersion>().copied();
         if !request.headers().contains_key(header::AUTHORIZATION) {
             let negotiated = version;
-            let version = version.unwrap_or(config.statements.default_version);
+            // Named, else hinted (a client speaking DSTU2's media types alone), else the
+            // configured default.
+            let hinted = request.extensions().get::<VersionHint>().map(|hint| hint.0);
+            let version = version
+                .or(hinted)
+                .unwrap_or(config.statements.default_version);
             // XML is written for the generated statement only (an upstream's has elements
             // whose XML order the gateway does not know): a client that asks for XML gets it.
             if prefers_xml(request.uri().query(), request.headers(), negotiated) {
                 let response = respond_xml(&config.statements.generated(version), version);
-                return ResponseFuture::own(std::future::ready(Ok(
-                    response.map(ResponseBody::full)
-                )));
+                return ResponseFuture::own(std::future::ready(Ok(own_answer(response, head))));
             }
             if config.anonymous.is_none() {
                 let response = respond(&config.statements.generated(version), version);
-                return ResponseFuture::own(std::future::ready(Ok(
-                    response.map(ResponseBody::full)
-                )));
+                return ResponseFuture::own(std::future::ready(Ok(own_answer(response, head))));
             }
             return ResponseFuture::own(async move {
-                Ok(config.anonymous(version).await.map(ResponseBody::full))
+                Ok(own_answer(config.anonymous(version).await, head))
             });
         }
         // The statement is read and rewritten: asked for uncompressed, or a compressed one
         // would pass unread, with the upstream's own security section.
         request.headers_mut().remove(header::ACCEPT_ENCODING);
+        // Asked as `GET /metadata` whatever its spelling: what the upstream, the SMART scope
+        // layer and the capability cache each take for `metadata`. A HEAD is asked as a GET,
+        // so that its headers are the rewritten statement's (and the cache answers it), then
+        // answered without the body.
+        if let Some(uri) = canonical_metadata(request.uri()) {
+            *request.uri_mut() = uri;
+        }
+        if head {
+            *request.method_mut() = Method::GET;
+        }
         let future = self.inner.call(request);
         ResponseFuture::own(async move {
             let response = future.await?;
-            if response.status() != StatusCode::OK {
-                return Ok(response.map(ResponseBody::inner));
-            }
-            Ok(config.statements.secure_upstream_statement(response).await)
+            let response = if response.status() == StatusCode::OK {
+                config.statements.secure_upstream_statement(response).await
+            } else {
+                response.map(ResponseBody::inner)
+            };
+            Ok(if head { headless(response) } else { response })
         })
     }
 }
 
+/// `uri` with `/metadata` for its path (its query kept), unless it is so already.
+fn canonical_metadata(uri: &Uri) -> Option<Uri> {
+    if uri.path() == "/metadata" {
+        return None;
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("/metadata?{query}"),
+        None => "/metadata".to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// One of the layer's own answers, to a GET, or to a HEAD (`head`): the same headers then,
+/// and no body.
+fn own_answer<B: Body<Data = Bytes>>(
+    response: Response<Bytes>,
+    head: bool,
+) -> Response<ResponseBody<B>> {
+    let response = response.map(ResponseBody::full);
+    if head {
+        headless(response)
+    } else {
+        response
+    }
+}
+
+/// The answer to a HEAD: `response` (the GET's) without its body, its `Content-Length` the
+/// body's where the response names none and the body's length is known (so a HEAD tells
+/// what the GET would send).
+fn headless<B: Body<Data = Bytes>>(
+    response: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>> {
+    let (mut parts, body) = response.into_parts();
+    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if let Some(length) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+    }
+    // The body (the inner service's, maybe a stream from the upstream) is dropped unread.
+    Response::from_parts(parts, ResponseBody::default())
+}
+
 impl Config {
-    /// The statement for requests without a token: the configured upstream's (cached), or
-    /// one generated from the configuration.
+    /// The statement for requests without a token: the configured upstream's (cached, and a
+    /// failure to get it remembered a while), or one generated from the configuration.
     async fn anonymous(&self, version: FhirVersion) -> Response<Bytes> {
         if let Some(source) = &self.anonymous {
             if let Some(serde_json::Value::Object(mut statement)) = source.statement(version).await
@@ -379,7 +447,6 @@ impl Config {
                 let served = self.statements.secure(&mut statement);
                 return respond(&serde_json::Value::Object(statement), served);
             }
-            tracing::warn!("the configured upstream gave no CapabilityStatement; generating one");
         }
         respond(&self.statements.generated(version), version)
     }
@@ -387,26 +454,36 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{call, get};
+    use super::super::test_support::{call, get, layer};
     use super::*;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
+    use std::convert::Infallible;
+    use tower::ServiceExt;
 
     #[tokio::test]
-    async fn only_the_exact_paths_skip_authentication() {
+    async fn only_metadata_and_smart_configuration_skip_authentication() {
         for open in [
             "/metadata",
             "/metadata?_format=json",
             "/.well-known/smart-configuration",
+            // The proxy would send these upstream as `metadata`: the same answer.
+            "//metadata",
+            "///metadata?_format=json",
+            "/metadata/",
+            "/metadata//",
         ] {
-            assert_eq!(call(get(open)).await.0, StatusCode::OK, "{open}");
+            let (status, _, statement) = call(get(open)).await;
+            assert_eq!(status, StatusCode::OK, "{open}");
+            assert_ne!(statement, serde_json::Value::Null, "{open}");
         }
         for closed in [
             "/metadata/x",
-            "//metadata",
+            "//metadata/x",
             "/%6detadata",
             "/Patient?x=metadata",
             "/fhir/metadata",
             "/METADATA",
+            "/.well-known//smart-configuration",
         ] {
             assert_eq!(
                 call(get(closed)).await.0,
@@ -416,6 +493,189 @@ mod tests {
         }
         let post = Request::post("/metadata").body(Full::default()).unwrap();
         assert_eq!(call(post).await.0, StatusCode::UNAUTHORIZED);
+    }
+
+    /// `request` with a bearer token.
+    fn with_token(mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        request
+    }
+
+    /// The token endpoint the security section of an upstream statement names once rewritten.
+    fn token_endpoint(statement: &serde_json::Value) -> &serde_json::Value {
+        &statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"]
+    }
+
+    #[tokio::test]
+    async fn metadata_with_empty_segments_is_rewritten_and_asked_as_metadata() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&asked);
+        let service = layer().layer(tower::service_fn(move |request: Request<Full<Bytes>>| {
+            seen.lock().unwrap().push(request.uri().to_string());
+            // The upstream's own statement, its own OAuth endpoints in it.
+            let statement = r#"{"resourceType":"CapabilityStatement","rest":[{"mode":"server",
+                "security":{"extension":[{"url":"http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension":[{"url":"token","valueUri":"http://ehr.internal/token"}]}]}}]}"#;
+            async move { Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(statement))) }
+        }));
+        for path in [
+            "//metadata",
+            "///metadata?_summary=true",
+            "/metadata/",
+            "/metadata//",
+        ] {
+            let response = service
+                .clone()
+                .oneshot(with_token(get(path)))
+                .await
+                .unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let statement: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                token_endpoint(&statement),
+                "https://gw.example/oauth/token",
+                "{path}"
+            );
+        }
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                "/metadata",
+                "/metadata?_summary=true",
+                "/metadata",
+                "/metadata"
+            ]
+        );
+    }
+
+    /// An upstream as the proxy relays it: to a GET, the statement and its length; to a HEAD,
+    /// the length alone. Records the methods it is asked with.
+    #[derive(Clone, Default)]
+    struct HeadAwareUpstream(Arc<std::sync::Mutex<Vec<Method>>>);
+
+    impl tower_service::Service<Request<Full<Bytes>>> for HeadAwareUpstream {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Full<Bytes>>) -> Self::Future {
+            self.0.lock().unwrap().push(request.method().clone());
+            let statement = r#"{"resourceType":"CapabilityStatement","fhirVersion":"4.0.1","rest":[{"mode":"server"}]}"#;
+            let body = if request.method() == Method::HEAD {
+                Full::default()
+            } else {
+                Full::from(statement)
+            };
+            let response = Response::builder()
+                .header(header::CONTENT_TYPE, "application/fhir+json")
+                .header(header::CONTENT_LENGTH, statement.len())
+                .header(header::ETAG, "W/\"1\"")
+                .body(body)
+                .unwrap();
+            std::future::ready(Ok(response))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_gets_the_headers_of_the_get_and_no_body() {
+        let upstream = HeadAwareUpstream::default();
+        let service = layer().layer(upstream.clone());
+        let ask = |method: Method, token: bool| {
+            let service = service.clone();
+            async move {
+                let mut request = Request::builder()
+                    .method(method)
+                    .uri("/metadata")
+                    .body(Full::default())
+                    .unwrap();
+                if token {
+                    request = with_token(request);
+                }
+                let (parts, body) = service.oneshot(request).await.unwrap().into_parts();
+                (parts, body.collect().await.unwrap().to_bytes())
+            }
+        };
+        for token in [true, false] {
+            let (get, statement) = ask(Method::GET, token).await;
+            let (head, nothing) = ask(Method::HEAD, token).await;
+            assert_eq!(head.status, StatusCode::OK);
+            assert!(nothing.is_empty(), "a HEAD's answer has no body");
+            assert_eq!(
+                head.headers[header::CONTENT_LENGTH],
+                statement.len().to_string(),
+                "the length of the statement the GET gets (token: {token})"
+            );
+            for name in [header::CONTENT_TYPE, header::VARY, header::ETAG] {
+                assert_eq!(head.headers.get(&name), get.headers.get(&name), "{name}");
+            }
+        }
+        // With a token, the HEAD was asked as a GET: the statement read and rewritten (and,
+        // in the gateway, answered by the capability cache).
+        assert_eq!(*upstream.0.lock().unwrap(), [Method::GET, Method::GET]);
+
+        // A refusal keeps its headers and loses its body.
+        let refusing = layer().layer(tower::service_fn(
+            |request: Request<Full<Bytes>>| async move {
+                assert_eq!(request.method(), Method::GET);
+                let response = Response::builder()
+                    .status(StatusCode::FORBIDDEN)
+                    .body(Full::<Bytes>::from("refused"))
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            },
+        ));
+        let head = with_token(Request::head("/metadata").body(Full::default()).unwrap());
+        let (refused, body) = refusing.oneshot(head).await.unwrap().into_parts();
+        assert_eq!(refused.status, StatusCode::FORBIDDEN);
+        assert_eq!(refused.headers[header::CONTENT_LENGTH], "7");
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+        let head = Request::head("/Patient/1").body(Full::default()).unwrap();
+        let response = layer().layer(upstream.clone()).oneshot(head).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "anything else passes as it is"
+        );
+        assert_eq!(upstream.0.lock().unwrap().last(), Some(&Method::HEAD));
+    }
+
+    #[tokio::test]
+    async fn a_dstu2_only_client_gets_a_dstu2_statement_without_a_token() {
+        let mut request = get("/metadata");
+        request
+            .extensions_mut()
+            .insert(VersionHint(FhirVersion::Dstu2));
+        let (_, headers, statement) = call(request).await;
+        assert_eq!(statement["resourceType"], "Conformance");
+        assert_eq!(statement["fhirVersion"], "1.0.2");
+        assert_eq!(
+            headers["content-type"],
+            "application/json+fhir; fhirVersion=1.0"
+        );
+        // A release the client named comes first.
+        let mut request = get("/metadata");
+        request.extensions_mut().insert(FhirVersion::R4);
+        request
+            .extensions_mut()
+            .insert(VersionHint(FhirVersion::Dstu2));
+        let (_, _, statement) = call(request).await;
+        assert_eq!(statement["fhirVersion"], "4.0.1");
+    }
+
+    #[tokio::test]
+    async fn the_answer_without_a_token_varies_by_accept_and_authorization() {
+        for uri in ["/metadata", "/metadata?_format=xml"] {
+            let (status, headers, _) = call(get(uri)).await;
+            assert_eq!(status, StatusCode::OK);
+            let vary: Vec<_> = headers.get_all(header::VARY).iter().collect();
+            assert_eq!(vary, ["Accept, Authorization"], "{uri}");
+        }
     }
 
     #[test]

@@ -23,7 +23,16 @@
 //! the client's `Accept-Encoding` from `metadata` requests, so that the upstream's statement
 //! comes uncompressed and can be rewritten.
 //!
-//! Anything else (`metadata/x`, `//metadata`, `%6detadata`, `Patient?x=metadata`, another
+//! `metadata` is recognised as the proxy forwards it and the SMART scope layer reads it:
+//! empty segments do not count, so `//metadata`, `///metadata`, `/metadata/` and
+//! `/metadata//` are `metadata` too (the proxy would send each upstream as a `metadata`
+//! request), answered as above; with a token, the request goes on as `GET /metadata`. A
+//! `HEAD` is answered with the headers the `GET` would have had (its `Content-Length`
+//! included) and no body: with a token, it goes through the authenticated stack as a `GET`,
+//! so the statement's length is that of the rewritten statement, and the capability cache
+//! answers it.
+//!
+//! Anything else (`metadata/x`, `%6detadata`, `METADATA`, `Patient?x=metadata`, another
 //! method) goes to the authenticated stack. Every JSON CapabilityStatement the gateway returns
 //! carries in `rest[].security` the `OAuth` (and `SMART-on-FHIR`) service and the extension
 //! `http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris` with `token` (and
@@ -77,3 +86,91 @@ pub use layer::{ConfigError, Metadata, MetadataBuilder, MetadataLayer};
 /// The response future of [`Metadata`] and [`CapabilityCache`]: the inner service's (every
 /// request but `metadata` and smart-configuration), or the layer's own work.
 pub type ResponseFuture<F, B, E> = crate::future::PassOrOwn<F, B, E>;
+
+/// Whether `path` (a request's path, without its query) is `metadata` at the FHIR base, read
+/// as the proxy forwards it and the SMART scope layer classifies it: its non-empty segments
+/// are `metadata` alone. The proxy merges runs of slashes and keeps a trailing one (which FHIR
+/// servers ignore), so `//metadata`, `///metadata`, `/metadata/` and `/metadata//` all reach
+/// the upstream as its `metadata`, and the metadata layer and the capability cache must
+/// treat them as such: otherwise the upstream's own statement, security section and all,
+/// would reach the client unrewritten, past the cache. Case and percent-encoding count:
+/// `/METADATA` and `/%6detadata` are not `metadata`.
+pub(crate) fn is_metadata_path(path: &str) -> bool {
+    // `metadata` holds no slash: trimming the slashes around it leaves it alone exactly when
+    // every other segment is empty.
+    path.trim_matches('/') == "metadata"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_metadata_path;
+    use crate::interaction::{classify, Interaction};
+    use http::Method;
+    use proptest::prelude::*;
+
+    /// The path the proxy sends upstream for `path` (runs of slashes merged, as
+    /// `proxy::path::upstream_path` does), read as an upstream reads it (a trailing slash
+    /// ignored), at the base.
+    fn as_forwarded(path: &str) -> String {
+        let mut merged = String::new();
+        for c in path.chars() {
+            if c != '/' || !merged.ends_with('/') {
+                merged.push(c);
+            }
+        }
+        if merged.len() > 1 {
+            if let Some(trimmed) = merged.strip_suffix('/') {
+                merged.truncate(trimmed.len());
+            }
+        }
+        merged
+    }
+
+    #[test]
+    fn metadata_is_read_as_the_proxy_forwards_it() {
+        for path in [
+            "/metadata",
+            "//metadata",
+            "///metadata",
+            "/metadata/",
+            "/metadata//",
+            "//metadata/",
+        ] {
+            assert!(is_metadata_path(path), "{path}");
+            assert_eq!(as_forwarded(path), "/metadata", "{path}");
+        }
+        for path in [
+            "/",
+            "",
+            "/metadata/x",
+            "/x/metadata",
+            "//metadata/x",
+            "/%6detadata",
+            "/METADATA",
+            "/metadata.json",
+            "/metadata%2F",
+            "/ metadata",
+        ] {
+            assert!(!is_metadata_path(path), "{path}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the slashes around it, a path is `metadata` exactly when the proxy would
+        /// send it upstream as `metadata`; and whatever the SMART scope layer classifies as
+        /// `capabilities` is `metadata`.
+        #[test]
+        fn agrees_with_the_proxy_and_the_smart_check(
+            segments in proptest::collection::vec(
+                prop_oneof![Just(""), Just("metadata"), Just("Metadata"), Just("x"), Just("$meta")],
+                0..5,
+            ),
+        ) {
+            let path = format!("/{}", segments.join("/"));
+            prop_assert_eq!(is_metadata_path(&path), as_forwarded(&path) == "/metadata", "{}", path);
+            if classify(&Method::GET, &path).interaction == Some(Interaction::Capabilities) {
+                prop_assert!(is_metadata_path(&path), "{}", path);
+            }
+        }
+    }
+}

@@ -283,16 +283,16 @@ pub(super) fn respond_xml(statement: &Value, version: FhirVersion) -> Response<B
 }
 
 /// `body` as `media_type` with the release's `fhirVersion` parameter, varying by `Accept`
-/// (which chose the release and the format).
+/// (which chose the release and the format) and `Authorization` (these are the answers
+/// without a token: with one, the tenant's own statement is served), so that a shared cache
+/// gives it to no client that asked otherwise.
 fn typed(body: String, media_type: &str, version: FhirVersion) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body));
     let media_type = format!("{media_type}; fhirVersion={}", version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&media_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
-    response
-        .headers_mut()
-        .insert(header::VARY, HeaderValue::from_static("accept"));
+    crate::version::vary_on(response.headers_mut(), &["Accept", "Authorization"]);
     response
 }
 

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
@@ -24,16 +25,58 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type FetchStatement =
     dyn Fn(FhirVersion) -> Pin<Box<dyn Future<Output = Option<Value>> + Send>> + Send + Sync;
 
+/// How long a statement fetched is kept.
+const STATEMENT_TTL: Duration = Duration::from_secs(300);
+
+/// How long a failed fetch is remembered: meanwhile requests get the generated statement and
+/// the upstream is not asked again.
+const FAILURE_TTL: Duration = Duration::from_secs(30);
+
 /// Where the statement for requests without a token comes from, and its cache.
 pub(super) struct AnonymousSource {
     fetch: Box<FetchStatement>,
-    cache: moka::future::Cache<FhirVersion, Value>,
+    cache: moka::future::Cache<FhirVersion, Fetched>,
+    /// How long a failure is remembered ([`FAILURE_TTL`]; shorter in tests).
+    failure_ttl: Duration,
+}
+
+/// What a fetch gave for one release: the statement, or `None` (it failed), and how long that
+/// is kept.
+#[derive(Clone)]
+struct Fetched {
+    statement: Option<Value>,
+    lifetime: Duration,
+}
+
+/// Keeps each fetch's outcome for its own lifetime.
+struct FetchedLifetime;
+
+impl moka::Expiry<FhirVersion, Fetched> for FetchedLifetime {
+    fn expire_after_create(
+        &self,
+        _: &FhirVersion,
+        fetched: &Fetched,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(fetched.lifetime)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &FhirVersion,
+        fetched: &Fetched,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(fetched.lifetime)
+    }
 }
 
 impl AnonymousSource {
     /// Fetches `GET /metadata` through `service`, `upstream` in the request's extensions and
     /// the release asked for in its `Accept`; keeps a `CapabilityStatement` or `Conformance`
-    /// answered with 200 for five minutes.
+    /// answered with 200 for five minutes, and remembers that there was none (no answer,
+    /// another status, not a JSON statement) for 30 seconds.
     pub(super) fn through<S, B>(service: S, upstream: Upstream) -> Self
     where
         S: Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
@@ -73,18 +116,41 @@ impl AnonymousSource {
         Self {
             fetch: Box::new(fetch),
             cache: moka::future::Cache::builder()
-                .time_to_live(std::time::Duration::from_secs(300))
+                .expire_after(FetchedLifetime)
                 .max_capacity(16)
                 .build(),
+            failure_ttl: FAILURE_TTL,
         }
     }
 
-    /// The upstream's statement for `version`, cached or fetched; `None` when the upstream
-    /// gave none.
+    /// The upstream's statement for `version`, cached or fetched (one fetch for concurrent
+    /// requests); `None` when the upstream gave none, now or within the last
+    /// [`FAILURE_TTL`].
     pub(super) async fn statement(&self, version: FhirVersion) -> Option<Value> {
-        self.cache
-            .optionally_get_with(version, (self.fetch)(version))
-            .await
+        let fetched = self
+            .cache
+            .get_with(version, async {
+                match (self.fetch)(version).await {
+                    Some(statement) => Fetched {
+                        statement: Some(statement),
+                        lifetime: STATEMENT_TTL,
+                    },
+                    None => {
+                        tracing::warn!(
+                            release = version.mime_code(),
+                            "the configured upstream gave no CapabilityStatement; serving a \
+                             generated one, and asking again in {} s",
+                            self.failure_ttl.as_secs()
+                        );
+                        Fetched {
+                            statement: None,
+                            lifetime: self.failure_ttl,
+                        }
+                    }
+                }
+            })
+            .await;
+        fetched.statement
     }
 }
 
@@ -138,5 +204,34 @@ mod tests {
             assert_eq!(statement["implementation"]["url"], "https://gw.example");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1, "fetched once, then cached");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_is_remembered_a_while() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let failing = service_fn(move |_request: Request<Empty<Bytes>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                let mut response = Response::new(Full::<Bytes>::default());
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let upstream = Upstream::parse("http://ehr/fhir", FhirVersion::R4).unwrap();
+        let mut source = AnonymousSource::through(failing, upstream);
+        assert_eq!(source.failure_ttl, FAILURE_TTL);
+        source.failure_ttl = Duration::from_millis(300);
+        for _ in 0..3 {
+            assert!(source.statement(FhirVersion::R4).await.is_none());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the failure is remembered");
+        // Another release is another question.
+        assert!(source.statement(FhirVersion::Stu3).await.is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Once forgotten, the upstream is asked again.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(source.statement(FhirVersion::R4).await.is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

@@ -22,7 +22,9 @@ use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
 
 /// A Tower layer that negotiates the FHIR release of each request (the `fhirVersion` MIME
-/// parameter in `Accept`, `Content-Type` and `_format`) and puts it in the request extensions.
+/// parameter in `Accept`, `_format` and, but for a `GET` or `HEAD`, which carries no body,
+/// `Content-Type`) and puts it in the request extensions. Its own `$versions` answer varies
+/// by `Accept` and `Authorization` (`Vary`).
 #[derive(Clone)]
 #[must_use]
 pub struct VersionNegotiationLayer {
@@ -350,7 +352,13 @@ impl Config {
                 ))
             }
         };
-        let content = headers.get(header::CONTENT_TYPE).and_then(named_content);
+        // Only a body's `Content-Type` names the body's release: a GET's or HEAD's (they carry
+        // none) names nothing.
+        let content = if carries_no_body(method) {
+            None
+        } else {
+            headers.get(header::CONTENT_TYPE).and_then(named_content)
+        };
         let body_version = match content {
             None | Some(Named::Nothing) => None,
             Some(named) => match self.supports(named) {
@@ -458,6 +466,9 @@ fn versions_answer(
     if let Ok(value) = HeaderValue::from_str(&media_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
+    // `Accept` chose its media type (and release); with a token, it is the tenant's answer
+    // (where the routing layer answers it): a shared cache must not give it to another client.
+    super::vary_on(response.headers_mut(), &["Accept", "Authorization"]);
     response
 }
 
@@ -480,14 +491,31 @@ pub(crate) fn parameters_of(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Whether the request's `Accept` and `Content-Type` use DSTU2's media types
-/// (`json+fhir`, `xml+fhir`) and none of the later ones (`fhir+json`, `fhir+xml`).
-fn speaks_dstu2_only(headers: &http::HeaderMap) -> bool {
+/// Whether a request of `method` carries no body whose `Content-Type` could name a release:
+/// `GET` and `HEAD`, which have none in FHIR (the proxy refuses one). Their `Content-Type`, if
+/// sent, describes nothing, and is not read: an answer chosen by it (a DSTU2 statement to a
+/// `GET metadata` sent with `Content-Type: ...; fhirVersion=1.0`) would vary on a header
+/// that caches do not key it by. `DELETE` and `OPTIONS` may carry a body under HTTP, and a
+/// client naming a release there names the server it means: their `Content-Type` is read as
+/// a `POST`'s is.
+fn carries_no_body(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD
+}
+
+/// Whether the request's `Accept` and `Content-Type` (not read for a `GET` or `HEAD`:
+/// [`carries_no_body`]) use DSTU2's media types (`json+fhir`, `xml+fhir`) and none of the
+/// later ones (`fhir+json`, `fhir+xml`).
+fn speaks_dstu2_only(method: &Method, headers: &http::HeaderMap) -> bool {
     let (mut old, mut new) = (false, false);
+    let content_type = if carries_no_body(method) {
+        None
+    } else {
+        Some(headers.get_all(header::CONTENT_TYPE))
+    };
     for value in headers
         .get_all(header::ACCEPT)
         .iter()
-        .chain(headers.get_all(header::CONTENT_TYPE))
+        .chain(content_type.into_iter().flatten())
     {
         let bytes = value.as_bytes();
         // Only a `+` can make a FHIR media type: look around each one.
@@ -648,7 +676,7 @@ where
             Some(version) => {
                 request.extensions_mut().insert(version);
             }
-            None if speaks_dstu2_only(request.headers()) => {
+            None if speaks_dstu2_only(request.method(), request.headers()) => {
                 request
                     .extensions_mut()
                     .insert(super::VersionHint(FhirVersion::Dstu2));
@@ -954,6 +982,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_without_a_body_is_not_negotiated_by_its_content_type() {
+        let request = |method: Method, uri: &str, headers: &[(&str, &str)]| {
+            let mut request = Request::builder().method(method).uri(uri);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request.body(Full::default()).unwrap()
+        };
+        let dstu2 = [("content-type", "application/fhir+json; fhirVersion=1.0")];
+        for method in [Method::GET, Method::HEAD] {
+            // Names nothing: no release, whatever it says.
+            let (status, _, body) =
+                run(layer(), request(method.clone(), "/metadata", &dstu2)).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, "none"),
+                "{method}"
+            );
+            let r5 = [("content-type", "application/fhir+json; fhirVersion=5.0")];
+            let (status, _, _) = run(layer(), request(method.clone(), "/metadata", &r5)).await;
+            assert_eq!(status, StatusCode::OK, "{method}: not a 415");
+            let both = [
+                ("accept", "application/fhir+json; fhirVersion=3.0"),
+                dstu2[0],
+            ];
+            let (status, _, body) =
+                run(layer(), request(method.clone(), "/Patient/1", &both)).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, "3.0"),
+                "{method}: not a 400"
+            );
+        }
+        // A method that may carry a body: read as before.
+        for method in [
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            let (_, _, body) = run(layer(), request(method.clone(), "/Patient/1", &dstu2)).await;
+            assert_eq!(body, "1.0", "{method}");
+        }
+        // Nor does a GET's Content-Type hint at DSTU2.
+        let old = [("content-type", "application/json+fhir")];
+        let hinted = |request: Request<Full<Bytes>>| async move {
+            let service = layer().layer(service_fn(|req: Request<Full<Bytes>>| async move {
+                let hint = req
+                    .extensions()
+                    .get::<crate::version::VersionHint>()
+                    .is_some();
+                Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(hint.to_string())))
+            }));
+            let response = service.oneshot(request).await.unwrap();
+            response.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(
+            hinted(request(Method::GET, "/metadata", &old)).await,
+            "false"
+        );
+        assert_eq!(
+            hinted(request(Method::POST, "/Patient", &old)).await,
+            "true"
+        );
+    }
+
+    #[tokio::test]
     async fn the_default_applies_when_nothing_is_named() {
         let layer = VersionNegotiationLayer::builder()
             .default_version(FhirVersion::Stu3)
@@ -992,6 +1088,9 @@ mod tests {
                 ("default", "4.0")
             ]
         );
+        // Chosen by `Accept`, and (with tenant versions) by the token: a shared cache must not
+        // give it to another client.
+        assert_eq!(headers["vary"], "Accept, Authorization");
         let (_, headers, _) = run(
             layer(),
             get("/$versions", &[("accept", "application/json")]),

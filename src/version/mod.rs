@@ -37,6 +37,7 @@ pub use layer::{
 };
 #[cfg(feature = "proxy")]
 pub(crate) use response::label;
+pub(crate) use response::vary_on;
 pub use response::ResponseFuture;
 
 /// Whether a request asks for XML rather than JSON (see [`layer::prefers_xml`]).
@@ -155,12 +156,13 @@ impl fmt::Display for FhirVersion {
 /// The release a request's media types suggest when it names none, in the request
 /// extensions beside (never instead of) a negotiated [`FhirVersion`].
 ///
-/// A client whose `Accept` (or `Content-Type`) uses only DSTU2's media types
-/// (`application/json+fhir`, `application/xml+fhir`) and no `fhirVersion` is a DSTU2 client:
-/// [`VersionNegotiationLayer`] puts `VersionHint(FhirVersion::Dstu2)` in its extensions, and
-/// routing sends it to the tenant's DSTU2 server when the tenant has one (its default server
-/// otherwise). STU3 and later clients, which list the newer types (HAPI lists both), get no
-/// hint.
+/// A client whose `Accept` (or, but on a `GET` or `HEAD`, `Content-Type`) uses only DSTU2's
+/// media types (`application/json+fhir`, `application/xml+fhir`) and no `fhirVersion` is a
+/// DSTU2 client: [`VersionNegotiationLayer`] puts `VersionHint(FhirVersion::Dstu2)` in its
+/// extensions; routing sends it to the tenant's DSTU2 server when the tenant has one (its
+/// default server otherwise), and the [`MetadataLayer`](crate::metadata::MetadataLayer)
+/// answers its `metadata` without a token in DSTU2. STU3 and later clients, which list the
+/// newer types (HAPI lists both), get no hint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct VersionHint(pub FhirVersion);
 

@@ -128,6 +128,42 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
     }
 }
 
+/// Adds each of `fields` to the `Vary` of a response, merged with what it names already: one
+/// `Vary` value after, its own fields first, none twice (compared ignoring case). A `Vary: *`
+/// (which varies on everything) is left as it is; a value that is not text is kept, and the
+/// fields are added beside it.
+pub(crate) fn vary_on(headers: &mut HeaderMap, fields: &[&str]) {
+    let mut named: Vec<&str> = Vec::new();
+    let mut unreadable = Vec::new();
+    let existing: Vec<HeaderValue> = headers.get_all(header::VARY).iter().cloned().collect();
+    for value in &existing {
+        let Ok(text) = value.to_str() else {
+            unreadable.push(value.clone());
+            continue;
+        };
+        for field in text.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            if field == "*" {
+                return;
+            }
+            if !named.iter().any(|n| n.eq_ignore_ascii_case(field)) {
+                named.push(field);
+            }
+        }
+    }
+    for field in fields {
+        if !named.iter().any(|n| n.eq_ignore_ascii_case(field)) {
+            named.push(field);
+        }
+    }
+    let Ok(merged) = HeaderValue::from_str(&named.join(", ")) else {
+        return;
+    };
+    headers.insert(header::VARY, merged);
+    for value in unreadable {
+        headers.append(header::VARY, value);
+    }
+}
+
 /// `application/fhir+json; fhirVersion=X` and the like, for a bare FHIR JSON media type,
 /// built at compile time.
 fn static_label(content_type: &[u8], version: FhirVersion) -> Option<HeaderValue> {
@@ -182,6 +218,36 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn vary_is_merged_without_repeats() {
+        let vary = |existing: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in existing {
+                headers.append(header::VARY, HeaderValue::from_static(value));
+            }
+            vary_on(&mut headers, &["Accept", "Authorization"]);
+            let values: Vec<_> = headers.get_all(header::VARY).iter().cloned().collect();
+            values
+        };
+        assert_eq!(vary(&[]), ["Accept, Authorization"]);
+        assert_eq!(vary(&["accept"]), ["accept, Authorization"]);
+        assert_eq!(
+            vary(&["Origin, accept", "AUTHORIZATION"]),
+            ["Origin, accept, AUTHORIZATION"]
+        );
+        assert_eq!(vary(&["*"]), ["*"]);
+        assert_eq!(
+            vary(&["Accept-Language"]),
+            ["Accept-Language, Accept, Authorization"]
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(header::VARY, HeaderValue::from_bytes(b"x-\xff").unwrap());
+        vary_on(&mut headers, &["Accept"]);
+        let values: Vec<_> = headers.get_all(header::VARY).iter().cloned().collect();
+        assert_eq!(values.len(), 2);
+        assert_eq!(values[0], "Accept");
     }
 
     #[test]
