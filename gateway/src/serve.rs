@@ -733,8 +733,9 @@ impl Since {
 ///   while the response waited for it: a response body had bytes waiting to be sent (in
 ///   hyper's or HTTP/2's hands: no room in the socket, or no flow-control window for its
 ///   stream) and fewer than [`MIN_PROGRESS`] bytes (and not all) were, unless the other
-///   streams took at least that much each and not yet a fair turn; or a socket write found
-///   no room and none has moved bytes since;
+///   streams took at least that much each and not yet a fair turn (an excuse that holds for
+///   one more idle timeout at most); or a socket write found no room and none has moved bytes
+///   since;
 /// - [`Close::Unfinished`], once [`closing`](Self::closing): a graceful close that has not
 ///   ended after another idle timeout with nothing in flight and nothing to send.
 ///
@@ -852,7 +853,14 @@ impl Watchdog {
             let others = connection_sent
                 .wrapping_sub(load(&body.connection_seen))
                 .saturating_sub(moved);
-            if at.saturating_sub(since) >= idle_ms && (others < busy || others >= round) {
+            // The excuse lasts one more idle timeout at most: the others' bytes, counted from
+            // when this one began to wait, stay in the window once they stop moving (a small
+            // answer on another stream, then nothing), and a client that grants this stream
+            // no window would be excused for ever.
+            let waited = at.saturating_sub(since);
+            if waited >= idle_ms
+                && (others < busy || others >= round || waited >= idle_ms.saturating_mul(2))
+            {
                 return Some(Close::Stalled);
             }
         }
@@ -1238,5 +1246,32 @@ mod tests {
         assert_eq!(two_streams(64 * 1024, 0), Some(Close::Stalled));
         // Passed over while the other trickles: stalled.
         assert_eq!(two_streams(1000, 0), Some(Close::Stalled));
+    }
+
+    #[test]
+    fn an_excuse_ends_an_idle_timeout_later() {
+        // One response its client grants no window, and a small answer on another stream
+        // once: the others' bytes stay in the excusing window for good once they stop, so the
+        // excuse must end.
+        let activity = Arc::new(Activity::default());
+        activity.started.store(2, Ordering::Relaxed);
+        activity.finished.store(1, Ordering::Relaxed);
+        let stalled = activity.watch_body();
+        stalled.unsent.store(1, Ordering::Relaxed);
+        let mut watchdog = Watchdog::new(Arc::clone(&activity), limits());
+        let began = watchdog.began;
+        assert_eq!(watchdog.check(began), None);
+        activity.sent.fetch_add(300, Ordering::Relaxed);
+        for millis in [500, 1100, 1600] {
+            assert_eq!(
+                watchdog.check(began + Duration::from_millis(millis)),
+                None,
+                "{millis} ms"
+            );
+        }
+        assert_eq!(
+            watchdog.check(began + Duration::from_millis(2100)),
+            Some(Close::Stalled)
+        );
     }
 }
