@@ -520,19 +520,44 @@ pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 /// one could overflow the clock).
 const MAX_TOKEN_TTL_SECONDS: u64 = 86_400;
 
+/// The most secret checks `token_hashing_concurrency` may run at once (each a thread).
+pub(crate) const MAX_HASHING_CONCURRENCY: usize = 1024;
+/// The most memory a secret check may take (`secret_hashing.memory_kib`): 1 GiB.
+pub(crate) const MAX_HASHING_MEMORY_KIB: u32 = 1024 * 1024;
+/// The most Argon2 passes a secret check may make (`secret_hashing.iterations`).
+pub(crate) const MAX_HASHING_ITERATIONS: u32 = 64;
+
 /// The shortest `admin_token` accepted.
 const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 /// The environment variable that names the database, winning over `database_url`.
 pub(crate) const DATABASE_URL_ENV: &str = "TOWER_FHIR_DATABASE_URL";
 
+/// [`DATABASE_URL_ENV`], when it is set and not empty.
+pub(crate) fn database_url_from_env() -> Option<String> {
+    std::env::var(DATABASE_URL_ENV)
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
 impl Config {
+    /// With a shared database, the replicas must name themselves alike: each would otherwise
+    /// take its own listening address for the public base, so for its tokens' issuer, and
+    /// refuse the tokens of every other replica (behind a balancer, a client's next request
+    /// goes elsewhere: a `401` now and then). Checked once the environment's database is in.
+    pub(crate) fn check_shared_database(&self) -> Result<(), String> {
+        if self.database_url.is_some()
+            && self.public_base_url.is_none()
+            && self.token.issuer.is_none()
+        {
+            return Err("a shared database (database_url or TOWER_FHIR_DATABASE_URL) needs public_base_url: without it each replica names itself by its own listening address, in its tokens' issuer too, and refuses the other replicas' tokens".into());
+        }
+        Ok(())
+    }
+
     /// Takes the database from [`DATABASE_URL_ENV`] when it is set (and not empty).
     pub(crate) fn database_from_env(&mut self) {
-        if let Some(url) = std::env::var(DATABASE_URL_ENV)
-            .ok()
-            .filter(|url| !url.is_empty())
-        {
+        if let Some(url) = database_url_from_env() {
             self.database_url = Some(url);
         }
     }
@@ -579,11 +604,27 @@ impl Config {
                 config.max_request_body_bytes
             ));
         }
-        if config.token_hashing_concurrency == Some(0) {
+        if config
+            .token_hashing_concurrency
+            .is_some_and(|n| !(1..=MAX_HASHING_CONCURRENCY).contains(&n))
+        {
             return Err(format!(
-                "the configuration file {}: token_hashing_concurrency must be at least 1",
+                "the configuration file {}: token_hashing_concurrency must be 1 to {MAX_HASHING_CONCURRENCY}",
                 path.display()
             ));
+        }
+        if let Some(cost) = &config.secret_hashing {
+            // Each check takes this much memory on a thread of its own, and the start hashes
+            // every configured client's secret: a cost past these would exhaust the memory or
+            // take minutes a request.
+            if !(8..=MAX_HASHING_MEMORY_KIB).contains(&cost.memory_kib)
+                || !(1..=MAX_HASHING_ITERATIONS).contains(&cost.iterations)
+            {
+                return Err(format!(
+                    "the configuration file {}: secret_hashing takes memory_kib 8 to {MAX_HASHING_MEMORY_KIB} (1 GiB) and iterations 1 to {MAX_HASHING_ITERATIONS}",
+                    path.display()
+                ));
+            }
         }
         if let Err(e) = tower_fhir::ops::fhir_cors(&config.cors_allowed_origins) {
             return Err(format!(
@@ -883,6 +924,52 @@ mod tests {
         assert_eq!(config.cors_allowed_origins, ["https://app.example"]);
         assert_eq!(config.token_hashing_concurrency, Some(3));
         assert!(serde_json::from_str::<Config>(r#"{"audit_query": "values"}"#).is_err());
+    }
+
+    #[test]
+    fn hashing_costs_are_bounded() {
+        let file = std::env::temp_dir().join(format!("hashing-{}.json", std::process::id()));
+        let load = |json: &str| {
+            std::fs::write(&file, json).unwrap();
+            Config::load(&file)
+        };
+        for (json, says) in [
+            (
+                r#"{"token_hashing_concurrency": 0}"#,
+                "token_hashing_concurrency must be 1 to 1024",
+            ),
+            (
+                r#"{"token_hashing_concurrency": 1000000}"#,
+                "token_hashing_concurrency must be 1 to 1024",
+            ),
+            (
+                r#"{"secret_hashing": {"memory_kib": 268435456, "iterations": 2}}"#,
+                "secret_hashing takes memory_kib 8 to",
+            ),
+            (
+                r#"{"secret_hashing": {"memory_kib": 4, "iterations": 2}}"#,
+                "secret_hashing takes memory_kib 8 to",
+            ),
+            (
+                r#"{"secret_hashing": {"memory_kib": 4096, "iterations": 100000}}"#,
+                "iterations 1 to 64",
+            ),
+            (
+                r#"{"secret_hashing": {"memory_kib": 4096, "iterations": 0}}"#,
+                "iterations 1 to 64",
+            ),
+        ] {
+            let refused = load(json).unwrap_err();
+            assert!(refused.contains(says), "{json}: {refused}");
+        }
+        for json in [
+            r#"{"token_hashing_concurrency": 1024}"#,
+            r#"{"secret_hashing": {"memory_kib": 1048576, "iterations": 64}}"#,
+            r#"{"secret_hashing": {"memory_kib": 8, "iterations": 1}}"#,
+        ] {
+            assert!(load(json).is_ok(), "{json}");
+        }
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         Err(e) => return failed(&format!("cannot start the async runtime: {e}")),
     };
     let outcome = match &args.check_config {
-        Some(file) => runtime.block_on(check_config(file)),
+        Some(file) => runtime.block_on(check_config(file, args.listen)),
         None => runtime.block_on(run(args)),
     };
     match outcome {
@@ -101,14 +101,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// A line of the start's banner: on stdout, or on stderr when the audit log is stdout (whose
+/// readers take one JSON record a line).
+macro_rules! say {
+    ($to_stderr:expr, $($line:tt)*) => {
+        if $to_stderr {
+            eprintln!($($line)*)
+        } else {
+            println!($($line)*)
+        }
+    };
+}
+
 fn failed(message: &str) -> ExitCode {
     eprintln!("tower-fhir-gateway: {message}");
     ExitCode::FAILURE
 }
 
-/// `--check-config FILE`: everything `run` builds from the file, in memory.
-async fn check_config(file: &std::path::Path) -> Result<(), String> {
+/// `--check-config FILE` (with `--listen` in place of its `listen`, as the start would take
+/// it): everything `run` builds from the file, in memory.
+async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Result<(), String> {
     let mut config = Config::load(file)?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+        config
+            .check_listeners()
+            .map_err(|e| format!("--listen {listen}: {e}"))?;
+    }
     config.database_from_env();
     if config.database_url.is_some() {
         // What the start would refuse first: the database's key-encryption key. (The database
@@ -116,6 +135,7 @@ async fn check_config(file: &std::path::Path) -> Result<(), String> {
         tower_fhir::postgres::KeyEncryptionKey::from_env()
             .map_err(|e| format!("cannot use the database: {e}"))?;
     }
+    config.check_shared_database()?;
     state::check(&config).await?;
     config.tls()?;
     front::check_audit_log(&config)?;
@@ -195,8 +215,20 @@ async fn run(args: Args) -> Result<(), String> {
     if demo {
         demo::keep_admin_on_loopback(&mut config);
     }
-    config.database_from_env();
+    // The demo's credentials are published: they never go into a shared database, whatever
+    // the environment says (a container started without its arguments, on a replica's host).
+    let ignored_database = demo && config::database_url_from_env().is_some();
+    if !demo {
+        config.database_from_env();
+        config.check_shared_database()?;
+    }
     init_logs(config.log_format);
+    if ignored_database {
+        tracing::warn!(
+            "the demo ignores {}: its published client secret and admin token never go into a shared database; its state is a temporary directory",
+            config::DATABASE_URL_ENV
+        );
+    }
     #[cfg(unix)]
     open_files(config.max_connections);
     // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
@@ -226,6 +258,22 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     let state = state::open(&config).await?;
+    if !demo && config.public_base_url.is_none() && config.listen.ip().is_unspecified() {
+        tracing::warn!(
+            "public_base_url is not set: the gateway names itself by its listening address ({}) in its tokens' issuer, its token endpoint and its links, which clients cannot use; set public_base_url to the URL clients reach it by",
+            config.listen
+        );
+    }
+    if tls.is_some()
+        && config
+            .public_base_url
+            .as_deref()
+            .is_some_and(|base| base.starts_with("http://"))
+    {
+        tracing::warn!(
+            "public_base_url is http:// while the gateway serves TLS: the token endpoint and links it advertises send clients to plain HTTP; write it https://"
+        );
+    }
     if config.trust_forwarded_headers && config.client_address_trusted_peers.is_empty() {
         tracing::warn!(
             "trust_forwarded_headers without client_address_trusted_peers: every client's Forwarded and X-Forwarded-* headers (the addresses, the prefix, the port it claims) reach the upstreams; name the balancers there to keep theirs only"
@@ -292,18 +340,27 @@ async fn run(args: Args) -> Result<(), String> {
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.
     let stop = serve::shutdown();
-    println!("tower-fhir gateway listening on {base}");
-    println!("  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)");
-    println!("  state in {}", state.location);
+    // The audit log on stdout takes it whole: one JSON record a line.
+    let banner_to_stderr = config.audit_log.as_deref() == Some(std::path::Path::new("-"));
+    say!(banner_to_stderr, "tower-fhir gateway listening on {base}");
+    say!(
+        banner_to_stderr,
+        "  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)"
+    );
+    say!(banner_to_stderr, "  state in {}", state.location);
     if let Some(listener) = &admin_listener {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let local = listener
             .local_addr()
             .map_err(|e| format!("cannot read admin_listen's address: {e}"))?;
-        println!("  admin API at {scheme}://{local}/admin/ (admin_listen; not on {base})");
+        say!(
+            banner_to_stderr,
+            "  admin API at {scheme}://{local}/admin/ (admin_listen; not on {base})"
+        );
     }
     if let (Some(certificate), Some(_)) = (&config.tls_certificate_file, &tls) {
-        println!(
+        say!(
+            banner_to_stderr,
             "  TLS with the certificate in {} (read again on SIGHUP or when it changes)",
             certificate.display()
         );
@@ -316,14 +373,16 @@ async fn run(args: Args) -> Result<(), String> {
     for tenant in tenants {
         if let Ok(Some(record)) = state.directory.lookup(tenant).await {
             for upstream in record.upstreams() {
-                println!(
+                say!(
+                    banner_to_stderr,
                     "  tenant {tenant} -> {} ({})",
                     upstream.base(),
                     upstream.fhir_version().name()
                 );
             }
             if let Some(local) = record.in_process_tenant() {
-                println!(
+                say!(
+                    banner_to_stderr,
                     "  tenant {tenant} -> served in-process as {:?}: this gateway proxies, so its requests get 502",
                     local.key()
                 );
@@ -339,9 +398,11 @@ async fn run(args: Args) -> Result<(), String> {
         } else {
             format!("for {} tenant(s)", trusted.tenants.len())
         };
-        println!(
+        say!(
+            banner_to_stderr,
             "  trusting tokens from {} (audience {}) {tenants}",
-            trusted.issuer, trusted.audience
+            trusted.issuer,
+            trusted.audience
         );
         if !trusted.any_tenant && trusted.tenants.is_empty() {
             tracing::warn!(

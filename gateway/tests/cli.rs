@@ -408,6 +408,16 @@ fn metrics_listen_on_the_gateways_own_address_is_refused() {
     );
     let out = gateway(&["--check-config", apart.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // `--check-config` takes `--listen` as the start does.
+    let out = gateway(&["--check-config", apart.to_str().unwrap(), "--listen", &same]);
+    assert!(!out.status.success(), "said ok: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "--listen {same}: metrics_listen ({same}) takes the port"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
     let out = gateway(&["--config", apart.to_str().unwrap(), "--listen", &same]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "started");
@@ -471,6 +481,84 @@ fn admin_listen_needs_a_port_of_its_own_and_the_admin_token() {
     );
     let out = gateway(&["--check-config", apart.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Replicas on one database that name themselves by their own addresses would refuse each
+/// other's tokens: a database without `public_base_url` (or `token.issuer`) is refused, from
+/// the file or the environment, by `--check-config` and the start alike.
+#[test]
+fn a_shared_database_needs_a_public_base_url() {
+    let without = config_file(
+        "database-without-base",
+        r#"{"listen": "127.0.0.1:0", "state_dir": "STATE"}"#,
+    );
+    let with = config_file(
+        "database-with-base",
+        r#"{"listen": "127.0.0.1:0", "public_base_url": "https://gateway.example"}"#,
+    );
+    let run = |args: &[&str]| {
+        Command::new(GATEWAY)
+            .args(args)
+            .env("RUST_LOG", "off")
+            .env(
+                "TOWER_FHIR_DATABASE_URL",
+                "postgres://gateway@127.0.0.1:9/none",
+            )
+            .env(
+                "TOWER_FHIR_KEY_ENCRYPTION_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .output()
+            .unwrap()
+    };
+    for args in [
+        vec!["--check-config", without.to_str().unwrap()],
+        vec!["--config", without.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out.stdout));
+        assert!(
+            stderr.contains(
+                "a shared database (database_url or TOWER_FHIR_DATABASE_URL) needs public_base_url"
+            ),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = run(&["--check-config", with.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// Listening on every address with no `public_base_url`, the gateway would name itself
+/// `http://0.0.0.0:...` to its clients: the start says so at `warn`; with one, or on a
+/// named address, it does not.
+#[test]
+fn listening_everywhere_without_a_public_base_url_is_warned_of() {
+    for (name, keys, warned) in [
+        ("base-unset", r#""listen": "0.0.0.0:0""#, true),
+        (
+            "base-set",
+            r#""listen": "0.0.0.0:0", "public_base_url": "https://gateway.example""#,
+            false,
+        ),
+        ("base-loopback", r#""listen": "127.0.0.1:0""#, false),
+    ] {
+        let file = config_file(name, &GOOD.replace(r#""listen": "127.0.0.1:0""#, keys));
+        let mut command = Command::new(GATEWAY);
+        command
+            .args(["--config", file.to_str().unwrap()])
+            .env("RUST_LOG", "warn");
+        let stderr_file = file.parent().unwrap().join("gateway.log");
+        let (mut proc, _base) =
+            process::Proc::start(command, stderr_file, "tower-fhir gateway listening on ");
+        let log = proc.stderr();
+        assert_eq!(
+            log.contains("public_base_url is not set"),
+            warned,
+            "{name}: {log}"
+        );
+        proc.terminate();
+    }
 }
 
 #[test]

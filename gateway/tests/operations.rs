@@ -998,6 +998,71 @@ async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// With `audit_log: "-"` stdout carries the audit records alone, one JSON object a line: the
+/// start's banner goes to stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_audit_log_on_stdout_every_stdout_line_is_a_record() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("operations-audit-stdout");
+    let upstream = RecordingUpstream::start().await;
+    let port = free_port();
+    let config = json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "state_dir": dir.join("state"),
+        "audit_log": "-",
+        "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
+    });
+    let file = dir.join("gateway.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let stderr_file = dir.join("gateway.log");
+    let mut child = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let client = TestClient::new(SocketAddr::from(([127, 0, 0, 1], port)));
+    let ready = eventually(Duration::from_secs(30), async || {
+        std::fs::read_to_string(&stderr_file)
+            .unwrap_or_default()
+            .contains("tower-fhir gateway listening on ")
+    })
+    .await;
+    assert!(
+        ready,
+        "{}",
+        std::fs::read_to_string(&stderr_file).unwrap_or_default()
+    );
+    for _ in 0..2 {
+        let reply = client.get("/metadata", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let mut records = 0;
+    while records < 2 {
+        let line = read
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an audit record on stdout");
+        let record: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON record on stdout: {line:?}: {e}"));
+        assert_eq!(record["interaction"], "capabilities", "{line}");
+        records += 1;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `trust_forwarded_headers` keeps a request's `Forwarded`/`X-Forwarded-*` chains only from
 /// `client_address_trusted_peers` when they are named: from any other peer (a client that
 /// reached the gateway past the balancer) they are dropped, and the gateway starts the chains.
@@ -1282,10 +1347,16 @@ async fn the_demos_admin_api_is_on_loopback_only() {
         let port = free_port();
         let dir = scratch(&format!("demo-admin-{admin}"));
         let mut command = Command::new(GATEWAY);
+        // A shared database named in the environment (a replica's host) is not the demo's:
+        // its published credentials never go there (this one does not even answer).
         command
             .arg("--listen")
             .arg(format!("{host}:{port}"))
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .env(
+                "TOWER_FHIR_DATABASE_URL",
+                "postgres://gateway@127.0.0.1:1/shared",
+            );
         let (mut proc, _) = Proc::start(
             command,
             dir.join("gateway.log"),
@@ -1300,6 +1371,10 @@ async fn the_demos_admin_api_is_on_loopback_only() {
         let log = proc.stderr();
         assert!(
             !log.contains("the state is in a temporary directory"),
+            "{log}"
+        );
+        assert!(
+            log.contains("the demo ignores TOWER_FHIR_DATABASE_URL"),
             "{log}"
         );
         let client = TestClient::new(SocketAddr::from(([127, 0, 0, 1], port)));

@@ -193,6 +193,45 @@ async fn served_certificate(gateway: &Gateway, trusted: &Pair) -> std::io::Resul
     Ok(stream.get_ref().1.peer_certificates().unwrap()[0].to_vec())
 }
 
+/// A public base written `http://` while the gateway serves TLS sends clients to plain HTTP:
+/// the start says so at `warn`; `https://` is not warned of.
+#[test]
+fn an_http_public_base_under_tls_is_warned_of() {
+    let pair = pair();
+    for (base, warned) in [
+        ("http://gateway.example", true),
+        ("https://gateway.example", false),
+    ] {
+        let dir = scratch(&format!("tls-base-{warned}"));
+        let (certificate, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&certificate, &pair.certificate).unwrap();
+        std::fs::write(&key, &pair.key).unwrap();
+        let config = json!({
+            "listen": "127.0.0.1:0",
+            "state_dir": dir.join("state"),
+            "public_base_url": base,
+            "tls_certificate_file": certificate,
+            "tls_private_key_file": key,
+        });
+        let file = dir.join("gateway.json");
+        std::fs::write(&file, config.to_string()).unwrap();
+        let mut command = Command::new(GATEWAY);
+        command.arg("--config").arg(&file).env("RUST_LOG", "warn");
+        let (mut proc, _) = Proc::start(
+            command,
+            dir.join("gateway.log"),
+            "tower-fhir gateway listening on ",
+        );
+        let log = proc.stderr();
+        assert_eq!(
+            log.contains("public_base_url is http:// while the gateway serves TLS"),
+            warned,
+            "{base}: {log}"
+        );
+        proc.terminate();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn over_tls_a_client_gets_a_token_and_reads_over_http1_and_http2() {
     let upstream = RecordingUpstream::start().await;

@@ -108,7 +108,10 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::InvalidPublicBase(url) => write!(f, "invalid public base URL {url:?}"),
+            Self::InvalidPublicBase(url) => write!(
+                f,
+                "invalid public base URL {url:?}: an absolute http:// or https:// URL with no credentials, query or fragment"
+            ),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::Tls(why) => write!(f, "TLS: {why}"),
             Self::RequestHeader { name, reason } => {
@@ -254,8 +257,11 @@ impl FhirProxyBuilder {
 
     /// Checks the configuration and builds the proxy.
     pub fn build(self) -> Result<FhirProxy, ConfigError> {
-        let public = UpstreamBase::parse(&self.public_base_url)
-            .map_err(|_| ConfigError::InvalidPublicBase(self.public_base_url.clone()))?;
+        let public = UpstreamBase::parse(&self.public_base_url).map_err(|_| {
+            ConfigError::InvalidPublicBase(
+                crate::route::without_userinfo(&self.public_base_url).into_owned(),
+            )
+        })?;
         for (what, value) in [
             ("timeout", self.timeout),
             ("connect_timeout", self.connect_timeout),
@@ -599,6 +605,16 @@ mod tests {
             FhirProxy::builder("not a url").build(),
             Err(ConfigError::InvalidPublicBase(_))
         ));
+        // Said without the credentials it holds.
+        let refused = FhirProxy::builder("https://gw:secret@gw.example")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(!refused.contains("secret"), "{refused}");
+        assert!(
+            refused.contains("no credentials, query or fragment"),
+            "{refused}"
+        );
         assert_eq!(
             FhirProxy::builder("http://gw")
                 .timeout(Duration::ZERO)

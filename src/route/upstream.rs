@@ -30,7 +30,8 @@ pub struct UpstreamBase {
 impl UpstreamBase {
     /// Parses a base URL.
     pub fn parse(url: &str) -> Result<Self, InvalidUpstream> {
-        let invalid = |why: &str| InvalidUpstream(format!("{why}: {url:?}"));
+        // (Said without the credentials a URL may hold: errors reach logs.)
+        let invalid = |why: &str| InvalidUpstream(format!("{why}: {:?}", without_userinfo(url)));
         if url.contains('#') {
             return Err(invalid("a base URL has no fragment"));
         }
@@ -102,6 +103,19 @@ impl fmt::Display for UpstreamBase {
 impl fmt::Debug for UpstreamBase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "UpstreamBase({self})")
+    }
+}
+
+/// `url` with the credentials of its authority (`user:password@`) replaced by `<redacted>@`,
+/// for messages: a URL refused for holding them must not put them in a log.
+pub(crate) fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |at| at + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |at| start + at);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]).into(),
+        None => url.into(),
     }
 }
 
@@ -783,6 +797,24 @@ pub(crate) fn entry_fields(id: TenantId, record: &TenantRecord) -> impl Serializ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_do_not_repeat_credentials() {
+        for url in [
+            "http://user:secret@ehr/fhir",
+            "https://user:secret@ehr:8443/fhir?x=1",
+            "http://a@b:secret@ehr",
+        ] {
+            let refused = UpstreamBase::parse(url).unwrap_err().to_string();
+            assert!(!refused.contains("secret"), "{refused}");
+            assert!(refused.contains("<redacted>@ehr"), "{refused}");
+        }
+        assert_eq!(
+            without_userinfo("http://ehr/fhir?to=a@b"),
+            "http://ehr/fhir?to=a@b"
+        );
+        assert_eq!(without_userinfo("ehr@x"), "<redacted>@x");
+    }
     use serde_json::json;
 
     #[test]
