@@ -326,6 +326,20 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
         reply.headers["content-type"],
         "application/json+fhir; fhirVersion=1.0"
     );
+    // Spelt with empty segments (the proxy would send it upstream as `$versions`): the same
+    // answer, not the upstream's.
+    for path in ["//$versions", "/$versions/"] {
+        let spelt = s
+            .client
+            .send("GET", path, &[("authorization", &s.bearer)], "")
+            .await;
+        assert_eq!(spelt.status, StatusCode::OK, "{path}: {}", spelt.text());
+        assert_eq!(
+            parameters(&spelt.json()),
+            ["version=1.0", "version=3.0", "default=1.0"],
+            "{path}"
+        );
+    }
     let reply = s
         .client
         .send(

@@ -228,14 +228,18 @@ pub(crate) struct VersionsQuery {
     plain_json: bool,
 }
 
-/// The path of the `$versions` operation the layer answers or leaves to routing.
-const VERSIONS_PATH: &str = "/$versions";
+/// Whether `path` is the `$versions` operation the layer answers or leaves to routing, read as
+/// the proxy forwards it (as `metadata` is: empty segments do not count, so `//$versions`
+/// is `$versions`, not a request the upstream would answer with its own releases).
+fn is_versions_path(path: &str) -> bool {
+    path.trim_matches('/') == "$versions"
+}
 
 impl VersionsQuery {
     /// The query the layer left on `request`, if any. (The path is compared first: most
     /// requests are answered with no look in their extensions.)
     pub(crate) fn of<B>(request: &Request<B>) -> Option<&Self> {
-        if request.uri().path() != VERSIONS_PATH {
+        if !is_versions_path(request.uri().path()) {
             return None;
         }
         request.extensions().get::<Self>()
@@ -301,7 +305,7 @@ impl Config {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Decision {
-        let versions_operation = method == Method::GET && path == VERSIONS_PATH;
+        let versions_operation = method == Method::GET && is_versions_path(path);
         // (A name may be percent-encoded: `%5Fformat`.)
         let format = match query.filter(|q| q.contains("format") || q.contains('%')) {
             Some(query) => match format_parameter(query) {
@@ -690,6 +694,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_is_read_as_the_proxy_forwards_it() {
+        for path in ["/$versions", "//$versions", "/$versions/", "///$versions//"] {
+            assert!(is_versions_path(path), "{path}");
+        }
+        for path in ["/$versions/x", "/x/$versions", "/%24versions", "/$VERSIONS"] {
+            assert!(!is_versions_path(path), "{path}");
+        }
+    }
     use crate::version::media::parse_media;
     use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
