@@ -136,6 +136,11 @@ pub(crate) struct Config {
     /// one closes. Default 10000.
     #[serde(default = "default_max_connections")]
     pub(crate) max_connections: u32,
+    /// The most connections one client address (an IPv6 one by its /64) holds open at once;
+    /// more are closed as they come. `client_address_trusted_peers` are not counted. Default
+    /// none: no such limit.
+    #[serde(default)]
+    pub(crate) max_connections_per_address: Option<u32>,
     /// After SIGTERM or Ctrl-C, how long in-flight requests may take before the gateway exits
     /// anyway. Default 30.
     #[serde(default = "default_shutdown_grace")]
@@ -242,6 +247,10 @@ impl std::fmt::Debug for Config {
             .field("body_min_bytes_per_second", &self.body_min_bytes_per_second)
             .field("idle_timeout_seconds", &self.idle_timeout_seconds)
             .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .field("workers", &self.workers)
             .field(
@@ -368,7 +377,7 @@ impl Network {
         Ok(Self { address, prefix })
     }
 
-    fn contains(&self, ip: std::net::IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: std::net::IpAddr) -> bool {
         let bits = |ip: std::net::IpAddr| match ip {
             std::net::IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
             std::net::IpAddr::V6(v6) => (u128::from(v6), 128u32),
@@ -751,6 +760,9 @@ impl Config {
                 ));
             }
         }
+        if self.max_connections_per_address == Some(0) {
+            return Err("max_connections_per_address must be at least 1, not 0".to_owned());
+        }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1, not 0".to_owned());
         }
@@ -828,9 +840,12 @@ impl Config {
         if header.is_none() && self.client_address_trusted_peers.is_empty() {
             return Ok(None);
         }
-        if header.is_none() && !self.trust_forwarded_headers {
+        if header.is_none()
+            && !self.trust_forwarded_headers
+            && self.max_connections_per_address.is_none()
+        {
             return Err(
-                "client_address_trusted_peers is set without client_address_header or trust_forwarded_headers: it would trust nothing"
+                "client_address_trusted_peers is set without client_address_header, trust_forwarded_headers or max_connections_per_address: it would trust nothing"
                     .into(),
             );
         }
@@ -849,6 +864,22 @@ impl Config {
             trusted,
             chains: self.trust_forwarded_headers,
         }))
+    }
+
+    /// `max_connections_per_address`'s counts, `client_address_trusted_peers` exempt; `None`
+    /// without the key.
+    pub(crate) fn per_address(&self) -> Result<Option<crate::per_address::PerAddress>, String> {
+        let Some(limit) = self.max_connections_per_address else {
+            return Ok(None);
+        };
+        let exempt = self
+            .client_address_trusted_peers
+            .iter()
+            .map(|peer| {
+                Network::parse(peer).map_err(|e| format!("client_address_trusted_peers: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(crate::per_address::PerAddress::new(limit, exempt)))
     }
 
     /// `max_buffered_request_bytes_total`, or its default (at most 2^60).
@@ -1113,7 +1144,7 @@ mod tests {
             ),
             (
                 r#"{"client_address_trusted_peers": ["10.0.0.0/8"]}"#,
-                "without client_address_header or trust_forwarded_headers",
+                "without client_address_header, trust_forwarded_headers or max_connections_per_address",
             ),
             (
                 r#"{"client_address_header": "forwarded", "client_address_trusted_peers": ["10.0.0.0/33"]}"#,

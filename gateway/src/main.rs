@@ -28,6 +28,7 @@ mod config;
 mod demo;
 mod demo_fhir;
 mod front;
+mod per_address;
 mod serve;
 mod state;
 mod throttle;
@@ -440,6 +441,9 @@ async fn run(args: Args) -> Result<(), String> {
         client_address: config
             .client_address_rule()?
             .map(|rule| &*Box::leak(Box::new(rule))),
+        per_address: config
+            .per_address()?
+            .map(|counts| &*Box::leak(Box::new(counts))),
     };
     serve::serve(listeners, admin_listener, served, tls, limits, stop).await?;
     // (A temporary state directory, which nobody asked to keep, goes with `state`.)

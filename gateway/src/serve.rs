@@ -61,6 +61,7 @@ use tower_fhir::proxy::ClientAddr;
 
 use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
+use crate::per_address::PerAddress;
 use crate::tls::FrontTls;
 
 /// The connection bounds, and how requests name their client, from the configuration.
@@ -82,6 +83,9 @@ pub(crate) struct Limits {
     /// [`ForwardedClient`](tower_fhir::token::ForwardedClient) for the throttles, and whose
     /// forwarding headers `trust_forwarded_headers` keeps. Made once for the process.
     pub(crate) client_address: Option<&'static crate::config::ClientAddressRule>,
+    /// The most connections one address holds (`max_connections_per_address`), and its
+    /// counts (shared by the workers).
+    pub(crate) per_address: Option<&'static PerAddress>,
 }
 
 /// `workers` listening sockets on `addr` (the first one's port for the others, when `addr`
@@ -292,6 +296,18 @@ async fn accept(
             },
             () = &mut stop => break,
         };
+        // One address holding its share already: closed at once, before it takes a permit.
+        let slot = match limits.per_address {
+            Some(per_address) => match per_address.admit(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    closed("per_address_limit");
+                    tracing::debug!(%peer, "connection refused: its address holds max_connections_per_address");
+                    continue;
+                }
+            },
+            None => None,
+        };
         // Accepted first, then a permit waited for: a permit freed on another worker must not
         // sit with a worker whose own backlog is empty while this one's connection waits. So
         // at max_connections each worker holds at most one connection unserved; the rest wait
@@ -346,6 +362,7 @@ async fn accept(
         tokio::spawn(async move {
             // Released when the connection is over, letting the next one be accepted.
             let _permit = permit;
+            let _slot = slot;
             let _open = OpenConnection::count();
             let stream = match tls {
                 None => Stream::Plain(stream),
@@ -649,8 +666,9 @@ impl<D> Drop for Chunk<D> {
 /// `reason`: `tls_handshake_timeout`, `tls_handshake_failed`, `header_read_timeout` (hyper's
 /// timer: no whole head in time), `no_request` (no request started within the header-read
 /// timeout), `idle`, `stalled` (its client took too little of its response for the idle
-/// timeout) or `unfinished` (a graceful close not ended an idle timeout later with nothing in
-/// flight). These are events: a connection closed
+/// timeout), `unfinished` (a graceful close not ended an idle timeout later with nothing in
+/// flight) or `per_address_limit` (closed as it came: its address held
+/// `max_connections_per_address`). These are events: a connection closed
 /// gracefully (`no_request`, `idle`) and then dropped (`stalled`, `unfinished`) counts twice.
 fn closed(reason: &'static str) {
     metrics::counter!("tower_fhir_connections_closed_total", "reason" => reason).increment(1);
@@ -1207,6 +1225,7 @@ mod tests {
             http2_max_streams: 100,
             shutdown_grace: Duration::from_secs(1),
             client_address: None,
+            per_address: None,
         }
     }
 

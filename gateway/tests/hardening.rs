@@ -1150,6 +1150,64 @@ fn beyond_max_connections_a_new_connection_waits_until_one_closes() {
     );
 }
 
+/// `max_connections_per_address`: an address holding its share has its next connection
+/// closed at once (not queued: it takes no place of another address's), and served again once
+/// one of its own closes; a balancer named in `client_address_trusted_peers` is not counted.
+#[test]
+fn one_address_holds_at_most_its_share_of_connections() {
+    let (_proc, addr, _dir) = start("per-address", json!({"max_connections_per_address": 2}));
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = connect(addr);
+            stream.write_all(METADATA).unwrap();
+            let (status, _, _) = read_response(&mut stream, Duration::from_secs(10)).unwrap();
+            assert_eq!(status, 200);
+            stream
+        })
+        .collect();
+    // The third is closed unserved.
+    let mut third = connect(addr);
+    let _ = third.write_all(METADATA);
+    let mut buffer = [0u8; 64];
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    match third.read(&mut buffer) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("a third connection from one address was not closed: {other:?}"),
+    }
+    // The held ones keep working; one closed, a new one is served.
+    for stream in &mut held {
+        stream.write_all(METADATA).unwrap();
+        assert_eq!(
+            read_response(stream, Duration::from_secs(10)).unwrap().0,
+            200
+        );
+    }
+    drop(held.remove(0));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = connect(addr);
+    again.write_all(METADATA).unwrap();
+    let (status, _, _) = read_response(&mut again, Duration::from_secs(10))
+        .expect("a connection was refused after one of its address's closed");
+    assert_eq!(status, 200);
+
+    // Loopback as the trusted balancer: not counted.
+    let (_proc, addr, _dir) = start(
+        "per-address-balancer",
+        json!({"max_connections_per_address": 1, "client_address_trusted_peers": ["127.0.0.0/8"]}),
+    );
+    let mut streams: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+    for stream in &mut streams {
+        stream.write_all(METADATA).unwrap();
+        assert_eq!(
+            read_response(stream, Duration::from_secs(10)).unwrap().0,
+            200
+        );
+    }
+}
+
 #[test]
 fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
     let (mut proc, addr, _dir) = start("grace", json!({"shutdown_grace_seconds": 1}));
@@ -1259,6 +1317,11 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
             "max_connections must be at least 1, not 0",
         ),
         ("max-negative", r#""max_connections": -1"#, "is not valid"),
+        (
+            "per-address-zero",
+            r#""max_connections_per_address": 0"#,
+            "max_connections_per_address must be at least 1, not 0",
+        ),
         (
             "streams-zero",
             r#""http2_max_concurrent_streams": 0"#,
