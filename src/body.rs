@@ -101,6 +101,23 @@ where
     }
 }
 
+/// The headers that carry a digest of a body's bytes as they were sent (RFC 9530's
+/// `Content-Digest` and `Repr-Digest`, RFC 3230's `Digest`, RFC 1864's `Content-MD5`), and a
+/// strong `ETag` when `etag` (a weak one, `W/"..."`, names the content's version, not its
+/// bytes): removed from a response whose body a layer rewrote, which they no longer describe.
+pub(crate) fn remove_digests(headers: &mut http::HeaderMap, etag: bool) {
+    for name in ["content-digest", "repr-digest", "digest", "content-md5"] {
+        headers.remove(name);
+    }
+    if etag
+        && headers
+            .get(http::header::ETAG)
+            .is_some_and(|tag| !tag.as_bytes().starts_with(b"W/"))
+    {
+        headers.remove(http::header::ETAG);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

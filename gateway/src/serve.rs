@@ -173,11 +173,17 @@ pub(crate) async fn serve(
             only_admin: true,
             tls,
         };
+        // Its connections are its own: an address holding its share on `listen` (an office
+        // behind one NAT) is not held out of the admin API for it.
+        let admin_limits = Limits {
+            per_address: None,
+            ..limits
+        };
         workers.push(worker(
             "tower-fhir-admin".to_owned(),
             listener,
             fronts,
-            limits,
+            admin_limits,
             Arc::clone(&admin_permits),
             (stop_watch, finished_watch),
         )?);

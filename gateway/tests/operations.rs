@@ -1144,7 +1144,8 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     let mut gw = start(
         &dir,
         &upstream,
-        json!({"admin_token": admin_token, "admin_listen": admin_addr.to_string(), "max_connections": 1}),
+        json!({"admin_token": admin_token, "admin_listen": admin_addr.to_string(),
+               "max_connections": 1, "max_connections_per_address": 1}),
     );
     let said = gw.proc.wait_for("  admin API at ");
     assert!(
@@ -1155,8 +1156,8 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     let with_token = [("authorization", auth.as_str())];
     let admin = TestClient::new(admin_addr);
 
-    // listen's one connection held open (max_connections 1), before anything else: the admin
-    // API still answers.
+    // listen's one connection held open (max_connections 1, and this address's one on it),
+    // before anything else: the admin API still answers.
     let held = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let reply = tokio::time::timeout(

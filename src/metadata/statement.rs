@@ -152,6 +152,8 @@ impl Statements {
         };
         self.secure(&mut statement);
         let body = Bytes::from(Value::Object(statement).to_string());
+        // Written anew: the upstream's digests and strong `ETag` name other bytes.
+        crate::body::remove_digests(&mut parts.headers, true);
         parts.headers.remove(header::CONTENT_LENGTH);
         parts
             .headers
@@ -654,6 +656,51 @@ mod tests {
         let response = Response::new(Full::new(Bytes::from(many)));
         let answer = statements.secure_upstream_statement(response).await;
         assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_statement_loses_the_digests_and_strong_etag_of_the_upstreams_bytes() {
+        let statements = Statements {
+            public_base: "https://gw.example".into(),
+            token_url: "https://gw.example/oauth/token".into(),
+            authorize_url: None,
+            software: "test".into(),
+            default_version: FhirVersion::R4,
+        };
+        let upstream = |etag: &'static str| {
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                br#"{"resourceType":"CapabilityStatement","fhirVersion":"4.0.1","rest":[{"mode":"server"}]}"#,
+            )));
+            for (name, value) in [
+                ("content-digest", "sha-256=:AAAA:"),
+                ("repr-digest", "sha-256=:AAAA:"),
+                ("digest", "SHA-256=AAAA"),
+                ("content-md5", "AAAA"),
+                ("etag", etag),
+            ] {
+                response
+                    .headers_mut()
+                    .insert(name, HeaderValue::from_static(value));
+            }
+            response
+        };
+        let answer = statements
+            .secure_upstream_statement(upstream("\"abc\""))
+            .await;
+        for gone in [
+            "content-digest",
+            "repr-digest",
+            "digest",
+            "content-md5",
+            "etag",
+        ] {
+            assert!(!answer.headers().contains_key(gone), "{gone}");
+        }
+        // A weak ETag names the statement's version, not its bytes: kept.
+        let answer = statements
+            .secure_upstream_statement(upstream("W/\"3\""))
+            .await;
+        assert_eq!(answer.headers()["etag"], "W/\"3\"");
     }
 
     #[tokio::test]

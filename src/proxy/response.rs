@@ -215,15 +215,18 @@ pub(super) async fn relay_response(
                     let take = || Arc::clone(rewriting.budget).try_acquire_many_owned(n).ok();
                     let mut taken = take();
                     if taken.is_none() && !rewriting.retry_safe {
-                        // Acted on upstream: wait for room rather than refuse the answer, and
-                        // past the wait let it through unrewritten. Looked for now and then,
-                        // not queued for: tokio's semaphore hands a queued waiter every permit
-                        // freed until it has all it asked for, so two bodies each waiting for
-                        // the other's last bytes would wait for ever.
-                        let until = tokio::time::Instant::now() + wait;
-                        while taken.is_none() && tokio::time::Instant::now() < until {
-                            tokio::time::sleep(BUDGET_LOOK).await;
-                            taken = take();
+                        // Acted on upstream: never refused for the budget. Room is looked for
+                        // a moment, while this answer holds none of it (one holding some and
+                        // waiting for more could wait on another doing the same), then it
+                        // goes through unrewritten. Looked for now and then, not queued for:
+                        // tokio's semaphore hands a queued waiter every permit freed until it
+                        // has all it asked for, starving the others meanwhile.
+                        if held.is_none() {
+                            let until = tokio::time::Instant::now() + wait.min(BUDGET_WAIT);
+                            while taken.is_none() && tokio::time::Instant::now() < until {
+                                tokio::time::sleep(BUDGET_LOOK).await;
+                                taken = take();
+                            }
                         }
                         if taken.is_none() {
                             tracing::warn!(
@@ -311,10 +314,9 @@ pub(super) async fn relay_response(
     let bytes = match rewriter.bundle(&whole) {
         Some(rewritten) => {
             // Digests of the upstream's bytes would not match these: the client would take
-            // the answer for corrupted.
-            for name in DIGESTS {
-                parts.headers.remove(name);
-            }
+            // the answer for corrupted. (A Bundle's `ETag` is kept: weak or strong, it is the
+            // version a conditional request names.)
+            crate::body::remove_digests(&mut parts.headers, false);
             rewritten
         }
         None => whole,
@@ -335,6 +337,10 @@ pub(super) async fn relay_response(
 /// How often an answer to a request acted on upstream looks for room in a full budget.
 const BUDGET_LOOK: Duration = Duration::from_millis(10);
 
+/// How long an answer to a request acted on upstream looks for room in a full budget (the
+/// upstream's timeout when shorter) before it goes through unrewritten.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
 /// How the relay rewrites JSON Bundles: the largest it reads whole, and the budget of bytes
 /// held so, all requests together.
 #[derive(Clone, Copy)]
@@ -342,7 +348,8 @@ pub(super) struct Rewriting<'a> {
     pub(super) limit: usize,
     pub(super) budget: &'a Arc<Semaphore>,
     /// The request may be sent again with no harm (`GET`, `HEAD`, `OPTIONS`): with the budget
-    /// full, its answer is a `503`; any other's waits, then streams unrewritten.
+    /// full, its answer is a `503`; any other's looks for room a moment (while it holds none),
+    /// then streams unrewritten.
     pub(super) retry_safe: bool,
 }
 
@@ -385,15 +392,6 @@ fn in_order(first: Option<Bytes>, mut more: VecDeque<Bytes>) -> VecDeque<Bytes> 
     }
     more
 }
-
-/// The headers that carry a digest of the body as the upstream sent it: RFC 9530's
-/// `Content-Digest` and `Repr-Digest`, RFC 3230's `Digest` and RFC 1864's `Content-MD5`.
-const DIGESTS: [HeaderName; 4] = [
-    HeaderName::from_static("content-digest"),
-    HeaderName::from_static("repr-digest"),
-    HeaderName::from_static("digest"),
-    HeaderName::from_static("content-md5"),
-];
 
 /// RFC 2965's `Set-Cookie2`, obsolete, that some servers may still send.
 const SET_COOKIE2: header::HeaderName = header::HeaderName::from_static("set-cookie2");

@@ -240,10 +240,11 @@ impl FhirProxyBuilder {
     /// read the answers cannot fill the memory. The answer to a `GET`, `HEAD` or `OPTIONS`
     /// that would pass it gets `503` with `Retry-After: 1` and an OperationOutcome
     /// (`transient`) instead of being held (asking again changes nothing upstream). Any other
-    /// request has been acted on upstream (a create, a transaction): its answer waits for room
-    /// as long as the upstream may pause (its timeout), then streams through with its links
-    /// as the upstream wrote them, logged at `warn`, rather than tell the client to send again
-    /// what was done. Default [`DEFAULT_REWRITE_BUDGET`] (256 MiB); at least the rewrite limit.
+    /// request has been acted on upstream (a create, a transaction): its answer, while it holds
+    /// none of the budget, looks for room for up to a second (the upstream's timeout when
+    /// shorter), then streams through with its links as the upstream wrote them, logged at
+    /// `warn`, rather than tell the client to send again what was done. Default
+    /// [`DEFAULT_REWRITE_BUDGET`] (256 MiB); at least the rewrite limit.
     pub fn rewrite_budget(mut self, bytes: usize) -> Self {
         self.rewrite_budget = bytes;
         self

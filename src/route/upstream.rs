@@ -49,6 +49,15 @@ impl UpstreamBase {
                 "credentials belong in `authorization`, not the URL",
             ));
         }
+        // `host:port` with a port that is no number (`user:pass` before a `/` in the
+        // password, say) is no address to connect to.
+        let after_host = authority
+            .as_str()
+            .rsplit_once(']')
+            .map_or(authority.as_str(), |(_, rest)| rest);
+        if after_host.contains(':') && authority.port_u16().is_none() {
+            return Err(invalid("a port is a number"));
+        }
         if uri.query().is_some() {
             return Err(invalid("a base URL has no query"));
         }
@@ -110,10 +119,9 @@ impl fmt::Debug for UpstreamBase {
 /// for messages: a URL refused for holding them must not put them in a log.
 pub(crate) fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     let start = url.find("://").map_or(0, |at| at + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |at| start + at);
-    match url[start..end].rfind('@') {
+    // Up to the last `@`, wherever it is: a password may hold `/`, `?` or `#`, and a message
+    // that hides a query's `a@b` too says no more than it should.
+    match url[start..].rfind('@') {
         Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]).into(),
         None => url.into(),
     }
@@ -804,15 +812,15 @@ mod tests {
             "http://user:secret@ehr/fhir",
             "https://user:secret@ehr:8443/fhir?x=1",
             "http://a@b:secret@ehr",
+            "https://user:se#cret@ehr/fhir",
+            "https://user:se/cret@ehr/fhir",
+            "https://user:se?cret@ehr",
         ] {
             let refused = UpstreamBase::parse(url).unwrap_err().to_string();
             assert!(!refused.contains("secret"), "{refused}");
             assert!(refused.contains("<redacted>@ehr"), "{refused}");
         }
-        assert_eq!(
-            without_userinfo("http://ehr/fhir?to=a@b"),
-            "http://ehr/fhir?to=a@b"
-        );
+        assert_eq!(without_userinfo("http://ehr/fhir"), "http://ehr/fhir");
         assert_eq!(without_userinfo("ehr@x"), "<redacted>@x");
     }
     use serde_json::json;
