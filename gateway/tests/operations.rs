@@ -1168,6 +1168,28 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     .expect("the admin API answers while listen is full");
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     drop(held);
+    // Its place on listen (and its address's) comes back once the gateway has seen it close:
+    // until then a new connection from this address is closed as it comes.
+    let served = eventually(Duration::from_secs(10), async || {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(gw.addr).await else {
+            return false;
+        };
+        let asked = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        asked.is_ok()
+            && stream.read_to_end(&mut answer).await.is_ok()
+            && answer.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    assert!(
+        served,
+        "listen never served again after its connection closed"
+    );
+    // (The probe's own place, given back as its connection task ends.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // On listen: 404 under /admin/, with the token or without, a JSON error with a request id;
     // the gateway's own routes as before.
