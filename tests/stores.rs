@@ -667,6 +667,74 @@ async fn postgres_stores() {
     assert!(refused.to_string().contains("cannot connect"), "{refused}");
 }
 
+/// The connections the state makes to a database beyond loopback are TLS, its certificate
+/// checked: a server whose certificate chains to no trusted root, or that offers no TLS, is
+/// not connected to; a loopback URL naming no `sslmode` goes in clear, one saying `require`
+/// over TLS. (`host=db.test hostaddr=127.0.0.1`: a host name beyond loopback, on this one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_beyond_loopback_is_reached_over_tls_with_its_certificate_checked() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) = support::postgres::Postgres::start_or_skip("tls", "the PostgreSQL TLS test")
+    else {
+        return;
+    };
+    server.create_database("tls");
+    let port = server.port();
+    let beyond = format!("host=db.test hostaddr=127.0.0.1 port={port} user=gateway dbname=tls");
+    // No TLS on the server yet: refused, not in clear.
+    let refused = PgState::connect(&beyond).await.unwrap_err();
+    assert!(refused.to_string().contains("cannot connect"), "{refused}");
+
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["db.test".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    server.use_tls(
+        &certified.cert.pem(),
+        &certified.signing_key.serialize_pem(),
+    );
+    let root = certified.cert.pem().into_bytes();
+    // Over TLS with the server's certificate trusted; the session is TLS on the server's side.
+    let state = PgState::connect_with_roots(&beyond, std::slice::from_ref(&root))
+        .await
+        .unwrap();
+    state.ping().await.unwrap();
+    let encrypted = |ssl: bool| {
+        server
+            .query(
+                "tls",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                     WHERE datname = 'tls' AND application_name <> 'psql' AND ssl = {ssl}"
+                ),
+            )
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert!(encrypted(true) >= 1, "no TLS session on the server");
+    assert_eq!(encrypted(false), 0, "a session in clear");
+    drop(state);
+    // A certificate no trusted root signs: not connected to.
+    let untrusted = PgState::connect(&beyond).await.unwrap_err();
+    assert!(
+        untrusted.to_string().contains("cannot connect"),
+        "{untrusted}"
+    );
+    // Loopback: in clear unless the URL asks for TLS.
+    let local = PgState::connect(&server.url("tls")).await.unwrap();
+    local.ping().await.unwrap();
+    assert!(encrypted(false) >= 1, "a loopback URL went over TLS");
+    drop(local);
+    let required = format!(
+        "{}?sslmode=require",
+        server.url("tls").replace("127.0.0.1", "localhost")
+    );
+    let state = PgState::connect_with_roots(&required, &[root])
+        .await
+        .unwrap();
+    state.ping().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_changes_reach_every_replica_within_a_second() {
     use tokio::time::timeout;

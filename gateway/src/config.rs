@@ -28,6 +28,10 @@ pub(crate) struct Config {
     /// (it may hold a password).
     #[serde(default)]
     pub(crate) database_url: Option<String>,
+    /// A PEM file of the root certificates (a private CA's) the database's certificate may
+    /// chain to, beside the webpki roots. Default none.
+    #[serde(default)]
+    pub(crate) database_ca_file: Option<PathBuf>,
     /// The token endpoint's settings.
     #[serde(default)]
     pub(crate) token: TokenConfig,
@@ -203,6 +207,7 @@ impl std::fmt::Debug for Config {
                 "database_url",
                 &self.database_url.as_ref().map(|_| "<redacted>"),
             )
+            .field("database_ca_file", &self.database_ca_file)
             .field("token", &self.token)
             .field("trusted_issuers", &self.trusted_issuers)
             .field("clients", &self.clients)

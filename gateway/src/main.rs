@@ -137,6 +137,7 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
             .map_err(|e| format!("cannot use the database: {e}"))?;
     }
     config.check_shared_database()?;
+    state::database_roots(&config)?;
     state::check(&config).await?;
     config.tls()?;
     front::check_audit_log(&config)?;

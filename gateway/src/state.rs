@@ -75,6 +75,17 @@ fn lock(dir: &Path) -> Result<std::fs::File, String> {
     }
 }
 
+/// The root certificates `database_ca_file` holds (none without it), read now: a file that
+/// cannot be read stops the start and `--check-config`.
+pub(crate) fn database_roots(config: &Config) -> Result<Vec<Vec<u8>>, String> {
+    match &config.database_ca_file {
+        None => Ok(Vec::new()),
+        Some(path) => std::fs::read(path)
+            .map(|pem| vec![pem])
+            .map_err(|e| format!("cannot read database_ca_file {}: {e}", path.display())),
+    }
+}
+
 /// The secret hashing cost the configuration names.
 fn hashing(config: &Config) -> Result<SecretHashing, String> {
     match config.secret_hashing {
@@ -102,7 +113,8 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     if let Some(dir) = &config.state_dir {
         tracing::warn!(state_dir = %dir.display(), "state_dir is not used: the state is in the database");
     }
-    let state = PgState::connect(url)
+    let roots = database_roots(config)?;
+    let state = PgState::connect_with_roots(url, &roots)
         .await
         .map_err(|e| format!("cannot open the database ({location}): {e}"))?;
     let directory = state.tenant_store();

@@ -527,6 +527,19 @@ fn a_shared_database_needs_a_public_base_url() {
     }
     let out = run(&["--check-config", with.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A database CA file that cannot be read stops the check as it would the start.
+    let unreadable = config_file(
+        "database-ca-missing",
+        r#"{"listen": "127.0.0.1:0", "public_base_url": "https://gateway.example",
+            "database_ca_file": "/nonexistent/ca.pem"}"#,
+    );
+    let out = run(&["--check-config", unreadable.to_str().unwrap()]);
+    assert!(!out.status.success(), "said ok: {}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("cannot read database_ca_file /nonexistent/ca.pem"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Listening on every address with no `public_base_url`, the gateway would name itself

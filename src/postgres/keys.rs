@@ -285,7 +285,7 @@ impl PgSigningKeys {
     /// advisory lock, so replicas starting together make one; then follows every change.
     pub(super) async fn open(
         pool: Pool,
-        config: tokio_postgres::Config,
+        config: super::Dial,
         kek: KeyEncryptionKey,
     ) -> Result<Self, PgError> {
         {

@@ -35,6 +35,7 @@
 
 mod failures;
 mod keys;
+mod tls;
 
 pub use failures::PgFailureCounts;
 pub use keys::{KeyEncryptionKey, PgSigningKeys, KEY_ENCRYPTION_KEY_ENV};
@@ -46,7 +47,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, watch};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::auth::{RevocationLog, RevokedTokens};
@@ -190,8 +190,16 @@ impl std::error::Error for PgError {
 #[derive(Clone)]
 pub struct PgState {
     pool: Pool,
-    /// For the connection that listens for changes.
+    /// For the connections that listen for changes.
+    config: Dial,
+}
+
+/// How a connection of its own (a listener's) is made: the database's configuration and its
+/// TLS.
+#[derive(Clone)]
+struct Dial {
     config: tokio_postgres::Config,
+    tls: tls::PgTls,
 }
 
 impl fmt::Debug for PgState {
@@ -204,13 +212,26 @@ impl fmt::Debug for PgState {
 }
 
 impl PgState {
-    /// Connects to `url` (`postgres://user[:password]@host:port/database`; the connection
-    /// is not encrypted: use a loopback address or a private network) and migrates the
+    /// Connects to `url` (`postgres://user[:password]@host:port/database`) and migrates the
     /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
+    ///
+    /// A database beyond loopback is reached over TLS, its certificate checked against the
+    /// webpki roots for the URL's host, or not at all, unless the URL says `sslmode=disable`
+    /// (or `prefer`: TLS when the server offers it); a loopback address, `localhost` or a
+    /// Unix socket in clear unless it says `sslmode=require`. A private CA:
+    /// [`connect_with_roots`](Self::connect_with_roots).
     pub async fn connect(url: &str) -> Result<Self, PgError> {
+        Self::connect_with_roots(url, &[]).await
+    }
+
+    /// [`connect`](Self::connect), trusting the server certificates `extra_roots` (PEM
+    /// certificates: a private CA's) sign as well as the webpki roots.
+    pub async fn connect_with_roots(url: &str, extra_roots: &[Vec<u8>]) -> Result<Self, PgError> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| PgError::new("the database URL is not valid", e))?;
+        tls::default_ssl_mode(url, &mut config);
+        let tls = tls::PgTls::new(extra_roots).map_err(PgError::plain)?;
         // A connection whose peer went away without a word (a host down, a firewall or NAT
         // that forgets idle flows) is found out by TCP in about a minute, not hours: idle,
         // by keepalive probes; with data unacknowledged, by the user timeout.
@@ -223,7 +244,7 @@ impl PgState {
             .connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 // Each pooled connection is checked (an empty query, at most 2 s) before it
                 // is used again: one that stopped answering is let go, not handed to the next
@@ -239,7 +260,10 @@ impl PgState {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::new("the connection pool cannot be made", e))?;
-        let state = Self { pool, config };
+        let state = Self {
+            pool,
+            config: Dial { config, tls },
+        };
         state.migrate().await?;
         Ok(state)
     }
@@ -1112,14 +1136,15 @@ const LISTEN_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Listens on [`CHANGES_CHANNEL`] and hands what it hears to `handler`, connecting again
 /// (waiting 0.25 s, doubling up to 5 s) whenever the connection drops, until the handler
 /// is not alive any more.
-async fn listen(config: tokio_postgres::Config, mut handler: impl Handler) {
+async fn listen(dial: Dial, mut handler: impl Handler) {
+    let Dial { config, tls } = dial;
     let mut wait = Duration::from_millis(250);
     // Whether notifications may have gone unheard: after a connection that failed or
     // dropped (at the start, nothing was cached before the listener was made).
     let mut missed = false;
     while handler.alive() {
         // (A database that accepts the connection and then says nothing is given up on.)
-        let connected = tokio::time::timeout(OPERATION_TIMEOUT, config.connect(NoTls)).await;
+        let connected = tokio::time::timeout(OPERATION_TIMEOUT, config.connect(tls.clone())).await;
         match connected.map_err(TimedOut::from) {
             Err(timed_out) => {
                 tracing::warn!(%timed_out, retry_in = ?wait, "cannot connect to listen for database changes");

@@ -118,6 +118,37 @@ impl Postgres {
         server
     }
 
+    /// Turns TLS on with this certificate chain and key (PEM), and restarts the server.
+    pub fn use_tls(&self, certificate: &str, key: &str) {
+        let data = self.dir.join("data");
+        self.pause();
+        std::fs::write(data.join("server.crt"), certificate).unwrap();
+        std::fs::write(data.join("server.key"), key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\n");
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        if self.as_postgres {
+            let chown = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.crt"))
+                .arg(data.join("server.key"))
+                .arg(data.join("postgresql.conf"))
+                .status()
+                .unwrap();
+            assert!(chown.success());
+        }
+        self.resume();
+    }
+
     /// Starts the server (again, after [`pause`](Self::pause)) on its port.
     pub fn resume(&self) {
         let data = self.dir.join("data");

@@ -1,0 +1,214 @@
+//! TLS for the database's connections: rustls (aws-lc-rs), the server's certificate checked
+//! against the webpki roots (Mozilla's) and any root certificates given, for the host name
+//! the URL names.
+//!
+//! Which connections are encrypted follows the URL's `sslmode`, and without one, where the
+//! database is: a host beyond loopback gets `require` (TLS, or no connection: a password and
+//! every tenant's record must not cross a network in clear), a loopback address, `localhost`
+//! or a Unix socket gets `disable` (nothing crosses a network; a local server's certificate
+//! is often a self-signed one no client could check). `sslmode=disable` or `prefer` given in
+//! the URL is kept as said: `prefer` falls back to clear text when the server offers no TLS.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+/// Makes the TLS session of each connection (see the [module docs](self)).
+#[derive(Clone)]
+pub(crate) struct PgTls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl PgTls {
+    /// Trusting the webpki roots and `extra_roots` (PEM certificates).
+    pub(crate) fn new(extra_roots: &[Vec<u8>]) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for pem in extra_roots {
+            let mut any = false;
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("root certificate PEM: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("root certificate: {e}"))?;
+                any = true;
+            }
+            if !any {
+                return Err("root certificate PEM: no certificate in it".to_owned());
+            }
+        }
+        // An explicit provider: rustls panics when several are compiled in and none is chosen.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Sets `config`'s `sslmode` where `url` names none: `require` for a host beyond loopback,
+/// `disable` for loopback, `localhost` and Unix sockets (see the [module docs](self)).
+pub(crate) fn default_ssl_mode(url: &str, config: &mut tokio_postgres::Config) {
+    if url.contains("sslmode=") {
+        return;
+    }
+    let local = config.get_hosts().iter().all(|host| match host {
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    }) && !config.get_hostaddrs().iter().any(|ip| !ip.is_loopback());
+    config.ssl_mode(if local {
+        SslMode::Disable
+    } else {
+        SslMode::Require
+    });
+}
+
+impl<S> MakeTlsConnect<S> for PgTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PgTlsStream<S>;
+    type TlsConnect = PgTlsConnect;
+    type Error = io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, io::Error> {
+        let name = ServerName::try_from(domain.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(PgTlsConnect {
+            connector: tokio_rustls::TlsConnector::from(Arc::clone(&self.config)),
+            name,
+        })
+    }
+}
+
+/// The TLS handshake of one connection, for the host name it was made for.
+pub(crate) struct PgTlsConnect {
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl<S> TlsConnect<S> for PgTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = PgTlsStream<S>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<PgTlsStream<S>>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Box::pin(async move {
+            self.connector
+                .connect(self.name, stream)
+                .await
+                .map(|stream| PgTlsStream(Box::new(stream)))
+        })
+    }
+}
+
+/// A connection to the database over TLS.
+pub(crate) struct PgTlsStream<S>(Box<tokio_rustls::client::TlsStream<S>>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for PgTlsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PgTlsStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for PgTlsStream<S> {
+    /// None: SCRAM without channel binding (the server's certificate is what the session is
+    /// checked by).
+    fn channel_binding(&self) -> ChannelBinding {
+        ChannelBinding::none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> SslMode {
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        default_ssl_mode(url, &mut config);
+        config.get_ssl_mode()
+    }
+
+    #[test]
+    fn a_database_beyond_loopback_needs_tls_unless_the_url_says_otherwise() {
+        for url in [
+            "postgres://gateway@db.internal/gateway",
+            "postgres://gateway@10.0.0.5:5432/gateway",
+            "postgres://gateway@[2001:db8::1]/gateway",
+            "postgres://gateway@127.0.0.1,db.internal/gateway",
+        ] {
+            assert_eq!(mode(url), SslMode::Require, "{url}");
+        }
+        for url in [
+            "postgres://gateway@127.0.0.1:5432/gateway",
+            "postgres://gateway@localhost/gateway",
+            "postgres://gateway@[::1]/gateway",
+            "host=/var/run/postgresql user=gateway dbname=gateway",
+        ] {
+            assert_eq!(mode(url), SslMode::Disable, "{url}");
+        }
+        assert_eq!(
+            mode("postgres://gateway@db.internal/gateway?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://gateway@db.internal/gateway?sslmode=prefer"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgres://gateway@127.0.0.1/gateway?sslmode=require"),
+            SslMode::Require
+        );
+    }
+
+    #[test]
+    fn root_certificates_must_hold_a_certificate() {
+        assert!(PgTls::new(&[]).is_ok());
+        assert!(PgTls::new(&[b"not a certificate".to_vec()]).is_err());
+    }
+}
