@@ -43,6 +43,8 @@ struct Inner {
     generation: AtomicU64,
     /// `jti` → the issuers that revoked a token with it, and when each expires.
     entries: RwLock<HashMap<String, Vec<Entry>>>,
+    /// How many `jti`s were kept when expired entries last went.
+    entries_pruned_at: AtomicUsize,
     /// Client (`sub`) → the issuers that revoked every token issued to it until then, and
     /// until when such a token may live.
     clients: RwLock<HashMap<String, Vec<ClientEntry>>>,
@@ -142,20 +144,28 @@ impl RevokedTokens {
             .entries
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Expired entries go first: the list holds only tokens that still verify.
-        entries.retain(|_, revoked| {
-            revoked.retain(|entry| entry.expires_at > now);
-            !revoked.is_empty()
-        });
+        // Expired entries go now and then: when the map has doubled since they last went (a
+        // start or a listener's catch-up applying every revoked token stays linear, not a
+        // scan of all of them for each).
+        let pruned = &self.inner.entries_pruned_at;
+        if entries.len() >= 2 * pruned.load(Ordering::Relaxed) {
+            entries.retain(|_, revoked| {
+                revoked.retain(|entry| entry.expires_at > now);
+                !revoked.is_empty()
+            });
+            pruned.store(entries.len().max(16), Ordering::Relaxed);
+        }
         let revoked = entries.entry(jti.to_owned()).or_default();
-        if !revoked
-            .iter()
-            .any(|entry| entry.issuer.as_deref() == issuer)
+        match revoked
+            .iter_mut()
+            .find(|entry| entry.issuer.as_deref() == issuer)
         {
-            revoked.push(Entry {
+            // (An entry left from before, expired or not, lasts as long as the later one.)
+            Some(entry) => entry.expires_at = entry.expires_at.max(expires_at),
+            None => revoked.push(Entry {
                 issuer: issuer.map(str::to_owned),
                 expires_at,
-            });
+            }),
         }
         drop(entries);
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
@@ -264,16 +274,19 @@ impl RevokedTokens {
             .max()
     }
 
-    /// How many revoked tokens are kept, by `jti` (some may have expired since the last
-    /// revocation); revoked clients are not counted.
+    /// How many revoked tokens are listed by `jti` that are not past their time yet (expired
+    /// ones are kept until the list has doubled, then dropped together); revoked clients are
+    /// not counted.
     pub fn len(&self) -> usize {
+        let now = unix_now();
         self.inner
             .entries
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
-            .map(Vec::len)
-            .sum()
+            .flatten()
+            .filter(|entry| entry.expires_at > now)
+            .count()
     }
 
     /// Whether no token is listed by `jti` (clients may be revoked).
@@ -377,14 +390,37 @@ mod tests {
         let gone = claims(json!({"iss": "https://a", "jti": "gone", "exp": unix_now() - 3601}));
         assert!(!revoked.revoke(&gone));
         revoked.inner.entries.write().unwrap().remove("lately");
-        // Expired: nothing to revoke; expired entries are dropped at the next revocation.
+        // Expired: nothing to revoke; expired entries are not counted (and are dropped once
+        // the list has doubled).
         assert!(!revoked.revoke_id(Some("https://a"), "old", 1));
         let soon = unix_now() + 1;
         assert!(revoked.revoke_id(Some("https://a"), "soon", soon));
         assert_eq!(revoked.len(), 2);
         std::thread::sleep(std::time::Duration::from_millis(2100));
         assert!(revoked.revoke(&theirs));
-        assert_eq!(revoked.len(), 2, "the expired entry was dropped");
+        assert_eq!(revoked.len(), 2, "the expired entry was counted");
+    }
+
+    #[test]
+    fn many_revocations_at_once_drop_expired_entries_now_and_then_not_each_time() {
+        let revoked = RevokedTokens::new();
+        let later = unix_now() + 3600;
+        for n in 0..20_000 {
+            assert!(revoked.revoke_id(Some("https://a"), &n.to_string(), later));
+        }
+        assert_eq!(revoked.len(), 20_000);
+        // Pruned when it doubles: never more than twice what still counts.
+        let soon = unix_now() + 1;
+        for n in 0..40 {
+            assert!(revoked.revoke_id(Some("https://b"), &format!("soon-{n}"), soon));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(revoked.len(), 20_000);
+        // A jti revoked again keeps the later time.
+        assert!(revoked.revoke_id(Some("https://a"), "0", later + 10));
+        assert!(revoked.revoke_id(Some("https://a"), "0", later - 10));
+        let kept = revoked.inner.entries.read().unwrap()["0"][0].expires_at;
+        assert_eq!(kept, later + 10);
     }
 
     #[test]
