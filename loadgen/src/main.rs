@@ -48,17 +48,27 @@ fhir-loadgen: drive a FHIR gateway and report throughput and latency
 usage: fhir-loadgen --target URL [OPTIONS]
 
   --target URL            the gateway's FHIR base, http:// or https:// (required)
-  --connections N         concurrent connections (closed loop), default 16
-  --rate R                open loop: R requests per second, latency from when each was due
-  --duration S            seconds to measure, default 10 (or --requests N)
+  --connections N         concurrent connections, default 16; each carries one request at
+                          a time (closed loop: sends its next when the last is answered)
+  --rate R                open loop: R requests per second (above 0, at most 10,000,000),
+                          latency from when each was due. A request due while every
+                          connection is busy waits for one (its \"send delay\", part of its
+                          latency): R x latency must stay under N, and the report says
+                          when the connections, not the target, were the limit
+  --duration S            seconds to measure (above 0, at most a year), default 10; with
+                          --requests N and no --duration, until N were measured (at most
+                          an hour); with both, whichever comes first
   --requests N            stop after N measured requests
-  --warmup S              seconds of load before measuring, default 1
-  --timeout S             seconds to wait for a connection, a request's answer or its body,
-                          default 10; past it the request counts as an error (\"timeout\")
-                          and its connection is closed
+  --warmup S              seconds of load before measuring (0 to a year), default 1
+  --timeout S             seconds to wait for a connection, a request's answer or its body
+                          (above 0, at most a year), default 10; past it the request counts
+                          as an error (\"timeout\"), its connection is closed, and its
+                          latency is counted as at least the time it waited
   --max-error-rate F      exit 1 when more than this share of the measured requests failed
                           (no HTTP answer: connection refused, reset, timeout...) or when
                           none was answered; default 0.01 (1%)
+  --max-non-2xx-rate F    exit 1 when more than this share of the answered requests had a
+                          status other than 2xx (401, 404, 503...); default 1 (not checked)
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
@@ -86,6 +96,13 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --cpu-of LABEL=PID      also report the CPU time process PID (all its threads, user and
                           system, from /proc: Linux only) spent per measured request; repeat
                           for several (the server under test, its upstream, ...)
+
+Latency: the percentiles (\"latency\", the JSON report's latency_us, the chart and the
+timeline) count every request due in the measured window, from when it was due: answered
+ones until their body ended; failed ones (timeout, refused, reset) until they failed, a
+timeout at least --timeout; at a fixed rate, slots never sent until the run stopped. The
+failed and the unsent are lower bounds. The answered requests' own percentiles are shown
+beside them (\"answered\", answered_latency_us).
 
 Ctrl-C stops the run early, prints the report of what was measured so far and exits 130.
 
@@ -115,13 +132,16 @@ struct Options {
     target: String,
     connections: usize,
     rate: Option<f64>,
-    duration: Duration,
+    /// `--duration`, when given.
+    duration: Option<Duration>,
     requests: Option<u64>,
     warmup: Duration,
     /// How long to wait for a connection, an answer or a body.
     timeout: Duration,
     /// Above this share of failed requests (or with none answered), the run exits 1.
     max_error_rate: f64,
+    /// Above this share of answered requests with a status other than 2xx, the run exits 1.
+    max_non_2xx_rate: f64,
     tenants: Vec<String>,
     tokens: Tokens,
     mix: Vec<Interaction>,
@@ -153,16 +173,72 @@ struct TargetTls {
     server_name: rustls::pki_types::ServerName<'static>,
 }
 
+impl Options {
+    /// How long the measured window lasts at most: `--duration`; else, with `--requests`,
+    /// an hour (the run ends when they are measured); else 10 s.
+    fn window(&self) -> Duration {
+        match (self.duration, self.requests) {
+            (Some(duration), _) => duration,
+            (None, Some(_)) => Duration::from_secs(3600),
+            (None, None) => Duration::from_secs(10),
+        }
+    }
+}
+
+/// The longest `--duration`, `--warmup` or `--timeout`: a year, in seconds.
+const MOST_SECONDS: f64 = 365.0 * 86_400.0;
+
+/// The highest `--rate`: the schedule hands out one slot at a time.
+const MOST_RATE: f64 = 10_000_000.0;
+
+/// `flag`'s value `given` as seconds: a number from 0 (above 0 unless `zero`) to a year.
+fn seconds(flag: &str, given: &str, zero: bool) -> Result<Duration, String> {
+    let seconds: f64 = given.parse().map_err(|e| format!("{flag} {given}: {e}"))?;
+    let least = if zero { "from 0" } else { "above 0" };
+    if !(seconds.is_finite() && (seconds > 0.0 || zero && seconds == 0.0)) || seconds > MOST_SECONDS
+    {
+        return Err(format!(
+            "{flag} {given}: seconds {least}, at most {MOST_SECONDS} (a year)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `flag`'s value `given` as a whole number from 1 to `most` (`1e6` taken).
+fn whole(flag: &str, given: &str, most: u64) -> Result<u64, String> {
+    let number: f64 = given.parse().map_err(|e| format!("{flag} {given}: {e}"))?;
+    if !(number >= 1.0 && number <= most as f64 && number.fract() == 0.0) {
+        return Err(format!("{flag} {given}: a whole number from 1 to {most}"));
+    }
+    Ok(number as u64)
+}
+
+/// `flag`'s value `given` as a share from 0 to 1.
+fn share(flag: &str, given: &str) -> Result<f64, String> {
+    let share: f64 = given.parse().map_err(|e| format!("{flag} {given}: {e}"))?;
+    if !(0.0..=1.0).contains(&share) {
+        return Err(format!("{flag} {given}: a share from 0 to 1"));
+    }
+    Ok(share)
+}
+
+/// The options of the command line.
 fn options() -> Result<Options, String> {
+    parse_options(std::env::args().skip(1))
+}
+
+/// The options given as `args` (the command line without the program's name).
+fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
     let mut o = Options {
         target: String::new(),
         connections: 16,
         rate: None,
-        duration: Duration::from_secs(10),
+        duration: None,
         requests: None,
         warmup: Duration::from_secs(1),
         timeout: Duration::from_secs(10),
         max_error_rate: 0.01,
+        max_non_2xx_rate: 1.0,
         tenants: Vec::new(),
         tokens: Tokens::None,
         mix: default_mix(),
@@ -182,38 +258,38 @@ fn options() -> Result<Options, String> {
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
     let mut bearer: Option<String> = None;
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<f64>().map_err(|e| format!("{v}: {e}"));
         match flag.as_str() {
             "--help" | "-h" => {
                 print!("{HELP}");
                 std::process::exit(0);
             }
             "--target" => o.target = value()?.trim_end_matches('/').to_owned(),
-            "--connections" => o.connections = number(value()?)?.max(1.0) as usize,
-            "--rate" => o.rate = Some(number(value()?)?).filter(|r| *r > 0.0),
-            "--duration" => o.duration = Duration::from_secs_f64(number(value()?)?),
-            "--requests" => o.requests = Some(number(value()?)? as u64),
-            "--warmup" => o.warmup = Duration::from_secs_f64(number(value()?)?),
-            "--max-error-rate" => {
-                let share = number(value()?)?;
-                if !(0.0..=1.0).contains(&share) {
-                    return Err(format!("--max-error-rate {share}: a share from 0 to 1"));
-                }
-                o.max_error_rate = share;
+            "--connections" => {
+                o.connections = whole(&flag, &value()?, 1_000_000)? as usize;
             }
-            "--timeout" => {
-                let seconds = number(value()?)?;
-                if !(seconds > 0.0 && seconds.is_finite()) {
-                    return Err(format!("--timeout {seconds}: must be above 0"));
+            "--rate" => {
+                let given = value()?;
+                let rate: f64 = given.parse().map_err(|e| format!("--rate {given}: {e}"))?;
+                if !(rate > 0.0 && rate <= MOST_RATE) {
+                    return Err(format!(
+                        "--rate {given}: requests per second above 0, at most {MOST_RATE} \
+                         (for a closed loop, give no --rate)"
+                    ));
                 }
-                o.timeout = Duration::from_secs_f64(seconds);
+                o.rate = Some(rate);
             }
+            "--duration" => o.duration = Some(seconds(&flag, &value()?, false)?),
+            "--requests" => o.requests = Some(whole(&flag, &value()?, u64::MAX >> 11)?),
+            "--warmup" => o.warmup = seconds(&flag, &value()?, true)?,
+            "--max-error-rate" => o.max_error_rate = share(&flag, &value()?)?,
+            "--max-non-2xx-rate" => o.max_non_2xx_rate = share(&flag, &value()?)?,
+            "--timeout" => o.timeout = seconds(&flag, &value()?, false)?,
             "--tenants" => o.tenants = value()?.split(',').map(str::to_owned).collect(),
             "--tenant-count" => {
-                let n = number(value()?)? as u32;
+                let n = whole(&flag, &value()?, 1_000_000)?;
                 o.tenants = (0..n)
                     .map(|i| format!("00000000-0000-4000-8000-{i:012x}"))
                     .collect();
@@ -770,8 +846,8 @@ fn urlencode(text: &str) -> String {
 struct Tally {
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
-    /// Slots of the rate's schedule due in the measured window and never sent: the target
-    /// fell behind.
+    /// Slots of the rate's schedule due in the measured window and never sent: every
+    /// connection was busy until the window closed.
     unsent: u64,
 }
 
@@ -878,6 +954,11 @@ struct Shared {
     sequence: AtomicU64,
     /// Requests due in the measured window that were sent (answered or not).
     sent: AtomicU64,
+    /// Of those, the µs from when each was sent until it was answered or failed, summed.
+    serving_us: AtomicU64,
+    /// At a fixed rate: slots due in the measured window that came when every connection
+    /// was busy, so waited for one to be free (or were never sent).
+    all_busy: AtomicU64,
     /// With `--requests N`: how many of the N measured requests were taken.
     claimed: AtomicU64,
     /// Set on Ctrl-C: the schedule stops.
@@ -899,11 +980,17 @@ const MEASURED_SHARDS: usize = 64;
 /// by when the requests were due.
 struct Measured {
     tally: Tally,
+    /// Every request due in the window, from when it was due (µs): answered ones until their
+    /// body ended, failed ones until they failed and unsent slots until the run stopped (the
+    /// last two lower bounds).
     latency: Histogram<u64>,
+    /// The answered requests' latencies only (any status).
+    answered_latency: Histogram<u64>,
     /// At a fixed rate: from when each request was due to when it was sent (µs).
     send_delay: Histogram<u64>,
+    /// Each second's share of `latency`, by when the requests were due.
     seconds: Vec<Histogram<u64>>,
-    /// The failed requests (counted, not timed) by the second they were due.
+    /// The failed requests by the second they were due (also in `seconds`).
     errors_by_second: Vec<u64>,
 }
 
@@ -912,6 +999,7 @@ impl Default for Measured {
         Self {
             tally: Tally::default(),
             latency: histogram(),
+            answered_latency: histogram(),
             send_delay: histogram(),
             seconds: Vec::new(),
             errors_by_second: Vec::new(),
@@ -933,6 +1021,7 @@ impl Measured {
             }
             all.tally.unsent += worker.tally.unsent;
             let _ = all.latency.add(&worker.latency);
+            let _ = all.answered_latency.add(&worker.answered_latency);
             let _ = all.send_delay.add(&worker.send_delay);
             if all.seconds.len() < worker.seconds.len() {
                 all.seconds
@@ -953,12 +1042,33 @@ impl Measured {
                 *sum += errors;
             }
         }
-        // A second with errors only is a second of the timeline too.
-        if all.seconds.len() < all.errors_by_second.len() {
-            all.seconds
-                .resize_with(all.errors_by_second.len(), plot::second_histogram);
-        }
         all
+    }
+
+    /// Records a request due in measured second `second` that took `took` µs from when it
+    /// was due: its outcome, or `None` for a slot never sent. Every one is in the latencies;
+    /// a failed or unsent one with the time it waited, a lower bound of what its answer
+    /// would have taken (a timeout's at least `--timeout`).
+    fn record(&mut self, second: usize, took: u64, outcome: Option<Result<u16, String>>) {
+        match outcome {
+            Some(Ok(status)) => {
+                *self.tally.statuses.entry(status).or_default() += 1;
+                self.answered_latency.saturating_record(took);
+            }
+            Some(Err(error)) => {
+                *self.tally.errors.entry(error).or_default() += 1;
+                if self.errors_by_second.len() <= second {
+                    self.errors_by_second.resize(second + 1, 0);
+                }
+                self.errors_by_second[second] += 1;
+            }
+            None => self.tally.unsent += 1,
+        }
+        self.latency.saturating_record(took);
+        if self.seconds.len() <= second {
+            self.seconds.resize_with(second + 1, plot::second_histogram);
+        }
+        self.seconds[second].saturating_record(took);
     }
 
     /// The p99 and max of measured second `second`, over every worker.
@@ -985,7 +1095,8 @@ impl Shared {
         if self.measures(due) {
             self.sent.fetch_add(1, Ordering::Relaxed);
             if self.options.rate.is_some() {
-                // How late the load generator itself sent the request.
+                // How late the request is sent: the wait for a free connection, and the
+                // schedule's own lag.
                 let late = due.elapsed().as_micros().max(1) as u64;
                 let shard = &self.measured[worker % self.measured.len()];
                 shard.lock().unwrap().send_delay.saturating_record(late);
@@ -1025,6 +1136,7 @@ impl Shared {
                 .map_err(|e| format!("body: {e}"))?;
             Ok::<u16, String>(status)
         };
+        let sending = Instant::now();
         let outcome = match tokio::time::timeout(self.options.timeout, attempt).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -1034,6 +1146,8 @@ impl Shared {
             }
         };
         if self.measures(due) {
+            let serving = sending.elapsed().as_micros() as u64;
+            self.serving_us.fetch_add(serving, Ordering::Relaxed);
             let took = due.elapsed().as_micros().max(1) as u64;
             self.record(worker, due, took, Some(outcome));
         }
@@ -1044,39 +1158,14 @@ impl Shared {
         due >= self.measuring_from && due < self.stop_at
     }
 
-    /// Records a request due at `due` that took `took` µs: its outcome, or `None` for a slot
-    /// never sent (its latency then a lower bound: from when it was due to when its worker
-    /// stopped).
+    /// Records a request due at `due` that took `took` µs from then: its outcome, or `None`
+    /// for a slot never sent (see [`Measured::record`]).
     fn record(&self, worker: usize, due: Instant, took: u64, outcome: Option<Result<u16, String>>) {
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
+        let sent = outcome.is_some();
         let shard = &self.measured[worker % self.measured.len()];
-        let mut measured = shard.lock().unwrap();
-        // Failed requests are counted, not timed: their latencies (a refused connection's
-        // few µs, a timeout's seconds) say nothing of the target's answers.
-        match outcome {
-            Some(Ok(status)) => *measured.tally.statuses.entry(status).or_default() += 1,
-            Some(Err(error)) => {
-                *measured.tally.errors.entry(error).or_default() += 1;
-                if measured.errors_by_second.len() <= second {
-                    measured.errors_by_second.resize(second + 1, 0);
-                }
-                measured.errors_by_second[second] += 1;
-                drop(measured);
-                self.done.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            None => measured.tally.unsent += 1,
-        }
-        measured.latency.saturating_record(took);
-        if measured.seconds.len() <= second {
-            measured
-                .seconds
-                .resize_with(second + 1, plot::second_histogram);
-        }
-        measured.seconds[second].saturating_record(took);
-        let unsent = outcome.is_none();
-        drop(measured);
-        if !unsent {
+        shard.lock().unwrap().record(second, took, outcome);
+        if sent {
             self.done.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1154,18 +1243,15 @@ async fn main() {
     }
     let start = Instant::now();
     let measuring_from = start + options.warmup;
-    let stop_at = measuring_from
-        + if options.requests.is_some() && options.duration == Duration::from_secs(10) {
-            Duration::from_secs(3600)
-        } else {
-            options.duration
-        };
+    let stop_at = measuring_from + options.window();
     let options_connections = options.connections;
     let shared = Arc::new(Shared {
         tokens,
         options,
         sequence: AtomicU64::new(0),
         sent: AtomicU64::new(0),
+        serving_us: AtomicU64::new(0),
+        all_busy: AtomicU64::new(0),
         interrupted: std::sync::atomic::AtomicBool::new(false),
         claimed: AtomicU64::new(0),
         done: AtomicU64::new(0),
@@ -1217,21 +1303,21 @@ async fn main() {
 
     // At a fixed rate, one thread keeps the schedule: it sleeps (`std::thread::sleep`, to
     // within tens of µs, where tokio's timer rounds up to the next millisecond) until each
-    // slot is due and hands it to its worker. Worker `w` owns every N-th slot.
-    let mut slots = Vec::new();
-    let mut schedule = Vec::new();
-    for _ in 0..shared.options.connections {
-        let (hand, take) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
-        schedule.push(hand);
-        slots.push(take);
-    }
+    // slot is due and puts it in one queue, which the workers take from in turn: a slot goes
+    // to a worker waiting for one, or, with every connection busy, waits for the first that
+    // is free.
+    let (hand, queue) = tokio::sync::mpsc::unbounded_channel::<Slot>();
+    let queue = Arc::new(tokio::sync::Mutex::new(queue));
     if let Some(rate) = shared.options.rate {
         let shared = Arc::clone(&shared);
-        std::thread::spawn(move || keep_schedule(&shared, rate, start, schedule));
+        std::thread::spawn(move || keep_schedule(&shared, rate, start, hand));
+    } else {
+        drop(hand);
     }
     let mut workers = tokio::task::JoinSet::new();
-    for (worker, mut slots) in slots.into_iter().enumerate() {
+    for worker in 0..shared.options.connections {
         let shared = Arc::clone(&shared);
+        let queue = Arc::clone(&queue);
         workers.spawn(async move {
             let mut connection = Connection::None;
             if shared.options.rate.is_none() {
@@ -1256,23 +1342,31 @@ async fn main() {
             if let Ok(Ok(opened)) = tokio::time::timeout(shared.options.timeout, opening).await {
                 connection = opened;
             }
-            // A late request is measured from when it was due (coordinated-omission
-            // correction). Once the window has closed, the slots still waiting for this
-            // worker are the target's backlog: each counts, unsent, with the least latency
-            // it would have had.
-            let mut stopped = None;
-            while let Some((i, due)) = slots.recv().await {
-                if let Some(stopped) = stopped {
+            loop {
+                let free_since = Instant::now();
+                let next = queue.lock().await.recv().await;
+                let Some(Slot { i, due, handed }) = next else {
+                    return;
+                };
+                // Handed out before this worker was free: no connection was (a free one
+                // would have been waiting for it), so it waited for this one.
+                let waited = handed < free_since;
+                if waited && shared.measures(due) {
+                    shared.all_busy.fetch_add(1, Ordering::Relaxed);
+                }
+                // A late request is measured from when it was due (coordinated-omission
+                // correction). The slots still waiting for a connection when the window
+                // closed are the backlog: each counts, unsent, with the least latency it
+                // would have had. (One a waiting worker takes is sent, however late the
+                // schedule handed it out.)
+                if waited && free_since >= shared.stop_at {
                     if shared.measures(due) {
-                        let took = Instant::duration_since(&stopped, due).as_micros().max(1);
+                        let took = Instant::now().duration_since(due).as_micros().max(1);
                         shared.record(worker, due, took as u64, None);
                     }
                     continue;
                 }
                 shared.one(worker, &mut connection, i, due).await;
-                if Instant::now() >= shared.stop_at {
-                    stopped = Some(Instant::now());
-                }
             }
         });
     }
@@ -1328,7 +1422,7 @@ async fn main() {
                 .map_or("closed loop".to_owned(), |r| format!("{r} req/s")),
             shared.options.connections
         );
-        match plot::svg(file, &title, &timeline, latency) {
+        match plot::svg(file, &title, &timeline, latency, &measured.answered_latency) {
             Ok(()) => eprintln!("plot written to {}", file.display()),
             Err(message) => {
                 eprintln!("{message}");
@@ -1344,16 +1438,29 @@ async fn main() {
     }
 }
 
+/// A slot of a fixed rate's schedule: its number, when it was due, when it was handed out.
+struct Slot {
+    i: u64,
+    due: Instant,
+    handed: Instant,
+}
+
 /// Hands each slot of a fixed rate's schedule, from `start` until the measured window ends, to
-/// its worker when it is due: slot `k` (due at `start + k / rate`) to worker `k % N`.
+/// the workers' queue when it is due: slot `k` is due at `start + k / rate`.
 fn keep_schedule(
     shared: &Shared,
     rate: f64,
     start: Instant,
-    workers: Vec<tokio::sync::mpsc::UnboundedSender<(u64, Instant)>>,
+    queue: tokio::sync::mpsc::UnboundedSender<Slot>,
 ) {
+    // (Compared as seconds first: at a rate of 1e-300, slot 1's offset is no `Duration`.)
+    let window = shared.stop_at.duration_since(start).as_secs_f64();
     for k in 0u64.. {
-        let due = start + Duration::from_secs_f64(k as f64 / rate);
+        let offset = k as f64 / rate;
+        if offset >= window {
+            return;
+        }
+        let due = start + Duration::from_secs_f64(offset);
         if due >= shared.stop_at {
             return;
         }
@@ -1373,7 +1480,8 @@ fn keep_schedule(
         if !shared.claim(due) {
             return;
         }
-        let _ = workers[(k % workers.len() as u64) as usize].send((k, due));
+        let handed = Instant::now();
+        let _ = queue.send(Slot { i: k, due, handed });
     }
 }
 
@@ -1442,6 +1550,123 @@ async fn prefetch(tokens: &Arc<TokenBook>, tenants: &[String]) -> Result<(), Str
     Ok(())
 }
 
+/// Why a run fails, if it does: no request answered, more failed than `--max-error-rate`
+/// allows, more answers not 2xx than `--max-non-2xx-rate` allows.
+fn failures(
+    answered: u64,
+    errors: u64,
+    non_2xx: u64,
+    max_error_rate: f64,
+    max_non_2xx_rate: f64,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let total = answered + errors;
+    let error_rate = errors as f64 / total.max(1) as f64;
+    let non_2xx_rate = non_2xx as f64 / answered.max(1) as f64;
+    if answered == 0 {
+        failures.push("no request was answered".to_owned());
+    }
+    if error_rate > max_error_rate {
+        failures.push(format!(
+            "{errors} of {total} requests failed ({:.2}%, more than --max-error-rate {}%)",
+            error_rate * 100.0,
+            max_error_rate * 100.0
+        ));
+    }
+    if non_2xx_rate > max_non_2xx_rate {
+        failures.push(format!(
+            "{non_2xx} of {answered} answers were not 2xx ({:.2}%, more than \
+             --max-non-2xx-rate {}%)",
+            non_2xx_rate * 100.0,
+            max_non_2xx_rate * 100.0
+        ));
+    }
+    failures
+}
+
+/// How a fixed rate's schedule was kept in the measured window.
+struct Pace {
+    /// `--rate`.
+    asked: f64,
+    /// The measured window's length.
+    seconds: f64,
+    connections: usize,
+    /// Slots sent, and never sent.
+    sent: u64,
+    unsent: u64,
+    /// Slots that came due with every connection busy.
+    all_busy: u64,
+    /// The sent requests' time from sent to answered (or failed), summed (µs).
+    serving_us: u64,
+    /// The send delay's p99 (µs).
+    send_delay_p99: u64,
+}
+
+impl Pace {
+    fn scheduled(&self) -> u64 {
+        self.sent + self.unsent
+    }
+
+    /// Requests sent per second.
+    fn achieved(&self) -> f64 {
+        self.sent as f64 / self.seconds.max(1e-9)
+    }
+
+    /// The sent requests' mean time from sent to answered or failed (µs).
+    fn mean_service_us(&self) -> Option<f64> {
+        (self.sent > 0).then(|| self.serving_us as f64 / self.sent as f64)
+    }
+
+    /// Whether the load generator's connections, one request at a time each, held the rate
+    /// back: slots never sent, or more than 1% of them due with every connection busy.
+    fn connection_limited(&self) -> bool {
+        self.unsent > 0 || self.all_busy * 100 > self.scheduled()
+    }
+
+    /// What the report warns of, if anything: the connections were the limit, or the
+    /// schedule itself fell behind.
+    fn warning(&self) -> Option<String> {
+        let (asked, achieved) = (self.asked, self.achieved());
+        if self.connection_limited() {
+            let unsent = if self.unsent > 0 {
+                format!(
+                    ", and {} were never sent (their latency counted until the run stopped)",
+                    self.unsent
+                )
+            } else {
+                String::new()
+            };
+            // Little's law: the rate times the time each request holds its connection is
+            // how many connections are busy on average.
+            let service = self.mean_service_us().unwrap_or(0.0);
+            let busy = asked * service / 1e6;
+            let suggest = ((busy * 1.25).ceil() as usize).max(2 * self.connections);
+            return Some(format!(
+                "the load generator's connections were the limit, not necessarily the \
+                 target: all {} were busy (one request at a time each) when {} of {} \
+                 scheduled requests came due, so those waited for a free connection (send \
+                 delay p99 {:.1} ms, counted in their latency){unsent}; {achieved:.0} of \
+                 {asked} req/s sent. With the target's mean of {:.1} ms from sent to \
+                 answered (or failed), {asked} req/s keeps about {busy:.0} connections busy: \
+                 run with --connections {suggest} or more (a target that cannot keep up \
+                 then shows it in its latency)",
+                self.connections,
+                self.all_busy,
+                self.scheduled(),
+                self.send_delay_p99 as f64 / 1000.0,
+                service / 1000.0,
+            ));
+        }
+        (achieved < 0.95 * asked).then(|| {
+            format!(
+                "the load generator fell behind its own schedule: {achieved:.0} of {asked} \
+                 req/s sent while connections were free (the machine running it may be too \
+                 busy)"
+            )
+        })
+    }
+}
+
 /// Prints the report; `cpu` holds each watched process's CPU seconds in the measured window.
 fn report(
     shared: &Shared,
@@ -1451,7 +1676,11 @@ fn report(
     timeline: &[plot::Second],
     interrupted: bool,
 ) -> bool {
-    let (tally, latency) = (&measured.tally, &measured.latency);
+    let (tally, latency, answered_latency) = (
+        &measured.tally,
+        &measured.latency,
+        &measured.answered_latency,
+    );
     let send_delay = shared.options.rate.map(|_| {
         let d = &measured.send_delay;
         (d.value_at_quantile(0.5), d.value_at_quantile(0.99))
@@ -1468,48 +1697,61 @@ fn report(
     let seconds = elapsed.as_secs_f64().max(1e-9);
     let rate = answered as f64 / seconds;
     let error_rate = errors as f64 / total.max(1) as f64;
-    let failed = answered == 0 || error_rate > shared.options.max_error_rate;
+    let non_2xx_rate = non_2xx as f64 / answered.max(1) as f64;
+    let failures = failures(
+        answered,
+        errors,
+        non_2xx,
+        shared.options.max_error_rate,
+        shared.options.max_non_2xx_rate,
+    );
     let sent = shared.sent.load(Ordering::Relaxed);
     let scheduled = sent + tally.unsent;
-    // At a fixed rate: slots left unsent, or fewer sent than asked, mean the target (or the
-    // load generator) fell behind the schedule.
-    let behind = shared.options.rate.and_then(|asked| {
-        let achieved = sent as f64 / elapsed.as_secs_f64().max(1e-9);
-        (tally.unsent > 0 || achieved < 0.95 * asked).then(|| {
-            format!(
-                "the target fell behind the rate: {achieved:.0} of {asked} req/s sent, \
-                 {} of {scheduled} scheduled requests never sent (their latency counted \
-                 until the run stopped)",
-                tally.unsent
-            )
-        })
+    let pace = shared.options.rate.map(|asked| Pace {
+        asked,
+        seconds,
+        connections: shared.options.connections,
+        sent,
+        unsent: tally.unsent,
+        all_busy: shared.all_busy.load(Ordering::Relaxed),
+        serving_us: shared.serving_us.load(Ordering::Relaxed),
+        send_delay_p99: send_delay.map_or(0, |(_, p99)| p99),
     });
+    let behind = pace.as_ref().and_then(Pace::warning);
     if let Some(warning) = &behind {
         eprintln!("warning: {warning}");
     }
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
     if shared.options.json {
-        let mut percentiles = serde_json::Map::new();
-        for (name, q) in quantiles {
-            percentiles.insert(name.into(), json!(latency.value_at_quantile(q)));
-        }
-        percentiles.insert("max".into(), json!(latency.max()));
-        let report = json!({
-            "target": shared.options.target,
-            "mode": shared.options.rate.map_or("closed".to_owned(), |r| format!("rate {r}/s")),
-            "rate": shared.options.rate,
-            "warmup_seconds": shared.options.warmup.as_secs_f64(),
-            "duration_seconds": shared.options.duration.as_secs_f64(),
-            "requests_asked": shared.options.requests,
-            "connections": shared.options.connections,
-            "protocol": match (shared.options.http2, shared.options.tls.is_some()) {
+        let percentiles = |h: &Histogram<u64>| {
+            let mut percentiles = serde_json::Map::new();
+            for (name, q) in quantiles {
+                percentiles.insert(name.into(), json!(h.value_at_quantile(q)));
+            }
+            percentiles.insert("max".into(), json!(h.max()));
+            percentiles
+        };
+        let options = &shared.options;
+        let mut report = json!({
+            "target": options.target,
+            "mode": options.rate.map_or("closed".to_owned(), |r| format!("rate {r}/s")),
+            "rate": options.rate,
+            "warmup_seconds": options.warmup.as_secs_f64(),
+            // `null` with `--requests` and no `--duration`.
+            "duration_seconds": (options.duration.is_some() || options.requests.is_none())
+                .then(|| options.window().as_secs_f64()),
+            "requests_asked": options.requests,
+            "connections": options.connections,
+            "max_error_rate": options.max_error_rate,
+            "max_non_2xx_rate": options.max_non_2xx_rate,
+            "protocol": match (options.http2, options.tls.is_some()) {
                 (true, false) => "h2c",
                 (true, true) => "h2",
                 (false, _) => "http/1.1",
             },
-            "tls": shared.options.tls.is_some(),
-            "tenants": shared.options.tenants.len(),
+            "tls": options.tls.is_some(),
+            "tenants": options.tenants.len(),
             "seconds": elapsed.as_secs_f64(),
             "interrupted": interrupted,
             "requests": total,
@@ -1517,14 +1759,26 @@ fn report(
             "error_count": errors,
             "non_2xx": non_2xx,
             "error_rate": error_rate,
+            "non_2xx_rate": non_2xx_rate,
             "errors_per_second": errors as f64 / seconds,
             "scheduled": scheduled,
             "sent": sent,
             "completed": total,
             "unsent": tally.unsent,
+            "all_connections_busy": pace.as_ref().map(|p| p.all_busy),
+            "connection_limited": pace.as_ref().map(Pace::connection_limited),
+            "mean_service_us": pace.as_ref().and_then(Pace::mean_service_us),
             "warning": behind,
+            "failed": !failures.is_empty(),
+            "failures": failures,
+        });
+        // (In two parts: one `json!` of it all is too deep for the macro.)
+        let measures = json!({
             "requests_per_second": rate,
-            "latency_us": percentiles,
+            // Every request due: answered, failed and unsent (the last two lower bounds).
+            "latency_us": percentiles(latency),
+            "latency_includes": {"answered": answered, "failed": errors, "unsent": tally.unsent},
+            "answered_latency_us": percentiles(answered_latency),
             "send_delay_us": send_delay.map(|(p50, p99)| json!({"p50": p50, "p99": p99})),
             "statuses": tally.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "errors": tally.errors,
@@ -1540,8 +1794,13 @@ fn report(
                     "p50_us": s.p50, "p90_us": s.p90, "p99_us": s.p99, "max_us": s.max}))
                 .collect::<Vec<_>>(),
         });
+        if let (Some(report), serde_json::Value::Object(measures)) =
+            (report.as_object_mut(), measures)
+        {
+            report.extend(measures);
+        }
         println!("{report:#}");
-        return failed;
+        return !failures.is_empty();
     }
     if interrupted {
         println!("interrupted  (Ctrl-C): the report covers what was measured until then");
@@ -1558,10 +1817,11 @@ fn report(
     );
     println!(
         "measured     {:.1} s, {answered} answered, {rate:.0} req/s; {errors} errors \
-         ({:.0}/s, {:.2}% of requests); {non_2xx} answers not 2xx",
+         ({:.0}/s, {:.2}% of requests); {non_2xx} answers not 2xx ({:.2}%)",
         elapsed.as_secs_f64(),
         errors as f64 / seconds,
-        error_rate * 100.0
+        error_rate * 100.0,
+        non_2xx_rate * 100.0
     );
     println!(
         "requests     {scheduled} scheduled, {sent} sent, {total} completed, {} unsent",
@@ -1570,13 +1830,36 @@ fn report(
     if let Some(warning) = &behind {
         println!("WARNING      {warning}");
     }
-    print!("latency us  "); // of the answered requests (and, at a fixed rate, the unsent)
-    for (name, q) in quantiles {
-        print!(" {name} {}", latency.value_at_quantile(q));
-    }
-    println!(" max {}", latency.max());
+    let percentiles = |h: &Histogram<u64>| {
+        let mut line = String::new();
+        for (name, q) in quantiles {
+            line.push_str(&format!(" {name} {}", h.value_at_quantile(q)));
+        }
+        line.push_str(&format!(" max {}", h.max()));
+        line
+    };
+    println!(
+        "latency us  {}  (all {}: {answered} answered, {errors} failed, {} unsent; failed \
+         and unsent counted as lower bounds, until they failed or the run stopped)",
+        percentiles(latency),
+        latency.len(),
+        tally.unsent
+    );
+    println!(
+        "answered us {}  (the {answered} answered only)",
+        percentiles(answered_latency)
+    );
     if let Some((p50, p99)) = send_delay {
-        println!("send delay   p50 {p50} p99 {p99} us (the load generator's own lateness)");
+        println!(
+            "send delay   p50 {p50} p99 {p99} us (from due to sent: the wait for a free \
+             connection, and the schedule's own lag; part of the latency)"
+        );
+    }
+    if let Some(pace) = &pace {
+        println!(
+            "connections  all {} busy when {} of {scheduled} scheduled requests came due",
+            pace.connections, pace.all_busy
+        );
     }
     for (status, count) in &tally.statuses {
         println!("status {status}   {count}");
@@ -1591,17 +1874,10 @@ fn report(
             seconds * 100.0 / elapsed.as_secs_f64().max(1e-9)
         );
     }
-    if answered == 0 {
-        println!("FAILED       no request was answered");
-    } else if failed {
-        println!(
-            "FAILED       {errors} of {total} requests failed ({:.2}%, more than \
-             --max-error-rate {}%)",
-            error_rate * 100.0,
-            shared.options.max_error_rate * 100.0
-        );
+    for failure in &failures {
+        println!("FAILED       {failure}");
     }
-    failed
+    !failures.is_empty()
 }
 
 #[cfg(test)]
@@ -1620,5 +1896,204 @@ mod tests {
             "gateway:8443"
         );
         assert!(address("ftp://gateway").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        let target = ["--target", "http://127.0.0.1:9/fhir"];
+        parse_options(target.iter().chain(args).map(|a| (*a).to_owned()))
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_panicked_on() {
+        for (args, named) in [
+            (&["--duration", "-1"][..], "--duration -1"),
+            (&["--duration", "nan"], "--duration nan"),
+            (&["--duration", "0"], "--duration 0"),
+            (&["--duration", "1e30"], "--duration 1e30"),
+            (&["--duration", "inf"], "--duration inf"),
+            (&["--warmup", "nan"], "--warmup nan"),
+            (&["--warmup", "-0.5"], "--warmup -0.5"),
+            (&["--warmup", "1e20"], "--warmup 1e20"),
+            (&["--timeout", "1e30"], "--timeout 1e30"),
+            (&["--timeout", "0"], "--timeout 0"),
+            (&["--rate", "0"], "--rate 0"),
+            (&["--rate", "nan"], "--rate nan"),
+            (&["--rate", "inf"], "--rate inf"),
+            (&["--rate", "-5"], "--rate -5"),
+            (&["--rate", "1e300"], "--rate 1e300"),
+            (&["--connections", "0"], "--connections 0"),
+            (&["--connections", "inf"], "--connections inf"),
+            (&["--requests", "0"], "--requests 0"),
+            (&["--requests", "nan"], "--requests nan"),
+            (&["--requests", "2.5"], "--requests 2.5"),
+            (&["--tenant-count", "-1"], "--tenant-count -1"),
+            (&["--max-error-rate", "nan"], "--max-error-rate nan"),
+            (&["--max-non-2xx-rate", "1.5"], "--max-non-2xx-rate 1.5"),
+            (&["--duration", "ten"], "--duration ten"),
+        ] {
+            let error = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} taken"));
+            assert!(error.starts_with(named), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn numbers_in_range_are_taken() {
+        let o = parse(&[
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--timeout",
+            "31536000",
+            "--rate",
+            "0.5",
+            "--connections",
+            "1e3",
+            "--requests",
+            "300",
+            "--max-non-2xx-rate",
+            "0.25",
+        ])
+        .unwrap();
+        assert_eq!(o.duration, Some(Duration::from_millis(500)));
+        assert_eq!(o.warmup, Duration::ZERO);
+        assert_eq!(o.timeout, Duration::from_secs(31_536_000));
+        assert_eq!(o.rate, Some(0.5));
+        assert_eq!(o.connections, 1000);
+        assert_eq!(o.requests, Some(300));
+        assert_eq!(o.max_non_2xx_rate, 0.25);
+        // Not checked unless asked.
+        assert_eq!(parse(&[]).unwrap().max_non_2xx_rate, 1.0);
+    }
+
+    #[test]
+    fn a_duration_of_10_with_a_number_of_requests_is_a_duration() {
+        let window = |args: &[&str]| parse(args).unwrap().window();
+        let ten = Duration::from_secs(10);
+        assert_eq!(window(&["--duration", "10", "--requests", "5"]), ten);
+        assert_eq!(window(&["--requests", "5", "--duration", "10"]), ten);
+        assert_eq!(
+            window(&["--duration", "3", "--requests", "5"]),
+            ten / 10 * 3
+        );
+        assert_eq!(window(&[]), ten);
+        assert_eq!(window(&["--requests", "5"]), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn failed_and_unsent_requests_count_in_the_latencies_as_lower_bounds() {
+        let mut measured = Measured::default();
+        // 998 answered in 1 ms, one timed out after 10 s, one never sent (2 s).
+        for _ in 0..998 {
+            measured.record(0, 1_000, Some(Ok(200)));
+        }
+        measured.record(1, 10_000_000, Some(Err("timeout".to_owned())));
+        measured.record(1, 2_000_000, None);
+        let latency = &measured.latency;
+        assert_eq!(latency.len(), 1000);
+        assert!(latency.value_at_quantile(0.999) >= 2_000_000);
+        assert!(latency.max() >= 10_000_000);
+        // The answered requests' own latencies are kept apart.
+        assert_eq!(measured.answered_latency.len(), 998);
+        assert!(measured.answered_latency.max() < 1_100);
+        // Each second holds the requests due in it, the failed ones too.
+        assert_eq!(measured.seconds[0].len(), 998);
+        assert_eq!(measured.seconds[1].len(), 2);
+        assert!(measured.seconds[1].max() >= 10_000_000);
+        assert_eq!(measured.errors_by_second, [0, 1]);
+        assert_eq!(measured.tally.errors["timeout"], 1);
+        assert_eq!(measured.tally.unsent, 1);
+        // Merging the shards keeps both.
+        let shards = [Mutex::new(measured), Mutex::new(Measured::default())];
+        let all = Measured::merged(&shards);
+        assert_eq!(all.latency.len(), 1000);
+        assert_eq!(all.answered_latency.len(), 998);
+    }
+
+    #[test]
+    fn answers_not_2xx_fail_the_run_past_their_share() {
+        // Every answer a 401: only --max-non-2xx-rate sees it.
+        assert!(failures(100, 0, 100, 0.01, 1.0).is_empty());
+        let failed = failures(100, 0, 100, 0.01, 0.05);
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0].contains("100 of 100 answers were not 2xx"),
+            "{failed:?}"
+        );
+        assert!(failed[0].contains("--max-non-2xx-rate 5%"), "{failed:?}");
+        // At the share, not above it: passes.
+        assert!(failures(100, 0, 5, 0.01, 0.05).is_empty());
+        // Errors are not answers: a share of the answered.
+        assert!(failures(10, 90, 0, 1.0, 0.0).is_empty());
+        assert_eq!(failures(0, 5, 0, 0.01, 1.0).len(), 2);
+    }
+
+    fn pace() -> Pace {
+        Pace {
+            asked: 100.0,
+            seconds: 10.0,
+            connections: 2,
+            sent: 1000,
+            unsent: 0,
+            all_busy: 0,
+            serving_us: 1000 * 5_000,
+            send_delay_p99: 100,
+        }
+    }
+
+    #[test]
+    fn a_rate_the_connections_cannot_carry_is_blamed_on_them() {
+        assert_eq!(pace().warning(), None);
+        assert!(!pace().connection_limited());
+        // 100/s at 50 ms each keeps 5 connections busy: 2 cannot carry it.
+        let limited = Pace {
+            sent: 400,
+            unsent: 600,
+            all_busy: 990,
+            serving_us: 400 * 50_000,
+            send_delay_p99: 5_000_000,
+            ..pace()
+        };
+        assert!(limited.connection_limited());
+        let warning = limited.warning().unwrap();
+        for text in [
+            "the load generator's connections were the limit",
+            "all 2 were busy",
+            "990 of 1000 scheduled requests",
+            "send delay p99 5000.0 ms",
+            "600 were never sent",
+            "40 of 100 req/s sent",
+            "mean of 50.0 ms",
+            "about 5 connections busy",
+            "--connections 7 or more",
+        ] {
+            assert!(warning.contains(text), "{text:?} not in {warning}");
+        }
+        assert!(!warning.contains("target fell behind"), "{warning}");
+        // More than 1% of the slots waiting for a connection is enough.
+        assert!(Pace {
+            all_busy: 11,
+            ..pace()
+        }
+        .connection_limited());
+        assert!(!Pace {
+            all_busy: 10,
+            ..pace()
+        }
+        .connection_limited());
+        // A schedule behind with connections free is the load generator's own lag.
+        let lagging = Pace {
+            sent: 500,
+            ..pace()
+        }
+        .warning()
+        .unwrap();
+        assert!(
+            lagging.contains("fell behind its own schedule"),
+            "{lagging}"
+        );
+        assert!(lagging.contains("50 of 100 req/s"), "{lagging}");
     }
 }

@@ -6,7 +6,8 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
-/// One measured second: how many requests were due in it, and their latencies (µs).
+/// One measured second: how many requests were due in it (answered, failed or never sent), and
+/// their latencies (µs; a failed or unsent request's a lower bound).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Second {
     pub(crate) requests: u64,
@@ -67,12 +68,15 @@ fn failed(e: impl std::fmt::Display) -> String {
 }
 
 /// Draws `title`'s run into the SVG file `path`: requests per second over time, latency over
-/// time (p50, p90, p99, max per second), and latency by percentile over the whole run.
+/// time (p50, p90, p99, max per second), and latency by percentile over the whole run, of
+/// every request (`latency`: failed and unsent ones as lower bounds) and of the answered ones
+/// (`answered`).
 pub(crate) fn svg(
     path: &Path,
     title: &str,
     timeline: &[Second],
     latency: &Histogram<u64>,
+    answered: &Histogram<u64>,
 ) -> Result<(), String> {
     let root = SVGBackend::new(path, (1000, 1150)).into_drawing_area();
     root.fill(&WHITE).map_err(failed)?;
@@ -119,7 +123,7 @@ pub(crate) fn svg(
         .max(0.001);
     let mut chart = ChartBuilder::on(&middle)
         .caption(
-            "latency over time (from when each request was due)",
+            "latency over time (from when each request was due; failed and unsent ones as lower bounds)",
             ("sans-serif", 17),
         )
         .margin(12)
@@ -164,9 +168,11 @@ pub(crate) fn svg(
         .map_err(failed)?;
 
     let points = distribution(latency);
+    let answered_points = distribution(answered);
     let nines = points.last().map_or(1.0, |(n, _)| *n).max(1.0);
     let highest = points
         .iter()
+        .chain(&answered_points)
         .map(|(_, v)| *v)
         .fold(0.0, f64::max)
         .max(0.001);
@@ -185,8 +191,29 @@ pub(crate) fn svg(
         .x_label_formatter(&|n| percentile_label(*n))
         .draw()
         .map_err(failed)?;
+    let curves = [
+        (
+            "every request (failed and unsent: lower bounds)",
+            BLACK,
+            points,
+        ),
+        ("answered requests only", BLUE, answered_points),
+    ];
+    for (name, color, points) in curves {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(failed)?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
     chart
-        .draw_series(LineSeries::new(points, BLACK.stroke_width(2)))
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
         .map_err(failed)?;
     root.present().map_err(failed)?;
     Ok(())
@@ -240,7 +267,9 @@ mod tests {
         );
         let path =
             std::env::temp_dir().join(format!("fhir-loadgen-plot-{}.svg", std::process::id()));
-        svg(&path, "a test run", &timeline, &whole).unwrap();
+        let mut answered = second_histogram();
+        answered.add(&seconds[0]).unwrap();
+        svg(&path, "a test run", &timeline, &whole, &answered).unwrap();
         let drawn = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(
@@ -254,9 +283,11 @@ mod tests {
             "p99",
             "latency by percentile",
             "p99.9",
+            "failed and unsent",
+            "answered requests only",
         ] {
             assert!(drawn.contains(text), "{text} missing");
         }
-        assert!(drawn.matches("<polyline").count() >= 6, "six lines");
+        assert!(drawn.matches("<polyline").count() >= 7, "seven lines");
     }
 }

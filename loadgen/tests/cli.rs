@@ -15,6 +15,8 @@ fn help_goes_to_stdout_and_exits_0() {
         "--mix",
         "--cpu-of",
         "--mint-key",
+        "--max-non-2xx-rate",
+        "lower bounds",
     ] {
         assert!(
             help.contains(flag),
@@ -33,4 +35,40 @@ fn a_mistake_is_named_on_stderr_with_exit_2() {
     let out = Command::new(LOADGEN).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--target is required"));
+}
+
+#[test]
+fn numbers_out_of_range_exit_2_without_a_panic() {
+    for (flag, value) in [
+        ("--duration", "-1"),
+        ("--duration", "1e30"),
+        ("--warmup", "nan"),
+        ("--timeout", "1e30"),
+        ("--rate", "0"),
+        ("--rate", "nan"),
+        ("--rate", "inf"),
+        ("--max-non-2xx-rate", "2"),
+    ] {
+        let out = Command::new(LOADGEN)
+            .args(["--target", "http://127.0.0.1:9", flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.starts_with(&format!("{flag} {value}: ")), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_rate_too_low_for_a_second_slot_runs_without_a_panic() {
+    // Nobody listens on port 9: the one slot fails, and the run ends with exit 1.
+    let out = Command::new(LOADGEN)
+        .args(["--target", "http://127.0.0.1:9", "--rate", "1e-300"])
+        .args(["--duration", "0.3", "--warmup", "0", "--timeout", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
 }

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
 
+mod common;
+
 /// Runs the load generator with `args`, killing it (and failing) past `limit`.
 fn run_within(limit: Duration, args: &[&str]) -> Output {
     let mut child = Command::new(LOADGEN)
@@ -75,6 +77,82 @@ fn a_target_that_never_answers_ends_the_run_with_timeouts() {
     assert_eq!(report["error_count"].as_u64(), Some(timeouts), "{report:#}");
     assert_eq!(report["interrupted"], false);
     assert_eq!(out.status.code(), Some(1), "every request failed");
+    // The timeouts are in the latencies, each at least the timeout: not an empty histogram.
+    assert_eq!(report["latency_includes"]["failed"], timeouts, "{report:#}");
+    assert!(
+        report["latency_us"]["p50"].as_u64().unwrap() >= 1_000_000,
+        "{report:#}"
+    );
+    assert_eq!(report["answered_latency_us"]["max"], 0, "{report:#}");
+}
+
+/// A server that answers every request but every `nth` at once, and never answers those; its
+/// address.
+fn sometimes_silent_server(nth: usize) -> String {
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let addr = common::keep_alive_server(move |_| {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % nth == nth - 1 {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn timeouts_show_in_the_percentiles_and_the_answered_apart() {
+    let target = sometimes_silent_server(20);
+    let args = [
+        "--target",
+        &target,
+        "--path",
+        "/Patient/1",
+        "--duration",
+        "2",
+        "--warmup",
+        "0",
+        "--connections",
+        "4",
+        "--timeout",
+        "0.3",
+        "--max-error-rate",
+        "0.5",
+    ];
+    for json in [true, false] {
+        let args = [&args[..], if json { &["--json"][..] } else { &[] }].concat();
+        let out = run_within(Duration::from_secs(30), &args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        if !json {
+            assert!(
+                stdout.contains("failed and unsent counted as lower bounds"),
+                "{stdout}"
+            );
+            assert!(stdout.contains("answered us"), "{stdout}");
+            continue;
+        }
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let timeouts = report["errors"]["timeout"].as_u64().unwrap();
+        let answered = report["answered"].as_u64().unwrap();
+        // One in 20.
+        assert!(timeouts > 0 && answered >= 15 * timeouts, "{report:#}");
+        // Under 5% timed out, yet they are the p99.
+        let p99 = report["latency_us"]["p99"].as_u64().unwrap();
+        assert!(p99 >= 300_000, "{report:#}");
+        let answered_p99 = report["answered_latency_us"]["p99"].as_u64().unwrap();
+        assert!(answered_p99 < 300_000, "{report:#}");
+        let includes = &report["latency_includes"];
+        assert_eq!(includes["failed"], timeouts, "{report:#}");
+        assert_eq!(includes["answered"], answered, "{report:#}");
+        // And in the timeline, by the second they were due.
+        let timeline: u64 = report["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum();
+        assert_eq!(timeline, answered + timeouts, "{report:#}");
+    }
 }
 
 #[test]
@@ -106,7 +184,17 @@ fn a_rate_the_target_cannot_keep_counts_what_was_never_sent() {
     assert_eq!(count("scheduled"), 100, "{report:#}");
     assert_eq!(count("sent") + count("unsent"), 100, "{report:#}");
     assert!(count("unsent") > 50, "{report:#}");
-    assert!(stderr.contains("fell behind the rate"), "{stderr}");
+    // Two connections, each stuck 1 s on a request, cannot send 50 a second: said so.
+    assert!(
+        stderr.contains("the load generator's connections were the limit"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run with --connections"), "{stderr}");
+    assert_eq!(report["connection_limited"], true, "{report:#}");
+    assert!(
+        count("all_connections_busy") >= count("unsent"),
+        "{report:#}"
+    );
     let timeline: u64 = report["timeline"]
         .as_array()
         .unwrap()
@@ -143,12 +231,12 @@ fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
     assert!(text.contains(" 0 answered, 0 req/s"), "{text}");
     assert!(text.contains("FAILED"), "{text}");
     assert!(text.contains("connect:"), "{text}");
-    // The timeline counts the failures in their second.
+    // The timeline counts the failures in their second, among its requests.
     let out = run_within(Duration::from_secs(30), &[&args[..], &["--json"]].concat());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let second = &report["timeline"][0];
-    assert_eq!(second["requests"], 0, "{report:#}");
     assert!(second["errors"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(second["requests"], second["errors"], "{report:#}");
 }
 
 /// A server that answers one request per connection, `Connection: close`, and closes it (as
@@ -204,5 +292,57 @@ fn a_connection_the_server_closes_after_its_answer_is_opened_again() {
         assert_eq!(report["error_count"], 0, "{report:#}");
         assert!(report["answered"].as_u64().unwrap() > 10, "{report:#}");
         assert!(out.status.success(), "{report:#}");
+    }
+}
+
+/// A server that answers every request after `delay`; its address.
+fn slow_server(delay: Duration) -> String {
+    let addr = common::keep_alive_server(move |_| {
+        std::thread::sleep(delay);
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_rate_too_high_for_the_connections_is_blamed_on_them() {
+    // 40 req/s at 100 ms each keeps 4 connections busy.
+    let target = slow_server(Duration::from_millis(100));
+    for (connections, limited) in [("2", true), ("12", false)] {
+        let args = [
+            "--target",
+            &target,
+            "--path",
+            "/Patient/1",
+            "--rate",
+            "40",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--connections",
+            connections,
+            "--json",
+        ];
+        let out = run_within(Duration::from_secs(30), &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
+        assert_eq!(report["connection_limited"], limited, "{report:#}");
+        let busy = report["all_connections_busy"].as_u64().unwrap();
+        let warning = report["warning"].as_str().unwrap_or_default();
+        if limited {
+            assert!(busy > 40, "{report:#}");
+            assert!(
+                warning.contains("the load generator's connections were the limit"),
+                "{report:#}"
+            );
+            assert!(warning.contains("about 4 connections busy"), "{report:#}");
+            assert!(!warning.contains("target fell behind"), "{report:#}");
+            assert!(stderr.contains("run with --connections"), "{stderr}");
+        } else {
+            assert!(busy == 0 && warning.is_empty(), "{report:#}");
+            assert_eq!(report["unsent"], 0, "{report:#}");
+        }
     }
 }

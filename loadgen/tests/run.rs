@@ -139,6 +139,68 @@ fn one_bearer_token_goes_with_every_request() {
 }
 
 #[test]
+fn answers_not_2xx_fail_the_run_when_asked() {
+    // Every answer a 401, and no more than 10% allowed: exit 1, said why.
+    for json in [true, false] {
+        let out = Command::new(LOADGEN)
+            .args(["--target", &server(), "--path", "/Patient/1"])
+            .args(["--bearer", "wrong", "--max-non-2xx-rate", "0.1"])
+            .args(["--duration", "1", "--warmup", "0", "--connections", "2"])
+            .args(if json { &["--json"][..] } else { &[] })
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        if json {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(report["failed"], true, "{report:#}");
+            assert_eq!(report["non_2xx_rate"], 1.0, "{report:#}");
+            assert_eq!(report["max_non_2xx_rate"], 0.1, "{report:#}");
+            let failures = report["failures"][0].as_str().unwrap();
+            assert!(failures.contains("answers were not 2xx"), "{report:#}");
+        } else {
+            assert!(stdout.contains("FAILED"), "{stdout}");
+            assert!(
+                stdout.contains("more than --max-non-2xx-rate 10%"),
+                "{stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_duration_of_10_s_holds_with_a_number_of_requests() {
+    // Before, `--duration 10` was taken for "no duration given" beside `--requests`: the
+    // run went on for an hour. Killed (and failed) past 30 s.
+    let mut child = Command::new(LOADGEN)
+        .args(["--target", &server(), "--path", "/Patient/1"])
+        .args(["--duration", "10", "--requests", "1000000", "--rate", "20"])
+        .args(["--warmup", "0", "--connections", "2", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed().as_secs() > 30 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("--duration 10 with --requests: still running after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["duration_seconds"], 10.0, "{report:#}");
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!((9.5..=10.5).contains(&seconds), "{report:#}");
+    let answered = report["answered"].as_u64().unwrap();
+    assert!((190..=210).contains(&answered), "{report:#}");
+}
+
+#[test]
 fn a_number_of_requests_is_met_exactly() {
     for extra in [&[][..], &["--rate", "500"][..]] {
         let out = Command::new(LOADGEN)
@@ -159,5 +221,7 @@ fn a_number_of_requests_is_met_exactly() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["answered"], 300, "{report:#}");
         assert_eq!(report["requests"], 300, "{report:#}");
+        // No duration asked: none reported (the run ends when the 300 are measured).
+        assert_eq!(report["duration_seconds"], serde_json::Value::Null);
     }
 }
