@@ -69,6 +69,65 @@ async fn database(name: &str) -> Option<(support::postgres::Postgres, String, Pg
     Some((server, url, state))
 }
 
+/// A revocation announced on the changes channel but not in the database (any role that may
+/// connect may `NOTIFY`) is read again and ignored: a forged announcement revokes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_revocations_the_database_does_not_hold_are_ignored() {
+    let Some((server, url, state)) = database("forged").await else {
+        return;
+    };
+    let _upstream = register_app(&state).await;
+    let one = replica(&url).await;
+    let (token, _) = token_from(&one).await;
+    assert_eq!(
+        one.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    let claims: serde_json::Value = {
+        use base64::Engine;
+        let body = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let jti = claims["jti"].as_str().unwrap();
+    for forged in [
+        format!(
+            r#"revoked-client:{{"iss":"{ISSUER}","client":"app","revoked_at":4000000000,"until":4000000000}}"#
+        ),
+        format!(r#"revoked:{{"iss":"{ISSUER}","jti":"{jti}","exp":4000000000}}"#),
+    ] {
+        server.query("forged", &format!("NOTIFY tower_fhir_changes, '{forged}'"));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        one.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK,
+        "a forged announcement revoked the token"
+    );
+    let (fresh, _) = token_from(&one).await;
+    assert_eq!(
+        one.get_bearer("/Patient/1", &fresh).await.status,
+        StatusCode::OK
+    );
+    // The listener was listening: a revocation the database holds, announced the same way,
+    // is heard.
+    let reply = replica(&url)
+        .await
+        .send(
+            "POST",
+            "/oauth/revoke",
+            &[FORM],
+            &format!("token={token}&client_id=app&client_secret={SECRET}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    refused_within_a_second(&one, &token, Instant::now(), "the revoked token").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_through_one_replica_reaches_the_others() {
     let Some((_server, url, state)) = database("replicas").await else {

@@ -1389,19 +1389,93 @@ impl Handler for RevocationChanges {
     }
 
     fn heard(&mut self, payload: &str) {
+        // What a notification names is read again from its table, never taken as sent: any
+        // role that may connect to the database may `NOTIFY` (PostgreSQL checks no right for
+        // it), and a forged `revoked-client` with a far `until` would refuse a client's every
+        // token. (Revocations are rare: a query each.)
+        let (pool, revoked) = (self.pool.clone(), self.revoked.clone());
         if let Some(entry) = payload
             .strip_prefix("revoked:")
             .and_then(|json| serde_json::from_str::<Revoked>(json).ok())
         {
-            self.revoked
-                .revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+            tokio::spawn(async move {
+                match revoked_token(&pool, entry.iss.as_deref(), &entry.jti).await {
+                    Ok(Some(row)) => {
+                        revoked.revoke_id(row.iss.as_deref(), &row.jti, row.exp);
+                    }
+                    Ok(None) => tracing::warn!(
+                        jti = %entry.jti,
+                        "a revocation was announced that the database does not hold: ignored"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read an announced revocation");
+                    }
+                }
+            });
         } else if let Some(entry) = payload
             .strip_prefix("revoked-client:")
             .and_then(|json| serde_json::from_str::<RevokedClient>(json).ok())
         {
-            entry.apply(&self.revoked);
+            tokio::spawn(async move {
+                match revoked_client(&pool, entry.iss.as_deref(), &entry.client).await {
+                    Ok(Some(row)) => row.apply(&revoked),
+                    Ok(None) => tracing::warn!(
+                        client = %entry.client,
+                        "a client's revocation was announced that the database does not hold: ignored"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read an announced client revocation");
+                    }
+                }
+            });
         }
     }
+}
+
+/// The revocation of `issuer`'s token `jti` as the table holds it, while in force.
+async fn revoked_token(
+    pool: &Pool,
+    issuer: Option<&str>,
+    jti: &str,
+) -> Result<Option<Revoked>, String> {
+    let connection = pool.get().await.map_err(|e| e.to_string())?;
+    let row = connection
+        .query_opt(
+            "SELECT issuer, jti, expires_at FROM tower_fhir_revoked_tokens
+             WHERE issuer = $1 AND jti = $2 AND expires_at > $3",
+            &[&issuer.unwrap_or(""), &jti, &unix_now()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.map(|row| Revoked {
+        iss: issuer_of(&row),
+        jti: row.get(1),
+        exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+    }))
+}
+
+/// The revocation of the tokens `issuer` issued to `client` as the table holds it, while in
+/// force.
+async fn revoked_client(
+    pool: &Pool,
+    issuer: Option<&str>,
+    client: &str,
+) -> Result<Option<RevokedClient>, String> {
+    let connection = pool.get().await.map_err(|e| e.to_string())?;
+    let row = connection
+        .query_opt(
+            "SELECT issuer, client, revoked_at, expires_at FROM tower_fhir_revoked_clients
+             WHERE issuer = $1 AND client = $2 AND expires_at > $3",
+            &[&issuer.unwrap_or(""), &client, &unix_now()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.map(|row| RevokedClient {
+        iss: issuer_of(&row),
+        client: row.get(1),
+        revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+        until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+    }))
 }
 
 /// The clients whose tokens are revoked, while some may still live.
