@@ -735,6 +735,67 @@ async fn postgres_beyond_loopback_is_reached_over_tls_with_its_certificate_check
     state.ping().await.unwrap();
 }
 
+/// A sealed tenant store keeps no upstream credential in clear in the database: it reads its
+/// own sealed credentials and those written in clear before; a store without the key, or a
+/// sealed credential copied to another tenant, reads none (an error, not a tenant without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_upstream_credentials_are_sealed_at_rest() {
+    use tower_fhir::postgres::{KeyEncryptionKey, PgState};
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("sealed", "the PostgreSQL sealing test")
+    else {
+        return;
+    };
+    server.create_database("sealed");
+    let state = PgState::connect(&server.url("sealed")).await.unwrap();
+    let kek =
+        || KeyEncryptionKey::from_base64("c2VhbGVkLWNyZWRlbnRpYWxzLTMyLWJ5dGUta2V5ISE=").unwrap();
+    let sealed = state.sealed_tenant_store(kek());
+    let plain = state.tenant_store();
+    let with_credential = |base: &str| {
+        TenantRecord::new([Upstream::parse(base, FhirVersion::R4)
+            .unwrap()
+            .with_authorization("Bearer upstream-secret-1234")
+            .unwrap()])
+        .unwrap()
+    };
+    sealed
+        .put(tenant(A), with_credential("http://ehr-a/fhir"))
+        .await
+        .unwrap();
+    let stored = server.query(
+        "sealed",
+        &format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{A}'"),
+    );
+    assert!(!stored.contains("upstream-secret"), "{stored}");
+    assert!(stored.contains("authorization_sealed"), "{stored}");
+    let read = sealed.lookup(tenant(A)).await.unwrap().unwrap();
+    assert_eq!(
+        read.default_upstream().unwrap().authorization().unwrap(),
+        "Bearer upstream-secret-1234"
+    );
+    // Without the key: an error, not the tenant without its credential.
+    assert!(plain.lookup(tenant(A)).await.is_err());
+    // Written in clear before: read, and sealed when written again.
+    plain
+        .put(tenant(B), with_credential("http://ehr-b/fhir"))
+        .await
+        .unwrap();
+    let read = sealed.lookup(tenant(B)).await.unwrap().unwrap();
+    assert_eq!(
+        read.default_upstream().unwrap().authorization().unwrap(),
+        "Bearer upstream-secret-1234"
+    );
+    // A sealed credential copied to another tenant's row opens for none.
+    server.query(
+        "sealed",
+        &format!(
+            "UPDATE tower_fhir_tenants SET record = (SELECT record FROM tower_fhir_tenants WHERE id = '{A}') WHERE id = '{B}'"
+        ),
+    );
+    assert!(sealed.lookup(tenant(B)).await.is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_changes_reach_every_replica_within_a_second() {
     use tokio::time::timeout;

@@ -117,7 +117,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     let state = PgState::connect_with_roots(url, &roots)
         .await
         .map_err(|e| format!("cannot open the database ({location}): {e}"))?;
-    let directory = state.tenant_store();
+    let directory = state.sealed_tenant_store(kek.clone());
     {
         // Under the lock every replica's tenant writes take (the admin API's too): a change
         // made on a running replica cannot pass its nesting check between this start's check

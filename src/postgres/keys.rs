@@ -80,8 +80,9 @@ impl KeyEncryptionKey {
             .map_err(|e| PgError::plain(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))
     }
 
-    /// `plaintext` sealed for `kid`: the nonce, then the ciphertext and tag.
-    fn seal(&self, kid: &str, plaintext: &[u8]) -> Result<Vec<u8>, PgError> {
+    /// `plaintext` sealed for `kid` (bound to it as associated data: sealed for one, it opens
+    /// for no other): the nonce, then the ciphertext and tag.
+    pub(super) fn seal(&self, kid: &str, plaintext: &[u8]) -> Result<Vec<u8>, PgError> {
         let cipher = Aes256Gcm::new(&self.0);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let sealed = cipher
@@ -92,14 +93,14 @@ impl KeyEncryptionKey {
                     aad: kid.as_bytes(),
                 },
             )
-            .map_err(|_| PgError::plain("a signing key cannot be sealed"))?;
+            .map_err(|_| PgError::plain("a secret cannot be sealed"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
         Ok(out)
     }
 
     /// What [`seal`](Self::seal) sealed for `kid`, if this key sealed it.
-    fn open(&self, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    pub(super) fn open(&self, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
         let (nonce, ciphertext) = sealed.split_at_checked(12)?;
         let nonce: [u8; 12] = nonce.try_into().ok()?;
         Aes256Gcm::new(&self.0)

@@ -425,11 +425,27 @@ impl PgState {
     /// have missed; nothing waits for it meanwhile. The listening stops when the last clone of
     /// the store is dropped. Needs a tokio runtime.
     pub fn tenant_store(&self) -> PgTenantStore {
+        self.tenant_store_sealing(None)
+    }
+
+    /// [`tenant_store`](Self::tenant_store), sealing the upstreams' `authorization`
+    /// credentials it writes with `kek` (AES-256-GCM, bound to the tenant and the upstream's
+    /// base URL: a sealed credential copied to another tenant or upstream opens for none), so
+    /// that the database, its backups and its replicas hold no usable credential. It reads
+    /// credentials written in clear before (sealed when their tenant is next written) and
+    /// sealed ones; a store without the key cannot read a sealed one (an error, not a tenant
+    /// without its credential).
+    pub fn sealed_tenant_store(&self, kek: KeyEncryptionKey) -> PgTenantStore {
+        self.tenant_store_sealing(Some(kek))
+    }
+
+    fn tenant_store_sealing(&self, sealing: Option<KeyEncryptionKey>) -> PgTenantStore {
         let (changes, _) = broadcast::channel(1024);
         let alive = Arc::new(());
         let (up, listening) = watch::channel(false);
         let store = PgTenantStore {
             pool: self.pool.clone(),
+            sealing: sealing.map(Arc::new),
             changes,
             _alive: Arc::clone(&alive),
             origin: Arc::from(origin()),
@@ -793,6 +809,8 @@ impl crate::limit::ClientLimits for PgClientStore {
 #[derive(Clone)]
 pub struct PgTenantStore {
     pool: Pool,
+    /// Seals the upstreams' credentials it writes, opens those it reads.
+    sealing: Option<Arc<KeyEncryptionKey>>,
     changes: broadcast::Sender<TenantId>,
     /// Held by every clone the user has: the listener stops when none is left.
     _alive: Arc<()>,
@@ -861,6 +879,7 @@ impl PgTenantStore {
         let failed = |e| directory_error("adding a tenant", e);
         let json =
             serde_json::to_value(record).map_err(|e| directory_error("adding a tenant", e))?;
+        let json = seal_credentials(self.sealing.as_deref(), tenant, json)?;
         let mut connection = self
             .pool
             .get()
@@ -907,6 +926,7 @@ impl PgTenantStore {
         for (tenant, record) in &tenants {
             let json =
                 serde_json::to_value(record).map_err(|e| directory_error("writing tenants", e))?;
+            let json = seal_credentials(self.sealing.as_deref(), *tenant, json)?;
             let row = transaction
                 .query_one(
                     "INSERT INTO tower_fhir_tenants (id, record) VALUES ($1, $2)
@@ -967,9 +987,100 @@ async fn notify(
         .map(drop)
 }
 
+/// Where a sealed credential is kept in an upstream's JSON, in place of `authorization`: the
+/// sealed bytes in base64.
+const SEALED_AUTHORIZATION: &str = "authorization_sealed";
+
+/// What a sealed credential is bound to: its tenant and its upstream's base URL.
+fn credential_binding(tenant: TenantId, base_url: &str) -> String {
+    format!("tower-fhir tenant {tenant} upstream {base_url}")
+}
+
+/// A tenant record's JSON with each upstream's `authorization` sealed (with `kek`; as it is
+/// without one).
+fn seal_credentials(
+    kek: Option<&KeyEncryptionKey>,
+    tenant: TenantId,
+    mut json: serde_json::Value,
+) -> Result<serde_json::Value, DirectoryError> {
+    use base64::Engine;
+    let Some(kek) = kek else {
+        return Ok(json);
+    };
+    let upstreams = json
+        .get_mut("upstreams")
+        .and_then(serde_json::Value::as_array_mut);
+    for upstream in upstreams.into_iter().flatten() {
+        let Some(upstream) = upstream.as_object_mut() else {
+            continue;
+        };
+        let Some(serde_json::Value::String(credential)) = upstream.remove("authorization") else {
+            continue;
+        };
+        let base = upstream
+            .get("base_url")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        let sealed = kek
+            .seal(&credential_binding(tenant, base), credential.as_bytes())
+            .map_err(|e| directory_error("sealing an upstream's credential", e))?;
+        upstream.insert(
+            SEALED_AUTHORIZATION.to_owned(),
+            base64::engine::general_purpose::STANDARD
+                .encode(sealed)
+                .into(),
+        );
+    }
+    Ok(json)
+}
+
+/// A tenant record's JSON as read, each sealed credential opened with `kek` (an error when it
+/// cannot be: no key, another key, or a credential moved from another tenant or upstream).
+fn open_credentials(
+    kek: Option<&KeyEncryptionKey>,
+    tenant: TenantId,
+    mut json: serde_json::Value,
+) -> Result<serde_json::Value, DirectoryError> {
+    use base64::Engine;
+    let upstreams = json
+        .get_mut("upstreams")
+        .and_then(serde_json::Value::as_array_mut);
+    for upstream in upstreams.into_iter().flatten() {
+        let Some(upstream) = upstream.as_object_mut() else {
+            continue;
+        };
+        let Some(sealed) = upstream.remove(SEALED_AUTHORIZATION) else {
+            continue;
+        };
+        let unreadable = || {
+            DirectoryError::new(format!(
+                "tenant {tenant}: an upstream's sealed credential does not open with this store's key-encryption key (none, another, or the credential belongs to another tenant or upstream)"
+            ))
+        };
+        let base = upstream
+            .get("base_url")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let opened = kek
+            .zip(sealed.as_str())
+            .and_then(|(kek, sealed)| {
+                let sealed = base64::engine::general_purpose::STANDARD
+                    .decode(sealed)
+                    .ok()?;
+                kek.open(&credential_binding(tenant, &base), &sealed)
+            })
+            .and_then(|credential| String::from_utf8(credential).ok())
+            .ok_or_else(unreadable)?;
+        upstream.insert("authorization".to_owned(), opened.into());
+    }
+    Ok(json)
+}
+
 impl TenantDirectory for PgTenantStore {
     fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
         let pool = self.pool.clone();
+        let sealing = self.sealing.clone();
         Box::pin(bounded(async move {
             let connection = pool
                 .get()
@@ -985,8 +1096,8 @@ impl TenantDirectory for PgTenantStore {
                 .await
                 .map_err(|e| directory_error("looking a tenant up", e))?;
             row.map(|row| {
-                serde_json::from_value(row.get(0))
-                    .map_err(|e| directory_error("reading a tenant", e))
+                let json = open_credentials(sealing.as_deref(), tenant, row.get(0))?;
+                serde_json::from_value(json).map_err(|e| directory_error("reading a tenant", e))
             })
             .transpose()
         }))
