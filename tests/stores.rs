@@ -725,6 +725,17 @@ async fn postgres_beyond_loopback_is_reached_over_tls_with_its_certificate_check
     local.ping().await.unwrap();
     assert!(encrypted(false) >= 1, "a loopback URL went over TLS");
     drop(local);
+    // A Unix socket names no host: in clear, as loopback.
+    let socket = format!(
+        "host={} port={port} user=gateway dbname=tls",
+        server.socket_dir().display()
+    );
+    PgState::connect(&socket)
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
     let required = format!(
         "{}?sslmode=require",
         server.url("tls").replace("127.0.0.1", "localhost")

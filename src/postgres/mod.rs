@@ -216,9 +216,9 @@ impl PgState {
     /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
     ///
     /// A database beyond loopback is reached over TLS, its certificate checked against the
-    /// webpki roots for the URL's host, or not at all, unless the URL says `sslmode=disable`
-    /// (or `prefer`: TLS when the server offers it); a loopback address, `localhost` or a
-    /// Unix socket in clear unless it says `sslmode=require`. A private CA:
+    /// webpki roots for the URL's host, or not at all, unless the URL says `sslmode=disable`;
+    /// a loopback address, `localhost` or a Unix socket in clear unless it says
+    /// `sslmode=require` (`prefer`, or none, is read as the place says). A private CA:
     /// [`connect_with_roots`](Self::connect_with_roots).
     pub async fn connect(url: &str) -> Result<Self, PgError> {
         Self::connect_with_roots(url, &[]).await
@@ -230,7 +230,7 @@ impl PgState {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| PgError::new("the database URL is not valid", e))?;
-        tls::default_ssl_mode(url, &mut config);
+        tls::default_ssl_mode(&mut config);
         let tls = tls::PgTls::new(extra_roots).map_err(PgError::plain)?;
         // A connection whose peer went away without a word (a host down, a firewall or NAT
         // that forgets idle flows) is found out by TCP in about a minute, not hours: idle,

@@ -2,12 +2,12 @@
 //! against the webpki roots (Mozilla's) and any root certificates given, for the host name
 //! the URL names.
 //!
-//! Which connections are encrypted follows the URL's `sslmode`, and without one, where the
-//! database is: a host beyond loopback gets `require` (TLS, or no connection: a password and
-//! every tenant's record must not cross a network in clear), a loopback address, `localhost`
-//! or a Unix socket gets `disable` (nothing crosses a network; a local server's certificate
-//! is often a self-signed one no client could check). `sslmode=disable` or `prefer` given in
-//! the URL is kept as said: `prefer` falls back to clear text when the server offers no TLS.
+//! Which connections are encrypted follows the URL's `sslmode` when it says `disable` or
+//! `require`; otherwise (none, or `prefer`, whose fall-back to clear text anyone in the path
+//! could force) where the database is: a host beyond loopback gets `require` (TLS, or no
+//! connection: a password and every tenant's record must not cross a network in clear), a
+//! loopback address, `localhost` or a Unix socket gets `disable` (nothing crosses a network;
+//! a local server's certificate is often a self-signed one no client could check).
 
 use std::future::Future;
 use std::io;
@@ -58,10 +58,12 @@ impl PgTls {
     }
 }
 
-/// Sets `config`'s `sslmode` where `url` names none: `require` for a host beyond loopback,
-/// `disable` for loopback, `localhost` and Unix sockets (see the [module docs](self)).
-pub(crate) fn default_ssl_mode(url: &str, config: &mut tokio_postgres::Config) {
-    if url.contains("sslmode=") {
+/// Sets `config`'s `sslmode` where it is `prefer` (tokio-postgres's default, so also where the
+/// URL names none): `require` for a host beyond loopback, `disable` for loopback,
+/// `localhost` and Unix sockets (see the [module docs](self)). An explicit `disable` or
+/// `require` is kept.
+pub(crate) fn default_ssl_mode(config: &mut tokio_postgres::Config) {
+    if config.get_ssl_mode() != SslMode::Prefer {
         return;
     }
     let local = config.get_hosts().iter().all(|host| match host {
@@ -92,7 +94,12 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, io::Error> {
-        let name = ServerName::try_from(domain.to_owned())
+        // Asked for every connection, TLS or not: a Unix socket or a `hostaddr` alone names
+        // no host (""), which matters only if TLS is then made (and tokio-postgres makes
+        // none without a host name: such a connection with `require` fails, as it must).
+        let name = (!domain.is_empty())
+            .then(|| ServerName::try_from(domain.to_owned()))
+            .transpose()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(PgTlsConnect {
             connector: tokio_rustls::TlsConnector::from(Arc::clone(&self.config)),
@@ -104,7 +111,8 @@ where
 /// The TLS handshake of one connection, for the host name it was made for.
 pub(crate) struct PgTlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    /// `None` without a host name: no TLS can be made (its certificate would name nothing).
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for PgTlsConnect
@@ -117,8 +125,14 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let name = self.name.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "TLS needs the database's host name to check its certificate for",
+                )
+            })?;
             self.connector
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|stream| PgTlsStream(Box::new(stream)))
         })
@@ -170,7 +184,7 @@ mod tests {
 
     fn mode(url: &str) -> SslMode {
         let mut config: tokio_postgres::Config = url.parse().unwrap();
-        default_ssl_mode(url, &mut config);
+        default_ssl_mode(&mut config);
         config.get_ssl_mode()
     }
 
@@ -196,9 +210,23 @@ mod tests {
             mode("postgres://gateway@db.internal/gateway?sslmode=disable"),
             SslMode::Disable
         );
+        // `prefer` is no choice of clear text: read by where the database is.
         assert_eq!(
             mode("postgres://gateway@db.internal/gateway?sslmode=prefer"),
-            SslMode::Prefer
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://gateway@127.0.0.1/gateway?sslmode=prefer"),
+            SslMode::Disable
+        );
+        // What other parts of the URL hold is not read as the mode.
+        assert_eq!(
+            mode("postgres://gateway:ab%20sslmode=disable@db.internal/gateway"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=db.internal user=gateway dbname=gateway sslmode = disable"),
+            SslMode::Disable
         );
         assert_eq!(
             mode("postgres://gateway@127.0.0.1/gateway?sslmode=require"),

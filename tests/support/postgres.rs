@@ -280,6 +280,11 @@ impl Postgres {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// The directory of its Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// A TCP proxy on a loopback port to a PostgreSQL server's, that can stop passing bytes either
