@@ -383,6 +383,8 @@ impl PgState {
                 pool: self.pool.clone(),
                 revoked: revoked.clone(),
                 up,
+                rereads: Arc::new(tokio::sync::Semaphore::new(REREADS)),
+                catching_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
         ));
         Ok(RevocationsFollowed { listening })
@@ -1468,6 +1470,70 @@ struct RevocationChanges {
     revoked: RevokedTokens,
     /// Whether it listens now, for [`RevocationsFollowed::is_listening`].
     up: watch::Sender<bool>,
+    /// The announced revocations being read again at once, at most [`REREADS`].
+    rereads: Arc<tokio::sync::Semaphore>,
+    /// Whether a catch-up (every revocation read again) is under way.
+    catching_up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The most announced revocations read again at once; more at once (a flood of `NOTIFY`s,
+/// which any role that may connect can send) make one catch-up instead.
+const REREADS: usize = 4;
+
+impl RevocationChanges {
+    /// Reads every revocation in force again and applies it, until that succeeds (waiting 1 s,
+    /// doubling up to 30 s, between tries), unless one is under way already: what an
+    /// announcement that could not be read, or one among too many, may have said.
+    fn catch_up(&self) {
+        if self
+            .catching_up
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let (pool, revoked, catching_up) = (
+            self.pool.clone(),
+            self.revoked.clone(),
+            Arc::clone(&self.catching_up),
+        );
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                match read_all_revocations(&pool).await {
+                    Ok((tokens, clients)) => {
+                        for entry in tokens {
+                            revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+                        }
+                        for entry in clients {
+                            entry.apply(&revoked);
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?wait, "cannot read the revocations again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                }
+                // (The list is let go of: nothing is left to keep revoked.)
+                if revoked.holders() <= 1 {
+                    break;
+                }
+            }
+            catching_up.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+}
+
+/// Every revocation in force, tokens and clients, each read within [`OPERATION_TIMEOUT`].
+async fn read_all_revocations(pool: &Pool) -> Result<(Vec<Revoked>, Vec<RevokedClient>), String> {
+    let tokens = tokio::time::timeout(OPERATION_TIMEOUT, revocations(pool))
+        .await
+        .map_err(|_| "timed out".to_owned())??;
+    let clients = tokio::time::timeout(OPERATION_TIMEOUT, revoked_clients(pool))
+        .await
+        .map_err(|_| "timed out".to_owned())??;
+    Ok((tokens, clients))
 }
 
 impl Handler for RevocationChanges {
@@ -1503,43 +1569,67 @@ impl Handler for RevocationChanges {
         // What a notification names is read again from its table, never taken as sent: any
         // role that may connect to the database may `NOTIFY` (PostgreSQL checks no right for
         // it), and a forged `revoked-client` with a far `until` would refuse a client's every
-        // token. (Revocations are rare: a query each.)
-        let (pool, revoked) = (self.pool.clone(), self.revoked.clone());
-        if let Some(entry) = payload
+        // token. (Revocations are rare: a query each.) At most `REREADS` at once; beyond, and
+        // when a read fails, every revocation is read again (a revocation is never lost to a
+        // busy pool or a flood of announcements).
+        let token = payload
             .strip_prefix("revoked:")
-            .and_then(|json| serde_json::from_str::<Revoked>(json).ok())
-        {
-            tokio::spawn(async move {
-                match revoked_token(&pool, entry.iss.as_deref(), &entry.jti).await {
-                    Ok(Some(row)) => {
-                        revoked.revoke_id(row.iss.as_deref(), &row.jti, row.exp);
-                    }
-                    Ok(None) => tracing::warn!(
-                        jti = %entry.jti,
-                        "a revocation was announced that the database does not hold: ignored"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot read an announced revocation");
-                    }
-                }
-            });
-        } else if let Some(entry) = payload
+            .and_then(|json| serde_json::from_str::<Revoked>(json).ok());
+        let client = payload
             .strip_prefix("revoked-client:")
-            .and_then(|json| serde_json::from_str::<RevokedClient>(json).ok())
-        {
-            tokio::spawn(async move {
-                match revoked_client(&pool, entry.iss.as_deref(), &entry.client).await {
-                    Ok(Some(row)) => row.apply(&revoked),
-                    Ok(None) => tracing::warn!(
-                        client = %entry.client,
-                        "a client's revocation was announced that the database does not hold: ignored"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot read an announced client revocation");
-                    }
-                }
-            });
+            .and_then(|json| serde_json::from_str::<RevokedClient>(json).ok());
+        if token.is_none() && client.is_none() {
+            return;
         }
+        let Ok(permit) = Arc::clone(&self.rereads).try_acquire_owned() else {
+            self.catch_up();
+            return;
+        };
+        let this = Self {
+            pool: self.pool.clone(),
+            revoked: self.revoked.clone(),
+            up: self.up.clone(),
+            rereads: Arc::clone(&self.rereads),
+            catching_up: Arc::clone(&self.catching_up),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let read = match (&token, &client) {
+                (Some(entry), _) => tokio::time::timeout(
+                    OPERATION_TIMEOUT,
+                    revoked_token(&this.pool, entry.iss.as_deref(), &entry.jti),
+                )
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|read| read)
+                .map(|row| {
+                    row.map(|row| {
+                        this.revoked
+                            .revoke_id(row.iss.as_deref(), &row.jti, row.exp)
+                    })
+                    .is_some()
+                }),
+                (None, Some(entry)) => tokio::time::timeout(
+                    OPERATION_TIMEOUT,
+                    revoked_client(&this.pool, entry.iss.as_deref(), &entry.client),
+                )
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|read| read)
+                .map(|row| row.map(|row| row.apply(&this.revoked)).is_some()),
+                (None, None) => Ok(true),
+            };
+            match read {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "a revocation was announced that the database does not hold: ignored"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read an announced revocation: reading them all again");
+                    this.catch_up();
+                }
+            }
+        });
     }
 }
 
