@@ -797,6 +797,20 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
         read.default_upstream().unwrap().authorization().unwrap(),
         "Bearer upstream-secret-1234"
     );
+    // Sealed in place at start (as the gateway does), unchanged in what it says.
+    assert_eq!(plain.seal_stored_credentials().await.unwrap(), 0, "no key");
+    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 1);
+    let stored = server.query(
+        "sealed",
+        &format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{B}'"),
+    );
+    assert!(!stored.contains("upstream-secret"), "{stored}");
+    let read = sealed.lookup(tenant(B)).await.unwrap().unwrap();
+    assert_eq!(
+        read.default_upstream().unwrap().authorization().unwrap(),
+        "Bearer upstream-secret-1234"
+    );
+    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 0);
     // A sealed credential copied to another tenant's row opens for none.
     server.query(
         "sealed",

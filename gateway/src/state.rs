@@ -143,6 +143,17 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
                 tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
             }
         }
+        // Credentials an earlier version kept in clear are sealed now.
+        let sealed = directory
+            .seal_stored_credentials()
+            .await
+            .map_err(|e| format!("cannot seal the stored upstream credentials: {e}"))?;
+        if sealed > 0 {
+            tracing::warn!(
+                tenants = sealed,
+                "sealed the upstream credentials of {sealed} tenant(s) that the database held in clear; its old row versions, write-ahead log and backups still hold them: rotate those credentials"
+            );
+        }
     }
     let clients = state.client_store(hashing(config)?);
     register(&clients, &config.clients).await?;

@@ -911,6 +911,48 @@ impl PgTenantStore {
         Ok(added)
     }
 
+    /// Seals the upstream credentials the directory holds in clear (written by a store
+    /// without the key, or by a version before sealing), each tenant's record rewritten only
+    /// if unchanged meanwhile; how many tenants were. Nothing changes in what the records say
+    /// (no change is announced). Without a key, none: `0`. Old row versions, the
+    /// write-ahead log and backups keep what was in clear: rotate such credentials.
+    pub async fn seal_stored_credentials(&self) -> Result<usize, DirectoryError> {
+        let Some(kek) = self.sealing.as_deref() else {
+            return Ok(0);
+        };
+        let failed = |e| directory_error("sealing the stored credentials", e);
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| directory_error("connecting", e))?;
+        let rows = connection
+            .query(
+                "SELECT id, record FROM tower_fhir_tenants
+                 WHERE jsonb_path_exists(record, '$.upstreams[*].authorization')",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        let mut sealed = 0;
+        for row in rows {
+            let id: Uuid = row.get(0);
+            let record: serde_json::Value = row.get(1);
+            let Ok(tenant) = TenantId::parse(&id.to_string()) else {
+                continue;
+            };
+            let json = seal_credentials(Some(kek), tenant, record.clone())?;
+            sealed += connection
+                .execute(
+                    "UPDATE tower_fhir_tenants SET record = $2 WHERE id = $1 AND record = $3",
+                    &[&id, &json, &record],
+                )
+                .await
+                .map_err(failed)?;
+        }
+        Ok(usize::try_from(sealed).unwrap_or(usize::MAX))
+    }
+
     /// Writes `tenants` in one transaction, each change `NOTIFY`ed with it; `true` for each
     /// that replaced a tenant.
     async fn write(
