@@ -1236,11 +1236,11 @@ async fn slow_bundle_upstream() -> String {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_back() {
-    let base = slow_bundle_upstream().await;
+/// The stack over `base` with a proxy that reads JSON up to 64 KiB to rewrite it, and holds
+/// 64 KiB of such bodies at most: a client of it.
+async fn budget_of_64_kib(base: &str) -> TestClient {
     let directory = InMemoryDirectory::new();
-    directory.upsert(tenant(TENANT_A), upstreams(&base, FhirVersion::Stu3, None));
+    directory.upsert(tenant(TENANT_A), upstreams(base, FhirVersion::Stu3, None));
     let stack = ServiceBuilder::new()
         .layer(bearer())
         .layer(TenantScopeLayer::builder().build().unwrap())
@@ -1252,7 +1252,13 @@ async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_b
                 .build()
                 .unwrap(),
         );
-    let client = TestClient::new(serve_tower(stack).await);
+    TestClient::new(serve_tower(stack).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_back() {
+    let base = slow_bundle_upstream().await;
+    let client = budget_of_64_kib(&base).await;
     let token = token_for(TENANT_A);
     // Two at once: each holds its first 40 KB while the rest comes; the second to read its
     // part passes the 64 KB budget and is refused, the other completes.
@@ -1293,20 +1299,7 @@ async fn bodies_held_to_rewrite_beyond_the_budget_get_503_and_the_budget_comes_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_to_writes_are_never_refused_for_the_budget() {
     let base = slow_bundle_upstream().await;
-    let directory = InMemoryDirectory::new();
-    directory.upsert(tenant(TENANT_A), upstreams(&base, FhirVersion::Stu3, None));
-    let stack = ServiceBuilder::new()
-        .layer(bearer())
-        .layer(TenantScopeLayer::builder().build().unwrap())
-        .layer(TenantRoutingLayer::builder(directory).build().unwrap())
-        .service(
-            FhirProxy::builder(PUBLIC_BASE)
-                .rewrite_limit(64 * 1024)
-                .rewrite_budget(64 * 1024)
-                .build()
-                .unwrap(),
-        );
-    let client = TestClient::new(serve_tower(stack).await);
+    let client = budget_of_64_kib(&base).await;
     let auth = format!("Bearer {}", token_for(TENANT_A));
     let headers = [
         ("authorization", auth.as_str()),

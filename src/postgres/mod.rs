@@ -1469,7 +1469,28 @@ struct RevokedClient {
     until: u64,
 }
 
+impl Revoked {
+    /// A row of `issuer, jti, expires_at`.
+    fn of_row(row: &tokio_postgres::Row) -> Self {
+        Self {
+            iss: issuer_of(row),
+            jti: row.get(1),
+            exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+        }
+    }
+}
+
 impl RevokedClient {
+    /// A row of `issuer, client, revoked_at, expires_at`.
+    fn of_row(row: &tokio_postgres::Row) -> Self {
+        Self {
+            iss: issuer_of(row),
+            client: row.get(1),
+            revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
+            until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+        }
+    }
+
     fn apply(&self, revoked: &RevokedTokens) {
         revoked.revoke_client(
             self.iss.as_deref(),
@@ -1690,11 +1711,7 @@ async fn revoked_token(
         )
         .await
         .map_err(|e| e.to_string())?;
-    Ok(row.map(|row| Revoked {
-        iss: issuer_of(&row),
-        jti: row.get(1),
-        exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-    }))
+    Ok(row.as_ref().map(Revoked::of_row))
 }
 
 /// The revocation of the tokens `issuer` issued to `client` as the table holds it, while in
@@ -1713,12 +1730,7 @@ async fn revoked_client(
         )
         .await
         .map_err(|e| e.to_string())?;
-    Ok(row.map(|row| RevokedClient {
-        iss: issuer_of(&row),
-        client: row.get(1),
-        revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-        until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
-    }))
+    Ok(row.as_ref().map(RevokedClient::of_row))
 }
 
 /// The clients whose tokens are revoked, while some may still live.
@@ -1727,12 +1739,7 @@ async fn revoked_clients(pool: &Pool) -> Result<Vec<RevokedClient>, String> {
         pool,
         "SELECT issuer, client, revoked_at, expires_at FROM tower_fhir_revoked_clients
          WHERE expires_at > $1",
-        |row| RevokedClient {
-            iss: issuer_of(row),
-            client: row.get(1),
-            revoked_at: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-            until: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
-        },
+        RevokedClient::of_row,
     )
     .await
 }
@@ -1742,11 +1749,7 @@ async fn revocations(pool: &Pool) -> Result<Vec<Revoked>, String> {
     unexpired(
         pool,
         "SELECT issuer, jti, expires_at FROM tower_fhir_revoked_tokens WHERE expires_at > $1",
-        |row| Revoked {
-            iss: issuer_of(row),
-            jti: row.get(1),
-            exp: u64::try_from(row.get::<_, i64>(2)).unwrap_or(0),
-        },
+        Revoked::of_row,
     )
     .await
 }
