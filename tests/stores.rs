@@ -746,6 +746,41 @@ async fn postgres_beyond_loopback_is_reached_over_tls_with_its_certificate_check
     state.ping().await.unwrap();
 }
 
+/// A pool with every connection in use answers a readiness ping at once: its requests are
+/// being served (a ping queued behind them would take a busy replica out of its balancer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_busy_pool_is_ready() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("busy", "the PostgreSQL busy-pool test")
+    else {
+        return;
+    };
+    server.create_database("busy");
+    let state = PgState::connect(&server.url("busy")).await.unwrap();
+    let store = state.tenant_store();
+    let other = PgState::connect(&server.url("busy"))
+        .await
+        .unwrap()
+        .tenant_store();
+    let held = other.lock_writes().await.unwrap();
+    // Sixteen writers wait for the lock, each on one of the pool's sixteen connections.
+    let waiting: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.lock_writes().await.map(drop) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pinged = tokio::time::timeout(Duration::from_millis(500), state.ping()).await;
+    assert!(matches!(pinged, Ok(Ok(()))), "{pinged:?}");
+    drop(held);
+    for waiter in waiting {
+        let _ = waiter.await;
+    }
+    state.ping().await.unwrap();
+}
+
 /// A sealed tenant store keeps no upstream credential in clear in the database: it reads its
 /// own sealed credentials and those written in clear before; a store without the key, or a
 /// sealed credential copied to another tenant, reads none (an error, not a tenant without it).

@@ -269,8 +269,15 @@ impl PgState {
     }
 
     /// Whether the database answers now (a `SELECT 1` through the pool): for a readiness
-    /// check.
+    /// check. A pool with every connection in use counts as answering, without a query: its
+    /// requests are being served, and a ping waiting its turn behind them (up to 5 s) would
+    /// take every busy replica out of its balancer at once under load. (A database that hangs
+    /// is found out once those requests time out and free their connections.)
     pub async fn ping(&self) -> Result<(), PgError> {
+        let status = self.pool.status();
+        if status.available == 0 && status.size >= status.max_size {
+            return Ok(());
+        }
         let connection = self
             .pool
             .get()
