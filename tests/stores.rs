@@ -665,6 +665,18 @@ async fn postgres_stores() {
     );
     let refused = PgState::connect(&closed).await.unwrap_err();
     assert!(refused.to_string().contains("cannot connect"), "{refused}");
+    // A schema a newer version migrated is not used by this one.
+    server.query(
+        "stores",
+        "INSERT INTO tower_fhir_migrations (version) VALUES (999)",
+    );
+    let refused = PgState::connect(&url).await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("at version 999, past this version's"),
+        "{refused}"
+    );
 }
 
 /// The connections the state makes to a database beyond loopback are TLS, its certificate

@@ -121,7 +121,7 @@ impl FailureCounts for PgFailureCounts {
                 .await
                 .map_err(failed)?;
             transaction.commit().await.map_err(failed)?;
-            FAILURES.sweep(&connection, now).await;
+            FAILURES.sweep(&pool, now);
             Ok(block)
         }))
     }

@@ -66,7 +66,7 @@ use crate::token::{
 const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -119,6 +119,10 @@ const MIGRATIONS: [&str; 6] = [
          expires_at bigint NOT NULL,
          PRIMARY KEY (issuer, client)
      );",
+    // The sweeps and the catch-ups find expired and live rows by `expires_at`.
+    "CREATE INDEX tower_fhir_revoked_tokens_expiry ON tower_fhir_revoked_tokens (expires_at);
+     CREATE INDEX tower_fhir_assertion_jtis_expiry ON tower_fhir_assertion_jtis (expires_at);
+     CREATE INDEX tower_fhir_revoked_clients_expiry ON tower_fhir_revoked_clients (expires_at);",
 ];
 
 /// The channel changes are announced on.
@@ -320,6 +324,12 @@ impl PgState {
             .await
             .map_err(failed)?
             .get(0);
+        if usize::try_from(applied).unwrap_or(usize::MAX) > MIGRATIONS.len() {
+            return Err(PgError::plain(format!(
+                "the database's schema is at version {applied}, past this version's {}: a newer tower-fhir migrated it; run that one",
+                MIGRATIONS.len()
+            )));
+        }
         for (version, migration) in (1..).zip(MIGRATIONS) {
             if version <= applied {
                 continue;
@@ -1802,8 +1812,10 @@ impl Expiring {
     }
 
     /// Removes the rows expired by `now` (in the table's unit), unless this process did so
-    /// less than a minute ago. A failure is left for the next time.
-    pub(super) async fn sweep(&self, connection: &deadpool_postgres::Object, now: i64) {
+    /// less than a minute ago: in a task of its own, on a connection of its own, so that the
+    /// request whose write came first is answered without waiting for it (a slow sweep must
+    /// not turn a committed write into a timeout). A failure is left for the next time.
+    pub(super) fn sweep(&'static self, pool: &Pool, now: i64) {
         use std::sync::atomic::Ordering::Relaxed;
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1817,19 +1829,31 @@ impl Expiring {
         {
             return;
         }
-        let table = self.table;
-        let removed = connection
-            .execute(
-                &format!(
-                    "DELETE FROM {table} WHERE ctid IN (
-                         SELECT ctid FROM {table} WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
-                ),
-                &[&now],
-            )
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let table = self.table;
+            let removed = tokio::time::timeout(OPERATION_TIMEOUT, async {
+                let connection = pool.get().await.map_err(|e| e.to_string())?;
+                connection
+                    .execute(
+                        &format!(
+                            "DELETE FROM {table} WHERE ctid IN (
+                                 SELECT ctid FROM {table} WHERE expires_at <= $1 FOR UPDATE SKIP LOCKED)"
+                        ),
+                        &[&now],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            })
             .await;
-        if let Err(error) = removed {
-            tracing::debug!(%error, table, "expired rows not removed this time");
-        }
+            match removed {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, table, "expired rows not removed this time");
+                }
+                Err(_) => tracing::debug!(table, "expired rows not removed this time: timed out"),
+            }
+        });
     }
 }
 
@@ -1838,7 +1862,7 @@ impl Expiring {
 /// transaction when given; whether it was new. Expired rows are swept now and then.
 async fn remember(
     pool: &Pool,
-    table: &Expiring,
+    table: &'static Expiring,
     key: (&str, &str),
     jti: &str,
     expires_at: i64,
@@ -1869,7 +1893,7 @@ async fn remember(
             .map_err(failed)?;
     }
     transaction.commit().await.map_err(failed)?;
-    table.sweep(&connection, now).await;
+    table.sweep(pool, now);
     Ok(inserted == 1)
 }
 
@@ -1966,7 +1990,7 @@ impl RevocationLog for PgRevocationLog {
                 .await
                 .map_err(failed)?;
             transaction.commit().await.map_err(failed)?;
-            REVOKED_CLIENTS.sweep(&connection, unix_now()).await;
+            REVOKED_CLIENTS.sweep(&pool, unix_now());
             Ok(())
         }))
     }
