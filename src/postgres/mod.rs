@@ -275,8 +275,10 @@ impl PgState {
     /// Whether the database answers now (a `SELECT 1` through the pool): for a readiness
     /// check. A pool with every connection in use counts as answering, without a query: its
     /// requests are being served, and a ping waiting its turn behind them (up to 5 s) would
-    /// take every busy replica out of its balancer at once under load. (A database that hangs
-    /// is found out once those requests time out and free their connections.)
+    /// take every busy replica out of its balancer at once under load. The price: a database
+    /// that hangs with its connections open shows as answering for as long as requests keep
+    /// every connection taken (each of them fails after its 5 s meanwhile); one that is down
+    /// is found out as its connections fail and the pool shrinks.
     pub async fn ping(&self) -> Result<(), PgError> {
         let status = self.pool.status();
         if status.available == 0 && status.size >= status.max_size {
@@ -402,6 +404,7 @@ impl PgState {
                 up,
                 rereads: Arc::new(tokio::sync::Semaphore::new(REREADS)),
                 catching_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                catch_up_again: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
         ));
         Ok(RevocationsFollowed { listening })
@@ -953,8 +956,8 @@ impl PgTenantStore {
             .map_err(failed)?;
         let mut sealed = 0;
         for row in rows {
-            let id: Uuid = row.get(0);
-            let record: serde_json::Value = row.get(1);
+            let id: Uuid = row.try_get(0).map_err(failed)?;
+            let record: serde_json::Value = row.try_get(1).map_err(failed)?;
             let Ok(tenant) = TenantId::parse(&id.to_string()) else {
                 continue;
             };
@@ -1554,6 +1557,8 @@ struct RevocationChanges {
     rereads: Arc<tokio::sync::Semaphore>,
     /// Whether a catch-up (every revocation read again) is under way.
     catching_up: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether a catch-up was asked for since the running one's read began.
+    catch_up_again: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The most announced revocations read again at once; more at once (a flood of `NOTIFY`s,
@@ -1565,42 +1570,55 @@ impl RevocationChanges {
     /// doubling up to 30 s, between tries), unless one is under way already: what an
     /// announcement that could not be read, or one among too many, may have said.
     fn catch_up(&self) {
-        if self
-            .catching_up
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Asked for: a read begun after this, whether one is under way or not.
+        self.catch_up_again.store(true, SeqCst);
+        if self.catching_up.swap(true, SeqCst) {
             return;
         }
-        let (pool, revoked, catching_up) = (
+        let (pool, revoked, catching_up, again) = (
             self.pool.clone(),
             self.revoked.clone(),
             Arc::clone(&self.catching_up),
+            Arc::clone(&self.catch_up_again),
         );
         tokio::spawn(async move {
-            let mut wait = Duration::from_secs(1);
             loop {
-                match read_all_revocations(&pool).await {
-                    Ok((tokens, clients)) => {
-                        for entry in tokens {
-                            revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+                let mut wait = Duration::from_secs(1);
+                // Until a read begun after the last request for one has succeeded.
+                while again.swap(false, SeqCst) {
+                    loop {
+                        match read_all_revocations(&pool).await {
+                            Ok((tokens, clients)) => {
+                                for entry in tokens {
+                                    revoked.revoke_id(entry.iss.as_deref(), &entry.jti, entry.exp);
+                                }
+                                for entry in clients {
+                                    entry.apply(&revoked);
+                                }
+                                break;
+                            }
+                            Err(error) => {
+                                // (Nobody holds the list but the listener and this task:
+                                // nothing is left to keep revoked.)
+                                if revoked.holders() <= 2 {
+                                    catching_up.store(false, SeqCst);
+                                    return;
+                                }
+                                tracing::warn!(%error, retry_in = ?wait, "cannot read the revocations again");
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(30));
+                            }
                         }
-                        for entry in clients {
-                            entry.apply(&revoked);
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, retry_in = ?wait, "cannot read the revocations again");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(30));
                     }
                 }
-                // (The list is let go of: nothing is left to keep revoked.)
-                if revoked.holders() <= 1 {
-                    break;
+                catching_up.store(false, SeqCst);
+                // A request made between the last read and now saw a catch-up under way and
+                // left it to this one: taken, unless another task has taken it since.
+                if !again.load(SeqCst) || catching_up.swap(true, SeqCst) {
+                    return;
                 }
             }
-            catching_up.store(false, std::sync::atomic::Ordering::Release);
         });
     }
 }
@@ -1671,6 +1689,7 @@ impl Handler for RevocationChanges {
             up: self.up.clone(),
             rereads: Arc::clone(&self.rereads),
             catching_up: Arc::clone(&self.catching_up),
+            catch_up_again: Arc::clone(&self.catch_up_again),
         };
         tokio::spawn(async move {
             let _permit = permit;
