@@ -1145,7 +1145,7 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
         &dir,
         &upstream,
         json!({"admin_token": admin_token, "admin_listen": admin_addr.to_string(),
-               "max_connections": 1, "max_connections_per_address": 1}),
+               "max_connections": 2, "max_connections_per_address": 2}),
     );
     let said = gw.proc.wait_for("  admin API at ");
     assert!(
@@ -1156,9 +1156,12 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     let with_token = [("authorization", auth.as_str())];
     let admin = TestClient::new(admin_addr);
 
-    // listen's one connection held open (max_connections 1, and this address's one on it),
-    // before anything else: the admin API still answers.
+    // listen's two connections held open (max_connections 2, and this address's two), before
+    // anything else: the admin API still answers, its connection counted in neither. (Two,
+    // not one: the test's client may open a second connection while its first is idle.)
     let held = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
@@ -1167,7 +1170,7 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     .await
     .expect("the admin API answers while listen is full");
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    drop(held);
+    drop((held, waiting));
     // Its place on listen (and its address's) comes back once the gateway has seen it close:
     // until then a new connection from this address is closed as it comes.
     let served = eventually(Duration::from_secs(10), async || {
