@@ -129,6 +129,7 @@ async fn send(
         .await
 }
 
+#[track_caller]
 fn assert_refused(reply: &Reply, sufficient: &str) {
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
     assert_eq!(
@@ -1335,4 +1336,336 @@ async fn requests_a_server_could_read_otherwise_than_checked_are_refused() {
         reply.text()
     );
     assert_eq!(upstream.received().len(), seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_entrys_resource_is_checked_whatever_its_url() {
+    let Setup { client, upstream } = setup(false).await;
+    // HAPI creates a POST entry's resource, whatever the url: a search's creates a Patient.
+    let token = minted(json!({"scope": format!("{TENANT} system/Observation.s")}));
+    let seen = upstream.received().len();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Observation/_search"},
+         "resource": {"resourceType": "Patient", "name": [{"family": "Planted"}]}}
+    ]})
+    .to_string();
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/",
+        "application/fhir+json",
+        &bundle,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "the Bundle reached the upstream"
+    );
+    // The search alone goes on.
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "POST", "url": "Observation/_search?code=x"}}
+    ]})
+    .to_string();
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/",
+        "application/fhir+json",
+        &bundle,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascading_deletes_need_delete_on_every_type() {
+    let Setup { client, upstream } = setup(false).await;
+    let token = minted(json!({"scope": format!("{TENANT} system/Patient.d")}));
+    let bearer = format!("Bearer {token}");
+    let seen = upstream.received().len();
+    // HAPI deletes whatever refers to the patient, by `_cascade=delete` or `X-Cascade: delete`.
+    let reply = send(
+        &client,
+        &token,
+        "DELETE",
+        "/Patient/1?_cascade=delete",
+        FORM.1,
+        "",
+    )
+    .await;
+    assert_refused(&reply, "system/*.d");
+    let reply = client
+        .send(
+            "DELETE",
+            "/Patient/1",
+            &[("authorization", &bearer), ("x-cascade", "delete")],
+            "",
+        )
+        .await;
+    assert_refused(&reply, "system/*.d");
+    // A batch's query (its deletes cascade on HAPI) is checked too, and takes nothing but
+    // `_format`, `_pretty` and a `_cascade` the scopes allow.
+    let deleting = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient/1"}}
+    ]})
+    .to_string();
+    let fhir_json = "application/fhir+json";
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/?_cascade=delete",
+        fhir_json,
+        &deleting,
+    )
+    .await;
+    assert_refused(&reply, "system/*.d");
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/?_unknown=1",
+        fhir_json,
+        &deleting,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    let reply = send(&client, &token, "POST", "/?%FF=1", fhir_json, &deleting).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "a refused request reached the upstream"
+    );
+
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/?_format=json&_pretty=true",
+        fhir_json,
+        &deleting,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = client
+        .send(
+            "DELETE",
+            "/Patient/1?_cascade=none",
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let everything = minted(json!({"scope": format!("{TENANT} system/*.d")}));
+    let reply = send(
+        &client,
+        &everything,
+        "POST",
+        "/?_cascade=delete",
+        fhir_json,
+        &deleting,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().target, "/fhir/?_cascade=delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_takes_only_narrowing_parameters_under_patient_scopes() {
+    let Setup { client, upstream } = setup(false).await;
+    let patient = minted(json!({"scope": format!("{TENANT} patient/*.rs"), "patient": "123"}));
+    let seen = upstream.received().len();
+    // HAPI's `_mdm=true` adds the records of every patient linked to this one.
+    assert_refused(
+        &get(&client, &patient, "/Patient/123/$everything?_mdm=true").await,
+        "system/*.r system/*.s",
+    );
+    let parameters = |name: &str| {
+        json!({"resourceType": "Parameters", "parameter": [{"name": name, "valueString": "true"}]})
+            .to_string()
+    };
+    let fhir_json = "application/fhir+json";
+    let path = "/Patient/123/$everything";
+    let reply = send(
+        &client,
+        &patient,
+        "POST",
+        path,
+        fhir_json,
+        &parameters("_mdm"),
+    )
+    .await;
+    assert_refused(&reply, "system/*.r system/*.s");
+    let reply = send(&client, &patient, "POST", path, FORM.1, "_mdm=true").await;
+    assert_refused(&reply, "system/*.r system/*.s");
+    // Parameters that cannot be read here: only with scopes that would not need them read.
+    let xml = "<Parameters xmlns=\"http://hl7.org/fhir\"><parameter><name value=\"_mdm\"/>\
+               <valueBoolean value=\"true\"/></parameter></Parameters>";
+    let reply = send(&client, &patient, "POST", path, "application/fhir+xml", xml).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "a refused request reached the upstream"
+    );
+
+    assert_eq!(
+        get(
+            &client,
+            &patient,
+            "/Patient/123/$everything?_count=10&_since=2024-01-01"
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    let counted = parameters("_count");
+    let reply = send(&client, &patient, "POST", path, fhir_json, &counted).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(upstream.last().body, counted.as_bytes());
+    let everyone = minted(json!({"scope": format!("{TENANT} system/*.rs")}));
+    let reply = send(
+        &client,
+        &everyone,
+        "POST",
+        path,
+        "application/fhir+xml",
+        xml,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contained_resources_need_read_and_search_on_every_type() {
+    let Setup { client, .. } = setup(false).await;
+    let token = minted(json!({"scope": format!("{TENANT} system/Observation.s")}));
+    assert_refused(
+        &get(
+            &client,
+            &token,
+            "/Observation?code=x&_contained=true&_containedType=container",
+        )
+        .await,
+        "system/*.r system/*.s",
+    );
+    // Nor is a granular scope with `_contained` narrower than the one registered.
+    let (status, error, token) = ask(
+        &client,
+        &format!("{TENANT} system/Observation.rs?category=laboratory%26_contained=true"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error, "invalid_scope");
+    assert!(token.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_a_servlet_container_would_drop_are_refused() {
+    let Setup { client, upstream } = setup(false).await;
+    let token =
+        minted(json!({"scope": format!("{TENANT} system/Observation.rs?category=laboratory")}));
+    let seen = upstream.received().len();
+    // Past Tomcat's maxParameterCount (1000 in its newer releases), or its 2 MB maxPostSize,
+    // the form's parameters are dropped: the search would run without `category`.
+    let filler = "x=1&".repeat(1_500);
+    let form = format!("{filler}category=laboratory");
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        &form,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    let query = format!("/Observation?{filler}category=laboratory");
+    let reply = get(&client, &token, &query).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    // A search by a few thousand ids fits; past a servlet container's limits it does not.
+    let ids: Vec<String> = (0..6_000).map(|i| format!("obs-{i:08}")).collect();
+    let many_ids = format!("_id={}&category=laboratory", ids.join(","));
+    assert!(many_ids.len() > 64 * 1024);
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        &many_ids,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // It, and none of those refused before it, reached the upstream.
+    assert_eq!(upstream.received().len(), seen + 1);
+    let seen = seen + 1;
+    let long = format!("code={}&category=laboratory", "a".repeat(1100 * 1024));
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        &long,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        upstream.received().len(),
+        seen,
+        "a refused form reached the upstream"
+    );
+    let form = format!("{}category=laboratory", "x=1&".repeat(100));
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation/_search",
+        FORM.1,
+        &form,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_and_every_type_of_a_compartment_are_searches() {
+    let Setup { client, upstream } = setup(false).await;
+    let token = minted(json!({"scope": format!("{TENANT} system/Patient.rs")}));
+    let bearer = format!("Bearer {token}");
+    for path in [
+        "/Patient?name=x",
+        "/Patient/_history",
+        "/Patient/1/_history",
+    ] {
+        let reply = client
+            .send("HEAD", path, &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {:?}", reply.headers);
+        assert_eq!(upstream.last().method, "HEAD", "{path}");
+    }
+    let everyone = minted(json!({"scope": format!("{TENANT} system/*.s")}));
+    assert_eq!(
+        get(&client, &everyone, "/Patient/123/*").await.status,
+        StatusCode::OK
+    );
+    assert_refused(&get(&client, &token, "/Patient/123/*").await, "system/*.s");
 }

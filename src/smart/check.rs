@@ -3,8 +3,41 @@
 use http::Method;
 use serde_json::Value;
 
-use super::scope::{is_type, parse_query, Grants, Param, Permissions, ResourceScope, ScopeContext};
+use super::scope::{
+    is_parameter_name, is_type, parse_query, Grants, Param, Permissions, ResourceScope,
+    ScopeContext,
+};
 use crate::interaction::{classify, Classified, Interaction};
+
+/// The interaction a request is, as its scopes are checked: as [`classify`] finds it, a `HEAD`
+/// as the `GET` it mirrors (a search's and a history's too, which [`classify`] does not take),
+/// and `[type]/[id]/*`, a compartment search of every type (FHIR's `Patient/[id]/*`).
+pub(crate) fn interaction_of<'p>(method: &Method, path: &'p str) -> Classified<'p> {
+    let method = if *method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
+    let found = classify(method, path);
+    if found.interaction.is_some() || *method != Method::GET {
+        return found;
+    }
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let Some(compartment) = path.strip_suffix("/*") else {
+        return found;
+    };
+    match classify(method, compartment) {
+        found @ Classified {
+            interaction: Some(Interaction::Read),
+            ..
+        } => Classified {
+            interaction: Some(Interaction::Search),
+            ..found
+        },
+        _ => found,
+    }
+}
 
 /// Why a request is refused: what it needed and no scope granted, with the scopes that would
 /// have sufficed (for `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."`).
@@ -120,7 +153,7 @@ impl<'g> Check<'g> {
         path: &str,
         params: &[Param<'_>],
     ) -> Result<Allowed, Refused> {
-        self.classified(method, path, classify(method, path), params)
+        self.classified(method, path, interaction_of(method, path), params)
     }
 
     /// [`request`](Self::request), the request classified already.
@@ -163,6 +196,24 @@ impl<'g> Check<'g> {
                 });
                 refused = Some(missing.suggest(self.sufficient(&need)));
             }
+        };
+        // `_cascade=delete` (HAPI's, R5's) deletes with the resource whatever refers to it: of
+        // any type, anyone's.
+        if params.iter().any(|(name, value)| cascades(name, value)) {
+            need(None, Permissions::DELETE, Target::Undecidable);
+        }
+        // The type a compartment search (`Patient/[id]/Observation`) searches: the last
+        // segment (`None` for `*`, every type).
+        let compartment_searched = match (interaction, ty, id) {
+            (Interaction::Search, Some(_), Some(_)) => path
+                .split(['?', '#'])
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .filter(|t| is_type(t)),
+            _ => None,
         };
         match interaction {
             Interaction::Capabilities => return Ok(Allowed::default()),
@@ -208,25 +259,20 @@ impl<'g> Check<'g> {
                 (ty, _) => need(ty, Permissions::SEARCH, Target::Undecidable),
             },
             Interaction::Search => match (ty, id) {
-                (Some(compartment), Some(id)) => {
-                    // `[compartment]/[id]/[type]`: the type searched is the last segment.
-                    let searched = path
-                        .split(['?', '#'])
-                        .next()
-                        .unwrap_or("")
-                        .trim_end_matches('/')
-                        .rsplit('/')
-                        .next()
-                        .filter(|t| is_type(t));
-                    need(
-                        searched,
+                (Some(compartment), Some(id)) => match compartment_searched {
+                    // `[compartment]/[id]/[type]`.
+                    Some(searched) => need(
+                        Some(searched),
                         Permissions::SEARCH,
                         Target::Compartment {
                             ty: compartment,
                             id,
                         },
-                    );
-                }
+                    ),
+                    // `[compartment]/[id]/*`: every type the compartment holds, which for a
+                    // patient's are other patients (`link`) and groups too: anyone's.
+                    None => need(None, Permissions::SEARCH, Target::Undecidable),
+                },
                 (Some(ty), None) => need(Some(ty), Permissions::SEARCH, Target::Search { ty }),
                 (None, _) => {
                     // System search: the types `_type` names, or every type.
@@ -258,14 +304,17 @@ impl<'g> Check<'g> {
                 let target = match (ty, id) {
                     (Some("Patient"), Some(id))
                         if !within_type
-                            && found
-                                .operation
-                                .is_some_and(stays_in_the_patients_compartment) =>
+                            && found.operation.is_some_and(|operation| {
+                                stays_in_the_patients_compartment(operation)
+                                    && only_narrows_the_compartment(operation, params)
+                            }) =>
                     {
                         // Everything in the patient's compartment (`$everything`, `$summary`):
                         // every type, for that patient. (Not any other operation on a patient:
                         // `Patient/[id]/$graphql` follows references and reverse lists out of
-                        // the compartment, to every patient of the organization, say.)
+                        // the compartment, to every patient of the organization, say; nor one
+                        // with a parameter that may add to it, HAPI's `_mdm=true` the records
+                        // of the patients linked to this one: of the next arm.)
                         let target = Target::Compartment { ty: "Patient", id };
                         need(None, Permissions::READ, target);
                         need(None, Permissions::SEARCH, target);
@@ -343,6 +392,15 @@ impl<'g> Check<'g> {
                         need(Some("List"), Permissions::READ, Target::Undecidable);
                         continue;
                     }
+                    "_contained" | "_containedType" => {
+                        // Contained resources (`_contained=true`) or their containers
+                        // (`_containedType=container`), of any type, anyone's; as `_query`.
+                        if !(name == "_contained" && value == "false") {
+                            need(None, Permissions::READ, Target::Undecidable);
+                            need(None, Permissions::SEARCH, Target::Undecidable);
+                        }
+                        continue;
+                    }
                     _ => {
                         for ty in chained_types(name) {
                             need(ty, Permissions::SEARCH, Target::Undecidable);
@@ -356,7 +414,10 @@ impl<'g> Check<'g> {
                         let via = value.split(':').nth(1).filter(|param| {
                             plain && !reverse && ["patient", "subject"].contains(param)
                         });
-                        let searched = found.resource_type.unwrap_or_default();
+                        // The type searched: a compartment search's, not the compartment's.
+                        let searched = compartment_searched
+                            .or(found.resource_type)
+                            .unwrap_or_default();
                         need(
                             Some(ty),
                             Permissions::READ,
@@ -610,6 +671,47 @@ impl<'g> Check<'g> {
         Ok(())
     }
 
+    /// Checks the query string of a batch or transaction (`POST [base]?...`), which applies to
+    /// every entry: a server reads its `_cascade=delete` for each delete in the Bundle (HAPI
+    /// does), and what else it would do with another parameter is not known. Only `_format`,
+    /// `_pretty` and a `_cascade` the scopes allow are taken.
+    pub(crate) fn batch_query(&self, params: &[Param<'_>]) -> Result<(), Refused> {
+        for (name, value) in params {
+            match name.as_ref() {
+                "_format" | "_pretty" => {}
+                _ if cascades(name, value) => self.cascade()?,
+                "_cascade" => {}
+                other => {
+                    return Err(Refused::malformed(format!(
+                        "A batch or transaction takes no parameter {other:?} in its URL (only \
+                         _format, _pretty and _cascade): what a server does with it for each \
+                         entry cannot be checked"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a cascading delete (`_cascade=delete`, HAPI's `X-Cascade: delete`): it deletes
+    /// whatever refers to what is deleted, of any type, anyone's, so it needs `d` on `*`.
+    pub(crate) fn cascade(&self) -> Result<(), Refused> {
+        let need = Need {
+            resource_type: None,
+            permission: Permissions::DELETE,
+            target: Target::Undecidable,
+        };
+        match self.covered(&need, &[]) {
+            Some(_) => Ok(()),
+            None => Err(Refused::new(format!(
+                "The token's scopes do not allow a cascading delete, which deletes whatever \
+                 refers to what is deleted, of any type{}",
+                self.unreadable_note()
+            ))
+            .suggest(self.sufficient(&need))),
+        }
+    }
+
     /// Checks a batch or transaction Bundle (JSON), entry by entry.
     pub(crate) fn bundle(&self, body: &[u8]) -> Result<Allowed, Refused> {
         // A key twice in one object is read as its last by this parser and as its first by
@@ -668,7 +770,7 @@ impl<'g> Check<'g> {
                      backslash or a percent-encoded path: servers differ on what it names"
                 )));
             }
-            let params = parse_query(query).map_err(|why| {
+            let mut params = parse_query(query).map_err(|why| {
                 Refused::malformed(format!("The query of entry {n} of the Bundle {why}"))
             })?;
             if path.trim_matches('/').is_empty() || path.trim_matches('/') == "_search" {
@@ -679,47 +781,42 @@ impl<'g> Check<'g> {
                     )));
                 }
             }
-            let checked = self
-                .request(&method, path, &params)
-                .and_then(|entry_allowed| {
-                    let found = classify(&method, path);
-                    let written = matches!(
-                        found.interaction,
-                        Some(Interaction::Create | Interaction::Update)
-                    );
-                    let ty = found.resource_type.unwrap_or_default();
-                    if found.interaction == Some(Interaction::Patch) {
-                        if let Some(patch) = entry.get("resource") {
-                            self.patch_references(&entry_patch(n, patch)?)?;
-                        }
+            let found = interaction_of(&method, path);
+            let resource = entry.get("resource");
+            // What a server does with an entry's resource is the method's, not the url's: HAPI
+            // creates a POST entry's resource whatever its url names (`Observation/_search`,
+            // `Patient/$match`), and updates a PUT entry's. It counts only where the request
+            // takes one: a create's or an update's (checked below as the type the url names), a
+            // patch's, or an operation's input, a Parameters (checked as its parameters). (A
+            // read's or a delete's is ignored; a PATCH entry's on an operation's url would be
+            // applied as a patch to the instance the url names.)
+            if let Some(resource) = resource {
+                let said = resource.get("resourceType").and_then(Value::as_str);
+                match found.interaction {
+                    Some(Interaction::Create | Interaction::Update | Interaction::Patch) => {}
+                    Some(Interaction::Operation)
+                        if method == Method::POST && said == Some("Parameters") =>
+                    {
+                        params.extend(operation_parameters(resource).map_err(|why| {
+                            Refused::malformed(format!("Entry {n} of the Bundle: {why}"))
+                        })?);
                     }
-                    if written {
-                        // The server stores the entry's resource as the type it says it is: it
-                        // must be the type the scopes were checked for.
-                        if let Some(resource) = entry.get("resource") {
-                            let said = resource.get("resourceType").and_then(Value::as_str);
-                            if said != Some(ty) {
-                                return Err(Refused::new(format!(
-                                "Entry {n} of the Bundle writes a resource that is not a {ty}, \
-                                 the type its request url names"
-                            )));
-                            }
-                            self.conditional_references(resource)?;
-                        }
+                    _ if ![Method::GET, Method::HEAD, Method::DELETE].contains(&method) => {
+                        return Err(Refused::malformed(format!(
+                            "Entry {n} of the Bundle carries a resource its request does not \
+                             take (a create's, an update's, a patch's, an operation's \
+                             Parameters): a server may create or update it whatever the url says"
+                        )));
                     }
-                    match request.and_then(|r| r.get("ifNoneExist")) {
-                        None | Some(Value::Null) => Ok(entry_allowed),
-                        Some(Value::String(query))
-                            if found.interaction == Some(Interaction::Create) =>
-                        {
-                            self.if_none_exist(ty, query)
-                                .map(|search| entry_allowed.and(search))
-                        }
-                        Some(_) => Err(Refused::malformed(format!(
-                            "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
-                        ))),
-                    }
-                });
+                    _ => {}
+                }
+            }
+            let checked =
+                self.classified(&method, path, found, &params)
+                    .and_then(|entry_allowed| {
+                        self.entry_writes(n, request, resource, found)
+                            .map(|search| entry_allowed.and(search))
+                    });
             if let Ok(entry_allowed) = checked {
                 // An entry allowed by its parameters: the server must not ignore any of them.
                 allowed = allowed.and(entry_allowed);
@@ -740,6 +837,91 @@ impl<'g> Check<'g> {
         }
         refused.map_or(Ok(allowed), Err)
     }
+    /// Checks what a Bundle entry allowed by its url writes, and a search it makes besides: a
+    /// patch's conditional references; a create's or update's resource, of the type the url
+    /// names, and its conditional references; a conditional create's `ifNoneExist`.
+    fn entry_writes(
+        &self,
+        n: usize,
+        request: Option<&Value>,
+        resource: Option<&Value>,
+        found: Classified<'_>,
+    ) -> Result<Allowed, Refused> {
+        let ty = found.resource_type.unwrap_or_default();
+        if found.interaction == Some(Interaction::Patch) {
+            if let Some(patch) = resource {
+                self.patch_references(&entry_patch(n, patch)?)?;
+            }
+        }
+        if matches!(
+            found.interaction,
+            Some(Interaction::Create | Interaction::Update)
+        ) {
+            // The server stores the entry's resource as the type it says it is: it must be the
+            // type the scopes were checked for.
+            if let Some(resource) = resource {
+                let said = resource.get("resourceType").and_then(Value::as_str);
+                if said != Some(ty) {
+                    return Err(Refused::new(format!(
+                        "Entry {n} of the Bundle writes a resource that is not a {ty}, the type \
+                         its request url names"
+                    )));
+                }
+                self.conditional_references(resource)?;
+            }
+        }
+        match request.and_then(|r| r.get("ifNoneExist")) {
+            None | Some(Value::Null) => Ok(Allowed::default()),
+            Some(Value::String(query)) if found.interaction == Some(Interaction::Create) => {
+                self.if_none_exist(ty, query)
+            }
+            Some(_) => Err(Refused::malformed(format!(
+                "Entry {n} of the Bundle has an ifNoneExist that cannot be checked"
+            ))),
+        }
+    }
+}
+
+/// An operation's parameters as its `Parameters` input names them, as search parameters: each
+/// `name` with its primitive `value[x]` as text (a number or a boolean as JSON writes it), or
+/// with nothing for one of another kind (a resource, parts, a complex value), so that each
+/// name counts as a query's would (an `_include`'s value, a parameter `$everything` does not
+/// know).
+///
+/// # Errors
+///
+/// A `parameter` that is not a list of objects each with a `name` FHIR could define.
+pub(crate) fn operation_parameters(
+    parameters: &Value,
+) -> Result<Vec<Param<'static>>, &'static str> {
+    const UNREADABLE: &str = "its Parameters cannot be read as parameters (a list of parameters \
+                              each with a name of letters, digits and _ - . :)";
+    let list = match parameters.get("parameter") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(UNREADABLE),
+    };
+    list.iter()
+        .map(|parameter| {
+            let name = parameter
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|name| is_parameter_name(name))
+                .ok_or(UNREADABLE)?;
+            let members = parameter.as_object().ok_or(UNREADABLE)?;
+            let value = members
+                .iter()
+                .find(|(key, _)| key.starts_with("value"))
+                .map(|(_, value)| match value {
+                    Value::String(text) => text.clone(),
+                    Value::Number(number) => number.to_string(),
+                    Value::Bool(flag) => flag.to_string(),
+                    _ => String::new(),
+                })
+                .unwrap_or_default();
+            Ok((name.to_owned().into(), value.into()))
+        })
+        .collect()
 }
 
 /// The patch a Bundle entry's resource holds: a FHIRPath Patch (`Parameters`) as it is, a
@@ -985,6 +1167,45 @@ fn stays_in_the_patients_compartment(operation: &str) -> bool {
 /// invoked by (`POST Patient/[id]/$everything` with its parameters in a body).
 fn reads_across_types(operation: &str) -> bool {
     matches!(operation, "everything" | "summary" | "document")
+}
+
+/// The parameters of `$everything` and `$summary` that only narrow or shape what they answer
+/// with: FHIR's (`start`, `end`, `_since`, `_type`, `_count`), HAPI's paging and
+/// `_lastUpdated`, and those of any interaction (`_elements`, `_summary`, `_format`,
+/// `_pretty`). Sorted.
+const NARROWING_COMPARTMENT_PARAMETERS: [&str; 13] = [
+    "_count",
+    "_elements",
+    "_format",
+    "_lastUpdated",
+    "_offset",
+    "_pretty",
+    "_since",
+    "_sort",
+    "_summary",
+    "_total",
+    "_type",
+    "end",
+    "start",
+];
+
+/// Whether each of the parameters of `$everything` or `$summary` (`operation`) on a patient
+/// only narrows what it answers with (`$summary`'s `profile` too, the IPS profile to answer
+/// by). Another may add to it (HAPI's `_mdm=true`: the records of every patient linked to
+/// this one), or is not known.
+fn only_narrows_the_compartment(operation: &str, params: &[Param<'_>]) -> bool {
+    params.iter().all(|(name, _)| {
+        NARROWING_COMPARTMENT_PARAMETERS
+            .binary_search(&name.as_ref())
+            .is_ok()
+            || (operation == "summary" && name == "profile")
+    })
+}
+
+/// Whether a parameter asks for a cascading delete: `_cascade` (any modifier) with any value
+/// but `none`.
+fn cascades(name: &str, value: &str) -> bool {
+    name.split(':').next() == Some("_cascade") && value != "none"
 }
 
 /// The type an `_include` (`Source:param[:Target]`) or `_revinclude` (`Source:param`) brings
@@ -2266,5 +2487,213 @@ mod tests {
             "/Patient/1/2/3/4/5/6"
         ));
         assert!(!allowed("system/*.cruds", Method::GET, "/admin"));
+    }
+
+    /// A transaction of these entries.
+    fn transaction(entries: Value) -> Vec<u8> {
+        serde_json::to_vec(
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bundle_entrys_resource_counts_only_where_its_request_takes_one() {
+        // A POST entry is a create of its resource to HAPI, whatever its url: a search's or an
+        // operation's url with a Patient in it would create the Patient unchecked.
+        let patient = json!({"resourceType": "Patient"});
+        for (scopes, method, url) in [
+            ("system/Observation.s", "POST", "Observation/_search"),
+            ("patient/*.rs", "POST", "Patient/123/$everything"),
+            ("system/Patient.cus", "POST", "Patient/$match"),
+            ("system/Patient.cru", "POST", "Patient/1/$meta"),
+            ("system/Patient.cru", "PUT", "Patient/1/$meta"),
+            ("system/*.cruds", "POST", "$graphql"),
+            ("system/*.cruds", "PATCH", "Patient/1/$meta"),
+        ] {
+            let g = grants(scopes);
+            let body = transaction(json!([
+                {"request": {"method": method, "url": url}, "resource": patient}
+            ]));
+            let refused = Check::new(&g).bundle(&body).unwrap_err();
+            assert!(refused.malformed, "{method} {url}: {refused:?}");
+        }
+        // An operation's Parameters is its input, checked as its parameters are.
+        let g = grants("system/Patient.cus");
+        let parameters = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "resource", "resource": {"resourceType": "Patient"}},
+            {"name": "onlyCertainMatches", "valueBoolean": true},
+            {"name": "count", "valueInteger": 3}]});
+        let body = transaction(json!([
+            {"request": {"method": "POST", "url": "Patient/$match"}, "resource": parameters}
+        ]));
+        assert_eq!(Check::new(&g).bundle(&body), Ok(Allowed::default()));
+        let including = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_revinclude", "valueString": "Provenance:target"}]});
+        let body = transaction(json!([
+            {"request": {"method": "POST", "url": "Observation/$lastn"}, "resource": including}
+        ]));
+        let g = grants("system/Observation.cus");
+        let refused = Check::new(&g).bundle(&body).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/Provenance.r"]);
+        let g = grants("system/Observation.cus system/Provenance.r");
+        assert!(Check::new(&g).bundle(&body).is_ok());
+        // A resource where a server ignores it (a read, a delete) changes nothing.
+        let g = grants("system/Patient.rd");
+        let body = transaction(json!([
+            {"request": {"method": "DELETE", "url": "Patient/1"}, "resource": patient},
+            {"request": {"method": "GET", "url": "Patient/2"}, "resource": patient}
+        ]));
+        assert_eq!(Check::new(&g).bundle(&body), Ok(Allowed::default()));
+    }
+
+    #[test]
+    fn cascading_deletes_need_delete_on_every_type() {
+        // HAPI deletes whatever refers to the resource, of any type, anyone's.
+        let url = "/Patient/1?_cascade=delete";
+        let refused = check("system/Patient.d", Method::DELETE, url).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/*.d"]);
+        assert!(allowed("system/*.d", Method::DELETE, url));
+        assert!(!allowed(
+            "patient/*.cruds",
+            Method::DELETE,
+            "/Patient/123?_cascade=delete"
+        ));
+        assert!(!allowed(
+            "system/Observation.ds",
+            Method::DELETE,
+            "/Observation?code=x&_cascade=delete"
+        ));
+        assert!(allowed(
+            "system/Patient.d",
+            Method::DELETE,
+            "/Patient/1?_cascade=none"
+        ));
+        // In a Bundle's entry too.
+        let g = grants("system/Patient.d");
+        let body = transaction(json!([
+            {"request": {"method": "DELETE", "url": "Patient/1?_cascade=delete"}}
+        ]));
+        assert_eq!(
+            Check::new(&g).bundle(&body).unwrap_err().sufficient,
+            ["system/*.d"]
+        );
+    }
+
+    #[test]
+    fn everything_under_patient_scopes_takes_only_narrowing_parameters() {
+        // Looked up by binary search.
+        assert!(NARROWING_COMPARTMENT_PARAMETERS.is_sorted());
+        let p = "patient/*.rs";
+        for narrowed in [
+            "/Patient/123/$everything?_count=10&_offset=10&_since=2020-01-01T00:00:00Z",
+            "/Patient/123/$everything?start=2020-01-01&end=2021-01-01&_type=Observation,Condition",
+            "/Patient/123/$everything?_lastUpdated=gt2020&_elements=id&_summary=true&_format=json&_pretty=true",
+            // They order and count only.
+            "/Patient/123/$everything?_sort=-_lastUpdated&_total=accurate",
+            "/Patient/123/$summary?profile=http://hl7.org/fhir/uv/ips/StructureDefinition/Bundle-uv-ips",
+        ] {
+            assert!(allowed(p, Method::GET, narrowed), "{narrowed}");
+        }
+        // `_mdm` brings in the records of the patients linked to this one; anything the list
+        // does not know may widen it as well.
+        for widened in [
+            "/Patient/123/$everything?_mdm=true",
+            "/Patient/123/$everything?_count=10&_mdm=true",
+            "/Patient/123/$everything?_include=*",
+            "/Patient/123/$everything?made-up=1",
+            "/Patient/123/$summary?_mdm=true",
+        ] {
+            let refused = check(p, Method::GET, widened).unwrap_err();
+            assert!(
+                refused
+                    .sufficient
+                    .iter()
+                    .all(|s| s.starts_with("system/*.")),
+                "{widened}: {refused:?}"
+            );
+            assert!(allowed("system/*.rs", Method::GET, widened), "{widened}");
+        }
+        // In a Bundle, its Parameters' too.
+        let g = grants(p);
+        let everything = |parameter: Value| {
+            transaction(
+                json!([{"request": {"method": "POST", "url": "Patient/123/$everything"},
+                "resource": {"resourceType": "Parameters", "parameter": [parameter]}}]),
+            )
+        };
+        assert!(Check::new(&g)
+            .bundle(&everything(json!({"name": "_mdm", "valueBoolean": true})))
+            .is_err());
+        assert!(Check::new(&g)
+            .bundle(&everything(json!({"name": "_count", "valueInteger": 5})))
+            .is_ok());
+    }
+
+    #[test]
+    fn contained_resources_need_read_and_search_on_every_type() {
+        // `_contained=true` answers with the containers, of any type.
+        let url = "/Observation?code=x&_contained=true&_containedType=container";
+        let refused = check("system/Observation.s", Method::GET, url).unwrap_err();
+        assert_eq!(refused.sufficient, ["system/*.r", "system/*.s"]);
+        assert!(allowed("system/*.rs", Method::GET, url));
+        for url in [
+            "/Observation?code=x&_contained=both",
+            "/Observation?code=x&_containedType=contained",
+            "/Observation?patient=123&_contained=true",
+        ] {
+            assert!(!allowed("system/Observation.s", Method::GET, url), "{url}");
+            assert!(!allowed("patient/*.rs", Method::GET, url), "{url}");
+        }
+        assert!(allowed(
+            "system/Observation.s",
+            Method::GET,
+            "/Observation?code=x&_contained=false"
+        ));
+    }
+
+    #[test]
+    fn heads_and_compartments_are_checked_as_their_searches() {
+        // A HEAD is the GET it mirrors: a search's and a history's too.
+        assert!(allowed("system/Patient.s", Method::HEAD, "/Patient?name=x"));
+        assert!(allowed(
+            "system/Patient.s",
+            Method::HEAD,
+            "/Patient/_history"
+        ));
+        assert!(allowed(
+            "system/Patient.r",
+            Method::HEAD,
+            "/Patient/1/_history"
+        ));
+        assert!(!allowed(
+            "system/Patient.r",
+            Method::HEAD,
+            "/Patient?name=x"
+        ));
+        // Every type of a compartment: search on every type; not a patient/ scope's, as the
+        // compartment holds other patients (`link`) and groups.
+        assert!(allowed("system/*.s", Method::GET, "/Patient/123/*"));
+        assert!(allowed(
+            "system/*.s",
+            Method::GET,
+            "/Patient/123/*?_lastUpdated=gt2020"
+        ));
+        assert!(!allowed("system/Patient.rs", Method::GET, "/Patient/123/*"));
+        assert!(!allowed("patient/*.rs", Method::GET, "/Patient/123/*"));
+        // A compartment search's include is of the type searched, not the compartment's.
+        let p = "patient/*.rs";
+        assert!(allowed(
+            p,
+            Method::GET,
+            "/Patient/123/Observation?patient=123&_include=Observation:patient"
+        ));
+        // Not narrowed by `patient`: the compartment holds Observations the patient performed
+        // on others, whose `patient` another one is.
+        assert!(!allowed(
+            p,
+            Method::GET,
+            "/Patient/123/Observation?_include=Observation:patient"
+        ));
     }
 }

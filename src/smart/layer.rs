@@ -14,12 +14,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::check::{Allowed, Check, Refused};
-use super::scope::{parse_query, Grants};
+use super::check::{interaction_of, operation_parameters, Allowed, Check, Refused};
+use super::scope::{parse_query, Grants, Param};
 use crate::auth::{MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
 use crate::future::PassOrOwn;
-use crate::interaction::{classify, Interaction};
+use crate::interaction::Interaction;
 use crate::outcome::{IssueType, OperationOutcome};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,6 +31,21 @@ pub const DEFAULT_MAX_BUFFERED_BODY: usize = 16 * 1024 * 1024;
 /// The default for [`SmartScopeBuilder::max_buffered_total`]: 256 MiB, sixteen of the largest
 /// bodies at once.
 pub const DEFAULT_MAX_BUFFERED_TOTAL: usize = 256 * 1024 * 1024;
+
+/// The largest form (`application/x-www-form-urlencoded`: a `POST _search`'s, an operation's)
+/// read to check it, 1 MiB (or [`max_buffered_body`](SmartScopeBuilder::max_buffered_body)
+/// if less); a larger one gets `413`. A servlet container reads no parameter of a form past
+/// its own limit (Tomcat's `maxPostSize`, 2 MB by default, Jetty's 200,000 bytes): the FHIR
+/// server would search without those the request was allowed by. A search by a few thousand
+/// `_id`s fits.
+pub const MAX_FORM_BODY: usize = 1024 * 1024;
+
+/// The most search parameters a request may carry, its query's and its form's together; more
+/// is `400`. A servlet container that meets more than it takes (Tomcat's
+/// `maxParameterCount`, 10000, or 1000 in its newer releases) drops the rest, or all: the FHIR
+/// server would search without the one (`patient=`, a granular scope's) the request was
+/// allowed by.
+pub const MAX_SEARCH_PARAMETERS: usize = 500;
 
 /// A Tower layer that enforces the token's SMART scopes on each FHIR interaction (see the
 /// [module docs](super)).
@@ -127,7 +142,8 @@ impl SmartScopeBuilder {
     }
 
     /// The largest request body read to check it: a batch or transaction Bundle, a form
-    /// `POST _search`. Larger ones get `413`. Default [`DEFAULT_MAX_BUFFERED_BODY`].
+    /// `POST _search` (at most [`MAX_FORM_BODY`] whatever this says). Larger ones get `413`.
+    /// Default [`DEFAULT_MAX_BUFFERED_BODY`].
     pub fn max_buffered_body(mut self, bytes: usize) -> Self {
         self.max_buffered_body = bytes;
         self
@@ -208,6 +224,13 @@ enum Plan {
 
 enum BodyCheck {
     Bundle,
+    /// The parameters of an operation on a patient's compartment (`$everything`, `$summary`)
+    /// posted otherwise than as a form: JSON `Parameters` are read as its parameters;
+    /// another format (`None`: neither JSON nor XML) only passes with scopes that do not need
+    /// its parameters read.
+    OperationParameters {
+        format: Option<ResourceFormat>,
+    },
     /// A `_search` form, or an operation's parameters posted as one; `untyped` when the
     /// request has no `Content-Type` (then only an empty body will do).
     SearchForm {
@@ -300,7 +323,12 @@ where
                 // this one keeps a fresh clone.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                let max = self.config.max_buffered_body;
+                let max = match what {
+                    BodyCheck::SearchForm { .. } => {
+                        self.config.max_buffered_body.min(MAX_FORM_BODY)
+                    }
+                    _ => self.config.max_buffered_body,
+                };
                 let budget = Arc::clone(&self.config.buffered);
                 PassOrOwn::own(async move {
                     let (parts, body) = request.into_parts();
@@ -321,6 +349,12 @@ where
                     };
                     let checked = match what {
                         BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
+                        BodyCheck::OperationParameters { format } => {
+                            match posted_parameters(&grants, &parts, &bytes, format) {
+                                Ok(allowed) => Ok(allowed),
+                                Err(response) => return Ok((*response).map(ResponseBody::full)),
+                            }
+                        }
                         BodyCheck::Resource {
                             ty,
                             format,
@@ -341,6 +375,9 @@ where
                                 .map_err(|why| Refused::malformed(format!("The form {why}")));
                             query.and_then(|mut params| {
                                 params.extend(form?);
+                                if params.len() > MAX_SEARCH_PARAMETERS {
+                                    return Err(too_many_parameters());
+                                }
                                 Check::new(&grants).request(
                                     &parts.method,
                                     parts.uri.path(),
@@ -391,28 +428,11 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             ))
         }
     };
-    let method = request.method();
-    let path = request.uri().path();
-    let found = classify(method, path);
-    let operation_form =
-        found.interaction == Some(Interaction::Operation) && *method == Method::POST && form;
-    match found.interaction {
-        Some(Interaction::Batch) if *method == Method::POST => {
-            return Plan::ReadBody(BodyCheck::Bundle)
-        }
-        // An operation's parameters posted as a form are search parameters to a server that
-        // reads a form's as the query's (`$lastn` with an `_include`): checked as they are.
-        _ if operation_form => return Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
-        Some(Interaction::Search) if *method == Method::POST => {
-            // The FHIR server reads the body's parameters only from a form: of any other
-            // type, it would run a search other than the one checked here.
-            return match request.headers().get(header::CONTENT_TYPE) {
-                None => Plan::ReadBody(BodyCheck::SearchForm { untyped: true }),
-                Some(_) if form => Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
-                Some(_) => Plan::Refuse(Box::new(not_a_form())),
-            };
-        }
-        _ => {}
+    let check = Check::new(grants);
+    // HAPI cascades a delete by a header as well as by `_cascade=delete`: for each delete of
+    // a batch too.
+    if let Err(why) = cascade_header(request.headers(), &check) {
+        return Plan::Refuse(Box::new(insufficient_scope(&why)));
     }
     let params = match request.uri().query() {
         None => Vec::new(),
@@ -426,7 +446,52 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             }
         },
     };
-    let check = Check::new(grants);
+    if params.len() > MAX_SEARCH_PARAMETERS {
+        return Plan::Refuse(Box::new(insufficient_scope(&too_many_parameters())));
+    }
+    let method = request.method();
+    let path = request.uri().path();
+    let found = interaction_of(method, path);
+    let operation_form =
+        found.interaction == Some(Interaction::Operation) && *method == Method::POST && form;
+    match found.interaction {
+        Some(Interaction::Batch) if *method == Method::POST => {
+            // Its query applies to every entry (HAPI cascades each delete by `_cascade`).
+            return match check.batch_query(&params) {
+                Ok(()) => Plan::ReadBody(BodyCheck::Bundle),
+                Err(why) => Plan::Refuse(Box::new(insufficient_scope(&why))),
+            };
+        }
+        // An operation's parameters posted as a form are search parameters to a server that
+        // reads a form's as the query's (`$lastn` with an `_include`): checked as they are.
+        _ if operation_form => return Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
+        Some(Interaction::Search) if *method == Method::POST => {
+            // The FHIR server reads the body's parameters only from a form: of any other
+            // type, it would run a search other than the one checked here.
+            return match request.headers().get(header::CONTENT_TYPE) {
+                None => Plan::ReadBody(BodyCheck::SearchForm { untyped: true }),
+                Some(_) if form => Plan::ReadBody(BodyCheck::SearchForm { untyped: false }),
+                Some(_) => Plan::Refuse(Box::new(not_a_form())),
+            };
+        }
+        // `Patient/[id]/$everything` by POST, its parameters in a body: under a `patient/`
+        // scope, each must only narrow what it answers with (HAPI's `_mdm=true` would add
+        // other patients' records), so the body is read.
+        Some(Interaction::Operation)
+            if *method == Method::POST
+                && found.resource_type == Some("Patient")
+                && found.resource_id.is_some()
+                && matches!(found.operation, Some("everything" | "summary"))
+                && !takes_any_parameter(&check, method, path, &params) =>
+        {
+            let format = match request.headers().get(header::CONTENT_TYPE) {
+                None => Some(ResourceFormat::Untyped),
+                Some(value) => format_of(value).map(|(format, _)| format),
+            };
+            return Plan::ReadBody(BodyCheck::OperationParameters { format });
+        }
+        _ => {}
+    }
     let checked = check
         .classified(method, path, found, &params)
         .and_then(|allowed| {
@@ -499,6 +564,119 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         }
     }
 }
+
+/// Checks an operation on a patient's compartment whose parameters are posted in `body` (not a
+/// form): none, or JSON `Parameters`, are checked as the query's would be; parameters that
+/// cannot be read here (XML, another format) pass only if the scopes would allow any
+/// parameter (`r` and `s` on `*`), else `415`.
+fn posted_parameters(
+    grants: &Grants,
+    parts: &http::request::Parts,
+    body: &[u8],
+    format: Option<ResourceFormat>,
+) -> Result<Allowed, Box<Response<Bytes>>> {
+    let check = Check::new(grants);
+    let path = parts.uri.path();
+    let refuse = |why: Refused| Box::new(insufficient_scope(&why));
+    // The query was read already, in `plan`.
+    let mut params: Vec<Param<'_>> =
+        parse_query(parts.uri.query().unwrap_or("")).unwrap_or_default();
+    let start = body
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(body)
+        .trim_ascii_start();
+    let json = match format {
+        _ if start.is_empty() => None,
+        Some(ResourceFormat::Json) => Some(true),
+        Some(ResourceFormat::Untyped) => Some(start.first() == Some(&b'{')),
+        _ => Some(false),
+    };
+    match json {
+        // No body: the query's parameters are all.
+        None => {}
+        Some(true) => {
+            let parameters = super::check::json_resource(start).map_err(refuse)?;
+            if parameters
+                .get("resourceType")
+                .and_then(serde_json::Value::as_str)
+                != Some("Parameters")
+            {
+                return Err(refuse(Refused::malformed(
+                    "An operation's body must be its Parameters (or a form)",
+                )));
+            }
+            let posted = operation_parameters(&parameters).map_err(|why| {
+                refuse(Refused::malformed(format!("The operation's body: {why}")))
+            })?;
+            params.extend(posted);
+            if params.len() > MAX_SEARCH_PARAMETERS {
+                return Err(refuse(too_many_parameters()));
+            }
+        }
+        Some(false) => {
+            let allowed = check
+                .request(&parts.method, path, &params)
+                .map_err(refuse)?;
+            // Parameters not read: allowed only where any parameter would be.
+            return if takes_any_parameter(&check, &parts.method, path, &params) {
+                Ok(allowed)
+            } else {
+                Err(Box::new(unreadable_parameters()))
+            };
+        }
+    }
+    check.request(&parts.method, path, &params).map_err(refuse)
+}
+
+/// Whether the scopes allow this request whatever parameters it is given (`r` and `s` on
+/// `*`, say): then its body need not be read for them.
+fn takes_any_parameter(
+    check: &Check<'_>,
+    method: &Method,
+    path: &str,
+    params: &[Param<'_>],
+) -> bool {
+    let mut any = params.to_vec();
+    any.push(("(any parameter)".into(), "".into()));
+    check.request(method, path, &any).is_ok()
+}
+
+/// `415`: an operation's parameters in a body they cannot be read from, which the scopes
+/// allow only with parameters that narrow it.
+fn unreadable_parameters() -> Response<Bytes> {
+    OperationOutcome::error(
+        IssueType::NotSupported,
+        "The operation's parameters must be posted as JSON Parameters or a form to be checked: \
+         the token's scopes allow it only with parameters that narrow it to the patient's \
+         compartment",
+    )
+    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+}
+
+/// The refusal of a request with more than [`MAX_SEARCH_PARAMETERS`] parameters.
+fn too_many_parameters() -> Refused {
+    Refused::malformed(format!(
+        "The request carries more than {MAX_SEARCH_PARAMETERS} parameters, its query's and its \
+         form's together: a servlet container may drop those past its limit, or all, and the \
+         FHIR server search without those the request was allowed by"
+    ))
+}
+
+/// Checks a cascading delete asked for by a header (HAPI's `X-Cascade: delete`; any value
+/// but `none`, one that is not text too).
+fn cascade_header(headers: &http::HeaderMap, check: &Check<'_>) -> Result<(), Refused> {
+    let cascades = headers.get_all(X_CASCADE).iter().any(|value| {
+        value
+            .to_str()
+            .map_or(true, |value| !value.trim().eq_ignore_ascii_case("none"))
+    });
+    if cascades {
+        check.cascade()?;
+    }
+    Ok(())
+}
+
+const X_CASCADE: header::HeaderName = header::HeaderName::from_static("x-cascade");
 
 /// Passes a request allowed from its head, strictly if by its parameters.
 fn pass(allowed: Allowed) -> Plan {

@@ -11,22 +11,24 @@
 //! | interaction | needs |
 //! |---|---|
 //! | `read`, `vread`, instance `history` | `r` on the type |
-//! | `update`, `patch` | `u` |
+//! | `update`, `patch` | `u` (an update that creates, on a server that lets a client choose the id, too: SMART v2's `u` allows it, and whether the id exists is not known before forwarding) |
 //! | `delete` | `d` |
+//! | a cascading delete (`_cascade` other than `none`, HAPI's `X-Cascade` header other than `none`; on any request, a batch's too) | `d` on `*`: it deletes whatever refers to what is deleted, of any type, anyone's |
 //! | conditional `update`, `patch`, `delete` (`Patient?identifier=x`) | `u` or `d`, and `s` for the search; a conditional `update` `c` too (finding nothing, it creates) |
 //! | `create` | `c` |
 //! | the resource a `create` or `update` writes | of the type its URL names (JSON's `resourceType`, XML's root element; `415` for another format; a Binary in a format that is not FHIR's own is content, not checked; read unless one scope grants `c`, `r`, `u` and `s` on `*`); each conditional reference it, or a patch, holds (`"reference": "Patient?name=x"`, resolved by the server with a search) needs what that search would, outright (in XML, a `reference` whose value holds a `?` or a character reference gets `400`); in a patch, which sets a reference by a value of any name, each string it writes where a reference goes (a JSON Patch's `value` for a `path` ending in `/reference`; a FHIRPath Patch's `valueString` or other string value for a `path` ending in `.reference` or a `name` of `reference`; any string of a patch of another shape) that reads as a conditional reference as HAPI reads one (the word after the last `/` before a `?` a type name: `Patient?x`; `Patient/?x` and `http://.../Patient?x` are `400`, only `[type]?...` can be checked) counts as one; a JSON Patch's `copy` or `move` into a `reference` is `400` (what it takes is not in the patch); an XML patch holding any `?` past its prolog or any character reference, with a document type, or not in UTF-8 is `400` (send it as JSON) |
-//! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`), type `history` | `s` on the type; a `_search` body must be `application/x-www-form-urlencoded` (`415` otherwise, a body with no `Content-Type` too: the server would not read it as the parameters checked), in lower case, with no parameter but `charset=utf-8` and no `Content-Encoding` (`415`, for any request whose `Content-Type` begins as a form's: HAPI takes for a form whatever begins so, case-sensitively, `application/x-www-form-urlencodedx` too, reads none with a `Content-Encoding`, even `identity`, when there is no query string, and a servlet container decodes it in the charset it names) |
-//! | any query string or form | parameter names as FHIR spells them, with their modifiers and chains (letters, digits, `_`, `-`, `.`, `:`): another is `400` (HAPI strips a leading `?`, so `??_include=*` would be an `_include` unchecked) |
+//! | `search` (type: GET, or a form `POST _search`; compartment `Patient/[id]/[type]`, whose includes are of the type searched; `Patient/[id]/*` needs `s` on `*`, anyone's), type `history` (a `HEAD` is checked as its `GET`) | `s` on the type; a `_search` body must be `application/x-www-form-urlencoded` (`415` otherwise, a body with no `Content-Type` too: the server would not read it as the parameters checked), in lower case, with no parameter but `charset=utf-8` and no `Content-Encoding` (`415`, for any request whose `Content-Type` begins as a form's: HAPI takes for a form whatever begins so, case-sensitively, `application/x-www-form-urlencodedx` too, reads none with a `Content-Encoding`, even `identity`, when there is no query string, and a servlet container decodes it in the charset it names) |
+//! | any query string or form | parameter names as FHIR spells them, with their modifiers and chains (letters, digits, `_`, `-`, `.`, `:`): another is `400` (HAPI strips a leading `?`, so `??_include=*` would be an `_include` unchecked); at most [`MAX_SEARCH_PARAMETERS`] (500) of them, the query's and the form's together (`400`), and a form of at most [`MAX_FORM_BODY`] (1 MiB, `413`): past its own limits (Tomcat's `maxParameterCount`, 1000 in its newer releases; `maxPostSize`, 2 MB) a servlet container drops parameters, and the server would search without those checked |
 //! | system `search` and `history` | `s` on each type `_type` names, else on `*` |
 //! | `_include`, `_revinclude` (`:iterate` too) | `r` on the type included: `Source:param:Target`'s target, the source of a `_revinclude`, the one type of a few parameters (`patient`, `encounter`, `organization`, `location`, `specimen`, `medication`, `practitioner`), else `*` |
 //! | a reverse chain (`_has:Observation:patient:code=x`, nested too), a chain (`subject:Patient.name=x`, `patient.birthdate=x`) | `s` on each type it filters on, link by link in any mix (`_has:Observation:encounter:patient.name=x`: `Observation`, then `Patient`): a `_has`'s types; a chain link's type modifier, else the one type of the parameter (as for includes), else `*`. Which resources match tells about those types' data |
 //! | `_filter` (its expression may chain and reverse-chain anywhere), `_query` (a named query the server defines), `_list` | `s` on `*`; `r` and `s` on `*`; `r` on List |
+//! | `_contained` (other than `false`), `_containedType` | `r` and `s` on `*`: the contained resources or their containers, of any type |
 //! | `$operation` that stays within its type (`meta`, `meta-add`, `meta-delete`, `diff`, `validate`, `match`, `lastn`, `stats`, `expand`, `lookup`, `validate-code`, `subsumes`, `translate`) by GET | `r` on the type (instance level) or `s` (type level; `*` at the system level) |
-//! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/$everything` and `$summary`: for that patient under `patient/` scopes; any other operation on a patient, `$graphql` say, may follow references out of its compartment: anyone's) |
+//! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/$everything` and `$summary`: for that patient under `patient/` scopes, when each of its parameters only narrows or shapes what it answers with, `_count`, `_offset`, `_since`, `_lastUpdated`, `_type`, `_elements`, `_summary`, `_format`, `_pretty`, `start`, `end`, and `$summary`'s `profile`, in the query, a form or posted JSON `Parameters` (posted in another format, only with `r` and `s` on `*`, else `415`); another, HAPI's `_mdm=true` say, may add other patients' records; any other operation on a patient, `$graphql` say, may follow references out of its compartment: anyone's) |
 //! | `$operation` by another method | the same plus `c` and `u` (and `d`, for one not known to stay within its type); `$everything`, `$summary`, `$document` by POST only read: as by GET |
 //! | an `$operation`'s `_include`, `_revinclude` | as a search's, in the query or in a form posted to it (servers read a form's parameters as the query's) |
-//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused, as are urls with a dot segment anywhere, a fragment, a backslash or a percent-encoded path, which servers read differently); a create's or update's `resource` is checked as a top-level one's, a patch's (a FHIRPath Patch's `Parameters`, a JSON Patch in a `Binary`'s base64 `data`; anything else `400`) as a top-level patch, and a conditional create's `ifNoneExist` as a search of that type; an entry allowed only by its parameters makes the batch go with `Prefer: handling=strict` |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused, as are urls with a dot segment anywhere, a fragment, a backslash or a percent-encoded path, which servers read differently); a create's or update's `resource` is checked as a top-level one's, a patch's (a FHIRPath Patch's `Parameters`, a JSON Patch in a `Binary`'s base64 `data`; anything else `400`) as a top-level patch, an operation's (by POST) `Parameters` as its parameters, and a conditional create's `ifNoneExist` as a search of that type; an entry with a `resource` its request does not take (a `_search`'s, an operation's that is not a `Parameters`; but a read's or a delete's, which servers ignore) is `400`: HAPI creates a POST entry's resource whatever its url names; an entry allowed only by its parameters makes the batch go with `Prefer: handling=strict`; the batch's own query takes only `_format`, `_pretty` and `_cascade` (another is `400`: a server may apply it to every entry) |
 //! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
@@ -37,7 +39,8 @@
 //!   its compartment), its compartment searches of the types whose `patient` or `subject`
 //!   parameter can name the patient (`Patient/[id]/Observation`, not `Patient/[id]/Patient` or
 //!   `/Group`; the server answers with what its compartment holds, which for an Observation
-//!   includes one the patient performed), `$everything`, and searches narrowed to it by `patient=[id]`
+//!   includes one the patient performed), `$everything` and `$summary` with parameters that
+//!   only narrow them, and searches narrowed to it by `patient=[id]`
 //!   or `patient=Patient/[id]`, `subject=Patient/[id]`, or `Patient?_id=[id]` (each such
 //!   parameter naming that patient alone, and one the type searched has in every FHIR
 //!   release that has the type, DSTU2 to R5: `Observation?patient=123`, not
@@ -94,8 +97,10 @@
 //! resource scope, so a typo restricts rather than opens; the refusal names it, and the
 //! token endpoint's client stores refuse to register it.
 //! A token's grants are parsed once and kept with its cached claims; a request checked from
-//! its head costs no allocation beyond its query's parameters. A Bundle or a `_search` form is
-//! read whole first (at most [`max_buffered_body`](SmartScopeBuilder::max_buffered_body),
+//! its head costs no allocation beyond its query's parameters. A Bundle, a `_search` form (at
+//! most [`MAX_FORM_BODY`]) or the parameters posted to `Patient/[id]/$everything` or
+//! `$summary` are read whole first (at most
+//! [`max_buffered_body`](SmartScopeBuilder::max_buffered_body),
 //! else `413`; all such bodies held at once at most
 //! [`max_buffered_total`](SmartScopeBuilder::max_buffered_total), else `503` with
 //! `Retry-After`) and handed on unchanged as a [`ScopedBody`].
@@ -148,7 +153,7 @@ mod scope;
 
 pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
-    DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL,
+    DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL, MAX_FORM_BODY, MAX_SEARCH_PARAMETERS,
 };
 #[cfg(feature = "token")]
 pub(crate) use scope::looks_like_resource_scope;

@@ -212,7 +212,9 @@ impl ResourceScope {
 
     /// Whether everything this scope allows, `wider` allows too: the same context, a type
     /// `wider` covers, permissions `wider` holds, and every parameter of `wider`'s query
-    /// present with the same value in this one's.
+    /// present with the same value in this one's, and no other that may add to a search's
+    /// answer rather than narrow it (`_contained`, `_containedType`, `_include`,
+    /// `_revinclude`, `_query`, `_mdm`, `_cascade`, with any modifier).
     ///
     /// ```
     /// use tower_fhir::smart::ResourceScope;
@@ -232,6 +234,10 @@ impl ResourceScope {
                 .query
                 .iter()
                 .all(|pair| self.query.iter().any(|own| own == pair))
+            && self
+                .query
+                .iter()
+                .all(|pair| wider.query.contains(pair) || !adds_to_an_answer(&pair.0))
     }
 
     /// Whether it covers `resource_type` (`None`: every type, which only `*` covers).
@@ -242,6 +248,24 @@ impl ResourceScope {
             (Some(_), None) => false,
         }
     }
+}
+
+/// Whether a search parameter may add to a search's answer rather than narrow it: contained
+/// resources or their containers, included ones, a named query's, the records of linked
+/// patients (HAPI's `_mdm`), cascaded deletes.
+fn adds_to_an_answer(name: &str) -> bool {
+    matches!(
+        name.split(':').next(),
+        Some(
+            "_contained"
+                | "_containedType"
+                | "_include"
+                | "_revinclude"
+                | "_query"
+                | "_mdm"
+                | "_cascade"
+        )
+    )
 }
 
 /// What a token's scopes grant: its SMART resource scopes, and the patient its `patient/`
@@ -420,7 +444,7 @@ pub(crate) fn parse_query(query: &str) -> Result<Vec<Param<'_>>, Unreadable> {
 
 /// A search parameter's name as FHIR spells one, with its modifiers, chains and reverse
 /// chains (`_include:iterate`, `subject:Patient.name`, `_has:Observation:patient:code`).
-fn is_parameter_name(name: &str) -> bool {
+pub(crate) fn is_parameter_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()
@@ -568,5 +592,31 @@ mod tests {
                 .len()
                 == 1
         );
+    }
+
+    #[test]
+    fn a_parameter_that_adds_to_an_answer_is_no_narrowing() {
+        let scope = |s: &str| ResourceScope::parse(s).unwrap();
+        let registered = scope("system/Observation.rs?category=laboratory");
+        assert!(scope("system/Observation.rs?category=laboratory&code=x").within(&registered));
+        // Each of these brings in what the registered scope's search would not (containers,
+        // included resources, linked patients' records, a named query's, cascaded deletes).
+        for wider in [
+            "_contained=true",
+            "_containedType=container",
+            "_include=Observation:patient",
+            "_revinclude:iterate=Provenance:target",
+            "_query=everything",
+            "_mdm=true",
+            "_cascade=delete",
+        ] {
+            let asked = scope(&format!(
+                "system/Observation.rs?category=laboratory&{wider}"
+            ));
+            assert!(!asked.within(&registered), "{wider}");
+        }
+        // One the registered scope holds itself is no addition.
+        let contained = scope("system/Observation.rs?_contained=false");
+        assert!(scope("system/Observation.rs?_contained=false&code=x").within(&contained));
     }
 }
