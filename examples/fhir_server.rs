@@ -7,6 +7,9 @@
 //! tenant's store key (`InProcessTenant`), the tenant (`TenantId`) and the FHIR release to
 //! answer in (`FhirVersion`), as axum extractors. Nothing is proxied; no tenant has a URL.
 //!
+//! The router has no `metadata` route: `GET /metadata` is answered by the layer, without a
+//! token and with one (then in the tenant's release), naming the token endpoint.
+//!
 //! Two tenants on two stores: Contoso serves R4 and DSTU2, Fabrikam R4 only. Two client
 //! applications: `dstu2-app` speaks DSTU2 (`Accept: application/json+fhir`), `r4-app` R4.
 //! Prints their credentials and curl commands that work as printed.
@@ -208,7 +211,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .token_endpoint(tokens)
         .build_layer()?;
 
-    // 4. Your FHIR routes, behind it.
+    // 4. Your FHIR routes, behind it. No `metadata` route is needed: the layer answers
+    //    `GET /metadata` (with a token, in the tenant's release) where the router has none.
     let app = Router::new()
         .route("/Patient/{id}", get(read))
         .route("/Patient", get(search).post(create))
@@ -229,6 +233,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  TOKEN=$(curl -s -u {client_id}:{secret} -d grant_type=client_credentials -d scope={contoso} {base}/oauth/token | sed 's/.*\"access_token\":\"\\([^\"]*\\)\".*/\\1/')");
     println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Accept: application/json+fhir' {base}/Patient/100");
     println!("  curl -s -H \"Authorization: Bearer $TOKEN\" -H 'Accept: application/fhir+json; fhirVersion=4.0' {base}/Patient");
+    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" {base}/metadata");
     // The client's address reaches the token endpoint's brute-force throttle as ConnectInfo.
     axum::serve(
         listener,

@@ -8,9 +8,12 @@ use serde_json::json;
 use support::*;
 use tower::ServiceBuilder;
 use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::gateway::Gateway;
 use tower_fhir::metadata::{CapabilityCacheLayer, MetadataLayer};
 use tower_fhir::proxy::FhirProxy;
-use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantRoutingLayer, Upstream};
+use tower_fhir::route::{
+    InMemoryDirectory, InProcessTenant, TenantRecord, TenantRoutingLayer, Upstream,
+};
 use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::version::{FhirVersion, VersionNegotiationLayer};
 
@@ -516,4 +519,208 @@ async fn a_statement_the_upstream_marks_no_store_is_asked_for_each_time() {
         assert_eq!(reply.status, StatusCode::OK);
     }
     assert_eq!(upstream.received().len(), 3, "asked once, then kept");
+}
+
+/// The upstream's statement, its own OAuth token endpoint in it.
+fn hospital_statement() -> serde_json::Value {
+    json!({"resourceType": "Conformance", "fhirVersion": "1.0.2",
+        "rest": [{"mode": "server", "security": {"extension": [{"url": OAUTH_URIS,
+            "extension": [{"url": "token", "valueUri": "http://ehr.internal/token"}]}]}}]})
+}
+
+/// Some .NET servers start their JSON with a UTF-8 byte order mark: a statement all the same,
+/// rewritten and cached as any other.
+#[tokio::test]
+async fn a_statement_after_a_byte_order_mark_is_rewritten_and_cached() {
+    let (client, upstream, bearer) = setup().await;
+    upstream.answer(
+        "/fhir/metadata",
+        Answer {
+            status: StatusCode::OK,
+            headers: vec![(
+                "content-type".into(),
+                "application/json+fhir; charset=utf-8".into(),
+            )],
+            body: format!("\u{feff}{}", hospital_statement()),
+            delay: std::time::Duration::ZERO,
+        },
+    );
+    for _ in 0..2 {
+        let reply = client
+            .send("GET", "/metadata", &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert!(!reply.text().contains("ehr.internal"), "{}", reply.text());
+        let statement = reply.json();
+        assert_eq!(statement["resourceType"], "Conformance", "{}", reply.text());
+        let oauth = &statement["rest"][0]["security"]["extension"][0];
+        assert_eq!(
+            oauth["extension"][0]["valueUri"],
+            "http://gateway.test/oauth/token"
+        );
+    }
+    assert_eq!(upstream.received().len(), 1, "asked once, then cached");
+}
+
+/// A statement sent as JSON that is no JSON statement would reach the client with the
+/// hospital's own security section: 502 with an OperationOutcome instead. (Another resource,
+/// a `TerminologyCapabilities`, has none, and passes.)
+#[tokio::test]
+async fn a_json_typed_statement_that_does_not_parse_is_a_502() {
+    let (client, upstream, bearer) = setup().await;
+    let whole = hospital_statement().to_string();
+    for (content_type, body) in [
+        // Cut short.
+        ("application/fhir+json", &whole[..whole.len() - 2]),
+        // A statement without its type.
+        (
+            "application/json",
+            r#"{"rest":[{"security":{"service":[{"text":"ehr.internal"}]}}]}"#,
+        ),
+    ] {
+        upstream.answer(
+            "/fhir/metadata",
+            Answer {
+                status: StatusCode::OK,
+                headers: vec![("content-type".into(), content_type.into())],
+                body: body.to_owned(),
+                delay: std::time::Duration::ZERO,
+            },
+        );
+        let reply = client
+            .send("GET", "/metadata", &[("authorization", &bearer)], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{content_type}");
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+        assert!(!reply.text().contains("ehr.internal"), "{}", reply.text());
+    }
+}
+
+/// A tenant served in-process by an application behind `GatewayLayer`, with or without a
+/// `metadata` route of its own; its client's token.
+async fn in_process(own_statement: bool) -> (TestClient, String) {
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        TENANT.parse().unwrap(),
+        TenantRecord::in_process(
+            InProcessTenant::new("store", [FhirVersion::R4, FhirVersion::Dstu2]).unwrap(),
+        ),
+    );
+    let layer = Gateway::builder("http://gateway.test")
+        .directory(directory)
+        .token_url("http://gateway.test/oauth/token")
+        .auth(BearerAuthLayer::builder().key(VerificationKey::hmac(HMAC_SECRET).unwrap()))
+        .versions(
+            VersionNegotiationLayer::builder().supported([FhirVersion::Dstu2, FhirVersion::R4]),
+        )
+        .build_layer()
+        .unwrap();
+    let mut app = axum::Router::new().route(
+        "/Patient/{id}",
+        axum::routing::get(|| async { "a patient" }),
+    );
+    if own_statement {
+        app = app.route(
+            "/metadata",
+            axum::routing::get(|| async {
+                let statement = json!({"resourceType": "CapabilityStatement",
+                    "fhirVersion": "4.0.1", "software": {"name": "the app"},
+                    "rest": [{"mode": "server"}]});
+                (
+                    [("content-type", "application/fhir+json")],
+                    statement.to_string(),
+                )
+            }),
+        );
+    }
+    let client = TestClient::new(serve(app.layer(layer)).await);
+    let mut c = claims();
+    c["scope"] = json!(TENANT);
+    (
+        client,
+        format!("Bearer {}", mint(Algorithm::HS256, None, &c)),
+    )
+}
+
+/// FHIR clients fetch `metadata` with their token too: an in-process application without a
+/// `metadata` route gets the statement the gateway generates, in the tenant's release, as a
+/// request without a token does.
+#[tokio::test]
+async fn an_in_process_tenant_without_a_statement_of_its_own_gets_the_generated_one() {
+    let (client, bearer) = in_process(false).await;
+    let with_token = |accept: Option<&'static str>| {
+        let mut headers = vec![("authorization", bearer.clone())];
+        headers.extend(accept.map(|a| ("accept", a.to_owned())));
+        headers
+    };
+    let send = |method: &'static str, uri: &'static str, headers: Vec<(&'static str, String)>| {
+        let client = client.clone();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            client.send(method, uri, &headers, "").await
+        }
+    };
+    let reply = send("GET", "/metadata", with_token(None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let statement = reply.json();
+    assert_eq!(statement["resourceType"], "CapabilityStatement");
+    assert_eq!(statement["fhirVersion"], "4.0.1", "the tenant's default");
+    assert_eq!(
+        statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+        "http://gateway.test/oauth/token"
+    );
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=4.0"
+    );
+    // In the release the client names; as XML where it asks for XML.
+    let dstu2 = Some("application/json+fhir; fhirVersion=1.0");
+    let reply = send("GET", "/metadata", with_token(dstu2)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "Conformance");
+    let reply = send("GET", "/metadata?_format=xml", with_token(None)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        reply.text().contains("<CapabilityStatement xmlns"),
+        "{}",
+        reply.text()
+    );
+    // A HEAD: the GET's headers, no body.
+    let get = send("GET", "/metadata", with_token(None)).await;
+    let head = send("HEAD", "/metadata", with_token(None)).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(head.headers["content-length"], get.body.len().to_string());
+    // Without a token, asked in that release: the same statement (naming none, the
+    // gateway's default release, STU3, as no tenant is known).
+    let r4 = vec![(
+        "accept",
+        "application/fhir+json; fhirVersion=4.0".to_owned(),
+    )];
+    let anonymous = send("GET", "/metadata", r4).await;
+    assert_eq!(anonymous.json(), get.json());
+    // The application's other routes are its own: a path it has no route for is its 404.
+    let reply = send("GET", "/Observation/1", with_token(None)).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    // So is a TerminologyCapabilities it does not serve: the statement is none.
+    let reply = send("GET", "/metadata?mode=terminology", with_token(None)).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+/// An in-process application that serves its own statement: it is served, with the gateway's
+/// security section.
+#[tokio::test]
+async fn an_in_process_tenants_own_statement_is_served_with_the_gateways_security() {
+    let (client, bearer) = in_process(true).await;
+    let reply = client
+        .send("GET", "/metadata", &[("authorization", &bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let statement = reply.json();
+    assert_eq!(statement["software"]["name"], "the app");
+    assert_eq!(
+        statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+        "http://gateway.test/oauth/token"
+    );
 }

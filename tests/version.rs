@@ -258,6 +258,15 @@ async fn unservable_releases_and_disagreements_are_refused() {
             ],
             StatusCode::BAD_REQUEST,
         ),
+        // Two types for one body: the release routed by and the one the server reads could
+        // differ.
+        (
+            vec![
+                ("content-type", "application/fhir+json; fhirVersion=3.0"),
+                ("content-type", "application/fhir+json; fhirVersion=1.0"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (headers, status) in cases {
         let mut all = vec![("authorization", s.bearer.as_str())];
@@ -417,4 +426,138 @@ async fn a_tenants_versions_default_is_its_first_servers_release_even_one_not_su
     let reply = read_naming_no_release(&s).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(s.dstu2.received().len(), 1);
+}
+
+/// `GET` with the tenant's token and `headers`, of `uri`.
+async fn read_with(s: &Setup, uri: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut all = vec![("authorization", s.bearer.as_str())];
+    all.extend_from_slice(headers);
+    s.client.send("GET", uri, &all, "").await
+}
+
+/// HAPI's generic client adds `_format=json` to every request: `_format` chooses the format,
+/// and, naming no release, leaves the release to `Accept`.
+#[tokio::test]
+async fn a_format_naming_no_release_leaves_the_release_to_accept() {
+    let s = setup().await;
+    let stu3 = "application/fhir+json; fhirVersion=3.0";
+    let reply = read_with(&s, "/Patient/1?_format=json", &[("accept", stu3)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        s.dstu2.received().is_empty(),
+        "not the tenant's default server"
+    );
+    let got = s.stu3.last();
+    assert_eq!(got.target, "/stu3/Patient/1?_format=json");
+    assert_eq!(got.headers["accept"], stu3, "forwarded as sent");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=3.0"
+    );
+    // `_format=xml` too: the format is XML, the release still Accept's.
+    let reply = read_with(&s, "/Patient/1?_format=xml", &[("accept", stu3)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.stu3.received().len(), 2);
+    // A `_format` naming a release overrides the one Accept names (FHIR: `_format` overrides
+    // `Accept`).
+    let uri = "/Patient/1?_format=application/fhir%2Bjson;fhirVersion=1.0";
+    let reply = read_with(&s, uri, &[("accept", stu3)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.dstu2.received().len(), 1);
+    // A release the gateway does not serve, named in Accept beside `_format=json`: 406.
+    let r5 = [("accept", "application/fhir+json; fhirVersion=5.0")];
+    let reply = read_with(&s, "/Patient/1?_format=json", &r5).await;
+    assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert_eq!(s.stu3.received().len() + s.dstu2.received().len(), 3);
+}
+
+/// Every `Accept` value reaches a DSTU2 server, each in DSTU2's media types, in order.
+#[tokio::test]
+async fn a_dstu2_server_gets_every_accept_value() {
+    let s = setup().await;
+    let reply = read_with(
+        &s,
+        "/Patient/1",
+        &[
+            ("accept", "application/fhir+json; fhirVersion=1.0"),
+            ("accept", "application/fhir+xml;q=0.5"),
+            ("accept", "text/plain;q=0.1"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let got = s.dstu2.last();
+    let accept: Vec<&str> = got
+        .headers
+        .get_all("accept")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(
+        accept,
+        [
+            "application/json+fhir; fhirVersion=1.0",
+            "application/xml+fhir;q=0.5",
+            "text/plain;q=0.1"
+        ]
+    );
+}
+
+/// A client that accepts several releases is served in the first of them, in its order of
+/// preference, that its tenant has a server for.
+#[tokio::test]
+async fn the_first_accepted_release_the_tenant_serves_is_chosen() {
+    let s = setup().await;
+    // R4 is supported by the gateway, not served by this tenant; STU3 is.
+    let r4_then_stu3 =
+        "application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.5";
+    let reply = read_with(&s, "/Patient/1", &[("accept", r4_then_stu3)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.stu3.last().target, "/stu3/Patient/1");
+    assert_eq!(s.stu3.last().headers["accept"], r4_then_stu3);
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+json; fhirVersion=3.0"
+    );
+    // In separate values, and with an unknown release first.
+    let reply = read_with(
+        &s,
+        "/Patient/1",
+        &[
+            ("accept", "application/fhir+json; fhirVersion=9.9"),
+            ("accept", "application/fhir+json; fhirVersion=4.0; q=0.9"),
+            ("accept", "application/json+fhir; fhirVersion=1.0; q=0.8"),
+            ("accept", "application/fhir+json; fhirVersion=3.0; q=0.7"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.dstu2.received().len(), 1, "DSTU2 before STU3");
+    // A range naming no release, after: any release, so the tenant's default server.
+    let r4_or_any = "application/fhir+json; fhirVersion=4.0, application/fhir+json; q=0.1";
+    let reply = read_with(&s, "/Patient/1", &[("accept", r4_or_any)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.dstu2.received().len(), 2);
+    // A body in a release the client accepts, if not first: that release.
+    let reply = s
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &s.bearer),
+                ("accept", r4_then_stu3),
+                ("content-type", "application/fhir+json; fhirVersion=3.0"),
+            ],
+            "{}",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(s.stu3.last().target, "/stu3/Patient");
+    // Nothing the tenant serves among them: 406, as before.
+    let r4 = [("accept", "application/fhir+json; fhirVersion=4.0")];
+    let reply = read_with(&s, "/Patient/1", &r4).await;
+    assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
+    assert_eq!(s.stu3.received().len() + s.dstu2.received().len(), 4);
 }

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::statement::{is_json, json_statement, read_statement};
+use super::statement::{json_statement, plain_json, read_statement};
 use super::{is_metadata_path, ResponseFuture};
 use crate::body::ResponseBody;
 use crate::version::FhirVersion;
@@ -42,6 +42,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A Tower layer, placed between routing and the proxy, that caches each tenant's upstream
 /// JSON CapabilityStatement (`GET metadata`) per upstream, FHIR release, query and requested
 /// format; anything else (an XML statement, an error) passes through and is not kept.
+///
+/// A `GET metadata` for a tenant served in-process goes to the service inside, uncached; if
+/// that has no statement (it answers 404 or 405), the answer says so to the
+/// [`MetadataLayer`](super::MetadataLayer), which answers with its generated statement.
 #[derive(Clone)]
 #[must_use]
 pub struct CapabilityCacheLayer {
@@ -367,6 +371,23 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if let Some(release) = in_process_metadata(&request) {
+            // Not cached (no hospital to spare); where the application has no statement of
+            // its own, the metadata layer answers with its generated one.
+            let future = self.inner.call(request);
+            return ResponseFuture::own(async move {
+                let mut response = future.await?;
+                if matches!(
+                    response.status(),
+                    StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+                ) {
+                    response
+                        .extensions_mut()
+                        .insert(InProcessWithoutStatement(release));
+                }
+                Ok(response.map(ResponseBody::inner))
+            });
+        }
         let Some(key) = StatementKey::of(&request) else {
             return ResponseFuture::passed(self.inner.call(request));
         };
@@ -400,20 +421,15 @@ where
                 Ok(body) => body,
                 Err(unreadable) => return Ok(unreadable.map(ResponseBody::full)),
             };
-            let content_type = parts.headers.get(header::CONTENT_TYPE);
-            let identity = parts
-                .headers
-                .get(header::CONTENT_ENCODING)
-                .is_none_or(|e| e.as_bytes().eq_ignore_ascii_case(b"identity"));
-            // Only what the metadata layer rewrites, and the upstream lets a shared cache keep,
-            // is kept: an XML statement (or anything else) goes to this client alone, as it
-            // came.
+            // Only what the metadata layer rewrites (a JSON statement, after a byte order mark
+            // or not), and the upstream lets a shared cache keep, is kept: an XML statement (or
+            // anything else) goes to this client alone, as it came.
             let lifetime = freshness(&parts.headers, ttl);
-            if let Some(lifetime) = lifetime.filter(|_| {
-                identity && content_type.is_some_and(is_json) && json_statement(&body).is_some()
-            }) {
+            if let Some(lifetime) =
+                lifetime.filter(|_| plain_json(&parts.headers) && json_statement(&body).is_some())
+            {
                 let cached = CachedStatement {
-                    content_type: content_type.cloned(),
+                    content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
                     body: body.clone(),
                     lifetime,
                 };
@@ -426,6 +442,37 @@ where
             Ok(Response::from_parts(parts, ResponseBody::full(body)))
         })
     }
+}
+
+/// On the answer to a `GET metadata` for a tenant served in-process, whose application has no
+/// `metadata` of its own (it answered 404 or 405): the release the request was served in. The
+/// [`MetadataLayer`](super::MetadataLayer) answers such a request with its generated
+/// statement in that release, as it answers one without a token.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InProcessWithoutStatement(pub(super) FhirVersion);
+
+/// The release of a `GET metadata` routed to a tenant served in-process; `None` for any other
+/// request.
+fn in_process_metadata<B>(request: &Request<B>) -> Option<FhirVersion> {
+    if request.method() != Method::GET || !is_metadata_path(request.uri().path()) {
+        return None;
+    }
+    // `mode=terminology` asks for a TerminologyCapabilities, which the generated statement
+    // is not: the application's own answer stands.
+    if request.uri().query().is_some_and(|query| {
+        query.split('&').any(|pair| {
+            pair.starts_with("mode=") && pair != "mode=full" && pair != "mode=normative"
+        })
+    }) {
+        return None;
+    }
+    let extensions = request.extensions();
+    let local = extensions.get::<crate::route::InProcessTenant>()?;
+    // Routing puts the release chosen in the extensions; else the tenant's default.
+    extensions
+        .get::<FhirVersion>()
+        .copied()
+        .or_else(|| local.select(None))
 }
 
 impl CachedStatement {
@@ -536,6 +583,30 @@ mod tests {
         body(&service, routed(A, "/Patient/1", None)).await;
         body(&service, routed(A, "/Patient/1", None)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 4, "only metadata is cached");
+    }
+
+    /// A statement after a UTF-8 byte order mark (some .NET servers) is a JSON statement: kept,
+    /// and served as it came.
+    #[tokio::test]
+    async fn a_statement_after_a_byte_order_mark_is_kept() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let with_bom = Bytes::from([b"\xEF\xBB\xBF".as_slice(), JSON.as_bytes()].concat());
+        let answer = with_bom.clone();
+        let service = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100).layer(
+            service_fn(move |_request: Request<Full<Bytes>>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let response = Response::builder()
+                    .header(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")
+                    .body(Full::new(answer.clone()))
+                    .unwrap();
+                async { Ok::<_, Infallible>(response) }
+            }),
+        );
+        for _ in 0..3 {
+            assert_eq!(body(&service, routed(A, "/metadata", None)).await, with_bom);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

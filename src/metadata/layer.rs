@@ -12,6 +12,7 @@ use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::cache::InProcessWithoutStatement;
 use super::smart::SmartConfiguration;
 use super::statement::{respond, respond_xml, Statements};
 use super::upstream::AnonymousSource;
@@ -365,6 +366,9 @@ where
                 Ok(own_answer(config.anonymous(version).await, head))
             });
         }
+        // Where an in-process application has no statement of its own, the generated one is
+        // the answer, in the format asked for as without a token.
+        let xml = prefers_xml(request.uri().query(), request.headers(), version);
         // The statement is read and rewritten: asked for uncompressed, or a compressed one
         // would pass unread, with the upstream's own security section.
         request.headers_mut().remove(header::ACCEPT_ENCODING);
@@ -381,7 +385,16 @@ where
         let future = self.inner.call(request);
         ResponseFuture::own(async move {
             let response = future.await?;
-            let response = if response.status() == StatusCode::OK {
+            let generate = response.extensions().get::<InProcessWithoutStatement>();
+            let response = if let Some(&InProcessWithoutStatement(release)) = generate {
+                let statement = config.statements.generated(release);
+                let answer = if xml {
+                    respond_xml(&statement, release)
+                } else {
+                    respond(&statement, release)
+                };
+                answer.map(ResponseBody::full)
+            } else if response.status() == StatusCode::OK {
                 config.statements.secure_upstream_statement(response).await
             } else {
                 response.map(ResponseBody::inner)

@@ -10,7 +10,15 @@
 //!   always the generated statement then, whose XML form the gateway writes); with a
 //!   token, the request goes through the authenticated stack to the tenant's own server, and
 //!   its JSON answer comes back with the gateway's security section (one in another format,
-//!   XML, passes as the upstream sent it: the gateway rewrites JSON only).
+//!   XML, or compressed, passes as the upstream sent it: the gateway rewrites JSON only). A
+//!   statement after a UTF-8 byte order mark (some .NET servers send one) is JSON too. An
+//!   answer sent as uncompressed JSON that is no JSON statement (cut short, another resource)
+//!   is a 502 with an OperationOutcome: passed on, it would carry the upstream's own security
+//!   section. A tenant served in-process ([`InProcessTenant`](crate::route::InProcessTenant))
+//!   whose application has no `metadata` of its own (it answers 404 or 405) gets the
+//!   generated statement, in the release the request is served in, as without a token (this
+//!   needs the [`CapabilityCacheLayer`] between routing and the application, where
+//!   [`GatewayLayer`](crate::gateway::GatewayLayer) puts it).
 //! - `GET [base]/.well-known/smart-configuration`: JSON whatever the `Accept` header, naming the
 //!   token endpoint, the grant type and the client authentication methods.
 //!

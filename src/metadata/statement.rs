@@ -130,7 +130,7 @@ impl Statements {
             Ok(bytes) => bytes,
             Err(unreadable) => return unreadable.map(ResponseBody::full),
         };
-        if !within_values(&bytes, MAX_STATEMENT_VALUES) {
+        if !within_values(without_bom(&bytes), MAX_STATEMENT_VALUES) {
             tracing::warn!(
                 bytes = bytes.len(),
                 "the upstream CapabilityStatement holds more than {MAX_STATEMENT_VALUES} JSON values: 502"
@@ -143,8 +143,23 @@ impl Statements {
             .map(ResponseBody::full);
         }
         let Some(mut statement) = json_statement(&bytes) else {
-            // Not a JSON statement (XML, say): passed on as it came, its length the bytes'.
-            // The capability cache keeps none of these.
+            if plain_json(&parts.headers) && !another_resource(&bytes) {
+                // Sent as JSON and uncompressed, yet no JSON statement (cut short, another
+                // resource): passed on, it would give the client whatever security section the
+                // upstream wrote (its own OAuth endpoints), which is the rewrite's point.
+                tracing::warn!(
+                    bytes = bytes.len(),
+                    "the upstream's JSON answer to metadata is no CapabilityStatement: 502"
+                );
+                return OperationOutcome::error(
+                    IssueType::Invalid,
+                    "The tenant's CapabilityStatement could not be read as JSON",
+                )
+                .to_response(StatusCode::BAD_GATEWAY)
+                .map(ResponseBody::full);
+            }
+            // Not a JSON statement (XML, say, or compressed): passed on as it came, its length
+            // the bytes'. The capability cache keeps none of these.
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -244,11 +259,35 @@ impl<'de> serde::de::Visitor<'de> for ValueCount<'_> {
     }
 }
 
-/// The JSON CapabilityStatement (DSTU2: `Conformance`) in `bytes`: what the gateway rewrites
-/// (and the only statement the capability cache keeps). `None` for anything else (XML, another
-/// resource, compressed bytes, a statement of more than [`MAX_STATEMENT_VALUES`] values),
-/// which is passed on as it came.
+/// Whether `bytes` is a JSON resource other than a statement: `metadata?mode=terminology`'s
+/// `TerminologyCapabilities` (IBM's FHIR server, Ontoserver), an `OperationOutcome`. Such a
+/// resource has no security section to rewrite, and passes as it came.
+fn another_resource(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "resourceType", borrow)]
+        resource_type: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Typed<'_>>(without_bom(bytes)).is_ok_and(|typed| {
+        typed
+            .resource_type
+            .is_some_and(|ty| ty != "CapabilityStatement" && ty != "Conformance")
+    })
+}
+
+/// `bytes` without a leading UTF-8 byte order mark, which some servers (.NET ones) put before
+/// their JSON and JSON parsers refuse (RFC 8259 lets a parser ignore it).
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// The JSON CapabilityStatement (DSTU2: `Conformance`) in `bytes`, after a byte order mark if
+/// there is one: what the gateway rewrites (and the only statement the capability cache
+/// keeps). `None` for anything else (XML, another resource, compressed bytes, a statement of
+/// more than [`MAX_STATEMENT_VALUES`] values): passed on as it came, unless it was sent as
+/// uncompressed JSON ([`plain_json`]), which is a 502.
 pub(super) fn json_statement(bytes: &[u8]) -> Option<Map<String, Value>> {
+    let bytes = without_bom(bytes);
     if !within_values(bytes, MAX_STATEMENT_VALUES) {
         return None;
     }
@@ -272,6 +311,15 @@ pub(super) fn is_json(content_type: &HeaderValue) -> bool {
     ]
     .iter()
     .any(|json| media.eq_ignore_ascii_case(json))
+}
+
+/// Whether a response's headers say its body is JSON ([`is_json`]) as it is: no
+/// `Content-Encoding` but `identity`. Such a body the gateway can read, and rewrites.
+pub(super) fn plain_json(headers: &http::HeaderMap) -> bool {
+    let identity = headers
+        .get(header::CONTENT_ENCODING)
+        .is_none_or(|e| e.as_bytes().eq_ignore_ascii_case(b"identity"));
+    identity && headers.get(header::CONTENT_TYPE).is_some_and(is_json)
 }
 
 /// A statement of `version` as a response: JSON, with its release's media type.
@@ -471,7 +519,7 @@ mod tests {
     use super::super::test_support::{call, get};
     use super::*;
     use http::Request;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
 
     #[test]
     fn only_json_statements_are_statements_the_gateway_rewrites() {
@@ -656,6 +704,96 @@ mod tests {
         let response = Response::new(Full::new(Bytes::from(many)));
         let answer = statements.secure_upstream_statement(response).await;
         assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+    }
+
+    /// Some .NET servers begin their JSON with a UTF-8 byte order mark.
+    #[tokio::test]
+    async fn a_statement_after_a_byte_order_mark_is_read_and_rewritten() {
+        let json = br#"{"resourceType":"CapabilityStatement","fhirVersion":"4.0.1","rest":[{"mode":"server","security":{"extension":[{"url":"http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris","extension":[{"url":"token","valueUri":"http://ehr.internal/token"}]}]}}]}"#;
+        let with_bom = [b"\xEF\xBB\xBF".as_slice(), json].concat();
+        assert_eq!(json_statement(&with_bom), json_statement(json));
+        assert!(json_statement(&with_bom).is_some());
+        // Its values are counted as any statement's.
+        let many = format!(
+            "\u{feff}{{\"resourceType\":\"CapabilityStatement\",\"x\":[{}0]}}",
+            "0,".repeat(MAX_STATEMENT_VALUES)
+        );
+        assert!(json_statement(many.as_bytes()).is_none());
+        let answer = statements("gw")
+            .secure_upstream_statement(Response::new(Full::new(Bytes::from(many))))
+            .await;
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+        // Rewritten, without the mark.
+        let mut response = Response::new(Full::new(Bytes::from(with_bom)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+json; charset=utf-8"),
+        );
+        let answer = statements("gw").secure_upstream_statement(response).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let statement: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            statement["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+            "https://gw.example/oauth/token"
+        );
+    }
+
+    /// A JSON-typed answer that is no JSON statement would reach the client with whatever
+    /// security section the upstream wrote, the rewrite being the point: a 502. Another type
+    /// (XML) or a compressed body passes as it came.
+    #[tokio::test]
+    async fn a_json_answer_that_is_no_statement_is_a_502() {
+        let typed =
+            |content_type: &'static str, encoding: Option<&'static str>, body: &'static str| {
+                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                if let Some(encoding) = encoding {
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+                }
+                response
+            };
+        let cut = r#"{"resourceType":"CapabilityStatement","rest":[{"security":{"extension":[{"url":"token","valueUri":"http://ehr.internal/token"}"#;
+        for (content_type, encoding, body) in [
+            ("application/fhir+json", None, cut),
+            ("application/json+fhir; fhirVersion=1.0", None, "not json"),
+            ("application/json", Some("identity"), r#"{"rest":[]}"#),
+            ("application/fhir+json", None, r#"["CapabilityStatement"]"#),
+            ("application/fhir+json", None, ""),
+        ] {
+            let answer = statements("gw")
+                .secure_upstream_statement(typed(content_type, encoding, body))
+                .await;
+            assert_eq!(
+                answer.status(),
+                StatusCode::BAD_GATEWAY,
+                "{content_type} {body}"
+            );
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            let outcome: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(outcome["resourceType"], "OperationOutcome");
+        }
+        for (content_type, encoding, body) in [
+            ("application/fhir+xml", None, "<CapabilityStatement/>"),
+            ("application/fhir+json", Some("gzip"), "\u{1f}\u{8b}"),
+            // `metadata?mode=terminology` (IBM's FHIR server, Ontoserver): no security section.
+            (
+                "application/fhir+json",
+                None,
+                r#"{"resourceType":"TerminologyCapabilities","status":"active"}"#,
+            ),
+        ] {
+            let answer = statements("gw")
+                .secure_upstream_statement(typed(content_type, encoding, body))
+                .await;
+            assert_eq!(answer.status(), StatusCode::OK, "{content_type}");
+            let passed = answer.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(passed, body.as_bytes(), "passed as it came");
+        }
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! speaks theirs to them (`application/json+fhir` for `application/fhir+json`, the same for
 //! XML) and answers the client in the form it asked for.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry as HeaderEntry, HeaderMap, HeaderName, HeaderValue};
 
 use super::media::split_list;
 
@@ -60,11 +60,48 @@ pub(crate) fn response_from_dstu2(headers: &mut HeaderMap) {
     swap_media_types(headers, header::CONTENT_TYPE, &CURRENT_MEDIA_TYPES);
 }
 
-/// Replaces media type essences in a header's ranges, keeping their parameters.
+/// Replaces media type essences in a header's ranges, keeping their parameters: in every
+/// value of the header, each in its place (a client may send `Accept` as several lines; the
+/// upstream gets them all). A value that is not text, or has nothing to swap, stays as it is.
 fn swap_media_types(headers: &mut HeaderMap, name: HeaderName, swaps: &[(&str, &str)]) {
-    let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+    let HeaderEntry::Occupied(mut entry) = headers.entry(name) else {
         return;
     };
+    // Nothing to swap (a client speaking DSTU2's types already): nothing is written.
+    if !entry.iter().any(|value| names_any(value, swaps)) {
+        return;
+    }
+    let values: Vec<HeaderValue> = entry
+        .iter()
+        .map(|value| swapped(value, swaps).unwrap_or_else(|| value.clone()))
+        .collect();
+    let mut values = values.into_iter();
+    if let Some(first) = values.next() {
+        // `insert` drops the other values; each is appended again, in order.
+        entry.insert(first);
+        for value in values {
+            entry.append(value);
+        }
+    }
+}
+
+/// Whether one of `value`'s ranges has an essence `swaps` replaces (read without allocating).
+fn names_any(value: &HeaderValue, swaps: &[(&str, &str)]) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    split_list(value).any(|range| {
+        let essence = range.split(';').next().unwrap_or_default().trim();
+        swaps
+            .iter()
+            .any(|(from, _)| essence.eq_ignore_ascii_case(from))
+    })
+}
+
+/// `value` with the essences `swaps` names replaced, parameters kept; `None` when there is
+/// nothing to swap (or it is not text).
+fn swapped(value: &HeaderValue, swaps: &[(&str, &str)]) -> Option<HeaderValue> {
+    let value = value.to_str().ok()?;
     let mut changed = false;
     let ranges: Vec<String> = split_list(value)
         .map(|range| {
@@ -83,11 +120,10 @@ fn swap_media_types(headers: &mut HeaderMap, name: HeaderName, swaps: &[(&str, &
             }
         })
         .collect();
-    if changed {
-        if let Ok(value) = HeaderValue::from_str(&ranges.join(", ")) {
-            headers.insert(name, value);
-        }
+    if !changed {
+        return None;
     }
+    HeaderValue::from_str(&ranges.join(", ")).ok()
 }
 
 #[cfg(test)]
@@ -118,6 +154,47 @@ mod tests {
             AskedForm::Upstreams
         );
         assert_eq!(asked_form(&HeaderMap::new()), AskedForm::Upstreams);
+    }
+
+    #[test]
+    fn every_value_is_swapped_in_order() {
+        let mut h = HeaderMap::new();
+        for value in [
+            "application/fhir+json; fhirVersion=1.0",
+            "text/plain;q=0.2",
+            "application/fhir+xml;q=0.5, application/fhir+json;q=0.4",
+        ] {
+            h.append(header::ACCEPT, HeaderValue::from_static(value));
+        }
+        // A value that is not text is kept as it is, in its place.
+        h.append(header::ACCEPT, HeaderValue::from_bytes(b"x/\xff").unwrap());
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/fhir+xml"),
+        );
+        request_to_dstu2(&mut h);
+        let accept: Vec<&[u8]> = h
+            .get_all(header::ACCEPT)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(
+            accept,
+            [
+                b"application/json+fhir; fhirVersion=1.0".as_slice(),
+                b"text/plain;q=0.2",
+                b"application/xml+fhir;q=0.5, application/json+fhir;q=0.4",
+                b"x/\xff",
+                b"application/xml+fhir",
+            ]
+        );
+        // Nothing to swap: the values stay, untouched.
+        let mut h = HeaderMap::new();
+        h.append(header::ACCEPT, HeaderValue::from_static("text/plain"));
+        h.append(header::ACCEPT, HeaderValue::from_static("*/*;q=0.1"));
+        request_to_dstu2(&mut h);
+        let accept: Vec<_> = h.get_all(header::ACCEPT).iter().collect();
+        assert_eq!(accept, ["text/plain", "*/*;q=0.1"]);
     }
 
     #[test]

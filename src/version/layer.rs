@@ -25,6 +25,19 @@ use crate::outcome::{IssueType, OperationOutcome};
 /// parameter in `Accept`, `_format` and, but for a `GET` or `HEAD`, which carries no body,
 /// `Content-Type`) and puts it in the request extensions. Its own `$versions` answer varies
 /// by `Accept` and `Authorization` (`Vary`).
+///
+/// `_format` chooses the format. It chooses the release only where its media type names one
+/// (`_format=application/fhir+json;fhirVersion=3.0`), and then overrides `Accept`, as FHIR
+/// says `_format` does; a `_format` naming none (`json`, `xml`, as HAPI's generic client adds
+/// to every request) leaves the release to `Accept`.
+///
+/// `Accept` may name several releases: the one with the highest q-value that this layer
+/// supports (the first among equals) is negotiated, and the others the client accepts, best
+/// first, go in the request extensions too, so that the
+/// [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) serves the request in the first
+/// of them its tenant has a server for where it has none for the best (a range naming no
+/// release there accepts any release: what a request naming none gets). A body's release
+/// (`Content-Type`) must be one the client accepts (400 if not), and is the one served.
 #[derive(Clone)]
 #[must_use]
 pub struct VersionNegotiationLayer {
@@ -208,7 +221,9 @@ impl<S: fmt::Debug> fmt::Debug for VersionNegotiation<S> {
 
 /// What negotiation decided for one request.
 enum Decision {
-    Proceed(Option<FhirVersion>),
+    /// The release negotiated, and what else the client accepts should its tenant not serve
+    /// that one.
+    Proceed(Option<FhirVersion>, Fallback),
     /// A `$versions` with credentials, left to the routing layer (see
     /// [`VersionNegotiationBuilder::tenant_versions`]).
     TenantVersions(Option<FhirVersion>, VersionsQuery),
@@ -320,19 +335,28 @@ impl Config {
             },
             None => None,
         };
+        // `_format` chooses the format; the release only where it names one, and then it
+        // overrides `Accept` (FHIR). Naming none (`json`: HAPI's generic client adds it to
+        // every request), it leaves the release to `Accept`.
+        let format_release = format.as_ref().filter(|f| f.named != Named::Nothing);
         // Most requests name no release: skip parsing unless a header mentions one; and only
         // `$versions` needs the ranges themselves.
         let accept_headers = headers.get_all(header::ACCEPT);
         let accept_values = || accept_headers.iter().filter_map(|v| v.to_str().ok());
-        let accept: Vec<MediaRange> = match &format {
-            Some(format) => vec![format.clone()],
-            None if versions_operation => accept_values().flat_map(parse_accept).collect(),
-            None => Vec::new(),
+        let accept: Vec<MediaRange> = if versions_operation {
+            accept_values().flat_map(parse_accept).collect()
+        } else {
+            Vec::new()
         };
-        let accepted = if format.is_some() || versions_operation {
+        let choices = if let Some(format) = format_release {
+            self.accepted(std::iter::once((format.named, format.q)))
+        } else if versions_operation {
             self.accepted(accept.iter().map(|r| (r.named, r.q)))
         } else if let Some(version) = single_exact_named(&accept_headers) {
-            self.accepted(std::iter::once((Named::Version(version), 1.0)))
+            // The common form, one release: no parsing.
+            self.supports(Named::Version(version))
+                .map(|v| Choices::one(Some(v)))
+                .ok_or(())
         } else if accept_headers
             .iter()
             .any(|v| mentions_version(v.as_bytes()))
@@ -344,10 +368,10 @@ impl Config {
                     .map(|(_, named, q)| (named, q)),
             )
         } else {
-            Ok(None)
+            Ok(Choices::default())
         };
-        let accepted = match accepted {
-            Ok(version) => version,
+        let choices = match choices {
+            Ok(choices) => choices,
             Err(()) => {
                 return Decision::Answer(error(
                     StatusCode::NOT_ACCEPTABLE,
@@ -356,12 +380,24 @@ impl Config {
                 ))
             }
         };
+        let accepted = choices.best();
         // Only a body's `Content-Type` names the body's release: a GET's or HEAD's (they carry
         // none) names nothing.
         let content = if carries_no_body(method) {
             None
         } else {
-            headers.get(header::CONTENT_TYPE).and_then(named_content)
+            let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+            let first = types.next();
+            // A body has one type: with two, the release routed by here and the one a server
+            // reads (the last, say) could differ.
+            if types.next().is_some() {
+                return Decision::Answer(error(
+                    StatusCode::BAD_REQUEST,
+                    IssueType::Invalid,
+                    "A request has one Content-Type",
+                ));
+            }
+            first.and_then(named_content)
         };
         let body_version = match content {
             None | Some(Named::Nothing) => None,
@@ -376,18 +412,18 @@ impl Config {
                 }
             },
         };
-        if let (Some(body), Some(wanted)) = (body_version, accepted) {
-            if body != wanted {
-                return Decision::Answer(error(
-                    StatusCode::BAD_REQUEST,
-                    IssueType::Invalid,
-                    "Accept and Content-Type name different FHIR versions",
-                ));
-            }
+        // A body is in its release: the client must take an answer in it.
+        if body_version.is_some_and(|body| !choices.accepts(body)) {
+            return Decision::Answer(error(
+                StatusCode::BAD_REQUEST,
+                IssueType::Invalid,
+                "Accept and Content-Type name different FHIR versions",
+            ));
         }
         let version = body_version.or(accepted).or(self.default);
         if versions_operation {
-            let plain_json = plain_json(&accept);
+            // The answer's own format: `_format`'s, else what `Accept` asks first.
+            let plain_json = plain_json(format.as_ref().map_or(&accept[..], std::slice::from_ref));
             if self.tenant_versions && headers.contains_key(header::AUTHORIZATION) {
                 return Decision::TenantVersions(
                     version,
@@ -402,37 +438,167 @@ impl Config {
                 plain_json,
             ));
         }
-        Decision::Proceed(version)
+        // A body's release, or none named first: nothing else to fall back on.
+        let fallback = match (body_version, accepted) {
+            (None, Some(best)) => self.fallback(&choices, best),
+            _ => Fallback::Nothing,
+        };
+        Decision::Proceed(version, fallback)
     }
 
-    /// The release the client accepts, from its ranges' (release, q): the acceptable range
-    /// with the highest q (the first among equals) decides; `Ok(None)` when that range names
-    /// no release or there are none, `Err` when every range names a release this server does
-    /// not serve.
-    fn accepted(
-        &self,
-        ranges: impl Iterator<Item = (Named, f32)>,
-    ) -> Result<Option<FhirVersion>, ()> {
-        let mut any = false;
-        let mut best: Option<(f32, Option<FhirVersion>)> = None;
-        for (named, q) in ranges.filter(|(_, q)| *q > 0.0) {
-            any = true;
-            let satisfiable = match named {
-                Named::Nothing => Some(None),
-                named => self.supports(named).map(Some),
+    /// What the client accepts, from its ranges' (release, q): each release this layer
+    /// supports, or any release (a range naming none), at the highest q a range gives it,
+    /// best first (the first among equals), nothing after any release; `Err` when there are
+    /// ranges and none is acceptable (each names a release this server does not serve).
+    fn accepted(&self, ranges: impl Iterator<Item = (Named, f32)>) -> Result<Choices, ()> {
+        // Each choice once, with its best q and the range that gave it: at most the five
+        // releases and any, so on the stack.
+        let mut found = [(None, 0.0_f32, 0_usize); CHOICES];
+        let mut len = 0;
+        let mut ranges_seen = false;
+        for (at, (named, q)) in ranges.filter(|(_, q)| *q > 0.0).enumerate() {
+            ranges_seen = true;
+            let choice = match named {
+                Named::Nothing => None,
+                named => match self.supports(named) {
+                    Some(version) => Some(version),
+                    None => continue,
+                },
             };
-            if let Some(version) = satisfiable {
-                if best.is_none_or(|(best_q, _)| q > best_q) {
-                    best = Some((q, version));
+            match found[..len].iter_mut().find(|(c, ..)| *c == choice) {
+                Some(entry) if q > entry.1 => (entry.1, entry.2) = (q, at),
+                Some(_) => {}
+                None => {
+                    found[len] = (choice, q, at);
+                    len += 1;
                 }
             }
         }
-        match best {
-            Some((_, version)) => Ok(version),
-            None if any => Err(()),
-            None => Ok(None),
+        if len == 0 {
+            return if ranges_seen {
+                Err(())
+            } else {
+                Ok(Choices::default())
+            };
+        }
+        let found = &mut found[..len];
+        found.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
+        let mut choices = Choices::default();
+        for (choice, ..) in found.iter() {
+            choices.push(*choice);
+            if choice.is_none() {
+                break;
+            }
+        }
+        Ok(choices)
+    }
+
+    /// What the client accepts after `best`, for routing: any release is what a request
+    /// naming none gets (this layer's default, if it has one).
+    fn fallback(&self, choices: &Choices, best: FhirVersion) -> Fallback {
+        let mut rest = Choices::default();
+        for choice in choices.after_best() {
+            let choice = match choice {
+                None => self.default,
+                release => *release,
+            };
+            if choice != Some(best) && !rest.contains(choice) {
+                rest.push(choice);
+            }
+        }
+        match rest.as_slice() {
+            [] => Fallback::Nothing,
+            [None] => Fallback::Any,
+            _ => Fallback::Listed(rest),
         }
     }
+}
+
+/// The most choices `Accept` can make: each release, and any release.
+const CHOICES: usize = FhirVersion::ALL.len() + 1;
+
+/// What a client accepts, best first: releases, and `None` for any release (a range naming
+/// none; nothing follows it). Fixed in size: reading `Accept` allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Choices {
+    items: [Option<FhirVersion>; CHOICES],
+    len: u8,
+}
+
+impl Choices {
+    fn one(choice: Option<FhirVersion>) -> Self {
+        let mut choices = Self::default();
+        choices.push(choice);
+        choices
+    }
+
+    fn push(&mut self, choice: Option<FhirVersion>) {
+        if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
+            *slot = choice;
+            self.len += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[Option<FhirVersion>] {
+        &self.items[..usize::from(self.len)]
+    }
+
+    fn contains(&self, choice: Option<FhirVersion>) -> bool {
+        self.as_slice().contains(&choice)
+    }
+
+    /// The release the client prefers; `None` when it prefers none, or names none.
+    fn best(&self) -> Option<FhirVersion> {
+        self.as_slice().first().copied().flatten()
+    }
+
+    /// The choices after the best.
+    fn after_best(&self) -> &[Option<FhirVersion>] {
+        self.as_slice().get(1..).unwrap_or_default()
+    }
+
+    /// Whether an answer in `release` is one the client takes: it names no release, or this
+    /// one, or takes any.
+    fn accepts(&self, release: FhirVersion) -> bool {
+        self.len == 0 || self.contains(Some(release)) || self.contains(None)
+    }
+}
+
+/// What a client accepts besides the release negotiated, should its tenant not serve that one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallback {
+    /// Nothing: the common case (one release, or none, named).
+    Nothing,
+    /// Any release, the tenant's default server (`Accept` names one release, then a range
+    /// naming none).
+    Any,
+    /// These, in order (`None`: any release).
+    Listed(Choices),
+}
+
+/// The releases a client accepts besides the negotiated [`FhirVersion`], best first (`None`:
+/// any release, the tenant's default server), in the request extensions for routing. Only the
+/// [`VersionNegotiationLayer`] puts it there (a client cannot), and only where there is more
+/// than one thing to try: not where `Accept` names no release, or one alone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AlsoAccepted(Choices);
+
+/// [`AlsoAccepted`] holding any release alone: zero-sized, so that putting it in the
+/// extensions (a boxed value each) allocates nothing where `Accept` names a single release.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AnyAlsoAccepted;
+
+/// The releases the client accepts besides the negotiated one, best first, as the
+/// [`VersionNegotiationLayer`] left them in `extensions` (`None`: any release). Read by
+/// routing only where the tenant has no server for the negotiated release.
+pub(crate) fn fallbacks(
+    extensions: &http::Extensions,
+) -> impl Iterator<Item = Option<FhirVersion>> + '_ {
+    let listed = extensions
+        .get::<AlsoAccepted>()
+        .map_or(&[][..], |also| also.0.as_slice());
+    let any = extensions.get::<AnyAlsoAccepted>().map(|_| None);
+    listed.iter().copied().chain(any)
 }
 
 /// Whether `$versions` is answered as plain `application/json`: the client's first range asks
@@ -670,7 +836,18 @@ where
         );
         let version = match decision {
             Decision::Answer(response) => return ResponseFuture::answered(response),
-            Decision::Proceed(version) => version,
+            Decision::Proceed(version, fallback) => {
+                match fallback {
+                    Fallback::Nothing => {}
+                    Fallback::Any => {
+                        request.extensions_mut().insert(AnyAlsoAccepted);
+                    }
+                    Fallback::Listed(choices) => {
+                        request.extensions_mut().insert(AlsoAccepted(choices));
+                    }
+                }
+                version
+            }
             Decision::TenantVersions(version, query) => {
                 request.extensions_mut().insert(query);
                 version
@@ -916,15 +1093,171 @@ mod tests {
         let uri = "/Patient?_format=application/fhir%2Bjson%3B%20fhirVersion%3D4.0";
         let accept = [("accept", "application/fhir+json; fhirVersion=1.0")];
         assert_eq!(run(layer(), get(uri, &accept)).await.2, "4.0");
+        // Naming none, it leaves the release to `Accept`.
         assert_eq!(
             run(layer(), get("/Patient?_format=json", &accept)).await.2,
-            "none"
+            "1.0"
         );
         let mut request = post("application/fhir+json; fhirVersion=3.0", None);
         *request.uri_mut() = "/Patient?_format=application/fhir%2Bjson;fhirVersion=4.0"
             .parse()
             .unwrap();
         assert_eq!(run(layer(), request).await.0, StatusCode::BAD_REQUEST);
+    }
+
+    /// HAPI's generic client adds `_format=json` to every request: the format is `_format`'s,
+    /// the release still `Accept`'s where `_format` names none.
+    #[tokio::test]
+    async fn a_format_naming_no_release_leaves_the_release_to_accept() {
+        let stu3 = [("accept", "application/fhir+json; fhirVersion=3.0")];
+        for uri in [
+            "/Patient/1?_format=json",
+            "/Patient/1?_format=xml",
+            "/Patient/1?_format=application/fhir%2Bjson",
+            "/Patient/1?_format=application/fhir+xml;charset=utf-8",
+        ] {
+            assert_eq!(run(layer(), get(uri, &stu3)).await.2, "3.0", "{uri}");
+        }
+        // Every Accept value is read, as without `_format`.
+        let ranges = [
+            ("accept", "application/fhir+json; fhirVersion=5.0"),
+            ("accept", "application/fhir+json; fhirVersion=1.0; q=0.5"),
+        ];
+        assert_eq!(
+            run(layer(), get("/Patient?_format=json", &ranges)).await.2,
+            "1.0"
+        );
+        // A release Accept names that is not served is refused, `_format` or not.
+        let r5 = [("accept", "application/fhir+json; fhirVersion=5.0")];
+        let (status, _, body) = run(layer(), get("/Patient?_format=json", &r5)).await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        assert!(body.contains("OperationOutcome"));
+        // `_format` naming a release wins over Accept (FHIR: `_format` overrides `Accept`).
+        let uri = "/Patient?_format=application/fhir%2Bjson;fhirVersion=4.0";
+        assert_eq!(run(layer(), get(uri, &r5)).await.2, "4.0");
+        // `$versions`: shaped by Accept's release, typed by `_format`.
+        let (status, headers, _) = run(layer(), get("/$versions?_format=json", &stu3)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            headers["content-type"],
+            "application/fhir+json; fhirVersion=3.0"
+        );
+        let plain = [("accept", "application/json")];
+        let (_, headers, _) = run(layer(), get("/$versions?_format=json", &plain)).await;
+        assert_eq!(
+            headers["content-type"], "application/fhir+json; fhirVersion=4.0",
+            "`_format=json` is FHIR's JSON"
+        );
+    }
+
+    /// What the client accepts besides the release negotiated, best first, as routing reads it.
+    async fn also_accepted(
+        layer: VersionNegotiationLayer,
+        request: Request<Full<Bytes>>,
+    ) -> (StatusCode, String) {
+        let service = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+            let version = req.extensions().get::<FhirVersion>().copied();
+            let mut seen = version.map_or("none".to_owned(), |v| v.mime_code().to_owned());
+            let fallbacks = crate::version::fallbacks(req.extensions());
+            for fallback in fallbacks {
+                seen.push(' ');
+                seen.push_str(fallback.map_or("any", FhirVersion::mime_code));
+            }
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(seen)))
+        }));
+        let response = service.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_accepted_release_is_carried_best_first() {
+        let accept = |value: &'static str| get("/Patient", &[("accept", value)]);
+        let json = "application/fhir+json";
+        for (value, seen) in [
+            // One release, or none: nothing else.
+            ("application/fhir+json; fhirVersion=3.0", "3.0"),
+            ("application/fhir+json; fhirVersion=3.0; q=0.5", "3.0"),
+            (json, "none"),
+            ("*/*, application/fhir+json; fhirVersion=3.0; q=0.5", "none"),
+            // Several: best first, the first among equals, each once at its best q.
+            (
+                "application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.5",
+                "4.0 3.0",
+            ),
+            (
+                "application/fhir+json; fhirVersion=1.0; q=0.2, application/fhir+xml; fhirVersion=3.0; q=0.9, application/fhir+json; fhirVersion=4.0; q=0.9, application/fhir+xml; fhirVersion=1.0",
+                "1.0 3.0 4.0",
+            ),
+            // Releases not served, unknown ones and `q=0` are no choice.
+            (
+                "application/fhir+json; fhirVersion=5.0, application/fhir+json; fhirVersion=9.9, application/fhir+json; fhirVersion=4.0; q=0, application/fhir+json; fhirVersion=3.0; q=0.1",
+                "3.0",
+            ),
+            // A range naming none, after: any release; nothing after it counts.
+            (
+                "application/fhir+json; fhirVersion=4.0, */*; q=0.1, application/fhir+json; fhirVersion=3.0; q=0.05",
+                "4.0 any",
+            ),
+            (
+                "application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.8, application/fhir+json; q=0.5",
+                "4.0 3.0 any",
+            ),
+        ] {
+            assert_eq!(
+                also_accepted(layer(), accept(value)).await,
+                (StatusCode::OK, seen.to_owned()),
+                "{value}"
+            );
+        }
+        // Across Accept values, as within one.
+        let request = get(
+            "/Patient",
+            &[
+                ("accept", "application/fhir+json; fhirVersion=3.0; q=0.5"),
+                ("accept", "application/fhir+json; fhirVersion=1.0"),
+            ],
+        );
+        assert_eq!(also_accepted(layer(), request).await.1, "1.0 3.0");
+        // With a default, any release is the default: what a request naming none gets.
+        let with_default = VersionNegotiationLayer::builder()
+            .supported([FhirVersion::Dstu2, FhirVersion::Stu3, FhirVersion::R4])
+            .default_version(FhirVersion::Stu3)
+            .build()
+            .unwrap();
+        for (value, seen) in [
+            ("application/fhir+json; fhirVersion=4.0, */*; q=0.1", "4.0 3.0"),
+            (
+                "application/fhir+json; fhirVersion=3.0, application/fhir+json; fhirVersion=4.0; q=0.5, */*; q=0.1",
+                "3.0 4.0",
+            ),
+        ] {
+            let seen_now = also_accepted(with_default.clone(), accept(value)).await;
+            assert_eq!(seen_now.1, seen, "{value}");
+        }
+        // A body names its release: the one served, if the client accepts it at all.
+        let mut request = post(
+            "application/fhir+json; fhirVersion=3.0",
+            Some("application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.5"),
+        );
+        assert_eq!(
+            also_accepted(layer(), request).await,
+            (StatusCode::OK, "3.0".to_owned())
+        );
+        request = post(
+            "application/fhir+json; fhirVersion=1.0",
+            Some("application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.5"),
+        );
+        assert_eq!(
+            also_accepted(layer(), request).await.0,
+            StatusCode::BAD_REQUEST
+        );
+        request = post(
+            "application/fhir+json; fhirVersion=1.0",
+            Some("application/fhir+json; fhirVersion=4.0, */*; q=0.5"),
+        );
+        assert_eq!(also_accepted(layer(), request).await.1, "1.0");
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ mod layer;
 mod media;
 mod response;
 
+pub(crate) use layer::fallbacks;
 #[cfg(test)]
 pub(crate) use layer::parameters_of;
 pub(crate) use layer::VersionsQuery;
