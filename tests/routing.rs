@@ -218,6 +218,7 @@ async fn what_fhir_clients_send_crosses_and_nothing_else() {
         ("accept", "application/fhir+json"),
         ("accept-language", "de-CH"),
         ("content-type", "application/fhir+json"),
+        ("content-language", "de-CH"),
         ("if-match", "W/\"3\""),
         ("if-none-match", "W/\"2\""),
         ("if-modified-since", "Tue, 01 Jul 2025 10:00:00 GMT"),
@@ -241,6 +242,11 @@ async fn what_fhir_clients_send_crosses_and_nothing_else() {
         ("x-api-key", "the-client-s"),
         ("x-made-up", "1"),
         ("dnt", "1"),
+        // R4's: the server would write the Provenance it carries, past every scope check.
+        (
+            "x-provenance",
+            r#"{"resourceType":"Provenance","target":[{"reference":"Patient/2"}]}"#,
+        ),
     ];
     let mut headers = vec![("authorization", bearer.as_str())];
     headers.extend(fhir);
@@ -819,6 +825,85 @@ async fn known_routes_keep_serving_while_the_directory_is_down() {
         !reply.text().contains("database"),
         "directory errors stay in the logs"
     );
+}
+
+#[tokio::test]
+async fn a_redirect_outside_the_upstreams_base_is_a_502() {
+    let upstream = RecordingUpstream::start().await;
+    let base = upstream.base("/fhir/r3");
+    let host = base.trim_end_matches("/fhir/r3").to_owned();
+    let gw = one_tenant(&upstream).await;
+    let token = token_for(TENANT_A);
+    let redirect = |to: &str| {
+        let mut answer = Answer::json(json!({}));
+        answer.status = StatusCode::FOUND;
+        answer.headers.push(("location".into(), to.to_owned()));
+        answer
+    };
+    // Under the base: rewritten to the gateway's. A relative path: as sent.
+    for (to, expected) in [
+        (
+            format!("{base}/Patient/2"),
+            format!("{PUBLIC_BASE}/Patient/2"),
+        ),
+        (
+            "/fhir/r3/Patient/2".to_owned(),
+            format!("{PUBLIC_BASE}/Patient/2"),
+        ),
+        ("Patient/2".to_owned(), "Patient/2".to_owned()),
+        ("?page=2".to_owned(), "?page=2".to_owned()),
+        // The gateway's own URL already (an upstream that knows its address): as sent.
+        (
+            format!("{PUBLIC_BASE}/Patient/2"),
+            format!("{PUBLIC_BASE}/Patient/2"),
+        ),
+        (
+            "HTTP://Gateway.test:8080/Patient/2".to_owned(),
+            "HTTP://Gateway.test:8080/Patient/2".to_owned(),
+        ),
+    ] {
+        upstream.answer("/fhir/r3/Patient/1", redirect(&to));
+        let reply = gw.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::FOUND, "{to}");
+        assert_eq!(reply.headers["location"], expected.as_str(), "{to}");
+    }
+    // Anywhere else: the client is not led around the gateway, nor shown where.
+    for to in [
+        "http://10.0.0.7:8080/fhir/r3/Patient/1".to_owned(),
+        format!("{host}/other/Patient/1"),
+        "/other/Patient/1".to_owned(),
+        "//evil.example/fhir/r3/Patient/1".to_owned(),
+        "https://evil.example/".to_owned(),
+        "javascript:alert(1)".to_owned(),
+        // A browser reads `\` as `/`: another host.
+        "\\\\evil.example/x".to_owned(),
+        "\\/evil.example/x".to_owned(),
+        "/\\evil.example/x".to_owned(),
+        "http://gateway.test:8081/Patient/2".to_owned(),
+    ] {
+        upstream.answer("/fhir/r3/Patient/1", redirect(&to));
+        let reply = gw.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{to}");
+        assert!(reply.headers.get("location").is_none(), "{to}");
+        assert!(!reply.text().contains("10.0.0.7"), "{to}");
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome", "{to}");
+    }
+    // Two Locations: which one a client follows is its own choice.
+    let mut two = redirect("Patient/2");
+    two.headers
+        .push(("location".into(), "http://10.0.0.7/x".into()));
+    upstream.answer("/fhir/r3/Patient/1", two);
+    let reply = gw.client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    // A 304 has no Location worth the name; a 201's Location is no redirect.
+    let mut created = Answer::json(json!({"resourceType": "Patient", "id": "3"}));
+    created.status = StatusCode::CREATED;
+    created
+        .headers
+        .push(("location".into(), "http://10.0.0.7/x".into()));
+    upstream.answer("/fhir/r3/Patient/1", created);
+    let reply = gw.client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
 }
 
 #[tokio::test]
@@ -1495,6 +1580,102 @@ async fn an_http2_upstream_body_cut_short_of_its_length_never_passes_for_whole()
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
+/// An HTTP/2 (h2c) upstream answering `/fhir/Binary/big` with 32 MiB and anything else with a
+/// small Patient.
+async fn large_answers_upstream() -> String {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let big = bytes::Bytes::from(vec![b'x'; 32 << 20]);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let big = big.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let big = big.clone();
+                    async move {
+                        let _: &hyper::body::Incoming = request.body();
+                        let (content_type, body) = if request.uri().path() == "/fhir/Binary/big" {
+                            ("application/octet-stream", big)
+                        } else {
+                            (
+                                "application/fhir+json",
+                                bytes::Bytes::from_static(
+                                    br#"{"resourceType":"Patient","id":"1"}"#,
+                                ),
+                            )
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .header("content-type", content_type)
+                                .body(Full::new(body))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+#[tokio::test]
+async fn clients_that_read_nothing_of_large_http2_answers_do_not_stall_the_others() {
+    // Every request to an HTTP/2 upstream shares one connection and its flow-control window.
+    // A client that asks for a large answer and reads none of it holds what its stream was
+    // granted; with hyper's defaults (2 MiB a stream, 5 MiB the connection) three such
+    // clients held the whole window and every other answer on the connection waited for the
+    // idle watchdog to drop them.
+    let base = large_answers_upstream().await;
+    let upstream = Upstream::parse(&base, FhirVersion::R4)
+        .unwrap()
+        .with_http2();
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let token = token_for(TENANT_A);
+    assert_eq!(
+        gw.client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(gw.addr).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET /Binary/big HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        stalled.push(stream);
+    }
+    // Long enough for the upstream to fill what each stalled stream may hold.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        gw.client.get_bearer("/Patient/1", &token),
+    )
+    .await
+    .expect("an answer on the shared HTTP/2 connection waited on the clients that read nothing");
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["id"], "1");
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn an_upstreams_101_to_a_plain_request_is_a_502() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1986,6 +2167,11 @@ async fn an_http2_get_with_a_body_is_refused_and_one_without_passes() {
         .unwrap();
     let passed = sender.send_request(empty).await.unwrap();
     assert_eq!(passed.status(), StatusCode::OK);
+    // A stream left open by its HEADERS and ended by an empty DATA frame carries no body.
+    sender.ready().await.unwrap();
+    let passed = sender.send_request(get("")).await.unwrap();
+    assert_eq!(passed.status(), StatusCode::OK);
+    assert_eq!(upstream.received().len(), 2);
 }
 
 #[tokio::test]

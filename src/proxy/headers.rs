@@ -20,7 +20,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// method and URL overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`: an
 /// upstream honouring them would bypass the gateway's method and path checks),
 /// `Accept-Encoding` (a compressed answer could not have its upstream URLs rewritten),
-/// browsers' `Referer`, `Sec-*` and the like, and anything made up. Add more with
+/// `X-Provenance` (FHIR R4's: the server writes the `Provenance` resource it carries, a write
+/// no scope check sees), browsers' `Referer`, `Sec-*` and the like, and anything made up. Add
+/// more with
 /// [`FhirProxyBuilder::forward_request_header`](super::FhirProxyBuilder::forward_request_header).
 ///
 /// | header | why it crosses |
@@ -30,6 +32,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// | `content-type` | the body's format and `fhirVersion`; the body is forwarded byte for byte |
 /// | `content-length` | the body's length, checked against it by hyper on both sides |
 /// | `content-encoding` | how the forwarded body is compressed, if it is |
+/// | `content-language` | the language of the forwarded body's texts |
 /// | `if-match` | version-aware update, patch and delete (`W/"3"`) |
 /// | `if-none-match` | conditional read (`304`) |
 /// | `if-modified-since` | conditional read (`304`) |
@@ -44,12 +47,13 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// | `origin` | an upstream that answers CORS needs it to name the allowed origin |
 /// | `access-control-request-method` | a CORS preflight's question |
 /// | `access-control-request-headers` | a CORS preflight's question |
-pub const FORWARDED_REQUEST_HEADERS: [&str; 19] = [
+pub const FORWARDED_REQUEST_HEADERS: [&str; 20] = [
     "accept",
     "accept-language",
     "content-type",
     "content-length",
     "content-encoding",
+    "content-language",
     "if-match",
     "if-none-match",
     "if-modified-since",
@@ -106,6 +110,7 @@ fn policy(name: &str) -> Policy {
         | "content-type"
         | "content-length"
         | "content-encoding"
+        | "content-language"
         | "if-match"
         | "if-none-match"
         | "if-modified-since"
@@ -147,6 +152,9 @@ pub(super) fn unforwardable(name: &HeaderName) -> Option<&'static str> {
             "it overrides the method or the path: an upstream honouring it would bypass the \
              gateway's checks of them",
         ),
+        // HAPI's: a delete that takes every resource referring to its target with it, of
+        // whatever type, past the scope check of the one deleted.
+        "x-cascade" => Some("it widens a delete beyond the resource the request names"),
         _ if policy(name.as_str()) == Policy::Chain => Some("it follows `trust_forwarded_headers`"),
         _ => None,
     }
@@ -719,6 +727,7 @@ mod tests {
             "x-original-url",
             "x-original-uri",
             "x-rewrite-url",
+            "x-cascade",
         ] {
             assert!(
                 unforwardable(&HeaderName::from_static(name)).is_some(),

@@ -47,7 +47,11 @@
 //! idle connections are reused most recently used first, checked before use, returned once they
 //! can take the next request and closed after the idle timeout; a request that a closing
 //! connection hands back unsent goes out on another, and none is ever sent twice. HTTPS
-//! upstreams (where ALPN may choose HTTP/2) and h2c ones use hyper-util's pooled client.
+//! upstreams (where ALPN may choose HTTP/2) and h2c ones use hyper-util's pooled client. Its
+//! HTTP/2 connection to an upstream carries every request to it at once, under one
+//! flow-control window: each stream is granted 256 KiB and the connection 16 MiB, so it takes
+//! 64 answers that their clients leave unread (until the idle watchdog drops them) to make the
+//! others' wait.
 //!
 //! ```
 //! use bytes::Bytes;

@@ -4,8 +4,9 @@
 //! the gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
 //! a server answers with (bodies up to a limit; larger or compressed ones stream through
 //! untouched; digests of a rewritten body's bytes dropped). An informational answer, a `401`
-//! or `407` (the upstream refusing the gateway's own credentials), and an answer under a
-//! transfer coding other than `chunked` are `502` instead.
+//! or `407` (the upstream refusing the gateway's own credentials), a redirect outside the
+//! upstream's base URL, and an answer under a transfer coding other than `chunked` are `502`
+//! instead.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -23,6 +24,27 @@ use super::body::{poll_upstream_frame, ProxyBody};
 use super::headers::{only_chunked, remove_hop_by_hop};
 use super::rewrite::BaseRewriter;
 use crate::outcome::{IssueType, OperationOutcome};
+
+/// Whether a redirect's `Location` leads anywhere but under the upstream's base URL (which
+/// [`BaseRewriter::header_url`] maps to the gateway's), under the gateway's own public base, or
+/// a relative path: another host, a path of its host outside the base, another scheme, a
+/// backslash or a control character, or no text at all.
+fn redirects_elsewhere(location: &HeaderValue, rewriter: &BaseRewriter) -> bool {
+    let Ok(location) = location.to_str() else {
+        return true;
+    };
+    // Browsers read `\` as `/` in an http(s) URL (`\\evil.example/x` is another host) and
+    // drop tabs and line breaks: none belongs in a URL a client should follow.
+    if location.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
+        return true;
+    }
+    if rewriter.header_url(location).is_some() || rewriter.is_public(location) {
+        return false;
+    }
+    // RFC 3986 §4.2: a relative path's first segment has no `:` (else it is a scheme).
+    let first = &location[..location.find(['/', '?', '#']).unwrap_or(location.len())];
+    location.starts_with('/') || first.contains(':')
+}
 
 /// The upstream's response as the client must see it: hop-by-hop headers gone, `Set-Cookie`
 /// (and the obsolete `Set-Cookie2`) gone unless `cookies` (the upstream takes part in cookies:
@@ -70,6 +92,26 @@ pub(super) async fn relay_response(
             StatusCode::BAD_GATEWAY,
             IssueType::Exception,
             "The tenant's FHIR server refused the gateway's credentials for it",
+        ));
+    }
+    // A redirect leads the client to what it names, with its token in hand if the client
+    // follows redirects carelessly: one under the upstream's base is rewritten to the
+    // gateway's below; one to another host (an internal address behind the hospital's
+    // balancer, say), or to another path on its own host, would take the client around the
+    // gateway, and shows it the hospital's network. A relative path resolves under the
+    // gateway's URL the client asked for.
+    if parts.status.is_redirection() && parts.status != StatusCode::NOT_MODIFIED && {
+        // Two `Location`s: which one a client follows is its own choice.
+        let mut locations = parts.headers.get_all(header::LOCATION).iter();
+        let first = locations.next();
+        locations.next().is_some()
+            || first.is_some_and(|location| redirects_elsewhere(location, rewriter))
+    } {
+        tracing::warn!(upstream = rewriter.upstream(), status = %parts.status, "upstream redirected outside its base URL: 502");
+        return Err(failed(
+            StatusCode::BAD_GATEWAY,
+            IssueType::Exception,
+            "The tenant's FHIR server redirected outside itself",
         ));
     }
     // The gateway speaks HTTP/1.1 (or 2) to its client whatever its upstream spoke: an

@@ -27,8 +27,37 @@ impl BaseRewriter {
 
     /// The URL with its upstream base replaced, or `None` when it is not under that base.
     pub(crate) fn url(&self, url: &str) -> Option<String> {
-        let rest = url.strip_prefix(&*self.from)?;
-        at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
+        let taken = self.base_len(url.as_bytes())?;
+        Some(format!("{}{}", self.to, &url[taken..]))
+    }
+
+    /// How much of `text`'s start is the upstream's base, when it starts with it (ended at a
+    /// boundary): its own URL, or the gateway's origin with the upstream's base path, which an
+    /// upstream that builds its links from the `X-Forwarded-Host` and `-Proto` the proxy sends
+    /// writes (HAPI's `ApacheProxyAddressStrategy`, Spring's forwarded-header filter): a client
+    /// following one would reach the gateway at the upstream's path, under which the gateway
+    /// serves nothing.
+    fn base_len(&self, text: &[u8]) -> Option<usize> {
+        let from = self.from.as_bytes();
+        if text.starts_with(from) && at_boundary(&text[from.len()..]) {
+            return Some(from.len());
+        }
+        let (origin, path) = self.forwarded_base()?;
+        let rest = text.strip_prefix(origin.as_bytes())?;
+        let rest = rest.strip_prefix(path.as_bytes())?;
+        at_boundary(rest).then_some(origin.len() + path.len())
+    }
+
+    /// The gateway's origin and the upstream's base path, when that path is not the gateway's
+    /// own (else the URL is the gateway's already): see [`base_len`](Self::base_len).
+    fn forwarded_base(&self) -> Option<(&str, &str)> {
+        let (scheme, authority, public_path) = split_url(&self.to)?;
+        let (_, _, path) = split_url(&self.from)?;
+        let path = path.trim_end_matches('/');
+        if path.is_empty() || path == public_path.trim_end_matches('/') {
+            return None;
+        }
+        Some((&self.to[..scheme.len() + 3 + authority.len()], path))
     }
 
     /// [`url`](Self::url) for a header's URL (`Location`, `Content-Location`, a `Link`
@@ -54,6 +83,23 @@ impl BaseRewriter {
         };
         let rest = rest.strip_prefix(path)?;
         at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
+    }
+
+    /// Whether `url` is under the gateway's public base already, read as a client resolves it
+    /// (the scheme and host in any case, the default port written or not): an upstream that
+    /// knows the gateway's address (HAPI's `server_address` set to it) writes its links so.
+    pub(crate) fn is_public(&self, url: &str) -> bool {
+        let (Some((scheme, authority, path)), Some((their_scheme, after))) =
+            (split_url(&self.to), url.split_once("://"))
+        else {
+            return false;
+        };
+        let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        their_scheme.eq_ignore_ascii_case(scheme)
+            && same_authority(scheme, &after[..end], authority)
+            && after[end..]
+                .strip_prefix(path.trim_end_matches('/'))
+                .is_some_and(|rest| at_boundary(rest.as_bytes()))
     }
 
     /// A `Link` header's value with each target (`<...>`) under the upstream base rewritten;
@@ -96,9 +142,13 @@ impl BaseRewriter {
     pub(crate) fn bundle(&self, body: &[u8]) -> Option<Bytes> {
         // Cheap tests first: most responses are no Bundle (its searcher is built once), or
         // hold no upstream URL, as written or escaped.
-        let from = self.from.as_bytes();
         find_bundle(body)?;
-        if find(body, from).is_none() && memchr::memchr(b'\\', body).is_none() {
+        if find(body, self.from.as_bytes()).is_none()
+            && memchr::memchr(b'\\', body).is_none()
+            && self
+                .forwarded_base()
+                .is_none_or(|(origin, _)| find(body, origin.as_bytes()).is_none())
+        {
             return None;
         }
         let values = bundle_links(body)?;
@@ -106,10 +156,10 @@ impl BaseRewriter {
         let mut copied = 0;
         for value in values {
             let rest = &body[value.clone()];
-            if rest.starts_with(from) && at_boundary(&rest[from.len()..]) {
+            if let Some(taken) = self.base_len(rest) {
                 out.extend_from_slice(&body[copied..value.start]);
                 out.extend_from_slice(self.to.as_bytes());
-                copied = value.start + from.len();
+                copied = value.start + taken;
             } else if memchr::memchr(b'\\', rest).is_some() {
                 // The value with its quotes, read as JSON.
                 let quoted = &body[value.start - 1..value.end + 1];
@@ -358,6 +408,37 @@ mod tests {
         );
         assert_eq!(r.url("http://ehr:9001/fhir/r30/Patient"), None);
         assert_eq!(r.url("http://other/fhir/r3/Patient"), None);
+    }
+
+    #[test]
+    fn links_an_upstream_built_from_the_forwarded_host_lead_back_too() {
+        // HAPI behind a proxy that says where it is: the gateway's origin, its own path.
+        let r = rewriter();
+        assert_eq!(
+            r.url("https://gw.example/fhir/r3/Patient/1").unwrap(),
+            "https://gw.example/Patient/1"
+        );
+        assert_eq!(
+            r.url("https://gw.example/fhir/r3?_getpages=x").unwrap(),
+            "https://gw.example?_getpages=x"
+        );
+        // The gateway's own URLs, and other paths, stay.
+        assert_eq!(r.url("https://gw.example/Patient/1"), None);
+        assert_eq!(r.url("https://gw.example/fhir/r30/Patient"), None);
+        let body = br#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next","url":"https://gw.example/fhir/r3?_getpages=x"}],"entry":[{"fullUrl":"https://gw.example/fhir/r3/Patient/1"}]}"#;
+        assert_eq!(
+            &r.bundle(body).unwrap()[..],
+            &br#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next","url":"https://gw.example?_getpages=x"}],"entry":[{"fullUrl":"https://gw.example/Patient/1"}]}"#[..]
+        );
+        // A gateway whose path is the upstream's: its URLs are its own already.
+        let same = BaseRewriter::new(
+            "http://ehr:9001/fhir".into(),
+            "https://gw.example/fhir".into(),
+        );
+        assert_eq!(same.url("https://gw.example/fhir/Patient/1"), None);
+        // An upstream at its host's root has no path of its own to tell apart.
+        let root = BaseRewriter::new("http://ehr:9001".into(), "https://gw.example".into());
+        assert_eq!(root.url("https://gw.example/Patient/1"), None);
     }
 
     #[test]

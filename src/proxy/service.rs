@@ -321,35 +321,72 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// forward the compressed bytes with nothing saying so), `501` as RFC 9112 §6.1 has it; and
 /// one on a GET or HEAD, which hyper's client sends without a chunked body (and with a
 /// `Content-Length` one), so a GET's body would reach the upstream or not by how it was
-/// framed: `400`.
-fn unforwardable_body<B: Body>(request: &Request<B>) -> Option<Response<ProxyBody>> {
+/// framed: `400`. Over HTTP/2 a GET's stream may still end without a byte of body (an empty
+/// DATA frame ending it, as some clients send): that is for the request's future to find out
+/// ([`BodyCheck::MustEndEmpty`]).
+fn unforwardable_body<B: Body>(request: &Request<B>) -> BodyCheck {
     let headers = request.headers();
     if !only_chunked(headers) {
-        return Some(outcome(
+        return BodyCheck::Refuse(Box::new(outcome(
             StatusCode::NOT_IMPLEMENTED,
             IssueType::NotSupported,
             "This gateway takes request bodies under no transfer coding but chunked, once",
-        ));
+        )));
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
-        return None;
+        return BodyCheck::Forward;
     }
     let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|length| length.as_bytes() != b"0");
+    if chunked || declared {
+        return BodyCheck::Refuse(Box::new(body_on_get()));
+    }
     // Over HTTP/2 a body needs no header to come: DATA frames after a HEADERS frame that did
     // not end the stream.
-    let streamed = request.version() == http::Version::HTTP_2 && !request.body().is_end_stream();
-    if chunked || declared || streamed {
-        return Some(outcome(
-            StatusCode::BAD_REQUEST,
-            IssueType::Invalid,
-            "A GET or HEAD request has no body in FHIR: send the search parameters in the query, \
-             or POST them to _search",
-        ));
+    if request.version() == http::Version::HTTP_2 && !request.body().is_end_stream() {
+        return BodyCheck::MustEndEmpty;
     }
-    None
+    BodyCheck::Forward
+}
+
+/// What [`unforwardable_body`] found of a request's body.
+enum BodyCheck {
+    /// It goes to the upstream as it comes.
+    Forward,
+    /// This answer instead.
+    Refuse(Box<Response<ProxyBody>>),
+    /// A GET's or HEAD's HTTP/2 stream still open: it goes bodiless if the stream ends with
+    /// nothing in it ([`ends_empty`]), else [`body_on_get`].
+    MustEndEmpty,
+}
+
+fn body_on_get() -> Response<ProxyBody> {
+    outcome(
+        StatusCode::BAD_REQUEST,
+        IssueType::Invalid,
+        "A GET or HEAD request has no body in FHIR: send the search parameters in the query, \
+         or POST them to _search",
+    )
+}
+
+/// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most).
+async fn ends_empty<B>(body: B, wait: Duration) -> bool
+where
+    B: Body<Data = Bytes>,
+{
+    let drained = async {
+        let mut body = std::pin::pin!(body);
+        loop {
+            match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                None => return true,
+                Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+                Some(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(wait, drained).await.unwrap_or(false)
 }
 
 /// Whether FHIR (or a CORS preflight) uses `method`. `TRACE`, `CONNECT` and made-up methods
@@ -410,9 +447,11 @@ where
             );
             return ready(response);
         }
-        if let Some(refusal) = unforwardable_body(&request) {
-            return ready(refusal);
-        }
+        let must_end_empty = match unforwardable_body(&request) {
+            BodyCheck::Forward => false,
+            BodyCheck::Refuse(refusal) => return ready(*refusal),
+            BodyCheck::MustEndEmpty => true,
+        };
         #[cfg(not(feature = "tls"))]
         if *upstream.base().scheme() == http::uri::Scheme::HTTPS {
             tracing::warn!(upstream = %upstream.base(), "an https:// upstream, and this build has no TLS client (tower-fhir's `tls` feature): 502");
@@ -468,11 +507,23 @@ where
             Version::HTTP_11
         };
         parts.extensions = http::Extensions::new();
+        // A GET's open HTTP/2 stream goes bodiless once it is seen to end empty.
+        let (body, open_stream) = if must_end_empty {
+            (None, Some(body))
+        } else {
+            (Some(body), None)
+        };
         // A body still to come is watched, so that the upstream's time starts once it is sent.
-        let turns = (!body.is_end_stream()).then(Turns::new);
-        let body = match &turns {
-            None => body.map_err(Into::into).boxed_unsync(),
-            Some(turns) => Watched::boxed(body, Arc::clone(turns)).boxed_unsync(),
+        let turns = body
+            .as_ref()
+            .is_some_and(|body| !body.is_end_stream())
+            .then(Turns::new);
+        let body = match (body, &turns) {
+            (None, _) => http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            (Some(body), None) => body.map_err(Into::into).boxed_unsync(),
+            (Some(body), Some(turns)) => Watched::boxed(body, Arc::clone(turns)).boxed_unsync(),
         };
         // A HEAD's answer declares a length it does not send.
         let head = parts.method == Method::HEAD;
@@ -483,6 +534,11 @@ where
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         Box::pin(async move {
+            if let Some(open_stream) = open_stream {
+                if !ends_empty(open_stream, timeout).await {
+                    return Ok(body_on_get());
+                }
+            }
             let Ok(slot) = config.slots.acquire(&upstream, timeout).await else {
                 return Ok(busy(&upstream));
             };

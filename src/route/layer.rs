@@ -245,6 +245,9 @@ fn answered<F, B: 'static, E: 'static>(response: Response<Bytes>) -> ResponseFut
 /// Puts what serves this request in its extensions: the tenant's upstream for it, or its
 /// [`InProcessTenant`](super::InProcessTenant) with the release chosen (returned too, so the
 /// response is labelled with it); or, when nothing can serve it, returns the answer saying why.
+/// Where the tenant has no server for the release negotiated, the first other release the
+/// client accepts (as the version layer left them) that it has serves it: it replaces the
+/// negotiated one in the extensions, and is returned to label the response.
 fn route<B>(
     request: &mut Request<B>,
     tenant: TenantId,
@@ -288,10 +291,14 @@ fn route<B>(
             no_upstream_for(version),
         ))
     };
+    // Where the tenant has no server for the release negotiated, the first other release the
+    // client accepts that it has (the rare path: only then are they looked up).
+    let fallback = || crate::version::fallbacks(request.extensions());
     let served = if let Some(local) = record.in_process_tenant() {
         let release = hint
             .and_then(|hint| local.select(Some(hint)))
             .or_else(|| local.select(version))
+            .or_else(|| fallback().find_map(|release| local.select(release)))
             .ok_or_else(not_served)?;
         RequestFacts::set_upstream(local.label());
         let extensions = request.extensions_mut();
@@ -305,10 +312,18 @@ fn route<B>(
         let upstream = hint
             .and_then(|hint| record.select(Some(hint)))
             .or_else(|| record.select(version))
+            .or_else(|| fallback().find_map(|release| record.select(release)))
             .ok_or_else(not_served)?;
         RequestFacts::set_upstream(upstream.base().shared_text());
-        request.extensions_mut().insert(upstream.clone());
-        None
+        let extensions = request.extensions_mut();
+        extensions.insert(upstream.clone());
+        // Served in another release than the one negotiated: the request says which, and so
+        // does the response.
+        let release = upstream.fhir_version();
+        version.is_some_and(|named| named != release).then(|| {
+            extensions.insert(release);
+            release
+        })
     };
     if let Some(limit) = record.rate_limit() {
         request
@@ -381,6 +396,93 @@ mod tests {
         assert_eq!(policy.lookup_timeout, 5 * SECOND);
         assert_eq!(policy.capacity, 100_000);
         assert_eq!(layer.cache().capacities(), (100_000, Some(100_000)));
+    }
+
+    /// A client accepting several releases is served in the first the tenant has, proxied or
+    /// in-process; the release chosen is the one the inner service finds, and labels the answer.
+    #[tokio::test]
+    async fn the_first_accepted_release_the_tenant_serves_is_chosen() {
+        use crate::route::{InMemoryDirectory, InProcessTenant, Upstream};
+        use crate::version::VersionNegotiationLayer;
+        use http_body_util::{BodyExt, Full};
+        use tower::{service_fn, ServiceExt};
+
+        let proxied: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
+        let local: TenantId = "9b2e1c3d-0000-4000-8000-00000000000b".parse().unwrap();
+        let directory = InMemoryDirectory::new();
+        let upstream = |version| Upstream::parse("http://fhir.test/x", version).unwrap();
+        directory.upsert(
+            proxied,
+            TenantRecord::new([upstream(FhirVersion::Dstu2), upstream(FhirVersion::Stu3)]).unwrap(),
+        );
+        directory.upsert(
+            local,
+            TenantRecord::in_process(
+                InProcessTenant::new("store", [FhirVersion::Dstu2, FhirVersion::Stu3]).unwrap(),
+            ),
+        );
+        let routing = TenantRoutingLayer::builder(directory).build().unwrap();
+        let versions = VersionNegotiationLayer::builder().build().unwrap();
+        // Says which release serves it (the upstream's, or the in-process one), and in which
+        // release the request reached it.
+        let inner = service_fn(|request: Request<Full<Bytes>>| async move {
+            let extensions = request.extensions();
+            let served = match extensions.get::<crate::route::Upstream>() {
+                Some(upstream) => upstream.fhir_version(),
+                None => *extensions.get::<FhirVersion>().unwrap(),
+            };
+            let named = extensions.get::<FhirVersion>().copied();
+            let text = format!(
+                "{served} {}",
+                named.map_or("none".into(), |v| v.to_string())
+            );
+            let response = Response::builder()
+                .header(header::CONTENT_TYPE, "application/fhir+json")
+                .body(Full::new(Bytes::from(text)))
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let service = tower::ServiceBuilder::new()
+            .layer(versions)
+            .layer(routing)
+            .service(inner);
+        let ask = |tenant: TenantId, accept: &'static str| {
+            let service = service.clone();
+            async move {
+                let mut request = Request::get("/Patient/1")
+                    .header(header::ACCEPT, accept)
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                request.extensions_mut().insert(tenant);
+                let response = service.oneshot(request).await.unwrap();
+                let status = response.status();
+                let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (
+                    status,
+                    content_type,
+                    String::from_utf8(body.to_vec()).unwrap(),
+                )
+            }
+        };
+        let r4_then_stu3 =
+            "application/fhir+json; fhirVersion=4.0, application/fhir+json; fhirVersion=3.0; q=0.5";
+        let r4_or_any = "application/fhir+json; fhirVersion=4.0, */*; q=0.1";
+        for tenant in [proxied, local] {
+            let (status, content_type, body) = ask(tenant, r4_then_stu3).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body, "3.0 3.0", "served in STU3, and told so");
+            assert_eq!(
+                content_type.unwrap(),
+                "application/fhir+json; fhirVersion=3.0"
+            );
+            // Any release, after R4: the tenant's first.
+            let (status, _, body) = ask(tenant, r4_or_any).await;
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "1.0 1.0"));
+            // R4 alone: 406.
+            let (status, ..) = ask(tenant, "application/fhir+json; fhirVersion=4.0").await;
+            assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        }
     }
 
     fn parameters(response: Response<Bytes>) -> Vec<String> {

@@ -20,7 +20,7 @@
 //! | case | status |
 //! |---|---|
 //! | tenant not onboarded (the token is valid, the tenant is unknown) | 403 |
-//! | no upstream (or in-process release) for the requested FHIR version | 406 |
+//! | no upstream (or in-process release) for the requested FHIR version, nor for any other release the client's `Accept` takes | 406 |
 //! | directory down and nothing cached | 503 (`Retry-After`) |
 //! | no `TenantId` in the extensions (no tenant layer in front) | 403 |
 //!
