@@ -151,7 +151,7 @@ impl fmt::Display for ConfigError {
             Self::NoDirectory => f.write_str("the gateway needs a tenant directory"),
             Self::NoTokenUrl => f.write_str("the gateway needs a token endpoint or the URL of one"),
             Self::InvalidBaseUrl(url) => {
-                write!(f, "the public base URL is not absolute http(s): {url:?}")
+                write!(f, "the public base URL is not an absolute http:// or https:// URL without credentials, query or fragment: {url:?}")
             }
             Self::NoRuntime => f.write_str("following directory changes needs a tokio runtime"),
             Self::Version(e) => write!(f, "version negotiation: {e}"),
@@ -242,9 +242,11 @@ impl GatewayBuilder {
     }
 
     /// Mounts the token endpoint at `/oauth/token` with its JWKS at
-    /// `/.well-known/jwks.json` and client secret rotation at
-    /// `/oauth/clients/{client_id}/secret`. Its tokens are verified with its keys in-process;
-    /// they must carry its issuer and audience (other issuers' audiences are unaffected).
+    /// `/.well-known/jwks.json`, introspection at `/oauth/introspect` (RFC 7662), revocation
+    /// at `/oauth/revoke` (RFC 7009) and client secret rotation at
+    /// `/oauth/clients/{client_id}/secret`: requests to these paths never reach the service
+    /// below. Its tokens are verified with its keys in-process; they must carry its issuer,
+    /// its audience and its type `at+jwt` (other issuers' audiences are unaffected).
     #[cfg(feature = "token")]
     #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
     pub fn token_endpoint(mut self, endpoint: crate::token::TokenEndpoint) -> Self {
@@ -405,12 +407,15 @@ impl GatewayBuilder {
             {
                 // Only the endpoint's issuer is accepted, and its own keys alone vouch for it.
                 tracing::warn!(
-                    "the bearer layer has keys bound to no issuer and accepts no issuer but the                      token endpoint's: those keys verify no token (accept their issuer, or bind                      them with key_source_for_issuer)"
+                    "the bearer layer has keys bound to no issuer and accepts no issuer but the token endpoint's: those keys verify no token (accept their issuer, or bind them with key_source_for_issuer)"
                 );
             }
+            // The endpoint types every token it signs (RFC 9068): another JWT its keys signed
+            // (with `SigningKeys::sign`, say) is no access token.
             auth = auth
                 .key_source_for_issuer(endpoint.key_source(), endpoint.issuer())
                 .audience_for_issuer(endpoint.issuer(), endpoint.audience())
+                .token_type_for_issuer(endpoint.issuer(), crate::token::ACCESS_TOKEN_TYPE)
                 .revoked_tokens(endpoint.revoked_tokens().clone());
             token_url.get_or_insert_with(|| format!("{base}{TOKEN_PATH}"));
             jwks_uri = Some(format!("{base}{JWKS_PATH}"));
@@ -488,11 +493,14 @@ impl GatewayBuilder {
     }
 }
 
+/// The public base URL as the proxy takes it (for `build_layer` too, which has no proxy to
+/// refuse it): absolute `http(s)`, no credentials, query or fragment.
 fn check_base(base: &str) -> Result<(), ConfigError> {
-    if base.starts_with("http://") || base.starts_with("https://") {
-        Ok(())
-    } else {
-        Err(ConfigError::InvalidBaseUrl(base.to_owned()))
+    match crate::route::UpstreamBase::parse(base) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ConfigError::InvalidBaseUrl(
+            crate::route::without_userinfo(base).into_owned(),
+        )),
     }
 }
 

@@ -1017,6 +1017,17 @@ mod jwks {
             client.get_bearer("/Patient/1", &a_as_a).await.status,
             StatusCode::OK
         );
+        // Nor by naming A in an array: jsonwebtoken takes an `iss` array holding an accepted
+        // issuer, which every string-reading check here took for no issuer at all (so the
+        // shared key vouched for it). `iss` is one string.
+        for iss in [json!(["https://a.test"]), json!(["https://shared.test"])] {
+            let mut c = claims();
+            c["iss"] = iss;
+            let reply = client
+                .get_bearer("/Patient/1", &mint(Algorithm::HS256, None, &c))
+                .await;
+            assert_invalid_token(&reply, "The access token's iss claim is not a string");
+        }
 
         // The same keys given unbound and bound (tried in that order): the unbound ones may
         // not vouch for the issuer, its bound ones then do.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey};
-use serde_json::json;
+use serde_json::{json, Value};
 use support::*;
 use tower_fhir::auth::BearerAuthLayer;
 use tower_fhir::gateway::{ConfigError, Gateway};
@@ -32,6 +32,7 @@ fn tenant(text: &str) -> TenantId {
 struct Setup {
     client: TestClient,
     base: String,
+    keys: tower_fhir::token::SigningKeys,
     upstream: RecordingUpstream,
     directory: InMemoryDirectory,
 }
@@ -64,6 +65,7 @@ async fn setup(idp: Option<&JwksServer>) -> Setup {
         .store(store)
         .build()
         .unwrap();
+    let keys = endpoint.signing_keys().clone();
     let mut auth = BearerAuthLayer::builder();
     let mut tenants = TenantScopeLayer::builder();
     if let Some(idp) = idp {
@@ -85,6 +87,7 @@ async fn setup(idp: Option<&JwksServer>) -> Setup {
     Setup {
         client: TestClient::new(served),
         base,
+        keys,
         upstream,
         directory,
     }
@@ -171,6 +174,35 @@ async fn the_whole_client_sequence() {
     let reply = client.get("/Patient/1", &[]).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert!(reply.challenge().starts_with("Bearer"));
+}
+
+#[tokio::test]
+async fn the_endpoints_keys_vouch_for_its_typed_access_tokens_only() {
+    let Setup { client, keys, .. } = setup(None).await;
+    let token = access_token(&client, SECRET, TENANT).await;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+            .unwrap(),
+    )
+    .unwrap();
+    // The same claims under the same key, typed `at+jwt` as the endpoint signs them, pass; as
+    // any other JWT the keys sign (`SigningKeys::sign`: `typ: JWT`), they are no access token.
+    let typed = keys.sign_access_token(&claims).unwrap();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &typed).await.status,
+        StatusCode::OK
+    );
+    let other = keys.sign(&claims).unwrap();
+    let reply = client.get_bearer("/Patient/1", &other).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert!(
+        reply
+            .challenge()
+            .contains("The token's type (typ) is not one accepted for access tokens"),
+        "{}",
+        reply.challenge()
+    );
 }
 
 #[tokio::test]
@@ -342,6 +374,25 @@ fn configuration_errors_surface_when_built() {
         .token_url("http://x/token")
         .build();
     assert!(matches!(bad_base, Err(ConfigError::InvalidBaseUrl(_))));
+    // The same for a layer over a service of one's own, which has no proxy to refuse it; a
+    // password is not shown.
+    for base in [
+        "gateway.example",
+        "https://user:secret-pw@gateway.example",
+        "https://gateway.example/fhir?x=1",
+        "https://gateway.example/fhir#top",
+    ] {
+        let refused = Gateway::builder(base)
+            .directory(InMemoryDirectory::new())
+            .token_url("http://x/token")
+            .build_layer();
+        match refused {
+            Err(error @ ConfigError::InvalidBaseUrl(_)) => {
+                assert!(!error.to_string().contains("secret-pw"), "{error}")
+            }
+            other => panic!("{base}: {:?}", other.err()),
+        }
+    }
     let no_keys = Gateway::builder("http://127.0.0.1:8080")
         .directory(InMemoryDirectory::new())
         .token_url("http://x/token")

@@ -21,6 +21,7 @@ use tower_fhir::token::{
 use tower_fhir::version::FhirVersion;
 
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+const ELSEWHERE: &str = "9b2e1c3d-0000-4000-8000-00000000000b";
 const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
 const SECRET: &str = "introspecting-client-secret-0123";
 const OTHER_SECRET: &str = "another-client-secret-0123456789";
@@ -50,10 +51,13 @@ async fn setup() -> Setup {
         // Three seconds: token times are whole seconds, so a token issued late in a second
         // has at least two left (one second could leave it a few milliseconds).
         ("brief", OTHER_SECRET, Some(Duration::from_secs(3))),
+        // Another customer's client.
+        ("elsewhere", OTHER_SECRET, None),
     ] {
+        let tenant = if id == "elsewhere" { ELSEWHERE } else { TENANT };
         let mut client = NewClient::new(id)
             .secret(secret)
-            .tenant(TENANT.parse().unwrap())
+            .tenant(tenant.parse().unwrap())
             .scope("system/Patient.rs");
         if let Some(lifetime) = lifetime {
             client = client.token_lifetime(lifetime);
@@ -105,10 +109,14 @@ async fn token(client: &TestClient, id: &str, secret: &str) -> String {
 }
 
 async fn introspect(client: &TestClient, token: &str) -> Value {
+    introspect_as(client, "other", token).await
+}
+
+async fn introspect_as(client: &TestClient, asking: &str, token: &str) -> Value {
     let reply = post(
         client,
         "/oauth/introspect",
-        &format!("token={token}&client_id=other&client_secret={OTHER_SECRET}"),
+        &format!("token={token}&client_id={asking}&client_secret={OTHER_SECRET}"),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -154,6 +162,27 @@ async fn introspection_describes_live_tokens_and_nothing_else() {
             "{token}"
         );
     }
+
+    // Another customer's client learns nothing of the token, not even that it is live; of
+    // its own, all.
+    assert_eq!(
+        introspect_as(&client, "elsewhere", &live).await,
+        json!({"active": false})
+    );
+    let own = token(&client, "elsewhere", OTHER_SECRET).await;
+    let answer = introspect_as(&client, "elsewhere", &own).await;
+    assert_eq!(answer["active"], true, "{answer}");
+    assert_eq!(answer["tenant"], ELSEWHERE);
+
+    // Without a token to look at: invalid_request.
+    let reply = post(
+        &client,
+        "/oauth/introspect",
+        &format!("client_id=other&client_secret={OTHER_SECRET}"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["error"], "invalid_request");
 
     // Only registered clients may ask; a wrong secret is invalid_client.
     let reply = post(&client, "/oauth/introspect", &format!("token={live}")).await;

@@ -268,6 +268,11 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
     // A replayed assertion: the first use works, the second is refused.
     let once = good(&assertion_claims("backend", &token_url));
     assert_eq!(token_with(&client, &once, "").await.status, StatusCode::OK);
+    // The token URL alone in an array is still one audience.
+    let mut alone = assertion_claims("backend", &token_url);
+    alone["aud"] = json!([token_url]);
+    let alone = good(&alone);
+    assert_eq!(token_with(&client, &alone, "").await.status, StatusCode::OK);
     assert_refused(&token_with(&client, &once, "").await, "replayed jti");
 
     let with = |change: &dyn Fn(&mut Value)| {
@@ -287,6 +292,17 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
             good(&with(&|c| {
                 c["aud"] = json!(token_url.trim_end_matches("/oauth/token"))
             })),
+        ),
+        (
+            // Any other server it names could replay it here (RFC 7523bis: one audience).
+            "aud the token URL among others",
+            good(&with(&|c| {
+                c["aud"] = json!([token_url, "https://other-as.example/token"])
+            })),
+        ),
+        (
+            "iss an array holding the client",
+            good(&with(&|c| c["iss"] = json!(["backend", "someone-else"]))),
         ),
         (
             "exp too far ahead",

@@ -576,10 +576,26 @@ impl Config {
         }
     }
 
+    /// The configuration in `text`; the error names the key it is about
+    /// (`tenants[0].upstreams[0].fhir_version: ...`) when it is about one.
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut json = serde_json::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let key = e.path().to_string();
+            if key == "." {
+                e.inner().to_string()
+            } else {
+                format!("{key}: {}", e.inner())
+            }
+        })?;
+        json.end().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the configuration file {}: {e}", path.display()))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| {
+        let config = Self::parse(&text).map_err(|e| {
             format!(
                 "the configuration file {} is not valid: {e}",
                 path.display()

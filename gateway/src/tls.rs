@@ -206,7 +206,7 @@ fn read_pair(
     provider: &CryptoProvider,
 ) -> Result<(Arc<CertifiedKey>, Option<Stamp>), String> {
     let stamp = stamp(certificate_file, private_key_file);
-    let chain = CertificateDer::pem_slice_iter(&read(certificate_file)?)
+    let chain = CertificateDer::pem_slice_iter(&read("tls_certificate_file", certificate_file)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             format!(
@@ -220,12 +220,13 @@ fn read_pair(
             certificate_file.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_slice(&read(private_key_file)?).map_err(|e| {
-        format!(
-            "tls_private_key_file {}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}",
-            private_key_file.display()
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_slice(&read("tls_private_key_file", private_key_file)?)
+        .map_err(|e| {
+            format!(
+                "tls_private_key_file {}: no PEM private key in it (PKCS#8, PKCS#1 or SEC1): {e}",
+                private_key_file.display()
+            )
+        })?;
     let key = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
         format!(
             "tls_private_key_file {} cannot serve tls_certificate_file {}: {e}",
@@ -236,15 +237,16 @@ fn read_pair(
     Ok((Arc::new(key), stamp))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
+/// The file `key` (the configuration's name for it) names, at most [`MAX_FILE_BYTES`].
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
-            "{}: larger than {MAX_FILE_BYTES} bytes, not a certificate or key",
+            "{key} {}: larger than {MAX_FILE_BYTES} bytes, not a certificate or key",
             path.display()
         ));
     }
@@ -313,7 +315,10 @@ mod tests {
         let error = FrontTls::load(&cert_file, &empty).unwrap_err();
         assert!(error.contains("no PEM private key"), "{error}");
         let error = FrontTls::load(&dir.path().join("missing.pem"), &key_file).unwrap_err();
-        assert!(error.starts_with("cannot read"), "{error}");
+        assert!(
+            error.starts_with("tls_certificate_file: cannot read"),
+            "{error}"
+        );
         let huge = write(
             dir.path(),
             "huge.pem",

@@ -270,12 +270,25 @@ fn check_config_says_what_is_wrong() {
                 "\"admin_token\"",
                 "\"trusted_issuers\": [{\"issuer\": \"https://idp.example\", \"jwks_uri\": \"https://idp.example/keys\", \"audience\": \"x\", \"tenants\": [\"contoso\"]}], \"admin_token\"",
             ),
-            "is not valid",
+            "is not valid: trusted_issuers[0].tenants[0]: not a tenant GUID: \"contoso\"",
         ),
         (
             "version",
             &GOOD.replace("\"3.0\"", "\"2.5\""),
-            "is not valid",
+            "is not valid: tenants[0].upstreams[0].fhir_version: unknown FHIR version \"2.5\"",
+        ),
+        (
+            "listen-name",
+            &GOOD.replace("127.0.0.1:0", "localhost:8080"),
+            "is not valid: listen: invalid socket address",
+        ),
+        (
+            "number-as-text",
+            &GOOD.replace(
+                "\"admin_token\"",
+                "\"upstream_timeout_seconds\": \"30\", \"admin_token\"",
+            ),
+            "is not valid: upstream_timeout_seconds: invalid type: string \"30\"",
         ),
         (
             "audit-log",

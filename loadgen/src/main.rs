@@ -77,6 +77,8 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --alg ALG               --mint-key's algorithm: RS256..RS512, PS256..PS512, ES256, ES384,
                           EdDSA; default ES256
   --kid KID               the `kid` header of minted tokens
+  --typ TYP               the `typ` header of minted tokens; default at+jwt (RFC 9068's
+                          access tokens, which tower-fhir's gateway requires of its own)
   --bearer TOKEN          send this one bearer token with every request (a gateway whose
                           tokens you get elsewhere)
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
@@ -256,6 +258,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
     };
     let (mut issuer, mut audience, mut secret) = (None, None, None);
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
+    let mut typ = "at+jwt".to_owned();
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
     let mut bearer: Option<String> = None;
     let mut args = args.into_iter();
@@ -298,6 +301,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             "--mint-key" => key_file = Some(value()?),
             "--alg" => alg = Some(value()?),
             "--kid" => kid = Some(value()?),
+            "--typ" => typ = value()?,
             "--issuer" => issuer = Some(value()?),
             "--audience" => audience = Some(value()?),
             "--token-url" => token_url = Some(value()?),
@@ -372,6 +376,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
         (Some((key, algorithm)), _) => {
             let mut header = Header::new(algorithm);
             header.kid = kid;
+            header.typ = Some(typ);
             Tokens::Mint {
                 key,
                 header: Box::new(header),

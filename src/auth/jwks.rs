@@ -109,7 +109,8 @@ impl fmt::Debug for HttpJwks {
     }
 }
 
-/// A JWKS URL that is not an absolute `http://` URL.
+/// A JWKS URL keys may not be fetched from: not absolute, `http://` to another host than a
+/// loopback address, or `https://` without the `tls` feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidJwksUrl(pub String);
 
@@ -117,7 +118,7 @@ impl fmt::Display for InvalidJwksUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "not an absolute http:// (or, with the `tls` feature, https://) JWKS URL: {:?}",
+            "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way): {:?}",
             self.0
         )
     }

@@ -152,7 +152,7 @@ impl fmt::Display for ConfigError {
             }
             Self::InvalidJwksUrl(url) => write!(
                 f,
-                "not an absolute http:// (or, with the `tls` feature, https://) JWKS URL: {url:?}"
+                "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way): {url:?}"
             ),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::LeewayTooLong(leeway) => write!(f, "leeway {leeway:?} is longer than an hour"),

@@ -577,6 +577,15 @@ impl Verifier {
                 true,
             ));
         }
+        if !issuer_is_a_string_or_absent(&data.claims) {
+            return Err((
+                self.reject(
+                    RejectionKind::InvalidToken,
+                    "The access token's iss claim is not a string",
+                ),
+                true,
+            ));
+        }
         let claims = VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
             .ok_or_else(|| {
                 (
@@ -739,6 +748,9 @@ pub(crate) fn verify_with_keys(
         checks += 1;
         match jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation) {
             Ok(data) => {
+                if !issuer_is_a_string_or_absent(&data.claims) {
+                    return Err("an iss that is not a string");
+                }
                 return VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
                     .ok_or("no valid exp");
             }
@@ -760,6 +772,14 @@ pub(crate) fn verify_with_keys(
         }
     }
     outcome
+}
+
+/// RFC 7519 §4.1.1: `iss` is one string. jsonwebtoken takes an array whose members include an
+/// accepted issuer, but every check here (whose keys may vouch for the token, its audience
+/// and type for that issuer, a client assertion's `iss` against its client) reads a string
+/// only: an array would pass them as a token with no issuer at all.
+fn issuer_is_a_string_or_absent(claims: &Map<String, Value>) -> bool {
+    claims.get("iss").is_none_or(Value::is_string)
 }
 
 fn verdict(result: Result<VerifiedClaims, Rejection>) -> Verdict {
@@ -945,6 +965,8 @@ mod tests {
     /// An HS256 token signed with `secret`, naming `kid`.
     #[cfg(feature = "token")]
     fn signed(secret: &str, kid: Option<&str>) -> String {
+        // Both backends in an `--all-features` build: jsonwebtoken needs one chosen.
+        crate::install_crypto_provider();
         let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
         header.kid = kid.map(str::to_owned);
         let exp = std::time::SystemTime::now()

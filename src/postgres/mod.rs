@@ -125,6 +125,32 @@ const MIGRATIONS: [&str; 7] = [
      CREATE INDEX tower_fhir_revoked_clients_expiry ON tower_fhir_revoked_clients (expires_at);",
 ];
 
+/// The oldest PostgreSQL release served (`server_version_num` form): the schema and queries
+/// use what 14 has (`jsonb_path_exists` needs 12; 14 is what the tests run on).
+const OLDEST_SERVER: u32 = 140_000;
+
+/// Refuses a server older than [`OLDEST_SERVER`] by its `server_version_num`, before any
+/// migration: an older one would fail later, on a query a request makes.
+fn supported_server(version_num: &str) -> Result<(), PgError> {
+    match version_num.trim().parse::<u32>() {
+        Ok(number) if number >= OLDEST_SERVER => Ok(()),
+        Ok(number) => {
+            // 10 on: major * 10000 + minor; before: major * 10000 + minor * 100 + patch.
+            let release = if number >= 100_000 {
+                format!("{}.{}", number / 10_000, number % 10_000)
+            } else {
+                format!("{}.{}", number / 10_000, number / 100 % 100)
+            };
+            Err(PgError::plain(format!(
+                "the database server is PostgreSQL {release}: tower-fhir needs PostgreSQL 14 or later"
+            )))
+        }
+        Err(_) => Err(PgError::plain(format!(
+            "the database server's version ({version_num:?}) is not PostgreSQL's: tower-fhir needs PostgreSQL 14 or later"
+        ))),
+    }
+}
+
 /// The channel changes are announced on.
 pub const CHANGES_CHANNEL: &str = "tower_fhir_changes";
 
@@ -304,6 +330,12 @@ impl PgState {
             .await
             .map_err(|e| PgError::new("cannot connect to the database", e))?;
         let failed = |e| PgError::new("the database schema cannot be brought up to date", e);
+        let version: String = connection
+            .query_one("SHOW server_version_num", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        supported_server(&version)?;
         let transaction = connection.transaction().await.map_err(failed)?;
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -2053,5 +2085,24 @@ impl ReplayGuard for PgReplayGuard {
             let until = i64::try_from(until).unwrap_or(i64::MAX);
             remember(&pool, &JTIS, ("client", &client), &jti, until, None).await
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supported_server;
+
+    #[test]
+    fn servers_older_than_14_are_refused_by_name() {
+        assert!(supported_server("140000").is_ok());
+        assert!(supported_server("150004\n").is_ok());
+        assert!(supported_server("170002").is_ok());
+        let old = supported_server("130015").unwrap_err().to_string();
+        assert!(old.contains("PostgreSQL 13.15"), "{old}");
+        assert!(old.contains("14 or later"), "{old}");
+        let older = supported_server("90624").unwrap_err().to_string();
+        assert!(older.contains("PostgreSQL 9.6"), "{older}");
+        let other = supported_server("cockroach").unwrap_err().to_string();
+        assert!(other.contains("\"cockroach\""), "{other}");
     }
 }

@@ -159,7 +159,7 @@ impl Assertions {
     }
 
     /// Whether `assertion` proves it comes from `client`: signed by one of its keys with an
-    /// accepted algorithm, `iss` and `sub` its id, `aud` this endpoint, `exp` no more than
+    /// accepted algorithm, `iss` and `sub` its id, `aud` this endpoint alone, `exp` no more than
     /// five minutes ahead, a `jti` never seen before here (then remembered until `exp`). On
     /// success, the `jti` and until when it must stay unused, for a check across processes.
     /// The error says why, for the log only.
@@ -184,6 +184,10 @@ impl Assertions {
         };
         if claims.subject() != Some(client.id.as_str()) {
             return Err("its sub is not the client id");
+        }
+        // This endpoint among others: any of them could replay it here within its minutes.
+        if claims.audience().nth(1).is_some() {
+            return Err("its aud names other servers too");
         }
         if claims.expires_at() > unix_now() + MAX_LIFETIME_SECS + LEEWAY_SECS {
             return Err("its exp is more than five minutes ahead");

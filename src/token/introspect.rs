@@ -27,11 +27,13 @@ const OWN_ALGORITHMS: [Algorithm; 2] = [Algorithm::ES256, Algorithm::RS256];
 impl TokenEndpoint {
     /// A Tower service for token introspection (RFC 7662; mount it at, say,
     /// `/oauth/introspect`). A registered client authenticates as at the token endpoint and
-    /// `POST`s `token=<access token>` (`token_type_hint` is optional and ignored). A live token
-    /// of this endpoint (its signature, issuer and audience good, not expired, not revoked)
-    /// gets `{"active": true, "scope", "client_id", "sub", "iss", "aud", "exp", "iat",
-    /// "tenant", "token_type": "Bearer", "jti"}`; any other (expired, revoked, another
-    /// issuer's, garbled) gets `{"active": false}` and nothing more. Answers carry
+    /// `POST`s `token=<access token>` (`token_type_hint` is optional and ignored; without
+    /// `token`, `400 invalid_request`). A live token of this endpoint (its signature, issuer
+    /// and audience good, not expired, not revoked) that the asking client was issued, or
+    /// that names a tenant the asking client is registered for too, gets `{"active": true,
+    /// "scope", "client_id", "sub", "iss", "aud", "exp", "iat", "tenant", "token_type":
+    /// "Bearer", "jti"}`; any other (expired, revoked, another issuer's, garbled, or another
+    /// customer's) gets `{"active": false}` and nothing more. Answers carry
     /// `Cache-Control: no-store`; client authentication failures are RFC 6749 errors, counted
     /// by the throttle.
     ///
@@ -134,9 +136,12 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         answer(async move {
-            let (_client, form) = inner.authenticated_form(request, "introspection").await?;
-            let answer = match form.get("token").map(|token| inner.live_token(token)) {
-                Some(Some(claims)) => describe(&claims),
+            let (client, form) = inner.authenticated_form(request, "introspection").await?;
+            let Some(token) = form.get("token") else {
+                return Err(TokenError::bad_request("token is missing"));
+            };
+            let answer = match inner.live_token(token) {
+                Some(claims) if may_introspect(&client, &claims) => describe(&claims),
                 _ => json!({"active": false}),
             };
             Ok(json_response(StatusCode::OK, &answer))
@@ -235,6 +240,17 @@ impl Inner {
         };
         verify_with_keys(&keys, token, &expected).ok()
     }
+}
+
+/// Whether `client` may learn of `claims`' token (RFC 7662 §4: the server decides who may
+/// introspect what): its own, or one for a tenant it is registered for too. Of any other
+/// token it learns nothing, not even whether it is live.
+fn may_introspect(client: &ClientRecord, claims: &VerifiedClaims) -> bool {
+    claims.subject() == Some(client.id.as_str())
+        || claims
+            .scopes()
+            .filter_map(|scope| TenantId::parse(scope).ok())
+            .any(|tenant| client.tenants.contains(&tenant))
 }
 
 /// RFC 7662 §2.2: what an active token is.

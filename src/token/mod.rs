@@ -118,5 +118,7 @@ pub fn assertion_algorithms() -> impl Iterator<Item = &'static str> {
         _ => "EdDSA",
     })
 }
+#[cfg(feature = "proxy")]
+pub(crate) use signing::ACCESS_TOKEN_TYPE;
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::{FailureCounts, Standing, ThrottlePolicy};

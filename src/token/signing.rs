@@ -22,6 +22,9 @@ use crate::auth::{
     FetchedKeys, KeyChanges, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey,
 };
 
+/// The `typ` of the access tokens [`SigningKeys::sign_access_token`] signs (RFC 9068).
+pub(crate) const ACCESS_TOKEN_TYPE: &str = "at+jwt";
+
 /// A private key the token endpoint signs with, with its `kid` and algorithm.
 ///
 /// `ES256` (P-256) keys can be generated at run time with [`generate_es256`], in every build
@@ -476,7 +479,7 @@ impl SigningKeys {
     /// ```
     pub fn sign_access_token(&self, claims: &Value) -> Result<String, KeyError> {
         let key = Arc::clone(&self.read().current);
-        key.sign(claims, "at+jwt")
+        key.sign(claims, ACCESS_TOKEN_TYPE)
     }
 
     /// A Tower service answering `GET` with the JWKS document (mount it at your JWKS URL).
