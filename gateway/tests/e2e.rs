@@ -46,6 +46,11 @@ fn npm_installed() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
         let interop = repository_root().join("tests/interop");
+        // nextest runs each test in a process of its own: on a fresh checkout, without this
+        // lock, two of them would run `npm ci` into the same directory at once.
+        let lock = std::fs::File::create(std::env::temp_dir().join("tower-fhir-npm-ci.lock"))
+            .expect("create the npm install lock file");
+        lock.lock().expect("lock the npm install lock file");
         if interop.join("node_modules/oidc-provider").exists()
             && interop
                 .join("node_modules/@asymmetrik/node-fhir-server-core")
