@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -109,21 +109,41 @@ async fn read(
     }
 }
 
-/// `GET /Patient`: a search returning every patient of this tenant.
+/// `GET /Patient`: a search of this tenant's patients. It applies every parameter it takes
+/// (`_id`, `_summary=count`) and refuses any other with `400`: a search that ignored a
+/// parameter would find more than asked, and the gateway's check of a granular SMART scope
+/// (`system/Patient.rs?...`) is such a search (sent with `Prefer: handling=strict`).
 async fn search(
     State(stores): State<Stores>,
     tenant: InProcessTenant,
     id: TenantId,
     version: FhirVersion,
+    Query(parameters): Query<Vec<(String, String)>>,
 ) -> Response {
     let Some(store) = stores.get(tenant.key()) else {
         return no_store(&tenant);
     };
     let patients = store.read().unwrap_or_else(|e| e.into_inner());
-    let entries: Vec<Value> = patients.values().map(|p| json!({"resource": p})).collect();
-    let bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
-        "meta": {"tag": [{"system": "urn:example:tenant", "code": id.to_string()}]},
-        "entry": entries});
+    let mut found: Vec<&Value> = patients.values().collect();
+    let mut count_only = false;
+    for (name, value) in &parameters {
+        match name.as_str() {
+            "_id" => found.retain(|patient| patient["id"] == value.as_str()),
+            "_summary" if value == "count" => count_only = true,
+            _ => {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    IssueType::NotSupported,
+                    format!("this server does not search by {name}={value}"),
+                )
+            }
+        }
+    }
+    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": found.len(),
+        "meta": {"tag": [{"system": "urn:example:tenant", "code": id.to_string()}]}});
+    if !count_only {
+        bundle["entry"] = found.iter().map(|p| json!({"resource": p})).collect();
+    }
     resource(version, StatusCode::OK, &bundle)
 }
 
@@ -213,11 +233,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 4. Your FHIR routes, behind it. No `metadata` route is needed: the layer answers
     //    `GET /metadata` (with a token, in the tenant's release) where the router has none.
-    let app = Router::new()
+    //    The layer goes over the whole router, not with `Router::layer` (which wraps each
+    //    route's handler apart): a granular scope's check is a search the layer sends back
+    //    through it, which must reach the search route.
+    let fhir = Router::new()
         .route("/Patient/{id}", get(read))
         .route("/Patient", get(search).post(create))
-        .with_state(Arc::new(stores))
-        .layer(gateway);
+        .with_state(Arc::new(stores));
+    let app = Router::new().fallback_service(tower::Layer::layer(&gateway, fhir));
 
     println!("tower-fhir in-process FHIR server listening on {base}");
     for (tenant, key, releases) in TENANTS {

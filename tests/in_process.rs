@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -59,6 +59,38 @@ async fn read(
         .into_response()
 }
 
+/// `GET /Patient`: a search that applies every parameter it is given (`_id`, `gender`) and
+/// fails on any other, as `Prefer: handling=strict` asks; `_summary=count` gives the total only.
+async fn search(
+    State(stores): State<Stores>,
+    local: InProcessTenant,
+    Query(parameters): Query<Vec<(String, String)>>,
+) -> Response {
+    let patients = stores.get(local.key()).into_iter().flat_map(|p| p.values());
+    let mut found: Vec<&Value> = patients.collect();
+    let mut count_only = false;
+    for (name, value) in &parameters {
+        match name.as_str() {
+            "_id" => found.retain(|p| p["id"] == value.as_str()),
+            "gender" => found.retain(|p| p["gender"] == value.as_str()),
+            "_summary" if value == "count" => count_only = true,
+            _ => {
+                return (StatusCode::BAD_REQUEST, format!("unknown parameter {name}"))
+                    .into_response()
+            }
+        }
+    }
+    let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": found.len()});
+    if !count_only {
+        bundle["entry"] = found.iter().map(|p| json!({"resource": p})).collect();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        bundle.to_string(),
+    )
+        .into_response()
+}
+
 /// A catch-all route of the application's own: the token routes must be answered by the layer
 /// even where the router has a route matching their paths.
 async fn any_resource(local: InProcessTenant, Path((kind, id)): Path<(String, String)>) -> String {
@@ -81,7 +113,16 @@ async fn server(throttle: Option<ThrottlePolicy>) -> Server {
     let stores: Stores = Arc::new(HashMap::from([
         (
             "contoso-db",
-            HashMap::from([("100", json!({"resourceType": "Patient", "id": "100"}))]),
+            HashMap::from([
+                (
+                    "100",
+                    json!({"resourceType": "Patient", "id": "100", "gender": "female"}),
+                ),
+                (
+                    "101",
+                    json!({"resourceType": "Patient", "id": "101", "gender": "male"}),
+                ),
+            ]),
         ),
         (
             "fabrikam-db",
@@ -109,6 +150,15 @@ async fn server(throttle: Option<ThrottlePolicy>) -> Server {
         )
         .await
         .unwrap();
+    clients
+        .register(
+            NewClient::new("women")
+                .secret(SECRET)
+                .tenant(CONTOSO.parse().unwrap())
+                .scope("system/Patient.rs?gender=female"),
+        )
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
@@ -128,12 +178,15 @@ async fn server(throttle: Option<ThrottlePolicy>) -> Server {
         .token_endpoint(endpoint.build().unwrap())
         .build_layer()
         .unwrap();
-    let app = Router::new()
+    let fhir = Router::new()
         .route("/Patient/{id}", get(read))
-        .route("/Patient", axum::routing::post(create))
+        .route("/Patient", get(search).post(create))
         .route("/{kind}/{id}", get(any_resource).post(any_resource))
-        .with_state(stores)
-        .layer(layer)
+        .with_state(stores);
+    // The layer over the whole router (not `Router::layer`, which wraps each route's handler
+    // apart): a granular scope's search is routed to the application's search handler.
+    let app = Router::new()
+        .fallback_service(tower::Layer::layer(&layer, fhir))
         .layer(BodyLimitLayer::new(BODY_LIMIT));
     tokio::spawn(async move {
         axum::serve(
@@ -149,20 +202,24 @@ async fn server(throttle: Option<ThrottlePolicy>) -> Server {
 }
 
 async fn token_for(client: &TestClient, secret: &str, tenant: &str) -> Reply {
+    token_of(client, "app", secret, tenant).await
+}
+
+async fn token_of(client: &TestClient, id: &str, secret: &str, scope: &str) -> Reply {
     client
         .send(
             "POST",
             "/oauth/token",
             &[FORM],
             &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={secret}&scope={tenant}"
+                "grant_type=client_credentials&client_id={id}&client_secret={secret}&scope={scope}"
             ),
         )
         .await
 }
 
-async fn token(client: &TestClient, tenant: &str) -> String {
-    let reply = token_for(client, SECRET, tenant).await;
+async fn token(client: &TestClient, scope: &str) -> String {
+    let reply = token_for(client, SECRET, scope).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     reply.json()["access_token"].as_str().unwrap().to_owned()
 }
@@ -375,4 +432,26 @@ async fn a_streamed_body_over_the_limit_gets_413_with_an_outcome_from_an_axum_ha
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"too-long\""), "{answer}");
     assert!(answer.contains("application/fhir+json"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granular_scope_read_is_checked_with_the_applications_own_search() {
+    let Server { client } = server(None).await;
+    // Only female patients: a read is allowed once the application's search for the id and
+    // the scope's parameters finds the patient (the layer asks the router, not a proxy).
+    let scope = format!("{CONTOSO}%20system/Patient.rs%3Fgender%3Dfemale");
+    let reply = token_of(&client, "women", SECRET, &scope).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let women = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let fhir = "application/fhir+json";
+    let reply = read_as(&client, &women, "/Patient/100", fhir).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["gender"], "female");
+    let reply = read_as(&client, &women, "/Patient/101", fhir).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    // A search under the scope carries its parameters to the application's search.
+    let reply = read_as(&client, &women, "/Patient?gender=female", fhir).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["total"], 1);
 }
