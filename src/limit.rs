@@ -15,7 +15,11 @@
 //! `OperationOutcome` with the code `throttled`; it never reaches the inner service. Other
 //! tenants and clients are untouched: each key has its own limiter. The client's limit is
 //! checked first, so a client refused by its own limit takes nothing from its tenant's.
-//! Requests without a tenant, without a limit, or without verified claims pass.
+//! Requests without a tenant, without a limit, or without verified claims pass. A read that
+//! a granular SMART scope allows only after a check search counts once: the
+//! [`SmartScopeLayer`](crate::smart::SmartScopeLayer)'s first search is counted, and its
+//! other searches and the read itself pass; a client over its limit gets `429` for the read
+//! before any search reaches the upstream.
 //!
 //! **A changed limit** applies to its key at the next request that carries it: for a tenant,
 //! as soon as the routing cache has the new record (at once where the directory announces
@@ -658,6 +662,9 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let extensions = request.extensions();
+        if extensions.get::<crate::smart::ScopeProbe>().is_some() {
+            return PassOrOwn::passed(self.inner.call(request));
+        }
         let tenant = extensions
             .get::<TenantId>()
             .copied()

@@ -17,6 +17,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serde_json::json;
 use support::*;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::limit::RateLimit;
@@ -141,6 +142,7 @@ struct Setup {
     client: TestClient,
     addr: std::net::SocketAddr,
     slow: SlowServer,
+    upstream: RecordingUpstream,
 }
 
 async fn setup() -> Setup {
@@ -185,6 +187,10 @@ async fn setup() -> Setup {
         .register(entitled(NewClient::new("metered")).rate_limit(RateLimit::new(1, 3).unwrap()))
         .await
         .unwrap();
+    store
+        .register(entitled(NewClient::new("women")).scope("system/Patient.rs?gender=female"))
+        .await
+        .unwrap();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -206,6 +212,7 @@ async fn setup() -> Setup {
         client: TestClient::new(served),
         addr: served,
         slow,
+        upstream,
     }
 }
 
@@ -364,4 +371,35 @@ async fn the_slot_is_held_until_the_response_body_ends() {
     slow.set_delay(Duration::from_millis(400));
     let after = client.get_bearer("/slow", &patient).await;
     assert_eq!(after.status, StatusCode::OK, "{}", after.text());
+}
+
+#[tokio::test]
+async fn a_granular_scopes_check_search_is_not_counted_against_the_limits() {
+    let Setup {
+        client, upstream, ..
+    } = setup().await;
+    upstream.answer(
+        "/fhir/Patient?_id=1&",
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": 1})),
+    );
+    upstream.answer(
+        "/fhir/Patient/1",
+        Answer::json(json!({"resourceType": "Patient", "id": "1", "gender": "female"})),
+    );
+    // The tenant's limit: a burst of 2. Each read is checked with a search first, and only the
+    // read counts: two reads pass, the third is the read's own 429, not a failed check's 502.
+    let scope = format!("{LIMITED}%20system/Patient.rs%3Fgender%3Dfemale");
+    let token = token(&client, "women", &scope).await;
+    for _ in 0..2 {
+        let reply = client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let reply = client.get_bearer("/Patient/1", &token).await;
+    assert_throttled(&reply, StatusCode::TOO_MANY_REQUESTS);
+    let probes = upstream
+        .received()
+        .iter()
+        .filter(|r| r.target.starts_with("/fhir/Patient?_id=1&"))
+        .count();
+    assert_eq!(probes, 2);
 }

@@ -300,15 +300,19 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let mut prober = self.inner.clone();
+                // The first search is counted by the rate limits as the client's request; the
+                // others, and the read once one finds the resource, are not counted again.
                 let probes: Vec<_> = searches
                     .iter()
-                    .filter_map(|search| probe_request(&request, search))
+                    .enumerate()
+                    .filter_map(|(i, search)| probe_request(&request, search, i > 0))
                     .collect();
                 PassOrOwn::own(async move {
                     for search in probes {
                         match probe(&mut prober, search).await {
                             Ok(true) => {
-                                let request = request.map(ScopedBody::passed);
+                                let mut request = request.map(ScopedBody::passed);
+                                request.extensions_mut().insert(ScopeProbe);
                                 return Ok(inner.call(request).await?.map(ResponseBody::inner));
                             }
                             Ok(false) => {}
@@ -906,10 +910,11 @@ fn probe_search(base: &str, ty: &str, query: &[(String, String)], id: &str) -> S
 const MAX_PROBE_ANSWER: usize = 1024 * 1024;
 
 /// The search `search` (under the read's FHIR base), with the read's extensions, asking for
-/// JSON, without a body.
+/// JSON, without a body; marked [`ScopeProbe`] when the rate limits counted the read already.
 fn probe_request<B, ReqBody>(
     read: &Request<B>,
     search: &str,
+    counted: bool,
 ) -> Option<Request<ScopedBody<ReqBody>>> {
     let uri: http::Uri = search.parse().ok()?;
     let mut request = Request::get(uri)
@@ -923,8 +928,19 @@ fn probe_request<B, ReqBody>(
         .body(ScopedBody::buffered(Bytes::new()))
         .ok()?;
     *request.extensions_mut() = read.extensions().clone();
+    if counted {
+        request.extensions_mut().insert(ScopeProbe);
+    }
     Some(request)
 }
+
+/// In a request's extensions: the request belongs to a client's read under a granular scope
+/// whose first check search the rate limits counted already (a later check search, or the read
+/// itself once a search found the resource). The rate limits let it pass, so such a read costs
+/// the client one request; a limit reached refuses the first search, and the client gets that
+/// `429` (a search's `429` is the read's answer, never a failed check's `502`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScopeProbe;
 
 /// Whether the probe search finds the resource; `Err` with the answer to give when that
 /// cannot be told.
@@ -951,6 +967,17 @@ where
     let mut required = names(request.uri().query().unwrap_or(""));
     required.retain(|name| name != "_summary");
     let response = inner.call(request).await.map_err(|_| unavailable())?;
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        // A rate limit reached (the gateway's, or the server's own): the read's answer, with
+        // its `Retry-After`.
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_PROBE_ANSWER)
+            .collect()
+            .await
+            .map_err(|_| unavailable())?
+            .to_bytes();
+        return Err(Response::from_parts(parts, body));
+    }
     if response.status() != StatusCode::OK {
         tracing::info!(status = %response.status(), "a granular-scope probe search failed");
         return Err(unavailable());

@@ -151,6 +151,7 @@ mod check;
 mod layer;
 mod scope;
 
+pub(crate) use layer::ScopeProbe;
 pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
     DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL, MAX_FORM_BODY, MAX_SEARCH_PARAMETERS,
