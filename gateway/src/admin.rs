@@ -546,6 +546,16 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
         Ok(tenant) => tenant,
         Err(response) => return *response,
     };
+    // Under the lock a replica seeding its configured tenants takes: a removal made between
+    // its check that the tenant was never removed and its insert would be undone by it.
+    let _writing = admin.tenant_writes.lock().await;
+    let _shared = match admin.directory.lock_writes().await {
+        Ok(lock) => lock,
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not lock tenant writes to remove a tenant");
+            return unavailable("the tenant could not be removed");
+        }
+    };
     let deleted = admin.directory.delete(tenant).await;
     // Whatever the answer (as for a `PUT`): a removal that timed out may have been made, and
     // the same `DELETE` again then finds no tenant.
@@ -998,12 +1008,19 @@ async fn put_client(
                 Err(err) => return store_failed(&err, "registering a client"),
             };
             tracing::info!(client_id = %client_id, "client registered by an administrator");
-            let record = match admin.clients.client(&client_id).await {
-                Ok(Some(record)) => record,
-                Ok(None) => return error(StatusCode::NOT_FOUND, "no such client"),
-                Err(err) => return store_failed(&err, "looking up a client"),
+            // The client is registered and its secret shown once: `201` with the secret
+            // whatever the reading back does (a PUT sent again would change the client, and
+            // answer without one).
+            let mut shown = match admin.clients.client(&client_id).await {
+                Ok(Some(record)) => client_json(&admin, &record).await,
+                Ok(None) => json!({"client_id": client_id,
+                    "warning": "the client is registered, but another request removed it since"}),
+                Err(err) => {
+                    tracing::error!(error = %err, client_id = %client_id, "could not read a registered client back");
+                    json!({"client_id": client_id,
+                        "warning": "the client is registered, but could not be read back: GET /admin/clients/{client_id} shows it"})
+                }
             };
-            let mut shown = client_json(&admin, &record).await;
             // A private_key_jwt client has no secret to show.
             if !secret.is_empty() {
                 shown["client_secret"] = json!(secret.expose());
@@ -1671,6 +1688,60 @@ mod tests {
                 inner.update(&id, update).await
             })
         }
+    }
+
+    /// A client store whose reads fail after the first `reads` (a database that registered a
+    /// client, then timed out).
+    struct FailsToRead {
+        inner: InMemoryClientStore,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+    impl ClientStore for FailsToRead {
+        delegate_to!(inner);
+        fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .reads
+                .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+                .is_ok()
+            {
+                return self.inner.client(id);
+            }
+            Box::pin(async { Err(tower_fhir::token::StoreError::new("timed out")) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registered_clients_secret_is_shown_when_it_cannot_be_read_back() {
+        let inner = InMemoryClientStore::new();
+        let store = FailsToRead {
+            inner: inner.clone(),
+            reads: 1.into(),
+        };
+        let (router, _) = admin_over(
+            InMemoryDirectory::new(),
+            Arc::new(store),
+            None::<CountsClients>,
+        );
+        let body = serde_json::json!({"tenants": [TENANT]}).to_string();
+        let response = router
+            .oneshot(admin_request("PUT", "/admin/clients/new", body))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let secret = body["client_secret"].as_str().expect("the secret is shown");
+        assert!(body["warning"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read back"));
+        // The secret shown is the client's.
+        let record = inner.client("new").await.unwrap().unwrap();
+        assert!(!record.secrets.is_empty());
+        assert!(!secret.is_empty());
     }
 
     /// A revocation log that counts the refusals of all a client's tokens, each once recorded

@@ -1236,6 +1236,12 @@ fn check_keys(client: &NewClient) -> Result<(), StoreError> {
         (None, None) => return Ok(()),
         (Some(_), Some(_)) => return refused("give jwks or jwks_uri, not both".into()),
         (Some(jwks), None) => {
+            if let Some(member) = private_member(jwks) {
+                return refused(format!(
+                    "jwks holds a private key (its {member:?}): give the public key only; \
+                     the private key stays with the client"
+                ));
+            }
             if let Err(why) = client_keys(jwks) {
                 return refused(why);
             }
@@ -1255,6 +1261,17 @@ fn check_keys(client: &NewClient) -> Result<(), StoreError> {
         return refused("a private_key_jwt client has no secret".into());
     }
     Ok(())
+}
+
+/// The first private-key member (RFC 7518 §6.2.2, §6.3.2) of a key in a JWK Set: a client's
+/// registered keys are kept and shown as given, so a private key among them would be stored
+/// and shown beside the public one.
+fn private_member(jwks: &serde_json::Value) -> Option<&'static str> {
+    const PRIVATE: [&str; 7] = ["d", "p", "q", "dp", "dq", "qi", "oth"];
+    let keys = jwks.get("keys")?.as_array()?;
+    keys.iter()
+        .filter_map(|key| key.as_object())
+        .find_map(|key| PRIVATE.into_iter().find(|member| key.contains_key(*member)))
 }
 
 /// The public signing keys of a `private_key_jwt` client's JWK Set; symmetric keys refused.
@@ -1757,8 +1774,15 @@ mod tests {
             async move { store.register(client).await.unwrap_err().to_string() }
         };
         let oct = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]});
+        // The key pair as a key generator prints it: the private member beside the public ones.
+        let mut pair = jwks.clone();
+        pair["keys"][0]["d"] = serde_json::json!("c2VjcmV0LXNlY3JldC1zZWNyZXQ");
         for (client, why) in [
             (NewClient::new("a").jwks(oct), "symmetric"),
+            (
+                NewClient::new("h").jwks(pair),
+                "holds a private key (its \"d\")",
+            ),
             (
                 NewClient::new("b").jwks(serde_json::json!({"keys": []})),
                 "no public signing key",
