@@ -258,6 +258,8 @@ async fn every_request_gets_one_audit_record_without_secrets() {
     assert_eq!((issued.status, issued.outcome), (200, "ok"));
     assert_eq!(issued.client_id.as_deref(), Some("app"));
     assert_eq!(issued.tenant, TenantId::parse(TENANT).ok());
+    let base = format!("http://{}", setup.addr);
+    assert_eq!(issued.issuer.as_deref(), Some(base.as_str()));
 
     assert_eq!(search.request_id.as_deref(), Some("r-1"));
     assert_eq!(search.interaction, Some("search"));
@@ -288,6 +290,7 @@ async fn every_request_gets_one_audit_record_without_secrets() {
     assert_eq!(invalid.client_id, None);
     assert_eq!((failed.status, failed.outcome), (401, "invalid_client"));
     assert_eq!(failed.client_id.as_deref(), Some("app"));
+    assert_eq!(failed.issuer.as_deref(), Some(base.as_str()));
 
     let written = serde_json::to_string(&records).unwrap();
     for secret in [SECRET, "wrong-secret", &token, "Smith", "1234"] {

@@ -890,11 +890,14 @@ impl AuditDraft {
                     .client
                     .as_deref()
                     .or_else(|| who.as_ref()?.client_id.as_deref()),
-                issuer: who.as_ref().and_then(|who| who.issuer.as_deref()),
-                // The token's rendering, unless the client was set by hand.
+                issuer: facts
+                    .issuer
+                    .as_deref()
+                    .or_else(|| who.as_ref()?.issuer.as_deref()),
+                // The token's rendering, unless the client or issuer was set by hand.
                 who_json: who
                     .as_ref()
-                    .filter(|_| facts.client.is_none())
+                    .filter(|_| facts.client.is_none() && facts.issuer.is_none())
                     .map(|who| &*who.json),
                 classified: true,
                 tenant: facts.tenant,

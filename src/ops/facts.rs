@@ -52,6 +52,7 @@ thread_local! {
             facts: Facts {
                 claims: None,
                 client: None,
+                issuer: None,
                 tenant: None,
                 upstream: None,
             },
@@ -128,6 +129,11 @@ impl RequestFacts {
     /// Records the client by hand (the token endpoint, before any token exists).
     pub fn set_client_id(client: &str) {
         Self::with(|facts| facts.client = Some(client.to_owned()));
+    }
+
+    /// Records the issuer by hand (the token endpoint's own, for a token request).
+    pub fn set_issuer(issuer: &str) {
+        Self::with(|facts| facts.issuer = Some(Arc::from(issuer)));
     }
 
     /// Records the tenant.
@@ -217,6 +223,8 @@ pub struct Facts {
     pub claims: Option<VerifiedClaims>,
     /// The client, when known otherwise than from the claims (the token endpoint's client).
     pub client: Option<String>,
+    /// The issuer, when known otherwise than from the claims (the token endpoint's own).
+    pub issuer: Option<Arc<str>>,
     /// The tenant the request is for.
     pub tenant: Option<TenantId>,
     /// The upstream FHIR server's base URL.
@@ -233,8 +241,11 @@ impl Facts {
         self.claims.as_ref()?.client_id().map(str::to_owned)
     }
 
-    /// The token's issuer.
+    /// The issuer: the one set by hand, else the token's.
     pub fn issuer(&self) -> Option<String> {
+        if let Some(issuer) = &self.issuer {
+            return Some(issuer.to_string());
+        }
         self.claims
             .as_ref()
             .and_then(|c| c.issuer())

@@ -595,6 +595,8 @@ impl Inner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // The issuer of the token asked for, in the request's audit record.
+        crate::ops::RequestFacts::set_issuer(&self.issuer);
         let (parts, form) =
             posted_form(request, "The token endpoint accepts POST only", self.body).await?;
 
@@ -617,6 +619,7 @@ impl Inner {
             .authenticate_client(&parts, &form, "token request")
             .await?;
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
+        crate::ops::RequestFacts::set_tenant(tenant);
         let lifetime = client
             .token_lifetime_secs
             .unwrap_or(self.default_lifetime.as_secs());
@@ -641,7 +644,6 @@ impl Inner {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()
         })?;
-        crate::ops::RequestFacts::set_tenant(tenant);
         tracing::debug!(client_id = %client.id, tenant = %tenant, "token issued");
         Ok(json_response(
             StatusCode::OK,
