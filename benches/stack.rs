@@ -432,8 +432,8 @@ fn bench(c: &mut Criterion) {
             .fhir_versions(versions.clone())
             .fhir_bearer_auth(auth)
             .fhir_tenant_scope(scope.clone())
-            .fhir_smart_scopes(smart.clone())
             .fhir_tenant_routing(routing.clone())
+            .fhir_smart_scopes(smart.clone())
             .service_fn(ok_scoped)
     };
     group.bench_function("full/HS256/warm/read", |b| {

@@ -2,9 +2,13 @@
 //! token endpoint mounted beside it (feature `proxy`).
 //!
 //! [`Gateway::builder`] assembles, outermost first: version negotiation, metadata pass-through,
-//! bearer validation, tenant scope, SMART scopes ([`SmartScopeLayer`]), tenant routing, rate limits per tenant and per client
-//! ([`RateLimitLayer`]; clients' limits read from the token endpoint's store), the per-tenant
-//! CapabilityStatement cache and the [`FhirProxy`]. With a
+//! bearer validation, tenant scope, tenant routing, rate limits per tenant and per client
+//! ([`RateLimitLayer`]; clients' limits read from the token endpoint's store), SMART scopes
+//! ([`SmartScopeLayer`]), the per-tenant CapabilityStatement cache and the [`FhirProxy`]. The
+//! rate limits come before the SMART checks: a client over its limit is refused before its
+//! body is read to check its scopes (so it takes none of the bytes all requests' bodies share,
+//! [`max_buffered_total`](crate::smart::SmartScopeBuilder::max_buffered_total)), and a read under a granular scope is counted once, its check
+//! search not at all. With a
 //! [`TokenEndpoint`](crate::token::TokenEndpoint) (feature `token`) it also answers, ahead of
 //! the stack:
 //!
@@ -100,7 +104,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The layered stack [`GatewayLayer`] wraps a service in, outermost first.
 pub type GatewayStack<S> = VersionNegotiation<
-    Metadata<BearerAuth<TenantScope<SmartScopes<TenantRouting<RateLimiting<CapabilityCache<S>>>>>>>,
+    Metadata<BearerAuth<TenantScope<TenantRouting<RateLimiting<SmartScopes<CapabilityCache<S>>>>>>>,
 >;
 
 type RoutingOptions = Box<dyn FnOnce(TenantRoutingBuilder) -> TenantRoutingBuilder + Send>;
@@ -643,9 +647,9 @@ impl<S> Layer<S> for GatewayLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.capabilities.layer(inner);
+        let inner = self.smart.layer(inner);
         let inner = self.rate_limits.layer(inner);
         let inner = self.routing.layer(inner);
-        let inner = self.smart.layer(inner);
         let inner = self.tenant.layer(inner);
         let inner = self.auth.layer(inner);
         let inner = self.metadata.layer(inner);

@@ -403,3 +403,32 @@ async fn a_granular_scopes_check_search_is_not_counted_against_the_limits() {
         .count();
     assert_eq!(probes, 2);
 }
+
+#[tokio::test]
+async fn a_client_over_its_limit_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Setup { client, addr, .. } = setup().await;
+    // A token whose scopes need a transaction's body read to be checked.
+    let scope = format!("{LIMITED}%20system/Patient.rs%3Fgender%3Dfemale");
+    let token = token(&client, "women", &scope).await;
+    // The tenant's burst of 2, spent.
+    for _ in 0..2 {
+        client.get_bearer("/Patient?gender=female", &token).await;
+    }
+    // A transaction whose body never comes whole: the limit answers without waiting for it.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/fhir+json\r\ncontent-length: 100000\r\n\r\n\
+         {{\"resourceType\": \"Bundle\", \"type\": \"transaction\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered before the body came")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("throttled"), "{answer}");
+}

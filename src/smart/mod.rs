@@ -77,7 +77,9 @@
 //!   sent rather than those it used (HAPI rejects unknown parameters by itself). Grant
 //!   granular scopes only on parameters the upstream supports. The upstream evaluates its own search parameters, so
 //!   the check means what the scope means there; the read costs one more request upstream
-//!   (and one more against a rate limit). A vread under a granular scope is refused: an old
+//!   (not one more against a rate limit: the [`Gateway`](crate::gateway::Gateway)'s rate
+//!   limits are before this layer, and one placed after it counts only the first search). A
+//!   check search answered `429` (a rate limit reached) is the read's answer. A vread under a granular scope is refused: an old
 //!   version may not match what the current one does.
 //! - A request that is not a FHIR interaction (`classify` finds none) is refused.
 //! - A request whose `Connection` names `Content-Type`, `Prefer` or `If-None-Exist` (a proxy
