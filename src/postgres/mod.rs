@@ -241,6 +241,15 @@ impl fmt::Debug for PgState {
     }
 }
 
+/// Set on each pooled connection when it is made: the server finds a replica that went away
+/// without a word (its host down, a network cut) in about a minute, not at its operating
+/// system's default of two hours, so the locks its session or transaction held (the tenant
+/// writes', the signing keys') are let go. A `SET`, not a startup option: a pooler in front
+/// of the database (PgBouncer) refuses unknown startup options, and takes a `SET`. On a
+/// Unix-domain socket the server ignores them.
+const SERVER_SIDE_KEEPALIVES: &str = "SET tcp_keepalives_idle = 30; \
+     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
+
 impl PgState {
     /// Connects to `url` (`postgres://user[:password]@host:port/database`) and migrates the
     /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
@@ -283,6 +292,14 @@ impl PgState {
             },
         );
         let pool = Pool::builder(manager)
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(SERVER_SIDE_KEEPALIVES)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)
+                })
+            }))
             .max_size(16)
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
