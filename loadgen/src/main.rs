@@ -6,7 +6,7 @@
 //! fixed request rate with coordinated-omission correction (latency counted from when each
 //! request was due, not when it was sent). Tokens are minted locally (one per tenant, HS256
 //! from a shared secret or RS256/PS256/ES256/EdDSA from a private key in PEM) or fetched from a
-//! token endpoint with client credentials (one per tenant, `scope=<tenant>`, refetched before
+//! token endpoint with client credentials (one per tenant, `--scope`, by default the tenant, refetched before
 //! they expire). Requests follow the deployed DSTU2/STU3 client mix (Patient read and search,
 //! Observation, Condition, Encounter, AllergyIntolerance, MedicationOrder, Coverage), a mix of
 //! your own with its weights (`--mix FILE`), or hit one path. The report: throughput, latency percentiles from an HDR histogram, status counts and
@@ -69,6 +69,9 @@ usage: fhir-loadgen --target URL [OPTIONS]
                           none was answered; default 0.01 (1%)
   --max-non-2xx-rate F    exit 1 when more than this share of the answered requests had a
                           status other than 2xx (401, 404, 503...); default 1 (not checked)
+  --max-unsent-rate F     at a fixed rate: exit 1 when more than this share of the requests
+                          due were never sent (every connection busy: the rate was not
+                          held); default 0.01 (1%)
   --tenants ID,ID,...     tenant GUIDs (or --tenant-count N to make N of them)
   --tenant-count N        N generated tenant GUIDs
   --mint-hs256 SECRET     mint tokens locally (with --issuer, --audience)
@@ -82,7 +85,16 @@ usage: fhir-loadgen --target URL [OPTIONS]
   --bearer TOKEN          send this one bearer token with every request (a gateway whose
                           tokens you get elsewhere)
   --token-url URL         fetch tokens with client credentials (--client-id, --client-secret)
-  --path PATH             one request path instead of the client mix
+  --client-auth HOW       how --token-url's client authenticates: post (client_id and
+                          client_secret in the form, the default) or basic (HTTP Basic)
+  --scope SCOPE           the scope asked of --token-url, or put in minted tokens, with
+                          {tenant} replaced by each tenant's GUID; default {tenant}
+                          (tower-fhir's); say \"{tenant} system/*.rs\", or another
+                          gateway's own (\"api://fhir/.default\")
+  --header 'NAME: VALUE'  send this header with every request (an API key, a tenant
+                          header, Prefer...); repeat for several
+  --path PATH             one request path (starting with /, under --target's path)
+                          instead of the client mix
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
                           (BODY form-encoded, for POST _search); `#` starts a comment
   --http2                 HTTP/2 instead of HTTP/1.1: with prior knowledge (h2c) on http://,
@@ -122,11 +134,17 @@ enum Tokens {
         header: Box<Header>,
         issuer: Option<String>,
         audience: Option<String>,
+        /// `--scope`: the scope claim, `{tenant}` replaced.
+        scope: String,
     },
     Endpoint {
         url: String,
         client_id: String,
         client_secret: String,
+        /// `--scope`: the scope asked for, `{tenant}` replaced.
+        scope: String,
+        /// `--client-auth basic`: the credentials in an HTTP Basic `Authorization` header.
+        basic: bool,
     },
 }
 
@@ -144,6 +162,10 @@ struct Options {
     max_error_rate: f64,
     /// Above this share of answered requests with a status other than 2xx, the run exits 1.
     max_non_2xx_rate: f64,
+    /// At a fixed rate, above this share of the requests due never sent, the run exits 1.
+    max_unsent_rate: f64,
+    /// `--header`s, sent with every request.
+    headers: Vec<(http::HeaderName, HeaderValue)>,
     tenants: Vec<String>,
     tokens: Tokens,
     mix: Vec<Interaction>,
@@ -241,6 +263,8 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
         timeout: Duration::from_secs(10),
         max_error_rate: 0.01,
         max_non_2xx_rate: 1.0,
+        max_unsent_rate: 0.01,
+        headers: Vec::new(),
         tenants: Vec::new(),
         tokens: Tokens::None,
         mix: default_mix(),
@@ -260,6 +284,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
     let mut typ = "at+jwt".to_owned();
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
+    let (mut scope, mut basic) = ("{tenant}".to_owned(), false);
     let mut bearer: Option<String> = None;
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -289,6 +314,27 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             "--warmup" => o.warmup = seconds(&flag, &value()?, true)?,
             "--max-error-rate" => o.max_error_rate = share(&flag, &value()?)?,
             "--max-non-2xx-rate" => o.max_non_2xx_rate = share(&flag, &value()?)?,
+            "--max-unsent-rate" => o.max_unsent_rate = share(&flag, &value()?)?,
+            "--scope" => scope = value()?,
+            "--client-auth" => {
+                basic = match value()?.as_str() {
+                    "basic" => true,
+                    "post" => false,
+                    other => return Err(format!("--client-auth {other}: basic or post")),
+                }
+            }
+            "--header" => {
+                let given = value()?;
+                let (name, header) = given
+                    .split_once(':')
+                    .ok_or(format!("--header {given:?}: expected 'NAME: VALUE'"))?;
+                let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| format!("--header {given:?}: {name:?} is not a header name"))?;
+                let header = HeaderValue::from_str(header.trim()).map_err(|_| {
+                    format!("--header {given:?}: the value is not one a header can carry")
+                })?;
+                o.headers.push((name, header));
+            }
             "--timeout" => o.timeout = seconds(&flag, &value()?, false)?,
             "--tenants" => o.tenants = value()?.split(',').map(str::to_owned).collect(),
             "--tenant-count" => {
@@ -309,10 +355,16 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             "--client-id" => client_id = Some(value()?),
             "--client-secret" => client_secret = Some(value()?),
             "--path" => {
+                let path = value()?;
+                if !path.starts_with('/') {
+                    return Err(format!(
+                        "--path {path:?}: a path starts with / (it goes after --target's)"
+                    ));
+                }
                 o.mix = vec![Interaction {
                     weight: 1,
                     method: Method::GET,
-                    path: value()?,
+                    path,
                     body: String::new(),
                 }]
             }
@@ -382,12 +434,15 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
                 header: Box::new(header),
                 issuer,
                 audience,
+                scope,
             }
         }
         (None, Some(url)) => Tokens::Endpoint {
             url,
             client_id: client_id.ok_or("--token-url needs --client-id")?,
             client_secret: client_secret.ok_or("--token-url needs --client-secret")?,
+            scope,
+            basic,
         },
         (None, None) => Tokens::None,
     };
@@ -752,13 +807,15 @@ impl TokenBook {
                 header,
                 issuer,
                 audience,
+                scope,
             } => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_secs();
+                let scope = scope.replace("{tenant}", tenant);
                 let claims = json!({"iss": issuer, "aud": audience, "sub": "loadgen", "iat": now,
-                                    "exp": now + 3600, "scope": tenant});
+                                    "exp": now + 3600, "scope": scope});
                 let token = encode(header, &claims, key).map_err(|e| e.to_string())?;
                 (token, 3600)
             }
@@ -766,17 +823,27 @@ impl TokenBook {
                 url,
                 client_id,
                 client_secret,
+                scope,
+                basic,
             } => {
-                let form = format!(
-                    "grant_type=client_credentials&client_id={}&client_secret={}&scope={}",
-                    urlencode(client_id),
-                    urlencode(client_secret),
-                    urlencode(tenant)
-                );
-                let request = Request::post(url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(Full::from(form))
-                    .map_err(|e| e.to_string())?;
+                let scope = urlencode(&scope.replace("{tenant}", tenant));
+                let mut request =
+                    Request::post(url).header("content-type", "application/x-www-form-urlencoded");
+                let form = if *basic {
+                    // RFC 6749 §2.3.1: each form-encoded, then joined and base64-encoded.
+                    use base64::Engine as _;
+                    let pair = format!("{}:{}", urlencode(client_id), urlencode(client_secret));
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                    request = request.header("authorization", format!("Basic {encoded}"));
+                    format!("grant_type=client_credentials&scope={scope}")
+                } else {
+                    format!(
+                        "grant_type=client_credentials&client_id={}&client_secret={}&scope={scope}",
+                        urlencode(client_id),
+                        urlencode(client_secret),
+                    )
+                };
+                let request = request.body(Full::from(form)).map_err(|e| e.to_string())?;
                 let asked = async {
                     let response = self
                         .client
@@ -1125,6 +1192,9 @@ impl Shared {
             }
             if !body.is_empty() {
                 request = request.header("content-type", "application/x-www-form-urlencoded");
+            }
+            for (name, value) in &self.options.headers {
+                request = request.header(name, value);
             }
             if let Some(value) = self.tokens.bearer(index, tenant).await? {
                 request = request.header(http::header::AUTHORIZATION, value);
@@ -1561,10 +1631,22 @@ fn failures(
     answered: u64,
     errors: u64,
     non_2xx: u64,
+    unsent: u64,
     max_error_rate: f64,
     max_non_2xx_rate: f64,
+    max_unsent_rate: f64,
 ) -> Vec<String> {
     let mut failures = Vec::new();
+    let due = answered + errors + unsent;
+    let unsent_rate = unsent as f64 / due.max(1) as f64;
+    if unsent_rate > max_unsent_rate {
+        failures.push(format!(
+            "{unsent} of {due} requests due were never sent ({:.2}%, more than \
+             --max-unsent-rate {}%): the rate was not held",
+            unsent_rate * 100.0,
+            max_unsent_rate * 100.0
+        ));
+    }
     let total = answered + errors;
     let error_rate = errors as f64 / total.max(1) as f64;
     let non_2xx_rate = non_2xx as f64 / answered.max(1) as f64;
@@ -1707,8 +1789,10 @@ fn report(
         answered,
         errors,
         non_2xx,
+        tally.unsent,
         shared.options.max_error_rate,
         shared.options.max_non_2xx_rate,
+        shared.options.max_unsent_rate,
     );
     let sent = shared.sent.load(Ordering::Relaxed);
     let scheduled = sent + tally.unsent;
@@ -1750,6 +1834,7 @@ fn report(
             "connections": options.connections,
             "max_error_rate": options.max_error_rate,
             "max_non_2xx_rate": options.max_non_2xx_rate,
+            "max_unsent_rate": options.max_unsent_rate,
             "protocol": match (options.http2, options.tls.is_some()) {
                 (true, false) => "h2c",
                 (true, true) => "h2",
@@ -1974,6 +2059,23 @@ mod tests {
     }
 
     #[test]
+    fn paths_headers_and_client_authentication_are_checked() {
+        let error = parse(&["--path", "Patient/1"]).err().unwrap();
+        assert!(error.contains("a path starts with /"), "{error}");
+        assert!(parse(&["--path", "/Patient/1"]).is_ok());
+        let error = parse(&["--header", "no colon"]).err().unwrap();
+        assert!(error.contains("expected 'NAME: VALUE'"), "{error}");
+        let error = parse(&["--header", "bad name: x"]).err().unwrap();
+        assert!(error.contains("not a header name"), "{error}");
+        let o = parse(&["--header", "X-Api-Key:  k3y "]).unwrap();
+        assert_eq!(o.headers[0].0, "x-api-key");
+        assert_eq!(o.headers[0].1, "k3y");
+        let error = parse(&["--client-auth", "jwt"]).err().unwrap();
+        assert!(error.contains("basic or post"), "{error}");
+        assert_eq!(parse(&[]).unwrap().max_unsent_rate, 0.01);
+    }
+
+    #[test]
     fn a_duration_of_10_with_a_number_of_requests_is_a_duration() {
         let window = |args: &[&str]| parse(args).unwrap().window();
         let ten = Duration::from_secs(10);
@@ -2020,8 +2122,8 @@ mod tests {
     #[test]
     fn answers_not_2xx_fail_the_run_past_their_share() {
         // Every answer a 401: only --max-non-2xx-rate sees it.
-        assert!(failures(100, 0, 100, 0.01, 1.0).is_empty());
-        let failed = failures(100, 0, 100, 0.01, 0.05);
+        assert!(failures(100, 0, 100, 0, 0.01, 1.0, 0.01).is_empty());
+        let failed = failures(100, 0, 100, 0, 0.01, 0.05, 0.01);
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert!(
             failed[0].contains("100 of 100 answers were not 2xx"),
@@ -2029,10 +2131,18 @@ mod tests {
         );
         assert!(failed[0].contains("--max-non-2xx-rate 5%"), "{failed:?}");
         // At the share, not above it: passes.
-        assert!(failures(100, 0, 5, 0.01, 0.05).is_empty());
+        assert!(failures(100, 0, 5, 0, 0.01, 0.05, 0.01).is_empty());
         // Errors are not answers: a share of the answered.
-        assert!(failures(10, 90, 0, 1.0, 0.0).is_empty());
-        assert_eq!(failures(0, 5, 0, 0.01, 1.0).len(), 2);
+        assert!(failures(10, 90, 0, 0, 1.0, 0.0, 0.01).is_empty());
+        assert_eq!(failures(0, 5, 0, 0, 0.01, 1.0, 0.01).len(), 2);
+        // Half the schedule never sent: the rate was not held.
+        let failed = failures(50, 0, 0, 50, 0.01, 1.0, 0.01);
+        assert_eq!(failed.len(), 1);
+        assert!(
+            failed[0].contains("50 of 100 requests due were never sent"),
+            "{failed:?}"
+        );
+        assert!(failures(99, 0, 0, 1, 0.01, 1.0, 0.01).is_empty());
     }
 
     fn pace() -> Pace {

@@ -64,3 +64,77 @@ fn a_token_is_fetched_again_once_before_it_expires_not_by_every_connection() {
     let fetched = token_requests.load(Ordering::SeqCst);
     assert!((2..=4).contains(&fetched), "{fetched} token requests");
 }
+
+#[test]
+fn another_gateways_scope_client_authentication_and_headers() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = Arc::clone(&seen);
+    let addr = common::keep_alive_server_with_bodies(move |head, body| {
+        log.lock()
+            .unwrap()
+            .push(format!("{head}\n\n{}", String::from_utf8_lossy(body)));
+        if head.starts_with("post /token") {
+            let body = r#"{"access_token":"t0ken","token_type":"Bearer","expires_in":3600}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()
+        }
+    });
+    let base = format!("http://{addr}");
+    let out = Command::new(LOADGEN)
+        .args(["--target", &format!("{base}/fhir"), "--path", "/Patient/1"])
+        .args([
+            "--token-url",
+            &format!("{base}/token"),
+            "--client-auth",
+            "basic",
+        ])
+        .args(["--client-id", "app", "--client-secret", "s3cret:with&odd"])
+        .args(["--scope", "api://fhir/.default {tenant}"])
+        .args(["--tenants", "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"])
+        .args([
+            "--header",
+            "Ocp-Apim-Subscription-Key: k3y",
+            "--header",
+            "Prefer: handling=strict",
+        ])
+        .args([
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+            "--connections",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let seen = seen.lock().unwrap();
+    let token = seen
+        .iter()
+        .find(|r| r.starts_with("post /token"))
+        .expect("a token request");
+    // RFC 6749 §2.3.1: `app:s3cret%3Awith%26odd`, base64; nothing of the client in the form.
+    assert!(
+        token.contains("authorization: basic yxbwonmzy3jldcuzqxdpdgglmjzvzgq="),
+        "{token}"
+    );
+    let form = token.split("\n\n").nth(1).unwrap();
+    assert_eq!(
+        form,
+        "grant_type=client_credentials&scope=api%3A%2F%2Ffhir%2F.default%204d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f"
+    );
+    let read = seen
+        .iter()
+        .find(|r| r.starts_with("get /fhir/patient/1"))
+        .expect("a read");
+    assert!(read.contains("ocp-apim-subscription-key: k3y"), "{read}");
+    assert!(read.contains("prefer: handling=strict"), "{read}");
+    assert!(read.contains("authorization: bearer t0ken"), "{read}");
+}

@@ -9,6 +9,14 @@ use std::sync::Arc;
 pub(crate) fn keep_alive_server(
     answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 ) -> SocketAddr {
+    keep_alive_server_with_bodies(move |head, _| answer(head))
+}
+
+/// [`keep_alive_server`], `answer` given each request's body as well as its head.
+#[allow(dead_code)] // not every test binary takes bodies
+pub(crate) fn keep_alive_server_with_bodies(
+    answer: impl Fn(&str, &[u8]) -> Vec<u8> + Send + Sync + 'static,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = Arc::new(answer);
@@ -37,8 +45,9 @@ pub(crate) fn keep_alive_server(
                         if buffer.len() < end + 4 + length {
                             break;
                         }
-                        buffer.drain(..end + 4 + length);
-                        if stream.write_all(&answer(&head)).is_err() {
+                        let body: Vec<u8> =
+                            buffer.drain(..end + 4 + length).skip(end + 4).collect();
+                        if stream.write_all(&answer(&head, &body)).is_err() {
                             return;
                         }
                     }
