@@ -1312,17 +1312,29 @@ impl Counts {
         self.dropped.fetch_add(count, Ordering::Relaxed);
         self.unlogged.fetch_add(count, Ordering::Relaxed);
         metrics::counter!("tower_fhir_audit_records_dropped_total").increment(count);
+        self.log_drops(why, false);
+    }
+
+    /// Logs the drops not logged yet, at most once a second unless `now`: the writer calls it
+    /// at each turn, so drops that came within a second of the last logged ones are logged a
+    /// second later with their count, not only when another drop comes.
+    fn log_drops(&self, why: &str, now: bool) {
+        if self.unlogged.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let start = *self.start.get_or_init(Instant::now);
-        let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let at = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.last_log_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 1000)
+        if (now || last == 0 || at.saturating_sub(last) >= 1000)
             && self
                 .last_log_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(last, at.max(1), Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
             let count = self.unlogged.swap(0, Ordering::Relaxed);
-            tracing::error!(count, reason = why, "audit records dropped");
+            if count > 0 {
+                tracing::error!(count, reason = why, "audit records dropped");
+            }
         }
     }
 }
@@ -1584,14 +1596,6 @@ fn write_lines<W: Write>(
                 counts.delayed.fetch_add(late, Ordering::Relaxed);
                 metrics::counter!("tower_fhir_audit_records_delayed_total").increment(late);
                 late_unlogged += late;
-                if last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
-                    tracing::error!(
-                        count = late_unlogged,
-                        "the audit log is behind: records written more than a second after their request"
-                    );
-                    late_unlogged = 0;
-                    last_late_log = Some(Instant::now());
-                }
             }
             lines
                 .waiting
@@ -1602,6 +1606,20 @@ fn write_lines<W: Write>(
             times.clear();
             times.shrink_to(KEPT_BUFFER / 256);
         }
+        // What fell behind or was lost since the last turn, logged at most once a second
+        // with how many (and whatever is left when closing).
+        if late_unlogged > 0
+            && (closing
+                || last_late_log.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)))
+        {
+            tracing::error!(
+                count = late_unlogged,
+                "the audit log is behind: records written more than a second after their request"
+            );
+            late_unlogged = 0;
+            last_late_log = Some(Instant::now());
+        }
+        counts.log_drops("the audit log fell behind or could not be written", closing);
         if closing {
             end_torn_line(&mut out, &mut torn);
             break;
@@ -1690,6 +1708,67 @@ mod tests {
     use super::*;
     use crate::ops::RequestFacts;
     use std::sync::Mutex;
+
+    /// The `count` of each `error` event logged while `f` runs on this thread.
+    fn error_counts(f: impl FnOnce()) -> Vec<u64> {
+        use tracing::field::{Field, Visit};
+        struct Counted(Arc<Mutex<Vec<u64>>>);
+        struct Count(Option<u64>);
+        impl Visit for Count {
+            fn record_u64(&mut self, field: &Field, value: u64) {
+                if field.name() == "count" {
+                    self.0 = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
+        }
+        impl tracing::Subscriber for Counted {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, event: &tracing::Event<'_>) {
+                if *event.metadata().level() == tracing::Level::ERROR {
+                    let mut count = Count(None);
+                    event.record(&mut count);
+                    self.0.lock().unwrap().extend(count.0);
+                }
+            }
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        tracing::subscriber::with_default(Counted(Arc::clone(&seen)), f);
+        let seen = seen.lock().unwrap().clone();
+        seen
+    }
+
+    #[test]
+    fn drops_within_a_second_of_the_last_logged_are_logged_with_their_count() {
+        let counts = Counts::default();
+        let logged = error_counts(|| {
+            // The first drop is logged at once; the 9,999 after it within the second are not
+            // yet, and the writer's turns log them once the second has passed.
+            counts.dropped("full");
+            counts.dropped_many(9_999, "full");
+            counts.log_drops("behind", false);
+            std::thread::sleep(Duration::from_millis(1_050));
+            counts.log_drops("behind", false);
+            counts.log_drops("behind", false);
+        });
+        assert_eq!(logged, [1, 9_999]);
+        assert_eq!(counts.dropped.load(Ordering::Relaxed), 10_000);
+        // When closing, what is left is logged at once.
+        let logged = error_counts(|| {
+            counts.dropped_many(5, "full");
+            counts.log_drops("closing", true);
+        });
+        assert_eq!(logged, [5]);
+    }
 
     pub(crate) fn record() -> AuditRecord {
         AuditRecord {
