@@ -14,7 +14,11 @@
 //! seconds until the limit lets a request through again, rounded up, at least 1) and an
 //! `OperationOutcome` with the code `throttled`; it never reaches the inner service. Other
 //! tenants and clients are untouched: each key has its own limiter. The client's limit is
-//! checked first, so a client refused by its own limit takes nothing from its tenant's.
+//! checked first, so a client refused by its own limit takes nothing from its tenant's; and a
+//! tenant whose limit refused a request refuses the next ones, until it would let one through
+//! again, before the client's limit counts them, so a client of a tenant that others saturate
+//! keeps its own quota for its other tenants. (A request that comes as the tenant's limit
+//! frees may still find it taken by another client's: its client's count is then spent.)
 //! Requests without a tenant, without a limit, or without verified claims pass. A read that
 //! a granular SMART scope allows only after a check search counts once: the
 //! [`SmartScopeLayer`](crate::smart::SmartScopeLayer)'s first search is counted, and its
@@ -462,6 +466,9 @@ struct Limiter {
     limit: RateLimit,
     gcra: DefaultDirectRateLimiter,
     last_used: AtomicU64,
+    /// Until then (the clock's nanoseconds, as `last_used`) it refuses: set by a refusal, so
+    /// that a tenant's limit reached is told before its client's is counted.
+    refused_until: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -505,21 +512,32 @@ impl Shared {
             limit,
             gcra: RateLimiter::direct_with_clock(limit.quota(), self.clock.clone()),
             last_used: AtomicU64::new(now),
+            refused_until: AtomicU64::new(0),
         })
+    }
+
+    /// How long `limiter` still refuses for after its last refusal, if it does: known without
+    /// counting a request against it.
+    fn refusing(limiter: &Limiter, now: u64) -> Option<Duration> {
+        let until = limiter.refused_until.load(Ordering::Relaxed);
+        (now < until).then(|| Duration::from_nanos(until - now))
     }
 
     /// Counts a request against `limiter`: `Err` with the time until one would pass.
     fn check(&self, limiter: &Limiter, now: u64) -> Result<(), Duration> {
         limiter.last_used.store(now, Ordering::Relaxed);
-        limiter
-            .gcra
-            .check()
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        limiter.gcra.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+            limiter.refused_until.fetch_max(until, Ordering::Relaxed);
+            wait
+        })
     }
 
-    fn check_tenant(&self, tenant: TenantId, limit: RateLimit, now: u64) -> Result<(), Duration> {
+    /// The limiter of `tenant` under `limit` (a fresh one when its limit changed).
+    fn tenant_limiter(&self, tenant: TenantId, limit: RateLimit, now: u64) -> Arc<Limiter> {
         let hash = self.tenants.hash(&tenant);
-        let limiter = match self.tenants.get(hash, &tenant) {
+        match self.tenants.get(hash, &tenant) {
             Some(limiter) if limiter.limit == limit => limiter,
             _ => self.tenants.update(
                 hash,
@@ -530,8 +548,7 @@ impl Shared {
                 },
                 |kept| refilled(kept, now),
             ),
-        };
-        self.check(&limiter, now)
+        }
     }
 
     /// Marks the client's stale entry fresh for another ttl, for the request that will read
@@ -681,6 +698,12 @@ where
             return PassOrOwn::passed(self.inner.call(request));
         }
         let now = shared.now();
+        // A tenant whose limit refuses now refuses before the client's limit counts the
+        // request: a client of a tenant others saturate keeps its quota for its other tenants.
+        let tenant = tenant.map(|(tenant, limit)| shared.tenant_limiter(tenant, limit, now));
+        if let Some(wait) = tenant.as_deref().and_then(|t| Shared::refusing(t, now)) {
+            return refused(Whose::Tenant, wait);
+        }
         if let Some((client, hash)) = &client {
             let (client, hash) = (&**client, *hash);
             match shared.clients.get(hash, client) {
@@ -702,8 +725,8 @@ where
                 }
             }
         }
-        if let Some((tenant, limit)) = tenant {
-            if let Err(wait) = shared.check_tenant(tenant, limit, now) {
+        if let Some(tenant) = &tenant {
+            if let Err(wait) = shared.check(tenant, now) {
                 return refused(Whose::Tenant, wait);
             }
         }
@@ -747,7 +770,7 @@ impl<S> RateLimiting<S> {
         &mut self,
         request: Request<ReqBody>,
         client: String,
-        tenant: Option<(TenantId, RateLimit)>,
+        tenant: Option<Arc<Limiter>>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -777,14 +800,16 @@ impl<S> RateLimiting<S> {
             };
             let now = shared.now();
             let entry = shared.store_client(&client, limit, now, generation);
-            let checked = match &entry.limiter {
-                Some(limiter) => shared.check(limiter, now).map_err(|w| (Whose::Client, w)),
-                None => Ok(()),
+            let refusing = tenant.as_deref().and_then(|t| Shared::refusing(t, now));
+            let checked = match refusing {
+                Some(wait) => Err((Whose::Tenant, wait)),
+                None => match &entry.limiter {
+                    Some(limiter) => shared.check(limiter, now).map_err(|w| (Whose::Client, w)),
+                    None => Ok(()),
+                },
             }
-            .and_then(|()| match tenant {
-                Some((tenant, limit)) => shared
-                    .check_tenant(tenant, limit, now)
-                    .map_err(|w| (Whose::Tenant, w)),
+            .and_then(|()| match &tenant {
+                Some(tenant) => shared.check(tenant, now).map_err(|w| (Whose::Tenant, w)),
                 None => Ok(()),
             });
             match checked {
@@ -1295,7 +1320,8 @@ mod tests {
         let now = shared.now();
         for n in 0..10_000u32 {
             let tenant = TenantId::parse(&format!("00000000-0000-4000-8000-{n:012}")).unwrap();
-            shared.check_tenant(tenant, limit(1, 1), now).unwrap();
+            let limiter = shared.tenant_limiter(tenant, limit(1, 1), now);
+            shared.check(&limiter, now).unwrap();
             shared.store_client(&format!("client-{n}"), Ok(Some(limit(1, 1))), now, 0);
         }
         assert!(shared.tenants.len() <= shared.tenants.capacity());

@@ -432,3 +432,38 @@ async fn a_client_over_its_limit_is_refused_before_its_body_is_read() {
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(answer.contains("throttled"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_tenants_refusals_take_nothing_from_its_clients_limits() {
+    let Setup { client, .. } = setup().await;
+    let app = token(&client, "app", LIMITED).await;
+    let metered_limited = token(&client, "metered", LIMITED).await;
+    let metered_free = token(&client, "metered", FREE).await;
+    // Another client spends the tenant's burst of 2, and is refused a third.
+    for _ in 0..2 {
+        let reply = client.get_bearer("/Patient/1", &app).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let reply = client.get_bearer("/Patient/1", &app).await;
+    assert_throttled(&reply, StatusCode::TOO_MANY_REQUESTS);
+    assert!(reply.text().contains("for this tenant"), "{}", reply.text());
+    // The metered client (a burst of 3) asks the saturated tenant three times: the tenant's
+    // refusals, which count nothing against the client's own limit...
+    for _ in 0..3 {
+        let reply = client.get_bearer("/Patient/1", &metered_limited).await;
+        assert_throttled(&reply, StatusCode::TOO_MANY_REQUESTS);
+        assert!(reply.text().contains("for this tenant"), "{}", reply.text());
+    }
+    // ... so its whole burst is left for its other tenant.
+    for _ in 0..3 {
+        let reply = client.get_bearer("/Patient/1", &metered_free).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let reply = client.get_bearer("/Patient/1", &metered_free).await;
+    assert_throttled(&reply, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        reply.text().contains("from this client"),
+        "{}",
+        reply.text()
+    );
+}
