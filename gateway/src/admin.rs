@@ -1133,10 +1133,17 @@ async fn rotate_keys(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
                         .collect()
                 })
                 .unwrap_or_default();
-            let rotated = SigningKey::generate_es256().and_then(|key| {
-                let kid = key.kid().to_owned();
-                keys.rotate(key).map(|()| kid)
-            });
+            // The key file is written and synced on a blocking thread, not this worker.
+            let rotating = keys.clone();
+            let rotated = tokio::task::spawn_blocking(move || {
+                SigningKey::generate_es256().and_then(|key| {
+                    let kid = key.kid().to_owned();
+                    rotating.rotate(key).map(|()| kid)
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|rotated| rotated.map_err(|e| e.to_string()));
             match rotated {
                 Ok(kid) => {
                     tracing::info!(%kid, "signing key rotated by an administrator");
@@ -1185,7 +1192,14 @@ async fn retire_key(State(admin): State<Arc<Admin>>, Path(kid): Path<String>) ->
             .retire(&kid)
             .await
             .map_err(|e| (e.is_refused(), e.to_string())),
-        KeyAdmin::Files(keys) => keys.retire(&kid).map_err(|e| (true, e.to_string())),
+        KeyAdmin::Files(keys) => {
+            // The key file is written and synced on a blocking thread, not this worker.
+            let (keys, retired) = (keys.clone(), kid.clone());
+            match tokio::task::spawn_blocking(move || keys.retire(&retired)).await {
+                Ok(retired) => retired.map_err(|e| (true, e.to_string())),
+                Err(e) => Err((false, e.to_string())),
+            }
+        }
     };
     match retired {
         Ok(()) => {

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::{ready, Ready};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -192,6 +192,9 @@ pub struct SigningKeys {
     /// Kept by a store elsewhere that makes every change (its name, for the refusal): the
     /// changing methods here are refused.
     managed_by: Option<&'static str>,
+    /// Held by a change while it is made and written: one change at a time, without holding
+    /// the ring (and every token signed meanwhile) while the file is written and synced.
+    changing: Arc<Mutex<()>>,
 }
 
 /// The key file: private keys in PEM, the current one named.
@@ -221,6 +224,7 @@ impl SigningKeys {
             file: None,
             changes: KeyChanges::new(),
             managed_by: None,
+            changing: Arc::default(),
         }
     }
 
@@ -237,6 +241,7 @@ impl SigningKeys {
             file: None,
             changes: KeyChanges::new(),
             managed_by: Some(by),
+            changing: Arc::default(),
         }
     }
 
@@ -314,6 +319,7 @@ impl SigningKeys {
                     file: Some(Arc::new(path.to_path_buf())),
                     changes: KeyChanges::new(),
                     managed_by: None,
+                    changing: Arc::default(),
                 }
             }
             None => {
@@ -402,12 +408,12 @@ impl SigningKeys {
                 "these keys are kept in {store}: change them there"
             )));
         }
-        let mut ring = self.ring.write().unwrap_or_else(PoisonError::into_inner);
-        let mut next = ring.clone();
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = self.read().clone();
         change(&mut next)?;
+        // Written while the keys as they were go on signing.
         self.save(&next)?;
-        *ring = next;
-        drop(ring);
+        *self.ring.write().unwrap_or_else(PoisonError::into_inner) = next;
         self.changes.changed();
         Ok(())
     }
@@ -581,6 +587,33 @@ mod tests {
         );
         std::fs::write(&path, b"{}").unwrap();
         assert!(SigningKeys::open(&path).is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn changes_made_at_once_are_all_kept_and_signing_goes_on_while_they_are_written() {
+        let path = std::env::temp_dir().join(format!(
+            "tower-fhir-keyfile-together-{}.json",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let keys = SigningKeys::open(&path).unwrap();
+        let changes: Vec<_> = (0..8)
+            .map(|_| {
+                let keys = keys.clone();
+                std::thread::spawn(move || keys.add(SigningKey::generate_es256().unwrap()))
+            })
+            .collect();
+        // Tokens are signed while the file is written and synced, eight times over.
+        for _ in 0..50 {
+            keys.sign(&json!({"sub": "a"})).unwrap();
+        }
+        for change in changes {
+            change.join().unwrap().unwrap();
+        }
+        // One change at a time: none written over by another made from the same keys.
+        assert_eq!(keys.jwks()["keys"].as_array().unwrap().len(), 9);
+        assert_eq!(SigningKeys::open(&path).unwrap().jwks(), keys.jwks());
         std::fs::remove_file(&path).unwrap();
     }
 
