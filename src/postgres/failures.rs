@@ -81,21 +81,17 @@ impl FailureCounts for PgFailureCounts {
             let mut connection = pool.get().await.map_err(|e| e.to_string())?;
             let transaction = connection.transaction().await.map_err(failed)?;
             let now = unix_millis();
-            // The row exists before it is locked, so parallel first failures count twice.
-            transaction
-                .execute(
-                    "INSERT INTO tower_fhir_auth_failures
-                         (client, source, window_start, failures, blocks, expires_at)
-                     VALUES ($1, $2, $3, 0, 0, $3) ON CONFLICT DO NOTHING",
-                    &[&client, &source, &now],
-                )
-                .await
-                .map_err(failed)?;
+            // The row made if absent and locked in one statement (`DO UPDATE` locks the row
+            // it finds, `DO NOTHING` would not): parallel first failures each count, and the
+            // sweep of expired rows cannot take it between making and locking.
             let row = transaction
                 .query_one(
-                    "SELECT window_start, failures, blocks, blocked_until
-                     FROM tower_fhir_auth_failures WHERE client = $1 AND source = $2 FOR UPDATE",
-                    &[&client, &source],
+                    "INSERT INTO tower_fhir_auth_failures
+                         (client, source, window_start, failures, blocks, expires_at)
+                     VALUES ($1, $2, $3, 0, 0, $3)
+                     ON CONFLICT (client, source) DO UPDATE SET client = EXCLUDED.client
+                     RETURNING window_start, failures, blocks, blocked_until",
+                    &[&client, &source, &now],
                 )
                 .await
                 .map_err(failed)?;
