@@ -679,9 +679,6 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let extensions = request.extensions();
-        if extensions.get::<crate::smart::ScopeProbe>().is_some() {
-            return PassOrOwn::passed(self.inner.call(request));
-        }
         let tenant = extensions
             .get::<TenantId>()
             .copied()
@@ -694,7 +691,10 @@ where
                     .map(|id| (Arc::<str>::from(id), shared.clients.hash(id)))
             })
         });
-        if tenant.is_none() && client.is_none() {
+        // (A check search of the SMART layer's, whose read was counted: see `ScopeProbe`.)
+        if tenant.is_none() && client.is_none()
+            || extensions.get::<crate::smart::ScopeProbe>().is_some()
+        {
             return PassOrOwn::passed(self.inner.call(request));
         }
         let now = shared.now();
@@ -1014,6 +1014,28 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(status(&service, request(None, None)).await, StatusCode::OK);
         }
+    }
+
+    #[tokio::test]
+    async fn the_smart_layers_check_searches_are_not_counted_again() {
+        let layer = RateLimitLayer::new();
+        let (service, reached) = counted(&layer);
+        let one = limit(1, 1);
+        assert_eq!(
+            status(&service, request(Some((A, one)), None)).await,
+            StatusCode::OK
+        );
+        // A read's further check searches and the read itself, its first search counted.
+        for _ in 0..3 {
+            let mut probe = request(Some((A, one)), None);
+            probe.extensions_mut().insert(crate::smart::ScopeProbe);
+            assert_eq!(status(&service, probe).await, StatusCode::OK);
+        }
+        assert_eq!(reached.load(Ordering::SeqCst), 4);
+        assert_eq!(
+            status(&service, request(Some((A, one)), None)).await,
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 
     #[tokio::test]
