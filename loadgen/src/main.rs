@@ -1349,7 +1349,9 @@ async fn main() {
                     .checked_duration_since(measuring_from)
                     .and_then(|d| (d.as_secs() as usize).checked_sub(1))
                     .and_then(|second| Measured::second(&shared.measured, second));
-                let latency = recent.map_or(String::new(), |(p99, max)| {
+                // A second with nothing completed (a stalled target) says so, not the last
+                // figures; the line is cleared to its end (`ESC [K`) each time.
+                let latency = recent.map_or("  p99 -  max -".to_owned(), |(p99, max)| {
                     format!(
                         "  p99 {:.2} ms  max {:.2} ms",
                         p99 as f64 / 1000.0,
@@ -1357,7 +1359,7 @@ async fn main() {
                     )
                 });
                 eprint!(
-                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s{latency}   ",
+                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s{latency}\x1b[K",
                     start.elapsed().as_secs_f64(),
                     done,
                     done - last
