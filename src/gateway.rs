@@ -542,8 +542,8 @@ const INTROSPECT_PATH: &str = "/oauth/introspect";
 const REVOKE_PATH: &str = "/oauth/revoke";
 
 /// Every gateway layer in order, as one [`Layer`]: wraps a FHIR service (the proxy, or your
-/// own) in version negotiation, metadata, bearer validation, tenant scope, SMART scopes,
-/// routing, rate limits and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
+/// own) in version negotiation, metadata, bearer validation, tenant scope, routing, rate
+/// limits, SMART scopes and the CapabilityStatement cache. Built with a token endpoint, the service it makes answers
 /// the token routes ahead of the stack, exactly as [`Gateway`] does.
 ///
 /// ```

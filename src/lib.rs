@@ -167,12 +167,6 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         layer: tenant::TenantScopeLayer,
     ) -> ServiceBuilder<Stack<tenant::TenantScopeLayer, L>>;
 
-    /// Enforces the token's SMART scopes per FHIR interaction; see [`smart`].
-    fn fhir_smart_scopes(
-        self,
-        layer: smart::SmartScopeLayer,
-    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>>;
-
     /// Routes to the tenant's upstream; see [`route`].
     fn fhir_tenant_routing(
         self,
@@ -184,6 +178,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed {
         self,
         layer: limit::RateLimitLayer,
     ) -> ServiceBuilder<Stack<limit::RateLimitLayer, L>>;
+
+    /// Enforces the token's SMART scopes per FHIR interaction; see [`smart`]. After the rate
+    /// limits: a request over a limit is refused before its body is read to be checked.
+    fn fhir_smart_scopes(
+        self,
+        layer: smart::SmartScopeLayer,
+    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -215,13 +216,6 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
 
-    fn fhir_smart_scopes(
-        self,
-        layer: smart::SmartScopeLayer,
-    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>> {
-        self.layer(layer)
-    }
-
     fn fhir_tenant_routing(
         self,
         layer: route::TenantRoutingLayer,
@@ -233,6 +227,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: limit::RateLimitLayer,
     ) -> ServiceBuilder<Stack<limit::RateLimitLayer, L>> {
+        self.layer(layer)
+    }
+
+    fn fhir_smart_scopes(
+        self,
+        layer: smart::SmartScopeLayer,
+    ) -> ServiceBuilder<Stack<smart::SmartScopeLayer, L>> {
         self.layer(layer)
     }
 }

@@ -700,8 +700,8 @@ where
         let now = shared.now();
         // A tenant whose limit refuses now refuses before the client's limit counts the
         // request: a client of a tenant others saturate keeps its quota for its other tenants.
-        let tenant = tenant.map(|(tenant, limit)| shared.tenant_limiter(tenant, limit, now));
-        if let Some(wait) = tenant.as_deref().and_then(|t| Shared::refusing(t, now)) {
+        let limiter = tenant.map(|(tenant, limit)| shared.tenant_limiter(tenant, limit, now));
+        if let Some(wait) = limiter.as_deref().and_then(|t| Shared::refusing(t, now)) {
             return refused(Whose::Tenant, wait);
         }
         if let Some((client, hash)) = &client {
@@ -725,8 +725,8 @@ where
                 }
             }
         }
-        if let Some(tenant) = &tenant {
-            if let Err(wait) = shared.check(tenant, now) {
+        if let Some(limiter) = &limiter {
+            if let Err(wait) = shared.check(limiter, now) {
                 return refused(Whose::Tenant, wait);
             }
         }
@@ -770,7 +770,7 @@ impl<S> RateLimiting<S> {
         &mut self,
         request: Request<ReqBody>,
         client: String,
-        tenant: Option<Arc<Limiter>>,
+        tenant: Option<(TenantId, RateLimit)>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -800,6 +800,8 @@ impl<S> RateLimiting<S> {
             };
             let now = shared.now();
             let entry = shared.store_client(&client, limit, now, generation);
+            // The tenant's limiter as it is after the read (its limit may have changed).
+            let tenant = tenant.map(|(tenant, limit)| shared.tenant_limiter(tenant, limit, now));
             let refusing = tenant.as_deref().and_then(|t| Shared::refusing(t, now));
             let checked = match refusing {
                 Some(wait) => Err((Whose::Tenant, wait)),

@@ -29,6 +29,9 @@ use tower_fhir::token::{
 use tower_fhir::version::FhirVersion;
 
 const LIMITED: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+/// A burst of 2, then one a second: slow enough for a loaded machine's requests to find the
+/// burst spent.
+const SLOWLY: &str = "1d2d0000-0000-4000-8000-000000000005";
 const FREE: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
 const FIRST: &str = "1d2d0000-0000-4000-8000-000000000001";
 const SECOND: &str = "1d2d0000-0000-4000-8000-000000000002";
@@ -155,6 +158,7 @@ async fn setup() -> Setup {
     };
     let directory = InMemoryDirectory::new();
     directory.upsert(tenant(LIMITED), plain(RateLimit::new(2, 2).ok()));
+    directory.upsert(tenant(SLOWLY), plain(RateLimit::new(1, 2).ok()));
     directory.upsert(tenant(FREE), plain(None));
     directory.upsert(tenant(FIRST), plain(None));
     directory.upsert(tenant(SECOND), plain(None));
@@ -171,7 +175,7 @@ async fn setup() -> Setup {
 
     let store = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
     let entitled = |client: NewClient| {
-        [LIMITED, FREE, FIRST, SECOND, PATIENT, HASTY]
+        [LIMITED, SLOWLY, FREE, FIRST, SECOND, PATIENT, HASTY]
             .into_iter()
             .fold(client.secret(SECRET), |client, t| client.tenant(tenant(t)))
     };
@@ -388,7 +392,7 @@ async fn a_granular_scopes_check_search_is_not_counted_against_the_limits() {
     );
     // The tenant's limit: a burst of 2. Each read is checked with a search first, and only the
     // read counts: two reads pass, the third is the read's own 429, not a failed check's 502.
-    let scope = format!("{LIMITED}%20system/Patient.rs%3Fgender%3Dfemale");
+    let scope = format!("{SLOWLY}%20system/Patient.rs%3Fgender%3Dfemale");
     let token = token(&client, "women", &scope).await;
     for _ in 0..2 {
         let reply = client.get_bearer("/Patient/1", &token).await;
@@ -405,11 +409,11 @@ async fn a_granular_scopes_check_search_is_not_counted_against_the_limits() {
 }
 
 #[tokio::test]
-async fn a_client_over_its_limit_is_refused_before_its_body_is_read() {
+async fn a_request_over_its_tenants_limit_is_refused_before_its_body_is_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Setup { client, addr, .. } = setup().await;
     // A token whose scopes need a transaction's body read to be checked.
-    let scope = format!("{LIMITED}%20system/Patient.rs%3Fgender%3Dfemale");
+    let scope = format!("{SLOWLY}%20system/Patient.rs%3Fgender%3Dfemale");
     let token = token(&client, "women", &scope).await;
     // The tenant's burst of 2, spent.
     for _ in 0..2 {
@@ -436,8 +440,8 @@ async fn a_client_over_its_limit_is_refused_before_its_body_is_read() {
 #[tokio::test]
 async fn a_tenants_refusals_take_nothing_from_its_clients_limits() {
     let Setup { client, .. } = setup().await;
-    let app = token(&client, "app", LIMITED).await;
-    let metered_limited = token(&client, "metered", LIMITED).await;
+    let app = token(&client, "app", SLOWLY).await;
+    let metered_limited = token(&client, "metered", SLOWLY).await;
     let metered_free = token(&client, "metered", FREE).await;
     // Another client spends the tenant's burst of 2, and is refused a third.
     for _ in 0..2 {

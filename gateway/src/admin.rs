@@ -1153,11 +1153,15 @@ async fn rotate_keys(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
                     let keys = keys.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(retire_after).await;
-                        for old in replaced {
-                            if keys.retire(&old).is_ok() {
-                                tracing::info!(kid = %old, "replaced signing key retired");
+                        // The key file written on a blocking thread, not a worker.
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for old in replaced {
+                                if keys.retire(&old).is_ok() {
+                                    tracing::info!(kid = %old, "replaced signing key retired");
+                                }
                             }
-                        }
+                        })
+                        .await;
                     });
                     Json(json!({"kid": kid, "signs_in_seconds": 0,
                         "replaced_keys_retire_in_seconds": retire_after.as_secs()}))

@@ -91,8 +91,8 @@ usage: fhir-loadgen --target URL [OPTIONS]
                           {tenant} replaced by each tenant's GUID; default {tenant}
                           (tower-fhir's); say \"{tenant} system/*.rs\", or another
                           gateway's own (\"api://fhir/.default\")
-  --header 'NAME: VALUE'  send this header with every request (an API key, a tenant
-                          header, Prefer...); repeat for several
+  --header 'NAME: VALUE'  send this header with every FHIR request (an API key, a tenant
+                          header, Prefer...; not with token requests); repeat for several
   --path PATH             one request path (starting with /, under --target's path)
                           instead of the client mix
   --mix FILE              your own mix: a line per interaction, `WEIGHT METHOD PATH [BODY]`
@@ -284,7 +284,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
     let (mut key_file, mut alg, mut kid) = (None, None, None::<String>);
     let mut typ = "at+jwt".to_owned();
     let (mut token_url, mut client_id, mut client_secret) = (None, None, None);
-    let (mut scope, mut basic) = ("{tenant}".to_owned(), false);
+    let (mut scope, mut basic) = ("{tenant}".to_owned(), None);
     let mut bearer: Option<String> = None;
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -318,8 +318,8 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             "--scope" => scope = value()?,
             "--client-auth" => {
                 basic = match value()?.as_str() {
-                    "basic" => true,
-                    "post" => false,
+                    "basic" => Some(true),
+                    "post" => Some(false),
                     other => return Err(format!("--client-auth {other}: basic or post")),
                 }
             }
@@ -418,6 +418,19 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
     if sources.iter().filter(|given| **given).count() > 1 {
         return Err("give one of --mint-hs256/--mint-key, --token-url and --bearer".to_owned());
     }
+    if basic.is_some() && token_url.is_none() {
+        return Err("--client-auth is for --token-url's client".to_owned());
+    }
+    let tokens_given = sources.iter().any(|given| *given);
+    if tokens_given
+        && o.headers
+            .iter()
+            .any(|(name, _)| name == http::header::AUTHORIZATION)
+    {
+        return Err(
+            "--header Authorization beside a token: give the token with --bearer".to_owned(),
+        );
+    }
     if let Some(token) = bearer {
         let value = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| "--bearer: not a token a header can carry".to_owned())?;
@@ -442,7 +455,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             client_id: client_id.ok_or("--token-url needs --client-id")?,
             client_secret: client_secret.ok_or("--token-url needs --client-secret")?,
             scope,
-            basic,
+            basic: basic.unwrap_or(false),
         },
         (None, None) => Tokens::None,
     };
@@ -2074,6 +2087,13 @@ mod tests {
         assert_eq!(o.headers[0].1, "k3y");
         let error = parse(&["--client-auth", "jwt"]).err().unwrap();
         assert!(error.contains("basic or post"), "{error}");
+        let error = parse(&["--client-auth", "basic"]).err().unwrap();
+        assert!(error.contains("for --token-url"), "{error}");
+        let error = parse(&["--bearer", "t", "--header", "Authorization: Basic x"])
+            .err()
+            .unwrap();
+        assert!(error.contains("give the token with --bearer"), "{error}");
+        assert!(parse(&["--header", "Authorization: Basic x"]).is_ok());
         assert_eq!(parse(&[]).unwrap().max_unsent_rate, 0.01);
     }
 

@@ -1531,6 +1531,8 @@ impl Drop for WriterEnds<'_> {
         let left = self.lines.waiting.swap(0, Ordering::AcqRel) >> BYTES_BITS;
         self.counts
             .dropped_many(left, "the audit log writer stopped");
+        // Whatever is not logged yet, at once: nothing logs after the writer.
+        self.counts.log_drops("the audit log writer stopped", true);
     }
 }
 

@@ -245,7 +245,8 @@ impl fmt::Debug for PgState {
 /// without a word (its host down, a network cut) in about a minute, not at its operating
 /// system's default of two hours, so the locks its session or transaction held (the tenant
 /// writes', the signing keys') are let go. A `SET`, not a startup option: a pooler in front
-/// of the database (PgBouncer) refuses unknown startup options, and takes a `SET`. On a
+/// of the database (PgBouncer) refuses unknown startup options, and takes a `SET` (there the
+/// server's peer is the pooler, and the pooler's own keepalives find a dead replica). On a
 /// Unix-domain socket the server ignores them.
 const SERVER_SIDE_KEEPALIVES: &str = "SET tcp_keepalives_idle = 30; \
      SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";

@@ -304,6 +304,7 @@ where
                 // others, and the read once one finds the resource, are not counted again.
                 let probes: Vec<_> = searches
                     .iter()
+                    .filter_map(|search| search.parse::<http::Uri>().ok())
                     .enumerate()
                     .filter_map(|(i, search)| probe_request(&request, search, i > 0))
                     .collect();
@@ -913,11 +914,10 @@ const MAX_PROBE_ANSWER: usize = 1024 * 1024;
 /// JSON, without a body; marked [`ScopeProbe`] when the rate limits counted the read already.
 fn probe_request<B, ReqBody>(
     read: &Request<B>,
-    search: &str,
+    search: http::Uri,
     counted: bool,
 ) -> Option<Request<ScopedBody<ReqBody>>> {
-    let uri: http::Uri = search.parse().ok()?;
-    let mut request = Request::get(uri)
+    let mut request = Request::get(search)
         .header(
             header::ACCEPT,
             HeaderValue::from_static("application/fhir+json"),
