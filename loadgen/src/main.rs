@@ -934,7 +934,13 @@ struct Tally {
     /// Slots of the rate's schedule due in the measured window and never sent: every
     /// connection was busy until the window closed.
     unsent: u64,
+    /// Latencies above the histograms' top ([`MOST_LATENCY_US`]), recorded as that.
+    clamped: u64,
 }
+
+/// The longest latency the histograms hold, in µs (600 s); a longer one is recorded as this,
+/// and counted.
+const MOST_LATENCY_US: u64 = 600_000_000;
 
 /// One worker's own connection to the target, opened on first use and again after a failure.
 enum Connection {
@@ -1105,6 +1111,7 @@ impl Measured {
                 *all.tally.errors.entry(error.clone()).or_default() += count;
             }
             all.tally.unsent += worker.tally.unsent;
+            all.tally.clamped += worker.tally.clamped;
             let _ = all.latency.add(&worker.latency);
             let _ = all.answered_latency.add(&worker.answered_latency);
             let _ = all.send_delay.add(&worker.send_delay);
@@ -1148,6 +1155,9 @@ impl Measured {
                 self.errors_by_second[second] += 1;
             }
             None => self.tally.unsent += 1,
+        }
+        if took > MOST_LATENCY_US {
+            self.tally.clamped += 1;
         }
         self.latency.saturating_record(took);
         if self.seconds.len() <= second {
@@ -1277,7 +1287,7 @@ impl Shared {
 }
 
 fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+    Histogram::new_with_bounds(1, MOST_LATENCY_US, 3).expect("histogram bounds")
 }
 
 /// The token endpoint's connector: `http://`, or `https://` with the target's trust
@@ -1825,6 +1835,12 @@ fn report(
     if let Some(warning) = &behind {
         eprintln!("warning: {warning}");
     }
+    if tally.clamped > 0 {
+        eprintln!(
+            "warning: {} requests took longer than 600 s; their latencies count as 600 s",
+            tally.clamped
+        );
+    }
     let quantiles = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)];
     let per_request = |seconds: f64| seconds * 1e6 / total.max(1) as f64;
     if shared.options.json {
@@ -1870,6 +1886,7 @@ fn report(
             "sent": sent,
             "completed": total,
             "unsent": tally.unsent,
+            "latency_clamped": tally.clamped,
             "all_connections_busy": pace.as_ref().map(|p| p.all_busy),
             "connection_limited": pace.as_ref().map(Pace::connection_limited),
             "mean_service_us": pace.as_ref().and_then(Pace::mean_service_us),
@@ -2134,11 +2151,15 @@ mod tests {
         assert_eq!(measured.errors_by_second, [0, 1]);
         assert_eq!(measured.tally.errors["timeout"], 1);
         assert_eq!(measured.tally.unsent, 1);
-        // Merging the shards keeps both.
-        let shards = [Mutex::new(measured), Mutex::new(Measured::default())];
+        assert_eq!(measured.tally.clamped, 0);
+        // Merging the shards keeps both, and counts a latency past the histograms' top.
+        let mut other = Measured::default();
+        other.record(0, MOST_LATENCY_US + 1, Some(Ok(200)));
+        let shards = [Mutex::new(measured), Mutex::new(other)];
         let all = Measured::merged(&shards);
-        assert_eq!(all.latency.len(), 1000);
-        assert_eq!(all.answered_latency.len(), 998);
+        assert_eq!(all.tally.clamped, 1);
+        assert_eq!(all.latency.len(), 1001);
+        assert_eq!(all.answered_latency.len(), 999);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub(crate) struct Second {
 /// A histogram for one second of the timeline (two significant digits: small, and enough to
 /// draw).
 pub(crate) fn second_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 2).expect("histogram bounds")
+    Histogram::new_with_bounds(1, crate::MOST_LATENCY_US, 2).expect("histogram bounds")
 }
 
 /// The seconds of a run, from their histograms (an empty second counts zero requests).
