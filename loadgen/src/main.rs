@@ -1428,6 +1428,12 @@ async fn main() {
                     }
                     let i = shared.sequence.fetch_add(1, Ordering::Relaxed);
                     shared.one(worker, &mut connection, i, due).await;
+                    if matches!(connection, Connection::None) {
+                        // The request failed and took its connection with it (refused, reset,
+                        // timed out): a short pause before the next, so a dead target is not
+                        // asked in a tight loop that takes a whole CPU.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
                 return;
             }

@@ -237,6 +237,13 @@ fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
     let second = &report["timeline"][0];
     assert!(second["errors"].as_u64().unwrap() > 0, "{report:#}");
     assert_eq!(second["requests"], second["errors"], "{report:#}");
+    // Each connection pauses 5 ms after a failure: at most about 200 tries a second each,
+    // not a tight loop (tens of thousands).
+    let errors = report["error_count"].as_u64().unwrap();
+    assert!(
+        errors <= 2 * 200 + 50,
+        "{errors} tries in 1 s on 2 connections"
+    );
 }
 
 /// A server that answers one request per connection, `Connection: close`, and closes it (as
