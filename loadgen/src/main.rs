@@ -1054,7 +1054,10 @@ struct Shared {
     claimed: AtomicU64,
     /// Set on Ctrl-C: the schedule stops.
     interrupted: std::sync::atomic::AtomicBool,
+    /// Measured requests sent and completed, answered or failed.
     done: AtomicU64,
+    /// Of those, the failed (no answer).
+    failed: AtomicU64,
     measuring_from: Instant,
     stop_at: Instant,
     /// What the workers measured, in [`MEASURED_SHARDS`] shards at most: worker `w` records
@@ -1261,6 +1264,9 @@ impl Shared {
     fn record(&self, worker: usize, due: Instant, took: u64, outcome: Option<Result<u16, String>>) {
         let second = due.duration_since(self.measuring_from).as_secs() as usize;
         let sent = outcome.is_some();
+        if matches!(outcome, Some(Err(_))) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
         let shard = &self.measured[worker % self.measured.len()];
         shard.lock().unwrap().record(second, took, outcome);
         if sent {
@@ -1353,6 +1359,7 @@ async fn main() {
         interrupted: std::sync::atomic::AtomicBool::new(false),
         claimed: AtomicU64::new(0),
         done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
         measuring_from,
         stop_at,
         measured: (0..options_connections.clamp(1, MEASURED_SHARDS))
@@ -1363,10 +1370,11 @@ async fn main() {
     let progress = {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let mut last = 0;
+            let (mut last, mut last_failed) = (0, 0);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let done = shared.done.load(Ordering::Relaxed);
+                let failed = shared.failed.load(Ordering::Relaxed);
                 // The last whole second measured: its p99 and max.
                 let recent = Instant::now()
                     .checked_duration_since(measuring_from)
@@ -1381,13 +1389,20 @@ async fn main() {
                         max as f64 / 1000.0
                     )
                 });
+                // Answered a second, and the failed (no answer) beside them when there are any.
+                let failing = failed - last_failed;
+                let errors = if failing > 0 {
+                    format!("  {failing} errors/s")
+                } else {
+                    String::new()
+                };
                 eprint!(
-                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s{latency}\x1b[K",
+                    "\r{:>6.1} s  {:>8} requests  {:>8} req/s{errors}{latency}\x1b[K",
                     start.elapsed().as_secs_f64(),
                     done,
-                    done - last
+                    (done - last).saturating_sub(failing)
                 );
-                last = done;
+                (last, last_failed) = (done, failed);
             }
         })
     };

@@ -225,10 +225,18 @@ fn a_dead_port_is_reported_as_errors_and_fails_the_run() {
         "--connections",
         "2",
     ];
-    let out = run_within(Duration::from_secs(30), &args);
+    // (Two seconds, so that the progress line is printed at least once.)
+    let out = run_within(
+        Duration::from_secs(30),
+        &[&args[..], &["--duration", "2"]].concat(),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains(" 0 answered, 0 req/s"), "{text}");
+    // The progress line counts the failures apart from the answers.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("        0 req/s  "), "{progress}");
+    assert!(progress.contains(" errors/s"), "{progress}");
     assert!(text.contains("FAILED"), "{text}");
     assert!(text.contains("connect:"), "{text}");
     // The timeline counts the failures in their second, among its requests.
