@@ -377,14 +377,9 @@ async fn put_tenant(
     if let Some(refused) = redacted_authorization(&upstreams) {
         return error(StatusCode::BAD_REQUEST, &refused);
     }
-    let _writing = admin.tenant_writes.lock().await;
-    // And against other replicas' (a shared database's lock).
-    let _shared = match admin.directory.lock_writes().await {
-        Ok(lock) => lock,
-        Err(err) => {
-            tracing::error!(%tenant, error = %err, "could not lock tenant writes to check a change");
-            return unavailable("the tenant could not be saved");
-        }
+    let _locks = match lock_tenant_writes(&admin, tenant, "check a change", "saved").await {
+        Ok(locks) => locks,
+        Err(response) => return response,
     };
     match nested_with_others(&admin, tenant, &upstreams).await {
         Ok(None) => {}
@@ -541,6 +536,31 @@ async fn get_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> 
     }
 }
 
+/// This process's tenant-write lock, then every replica's (a shared database's lock): a check
+/// and the write it allows, or a replica's seeding, are one step. `Err`: the `503` answer,
+/// the tenant not `done` ("saved", "removed").
+async fn lock_tenant_writes<'a>(
+    admin: &'a Admin,
+    tenant: TenantId,
+    doing: &str,
+    done: &str,
+) -> Result<
+    (
+        tokio::sync::MutexGuard<'a, ()>,
+        tower_fhir::route::TenantWriteLock,
+    ),
+    Response,
+> {
+    let writing = admin.tenant_writes.lock().await;
+    match admin.directory.lock_writes().await {
+        Ok(shared) => Ok((writing, shared)),
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not lock tenant writes to {doing}");
+            Err(unavailable(&format!("the tenant could not be {done}")))
+        }
+    }
+}
+
 async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     let tenant = match tenant_id(&id) {
         Ok(tenant) => tenant,
@@ -548,13 +568,9 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
     };
     // Under the lock a replica seeding its configured tenants takes: a removal made between
     // its check that the tenant was never removed and its insert would be undone by it.
-    let _writing = admin.tenant_writes.lock().await;
-    let _shared = match admin.directory.lock_writes().await {
-        Ok(lock) => lock,
-        Err(err) => {
-            tracing::error!(%tenant, error = %err, "could not lock tenant writes to remove a tenant");
-            return unavailable("the tenant could not be removed");
-        }
+    let _locks = match lock_tenant_writes(&admin, tenant, "remove a tenant", "removed").await {
+        Ok(locks) => locks,
+        Err(response) => return response,
     };
     let deleted = admin.directory.delete(tenant).await;
     // Whatever the answer (as for a `PUT`): a removal that timed out may have been made, and
