@@ -901,9 +901,26 @@ async fn a_redirect_outside_the_upstreams_base_is_a_502() {
     created
         .headers
         .push(("location".into(), "http://10.0.0.7/x".into()));
+    created
+        .headers
+        .push(("content-location".into(), "/elsewhere/Patient/3".into()));
     upstream.answer("/fhir/r3/Patient/1", created);
     let reply = gw.client.get_bearer("/Patient/1", &token).await;
     assert_eq!(reply.status, StatusCode::CREATED);
+    // The resource is made: the answer stands, without the URLs that lead around the gateway.
+    assert!(reply.headers.get("location").is_none());
+    assert!(reply.headers.get("content-location").is_none());
+    assert_eq!(reply.json()["id"], "3");
+    // A relative one resolves under the gateway's URL: kept.
+    let mut created = Answer::json(json!({"resourceType": "Patient", "id": "4"}));
+    created.status = StatusCode::CREATED;
+    created
+        .headers
+        .push(("location".into(), "Patient/4/_history/1".into()));
+    upstream.answer("/fhir/r3/Patient/1", created);
+    let reply = gw.client.get_bearer("/Patient/1", &token).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.headers["location"], "Patient/4/_history/1");
 }
 
 #[tokio::test]

@@ -186,6 +186,21 @@ pub(super) async fn relay_response(
         }
     }
     if heads.location {
+        // A `Location` or `Content-Location` that leads around the gateway (another host, a
+        // path of its host outside the base: an internal address, say) is dropped: a `201`'s
+        // resource is made, so the answer stands, without a URL the client should not follow
+        // or see. (A redirect's own `Location` was refused above.)
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let elsewhere = parts
+                .headers
+                .get_all(&name)
+                .iter()
+                .any(|value| redirects_elsewhere(value, rewriter));
+            if elsewhere {
+                tracing::warn!(upstream = rewriter.upstream(), header = %name, "upstream named a URL outside its base URL: the header is dropped");
+                parts.headers.remove(&name);
+            }
+        }
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let rewritten = parts
                 .headers
