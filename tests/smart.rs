@@ -129,6 +129,11 @@ async fn send(
         .await
 }
 
+/// A Bundle `POST`ed to the base (a batch or transaction).
+async fn post_bundle(client: &TestClient, token: &str, bundle: &str) -> Reply {
+    send(client, token, "POST", "/", "application/fhir+json", bundle).await
+}
+
 #[track_caller]
 fn assert_refused(reply: &Reply, sufficient: &str) {
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
@@ -656,15 +661,7 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
         {"request": {"method": "GET", "url": "Observation?code=x"}}
     ]})
     .to_string();
-    let reply = send(
-        &client,
-        &token,
-        "POST",
-        "/",
-        "application/fhir+json",
-        &allowed,
-    )
-    .await;
+    let reply = post_bundle(&client, &token, &allowed).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let last = upstream.last();
     assert_eq!(
@@ -680,15 +677,7 @@ async fn transactions_and_search_forms_are_checked_and_passed_unchanged() {
     ]})
     .to_string();
     assert_refused(
-        &send(
-            &client,
-            &token,
-            "POST",
-            "/",
-            "application/fhir+json",
-            &one_out,
-        )
-        .await,
+        &post_bundle(&client, &token, &one_out).await,
         "system/Observation.d",
     );
     let xml = "<Bundle xmlns=\"http://hl7.org/fhir\"/>";
@@ -1349,15 +1338,7 @@ async fn a_bundle_entrys_resource_is_checked_whatever_its_url() {
          "resource": {"resourceType": "Patient", "name": [{"family": "Planted"}]}}
     ]})
     .to_string();
-    let reply = send(
-        &client,
-        &token,
-        "POST",
-        "/",
-        "application/fhir+json",
-        &bundle,
-    )
-    .await;
+    let reply = post_bundle(&client, &token, &bundle).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
     assert_eq!(reply.json()["resourceType"], "OperationOutcome");
     assert_eq!(
@@ -1370,15 +1351,7 @@ async fn a_bundle_entrys_resource_is_checked_whatever_its_url() {
         {"request": {"method": "POST", "url": "Observation/_search?code=x"}}
     ]})
     .to_string();
-    let reply = send(
-        &client,
-        &token,
-        "POST",
-        "/",
-        "application/fhir+json",
-        &bundle,
-    )
-    .await;
+    let reply = post_bundle(&client, &token, &bundle).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 }
 
