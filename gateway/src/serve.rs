@@ -13,9 +13,12 @@
 //! keep-alive beyond the idle timeout, at most `max_connections` served at once (beyond, each
 //! worker holds one accepted connection unserved and the rest wait in the kernel's listen
 //! backlog), and at shutdown in-flight requests get the grace period, no more.
-//! HTTP/1.1's header-read timeout is hyper's own timer, which also runs while a keep-alive
-//! connection waits for its next request (so such a connection is closed after the smaller of
-//! the two timeouts). The per-connection watchdog covers the rest:
+//! HTTP/1.1's heads are timed by hyper's header-read timer, given a [`HeadTimer`] of the
+//! connection's own: the first head must be whole within the header-read timeout of the
+//! connection; a keep-alive connection waiting for its next request is idle until that
+//! request's first byte (closed after the idle timeout if none comes), and from that byte the
+//! head must be whole within the header-read timeout. The per-connection watchdog covers the
+//! rest:
 //!
 //! - a connection that has started no request within the header-read timeout (HTTP/2, or
 //!   still picking its protocol) is closed;
@@ -275,6 +278,7 @@ async fn accept(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Replaced by each connection's own `HeadTimer`.
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // A response its client does not read waits in this buffer (hyper's default is about
@@ -399,6 +403,12 @@ async fn accept(
                 stream,
                 activity: Arc::clone(&activity),
             });
+            let mut builder = auto::Builder::clone(&builder);
+            builder.http1().timer(HeadTimer {
+                activity: Arc::clone(&activity),
+                head: limits.header_read_timeout,
+                idle: limits.idle_timeout,
+            });
             let connection = builder
                 .serve_connection_with_upgrades(io, service)
                 .into_owned();
@@ -413,7 +423,11 @@ async fn accept(
                     result = connection.as_mut() => {
                         if let Err(error) = result {
                             if is_header_read_timeout(&*error) {
-                                closed("header_read_timeout");
+                                closed(if activity.idle_out.load(Ordering::Relaxed) {
+                                    "idle"
+                                } else {
+                                    "header_read_timeout"
+                                });
                             }
                             tracing::debug!(%error, "connection ended with an error");
                         }
@@ -468,6 +482,11 @@ struct Activity {
     finished: AtomicU64,
     /// Socket writes that moved bytes (made by the connection's task alone).
     writes: AtomicU64,
+    /// Socket reads that brought bytes (made by the connection's task alone).
+    reads: AtomicU64,
+    /// The [`HeadTimer`] ended a keep-alive connection's wait for its next request: closed
+    /// as idle, not for a slow head.
+    idle_out: AtomicBool,
     /// A socket write found no room, and none has moved bytes since: the client is not reading.
     write_blocked: AtomicBool,
     /// The connection is being dropped: its socket is reset rather than left to send what it
@@ -1040,7 +1059,100 @@ impl AsyncRead for CountingIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Only this connection's task reads: no read-modify-write needed.
+            let reads = &self.activity.reads;
+            reads.store(reads.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        poll
+    }
+}
+
+/// hyper's HTTP/1.1 header-read timer for one connection, so that a keep-alive connection
+/// waiting for its next request is timed as idle, not as a slow head.
+///
+/// hyper arms its timer when it starts reading a head: the connection's first, or the next
+/// one once an exchange has ended. For the first head the deadline is hyper's own (the
+/// header-read timeout from the connection's start). For a later one the connection is idle
+/// until a byte of that head is read: the deadline is the idle timeout from then, and when the
+/// first byte comes (hyper polls its timer whenever a read leaves the head unfinished), the
+/// header-read timeout from that byte. Bytes of the next head read before the exchange ended
+/// (pipelined behind a request) do not count as its first byte, so such a head has the idle
+/// timeout: never longer than any client may hold the connection by sending nothing.
+#[derive(Clone)]
+struct HeadTimer {
+    activity: Arc<Activity>,
+    head: Duration,
+    idle: Duration,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        let deadline = Instant::from_std(deadline);
+        if self.activity.started.load(Ordering::Relaxed) == 0 {
+            return Box::pin(HeadSleep {
+                sleep: tokio::time::sleep_until(deadline),
+                later: None,
+            });
+        }
+        // hyper's deadline is the header-read timeout from now: the wait begins now.
+        let armed = deadline.checked_sub(self.head).unwrap_or(deadline);
+        Box::pin(HeadSleep {
+            sleep: tokio::time::sleep_until(armed + self.idle),
+            later: Some(LaterHead {
+                activity: Arc::clone(&self.activity),
+                reads: self.activity.reads.load(Ordering::Relaxed),
+                head: self.head,
+                begun: false,
+            }),
+        })
+    }
+}
+
+/// A later head's wait: idle until a byte of it is read, then the header-read timeout.
+struct LaterHead {
+    activity: Arc<Activity>,
+    /// The connection's reads when the wait began.
+    reads: u64,
+    head: Duration,
+    /// A byte of the head has been read: the deadline is the header-read timeout from then.
+    begun: bool,
+}
+
+pin_project! {
+    /// What [`HeadTimer`] gives hyper: a deadline, moved once for a later head.
+    struct HeadSleep {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        // `None` for the connection's first head.
+        later: Option<LaterHead>,
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
+
+impl std::future::Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(later) = this.later.as_mut() {
+            if !later.begun && later.activity.reads.load(Ordering::Relaxed) != later.reads {
+                later.begun = true;
+                this.sleep.as_mut().reset(Instant::now() + later.head);
+            }
+        }
+        ready!(this.sleep.poll(cx));
+        if let Some(later) = this.later.as_ref().filter(|later| !later.begun) {
+            later.activity.idle_out.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(())
     }
 }
 

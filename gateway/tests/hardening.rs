@@ -318,6 +318,66 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
 }
 
 #[test]
+fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_a_slow_head() {
+    // Header-read timeout 1 s, idle timeout 3 s: between requests the connection is idle, so
+    // it outlasts the header-read timeout and is closed by the idle one (counted as `idle`).
+    let (keys, metrics) = with_metrics(json!({
+        "header_read_timeout_seconds": 1,
+        "idle_timeout_seconds": 3,
+    }));
+    let (proc, addr, _dir) = start("idle-not-head", keys);
+    let mut stream = connect(addr);
+    metadata_answered(&mut stream);
+    assert!(
+        !closed_within(&mut stream, Duration::from_millis(2000)),
+        "a keep-alive connection was closed by the header-read timeout while idle; stderr:\n{}",
+        proc.stderr()
+    );
+    metadata_answered(&mut stream);
+    let answered = Instant::now();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(15)),
+        "an idle keep-alive connection is still open {:?} after its last answer; stderr:\n{}",
+        answered.elapsed(),
+        proc.stderr()
+    );
+    let idle_for = answered.elapsed();
+    eprintln!("closed {idle_for:?} after its last answer");
+    assert!(idle_for >= Duration::from_millis(2500), "{idle_for:?}");
+    let closed = |reason: &str| {
+        metric(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    assert_eq!(closed("idle"), 1.0);
+    assert_eq!(closed("header_read_timeout"), 0.0);
+
+    // Once a later head has begun, the header-read timeout runs from its first byte, however
+    // long the connection was idle before it.
+    let mut late = connect(addr);
+    metadata_answered(&mut late);
+    std::thread::sleep(Duration::from_millis(1500));
+    late.write_all(HALF_HEAD).unwrap();
+    let began = Instant::now();
+    assert!(
+        !closed_within(&mut late, Duration::from_millis(500)),
+        "closed before the header-read timeout"
+    );
+    assert!(
+        closed_within(&mut late, Duration::from_secs(15)),
+        "a half-sent later head is still open {:?} after it began",
+        began.elapsed()
+    );
+    eprintln!(
+        "the half later head closed {:?} after it began",
+        began.elapsed()
+    );
+    assert_eq!(closed("header_read_timeout"), 1.0);
+}
+
+#[test]
 fn a_token_request_body_held_back_past_the_header_read_timeout_gets_408_and_a_close() {
     let (proc, addr, _dir) = start_short_heads("slow-body");
     let mut slow = connect(addr);
