@@ -14,8 +14,8 @@ use support::*;
 use tower_fhir::gateway::Gateway;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::token::{
-    ClientKeys, ClientStore, InMemoryClientStore, NewClient, SecretHashing, ThrottlePolicy,
-    TokenEndpoint,
+    ClientKeys, ClientStore, InMemoryClientStore, NewClient, ReplayGuard, SecretHashing,
+    ThrottlePolicy, TokenEndpoint,
 };
 use tower_fhir::version::FhirVersion;
 
@@ -39,6 +39,37 @@ fn public_jwk(private_pem: &str, kid: &str) -> Value {
 }
 
 async fn setup() -> Setup {
+    setup_with(None).await
+}
+
+/// A replay guard that fails its first `failures` checks (a database or disk that is away),
+/// then says every `jti` is new.
+struct FlakyGuard {
+    failures: AtomicU64,
+}
+
+impl ReplayGuard for FlakyGuard {
+    fn first_use(
+        &self,
+        _client: &str,
+        _jti: &str,
+        _until: u64,
+    ) -> futures::future::BoxFuture<'static, Result<bool, String>> {
+        let failing = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        Box::pin(async move {
+            if failing {
+                Err("the guard is away".to_owned())
+            } else {
+                Ok(true)
+            }
+        })
+    }
+}
+
+async fn setup_with(guard: Option<FlakyGuard>) -> Setup {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -89,9 +120,13 @@ async fn setup() -> Setup {
         .throttle(ThrottlePolicy {
             max_failures: 1000,
             ..ThrottlePolicy::default()
-        })
-        .build()
-        .unwrap();
+        });
+    let endpoint = match guard {
+        Some(guard) => endpoint.assertion_replay_guard(guard),
+        None => endpoint,
+    }
+    .build()
+    .unwrap();
     let token_url = endpoint.token_url().to_owned();
     assert_eq!(token_url, format!("{base}/oauth/token"));
     let gateway = Gateway::builder(&base)
@@ -525,4 +560,33 @@ async fn keys_replaced_during_the_check_refuse_the_token() {
     );
     let reply = token_with(&client, &assertion, "").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assertion_the_replay_guard_could_not_record_is_taken_when_retried() {
+    let Setup {
+        client, token_url, ..
+    } = setup_with(Some(FlakyGuard {
+        failures: AtomicU64::new(1),
+    }))
+    .await;
+    let assertion = sign(
+        RSA_PRIVATE,
+        Algorithm::RS384,
+        "inline-1",
+        &assertion_claims("backend", &token_url),
+    );
+    // The guard away: 503, retry shortly.
+    let reply = token_with(&client, &assertion, "").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    // The retry, with the same assertion, is no replay: it was never accepted.
+    let reply = token_with(&client, &assertion, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // Accepted now: a replay from here on.
+    assert_refused(&token_with(&client, &assertion, "").await, "a replay");
 }

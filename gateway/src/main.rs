@@ -48,7 +48,7 @@ use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::{InMemoryDirectory, TenantStore};
 use tower_fhir::smart::SmartScopeLayer;
 use tower_fhir::tenant::TenantScopeLayer;
-use tower_fhir::token::{SigningKeys, TokenEndpoint};
+use tower_fhir::token::{FileReplayGuard, SigningKeys, TokenEndpoint};
 
 use config::{Config, LogFormat};
 
@@ -294,7 +294,14 @@ async fn run(args: Args) -> Result<(), String> {
         Arc::clone(&state.clients),
         state.keys.clone(),
         state.database.as_ref().map(|database| &database.state),
-        state.revocations.as_ref(),
+        state
+            .revocations
+            .as_ref()
+            .zip(state.assertion_jtis.as_ref())
+            .map(|(revocations, assertion_jtis)| Kept {
+                revocations,
+                assertion_jtis,
+            }),
     )
     .await?;
 
@@ -497,9 +504,15 @@ fn public_base_url(config: &Config, listening: SocketAddr) -> String {
         .to_owned()
 }
 
+/// What `state_dir` keeps for the token endpoint across restarts.
+struct Kept<'a> {
+    revocations: &'a FileRevocationLog,
+    assertion_jtis: &'a FileReplayGuard,
+}
+
 /// The whole gateway and its token endpoint, as the configuration says; with a shared
 /// `database`, revocations, client assertions' `jti`s and failed authentications are shared
-/// with every replica.
+/// with every replica; in `state_dir`, revocations and `jti`s are kept across restarts.
 async fn assemble(
     config: &Config,
     base: &str,
@@ -507,7 +520,7 @@ async fn assemble(
     clients: Arc<dyn tower_fhir::token::ClientStore>,
     keys: SigningKeys,
     database: Option<&tower_fhir::postgres::PgState>,
-    revocations: Option<&FileRevocationLog>,
+    kept: Option<Kept<'_>>,
 ) -> Result<
     (
         Gateway,
@@ -545,8 +558,10 @@ async fn assemble(
             .revocation_log(database.revocation_log())
             .assertion_replay_guard(database.assertion_replay_guard())
             .shared_failure_counts(database.failure_counts()),
-        None => match revocations {
-            Some(log) => endpoint.revocation_log(log.clone()),
+        None => match &kept {
+            Some(kept) => endpoint
+                .revocation_log(kept.revocations.clone())
+                .assertion_replay_guard(kept.assertion_jtis.clone()),
             None => endpoint,
         },
     };
@@ -555,8 +570,8 @@ async fn assemble(
         .map_err(|e| format!("the token endpoint cannot be set up: {e}"))?;
     // The signing keys outlive a restart, and so do the tokens revoked before it, and those of
     // the clients revoked before it.
-    if let Some(log) = revocations {
-        log.apply(endpoint.revoked_tokens());
+    if let Some(kept) = &kept {
+        kept.revocations.apply(endpoint.revoked_tokens());
     }
     endpoint
         .refuse_revoked_clients()

@@ -12,7 +12,8 @@ use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantSto
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
-    ClientStore, FileClientStore, InMemoryClientStore, NewClient, SecretHashing, SigningKeys,
+    ClientStore, FileClientStore, FileReplayGuard, InMemoryClientStore, NewClient, SecretHashing,
+    SigningKeys,
 };
 
 use crate::config::{ClientConfig, Config, TenantConfig};
@@ -29,6 +30,9 @@ pub(crate) struct State {
     /// In `state_dir`: the revoked tokens and clients, kept across restarts (with a database,
     /// they are in it).
     pub(crate) revocations: Option<FileRevocationLog>,
+    /// In `state_dir`: the `jti`s of the client assertions accepted, kept across restarts
+    /// (with a database, they are in it).
+    pub(crate) assertion_jtis: Option<FileReplayGuard>,
     /// Without a configured `state_dir` nor a database: the fresh directory, removed when this
     /// is dropped.
     _temporary: Option<tempfile::TempDir>,
@@ -183,6 +187,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             tenants: directory,
         }),
         revocations: None,
+        assertion_jtis: None,
         _temporary: None,
         _lock: None,
     })
@@ -349,6 +354,8 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let revocations = FileRevocationLog::open(dir.join("revoked-tokens.json"))
         .map_err(|e| format!("cannot open the revoked tokens: {e}"))?;
+    let assertion_jtis = FileReplayGuard::open(dir.join("assertion-jtis.jsonl"))
+        .map_err(|e| format!("cannot open the client assertions' jtis: {e}"))?;
     Ok(State {
         directory: Arc::new(directory),
         clients: Arc::new(clients),
@@ -356,6 +363,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         location: dir.display().to_string(),
         database: None,
         revocations: Some(revocations),
+        assertion_jtis: Some(assertion_jtis),
         _temporary: temporary,
         _lock: Some(lock),
     })

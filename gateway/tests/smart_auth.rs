@@ -22,7 +22,7 @@ const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded")
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 struct Running {
-    _proc: Proc,
+    proc: Proc,
     client: TestClient,
     base: String,
 }
@@ -34,7 +34,11 @@ fn public_jwk(private_pem: &str, kid: &str) -> Value {
 }
 
 fn start(dir: &Path, upstream: &RecordingUpstream) -> Running {
-    let port = free_port();
+    start_on(dir, upstream, free_port())
+}
+
+/// The gateway on `port`, its state in `dir`.
+fn start_on(dir: &Path, upstream: &RecordingUpstream, port: u16) -> Running {
     let config = json!({
         "listen": format!("127.0.0.1:{port}"),
         "state_dir": dir.join("state"),
@@ -61,7 +65,7 @@ fn start(dir: &Path, upstream: &RecordingUpstream) -> Running {
     );
     let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
     Running {
-        _proc: proc,
+        proc,
         client: TestClient::new(addr),
         base,
     }
@@ -341,4 +345,60 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
         .unwrap()
         .iter()
         .any(|m| m == "private_key_jwt"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
+    let dir = scratch("smart-auth-replay");
+    let upstream = RecordingUpstream::start().await;
+    let port = free_port();
+    let mut running = start_on(&dir, &upstream, port);
+    let form = format!(
+        "grant_type=client_credentials&{}",
+        assertion(
+            RSA_PRIVATE,
+            "backend-1",
+            "backend",
+            &running.base,
+            "before-restart"
+        )
+    );
+    let reply = post(&running.client, "/oauth/token", &form).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let replayed = post(&running.client, "/oauth/token", &form).await;
+    assert_eq!(
+        replayed.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        replayed.text()
+    );
+    assert!(running.proc.terminate(), "the gateway did not stop");
+
+    // The same state and address (so the same token URL, the assertion's audience).
+    let running = start_on(&dir, &upstream, port);
+    let replayed = post(&running.client, "/oauth/token", &form).await;
+    assert_eq!(
+        replayed.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        replayed.text()
+    );
+    assert_eq!(replayed.json()["error"], "invalid_client");
+    let fresh = format!(
+        "grant_type=client_credentials&{}",
+        assertion(
+            RSA_PRIVATE,
+            "backend-1",
+            "backend",
+            &running.base,
+            "after-restart"
+        )
+    );
+    let reply = post(&running.client, "/oauth/token", &fresh).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        running.proc.stderr().contains("before a restart"),
+        "the replay is not logged as one:\n{}",
+        running.proc.stderr()
+    );
 }

@@ -203,6 +203,21 @@ impl Assertions {
         Ok((jti.to_owned(), until))
     }
 
+    /// Forgets that `client` used `jti`: an assertion remembered and then not accepted after
+    /// all (the replay guard could not record it).
+    pub(super) fn forget(&self, client: &str, jti: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(jtis) = seen.by_client.get_mut(client) else {
+            return;
+        };
+        if jtis.remove(jti).is_some() {
+            if jtis.is_empty() {
+                seen.by_client.remove(client);
+            }
+            seen.total -= 1;
+        }
+    }
+
     /// Remembers an assertion's `jti` until `until`; refuses one seen before, and one past
     /// the client's share or everyone's (until some expire).
     fn remember(&self, client: &str, jti: &str, until: u64) -> Result<(), &'static str> {

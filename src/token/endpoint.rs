@@ -753,9 +753,14 @@ impl Inner {
                     None => Ok(record),
                     Some(guard) => match guard.first_use(id, &jti, until).await {
                         Ok(true) => Ok(record),
-                        Ok(false) => Err("its jti was used before, at another replica"),
+                        Ok(false) => {
+                            Err("its jti was used before (at another replica, or before a restart)")
+                        }
                         Err(error) => {
-                            tracing::error!(client_id = %id, %error, "client assertion jtis cannot be checked across replicas");
+                            // Not used after all: the retry this answer asks for may bring the
+                            // same assertion.
+                            self.assertions.forget(id, &jti);
+                            tracing::error!(client_id = %id, %error, "client assertion jtis cannot be checked across replicas or restarts");
                             return Err(TokenError::unavailable(
                                 "Client assertions cannot be checked now; retry shortly",
                             ));

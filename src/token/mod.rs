@@ -83,6 +83,7 @@ mod endpoint;
 mod error;
 mod form;
 mod introspect;
+mod replay_file;
 mod rotation;
 mod scope;
 mod signing;
@@ -101,6 +102,7 @@ pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
 pub use error::{ErrorCode, TokenResponseBody};
 pub use introspect::{Introspection, Revocation};
+pub use replay_file::FileReplayGuard;
 pub use rotation::SecretRotation;
 
 /// The algorithms a `private_key_jwt` client assertion may be signed with, as JOSE names
