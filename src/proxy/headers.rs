@@ -19,7 +19,8 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// [`with_set_cookie_allowed`](crate::route::Upstream::with_set_cookie_allowed)), the
 /// method and URL overrides (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`: an
 /// upstream honouring them would bypass the gateway's method and path checks),
-/// `Accept-Encoding` (a compressed answer could not have its upstream URLs rewritten),
+/// `Accept-Encoding` (a compressed answer could not have its upstream URLs rewritten; the
+/// proxy sends `Accept-Encoding: identity` instead, unless configured to forward the client's),
 /// `X-Provenance` (FHIR R4's: the server writes the `Provenance` resource it carries, a write
 /// no scope check sees), browsers' `Referer`, `Sec-*` and the like, and anything made up. Add
 /// more with
@@ -171,6 +172,9 @@ pub(super) struct HeaderPolicy {
     trust_forwarded: bool,
     /// Headers forwarded besides [`FORWARDED_REQUEST_HEADERS`], by configuration.
     extra: Box<[HeaderName]>,
+    /// `Accept-Encoding` is not forwarded: the proxy asks for `identity` (a request without
+    /// one accepts every coding).
+    identity_only: bool,
 }
 
 impl HeaderPolicy {
@@ -202,6 +206,7 @@ impl HeaderPolicy {
                 .unwrap_or(HeaderValue::from_static("http")),
             forwarded_host: HeaderValue::from_str(host).ok(),
             trust_forwarded,
+            identity_only: !unique.contains(&header::ACCEPT_ENCODING),
             extra: unique.into_boxed_slice(),
         }
     }
@@ -268,8 +273,18 @@ pub(super) fn prepare_request_headers(
     if let Some(credentials) = upstream.authorization() {
         headers.insert(header::AUTHORIZATION, credentials.clone());
     }
+    if policy.identity_only {
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    if cookies {
+        join_cookies(headers);
+    }
 
-    let client_ip = client.map(|ClientAddr(addr)| addr.ip());
+    // An IPv4 client of a dual-stack listener comes as `::ffff:a.b.c.d`: named as IPv4.
+    let client_ip = client.map(|ClientAddr(addr)| addr.ip().to_canonical());
     let mut forwarded = String::with_capacity(64 + policy.forwarded_tail.len());
     forwarded.push_str("for=");
     // Where the address is written: `X-Forwarded-For` takes the same text.
@@ -296,6 +311,27 @@ pub(super) fn prepare_request_headers(
     headers.insert(X_FORWARDED_PROTO, policy.forwarded_proto.clone());
     if let Some(host) = &policy.forwarded_host {
         headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+}
+
+/// Several `Cookie` fields made one, their values joined by `; `: HTTP/2 clients send each
+/// cookie in a field of its own, which must be joined before HTTP/1.1 (RFC 9113 §8.2.3), where a
+/// request has one `Cookie` (RFC 6265 §5.4); the same for an HTTP/2 upstream.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Each value was a valid field value: so is their join.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -598,8 +634,17 @@ mod tests {
         assert_eq!(all(&h, "accept"), ["1", "application/fhir+xml;q=0.9"]);
         assert_eq!(all(&h, "prefer"), ["1", "handling=strict"]);
         let forwarded = FORWARDED_REQUEST_HEADERS.len();
-        let written = ["host", "forwarded", "x-forwarded-proto", "x-forwarded-host"];
+        let written = [
+            "host",
+            "forwarded",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "accept-encoding",
+        ];
         assert_eq!(h.keys_len(), forwarded + written.len(), "{h:?}");
+        // The client's coding dropped, and `identity` asked for: a request without
+        // `Accept-Encoding` takes any coding, and a compressed answer is not rewritten.
+        assert_eq!(all(&h, "accept-encoding"), ["identity"]);
 
         // A cookie crosses to an upstream that takes part in cookies; configured headers too.
         let extra = vec![
@@ -620,6 +665,60 @@ mod tests {
         assert_eq!(h["cookie"], "session=tenant-a");
         assert_eq!(all(&h, "x-made-up"), ["1", "2"]);
         assert!(!h.contains_key("x-http-method-override"));
+        assert_eq!(all(&h, "accept-encoding"), ["identity"]);
+
+        // `Accept-Encoding` configured to cross: the client's, as sent.
+        let codings = HeaderPolicy::new(
+            &UpstreamBase::parse("https://gw").unwrap(),
+            false,
+            vec![header::ACCEPT_ENCODING],
+        );
+        let mut h = headers(&sent);
+        prepare_request_headers(&mut h, &upstream(None), None, &codings);
+        assert_eq!(all(&h, "accept-encoding"), ["gzip"]);
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one_for_an_upstream_that_takes_cookies() {
+        // An HTTP/2 client sends a field a cookie (RFC 9113 §8.2.3).
+        let sent = [
+            ("cookie", "sid=abc"),
+            ("accept", "application/fhir+json"),
+            ("cookie", "lang=en"),
+            ("cookie", "a=1; b=2"),
+        ];
+        let cookies = upstream(None).with_set_cookie_allowed();
+        let mut h = headers(&sent);
+        prepare_request_headers(&mut h, &cookies, None, &config_for("https://gw"));
+        assert_eq!(all(&h, "cookie"), ["sid=abc; lang=en; a=1; b=2"]);
+        let mut one = headers(&[("cookie", "sid=abc")]);
+        prepare_request_headers(&mut one, &cookies, None, &config_for("https://gw"));
+        assert_eq!(all(&one, "cookie"), ["sid=abc"]);
+        // None for an upstream that does not take part in cookies.
+        let mut h = headers(&sent);
+        prepare_request_headers(&mut h, &upstream(None), None, &config_for("https://gw"));
+        assert!(!h.contains_key("cookie"));
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_named_as_ipv4() {
+        let client = ClientAddr("[::ffff:192.0.2.7]:4000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        prepare_request_headers(
+            &mut h,
+            &upstream(None),
+            Some(client),
+            &config_for("https://gw"),
+        );
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert!(
+            h["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=192.0.2.7;"),
+            "{:?}",
+            h["forwarded"]
+        );
     }
 
     #[test]

@@ -14,14 +14,16 @@
 //!   the gateway's origin and a browser's one cookie jar for it), the method and URL overrides
 //!   (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`) an upstream might honour
 //!   behind the gateway's checks, `Accept-Encoding` (a compressed answer could not be
-//!   rewritten), and anything else;
+//!   rewritten: `Accept-Encoding: identity` is sent instead, as a request without it takes
+//!   any coding), and anything else; `OPTIONS *` is not forwarded (`400`);
 //! - `Host` set to the upstream; `Forwarded` and `X-Forwarded-For` started afresh (a client's
 //!   own, and its `X-Real-IP`, `X-Forwarded-Port`, `-Prefix`, `-Server`, dropped), or extended
 //!   with [`trust_forwarded_headers`](FhirProxyBuilder::trust_forwarded_headers) behind a load
 //!   balancer of yours; `X-Forwarded-Proto`/`-Host` and `Forwarded`'s `proto=`/`host=` are the
 //!   public base URL's given to [`FhirProxy::builder`], whatever `Host` the client sent;
 //! - the client's `Authorization` replaced by the upstream's own credentials, or removed;
-//! - `Cookie` forwarded, and the upstream's `Set-Cookie` returned, only for an upstream that
+//! - `Cookie` forwarded (several `Cookie` fields, as HTTP/2 clients send them, joined into one
+//!   with `; `), and the upstream's `Set-Cookie` returned, only for an upstream that
 //!   opts in with [`Upstream::with_set_cookie_allowed`](crate::route::Upstream::with_set_cookie_allowed)
 //!   (`"allow_set_cookie": true`); otherwise `Set-Cookie` is removed from its responses, so no
 //!   upstream sets cookies on the gateway's origin.

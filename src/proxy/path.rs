@@ -22,6 +22,13 @@ pub(crate) struct UnsafePath(pub(crate) &'static str);
 /// would be a network path to some upstreams).
 pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
+    // `OPTIONS *` asks of the server, not of a resource: under a base path it would become
+    // one (`/fhir/*`).
+    if !path.is_empty() && !path.starts_with('/') {
+        return Err(UnsafePath(
+            "The request target is not a path: OPTIONS * is not forwarded",
+        ));
+    }
     check_segments(path)?;
     let merged;
     let bytes = path.as_bytes();
@@ -230,6 +237,14 @@ mod tests {
         ] {
             assert_eq!(join("http://ehr:9001/fhir", target).unwrap(), forwarded);
         }
+    }
+
+    #[test]
+    fn an_asterisk_target_is_no_path_to_forward() {
+        let base = UpstreamBase::parse("http://ehr:9001/fhir").unwrap();
+        let target = Uri::from_static("*");
+        assert_eq!(target.path(), "*");
+        assert!(upstream_path(&base, &target).is_err());
     }
 
     #[test]

@@ -371,22 +371,39 @@ fn body_on_get() -> Response<ProxyBody> {
     )
 }
 
-/// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most).
-async fn ends_empty<B>(body: B, wait: Duration) -> bool
+/// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most): `Ok(true)`;
+/// `Ok(false)` when it sends something. `Err` is the answer when it does not end in time
+/// (`408`, as any body that keeps the gateway waiting) or fails as it is read.
+async fn ends_empty<B>(body: B, wait: Duration) -> Result<bool, Response<ProxyBody>>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let drained = async {
         let mut body = std::pin::pin!(body);
         loop {
             match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-                None => return true,
+                None => return Ok(true),
                 Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
-                Some(_) => return false,
+                Some(Ok(_)) => return Ok(false),
+                Some(Err(error)) => {
+                    let error = error.into();
+                    let failure = BodyFailure::of(&*error).unwrap_or(BodyFailure::Broken);
+                    return Err(failure.answer(None).map(ProxyBody::full));
+                }
             }
         }
     };
-    tokio::time::timeout(wait, drained).await.unwrap_or(false)
+    match tokio::time::timeout(wait, drained).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            tracing::info!(
+                ?wait,
+                "a GET's or HEAD's HTTP/2 stream neither ended nor sent anything for the upstream's timeout"
+            );
+            Err(BodyFailure::TooSlow.answer(None).map(ProxyBody::full))
+        }
+    }
 }
 
 /// Whether FHIR (or a CORS preflight) uses `method`. `TRACE`, `CONNECT` and made-up methods
@@ -535,8 +552,10 @@ where
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         Box::pin(async move {
             if let Some(open_stream) = open_stream {
-                if !ends_empty(open_stream, timeout).await {
-                    return Ok(body_on_get());
+                match ends_empty(open_stream, timeout).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(body_on_get()),
+                    Err(answer) => return Ok(answer),
                 }
             }
             let Ok(slot) = config.slots.acquire(&upstream, timeout).await else {
