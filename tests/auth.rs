@@ -826,6 +826,59 @@ mod jwks {
     }
 
     #[tokio::test]
+    async fn keys_not_fetched_again_within_max_key_age_are_dropped_and_tokens_get_503() {
+        let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
+        let layer = remote(&server)
+            .refresh_interval(Duration::from_millis(100))
+            .refetch_cooldown(Duration::from_millis(100))
+            .max_age_cap(Duration::from_millis(100))
+            .max_key_age(Duration::from_millis(600))
+            .build()
+            .unwrap();
+        let client = app(layer).await;
+        let token = mint(Algorithm::RS256, Some("k1"), &claims());
+        let status = || async { client.get_bearer("/Patient/1", &token).await };
+        assert_eq!(status().await.status, StatusCode::OK);
+        // The endpoint down: the keys are kept for a while...
+        server.set_status(StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(status().await.status, StatusCode::OK);
+        // ... not past max_key_age: the token (cached as verified, too) gets 503, an outage.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let reply = status().await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert!(reply.headers.contains_key("retry-after"));
+        // Back, publishing no key (the key withdrawn): that is an answer, the token unknown.
+        server.set_status(StatusCode::OK);
+        server.set_keys(Vec::new());
+        let mut reply = status().await;
+        for _ in 0..20 {
+            if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reply = status().await;
+        }
+        assert_invalid_token(&reply, "No key is known for this token");
+        // The key back: verified again.
+        server.set_keys(vec![rsa_jwk(RSA_PRIVATE, "k1")]);
+        let mut reply = status().await;
+        for _ in 0..20 {
+            if reply.status == StatusCode::OK {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reply = status().await;
+        }
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+
+    #[tokio::test]
     async fn refresh_follows_cache_control_max_age() {
         let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
         server.set_cache_control("public, max-age=1");

@@ -159,8 +159,8 @@ fn max_age(headers: &HeaderMap) -> Option<Duration> {
 
 /// A JWKS URL's keys fetched and cached outside any bearer layer (the token endpoint's
 /// `private_key_jwt` clients registered with a `jwks_uri`): refreshed every 5 minutes (or the
-/// document's max-age), fetched again for an unknown `kid` at most every 30 s, the last good
-/// keys kept while the URL fails.
+/// document's max-age, an hour at most), fetched again for an unknown `kid` at most every 30 s,
+/// the last good keys kept while the URL fails, for a day at most.
 pub(crate) struct RemoteKeys(std::sync::Arc<super::source::RefreshingKeys>);
 
 impl RemoteKeys {
@@ -169,7 +169,8 @@ impl RemoteKeys {
         let policy = super::source::RefreshPolicy {
             interval: std::time::Duration::from_secs(300),
             cooldown: std::time::Duration::from_secs(30),
-            max_age_cap: std::time::Duration::from_secs(86_400),
+            max_age_cap: std::time::Duration::from_secs(3_600),
+            max_key_age: std::time::Duration::from_secs(86_400),
             timeout: std::time::Duration::from_secs(5),
         };
         Ok(Self(std::sync::Arc::new(

@@ -183,6 +183,7 @@ pub struct BearerAuthBuilder {
     refetch_cooldown: Duration,
     fetch_timeout: Duration,
     max_age_cap: Duration,
+    max_key_age: Duration,
     cache_capacity: u64,
     max_token_bytes: usize,
     skip: Option<Box<SkipFn>>,
@@ -207,7 +208,8 @@ impl Default for BearerAuthBuilder {
             refresh_interval: Duration::from_secs(300),
             refetch_cooldown: Duration::from_secs(30),
             fetch_timeout: Duration::from_secs(5),
-            max_age_cap: Duration::from_secs(86_400),
+            max_age_cap: Duration::from_secs(3_600),
+            max_key_age: Duration::from_secs(86_400),
             cache_capacity: 10_000,
             max_token_bytes: 16 * 1024,
             skip: None,
@@ -420,6 +422,24 @@ impl BearerAuthBuilder {
         self
     }
 
+    /// The longest `max-age` of a key source's answer honoured: its keys are fetched again at
+    /// least this often, so a key its owner withdrew stops verifying within this time.
+    /// Default 1 h.
+    pub fn max_age_cap(mut self, cap: Duration) -> Self {
+        self.max_age_cap = cap;
+        self
+    }
+
+    /// How long fetched keys are used while every fetch fails (or answers no usable key): past
+    /// this time since the last good fetch they are dropped, and the tokens they would verify
+    /// get `503` (`KeysUnavailable`) until a fetch succeeds, so an identity provider that
+    /// withdraws its keys by taking them down is heeded too. Raised to
+    /// [`max_age_cap`](Self::max_age_cap) plus the fetch cooldown when shorter. Default 24 h.
+    pub fn max_key_age(mut self, age: Duration) -> Self {
+        self.max_key_age = age;
+        self
+    }
+
     /// How many verified tokens to remember (each no longer than its `exp`); `0` turns the
     /// cache off. Default 10 000.
     pub fn token_cache_capacity(mut self, capacity: u64) -> Self {
@@ -515,6 +535,9 @@ impl BearerAuthBuilder {
             interval: self.refresh_interval,
             cooldown: self.refetch_cooldown,
             max_age_cap: self.max_age_cap,
+            max_key_age: self
+                .max_key_age
+                .max(self.max_age_cap.saturating_add(self.refetch_cooldown)),
             timeout: self.fetch_timeout,
         };
         let algorithms = dedup(self.algorithms);
@@ -732,7 +755,8 @@ mod tests {
         assert_eq!(builder.refresh_interval, 5 * 60 * SECOND);
         assert_eq!(builder.refetch_cooldown, 30 * SECOND);
         assert_eq!(builder.fetch_timeout, 5 * SECOND);
-        assert_eq!(builder.max_age_cap, 24 * 60 * 60 * SECOND);
+        assert_eq!(builder.max_age_cap, 60 * 60 * SECOND);
+        assert_eq!(builder.max_key_age, 24 * 60 * 60 * SECOND);
         assert_eq!(builder.cache_capacity, 10_000);
         assert_eq!(builder.max_token_bytes, 16 * 1024);
 
@@ -758,7 +782,8 @@ mod tests {
         assert_eq!(policy.interval, 5 * 60 * SECOND);
         assert_eq!(policy.cooldown, 30 * SECOND);
         assert_eq!(policy.timeout, 5 * SECOND);
-        assert_eq!(policy.max_age_cap, 24 * 60 * 60 * SECOND);
+        assert_eq!(policy.max_age_cap, 60 * 60 * SECOND);
+        assert_eq!(policy.max_key_age, 24 * 60 * 60 * SECOND);
         assert_eq!(
             verifier.cache.as_ref().map(TokenCache::capacity),
             Some(10_000)

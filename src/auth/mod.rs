@@ -16,9 +16,11 @@
 //!
 //! Keys are static ([`VerificationKey`], [`KeySet`]) or fetched ([`KeySource`], a JWKS URL
 //! with the `remote-jwks` feature). Fetched keys are cached and refreshed on an interval (or
-//! the source's `Cache-Control: max-age`); a token with an unknown `kid` triggers one refetch,
-//! at most once per cooldown, shared by all requests waiting on it; when the source is down the
-//! last good keys keep working. With sources bound to issuers (`key_source_for_issuer`,
+//! the source's `Cache-Control: max-age`, an hour at most); a token with an unknown `kid`
+//! triggers one refetch, at most once per cooldown, shared by all requests waiting on it; when
+//! the source is down the last good keys keep working, for a day at most
+//! ([`BearerAuthBuilder::max_key_age`]): then they are dropped and their tokens get `503`.
+//! With sources bound to issuers (`key_source_for_issuer`,
 //! `jwks_url_for_issuer`), a token is checked against, and refetches, only the sources of the
 //! issuer its `iss` names (or, when no source is bound to it, the static keys and the unbound
 //! sources): one identity provider that hangs or whose `kid`s are forged neither delays nor

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,8 @@ pub(crate) struct RefreshPolicy {
     pub(crate) cooldown: Duration,
     /// The longest max-age honoured.
     pub(crate) max_age_cap: Duration,
+    /// How long the keys of the last good fetch are used while fetches fail: then dropped.
+    pub(crate) max_key_age: Duration,
     /// How long one fetch may take.
     pub(crate) timeout: Duration,
 }
@@ -170,6 +172,11 @@ pub(crate) struct RefreshingKeys {
     epoch: Instant,
     // Milliseconds since `epoch` at which a refresh is due; u64::MAX before the first fetch.
     refresh_due_ms: AtomicU64,
+    // Milliseconds since `epoch` at which the keys held are too old to use (the last good
+    // fetch and `max_key_age`); u64::MAX while none are held.
+    stale_at_ms: AtomicU64,
+    /// The keys were dropped for their age: tokens they would verify get `KeysUnavailable`.
+    expired: AtomicBool,
     fetches: AtomicU64,
     /// The source's change counter, and its value when the keys held were fetched.
     changes: Option<KeyChanges>,
@@ -198,6 +205,8 @@ impl RefreshingKeys {
             control: Mutex::new(Control::default()),
             epoch: Instant::now(),
             refresh_due_ms: AtomicU64::new(u64::MAX),
+            stale_at_ms: AtomicU64::new(u64::MAX),
+            expired: AtomicBool::new(false),
             fetches: AtomicU64::new(0),
         }
     }
@@ -231,12 +240,46 @@ impl RefreshingKeys {
             .is_some_and(|changes| changes.count() != self.seen_changes.load(Ordering::Acquire))
     }
 
-    /// Starts a background refresh if one is due; never waits.
+    /// Whether the keys were dropped for their age (fetches failing for `max_key_age`): an
+    /// outage, not a bad token.
+    pub(crate) fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Starts a background refresh if one is due; never waits. Keys too old to use are
+    /// dropped first (a refresh is always due by then: fetches have been failing).
     pub(crate) fn refresh_if_due(self: &Arc<Self>) {
         let due = self.refresh_due_ms.load(Ordering::Relaxed);
-        if due != u64::MAX && self.millis_since_epoch() >= due {
-            let _ = self.fetch(Trigger::Refresh);
+        if due != u64::MAX {
+            let now = self.millis_since_epoch();
+            if now >= due {
+                if now >= self.stale_at_ms.load(Ordering::Relaxed) {
+                    self.expire(now);
+                }
+                let _ = self.fetch(Trigger::Refresh);
+            }
         }
+    }
+
+    /// Drops the keys held: too long since they were last fetched (as of `now`).
+    fn expire(&self, now: u64) {
+        let previous = {
+            let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+            // (A fetch may have just installed fresh keys, under this lock.)
+            if now < self.stale_at_ms.load(Ordering::Relaxed) {
+                return;
+            }
+            std::mem::replace(&mut *keys, Arc::new(KeySet::new()))
+        };
+        // Every key retired: tokens cached as verified by them are verified again.
+        let _ = KeySet::new().succeed(&previous);
+        self.stale_at_ms.store(u64::MAX, Ordering::Relaxed);
+        self.expired.store(true, Ordering::Relaxed);
+        tracing::error!(
+            issuer = self.issuer.as_deref().unwrap_or("(none: keys for any issuer)"),
+            max_key_age = ?self.policy.max_key_age,
+            "verification keys not fetched successfully for too long: dropped; the tokens they verified are refused (503) until a fetch succeeds"
+        );
     }
 
     /// Joins the fetch in flight, or starts one if the trigger's rate limit allows; `None`
@@ -308,7 +351,15 @@ impl RefreshingKeys {
                 let previous = self.current();
                 let keys = Arc::new(keys.succeed(&previous));
                 let count = keys.len();
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+                {
+                    let mut held = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+                    *held = keys;
+                    let stale_at = self
+                        .millis_since_epoch()
+                        .saturating_add(self.policy.max_key_age.as_millis() as u64);
+                    self.stale_at_ms.store(stale_at, Ordering::Relaxed);
+                }
+                self.expired.store(false, Ordering::Relaxed);
                 let fresh_for = max_age.unwrap_or(self.policy.interval).clamp(
                     self.policy.cooldown,
                     self.policy.max_age_cap.max(self.policy.cooldown),
@@ -393,6 +444,7 @@ mod tests {
             interval: Duration::from_secs(300),
             cooldown: Duration::from_secs(30),
             max_age_cap: Duration::from_secs(86_400),
+            max_key_age: Duration::from_secs(2 * 86_400),
             timeout: Duration::from_secs(5),
         }
     }
@@ -568,6 +620,61 @@ mod tests {
         assert!(keys.install(Ok(FetchedKeys::default())).is_err());
         assert_eq!(keys.current().len(), 1);
         assert!(!keys.current().iter().any(|k| k.kid().is_none()));
+    }
+
+    #[tokio::test]
+    async fn keys_not_fetched_again_within_their_max_age_are_dropped_until_a_fetch_succeeds() {
+        let up = Arc::new(AtomicBool::new(true));
+        let answering = Arc::clone(&up);
+        let source: Box<dyn KeySource> = Box::new(move || {
+            let up = answering.load(Ordering::SeqCst);
+            async move {
+                if !up {
+                    return Err(KeySourceError::new("down"));
+                }
+                let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+                Ok(FetchedKeys::from(KeySet::new().with_key(key)))
+            }
+        });
+        let keys = Arc::new(RefreshingKeys::new(
+            source,
+            RefreshPolicy {
+                interval: Duration::from_millis(20),
+                cooldown: Duration::from_millis(10),
+                max_age_cap: Duration::from_millis(20),
+                max_key_age: Duration::from_millis(300),
+                timeout: Duration::from_secs(5),
+            },
+        ));
+        keys.fetch(Trigger::Cold).unwrap().await.unwrap();
+        let key = Arc::clone(&keys.current().keys()[0]);
+        up.store(false, Ordering::SeqCst);
+        // Failing refreshes keep the last good keys while they are young enough...
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        keys.refresh_if_due();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(keys.current().len(), 1);
+        assert!(!keys.expired());
+        // ... and no longer.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        keys.refresh_if_due();
+        assert!(keys.current().is_empty());
+        assert!(keys.expired());
+        assert!(
+            key.is_retired(),
+            "tokens cached as verified by it are verified again"
+        );
+        assert!(
+            keys.has_fetched(),
+            "fetched once: still ready, as a readiness check sees it"
+        );
+        // A good fetch brings them back.
+        up.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        keys.refresh_if_due();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(keys.current().len(), 1);
+        assert!(!keys.expired());
     }
 
     #[test]

@@ -296,11 +296,12 @@ impl Verifier {
 
     fn verify_with_keys_held(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some(cache) = &self.cache {
+            // A refresh is due on hits too: keys gone at the IdP must retire their tokens (and
+            // keys too old to use are dropped before the cache is asked).
+            for source in &self.sources {
+                source.refresh_if_due();
+            }
             if let Some(claims) = cache.get(token) {
-                // A refresh is due on hits too: keys gone at the IdP must retire their tokens.
-                for source in &self.sources {
-                    source.refresh_if_due();
-                }
                 self.cache_counts.hit.increment(1);
                 if self.revoked.as_ref().is_some_and(|r| r.refuses(&claims)) {
                     cache.forget(token);
@@ -328,8 +329,10 @@ impl Verifier {
                 .map_err(|(rejection, _)| rejection);
             return verdict(result);
         }
-        for source in &self.sources {
-            source.refresh_if_due();
+        if self.cache.is_none() {
+            for source in &self.sources {
+                source.refresh_if_due();
+            }
         }
         // The issuer is read once the header is known good: a token that is not a JWT, or
         // names an algorithm not allowed, costs no more than its header.
@@ -424,8 +427,12 @@ impl Verifier {
     }
 
     fn no_key_after_fetch(&self, scope: &Option<Arc<str>>) -> Rejection {
-        // A source that never answered might hold the key: that is an outage, not a bad token.
-        if self.sources_for(scope).any(|s| !s.has_fetched()) {
+        // A source that never answered might hold the key, and one whose keys were dropped for
+        // their age (its fetches failing) too: that is an outage, not a bad token.
+        if self
+            .sources_for(scope)
+            .any(|s| !s.has_fetched() || s.expired())
+        {
             self.reject(
                 RejectionKind::KeysUnavailable,
                 "The keys to verify tokens are unavailable; try again later",
