@@ -156,6 +156,37 @@ pub(crate) fn classify_path<'a>(method: &Method, path: &'a str) -> Classified<'a
     found
 }
 
+/// The interaction a request is, as its scopes are checked and its audit record names it: as
+/// [`classify`] finds it, a `HEAD` as the `GET` it mirrors (a search's and a history's too,
+/// which [`classify`] does not take), and `[type]/[id]/*`, a compartment search of every type
+/// (FHIR's `Patient/[id]/*`).
+pub(crate) fn classify_request<'p>(method: &Method, path: &'p str) -> Classified<'p> {
+    let method = if *method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
+    let found = classify(method, path);
+    if found.interaction.is_some() || *method != Method::GET {
+        return found;
+    }
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let Some(compartment) = path.strip_suffix("/*") else {
+        return found;
+    };
+    match classify(method, compartment) {
+        found @ Classified {
+            interaction: Some(Interaction::Read),
+            ..
+        } => Classified {
+            interaction: Some(Interaction::Search),
+            ..found
+        },
+        _ => found,
+    }
+}
+
 /// The path's `/`-separated segments (none for an empty path), or `None` past six: no FHIR URL
 /// has more than five (`[type]/[id]/_history/[vid]/$op`), and no allocation is needed.
 ///

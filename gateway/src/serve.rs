@@ -428,6 +428,11 @@ async fn accept(
                                 } else {
                                     "header_read_timeout"
                                 });
+                            } else if is_malformed(&*error) {
+                                // hyper answered it (400, 431, 414) before any layer saw a
+                                // request: no request id, no audit record; said here.
+                                closed("malformed_request");
+                                tracing::info!(%peer, %error, "a malformed request head answered by the HTTP server itself, and its connection closed");
                             }
                             tracing::debug!(%error, "connection ended with an error");
                         }
@@ -692,7 +697,8 @@ impl<D> Drop for Chunk<D> {
 /// timer: no whole head in time), `no_request` (no request started within the header-read
 /// timeout), `idle`, `stalled` (its client took too little of its response for the idle
 /// timeout), `unfinished` (a graceful close not ended an idle timeout later with nothing in
-/// flight) or `per_address_limit` (closed as it came: its address held
+/// flight), `malformed_request` (a request head hyper could not parse, answered by hyper
+/// itself) or `per_address_limit` (closed as it came: its address held
 /// `max_connections_per_address`). These are events: a connection closed
 /// gracefully (`no_request`, `idle`) and then dropped (`stalled`, `unfinished`) counts twice.
 fn closed(reason: &'static str) {
@@ -706,6 +712,22 @@ fn is_header_read_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
         if error
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// Whether a connection's error is hyper refusing a request head it could not parse (which
+/// it answers itself: `400`, or `431` for one too large).
+fn is_malformed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|error| error.is_parse() || error.is_parse_too_large())
         {
             return true;
         }

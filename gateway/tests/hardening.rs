@@ -378,6 +378,34 @@ fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_a_slow_head(
 }
 
 #[test]
+fn a_head_the_http_server_cannot_parse_is_answered_400_and_counted() {
+    let (keys, metrics) = with_metrics(json!({}));
+    let (_proc, addr, _dir) = start("malformed", keys);
+    for head in [
+        &b"GET /metadata HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"[..],
+        b"GET /meta data HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut stream = connect(addr);
+        stream.write_all(head).unwrap();
+        let mut answer = Vec::new();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    assert_eq!(
+        metric(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            "reason=\"malformed_request\""
+        ),
+        2.0
+    );
+}
+
+#[test]
 fn a_token_request_body_held_back_past_the_header_read_timeout_gets_408_and_a_close() {
     let (proc, addr, _dir) = start_short_heads("slow-body");
     let mut slow = connect(addr);

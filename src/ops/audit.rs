@@ -14,7 +14,7 @@ use serde::{Serialize, Serializer};
 use super::facts::{Facts, RequestParts};
 use super::{shard_count, shard_of_thread};
 use crate::auth::{MemoKey, VerifiedClaims};
-use crate::interaction::classify_path;
+use crate::interaction::classify_request;
 use crate::tenant::TenantId;
 
 /// Who asked what of which tenant, and what came of it: one per request.
@@ -766,8 +766,13 @@ fn describe<'a>(method: &http::Method, path: &'a str, canonical: &'a str) -> Des
             resource_id: None,
         };
     }
-    // The path of a `Uri`: no query, no fragment.
-    let classified = classify_path(method, canonical);
+    // The path of a `Uri`: no query, no fragment. A `HEAD` is the `GET` it mirrors, and
+    // `Patient/[id]/*` a compartment search, as the scope checks take them; DSTU2 asked for
+    // the server's statement with `OPTIONS [base]`.
+    let mut classified = classify_request(method, canonical);
+    if *method == http::Method::OPTIONS && canonical.trim_matches('/').is_empty() {
+        classified.interaction = Some(crate::interaction::Interaction::Capabilities);
+    }
     Described {
         interaction: classified.interaction.map(|i| i.as_str()),
         resource_type: classified.resource_type,
@@ -2158,6 +2163,25 @@ mod tests {
             let canonical = canonical_path(path);
             let described = describe(&post, path, &canonical);
             assert_eq!(described.interaction, interaction, "{path}");
+        }
+    }
+
+    #[test]
+    fn heads_compartments_and_dstu2s_options_are_named_as_fhir_names_them() {
+        for (method, path, interaction) in [
+            (http::Method::HEAD, "/Patient", Some("search")),
+            (http::Method::HEAD, "/Patient/1", Some("read")),
+            (http::Method::HEAD, "/Patient/1/_history/2", Some("vread")),
+            (http::Method::HEAD, "/Patient/1/_history", Some("history")),
+            (http::Method::HEAD, "/metadata", Some("capabilities")),
+            (http::Method::GET, "/Patient/1/*", Some("search")),
+            (http::Method::GET, "/Patient/1/Observation", Some("search")),
+            (http::Method::OPTIONS, "/", Some("capabilities")),
+            (http::Method::OPTIONS, "/Patient", None),
+        ] {
+            let canonical = canonical_path(path);
+            let described = describe(&method, path, &canonical);
+            assert_eq!(described.interaction, interaction, "{method} {path}");
         }
     }
 

@@ -7,37 +7,8 @@ use super::scope::{
     is_parameter_name, is_type, parse_query, Grants, Param, Permissions, ResourceScope,
     ScopeContext,
 };
-use crate::interaction::{classify, Classified, Interaction};
-
-/// The interaction a request is, as its scopes are checked: as [`classify`] finds it, a `HEAD`
-/// as the `GET` it mirrors (a search's and a history's too, which [`classify`] does not take),
-/// and `[type]/[id]/*`, a compartment search of every type (FHIR's `Patient/[id]/*`).
-pub(crate) fn interaction_of<'p>(method: &Method, path: &'p str) -> Classified<'p> {
-    let method = if *method == Method::HEAD {
-        &Method::GET
-    } else {
-        method
-    };
-    let found = classify(method, path);
-    if found.interaction.is_some() || *method != Method::GET {
-        return found;
-    }
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let path = path.strip_suffix('/').unwrap_or(path);
-    let Some(compartment) = path.strip_suffix("/*") else {
-        return found;
-    };
-    match classify(method, compartment) {
-        found @ Classified {
-            interaction: Some(Interaction::Read),
-            ..
-        } => Classified {
-            interaction: Some(Interaction::Search),
-            ..found
-        },
-        _ => found,
-    }
-}
+pub(crate) use crate::interaction::classify_request as interaction_of;
+use crate::interaction::{Classified, Interaction};
 
 /// Why a request is refused: what it needed and no scope granted, with the scopes that would
 /// have sufficed (for `WWW-Authenticate: Bearer error="insufficient_scope", scope="..."`).
