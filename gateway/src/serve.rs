@@ -217,10 +217,13 @@ pub(crate) async fn serve(
                 grace_seconds = limits.shutdown_grace.as_secs(),
                 "shutdown grace period over with {open} connections still open; exiting anyway"
             );
+            // The requests still in flight are cut: recorded as the gateway's doing.
+            tower_fhir::ops::cutting_in_flight();
         },
         () = stop.received() => {
             let open = open();
             tracing::warn!(open_connections = open, "a second stop signal: exiting now with {open} connections still open");
+            tower_fhir::ops::cutting_in_flight();
         }
     }
     let _ = finished.send(true);

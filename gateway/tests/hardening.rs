@@ -1298,7 +1298,11 @@ fn one_address_holds_at_most_its_share_of_connections() {
 
 #[test]
 fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
-    let (mut proc, addr, _dir) = start("grace", json!({"shutdown_grace_seconds": 1}));
+    let audit = scratch("hardening-grace-audit").join("audit.jsonl");
+    let (mut proc, addr, _dir) = start(
+        "grace",
+        json!({"shutdown_grace_seconds": 1, "audit_log": audit}),
+    );
     // Two requests in flight: one finishes during the grace period, one never does.
     let mut finishing = connect(addr);
     let rest = start_token_request(&mut finishing);
@@ -1338,6 +1342,28 @@ fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
         "{stderr}"
     );
     eprintln!("exited {took:?} after SIGTERM");
+    // The request cut at the end is recorded as the gateway's doing, not its client's leaving.
+    let records: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let outcomes: Vec<(u64, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(outcomes.contains(&(503, "shutdown")), "{records:?}");
+    assert!(
+        !outcomes
+            .iter()
+            .any(|(_, outcome)| *outcome == "client_closed"),
+        "{records:?}"
+    );
 }
 
 #[test]

@@ -72,6 +72,24 @@ mod observe;
 mod request_id;
 mod tally;
 
+/// Set by [`cutting_in_flight`].
+static CUTTING_IN_FLIGHT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that the server is cutting the requests still in flight (its shutdown grace period is
+/// over, and it exits without their answers): from now on, an [`ObserveLayer`] records a
+/// request whose future is dropped unfinished with status `503` and outcome `shutdown` rather
+/// than as its client's leaving (`499`, `client_closed`), in its metrics and audit record.
+/// Process-wide, and for good: call it at the end of the process's life, just before its
+/// runtimes (and the requests on them) are dropped.
+///
+/// ```no_run
+/// // At the end of a shutdown whose grace period ran out (not run here: it is for good).
+/// tower_fhir::ops::cutting_in_flight();
+/// ```
+pub fn cutting_in_flight() {
+    CUTTING_IN_FLIGHT.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub use audit::{
     AuditRecord, AuditReopener, AuditSink, JsonLinesAudit, QueryRecording, DEFAULT_AUDIT_BYTES,
     DEFAULT_AUDIT_QUEUE,

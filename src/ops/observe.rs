@@ -45,7 +45,9 @@ use crate::tenant::TenantId;
 /// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`](super::AuditRecord).
 ///
 /// A request whose client goes away before the response is recorded with status `499` and
-/// outcome `client_closed`; one whose inner service panicked, with `500` and `panicked`. When no subscriber wants the span (the gateway binary's log takes
+/// outcome `client_closed`; one whose inner service panicked, with `500` and `panicked`; one
+/// the server cut at its end ([`cutting_in_flight`](super::cutting_in_flight)), with `503` and
+/// `shutdown`. When no subscriber wants the span (the gateway binary's log takes
 /// events only) and metrics and audit are off, a request passes through untouched.
 ///
 /// ```
@@ -516,6 +518,9 @@ pin_project! {
                 // gateway failed the request, not the client that left.
                 if std::thread::panicking() {
                     watch.finish(500, "panicked");
+                } else if super::CUTTING_IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed) {
+                    // The server gave up on it (its shutdown grace period over).
+                    watch.finish(503, "shutdown");
                 } else {
                     watch.finish(499, "client_closed");
                 }
