@@ -1023,7 +1023,9 @@ const DELAYED_AFTER: Duration = Duration::from_secs(1);
 /// Given to [`ObserveLayer::audit`](super::ObserveLayer::audit) as it is, the audit log takes
 /// more than records: the request's parts and what the layers learned, and writes the line
 /// straight from them (the same line as [`AuditRecord::write_json_line`]), so no record is
-/// made for it. Dropping the log writes what is waiting, then closes. A file log is rotated by
+/// made for it. Dropping the log writes what is waiting, then closes: it waits 10 s at most for
+/// that (a disk that hangs would keep a process from exiting), then logs at `error` how many
+/// records were still waiting and returns. A file log is rotated by
 /// renaming the file, then [`AuditReopener::reopen`] (see [`reopener`](Self::reopener)). Its
 /// writer also looks once a second whether the file at the path is still the one it writes
 /// to, and opens a new one there if not: renamed, it logs a `warn`; deleted, it counts the
@@ -1046,6 +1048,8 @@ pub struct JsonLinesAudit {
     writer: Option<std::thread::JoinHandle<()>>,
     /// A file log's path, to open it again (see [`reopener`](Self::reopener)).
     reopen: Option<Arc<Reopen>>,
+    /// How long dropping it waits for the writer ([`CLOSING_WAIT`]).
+    closing_wait: Duration,
 }
 
 /// A file log's path, and the file opened there again, until the writer switches to it.
@@ -1422,6 +1426,7 @@ impl JsonLinesAudit {
             counts,
             writer,
             reopen: None,
+            closing_wait: CLOSING_WAIT,
         }
     }
 
@@ -1690,13 +1695,30 @@ impl AuditSink for JsonLinesAudit {
     }
 }
 
+/// How long dropping a [`JsonLinesAudit`] waits for its writer to write what is left.
+const CLOSING_WAIT: Duration = Duration::from_secs(10);
+
 impl Drop for JsonLinesAudit {
     fn drop(&mut self) {
-        // The writer writes what is waiting, then ends.
+        // The writer writes what is waiting, then ends: waited for, but not for ever (a
+        // disk that hangs, say, would keep the process from exiting).
         self.lines.closing.store(true, Ordering::Release);
         if let Some(writer) = self.writer.take() {
             writer.thread().unpark();
-            let _ = writer.join();
+            let until = Instant::now() + self.closing_wait;
+            while !writer.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if writer.is_finished() {
+                let _ = writer.join();
+            } else {
+                let waiting = self.lines.waiting.load(Ordering::Acquire) >> BYTES_BITS;
+                tracing::error!(
+                    waiting,
+                    wait = ?self.closing_wait,
+                    "the audit log's writer has not finished writing: the records still waiting are lost if the process exits now"
+                );
+            }
         }
     }
 }
@@ -2759,6 +2781,30 @@ mod tests {
             sent,
             "{queued_or_buffered} more"
         );
+    }
+
+    #[test]
+    fn dropping_the_log_waits_for_a_stuck_writer_a_while_not_for_ever_and_says_so() {
+        let buffer = crate::testing::LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(buffer.writer())
+            .finish();
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let mut audit = JsonLinesAudit::writer(Stuck(Arc::clone(&gate)), 100);
+        audit.closing_wait = Duration::from_millis(300);
+        for _ in 0..3 {
+            audit.record(record());
+        }
+        let dropping = Instant::now();
+        tracing::subscriber::with_default(subscriber, || drop(audit));
+        let took = dropping.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let logged = buffer.take();
+        assert!(logged.contains("has not finished writing"), "{logged}");
+        assert!(logged.contains("ERROR"), "{logged}");
+        // (The writer thread, released, ends.)
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     #[test]
