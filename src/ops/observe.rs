@@ -39,7 +39,8 @@ use crate::tenant::TenantId;
 /// - with [`metrics`](Self::metrics) on, counts it through the [`metrics`] facade (install a
 ///   recorder, say `metrics-exporter-prometheus`, to export them):
 ///   `tower_fhir_requests_total` (labels `tenant` unless
-///   [`tenant_label(false)`](Self::tenant_label), `status_class` `2xx`..`5xx`, `outcome`),
+///   [`tenant_label(false)`](Self::tenant_label), and only for a request routed to an
+///   upstream or a token request, `status_class` `2xx`..`5xx`, `outcome`),
 ///   the `tower_fhir_request_duration_seconds` histogram and the
 ///   `tower_fhir_requests_in_flight` gauge;
 /// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`](super::AuditRecord).
@@ -481,11 +482,7 @@ impl Watch {
             };
             metrics.in_flight.decrement(1.0);
             metrics.duration.record(elapsed.as_secs_f64());
-            let tenant = if config.tenant_label {
-                self.facts.tenant
-            } else {
-                None
-            };
+            let tenant = labelled_tenant(&self.facts, config.tenant_label);
             metrics.count(RequestsKey {
                 tenant,
                 class,
@@ -500,6 +497,18 @@ impl Watch {
             Audit::Lines(lines) => lines.draft(done, draft),
             Audit::Sink(sink) => sink.record(draft.into_record(Clock::at(done))),
         }
+    }
+}
+
+/// The tenant `tower_fhir_requests_total` names: one the request was routed for (it has an
+/// upstream), or the tenant of a token request (its client's, so a registered one); not one
+/// only a token named (an identity provider trusted for any tenant lets a token name any
+/// GUID, and each would be a series of its own). `None` when the label is off.
+fn labelled_tenant(facts: &Facts, label: bool) -> Option<TenantId> {
+    if label && (facts.upstream.is_some() || facts.claims.is_none()) {
+        facts.tenant
+    } else {
+        None
     }
 }
 
@@ -619,6 +628,35 @@ mod tests {
         assert_eq!(record.query.as_deref(), Some("code=x"));
         assert_eq!(record.upstream.as_deref(), Some("http://fhir.example"));
         assert_eq!((record.status, record.outcome), (200, "ok"));
+    }
+
+    #[test]
+    fn only_a_routed_tenant_or_a_token_requests_labels_the_request_counter() {
+        let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+        let claims = serde_json::json!({"exp": 1, "iss": "https://idp", "client_id": "app"});
+        let claims = VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap();
+        let routed = Facts {
+            claims: Some(claims.clone()),
+            tenant: Some(tenant),
+            upstream: Some(Arc::from("http://fhir.example")),
+            ..Facts::default()
+        };
+        assert_eq!(labelled_tenant(&routed, true), Some(tenant));
+        assert_eq!(labelled_tenant(&routed, false), None);
+        // A token naming a tenant the directory does not know (refused, never routed).
+        let named_only = Facts {
+            claims: Some(claims),
+            tenant: Some(tenant),
+            ..Facts::default()
+        };
+        assert_eq!(labelled_tenant(&named_only, true), None);
+        // A token request, for its client's tenant.
+        let token_request = Facts {
+            client: Some("app".into()),
+            tenant: Some(tenant),
+            ..Facts::default()
+        };
+        assert_eq!(labelled_tenant(&token_request, true), Some(tenant));
     }
 
     #[tokio::test]
