@@ -996,9 +996,10 @@ async fn tokens_validate_under_pyjwt() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A store where an administrator resets the client's secret while the client's own rotation
-/// is being checked (between its check and its rotation).
-struct ResetMeanwhile(InMemoryClientStore);
+/// A store where an administrator resets the client's secret (or, with `true`, revokes the
+/// client) while the client's own rotation is being checked (between its check and its
+/// rotation).
+struct ResetMeanwhile(InMemoryClientStore, bool);
 
 impl ClientStore for ResetMeanwhile {
     fn client(
@@ -1027,8 +1028,13 @@ impl ClientStore for ResetMeanwhile {
         grace: Duration,
     ) -> tower_fhir::token::StoreFuture<tower_fhir::token::ClientSecret> {
         let (store, id, used) = (self.0.clone(), id.to_owned(), used.to_owned());
+        let revoke = self.1;
         Box::pin(async move {
-            store.rotate_secret(&id, Duration::ZERO).await?;
+            if revoke {
+                store.revoke(&id).await?;
+            } else {
+                store.rotate_secret(&id, Duration::ZERO).await?;
+            }
             store.rotate_secret_from(&id, &used, grace).await
         })
     }
@@ -1052,7 +1058,10 @@ async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
         .register(NewClient::new("app").tenant(tenant(TENANT_A)))
         .await
         .unwrap();
-    let endpoint = endpoint_over(ResetMeanwhile(store.clone()), ThrottlePolicy::default());
+    let endpoint = endpoint_over(
+        ResetMeanwhile(store.clone(), false),
+        ThrottlePolicy::default(),
+    );
     // Through the library's call and through the HTTP service alike: the rotation that began
     // with the old secret is refused, and hands out no secret.
     let refused = endpoint
@@ -1081,4 +1090,35 @@ async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     assert_eq!(reply.json()["error"], "invalid_client");
     assert!(reply.json().get("client_secret").is_none());
+}
+
+#[tokio::test]
+async fn a_client_revoked_while_its_own_rotation_is_checked_is_refused_as_a_client() {
+    let store = InMemoryClientStore::new();
+    let first = store
+        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
+        .await
+        .unwrap();
+    let endpoint = endpoint_over(
+        ResetMeanwhile(store.clone(), true),
+        ThrottlePolicy::default(),
+    );
+    let client = TestClient::new(serve_tower(endpoint.secret_rotation_service()).await);
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("app:{}", first.expose()))
+    );
+    let reply = client
+        .send(
+            "POST",
+            "/oauth/clients/app/secret",
+            &[("authorization", &basic)],
+            "",
+        )
+        .await;
+    // The store refuses a revoked client: that is the client's failure, not the endpoint's.
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "invalid_client");
+    assert!(reply.json().get("client_secret").is_none());
+    assert!(store.client("app").await.unwrap().unwrap().revoked);
 }

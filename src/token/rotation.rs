@@ -153,19 +153,17 @@ impl Inner {
             .rotate_secret_from(&id, checked.matched(), Duration::ZERO)
             .await
             .map_err(|err| {
-                if err.is_conflict() {
-                    tracing::warn!(client_id = %id, "a secret rotation refused: the secret it authenticated with was replaced meanwhile");
+                // Replaced meanwhile (a reset), or refused: revoked or deleted meanwhile. Either
+                // way the credentials no longer name a client that may rotate.
+                if err.is_conflict() || err.is_refused() {
+                    tracing::warn!(client_id = %id, error = %err, "a secret rotation refused: the client changed while its secret was checked");
                     return TokenError::invalid_client(
                         "Client authentication failed",
                         basic.then_some(&self.realm),
                     );
                 }
                 tracing::error!(error = %err, "could not rotate a client secret");
-                if err.is_refused() {
-                    TokenError::server_error()
-                } else {
-                    TokenError::store_unavailable()
-                }
+                TokenError::store_unavailable()
             })?;
         tracing::info!(client_id = %id, "client rotated its secret");
         Ok(json_response(
