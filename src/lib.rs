@@ -131,7 +131,7 @@ use tower::ServiceBuilder;
 /// use tower_fhir::ServiceBuilderExt;
 ///
 /// let auth = BearerAuthLayer::builder()
-///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+///     .key(VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap())
 ///     .build()
 ///     .unwrap();
 /// let _builder = ServiceBuilder::new()

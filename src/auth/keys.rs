@@ -56,19 +56,27 @@ fn malformed(err: jsonwebtoken::errors::Error) -> KeyError {
 }
 
 impl VerificationKey {
-    /// An HMAC secret, verifying `HS256`, `HS384` and `HS512`.
+    /// An HMAC secret of at least 32 bytes, verifying `HS256`, with 48 bytes or more `HS384`
+    /// too, with 64 or more `HS512` too: RFC 7518 §3.2 wants a key at least as long as the
+    /// hash's output, and a shorter secret is refused (a guessable one would let anyone sign).
+    ///
+    /// ```
+    /// use tower_fhir::auth::VerificationKey;
+    /// use jsonwebtoken::Algorithm;
+    ///
+    /// assert!(VerificationKey::hmac("too-short").is_err());
+    /// let key = VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap();
+    /// assert_eq!(key.algorithms(), &[Algorithm::HS256]);
+    /// assert_eq!(VerificationKey::hmac([7u8; 64]).unwrap().algorithms().len(), 3);
+    /// ```
     pub fn hmac(secret: impl AsRef<[u8]>) -> Result<Self, KeyError> {
-        let secret = secret.as_ref();
-        if secret.is_empty() {
-            return Err(KeyError::Malformed("empty HMAC secret".into()));
-        }
-        Ok(Self::new(DecodingKey::from_secret(secret), None))
+        Self::new(DecodingKey::from_secret(secret.as_ref()), None)
     }
 
     /// An RSA public key in PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`), verifying `RS*` and `PS*`.
     pub fn rsa_pem(pem: impl AsRef<[u8]>) -> Result<Self, KeyError> {
         let key = DecodingKey::from_rsa_pem(pem.as_ref()).map_err(malformed)?;
-        Ok(Self::new(key, None))
+        Self::new(key, None)
     }
 
     /// An EC public key in PEM, verifying `ES256` (P-256) or `ES384` (P-384).
@@ -83,13 +91,13 @@ impl VerificationKey {
                 ))
             }
         };
-        Ok(Self::new(key, Some(alg)))
+        Self::new(key, Some(alg))
     }
 
     /// An Ed25519 public key in PEM, verifying `EdDSA`.
     pub fn ed_pem(pem: impl AsRef<[u8]>) -> Result<Self, KeyError> {
         let key = DecodingKey::from_ed_pem(pem.as_ref()).map_err(malformed)?;
-        Ok(Self::new(key, None))
+        Self::new(key, None)
     }
 
     /// A key from one JSON Web Key (RFC 7517), taking its `kid` and, when present, its `alg`.
@@ -134,7 +142,7 @@ impl VerificationKey {
             _ => return Err(KeyError::Unsupported("key type".into())),
         };
         let decoding = DecodingKey::from_jwk(&jwk).map_err(malformed)?;
-        let mut key = Self::new(decoding, curve_alg);
+        let mut key = Self::new(decoding, curve_alg)?;
         if let Some(alg) = own_alg {
             key = key.with_algorithm(alg)?;
         }
@@ -144,12 +152,24 @@ impl VerificationKey {
         Ok(key)
     }
 
-    fn new(decoding: DecodingKey, only: Option<Algorithm>) -> Self {
+    fn new(decoding: DecodingKey, only: Option<Algorithm>) -> Result<Self, KeyError> {
         let family = decoding.family();
-        let algorithms = match only {
+        let mut algorithms = match only {
             Some(alg) => vec![alg],
             None => family.algorithms().to_vec(),
         };
+        if let (AlgorithmFamily::Hmac, DecodingKeyKind::SecretOrDer(secret)) =
+            (family, decoding.kind())
+        {
+            if secret.len() < hmac_min_len(Algorithm::HS256) {
+                return Err(KeyError::Malformed(format!(
+                    "an HMAC secret of {} bytes: at least {} are needed (RFC 7518 §3.2)",
+                    secret.len(),
+                    hmac_min_len(Algorithm::HS256)
+                )));
+            }
+            algorithms.retain(|&alg| secret.len() >= hmac_min_len(alg));
+        }
         let mut fingerprint = vec![family_tag(family)];
         match decoding.kind() {
             DecodingKeyKind::SecretOrDer(bytes) => fingerprint.extend_from_slice(bytes),
@@ -159,13 +179,13 @@ impl VerificationKey {
                 fingerprint.extend_from_slice(e);
             }
         }
-        Self {
+        Ok(Self {
             kid: None,
             algorithms,
             decoding,
             fingerprint,
             retired: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Gives the key an id, matched against the token header's `kid`.
@@ -176,8 +196,19 @@ impl VerificationKey {
     }
 
     /// Pins the key to one algorithm of its family: tokens with any other `alg` are refused.
+    ///
+    /// An HMAC secret too short for the algorithm (`HS384` needs 48 bytes, `HS512` 64) is
+    /// refused as [`KeyError::Unsupported`].
     pub fn with_algorithm(mut self, alg: Algorithm) -> Result<Self, KeyError> {
         if !self.algorithms.contains(&alg) {
+            if self.decoding.family() == AlgorithmFamily::Hmac
+                && AlgorithmFamily::Hmac.algorithms().contains(&alg)
+            {
+                return Err(KeyError::Unsupported(format!(
+                    "{alg:?} needs an HMAC secret of at least {} bytes",
+                    hmac_min_len(alg)
+                )));
+            }
             return Err(KeyError::AlgorithmMismatch(alg));
         }
         self.algorithms = vec![alg];
@@ -215,6 +246,15 @@ impl VerificationKey {
         self.kid == other.kid
             && self.algorithms == other.algorithms
             && self.fingerprint == other.fingerprint
+    }
+}
+
+/// The shortest HMAC secret an algorithm may be used with: its hash's output (RFC 7518 §3.2).
+fn hmac_min_len(alg: Algorithm) -> usize {
+    match alg {
+        Algorithm::HS384 => 48,
+        Algorithm::HS512 => 64,
+        _ => 32,
     }
 }
 
@@ -378,7 +418,7 @@ mod tests {
         assert_eq!(ec.algorithms(), &[Algorithm::ES256]);
         let ed = VerificationKey::ed_pem(ED_PUBLIC).unwrap();
         assert_eq!(ed.algorithms(), &[Algorithm::EdDSA]);
-        let hmac = VerificationKey::hmac("secret").unwrap();
+        let hmac = VerificationKey::hmac([7u8; 64]).unwrap();
         assert_eq!(hmac.algorithms().len(), 3);
     }
 
@@ -397,6 +437,39 @@ mod tests {
     }
 
     #[test]
+    fn hmac_secrets_shorter_than_the_hash_are_refused() {
+        for short in [&b""[..], b"secret", &[1u8; 31]] {
+            assert!(
+                matches!(VerificationKey::hmac(short), Err(KeyError::Malformed(_))),
+                "{} bytes",
+                short.len()
+            );
+        }
+        let algorithms = |len: usize| {
+            VerificationKey::hmac(vec![1u8; len])
+                .unwrap()
+                .algorithms()
+                .to_vec()
+        };
+        assert_eq!(algorithms(32), [Algorithm::HS256]);
+        assert_eq!(algorithms(48), [Algorithm::HS256, Algorithm::HS384]);
+        assert_eq!(algorithms(64).len(), 3);
+        assert!(matches!(
+            VerificationKey::hmac([1u8; 40])
+                .unwrap()
+                .with_algorithm(Algorithm::HS512),
+            Err(KeyError::Unsupported(_))
+        ));
+        // The same from a JWK, and a JWKS skips the short one.
+        let jwk = |k: &str| json!({"kty": "oct", "kid": "h", "k": k});
+        assert!(VerificationKey::from_jwk(&jwk("c2VjcmV0")).is_err());
+        let pinned = json!({"kty": "oct", "alg": "HS512", "k": "YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh"});
+        assert!(VerificationKey::from_jwk(&pinned).is_err());
+        let set = KeySet::from_jwks(json!({"keys": [jwk("c2VjcmV0")]}).to_string()).unwrap();
+        assert!(set.is_empty());
+    }
+
+    #[test]
     fn bad_inputs_are_errors_not_panics() {
         assert!(VerificationKey::hmac("").is_err());
         assert!(VerificationKey::rsa_pem("not a pem").is_err());
@@ -410,14 +483,14 @@ mod tests {
     #[test]
     fn jwks_skips_keys_it_cannot_use() {
         let jwks = json!({"keys": [
-            {"kty": "oct", "kid": "h", "alg": "HS256", "k": "c2VjcmV0"},
+            {"kty": "oct", "kid": "h", "alg": "HS256", "k": "YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh"},
             {"kty": "RSA", "kid": "enc", "use": "enc", "alg": "RSA-OAEP", "n": "AQAB", "e": "AQAB"},
             {"kty": "RSA", "kid": "oaep", "alg": "RSA-OAEP-256", "n": "AQAB", "e": "AQAB"},
             {"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AQAB", "y": "AQAB"},
             {"kty": "OKP", "kid": "x", "crv": "X25519", "x": "AQAB"},
             {"kty": "weird", "kid": "w"},
             {"kty": "RSA", "kid": "confused", "alg": "HS256", "n": "AQAB", "e": "AQAB"},
-            {"kty": "oct", "kid": "ops", "k": "c2VjcmV0", "key_ops": ["encrypt"]}
+            {"kty": "oct", "kid": "ops", "k": "YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh", "key_ops": ["encrypt"]}
         ]});
         let set = KeySet::from_jwks(jwks.to_string()).unwrap();
         let kids: Vec<_> = set.iter().map(|k| k.kid().unwrap()).collect();
@@ -427,7 +500,10 @@ mod tests {
 
     #[test]
     fn single_jwk_document_is_a_set_of_one() {
-        let set = KeySet::from_jwks(json!({"kty": "oct", "k": "c2VjcmV0"}).to_string()).unwrap();
+        let set = KeySet::from_jwks(
+            json!({"kty": "oct", "k": "YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh"}).to_string(),
+        )
+        .unwrap();
         assert_eq!(set.len(), 1);
     }
 
@@ -435,10 +511,10 @@ mod tests {
     fn succession_keeps_identity_and_retires_the_gone() {
         let jwk = |kid: &str, k: &str| json!({"kty": "oct", "kid": kid, "k": k});
         let first =
-            KeySet::from_jwks(json!({"keys": [jwk("a", "YWFh"), jwk("b", "YmJi")]}).to_string())
+            KeySet::from_jwks(json!({"keys": [jwk("a", "YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE"), jwk("b", "YmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmI")]}).to_string())
                 .unwrap();
         let second =
-            KeySet::from_jwks(json!({"keys": [jwk("b", "YmJi"), jwk("c", "Y2Nj")]}).to_string())
+            KeySet::from_jwks(json!({"keys": [jwk("b", "YmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmI"), jwk("c", "Y2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2M")]}).to_string())
                 .unwrap()
                 .succeed(&first);
         let a = first.candidates(Some("a")).next().unwrap();
@@ -447,9 +523,11 @@ mod tests {
         assert!(a.is_retired());
         assert!(Arc::ptr_eq(b_old, b_new) && !b_new.is_retired());
         // Same kid, new material: a different key, and the old one is retired.
-        let third = KeySet::from_jwks(json!({"keys": [jwk("b", "ZGRk")]}).to_string())
-            .unwrap()
-            .succeed(&second);
+        let third = KeySet::from_jwks(
+            json!({"keys": [jwk("b", "ZGRkZGRkZGRkZGRkZGRkZGRkZGRkZGRkZGRkZGRkZGQ")]}).to_string(),
+        )
+        .unwrap()
+        .succeed(&second);
         assert!(b_new.is_retired());
         assert!(!third.candidates(Some("b")).next().unwrap().is_retired());
     }
@@ -457,7 +535,7 @@ mod tests {
     #[test]
     fn debug_never_shows_secrets() {
         let key = || {
-            VerificationKey::hmac("hunter2-secret")
+            VerificationKey::hmac("hunter2-secret-hunter2-secret-hunter2")
                 .unwrap()
                 .with_kid("k")
         };

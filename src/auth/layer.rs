@@ -61,7 +61,7 @@ impl BearerAuthLayer {
     /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
     ///
     /// let layer = BearerAuthLayer::builder()
-    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .key(VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap())
     ///     .build()
     ///     .unwrap();
     /// assert_eq!(layer.key_sources_fetched(), (0, 0));
@@ -283,12 +283,12 @@ impl BearerAuthBuilder {
     /// use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
     ///
     /// let layer = BearerAuthLayer::builder()
-    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .key(VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap())
     ///     .token_type("at+jwt")
     ///     .build();
     /// assert!(layer.is_ok());
     /// let bad = BearerAuthLayer::builder()
-    ///     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+    ///     .key(VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap())
     ///     .token_type("at+jwt; q=1")
     ///     .build();
     /// assert!(bad.is_err(), "a type is a media type name, nothing more");
@@ -668,7 +668,7 @@ mod tests {
     use crate::auth::FetchedKeys;
 
     fn hmac() -> VerificationKey {
-        VerificationKey::hmac("secret").unwrap()
+        VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap()
     }
 
     #[cfg(all(feature = "remote-jwks", not(feature = "tls")))]
@@ -794,7 +794,7 @@ mod tests {
     #[test]
     fn debug_shows_no_key_material() {
         let layer = BearerAuthLayer::builder()
-            .key(VerificationKey::hmac("hunter2").unwrap())
+            .key(VerificationKey::hmac("hunter2-hunter2-hunter2-hunter2-hunter2").unwrap())
             .build()
             .unwrap();
         let shown = format!("{layer:?}");

@@ -44,7 +44,7 @@
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let layer = BearerAuthLayer::builder()
-//!     .key(VerificationKey::hmac("a-long-shared-secret").unwrap())
+//!     .key(VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap())
 //!     .issuer("https://auth.example")
 //!     .build()
 //!     .unwrap();
@@ -61,7 +61,7 @@
 //!
 //! // A valid token: the handler sees its claims.
 //! let claims = serde_json::json!({"iss": "https://auth.example", "sub": "app", "exp": 4_000_000_000u64});
-//! let key = EncodingKey::from_secret(b"a-long-shared-secret");
+//! let key = EncodingKey::from_secret(b"a-shared-secret-of-32-bytes-or-more");
 //! let token = encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
 //! let request = Request::builder()
 //!     .header("authorization", format!("Bearer {token}"))

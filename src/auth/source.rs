@@ -75,7 +75,7 @@ pub type KeySourceFuture =
 /// use tower_fhir::auth::{FetchedKeys, KeySet, KeySource, VerificationKey};
 ///
 /// let source = || async {
-///     let key = VerificationKey::hmac("a-long-shared-secret")?.with_kid("k1");
+///     let key = VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more")?.with_kid("k1");
 ///     Ok::<_, tower_fhir::auth::KeySourceError>(FetchedKeys::from(KeySet::new().with_key(key)))
 /// };
 /// # fn is_source(_: impl KeySource) {}
@@ -458,7 +458,9 @@ mod tests {
                 if fail {
                     return Err(KeySourceError::new("down"));
                 }
-                let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+                let key = VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more")
+                    .unwrap()
+                    .with_kid("k");
                 Ok(FetchedKeys::from(KeySet::new().with_key(key)))
             }
         })
@@ -473,7 +475,9 @@ mod tests {
     impl KeySource for Announcing {
         fn fetch(&self) -> KeySourceFuture {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+            let key = VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more")
+                .unwrap()
+                .with_kid("k");
             Box::pin(std::future::ready(Ok(FetchedKeys::from(
                 KeySet::new().with_key(key),
             ))))
@@ -542,9 +546,9 @@ mod tests {
         assert!(!keys.has_fetched());
         // Cold retries are limited to one a second.
         assert!(keys.fetch(Trigger::Cold).is_none());
-        keys.install(Ok(FetchedKeys::from(
-            KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
-        )))
+        keys.install(Ok(FetchedKeys::from(KeySet::new().with_key(
+            VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap(),
+        ))))
         .unwrap();
         keys.install(Err(KeySourceError::new("down again")))
             .unwrap_err();
@@ -566,9 +570,9 @@ mod tests {
             assert!(first.contains("no keys are known yet"), "{first}");
             assert!(!first.contains("last good"), "{first}");
 
-            keys.install(Ok(FetchedKeys::from(
-                KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
-            )))
+            keys.install(Ok(FetchedKeys::from(KeySet::new().with_key(
+                VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap(),
+            ))))
             .unwrap();
             keys.install(Err(KeySourceError::new("down again")))
                 .unwrap_err();
@@ -600,9 +604,9 @@ mod tests {
                 if n == 0 {
                     panic!("a buggy key source");
                 }
-                Ok(FetchedKeys::from(
-                    KeySet::new().with_key(VerificationKey::hmac("s").unwrap()),
-                ))
+                Ok(FetchedKeys::from(KeySet::new().with_key(
+                    VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more").unwrap(),
+                )))
             }
         });
         let keys = Arc::new(RefreshingKeys::new(source, policy()));
@@ -632,7 +636,9 @@ mod tests {
                 if !up {
                     return Err(KeySourceError::new("down"));
                 }
-                let key = VerificationKey::hmac("s").unwrap().with_kid("k");
+                let key = VerificationKey::hmac("a-shared-secret-of-32-bytes-or-more")
+                    .unwrap()
+                    .with_kid("k");
                 Ok(FetchedKeys::from(KeySet::new().with_key(key)))
             }
         });

@@ -33,7 +33,7 @@ pub const EC_PRIVATE: &str = include_str!("keys/ec_private.pem");
 pub const EC_PUBLIC: &str = include_str!("keys/ec_public.pem");
 pub const ED_PRIVATE: &str = include_str!("keys/ed_private.pem");
 pub const ED_PUBLIC: &str = include_str!("keys/ed_public.pem");
-pub const HMAC_SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!!";
+pub const HMAC_SECRET: &[u8] = b"a-shared-secret-of-at-least-64-bytes-so-that-hs512-may-use-it-too";
 
 pub fn now() -> u64 {
     SystemTime::now()
