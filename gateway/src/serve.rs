@@ -39,8 +39,10 @@
 //! about 650 instructions in all (`benches/instructions.sh`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,7 +51,7 @@ use std::time::Duration;
 
 use bytes::Buf;
 use futures::future;
-use http::Request;
+use http::{HeaderValue, Request};
 use http_body_util::Either;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -59,8 +61,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
+use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
+use tower_fhir::ops::{MakeUuid, RequestIdFuture, X_REQUEST_ID};
+use tower_fhir::outcome::{IssueType, OperationOutcome, Severity};
 use tower_fhir::proxy::ClientAddr;
+use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
@@ -356,15 +362,23 @@ async fn accept(
             let answer = match admin.as_ref().filter(|_| to_admin) {
                 // Boxed: the admin API's future is as large as the gateway's, and a request's
                 // future is moved whole (hyper stores it per request).
-                Some(router) => future::Either::Right(Box::pin(
-                    router.clone().oneshot(request.map(axum::body::Body::new)),
-                )),
+                Some(router) => future::Either::Right(Box::pin(call_now(
+                    router.clone(),
+                    request.map(axum::body::Body::new),
+                ))),
                 None => future::Either::Left(connection_gateway.call(request)),
             };
             async move {
+                // A panic of a layer inside is answered 500 here, rather than ending the
+                // connection (with HTTP/2, every other request on it).
                 let response = match answer {
-                    future::Either::Left(gateway) => gateway.await?.map(Either::Left),
-                    future::Either::Right(admin) => admin.await?.map(Either::Right),
+                    future::Either::Left(gateway) => match Contained::new(gateway).await {
+                        Ok(response) => response.map(Either::Left),
+                        Err(panicked) => panicked.map(Either::Right),
+                    },
+                    future::Either::Right(admin) => match Contained::new(admin).await {
+                        Ok(response) | Err(response) => response.map(Either::Right),
+                    },
                 };
                 // In flight until the client has taken the body (or hyper gives it up).
                 Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))
@@ -1221,6 +1235,116 @@ type FrontFuture = <Front as Service<Request<Incoming>>>::Future;
 /// The gateway readied and called for one request, when the connection's own was not ready.
 type FrontOneshot = tower::util::Oneshot<Front, Request<Incoming>>;
 
+/// `service` called at once when it is ready at once (every layer here is), else readied
+/// first.
+fn call_now<S, R>(mut service: S, request: R) -> future::Either<S::Future, Oneshot<S, R>>
+where
+    S: Service<R>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => future::Either::Left(service.call(request)),
+        // An error or a wait: the oneshot meets it again.
+        _ => future::Either::Right(service.oneshot(request)),
+    }
+}
+
+/// The request id of a request's future (none when it cannot tell), for an answer made in its
+/// place.
+trait RequestIdOf {
+    fn request_id_of(&self) -> Option<HeaderValue>;
+}
+
+impl<F> RequestIdOf for RequestIdFuture<F> {
+    fn request_id_of(&self) -> Option<HeaderValue> {
+        self.request_id().cloned()
+    }
+}
+
+impl<A: RequestIdOf, B> RequestIdOf for future::Either<A, B> {
+    fn request_id_of(&self) -> Option<HeaderValue> {
+        match self {
+            future::Either::Left(known) => known.request_id_of(),
+            future::Either::Right(_) => None,
+        }
+    }
+}
+
+impl<F: RequestIdOf + ?Sized> RequestIdOf for Pin<Box<F>> {
+    fn request_id_of(&self) -> Option<HeaderValue> {
+        self.as_ref().get_ref().request_id_of()
+    }
+}
+
+pin_project! {
+    /// A request's answer, or, when polling it panicked (a bug of a layer inside), `500`
+    /// with an OperationOutcome and the request's id. The panic's message is logged at
+    /// `error` with the id (the panic hook has written where it happened to standard error),
+    /// the `ObserveLayer` records the request `500`/`panicked` as the future is dropped, and
+    /// the connection and its other requests carry on. (A panic while the response's body is
+    /// sent still ends the connection: its head is gone.)
+    struct Contained<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F> Contained<F> {
+    fn new(future: F) -> Self {
+        Self { future }
+    }
+}
+
+impl<F, B> Future for Contained<F>
+where
+    F: Future<Output = Result<http::Response<B>, Infallible>> + RequestIdOf,
+{
+    type Output = Result<http::Response<B>, http::Response<axum::body::Body>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut future = self.project().future;
+        let poll = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+        match poll {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(response))) => Poll::Ready(Ok(response)),
+            Ok(Poll::Ready(Err(never))) => match never {},
+            Err(payload) => {
+                let id = future.request_id_of().or_else(|| {
+                    MakeUuid
+                        .make_request_id(&Request::new(()))
+                        .map(RequestId::into_header_value)
+                });
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                tracing::error!(
+                    request_id = id.as_ref().and_then(|id| id.to_str().ok()),
+                    panic = message,
+                    "a request's handling panicked: answered 500"
+                );
+                Poll::Ready(Err(panicked_answer(id)))
+            }
+        }
+    }
+}
+
+/// The `500` a request whose handling panicked gets.
+fn panicked_answer(id: Option<HeaderValue>) -> http::Response<axum::body::Body> {
+    let outcome = OperationOutcome::new(
+        Severity::Fatal,
+        IssueType::Exception,
+        "The gateway failed while handling this request; it is logged under the request's id",
+    )
+    .to_response(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = outcome.map(axum::body::Body::from);
+    if let Some(id) = id {
+        response.headers_mut().insert(X_REQUEST_ID, id);
+    }
+    response
+}
+
 /// One connection's gateway: its requests are sent to one readied [`Front`] rather than to a
 /// clone of it each (hyper calls services through `&self`, Tower through `&mut self`).
 struct ConnectionGateway {
@@ -1359,6 +1483,71 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::Layer;
+
+    /// A service that panics while its answer is polled.
+    fn panicking() -> impl Service<
+        Request<()>,
+        Response = http::Response<()>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<()>, Infallible>>,
+    > + Clone {
+        tower::service_fn(|_request: Request<()>| async {
+            tokio::task::yield_now().await;
+            panic!("a bug in a layer");
+            #[allow(unreachable_code)]
+            Ok::<_, Infallible>(http::Response::new(()))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_answering_is_a_500_with_the_requests_id() {
+        let (records, sink) = {
+            let records = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&records);
+            (records, move |record: tower_fhir::ops::AuditRecord| {
+                sink.lock().unwrap().push(record);
+            })
+        };
+        let service = tower_fhir::ops::RequestIdLayer::new().layer(
+            tower_fhir::ops::ObserveLayer::new()
+                .audit(sink)
+                .layer(panicking()),
+        );
+        let request = Request::get("/Patient/1")
+            .header("x-request-id", "abc-123")
+            .body(())
+            .unwrap();
+        let answer = Contained::new(call_now(service, request))
+            .await
+            .expect_err("the panic is answered in the response's place");
+        assert_eq!(answer.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.headers()["x-request-id"], "abc-123");
+        assert_eq!(answer.headers()["content-type"], "application/fhir+json");
+        let body = http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let outcome: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome");
+        assert_eq!(outcome["issue"][0]["code"], "exception");
+        // Recorded as the gateway's failure, under the same id.
+        let record = records.lock().unwrap().pop().expect("a record");
+        assert_eq!((record.status, record.outcome), (500, "panicked"));
+        assert_eq!(record.request_id.as_deref(), Some("abc-123"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_with_no_id_to_hand_is_answered_with_a_new_one() {
+        // As the gateway's future is when it had to be readied first (a oneshot: no id).
+        type Known = RequestIdFuture<std::future::Ready<Result<http::Response<()>, Infallible>>>;
+        let oneshot = panicking().oneshot(Request::new(()));
+        let answer = Contained::new(future::Either::<Known, _>::Right(Box::pin(oneshot)))
+            .await
+            .expect_err("answered 500");
+        assert_eq!(answer.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.headers()["x-request-id"].len(), 36);
+    }
 
     fn limits() -> Limits {
         Limits {

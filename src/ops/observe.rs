@@ -402,6 +402,7 @@ where
             return ObserveFuture {
                 future: self.inner.call(request),
                 watch: None,
+                polling: false,
             };
         }
         let start = Instant::now();
@@ -432,6 +433,7 @@ where
                 span,
                 start,
             }),
+            polling: false,
         }
     }
 }
@@ -518,14 +520,18 @@ pin_project! {
         #[pin]
         future: F,
         watch: Option<Watch>,
+        // Set while the inner future is polled: still set after, a panic left its poll.
+        polling: bool,
     }
 
     impl<F> PinnedDrop for ObserveFuture<F> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(watch) = this.project().watch.take() {
-                // Dropped while a panic unwinds it (one of the inner layers' bugs): the
-                // gateway failed the request, not the client that left.
-                if std::thread::panicking() {
+            let this = this.project();
+            if let Some(watch) = this.watch.take() {
+                // Dropped while a panic unwinds it, or after a panic left its poll and was
+                // caught (one of the inner layers' bugs): the gateway failed the request, not
+                // the client that left.
+                if std::thread::panicking() || *this.polling {
                     watch.finish(500, "panicked");
                 } else if super::CUTTING_IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed) {
                     // The server gave up on it (its shutdown grace period over).
@@ -550,7 +556,10 @@ where
             Some(watch) => {
                 let _entered = watch.span.enter();
                 let future = this.future;
-                ready!(RequestFacts::watching(&mut watch.facts, || future.poll(cx)))
+                *this.polling = true;
+                let poll = RequestFacts::watching(&mut watch.facts, || future.poll(cx));
+                *this.polling = false;
+                ready!(poll)
             }
             None => ready!(this.future.poll(cx)),
         };
@@ -777,6 +786,31 @@ mod tests {
         let future = service.call(Request::get("/Patient/1").body(()).unwrap());
         let joined = tokio::spawn(future).await;
         assert!(joined.unwrap_err().is_panic());
+        let record = records.lock().unwrap().pop().unwrap();
+        assert_eq!((record.status, record.outcome), (500, "panicked"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_caught_outside_is_recorded_as_the_gateways_failure_once_dropped() {
+        use futures::FutureExt;
+        let inner = tower::service_fn(|_r: Request<()>| async {
+            tokio::task::yield_now().await;
+            panic!("a bug in an inner layer");
+            #[allow(unreachable_code)]
+            Ok::<_, Infallible>(Response::new(()))
+        });
+        let (mut service, records) = observed(inner, QueryRecording::None);
+        let mut future = Box::pin(service.call(Request::get("/Patient/1").body(()).unwrap()));
+        // Caught around the future (as a server answering 500 would), the future kept.
+        let caught = std::panic::AssertUnwindSafe(future.as_mut())
+            .catch_unwind()
+            .await;
+        assert!(caught.is_err());
+        assert!(
+            records.lock().unwrap().is_empty(),
+            "recorded only once dropped"
+        );
+        drop(future);
         let record = records.lock().unwrap().pop().unwrap();
         assert_eq!((record.status, record.outcome), (500, "panicked"));
     }

@@ -105,6 +105,28 @@ pin_project! {
     }
 }
 
+impl<F> RequestIdFuture<F> {
+    /// The request's id (the client's, or the one made), until the response has taken it:
+    /// what an answer made in the response's place should carry (a server that catches a
+    /// panic of the layers inside and answers `500`, as the gateway binary does).
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use tower::{service_fn, Layer, Service};
+    /// use tower_fhir::ops::RequestIdLayer;
+    ///
+    /// let mut service = RequestIdLayer::new().layer(service_fn(|_request: Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(Response::new(()))
+    /// }));
+    /// let request = Request::get("/Patient/1").header("x-request-id", "abc-123").body(()).unwrap();
+    /// let future = service.call(request);
+    /// assert_eq!(future.request_id().unwrap(), "abc-123");
+    /// ```
+    pub fn request_id(&self) -> Option<&HeaderValue> {
+        self.id.as_ref()
+    }
+}
+
 impl<F, B, E> Future for RequestIdFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
