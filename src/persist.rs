@@ -5,6 +5,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 /// Tells the temporary files of one process apart.
 static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
@@ -63,6 +66,147 @@ pub(crate) fn read_if_exists(path: &Path) -> io::Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// What a [`LineLog`] holds live, kept by its owner (in a map, say) beside the file.
+pub(crate) trait LiveEntries {
+    /// One line of the file.
+    type Line: Serialize;
+    /// Forgets what has expired; how many entries are left.
+    fn sweep(&mut self) -> usize;
+    /// The entries left, as lines.
+    fn lines(&self) -> Vec<Self::Line>;
+}
+
+/// A file of JSON lines, one entry each, for state that grows one entry at a time (used
+/// `jti`s, revocations): each entry is appended (no `fsync`: it survives the process, not a
+/// crash of the machine in the next seconds), and the file is rewritten atomically with only
+/// the live entries when it has grown to more than twice those, so an entry costs the same
+/// however many are kept. A write that failed (a full disk) may have left part of a line: the
+/// file is rewritten before the next one. Readable by its owner only.
+pub(crate) struct LineLog {
+    path: PathBuf,
+    /// The file, opened for appending.
+    file: fs::File,
+    /// The lines the file holds.
+    lines: usize,
+    /// At how many lines the expired entries are next forgotten (and the file rewritten if
+    /// it holds more than twice the live ones).
+    check_at: usize,
+    torn: bool,
+}
+
+impl LineLog {
+    /// The entries of the file at `path` (none when it does not exist). A line cut short at
+    /// the end (the process stopped mid-write: the start of a JSON object, with no newline
+    /// after it) is dropped; any other line that is not an entry is an error naming the file
+    /// as not `what`.
+    pub(crate) fn read<E: DeserializeOwned>(path: &Path, what: &str) -> io::Result<Vec<E>> {
+        let Some(bytes) = read_if_exists(path)? else {
+            return Ok(Vec::new());
+        };
+        let whole = bytes.ends_with(b"\n");
+        let mut entries = Vec::new();
+        let mut lines = bytes.split(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            if line.is_empty() {
+                continue;
+            }
+            let last = lines.peek().is_none_or(|rest| rest.is_empty());
+            match serde_json::from_slice(line) {
+                Ok(entry) => entries.push(entry),
+                // (Cut short: the start of an entry, as a write stopped midway leaves it.)
+                Err(_) if last && !whole && line.starts_with(b"{") => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: not {what}: {e}", path.display()),
+                    ))
+                }
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Writes `live` as the whole file at `path` and opens it for appending.
+    pub(crate) fn create<T: Serialize>(path: &Path, live: &[T]) -> io::Result<Self> {
+        let file = rewrite(path, live)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            lines: live.len(),
+            check_at: next_check(live.len(), live.len()),
+            torn: false,
+        })
+    }
+
+    /// The file's path.
+    #[cfg(feature = "token")]
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends to `file` from now on (`/dev/full`, to fail as a full disk does).
+    #[cfg(test)]
+    pub(crate) fn append_to(&mut self, file: fs::File) {
+        self.file = file;
+    }
+
+    /// Appends `entry`; before, when due, forgets what expired in `live` and rewrites the
+    /// file if it holds more than twice what is left (or a write failed before). The entry
+    /// is the caller's to add to `live` once this succeeded.
+    pub(crate) fn append<S: LiveEntries>(
+        &mut self,
+        entry: &impl Serialize,
+        live: &mut S,
+    ) -> Result<(), String> {
+        let mut line = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        if self.torn || self.lines >= self.check_at {
+            let left = live.sweep();
+            if self.torn || self.lines > 2 * left {
+                self.file = rewrite(&self.path, &live.lines())
+                    .map_err(|e| format!("{}: {e}", self.path.display()))?;
+                self.lines = left;
+                self.torn = false;
+            }
+            self.check_at = next_check(self.lines, left);
+        }
+        if let Err(e) = self.file.write_all(&line) {
+            // (A full disk may have taken part of the line: the next line must not follow it.)
+            self.torn = true;
+            return Err(format!("{}: {e}", self.path.display()));
+        }
+        self.lines += 1;
+        Ok(())
+    }
+}
+
+/// When to look for expired entries next: after as many lines more as are live, and at least
+/// 1,024 (so each line's share of the sweeps and rewrites stays constant).
+fn next_check(lines: usize, live: usize) -> usize {
+    lines + live.max(1024)
+}
+
+/// Writes `live` to `path` atomically, one JSON line each, and opens it for appending.
+fn rewrite<T: Serialize>(path: &Path, live: &[T]) -> io::Result<fs::File> {
+    let mut bytes = Vec::new();
+    for entry in live {
+        serde_json::to_writer(&mut bytes, entry).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+    }
+    write_atomically(path, &bytes)?;
+    let file = fs::OpenOptions::new().append(true).open(path)?;
+    // The file renamed into place is a regular file of this process's making; one swapped in
+    // since (a link to elsewhere) is not written through.
+    let meta = file.metadata()?;
+    if !meta.is_file() || fs::symlink_metadata(path)?.file_type().is_symlink() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

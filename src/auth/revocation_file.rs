@@ -10,13 +10,20 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::revoked::{unix_now, RevocationLog, RevokedTokens};
+use crate::persist::{LineLog, LiveEntries};
 
-/// A [`RevocationLog`] in one JSON file, for a single process whose signing keys outlive a
-/// restart (kept in a file too): what it revoked is written before the revocation is answered,
-/// and [`apply`](Self::apply) at start refuses it again until it expires. Expired entries are
-/// dropped at each write. Written atomically (a new temporary file renamed over the old),
-/// readable by its owner only. Clones share the file; it is not for several processes at once
-/// (PostgreSQL's log is).
+/// A [`RevocationLog`] in one file, for a single process whose signing keys outlive a
+/// restart (kept in a file too): what it revoked is appended to the file (one JSON object a
+/// line) before the revocation is answered, and [`apply`](Self::apply) at start refuses it
+/// again until it expires.
+///
+/// A revocation costs one line however many are kept: the file is rewritten with only the
+/// unexpired entries at the first revocation after opening and whenever it has grown to more
+/// than twice those (atomically, a new temporary file renamed over the old), readable by its
+/// owner only. A line cut short at the end (the process stopped mid-write) is dropped when
+/// read; the whole-file JSON object earlier versions wrote is read too, and rewritten as
+/// lines. Clones share the file; it is not for several processes at once (PostgreSQL's log
+/// is).
 ///
 /// ```
 /// use tower_fhir::auth::{FileRevocationLog, RevocationLog, RevokedTokens, VerifiedClaims};
@@ -44,11 +51,18 @@ pub struct FileRevocationLog {
 
 struct Inner {
     path: PathBuf,
-    /// What the file holds; written whole under this lock.
-    entries: Mutex<Entries>,
+    state: Mutex<State>,
 }
 
-#[derive(Default, Clone, Serialize, Deserialize)]
+struct State {
+    /// The file, once the first revocation since opening has rewritten it.
+    log: Option<LineLog>,
+    /// What the file holds (expired entries until the next sweep).
+    entries: Entries,
+}
+
+/// The file as earlier versions wrote it (one JSON object), and the entries kept.
+#[derive(Default, Clone, Deserialize)]
 struct Entries {
     #[serde(default)]
     tokens: Vec<Token>,
@@ -71,6 +85,32 @@ struct Client {
     until: u64,
 }
 
+/// One line of the file.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Token(Token),
+    Client(Client),
+}
+
+impl LiveEntries for Entries {
+    type Line = Line;
+
+    fn sweep(&mut self) -> usize {
+        let now = unix_now();
+        self.tokens.retain(|token| token.exp > now);
+        self.clients.retain(|client| client.until > now);
+        self.tokens.len() + self.clients.len()
+    }
+
+    fn lines(&self) -> Vec<Line> {
+        let tokens = self.tokens.iter().cloned().map(Line::Token);
+        tokens
+            .chain(self.clients.iter().cloned().map(Line::Client))
+            .collect()
+    }
+}
+
 impl fmt::Debug for FileRevocationLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileRevocationLog")
@@ -84,19 +124,33 @@ impl FileRevocationLog {
     /// revocation). A file that is not one of its own is an error, never overwritten.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let entries = match crate::persist::read_if_exists(&path)? {
-            None => Entries::default(),
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+        let what = "a revocation log";
+        let earlier = crate::persist::read_if_exists(&path)?
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(|whole| whole.get("tokens").is_some() || whole.get("clients").is_some());
+        let mut entries = match earlier {
+            Some(whole) => serde_json::from_value(whole).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: not a revocation log: {e}", path.display()),
+                    format!("{}: not {what}: {e}", path.display()),
                 )
             })?,
+            None => {
+                let mut entries = Entries::default();
+                for line in LineLog::read::<Line>(&path, what)? {
+                    match line {
+                        Line::Token(token) => entries.tokens.push(token),
+                        Line::Client(client) => entries.clients.push(client),
+                    }
+                }
+                entries
+            }
         };
+        entries.sweep();
         Ok(Self {
             inner: Arc::new(Inner {
                 path,
-                entries: Mutex::new(entries),
+                state: Mutex::new(State { log: None, entries }),
             }),
         })
     }
@@ -104,11 +158,21 @@ impl FileRevocationLog {
     /// Revokes in `revoked` everything the log holds that has not expired: at start, before
     /// the first request.
     pub fn apply(&self, revoked: &RevokedTokens) {
-        let entries = self.entries();
-        for token in &entries.tokens {
+        let state = self
+            .inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = unix_now();
+        for token in state.entries.tokens.iter().filter(|token| token.exp > now) {
             revoked.revoke_id(token.iss.as_deref(), &token.jti, token.exp);
         }
-        for client in &entries.clients {
+        for client in state
+            .entries
+            .clients
+            .iter()
+            .filter(|client| client.until > now)
+        {
             revoked.revoke_client(
                 client.iss.as_deref(),
                 &client.client,
@@ -118,33 +182,29 @@ impl FileRevocationLog {
         }
     }
 
-    fn entries(&self) -> Entries {
-        self.inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Adds to the log with `change`, drops what expired, and writes the file (on a blocking
-    /// thread); the change is kept only once written.
-    fn write(
-        &self,
-        change: impl FnOnce(&mut Entries) + Send + 'static,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    /// Appends `line` to the file (on a blocking thread); kept only once written.
+    fn write(&self, line: Line) -> BoxFuture<'static, Result<(), String>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
             let written = tokio::task::spawn_blocking(move || {
-                let mut entries = inner.entries.lock().unwrap_or_else(PoisonError::into_inner);
-                let mut next = entries.clone();
-                change(&mut next);
-                let now = unix_now();
-                next.tokens.retain(|token| token.exp > now);
-                next.clients.retain(|client| client.until > now);
-                let bytes = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
-                crate::persist::write_atomically(&inner.path, &bytes)
-                    .map_err(|e| format!("{}: {e}", inner.path.display()))?;
-                *entries = next;
+                let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+                let State { log, entries } = &mut *state;
+                let log = match log {
+                    Some(log) => log,
+                    None => {
+                        // The first since opening: the file made anew, in lines, unexpired
+                        // entries only (whatever part of a line a stop mid-write left).
+                        entries.sweep();
+                        let made = LineLog::create(&inner.path, &entries.lines())
+                            .map_err(|e| format!("{}: {e}", inner.path.display()))?;
+                        log.insert(made)
+                    }
+                };
+                log.append(&line, entries)?;
+                match line {
+                    Line::Token(token) => entries.tokens.push(token),
+                    Line::Client(client) => entries.clients.push(client),
+                }
                 Ok(())
             })
             .await;
@@ -160,12 +220,11 @@ impl RevocationLog for FileRevocationLog {
         jti: &str,
         expires_at: u64,
     ) -> BoxFuture<'static, Result<(), String>> {
-        let token = Token {
+        self.write(Line::Token(Token {
             iss: issuer.map(str::to_owned),
             jti: jti.to_owned(),
             exp: expires_at,
-        };
-        self.write(move |entries| entries.tokens.push(token))
+        }))
     }
 
     fn record_client(
@@ -175,13 +234,12 @@ impl RevocationLog for FileRevocationLog {
         revoked_at: u64,
         until: u64,
     ) -> BoxFuture<'static, Result<(), String>> {
-        let client = Client {
+        self.write(Line::Client(Client {
             iss: issuer.map(str::to_owned),
             client: client.to_owned(),
             revoked_at,
             until,
-        };
-        self.write(move |entries| entries.clients.push(client))
+        }))
     }
 }
 
@@ -228,8 +286,16 @@ mod tests {
         assert!(revoked.is_revoked(&token));
         assert!(revoked.is_revoked(&of_app));
         assert!(!revoked.is_revoked(&later));
+        assert_eq!(revoked.len(), 1, "the expired one is not applied");
+        // One line a revocation; the first after opening rewrites the file without the
+        // expired.
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(file.lines().count(), 3, "{file}");
+        let log = FileRevocationLog::open(&path).unwrap();
+        log.record(None, "next", 4_000_000_000).await.unwrap();
         let file = std::fs::read_to_string(&path).unwrap();
         assert!(!file.contains("expired"), "{file}");
+        assert_eq!(file.lines().count(), 3, "{file}");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
@@ -243,6 +309,56 @@ mod tests {
         log.apply(&revoked);
         assert!(revoked.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_earlier_whole_file_object_is_read_and_rewritten_as_lines() {
+        let path = scratch("earlier");
+        let earlier = json!({
+            "tokens": [{"iss": "https://a", "jti": "t", "exp": 4_000_000_000u64}],
+            "clients": [{"iss": null, "client": "app", "revoked_at": 2_000, "until": 4_000_000_000u64}]
+        });
+        std::fs::write(&path, serde_json::to_vec_pretty(&earlier).unwrap()).unwrap();
+        let log = FileRevocationLog::open(&path).unwrap();
+        log.record(Some("https://a"), "u", 4_000_000_000)
+            .await
+            .unwrap();
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(file.lines().count(), 3, "{file}");
+        let revoked = RevokedTokens::new();
+        FileRevocationLog::open(&path).unwrap().apply(&revoked);
+        for jti in ["t", "u"] {
+            let token = claims(json!({"iss": "https://a", "jti": jti, "exp": 4_000_000_000u64}));
+            assert!(revoked.is_revoked(&token), "{jti}");
+        }
+        let of_app = claims(json!({"sub": "app", "iat": 1_999, "exp": 4_000_000_000u64}));
+        assert!(revoked.is_revoked(&of_app));
+        // A line cut short at the end (a stop mid-write) is dropped, the rest kept.
+        std::fs::write(&path, format!("{file}{{\"iss\":null,\"jti\":\"v\",\"ex")).unwrap();
+        let revoked = RevokedTokens::new();
+        FileRevocationLog::open(&path).unwrap().apply(&revoked);
+        assert_eq!(revoked.len(), 2);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revocation_costs_a_line_and_the_expired_are_rewritten_away() {
+        let path = scratch("compact");
+        let log = FileRevocationLog::open(&path).unwrap();
+        // Entries expiring now: each written, none live at the next sweep.
+        let now = unix_now();
+        for i in 0..1100 {
+            log.record(None, &format!("old-{i}"), now).await.unwrap();
+        }
+        log.record(None, "live", 4_000_000_000).await.unwrap();
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            file.lines().count() < 1100,
+            "{} lines",
+            file.lines().count()
+        );
+        assert!(file.contains("\"live\""));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -3,9 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::future::BoxFuture;
@@ -13,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::assertion::ReplayGuard;
 use super::client::unix_now;
+use crate::persist::{LineLog, LiveEntries};
 
 /// A [`ReplayGuard`] in one file, for a single process: the `jti` of every client assertion
 /// the token endpoint accepts is appended to it (one JSON object a line) before the token is
@@ -53,20 +53,12 @@ pub struct FileReplayGuard {
 }
 
 struct Inner {
-    path: PathBuf,
-    /// Until when each `(client, jti)` stays used (Unix seconds).
-    used: HashMap<(String, String), u64>,
-    /// The file, opened for appending.
-    file: File,
-    /// The lines the file holds.
-    lines: usize,
-    /// At how many lines the expired entries are next forgotten (and the file rewritten if
-    /// it holds more than twice the live ones).
-    check_at: usize,
-    /// A write failed and may have left part of a line: the file is rewritten from `used`
-    /// before the next line is added.
-    torn: bool,
+    log: LineLog,
+    used: Used,
 }
+
+/// Until when each `(client, jti)` stays used (Unix seconds).
+struct Used(HashMap<(String, String), u64>);
 
 /// One line of the file.
 #[derive(Serialize, Deserialize)]
@@ -76,12 +68,33 @@ struct Entry {
     until: u64,
 }
 
+impl LiveEntries for Used {
+    type Line = Entry;
+
+    fn sweep(&mut self) -> usize {
+        let now = unix_now();
+        self.0.retain(|_, &mut until| until > now);
+        self.0.len()
+    }
+
+    fn lines(&self) -> Vec<Entry> {
+        self.0
+            .iter()
+            .map(|((client, jti), &until)| Entry {
+                client: client.clone(),
+                jti: jti.clone(),
+                until,
+            })
+            .collect()
+    }
+}
+
 impl fmt::Debug for FileReplayGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("FileReplayGuard")
-            .field("path", &inner.path)
-            .field("remembered", &inner.used.len())
+            .field("path", &inner.log.path())
+            .field("remembered", &inner.used.0.len())
             .finish_non_exhaustive()
     }
 }
@@ -92,46 +105,17 @@ impl FileReplayGuard {
     /// stopped mid-write) is dropped; a file whose other lines are not its own is an error,
     /// never overwritten.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let mut used = HashMap::new();
-        if let Some(bytes) = crate::persist::read_if_exists(&path)? {
-            let now = unix_now();
-            let whole = bytes.ends_with(b"\n");
-            let mut lines = bytes.split(|&b| b == b'\n').peekable();
-            while let Some(line) = lines.next() {
-                if line.is_empty() {
-                    continue;
-                }
-                let last = lines.peek().is_none_or(|rest| rest.is_empty());
-                match serde_json::from_slice::<Entry>(line) {
-                    Ok(entry) if entry.until > now => {
-                        used.insert((entry.client, entry.jti), entry.until);
-                    }
-                    Ok(_) => {}
-                    Err(_) if last && !whole => {}
-                    Err(e) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "{}: not a file of client assertion jtis: {e}",
-                                path.display()
-                            ),
-                        ))
-                    }
-                }
+        let path = path.as_ref();
+        let mut used = Used(HashMap::new());
+        let now = unix_now();
+        for entry in LineLog::read::<Entry>(path, "a file of client assertion jtis")? {
+            if entry.until > now {
+                used.0.insert((entry.client, entry.jti), entry.until);
             }
         }
-        let lines = used.len();
-        let file = rewrite(&path, &used)?;
+        let log = LineLog::create(path, &used.lines())?;
         Ok(Self {
-            inner: Arc::new(Mutex::new(Inner {
-                path,
-                used,
-                file,
-                lines,
-                check_at: next_check(lines, lines),
-                torn: false,
-            })),
+            inner: Arc::new(Mutex::new(Inner { log, used })),
         })
     }
 
@@ -141,6 +125,7 @@ impl FileReplayGuard {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .used
+            .0
             .len()
     }
 
@@ -155,71 +140,18 @@ impl Inner {
     fn first_use(&mut self, client: String, jti: String, until: u64) -> Result<bool, String> {
         let now = unix_now();
         let key = (client, jti);
-        if self.used.get(&key).is_some_and(|&until| until > now) {
+        if self.used.0.get(&key).is_some_and(|&until| until > now) {
             return Ok(false);
         }
-        let mut line = serde_json::to_vec(&Entry {
-            client: key.0.clone(),
-            jti: key.1.clone(),
-            until,
-        })
-        .map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        if self.torn || self.lines >= self.check_at {
-            self.used.retain(|_, &mut until| until > now);
-            // Grown to more than twice what is live, or a line left cut short by a failed
-            // write: only the live entries, written anew.
-            if self.torn || self.lines > 2 * self.used.len() {
-                self.file = rewrite(&self.path, &self.used)
-                    .map_err(|e| format!("{}: {e}", self.path.display()))?;
-                self.lines = self.used.len();
-                self.torn = false;
-            }
-            self.check_at = next_check(self.lines, self.used.len());
-        }
-        if let Err(e) = self.file.write_all(&line) {
-            // (A full disk may have taken part of the line: the next line must not follow it.)
-            self.torn = true;
-            return Err(format!("{}: {e}", self.path.display()));
-        }
-        self.lines += 1;
-        self.used.insert(key, until);
-        Ok(true)
-    }
-}
-
-/// When to look for expired entries next: after as many lines more as are live, and at least
-/// 1,024 (so each line's share of the sweeps and rewrites stays constant).
-fn next_check(lines: usize, live: usize) -> usize {
-    lines + live.max(1024)
-}
-
-/// Writes `used` to `path` atomically and opens it for appending.
-fn rewrite(path: &Path, used: &HashMap<(String, String), u64>) -> io::Result<File> {
-    let mut bytes = Vec::new();
-    for ((client, jti), &until) in used {
         let entry = Entry {
-            client: client.clone(),
-            jti: jti.clone(),
+            client: key.0,
+            jti: key.1,
             until,
         };
-        serde_json::to_writer(&mut bytes, &entry).map_err(io::Error::other)?;
-        bytes.push(b'\n');
+        self.log.append(&entry, &mut self.used)?;
+        self.used.0.insert((entry.client, entry.jti), until);
+        Ok(true)
     }
-    crate::persist::write_atomically(path, &bytes)?;
-    let mut options = OpenOptions::new();
-    options.append(true);
-    let file = options.open(path)?;
-    // The file renamed into place is a regular file of this process's making; one swapped in
-    // since (a link to elsewhere) is not written through.
-    let meta = file.metadata()?;
-    if !meta.is_file() || fs::symlink_metadata(path)?.file_type().is_symlink() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is not a regular file", path.display()),
-        ));
-    }
-    Ok(file)
 }
 
 impl ReplayGuard for FileReplayGuard {
@@ -247,6 +179,8 @@ impl ReplayGuard for FileReplayGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, OpenOptions};
+    use std::path::PathBuf;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("replay-file-{name}-{}", std::process::id()));
@@ -347,8 +281,12 @@ mod tests {
         let path = scratch("unwritable");
         let guard = FileReplayGuard::open(&path).unwrap();
         // /dev/full: every write fails as on a full disk.
-        guard.inner.lock().unwrap().file =
-            OpenOptions::new().append(true).open("/dev/full").unwrap();
+        guard
+            .inner
+            .lock()
+            .unwrap()
+            .log
+            .append_to(OpenOptions::new().append(true).open("/dev/full").unwrap());
         let error = guard.first_use("a", "1", LATER).await.unwrap_err();
         assert!(error.contains("jtis.jsonl"), "{error}");
         assert!(guard.is_empty());
