@@ -79,8 +79,9 @@ pub(crate) trait LiveEntries {
 }
 
 /// A file of JSON lines, one entry each, for state that grows one entry at a time (used
-/// `jti`s, revocations): each entry is appended (no `fsync`: it survives the process, not a
-/// crash of the machine in the next seconds), and the file is rewritten atomically with only
+/// `jti`s, revocations): each entry is appended (synced to the disk only when
+/// [`durable`](Self::durable); otherwise it survives the process, not a crash of the machine
+/// in the next seconds), and the file is rewritten atomically with only
 /// the live entries when it has grown to more than twice those, so an entry costs the same
 /// however many are kept. A write that failed (a full disk) may have left part of a line: the
 /// file is rewritten before the next one. Readable by its owner only.
@@ -94,12 +95,14 @@ pub(crate) struct LineLog {
     /// it holds more than twice the live ones).
     check_at: usize,
     torn: bool,
+    /// Each line synced to the disk before [`append`](Self::append) returns.
+    durable: bool,
 }
 
 impl LineLog {
     /// The entries of the file at `path` (none when it does not exist). A line cut short at
-    /// the end (the process stopped mid-write: the start of a JSON object, with no newline
-    /// after it) is dropped; any other line that is not an entry is an error naming the file
+    /// the end (the process stopped mid-write: JSON that ends early, with no newline after
+    /// it) is dropped; any other line that is not an entry is an error naming the file
     /// as not `what`.
     pub(crate) fn read<E: DeserializeOwned>(path: &Path, what: &str) -> io::Result<Vec<E>> {
         let Some(bytes) = read_if_exists(path)? else {
@@ -115,8 +118,8 @@ impl LineLog {
             let last = lines.peek().is_none_or(|rest| rest.is_empty());
             match serde_json::from_slice(line) {
                 Ok(entry) => entries.push(entry),
-                // (Cut short: the start of an entry, as a write stopped midway leaves it.)
-                Err(_) if last && !whole && line.starts_with(b"{") => {}
+                // (Cut short: JSON that ends early, as a write stopped midway leaves it.)
+                Err(e) if last && !whole && e.is_eof() => {}
                 Err(e) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -137,7 +140,16 @@ impl LineLog {
             lines: live.len(),
             check_at: next_check(live.len(), live.len()),
             torn: false,
+            durable: false,
         })
+    }
+
+    /// Each line appended is synced to the disk (`fdatasync`) before `append` returns, so it
+    /// survives a crash of the machine too, not only of the process.
+    #[must_use]
+    pub(crate) fn durable(mut self) -> Self {
+        self.durable = true;
+        self
     }
 
     /// The file's path.
@@ -172,7 +184,12 @@ impl LineLog {
             }
             self.check_at = next_check(self.lines, left);
         }
-        if let Err(e) = self.file.write_all(&line) {
+        let written = self.file.write_all(&line);
+        let written = match written {
+            Ok(()) if self.durable => self.file.sync_data(),
+            other => other,
+        };
+        if let Err(e) = written {
             // (A full disk may have taken part of the line: the next line must not follow it.)
             self.torn = true;
             return Err(format!("{}: {e}", self.path.display()));
@@ -212,6 +229,24 @@ fn rewrite<T: Serialize>(path: &Path, live: &[T]) -> io::Result<fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_cut_short_at_the_end_is_dropped_but_not_a_whole_foreign_one() {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-lines-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lines.jsonl");
+        let read = |text: &str| {
+            fs::write(&path, text).unwrap();
+            LineLog::read::<serde_json::Map<String, serde_json::Value>>(&path, "lines")
+        };
+        assert_eq!(read("{\"a\":1}\n{\"a\":").unwrap().len(), 1);
+        assert_eq!(read("{\"a\":1}\n").unwrap().len(), 1);
+        // Whole JSON that is no entry, or not JSON, is no line cut short.
+        assert!(read("{\"a\":1}\n[1]").is_err());
+        assert!(read("{\"a\":1}\nnot json").is_err());
+        assert!(read("not json\n{\"a\":1}\n").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary() {

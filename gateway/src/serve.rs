@@ -359,24 +359,28 @@ async fn accept(
                 }
             }
             let to_admin = only_admin || request.uri().path().starts_with("/admin/");
-            let answer = match admin.as_ref().filter(|_| to_admin) {
-                // Boxed: the admin API's future is as large as the gateway's, and a request's
-                // future is moved whole (hyper stores it per request).
-                Some(router) => future::Either::Right(Box::pin(call_now(
-                    router.clone(),
-                    request.map(axum::body::Body::new),
-                ))),
-                None => future::Either::Left(connection_gateway.call(request)),
-            };
+            // A panic of a layer inside (a bug), as it is called or as its answer is polled,
+            // is answered 500 here rather than ending the connection (with HTTP/2, every
+            // other request on it, when it panics as it is called).
+            let answer = call_contained(|| {
+                match admin.as_ref().filter(|_| to_admin) {
+                    // Boxed: the admin API's future is as large as the gateway's, and a
+                    // request's future is moved whole (hyper stores it per request).
+                    Some(router) => future::Either::Right(Box::pin(call_now(
+                        router.clone(),
+                        request.map(axum::body::Body::new),
+                    ))),
+                    None => future::Either::Left(connection_gateway.call(request)),
+                }
+            });
             async move {
-                // A panic of a layer inside is answered 500 here, rather than ending the
-                // connection (with HTTP/2, every other request on it).
                 let response = match answer {
-                    future::Either::Left(gateway) => match Contained::new(gateway).await {
+                    Err(panicked) => (*panicked).map(Either::Right),
+                    Ok(future::Either::Left(gateway)) => match Contained::new(gateway).await {
                         Ok(response) => response.map(Either::Left),
                         Err(panicked) => panicked.map(Either::Right),
                     },
-                    future::Either::Right(admin) => match Contained::new(admin).await {
+                    Ok(future::Either::Right(admin)) => match Contained::new(admin).await {
                         Ok(response) | Err(response) => response.map(Either::Right),
                     },
                 };
@@ -1281,8 +1285,8 @@ pin_project! {
     /// with an OperationOutcome and the request's id. The panic's message is logged at
     /// `error` with the id (the panic hook has written where it happened to standard error),
     /// the `ObserveLayer` records the request `500`/`panicked` as the future is dropped, and
-    /// the connection and its other requests carry on. (A panic while the response's body is
-    /// sent still ends the connection: its head is gone.)
+    /// the connection carries on. (A panic while the response's body is sent still ends an
+    /// HTTP/1.1 connection, the response's head being gone; over HTTP/2, its stream.)
     struct Contained<F> {
         #[pin]
         future: F,
@@ -1308,26 +1312,41 @@ where
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(Ok(response))) => Poll::Ready(Ok(response)),
             Ok(Poll::Ready(Err(never))) => match never {},
-            Err(payload) => {
-                let id = future.request_id_of().or_else(|| {
-                    MakeUuid
-                        .make_request_id(&Request::new(()))
-                        .map(RequestId::into_header_value)
-                });
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("(no message)");
-                tracing::error!(
-                    request_id = id.as_ref().and_then(|id| id.to_str().ok()),
-                    panic = message,
-                    "a request's handling panicked: answered 500"
-                );
-                Poll::Ready(Err(panicked_answer(id)))
-            }
+            Err(payload) => Poll::Ready(Err(answer_panic(&*payload, future.request_id_of()))),
         }
     }
+}
+
+/// What `call` returns, or when it panics (a layer's bug as a request is called: the request
+/// is gone with it, and its id), `500` with a new id ([`answer_panic`]).
+fn call_contained<F>(call: impl FnOnce() -> F) -> Result<F, Box<http::Response<axum::body::Body>>> {
+    std::panic::catch_unwind(AssertUnwindSafe(call))
+        .map_err(|payload| Box::new(answer_panic(&*payload, None)))
+}
+
+/// Logs a panic of a request's handling at `error` under the request's id (`id`, or one made
+/// when it is not known: the panic came before the request had one, or where it cannot be
+/// read), and answers it `500`.
+fn answer_panic(
+    payload: &(dyn std::any::Any + Send),
+    id: Option<HeaderValue>,
+) -> http::Response<axum::body::Body> {
+    let id = id.or_else(|| {
+        MakeUuid
+            .make_request_id(&Request::new(()))
+            .map(RequestId::into_header_value)
+    });
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    tracing::error!(
+        request_id = id.as_ref().and_then(|id| id.to_str().ok()),
+        panic = message,
+        "a request's handling panicked: answered 500"
+    );
+    panicked_answer(id)
 }
 
 /// The `500` a request whose handling panicked gets.
@@ -1535,6 +1554,15 @@ mod tests {
         let record = records.lock().unwrap().pop().expect("a record");
         assert_eq!((record.status, record.outcome), (500, "panicked"));
         assert_eq!(record.request_id.as_deref(), Some("abc-123"));
+    }
+
+    #[test]
+    fn a_panic_as_a_request_is_called_is_a_500_too() {
+        let answer = call_contained(|| -> () { panic!("a bug in a layer's call") })
+            .expect_err("answered 500");
+        assert_eq!(answer.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.headers()["x-request-id"].len(), 36);
+        assert!(call_contained(|| 7).is_ok_and(|seven| seven == 7));
     }
 
     #[tokio::test]
