@@ -163,7 +163,7 @@ impl VerificationKey {
         {
             if secret.len() < hmac_min_len(Algorithm::HS256) {
                 return Err(KeyError::Malformed(format!(
-                    "an HMAC secret of {} bytes: at least {} are needed (RFC 7518 §3.2)",
+                    "{HMAC_TOO_SHORT} of {} bytes: at least {} are needed (RFC 7518 §3.2)",
                     secret.len(),
                     hmac_min_len(Algorithm::HS256)
                 )));
@@ -249,6 +249,9 @@ impl VerificationKey {
     }
 }
 
+/// How the error for a too short HMAC secret begins.
+const HMAC_TOO_SHORT: &str = "an HMAC secret";
+
 /// The shortest HMAC secret an algorithm may be used with: its hash's output (RFC 7518 §3.2).
 fn hmac_min_len(alg: Algorithm) -> usize {
     match alg {
@@ -314,6 +317,15 @@ impl KeySet {
         for entry in entries {
             match VerificationKey::from_jwk(entry) {
                 Ok(key) => set = set.with_key(key),
+                // A secret too short to verify with is a configuration to fix, not a key
+                // meant for something else (as encryption keys in a JWKS are): said aloud.
+                Err(KeyError::Malformed(err)) if err.starts_with(HMAC_TOO_SHORT) => {
+                    tracing::warn!(
+                        kid = entry.get("kid").and_then(|kid| kid.as_str()),
+                        error = %err,
+                        "skipping a JWKS entry: its HMAC secret is too short"
+                    );
+                }
                 Err(err) => tracing::debug!(
                     kid = entry.get("kid").and_then(|kid| kid.as_str()),
                     error = %err,
@@ -465,8 +477,21 @@ mod tests {
         assert!(VerificationKey::from_jwk(&jwk("c2VjcmV0")).is_err());
         let pinned = json!({"kty": "oct", "alg": "HS512", "k": "YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh"});
         assert!(VerificationKey::from_jwk(&pinned).is_err());
-        let set = KeySet::from_jwks(json!({"keys": [jwk("c2VjcmV0")]}).to_string()).unwrap();
-        assert!(set.is_empty());
+        // Skipped aloud (at warn, the default level), where a key for something else is not.
+        let buffer = crate::testing::LogBuffer::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(buffer.writer())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let set = KeySet::from_jwks(json!({"keys": [jwk("c2VjcmV0")]}).to_string()).unwrap();
+            assert!(set.is_empty());
+            let logged = buffer.take();
+            assert!(logged.contains("HMAC secret is too short"), "{logged}");
+            let encryption = json!({"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"});
+            KeySet::from_jwks(json!({"keys": [encryption]}).to_string()).unwrap();
+            assert_eq!(buffer.take(), "");
+        });
     }
 
     #[test]
