@@ -1053,15 +1053,7 @@ impl ClientStore for ResetMeanwhile {
 
 #[tokio::test]
 async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
-    let store = InMemoryClientStore::new();
-    let first = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
-    let endpoint = endpoint_over(
-        ResetMeanwhile(store.clone(), false),
-        ThrottlePolicy::default(),
-    );
+    let (store, first, endpoint) = meanwhile(false).await;
     // Through the library's call and through the HTTP service alike: the rotation that began
     // with the old secret is refused, and hands out no secret.
     let refused = endpoint
@@ -1073,12 +1065,24 @@ async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
     assert_eq!(reset.secrets.len(), 1, "the reset's secret stands alone");
 
     let second = store.rotate_secret("app", Duration::ZERO).await.unwrap();
-    let rotation = endpoint.secret_rotation_service();
-    let client = TestClient::new(serve_tower(rotation).await);
-    let basic = format!(
-        "Basic {}",
-        STANDARD.encode(format!("app:{}", second.expose()))
+    refused_as_a_client(&endpoint, second.expose()).await;
+}
+
+/// A store with `app` registered (its first secret), and an endpoint over it where an
+/// administrator resets `app`'s secret (or, `revoke`, revokes it) during its own rotation.
+async fn meanwhile(revoke: bool) -> (InMemoryClientStore, ClientSecret, TokenEndpoint) {
+    let (store, first) = store_with_app().await;
+    let endpoint = endpoint_over(
+        ResetMeanwhile(store.clone(), revoke),
+        ThrottlePolicy::default(),
     );
+    (store, first, endpoint)
+}
+
+/// `app`'s own rotation with `secret`, over HTTP, is refused `401 invalid_client` with no secret.
+async fn refused_as_a_client(endpoint: &TokenEndpoint, secret: &str) {
+    let client = TestClient::new(serve_tower(endpoint.secret_rotation_service()).await);
+    let basic = format!("Basic {}", STANDARD.encode(format!("app:{secret}")));
     let reply = client
         .send(
             "POST",
@@ -1094,31 +1098,8 @@ async fn a_reset_made_while_a_clients_own_rotation_is_checked_stands() {
 
 #[tokio::test]
 async fn a_client_revoked_while_its_own_rotation_is_checked_is_refused_as_a_client() {
-    let store = InMemoryClientStore::new();
-    let first = store
-        .register(NewClient::new("app").tenant(tenant(TENANT_A)))
-        .await
-        .unwrap();
-    let endpoint = endpoint_over(
-        ResetMeanwhile(store.clone(), true),
-        ThrottlePolicy::default(),
-    );
-    let client = TestClient::new(serve_tower(endpoint.secret_rotation_service()).await);
-    let basic = format!(
-        "Basic {}",
-        STANDARD.encode(format!("app:{}", first.expose()))
-    );
-    let reply = client
-        .send(
-            "POST",
-            "/oauth/clients/app/secret",
-            &[("authorization", &basic)],
-            "",
-        )
-        .await;
+    let (store, first, endpoint) = meanwhile(true).await;
     // The store refuses a revoked client: that is the client's failure, not the endpoint's.
-    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
-    assert_eq!(reply.json()["error"], "invalid_client");
-    assert!(reply.json().get("client_secret").is_none());
+    refused_as_a_client(&endpoint, first.expose()).await;
     assert!(store.client("app").await.unwrap().unwrap().revoked);
 }

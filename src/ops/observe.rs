@@ -774,15 +774,24 @@ mod tests {
         assert_eq!(record.interaction, Some("delete"));
     }
 
-    #[tokio::test]
-    async fn a_panic_is_recorded_as_the_gateways_failure() {
-        let inner = tower::service_fn(|_r: Request<()>| async {
+    /// A service whose answer panics once polled a second time.
+    fn panics_after_a_turn() -> impl Service<
+        Request<()>,
+        Response = Response<()>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<()>, Infallible>> + Send,
+    > {
+        tower::service_fn(|_r: Request<()>| async {
             tokio::task::yield_now().await;
             panic!("a bug in an inner layer");
             #[allow(unreachable_code)]
             Ok::<_, Infallible>(Response::new(()))
-        });
-        let (mut service, records) = observed(inner, QueryRecording::None);
+        })
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_recorded_as_the_gateways_failure() {
+        let (mut service, records) = observed(panics_after_a_turn(), QueryRecording::None);
         let future = service.call(Request::get("/Patient/1").body(()).unwrap());
         let joined = tokio::spawn(future).await;
         assert!(joined.unwrap_err().is_panic());
@@ -793,13 +802,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_caught_outside_is_recorded_as_the_gateways_failure_once_dropped() {
         use futures::FutureExt;
-        let inner = tower::service_fn(|_r: Request<()>| async {
-            tokio::task::yield_now().await;
-            panic!("a bug in an inner layer");
-            #[allow(unreachable_code)]
-            Ok::<_, Infallible>(Response::new(()))
-        });
-        let (mut service, records) = observed(inner, QueryRecording::None);
+        let (mut service, records) = observed(panics_after_a_turn(), QueryRecording::None);
         let mut future = Box::pin(service.call(Request::get("/Patient/1").body(()).unwrap()));
         // Caught around the future (as a server answering 500 would), the future kept.
         let caught = std::panic::AssertUnwindSafe(future.as_mut())
