@@ -318,6 +318,13 @@ mod tests {
             "clients": [{"iss": null, "client": "app", "revoked_at": 2_000, "until": 4_000_000_000u64}]
         });
         std::fs::write(&path, serde_json::to_vec_pretty(&earlier).unwrap()).unwrap();
+        // Read as it is, and left so while nothing is revoked.
+        let revoked = RevokedTokens::new();
+        FileRevocationLog::open(&path).unwrap().apply(&revoked);
+        let t = claims(json!({"iss": "https://a", "jti": "t", "exp": 4_000_000_000u64}));
+        assert!(revoked.is_revoked(&t));
+        let untouched = std::fs::read(&path).unwrap();
+        assert_eq!(untouched, serde_json::to_vec_pretty(&earlier).unwrap());
         let log = FileRevocationLog::open(&path).unwrap();
         log.record(Some("https://a"), "u", 4_000_000_000)
             .await
