@@ -40,8 +40,13 @@ struct Inner {
     cache: Cache<TenantId, Cached>,
     /// Fresh answers (found or not found, never a failure), each until its `fresh_until`.
     front: HotCache<TenantId, Fresh>,
-    /// Counts invalidations: an answer looked up before one is not put in front after it.
-    generation: AtomicU64,
+    /// Count invalidations, each of the tenants whose hash falls in it: an answer looked up
+    /// before one of its tenant is not kept after it. (Striped, so that a change of one
+    /// tenant leaves the others' answers in flight alone: one kept as the stale route of a
+    /// directory that is down, say.)
+    generations: Box<[AtomicU64]>,
+    /// Counts [`invalidate_all`](RouteCache::invalidate_all)s, added to each stripe's count.
+    epoch: AtomicU64,
     policy: CachePolicy,
     /// The front cache's hit and miss counters.
     counts: crate::ops::CacheCounts,
@@ -96,7 +101,8 @@ impl RouteCache {
                 directory,
                 cache,
                 front: HotCache::new(usize::try_from(policy.capacity).unwrap_or(usize::MAX)),
-                generation: AtomicU64::new(0),
+                generations: (0..GENERATION_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                epoch: AtomicU64::new(0),
                 policy,
                 counts: crate::ops::CacheCounts::new("route"),
             }),
@@ -118,9 +124,9 @@ impl RouteCache {
             return Ok(fresh);
         }
         let inner = &self.inner;
-        let generation = inner.generation.load(Ordering::Acquire);
+        let generation = inner.generation(&tenant);
         let answer = self.resolve_slowly(tenant, generation).await;
-        if inner.generation.load(Ordering::Acquire) != generation {
+        if inner.generation(&tenant) != generation {
             // Invalidated while the directory was asked: the answer may predate the change.
             // Serve it to this request (it was in flight) but keep it nowhere.
             inner.cache.invalidate(&tenant).await;
@@ -135,7 +141,7 @@ impl RouteCache {
                 tenant,
                 fresh,
                 |kept| Instant::now() >= kept.until,
-                || inner.generation.load(Ordering::Acquire) == generation,
+                || inner.generation(&tenant) == generation,
             );
         }
         answer.map(|(upstreams, _)| upstreams)
@@ -193,7 +199,7 @@ impl RouteCache {
                         return Op::Nop;
                     }
                 }
-                let asked_at = inner.generation.load(Ordering::Acquire);
+                let asked_at = inner.generation(&tenant);
                 Op::Put(inner.ask_directory(tenant, previous, asked_at).await)
             })
             .await;
@@ -211,7 +217,7 @@ impl RouteCache {
     /// Forgets what the cache knows of a tenant: the next request asks the directory.
     pub async fn invalidate(&self, tenant: TenantId) {
         let inner = &self.inner;
-        inner.generation.fetch_add(1, Ordering::AcqRel);
+        inner.generations[inner.stripe(&tenant)].fetch_add(1, Ordering::AcqRel);
         inner.front.remove(inner.front.hash(&tenant), &tenant);
         inner.cache.invalidate(&tenant).await;
     }
@@ -219,7 +225,7 @@ impl RouteCache {
     /// Forgets every tenant.
     pub fn invalidate_all(&self) {
         let inner = &self.inner;
-        inner.generation.fetch_add(1, Ordering::AcqRel);
+        inner.epoch.fetch_add(1, Ordering::AcqRel);
         inner.front.clear();
         inner.cache.invalidate_all();
     }
@@ -245,7 +251,23 @@ impl RouteCache {
     }
 }
 
+/// How many invalidation counts tenants share (by their hash).
+const GENERATION_STRIPES: usize = 256;
+
 impl Inner {
+    /// Which invalidation count is `tenant`'s.
+    fn stripe(&self, tenant: &TenantId) -> usize {
+        // (The stripe count divides 2^64: every stripe is as likely.)
+        (self.front.hash(tenant) % GENERATION_STRIPES as u64) as usize
+    }
+
+    /// The invalidations of `tenant` so far (with those of the tenants sharing its stripe, and
+    /// every `invalidate_all`): a sum of two counts that only grow, so it grows with either.
+    fn generation(&self, tenant: &TenantId) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+            + self.generations[self.stripe(tenant)].load(Ordering::Acquire)
+    }
+
     async fn ask_directory(
         &self,
         tenant: TenantId,
@@ -390,6 +412,48 @@ mod tests {
             "the invalidated route came back"
         );
         assert_eq!(cache.fresh(tenant), Some(None));
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Once the directory has been asked `calls` times.
+    async fn asked(fake: &Fake, calls: usize) {
+        while fake.calls.load(Ordering::SeqCst) < calls {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn another_tenants_invalidation_leaves_an_answer_in_flight_kept() {
+        let fake = fake();
+        let cache = cache(&fake);
+        let tenant = tenant();
+        // Another tenant, of another invalidation count.
+        let other = (1..)
+            .map(|n| TenantId::parse(&format!("4d1f6c2e-8a3b-4c5d-9e7f-{n:012}")).unwrap())
+            .find(|other| cache.inner.stripe(other) != cache.inner.stripe(&tenant))
+            .unwrap();
+        let in_flight = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.resolve(tenant).await }
+        });
+        // Once the directory is asked (it answers after 10 ms).
+        asked(&fake, 1).await;
+        cache.invalidate(other).await;
+        assert!(in_flight.await.unwrap().unwrap().is_some());
+        assert!(
+            cache.inner.cache.get(&tenant).await.is_some(),
+            "the answer was dropped for another tenant's change"
+        );
+        // The same with the tenant's own change: not kept.
+        cache.invalidate(tenant).await;
+        let in_flight = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.resolve(tenant).await }
+        });
+        asked(&fake, 2).await;
+        cache.invalidate(tenant).await;
+        assert!(in_flight.await.unwrap().unwrap().is_some());
+        assert!(cache.inner.cache.get(&tenant).await.is_none());
         assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
     }
 
