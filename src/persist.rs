@@ -102,7 +102,7 @@ pub(crate) struct LineLog {
 impl LineLog {
     /// The entries of the file at `path` (none when it does not exist). A line cut short at
     /// the end (the process stopped mid-write: JSON that ends early, with no newline after
-    /// it) is dropped; any other line that is not an entry is an error naming the file
+    /// it, and maybe zero bytes where the machine stopped) is dropped; any other line that is not an entry is an error naming the file
     /// as not `what`.
     pub(crate) fn read<E: DeserializeOwned>(path: &Path, what: &str) -> io::Result<Vec<E>> {
         let Some(bytes) = read_if_exists(path)? else {
@@ -116,10 +116,17 @@ impl LineLog {
                 continue;
             }
             let last = lines.peek().is_none_or(|rest| rest.is_empty());
+            // A crash of the machine may leave the end of the file zeroed.
+            let cut = last && !whole;
+            let line = match line.iter().rposition(|&b| b != 0) {
+                Some(end) if cut => &line[..=end],
+                None if cut => continue,
+                _ => line,
+            };
             match serde_json::from_slice(line) {
                 Ok(entry) => entries.push(entry),
                 // (Cut short: JSON that ends early, as a write stopped midway leaves it.)
-                Err(e) if last && !whole && e.is_eof() => {}
+                Err(e) if cut && e.is_eof() => {}
                 Err(e) => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -241,6 +248,8 @@ mod tests {
         };
         assert_eq!(read("{\"a\":1}\n{\"a\":").unwrap().len(), 1);
         assert_eq!(read("{\"a\":1}\n").unwrap().len(), 1);
+        assert_eq!(read("{\"a\":1}\n\0\0\0").unwrap().len(), 1);
+        assert_eq!(read("{\"a\":1}\n{\"a\"\0\0").unwrap().len(), 1);
         // Whole JSON that is no entry, or not JSON, is no line cut short.
         assert!(read("{\"a\":1}\n[1]").is_err());
         assert!(read("{\"a\":1}\nnot json").is_err());

@@ -319,7 +319,9 @@ impl KeySet {
                 Ok(key) => set = set.with_key(key),
                 // A secret too short to verify with is a configuration to fix, not a key
                 // meant for something else (as encryption keys in a JWKS are): said aloud.
-                Err(KeyError::Malformed(err)) if err.starts_with(HMAC_TOO_SHORT) => {
+                Err(KeyError::Malformed(err) | KeyError::Unsupported(err))
+                    if err.contains(HMAC_TOO_SHORT) =>
+                {
                     tracing::warn!(
                         kid = entry.get("kid").and_then(|kid| kid.as_str()),
                         error = %err,
@@ -484,10 +486,12 @@ mod tests {
             .with_writer(buffer.writer())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let set = KeySet::from_jwks(json!({"keys": [jwk("c2VjcmV0")]}).to_string()).unwrap();
-            assert!(set.is_empty());
-            let logged = buffer.take();
-            assert!(logged.contains("HMAC secret is too short"), "{logged}");
+            for entry in [jwk("c2VjcmV0"), pinned.clone()] {
+                let set = KeySet::from_jwks(json!({"keys": [entry]}).to_string()).unwrap();
+                assert!(set.is_empty());
+                let logged = buffer.take();
+                assert!(logged.contains("HMAC secret is too short"), "{logged}");
+            }
             let encryption = json!({"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"});
             KeySet::from_jwks(json!({"keys": [encryption]}).to_string()).unwrap();
             assert_eq!(buffer.take(), "");
