@@ -89,10 +89,9 @@ impl HttpJwks {
                 "JWKS fetch from {uri}: status {status}"
             )));
         }
-        let keys = KeySet::from_jwks(&body)
-            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?
-            // A JWKS is public: an HMAC secret published in one would let anyone sign tokens.
-            .without_hmac();
+        // A JWKS is public: an HMAC secret published in one would let anyone sign tokens.
+        let keys = KeySet::from_public_jwks(&body)
+            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?;
         Ok(FetchedKeys { keys, max_age })
     }
 }

@@ -305,7 +305,18 @@ impl KeySet {
     /// types or curves) are skipped, not fatal; only a document that is not a JWKS at all is an
     /// error.
     pub fn from_jwks(json: impl AsRef<[u8]>) -> Result<Self, KeyError> {
-        let document: Value = serde_json::from_slice(json.as_ref())
+        Self::parse_jwks(json.as_ref(), false)
+    }
+
+    /// A JWKS document fetched from a URL: public, so its HMAC (`oct`) entries are never
+    /// taken (whoever can read one could sign tokens), skipped quietly whatever their length.
+    #[cfg(feature = "remote-jwks")]
+    pub(crate) fn from_public_jwks(json: &[u8]) -> Result<Self, KeyError> {
+        Ok(Self::parse_jwks(json, true)?.without_hmac())
+    }
+
+    fn parse_jwks(json: &[u8], public: bool) -> Result<Self, KeyError> {
+        let document: Value = serde_json::from_slice(json)
             .map_err(|e| KeyError::Malformed(format!("JWKS is not JSON: {e}")))?;
         let entries = match document.get("keys") {
             Some(Value::Array(entries)) => entries.as_slice(),
@@ -315,6 +326,13 @@ impl KeySet {
         };
         let mut set = Self::new();
         for entry in entries {
+            if public && entry.get("kty").and_then(Value::as_str) == Some("oct") {
+                tracing::debug!(
+                    kid = entry.get("kid").and_then(|kid| kid.as_str()),
+                    "skipping a symmetric key in a public JWKS"
+                );
+                continue;
+            }
             match VerificationKey::from_jwk(entry) {
                 Ok(key) => set = set.with_key(key),
                 // A secret too short to verify with is a configuration to fix, not a key
@@ -495,6 +513,15 @@ mod tests {
             let encryption = json!({"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"});
             KeySet::from_jwks(json!({"keys": [encryption]}).to_string()).unwrap();
             assert_eq!(buffer.take(), "");
+            // A fetched (public) JWKS never takes a symmetric key, short or long: no warning.
+            #[cfg(feature = "remote-jwks")]
+            {
+                let public = json!({"keys": [jwk("c2VjcmV0"), jwk("YS1qd2stc2VjcmV0LW9mLXRoaXJ0eS10d28tYnl0ZXMh")]}).to_string();
+                assert!(KeySet::from_public_jwks(public.as_bytes())
+                    .unwrap()
+                    .is_empty());
+                assert_eq!(buffer.take(), "");
+            }
         });
     }
 
