@@ -86,6 +86,14 @@ fn assertion(pem: &str, kid: &str, client: &str, base: &str, jti: &str) -> Strin
     )
 }
 
+/// A client credentials grant with [`assertion`].
+fn assertion_grant(pem: &str, kid: &str, client: &str, base: &str, jti: &str) -> String {
+    format!(
+        "grant_type=client_credentials&{}",
+        assertion(pem, kid, client, base, jti)
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_backend_clients_introspection_and_revocation_through_the_binary() {
     let dir = scratch("smart-auth");
@@ -122,10 +130,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let reply = post(
         client,
         "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&{}",
-            assertion(RSA_PRIVATE, "backend-1", "backend", &base, "b-1")
-        ),
+        &assertion_grant(RSA_PRIVATE, "backend-1", "backend", &base, "b-1"),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -204,10 +209,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let reply = post(
         client,
         "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&{}",
-            assertion(RSA2_PRIVATE, "ops-1", "ops", &base, "o-1")
-        ),
+        &assertion_grant(RSA2_PRIVATE, "ops-1", "ops", &base, "o-1"),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -221,10 +223,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let reply = post(
         client,
         "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&{}",
-            assertion(RSA_PRIVATE, "ops-1", "ops", &base, "o-2")
-        ),
+        &assertion_grant(RSA_PRIVATE, "ops-1", "ops", &base, "o-2"),
     )
     .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
@@ -246,10 +245,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let reply = after_cut_off(async || {
         attempt += 1;
         let jti = format!("o-2-{attempt}");
-        let form = format!(
-            "grant_type=client_credentials&{}",
-            assertion(RSA_PRIVATE, "ops-2", "ops", &base, &jti)
-        );
+        let form = assertion_grant(RSA_PRIVATE, "ops-2", "ops", &base, &jti);
         post(client, "/oauth/token", &form).await
     })
     .await;
@@ -261,10 +257,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
         let reply = post(
             client,
             "/oauth/token",
-            &format!(
-                "grant_type=client_credentials&{}",
-                assertion(pem, kid, "ops", &base, jti)
-            ),
+            &assertion_grant(pem, kid, "ops", &base, jti),
         )
         .await;
         assert_eq!(reply.status, status, "{kid}: {}", reply.text());
@@ -319,10 +312,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let reply = post(
         client,
         "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&{}",
-            assertion(RSA_PRIVATE, "ops-2", "ops", &base, "o-5")
-        ),
+        &assertion_grant(RSA_PRIVATE, "ops-2", "ops", &base, "o-5"),
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -353,46 +343,33 @@ async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
     let upstream = RecordingUpstream::start().await;
     let port = free_port();
     let mut running = start_on(&dir, &upstream, port);
-    let form = format!(
-        "grant_type=client_credentials&{}",
-        assertion(
-            RSA_PRIVATE,
-            "backend-1",
-            "backend",
-            &running.base,
-            "before-restart"
-        )
+    let form = assertion_grant(
+        RSA_PRIVATE,
+        "backend-1",
+        "backend",
+        &running.base,
+        "before-restart",
     );
     let reply = post(&running.client, "/oauth/token", &form).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let replayed = post(&running.client, "/oauth/token", &form).await;
-    assert_eq!(
-        replayed.status,
-        StatusCode::UNAUTHORIZED,
-        "{}",
-        replayed.text()
-    );
+    // A replay: refused as the client's failure.
+    let replayed = async |running: &Running| {
+        let reply = post(&running.client, "/oauth/token", &form).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+        assert_eq!(reply.json()["error"], "invalid_client");
+    };
+    replayed(&running).await;
     assert!(running.proc.terminate(), "the gateway did not stop");
 
     // The same state and address (so the same token URL, the assertion's audience).
     let running = start_on(&dir, &upstream, port);
-    let replayed = post(&running.client, "/oauth/token", &form).await;
-    assert_eq!(
-        replayed.status,
-        StatusCode::UNAUTHORIZED,
-        "{}",
-        replayed.text()
-    );
-    assert_eq!(replayed.json()["error"], "invalid_client");
-    let fresh = format!(
-        "grant_type=client_credentials&{}",
-        assertion(
-            RSA_PRIVATE,
-            "backend-1",
-            "backend",
-            &running.base,
-            "after-restart"
-        )
+    replayed(&running).await;
+    let fresh = assertion_grant(
+        RSA_PRIVATE,
+        "backend-1",
+        "backend",
+        &running.base,
+        "after-restart",
     );
     let reply = post(&running.client, "/oauth/token", &fresh).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
