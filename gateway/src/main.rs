@@ -29,6 +29,7 @@ mod demo;
 mod demo_fhir;
 mod front;
 mod per_address;
+mod refused_head;
 mod serve;
 mod state;
 mod throttle;

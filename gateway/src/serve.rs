@@ -71,6 +71,7 @@ use tower_http::request_id::{MakeRequestId, RequestId};
 use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
 use crate::per_address::PerAddress;
+use crate::refused_head::HeadRefusal;
 use crate::tls::FrontTls;
 
 /// The connection bounds, and how requests name their client, from the configuration.
@@ -423,6 +424,7 @@ async fn accept(
             let io = TokioIo::new(CountingIo {
                 stream,
                 activity: Arc::clone(&activity),
+                refusal: None,
             });
             let mut builder = auto::Builder::clone(&builder);
             builder.http1().timer(HeadTimer {
@@ -450,10 +452,12 @@ async fn accept(
                                     "header_read_timeout"
                                 });
                             } else if is_malformed(&*error) {
-                                // hyper answered it (400, 431, 414) before any layer saw a
-                                // request: no request id, no audit record; said here.
+                                // hyper answered it (400, 431, 414, given a FHIR body by
+                                // `refusing`) before any layer saw a request: no audit
+                                // record; said here.
                                 closed("malformed_request");
-                                tracing::info!(%peer, %error, "a malformed request head answered by the HTTP server itself, and its connection closed");
+                                let request_id = activity.refused_head.get().and_then(|id| id.to_str().ok());
+                                tracing::info!(%peer, %error, request_id, "a request head the HTTP server could not parse answered with an OperationOutcome, and its connection closed");
                             }
                             tracing::debug!(%error, "connection ended with an error");
                         }
@@ -518,6 +522,9 @@ struct Activity {
     /// The connection is being dropped: its socket is reset rather than left to send what it
     /// still holds to a client that takes nothing.
     reset: AtomicBool,
+    /// The `X-Request-Id` of the FHIR answer written in place of hyper's own to a request head
+    /// it could not parse.
+    refused_head: std::sync::OnceLock<HeaderValue>,
     /// The response bodies that have yielded data, each until it and its chunks are gone
     /// (the entries only this list holds are pruned as new ones come).
     bodies: Mutex<Vec<Arc<Progress>>>,
@@ -973,6 +980,9 @@ impl Watchdog {
 struct CountingIo {
     stream: Stream,
     activity: Arc<Activity>,
+    /// hyper's own answer to a request head it could not parse, being written in its FHIR
+    /// form (see [`crate::refused_head`]).
+    refusal: Option<Box<HeadRefusal>>,
 }
 
 /// Removes what a request says of where it came from (`Forwarded`, `X-Forwarded-For`,
@@ -1069,6 +1079,24 @@ impl AsyncWrite for Stream {
 }
 
 impl CountingIo {
+    /// When hyper writes its own answer to a request head it could not parse (`first`: the
+    /// write's first bytes), the FHIR answer written in its place: ready once all of it is.
+    fn refusing(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Option<Poll<io::Result<usize>>> {
+        if self.refusal.is_none() {
+            let refusal = HeadRefusal::recognise(first)?;
+            let _ = self.activity.refused_head.set(refusal.request_id().clone());
+            self.refusal = Some(Box::new(refusal));
+        }
+        let refusal = self.refusal.as_mut()?;
+        let stream = &mut self.stream;
+        let poll = refusal.poll_write_with(|bytes| Pin::new(&mut *stream).poll_write(cx, bytes));
+        if poll.is_ready() {
+            self.refusal = None;
+        }
+        self.wrote(&poll);
+        Some(poll)
+    }
+
     fn wrote(&self, poll: &Poll<io::Result<usize>>) {
         let activity = &self.activity;
         match poll {
@@ -1205,6 +1233,9 @@ impl AsyncWrite for CountingIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(poll) = self.refusing(cx, buf) {
+            return poll;
+        }
         let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.wrote(&poll);
         poll
@@ -1215,6 +1246,10 @@ impl AsyncWrite for CountingIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let first = bufs.iter().find(|buf| !buf.is_empty());
+        if let Some(poll) = self.refusing(cx, first.map_or(&[], |buf| &**buf)) {
+            return poll;
+        }
         let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.wrote(&poll);
         poll

@@ -394,12 +394,29 @@ fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_a_slow_head(
 }
 
 #[test]
-fn a_head_the_http_server_cannot_parse_is_answered_400_and_counted() {
+fn a_head_the_http_server_cannot_parse_is_answered_with_an_operation_outcome_and_counted() {
     let (keys, metrics) = with_metrics(json!({}));
     let (_proc, addr, _dir) = start("malformed", keys);
-    for head in [
-        &b"GET /metadata HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"[..],
-        b"GET /meta data HTTP/1.1\r\nHost: x\r\n\r\n",
+    // More fields than the server reads: refused once the whole head is read (a head refused
+    // before it is all read may see the client's rest met by a reset, losing the answer).
+    let fields: String = (0..150).map(|i| format!("X-F-{i}: v\r\n")).collect();
+    let oversized = format!("GET /metadata HTTP/1.1\r\nHost: x\r\n{fields}\r\n");
+    for (head, status, code) in [
+        (
+            &b"GET /metadata HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"[..],
+            "400 Bad Request",
+            "structure",
+        ),
+        (
+            b"GET /meta data HTTP/1.1\r\nHost: x\r\n\r\n",
+            "400 Bad Request",
+            "structure",
+        ),
+        (
+            oversized.as_bytes(),
+            "431 Request Header Fields Too Large",
+            "too-long",
+        ),
     ] {
         let mut stream = connect(addr);
         stream.write_all(head).unwrap();
@@ -409,16 +426,36 @@ fn a_head_the_http_server_cannot_parse_is_answered_400_and_counted() {
             .unwrap();
         let _ = stream.read_to_end(&mut answer);
         let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let (fields, body) = answer.split_once("\r\n\r\n").expect(&answer);
+        assert!(
+            fields.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+            "{answer}"
+        );
+        let fields = fields.to_ascii_lowercase();
+        for field in [
+            "\r\ncontent-type: application/fhir+json\r\n",
+            "\r\nconnection: close\r\n",
+            &format!("\r\ncontent-length: {}\r\n", body.len()),
+        ] {
+            assert!(fields.contains(field), "{field:?} in {answer}");
+        }
+        let id = fields
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix("x-request-id: "))
+            .expect(&answer);
+        assert_eq!(id.len(), 36, "a new request id: {answer}");
+        let outcome: Value = serde_json::from_str(body).expect(body);
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{body}");
+        assert_eq!(outcome["issue"][0]["code"], code, "{body}");
     }
     assert_eq!(
         metric_reaching(
             metrics,
             "tower_fhir_connections_closed_total",
             "reason=\"malformed_request\"",
-            2.0
+            3.0
         ),
-        2.0
+        3.0
     );
 }
 

@@ -1,0 +1,306 @@
+//! Request heads the HTTP server cannot read, answered with a FHIR `OperationOutcome`.
+//!
+//! hyper's HTTP/1.1 server answers a request head it cannot parse itself, before any layer
+//! sees a request: `400 Bad Request` (a method, target, version or header field it cannot
+//! read), `431 Request Header Fields Too Large` (a head past the connection's 64 KiB buffer,
+//! or more than 100 fields) or `414 URI Too Long`, each with an empty body, and then closes
+//! the connection. hyper offers no hook for that answer, so the connection's I/O recognises it
+//! as it is written and writes in its place the same status line with an `OperationOutcome`
+//! body, an `X-Request-Id` (a new one: no request was ever made of the head), `Connection:
+//! close` and hyper's own `Date`.
+//!
+//! What is recognised is exactly hyper's answer: a `400`, `414` or `431` head at the start of
+//! a write whose only fields are `connection`, `content-length: 0` and `date`. No answer of the
+//! gateway's has that shape (each carries an `X-Request-Id`, and a refusal a body), so nothing
+//! else is ever rewritten; should a later hyper write its answer otherwise, it goes out as
+//! hyper wrote it (and the gateway's tests of these answers fail).
+
+use std::io;
+use std::task::{ready, Poll};
+
+use http::{HeaderValue, Request, StatusCode};
+use tower_fhir::ops::{MakeUuid, X_REQUEST_ID};
+use tower_fhir::outcome::{IssueType, OperationOutcome};
+use tower_http::request_id::{MakeRequestId, RequestId};
+
+/// How far into a write hyper's answer head is looked for (it is about 100 bytes).
+const LONGEST_HEAD: usize = 512;
+
+/// The answer written in place of hyper's own to a request head it could not parse.
+#[derive(Debug)]
+pub(crate) struct HeadRefusal {
+    /// The whole answer: head and body.
+    answer: Vec<u8>,
+    /// How much of it is written.
+    sent: usize,
+    /// The length of hyper's head, reported written once the answer is.
+    replaces: usize,
+    /// The answer's `X-Request-Id`, for the connection's log line.
+    request_id: HeaderValue,
+}
+
+impl HeadRefusal {
+    /// The answer to write instead, when `written` (what hyper is writing) begins with its own
+    /// answer to a request head it could not parse.
+    pub(crate) fn recognise(written: &[u8]) -> Option<Self> {
+        // Every write of a connection passes here: one comparison for all but 4xx heads.
+        if !written.starts_with(b"HTTP/1.1 4") {
+            return None;
+        }
+        let looked_at = &written[..written.len().min(LONGEST_HEAD)];
+        let fields_end = looked_at.windows(4).position(|four| four == b"\r\n\r\n")?;
+        // Each line with its `\r`: the last one's `\n` left out.
+        let mut lines = looked_at[..=fields_end].split(|&byte| byte == b'\n');
+        let status_line = lines.next()?.strip_suffix(b"\r")?;
+        let (status, code, diagnostics) = match status_line.get(9..12)? {
+            b"400" => (
+                StatusCode::BAD_REQUEST,
+                IssueType::Structure,
+                "The request head is not valid HTTP/1.1 (RFC 9112): its method, target, \
+                 version or a header field could not be read. The connection is closed.",
+            ),
+            b"414" => (
+                StatusCode::URI_TOO_LONG,
+                IssueType::TooLong,
+                "The request target is too long. The connection is closed.",
+            ),
+            b"431" => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                IssueType::TooLong,
+                "The request's header section is too large: at most 64 KiB and 100 fields \
+                 are read. The connection is closed.",
+            ),
+            _ => return None,
+        };
+        let mut date = None;
+        for line in lines {
+            let line = line.strip_suffix(b"\r")?;
+            let colon = line.iter().position(|&byte| byte == b':')?;
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            match name {
+                b"connection" => {}
+                b"content-length" if value == b"0" => {}
+                b"date" => date = Some(value),
+                _ => return None,
+            }
+        }
+        let request_id = MakeUuid
+            .make_request_id(&Request::new(()))
+            .map(RequestId::into_header_value)?;
+        let response = OperationOutcome::error(code, diagnostics).to_response(status);
+        let body = response.body();
+        let mut answer = Vec::with_capacity(LONGEST_HEAD + body.len());
+        answer.extend_from_slice(status_line);
+        answer.extend_from_slice(b"\r\n");
+        let mut field = |name: &[u8], value: &[u8]| {
+            answer.extend_from_slice(name);
+            answer.extend_from_slice(b": ");
+            answer.extend_from_slice(value);
+            answer.extend_from_slice(b"\r\n");
+        };
+        for (name, value) in response.headers() {
+            field(name.as_str().as_bytes(), value.as_bytes());
+        }
+        field(b"content-length", body.len().to_string().as_bytes());
+        field(X_REQUEST_ID.as_str().as_bytes(), request_id.as_bytes());
+        field(b"connection", b"close");
+        if let Some(date) = date {
+            field(b"date", date);
+        }
+        answer.extend_from_slice(b"\r\n");
+        answer.extend_from_slice(body);
+        Some(Self {
+            answer,
+            sent: 0,
+            replaces: fields_end + 4,
+            request_id,
+        })
+    }
+
+    /// The `X-Request-Id` the answer carries.
+    pub(crate) fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    /// Writes the rest of the answer with `write` (a socket's `poll_write`): ready with the
+    /// length of hyper's head once all of it is written, so hyper takes its head as sent.
+    pub(crate) fn poll_write_with(
+        &mut self,
+        mut write: impl FnMut(&[u8]) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        while self.sent < self.answer.len() {
+            match ready!(write(&self.answer[self.sent..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(written) => self.sent += written,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+        Poll::Ready(Ok(self.replaces))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hyper 1's answer to a head it cannot parse, as it writes it.
+    fn hypers(status_line: &str) -> Vec<u8> {
+        format!(
+            "{status_line}\r\nconnection: close\r\ncontent-length: 0\r\n\
+             date: Sat, 05 Dec 2026 10:17:34 GMT\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// The answer written whole at once.
+    fn written(refusal: &mut HeadRefusal) -> (usize, Vec<u8>) {
+        let mut out = Vec::new();
+        let replaced = refusal.poll_write_with(|bytes| {
+            out.extend_from_slice(bytes);
+            Poll::Ready(Ok(bytes.len()))
+        });
+        match replaced {
+            Poll::Ready(Ok(replaced)) => (replaced, out),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A head's fields (names lowercased) and its body.
+    fn parsed(answer: &[u8]) -> (String, Vec<(String, String)>, serde_json::Value) {
+        let text = std::str::from_utf8(answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap().to_owned();
+        let fields = lines
+            .map(|line| {
+                let (name, value) = line.split_once(": ").unwrap();
+                (name.to_ascii_lowercase(), value.to_owned())
+            })
+            .collect();
+        (status_line, fields, serde_json::from_str(body).unwrap())
+    }
+
+    fn field<'a>(fields: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+        fields
+            .iter()
+            .filter(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn hypers_answers_get_the_same_status_an_outcome_an_id_and_its_date() {
+        for (status_line, code) in [
+            ("HTTP/1.1 400 Bad Request", "structure"),
+            ("HTTP/1.1 414 URI Too Long", "too-long"),
+            ("HTTP/1.1 431 Request Header Fields Too Large", "too-long"),
+        ] {
+            let hypers = hypers(status_line);
+            let mut refusal = HeadRefusal::recognise(&hypers).expect(status_line);
+            let (replaced, answer) = written(&mut refusal);
+            assert_eq!(replaced, hypers.len());
+            let (line, fields, body) = parsed(&answer);
+            assert_eq!(line, status_line);
+            assert_eq!(field(&fields, "content-type"), ["application/fhir+json"]);
+            assert_eq!(field(&fields, "connection"), ["close"]);
+            assert_eq!(
+                field(&fields, "date"),
+                ["Sat, 05 Dec 2026 10:17:34 GMT"],
+                "hyper's date kept"
+            );
+            let id = field(&fields, "x-request-id");
+            assert_eq!(id, [refusal.request_id().to_str().unwrap()]);
+            assert_eq!(id[0].len(), 36, "a UUID");
+            assert_eq!(body["resourceType"], "OperationOutcome");
+            assert_eq!(body["issue"][0]["code"], code);
+            assert_eq!(body["issue"][0]["severity"], "error");
+        }
+    }
+
+    #[test]
+    fn the_content_length_is_the_bodys() {
+        let hypers = hypers("HTTP/1.1 400 Bad Request");
+        let (_, answer) = written(&mut HeadRefusal::recognise(&hypers).unwrap());
+        let text = std::str::from_utf8(&answer).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length = head
+            .split("\r\n")
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .unwrap();
+        assert_eq!(length.parse::<usize>().unwrap(), body.len());
+    }
+
+    #[test]
+    fn only_hypers_exact_answer_is_recognised() {
+        for other in [
+            // The gateway's own refusals: a body, a type, a request id.
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/fhir+json\r\n\
+               content-length: 120\r\nx-request-id: abc\r\n\r\n{"[..],
+            // An upstream's empty 400 as relayed: with the request's id.
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nx-request-id: abc\r\n\r\n",
+            // Another status, the same shape.
+            b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            // A length other than none.
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\nhello",
+            // A head not whole in the write, or not at its start.
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"{\"a\":1}HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            // A field line that is not one.
+            b"HTTP/1.1 400 Bad Request\r\nno colon\r\n\r\n",
+            b"",
+        ] {
+            assert!(
+                HeadRefusal::recognise(other).is_none(),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    #[test]
+    fn an_answer_written_a_few_bytes_at_a_time_reports_hypers_head_once_whole() {
+        let hypers = hypers("HTTP/1.1 431 Request Header Fields Too Large");
+        let mut refusal = HeadRefusal::recognise(&hypers).unwrap();
+        let mut out = Vec::new();
+        let mut turn = 0;
+        let replaced = loop {
+            turn += 1;
+            // A socket that takes 7 bytes, then has no room, in turn.
+            let mut room = true;
+            let poll = refusal.poll_write_with(|bytes| {
+                if !std::mem::take(&mut room) {
+                    return Poll::Pending;
+                }
+                let taken = bytes.len().min(7);
+                out.extend_from_slice(&bytes[..taken]);
+                Poll::Ready(Ok(taken))
+            });
+            match poll {
+                Poll::Pending => assert!(turn < 10_000),
+                Poll::Ready(Ok(replaced)) => break replaced,
+                Poll::Ready(Err(error)) => panic!("{error}"),
+            }
+        };
+        assert_eq!(replaced, hypers.len());
+        let (line, _, body) = parsed(&out);
+        assert_eq!(line, "HTTP/1.1 431 Request Header Fields Too Large");
+        assert_eq!(body["issue"][0]["code"], "too-long");
+    }
+
+    #[test]
+    fn a_socket_that_takes_nothing_or_fails_is_an_error() {
+        let hypers = hypers("HTTP/1.1 400 Bad Request");
+        let mut refusal = HeadRefusal::recognise(&hypers).unwrap();
+        match refusal.poll_write_with(|_| Poll::Ready(Ok(0))) {
+            Poll::Ready(Err(error)) => assert_eq!(error.kind(), io::ErrorKind::WriteZero),
+            other => panic!("{other:?}"),
+        }
+        let mut refusal = HeadRefusal::recognise(&hypers).unwrap();
+        match refusal.poll_write_with(|_| Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))) {
+            Poll::Ready(Err(error)) => assert_eq!(error.kind(), io::ErrorKind::BrokenPipe),
+            other => panic!("{other:?}"),
+        }
+    }
+}
