@@ -34,28 +34,8 @@ pub(crate) fn connector(
     let mut http = http_connector(connect_timeout);
     #[cfg(feature = "tls")]
     {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        use std::sync::Arc;
-
         http.enforce_http(false);
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots_anchors());
-        for pem in extra_roots {
-            for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| format!("root certificate PEM: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("root certificate: {e}"))?;
-            }
-        }
-        // An explicit provider: rustls panics when several are compiled in and none is chosen.
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS configuration: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = crate::tls_client::client_config(extra_roots)?;
         Ok(hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()
@@ -70,10 +50,4 @@ pub(crate) fn connector(
         }
         Ok(http)
     }
-}
-
-#[cfg(feature = "tls")]
-fn webpki_roots_anchors() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
-    // hyper-rustls re-exports nothing for this; the anchors come from its webpki-roots feature.
-    webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
 }

@@ -107,6 +107,11 @@ pub mod smart;
 pub mod tenant;
 #[cfg(test)]
 mod testing;
+#[cfg(any(
+    all(feature = "tls", any(feature = "proxy", feature = "remote-jwks")),
+    feature = "postgres"
+))]
+mod tls_client;
 #[cfg(feature = "token")]
 #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
 pub mod token;

@@ -106,4 +106,13 @@ fn https_jwks_urls_are_accepted_and_bad_roots_refused() {
         .root_certificates_pem("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n")
         .build()
         .is_err());
+    // A document with no certificate in it (a key file, or the wrong file) trusts nothing:
+    // refused rather than taken silently.
+    for nothing in ["", "not a certificate\n"] {
+        assert!(FhirProxy::builder("https://gw")
+            .root_certificates_pem(nothing)
+            .build()
+            .is_err());
+        assert!(HttpJwks::with_roots("https://idp.example/jwks", &[nothing.into()]).is_err());
+    }
 }

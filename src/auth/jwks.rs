@@ -35,7 +35,8 @@ impl HttpJwks {
         Self::with_roots(url, &[])
     }
 
-    /// A source for this URL that also trusts these PEM root certificates (a private CA).
+    /// A source for this URL that also trusts these PEM root certificates (a private CA). A
+    /// PEM document that is broken or holds no certificate is refused.
     pub fn with_roots(
         url: &str,
         root_certificates_pem: &[Vec<u8>],
@@ -160,8 +161,10 @@ fn max_age(headers: &HeaderMap) -> Option<Duration> {
 /// `private_key_jwt` clients registered with a `jwks_uri`): refreshed every 5 minutes (or the
 /// document's max-age, an hour at most), fetched again for an unknown `kid` at most every 30 s,
 /// the last good keys kept while the URL fails, for a day at most.
+#[cfg(feature = "token")]
 pub(crate) struct RemoteKeys(std::sync::Arc<super::source::RefreshingKeys>);
 
+#[cfg(feature = "token")]
 impl RemoteKeys {
     pub(crate) fn new(url: &str) -> Result<Self, InvalidJwksUrl> {
         let source = HttpJwks::new(url)?;

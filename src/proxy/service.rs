@@ -194,7 +194,8 @@ impl FhirProxyBuilder {
     }
 
     /// Also trusts these PEM root certificates for `https://` upstreams (a hospital's private
-    /// CA). Needs the `tls` feature.
+    /// CA). Needs the `tls` feature. [`build`](Self::build) fails on a PEM document that is
+    /// broken or holds no certificate.
     pub fn root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificates.push(pem.into());
         self
