@@ -29,7 +29,6 @@ mod demo;
 mod demo_fhir;
 mod front;
 mod per_address;
-mod refused_head;
 mod serve;
 mod state;
 mod throttle;

@@ -63,7 +63,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
-use tower_fhir::ops::{MakeUuid, RequestIdFuture, X_REQUEST_ID};
+use tower_fhir::ops::{MakeUuid, ParseErrorOutcomes, RequestIdFuture, X_REQUEST_ID};
 use tower_fhir::outcome::{IssueType, OperationOutcome, Severity};
 use tower_fhir::proxy::ClientAddr;
 use tower_http::request_id::{MakeRequestId, RequestId};
@@ -71,7 +71,6 @@ use tower_http::request_id::{MakeRequestId, RequestId};
 use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
 use crate::per_address::PerAddress;
-use crate::refused_head::HeadRefusal;
 use crate::tls::FrontTls;
 
 /// The connection bounds, and how requests name their client, from the configuration.
@@ -421,11 +420,12 @@ async fn accept(
                     }
                 }
             };
-            let io = TokioIo::new(CountingIo {
+            // hyper's own answers to request heads it cannot parse go out with an
+            // OperationOutcome and a request id.
+            let io = TokioIo::new(ParseErrorOutcomes::new(CountingIo {
                 stream,
                 activity: Arc::clone(&activity),
-                refusal: None,
-            });
+            }));
             let mut builder = auto::Builder::clone(&builder);
             builder.http1().timer(HeadTimer {
                 activity: Arc::clone(&activity),
@@ -453,11 +453,10 @@ async fn accept(
                                 });
                             } else if is_malformed(&*error) {
                                 // hyper answered it (400, 431, 414, given a FHIR body by
-                                // `refusing`) before any layer saw a request: no audit
-                                // record; said here.
+                                // `ParseErrorOutcomes`) before any layer saw a request: no
+                                // audit record; said here.
                                 closed("malformed_request");
-                                let request_id = activity.refused_head.get().and_then(|id| id.to_str().ok());
-                                tracing::info!(%peer, %error, request_id, "a request head the HTTP server could not parse answered with an OperationOutcome, and its connection closed");
+                                tracing::info!(%peer, %error, "a request head the HTTP server could not parse answered with an OperationOutcome (its request id logged just before), and its connection closed");
                             }
                             tracing::debug!(%error, "connection ended with an error");
                         }
@@ -522,9 +521,6 @@ struct Activity {
     /// The connection is being dropped: its socket is reset rather than left to send what it
     /// still holds to a client that takes nothing.
     reset: AtomicBool,
-    /// The `X-Request-Id` of the FHIR answer written in place of hyper's own to a request head
-    /// it could not parse.
-    refused_head: std::sync::OnceLock<HeaderValue>,
     /// The response bodies that have yielded data, each until it and its chunks are gone
     /// (the entries only this list holds are pruned as new ones come).
     bodies: Mutex<Vec<Arc<Progress>>>,
@@ -980,9 +976,6 @@ impl Watchdog {
 struct CountingIo {
     stream: Stream,
     activity: Arc<Activity>,
-    /// hyper's own answer to a request head it could not parse, being written in its FHIR
-    /// form (see [`crate::refused_head`]).
-    refusal: Option<Box<HeadRefusal>>,
 }
 
 /// Removes what a request says of where it came from (`Forwarded`, `X-Forwarded-For`,
@@ -1079,24 +1072,6 @@ impl AsyncWrite for Stream {
 }
 
 impl CountingIo {
-    /// When hyper writes its own answer to a request head it could not parse (`first`: the
-    /// write's first bytes), the FHIR answer written in its place: ready once all of it is.
-    fn refusing(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Option<Poll<io::Result<usize>>> {
-        if self.refusal.is_none() {
-            let refusal = HeadRefusal::recognise(first)?;
-            let _ = self.activity.refused_head.set(refusal.request_id().clone());
-            self.refusal = Some(Box::new(refusal));
-        }
-        let refusal = self.refusal.as_mut()?;
-        let stream = &mut self.stream;
-        let poll = refusal.poll_write_with(|bytes| Pin::new(&mut *stream).poll_write(cx, bytes));
-        if poll.is_ready() {
-            self.refusal = None;
-        }
-        self.wrote(&poll);
-        Some(poll)
-    }
-
     fn wrote(&self, poll: &Poll<io::Result<usize>>) {
         let activity = &self.activity;
         match poll {
@@ -1233,9 +1208,6 @@ impl AsyncWrite for CountingIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(poll) = self.refusing(cx, buf) {
-            return poll;
-        }
         let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.wrote(&poll);
         poll
@@ -1246,10 +1218,6 @@ impl AsyncWrite for CountingIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|buf| !buf.is_empty());
-        if let Some(poll) = self.refusing(cx, first.map_or(&[], |buf| &**buf)) {
-            return poll;
-        }
         let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.wrote(&poll);
         poll

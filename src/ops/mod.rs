@@ -12,6 +12,7 @@
 //! | [`JsonLinesAudit`] | an audit sink writing JSON lines to a file or stdout |
 //! | [`BucketHistograms`] | a metrics recorder wrapper: histograms as Prometheus buckets, every metric counted per thread |
 //! | [`RequestFacts`] | what inner layers learned (client, tenant, upstream), for the record |
+//! | [`ParseErrorOutcomes`] | a connection's I/O on which hyper's own answers to unparsable request heads carry an OperationOutcome |
 //!
 //! Outermost first: `RequestIdLayer`, `fhir_cors`, `HealthLayer`, `ObserveLayer`,
 //! `BodyTimeoutLayer`, `BodyLimitLayer`, then the gateway (or your FHIR stack):
@@ -69,6 +70,7 @@ mod facts;
 mod health;
 mod histogram;
 mod observe;
+mod parse_errors;
 mod request_id;
 mod tally;
 
@@ -106,6 +108,7 @@ pub use facts::{Facts, RequestFacts};
 pub use health::{Health, HealthLayer, HEALTHZ_PATH, READYZ_PATH};
 pub use histogram::{BucketHistograms, InvalidBuckets, WithBucketHistograms, DURATION_BUCKETS};
 pub use observe::{Observe, ObserveFuture, ObserveLayer};
+pub use parse_errors::ParseErrorOutcomes;
 pub use request_id::{
     MakeUuid, RequestIdFuture, RequestIdLayer, RequestIdService, MAX_REQUEST_ID_LEN, X_REQUEST_ID,
     X_UPSTREAM_REQUEST_ID,

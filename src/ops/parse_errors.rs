@@ -1,48 +1,184 @@
 //! Request heads the HTTP server cannot read, answered with a FHIR `OperationOutcome`.
-//!
-//! hyper's HTTP/1.1 server answers a request head it cannot parse itself, before any layer
-//! sees a request: `400 Bad Request` (a method, target, version or header field it cannot
-//! read), `431 Request Header Fields Too Large` (a head past the connection's 64 KiB buffer,
-//! or more than 100 fields) or `414 URI Too Long`, each with an empty body, and then closes
-//! the connection. hyper offers no hook for that answer, so the connection's I/O recognises it
-//! as it is written and writes in its place the same status line with an `OperationOutcome`
-//! body, an `X-Request-Id` (a new one: no request was ever made of the head), `Connection:
-//! close` and hyper's own `Date`.
-//!
-//! What is recognised is exactly hyper's answer: a `400`, `414` or `431` head at the start of
-//! a write whose only fields are `connection`, `content-length: 0` and `date`. No answer of the
-//! gateway's has that shape (each carries an `X-Request-Id`, and a refusal a body), so nothing
-//! else is ever rewritten; should a later hyper write its answer otherwise, it goes out as
-//! hyper wrote it (and the gateway's tests of these answers fail).
 
 use std::io;
-use std::task::{ready, Poll};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use http::{HeaderValue, Request, StatusCode};
-use tower_fhir::ops::{MakeUuid, X_REQUEST_ID};
-use tower_fhir::outcome::{IssueType, OperationOutcome};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower_http::request_id::{MakeRequestId, RequestId};
+
+use super::{MakeUuid, X_REQUEST_ID};
+use crate::outcome::{IssueType, OperationOutcome};
+
+/// A server connection's I/O (a `TcpStream`, a TLS stream) on which hyper's HTTP/1.1 server's
+/// own answers to request heads it cannot parse go out as FHIR `OperationOutcome`s.
+///
+/// hyper answers such a head itself, before any layer sees a request: `400 Bad Request` (a
+/// method, target, version or header field it cannot read), `431 Request Header Fields Too
+/// Large` (a head past its read buffer, or more than its 100 fields) or `414 URI Too Long`,
+/// each with an empty body, and then closes the connection. It offers no hook for that answer,
+/// so this wrapper recognises it as hyper writes it and writes in its place the same status
+/// line with an `OperationOutcome` body (`structure`, or `too-long`), a new `X-Request-Id` (no
+/// request was ever made of the head), `Connection: close`, `Cache-Control: no-store` and
+/// hyper's own `Date`. Each such answer is logged at `info` with its request id and status.
+///
+/// What is recognised is exactly hyper's answer: a `400`, `414` or `431` head at the start of
+/// a write whose only fields are `connection`, `content-length: 0` and `date`. An answer of
+/// the [`RequestIdLayer`](super::RequestIdLayer)'s stack always has an `X-Request-Id`, so
+/// nothing else is rewritten; should a later hyper write its answer otherwise, it goes out as
+/// hyper wrote it. Every other byte passes through untouched; a write costs one comparison of
+/// its first ten bytes. HTTP/2 connections pass through (their errors are frames).
+///
+/// Wrap each accepted connection before hyper serves it (with axum, in a `Listener` of your
+/// own whose `accept` wraps what the `TcpListener`'s returns):
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use hyper_util::rt::TokioIo;
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// use tower_fhir::ops::ParseErrorOutcomes;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let (mut client, server) = tokio::io::duplex(4096);
+/// let service = hyper::service::service_fn(|_: Request<hyper::body::Incoming>| async {
+///     Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// });
+/// tokio::spawn(
+///     hyper::server::conn::http1::Builder::new()
+///         .serve_connection(TokioIo::new(ParseErrorOutcomes::new(server)), service),
+/// );
+///
+/// client.write_all(b"GET /Patient/1 HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n").await.unwrap();
+/// let mut answer = String::new();
+/// client.read_to_string(&mut answer).await.unwrap();
+/// assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"));
+/// assert!(answer.contains("\r\ncontent-type: application/fhir+json\r\n"));
+/// assert!(answer.contains("\r\nx-request-id: "));
+/// assert!(answer.ends_with(r#""code":"structure","diagnostics":"The request head is not valid HTTP/1.1 (RFC 9112): its method, target, version or a header field could not be read. The connection is closed."}]}"#));
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct ParseErrorOutcomes<T> {
+    io: T,
+    /// hyper's answer being written in its FHIR form.
+    refusal: Option<Box<HeadRefusal>>,
+}
+
+impl<T> ParseErrorOutcomes<T> {
+    /// Wraps a connection's I/O.
+    pub fn new(io: T) -> Self {
+        Self { io, refusal: None }
+    }
+
+    /// The wrapped I/O.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    /// The wrapped I/O, to change.
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+
+    /// The wrapped I/O, the wrapper gone.
+    pub fn into_inner(self) -> T {
+        self.io
+    }
+}
+
+impl<T: AsyncWrite + Unpin> ParseErrorOutcomes<T> {
+    /// When hyper writes its own answer to a request head it could not parse (`first`: the
+    /// write's first bytes), the FHIR answer written in its place: ready once all of it is.
+    fn refusing(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Option<Poll<io::Result<usize>>> {
+        if self.refusal.is_none() {
+            let refusal = HeadRefusal::recognise(first)?;
+            tracing::info!(
+                request_id = refusal.request_id.to_str().ok(),
+                status = refusal.status.as_u16(),
+                "a request head the HTTP server could not parse answered with an OperationOutcome"
+            );
+            self.refusal = Some(Box::new(refusal));
+        }
+        let refusal = self.refusal.as_mut()?;
+        let io = &mut self.io;
+        let poll = refusal.poll_write_with(|bytes| Pin::new(&mut *io).poll_write(cx, bytes));
+        if poll.is_ready() {
+            self.refusal = None;
+        }
+        Some(poll)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ParseErrorOutcomes<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorOutcomes<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(poll) = self.refusing(cx, buf) {
+            return poll;
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs.iter().find(|buf| !buf.is_empty());
+        if let Some(poll) = self.refusing(cx, first.map_or(&[], |buf| &**buf)) {
+            return poll;
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// How far into a write hyper's answer head is looked for (it is about 100 bytes).
 const LONGEST_HEAD: usize = 512;
 
 /// The answer written in place of hyper's own to a request head it could not parse.
 #[derive(Debug)]
-pub(crate) struct HeadRefusal {
+struct HeadRefusal {
     /// The whole answer: head and body.
     answer: Vec<u8>,
     /// How much of it is written.
     sent: usize,
     /// The length of hyper's head, reported written once the answer is.
     replaces: usize,
-    /// The answer's `X-Request-Id`, for the connection's log line.
+    /// The answer's status and `X-Request-Id`, for the log.
+    status: StatusCode,
     request_id: HeaderValue,
 }
 
 impl HeadRefusal {
     /// The answer to write instead, when `written` (what hyper is writing) begins with its own
     /// answer to a request head it could not parse.
-    pub(crate) fn recognise(written: &[u8]) -> Option<Self> {
+    fn recognise(written: &[u8]) -> Option<Self> {
         // Every write of a connection passes here: one comparison for all but 4xx heads.
         if !written.starts_with(b"HTTP/1.1 4") {
             return None;
@@ -113,18 +249,14 @@ impl HeadRefusal {
             answer,
             sent: 0,
             replaces: fields_end + 4,
+            status,
             request_id,
         })
     }
 
-    /// The `X-Request-Id` the answer carries.
-    pub(crate) fn request_id(&self) -> &HeaderValue {
-        &self.request_id
-    }
-
     /// Writes the rest of the answer with `write` (a socket's `poll_write`): ready with the
     /// length of hyper's head once all of it is written, so hyper takes its head as sent.
-    pub(crate) fn poll_write_with(
+    fn poll_write_with(
         &mut self,
         mut write: impl FnMut(&[u8]) -> Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
@@ -209,7 +341,7 @@ mod tests {
                 "hyper's date kept"
             );
             let id = field(&fields, "x-request-id");
-            assert_eq!(id, [refusal.request_id().to_str().unwrap()]);
+            assert_eq!(id, [refusal.request_id.to_str().unwrap()]);
             assert_eq!(id[0].len(), 36, "a UUID");
             assert_eq!(body["resourceType"], "OperationOutcome");
             assert_eq!(body["issue"][0]["code"], code);
