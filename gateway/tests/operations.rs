@@ -552,6 +552,33 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
     assert!(answer.contains("too-long"), "{answer}");
     assert!(upstream.received().is_empty());
 
+    // The token endpoint's clients read RFC 6749 errors, also from the limit in front of it:
+    // a body announced past the limit, and a compressed one.
+    for (extra, status) in [
+        ("Content-Length: 17000000\r\n", "413"),
+        ("Content-Encoding: gzip\r\nContent-Length: 3\r\n", "415"),
+    ] {
+        let answer = tokio::task::spawn_blocking(move || {
+            send_head(
+                addr,
+                &format!("POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n{extra}\r\nabc"),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\ncontent-type: application/json;charset=utf-8\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains(r#""error":"invalid_request""#), "{answer}");
+    }
+
     // A 10 MiB Bundle passes byte for byte.
     let entry =
         r#"{"resource":{"resourceType":"Observation","status":"final","code":{"text":"x"}}},"#;

@@ -34,6 +34,11 @@ pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 16 * 1024 * 1024;
 /// wrapped error), an error status is replaced by that `413` OperationOutcome. Each refusal
 /// counts in the `tower_fhir_body_too_large_total` metric.
 ///
+/// A request to an OAuth 2.0 endpoint (a path under `/oauth/`: the token endpoint,
+/// introspection, revocation, a client's secret rotation) is refused the same way in the form
+/// its client reads: RFC 6749 §5.2's JSON error, `invalid_request`, with the same status and
+/// description.
+///
 /// The limit is on the bytes sent, so a body sent compressed (a `Content-Encoding` other than
 /// `identity`) would be held to it only as compressed: a few MiB of gzip can inflate to
 /// gigabytes in a server that decompresses request bodies (HAPI does, by default). Such a
@@ -144,13 +149,15 @@ where
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        // The OAuth endpoints' clients read RFC 6749 errors, not OperationOutcomes.
+        let oauth = is_oauth(request.uri().path());
         if declared.is_some_and(|length| length > self.max) {
-            return BodyLimitFuture::answered(too_large(Some(self.max)));
+            return BodyLimitFuture::answered(too_large_for(Some(self.max), oauth));
         }
         // (A request that has no body has nothing to inflate. An HTTP/2 GET may have one.)
         let no_body = || declared == Some(0) || request.body().is_end_stream();
         if !self.coded && is_coded(request.headers()) && !no_body() {
-            return BodyLimitFuture::answered(coded_refused());
+            return BodyLimitFuture::answered(coded_refused(oauth));
         }
         // Watched only when there may be a body (not for the reads that are most requests).
         let hit = (!no_body()).then(Arc::default);
@@ -165,6 +172,7 @@ where
             inner: ResponseFuture::inner(future),
             hit,
             max: self.max,
+            oauth,
         }
     }
 }
@@ -226,6 +234,7 @@ pin_project! {
         inner: ResponseFuture<F>,
         hit: Option<Arc<AtomicBool>>,
         max: u64,
+        oauth: bool,
     }
 }
 
@@ -235,6 +244,7 @@ impl<F> BodyLimitFuture<F> {
             inner: ResponseFuture::answered(response),
             hit: None,
             max: 0,
+            oauth: false,
         }
     }
 }
@@ -259,15 +269,20 @@ where
             .hit
             .as_ref()
             .is_some_and(|hit| hit.load(Ordering::Relaxed));
-        // The proxy's own 413 (an OperationOutcome, counted already) is kept; a success stays
-        // what it was.
-        let outcome_413 = status == StatusCode::PAYLOAD_TOO_LARGE
+        // The proxy's own 413 (an OperationOutcome, counted already) is kept, as is the token
+        // endpoint's (RFC 6749 JSON); a success stays what it was.
+        let own_413 = status == StatusCode::PAYLOAD_TOO_LARGE
             && response
                 .headers()
                 .get(header::CONTENT_TYPE)
-                .is_some_and(|t| t.as_bytes().starts_with(b"application/fhir+json"));
-        if refused && !outcome_413 && (status.is_client_error() || status.is_server_error()) {
-            return Poll::Ready(Ok(too_large(Some(*this.max)).map(ResponseBody::full)));
+                .is_some_and(|t| {
+                    let t = t.as_bytes();
+                    t.starts_with(b"application/fhir+json")
+                        || (*this.oauth && t.starts_with(b"application/json"))
+                });
+        if refused && !own_413 && (status.is_client_error() || status.is_server_error()) {
+            let answer = too_large_for(Some(*this.max), *this.oauth);
+            return Poll::Ready(Ok(answer.map(ResponseBody::full)));
         }
         Poll::Ready(Ok(response))
     }
@@ -286,14 +301,60 @@ fn is_coded(headers: &http::HeaderMap) -> bool {
         })
 }
 
+/// Whether `path` is one of the OAuth 2.0 endpoints (`/oauth/token`, introspection,
+/// revocation, a client's secret rotation), whose clients read RFC 6749 errors.
+fn is_oauth(path: &str) -> bool {
+    path.starts_with("/oauth/")
+}
+
+/// A refusal in the form its client reads: an OperationOutcome of `code` for FHIR, RFC 6749
+/// §5.2's `invalid_request` for the OAuth endpoints (`oauth`), with `description` either way.
+fn refusal(
+    oauth: bool,
+    status: StatusCode,
+    code: IssueType,
+    description: &str,
+) -> Response<bytes::Bytes> {
+    if !oauth {
+        return OperationOutcome::error(code, description).to_response(status);
+    }
+    let body = serde_json::json!({
+        "error": "invalid_request",
+        "error_description": description,
+    });
+    let mut response = Response::new(bytes::Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(header::PRAGMA, http::HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    response
+        .extensions_mut()
+        .insert(crate::outcome::Refusal("invalid_request"));
+    response
+}
+
 /// `415` for a compressed body, with `Accept-Encoding: identity` (RFC 9110 §15.5.16).
-fn coded_refused() -> Response<bytes::Bytes> {
-    let mut response = OperationOutcome::error(
+fn coded_refused(oauth: bool) -> Response<bytes::Bytes> {
+    let mut response = refusal(
+        oauth,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IssueType::NotSupported,
         "This gateway does not accept compressed request bodies (Content-Encoding): send the \
          body uncompressed",
-    )
-    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    );
     response.headers_mut().insert(
         header::ACCEPT_ENCODING,
         http::HeaderValue::from_static("identity"),
@@ -303,13 +364,23 @@ fn coded_refused() -> Response<bytes::Bytes> {
 
 /// `413` with an OperationOutcome naming the limit when known; counted.
 pub(crate) fn too_large(max: Option<u64>) -> Response<bytes::Bytes> {
+    too_large_for(max, false)
+}
+
+/// `413` naming the limit when known, as an OperationOutcome or (`oauth`) an RFC 6749 error;
+/// counted.
+fn too_large_for(max: Option<u64>, oauth: bool) -> Response<bytes::Bytes> {
     metrics::counter!("tower_fhir_body_too_large_total").increment(1);
     let diagnostics = match max {
         Some(max) => format!("The request body is larger than this gateway accepts ({max} bytes)"),
         None => "The request body is larger than this gateway accepts".to_owned(),
     };
-    OperationOutcome::error(IssueType::TooLong, diagnostics)
-        .to_response(StatusCode::PAYLOAD_TOO_LARGE)
+    refusal(
+        oauth,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        IssueType::TooLong,
+        &diagnostics,
+    )
 }
 
 /// Whether `error` (or what caused it) is a [`Limited`] body's "too long".
@@ -407,6 +478,101 @@ mod tests {
             let allowed = service(true).oneshot(request(codings)).await.unwrap();
             assert_eq!(allowed.status(), StatusCode::OK, "{codings:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_oauth_endpoints_are_refused_with_rfc_6749_errors() {
+        let inner = tower::service_fn(|_r: Request<LimitedBody<http_body_util::Full<Bytes>>>| {
+            async {
+                // An endpoint whose body read failed at the limit answers some error of its
+                // own: replaced by the 413 in its client's form.
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::BAD_REQUEST)
+                        .body(http_body_util::Empty::<Bytes>::new())
+                        .unwrap(),
+                )
+            }
+        });
+        let service = BodyLimitLayer::new(4).layer(inner);
+        let declared = |path: &str| {
+            Request::post(path)
+                .header("content-length", "5")
+                .body(http_body_util::Full::new(Bytes::from("12345")))
+                .unwrap()
+        };
+        let coded = |path: &str| {
+            Request::post(path)
+                .header("content-encoding", "gzip")
+                .body(http_body_util::Full::new(Bytes::from("x")))
+                .unwrap()
+        };
+        let streamed = |path: &str| {
+            let chunks = futures::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+                Bytes::from("12345"),
+            ))]);
+            Request::post(path).body(StreamBody::new(chunks)).unwrap()
+        };
+        for path in [
+            "/oauth/token",
+            "/oauth/introspect",
+            "/oauth/revoke",
+            "/oauth/clients/app/secret",
+        ] {
+            for (request, status) in [
+                (declared(path), StatusCode::PAYLOAD_TOO_LARGE),
+                (coded(path), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ] {
+                let response = service.clone().oneshot(request).await.unwrap();
+                assert_oauth_error(response, status, path).await;
+            }
+            let streaming = BodyLimitLayer::new(4).layer(tower::service_fn(
+                |request: Request<LimitedBody<StreamBody<_>>>| async move {
+                    let read = request.into_body().collect().await;
+                    assert!(read.is_err());
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(StatusCode::BAD_REQUEST)
+                            .body(http_body_util::Empty::<Bytes>::new())
+                            .unwrap(),
+                    )
+                },
+            ));
+            let response = streaming.oneshot(streamed(path)).await.unwrap();
+            assert_oauth_error(response, StatusCode::PAYLOAD_TOO_LARGE, path).await;
+        }
+        // FHIR paths, `/oauth` itself and look-alikes keep the OperationOutcome.
+        for path in ["/Patient", "/oauth", "/oauthx/token", "/Binary/oauth/"] {
+            let response = service.clone().oneshot(declared(path)).await.unwrap();
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                "application/fhir+json",
+                "{path}"
+            );
+        }
+    }
+
+    async fn assert_oauth_error<B>(response: Response<B>, status: StatusCode, path: &str)
+    where
+        B: Body,
+        B::Error: std::fmt::Debug,
+    {
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/json;charset=UTF-8",
+            "{path}"
+        );
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(
+            response.extensions().get::<crate::outcome::Refusal>(),
+            Some(&crate::outcome::Refusal("invalid_request"))
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"], "invalid_request", "{path}");
+        assert!(error["error_description"].as_str().is_some(), "{path}");
     }
 
     #[tokio::test]
