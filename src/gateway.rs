@@ -79,7 +79,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-#[cfg(feature = "token")]
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tokio::sync::broadcast;
@@ -92,6 +91,7 @@ use crate::limit::{RateLimitBuilder, RateLimitLayer, RateLimiting};
 use crate::metadata::{
     CapabilityCache, CapabilityCacheLayer, Metadata, MetadataBuilder, MetadataLayer,
 };
+use crate::outcome::{IssueType, OperationOutcome};
 use crate::proxy::{FhirProxy, FhirProxyBuilder, ProxyBody};
 use crate::route::{
     RouteCache, TenantDirectory, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
@@ -762,6 +762,22 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        // A target that names no resource (`*`, `host:port`): refused before any layer reads
+        // its path as one.
+        if let Some(why) = crate::proxy::path::not_a_path(request.uri().path()) {
+            let refused = OperationOutcome::error(IssueType::Invalid, why.0)
+                .to_response(http::StatusCode::BAD_REQUEST)
+                .map(|body| {
+                    http_body_util::Full::new(body)
+                        .map_err(|never| match never {})
+                        .boxed_unsync()
+                });
+            return GatewayFuture {
+                kind: FutureKind::Boxed {
+                    future: Box::pin(std::future::ready(refused)),
+                },
+            };
+        }
         #[cfg(feature = "token")]
         if let Some(token) = &self.token {
             if let Some(route) = TokenRoutes::route(request.uri().path()) {

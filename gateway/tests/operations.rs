@@ -643,6 +643,35 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
     assert_eq!(upstream.received().len(), received);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_is_no_path_is_refused_not_sent_to_the_tenants_base() {
+    let dir = scratch("operations-targets");
+    let upstream = RecordingUpstream::start().await;
+    let gw = start(&dir, &upstream, json!({}));
+    let token = token(&gw.client).await;
+    let addr = gw.addr;
+    for (line, says) in [
+        // The authority form, for CONNECT alone: its empty path would become the base's.
+        (format!("GET 127.0.0.1:{} HTTP/1.1", addr.port()), "only CONNECT"),
+        ("POST upstream.example:443 HTTP/1.1".to_owned(), "only CONNECT"),
+        ("GET * HTTP/1.1".to_owned(), "asks of the server itself"),
+        ("OPTIONS * HTTP/1.1".to_owned(), "asks of the server itself"),
+    ] {
+        let head = format!(
+            "{line}\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let answer = tokio::task::spawn_blocking(move || send_head(addr, &head))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{line}: {answer}");
+        assert!(answer.contains(says), "{line}: {answer}");
+        assert!(answer.contains("application/fhir+json"), "{line}: {answer}");
+    }
+    assert!(upstream.received().is_empty());
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Resident memory of `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

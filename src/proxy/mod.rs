@@ -15,7 +15,8 @@
 //!   (`X-HTTP-Method-Override`, `X-Original-URL`, `X-Rewrite-URL`) an upstream might honour
 //!   behind the gateway's checks, `Accept-Encoding` (a compressed answer could not be
 //!   rewritten: `Accept-Encoding: identity` is sent instead, as a request without it takes
-//!   any coding), and anything else; `OPTIONS *` is not forwarded (`400`);
+//!   any coding), and anything else; a target that is no path is not forwarded (`400`):
+//!   `OPTIONS *`, or the authority form (`host:port`, for `CONNECT` alone);
 //! - `Host` set to the upstream; `Forwarded` and `X-Forwarded-For` started afresh (a client's
 //!   own, and its `X-Real-IP`, `X-Forwarded-Port`, `-Prefix`, `-Server`, dropped), or extended
 //!   with [`trust_forwarded_headers`](FhirProxyBuilder::trust_forwarded_headers) behind a load
@@ -84,7 +85,7 @@
 mod body;
 mod deadline;
 mod headers;
-mod path;
+pub(crate) mod path;
 mod pool;
 mod response;
 mod rewrite;

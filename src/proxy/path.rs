@@ -22,12 +22,8 @@ pub(crate) struct UnsafePath(pub(crate) &'static str);
 /// would be a network path to some upstreams).
 pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
-    // `OPTIONS *` asks of the server, not of a resource: under a base path it would become
-    // one (`/fhir/*`).
-    if !path.is_empty() && !path.starts_with('/') {
-        return Err(UnsafePath(
-            "The request target is not a path: OPTIONS * is not forwarded",
-        ));
+    if let Some(why) = not_a_path(path) {
+        return Err(why);
     }
     check_segments(path)?;
     let merged;
@@ -59,6 +55,28 @@ pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAnd
     }
     PathAndQuery::try_from(joined)
         .map_err(|_| UnsafePath("The request path is not a valid URI path"))
+}
+
+/// Why a request whose target has `path` names no resource, if it does not: the asterisk
+/// form (`OPTIONS *` asks of the server, not of a resource: under a base path it would become
+/// one, `/fhir/*`) and the authority form (`host:port`, for `CONNECT` alone; its path is
+/// empty, and would become the base's). An origin- or absolute-form target's path begins
+/// with `/`.
+pub(crate) fn not_a_path(path: &str) -> Option<UnsafePath> {
+    if path.starts_with('/') {
+        return None;
+    }
+    Some(UnsafePath(match path {
+        "*" => {
+            "The request target * asks of the server itself (as OPTIONS *), not of a FHIR \
+                resource: it is not forwarded"
+        }
+        "" => {
+            "The request target names a host and port but no path (the authority form, \
+               which only CONNECT uses): send the resource's path"
+        }
+        _ => "The request target is not a path",
+    }))
 }
 
 /// The whole URI on the upstream for a request whose target is `target`.
@@ -240,11 +258,17 @@ mod tests {
     }
 
     #[test]
-    fn an_asterisk_target_is_no_path_to_forward() {
+    fn asterisk_and_authority_targets_are_no_path_to_forward() {
         let base = UpstreamBase::parse("http://ehr:9001/fhir").unwrap();
-        let target = Uri::from_static("*");
-        assert_eq!(target.path(), "*");
-        assert!(upstream_path(&base, &target).is_err());
+        for (target, says) in [("*", "OPTIONS *"), ("ehr:9002", "only CONNECT uses")] {
+            let target: Uri = target.parse().unwrap();
+            let refused = upstream_path(&base, &target).unwrap_err();
+            assert!(refused.0.contains(says), "{target}: {}", refused.0);
+        }
+        assert_eq!(Uri::from_static("ehr:9002").path(), "");
+        // An absolute-form target's path is never empty.
+        assert_eq!(Uri::from_static("http://ehr:9002").path(), "/");
+        assert!(not_a_path("/").is_none());
     }
 
     #[test]
