@@ -28,6 +28,7 @@ mod config;
 mod demo;
 mod demo_fhir;
 mod front;
+mod host;
 mod per_address;
 mod serve;
 mod state;

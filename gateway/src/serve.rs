@@ -358,21 +358,28 @@ async fn accept(
                     PeerSays::DropChains => drop_chains(request.headers_mut()),
                 }
             }
+            // RFC 9112 §3.2: no Host, more than one, or one that is no host and port: 400.
+            let bad_host = crate::host::problem(request.version(), request.headers());
             let to_admin = only_admin || request.uri().path().starts_with("/admin/");
             // A panic of a layer inside (a bug), as it is called or as its answer is polled,
             // is answered 500 here rather than ending the connection (with HTTP/2, every
             // other request on it, when it panics as it is called).
-            let answer = call_contained(|| {
-                match admin.as_ref().filter(|_| to_admin) {
-                    // Boxed: the admin API's future is as large as the gateway's, and a
-                    // request's future is moved whole (hyper stores it per request).
-                    Some(router) => future::Either::Right(Box::pin(call_now(
-                        router.clone(),
-                        request.map(axum::body::Body::new),
-                    ))),
-                    None => future::Either::Left(connection_gateway.call(request)),
-                }
-            });
+            let answer = if let Some(why) = bad_host {
+                closed("malformed_request");
+                Err(Box::new(crate::host::refused(why, peer, request.version())))
+            } else {
+                call_contained(|| {
+                    match admin.as_ref().filter(|_| to_admin) {
+                        // Boxed: the admin API's future is as large as the gateway's, and a
+                        // request's future is moved whole (hyper stores it per request).
+                        Some(router) => future::Either::Right(Box::pin(call_now(
+                            router.clone(),
+                            request.map(axum::body::Body::new),
+                        ))),
+                        None => future::Either::Left(connection_gateway.call(request)),
+                    }
+                })
+            };
             async move {
                 let response = match answer {
                     Err(panicked) => (*panicked).map(Either::Right),

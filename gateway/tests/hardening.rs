@@ -460,6 +460,73 @@ fn a_head_the_http_server_cannot_parse_is_answered_with_an_operation_outcome_and
 }
 
 #[test]
+fn a_missing_repeated_or_invalid_host_is_refused_before_any_layer() {
+    let (keys, metrics) = with_metrics(json!({}));
+    let (_proc, addr, _dir) = start("host", keys);
+    let heads = [
+        "GET /metadata HTTP/1.1\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET /metadata HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: a b\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: user@evil.example\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: [::1\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: x:99999999\r\n\r\n",
+        "GET /admin/tenants HTTP/1.1\r\n\r\n",
+    ];
+    for head in heads {
+        let mut stream = connect(addr);
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        // Read to the end: the connection is closed after the answer.
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.0 400"),
+            "{head:?}: {answer}"
+        );
+        let lower = answer.to_ascii_lowercase();
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(lower.contains("\r\nx-request-id: "), "{answer}");
+        assert!(answer.contains("Host header field"), "{answer}");
+        assert!(
+            answer.contains("\"resourceType\":\"OperationOutcome\""),
+            "{answer}"
+        );
+    }
+    // One sound Host, and none in HTTP/1.0, pass.
+    for head in [
+        "GET /metadata HTTP/1.1\r\nHost: gw.example:8443\r\nConnection: close\r\n\r\n",
+        "GET /metadata HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+        "GET /metadata HTTP/1.0\r\n\r\n",
+    ] {
+        let mut stream = connect(addr);
+        stream.write_all(head.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "{head:?}: {answer}"
+        );
+    }
+    assert_eq!(
+        metric_reaching(
+            metrics,
+            "tower_fhir_connections_closed_total",
+            "reason=\"malformed_request\"",
+            heads.len() as f64
+        ),
+        heads.len() as f64
+    );
+}
+
+#[test]
 fn a_token_request_body_held_back_past_the_header_read_timeout_gets_408_and_a_close() {
     let (proc, addr, _dir) = start_short_heads("slow-body");
     let mut slow = connect(addr);

@@ -652,8 +652,14 @@ async fn a_target_that_is_no_path_is_refused_not_sent_to_the_tenants_base() {
     let addr = gw.addr;
     for (line, says) in [
         // The authority form, for CONNECT alone: its empty path would become the base's.
-        (format!("GET 127.0.0.1:{} HTTP/1.1", addr.port()), "only CONNECT"),
-        ("POST upstream.example:443 HTTP/1.1".to_owned(), "only CONNECT"),
+        (
+            format!("GET 127.0.0.1:{} HTTP/1.1", addr.port()),
+            "only CONNECT",
+        ),
+        (
+            "POST upstream.example:443 HTTP/1.1".to_owned(),
+            "only CONNECT",
+        ),
         ("GET * HTTP/1.1".to_owned(), "asks of the server itself"),
         ("OPTIONS * HTTP/1.1".to_owned(), "asks of the server itself"),
     ] {

@@ -1,0 +1,200 @@
+//! The `Host` rules of RFC 9112 §3.2 for the requests an HTTP/1.x connection brings.
+//!
+//! A server must answer `400` to an HTTP/1.1 request without a `Host` header field, and to any
+//! request with more than one, or with an invalid value. hyper checks none of it, and the
+//! gateway reads no `Host` (the upstream gets its own, links use `public_base_url`), but a
+//! balancer or cache in front may key on it: one that reads a request's `Host` otherwise than
+//! the gateway would is a known way to poison a cache or confuse routing. So such a request is
+//! refused as the connection reads it, before any layer: `400` with an OperationOutcome, a new
+//! `X-Request-Id` and, over HTTP/1.x, `Connection: close` (the client's framing is not to be
+//! trusted further), logged at `info` and counted as a `malformed_request` closing. HTTP/2
+//! requests name their authority in `:authority`; a `Host` beside it is checked the same way.
+
+use http::header::HOST;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Version};
+use tower_fhir::ops::{MakeUuid, X_REQUEST_ID};
+use tower_fhir::outcome::{IssueType, OperationOutcome};
+use tower_http::request_id::{MakeRequestId, RequestId};
+
+/// Why a request's `Host` breaks RFC 9112 §3.2, if it does.
+pub(crate) fn problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => {
+            Some("An HTTP/1.1 request must have a Host header field (RFC 9112 §3.2)")
+        }
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("The request has more than one Host header field"),
+        (Some(host), None) if !is_valid(host) => Some(
+            "The Host header field is not a host and port (RFC 9112 §3.2: `host` or \
+             `host:port`, no user information)",
+        ),
+        (Some(_), None) => None,
+    }
+}
+
+/// Whether `value` is RFC 3986's `uri-host [ ":" port ]`: a registered name or IPv4 address
+/// (unreserved characters, sub-delimiters, percent-encoded bytes; empty allowed), or an IPv6
+/// address in brackets; a port of digits up to 65535.
+fn is_valid(value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    let (host, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(close) = rest.iter().position(|&byte| byte == b']') else {
+            return false;
+        };
+        let literal = std::str::from_utf8(&rest[..close]).ok();
+        if literal
+            .and_then(|ip| ip.parse::<std::net::Ipv6Addr>().ok())
+            .is_none()
+        {
+            return false;
+        }
+        match &rest[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&[][..], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match value.iter().rposition(|&byte| byte == b':') {
+            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+            None => (value, None),
+        }
+    };
+    let port_ok = port.is_none_or(|port| {
+        port.is_empty()
+            || (port.len() <= 5
+                && port.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(port)
+                    .ok()
+                    .and_then(|port| port.parse::<u32>().ok())
+                    .is_some_and(|port| port <= 65_535))
+    });
+    port_ok && is_reg_name(host)
+}
+
+/// RFC 3986's `reg-name` (which an IPv4 address also is).
+fn is_reg_name(name: &[u8]) -> bool {
+    let mut bytes = name.iter();
+    while let Some(&byte) = bytes.next() {
+        let fine = match byte {
+            b'%' => {
+                let hex = |byte: Option<&u8>| byte.is_some_and(u8::is_ascii_hexdigit);
+                hex(bytes.next()) && hex(bytes.next())
+            }
+            b'-' | b'.' | b'_' | b'~' => true,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
+            _ => byte.is_ascii_alphanumeric(),
+        };
+        if !fine {
+            return false;
+        }
+    }
+    true
+}
+
+/// The `400` a request whose `Host` breaks the rules gets: logged at `info` with its new
+/// request id.
+pub(crate) fn refused(
+    why: &'static str,
+    peer: std::net::SocketAddr,
+    version: Version,
+) -> http::Response<axum::body::Body> {
+    let id = MakeUuid
+        .make_request_id(&Request::new(()))
+        .map(RequestId::into_header_value);
+    tracing::info!(
+        %peer,
+        request_id = id.as_ref().and_then(|id| id.to_str().ok()),
+        why,
+        "a request refused for its Host header field, and its connection closed"
+    );
+    let mut response = OperationOutcome::error(IssueType::Invalid, why)
+        .to_response(StatusCode::BAD_REQUEST)
+        .map(axum::body::Body::from);
+    let headers = response.headers_mut();
+    // (HTTP/2 has no `Connection`: its other streams are not this request's.)
+    if version <= Version::HTTP_11 {
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(id) = id {
+        headers.insert(X_REQUEST_ID, id);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_hosts(hosts: &[&'static str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for host in hosts {
+            headers.append(HOST, HeaderValue::from_static(host));
+        }
+        headers
+    }
+
+    #[test]
+    fn one_valid_host_passes() {
+        for host in [
+            "fhir.example",
+            "fhir.example:443",
+            "127.0.0.1:8080",
+            "[::1]",
+            "[::1]:8080",
+            "[2001:db8::7]:443",
+            "x:",
+            "",
+            "gw_1.internal",
+            "a%41b",
+            "FHIR.Example",
+        ] {
+            assert_eq!(
+                problem(Version::HTTP_11, &with_hosts(&[host])),
+                None,
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_repeated_or_invalid_host_is_refused() {
+        assert!(problem(Version::HTTP_11, &with_hosts(&[]))
+            .unwrap()
+            .contains("must have"));
+        // HTTP/1.0 and HTTP/2 need none.
+        assert_eq!(problem(Version::HTTP_10, &with_hosts(&[])), None);
+        assert_eq!(problem(Version::HTTP_2, &with_hosts(&[])), None);
+        for version in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
+            assert!(problem(version, &with_hosts(&["a", "b"]))
+                .unwrap()
+                .contains("more than one"));
+            assert!(problem(version, &with_hosts(&["a", "a"])).is_some());
+        }
+        for host in [
+            "a b",
+            "user@evil.example",
+            "user:pass@evil.example",
+            "[::1",
+            "[::1]x",
+            "[not-ip]",
+            "[::1]:99999",
+            "x:99999999",
+            "x:65536",
+            "x:8a",
+            "x:-1",
+            "a/b",
+            "a?b",
+            "a#b",
+            "a\\\\b",
+            "%zz",
+            "%4",
+            "a:b:c",
+        ] {
+            assert!(
+                problem(Version::HTTP_11, &with_hosts(&[host])).is_some(),
+                "{host}"
+            );
+        }
+    }
+}
