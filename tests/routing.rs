@@ -2228,6 +2228,72 @@ async fn an_http2_get_whose_stream_never_ends_gets_408_after_the_upstreams_timeo
     assert!(upstream.received().is_empty());
 }
 
+/// An upstream that reads a request's body until it has sent nothing for `patience`, then
+/// closes the connection unanswered (as Tomcat does to a body that stops arriving).
+async fn impatient_upstream(patience: Duration) -> String {
+    raw_upstream(move |_head, mut stream| async move {
+        let mut buf = [0u8; 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(patience, stream.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_408_not_a_502() {
+    let base = impatient_upstream(Duration::from_millis(1500)).await;
+    let upstream = Upstream::parse(&base, FhirVersion::Stu3)
+        .unwrap()
+        .with_timeout(Duration::from_secs(10));
+    let gw = gateway(
+        vec![(TENANT_A, TenantRecord::new([upstream]).unwrap())],
+        Duration::from_secs(60),
+    )
+    .await;
+    let addr = gw.addr;
+    let token = token_for(TENANT_A);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{{\"resourceType\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer once the upstream gave up");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // An upstream that fails while the body is not waiting on the client is the upstream's
+    // failure still: a whole body, the connection closed unanswered.
+    let body = r#"{"resourceType":"Patient"}"#;
+    let reply = gw
+        .client
+        .send(
+            "POST",
+            "/Patient",
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("content-type", "application/fhir+json"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+}
+
 #[tokio::test]
 async fn a_bodiless_answer_keeps_the_length_it_speaks_of_and_a_204_has_none() {
     // An upstream answering HEAD with the length of the GET's body, a 304 with its

@@ -59,6 +59,14 @@ impl Turns {
         self.turn.load(Ordering::Relaxed) & 1 == 1
     }
 
+    /// Whether the body has waited on the client, having nothing to hand over, for at least
+    /// `at_least` (it has not ended, nor failed): when the upstream gives up on the request
+    /// then, it gave up waiting for the client.
+    pub(super) fn waiting_on_client(&self, at_least: Duration) -> bool {
+        let (clients, since) = self.current();
+        clients && since.elapsed() >= at_least
+    }
+
     /// Whose turn it is, and when it began.
     fn current(&self) -> (bool, Instant) {
         let turn = self.turn.load(Ordering::Relaxed);

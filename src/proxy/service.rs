@@ -372,6 +372,12 @@ fn body_on_get() -> Response<ProxyBody> {
     )
 }
 
+/// How long a request body must have been waiting on the client, with nothing to hand over,
+/// for an upstream's failure then to be the client's doing (`408`, not `502`): the upstream
+/// gave up waiting for the rest (Tomcat does after 20 s, for one). Shorter waits are a client
+/// between two chunks, and the upstream's failure is its own.
+const CLIENT_STALL: Duration = Duration::from_secs(1);
+
 /// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most): `Ok(true)`;
 /// `Ok(false)` when it sends something. `Err` is the answer when it does not end in time
 /// (`408`, as any body that keeps the gateway waiting) or fails as it is read.
@@ -583,7 +589,23 @@ where
                     // request, and the client gets the body's answer. (Over HTTP/2 the
                     // connection reports only a reset stream: the body's own record says why.)
                     let failure = BodyFailure::of(&*error).or_else(|| turns.as_ref()?.failure());
+                    // An upstream that closed the exchange while the body had long been waiting
+                    // on the client gave up waiting for it (its own body timeout is shorter
+                    // than ours): the client's doing, as when our timeout ends the wait.
+                    let stalled = failure.is_none()
+                        && turns
+                            .as_ref()
+                            .is_some_and(|turns| turns.waiting_on_client(CLIENT_STALL));
                     return Ok(match failure {
+                        None if stalled => {
+                            tracing::info!(
+                                upstream = %upstream.base(),
+                                %error,
+                                "the upstream gave up on a request body that stopped arriving"
+                            );
+                            metrics::counter!("tower_fhir_body_timeouts_total").increment(1);
+                            BodyFailure::TooSlow.answer(None).map(ProxyBody::full)
+                        }
                         Some(failure) => {
                             tracing::info!(upstream = %upstream.base(), ?failure, "request body failed");
                             failure.answer(None).map(ProxyBody::full)
