@@ -687,16 +687,20 @@ impl<'g> Check<'g> {
     pub(crate) fn bundle(&self, body: &[u8]) -> Result<Allowed, Refused> {
         // A key twice in one object is read as its last by this parser and as its first by
         // others: the FHIR server could run another request than the one checked.
-        if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
-            return Err(Refused::malformed(
-                "The batch or transaction is not a JSON Bundle with each key once in an object: \
-                 servers differ on which of two counts, so its entries cannot be checked",
-            ));
+        // (The parser's own words say where and what: a key twice, nesting past 128 levels, a
+        // number out of range, or no JSON at all.)
+        if let Err(why) = serde_json::from_slice::<NoDuplicateKeys>(body) {
+            return Err(Refused::malformed(format!(
+                "The batch or transaction is not a JSON Bundle with each key once in an object \
+                 (servers differ on which of two counts), so its entries cannot be checked: \
+                 {why}"
+            )));
         }
-        let bundle: Value = serde_json::from_slice(body).map_err(|_| {
-            Refused::malformed(
-                "The batch or transaction is not a JSON Bundle: its entries cannot be checked",
-            )
+        let bundle: Value = serde_json::from_slice(body).map_err(|why| {
+            Refused::malformed(format!(
+                "The batch or transaction is not a JSON Bundle: its entries cannot be checked: \
+                 {why}"
+            ))
         })?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(Refused::malformed(
@@ -926,16 +930,16 @@ fn entry_patch(n: usize, resource: &Value) -> Result<Value, Refused> {
 /// A written resource's JSON, refused when it is not JSON or holds a key twice in an object
 /// (servers differ on which of the two counts).
 pub(crate) fn json_resource(body: &[u8]) -> Result<Value, Refused> {
-    let refused = || {
-        Refused::malformed(
+    // (The parser's own words say where and what: a key twice, nesting past 128 levels, a
+    // number out of range, or no JSON at all.)
+    let refused = |why: serde_json::Error| {
+        Refused::malformed(format!(
             "The body is not JSON with each key once in an object: its resource cannot be \
-             checked",
-        )
+             checked: {why}"
+        ))
     };
-    if serde_json::from_slice::<NoDuplicateKeys>(body).is_err() {
-        return Err(refused());
-    }
-    serde_json::from_slice(body).map_err(|_| refused())
+    serde_json::from_slice::<NoDuplicateKeys>(body).map_err(refused)?;
+    serde_json::from_slice(body).map_err(refused)
 }
 
 /// The conditional references (`reference` strings holding a `?`) anywhere in `value`.
@@ -2061,6 +2065,36 @@ mod tests {
             {"request":{"method":"DELETE","url":"Patient/1","method":"GET"}}]}"#;
         let refused = check.bundle(twice).unwrap_err();
         assert!(refused.diagnostics.contains("each key once"), "{refused:?}");
+        assert!(
+            refused
+                .diagnostics
+                .contains("a key twice in one object at line 2"),
+            "{refused:?}"
+        );
+        // What the parser could not read is named, and where.
+        let deep = format!(
+            r#"{{"resourceType":"Bundle","type":"batch","x":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let refused = check.bundle(deep.as_bytes()).unwrap_err();
+        assert!(
+            refused.diagnostics.contains("recursion limit exceeded"),
+            "{refused:?}"
+        );
+        let huge = br#"{"resourceType":"Bundle","type":"batch","x":1e999999}"#;
+        let refused = check.bundle(huge).unwrap_err();
+        assert!(
+            refused.diagnostics.contains("number out of range"),
+            "{refused:?}"
+        );
+        let refused = json_resource(br#"{"resourceType":"Patient","x":1e999999}"#).unwrap_err();
+        assert!(
+            refused
+                .diagnostics
+                .contains("number out of range at line 1"),
+            "{refused:?}"
+        );
         let escaped = br#"{"resourceType":"Bundle","type":"batch","entry":[
             {"request":{"method":"DELETE","url":"Patient/1","m\u0065thod":"GET"}}]}"#;
         assert!(check.bundle(escaped).is_err());
