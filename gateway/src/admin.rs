@@ -272,7 +272,8 @@ async fn require_admin(State(admin): State<Arc<Admin>>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token);
+        // RFC 6750: `Bearer 1*SP b64token`, as the FHIR routes read it.
+        .map(|(_, token)| token.trim_start_matches(' '));
     // The client a trusted balancer names, else the connection's peer.
     let from = ForwardedClient::source(request.extensions());
     // The address as it is written (`Option`'s `Debug` would wrap it in `Some(...)`).

@@ -1028,6 +1028,23 @@ async fn every_admin_path_needs_the_token_and_every_refusal_is_json() {
         let reply = gw.client.send("GET", "/admin/tenants", &pair, "").await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
     }
+    // RFC 6750's `Bearer 1*SP token`, the scheme in any case: read as the FHIR routes read it.
+    for spelled in [
+        format!("Bearer  {admin_token}"),
+        format!("bearer {admin_token}"),
+        format!("BEARER   {admin_token}"),
+    ] {
+        let reply = gw
+            .client
+            .send("GET", "/admin/tenants", &[("authorization", &spelled)], "")
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{spelled:?}: {}",
+            reply.text()
+        );
+    }
     // A chunked body past the limit, found as it arrives: 413, JSON too.
     let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
