@@ -2228,6 +2228,25 @@ async fn an_http2_get_whose_stream_never_ends_gets_408_after_the_upstreams_timeo
     assert!(upstream.received().is_empty());
 }
 
+#[tokio::test]
+async fn a_token_in_the_query_never_reaches_the_upstream() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let token = token_for(TENANT_A);
+    let reply = gw
+        .client
+        .send(
+            "GET",
+            &format!("/Patient?name=x&access_token={token}"),
+            &[("authorization", &format!("Bearer {token}"))],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("query string"), "{}", reply.text());
+    assert!(upstream.received().is_empty());
+}
+
 /// An upstream that reads a request's body until it has sent nothing for `patience`, then
 /// closes the connection unanswered (as Tomcat does to a body that stops arriving).
 async fn impatient_upstream(patience: Duration) -> String {

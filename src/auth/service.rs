@@ -55,6 +55,9 @@ where
             }
         }
         let verifier = &self.config.verifier;
+        if let Err(rejection) = verifier.refuse_query_token(request.uri().query()) {
+            return ResponseFuture::reject(&self.config, &rejection);
+        }
         let verdict = match verifier.extract(request.headers()) {
             Ok(token) => verifier.verify(token),
             Err(rejection) => Verdict::Reject(rejection),
@@ -175,6 +178,49 @@ mod tests {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(body(response).await.contains("OperationOutcome"));
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_token_in_the_query_is_refused_before_the_inner_service() {
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let service = static_layer().layer(service_fn(move |r| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            echo_subject(r)
+        }));
+        let good = token(None, 60);
+        for uri in [
+            format!("/Patient?access_token={good}"),
+            format!("/Patient?_count=1&%61ccess_token={good}"),
+        ] {
+            // With the header too (two ways at once), or alone.
+            for header in [true, false] {
+                let mut request = Request::get(uri.as_str());
+                if header {
+                    request = request.header(header::AUTHORIZATION, format!("Bearer {good}"));
+                }
+                let response = service
+                    .clone()
+                    .oneshot(request.body(Full::default()).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{uri}");
+                let challenge = response.headers()[header::WWW_AUTHENTICATE]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                assert!(challenge.contains("invalid_request"), "{challenge}");
+                assert!(body(response).await.contains("query string"));
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        // A parameter that merely holds the words passes.
+        let request = Request::get("/Patient?name=access_token")
+            .header(header::AUTHORIZATION, format!("Bearer {good}"))
+            .body(Full::default())
+            .unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
     }
 
     #[tokio::test]

@@ -269,6 +269,21 @@ impl Verifier {
         Ok(token)
     }
 
+    /// Refuses a request whose query string carries an access token (RFC 6750 §2.3's
+    /// `access_token` parameter): the query goes to the FHIR server as it came, so the token
+    /// would reach it and its logs (and anyone could replay it here). `invalid_request`, as
+    /// RFC 6750 §3.1 has it for a token sent in more than one way.
+    pub(crate) fn refuse_query_token(&self, query: Option<&str>) -> Result<(), Rejection> {
+        if query.is_some_and(names_a_token) {
+            return Err(self.reject(
+                RejectionKind::InvalidRequest,
+                "An access token in the query string is not accepted: it would be forwarded to \
+                 the FHIR server and its logs. Send it in an Authorization: Bearer header",
+            ));
+        }
+        Ok(())
+    }
+
     /// Verifies a token, from the cache when it can, without waiting unless keys must be
     /// fetched (also when a source says its keys changed: a retired key must not verify one
     /// more token, cached or not).
@@ -886,9 +901,48 @@ impl TokenCache {
     }
 }
 
+/// Whether `query` has an `access_token` parameter (its name percent-decoded; `&` or `;`
+/// between parameters, as servers split them).
+fn names_a_token(query: &str) -> bool {
+    let bytes = query.as_bytes();
+    // Most queries hold neither: one pass each, no split.
+    if memchr::memmem::find(bytes, b"access_token").is_none() && !bytes.contains(&b'%') {
+        return false;
+    }
+    query.split(['&', ';']).any(|pair| {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        percent_encoding::percent_decode_str(name).eq(b"access_token".iter().copied())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_access_token_parameter_is_found_in_any_spelling_a_server_reads() {
+        for query in [
+            "access_token=eyJ",
+            "_count=1&access_token=eyJ",
+            "a=1;access_token=x",
+            "%61ccess_token=x",
+            "access%5Ftoken=x",
+            "access_token",
+        ] {
+            assert!(names_a_token(query), "{query}");
+        }
+        for query in [
+            "",
+            "name=access_token",
+            "_content=access_token%3Dx",
+            "my_access_token=x",
+            "access_tokens=x",
+            "_count=1&_sort=name",
+            "name=%41",
+        ] {
+            assert!(!names_a_token(query), "{query}");
+        }
+    }
 
     #[test]
     fn token_types_are_media_types_with_application_optional() {
