@@ -34,19 +34,20 @@ pub(crate) fn problem(version: Version, headers: &HeaderMap) -> Option<&'static 
 }
 
 /// Whether `value` is RFC 3986's `uri-host [ ":" port ]`: a registered name or IPv4 address
-/// (unreserved characters, sub-delimiters, percent-encoded bytes; empty allowed), or an IPv6
-/// address in brackets; a port of digits up to 65535.
+/// (unreserved characters, sub-delimiters but `,`, percent-encoded bytes; empty allowed), or
+/// an IPv6 or IPvFuture address in brackets; a port of digits up to 65535.
 fn is_valid(value: &HeaderValue) -> bool {
     let value = value.as_bytes();
     let (host, port) = if let Some(rest) = value.strip_prefix(b"[") {
         let Some(close) = rest.iter().position(|&byte| byte == b']') else {
             return false;
         };
-        let literal = std::str::from_utf8(&rest[..close]).ok();
-        if literal
+        let literal = &rest[..close];
+        let ipv6 = std::str::from_utf8(literal)
+            .ok()
             .and_then(|ip| ip.parse::<std::net::Ipv6Addr>().ok())
-            .is_none()
-        {
+            .is_some();
+        if !ipv6 && !is_ip_future(literal) {
             return false;
         }
         match &rest[close + 1..] {
@@ -60,16 +61,36 @@ fn is_valid(value: &HeaderValue) -> bool {
             None => (value, None),
         }
     };
+    // `port = *DIGIT`: leading zeros allowed, the number at most 65535.
     let port_ok = port.is_none_or(|port| {
-        port.is_empty()
-            || (port.len() <= 5
-                && port.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(port)
-                    .ok()
-                    .and_then(|port| port.parse::<u32>().ok())
-                    .is_some_and(|port| port <= 65_535))
+        port.iter()
+            .try_fold(0u32, |number, &digit| {
+                let number = number * 10 + u32::from(digit.checked_sub(b'0')?);
+                (digit.is_ascii_digit() && number <= 65_535).then_some(number)
+            })
+            .is_some()
     });
     port_ok && is_reg_name(host)
+}
+
+/// RFC 3986's `IPvFuture`: `v` 1*HEXDIG `.` 1*( unreserved / sub-delims / `:` ).
+fn is_ip_future(literal: &[u8]) -> bool {
+    let Some(rest) = literal
+        .strip_prefix(b"v")
+        .or_else(|| literal.strip_prefix(b"V"))
+    else {
+        return false;
+    };
+    let Some(dot) = rest.iter().position(|&byte| byte == b'.') else {
+        return false;
+    };
+    let (version, address) = (&rest[..dot], &rest[dot + 1..]);
+    !version.is_empty()
+        && version.iter().all(u8::is_ascii_hexdigit)
+        && !address.is_empty()
+        && address
+            .iter()
+            .all(|&byte| byte == b':' || (byte != b'%' && is_reg_name(&[byte])))
 }
 
 /// RFC 3986's `reg-name` (which an IPv4 address also is).
@@ -82,7 +103,8 @@ fn is_reg_name(name: &[u8]) -> bool {
                 hex(bytes.next()) && hex(bytes.next())
             }
             b'-' | b'.' | b'_' | b'~' => true,
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
+            // Sub-delimiters, but `,`: `a,b` is what a proxy that joins two `Host` lines makes.
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b';' | b'=' => true,
             _ => byte.is_ascii_alphanumeric(),
         };
         if !fine {
@@ -148,6 +170,10 @@ mod tests {
             "gw_1.internal",
             "a%41b",
             "FHIR.Example",
+            "fhir.example.",
+            "x:000080",
+            "[v1.fe80::a+en1]",
+            "[V7.x]:80",
         ] {
             assert_eq!(
                 problem(Version::HTTP_11, &with_hosts(&[host])),
@@ -190,6 +216,12 @@ mod tests {
             "%zz",
             "%4",
             "a:b:c",
+            "a,b",
+            "a, b",
+            "[v.x]",
+            "[v1.]",
+            "[vz.x]",
+            "x:0065536",
         ] {
             assert!(
                 problem(Version::HTTP_11, &with_hosts(&[host])).is_some(),

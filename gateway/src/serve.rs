@@ -365,7 +365,10 @@ async fn accept(
             // is answered 500 here rather than ending the connection (with HTTP/2, every
             // other request on it, when it panics as it is called).
             let answer = if let Some(why) = bad_host {
-                closed("malformed_request");
+                // (An HTTP/2 connection goes on: only the stream is answered.)
+                if request.version() <= http::Version::HTTP_11 {
+                    closed("malformed_request");
+                }
                 Err(Box::new(crate::host::refused(why, peer, request.version())))
             } else {
                 call_contained(|| {
@@ -382,7 +385,8 @@ async fn accept(
             };
             async move {
                 let response = match answer {
-                    Err(panicked) => (*panicked).map(Either::Right),
+                    // Answered already: a panic as the request was called, or its Host.
+                    Err(answered) => (*answered).map(Either::Right),
                     Ok(future::Either::Left(gateway)) => match Contained::new(gateway).await {
                         Ok(response) => response.map(Either::Left),
                         Err(panicked) => panicked.map(Either::Right),
@@ -429,10 +433,13 @@ async fn accept(
             };
             // hyper's own answers to request heads it cannot parse go out with an
             // OperationOutcome and a request id.
-            let io = TokioIo::new(ParseErrorOutcomes::new(CountingIo {
-                stream,
-                activity: Arc::clone(&activity),
-            }));
+            let io = TokioIo::new(
+                ParseErrorOutcomes::new(CountingIo {
+                    stream,
+                    activity: Arc::clone(&activity),
+                })
+                .peer(peer),
+            );
             let mut builder = auto::Builder::clone(&builder);
             builder.http1().timer(HeadTimer {
                 activity: Arc::clone(&activity),
@@ -459,11 +466,12 @@ async fn accept(
                                     "header_read_timeout"
                                 });
                             } else if is_malformed(&*error) {
-                                // hyper answered it (400, 431, 414, given a FHIR body by
-                                // `ParseErrorOutcomes`) before any layer saw a request: no
-                                // audit record; said here.
+                                // hyper answered it (400, 431, 414; given a FHIR body by
+                                // `ParseErrorOutcomes` when it was the connection's first
+                                // head) before any layer saw a request: no audit record;
+                                // said here.
                                 closed("malformed_request");
-                                tracing::info!(%peer, %error, "a request head the HTTP server could not parse answered with an OperationOutcome (its request id logged just before), and its connection closed");
+                                tracing::info!(%peer, %error, "a request head the HTTP server could not parse was answered by it, and its connection closed");
                             }
                             tracing::debug!(%error, "connection ended with an error");
                         }

@@ -644,6 +644,49 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_looks_like_the_servers_own_refusal_passes_byte_for_byte() {
+    // What hyper writes when it cannot parse a head, as a stored Binary's bytes, sent after
+    // the response head (so the gateway writes them to the client on their own): the gateway
+    // gives hyper's own refusal a FHIR body, but never touches a response's body.
+    let lookalike = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+    let base = support::raw_upstream(move |_head, mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+            lookalike.len() * 2
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.flush().await;
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = stream.write_all(lookalike.as_bytes()).await;
+            let _ = stream.flush().await;
+        }
+    })
+    .await;
+    let dir = scratch("operations-lookalike");
+    let unused = RecordingUpstream::start().await;
+    let tenants = json!([{"id": TENANT, "upstreams": [{"base_url": base, "fhir_version": "4.0"}]}]);
+    let gw = start(&dir, &unused, json!({"tenants": tenants}));
+    let token = token(&gw.client).await;
+    for _ in 0..3 {
+        let reply = gw
+            .client
+            .send(
+                "GET",
+                "/Binary/1",
+                &[("authorization", &format!("Bearer {token}"))],
+                "",
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), lookalike.repeat(2));
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_is_no_path_is_refused_not_sent_to_the_tenants_base() {
     let dir = scratch("operations-targets");
     let upstream = RecordingUpstream::start().await;

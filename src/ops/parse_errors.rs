@@ -11,24 +11,32 @@ use tower_http::request_id::{MakeRequestId, RequestId};
 use super::{MakeUuid, X_REQUEST_ID};
 use crate::outcome::{IssueType, OperationOutcome};
 
-/// A server connection's I/O (a `TcpStream`, a TLS stream) on which hyper's HTTP/1.1 server's
-/// own answers to request heads it cannot parse go out as FHIR `OperationOutcome`s.
+/// A server connection's I/O (a `TcpStream`, or the decrypted side of a TLS stream) on which
+/// hyper's HTTP/1 server's own answer to a first request head it cannot parse goes out as a
+/// FHIR `OperationOutcome`.
 ///
 /// hyper answers such a head itself, before any layer sees a request: `400 Bad Request` (a
 /// method, target, version or header field it cannot read), `431 Request Header Fields Too
-/// Large` (a head past its read buffer, or more than its 100 fields) or `414 URI Too Long`,
-/// each with an empty body, and then closes the connection. It offers no hook for that answer,
-/// so this wrapper recognises it as hyper writes it and writes in its place the same status
-/// line with an `OperationOutcome` body (`structure`, or `too-long`), a new `X-Request-Id` (no
-/// request was ever made of the head), `Connection: close`, `Cache-Control: no-store` and
-/// hyper's own `Date`. Each such answer is logged at `info` with its request id and status.
+/// Large` (a head past its read buffer, or with more fields than it takes) or `414 URI Too
+/// Long`, each with an empty body, and then closes the connection. It offers no hook for that
+/// answer, so this wrapper recognises it as hyper writes it and writes in its place the same
+/// status line with an `OperationOutcome` body (`structure`, or `too-long`), a new
+/// `X-Request-Id` (no request was ever made of the head), `Connection: close`, `Cache-Control:
+/// no-store` and hyper's own `Date`. Each such answer is logged at `info` with its request id,
+/// its status and the peer (when given with [`peer`](Self::peer)).
 ///
-/// What is recognised is exactly hyper's answer: a `400`, `414` or `431` head at the start of
-/// a write whose only fields are `connection`, `content-length: 0` and `date`. An answer of
-/// the [`RequestIdLayer`](super::RequestIdLayer)'s stack always has an `X-Request-Id`, so
-/// nothing else is rewritten; should a later hyper write its answer otherwise, it goes out as
-/// hyper wrote it. Every other byte passes through untouched; a write costs one comparison of
-/// its first ten bytes. HTTP/2 connections pass through (their errors are frames).
+/// Only the connection's first write is looked at: the first bytes an HTTP/1 connection
+/// writes begin a response head (an HTTP/2 connection's are its preface, never taken for one),
+/// while later writes may be any part of a response body, which an upstream could fill with
+/// whatever looks like a head. It is recognised when that write is exactly hyper's answer: a
+/// `400`, `414` or `431` head whose only fields are `connection`, `content-length: 0` and
+/// `date`, and nothing after it. Every other byte passes through untouched; a write costs one
+/// branch once the first is past. A head that cannot be parsed later on a keep-alive connection
+/// gets hyper's empty answer: telling it from a body there would take the responses' framing.
+/// A service's own answer to a connection's first request is taken for hyper's only if it has
+/// that very shape: an empty `400`, `414` or `431` with no field of its own, which the
+/// [`RequestIdLayer`](super::RequestIdLayer) in front rules out (every answer then carries an
+/// `X-Request-Id`).
 ///
 /// Wrap each accepted connection before hyper serves it (with axum, in a `Listener` of your
 /// own whose `accept` wraps what the `TcpListener`'s returns):
@@ -62,14 +70,37 @@ use crate::outcome::{IssueType, OperationOutcome};
 #[derive(Debug)]
 pub struct ParseErrorOutcomes<T> {
     io: T,
+    state: State,
+    /// The client, for the log line.
+    peer: Option<std::net::SocketAddr>,
+}
+
+/// Where a [`ParseErrorOutcomes`] is in its connection's writes.
+#[derive(Debug)]
+enum State {
+    /// Nothing written yet.
+    First,
     /// hyper's answer being written in its FHIR form.
-    refusal: Option<Box<HeadRefusal>>,
+    Refusing(Box<HeadRefusal>),
+    /// Past the first write: everything passes through.
+    Passing,
 }
 
 impl<T> ParseErrorOutcomes<T> {
     /// Wraps a connection's I/O.
     pub fn new(io: T) -> Self {
-        Self { io, refusal: None }
+        Self {
+            io,
+            state: State::First,
+            peer: None,
+        }
+    }
+
+    /// Names the connection's client in the log line of a refusal.
+    #[must_use]
+    pub fn peer(mut self, peer: std::net::SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
     }
 
     /// The wrapped I/O.
@@ -89,23 +120,48 @@ impl<T> ParseErrorOutcomes<T> {
 }
 
 impl<T: AsyncWrite + Unpin> ParseErrorOutcomes<T> {
-    /// When hyper writes its own answer to a request head it could not parse (`first`: the
-    /// write's first bytes), the FHIR answer written in its place: ready once all of it is.
-    fn refusing(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Option<Poll<io::Result<usize>>> {
-        if self.refusal.is_none() {
-            let refusal = HeadRefusal::recognise(first)?;
-            tracing::info!(
-                request_id = refusal.request_id.to_str().ok(),
-                status = refusal.status.as_u16(),
-                "a request head the HTTP server could not parse answered with an OperationOutcome"
-            );
-            self.refusal = Some(Box::new(refusal));
+    /// When the connection's first write (`first`: its first non-empty slice, `total` bytes
+    /// in all) is hyper's own answer to a request head it could not parse, the FHIR answer
+    /// written in its place: ready once all of it is.
+    fn refusing(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &[u8],
+        total: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        match self.state {
+            State::Passing => return None,
+            State::First if total == 0 => return None,
+            State::First => match HeadRefusal::recognise(first) {
+                Some(refusal) if refusal.replaces == total => {
+                    tracing::info!(
+                        peer = self.peer.map(tracing::field::display),
+                        request_id = refusal.request_id.to_str().ok(),
+                        status = refusal.status.as_u16(),
+                        "a request head the HTTP server could not parse answered with an OperationOutcome"
+                    );
+                    self.state = State::Refusing(Box::new(refusal));
+                }
+                _ => {
+                    self.state = State::Passing;
+                    return None;
+                }
+            },
+            State::Refusing(_) => {}
         }
-        let refusal = self.refusal.as_mut()?;
+        let poll = self.poll_refusal(cx)?;
+        Some(poll)
+    }
+
+    /// Writes more of the answer being written, if one is.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<usize>>> {
+        let State::Refusing(refusal) = &mut self.state else {
+            return None;
+        };
         let io = &mut self.io;
         let poll = refusal.poll_write_with(|bytes| Pin::new(&mut *io).poll_write(cx, bytes));
         if poll.is_ready() {
-            self.refusal = None;
+            self.state = State::Passing;
         }
         Some(poll)
     }
@@ -127,7 +183,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorOutcomes<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(poll) = self.refusing(cx, buf) {
+        if let Some(poll) = self.refusing(cx, buf, buf.len()) {
             return poll;
         }
         Pin::new(&mut self.io).poll_write(cx, buf)
@@ -138,9 +194,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorOutcomes<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|buf| !buf.is_empty());
-        if let Some(poll) = self.refusing(cx, first.map_or(&[], |buf| &**buf)) {
-            return poll;
+        if !matches!(self.state, State::Passing) {
+            let first = bufs.iter().find(|buf| !buf.is_empty());
+            let total = bufs.iter().map(|buf| buf.len()).sum();
+            if let Some(poll) = self.refusing(cx, first.map_or(&[], |buf| &**buf), total) {
+                return poll;
+            }
         }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
@@ -154,6 +213,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParseErrorOutcomes<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // An answer half written is finished first (or given up on an error).
+        if let Some(Poll::Pending) = self.poll_refusal(cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -203,22 +266,26 @@ impl HeadRefusal {
             b"431" => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 IssueType::TooLong,
-                "The request's header section is too large: at most 64 KiB and 100 fields \
-                 are read. The connection is closed.",
+                "The request's header section is larger than this server reads (too many \
+                 bytes or fields). The connection is closed.",
             ),
             _ => return None,
         };
-        let mut date = None;
+        let (mut date, mut empty) = (None, false);
         for line in lines {
             let line = line.strip_suffix(b"\r")?;
             let colon = line.iter().position(|&byte| byte == b':')?;
             let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
             match name {
                 b"connection" => {}
-                b"content-length" if value == b"0" => {}
+                b"content-length" if value == b"0" => empty = true,
                 b"date" => date = Some(value),
                 _ => return None,
             }
+        }
+        // hyper says its answer is empty.
+        if !empty {
+            return None;
         }
         let request_id = MakeUuid
             .make_request_id(&Request::new(()))
@@ -381,6 +448,8 @@ mod tests {
             b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
             // A field line that is not one.
             b"HTTP/1.1 400 Bad Request\r\nno colon\r\n\r\n",
+            // No length: not hyper's.
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n",
             b"",
         ] {
             assert!(
@@ -434,5 +503,94 @@ mod tests {
             Poll::Ready(Err(error)) => assert_eq!(error.kind(), io::ErrorKind::BrokenPipe),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// What `writes` come out as through a fresh wrapper, each written whole in turn.
+    async fn through(writes: &[&[u8]]) -> Vec<u8> {
+        use tokio::io::AsyncWriteExt;
+        let mut io = ParseErrorOutcomes::new(Vec::new());
+        for write in writes {
+            io.write_all(write).await.unwrap();
+        }
+        io.shutdown().await.unwrap();
+        io.into_inner()
+    }
+
+    #[tokio::test]
+    async fn only_the_connections_first_write_can_be_hypers_answer() {
+        let hypers = hypers("HTTP/1.1 400 Bad Request");
+        let replaced = through(&[&hypers]).await;
+        assert!(
+            replaced.ends_with(b"}]}"),
+            "{}",
+            String::from_utf8_lossy(&replaced)
+        );
+        // A response head first, then a body whose chunk looks like hyper's answer (an
+        // upstream's stored Binary, say): passed on byte for byte.
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 300\r\n\r\n";
+        let writes: [&[u8]; 3] = [head, &hypers, b"HTTP/1.1 400 X\r\n\r\n"];
+        assert_eq!(through(&writes).await, writes.concat());
+        // hyper's head with more after it in the same write is no answer of hyper's.
+        let more = [&hypers[..], b"tail"].concat();
+        assert_eq!(through(&[&more]).await, more);
+        // An HTTP/2 connection's first write is its preface's SETTINGS frame.
+        let settings: [&[u8]; 2] = [b"\0\0\0\x04\0\0\0\0\0", &hypers];
+        assert_eq!(through(&settings).await, settings.concat());
+    }
+
+    /// A socket that takes 7 bytes, then has no room until it is polled again.
+    struct Trickle {
+        taken: Vec<u8>,
+        room: bool,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if !std::mem::replace(&mut self.room, false) {
+                self.room = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let taken = buf.len().min(7);
+            self.taken.extend_from_slice(&buf[..taken]);
+            Poll::Ready(Ok(taken))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_by_a_shutdown_is_finished_first() {
+        use tokio::io::AsyncWriteExt;
+        let hypers = hypers("HTTP/1.1 400 Bad Request");
+        let mut io = ParseErrorOutcomes::new(Trickle {
+            taken: Vec::new(),
+            room: true,
+        });
+        // One poll of the write: 7 bytes of the answer taken, then no room.
+        {
+            let mut write = std::pin::pin!(io.write(&hypers));
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(std::future::Future::poll(write.as_mut(), cx))
+            })
+            .await;
+            assert!(polled.is_pending());
+        }
+        io.shutdown().await.unwrap();
+        let (_, answer) = written(&mut HeadRefusal::recognise(&hypers).unwrap());
+        let taken = io.into_inner().taken;
+        // The same answer but for its request id.
+        assert_eq!(taken.len(), answer.len());
+        assert!(taken.ends_with(b"}]}"));
     }
 }
