@@ -2248,8 +2248,9 @@ async fn a_token_in_the_query_never_reaches_the_upstream() {
 }
 
 /// An upstream that reads a request's body until it has sent nothing for `patience`, then
-/// closes the connection unanswered (as Tomcat does to a body that stops arriving).
-async fn impatient_upstream(patience: Duration) -> String {
+/// writes `last` (nothing: it closes the connection unanswered, as Tomcat does to a body that
+/// stops arriving) and closes.
+async fn impatient_upstream(patience: Duration, last: &'static [u8]) -> String {
     raw_upstream(move |_head, mut stream| async move {
         let mut buf = [0u8; 1024];
         while let Ok(Ok(n)) = tokio::time::timeout(patience, stream.read(&mut buf)).await {
@@ -2257,13 +2258,14 @@ async fn impatient_upstream(patience: Duration) -> String {
                 break;
             }
         }
+        let _ = stream.write_all(last).await;
     })
     .await
 }
 
 #[tokio::test]
 async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_408_not_a_502() {
-    let base = impatient_upstream(Duration::from_millis(1500)).await;
+    let base = impatient_upstream(Duration::from_millis(2500), b"").await;
     let upstream = Upstream::parse(&base, FhirVersion::Stu3)
         .unwrap()
         .with_timeout(Duration::from_secs(10));
@@ -2294,6 +2296,31 @@ async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_40
     assert!(read.is_ok(), "no answer once the upstream gave up");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // An upstream answering something unreadable while the body waits is at fault itself.
+    let garbage = impatient_upstream(Duration::from_millis(2500), b"garbage\r\n\r\n").await;
+    let upstream = Upstream::parse(&garbage, FhirVersion::Stu3)
+        .unwrap()
+        .with_timeout(Duration::from_secs(10));
+    gw.directory
+        .upsert(tenant(TENANT_A), TenantRecord::new([upstream]).unwrap());
+    gw.cache.invalidate(tenant(TENANT_A)).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer once the upstream answered garbage");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
 
     // An upstream that fails while the body is not waiting on the client is the upstream's
     // failure still: a whole body, the connection closed unanswered.

@@ -373,10 +373,37 @@ fn body_on_get() -> Response<ProxyBody> {
 }
 
 /// How long a request body must have been waiting on the client, with nothing to hand over,
-/// for an upstream's failure then to be the client's doing (`408`, not `502`): the upstream
-/// gave up waiting for the rest (Tomcat does after 20 s, for one). Shorter waits are a client
-/// between two chunks, and the upstream's failure is its own.
-const CLIENT_STALL: Duration = Duration::from_secs(1);
+/// for an upstream that then closes the exchange unanswered to have given up waiting for the
+/// rest (Tomcat does after 20 s, for one): the client's doing, `408`, not `502`. Shorter
+/// waits are a client between two chunks, and the upstream's failure is its own.
+const CLIENT_STALL: Duration = Duration::from_secs(2);
+
+/// Whether `error` says the upstream closed or reset the connection before answering (what
+/// a server that gave up on a request body does), rather than answering something unreadable
+/// or failing otherwise.
+fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            if hyper.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        current = error.source();
+    }
+    false
+}
 
 /// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most): `Ok(true)`;
 /// `Ok(false)` when it sends something. `Err` is the answer when it does not end in time
@@ -593,6 +620,7 @@ where
                     // on the client gave up waiting for it (its own body timeout is shorter
                     // than ours): the client's doing, as when our timeout ends the wait.
                     let stalled = failure.is_none()
+                        && closed_unanswered(&*error)
                         && turns
                             .as_ref()
                             .is_some_and(|turns| turns.waiting_on_client(CLIENT_STALL));
