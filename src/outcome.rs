@@ -193,6 +193,26 @@ impl OperationOutcome {
     }
 }
 
+/// A JSON response with the no-store headers RFC 6749 §5.1 asks of the OAuth endpoints
+/// (`Cache-Control: no-store`, `Pragma: no-cache`), and `X-Content-Type-Options: nosniff`: the
+/// form of their errors (§5.2), also when a layer in front of them refuses a request.
+pub(crate) fn oauth_json(status: StatusCode, body: &serde_json::Value) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

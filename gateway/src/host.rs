@@ -11,10 +11,9 @@
 //! requests name their authority in `:authority`; a `Host` beside it is checked the same way.
 
 use http::header::HOST;
-use http::{HeaderMap, HeaderValue, Request, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use tower_fhir::ops::{MakeUuid, X_REQUEST_ID};
 use tower_fhir::outcome::{IssueType, OperationOutcome};
-use tower_http::request_id::{MakeRequestId, RequestId};
 
 /// Why a request's `Host` breaks RFC 9112 §3.2, if it does.
 pub(crate) fn problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
@@ -121,14 +120,12 @@ pub(crate) fn refused(
     peer: std::net::SocketAddr,
     version: Version,
 ) -> http::Response<axum::body::Body> {
-    let id = MakeUuid
-        .make_request_id(&Request::new(()))
-        .map(RequestId::into_header_value);
+    let id = MakeUuid.new_id();
     tracing::info!(
         %peer,
-        request_id = id.as_ref().and_then(|id| id.to_str().ok()),
+        request_id = id.to_str().ok(),
         why,
-        "a request refused for its Host header field, and its connection closed"
+        "a request refused for its Host header field"
     );
     let mut response = OperationOutcome::error(IssueType::Invalid, why)
         .to_response(StatusCode::BAD_REQUEST)
@@ -138,9 +135,7 @@ pub(crate) fn refused(
     if version <= Version::HTTP_11 {
         headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(id) = id {
-        headers.insert(X_REQUEST_ID, id);
-    }
+    headers.insert(X_REQUEST_ID, id);
     response
 }
 

@@ -66,7 +66,6 @@ use tower::{Service, ServiceExt};
 use tower_fhir::ops::{MakeUuid, ParseErrorOutcomes, RequestIdFuture, X_REQUEST_ID};
 use tower_fhir::outcome::{IssueType, OperationOutcome, Severity};
 use tower_fhir::proxy::ClientAddr;
-use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::config::PeerSays;
 use crate::front::{AdminFront, Front, Served};
@@ -1349,18 +1348,14 @@ fn answer_panic(
     payload: &(dyn std::any::Any + Send),
     id: Option<HeaderValue>,
 ) -> http::Response<axum::body::Body> {
-    let id = id.or_else(|| {
-        MakeUuid
-            .make_request_id(&Request::new(()))
-            .map(RequestId::into_header_value)
-    });
+    let id = id.unwrap_or_else(|| MakeUuid.new_id());
     let message = payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)");
     tracing::error!(
-        request_id = id.as_ref().and_then(|id| id.to_str().ok()),
+        request_id = id.to_str().ok(),
         panic = message,
         "a request's handling panicked: answered 500"
     );
@@ -1368,7 +1363,7 @@ fn answer_panic(
 }
 
 /// The `500` a request whose handling panicked gets.
-fn panicked_answer(id: Option<HeaderValue>) -> http::Response<axum::body::Body> {
+fn panicked_answer(id: HeaderValue) -> http::Response<axum::body::Body> {
     let outcome = OperationOutcome::new(
         Severity::Fatal,
         IssueType::Exception,
@@ -1376,9 +1371,7 @@ fn panicked_answer(id: Option<HeaderValue>) -> http::Response<axum::body::Body> 
     )
     .to_response(http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = outcome.map(axum::body::Body::from);
-    if let Some(id) = id {
-        response.headers_mut().insert(X_REQUEST_ID, id);
-    }
+    response.headers_mut().insert(X_REQUEST_ID, id);
     response
 }
 

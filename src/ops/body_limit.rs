@@ -322,24 +322,7 @@ fn refusal(
         "error": "invalid_request",
         "error_description": description,
     });
-    let mut response = Response::new(bytes::Bytes::from(
-        serde_json::to_vec(&body).unwrap_or_default(),
-    ));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json;charset=UTF-8"),
-    );
-    headers.insert(
-        header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    headers.insert(header::PRAGMA, http::HeaderValue::from_static("no-cache"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        http::HeaderValue::from_static("nosniff"),
-    );
+    let mut response = crate::outcome::oauth_json(status, &body);
     response
         .extensions_mut()
         .insert(crate::outcome::Refusal("invalid_request"));

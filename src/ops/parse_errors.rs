@@ -4,9 +4,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::{HeaderValue, Request, StatusCode};
+use http::{HeaderValue, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tower_http::request_id::{MakeRequestId, RequestId};
 
 use super::{MakeUuid, X_REQUEST_ID};
 use crate::outcome::{IssueType, OperationOutcome};
@@ -287,9 +286,7 @@ impl HeadRefusal {
         if !empty {
             return None;
         }
-        let request_id = MakeUuid
-            .make_request_id(&Request::new(()))
-            .map(RequestId::into_header_value)?;
+        let request_id = MakeUuid.new_id();
         let response = OperationOutcome::error(code, diagnostics).to_response(status);
         let body = response.body();
         let mut answer = Vec::with_capacity(LONGEST_HEAD + body.len());

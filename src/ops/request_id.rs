@@ -160,11 +160,26 @@ impl<F> std::fmt::Debug for RequestIdFuture<F> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MakeUuid;
 
-impl MakeRequestId for MakeUuid {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+impl MakeUuid {
+    /// A new id, for an answer made where no request (or no request's id) is at hand: a
+    /// refusal before any layer, say.
+    ///
+    /// ```
+    /// let id = tower_fhir::ops::MakeUuid.new_id();
+    /// assert_eq!(id.len(), 36);
+    /// assert_ne!(id, tower_fhir::ops::MakeUuid.new_id());
+    /// ```
+    pub fn new_id(self) -> HeaderValue {
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        HeaderValue::from_str(text).ok().map(RequestId::new)
+        // Lower-case hex digits and hyphens: always a valid header value.
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+}
+
+impl MakeRequestId for MakeUuid {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(self.new_id()))
     }
 }
 

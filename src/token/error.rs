@@ -157,21 +157,7 @@ pub(crate) fn json_response(
     status: StatusCode,
     body: &serde_json::Value,
 ) -> Response<TokenResponseBody> {
-    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
-    let mut response = Response::new(ResponseBody::full(bytes));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json;charset=UTF-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    response
+    crate::outcome::oauth_json(status, body).map(ResponseBody::full)
 }
 
 #[cfg(test)]
