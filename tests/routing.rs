@@ -2263,6 +2263,26 @@ async fn impatient_upstream(patience: Duration, last: &'static [u8]) -> String {
     .await
 }
 
+/// Sends `request` (raw bytes, perhaps a body cut short and left open) to `addr` and reads
+/// the answer's head, within 8 s.
+async fn answer_head(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 8 s");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
 async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_408_not_a_502() {
     let base = impatient_upstream(Duration::from_millis(2500), b"").await;
@@ -2276,25 +2296,12 @@ async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_40
     .await;
     let addr = gw.addr;
     let token = token_for(TENANT_A);
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A body of 100 bytes that stops after 16.
     let head = format!(
         "POST /Patient HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n{{\"resourceType\":"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(8), async {
-        let mut buf = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no answer once the upstream gave up");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_head(addr, &head).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 
     // An upstream answering something unreadable while the body waits is at fault itself.
@@ -2305,21 +2312,7 @@ async fn an_upstream_giving_up_on_a_body_that_stopped_arriving_is_the_clients_40
     gw.directory
         .upsert(tenant(TENANT_A), TenantRecord::new([upstream]).unwrap());
     gw.cache.invalidate(tenant(TENANT_A)).await;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(8), async {
-        let mut buf = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "no answer once the upstream answered garbage");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer_head(addr, &head).await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
 
     // An upstream that fails while the body is not waiting on the client is the upstream's

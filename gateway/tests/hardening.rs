@@ -137,6 +137,18 @@ fn read_response(stream: &mut TcpStream, within: Duration) -> Option<(u16, Strin
     Some((status, head, body))
 }
 
+/// Sends `request` on a new connection and reads until the gateway closes it (10 s at most).
+fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = connect(addr);
+    stream.write_all(request).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 fn read_some(
     stream: &mut TcpStream,
     bytes: &mut Vec<u8>,
@@ -418,14 +430,7 @@ fn a_head_the_http_server_cannot_parse_is_answered_with_an_operation_outcome_and
             "too-long",
         ),
     ] {
-        let mut stream = connect(addr);
-        stream.write_all(head).unwrap();
-        let mut answer = Vec::new();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let _ = stream.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = exchange(addr, head);
         let (fields, body) = answer.split_once("\r\n\r\n").expect(&answer);
         assert!(
             fields.starts_with(&format!("HTTP/1.1 {status}\r\n")),
@@ -474,15 +479,8 @@ fn a_missing_repeated_or_invalid_host_is_refused_before_any_layer() {
         "GET /admin/tenants HTTP/1.1\r\n\r\n",
     ];
     for head in heads {
-        let mut stream = connect(addr);
-        stream.write_all(head.as_bytes()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut answer = Vec::new();
         // Read to the end: the connection is closed after the answer.
-        let _ = stream.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = exchange(addr, head.as_bytes());
         assert!(
             answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.0 400"),
             "{head:?}: {answer}"
@@ -502,14 +500,7 @@ fn a_missing_repeated_or_invalid_host_is_refused_before_any_layer() {
         "GET /metadata HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
         "GET /metadata HTTP/1.0\r\n\r\n",
     ] {
-        let mut stream = connect(addr);
-        stream.write_all(head.as_bytes()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = exchange(addr, head.as_bytes());
         assert!(
             answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
             "{head:?}: {answer}"
