@@ -62,6 +62,8 @@ pub(crate) async fn start(
         .route("/fhir/Patient/_search", post(search_patients_form))
         .route("/fhir/Patient/{id}", get(read_patient))
         .route("/fhir/Observation", get(search_observations))
+        .method_not_allowed_fallback(not_allowed)
+        .fallback(not_served)
         .with_state(hospital);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -106,11 +108,11 @@ async fn metadata(State(h): State<Arc<Hospital>>) -> Response {
 async fn read_patient(State(h): State<Arc<Hospital>>, Path(id): Path<String>) -> Response {
     match h.patients.iter().find(|p| p["id"] == id.as_str()) {
         Some(patient) => fhir(&h, StatusCode::OK, patient.clone()),
-        None => fhir(
+        None => outcome(
             &h,
             StatusCode::NOT_FOUND,
-            json!({"resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "not-found", "diagnostics": format!("Patient/{id} is not known at {}", h.name)}]}),
+            "not-found",
+            &format!("Patient/{id} is not known at {}", h.name),
         ),
     }
 }
@@ -172,9 +174,82 @@ async fn search_observations(
     )
 }
 
+/// What the demo has not: `404` with an OperationOutcome saying what it has.
+async fn not_served(State(h): State<Arc<Hospital>>, uri: axum::http::Uri) -> Response {
+    outcome(
+        &h,
+        StatusCode::NOT_FOUND,
+        "not-supported",
+        &format!(
+            "{} is not served by {}, a demo server with Patient (read, search) and \
+             Observation (search by patient) only",
+            uri.path(),
+            h.name
+        ),
+    )
+}
+
+/// A method a route does not take: `405` with an OperationOutcome.
+async fn not_allowed(State(h): State<Arc<Hospital>>, uri: axum::http::Uri) -> Response {
+    outcome(
+        &h,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        &format!("{} takes no such method at {}", uri.path(), h.name),
+    )
+}
+
+fn outcome(h: &Hospital, status: StatusCode, code: &str, diagnostics: &str) -> Response {
+    fhir(
+        h,
+        status,
+        json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}]}),
+    )
+}
+
 /// The search parameters in a stable order, for the Bundle's self link.
 fn canonical_query(params: &HashMap<String, String>) -> String {
     let mut pairs: Vec<_> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.sort();
     pairs.join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The status and body of `method path` (under `/fhir`) at `authority`.
+    async fn exchange(authority: &str, method: &str, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+        let request = format!(
+            "{method} /fhir{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        let status = answer[9..12].parse().unwrap();
+        let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn what_the_demo_has_not_is_an_operation_outcome() {
+        let base = start("Demo", FhirVersion::R4, &[("1", "Doe", "Jo", "1970-01-01")]).await;
+        let authority = base.trim_start_matches("http://").trim_end_matches("/fhir");
+        for (method, path, status) in [
+            ("GET", "/", 404),
+            ("GET", "/Encounter/1", 404),
+            ("DELETE", "/Patient/1", 405),
+            ("GET", "/Patient/2", 404),
+        ] {
+            let (got, body) = exchange(authority, method, path).await;
+            assert_eq!(got, status, "{method} {path}: {body}");
+            let outcome: Value = serde_json::from_str(&body).expect(&body);
+            assert_eq!(outcome["resourceType"], "OperationOutcome", "{body}");
+        }
+        let (got, body) = exchange(authority, "GET", "/Patient/1").await;
+        assert_eq!(got, 200, "{body}");
+    }
 }
