@@ -69,13 +69,20 @@ where
 }
 
 /// Refuses a request whose Content-Type is not `application/x-www-form-urlencoded` (400
-/// without one, 415 with another).
+/// without one, or with more than one, which a proxy in front may read otherwise; 415 with
+/// another).
 pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), TokenError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = values.next() else {
         return Err(TokenError::bad_request(
             "Content-Type application/x-www-form-urlencoded is required",
         ));
     };
+    if values.next().is_some() {
+        return Err(TokenError::bad_request(
+            "The request has more than one Content-Type",
+        ));
+    }
     if is_form(value) {
         Ok(())
     } else {
@@ -366,5 +373,12 @@ mod tests {
             check_content_type(&HeaderMap::new()).map_err(|e| e.status),
             Err(StatusCode::BAD_REQUEST)
         );
+        let mut two = HeaderMap::new();
+        for value in ["application/x-www-form-urlencoded", "application/json"] {
+            two.append(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        }
+        let refused = check_content_type(&two).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
     }
 }
