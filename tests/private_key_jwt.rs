@@ -345,6 +345,10 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
         ),
         ("expired", good(&with(&|c| c["exp"] = json!(now() - 120)))),
         (
+            "made in the future",
+            good(&with(&|c| c["iat"] = json!(now() + 3_000))),
+        ),
+        (
             "not valid yet",
             good(&with(&|c| c["nbf"] = json!(now() + 120))),
         ),

@@ -160,7 +160,8 @@ impl Assertions {
 
     /// Whether `assertion` proves it comes from `client`: signed by one of its keys with an
     /// accepted algorithm, `iss` and `sub` its id, `aud` this endpoint alone, `exp` no more than
-    /// five minutes ahead, a `jti` never seen before here (then remembered until `exp`). On
+    /// five minutes ahead, an `iat` (when there is one) not in the future, a `jti` never seen
+    /// before here (then remembered until `exp`). On
     /// success, the `jti` and until when it must stay unused, for a check across processes.
     /// The error says why, for the log only.
     pub(super) async fn verify(
@@ -189,8 +190,16 @@ impl Assertions {
         if claims.audience().nth(1).is_some() {
             return Err("its aud names other servers too");
         }
-        if claims.expires_at() > unix_now() + MAX_LIFETIME_SECS + LEEWAY_SECS {
+        let now = unix_now();
+        if claims.expires_at() > now + MAX_LIFETIME_SECS + LEEWAY_SECS {
             return Err("its exp is more than five minutes ahead");
+        }
+        // Made in the future: a clock far off, or an assertion made ahead to be used later.
+        if claims
+            .issued_at()
+            .is_some_and(|iat| iat > now + LEEWAY_SECS)
+        {
+            return Err("its iat is in the future");
         }
         let jti = match claims.token_id() {
             Some(jti) if !jti.is_empty() && jti.len() <= MAX_JTI_LEN => jti,
