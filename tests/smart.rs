@@ -903,6 +903,26 @@ async fn what_could_reach_other_types_needs_scopes_on_them() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let seen = upstream.received().len();
 
+    // A read's `_include` (a server may honour it as a search's), membership (`_in`), and a
+    // name in another case: what they reach needs its own scopes.
+    for (path, sufficient) in [
+        (
+            "/Patient/1?_include=Patient:organization",
+            "system/Organization.r",
+        ),
+        ("/Patient?_in=Group/7", "system/Group.r"),
+        (
+            "/Patient?_INCLUDE=Patient:organization",
+            "system/Organization.r",
+        ),
+    ] {
+        assert_refused(&get(&client, &patients, path).await, sufficient);
+    }
+    // A `;` as it is: some servers split parameters there.
+    let reply = get(&client, &patients, "/Patient?name=x;_include=*").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(upstream.received().len(), seen);
+
     // A transaction entry writes the type its resource says: it must be the url's; and a
     // conditional create's search names no other type.
     for (entry, why) in [

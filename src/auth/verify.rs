@@ -901,17 +901,19 @@ impl TokenCache {
     }
 }
 
-/// Whether `query` has an `access_token` parameter (its name percent-decoded; `&` or `;`
-/// between parameters, as servers split them).
+/// Whether `query` has an `access_token` parameter (its name percent-decoded, in any case;
+/// `&` or `;` between parameters, as servers split them).
 fn names_a_token(query: &str) -> bool {
-    let bytes = query.as_bytes();
-    // Most queries hold neither: one pass each, no split.
-    if memchr::memmem::find(bytes, b"access_token").is_none() && !bytes.contains(&b'%') {
+    // The name holds a `_` (or a `%`, encoded): most queries hold neither, one pass, no split.
+    if memchr::memchr2(b'_', b'%', query.as_bytes()).is_none() {
         return false;
     }
     query.split(['&', ';']).any(|pair| {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        percent_encoding::percent_decode_str(name).eq(b"access_token".iter().copied())
+        name.len() >= "access_token".len()
+            && percent_encoding::percent_decode_str(name)
+                .map(|byte| byte.to_ascii_lowercase())
+                .eq(b"access_token".iter().copied())
     })
 }
 
@@ -928,6 +930,8 @@ mod tests {
             "%61ccess_token=x",
             "access%5Ftoken=x",
             "access_token",
+            "ACCESS_TOKEN=x",
+            "Access_Token=x",
         ] {
             assert!(names_a_token(query), "{query}");
         }

@@ -333,16 +333,26 @@ impl<'g> Check<'g> {
         // (an operation's parameters may include as a search's do: `$lastn?_revinclude=...`),
         // and the types a reverse chain (`_has:Observation:patient:code=x`) or a chain
         // (`subject:Patient.name=x`) filters on, whose data the answer reveals.
-        let searches = matches!(interaction, Interaction::Search | Interaction::Operation)
-            || (matches!(
-                interaction,
-                Interaction::Update | Interaction::Patch | Interaction::Delete
-            ) && id.is_none());
+        // (A read's or history's too: FHIR gives them no `_include`, but a server may honour
+        // one there as on a search.)
+        let searches = matches!(
+            interaction,
+            Interaction::Search
+                | Interaction::Operation
+                | Interaction::Read
+                | Interaction::Vread
+                | Interaction::History
+        ) || (matches!(
+            interaction,
+            Interaction::Update | Interaction::Patch | Interaction::Delete
+        ) && id.is_none());
         if searches {
             for (name, value) in params {
                 let mut pieces = name.split(':');
-                let first = pieces.next().unwrap_or("");
-                let (reverse, value) = match first {
+                // Any case: a server that reads names regardless of it takes `_INCLUDE` as
+                // `_include`.
+                let first = pieces.next().unwrap_or("").to_ascii_lowercase();
+                let (reverse, value) = match first.as_str() {
                     "_include" => (false, value.as_ref()),
                     "_revinclude" => (true, value.as_ref()),
                     "_filter" => {
@@ -363,7 +373,23 @@ impl<'g> Check<'g> {
                         need(Some("List"), Permissions::READ, Target::Undecidable);
                         continue;
                     }
-                    "_contained" | "_containedType" => {
+                    "_in" => {
+                        // Membership of a List, Group or CareTeam (R5): the one the value
+                        // names, else each.
+                        let named = value.split('/').next().filter(|ty| {
+                            value.contains('/') && ["List", "Group", "CareTeam"].contains(ty)
+                        });
+                        match named {
+                            Some(ty) => need(Some(ty), Permissions::READ, Target::Undecidable),
+                            None => {
+                                for ty in ["List", "Group", "CareTeam"] {
+                                    need(Some(ty), Permissions::READ, Target::Undecidable);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    "_contained" | "_containedtype" => {
                         // Contained resources (`_contained=true`) or their containers
                         // (`_containedType=container`), of any type, anyone's; as `_query`.
                         if !(name == "_contained" && value == "false") {
@@ -1867,6 +1893,43 @@ mod tests {
     }
 
     #[test]
+    fn includes_on_a_read_and_membership_need_what_they_reach_in_any_case() {
+        // A read's (or history's) `_include`, which a server may honour as on a search.
+        for url in [
+            "/Patient/1?_include=Patient:organization",
+            "/Patient/1?_revinclude=Observation:subject",
+            "/Patient/1/_history/2?_include=Patient:organization",
+            "/Patient/1/_history?_include=Patient:organization",
+        ] {
+            needs_more_than(url, "system/Patient.r", "system/Patient.r system/*.r");
+        }
+        assert!(allowed(
+            "system/Patient.r",
+            Method::GET,
+            "/Patient/1?_elements=id"
+        ));
+        // `_in`: membership of the List, Group or CareTeam named, else of each.
+        needs_more_than(
+            "/Patient?_in=Group/7",
+            "system/Patient.rs system/List.r",
+            "system/Patient.rs system/Group.r",
+        );
+        needs_more_than(
+            "/Patient?_in=7",
+            "system/Patient.rs system/List.r system/Group.r",
+            "system/Patient.rs system/List.r system/Group.r system/CareTeam.r",
+        );
+        // Names in another case are read as a server that ignores case reads them.
+        for url in [
+            "/Patient?_INCLUDE=Patient:organization",
+            "/Patient?_RevInclude=Observation:subject",
+            "/Patient?_LIST=1",
+        ] {
+            assert!(!allowed("system/Patient.rs", Method::GET, url), "{url}");
+        }
+    }
+
+    #[test]
     fn filter_named_queries_and_lists_need_what_they_may_reach() {
         // `_filter` may chain and reverse-chain anywhere: search on every type.
         for url in [
@@ -1917,7 +1980,6 @@ mod tests {
             "%3F_include=*",
             "_include%20=*",
             "=x",
-            "name;x=1",
             "na%00me=1",
             "caf%C3%A9=1",
         ] {
@@ -1933,6 +1995,16 @@ mod tests {
             parse_query("%FF=1"),
             Err(super::super::scope::Unreadable::NotUtf8)
         );
+        // A `;` as it is: a separator to some servers (`name=x;_include=*` is two parameters
+        // there), part of a value to others. Encoded, it is a value's.
+        for query in ["name;x=1", "name=x;_include=Patient:organization", ";"] {
+            assert_eq!(
+                parse_query(query),
+                Err(super::super::scope::Unreadable::Semicolon),
+                "{query}"
+            );
+        }
+        assert_eq!(parse_query("name=x%3B_include").unwrap()[0].1, "x;_include");
         let params = parse_query(
             "_has:Observation:patient:code=1&subject:Patient.name=a+b&_include:iterate=x&value-quantity=1&&",
         )

@@ -134,6 +134,9 @@ impl ScopeContext {
 /// assert!(ResourceScope::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").is_none());
 /// assert!(ResourceScope::parse("openid").is_none());
 /// assert!(ResourceScope::parse("system/Patient.sr").is_none());
+/// // A query that narrows nothing: no value, or a parameter that shapes the answer only.
+/// assert!(ResourceScope::parse("system/Observation.rs?category").is_none());
+/// assert!(ResourceScope::parse("system/Patient.rs?_count=1").is_none());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceScope {
@@ -146,7 +149,11 @@ pub struct ResourceScope {
 }
 
 impl ResourceScope {
-    /// Parses a scope; `None` when it is not a SMART resource scope.
+    /// Parses a scope; `None` when it is not a SMART resource scope. A granular scope's query
+    /// must narrow what the scope allows: each parameter with a value (servers ignore an empty
+    /// one), and one at least that selects, not only shapes or adds to an answer (`_count`,
+    /// `_sort`, `_format`, `_elements`, `_summary`, `_total`, `_include`, `_contained`, ...):
+    /// under a scope of those alone a token would read and search the whole type.
     pub fn parse(scope: &str) -> Option<Self> {
         let (context, rest) = scope.split_once('/')?;
         let context = match context {
@@ -172,7 +179,11 @@ impl ResourceScope {
             Some(_) if v1 => return None,
             Some(query) => {
                 let pairs = parse_query(query).ok()?;
-                if pairs.is_empty() {
+                let valued = pairs.iter().all(|(_, value)| !value.is_empty());
+                let narrows = pairs
+                    .iter()
+                    .any(|(name, _)| !adds_to_an_answer(name) && !shapes_an_answer(name));
+                if !valued || !narrows {
                     return None;
                 }
                 pairs
@@ -248,6 +259,29 @@ impl ResourceScope {
             (Some(_), None) => false,
         }
     }
+}
+
+/// Whether a search parameter only shapes a search's answer (how many, in what order, in
+/// what form, what of each resource), whatever the value: it selects nothing.
+fn shapes_an_answer(name: &str) -> bool {
+    matches!(
+        name.split(':').next(),
+        Some(
+            "_count"
+                | "_sort"
+                | "_format"
+                | "_elements"
+                | "_summary"
+                | "_total"
+                | "_pretty"
+                | "_maxresults"
+                | "_graph"
+                | "_score"
+                | "_offset"
+                | "_page"
+                | "_getpages"
+        )
+    )
 }
 
 /// Whether a search parameter may add to a search's answer rather than narrow it: contained
@@ -404,12 +438,18 @@ pub(crate) enum Unreadable {
     NotUtf8,
     /// A parameter name (decoded) is not one FHIR could define.
     Name(String),
+    /// A `;` as it is, which some servers take to separate parameters as `&` does.
+    Semicolon,
 }
 
 impl std::fmt::Display for Unreadable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotUtf8 => f.write_str("is not UTF-8 form data"),
+            Self::Semicolon => f.write_str(
+                "holds a ; as it is, which some servers read as a separator between parameters \
+                 and others as part of a value: send it percent-encoded (%3B)",
+            ),
             Self::Name(name) => write!(
                 f,
                 "names a parameter {name:?} that no FHIR server defines (a name, its modifiers \
@@ -425,8 +465,12 @@ impl std::fmt::Display for Unreadable {
 ///
 /// A name or value that is not UTF-8; a name that is not a FHIR parameter name with its
 /// modifiers and chains (letters, digits, `_`, `-`, `.`, `:`), which a server may read as
-/// another: HAPI strips a leading `?` (`??_include=*` is an `_include`).
+/// another: HAPI strips a leading `?` (`??_include=*` is an `_include`); a `;` as it is,
+/// which some servers take for `&` (`name=x;_include=*`).
 pub(crate) fn parse_query(query: &str) -> Result<Vec<Param<'_>>, Unreadable> {
+    if query.contains(';') {
+        return Err(Unreadable::Semicolon);
+    }
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
@@ -616,7 +660,39 @@ mod tests {
             assert!(!asked.within(&registered), "{wider}");
         }
         // One the registered scope holds itself is no addition.
-        let contained = scope("system/Observation.rs?_contained=false");
-        assert!(scope("system/Observation.rs?_contained=false&code=x").within(&contained));
+        let contained = scope("system/Observation.rs?category=lab&_contained=false");
+        assert!(
+            scope("system/Observation.rs?category=lab&_contained=false&code=x").within(&contained)
+        );
+    }
+
+    #[test]
+    fn a_query_that_narrows_nothing_is_no_granular_scope() {
+        for query in [
+            "category",
+            "category=",
+            "category=lab&code=",
+            "_count=1",
+            "_sort=date&_count=10",
+            "_format=json",
+            "_elements=id",
+            "_summary=true",
+            "_include=Observation:patient",
+            "_contained=false",
+            "_total=accurate",
+        ] {
+            let scope = format!("system/Observation.rs?{query}");
+            assert!(ResourceScope::parse(&scope).is_none(), "{scope}");
+        }
+        for query in [
+            "category=lab",
+            "category=lab&_count=10",
+            "_tag=http://x%7Cy",
+            "_has:Observation:patient:code=1234",
+            "code:not=x",
+        ] {
+            let scope = format!("system/Observation.rs?{query}");
+            assert!(ResourceScope::parse(&scope).is_some(), "{scope}");
+        }
     }
 }

@@ -1323,7 +1323,9 @@ fn check_scopes(id: &str, scopes: &[String]) -> Result<(), StoreError> {
     match scopes.iter().find(unreadable) {
         Some(scope) => Err(StoreError::refused(format!(
             "client {id:?}: {scope:?} is not a SMART resource scope (such as system/Patient.rs, \
-             patient/*.read or user/Observation.rs?category=laboratory)"
+             patient/*.read or user/Observation.rs?category=laboratory; a granular scope's \
+             query gives each parameter a value, one at least selecting rather than shaping \
+             the answer as _count, _sort or _include do)"
         ))),
         None => Ok(()),
     }
