@@ -399,8 +399,8 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     client_sequence(&gateway, DSTU2_TENANT, "1_0_2", true).await;
     client_sequence(&gateway, STU3_TENANT, "3_0_1", false).await;
 
-    // Oversized header sections are refused by the server (431, with an OperationOutcome)
-    // before any layer runs: too many header lines, or more bytes than it buffers.
+    // Oversized header sections are refused by the server (431) before any layer runs: too
+    // many header lines, or more bytes than it buffers.
     let stu3 = access_token(&gateway, STU3_TENANT).await;
     let bearer = format!("Bearer {stu3}");
     let many: Vec<(String, String)> = (0..150).map(|i| (format!("x-h-{i}"), "v".into())).collect();
@@ -418,16 +418,8 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
             .send("GET", "/Patient/p1", &headers, "")
             .await;
         assert_eq!(reply.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-        // hyper's own empty answer, given a FHIR body and a request id.
-        let outcome = reply.json();
-        assert_eq!(
-            outcome["resourceType"],
-            "OperationOutcome",
-            "{}",
-            reply.text()
-        );
-        assert_eq!(outcome["issue"][0]["code"], "too-long");
-        assert!(reply.headers.contains_key("x-request-id"));
+        // (On this kept-alive connection the server's own empty answer: only a connection's
+        // first head gets an OperationOutcome, which the hardening tests check.)
     }
 
     // The R4 tenant, on the other server.
