@@ -59,6 +59,9 @@ pub(crate) struct Admin {
     /// `body_read_timeout_seconds` and `body_min_bytes_per_second`).
     pub(crate) body_timeout: Duration,
     pub(crate) body_min_rate: u32,
+    /// The gateway's own listening addresses, by key (`listen`, `metrics_listen`,
+    /// `admin_listen`): no tenant's upstream may be one.
+    pub(crate) own_addresses: Vec<(&'static str, std::net::SocketAddr)>,
 }
 
 /// The most an admin request's body may hold: a tenant or a client is a few kilobytes.
@@ -378,6 +381,9 @@ async fn put_tenant(
     if let Some(refused) = redacted_authorization(&upstreams) {
         return error(StatusCode::BAD_REQUEST, &refused);
     }
+    if let Some(refused) = at_own_address(&admin.own_addresses, &upstreams) {
+        return error(StatusCode::BAD_REQUEST, &refused);
+    }
     let _locks = match lock_tenant_writes(&admin, tenant, "check a change", "saved").await {
         Ok(locks) => locks,
         Err(response) => return response,
@@ -470,6 +476,53 @@ async fn nested_with_others(
 
 /// What `GET /admin/tenants/{id}` shows in place of an upstream's `authorization`.
 pub(crate) const REDACTED: &str = "<redacted>";
+
+/// Why a tenant is refused whose upstream is one of this gateway's own listening addresses
+/// (`own`: each with its key's name), if one is: a request would come back to the gateway,
+/// and again, until the upstream timeouts end it (a loop of thousands of requests), or reach
+/// the metrics or admin endpoint with a tenant's token. An address names the listener when
+/// it is the same, when the listener takes every address (`0.0.0.0`, `::`) and the upstream
+/// is a loopback one, or when the upstream is `localhost` and the listener loopback or every
+/// address. (A host name that resolves to this machine is not looked up.)
+pub(crate) fn at_own_address(
+    own: &[(&'static str, std::net::SocketAddr)],
+    record: &TenantRecord,
+) -> Option<String> {
+    record.upstreams().iter().find_map(|upstream| {
+        let base = upstream.base();
+        let authority = base.authority();
+        let default_port = if base.scheme() == &http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let port = authority.port_u16().unwrap_or(default_port);
+        let host = authority.host();
+        let localhost = host.eq_ignore_ascii_case("localhost");
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok();
+        let (key, address) = own.iter().find(|(_, own)| {
+            let listener = own.ip();
+            own.port() == port
+                && match ip {
+                    Some(ip) => {
+                        ip == listener
+                            || (listener.is_unspecified()
+                                && (ip.is_loopback() || ip.is_unspecified()))
+                    }
+                    None => localhost && (listener.is_loopback() || listener.is_unspecified()),
+                }
+        })?;
+        Some(format!(
+            "upstream {} is this gateway's own {key} ({address}): a request would come back to \
+             the gateway instead of reaching a FHIR server",
+            base.as_str()
+        ))
+    })
+}
 
 /// Why a tenant whose upstream's `authorization` is [`REDACTED`] is refused, if one is: the
 /// record was read back from `GET` and sent again, and would send the placeholder upstream as
@@ -1340,6 +1393,10 @@ mod tests {
             endpoint: endpoint.build().unwrap(),
             body_timeout: Duration::from_secs(30),
             body_min_rate: 0,
+            own_addresses: vec![
+                ("listen", "0.0.0.0:8080".parse().unwrap()),
+                ("metrics_listen", "127.0.0.1:9090".parse().unwrap()),
+            ],
         };
         (super::routes(Arc::new(admin)), routes)
     }
@@ -1450,6 +1507,43 @@ mod tests {
         delegate_to!(0);
         fn client(&self, id: &str) -> tower_fhir::token::StoreFuture<Option<ClientRecord>> {
             self.0.client(id)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_at_the_gateways_own_address_is_refused() {
+        let directory = InMemoryDirectory::new();
+        let (router, _) = admin(&directory);
+        let body = |base: &str| {
+            format!(r#"{{"upstreams": [{{"base_url": "{base}", "fhir_version": "4.0"}}]}}"#)
+        };
+        // `listen` takes every address on 8080; `metrics_listen` is 127.0.0.1:9090.
+        for own in [
+            "http://127.0.0.1:8080/loop",
+            "http://localhost:8080/fhir",
+            "http://[::1]:8080/fhir",
+            "http://0.0.0.0:8080/fhir",
+            "http://127.0.0.1:9090",
+            "http://LOCALHOST:9090/metrics",
+        ] {
+            assert_eq!(
+                send(&router, "PUT", &body(own)).await,
+                StatusCode::BAD_REQUEST,
+                "{own}"
+            );
+        }
+        for other in [
+            "http://127.0.0.1:8081/fhir",
+            "http://10.0.0.7:9090/fhir",
+            "https://127.0.0.1/fhir",
+            "http://hapi.internal:8080/fhir",
+        ] {
+            assert_eq!(
+                send(&router, "PUT", &body(other)).await,
+                StatusCode::CREATED,
+                "{other}"
+            );
+            assert_eq!(send(&router, "DELETE", "").await, StatusCode::NO_CONTENT);
         }
     }
 

@@ -592,6 +592,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The gateway's own listening addresses, by key: no tenant's upstream may be one.
+    pub(crate) fn own_addresses(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut own = vec![("listen", self.listen)];
+        own.extend(
+            self.metrics_listen
+                .map(|address| ("metrics_listen", address)),
+        );
+        own.extend(self.admin_listen.map(|address| ("admin_listen", address)));
+        own
+    }
+
     pub(crate) fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the configuration file {}: {e}", path.display()))?;
@@ -699,6 +710,18 @@ impl Config {
         if let Some((tenant, refused)) = config.tenants.iter().find_map(|tenant| {
             Some(tenant).zip(crate::admin::redacted_authorization(&tenant.record))
         }) {
+            return Err(format!(
+                "the configuration file {}: tenant {}: {refused}",
+                path.display(),
+                tenant.id
+            ));
+        }
+        let own = config.own_addresses();
+        if let Some((tenant, refused)) = config
+            .tenants
+            .iter()
+            .find_map(|tenant| Some(tenant).zip(crate::admin::at_own_address(&own, &tenant.record)))
+        {
             return Err(format!(
                 "the configuration file {}: tenant {}: {refused}",
                 path.display(),
@@ -1238,6 +1261,24 @@ mod tests {
         let loaded = Config::load(&file);
         std::fs::remove_file(&file).unwrap();
         assert!(loaded.is_ok(), "{:?}", loaded.err());
+    }
+
+    #[test]
+    fn a_tenant_whose_upstream_is_the_gateway_itself_is_refused() {
+        let file = std::env::temp_dir().join(format!("own-{}.json", std::process::id()));
+        std::fs::write(
+            &file,
+            r#"{"listen": "127.0.0.1:18443", "tenants": [
+                {"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                 "upstreams": [{"base_url": "http://localhost:18443/fhir", "fhir_version": "4.0"}]}]}"#,
+        )
+        .unwrap();
+        let refused = Config::load(&file).unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            refused.contains("is this gateway's own listen (127.0.0.1:18443)"),
+            "{refused}"
+        );
     }
 
     #[test]
