@@ -904,8 +904,15 @@ impl TokenCache {
 /// Whether `query` has an `access_token` parameter (its name percent-decoded, in any case;
 /// `&` or `;` between parameters, as servers split them).
 fn names_a_token(query: &str) -> bool {
-    // The name holds a `_` (or a `%`, encoded): most queries hold neither, one pass, no split.
-    if memchr::memchr2(b'_', b'%', query.as_bytes()).is_none() {
+    // Only a query holding `_token` (in any case) or a `%` can: most hold neither (a FHIR
+    // search's `_count` has a `_`, not `_token`), one pass over its `_`s, no split.
+    let bytes = query.as_bytes();
+    let spelled = memchr::memchr_iter(b'_', bytes).any(|at| {
+        bytes
+            .get(at + 1..at + 6)
+            .is_some_and(|next| next.eq_ignore_ascii_case(b"token"))
+    });
+    if !spelled && !bytes.contains(&b'%') {
         return false;
     }
     query.split(['&', ';']).any(|pair| {
