@@ -907,12 +907,13 @@ fn names_a_token(query: &str) -> bool {
     // Only a query holding `_token` (in any case) or a `%` can: most hold neither (a FHIR
     // search's `_count` has a `_`, not `_token`), one pass over its `_`s, no split.
     let bytes = query.as_bytes();
-    let spelled = memchr::memchr_iter(b'_', bytes).any(|at| {
-        bytes
-            .get(at + 1..at + 6)
-            .is_some_and(|next| next.eq_ignore_ascii_case(b"token"))
+    let may = memchr::memchr2_iter(b'_', b'%', bytes).any(|at| {
+        bytes[at] == b'%'
+            || bytes
+                .get(at + 1..at + 6)
+                .is_some_and(|next| next.eq_ignore_ascii_case(b"token"))
     });
-    if !spelled && !bytes.contains(&b'%') {
+    if !may {
         return false;
     }
     query.split(['&', ';']).any(|pair| {
