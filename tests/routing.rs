@@ -2200,6 +2200,57 @@ async fn an_http2_get_with_a_body_is_refused_and_one_without_passes() {
 }
 
 #[tokio::test]
+async fn an_http2_delete_ended_by_an_empty_data_frame_goes_bodiless_and_one_with_a_body_keeps_it() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let mut sender = http2_client(gw.client.addr()).await;
+    // HEADERS without END_STREAM and no `content-length`, then DATA frames (`chunks`, perhaps
+    // one empty) and the stream's end.
+    let request = |method: &str, chunks: &[&'static str]| {
+        let (mut tx, rx) = futures::channel::mpsc::channel::<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(4);
+        for chunk in chunks {
+            tx.try_send(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                chunk.as_bytes(),
+            ))))
+            .unwrap();
+        }
+        drop(tx);
+        http::Request::builder()
+            .method(method)
+            .uri("http://gw/Patient/1")
+            .header("authorization", format!("Bearer {}", token_for(TENANT_A)))
+            .body(http_body_util::StreamBody::new(rx))
+            .unwrap()
+    };
+    for (method, chunks) in [
+        ("DELETE", &[""][..]),
+        ("OPTIONS", &[][..]),
+        ("DELETE", &["", "{\"a\":", "1}"][..]),
+    ] {
+        sender.ready().await.unwrap();
+        let answer = sender.send_request(request(method, chunks)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{method} {chunks:?}");
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 3);
+    for (bodiless, label) in received[..2].iter().zip(["DELETE", "OPTIONS"]) {
+        assert_eq!(bodiless.method, label);
+        // No framing the client did not send: no `Transfer-Encoding: chunked`, no length.
+        assert!(
+            !bodiless.headers.contains_key("transfer-encoding"),
+            "{label}: {:?}",
+            bodiless.headers
+        );
+        assert!(bodiless.body.is_empty());
+    }
+    // A body sent goes whole, its first frame read ahead of the rest.
+    assert_eq!(received[2].method, "DELETE");
+    assert_eq!(&received[2].body[..], b"{\"a\":1}");
+}
+
+#[tokio::test]
 async fn an_http2_get_whose_stream_never_ends_gets_408_after_the_upstreams_timeout() {
     // The proxy's timeout here is 500 ms.
     let upstream = RecordingUpstream::start().await;

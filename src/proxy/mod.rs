@@ -33,7 +33,9 @@
 //! `..;`, `..%3f`, or trailed by control characters), an encoded `%` (a path encoded twice or
 //! more), encoded bytes beyond ASCII, encoded slashes, backslashes and NULs get 400, and an
 //! absolute-form target or a `Host` header cannot change the destination. A request body under
-//! a transfer coding other than `chunked` gets 501, a GET or HEAD with a body 400. Responses
+//! a transfer coding other than `chunked` gets 501, a GET or HEAD with a body 400 (an HTTP/2
+//! stream ended by an empty DATA frame carries none; nor does a DELETE's or OPTIONS's, which
+//! goes bodiless, not as an empty chunked body). Responses
 //! pass through with hop-by-hop headers and trailers removed, their `Content-Length` the one
 //! the body was read with, and the upstream's base URL rewritten to the gateway's public base
 //! in `Location`, `Content-Location` and `Link` (read as a client resolves them: host in any

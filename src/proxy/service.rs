@@ -324,7 +324,9 @@ const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// `Content-Length` one), so a GET's body would reach the upstream or not by how it was
 /// framed: `400`. Over HTTP/2 a GET's stream may still end without a byte of body (an empty
 /// DATA frame ending it, as some clients send): that is for the request's future to find out
-/// ([`BodyCheck::MustEndEmpty`]).
+/// ([`BodyCheck::MustEndEmpty`]). So too for a DELETE's or OPTIONS's stream declaring no
+/// length ([`BodyCheck::MayEndEmpty`]), which goes bodiless when it ends empty, not as an
+/// empty chunked body the client never sent.
 fn unforwardable_body<B: Body>(request: &Request<B>) -> BodyCheck {
     let headers = request.headers();
     if !only_chunked(headers) {
@@ -335,6 +337,13 @@ fn unforwardable_body<B: Body>(request: &Request<B>) -> BodyCheck {
         )));
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        if matches!(*request.method(), Method::DELETE | Method::OPTIONS)
+            && request.version() == http::Version::HTTP_2
+            && !headers.contains_key(http::header::CONTENT_LENGTH)
+            && !request.body().is_end_stream()
+        {
+            return BodyCheck::MayEndEmpty;
+        }
         return BodyCheck::Forward;
     }
     let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
@@ -359,8 +368,11 @@ enum BodyCheck {
     /// This answer instead.
     Refuse(Box<Response<ProxyBody>>),
     /// A GET's or HEAD's HTTP/2 stream still open: it goes bodiless if the stream ends with
-    /// nothing in it ([`ends_empty`]), else [`body_on_get`].
+    /// nothing in it ([`first_frame`]), else [`body_on_get`].
     MustEndEmpty,
+    /// A DELETE's or OPTIONS's HTTP/2 stream still open with no length declared: it goes
+    /// bodiless if the stream ends with nothing in it, else as it comes.
+    MayEndEmpty,
 }
 
 fn body_on_get() -> Response<ProxyBody> {
@@ -405,21 +417,30 @@ fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Whether `body` ends within `wait` having sent no byte (empty DATA frames at most): `Ok(true)`;
-/// `Ok(false)` when it sends something. `Err` is the answer when it does not end in time
-/// (`408`, as any body that keeps the gateway waiting) or fails as it is read.
-async fn ends_empty<B>(body: B, wait: Duration) -> Result<bool, Response<ProxyBody>>
+/// Reads `body` up to its first frame with something in it, within `wait`: `Ok(None)` when
+/// the stream ends first (empty DATA frames at most), else the body with that frame put back
+/// in front. `Err` is the answer when it does not come in time (`408`, as any body that keeps
+/// the gateway waiting) or the body fails as it is read.
+async fn first_frame<B>(
+    body: B,
+    wait: Duration,
+) -> Result<Option<Prepended<B>>, Response<ProxyBody>>
 where
     B: Body<Data = Bytes>,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
-    let drained = async {
-        let mut body = std::pin::pin!(body);
+    let read = async {
+        let mut body = Box::pin(body);
         loop {
             match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-                None => return Ok(true),
+                None => return Ok(None),
                 Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
-                Some(Ok(_)) => return Ok(false),
+                Some(Ok(frame)) => {
+                    return Ok(Some(Prepended {
+                        first: Some(frame),
+                        rest: body,
+                    }))
+                }
                 Some(Err(error)) => {
                     let error = error.into();
                     let failure = BodyFailure::of(&*error).unwrap_or(BodyFailure::Broken);
@@ -428,15 +449,47 @@ where
             }
         }
     };
-    match tokio::time::timeout(wait, drained).await {
-        Ok(ended) => ended,
+    match tokio::time::timeout(wait, read).await {
+        Ok(read) => read,
         Err(_) => {
             tracing::info!(
                 ?wait,
-                "a GET's or HEAD's HTTP/2 stream neither ended nor sent anything for the upstream's timeout"
+                "an HTTP/2 stream that may carry no body neither ended nor sent anything for the upstream's timeout"
             );
             Err(BodyFailure::TooSlow.answer(None).map(ProxyBody::full))
         }
+    }
+}
+
+/// A request body whose first frame [`first_frame`] read ahead, handed out again first.
+struct Prepended<B> {
+    first: Option<http_body::Frame<Bytes>>,
+    rest: Pin<Box<B>>,
+}
+
+impl<B> Body for Prepended<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        self.rest
+            .as_mut()
+            .poll_frame(cx)
+            .map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
     }
 }
 
@@ -498,10 +551,12 @@ where
             );
             return ready(response);
         }
-        let must_end_empty = match unforwardable_body(&request) {
-            BodyCheck::Forward => false,
+        let check = unforwardable_body(&request);
+        let (open, may_carry) = match check {
+            BodyCheck::Forward => (false, true),
             BodyCheck::Refuse(refusal) => return ready(*refusal),
-            BodyCheck::MustEndEmpty => true,
+            BodyCheck::MustEndEmpty => (true, false),
+            BodyCheck::MayEndEmpty => (true, true),
         };
         #[cfg(not(feature = "tls"))]
         if *upstream.base().scheme() == http::uri::Scheme::HTTPS {
@@ -558,8 +613,9 @@ where
             Version::HTTP_11
         };
         parts.extensions = http::Extensions::new();
-        // A GET's open HTTP/2 stream goes bodiless once it is seen to end empty.
-        let (body, open_stream) = if must_end_empty {
+        // An open HTTP/2 stream that may carry no body goes bodiless once it is seen to end
+        // empty.
+        let (body, open_stream) = if open {
             (None, Some(body))
         } else {
             (Some(body), None)
@@ -580,15 +636,22 @@ where
         let head = parts.method == Method::HEAD;
         // A method whose answer may be refused after the upstream has acted on it: safe ones.
         let retry_safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let outgoing = Request::from_parts(parts, body);
+        let mut outgoing = Request::from_parts(parts, body);
 
         let config = Arc::clone(&self.config);
         let timeout = upstream.timeout().unwrap_or(config.timeout);
         Box::pin(async move {
+            let mut turns = turns;
             if let Some(open_stream) = open_stream {
-                match ends_empty(open_stream, timeout).await {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(body_on_get()),
+                match first_frame(open_stream, timeout).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) if !may_carry => return Ok(body_on_get()),
+                    Ok(Some(body)) => {
+                        let watching = Turns::new();
+                        *outgoing.body_mut() =
+                            Watched::boxed(body, Arc::clone(&watching)).boxed_unsync();
+                        turns = Some(watching);
+                    }
                     Err(answer) => return Ok(answer),
                 }
             }
@@ -725,6 +788,45 @@ fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream body of `chunks` (each a DATA frame), ended after them unless `open`.
+    fn stream(
+        chunks: &[&'static str],
+        open: bool,
+    ) -> impl Body<Data = Bytes, Error = Infallible> + Send + 'static {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        for chunk in chunks {
+            tx.unbounded_send(Ok(http_body::Frame::data(Bytes::from_static(
+                chunk.as_bytes(),
+            ))))
+            .unwrap();
+        }
+        if open {
+            std::mem::forget(tx);
+        }
+        http_body_util::StreamBody::new(rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_frame_reads_past_empty_frames_and_puts_back_what_it_read() {
+        let wait = Duration::from_secs(5);
+        assert!(first_frame(stream(&["", ""], false), wait)
+            .await
+            .unwrap()
+            .is_none());
+        let body = first_frame(stream(&["", "a", "", "b"], false), wait)
+            .await
+            .unwrap()
+            .expect("a body");
+        assert!(!body.is_end_stream());
+        let whole = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&whole[..], b"ab");
+        // A stream that neither ends nor sends: 408 once `wait` is over.
+        let Err(answer) = first_frame(stream(&[""], true), wait).await else {
+            panic!("an open stream read as ended or sending");
+        };
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    }
 
     #[test]
     fn refuses_bad_configuration() {
