@@ -335,6 +335,28 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
         reply.headers["content-type"],
         "application/json+fhir; fhirVersion=1.0"
     );
+    // In XML for a client that asks for it, the tenant's answer too.
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/$versions?_format=xml",
+            &[("authorization", &s.bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/xml+fhir; fhirVersion=1.0"
+    );
+    assert!(
+        reply
+            .text()
+            .contains("<parameter><name value=\"default\"/><valueCode value=\"1.0\"/></parameter>"),
+        "{}",
+        reply.text()
+    );
     // Spelt with empty segments (the proxy would send it upstream as `$versions`): the same
     // answer, not the upstream's.
     for path in ["//$versions", "/$versions/"] {

@@ -381,6 +381,7 @@ fn answer(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<By
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::VersionsForm;
 
     /// The defaults README.md and the setters' docs state, in what the built layer runs with.
     #[test]
@@ -492,7 +493,7 @@ mod tests {
     #[test]
     fn versions_names_the_tenants_releases_and_the_one_it_serves_by_default() {
         use crate::route::{InProcessTenant, Upstream};
-        let all = VersionsQuery::new(&FhirVersion::ALL, None, false);
+        let all = VersionsQuery::new(&FhirVersion::ALL, None, VersionsForm::Fhir);
         let upstream = |version| Upstream::parse("http://fhir.test/x", version).unwrap();
         let proxied =
             TenantRecord::new([upstream(FhirVersion::Stu3), upstream(FhirVersion::Dstu2)]).unwrap();
@@ -514,7 +515,7 @@ mod tests {
         );
         // Served in no release the gateway supports: none a client may name, and the one a
         // request naming none gets.
-        let r4_only = VersionsQuery::new(&[FhirVersion::R4], None, false);
+        let r4_only = VersionsQuery::new(&[FhirVersion::R4], None, VersionsForm::Fhir);
         assert_eq!(
             parameters(tenant_versions(&proxied, &r4_only, None)),
             ["default=3.0"]

@@ -239,8 +239,17 @@ pub(crate) struct VersionsQuery {
     supported: Arc<[FhirVersion]>,
     /// The layer's default release, which a request naming none gets.
     default: Option<FhirVersion>,
-    /// Whether the answer is labelled plain `application/json`, as the client asked first.
-    plain_json: bool,
+    /// The answer's format, as the client asked.
+    form: VersionsForm,
+}
+
+/// The format of a `$versions` answer: FHIR's JSON, plain `application/json` (the client's
+/// first range asks for it), or FHIR's XML (`_format`, or `Accept` preferring it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VersionsForm {
+    Fhir,
+    PlainJson,
+    Xml,
 }
 
 /// Whether `path` is the `$versions` operation the layer answers or leaves to routing, read as
@@ -261,18 +270,18 @@ impl VersionsQuery {
     }
 
     /// The query of a layer supporting `supported`, with `default` as its default release,
-    /// answered as plain JSON or not.
+    /// answered in `form`.
     pub(crate) fn new(
         supported: &[FhirVersion],
         default: Option<FhirVersion>,
-        plain_json: bool,
+        form: VersionsForm,
     ) -> Self {
         let mut supported = supported.to_vec();
         supported.sort();
         Self {
             supported: supported.into(),
             default,
-            plain_json,
+            form,
         }
     }
 
@@ -293,7 +302,7 @@ impl VersionsQuery {
         // What a request naming none gets: the layer's default when it has one, else the
         // tenant's first server, whatever its release.
         let default = self.default.unwrap_or(first);
-        versions_answer(&served, default, named.unwrap_or(default), self.plain_json)
+        versions_answer(&served, default, named.unwrap_or(default), self.form)
     }
 }
 
@@ -422,12 +431,19 @@ impl Config {
         }
         let version = body_version.or(accepted).or(self.default);
         if versions_operation {
-            // The answer's own format: `_format`'s, else what `Accept` asks first.
-            let plain_json = plain_json(format.as_ref().map_or(&accept[..], std::slice::from_ref));
+            // The answer's own format: `_format`'s, else what `Accept` prefers (plain JSON
+            // when its first range asks for it).
+            let form = if prefers_xml(query, headers, version) {
+                VersionsForm::Xml
+            } else if plain_json(format.as_ref().map_or(&accept[..], std::slice::from_ref)) {
+                VersionsForm::PlainJson
+            } else {
+                VersionsForm::Fhir
+            };
             if self.tenant_versions && headers.contains_key(header::AUTHORIZATION) {
                 return Decision::TenantVersions(
                     version,
-                    VersionsQuery::new(&self.supported, self.default, plain_json),
+                    VersionsQuery::new(&self.supported, self.default, form),
                 );
             }
             let default = self.reported_default();
@@ -435,7 +451,7 @@ impl Config {
                 &self.supported,
                 default,
                 version.unwrap_or(default),
-                plain_json,
+                form,
             ));
         }
         // A body's release, or none named first: nothing else to fall back on.
@@ -455,9 +471,14 @@ impl Config {
         // releases and any, so on the stack.
         let mut found = [(None, 0.0_f32, 0_usize); CHOICES];
         let mut len = 0;
+        // Ranges at `q=0` too: an `Accept` of nothing but those accepts nothing (RFC 9110
+        // §12.4.2), so is answered 406, not with what a request naming nothing gets.
         let mut ranges_seen = false;
-        for (at, (named, q)) in ranges.filter(|(_, q)| *q > 0.0).enumerate() {
+        for (at, (named, q)) in ranges.enumerate() {
             ranges_seen = true;
+            if q <= 0.0 {
+                continue;
+            }
             let choice = match named {
                 Named::Nothing => None,
                 named => match self.supports(named) {
@@ -609,30 +630,52 @@ fn plain_json(accept: &[MediaRange]) -> bool {
         .is_some_and(|r| r.essence == "application/json" || r.essence == "text/json")
 }
 
-/// `$versions`' answer: a `Parameters` resource with each `version` and the `default`, its
-/// media type FHIR's JSON in release `shape` (or plain JSON).
+/// `$versions`' answer: a `Parameters` resource with each `version` and the `default`, in
+/// `form`, its FHIR media type that of release `shape`.
 fn versions_answer(
     versions: &[FhirVersion],
     default: FhirVersion,
     shape: FhirVersion,
-    plain_json: bool,
+    form: VersionsForm,
 ) -> Response<Bytes> {
-    let mut parameter: Vec<_> = versions
+    let parameters = versions
         .iter()
-        .map(|v| json!({"name": "version", "valueCode": v.mime_code()}))
-        .collect();
-    parameter.push(json!({"name": "default", "valueCode": default.mime_code()}));
-    let body = json!({"resourceType": "Parameters", "parameter": parameter});
-    let media_type = if plain_json {
-        "application/json".to_owned()
-    } else {
-        format!(
+        .map(|v| ("version", v.mime_code()))
+        .chain(std::iter::once(("default", default.mime_code())));
+    let (body, media_type) = if form == VersionsForm::Xml {
+        // Names and codes are the crate's own: nothing to escape.
+        let mut body = String::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Parameters xmlns=\"http://hl7.org/fhir\">",
+        );
+        for (name, code) in parameters {
+            body.push_str(&format!(
+                "<parameter><name value=\"{name}\"/><valueCode value=\"{code}\"/></parameter>"
+            ));
+        }
+        body.push_str("</Parameters>");
+        let media_type = format!(
             "{}; fhirVersion={}",
-            shape.json_media_type(),
+            shape.xml_media_type(),
             shape.mime_code()
-        )
+        );
+        (body, media_type)
+    } else {
+        let parameter: Vec<_> = parameters
+            .map(|(name, code)| json!({"name": name, "valueCode": code}))
+            .collect();
+        let body = json!({"resourceType": "Parameters", "parameter": parameter}).to_string();
+        let media_type = if form == VersionsForm::PlainJson {
+            "application/json".to_owned()
+        } else {
+            format!(
+                "{}; fhirVersion={}",
+                shape.json_media_type(),
+                shape.mime_code()
+            )
+        };
+        (body, media_type)
     };
-    let mut response = Response::new(Bytes::from(body.to_string()));
+    let mut response = Response::new(Bytes::from(body));
     if let Ok(value) = HeaderValue::from_str(&media_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
@@ -1061,6 +1104,15 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+        // A release refused at `q=0`, and nothing else accepted: not what a request naming
+        // nothing gets (the default, here that very release), but 406.
+        for accept in [
+            "application/fhir+json; fhirVersion=4.0; q=0",
+            "application/fhir+json; fhirVersion=3.0; q=0, application/fhir+xml; q=0",
+        ] {
+            let (status, ..) = run(layer(), get("/Patient", &[("accept", accept)])).await;
+            assert_eq!(status, StatusCode::NOT_ACCEPTABLE, "{accept}");
+        }
         let (status, ..) = run(
             layer(),
             post("application/fhir+json; fhirVersion=5.0", None),
@@ -1456,6 +1508,46 @@ mod tests {
             headers["content-type"],
             "application/json+fhir; fhirVersion=1.0"
         );
+        // In XML when asked for it, by `Accept` or `_format`.
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Parameters xmlns=\"http://hl7.org/fhir\">\
+            <parameter><name value=\"version\"/><valueCode value=\"1.0\"/></parameter>\
+            <parameter><name value=\"version\"/><valueCode value=\"3.0\"/></parameter>\
+            <parameter><name value=\"version\"/><valueCode value=\"4.0\"/></parameter>\
+            <parameter><name value=\"default\"/><valueCode value=\"4.0\"/></parameter></Parameters>";
+        for request in [
+            get("/$versions", &[("accept", "application/fhir+xml")]),
+            get(
+                "/$versions?_format=xml",
+                &[("accept", "application/fhir+json")],
+            ),
+            get(
+                "/$versions",
+                &[(
+                    "accept",
+                    "application/fhir+json;q=0.5, application/fhir+xml",
+                )],
+            ),
+        ] {
+            let (status, headers, body) = run(layer(), request).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                headers["content-type"],
+                "application/fhir+xml; fhirVersion=4.0"
+            );
+            assert_eq!(body, xml);
+        }
+        let (_, headers, _) = run(
+            layer(),
+            get(
+                "/$versions",
+                &[("accept", "application/xml+fhir; fhirVersion=1.0")],
+            ),
+        )
+        .await;
+        assert_eq!(
+            headers["content-type"],
+            "application/xml+fhir; fhirVersion=1.0"
+        );
     }
 
     #[tokio::test]
@@ -1616,7 +1708,7 @@ mod tests {
         assert_eq!(parameters_of(body.as_bytes()).len(), 4);
         // A tenant whose first server speaks a release the layer does not support: a request
         // naming none goes there, so it is the default, though a client may not name it.
-        let query = VersionsQuery::new(&[FhirVersion::R4], None, false);
+        let query = VersionsQuery::new(&[FhirVersion::R4], None, VersionsForm::Fhir);
         let answer = query.answer(
             [FhirVersion::Stu3, FhirVersion::R4],
             FhirVersion::Stu3,
@@ -1628,7 +1720,7 @@ mod tests {
         let query = VersionsQuery::new(
             &[FhirVersion::Stu3, FhirVersion::R4],
             Some(FhirVersion::R4),
-            false,
+            VersionsForm::Fhir,
         );
         let answer = query.answer(
             [FhirVersion::Stu3, FhirVersion::R4],

@@ -32,6 +32,8 @@ mod response;
 pub(crate) use layer::fallbacks;
 #[cfg(test)]
 pub(crate) use layer::parameters_of;
+#[cfg(test)]
+pub(crate) use layer::VersionsForm;
 pub(crate) use layer::VersionsQuery;
 pub use layer::{
     ConfigError, VersionNegotiation, VersionNegotiationBuilder, VersionNegotiationLayer,
