@@ -888,6 +888,13 @@ async fn a_redirect_outside_the_upstreams_base_is_a_502() {
         "\\/evil.example/x".to_owned(),
         "/\\evil.example/x".to_owned(),
         "http://gateway.test:8081/Patient/2".to_owned(),
+        // Under the base, then out of it again: rewritten, it would lead the client (and its
+        // token) elsewhere on the gateway's origin.
+        format!("{base}/../admin"),
+        format!("{base}/Patient/%2e%2e/%2E%2E/%2e%2e/admin"),
+        "/fhir/r3/../../admin".to_owned(),
+        format!("{PUBLIC_BASE}/../admin"),
+        "../../admin".to_owned(),
     ] {
         upstream.answer("/fhir/r3/Patient/1", redirect(&to));
         let reply = gw.client.get_bearer("/Patient/1", &token).await;

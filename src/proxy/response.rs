@@ -22,13 +22,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::{poll_upstream_frame, ProxyBody};
 use super::headers::{only_chunked, remove_hop_by_hop};
-use super::rewrite::BaseRewriter;
+use super::rewrite::{climbs_out, BaseRewriter};
 use crate::outcome::{IssueType, OperationOutcome};
 
 /// Whether a redirect's `Location` leads anywhere but under the upstream's base URL (which
 /// [`BaseRewriter::header_url`] maps to the gateway's), under the gateway's own public base, or
-/// a relative path: another host, a path of its host outside the base, another scheme, a
-/// backslash or a control character, or no text at all.
+/// a relative path without a `..` segment: another host, a path of its host outside the base,
+/// another scheme, a path climbing out of the base, a backslash or a control character, or no
+/// text at all.
 fn redirects_elsewhere(location: &HeaderValue, rewriter: &BaseRewriter) -> bool {
     let Ok(location) = location.to_str() else {
         return true;
@@ -43,7 +44,7 @@ fn redirects_elsewhere(location: &HeaderValue, rewriter: &BaseRewriter) -> bool 
     }
     // RFC 3986 §4.2: a relative path's first segment has no `:` (else it is a scheme).
     let first = &location[..location.find(['/', '?', '#']).unwrap_or(location.len())];
-    location.starts_with('/') || first.contains(':')
+    location.starts_with('/') || first.contains(':') || climbs_out(location.as_bytes())
 }
 
 /// The upstream's response as the client must see it: hop-by-hop headers gone, `Set-Cookie`

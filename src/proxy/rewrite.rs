@@ -36,16 +36,17 @@ impl BaseRewriter {
     /// upstream that builds its links from the `X-Forwarded-Host` and `-Proto` the proxy sends
     /// writes (HAPI's `ApacheProxyAddressStrategy`, Spring's forwarded-header filter): a client
     /// following one would reach the gateway at the upstream's path, under which the gateway
-    /// serves nothing.
+    /// serves nothing. A URL whose path climbs back out of the base ([`climbs_out`]) is not
+    /// under it.
     fn base_len(&self, text: &[u8]) -> Option<usize> {
         let from = self.from.as_bytes();
-        if text.starts_with(from) && at_boundary(&text[from.len()..]) {
+        if text.starts_with(from) && under(&text[from.len()..]) {
             return Some(from.len());
         }
         let (origin, path) = self.forwarded_base()?;
         let rest = text.strip_prefix(origin.as_bytes())?;
         let rest = rest.strip_prefix(path.as_bytes())?;
-        at_boundary(rest).then_some(origin.len() + path.len())
+        under(rest).then_some(origin.len() + path.len())
     }
 
     /// The gateway's origin and the upstream's base path, when that path is not the gateway's
@@ -82,7 +83,7 @@ impl BaseRewriter {
             &after[end..]
         };
         let rest = rest.strip_prefix(path)?;
-        at_boundary(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
+        under(rest.as_bytes()).then(|| format!("{}{rest}", self.to))
     }
 
     /// Whether `url` is under the gateway's public base already, read as a client resolves it
@@ -99,7 +100,7 @@ impl BaseRewriter {
             && same_authority(scheme, &after[..end], authority)
             && after[end..]
                 .strip_prefix(path.trim_end_matches('/'))
-                .is_some_and(|rest| at_boundary(rest.as_bytes()))
+                .is_some_and(|rest| under(rest.as_bytes()))
     }
 
     /// A `Link` header's value with each target (`<...>`) under the upstream base rewritten;
@@ -369,6 +370,44 @@ fn at_boundary(rest: &[u8]) -> bool {
     matches!(rest.first(), None | Some(b'/' | b'?' | b'"' | b'#'))
 }
 
+/// Whether what follows a base leaves a URL under it: it ends the base ([`at_boundary`]) and
+/// does not [`climb_out`](climbs_out) of it.
+fn under(rest: &[u8]) -> bool {
+    at_boundary(rest) && !climbs_out(rest)
+}
+
+/// Whether the path at the start of `rest` (up to a query, a fragment or a JSON string's end)
+/// holds a `..` segment, also percent-encoded (`%2e%2e`, `.%2E`) or ended by a backslash, as a
+/// browser reads one: a client resolving it leaves the base it starts under
+/// (`http://ehr/fhir/../admin` is `http://ehr/admin`), so rewritten to the gateway's base it
+/// would lead elsewhere on the gateway's origin.
+pub(super) fn climbs_out(rest: &[u8]) -> bool {
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'?' | b'#' | b'"'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .split(|b| matches!(b, b'/' | b'\\'))
+        .any(|segment| {
+            let mut dots = 0;
+            let mut at = 0;
+            while at < segment.len() {
+                if segment[at] == b'.' {
+                    at += 1;
+                } else if segment[at..].len() >= 3
+                    && segment[at..at + 2] == *b"%2"
+                    && segment[at + 2].eq_ignore_ascii_case(&b'e')
+                {
+                    at += 3;
+                } else {
+                    return false;
+                }
+                dots += 1;
+            }
+            dots == 2
+        })
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
 }
@@ -408,6 +447,34 @@ mod tests {
         );
         assert_eq!(r.url("http://ehr:9001/fhir/r30/Patient"), None);
         assert_eq!(r.url("http://other/fhir/r3/Patient"), None);
+        // A path that climbs back out of the base is not under it: rewritten, it would lead a
+        // client (and its token) elsewhere on the gateway's origin.
+        for out in [
+            "http://ehr:9001/fhir/r3/../admin",
+            "http://ehr:9001/fhir/r3/..",
+            "http://ehr:9001/fhir/r3/Patient/../../../admin?x=1",
+            "http://ehr:9001/fhir/r3/%2e%2e/%2E%2E/admin/tenants",
+            "http://ehr:9001/fhir/r3/.%2e/admin",
+            "http://ehr:9001/fhir/r3/..\\admin",
+            "https://gw.example/fhir/r3/../admin",
+        ] {
+            assert_eq!(r.url(out), None, "{out}");
+            assert_eq!(r.header_url(out), None, "{out}");
+        }
+        assert_eq!(r.header_url("/fhir/r3/../admin"), None);
+        assert!(!r.is_public("https://gw.example/../admin"));
+        let body = br#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next","url":"http://ehr:9001/fhir/r3/../other/Patient"}]}"#;
+        assert_eq!(r.bundle(body), None);
+        // Dots that are no `..` segment, and `..` in the query, stay under it.
+        for kept in [
+            "http://ehr:9001/fhir/r3/Patient/a..b",
+            "http://ehr:9001/fhir/r3/Patient/.../x",
+            "http://ehr:9001/fhir/r3/./Patient",
+            "http://ehr:9001/fhir/r3/Patient?path=../x",
+            "http://ehr:9001/fhir/r3/Patient#/../x",
+        ] {
+            assert!(r.url(kept).is_some(), "{kept}");
+        }
     }
 
     #[test]
