@@ -159,7 +159,7 @@ extractor!(
 extractor!(
     InProcessTenant,
     "InProcessTenant",
-    "TenantRoutingLayer (or GatewayLayer) for a tenant served in-process"
+    "TenantRoutingLayer (or GatewayLayer) for a tenant served in-process, or it is a proxied tenant's request (send those to a FhirProxy: FhirProxy::or_in_process; or take Option<InProcessTenant>)"
 );
 
 #[cfg(test)]

@@ -343,7 +343,10 @@ impl GatewayBuilder {
         self
     }
 
-    /// Proxy settings (timeouts, root certificates); its public base URL is the gateway's.
+    /// Proxy settings (timeouts, root certificates) for the proxy [`build`](Self::build)
+    /// makes; its public base URL is the gateway's. [`build_layer`](Self::build_layer) makes
+    /// no proxy: under a [`GatewayLayer`] whose directory also holds proxied tenants, use
+    /// [`FhirProxy::or_in_process`] with a proxy of your own.
     pub fn proxy(mut self, proxy: FhirProxyBuilder) -> Self {
         self.proxy = Some(proxy);
         self
@@ -563,6 +566,7 @@ const REVOKE_PATH: &str = "/oauth/revoke";
 /// // the client sent it (a `ScopedBody`: the SMART scope layer may have read it to check it).
 /// // A tenant whose record names upstream servers (not `in_process`) comes without an
 /// // `InProcessTenant`: answered 502, as the proxy answers a request it has no server for.
+/// // (`FhirProxy::or_in_process` would send those to a proxy instead.)
 /// async fn fhir(
 ///     request: Request<ScopedBody<Full<Bytes>>>,
 /// ) -> Result<Response<Full<Bytes>>, Infallible> {

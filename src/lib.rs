@@ -13,12 +13,13 @@
 //!   cached in front of the proxy ([`CapabilityCacheLayer`](metadata::CapabilityCacheLayer)).
 //! - [`auth`]: bearer JWT validation ([`BearerAuthLayer`](auth::BearerAuthLayer)).
 //! - [`tenant`]: the tenant a verified token speaks for ([`TenantScopeLayer`](tenant::TenantScopeLayer)).
-//! - [`smart`]: SMART scopes enforced per FHIR interaction
-//!   ([`SmartScopeLayer`](smart::SmartScopeLayer)).
 //! - [`route`]: the tenant's upstream, through a cached directory
 //!   ([`TenantRoutingLayer`](route::TenantRoutingLayer)).
 //! - [`limit`]: rate limits per tenant and per client ([`RateLimitLayer`](limit::RateLimitLayer)).
-//! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`).
+//! - [`smart`]: SMART scopes enforced per FHIR interaction
+//!   ([`SmartScopeLayer`](smart::SmartScopeLayer)).
+//! - `proxy`: forwarding to the upstream (`FhirProxy`, feature `proxy`); with
+//!   `FhirProxy::or_in_process`, beside your own service for tenants served in-process.
 //!
 //! Around them:
 //!

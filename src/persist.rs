@@ -13,7 +13,7 @@ static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
 /// The file is readable by its owner only on Unix (it may hold hashes, keys or upstream
-/// credentials).
+/// credentials). Its directory is made (with its parents) if it does not exist yet.
 ///
 /// The temporary file is always a new one (`O_CREAT | O_EXCL`): a file or a symlink someone
 /// planted under its name is never written through, nor its mode kept; another name is tried.
@@ -37,6 +37,11 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
             match options.open(&tmp) {
                 Ok(file) => return Ok((tmp, file)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => {
+                    attempts += 1;
+                }
+                // A state directory not made yet: made at the first write.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts == 0 => {
+                    fs::create_dir_all(&dir)?;
                     attempts += 1;
                 }
                 Err(e) => return Err(e),
@@ -236,6 +241,16 @@ fn rewrite<T: Serialize>(path: &Path, live: &[T]) -> io::Result<fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_write_makes_the_directory() {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-made-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("state").join("file.json");
+        write_atomically(&path, b"{}").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"{}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_line_cut_short_at_the_end_is_dropped_but_not_a_whole_foreign_one() {

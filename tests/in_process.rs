@@ -455,3 +455,83 @@ async fn a_granular_scope_read_is_checked_with_the_applications_own_search() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["total"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_directory_serves_in_process_and_proxied_tenants_through_or_in_process() {
+    use tower_fhir::proxy::FhirProxy;
+    use tower_fhir::route::Upstream;
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/Patient/300",
+        Answer::json(json!({"resourceType": "Patient", "id": "300"})),
+    );
+    let directory = InMemoryDirectory::new();
+    directory.upsert(
+        CONTOSO.parse().unwrap(),
+        TenantRecord::in_process(InProcessTenant::new("contoso-db", [FhirVersion::R4]).unwrap()),
+    );
+    directory.upsert(
+        FABRIKAM.parse().unwrap(),
+        TenantRecord::new([Upstream::parse(&upstream.base("/fhir"), FhirVersion::R4).unwrap()])
+            .unwrap(),
+    );
+    let clients = InMemoryClientStore::with_hashing(SecretHashing::new(64, 1).unwrap());
+    clients
+        .register(
+            NewClient::new("app")
+                .secret(SECRET)
+                .tenant(CONTOSO.parse().unwrap())
+                .tenant(FABRIKAM.parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    let endpoint = TokenEndpoint::builder()
+        .issuer(&base)
+        .audience("tower-fhir")
+        .store(clients)
+        .build()
+        .unwrap();
+    let layer = Gateway::builder(&base)
+        .directory(directory)
+        .token_endpoint(endpoint)
+        .build_layer()
+        .unwrap();
+    let fhir = Router::new().route(
+        "/Patient/{id}",
+        get(
+            |local: InProcessTenant, Path(id): Path<String>| async move {
+                format!("{} read {id}", local.key())
+            },
+        ),
+    );
+    let proxy = FhirProxy::builder(&base).build().unwrap();
+    let app =
+        Router::new().fallback_service(tower::Layer::layer(&layer, proxy.or_in_process(fhir)));
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    let client = TestClient::new(addr);
+    // The in-process tenant: the application answers, and no request reaches the upstream.
+    let contoso = token(&client, CONTOSO).await;
+    let reply = read_as(&client, &contoso, "/Patient/100", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "contoso-db read 100");
+    assert!(upstream.received().is_empty());
+    // The proxied one: its upstream answers, the client's token not forwarded.
+    let fabrikam = token(&client, FABRIKAM).await;
+    let reply = read_as(&client, &fabrikam, "/Patient/300", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["id"], "300");
+    let received = upstream.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].target, "/fhir/Patient/300");
+    assert!(received[0].headers.get("authorization").is_none());
+}

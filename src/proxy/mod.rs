@@ -88,6 +88,7 @@
 mod body;
 mod deadline;
 mod headers;
+mod in_process;
 pub(crate) mod path;
 mod pool;
 mod response;
@@ -99,6 +100,7 @@ mod transport;
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use body::{ProxyBody, UpstreamCut, UpstreamStalled};
 pub use headers::{FORWARDED_REQUEST_HEADERS, FORWARDING_CHAIN_HEADERS};
+pub use in_process::{DispatchFuture, InProcessOrProxy};
 pub use service::{
     ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_REWRITE_BUDGET,
 };

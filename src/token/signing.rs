@@ -277,19 +277,21 @@ impl SigningKeys {
     }
 
     /// The keys kept in the JSON file `path`; when it does not exist, a freshly generated
-    /// `ES256` key, written there. Every later change (add, rotate, retire) is written to the
+    /// `ES256` key, written there (its directory made if need be). Every later change (add, rotate, retire) is written to the
     /// file before it takes effect. The file holds private keys: it is created readable by
     /// its owner only (on Unix); keep it that way.
     ///
     /// ```
     /// use tower_fhir::token::SigningKeys;
     ///
-    /// let path = std::env::temp_dir().join(format!("tower-fhir-keys-{}.json", std::process::id()));
-    /// # let _ = std::fs::remove_file(&path);
+    /// // Its directory is made if need be.
+    /// let dir = std::env::temp_dir().join(format!("tower-fhir-keys-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let path = dir.join("signing-keys.json");
     /// let keys = SigningKeys::open(&path).unwrap();
     /// let again = SigningKeys::open(&path).unwrap();
     /// assert_eq!(keys.current_kid(), again.current_kid());
-    /// # std::fs::remove_file(&path).unwrap();
+    /// # std::fs::remove_dir_all(&dir).unwrap();
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();

@@ -1,0 +1,202 @@
+//! `InProcessOrProxy`: one service for a directory that holds both kinds of tenant.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Either;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::service::{FhirProxy, ResponseFuture as ProxyFuture};
+use super::ProxyBody;
+use crate::route::InProcessTenant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Each routed request to your in-process FHIR service when its tenant is served in-process
+/// (the routing layer put an [`InProcessTenant`] in its extensions), else to the
+/// [`FhirProxy`] (a tenant whose record names upstream servers: an
+/// [`Upstream`](crate::route::Upstream) in its extensions). Made by
+/// [`FhirProxy::or_in_process`]; put it under
+/// [`GatewayLayer`](crate::gateway::GatewayLayer) (or the routing layer) so that one directory
+/// can hold both kinds of tenant.
+///
+/// Readiness is the in-process service's (the proxy is always ready). The response body is
+/// the proxy's or the service's, as an [`Either`].
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bytes::Bytes;
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::{BodyExt, Full};
+/// use tower::{service_fn, ServiceExt};
+/// use tower_fhir::proxy::FhirProxy;
+/// use tower_fhir::route::{InProcessTenant, Upstream};
+/// use tower_fhir::version::FhirVersion;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let fhir = service_fn(|request: Request<Full<Bytes>>| async move {
+///     let tenant = request.extensions().get::<InProcessTenant>().unwrap();
+///     Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(format!("served {}", tenant.key()))))
+/// });
+/// let proxy = FhirProxy::builder("https://gateway.example").build().unwrap();
+/// let service = proxy.or_in_process(fhir);
+///
+/// // What the routing layer puts in a request for an in-process tenant...
+/// let mut request = Request::get("/Patient/1").body(Full::default()).unwrap();
+/// request
+///     .extensions_mut()
+///     .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
+/// let answer = service.clone().oneshot(request).await.unwrap();
+/// assert_eq!(answer.status(), StatusCode::OK);
+/// let body = answer.into_body().collect().await.unwrap().to_bytes();
+/// assert_eq!(&body[..], b"served contoso");
+///
+/// // ...and for a proxied one: to its upstream (nothing listens on port 1 here: 502).
+/// let mut request = Request::get("/Patient/1").body(Full::default()).unwrap();
+/// request
+///     .extensions_mut()
+///     .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+/// let answer = service.oneshot(request).await.unwrap();
+/// assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct InProcessOrProxy<S> {
+    proxy: FhirProxy,
+    in_process: S,
+}
+
+impl FhirProxy {
+    /// This proxy for proxied tenants and `in_process` for the tenants served in-process: see
+    /// [`InProcessOrProxy`].
+    pub fn or_in_process<S>(self, in_process: S) -> InProcessOrProxy<S> {
+        InProcessOrProxy {
+            proxy: self,
+            in_process,
+        }
+    }
+}
+
+impl<S> InProcessOrProxy<S> {
+    /// The in-process service.
+    pub fn in_process(&self) -> &S {
+        &self.in_process
+    }
+
+    /// The proxy.
+    pub fn proxy(&self) -> &FhirProxy {
+        &self.proxy
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for InProcessOrProxy<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Either<ProxyBody, ResBody>>;
+    type Error = S::Error;
+    type Future = DispatchFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.in_process.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.extensions().get::<InProcessTenant>().is_some() {
+            DispatchFuture {
+                inner: Inner::InProcess {
+                    future: self.in_process.call(request),
+                },
+            }
+        } else {
+            DispatchFuture {
+                inner: Inner::Proxy {
+                    future: self.proxy.call(request),
+                },
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`InProcessOrProxy`].
+    pub struct DispatchFuture<F> {
+        #[pin]
+        inner: Inner<F>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProjection]
+    enum Inner<F> {
+        Proxy { #[pin] future: ProxyFuture },
+        InProcess { #[pin] future: F },
+    }
+}
+
+impl<F, ResBody, E> Future for DispatchFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<Either<ProxyBody, ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.project() {
+            InnerProjection::Proxy { future } => future.poll(cx).map(|answer| match answer {
+                Ok(response) => Ok(response.map(Either::Left)),
+                Err(never) => match never {},
+            }),
+            InnerProjection::InProcess { future } => future
+                .poll(cx)
+                .map(|answer| answer.map(|response| response.map(Either::Right))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Upstream;
+    use crate::version::FhirVersion;
+    use http::StatusCode;
+    use http_body_util::Full;
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn each_request_goes_where_its_tenant_is_served() {
+        let fhir = tower::service_fn(|_: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("in-process")))
+        });
+        let service = FhirProxy::builder("https://gw.example")
+            .build()
+            .unwrap()
+            .or_in_process(fhir);
+        let mut in_process = Request::new(Full::default());
+        in_process
+            .extensions_mut()
+            .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
+        let answer = service.clone().oneshot(in_process).await.unwrap();
+        assert!(matches!(answer.body(), Either::Right(_)));
+        let mut proxied = Request::new(Full::default());
+        proxied
+            .extensions_mut()
+            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+        let answer = service.clone().oneshot(proxied).await.unwrap();
+        assert!(matches!(answer.body(), Either::Left(_)));
+        // Neither: the proxy's own answer (no upstream chosen), never the in-process service.
+        let answer = service
+            .oneshot(Request::new(Full::default()))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+        assert!(matches!(answer.body(), Either::Left(_)));
+    }
+}
