@@ -1114,3 +1114,74 @@ async fn postgres_seeding_adds_only_tenants_never_held() {
     assert!(store.delete(a).await.unwrap());
     assert!(!store.insert_if_absent(a, &seeded).await.unwrap());
 }
+
+/// A table lock held longer than an operation may wait: the operation fails within its 5 s,
+/// and its backend stops waiting too (the server's `lock_timeout`), so requests that keep
+/// coming do not pile backends up until the server has no connection slot left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
+    use tokio::time::{timeout, Instant};
+    use tower_fhir::postgres::PgState;
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("locks", "the PostgreSQL lock-wait test")
+    else {
+        return;
+    };
+    server.create_database("locks");
+    let url = server.url("locks");
+    let store = PgState::connect(&url)
+        .await
+        .unwrap()
+        .client_store(SecretHashing::new(64, 1).unwrap());
+    store
+        .register(NewClient::new("app").secret("a-secret-long-enough-1234"))
+        .await
+        .unwrap();
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("BEGIN; LOCK TABLE tower_fhir_clients IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let waiting = async || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Four reads at once, each given up on.
+    let started = Instant::now();
+    let reads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.client("app").await })
+        })
+        .collect();
+    for read in reads {
+        let read = timeout(Duration::from_secs(15), read)
+            .await
+            .expect("a read waited on the lock past its bound")
+            .unwrap();
+        assert!(read.is_err(), "a read through an exclusive lock succeeded");
+    }
+    assert!(started.elapsed() < Duration::from_secs(12));
+    // The lock is still held: no backend of the store is left waiting on it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while waiting().await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "backends still wait for the lock after their operations were given up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin.batch_execute("ROLLBACK").await.unwrap();
+    // And the store serves again once it is let go.
+    assert!(store.client("app").await.unwrap().is_some());
+}

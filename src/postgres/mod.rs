@@ -248,8 +248,20 @@ impl fmt::Debug for PgState {
 /// of the database (PgBouncer) refuses unknown startup options, and takes a `SET` (there the
 /// server's peer is the pooler, and the pooler's own keepalives find a dead replica). On a
 /// Unix-domain socket the server ignores them.
-const SERVER_SIDE_KEEPALIVES: &str = "SET tcp_keepalives_idle = 30; \
-     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
+///
+/// With them, the server's own bounds on what a session waits for: a lock at most as long as
+/// an operation may take ([`OPERATION_TIMEOUT`]), a statement at most as long as the slowest
+/// ([`LONG_OPERATION_TIMEOUT`]), a transaction left idle (a replica frozen while it held a
+/// row's lock) a minute. An operation the gateway gave up on stops waiting on the server too:
+/// dropping its connection does not reach a backend waiting for a lock (the server reads
+/// nothing from its client meanwhile), so without them every request a table lock outlived
+/// left a backend behind, and the pool's next connections joined them until the server had
+/// no connection slot left for anyone. Migrations, which may take longer, lift them for
+/// their own transaction.
+const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 30; \
+     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000; \
+     SET lock_timeout = 5000; SET statement_timeout = 60000; \
+     SET idle_in_transaction_session_timeout = 60000";
 
 impl PgState {
     /// Connects to `url` (`postgres://user[:password]@host:port/database`) and migrates the
@@ -296,7 +308,7 @@ impl PgState {
             .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
                 Box::pin(async move {
                     client
-                        .batch_execute(SERVER_SIDE_KEEPALIVES)
+                        .batch_execute(SESSION_SETTINGS)
                         .await
                         .map_err(deadpool_postgres::HookError::Backend)
                 })
@@ -355,6 +367,12 @@ impl PgState {
             .get(0);
         supported_server(&version)?;
         let transaction = connection.transaction().await.map_err(failed)?;
+        // Another replica's migrations may hold the lock, and a migration take, longer than
+        // a request's bounds (`SESSION_SETTINGS`).
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(failed)?;
         transaction
             .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
