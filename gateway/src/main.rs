@@ -353,14 +353,20 @@ async fn run(args: Args) -> Result<(), String> {
     let stop = serve::shutdown();
     // The audit log on stdout takes it whole: one JSON record a line.
     let banner_to_stderr = config.audit_log.as_deref() == Some(std::path::Path::new("-"));
-    say!(banner_to_stderr, "tower-fhir gateway listening on {base}");
+    // The address bound (`--listen` may differ from the configuration's), then the URL the
+    // gateway names itself by where that is another.
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let bound = format!("{scheme}://{local}");
+    say!(banner_to_stderr, "tower-fhir gateway listening on {bound}");
+    if base != bound {
+        say!(banner_to_stderr, "  public base URL {base}");
+    }
     say!(
         banner_to_stderr,
         "  {workers} worker thread(s), one listening socket each (SO_REUSEPORT)"
     );
     say!(banner_to_stderr, "  state in {}", state.location);
     if let Some(listener) = &admin_listener {
-        let scheme = if tls.is_some() { "https" } else { "http" };
         let local = listener
             .local_addr()
             .map_err(|e| format!("cannot read admin_listen's address: {e}"))?;

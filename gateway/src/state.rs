@@ -121,7 +121,14 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     let state = PgState::connect_with_roots(url, &roots)
         .await
         .map_err(|e| format!("cannot open the database ({location}): {e}"))?;
-    let directory = state.sealed_tenant_store(kek.clone());
+    // The signing keys first: they are sealed with the key-encryption key, so a replica given
+    // another key than the others' stops here, before it writes anything they would then fail
+    // to open (a configured tenant's credential sealed with its key).
+    let keys = state
+        .signing_keys(kek.clone())
+        .await
+        .map_err(|e| format!("cannot open the signing keys: {e}"))?;
+    let directory = state.sealed_tenant_store(kek);
     {
         // Under the lock every replica's tenant writes take (the admin API's too): a change
         // made on a running replica cannot pass its nesting check between this start's check
@@ -161,10 +168,6 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     }
     let clients = state.client_store(hashing(config)?);
     register(&clients, &config.clients).await?;
-    let keys = state
-        .signing_keys(kek)
-        .await
-        .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     // Serve only once other replicas' tenant changes are heard: a lookup cached before then
     // could miss a change for as long as the cache keeps it.
     if tokio::time::timeout(Duration::from_secs(10), directory.listening())
@@ -274,6 +277,11 @@ fn without_password(url: &str) -> String {
         .enumerate()
         .map(|(at, host)| {
             let host = match host {
+                // A password's unencoded `@` ends the credentials early, leaving the rest of
+                // the password in the host: not shown.
+                tokio_postgres::config::Host::Tcp(name) if name.contains('@') => {
+                    "<a host holding an @: write a password's @ as %40>".to_owned()
+                }
                 tokio_postgres::config::Host::Tcp(name) => name.clone(),
                 #[cfg(unix)]
                 tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
@@ -550,6 +558,11 @@ mod tests {
             without_password("postgres://u:s3cret@db:port/gw"),
             "<a database URL>"
         );
+        // A password's unencoded `@`: the rest of the password is read as the host, and not
+        // shown either.
+        let shown = without_password("postgres://gateway:Corr3ct@Horse-Battery@127.0.0.1:5432/gw");
+        assert!(!shown.contains("Horse"), "{shown}");
+        assert!(shown.contains("%40"), "{shown}");
     }
 }
 

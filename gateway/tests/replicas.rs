@@ -21,6 +21,7 @@ use support::*;
 const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
 const TENANT: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const LATER: &str = "7b3e9a10-2c4d-4e5f-8a6b-0c1d2e3f4a5b";
+const SEALED: &str = "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d";
 const NESTED: &str = "8c4f0b21-3d5e-4f60-9b7c-1d2e3f4a5b6c";
 const SECRET: &str = "replicated-secret-0123456789";
 const ADMIN: &str = "replicas-admin-token-0123456789";
@@ -266,6 +267,43 @@ async fn three_gateway_processes_share_one_database() {
         &one,
         "GET",
         &format!("/admin/tenants/{NESTED}"),
+        json!(null),
+    )
+    .await;
+    assert_eq!(held.status, StatusCode::NOT_FOUND, "{}", held.text());
+
+    // A replica given another key-encryption key refuses to start before it writes anything
+    // (a configured tenant's credential sealed with its key would be unreadable to the
+    // others, and stop their tenant writes and starts).
+    let sealing = dir.join("sealing.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    config["tenants"].as_array_mut().unwrap().push(json!({
+        "id": SEALED,
+        "upstreams": [{
+            "base_url": upstream.base("/sealed"),
+            "fhir_version": "4.0",
+            "authorization": "Bearer sealed-credential"
+        }]
+    }));
+    std::fs::write(&sealing, serde_json::to_vec(&config).unwrap()).unwrap();
+    let refused = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&sealing)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env(
+            "TOWER_FHIR_KEY_ENCRYPTION_KEY",
+            "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=",
+        )
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("signing key"), "{said}");
+    let held = admin(
+        &one,
+        "GET",
+        &format!("/admin/tenants/{SEALED}"),
         json!(null),
     )
     .await;
