@@ -303,6 +303,8 @@ mod tests {
         let dir = scratch("unwritable").parent().unwrap().to_path_buf();
         let path = dir.join("missing-dir").join("revoked.json");
         let log = FileRevocationLog::open(&path).unwrap();
+        // A regular file where its directory would be made: nothing can be written there.
+        std::fs::write(dir.join("missing-dir"), b"").unwrap();
         assert!(log.record(None, "t", 4_000_000_000).await.is_err());
         let revoked = RevokedTokens::new();
         log.apply(&revoked);
