@@ -1185,3 +1185,73 @@ async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
     // And the store serves again once it is let go.
     assert!(store.client("app").await.unwrap().is_some());
 }
+
+/// A client row the store cannot read (written by hand, or by a later version): the listing
+/// leaves it out (the administrator still sees the others), a read of it fails naming it, and
+/// the revoked clients' listing, which must not lose one, fails naming it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_client_row_is_named_and_hides_no_other_client() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) = support::postgres::Postgres::start_or_skip(
+        "unreadable",
+        "the PostgreSQL unreadable-row test",
+    ) else {
+        return;
+    };
+    server.create_database("unreadable");
+    let url = server.url("unreadable");
+    let store = PgState::connect(&url)
+        .await
+        .unwrap()
+        .client_store(SecretHashing::new(64, 1).unwrap());
+    store
+        .register(NewClient::new("app").secret("a-secret-long-enough-1234"))
+        .await
+        .unwrap();
+    server.query(
+        "unreadable",
+        "INSERT INTO tower_fhir_clients (id, record) VALUES ('evil', '{\"foo\": 1}'), \
+         ('maybe', '{\"revoked\": \"maybe\"}')",
+    );
+    let listed = store.clients().await.unwrap();
+    assert_eq!(
+        listed.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["app"],
+        "the readable client listed, the others left out"
+    );
+    let failed = store.client("evil").await.unwrap_err().to_string();
+    assert!(failed.contains("\"evil\""), "{failed}");
+    // `revoked` that is no boolean fails no cast: not a revoked client.
+    assert!(store.revoked_clients().await.unwrap().is_empty());
+    server.query(
+        "unreadable",
+        "INSERT INTO tower_fhir_clients (id, record) VALUES ('gone', '{\"revoked\": true}')",
+    );
+    let failed = store.revoked_clients().await.unwrap_err().to_string();
+    assert!(failed.contains("\"gone\""), "{failed}");
+}
+
+/// A tenant row the store cannot read fails its lookup naming it (the start, and the admin
+/// API's checks that read every tenant, say which row to correct or delete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_tenant_row_is_named() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) = support::postgres::Postgres::start_or_skip(
+        "unreadable_tenant",
+        "the PostgreSQL unreadable-tenant test",
+    ) else {
+        return;
+    };
+    server.create_database("unreadable_tenant");
+    let url = server.url("unreadable_tenant");
+    let store = PgState::connect(&url).await.unwrap().tenant_store();
+    server.query(
+        "unreadable_tenant",
+        &format!(
+            "INSERT INTO tower_fhir_tenants (id, record) VALUES ('{}', '{{\"upstreams\": \"nope\"}}')",
+            tenant(A)
+        ),
+    );
+    let failed = store.lookup(tenant(A)).await.unwrap_err().to_string();
+    assert!(failed.contains(&tenant(A).to_string()), "{failed}");
+}

@@ -393,7 +393,11 @@ async fn put_tenant(
         Ok(Some(nested)) => return error(StatusCode::CONFLICT, &nested.to_string()),
         Err(err) => {
             tracing::error!(%tenant, error = %err, "could not read the tenants to check a change");
-            return unavailable("the tenant could not be saved");
+            // Why, for the administrator: a stored record that cannot be read (named) is
+            // theirs to correct or delete, not to wait out.
+            return unavailable(&format!(
+                "the tenant could not be saved: the other tenants could not be read to check it ({err})"
+            ));
         }
     }
     let saved = admin.directory.put(tenant, upstreams.clone()).await;

@@ -659,10 +659,7 @@ impl PgClientStore {
             .query_opt(&statement, &[&id])
             .await
             .map_err(|e| store_error("reading a client", e))?;
-        row.map(|row| {
-            serde_json::from_value(row.get(0)).map_err(|e| store_error("reading a client", e))
-        })
-        .transpose()
+        row.map(|row| client_record(id, row.get(0))).transpose()
     }
 
     /// Rotates the client's secret, only if `used` is still one of its live secrets when given
@@ -710,8 +707,7 @@ impl PgClientStore {
             .map_err(failed)?;
         let mut clients = Clients::default();
         if let Some(row) = row {
-            let record: ClientRecord =
-                serde_json::from_value(row.get(0)).map_err(|e| store_error(doing, e))?;
+            let record: ClientRecord = client_record(id, row.get(0))?;
             clients.clients.insert(id.to_owned(), record);
         }
         let result = change(&mut clients, id)?;
@@ -733,7 +729,12 @@ impl PgClientStore {
 impl PgClientStore {
     /// The client records a query (`SELECT record ...`, no parameters) finds; `doing` names it
     /// in a failure.
-    fn records(&self, query: &'static str, doing: &'static str) -> StoreFuture<Vec<ClientRecord>> {
+    fn records(
+        &self,
+        query: &'static str,
+        doing: &'static str,
+        unreadable: Unreadable,
+    ) -> StoreFuture<Vec<ClientRecord>> {
         let pool = self.pool.clone();
         Box::pin(bounded(async move {
             let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
@@ -741,14 +742,41 @@ impl PgClientStore {
                 .query(query, &[])
                 .await
                 .map_err(|e| store_error(doing, e))?;
-            rows.into_iter()
-                .map(|row| {
-                    serde_json::from_value(row.get(0))
-                        .map_err(|e| store_error("reading a client", e))
-                })
-                .collect()
+            let mut records = Vec::with_capacity(rows.len());
+            for row in rows {
+                let id: String = row.get(0);
+                match client_record(&id, row.get(1)) {
+                    Ok(record) => records.push(record),
+                    Err(error) if unreadable == Unreadable::LeftOut => {
+                        tracing::error!(client = %id, %error, "a stored client record cannot be read: left out of the list (correct or delete its row in tower_fhir_clients)");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(records)
         }))
     }
+}
+
+/// What a listing does with a stored client record it cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unreadable {
+    /// Leaves it out, with an error in the log: one bad row does not hide every client from
+    /// the administrator.
+    LeftOut,
+    /// Fails the listing, naming it: the revoked clients, whose tokens must stay refused.
+    Fails,
+}
+
+/// A stored client record, read; an error naming the client when it cannot be (a row written
+/// by hand, or by a later version).
+fn client_record(id: &str, record: serde_json::Value) -> Result<ClientRecord, StoreError> {
+    serde_json::from_value(record).map_err(|e| {
+        StoreError::with_source(
+            format!("the stored record of client {id:?} cannot be read"),
+            e,
+        )
+    })
 }
 
 impl ClientStore for PgClientStore {
@@ -758,17 +786,21 @@ impl ClientStore for PgClientStore {
     }
 
     fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+        // Compared as text: a row whose `revoked` is no boolean fails no cast (and is read,
+        // named if it cannot be, as the others).
         self.records(
-            "SELECT record FROM tower_fhir_clients WHERE (record->>'revoked')::boolean",
+            "SELECT id, record FROM tower_fhir_clients WHERE record->>'revoked' = 'true'",
             "listing the revoked clients",
+            Unreadable::Fails,
         )
     }
 
     fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
         // Byte order, as the other stores sort: not the database's collation.
         self.records(
-            "SELECT record FROM tower_fhir_clients ORDER BY id COLLATE \"C\"",
+            "SELECT id, record FROM tower_fhir_clients ORDER BY id COLLATE \"C\"",
             "listing the clients",
+            Unreadable::LeftOut,
         )
     }
 
@@ -1229,7 +1261,12 @@ impl TenantDirectory for PgTenantStore {
                 .map_err(|e| directory_error("looking a tenant up", e))?;
             row.map(|row| {
                 let json = open_credentials(sealing.as_deref(), tenant, row.get(0))?;
-                serde_json::from_value(json).map_err(|e| directory_error("reading a tenant", e))
+                serde_json::from_value(json).map_err(|e| {
+                    DirectoryError::with_source(
+                        format!("the stored record of tenant {tenant} cannot be read"),
+                        e,
+                    )
+                })
             })
             .transpose()
         }))
