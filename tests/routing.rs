@@ -1324,6 +1324,9 @@ async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole
 /// An upstream answering every request with a JSON Bundle of about 40 KB, sent in two parts
 /// a second apart.
 async fn slow_bundle_upstream() -> String {
+    // One answer a connection, said so (`Connection: close`): a connection it closes after
+    // answering is never taken again from the proxy's pool, where a request could race its
+    // close and fail.
     // Requests begun so far: the first two answers end only once both have begun (and a
     // second more), so that each holds its first part while the other's is read, however
     // slowly a loaded machine starts the second request.
@@ -1338,7 +1341,7 @@ async fn slow_bundle_upstream() -> String {
             );
             let last = "\"}]}}";
             let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{first}\r\n",
                 first.len()
             );
             stream.write_all(answer.as_bytes()).await.unwrap();

@@ -425,6 +425,16 @@ async fn a_tenants_versions_default_is_the_layers_default_where_it_has_one() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(s.stu3.received().len(), 1);
     assert!(s.dstu2.received().is_empty());
+    // `Accept` chose the server (a request naming DSTU2 would get another's answer), the
+    // token the tenant: a cache keys the answer by both.
+    let mut vary: Vec<_> = reply
+        .headers
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    vary.sort_unstable();
+    assert_eq!(vary, ["Accept", "Authorization"]);
     let reply = tenant_versions(&s).await;
     assert_eq!(
         parameters(&reply.json()),

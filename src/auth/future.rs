@@ -146,27 +146,7 @@ where
 /// tenant with its own data. Without it, a cache (a browser's, a shared one for a `public`
 /// answer) could hand one token's response to a request with another.
 fn vary_by_authorization(headers: &mut http::HeaderMap) {
-    use http::header::Entry;
-    const AUTHORIZATION: http::HeaderValue = http::HeaderValue::from_static("Authorization");
-    // One lookup: most answers have no `Vary` of their own.
-    match headers.entry(http::header::VARY) {
-        Entry::Vacant(vacant) => {
-            vacant.insert(AUTHORIZATION);
-        }
-        Entry::Occupied(mut occupied) => {
-            let varies = occupied.iter().any(|value| {
-                value.to_str().is_ok_and(|value| {
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .any(|name| name == "*" || name.eq_ignore_ascii_case("authorization"))
-                })
-            });
-            if !varies {
-                occupied.append(AUTHORIZATION);
-            }
-        }
-    }
+    crate::version::vary_by(headers, http::HeaderValue::from_static("Authorization"));
 }
 
 /// A request waiting for its token to be verified (keys being fetched).

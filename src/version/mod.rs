@@ -40,8 +40,8 @@ pub use layer::{
 };
 #[cfg(feature = "proxy")]
 pub(crate) use response::label;
-pub(crate) use response::vary_on;
 pub use response::ResponseFuture;
+pub(crate) use response::{vary_by, vary_on};
 
 /// Whether a request asks for XML rather than JSON (see [`layer::prefers_xml`]).
 pub(crate) use layer::prefers_xml;

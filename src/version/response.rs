@@ -49,6 +49,9 @@ where
                     .or(*version);
                 if let Some(served) = served {
                     label(response.headers_mut(), served);
+                    // `Accept` chose the release, and with it the tenant's server: a cache must
+                    // not answer a request naming another release with this one.
+                    vary_by(response.headers_mut(), ACCEPT);
                 }
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
@@ -125,6 +128,32 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
     labelled.push_str(version.mime_code());
     if let Ok(value) = HeaderValue::from_str(&labelled) {
         entry.insert(value);
+    }
+}
+
+/// `Accept`, as a `Vary` field.
+const ACCEPT: HeaderValue = HeaderValue::from_static("Accept");
+
+/// Adds `field` (a header name) to a response's `Vary` unless it varies by it (or by
+/// everything) already: one look-up where the response has no `Vary` of its own, an added
+/// value where it has one.
+pub(crate) fn vary_by(headers: &mut HeaderMap, field: HeaderValue) {
+    match headers.entry(header::VARY) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(field);
+        }
+        Entry::Occupied(mut occupied) => {
+            let name = field.as_bytes();
+            let varies = occupied.iter().any(|value| {
+                value.as_bytes().split(|b| *b == b',').any(|listed| {
+                    let listed = listed.trim_ascii();
+                    listed == b"*" || listed.eq_ignore_ascii_case(name)
+                })
+            });
+            if !varies {
+                occupied.append(field);
+            }
+        }
     }
 }
 
