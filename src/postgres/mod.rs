@@ -201,10 +201,24 @@ impl PgError {
 
 impl fmt::Display for PgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
+        f.write_str(&self.message)?;
+        // The whole chain: the pool's and the driver's own words ("db error") say little;
+        // the server's (a password refused, a database that does not exist) are below them.
+        // A cause already in the text above it is not said twice.
+        let mut said = String::new();
+        let mut cause = self
+            .source
+            .as_deref()
+            .map(|source| source as &(dyn std::error::Error + 'static));
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !said.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            said = text;
+            cause = error.source();
         }
+        Ok(())
     }
 }
 
@@ -2163,7 +2177,36 @@ impl ReplayGuard for PgReplayGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::supported_server;
+    use super::{supported_server, PgError};
+    use std::fmt;
+
+    #[test]
+    fn an_error_says_its_whole_chain_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl fmt::Display for Layer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        // As deadpool and tokio-postgres nest a refused password.
+        let server = Layer("password authentication failed for user \"gateway\"", None);
+        let driver = Layer("db error", Some(Box::new(server)));
+        let pool = Layer(
+            "Error occurred while creating a new object: db error",
+            Some(Box::new(driver)),
+        );
+        assert_eq!(
+            PgError::new("cannot connect to the database", pool).to_string(),
+            "cannot connect to the database: Error occurred while creating a new object: db error: \
+             password authentication failed for user \"gateway\""
+        );
+    }
 
     #[test]
     fn servers_older_than_14_are_refused_by_name() {

@@ -871,6 +871,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // A `.well-known` document (RFC 8615: the SMART configuration) is no FHIR: its
+        // clients' `Accept` or `_format` is not the gateway's to refuse.
+        if request.uri().path().starts_with("/.well-known/") {
+            return ResponseFuture::inner(self.inner.call(request), None);
+        }
         let decision = self.config.decide(
             request.method(),
             request.uri().path(),
@@ -914,6 +919,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn well_known_documents_are_not_negotiated() {
+        for (uri, accept) in [
+            (
+                "/.well-known/smart-configuration",
+                "application/fhir+json; fhirVersion=9.9",
+            ),
+            (
+                "/.well-known/smart-configuration?_format=a&_format=b",
+                "*/*",
+            ),
+        ] {
+            let (status, _, body) = run(layer(), get(uri, &[("accept", accept)])).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert_eq!(body, "none", "{uri}");
+        }
+        // FHIR's own paths still are.
+        let (status, ..) = run(
+            layer(),
+            get(
+                "/Patient",
+                &[("accept", "application/fhir+json; fhirVersion=9.9")],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_ACCEPTABLE);
+    }
 
     #[test]
     fn versions_is_read_as_the_proxy_forwards_it() {
