@@ -592,3 +592,47 @@ async fn a_remembered_jti_is_refused_until_it_expires_then_free_again() {
     assert!(guard.first_use("backend", "j-2", soon).await.unwrap());
     assert!(!guard.first_use("backend", "j-2", soon).await.unwrap());
 }
+
+/// A signing-key row no replica can use (written by hand, or damaged) is left out with an
+/// error: a rotation still reaches every replica, and a replica still starts. (Where no row
+/// opens, the key-encryption key is another: that start is refused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_signing_key_row_stops_no_rotation_and_no_start() {
+    let Some((server, url, state)) = database("unusable_key").await else {
+        return;
+    };
+    let keys = state.signing_keys(kek()).await.unwrap();
+    let first = keys.signing_keys().current_kid();
+    server.query(
+        "unusable_key",
+        "INSERT INTO tower_fhir_signing_keys (kid, alg, sealed, published_at, signs_from) \
+         VALUES ('unusable', 'ES256', '\\x0011', 0, 0); \
+         SELECT pg_notify('tower_fhir_changes', 'keys')",
+    );
+    // A rotation to sign at once: this replica, and one started now, sign with the new key.
+    let rotated = keys
+        .rotate(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_ne!(rotated, first);
+    eventually(Duration::from_secs(5), "the rotation applied", async || {
+        keys.signing_keys().current_kid() == rotated
+    })
+    .await;
+    let started = PgState::connect(&url)
+        .await
+        .unwrap()
+        .signing_keys(kek())
+        .await
+        .expect("a start refused for one unusable row");
+    assert_eq!(started.signing_keys().current_kid(), rotated);
+    // Another key-encryption key opens none: refused.
+    let other =
+        KeyEncryptionKey::from_base64("AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=").unwrap();
+    let refused = PgState::connect(&url)
+        .await
+        .unwrap()
+        .signing_keys(other)
+        .await;
+    assert!(refused.is_err());
+}

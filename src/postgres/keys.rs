@@ -184,8 +184,7 @@ async fn load_unbounded(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>,
         )
         .await
         .map_err(|e| PgError::new("cannot read the signing keys", e))?;
-    rows.iter()
-        .map(|row| {
+    let read = rows.iter().map(|row| {
             let kid: String = row.get(0);
             let alg: String = row.get(1);
             let sealed: Vec<u8> = row.get(2);
@@ -204,8 +203,28 @@ async fn load_unbounded(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>,
                 signs_from: row.get(3),
                 retire_at: row.get(4),
             })
-        })
-        .collect()
+        });
+    let (mut opened, mut unreadable) = (Vec::new(), Vec::new());
+    for row in read {
+        match row {
+            Ok(row) => opened.push(row),
+            Err(error) => unreadable.push(error),
+        }
+    }
+    // None opens: another key-encryption key than the one the keys were sealed with, which
+    // refuses the start (before it writes anything). Some do: the others are rows this
+    // replica cannot use (written by hand, or damaged), left out with an error each, so that
+    // one of them stops no rotation and no start.
+    if opened.is_empty() {
+        if let Some(error) = unreadable.into_iter().next() {
+            return Err(error);
+        }
+        return Ok(opened);
+    }
+    for error in unreadable {
+        tracing::error!(%error, "a signing key in the database cannot be used: left out (delete its row in tower_fhir_signing_keys)");
+    }
+    Ok(opened)
 }
 
 /// Inserts `key`, sealed, signing from `signs_from`.
