@@ -335,6 +335,18 @@ async fn versions_with_a_token_names_the_tenants_releases_and_its_default() {
         reply.headers["content-type"],
         "application/json+fhir; fhirVersion=1.0"
     );
+    // A HEAD is answered as the GET, without the body (it was proxied to the upstream).
+    let reply = s
+        .client
+        .send("HEAD", "/$versions", &[("authorization", &s.bearer)], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/json+fhir; fhirVersion=1.0"
+    );
+    assert!(reply.text().is_empty());
+    assert!(s.dstu2.received().is_empty() && s.stu3.received().is_empty());
     // In XML for a client that asks for it, the tenant's answer too.
     let reply = s
         .client

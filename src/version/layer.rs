@@ -138,7 +138,7 @@ impl VersionNegotiationBuilder {
         self
     }
 
-    /// Leaves `GET $versions` with an `Authorization` header to the
+    /// Leaves `GET $versions` (and `HEAD`) with an `Authorization` header to the
     /// [`TenantRoutingLayer`](crate::route::TenantRoutingLayer) inside, which answers with the
     /// releases the token's tenant is served in that a client may name (those this layer
     /// supports) and, as the `default`, the one a request naming none gets there: this layer's
@@ -241,6 +241,8 @@ pub(crate) struct VersionsQuery {
     default: Option<FhirVersion>,
     /// The answer's format, as the client asked.
     form: VersionsForm,
+    /// A `HEAD`: the answer's headers without its body.
+    head: bool,
 }
 
 /// The format of a `$versions` answer: FHIR's JSON, plain `application/json` (the client's
@@ -282,6 +284,7 @@ impl VersionsQuery {
             supported: supported.into(),
             default,
             form,
+            head: false,
         }
     }
 
@@ -302,7 +305,12 @@ impl VersionsQuery {
         // What a request naming none gets: the layer's default when it has one, else the
         // tenant's first server, whatever its release.
         let default = self.default.unwrap_or(first);
-        versions_answer(&served, default, named.unwrap_or(default), self.form)
+        let answer = versions_answer(&served, default, named.unwrap_or(default), self.form);
+        if self.head {
+            headless(answer)
+        } else {
+            answer
+        }
     }
 }
 
@@ -329,7 +337,8 @@ impl Config {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Decision {
-        let versions_operation = method == Method::GET && is_versions_path(path);
+        let versions_operation =
+            (method == Method::GET || method == Method::HEAD) && is_versions_path(path);
         // (A name may be percent-encoded: `%5Fformat`.)
         let format = match query.filter(|q| q.contains("format") || q.contains('%')) {
             Some(query) => match format_parameter(query) {
@@ -441,18 +450,18 @@ impl Config {
                 VersionsForm::Fhir
             };
             if self.tenant_versions && headers.contains_key(header::AUTHORIZATION) {
-                return Decision::TenantVersions(
-                    version,
-                    VersionsQuery::new(&self.supported, self.default, form),
-                );
+                let mut query = VersionsQuery::new(&self.supported, self.default, form);
+                query.head = method == Method::HEAD;
+                return Decision::TenantVersions(version, query);
             }
             let default = self.reported_default();
-            return Decision::Answer(versions_answer(
-                &self.supported,
-                default,
-                version.unwrap_or(default),
-                form,
-            ));
+            let answer =
+                versions_answer(&self.supported, default, version.unwrap_or(default), form);
+            return Decision::Answer(if method == Method::HEAD {
+                headless(answer)
+            } else {
+                answer
+            });
         }
         // A body's release, or none named first: nothing else to fall back on.
         let fallback = match (body_version, accepted) {
@@ -683,6 +692,15 @@ fn versions_answer(
     // (where the routing layer answers it): a shared cache must not give it to another client.
     super::vary_on(response.headers_mut(), &["Accept", "Authorization"]);
     response
+}
+
+/// The answer to a `HEAD`: `response` without its body, its `Content-Length` the body's.
+fn headless(response: Response<Bytes>) -> Response<Bytes> {
+    let (mut parts, body) = response.into_parts();
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, Bytes::new())
 }
 
 /// A `$versions` answer's parameters as `name=valueCode`, for tests.
@@ -1540,6 +1558,18 @@ mod tests {
         assert_eq!(
             headers["content-type"],
             "application/json+fhir; fhirVersion=1.0"
+        );
+        // A HEAD: the same headers, its length the GET's, no body.
+        let (_, get_headers, get_body) = run(layer(), get("/$versions", &[])).await;
+        let mut head = get("/$versions", &[]);
+        *head.method_mut() = Method::HEAD;
+        let (status, headers, body) = run(layer(), head).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "");
+        assert_eq!(headers["content-type"], get_headers["content-type"]);
+        assert_eq!(
+            headers["content-length"],
+            get_body.len().to_string().as_str()
         );
         // In XML when asked for it, by `Accept` or `_format`.
         let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Parameters xmlns=\"http://hl7.org/fhir\">\
