@@ -1116,6 +1116,56 @@ async fn bundle_links_written_with_escaped_slashes_lead_back_through_the_gateway
 }
 
 #[tokio::test]
+async fn xml_bundle_links_lead_back_through_the_gateway_too() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let base = upstream.base("/fhir/r3");
+    let mut answer = Answer::json(json!({}));
+    answer.headers = vec![(
+        "content-type".into(),
+        "application/fhir+xml;charset=utf-8".into(),
+    )];
+    answer.body = format!(
+        "<Bundle xmlns=\"http://hl7.org/fhir\"><type value=\"searchset\"/>\
+         <link><relation value=\"next\"/><url value=\"{base}/Patient?page=2&amp;_count=1\"/></link>\
+         <entry><fullUrl value=\"{base}/Patient/1\"/><resource><Patient><id value=\"1\"/>\
+         <photo><url value=\"{base}/Binary/1\"/></photo></Patient></resource></entry></Bundle>"
+    );
+    upstream.answer("/fhir/r3/Patient?", answer);
+    let reply = gw
+        .client
+        .get(
+            "/Patient?family=x",
+            &[
+                ("authorization", &format!("Bearer {}", token_for(TENANT_A))),
+                ("accept", "application/fhir+xml"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let text = reply.text();
+    assert!(
+        text.contains(&format!(
+            "<url value=\"{PUBLIC_BASE}/Patient?page=2&amp;_count=1\"/>"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("<fullUrl value=\"{PUBLIC_BASE}/Patient/1\"/>")),
+        "{text}"
+    );
+    // The resource is as the upstream wrote it.
+    assert!(
+        text.contains(&format!("<photo><url value=\"{base}/Binary/1\"/></photo>")),
+        "{text}"
+    );
+    assert_eq!(
+        reply.headers["content-length"],
+        reply.body.len().to_string()
+    );
+}
+
+#[tokio::test]
 async fn a_bundle_sent_in_chunks_is_read_whole_and_rewritten() {
     // An upstream that writes its Bundle in three chunks, pausing between them.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

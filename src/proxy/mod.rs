@@ -40,7 +40,7 @@
 //! the body was read with, and the upstream's base URL rewritten to the gateway's public base
 //! in `Location`, `Content-Location` and `Link` (read as a client resolves them: host in any
 //! case, default port, path-absolute; never one whose path climbs back out of the base with a
-//! `..` segment), and JSON Bundles' `link[].url` and `entry[].fullUrl` (bodies up to a
+//! `..` segment), and JSON Bundles' `link[].url` and `entry[].fullUrl` (XML Bundles' too; bodies up to a
 //! limit; larger or compressed ones stream through untouched). An upstream that refuses or
 //! resets the connection gives 502, one that does not answer in time 504, each with an
 //! `OperationOutcome`. An upstream with a

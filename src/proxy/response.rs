@@ -234,7 +234,7 @@ pub(super) async fn relay_response(
             }
         }
     }
-    if !heads.may_be_json_bundle(rewrite_limit) {
+    if !heads.may_be_bundle(rewrite_limit) {
         return Ok(Response::from_parts(
             parts,
             ProxyBody::upstream(VecDeque::new(), body, wait).declared(declared),
@@ -369,7 +369,12 @@ pub(super) async fn relay_response(
             Bytes::from(whole)
         }
     };
-    let bytes = match rewriter.bundle(&whole) {
+    let rewritten = if heads.xml {
+        rewriter.xml_bundle(&whole)
+    } else {
+        rewriter.bundle(&whole)
+    };
+    let bytes = match rewritten {
         Some(rewritten) => {
             // Digests of the upstream's bytes would not match these: the client would take
             // the answer for corrupted. (A Bundle's `ETag` is kept: weak or strong, it is the
@@ -467,6 +472,8 @@ struct ResponseHeads {
     origin_wide: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
+    /// The first `Content-Type`'s media type is FHIR's XML.
+    xml: bool,
     /// The first `Content-Encoding` is `identity`.
     identity: Option<bool>,
     /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
@@ -484,20 +491,25 @@ impl ResponseHeads {
                 heads.location = true;
             } else if name == header::SET_COOKIE || name == SET_COOKIE2 {
                 heads.set_cookie = true;
-            } else if name == header::CONTENT_TYPE {
-                heads.json.get_or_insert_with(|| {
-                    // The media type before any parameter, compared as bytes.
-                    let value = value.as_bytes();
-                    let end = memchr::memchr(b';', value).unwrap_or(value.len());
-                    let media = value[..end].trim_ascii();
-                    [
-                        b"application/fhir+json".as_slice(),
-                        b"application/json+fhir",
-                        b"application/json",
-                    ]
-                    .iter()
-                    .any(|json| media.eq_ignore_ascii_case(json))
-                });
+            } else if name == header::CONTENT_TYPE && heads.json.is_none() {
+                // The media type before any parameter, compared as bytes.
+                let value = value.as_bytes();
+                let end = memchr::memchr(b';', value).unwrap_or(value.len());
+                let media = value[..end].trim_ascii();
+                let is = |types: &[&[u8]]| types.iter().any(|t| media.eq_ignore_ascii_case(t));
+                let json = is(&[
+                    b"application/fhir+json",
+                    b"application/json+fhir",
+                    b"application/json",
+                ]);
+                heads.json = Some(json);
+                heads.xml = !json
+                    && is(&[
+                        b"application/fhir+xml",
+                        b"application/xml+fhir",
+                        b"application/xml",
+                        b"text/xml",
+                    ]);
             } else if name == header::CONTENT_ENCODING {
                 heads
                     .identity
@@ -514,9 +526,9 @@ impl ResponseHeads {
         heads
     }
 
-    /// A JSON body, not compressed, that fits the rewrite limit if its length is known.
-    fn may_be_json_bundle(&self, limit: usize) -> bool {
-        self.json == Some(true)
+    /// A JSON or XML body, not compressed, that fits the rewrite limit if its length is known.
+    fn may_be_bundle(&self, limit: usize) -> bool {
+        (self.json == Some(true) || self.xml)
             && self.identity != Some(false)
             && self.length.flatten().is_none_or(|len| len <= limit)
     }
@@ -528,42 +540,47 @@ mod tests {
 
     use crate::testing::headers;
 
-    fn may_be_json_bundle(headers: &HeaderMap, limit: usize) -> bool {
-        ResponseHeads::scan(headers).may_be_json_bundle(limit)
+    fn may_be_bundle(headers: &HeaderMap, limit: usize) -> bool {
+        ResponseHeads::scan(headers).may_be_bundle(limit)
     }
 
     #[test]
-    fn only_plain_json_within_the_limit_is_buffered() {
-        assert!(may_be_json_bundle(
+    fn only_plain_json_or_xml_within_the_limit_is_buffered() {
+        assert!(may_be_bundle(
             &headers(&[("content-type", "application/fhir+json;charset=utf-8")]),
             10
         ));
-        assert!(may_be_json_bundle(
+        assert!(may_be_bundle(
             &headers(&[
                 ("content-type", "application/json+fhir"),
                 ("content-length", "10")
             ]),
             10
         ));
-        assert!(!may_be_json_bundle(
+        assert!(!may_be_bundle(
             &headers(&[
                 ("content-type", "application/fhir+json"),
                 ("content-length", "11")
             ]),
             10
         ));
-        assert!(!may_be_json_bundle(
+        assert!(!may_be_bundle(
             &headers(&[
                 ("content-type", "application/fhir+json"),
                 ("content-encoding", "gzip")
             ]),
             10
         ));
-        assert!(!may_be_json_bundle(
+        // FHIR's XML too (its Bundles are rewritten as JSON ones), but not other types.
+        assert!(may_be_bundle(
             &headers(&[("content-type", "application/fhir+xml")]),
             10
         ));
-        assert!(may_be_json_bundle(
+        assert!(!may_be_bundle(
+            &headers(&[("content-type", "text/html")]),
+            10
+        ));
+        assert!(may_be_bundle(
             &headers(&[
                 ("Content-Type", " Application/JSON ; charset=utf-8"),
                 ("content-encoding", "IDENTITY"),
@@ -571,16 +588,16 @@ mod tests {
             ]),
             10
         ));
-        assert!(!may_be_json_bundle(&headers(&[]), 10));
+        assert!(!may_be_bundle(&headers(&[]), 10));
         // The first value of each header counts, as `HeaderMap::get` reads it.
-        assert!(!may_be_json_bundle(
+        assert!(!may_be_bundle(
             &headers(&[
                 ("content-type", "text/plain"),
                 ("content-type", "application/json"),
             ]),
             10
         ));
-        assert!(may_be_json_bundle(
+        assert!(may_be_bundle(
             &headers(&[
                 ("content-type", "application/json"),
                 ("content-length", "5"),

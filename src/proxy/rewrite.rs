@@ -181,6 +181,34 @@ impl BaseRewriter {
         out.extend_from_slice(&body[copied..]);
         Some(Bytes::from(out))
     }
+
+    /// [`bundle`](Self::bundle) for a FHIR XML Bundle: its own `link/url`, `entry/fullUrl`
+    /// and `entry/response/location` `value`s under the upstream base rewritten, everything
+    /// else byte for byte as the upstream wrote it; `None` when the body is no such Bundle
+    /// (another root, a prefixed one, a `document` or `collection`, an XML form this reader
+    /// does not take: a `DOCTYPE`, a tag it cannot read) or holds nothing to rewrite.
+    pub(crate) fn xml_bundle(&self, body: &[u8]) -> Option<Bytes> {
+        find(body, b"<Bundle")?;
+        let values = xml_bundle_links(body)?;
+        let mut out: Vec<u8> = Vec::new();
+        let mut copied = 0;
+        for value in values {
+            let Some(url) = xml_unescape(&body[value.clone()]) else {
+                continue;
+            };
+            let Some(rewritten) = self.url(&url) else {
+                continue;
+            };
+            out.extend_from_slice(&body[copied..value.start]);
+            xml_escape_attribute(&mut out, &rewritten);
+            copied = value.end;
+        }
+        if copied == 0 {
+            return None;
+        }
+        out.extend_from_slice(&body[copied..]);
+        Some(Bytes::from(out))
+    }
 }
 
 /// Where a JSON value stands, as far as a Bundle's links go.
@@ -406,6 +434,156 @@ pub(super) fn climbs_out(rest: &[u8]) -> bool {
             }
             dots == 2
         })
+}
+
+/// The byte ranges (inside the quotes) of a FHIR XML Bundle's `link/url`, `entry/fullUrl` and
+/// `entry/response/location` `value` attributes, in order; `None` when the body is not one
+/// whole XML document whose root is `Bundle` (unprefixed) with a `type` among
+/// [`ANSWER_TYPES`], or holds what this reader does not take (a `DOCTYPE`, whose entities
+/// it would not expand; a tag it cannot read). A scan of the tags only: text, comments,
+/// CDATA sections and processing instructions are skipped.
+fn xml_bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut open: Vec<&[u8]> = Vec::new();
+    let mut links = Vec::new();
+    let (mut rooted, mut answer) = (false, false);
+    let mut at = 0;
+    while let Some(lt) = memchr::memchr(b'<', &body[at..]).map(|found| at + found) {
+        let rest = &body[lt..];
+        if let Some(after) = [
+            (&b"<!--"[..], &b"-->"[..]),
+            (b"<![CDATA[", b"]]>"),
+            (b"<?", b"?>"),
+        ]
+        .iter()
+        .find(|(start, _)| rest.starts_with(start))
+        .map(|(start, end)| {
+            find(&rest[start.len()..], end).map(|e| lt + start.len() + e + end.len())
+        }) {
+            at = after?;
+            continue;
+        }
+        if rest.starts_with(b"<!") || (rooted && open.is_empty()) {
+            // A DOCTYPE, or a second root.
+            return None;
+        }
+        if let Some(name) = rest.strip_prefix(b"</") {
+            let end = memchr::memchr(b'>', name)?;
+            if open.pop()? != name[..end].trim_ascii() {
+                return None;
+            }
+            at = lt + 2 + end + 1;
+            continue;
+        }
+        // A start tag: its name, its attributes (values in either quote), `>` or `/>`.
+        let mut i = lt + 1;
+        let name_end = i + body[i..]
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))?;
+        let name = &body[i..name_end];
+        i = name_end;
+        let mut value = None;
+        let empty = loop {
+            while body.get(i)?.is_ascii_whitespace() {
+                i += 1;
+            }
+            match body.get(i)? {
+                b'>' => break false,
+                b'/' if body.get(i + 1) == Some(&b'>') => {
+                    i += 1;
+                    break true;
+                }
+                _ => {
+                    let eq = i + memchr::memchr(b'=', &body[i..])?;
+                    let attribute = body[i..eq].trim_ascii();
+                    let mut start = eq + 1;
+                    while body.get(start)?.is_ascii_whitespace() {
+                        start += 1;
+                    }
+                    let quote = *body.get(start)?;
+                    if quote != b'"' && quote != b'\'' {
+                        return None;
+                    }
+                    let end = start + 1 + memchr::memchr(quote, &body[start + 1..])?;
+                    if attribute == b"value" {
+                        value = Some(start + 1..end);
+                    }
+                    i = end + 1;
+                }
+            }
+        };
+        if name.is_empty() || (!rooted && name != b"Bundle") {
+            return None;
+        }
+        rooted = true;
+        match (open.as_slice(), name) {
+            ([b"Bundle"], b"type") => {
+                answer = value
+                    .as_ref()
+                    .is_some_and(|v| ANSWER_TYPES.contains(&&body[v.clone()]));
+            }
+            ([b"Bundle", b"link"], b"url")
+            | ([b"Bundle", b"entry"], b"fullUrl")
+            | ([b"Bundle", b"entry", b"response"], b"location") => links.extend(value),
+            _ => {}
+        }
+        if !empty {
+            open.push(name);
+        }
+        at = i + 1;
+    }
+    (rooted && open.is_empty() && answer).then_some(links)
+}
+
+/// An XML attribute value's text: its five named entities and character references
+/// decoded; `None` for another entity (a `DOCTYPE`'s, which there is none of), a raw `<`, or
+/// bytes that are no UTF-8.
+fn xml_unescape(raw: &[u8]) -> Option<String> {
+    let raw = std::str::from_utf8(raw).ok()?;
+    if raw.contains('<') {
+        return None;
+    }
+    if !raw.contains('&') {
+        return Some(raw.to_owned());
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        let semi = rest[amp..].find(';')? + amp;
+        let entity = &rest[amp + 1..semi];
+        let c = match entity {
+            "amp" => '&',
+            "lt" => '<',
+            "gt" => '>',
+            "quot" => '"',
+            "apos" => '\'',
+            _ => {
+                let code = match entity.strip_prefix("#x").or(entity.strip_prefix("#X")) {
+                    Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                    None => entity.strip_prefix('#')?.parse().ok()?,
+                };
+                char::from_u32(code)?
+            }
+        };
+        out.push(c);
+        rest = &rest[semi + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// Writes `text` as an XML attribute value (either quote), escaped.
+fn xml_escape_attribute(out: &mut Vec<u8>, text: &str) {
+    for byte in text.bytes() {
+        match byte {
+            b'&' => out.extend_from_slice(b"&amp;"),
+            b'<' => out.extend_from_slice(b"&lt;"),
+            b'>' => out.extend_from_slice(b"&gt;"),
+            b'"' => out.extend_from_slice(b"&quot;"),
+            b'\'' => out.extend_from_slice(b"&apos;"),
+            byte => out.push(byte),
+        }
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -694,6 +872,63 @@ mod tests {
         let odd =
             br#"{"resourceType":"Bundle","type":"searchset","link":[{"url":"http:\/\/ehr:9001\/fhir\/r3\/\ud800"}]}"#;
         assert!(rewriter().bundle(odd).is_none());
+    }
+
+    #[test]
+    fn rewrites_xml_bundle_links_leaving_the_rest_byte_for_byte() {
+        let r = rewriter();
+        let body = concat!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<!-- a <Bundle> in a comment -->",
+            "<Bundle xmlns=\"http://hl7.org/fhir\"><id value=\"b\"/><type value=\"searchset\"/>",
+            "<link><relation value=\"next\"/><url value=\"http://ehr:9001/fhir/r3?_getpages=x&amp;_count=2\"/></link>",
+            "<link><relation value='self'/><url value='http://other/fhir/r3/Patient'/></link>",
+            "<entry><fullUrl value=\"http://ehr:9001/fhir/r3/Patient/1\"/>",
+            "<resource><Patient><text><div xmlns=\"http://www.w3.org/1999/xhtml\"><![CDATA[<url value=\"x\">]]>",
+            "<a href=\"http://ehr:9001/fhir/r3/Patient/9\">a &gt; b</a></div></text>",
+            "<photo><url value=\"http://ehr:9001/fhir/r3/Binary/1\"/></photo></Patient></resource>",
+            "<response><status value=\"200\"/><location value=\"http://ehr:9001/fhir/r3/Patient/1/_history/2\"/></response>",
+            "</entry></Bundle>\n"
+        );
+        let rewritten = r.xml_bundle(body.as_bytes()).expect("rewritten");
+        let expected = body
+            .replace(
+                "http://ehr:9001/fhir/r3?_getpages=x&amp;_count=2",
+                "https://gw.example?_getpages=x&amp;_count=2",
+            )
+            .replacen(
+                "http://ehr:9001/fhir/r3/Patient/1\"",
+                "https://gw.example/Patient/1\"",
+                1,
+            )
+            .replace(
+                "http://ehr:9001/fhir/r3/Patient/1/_history/2",
+                "https://gw.example/Patient/1/_history/2",
+            );
+        // Inside the resource (the narrative, a photo's `url`), nothing changes.
+        assert_eq!(std::str::from_utf8(&rewritten).unwrap(), expected);
+        // A stored Bundle (a `document`, a `collection`), a Bundle in an entry, another root, a
+        // prefixed root, a DOCTYPE, a cut body: left alone.
+        let link = "<link><url value=\"http://ehr:9001/fhir/r3/Patient\"/></link>";
+        for other in [
+            format!("<Bundle xmlns=\"http://hl7.org/fhir\"><type value=\"collection\"/>{link}</Bundle>"),
+            format!("<Parameters><parameter><resource><Bundle><type value=\"searchset\"/>{link}</Bundle></resource></parameter></Parameters>"),
+            format!("<f:Bundle xmlns:f=\"http://hl7.org/fhir\"><f:type value=\"searchset\"/>{link}</f:Bundle>"),
+            format!("<!DOCTYPE Bundle><Bundle><type value=\"searchset\"/>{link}</Bundle>"),
+            format!("<Bundle><type value=\"searchset\"/>{link}"),
+            format!("<Bundle><type value=\"searchset\"/>{link}</Bundle><Bundle/>"),
+            format!("<Bundle><type value=\"searchset\"/>{link}</Patient>"),
+        ] {
+            assert_eq!(r.xml_bundle(other.as_bytes()), None, "{other}");
+        }
+        // A link that climbs out of the base stays as written.
+        let out = "<Bundle><type value=\"searchset\"/><link><url value=\"http://ehr:9001/fhir/r3/../admin\"/></link></Bundle>";
+        assert_eq!(r.xml_bundle(out.as_bytes()), None);
+        // Character references are read; the URL is written back escaped.
+        let referenced = "<Bundle><type value=\"history\"/><link><url value=\"http&#58;//ehr:9001/fhir/r3/Patient?a=&quot;1&quot;\"/></link></Bundle>";
+        assert_eq!(
+            std::str::from_utf8(&r.xml_bundle(referenced.as_bytes()).unwrap()).unwrap(),
+            "<Bundle><type value=\"history\"/><link><url value=\"https://gw.example/Patient?a=&quot;1&quot;\"/></link></Bundle>"
+        );
     }
 
     #[test]
