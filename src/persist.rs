@@ -13,7 +13,8 @@ static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
 /// The file is readable by its owner only on Unix (it may hold hashes, keys or upstream
-/// credentials). Its directory is made (with its parents) if it does not exist yet.
+/// credentials). Its directory is made (with its parents, readable by their owner only on
+/// Unix) if it does not exist yet.
 ///
 /// The temporary file is always a new one (`O_CREAT | O_EXCL`): a file or a symlink someone
 /// planted under its name is never written through, nor its mode kept; another name is tried.
@@ -39,9 +40,14 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => {
                     attempts += 1;
                 }
-                // A state directory not made yet: made at the first write.
+                // A state directory not made yet: made at the first write, readable by its
+                // owner only (it holds keys and hashes), parents too.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && attempts == 0 => {
-                    fs::create_dir_all(&dir)?;
+                    let mut builder = fs::DirBuilder::new();
+                    builder.recursive(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+                    builder.create(&dir)?;
                     attempts += 1;
                 }
                 Err(e) => return Err(e),
@@ -249,6 +255,14 @@ mod tests {
         let path = dir.join("state").join("file.json");
         write_atomically(&path, b"{}").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"{}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for made in [dir.clone(), dir.join("state")] {
+                let mode = fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o700, "{}", made.display());
+            }
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -9,6 +9,8 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Either;
 use pin_project_lite::pin_project;
+use tower::util::Oneshot;
+use tower::ServiceExt as _;
 use tower_service::Service;
 
 use super::service::{FhirProxy, ResponseFuture as ProxyFuture};
@@ -25,8 +27,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [`GatewayLayer`](crate::gateway::GatewayLayer) (or the routing layer) so that one directory
 /// can hold both kinds of tenant.
 ///
-/// Readiness is the in-process service's (the proxy is always ready). The response body is
-/// the proxy's or the service's, as an [`Either`].
+/// It is always ready: a request for an in-process tenant waits in its own future for the
+/// service (a clone of it) to be ready, so a busy or failed in-process service holds up no
+/// proxied tenant. The response body is the proxy's or the service's, as an [`Either`].
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -96,23 +99,23 @@ impl<S> InProcessOrProxy<S> {
 
 impl<S, B, ResBody> Service<Request<B>> for InProcessOrProxy<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     type Response = Response<Either<ProxyBody, ResBody>>;
     type Error = S::Error;
-    type Future = DispatchFuture<S::Future>;
+    type Future = DispatchFuture<Oneshot<S, Request<B>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.in_process.poll_ready(cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if request.extensions().get::<InProcessTenant>().is_some() {
             DispatchFuture {
                 inner: Inner::InProcess {
-                    future: self.in_process.call(request),
+                    future: self.in_process.clone().oneshot(request),
                 },
             }
         } else {
@@ -198,5 +201,54 @@ mod tests {
             .unwrap();
         assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
         assert!(matches!(answer.body(), Either::Left(_)));
+    }
+
+    /// An in-process service that is never ready.
+    #[derive(Clone)]
+    struct Stuck;
+
+    impl Service<Request<Full<Bytes>>> for Stuck {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Pending
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            unreachable!("called without being ready")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_in_process_service_holds_up_no_proxied_tenant() {
+        let mut service = FhirProxy::builder("https://gw.example")
+            .build()
+            .unwrap()
+            .or_in_process(Stuck);
+        let mut proxied = Request::new(Full::default());
+        proxied
+            .extensions_mut()
+            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            service.ready().await.unwrap().call(proxied),
+        )
+        .await
+        .expect("a proxied request waited on the in-process service")
+        .unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+        // Its own tenant's request waits for it, in its own future.
+        let mut local = Request::new(Full::default());
+        local
+            .extensions_mut()
+            .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
+        let waiting = service.ready().await.unwrap().call(local);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), waiting)
+                .await
+                .is_err()
+        );
     }
 }

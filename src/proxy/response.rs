@@ -472,7 +472,8 @@ struct ResponseHeads {
     origin_wide: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
-    /// The first `Content-Type`'s media type is FHIR's XML.
+    /// The first `Content-Type`'s media type is FHIR's XML (`application/fhir+xml`, DSTU2's
+    /// `application/xml+fhir`).
     xml: bool,
     /// The first `Content-Encoding` is `identity`.
     identity: Option<bool>,
@@ -503,13 +504,8 @@ impl ResponseHeads {
                     b"application/json",
                 ]);
                 heads.json = Some(json);
-                heads.xml = !json
-                    && is(&[
-                        b"application/fhir+xml",
-                        b"application/xml+fhir",
-                        b"application/xml",
-                        b"text/xml",
-                    ]);
+                // FHIR's own XML types only: other XML (a Binary's) streams as it comes.
+                heads.xml = !json && is(&[b"application/fhir+xml", b"application/xml+fhir"]);
             } else if name == header::CONTENT_ENCODING {
                 heads
                     .identity
@@ -578,6 +574,11 @@ mod tests {
         ));
         assert!(!may_be_bundle(
             &headers(&[("content-type", "text/html")]),
+            10
+        ));
+        // Other XML (a Binary's) streams.
+        assert!(!may_be_bundle(
+            &headers(&[("content-type", "application/xml")]),
             10
         ));
         assert!(may_be_bundle(

@@ -189,6 +189,15 @@ impl BaseRewriter {
     /// does not take: a `DOCTYPE`, a tag it cannot read) or holds nothing to rewrite.
     pub(crate) fn xml_bundle(&self, body: &[u8]) -> Option<Bytes> {
         find(body, b"<Bundle")?;
+        // No upstream URL, as written or behind a reference: nothing to scan for.
+        if find(body, self.from.as_bytes()).is_none()
+            && memchr::memchr(b'&', body).is_none()
+            && self
+                .forwarded_base()
+                .is_none_or(|(origin, _)| find(body, origin.as_bytes()).is_none())
+        {
+            return None;
+        }
         let values = xml_bundle_links(body)?;
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
@@ -395,24 +404,44 @@ fn same_authority(scheme: &str, theirs: &str, ours: &str) -> bool {
 
 /// Whether what follows the base ends it: a path, a query, the end of the string.
 fn at_boundary(rest: &[u8]) -> bool {
-    matches!(rest.first(), None | Some(b'/' | b'?' | b'"' | b'#'))
+    matches!(rest.first(), None | Some(b'/' | b'?' | b'#'))
 }
 
-/// Whether what follows a base leaves a URL under it: it ends the base ([`at_boundary`]) and
-/// does not [`climb_out`](climbs_out) of it.
+/// Whether what follows a base leaves a URL under it: it ends the base ([`at_boundary`]),
+/// holds only what a URL may ([`url_bytes`]), and does not [`climb_out`](climbs_out) of it.
 fn under(rest: &[u8]) -> bool {
-    at_boundary(rest) && !climbs_out(rest)
+    at_boundary(rest) && url_bytes(rest) && !climbs_out(rest)
 }
 
-/// Whether the path at the start of `rest` (up to a query, a fragment or a JSON string's end)
-/// holds a `..` segment, also percent-encoded (`%2e%2e`, `.%2E`) or ended by a backslash, as a
+/// Whether the path at the start of `rest` (up to a query or a fragment) holds no byte a URL
+/// path never does (RFC 3986): no space, control character (which a browser drops:
+/// `/.<TAB>./` is `/../`), `"`, `<`, `>`, `\` (a browser's `/`), `^`, `` ` ``, `{`, `|` or `}`. A
+/// client's parser may read any of them otherwise than the gateway does
+/// (`https://gw"@evil.example/` has `evil.example` for its host), so a URL holding one is not
+/// rewritten. (Bytes beyond ASCII, an IRI's, are taken; so is a query's text, which leads
+/// nowhere else.)
+fn url_bytes(rest: &[u8]) -> bool {
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'?' | b'#'))
+        .unwrap_or(rest.len());
+    !rest[..end].iter().any(|b| {
+        b.is_ascii_control()
+            || matches!(
+                b,
+                b' ' | b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+            )
+    })
+}
+
+/// Whether the path at the start of `rest` (up to a query or a fragment) holds a `..` segment, also percent-encoded (`%2e%2e`, `.%2E`) or ended by a backslash, as a
 /// browser reads one: a client resolving it leaves the base it starts under
 /// (`http://ehr/fhir/../admin` is `http://ehr/admin`), so rewritten to the gateway's base it
 /// would lead elsewhere on the gateway's origin.
 pub(super) fn climbs_out(rest: &[u8]) -> bool {
     let end = rest
         .iter()
-        .position(|b| matches!(b, b'?' | b'#' | b'"'))
+        .position(|b| matches!(b, b'?' | b'#'))
         .unwrap_or(rest.len());
     rest[..end]
         .split(|b| matches!(b, b'/' | b'\\'))
@@ -558,11 +587,15 @@ fn xml_unescape(raw: &[u8]) -> Option<String> {
             "quot" => '"',
             "apos" => '\'',
             _ => {
-                let code = match entity.strip_prefix("#x").or(entity.strip_prefix("#X")) {
-                    Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                    None => entity.strip_prefix('#')?.parse().ok()?,
+                let (digits, radix) = match entity.strip_prefix("#x").or(entity.strip_prefix("#X"))
+                {
+                    Some(hex) => (hex, 16),
+                    None => (entity.strip_prefix('#')?, 10),
                 };
-                char::from_u32(code)?
+                if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+                    return None;
+                }
+                char::from_u32(u32::from_str_radix(digits, radix).ok()?).filter(|c| *c != '\0')?
             }
         };
         out.push(c);
@@ -581,6 +614,8 @@ fn xml_escape_attribute(out: &mut Vec<u8>, text: &str) {
             b'>' => out.extend_from_slice(b"&gt;"),
             b'"' => out.extend_from_slice(b"&quot;"),
             b'\'' => out.extend_from_slice(b"&apos;"),
+            // Written raw, a tab or a line break would be read back as a space.
+            byte if byte < 0x20 => out.extend_from_slice(format!("&#x{byte:X};").as_bytes()),
             byte => out.push(byte),
         }
     }
@@ -640,6 +675,29 @@ mod tests {
             assert_eq!(r.header_url(out), None, "{out}");
         }
         assert_eq!(r.header_url("/fhir/r3/../admin"), None);
+        // Bytes no URL holds, which a client's parser reads otherwise: `https://gw.example"@evil
+        // .example/` has `evil.example` for its host; a tab is dropped, leaving `..`.
+        for odd in [
+            "http://ehr:9001/fhir/r3\"@evil.example/Patient",
+            "http://ehr:9001/fhir/r3/x\"/../../admin",
+            "http://ehr:9001/fhir/r3/.\t./admin",
+            "http://ehr:9001/fhir/r3/a b",
+            "http://ehr:9001/fhir/r3/{x}",
+        ] {
+            assert_eq!(r.url(odd), None, "{odd:?}");
+            assert_eq!(r.header_url(odd), None, "{odd:?}");
+        }
+        // Nor in a JSON Bundle, escaped or not (`\u002e\u002e` is `..`).
+        for odd in [
+            r#"r3\"@evil.example/x"#,
+            r#"r3/\u002e\u002e/admin"#,
+            r#"r3/.\t./admin"#,
+        ] {
+            let body = format!(
+                r#"{{"resourceType":"Bundle","type":"searchset","link":[{{"url":"http://ehr:9001/fhir/{odd}"}}]}}"#
+            );
+            assert_eq!(r.bundle(body.as_bytes()), None, "{odd}");
+        }
         assert!(!r.is_public("https://gw.example/../admin"));
         let body = br#"{"resourceType":"Bundle","type":"searchset","link":[{"relation":"next","url":"http://ehr:9001/fhir/r3/../other/Patient"}]}"#;
         assert_eq!(r.bundle(body), None);
@@ -924,11 +982,17 @@ mod tests {
         let out = "<Bundle><type value=\"searchset\"/><link><url value=\"http://ehr:9001/fhir/r3/../admin\"/></link></Bundle>";
         assert_eq!(r.xml_bundle(out.as_bytes()), None);
         // Character references are read; the URL is written back escaped.
-        let referenced = "<Bundle><type value=\"history\"/><link><url value=\"http&#58;//ehr:9001/fhir/r3/Patient?a=&quot;1&quot;\"/></link></Bundle>";
+        let referenced = "<Bundle><type value=\"history\"/><link><url value=\"http&#58;//ehr:9001/fhir/r3/Patient?a=1&#x26;b=&apos;2&apos;\"/></link></Bundle>";
         assert_eq!(
             std::str::from_utf8(&r.xml_bundle(referenced.as_bytes()).unwrap()).unwrap(),
-            "<Bundle><type value=\"history\"/><link><url value=\"https://gw.example/Patient?a=&quot;1&quot;\"/></link></Bundle>"
+            "<Bundle><type value=\"history\"/><link><url value=\"https://gw.example/Patient?a=1&amp;b=&apos;2&apos;\"/></link></Bundle>"
         );
+        // What no URL holds, decoded (a `"` a client's parser would end the host at, a tab it
+        // would drop), or a reference to no character: not rewritten.
+        for odd in ["&quot;@evil.example/x", "/.&#9;./admin", "/&#0;", "/&#+58;"] {
+            let body = format!("<Bundle><type value=\"searchset\"/><link><url value=\"http://ehr:9001/fhir/r3{odd}\"/></link></Bundle>");
+            assert_eq!(r.xml_bundle(body.as_bytes()), None, "{odd}");
+        }
     }
 
     #[test]

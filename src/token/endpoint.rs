@@ -666,7 +666,18 @@ impl Inner {
     fn issue_time(&self, client: &str) -> Result<u64, TokenError> {
         let now = unix_now();
         match self.revoked.client_revoked_at(Some(&self.issuer), client) {
-            Some(cut_off) if cut_off >= now => Err(TokenError::unavailable(
+            Some(cut_off) if cut_off >= now => {
+                if cut_off - now > CUT_OFF_MARGIN_SECS + 1 {
+                    // Not one this gateway sets (two seconds ahead): a replica's clock far
+                    // ahead, or a row written by hand. The client is told to ask again in
+                    // three seconds, and is refused until then.
+                    tracing::warn!(
+                        client,
+                        seconds = cut_off - now,
+                        "a client's tokens are cut off further ahead than any change sets: refused until then"
+                    );
+                }
+                Err(TokenError::unavailable(
                 "The client's tokens were refused moments ago (its secret reset or its entitlements changed); ask again after Retry-After",
             )
             .with_header(
@@ -675,7 +686,8 @@ impl Inner {
                 // (a row written by hand, a replica's clock far ahead) is asked about again
                 // in three seconds all the same, never told to wait for ages.
                 HeaderValue::from((cut_off - now + 1).min(CUT_OFF_MARGIN_SECS + 1)),
-            )),
+            ))
+            }
             _ => Ok(now),
         }
     }

@@ -890,8 +890,11 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // A `.well-known` document (RFC 8615: the SMART configuration) is no FHIR: its
-        // clients' `Accept` or `_format` is not the gateway's to refuse.
-        if request.uri().path().starts_with("/.well-known/") {
+        // clients' `Accept` or `_format` is not the gateway's to refuse. (Read only: anything
+        // sent there is checked as any request.)
+        if matches!(*request.method(), Method::GET | Method::HEAD)
+            && request.uri().path().starts_with("/.well-known/")
+        {
             return ResponseFuture::inner(self.inner.call(request), None);
         }
         let decision = self.config.decide(
@@ -954,6 +957,13 @@ mod tests {
             assert_eq!(status, StatusCode::OK, "{uri}");
             assert_eq!(body, "none", "{uri}");
         }
+        // Nor is a write there: checked as any request.
+        let mut post = post("application/fhir+json; fhirVersion=9.9", None);
+        *post.uri_mut() = "/.well-known/x".parse().unwrap();
+        assert_eq!(
+            run(layer(), post).await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
         // FHIR's own paths still are.
         let (status, ..) = run(
             layer(),
