@@ -1115,21 +1115,20 @@ async fn postgres_seeding_adds_only_tenants_never_held() {
     assert!(!store.insert_if_absent(a, &seeded).await.unwrap());
 }
 
-/// A table lock held longer than an operation may wait: the operation fails within its 5 s,
-/// and its backend stops waiting too (the server's `lock_timeout`), so requests that keep
-/// coming do not pile backends up until the server has no connection slot left.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
-    use tokio::time::{timeout, Instant};
-    use tower_fhir::postgres::PgState;
-    let Some(server) =
-        support::postgres::Postgres::start_or_skip("locks", "the PostgreSQL lock-wait test")
-    else {
-        return;
-    };
-    server.create_database("locks");
-    let url = server.url("locks");
-    let store = PgState::connect(&url)
+/// A PostgreSQL server with a database `name`, its URL, and a client store over it holding
+/// one client, `app`; `None` (said loudly) where no server can be started outside CI.
+async fn postgres_with_a_client(
+    name: &str,
+    test: &str,
+) -> Option<(
+    support::postgres::Postgres,
+    String,
+    tower_fhir::postgres::PgClientStore,
+)> {
+    let server = support::postgres::Postgres::start_or_skip(name, test)?;
+    server.create_database(name);
+    let url = server.url(name);
+    let store = tower_fhir::postgres::PgState::connect(&url)
         .await
         .unwrap()
         .client_store(SecretHashing::new(64, 1).unwrap());
@@ -1137,6 +1136,20 @@ async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
         .register(NewClient::new("app").secret("a-secret-long-enough-1234"))
         .await
         .unwrap();
+    Some((server, url, store))
+}
+
+/// A table lock held longer than an operation may wait: the operation fails within its 5 s,
+/// and its backend stops waiting too (the server's `lock_timeout`), so requests that keep
+/// coming do not pile backends up until the server has no connection slot left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
+    use tokio::time::{timeout, Instant};
+    let Some((_server, url, store)) =
+        postgres_with_a_client("locks", "the PostgreSQL lock-wait test").await
+    else {
+        return;
+    };
     let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -1191,23 +1204,11 @@ async fn an_operation_given_up_on_leaves_no_backend_waiting_for_a_lock() {
 /// the revoked clients' listing, which must not lose one, fails naming it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_client_row_is_named_and_hides_no_other_client() {
-    use tower_fhir::postgres::PgState;
-    let Some(server) = support::postgres::Postgres::start_or_skip(
-        "unreadable",
-        "the PostgreSQL unreadable-row test",
-    ) else {
+    let Some((server, _url, store)) =
+        postgres_with_a_client("unreadable", "the PostgreSQL unreadable-row test").await
+    else {
         return;
     };
-    server.create_database("unreadable");
-    let url = server.url("unreadable");
-    let store = PgState::connect(&url)
-        .await
-        .unwrap()
-        .client_store(SecretHashing::new(64, 1).unwrap());
-    store
-        .register(NewClient::new("app").secret("a-secret-long-enough-1234"))
-        .await
-        .unwrap();
     server.query(
         "unreadable",
         "INSERT INTO tower_fhir_clients (id, record) VALUES ('evil', '{\"foo\": 1}'), \
