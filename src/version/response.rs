@@ -51,7 +51,7 @@ where
                     label(response.headers_mut(), served);
                     // `Accept` chose the release, and with it the tenant's server: a cache must
                     // not answer a request naming another release with this one.
-                    vary_by(response.headers_mut(), ACCEPT);
+                    vary_by_accept(response.headers_mut());
                 }
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
@@ -133,6 +133,18 @@ pub(crate) fn label(headers: &mut HeaderMap, version: FhirVersion) {
 
 /// `Accept`, as a `Vary` field.
 const ACCEPT: HeaderValue = HeaderValue::from_static("Accept");
+
+/// [`vary_by`] `Accept`, with the common case first: the bearer layer's own `Vary:
+/// Authorization` alone, made one value (no second header line to write).
+fn vary_by_accept(headers: &mut HeaderMap) {
+    if let Entry::Occupied(mut occupied) = headers.entry(header::VARY) {
+        if occupied.get().as_bytes() == b"Authorization" && occupied.iter().nth(1).is_none() {
+            occupied.insert(HeaderValue::from_static("Authorization, Accept"));
+            return;
+        }
+    }
+    vary_by(headers, ACCEPT);
+}
 
 /// Adds `field` (a header name) to a response's `Vary` unless it varies by it (or by
 /// everything) already: one look-up where the response has no `Vary` of its own, an added
