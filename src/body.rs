@@ -101,6 +101,22 @@ where
     }
 }
 
+/// The answer to a HEAD: `response` (the GET's) without its body, its `Content-Length` the
+/// body's where the response names none and the body's length is known (so a HEAD tells
+/// what the GET would send). The body (perhaps a stream from the upstream) is dropped unread.
+pub(crate) fn headless<B: Body + Default>(response: http::Response<B>) -> http::Response<B> {
+    let (mut parts, body) = response.into_parts();
+    if !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+        if let Some(length) = body.size_hint().exact() {
+            parts.headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(length),
+            );
+        }
+    }
+    http::Response::from_parts(parts, B::default())
+}
+
 /// The headers that carry a digest of a body's bytes as they were sent (RFC 9530's
 /// `Content-Digest` and `Repr-Digest`, RFC 3230's `Digest`, RFC 1864's `Content-MD5`), and a
 /// strong `ETag` when `etag` (a weak one, `W/"..."`, names the content's version, not its

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -17,7 +17,7 @@ use super::smart::SmartConfiguration;
 use super::statement::{respond, respond_xml, Statements};
 use super::upstream::AnonymousSource;
 use super::{is_metadata_path, ResponseFuture};
-use crate::body::ResponseBody;
+use crate::body::{headless, ResponseBody};
 use crate::route::UpstreamBase;
 use crate::version::{prefers_xml, FhirVersion, VersionHint};
 
@@ -432,24 +432,6 @@ fn own_answer<B: Body<Data = Bytes>>(
     }
 }
 
-/// The answer to a HEAD: `response` (the GET's) without its body, its `Content-Length` the
-/// body's where the response names none and the body's length is known (so a HEAD tells
-/// what the GET would send).
-fn headless<B: Body<Data = Bytes>>(
-    response: Response<ResponseBody<B>>,
-) -> Response<ResponseBody<B>> {
-    let (mut parts, body) = response.into_parts();
-    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        if let Some(length) = body.size_hint().exact() {
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-        }
-    }
-    // The body (the inner service's, maybe a stream from the upstream) is dropped unread.
-    Response::from_parts(parts, ResponseBody::default())
-}
-
 impl Config {
     /// The statement for requests without a token: the configured upstream's (cached, and a
     /// failure to get it remembered a while), or one generated from the configuration.
@@ -469,6 +451,7 @@ impl Config {
 mod tests {
     use super::super::test_support::{call, get, layer};
     use super::*;
+    use http::HeaderValue;
     use http_body_util::{BodyExt, Full};
     use std::convert::Infallible;
     use tower::ServiceExt;

@@ -696,11 +696,7 @@ fn versions_answer(
 
 /// The answer to a `HEAD`: `response` without its body, its `Content-Length` the body's.
 fn headless(response: Response<Bytes>) -> Response<Bytes> {
-    let (mut parts, body) = response.into_parts();
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Response::from_parts(parts, Bytes::new())
+    crate::body::headless(response.map(http_body_util::Full::new)).map(|_| Bytes::new())
 }
 
 /// A `$versions` answer's parameters as `name=valueCode`, for tests.
