@@ -44,6 +44,18 @@ pub enum Severity {
     Information,
 }
 
+impl Severity {
+    /// FHIR's code for the severity: `fatal`, `error`, `warning` or `information`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fatal => "fatal",
+            Self::Error => "error",
+            Self::Warning => "warning",
+            Self::Information => "information",
+        }
+    }
+}
+
 /// What kind of problem an [`Issue`] is (FHIR `IssueType`, the codes the gateway uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -171,9 +183,45 @@ impl OperationOutcome {
         Bytes::from(serde_json::to_vec(self).unwrap_or_default())
     }
 
+    /// The outcome as FHIR XML.
+    ///
+    /// ```
+    /// use tower_fhir::outcome::{IssueType, OperationOutcome};
+    ///
+    /// let xml = OperationOutcome::error(IssueType::NotFound, "No \"Patient/1\" <here>").to_xml();
+    /// assert_eq!(
+    ///     xml,
+    ///     "<OperationOutcome xmlns=\"http://hl7.org/fhir\"><issue><severity value=\"error\"/>\
+    ///      <code value=\"not-found\"/><diagnostics value=\"No &quot;Patient/1&quot; &lt;here&gt;\"/>\
+    ///      </issue></OperationOutcome>"
+    /// );
+    /// ```
+    pub fn to_xml(&self) -> Bytes {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(b"<OperationOutcome xmlns=\"http://hl7.org/fhir\">");
+        for issue in &self.issues {
+            out.extend_from_slice(b"<issue><severity value=\"");
+            out.extend_from_slice(issue.severity.as_str().as_bytes());
+            out.extend_from_slice(b"\"/><code value=\"");
+            out.extend_from_slice(issue.code.as_str().as_bytes());
+            out.extend_from_slice(b"\"/>");
+            if let Some(diagnostics) = &issue.diagnostics {
+                out.extend_from_slice(b"<diagnostics value=\"");
+                xml_escape_attribute(&mut out, diagnostics);
+                out.extend_from_slice(b"\"/>");
+            }
+            out.extend_from_slice(b"</issue>");
+        }
+        out.extend_from_slice(b"</OperationOutcome>");
+        Bytes::from(out)
+    }
+
     /// An HTTP response with this outcome as an `application/fhir+json` body (not to be
     /// stored by a cache, nor read as another type: `Cache-Control: no-store`,
     /// `X-Content-Type-Options: nosniff`), and the first issue's code as its [`Refusal`].
+    /// The response keeps the outcome in its extensions too: behind a
+    /// [`VersionNegotiationLayer`](crate::version::VersionNegotiationLayer), a client that
+    /// prefers XML gets it in FHIR XML.
     pub fn to_response(&self, status: StatusCode) -> Response<Bytes> {
         let mut response = Response::new(self.to_json());
         *response.status_mut() = status;
@@ -189,7 +237,40 @@ impl OperationOutcome {
                 .extensions_mut()
                 .insert(Refusal(issue.code.as_str()));
         }
+        response.extensions_mut().insert(Written(self.clone()));
         response
+    }
+}
+
+/// The outcome a response made by [`OperationOutcome::to_response`] holds as JSON, in its
+/// extensions: the version negotiation layer writes it again in XML for a client that asks
+/// for XML.
+#[derive(Debug, Clone)]
+pub(crate) struct Written(pub(crate) OperationOutcome);
+
+/// `response` (an outcome [`OperationOutcome::to_response`] made, whatever its body now) with
+/// the outcome in XML, in `media_type`; `None` when it was not made so.
+pub(crate) fn in_xml<B>(
+    response: &Response<B>,
+    media_type: &'static str,
+) -> Option<(Bytes, HeaderValue)> {
+    let Written(outcome) = response.extensions().get::<Written>()?;
+    Some((outcome.to_xml(), HeaderValue::from_static(media_type)))
+}
+
+/// Writes `text` as an XML attribute value (either quote), escaped.
+pub(crate) fn xml_escape_attribute(out: &mut Vec<u8>, text: &str) {
+    for byte in text.bytes() {
+        match byte {
+            b'&' => out.extend_from_slice(b"&amp;"),
+            b'<' => out.extend_from_slice(b"&lt;"),
+            b'>' => out.extend_from_slice(b"&gt;"),
+            b'"' => out.extend_from_slice(b"&quot;"),
+            b'\'' => out.extend_from_slice(b"&apos;"),
+            // Written raw, a tab or a line break would be read back as a space.
+            byte if byte < 0x20 => out.extend_from_slice(format!("&#x{byte:X};").as_bytes()),
+            byte => out.push(byte),
+        }
     }
 }
 
@@ -259,6 +340,41 @@ mod tests {
             response.extensions().get::<Refusal>(),
             Some(&Refusal("transient"))
         );
+    }
+
+    #[test]
+    fn severities_agree_with_the_serialized_form() {
+        for severity in [
+            Severity::Fatal,
+            Severity::Error,
+            Severity::Warning,
+            Severity::Information,
+        ] {
+            assert_eq!(serde_json::to_value(severity).unwrap(), severity.as_str());
+        }
+    }
+
+    #[test]
+    fn its_xml_escapes_what_xml_cannot_carry_raw_and_names_every_issue() {
+        let mut outcome = OperationOutcome::error(IssueType::Invalid, "a & b\t'c'\n");
+        outcome.issues.push(Issue {
+            severity: Severity::Warning,
+            code: IssueType::Throttled,
+            diagnostics: None,
+        });
+        assert_eq!(
+            outcome.to_xml(),
+            "<OperationOutcome xmlns=\"http://hl7.org/fhir\"><issue><severity value=\"error\"/>\
+             <code value=\"invalid\"/><diagnostics value=\"a &amp; b&#x9;&apos;c&apos;&#xA;\"/>\
+             </issue><issue><severity value=\"warning\"/><code value=\"throttled\"/></issue>\
+             </OperationOutcome>"
+        );
+        // The response keeps the outcome, to be written in XML where a client asks for it.
+        let response = outcome.to_response(StatusCode::BAD_REQUEST);
+        let (xml, media_type) = in_xml(&response, "application/fhir+xml").unwrap();
+        assert_eq!(xml, outcome.to_xml());
+        assert_eq!(media_type, "application/fhir+xml");
+        assert!(in_xml(&Response::new(()), "application/fhir+xml").is_none());
     }
 
     #[test]

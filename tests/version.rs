@@ -606,3 +606,67 @@ async fn the_first_accepted_release_the_tenant_serves_is_chosen() {
     assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
     assert_eq!(s.stu3.received().len() + s.dstu2.received().len(), 4);
 }
+
+/// A client that prefers XML gets the gateway's own refusals in XML, in the release it asked
+/// for; what an upstream answered passes as it was written.
+#[tokio::test]
+async fn the_gateways_refusals_go_in_xml_to_a_client_that_prefers_xml() {
+    let s = setup().await;
+    let xml = [("accept", "application/fhir+xml; fhirVersion=3.0")];
+    // No token: the bearer layer's 401, its challenge kept.
+    let reply = s.client.send("GET", "/Patient/1", &xml, "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/fhir+xml; fhirVersion=3.0"
+    );
+    assert!(reply.headers.contains_key("www-authenticate"));
+    let body = reply.text();
+    assert!(
+        body.starts_with(r#"<OperationOutcome xmlns="http://hl7.org/fhir"><issue><severity value="error"/><code value="login"/>"#),
+        "{body}"
+    );
+    // A token for a tenant the directory does not know: the routing layer's refusal, and
+    // `_format` asks as `Accept` does.
+    let mut c = claims();
+    c["scope"] = json!("9b2e1c3d-0000-4000-8000-00000000000b");
+    let stranger = format!("Bearer {}", mint(Algorithm::HS256, None, &c));
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1?_format=xml",
+            &[("authorization", stranger.as_str())],
+            "",
+        )
+        .await;
+    assert!(reply.status.is_client_error(), "{}", reply.status);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/fhir+xml"),
+        "{:?}",
+        reply.headers
+    );
+    assert!(
+        reply.text().starts_with("<OperationOutcome "),
+        "{}",
+        reply.text()
+    );
+    // The same refusal in JSON to a client that prefers JSON.
+    let reply = s
+        .client
+        .send(
+            "GET",
+            "/Patient/1",
+            &[("authorization", stranger.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    // An upstream's own answer, JSON, is relayed as written.
+    let reply = read_with(&s, "/Patient/1", &xml).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["resourceType"], "Patient");
+}

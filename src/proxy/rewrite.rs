@@ -209,7 +209,7 @@ impl BaseRewriter {
                 continue;
             };
             out.extend_from_slice(&body[copied..value.start]);
-            xml_escape_attribute(&mut out, &rewritten);
+            crate::outcome::xml_escape_attribute(&mut out, &rewritten);
             copied = value.end;
         }
         if copied == 0 {
@@ -603,22 +603,6 @@ fn xml_unescape(raw: &[u8]) -> Option<String> {
     }
     out.push_str(rest);
     Some(out)
-}
-
-/// Writes `text` as an XML attribute value (either quote), escaped.
-fn xml_escape_attribute(out: &mut Vec<u8>, text: &str) {
-    for byte in text.bytes() {
-        match byte {
-            b'&' => out.extend_from_slice(b"&amp;"),
-            b'<' => out.extend_from_slice(b"&lt;"),
-            b'>' => out.extend_from_slice(b"&gt;"),
-            b'"' => out.extend_from_slice(b"&quot;"),
-            b'\'' => out.extend_from_slice(b"&apos;"),
-            // Written raw, a tab or a line break would be read back as a space.
-            byte if byte < 0x20 => out.extend_from_slice(format!("&#x{byte:X};").as_bytes()),
-            byte => out.push(byte),
-        }
-    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -13,10 +13,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::media::{
-    exact_named_json, mentions_version, parse_accept, parse_format, parse_parts, split_list,
-    MediaRange, Named,
+    exact_named_json, is_xml_type, mentions_version, mentions_xml, parse_accept, parse_format,
+    parse_parts, split_list, MediaRange, Named,
 };
-use super::response::ResponseFuture;
+use super::response::{outcome_in_xml, ResponseFuture};
 use super::FhirVersion;
 use crate::body::ResponseBody;
 use crate::outcome::{IssueType, OperationOutcome};
@@ -38,6 +38,12 @@ use crate::outcome::{IssueType, OperationOutcome};
 /// of them its tenant has a server for where it has none for the best (a range naming no
 /// release there accepts any release: what a request naming none gets). A body's release
 /// (`Content-Type`) must be one the client accepts (400 if not), and is the one served.
+///
+/// To a client that prefers XML (`_format=xml`, or an `Accept` taking an XML type at a higher
+/// q-value than any JSON one), an `OperationOutcome` made by
+/// [`OperationOutcome::to_response`] (this layer's refusals, and those of the layers and the
+/// proxy inside it) is written in FHIR XML, in the served release's XML media type; an inner
+/// service's other answers pass as they are.
 #[derive(Clone)]
 #[must_use]
 pub struct VersionNegotiationLayer {
@@ -330,12 +336,16 @@ impl Config {
             .unwrap_or(FhirVersion::R4)
     }
 
+    /// What to do with a request. `may_ask_for_xml` is set when the request may prefer XML
+    /// (its `_format` names XML, or, without one, an `Accept` mentions it): then
+    /// [`prefers_xml`] says.
     fn decide(
         &self,
         method: &Method,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        may_ask_for_xml: &mut bool,
     ) -> Decision {
         let versions_operation =
             (method == Method::GET || method == Method::HEAD) && is_versions_path(path);
@@ -360,6 +370,10 @@ impl Config {
         // Most requests name no release: skip parsing unless a header mentions one; and only
         // `$versions` needs the ranges themselves.
         let accept_headers = headers.get_all(header::ACCEPT);
+        *may_ask_for_xml = match &format {
+            Some(format) => is_xml_type(&format.essence),
+            None => accept_headers.iter().any(|v| mentions_xml(v.as_bytes())),
+        };
         let accept_values = || accept_headers.iter().filter_map(|v| v.to_str().ok());
         let accept: Vec<MediaRange> = if versions_operation {
             accept_values().flat_map(parse_accept).collect()
@@ -795,12 +809,7 @@ pub(crate) fn prefers_xml(
     headers: &HeaderMap,
     negotiated: Option<FhirVersion>,
 ) -> bool {
-    let is_xml = |essence: &str| {
-        matches!(
-            essence,
-            "application/fhir+xml" | "application/xml+fhir" | "application/xml" | "text/xml"
-        )
-    };
+    let is_xml = is_xml_type;
     if let Ok(Some(format)) = format_parameter(query.unwrap_or("")) {
         return is_xml(&format.essence);
     }
@@ -891,16 +900,30 @@ where
         if matches!(*request.method(), Method::GET | Method::HEAD)
             && request.uri().path().starts_with("/.well-known/")
         {
-            return ResponseFuture::inner(self.inner.call(request), None);
+            return ResponseFuture::inner(self.inner.call(request), None, false);
         }
+        let mut may_ask_for_xml = false;
         let decision = self.config.decide(
             request.method(),
             request.uri().path(),
             request.uri().query(),
             request.headers(),
+            &mut may_ask_for_xml,
         );
+        // The gateway's own OperationOutcomes (the layers' refusals, the proxy's 502s) go in
+        // XML to a client that prefers XML; what an upstream answered is never rewritten.
+        let outcomes_in_xml = |request: &Request<ReqBody>, version| {
+            may_ask_for_xml && prefers_xml(request.uri().query(), request.headers(), version)
+        };
         let version = match decision {
-            Decision::Answer(response) => return ResponseFuture::answered(response),
+            Decision::Answer(mut response) => {
+                if outcomes_in_xml(&request, None) {
+                    if let Some(xml) = outcome_in_xml(&mut response, None) {
+                        *response.body_mut() = xml;
+                    }
+                }
+                return ResponseFuture::answered(response);
+            }
             Decision::Proceed(version, fallback) => {
                 match fallback {
                     Fallback::Nothing => {}
@@ -929,7 +952,8 @@ where
             }
             None => {}
         }
-        ResponseFuture::inner(self.inner.call(request), version)
+        let xml = outcomes_in_xml(&request, version);
+        ResponseFuture::inner(self.inner.call(request), version, xml)
     }
 }
 
@@ -1051,6 +1075,97 @@ mod tests {
             headers["content-type"],
             "application/fhir+json; fhirVersion=3.0"
         );
+    }
+
+    /// The layer over a service answering every request with a 404 `OperationOutcome` made
+    /// by `to_response` (as the gateway's layers and proxy make theirs), or, for a path under
+    /// `/upstream`, with one written as an upstream writes it.
+    async fn refused(request: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, String) {
+        let service = layer().layer(service_fn(|request: Request<Full<Bytes>>| async move {
+            let response = if request.uri().path().starts_with("/upstream") {
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("content-type", "application/fhir+json")
+                    .body(Full::from(r#"{"resourceType":"OperationOutcome"}"#))
+                    .unwrap()
+            } else {
+                OperationOutcome::error(IssueType::NotFound, "No <Patient/1> here")
+                    .to_response(StatusCode::NOT_FOUND)
+                    .map(Full::new)
+            };
+            Ok::<_, Infallible>(response)
+        }));
+        let response = service.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_gateways_own_outcomes_go_in_xml_to_a_client_that_prefers_xml() {
+        let xml = r#"<OperationOutcome xmlns="http://hl7.org/fhir"><issue><severity value="error"/><code value="not-found"/><diagnostics value="No &lt;Patient/1&gt; here"/></issue></OperationOutcome>"#;
+        for (uri, accept, media_type) in [
+            // No release named, none by default: none labelled.
+            ("/Patient/1", "application/fhir+xml", "application/fhir+xml"),
+            (
+                "/Patient/1?_format=xml",
+                "application/fhir+json",
+                "application/fhir+xml",
+            ),
+            (
+                "/Patient/1",
+                "application/fhir+xml; fhirVersion=3.0",
+                "application/fhir+xml; fhirVersion=3.0",
+            ),
+            (
+                "/Patient/1",
+                "application/xml+fhir; fhirVersion=1.0",
+                "application/xml+fhir; fhirVersion=1.0",
+            ),
+        ] {
+            let (status, headers, body) = refused(get(uri, &[("accept", accept)])).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri} {accept}");
+            assert_eq!(headers["content-type"], media_type, "{uri} {accept}");
+            assert_eq!(body, xml, "{uri} {accept}");
+            assert_eq!(headers["vary"], "Accept", "{uri} {accept}");
+            assert_eq!(headers["cache-control"], "no-store");
+        }
+        // JSON where JSON is preferred, or as much as XML (HAPI's clients), or nothing is said.
+        let hapi = "application/fhir+xml;q=1.0, application/fhir+json;q=1.0";
+        for accept in ["application/fhir+json", hapi, "*/*", ""] {
+            let (_, headers, body) = refused(get("/Patient/1", &[("accept", accept)])).await;
+            assert!(
+                headers["content-type"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("application/fhir+json"),
+                "{accept}"
+            );
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(json["issue"][0]["code"], "not-found");
+        }
+        // An upstream's answer passes as it was written, whatever the client prefers.
+        let (_, headers, body) = refused(get(
+            "/upstream/Patient/1",
+            &[("accept", "application/fhir+xml")],
+        ))
+        .await;
+        assert_eq!(headers["content-type"], "application/fhir+json");
+        assert_eq!(body, r#"{"resourceType":"OperationOutcome"}"#);
+        // The layer's own refusals too.
+        let mut request = post(
+            "application/fhir+xml; fhirVersion=5.0",
+            Some("application/fhir+xml"),
+        );
+        *request.uri_mut() = "/Patient".parse().unwrap();
+        let (status, headers, body) = refused(request).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(headers["content-type"], "application/fhir+xml");
+        assert!(body.starts_with("<OperationOutcome"), "{body}");
     }
 
     #[test]

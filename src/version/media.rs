@@ -109,6 +109,24 @@ pub(crate) fn mentions_version(value: &[u8]) -> bool {
     })
 }
 
+/// Whether a header value may ask for XML (a quick test before parsing): it holds `xml` in
+/// any case.
+pub(crate) fn mentions_xml(value: &[u8]) -> bool {
+    memchr::memchr2_iter(b'x', b'X', value).any(|at| {
+        value
+            .get(at..at + 3)
+            .is_some_and(|window| window.eq_ignore_ascii_case(b"xml"))
+    })
+}
+
+/// Whether a media type's essence (lower case) is one FHIR reads as XML.
+pub(crate) fn is_xml_type(essence: &str) -> bool {
+    matches!(
+        essence,
+        "application/fhir+xml" | "application/xml+fhir" | "application/xml" | "text/xml"
+    )
+}
+
 /// Parses an `Accept` value: the ranges that parse, best first (stable for equal q);
 /// ranges with `q=0` are dropped.
 pub(crate) fn parse_accept(value: &str) -> Vec<MediaRange> {
@@ -268,6 +286,16 @@ mod tests {
         assert_eq!(parse_format("XML").unwrap().essence, "application/fhir+xml");
         let range = parse_format("application/fhir+json;fhirVersion=1.0").unwrap();
         assert_eq!(range.named, Named::Version(FhirVersion::Dstu2));
+    }
+
+    #[test]
+    fn mentions_xml_in_any_case() {
+        assert!(mentions_xml(b"application/fhir+xml"));
+        assert!(mentions_xml(b"TEXT/XML;q=0.5"));
+        assert!(mentions_xml(b"x, application/xMl"));
+        assert!(!mentions_xml(b"application/fhir+json, */*;q=0.1"));
+        assert!(!mentions_xml(b"application/x-ml, xm"));
+        assert!(!mentions_xml(b""));
     }
 
     #[test]

@@ -26,7 +26,8 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        Inner { #[pin] future: F, version: Option<FhirVersion> },
+        // `xml`: the client prefers XML, so an outcome the gateway made is written in XML.
+        Inner { #[pin] future: F, version: Option<FhirVersion>, xml: bool },
         // Boxed: a rare path, and the future stays small to move through the layers.
         Answered { response: Option<Box<Response<Bytes>>> },
     }
@@ -40,20 +41,32 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { future, version } => {
+            StateProj::Inner {
+                future,
+                version,
+                xml,
+            } => {
                 let mut response = ready!(future.poll(cx))?;
                 let served = response
                     .extensions()
                     .get::<FhirVersion>()
                     .copied()
                     .or(*version);
+                let xml = if *xml {
+                    outcome_in_xml(&mut response, served)
+                } else {
+                    None
+                };
                 if let Some(served) = served {
                     label(response.headers_mut(), served);
                     // `Accept` chose the release, and with it the tenant's server: a cache must
                     // not answer a request naming another release with this one.
                     vary_by_accept(response.headers_mut());
                 }
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+                Poll::Ready(Ok(match xml {
+                    Some(xml) => response.map(|_| ResponseBody::full(xml)),
+                    None => response.map(ResponseBody::inner),
+                }))
             }
             StateProj::Answered { response } => {
                 let response = response.take().expect("polled after completion");
@@ -72,9 +85,14 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 impl<F> ResponseFuture<F> {
     /// The inner service's response, to be labelled with the release the response's own
     /// extensions name, else with `version` (the negotiated one).
-    pub(super) fn inner(future: F, version: Option<FhirVersion>) -> Self {
+    /// With `xml`, an outcome the gateway made is written in XML.
+    pub(super) fn inner(future: F, version: Option<FhirVersion>, xml: bool) -> Self {
         Self {
-            state: State::Inner { future, version },
+            state: State::Inner {
+                future,
+                version,
+                xml,
+            },
         }
     }
 
@@ -86,6 +104,27 @@ impl<F> ResponseFuture<F> {
             },
         }
     }
+}
+
+/// For a response holding an outcome the gateway made ([`OperationOutcome::to_response`]),
+/// the outcome in XML, in release `served`'s XML media type (STU3's without one); its headers
+/// made to say so (and that `Accept` chose the form). `None`, and `response` untouched, for
+/// any other response: an upstream's answer is never rewritten.
+///
+/// [`OperationOutcome::to_response`]: crate::outcome::OperationOutcome::to_response
+pub(super) fn outcome_in_xml<B>(
+    response: &mut Response<B>,
+    served: Option<FhirVersion>,
+) -> Option<Bytes> {
+    let media_type = served.map_or("application/fhir+xml", FhirVersion::xml_media_type);
+    let (xml, content_type) = crate::outcome::in_xml(response, media_type)?;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(xml.len()));
+    }
+    vary_by(headers, ACCEPT);
+    Some(xml)
 }
 
 /// Adds `fhirVersion` to a FHIR media type that lacks it.
