@@ -1940,6 +1940,150 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
     );
 }
 
+/// An upstream that answers the first request of each connection and keeps it open, then, on
+/// reading the next request's head, closes the connection unanswered: an upstream whose
+/// keep-alive timeout ends just as a request arrives. Records each request line it read.
+async fn closing_keep_alive_upstream() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heads = Arc::clone(&seen);
+    let base = raw_upstream(move |head, mut stream| {
+        let heads = Arc::clone(&heads);
+        async move {
+            let line = |head: &str| head.lines().next().unwrap_or_default().to_owned();
+            heads.lock().unwrap().push(line(&head));
+            let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 26\r\n\r\n{\"resourceType\":\"Patient\"}";
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            let mut next = Vec::new();
+            let mut byte = [0u8; 1];
+            while !next.ends_with(b"\r\n\r\n") {
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                next.push(byte[0]);
+            }
+            heads.lock().unwrap().push(line(&String::from_utf8_lossy(&next)));
+            // Closed unanswered as `stream` drops.
+        }
+    })
+    .await;
+    (base, seen)
+}
+
+#[tokio::test]
+async fn a_safe_request_lost_as_the_upstream_closes_an_idle_connection_goes_again_once() {
+    let (base, seen) = closing_keep_alive_upstream().await;
+    let gw = gateway(
+        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
+        Duration::from_secs(60),
+    )
+    .await;
+    let auth = format!("Bearer {}", token_for(TENANT_A));
+    let send = |method: &'static str, target: &'static str| {
+        let (client, auth) = (gw.client.clone(), auth.clone());
+        async move {
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("content-type", "application/fhir+json"),
+            ];
+            let body = if method == "POST" {
+                r#"{"resourceType":"Patient"}"#
+            } else {
+                ""
+            };
+            client.send(method, target, &headers, body).await
+        }
+    };
+    // Past a tenth of a second idle (as any upstream's keep-alive timeout is): a GET the
+    // upstream closed the connection on goes again on a new connection, and is answered.
+    assert_eq!(send("GET", "/Patient/1").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = send("GET", "/Patient/2").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["resourceType"], "Patient");
+    // A POST may have been acted on: never sent twice, 502.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = send("POST", "/Patient").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            "GET /fhir/Patient/1 HTTP/1.1",
+            "GET /fhir/Patient/2 HTTP/1.1",
+            "GET /fhir/Patient/2 HTTP/1.1",
+            "POST /fhir/Patient HTTP/1.1",
+        ]
+    );
+}
+
+/// An upstream serving two tenants' bases that answers out of turn: on its first connection,
+/// a tenth of a second after its first answer, it sends a second one no request asked for
+/// (as a server with a bug in its keep-alive handling may). Every other answer is a Patient
+/// whose id is the request's path.
+async fn answering_twice_upstream() -> String {
+    let connections = Arc::new(AtomicUsize::new(0));
+    raw_upstream(move |mut head, mut stream| {
+        let first = connections.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            let answer = |path: &str| {
+                let body = format!(r#"{{"resourceType":"Patient","id":"{path}"}}"#);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let mut answered = 0;
+            loop {
+                let path = head.split(' ').nth(1).unwrap_or_default().replace('/', "-");
+                if stream.write_all(answer(&path).as_bytes()).await.is_err() {
+                    return;
+                }
+                answered += 1;
+                if first && answered == 1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = stream.write_all(answer("SMUGGLED").as_bytes()).await;
+                }
+                let mut next = Vec::new();
+                let mut byte = [0u8; 1];
+                while !next.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    next.push(byte[0]);
+                }
+                head = String::from_utf8_lossy(&next).into_owned();
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_answering_out_of_turn_never_gives_one_tenant_anothers_answer() {
+    let base = answering_twice_upstream().await;
+    let gw = gateway(
+        vec![
+            (TENANT_A, upstreams(&base, FhirVersion::Stu3, None)),
+            (
+                TENANT_B,
+                upstreams(&format!("{base}2"), FhirVersion::Stu3, None),
+            ),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    let (a, b) = (token_for(TENANT_A), token_for(TENANT_B));
+    let reply = gw.client.get_bearer("/Patient/1", &a).await;
+    assert_eq!(reply.json()["id"], "-fhir-Patient-1");
+    // Tenant B asks while A's connection waits to send its stray answer: on a connection of
+    // its own, it gets its own answer.
+    for _ in 0..3 {
+        let reply = gw.client.get_bearer("/Patient/2", &b).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["id"], "-fhir2-Patient-2");
+    }
+}
+
 /// An answer under a transfer coding hyper does not undo (`gzip, chunked`; `chunked, chunked`,
 /// which leaves one framing in the body) would reach the client as content once
 /// `Transfer-Encoding` is gone: `502`, for an answer read whole and a streamed one.

@@ -1,5 +1,6 @@
 //! `https://` upstreams through rustls, against a TLS server with a certificate made here.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,10 +11,20 @@ use tower::ServiceExt;
 use tower_fhir::auth::HttpJwks;
 use tower_fhir::proxy::FhirProxy;
 use tower_fhir::route::Upstream;
+use tower_fhir::tenant::TenantId;
 use tower_fhir::version::FhirVersion;
 
-/// A TLS FHIR server for `localhost`; returns its port and its certificate (PEM).
+/// A TLS FHIR server for `localhost` (HTTP/1.1: it offers no ALPN); returns its port and its
+/// certificate (PEM).
 async fn tls_upstream() -> (u16, String) {
+    let (port, cert, _) = counting_tls_upstream().await;
+    (port, cert)
+}
+
+/// [`tls_upstream`], and the connections it accepted so far.
+async fn counting_tls_upstream() -> (u16, String, Arc<AtomicUsize>) {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&connections);
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let cert_pem = certified.cert.pem();
     let cert = certified.cert.der().clone();
@@ -34,6 +45,7 @@ async fn tls_upstream() -> (u16, String) {
             let Ok((stream, _)) = listener.accept().await else {
                 break;
             };
+            counted.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(stream).await else {
@@ -58,16 +70,25 @@ async fn tls_upstream() -> (u16, String) {
             });
         }
     });
-    (port, cert_pem)
+    (port, cert_pem, connections)
 }
 
 async fn get_through(proxy: FhirProxy, port: u16) -> (StatusCode, String) {
+    get_for(proxy, port, None).await
+}
+
+/// A `GET` through `proxy` to the upstream on `port`, for `tenant` (as the tenant layer
+/// says it).
+async fn get_for(proxy: FhirProxy, port: u16, tenant: Option<TenantId>) -> (StatusCode, String) {
     let upstream =
         Upstream::parse(&format!("https://localhost:{port}/fhir"), FhirVersion::R4).unwrap();
     let mut request = Request::get("/Patient/tls")
         .body(Full::<Bytes>::default())
         .unwrap();
     request.extensions_mut().insert(upstream);
+    if let Some(tenant) = tenant {
+        request.extensions_mut().insert(tenant);
+    }
     let response = proxy.oneshot(request).await.unwrap();
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -84,6 +105,28 @@ async fn an_https_upstream_with_a_trusted_root_is_reached() {
     let (status, body) = get_through(proxy, port).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"path\":\"/fhir/Patient/tls\""), "{body}");
+}
+
+/// An HTTP/1.1 connection carries one tenant's requests: an upstream answering out of turn
+/// could not give one tenant another's answer.
+#[tokio::test]
+async fn tenants_never_share_an_https_connection() {
+    let (port, cert_pem, connections) = counting_tls_upstream().await;
+    let proxy = FhirProxy::builder("https://gateway.test")
+        .root_certificates_pem(cert_pem)
+        .build()
+        .unwrap();
+    let a: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
+    let b: TenantId = "9b2e1c3d-0000-4000-8000-00000000000b".parse().unwrap();
+    for tenant in [a, b, a, b, a] {
+        let (status, body) = get_for(proxy.clone(), port, Some(tenant)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one a tenant, each kept"
+    );
 }
 
 #[tokio::test]

@@ -4,11 +4,26 @@
 //! profile (a keyed pool lookup and return, the URI cloned and re-formed, connection metadata,
 //! a large future moved around). This pool does what the proxy needs and no more:
 //!
-//! - per upstream authority, a stack of idle connections; the most recently used goes first,
-//!   so that the others age out;
+//! - per upstream authority and tenant, a stack of idle connections; the most recently used
+//!   goes first, so that the others age out. A connection carries one tenant's requests only:
+//!   an upstream that answers out of turn (an answer sent late, after the request that asked
+//!   for it was answered; a request body it did not read, read as the next request) can give a
+//!   request another request's answer, and never another tenant's;
+//! - a connection whose request carried a body and was answered with an error (`4xx`, `5xx`)
+//!   is not used again: a server that refuses a request before reading its body (a `413`, a
+//!   `401`) should close the connection or read the body (RFC 9112 §9.3), and one that does
+//!   neither would read the body as the next request;
 //! - a connection is checked before use (closed ones are dropped), and a request that a closing
 //!   connection hands back unsent is tried on the next one, as hyper-util's client does with
 //!   `retry_canceled_requests`; a request that was sent is never sent twice;
+//! - a safe request with no body (`GET`, `HEAD`, `OPTIONS`) sent on a connection that had been
+//!   idle for [`REPLAY_AFTER_IDLE`] or more, and that the upstream closed or reset without a
+//!   word of answer, is sent once more on a new connection: an upstream closes an idle
+//!   connection when its own keep-alive timeout ends (5 s for Node's HTTP server, Apache and
+//!   uvicorn), and a request can be on its way just then (nginx sends such a request again too;
+//!   RFC 9110 §9.2.2 lets a client retry a request whose method is idempotent). Any other
+//!   request, one on a connection busy a moment before, or one of whose answer a byte came (an
+//!   interim `103`, half a head), is never sent twice;
 //! - a connection goes back to the pool once it can take the next request (at once when the
 //!   response was read whole with its head, else when its body is done);
 //! - idle connections older than the idle timeout are closed: at checkout, and by a sweep that
@@ -18,26 +33,41 @@
 //!   gateway binary's single-threaded workers, a request never waits on another worker's thread
 //!   to move its bytes, nor on a runtime that is not running.
 //!
-//! HTTPS upstreams (ALPN may choose HTTP/2) and those speaking h2c keep hyper-util's client.
+//! HTTPS upstreams (ALPN may choose HTTP/2) and those speaking h2c keep hyper-util's client
+//! (for HTTPS, one a tenant, so that tenants share no connection there either).
 
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::runtime::Id as RuntimeId;
 
 use http::uri::Authority;
 use http::{Request, Response, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::body::OutgoingBody;
+use crate::tenant::TenantId;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a connection must have been idle for a safe request that it loses unanswered to be
+/// sent again on a new one. No upstream closes a kept-alive connection sooner (the shortest
+/// keep-alive timeouts in use are about a second); a connection idle for less was busy a
+/// moment ago, and one that dies then failed for another reason. It also spares the copy a
+/// replay needs on connections that are reused at once, as under load.
+pub(crate) const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Idle HTTP/1.1 connections to plain-HTTP upstreams, by authority.
 pub(crate) struct Http1Pool {
@@ -46,7 +76,7 @@ pub(crate) struct Http1Pool {
 
 struct Inner {
     connector: HttpConnector,
-    idle: Mutex<HashMap<Authority, Stacks, BuildHasherDefault<AuthorityHasher>>>,
+    idle: Mutex<HashMap<Authority, Tenants, BuildHasherDefault<AuthorityHasher>>>,
     idle_timeout: Duration,
     sweeping: AtomicBool,
 }
@@ -81,14 +111,75 @@ impl Hasher for AuthorityHasher {
     }
 }
 
-struct Idle {
+/// A connection: its sender, and how many reads brought bytes from the upstream so far.
+struct Connection {
     sender: SendRequest<OutgoingBody>,
+    heard: Arc<AtomicU64>,
+}
+
+struct Idle {
+    connection: Connection,
     since: Instant,
 }
 
-/// One upstream's idle connections, a stack per runtime that drives them (a handful at most:
-/// one per worker).
+/// One upstream's idle connections, by the tenant whose requests they carry (`None`: requests
+/// that name no tenant), a stack per runtime that drives them (a handful at most: one per
+/// worker).
+type Tenants = HashMap<Option<TenantId>, Stacks, BuildHasherDefault<AuthorityHasher>>;
 type Stacks = Vec<(RuntimeId, Vec<Idle>)>;
+
+/// An upstream connection's socket, counting the reads that brought bytes (the pool's own
+/// reads: one writer, so a load and a store, no atomic read-modify-write).
+struct Counted {
+    stream: TcpStream,
+    heard: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let heard = self.heard.load(Ordering::Relaxed);
+            self.heard.store(heard + 1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
 
 impl Http1Pool {
     pub(crate) fn new(connector: HttpConnector, idle_timeout: Duration) -> Self {
@@ -103,36 +194,70 @@ impl Http1Pool {
     }
 
     /// Sends `request` (its URI in origin form, its `Host` set) to `http://{authority}`, on an
-    /// idle connection this runtime drives or a new one.
+    /// idle connection this runtime drives that carried only `tenant`'s requests, or a new one.
+    ///
+    /// `replayable` says the request may be sent twice: a safe method with no body. Then, sent
+    /// on a connection idle for [`REPLAY_AFTER_IDLE`] or more that closes without a byte of
+    /// answer, it is sent again on a new connection, once.
     pub(crate) async fn send(
         &self,
         authority: &Authority,
+        tenant: Option<TenantId>,
         mut request: Request<OutgoingBody>,
+        replayable: bool,
     ) -> Result<Response<Incoming>, BoxError> {
         // The runtime this request runs on, which drives the connections it opens (the proxy
         // runs on tokio: its upstream timeout needs tokio's timer).
         let driver = tokio::runtime::Handle::current().id();
-        while let Some(mut sender) = self.inner.checkout(authority, driver) {
-            match sender.try_send_request(request).await {
+        let key = (authority, tenant);
+        let carries_body = !http_body::Body::is_end_stream(request.body());
+        while let Some((mut connection, idle_for)) = self.inner.checkout(key, driver) {
+            let copy =
+                (replayable && idle_for >= REPLAY_AFTER_IDLE).then(|| bodiless_copy(&request));
+            let heard = connection.heard.load(Ordering::Relaxed);
+            match connection.sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.inner.give_back(authority, driver, sender);
+                    self.inner
+                        .give_back(key, driver, connection, carries_body, &response);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
                     // The connection closed before the request was written: the next one.
                     Some(unsent) => request = unsent,
-                    None => return Err(error.into_error().into()),
+                    None => {
+                        let error = error.into_error();
+                        let unanswered = heard == connection.heard.load(Ordering::Relaxed)
+                            && super::service::closed_unanswered(&error);
+                        match copy {
+                            Some(copy) if unanswered => {
+                                // The upstream closed it as the request went out: the other
+                                // idle connections of the same age may be closing too.
+                                tracing::debug!(
+                                    %authority,
+                                    ?idle_for,
+                                    %error,
+                                    "an idle upstream connection closed as a request went out: \
+                                     sent again on a new one"
+                                );
+                                metrics::counter!("tower_fhir_upstream_replays_total").increment(1);
+                                request = copy;
+                                break;
+                            }
+                            _ => return Err(error.into()),
+                        }
+                    }
                 },
             }
         }
         // Its connection task is spawned on this runtime: `driver` drives it.
-        let mut sender = self.connect(authority).await?;
-        let response = sender.send_request(request).await?;
-        self.inner.give_back(authority, driver, sender);
+        let mut connection = self.connect(authority).await?;
+        let response = connection.sender.send_request(request).await?;
+        self.inner
+            .give_back(key, driver, connection, carries_body, &response);
         Ok(response)
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<OutgoingBody>, BoxError> {
+    async fn connect(&self, authority: &Authority) -> Result<Connection, BoxError> {
         let origin = Uri::builder()
             .scheme(http::uri::Scheme::HTTP)
             .authority(authority.clone())
@@ -140,63 +265,106 @@ impl Http1Pool {
             .build()?;
         let mut connector = self.inner.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(origin).await?;
+        let heard = Arc::new(AtomicU64::new(0));
+        let io = TokioIo::new(Counted {
+            stream: connector.call(origin).await?.into_inner(),
+            heard: Arc::clone(&heard),
+        });
         let (sender, connection) = http1::Builder::new()
             .max_buf_size(super::transport::MAX_BUF_SIZE)
             .handshake(io)
             .await?;
+        let upstream = authority.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended");
+                if error.to_string().contains("unexpected message") {
+                    // Bytes no request asked for (an answer sent twice, or late): a server
+                    // that answers out of turn, which the operator should hear of.
+                    tracing::warn!(upstream = %upstream, %error, "upstream connection ended: the upstream sent what no request asked for");
+                } else {
+                    tracing::debug!(%error, "upstream connection ended");
+                }
             }
         });
-        Ok(sender)
+        Ok(Connection { sender, heard })
     }
 
     /// How many idle connections the pool holds (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.values().flatten().map(|(_, stack)| stack.len()).sum()
+        idle.values()
+            .flat_map(|tenants| tenants.values().flatten())
+            .map(|(_, stack)| stack.len())
+            .sum()
     }
 }
 
+/// `request` again, for a second sending: its head, and no body (it has none).
+fn bodiless_copy(request: &Request<OutgoingBody>) -> Request<OutgoingBody> {
+    let mut copy = Request::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// An upstream's authority, and the tenant whose requests its connections carry.
+type Key<'a> = (&'a Authority, Option<TenantId>);
+
 impl Inner {
-    /// The most recently returned idle connection to `authority` driven by `driver` that can
-    /// take a request; closed and expired ones met on the way are dropped.
+    /// The most recently returned idle connection for `key` driven by `driver` that can take a
+    /// request, and how long it has been idle; closed and expired ones met on the way are
+    /// dropped.
     fn checkout(
         &self,
-        authority: &Authority,
+        (authority, tenant): Key<'_>,
         driver: RuntimeId,
-    ) -> Option<SendRequest<OutgoingBody>> {
+    ) -> Option<(Connection, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let stacks = idle.get_mut(authority)?;
+        let stacks = idle.get_mut(authority)?.get_mut(&tenant)?;
         let (_, stack) = stacks.iter_mut().find(|(of, _)| *of == driver)?;
         while let Some(entry) = stack.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.sender);
+            let idle_for = entry.since.elapsed();
+            if entry.connection.sender.is_ready() && idle_for < self.idle_timeout {
+                return Some((entry.connection, idle_for));
             }
         }
         None
     }
 
-    /// Returns a connection `driver` drives that carried a request, once it can carry the next.
+    /// Returns a connection `driver` drives that carried a request, once it can carry the
+    /// next; not one whose request carried a body and was refused (the server may have left
+    /// the body unread, to read it as the next request).
     fn give_back(
         self: &Arc<Self>,
-        authority: &Authority,
+        key: Key<'_>,
         driver: RuntimeId,
-        mut sender: SendRequest<OutgoingBody>,
+        mut connection: Connection,
+        carried_body: bool,
+        response: &Response<Incoming>,
     ) {
-        if sender.is_ready() {
-            self.keep(authority, driver, sender);
-        } else if !sender.is_closed() {
+        if carried_body
+            && (response.status().is_client_error() || response.status().is_server_error())
+        {
+            // Dropped: the connection ends once this exchange does.
+            return;
+        }
+        if connection.sender.is_ready() {
+            self.keep(key, driver, connection);
+        } else if !connection.sender.is_closed() {
             // The response's body is still being read: back when it is done.
             let pool = Arc::downgrade(self);
-            let authority = authority.clone();
+            let (authority, tenant) = (key.0.clone(), key.1);
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
+                if connection.sender.ready().await.is_ok() {
                     if let Some(pool) = pool.upgrade() {
-                        pool.keep(&authority, driver, sender);
+                        pool.keep((&authority, tenant), driver, connection);
                     }
                 }
             });
@@ -205,24 +373,27 @@ impl Inner {
 
     fn keep(
         self: &Arc<Self>,
-        authority: &Authority,
+        (authority, tenant): Key<'_>,
         driver: RuntimeId,
-        sender: SendRequest<OutgoingBody>,
+        connection: Connection,
     ) {
         let entry = Idle {
-            sender,
+            connection,
             since: Instant::now(),
         };
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            match idle.get_mut(authority) {
-                Some(stacks) => match stacks.iter_mut().find(|(of, _)| *of == driver) {
-                    Some((_, stack)) => stack.push(entry),
-                    None => stacks.push((driver, vec![entry])),
-                },
-                None => {
-                    idle.insert(authority.clone(), vec![(driver, vec![entry])]);
-                }
+            if !idle.contains_key(authority) {
+                idle.insert(authority.clone(), Tenants::default());
+            }
+            let stacks = idle
+                .get_mut(authority)
+                .expect("inserted above")
+                .entry(tenant)
+                .or_default();
+            match stacks.iter_mut().find(|(of, _)| *of == driver) {
+                Some((_, stack)) => stack.push(entry),
+                None => stacks.push((driver, vec![entry])),
             }
         }
         // A load first: the swap's write would be made on every request.
@@ -253,14 +424,18 @@ async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
             return;
         };
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|_, stacks| {
-            stacks.retain_mut(|(_, stack)| {
-                stack.retain(|entry| {
-                    !entry.sender.is_closed() && entry.since.elapsed() < pool.idle_timeout
+        idle.retain(|_, tenants| {
+            tenants.retain(|_, stacks| {
+                stacks.retain_mut(|(_, stack)| {
+                    stack.retain(|entry| {
+                        !entry.connection.sender.is_closed()
+                            && entry.since.elapsed() < pool.idle_timeout
+                    });
+                    !stack.is_empty()
                 });
-                !stack.is_empty()
+                !stacks.is_empty()
             });
-            !stacks.is_empty()
+            !tenants.is_empty()
         });
         if idle.is_empty() {
             // The next connection kept starts a new sweep: said under the lock, so that one
@@ -325,6 +500,50 @@ mod tests {
         (addr.to_string().parse().unwrap(), connections)
     }
 
+    /// A server that answers the first request of each connection (keeping it open), then
+    /// reads the next request's head and closes the connection without a word, as an upstream
+    /// whose keep-alive timeout ends just as a request arrives. Counts connections and heads.
+    /// With `only_the_first`, every connection after the first closes unanswered at once.
+    /// `last_words` are sent before a close (none: closed without a byte).
+    async fn closing_server(
+        only_the_first: bool,
+        last_words: &'static [u8],
+    ) -> (Authority, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counted, seen) = (Arc::clone(&connections), Arc::clone(&heads));
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let later = counted.fetch_add(1, Ordering::SeqCst) > 0;
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let mut held = Vec::new();
+                    let mut answered = only_the_first && later;
+                    while let Ok(n @ 1..) = socket.read(&mut buffer).await {
+                        held.extend_from_slice(&buffer[..n]);
+                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                            held.drain(..end + 4);
+                            seen.fetch_add(1, Ordering::SeqCst);
+                            if answered {
+                                let _ = socket.write_all(last_words).await;
+                                return;
+                            }
+                            answered = true;
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if socket.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), connections, heads)
+    }
+
     fn request(origin: &Authority) -> Request<OutgoingBody> {
         Request::get("/Patient/1")
             .header(http::header::HOST, origin.as_str())
@@ -333,7 +552,7 @@ mod tests {
     }
 
     async fn get(pool: &Http1Pool, origin: &Authority) -> Result<Bytes, BoxError> {
-        let response = pool.send(origin, request(origin)).await?;
+        let response = pool.send(origin, None, request(origin), true).await?;
         assert_eq!(response.status(), http::StatusCode::OK);
         Ok(response.into_body().collect().await?.to_bytes())
     }
@@ -461,10 +680,175 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_safe_request_lost_on_a_connection_closed_as_it_went_out_goes_again_once() {
+        let (origin, connections, heads) = closing_server(false, b"").await;
+        let pool = pool(Duration::from_secs(60));
+        let sent = |replayable| pool.send(&origin, None, request(&origin), replayable);
+        let ok = |response: Response<Incoming>| assert_eq!(response.status(), 200);
+
+        // Idle long enough for its upstream to close it: sent again on a new connection.
+        ok(sent(true).await.unwrap());
+        tokio::time::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(20)).await;
+        ok(sent(true).await.unwrap());
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            heads.load(Ordering::SeqCst),
+            3,
+            "the lost request went out twice"
+        );
+
+        // Not replayable (an unsafe method, or a body): the error, sent once.
+        tokio::time::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(20)).await;
+        let error = sent(false).await.unwrap_err();
+        assert!(super::super::service::closed_unanswered(&*error), "{error}");
+        assert_eq!(heads.load(Ordering::SeqCst), 4);
+
+        // A connection busy a moment ago that dies failed for another reason: not replayed.
+        ok(sent(true).await.unwrap());
+        sent(true).await.unwrap_err();
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+        assert_eq!(heads.load(Ordering::SeqCst), 6);
+
+        // One replay at most: when the new connection closes unanswered too, the error.
+        let (origin, connections, heads) = closing_server(true, b"").await;
+        let pool = super::Http1Pool::new(HttpConnector::new(), Duration::from_secs(60));
+        ok(pool
+            .send(&origin, None, request(&origin), true)
+            .await
+            .unwrap());
+        tokio::time::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(20)).await;
+        pool.send(&origin, None, request(&origin), true)
+            .await
+            .unwrap_err();
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        assert_eq!(heads.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_of_whose_answer_a_byte_came_is_never_sent_again() {
+        for last_words in [
+            &b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-ty",
+        ] {
+            let (origin, connections, heads) = closing_server(false, last_words).await;
+            let pool = pool(Duration::from_secs(60));
+            get(&pool, &origin).await.unwrap();
+            tokio::time::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(20)).await;
+            let error = pool
+                .send(&origin, None, request(&origin), true)
+                .await
+                .unwrap_err();
+            assert!(super::super::service::closed_unanswered(&*error), "{error}");
+            assert_eq!(heads.load(Ordering::SeqCst), 2, "sent once");
+            assert_eq!(connections.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_never_share_a_connection() {
+        let (origin, connections) = server(None).await;
+        let pool = pool(Duration::from_secs(60));
+        let (a, b): (TenantId, TenantId) = (
+            "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap(),
+            "9b2e1c3d-0000-4000-8000-00000000000b".parse().unwrap(),
+        );
+        for tenant in [Some(a), Some(b), None, Some(a), Some(b), None] {
+            let response = pool
+                .send(&origin, tenant, request(&origin), true)
+                .await
+                .unwrap();
+            assert_eq!(
+                response.into_body().collect().await.unwrap().to_bytes(),
+                "ok"
+            );
+        }
+        // One each, each used twice.
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.idle_count(), 3);
+    }
+
+    /// A server that answers every request `413` at once, keeping the connection, whether it
+    /// read the body or not (it reads on, taking what it did not read for the next request).
+    async fn refusing_server() -> (Authority, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 4096];
+                    let mut held = Vec::new();
+                    while let Ok(n @ 1..) = socket.read(&mut buffer).await {
+                        held.extend_from_slice(&buffer[..n]);
+                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                            held.drain(..end + 4);
+                            let reply = b"HTTP/1.1 413 Too Large\r\ncontent-length: 0\r\n\r\n";
+                            if socket.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), connections)
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_request_with_a_body_was_refused_is_not_used_again() {
+        let (origin, connections) = refusing_server().await;
+        let pool = pool(Duration::from_secs(60));
+        let post = || {
+            Request::post("/Patient")
+                .header(http::header::HOST, origin.as_str())
+                .header(http::header::CONTENT_LENGTH, "34")
+                .body(
+                    http_body_util::Full::new(Bytes::from_static(
+                        b"GET /fhir/Patient/secret HTTP/1.1\n",
+                    ))
+                    .map_err(Into::into)
+                    .boxed_unsync(),
+                )
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let response = pool.send(&origin, None, post(), false).await.unwrap();
+            assert_eq!(response.status(), 413);
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            2,
+            "each on its own connection"
+        );
+        assert_eq!(pool.idle_count(), 0);
+        // A refused request without a body leaves nothing unread: its connection is kept.
+        let response = pool
+            .send(&origin, None, request(&origin), true)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413);
+        response.into_body().collect().await.unwrap();
+        for _ in 0..100 {
+            if pool.idle_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_upstream_is_an_error() {
         let pool = pool(Duration::from_secs(60));
         let origin: Authority = "127.0.0.1:1".parse().unwrap();
-        assert!(pool.send(&origin, request(&origin)).await.is_err());
+        assert!(pool
+            .send(&origin, None, request(&origin), true)
+            .await
+            .is_err());
         assert_eq!(pool.idle_count(), 0);
     }
 }

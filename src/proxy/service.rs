@@ -27,6 +27,7 @@ use crate::client_addr::ClientAddr;
 use crate::ops::BodyFailure;
 use crate::outcome::{IssueType, OperationOutcome};
 use crate::route::{Upstream, UpstreamBase};
+use crate::tenant::TenantId;
 use crate::version::dstu2::{asked_form, request_to_dstu2, response_from_dstu2, AskedForm};
 use crate::version::FhirVersion;
 
@@ -393,7 +394,7 @@ const CLIENT_STALL: Duration = Duration::from_secs(2);
 /// Whether `error` says the upstream closed or reset the connection before answering (what
 /// a server that gave up on a request body does), rather than answering something unreadable
 /// or failing otherwise.
-fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(super) fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
@@ -588,6 +589,8 @@ where
             }
         };
         let client_addr = ClientAddr::of(request.extensions());
+        // Whose request: the pool's connections carry one tenant's requests each.
+        let tenant = request.extensions().get::<TenantId>().copied();
         let (mut parts, body) = request.into_parts();
         // Some DSTU2 servers answer 406 to the STU3+ media types: speak theirs, and answer the
         // client in the form it asked for.
@@ -658,8 +661,13 @@ where
             let Ok(slot) = config.slots.acquire(&upstream, timeout).await else {
                 return Ok(busy(&upstream));
             };
+            // A safe request with no body may go out again if the connection it went out on
+            // closes unanswered.
+            let replayable = retry_safe && outgoing.body().is_end_stream();
             let started = std::time::Instant::now();
-            let sent = config.transport.send(&upstream, pooled, outgoing);
+            let sent = config
+                .transport
+                .send(&upstream, pooled, tenant, outgoing, replayable);
             let waited = match &turns {
                 None => match tokio::time::timeout(timeout, sent).await {
                     Ok(answered) => Waited::Answered(answered),

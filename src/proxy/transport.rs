@@ -1,18 +1,21 @@
 //! How a request reaches its upstream: the proxy's own HTTP/1.1 pool for plain-HTTP upstreams,
 //! hyper-util's pooled clients for HTTPS (ALPN may choose HTTP/2) and h2c ones, behind one type.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Builder, Client};
 use hyper_util::rt::TokioExecutor;
 
 use super::body::OutgoingBody;
 use super::pool::Http1Pool;
 use crate::client::{connector, http_connector, Connector};
 use crate::route::Upstream;
+use crate::tenant::TenantId;
 
 /// The most an HTTP/1.1 upstream connection buffers of a response it reads (hyper's default is
 /// about 400 KiB): a streamed body waits in it for the client to take what was read, so
@@ -38,8 +41,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(super) struct Transport {
     // Plain-HTTP HTTP/1.1 upstreams.
     http1: Http1Pool,
-    // HTTPS upstreams (ALPN may choose HTTP/2).
-    client: Client<Connector, OutgoingBody>,
+    // HTTPS upstreams (ALPN may choose HTTP/2): a client, with a pool of its own, per tenant,
+    // so that no HTTP/1.1 connection carries two tenants' requests (as the own pool keeps
+    // them apart). Made on a tenant's first HTTPS request, from `https` and `connector`.
+    clients: Mutex<HashMap<Option<TenantId>, Client<Connector, OutgoingBody>>>,
+    https: Builder,
+    connector: Connector,
     // For upstreams that speak HTTP/2 with prior knowledge (h2c).
     h2_client: Client<Connector, OutgoingBody>,
 }
@@ -54,21 +61,23 @@ impl Transport {
         root_certificates: &[Vec<u8>],
     ) -> Result<Self, String> {
         let connector = connector(connect_timeout, root_certificates)?;
-        let client = Client::builder(TokioExecutor::new())
+        let mut https = Client::builder(TokioExecutor::new());
+        https
             .pool_idle_timeout(pool_idle_timeout)
             .http1_max_buf_size(MAX_BUF_SIZE)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .build(connector.clone());
+            .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
         let h2_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool_idle_timeout)
             .http2_only(true)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-            .build(connector);
+            .build(connector.clone());
         Ok(Self {
             http1: Http1Pool::new(http_connector(connect_timeout), pool_idle_timeout),
-            client,
+            clients: Mutex::new(HashMap::new()),
+            https,
+            connector,
             h2_client,
         })
     }
@@ -81,18 +90,33 @@ impl Transport {
 
     /// Sends `request` to `upstream`: over the own pool when `pooled` (what
     /// [`pooled`](Self::pooled) said of it), else over the h2c or the HTTPS client.
+    /// `replayable` (a safe method, no body) lets the own pool send it again on a new
+    /// connection when an idle one closes as it goes out. No HTTP/1.1 connection carries
+    /// another tenant's requests than `tenant`'s (HTTP/2 streams, each its own exchange,
+    /// share h2c connections).
     pub(super) async fn send(
         &self,
         upstream: &Upstream,
         pooled: bool,
+        tenant: Option<TenantId>,
         request: Request<OutgoingBody>,
+        replayable: bool,
     ) -> Result<Response<Incoming>, BoxError> {
         if pooled {
-            self.http1.send(upstream.base().authority(), request).await
+            self.http1
+                .send(upstream.base().authority(), tenant, request, replayable)
+                .await
         } else if upstream.http2() {
             Ok(self.h2_client.request(request).await?)
         } else {
-            Ok(self.client.request(request).await?)
+            let client = {
+                let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+                clients
+                    .entry(tenant)
+                    .or_insert_with(|| self.https.build(self.connector.clone()))
+                    .clone()
+            };
+            Ok(client.request(request).await?)
         }
     }
 }
