@@ -976,6 +976,26 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
         format!("<{base}/Patient?page=2>; rel=\"next\", <https://hl7.org/fhir>; rel=\"help\""),
     ));
     upstream.answer("/fhir/r3/Patient/spelt", spelt);
+    // Links that would show the client where the upstream is: its host at another path, with
+    // credentials, an internal address; and a Bundle's links spelt otherwise.
+    let mut revealing = Answer::json(json!({"resourceType": "Bundle", "type": "searchset",
+        "link": [{"relation": "next", "url": base.replace("http://", "HTTP://") + "/Patient?page=2"},
+                 {"relation": "prev", "url": "/fhir/r3/Patient?page=0"}],
+        "entry": [{"fullUrl": base.replace("http://", "http://user:secret@") + "/Patient/1"}]}));
+    let host = base.trim_end_matches("/fhir/r3");
+    revealing.headers.push((
+        "link".into(),
+        format!(
+            "<{}/Patient/9>; rel=\"next\", <{host}/fhir/r2/Patient>; rel=\"alternate\", \
+             <http://10.0.0.7:8080/fhir/x>; rel=\"prev\", \
+             <http://hl7.org/fhir/StructureDefinition/Patient>; rel=\"profile\"",
+            base.replace("http://", "http://user:secret@")
+        ),
+    ));
+    revealing
+        .headers
+        .push(("link".into(), format!("<{host}/admin>; rel=\"help\"")));
+    upstream.answer("/fhir/r3/Patient/revealing", revealing);
 
     let token = token_for(TENANT_A);
     let reply = gw.client.get_bearer("/Patient?family=x", &token).await;
@@ -1026,6 +1046,32 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
         )
         .as_str()
     );
+
+    let reply = gw.client.get_bearer("/Patient/revealing", &token).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let links: Vec<_> = reply.headers.get_all("link").iter().collect();
+    assert_eq!(
+        links,
+        [format!(
+            "<{PUBLIC_BASE}/Patient/9>; rel=\"next\", \
+             <http://hl7.org/fhir/StructureDefinition/Patient>; rel=\"profile\""
+        )
+        .as_str()]
+    );
+    let bundle = reply.json();
+    assert_eq!(
+        bundle["link"][0]["url"],
+        format!("{PUBLIC_BASE}/Patient?page=2")
+    );
+    assert_eq!(
+        bundle["link"][1]["url"],
+        format!("{PUBLIC_BASE}/Patient?page=0")
+    );
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{PUBLIC_BASE}/Patient/1")
+    );
+    assert!(!reply.text().contains("secret"), "{}", reply.text());
 }
 
 /// A Bundle read as a resource (a signed document) comes as the upstream holds it; a rewritten

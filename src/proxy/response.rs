@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::{poll_upstream_frame, ProxyBody};
 use super::headers::{only_chunked, remove_hop_by_hop};
-use super::rewrite::{climbs_out, BaseRewriter};
+use super::rewrite::{climbs_out, BaseRewriter, Links};
 use crate::outcome::{IssueType, OperationOutcome};
 
 /// Whether a redirect's `Location` leads anywhere but under the upstream's base URL (which
@@ -213,21 +213,38 @@ pub(super) async fn relay_response(
                 parts.headers.insert(name, value);
             }
         }
-        // Paging links a server sends in `Link` (RFC 8288) lead back through the gateway too.
+        // Paging links a server sends in `Link` (RFC 8288) lead back through the gateway too;
+        // a link that would show the client where the upstream is is left out.
         if parts.headers.contains_key(header::LINK) {
+            let mut left_out = false;
             let links: Vec<HeaderValue> = parts
                 .headers
                 .get_all(header::LINK)
                 .iter()
-                .map(|value| {
-                    value
-                        .to_str()
-                        .ok()
-                        .and_then(|v| rewriter.link(v))
-                        .and_then(|v| HeaderValue::from_str(&v).ok())
-                        .unwrap_or_else(|| value.clone())
+                .filter_map(|value| {
+                    let Ok(text) = value.to_str() else {
+                        left_out = true;
+                        return None;
+                    };
+                    match rewriter.link(text) {
+                        Links::Unchanged => Some(value.clone()),
+                        Links::Rewritten(text, some_left_out) => {
+                            left_out |= some_left_out;
+                            HeaderValue::from_str(&text).ok()
+                        }
+                        Links::Dropped => {
+                            left_out = true;
+                            None
+                        }
+                    }
                 })
                 .collect();
+            if left_out {
+                tracing::warn!(
+                    upstream = rewriter.upstream(),
+                    "upstream named URLs outside its base URL in Link: those links are left out"
+                );
+            }
             parts.headers.remove(header::LINK);
             for link in links {
                 parts.headers.append(header::LINK, link);
