@@ -434,6 +434,36 @@ async fn granular_reads_are_checked_with_a_search_first() {
         "system/Encounter.r",
     );
     assert_eq!(upstream.received().len(), seen);
+    // Nor a read whose parameters ask for more than the resource (other types included,
+    // contained ones): the probe would vouch for the resource, not for them. Refused, nothing
+    // sent; a read's own parameters that shape the answer are probed as a plain read.
+    for query in [
+        "_include=*",
+        "_revinclude=*",
+        "_INCLUDE=Observation:subject",
+        "_contained=true&_containedType=container",
+        "_has:Observation:has-member:category=vital-signs",
+    ] {
+        let reply = get(&client, &token, &format!("/Observation/lab-1?{query}")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{query}: {}",
+            reply.text()
+        );
+        assert_eq!(upstream.received().len(), seen, "{query}");
+    }
+    let reply = get(
+        &client,
+        &token,
+        "/Observation/lab-1?_elements=status&_format=json",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        upstream.last().target,
+        "/fhir/Observation/lab-1?_elements=status&_format=json"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

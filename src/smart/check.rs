@@ -249,13 +249,13 @@ impl<'g> Check<'g> {
                     // System search: the types `_type` names, or every type.
                     let mut types = params
                         .iter()
-                        .filter(|(name, _)| name == "_type")
+                        .filter(|(name, _)| is_type_parameter(name))
                         .flat_map(|(_, value)| value.split(','))
                         .peekable();
                     let named = types.peek().is_some()
                         && params
                             .iter()
-                            .filter(|(name, _)| name == "_type")
+                            .filter(|(name, _)| is_type_parameter(name))
                             .flat_map(|(_, value)| value.split(','))
                             .all(is_type);
                     if named {
@@ -1206,7 +1206,17 @@ fn only_narrows_the_compartment(operation: &str, params: &[Param<'_>]) -> bool {
 /// Whether a parameter asks for a cascading delete: `_cascade` (any modifier) with any value
 /// but `none`.
 fn cascades(name: &str, value: &str) -> bool {
-    name.split(':').next() == Some("_cascade") && value != "none"
+    // Any case: a server that reads names regardless of it takes `_CASCADE` as `_cascade`.
+    name.split(':')
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case("_cascade"))
+        && value != "none"
+}
+
+/// Whether a parameter's name is `_type` in any case (a server may read names regardless of
+/// it: Microsoft's FHIR server takes `_TYPE` as `_type`).
+fn is_type_parameter(name: &str) -> bool {
+    name.eq_ignore_ascii_case("_type")
 }
 
 /// The type an `_include` (`Source:param[:Target]`) or `_revinclude` (`Source:param`) brings
@@ -1251,12 +1261,17 @@ fn chained_types(name: &str) -> Vec<Option<&str>> {
     let mut types = Vec::new();
     let mut rest = name;
     loop {
-        if rest == "_has" {
+        // Any case: a server that reads names regardless of it takes `_HAS:` as `_has:`.
+        if rest.eq_ignore_ascii_case("_has") {
             // A reverse chain with nothing after it: refused by servers, every type here.
             types.push(None);
             return types;
         }
-        if let Some(reverse) = rest.strip_prefix("_has:") {
+        if let Some(reverse) = rest
+            .get(..5)
+            .filter(|prefix| prefix.eq_ignore_ascii_case("_has:"))
+            .map(|_| &rest[5..])
+        {
             // `_has:[type]:[reference]:[the rest, itself a parameter of that type]`.
             let mut pieces = reverse.splitn(3, ':');
             match (pieces.next(), pieces.next(), pieces.next()) {
@@ -2027,6 +2042,20 @@ mod tests {
         let has = "/Patient?_has:Observation:patient:code=1234-5";
         let refused = check("system/Patient.rs", Method::GET, has).unwrap_err();
         assert_eq!(refused.sufficient, ["system/Observation.s"]);
+        // In any case: a server may read names regardless of it.
+        for url in [
+            "/Patient?_HAS:Observation:patient:code=1234-5",
+            "/Patient?_Has:Observation:patient:code=1234-5",
+            "/Patient?_HAS=x",
+        ] {
+            assert!(!allowed("system/Patient.rs", Method::GET, url), "{url}");
+        }
+        // A system search's `_type` in any case names the types searched.
+        assert!(!allowed(
+            "system/Observation.rs",
+            Method::GET,
+            "/?_type=Observation&_TYPE=Patient"
+        ));
         for (reverse, short, enough) in [
             (
                 has,
@@ -2646,6 +2675,10 @@ mod tests {
             Method::DELETE,
             "/Patient/1?_cascade=none"
         ));
+        // In any case: a server may read names regardless of it.
+        for url in ["/Patient/1?_CASCADE=delete", "/Patient/1?_Cascade:x=delete"] {
+            assert!(!allowed("system/Patient.d", Method::DELETE, url), "{url}");
+        }
         // In a Bundle's entry too.
         let g = grants("system/Patient.d");
         let body = transaction(json!([

@@ -547,10 +547,21 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         Err(why) => {
             let refusal = Box::new(insufficient_scope(&why));
             // A read (not a vread: an old version may not match what the current one does)
-            // that a granular scope of its type may allow.
-            if let (Some(Interaction::Read), Some(ty), Some(id)) =
-                (found.interaction, found.resource_type, found.resource_id)
-            {
+            // that a granular scope of its type may allow: a plain one, whose parameters only
+            // shape the answer. Any other (an `_include`, a `_contained`, a chain) may be what
+            // was refused, and the probe says nothing of it.
+            let plain = params.iter().all(|(name, _)| {
+                matches!(
+                    name.as_ref(),
+                    "_format" | "_pretty" | "_summary" | "_elements"
+                )
+            });
+            if let (Some(Interaction::Read), Some(ty), Some(id), true) = (
+                found.interaction,
+                found.resource_type,
+                found.resource_id,
+                plain,
+            ) {
                 // The FHIR base as the client reached it: the path before `[type]/[id]`.
                 let base = path
                     .trim_end_matches('/')
