@@ -258,18 +258,27 @@ pub(crate) fn in_xml<B>(
     Some((outcome.to_xml(), HeaderValue::from_static(media_type)))
 }
 
-/// Writes `text` as an XML attribute value (either quote), escaped.
+/// Writes `text` as an XML attribute value (either quote), escaped; a character XML 1.0 cannot
+/// carry at all (a control character but tab and line breaks, U+FFFE, U+FFFF) becomes U+FFFD.
 pub(crate) fn xml_escape_attribute(out: &mut Vec<u8>, text: &str) {
-    for byte in text.bytes() {
-        match byte {
-            b'&' => out.extend_from_slice(b"&amp;"),
-            b'<' => out.extend_from_slice(b"&lt;"),
-            b'>' => out.extend_from_slice(b"&gt;"),
-            b'"' => out.extend_from_slice(b"&quot;"),
-            b'\'' => out.extend_from_slice(b"&apos;"),
+    for c in text.chars() {
+        match c {
+            '&' => out.extend_from_slice(b"&amp;"),
+            '<' => out.extend_from_slice(b"&lt;"),
+            '>' => out.extend_from_slice(b"&gt;"),
+            '"' => out.extend_from_slice(b"&quot;"),
+            '\'' => out.extend_from_slice(b"&apos;"),
             // Written raw, a tab or a line break would be read back as a space.
-            byte if byte < 0x20 => out.extend_from_slice(format!("&#x{byte:X};").as_bytes()),
-            byte => out.push(byte),
+            '\t' => out.extend_from_slice(b"&#x9;"),
+            '\n' => out.extend_from_slice(b"&#xA;"),
+            '\r' => out.extend_from_slice(b"&#xD;"),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => {
+                out.extend_from_slice("\u{FFFD}".as_bytes());
+            }
+            c => {
+                let mut utf8 = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
         }
     }
 }
@@ -375,6 +384,13 @@ mod tests {
         assert_eq!(xml, outcome.to_xml());
         assert_eq!(media_type, "application/fhir+xml");
         assert!(in_xml(&Response::new(()), "application/fhir+xml").is_none());
+        // What XML 1.0 cannot carry at all, even as a reference, is replaced.
+        let odd = OperationOutcome::error(IssueType::Invalid, "a\u{1}b\u{0}c\u{FFFE}d é");
+        let xml = String::from_utf8(odd.to_xml().to_vec()).unwrap();
+        assert!(
+            xml.contains("<diagnostics value=\"a\u{FFFD}b\u{FFFD}c\u{FFFD}d é\"/>"),
+            "{xml}"
+        );
     }
 
     #[test]

@@ -1937,8 +1937,10 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
     )
     .await;
     let auth = format!("Bearer {}", token_for(TENANT_A));
-    for i in 0..9 {
-        let (method, body) = if i % 2 == 0 {
+    for i in 0..11 {
+        // Reads, and at 9 a write, whose connection is not used again (a server may leave a
+        // body unread): the read after it opens another.
+        let (method, body) = if i != 9 {
             ("GET", String::new())
         } else {
             (
@@ -1964,8 +1966,9 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
         assert_eq!(echo["target"], format!("/fhir/Observation?n={i}"));
         assert_eq!(echo["body"], body, "request {i}: the body arrives whole");
     }
-    // Three answers per connection, each connection used until the upstream closed it.
-    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    // Three answers per connection, each connection used until the upstream closed it; then
+    // one for the write, one after it.
+    assert_eq!(connections.load(Ordering::SeqCst), 5);
 
     // Requests at once open connections of their own; afterwards they are reused.
     let token = token_for(TENANT_A);
@@ -1974,7 +1977,7 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
         assert_eq!(reply.status, StatusCode::OK);
     }
     let opened = connections.load(Ordering::SeqCst);
-    assert!(opened <= 3 + 6, "{opened} connections");
+    assert!(opened <= 5 + 6, "{opened} connections");
     for _ in 0..2 {
         let reply = gw.client.get_bearer("/Patient/1", &token).await;
         assert_eq!(reply.status, StatusCode::OK);

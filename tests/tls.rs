@@ -127,6 +127,21 @@ async fn tenants_never_share_an_https_connection() {
         2,
         "one a tenant, each kept"
     );
+    // A request with a body leaves its connection to close: the next opens another.
+    let upstream =
+        Upstream::parse(&format!("https://localhost:{port}/fhir"), FhirVersion::R4).unwrap();
+    let mut post = Request::post("/Patient")
+        .header("content-type", "application/fhir+json")
+        .body(Full::<Bytes>::from(r#"{"resourceType":"Patient"}"#))
+        .unwrap();
+    post.extensions_mut().insert(upstream);
+    post.extensions_mut().insert(a);
+    let response = proxy.clone().oneshot(post).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let (status, body) = get_for(proxy.clone(), port, Some(a)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

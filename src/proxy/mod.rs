@@ -49,11 +49,15 @@
 //! to the upstream's timeout for a slot, then gets 503 with `Retry-After` and an
 //! `OperationOutcome` (`throttled`), never reaching the upstream.
 //!
-//! Connections to plain-HTTP upstreams are the proxy's own HTTP/1.1 pool's: per upstream host,
-//! idle connections are reused most recently used first, checked before use, returned once they
-//! can take the next request and closed after the idle timeout; a request that a closing
-//! connection hands back unsent goes out on another, and none is ever sent twice. HTTPS
-//! upstreams (where ALPN may choose HTTP/2) and h2c ones use hyper-util's pooled client. Its
+//! Connections to plain-HTTP upstreams are the proxy's own HTTP/1.1 pool's: per upstream host
+//! and tenant (the request's [`TenantId`](crate::tenant::TenantId), so that no connection
+//! carries two tenants' requests), idle connections are reused most recently used first,
+//! checked before use, returned once they can take the next request (never after a request
+//! with a body, which a server may have left unread) and closed after the idle timeout; a
+//! request that a closing connection hands back unsent goes out on another, and only a safe
+//! request without a body that an idle connection lost unanswered as it went out is ever sent
+//! twice. HTTPS upstreams (where ALPN may choose HTTP/2) and h2c ones use hyper-util's pooled
+//! client (for HTTPS one a tenant, a request with a body sent with `Connection: close`). Its
 //! HTTP/2 connection to an upstream carries every request to it at once, under one
 //! flow-control window: each stream is granted 256 KiB and the connection 16 MiB, so it takes
 //! 64 answers that their clients leave unread (until the idle watchdog drops them) to make the

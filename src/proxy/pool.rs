@@ -9,21 +9,26 @@
 //!   an upstream that answers out of turn (an answer sent late, after the request that asked
 //!   for it was answered; a request body it did not read, read as the next request) can give a
 //!   request another request's answer, and never another tenant's;
-//! - a connection whose request carried a body and was answered with an error (`4xx`, `5xx`)
-//!   is not used again: a server that refuses a request before reading its body (a `413`, a
-//!   `401`) should close the connection or read the body (RFC 9112 §9.3), and one that does
-//!   neither would read the body as the next request;
+//!   (Requests that name no tenant, from a stack without the tenant layer, share the
+//!   connections of their upstream authority.)
+//! - a connection whose request carried a body is not used again: a server that answers a
+//!   request before reading its body (a `413`, a `401`, or a `200` from a handler that ignores
+//!   it) should close the connection or read the body (RFC 9112 §9.3), and one that does
+//!   neither would read the body as the next request, which a client could write to make
+//!   another client of its tenant get the answer it chose. Writes cost a connection each;
 //! - a connection is checked before use (closed ones are dropped), and a request that a closing
 //!   connection hands back unsent is tried on the next one, as hyper-util's client does with
-//!   `retry_canceled_requests`; a request that was sent is never sent twice;
+//!   `retry_canceled_requests`;
 //! - a safe request with no body (`GET`, `HEAD`, `OPTIONS`) sent on a connection that had been
 //!   idle for [`REPLAY_AFTER_IDLE`] or more, and that the upstream closed or reset without a
-//!   word of answer, is sent once more on a new connection: an upstream closes an idle
+//!   byte of answer within [`REPLAY_WITHIN`] of sending it, is sent once more on a new
+//!   connection: an upstream closes an idle
 //!   connection when its own keep-alive timeout ends (5 s for Node's HTTP server, Apache and
 //!   uvicorn), and a request can be on its way just then (nginx sends such a request again too;
 //!   RFC 9110 §9.2.2 lets a client retry a request whose method is idempotent). Any other
-//!   request, one on a connection busy a moment before, or one of whose answer a byte came (an
-//!   interim `103`, half a head), is never sent twice;
+//!   request, one on a connection busy a moment before, one of whose answer a byte came (an
+//!   interim `103`, half a head), or one the upstream held longer (it may have acted on it and
+//!   failed), is never sent twice;
 //! - a connection goes back to the pool once it can take the next request (at once when the
 //!   response was read whole with its head, else when its body is done);
 //! - idle connections older than the idle timeout are closed: at checkout, and by a sweep that
@@ -68,6 +73,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// moment ago, and one that dies then failed for another reason. It also spares the copy a
 /// replay needs on connections that are reused at once, as under load.
 pub(crate) const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// How soon after a request is sent the close that loses it must come for it to be sent again:
+/// a connection closed as the request arrived reports it at once; one the upstream held on to
+/// longer may have worked on it (and failed, or crashed), and a second sending would double
+/// that work.
+pub(crate) const REPLAY_WITHIN: Duration = Duration::from_secs(1);
 
 /// Idle HTTP/1.1 connections to plain-HTTP upstreams, by authority.
 pub(crate) struct Http1Pool {
@@ -223,10 +234,10 @@ impl Http1Pool {
             let copy =
                 (replayable && idle_for >= REPLAY_AFTER_IDLE).then(|| bodiless_copy(&request));
             let heard = connection.heard.load(Ordering::Relaxed);
+            let sent = copy.as_ref().map(|_| Instant::now());
             match connection.sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.inner
-                        .give_back(key, driver, connection, carries_body, &response);
+                    self.inner.give_back(key, driver, connection, carries_body);
                     return Ok(response);
                 }
                 Err(mut error) => match error.take_message() {
@@ -235,6 +246,7 @@ impl Http1Pool {
                     None => {
                         let error = error.into_error();
                         let unanswered = heard == connection.heard.load(Ordering::Relaxed)
+                            && sent.is_some_and(|sent| sent.elapsed() < REPLAY_WITHIN)
                             && super::service::closed_unanswered(&error);
                         match copy {
                             Some(copy) if unanswered => {
@@ -260,8 +272,7 @@ impl Http1Pool {
         // Its connection task is spawned on this runtime: `driver` drives it.
         let mut connection = self.connect(authority).await?;
         let response = connection.sender.send_request(request).await?;
-        self.inner
-            .give_back(key, driver, connection, carries_body, &response);
+        self.inner.give_back(key, driver, connection, carries_body);
         Ok(response)
     }
 
@@ -347,19 +358,16 @@ impl Inner {
     }
 
     /// Returns a connection `driver` drives that carried a request, once it can carry the
-    /// next; not one whose request carried a body and was refused (the server may have left
-    /// the body unread, to read it as the next request).
+    /// next; not one whose request carried a body (the server may have left the body unread,
+    /// to read it as the next request).
     fn give_back(
         self: &Arc<Self>,
         key: Key<'_>,
         driver: RuntimeId,
         mut connection: Connection,
         carried_body: bool,
-        response: &Response<Incoming>,
     ) {
-        if carried_body
-            && (response.status().is_client_error() || response.status().is_server_error())
-        {
+        if carried_body {
             // Dropped: the connection ends once this exchange does.
             return;
         }
@@ -806,7 +814,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_whose_request_with_a_body_was_refused_is_not_used_again() {
+    async fn a_connection_that_carried_a_request_body_is_not_used_again() {
         let (origin, connections) = refusing_server().await;
         let pool = pool(Duration::from_secs(60));
         let post = || {
@@ -833,7 +841,8 @@ mod tests {
             "each on its own connection"
         );
         assert_eq!(pool.idle_count(), 0);
-        // A refused request without a body leaves nothing unread: its connection is kept.
+        // A request without a body leaves nothing unread: its connection is kept, answered
+        // as it may be.
         let response = pool
             .send(&origin, None, request(&origin), true)
             .await

@@ -125,6 +125,26 @@ impl BaseRewriter {
                 &value[link.start..target.start],
                 &value[target.end..link.end],
             );
+            // A parameter's URL (an `anchor`, an extension relation) is read as a target.
+            let parameters_reveal = after.split(';').skip(1).any(|parameter| {
+                let value = parameter
+                    .split_once('=')
+                    .map_or("", |(_, value)| value.trim());
+                let value = value.trim_matches('"');
+                // (Only a value written as a URL: with a scheme, or network-path.)
+                let url = value.starts_with("//")
+                    || value.split_once(':').is_some_and(|(scheme, _)| {
+                        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                            && scheme
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+                    });
+                url && (self.header_url(value).is_some() || self.reveals_upstream(value))
+            });
+            if parameters_reveal {
+                (changed, left_out) = (true, true);
+                continue;
+            }
             let kept = match self.header_url(&value[target.clone()]) {
                 Some(rewritten) => {
                     changed = true;
@@ -153,29 +173,44 @@ impl BaseRewriter {
     }
 
     /// Whether a URL not under the base (nor rewritten) would show a client where the upstream
-    /// is, or hand it what no link should carry: the upstream's host (in any case, at any
-    /// port) outside its base, user information, an IP address no client outside reaches
-    /// (loopback, private, link-local, unique local), a backslash or a control character.
-    /// Relative references, which resolve against the gateway, and other hosts (a profile's
-    /// canonical URL at `hl7.org`) do not.
+    /// is, or hand it what no link should carry, read as a browser's URL parser (WHATWG) reads
+    /// an `http`/`https` URL (any run of slashes after the scheme, hosts in numbers): the
+    /// upstream's host (in any case, at any port) outside its base, user information, a host
+    /// no client outside reaches ([`internal_host`]), a percent-encoded host, a space, a
+    /// backslash or a control character. Relative references, which resolve against the
+    /// gateway, and other hosts (a profile's canonical URL at `hl7.org`) do not.
     pub(crate) fn reveals_upstream(&self, url: &str) -> bool {
-        if url.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
+        if url
+            .bytes()
+            .any(|b| b == b'\\' || b == b' ' || b.is_ascii_control())
+        {
             return true;
         }
-        let after = match url.split_once("://") {
-            Some((scheme, after)) if !scheme.contains(['/', '?', '#']) => after,
+        let after = match url.split_once(':') {
+            Some((scheme, after))
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+            {
+                after.trim_start_matches('/')
+            }
+            Some((scheme, after))
+                if !scheme.is_empty()
+                    && !scheme.contains(['/', '?', '#'])
+                    && after.starts_with("//") =>
+            {
+                &after[2..]
+            }
             _ => match url.strip_prefix("//") {
                 Some(after) => after,
                 None => return false,
             },
         };
         let authority = &after[..after.find(['/', '?', '#']).unwrap_or(after.len())];
-        if authority.contains('@') {
+        if authority.contains(['@', '%']) {
             return true;
         }
         let host = host_of(authority);
         let ours = split_url(&self.from).map(|(_, authority, _)| host_of(authority));
-        ours.is_some_and(|ours| ours == host) || private_address(&host)
+        ours.is_some_and(|ours| ours == host) || internal_host(&host)
     }
 
     /// A FHIR JSON Bundle the server answered with (a `searchset`, `history`,
@@ -507,25 +542,42 @@ fn host_of(authority: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// Whether `host` is an IP address no client outside reaches: loopback, private, link-local,
-/// unique local, unspecified (an IPv4 address mapped into IPv6 as itself).
-fn private_address(host: &str) -> bool {
+/// Whether `host` (lower case, no port) is one no client outside reaches: an IP address that
+/// is loopback, private, shared (100.64/10), link-local, unique local or unspecified (IPv4 in
+/// any notation a browser reads: `127.1`, `2130706433`, `0x7f.1`, `0177.0.0.1`; an IPv4
+/// address mapped into or compatible with IPv6 as itself), or a name of one label
+/// (`localhost`, `ehr-server`) or under `localhost`, `local` or `internal`.
+fn internal_host(host: &str) -> bool {
     let v4 = |ip: std::net::Ipv4Addr| {
-        ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+        let [a, b, ..] = ip.octets();
+        ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || (a == 100 && b & 0xC0 == 64)
     };
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => v4(ip),
-        Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
-            Some(mapped) => v4(mapped),
-            None => {
-                ip.is_loopback()
-                    || ip.is_unspecified()
-                    || ip.is_unique_local()
-                    || ip.is_unicast_link_local()
-            }
-        },
-        Err(_) => false,
+    if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        return ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_unique_local()
+            || ip.is_unicast_link_local()
+            || ip.to_ipv4().is_some_and(v4);
     }
+    // A browser reads a host whose last label is a number as an IPv4 address, in any base:
+    // only the dotted-decimal form of a public address passes.
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let numeric = !last.is_empty()
+        && (last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit())));
+    if numeric {
+        return host.parse::<std::net::Ipv4Addr>().map_or(true, v4)
+            || host
+                .split('.')
+                .any(|label| label.len() > 1 && label.starts_with('0'));
+    }
+    !host.contains('.') || ["localhost", "local", "internal"].contains(&last)
 }
 
 /// Whether two authorities name one host and port to a client: the host in any case, the
@@ -927,11 +979,11 @@ mod tests {
         let rewritten = |text: &str| Links::Rewritten(text.to_owned(), false);
         let left_out = |text: &str| Links::Rewritten(text.to_owned(), true);
         assert_eq!(
-            r.link(r#"<http://ehr:9001/fhir/r3/Patient?page=2>; rel="next", <https://elsewhere/x>; rel="help""#),
-            rewritten(r#"<https://gw.example/Patient?page=2>; rel="next", <https://elsewhere/x>; rel="help""#)
+            r.link(r#"<http://ehr:9001/fhir/r3/Patient?page=2>; rel="next", <https://elsewhere.example/x>; rel="help""#),
+            rewritten(r#"<https://gw.example/Patient?page=2>; rel="next", <https://elsewhere.example/x>; rel="help""#)
         );
         assert_eq!(
-            r.link(r#"<https://elsewhere/x>; rel="help""#),
+            r.link(r#"<https://elsewhere.example/x>; rel="help""#),
             Links::Unchanged
         );
         assert_eq!(r.link("<unclosed"), Links::Dropped);
@@ -951,12 +1003,29 @@ mod tests {
             "http://ehr:9001/fhir/r2/Patient/1",
             "http://EHR./other",
             "http://ehr:80/fhir/r3/x",
-            "http://u@elsewhere/x",
+            "http://u@elsewhere.example/x",
             "http://10.0.0.7:8080/fhir/x",
             "http://[::ffff:127.0.0.1]:9001/fhir/x",
             "http://[fd00::1]/x",
             "//192.168.1.2/x",
-            "http://elsewhere/a\\b",
+            "http://elsewhere.example/a\\b",
+            "http://localhost:8080/fhir/x",
+            "http://api.localhost/x",
+            "http://ehr-server/x",
+            "http://db.internal/x",
+            "http://127.1/x",
+            "http://2130706433/x",
+            "http://0x7f.1/x",
+            "http://0177.0.0.1/x",
+            "http:/10.0.0.7/x",
+            "http:10.0.0.7/y",
+            "https:///10.0.0.7/",
+            "HTTP://%31%30.0.0.7/x",
+            "http://e%68r:9001/x",
+            "http://[::127.0.0.1]/x",
+            "http://[fe80::1%25eth0]/x",
+            "http://100.64.1.2/x",
+            "http://elsewhere.example /x",
         ] {
             assert_eq!(
                 r.link(&format!(
@@ -976,9 +1045,22 @@ mod tests {
             "Patient?page=2",
             "/other/path",
             "https://8.8.8.8/x",
+            "urn:uuid:6f1c0b4e-2d9a-4c7e-9b1a-3e5f7a9c2d4b",
+            "next",
         ] {
             assert!(!r.reveals_upstream(kept), "{kept}");
         }
+        // A parameter naming such a URL takes its link with it.
+        assert_eq!(
+            r.link(
+                r#"<Patient?p=2>; rel=next; anchor="http://10.0.0.7/fhir", <Patient?p=0>; rel=prev"#
+            ),
+            left_out("<Patient?p=0>; rel=prev")
+        );
+        assert_eq!(
+            r.link(r#"<Patient?p=2>; rel="http://example.org/rel/next""#),
+            Links::Unchanged
+        );
     }
 
     #[test]

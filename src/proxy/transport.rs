@@ -9,7 +9,7 @@ use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Builder, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::OutgoingBody;
 use super::pool::Http1Pool;
@@ -62,12 +62,16 @@ impl Transport {
     ) -> Result<Self, String> {
         let connector = connector(connect_timeout, root_certificates)?;
         let mut https = Client::builder(TokioExecutor::new());
+        // (With a timer, so that idle connections past the timeout are closed by a sweep, not
+        // only found so when next used.)
         https
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
             .http1_max_buf_size(MAX_BUF_SIZE)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
         let h2_client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
             .http2_only(true)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
@@ -99,7 +103,7 @@ impl Transport {
         upstream: &Upstream,
         pooled: bool,
         tenant: Option<TenantId>,
-        request: Request<OutgoingBody>,
+        mut request: Request<OutgoingBody>,
         replayable: bool,
     ) -> Result<Response<Incoming>, BoxError> {
         if pooled {
@@ -109,6 +113,15 @@ impl Transport {
         } else if upstream.http2() {
             Ok(self.h2_client.request(request).await?)
         } else {
+            // A connection that carried a request body is not used again (see the own pool):
+            // hyper-util's pool keeps any connection the upstream keeps open, so the upstream
+            // is asked to close it. (HTTP/2, where each exchange is a stream, drops the header.)
+            if !http_body::Body::is_end_stream(request.body()) {
+                request.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             let client = {
                 let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
                 clients
