@@ -231,10 +231,11 @@ impl Http1Pool {
         let key = (authority, tenant);
         let carries_body = !http_body::Body::is_end_stream(request.body());
         while let Some((mut connection, idle_for)) = self.inner.checkout(key, driver) {
-            let copy =
-                (replayable && idle_for >= REPLAY_AFTER_IDLE).then(|| bodiless_copy(&request));
+            // The copy and when it went out, boxed: the future awaiting the answer stays small
+            // (it is moved as the layers above poll it), and most requests need neither.
+            let copy = (replayable && idle_for >= REPLAY_AFTER_IDLE)
+                .then(|| Box::new((bodiless_copy(&request), Instant::now())));
             let heard = connection.heard.load(Ordering::Relaxed);
-            let sent = copy.as_ref().map(|_| Instant::now());
             match connection.sender.try_send_request(request).await {
                 Ok(response) => {
                     self.inner.give_back(key, driver, connection, carries_body);
@@ -246,10 +247,9 @@ impl Http1Pool {
                     None => {
                         let error = error.into_error();
                         let unanswered = heard == connection.heard.load(Ordering::Relaxed)
-                            && sent.is_some_and(|sent| sent.elapsed() < REPLAY_WITHIN)
                             && super::service::closed_unanswered(&error);
                         match copy {
-                            Some(copy) if unanswered => {
+                            Some(copy) if unanswered && copy.1.elapsed() < REPLAY_WITHIN => {
                                 // The upstream closed it as the request went out: the other
                                 // idle connections of the same age may be closing too.
                                 tracing::debug!(
@@ -260,7 +260,7 @@ impl Http1Pool {
                                      sent again on a new one"
                                 );
                                 metrics::counter!("tower_fhir_upstream_replays_total").increment(1);
-                                request = copy;
+                                request = copy.0;
                                 break;
                             }
                             _ => return Err(error.into()),
@@ -399,23 +399,29 @@ impl Inner {
         };
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if !idle.contains_key(authority) {
-                idle.insert(authority.clone(), Tenants::default());
-            }
-            let stacks = idle
-                .get_mut(authority)
-                .expect("inserted above")
-                .entry(tenant)
-                .or_default();
-            match stacks.iter_mut().find(|(of, _)| *of == driver) {
-                Some((_, stack)) => stack.push(entry),
-                None => stacks.push((driver, vec![entry])),
+            // One look-up of the authority where it has connections already (the common case).
+            match idle.get_mut(authority) {
+                Some(tenants) => push(tenants, tenant, driver, entry),
+                None => {
+                    let mut tenants = Tenants::default();
+                    push(&mut tenants, tenant, driver, entry);
+                    idle.insert(authority.clone(), tenants);
+                }
             }
         }
         // A load first: the swap's write would be made on every request.
         if !self.sweeping.load(Ordering::Acquire) && !self.sweeping.swap(true, Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self), self.idle_timeout));
         }
+    }
+}
+
+/// Puts `entry` on top of `tenant`'s stack of connections `driver` drives.
+fn push(tenants: &mut Tenants, tenant: Option<TenantId>, driver: RuntimeId, entry: Idle) {
+    let stacks = tenants.entry(tenant).or_default();
+    match stacks.iter_mut().find(|(of, _)| *of == driver) {
+        Some((_, stack)) => stack.push(entry),
+        None => stacks.push((driver, vec![entry])),
     }
 }
 
