@@ -121,6 +121,15 @@ async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
     }
 }
 
+/// The gateway with one tenant, A, served (STU3) at `base`.
+async fn one_tenant_at(base: &str) -> Gateway {
+    gateway(
+        vec![(TENANT_A, upstreams(base, FhirVersion::Stu3, None))],
+        Duration::from_secs(60),
+    )
+    .await
+}
+
 async fn one_tenant(upstream: &RecordingUpstream) -> Gateway {
     gateway(
         vec![(
@@ -938,6 +947,18 @@ async fn a_redirect_outside_the_upstreams_base_is_a_502() {
     assert_eq!(reply.headers["location"], "Patient/4/_history/1");
 }
 
+/// A Bundle's two `link[].url`s and first `entry[].fullUrl`: under the gateway's base, with
+/// these paths.
+fn assert_bundle_urls(bundle: &Value, links: [&str; 2], full_url: &str) {
+    for (at, link) in links.iter().enumerate() {
+        assert_eq!(bundle["link"][at]["url"], format!("{PUBLIC_BASE}{link}"));
+    }
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{PUBLIC_BASE}{full_url}")
+    );
+}
+
 #[tokio::test]
 async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
     let upstream = RecordingUpstream::start().await;
@@ -1000,18 +1021,10 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
     let token = token_for(TENANT_A);
     let reply = gw.client.get_bearer("/Patient?family=x", &token).await;
     assert_eq!(reply.status, StatusCode::OK);
-    let bundle = reply.json();
-    assert_eq!(
-        bundle["link"][0]["url"],
-        format!("{PUBLIC_BASE}/Patient?family=x")
-    );
-    assert_eq!(
-        bundle["link"][1]["url"],
-        format!("{PUBLIC_BASE}?_getpages=abc&_getpagesoffset=10")
-    );
-    assert_eq!(
-        bundle["entry"][0]["fullUrl"],
-        format!("{PUBLIC_BASE}/Patient/1")
+    assert_bundle_urls(
+        &reply.json(),
+        ["/Patient?family=x", "?_getpages=abc&_getpagesoffset=10"],
+        "/Patient/1",
     );
     assert_eq!(
         reply.headers["content-length"],
@@ -1058,18 +1071,10 @@ async fn upstream_urls_in_location_and_bundles_lead_back_through_the_gateway() {
         )
         .as_str()]
     );
-    let bundle = reply.json();
-    assert_eq!(
-        bundle["link"][0]["url"],
-        format!("{PUBLIC_BASE}/Patient?page=2")
-    );
-    assert_eq!(
-        bundle["link"][1]["url"],
-        format!("{PUBLIC_BASE}/Patient?page=0")
-    );
-    assert_eq!(
-        bundle["entry"][0]["fullUrl"],
-        format!("{PUBLIC_BASE}/Patient/1")
+    assert_bundle_urls(
+        &reply.json(),
+        ["/Patient?page=2", "/Patient?page=0"],
+        "/Patient/1",
     );
     assert!(!reply.text().contains("secret"), "{}", reply.text());
 }
@@ -1237,11 +1242,7 @@ async fn a_bundle_sent_in_chunks_is_read_whole_and_rewritten() {
         stream.write_all(b"0\r\n\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     });
-    let gw = gateway(
-        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
-        Duration::from_secs(60),
-    )
-    .await;
+    let gw = one_tenant_at(&base).await;
     let reply = gw
         .client
         .get_bearer("/Patient?family=x", &token_for(TENANT_A))
@@ -1366,11 +1367,7 @@ async fn half_answering_upstream() -> String {
 async fn an_upstream_that_stalls_or_breaks_off_mid_body_never_passes_for_a_whole_answer() {
     let base = half_answering_upstream().await;
     // The proxy's upstream timeout is 500 ms.
-    let gw = gateway(
-        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
-        Duration::from_secs(60),
-    )
-    .await;
+    let gw = one_tenant_at(&base).await;
     let token = token_for(TENANT_A);
     // A JSON body (read whole to rewrite its links, before the client gets the head): 504
     // when it stops coming, 502 when it breaks off; an OperationOutcome either way, not a
@@ -1931,11 +1928,7 @@ async fn keep_alive_upstream() -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced() {
     let (base, connections) = keep_alive_upstream().await;
-    let gw = gateway(
-        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
-        Duration::from_secs(60),
-    )
-    .await;
+    let gw = one_tenant_at(&base).await;
     let auth = format!("Bearer {}", token_for(TENANT_A));
     for i in 0..11 {
         // Reads, and at 9 a write, whose connection is not used again (a server may leave a
@@ -1989,6 +1982,20 @@ async fn upstream_connections_are_kept_between_requests_and_closed_ones_replaced
     );
 }
 
+/// The next request head on `stream`, read byte by byte (nothing past it); `None` when the
+/// connection ends first.
+async fn next_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// An upstream that answers the first request of each connection and keeps it open, then, on
 /// reading the next request's head, closes the connection unanswered: an upstream whose
 /// keep-alive timeout ends just as a request arrives. Records each request line it read.
@@ -2002,15 +2009,10 @@ async fn closing_keep_alive_upstream() -> (String, Arc<std::sync::Mutex<Vec<Stri
             heads.lock().unwrap().push(line(&head));
             let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 26\r\n\r\n{\"resourceType\":\"Patient\"}";
             stream.write_all(answer.as_bytes()).await.unwrap();
-            let mut next = Vec::new();
-            let mut byte = [0u8; 1];
-            while !next.ends_with(b"\r\n\r\n") {
-                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                next.push(byte[0]);
-            }
-            heads.lock().unwrap().push(line(&String::from_utf8_lossy(&next)));
+            let Some(next) = next_head(&mut stream).await else {
+                return;
+            };
+            heads.lock().unwrap().push(line(&next));
             // Closed unanswered as `stream` drops.
         }
     })
@@ -2021,11 +2023,7 @@ async fn closing_keep_alive_upstream() -> (String, Arc<std::sync::Mutex<Vec<Stri
 #[tokio::test]
 async fn a_safe_request_lost_as_the_upstream_closes_an_idle_connection_goes_again_once() {
     let (base, seen) = closing_keep_alive_upstream().await;
-    let gw = gateway(
-        vec![(TENANT_A, upstreams(&base, FhirVersion::Stu3, None))],
-        Duration::from_secs(60),
-    )
-    .await;
+    let gw = one_tenant_at(&base).await;
     let auth = format!("Bearer {}", token_for(TENANT_A));
     let send = |method: &'static str, target: &'static str| {
         let (client, auth) = (gw.client.clone(), auth.clone());
@@ -2092,15 +2090,10 @@ async fn answering_twice_upstream() -> String {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let _ = stream.write_all(answer("SMUGGLED").as_bytes()).await;
                 }
-                let mut next = Vec::new();
-                let mut byte = [0u8; 1];
-                while !next.ends_with(b"\r\n\r\n") {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    next.push(byte[0]);
-                }
-                head = String::from_utf8_lossy(&next).into_owned();
+                let Some(next) = next_head(&mut stream).await else {
+                    return;
+                };
+                head = next;
             }
         }
     })

@@ -478,84 +478,38 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A server answering each request on a connection with a short 200, counting connections;
-    /// with `close_after`, it closes each connection after that many answers (`Connection:
-    /// close` on the last).
-    async fn server(close_after: Option<usize>) -> (Authority, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&connections);
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut answered = 0;
-                    let mut buffer = vec![0u8; 4096];
-                    let mut held = Vec::new();
-                    loop {
-                        let Ok(n) = socket.read(&mut buffer).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        held.extend_from_slice(&buffer[..n]);
-                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
-                            held.drain(..end + 4);
-                            answered += 1;
-                            let last = close_after == Some(answered);
-                            let reply: &[u8] = if last {
-                                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
-                            } else {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                            };
-                            if socket.write_all(reply).await.is_err() || last {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (addr.to_string().parse().unwrap(), connections)
-    }
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
-    /// A server that answers the first request of each connection (keeping it open), then
-    /// reads the next request's head and closes the connection without a word, as an upstream
-    /// whose keep-alive timeout ends just as a request arrives. Counts connections and heads.
-    /// With `only_the_first`, every connection after the first closes unanswered at once.
-    /// `last_words` are sent before a close (none: closed without a byte).
-    async fn closing_server(
-        only_the_first: bool,
-        last_words: &'static [u8],
-    ) -> (Authority, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    /// A server reading the request heads of each connection it accepts (bodies are not read
+    /// as such: their bytes wait for the next head) and answering the `nth` head of its
+    /// `connection`th connection (both from 0) with what `reply` gives: the bytes to write,
+    /// and whether to close the connection after them. Counts connections and heads.
+    async fn scripted_server<F>(reply: F) -> (Authority, Arc<AtomicUsize>, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, usize) -> (&'static [u8], bool) + Send + Sync + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (connections, heads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (counted, seen) = (Arc::clone(&connections), Arc::clone(&heads));
+        let reply = Arc::new(reply);
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
-                let later = counted.fetch_add(1, Ordering::SeqCst) > 0;
-                let seen = Arc::clone(&seen);
+                let connection = counted.fetch_add(1, Ordering::SeqCst);
+                let (seen, reply) = (Arc::clone(&seen), Arc::clone(&reply));
                 tokio::spawn(async move {
                     let mut buffer = vec![0u8; 4096];
                     let mut held = Vec::new();
-                    let mut answered = only_the_first && later;
+                    let mut nth = 0;
                     while let Ok(n @ 1..) = socket.read(&mut buffer).await {
                         held.extend_from_slice(&buffer[..n]);
                         while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
                             held.drain(..end + 4);
                             seen.fetch_add(1, Ordering::SeqCst);
-                            if answered {
-                                let _ = socket.write_all(last_words).await;
-                                return;
-                            }
-                            answered = true;
-                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if socket.write_all(reply).await.is_err() {
+                            let (bytes, close) = reply(connection, nth);
+                            nth += 1;
+                            if socket.write_all(bytes).await.is_err() || close {
                                 return;
                             }
                         }
@@ -564,6 +518,56 @@ mod tests {
             }
         });
         (addr.to_string().parse().unwrap(), connections, heads)
+    }
+
+    /// A server answering each request on a connection with a short 200, counting connections;
+    /// with `close_after`, it closes each connection after that many answers (`Connection:
+    /// close` on the last).
+    async fn server(close_after: Option<usize>) -> (Authority, Arc<AtomicUsize>) {
+        let (origin, connections, _) = scripted_server(move |_, nth| {
+            if close_after == Some(nth + 1) {
+                (
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+                    true,
+                )
+            } else {
+                (OK, false)
+            }
+        })
+        .await;
+        (origin, connections)
+    }
+
+    /// A server that answers the first request of each connection (keeping it open), then
+    /// reads the next request's head and closes the connection after `last_words` (none: not
+    /// a byte), as an upstream whose keep-alive timeout ends just as a request arrives. With
+    /// `only_the_first`, every connection after the first closes so at once. Counts
+    /// connections and heads.
+    async fn closing_server(
+        only_the_first: bool,
+        last_words: &'static [u8],
+    ) -> (Authority, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        scripted_server(move |connection, nth| {
+            if nth == 0 && !(only_the_first && connection > 0) {
+                (OK, false)
+            } else {
+                (last_words, true)
+            }
+        })
+        .await
+    }
+
+    /// A server that answers every request `413` at once, keeping the connection, whether it
+    /// read the body or not (it reads on, taking what it did not read for the next request).
+    async fn refusing_server() -> (Authority, Arc<AtomicUsize>) {
+        let (origin, connections, _) = scripted_server(|_, _| {
+            (
+                b"HTTP/1.1 413 Too Large\r\ncontent-length: 0\r\n\r\n",
+                false,
+            )
+        })
+        .await;
+        (origin, connections)
     }
 
     fn request(origin: &Authority) -> Request<OutgoingBody> {
@@ -787,36 +791,6 @@ mod tests {
         // One each, each used twice.
         assert_eq!(connections.load(Ordering::SeqCst), 3);
         assert_eq!(pool.idle_count(), 3);
-    }
-
-    /// A server that answers every request `413` at once, keeping the connection, whether it
-    /// read the body or not (it reads on, taking what it did not read for the next request).
-    async fn refusing_server() -> (Authority, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&connections);
-        tokio::spawn(async move {
-            loop {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buffer = vec![0u8; 4096];
-                    let mut held = Vec::new();
-                    while let Ok(n @ 1..) = socket.read(&mut buffer).await {
-                        held.extend_from_slice(&buffer[..n]);
-                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
-                            held.drain(..end + 4);
-                            let reply = b"HTTP/1.1 413 Too Large\r\ncontent-length: 0\r\n\r\n";
-                            if socket.write_all(reply).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (addr.to_string().parse().unwrap(), connections)
     }
 
     #[tokio::test]

@@ -1017,6 +1017,26 @@ mod tests {
             .unwrap()
     }
 
+    /// What `service` answers `request`: its status, headers and body as text.
+    async fn answer_of<S, B>(
+        service: S,
+        request: Request<Full<Bytes>>,
+    ) -> (StatusCode, HeaderMap, String)
+    where
+        S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let response = service.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
     async fn run(
         layer: VersionNegotiationLayer,
         request: Request<Full<Bytes>>,
@@ -1033,14 +1053,7 @@ mod tests {
                 .unwrap();
             Ok::<_, Infallible>(response)
         }));
-        let response = service.oneshot(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8(body.to_vec()).unwrap(),
-        )
+        answer_of(service, request).await
     }
 
     fn get(uri: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
@@ -1095,14 +1108,7 @@ mod tests {
             };
             Ok::<_, Infallible>(response)
         }));
-        let response = service.oneshot(request).await.unwrap();
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8(body.to_vec()).unwrap(),
-        )
+        answer_of(service, request).await
     }
 
     #[tokio::test]
@@ -1825,16 +1831,7 @@ mod tests {
         };
         let call = |request| {
             let service = tenant_layer.clone().layer(service_fn(seen));
-            async move {
-                let response = service.oneshot(request).await.unwrap();
-                let (parts, body) = response.into_parts();
-                let body = body.collect().await.unwrap().to_bytes();
-                (
-                    parts.status,
-                    parts.headers,
-                    String::from_utf8(body.to_vec()).unwrap(),
-                )
-            }
+            answer_of(service, request)
         };
         // With credentials: passed inward, answered for the tenant (DSTU2 is not supported
         // here, so not listed).
