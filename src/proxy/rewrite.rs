@@ -126,20 +126,25 @@ impl BaseRewriter {
                 &value[target.end..link.end],
             );
             // A parameter's URL (an `anchor`, an extension relation) is read as a target.
+            // The parameters that hold URLs (RFC 8288): `anchor`, and `rel`/`rev`, whose
+            // space-separated relation types may be URLs; a title or a media query is text.
+            let leads = |url: &str| self.header_url(url).is_some() || self.reveals_upstream(url);
             let parameters_reveal = after.split(';').skip(1).any(|parameter| {
-                let value = parameter
-                    .split_once('=')
-                    .map_or("", |(_, value)| value.trim());
-                let value = value.trim_matches('"');
-                // (Only a value written as a URL: with a scheme, or network-path.)
-                let url = value.starts_with("//")
-                    || value.split_once(':').is_some_and(|(scheme, _)| {
-                        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-                            && scheme
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-                    });
-                url && (self.header_url(value).is_some() || self.reveals_upstream(value))
+                let Some((name, value)) = parameter.split_once('=') else {
+                    return false;
+                };
+                let name = name.trim();
+                // (A browser drops the spaces around a URL.)
+                let value = value.trim().trim_matches('"').trim();
+                if name.eq_ignore_ascii_case("anchor") {
+                    leads(value)
+                } else if name.eq_ignore_ascii_case("rel") || name.eq_ignore_ascii_case("rev") {
+                    value
+                        .split_ascii_whitespace()
+                        .any(|relation| relation.contains(':') && leads(relation))
+                } else {
+                    false
+                }
             });
             if parameters_reveal {
                 (changed, left_out) = (true, true);
@@ -188,7 +193,9 @@ impl BaseRewriter {
         }
         let after = match url.split_once(':') {
             Some((scheme, after))
-                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+                if ["http", "https", "ws", "wss", "ftp"]
+                    .iter()
+                    .any(|special| scheme.eq_ignore_ascii_case(special)) =>
             {
                 after.trim_start_matches('/')
             }
@@ -210,7 +217,14 @@ impl BaseRewriter {
         }
         let host = host_of(authority);
         let ours = split_url(&self.from).map(|(_, authority, _)| host_of(authority));
-        ours.is_some_and(|ours| ours == host) || internal_host(&host)
+        let same = |ours: String| {
+            ours == host
+                || matches!(
+                    (ours.parse::<std::net::IpAddr>(), host.parse::<std::net::IpAddr>()),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        };
+        ours.is_some_and(same) || internal_host(&host)
     }
 
     /// A FHIR JSON Bundle the server answered with (a `searchset`, `history`,
@@ -546,7 +560,8 @@ fn host_of(authority: &str) -> String {
 /// is loopback, private, shared (100.64/10), link-local, unique local or unspecified (IPv4 in
 /// any notation a browser reads: `127.1`, `2130706433`, `0x7f.1`, `0177.0.0.1`; an IPv4
 /// address mapped into or compatible with IPv6 as itself), or a name of one label
-/// (`localhost`, `ehr-server`) or under `localhost`, `local` or `internal`.
+/// (`localhost`, `ehr-server`) or under a name private networks use (`localhost`, `local`,
+/// `internal`, `lan`, `localdomain`, `intranet`, `corp`, `home.arpa`, Kubernetes' `svc`).
 fn internal_host(host: &str) -> bool {
     let v4 = |ip: std::net::Ipv4Addr| {
         let [a, b, ..] = ip.octets();
@@ -577,7 +592,19 @@ fn internal_host(host: &str) -> bool {
                 .split('.')
                 .any(|label| label.len() > 1 && label.starts_with('0'));
     }
-    !host.contains('.') || ["localhost", "local", "internal"].contains(&last)
+    !host.contains('.')
+        || [
+            "localhost",
+            "local",
+            "internal",
+            "lan",
+            "localdomain",
+            "intranet",
+            "corp",
+            "svc",
+        ]
+        .contains(&last)
+        || host.ends_with(".home.arpa")
 }
 
 /// Whether two authorities name one host and port to a client: the host in any case, the
@@ -1026,6 +1053,10 @@ mod tests {
             "http://[fe80::1%25eth0]/x",
             "http://100.64.1.2/x",
             "http://elsewhere.example /x",
+            "ws:10.0.0.7/x",
+            "http://ehr.default.svc/x",
+            "http://printer.home.arpa/x",
+            "http://files.corp/x",
         ] {
             assert_eq!(
                 r.link(&format!(
@@ -1061,6 +1092,26 @@ mod tests {
             r.link(r#"<Patient?p=2>; rel="http://example.org/rel/next""#),
             Links::Unchanged
         );
+        for revealing in [
+            r#"rel="next http://10.0.0.7/rels/x""#,
+            r#"anchor=" http://10.0.0.7/""#,
+            r#"anchor="/\10.0.0.7/""#,
+            r#"rev=http://ehr:9001/fhir/r3/rel"#,
+        ] {
+            assert_eq!(
+                r.link(&format!("<Patient?p=2>; {revealing}")),
+                Links::Dropped,
+                "{revealing}"
+            );
+        }
+        // Text parameters are text.
+        for text in [r#"title="Page: 2 of 5""#, r#"media="screen: x y""#] {
+            assert_eq!(
+                r.link(&format!("<Patient?p=2>; rel=next; {text}")),
+                Links::Unchanged,
+                "{text}"
+            );
+        }
     }
 
     #[test]

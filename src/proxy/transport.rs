@@ -114,8 +114,9 @@ impl Transport {
             Ok(self.h2_client.request(request).await?)
         } else {
             // A connection that carried a request body is not used again (see the own pool):
-            // hyper-util's pool keeps any connection the upstream keeps open, so the upstream
-            // is asked to close it. (HTTP/2, where each exchange is a stream, drops the header.)
+            // a request saying `Connection: close` makes hyper (from 1.12, which Cargo.toml
+            // asks for) close its connection after the exchange whatever the upstream answers.
+            // (HTTP/2, where each exchange is a stream, drops the header.)
             if !http_body::Body::is_end_stream(request.body()) {
                 request.headers_mut().insert(
                     http::header::CONNECTION,
