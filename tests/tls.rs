@@ -17,12 +17,14 @@ use tower_fhir::version::FhirVersion;
 /// A TLS FHIR server for `localhost` (HTTP/1.1: it offers no ALPN); returns its port and its
 /// certificate (PEM).
 async fn tls_upstream() -> (u16, String) {
-    let (port, cert, _) = counting_tls_upstream().await;
+    let (port, cert, _) = counting_tls_upstream(false).await;
     (port, cert)
 }
 
-/// [`tls_upstream`], and the connections it accepted so far.
-async fn counting_tls_upstream() -> (u16, String, Arc<AtomicUsize>) {
+/// [`tls_upstream`], and the connections it accepted so far. With `keeps_open`, it answers
+/// every request `200` and keeps the connection open, whatever the request's `Connection`
+/// says (as a server that answers before reading a body may).
+async fn counting_tls_upstream(keeps_open: bool) -> (u16, String, Arc<AtomicUsize>) {
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&connections);
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -48,9 +50,25 @@ async fn counting_tls_upstream() -> (u16, String, Arc<AtomicUsize>) {
             counted.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(stream).await else {
+                let Ok(mut stream) = acceptor.accept(stream).await else {
                     return;
                 };
+                if keeps_open {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut held = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                        held.extend_from_slice(&buffer[..n]);
+                        while let Some(end) = held.windows(4).position(|w| w == b"\r\n\r\n") {
+                            held.drain(..end + 4);
+                            let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 26\r\n\r\n{\"resourceType\":\"Patient\"}";
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    return;
+                }
                 let service =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                         let body = format!(
@@ -111,7 +129,7 @@ async fn an_https_upstream_with_a_trusted_root_is_reached() {
 /// could not give one tenant another's answer.
 #[tokio::test]
 async fn tenants_never_share_an_https_connection() {
-    let (port, cert_pem, connections) = counting_tls_upstream().await;
+    let (port, cert_pem, connections) = counting_tls_upstream(false).await;
     let proxy = FhirProxy::builder("https://gateway.test")
         .root_certificates_pem(cert_pem)
         .build()
@@ -141,6 +159,37 @@ async fn tenants_never_share_an_https_connection() {
     response.into_body().collect().await.unwrap();
     let (status, body) = get_for(proxy.clone(), port, Some(a)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+}
+
+/// A server that keeps a connection open after a request with a body, whatever the request
+/// said, may have left the body unread: the gateway does not use that connection again.
+#[tokio::test]
+async fn an_https_connection_that_carried_a_body_is_not_used_again_whatever_the_server_says() {
+    let (port, cert_pem, connections) = counting_tls_upstream(true).await;
+    let proxy = FhirProxy::builder("https://gateway.test")
+        .root_certificates_pem(cert_pem)
+        .build()
+        .unwrap();
+    let upstream =
+        Upstream::parse(&format!("https://localhost:{port}/fhir"), FhirVersion::R4).unwrap();
+    for _ in 0..2 {
+        // The server reads heads only: the body's bytes wait as the start of a next head.
+        let mut post = Request::post("/Patient")
+            .header("content-type", "application/fhir+json")
+            .body(Full::<Bytes>::from("{}"))
+            .unwrap();
+        post.extensions_mut().insert(upstream.clone());
+        let response = proxy.clone().oneshot(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "one a write");
+    // Reads reuse theirs.
+    for _ in 0..2 {
+        let (status, body) = get_through(proxy.clone(), port).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     assert_eq!(connections.load(Ordering::SeqCst), 3);
 }
 
