@@ -91,6 +91,14 @@ async fn counting_tls_upstream(keeps_open: bool) -> (u16, String, Arc<AtomicUsiz
     (port, cert_pem, connections)
 }
 
+/// A proxy that trusts `cert_pem` (the test server's certificate) besides the usual roots.
+fn trusting(cert_pem: String) -> FhirProxy {
+    FhirProxy::builder("https://gateway.test")
+        .root_certificates_pem(cert_pem)
+        .build()
+        .unwrap()
+}
+
 async fn get_through(proxy: FhirProxy, port: u16) -> (StatusCode, String) {
     get_for(proxy, port, None).await
 }
@@ -116,10 +124,7 @@ async fn get_for(proxy: FhirProxy, port: u16, tenant: Option<TenantId>) -> (Stat
 #[tokio::test]
 async fn an_https_upstream_with_a_trusted_root_is_reached() {
     let (port, cert_pem) = tls_upstream().await;
-    let proxy = FhirProxy::builder("https://gateway.test")
-        .root_certificates_pem(cert_pem)
-        .build()
-        .unwrap();
+    let proxy = trusting(cert_pem);
     let (status, body) = get_through(proxy, port).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("\"path\":\"/fhir/Patient/tls\""), "{body}");
@@ -130,10 +135,7 @@ async fn an_https_upstream_with_a_trusted_root_is_reached() {
 #[tokio::test]
 async fn tenants_never_share_an_https_connection() {
     let (port, cert_pem, connections) = counting_tls_upstream(false).await;
-    let proxy = FhirProxy::builder("https://gateway.test")
-        .root_certificates_pem(cert_pem)
-        .build()
-        .unwrap();
+    let proxy = trusting(cert_pem);
     let a: TenantId = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f".parse().unwrap();
     let b: TenantId = "9b2e1c3d-0000-4000-8000-00000000000b".parse().unwrap();
     for tenant in [a, b, a, b, a] {
@@ -167,10 +169,7 @@ async fn tenants_never_share_an_https_connection() {
 #[tokio::test]
 async fn an_https_connection_that_carried_a_body_is_not_used_again_whatever_the_server_says() {
     let (port, cert_pem, connections) = counting_tls_upstream(true).await;
-    let proxy = FhirProxy::builder("https://gateway.test")
-        .root_certificates_pem(cert_pem)
-        .build()
-        .unwrap();
+    let proxy = trusting(cert_pem);
     let upstream =
         Upstream::parse(&format!("https://localhost:{port}/fhir"), FhirVersion::R4).unwrap();
     for _ in 0..2 {
