@@ -32,6 +32,13 @@ pub(crate) struct Config {
     /// chain to, beside the webpki roots. Default none.
     #[serde(default)]
     pub(crate) database_ca_file: Option<PathBuf>,
+    /// With `database_url`: the longest this replica may go without hearing the database
+    /// confirm it has every other replica's revocations; past it, every token gets `503`
+    /// until it hears again (a revoked token is never taken longer than this through a
+    /// partition). Default none: tokens are taken as when the database is down. 5 to
+    /// [`MAX_CONNECTION_SECONDS`].
+    #[serde(default)]
+    pub(crate) revocation_max_staleness_seconds: Option<u64>,
     /// The token endpoint's settings.
     #[serde(default)]
     pub(crate) token: TokenConfig,
@@ -208,6 +215,10 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("database_ca_file", &self.database_ca_file)
+            .field(
+                "revocation_max_staleness_seconds",
+                &self.revocation_max_staleness_seconds,
+            )
             .field("token", &self.token)
             .field("trusted_issuers", &self.trusted_issuers)
             .field("clients", &self.clients)
@@ -530,6 +541,11 @@ fn default_shutdown_grace() -> u64 {
 /// `jwks_refetch_cooldown_seconds` accepted: a day (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
+/// The least `revocation_max_staleness_seconds`: the revocation listener shows it hears the
+/// database every fifth of it (a second at least), and a busy database or a reconnection
+/// would otherwise refuse tokens now and then.
+const MIN_REVOCATION_STALENESS: u64 = 5;
+
 /// The longest `token.ttl_seconds` accepted: a day (access tokens are short-lived; a longer
 /// one could overflow the clock).
 const MAX_TOKEN_TTL_SECONDS: u64 = 86_400;
@@ -565,6 +581,9 @@ impl Config {
             && self.token.issuer.is_none()
         {
             return Err("a shared database (database_url or TOWER_FHIR_DATABASE_URL) needs public_base_url: without it each replica names itself by its own listening address, in its tokens' issuer too, and refuses the other replicas' tokens".into());
+        }
+        if self.database_url.is_none() && self.revocation_max_staleness_seconds.is_some() {
+            return Err("revocation_max_staleness_seconds needs a shared database (database_url or TOWER_FHIR_DATABASE_URL): without one, every revocation is made in this process and known at once".into());
         }
         Ok(())
     }
@@ -801,6 +820,13 @@ impl Config {
             if !(1..=MAX_CONNECTION_SECONDS).contains(&value) {
                 return Err(format!(
                     "{key} must be between 1 and {MAX_CONNECTION_SECONDS} (a day), not {value}"
+                ));
+            }
+        }
+        if let Some(staleness) = self.revocation_max_staleness_seconds {
+            if !(MIN_REVOCATION_STALENESS..=MAX_CONNECTION_SECONDS).contains(&staleness) {
+                return Err(format!(
+                    "revocation_max_staleness_seconds must be between {MIN_REVOCATION_STALENESS} and {MAX_CONNECTION_SECONDS} (a day), not {staleness}"
                 ));
             }
         }
@@ -1359,10 +1385,29 @@ mod tests {
                 r#"{"token": {"ttl_seconds": 0}}"#,
                 "token.ttl_seconds must be between 1 and 86400 (a day), not 0",
             ),
+            (
+                r#"{"revocation_max_staleness_seconds": 4}"#,
+                "revocation_max_staleness_seconds must be between 5 and 86400 (a day), not 4",
+            ),
         ] {
             let config: Config = serde_json::from_str(json).unwrap();
             let error = config.check_connection_limits().unwrap_err();
             assert!(error.contains(expected), "{json}: {error}");
         }
+    }
+
+    #[test]
+    fn revocation_max_staleness_needs_a_database() {
+        let mut config: Config =
+            serde_json::from_str(r#"{"revocation_max_staleness_seconds": 30}"#).unwrap();
+        assert!(config.check_connection_limits().is_ok());
+        let error = config.check_shared_database().unwrap_err();
+        assert!(
+            error.starts_with("revocation_max_staleness_seconds needs a shared database"),
+            "{error}"
+        );
+        config.database_url = Some("postgres://gateway@127.0.0.1:9/none".to_owned());
+        config.public_base_url = Some("https://gateway.example".to_owned());
+        assert_eq!(config.check_shared_database(), Ok(()));
     }
 }

@@ -585,6 +585,12 @@ async fn assemble(
         .refuse_revoked_clients()
         .await
         .map_err(|e| format!("cannot read the revoked clients: {e}"))?;
+    // (Only with a database: the configuration refuses the setting without one.)
+    endpoint.revoked_tokens().set_max_staleness(
+        config
+            .revocation_max_staleness_seconds
+            .map(Duration::from_secs),
+    );
     let followed = match database {
         Some(database) => Some(
             database

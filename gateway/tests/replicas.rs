@@ -573,3 +573,108 @@ async fn three_gateway_processes_share_one_database() {
     .await;
     drop(server);
 }
+
+/// `revocation_max_staleness_seconds`: a replica whose database connections stop answering (a
+/// partition: the others still reach the database) takes tokens for at most that long after
+/// it last heard the database, so a token revoked through another replica meanwhile is
+/// refused (`503`, then `401` once it hears again), never taken past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_replica_refuses_tokens_past_revocation_max_staleness_seconds() {
+    const STALENESS: u64 = 5;
+    let dir = scratch("staleness");
+    let Some(server) = Postgres::start_or_skip(
+        "staleness",
+        "a_cut_off_replica_refuses_tokens_past_revocation_max_staleness_seconds",
+    ) else {
+        return;
+    };
+    server.create_database("staleness");
+    let proxy = support::postgres::FreezingProxy::start(server.port()).await;
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let direct = config_file(&dir, "direct.json", &upstream, &server.url("staleness"));
+    let through = config_file(&dir, "through.json", &upstream, &proxy.url("staleness"));
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&through).unwrap()).unwrap();
+    config["revocation_max_staleness_seconds"] = json!(STALENESS);
+    std::fs::write(&through, config.to_string()).unwrap();
+    let (cut_off, other) = (
+        start(&dir, &through, 1, None),
+        start(&dir, &direct, 2, None),
+    );
+    let token = token(&other, TENANT).await;
+
+    // While it hears the database, the limit never refuses a token (the listener shows it
+    // hears more often than that).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(STALENESS + 2) {
+        let reply = cut_off.client.get_bearer("/Patient/1", &token).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Cut off; the token is revoked through the other replica.
+    proxy.freeze(true);
+    let reply = other
+        .client
+        .send(
+            "POST",
+            "/oauth/revoke",
+            &[FORM],
+            &format!("token={token}&client_id=app&client_secret={SECRET}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let revoked = Instant::now();
+    within(
+        Duration::from_secs(STALENESS + 5),
+        "the cut-off replica refuses tokens",
+        async || {
+            let reply = cut_off.client.get_bearer("/Patient/1", &token).await;
+            if reply.status == StatusCode::OK {
+                assert!(
+                    revoked.elapsed() < Duration::from_secs(STALENESS),
+                    "a revoked token taken {:?} after its revocation",
+                    revoked.elapsed()
+                );
+                return false;
+            }
+            assert_eq!(
+                reply.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{}",
+                reply.text()
+            );
+            assert_eq!(reply.headers["retry-after"], "5");
+            assert_eq!(reply.json()["issue"][0]["code"], "transient");
+            assert!(reply.text().contains("revoked"), "{}", reply.text());
+            true
+        },
+    )
+    .await;
+    // What needs no token is served on.
+    let reply = cut_off.client.get("/metadata", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = cut_off.client.get("/healthz", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // Heard again: the revoked token is refused as revoked, a new one taken.
+    proxy.freeze(false);
+    within(
+        Duration::from_secs(30),
+        "the replica hears the database again",
+        async || {
+            let reply = cut_off.client.get_bearer("/Patient/1", &token).await;
+            assert_ne!(reply.status, StatusCode::OK, "a revoked token taken");
+            reply.status == StatusCode::UNAUTHORIZED
+        },
+    )
+    .await;
+    let fresh = self::token(&other, TENANT).await;
+    let reply = cut_off.client.get_bearer("/Patient/1", &fresh).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let log = cut_off.proc.stderr();
+    assert!(!log.contains(&token), "the token reached the log");
+}

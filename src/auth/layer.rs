@@ -450,7 +450,8 @@ impl BearerAuthBuilder {
     /// Refuses the tokens in this list (`401 invalid_token`, "revoked") until they expire,
     /// cached ones included: the token endpoint's `revoked_tokens()`, filled by its
     /// revocation route. The list is looked at only when something was revoked since a token
-    /// was last checked.
+    /// was last checked. While the list is staler than it allows
+    /// ([`RevokedTokens::set_max_staleness`]), every token is refused with `503`.
     pub fn revoked_tokens(mut self, revoked: RevokedTokens) -> Self {
         self.revoked = Some(revoked);
         self

@@ -13,6 +13,7 @@
 //! | two `Authorization` headers, empty, oversized or non-`b64token` token | 400 | `error="invalid_request"` |
 //! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`/`typ`, no `exp`, revoked | 401 | `error="invalid_token"` |
 //! | keys cannot be fetched (and none were ever fetched) | 503 | (`Retry-After`) |
+//! | any token while the revoked list is staler than allowed ([`RevokedTokens::set_max_staleness`]) | 503 | (`Retry-After`) |
 //!
 //! Keys are static ([`VerificationKey`], [`KeySet`]) or fetched ([`KeySource`], a JWKS URL
 //! with the `remote-jwks` feature). Fetched keys are cached and refreshed on an interval (or

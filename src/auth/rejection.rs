@@ -23,6 +23,10 @@ pub enum RejectionKind {
     InvalidToken,
     /// The keys to verify with cannot be fetched: 503.
     KeysUnavailable,
+    /// The revoked tokens' list may be missing revocations made elsewhere for longer than it
+    /// may ([`RevokedTokens::set_max_staleness`](super::RevokedTokens::set_max_staleness)):
+    /// 503, whatever the token.
+    RevocationsStale,
 }
 
 /// A refused request: its kind and a description that is safe to show to the client.
@@ -59,14 +63,18 @@ impl Rejection {
         match self.kind {
             RejectionKind::MissingToken | RejectionKind::InvalidToken => StatusCode::UNAUTHORIZED,
             RejectionKind::InvalidRequest => StatusCode::BAD_REQUEST,
-            RejectionKind::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::KeysUnavailable | RejectionKind::RevocationsStale => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     /// The RFC 6750 error code, if the kind has one.
     pub fn error_code(&self) -> Option<&'static str> {
         match self.kind {
-            RejectionKind::MissingToken | RejectionKind::KeysUnavailable => None,
+            RejectionKind::MissingToken
+            | RejectionKind::KeysUnavailable
+            | RejectionKind::RevocationsStale => None,
             RejectionKind::InvalidRequest => Some("invalid_request"),
             RejectionKind::InvalidToken => Some("invalid_token"),
         }
@@ -91,12 +99,14 @@ impl Rejection {
             RejectionKind::MissingToken => IssueType::Login,
             RejectionKind::InvalidRequest => IssueType::Invalid,
             RejectionKind::InvalidToken => IssueType::Security,
-            RejectionKind::KeysUnavailable => IssueType::Transient,
+            RejectionKind::KeysUnavailable | RejectionKind::RevocationsStale => {
+                IssueType::Transient
+            }
         };
         let mut response =
             OperationOutcome::error(issue, self.description).to_response(self.status());
         let headers = response.headers_mut();
-        if self.kind == RejectionKind::KeysUnavailable {
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         } else {
             headers.insert(header::WWW_AUTHENTICATE, self.www_authenticate());
@@ -105,6 +115,7 @@ impl Rejection {
         let reason = match self.kind {
             RejectionKind::MissingToken => "missing_token",
             RejectionKind::KeysUnavailable => "keys_unavailable",
+            RejectionKind::RevocationsStale => "revocations_stale",
             RejectionKind::InvalidRequest => "invalid_request",
             RejectionKind::InvalidToken => "invalid_token",
         };
@@ -165,5 +176,15 @@ mod tests {
         let unavailable = rejection(RejectionKind::KeysUnavailable).to_response();
         assert_eq!(unavailable.status(), 503);
         assert!(unavailable.headers().contains_key(header::RETRY_AFTER));
+        let stale = rejection(RejectionKind::RevocationsStale).to_response();
+        assert_eq!(stale.status(), 503);
+        assert_eq!(stale.headers()[header::RETRY_AFTER], "5");
+        assert!(!stale.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_eq!(
+            stale.extensions().get::<Refusal>().map(|r| r.0),
+            Some("revocations_stale")
+        );
+        let json: serde_json::Value = serde_json::from_slice(stale.body()).unwrap();
+        assert_eq!(json["issue"][0]["code"], "transient");
     }
 }

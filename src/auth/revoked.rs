@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::claims::VerifiedClaims;
 
@@ -20,6 +21,14 @@ use super::claims::VerifiedClaims;
 /// the token it names expires, then dropped at a later revocation; a token without `jti`
 /// cannot be revoked by itself (only with its client). Clones share the list.
 ///
+/// A list filled from elsewhere (another replica's revocations, heard through a database)
+/// may fall behind when this process cannot hear of them: [`set_max_staleness`] makes the
+/// bearer layers refuse every token (`503`) while the list was last
+/// [confirmed current](Self::confirm_current) longer ago than that, rather than accept a
+/// token revoked elsewhere meanwhile.
+///
+/// [`set_max_staleness`]: Self::set_max_staleness
+///
 /// ```
 /// use tower_fhir::auth::{RevokedTokens, VerifiedClaims};
 ///
@@ -31,9 +40,19 @@ use super::claims::VerifiedClaims;
 /// assert!(revoked.is_revoked(&claims));
 /// assert_eq!(revoked.len(), 1);
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RevokedTokens {
     inner: Arc<Inner>,
+}
+
+impl Default for RevokedTokens {
+    fn default() -> Self {
+        // The staleness clock starts before any instant a user of the list takes.
+        epoch();
+        Self {
+            inner: Arc::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -50,6 +69,33 @@ struct Inner {
     clients: RwLock<HashMap<String, Vec<ClientEntry>>>,
     /// How many clients were kept when expired entries last went.
     clients_pruned_at: AtomicUsize,
+    /// The longest the list may go unconfirmed, in milliseconds; 0: no limit.
+    max_staleness_ms: AtomicU64,
+    /// As of when the list was last confirmed current: milliseconds since [`epoch`], plus 1
+    /// (0: never).
+    current_as_of: AtomicU64,
+}
+
+/// The instant the staleness clock counts from: a day before the first list was made (or as
+/// long before as the clock goes back), so that the instants its users take are after it.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        [86_400, 3_600, 60, 1]
+            .into_iter()
+            .find_map(|back| now.checked_sub(Duration::from_secs(back)))
+            .unwrap_or(now)
+    })
+}
+
+/// `at` as milliseconds since [`epoch`] plus 1; 0 (never) for an instant before it, which
+/// must not count as later than it was.
+fn clock_mark(at: Instant) -> u64 {
+    match at.checked_duration_since(epoch()) {
+        Some(since) => u64::try_from(since.as_millis()).unwrap_or(u64::MAX - 1) + 1,
+        None => 0,
+    }
 }
 
 struct Entry {
@@ -294,6 +340,67 @@ impl RevokedTokens {
         self.len() == 0
     }
 
+    /// Makes the bearer layers given this list refuse every token (`503`, an `OperationOutcome`
+    /// of `transient`, `Retry-After: 5`) while the list was last
+    /// [confirmed current](Self::confirm_current) more than `max` ago, or never was; `None`
+    /// (the default) lifts the limit. For a list that hears of revocations made elsewhere (a
+    /// follower such as `tower_fhir::postgres`'s `follow_revocations` confirms it as it
+    /// hears its database): a token revoked there is then never taken here for longer than
+    /// `max` while this process is cut off, at the price of refusing every token meanwhile. A
+    /// list filled only in this process needs no limit. Checked before a token is verified:
+    /// one clock read a request while a limit is set, nothing otherwise.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use tower_fhir::auth::RevokedTokens;
+    ///
+    /// let revoked = RevokedTokens::new();
+    /// assert!(!revoked.is_stale());
+    /// revoked.set_max_staleness(Some(Duration::from_secs(5)));
+    /// assert!(revoked.is_stale(), "never confirmed");
+    /// revoked.confirm_current(Instant::now());
+    /// assert!(!revoked.is_stale());
+    /// revoked.set_max_staleness(Some(Duration::from_millis(1)));
+    /// std::thread::sleep(Duration::from_millis(5));
+    /// assert!(revoked.is_stale(), "confirmed too long ago");
+    /// ```
+    pub fn set_max_staleness(&self, max: Option<Duration>) {
+        let ms = max.map_or(0, |max| {
+            u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.inner.max_staleness_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The limit [`set_max_staleness`](Self::set_max_staleness) set, if any.
+    pub fn max_staleness(&self) -> Option<Duration> {
+        match self.inner.max_staleness_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Says the list holds every revocation recorded anywhere up to `as_of` (a follower
+    /// calls it with the instant it asked its source, once the answer showed it had missed
+    /// nothing). An earlier instant than one confirmed before changes nothing.
+    pub fn confirm_current(&self, as_of: Instant) {
+        self.inner
+            .current_as_of
+            .fetch_max(clock_mark(as_of), Ordering::AcqRel);
+    }
+
+    /// Whether the bearer layers refuse tokens now for the list's staleness: a limit is set
+    /// and the list was last confirmed current longer ago than it, or never.
+    pub fn is_stale(&self) -> bool {
+        let max = self.inner.max_staleness_ms.load(Ordering::Relaxed);
+        if max == 0 {
+            return false;
+        }
+        match self.inner.current_as_of.load(Ordering::Acquire) {
+            0 => true,
+            mark => clock_mark(Instant::now()).saturating_sub(mark) > max,
+        }
+    }
+
     /// How many handles share this list.
     #[cfg(feature = "postgres")]
     pub(crate) fn holders(&self) -> usize {
@@ -333,6 +440,41 @@ mod tests {
 
     fn claims(value: serde_json::Value) -> VerifiedClaims {
         VerifiedClaims::assume_verified(value.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_list_is_stale_only_with_a_limit_and_past_it() {
+        let revoked = RevokedTokens::new();
+        let now = Instant::now();
+        let ago = |secs| now.checked_sub(Duration::from_secs(secs)).unwrap_or(now);
+        revoked.confirm_current(ago(30));
+        assert!(!revoked.is_stale(), "no limit, never stale");
+        assert_eq!(revoked.max_staleness(), None);
+        revoked.set_max_staleness(Some(Duration::from_secs(10)));
+        assert_eq!(revoked.max_staleness(), Some(Duration::from_secs(10)));
+        assert!(revoked.is_stale(), "confirmed 30 s ago (or never)");
+        revoked.confirm_current(now);
+        assert!(!revoked.is_stale(), "confirmed now");
+        // An earlier confirmation (a slow answer to an older question) takes nothing back,
+        // and clones share the state.
+        revoked.clone().confirm_current(ago(20));
+        assert!(!revoked.is_stale());
+        revoked.set_max_staleness(Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(revoked.clone().is_stale(), "5 ms is past a 1 ms limit");
+        revoked.set_max_staleness(None);
+        assert!(!revoked.is_stale(), "the limit lifted");
+        let never = RevokedTokens::new();
+        never.set_max_staleness(Some(Duration::from_secs(86_400)));
+        assert!(
+            never.is_stale(),
+            "never confirmed is stale, whatever the limit"
+        );
+        // An instant before the clock's start counts as never, not as its start.
+        assert_eq!(clock_mark(epoch()), 1);
+        if let Some(before) = epoch().checked_sub(Duration::from_secs(1)) {
+            assert_eq!(clock_mark(before), 0);
+        }
     }
 
     #[test]

@@ -224,6 +224,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_revoked_list_refuses_every_token_until_confirmed() {
+        let revoked = crate::auth::RevokedTokens::new();
+        revoked.set_max_staleness(Some(Duration::from_secs(5)));
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let layer = BearerAuthLayer::builder()
+            .key(VerificationKey::hmac(SECRET).unwrap())
+            .revoked_tokens(revoked.clone())
+            .skip_if(|parts| parts.uri.path() == "/metadata")
+            .build()
+            .unwrap();
+        let service = layer.layer(service_fn(move |r| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            echo_subject(r)
+        }));
+        let good = token(None, 60);
+        // Never confirmed: a good token, a forged one and an expired one alike.
+        for token in [good.clone(), format!("{good}x"), token(None, -600)] {
+            let response = service
+                .clone()
+                .oneshot(request(Some(&token)))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+            assert!(!response.headers().contains_key(header::WWW_AUTHENTICATE));
+            assert!(body(response).await.contains("\"transient\""));
+        }
+        // No token still gets its challenge, and a skipped request passes.
+        let response = service.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let metadata = Request::get("/metadata").body(Full::default()).unwrap();
+        let response = service.clone().oneshot(metadata).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        revoked.confirm_current(std::time::Instant::now());
+        let response = service.clone().oneshot(request(Some(&good))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // Stale again (confirmed longer ago than the limit): the cached token too.
+        revoked.set_max_staleness(Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        let response = service.clone().oneshot(request(Some(&good))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        revoked.set_max_staleness(None);
+        let response = service.oneshot(request(Some(&good))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
     async fn skipped_requests_pass_without_claims() {
         let service = static_layer().layer(service_fn(echo_subject));
         let request = Request::get("/metadata").body(Full::default()).unwrap();

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use super::claims::VerifiedClaims;
 use super::keys::{KeySet, VerificationKey};
 use super::rejection::{Rejection, RejectionKind};
+use super::revoked::RevokedTokens;
 use super::source::{RefreshingKeys, SharedFetch, Trigger};
 use crate::hot_cache::HotCache;
 
@@ -44,7 +45,7 @@ pub(crate) struct Verifier {
     /// [`Audiences::accepts`] does.
     pub(crate) audiences: Option<Audiences>,
     /// Tokens revoked before they expire, refused even when cached.
-    pub(crate) revoked: Option<super::RevokedTokens>,
+    pub(crate) revoked: Option<RevokedTokens>,
     /// Set when some token type (`typ`) is required, for all issuers or for some.
     pub(crate) types: Option<TokenTypes>,
 }
@@ -288,6 +289,15 @@ impl Verifier {
     /// fetched (also when a source says its keys changed: a retired key must not verify one
     /// more token, cached or not).
     pub(crate) fn verify(self: &Arc<Self>, token: &[u8]) -> Verdict {
+        if self.revoked.as_ref().is_some_and(RevokedTokens::is_stale) {
+            // Any token could have been revoked where this process cannot hear (a database
+            // out of reach): none is taken, good or not, until the list is current again.
+            return Verdict::Reject(self.reject(
+                RejectionKind::RevocationsStale,
+                "This server cannot tell now whether the access token was revoked; try again \
+                 later",
+            ));
+        }
         let changed: Vec<SharedFetch> = self
             .sources
             .iter()

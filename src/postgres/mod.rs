@@ -461,10 +461,19 @@ impl PgState {
     /// ([`RevocationsFollowed::is_listening`]): while it does not (its connection lost, until
     /// it is made again and has read every revocation anew), a revocation another replica
     /// records is not refused here. A readiness check.
+    ///
+    /// The list is [confirmed current](RevokedTokens::confirm_current) as the listener shows
+    /// it hears the database: when it has read every revocation, and by an empty query on its
+    /// connection at least every fifth of the list's
+    /// [`max_staleness`](RevokedTokens::set_max_staleness) (1 s at least), once every
+    /// announced revocation was read. With a limit set, a replica cut off from the database
+    /// refuses every token (`503`) once its list was last confirmed longer ago than that,
+    /// instead of taking those revoked through another replica meanwhile.
     pub async fn follow_revocations(
         &self,
         revoked: &RevokedTokens,
     ) -> Result<RevocationsFollowed, PgError> {
+        let asked = std::time::Instant::now();
         let now = revocations(&self.pool)
             .await
             .map_err(|e| PgError::plain(format!("cannot read the revoked tokens: {e}")))?;
@@ -477,6 +486,9 @@ impl PgState {
         for entry in clients {
             entry.apply(revoked);
         }
+        // (Until the listener listens, nothing revoked after `asked` is heard: the list
+        // turns stale after its limit if that takes too long.)
+        revoked.confirm_current(asked);
         let (up, listening) = watch::channel(false);
         tokio::spawn(listen(
             self.config.clone(),
@@ -1421,6 +1433,20 @@ trait Handler: Send + 'static {
     /// Not listening any more: the connection dropped (it is made again unless the handler
     /// is not alive).
     fn stopped(&mut self) {}
+
+    /// How often the connection must show it is there even while notifications come (an
+    /// empty query each time, then [`vouched`](Self::vouched)); `None`: only after
+    /// [`LISTEN_HEARTBEAT`] of quiet.
+    fn vouch_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The connection answered a query asked at `asked`, and every notification sent before
+    /// that answer was handed to [`heard`](Self::heard): nothing announced before `asked` went
+    /// unheard.
+    fn vouched(&mut self, asked: std::time::Instant) {
+        let _ = asked;
+    }
 }
 
 /// How long the change listener may hear nothing before it checks its connection (an empty
@@ -1487,38 +1513,48 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                     } else {
                         wait = Duration::from_millis(250);
                         let mut last_heard = tokio::time::Instant::now();
+                        let mut last_vouched = tokio::time::Instant::now();
                         loop {
-                            let note = match tokio::time::timeout(
-                                Duration::from_secs(1),
-                                received.recv(),
-                            )
-                            .await
+                            match tokio::time::timeout(Duration::from_secs(1), received.recv())
+                                .await
                             {
-                                Ok(note) => note,
-                                Err(_) if !handler.alive() => break,
-                                Err(_) if last_heard.elapsed() < LISTEN_HEARTBEAT => continue,
-                                Err(_) => {
-                                    // Nothing heard for a while: is the connection still
-                                    // there? One that went quiet without closing (a firewall
-                                    // that forgot it) would leave this replica deaf.
-                                    let asked = tokio::time::timeout(
-                                        OPERATION_TIMEOUT,
-                                        client.simple_query(""),
-                                    )
-                                    .await;
-                                    if let Ok(Ok(_)) = asked {
-                                        last_heard = tokio::time::Instant::now();
-                                        continue;
-                                    }
-                                    tracing::warn!(
-                                        "the database change listener's connection stopped answering: connecting again"
-                                    );
-                                    break;
+                                Ok(None) => break,
+                                Ok(Some(note)) => {
+                                    last_heard = tokio::time::Instant::now();
+                                    handler.heard(&note);
                                 }
-                            };
-                            let Some(note) = note else { break };
+                                Err(_) if !handler.alive() => break,
+                                Err(_) => {}
+                            }
+                            let vouch = handler
+                                .vouch_every()
+                                .is_some_and(|every| last_vouched.elapsed() >= every);
+                            if !vouch && last_heard.elapsed() < LISTEN_HEARTBEAT {
+                                continue;
+                            }
+                            // Nothing heard for a while (is the connection still there? One
+                            // that went quiet without closing, as when a firewall forgets it,
+                            // would leave this replica deaf), or the handler must vouch for it.
+                            let asked = tokio::time::Instant::now();
+                            let answered =
+                                tokio::time::timeout(OPERATION_TIMEOUT, client.simple_query(""))
+                                    .await;
+                            if !matches!(answered, Ok(Ok(_))) {
+                                tracing::warn!(
+                                    "the database change listener's connection stopped answering: connecting again"
+                                );
+                                break;
+                            }
                             last_heard = tokio::time::Instant::now();
-                            handler.heard(&note);
+                            // What the server sent before its answer is in the channel now
+                            // (the driver hands notifications over in the order they came).
+                            while let Ok(note) = received.try_recv() {
+                                handler.heard(&note);
+                            }
+                            if vouch {
+                                last_vouched = asked;
+                                handler.vouched(asked.into_std());
+                            }
                         }
                         handler.stopped();
                     }
@@ -1760,7 +1796,9 @@ impl Handler for RevocationChanges {
     }
 
     async fn listening(&mut self, _missed: bool) -> Result<(), String> {
-        // Every revocation still in force, at the start as after a gap.
+        // Every revocation still in force, at the start as after a gap (the `LISTEN` has taken
+        // effect: what is revoked from now on is heard, what was before is read).
+        let asked = std::time::Instant::now();
         let tokens = revocations(&self.pool)
             .await
             .map_err(|error| format!("cannot read the revoked tokens: {error}"))?;
@@ -1774,12 +1812,28 @@ impl Handler for RevocationChanges {
         for entry in clients {
             entry.apply(&self.revoked);
         }
+        self.revoked.confirm_current(asked);
         self.up.send_replace(true);
         Ok(())
     }
 
     fn stopped(&mut self) {
         self.up.send_replace(false);
+    }
+
+    fn vouch_every(&self) -> Option<Duration> {
+        let max = self.revoked.max_staleness()?;
+        Some((max / 5).max(Duration::from_secs(1)))
+    }
+
+    fn vouched(&mut self, asked: std::time::Instant) {
+        // Unless an announced revocation is still being read (or every one read again after
+        // a failure): the list holds it only once that is done.
+        let reading = self.rereads.available_permits() < REREADS
+            || self.catching_up.load(std::sync::atomic::Ordering::SeqCst);
+        if !reading {
+            self.revoked.confirm_current(asked);
+        }
     }
 
     fn heard(&mut self, payload: &str) {
