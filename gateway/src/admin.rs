@@ -761,15 +761,16 @@ async fn refuse_tokens_again(admin: &Admin, client_id: &str) -> Result<(), Strin
 struct ClientBody {
     /// The tenants the client may get tokens for.
     tenants: Vec<TenantId>,
-    /// Scopes besides the tenant it may ask for.
+    /// Scopes besides the tenant it may ask for; `None` when the body leaves them out.
     #[serde(default)]
-    scopes: Vec<String>,
+    scopes: Option<Vec<String>>,
     /// Registration only: a secret provisioned elsewhere (else one is generated).
     #[serde(default)]
     client_secret: Option<String>,
-    /// The client's rate limit across its tenants (none: unlimited).
-    #[serde(default)]
-    rate_limit: Option<RateLimit>,
+    /// The client's rate limit across its tenants (`null`: unlimited); `None` when the body
+    /// leaves it out.
+    #[serde(default, deserialize_with = "present")]
+    rate_limit: Option<Option<RateLimit>>,
     /// Registration only: `client_secret_basic` (the default) or `private_key_jwt`.
     #[serde(default)]
     token_endpoint_auth_method: Option<AuthMethod>,
@@ -781,7 +782,41 @@ struct ClientBody {
     jwks_uri: Option<String>,
 }
 
+/// A member that is there, `null` or not: `Some` (so that one left out, `None` by default,
+/// can be told from `null`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 impl ClientBody {
+    /// The scopes it gives (none when left out).
+    fn scopes(&self) -> &[String] {
+        self.scopes.as_deref().unwrap_or_default()
+    }
+
+    /// Why it may not change a registered client that has scopes or a rate limit it leaves
+    /// out: a body that names neither would lift the restriction without saying so (a
+    /// tenant-only token reads and writes everything of its tenant).
+    fn leaves_out(&self, record: &ClientRecord) -> Option<String> {
+        if self.scopes.is_none() && !record.scopes.is_empty() {
+            return Some(format!(
+                "the client may get only the scopes {:?}: a PUT without \"scopes\" would lift that; send them to keep them, or \"scopes\": [] to give it every scope of its tenants",
+                record.scopes
+            ));
+        }
+        if self.rate_limit.is_none() && record.rate_limit.is_some() {
+            return Some(
+                "the client has a rate limit: a PUT without \"rate_limit\" would lift it; send it to keep it, or \"rate_limit\": null to lift it"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
     /// Whether it would change how a registered client authenticates (its secret, or its
     /// method): registration only.
     fn changes_authentication(&self, record: &ClientRecord) -> bool {
@@ -800,7 +835,7 @@ impl ClientBody {
             || record
                 .scopes
                 .iter()
-                .any(|scope| !self.scopes.contains(scope))
+                .any(|scope| !self.scopes().contains(scope))
     }
 
     /// New keys for a registered `private_key_jwt` client, if the body gives any.
@@ -923,6 +958,9 @@ async fn change_client(
                 "the client is revoked; register the application under a new client id",
             );
         }
+        if let Some(why) = body.leaves_out(&record) {
+            return error(StatusCode::BAD_REQUEST, &why);
+        }
         if body.changes_authentication(&record) {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -938,8 +976,8 @@ async fn change_client(
         // keys replaced are refused: before the change (up to two seconds ahead; a failure
         // then leaves the client as it was), and again after it, the cut-off moved past it.
         let takes_away = replaces_keys || body.takes_away(&record);
-        let mut update = ClientUpdate::new(body.tenants.clone(), body.scopes.clone())
-            .rate_limit(body.rate_limit)
+        let mut update = ClientUpdate::new(body.tenants.clone(), body.scopes().to_vec())
+            .rate_limit(body.rate_limit.flatten())
             .if_unchanged(&record);
         if let Some(keys) = &keys {
             update = update.keys(keys.clone());
@@ -1051,13 +1089,13 @@ async fn put_client(
             for tenant in body.tenants {
                 client = client.tenant(tenant);
             }
-            for scope in body.scopes {
+            for scope in body.scopes.into_iter().flatten() {
                 client = client.scope(scope);
             }
             if let Some(secret) = body.client_secret {
                 client = client.secret(secret);
             }
-            if let Some(limit) = body.rate_limit {
+            if let Some(limit) = body.rate_limit.flatten() {
                 client = client.rate_limit(limit);
             }
             if let Some(method) = body.token_endpoint_auth_method {

@@ -910,10 +910,27 @@ async fn secret_rotation_admin_changes_and_a_restart() {
             .json()["error"],
         "invalid_scope"
     );
-    // A new customer: the application is entitled to its tenant too; the other one is taken
-    // away. New tokens follow at once; the secret stays.
+    // A change that leaves the client's scopes out would lift them without saying so (a
+    // tenant-only token reads and writes everything): refused, nothing changed.
     let body =
         json!({"tenants": [DSTU2_TENANT, "0000aaaa-0000-4000-8000-00000000000a"]}).to_string();
+    let reply = gateway.client.send("PUT", path, &admin, &body).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains("a PUT without \\\"scopes\\\" would lift that"),
+        "{}",
+        reply.text()
+    );
+    let reply = get(&gateway, &care_stu3, "/Patient/p1", "application/fhir+json").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // A new customer: the application is entitled to its tenant too; the other one is taken
+    // away, and its scopes lifted in so many words. New tokens follow at once; the secret
+    // stays.
+    let body =
+        json!({"tenants": [DSTU2_TENANT, "0000aaaa-0000-4000-8000-00000000000a"], "scopes": []})
+            .to_string();
     let reply = gateway.client.send("PUT", path, &admin, &body).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let changed = reply.json();

@@ -271,6 +271,40 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         &fhir(&gateway, &other, "/Patient").await,
         StatusCode::TOO_MANY_REQUESTS,
     );
+    // A change that leaves the limit out would lift it without saying so: refused, the limit
+    // kept; `null` lifts it.
+    let refused = admin(
+        &gateway,
+        "PUT",
+        "/admin/clients/app",
+        &json!({"tenants": TENANTS}),
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("would lift it"),
+        "{}",
+        refused.text()
+    );
+    let kept = admin(&gateway, "GET", "/admin/clients/app", &json!(null)).await;
+    assert_eq!(
+        kept.json()["rate_limit"],
+        json!({"requests_per_second": 1, "burst": 1})
+    );
+    let lifted = admin(
+        &gateway,
+        "PUT",
+        "/admin/clients/app",
+        &json!({"tenants": TENANTS, "rate_limit": null}),
+    )
+    .await;
+    assert_eq!(lifted.status, StatusCode::OK, "{}", lifted.text());
+    assert_eq!(lifted.json()["rate_limit"], json!(null));
 
     // Bad values are refused with the one sentence saying why.
     let refused = admin(
