@@ -484,10 +484,13 @@ pub(crate) const REDACTED: &str = "<redacted>";
 /// Why a tenant is refused whose upstream is one of this gateway's own listening addresses
 /// (`own`: each with its key's name), if one is: a request would come back to the gateway,
 /// and again, until the upstream timeouts end it (a loop of thousands of requests), or reach
-/// the metrics or admin endpoint with a tenant's token. An address names the listener when
-/// it is the same, when the listener takes every address (`0.0.0.0`, `::`) and the upstream
-/// is a loopback one, or when the upstream is `localhost` and the listener loopback or every
-/// address. (A host name that resolves to this machine is not looked up.)
+/// the metrics or admin endpoint with a tenant's token. The upstream's host is read as the
+/// resolver reads it (`127.1`, `0x7f000001`, `2130706433`, `[::ffff:127.0.0.1]` are
+/// `127.0.0.1`; `localhost.` and names under `.localhost` are `localhost`). An address names
+/// the listener when it is the same, or when the listener is a loopback one or takes every
+/// address (`0.0.0.0`, `::`) and the upstream is a loopback or unspecified address (a
+/// connection to `0.0.0.0` reaches this host) or `localhost`. (A host name that resolves to
+/// this machine is not looked up.)
 pub(crate) fn at_own_address(
     own: &[(&'static str, std::net::SocketAddr)],
     record: &TenantRecord,
@@ -502,23 +505,18 @@ pub(crate) fn at_own_address(
         };
         let port = authority.port_u16().unwrap_or(default_port);
         let host = authority.host();
-        let localhost = host.eq_ignore_ascii_case("localhost");
-        let ip = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .ok();
+        let ip = tower_fhir::route::host_address(host);
+        let name = host.trim_end_matches('.').to_ascii_lowercase();
+        // This host, whichever of its addresses a listener takes.
+        let local = match ip {
+            Some(ip) => ip.is_loopback() || ip.is_unspecified(),
+            None => name == "localhost" || name.ends_with(".localhost"),
+        };
         let (key, address) = own.iter().find(|(_, own)| {
-            let listener = own.ip();
+            let listener = own.ip().to_canonical();
             own.port() == port
-                && match ip {
-                    Some(ip) => {
-                        ip == listener
-                            || (listener.is_unspecified()
-                                && (ip.is_loopback() || ip.is_unspecified()))
-                    }
-                    None => localhost && (listener.is_loopback() || listener.is_unspecified()),
-                }
+                && (ip == Some(listener)
+                    || (local && (listener.is_loopback() || listener.is_unspecified())))
         })?;
         Some(format!(
             "upstream {} is this gateway's own {key} ({address}): a request would come back to \
@@ -1567,6 +1565,19 @@ mod tests {
             "http://0.0.0.0:8080/fhir",
             "http://127.0.0.1:9090",
             "http://LOCALHOST:9090/metrics",
+            // Other spellings of loopback, as the resolver reads them.
+            "http://0.0.0.0:9090/metrics",
+            "http://[::ffff:127.0.0.1]:9090/metrics",
+            "http://127.1:9090/metrics",
+            "http://0x7f000001:9090/metrics",
+            "http://2130706433:9090/metrics",
+            "http://0177.0.0.1:9090/metrics",
+            "http://localhost.:9090/metrics",
+            "http://gateway.localhost:9090/metrics",
+            "http://[::]:9090/metrics",
+            "http://127.1:8080/fhir",
+            "http://2130706433:8080/fhir",
+            "http://localhost.:8080/fhir",
         ] {
             assert_eq!(
                 send(&router, "PUT", &body(own)).await,
@@ -1579,6 +1590,7 @@ mod tests {
             "http://10.0.0.7:9090/fhir",
             "https://127.0.0.1/fhir",
             "http://hapi.internal:8080/fhir",
+            "http://10.1:9090/fhir",
         ] {
             assert_eq!(
                 send(&router, "PUT", &body(other)).await,

@@ -83,7 +83,7 @@ pub use directory::{
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
-pub use nesting::{nested_bases, NestedBases};
+pub use nesting::{host_address, nested_bases, NestedBases};
 #[cfg(feature = "proxy")]
 pub(crate) use upstream::without_userinfo;
 pub use upstream::{

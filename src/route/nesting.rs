@@ -89,22 +89,11 @@ fn server_and_path(base: &UpstreamBase) -> Place {
 /// A name and an address of one server still differ (`ehr.example` and `10.0.0.5`): that
 /// would take resolving the name, which may change.
 fn canonical_host(host: &str) -> String {
-    use std::net::IpAddr;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    // An IPv6 zone (`[::1%1]`, which the resolver takes) names an interface, not another host.
-    let bare = match bare.split_once('%') {
-        Some((address, _zone)) if address.contains(':') => address,
-        _ => bare,
-    };
-    let ip = bare
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| inet_aton(bare).map(IpAddr::V4))
-        .map(|ip| ip.to_canonical());
-    match ip {
+    match host_address(host) {
         Some(ip) if ip.is_loopback() || ip.is_unspecified() => "localhost".to_owned(),
         Some(ip) => ip.to_string(),
         None => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
             let name = bare.trim_end_matches('.').to_ascii_lowercase();
             if name == "localhost" || name.ends_with(".localhost") {
                 "localhost".to_owned()
@@ -113,6 +102,35 @@ fn canonical_host(host: &str) -> String {
             }
         }
     }
+}
+
+/// The IP address a URL's host (as [`http::uri::Authority::host`] gives it, IPv6 in brackets)
+/// names, as the system's resolver reads it: IPv4 in any form `inet_aton` takes (`127.1`,
+/// `0x7f000001`, `2130706433`, `0177.0.0.1`), IPv4 mapped into IPv6 as IPv4, an IPv6 address
+/// without its zone (`%1`). `None` for a name (not looked up).
+///
+/// ```
+/// use std::net::{IpAddr, Ipv4Addr};
+/// use tower_fhir::route::host_address;
+///
+/// let loopback = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+/// for host in ["127.0.0.1", "127.1", "0x7f000001", "2130706433", "[::ffff:127.0.0.1]"] {
+///     assert_eq!(host_address(host), loopback, "{host}");
+/// }
+/// assert_eq!(host_address("ehr.example"), None);
+/// ```
+pub fn host_address(host: &str) -> Option<std::net::IpAddr> {
+    use std::net::IpAddr;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    // An IPv6 zone (`[::1%1]`, which the resolver takes) names an interface, not another host.
+    let bare = match bare.split_once('%') {
+        Some((address, _zone)) if address.contains(':') => address,
+        _ => bare,
+    };
+    bare.parse::<IpAddr>()
+        .ok()
+        .or_else(|| inet_aton(bare).map(IpAddr::V4))
+        .map(|ip| ip.to_canonical())
 }
 
 /// An IPv4 address in the forms `inet_aton` (and so the system's resolver) accepts: one to
