@@ -117,6 +117,7 @@ mod tls_client;
 #[cfg_attr(docsrs, doc(cfg(feature = "token")))]
 pub mod token;
 pub mod version;
+mod xml;
 
 pub use crypto::install_crypto_provider;
 

@@ -873,6 +873,8 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
 
+    tenant_only_batches_name_nothing_outside_the_base(&tenant_only).await;
+
     let Setup { client, upstream } = setup(true).await;
     let reply = get(&client, &tenant_only, "/Observation/1").await;
     assert_refused(&reply, "system/Observation.r");
@@ -892,6 +894,54 @@ async fn tenant_only_tokens_keep_tenant_wide_access_unless_required() {
         get(&client, &scoped, "/Observation/1").await.status,
         StatusCode::OK
     );
+}
+
+/// Under a tenant-only token, a batch's entries are read by the FHIR server relative to the
+/// tenant's base: an entry URL that could name another base (another tenant's on the same
+/// server) is refused before it is sent, in JSON and XML; a batch that names none passes
+/// byte for byte.
+async fn tenant_only_batches_name_nothing_outside_the_base(token: &str) {
+    let Setup { client, upstream } = setup(false).await;
+    let json = |url: &str| {
+        json!({"resourceType": "Bundle", "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": url}}]})
+        .to_string()
+    };
+    let xml = |url: &str| {
+        format!(
+            "<Bundle xmlns=\"http://hl7.org/fhir\"><type value=\"transaction\"/><entry>\
+             <request><method value=\"GET\"/><url value=\"{url}\"/></request></entry></Bundle>"
+        )
+    };
+    for url in [
+        "http://127.0.0.1:9100/fhir/b/Patient/1",
+        "../b/Patient/1",
+        "Patient/%2e%2e/%2e%2e/b",
+    ] {
+        for (ty, body) in [
+            ("application/fhir+json", json(url)),
+            ("application/fhir+xml", xml(url)),
+        ] {
+            let reply = send(&client, token, "POST", "/", ty, &body).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{url}: {}",
+                reply.text()
+            );
+            assert_eq!(reply.json()["issue"][0]["code"], "invalid");
+        }
+    }
+    assert!(upstream.received().is_empty(), "a refused batch was sent");
+    for (ty, body) in [
+        ("application/fhir+json", json("Patient?name=a.b")),
+        ("application/fhir+xml", xml("Patient/1")),
+    ] {
+        let reply = send(&client, token, "POST", "/", ty, &body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let received = upstream.received();
+        assert_eq!(received.last().unwrap().body, body.as_bytes());
+    }
 }
 
 /// `POST /Patient` with an `If-None-Exist` header of each search, with `token`.

@@ -300,7 +300,7 @@ impl BaseRewriter {
         let mut out: Vec<u8> = Vec::new();
         let mut copied = 0;
         for value in values {
-            let Some(url) = xml_unescape(&body[value.clone()]) else {
+            let Some(url) = crate::xml::unescape(&body[value.clone()]) else {
                 continue;
             };
             let Some(rewritten) = self.header_url(&url) else {
@@ -697,142 +697,19 @@ pub(super) fn climbs_out(rest: &[u8]) -> bool {
 
 /// The byte ranges (inside the quotes) of a FHIR XML Bundle's `link/url`, `entry/fullUrl` and
 /// `entry/response/location` `value` attributes, in order; `None` when the body is not one
-/// whole XML document whose root is `Bundle` (unprefixed) with a `type` among
-/// [`ANSWER_TYPES`], or holds what this reader does not take (a `DOCTYPE`, whose entities
-/// it would not expand; a tag it cannot read). A scan of the tags only: text, comments,
-/// CDATA sections and processing instructions are skipped.
+/// whole XML Bundle [`crate::xml::bundle_values`] reads, or its `type` is not among
+/// [`ANSWER_TYPES`].
 fn xml_bundle_links(body: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
-    let mut open: Vec<&[u8]> = Vec::new();
-    let mut links = Vec::new();
-    let (mut rooted, mut answer) = (false, false);
-    let mut at = 0;
-    while let Some(lt) = memchr::memchr(b'<', &body[at..]).map(|found| at + found) {
-        let rest = &body[lt..];
-        if let Some(after) = [
-            (&b"<!--"[..], &b"-->"[..]),
-            (b"<![CDATA[", b"]]>"),
-            (b"<?", b"?>"),
-        ]
-        .iter()
-        .find(|(start, _)| rest.starts_with(start))
-        .map(|(start, end)| {
-            find(&rest[start.len()..], end).map(|e| lt + start.len() + e + end.len())
-        }) {
-            at = after?;
-            continue;
-        }
-        if rest.starts_with(b"<!") || (rooted && open.is_empty()) {
-            // A DOCTYPE, or a second root.
-            return None;
-        }
-        if let Some(name) = rest.strip_prefix(b"</") {
-            let end = memchr::memchr(b'>', name)?;
-            if open.pop()? != name[..end].trim_ascii() {
-                return None;
-            }
-            at = lt + 2 + end + 1;
-            continue;
-        }
-        // A start tag: its name, its attributes (values in either quote), `>` or `/>`.
-        let mut i = lt + 1;
-        let name_end = i + body[i..]
-            .iter()
-            .position(|b| b.is_ascii_whitespace() || matches!(b, b'>' | b'/'))?;
-        let name = &body[i..name_end];
-        i = name_end;
-        let mut value = None;
-        let empty = loop {
-            while body.get(i)?.is_ascii_whitespace() {
-                i += 1;
-            }
-            match body.get(i)? {
-                b'>' => break false,
-                b'/' if body.get(i + 1) == Some(&b'>') => {
-                    i += 1;
-                    break true;
-                }
-                _ => {
-                    let eq = i + memchr::memchr(b'=', &body[i..])?;
-                    let attribute = body[i..eq].trim_ascii();
-                    let mut start = eq + 1;
-                    while body.get(start)?.is_ascii_whitespace() {
-                        start += 1;
-                    }
-                    let quote = *body.get(start)?;
-                    if quote != b'"' && quote != b'\'' {
-                        return None;
-                    }
-                    let end = start + 1 + memchr::memchr(quote, &body[start + 1..])?;
-                    if attribute == b"value" {
-                        value = Some(start + 1..end);
-                    }
-                    i = end + 1;
-                }
-            }
-        };
-        if name.is_empty() || (!rooted && name != b"Bundle") {
-            return None;
-        }
-        rooted = true;
-        match (open.as_slice(), name) {
-            ([b"Bundle"], b"type") => {
-                answer = value
-                    .as_ref()
-                    .is_some_and(|v| ANSWER_TYPES.contains(&&body[v.clone()]));
-            }
-            ([b"Bundle", b"link"], b"url")
-            | ([b"Bundle", b"entry"], b"fullUrl")
-            | ([b"Bundle", b"entry", b"response"], b"location") => links.extend(value),
-            _ => {}
-        }
-        if !empty {
-            open.push(name);
-        }
-        at = i + 1;
-    }
-    (rooted && open.is_empty() && answer).then_some(links)
-}
-
-/// An XML attribute value's text: its five named entities and character references
-/// decoded; `None` for another entity (a `DOCTYPE`'s, which there is none of), a raw `<`, or
-/// bytes that are no UTF-8.
-fn xml_unescape(raw: &[u8]) -> Option<String> {
-    let raw = std::str::from_utf8(raw).ok()?;
-    if raw.contains('<') {
-        return None;
-    }
-    if !raw.contains('&') {
-        return Some(raw.to_owned());
-    }
-    let mut out = String::with_capacity(raw.len());
-    let mut rest = raw;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        let semi = rest[amp..].find(';')? + amp;
-        let entity = &rest[amp + 1..semi];
-        let c = match entity {
-            "amp" => '&',
-            "lt" => '<',
-            "gt" => '>',
-            "quot" => '"',
-            "apos" => '\'',
-            _ => {
-                let (digits, radix) = match entity.strip_prefix("#x").or(entity.strip_prefix("#X"))
-                {
-                    Some(hex) => (hex, 16),
-                    None => (entity.strip_prefix('#')?, 10),
-                };
-                if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-                    return None;
-                }
-                char::from_u32(u32::from_str_radix(digits, radix).ok()?).filter(|c| *c != '\0')?
-            }
-        };
-        out.push(c);
-        rest = &rest[semi + 1..];
-    }
-    out.push_str(rest);
-    Some(out)
+    let found = crate::xml::bundle_values(
+        body,
+        &[
+            &[b"Bundle", b"link", b"url"],
+            &[b"Bundle", b"entry", b"fullUrl"],
+            &[b"Bundle", b"entry", b"response", b"location"],
+        ],
+    )?;
+    let kind = &body[found.kind?];
+    ANSWER_TYPES.contains(&kind).then_some(found.values)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -752,25 +752,8 @@ impl<'g> Check<'g> {
                     "Entry {n} of the Bundle has no request method and url to check"
                 )));
             };
-            if url.contains("://") || url.starts_with("//") {
-                return Err(Refused::new(format!(
-                    "Entry {n} of the Bundle names an absolute URL; only relative ones can be checked"
-                )));
-            }
+            entry_url(n, url)?;
             let (path, query) = url.split_once('?').unwrap_or((url, ""));
-            // What is checked is what the URL names up to its `?` or `#`; a server that
-            // resolves dot segments over the whole URL (`Patient/1?/../../Observation/1`),
-            // decodes its path, or reads a backslash as a slash would run another request.
-            let dots = url.split(['/', '?', '&', '=']).any(|segment| {
-                let segment = segment.trim_matches(|c: char| c == ' ' || c.is_ascii_control());
-                !segment.is_empty() && segment.bytes().all(|b| b == b'.')
-            });
-            if dots || url.contains(['#', '\\']) || path.contains('%') {
-                return Err(Refused::malformed(format!(
-                    "Entry {n} of the Bundle has a url with a dot segment, a fragment, a \
-                     backslash or a percent-encoded path: servers differ on what it names"
-                )));
-            }
             let mut params = parse_query(query).map_err(|why| {
                 Refused::malformed(format!("The query of entry {n} of the Bundle {why}"))
             })?;
@@ -951,6 +934,119 @@ fn entry_patch(n: usize, resource: &Value) -> Result<Value, Refused> {
         }
         _ => Err(unreadable()),
     }
+}
+
+/// Refuses a batch or transaction entry's `request.url` (entry `n`) that may name something
+/// other than what it says relative to the FHIR base it is posted to: an absolute URL (of
+/// another base, perhaps another tenant's on the same server), a dot segment anywhere (a
+/// server that resolves them over the whole URL, `Patient/1?/../../Observation/1`, or
+/// against its base, `../b/Patient`), a fragment, a backslash (read as a slash by some), or a
+/// percent-encoded path (decoded by some).
+pub(crate) fn entry_url(n: usize, url: &str) -> Result<(), Refused> {
+    if url.contains("://") || url.starts_with("//") {
+        return Err(Refused::new(format!(
+            "Entry {n} of the Bundle names an absolute URL; only relative ones can be checked"
+        )));
+    }
+    let path = url.split_once('?').map_or(url, |(path, _)| path);
+    let dots = url.split(['/', '?', '&', '=']).any(|segment| {
+        let segment = segment.trim_matches(|c: char| c == ' ' || c == '+' || c.is_ascii_control());
+        !segment.is_empty() && segment.bytes().all(|b| b == b'.')
+    });
+    if dots || url.contains(['#', '\\']) || path.contains('%') {
+        return Err(Refused::malformed(format!(
+            "Entry {n} of the Bundle has a url with a dot segment, a fragment, a backslash or \
+             a percent-encoded path: servers differ on what it names"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a batch or transaction Bundle posted under a token the scopes do not restrict (a
+/// tenant-only one) whose entries' URLs could name something outside the tenant's FHIR base
+/// ([`entry_url`]): JSON (each key once) or XML (read by [`crate::xml::bundle_values`], whose
+/// entities it decodes). A body that is no Bundle, or in another format, is the server's to
+/// refuse; an XML Bundle this reader cannot read (a `DOCTYPE`, a prefixed root) is refused,
+/// its entries unchecked.
+pub(crate) fn bundle_entry_urls(body: &[u8]) -> Result<(), Refused> {
+    let start = body
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(body)
+        .trim_ascii_start();
+    let malformed = |why: Refused| Refused::malformed(why.diagnostics);
+    match start.first() {
+        Some(b'{') => {
+            let bundle = json_resource(start)?;
+            if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+                return Ok(());
+            }
+            let entries = match bundle.get("entry") {
+                None => return Ok(()),
+                Some(Value::Array(entries)) => entries,
+                Some(_) => return Err(Refused::malformed("The Bundle's entry is not a list")),
+            };
+            for (n, entry) in entries.iter().enumerate() {
+                let url = entry.pointer("/request/url").and_then(Value::as_str);
+                if let Some(url) = url {
+                    entry_url(n, url).map_err(malformed)?;
+                }
+            }
+            Ok(())
+        }
+        Some(b'<') => {
+            let unreadable = || {
+                Refused::malformed(
+                    "The XML Bundle cannot be read here to check its entries' URLs (a document \
+                     type declaration, a namespace prefix on its elements, a tag this gateway \
+                     does not read): write it without",
+                )
+            };
+            if !xml_root_may_be_bundle(start) {
+                return Ok(());
+            }
+            let found =
+                crate::xml::bundle_values(start, &[&[b"Bundle", b"entry", b"request", b"url"]])
+                    .ok_or_else(unreadable)?;
+            for (n, value) in found.values.into_iter().enumerate() {
+                let url = crate::xml::unescape(&start[value]).ok_or_else(unreadable)?;
+                entry_url(n, &url).map_err(malformed)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether an XML document's root element may be a `Bundle` (prefixed or not), or cannot be
+/// told (a document type declaration, whose entities could make it one): only a root read
+/// plainly as another element is not.
+fn xml_root_may_be_bundle(xml: &[u8]) -> bool {
+    let mut rest = xml;
+    // Past a declaration, processing instructions and comments.
+    loop {
+        rest = rest.trim_ascii_start();
+        let end = if rest.starts_with(b"<?") {
+            memchr::memmem::find(rest, b"?>").map(|end| end + 2)
+        } else if rest.starts_with(b"<!--") {
+            memchr::memmem::find(rest, b"-->").map(|end| end + 3)
+        } else {
+            break;
+        };
+        match end {
+            Some(end) => rest = &rest[end..],
+            None => return true,
+        }
+    }
+    let Some(name) = rest.strip_prefix(b"<") else {
+        return true;
+    };
+    let end = name
+        .iter()
+        .position(|&b| b.is_ascii_whitespace() || b == b'/' || b == b'>')
+        .unwrap_or(name.len());
+    let name = &name[..end];
+    let local = name.rsplit(|&b| b == b':').next().unwrap_or(name);
+    local == b"Bundle" || local.is_empty() || name.starts_with(b"!")
 }
 
 /// A written resource's JSON, refused when it is not JSON or holds a key twice in an object
@@ -2281,6 +2377,82 @@ mod tests {
                 by_parameters: true
             })
         );
+    }
+
+    #[test]
+    fn a_tenant_only_batch_may_name_nothing_outside_the_base() {
+        let json = |url: &str| {
+            json!({"resourceType": "Bundle", "type": "transaction",
+                "entry": [{"request": {"method": "GET", "url": "Patient/1"}},
+                          {"request": {"method": "GET", "url": url}}]})
+            .to_string()
+        };
+        let xml = |url: &str| {
+            format!(
+                "<?xml version=\"1.0\"?>\n<!-- a batch -->\n<Bundle xmlns=\"http://hl7.org/fhir\">\
+                 <type value=\"batch\"/><entry><request><method value=\"GET\"/>\
+                 <url value=\"Patient/1\"/></request></entry><entry><resource><ValueSet>\
+                 <url value=\"http://hl7.org/fhir/ValueSet/x\"/></ValueSet></resource>\
+                 <request><method value=\"POST\"/><url value=\"{url}\"/></request></entry></Bundle>"
+            )
+        };
+        for url in [
+            "http://127.0.0.1:9100/fhir/b/Patient/1",
+            "//127.0.0.1:9100/fhir/b/Patient",
+            "../b/Patient/1",
+            "Patient/../../b/Patient",
+            "/fhir/a/../b/Patient",
+            "Patient/%2e%2e/%2e%2e/b",
+            "..+/b/Patient",
+            "\\\\127.0.0.1:9100\\fhir\\b",
+            "Patient/1#x",
+        ] {
+            let refused = bundle_entry_urls(json(url).as_bytes()).unwrap_err();
+            assert!(refused.malformed, "{url}: {refused:?}");
+            assert!(
+                refused.diagnostics.starts_with("Entry 1 "),
+                "{url}: {refused:?}"
+            );
+            let escaped = url.replace('&', "&amp;").replace('"', "&quot;");
+            let refused = bundle_entry_urls(xml(&escaped).as_bytes()).unwrap_err();
+            assert!(refused.malformed, "{url}: {refused:?}");
+        }
+        // Dots written as character references are dots.
+        let refused = bundle_entry_urls(xml("&#46;&#x2E;/b/Patient").as_bytes()).unwrap_err();
+        assert!(refused.diagnostics.contains("dot segment"), "{refused:?}");
+        for url in [
+            "Patient",
+            "Patient?name=a.b",
+            "Observation/1/_history/2",
+            "$export",
+        ] {
+            assert_eq!(bundle_entry_urls(json(url).as_bytes()), Ok(()), "{url}");
+            assert_eq!(bundle_entry_urls(xml(url).as_bytes()), Ok(()), "{url}");
+        }
+        // A key twice (which counts?), or XML this reader does not take: refused unchecked.
+        let twice = r#"{"resourceType": "Bundle", "type": "batch", "entry": [{"request":
+            {"method": "GET", "url": "Patient/1", "url": "../b/Patient/1"}}]}"#;
+        assert!(bundle_entry_urls(twice.as_bytes()).unwrap_err().malformed);
+        for unreadable in [
+            "<f:Bundle xmlns:f=\"http://hl7.org/fhir\"><f:entry/></f:Bundle>",
+            "<!DOCTYPE Bundle [<!ENTITY u \"../b\">]><Bundle><entry/></Bundle>",
+            "<Bundle><entry><request><url value=\"Patient\"></request></Bundle>",
+        ] {
+            let refused = bundle_entry_urls(unreadable.as_bytes()).unwrap_err();
+            assert!(
+                refused.diagnostics.contains("cannot be read"),
+                "{unreadable}"
+            );
+        }
+        // Not a Bundle, or another format: the server's to refuse.
+        for other in [
+            &br#"{"resourceType": "Patient"}"#[..],
+            b"<Patient xmlns=\"http://hl7.org/fhir\"/>",
+            b"name=x",
+            b"",
+        ] {
+            assert_eq!(bundle_entry_urls(other), Ok(()));
+        }
     }
 
     #[test]

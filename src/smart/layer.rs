@@ -224,6 +224,9 @@ enum Plan {
 
 enum BodyCheck {
     Bundle,
+    /// A batch or transaction under a token the scopes do not restrict: only its entries'
+    /// URLs are checked ([`bundle_entry_urls`](super::check::bundle_entry_urls)).
+    BundleUrls,
     /// The parameters of an operation on a patient's compartment (`$everything`, `$summary`)
     /// posted otherwise than as a form: JSON `Parameters` are read as its parameters;
     /// another format (`None`: neither JSON nor XML) only passes with scopes that do not need
@@ -354,6 +357,9 @@ where
                     };
                     let checked = match what {
                         BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
+                        BodyCheck::BundleUrls => {
+                            super::check::bundle_entry_urls(&bytes).map(|()| Allowed::default())
+                        }
                         BodyCheck::OperationParameters { format } => {
                             match posted_parameters(&grants, &parts, &bytes, format) {
                                 Ok(allowed) => Ok(allowed),
@@ -408,7 +414,15 @@ where
 /// What to do with a request, from its head and the grants.
 fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
     if grants.is_empty() && !config.require_smart_scopes {
-        // The tenant alone: tenant-wide access, as before SMART scopes were enforced.
+        // The tenant alone: tenant-wide access, as before SMART scopes were enforced. But a
+        // batch's entries are read by the FHIR server relative to the tenant's base: one
+        // that could name another base (another tenant's, on the same server) is refused.
+        if request.method() == Method::POST
+            && interaction_of(request.method(), request.uri().path()).interaction
+                == Some(Interaction::Batch)
+        {
+            return Plan::ReadBody(BodyCheck::BundleUrls);
+        }
         return Plan::Pass;
     }
     // `$versions`, left by the version layer to the routing layer: which releases the

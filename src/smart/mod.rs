@@ -36,6 +36,15 @@
 //! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
+//! A token that names the tenant alone (no SMART scope) has tenant-wide access, unless
+//! `require_smart_scopes(true)`: its requests pass unchecked, but for a `batch` or
+//! `transaction`, whose entries the FHIR server reads relative to the tenant's base: one whose
+//! `request.url` is absolute (another base, perhaps another tenant's on the same server) or
+//! has a dot segment, a fragment, a backslash or a percent-encoded path is `400`, in JSON
+//! (each key once in an object) or XML (its character references decoded; an XML Bundle with a
+//! document type or a namespace prefix on its elements, which this reader does not take, is
+//! `400` too).
+//!
 //! What cannot be decided before forwarding is refused rather than guessed:
 //!
 //! - A `patient/` scope opens only what is the token's patient's (its `patient` claim) from the
