@@ -359,6 +359,10 @@ async fn accept(
             }
             // RFC 9112 §3.2: no Host, more than one, or one that is no host and port: 400.
             let bad_host = crate::host::problem(request.version(), request.headers());
+            // A HEAD's answer has no body (RFC 9110 §9.3.2): hyper's HTTP/1.1 server drops
+            // it, its HTTP/2 server would send it (a protocol error to the client).
+            let bodiless = request.method() == http::Method::HEAD
+                && request.version() == http::Version::HTTP_2;
             let to_admin = only_admin || request.uri().path().starts_with("/admin/");
             // A panic of a layer inside (a bug), as it is called or as its answer is polled,
             // is answered 500 here rather than ending the connection (with HTTP/2, every
@@ -393,6 +397,12 @@ async fn accept(
                     Ok(future::Either::Right(admin)) => match Contained::new(admin).await {
                         Ok(response) | Err(response) => response.map(Either::Right),
                     },
+                };
+                // (Its headers, `Content-Length` included, are the GET's.)
+                let response = if bodiless {
+                    response.map(|_| Either::Right(axum::body::Body::empty()))
+                } else {
+                    response
                 };
                 // In flight until the client has taken the body (or hyper gives it up).
                 Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))

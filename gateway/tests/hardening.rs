@@ -1676,3 +1676,40 @@ fn the_open_files_limit_is_raised_to_its_hard_limit_and_a_low_one_is_said() {
         "{stderr}"
     );
 }
+
+/// A `HEAD` gets the headers a `GET` would and no body (RFC 9110 §9.3.2): over HTTP/2 too,
+/// where hyper's server sends whatever body the answer has (its HTTP/1.1 server drops it), and
+/// a client takes a `DATA` frame on a `HEAD`'s stream for a protocol error. The gateway's own
+/// answers (a refusal, health) have one.
+#[tokio::test]
+async fn answers_to_head_carry_no_body_over_http2() {
+    use http_body_util::BodyExt;
+    let (proc, addr, _dir) = start("h2-head", json!({}));
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    for (path, status) in [
+        ("/Patient/1", http::StatusCode::UNAUTHORIZED),
+        ("/healthz", http::StatusCode::OK),
+        ("/metadata", http::StatusCode::OK),
+    ] {
+        let head = http::Request::head(format!("http://gateway{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(head).await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("HEAD {path}: {e}; stderr:\n{}", proc.stderr()));
+        assert!(body.to_bytes().is_empty(), "HEAD {path} had a body");
+    }
+    // The connection serves on, a GET's body whole.
+    let response = sender.send_request(h2_metadata()).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"{"), "{body:?}");
+    // (Closed now: the gateway's stop would wait for it.)
+    drop(sender);
+    connection.abort();
+    let _ = connection.await;
+}
