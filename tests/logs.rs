@@ -89,3 +89,49 @@ async fn logs_say_why_but_never_show_tokens_or_secrets() {
         "the HMAC secret leaked into the logs"
     );
 }
+
+/// A client id is whatever a client sends: one that reads like the log's own fields (`app
+/// from=...`) is quoted in the line that says its authentication failed, so it cannot pass for
+/// another client or address.
+#[tokio::test]
+async fn a_client_id_cannot_write_fields_into_the_log() {
+    use tower::ServiceExt;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let endpoint = tower_fhir::token::TokenEndpoint::builder()
+        .issuer("https://gateway.test")
+        .audience("tower-fhir")
+        .store(tower_fhir::token::InMemoryClientStore::new())
+        .build()
+        .unwrap();
+    let forged = "app reason=\"ok\" from=Some(10.9.9.9)";
+    let form = format!(
+        "grant_type=client_credentials&client_id={}&client_secret=x",
+        forged
+            .replace(' ', "+")
+            .replace('"', "%22")
+            .replace('=', "%3D")
+    );
+    let request = http::Request::post("/oauth/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(axum::body::Body::from(form))
+        .unwrap();
+    let response = endpoint.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("client authentication failed"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        line.contains(r#"client_id="app reason=\"ok\" from=Some(10.9.9.9)""#),
+        "{line}"
+    );
+    assert!(!line.contains("client_id=app "), "{line}");
+}

@@ -168,7 +168,7 @@ impl Authenticator {
                 match shared.failed(id, &source, self.throttle.policy()).await {
                     Ok(block) => block,
                     Err(error) => {
-                        tracing::error!(client_id = %id, %error, "a failed authentication could not be counted across replicas");
+                        tracing::error!(client_id = %super::LoggedId(id), %error, "a failed authentication could not be counted across replicas");
                         None
                     }
                 }
@@ -184,7 +184,7 @@ impl Authenticator {
         if admitted.shared_counted {
             if let Some(shared) = &self.shared {
                 if let Err(error) = shared.succeeded(id, &admitted.source.to_string()).await {
-                    tracing::error!(client_id = %id, %error, "a success could not clear the failures counted across replicas");
+                    tracing::error!(client_id = %super::LoggedId(id), %error, "a success could not clear the failures counted across replicas");
                 }
             }
         }
@@ -212,7 +212,7 @@ impl Authenticator {
         {
             Ok(Ok(slot)) => slot,
             _ => {
-                tracing::warn!(client_id = %id, "secret checks are all busy; answering 503");
+                tracing::warn!(client_id = %super::LoggedId(id), "secret checks are all busy; answering 503");
                 return Err(Denied::Overloaded);
             }
         };
@@ -223,9 +223,9 @@ impl Authenticator {
             }
             Ok((None, admitted)) => {
                 let from = from.map(|ip| ip.to_canonical());
-                tracing::info!(client_id = %id, from = ?from, "{doing}: client authentication failed");
+                tracing::info!(client_id = %super::LoggedId(id), from = ?from, "{doing}: client authentication failed");
                 if let Some(wait) = self.failed(admitted, id).await {
-                    tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
+                    tracing::warn!(client_id = %super::LoggedId(id), from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(Denied::Failed)
             }

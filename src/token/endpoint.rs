@@ -722,7 +722,7 @@ impl Inner {
         match self.clients.recheck(&checked).await {
             Ok(Some(client)) => Ok(client),
             Ok(None) => {
-                tracing::info!(client_id = %id, doing, "the client was revoked or its secret rotated during the check");
+                tracing::info!(client_id = %super::LoggedId(id), doing, "the client was revoked or its secret rotated during the check");
                 Err(Denied::Failed.into_error(challenge))
             }
             Err(err) => {
@@ -775,7 +775,7 @@ impl Inner {
                             // Not used after all: the retry this answer asks for may bring the
                             // same assertion.
                             self.assertions.forget(id, &jti);
-                            tracing::error!(client_id = %id, %error, "client assertion jtis cannot be checked across replicas or restarts");
+                            tracing::error!(client_id = %super::LoggedId(id), %error, "client assertion jtis cannot be checked across replicas or restarts");
                             return Err(TokenError::unavailable(
                                 "Client assertions cannot be checked now; retry shortly",
                             ));
@@ -804,7 +804,7 @@ impl Inner {
                         Ok(now)
                     }
                     Ok(_) => {
-                        tracing::info!(client_id = %id, doing, "the client was revoked or its keys replaced during the check");
+                        tracing::info!(client_id = %super::LoggedId(id), doing, "the client was revoked or its keys replaced during the check");
                         Err(TokenError::invalid_client(
                             "Client authentication failed",
                             None,
@@ -818,9 +818,9 @@ impl Inner {
             }
             Err(why) => {
                 let from = from.map(|ip| ip.to_canonical());
-                tracing::info!(client_id = %id, from = ?from, reason = why, "{doing}: client assertion refused");
+                tracing::info!(client_id = %super::LoggedId(id), from = ?from, reason = why, "{doing}: client assertion refused");
                 if let Some(wait) = self.clients.failed(attempt, id).await {
-                    tracing::warn!(client_id = %id, from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
+                    tracing::warn!(client_id = %super::LoggedId(id), from = ?from, block = ?wait, "too many failed authentications from this address; refusing it for a while");
                 }
                 Err(TokenError::invalid_client(
                     "Client authentication failed",

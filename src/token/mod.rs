@@ -124,3 +124,44 @@ pub fn assertion_algorithms() -> impl Iterator<Item = &'static str> {
 pub(crate) use signing::ACCESS_TOKEN_TYPE;
 pub use signing::{JwksService, SigningKey, SigningKeys};
 pub use throttle::{FailureCounts, Standing, ThrottlePolicy};
+
+/// A client id as a client sent it, for the logs: as it is when it holds only characters
+/// that cannot pass for the log's own (letters, digits, `-._~:@/+`), otherwise quoted with
+/// its quotes, backslashes and control characters escaped, so that an id such as
+/// `app from=10.9.9.9` cannot write a field of its own into a text log line.
+pub(crate) struct LoggedId<'a>(pub(crate) &'a str);
+
+impl std::fmt::Display for LoggedId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plain = !self.0.is_empty()
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~:@/+".contains(&b));
+        if plain {
+            f.write_str(self.0)
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod logged_id_tests {
+    use super::LoggedId;
+
+    #[test]
+    fn an_id_that_could_pass_for_log_fields_is_quoted() {
+        assert_eq!(LoggedId("app-1").to_string(), "app-1");
+        assert_eq!(
+            LoggedId("urn:app@example.org/x").to_string(),
+            "urn:app@example.org/x"
+        );
+        assert_eq!(
+            LoggedId("app reason=\"ok\" from=Some(10.9.9.9)").to_string(),
+            r#""app reason=\"ok\" from=Some(10.9.9.9)""#
+        );
+        assert_eq!(LoggedId("a\nb").to_string(), r#""a\nb""#);
+        assert_eq!(LoggedId("").to_string(), r#""""#);
+    }
+}
