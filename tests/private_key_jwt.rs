@@ -359,6 +359,10 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
             })),
         ),
         (
+            "a jti with a NUL (no store can keep it)",
+            good(&with(&|c| c["jti"] = json!("a\u{0}b"))),
+        ),
+        (
             "iss not the client",
             good(&with(&|c| c["iss"] = json!("someone-else"))),
         ),

@@ -169,6 +169,11 @@ where
         .unwrap_err();
     assert!(short.is_refused(), "{short}");
     assert!(store.client("other").await.unwrap().is_none());
+    // An id no client can have (a NUL, which a database's text cannot hold) is nobody's, not
+    // a store failure.
+    assert!(store.client("c\0x").await.unwrap().is_none());
+    let nul = store.revoke("c\0x").await.unwrap_err();
+    assert!(nul.is_refused(), "{nul}");
     let unknown = store
         .rotate_secret("nobody", Duration::ZERO)
         .await

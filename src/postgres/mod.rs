@@ -671,6 +671,11 @@ impl fmt::Debug for PgClientStore {
 
 impl PgClientStore {
     async fn read(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        // No client has such an id (one with a NUL, which PostgreSQL's text cannot hold,
+        // would fail the query as a database error).
+        if !crate::token::is_client_id(id) {
+            return Ok(None);
+        }
         let connection = self
             .pool
             .get()
@@ -717,6 +722,9 @@ impl PgClientStore {
         doing: &'static str,
         change: impl FnOnce(&mut Clients, &str) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        if !crate::token::is_client_id(id) {
+            return Err(StoreError::refused(format!("no client {id:?}")));
+        }
         let failed = |e| store_error(doing, e);
         let mut connection = self
             .pool

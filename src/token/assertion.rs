@@ -202,8 +202,15 @@ impl Assertions {
             return Err("its iat is in the future");
         }
         let jti = match claims.token_id() {
-            Some(jti) if !jti.is_empty() && jti.len() <= MAX_JTI_LEN => jti,
-            _ => return Err("it has no jti (or one too long)"),
+            // (Printable ASCII and space, as a client id: what every store can keep.)
+            Some(jti)
+                if !jti.is_empty()
+                    && jti.len() <= MAX_JTI_LEN
+                    && jti.bytes().all(|b| (0x20..=0x7E).contains(&b)) =>
+            {
+                jti
+            }
+            _ => return Err("it has no jti (or one too long, or not printable ASCII)"),
         };
         // One second more: an assertion is taken until `exp + LEEWAY_SECS` inclusive, and a `jti`
         // remembered until then counts as unused from that second on.

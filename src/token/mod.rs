@@ -89,6 +89,8 @@ mod scope;
 mod signing;
 pub(crate) mod throttle;
 
+pub(crate) use client::is_client_id;
+
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use assertion::ReplayGuard;
 #[cfg(feature = "postgres")]
