@@ -173,12 +173,13 @@ fn check_segment(decoded: &[u8]) -> Result<(), UnsafePath> {
     // `..;jsessionid` is `..` to some servlet containers, and `..%3f` or `..%23` to a server
     // that decodes the path and parses it again; Windows servers trim a segment's trailing
     // dots and spaces (`...`, `.. ` are `..` there, or nothing), Java's `trim()` every
-    // control character (`..%09`).
+    // control character (`..%09`); a server that decodes a path as a form reads `+` as a
+    // space (`..+`). FHIR's names and ids hold no `+`.
     let name = decoded
         .split(|&b| matches!(b, b';' | b'?' | b'#'))
         .next()
         .unwrap_or_default();
-    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b <= b' ') {
+    if !name.is_empty() && name.iter().all(|&b| b == b'.' || b == b'+' || b <= b' ') {
         return Err(UnsafePath(
             "Dot segments are not allowed in the request path",
         ));
@@ -310,6 +311,9 @@ mod tests {
             "/%u002e%u002e/other",
             "/Patient/%u002E",
             "/..%20/other",
+            "/..+/other",
+            "/.+./other",
+            "/..%2b/other",
             "/.../other",
             "/%2e%2e%2e/other",
             "/Patient/.%20",
