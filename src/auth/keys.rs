@@ -170,6 +170,16 @@ impl VerificationKey {
             }
             algorithms.retain(|&alg| secret.len() >= hmac_min_len(alg));
         }
+        if let DecodingKeyKind::RsaModulusExponent { n, .. } = decoding.kind() {
+            // What the verifier takes (its RSA parameters are 2048 to 8192 bits): a key outside
+            // could never verify a signature, and would only be refused at each use.
+            let bits = rsa_bits(n);
+            if !(2048..=8192).contains(&bits) {
+                return Err(KeyError::Unsupported(format!(
+                    "an RSA key of {bits} bits: 2048 to 8192 are verified"
+                )));
+            }
+        }
         let mut fingerprint = vec![family_tag(family)];
         match decoding.kind() {
             DecodingKeyKind::SecretOrDer(bytes) => fingerprint.extend_from_slice(bytes),
@@ -258,6 +268,15 @@ fn hmac_min_len(alg: Algorithm) -> usize {
         Algorithm::HS384 => 48,
         Algorithm::HS512 => 64,
         _ => 32,
+    }
+}
+
+/// The length in bits of an RSA modulus written big-endian (its leading zero bytes aside).
+fn rsa_bits(n: &[u8]) -> usize {
+    let n = &n[n.iter().take_while(|&&b| b == 0).count()..];
+    match n.first() {
+        None => 0,
+        Some(&top) => n.len() * 8 - top.leading_zeros() as usize,
     }
 }
 
@@ -534,6 +553,33 @@ mod tests {
         assert!(KeySet::from_jwks("[]").is_err());
         assert!(KeySet::from_jwks("{\"keys\": 3}").is_err());
         assert!(KeySet::from_jwks("not json").is_err());
+    }
+
+    #[test]
+    fn rsa_keys_the_verifier_cannot_use_are_refused() {
+        use base64::Engine;
+        let jwk = |bits: usize| {
+            // A modulus of `bits` bits: its top bit set, odd.
+            let mut n = vec![0xABu8; bits.div_ceil(8)];
+            n[0] = 0x80 >> ((8 - bits % 8) % 8);
+            *n.last_mut().unwrap() |= 1;
+            let n = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(n);
+            json!({"kty": "RSA", "kid": "k", "n": n, "e": "AQAB"})
+        };
+        for bits in [17, 512, 1024, 2047, 8193] {
+            let refused = VerificationKey::from_jwk(&jwk(bits)).unwrap_err();
+            assert!(
+                refused
+                    .to_string()
+                    .contains(&format!("an RSA key of {bits} bits")),
+                "{bits}: {refused}"
+            );
+        }
+        for bits in [2048, 3072, 4096, 8192] {
+            assert!(VerificationKey::from_jwk(&jwk(bits)).is_ok(), "{bits}");
+        }
+        assert_eq!(rsa_bits(&[0, 0, 1]), 1);
+        assert_eq!(rsa_bits(&[]), 0);
     }
 
     #[test]
