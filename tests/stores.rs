@@ -168,6 +168,11 @@ where
         .await
         .unwrap_err();
     assert!(short.is_refused(), "{short}");
+    let long = store
+        .register(NewClient::new("other").secret("x".repeat(1025)))
+        .await
+        .unwrap_err();
+    assert!(long.is_refused(), "{long}");
     assert!(store.client("other").await.unwrap().is_none());
     // An id no client can have (a NUL, which a database's text cannot hold) is nobody's, not
     // a store failure.

@@ -645,7 +645,18 @@ async fn delete_tenant(State(admin): State<Arc<Admin>>, Path(id): Path<String>) 
     }
 }
 
-async fn reset_secret(State(admin): State<Arc<Admin>>, Path(client_id): Path<String>) -> Response {
+async fn reset_secret(
+    State(admin): State<Arc<Admin>>,
+    Path(client_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    // A secret sent here would not be the one set: said, rather than ignored.
+    if !body.trim_ascii().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "POST /admin/clients/{client_id}/secret takes no body: it makes a new secret and shows it once (a secret provisioned elsewhere is given when the client is registered)",
+        );
+    }
     match admin.clients.client(&client_id).await {
         Ok(Some(record)) if record.revoked => return error(StatusCode::NOT_FOUND, "no such client"),
         Ok(Some(record)) if record.token_endpoint_auth_method == AuthMethod::PrivateKeyJwt => {

@@ -831,7 +831,23 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     let reply = gateway.client.send("DELETE", &path, &admin, "").await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
 
-    // An administrator resets the secret.
+    // An administrator resets the secret. A secret sent with it would not be the one set:
+    // refused, nothing changed.
+    let reply = gateway
+        .client
+        .send(
+            "POST",
+            "/admin/clients/app/secret",
+            &admin,
+            r#"{"client_secret": "chosen-by-the-administrator-0123"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert!(reply.text().contains("takes no body"), "{}", reply.text());
+    assert_eq!(
+        token(&gateway, &rotated, STU3_TENANT).await.status,
+        StatusCode::OK
+    );
     let reply = gateway
         .client
         .send("POST", "/admin/clients/app/secret", &admin, "")

@@ -442,6 +442,10 @@ pub struct NewClient {
 /// The shortest secret [`NewClient::secret`] accepts.
 pub const MIN_SECRET_LEN: usize = 16;
 
+/// The longest secret [`NewClient::secret`] accepts, in bytes: a token request's form is read
+/// up to 8 KiB, so a much longer one could never be sent.
+pub const MAX_SECRET_LEN: usize = 1024;
+
 impl NewClient {
     /// A client with this id, entitled to no tenant yet.
     pub fn new(id: impl Into<String>) -> Self {
@@ -534,7 +538,8 @@ impl NewClient {
 
     /// Registers the client with this secret instead of a generated one, for a secret
     /// provisioned elsewhere (a configuration file, a secrets manager). Registration refuses
-    /// one shorter than [`MIN_SECRET_LEN`] characters. Only its hash is stored.
+    /// one shorter than [`MIN_SECRET_LEN`] characters or longer than [`MAX_SECRET_LEN`] bytes.
+    /// Only its hash is stored.
     #[must_use]
     pub fn secret(mut self, secret: impl Into<String>) -> Self {
         self.secret = Some(ClientSecret(secret.into()));
@@ -1023,6 +1028,11 @@ impl Clients {
                     client.id
                 )))
             }
+            Some(given) if given.0.len() > MAX_SECRET_LEN => Err(StoreError::refused(format!(
+                "client {:?}: a secret of more than {MAX_SECRET_LEN} bytes could not be sent \
+                 in a token request",
+                client.id
+            ))),
             _ => Ok(()),
         }
     }

@@ -98,7 +98,7 @@ pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
 pub use client::{
     AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate,
     InMemoryClientStore, NewClient, SecretHash, SecretHashing, StoreError, StoreFuture,
-    MIN_SECRET_LEN,
+    MAX_SECRET_LEN, MIN_SECRET_LEN,
 };
 pub use durable::FileClientStore;
 pub use endpoint::{ConfigError, TokenEndpoint, TokenEndpointBuilder, TokenFuture};
