@@ -559,6 +559,13 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
                 "{\"group\":\"x\",\"endpoints\":[{\"url\":\"https://evil.example\"}]}",
             ),
             ("service-worker-allowed", "/"),
+            // The upstream's software, which the clients are not to learn.
+            ("server", "Apache/2.4.57 (Debian)"),
+            (
+                "x-powered-by",
+                "HAPI FHIR 7.4.0 REST Server (FHIR Server; FHIR 4.0.1/R4)",
+            ),
+            ("x-aspnet-version", "4.0.30319"),
         ]
         .map(|(name, value)| (name.to_owned(), value.to_owned())),
     );
@@ -585,6 +592,9 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
         "nel",
         "report-to",
         "service-worker-allowed",
+        "server",
+        "x-powered-by",
+        "x-aspnet-version",
     ] {
         assert!(
             !reply.headers.contains_key(gone),

@@ -186,6 +186,11 @@ pub(super) async fn relay_response(
             parts.headers.remove(name);
         }
     }
+    if heads.software {
+        for name in SOFTWARE_HEADERS {
+            parts.headers.remove(name);
+        }
+    }
     if heads.location {
         // A `Location` or `Content-Location` that leads around the gateway (another host, a
         // path of its host outside the base: an internal address, say) is dropped: a `201`'s
@@ -458,6 +463,21 @@ fn origin_wide(name: &HeaderName) -> bool {
         )
 }
 
+/// The headers in which a server names its software and release (`Server: Apache/2.4.57`,
+/// HAPI's `X-Powered-By: HAPI FHIR 7.4.0 REST Server`): which FHIR server a hospital runs, and
+/// whether it is one with a known hole, is not the gateway's clients' to learn (nginx drops
+/// `Server` too).
+const SOFTWARE_HEADERS: [&str; 4] = [
+    "server",
+    "x-powered-by",
+    "x-aspnet-version",
+    "x-aspnetmvc-version",
+];
+
+fn names_software(name: &HeaderName) -> bool {
+    SOFTWARE_HEADERS.contains(&name.as_str())
+}
+
 /// An `OperationOutcome` answer of the proxy's own.
 fn failed(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<ProxyBody> {
     OperationOutcome::error(code, diagnostics)
@@ -487,6 +507,8 @@ struct ResponseHeads {
     set_cookie: bool,
     /// A header that speaks for the whole origin is there (to remove: see [`origin_wide`]).
     origin_wide: bool,
+    /// A header naming the upstream's software is there (to remove: see [`names_software`]).
+    software: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
     /// The first `Content-Type`'s media type is FHIR's XML (`application/fhir+xml`, DSTU2's
@@ -534,6 +556,8 @@ impl ResponseHeads {
                 });
             } else if origin_wide(name) {
                 heads.origin_wide = true;
+            } else if names_software(name) {
+                heads.software = true;
             }
         }
         heads

@@ -572,11 +572,23 @@ fn internal_host(host: &str) -> bool {
             || (a == 100 && b & 0xC0 == 64)
     };
     if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        let segments = ip.segments();
+        let octets = ip.octets();
+        let embedded = |at: usize| {
+            std::net::Ipv4Addr::new(octets[at], octets[at + 1], octets[at + 2], octets[at + 3])
+        };
         return ip.is_loopback()
             || ip.is_unspecified()
             || ip.is_unique_local()
             || ip.is_unicast_link_local()
-            || ip.to_ipv4().is_some_and(v4);
+            // Site-local (deprecated, still routed inside some networks).
+            || segments[0] & 0xffc0 == 0xfec0
+            || ip.to_ipv4().is_some_and(v4)
+            // NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48): the IPv4 address last.
+            || (segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && v4(embedded(12)))
+            || (segments[..2] == [0x64, 0xff9b] && segments[2] == 1)
+            // 6to4 (2002::/16): the IPv4 address after the prefix.
+            || (segments[0] == 0x2002 && v4(embedded(2)));
     }
     // A browser reads a host whose last label is a number as an IPv4 address, in any base:
     // only the dotted-decimal form of a public address passes.
@@ -934,6 +946,10 @@ mod tests {
             "http://ehr.default.svc/x",
             "http://printer.home.arpa/x",
             "http://files.corp/x",
+            "http://[64:ff9b::10.0.0.7]/x",
+            "http://[64:ff9b:1::a00:7]/x",
+            "http://[2002:a00:7::1]/x",
+            "http://[fec0::1]/x",
         ] {
             assert_eq!(
                 r.link(&format!(
@@ -953,6 +969,9 @@ mod tests {
             "Patient?page=2",
             "/other/path",
             "https://8.8.8.8/x",
+            "https://[64:ff9b::8.8.8.8]/x",
+            "https://[2002:808:808::1]/x",
+            "https://[2001:db8::1]/x",
             "urn:uuid:6f1c0b4e-2d9a-4c7e-9b1a-3e5f7a9c2d4b",
             "next",
         ] {
