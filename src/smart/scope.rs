@@ -264,41 +264,48 @@ impl ResourceScope {
 /// Whether a search parameter only shapes a search's answer (how many, in what order, in
 /// what form, what of each resource), whatever the value: it selects nothing.
 fn shapes_an_answer(name: &str) -> bool {
-    matches!(
-        name.split(':').next(),
-        Some(
-            "_count"
-                | "_sort"
-                | "_format"
-                | "_elements"
-                | "_summary"
-                | "_total"
-                | "_pretty"
-                | "_maxresults"
-                | "_graph"
-                | "_score"
-                | "_offset"
-                | "_page"
-                | "_getpages"
-        )
+    named(
+        name,
+        &[
+            "_count",
+            "_sort",
+            "_format",
+            "_elements",
+            "_summary",
+            "_total",
+            "_pretty",
+            "_maxresults",
+            "_graph",
+            "_score",
+            "_offset",
+            "_page",
+            "_getpages",
+        ],
     )
+}
+
+/// Whether a parameter's name, its modifiers aside, is one of `names` in any case (a server
+/// may ignore case: `_CONTAINED` is `_contained` there).
+fn named(name: &str, names: &[&str]) -> bool {
+    let name = name.split(':').next().unwrap_or(name);
+    names.iter().any(|known| name.eq_ignore_ascii_case(known))
 }
 
 /// Whether a search parameter may add to a search's answer rather than narrow it: contained
 /// resources or their containers, included ones, a named query's, the records of linked
 /// patients (HAPI's `_mdm`), cascaded deletes.
 fn adds_to_an_answer(name: &str) -> bool {
-    matches!(
-        name.split(':').next(),
-        Some(
-            "_contained"
-                | "_containedType"
-                | "_include"
-                | "_revinclude"
-                | "_query"
-                | "_mdm"
-                | "_cascade"
-        )
+    named(
+        name,
+        &[
+            "_contained",
+            "_containedType",
+            "_include",
+            "_revinclude",
+            "_query",
+            "_mdm",
+            "_cascade",
+        ],
     )
 }
 
@@ -653,6 +660,12 @@ mod tests {
             "_query=everything",
             "_mdm=true",
             "_cascade=delete",
+            // In another case, as a server that ignores case reads them.
+            "_CONTAINED=true",
+            "_containedtype=container",
+            "_Include=Observation:patient",
+            "_REVINCLUDE:iterate=Provenance:target",
+            "_Cascade=delete",
         ] {
             let asked = scope(&format!(
                 "system/Observation.rs?category=laboratory&{wider}"
@@ -680,6 +693,8 @@ mod tests {
             "_include=Observation:patient",
             "_contained=false",
             "_total=accurate",
+            "_COUNT=1",
+            "_INCLUDE=Observation:patient",
         ] {
             let scope = format!("system/Observation.rs?{query}");
             assert!(ResourceScope::parse(&scope).is_none(), "{scope}");
