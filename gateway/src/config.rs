@@ -72,6 +72,10 @@ pub(crate) struct Config {
     /// Upstream request timeout. Default 30; 1 to [`MAX_CONNECTION_SECONDS`].
     #[serde(default = "default_upstream_timeout")]
     pub(crate) upstream_timeout_seconds: u64,
+    /// The most idle upstream connections kept, every plain-HTTP upstream and tenant together
+    /// (HTTPS and h2c: per tenant and host). Default 512; 0 to [`MAX_IDLE_CONNECTIONS`].
+    #[serde(default = "default_upstream_max_idle")]
+    pub(crate) upstream_max_idle_connections: usize,
     /// Extend the `Forwarded`/`X-Forwarded-For` headers requests arrive with (behind a load
     /// balancer that sets them) instead of replacing them. Default false.
     #[serde(default)]
@@ -233,6 +237,10 @@ impl std::fmt::Debug for Config {
             )
             .field("default_fhir_version", &self.default_fhir_version)
             .field("upstream_timeout_seconds", &self.upstream_timeout_seconds)
+            .field(
+                "upstream_max_idle_connections",
+                &self.upstream_max_idle_connections,
+            )
             .field("trust_forwarded_headers", &self.trust_forwarded_headers)
             .field("client_address_header", &self.client_address_header)
             .field(
@@ -541,6 +549,13 @@ fn default_shutdown_grace() -> u64 {
 /// `jwks_refetch_cooldown_seconds` accepted: a day (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
+/// The most `upstream_max_idle_connections`.
+const MAX_IDLE_CONNECTIONS: usize = 100_000;
+
+fn default_upstream_max_idle() -> usize {
+    tower_fhir::proxy::DEFAULT_POOL_MAX_IDLE
+}
+
 /// The least `revocation_max_staleness_seconds`: the revocation listener shows it hears the
 /// database every fifth of it (a second at least), and a busy database or a reconnection
 /// would otherwise refuse tokens now and then.
@@ -832,6 +847,12 @@ impl Config {
         }
         if self.max_connections_per_address == Some(0) {
             return Err("max_connections_per_address must be at least 1, not 0".to_owned());
+        }
+        if self.upstream_max_idle_connections > MAX_IDLE_CONNECTIONS {
+            return Err(format!(
+                "upstream_max_idle_connections must be at most {MAX_IDLE_CONNECTIONS}, not {}",
+                self.upstream_max_idle_connections
+            ));
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1, not 0".to_owned());
@@ -1384,6 +1405,10 @@ mod tests {
             (
                 r#"{"token": {"ttl_seconds": 0}}"#,
                 "token.ttl_seconds must be between 1 and 86400 (a day), not 0",
+            ),
+            (
+                r#"{"upstream_max_idle_connections": 100001}"#,
+                "upstream_max_idle_connections must be at most 100000, not 100001",
             ),
             (
                 r#"{"revocation_max_staleness_seconds": 4}"#,

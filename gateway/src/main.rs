@@ -622,6 +622,7 @@ async fn assemble(
     }
     let mut proxy = FhirProxy::builder(base)
         .timeout(Duration::from_secs(config.upstream_timeout_seconds))
+        .pool_max_idle(config.upstream_max_idle_connections)
         .trust_forwarded_headers(config.trust_forwarded_headers);
     for name in &config.forward_request_headers {
         proxy = proxy.forward_request_header(name);

@@ -8,6 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -444,4 +445,73 @@ async fn admin_request_bodies_are_bounded_in_size_and_time() {
         reply.json()["upstreams"][0]["base_url"],
         upstream.base("/fhir")
     );
+}
+
+/// An upstream on loopback answering every request `200` on a kept-alive connection; how many
+/// connections it accepted.
+async fn counting_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    let Ok(read) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buffer[..read]);
+                    // Bodiless GETs: each head answered as it ends.
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let body = br#"{"resourceType":"Patient","id":"1"}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err()
+                            || stream.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (base, accepted)
+}
+
+/// `upstream_max_idle_connections`: by default an upstream connection is kept and used again;
+/// with `0`, none is kept (a connection a request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_max_idle_connections_bounds_the_connections_kept() {
+    for (kept, connections) in [(None, 1), (Some(0), 3)] {
+        let dir = scratch(&format!("max-idle-{kept:?}"));
+        let (base, accepted) = counting_upstream().await;
+        let mut config = config(&dir, free_port(), &base);
+        if let Some(kept) = kept {
+            config["upstream_max_idle_connections"] = json!(kept);
+        }
+        let gateway = start_gateway(&dir, &config);
+        let token = token(&gateway, "app", PLAIN).await;
+        for _ in 0..3 {
+            let reply = fhir(&gateway, &token, "/Patient/1").await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            connections,
+            "{kept:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

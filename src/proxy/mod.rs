@@ -106,5 +106,6 @@ pub use body::{ProxyBody, UpstreamCut, UpstreamStalled};
 pub use headers::{FORWARDED_REQUEST_HEADERS, FORWARDING_CHAIN_HEADERS};
 pub use in_process::{DispatchFuture, InProcessOrProxy};
 pub use service::{
-    ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_REWRITE_BUDGET,
+    ConfigError, FhirProxy, FhirProxyBuilder, ResponseFuture, DEFAULT_POOL_MAX_IDLE,
+    DEFAULT_REWRITE_BUDGET,
 };

@@ -87,9 +87,18 @@ pub(crate) struct Http1Pool {
 
 struct Inner {
     connector: HttpConnector,
-    idle: Mutex<HashMap<Authority, Tenants, BuildHasherDefault<AuthorityHasher>>>,
+    idle: Mutex<IdleSet>,
     idle_timeout: Duration,
+    /// The most idle connections kept, every upstream and tenant together.
+    max_idle: usize,
     sweeping: AtomicBool,
+}
+
+/// The idle connections, by upstream, and how many there are.
+#[derive(Default)]
+struct IdleSet {
+    by_authority: HashMap<Authority, Tenants, BuildHasherDefault<AuthorityHasher>>,
+    count: usize,
 }
 
 /// A multiply-rotate hash (FxHash's) for the pool's keys. `Authority` hashes byte by byte,
@@ -201,12 +210,14 @@ impl AsyncWrite for Counted {
 }
 
 impl Http1Pool {
-    pub(crate) fn new(connector: HttpConnector, idle_timeout: Duration) -> Self {
+    /// A pool keeping at most `max_idle` idle connections in all, each for `idle_timeout`.
+    pub(crate) fn new(connector: HttpConnector, idle_timeout: Duration, max_idle: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
                 connector,
-                idle: Mutex::new(HashMap::default()),
+                idle: Mutex::new(IdleSet::default()),
                 idle_timeout,
+                max_idle,
                 sweeping: AtomicBool::new(false),
             }),
         }
@@ -312,10 +323,14 @@ impl Http1Pool {
     #[cfg(test)]
     fn idle_count(&self) -> usize {
         let idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.values()
+        let count = idle
+            .by_authority
+            .values()
             .flat_map(|tenants| tenants.values().flatten())
             .map(|(_, stack)| stack.len())
-            .sum()
+            .sum();
+        assert_eq!(idle.count, count, "the count kept is the count held");
+        count
     }
 }
 
@@ -346,9 +361,14 @@ impl Inner {
         driver: RuntimeId,
     ) -> Option<(Connection, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let stacks = idle.get_mut(authority)?.get_mut(&tenant)?;
+        let IdleSet {
+            by_authority,
+            count,
+        } = &mut *idle;
+        let stacks = by_authority.get_mut(authority)?.get_mut(&tenant)?;
         let (_, stack) = stacks.iter_mut().find(|(of, _)| *of == driver)?;
         while let Some(entry) = stack.pop() {
+            *count -= 1;
             let idle_for = entry.since.elapsed();
             if entry.connection.sender.is_ready() && idle_for < self.idle_timeout {
                 return Some((entry.connection, idle_for));
@@ -399,13 +419,21 @@ impl Inner {
         };
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.count >= self.max_idle {
+                // Full: closed rather than kept (the idle timeout makes room). Dropped after
+                // the lock is let go.
+                drop(idle);
+                tracing::debug!(upstream = %authority, max = self.max_idle, "the upstream connection pool is full: a connection is closed rather than kept");
+                return;
+            }
+            idle.count += 1;
             // One look-up of the authority where it has connections already (the common case).
-            match idle.get_mut(authority) {
+            match idle.by_authority.get_mut(authority) {
                 Some(tenants) => push(tenants, tenant, driver, entry),
                 None => {
                     let mut tenants = Tenants::default();
                     push(&mut tenants, tenant, driver, entry);
-                    idle.insert(authority.clone(), tenants);
+                    idle.by_authority.insert(authority.clone(), tenants);
                 }
             }
         }
@@ -446,20 +474,23 @@ async fn sweep(pool: Weak<Inner>, idle_timeout: Duration) {
             return;
         };
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|_, tenants| {
+        let mut count = 0;
+        idle.by_authority.retain(|_, tenants| {
             tenants.retain(|_, stacks| {
                 stacks.retain_mut(|(_, stack)| {
                     stack.retain(|entry| {
                         !entry.connection.sender.is_closed()
                             && entry.since.elapsed() < pool.idle_timeout
                     });
+                    count += stack.len();
                     !stack.is_empty()
                 });
                 !stacks.is_empty()
             });
             !tenants.is_empty()
         });
-        if idle.is_empty() {
+        idle.count = count;
+        if idle.by_authority.is_empty() {
             // The next connection kept starts a new sweep: said under the lock, so that one
             // kept just after this sees it.
             pool.sweeping.store(false, Ordering::Release);
@@ -584,7 +615,7 @@ mod tests {
     }
 
     fn pool(idle_timeout: Duration) -> Http1Pool {
-        Http1Pool::new(HttpConnector::new(), idle_timeout)
+        Http1Pool::new(HttpConnector::new(), idle_timeout, 512)
     }
 
     #[tokio::test]
@@ -682,6 +713,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn beyond_the_most_idle_connections_a_connection_is_closed_not_kept() {
+        let (origin, connections) = server(None).await;
+        let (other, _) = server(None).await;
+        let pool = Http1Pool::new(HttpConnector::new(), Duration::from_secs(60), 3);
+        let requests = (0..4).map(|_| get(&pool, &origin));
+        for body in futures::future::join_all(requests).await {
+            assert_eq!(body.unwrap(), "ok");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle_count(), 3, "three kept, one closed");
+        // Every upstream and tenant together: another upstream's connection finds no room
+        // either, until one is taken.
+        get(&pool, &other).await.unwrap();
+        assert_eq!(pool.idle_count(), 3);
+        get(&pool, &origin).await.unwrap();
+        assert_eq!(connections.load(Ordering::SeqCst), 4, "a kept one was used");
+        // None kept at all.
+        let none = Http1Pool::new(HttpConnector::new(), Duration::from_secs(60), 0);
+        for _ in 0..2 {
+            get(&none, &origin).await.unwrap();
+            assert_eq!(none.idle_count(), 0);
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_used_again() {
         let (origin, connections) = server(Some(1)).await;
         let pool = pool(Duration::from_secs(60));
@@ -737,7 +794,7 @@ mod tests {
 
         // One replay at most: when the new connection closes unanswered too, the error.
         let (origin, connections, heads) = closing_server(true, b"").await;
-        let pool = super::Http1Pool::new(HttpConnector::new(), Duration::from_secs(60));
+        let pool = super::Http1Pool::new(HttpConnector::new(), Duration::from_secs(60), 512);
         ok(pool
             .send(&origin, None, request(&origin), true)
             .await

@@ -69,6 +69,7 @@ impl FhirProxy {
             rewrite_limit: 4 * 1024 * 1024,
             rewrite_budget: DEFAULT_REWRITE_BUDGET,
             pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             root_certificates: Vec::new(),
             trust_forwarded: false,
             forward_headers: Vec::new(),
@@ -137,6 +138,7 @@ pub struct FhirProxyBuilder {
     rewrite_limit: usize,
     rewrite_budget: usize,
     pool_idle_timeout: Duration,
+    pool_max_idle: usize,
     root_certificates: Vec<Vec<u8>>,
     trust_forwarded: bool,
     forward_headers: Vec<String>,
@@ -258,6 +260,17 @@ impl FhirProxyBuilder {
         self
     }
 
+    /// The most idle connections kept to plain-HTTP HTTP/1.1 upstreams, every upstream and
+    /// tenant together (each tenant has connections of its own, so many tenants on one server
+    /// would otherwise hold many idle sockets each, and the gateway's file descriptors with
+    /// them); beyond it, a connection whose exchange ends is closed rather than kept, until
+    /// the idle timeout makes room. HTTPS and h2c upstreams keep at most this many per tenant
+    /// and host. `0` keeps none (a connection a request). Default [`DEFAULT_POOL_MAX_IDLE`].
+    pub fn pool_max_idle(mut self, connections: usize) -> Self {
+        self.pool_max_idle = connections;
+        self
+    }
+
     /// Checks the configuration and builds the proxy.
     pub fn build(self) -> Result<FhirProxy, ConfigError> {
         let public = UpstreamBase::parse(&self.public_base_url).map_err(|_| {
@@ -277,6 +290,7 @@ impl FhirProxyBuilder {
         let transport = Transport::new(
             self.connect_timeout,
             self.pool_idle_timeout,
+            self.pool_max_idle,
             &self.root_certificates,
         )
         .map_err(ConfigError::Tls)?;
@@ -314,6 +328,9 @@ impl FhirProxyBuilder {
 
 /// The default [`FhirProxyBuilder::rewrite_budget`]: 256 MiB.
 pub const DEFAULT_REWRITE_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The default for [`FhirProxyBuilder::pool_max_idle`]: 512 idle upstream connections.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 512;
 
 /// The methods forwarded, as an `Allow` header lists them.
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";

@@ -53,11 +53,13 @@ pub(super) struct Transport {
 
 impl Transport {
     /// Pools connecting within `connect_timeout`, keeping idle connections for
-    /// `pool_idle_timeout`, trusting `root_certificates` (PEM) too for HTTPS; the error says
-    /// why the TLS configuration is unusable.
+    /// `pool_idle_timeout`, at most `pool_max_idle` of them (the own pool's in all; each HTTPS
+    /// and h2c client's per host), trusting `root_certificates` (PEM) too for HTTPS; the error
+    /// says why the TLS configuration is unusable.
     pub(super) fn new(
         connect_timeout: Duration,
         pool_idle_timeout: Duration,
+        pool_max_idle: usize,
         root_certificates: &[Vec<u8>],
     ) -> Result<Self, String> {
         let connector = connector(connect_timeout, root_certificates)?;
@@ -67,18 +69,24 @@ impl Transport {
         https
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
+            .pool_max_idle_per_host(pool_max_idle)
             .http1_max_buf_size(MAX_BUF_SIZE)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW);
         let h2_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
+            .pool_max_idle_per_host(pool_max_idle)
             .http2_only(true)
             .http2_initial_stream_window_size(HTTP2_STREAM_WINDOW)
             .http2_initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
             .build(connector.clone());
         Ok(Self {
-            http1: Http1Pool::new(http_connector(connect_timeout), pool_idle_timeout),
+            http1: Http1Pool::new(
+                http_connector(connect_timeout),
+                pool_idle_timeout,
+                pool_max_idle,
+            ),
             clients: Mutex::new(HashMap::new()),
             https,
             connector,
