@@ -15,10 +15,12 @@ pub(crate) struct BundleValues {
 
 /// The `value` attributes of the elements at `wanted` (each a path from the root, the
 /// element's name last: `[b"Bundle", b"entry", b"fullUrl"]`) in a FHIR XML Bundle, and its
-/// `type`'s; `None` when the body is not one whole XML document whose root is `Bundle`
-/// (unprefixed), or holds what this reader does not take (a `DOCTYPE`, whose entities it
-/// would not expand; a tag it cannot read). A scan of the tags only: text, comments, CDATA
-/// sections and processing instructions are skipped.
+/// `type`'s; `None` when the body is not one whole XML document whose root is `Bundle`, or
+/// holds what this reader does not take: a `DOCTYPE` (whose entities it would not expand), an
+/// element with a namespace prefix or a `value` attribute in a namespace (a parser reading
+/// local names, as HAPI's does, takes `f:url` for `url`), a `value` twice, a tag it cannot
+/// read. A scan of the tags only: text, comments, CDATA sections and processing instructions
+/// are skipped.
 pub(crate) fn bundle_values(body: &[u8], wanted: &[&[&[u8]]]) -> Option<BundleValues> {
     let mut open: Vec<&[u8]> = Vec::new();
     let mut values = Vec::new();
@@ -83,13 +85,23 @@ pub(crate) fn bundle_values(body: &[u8], wanted: &[&[&[u8]]]) -> Option<BundleVa
                     }
                     let end = start + 1 + memchr::memchr(quote, &body[start + 1..])?;
                     if attribute == b"value" {
+                        // Twice is no XML; a parser that takes it keeps one or the other.
+                        if value.is_some() {
+                            return None;
+                        }
                         value = Some(start + 1..end);
+                    } else if attribute.ends_with(b":value") {
+                        // A `value` in a namespace (`x:value`), which a parser reading local
+                        // names takes for the value: not read here.
+                        return None;
                     }
                     i = end + 1;
                 }
             }
         };
-        if name.is_empty() || (!rooted && name != b"Bundle") {
+        // A prefixed element (`f:url`) is, to a parser reading local names, the element
+        // without it: not read here.
+        if name.is_empty() || name.contains(&b':') || (!rooted && name != b"Bundle") {
             return None;
         }
         rooted = true;

@@ -917,6 +917,7 @@ async fn tenant_only_batches_name_nothing_outside_the_base(token: &str) {
         "http://127.0.0.1:9100/fhir/b/Patient/1",
         "../b/Patient/1",
         "Patient/%2e%2e/%2e%2e/b",
+        "/fhir/b/Patient/1",
     ] {
         for (ty, body) in [
             ("application/fhir+json", json(url)),
@@ -932,9 +933,30 @@ async fn tenant_only_batches_name_nothing_outside_the_base(token: &str) {
             assert_eq!(reply.json()["issue"][0]["code"], "invalid");
         }
     }
+    // What cannot be read as the server reads it: another charset, a compressed body.
+    for headers in [
+        &[("content-type", "application/fhir+json; charset=utf-16")][..],
+        &[
+            ("content-type", "application/fhir+json"),
+            ("content-encoding", "gzip"),
+        ][..],
+    ] {
+        let auth = format!("Bearer {token}");
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        let reply = client.send("POST", "/", &all, &json("Patient")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{headers:?}"
+        );
+    }
     assert!(upstream.received().is_empty(), "a refused batch was sent");
     for (ty, body) in [
-        ("application/fhir+json", json("Patient?name=a.b")),
+        (
+            "application/fhir+json",
+            json("Observation?code=http://loinc.org|8867-4"),
+        ),
         ("application/fhir+xml", xml("Patient/1")),
     ] {
         let reply = send(&client, token, "POST", "/", ty, &body).await;

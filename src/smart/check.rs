@@ -937,26 +937,38 @@ fn entry_patch(n: usize, resource: &Value) -> Result<Value, Refused> {
 }
 
 /// Refuses a batch or transaction entry's `request.url` (entry `n`) that may name something
-/// other than what it says relative to the FHIR base it is posted to: an absolute URL (of
-/// another base, perhaps another tenant's on the same server), a dot segment anywhere (a
-/// server that resolves them over the whole URL, `Patient/1?/../../Observation/1`, or
-/// against its base, `../b/Patient`), a fragment, a backslash (read as a slash by some), or a
-/// percent-encoded path (decoded by some).
+/// other than what it says relative to the FHIR base it is posted to: an absolute URL or one
+/// with a scheme (`http:/fhir/b`, which a resolver reads against the base's host), a path
+/// from the server's root (`/fhir/b/Patient`) or a network path (`//host`), control
+/// characters, tabs or spaces at either end (which URL parsers strip: ` //host`), a dot
+/// segment anywhere (a server that resolves them over the whole URL,
+/// `Patient/1?/../../Observation/1`, or against its base, `../b/Patient`; `..;x` and dots with
+/// `+` too), a fragment, a backslash (read as a slash by some), or a percent-encoded path
+/// (decoded by some). A URL in the query (`Observation?code=http://loinc.org|8867-4`) is a
+/// parameter's value, and stays.
 pub(crate) fn entry_url(n: usize, url: &str) -> Result<(), Refused> {
-    if url.contains("://") || url.starts_with("//") {
+    let path = url.split_once('?').map_or(url, |(path, _)| path);
+    if path.contains(':') || path.starts_with('/') {
         return Err(Refused::new(format!(
-            "Entry {n} of the Bundle names an absolute URL; only relative ones can be checked"
+            "Entry {n} of the Bundle names an absolute URL, a scheme or a path from the \
+             server's root; only URLs relative to the FHIR base can be checked"
         )));
     }
-    let path = url.split_once('?').map_or(url, |(path, _)| path);
     let dots = url.split(['/', '?', '&', '=']).any(|segment| {
-        let segment = segment.trim_matches(|c: char| c == ' ' || c == '+' || c.is_ascii_control());
-        !segment.is_empty() && segment.bytes().all(|b| b == b'.')
+        // (`..;jsessionid` is `..` to a servlet container.)
+        let name = segment.split(';').next().unwrap_or(segment);
+        name.contains('.')
+            && name
+                .bytes()
+                .all(|b| b == b'.' || b == b'+' || b <= b' ' || b == 0x7f)
     });
-    if dots || url.contains(['#', '\\']) || path.contains('%') {
+    let unprintable =
+        url.bytes().any(|b| b < b' ' || b == 0x7f) || url.starts_with(' ') || url.ends_with(' ');
+    if dots || unprintable || url.contains(['#', '\\']) || path.contains('%') {
         return Err(Refused::malformed(format!(
-            "Entry {n} of the Bundle has a url with a dot segment, a fragment, a backslash or \
-             a percent-encoded path: servers differ on what it names"
+            "Entry {n} of the Bundle has a url with a dot segment, a control character or a \
+             space at either end, a fragment, a backslash or a percent-encoded path: servers \
+             differ on what it names"
         )));
     }
     Ok(())
@@ -965,9 +977,9 @@ pub(crate) fn entry_url(n: usize, url: &str) -> Result<(), Refused> {
 /// Refuses a batch or transaction Bundle posted under a token the scopes do not restrict (a
 /// tenant-only one) whose entries' URLs could name something outside the tenant's FHIR base
 /// ([`entry_url`]): JSON (each key once) or XML (read by [`crate::xml::bundle_values`], whose
-/// entities it decodes). A body that is no Bundle, or in another format, is the server's to
-/// refuse; an XML Bundle this reader cannot read (a `DOCTYPE`, a prefixed root) is refused,
-/// its entries unchecked.
+/// entities it decodes), in UTF-8. A JSON or XML body that is no Bundle is the server's to
+/// refuse; one in another format or encoding (UTF-16, compressed), or an XML Bundle this
+/// reader cannot read (a `DOCTYPE`, a namespace prefix), is refused, its entries unchecked.
 pub(crate) fn bundle_entry_urls(body: &[u8]) -> Result<(), Refused> {
     let start = body
         .strip_prefix(b"\xEF\xBB\xBF")
@@ -1013,7 +1025,10 @@ pub(crate) fn bundle_entry_urls(body: &[u8]) -> Result<(), Refused> {
             }
             Ok(())
         }
-        _ => Ok(()),
+        None => Ok(()),
+        Some(_) => Err(Refused::malformed(
+            "A batch or transaction must be FHIR JSON or XML in UTF-8 to be checked",
+        )),
     }
 }
 
@@ -2406,6 +2421,15 @@ mod tests {
             "..+/b/Patient",
             "\\\\127.0.0.1:9100\\fhir\\b",
             "Patient/1#x",
+            // What a resolver reads against the base's host, or strips to a network path.
+            "/fhir/b/Patient/1",
+            "http:/fhir/b/Patient/1",
+            " //127.0.0.1:9100/fhir/b/Patient/1",
+            "/\t/127.0.0.1:9100/fhir/b",
+            "http:\t//127.0.0.1:9100/fhir/b",
+            "Patient/1\n",
+            "Patient/..;/..;/b/Patient/1",
+            "Patient/.+./b",
         ] {
             let refused = bundle_entry_urls(json(url).as_bytes()).unwrap_err();
             assert!(refused.malformed, "{url}: {refused:?}");
@@ -2425,15 +2449,32 @@ mod tests {
             "Patient?name=a.b",
             "Observation/1/_history/2",
             "$export",
+            // A URL in the query is a parameter's value.
+            "Observation?code=http://loinc.org|8867-4",
+            "Patient?identifier=http://hospital.example/mrn|123",
+            "ValueSet/$expand?url=http://hl7.org/fhir/ValueSet/x",
+            "CodeSystem/$lookup?system=http://loinc.org&code=1",
         ] {
             assert_eq!(bundle_entry_urls(json(url).as_bytes()), Ok(()), "{url}");
-            assert_eq!(bundle_entry_urls(xml(url).as_bytes()), Ok(()), "{url}");
+            let escaped = url.replace('&', "&amp;");
+            assert_eq!(bundle_entry_urls(xml(&escaped).as_bytes()), Ok(()), "{url}");
         }
         // A key twice (which counts?), or XML this reader does not take: refused unchecked.
         let twice = r#"{"resourceType": "Bundle", "type": "batch", "entry": [{"request":
             {"method": "GET", "url": "Patient/1", "url": "../b/Patient/1"}}]}"#;
         assert!(bundle_entry_urls(twice.as_bytes()).unwrap_err().malformed);
         for unreadable in [
+            // Prefixed elements and namespaced values, which a parser reading local names
+            // takes for `url` and `value`.
+            "<Bundle xmlns=\"http://hl7.org/fhir\" xmlns:f=\"http://hl7.org/fhir\"><entry>\
+             <request><method value=\"GET\"/><f:url value=\"../b/Patient/1\"/></request>\
+             </entry></Bundle>",
+            "<Bundle xmlns:f=\"http://hl7.org/fhir\"><entry><f:request><url value=\"../b\"/>\
+             </f:request></entry></Bundle>",
+            "<Bundle><entry><request><url value=\"Patient/1\" x:value=\"../b/Patient/1\" \
+             xmlns:x=\"urn:x\"/></request></entry></Bundle>",
+            "<Bundle><entry><request><url value=\"Patient/1\" value=\"../b\"/></request>\
+             </entry></Bundle>",
             "<f:Bundle xmlns:f=\"http://hl7.org/fhir\"><f:entry/></f:Bundle>",
             "<!DOCTYPE Bundle [<!ENTITY u \"../b\">]><Bundle><entry/></Bundle>",
             "<Bundle><entry><request><url value=\"Patient\"></request></Bundle>",
@@ -2444,14 +2485,22 @@ mod tests {
                 "{unreadable}"
             );
         }
-        // Not a Bundle, or another format: the server's to refuse.
+        // JSON or XML that is not a Bundle: the server's to refuse.
         for other in [
             &br#"{"resourceType": "Patient"}"#[..],
             b"<Patient xmlns=\"http://hl7.org/fhir\"/>",
-            b"name=x",
             b"",
         ] {
             assert_eq!(bundle_entry_urls(other), Ok(()));
+        }
+        // Another format or encoding cannot be checked: UTF-16 (as a server decoding the
+        // charset its Content-Type names reads it), gzip, a form.
+        let utf16: Vec<u8> = json("../b/Patient/1")
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        for other in [&utf16[..], b"\x1f\x8b\x08\x00", b"name=x"] {
+            assert!(bundle_entry_urls(other).unwrap_err().malformed);
         }
     }
 

@@ -421,6 +421,12 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             && interaction_of(request.method(), request.uri().path()).interaction
                 == Some(Interaction::Batch)
         {
+            if let Some(why) = unreadable_batch(request.headers()) {
+                return Plan::Refuse(Box::new(
+                    OperationOutcome::error(IssueType::NotSupported, why)
+                        .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+                ));
+            }
             return Plan::ReadBody(BodyCheck::BundleUrls);
         }
         return Plan::Pass;
@@ -1258,6 +1264,39 @@ fn form_body(headers: &http::HeaderMap) -> Result<bool, &'static str> {
         );
     }
     Ok(true)
+}
+
+/// Why a batch's body cannot be read here as the FHIR server reads it, if it cannot: a
+/// `Content-Encoding` other than `identity`, or a `charset` other than UTF-8 (HAPI decodes a
+/// body in the charset its `Content-Type` names: UTF-16 would be read there, not here).
+fn unreadable_batch(headers: &http::HeaderMap) -> Option<&'static str> {
+    let coded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|value| {
+            !value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"identity")
+        });
+    if coded {
+        return Some("A batch or transaction must come without Content-Encoding to be checked");
+    }
+    let other_charset = headers.get_all(header::CONTENT_TYPE).iter().any(|value| {
+        value.as_bytes().split(|&b| b == b';').skip(1).any(|param| {
+            let param = param.trim_ascii();
+            let Some(at) = param.iter().position(|&b| b == b'=') else {
+                return false;
+            };
+            let (name, value) = (param[..at].trim_ascii(), param[at + 1..].trim_ascii());
+            let value = value
+                .strip_prefix(b"\"")
+                .and_then(|value| value.strip_suffix(b"\""))
+                .unwrap_or(value);
+            name.eq_ignore_ascii_case(b"charset") && !value.eq_ignore_ascii_case(b"utf-8")
+        })
+    });
+    other_charset.then_some("A batch or transaction must be in UTF-8 to be checked")
 }
 
 /// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not

@@ -32,18 +32,20 @@
 //! | any other `$operation` (`$everything`, `$summary`, `$document`, `$graphql`, `$export`, one not listed) by GET | `r` and `s` on `*`: it may answer with any type (`Patient/[id]/$everything` and `$summary`: for that patient under `patient/` scopes, when each of its parameters only narrows or shapes what it answers with, `_count`, `_offset`, `_since`, `_lastUpdated`, `_type`, `_elements`, `_summary`, `_format`, `_pretty`, `start`, `end`, and `$summary`'s `profile`, in the query, a form or posted JSON `Parameters` (posted in another format, only with `r` and `s` on `*`, else `415`); another, HAPI's `_mdm=true` say, may add other patients' records; any other operation on a patient, `$graphql` say, may follow references out of its compartment: anyone's) |
 //! | `$operation` by another method | the same plus `c` and `u` (and `d`, for one not known to stay within its type); `$everything`, `$summary`, `$document` by POST only read: as by GET |
 //! | an `$operation`'s `_include`, `_revinclude` | as a search's, in the query or in a form posted to it (servers read a form's parameters as the query's) |
-//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs, nested batches or no request refused, as are urls with a dot segment anywhere, a fragment, a backslash or a percent-encoded path, which servers read differently); a create's or update's `resource` is checked as a top-level one's, a patch's (a FHIRPath Patch's `Parameters`, a JSON Patch in a `Binary`'s base64 `data`; anything else `400`) as a top-level patch, an operation's (by POST) `Parameters` as its parameters, and a conditional create's `ifNoneExist` as a search of that type; an entry with a `resource` its request does not take (a `_search`'s, an operation's that is not a `Parameters`; but a read's or a delete's, which servers ignore) is `400`: HAPI creates a POST entry's resource whatever its url names; an entry allowed only by its parameters makes the batch go with `Prefer: handling=strict`; the batch's own query takes only `_format`, `_pretty` and `_cascade` (another is `400`: a server may apply it to every entry) |
+//! | `batch`, `transaction` | every entry checked as its own request (JSON Bundles only, each key once in an object: parsers differ on which of two counts; entries with absolute URLs (a scheme or `//` before the query) or paths from the server's root, nested batches or no request refused, as are urls with a dot segment anywhere (`..;x`, `.+.` too), a control character or a space at either end, a fragment, a backslash or a percent-encoded path, which servers read differently); a create's or update's `resource` is checked as a top-level one's, a patch's (a FHIRPath Patch's `Parameters`, a JSON Patch in a `Binary`'s base64 `data`; anything else `400`) as a top-level patch, an operation's (by POST) `Parameters` as its parameters, and a conditional create's `ifNoneExist` as a search of that type; an entry with a `resource` its request does not take (a `_search`'s, an operation's that is not a `Parameters`; but a read's or a delete's, which servers ignore) is `400`: HAPI creates a POST entry's resource whatever its url names; an entry allowed only by its parameters makes the batch go with `Prefer: handling=strict`; the batch's own query takes only `_format`, `_pretty` and `_cascade` (another is `400`: a server may apply it to every entry) |
 //! | conditional `create` (`If-None-Exist`) | `c`, and `s` for the search |
 //! | `capabilities` (`metadata`) | nothing |
 //!
 //! A token that names the tenant alone (no SMART scope) has tenant-wide access, unless
 //! `require_smart_scopes(true)`: its requests pass unchecked, but for a `batch` or
 //! `transaction`, whose entries the FHIR server reads relative to the tenant's base: one whose
-//! `request.url` is absolute (another base, perhaps another tenant's on the same server) or
-//! has a dot segment, a fragment, a backslash or a percent-encoded path is `400`, in JSON
-//! (each key once in an object) or XML (its character references decoded; an XML Bundle with a
-//! document type or a namespace prefix on its elements, which this reader does not take, is
-//! `400` too).
+//! `request.url` is absolute or has a scheme (another base, perhaps another tenant's on the
+//! same server; a URL in its query stays), starts at the server's root (`/fhir/b/...`), has a
+//! control character or a space at either end, a dot segment (`..;x` and `.+.` too), a
+//! fragment, a backslash or a percent-encoded path is `400`, in JSON (each key once in an
+//! object) or XML (its character references decoded; an XML Bundle with a document type, a
+//! namespace prefix on an element or a `value` attribute, which this reader does not take, is
+//! `400` too); a batch with a `Content-Encoding` or a charset other than UTF-8 is `415`.
 //!
 //! What cannot be decided before forwarding is refused rather than guessed:
 //!
