@@ -30,6 +30,8 @@ struct Setup {
     client: TestClient,
     base: String,
     upstream: RecordingUpstream,
+    /// The token endpoint's revoked list.
+    revoked: tower_fhir::auth::RevokedTokens,
 }
 
 async fn setup() -> Setup {
@@ -72,6 +74,7 @@ async fn setup() -> Setup {
         .store(store)
         .build()
         .unwrap();
+    let revoked = endpoint.revoked_tokens().clone();
     let gateway = Gateway::builder(&base)
         .directory(directory)
         .token_endpoint(endpoint)
@@ -90,7 +93,31 @@ async fn setup() -> Setup {
         client: TestClient::new(serve_tower_on(listener, gateway)),
         base,
         upstream,
+        revoked,
     }
+}
+
+/// While the revoked list is staler than it may be (a replica cut off from the others'
+/// revocations), no token is vouched for: introspection says inactive, the bearer layer `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_revoked_list_vouches_for_no_token() {
+    let Setup {
+        client, revoked, ..
+    } = setup().await;
+    let live = token(&client, "app", SECRET).await;
+    assert_eq!(introspect(&client, &live).await["active"], true);
+    revoked.set_max_staleness(Some(Duration::from_secs(5)));
+    assert_eq!(introspect(&client, &live).await, json!({"active": false}));
+    assert_eq!(
+        client.get_bearer("/Patient/1", &live).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    revoked.confirm_current(std::time::Instant::now());
+    assert_eq!(introspect(&client, &live).await["active"], true);
+    assert_eq!(
+        client.get_bearer("/Patient/1", &live).await.status,
+        StatusCode::OK
+    );
 }
 
 async fn post(client: &TestClient, path: &str, form: &str) -> Reply {

@@ -650,8 +650,12 @@ async fn reset_secret(
     Path(client_id): Path<String>,
     body: Bytes,
 ) -> Response {
-    // A secret sent here would not be the one set: said, rather than ignored.
-    if !body.trim_ascii().is_empty() {
+    // A secret sent here would not be the one set: said, rather than ignored. (An empty JSON
+    // object, which many clients send with every POST, says nothing.)
+    let says_nothing = body.trim_ascii().is_empty()
+        || serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body)
+            .is_ok_and(|members| members.is_empty());
+    if !says_nothing {
         return error(
             StatusCode::BAD_REQUEST,
             "POST /admin/clients/{client_id}/secret takes no body: it makes a new secret and shows it once (a secret provisioned elsewhere is given when the client is registered)",
@@ -968,7 +972,14 @@ async fn change_client(
             );
         }
         if let Some(why) = body.leaves_out(&record) {
-            return error(StatusCode::BAD_REQUEST, &why);
+            // (Decided again on the client as it now is: an earlier attempt may have refused
+            // its tokens already.)
+            let also = if refused {
+                " (the tokens the client held were refused by an earlier attempt: it takes new ones)"
+            } else {
+                ""
+            };
+            return error(StatusCode::BAD_REQUEST, &format!("{why}{also}"));
         }
         if body.changes_authentication(&record) {
             return error(

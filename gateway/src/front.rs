@@ -84,6 +84,8 @@ pub(crate) struct Listening {
     pub(crate) tenants: PgTenantStore,
     /// `None` when revocations are not followed (never, once the gateway runs).
     pub(crate) revocations: Option<RevocationsFollowed>,
+    /// The revoked list they fill, not ready while staler than `revocation_max_staleness_seconds`.
+    pub(crate) revoked: tower_fhir::auth::RevokedTokens,
 }
 
 /// What the workers serve, each wrapped as the configuration says.
@@ -132,11 +134,14 @@ pub(crate) fn front(
         up,
         tenants,
         revocations,
+        revoked,
     }) = database
     {
         health = health
             .readiness("database", move || up.load(Ordering::Relaxed))
-            .readiness("database change listener", move || tenants.is_listening());
+            .readiness("database change listener", move || tenants.is_listening())
+            // (Every token is refused meanwhile: `revocation_max_staleness_seconds`.)
+            .readiness("revoked tokens current", move || !revoked.is_stale());
         if let Some(revocations) = revocations {
             health = health.readiness("database revocation listener", move || {
                 revocations.is_listening()

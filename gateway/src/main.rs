@@ -435,6 +435,7 @@ async fn run(args: Args) -> Result<(), String> {
         up: Arc::clone(&database.up),
         tenants: database.tenants.clone(),
         revocations,
+        revoked: endpoint.revoked_tokens().clone(),
     });
     let mut served = front::front(&config, gateway, admins, &state.keys, database)?;
     let reopener = served.reopener.take();

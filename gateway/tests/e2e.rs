@@ -850,7 +850,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
     );
     let reply = gateway
         .client
-        .send("POST", "/admin/clients/app/secret", &admin, "")
+        .send("POST", "/admin/clients/app/secret", &admin, "{ }")
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let reset = reply.json()["client_secret"].as_str().unwrap().to_owned();

@@ -654,11 +654,21 @@ async fn a_cut_off_replica_refuses_tokens_past_revocation_max_staleness_seconds(
         },
     )
     .await;
-    // What needs no token is served on.
+    // What needs no token is served on; `/readyz` says why tokens are not.
     let reply = cut_off.client.get("/metadata", &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let reply = cut_off.client.get("/healthz", &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = cut_off.client.get("/readyz", &[]).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        reply.json()["waiting_for"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("revoked tokens current")),
+        "{}",
+        reply.text()
+    );
 
     // Heard again: the revoked token is refused as revoked, a new one taken.
     proxy.freeze(false);

@@ -1837,8 +1837,12 @@ impl Handler for RevocationChanges {
     fn vouched(&mut self, asked: std::time::Instant) {
         // Unless an announced revocation is still being read (or every one read again after
         // a failure): the list holds it only once that is done.
+        // (A catch-up asked for counts as one running: a failed read asks for one as it ends,
+        // and the one running may be handing over to it.)
+        use std::sync::atomic::Ordering::SeqCst;
         let reading = self.rereads.available_permits() < REREADS
-            || self.catching_up.load(std::sync::atomic::Ordering::SeqCst);
+            || self.catching_up.load(SeqCst)
+            || self.catch_up_again.load(SeqCst);
         if !reading {
             self.revoked.confirm_current(asked);
         }

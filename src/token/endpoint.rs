@@ -644,7 +644,7 @@ impl Inner {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()
         })?;
-        tracing::debug!(client_id = %client.id, tenant = %tenant, "token issued");
+        tracing::debug!(client_id = %super::LoggedId(&client.id), tenant = %tenant, "token issued");
         Ok(json_response(
             StatusCode::OK,
             &json!({

@@ -171,7 +171,7 @@ where
             };
             if let Some(claims) = inner.revocable_token(token) {
                 if claims.subject() != Some(client.id.as_str()) {
-                    tracing::info!(client_id = %client.id, "revocation of another client's token refused");
+                    tracing::info!(client_id = %super::LoggedId(&client.id), "revocation of another client's token refused");
                     return Err(TokenError::new(
                         StatusCode::BAD_REQUEST,
                         ErrorCode::UnauthorizedClient,
@@ -182,13 +182,13 @@ where
                 if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
                     let until = crate::auth::revoked_until(claims.expires_at());
                     if let Err(error) = log.record(claims.issuer(), jti, until).await {
-                        tracing::error!(client_id = %client.id, %error, "a revocation could not be recorded for the other replicas");
+                        tracing::error!(client_id = %super::LoggedId(&client.id), %error, "a revocation could not be recorded for the other replicas");
                         return Err(TokenError::unavailable(
                             "The revocation could not be recorded everywhere; retry shortly",
                         ));
                     }
                 }
-                tracing::info!(client_id = %client.id, "token revoked");
+                tracing::info!(client_id = %super::LoggedId(&client.id), "token revoked");
             }
             Ok(json_response(StatusCode::OK, &Value::Object(Map::new())))
         })
@@ -216,7 +216,9 @@ impl Inner {
     /// current keys, its issuer and audience, not expired (no leeway), not revoked.
     pub(super) fn live_token(&self, token: &str) -> Option<VerifiedClaims> {
         let claims = self.own_token(token, 0)?;
-        (!claims.is_expired() && !self.revoked.is_revoked(&claims)).then_some(claims)
+        // (While the revoked list is staler than it may be, no token can be vouched for.)
+        (!claims.is_expired() && !self.revoked.is_revoked(&claims) && !self.revoked.is_stale())
+            .then_some(claims)
     }
 
     /// The claims of `token` when it is a token of this endpoint that a bearer layer may still

@@ -156,7 +156,7 @@ impl Inner {
                 // Replaced meanwhile (a reset), or refused: revoked or deleted meanwhile. Either
                 // way the credentials no longer name a client that may rotate.
                 if err.is_conflict() || err.is_refused() {
-                    tracing::warn!(client_id = %id, error = %err, "a secret rotation refused: the client changed while its secret was checked");
+                    tracing::warn!(client_id = %super::LoggedId(&id), error = %err, "a secret rotation refused: the client changed while its secret was checked");
                     return TokenError::invalid_client(
                         "Client authentication failed",
                         basic.then_some(&self.realm),
@@ -165,7 +165,7 @@ impl Inner {
                 tracing::error!(error = %err, "could not rotate a client secret");
                 TokenError::store_unavailable()
             })?;
-        tracing::info!(client_id = %id, "client rotated its secret");
+        tracing::info!(client_id = %super::LoggedId(&id), "client rotated its secret");
         Ok(json_response(
             StatusCode::OK,
             &json!({"client_id": id, "client_secret": new_secret.expose()}),
