@@ -2246,6 +2246,66 @@ mod tests {
     use super::{supported_server, PgError};
     use std::fmt;
 
+    /// The revocation listener vouches for its list only once every announced revocation is
+    /// read: while a re-read holds a permit, or a catch-up runs or is asked for, a vouch
+    /// confirms nothing (the list may lack what was announced).
+    #[tokio::test]
+    async fn a_vouch_confirms_the_list_only_with_nothing_left_to_read() {
+        use super::{Handler, RevocationChanges, REREADS};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        // A pool that is never used (nothing connects until asked).
+        let manager = deadpool_postgres::Manager::from_config(
+            tokio_postgres::Config::new(),
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig::default(),
+        );
+        let pool = deadpool_postgres::Pool::builder(manager).build().unwrap();
+        let revoked = crate::auth::RevokedTokens::new();
+        let mut changes = RevocationChanges {
+            pool,
+            revoked: revoked.clone(),
+            up: tokio::sync::watch::channel(false).0,
+            rereads: Arc::new(tokio::sync::Semaphore::new(REREADS)),
+            catching_up: Arc::new(AtomicBool::new(false)),
+            catch_up_again: Arc::new(AtomicBool::new(false)),
+        };
+        assert_eq!(changes.vouch_every(), None, "no limit: no vouching");
+        revoked.set_max_staleness(Some(Duration::from_secs(10)));
+        assert_eq!(changes.vouch_every(), Some(Duration::from_secs(2)));
+        revoked.set_max_staleness(Some(Duration::from_secs(5)));
+        assert_eq!(
+            changes.vouch_every(),
+            Some(Duration::from_secs(1)),
+            "a second at least"
+        );
+        assert!(revoked.is_stale(), "never confirmed");
+
+        let permit = Arc::clone(&changes.rereads).try_acquire_owned().unwrap();
+        changes.vouched(Instant::now());
+        assert!(
+            revoked.is_stale(),
+            "confirmed while a revocation was being read"
+        );
+        drop(permit);
+        let flags = [
+            Arc::clone(&changes.catching_up),
+            Arc::clone(&changes.catch_up_again),
+        ];
+        for flag in &flags {
+            flag.store(true, Ordering::SeqCst);
+            changes.vouched(Instant::now());
+            assert!(
+                revoked.is_stale(),
+                "confirmed while a catch-up ran or was asked for"
+            );
+            flag.store(false, Ordering::SeqCst);
+        }
+        changes.vouched(Instant::now());
+        assert!(!revoked.is_stale(), "nothing left to read: confirmed");
+    }
+
     #[test]
     fn an_error_says_its_whole_chain_once() {
         #[derive(Debug)]
