@@ -32,9 +32,17 @@ impl Write for Captured {
     }
 }
 
-// current_thread: the server, the key fetch and the test share the thread-local subscriber.
-#[tokio::test(flavor = "current_thread")]
-async fn logs_say_why_but_never_show_tokens_or_secrets() {
+impl Captured {
+    /// What was logged so far.
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Everything this thread logs from now on, at every level (every test here asks for the
+/// same, so no callsite's interest depends on which test reached it first), until the guard
+/// is dropped.
+fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -42,7 +50,13 @@ async fn logs_say_why_but_never_show_tokens_or_secrets() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+// current_thread: the server, the key fetch and the test share the thread-local subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn logs_say_why_but_never_show_tokens_or_secrets() {
+    let (captured, _guard) = capture();
 
     let server = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
     server.set_status(StatusCode::INTERNAL_SERVER_ERROR);
@@ -73,7 +87,7 @@ async fn logs_say_why_but_never_show_tokens_or_secrets() {
         assert_eq!(client.get_bearer("/Patient/1", token).await.status, status);
     }
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("The access token expired"), "{logs}");
     assert!(logs.contains("could not fetch verification keys"), "{logs}");
     for token in &tokens {
@@ -93,17 +107,10 @@ async fn logs_say_why_but_never_show_tokens_or_secrets() {
 /// A client id is whatever a client sends: one that reads like the log's own fields (`app
 /// from=...`) is quoted in the line that says its authentication failed, so it cannot pass for
 /// another client or address.
-#[tokio::test]
+#[tokio::test(flavor = "current_thread")]
 async fn a_client_id_cannot_write_fields_into_the_log() {
     use tower::ServiceExt;
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture();
     let endpoint = tower_fhir::token::TokenEndpoint::builder()
         .issuer("https://gateway.test")
         .audience("tower-fhir")
@@ -124,7 +131,7 @@ async fn a_client_id_cannot_write_fields_into_the_log() {
         .unwrap();
     let response = endpoint.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let line = logs
         .lines()
         .find(|line| line.contains("client authentication failed"))

@@ -123,15 +123,7 @@ async fn announced_revocations_the_database_does_not_hold_are_ignored() {
     );
     // The listener was listening: a revocation the database holds, announced the same way,
     // is heard.
-    let reply = replica(&url)
-        .await
-        .send(
-            "POST",
-            "/oauth/revoke",
-            &[FORM],
-            &format!("token={token}&client_id=app&client_secret={SECRET}"),
-        )
-        .await;
+    let reply = replica(&url).await.revoke(&token, "app", SECRET).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     refused_within_a_second(&one, &token, Instant::now(), "the revoked token").await;
 }
@@ -152,14 +144,7 @@ async fn a_revocation_through_one_replica_reaches_the_others() {
     );
 
     // Revoked through replica one: replica two refuses it within a second.
-    let reply = one
-        .send(
-            "POST",
-            "/oauth/revoke",
-            &[FORM],
-            &format!("token={token}&client_id=app&client_secret={SECRET}"),
-        )
-        .await;
+    let reply = one.revoke(&token, "app", SECRET).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let revoked_at = Instant::now();
     refused_within_a_second(&two, &token, revoked_at, "the revoked token").await;

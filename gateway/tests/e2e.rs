@@ -1094,15 +1094,7 @@ async fn secret_rotation_admin_changes_and_a_restart() {
         .as_str()
         .unwrap()
         .to_owned();
-    let reply = gateway
-        .client
-        .send(
-            "POST",
-            "/oauth/revoke",
-            &[FORM],
-            &format!("token={revoked}&client_id=app&client_secret={reset}"),
-        )
-        .await;
+    let reply = gateway.client.revoke(&revoked, "app", &reset).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let reply = get(&gateway, &revoked, "/Patient/p1", "application/fhir+json").await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());

@@ -617,15 +617,7 @@ async fn a_cut_off_replica_refuses_tokens_past_revocation_max_staleness_seconds(
 
     // Cut off; the token is revoked through the other replica.
     proxy.freeze(true);
-    let reply = other
-        .client
-        .send(
-            "POST",
-            "/oauth/revoke",
-            &[FORM],
-            &format!("token={token}&client_id=app&client_secret={SECRET}"),
-        )
-        .await;
+    let reply = other.client.revoke(&token, "app", SECRET).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let revoked = Instant::now();
     within(

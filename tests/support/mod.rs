@@ -294,6 +294,17 @@ impl TestClient {
         self.get(path, &[("authorization", &format!("Bearer {token}"))])
             .await
     }
+
+    /// `POST /oauth/revoke` of `token` by the client `client_id` with `secret` (RFC 7009).
+    pub async fn revoke(&self, token: &str, client_id: &str, secret: &str) -> Reply {
+        self.send(
+            "POST",
+            "/oauth/revoke",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &format!("token={token}&client_id={client_id}&client_secret={secret}"),
+        )
+        .await
+    }
 }
 
 /// What an upstream test server received, exactly.
