@@ -387,7 +387,7 @@ async fn accept(
                 })
             };
             async move {
-                let response = match answer {
+                let mut response = match answer {
                     // Answered already: a panic as the request was called, or its Host.
                     Err(answered) => (*answered).map(Either::Right),
                     Ok(future::Either::Left(gateway)) => match Contained::new(gateway).await {
@@ -399,11 +399,9 @@ async fn accept(
                     },
                 };
                 // (Its headers, `Content-Length` included, are the GET's.)
-                let response = if bodiless {
-                    response.map(|_| Either::Right(axum::body::Body::empty()))
-                } else {
-                    response
-                };
+                if bodiless {
+                    *response.body_mut() = Either::Right(axum::body::Body::empty());
+                }
                 // In flight until the client has taken the body (or hyper gives it up).
                 Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))
             }

@@ -438,35 +438,26 @@ pub(super) struct Rewriting<'a> {
     pub(super) retry_safe: bool,
 }
 
-/// Whether a response header speaks for the whole origin rather than for this response:
-/// HSTS, `Alt-Svc`, `Clear-Site-Data`, key pins, Network Error Logging and its reporting
-/// endpoints (`NEL`, `Report-To`, `Reporting-Endpoints`), `Service-Worker-Allowed` (a service
-/// worker's scope widened to the whole origin), and CORS's `Access-Control-*`. Every
-/// tenant's upstream answers under the gateway's one origin, so one upstream's would bind the
-/// others' (HSTS switched off, a browser's data cleared, every tenant's request URLs reported to
-/// it, an origin given credentialed CORS access past the gateway's `cors_allowed_origins`):
-/// they are the gateway's to send, never an upstream's.
-fn origin_wide(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    name.starts_with("access-control-")
-        || matches!(
-            name,
-            "strict-transport-security"
-                | "alt-svc"
-                | "clear-site-data"
-                | "public-key-pins"
-                | "public-key-pins-report-only"
-                | "nel"
-                | "report-to"
-                | "reporting-endpoints"
-                | "service-worker-allowed"
-        )
+/// A response header the proxy drops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// It speaks for the whole origin rather than for this response: HSTS, `Alt-Svc`,
+    /// `Clear-Site-Data`, key pins, Network Error Logging and its reporting endpoints (`NEL`,
+    /// `Report-To`, `Reporting-Endpoints`), `Service-Worker-Allowed` (a service worker's scope
+    /// widened to the whole origin), and CORS's `Access-Control-*`. Every tenant's upstream
+    /// answers under the gateway's one origin, so one upstream's would bind the others' (HSTS
+    /// switched off, a browser's data cleared, every tenant's request URLs reported to it, an
+    /// origin given credentialed CORS access past the gateway's `cors_allowed_origins`): they
+    /// are the gateway's to send, never an upstream's.
+    OriginWide,
+    /// It names the server's software and release (`Server: Apache/2.4.57`, HAPI's
+    /// `X-Powered-By: HAPI FHIR 7.4.0 REST Server`): which FHIR server a hospital runs, and
+    /// whether it is one with a known hole, is not the gateway's clients' to learn (nginx drops
+    /// `Server` too). [`SOFTWARE_HEADERS`].
+    Software,
 }
 
-/// The headers in which a server names its software and release (`Server: Apache/2.4.57`,
-/// HAPI's `X-Powered-By: HAPI FHIR 7.4.0 REST Server`): which FHIR server a hospital runs, and
-/// whether it is one with a known hole, is not the gateway's clients' to learn (nginx drops
-/// `Server` too).
+/// The headers that name a server's software ([`Dropped::Software`]).
 const SOFTWARE_HEADERS: [&str; 4] = [
     "server",
     "x-powered-by",
@@ -474,8 +465,29 @@ const SOFTWARE_HEADERS: [&str; 4] = [
     "x-aspnetmvc-version",
 ];
 
-fn names_software(name: &HeaderName) -> bool {
-    SOFTWARE_HEADERS.contains(&name.as_str())
+/// Whether the proxy drops a response header, and why: one look at its name.
+fn dropped(name: &HeaderName) -> Option<Dropped> {
+    let name = name.as_str();
+    match name {
+        "strict-transport-security"
+        | "alt-svc"
+        | "clear-site-data"
+        | "public-key-pins"
+        | "public-key-pins-report-only"
+        | "nel"
+        | "report-to"
+        | "reporting-endpoints"
+        | "service-worker-allowed" => Some(Dropped::OriginWide),
+        "server" | "x-powered-by" | "x-aspnet-version" | "x-aspnetmvc-version" => {
+            Some(Dropped::Software)
+        }
+        _ if name.starts_with("access-control-") => Some(Dropped::OriginWide),
+        _ => None,
+    }
+}
+
+fn origin_wide(name: &HeaderName) -> bool {
+    dropped(name) == Some(Dropped::OriginWide)
 }
 
 /// An `OperationOutcome` answer of the proxy's own.
@@ -505,9 +517,9 @@ struct ResponseHeads {
     location: bool,
     /// A `Set-Cookie` or `Set-Cookie2` is there (to remove unless the upstream may set cookies).
     set_cookie: bool,
-    /// A header that speaks for the whole origin is there (to remove: see [`origin_wide`]).
+    /// A header that speaks for the whole origin is there (to remove: [`Dropped::OriginWide`]).
     origin_wide: bool,
-    /// A header naming the upstream's software is there (to remove: see [`names_software`]).
+    /// A header naming the upstream's software is there (to remove: [`Dropped::Software`]).
     software: bool,
     /// The first `Content-Type`'s media type is a JSON one.
     json: Option<bool>,
@@ -554,10 +566,12 @@ impl ResponseHeads {
                 heads.length.get_or_insert_with(|| {
                     value.to_str().ok().and_then(|v| v.parse::<usize>().ok())
                 });
-            } else if origin_wide(name) {
-                heads.origin_wide = true;
-            } else if names_software(name) {
-                heads.software = true;
+            } else {
+                match dropped(name) {
+                    Some(Dropped::OriginWide) => heads.origin_wide = true,
+                    Some(Dropped::Software) => heads.software = true,
+                    None => {}
+                }
             }
         }
         heads

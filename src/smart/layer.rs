@@ -417,10 +417,8 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
         // The tenant alone: tenant-wide access, as before SMART scopes were enforced. But a
         // batch's entries are read by the FHIR server relative to the tenant's base: one
         // that could name another base (another tenant's, on the same server) is refused.
-        if request.method() == Method::POST
-            && interaction_of(request.method(), request.uri().path()).interaction
-                == Some(Interaction::Batch)
-        {
+        // (A POST to the base: a path of nothing but slashes, as the classification reads it.)
+        if request.method() == Method::POST && request.uri().path().bytes().all(|b| b == b'/') {
             if let Some(why) = unreadable_batch(request.headers()) {
                 return Plan::Refuse(Box::new(
                     OperationOutcome::error(IssueType::NotSupported, why)
