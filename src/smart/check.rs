@@ -1013,7 +1013,10 @@ pub(crate) fn bundle_entry_urls(body: &[u8]) -> Result<(), Refused> {
                      does not read): write it without",
                 )
             };
-            if !xml_root_may_be_bundle(start) {
+            // A root read plainly as another element is the server's to refuse; one that
+            // cannot be read (a document type, whose entities could make it one) is scanned,
+            // and refused.
+            if super::layer::xml_root(start).is_some_and(|root| root != "Bundle") {
                 return Ok(());
             }
             let found =
@@ -1030,38 +1033,6 @@ pub(crate) fn bundle_entry_urls(body: &[u8]) -> Result<(), Refused> {
             "A batch or transaction must be FHIR JSON or XML in UTF-8 to be checked",
         )),
     }
-}
-
-/// Whether an XML document's root element may be a `Bundle` (prefixed or not), or cannot be
-/// told (a document type declaration, whose entities could make it one): only a root read
-/// plainly as another element is not.
-fn xml_root_may_be_bundle(xml: &[u8]) -> bool {
-    let mut rest = xml;
-    // Past a declaration, processing instructions and comments.
-    loop {
-        rest = rest.trim_ascii_start();
-        let end = if rest.starts_with(b"<?") {
-            memchr::memmem::find(rest, b"?>").map(|end| end + 2)
-        } else if rest.starts_with(b"<!--") {
-            memchr::memmem::find(rest, b"-->").map(|end| end + 3)
-        } else {
-            break;
-        };
-        match end {
-            Some(end) => rest = &rest[end..],
-            None => return true,
-        }
-    }
-    let Some(name) = rest.strip_prefix(b"<") else {
-        return true;
-    };
-    let end = name
-        .iter()
-        .position(|&b| b.is_ascii_whitespace() || b == b'/' || b == b'>')
-        .unwrap_or(name.len());
-    let name = &name[..end];
-    let local = name.rsplit(|&b| b == b':').next().unwrap_or(name);
-    local == b"Bundle" || local.is_empty() || name.starts_with(b"!")
 }
 
 /// A written resource's JSON, refused when it is not JSON or holds a key twice in an object

@@ -904,7 +904,7 @@ fn xml_body(xml: &[u8]) -> &[u8] {
 /// The local name of an XML document's root element (`Patient` of `<f:Patient xmlns:f=...>`),
 /// past a declaration, processing instructions and comments; `None` for anything else (a
 /// document type declaration among them: entities could make the element another).
-fn xml_root(xml: &[u8]) -> Option<&str> {
+pub(super) fn xml_root(xml: &[u8]) -> Option<&str> {
     let rest = xml_body(xml);
     let name = rest.strip_prefix(b"<")?;
     let end = name
@@ -1238,17 +1238,11 @@ fn form_body(headers: &http::HeaderMap) -> Result<bool, &'static str> {
     let mut parts = whole.split(|&b| b == b';');
     let media = parts.next().unwrap_or_default().trim_ascii();
     // Each parameter `charset=utf-8` (any case, quoted or not); an empty one (`;;`) is none.
-    let charset_ok = parts.all(|param| {
-        let param = param.trim_ascii();
-        let Some(at) = param.iter().position(|&b| b == b'=') else {
-            return param.is_empty();
-        };
-        let (name, value) = (param[..at].trim_ascii(), param[at + 1..].trim_ascii());
-        let value = value
-            .strip_prefix(b"\"")
-            .and_then(|value| value.strip_suffix(b"\""))
-            .unwrap_or(value);
-        name.eq_ignore_ascii_case(b"charset") && value.eq_ignore_ascii_case(b"utf-8")
+    let charset_ok = parts.all(|param| match media_parameter(param) {
+        Some((name, value)) => {
+            name.eq_ignore_ascii_case(b"charset") && value.eq_ignore_ascii_case(b"utf-8")
+        }
+        None => param.trim_ascii().is_empty(),
     });
     if media != FORM || !charset_ok {
         return Err(
@@ -1281,20 +1275,29 @@ fn unreadable_batch(headers: &http::HeaderMap) -> Option<&'static str> {
         return Some("A batch or transaction must come without Content-Encoding to be checked");
     }
     let other_charset = headers.get_all(header::CONTENT_TYPE).iter().any(|value| {
-        value.as_bytes().split(|&b| b == b';').skip(1).any(|param| {
-            let param = param.trim_ascii();
-            let Some(at) = param.iter().position(|&b| b == b'=') else {
-                return false;
-            };
-            let (name, value) = (param[..at].trim_ascii(), param[at + 1..].trim_ascii());
-            let value = value
-                .strip_prefix(b"\"")
-                .and_then(|value| value.strip_suffix(b"\""))
-                .unwrap_or(value);
-            name.eq_ignore_ascii_case(b"charset") && !value.eq_ignore_ascii_case(b"utf-8")
-        })
+        value
+            .as_bytes()
+            .split(|&b| b == b';')
+            .skip(1)
+            .filter_map(media_parameter)
+            .any(|(name, value)| {
+                name.eq_ignore_ascii_case(b"charset") && !value.eq_ignore_ascii_case(b"utf-8")
+            })
     });
     other_charset.then_some("A batch or transaction must be in UTF-8 to be checked")
+}
+
+/// A media type parameter (what stands between two `;`): its name and its value, trimmed and
+/// unquoted; `None` without an `=`.
+fn media_parameter(param: &[u8]) -> Option<(&[u8], &[u8])> {
+    let param = param.trim_ascii();
+    let at = param.iter().position(|&b| b == b'=')?;
+    let (name, value) = (param[..at].trim_ascii(), param[at + 1..].trim_ascii());
+    let value = value
+        .strip_prefix(b"\"")
+        .and_then(|value| value.strip_suffix(b"\""))
+        .unwrap_or(value);
+    Some((name, value))
 }
 
 /// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not
