@@ -388,6 +388,9 @@ async fn put_tenant(
         Ok(locks) => locks,
         Err(response) => return response,
     };
+    if let Some(refused) = lifted_rate_limit(&admin, tenant, &body).await {
+        return refused;
+    }
     match nested_with_others(&admin, tenant, &upstreams).await {
         Ok(None) => {}
         Ok(Some(nested)) => return error(StatusCode::CONFLICT, &nested.to_string()),
@@ -420,6 +423,40 @@ async fn put_tenant(
         StatusCode::CREATED
     };
     (status, Json(tenant_json(tenant, &upstreams))).into_response()
+}
+
+/// `400` for a change to a tenant that has a rate limit whose body does not name
+/// `"rate_limit"`: the tenant is replaced whole, so the change would lift the limit that
+/// guards its upstream without saying so (`"rate_limit": null` lifts it). `503` when the
+/// tenant as it is cannot be read. Called under the tenant write locks, so the limit read is
+/// the one the change replaces.
+async fn lifted_rate_limit(admin: &Admin, tenant: TenantId, body: &[u8]) -> Option<Response> {
+    let names_it = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|value| {
+            value
+                .as_object()
+                .map(|fields| fields.contains_key("rate_limit"))
+        })
+        .unwrap_or(false);
+    if names_it {
+        return None;
+    }
+    match admin.directory.lookup(tenant).await {
+        Ok(Some(existing)) => existing.rate_limit().map(|_| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "the tenant has a rate limit: a PUT without \"rate_limit\" would lift it; send it to keep it, or \"rate_limit\": null to lift it",
+            )
+        }),
+        Ok(None) => None,
+        Err(err) => {
+            tracing::error!(%tenant, error = %err, "could not read the tenant to check a change");
+            Some(unavailable(&format!(
+                "the tenant could not be saved: it could not be read to check the change ({err})"
+            )))
+        }
+    }
 }
 
 /// The body of `PUT /admin/tenants/{id}` without the `"id"` that a record read with `GET`

@@ -244,6 +244,37 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         &fhir(&gateway, &plain, "/Patient").await,
         StatusCode::TOO_MANY_REQUESTS,
     );
+    // A change that leaves `rate_limit` out would lift it without saying so: refused, the
+    // limit kept (`"rate_limit": null` lifts it, below for a client).
+    let put = admin(
+        &gateway,
+        "PUT",
+        &format!("/admin/tenants/{PLAIN}"),
+        &json!({"upstreams": [{"base_url": base, "fhir_version": "4.0", "timeout_ms": 9000}]}),
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::BAD_REQUEST, "{}", put.text());
+    assert!(put.text().contains("null to lift it"), "{}", put.text());
+    let shown = admin(
+        &gateway,
+        "GET",
+        &format!("/admin/tenants/{PLAIN}"),
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(
+        shown.json()["rate_limit"],
+        json!({"requests_per_second": 1, "burst": 1})
+    );
+    assert_ne!(
+        shown.json()["upstreams"][0]["timeout_ms"],
+        json!(9000),
+        "the change was made"
+    );
+    assert_throttled(
+        &fhir(&gateway, &plain, "/Patient").await,
+        StatusCode::TOO_MANY_REQUESTS,
+    );
 
     // Admin PUT of a client with a rate limit: GET shows it, and it applies at once (the
     // client was used, so its former "no limit" was cached).
