@@ -2,8 +2,8 @@
 //! sealed in the database, rotated everywhere (published before any replica signs with the new
 //! key, the old one kept until its tokens expire); a token revoked through one replica is
 //! refused by another within a second, cached there or not, and by a replica started
-//! afterwards at once; failed secret checks spread over the replicas are throttled as if on
-//! one.
+//! afterwards at once; a flood of announcements does not make a replica's revoked list stale;
+//! failed secret checks spread over the replicas are throttled as if on one.
 
 mod support;
 
@@ -126,6 +126,70 @@ async fn announced_revocations_the_database_does_not_hold_are_ignored() {
     let reply = replica(&url).await.revoke(&token, "app", SECRET).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     refused_within_a_second(&one, &token, Instant::now(), "the revoked token").await;
+}
+
+/// With a staleness limit, a flood of announcements (forged by any role that may connect, or
+/// a burst of real ones) lasting longer than the limit does not make the list stale: each
+/// vouch of the listener waits for what was heard before it, not for the flood to end; and a
+/// revocation announced amid the flood is still heard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_announcements_longer_than_the_staleness_limit_keeps_the_list_current() {
+    let Some((server, url, state)) = database("flooded").await else {
+        return;
+    };
+    let revoked = tower_fhir::auth::RevokedTokens::new();
+    revoked.set_max_staleness(Some(Duration::from_secs(5)));
+    let followed = state.follow_revocations(&revoked).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), followed.listening())
+        .await
+        .expect("the revocation listener never connected");
+    assert!(!revoked.is_stale(), "read at the start");
+
+    // 12 s of announcements (more than are read again at once: catch-ups, one after another)
+    // from another connection.
+    let flooding = Duration::from_secs(12);
+    let flood = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut batches = 0;
+        while started.elapsed() < flooding {
+            server.query(
+                "flooded",
+                &format!(
+                    r#"SELECT count(pg_notify('tower_fhir_changes', 'revoked:{{"iss":"{ISSUER}","jti":"flood-' || n || '","exp":4000000000}}')) FROM generate_series(1, 2000) AS n"#
+                ),
+            );
+            batches += 1;
+        }
+        (server, batches)
+    });
+    let started = Instant::now();
+    while started.elapsed() < flooding + Duration::from_secs(2) {
+        assert!(
+            !revoked.is_stale(),
+            "the list turned stale {:?} into a flood of announcements",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (server, batches) = flood.join().unwrap();
+    assert!(batches > 3, "the flood was {batches} batches");
+    assert!(followed.is_listening());
+
+    // A revocation the database holds, announced as the flood's were, is heard (the flood's
+    // are not: the database holds none of them).
+    assert!(revoked.is_empty(), "a forged announcement revoked a token");
+    let _upstream = register_app(&state).await;
+    let replica = replica(&url).await;
+    let (token, _) = token_from(&replica).await;
+    let reply = replica.revoke(&token, "app", SECRET).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    eventually(Duration::from_secs(5), "the revocation heard", || {
+        let heard = revoked.len() == 1;
+        async move { heard }
+    })
+    .await;
+    assert!(!revoked.is_stale());
+    drop(server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,10 +465,12 @@ impl PgState {
     /// The list is [confirmed current](RevokedTokens::confirm_current) as the listener shows
     /// it hears the database: when it has read every revocation, and by an empty query on its
     /// connection at least every fifth of the list's
-    /// [`max_staleness`](RevokedTokens::set_max_staleness) (1 s at least), once every
-    /// announced revocation was read. With a limit set, a replica cut off from the database
-    /// refuses every token (`503`) once its list was last confirmed longer ago than that,
-    /// instead of taking those revoked through another replica meanwhile.
+    /// [`max_staleness`](RevokedTokens::set_max_staleness) (1 s at least), as of that query
+    /// once every revocation announced before it was read (a burst of announcements, or a
+    /// flood of forged ones, holds a confirmation back by the reads it waits for, no more).
+    /// With a limit set, a replica cut off from the database refuses every token (`503`) once
+    /// its list was last confirmed longer ago than that, instead of taking those revoked
+    /// through another replica meanwhile.
     pub async fn follow_revocations(
         &self,
         revoked: &RevokedTokens,
@@ -499,6 +501,7 @@ impl PgState {
                 rereads: Arc::new(tokio::sync::Semaphore::new(REREADS)),
                 catching_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 catch_up_again: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                progress: Arc::default(),
             },
         ));
         Ok(RevocationsFollowed { listening })
@@ -1722,6 +1725,118 @@ struct RevocationChanges {
     catching_up: Arc<std::sync::atomic::AtomicBool>,
     /// Whether a catch-up was asked for since the running one's read began.
     catch_up_again: Arc<std::sync::atomic::AtomicBool>,
+    /// What was heard and is not read yet, and the vouches waiting for it.
+    progress: Arc<std::sync::Mutex<ReadProgress>>,
+}
+
+/// What the revocation listener has heard and not yet read, for its vouches: a vouch (the
+/// connection answered a query asked at some instant, so every revocation announced before
+/// it was heard) confirms the list as of that instant once every announcement heard before
+/// it has been read, and every catch-up asked for before it (or by a read of such an
+/// announcement that failed) has read the revocations again, beginning after it was asked.
+/// Reads heard after a vouch, and catch-ups asked after it, do not hold it back: a burst of
+/// announcements (or a flood of forged ones) delays a confirmation by the reads it waits for,
+/// no longer.
+#[derive(Debug, Default)]
+struct ReadProgress {
+    /// The number the next announcement read again gets.
+    next: u64,
+    /// The numbers of those being read now.
+    reading: std::collections::BTreeSet<u64>,
+    /// How many catch-ups were asked for.
+    asked: u64,
+    /// How many of those a catch-up that succeeded had been asked for as its read began.
+    caught_up: u64,
+    /// Vouches waiting, oldest first; at most [`WAITING_VOUCHES`].
+    waiting: std::collections::VecDeque<WaitingVouch>,
+}
+
+/// A vouch waiting for reads: see [`ReadProgress`].
+#[derive(Debug)]
+struct WaitingVouch {
+    /// When the query that vouched was asked.
+    asked: std::time::Instant,
+    /// It waits for the reads numbered below this.
+    heard_before: u64,
+    /// And for a catch-up begun after this many were asked for.
+    catch_ups: u64,
+}
+
+/// The most vouches kept waiting; beyond, the oldest is forgotten (a later one confirms more).
+const WAITING_VOUCHES: usize = 16;
+
+impl ReadProgress {
+    /// An announcement begins to be read again: its number, for [`read`](Self::read).
+    fn reading(&mut self) -> u64 {
+        let number = self.next;
+        self.next += 1;
+        self.reading.insert(number);
+        number
+    }
+
+    /// Announcement `number` was read (`failed`: it could not be, and the catch-up asked for
+    /// since, which the vouches heard after it now wait for). The instant the list is now
+    /// confirmed current as of, if a waiting vouch is.
+    fn read(&mut self, number: u64, failed: bool) -> Option<std::time::Instant> {
+        if failed {
+            for vouch in &mut self.waiting {
+                if vouch.heard_before > number {
+                    vouch.catch_ups = vouch.catch_ups.max(self.asked);
+                }
+            }
+        }
+        self.reading.remove(&number);
+        self.settle()
+    }
+
+    /// A catch-up is asked for.
+    fn ask_catch_up(&mut self) {
+        self.asked += 1;
+    }
+
+    /// A catch-up's read begins: what [`caught_up`](Self::caught_up) takes when it succeeds.
+    fn catch_up_begins(&self) -> u64 {
+        self.asked
+    }
+
+    /// The catch-up whose read began when `began` ([`catch_up_begins`](Self::catch_up_begins))
+    /// succeeded: as [`read`](Self::read).
+    fn caught_up(&mut self, began: u64) -> Option<std::time::Instant> {
+        self.caught_up = self.caught_up.max(began);
+        self.settle()
+    }
+
+    /// The connection vouched with a query asked at `asked`: as [`read`](Self::read) (at once
+    /// when nothing heard is unread).
+    fn vouched(&mut self, asked: std::time::Instant) -> Option<std::time::Instant> {
+        if self.waiting.len() == WAITING_VOUCHES {
+            self.waiting.pop_front();
+        }
+        self.waiting.push_back(WaitingVouch {
+            asked,
+            heard_before: self.next,
+            catch_ups: self.asked,
+        });
+        self.settle()
+    }
+
+    /// The latest instant a waiting vouch now confirms, those vouches dropped. (A later vouch
+    /// waits for every read and catch-up an earlier one does, and more.)
+    fn settle(&mut self) -> Option<std::time::Instant> {
+        let mut confirmed = None;
+        while let Some(vouch) = self.waiting.front() {
+            let read = self
+                .reading
+                .first()
+                .is_none_or(|&oldest| oldest >= vouch.heard_before);
+            if !read || self.caught_up < vouch.catch_ups {
+                break;
+            }
+            confirmed = Some(vouch.asked);
+            self.waiting.pop_front();
+        }
+        confirmed
+    }
 }
 
 /// The most announced revocations read again at once; more at once (a flood of `NOTIFY`s,
@@ -1735,15 +1850,17 @@ impl RevocationChanges {
     fn catch_up(&self) {
         use std::sync::atomic::Ordering::SeqCst;
         // Asked for: a read begun after this, whether one is under way or not.
+        self.progress().ask_catch_up();
         self.catch_up_again.store(true, SeqCst);
         if self.catching_up.swap(true, SeqCst) {
             return;
         }
-        let (pool, revoked, catching_up, again) = (
+        let (pool, revoked, catching_up, again, progress) = (
             self.pool.clone(),
             self.revoked.clone(),
             Arc::clone(&self.catching_up),
             Arc::clone(&self.catch_up_again),
+            Arc::clone(&self.progress),
         );
         tokio::spawn(async move {
             loop {
@@ -1751,6 +1868,7 @@ impl RevocationChanges {
                 // Until a read begun after the last request for one has succeeded.
                 while again.swap(false, SeqCst) {
                     loop {
+                        let began = lock(&progress).catch_up_begins();
                         match read_all_revocations(&pool).await {
                             Ok((tokens, clients)) => {
                                 for entry in tokens {
@@ -1758,6 +1876,9 @@ impl RevocationChanges {
                                 }
                                 for entry in clients {
                                     entry.apply(&revoked);
+                                }
+                                if let Some(as_of) = lock(&progress).caught_up(began) {
+                                    revoked.confirm_current(as_of);
                                 }
                                 break;
                             }
@@ -1784,6 +1905,21 @@ impl RevocationChanges {
             }
         });
     }
+}
+
+impl RevocationChanges {
+    /// The listener's [`ReadProgress`], locked.
+    fn progress(&self) -> std::sync::MutexGuard<'_, ReadProgress> {
+        lock(&self.progress)
+    }
+}
+
+/// `progress` locked (its state holds no invariant a panic while it was held could break
+/// worse than a lost vouch: a poisoned lock is taken as it is).
+fn lock(progress: &std::sync::Mutex<ReadProgress>) -> std::sync::MutexGuard<'_, ReadProgress> {
+    progress
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Every revocation in force, tokens and clients, each read within [`OPERATION_TIMEOUT`].
@@ -1835,16 +1971,10 @@ impl Handler for RevocationChanges {
     }
 
     fn vouched(&mut self, asked: std::time::Instant) {
-        // Unless an announced revocation is still being read (or every one read again after
-        // a failure): the list holds it only once that is done.
-        // (A catch-up asked for counts as one running: a failed read asks for one as it ends,
-        // and the one running may be handing over to it.)
-        use std::sync::atomic::Ordering::SeqCst;
-        let reading = self.rereads.available_permits() < REREADS
-            || self.catching_up.load(SeqCst)
-            || self.catch_up_again.load(SeqCst);
-        if !reading {
-            self.revoked.confirm_current(asked);
+        // Once every revocation announced before it is read (at once when none is left): the
+        // list holds it only then.
+        if let Some(as_of) = self.progress().vouched(asked) {
+            self.revoked.confirm_current(as_of);
         }
     }
 
@@ -1868,6 +1998,7 @@ impl Handler for RevocationChanges {
             self.catch_up();
             return;
         };
+        let number = self.progress().reading();
         let this = Self {
             pool: self.pool.clone(),
             revoked: self.revoked.clone(),
@@ -1875,6 +2006,7 @@ impl Handler for RevocationChanges {
             rereads: Arc::clone(&self.rereads),
             catching_up: Arc::clone(&self.catching_up),
             catch_up_again: Arc::clone(&self.catch_up_again),
+            progress: Arc::clone(&self.progress),
         };
         tokio::spawn(async move {
             let _permit = permit;
@@ -1903,15 +2035,24 @@ impl Handler for RevocationChanges {
                 .map(|row| row.map(|row| row.apply(&this.revoked)).is_some()),
                 (None, None) => Ok(true),
             };
-            match read {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(
-                    "a revocation was announced that the database does not hold: ignored"
-                ),
+            let failed = match read {
+                Ok(true) => false,
+                Ok(false) => {
+                    tracing::warn!(
+                        "a revocation was announced that the database does not hold: ignored"
+                    );
+                    false
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot read an announced revocation: reading them all again");
+                    // (Asked for before the read counts as done: a vouch waiting for it then
+                    // waits for the catch-up.)
                     this.catch_up();
+                    true
                 }
+            };
+            if let Some(as_of) = this.progress().read(number, failed) {
+                this.revoked.confirm_current(as_of);
             }
         });
     }
@@ -2246,13 +2387,13 @@ mod tests {
     use super::{supported_server, PgError};
     use std::fmt;
 
-    /// The revocation listener vouches for its list only once every announced revocation is
-    /// read: while a re-read holds a permit, or a catch-up runs or is asked for, a vouch
-    /// confirms nothing (the list may lack what was announced).
+    /// The revocation listener vouches for its list only once every revocation announced
+    /// before the vouch is read: a vouch made while one is being read confirms the list as of
+    /// its own instant when that read ends, not before.
     #[tokio::test]
-    async fn a_vouch_confirms_the_list_only_with_nothing_left_to_read() {
+    async fn a_vouch_confirms_the_list_once_what_was_heard_before_it_is_read() {
         use super::{Handler, RevocationChanges, REREADS};
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::AtomicBool;
         use std::sync::Arc;
         use std::time::{Duration, Instant};
         // A pool that is never used (nothing connects until asked).
@@ -2270,6 +2411,7 @@ mod tests {
             rereads: Arc::new(tokio::sync::Semaphore::new(REREADS)),
             catching_up: Arc::new(AtomicBool::new(false)),
             catch_up_again: Arc::new(AtomicBool::new(false)),
+            progress: Arc::default(),
         };
         assert_eq!(changes.vouch_every(), None, "no limit: no vouching");
         revoked.set_max_staleness(Some(Duration::from_secs(10)));
@@ -2282,28 +2424,93 @@ mod tests {
         );
         assert!(revoked.is_stale(), "never confirmed");
 
-        let permit = Arc::clone(&changes.rereads).try_acquire_owned().unwrap();
+        let reading = changes.progress().reading();
         changes.vouched(Instant::now());
         assert!(
             revoked.is_stale(),
             "confirmed while a revocation was being read"
         );
-        drop(permit);
-        let flags = [
-            Arc::clone(&changes.catching_up),
-            Arc::clone(&changes.catch_up_again),
-        ];
-        for flag in &flags {
-            flag.store(true, Ordering::SeqCst);
-            changes.vouched(Instant::now());
-            assert!(
-                revoked.is_stale(),
-                "confirmed while a catch-up ran or was asked for"
-            );
-            flag.store(false, Ordering::SeqCst);
-        }
+        let confirmed = changes.progress().read(reading, false);
+        assert!(confirmed.is_some(), "the read ended: the vouch confirms");
         changes.vouched(Instant::now());
         assert!(!revoked.is_stale(), "nothing left to read: confirmed");
+    }
+
+    /// What each vouch waits for: the reads heard before it (not after), and a catch-up begun
+    /// after those asked for before it or by a failed read heard before it.
+    #[test]
+    fn a_vouch_waits_for_what_was_heard_before_it_and_no_more() {
+        use super::ReadProgress;
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut progress = ReadProgress::default();
+
+        // Reads heard before a vouch hold it; one heard after does not.
+        let first = progress.reading();
+        let second = progress.reading();
+        assert_eq!(progress.vouched(at(1)), None);
+        let later = progress.reading();
+        assert_eq!(progress.read(second, false), None, "the first is unread");
+        assert_eq!(progress.read(first, false), Some(at(1)));
+        assert_eq!(progress.vouched(at(2)), None, "a read heard before it");
+        assert_eq!(progress.read(later, false), Some(at(2)));
+        assert_eq!(progress.vouched(at(3)), Some(at(3)), "nothing unread");
+
+        // Two vouches waiting: the latest one whose reads are done is the one confirmed.
+        let a = progress.reading();
+        assert_eq!(progress.vouched(at(4)), None);
+        let b = progress.reading();
+        assert_eq!(progress.vouched(at(5)), None);
+        assert_eq!(progress.read(b, false), None, "both wait for a");
+        assert_eq!(progress.read(a, false), Some(at(5)));
+
+        // A catch-up asked for before a vouch: only one whose read began after it counts.
+        progress.ask_catch_up();
+        let stale = progress.catch_up_begins() - 1;
+        assert_eq!(progress.vouched(at(6)), None);
+        assert_eq!(progress.caught_up(stale), None, "began before it was asked");
+        let began = progress.catch_up_begins();
+        progress.ask_catch_up(); // asked after the vouch: it does not wait for this one
+        assert_eq!(progress.caught_up(began), Some(at(6)));
+        let began = progress.catch_up_begins();
+        assert_eq!(progress.caught_up(began), None, "no vouch waiting");
+
+        // A read that fails, heard before a vouch: the vouch waits for the catch-up it asks
+        // for; a vouch made before the read was heard does not.
+        assert_eq!(progress.vouched(at(7)), Some(at(7)));
+        let failing = progress.reading();
+        assert_eq!(progress.vouched(at(8)), None);
+        progress.ask_catch_up();
+        assert_eq!(
+            progress.read(failing, true),
+            None,
+            "the catch-up is still to come"
+        );
+        let began = progress.catch_up_begins();
+        assert_eq!(progress.caught_up(began), Some(at(8)));
+
+        // A flood of catch-ups asked after each vouch holds no vouch back for longer than
+        // one catch-up begun after it.
+        for second in 9..20 {
+            progress.ask_catch_up();
+            assert_eq!(progress.vouched(at(second)), None);
+            let began = progress.catch_up_begins();
+            progress.ask_catch_up();
+            assert_eq!(progress.caught_up(began), Some(at(second)));
+        }
+        let began = progress.catch_up_begins();
+        assert_eq!(progress.caught_up(began), None, "no vouch waiting");
+
+        // Vouches kept waiting are bounded: the oldest are forgotten, the latest still
+        // confirms.
+        let stuck = progress.reading();
+        for second in 20..60 {
+            assert_eq!(progress.vouched(at(second)), None);
+        }
+        assert_eq!(progress.waiting.len(), super::WAITING_VOUCHES);
+        assert_eq!(progress.read(stuck, false), Some(at(59)));
+        assert!(progress.waiting.is_empty());
     }
 
     #[test]
