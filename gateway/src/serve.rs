@@ -294,7 +294,13 @@ async fn accept(
         .max_buf_size(MAX_BUF_SIZE);
     builder
         .http2()
-        .max_concurrent_streams(limits.http2_max_streams);
+        .max_concurrent_streams(limits.http2_max_streams)
+        // What a stream's response may have waiting to be sent besides the chunk in hand
+        // (hyper's default is 400 KiB a stream): a client that grants a large window and then
+        // reads nothing would otherwise hold that much of the gateway's memory per stream,
+        // 100 streams a connection. The kernel's socket buffer still holds what a fast link
+        // needs in flight.
+        .max_send_buf_size(HTTP2_SEND_BUF_SIZE);
     let builder = Arc::new(builder);
     let mut stop_signal = stop_watch.clone();
     let stop = async move {
@@ -576,6 +582,9 @@ const NOT_WAITING: u64 = u64::MAX;
 
 /// The most an HTTP/1.1 connection buffers of its responses (and of a request head).
 const MAX_BUF_SIZE: usize = 64 * 1024;
+
+/// The most an HTTP/2 stream buffers of its response beyond the chunk it is sending.
+const HTTP2_SEND_BUF_SIZE: usize = 16 * 1024;
 
 /// The least a response body with bytes waiting must send per idle timeout (unless it sends
 /// all it has waiting): an HTTP/2 frame's worth. A client that grants a byte of flow-control

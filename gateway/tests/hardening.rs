@@ -1,6 +1,7 @@
 //! Connection-level hardening of the gateway binary, over real TCP against the real binary:
 //! the header-read timeout (slowloris), the idle timeout, request bodies that stop arriving or
-//! arrive slowly, `max_connections`, the shutdown grace period, and their configuration keys. Every wait is bounded, so a regression fails rather
+//! arrive slowly, HTTP/2 clients that read nothing, `max_connections`, the shutdown grace
+//! period, and their configuration keys. Every wait is bounded, so a regression fails rather
 //! than hangs; the only time bounds asserted are generous ones.
 
 #[path = "../../tests/support/mod.rs"]
@@ -1054,6 +1055,122 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
         began.elapsed()
     );
     assert!(!connection.is_finished());
+}
+
+/// An HTTP/2 frame: its 9-byte header and `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// A header block of `fields`, each a literal never indexed and not Huffman-coded (RFC 7541
+/// §6.2.3), so that no decoder state is needed to write it.
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, text: &str) {
+        // A length on a 7-bit prefix (§5.1).
+        let mut length = text.len();
+        if length < 127 {
+            out.push(length as u8);
+        } else {
+            out.push(127);
+            length -= 127;
+            while length >= 128 {
+                out.push((length % 128) as u8 | 0x80);
+                length /= 128;
+            }
+            out.push(length as u8);
+        }
+        out.extend(text.as_bytes());
+    }
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x10);
+        string(&mut block, name);
+        string(&mut block, value);
+    }
+    block
+}
+
+/// A client that grants the largest windows HTTP/2 allows and then reads nothing, asking for
+/// 100 large responses on one connection: each stream's response may wait in the gateway only
+/// up to a bound (16 KiB besides the chunk in hand, and the 64 KiB the upstream connection
+/// reads ahead), not hyper's default (about 400 KiB a stream: 60 MiB and more for such a
+/// connection), so a few such connections cannot take the gateway's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_opens_its_window_and_reads_nothing_holds_little_memory() {
+    const STREAMS: u32 = 100;
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/Binary/big",
+        Answer {
+            headers: vec![("content-type".into(), "application/octet-stream".into())],
+            body: "x".repeat(4 << 20),
+            ..Answer::json(Value::Null)
+        },
+    );
+    let (proc, addr) = start_with_tenant("h2-unread-window", &upstream, json!({}));
+    let token = tokio::task::spawn_blocking(move || token(addr))
+        .await
+        .unwrap();
+    let before = proc.rss_kib();
+
+    let stream = tokio::task::spawn_blocking(move || {
+        let mut stream = connect_small_window(addr);
+        let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE at its largest, the server's SETTINGS acknowledged
+        // unread, and the connection's window opened as far.
+        opening.extend(h2_frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+        opening.extend(h2_frame(0x4, 0x1, 0, &[]));
+        opening.extend(h2_frame(
+            0x8,
+            0,
+            0,
+            &(0x7fff_ffff_u32 - 65_535).to_be_bytes(),
+        ));
+        let authorization = format!("Bearer {token}");
+        let block = hpack_literals(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "gateway"),
+            (":path", "/Binary/big"),
+            ("authorization", &authorization),
+        ]);
+        for n in 0..STREAMS {
+            // END_STREAM | END_HEADERS.
+            opening.extend(h2_frame(0x1, 0x5, 1 + 2 * n, &block));
+        }
+        stream.write_all(&opening).unwrap();
+        stream
+    })
+    .await
+    .unwrap();
+
+    // Every request reached the upstream and its answer went as far as it could.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while upstream.received().len() < STREAMS as usize {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {STREAMS} requests reached the upstream; stderr:\n{}",
+            upstream.received().len(),
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut peak = proc.rss_kib();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(proc.rss_kib());
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!("{STREAMS} unread streams: {before} KiB resident before, {peak} KiB at the peak");
+    assert!(
+        grown < 40 * 1024,
+        "{STREAMS} unread streams took {grown} KiB of the gateway's memory"
+    );
+    drop(stream);
 }
 
 const BODY_TENANT: &str = "77770000-0000-4000-8000-000000000007";

@@ -721,22 +721,11 @@ async fn a_target_that_is_no_path_is_refused_not_sent_to_the_tenants_base() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served() {
     let dir = scratch("operations-flood");
     let upstream = RecordingUpstream::start().await;
     let gw = start(&dir, &upstream, json!({"token_hashing_concurrency": 2}));
-    let pid = gw.proc.child.id();
 
     // 1,000 token requests with unknown ids over 200 parallel connections.
     let client = TestClient::new(gw.addr);
@@ -763,7 +752,7 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
     }
     // Meanwhile a correct client, from another address, gets its token.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut peak = rss_kib(pid);
+    let mut peak = gw.proc.rss_kib();
     let real = client.connecting_from("127.0.0.2".parse().unwrap());
     let asked = Instant::now();
     let reply = tokio::time::timeout(
@@ -789,7 +778,7 @@ async fn a_flood_of_unknown_client_ids_stays_bounded_and_a_real_client_is_served
     let mut statuses = Vec::new();
     while let Some(done) = flood.join_next().await {
         statuses.extend(done.unwrap());
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(gw.proc.rss_kib());
     }
     assert_eq!(statuses.len(), 1000);
     assert!(
