@@ -168,6 +168,11 @@ pub(crate) struct Config {
     /// `REFUSED_STREAM`, which clients retry. Default 100.
     #[serde(default = "default_http2_streams")]
     pub(crate) http2_max_concurrent_streams: u32,
+    /// The most HTTP/2 requests in flight at once, every connection together (an HTTP/1.1
+    /// connection carries one at a time, so `max_connections` bounds those); more get `503`
+    /// at once. Each may hold an upstream connection and its buffers. Default 10000.
+    #[serde(default = "default_http2_in_flight")]
+    pub(crate) http2_max_requests_in_flight: u32,
     /// TLS on `listen`: the certificate chain, PEM, the server's certificate first. With
     /// `tls_private_key_file`; without both, plain HTTP.
     #[serde(default)]
@@ -185,6 +190,13 @@ const MAX_HTTP2_STREAMS: u32 = 1000;
 
 fn default_http2_streams() -> u32 {
     100
+}
+
+/// The most `http2_max_requests_in_flight` accepted.
+const MAX_HTTP2_IN_FLIGHT: u32 = 1_000_000;
+
+fn default_http2_in_flight() -> u32 {
+    10_000
 }
 
 /// `audit_query`.
@@ -280,6 +292,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "http2_max_concurrent_streams",
                 &self.http2_max_concurrent_streams,
+            )
+            .field(
+                "http2_max_requests_in_flight",
+                &self.http2_max_requests_in_flight,
             )
             .field("tls_certificate_file", &self.tls_certificate_file)
             .field("tls_private_key_file", &self.tls_private_key_file)
@@ -868,6 +884,12 @@ impl Config {
             return Err(format!(
                 "http2_max_concurrent_streams must be between 1 and {MAX_HTTP2_STREAMS}, not {}",
                 self.http2_max_concurrent_streams
+            ));
+        }
+        if !(1..=MAX_HTTP2_IN_FLIGHT).contains(&self.http2_max_requests_in_flight) {
+            return Err(format!(
+                "http2_max_requests_in_flight must be between 1 and {MAX_HTTP2_IN_FLIGHT}, not {}",
+                self.http2_max_requests_in_flight
             ));
         }
         if let Some(workers) = self.workers {

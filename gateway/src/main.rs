@@ -163,21 +163,36 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
     Ok(())
 }
 
-/// File descriptors kept besides the clients' connections: upstream connections (pooled per
-/// worker), the database's pool and listeners, the admin API's and metrics' clients, the
+/// File descriptors kept besides the clients' connections and the upstream connections their
+/// requests hold: the database's pool and listeners, the admin API's and metrics' clients, the
 /// audit log, the state files.
 #[cfg(unix)]
 const OPEN_FILES_RESERVE: u64 = 1024;
 
+/// The file descriptors `config` may need at its busiest: `max_connections` clients, an
+/// upstream connection for each request they have in flight (one a connection over HTTP/1.1,
+/// up to `http2_max_requests_in_flight` over HTTP/2 together), the idle upstream connections
+/// kept, and [`OPEN_FILES_RESERVE`].
+#[cfg(unix)]
+fn open_files_needed(config: &Config) -> u64 {
+    2 * u64::from(config.max_connections)
+        + u64::from(config.http2_max_requests_in_flight)
+        + config.upstream_max_idle_connections as u64
+        + OPEN_FILES_RESERVE
+}
+
 /// Raises the open files limit (`RLIMIT_NOFILE`) to its hard limit, as a server that holds
 /// thousands of connections must (systemd's default soft limit is 1024), and warns when it is
-/// still below `max_connections` and [`OPEN_FILES_RESERVE`]: then accepts, upstream connects
-/// and file opens fail before `max_connections` holds anyone back.
+/// still below what the configuration may need ([`open_files_needed`]): then accepts,
+/// upstream connects and file opens fail before `max_connections` and
+/// `http2_max_requests_in_flight` hold anyone back.
 #[cfg(unix)]
-fn open_files(max_connections: u32) {
+fn open_files(config: &Config) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);
-    let needed = u64::from(max_connections) + OPEN_FILES_RESERVE;
+    let needed = open_files_needed(config);
+    let max_connections = config.max_connections;
+    let in_flight = config.http2_max_requests_in_flight;
     // `None`: no limit. Under no hard limit, what is needed (the kernel refuses "unlimited"
     // open files: Linux caps them at `fs.nr_open`).
     let mut soft = limit.current;
@@ -198,7 +213,7 @@ fn open_files(max_connections: u32) {
         tracing::warn!(
             open_files = soft,
             max_connections,
-            "the open files limit ({soft}) is below max_connections ({max_connections}) plus {OPEN_FILES_RESERVE} for upstream connections, the database and files: past it, new connections and upstream requests fail before max_connections holds anyone back; raise the limit (systemd LimitNOFILE=, ulimit -n) or lower max_connections"
+            "the open files limit ({soft}) is below the {needed} the configuration may need (max_connections, {max_connections}, twice: the clients and their upstream connections; http2_max_requests_in_flight, {in_flight}; upstream_max_idle_connections; {OPEN_FILES_RESERVE} for the database and files): past it, new connections and upstream requests fail before those limits hold anyone back; raise the limit (systemd LimitNOFILE=, ulimit -n) or lower max_connections or http2_max_requests_in_flight"
         );
     }
 }
@@ -233,7 +248,7 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     #[cfg(unix)]
-    open_files(config.max_connections);
+    open_files(&config);
     // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
     // that signals a gateway still starting).
     #[cfg(unix)]
@@ -453,6 +468,9 @@ async fn run(args: Args) -> Result<(), String> {
         idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
         max_connections: config.max_connections,
         http2_max_streams: config.http2_max_concurrent_streams,
+        http2_in_flight: Box::leak(Box::new(tokio::sync::Semaphore::new(
+            config.http2_max_requests_in_flight as usize,
+        ))),
         shutdown_grace: Duration::from_secs(config.shutdown_grace_seconds),
         // Checked when the configuration was loaded; kept for the whole process.
         client_address: config

@@ -84,6 +84,9 @@ pub(crate) struct Limits {
     pub(crate) max_connections: u32,
     /// The most requests at once on one HTTP/2 connection (`http2_max_concurrent_streams`).
     pub(crate) http2_max_streams: u32,
+    /// The HTTP/2 requests in flight, every connection together: a permit each, at most
+    /// `http2_max_requests_in_flight` (shared by the workers).
+    pub(crate) http2_in_flight: &'static Semaphore,
     /// How long in-flight requests may take after SIGTERM or Ctrl-C (`shutdown_grace_seconds`).
     pub(crate) shutdown_grace: Duration,
     /// The header a load balancer names each request's client in (`client_address_header`),
@@ -349,7 +352,19 @@ async fn accept(
         let admin = admin.clone();
         let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let in_flight = InFlight::start(&requests);
+            let mut in_flight = InFlight::start(&requests);
+            // Each HTTP/2 request holds one of `http2_max_requests_in_flight` until its
+            // response is delivered (with many streams a connection, the connections bound
+            // them only by their product); past it, 503 at once. An HTTP/1.1 connection
+            // carries one request at a time: `max_connections` bounds those.
+            let over_budget = request.version() == http::Version::HTTP_2
+                && match limits.http2_in_flight.try_acquire() {
+                    Ok(permit) => {
+                        in_flight.slot = Some(permit);
+                        false
+                    }
+                    Err(_) => true,
+                };
             // Name the client in Forwarded / X-Forwarded-For.
             request.extensions_mut().insert(ClientAddr(peer));
             // Behind a balancer: the client it names, for the throttles; a peer that is no
@@ -379,6 +394,8 @@ async fn accept(
                     closed("malformed_request");
                 }
                 Err(Box::new(crate::host::refused(why, peer, request.version())))
+            } else if over_budget {
+                Err(Box::new(too_many_in_flight(peer)))
             } else {
                 call_contained(|| {
                     match admin.as_ref().filter(|_| to_admin) {
@@ -610,19 +627,49 @@ struct Progress {
 }
 
 /// One request in flight on a connection, until dropped.
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+    /// An HTTP/2 request's place among `http2_max_requests_in_flight`.
+    slot: Option<tokio::sync::SemaphorePermit<'static>>,
+}
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.started.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(activity))
+        Self {
+            activity: Arc::clone(activity),
+            slot: None,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.finished.fetch_add(1, Ordering::Relaxed);
+        self.activity.finished.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The `503` an HTTP/2 request gets while `http2_max_requests_in_flight` are in flight: an
+/// OperationOutcome (`throttled`), `Retry-After: 1`, a request id; counted in
+/// `tower_fhir_rate_limited_total{limit="http2_in_flight"}`.
+fn too_many_in_flight(peer: SocketAddr) -> http::Response<axum::body::Body> {
+    metrics::counter!("tower_fhir_rate_limited_total", "limit" => "http2_in_flight").increment(1);
+    let id = MakeUuid.new_id();
+    tracing::info!(
+        %peer,
+        request_id = id.to_str().ok(),
+        "an HTTP/2 request refused: http2_max_requests_in_flight are in flight"
+    );
+    let mut response = OperationOutcome::error(
+        IssueType::Throttled,
+        "The gateway has as many HTTP/2 requests in flight as it takes; try again later",
+    )
+    .to_response(http::StatusCode::SERVICE_UNAVAILABLE)
+    .map(axum::body::Body::from);
+    let headers = response.headers_mut();
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(X_REQUEST_ID, id);
+    response
 }
 
 pin_project! {
@@ -660,8 +707,9 @@ impl<B: Body> Body for Delivered<B> {
             Some(Ok(frame)) => {
                 let frame = frame.map_data(|data| {
                     let progress = match (data.has_remaining(), &this.in_flight) {
-                        (true, Some(InFlight(activity))) => Some(Arc::clone(
-                            this.progress.get_or_insert_with(|| activity.watch_body()),
+                        (true, Some(in_flight)) => Some(Arc::clone(
+                            this.progress
+                                .get_or_insert_with(|| in_flight.activity.watch_body()),
                         )),
                         _ => None,
                     };
@@ -1611,6 +1659,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             max_connections: 10,
             http2_max_streams: 100,
+            http2_in_flight: Box::leak(Box::new(Semaphore::new(10_000))),
             shutdown_grace: Duration::from_secs(1),
             client_address: None,
             per_address: None,

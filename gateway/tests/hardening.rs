@@ -1173,6 +1173,97 @@ async fn an_http2_client_that_opens_its_window_and_reads_nothing_holds_little_me
     drop(stream);
 }
 
+/// `http2_max_requests_in_flight` bounds the HTTP/2 requests in flight over every connection
+/// together (many streams a connection would otherwise hold an upstream connection each):
+/// past it, `503` at once with `Retry-After` and an OperationOutcome, on any connection, while
+/// HTTP/1.1 requests (one a connection, bounded by `max_connections`) are not counted; a
+/// place is free again once a response is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connection() {
+    use http_body_util::BodyExt;
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/Patient/slow",
+        Answer {
+            delay: Duration::from_millis(3_000),
+            ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
+        },
+    );
+    let (keys, metrics) = with_metrics(json!({"http2_max_requests_in_flight": 2}));
+    let (proc, addr) = start_with_tenant("h2-in-flight", &upstream, keys);
+    let token = tokio::task::spawn_blocking(move || token(addr))
+        .await
+        .unwrap();
+    let get = |path: &str| {
+        http::Request::get(format!("http://gateway{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let (sender, _connection) = h2_connect(addr, 65_535).await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut sender = sender.clone();
+            let request = get("/Patient/slow");
+            tokio::spawn(async move {
+                let response = sender.send_request(request).await.unwrap();
+                let status = response.status();
+                response.into_body().collect().await.unwrap();
+                status
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.received().len() < 2 {
+        assert!(Instant::now() < deadline, "{}", proc.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Two in flight: a third, on another connection, is refused at once and never sent.
+    let (mut other, _other_connection) = h2_connect(addr, 65_535).await;
+    let asked = Instant::now();
+    let refused = other.send_request(get("/Patient/1")).await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert!(refused.headers().contains_key("x-request-id"));
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let outcome: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "throttled");
+    assert_eq!(upstream.received().len(), 2, "the refused request was sent");
+    // An HTTP/1.1 request meanwhile is not counted.
+    let (status, _, _) = tokio::task::spawn_blocking(move || {
+        let mut stream = connect(addr);
+        stream.write_all(METADATA).unwrap();
+        read_response(&mut stream, Duration::from_secs(10)).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+
+    for done in slow {
+        assert_eq!(done.await.unwrap(), 200);
+    }
+    // Delivered: their places are free again.
+    let response = other.send_request(get("/Patient/1")).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", proc.stderr());
+    let refusals = tokio::task::spawn_blocking(move || {
+        metric(
+            metrics,
+            "tower_fhir_rate_limited_total",
+            r#"limit="http2_in_flight""#,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(refusals, 1.0);
+}
+
 const BODY_TENANT: &str = "77770000-0000-4000-8000-000000000007";
 const BODY_SECRET: &str = "hardening-client-secret-0123456789";
 
@@ -1636,7 +1727,7 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
         "good",
         r#""header_read_timeout_seconds": 10, "idle_timeout_seconds": 120,
            "max_connections": 500, "shutdown_grace_seconds": 5,
-           "http2_max_concurrent_streams": 1000"#,
+           "http2_max_concurrent_streams": 1000, "http2_max_requests_in_flight": 1000000"#,
     );
     assert!(
         good.status.success(),
@@ -1679,6 +1770,16 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
             "streams-huge",
             r#""http2_max_concurrent_streams": 1001"#,
             "http2_max_concurrent_streams must be between 1 and 1000, not 1001",
+        ),
+        (
+            "in-flight-zero",
+            r#""http2_max_requests_in_flight": 0"#,
+            "http2_max_requests_in_flight must be between 1 and 1000000, not 0",
+        ),
+        (
+            "in-flight-huge",
+            r#""http2_max_requests_in_flight": 1000001"#,
+            "http2_max_requests_in_flight must be between 1 and 1000000, not 1000001",
         ),
         (
             "misspelt",
@@ -1789,7 +1890,8 @@ fn the_open_files_limit_is_raised_to_its_hard_limit_and_a_low_one_is_said() {
     assert_eq!(numbers, ["4096", "4096"], "{open_files}");
     let stderr = proc.stderr();
     assert!(
-        stderr.contains("the open files limit (4096) is below max_connections (10000)"),
+        stderr
+            .contains("the open files limit (4096) is below the 31536 the configuration may need"),
         "{stderr}"
     );
 }
