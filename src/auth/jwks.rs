@@ -48,7 +48,10 @@ impl HttpJwks {
             Some("https") => HTTPS,
             _ => false,
         };
-        if !scheme_ok || uri.host().is_none() {
+        // Credentials in the URL would be sent as part of its authority and written into
+        // every log line that names the URL.
+        let credentials = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+        if !scheme_ok || uri.host().is_none() || credentials {
             return Err(InvalidJwksUrl(url.to_owned()));
         }
         let connector = connector(Duration::from_secs(5), root_certificates_pem)
@@ -73,26 +76,26 @@ impl HttpJwks {
             .uri(uri.clone())
             .header(header::ACCEPT, "application/jwk-set+json, application/json")
             .body(Empty::new())
-            .map_err(|e| KeySourceError::new(format!("JWKS request for {uri}: {e}")))?;
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| KeySourceError::new(format!("JWKS fetch from {uri} failed: {e}")))?;
+            .map_err(|e| KeySourceError::new(format!("JWKS request for {}: {e}", shown(&uri))))?;
+        let response = client.request(request).await.map_err(|e| {
+            KeySourceError::new(format!("JWKS fetch from {} failed: {e}", shown(&uri)))
+        })?;
         let status = response.status();
         let max_age = max_age(response.headers());
         let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
             .collect()
             .await
-            .map_err(|e| KeySourceError::new(format!("JWKS body from {uri}: {e}")))?
+            .map_err(|e| KeySourceError::new(format!("JWKS body from {}: {e}", shown(&uri))))?
             .to_bytes();
         if status != StatusCode::OK {
             return Err(KeySourceError::new(format!(
-                "JWKS fetch from {uri}: status {status}"
+                "JWKS fetch from {}: status {status}",
+                shown(&uri)
             )));
         }
         // A JWKS is public: an HMAC secret published in one would let anyone sign tokens.
         let keys = KeySet::from_public_jwks(&body)
-            .map_err(|e| KeySourceError::new(format!("JWKS from {uri}: {e}")))?;
+            .map_err(|e| KeySourceError::new(format!("JWKS from {}: {e}", shown(&uri))))?;
         Ok(FetchedKeys { keys, max_age })
     }
 }
@@ -118,13 +121,40 @@ impl fmt::Display for InvalidJwksUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way): {:?}",
-            self.0
+            "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way), with no credentials in it: {:?}",
+            redacted(&self.0)
         )
     }
 }
 
 impl std::error::Error for InvalidJwksUrl {}
+
+/// `uri` as logs and errors name it: [`redacted`].
+fn shown(uri: &Uri) -> String {
+    redacted(&uri.to_string())
+}
+
+/// A URL as logs and errors may show it: credentials before its host (`user:password@`) and
+/// its query (which may carry a token) replaced by `<redacted>`.
+fn redacted(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, _)) => (base, "?<redacted>"),
+        None => (url, ""),
+    };
+    let (scheme, rest) = match base.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, base),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => format!("<redacted>@{}", &rest[at + 1..]),
+        None => rest.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{rest}{query}"),
+        None => format!("{rest}{query}"),
+    }
+}
 
 /// Whether a URL host is this machine.
 fn is_loopback(host: &str) -> bool {
@@ -246,5 +276,62 @@ mod tests {
         );
         assert!(HttpJwks::new("/jwks").is_err());
         assert!(HttpJwks::new("not a url").is_err());
+    }
+
+    /// Credentials in a JWKS URL are refused (they would go out in its authority and into
+    /// every log line naming it), and the refusal does not repeat them.
+    #[test]
+    fn credentials_in_the_url_are_refused_and_not_repeated() {
+        let Err(refused) = HttpJwks::new("http://user:s3cret@127.0.0.1:1/jwks?token=t0ken") else {
+            panic!("credentials accepted");
+        };
+        let said = refused.to_string();
+        assert!(
+            !said.contains("s3cret") && !said.contains("t0ken"),
+            "{said}"
+        );
+        assert!(
+            said.contains("http://<redacted>@127.0.0.1:1/jwks?<redacted>"),
+            "{said}"
+        );
+        assert!(HttpJwks::new("http://127.0.0.1:1/jwks?tenant=a").is_ok());
+    }
+
+    #[test]
+    fn redacted_urls_keep_where_they_point_and_drop_secrets() {
+        for (url, shown) in [
+            ("https://idp.example/keys", "https://idp.example/keys"),
+            (
+                "https://u:p@idp.example:8443/keys",
+                "https://<redacted>@idp.example:8443/keys",
+            ),
+            (
+                "https://idp.example/keys?sig=abc",
+                "https://idp.example/keys?<redacted>",
+            ),
+            ("https://idp.example/a@b", "https://idp.example/a@b"),
+            ("u:p@host/x?y", "<redacted>@host/x?<redacted>"),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+        }
+    }
+
+    /// A fetch that fails names the URL without its query.
+    #[tokio::test]
+    async fn a_failed_fetch_names_the_url_without_its_query() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let jwks = HttpJwks::new(&format!("http://127.0.0.1:{port}/jwks?token=t0ken")).unwrap();
+        let Err(error) = jwks.fetch().await else {
+            panic!("fetched from a closed port");
+        };
+        let said = error.to_string();
+        assert!(!said.contains("t0ken"), "{said}");
+        assert!(
+            said.contains(&format!("127.0.0.1:{port}/jwks?<redacted>")),
+            "{said}"
+        );
     }
 }
