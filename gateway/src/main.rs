@@ -143,6 +143,14 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
     config.tls()?;
     front::check_audit_log(&config)?;
     let base = public_base_url(&config, config.listen);
+    check_assembly(&config, &base).await?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+/// Builds everything `config` asks for over in-memory state, then drops it: what the
+/// configuration itself makes the start refuse, found without touching the real state.
+async fn check_assembly(config: &Config, base: &str) -> Result<(), String> {
     let directory = InMemoryDirectory::new();
     for tenant in &config.tenants {
         directory.upsert(tenant.id, tenant.record.clone());
@@ -150,17 +158,16 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
     let keys = SigningKeys::generate().map_err(|e| format!("cannot make a signing key: {e}"))?;
     let store = tower_fhir::token::InMemoryClientStore::new();
     assemble(
-        &config,
-        &base,
+        config,
+        base,
         Arc::new(directory),
         Arc::new(store),
         keys,
         None,
         None,
     )
-    .await?;
-    println!("{}: ok", file.display());
-    Ok(())
+    .await
+    .map(drop)
 }
 
 /// File descriptors kept besides the clients' connections and the upstream connections their
@@ -275,6 +282,19 @@ async fn run(args: Args) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
+    // Before the state is opened: a first start seeds it from the configuration, and one
+    // refused after that (a key the gateway cannot use, an admin_listen already taken) would
+    // leave it seeded from a file the operator is about to correct, which then no longer
+    // counts (the state wins over the file).
+    check_assembly(&config, &base).await?;
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            serve::bind(addr, 1)
+                .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?
+                .remove(0),
+        ),
+        None => None,
+    };
     let state = state::open(&config).await?;
     if !demo && config.public_base_url.is_none() && config.listen.ip().is_unspecified() {
         tracing::warn!(
@@ -354,14 +374,6 @@ async fn run(args: Args) -> Result<(), String> {
             Some(admin),
         ),
         None => (Some(admin), None),
-    };
-    let admin_listener = match config.admin_listen {
-        Some(addr) => Some(
-            serve::bind(addr, 1)
-                .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?
-                .remove(0),
-        ),
-        None => None,
     };
 
     // SIGTERM and Ctrl-C are handled from here on: before anyone is told the gateway listens.

@@ -445,6 +445,48 @@ fn metrics_listen_on_the_gateways_own_address_is_refused() {
 
 /// `admin_listen` overlapping `listen` or `metrics_listen` is refused as `metrics_listen` is,
 /// naming both keys; without `admin_token` there would be nothing to serve on it.
+/// A start refused for its configuration (a key the gateway cannot use, an `admin_listen`
+/// another process holds) writes no state: the first start seeds the state from the file, and
+/// once seeded the state wins over the file, so a corrected file would no longer count.
+#[test]
+fn a_start_refused_for_its_configuration_writes_no_state() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_at = taken.local_addr().unwrap();
+    for (name, keys, says) in [
+        (
+            "refused-header",
+            r#""forward_request_headers": ["Authorization"]"#.to_owned(),
+            "the request header \"Authorization\" cannot be forwarded",
+        ),
+        (
+            "refused-admin-port",
+            format!(r#""admin_listen": "{taken_at}""#),
+            "(admin_listen)",
+        ),
+    ] {
+        let file = config_file(
+            name,
+            &GOOD.replace(
+                "\"listen\": \"127.0.0.1:0\"",
+                &format!("\"listen\": \"127.0.0.1:0\", {keys}"),
+            ),
+        );
+        let out = gateway(&["--config", file.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{name}: started");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        let state = file.parent().unwrap().join("state");
+        let written: Vec<_> = std::fs::read_dir(&state)
+            .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            written.is_empty(),
+            "{name}: the refused start wrote {written:?}"
+        );
+    }
+    drop(taken);
+}
+
 #[test]
 fn admin_listen_needs_a_port_of_its_own_and_the_admin_token() {
     let port = process::free_port();
