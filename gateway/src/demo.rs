@@ -103,19 +103,25 @@ pub(crate) async fn print(base: &str, gateway: &Gateway, admin: bool) {
     };
     let token_dstu2 = token(TENANT_DSTU2).await;
     let token_stu3 = token(TENANT_STU3).await;
-    println!("demo client: client_id {DEMO_CLIENT}, client_secret {DEMO_SECRET}");
+    use std::fmt::Write as _;
+    let mut text = format!("demo client: client_id {DEMO_CLIENT}, client_secret {DEMO_SECRET}\n");
     if admin {
-        println!("demo admin token: {DEMO_ADMIN_TOKEN}");
+        let _ = writeln!(text, "demo admin token: {DEMO_ADMIN_TOKEN}");
     } else {
-        println!("the admin API is off: the demo's admin token is published, and this demo listens beyond loopback (run it on 127.0.0.1 to use it)");
+        text.push_str("the admin API is off: the demo's admin token is published, and this demo listens beyond loopback (run it on 127.0.0.1 to use it)\n");
     }
-    println!("demo token for the DSTU2 tenant (ES256, valid for 1 hour):\n  {token_dstu2}");
-    println!("demo token for the STU3 tenant (ES256, valid for 1 hour):\n  {token_stu3}\n");
-    println!("try:");
-    println!("  curl -s {base}/metadata    # no token needed: names the token endpoint");
-    println!("  curl -s -u {DEMO_CLIENT}:{DEMO_SECRET} -d grant_type=client_credentials -d scope={TENANT_STU3} {base}/oauth/token");
-    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' '{base}/Patient?family=ngu'");
-    println!("  curl -s -H 'Authorization: Bearer {token_dstu2}' {base}/Patient/1001");
-    println!("  curl -s -H 'Authorization: Bearer {token_stu3}' -d 'family=okafor' {base}/Patient/_search");
-    println!("  curl -si {base}/Patient/1001    # 401 with WWW-Authenticate");
+    let _ = write!(
+        text,
+        "demo token for the DSTU2 tenant (ES256, valid for 1 hour):\n  {token_dstu2}\n\
+         demo token for the STU3 tenant (ES256, valid for 1 hour):\n  {token_stu3}\n\n\
+         try:\n\
+         \x20 curl -s {base}/metadata    # no token needed: names the token endpoint\n\
+         \x20 curl -s -u {DEMO_CLIENT}:{DEMO_SECRET} -d grant_type=client_credentials -d scope={TENANT_STU3} {base}/oauth/token\n\
+         \x20 curl -s -H 'Authorization: Bearer {token_stu3}' '{base}/Patient?family=ngu'\n\
+         \x20 curl -s -H 'Authorization: Bearer {token_dstu2}' {base}/Patient/1001\n\
+         \x20 curl -s -H 'Authorization: Bearer {token_stu3}' -d 'family=okafor' {base}/Patient/_search\n\
+         \x20 curl -si {base}/Patient/1001    # 401 with WWW-Authenticate\n"
+    );
+    // (Not println!, which panics on a closed stdout: the gateway serves on without it.)
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
 }

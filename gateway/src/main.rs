@@ -105,18 +105,21 @@ fn main() -> ExitCode {
 
 /// A line of the start's banner: on stdout, or on stderr when the audit log is stdout (whose
 /// readers take one JSON record a line).
+/// Not `println!`, which panics when the stream is closed (`tower-fhir-gateway ... | head`): a
+/// line nobody reads is dropped, and the gateway serves on.
 macro_rules! say {
-    ($to_stderr:expr, $($line:tt)*) => {
-        if $to_stderr {
-            eprintln!($($line)*)
+    ($to_stderr:expr, $($line:tt)*) => {{
+        use std::io::Write as _;
+        let _ = if $to_stderr {
+            writeln!(std::io::stderr(), $($line)*)
         } else {
-            println!($($line)*)
-        }
-    };
+            writeln!(std::io::stdout(), $($line)*)
+        };
+    }};
 }
 
 fn failed(message: &str) -> ExitCode {
-    eprintln!("tower-fhir-gateway: {message}");
+    say!(true, "tower-fhir-gateway: {message}");
     ExitCode::FAILURE
 }
 
@@ -144,7 +147,7 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
     front::check_audit_log(&config)?;
     let base = public_base_url(&config, config.listen);
     check_assembly(&config, &base).await?;
-    println!("{}: ok", file.display());
+    say!(false, "{}: ok", file.display());
     Ok(())
 }
 
@@ -267,7 +270,10 @@ async fn run(args: Args) -> Result<(), String> {
         let page = front::install_metrics()?;
         let local = listener.local_addr().unwrap_or(addr);
         front::serve_metrics(listener, page);
-        eprintln!("tower-fhir gateway: metrics at http://{local}/metrics");
+        say!(
+            true,
+            "tower-fhir gateway: metrics at http://{local}/metrics"
+        );
     }
     // Read before listening: a certificate that cannot be used stops the start, as does an
     // audit log that cannot be opened.

@@ -487,6 +487,26 @@ fn a_start_refused_for_its_configuration_writes_no_state() {
     drop(taken);
 }
 
+/// A closed stdout (`tower-fhir-gateway ... | head`) is no panic: what nobody reads is
+/// dropped, and the answer is the same.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    let file = config_file("closed-stdout", GOOD);
+    let mut child = Command::new(GATEWAY)
+        .args(["--check-config", file.to_str().unwrap()])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the gateway writes its line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn admin_listen_needs_a_port_of_its_own_and_the_admin_token() {
     let port = process::free_port();
