@@ -2,6 +2,7 @@
 //! PostgreSQL database many replicas share (or made in memory to check a configuration), and
 //! seeded from the configuration with what it does not hold yet.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -168,6 +169,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     }
     let clients = state.client_store(hashing(config)?);
     register(&clients, &config.clients).await?;
+    say_unnamed(config, &directory, &clients).await;
     // Serve only once other replicas' tenant changes are heard: a lookup cached before then
     // could miss a change for as long as the cache keeps it.
     if tokio::time::timeout(Duration::from_secs(10), directory.listening())
@@ -358,6 +360,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     let clients = FileClientStore::open_with_hashing(&clients_file, hashing(config)?)
         .map_err(|e| format!("cannot open the client store: {e}"))?;
     register(&clients, &config.clients).await?;
+    say_unnamed(config, &directory, &clients).await;
     let keys = SigningKeys::open(dir.join("signing-keys.json"))
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let revocations = FileRevocationLog::open(dir.join("revoked-tokens.json"))
@@ -460,6 +463,48 @@ fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
 pub(crate) async fn check(config: &Config) -> Result<(), String> {
     let clients = InMemoryClientStore::with_hashing(hashing(config)?);
     register(&clients, &config.clients).await
+}
+
+/// Logs, at `info`, the tenants and clients the state serves that the configuration does not
+/// name: onboarded through the admin API, or removed from the file after the first start,
+/// which removes nothing (the state wins over the file). Those removed clients are not revoked.
+async fn say_unnamed(config: &Config, directory: &dyn TenantStore, clients: &dyn ClientStore) {
+    /// The most ids named in the line.
+    const NAMED: usize = 10;
+    let in_file: HashSet<_> = config.tenants.iter().map(|tenant| tenant.id).collect();
+    if let Ok(stored) = directory.list().await {
+        let unnamed: Vec<_> = stored
+            .into_iter()
+            .filter(|tenant| !in_file.contains(tenant))
+            .collect();
+        if !unnamed.is_empty() {
+            tracing::info!(
+                count = unnamed.len(),
+                tenants = ?&unnamed[..unnamed.len().min(NAMED)],
+                "tenants the state serves are not in the configuration (onboarded through the admin API, or removed from the file after the first start, which removes nothing): offboard one with DELETE /admin/tenants/{{id}}"
+            );
+        }
+    }
+    let in_file: HashSet<_> = config
+        .clients
+        .iter()
+        .map(|c| c.client_id.as_str())
+        .collect();
+    if let Ok(stored) = clients.clients().await {
+        let mut unnamed: Vec<_> = stored
+            .into_iter()
+            .filter(|client| !client.revoked && !in_file.contains(client.id.as_str()))
+            .map(|client| client.id)
+            .collect();
+        unnamed.sort();
+        if !unnamed.is_empty() {
+            tracing::info!(
+                count = unnamed.len(),
+                clients = ?&unnamed[..unnamed.len().min(NAMED)],
+                "clients the state serves are not in the configuration (registered through the admin API, or removed from the file after the first start, which revokes nothing): revoke one with DELETE /admin/clients/{{client_id}}"
+            );
+        }
+    }
 }
 
 /// Whether what the configuration says of a client (but its secret and keys) differs from

@@ -1581,7 +1581,8 @@ fn without_colours(log: &str) -> String {
 
 /// With `state_dir`, tenants are seeded at the first start only: one added to the
 /// configuration later is not added (the files do not say whether it was removed through the
-/// admin API), and the log says so.
+/// admin API), and the log says so; one removed from the file later is still served, and the
+/// log says that too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not_added() {
     let dir = scratch("late-tenant");
@@ -1628,7 +1629,32 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     let token = token(&third.client).await;
     let reply = third.client.get_bearer("/Patient/1", &token).await;
     assert_eq!(upstream.received().len(), 1, "{}", reply.text());
+    assert!(
+        !log.contains("the state serves are not in the configuration"),
+        "{log}"
+    );
     third.proc.terminate();
+
+    // The tenant and the client removed from the file: removed from nothing (the state wins),
+    // and the log says so, with how to offboard them.
+    let mut fourth = start(&dir, &upstream, json!({"tenants": [], "clients": []}));
+    let log = without_colours(&fourth.proc.stderr());
+    assert!(
+        log.contains("tenants the state serves are not in the configuration")
+            && log.contains("DELETE /admin/tenants/")
+            && log.contains(TENANT),
+        "{log}"
+    );
+    assert!(
+        log.contains("clients the state serves are not in the configuration")
+            && log.contains("DELETE /admin/clients/")
+            && log.contains("\"app\""),
+        "{log}"
+    );
+    let fresh = self::token(&fourth.client).await;
+    let reply = fourth.client.get_bearer("/Patient/1", &fresh).await;
+    assert_eq!(upstream.received().len(), 2, "{}", reply.text());
+    fourth.proc.terminate();
 }
 
 /// A tenant read with `GET /admin/tenants/{id}` shows its upstream's credential as
