@@ -529,6 +529,9 @@ async fn upstream_max_idle_connections_bounds_the_connections_kept() {
         let dir = scratch(&format!("max-idle-{kept:?}"));
         let (base, accepted) = counting_upstream().await;
         let mut config = config(&dir, free_port(), &base);
+        // One worker: each keeps idle connections of its own, and the kernel spreads the
+        // client's connections over them.
+        config["workers"] = json!(1);
         if let Some(kept) = kept {
             config["upstream_max_idle_connections"] = json!(kept);
         }
