@@ -8,15 +8,42 @@
 //! refused as the connection reads it, before any layer: `400` with an OperationOutcome, a new
 //! `X-Request-Id` and, over HTTP/1.x, `Connection: close` (the client's framing is not to be
 //! trusted further), logged at `info` and counted as a `malformed_request` closing. HTTP/2
-//! requests name their authority in `:authority`; a `Host` beside it is checked the same way.
+//! requests name their authority in `:authority`; a `Host` beside it is checked the same way,
+//! and must name the same authority (RFC 9113 §8.3.1), and an `:authority` with user
+//! information is refused as malformed there too.
 
 use http::header::HOST;
+use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 use tower_fhir::ops::{MakeUuid, X_REQUEST_ID};
 use tower_fhir::outcome::{IssueType, OperationOutcome};
 
-/// Why a request's `Host` breaks RFC 9112 §3.2, if it does.
-pub(crate) fn problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+/// Why a request's `Host` breaks RFC 9112 §3.2 (or, over HTTP/2, its `:authority`,
+/// `authority`, RFC 9113 §8.3.1), if it does.
+pub(crate) fn problem(
+    version: Version,
+    authority: Option<&Authority>,
+    headers: &HeaderMap,
+) -> Option<&'static str> {
+    if version == Version::HTTP_2 {
+        if let Some(authority) = authority {
+            if authority.as_str().contains('@') {
+                return Some(
+                    "The :authority pseudo-header field has user information (RFC 9113 §8.3.1)",
+                );
+            }
+            if headers.get(HOST).is_some_and(|host| {
+                !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            }) {
+                return Some(
+                    "The Host header field names another authority than :authority (RFC 9113 \
+                     §8.3.1)",
+                );
+            }
+        }
+    }
     let mut hosts = headers.get_all(HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if version == Version::HTTP_11 => {
@@ -182,6 +209,41 @@ mod tests {
         headers
     }
 
+    /// Over HTTP/2, `:authority` may not carry user information, and a `Host` beside it must
+    /// name the same authority (in any case).
+    #[test]
+    fn an_http2_authority_with_user_information_or_another_host_is_refused() {
+        let authority = |text: &str| text.parse::<Authority>().unwrap();
+        let at = authority("fhir.example:443");
+        assert_eq!(problem(Version::HTTP_2, Some(&at), &with_hosts(&[])), None);
+        assert_eq!(
+            problem(
+                Version::HTTP_2,
+                Some(&at),
+                &with_hosts(&["FHIR.example:443"])
+            ),
+            None
+        );
+        assert!(
+            problem(Version::HTTP_2, Some(&at), &with_hosts(&["evil.example"]))
+                .unwrap()
+                .contains("another authority")
+        );
+        assert!(problem(
+            Version::HTTP_2,
+            Some(&authority("user@fhir.example")),
+            &with_hosts(&[])
+        )
+        .unwrap()
+        .contains("user information"));
+        // HTTP/1.1 in absolute form: the target's authority is not compared (the gateway reads
+        // neither), the Host is checked as always.
+        assert_eq!(
+            problem(Version::HTTP_11, Some(&at), &with_hosts(&["other.example"])),
+            None
+        );
+    }
+
     #[test]
     fn one_valid_host_passes() {
         for host in [
@@ -202,7 +264,7 @@ mod tests {
             "[V7.x]:80",
         ] {
             assert_eq!(
-                problem(Version::HTTP_11, &with_hosts(&[host])),
+                problem(Version::HTTP_11, None, &with_hosts(&[host])),
                 None,
                 "{host}"
             );
@@ -211,17 +273,17 @@ mod tests {
 
     #[test]
     fn a_missing_repeated_or_invalid_host_is_refused() {
-        assert!(problem(Version::HTTP_11, &with_hosts(&[]))
+        assert!(problem(Version::HTTP_11, None, &with_hosts(&[]))
             .unwrap()
             .contains("must have"));
         // HTTP/1.0 and HTTP/2 need none.
-        assert_eq!(problem(Version::HTTP_10, &with_hosts(&[])), None);
-        assert_eq!(problem(Version::HTTP_2, &with_hosts(&[])), None);
+        assert_eq!(problem(Version::HTTP_10, None, &with_hosts(&[])), None);
+        assert_eq!(problem(Version::HTTP_2, None, &with_hosts(&[])), None);
         for version in [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2] {
-            assert!(problem(version, &with_hosts(&["a", "b"]))
+            assert!(problem(version, None, &with_hosts(&["a", "b"]))
                 .unwrap()
                 .contains("more than one"));
-            assert!(problem(version, &with_hosts(&["a", "a"])).is_some());
+            assert!(problem(version, None, &with_hosts(&["a", "a"])).is_some());
         }
         for host in [
             "a b",
@@ -250,7 +312,7 @@ mod tests {
             "x:0065536",
         ] {
             assert!(
-                problem(Version::HTTP_11, &with_hosts(&[host])).is_some(),
+                problem(Version::HTTP_11, None, &with_hosts(&[host])).is_some(),
                 "{host}"
             );
         }

@@ -379,7 +379,11 @@ async fn accept(
                 }
             }
             // RFC 9112 §3.2: no Host, more than one, or one that is no host and port: 400.
-            let bad_host = crate::host::problem(request.version(), request.headers());
+            let bad_host = crate::host::problem(
+                request.version(),
+                request.uri().authority(),
+                request.headers(),
+            );
             // A HEAD's answer has no body (RFC 9110 §9.3.2): hyper's HTTP/1.1 server drops
             // it, its HTTP/2 server would send it (a protocol error to the client).
             let bodiless = request.method() == http::Method::HEAD

@@ -1900,6 +1900,41 @@ fn the_open_files_limit_is_raised_to_its_hard_limit_and_a_low_one_is_said() {
 /// where hyper's server sends whatever body the answer has (its HTTP/1.1 server drops it), and
 /// a client takes a `DATA` frame on a `HEAD`'s stream for a protocol error. The gateway's own
 /// answers (a refusal, health) have one.
+/// Over HTTP/2 a `Host` beside `:authority` must name the same authority (RFC 9113 §8.3.1: a
+/// balancer in front keying on one while another reads the other is how caches are
+/// poisoned): `400`, the stream only; the connection serves on.
+#[tokio::test]
+async fn an_http2_host_naming_another_authority_is_refused() {
+    use http_body_util::BodyExt;
+    let (_proc, addr, _dir) = start("h2-host", json!({}));
+    let (mut sender, connection) = h2_connect(addr, 65_535).await;
+    let request = |host: &str| {
+        http::Request::get("http://gateway.example/metadata")
+            .header("host", host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let refused = sender.send_request(request("evil.example")).await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("another authority"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let same = sender
+        .send_request(request("GATEWAY.example"))
+        .await
+        .unwrap();
+    assert_eq!(same.status(), 200);
+    same.into_body().collect().await.unwrap();
+    assert!(!connection.is_finished());
+    // (Closed now: the gateway's stop would wait for it.)
+    drop(sender);
+    connection.abort();
+    let _ = connection.await;
+}
+
 #[tokio::test]
 async fn answers_to_head_carry_no_body_over_http2() {
     use http_body_util::BodyExt;
