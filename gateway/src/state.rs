@@ -321,6 +321,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     };
 
     let lock = lock(&dir)?;
+    say_missing_files(&dir);
     let tenants_file = dir.join("tenants.json");
     let directory = FileDirectory::open(&tenants_file)
         .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
@@ -463,6 +464,33 @@ fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
 pub(crate) async fn check(config: &Config) -> Result<(), String> {
     let clients = InMemoryClientStore::with_hashing(hashing(config)?);
     register(&clients, &config.clients).await
+}
+
+/// The state files every start leaves (`clients.json` is written only once a client is), and
+/// what starting without one while the other is there loses.
+const STATE_FILES: [(&str, &str); 2] = [
+    ("tenants.json", "the tenants are seeded from the configuration again: those onboarded or removed through the admin API are lost"),
+    ("signing-keys.json", "new signing keys are made: every token issued before is refused"),
+];
+
+/// Logs, at `warn`, a state file missing from a state directory that holds the other (a file
+/// deleted, or a backup restored in part): it is made anew, and what that loses is said. A
+/// directory holding neither is a first start.
+fn say_missing_files(dir: &Path) {
+    let missing: Vec<_> = STATE_FILES
+        .iter()
+        .filter(|(file, _)| !dir.join(file).exists())
+        .collect();
+    if missing.len() == STATE_FILES.len() {
+        return;
+    }
+    for (file, loses) in missing {
+        tracing::warn!(
+            state = %dir.display(),
+            file,
+            "a state file is missing while the rest of the state is there: {loses}"
+        );
+    }
 }
 
 /// Logs, at `info`, the tenants and clients the state serves that the configuration does not

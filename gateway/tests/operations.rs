@@ -1657,6 +1657,32 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     fourth.proc.terminate();
 }
 
+/// A state file deleted (or left out of a restored backup) while the rest of the state is there
+/// is made anew at the next start, and the log says what that loses: new signing keys refuse
+/// every token issued before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_state_file_is_made_anew_and_said() {
+    let dir = scratch("missing-state-file");
+    let upstream = RecordingUpstream::start().await;
+    let mut first = start(&dir, &upstream, json!({}));
+    let before = token(&first.client).await;
+    assert!(!without_colours(&first.proc.stderr()).contains("a state file is missing"));
+    first.proc.terminate();
+    let state = dir.join("state");
+    std::fs::remove_file(state.join("signing-keys.json")).unwrap();
+    let mut second = start(&dir, &upstream, json!({}));
+    let log = without_colours(&second.proc.stderr());
+    assert!(
+        log.contains("a state file is missing while the rest of the state is there")
+            && log.contains("every token issued before is refused")
+            && log.contains("signing-keys.json"),
+        "{log}"
+    );
+    let reply = second.client.get_bearer("/Patient/1", &before).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    second.proc.terminate();
+}
+
 /// A tenant read with `GET /admin/tenants/{id}` shows its upstream's credential as
 /// `<redacted>`: sending that record back unchanged is refused (`400`, saying what to send),
 /// and the stored credential still goes upstream. The same placeholder in the configuration
