@@ -643,6 +643,20 @@ impl Config {
     }
 
     /// The gateway's own listening addresses, by key: no tenant's upstream may be one.
+    /// `Err` naming the first tenant whose upstream is one of the gateway's own addresses
+    /// ([`own_addresses`](Self::own_addresses)): its requests would come back to the gateway.
+    pub(crate) fn check_own_addresses(&self) -> Result<(), String> {
+        let own = self.own_addresses();
+        match self
+            .tenants
+            .iter()
+            .find_map(|tenant| Some(tenant).zip(crate::admin::at_own_address(&own, &tenant.record)))
+        {
+            Some((tenant, refused)) => Err(format!("tenant {}: {refused}", tenant.id)),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn own_addresses(&self) -> Vec<(&'static str, SocketAddr)> {
         let mut own = vec![("listen", self.listen)];
         own.extend(
@@ -766,18 +780,9 @@ impl Config {
                 tenant.id
             ));
         }
-        let own = config.own_addresses();
-        if let Some((tenant, refused)) = config
-            .tenants
-            .iter()
-            .find_map(|tenant| Some(tenant).zip(crate::admin::at_own_address(&own, &tenant.record)))
-        {
-            return Err(format!(
-                "the configuration file {}: tenant {}: {refused}",
-                path.display(),
-                tenant.id
-            ));
-        }
+        config
+            .check_own_addresses()
+            .map_err(|refused| format!("the configuration file {}: {refused}", path.display()))?;
         if let Some(nested) = tower_fhir::route::nested_bases(
             config
                 .tenants

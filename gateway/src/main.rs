@@ -131,6 +131,7 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
         config.listen = listen;
         config
             .check_listeners()
+            .and_then(|()| config.check_own_addresses())
             .map_err(|e| format!("--listen {listen}: {e}"))?;
     }
     config.database_from_env();
@@ -238,6 +239,7 @@ async fn run(args: Args) -> Result<(), String> {
         config.listen = listen;
         config
             .check_listeners()
+            .and_then(|()| config.check_own_addresses())
             .map_err(|e| format!("--listen {listen}: {e}"))?;
     }
     if demo {

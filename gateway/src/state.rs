@@ -145,7 +145,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             .iter()
             .map(|tenant| (tenant.id, &tenant.record))
             .collect();
-        refuse_nested_bases(&directory, &location, &seeded).await?;
+        refuse_nested_bases(&directory, &location, &seeded, &config.own_addresses()).await?;
         for tenant in &config.tenants {
             if directory
                 .insert_if_absent(tenant.id, &tenant.record)
@@ -204,11 +204,13 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
 /// (the configured tenants, about to be written where the directory lacks them) count as
 /// held where it holds none of their ids. (A configured tenant removed through the admin API,
 /// which seeding leaves out, counts too: a configuration naming one that would nest is
-/// refused all the same.)
+/// refused all the same.) Refuses one whose upstream is one of the gateway's own addresses
+/// (`own_addresses`) too: stored before a listener moved onto it.
 async fn refuse_nested_bases(
     directory: &dyn TenantStore,
     location: &str,
     seeded: &[(TenantId, &TenantRecord)],
+    own_addresses: &[(&'static str, std::net::SocketAddr)],
 ) -> Result<(), String> {
     let failed = |e: DirectoryError| format!("cannot read the tenant directory ({location}): {e}");
     let mut tenants = Vec::new();
@@ -225,6 +227,22 @@ async fn refuse_nested_bases(
         .iter()
         .filter(|(id, _)| !held.iter().any(|(tenant, _)| tenant == id))
         .copied();
+    // A tenant stored (or configured) before `listen`, `metrics_listen` or `admin_listen`
+    // moved onto its upstream's address (or `--listen` did) would send its requests back to
+    // the gateway, its clients to the metrics.
+    let own = own_addresses;
+    if let Some((tenant, refused)) = held
+        .iter()
+        .copied()
+        .chain(new.clone())
+        .find_map(|(tenant, record)| Some(tenant).zip(crate::admin::at_own_address(own, record)))
+    {
+        return Err(format!(
+            "the tenant directory ({location}): tenant {tenant}: {refused}. Change the tenant \
+             (PUT /admin/tenants/{{id}} on a gateway still running, or in the directory itself) \
+             or the listening address before starting this one"
+        ));
+    }
     match nested_bases(held.iter().copied().chain(new)).first() {
         None => Ok(()),
         Some(nested) => Err(format!(
@@ -356,7 +374,13 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             }
         }
     }
-    refuse_nested_bases(&directory, &format!("{}", tenants_file.display()), &[]).await?;
+    refuse_nested_bases(
+        &directory,
+        &format!("{}", tenants_file.display()),
+        &[],
+        &config.own_addresses(),
+    )
+    .await?;
     let clients_file = dir.join("clients.json");
     let clients = FileClientStore::open_with_hashing(&clients_file, hashing(config)?)
         .map_err(|e| format!("cannot open the client store: {e}"))?;

@@ -866,6 +866,57 @@ fn without_state_dir_or_database_url_the_start_warns_that_a_restart_loses_the_st
     }
 }
 
+/// A tenant whose upstream is one of the gateway's own addresses is refused however it comes
+/// to be: `--listen` onto a configured tenant's upstream (checked and started), or
+/// `metrics_listen` moved onto the upstream of a tenant the state holds (its clients would
+/// read the metrics through the proxy), and the refused start writes nothing.
+#[test]
+fn a_tenant_at_the_gateways_own_address_is_refused_whichever_way_it_came() {
+    let file = config_file("own-address-listen", GOOD);
+    let path = file.to_str().unwrap();
+    for args in [
+        vec!["--check-config", path, "--listen", "127.0.0.1:9001"],
+        vec!["--config", path, "--listen", "127.0.0.1:9001"],
+    ] {
+        let out = gateway(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: accepted");
+        assert!(
+            stderr.contains("--listen 127.0.0.1:9001: tenant 4d1f6c2e")
+                && stderr.contains("is this gateway's own listen"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!file.parent().unwrap().join("state").exists());
+
+    // Stored by a first start; the file then leaves the tenant out and moves metrics_listen
+    // onto its upstream's address.
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", path]);
+    let (mut first, _base) = process::Proc::start(
+        command,
+        file.parent().unwrap().join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    assert!(first.terminate(), "did not exit cleanly");
+    let moved: serde_json::Value = {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        config["tenants"] = serde_json::json!([]);
+        config["metrics_listen"] = serde_json::json!("127.0.0.1:9001");
+        config
+    };
+    std::fs::write(&file, serde_json::to_vec(&moved).unwrap()).unwrap();
+    let out = gateway(&["--config", path]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "started");
+    assert!(
+        stderr.contains("tenant 4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f")
+            && stderr.contains("is this gateway's own metrics_listen"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_second_process_on_the_same_state_dir_is_refused_until_the_first_ends() {
     let file = config_file("locked-state", GOOD);
