@@ -35,6 +35,9 @@ pub enum KeyError {
     Unsupported(String),
     /// The algorithm asked for does not belong to the key's family.
     AlgorithmMismatch(Algorithm),
+    /// A key file could not be read or written (no such directory, a full disk, no right to
+    /// it): the keys themselves may be fine.
+    Io(String),
 }
 
 impl fmt::Display for KeyError {
@@ -45,6 +48,7 @@ impl fmt::Display for KeyError {
             Self::AlgorithmMismatch(alg) => {
                 write!(f, "algorithm {alg:?} does not belong to the key's family")
             }
+            Self::Io(why) => write!(f, "cannot read or write the key file: {why}"),
         }
     }
 }

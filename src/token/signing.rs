@@ -296,7 +296,8 @@ impl SigningKeys {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
         let path = path.as_ref();
         let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
-        let keys = match crate::persist::read_if_exists(path).map_err(|e| bad(&e))? {
+        let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
+        let keys = match crate::persist::read_if_exists(path).map_err(unreadable)? {
             Some(bytes) => {
                 let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
                 if file.version != 1 {
@@ -439,7 +440,7 @@ impl SigningKeys {
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(malformed)?;
         crate::persist::write_atomically(path, &bytes)
-            .map_err(|e| KeyError::Malformed(format!("{}: {e}", path.display())))
+            .map_err(|e| KeyError::Io(format!("{}: {e}", path.display())))
     }
 
     /// The `kid` of the key that signs.
@@ -555,6 +556,26 @@ impl<B> Service<Request<B>> for JwksService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_that_cannot_be_read_is_said_so_not_called_malformed() {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-keys-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A path under a file: no such directory can be made.
+        let blocker = dir.join("a-file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let Err(error) = SigningKeys::open(blocker.join("signing-keys.json")) else {
+            panic!("opened keys under a file");
+        };
+        assert!(matches!(error, KeyError::Io(_)), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read or write the key file: "),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn opened_keys_survive_a_restart_with_their_rotations() {
