@@ -32,6 +32,31 @@ pub(crate) type Front = RequestIdService<Either<FhirCors<Inner>, Inner>>;
 /// request's span, as the gateway's requests have them.
 pub(crate) type AdminFront = RequestIdService<Observe<Router>>;
 
+/// Warns when the audit log is a regular file others than its owner may read (a file the
+/// gateway creates is 0600; one that was there, or a log rotation's, keeps its mode): it names
+/// clients, tenants, resources and query parameters.
+#[cfg(unix)]
+pub(crate) fn warn_if_audit_log_readable(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = config
+        .audit_log
+        .as_deref()
+        .filter(|path| path.as_os_str() != "-")
+    else {
+        return;
+    };
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode() & 0o777;
+        if metadata.is_file() && mode & 0o077 != 0 {
+            tracing::warn!(
+                audit_log = %path.display(),
+                mode = format_args!("{mode:o}"),
+                "the audit log may be read (or written) by users other than its owner: it names clients, tenants, resources and query parameters; chmod 600 it (the gateway creates it 0600, and a log rotation should too)"
+            );
+        }
+    }
+}
+
 /// Whether the audit log can be opened (appended to, created if absent) as the start will:
 /// `Err` says why. Without side effects: a path that is not a regular file (a FIFO a log
 /// shipper reads, a device) is left alone, an existing file is opened for appending and

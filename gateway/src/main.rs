@@ -281,6 +281,8 @@ async fn run(args: Args) -> Result<(), String> {
     // audit log that cannot be opened.
     let tls = config.tls()?;
     front::check_audit_log(&config)?;
+    #[cfg(unix)]
+    front::warn_if_audit_log_readable(&config);
     let workers = config.worker_count();
     let listeners = serve::bind(config.listen, workers)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

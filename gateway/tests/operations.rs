@@ -1657,6 +1657,35 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     fourth.proc.terminate();
 }
 
+/// An audit log the gateway creates is `0600`, and said nothing of; one that was there already
+/// readable by others (or a log rotation's) is used, and the start warns of its mode.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_log_others_may_read_is_warned_of() {
+    use std::os::unix::fs::PermissionsExt;
+    let warning = "the audit log may be read (or written) by users other than its owner";
+    let dir = scratch("audit-mode");
+    let upstream = RecordingUpstream::start().await;
+    let path = dir.join("audit.jsonl");
+    let mut created = start(&dir, &upstream, json!({"audit_log": path}));
+    created.client.get("/metadata", &[]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no audit log written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    assert!(!without_colours(&created.proc.stderr()).contains(warning));
+    created.proc.terminate();
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut readable = start(&dir, &upstream, json!({"audit_log": path}));
+    let log = without_colours(&readable.proc.stderr());
+    assert!(log.contains(warning) && log.contains("mode=644"), "{log}");
+    readable.proc.terminate();
+}
+
 /// A state file deleted (or left out of a restored backup) while the rest of the state is there
 /// is made anew at the next start, and the log says what that loses: new signing keys refuse
 /// every token issued before.
