@@ -629,6 +629,10 @@ impl Config {
     /// The configuration in `text`; the error names the key it is about
     /// (`tenants[0].upstreams[0].fhir_version: ...`) when it is about one.
     fn parse(text: &str) -> Result<Self, String> {
+        // serde reads a struct from an array too, by position: `[]` would be every default.
+        if !text.trim_start().starts_with('{') {
+            return Err("the configuration must be a JSON object ({\"listen\": ...})".into());
+        }
         let mut json = serde_json::Deserializer::from_str(text);
         let config: Self = serde_path_to_error::deserialize(&mut json).map_err(|e| {
             let key = e.path().to_string();

@@ -189,6 +189,9 @@ fn check_config_says_what_is_wrong() {
     let cases = [
         ("syntax", "{\"listen\": ", "is not valid"),
         ("unknown-key", r#"{"listn": "127.0.0.1:1"}"#, "unknown field `listn`"),
+        // (serde would read an array by position: `[]`, every default.)
+        ("array", "[]", "must be a JSON object"),
+        ("positional", r#"["127.0.0.1:1"]"#, "must be a JSON object"),
         (
             "default-release",
             &GOOD.replace(
