@@ -399,7 +399,8 @@ impl<'g> Check<'g> {
                         continue;
                     }
                     _ => {
-                        for ty in chained_types(name) {
+                        let searched = compartment_searched.or(found.resource_type);
+                        for ty in chained_types(searched, name) {
                             need(ty, Permissions::SEARCH, Target::Undecidable);
                         }
                         continue;
@@ -1313,24 +1314,53 @@ fn included_type(reverse: bool, value: &str) -> Option<&str> {
     if let Some(target) = parts.next() {
         return is_type(target).then_some(target);
     }
-    let ty = reference_target(param)?;
-    is_type(source).then_some(ty)
+    if !is_type(source) {
+        return None;
+    }
+    reference_target(Some(source), param)
 }
 
-/// The one type a reference search parameter points to whatever the type searched (`patient`:
-/// `Patient`); `None` for one that may point to several (`subject`, `performer`).
-fn reference_target(param: &str) -> Option<&'static str> {
-    Some(match param {
-        "patient" => "Patient",
-        "encounter" => "Encounter",
-        "organization" => "Organization",
-        "location" => "Location",
-        "specimen" => "Specimen",
-        "medication" => "Medication",
-        "practitioner" => "Practitioner",
+/// The one type a reference search parameter of `source` points to in every FHIR release
+/// (`patient`: `Patient`); `None` for one that may point to several (`subject`, `performer`),
+/// or to another type of some source in some release when `source` is unknown.
+fn reference_target(source: Option<&str>, param: &str) -> Option<&'static str> {
+    let (ty, wider_on): (_, &[&str]) = match param {
+        "patient" => ("Patient", &[]),
+        "organization" => ("Organization", &[]),
+        "location" => ("Location", &[]),
+        "practitioner" => ("Practitioner", &[]),
+        "encounter" => ("Encounter", &ENCOUNTER_OR_EPISODE),
+        // R5: `Observation.specimen` is `Reference(Specimen | Group)`.
+        "specimen" => ("Specimen", &["Observation"]),
+        // R5: a packaged product's medication may be a device, a nutrition product...
+        "medication" => ("Medication", &["PackagedProductDefinition"]),
         _ => return None,
-    })
+    };
+    match source {
+        Some(source) if !wider_on.contains(&source) => Some(ty),
+        None if wider_on.is_empty() => Some(ty),
+        _ => None,
+    }
 }
+
+/// The types whose `encounter` search parameter targets `EpisodeOfCare` besides `Encounter`
+/// in R4's `search-parameters.json` (`DocumentReference.context.encounter` may name an
+/// episode of care; the shared `clinical-encounter` parameter declares both for every type
+/// that uses it), sorted.
+const ENCOUNTER_OR_EPISODE: [&str; 12] = [
+    "Composition",
+    "DeviceRequest",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Flag",
+    "List",
+    "NutritionOrder",
+    "Observation",
+    "Procedure",
+    "RiskAssessment",
+    "ServiceRequest",
+    "VisionPrescription",
+];
 
 /// The types a chained or reverse-chained parameter filters on, link by link, in any mix:
 /// `subject:Patient.name`: `Patient`; `patient.general-practitioner:Practitioner.name`:
@@ -1339,9 +1369,11 @@ fn reference_target(param: &str) -> Option<&'static str> {
 /// `patient._has:Group:member:_id`: `Patient`, then `Group`. A forward link's type is its type
 /// modifier, else the one type of a few reference parameters, else `None` (every type); a
 /// reverse chain that does not read as one is `None` too. Nothing for a plain parameter.
-fn chained_types(name: &str) -> Vec<Option<&str>> {
+fn chained_types<'a>(searched: Option<&'a str>, name: &'a str) -> Vec<Option<&'a str>> {
     let mut types = Vec::new();
     let mut rest = name;
+    // The type the next link's parameter is of.
+    let mut source = searched;
     loop {
         // Any case: a server that reads names regardless of it takes `_HAS:` as `_has:`.
         if rest.eq_ignore_ascii_case("_has") {
@@ -1359,6 +1391,7 @@ fn chained_types(name: &str) -> Vec<Option<&str>> {
             match (pieces.next(), pieces.next(), pieces.next()) {
                 (Some(ty), Some(_reference), Some(then)) if is_type(ty) && !then.is_empty() => {
                     types.push(Some(ty));
+                    source = Some(ty);
                     rest = then;
                 }
                 _ => {
@@ -1373,11 +1406,13 @@ fn chained_types(name: &str) -> Vec<Option<&str>> {
         };
         let mut parts = link.split(':');
         let param = parts.next().unwrap_or("");
-        types.push(match parts.next() {
+        let ty = match parts.next() {
             Some(ty) if is_type(ty) => Some(ty),
             Some(_) => None,
-            None => reference_target(param),
-        });
+            None => reference_target(source, param),
+        };
+        types.push(ty);
+        source = ty;
         rest = then;
     }
 }
@@ -1877,6 +1912,45 @@ mod tests {
         ] {
             assert!(!allowed("patient/*.rs", Method::GET, another), "{another}");
         }
+        // A parameter with one target on most types may have more on some, in some release:
+        // R4's `DocumentReference:encounter` brings episodes of care too, R5's
+        // `Observation:specimen` groups. Those need `*` (or name the target), the others not.
+        for (wider, narrow, ty) in [
+            (
+                "/DocumentReference?code=x&_include=DocumentReference:encounter",
+                "/Condition?code=x&_include=Condition:encounter",
+                "Encounter",
+            ),
+            (
+                "/Observation?code=x&_include=Observation:specimen",
+                "/DiagnosticReport?code=x&_include=DiagnosticReport:specimen",
+                "Specimen",
+            ),
+        ] {
+            let source = &wider[1..wider.find('?').unwrap()];
+            let scopes = format!("system/{source}.s system/{ty}.r");
+            assert!(!allowed(&scopes, Method::GET, wider), "{wider}");
+            assert!(
+                allowed(&format!("system/{source}.s system/*.r"), Method::GET, wider),
+                "{wider}"
+            );
+            let named = format!("{wider}:{ty}");
+            assert!(allowed(&scopes, Method::GET, &named), "{named}");
+            let source = &narrow[1..narrow.find('?').unwrap()];
+            let scopes = format!("system/{source}.s system/{ty}.r");
+            assert!(allowed(&scopes, Method::GET, narrow), "{narrow}");
+        }
+        // Chained the same way: the link's type is known only where it has one target.
+        assert!(!allowed(
+            "system/DocumentReference.s system/Encounter.s",
+            Method::GET,
+            "/DocumentReference?encounter.status=finished"
+        ));
+        assert!(allowed(
+            "system/Condition.s system/Encounter.s",
+            Method::GET,
+            "/Condition?encounter.status=finished"
+        ));
         // `device` may point to a Device or a DeviceMetric: it needs both, or `*`.
         let device = "/Observation?code=x&_include=Observation:device";
         assert!(!allowed(
