@@ -297,6 +297,7 @@ async fn run(args: Args) -> Result<(), String> {
     // leave it seeded from a file the operator is about to correct, which then no longer
     // counts (the state wins over the file).
     check_assembly(&config, &base).await?;
+    state::check(&config).await?;
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(
             serve::bind(addr, 1)

@@ -455,25 +455,30 @@ fn metrics_listen_on_the_gateways_own_address_is_refused() {
 fn a_start_refused_for_its_configuration_writes_no_state() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_at = taken.local_addr().unwrap();
-    for (name, keys, says) in [
+    let with = |keys: &str| {
+        GOOD.replace(
+            "\"listen\": \"127.0.0.1:0\"",
+            &format!("\"listen\": \"127.0.0.1:0\", {keys}"),
+        )
+    };
+    for (name, config, says) in [
         (
             "refused-header",
-            r#""forward_request_headers": ["Authorization"]"#.to_owned(),
+            with(r#""forward_request_headers": ["Authorization"]"#),
             "the request header \"Authorization\" cannot be forwarded",
         ),
         (
             "refused-admin-port",
-            format!(r#""admin_listen": "{taken_at}""#),
+            with(&format!(r#""admin_listen": "{taken_at}""#)),
             "(admin_listen)",
         ),
+        (
+            "refused-client",
+            GOOD.replace("a-secret-of-16-or-more-chars", "short"),
+            "a secret needs at least 16 characters",
+        ),
     ] {
-        let file = config_file(
-            name,
-            &GOOD.replace(
-                "\"listen\": \"127.0.0.1:0\"",
-                &format!("\"listen\": \"127.0.0.1:0\", {keys}"),
-            ),
-        );
+        let file = config_file(name, &config);
         let out = gateway(&["--config", file.to_str().unwrap()]);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{name}: started");
