@@ -185,9 +185,13 @@ pub(crate) async fn serve(
             tls,
         };
         // Its connections are its own: an address holding its share on `listen` (an office
-        // behind one NAT) is not held out of the admin API for it.
+        // behind one NAT) is not held out of the admin API for it, nor are HTTP/2 requests
+        // by a flood of them on `listen`.
         let admin_limits = Limits {
             per_address: None,
+            http2_in_flight: Box::leak(Box::new(Semaphore::new(
+                (ADMIN_MAX_CONNECTIONS * limits.http2_max_streams) as usize,
+            ))),
             ..limits
         };
         workers.push(worker(

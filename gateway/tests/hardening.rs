@@ -1189,7 +1189,13 @@ async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connect
             ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
         },
     );
-    let (keys, metrics) = with_metrics(json!({"http2_max_requests_in_flight": 2}));
+    const ADMIN_TOKEN: &str = "an-admin-token-for-the-in-flight-test";
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], process::free_port()));
+    let (keys, metrics) = with_metrics(json!({
+        "http2_max_requests_in_flight": 2,
+        "admin_listen": admin_addr.to_string(),
+        "admin_token": ADMIN_TOKEN,
+    }));
     let (proc, addr) = start_with_tenant("h2-in-flight", &upstream, keys);
     let token = tokio::task::spawn_blocking(move || token(addr))
         .await
@@ -1245,6 +1251,21 @@ async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connect
     .await
     .unwrap();
     assert_eq!(status, 200);
+    // Nor is `admin_listen`'s HTTP/2 held out by a flood on `listen`: its requests are counted
+    // apart.
+    let (mut admin, admin_connection) = h2_connect(admin_addr, 65_535).await;
+    let listed = admin
+        .send_request(
+            http::Request::get("http://gateway/admin/tenants")
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    drop(admin);
+    admin_connection.abort();
 
     for done in slow {
         assert_eq!(done.await.unwrap(), 200);
