@@ -108,14 +108,33 @@ impl KeySource for HttpJwks {
 
 impl fmt::Debug for HttpJwks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpJwks").field("uri", &self.uri).finish()
+        f.debug_struct("HttpJwks")
+            .field("uri", &shown(&self.uri))
+            .finish()
     }
 }
 
 /// A JWKS URL keys may not be fetched from: not absolute, `http://` to another host than a
-/// loopback address, or `https://` without the `tls` feature.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// loopback address, `https://` without the `tls` feature, or with credentials. Shown (by
+/// `Display` and `Debug`) without credentials or query: see [`redacted_url`](Self::redacted_url).
+#[derive(Clone, PartialEq, Eq)]
 pub struct InvalidJwksUrl(pub String);
+
+impl InvalidJwksUrl {
+    /// The URL as errors and logs may name it: credentials before the host and the query
+    /// replaced by `<redacted>` (everything up to its last `@` counts as credentials).
+    pub fn redacted_url(&self) -> String {
+        redacted(&self.0)
+    }
+}
+
+impl fmt::Debug for InvalidJwksUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("InvalidJwksUrl")
+            .field(&self.redacted_url())
+            .finish()
+    }
+}
 
 impl fmt::Display for InvalidJwksUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -135,24 +154,26 @@ fn shown(uri: &Uri) -> String {
 }
 
 /// A URL as logs and errors may show it: credentials before its host (`user:password@`) and
-/// its query (which may carry a token) replaced by `<redacted>`.
+/// its query or fragment (which may carry a token) replaced by `<redacted>`. Everything up to
+/// the last `@` counts as credentials, wherever it is: a password with an unencoded `/` or
+/// `?` (which does not parse as one) is not shown either, at the price of a path with an `@`
+/// shown shorter.
 fn redacted(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, _)) => (base, "?<redacted>"),
-        None => (url, ""),
-    };
-    let (scheme, rest) = match base.split_once("://") {
+    let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, base),
+        None => (None, url),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..authority_end].rfind('@') {
-        Some(at) => format!("<redacted>@{}", &rest[at + 1..]),
-        None => rest.to_owned(),
+    let (credentials, rest) = match rest.rfind('@') {
+        Some(at) => ("<redacted>@", &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let (rest, query) = match rest.find(['?', '#']) {
+        Some(at) => (&rest[..at], "?<redacted>"),
+        None => (rest, ""),
     };
     match scheme {
-        Some(scheme) => format!("{scheme}://{rest}{query}"),
-        None => format!("{rest}{query}"),
+        Some(scheme) => format!("{scheme}://{credentials}{rest}{query}"),
+        None => format!("{credentials}{rest}{query}"),
     }
 }
 
@@ -290,6 +311,11 @@ mod tests {
             !said.contains("s3cret") && !said.contains("t0ken"),
             "{said}"
         );
+        let debugged = format!("{refused:?}");
+        assert!(
+            !debugged.contains("s3cret") && !debugged.contains("t0ken"),
+            "{debugged}"
+        );
         assert!(
             said.contains("http://<redacted>@127.0.0.1:1/jwks?<redacted>"),
             "{said}"
@@ -309,8 +335,13 @@ mod tests {
                 "https://idp.example/keys?sig=abc",
                 "https://idp.example/keys?<redacted>",
             ),
-            ("https://idp.example/a@b", "https://idp.example/a@b"),
+            ("https://idp.example/a@b", "https://<redacted>@b"),
             ("u:p@host/x?y", "<redacted>@host/x?<redacted>"),
+            // Passwords that do not parse as one.
+            ("https://user:pa/ss@idp/keys", "https://<redacted>@idp/keys"),
+            ("https://user:pa?ss@idp/keys", "https://<redacted>@idp/keys"),
+            ("https://user:pa#ss@idp/keys", "https://<redacted>@idp/keys"),
+            ("https://idp/keys#frag", "https://idp/keys?<redacted>"),
         ] {
             assert_eq!(redacted(url), shown, "{url}");
         }

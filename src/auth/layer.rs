@@ -152,7 +152,7 @@ impl fmt::Display for ConfigError {
             }
             Self::InvalidJwksUrl(url) => write!(
                 f,
-                "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way): {url:?}"
+                "not a JWKS URL keys may be fetched from: an absolute https:// URL (with the `tls` feature), or http:// to a loopback address only (keys over plain HTTP elsewhere could be swapped on the way), with no credentials in it: {url:?}"
             ),
             Self::ZeroDuration(what) => write!(f, "{what} must be longer than zero"),
             Self::LeewayTooLong(leeway) => write!(f, "leeway {leeway:?} is longer than an hour"),
@@ -526,7 +526,9 @@ impl BearerAuthBuilder {
         let mut sources = self.sources;
         #[cfg(feature = "remote-jwks")]
         for (url, issuer) in &self.jwks_urls {
-            let jwks = super::HttpJwks::new(url).map_err(|e| ConfigError::InvalidJwksUrl(e.0))?;
+            // (Named without credentials or query: the error may be printed or logged.)
+            let jwks = super::HttpJwks::new(url)
+                .map_err(|e| ConfigError::InvalidJwksUrl(e.redacted_url()))?;
             sources.push((Box::new(jwks), issuer.clone()));
         }
         if self.static_keys.is_empty() && sources.is_empty() {
