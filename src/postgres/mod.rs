@@ -2010,6 +2010,10 @@ impl Handler for RevocationChanges {
         };
         tokio::spawn(async move {
             let _permit = permit;
+            let unfinished = Unfinished {
+                changes: &this,
+                number,
+            };
             let read = match (&token, &client) {
                 (Some(entry), _) => tokio::time::timeout(
                     OPERATION_TIMEOUT,
@@ -2051,10 +2055,30 @@ impl Handler for RevocationChanges {
                     true
                 }
             };
+            std::mem::forget(unfinished);
             if let Some(as_of) = this.progress().read(number, failed) {
                 this.revoked.confirm_current(as_of);
             }
         });
+    }
+}
+
+/// A re-read of an announced revocation under way: dropped before it ended (its task panicked,
+/// or was cancelled), it counts as failed, so that the vouches waiting for it wait for a
+/// catch-up instead of for ever (while a runtime is there to run one; otherwise they wait).
+struct Unfinished<'a> {
+    changes: &'a RevocationChanges,
+    number: u64,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.changes.catch_up();
+            if let Some(as_of) = self.changes.progress().read(self.number, true) {
+                self.changes.revoked.confirm_current(as_of);
+            }
+        }
     }
 }
 
@@ -2434,6 +2458,19 @@ mod tests {
         assert!(confirmed.is_some(), "the read ended: the vouch confirms");
         changes.vouched(Instant::now());
         assert!(!revoked.is_stale(), "nothing left to read: confirmed");
+
+        // A re-read whose task ends before it does (a panic, a cancellation) counts as failed:
+        // the vouches waiting for it wait for a catch-up, not for ever.
+        let reading = changes.progress().reading();
+        let asked = Instant::now();
+        assert_eq!(changes.progress().vouched(asked), None);
+        drop(super::Unfinished {
+            changes: &changes,
+            number: reading,
+        });
+        assert!(changes.progress().reading.is_empty());
+        let began = changes.progress().catch_up_begins();
+        assert_eq!(changes.progress().caught_up(began), Some(asked));
     }
 
     /// What each vouch waits for: the reads heard before it (not after), and a catch-up begun
