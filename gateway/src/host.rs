@@ -32,11 +32,10 @@ pub(crate) fn problem(
                     "The :authority pseudo-header field has user information (RFC 9113 §8.3.1)",
                 );
             }
-            if headers.get(HOST).is_some_and(|host| {
-                !host
-                    .as_bytes()
-                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
-            }) {
+            if headers
+                .get(HOST)
+                .is_some_and(|host| !same_authority(host.as_bytes(), authority))
+            {
                 return Some(
                     "The Host header field names another authority than :authority (RFC 9113 \
                      §8.3.1)",
@@ -57,6 +56,41 @@ pub(crate) fn problem(
         ),
         (Some(_), None) => None,
     }
+}
+
+/// Whether a `Host` value names `authority` once both are normalised as RFC 3986 §6.2.3 has
+/// it for http(s): the host in any case and without a trailing dot; a port left out equal to
+/// the default of either scheme (the other side's `80` or `443`), or an empty one.
+fn same_authority(host: &[u8], authority: &Authority) -> bool {
+    /// The host, lowercased without a trailing dot, and the port, if one is given.
+    fn split(value: &[u8]) -> Option<(Vec<u8>, Option<u16>)> {
+        let (host, port) = match value.iter().rposition(|&byte| byte == b':') {
+            // A colon inside brackets is the IPv6 address's own.
+            Some(colon) if !value[colon..].contains(&b']') => {
+                let port = std::str::from_utf8(&value[colon + 1..]).ok()?;
+                let port = if port.is_empty() {
+                    None
+                } else {
+                    Some(port.parse().ok()?)
+                };
+                (&value[..colon], port)
+            }
+            _ => (value, None),
+        };
+        let host = host.strip_suffix(b".").unwrap_or(host);
+        Some((host.to_ascii_lowercase(), port))
+    }
+    let (Some((host, host_port)), Some((named, named_port))) =
+        (split(host), split(authority.as_str().as_bytes()))
+    else {
+        return false;
+    };
+    let ports = match (host_port, named_port) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => true,
+        (Some(port), None) | (None, Some(port)) => port == 80 || port == 443,
+    };
+    host == named && ports
 }
 
 /// Whether `value` is RFC 3986's `uri-host [ ":" port ]`: a registered name or IPv4 address
@@ -216,6 +250,31 @@ mod tests {
         let authority = |text: &str| text.parse::<Authority>().unwrap();
         let at = authority("fhir.example:443");
         assert_eq!(problem(Version::HTTP_2, Some(&at), &with_hosts(&[])), None);
+        // The same authority, normalised: case, a trailing dot, a default port.
+        for same in [
+            "FHIR.example:443",
+            "fhir.example",
+            "fhir.example.:443",
+            "fhir.example:",
+        ] {
+            assert_eq!(
+                problem(Version::HTTP_2, Some(&at), &with_hosts(&[same])),
+                None,
+                "{same}"
+            );
+        }
+        assert!(problem(
+            Version::HTTP_2,
+            Some(&at),
+            &with_hosts(&["fhir.example:8443"])
+        )
+        .is_some());
+        let v6 = authority("[::1]:8080");
+        assert_eq!(
+            problem(Version::HTTP_2, Some(&v6), &with_hosts(&["[::1]:8080"])),
+            None
+        );
+        assert!(problem(Version::HTTP_2, Some(&v6), &with_hosts(&["[::1]"])).is_some());
         assert_eq!(
             problem(
                 Version::HTTP_2,
