@@ -50,6 +50,10 @@ pub(crate) async fn config() -> Config {
         .expect("one upstream"),
     };
     let mut config = Config::empty();
+    // A try-out on one machine: a thousand connections and HTTP/2 requests at once are plenty,
+    // and fit the open files limits of most machines (the defaults may need 31,536).
+    config.max_connections = 1_000;
+    config.http2_max_requests_in_flight = 1_000;
     config.tenants = vec![
         tenant(TENANT_DSTU2, &contoso, FhirVersion::Dstu2),
         tenant(TENANT_STU3, &fabrikam, FhirVersion::Stu3),
