@@ -991,11 +991,8 @@ fn an_http2_client_that_never_answers_the_closing_ping_is_dropped() {
     );
 }
 
-#[tokio::test]
-async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
-    use http_body_util::BodyExt;
-    const TENANT: &str = "66660000-0000-4000-8000-000000000006";
-    const SECRET: &str = "hardening-client-secret-0123456789";
+/// An upstream that answers `/fhir/Patient/slow` with a Patient 3 s after it is asked.
+async fn slow_patient_upstream() -> RecordingUpstream {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir/Patient/slow",
@@ -1004,6 +1001,15 @@ async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
             ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
         },
     );
+    upstream
+}
+
+#[tokio::test]
+async fn an_http2_request_waiting_on_a_slow_upstream_is_never_cut() {
+    use http_body_util::BodyExt;
+    const TENANT: &str = "66660000-0000-4000-8000-000000000006";
+    const SECRET: &str = "hardening-client-secret-0123456789";
+    let upstream = slow_patient_upstream().await;
     let (proc, addr, _dir) = start(
         "h2-slow-upstream",
         json!({
@@ -1181,14 +1187,7 @@ async fn an_http2_client_that_opens_its_window_and_reads_nothing_holds_little_me
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connection() {
     use http_body_util::BodyExt;
-    let upstream = RecordingUpstream::start().await;
-    upstream.answer(
-        "/fhir/Patient/slow",
-        Answer {
-            delay: Duration::from_millis(3_000),
-            ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
-        },
-    );
+    let upstream = slow_patient_upstream().await;
     const ADMIN_TOKEN: &str = "an-admin-token-for-the-in-flight-test";
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], process::free_port()));
     let (keys, metrics) = with_metrics(json!({

@@ -124,6 +124,18 @@ async fn admin(gateway: &Gateway, method: &str, path: &str, body: &Value) -> Rep
         .await
 }
 
+/// What `GET /admin/tenants/{PLAIN}` shows.
+async fn plain_tenant(gateway: &Gateway) -> Value {
+    admin(
+        gateway,
+        "GET",
+        &format!("/admin/tenants/{PLAIN}"),
+        &Value::Null,
+    )
+    .await
+    .json()
+}
+
 #[tokio::test]
 async fn configured_limits_apply_and_admin_changes_apply_at_once() {
     let dir = scratch("limits");
@@ -225,15 +237,9 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
     )
     .await;
     assert_eq!(put.status, StatusCode::OK, "{}", put.text());
-    let shown = admin(
-        &gateway,
-        "GET",
-        &format!("/admin/tenants/{PLAIN}"),
-        &Value::Null,
-    )
-    .await;
+    let shown = plain_tenant(&gateway).await;
     assert_eq!(
-        shown.json()["rate_limit"],
+        shown["rate_limit"],
         json!({"requests_per_second": 1, "burst": 1})
     );
     assert_eq!(
@@ -255,19 +261,13 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
     .await;
     assert_eq!(put.status, StatusCode::BAD_REQUEST, "{}", put.text());
     assert!(put.text().contains("null to lift it"), "{}", put.text());
-    let shown = admin(
-        &gateway,
-        "GET",
-        &format!("/admin/tenants/{PLAIN}"),
-        &Value::Null,
-    )
-    .await;
+    let shown = plain_tenant(&gateway).await;
     assert_eq!(
-        shown.json()["rate_limit"],
+        shown["rate_limit"],
         json!({"requests_per_second": 1, "burst": 1})
     );
     assert_ne!(
-        shown.json()["upstreams"][0]["timeout_ms"],
+        shown["upstreams"][0]["timeout_ms"],
         json!(9000),
         "the change was made"
     );
