@@ -105,6 +105,7 @@ fn main() -> ExitCode {
 
 /// A line of the start's banner: on stdout, or on stderr when the audit log is stdout (whose
 /// readers take one JSON record a line).
+///
 /// Not `println!`, which panics when the stream is closed (`tower-fhir-gateway ... | head`): a
 /// line nobody reads is dropped, and the gateway serves on.
 macro_rules! say {
@@ -293,7 +294,8 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let base = public_base_url(&config, local);
     // Before the state is opened: a first start seeds it from the configuration, and one
-    // refused after that (a key the gateway cannot use, an admin_listen already taken) would
+    // refused after that (a key the gateway cannot use, a client the store refuses, an
+    // admin_listen already taken) would
     // leave it seeded from a file the operator is about to correct, which then no longer
     // counts (the state wins over the file).
     check_assembly(&config, &base).await?;
