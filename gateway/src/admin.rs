@@ -518,6 +518,17 @@ async fn nested_with_others(
 /// What `GET /admin/tenants/{id}` shows in place of an upstream's `authorization`.
 pub(crate) const REDACTED: &str = "<redacted>";
 
+/// The first of `tenants` whose upstream is one of `own` addresses, and why
+/// ([`at_own_address`]).
+pub(crate) fn first_at_own_address<'a>(
+    own: &[(&'static str, std::net::SocketAddr)],
+    tenants: impl IntoIterator<Item = (TenantId, &'a TenantRecord)>,
+) -> Option<(TenantId, String)> {
+    tenants
+        .into_iter()
+        .find_map(|(tenant, record)| Some(tenant).zip(at_own_address(own, record)))
+}
+
 /// Why a tenant is refused whose upstream is one of this gateway's own listening addresses
 /// (`own`: each with its key's name), if one is: a request would come back to the gateway,
 /// and again, until the upstream timeouts end it (a loop of thousands of requests), or reach

@@ -650,13 +650,12 @@ impl Config {
     /// `Err` naming the first tenant whose upstream is one of the gateway's own addresses
     /// ([`own_addresses`](Self::own_addresses)): its requests would come back to the gateway.
     pub(crate) fn check_own_addresses(&self) -> Result<(), String> {
-        let own = self.own_addresses();
-        match self
+        let tenants = self
             .tenants
             .iter()
-            .find_map(|tenant| Some(tenant).zip(crate::admin::at_own_address(&own, &tenant.record)))
-        {
-            Some((tenant, refused)) => Err(format!("tenant {}: {refused}", tenant.id)),
+            .map(|tenant| (tenant.id, &tenant.record));
+        match crate::admin::first_at_own_address(&self.own_addresses(), tenants) {
+            Some((tenant, refused)) => Err(format!("tenant {tenant}: {refused}")),
             None => Ok(()),
         }
     }

@@ -230,12 +230,8 @@ async fn refuse_nested_bases(
     // A tenant stored (or configured) before `listen`, `metrics_listen` or `admin_listen`
     // moved onto its upstream's address (or `--listen` did) would send its requests back to
     // the gateway, its clients to the metrics.
-    let own = own_addresses;
-    if let Some((tenant, refused)) = held
-        .iter()
-        .copied()
-        .chain(new.clone())
-        .find_map(|(tenant, record)| Some(tenant).zip(crate::admin::at_own_address(own, record)))
+    if let Some((tenant, refused)) =
+        crate::admin::first_at_own_address(own_addresses, held.iter().copied().chain(new.clone()))
     {
         return Err(format!(
             "the tenant directory ({location}): tenant {tenant}: {refused}. Change the tenant \
