@@ -80,7 +80,11 @@ pub mod auth;
 pub mod body;
 #[cfg(any(feature = "proxy", feature = "remote-jwks"))]
 mod client;
-#[cfg(any(feature = "proxy", feature = "token"))]
+// (The audit records read it too; its types are public with `proxy` or `token`.)
+#[cfg_attr(
+    not(any(feature = "proxy", feature = "token")),
+    allow(dead_code, unreachable_pub)
+)]
 mod client_addr;
 mod crypto;
 #[cfg(feature = "axum")]

@@ -399,6 +399,7 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
     assert_eq!(read["resource_id"], "1");
     assert_eq!(read["tenant"], TENANT);
     assert_eq!(read["client_id"], "app");
+    assert_eq!(read["client_address"], "127.0.0.1");
     assert_eq!(read["query"], "_elements=name");
     assert_eq!(read["status"], 200);
     assert_eq!(read["outcome"], "ok");
@@ -1238,6 +1239,53 @@ async fn forwarding_headers_are_kept_from_the_trusted_peers_only() {
             "{case}: {}",
             text("forwarded")
         );
+        drop(gw);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The audit record's `client_address`: the address a trusted balancer named in
+/// `client_address_header`, else (another peer, or no header) the connection's peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_name_the_client_address_a_trusted_balancer_gave() {
+    for (case, trusted, expected) in [
+        ("trusted", "127.0.0.0/8", "203.0.113.9"),
+        ("untrusted", "10.0.0.0/8", "127.0.0.1"),
+    ] {
+        let dir = scratch(&format!("operations-client-address-{case}"));
+        let upstream = RecordingUpstream::start().await;
+        let audit = dir.join("audit.jsonl");
+        let gw = start(
+            &dir,
+            &upstream,
+            json!({"audit_log": audit, "client_address_header": "x-forwarded-for",
+                   "client_address_trusted_peers": [trusted]}),
+        );
+        let bearer = format!("Bearer {}", token(&gw.client).await);
+        let forwarded = [
+            ("authorization", bearer.as_str()),
+            ("x-forwarded-for", "198.51.100.1, 203.0.113.9"),
+            ("x-request-id", "forwarded"),
+        ];
+        let reply = gw.client.get("/Patient/1", &forwarded).await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}: {}", reply.text());
+        let direct = [
+            ("authorization", bearer.as_str()),
+            ("x-request-id", "direct"),
+        ];
+        let reply = gw.client.get("/Patient/1", &direct).await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}: {}", reply.text());
+        let (_, records) = audit_records(&audit, 3).await;
+        let address = |id: &str| {
+            records
+                .iter()
+                .find(|r| r["request_id"] == id)
+                .unwrap_or_else(|| panic!("{case}: no record of {id}: {records:?}"))
+                ["client_address"]
+                .clone()
+        };
+        assert_eq!(address("forwarded"), expected, "{case}");
+        assert_eq!(address("direct"), "127.0.0.1", "{case}");
         drop(gw);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
@@ -35,6 +36,13 @@ pub struct AuditRecord {
     pub client_id: Option<String>,
     /// The token's issuer.
     pub issuer: Option<String>,
+    /// The address the request came from: the one a trusted load balancer named (a
+    /// `ForwardedClient` in the request's extensions, what the gateway binary's
+    /// `client_address_header` reads), else the connection's peer (a `ClientAddr`, both in
+    /// the `proxy` and `token` modules, or axum's `ConnectInfo`); absent when the
+    /// server put neither there. The [`ObserveLayer`](super::ObserveLayer) records an
+    /// IPv4-mapped IPv6 address as the IPv4 address.
+    pub client_address: Option<IpAddr>,
     /// The tenant.
     pub tenant: Option<TenantId>,
     /// The HTTP method.
@@ -65,7 +73,7 @@ pub struct AuditRecord {
 
 impl Serialize for AuditRecord {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(15))?;
+        let mut map = serializer.serialize_map(Some(16))?;
         map.serialize_entry(
             "time",
             &humantime::format_rfc3339_millis(self.time).to_string(),
@@ -73,6 +81,7 @@ impl Serialize for AuditRecord {
         map.serialize_entry("request_id", &self.request_id)?;
         map.serialize_entry("client_id", &self.client_id)?;
         map.serialize_entry("issuer", &self.issuer)?;
+        map.serialize_entry("client_address", &self.client_address)?;
         map.serialize_entry("tenant", &self.tenant.map(|t| t.to_string()))?;
         map.serialize_entry("method", &self.method)?;
         map.serialize_entry("path", &self.path)?;
@@ -145,6 +154,11 @@ impl AuditRecord {
             },
             "entity": [],
         });
+        if let Some(address) = self.client_address {
+            // `2`: an IP address (http://hl7.org/fhir/network-type).
+            event["agent"][0]["network"] =
+                serde_json::json!({"address": address.to_string(), "type": "2"});
+        }
         if let Some(interaction) = self.interaction.filter(|i| *i != "token") {
             event["subtype"] = serde_json::json!([{
                 "system": "http://hl7.org/fhir/restful-interaction",
@@ -190,6 +204,7 @@ impl AuditRecord {
             client_id: self.client_id.as_deref(),
             issuer: self.issuer.as_deref(),
             who_json: None,
+            client_address: self.client_address,
             classified: false,
             tenant: self.tenant,
             method: &self.method,
@@ -221,6 +236,7 @@ struct Line<'a> {
     /// `client_id` and `issuer` as their JSON values, `"client_id":...,"issuer":...`, when
     /// they were rendered once for the token (see [`Who`]).
     who_json: Option<&'a [u8]>,
+    client_address: Option<IpAddr>,
     /// Whether `method`, `interaction`, `resource_type` and `resource_id` are the request's
     /// parsed method and what [`classify`](crate::interaction::classify) found, which need no escape (an [`AuditRecord`]'s
     /// may hold anything).
@@ -260,6 +276,11 @@ impl Line<'_> {
         match self.who_json {
             Some(who) => out.extend_from_slice(who),
             None => push_who(out, self.client_id, self.issuer),
+        }
+        out.extend_from_slice(b",\"client_address\":");
+        match self.client_address {
+            Some(address) => push_address(out, address),
+            None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"tenant\":");
         match self.tenant {
@@ -341,6 +362,27 @@ fn push_clean(out: &mut Vec<u8>, value: &str) {
     debug_assert!(!needs_escape(value.as_bytes()), "{value:?} needs an escape");
     out.push(b'"');
     out.extend_from_slice(value.as_bytes());
+    out.push(b'"');
+}
+
+/// An IP address as a JSON string (nothing in one needs an escape). IPv4, what nearly every
+/// record holds, written digit by digit; IPv6 through its `Display`.
+fn push_address(out: &mut Vec<u8>, address: IpAddr) {
+    out.push(b'"');
+    match address {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            // (Writing to a `Vec` cannot fail.)
+            let _ = write!(out, "{v6}");
+        }
+    }
     out.push(b'"');
 }
 
@@ -904,6 +946,7 @@ impl AuditDraft {
                     .as_ref()
                     .filter(|_| facts.client.is_none() && facts.issuer.is_none())
                     .map(|who| &*who.json),
+                client_address: parts.client_address,
                 classified: true,
                 tenant: facts.tenant,
                 method: parts.method.as_str(),
@@ -936,6 +979,7 @@ impl AuditDraft {
             request_id: line.request_id.map(str::to_owned),
             client_id: line.client_id.map(str::to_owned),
             issuer: line.issuer.map(str::to_owned),
+            client_address: line.client_address,
             tenant: line.tenant,
             method: line.method.to_owned(),
             path: line.path.to_owned(),
@@ -1805,6 +1849,7 @@ mod tests {
             request_id: Some("r-1".into()),
             client_id: Some("app".into()),
             issuer: Some("https://gw.example".into()),
+            client_address: Some(IpAddr::from([192, 0, 2, 7])),
             tenant: TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").ok(),
             method: "GET".into(),
             path: "/Patient/1".into(),
@@ -1826,7 +1871,8 @@ mod tests {
             json,
             serde_json::json!({
                 "time": "2023-11-14T22:13:20.123Z", "request_id": "r-1", "client_id": "app",
-                "issuer": "https://gw.example", "tenant": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+                "issuer": "https://gw.example", "client_address": "192.0.2.7",
+                "tenant": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
                 "method": "GET", "path": "/Patient/1", "query": null, "interaction": "read",
                 "resource_type": "Patient", "resource_id": "1", "status": 200, "outcome": "ok",
                 "upstream": "http://fhir.example/r4", "duration_ms": 1.235
@@ -1844,6 +1890,10 @@ mod tests {
         assert_eq!(event["subtype"][0]["code"], "read");
         assert_eq!(event["recorded"], "2023-11-14T22:13:20.123Z");
         assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "app");
+        assert_eq!(
+            event["agent"][0]["network"],
+            serde_json::json!({"address": "192.0.2.7", "type": "2"})
+        );
         assert_eq!(event["entity"][0]["what"]["reference"], "Patient/1");
         assert_eq!(event["entity"][0]["query"], "X2VsZW1lbnRzPW5hbWU=");
         assert_eq!(
@@ -1873,6 +1923,7 @@ mod tests {
         odd.request_id = None;
         odd.tenant = None;
         odd.upstream = None;
+        odd.client_address = Some("2001:db8::7".parse().unwrap());
         odd.duration_ms = 0.0004;
         // A record made by hand may hold anything, in every field.
         odd.method = "G\"ET\n".into();
@@ -1883,6 +1934,7 @@ mod tests {
         records.push(odd);
         let mut slow = record();
         slow.duration_ms = 12_345.678_9;
+        slow.client_address = None;
         slow.time = SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_007); // 2000-02-29
         records.push(slow);
         for record in records {
@@ -1916,7 +1968,7 @@ mod tests {
             r#"{"time":"2023-11-14T22:13:20.123Z","request_id":"r\"1\\","#,
             r#""client_id":"a\u0000\u0008\u000c\u001f\r\n\t","#,
             "\"issuer\":\"https://idp/\u{e9}\u{4e2d}\u{1f600}\u{7f}\",",
-            r#""tenant":null,"method":"GET","#,
+            r#""client_address":"192.0.2.7","tenant":null,"method":"GET","#,
             "\"path\":\"/Patient/\u{e9}\",",
             r#""query":"a=\u0001","interaction":"read","resource_type":"Patient","#,
             "\"resource_id\":\"\u{e9}\",",
@@ -1961,10 +2013,28 @@ mod tests {
         }
     }
 
+    /// A draft of a request from `::ffff:198.51.100.4` (recorded as `198.51.100.4`).
     fn draft(method: &str, uri: &str, query: QueryRecording, fill: impl FnOnce()) -> AuditDraft {
+        draft_from(
+            Some("::ffff:198.51.100.4".parse().unwrap()),
+            method,
+            uri,
+            query,
+            fill,
+        )
+    }
+
+    fn draft_from(
+        client_address: Option<IpAddr>,
+        method: &str,
+        uri: &str,
+        query: QueryRecording,
+        fill: impl FnOnce(),
+    ) -> AuditDraft {
         let parts = RequestParts::new(
             start(),
             method.parse().unwrap(),
+            client_address,
             &uri.parse().unwrap(),
             Some(&http::HeaderValue::from_static("r-1")),
         );
@@ -2030,6 +2100,14 @@ mod tests {
                 QueryRecording::Names,
                 || {},
             ),
+            draft_from(
+                Some("2001:db8::1:0:0:7".parse().unwrap()),
+                "GET",
+                "/Patient/1",
+                QueryRecording::Names,
+                || {},
+            ),
+            draft_from(None, "GET", "/Patient/1", QueryRecording::Names, || {}),
         ];
         for draft in drafts {
             let mut line = Vec::new();
@@ -2070,6 +2148,11 @@ mod tests {
         );
         let record = names.into_record(clock());
         assert_eq!(record.query.as_deref(), Some("name&_count"));
+        assert_eq!(
+            record.client_address,
+            Some(IpAddr::from([198, 51, 100, 4])),
+            "an IPv4-mapped address recorded as the IPv4 one"
+        );
         assert_eq!(record.interaction, Some("search"));
         assert_eq!(record.resource_type.as_deref(), Some("Patient"));
         let token = draft("POST", "/oauth/token", QueryRecording::Names, || {

@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -168,6 +169,10 @@ pub(crate) struct RequestParts {
     /// it (see `Clock`), so the request path reads one clock, not two.
     pub(crate) start: Instant,
     pub(crate) method: http::Method,
+    /// Where the request came from (see [`AuditRecord::client_address`]).
+    ///
+    /// [`AuditRecord::client_address`]: super::AuditRecord::client_address
+    pub(crate) client_address: Option<IpAddr>,
     /// The request id (when it is text), the path, then the query, one after the other.
     text: Box<str>,
     /// Where the request id ends (`None`: no request id) and where the path does.
@@ -179,6 +184,7 @@ impl RequestParts {
     pub(crate) fn new(
         start: Instant,
         method: http::Method,
+        client_address: Option<IpAddr>,
         uri: &http::Uri,
         request_id: Option<&http::HeaderValue>,
     ) -> Self {
@@ -193,6 +199,7 @@ impl RequestParts {
         Self {
             start,
             method,
+            client_address: client_address.map(|ip| ip.to_canonical()),
             text: text.into_boxed_str(),
             id_end,
             path_end,
@@ -272,7 +279,8 @@ mod tests {
     fn the_request_parts_keep_the_id_path_and_query_as_the_request_had_them() {
         let parts = |uri: &str, id: Option<http::HeaderValue>| {
             let uri: http::Uri = uri.parse().unwrap();
-            let parts = RequestParts::new(Instant::now(), http::Method::GET, &uri, id.as_ref());
+            let parts =
+                RequestParts::new(Instant::now(), http::Method::GET, None, &uri, id.as_ref());
             assert_eq!(parts.path(), uri.path());
             assert_eq!(parts.query(), uri.query().filter(|q| !q.is_empty()));
             (

@@ -21,6 +21,7 @@ use tracing::Span;
 use super::audit::{AuditDraft, AuditSink, Clock, JsonLinesAudit, QueryRecording};
 use super::facts::{Facts, RequestFacts, RequestParts};
 use super::request_id::X_REQUEST_ID;
+use crate::client_addr::ForwardedClient;
 use crate::outcome::Refusal;
 use crate::tenant::TenantId;
 
@@ -410,6 +411,7 @@ where
             RequestParts::new(
                 start,
                 request.method().clone(),
+                ForwardedClient::source(request.extensions()),
                 request.uri(),
                 request_id(&request),
             )

@@ -89,6 +89,7 @@ mod scope;
 mod signing;
 pub(crate) mod throttle;
 
+#[cfg(feature = "postgres")]
 pub(crate) use client::is_client_id;
 
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
