@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::Scheme;
 use http::{Request, Response};
@@ -37,14 +37,24 @@ pub(super) const HTTP2_CONNECTION_WINDOW: u32 = 64 * HTTP2_STREAM_WINDOW;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// One tenant's HTTPS client, and when it was last given a request.
+struct TenantClient {
+    client: Client<Connector, OutgoingBody>,
+    used: Instant,
+}
+
 /// The connections to upstreams, shared by every clone of the proxy.
 pub(super) struct Transport {
     // Plain-HTTP HTTP/1.1 upstreams.
     http1: Http1Pool,
     // HTTPS upstreams (ALPN may choose HTTP/2): a client, with a pool of its own, per tenant,
     // so that no HTTP/1.1 connection carries two tenants' requests (as the own pool keeps
-    // them apart). Made on a tenant's first HTTPS request, from `https` and `connector`.
-    clients: Mutex<HashMap<Option<TenantId>, Client<Connector, OutgoingBody>>>,
+    // them apart). Made on a tenant's first HTTPS request, from `https` and `connector`, and
+    // dropped when another tenant's is made once it has not been used for `idle_timeout`
+    // (its pool holds no connection by then): tenants removed or moved elsewhere leave
+    // nothing behind.
+    clients: Mutex<HashMap<Option<TenantId>, TenantClient>>,
+    idle_timeout: Duration,
     https: Builder,
     connector: Connector,
     // For upstreams that speak HTTP/2 with prior knowledge (h2c).
@@ -88,6 +98,7 @@ impl Transport {
                 pool_max_idle,
             ),
             clients: Mutex::new(HashMap::new()),
+            idle_timeout: pool_idle_timeout,
             https,
             connector,
             h2_client,
@@ -131,14 +142,65 @@ impl Transport {
                     http::HeaderValue::from_static("close"),
                 );
             }
-            let client = {
-                let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-                clients
-                    .entry(tenant)
-                    .or_insert_with(|| self.https.build(self.connector.clone()))
-                    .clone()
-            };
+            let client = self.https_client(tenant, Instant::now());
             Ok(client.request(request).await?)
         }
+    }
+
+    /// `tenant`'s HTTPS client, made when it has none; making one drops the clients unused
+    /// for the idle timeout. (A request in flight on a dropped client's connection goes on:
+    /// the connection is closed when it ends, instead of kept.)
+    fn https_client(
+        &self,
+        tenant: Option<TenantId>,
+        now: Instant,
+    ) -> Client<Connector, OutgoingBody> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = clients.get_mut(&tenant) {
+            found.used = now;
+            return found.client.clone();
+        }
+        clients.retain(|_, other| now.saturating_duration_since(other.used) < self.idle_timeout);
+        let client = self.https.build(self.connector.clone());
+        clients.insert(
+            tenant,
+            TenantClient {
+                client: client.clone(),
+                used: now,
+            },
+        );
+        client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_https_client_unused_for_the_idle_timeout_goes_when_another_is_made() {
+        let idle = Duration::from_secs(90);
+        let transport = Transport::new(Duration::from_secs(1), idle, 8, &[]).unwrap();
+        let tenant =
+            |n: u8| Some(TenantId::parse(&format!("{n:08x}-0000-4000-8000-000000000000")).unwrap());
+        let held = |transport: &Transport| {
+            let mut tenants: Vec<_> = transport.clients.lock().unwrap().keys().copied().collect();
+            tenants.sort();
+            tenants
+        };
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            transport.https_client(tenant(n), t0);
+        }
+        transport.https_client(None, t0);
+        // Tenant 1 is used again later; the others are not.
+        transport.https_client(tenant(1), t0 + Duration::from_secs(60));
+        assert_eq!(held(&transport).len(), 4);
+        // Found again, nothing is dropped, however long the others were idle.
+        transport.https_client(tenant(1), t0 + Duration::from_secs(120));
+        assert_eq!(held(&transport).len(), 4);
+        // A new tenant's client: those unused for 90 s go (2, 3 and the tenant-less one).
+        transport.https_client(tenant(4), t0 + Duration::from_secs(150));
+        assert_eq!(held(&transport), vec![tenant(1), tenant(4)]);
     }
 }
