@@ -242,6 +242,11 @@ async fn three_gateway_processes_share_one_database() {
         })
         .await;
     }
+    // The replicas that found the schema made say nothing of it (PostgreSQL's `NOTICE`s).
+    for n in 1..=3 {
+        let log = std::fs::read_to_string(dir.join(format!("replica{n}.log"))).unwrap();
+        assert!(!log.contains("NOTICE"), "replica {n}: {log}");
+    }
 
     // A replica whose configuration adds a tenant whose base lies under one the directory
     // holds refuses to start, and writes nothing: the running replicas would serve both.

@@ -382,9 +382,13 @@ impl PgState {
         supported_server(&version)?;
         let transaction = connection.transaction().await.map_err(failed)?;
         // Another replica's migrations may hold the lock, and a migration take, longer than
-        // a request's bounds (`SESSION_SETTINGS`).
+        // a request's bounds (`SESSION_SETTINGS`). (No `NOTICE` either: every start's
+        // "relation already exists, skipping" reached the log, through `tokio_postgres`.)
         transaction
-            .batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .batch_execute(
+                "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; \
+                 SET LOCAL client_min_messages = warning",
+            )
             .await
             .map_err(failed)?;
         transaction

@@ -441,7 +441,8 @@ impl TokenEndpoint {
                 .map_err(|error| {
                     StoreError::new(format!(
                         "the client is revoked here, but its tokens' revocation could not be \
-                         recorded for the other replicas: {error}"
+                         recorded in the revocation log (for restarts and other replicas): \
+                         {error}"
                     ))
                 })?;
         }
@@ -509,7 +510,7 @@ impl TokenEndpoint {
                 .map_err(|error| {
                     StoreError::new(format!(
                         "the client's tokens are refused here, but that could not be recorded \
-                         for the other replicas: {error}"
+                         in the revocation log (for restarts and other replicas): {error}"
                     ))
                 })?;
         }

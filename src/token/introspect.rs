@@ -182,7 +182,7 @@ where
                 if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
                     let until = crate::auth::revoked_until(claims.expires_at());
                     if let Err(error) = log.record(claims.issuer(), jti, until).await {
-                        tracing::error!(client_id = %super::LoggedId(&client.id), %error, "a revocation could not be recorded for the other replicas");
+                        tracing::error!(client_id = %super::LoggedId(&client.id), %error, "a revocation could not be recorded in the revocation log (for restarts and other replicas)");
                         return Err(TokenError::unavailable(
                             "The revocation could not be recorded everywhere; retry shortly",
                         ));
