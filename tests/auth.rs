@@ -343,7 +343,100 @@ async fn missing_exp_is_refused() {
     let reply = client
         .get_bearer("/Patient/1", &mint(Algorithm::HS256, Some("hs"), &c))
         .await;
-    assert_invalid_token(&reply, "The access token has no exp claim");
+    assert_invalid_token(&reply, "The access token has no valid exp claim");
+}
+
+/// An HS256 token (key `hs`) of the payload exactly as written.
+fn hs256_raw(payload: &str) -> String {
+    tower_fhir::install_crypto_provider();
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","kid":"hs","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(payload)
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        signed.as_bytes(),
+        &encoding_key(Algorithm::HS256),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{signed}.{signature}")
+}
+
+/// Registered claims the crate reads must be what they say, and no claim may be named twice:
+/// a string `iat` was read as none (so a check of its value passed), and a second `scope` was
+/// read by its last value here, perhaps by its first elsewhere.
+#[tokio::test]
+async fn malformed_registered_claims_and_claims_named_twice_are_refused() {
+    let client = app(static_layer()).await;
+    for (field, value, description) in [
+        (
+            "iat",
+            json!(now().to_string()),
+            "The access token's iat claim is not a NumericDate",
+        ),
+        (
+            "iat",
+            json!(-5),
+            "The access token's iat claim is not a NumericDate",
+        ),
+        (
+            "iat",
+            json!({}),
+            "The access token's iat claim is not a NumericDate",
+        ),
+        // (jsonwebtoken reads `nbf` itself, and says so first.)
+        ("nbf", json!("0"), "The access token has a malformed claim"),
+        (
+            "sub",
+            json!(7),
+            "The access token's sub claim is not a string",
+        ),
+        (
+            "jti",
+            json!(["a"]),
+            "The access token's jti claim is not a string",
+        ),
+        ("exp", json!(-1), "The access token has no valid exp claim"),
+    ] {
+        let mut c = claims();
+        c[field] = value.clone();
+        let reply = client
+            .get_bearer("/Patient/1", &mint(Algorithm::HS256, Some("hs"), &c))
+            .await;
+        assert!(
+            reply.challenge().contains(description),
+            "{field}: {value}: {}",
+            reply.challenge()
+        );
+        assert_invalid_token(&reply, description);
+    }
+    // A fractional NumericDate is one (RFC 7519 §2).
+    let mut c = claims();
+    c["iat"] = json!(now() as f64 + 0.5);
+    let reply = client
+        .get_bearer("/Patient/1", &mint(Algorithm::HS256, Some("hs"), &c))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let exp = now() + 3600;
+    let once = format!(
+        r#"{{"iss":"https://auth.test","aud":"tower-fhir","sub":"app-1","exp":{exp},"scope":"a"}}"#
+    );
+    let reply = client.get_bearer("/Patient/1", &hs256_raw(&once)).await;
+    assert_eq!(reply.status, StatusCode::OK, "the raw token itself is good");
+    for twice in [
+        format!(
+            r#"{{"iss":"https://auth.test","aud":"tower-fhir","sub":"app-1","exp":{exp},"scope":"a","scope":"b"}}"#
+        ),
+        format!(
+            r#"{{"iss":"https://auth.test","aud":"tower-fhir","sub":"app-1","exp":{exp},"tenant":"a","x":1,"tenant":"a"}}"#
+        ),
+    ] {
+        let reply = client.get_bearer("/Patient/1", &hs256_raw(&twice)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{twice}");
+        assert_invalid_token(&reply, "The access token is malformed");
+    }
 }
 
 #[tokio::test]

@@ -349,6 +349,11 @@ async fn every_attack_on_an_assertion_is_a_bare_invalid_client() {
             good(&with(&|c| c["iat"] = json!(now() + 3_000))),
         ),
         (
+            // Read as no `iat` at all, it passed the check of its value.
+            "made in the future, the iat a string",
+            good(&with(&|c| c["iat"] = json!((now() + 3_000).to_string()))),
+        ),
+        (
             "not valid yet",
             good(&with(&|c| c["nbf"] = json!(now() + 120))),
         ),

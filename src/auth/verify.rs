@@ -590,9 +590,9 @@ impl Verifier {
         validation: &Validation,
         bound_issuer: Option<&str>,
     ) -> Result<VerifiedClaims, (Rejection, bool)> {
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
-                .map_err(|err| self.decode_error(err.kind()))?;
+        let data = jsonwebtoken::decode::<UniqueClaims>(token, key.decoding_key(), validation)
+            .map_err(|err| self.decode_error(err.kind()))?;
+        let claims = data.claims.0;
         // A key with a `kid` is only for tokens naming it or none. The general path picks its
         // candidates so; the single-key path comes here straight.
         if let (Some(ours), Some(theirs)) = (key.kid(), data.header.kid.as_deref()) {
@@ -609,16 +609,10 @@ impl Verifier {
                 true,
             ));
         }
-        if !issuer_is_a_string_or_absent(&data.claims) {
-            return Err((
-                self.reject(
-                    RejectionKind::InvalidToken,
-                    "The access token's iss claim is not a string",
-                ),
-                true,
-            ));
+        if let Some(problem) = malformed_claim(&claims) {
+            return Err((self.reject(RejectionKind::InvalidToken, problem), true));
         }
-        let claims = VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
+        let claims = VerifiedClaims::verified(claims, data.header.kid, data.header.alg)
             .ok_or_else(|| {
                 (
                     self.reject(
@@ -700,7 +694,7 @@ impl Verifier {
             ErrorKind::InvalidAudience => ("The access token is meant for another audience", true),
             ErrorKind::MissingRequiredClaim(claim) => (
                 match claim.as_str() {
-                    "exp" => "The access token has no exp claim",
+                    "exp" => "The access token has no valid exp claim",
                     "iss" => "The access token has no iss claim",
                     "aud" => "The access token has no aud claim",
                     _ => "The access token lacks a required claim",
@@ -778,12 +772,13 @@ pub(crate) fn verify_with_keys(
             break;
         }
         checks += 1;
-        match jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), &validation) {
+        match jsonwebtoken::decode::<UniqueClaims>(token, key.decoding_key(), &validation) {
             Ok(data) => {
-                if !issuer_is_a_string_or_absent(&data.claims) {
-                    return Err("an iss that is not a string");
+                let claims = data.claims.0;
+                if let Some(problem) = malformed_claim(&claims) {
+                    return Err(problem);
                 }
-                return VerifiedClaims::verified(data.claims, data.header.kid, data.header.alg)
+                return VerifiedClaims::verified(claims, data.header.kid, data.header.alg)
                     .ok_or("no valid exp");
             }
             Err(err) => {
@@ -810,8 +805,61 @@ pub(crate) fn verify_with_keys(
 /// accepted issuer, but every check here (whose keys may vouch for the token, its audience
 /// and type for that issuer, a client assertion's `iss` against its client) reads a string
 /// only: an array would pass them as a token with no issuer at all.
-fn issuer_is_a_string_or_absent(claims: &Map<String, Value>) -> bool {
-    claims.get("iss").is_none_or(Value::is_string)
+/// A JWT's claims, each named once: a payload naming one twice (`"scope": ..., "scope": ...`)
+/// is refused, as it is read by its last value here and perhaps by its first elsewhere (RFC
+/// 7519 §4: "MUST either reject JWTs with duplicate Claim Names or use a JSON parser that
+/// returns only the lexically last"; the first is the one no other reader can differ from).
+struct UniqueClaims(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for UniqueClaims {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Claims;
+        impl<'de> serde::de::Visitor<'de> for Claims {
+            type Value = UniqueClaims;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut entries: A,
+            ) -> Result<UniqueClaims, A::Error> {
+                let mut claims = Map::new();
+                while let Some(name) = entries.next_key::<String>()? {
+                    if claims.contains_key(&name) {
+                        return Err(serde::de::Error::custom("a claim named twice"));
+                    }
+                    let value = entries.next_value()?;
+                    claims.insert(name, value);
+                }
+                Ok(UniqueClaims(claims))
+            }
+        }
+        deserializer.deserialize_map(Claims)
+    }
+}
+
+/// What is wrong with a registered claim the crate reads (besides `exp`, which
+/// [`VerifiedClaims`] checks, and `aud`): `iss`, `sub` and `jti` must be strings, `iat` and
+/// `nbf` NumericDates, when present. A claim that is not what it says is not ignored (a
+/// string `iat` read as none would pass a check of its value).
+fn malformed_claim(claims: &Map<String, Value>) -> Option<&'static str> {
+    let numeric =
+        |value: &Value| value.as_u64().is_some() || value.as_f64().is_some_and(|f| f >= 0.0);
+    if !claims.get("iss").is_none_or(Value::is_string) {
+        Some("The access token's iss claim is not a string")
+    } else if !claims.get("sub").is_none_or(Value::is_string) {
+        Some("The access token's sub claim is not a string")
+    } else if !claims.get("jti").is_none_or(Value::is_string) {
+        Some("The access token's jti claim is not a string")
+    } else if !claims.get("iat").is_none_or(numeric) {
+        Some("The access token's iat claim is not a NumericDate")
+    } else if !claims.get("nbf").is_none_or(numeric) {
+        Some("The access token's nbf claim is not a NumericDate")
+    } else {
+        None
+    }
 }
 
 fn verdict(result: Result<VerifiedClaims, Rejection>) -> Verdict {
