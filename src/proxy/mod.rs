@@ -31,7 +31,8 @@
 //!
 //! A request never leaves its tenant's upstream: dot segments (also percent-encoded, also
 //! `..;`, `..%3f`, or trailed by control characters), an encoded `%` (a path encoded twice or
-//! more), encoded bytes beyond ASCII, encoded slashes, backslashes and NULs get 400, and an
+//! more), encoded bytes beyond ASCII, encoded slashes, backslashes and NULs, and path
+//! parameters (`/Patient;x=1/1`, which Java servers serve as `Patient/1`) get 400, and an
 //! absolute-form target or a `Host` header cannot change the destination. A request body under
 //! a transfer coding other than `chunked` gets 501, a GET or HEAD with a body 400 (an HTTP/2
 //! stream ended by an empty DATA frame carries none; nor does a DELETE's or OPTIONS's, which

@@ -18,7 +18,8 @@ pub(crate) struct UnsafePath(pub(crate) &'static str);
 /// also with `;` parameters, as in `..;`, and the look-alikes some servers trim to one: `...`,
 /// `.. `), a `%` that does not begin a percent-encoded byte (IIS reads `%u002e` as `.`),
 /// encoded slashes or backslashes inside a segment, and encoded NULs are refused: they could
-/// lead out of the tenant's base path on the upstream. Runs of slashes are merged (`//host/x`
+/// lead out of the tenant's base path on the upstream; and so are path parameters (any `;`),
+/// which some upstreams drop before routing. Runs of slashes are merged (`//host/x`
 /// would be a network path to some upstreams).
 pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAndQuery, UnsafePath> {
     let path = target.path();
@@ -112,6 +113,15 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
     if !path.is_ascii() {
         return Err(UnsafePath(
             "Bytes beyond ASCII are not allowed in the request path",
+        ));
+    }
+    // Path parameters (`/Patient;x=1/1`): servlet containers and Spring drop them before
+    // routing, so such an upstream serves `Patient/1` for what the gateway, its SMART checks
+    // and its audit record read as no FHIR interaction at all. FHIR's names and ids hold no
+    // `;` (an encoded one, `%3B`, stays data to those servers).
+    if memchr::memchr(b';', path.as_bytes()).is_some() {
+        return Err(UnsafePath(
+            "Path parameters (a ; in the path) are not allowed in the request path",
         ));
     }
     // Most paths hold none of the bytes a dangerous segment needs: one pass over the whole.
@@ -256,6 +266,28 @@ mod tests {
         ] {
             assert_eq!(join("http://ehr:9001/fhir", target).unwrap(), forwarded);
         }
+    }
+
+    #[test]
+    fn path_parameters_are_refused_and_an_encoded_semicolon_is_data() {
+        for target in [
+            "/Patient;name=x/1",
+            "/Patient/1;x",
+            "/;/Patient/1",
+            "/Patient/1/_history;v=2",
+        ] {
+            assert_eq!(
+                join("http://ehr:9001/fhir", target),
+                Err(UnsafePath(
+                    "Path parameters (a ; in the path) are not allowed in the request path"
+                )),
+                "{target}"
+            );
+        }
+        assert_eq!(
+            join("http://ehr:9001/fhir", "/Binary/a%3Bb?x=1;2").unwrap(),
+            "http://ehr:9001/fhir/Binary/a%3Bb?x=1;2"
+        );
     }
 
     #[test]
