@@ -644,6 +644,67 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
     assert_eq!(upstream.received().len(), received);
 }
 
+/// A token request refused for its body is counted as a token request and as a body too
+/// large, whichever limit refused it: `max_request_body_bytes` in front of the token endpoint,
+/// or the endpoint's own 8 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_refused_for_their_bodies_are_counted() {
+    let dir = scratch("operations-token-bodies");
+    let upstream = RecordingUpstream::start().await;
+    let at = metrics_address();
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"max_request_body_bytes": 20000, "metrics_listen": at}),
+    );
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let refused = |metrics: &str| {
+        (
+            sample(
+                metrics,
+                "tower_fhir_token_requests_total",
+                &[r#"result="invalid_request""#],
+            )
+            .unwrap_or(0.0),
+            sample(metrics, "tower_fhir_body_too_large_total", &[]).unwrap_or(0.0),
+        )
+    };
+    for (body, headers, status, expected) in [
+        // Over `max_request_body_bytes`, said by its length.
+        (
+            "x".repeat(30_000),
+            vec![form],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            (1.0, 1.0),
+        ),
+        // Within it, over the token endpoint's own 8 KiB.
+        (
+            "x".repeat(10_000),
+            vec![form],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            (2.0, 2.0),
+        ),
+        // Compressed.
+        (
+            "\u{1f}\u{8b}".to_owned(),
+            vec![form, ("content-encoding", "gzip")],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            (3.0, 2.0),
+        ),
+    ] {
+        let reply = gw
+            .client
+            .send("POST", "/oauth/token", &headers, &body)
+            .await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+        assert_eq!(reply.json()["error"], "invalid_request");
+        let counted = refused(&metrics(at).await);
+        assert_eq!(counted, expected, "{} bytes", body.len());
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_looks_like_the_servers_own_refusal_passes_byte_for_byte() {
     // What hyper writes when it cannot parse a head, as a stored Binary's bytes, sent after

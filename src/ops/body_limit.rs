@@ -152,11 +152,13 @@ where
         // The OAuth endpoints' clients read RFC 6749 errors, not OperationOutcomes.
         let oauth = is_oauth(request.uri().path());
         if declared.is_some_and(|length| length > self.max) {
+            count_token_refusal(request.uri().path());
             return BodyLimitFuture::answered(too_large_for(Some(self.max), oauth));
         }
         // (A request that has no body has nothing to inflate. An HTTP/2 GET may have one.)
         let no_body = || declared == Some(0) || request.body().is_end_stream();
         if !self.coded && is_coded(request.headers()) && !no_body() {
+            count_token_refusal(request.uri().path());
             return BodyLimitFuture::answered(coded_refused(oauth));
         }
         // Watched only when there may be a body (not for the reads that are most requests).
@@ -299,6 +301,15 @@ fn is_coded(headers: &http::HeaderMap) -> bool {
                 !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity")
             })
         })
+}
+
+/// Counts a request to the token endpoint refused here, before the endpoint sees it, as the
+/// endpoint counts its own refusals (`tower_fhir_token_requests_total`, `invalid_request`).
+fn count_token_refusal(path: &str) {
+    if path == "/oauth/token" {
+        metrics::counter!("tower_fhir_token_requests_total", "result" => "invalid_request")
+            .increment(1);
+    }
 }
 
 /// Whether `path` is one of the OAuth 2.0 endpoints (`/oauth/token`, introspection,

@@ -118,6 +118,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let too_large = || {
+        // (Counted as the `BodyLimitLayer` in front counts those over its own limit.)
+        metrics::counter!("tower_fhir_body_too_large_total").increment(1);
         TokenError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::InvalidRequest,
