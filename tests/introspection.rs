@@ -5,13 +5,15 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 use support::*;
-use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
+use tower_fhir::auth::{BearerAuthLayer, RevocationLog, VerificationKey};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
 use tower_fhir::tenant::TenantScopeLayer;
@@ -35,6 +37,34 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_logging_to(None).await
+}
+
+/// A revocation log whose records fail while `failing` is set; the `jti`s it recorded.
+#[derive(Clone, Default)]
+struct FlakyLog {
+    failing: Arc<AtomicBool>,
+    recorded: Arc<Mutex<Vec<String>>>,
+}
+
+impl RevocationLog for FlakyLog {
+    fn record(
+        &self,
+        _issuer: Option<&str>,
+        jti: &str,
+        _expires_at: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let result = if self.failing.load(Ordering::SeqCst) {
+            Err("the disk is full".to_owned())
+        } else {
+            self.recorded.lock().unwrap().push(jti.to_owned());
+            Ok(())
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+async fn setup_logging_to(log: Option<FlakyLog>) -> Setup {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -68,12 +98,14 @@ async fn setup() -> Setup {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let endpoint = TokenEndpoint::builder()
+    let mut endpoint = TokenEndpoint::builder()
         .issuer(&base)
         .audience("tower-fhir")
-        .store(store)
-        .build()
-        .unwrap();
+        .store(store);
+    if let Some(log) = log {
+        endpoint = endpoint.revocation_log(log);
+    }
+    let endpoint = endpoint.build().unwrap();
     let revoked = endpoint.revoked_tokens().clone();
     let gateway = Gateway::builder(&base)
         .directory(directory)
@@ -321,6 +353,43 @@ async fn a_revoked_token_is_refused_at_once_cached_or_not() {
     assert_eq!(
         client.get_bearer("/Patient/1", &kept).await.status,
         StatusCode::OK
+    );
+}
+
+/// A revocation the log could not record is `503`, "retry": the token is refused here at once,
+/// and the retry, though the token is revoked here already, is recorded before its `200`
+/// (answered without it, the revocation was lost at the next restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_retried_after_the_log_failed_is_recorded() {
+    let log = FlakyLog::default();
+    let Setup { client, .. } = setup_logging_to(Some(log.clone())).await;
+    let mine = token(&client, "app", SECRET).await;
+    let revoke = format!("token={mine}&client_id=app&client_secret={SECRET}");
+    log.failing.store(true, Ordering::SeqCst);
+    let reply = post(&client, "/oauth/revoke", &revoke).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.json()["error"], "temporarily_unavailable");
+    assert_eq!(
+        client.get_bearer("/Patient/1", &mine).await.status,
+        StatusCode::UNAUTHORIZED,
+        "refused here at once"
+    );
+    assert!(log.recorded.lock().unwrap().is_empty());
+    // Still failing: still 503, never a 200 without the record.
+    let reply = post(&client, "/oauth/revoke", &revoke).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    log.failing.store(false, Ordering::SeqCst);
+    let reply = post(&client, "/oauth/revoke", &revoke).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        log.recorded.lock().unwrap().len(),
+        1,
+        "the retry recorded it"
     );
 }
 

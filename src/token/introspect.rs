@@ -179,6 +179,8 @@ where
                     ));
                 }
                 inner.revoked.revoke(&claims);
+                // Recorded again when revoked here already: the first revocation's record may
+                // have failed (`503`, "retry"), and a retry must not be answered without it.
                 if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
                     let until = crate::auth::revoked_until(claims.expires_at());
                     if let Err(error) = log.record(claims.issuer(), jti, until).await {
@@ -222,12 +224,11 @@ impl Inner {
     }
 
     /// The claims of `token` when it is a token of this endpoint that a bearer layer may still
-    /// take: as [`live_token`](Self::live_token), but expired less than the longest leeway a
-    /// bearer layer takes (an hour) ago. What a client may revoke: a layer with a leeway
-    /// takes the token that long past its `exp`.
+    /// take, or would but for a revocation: signed by one of its current keys, its issuer and
+    /// audience, expired less than the longest leeway a bearer layer takes (an hour) ago. What
+    /// a client may revoke (again: a revocation whose record failed is retried).
     fn revocable_token(&self, token: &str) -> Option<VerifiedClaims> {
-        let claims = self.own_token(token, crate::auth::MAX_LEEWAY.as_secs())?;
-        (!self.revoked.is_revoked(&claims)).then_some(claims)
+        self.own_token(token, crate::auth::MAX_LEEWAY.as_secs())
     }
 
     /// The claims of `token` when this endpoint signed it (one of its current keys, its issuer
