@@ -11,10 +11,28 @@ use serde::Serialize;
 /// Tells the temporary files of one process apart.
 static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 
+/// Makes the directory `path` is in (with its parents, readable by their owner only on Unix:
+/// it holds keys and hashes) if it does not exist yet: what a store does when it is opened,
+/// so that its first write finds it.
+pub(crate) fn make_parent(path: &Path) -> io::Result<()> {
+    let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
 /// The file is readable by its owner only on Unix (it may hold hashes, keys or upstream
-/// credentials). Its directory is made (with its parents, readable by their owner only on
-/// Unix) if it does not exist yet.
+/// credentials). Its directory must exist (see [`make_parent`]): one removed while the
+/// process runs is not made again behind the operator's back, with only this file in it (the
+/// write fails, and says so).
 ///
 /// The temporary file is always a new one (`O_CREAT | O_EXCL`): a file or a symlink someone
 /// planted under its name is never written through, nor its mode kept; another name is tried.
@@ -40,15 +58,11 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 64 => {
                     attempts += 1;
                 }
-                // A state directory not made yet: made at the first write, readable by its
-                // owner only (it holds keys and hashes), parents too.
-                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts == 0 => {
-                    let mut builder = fs::DirBuilder::new();
-                    builder.recursive(true);
-                    #[cfg(unix)]
-                    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-                    builder.create(&dir)?;
-                    attempts += 1;
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("its directory {} is gone: {e}", dir.display()),
+                    ))
                 }
                 Err(e) => return Err(e),
             }
@@ -106,6 +120,10 @@ pub(crate) struct LineLog {
     /// it holds more than twice the live ones).
     check_at: usize,
     torn: bool,
+    /// The file swapped for another by a test ([`append_to`](Self::append_to)): not compared
+    /// with the one at the path.
+    #[cfg(test)]
+    swapped: bool,
     /// Each line synced to the disk before [`append`](Self::append) returns.
     durable: bool,
 }
@@ -158,6 +176,8 @@ impl LineLog {
             lines: live.len(),
             check_at: next_check(live.len(), live.len()),
             torn: false,
+            #[cfg(test)]
+            swapped: false,
             durable: false,
         })
     }
@@ -180,6 +200,7 @@ impl LineLog {
     #[cfg(test)]
     pub(crate) fn append_to(&mut self, file: fs::File) {
         self.file = file;
+        self.swapped = true;
     }
 
     /// Appends `entry`; before, when due, forgets what expired in `live` and rewrites the
@@ -192,6 +213,12 @@ impl LineLog {
     ) -> Result<(), String> {
         let mut line = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
         line.push(b'\n');
+        // A file removed or replaced under the process (its directory removed, a log
+        // rotation's rename): lines appended to the open file would be lost with it. It is
+        // written anew at its path, whole (or, its directory gone, the append fails).
+        if !self.torn && !self.still_at_its_path() {
+            self.torn = true;
+        }
         if self.torn || self.lines >= self.check_at {
             let left = live.sweep();
             if self.torn || self.lines > 2 * left {
@@ -214,6 +241,31 @@ impl LineLog {
         }
         self.lines += 1;
         Ok(())
+    }
+}
+
+impl LineLog {
+    /// Whether the open file is still the one at its path (the same file, on Unix; elsewhere
+    /// only whether a file is there).
+    fn still_at_its_path(&self) -> bool {
+        #[cfg(test)]
+        if self.swapped {
+            return true;
+        }
+        let Ok(there) = fs::metadata(&self.path) else {
+            return false;
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            self.file
+                .metadata()
+                .is_ok_and(|open| open.dev() == there.dev() && open.ino() == there.ino())
+        }
+        #[cfg(not(unix))]
+        {
+            there.is_file()
+        }
     }
 }
 
@@ -249,10 +301,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_write_makes_the_directory() {
+    fn the_directory_is_made_when_opened_and_never_again_behind_the_operators_back() {
         let dir = std::env::temp_dir().join(format!("tower-fhir-made-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("state").join("file.json");
+        make_parent(&path).unwrap();
+        make_parent(&path).unwrap();
         write_atomically(&path, b"{}").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"{}");
         #[cfg(unix)]
@@ -263,7 +317,60 @@ mod tests {
                 assert_eq!(mode, 0o700, "{}", made.display());
             }
         }
+        // Removed while the process runs: the write fails, and makes nothing.
+        fs::remove_dir_all(dir.join("state")).unwrap();
+        let error = write_atomically(&path, b"{}").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert!(error.to_string().contains("is gone"), "{error}");
+        assert!(!dir.join("state").exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Lines kept by the test's [`LiveEntries`].
+    struct Kept(Vec<u32>);
+
+    impl LiveEntries for Kept {
+        type Line = u32;
+        fn sweep(&mut self) -> usize {
+            self.0.len()
+        }
+        fn lines(&self) -> Vec<u32> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn a_line_log_removed_or_replaced_under_it_is_written_anew_and_its_directory_not() {
+        let dir = std::env::temp_dir().join(format!("tower-fhir-lines-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("lines.jsonl");
+        make_parent(&path).unwrap();
+        let mut kept = Kept(vec![1]);
+        let mut log = LineLog::create(&path, &kept.lines()).unwrap();
+        let append = |log: &mut LineLog, kept: &mut Kept, n: u32| {
+            let appended = log.append(&n, kept);
+            if appended.is_ok() {
+                kept.0.push(n);
+            }
+            appended
+        };
+        append(&mut log, &mut kept, 2).unwrap();
+        let read = |path: &Path| LineLog::read::<u32>(path, "numbers").unwrap();
+        assert_eq!(read(&path), [1, 2]);
+        // Removed: the next line writes the file anew, with every live line.
+        fs::remove_file(&path).unwrap();
+        append(&mut log, &mut kept, 3).unwrap();
+        assert_eq!(read(&path), [1, 2, 3]);
+        // Renamed away and replaced (a rotation): the same.
+        fs::rename(&path, dir.join("old")).unwrap();
+        fs::write(&path, "9\n").unwrap();
+        append(&mut log, &mut kept, 4).unwrap();
+        assert_eq!(read(&path), [1, 2, 3, 4]);
+        // Its directory removed: the line fails, and nothing is made.
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(append(&mut log, &mut kept, 5).is_err());
+        assert!(!dir.exists());
+        assert_eq!(kept.0, [1, 2, 3, 4]);
     }
 
     #[test]

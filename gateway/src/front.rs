@@ -21,6 +21,7 @@ use tower_fhir::postgres::{PgTenantStore, RevocationsFollowed};
 use tower_fhir::token::SigningKeys;
 
 use crate::config::Config;
+use crate::state::DirLock;
 
 /// The stack under the CORS layer.
 type Inner = Health<Observe<BodyTimeout<BodyLimit<Gateway>>>>;
@@ -126,13 +127,14 @@ pub(crate) struct Served {
 
 /// The gateway wrapped as the configuration says, and the admin API (`admin`: on `listen`;
 /// `admin_apart`: on `admin_listen`) wrapped in the same request ids, metrics and audit
-/// records.
+/// records. `/readyz` also waits for `state_dir`'s lock (`lock`) to be held.
 pub(crate) fn front(
     config: &Config,
     gateway: Gateway,
     (admin, admin_apart): (Option<Router>, Option<Router>),
     keys: &SigningKeys,
     database: Option<Listening>,
+    lock: Option<Arc<DirLock>>,
 ) -> Result<Served, String> {
     let mut observe = ObserveLayer::new()
         .metrics(config.metrics_listen.is_some())
@@ -172,6 +174,9 @@ pub(crate) fn front(
                 revocations.is_listening()
             });
         }
+    }
+    if let Some(lock) = lock {
+        health = health.readiness("state directory", move || lock.held());
     }
     let health = health
         .readiness("signing keys", move || {

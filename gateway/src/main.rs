@@ -477,7 +477,25 @@ async fn run(args: Args) -> Result<(), String> {
         revocations,
         revoked: endpoint.revoked_tokens().clone(),
     });
-    let mut served = front::front(&config, gateway, admins, &state.keys, database)?;
+    let mut served = front::front(
+        &config,
+        gateway,
+        admins,
+        &state.keys,
+        database,
+        state.lock.clone(),
+    )?;
+    if let Some(lock) = state.lock.clone() {
+        // Said within seconds of a removal, whether or not anything asks `/readyz`.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                lock.held();
+            }
+        });
+    }
     let reopener = served.reopener.take();
     #[cfg(unix)]
     if let Some(hangups) = hangups {

@@ -39,7 +39,67 @@ pub(crate) struct State {
     _temporary: Option<tempfile::TempDir>,
     /// The lock this process holds on its state directory while it runs (released at exit,
     /// also a crash: the operating system drops it with the process).
-    _lock: Option<std::fs::File>,
+    pub(crate) lock: Option<Arc<DirLock>>,
+}
+
+/// The lock on `state_dir` (its file `gateway.lock`), watched: a directory removed while the
+/// gateway runs (by hand, or by a cleaner of old files under `/tmp`) took the lock with it, so
+/// a second gateway could take the directory, and every state write fails (nothing makes the
+/// directory again behind the operator's back).
+pub(crate) struct DirLock {
+    dir: PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+    /// Whether the loss was said (once, until the lock is held again).
+    said: AtomicBool,
+}
+
+impl DirLock {
+    /// Whether the lock file at its path is the one this process holds; when only the file was
+    /// removed (the directory is there), it is made and locked again. The first time it is
+    /// lost, says so at `error`.
+    pub(crate) fn held(&self) -> bool {
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let held = same_file(&file, &path)
+            || (self.dir.is_dir()
+                && !path.exists()
+                && {
+                    match lock(&self.dir) {
+                        Ok(again) => {
+                            tracing::warn!(lock = %path.display(), "the state directory's lock file was removed: made and taken again");
+                            *file = again;
+                            true
+                        }
+                        Err(_) => false,
+                    }
+                });
+        if held {
+            self.said.store(false, Ordering::Relaxed);
+        } else if !self.said.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                state_dir = %self.dir.display(),
+                "the state directory or its lock file was removed or replaced while the gateway runs: changes to tenants, clients, signing keys and revocations cannot be kept (they fail), and another gateway could take the directory; /readyz says \"state directory\" until it is back (restart the gateway over the state it should serve)"
+            );
+        }
+        held
+    }
+}
+
+/// Whether `file` is the file at `path` (the same device and inode, on Unix).
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    let (Ok(open), Ok(there)) = (file.metadata(), std::fs::metadata(path)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        open.dev() == there.dev() && open.ino() == there.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = open;
+        there.is_file()
+    }
 }
 
 /// The database the replicas share.
@@ -194,7 +254,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         revocations: None,
         assertion_jtis: None,
         _temporary: None,
-        _lock: None,
+        lock: None,
     })
 }
 
@@ -397,7 +457,11 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         revocations: Some(revocations),
         assertion_jtis: Some(assertion_jtis),
         _temporary: temporary,
-        _lock: Some(lock),
+        lock: Some(Arc::new(DirLock {
+            dir: dir.clone(),
+            file: std::sync::Mutex::new(lock),
+            said: AtomicBool::new(false),
+        })),
     })
 }
 

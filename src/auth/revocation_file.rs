@@ -121,9 +121,11 @@ impl fmt::Debug for FileRevocationLog {
 
 impl FileRevocationLog {
     /// Opens the log at `path` (an absent file is an empty log, made at the first
-    /// revocation). A file that is not one of its own is an error, never overwritten.
+    /// revocation; its directory is made now if need be). A file that is not one of its own
+    /// is an error, never overwritten.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
+        crate::persist::make_parent(&path)?;
         let what = "a revocation log";
         let earlier = crate::persist::read_if_exists(&path)?
             .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
@@ -303,7 +305,8 @@ mod tests {
         let dir = scratch("unwritable").parent().unwrap().to_path_buf();
         let path = dir.join("missing-dir").join("revoked.json");
         let log = FileRevocationLog::open(&path).unwrap();
-        // A regular file where its directory would be made: nothing can be written there.
+        // A regular file where its directory was: nothing can be written there.
+        std::fs::remove_dir(dir.join("missing-dir")).unwrap();
         std::fs::write(dir.join("missing-dir"), b"").unwrap();
         assert!(log.record(None, "t", 4_000_000_000).await.is_err());
         let revoked = RevokedTokens::new();

@@ -387,13 +387,14 @@ impl Serialize for EntryOut<'_> {
 
 impl FileDirectory {
     /// Opens the directory in `path`; an empty one when the file does not exist yet (it is
-    /// created at the first change).
+    /// created at the first change; the directory it is in is made now if need be).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DirectoryError> {
         let path = path.as_ref().to_path_buf();
         let unreadable =
             |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
         let unreadable_io =
             |e: std::io::Error| DirectoryError::with_source(format!("{}: {e}", path.display()), e);
+        crate::persist::make_parent(&path).map_err(unreadable_io)?;
         let (memory, existed) = match crate::persist::read_if_exists(&path) {
             Ok(Some(bytes)) => {
                 let json = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;

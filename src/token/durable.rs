@@ -64,7 +64,8 @@ struct FileFormat {
 }
 
 impl FileClientStore {
-    /// Opens the store at `path`, creating an empty one when the file does not exist.
+    /// Opens the store at `path`, creating an empty one when the file does not exist (written
+    /// at the first change; the directory it is in is made now if need be).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::open_with_hashing(path, SecretHashing::default())
     }
@@ -75,6 +76,8 @@ impl FileClientStore {
         hashing: SecretHashing,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        crate::persist::make_parent(&path)
+            .map_err(|e| StoreError::with_source(format!("{}: {e}", path.display()), e))?;
         let clients = match fs::read(&path) {
             Ok(bytes) => {
                 let file: FileFormat = serde_json::from_slice(&bytes).map_err(|e| {

@@ -100,12 +100,14 @@ impl fmt::Debug for FileReplayGuard {
 }
 
 impl FileReplayGuard {
-    /// Opens the guard at `path` (an absent file is an empty one, made now), forgets what has
+    /// Opens the guard at `path` (an absent file is an empty one, made now, its directory
+    /// too if need be), forgets what has
     /// expired and rewrites the file with the rest. A line cut short at the end (the process
     /// stopped mid-write) is dropped; a file whose other lines are not its own is an error,
     /// never overwritten.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
+        crate::persist::make_parent(path)?;
         let mut used = Used(HashMap::new());
         let now = unix_now();
         for entry in LineLog::read::<Entry>(path, "a file of client assertion jtis")? {

@@ -297,6 +297,7 @@ impl SigningKeys {
         let path = path.as_ref();
         let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
         let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
+        crate::persist::make_parent(path).map_err(unreadable)?;
         let keys = match crate::persist::read_if_exists(path).map_err(unreadable)? {
             Some(bytes) => {
                 let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
