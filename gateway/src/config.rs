@@ -32,6 +32,10 @@ pub(crate) struct Config {
     /// chain to, beside the webpki roots. Default none.
     #[serde(default)]
     pub(crate) database_ca_file: Option<PathBuf>,
+    /// A PEM file of the root certificates (a hospital's private CA's) that `https://`
+    /// upstreams' certificates may chain to, beside the webpki roots. Default none.
+    #[serde(default)]
+    pub(crate) upstream_ca_file: Option<PathBuf>,
     /// With `database_url`: the longest this replica may go without hearing the database
     /// confirm it has every other replica's revocations; past it, every token gets `503`
     /// until it hears again (a revoked token is never taken longer than this through a
@@ -231,6 +235,7 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("database_ca_file", &self.database_ca_file)
+            .field("upstream_ca_file", &self.upstream_ca_file)
             .field(
                 "revocation_max_staleness_seconds",
                 &self.revocation_max_staleness_seconds,

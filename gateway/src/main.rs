@@ -689,6 +689,11 @@ async fn assemble(
     for name in &config.forward_request_headers {
         proxy = proxy.forward_request_header(name);
     }
+    if let Some(path) = &config.upstream_ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read upstream_ca_file {}: {e}", path.display()))?;
+        proxy = proxy.root_certificates_pem(pem);
+    }
     let default_release = config.default_fhir_version;
     let gateway = Gateway::builder(base)
         .metadata(move |metadata| match default_release {

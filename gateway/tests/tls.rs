@@ -497,3 +497,96 @@ async fn over_tls_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
     assert!(rest.len() < 8 << 20, "{} bytes", rest.len());
 }
+
+/// An HTTPS FHIR server for `localhost` with `pair`'s certificate (HTTP/1.1), answering every
+/// request with a Patient; its port.
+async fn tls_fhir_upstream(pair: &Pair) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![pair.der.clone().into()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_: http::Request<_>| async {
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/fhir+json")
+                            .body(Full::<Bytes>::from(
+                                r#"{"resourceType":"Patient","id":"private-ca"}"#,
+                            ))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// `upstream_ca_file`: a hospital's HTTPS server whose certificate chains to its private CA
+/// is reached with that CA's PEM; without it, `502`, and the log says why (the certificate,
+/// not only "client error (Connect)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_of_a_private_ca_is_reached_with_upstream_ca_file() {
+    let hospital = pair();
+    let port = tls_fhir_upstream(&hospital).await;
+    let unused = RecordingUpstream::start().await;
+    let ca = scratch("tls-private-ca").join("hospital-ca.pem");
+    std::fs::write(&ca, &hospital.certificate).unwrap();
+    let tenants = json!([{"id": TENANT, "upstreams": [
+        {"base_url": format!("https://localhost:{port}/fhir"), "fhir_version": "4.0"}]}]);
+    for (case, keys, expected) in [
+        ("untrusted", json!({"tenants": tenants}), 502),
+        (
+            "trusted",
+            json!({"tenants": tenants, "upstream_ca_file": ca}),
+            200,
+        ),
+    ] {
+        let pair = pair();
+        let gateway = start(&format!("private-ca-{case}"), &pair, &unused, keys);
+        let token = token(&gateway, &pair).await;
+        let stream = connect(gateway.addr, &pair, &[b"http/1.1"]).await.unwrap();
+        let (status, body) = send(stream, get("/Patient/1", Some(&token))).await;
+        assert_eq!(status, expected, "{case}: {body}");
+        if expected == 200 {
+            assert_eq!(body["id"], "private-ca");
+        } else {
+            let log = gateway.proc.stderr();
+            assert!(
+                log.contains("certificate") && log.contains("upstream request failed"),
+                "{case}: {log}"
+            );
+        }
+    }
+    // A file that cannot be read stops the check, saying which.
+    let dir = scratch("tls-private-ca-missing");
+    let file = dir.join("gateway.json");
+    let config = json!({"listen": "127.0.0.1:0", "state_dir": dir.join("state"),
+                        "upstream_ca_file": dir.join("missing.pem")});
+    std::fs::write(&file, config.to_string()).unwrap();
+    let checked = Command::new(GATEWAY)
+        .arg("--check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!checked.status.success());
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(said.contains("cannot read upstream_ca_file"), "{said}");
+}
