@@ -228,7 +228,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
         }
     }
     let clients = state.client_store(hashing(config)?);
-    register(&clients, &config.clients).await?;
+    register(&clients, &config.clients, true).await?;
     say_unnamed(config, &directory, &clients).await;
     // Serve only once other replicas' tenant changes are heard: a lookup cached before then
     // could miss a change for as long as the cache keeps it.
@@ -440,7 +440,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
     let clients_file = dir.join("clients.json");
     let clients = FileClientStore::open_with_hashing(&clients_file, hashing(config)?)
         .map_err(|e| format!("cannot open the client store: {e}"))?;
-    register(&clients, &config.clients).await?;
+    register(&clients, &config.clients, true).await?;
     say_unnamed(config, &directory, &clients).await;
     let keys = SigningKeys::open(dir.join("signing-keys.json"))
         .map_err(|e| format!("cannot open the signing keys: {e}"))?;
@@ -547,7 +547,8 @@ fn parents_are_private(dir: &Path, me: u32) -> Result<(), String> {
 /// (its id, its secret). Nothing is written.
 pub(crate) async fn check(config: &Config) -> Result<(), String> {
     let clients = InMemoryClientStore::with_hashing(hashing(config)?);
-    register(&clients, &config.clients).await
+    // (Registered in memory only: nothing to say.)
+    register(&clients, &config.clients, false).await
 }
 
 /// The state files every start leaves (`clients.json` is written only once a client is), and
@@ -632,9 +633,13 @@ fn differs(record: &tower_fhir::token::ClientRecord, client: &ClientConfig) -> b
             .is_some_and(|method| method != record.token_endpoint_auth_method)
 }
 
-/// Registers the configured clients the store does not know yet. A known client keeps its
-/// stored state (a rotated secret stays rotated).
-async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(), String> {
+/// Registers the configured clients the store does not know yet (`say`: each said at
+/// `info`). A known client keeps its stored state (a rotated secret stays rotated).
+async fn register(
+    store: &dyn ClientStore,
+    clients: &[ClientConfig],
+    say: bool,
+) -> Result<(), String> {
     for client in clients {
         let id = &client.client_id;
         let refused = |e: String| format!("a client in the configuration is refused: {e}");
@@ -676,7 +681,8 @@ async fn register(store: &dyn ClientStore, clients: &[ClientConfig]) -> Result<(
             new = new.rate_limit(limit);
         }
         match store.register(new).await {
-            Ok(_) => tracing::info!(client_id = %id, "client registered"),
+            Ok(_) if say => tracing::info!(client_id = %id, "client registered"),
+            Ok(_) => {}
             // Another replica with the same configuration registered it meanwhile.
             Err(e) if e.is_refused() && matches!(store.client(id).await, Ok(Some(_))) => {}
             Err(e) => return Err(refused(e.to_string())),

@@ -1772,6 +1772,9 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     let dir = scratch("late-tenant");
     let upstream = RecordingUpstream::start().await;
     let mut first = start(&dir, &upstream, json!({}));
+    // The client registered once, said once (not again by the configuration's check).
+    let log = without_colours(&first.proc.stderr());
+    assert_eq!(log.matches("client registered").count(), 1, "{log}");
     first.proc.terminate();
     let late = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
     let tenants = json!([
@@ -1786,6 +1789,7 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     );
     assert!(!log.contains(&format!("tenant={TENANT}")), "{log}");
     assert!(!log.contains("differ from the state's"), "{log}");
+    assert!(!log.contains("client registered"), "already stored: {log}");
     second.proc.terminate();
 
     // A tenant's upstream and a client's tenants changed in the file: the state's are kept,
