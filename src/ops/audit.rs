@@ -65,7 +65,11 @@ pub struct AuditRecord {
     pub status: u16,
     /// `ok`, or why a layer refused the request (see [`Refusal`](crate::outcome::Refusal)).
     pub outcome: &'static str,
-    /// The upstream's base URL, when one was chosen.
+    /// The upstream's base URL, when the request was routed to one (an in-process tenant's
+    /// label). Routed is not reached: a request a layer after the routing refused (its
+    /// `outcome` not `ok`: SMART scopes, rate limits, an unsafe path, a body too large by its
+    /// length) never reached it; one answered `502` (`exception`) or `504` (`timeout`) was
+    /// sent, or tried to be.
     pub upstream: Option<Arc<str>>,
     /// Milliseconds from the request's arrival to its response head.
     pub duration_ms: f64,
