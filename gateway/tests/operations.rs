@@ -705,6 +705,66 @@ async fn token_requests_refused_for_their_bodies_are_counted() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `tower_fhir_upstream_duration_seconds` counts the exchanges that failed too: a `504` its
+/// whole wait (a histogram of answers alone hides the slowest), a refused connection until
+/// it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_durations_count_timeouts_and_refused_connections() {
+    let dir = scratch("operations-upstream-durations");
+    let upstream = RecordingUpstream::start().await;
+    let mut slow = Answer::json(json!({"resourceType": "Patient", "id": "1"}));
+    slow.delay = Duration::from_secs(3);
+    upstream.answer("/fhir/Patient/slow", slow);
+    let refusing = format!("http://127.0.0.1:{}/fhir", free_port());
+    let tenants = json!([
+        {"id": TENANT, "upstreams": [
+            {"base_url": upstream.base("/fhir"), "fhir_version": "4.0", "timeout_ms": 1000}]},
+        {"id": "9b2e1c3d-0000-4000-8000-00000000000b", "upstreams": [
+            {"base_url": refusing, "fhir_version": "4.0"}]}
+    ]);
+    let clients = json!([
+        {"client_id": "app", "client_secret": SECRET, "tenants": [TENANT]},
+        {"client_id": "gone", "client_secret": SECRET,
+         "tenants": ["9b2e1c3d-0000-4000-8000-00000000000b"]}
+    ]);
+    let at = metrics_address();
+    let gw = start(
+        &dir,
+        &upstream,
+        json!({"tenants": tenants, "clients": clients, "metrics_listen": at}),
+    );
+    let bearer = format!("Bearer {}", token(&gw.client).await);
+    let reply = gw
+        .client
+        .get("/Patient/slow", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    let text = metrics(at).await;
+    let count =
+        |text: &str| sample(text, "tower_fhir_upstream_duration_seconds_count", &[]).unwrap_or(0.0);
+    let sum = sample(&text, "tower_fhir_upstream_duration_seconds_sum", &[]).unwrap();
+    assert_eq!(count(&text), 1.0, "{text}");
+    assert!(sum >= 1.0, "the whole wait: {sum}");
+    let form = format!(
+        "grant_type=client_credentials&client_id=gone&client_secret={SECRET}&scope=9b2e1c3d-0000-4000-8000-00000000000b"
+    );
+    let reply = gw.client.send("POST", "/oauth/token", &[FORM], &form).await;
+    let bearer = format!("Bearer {}", reply.json()["access_token"].as_str().unwrap());
+    let reply = gw
+        .client
+        .get("/Patient/1", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(count(&metrics(at).await), 2.0);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_looks_like_the_servers_own_refusal_passes_byte_for_byte() {
     // What hyper writes when it cannot parse a head, as a stored Binary's bytes, sent after

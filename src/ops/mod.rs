@@ -53,7 +53,7 @@
 //!
 //! | metric | labels | where |
 //! |---|---|---|
-//! | `tower_fhir_upstream_duration_seconds` (histogram) | | the proxy, to the upstream's response head |
+//! | `tower_fhir_upstream_duration_seconds` (histogram) | | the proxy, to the upstream's response head, or to its failure (a timeout counts its whole wait; a client's request body that fails does not count) |
 //! | `tower_fhir_token_requests_total` | `result` (`issued` or the RFC 6749 error) | the token endpoint, and [`BodyLimitLayer`] for the token requests it refuses before the endpoint |
 //! | `tower_fhir_jwks_fetches_total` | `issuer`, `result` (`ok`, `error`) | the bearer layer's key sources |
 //! | `tower_fhir_cache_total` | `cache` (`token`, `route`), `result` (`hit`, `miss`) | bearer and routing caches |

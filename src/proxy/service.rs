@@ -704,6 +704,12 @@ where
                     // request, and the client gets the body's answer. (Over HTTP/2 the
                     // connection reports only a reset stream: the body's own record says why.)
                     let failure = BodyFailure::of(&*error).or_else(|| turns.as_ref()?.failure());
+                    if failure.is_none() {
+                        // The upstream's failure (closed, reset, refused), as long as it took.
+                        config
+                            .upstream_duration
+                            .record(started.elapsed().as_secs_f64());
+                    }
                     // An upstream that closed the exchange while the body had long been waiting
                     // on the client gave up waiting for it (its own body timeout is shorter
                     // than ours): the client's doing, as when our timeout ends the wait.
@@ -747,6 +753,10 @@ where
                     return Ok(BodyFailure::TooSlow.answer(None).map(ProxyBody::full));
                 }
                 Waited::UpstreamTooSlow => {
+                    // The whole wait: a histogram of answers alone hides the slowest.
+                    config
+                        .upstream_duration
+                        .record(started.elapsed().as_secs_f64());
                     tracing::warn!(upstream = %upstream.base(), ?timeout, "upstream timed out");
                     return Ok(outcome(
                         StatusCode::GATEWAY_TIMEOUT,
