@@ -62,6 +62,8 @@ pub(crate) struct Admin {
     /// The gateway's own listening addresses, by key (`listen`, `metrics_listen`,
     /// `admin_listen`): no tenant's upstream may be one.
     pub(crate) own_addresses: Vec<(&'static str, std::net::SocketAddr)>,
+    /// The lock on `state_dir` (file mode): while it is lost, changes are refused.
+    pub(crate) state_lock: Option<Arc<crate::state::DirLock>>,
 }
 
 /// The most an admin request's body may hold: a tenant or a client is a few kilobytes.
@@ -106,6 +108,10 @@ pub(crate) fn routes(admin: Arc<Admin>) -> Router {
         .route("/admin/signing-keys/{kid}", delete(retire_key))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
         .layer(middleware::from_fn(detached))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&admin),
+            state_held,
+        ))
         // Every admin path needs the admin token, one that names no route included (so the
         // routes cannot be listed without it); checked once, before any handler.
         .layer(middleware::from_fn_with_state(
@@ -261,6 +267,21 @@ fn unavailable(message: &str) -> Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
     response
+}
+
+/// Refuses a change (any method but `GET` and `HEAD`) while `state_dir` is not the one this
+/// process locked (removed, or made again: [`DirLock::held`](crate::state::DirLock::held)):
+/// written there, it would be the only state in a directory that lost the rest, and another
+/// gateway may own it. `503`: a restart over the right state is what serves it again.
+async fn state_held(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
+    let reads = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    if !reads && admin.state_lock.as_ref().is_some_and(|lock| !lock.held()) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the state directory was removed or replaced while the gateway runs: no change can be kept; restart the gateway over the state it should serve",
+        );
+    }
+    next.run(request).await
 }
 
 /// Lets a request through only with the admin token (compared in constant time), and not at
@@ -1507,6 +1528,7 @@ mod tests {
                 ("listen", "0.0.0.0:8080".parse().unwrap()),
                 ("metrics_listen", "127.0.0.1:9090".parse().unwrap()),
             ],
+            state_lock: None,
         };
         (super::routes(Arc::new(admin)), routes)
     }

@@ -374,6 +374,7 @@ async fn run(args: Args) -> Result<(), String> {
             body_timeout: Duration::from_secs(config.body_read_timeout_seconds),
             body_min_rate: config.body_min_bytes_per_second,
             own_addresses: config.own_addresses(),
+            state_lock: state.lock.clone(),
         })),
         None if demo => admin::off(
             "this demo listens beyond loopback and its admin token is published; run it on 127.0.0.1 to use it",

@@ -43,45 +43,58 @@ pub(crate) struct State {
 }
 
 /// The lock on `state_dir` (its file `gateway.lock`), watched: a directory removed while the
-/// gateway runs (by hand, or by a cleaner of old files under `/tmp`) took the lock with it, so
-/// a second gateway could take the directory, and every state write fails (nothing makes the
-/// directory again behind the operator's back).
+/// gateway runs (by hand, or by a cleaner of old files) took the lock with it, so a second
+/// gateway could take the directory, and state written there would be a part of it only
+/// (nothing makes the directory again behind the operator's back).
 pub(crate) struct DirLock {
     dir: PathBuf,
-    file: std::sync::Mutex<std::fs::File>,
-    /// Whether the loss was said (once, until the lock is held again).
+    /// The directory as it was when locked (its device and inode, on Unix): one removed and
+    /// made again under the same name is another.
+    identity: Option<(u64, u64)>,
+    file: std::fs::File,
+    /// Whether the loss was said (once).
     said: AtomicBool,
 }
 
 impl DirLock {
-    /// Whether the lock file at its path is the one this process holds; when only the file was
-    /// removed (the directory is there), it is made and locked again. The first time it is
-    /// lost, says so at `error`.
+    fn new(dir: PathBuf, file: std::fs::File) -> Self {
+        Self {
+            identity: identity(&dir),
+            dir,
+            file,
+            said: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `state_dir` is still the directory locked at start and its `gateway.lock` the
+    /// file this process locked. Once not (removed, replaced, made again: what else went with
+    /// it cannot be told), it is not taken again: the first time, an `error` says so.
     pub(crate) fn held(&self) -> bool {
-        let path = self.dir.join(LOCK_FILE);
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let held = same_file(&file, &path)
-            || (self.dir.is_dir()
-                && !path.exists()
-                && {
-                    match lock(&self.dir) {
-                        Ok(again) => {
-                            tracing::warn!(lock = %path.display(), "the state directory's lock file was removed: made and taken again");
-                            *file = again;
-                            true
-                        }
-                        Err(_) => false,
-                    }
-                });
-        if held {
-            self.said.store(false, Ordering::Relaxed);
-        } else if !self.said.swap(true, Ordering::Relaxed) {
+        let held = identity(&self.dir) == self.identity
+            && self.identity.is_some()
+            && same_file(&self.file, &self.dir.join(LOCK_FILE));
+        if !held && !self.said.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 state_dir = %self.dir.display(),
-                "the state directory or its lock file was removed or replaced while the gateway runs: changes to tenants, clients, signing keys and revocations cannot be kept (they fail), and another gateway could take the directory; /readyz says \"state directory\" until it is back (restart the gateway over the state it should serve)"
+                "the state directory or its lock file was removed or replaced while the gateway runs: changes to tenants, clients, signing keys and revocations may not be kept (they fail when the directory is gone), and another gateway could take the directory; /readyz says \"state directory\" from now on: restart the gateway over the state it should serve"
             );
         }
         held
+    }
+}
+
+/// The device and inode of `path` (on Unix; elsewhere whether it is a directory at all).
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(path).ok().filter(|meta| meta.is_dir())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((0, 0))
     }
 }
 
@@ -457,11 +470,7 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         revocations: Some(revocations),
         assertion_jtis: Some(assertion_jtis),
         _temporary: temporary,
-        lock: Some(Arc::new(DirLock {
-            dir: dir.clone(),
-            file: std::sync::Mutex::new(lock),
-            said: AtomicBool::new(false),
-        })),
+        lock: Some(Arc::new(DirLock::new(dir.clone(), lock))),
     })
 }
 

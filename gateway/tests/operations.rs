@@ -1412,79 +1412,96 @@ async fn audit_records_name_the_client_address_a_trusted_balancer_gave() {
     }
 }
 
-/// `state_dir` removed while the gateway runs (by hand, or by a cleaner of old files under
-/// `/tmp`): `/readyz` says so, the loss is logged at `error`, and changes fail (`503`) instead
-/// of being written to a directory made anew with only some of the state in it. Only its lock
-/// file removed: made and taken again.
+/// `state_dir` removed while the gateway runs (by hand, or by a cleaner of old files), its
+/// lock file alone, or the directory made again: `/readyz` says so, the loss is logged at
+/// `error`, and admin changes are refused (`503`) instead of being written to a directory
+/// that holds only some of the state (or another gateway's); nothing makes it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_directory_removed_under_the_gateway_is_said_and_not_made_again() {
-    let dir = scratch("operations-state-removed");
-    let upstream = RecordingUpstream::start().await;
     let admin_token = "operations-admin-token-0123456789";
-    let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
     let auth = format!("Bearer {admin_token}");
-    let state = dir.join("state");
-    let ready = async || gw.client.get("/readyz", &[]).await;
-    assert_eq!(ready().await.status, StatusCode::OK);
-    let put_client = async |id: &str| {
-        gw.client
-            .send(
-                "PUT",
-                &format!("/admin/clients/{id}"),
-                &[
-                    ("authorization", auth.as_str()),
-                    ("content-type", "application/json"),
-                ],
-                &json!({"tenants": [TENANT]}).to_string(),
-            )
-            .await
-    };
-    assert_eq!(put_client("before").await.status, StatusCode::CREATED);
-
-    // The lock file alone: taken again, still ready.
-    std::fs::remove_file(state.join("gateway.lock")).unwrap();
-    assert_eq!(ready().await.status, StatusCode::OK);
-    assert!(state.join("gateway.lock").exists());
-
-    // The whole directory.
-    std::fs::remove_dir_all(&state).unwrap();
-    let reply = ready().await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert!(
-        reply.json()["waiting_for"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("state directory")),
-        "{}",
-        reply.text()
-    );
-    let reply = put_client("after").await;
-    assert_eq!(
-        reply.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        reply.text()
-    );
-    assert!(!state.exists(), "the state directory was made again");
-    // Tokens are still issued and served from what the process holds.
-    let bearer = format!("Bearer {}", token(&gw.client).await);
-    let reply = gw
-        .client
-        .get("/Patient/1", &[("authorization", &bearer)])
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
-    let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap();
-    assert!(
-        log.contains("the state directory or its lock file was removed"),
-        "{log}"
-    );
-    drop(gw);
-    let _ = std::fs::remove_dir_all(&dir);
+    for case in ["lock", "directory", "made again"] {
+        let dir = scratch(&format!("operations-state-removed-{case}"));
+        let upstream = RecordingUpstream::start().await;
+        let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
+        let state = dir.join("state");
+        let put_client = async |id: &str| {
+            gw.client
+                .send(
+                    "PUT",
+                    &format!("/admin/clients/{id}"),
+                    &[
+                        ("authorization", auth.as_str()),
+                        ("content-type", "application/json"),
+                    ],
+                    &json!({"tenants": [TENANT]}).to_string(),
+                )
+                .await
+        };
+        assert_eq!(gw.client.get("/readyz", &[]).await.status, StatusCode::OK);
+        assert_eq!(put_client("before").await.status, StatusCode::CREATED);
+        match case {
+            "lock" => std::fs::remove_file(state.join("gateway.lock")).unwrap(),
+            "directory" => std::fs::remove_dir_all(&state).unwrap(),
+            _ => {
+                std::fs::remove_dir_all(&state).unwrap();
+                std::fs::create_dir(&state).unwrap();
+            }
+        }
+        let reply = gw.client.get("/readyz", &[]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{case}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.json()["waiting_for"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("state directory")),
+            "{case}: {}",
+            reply.text()
+        );
+        let reply = put_client("after").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{case}: {}",
+            reply.text()
+        );
+        assert!(
+            reply.text().contains("state directory"),
+            "{case}: {}",
+            reply.text()
+        );
+        match case {
+            "directory" => assert!(!state.exists(), "the state directory was made again"),
+            "made again" => assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0),
+            _ => assert!(!state.join("gateway.lock").exists()),
+        }
+        // Reads go on, and tokens are issued and served from what the process holds.
+        let reply = gw
+            .client
+            .get("/admin/clients/before", &[("authorization", auth.as_str())])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}: {}", reply.text());
+        let bearer = format!("Bearer {}", token(&gw.client).await);
+        let reply = gw
+            .client
+            .get("/Patient/1", &[("authorization", &bearer)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{case}");
+        let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap();
+        assert_eq!(
+            log.matches("the state directory or its lock file was removed")
+                .count(),
+            1,
+            "{case}: said once: {log}"
+        );
+        drop(gw);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// `admin_listen`: the admin API answers there and only there (`listen` says `404` under
