@@ -391,6 +391,18 @@ async fn a_revocation_retried_after_the_log_failed_is_recorded() {
         1,
         "the retry recorded it"
     );
+    // Recorded once: revoked again, it is not recorded again (every retry of a client would
+    // add a line, or a notice to every replica).
+    let reply = post(&client, "/oauth/revoke", &revoke).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(log.recorded.lock().unwrap().len(), 1);
+    let other = token(&client, "app", SECRET).await;
+    let revoke = format!("token={other}&client_id=app&client_secret={SECRET}");
+    for _ in 0..3 {
+        let reply = post(&client, "/oauth/revoke", &revoke).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(log.recorded.lock().unwrap().len(), 2);
 }
 
 fn base64_url(bytes: &[u8]) -> String {

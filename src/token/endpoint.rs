@@ -69,6 +69,9 @@ pub(super) struct Inner {
     pub(super) assertions: Assertions,
     /// Where revocations are recorded for other processes, if anywhere.
     pub(super) revocation_log: Option<Box<dyn RevocationLog>>,
+    /// The tokens (issuer, `jti`) revoked here whose record in the log failed: a revocation
+    /// of one again records it (one revoked and recorded is not recorded again).
+    pub(super) unrecorded: std::sync::Mutex<std::collections::HashSet<(Option<String>, String)>>,
     /// Where client assertions' `jti`s are checked across processes, if anywhere.
     pub(super) replay_guard: Option<Box<dyn ReplayGuard>>,
 }
@@ -334,6 +337,7 @@ impl TokenEndpointBuilder {
                 revoked: self.revoked.unwrap_or_default(),
                 assertions: Assertions::new(vec![token_url]),
                 revocation_log: self.revocation_log,
+                unrecorded: std::sync::Mutex::default(),
                 replay_guard: self.replay_guard,
             }),
         })

@@ -178,17 +178,26 @@ where
                         "The token was not issued to this client",
                     ));
                 }
+                let known = (
+                    claims.issuer().map(str::to_owned),
+                    claims.token_id().unwrap_or_default().to_owned(),
+                );
+                // Revoked here already: answered as done, unless its record failed (`503`,
+                // "retry"): a retry must not be answered without it.
+                if inner.revoked.is_revoked(&claims) && !inner.unrecorded().contains(&known) {
+                    return Ok(json_response(StatusCode::OK, &Value::Object(Map::new())));
+                }
                 inner.revoked.revoke(&claims);
-                // Recorded again when revoked here already: the first revocation's record may
-                // have failed (`503`, "retry"), and a retry must not be answered without it.
                 if let (Some(log), Some(jti)) = (&inner.revocation_log, claims.token_id()) {
                     let until = crate::auth::revoked_until(claims.expires_at());
                     if let Err(error) = log.record(claims.issuer(), jti, until).await {
                         tracing::error!(client_id = %super::LoggedId(&client.id), %error, "a revocation could not be recorded in the revocation log (for restarts and other replicas)");
+                        inner.unrecorded().insert(known);
                         return Err(TokenError::unavailable(
                             "The revocation could not be recorded everywhere; retry shortly",
                         ));
                     }
+                    inner.unrecorded().remove(&known);
                 }
                 tracing::info!(client_id = %super::LoggedId(&client.id), "token revoked");
             }
@@ -198,6 +207,13 @@ where
 }
 
 impl Inner {
+    /// The revoked tokens whose record in the revocation log failed.
+    fn unrecorded(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<(Option<String>, String)>> {
+        self.unrecorded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The form of a `POST` to introspection or revocation, and the client it authenticates.
     async fn authenticated_form<B>(
         &self,
