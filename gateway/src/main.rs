@@ -693,6 +693,16 @@ async fn assemble(
     if let Some(path) = &config.upstream_ca_file {
         let pem = std::fs::read(path)
             .map_err(|e| format!("cannot read upstream_ca_file {}: {e}", path.display()))?;
+        // (The proxy reads the certificates when built; said here by the key's name.)
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(format!(
+                "upstream_ca_file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
         proxy = proxy.root_certificates_pem(pem);
     }
     let default_release = config.default_fhir_version;

@@ -570,7 +570,7 @@ async fn an_https_upstream_of_a_private_ca_is_reached_with_upstream_ca_file() {
         } else {
             let log = gateway.proc.stderr();
             assert!(
-                log.contains("certificate") && log.contains("upstream request failed"),
+                log.contains("upstream request failed") && log.contains("invalid peer certificate"),
                 "{case}: {log}"
             );
         }
@@ -589,4 +589,14 @@ async fn an_https_upstream_of_a_private_ca_is_reached_with_upstream_ca_file() {
     assert!(!checked.status.success());
     let said = String::from_utf8_lossy(&checked.stderr);
     assert!(said.contains("cannot read upstream_ca_file"), "{said}");
+    // One that holds no certificate: the same, naming the key.
+    std::fs::write(dir.join("missing.pem"), "not a certificate").unwrap();
+    let checked = Command::new(GATEWAY)
+        .arg("--check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!checked.status.success());
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(said.contains("holds no PEM certificate"), "{said}");
 }

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | no `Authorization`, or another scheme (`Basic`) | 401 | `Bearer realm="fhir"` |
 //! | two `Authorization` headers, empty, oversized or non-`b64token` token | 400 | `error="invalid_request"` |
-//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`/`typ`, no `exp`, revoked | 401 | `error="invalid_token"` |
+//! | bad signature, `alg: none`, algorithm not allowed for the key, unknown `kid`, expired, not yet valid, wrong `iss`/`aud`/`typ`, no `exp`, revoked; a claim named twice, an `iss`, `sub` or `jti` that is not a string, an `iat` or `nbf` that is not a NumericDate | 401 | `error="invalid_token"` |
 //! | keys cannot be fetched (and none were ever fetched) | 503 | (`Retry-After`) |
 //! | any token while the revoked list is staler than allowed ([`RevokedTokens::set_max_staleness`]) | 503 | (`Retry-After`) |
 //!

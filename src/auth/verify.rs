@@ -702,6 +702,9 @@ impl Verifier {
                 true,
             ),
             ErrorKind::InvalidClaimFormat(_) => ("The access token has a malformed claim", true),
+            // The claims, read once the signature was good (a claim named twice, say): no
+            // other key would read them otherwise.
+            ErrorKind::Json(_) => ("The access token is malformed", true),
             _ => ("The access token is malformed", false),
         };
         (
@@ -801,10 +804,6 @@ pub(crate) fn verify_with_keys(
     outcome
 }
 
-/// RFC 7519 §4.1.1: `iss` is one string. jsonwebtoken takes an array whose members include an
-/// accepted issuer, but every check here (whose keys may vouch for the token, its audience
-/// and type for that issuer, a client assertion's `iss` against its client) reads a string
-/// only: an array would pass them as a token with no issuer at all.
 /// A JWT's claims, each named once: a payload naming one twice (`"scope": ..., "scope": ...`)
 /// is refused, as it is read by its last value here and perhaps by its first elsewhere (RFC
 /// 7519 §4: "MUST either reject JWTs with duplicate Claim Names or use a JSON parser that
@@ -843,7 +842,11 @@ impl<'de> Deserialize<'de> for UniqueClaims {
 /// What is wrong with a registered claim the crate reads (besides `exp`, which
 /// [`VerifiedClaims`] checks, and `aud`): `iss`, `sub` and `jti` must be strings, `iat` and
 /// `nbf` NumericDates, when present. A claim that is not what it says is not ignored (a
-/// string `iat` read as none would pass a check of its value).
+/// string `iat` read as none would pass a check of its value). RFC 7519 §4.1.1: `iss` is one
+/// string; jsonwebtoken takes an array whose members include an accepted issuer, but every
+/// check here (whose keys may vouch for the token, its audience and type for that issuer, a
+/// client assertion's `iss` against its client) reads a string only: an array would pass
+/// them as a token with no issuer at all.
 fn malformed_claim(claims: &Map<String, Value>) -> Option<&'static str> {
     let numeric =
         |value: &Value| value.as_u64().is_some() || value.as_f64().is_some_and(|f| f >= 0.0);
@@ -1153,6 +1156,60 @@ mod tests {
             })
             .with_key(VerificationKey::hmac(secret(99)).unwrap().with_kid("k"));
         assert!(verify_with_keys(&mixed, &signed(&secret(99), Some("k")), &expected).is_ok());
+    }
+
+    /// Client assertions and introspection read claims as the bearer layer does: a claim
+    /// named twice, or one that is not what it says, refuses the JWT.
+    #[cfg(feature = "token")]
+    #[test]
+    fn verified_alone_a_jwt_with_claims_named_twice_or_malformed_is_refused() {
+        crate::install_crypto_provider();
+        let secret = "the-only-secret-of-32-bytes-or-more!";
+        let keys = KeySet::new().with_key(VerificationKey::hmac(secret).unwrap());
+        let expected = Expected {
+            algorithms: &[Algorithm::HS256],
+            issuer: None,
+            audiences: &[],
+            leeway: 0,
+        };
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let raw = |payload: String| {
+            let signed = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD.encode(payload)
+            );
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            let signature =
+                jsonwebtoken::crypto::sign(signed.as_bytes(), &key, Algorithm::HS256).unwrap();
+            format!("{signed}.{signature}")
+        };
+        let good = raw(format!(r#"{{"sub":"s","exp":{exp}}}"#));
+        assert!(verify_with_keys(&keys, &good, &expected).is_ok());
+        for (payload, why) in [
+            (
+                format!(r#"{{"sub":"s","sub":"t","exp":{exp}}}"#),
+                "malformed",
+            ),
+            (
+                format!(r#"{{"sub":"s","exp":{exp},"iat":"{exp}"}}"#),
+                "The access token's iat claim is not a NumericDate",
+            ),
+            (
+                format!(r#"{{"sub":1,"exp":{exp}}}"#),
+                "The access token's sub claim is not a string",
+            ),
+        ] {
+            assert_eq!(
+                verify_with_keys(&keys, &raw(payload.clone()), &expected).unwrap_err(),
+                why,
+                "{payload}"
+            );
+        }
     }
 
     #[test]

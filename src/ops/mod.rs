@@ -58,7 +58,7 @@
 //! | `tower_fhir_jwks_fetches_total` | `issuer`, `result` (`ok`, `error`) | the bearer layer's key sources |
 //! | `tower_fhir_cache_total` | `cache` (`token`, `route`), `result` (`hit`, `miss`) | bearer and routing caches |
 //! | `tower_fhir_upstream_replays_total` | | the proxy, a safe request sent again after an idle upstream connection closed unanswered as it went out |
-//! | `tower_fhir_body_too_large_total` | | [`BodyLimitLayer`], the proxy, and the token endpoint's own limit |
+//! | `tower_fhir_body_too_large_total` | | [`BodyLimitLayer`], the proxy, and the OAuth endpoints' own limit (token, introspection, revocation) |
 //! | `tower_fhir_body_timeouts_total` | | [`BodyTimeoutLayer`], and the proxy when a body pauses as long as the upstream may take |
 //! | `tower_fhir_rate_limited_total` | `limit` (`tenant`, `client`, `upstream`) | the rate limit layer, the proxy's `max_concurrency` |
 //! | `tower_fhir_audit_records_dropped_total`, `tower_fhir_audit_records_delayed_total` | | [`JsonLinesAudit`] |

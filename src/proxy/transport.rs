@@ -50,9 +50,10 @@ pub(super) struct Transport {
     // HTTPS upstreams (ALPN may choose HTTP/2): a client, with a pool of its own, per tenant,
     // so that no HTTP/1.1 connection carries two tenants' requests (as the own pool keeps
     // them apart). Made on a tenant's first HTTPS request, from `https` and `connector`, and
-    // dropped when another tenant's is made once it has not been used for `idle_timeout`
-    // (its pool holds no connection by then): tenants removed or moved elsewhere leave
-    // nothing behind.
+    // dropped when another tenant's is made once no request has begun on it for
+    // `idle_timeout` (its pool then holds no connection, unless a response longer than that
+    // was still streaming, whose connection is then closed when it ends instead of kept):
+    // tenants removed or moved elsewhere leave nothing behind.
     clients: Mutex<HashMap<Option<TenantId>, TenantClient>>,
     idle_timeout: Duration,
     https: Builder,
