@@ -98,6 +98,48 @@ impl ForwardedClient {
     }
 }
 
+/// An IPv4 address's dotted text, as `Display` writes it, made on the stack (`Display` goes
+/// through the formatting machinery: several times the instructions, on every request that
+/// names its client in a forwarding header or an audit record).
+pub(crate) struct Ipv4Text {
+    text: [u8; 15],
+    len: usize,
+}
+
+impl Ipv4Text {
+    pub(crate) fn new(ip: std::net::Ipv4Addr) -> Self {
+        let mut text = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in ip.octets().into_iter().enumerate() {
+            if i > 0 {
+                text[len] = b'.';
+                len += 1;
+            }
+            if octet >= 100 {
+                text[len] = b'0' + octet / 100;
+                len += 1;
+            }
+            if octet >= 10 {
+                text[len] = b'0' + octet / 10 % 10;
+                len += 1;
+            }
+            text[len] = b'0' + octet % 10;
+            len += 1;
+        }
+        Self { text, len }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+
+    #[cfg(feature = "proxy")]
+    pub(crate) fn as_str(&self) -> &str {
+        // Digits and dots only.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
 /// An address as forwarding headers write it: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`,
 /// `[2001:db8::1]`, `[2001:db8::1]:4711`.
 fn parse_node(node: &str) -> Option<IpAddr> {
@@ -181,6 +223,20 @@ mod tests {
             );
         }
         headers
+    }
+
+    #[test]
+    fn ipv4_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.100.9.99",
+            "9.10.99.100",
+        ] {
+            assert_eq!(Ipv4Text::new(ip.parse().unwrap()).as_bytes(), ip.as_bytes());
+        }
     }
 
     #[test]

@@ -370,18 +370,11 @@ fn push_clean(out: &mut Vec<u8>, value: &str) {
 }
 
 /// An IP address as a JSON string (nothing in one needs an escape). IPv4, what nearly every
-/// record holds, written digit by digit; IPv6 through its `Display`.
+/// record holds, without the formatter; IPv6 through its `Display`.
 fn push_address(out: &mut Vec<u8>, address: IpAddr) {
     out.push(b'"');
     match address {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                push_u64(out, u64::from(octet));
-            }
-        }
+        IpAddr::V4(v4) => out.extend_from_slice(crate::client_addr::Ipv4Text::new(v4).as_bytes()),
         IpAddr::V6(v6) => {
             // (Writing to a `Vec` cannot fail.)
             let _ = write!(out, "{v6}");
@@ -1882,6 +1875,24 @@ mod tests {
                 "upstream": "http://fhir.example/r4", "duration_ms": 1.235
             })
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_text() {
+        for address in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "192.0.2.7",
+            "::1",
+            "2001:db8::7",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = address.parse().unwrap();
+            let mut out = Vec::new();
+            push_address(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{ip}\""));
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_addr::ClientAddr;
+use crate::client_addr::{ClientAddr, Ipv4Text};
 use crate::route::{Upstream, UpstreamBase};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -298,7 +298,7 @@ pub(super) fn prepare_request_headers(
             forwarded.push_str("]\"");
         }
         Some(std::net::IpAddr::V4(ip)) => {
-            push_ipv4(&mut forwarded, ip);
+            forwarded.push_str(Ipv4Text::new(ip).as_str());
             ip_at = 4..forwarded.len();
         }
         None => forwarded.push_str("unknown"),
@@ -391,22 +391,6 @@ fn connection_named(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect(),
     )
-}
-
-/// Writes an IPv4 address in dotted decimal (what `Display` writes, without the formatter).
-fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
-        }
-        out.push(char::from(b'0' + octet % 10));
-    }
 }
 
 /// Adds to a comma-separated list header, keeping what earlier proxies wrote.
@@ -550,21 +534,6 @@ mod tests {
             .iter()
             .map(|v| v.to_str().unwrap().to_owned())
             .collect()
-    }
-
-    #[test]
-    fn ipv4_addresses_are_written_as_display_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.30.40",
-            "255.255.255.255",
-            "1.100.9.99",
-        ] {
-            let mut out = String::new();
-            push_ipv4(&mut out, ip.parse().unwrap());
-            assert_eq!(out, ip);
-        }
     }
 
     #[test]
