@@ -374,7 +374,7 @@ fn push_clean(out: &mut Vec<u8>, value: &str) {
 fn push_address(out: &mut Vec<u8>, address: IpAddr) {
     out.push(b'"');
     match address {
-        IpAddr::V4(v4) => out.extend_from_slice(crate::client_addr::Ipv4Text::new(v4).as_bytes()),
+        IpAddr::V4(v4) => crate::client_addr::write_ipv4(v4, |b| out.push(b)),
         IpAddr::V6(v6) => {
             // (Writing to a `Vec` cannot fail.)
             let _ = write!(out, "{v6}");

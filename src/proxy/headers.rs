@@ -5,7 +5,7 @@
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_addr::{ClientAddr, Ipv4Text};
+use crate::client_addr::{write_ipv4, ClientAddr};
 use crate::route::{Upstream, UpstreamBase};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -298,7 +298,7 @@ pub(super) fn prepare_request_headers(
             forwarded.push_str("]\"");
         }
         Some(std::net::IpAddr::V4(ip)) => {
-            forwarded.push_str(Ipv4Text::new(ip).as_str());
+            write_ipv4(ip, |b| forwarded.push(char::from(b)));
             ip_at = 4..forwarded.len();
         }
         None => forwarded.push_str("unknown"),
