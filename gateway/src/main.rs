@@ -551,7 +551,12 @@ fn init_logs(format: LogFormat) {
                     || *metadata.level() <= tracing::Level::INFO
             }))
     };
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours for a terminal only: a file or a log collector got their escape codes.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colours);
     let registry = tracing_subscriber::registry();
     match format {
         LogFormat::Text => registry.with(logs.with_filter(filter())).init(),
