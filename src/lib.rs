@@ -78,6 +78,8 @@
 
 pub mod auth;
 pub mod body;
+#[cfg(any(feature = "proxy", feature = "postgres"))]
+mod causes;
 #[cfg(any(feature = "proxy", feature = "remote-jwks"))]
 mod client;
 // (The audit records read it too; its types are public with `proxy` or `token`.)

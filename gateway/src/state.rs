@@ -334,16 +334,24 @@ async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
         every.tick().await;
         let answered = tokio::time::timeout(Duration::from_secs(1), state.ping()).await;
         let Some(up) = up.upgrade() else { return };
+        let mut why = None;
         failed_in_a_row = match answered {
             Ok(Ok(())) => 0,
-            _ => failed_in_a_row + 1,
+            Ok(Err(error)) => {
+                why = Some(error.to_string());
+                failed_in_a_row + 1
+            }
+            Err(_) => {
+                why = Some("no answer within a second".to_owned());
+                failed_in_a_row + 1
+            }
         };
         let now = failed_in_a_row < 2;
         if up.swap(now, Ordering::Relaxed) != now {
             if now {
                 tracing::info!("the database answers again");
             } else {
-                tracing::error!("the database does not answer: cached tenants are still served; token requests and admin changes get 503 until it is back");
+                tracing::error!(error = why.as_deref().unwrap_or_default(), "the database does not answer: cached tenants are still served; token requests and admin changes get 503 until it is back");
             }
         }
     }

@@ -1850,7 +1850,11 @@ async fn a_tenant_added_to_the_configuration_after_the_first_start_is_logged_not
     let upstream = RecordingUpstream::start().await;
     let mut first = start(&dir, &upstream, json!({}));
     // Written to a file, the log has no colours' escape codes.
-    assert!(!first.proc.stderr().contains('\x1b'), "{}", first.proc.stderr());
+    assert!(
+        !first.proc.stderr().contains('\x1b'),
+        "{}",
+        first.proc.stderr()
+    );
     // The client registered once, said once (not again by the configuration's check).
     let log = without_colours(&first.proc.stderr());
     assert_eq!(log.matches("client registered").count(), 1, "{log}");

@@ -550,6 +550,13 @@ async fn three_gateway_processes_share_one_database() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The log says why (the server's or the connection's own words, not only "db error").
+    let log = std::fs::read_to_string(dir.join("replica3.log")).unwrap();
+    let down = log
+        .lines()
+        .find(|line| line.contains("the database does not answer"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(down.to_lowercase().contains("connect"), "{down}");
 
     // Started again: everything recovers by itself.
     server.resume();

@@ -204,21 +204,13 @@ impl fmt::Display for PgError {
         f.write_str(&self.message)?;
         // The whole chain: the pool's and the driver's own words ("db error") say little;
         // the server's (a password refused, a database that does not exist) are below them.
-        // A cause already in the text above it is not said twice.
-        let mut said = String::new();
-        let mut cause = self
-            .source
-            .as_deref()
-            .map(|source| source as &(dyn std::error::Error + 'static));
-        while let Some(error) = cause {
-            let text = error.to_string();
-            if !said.contains(&text) {
-                write!(f, ": {text}")?;
-            }
-            said = text;
-            cause = error.source();
-        }
-        Ok(())
+        crate::causes::write_sources(
+            f,
+            String::new(),
+            self.source
+                .as_deref()
+                .map(|source| source as &(dyn std::error::Error + 'static)),
+        )
     }
 }
 
@@ -1499,7 +1491,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                                 }
                                 Ok(_) => {}
                                 Err(error) => {
-                                    tracing::warn!(%error, "the database change listener lost its connection");
+                                    tracing::warn!(error = %crate::causes::Causes(&error), "the database change listener lost its connection");
                                     break;
                                 }
                             }
@@ -1514,7 +1506,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                     // hang on a database that stopped answering right then.)
                     let caught_up = match listening {
                         Err(_) => Err("the LISTEN got no answer".to_owned()),
-                        Ok(Err(error)) => Err(error.to_string()),
+                        Ok(Err(error)) => Err(crate::causes::Causes(&error).to_string()),
                         Ok(Ok(())) => {
                             tokio::time::timeout(LONG_OPERATION_TIMEOUT, handler.listening(missed))
                                 .await
@@ -1577,7 +1569,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                     drop(client);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?wait, "cannot connect to listen for database changes");
+                    tracing::warn!(error = %crate::causes::Causes(&error), retry_in = ?wait, "cannot connect to listen for database changes");
                 }
             },
         }

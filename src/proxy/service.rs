@@ -735,7 +735,7 @@ where
                         None => {
                             // With its causes: hyper-util's "client error (Connect)" says
                             // nothing of a refused connection or an untrusted certificate.
-                            tracing::warn!(upstream = %upstream.base(), error = %Causes(&*error), "upstream request failed");
+                            tracing::warn!(upstream = %upstream.base(), error = %crate::causes::Causes(&*error), "upstream request failed");
                             outcome(
                                 StatusCode::BAD_GATEWAY,
                                 IssueType::Exception,
@@ -820,27 +820,6 @@ fn outcome(status: StatusCode, code: IssueType, diagnostics: &str) -> Response<P
     OperationOutcome::error(code, diagnostics)
         .to_response(status)
         .map(ProxyBody::full)
-}
-
-/// An error and its sources, `: `-separated (each one said once: some repeat their source's
-/// text).
-struct Causes<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Causes<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut said = self.0.to_string();
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !said.contains(&text) {
-                write!(f, ": {text}")?;
-                said = text;
-            }
-            source = cause.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
