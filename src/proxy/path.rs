@@ -26,10 +26,10 @@ pub(crate) fn upstream_path(base: &UpstreamBase, target: &Uri) -> Result<PathAnd
     if let Some(why) = not_a_path(path) {
         return Err(why);
     }
-    check_segments(path)?;
+    let scanned = scan(path.as_bytes());
+    check_segments(path, &scanned)?;
     let merged;
-    let bytes = path.as_bytes();
-    let path = if memchr::memchr_iter(b'/', bytes).any(|at| bytes.get(at + 1) == Some(&b'/')) {
+    let path = if scanned.double_slash {
         // Empty segments name nothing in FHIR, and a path that begins `//` is a network path
         // to some upstreams (Node's `new URL(target, base)`): runs of slashes are merged, as
         // nginx's `merge_slashes` does.
@@ -107,10 +107,57 @@ fn merge_slashes(path: &str) -> String {
     merged
 }
 
-fn check_segments(path: &str) -> Result<(), UnsafePath> {
+/// What one pass over a path's bytes found: what the checks and the merging of slashes need
+/// to know, each of which took a pass of its own.
+#[derive(Default)]
+struct Scanned {
+    beyond_ascii: bool,
+    semicolon: bool,
+    /// A `%`, `.` or `\`: what a dangerous segment needs.
+    special: bool,
+    double_slash: bool,
+}
+
+/// Each byte's class for [`scan`]: 0 nothing to note.
+static CLASSES: [u8; 256] = {
+    let mut classes = [0u8; 256];
+    classes[b'%' as usize] = 1;
+    classes[b'.' as usize] = 1;
+    classes[b'\\' as usize] = 1;
+    classes[b'/' as usize] = 2;
+    classes[b';' as usize] = 3;
+    let mut high = 0x80;
+    while high < 256 {
+        classes[high] = 4;
+        high += 1;
+    }
+    classes
+};
+
+fn scan(path: &[u8]) -> Scanned {
+    let mut scanned = Scanned::default();
+    let mut after_slash = false;
+    for &byte in path {
+        match CLASSES[usize::from(byte)] {
+            0 => {}
+            1 => scanned.special = true,
+            2 => {
+                scanned.double_slash |= after_slash;
+                after_slash = true;
+                continue;
+            }
+            3 => scanned.semicolon = true,
+            _ => scanned.beyond_ascii = true,
+        }
+        after_slash = false;
+    }
+    scanned
+}
+
+fn check_segments(path: &str, scanned: &Scanned) -> Result<(), UnsafePath> {
     // Bytes beyond ASCII sent as they are (the request line's parser takes them): a fullwidth
     // `．．` is `..` to a server that normalises Unicode. A FHIR path has no use for them.
-    if !path.is_ascii() {
+    if scanned.beyond_ascii {
         return Err(UnsafePath(
             "Bytes beyond ASCII are not allowed in the request path",
         ));
@@ -119,13 +166,13 @@ fn check_segments(path: &str) -> Result<(), UnsafePath> {
     // routing, so such an upstream serves `Patient/1` for what the gateway, its SMART checks
     // and its audit record read as no FHIR interaction at all. FHIR's names and ids hold no
     // `;` (an encoded one, `%3B`, stays data to those servers).
-    if memchr::memchr(b';', path.as_bytes()).is_some() {
+    if scanned.semicolon {
         return Err(UnsafePath(
             "Path parameters (a ; in the path) are not allowed in the request path",
         ));
     }
-    // Most paths hold none of the bytes a dangerous segment needs: one pass over the whole.
-    if memchr::memchr3(b'%', b'.', b'\\', path.as_bytes()).is_none() {
+    // Most paths hold none of the bytes a dangerous segment needs.
+    if !scanned.special {
         return Ok(());
     }
     for raw in path.split('/') {
@@ -266,6 +313,24 @@ mod tests {
         ] {
             assert_eq!(join("http://ehr:9001/fhir", target).unwrap(), forwarded);
         }
+    }
+
+    #[test]
+    fn one_pass_finds_what_each_check_needs() {
+        let flags = |path: &str| {
+            let s = scan(path.as_bytes());
+            (s.beyond_ascii, s.semicolon, s.special, s.double_slash)
+        };
+        assert_eq!(flags("/Patient/123"), (false, false, false, false));
+        assert_eq!(flags("/Patient/a.b"), (false, false, true, false));
+        assert_eq!(flags("/Patient/%41"), (false, false, true, false));
+        assert_eq!(flags("/a\\b"), (false, false, true, false));
+        assert_eq!(flags("/a//b"), (false, false, false, true));
+        assert_eq!(flags("//"), (false, false, false, true));
+        assert_eq!(flags("/a/./b/"), (false, false, true, false));
+        assert_eq!(flags("/a/.//b"), (false, false, true, true));
+        assert_eq!(flags("/a;b"), (false, true, false, false));
+        assert_eq!(flags("/\u{e9}"), (true, false, false, false));
     }
 
     #[test]
