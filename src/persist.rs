@@ -84,6 +84,24 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `file` is the file at `path` now (the same device and inode, on Unix; elsewhere
+/// only whether a file is there): not one removed, renamed away or replaced under the process.
+pub(crate) fn is_file_at(file: &fs::File, path: &Path) -> bool {
+    let (Ok(open), Ok(there)) = (file.metadata(), fs::metadata(path)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        open.dev() == there.dev() && open.ino() == there.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = open;
+        there.is_file()
+    }
+}
+
 /// Reads a state file; `None` when it does not exist yet.
 pub(crate) fn read_if_exists(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match fs::read(path) {
@@ -203,6 +221,15 @@ impl LineLog {
         self.swapped = true;
     }
 
+    /// Whether the open file is still the one at its path.
+    fn still_at_its_path(&self) -> bool {
+        #[cfg(test)]
+        if self.swapped {
+            return true;
+        }
+        is_file_at(&self.file, &self.path)
+    }
+
     /// Appends `entry`; before, when due, forgets what expired in `live` and rewrites the
     /// file if it holds more than twice what is left (or a write failed before). The entry
     /// is the caller's to add to `live` once this succeeded.
@@ -241,31 +268,6 @@ impl LineLog {
         }
         self.lines += 1;
         Ok(())
-    }
-}
-
-impl LineLog {
-    /// Whether the open file is still the one at its path (the same file, on Unix; elsewhere
-    /// only whether a file is there).
-    fn still_at_its_path(&self) -> bool {
-        #[cfg(test)]
-        if self.swapped {
-            return true;
-        }
-        let Ok(there) = fs::metadata(&self.path) else {
-            return false;
-        };
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            self.file
-                .metadata()
-                .is_ok_and(|open| open.dev() == there.dev() && open.ino() == there.ino())
-        }
-        #[cfg(not(unix))]
-        {
-            there.is_file()
-        }
     }
 }
 

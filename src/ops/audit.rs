@@ -1159,11 +1159,11 @@ impl FileWatch {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
-            let open = self.open.as_ref()?.metadata().ok()?;
-            let at_path = std::fs::metadata(&self.path).ok();
-            if at_path.is_some_and(|m| m.dev() == open.dev() && m.ino() == open.ino()) {
+            let open = self.open.as_ref()?;
+            if crate::persist::is_file_at(open, &self.path) {
                 return None;
             }
+            let open = open.metadata().ok()?;
             let path = self.path.display();
             let deleted = open.nlink() == 0;
             if deleted {
