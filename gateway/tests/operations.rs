@@ -29,9 +29,11 @@ struct Running {
 
 /// The gateway with the base configuration plus `extra`, in front of `upstream`.
 fn start(dir: &Path, upstream: &RecordingUpstream, extra: Value) -> Running {
-    let port = free_port();
+    // Port 0, the address read from the start line: a port picked by `free_port` could be
+    // picked for another test's gateway at the same moment, and with `SO_REUSEPORT` both
+    // would take it and share its connections.
     let mut config = json!({
-        "listen": format!("127.0.0.1:{port}"),
+        "listen": "127.0.0.1:0",
         "state_dir": dir.join("state"),
         "clients": [{"client_id": "app", "client_secret": SECRET, "tenants": [TENANT]}],
         "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
