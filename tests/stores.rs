@@ -24,6 +24,7 @@ use tower_fhir::version::FhirVersion;
 const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
 const B: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
 const C: &str = "1d2d0000-0000-4000-8000-000000000001";
+const D: &str = "1d2d0000-0000-4000-8000-000000000002";
 
 fn tenant(id: &str) -> TenantId {
     TenantId::parse(id).unwrap()
@@ -944,14 +945,34 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         tenant(A)
     );
 
-    // The listener's connection is cut: it connects again and announces every tenant known,
-    // the ones changed meanwhile included.
+    // The listeners' connections are cut: each connects again and announces the tenants it
+    // heard of since it listed them and those changed meanwhile, not the others.
     one.put(
         tenant(B),
         upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4),
     )
     .await
     .unwrap();
+    one.put(
+        tenant(D),
+        upstreams("http://127.0.0.1:9004/fhir", FhirVersion::R4),
+    )
+    .await
+    .unwrap();
+    // A third replica lists B and D at its start; B is then written again (the same record)
+    // without a notification, as a write it does not hear would be.
+    let three = PgState::connect(&url).await.unwrap().tenant_store();
+    timeout(Duration::from_secs(10), three.listening())
+        .await
+        .expect("the third listener never connected");
+    let mut third_heard = three.changes();
+    admin
+        .execute(
+            "UPDATE tower_fhir_tenants SET record = record WHERE id = $1",
+            &[&uuid::Uuid::parse_str(B).unwrap()],
+        )
+        .await
+        .unwrap();
     let mut resync = two.changes();
     // No new connection is let in for a while: the stores say they are not listening. (A
     // database's connections are allowed and disallowed from another database.)
@@ -970,9 +991,9 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         )
         .await
         .unwrap();
-    assert_eq!(cut, 2, "each replica listens on one connection");
+    assert_eq!(cut, 3, "each replica listens on one connection");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while one.is_listening() || two.is_listening() {
+    while one.is_listening() || two.is_listening() || three.is_listening() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "still said to be listening"
@@ -985,6 +1006,16 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
     timeout(Duration::from_secs(10), two.listening())
         .await
         .expect("the listener never connected again");
+    // The third announces the tenant written meanwhile and not the one unchanged, whose cached
+    // route stays (announced once the listener is up again: all of it is in the channel now).
+    timeout(Duration::from_secs(10), three.listening())
+        .await
+        .expect("the third listener never connected again");
+    let mut resynchronised = Vec::new();
+    while let Ok(tenant) = third_heard.try_recv() {
+        resynchronised.push(tenant);
+    }
+    assert_eq!(resynchronised, vec![tenant(B)]);
     one.put(
         tenant(C),
         upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4),

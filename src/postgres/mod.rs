@@ -40,7 +40,7 @@ mod tls;
 pub use failures::PgFailureCounts;
 pub use keys::{KeyEncryptionKey, PgSigningKeys, KEY_ENCRYPTION_KEY_ENV};
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -571,7 +571,9 @@ impl PgState {
             TenantChanges {
                 store: store.clone_detached(),
                 alive: Arc::downgrade(&alive),
-                known: HashSet::new(),
+                listed: HashMap::new(),
+                heard: 0,
+                overflowed: false,
                 up,
             },
         ));
@@ -1420,6 +1422,24 @@ async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
         .collect())
 }
 
+/// Every tenant with its row's version: `xmin`, the transaction that wrote it, different after
+/// any write (for as long as a listener compares them: transaction ids wrap after four
+/// billion).
+async fn versions(pool: &Pool) -> Result<HashMap<TenantId, i64>, DirectoryError> {
+    let connection = pool
+        .get()
+        .await
+        .map_err(|e| directory_error("connecting", e))?;
+    let rows = connection
+        .query("SELECT id, xmin::text::bigint FROM tower_fhir_tenants", &[])
+        .await
+        .map_err(|e| directory_error("listing tenants", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| (TenantId::from_uuid(row.get::<_, Uuid>(0)), row.get(1)))
+        .collect())
+}
+
 /// What a listener does with what it hears, and when to stop.
 trait Handler: Send + 'static {
     /// Whether anybody still wants what it hears.
@@ -1586,10 +1606,44 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
 struct TenantChanges {
     store: Detached,
     alive: Weak<()>,
-    /// Every tenant heard of or listed: what a cache may hold.
-    known: HashSet<TenantId>,
+    /// Each tenant as the last listing found it, by its row's version (`None`: heard of
+    /// since, so a cache may hold it as anything): what a resynchronisation compares with.
+    listed: HashMap<TenantId, Option<i64>>,
+    /// How many tenants it did not list were heard of since the listing.
+    heard: usize,
+    /// More than [`HEARD_AT_MOST`] were: the next resynchronisation announces every tenant.
+    overflowed: bool,
     /// Whether it listens now, for [`PgTenantStore::is_listening`].
     up: watch::Sender<bool>,
+}
+
+/// The most tenants the listener keeps track of between two listings beyond the listed ones
+/// (a flood of notifications naming made-up tenants must not grow it without end); past it,
+/// the next resynchronisation announces every tenant, as if it knew nothing.
+const HEARD_AT_MOST: usize = 100_000;
+
+/// The tenants to announce after notifications may have gone unheard, `listed` as
+/// [`TenantChanges::listed`] and `now` the tenants' versions now: each whose row is not the
+/// version listed before (changed, removed or made meanwhile), and each heard of since; every
+/// one if too many were heard of (`overflowed`). A tenant unchanged is not announced: a route
+/// cache keeps its entry, the fallback it serves while the database is down.
+fn changed_unheard(
+    listed: &HashMap<TenantId, Option<i64>>,
+    overflowed: bool,
+    now: &HashMap<TenantId, i64>,
+) -> Vec<TenantId> {
+    let mut changed: Vec<TenantId> = listed
+        .iter()
+        .filter(|(tenant, version)| {
+            overflowed || version.is_none() || now.get(tenant) != version.as_ref()
+        })
+        .map(|(tenant, _)| *tenant)
+        .collect();
+    changed.extend(
+        now.keys()
+            .filter(|tenant| overflowed || !listed.contains_key(tenant)),
+    );
+    changed
 }
 
 impl Handler for TenantChanges {
@@ -1598,18 +1652,28 @@ impl Handler for TenantChanges {
     }
 
     async fn listening(&mut self, missed: bool) -> Result<(), String> {
-        // Whatever changed while nobody listened: every tenant known before or now is
-        // announced.
-        let now = list(&self.store.pool)
+        // Whatever changed while nobody listened is announced: a row's version (`xmin`, the
+        // transaction that wrote it) differs after any write, even one that wrote back what
+        // was there before, and a cache may have read the row in between.
+        let now = versions(&self.store.pool)
             .await
             .map_err(|error| format!("cannot resynchronise tenants: {error}"))?;
         if missed {
-            for tenant in self.known.iter().chain(&now) {
+            let changed = changed_unheard(&self.listed, self.overflowed, &now);
+            for tenant in &changed {
                 let _ = self.store.changes.send(*tenant);
             }
-            tracing::info!("database change listener reconnected; caches resynchronised");
+            tracing::info!(
+                changed = changed.len(),
+                "database change listener reconnected; caches resynchronised"
+            );
         }
-        self.known.extend(now);
+        self.listed = now
+            .into_iter()
+            .map(|(tenant, version)| (tenant, Some(version)))
+            .collect();
+        self.heard = 0;
+        self.overflowed = false;
         self.up.send_replace(true);
         Ok(())
     }
@@ -1626,7 +1690,16 @@ impl Handler for TenantChanges {
             return;
         };
         if let Ok(tenant) = TenantId::parse(id) {
-            self.known.insert(tenant);
+            // Kept (with the version listed, if any) until the next resynchronisation, which
+            // announces it if it changes again unheard, or is removed.
+            if !self.listed.contains_key(&tenant) {
+                if self.heard < HEARD_AT_MOST {
+                    self.listed.insert(tenant, None);
+                    self.heard += 1;
+                } else {
+                    self.overflowed = true;
+                }
+            }
             if from != &*self.store.origin {
                 let _ = self.store.changes.send(tenant);
             }
@@ -2406,6 +2479,40 @@ impl ReplayGuard for PgReplayGuard {
 mod tests {
     use super::{supported_server, PgError};
     use std::fmt;
+
+    /// A reconnected tenant listener announces what changed while it did not listen, by the
+    /// rows' versions, and what it heard of since its listing; not the tenants unchanged, whose
+    /// cached routes must stay (the fallback while the database is down).
+    #[test]
+    fn a_resynchronisation_announces_the_tenants_changed_and_no_other() {
+        use super::changed_unheard;
+        use crate::tenant::TenantId;
+        use std::collections::{BTreeSet, HashMap};
+        let id = |n: u8| TenantId::from_uuid(uuid::Uuid::from_u128(0x1d2d_0000 + u128::from(n)));
+        let set = |tenants: Vec<TenantId>| tenants.into_iter().collect::<BTreeSet<_>>();
+        // 1 unchanged, 2 changed, 3 removed, 4 heard of and still there, 5 heard of and gone.
+        let listed = HashMap::from([
+            (id(1), Some(10)),
+            (id(2), Some(11)),
+            (id(3), Some(12)),
+            (id(4), None),
+            (id(5), None),
+        ]);
+        // 6 made meanwhile.
+        let now = HashMap::from([(id(1), 10), (id(2), 13), (id(4), 14), (id(6), 15)]);
+        assert_eq!(
+            set(changed_unheard(&listed, false, &now)),
+            set(vec![id(2), id(3), id(4), id(5), id(6)])
+        );
+        // Too many heard of to keep apart: every tenant.
+        assert_eq!(
+            set(changed_unheard(&listed, true, &now)),
+            set((1..=6).map(id).collect())
+        );
+        // Nothing changed: nothing announced.
+        let same = HashMap::from([(id(1), Some(10))]);
+        assert!(changed_unheard(&same, false, &HashMap::from([(id(1), 10)])).is_empty());
+    }
 
     /// The revocation listener vouches for its list only once every revocation announced
     /// before the vouch is read: a vouch made while one is being read confirms the list as of
