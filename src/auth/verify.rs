@@ -962,8 +962,8 @@ impl TokenCache {
     }
 }
 
-/// Whether `query` has an `access_token` parameter (its name percent-decoded, in any case;
-/// `&` or `;` between parameters, as servers split them).
+/// Whether `query` has an `access_token` parameter (its name read as [`parameter_name`]
+/// has it, in any case; `&` or `;` between parameters, as servers split them).
 fn names_a_token(query: &str) -> bool {
     // Only a query holding `_token` (in any case) or a `%` can: most hold neither (a FHIR
     // search's `_count` has a `_`, not `_token`), one pass over its `_`s, no split.
@@ -980,10 +980,29 @@ fn names_a_token(query: &str) -> bool {
     query.split(['&', ';']).any(|pair| {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
         name.len() >= "access_token".len()
-            && percent_encoding::percent_decode_str(name)
-                .map(|byte| byte.to_ascii_lowercase())
-                .eq(b"access_token".iter().copied())
+            && parameter_name(name).eq_ignore_ascii_case("access_token")
     })
+}
+
+/// A query parameter's name as the most lenient servers read it: `+` a space, percent-decoded
+/// (bytes that are not UTF-8 replaced), white space around it dropped. `access_token+` and
+/// `access_token%09` are `access_token` here, as they are to a server that trims names.
+pub(crate) fn parameter_name(name: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let spaced = if name.contains('+') {
+        Cow::Owned(name.replace('+', " "))
+    } else {
+        Cow::Borrowed(name)
+    };
+    let decoded = match percent_encoding::percent_decode_str(&spaced).decode_utf8_lossy() {
+        Cow::Borrowed(_) => spaced,
+        Cow::Owned(decoded) => Cow::Owned(decoded),
+    };
+    match decoded {
+        Cow::Borrowed(name) => Cow::Borrowed(name.trim()),
+        Cow::Owned(name) if name.trim().len() == name.len() => Cow::Owned(name),
+        Cow::Owned(name) => Cow::Owned(name.trim().to_owned()),
+    }
 }
 
 #[cfg(test)]
@@ -1001,6 +1020,11 @@ mod tests {
             "access_token",
             "ACCESS_TOKEN=x",
             "Access_Token=x",
+            // Names a lenient server trims.
+            "access_token%09=x",
+            "access_token+=x",
+            "+access_token=x",
+            "%20access_token%20=x",
         ] {
             assert!(names_a_token(query), "{query}");
         }
@@ -1010,6 +1034,8 @@ mod tests {
             "_content=access_token%3Dx",
             "my_access_token=x",
             "access_tokens=x",
+            "access%2Btoken=x",
+            "access+token=x",
             "_count=1&_sort=name",
             "name=%41",
         ] {

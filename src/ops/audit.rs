@@ -725,13 +725,13 @@ const SECRET_PARAMETERS: [&str; 31] = [
 ];
 
 /// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
-/// percent-decoded, any case, white space around it ignored, as lenient servers read names)
+/// percent-decoded, `+` a space, any case, white space around it ignored, as lenient servers
+/// read names)
 /// replaced by `REDACTED`; borrowed when it has none. Pairs are split at `&` and at `;`
 /// (which some servers also take between parameters).
 fn redact_secrets(query: &str) -> std::borrow::Cow<'_, str> {
     let secret = |name: &str| {
-        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        let name = name.trim();
+        let name = crate::auth::parameter_name(name);
         SECRET_PARAMETERS
             .iter()
             .any(|secret| name.eq_ignore_ascii_case(secret))
@@ -2329,6 +2329,14 @@ mod tests {
             QueryRecording::Full.apply(q).as_deref(),
             Some(
                 ";access_token=REDACTED&access_token%20=REDACTED&Key=REDACTED&secret=REDACTED&Authorization=REDACTED&keyword=f"
+            )
+        );
+        // Names a lenient server trims: a `+` (a space) or a tab around them.
+        let q = Some("access_token+=a&+client_secret=b&access_token%09=c&access%2Btoken=d");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some(
+                "access_token+=REDACTED&+client_secret=REDACTED&access_token%09=REDACTED&access%2Btoken=d"
             )
         );
         // Signed URLs' and sessions' names, and pairs after a `;`.
