@@ -307,6 +307,21 @@ async fn every_refusal() {
         .await;
     assert_error(&reply, StatusCode::UNAUTHORIZED, "invalid_client");
     assert!(reply.challenge().starts_with("Basic realm="));
+    // A bearer token instead of client credentials: 401, saying which schemes this takes.
+    let reply = client
+        .send(
+            "POST",
+            "/token",
+            &[
+                FORM,
+                ("authorization", "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"),
+            ],
+            "grant_type=client_credentials",
+        )
+        .await;
+    assert_error(&reply, StatusCode::UNAUTHORIZED, "invalid_client");
+    assert!(reply.text().contains("Basic scheme"), "{}", reply.text());
+    assert!(reply.challenge().starts_with("Basic realm="));
     // Unknown client and wrong secret by form: the same answer.
     let unknown = token_post(&client, "nobody", s, "").await;
     let wrong = token_post(&client, "app-1", "wrong", "").await;

@@ -247,9 +247,8 @@ fn given_credentials(
                     "Use one client authentication method, not both",
                 ));
             }
-            let (id, secret) = parse_basic(value).ok_or_else(|| {
-                TokenError::invalid_client("Malformed Basic authentication", Some(challenge))
-            })?;
+            let (id, secret) = parse_basic(value)
+                .map_err(|problem| TokenError::invalid_client(problem, Some(challenge)))?;
             if form_id.is_some_and(|form_id| *form_id != id) {
                 return Err(TokenError::bad_request(
                     "client_id does not match the authenticated client",
@@ -270,18 +269,29 @@ fn given_credentials(
     }
 }
 
-/// `Authorization: Basic` with the id and secret form-urlencoded first (RFC 6749 §2.3.1).
-fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
-    let value = value.to_str().ok()?;
-    let (scheme, encoded) = value.trim().split_once(' ')?;
+/// `Authorization: Basic` with the id and secret form-urlencoded first (RFC 6749 §2.3.1); what
+/// is wrong with it otherwise.
+fn parse_basic(value: &HeaderValue) -> Result<(String, String), &'static str> {
+    const MALFORMED: &str = "Malformed Basic authentication";
+    let value = value.to_str().map_err(|_| MALFORMED)?;
+    let value = value.trim();
+    let (scheme, encoded) = value.split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
+        // A client sending its access token here, say.
+        return Err(
+            "The token endpoint authenticates clients with the Basic scheme \
+                    (client_id:client_secret), a client_secret or a client_assertion in the \
+                    form; the Authorization header names another scheme",
+        );
     }
-    let decoded = STANDARD.decode(encoded.trim()).ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    let id = form_decode(id)?;
-    (!id.is_empty()).then_some((id, form_decode(secret)?))
+    let decoded = STANDARD.decode(encoded.trim()).map_err(|_| MALFORMED)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| MALFORMED)?;
+    let (id, secret) = decoded.split_once(':').ok_or(MALFORMED)?;
+    let id = form_decode(id).ok_or(MALFORMED)?;
+    if id.is_empty() {
+        return Err(MALFORMED);
+    }
+    Ok((id, form_decode(secret).ok_or(MALFORMED)?))
 }
 
 /// Decodes one application/x-www-form-urlencoded value: `+` is a space, `%XY` the byte with
@@ -318,8 +328,15 @@ mod tests {
         let raw = format!("Basic {}", STANDARD.encode("my%3Aapp:s%2Bcret+x%26y"));
         let parsed = parse_basic(&HeaderValue::from_str(&raw).unwrap()).unwrap();
         assert_eq!(parsed, ("my:app".to_owned(), "s+cret x&y".to_owned()));
-        assert!(parse_basic(&HeaderValue::from_static("Bearer abc")).is_none());
-        assert!(parse_basic(&HeaderValue::from_static("Basic !!!")).is_none());
+        // Another scheme (an access token sent here) is said to be one.
+        for other in ["Bearer abc", "Bearer", "Digest x=1"] {
+            let problem = parse_basic(&HeaderValue::from_static(other)).unwrap_err();
+            assert!(problem.contains("another scheme"), "{other}: {problem}");
+        }
+        for malformed in ["Basic !!!", "Basic", "Basic Og==", "basic YXBw"] {
+            let problem = parse_basic(&HeaderValue::from_static(malformed)).unwrap_err();
+            assert_eq!(problem, "Malformed Basic authentication", "{malformed}");
+        }
         assert_eq!(form_decode("%zz"), None);
     }
 
@@ -332,9 +349,9 @@ mod tests {
             assert_eq!(form_decode(text), None, "{text:?}");
         }
         let raw = format!("Basic {}", STANDARD.encode("app%+5:secret"));
-        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_none());
+        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_err());
         let raw = format!("Basic {}", STANDARD.encode("app:se%-5cret"));
-        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_none());
+        assert!(parse_basic(&HeaderValue::from_str(&raw).unwrap()).is_err());
     }
 
     #[test]
