@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{process, scratch, Answer, Proc, RecordingUpstream};
+use support::{scratch, Answer, Proc, RecordingUpstream};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_tower-fhir-gateway");
 
@@ -65,11 +65,12 @@ fn start_short_heads(name: &str) -> (Proc, SocketAddr, PathBuf) {
     )
 }
 
-/// `metrics_listen` on a free port, to add to a gateway's keys, and that address.
-fn with_metrics(mut keys: Value) -> (Value, SocketAddr) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], process::free_port()));
-    keys["metrics_listen"] = json!(addr.to_string());
-    (keys, addr)
+/// `metrics_listen` on port 0, added to a gateway's keys; [`Proc::metrics_address`] reads the port
+/// it was given once the gateway has started. (A port picked by `free_port` could be picked
+/// for another test's gateway at the same moment, and one of the two would fail to start.)
+fn with_metrics(mut keys: Value) -> Value {
+    keys["metrics_listen"] = json!("127.0.0.1:0");
+    keys
 }
 
 /// The value of the sample of `name` with `labels` (as written between its braces), 0 when
@@ -218,8 +219,11 @@ fn start_token_request(stream: &mut TcpStream) -> &'static [u8] {
 
 #[test]
 fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are_served() {
-    let (keys, metrics) = with_metrics(json!({"header_read_timeout_seconds": 1}));
-    let (proc, addr, _dir) = start("slowloris", keys);
+    let (proc, addr, _dir) = start(
+        "slowloris",
+        with_metrics(json!({"header_read_timeout_seconds": 1})),
+    );
+    let metrics = proc.metrics_address();
     const HELD: usize = 500;
     let opened = Instant::now();
     let mut held: Vec<TcpStream> = (0..HELD)
@@ -263,8 +267,11 @@ fn slowloris_connections_are_closed_after_the_header_read_timeout_and_others_are
 fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     // Before its first byte a connection is still picking HTTP/1.1 or HTTP/2: hyper's timer
     // does not run yet, the gateway's own watchdog does.
-    let (keys, metrics) = with_metrics(json!({"header_read_timeout_seconds": 1}));
-    let (_proc, addr, _dir) = start("silent", keys);
+    let (proc, addr, _dir) = start(
+        "silent",
+        with_metrics(json!({"header_read_timeout_seconds": 1})),
+    );
+    let metrics = proc.metrics_address();
     let mut silent = connect(addr);
     assert!(
         closed_within(&mut silent, Duration::from_secs(10)),
@@ -349,11 +356,14 @@ fn a_later_head_sent_too_slowly_is_closed_after_the_header_read_timeout() {
 fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_a_slow_head() {
     // Header-read timeout 1 s, idle timeout 3 s: between requests the connection is idle, so
     // it outlasts the header-read timeout and is closed by the idle one (counted as `idle`).
-    let (keys, metrics) = with_metrics(json!({
-        "header_read_timeout_seconds": 1,
-        "idle_timeout_seconds": 3,
-    }));
-    let (proc, addr, _dir) = start("idle-not-head", keys);
+    let (proc, addr, _dir) = start(
+        "idle-not-head",
+        with_metrics(json!({
+            "header_read_timeout_seconds": 1,
+            "idle_timeout_seconds": 3,
+        })),
+    );
+    let metrics = proc.metrics_address();
     let mut stream = connect(addr);
     metadata_answered(&mut stream);
     assert!(
@@ -408,8 +418,8 @@ fn a_keep_alive_connection_waiting_for_its_next_request_is_idle_not_a_slow_head(
 
 #[test]
 fn a_head_the_http_server_cannot_parse_is_answered_with_an_operation_outcome_and_counted() {
-    let (keys, metrics) = with_metrics(json!({}));
-    let (_proc, addr, _dir) = start("malformed", keys);
+    let (proc, addr, _dir) = start("malformed", with_metrics(json!({})));
+    let metrics = proc.metrics_address();
     // More fields than the server reads: refused once the whole head is read (a head refused
     // before it is all read may see the client's rest met by a reset, losing the answer).
     let fields: String = (0..150).map(|i| format!("X-F-{i}: v\r\n")).collect();
@@ -467,8 +477,8 @@ fn a_head_the_http_server_cannot_parse_is_answered_with_an_operation_outcome_and
 
 #[test]
 fn a_missing_repeated_or_invalid_host_is_refused_before_any_layer() {
-    let (keys, metrics) = with_metrics(json!({}));
-    let (_proc, addr, _dir) = start("host", keys);
+    let (proc, addr, _dir) = start("host", with_metrics(json!({})));
+    let metrics = proc.metrics_address();
     let heads = [
         "GET /metadata HTTP/1.1\r\n\r\n",
         "GET /metadata HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -658,8 +668,8 @@ fn count_responses(
 fn a_client_that_stops_reading_is_dropped_after_the_idle_timeout_and_a_slow_reader_is_not() {
     // An idle timeout of 2 s: the slow reader's pauses below stay well within it, busy as the
     // machine may be.
-    let (keys, metrics) = with_metrics(json!({"idle_timeout_seconds": 2}));
-    let (proc, addr, _dir) = start("stalled", keys);
+    let (proc, addr, _dir) = start("stalled", with_metrics(json!({"idle_timeout_seconds": 2})));
+    let metrics = proc.metrics_address();
 
     // 8,000 responses (about 8 MB, more than the kernel buffers on both sides) asked for and
     // none read: the server's writes find no room, and after the idle timeout the connection
@@ -963,9 +973,11 @@ fn an_http2_client_that_never_answers_the_closing_ping_is_dropped() {
     // The HTTP/2 preface and SETTINGS, then nothing: no request in time, so the gateway
     // closes gracefully (GOAWAY, and a PING whose answer a graceful HTTP/2 close waits for).
     // The answer never comes: after another idle timeout, the connection is dropped.
-    let (keys, metrics) =
-        with_metrics(json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 1}));
-    let (proc, addr, _dir) = start("h2-silent", keys);
+    let (proc, addr, _dir) = start(
+        "h2-silent",
+        with_metrics(json!({"header_read_timeout_seconds": 1, "idle_timeout_seconds": 1})),
+    );
+    let metrics = proc.metrics_address();
     let mut silent = connect(addr);
     silent
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
@@ -1189,13 +1201,27 @@ async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connect
     use http_body_util::BodyExt;
     let upstream = slow_patient_upstream().await;
     const ADMIN_TOKEN: &str = "an-admin-token-for-the-in-flight-test";
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], process::free_port()));
-    let (keys, metrics) = with_metrics(json!({
-        "http2_max_requests_in_flight": 2,
-        "admin_listen": admin_addr.to_string(),
-        "admin_token": ADMIN_TOKEN,
-    }));
-    let (proc, addr) = start_with_tenant("h2-in-flight", &upstream, keys);
+    // `admin_listen` on port 0 too, its address read from the line the start writes for it
+    // on stdout: it binds with `SO_REUSEPORT` as `listen` does, so a port picked by
+    // `free_port` could be picked for another test's gateway at the same moment, and the two
+    // would share its connections.
+    let (mut proc, addr) = start_with_tenant(
+        "h2-in-flight",
+        &upstream,
+        with_metrics(json!({
+            "http2_max_requests_in_flight": 2,
+            "admin_listen": "127.0.0.1:0",
+            "admin_token": ADMIN_TOKEN,
+        })),
+    );
+    let metrics = proc.metrics_address();
+    let admin_addr: SocketAddr = proc
+        .wait_for("  admin API at http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let token = tokio::task::spawn_blocking(move || token(addr))
         .await
         .unwrap();
@@ -1374,8 +1400,12 @@ fn post_head(token: &str, length: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_stops_arriving_gets_408_and_the_upstream_no_whole_request() {
     let upstream = RecordingUpstream::start().await;
-    let (keys, metrics) = with_metrics(json!({"body_read_timeout_seconds": 1}));
-    let (proc, addr) = start_with_tenant("body-stops", &upstream, keys);
+    let (proc, addr) = start_with_tenant(
+        "body-stops",
+        &upstream,
+        with_metrics(json!({"body_read_timeout_seconds": 1})),
+    );
+    let metrics = proc.metrics_address();
     // Sixteen bytes of a hundred, then nothing: a client holding a request open.
     let (answer, waited, mut stream) = stalled_post(addr, 0).await;
     let closed = closed_within(&mut stream, Duration::from_secs(5));
@@ -1820,8 +1850,8 @@ fn check_config_reads_the_connection_keys_and_refuses_bad_values() {
 
 #[test]
 fn the_metrics_endpoint_holds_few_connections_and_closes_those_that_send_nothing() {
-    let (keys, metrics) = with_metrics(json!({}));
-    let (_proc, _addr, _dir) = start("metrics-connections", keys);
+    let (proc, _addr, _dir) = start("metrics-connections", with_metrics(json!({})));
+    let metrics = proc.metrics_address();
     // Up, and the connection of that scrape closed again.
     metric(metrics, "tower_fhir_requests_in_flight", "");
     std::thread::sleep(Duration::from_millis(300));

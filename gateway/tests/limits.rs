@@ -52,11 +52,16 @@ fn start_gateway(dir: &Path, config: &Value) -> Gateway {
     }
 }
 
-fn config(dir: &Path, port: u16, upstream: &str) -> Value {
+/// The gateway's configuration, in front of `upstream`.
+///
+/// It listens on port 0, its address read from the start line ([`start_gateway`]): a port
+/// picked by `free_port` could be picked for another test's gateway at the same moment, and
+/// with `SO_REUSEPORT` both would take it and share its connections.
+fn config(dir: &Path, upstream: &str) -> Value {
     let plain = json!([{"base_url": upstream, "fhir_version": "4.0"}]);
     let one_at_a_time = |timeout_ms: u64| json!([{"base_url": upstream, "fhir_version": "4.0", "max_concurrency": 1, "timeout_ms": timeout_ms}]);
     json!({
-        "listen": format!("127.0.0.1:{port}"),
+        "listen": "127.0.0.1:0",
         "state_dir": dir.join("state"),
         "clients": [
             {"client_id": "app", "client_secret": SECRET, "tenants": TENANTS},
@@ -148,7 +153,7 @@ async fn configured_limits_apply_and_admin_changes_apply_at_once() {
         },
     );
     let base = upstream.base("/fhir");
-    let gateway = start_gateway(&dir, &config(&dir, free_port(), &base));
+    let gateway = start_gateway(&dir, &config(&dir, &base));
 
     // The tenant's limit: its third immediate request is refused; another tenant goes on.
     let limited = token(&gateway, "app", LIMITED).await;
@@ -442,7 +447,7 @@ fn bad_limits_in_the_configuration_are_refused_in_one_sentence() {
 async fn admin_request_bodies_are_bounded_in_size_and_time() {
     let dir = scratch("admin-bodies");
     let upstream = RecordingUpstream::start().await;
-    let mut config = config(&dir, free_port(), &upstream.base("/fhir"));
+    let mut config = config(&dir, &upstream.base("/fhir"));
     config["body_read_timeout_seconds"] = json!(2);
     let gateway = start_gateway(&dir, &config);
     let addr = gateway.client.addr();
@@ -528,7 +533,7 @@ async fn upstream_max_idle_connections_bounds_the_connections_kept() {
     for (kept, connections) in [(None, 1), (Some(0), 3)] {
         let dir = scratch(&format!("max-idle-{kept:?}"));
         let (base, accepted) = counting_upstream().await;
-        let mut config = config(&dir, free_port(), &base);
+        let mut config = config(&dir, &base);
         // One worker: each keeps idle connections of its own, and the kernel spreads the
         // client's connections over them.
         config["workers"] = json!(1);

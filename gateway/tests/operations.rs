@@ -87,11 +87,6 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
-/// The address of a free port for `metrics_listen`.
-fn metrics_address() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
 /// Polls `check` every 50 ms for up to `within`.
 async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let until = Instant::now() + within;
@@ -249,18 +244,18 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
     let upstream = RecordingUpstream::start().await;
     let idp = JwksServer::start(vec![rsa_jwk(RSA_PRIVATE, "k1")]).await;
     idp.set_status(StatusCode::SERVICE_UNAVAILABLE);
-    let metrics_addr = metrics_address();
     let audit = dir.join("audit.jsonl");
     let gw = start(
         &dir,
         &upstream,
         json!({
             "trusted_issuers": [{"issuer": "https://idp.test", "jwks_uri": idp.url(), "audience": "api://fhir"}],
-            "metrics_listen": metrics_addr.to_string(),
+            "metrics_listen": "127.0.0.1:0",
             "audit_log": audit,
             "audit_query": "full",
         }),
     );
+    let metrics_addr = gw.proc.metrics_address();
 
     // Alive at once; not ready while the identity provider's keys cannot be fetched, and the
     // answer names the kind of thing missing, not the issuer.
@@ -428,12 +423,12 @@ async fn health_readiness_request_ids_metrics_and_audit_records() {
 async fn a_full_disk_loses_audit_records_loudly_and_requests_go_on() {
     let dir = scratch("operations-full-disk");
     let upstream = RecordingUpstream::start().await;
-    let metrics_addr = metrics_address();
     let gw = start(
         &dir,
         &upstream,
-        json!({"audit_log": "/dev/full", "metrics_listen": metrics_addr.to_string()}),
+        json!({"audit_log": "/dev/full", "metrics_listen": "127.0.0.1:0"}),
     );
+    let metrics_addr = gw.proc.metrics_address();
     let token = token(&gw.client).await;
     for _ in 0..5 {
         let reply = gw.client.get_bearer("/Patient/1", &token).await;
@@ -653,12 +648,12 @@ async fn request_bodies_over_the_limit_are_refused_and_large_ones_within_pass_un
 async fn token_requests_refused_for_their_bodies_are_counted() {
     let dir = scratch("operations-token-bodies");
     let upstream = RecordingUpstream::start().await;
-    let at = metrics_address();
     let gw = start(
         &dir,
         &upstream,
-        json!({"max_request_body_bytes": 20000, "metrics_listen": at}),
+        json!({"max_request_body_bytes": 20000, "metrics_listen": "127.0.0.1:0"}),
     );
+    let at = gw.proc.metrics_address();
     let form = ("content-type", "application/x-www-form-urlencoded");
     let refused = |metrics: &str| {
         (
@@ -729,12 +724,12 @@ async fn upstream_durations_count_timeouts_and_refused_connections() {
         {"client_id": "gone", "client_secret": SECRET,
          "tenants": ["9b2e1c3d-0000-4000-8000-00000000000b"]}
     ]);
-    let at = metrics_address();
     let gw = start(
         &dir,
         &upstream,
-        json!({"tenants": tenants, "clients": clients, "metrics_listen": at}),
+        json!({"tenants": tenants, "clients": clients, "metrics_listen": "127.0.0.1:0"}),
     );
+    let at = gw.proc.metrics_address();
     let bearer = format!("Bearer {}", token(&gw.client).await);
     let reply = gw
         .client
@@ -1013,18 +1008,18 @@ async fn sighup_without_an_audit_file_is_logged_and_ignored() {
 async fn the_tenant_label_and_query_values_can_be_left_out() {
     let dir = scratch("operations-quiet");
     let upstream = RecordingUpstream::start().await;
-    let metrics_addr = metrics_address();
     let audit = dir.join("audit.jsonl");
     let gw = start(
         &dir,
         &upstream,
         json!({
-            "metrics_listen": metrics_addr.to_string(),
+            "metrics_listen": "127.0.0.1:0",
             "metrics_tenant_label": false,
             "audit_log": audit,
             "audit_query": "none",
         }),
     );
+    let metrics_addr = gw.proc.metrics_address();
     let token = token(&gw.client).await;
     let reply = gw
         .client
@@ -1055,7 +1050,6 @@ async fn the_tenant_label_and_query_values_can_be_left_out() {
 async fn admin_requests_get_request_ids_audit_records_and_metrics() {
     let dir = scratch("operations-admin-audit");
     let upstream = RecordingUpstream::start().await;
-    let metrics_addr = metrics_address();
     let audit = dir.join("audit.jsonl");
     let admin_token = "operations-admin-token-0123456789";
     let gw = start(
@@ -1064,9 +1058,10 @@ async fn admin_requests_get_request_ids_audit_records_and_metrics() {
         json!({
             "admin_token": admin_token,
             "audit_log": audit,
-            "metrics_listen": metrics_addr.to_string(),
+            "metrics_listen": "127.0.0.1:0",
         }),
     );
+    let metrics_addr = gw.proc.metrics_address();
     let good = format!("Bearer {admin_token}");
     let ok = gw
         .client
@@ -1514,18 +1509,19 @@ async fn admin_listen_serves_the_admin_api_apart_from_the_gateway() {
     let dir = scratch("operations-admin-listen");
     let upstream = RecordingUpstream::start().await;
     let admin_token = "operations-admin-token-0123456789";
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Port 0, the address read from what the start says (as for `listen`).
     let mut gw = start(
         &dir,
         &upstream,
-        json!({"admin_token": admin_token, "admin_listen": admin_addr.to_string(),
+        json!({"admin_token": admin_token, "admin_listen": "127.0.0.1:0",
                "max_connections": 2, "max_connections_per_address": 2}),
     );
     let said = gw.proc.wait_for("  admin API at ");
-    assert!(
-        said.starts_with(&format!("http://{admin_addr}/admin/")),
-        "{said}"
-    );
+    let admin_addr: SocketAddr = said
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once("/admin/"))
+        .and_then(|(addr, _)| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address: {said}"));
     let auth = format!("Bearer {admin_token}");
     let with_token = [("authorization", auth.as_str())];
     let admin = TestClient::new(admin_addr);

@@ -61,23 +61,26 @@ fn config_file(
 /// Starts replica `n` with `file`, the key-encryption key in its environment, and `url` in
 /// `TOWER_FHIR_DATABASE_URL` when given.
 fn start(dir: &Path, file: &Path, n: usize, url: Option<&str>) -> Replica {
-    let port = free_port();
+    // Port 0, the address read from the start line: a port picked by `free_port` could be
+    // picked for another replica or test's gateway at the same moment, and with
+    // `SO_REUSEPORT` both would take it and share its connections.
     let mut command = Command::new(GATEWAY);
     command
         .arg("--config")
         .arg(file)
         .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
+        .arg("127.0.0.1:0")
         .env("RUST_LOG", "info")
         .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK);
     if let Some(url) = url {
         command.env("TOWER_FHIR_DATABASE_URL", url);
     }
-    let (mut proc, _) = Proc::start(
+    let (mut proc, base) = Proc::start(
         command,
         dir.join(format!("replica{n}.log")),
         "tower-fhir gateway listening on ",
     );
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
     let state = proc.wait_for("  state in ");
     assert!(
         state.starts_with("PostgreSQL at postgres://gateway@"),
@@ -85,7 +88,7 @@ fn start(dir: &Path, file: &Path, n: usize, url: Option<&str>) -> Replica {
     );
     Replica {
         proc,
-        client: TestClient::new(SocketAddr::from(([127, 0, 0, 1], port))),
+        client: TestClient::new(addr),
     }
 }
 

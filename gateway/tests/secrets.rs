@@ -41,8 +41,11 @@ fn start(dir: &Path, config: Value, env: &[(&str, &str)]) -> (Proc, TestClient) 
 }
 
 fn config(dir: &Path, upstream: &RecordingUpstream) -> Value {
+    // Port 0, the address read from the start line: a port picked by `free_port` could be
+    // picked for another test's gateway at the same moment, and with `SO_REUSEPORT` both
+    // would take it and share its connections.
     json!({
-        "listen": format!("127.0.0.1:{}", free_port()),
+        "listen": "127.0.0.1:0",
         "state_dir": dir.join("state"),
         "admin_token": ADMIN,
         "clients": [{"client_id": "app", "client_secret": SECRET, "tenants": [TENANT]}],
@@ -131,12 +134,12 @@ async fn debug_logs_hold_no_upstream_credential_with_a_database() {
         .arg(&file)
         .env("RUST_LOG", "debug")
         .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK);
-    let (proc, _) = Proc::start(
+    let (proc, base) = Proc::start(
         command,
         dir.join("gateway.log"),
         "tower-fhir gateway listening on ",
     );
-    let addr: SocketAddr = settings["listen"].as_str().unwrap().parse().unwrap();
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
     let client = TestClient::new(addr);
     let auth = format!("Bearer {ADMIN}");
     let body = json!({"upstreams": [{"base_url": upstream.base("/other"), "fhir_version": "4.0",

@@ -33,11 +33,14 @@ fn public_jwk(private_pem: &str, kid: &str) -> Value {
     jwk
 }
 
+/// The gateway on port 0, its address read from the start line: a port picked by `free_port`
+/// could be picked for another test's gateway at the same moment, and with `SO_REUSEPORT` both
+/// would take it and share its connections.
 fn start(dir: &Path, upstream: &RecordingUpstream) -> Running {
-    start_on(dir, upstream, free_port())
+    start_on(dir, upstream, 0)
 }
 
-/// The gateway on `port`, its state in `dir`.
+/// The gateway on `port` (0 for any), its state in `dir`.
 fn start_on(dir: &Path, upstream: &RecordingUpstream, port: u16) -> Running {
     let config = json!({
         "listen": format!("127.0.0.1:{port}"),
@@ -341,8 +344,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
 async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
     let dir = scratch("smart-auth-replay");
     let upstream = RecordingUpstream::start().await;
-    let port = free_port();
-    let mut running = start_on(&dir, &upstream, port);
+    let mut running = start(&dir, &upstream);
     let form = assertion_grant(
         RSA_PRIVATE,
         "backend-1",
@@ -361,7 +363,9 @@ async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
     replayed(&running).await;
     assert!(running.proc.terminate(), "the gateway did not stop");
 
-    // The same state and address (so the same token URL, the assertion's audience).
+    // The same state and address (so the same token URL, the assertion's audience): the port
+    // the first start was given, free again now that it has stopped.
+    let port = running.client.addr().port();
     let running = start_on(&dir, &upstream, port);
     replayed(&running).await;
     let fresh = assertion_grant(

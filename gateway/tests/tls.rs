@@ -93,15 +93,20 @@ fn start(name: &str, pair: &Pair, upstream: &RecordingUpstream, keys: Value) -> 
 }
 
 /// [`start`], with `metrics_listen` on a port of its own: the gateway and that port.
+///
+/// Port 0, the port read from what the start says: a port picked by `free_port` could be
+/// picked for another test's gateway at the same moment, and one of the two would fail to
+/// start.
 fn start_with_metrics(
     name: &str,
     pair: &Pair,
     upstream: &RecordingUpstream,
     mut keys: Value,
 ) -> (Gateway, u16) {
-    let port = support::free_port();
-    keys["metrics_listen"] = json!(format!("127.0.0.1:{port}"));
-    (start(name, pair, upstream, keys), port)
+    keys["metrics_listen"] = json!("127.0.0.1:0");
+    let gateway = start(name, pair, upstream, keys);
+    let port = gateway.proc.metrics_address().port();
+    (gateway, port)
 }
 
 struct Gateway {

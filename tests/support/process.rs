@@ -71,6 +71,23 @@ impl Proc {
         std::fs::read_to_string(&self.stderr_file).unwrap_or_default()
     }
 
+    /// The address a gateway's `metrics_listen` was given (say, port 0: a port picked by
+    /// `free_port` could be picked for another test's gateway at the same moment), from the
+    /// line its start writes on stderr: written before the start line on stdout, it is in the
+    /// log once [`start`](Self::start) has returned.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        let stderr = self.stderr();
+        stderr
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("tower-fhir gateway: metrics at http://")?
+                    .strip_suffix("/metrics")
+            })
+            .unwrap_or_else(|| panic!("no metrics address; stderr:\n{stderr}"))
+            .parse()
+            .unwrap()
+    }
+
     /// Sends the process `signal` (`"TERM"`, `"HUP"`, ...) with `kill`; true when sent.
     pub fn signal(&self, signal: &str) -> bool {
         Command::new("kill")
