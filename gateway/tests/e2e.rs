@@ -130,6 +130,11 @@ fn upstream(root: &str, release: &str, version: &str) -> Value {
     json!({"base_url": format!("{root}/{release}"), "fhir_version": version})
 }
 
+/// The gateway's configuration on `port`; on port 0 (any free port, read from the start line),
+/// its public URL and token issuer are the defaults, the address it was given. A test that
+/// needs that address before the start (a restart that must keep its tokens' issuer) picks a
+/// port with `free_port`, which another test's gateway could be given at the same moment: as
+/// few as can.
 fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) -> Value {
     let trusted: Vec<Value> = issuer
         .map(|issuer| {
@@ -139,7 +144,7 @@ fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) 
                 "tenants": [STU3_TENANT, DSTU2_TENANT], "token_types": ["at+jwt"]})]
         })
         .unwrap_or_default();
-    json!({
+    let mut config = json!({
         "listen": format!("127.0.0.1:{port}"),
         "public_base_url": format!("http://127.0.0.1:{port}"),
         "state_dir": dir.join("state"),
@@ -154,7 +159,13 @@ fn config(dir: &Path, port: u16, fhir: &str, other: &str, issuer: Option<&str>) 
         ],
         "admin_token": ADMIN_TOKEN,
         "jwks_refetch_cooldown_seconds": 1
-    })
+    });
+    if port == 0 {
+        let config = config.as_object_mut().unwrap();
+        config.remove("public_base_url");
+        config["token"].as_object_mut().unwrap().remove("issuer");
+    }
+    config
 }
 
 async fn token(gateway: &Gateway, secret: &str, tenant: &str) -> Reply {
@@ -370,8 +381,7 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
     let dir = scratch("sequence");
     let (_fhir, root) = start_fhir(&dir, "hospital-a");
     let (_other, other_root) = start_fhir(&dir, "hospital-b");
-    let port = free_port();
-    let gateway = start_gateway(&dir, &config(&dir, port, &root, &other_root, None));
+    let gateway = start_gateway(&dir, &config(&dir, 0, &root, &other_root, None));
 
     // Metadata without a token names the gateway's token endpoint.
     let reply = gateway.client.get("/metadata", &[]).await;
@@ -490,8 +500,7 @@ async fn dstu2_stu3_and_r4_tenants_through_a_real_fhir_server() {
 #[tokio::test]
 async fn default_fhir_version_is_the_release_of_what_the_gateway_answers_without_a_token() {
     let dir = scratch("default-release");
-    let port = free_port();
-    let mut config = config(&dir, port, "http://127.0.0.1:9", "http://127.0.0.1:9", None);
+    let mut config = config(&dir, 0, "http://127.0.0.1:9", "http://127.0.0.1:9", None);
     config["default_fhir_version"] = json!("4.0");
     let gateway = start_gateway(&dir, &config);
     let reply = gateway.client.get("/metadata", &[]).await;
@@ -524,8 +533,7 @@ async fn an_openid_provider_s_tokens_and_its_key_rotation() {
     let (_fhir, root) = start_fhir(&dir, "hospital");
     let oidc_port = free_port();
     let (mut oidc, issuer) = start_oidc(&dir, oidc_port, false);
-    let port = free_port();
-    let gateway = start_gateway(&dir, &config(&dir, port, &root, &root, Some(&issuer)));
+    let gateway = start_gateway(&dir, &config(&dir, 0, &root, &root, Some(&issuer)));
     let idp = TestClient::new(issuer.trim_start_matches("http://").parse().unwrap());
     let provider_token = |tenant: &'static str| {
         let idp = idp.clone();
@@ -1176,10 +1184,9 @@ async fn secret_rotation_admin_changes_and_a_restart() {
 #[tokio::test]
 async fn wrong_admin_tokens_get_their_address_429_and_only_theirs() {
     let dir = scratch("admin-throttle");
-    let port = free_port();
     // No upstream is contacted: nothing needs to listen there.
     let nowhere = "http://127.0.0.1:9";
-    let gateway = start_gateway(&dir, &config(&dir, port, nowhere, nowhere, None));
+    let gateway = start_gateway(&dir, &config(&dir, 0, nowhere, nowhere, None));
     let right = format!("Bearer {ADMIN_TOKEN}");
     let guesser = &gateway.client; // from 127.0.0.1
     let admin = gateway.client.connecting_from("127.0.0.2".parse().unwrap());
@@ -1273,7 +1280,7 @@ async fn behind_a_balancer_the_throttles_count_the_client_it_names() {
     ] {
         let trusted = case;
         let dir = scratch(&format!("balancer-{case}"));
-        let mut config = config(&dir, free_port(), nowhere, nowhere, None);
+        let mut config = config(&dir, 0, nowhere, nowhere, None);
         if let Some(peers) = peers {
             config["client_address_header"] = json!("x-forwarded-for");
             config["client_address_trusted_peers"] = json!([peers]);
@@ -1350,8 +1357,7 @@ async fn an_upstream_killed_mid_run_and_a_graceful_shutdown() {
             ..Answer::json(json!({"resourceType": "Patient", "id": "slow"}))
         },
     );
-    let port = free_port();
-    let mut config = config(&dir, port, &root, &doomed_root, None);
+    let mut config = config(&dir, 0, &root, &doomed_root, None);
     config["tenants"]
         .as_array_mut()
         .unwrap()
