@@ -323,7 +323,9 @@ async fn refuse_nested_bases(
 }
 
 /// Pings the database once a second while anybody reads `up`, and says whether it answers
-/// (down after two failed pings in a row); logs each change.
+/// (down after two failed pings in a row); logs each change. Sets the pool's gauges for
+/// `/metrics` on the same second (`PgState::record_pool_metrics`: off the request path, and
+/// no scrape waits for them).
 async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -332,6 +334,8 @@ async fn watch(state: PgState, up: std::sync::Weak<AtomicBool>) {
     let mut failed_in_a_row = 0;
     loop {
         every.tick().await;
+        // Before the ping, which takes a connection of its own for a moment.
+        state.record_pool_metrics();
         let answered = tokio::time::timeout(Duration::from_secs(1), state.ping()).await;
         let Some(up) = up.upgrade() else { return };
         let mut why = None;

@@ -611,6 +611,10 @@ struct KeyChanges {
 }
 
 impl Handler for KeyChanges {
+    fn name(&self) -> &'static str {
+        "keys"
+    }
+
     fn alive(&self) -> bool {
         // The listener's and the follower's handles; somebody else must hold one more.
         self.keys.holders() > 2

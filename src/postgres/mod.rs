@@ -32,6 +32,18 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Metrics, through the [`metrics`] recorder installed before the state is opened (the
+//! gateway's `/metrics`): each change listener (`listener` label: `tenants` for a tenant
+//! store's, `revocations` for the one [`PgState::follow_revocations`] starts, `keys` for the
+//! one [`PgState::signing_keys`] starts) adds 1 to the gauge `tower_fhir_db_listener_listening`
+//! while it is connected and listening (having caught up), and counts in
+//! `tower_fhir_db_listener_reconnections_total` each time it listens again after its
+//! connection failed or dropped (each a resynchronisation); both change only as the listener's
+//! state does. The pool's gauges are set when asked: [`PgState::record_pool_metrics`].
+//!
+//! A start waits for the [`MIGRATION_LOCK`] as long as another holds it; past 5 s it says so at
+//! `warn` (the lock's key as `pg_locks` shows it, and its holder), and at `info` once it has it.
 
 mod failures;
 mod keys;
@@ -62,8 +74,16 @@ use crate::token::{
     HashedSecret, NewClient, SecretHashing, StoreError, StoreFuture,
 };
 
-/// The advisory lock migrations run under (any number that is this crate's).
-const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869; // "towerfhi"
+/// The advisory lock migrations run under (any number that is this crate's: `towerfhi`),
+/// held by the transaction that migrates. An operator finds its holder in `pg_locks` as
+/// `locktype = 'advisory'`, `classid = 1953462117` (the key's high half), `objid =
+/// 1919314025` (its low half), `objsubid = 1`; a start that waits for it longer than 5 s says
+/// so at `warn`, naming the holder's process id when it can read it.
+pub const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869;
+
+/// How long a start waits quietly for the [`MIGRATION_LOCK`] (another replica's migrations
+/// take milliseconds) before it says what it waits for.
+const MIGRATION_LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per version, applied in order and recorded.
 const MIGRATIONS: [&str; 7] = [
@@ -153,6 +173,20 @@ fn supported_server(version_num: &str) -> Result<(), PgError> {
 
 /// The channel changes are announced on.
 pub const CHANGES_CHANNEL: &str = "tower_fhir_changes";
+
+/// Gauge: the pool's connections, by `state` (`in_use`, `idle`); see
+/// [`PgState::record_pool_metrics`].
+const POOL_CONNECTIONS: &str = "tower_fhir_db_pool_connections";
+/// Gauge: the most connections the pool opens.
+const POOL_MAX_CONNECTIONS: &str = "tower_fhir_db_pool_max_connections";
+/// Gauge: the operations waiting for a pooled connection.
+const POOL_WAITING: &str = "tower_fhir_db_pool_waiting";
+/// Gauge: by `listener`, how many listeners of that name are connected and listening now (one
+/// or none in the gateway).
+const LISTENER_LISTENING: &str = "tower_fhir_db_listener_listening";
+/// Counter: by `listener`, how often one listened again after a lost connection, having caught
+/// up with what it may have missed.
+const LISTENER_RECONNECTIONS: &str = "tower_fhir_db_listener_reconnections_total";
 
 /// Why the database could not be opened.
 #[derive(Debug)]
@@ -272,6 +306,8 @@ const SESSION_SETTINGS: &str = "SET tcp_keepalives_idle = 30; \
 impl PgState {
     /// Connects to `url` (`postgres://user[:password]@host:port/database`) and migrates the
     /// schema. At most 16 connections are pooled; a connection is waited for at most 5 s.
+    /// The migrations wait for the [`MIGRATION_LOCK`] without a bound (a replica starting
+    /// while another migrates starts once that one is done), saying so at `warn` after 5 s.
     ///
     /// A database beyond loopback is reached over TLS, its certificate checked against the
     /// webpki roots for the URL's host, or not at all, unless the URL says `sslmode=disable`;
@@ -383,10 +419,12 @@ impl PgState {
             )
             .await
             .map_err(failed)?;
-        transaction
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(failed)?;
+        take_migration_lock(
+            &self.pool,
+            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]),
+        )
+        .await
+        .map_err(failed)?;
         transaction
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS tower_fhir_migrations (
@@ -425,6 +463,25 @@ impl PgState {
             tracing::info!(version, "database migration applied");
         }
         transaction.commit().await.map_err(failed)
+    }
+
+    /// Sets the connection pool's gauges to its state now: `tower_fhir_db_pool_connections`
+    /// (label `state`: `in_use`, handed to an operation, or `idle`, open and waiting in the
+    /// pool), `tower_fhir_db_pool_max_connections` (the most it opens, 16) and
+    /// `tower_fhir_db_pool_waiting` (operations waiting for a connection, each at most 5 s),
+    /// through the [`metrics`] recorder installed. A lock and four gauges set: call it on an
+    /// interval (the gateway does once a second) or before rendering a scrape, never on a
+    /// request's path. (The listeners' metrics need no call: see the [module docs](self).)
+    pub fn record_pool_metrics(&self) {
+        let status = self.pool.status();
+        let in_use = status.size.saturating_sub(status.available);
+        // (Counts of connections and waiters: far within f64's exact integers.)
+        #[allow(clippy::cast_precision_loss)]
+        let count = |count: usize| count as f64;
+        metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use").set(count(in_use));
+        metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(count(status.available));
+        metrics::gauge!(POOL_MAX_CONNECTIONS).set(count(status.max_size));
+        metrics::gauge!(POOL_WAITING).set(count(status.waiting));
     }
 
     /// Where a token endpoint records its revocations
@@ -579,6 +636,110 @@ impl PgState {
         ));
         drop(alive);
         store
+    }
+}
+
+/// Waits for the migration lock (`lock`: the migrating transaction's `pg_advisory_xact_lock`)
+/// as long as it takes: two replicas must never migrate at once, and one that gave up would
+/// not start at all, where waiting starts it as soon as the other is done. A wait past
+/// [`MIGRATION_LOCK_PATIENCE`] is not a migration's (those take milliseconds) but a replica
+/// stuck in one, or a session holding the lock by hand: said once at `warn`, with the lock's
+/// key as `pg_locks` shows it and who holds it, and at `info` once the lock is taken.
+async fn take_migration_lock(
+    pool: &Pool,
+    lock: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut lock = std::pin::pin!(lock);
+    let asked = std::time::Instant::now();
+    if let Ok(taken) = tokio::time::timeout(MIGRATION_LOCK_PATIENCE, &mut lock).await {
+        return taken.map(drop);
+    }
+    // (Read on another pooled connection; the lock's request stays queued on its own.)
+    let holders = migration_lock_holders(pool)
+        .await
+        .unwrap_or_else(|error| format!("unknown (pg_locks cannot be read: {error})"));
+    let (classid, objid) = advisory_key_halves(MIGRATION_LOCK);
+    tracing::warn!(
+        lock_key = MIGRATION_LOCK,
+        holders = %holders,
+        waited = ?asked.elapsed(),
+        "waiting for the database migration lock: another replica is migrating the schema, or a session holds advisory lock {MIGRATION_LOCK} (in pg_locks: locktype 'advisory', classid {classid}, objid {objid}, objsubid 1); waiting on until it is let go"
+    );
+    lock.await?;
+    tracing::info!(
+        waited = ?asked.elapsed(),
+        "database migration lock taken: migrating"
+    );
+    Ok(())
+}
+
+/// A `bigint` advisory lock key as `pg_locks` shows it: its high 32 bits in `classid`, its low
+/// 32 bits in `objid`.
+fn advisory_key_halves(key: i64) -> (u32, u32) {
+    let [a, b, c, d, e, f, g, h] = key.to_be_bytes();
+    (
+        u32::from_be_bytes([a, b, c, d]),
+        u32::from_be_bytes([e, f, g, h]),
+    )
+}
+
+/// The sessions holding the [`MIGRATION_LOCK`] in this database, with their application
+/// and address where `pg_stat_activity` shows them (`$1`, `$2`: the key's halves).
+const MIGRATION_LOCK_HOLDERS: &str = "SELECT l.pid, a.application_name, host(a.client_addr)
+     FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.classid::bigint = $1 AND l.objid::bigint = $2
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+/// Who holds the [`MIGRATION_LOCK`] in this database now, as `pg_locks` and `pg_stat_activity`
+/// say (`pid 4242 (application "psql", from 10.0.0.5)`, comma-separated; `none found` when
+/// nobody does any more), read within [`OPERATION_TIMEOUT`]. A role without
+/// `pg_read_all_stats` sees other roles' process ids but not their application or address.
+async fn migration_lock_holders(pool: &Pool) -> Result<String, String> {
+    let (classid, objid) = advisory_key_halves(MIGRATION_LOCK);
+    bounded(async move {
+        let connection = pool.get().await.map_err(|e| e.to_string())?;
+        let rows = connection
+            .query(
+                MIGRATION_LOCK_HOLDERS,
+                &[&i64::from(classid), &i64::from(objid)],
+            )
+            .await
+            .map_err(|e| crate::causes::Causes(&e).to_string())?;
+        let holders = rows
+            .iter()
+            .map(|row| {
+                Ok(lock_holder(
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                ))
+            })
+            .collect::<Result<Vec<String>, tokio_postgres::Error>>()
+            .map_err(|e| crate::causes::Causes(&e).to_string())?;
+        Ok(if holders.is_empty() {
+            "none found".to_owned()
+        } else {
+            holders.join(", ")
+        })
+    })
+    .await
+}
+
+/// One holder of a lock as an operator looks for it: its process id (none: a prepared
+/// transaction), its application and address when known.
+fn lock_holder(pid: Option<i32>, application: Option<String>, address: Option<String>) -> String {
+    let pid = pid.map_or_else(
+        || "a prepared transaction".to_owned(),
+        |pid| format!("pid {pid}"),
+    );
+    match (application.filter(|name| !name.is_empty()), address) {
+        (Some(application), Some(address)) => {
+            format!("{pid} (application {application:?}, from {address})")
+        }
+        (Some(application), None) => format!("{pid} (application {application:?})"),
+        (None, Some(address)) => format!("{pid} (from {address})"),
+        (None, None) => pid,
     }
 }
 
@@ -1442,6 +1603,10 @@ async fn versions(pool: &Pool) -> Result<HashMap<TenantId, i64>, DirectoryError>
 
 /// What a listener does with what it hears, and when to stop.
 trait Handler: Send + 'static {
+    /// The listener's name in its metrics' `listener` label (`tenants`, `revocations`,
+    /// `keys`).
+    fn name(&self) -> &'static str;
+
     /// Whether anybody still wants what it hears.
     fn alive(&self) -> bool;
 
@@ -1480,11 +1645,63 @@ trait Handler: Send + 'static {
 /// query, answered within [`OPERATION_TIMEOUT`], else it connects again and catches up).
 const LISTEN_HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// A listener's metrics, labelled with its name: whether it is connected and listening now
+/// ([`LISTENER_LISTENING`]: it adds 1 while it is, so the gauge is 1 or 0 for the one listener
+/// of each name a gateway has) and how often it listened again after a lost connection
+/// ([`LISTENER_RECONNECTIONS`]). Changed only as the listener's state changes (a thread's own
+/// word each, see `ops::BucketHistograms`), never on a request's path.
+struct ListenerMetrics {
+    listening: metrics::Gauge,
+    reconnections: metrics::Counter,
+    /// Whether this listener counts itself in `listening` now.
+    up: bool,
+}
+
+impl ListenerMetrics {
+    /// Registers the listener's metrics with the recorder installed now, so that a scrape
+    /// shows them (at 0) before its first connection.
+    fn new(listener: &'static str) -> Self {
+        Self {
+            listening: metrics::gauge!(LISTENER_LISTENING, "listener" => listener),
+            reconnections: metrics::counter!(LISTENER_RECONNECTIONS, "listener" => listener),
+            up: false,
+        }
+    }
+
+    /// Listening, having caught up; `missed`: after a lost connection (a reconnection).
+    fn listening(&mut self, missed: bool) {
+        if missed {
+            self.reconnections.increment(1);
+        }
+        if !self.up {
+            self.up = true;
+            self.listening.increment(1.0);
+        }
+    }
+
+    /// Not listening (any more).
+    fn stopped(&mut self) {
+        if self.up {
+            self.up = false;
+            self.listening.decrement(1.0);
+        }
+    }
+}
+
+impl Drop for ListenerMetrics {
+    /// A listener that ends (nothing wants what it hears, or its runtime shuts down) listens
+    /// no more.
+    fn drop(&mut self) {
+        self.stopped();
+    }
+}
+
 /// Listens on [`CHANGES_CHANNEL`] and hands what it hears to `handler`, connecting again
 /// (waiting 0.25 s, doubling up to 5 s) whenever the connection drops, until the handler
-/// is not alive any more.
+/// is not alive any more. Its state is kept in [`ListenerMetrics`].
 async fn listen(dial: Dial, mut handler: impl Handler) {
     let Dial { config, tls } = dial;
+    let mut metrics = ListenerMetrics::new(handler.name());
     let mut wait = Duration::from_millis(250);
     // Whether notifications may have gone unheard: after a connection that failed or
     // dropped (at the start, nothing was cached before the listener was made).
@@ -1538,6 +1755,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                         tracing::warn!(%error, "cannot listen for database changes");
                         handler.stopped();
                     } else {
+                        metrics.listening(missed);
                         wait = Duration::from_millis(250);
                         let mut last_heard = tokio::time::Instant::now();
                         let mut last_vouched = tokio::time::Instant::now();
@@ -1583,6 +1801,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                                 handler.vouched(asked.into_std());
                             }
                         }
+                        metrics.stopped();
                         handler.stopped();
                     }
                     driver.abort();
@@ -1647,6 +1866,10 @@ fn changed_unheard(
 }
 
 impl Handler for TenantChanges {
+    fn name(&self) -> &'static str {
+        "tenants"
+    }
+
     fn alive(&self) -> bool {
         self.alive.strong_count() > 0
     }
@@ -2003,6 +2226,10 @@ async fn read_all_revocations(pool: &Pool) -> Result<(Vec<Revoked>, Vec<RevokedC
 }
 
 impl Handler for RevocationChanges {
+    fn name(&self) -> &'static str {
+        "revocations"
+    }
+
     fn alive(&self) -> bool {
         // The listener's own handle is one; somebody else must still hold the list.
         self.revoked.holders() > 1
@@ -2477,7 +2704,10 @@ impl ReplayGuard for PgReplayGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::{supported_server, PgError};
+    use super::{
+        advisory_key_halves, supported_server, ListenerMetrics, PgError, LISTENER_LISTENING,
+        LISTENER_RECONNECTIONS, MIGRATION_LOCK,
+    };
     use std::fmt;
 
     /// A reconnected tenant listener announces what changed while it did not listen, by the
@@ -2693,5 +2923,52 @@ mod tests {
         assert!(older.contains("PostgreSQL 9.6"), "{older}");
         let other = supported_server("cockroach").unwrap_err().to_string();
         assert!(other.contains("\"cockroach\""), "{other}");
+    }
+
+    #[test]
+    fn the_migration_locks_key_is_shown_as_pg_locks_shows_it() {
+        // The figures the docs and the README give an operator to look for.
+        assert_eq!(
+            advisory_key_halves(MIGRATION_LOCK),
+            (1_953_462_117, 1_919_314_025)
+        );
+        assert_eq!(MIGRATION_LOCK, 8_390_055_908_409_239_657);
+        assert_eq!(advisory_key_halves(-1), (u32::MAX, u32::MAX));
+        assert_eq!(advisory_key_halves(1), (0, 1));
+    }
+
+    #[test]
+    fn a_listeners_metrics_follow_its_state_and_count_its_reconnections() {
+        // The gateway's recorder: the exporter's text, counted on each thread.
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let text = prometheus.handle();
+        let histograms = crate::ops::BucketHistograms::new(&[1.0]).unwrap();
+        let recorder = histograms.over(prometheus);
+        let sample = |name: &str| {
+            histograms.publish();
+            let prefix = format!("{name}{{listener=\"tenants\"}} ");
+            text.render()
+                .lines()
+                .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+        };
+        let mut metrics =
+            metrics::with_local_recorder(&recorder, || ListenerMetrics::new("tenants"));
+        // Shown before the first connection, at 0.
+        assert_eq!(sample(LISTENER_LISTENING).as_deref(), Some("0"));
+        assert_eq!(sample(LISTENER_RECONNECTIONS).as_deref(), Some("0"));
+        // The first connection is no reconnection; a drop and the next connection are.
+        metrics.listening(false);
+        assert_eq!(sample(LISTENER_LISTENING).as_deref(), Some("1"));
+        assert_eq!(sample(LISTENER_RECONNECTIONS).as_deref(), Some("0"));
+        metrics.stopped();
+        metrics.stopped();
+        assert_eq!(sample(LISTENER_LISTENING).as_deref(), Some("0"));
+        metrics.listening(true);
+        assert_eq!(sample(LISTENER_LISTENING).as_deref(), Some("1"));
+        assert_eq!(sample(LISTENER_RECONNECTIONS).as_deref(), Some("1"));
+        // A listener that ends while listening listens no more.
+        drop(metrics);
+        assert_eq!(sample(LISTENER_LISTENING).as_deref(), Some("0"));
+        assert_eq!(sample(LISTENER_RECONNECTIONS).as_deref(), Some("1"));
     }
 }
