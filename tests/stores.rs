@@ -945,8 +945,9 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         tenant(A)
     );
 
-    // The listeners' connections are cut: each connects again and announces the tenants it
-    // heard of since it listed them and those changed meanwhile, not the others.
+    // The listeners' connections are cut: each connects again and announces the tenants
+    // changed meanwhile (and those it heard of whose versions it had not read yet), not the
+    // others.
     one.put(
         tenant(B),
         upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4),
@@ -1024,7 +1025,8 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
     .unwrap();
     let mut announced = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !(announced.contains(&tenant(A)) && announced.contains(&tenant(C))) {
+    // (B written unheard; C changed once listening again.)
+    while !(announced.contains(&tenant(B)) && announced.contains(&tenant(C))) {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match timeout(left, resync.recv()).await {
             Ok(Ok(tenant)) => {
@@ -1432,4 +1434,128 @@ async fn postgres_a_start_waiting_for_the_migration_lock_says_so_and_migrates_on
         .await
         .unwrap();
     assert!(!quiet.text().contains("migration lock"), "{}", quiet.text());
+}
+
+/// A replica's route cache keeps the routes of tenants unchanged while its change listener
+/// was away: once the database comes back and the listener has caught up, an outage right
+/// after still finds them cached and served (the catch-up once announced every tenant, which
+/// emptied the cache). Tenants heard of are settled (their versions read) as they are heard,
+/// so a change made well before the outage does not count as one missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_routes_cached_before_a_reconnection_serve_the_next_outage() {
+    use tokio::sync::broadcast::Receiver;
+    use tokio::time::timeout;
+    use tower_fhir::postgres::PgState;
+    use tower_fhir::route::TenantRoutingLayer;
+    let Some(server) = support::postgres::Postgres::start_or_skip(
+        "fallback",
+        "the PostgreSQL route fallback test",
+    ) else {
+        return;
+    };
+    server.create_database("fallback");
+    let url = server.url("fallback");
+    let (store, other) = (
+        PgState::connect(&url).await.unwrap().tenant_store(),
+        PgState::connect(&url).await.unwrap().tenant_store(),
+    );
+    for replica in [&store, &other] {
+        timeout(Duration::from_secs(10), replica.listening())
+            .await
+            .expect("the listeners never connected");
+    }
+    let mut heard = store.changes();
+    async fn announced(heard: &mut Receiver<TenantId>, tenant: TenantId) {
+        timeout(Duration::from_secs(5), async {
+            while heard.recv().await.unwrap() != tenant {}
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{tenant:?} never announced"));
+    }
+    // A through this replica, B through the other; C last: once C is announced, what the
+    // listener heard before it (A, B) is settled.
+    store
+        .put(
+            tenant(A),
+            upstreams("http://127.0.0.1:9001/fhir", FhirVersion::R4),
+        )
+        .await
+        .unwrap();
+    other
+        .put(
+            tenant(B),
+            upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4),
+        )
+        .await
+        .unwrap();
+    announced(&mut heard, tenant(B)).await;
+    other
+        .put(
+            tenant(C),
+            upstreams("http://127.0.0.1:9003/fhir", FhirVersion::R4),
+        )
+        .await
+        .unwrap();
+    announced(&mut heard, tenant(C)).await;
+
+    let routing = TenantRoutingLayer::builder(store.clone()).build().unwrap();
+    let cache = routing.cache().clone();
+    let _following = cache.follow(store.changes());
+    for id in [A, B, C] {
+        assert!(cache.resolve(tenant(id)).await.unwrap().is_some());
+    }
+    // B written without a word (a change this replica cannot hear): its version moves.
+    server.query(
+        "fallback",
+        &format!("UPDATE tower_fhir_tenants SET record = record WHERE id = '{B}'"),
+    );
+
+    // The database goes and comes back: the listener connects again and catches up.
+    let mut caught_up = store.changes();
+    server.pause();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.is_listening() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still said to be listening"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.resume();
+    timeout(Duration::from_secs(20), store.listening())
+        .await
+        .expect("the listener never connected again");
+    // (All it announced is in the channel once it listens.)
+    let mut resynchronised = std::collections::BTreeSet::new();
+    while let Ok(tenant) = caught_up.try_recv() {
+        resynchronised.insert(tenant);
+    }
+    assert!(resynchronised.contains(&tenant(B)), "{resynchronised:?}");
+    assert!(!resynchronised.contains(&tenant(A)), "{resynchronised:?}");
+    // (C, heard last, may not have been settled before the database went.)
+    // The cache has taken the catch-up once it takes a change announced after it: D, unknown
+    // to the cache until then.
+    assert!(cache.resolve(tenant(D)).await.unwrap().is_none());
+    other
+        .put(
+            tenant(D),
+            upstreams("http://127.0.0.1:9004/fhir", FhirVersion::R4),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.resolve(tenant(D)).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "D never announced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // It goes again: A's route is still there; B's, changed meanwhile, was dropped.
+    server.pause();
+    let served = cache.resolve(tenant(A)).await;
+    assert!(
+        matches!(served, Ok(Some(_))),
+        "the cached route was dropped at the catch-up: {served:?}"
+    );
+    assert!(cache.resolve(tenant(B)).await.is_err());
+    server.resume();
 }

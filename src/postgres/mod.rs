@@ -52,7 +52,7 @@ mod tls;
 pub use failures::PgFailureCounts;
 pub use keys::{KeyEncryptionKey, PgSigningKeys, KEY_ENCRYPTION_KEY_ENV};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -629,7 +629,7 @@ impl PgState {
                 store: store.clone_detached(),
                 alive: Arc::downgrade(&alive),
                 listed: HashMap::new(),
-                heard: 0,
+                pending: HashSet::new(),
                 overflowed: false,
                 up,
             },
@@ -1583,18 +1583,34 @@ async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
         .collect())
 }
 
-/// Every tenant with its row's version: `xmin`, the transaction that wrote it, different after
-/// any write (for as long as a listener compares them: transaction ids wrap after four
-/// billion).
-async fn versions(pool: &Pool) -> Result<HashMap<TenantId, i64>, DirectoryError> {
+/// Every tenant (or those of `only` that are there) with its row's version: `xmin`, the
+/// transaction that wrote it, different after any write (for as long as a listener compares
+/// them: transaction ids wrap after four billion).
+async fn versions(
+    pool: &Pool,
+    only: Option<&[TenantId]>,
+) -> Result<HashMap<TenantId, i64>, DirectoryError> {
     let connection = pool
         .get()
         .await
         .map_err(|e| directory_error("connecting", e))?;
-    let rows = connection
-        .query("SELECT id, xmin::text::bigint FROM tower_fhir_tenants", &[])
-        .await
-        .map_err(|e| directory_error("listing tenants", e))?;
+    let rows = match only {
+        None => {
+            connection
+                .query("SELECT id, xmin::text::bigint FROM tower_fhir_tenants", &[])
+                .await
+        }
+        Some(tenants) => {
+            let ids: Vec<Uuid> = tenants.iter().map(|tenant| uuid(*tenant)).collect();
+            connection
+                .query(
+                    "SELECT id, xmin::text::bigint FROM tower_fhir_tenants WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+        }
+    }
+    .map_err(|e| directory_error("listing tenants", e))?;
     Ok(rows
         .iter()
         .map(|row| (TenantId::from_uuid(row.get::<_, Uuid>(0)), row.get(1)))
@@ -1639,7 +1655,19 @@ trait Handler: Send + 'static {
     fn vouched(&mut self, asked: std::time::Instant) {
         let _ = asked;
     }
+
+    /// Catches up with what was heard, once every notification that came is handed to
+    /// [`heard`](Self::heard) (and at least once a second while they keep coming), within
+    /// [`OPERATION_TIMEOUT`]: reads what it needs to (the tenant listener, the versions of
+    /// the tenants heard of). Nothing by default.
+    fn settle(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
+
+/// How long a listener that keeps hearing notifications goes at most without catching up with
+/// them ([`Handler::settle`]).
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long the change listener may hear nothing before it checks its connection (an empty
 /// query, answered within [`OPERATION_TIMEOUT`], else it connects again and catches up).
@@ -1759,6 +1787,7 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                         wait = Duration::from_millis(250);
                         let mut last_heard = tokio::time::Instant::now();
                         let mut last_vouched = tokio::time::Instant::now();
+                        let mut last_settled = tokio::time::Instant::now();
                         loop {
                             match tokio::time::timeout(Duration::from_secs(1), received.recv())
                                 .await
@@ -1770,6 +1799,13 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                                 }
                                 Err(_) if !handler.alive() => break,
                                 Err(_) => {}
+                            }
+                            // What came is handled (or notifications keep coming for a second).
+                            if received.is_empty() || last_settled.elapsed() >= SETTLE_EVERY {
+                                // (Given up on after the bound; it settles at the next turn.)
+                                let _ =
+                                    tokio::time::timeout(OPERATION_TIMEOUT, handler.settle()).await;
+                                last_settled = tokio::time::Instant::now();
                             }
                             let vouch = handler
                                 .vouch_every()
@@ -1825,43 +1861,50 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
 struct TenantChanges {
     store: Detached,
     alive: Weak<()>,
-    /// Each tenant as the last listing found it, by its row's version (`None`: heard of
-    /// since, so a cache may hold it as anything): what a resynchronisation compares with.
-    listed: HashMap<TenantId, Option<i64>>,
-    /// How many tenants it did not list were heard of since the listing.
-    heard: usize,
-    /// More than [`HEARD_AT_MOST`] were: the next resynchronisation announces every tenant.
+    /// Each tenant by its row's version as last read (the listing at the last (re)connection,
+    /// or a [`settle`](Handler::settle) since): what a resynchronisation compares with.
+    listed: HashMap<TenantId, i64>,
+    /// The tenants heard of since their version was last read: a cache may hold them as
+    /// anything since, until their version is read again.
+    pending: HashSet<TenantId>,
+    /// More than [`PENDING_AT_MOST`] were: every tenant is read again.
     overflowed: bool,
     /// Whether it listens now, for [`PgTenantStore::is_listening`].
     up: watch::Sender<bool>,
 }
 
-/// The most tenants the listener keeps track of between two listings beyond the listed ones
-/// (a flood of notifications naming made-up tenants must not grow it without end); past it,
-/// the next resynchronisation announces every tenant, as if it knew nothing.
-const HEARD_AT_MOST: usize = 100_000;
+/// The most tenants heard of the listener keeps apart until their versions are read (a flood
+/// of notifications naming made-up tenants must not grow it without end); past it, it reads
+/// every tenant's again, and a resynchronisation before that announces every tenant.
+const PENDING_AT_MOST: usize = 100_000;
 
-/// The tenants to announce after notifications may have gone unheard, `listed` as
-/// [`TenantChanges::listed`] and `now` the tenants' versions now: each whose row is not the
-/// version listed before (changed, removed or made meanwhile), and each heard of since; every
-/// one if too many were heard of (`overflowed`). A tenant unchanged is not announced: a route
-/// cache keeps its entry, the fallback it serves while the database is down.
+/// The tenants to announce after notifications may have gone unheard, `listed` and `pending`
+/// as [`TenantChanges`] keeps them and `now` the tenants' versions now: each whose row is not
+/// the version read before (changed, removed or made meanwhile), and each heard of since;
+/// every one if too many were heard of (`overflowed`). A tenant unchanged is not announced: a
+/// route cache keeps its entry, the fallback it serves while the database is down.
 fn changed_unheard(
-    listed: &HashMap<TenantId, Option<i64>>,
+    listed: &HashMap<TenantId, i64>,
+    pending: &HashSet<TenantId>,
     overflowed: bool,
     now: &HashMap<TenantId, i64>,
 ) -> Vec<TenantId> {
-    let mut changed: Vec<TenantId> = listed
-        .iter()
-        .filter(|(tenant, version)| {
-            overflowed || version.is_none() || now.get(tenant) != version.as_ref()
-        })
-        .map(|(tenant, _)| *tenant)
-        .collect();
-    changed.extend(
-        now.keys()
-            .filter(|tenant| overflowed || !listed.contains_key(tenant)),
-    );
+    let mut changed: Vec<TenantId> = pending.iter().copied().collect();
+    let mut announce = |tenant: &TenantId| {
+        if !pending.contains(tenant) {
+            changed.push(*tenant);
+        }
+    };
+    for (tenant, version) in listed {
+        if overflowed || now.get(tenant) != Some(version) {
+            announce(tenant);
+        }
+    }
+    for tenant in now.keys() {
+        if !listed.contains_key(tenant) {
+            announce(tenant);
+        }
+    }
     changed
 }
 
@@ -1878,11 +1921,11 @@ impl Handler for TenantChanges {
         // Whatever changed while nobody listened is announced: a row's version (`xmin`, the
         // transaction that wrote it) differs after any write, even one that wrote back what
         // was there before, and a cache may have read the row in between.
-        let now = versions(&self.store.pool)
+        let now = versions(&self.store.pool, None)
             .await
             .map_err(|error| format!("cannot resynchronise tenants: {error}"))?;
         if missed {
-            let changed = changed_unheard(&self.listed, self.overflowed, &now);
+            let changed = changed_unheard(&self.listed, &self.pending, self.overflowed, &now);
             for tenant in &changed {
                 let _ = self.store.changes.send(*tenant);
             }
@@ -1891,11 +1934,8 @@ impl Handler for TenantChanges {
                 "database change listener reconnected; caches resynchronised"
             );
         }
-        self.listed = now
-            .into_iter()
-            .map(|(tenant, version)| (tenant, Some(version)))
-            .collect();
-        self.heard = 0;
+        self.listed = now;
+        self.pending.clear();
         self.overflowed = false;
         self.up.send_replace(true);
         Ok(())
@@ -1913,19 +1953,49 @@ impl Handler for TenantChanges {
             return;
         };
         if let Ok(tenant) = TenantId::parse(id) {
-            // Kept (with the version listed, if any) until the next resynchronisation, which
-            // announces it if it changes again unheard, or is removed.
-            if !self.listed.contains_key(&tenant) {
-                if self.heard < HEARD_AT_MOST {
-                    self.listed.insert(tenant, None);
-                    self.heard += 1;
-                } else {
-                    self.overflowed = true;
-                }
+            // Its own changes too: the route cache may read the tenant again at any version
+            // from now on, until its version is read ([`settle`](Handler::settle)).
+            if self.pending.len() < PENDING_AT_MOST {
+                self.pending.insert(tenant);
+            } else {
+                self.overflowed = true;
             }
             if from != &*self.store.origin {
                 let _ = self.store.changes.send(tenant);
             }
+        }
+    }
+
+    async fn settle(&mut self) {
+        // Every version read after the notifications handled so far: any later change is
+        // heard (and the tenant pending again), or, unheard, leaves another version.
+        if self.overflowed {
+            match versions(&self.store.pool, None).await {
+                Ok(now) => {
+                    self.listed = now;
+                    self.pending.clear();
+                    self.overflowed = false;
+                }
+                Err(error) => tracing::debug!(%error, "cannot read the tenants' versions"),
+            }
+            return;
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending: Vec<TenantId> = self.pending.iter().copied().collect();
+        match versions(&self.store.pool, Some(&pending)).await {
+            Ok(found) => {
+                for tenant in pending {
+                    match found.get(&tenant) {
+                        Some(version) => self.listed.insert(tenant, *version),
+                        None => self.listed.remove(&tenant),
+                    };
+                    self.pending.remove(&tenant);
+                }
+            }
+            // (Kept pending: a resynchronisation announces them.)
+            Err(error) => tracing::debug!(%error, "cannot read the tenants' versions"),
         }
     }
 }
@@ -2717,31 +2787,25 @@ mod tests {
     fn a_resynchronisation_announces_the_tenants_changed_and_no_other() {
         use super::changed_unheard;
         use crate::tenant::TenantId;
-        use std::collections::{BTreeSet, HashMap};
+        use std::collections::{BTreeSet, HashMap, HashSet};
         let id = |n: u8| TenantId::from_uuid(uuid::Uuid::from_u128(0x1d2d_0000 + u128::from(n)));
         let set = |tenants: Vec<TenantId>| tenants.into_iter().collect::<BTreeSet<_>>();
-        // 1 unchanged, 2 changed, 3 removed, 4 heard of and still there, 5 heard of and gone.
-        let listed = HashMap::from([
-            (id(1), Some(10)),
-            (id(2), Some(11)),
-            (id(3), Some(12)),
-            (id(4), None),
-            (id(5), None),
-        ]);
-        // 6 made meanwhile.
+        // 1 unchanged, 2 changed, 3 removed, 4 heard of (its version unread) and unchanged
+        // since, 5 heard of and gone, 6 made meanwhile.
+        let listed = HashMap::from([(id(1), 10), (id(2), 11), (id(3), 12), (id(4), 14)]);
+        let pending = HashSet::from([id(4), id(5)]);
         let now = HashMap::from([(id(1), 10), (id(2), 13), (id(4), 14), (id(6), 15)]);
-        assert_eq!(
-            set(changed_unheard(&listed, false, &now)),
-            set(vec![id(2), id(3), id(4), id(5), id(6)])
-        );
+        let announced = changed_unheard(&listed, &pending, false, &now);
+        assert_eq!(announced.len(), 5, "each once: {announced:?}");
+        assert_eq!(set(announced), set(vec![id(2), id(3), id(4), id(5), id(6)]));
         // Too many heard of to keep apart: every tenant.
         assert_eq!(
-            set(changed_unheard(&listed, true, &now)),
+            set(changed_unheard(&listed, &pending, true, &now)),
             set((1..=6).map(id).collect())
         );
         // Nothing changed: nothing announced.
-        let same = HashMap::from([(id(1), Some(10))]);
-        assert!(changed_unheard(&same, false, &HashMap::from([(id(1), 10)])).is_empty());
+        let same = HashMap::from([(id(1), 10)]);
+        assert!(changed_unheard(&same, &HashSet::new(), false, &same).is_empty());
     }
 
     /// The revocation listener vouches for its list only once every revocation announced
