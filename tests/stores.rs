@@ -34,6 +34,19 @@ fn upstreams(base: &str, version: FhirVersion) -> TenantRecord {
     TenantRecord::new([Upstream::parse(base, version).unwrap()]).unwrap()
 }
 
+/// Waits until `check` holds, looking every 20 ms; fails the test saying `what` was awaited
+/// when it does not within `within`.
+async fn until(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn limit() -> RateLimit {
     RateLimit::new(2, 4).unwrap()
 }
@@ -993,14 +1006,10 @@ async fn postgres_changes_reach_every_replica_within_a_second() {
         .await
         .unwrap();
     assert_eq!(cut, 3, "each replica listens on one connection");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while one.is_listening() || two.is_listening() || three.is_listening() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still said to be listening"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(Duration::from_secs(10), "not said to be listening", || {
+        !(one.is_listening() || two.is_listening() || three.is_listening())
+    })
+    .await;
     root.batch_execute("ALTER DATABASE changes ALLOW_CONNECTIONS true")
         .await
         .unwrap();
@@ -1090,14 +1099,12 @@ async fn postgres_that_stops_answering_fails_fast_and_its_listener_catches_up() 
     );
     // The listener hears nothing, checks its connection (after 10 s of quiet) and gives up on
     // it (5 s later).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while through.is_listening() || revocations.is_listening() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still said to be listening on a connection that stopped answering"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until(
+        Duration::from_secs(30),
+        "not said to be listening on a connection that stopped answering",
+        || !(through.is_listening() || revocations.is_listening()),
+    )
+    .await;
     // A change made meanwhile reaches it once the database answers again.
     let after = upstreams("http://127.0.0.1:9002/fhir", FhirVersion::R4);
     direct.put(tenant(B), after.clone()).await.unwrap();
@@ -1513,14 +1520,10 @@ async fn postgres_routes_cached_before_a_reconnection_serve_the_next_outage() {
     // The database goes and comes back: the listener connects again and catches up.
     let mut caught_up = store.changes();
     server.pause();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.is_listening() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still said to be listening"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(Duration::from_secs(10), "not said to be listening", || {
+        !store.is_listening()
+    })
+    .await;
     server.resume();
     timeout(Duration::from_secs(20), store.listening())
         .await
