@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use hdrhistogram::Histogram;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// One measured second: how many requests were due in it (answered, failed or never sent), and
@@ -11,6 +12,8 @@ use plotters::prelude::*;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Second {
     pub(crate) requests: u64,
+    /// Of `requests`, those never sent: the second's latencies are lower bounds.
+    pub(crate) unsent: u64,
     pub(crate) p50: u64,
     pub(crate) p90: u64,
     pub(crate) p99: u64,
@@ -23,12 +26,15 @@ pub(crate) fn second_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, crate::MOST_LATENCY_US, 2).expect("histogram bounds")
 }
 
-/// The seconds of a run, from their histograms (an empty second counts zero requests).
-pub(crate) fn timeline(seconds: &[Histogram<u64>]) -> Vec<Second> {
+/// The seconds of a run, from their histograms (an empty second counts zero requests), and
+/// the unsent requests of each (by the same second; missing ones count none).
+pub(crate) fn timeline(seconds: &[Histogram<u64>], unsent: &[u64]) -> Vec<Second> {
     seconds
         .iter()
-        .map(|h| Second {
+        .enumerate()
+        .map(|(second, h)| Second {
             requests: h.len(),
+            unsent: unsent.get(second).copied().unwrap_or(0),
             p50: h.value_at_quantile(0.5),
             p90: h.value_at_quantile(0.9),
             p99: h.value_at_quantile(0.99),
@@ -62,6 +68,38 @@ fn distribution(latency: &Histogram<u64>) -> Vec<(f64, f64)> {
 
 /// A line of the latency chart: its name, its colour, and what of a second it shows.
 type Line = (&'static str, RGBColor, fn(&Second) -> u64);
+
+/// The shade of the seconds that had unsent requests.
+const UNSENT_SHADE: RGBColor = RGBColor(255, 150, 0);
+
+/// The legend of the seconds shaded for their unsent requests.
+const UNSENT_LEGEND: &str = "seconds with unsent requests: latencies are lower bounds";
+
+/// Shades, on `chart` (seconds across, up to `top` high), each second of `timeline` that had
+/// unsent requests, with a legend entry when there are any: their latencies count only until
+/// the run stopped, so the lines fall there though the backlog did not.
+fn shade_unsent<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    timeline: &[Second],
+    top: f64,
+) -> Result<(), String> {
+    if timeline.iter().all(|s| s.unsent == 0) {
+        return Ok(());
+    }
+    let shade = UNSENT_SHADE.mix(0.25).filled();
+    chart
+        .draw_series(
+            timeline
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.unsent > 0)
+                .map(|(i, _)| Rectangle::new([(i as f64, 0.0), (i as f64 + 1.0, top)], shade)),
+        )
+        .map_err(failed)?
+        .label(UNSENT_LEGEND)
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 20, y + 6)], shade));
+    Ok(())
+}
 
 fn failed(e: impl std::fmt::Display) -> String {
     format!("cannot draw the plot: {e}")
@@ -106,6 +144,7 @@ pub(crate) fn svg(
         .y_label_formatter(&|n| format!("{n:.0}"))
         .draw()
         .map_err(failed)?;
+    shade_unsent(&mut chart, timeline, most * 1.1)?;
     chart
         .draw_series(LineSeries::new(
             timeline
@@ -114,6 +153,15 @@ pub(crate) fn svg(
                 .map(|(i, s)| (i as f64 + 0.5, s.requests as f64)),
             BLUE.stroke_width(2),
         ))
+        .map_err(failed)?
+        .label("requests due (sent or not)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
         .map_err(failed)?;
 
     let highest = timeline
@@ -137,6 +185,7 @@ pub(crate) fn svg(
         .y_desc("milliseconds")
         .draw()
         .map_err(failed)?;
+    shade_unsent(&mut chart, timeline, highest * 1.1)?;
     let lines: [Line; 4] = [
         ("p50", GREEN, |s| s.p50),
         ("p90", BLUE, |s| s.p90),
@@ -176,8 +225,14 @@ pub(crate) fn svg(
         .map(|(_, v)| *v)
         .fold(0.0, f64::max)
         .max(0.001);
+    let unsent: u64 = timeline.iter().map(|s| s.unsent).sum();
+    let caption = if unsent > 0 {
+        format!("latency by percentile (whole run; {unsent} unsent: lower bounds)")
+    } else {
+        "latency by percentile (whole run)".to_owned()
+    };
     let mut chart = ChartBuilder::on(&bottom)
-        .caption("latency by percentile (whole run)", ("sans-serif", 17))
+        .caption(caption, ("sans-serif", 17))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(70)
@@ -246,9 +301,14 @@ mod tests {
             seconds[0].record(v).unwrap();
             seconds[2].record(v * 10).unwrap();
         }
-        let timeline = timeline(&seconds);
+        // The last second's requests: 5 of them never sent.
+        let timeline = timeline(&seconds, &[0, 0, 5]);
         assert_eq!(timeline[0].requests, 1000);
         assert_eq!(timeline[1].requests, 0);
+        assert_eq!(
+            timeline.iter().map(|s| s.unsent).collect::<Vec<_>>(),
+            [0, 0, 5]
+        );
         assert!((495..=505).contains(&timeline[0].p50), "{:?}", timeline[0]);
         assert!(
             (9_900..=10_100).contains(&timeline[2].max),
@@ -285,9 +345,28 @@ mod tests {
             "p99.9",
             "failed and unsent",
             "answered requests only",
+            // The seconds with unsent requests are shaded, in both charts over time, and said
+            // to hold lower bounds.
+            UNSENT_LEGEND,
+            "5 unsent: lower bounds",
         ] {
             assert!(drawn.contains(text), "{text} missing");
         }
         assert!(drawn.matches("<polyline").count() >= 7, "seven lines");
+        assert_eq!(
+            drawn.matches(UNSENT_LEGEND).count(),
+            2,
+            "a legend in each chart over time"
+        );
+        // Without unsent requests, nothing is shaded.
+        let whole_run = timeline
+            .iter()
+            .map(|s| Second { unsent: 0, ..*s })
+            .collect::<Vec<_>>();
+        svg(&path, "a test run", &whole_run, &whole, &answered).unwrap();
+        let drawn = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!drawn.contains(UNSENT_LEGEND));
+        assert!(!drawn.contains("whole run;"));
     }
 }

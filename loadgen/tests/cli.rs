@@ -17,6 +17,7 @@ fn help_goes_to_stdout_and_exits_0() {
         "--mint-key",
         "--max-non-2xx-rate",
         "lower bounds",
+        "not corrected for coordinated omission",
     ] {
         assert!(
             help.contains(flag),
@@ -71,4 +72,41 @@ fn a_rate_too_low_for_a_second_slot_runs_without_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
+
+#[test]
+fn a_port_out_of_range_exits_2_instead_of_loading_port_80() {
+    for (target, port) in [
+        ("http://127.0.0.1:99999", "99999"),
+        ("http://127.0.0.1:8080x/fhir", "8080x"),
+    ] {
+        let out = Command::new(LOADGEN)
+            .args(["--target", target, "--duration", "0.2", "--warmup", "0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{target}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("--target {target}: port {port} is not a port")),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn a_path_a_uri_cannot_carry_exits_2_before_the_run() {
+    // Before, it ran, and each request failed: "invalid uri character".
+    let out = Command::new(LOADGEN)
+        .args(["--target", "http://127.0.0.1:9", "--path", "/a b"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("--path \"/a b\": not a request path"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("%20"), "{stderr}");
+    assert!(out.stdout.is_empty());
 }

@@ -91,6 +91,12 @@ fn a_closed_loop_run_reports_its_timeline_and_draws_it() {
     let (report, svg) = run(&[]);
     assert_eq!(report["mode"], "closed");
     assert_eq!(report["rate"], serde_json::Value::Null);
+    // A closed loop's latencies are not corrected for coordinated omission: said so.
+    assert_eq!(
+        report["coordinated_omission_corrected"], false,
+        "{report:#}"
+    );
+    assert_eq!(report["latencies_are_lower_bounds"], false, "{report:#}");
     assert_eq!(
         (&report["warmup_seconds"], &report["duration_seconds"]),
         (&serde_json::json!(0.5), &serde_json::json!(2.0))
@@ -103,6 +109,9 @@ fn a_fixed_rate_run_keeps_its_rate_second_by_second() {
     let (report, svg) = run(&["--rate", "200"]);
     assert_eq!(report["mode"], "rate 200/s");
     assert_eq!(report["rate"], 200.0);
+    assert_eq!(report["coordinated_omission_corrected"], true, "{report:#}");
+    assert_eq!(report["latencies_are_lower_bounds"], false, "{report:#}");
+    assert_eq!(report["unsent"], 0, "{report:#}");
     check(&report, &svg);
     // The load generator's own lateness is reported apart (no bound asserted: the machine
     // may be busy).
@@ -192,6 +201,15 @@ fn a_duration_of_10_s_holds_with_a_number_of_requests() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    // stderr is no terminal here: a plain progress line every 5 s, no escape codes.
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\u{1b}'),
+        "{stderr:?}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(" req/s")).collect();
+    assert!((1..=2).contains(&lines.len()), "{stderr}");
+    assert!(lines[0].starts_with("   5.0 s "), "{stderr}");
+    assert!(lines[0].contains(" requests  "), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["duration_seconds"], 10.0, "{report:#}");
     let seconds = report["seconds"].as_f64().unwrap();
@@ -223,5 +241,45 @@ fn a_number_of_requests_is_met_exactly() {
         assert_eq!(report["requests"], 300, "{report:#}");
         // No duration asked: none reported (the run ends when the 300 are measured).
         assert_eq!(report["duration_seconds"], serde_json::Value::Null);
+    }
+}
+
+#[test]
+fn a_closed_loop_report_says_its_latencies_are_not_corrected() {
+    let out = Command::new(LOADGEN)
+        .args(["--target", &server(), "--path", "/Patient/1"])
+        .args(["--duration", "0.5", "--warmup", "0", "--connections", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "note         closed loop: latencies are not corrected for coordinated omission"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("use --rate for an open loop"), "{stdout}");
+    assert!(!stdout.contains("LOWER BOUNDS"), "{stdout}");
+}
+
+#[test]
+fn slots_due_while_the_connections_open_are_not_waits_for_a_busy_one() {
+    // With no warm-up, the first slot is due as the connections open. Before, it counted as
+    // having come "with all 2 connections busy" (1 of 20, in most runs), though none was busy.
+    for _ in 0..3 {
+        let out = Command::new(LOADGEN)
+            .args(["--target", &server(), "--path", "/Patient/1", "--json"])
+            .args(["--rate", "20", "--duration", "1", "--warmup", "0"])
+            .args(["--connections", "2"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["scheduled"], 20, "{report:#}");
+        assert_eq!(report["all_connections_busy"], 0, "{report:#}");
+        assert_eq!(report["connection_limited"], false, "{report:#}");
+        assert_eq!(report["warning"], serde_json::Value::Null, "{report:#}");
     }
 }
