@@ -592,10 +592,13 @@ impl PgState {
     /// The tenant directory. Its [`changes`](TenantStore::changes) carry this process's
     /// changes and, through a connection that `LISTEN`s on [`CHANGES_CHANNEL`], every other
     /// replica's, within moments of their commit. When that connection drops, it is made
-    /// again (waiting 0.25 s, doubling up to 5 s, between attempts) and every tenant that was
-    /// or is now in the directory is announced as changed, so caches forget what they may
-    /// have missed; nothing waits for it meanwhile. The listening stops when the last clone of
-    /// the store is dropped. Needs a tokio runtime.
+    /// again (waiting 0.25 s, doubling up to 5 s, between attempts) and each tenant whose row
+    /// changed meanwhile (by its version, `xmin`) is announced as changed, with those heard of
+    /// whose versions it had not read yet, so caches forget what they may have missed and keep
+    /// the rest; nothing waits for it meanwhile. (The listener reads the version of each
+    /// tenant it hears of once notifications pause, at least once a second, and announces
+    /// that tenant again then.) The listening stops when the last clone of the store is
+    /// dropped. Needs a tokio runtime.
     pub fn tenant_store(&self) -> PgTenantStore {
         self.tenant_store_sealing(None)
     }
@@ -1657,8 +1660,9 @@ trait Handler: Send + 'static {
     }
 
     /// Catches up with what was heard, once every notification that came is handed to
-    /// [`heard`](Self::heard) (and at least once a second while they keep coming), within
-    /// [`OPERATION_TIMEOUT`]: reads what it needs to (the tenant listener, the versions of
+    /// [`heard`](Self::heard) (and at least once a second while they keep coming), given up on
+    /// after [`SETTLE_EVERY`] (then tried again at a later turn: it must leave its state as
+    /// it was when cut short): reads what it needs to (the tenant listener, the versions of
     /// the tenants heard of). Nothing by default.
     fn settle(&mut self) -> impl std::future::Future<Output = ()> + Send {
         std::future::ready(())
@@ -1666,7 +1670,8 @@ trait Handler: Send + 'static {
 }
 
 /// How long a listener that keeps hearing notifications goes at most without catching up with
-/// them ([`Handler::settle`]).
+/// them ([`Handler::settle`]), and how long it gives a catch-up before it goes on with the
+/// notifications.
 const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How long the change listener may hear nothing before it checks its connection (an empty
@@ -1802,9 +1807,9 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
                             }
                             // What came is handled (or notifications keep coming for a second).
                             if received.is_empty() || last_settled.elapsed() >= SETTLE_EVERY {
-                                // (Given up on after the bound; it settles at the next turn.)
-                                let _ =
-                                    tokio::time::timeout(OPERATION_TIMEOUT, handler.settle()).await;
+                                // (Given up on after a second, not to hold up the notifications
+                                // behind it on a slow database: it settles at a later turn.)
+                                let _ = tokio::time::timeout(SETTLE_EVERY, handler.settle()).await;
                                 last_settled = tokio::time::Instant::now();
                             }
                             let vouch = handler
@@ -1967,11 +1972,16 @@ impl Handler for TenantChanges {
     }
 
     async fn settle(&mut self) {
-        // Every version read after the notifications handled so far: any later change is
-        // heard (and the tenant pending again), or, unheard, leaves another version.
+        // Each version read after the notifications handled so far, each tenant read announced
+        // again after it (below): any later change is heard (and the tenant pending again),
+        // or, unheard, leaves another version.
         if self.overflowed {
             match versions(&self.store.pool, None).await {
                 Ok(now) => {
+                    let read = std::mem::take(&mut self.listed);
+                    for tenant in read.keys().chain(now.keys()).chain(&self.pending) {
+                        let _ = self.store.changes.send(*tenant);
+                    }
                     self.listed = now;
                     self.pending.clear();
                     self.overflowed = false;
@@ -1992,6 +2002,12 @@ impl Handler for TenantChanges {
                         None => self.listed.remove(&tenant),
                     };
                     self.pending.remove(&tenant);
+                    // Announced again, now: the read may have seen a change whose notification
+                    // is still on its way (and lost, should the connection drop now), which a
+                    // cache may have read the row before. Dropped here, whatever a cache reads
+                    // from now on is that version or a later one, and a later one is either
+                    // heard or, unheard, another version at the next catch-up.
+                    let _ = self.store.changes.send(tenant);
                 }
             }
             // (Kept pending: a resynchronisation announces them.)

@@ -165,7 +165,9 @@ pub trait TenantStore: TenantDirectory {
     /// Every tenant, sorted.
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>>;
 
-    /// The tenants that change from now on.
+    /// The tenants that change from now on. A tenant may be announced more than once for one
+    /// change (the PostgreSQL store announces one it heard of again once it has read its
+    /// version), never not at all: a cache that follows it forgets the tenant each time.
     fn changes(&self) -> broadcast::Receiver<TenantId>;
 
     /// Takes the lock a writer holds from checking a change against the other tenants (two
