@@ -1425,17 +1425,18 @@ impl Measured {
 
 /// The slots of a fixed rate's schedule that came due with the queue of slots waiting for a
 /// connection full ([`queue_capacity`]): never sent, so unsent. Each is held, in histograms
-/// (their size bounded whatever the rate), as the time from when it was due to the end of the
-/// measured window as planned; when the run ends, [`Overflow::settle`] counts each as an
-/// unsent slot still queued then counts: from when it was due until the run ended.
+/// (their size bounded whatever the rate), as when it was due, from the start of the measured
+/// window; when the run ends, [`Overflow::settle`] counts each as an unsent slot still queued
+/// then counts: from when it was due until the run ended. (Held as due times, not as times to
+/// the window's planned end: a histogram's error grows with what it holds, and the planned end
+/// may be an hour away from a run `--requests` or Ctrl-C ended in seconds.)
 struct Overflow {
-    /// The longest time a slot can be due before the window's planned end, in µs: the
-    /// histograms' top. (Not the latencies' 600 s: a run stopped early by Ctrl-C takes the
-    /// time it was short of its end off these, and must start from the whole.)
+    /// The latest a slot can be due, in µs from the window's start: the histograms' top.
     most: u64,
-    /// µs from each such slot's due time to the measured window's planned end.
-    remaining: Histogram<u64>,
-    /// The same by measured second (when the slots were due), for the seconds that had any.
+    /// µs from the window's start to each such slot's due time.
+    due: Histogram<u64>,
+    /// By measured second (when the slots were due), for the seconds that had any: µs from
+    /// that second's start to each slot's due time.
     seconds: Vec<Option<Histogram<u64>>>,
 }
 
@@ -1445,40 +1446,36 @@ impl Overflow {
         let most = (window.as_micros() as u64).saturating_add(1_000_000);
         Self {
             most,
-            remaining: Histogram::new_with_bounds(1, most, 3).expect("histogram bounds"),
+            due: Histogram::new_with_bounds(1, most, 3).expect("histogram bounds"),
             seconds: Vec::new(),
         }
     }
 
-    /// Holds a slot due in measured second `second`, `remaining` µs before the measured
-    /// window's planned end.
-    fn add(&mut self, second: usize, remaining: u64) {
-        let remaining = remaining.clamp(1, self.most);
-        self.remaining.saturating_record(remaining);
+    /// Holds a slot due `due` µs after the measured window's start.
+    fn add(&mut self, due: u64) {
+        let due = due.clamp(1, self.most);
+        self.due.saturating_record(due);
+        let second = (due / 1_000_000) as usize;
         if self.seconds.len() <= second {
             self.seconds.resize_with(second + 1, || None);
         }
-        let most = self.most;
         self.seconds[second]
             .get_or_insert_with(|| {
-                // Two significant digits, as each second of the timeline has.
-                Histogram::new_with_bounds(1, most, 2).expect("histogram bounds")
+                // Two significant digits, as each second of the timeline has: within 1% of a
+                // second.
+                Histogram::new_with_bounds(1, 1_000_000, 2).expect("histogram bounds")
             })
-            .saturating_record(remaining);
+            .saturating_record((due % 1_000_000).max(1));
     }
 
     /// Records its slots into `measured` as unsent, each with a latency from when it was due
-    /// until the run ended, `past_end` µs after the measured window's planned end (less than 0
-    /// when Ctrl-C or `--requests` ended it sooner); at least 1 µs. (Each value is taken at
-    /// the low end of its histogram bucket: a lower bound stays one.)
-    fn settle(&self, measured: &mut Measured, past_end: i64) {
-        let took = |h: &Histogram<u64>, value: u64| {
-            let remaining = h.lowest_equivalent(value) as i64;
-            remaining.saturating_add(past_end).max(1) as u64
-        };
-        for value in self.remaining.iter_recorded() {
-            let (count, at) = (value.count_at_value(), value.value_iterated_to());
-            let took = took(&self.remaining, at);
+    /// until the run ended, `ended` µs after the measured window's start; at least 1 µs. (Each
+    /// due time is taken at the high end of its histogram bucket: a lower bound stays one.)
+    fn settle(&self, measured: &mut Measured, ended: u64) {
+        let took = |due: u64| ended.saturating_sub(due).max(1);
+        for value in self.due.iter_recorded() {
+            let count = value.count_at_value();
+            let took = took(self.due.highest_equivalent(value.value_iterated_to()));
             measured.tally.unsent += count;
             if took > MOST_LATENCY_US {
                 measured.tally.clamped += count;
@@ -1492,10 +1489,11 @@ impl Overflow {
                     .seconds
                     .resize_with(second + 1, plot::second_histogram);
             }
+            let start = second as u64 * 1_000_000;
             for value in h.iter_recorded() {
-                let (count, at) = (value.count_at_value(), value.value_iterated_to());
-                let took = took(h, at).min(MOST_LATENCY_US);
-                let _ = measured.seconds[second].record_n(took, count);
+                let count = value.count_at_value();
+                let due = start + h.highest_equivalent(value.value_iterated_to());
+                let _ = measured.seconds[second].record_n(took(due).min(MOST_LATENCY_US), count);
                 count_at(&mut measured.unsent_by_second, second, count);
             }
         }
@@ -1654,9 +1652,8 @@ impl Shared {
         if self.all_open_by(due) {
             self.all_busy.fetch_add(1, Ordering::Relaxed);
         }
-        let second = due.duration_since(self.measuring_from).as_secs() as usize;
-        let remaining = self.stop_at.duration_since(due).as_micros() as u64;
-        self.overflow.lock().unwrap().add(second, remaining);
+        let due = due.duration_since(self.measuring_from).as_micros() as u64;
+        self.overflow.lock().unwrap().add(due);
     }
 
     /// With `--requests N`, takes one of the N measured requests for a request due at `due`
@@ -1884,16 +1881,14 @@ async fn main() {
     };
     let mut measured = Measured::merged(&shared.measured);
     // The slots that found the queue full: unsent, each counted until the run ended.
-    let past_end = if ended >= stop_at {
-        ended.duration_since(stop_at).as_micros() as i64
-    } else {
-        -(stop_at.duration_since(ended).as_micros() as i64)
-    };
+    let ended_at = ended
+        .saturating_duration_since(shared.measuring_from)
+        .as_micros() as u64;
     shared
         .overflow
         .lock()
         .unwrap()
-        .settle(&mut measured, past_end);
+        .settle(&mut measured, ended_at);
     let timeline = {
         // The seconds inside the measured window (a request due at its very end may run on).
         let within = (elapsed.as_secs_f64().ceil() as usize).min(measured.seconds.len());
@@ -3224,16 +3219,16 @@ mod tests {
 
     #[test]
     fn slots_the_full_queue_refused_count_unsent_until_the_run_ended() {
-        // A 10 s window; three slots refused: due 9.5 s, 9.5 s and 2 s before its planned end
+        // A 10 s window; three slots refused: due 0.5 s, 0.5 s and 8 s after its start
         // (seconds 0 and 8 of the window).
         let mut overflow = Overflow::new(Duration::from_secs(10));
-        overflow.add(0, 9_500_000);
-        overflow.add(0, 9_500_000);
-        overflow.add(8, 2_000_000);
+        overflow.add(500_000);
+        overflow.add(500_000);
+        overflow.add(8_000_000);
         let mut measured = Measured::default();
         measured.record(0, 1_000, Outcome::Answered(200));
         // The run ended 1.5 s after the window's planned end (a worker's last request).
-        overflow.settle(&mut measured, 1_500_000);
+        overflow.settle(&mut measured, 11_500_000);
         assert_eq!(measured.tally.unsent, 3);
         assert_eq!(measured.unsent_by_second, [2, 0, 0, 0, 0, 0, 0, 0, 1]);
         assert_eq!(measured.latency.len(), 4);
@@ -3249,7 +3244,7 @@ mod tests {
         assert_eq!(measured.answered_latency.len(), 1);
         // Ctrl-C 3 s before the planned end: 0.5 s less than their time until the planned end.
         let mut measured = Measured::default();
-        overflow.settle(&mut measured, -3_000_000);
+        overflow.settle(&mut measured, 7_000_000);
         assert!(
             near(measured.latency.max(), 6_500_000),
             "{}",
@@ -3258,12 +3253,32 @@ mod tests {
         // A run of hours: a slot due at its start keeps its whole wait (the latencies' top, 600
         // s, then counts it as clamped), not 600 s less the time short of the end.
         let mut overflow = Overflow::new(Duration::from_secs(7200));
-        overflow.add(0, 7_200_000_000);
+        overflow.add(1);
         let mut measured = Measured::default();
-        overflow.settle(&mut measured, -7_000_000_000);
+        overflow.settle(&mut measured, 200_000_000);
         let got = measured.latency.max();
         assert!(got.abs_diff(200_000_000) <= 4_000_000, "{got}");
         assert_eq!(measured.tally.clamped, 0);
+        // A run planned for an hour (`--requests` without `--duration`) ended after 20 s: a slot
+        // due at 19 s waited 1 s, one due at 10 s 10 s; not 1 µs (the hour's histogram buckets
+        // are wider than the run, and a wait taken as the time to the planned end lost them).
+        let mut overflow = Overflow::new(Duration::from_secs(3600));
+        overflow.add(19_000_000);
+        overflow.add(10_000_000);
+        let mut measured = Measured::default();
+        overflow.settle(&mut measured, 20_000_000);
+        assert!(
+            near(measured.latency.min(), 1_000_000),
+            "{}",
+            measured.latency.min()
+        );
+        assert!(
+            near(measured.latency.max(), 10_000_000),
+            "{}",
+            measured.latency.max()
+        );
+        assert!(near(measured.seconds[19].max(), 1_000_000));
+        assert!(near(measured.seconds[10].max(), 10_000_000));
     }
 
     #[test]
