@@ -140,6 +140,15 @@ where
         .unwrap();
     announced(&mut changes, &[c, b], &mut seen).await;
     assert_eq!(store.list().await.unwrap(), vec![c, a, b]);
+    // Every record at once, in the listing's order, each as a lookup finds it.
+    let records = store.records().await.unwrap();
+    assert_eq!(
+        records.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![c, a, b]
+    );
+    for (id, record) in &records {
+        assert_eq!(Some(record), store.lookup(*id).await.unwrap().as_ref());
+    }
     let found = store.lookup(c).await.unwrap().unwrap();
     assert_eq!(found.in_process_tenant().unwrap().key(), "schema_c");
     assert_eq!(

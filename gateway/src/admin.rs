@@ -519,16 +519,12 @@ async fn nested_with_others(
     if record.upstreams().is_empty() {
         return Ok(None);
     }
-    let mut others = Vec::new();
-    for other in admin.directory.list().await? {
-        if other != tenant {
-            if let Some(found) = admin.directory.lookup(other).await? {
-                others.push((other, found));
-            }
-        }
-    }
+    // (Read at once: a lookup each took 10 s for 50,000 tenants in PostgreSQL, under the
+    // lock every replica's tenant writes take.)
+    let others = admin.directory.records().await?;
     let all = others
         .iter()
+        .filter(|(other, _)| *other != tenant)
         .map(|(other, found)| (*other, found))
         .chain([(tenant, record)]);
     Ok(nested_bases(all)
@@ -955,15 +951,14 @@ fn client_fields(
     })
 }
 
-/// The client as [`client_fields`] shows it, each of its tenants looked up in the directory.
-/// A tenant the directory cannot answer for counts as not onboarded.
+/// The client as [`client_fields`] shows it, each of its tenants found in the directory's
+/// listing (one read, not a lookup each: a client of 50,000 tenants took 10 s in PostgreSQL).
+/// When the directory cannot answer, its tenants count as not onboarded.
 async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value {
-    let mut onboarded = HashSet::new();
-    for tenant in &record.tenants {
-        if matches!(admin.directory.lookup(*tenant).await, Ok(Some(_))) {
-            onboarded.insert(*tenant);
-        }
-    }
+    let onboarded: HashSet<TenantId> = match admin.directory.list().await {
+        Ok(listed) => listed.into_iter().collect(),
+        Err(_) => HashSet::new(),
+    };
     client_fields(record, |tenant| onboarded.contains(tenant))
 }
 

@@ -64,8 +64,8 @@ use uuid::Uuid;
 use crate::auth::{RevocationLog, RevokedTokens};
 use crate::limit::RateLimit;
 use crate::route::{
-    DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore, TenantStoreFuture,
-    TenantWriteLock,
+    DirectoryError, DirectoryFuture, TenantDirectory, TenantRecord, TenantStore,
+    TenantStoreBorrowingFuture, TenantStoreFuture, TenantWriteLock,
 };
 use crate::tenant::TenantId;
 use crate::token::ReplayGuard;
@@ -1532,6 +1532,41 @@ impl TenantStore for PgTenantStore {
         let pool = self.pool.clone();
         Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
             list(&pool).await
+        }))
+    }
+
+    /// One query for every tenant's record (each opened as [`lookup`] opens it), within the
+    /// 60 s of a listing.
+    ///
+    /// [`lookup`]: TenantDirectory::lookup
+    fn records(&self) -> TenantStoreBorrowingFuture<'_, Vec<(TenantId, TenantRecord)>> {
+        let pool = self.pool.clone();
+        let sealing = self.sealing.clone();
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            let rows = connection
+                .query(
+                    "SELECT id, record FROM tower_fhir_tenants ORDER BY id::text",
+                    &[],
+                )
+                .await
+                .map_err(|e| directory_error("listing tenants", e))?;
+            rows.into_iter()
+                .map(|row| {
+                    let tenant = TenantId::from_uuid(row.get::<_, Uuid>(0));
+                    let json = open_credentials(sealing.as_deref(), tenant, row.get(1))?;
+                    let record = serde_json::from_value(json).map_err(|e| {
+                        DirectoryError::with_source(
+                            format!("the stored record of tenant {tenant} cannot be read"),
+                            e,
+                        )
+                    })?;
+                    Ok((tenant, record))
+                })
+                .collect()
         }))
     }
 

@@ -97,6 +97,10 @@ where
 /// The future a [`TenantStore`] change or listing returns.
 pub type TenantStoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, DirectoryError>> + Send>>;
 
+/// The future of [`TenantStore::records`], which may borrow the store.
+pub type TenantStoreBorrowingFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, DirectoryError>> + Send + 'a>>;
+
 /// Held by a writer from checking a tenant change against the other tenants to writing it
 /// (see [`TenantStore::lock_writes`]); let go when dropped.
 #[must_use = "the lock is let go when dropped"]
@@ -164,6 +168,23 @@ pub trait TenantStore: TenantDirectory {
 
     /// Every tenant, sorted.
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>>;
+
+    /// Every tenant with its record, in [`list`](Self::list)'s order: what a check against
+    /// all of them reads (the admin API's, that no two tenants' upstream bases nest). The
+    /// default lists them, then looks each up (a tenant removed meanwhile is left out); a store
+    /// that can read them at once should (the PostgreSQL store reads them in one query, not a
+    /// round trip each: 50,000 tenants took 10 s).
+    fn records(&self) -> TenantStoreBorrowingFuture<'_, Vec<(TenantId, TenantRecord)>> {
+        Box::pin(async move {
+            let mut records = Vec::new();
+            for tenant in self.list().await? {
+                if let Some(record) = self.lookup(tenant).await? {
+                    records.push((tenant, record));
+                }
+            }
+            Ok(records)
+        })
+    }
 
     /// The tenants that change from now on. A tenant may be announced more than once for one
     /// change (the PostgreSQL store announces one it heard of again once it has read its

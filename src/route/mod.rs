@@ -78,7 +78,7 @@ mod upstream;
 pub use cache::RouteCache;
 pub use directory::{
     DirectoryError, DirectoryFuture, FileDirectory, InMemoryDirectory, TenantDirectory,
-    TenantStore, TenantStoreFuture, TenantWriteLock,
+    TenantStore, TenantStoreBorrowingFuture, TenantStoreFuture, TenantWriteLock,
 };
 pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
