@@ -49,30 +49,36 @@ pub(crate) struct State {
 pub(crate) struct DirLock {
     dir: PathBuf,
     /// The directory as it was when locked (its device and inode, on Unix): one removed and
-    /// made again under the same name is another.
-    identity: Option<(u64, u64)>,
-    file: std::fs::File,
+    /// made again under the same name is another. `None` when it could not be opened.
+    directory: Option<same_file::Handle>,
+    /// The locked `gateway.lock`, held open (the lock goes with it).
+    file: same_file::Handle,
     /// Whether the loss was said (once).
     said: AtomicBool,
 }
 
 impl DirLock {
-    fn new(dir: PathBuf, file: std::fs::File) -> Self {
-        Self {
-            identity: identity(&dir),
+    fn new(dir: PathBuf, file: std::fs::File) -> std::io::Result<Self> {
+        Ok(Self {
+            directory: same_file::Handle::from_path(&dir).ok(),
             dir,
-            file,
+            file: same_file::Handle::from_file(file)?,
             said: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Whether `state_dir` is still the directory locked at start and its `gateway.lock` the
     /// file this process locked. Once not (removed, replaced, made again: what else went with
     /// it cannot be told), it is not taken again: the first time, an `error` says so.
     pub(crate) fn held(&self) -> bool {
-        let held = identity(&self.dir) == self.identity
-            && self.identity.is_some()
-            && same_file(&self.file, &self.dir.join(LOCK_FILE));
+        let same = |handle: &same_file::Handle, path: &Path| {
+            same_file::Handle::from_path(path).is_ok_and(|there| there == *handle)
+        };
+        let held = self
+            .directory
+            .as_ref()
+            .is_some_and(|directory| same(directory, &self.dir))
+            && same(&self.file, &self.dir.join(LOCK_FILE));
         if !held && !self.said.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 state_dir = %self.dir.display(),
@@ -80,38 +86,6 @@ impl DirLock {
             );
         }
         held
-    }
-}
-
-/// The device and inode of `path` (on Unix; elsewhere whether it is a directory at all).
-fn identity(path: &Path) -> Option<(u64, u64)> {
-    let meta = std::fs::metadata(path).ok().filter(|meta| meta.is_dir())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Some((meta.dev(), meta.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = meta;
-        Some((0, 0))
-    }
-}
-
-/// Whether `file` is the file at `path` (the same device and inode, on Unix).
-fn same_file(file: &std::fs::File, path: &Path) -> bool {
-    let (Ok(open), Ok(there)) = (file.metadata(), std::fs::metadata(path)) else {
-        return false;
-    };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        open.dev() == there.dev() && open.ino() == there.ino()
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = open;
-        there.is_file()
     }
 }
 
@@ -481,7 +455,9 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         revocations: Some(revocations),
         assertion_jtis: Some(assertion_jtis),
         _temporary: temporary,
-        lock: Some(Arc::new(DirLock::new(dir.clone(), lock))),
+        lock: Some(Arc::new(DirLock::new(dir.clone(), lock).map_err(|e| {
+            format!("cannot read the lock file in {}: {e}", dir.display())
+        })?)),
     })
 }
 

@@ -1410,14 +1410,15 @@ async fn audit_records_name_the_client_address_a_trusted_balancer_gave() {
 }
 
 /// `state_dir` removed while the gateway runs (by hand, or by a cleaner of old files), its
-/// lock file alone, or the directory made again: `/readyz` says so, the loss is logged at
+/// lock file alone, the lock file replaced by another of the same name, or the directory made
+/// again: `/readyz` says so, the loss is logged at
 /// `error`, and admin changes are refused (`503`) instead of being written to a directory
 /// that holds only some of the state (or another gateway's); nothing makes it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_directory_removed_under_the_gateway_is_said_and_not_made_again() {
     let admin_token = "operations-admin-token-0123456789";
     let auth = format!("Bearer {admin_token}");
-    for case in ["lock", "directory", "made again"] {
+    for case in ["lock", "lock replaced", "directory", "made again"] {
         let dir = scratch(&format!("operations-state-removed-{case}"));
         let upstream = RecordingUpstream::start().await;
         let gw = start(&dir, &upstream, json!({"admin_token": admin_token}));
@@ -1439,6 +1440,10 @@ async fn a_state_directory_removed_under_the_gateway_is_said_and_not_made_again(
         assert_eq!(put_client("before").await.status, StatusCode::CREATED);
         match case {
             "lock" => std::fs::remove_file(state.join("gateway.lock")).unwrap(),
+            "lock replaced" => {
+                std::fs::remove_file(state.join("gateway.lock")).unwrap();
+                std::fs::write(state.join("gateway.lock"), b"").unwrap();
+            }
             "directory" => std::fs::remove_dir_all(&state).unwrap(),
             _ => {
                 std::fs::remove_dir_all(&state).unwrap();
@@ -1475,6 +1480,7 @@ async fn a_state_directory_removed_under_the_gateway_is_said_and_not_made_again(
         match case {
             "directory" => assert!(!state.exists(), "the state directory was made again"),
             "made again" => assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0),
+            "lock replaced" => assert_eq!(std::fs::read(state.join("gateway.lock")).unwrap(), b""),
             _ => assert!(!state.join("gateway.lock").exists()),
         }
         // Reads go on, and tokens are issued and served from what the process holds.
