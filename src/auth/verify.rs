@@ -979,9 +979,32 @@ fn names_a_token(query: &str) -> bool {
     }
     query.split(['&', ';']).any(|pair| {
         let name = pair.split_once('=').map_or(pair, |(name, _)| name);
-        name.len() >= "access_token".len()
-            && parameter_name(name).eq_ignore_ascii_case("access_token")
+        name.len() >= "access_token".len() && is_parameter(name, "access_token")
     })
+}
+
+/// Whether the query parameter name `name`, read as [`parameter_name`], is `wanted` (ASCII)
+/// in any case, including the case mappings of Unicode that lead to ASCII
+/// letters: the Kelvin sign `K` is a `k`, the long `ſ` an `s`, `ı` and `İ` an `i` (as Java's
+/// `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` read them: `access_to%E2%84%AAen` is an
+/// `access_token` to such a server).
+pub(crate) fn is_parameter(name: &str, wanted: &str) -> bool {
+    let name = parameter_name(name);
+    if name.is_ascii() {
+        return name.eq_ignore_ascii_case(wanted);
+    }
+    let mut wanted = wanted.bytes();
+    let same = name.chars().all(|c| {
+        let folded = match c {
+            '\u{212A}' => b'k',
+            '\u{017F}' => b's',
+            '\u{0131}' | '\u{0130}' => b'i',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return false,
+        };
+        wanted.next().map(|w| w.to_ascii_lowercase()) == Some(folded)
+    });
+    same && wanted.next().is_none()
 }
 
 /// A query parameter's name as the most lenient servers read it: `+` a space, percent-decoded
@@ -1025,6 +1048,9 @@ mod tests {
             "access_token+=x",
             "+access_token=x",
             "%20access_token%20=x",
+            // Unicode's case mappings that lead to ASCII letters (Java's `equalsIgnoreCase`).
+            "access_to%E2%84%AAen=x",
+            "acce%C5%BF%C5%BF_token=x",
         ] {
             assert!(names_a_token(query), "{query}");
         }
@@ -1038,9 +1064,16 @@ mod tests {
             "access+token=x",
             "_count=1&_sort=name",
             "name=%41",
+            "access_tok%C3%A9n=x",
+            "%E2%84%AAaccess_token=x",
+            "access_token%C4%B1=x",
         ] {
             assert!(!names_a_token(query), "{query}");
         }
+        for (name, wanted) in [("%C4%B1d_token", "id_token"), ("%C4%B0D_TOKEN", "id_token")] {
+            assert!(is_parameter(name, wanted), "{name}");
+        }
+        assert!(!is_parameter("%C3%AFd_token", "id_token"));
     }
 
     #[test]

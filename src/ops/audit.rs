@@ -725,16 +725,14 @@ const SECRET_PARAMETERS: [&str; 31] = [
 ];
 
 /// The query string with the value of each [`SECRET_PARAMETERS`] parameter (its name
-/// percent-decoded, `+` a space, any case, white space around it ignored, as lenient servers
-/// read names)
-/// replaced by `REDACTED`; borrowed when it has none. Pairs are split at `&` and at `;`
+/// percent-decoded, `+` a space, any case, Unicode's case mappings to ASCII letters included,
+/// white space around it ignored, as lenient servers read names) replaced by `REDACTED`; borrowed when it has none. Pairs are split at `&` and at `;`
 /// (which some servers also take between parameters).
 fn redact_secrets(query: &str) -> std::borrow::Cow<'_, str> {
     let secret = |name: &str| {
-        let name = crate::auth::parameter_name(name);
         SECRET_PARAMETERS
             .iter()
-            .any(|secret| name.eq_ignore_ascii_case(secret))
+            .any(|secret| crate::auth::is_parameter(name, secret))
     };
     let has_secret = |pair: &str| pair.split_once('=').is_some_and(|(name, _)| secret(name));
     if !query.split(['&', ';']).any(has_secret) {
@@ -2338,6 +2336,12 @@ mod tests {
             Some(
                 "access_token+=REDACTED&+client_secret=REDACTED&access_token%09=REDACTED&access%2Btoken=d"
             )
+        );
+        // Unicode's case mappings to ASCII letters (the Kelvin sign, the long s).
+        let q = Some("access_to%E2%84%AAen=a&client_%C5%BFecret=b&toke%C3%B1=c");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some("access_to%E2%84%AAen=REDACTED&client_%C5%BFecret=REDACTED&toke%C3%B1=c")
         );
         // Signed URLs' and sessions' names, and pairs after a `;`.
         let q = Some("_count=1;access_token=a&X-Amz-Signature=b;sig=c&session=d&name=e;f=g");
