@@ -389,7 +389,7 @@ fn check_config_says_what_is_wrong() {
 /// start say so at once, naming both keys; `--listen` is held to it too.
 #[test]
 fn metrics_listen_on_the_gateways_own_address_is_refused() {
-    let port = process::free_port();
+    let [port, apart_port] = process::free_ports();
     let with = |name: &str, listen: &str, metrics: &str| {
         config_file(
             name,
@@ -417,11 +417,7 @@ fn metrics_listen_on_the_gateways_own_address_is_refused() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
     }
     // Apart, the file is good; `--listen` onto the metrics address is not.
-    let apart = with(
-        "metrics-apart",
-        &format!("127.0.0.1:{}", process::free_port()),
-        &same,
-    );
+    let apart = with("metrics-apart", &format!("127.0.0.1:{apart_port}"), &same);
     let out = gateway(&["--check-config", apart.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // `--check-config` takes `--listen` as the start does.
@@ -517,9 +513,9 @@ fn a_closed_stdout_is_no_panic() {
 
 #[test]
 fn admin_listen_needs_a_port_of_its_own_and_the_admin_token() {
-    let port = process::free_port();
+    let [port, elsewhere_port] = process::free_ports();
     let same = format!("127.0.0.1:{port}");
-    let elsewhere = format!("127.0.0.1:{}", process::free_port());
+    let elsewhere = format!("127.0.0.1:{elsewhere_port}");
     for (name, keys, says) in [
         (
             "admin-on-listen",
@@ -880,17 +876,23 @@ fn without_state_dir_or_database_url_the_start_warns_that_a_restart_loses_the_st
 /// read the metrics through the proxy), and the refused start writes nothing.
 #[test]
 fn a_tenant_at_the_gateways_own_address_is_refused_whichever_way_it_came() {
-    let file = config_file("own-address-listen", GOOD);
+    // The tenant's upstream on a port free now: the last start binds `metrics_listen` there
+    // before it reads the stored tenants (a port another process holds would fail that bind).
+    let upstream = format!("127.0.0.1:{}", process::free_port());
+    let file = config_file(
+        "own-address-listen",
+        &GOOD.replace("127.0.0.1:9001", &upstream),
+    );
     let path = file.to_str().unwrap();
     for args in [
-        vec!["--check-config", path, "--listen", "127.0.0.1:9001"],
-        vec!["--config", path, "--listen", "127.0.0.1:9001"],
+        vec!["--check-config", path, "--listen", &upstream],
+        vec!["--config", path, "--listen", &upstream],
     ] {
         let out = gateway(&args);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{args:?}: accepted");
         assert!(
-            stderr.contains("--listen 127.0.0.1:9001: tenant 4d1f6c2e")
+            stderr.contains(&format!("--listen {upstream}: tenant 4d1f6c2e"))
                 && stderr.contains("is this gateway's own listen"),
             "{args:?}: {stderr}"
         );
@@ -911,7 +913,7 @@ fn a_tenant_at_the_gateways_own_address_is_refused_whichever_way_it_came() {
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         config["tenants"] = serde_json::json!([]);
-        config["metrics_listen"] = serde_json::json!("127.0.0.1:9001");
+        config["metrics_listen"] = serde_json::json!(upstream);
         config
     };
     std::fs::write(&file, serde_json::to_vec(&moved).unwrap()).unwrap();

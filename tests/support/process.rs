@@ -128,11 +128,15 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` ports free on 127.0.0.1 as this is called, all different (each held until all are
+/// chosen: ports found one after the other could be the same one twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] =
+        std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|listener| listener.local_addr().unwrap().port())
 }
 
 /// Sends `bytes` (a request, or the start of one) on a fresh connection to `addr` and reads
