@@ -357,10 +357,12 @@ async fn accept(
         let requests = Arc::clone(&activity);
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let mut in_flight = InFlight::start(&requests);
-            // Each HTTP/2 request holds one of `http2_max_requests_in_flight` until its
-            // response is delivered (with many streams a connection, the connections bound
-            // them only by their product); past it, 503 at once. An HTTP/1.1 connection
-            // carries one request at a time: `max_connections` bounds those.
+            // Each HTTP/2 request holds one of `http2_max_requests_in_flight` (with many
+            // streams a connection, the connections bound them only by their product); past
+            // it, 503 at once. An HTTP/1.1 connection carries one request at a time:
+            // `max_connections` bounds those. The place is held until the response is ready,
+            // and when an upstream's response is relayed (its body may hold the upstream's
+            // connection) until it is delivered.
             let over_budget = request.version() == http::Version::HTTP_2
                 && match limits.http2_in_flight.try_acquire() {
                     Ok(permit) => {
@@ -432,6 +434,19 @@ async fn accept(
                 // (Its headers, `Content-Length` included, are the GET's.)
                 if bodiless {
                     *response.body_mut() = Either::Right(axum::body::Body::empty());
+                }
+                // A response made here, by a layer, from a cache or by an in-process tenant
+                // holds nothing but its bytes: its place is free now. Otherwise a client that
+                // grants no flow-control window (its streams' answers never sent) would hold
+                // places with requests anyone may send without a token, a hundred a
+                // connection, and every tenant's HTTP/2 requests would get 503 meanwhile.
+                if in_flight.slot.is_some()
+                    && response
+                        .extensions()
+                        .get::<tower_fhir::proxy::Relayed>()
+                        .is_none()
+                {
+                    in_flight.slot = None;
                 }
                 // In flight until the client has taken the body (or hyper gives it up).
                 Ok::<_, Infallible>(response.map(|body| Delivered::new(body, in_flight)))

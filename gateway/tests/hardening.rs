@@ -1310,6 +1310,87 @@ async fn http2_max_requests_in_flight_bounds_the_http2_requests_of_every_connect
     assert_eq!(refusals, 1.0);
 }
 
+/// A client that grants no HTTP/2 flow-control window (so no response body is ever sent to it)
+/// holds none of `http2_max_requests_in_flight` with answers the gateway makes itself, such as
+/// the `401` anyone gets without a token: another client is served meanwhile. Answers relayed
+/// from an upstream (whose bodies may hold the upstream's connection) keep their places until
+/// delivered, as before, and free them when their connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_nothing_holds_no_http2_place_with_the_gateways_own_answers() {
+    use http_body_util::BodyExt;
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir/Patient/1",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let (proc, addr) = start_with_tenant(
+        "h2-no-window",
+        &upstream,
+        json!({"http2_max_requests_in_flight": 4}),
+    );
+    let token = tokio::task::spawn_blocking(move || token(addr))
+        .await
+        .unwrap();
+    let get = |token: Option<&str>| {
+        let mut request = http::Request::get("http://gateway/Patient/1");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let (taking_nothing, connection) = h2_connect(addr, 0).await;
+    let mut unread = Vec::new();
+    for _ in 0..8 {
+        let response = taking_nothing
+            .clone()
+            .send_request(get(None))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{}", proc.stderr());
+        unread.push(response);
+    }
+    let (mut other, _other_connection) = h2_connect(addr, 65_535).await;
+    let response = other.send_request(get(Some(&token))).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", proc.stderr());
+    response.into_body().collect().await.unwrap();
+
+    // Relayed answers, unread: they hold the four places.
+    for _ in 0..4 {
+        let response = taking_nothing
+            .clone()
+            .send_request(get(Some(&token)))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", proc.stderr());
+        unread.push(response);
+    }
+    let refused = other.send_request(get(Some(&token))).await.unwrap();
+    assert_eq!(refused.status(), 503, "{}", proc.stderr());
+    refused.into_body().collect().await.unwrap();
+
+    // Their connection gone, the places are free.
+    drop(unread);
+    drop(taking_nothing);
+    connection.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = other.send_request(get(Some(&token))).await.unwrap();
+        let status = response.status();
+        response.into_body().collect().await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status}: {}",
+            proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 const BODY_TENANT: &str = "77770000-0000-4000-8000-000000000007";
 const BODY_SECRET: &str = "hardening-client-secret-0123456789";
 

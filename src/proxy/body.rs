@@ -59,6 +59,36 @@ pin_project! {
     }
 }
 
+/// In a response's extensions: [`FhirProxy`](super::FhirProxy) relayed it from an upstream.
+/// Its body may still be coming from the upstream's connection, and it holds the upstream's
+/// concurrency slot and the Bundle rewrite budget's bytes until it ends: a client that takes
+/// nothing of it holds them. Any other response (a layer's refusal, the proxy's own
+/// `OperationOutcome` for an upstream that failed, a CapabilityStatement from a cache, an
+/// in-process tenant's answer) has none of them.
+///
+/// A server that bounds the requests in flight can tell the two apart: the gateway binary
+/// counts an HTTP/2 request among its `http2_max_requests_in_flight` until its response is
+/// delivered when the response is `Relayed`, and only until the response is ready otherwise,
+/// so that a client that grants no flow-control window holds no place with requests anyone
+/// may send without a token.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use tower::ServiceExt;
+/// use tower_fhir::proxy::{FhirProxy, Relayed};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let proxy = FhirProxy::builder("https://gateway.example").build().unwrap();
+/// // No upstream chosen for the request: the proxy answers `502` itself, nothing relayed.
+/// let answer = proxy.oneshot(http::Request::new(Full::<Bytes>::default())).await.unwrap();
+/// assert_eq!(answer.status(), http::StatusCode::BAD_GATEWAY);
+/// assert!(answer.extensions().get::<Relayed>().is_none());
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Relayed;
+
 /// The largest frame a body made here is handed over in.
 const FULL_FRAME: usize = 64 * 1024;
 

@@ -203,6 +203,61 @@ mod tests {
         assert!(matches!(answer.body(), Either::Left(_)));
     }
 
+    /// A relayed response is marked [`Relayed`](crate::proxy::Relayed) (its body may hold the
+    /// upstream's connection); the proxy's own answers and an in-process tenant's are not.
+    #[tokio::test]
+    async fn only_what_an_upstream_answered_is_marked_relayed() {
+        use crate::proxy::Relayed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0; 1];
+                if stream.read(&mut byte).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let body = r#"{"resourceType":"Patient","id":"1"}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let fhir = tower::service_fn(|_: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("in-process")))
+        });
+        let service = FhirProxy::builder("https://gw.example")
+            .build()
+            .unwrap()
+            .or_in_process(fhir);
+        let mut proxied = Request::get("/Patient/1").body(Full::default()).unwrap();
+        proxied
+            .extensions_mut()
+            .insert(Upstream::parse(&base, FhirVersion::R4).unwrap());
+        let answer = service.clone().oneshot(proxied).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.extensions().get::<Relayed>(), Some(&Relayed));
+        let mut in_process = Request::new(Full::default());
+        in_process
+            .extensions_mut()
+            .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
+        let answer = service.clone().oneshot(in_process).await.unwrap();
+        assert!(answer.extensions().get::<Relayed>().is_none());
+        // The upstream gone: the proxy's own 502.
+        let mut failed = Request::get("/Patient/1").body(Full::default()).unwrap();
+        failed
+            .extensions_mut()
+            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+        let answer = service.oneshot(failed).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+        assert!(answer.extensions().get::<Relayed>().is_none());
+    }
+
     /// An in-process service that is never ready.
     #[derive(Clone)]
     struct Stuck;

@@ -103,7 +103,7 @@ mod slots;
 mod transport;
 
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
-pub use body::{ProxyBody, UpstreamCut, UpstreamStalled};
+pub use body::{ProxyBody, Relayed, UpstreamCut, UpstreamStalled};
 pub use headers::{FORWARDED_REQUEST_HEADERS, FORWARDING_CHAIN_HEADERS};
 pub use in_process::{DispatchFuture, InProcessOrProxy};
 pub use service::{

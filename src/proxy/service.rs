@@ -790,7 +790,9 @@ where
                 response_from_dstu2(response.headers_mut());
             }
             crate::version::label(response.headers_mut(), upstream.fhir_version());
-            response.extensions_mut().insert(upstream.fhir_version());
+            let extensions = response.extensions_mut();
+            extensions.insert(upstream.fhir_version());
+            extensions.insert(super::Relayed);
             Ok(response.map(|body| body.holding(slot)))
         })
     }
