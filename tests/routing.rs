@@ -607,6 +607,58 @@ async fn hop_by_hop_headers_of_the_upstream_s_response_stay_there() {
     assert_eq!(reply.headers["x-content-type-options"], "nosniff");
 }
 
+/// A document a browser would render and run scripts in (an upstream's HTML page, SVG, other
+/// XML, or a body of no type) comes with `Content-Security-Policy: sandbox`: not on the
+/// gateway's origin, every tenant's. FHIR's JSON and XML, and other types (a Binary's PDF,
+/// which a sandbox would keep a browser's viewer from showing), come as they were.
+#[tokio::test]
+async fn documents_a_browser_would_run_scripts_in_are_sandboxed() {
+    let upstream = RecordingUpstream::start().await;
+    let gw = one_tenant(&upstream).await;
+    let bearer = format!("Bearer {}", token_for(TENANT_A));
+    for (path, content_type, sandboxed) in [
+        ("/Patient/html", Some("text/html; charset=utf-8"), true),
+        ("/Patient/xhtml", Some("application/xhtml+xml"), true),
+        ("/Binary/svg", Some("image/svg+xml"), true),
+        ("/Binary/xml", Some("Application/XML"), true),
+        ("/Binary/atom", Some("application/atom+xml"), true),
+        ("/Binary/untyped", None, true),
+        ("/Patient/json", Some("application/fhir+json"), false),
+        ("/Patient/fhir-xml", Some("application/fhir+xml"), false),
+        ("/Binary/pdf", Some("application/pdf"), false),
+        ("/Binary/png", Some("image/png"), false),
+    ] {
+        upstream.answer(
+            &format!("/fhir/r3{path}"),
+            Answer {
+                headers: content_type
+                    .map(|t| vec![("content-type".to_owned(), t.to_owned())])
+                    .unwrap_or_default(),
+                body: "<html><script>alert(1)</script></html>".into(),
+                ..Answer::json(json!({}))
+            },
+        );
+        let reply = gw
+            .client
+            .send("GET", path, &[("authorization", bearer.as_str())], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        assert_eq!(
+            reply
+                .headers
+                .get("content-security-policy")
+                .map(|v| v.to_str().unwrap()),
+            sandboxed.then_some("sandbox"),
+            "{path}"
+        );
+        assert_eq!(
+            reply.text(),
+            "<html><script>alert(1)</script></html>",
+            "{path}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_and_client_credentials_do_not_cross() {
     let upstream = RecordingUpstream::start().await;

@@ -1,7 +1,8 @@
 //! The upstream's response relayed to the client: hop-by-hop headers removed, `Set-Cookie`
 //! removed unless the upstream takes part in cookies, `X-Content-Type-Options: nosniff` set,
-//! its `Content-Length` the one the body was read with, the upstream's base URL rewritten to
-//! the gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
+//! `Content-Security-Policy: sandbox` added to documents a browser would run scripts in, its
+//! `Content-Length` the one the body was read with, the upstream's base URL rewritten to the
+//! gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
 //! a server answers with (bodies up to a limit; larger or compressed ones stream through
 //! untouched; digests of a rewritten body's bytes dropped). An informational answer, a `401`
 //! or `407` (the upstream refusing the gateway's own credentials), a redirect outside the
@@ -154,6 +155,19 @@ pub(super) async fn relay_response(
     // it). A bodiless answer keeps the length it speaks of (a HEAD's, a 304's), unless a
     // transfer coding made it meaningless; a 204 has none.
     let mut heads = ResponseHeads::scan(&parts.headers);
+    // A document a browser renders and may run scripts in (HTML, XHTML, SVG, other XML, or
+    // no type at all: HAPI's `_format=html`, a Binary's page) would run them on the gateway's
+    // origin, every tenant's: `sandbox` gives it an origin of its own, without scripts. (Not
+    // on other types: it would keep a browser's PDF viewer from showing a Binary's PDF; nor
+    // on a `204` or `304`, which have no document.)
+    let no_document =
+        parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    if !no_document && (heads.json.is_none() || heads.document) {
+        parts.headers.append(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
     if chunked || (!bodiless && declared.is_none()) || parts.status == StatusCode::NO_CONTENT {
         if heads.lengths > 0 {
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -526,6 +540,9 @@ struct ResponseHeads {
     /// The first `Content-Type`'s media type is FHIR's XML (`application/fhir+xml`, DSTU2's
     /// `application/xml+fhir`).
     xml: bool,
+    /// The first `Content-Type`'s media type is a document a browser renders and may run
+    /// scripts in: HTML, XHTML, SVG, or XML other than FHIR's.
+    document: bool,
     /// The first `Content-Encoding` is `identity`.
     identity: Option<bool>,
     /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
@@ -557,6 +574,17 @@ impl ResponseHeads {
                 heads.json = Some(json);
                 // FHIR's own XML types only: other XML (a Binary's) streams as it comes.
                 heads.xml = !json && is(&[b"application/fhir+xml", b"application/xml+fhir"]);
+                heads.document = !json
+                    && !heads.xml
+                    && (is(&[
+                        b"text/html",
+                        b"application/xhtml+xml",
+                        b"image/svg+xml",
+                        b"text/xml",
+                        b"application/xml",
+                        b"text/xsl",
+                    ]) || media.len() > 4
+                        && media[media.len() - 4..].eq_ignore_ascii_case(b"+xml"));
             } else if name == header::CONTENT_ENCODING {
                 heads
                     .identity
