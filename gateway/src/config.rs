@@ -123,6 +123,15 @@ pub(crate) struct Config {
     /// Label request metrics with the tenant. Default true.
     #[serde(default = "default_true")]
     pub(crate) metrics_tenant_label: bool,
+    /// How long a removed tenant's series stay on `/metrics` (with their final counts) after
+    /// the gateway hears of the removal (through its admin API, or another replica's through
+    /// the shared database); then they go, and a tenant added again counts from zero.
+    /// Default 300: Prometheus, scraping once a minute by default, reads the final counts a
+    /// few times, and the tenant's requests still in flight (which end within
+    /// `upstream_timeout_seconds`, 30 by default) are counted in them rather than in new
+    /// series left behind. 1 to [`MAX_CONNECTION_SECONDS`].
+    #[serde(default = "default_removed_tenant_grace")]
+    pub(crate) metrics_removed_tenant_grace_seconds: u64,
     /// A file (or `-` for stdout) receiving one JSON audit record per line per request.
     #[serde(default)]
     pub(crate) audit_log: Option<PathBuf>,
@@ -276,6 +285,10 @@ impl std::fmt::Debug for Config {
             .field("admin_listen", &self.admin_listen)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_tenant_label", &self.metrics_tenant_label)
+            .field(
+                "metrics_removed_tenant_grace_seconds",
+                &self.metrics_removed_tenant_grace_seconds,
+            )
             .field("audit_log", &self.audit_log)
             .field("audit_query", &self.audit_query)
             .field("cors_allowed_origins", &self.cors_allowed_origins)
@@ -565,9 +578,14 @@ fn default_shutdown_grace() -> u64 {
     30
 }
 
+fn default_removed_tenant_grace() -> u64 {
+    300
+}
+
 /// The longest `header_read_timeout_seconds`, `body_read_timeout_seconds`,
-/// `idle_timeout_seconds`, `shutdown_grace_seconds`, `upstream_timeout_seconds` and
-/// `jwks_refetch_cooldown_seconds` accepted: a day (a longer one could overflow the clock).
+/// `idle_timeout_seconds`, `shutdown_grace_seconds`, `upstream_timeout_seconds`,
+/// `jwks_refetch_cooldown_seconds` and `metrics_removed_tenant_grace_seconds` accepted: a day
+/// (a longer one could overflow the clock).
 pub(crate) const MAX_CONNECTION_SECONDS: u64 = 86_400;
 
 /// The most `upstream_max_idle_connections`.
@@ -860,6 +878,10 @@ impl Config {
                 "jwks_refetch_cooldown_seconds",
                 self.jwks_refetch_cooldown_seconds,
             ),
+            (
+                "metrics_removed_tenant_grace_seconds",
+                self.metrics_removed_tenant_grace_seconds,
+            ),
         ] {
             if !(1..=MAX_CONNECTION_SECONDS).contains(&value) {
                 return Err(format!(
@@ -1060,13 +1082,15 @@ mod tests {
         assert_eq!(empty.max_request_body_bytes, 16 * 1024 * 1024);
         assert_eq!(empty.metrics_listen, None);
         assert!(empty.metrics_tenant_label);
+        assert_eq!(empty.metrics_removed_tenant_grace_seconds, 300);
         assert_eq!(empty.audit_log, None);
         assert_eq!(empty.audit_query, AuditQuery::Names);
         assert!(empty.cors_allowed_origins.is_empty());
         assert_eq!(empty.token_hashing_concurrency, None);
         let config: Config = serde_json::from_str(
             r#"{"max_request_body_bytes": 1024, "metrics_listen": "127.0.0.1:9100",
-                "metrics_tenant_label": false, "audit_log": "-", "audit_query": "full",
+                "metrics_tenant_label": false, "metrics_removed_tenant_grace_seconds": 60,
+                "audit_log": "-", "audit_query": "full",
                 "cors_allowed_origins": ["https://app.example"], "token_hashing_concurrency": 3}"#,
         )
         .unwrap();
@@ -1076,6 +1100,7 @@ mod tests {
             Some("127.0.0.1:9100".parse().unwrap())
         );
         assert!(!config.metrics_tenant_label);
+        assert_eq!(config.metrics_removed_tenant_grace_seconds, 60);
         assert_eq!(config.audit_log.as_deref(), Some(Path::new("-")));
         assert_eq!(config.audit_query, AuditQuery::Full);
         assert_eq!(config.cors_allowed_origins, ["https://app.example"]);
@@ -1428,6 +1453,10 @@ mod tests {
             (
                 r#"{"jwks_refetch_cooldown_seconds": 86401}"#,
                 "jwks_refetch_cooldown_seconds must be between 1 and 86400 (a day), not 86401",
+            ),
+            (
+                r#"{"metrics_removed_tenant_grace_seconds": 0}"#,
+                "metrics_removed_tenant_grace_seconds must be between 1 and 86400 (a day), not 0",
             ),
             (
                 r#"{"max_connections": 0}"#,

@@ -123,6 +123,9 @@ pub(crate) struct Served {
     pub(crate) admin_apart: Option<AdminFront>,
     /// What reopens the audit log file (for rotation), when there is one.
     pub(crate) reopener: Option<AuditReopener>,
+    /// The layer counting requests (a clone, sharing its handles): what forgets a removed
+    /// tenant's series.
+    pub(crate) observe: ObserveLayer,
 }
 
 /// The gateway wrapped as the configuration says, and the admin API (`admin`: on `listen`;
@@ -201,6 +204,7 @@ pub(crate) fn front(
     };
     let wrap = |router| RequestIdLayer::new().layer(observe.clone().layer(router));
     let (admin, admin_apart) = (admin.map(wrap), admin_apart.map(wrap));
+    let counting = observe.clone();
     let inner = ServiceBuilder::new()
         .layer(health)
         .layer(observe)
@@ -216,6 +220,7 @@ pub(crate) fn front(
         admin,
         admin_apart,
         reopener,
+        observe: counting,
     })
 }
 
@@ -233,6 +238,12 @@ impl MetricsPage {
     fn render(&self) -> String {
         let histograms = self.histograms.render();
         self.counters.render() + &histograms
+    }
+
+    /// The histograms, which also keep the tenant-labelled request counter: what forgets a
+    /// removed tenant's series.
+    pub(crate) fn histograms(&self) -> &BucketHistograms {
+        &self.histograms
     }
 }
 

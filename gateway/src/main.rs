@@ -268,9 +268,11 @@ async fn run(args: Args) -> Result<(), String> {
     let hangups = serve::hangups();
 
     // Metrics first: what the start does (the first key fetches) is counted too.
+    let mut histograms = None;
     if let Some(addr) = config.metrics_listen {
         let listener = front::bind_metrics(addr).await?;
         let page = front::install_metrics()?;
+        histograms = Some(page.histograms().clone());
         let local = listener.local_addr().unwrap_or(addr);
         front::serve_metrics(listener, page);
         say!(
@@ -495,6 +497,19 @@ async fn run(args: Args) -> Result<(), String> {
                 lock.held();
             }
         });
+    }
+    // A removed tenant's series leave /metrics once Prometheus has had time to scrape their
+    // final counts (however it was removed: through this replica's admin API, or another's
+    // heard through the shared database).
+    if let (Some(histograms), true) = (histograms, config.metrics_tenant_label) {
+        tokio::spawn(state::forget_removed_tenants(
+            Arc::clone(&state.directory),
+            state::TenantSeries {
+                observe: served.observe.clone(),
+                histograms,
+            },
+            Duration::from_secs(config.metrics_removed_tenant_grace_seconds),
+        ));
     }
     let reopener = served.reopener.take();
     #[cfg(unix)]

@@ -2,13 +2,14 @@
 //! PostgreSQL database many replicas share (or made in memory to check a configuration), and
 //! seeded from the configuration with what it does not hold yet.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower_fhir::auth::FileRevocationLog;
+use tower_fhir::ops::{BucketHistograms, ObserveLayer};
 use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
@@ -685,6 +686,372 @@ async fn register(
         }
     }
     Ok(())
+}
+
+/// What `/metrics` keeps of each tenant: the request counter's series, held by the layer that
+/// counts them and by the recorder that renders them.
+pub(crate) struct TenantSeries {
+    pub(crate) observe: ObserveLayer,
+    pub(crate) histograms: BucketHistograms,
+}
+
+impl TenantSeries {
+    /// Forgets `tenants`' series: the recorder's first, so that a request counted meanwhile
+    /// counts in a series forgotten rather than leave the layer a handle to one no longer
+    /// rendered. How many series the layer held.
+    fn forget(&self, tenants: &[TenantId]) -> usize {
+        let ids: Vec<String> = tenants.iter().map(ToString::to_string).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.histograms.forget_labelled("tenant", &ids);
+        self.observe.forget_tenants(tenants)
+    }
+}
+
+/// More tenants than this to check at once, and the directory is listed once rather than
+/// asked for each (a round trip each in PostgreSQL).
+const LOOKUPS_AT_MOST: usize = 16;
+
+/// How soon tenants are checked again when the directory could not say whether it holds them.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Forgets the `/metrics` series of every tenant removed from `directory`, `grace` after the
+/// removal was heard (`metrics_removed_tenant_grace_seconds`), if the tenant is still absent
+/// then: Prometheus reads the final counts meanwhile, and the tenant's last requests end. A
+/// tenant added back within it keeps its series as they were; one added back later counts
+/// from zero.
+///
+/// Removals are heard from the directory's changes: the admin API's on this process, and (in
+/// PostgreSQL) every other replica's. Once every `grace`, the tenants counted are also
+/// checked against the directory, which finds those whose removal was not heard (more changes
+/// at once than the channel holds) and those a request counted again after they were
+/// forgotten (a token request of a client that still names the tenant). Runs for the life of
+/// the process, on the main runtime: nothing here is on a request's path.
+pub(crate) async fn forget_removed_tenants(
+    directory: Arc<dyn TenantStore>,
+    series: TenantSeries,
+    grace: Duration,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    use tokio::time::Instant;
+    let mut changes = directory.changes();
+    // The tenants to check, by when.
+    let mut due: HashMap<TenantId, Instant> = HashMap::new();
+    let mut sweep = tokio::time::interval(grace);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = due.values().min().copied();
+        tokio::select! {
+            heard = changes.recv() => match heard {
+                // Checked once the grace is over (a change heard again starts it again).
+                Ok(tenant) => {
+                    due.insert(tenant, Instant::now() + grace);
+                }
+                // Changes were missed: the tenants counted are checked now instead.
+                Err(RecvError::Lagged(_)) => sweep.reset_immediately(),
+                // The directory is gone: so is the process.
+                Err(RecvError::Closed) => return,
+            },
+            _ = sweep.tick() => {
+                let unheard: Vec<TenantId> = series
+                    .observe
+                    .counted_tenants()
+                    .into_iter()
+                    .filter(|tenant| !due.contains_key(tenant))
+                    .collect();
+                if unheard.is_empty() {
+                    continue;
+                }
+                match absent(&*directory, unheard).await {
+                    Ok(gone) => {
+                        for tenant in gone {
+                            due.insert(tenant, Instant::now() + grace);
+                        }
+                    }
+                    Err(error) => tracing::debug!(
+                        %error,
+                        "could not check the tenants counted in /metrics against the directory: checked again later"
+                    ),
+                }
+            }
+            () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let now = Instant::now();
+                let ready: Vec<TenantId> = due
+                    .iter()
+                    .filter(|(_, when)| **when <= now)
+                    .map(|(tenant, _)| *tenant)
+                    .collect();
+                for tenant in &ready {
+                    due.remove(tenant);
+                }
+                match absent(&*directory, ready.clone()).await {
+                    Ok(gone) if gone.is_empty() => {}
+                    Ok(gone) => {
+                        let forgotten = series.forget(&gone);
+                        tracing::debug!(
+                            tenants = gone.len(),
+                            series = forgotten,
+                            "forgot the /metrics series of removed tenants"
+                        );
+                    }
+                    Err(error) => {
+                        tracing::debug!(
+                            %error,
+                            "could not check removed tenants against the directory: checked again in 10 s"
+                        );
+                        for tenant in ready {
+                            due.entry(tenant).or_insert_with(|| Instant::now() + RECHECK);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Which of `tenants` `directory` does not hold.
+async fn absent(
+    directory: &dyn TenantStore,
+    tenants: Vec<TenantId>,
+) -> Result<Vec<TenantId>, DirectoryError> {
+    if tenants.len() > LOOKUPS_AT_MOST {
+        let held: HashSet<TenantId> = directory.list().await?.into_iter().collect();
+        return Ok(tenants
+            .into_iter()
+            .filter(|tenant| !held.contains(tenant))
+            .collect());
+    }
+    let mut absent = Vec::new();
+    for tenant in tenants {
+        if directory.lookup(tenant).await?.is_none() {
+            absent.push(tenant);
+        }
+    }
+    Ok(absent)
+}
+
+#[cfg(test)]
+mod removed_tenants {
+    use super::*;
+    use http::{Request, Response};
+    use tower::{Layer, ServiceExt};
+    use tower_fhir::ops::RequestFacts;
+    use tower_fhir::route::{InMemoryDirectory, Upstream};
+    use tower_fhir::version::FhirVersion;
+
+    const GRACE: Duration = Duration::from_millis(300);
+
+    fn tenant(n: u8) -> TenantId {
+        TenantId::parse(&format!("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e{n:02x}")).unwrap()
+    }
+
+    fn record() -> TenantRecord {
+        TenantRecord::new([Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap()])
+            .unwrap()
+    }
+
+    /// The series (as its value) of `tenant`'s requests answered `200`, if there is one.
+    fn count(histograms: &BucketHistograms, tenant: TenantId) -> Option<u64> {
+        let series = format!(
+            "tower_fhir_requests_total{{outcome=\"ok\",status_class=\"2xx\",tenant=\"{tenant}\"}} "
+        );
+        histograms
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+    }
+
+    struct Counting {
+        histograms: BucketHistograms,
+        recorder: tower_fhir::ops::WithBucketHistograms<metrics::NoopRecorder>,
+        observe: ObserveLayer,
+    }
+
+    impl Counting {
+        fn new() -> Self {
+            let histograms = BucketHistograms::new(&[1.0]).unwrap();
+            let recorder = histograms.over(metrics::NoopRecorder);
+            let observe =
+                metrics::with_local_recorder(&recorder, || ObserveLayer::new().metrics(true));
+            Self {
+                histograms,
+                recorder,
+                observe,
+            }
+        }
+
+        /// A request routed for `tenant`, counted (answered at its first poll, within the
+        /// recorder, which is this thread's).
+        fn request(&self, tenant: TenantId) {
+            use std::future::Future;
+            use std::task::{Context, Poll, Waker};
+            let service =
+                self.observe
+                    .layer(tower::service_fn(move |_r: Request<()>| async move {
+                        RequestFacts::set_tenant(tenant);
+                        RequestFacts::set_upstream(&Arc::from("http://127.0.0.1:1/fhir"));
+                        Ok::<_, std::convert::Infallible>(Response::new(()))
+                    }));
+            let request = Request::get("/Patient/1").body(()).unwrap();
+            let mut answer = std::pin::pin!(service.oneshot(request));
+            metrics::with_local_recorder(&self.recorder, || {
+                let polled = answer
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()));
+                assert!(matches!(polled, Poll::Ready(Ok(_))));
+            });
+        }
+
+        fn series(&self) -> TenantSeries {
+            TenantSeries {
+                observe: self.observe.clone(),
+                histograms: self.histograms.clone(),
+            }
+        }
+    }
+
+    /// Polls `check` every 20 ms for up to 5 s.
+    async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+        for _ in 0..250 {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_removed_tenants_series_go_after_the_grace_and_come_back_from_zero() {
+        let directory = InMemoryDirectory::new();
+        let (gone, kept) = (tenant(1), tenant(2));
+        directory.upsert(gone, record());
+        directory.upsert(kept, record());
+        let counting = Counting::new();
+        counting.request(gone);
+        counting.request(gone);
+        counting.request(kept);
+        let follower = tokio::spawn(forget_removed_tenants(
+            Arc::new(directory.clone()),
+            counting.series(),
+            GRACE,
+        ));
+        tokio::task::yield_now().await;
+
+        let removed = tokio::time::Instant::now();
+        assert!(directory.remove(gone));
+        // Within the grace, the final count is still there.
+        tokio::time::sleep(GRACE / 3).await;
+        assert_eq!(count(&counting.histograms, gone), Some(2));
+        assert!(eventually(|| count(&counting.histograms, gone).is_none()).await);
+        assert!(removed.elapsed() >= GRACE, "{:?}", removed.elapsed());
+        assert_eq!(count(&counting.histograms, kept), Some(1), "untouched");
+        assert_eq!(counting.observe.counted_tenants(), vec![kept]);
+
+        directory.upsert(gone, record());
+        counting.request(gone);
+        assert_eq!(count(&counting.histograms, gone), Some(1), "from zero");
+        // Added back and changed (an announcement of its own): kept, as it is held.
+        tokio::time::sleep(GRACE * 2).await;
+        assert_eq!(count(&counting.histograms, gone), Some(1));
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn a_tenant_added_back_within_the_grace_keeps_its_series() {
+        let directory = InMemoryDirectory::new();
+        let again = tenant(3);
+        directory.upsert(again, record());
+        let counting = Counting::new();
+        counting.request(again);
+        let follower = tokio::spawn(forget_removed_tenants(
+            Arc::new(directory.clone()),
+            counting.series(),
+            GRACE,
+        ));
+        tokio::task::yield_now().await;
+        directory.remove(again);
+        directory.upsert(again, record());
+        counting.request(again);
+        tokio::time::sleep(GRACE * 3).await;
+        assert_eq!(count(&counting.histograms, again), Some(2));
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn a_counted_tenant_the_directory_lacks_is_found_without_a_change_heard() {
+        // Counted, but removed before the follower listened (as when changes were missed,
+        // or a client's token request counts a tenant removed long ago).
+        let directory = InMemoryDirectory::new();
+        let (unheard, held) = (tenant(4), tenant(5));
+        directory.upsert(held, record());
+        let counting = Counting::new();
+        counting.request(unheard);
+        counting.request(held);
+        let follower = tokio::spawn(forget_removed_tenants(
+            Arc::new(directory.clone()),
+            counting.series(),
+            GRACE,
+        ));
+        assert!(eventually(|| count(&counting.histograms, unheard).is_none()).await);
+        assert_eq!(count(&counting.histograms, held), Some(1));
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn more_changes_than_the_channel_holds_lose_no_removal() {
+        let directory = InMemoryDirectory::new();
+        let (gone, kept) = (tenant(6), tenant(7));
+        directory.upsert(gone, record());
+        directory.upsert(kept, record());
+        let counting = Counting::new();
+        counting.request(gone);
+        counting.request(kept);
+        let follower = tokio::spawn(forget_removed_tenants(
+            Arc::new(directory.clone()),
+            counting.series(),
+            GRACE,
+        ));
+        tokio::task::yield_now().await;
+        // On this runtime's one thread the follower hears nothing until the test waits: the
+        // removal is among the oldest changes, those the channel (1,024) drops.
+        directory.remove(gone);
+        for _ in 0..1100 {
+            directory.upsert(kept, record());
+        }
+        assert!(eventually(|| count(&counting.histograms, gone).is_none()).await);
+        assert_eq!(count(&counting.histograms, kept), Some(1));
+        assert!(!follower.is_finished(), "the follower goes on");
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn many_removed_at_once_are_forgotten_and_the_others_kept() {
+        let directory = InMemoryDirectory::new();
+        let counting = Counting::new();
+        let tenants: Vec<TenantId> = (10..60).map(tenant).collect();
+        for &tenant in &tenants {
+            directory.upsert(tenant, record());
+            counting.request(tenant);
+        }
+        let follower = tokio::spawn(forget_removed_tenants(
+            Arc::new(directory.clone()),
+            counting.series(),
+            GRACE,
+        ));
+        tokio::task::yield_now().await;
+        for &tenant in &tenants[..40] {
+            directory.remove(tenant);
+        }
+        assert!(
+            eventually(|| counting.observe.counted_tenants().len() == 10).await,
+            "{:?}",
+            counting.observe.counted_tenants().len()
+        );
+        for &tenant in &tenants[40..] {
+            assert_eq!(count(&counting.histograms, tenant), Some(1));
+        }
+        follower.abort();
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@
 //! [`BucketHistograms::over`] makes keeps a histogram as what Prometheus reads of it, one count
 //! a bucket and a sum, and every counter, gauge and histogram in words each thread adds to on
 //! its own (see `tally`): a sample is a load and a store, and a scrape adds the threads up.
+//! The tenant-labelled request counter is kept (and rendered) here too, not given to the
+//! wrapped recorder, so that a removed tenant's series can be forgotten: the exporter has no
+//! way to drop one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::{self, Write as _};
@@ -34,7 +37,11 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 /// Wrap your recorder with [`over`](Self::over) and install the result; render the
 /// histograms with [`render`](Self::render) (which first gives the wrapped recorder the
 /// counters' and gauges' values, as [`publish`](Self::publish) does), then the recorder's own
-/// text, on the same page. Each thread counts in words of its own, which only it writes: a
+/// text, on the same page. One counter, `tower_fhir_requests_total` (labelled by tenant, see
+/// [`ObserveLayer`](super::ObserveLayer)), is not given to the wrapped recorder: it is counted
+/// and rendered here, beside the histograms, so that its series can be forgotten with
+/// [`forget_labelled`](Self::forget_labelled) (a removed tenant's), which a recorder's own
+/// series cannot. Each thread counts in words of its own, which only it writes: a
 /// counter's add, a gauge's change or a histogram's sample through a kept handle is a load and
 /// a store (no atomic read-modify-write, no allocation, no lock, no epoch guard); a scrape adds
 /// the threads' words up. A thread's words outlive it, taken over by the next thread to start.
@@ -56,7 +63,10 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 ///   `publish` called on its interval); a gauge's `set` and a counter's `absolute` add every
 ///   thread's words up, as a scrape does, so use them rarely or keep such metrics elsewhere;
 /// - call [`over`](Self::over) once: the counters and gauges are kept here by key, and a
-///   second recorder made with it publishes to the first one's handles.
+///   second recorder made with it publishes to the first one's handles;
+/// - `tower_fhir_requests_total` is rendered as the histograms are (its labels sorted, its
+///   name and labels made valid, none of the wrapped recorder's global labels or suffixes),
+///   with a `# HELP` line when described.
 ///
 /// Names and label names are rendered with every character Prometheus does not allow made
 /// `_`, and series whose names and labels render alike are counted as one. A label named `le`
@@ -97,18 +107,79 @@ pub struct BucketHistograms {
 
 struct Shared {
     bounds: Arc<[f64]>,
-    families: RwLock<BTreeMap<String, Family>>,
+    families: RwLock<BTreeMap<String, Family<Buckets>>>,
+    /// The counters kept here rather than given to the wrapped recorder ([`KEPT_COUNTERS`]),
+    /// by name as rendered.
+    kept: RwLock<BTreeMap<String, Family<ThreadCounter>>>,
     counters: RwLock<HashMap<Key, Arc<ThreadCounter>>>,
     gauges: RwLock<HashMap<Key, Arc<ThreadGauge>>>,
 }
 
-/// The histograms of one name as rendered.
-#[derive(Default)]
-struct Family {
-    /// The first description given with `describe_histogram!`: its `# HELP` line.
+/// The counters rendered here, by the name they are registered with: those whose series may
+/// be forgotten ([`BucketHistograms::forget_labelled`]).
+const KEPT_COUNTERS: [&str; 1] = ["tower_fhir_requests_total"];
+
+/// The histograms (or kept counters) of one name as rendered.
+struct Family<T> {
+    /// The first description given with `describe_histogram!` (`describe_counter!`): its
+    /// `# HELP` line.
     help: Option<String>,
     /// By labels as rendered (`name="value",` each, sorted by name).
-    series: BTreeMap<String, Arc<Buckets>>,
+    series: BTreeMap<String, Arc<T>>,
+}
+
+impl<T> Default for Family<T> {
+    fn default() -> Self {
+        Self {
+            help: None,
+            series: BTreeMap::new(),
+        }
+    }
+}
+
+/// Drops the series of `families` whose labels (as rendered) give `label` one of `values`
+/// (rendered too); how many it dropped.
+fn forget_in<T>(
+    families: &RwLock<BTreeMap<String, Family<T>>>,
+    label: &str,
+    values: &std::collections::HashSet<String>,
+) -> usize {
+    let mut forgotten = 0;
+    let mut families = families.write().unwrap_or_else(PoisonError::into_inner);
+    for family in families.values_mut() {
+        family.series.retain(|labels, _| {
+            let named = labelled(labels, label).is_some_and(|value| values.contains(value));
+            forgotten += usize::from(named);
+            !named
+        });
+    }
+    forgotten
+}
+
+/// The value (as rendered) that `labels` (`name="value",` each, as rendered) give `label`.
+fn labelled<'a>(labels: &'a str, label: &str) -> Option<&'a str> {
+    let mut rest = labels;
+    while let Some(equals) = rest.find("=\"") {
+        let name = &rest[..equals];
+        let after = &rest[equals + 2..];
+        // The value runs to its first quote not escaped (`\"`); a name holds no quote.
+        let mut escaped = false;
+        let end = after.char_indices().find_map(|(at, c)| {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => return Some(at),
+                _ => {}
+            }
+            None
+        })?;
+        if name == label {
+            return Some(&after[..end]);
+        }
+        // Past the quote and the comma.
+        rest = after.get(end + 2..)?;
+    }
+    None
 }
 
 /// Bounds that are not finite and strictly increasing, given to [`BucketHistograms::new`].
@@ -144,6 +215,7 @@ impl BucketHistograms {
             shared: Arc::new(Shared {
                 bounds: bounds.into(),
                 families: RwLock::default(),
+                kept: RwLock::default(),
                 counters: RwLock::default(),
                 gauges: RwLock::default(),
             }),
@@ -161,36 +233,79 @@ impl BucketHistograms {
 
     /// The histogram named by `key`, made on first use.
     fn histogram(&self, key: &Key) -> Arc<Buckets> {
-        let name = metric_name(key.name());
-        let mut labels: Vec<(String, String)> = key
-            .labels()
-            .map(|label| {
-                let name = match label_name(label.key()) {
-                    le if le == "le" => "exported_le".to_owned(),
-                    name => name,
-                };
-                (name, label_value(label.value()))
-            })
-            .collect();
-        labels.sort();
-        let labels: String = labels
-            .iter()
-            .map(|(name, value)| format!("{name}=\"{value}\","))
-            .collect();
-        if let Some(buckets) = self
-            .read()
-            .get(&name)
-            .and_then(|family| family.series.get(&labels))
-        {
-            return Arc::clone(buckets);
-        }
-        let mut families = self.write();
-        let series = &mut families.entry(name).or_default().series;
-        Arc::clone(
-            series
-                .entry(labels)
-                .or_insert_with(|| Arc::new(Buckets::new(Arc::clone(&self.shared.bounds)))),
+        one_series(
+            &self.shared.families,
+            metric_name(key.name()),
+            series_labels(key, true),
+            || Buckets::new(Arc::clone(&self.shared.bounds)),
         )
+    }
+
+    /// The counter named by `key`, one of [`KEPT_COUNTERS`], made on first use: counted and
+    /// rendered here.
+    fn kept_counter(&self, key: &Key) -> Arc<ThreadCounter> {
+        one_series(
+            &self.shared.kept,
+            metric_name(key.name()),
+            series_labels(key, false),
+            || ThreadCounter {
+                id: tally::ids(1),
+                raised: AtomicU64::new(0),
+                inner: Counter::noop(),
+            },
+        )
+    }
+
+    /// Forgets the series whose label `label` has one of `values`, of every histogram and of
+    /// `tower_fhir_requests_total`: they are no longer rendered, their memory is given back
+    /// once no handle holds them, and a series of the same name and labels registered later
+    /// (a tenant added again) is a new one, counted from zero. Returns how many it forgot.
+    ///
+    /// For a removed tenant's series, `forget_labelled("tenant", &[&tenant.to_string()])`,
+    /// then [`ObserveLayer::forget_tenants`](super::ObserveLayer::forget_tenants) (in that
+    /// order: a request counted between the two then counts in the series forgotten, not in
+    /// a handle the layer would keep to a series no longer rendered). Give Prometheus a
+    /// scrape or two of the final counts first: call it some minutes after the tenant went.
+    /// Counters and gauges given to the wrapped recorder are not forgotten (it has no way to
+    /// drop a series).
+    ///
+    /// ```
+    /// use metrics::Recorder;
+    /// use tower_fhir::ops::{BucketHistograms, DURATION_BUCKETS};
+    ///
+    /// let histograms = BucketHistograms::new(&DURATION_BUCKETS).unwrap();
+    /// let recorder = histograms.over(metrics::NoopRecorder);
+    /// let count = |tenant: &'static str| {
+    ///     metrics::with_local_recorder(&recorder, || {
+    ///         metrics::counter!("tower_fhir_requests_total", "tenant" => tenant).increment(1);
+    ///     });
+    /// };
+    /// count("gone");
+    /// count("gone");
+    /// count("kept");
+    /// let page = histograms.render();
+    /// assert!(page.contains("tower_fhir_requests_total{tenant=\"gone\"} 2\n"));
+    ///
+    /// assert_eq!(histograms.forget_labelled("tenant", &["gone"]), 1);
+    /// let page = histograms.render();
+    /// assert!(!page.contains("gone"), "{page}");
+    /// assert!(page.contains("tower_fhir_requests_total{tenant=\"kept\"} 1\n"));
+    /// // Counted again (the tenant added back): from zero.
+    /// count("gone");
+    /// assert!(histograms.render().contains("tower_fhir_requests_total{tenant=\"gone\"} 1\n"));
+    /// ```
+    pub fn forget_labelled(&self, label: &str, values: &[&str]) -> usize {
+        let values: std::collections::HashSet<String> =
+            values.iter().map(|value| label_value(value)).collect();
+        if values.is_empty() {
+            return 0;
+        }
+        let counters = forget_in(&self.shared.kept, &label_name(label), &values);
+        let histogram_label = match label_name(label) {
+            le if le == "le" => "exported_le".to_owned(),
+            name => name,
+        };
+        counters + forget_in(&self.shared.families, &histogram_label, &values)
     }
 
     /// The counter named by `key`, made (and registered with `inner`) on first use.
@@ -226,14 +341,11 @@ impl BucketHistograms {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Family>> {
-        self.shared
-            .families
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Family<Buckets>>> {
+        read(&self.shared.families)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Family>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Family<Buckets>>> {
         self.shared
             .families
             .write()
@@ -241,8 +353,9 @@ impl BucketHistograms {
     }
 
     /// Every histogram in the Prometheus text format (0.0.4): `_bucket` lines with cumulative
-    /// counts, `_sum` and `_count`, after a `# HELP` (when described) and a `# TYPE` line.
-    /// First [`publish`](Self::publish)es the counters and gauges to the wrapped recorder.
+    /// counts, `_sum` and `_count`, after a `# HELP` (when described) and a `# TYPE` line;
+    /// before them, the counters kept here (`tower_fhir_requests_total`). First
+    /// [`publish`](Self::publish)es the other counters and gauges to the wrapped recorder.
     pub fn render(&self) -> String {
         let mut page = String::new();
         self.render_into(&mut page);
@@ -252,24 +365,26 @@ impl BucketHistograms {
     /// The same, appended to `page`.
     pub fn render_into(&self, page: &mut String) {
         self.publish();
-        // The histograms are listed under the lock and read after it: registering one never
+        let counters = listed(&self.shared.kept);
+        // The series are listed under the lock and read after it: registering one never
         // waits for a scrape's formatting.
-        type Listed = (String, Option<String>, Vec<(String, Arc<Buckets>)>);
-        let families: Vec<Listed> = self
-            .read()
-            .iter()
-            // (A name described and never recorded has no series, and no lines.)
-            .filter(|(_, family)| !family.series.is_empty())
-            .map(|(name, family)| {
-                let series = family
-                    .series
-                    .iter()
-                    .map(|(labels, buckets)| (labels.clone(), Arc::clone(buckets)))
-                    .collect();
-                (name.clone(), family.help.clone(), series)
-            })
-            .collect();
+        let families = listed(&self.shared.families);
         let sums = Sums::now();
+        for (name, help, series) in counters {
+            if let Some(text) = help {
+                let _ = writeln!(page, "# HELP {name} {text}");
+            }
+            let _ = writeln!(page, "# TYPE {name} counter");
+            for (labels, counter) in series {
+                let labels = labels.trim_end_matches(',');
+                let value = counter.value(&sums);
+                let _ = if labels.is_empty() {
+                    writeln!(page, "{name} {value}")
+                } else {
+                    writeln!(page, "{name}{{{labels}}} {value}")
+                };
+            }
+        }
         for (name, help, series) in families {
             if let Some(text) = help {
                 let _ = writeln!(page, "# HELP {name} {text}");
@@ -327,8 +442,21 @@ impl<R> WithBucketHistograms<R> {
 }
 
 impl<R: Recorder> Recorder for WithBucketHistograms<R> {
+    /// Keeps the first description of a counter kept here for its `# HELP` line; gives any
+    /// other's to the wrapped recorder.
     fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        self.inner.describe_counter(key, unit, description);
+        if KEPT_COUNTERS.contains(&key.as_str()) {
+            let mut kept = self
+                .histograms
+                .shared
+                .kept
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let family = kept.entry(metric_name(key.as_str())).or_default();
+            family.help.get_or_insert_with(|| help_text(&description));
+        } else {
+            self.inner.describe_counter(key, unit, description);
+        }
     }
 
     fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
@@ -344,6 +472,9 @@ impl<R: Recorder> Recorder for WithBucketHistograms<R> {
     }
 
     fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        if KEPT_COUNTERS.contains(&key.name()) {
+            return Counter::from_arc(self.histograms.kept_counter(key));
+        }
         Counter::from_arc(
             self.histograms
                 .counter(key, || self.inner.register_counter(key, metadata)),
@@ -364,6 +495,64 @@ impl<R: Recorder> Recorder for WithBucketHistograms<R> {
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A name's series, listed: its name, `# HELP` text, and labels and handle each.
+type Listed<T> = (String, Option<String>, Vec<(String, Arc<T>)>);
+
+/// Every family of `families` that has a series (a name described and never recorded has no
+/// lines), listed under the lock.
+fn listed<T>(families: &RwLock<BTreeMap<String, Family<T>>>) -> Vec<Listed<T>> {
+    read(families)
+        .iter()
+        .filter(|(_, family)| !family.series.is_empty())
+        .map(|(name, family)| {
+            let series = family
+                .series
+                .iter()
+                .map(|(labels, series)| (labels.clone(), Arc::clone(series)))
+                .collect();
+            (name.clone(), family.help.clone(), series)
+        })
+        .collect()
+}
+
+/// The series `labels` of the family `name` in `families`, made by `make` if there is none.
+fn one_series<T>(
+    families: &RwLock<BTreeMap<String, Family<T>>>,
+    name: String,
+    labels: String,
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    if let Some(found) = read(families)
+        .get(&name)
+        .and_then(|family| family.series.get(&labels))
+    {
+        return Arc::clone(found);
+    }
+    let mut families = families.write().unwrap_or_else(PoisonError::into_inner);
+    let series = &mut families.entry(name).or_default().series;
+    Arc::clone(series.entry(labels).or_insert_with(|| Arc::new(make())))
+}
+
+/// `key`'s labels as rendered: `name="value",` each, sorted by name; for a histogram, a label
+/// named `le` (the bucket's own) renamed `exported_le`.
+fn series_labels(key: &Key, histogram: bool) -> String {
+    let mut labels: Vec<(String, String)> = key
+        .labels()
+        .map(|label| {
+            let name = match label_name(label.key()) {
+                le if histogram && le == "le" => "exported_le".to_owned(),
+                name => name,
+            };
+            (name, label_value(label.value()))
+        })
+        .collect();
+    labels.sort();
+    labels
+        .iter()
+        .map(|(name, value)| format!("{name}=\"{value}\","))
+        .collect()
 }
 
 /// The entry for `key` in `map`, made by `make` if there is none.
@@ -387,6 +576,13 @@ impl ThreadCounter {
     fn value(&self, sums: &Sums) -> u64 {
         sums.u64(self.id)
             .wrapping_add(self.raised.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for ThreadCounter {
+    /// Gives its word back: no handle is left to add to it (a forgotten series').
+    fn drop(&mut self) {
+        tally::release(self.id, 1);
     }
 }
 
@@ -479,6 +675,13 @@ impl Buckets {
             .map(|bucket| sums.u64(self.first + bucket))
             .collect();
         (counts, sums.f64(self.sum()))
+    }
+}
+
+impl Drop for Buckets {
+    /// Gives its words back: no handle is left to add to them (a forgotten series').
+    fn drop(&mut self) {
+        tally::release(self.first, self.bounds.len() + 2);
     }
 }
 
@@ -766,6 +969,86 @@ pub(crate) mod tests {
         assert!(text.contains("c 10001\n"), "counts on from there: {text}");
         counter.absolute(5);
         assert!(page(&histograms).contains("c 10001\n"), "never lowered");
+    }
+
+    #[test]
+    fn the_request_counter_is_kept_here_and_its_series_can_be_forgotten() {
+        let (inner, histograms, recorder) = over_prometheus();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::describe_counter!("tower_fhir_requests_total", "Requests answered");
+            let requests = |tenant: &'static str, class: &'static str| metrics::counter!("tower_fhir_requests_total", "tenant" => tenant, "status_class" => class);
+            requests("a", "2xx").increment(2);
+            requests("a", "4xx").increment(1);
+            requests("b", "2xx").increment(5);
+            metrics::counter!("tower_fhir_requests_total").increment(7);
+            metrics::counter!("other_total", "tenant" => "a").increment(1);
+            metrics::histogram!("h", "tenant" => "a").record(0.5);
+            metrics::histogram!("h", "tenant" => "b").record(0.5);
+        });
+        let page = histograms.render();
+        let exporter = inner.render();
+        assert!(
+            !exporter.contains("tower_fhir_requests_total"),
+            "{exporter}"
+        );
+        assert!(
+            exporter.contains("other_total{tenant=\"a\"} 1\n"),
+            "{exporter}"
+        );
+        assert!(
+            page.starts_with(
+                "# HELP tower_fhir_requests_total Requests answered\n\
+                 # TYPE tower_fhir_requests_total counter\n\
+                 tower_fhir_requests_total 7\n\
+                 tower_fhir_requests_total{status_class=\"2xx\",tenant=\"a\"} 2\n\
+                 tower_fhir_requests_total{status_class=\"2xx\",tenant=\"b\"} 5\n\
+                 tower_fhir_requests_total{status_class=\"4xx\",tenant=\"a\"} 1\n\
+                 # TYPE h histogram\n"
+            ),
+            "{page}"
+        );
+
+        assert_eq!(histograms.forget_labelled("tenant", &["a", "c"]), 3);
+        assert_eq!(histograms.forget_labelled("tenant", &[]), 0);
+        let page = histograms.render();
+        assert!(!page.contains("tenant=\"a\""), "{page}");
+        assert!(page.contains("tower_fhir_requests_total{status_class=\"2xx\",tenant=\"b\"} 5\n"));
+        assert!(page.contains("h_count{tenant=\"b\"} 1\n"), "{page}");
+        assert!(page.contains("tower_fhir_requests_total 7\n"), "{page}");
+        assert!(
+            inner.render().contains("other_total{tenant=\"a\"} 1\n"),
+            "the exporter's own are not forgotten"
+        );
+        // Registered again: a new series, from zero.
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("tower_fhir_requests_total", "tenant" => "a", "status_class" => "2xx")
+                .increment(1);
+        });
+        assert!(histograms
+            .render()
+            .contains("tower_fhir_requests_total{status_class=\"2xx\",tenant=\"a\"} 1\n"));
+    }
+
+    #[test]
+    fn a_label_is_read_from_rendered_labels_past_escaped_quotes() {
+        let labels = "a=\"x\\\",tenant=\\\"t\\\\\",b=\"\",tenant=\"t\",";
+        assert_eq!(labelled(labels, "a"), Some("x\\\",tenant=\\\"t\\\\"));
+        assert_eq!(labelled(labels, "b"), Some(""));
+        assert_eq!(labelled(labels, "tenant"), Some("t"));
+        assert_eq!(labelled(labels, "c"), None);
+        assert_eq!(labelled("", "a"), None);
+        assert_eq!(labelled("a=\"unended", "a"), None);
+        // Forgetting by a value that holds quotes and a comma finds that value alone.
+        let histograms = BucketHistograms::new(&[]).unwrap();
+        let recorder = histograms.over(metrics::NoopRecorder);
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("h", "a" => "x\",tenant=\"t").record(1.0);
+            metrics::histogram!("h", "tenant" => "t").record(1.0);
+        });
+        assert_eq!(histograms.forget_labelled("tenant", &["t"]), 1);
+        assert_eq!(histograms.render().matches("h_count").count(), 1);
+        assert_eq!(histograms.forget_labelled("a", &["x\",tenant=\"t"]), 1);
+        assert_eq!(histograms.render(), "");
     }
 
     #[test]

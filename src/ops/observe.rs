@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -45,6 +45,9 @@ use crate::tenant::TenantId;
 ///   the `tower_fhir_request_duration_seconds` histogram and the
 ///   `tower_fhir_requests_in_flight` gauge;
 /// - with an [`audit`](Self::audit) sink, gives it one [`AuditRecord`](super::AuditRecord).
+///
+/// A tenant's series stay until [`forget_tenants`](Self::forget_tenants) drops them: call it
+/// for the tenants removed from the directory.
 ///
 /// A request whose client goes away before the response is recorded with status `499` and
 /// outcome `client_closed`; one whose inner service panicked, with `500` and `panicked`; one
@@ -105,20 +108,40 @@ enum Audit {
 /// tenant, status class and outcome, one registration). Each thread keeps its own copy of the
 /// counters' handles it used (see [`REQUEST_COUNTERS`]), so a count takes no lock.
 struct Metrics {
-    /// Which layer's these are, in the threads' copies.
-    id: usize,
+    /// Which layer's these are, in the threads' copies: a new one from [`NEXT_ID`] each time
+    /// a tenant's handles are forgotten, so that no thread counts through its copy of one.
+    /// (Read with every count, as a plain `usize` would be: a relaxed load is the same move.)
+    id: AtomicUsize,
     in_flight: metrics::Gauge,
     duration: metrics::Histogram,
     requests: RwLock<HashMap<RequestsKey, metrics::Counter, BuildHasherDefault<KeyHasher>>>,
+    /// [`MAX_REQUEST_SERIES`] (fewer in tests).
+    max_series: usize,
 }
 
 /// The request counters' handles a thread used, by [`Metrics::id`] and labels.
 type RequestCounters =
     HashMap<(usize, RequestsKey), metrics::Counter, BuildHasherDefault<KeyHasher>>;
 
-thread_local! {
-    static REQUEST_COUNTERS: RefCell<RequestCounters> = RefCell::new(HashMap::default());
+/// A thread's copies of the request counters' handles, and the [`FORGETS`] they were made
+/// after.
+#[derive(Default)]
+struct ThreadCopies {
+    forgets: usize,
+    copies: RequestCounters,
 }
+
+thread_local! {
+    static REQUEST_COUNTERS: RefCell<ThreadCopies> = RefCell::new(ThreadCopies::default());
+}
+
+/// The next [`Metrics::id`].
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times any layer forgot tenants' handles: a thread whose copies were made before
+/// drops them all at its next copy (a count that finds none, as every count through a layer
+/// that forgot does, its id new), so the handles of series forgotten are let go.
+static FORGETS: AtomicUsize = AtomicUsize::new(0);
 
 /// The most handles a thread copies (see [`REQUEST_COUNTERS`]): when full, its copies are
 /// dropped and made again as they are used, which also lets go of those of layers gone.
@@ -183,43 +206,60 @@ impl Hasher for KeyHasher {
 }
 
 /// More series than this and the tenant label is dropped for new tenants (the series count
-/// of a metric must stay bounded).
+/// of a metric must stay bounded). Series forgotten ([`ObserveLayer::forget_tenants`]) are
+/// not counted: the bound is on the series the layer holds now.
 const MAX_REQUEST_SERIES: usize = 100_000;
 
 impl Metrics {
     fn new() -> Self {
-        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
         Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: AtomicUsize::new(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
             in_flight: metrics::gauge!("tower_fhir_requests_in_flight"),
             duration: metrics::histogram!("tower_fhir_request_duration_seconds"),
             requests: RwLock::default(),
+            max_series: MAX_REQUEST_SERIES,
         }
     }
 
     /// Counts one request in `tower_fhir_requests_total`, through this thread's copy of its
     /// handle when there is one.
     fn count(&self, key: RequestsKey) {
+        let id = self.id.load(Ordering::Relaxed);
         let counted = REQUEST_COUNTERS.try_with(|copies| {
             let mut copies = copies.try_borrow_mut().ok()?;
-            if let Some(counter) = copies.get(&(self.id, key)) {
-                counter.increment(1);
-                return Some(());
-            }
-            let (series, counter) = self.counter(key);
-            counter.increment(1);
-            // (A key counted without its tenant, past the series bound, is not copied: the
-            // copies stay as few as the series.)
-            if series == key {
-                if copies.len() >= MAX_THREAD_COPIES {
-                    copies.clear();
-                }
-                copies.insert((self.id, key), counter);
+            match copies.copies.get(&(id, key)) {
+                Some(counter) => counter.increment(1),
+                None => self.count_and_copy(&mut copies, id, key),
             }
             Some(())
         });
         if counted != Ok(Some(())) {
             self.counter(key).1.increment(1);
+        }
+    }
+
+    /// Counts one request whose handle this thread has no copy of (under the layer's id now,
+    /// `id`), and copies it. (Apart, and cold: the count through a copy stays as small as it
+    /// was.)
+    #[cold]
+    #[inline(never)]
+    fn count_and_copy(&self, copies: &mut ThreadCopies, id: usize, key: RequestsKey) {
+        let (series, counter) = self.counter(key);
+        counter.increment(1);
+        // Made before a layer forgot tenants, the copies may hold handles to series
+        // forgotten (and keep them from being let go): all are made again as they are used.
+        let forgets = FORGETS.load(Ordering::Relaxed);
+        if copies.forgets != forgets {
+            copies.copies.clear();
+            copies.forgets = forgets;
+        }
+        // (A key counted without its tenant, past the series bound, is not copied: the
+        // copies stay as few as the series.)
+        if series == key {
+            if copies.copies.len() >= MAX_THREAD_COPIES {
+                copies.copies.clear();
+            }
+            copies.copies.insert((id, key), counter);
         }
     }
 
@@ -238,7 +278,7 @@ impl Metrics {
             .requests
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let key = if series.len() >= MAX_REQUEST_SERIES {
+        let key = if series.len() >= self.max_series {
             RequestsKey {
                 tenant: None,
                 ..key
@@ -264,6 +304,32 @@ impl Metrics {
             }
         });
         (key, counter.clone())
+    }
+
+    /// Drops the handles of `tenants`' series; how many series it dropped.
+    fn forget(&self, tenants: &HashSet<TenantId>) -> usize {
+        let mut series = self
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before = series.len();
+        series.retain(|key, _| !key.tenant.is_some_and(|tenant| tenants.contains(&tenant)));
+        let forgotten = before - series.len();
+        if forgotten > 0 {
+            // Under the lock, the new id after the handles are gone: a thread that reads it
+            // finds no copy, and takes the handle from the map, which no longer has them.
+            FORGETS.fetch_add(1, Ordering::Relaxed);
+            self.id
+                .store(NEXT_ID.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        }
+        forgotten
+    }
+
+    /// Every tenant with a series.
+    fn tenants(&self) -> Vec<TenantId> {
+        let series = self.requests.read().unwrap_or_else(PoisonError::into_inner);
+        let tenants: HashSet<TenantId> = series.keys().filter_map(|key| key.tenant).collect();
+        tenants.into_iter().collect()
     }
 }
 
@@ -327,10 +393,95 @@ impl ObserveLayer {
     }
 
     /// Labels `tower_fhir_requests_total` with the tenant. Default on; turn it off with many
-    /// thousands of tenants (a series per tenant, status class and outcome).
+    /// thousands of tenants (a series per tenant, status class and outcome). At most 100,000
+    /// series are labelled; past that, new ones are counted without the tenant. A tenant's
+    /// series stay until [`forget_tenants`](Self::forget_tenants) drops them.
     pub fn tenant_label(mut self, on: bool) -> Self {
         self.config().tenant_label = on;
         self
+    }
+
+    /// Drops this layer's (and its clones') handles of `tenants`' `tower_fhir_requests_total`
+    /// series: call it for tenants removed from the directory, whose series would otherwise
+    /// stay for the life of the process (memory, and the scrape's size). The series forgotten
+    /// no longer count toward the 100,000 labelled, and a request for one of these tenants
+    /// later (one added again) counts in a new series, from zero. Returns how many series it
+    /// dropped.
+    ///
+    /// The recorder holds the series too: with [`BucketHistograms`](super::BucketHistograms),
+    /// call its [`forget_labelled`](super::BucketHistograms::forget_labelled) first (it then
+    /// renders them no more); `metrics-exporter-prometheus` alone drops a series only once it
+    /// is idle for its `idle_timeout`. Give Prometheus a scrape or two of the final counts
+    /// first, and the tenant's last requests time to end: call it some minutes after the
+    /// tenant went (the gateway binary waits `metrics_removed_tenant_grace_seconds`, 300 by
+    /// default). A request for one of them still being answered counts in a new series.
+    ///
+    /// Nothing is added to a request's work: each thread lets go of its copies of the
+    /// handles (see [`tenant_label`](Self::tenant_label)) the next time it makes one.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use http::{Request, Response};
+    /// use tower::{service_fn, Layer, ServiceExt};
+    /// use tower_fhir::ops::{BucketHistograms, ObserveLayer, RequestFacts, DURATION_BUCKETS};
+    /// use tower_fhir::tenant::TenantId;
+    ///
+    /// // (In an application the recorder is installed globally; here, for this thread only.)
+    /// let histograms = BucketHistograms::new(&DURATION_BUCKETS).unwrap();
+    /// let recorder = histograms.over(metrics::NoopRecorder);
+    /// let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let observe =
+    ///     metrics::with_local_recorder(&recorder, || ObserveLayer::new().metrics(true));
+    /// let gone = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+    /// let kept = TenantId::parse("0b5e0bd5-5a43-4c6b-9d43-2f1d8c3a4b6e").unwrap();
+    /// // A request routed for `tenant` (the routing layer says so in the gateway).
+    /// let request = |tenant: TenantId| {
+    ///     let service = observe.layer(service_fn(move |_r: Request<()>| async move {
+    ///         RequestFacts::set_tenant(tenant);
+    ///         RequestFacts::set_upstream(&Arc::from("http://fhir.example"));
+    ///         Ok::<_, std::convert::Infallible>(Response::new(()))
+    ///     }));
+    ///     let request = Request::get("/Patient/1").body(()).unwrap();
+    ///     metrics::with_local_recorder(&recorder, || runtime.block_on(service.oneshot(request)))
+    ///         .unwrap();
+    /// };
+    /// request(gone);
+    /// request(gone);
+    /// request(kept);
+    /// let series = |tenant: TenantId, count: u32| {
+    ///     format!("tower_fhir_requests_total{{outcome=\"ok\",status_class=\"2xx\",tenant=\"{tenant}\"}} {count}\n")
+    /// };
+    /// assert!(histograms.render().contains(&series(gone, 2)));
+    ///
+    /// // The tenant was removed some minutes ago: its series go, the recorder's first.
+    /// assert_eq!(histograms.forget_labelled("tenant", &[&gone.to_string()]), 1);
+    /// assert_eq!(observe.forget_tenants(&[gone]), 1);
+    /// let page = histograms.render();
+    /// assert!(!page.contains(&gone.to_string()), "{page}");
+    /// assert!(page.contains(&series(kept, 1)), "{page}");
+    /// assert_eq!(observe.counted_tenants(), vec![kept]);
+    ///
+    /// // Added again, it counts from zero.
+    /// request(gone);
+    /// assert!(histograms.render().contains(&series(gone, 1)));
+    /// ```
+    pub fn forget_tenants(&self, tenants: &[TenantId]) -> usize {
+        match &self.config.metrics {
+            Some(metrics) if !tenants.is_empty() => {
+                metrics.forget(&tenants.iter().copied().collect())
+            }
+            _ => 0,
+        }
+    }
+
+    /// The tenants that have a `tower_fhir_requests_total` series in this layer now, in no
+    /// particular order: those to check against the directory for any removed that
+    /// [`forget_tenants`](Self::forget_tenants) was not told of.
+    pub fn counted_tenants(&self) -> Vec<TenantId> {
+        self.config
+            .metrics
+            .as_ref()
+            .map_or_else(Vec::new, |metrics| metrics.tenants())
     }
 }
 
@@ -838,6 +989,106 @@ mod tests {
             RequestFacts::set_client_id("app");
             std::future::ready(Ok(Response::new(())))
         }
+    }
+
+    fn tenant(n: u8) -> TenantId {
+        TenantId::parse(&format!("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e{n:02x}")).unwrap()
+    }
+
+    fn ok_for(tenant: TenantId) -> RequestsKey {
+        RequestsKey {
+            tenant: Some(tenant),
+            class: "2xx",
+            outcome: "ok",
+        }
+    }
+
+    /// `tenant`'s `2xx`/`ok` count on `page` (or the series without a tenant's), if any.
+    fn counted(page: &str, tenant: Option<TenantId>) -> Option<u64> {
+        let labels = match tenant {
+            Some(tenant) => format!("{{outcome=\"ok\",status_class=\"2xx\",tenant=\"{tenant}\"}} "),
+            None => "{outcome=\"ok\",status_class=\"2xx\"} ".to_owned(),
+        };
+        let series = format!("tower_fhir_requests_total{labels}");
+        page.lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+    }
+
+    #[test]
+    fn forgetting_tenants_frees_their_room_under_the_bound() {
+        let (_, histograms, recorder) = crate::ops::histogram::tests::over_prometheus();
+        let mut metrics = Metrics::new();
+        metrics.max_series = 3;
+        let (a, b, c, d) = (tenant(1), tenant(2), tenant(3), tenant(4));
+        metrics::with_local_recorder(&recorder, || {
+            for tenant in [a, a, b, c, d] {
+                metrics.count(ok_for(tenant));
+            }
+        });
+        let page = histograms.render();
+        assert_eq!(counted(&page, Some(a)), Some(2), "{page}");
+        assert_eq!(counted(&page, Some(c)), Some(1), "{page}");
+        assert_eq!(counted(&page, Some(d)), None, "past the bound: {page}");
+        assert_eq!(counted(&page, None), Some(1), "{page}");
+        let mut tenants = metrics.tenants();
+        tenants.sort_by_key(ToString::to_string);
+        assert_eq!(tenants, [a, b, c]);
+
+        let forgotten = HashSet::from([a, b]);
+        assert_eq!(metrics.forget(&forgotten), 2);
+        assert_eq!(metrics.forget(&forgotten), 0, "forgotten once");
+        metrics::with_local_recorder(&recorder, || metrics.count(ok_for(d)));
+        let page = histograms.render();
+        assert_eq!(
+            counted(&page, Some(d)),
+            Some(1),
+            "labelled, in the room forgetting made: {page}"
+        );
+    }
+
+    #[test]
+    fn a_tenant_forgotten_counts_again_from_zero_through_no_threads_old_copy() {
+        let (_, histograms, recorder) = crate::ops::histogram::tests::over_prometheus();
+        let layer = metrics::with_local_recorder(&recorder, || ObserveLayer::new().metrics(true));
+        let metrics = Arc::clone(layer.config.metrics.as_ref().unwrap());
+        let (gone, kept) = (tenant(5), tenant(6));
+        // Counted on this thread and on another, each keeping copies of the handles.
+        let count =
+            |tenant| metrics::with_local_recorder(&recorder, || metrics.count(ok_for(tenant)));
+        count(gone);
+        count(kept);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                count(gone);
+                count(kept);
+            });
+        });
+        let page = histograms.render();
+        assert_eq!(counted(&page, Some(gone)), Some(2), "{page}");
+
+        histograms.forget_labelled("tenant", &[&gone.to_string()]);
+        assert_eq!(layer.forget_tenants(&[gone]), 1);
+        assert_eq!(layer.counted_tenants(), [kept]);
+        assert!(!histograms.render().contains(&gone.to_string()));
+        // Added again: each thread counts it in a new series, not through the copy it had.
+        count(gone);
+        std::thread::scope(|scope| {
+            scope.spawn(|| count(gone));
+        });
+        count(kept);
+        let page = histograms.render();
+        assert_eq!(counted(&page, Some(gone)), Some(2), "{page}");
+        assert_eq!(counted(&page, Some(kept)), Some(3), "{page}");
+        assert_eq!(
+            layer.forget_tenants(&[]),
+            0,
+            "nothing to forget, nothing done"
+        );
+        assert_eq!(
+            ObserveLayer::new().forget_tenants(&[kept]),
+            0,
+            "metrics off"
+        );
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! adding, so nothing counted is lost and the words do not grow with the threads a process
 //! has had, only with the most it had at once.
 //!
-//! A word is named by an id from [`ids`]; ids are never given back (a recorder takes a few
-//! for each metric it registers, once).
+//! A word is named by an id from [`ids`]: a recorder takes a few for each series it
+//! registers. A series forgotten (a removed tenant's, say) gives its ids back with
+//! [`release`] once nothing can add to them any more; they are zeroed on every thread and
+//! taken again by the next [`ids`] of the same count, so the words grow with the series a
+//! process has at once, not with every series it ever had.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,17 +58,21 @@ impl Words {
     }
 }
 
-/// Every thread's words, and those of threads that ended, for the next to take.
+/// Every thread's words, and those of threads that ended, for the next to take; and the ids
+/// given back, for the next to take.
 struct Registry {
     all: Vec<Arc<Words>>,
     free: Vec<Arc<Words>>,
     next_id: usize,
+    /// Runs of ids given back (zeroed), by their length: the first id of each.
+    released: Vec<(usize, Vec<usize>)>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     all: Vec::new(),
     free: Vec::new(),
     next_id: 0,
+    released: Vec::new(),
 });
 
 /// Words added to with atomic read-modify-writes, by a thread that cannot have its own: one
@@ -76,14 +83,50 @@ fn registry() -> MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `count` fresh ids, one after the other; the first is returned.
+/// `count` ids, one after the other, whose words are zero on every thread; the first is
+/// returned. A run of `count` given back with [`release`] is taken first.
 pub(crate) fn ids(count: usize) -> usize {
     let mut registry = registry();
+    if let Some(first) = registry
+        .released
+        .iter_mut()
+        .find(|(length, _)| *length == count)
+        .and_then(|(_, firsts)| firsts.pop())
+    {
+        return first;
+    }
     let first = registry.next_id;
     registry.next_id = first
         .checked_add(count)
         .expect("fewer than usize::MAX metric words");
     first
+}
+
+/// Gives back the `count` ids from `first` on (taken together with [`ids`]), for another
+/// series: zeroes their words on every thread, and on the shared words. Call it only once
+/// nothing can add to them any more (the handle that added to them dropped): an add after it
+/// would count in the next series given them.
+pub(crate) fn release(first: usize, count: usize) {
+    let mut registry = registry();
+    let all = registry.all.clone();
+    for words in all.iter().map(|words| &**words).chain([&SHARED]) {
+        words.read(|chunks| {
+            for id in first..first.saturating_add(count) {
+                if let Some(Some(chunk)) = chunks.get(id / CHUNK) {
+                    // (No thread adds to these words: a store cannot lose an add.)
+                    chunk.0[id % CHUNK].store(0, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    match registry
+        .released
+        .iter_mut()
+        .find(|(length, _)| *length == count)
+    {
+        Some((_, firsts)) => firsts.push(first),
+        None => registry.released.push((count, vec![first])),
+    }
 }
 
 /// The calling thread's words, and the chunks of them it has looked up (so an add takes no
@@ -283,6 +326,40 @@ mod tests {
         assert_eq!(sums.u64(high), 3);
         assert_eq!(sums.u64(high - 1), 0);
         assert_eq!(sums.u64(ids(1) + 10 * CHUNK), 0, "beyond any chunk made");
+    }
+
+    #[test]
+    fn ids_given_back_are_zeroed_on_every_thread_and_taken_again() {
+        // A run length no other test takes, so that another test's ids are not these.
+        const RUN: usize = 11;
+        let first = ids(RUN);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(move || {
+                    with_adder(|adder| {
+                        adder.add(first, 3);
+                        adder.add_f64(first + RUN - 1, 0.5);
+                    });
+                });
+            }
+        });
+        with_adder(|adder| {
+            adder.add(first, 1);
+            with_adder(|shared| shared.add(first, 10));
+        });
+        assert_eq!(Sums::now().u64(first), 23);
+        release(first, RUN);
+        let sums = Sums::now();
+        assert_eq!(
+            sums.u64(first),
+            0,
+            "zeroed on every thread and the shared words"
+        );
+        assert!(sums.f64(first + RUN - 1).abs() < f64::EPSILON);
+        assert_eq!(ids(RUN), first, "taken again");
+        with_adder(|adder| adder.add(first, 2));
+        assert_eq!(Sums::now().u64(first), 2, "counted from zero");
+        assert_ne!(ids(RUN), first, "given once");
     }
 
     #[test]
