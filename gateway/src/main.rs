@@ -181,6 +181,9 @@ async fn check_assembly(config: &Config, base: &str) -> Result<(), String> {
 #[cfg(unix)]
 const OPEN_FILES_RESERVE: u64 = 1024;
 
+/// The most tenants the start names a line each (their upstreams); the rest are counted.
+const BANNER_TENANTS: usize = 50;
+
 /// The file descriptors `config` may need at its busiest: `max_connections` clients, an
 /// upstream connection for each request they have in flight (one a connection over HTTP/1.1,
 /// up to `http2_max_requests_in_flight` over HTTP/2 together), the idle upstream connections
@@ -431,8 +434,11 @@ async fn run(args: Args) -> Result<(), String> {
         .records()
         .await
         .map_err(|e| format!("cannot list the tenants: {e}"))?;
-    for (tenant, record) in tenants {
-        for upstream in record.upstreams() {
+    // A line each for the first tenants; with thousands, a count (the start's output is read
+    // by a person, and a line per tenant took 50,000 lines).
+    let unlisted = tenants.len().saturating_sub(BANNER_TENANTS);
+    for (shown, (tenant, record)) in tenants.into_iter().enumerate() {
+        for upstream in record.upstreams().iter().filter(|_| shown < BANNER_TENANTS) {
             say!(
                 banner_to_stderr,
                 "  tenant {tenant} -> {} ({})",
@@ -440,6 +446,7 @@ async fn run(args: Args) -> Result<(), String> {
                 upstream.fhir_version().name()
             );
         }
+        // (Said for every tenant: a warning.)
         if let Some(local) = record.in_process_tenant() {
             say!(
                 banner_to_stderr,
@@ -447,6 +454,12 @@ async fn run(args: Args) -> Result<(), String> {
                 local.key()
             );
         }
+    }
+    if unlisted > 0 {
+        say!(
+            banner_to_stderr,
+            "  and {unlisted} more tenants (the admin API's GET /admin/tenants lists them all)"
+        );
     }
     for trusted in &config.trusted_issuers {
         let tenants = if trusted.any_tenant {

@@ -927,6 +927,40 @@ fn a_tenant_at_the_gateways_own_address_is_refused_whichever_way_it_came() {
     );
 }
 
+/// The start names the first 50 tenants a line each and counts the rest: with thousands, a
+/// line each was thousands of lines.
+#[test]
+fn the_start_names_fifty_tenants_and_counts_the_rest() {
+    let tenants: Vec<serde_json::Value> = (0..53)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("4d1f6c2e-8a3b-4c5d-9e7f-{i:012x}"),
+                "upstreams": [{"base_url": format!("http://t{i}.hospital.example/fhir"),
+                               "fhir_version": "4.0"}]
+            })
+        })
+        .collect();
+    let mut config: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+    config["tenants"] = serde_json::json!(tenants);
+    config["clients"][0]["tenants"] = serde_json::json!([tenants[0]["id"]]);
+    let file = config_file("many-tenants", &config.to_string());
+    let mut command = Command::new(GATEWAY);
+    command.args(["--config", file.to_str().unwrap()]);
+    let (mut proc, _base) = process::Proc::start(
+        command,
+        file.parent().unwrap().join("gateway.log"),
+        "tower-fhir gateway listening on ",
+    );
+    for _ in 0..50 {
+        proc.wait_for("  tenant ");
+    }
+    assert_eq!(
+        proc.wait_for("  "),
+        "and 3 more tenants (the admin API's GET /admin/tenants lists them all)"
+    );
+    assert!(proc.terminate(), "did not exit cleanly");
+}
+
 #[test]
 fn a_second_process_on_the_same_state_dir_is_refused_until_the_first_ends() {
     let file = config_file("locked-state", GOOD);
