@@ -1436,7 +1436,9 @@ async fn a_state_directory_removed_under_the_gateway_is_said_and_not_made_again(
                 )
                 .await
         };
-        assert_eq!(gw.client.get("/readyz", &[]).await.status, StatusCode::OK);
+        // Ready once its own signing keys are read as a trusted issuer's (fetched at start).
+        let ready = async || gw.client.get("/readyz", &[]).await.status == StatusCode::OK;
+        assert!(eventually(Duration::from_secs(10), ready).await, "{case}");
         assert_eq!(put_client("before").await.status, StatusCode::CREATED);
         match case {
             "lock" => std::fs::remove_file(state.join("gateway.lock")).unwrap(),
