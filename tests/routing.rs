@@ -2601,6 +2601,11 @@ async fn a_token_in_the_query_never_reaches_the_upstream() {
         "access_token%09",
         "ACCESS%5FTOKEN",
         "access_to%E2%84%AAen",
+        // Unencoded; and as PHP (`.` for `_`) and array parsers (`[]`) read names.
+        "access_to\u{212A}en",
+        "access.token",
+        "access_token[]",
+        "acce%C3%9F_token",
     ] {
         let reply = gw
             .client

@@ -962,18 +962,21 @@ impl TokenCache {
     }
 }
 
-/// Whether `query` has an `access_token` parameter (its name read as [`parameter_name`]
-/// has it, in any case; `&` or `;` between parameters, as servers split them).
+/// Whether `query` has an `access_token` parameter (its name read as [`is_parameter`] reads
+/// it; `&` or `;` between parameters, as servers split them).
 fn names_a_token(query: &str) -> bool {
-    // Only a query holding `_token` (in any case) or a `%` can: most hold neither (a FHIR
-    // search's `_count` has a `_`, not `_token`), one pass over its `_`s, no split.
+    // Only a query holding a `%`, a byte beyond ASCII, or `token` (in any case) after a `_`,
+    // `.`, `+` or `[` can: most hold none (a FHIR search's `_count` has no `k`), one pass
+    // over its `%`s and `k`s, no split.
     let bytes = query.as_bytes();
-    let may = memchr::memchr2_iter(b'_', b'%', bytes).any(|at| {
+    let may = memchr::memchr3_iter(b'%', b'k', b'K', bytes).any(|at| {
         bytes[at] == b'%'
-            || bytes
-                .get(at + 1..at + 6)
-                .is_some_and(|next| next.eq_ignore_ascii_case(b"token"))
-    });
+            || at >= 3
+                && matches!(bytes[at - 3], b'_' | b'.' | b'+' | b'[')
+                && bytes
+                    .get(at - 2..at + 3)
+                    .is_some_and(|word| word.eq_ignore_ascii_case(b"token"))
+    }) || !bytes.is_ascii();
     if !may {
         return false;
     }
@@ -983,26 +986,47 @@ fn names_a_token(query: &str) -> bool {
     })
 }
 
-/// Whether the query parameter name `name`, read as [`parameter_name`], is `wanted` (ASCII)
-/// in any case, including the case mappings of Unicode that lead to ASCII
-/// letters: the Kelvin sign `K` is a `k`, the long `ſ` an `s`, `ı` and `İ` an `i` (as Java's
-/// `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` read them: `access_to%E2%84%AAen` is an
-/// `access_token` to such a server).
+/// Whether the query parameter name `name` is `wanted` (ASCII, lower case) as the
+/// most lenient servers read names: `+` a space, percent-decoded, white space and control
+/// characters around it dropped (Java's `trim`), an array's brackets after it dropped
+/// (`access_token[]`, `access_token[0]`: Rack, PHP, Express's `qs`), `.`, a space or a `[`
+/// in it read as `_` (PHP), compared in any case, with the case mappings of Unicode that lead
+/// to ASCII (the Kelvin sign `K` a `k`, `ſ` an `s`, `ı` and `İ` an `i`, as Java's
+/// `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` read them; `ß` and `ẞ` an `ss`, as
+/// upper-casing reads them) and fullwidth forms read as ASCII (NFKC). `access_to%E2%84%AAen`,
+/// `acce%C3%9F_token`, `access.token` and `access_token[]` are each an `access_token` here.
 pub(crate) fn is_parameter(name: &str, wanted: &str) -> bool {
     let name = parameter_name(name);
-    if name.is_ascii() {
+    let name = name.trim_matches(|c: char| c <= ' ' || c.is_whitespace());
+    let name = match name.find('[') {
+        Some(at) if at > 0 && name.ends_with(']') => &name[..at],
+        _ => name,
+    };
+    if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return name.eq_ignore_ascii_case(wanted);
     }
-    let mut wanted = wanted.bytes();
+    let mut wanted = wanted.bytes().map(|b| b.to_ascii_lowercase());
     let same = name.chars().all(|c| {
-        let folded = match c {
-            '\u{212A}' => b'k',
-            '\u{017F}' => b's',
-            '\u{0131}' | '\u{0130}' => b'i',
-            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+        let fullwidth;
+        let folded: &[u8] = match c {
+            '\u{212A}' => b"k",
+            '\u{017F}' => b"s",
+            '\u{0131}' | '\u{0130}' => b"i",
+            '\u{00DF}' | '\u{1E9E}' => b"ss",
+            '.' | ' ' | '[' => b"_",
+            '\u{FF01}'..='\u{FF5E}' => {
+                fullwidth = [u8::try_from(u32::from(c) - 0xFEE0)
+                    .unwrap_or(0)
+                    .to_ascii_lowercase()];
+                &fullwidth
+            }
+            c if c.is_ascii() => {
+                fullwidth = [(c as u8).to_ascii_lowercase()];
+                &fullwidth
+            }
             _ => return false,
         };
-        wanted.next().map(|w| w.to_ascii_lowercase()) == Some(folded)
+        folded.iter().all(|&b| wanted.next() == Some(b))
     });
     same && wanted.next().is_none()
 }
@@ -1051,6 +1075,22 @@ mod tests {
             // Unicode's case mappings that lead to ASCII letters (Java's `equalsIgnoreCase`).
             "access_to%E2%84%AAen=x",
             "acce%C5%BF%C5%BF_token=x",
+            // Sent unencoded (hyper takes bytes beyond ASCII in a query).
+            "access_to\u{212A}en=x",
+            // Upper-casing's `ß` (`SS`), Java's `trim` (control characters), arrays (Rack,
+            // PHP, `qs`), PHP's `.`, space and `[` for `_`, fullwidth letters (NFKC).
+            "acce%C3%9F_token=x",
+            "ACCE%E1%BA%9E_TOKEN=x",
+            "access_token%00=x",
+            "%01access_token=x",
+            "access_token%1F=x",
+            "access_token[]=x",
+            "access_token%5B%5D=x",
+            "access_token[0]=x",
+            "access.token=x",
+            "access+token=x",
+            "access[token=x",
+            "%EF%BD%81ccess_token=x",
         ] {
             assert!(names_a_token(query), "{query}");
         }
@@ -1061,7 +1101,8 @@ mod tests {
             "my_access_token=x",
             "access_tokens=x",
             "access%2Btoken=x",
-            "access+token=x",
+            "access-token=x",
+            "access[token]=x",
             "_count=1&_sort=name",
             "name=%41",
             "access_tok%C3%A9n=x",

@@ -2343,6 +2343,12 @@ mod tests {
             QueryRecording::Full.apply(q).as_deref(),
             Some("access_to%E2%84%AAen=REDACTED&client_%C5%BFecret=REDACTED&toke%C3%B1=c")
         );
+        // Upper-casing's `ß`, control characters around a name, arrays, PHP's `.` for `_`.
+        let q = Some("acce%C3%9F_token=a&access_token%00=b&access_token[]=c&client.secret=d&e=f");
+        assert_eq!(
+            QueryRecording::Full.apply(q).as_deref(),
+            Some("acce%C3%9F_token=REDACTED&access_token%00=REDACTED&access_token[]=REDACTED&client.secret=REDACTED&e=f")
+        );
         // Signed URLs' and sessions' names, and pairs after a `;`.
         let q = Some("_count=1;access_token=a&X-Amz-Signature=b;sig=c&session=d&name=e;f=g");
         assert_eq!(
