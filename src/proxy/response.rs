@@ -1,6 +1,6 @@
 //! The upstream's response relayed to the client: hop-by-hop headers removed, `Set-Cookie`
 //! removed unless the upstream takes part in cookies, `X-Content-Type-Options: nosniff` set,
-//! `Content-Security-Policy: sandbox` added to documents a browser would run scripts in, its
+//! `Content-Security-Policy: sandbox` added unless the answer is JSON or a PDF, its
 //! `Content-Length` the one the body was read with, the upstream's base URL rewritten to the
 //! gateway's in `Location`, `Content-Location`, `Link` and the links of the JSON Bundles
 //! a server answers with (bodies up to a limit; larger or compressed ones stream through
@@ -155,14 +155,21 @@ pub(super) async fn relay_response(
     // it). A bodiless answer keeps the length it speaks of (a HEAD's, a 304's), unless a
     // transfer coding made it meaningless; a 204 has none.
     let mut heads = ResponseHeads::scan(&parts.headers);
-    // A document a browser renders and may run scripts in (HTML, XHTML, SVG, other XML, or
-    // no type at all: HAPI's `_format=html`, a Binary's page) would run them on the gateway's
-    // origin, every tenant's: `sandbox` gives it an origin of its own, without scripts. (Not
-    // on other types: it would keep a browser's PDF viewer from showing a Binary's PDF; nor
-    // on a `204` or `304`, which have no document.)
-    let no_document =
-        parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
-    if !no_document && (heads.json.is_none() || heads.document) {
+    // A document a browser renders may run scripts on the gateway's origin, every tenant's
+    // (HTML, XHTML, SVG, any XML, FHIR's with its XHTML narratives, no type at all: HAPI's
+    // `_format=html`, a Binary's page): `sandbox` gives it an origin of its own, without
+    // scripts. Every answer has it but one of a single `Content-Type` naming one JSON type or
+    // PDF (a browser takes the last of several types, and a sandbox would keep its PDF viewer
+    // from showing a Binary's PDF), a `204`, and a `304` (which has no document, but whose
+    // headers replace the cached answer's: one that brings its own policy gets the sandbox
+    // added, or it would lift the cached answer's).
+    let inert = heads.content_types == 1 && heads.inert;
+    let sandboxed = match parts.status {
+        StatusCode::NO_CONTENT => false,
+        StatusCode::NOT_MODIFIED => parts.headers.contains_key(header::CONTENT_SECURITY_POLICY),
+        _ => !inert,
+    };
+    if sandboxed {
         parts.headers.append(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static("sandbox"),
@@ -540,9 +547,11 @@ struct ResponseHeads {
     /// The first `Content-Type`'s media type is FHIR's XML (`application/fhir+xml`, DSTU2's
     /// `application/xml+fhir`).
     xml: bool,
-    /// The first `Content-Type`'s media type is a document a browser renders and may run
-    /// scripts in: HTML, XHTML, SVG, or XML other than FHIR's.
-    document: bool,
+    /// The first `Content-Type` names one media type (no list), a JSON one or PDF: nothing a
+    /// browser runs scripts in.
+    inert: bool,
+    /// How many `Content-Type`s there are (at most 255 counted).
+    content_types: u8,
     /// The first `Content-Encoding` is `identity`.
     identity: Option<bool>,
     /// The first `Content-Length`, if it reads as a number (an unreadable one counts as unknown).
@@ -560,7 +569,11 @@ impl ResponseHeads {
                 heads.location = true;
             } else if name == header::SET_COOKIE || name == SET_COOKIE2 {
                 heads.set_cookie = true;
-            } else if name == header::CONTENT_TYPE && heads.json.is_none() {
+            } else if name == header::CONTENT_TYPE {
+                heads.content_types = heads.content_types.saturating_add(1);
+                if heads.json.is_some() {
+                    continue;
+                }
                 // The media type before any parameter, compared as bytes.
                 let value = value.as_bytes();
                 let end = memchr::memchr(b';', value).unwrap_or(value.len());
@@ -574,17 +587,8 @@ impl ResponseHeads {
                 heads.json = Some(json);
                 // FHIR's own XML types only: other XML (a Binary's) streams as it comes.
                 heads.xml = !json && is(&[b"application/fhir+xml", b"application/xml+fhir"]);
-                heads.document = !json
-                    && !heads.xml
-                    && (is(&[
-                        b"text/html",
-                        b"application/xhtml+xml",
-                        b"image/svg+xml",
-                        b"text/xml",
-                        b"application/xml",
-                        b"text/xsl",
-                    ]) || media.len() > 4
-                        && media[media.len() - 4..].eq_ignore_ascii_case(b"+xml"));
+                heads.inert =
+                    (json || is(&[b"application/pdf"])) && memchr::memchr(b',', value).is_none();
             } else if name == header::CONTENT_ENCODING {
                 heads
                     .identity
