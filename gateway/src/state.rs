@@ -50,8 +50,8 @@ pub(crate) struct State {
 pub(crate) struct DirLock {
     dir: PathBuf,
     /// The directory as it was when locked (its device and inode, on Unix): one removed and
-    /// made again under the same name is another. `None` when it could not be opened.
-    directory: Option<same_file::Handle>,
+    /// made again under the same name is another.
+    directory: same_file::Handle,
     /// The locked `gateway.lock`, held open (the lock goes with it).
     file: same_file::Handle,
     /// Whether the loss was said (once).
@@ -61,7 +61,7 @@ pub(crate) struct DirLock {
 impl DirLock {
     fn new(dir: PathBuf, file: std::fs::File) -> std::io::Result<Self> {
         Ok(Self {
-            directory: same_file::Handle::from_path(&dir).ok(),
+            directory: same_file::Handle::from_path(&dir)?,
             dir,
             file: same_file::Handle::from_file(file)?,
             said: AtomicBool::new(false),
@@ -72,14 +72,14 @@ impl DirLock {
     /// file this process locked. Once not (removed, replaced, made again: what else went with
     /// it cannot be told), it is not taken again: the first time, an `error` says so.
     pub(crate) fn held(&self) -> bool {
-        let same = |handle: &same_file::Handle, path: &Path| {
-            same_file::Handle::from_path(path).is_ok_and(|there| there == *handle)
-        };
-        let held = self
-            .directory
-            .as_ref()
-            .is_some_and(|directory| same(directory, &self.dir))
-            && same(&self.file, &self.dir.join(LOCK_FILE));
+        // Gone, or another file there: not held. Not told (no descriptor free to open it
+        // with, say): held, as far as can be said.
+        let same =
+            |handle: &same_file::Handle, path: &Path| match same_file::Handle::from_path(path) {
+                Ok(there) => there == *handle,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            };
+        let held = same(&self.directory, &self.dir) && same(&self.file, &self.dir.join(LOCK_FILE));
         if !held && !self.said.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 state_dir = %self.dir.display(),
@@ -457,7 +457,10 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         assertion_jtis: Some(assertion_jtis),
         _temporary: temporary,
         lock: Some(Arc::new(DirLock::new(dir.clone(), lock).map_err(|e| {
-            format!("cannot read the lock file in {}: {e}", dir.display())
+            format!(
+                "cannot open the state directory {} or its lock file: {e}",
+                dir.display()
+            )
         })?)),
     })
 }
