@@ -705,8 +705,10 @@ impl TenantSeries {
     fn forget(&self, tenants: &[TenantId]) -> usize {
         let ids: Vec<String> = tenants.iter().map(ToString::to_string).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.histograms.forget_labelled("tenant", &ids);
-        self.observe.forget_tenants(tenants)
+        // The recorder's under the layer's lock: no request makes a series between the two.
+        self.observe.forget_tenants_with(tenants, || {
+            self.histograms.forget_labelled("tenant", &ids);
+        })
     }
 }
 

@@ -306,12 +306,15 @@ impl Metrics {
         (key, counter.clone())
     }
 
-    /// Drops the handles of `tenants`' series; how many series it dropped.
-    fn forget(&self, tenants: &HashSet<TenantId>) -> usize {
+    /// Drops the handles of `tenants`' series, after `first` (the recorder's own forgetting)
+    /// ran under the same lock: no request makes a series between the two; how many series it
+    /// dropped.
+    fn forget(&self, tenants: &HashSet<TenantId>, first: impl FnOnce()) -> usize {
         let mut series = self
             .requests
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        first();
         let before = series.len();
         series.retain(|key, _| !key.tenant.is_some_and(|tenant| tenants.contains(&tenant)));
         let forgotten = before - series.len();
@@ -409,8 +412,8 @@ impl ObserveLayer {
     /// dropped.
     ///
     /// The recorder holds the series too: with [`BucketHistograms`](super::BucketHistograms),
-    /// call its [`forget_labelled`](super::BucketHistograms::forget_labelled) first (it then
-    /// renders them no more); `metrics-exporter-prometheus` alone drops a series only once it
+    /// call its [`forget_labelled`](super::BucketHistograms::forget_labelled) through
+    /// [`forget_tenants_with`](Self::forget_tenants_with) (it then renders them no more); `metrics-exporter-prometheus` alone drops a series only once it
     /// is idle for its `idle_timeout`. Give Prometheus a scrape or two of the final counts
     /// first, and the tenant's last requests time to end: call it some minutes after the
     /// tenant went (the gateway binary waits `metrics_removed_tenant_grace_seconds`, 300 by
@@ -454,8 +457,10 @@ impl ObserveLayer {
     /// assert!(histograms.render().contains(&series(gone, 2)));
     ///
     /// // The tenant was removed some minutes ago: its series go, the recorder's first.
-    /// assert_eq!(histograms.forget_labelled("tenant", &[&gone.to_string()]), 1);
-    /// assert_eq!(observe.forget_tenants(&[gone]), 1);
+    /// let forgotten = observe.forget_tenants_with(&[gone], || {
+    ///     assert_eq!(histograms.forget_labelled("tenant", &[&gone.to_string()]), 1);
+    /// });
+    /// assert_eq!(forgotten, 1);
     /// let page = histograms.render();
     /// assert!(!page.contains(&gone.to_string()), "{page}");
     /// assert!(page.contains(&series(kept, 1)), "{page}");
@@ -466,11 +471,24 @@ impl ObserveLayer {
     /// assert!(histograms.render().contains(&series(gone, 1)));
     /// ```
     pub fn forget_tenants(&self, tenants: &[TenantId]) -> usize {
+        self.forget_tenants_with(tenants, || {})
+    }
+
+    /// [`forget_tenants`](Self::forget_tenants), with `recorder` (which forgets the recorder's
+    /// series of them: [`BucketHistograms::forget_labelled`](super::BucketHistograms::forget_labelled))
+    /// run first, under the lock a request takes to make a series: one made between the two
+    /// would be a handle the layer no longer holds on a series the recorder shows for ever
+    /// (and a tenant added back would count on from it). `recorder` runs even when the layer
+    /// counts no metrics or holds none of their series.
+    pub fn forget_tenants_with(&self, tenants: &[TenantId], recorder: impl FnOnce()) -> usize {
         match &self.config.metrics {
             Some(metrics) if !tenants.is_empty() => {
-                metrics.forget(&tenants.iter().copied().collect())
+                metrics.forget(&tenants.iter().copied().collect(), recorder)
             }
-            _ => 0,
+            _ => {
+                recorder();
+                0
+            }
         }
     }
 
@@ -1014,6 +1032,47 @@ mod tests {
             .find_map(|line| line.strip_prefix(&series)?.parse().ok())
     }
 
+    /// A request that makes a series of a tenant being forgotten waits for the forgetting to
+    /// end, the recorder's included: its series is then one the layer holds and the recorder
+    /// shows, from zero. (With the recorder's forgotten first and apart, the request could
+    /// make one between the two: shown for ever, and held by no layer to forget it again.)
+    #[test]
+    fn a_series_made_while_a_tenant_is_forgotten_is_held_and_shown() {
+        let (_, histograms, recorder) = crate::ops::histogram::tests::over_prometheus();
+        let metrics = Metrics::new();
+        let gone = tenant(9);
+        let failed = RequestsKey {
+            tenant: Some(gone),
+            class: "5xx",
+            outcome: "error",
+        };
+        metrics::with_local_recorder(&recorder, || metrics.count(ok_for(gone)));
+        std::thread::scope(|scope| {
+            metrics.forget(&HashSet::from([gone]), || {
+                histograms.forget_labelled("tenant", &[&gone.to_string()]);
+                // A request, on another thread, meanwhile.
+                scope.spawn(|| {
+                    metrics::with_local_recorder(&recorder, || metrics.count(failed));
+                });
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            });
+        });
+        let page = histograms.render();
+        assert_eq!(metrics.tenants(), vec![gone], "{page}");
+        assert!(
+            page.contains(&format!(
+                "tower_fhir_requests_total{{outcome=\"error\",status_class=\"5xx\",tenant=\"{gone}\"}} 1"
+            )),
+            "{page}"
+        );
+        assert_eq!(counted(&page, Some(gone)), None, "{page}");
+        // Forgotten again, it is gone.
+        metrics.forget(&HashSet::from([gone]), || {
+            histograms.forget_labelled("tenant", &[&gone.to_string()]);
+        });
+        assert!(!histograms.render().contains(&gone.to_string()));
+    }
+
     #[test]
     fn forgetting_tenants_frees_their_room_under_the_bound() {
         let (_, histograms, recorder) = crate::ops::histogram::tests::over_prometheus();
@@ -1035,8 +1094,8 @@ mod tests {
         assert_eq!(tenants, [a, b, c]);
 
         let forgotten = HashSet::from([a, b]);
-        assert_eq!(metrics.forget(&forgotten), 2);
-        assert_eq!(metrics.forget(&forgotten), 0, "forgotten once");
+        assert_eq!(metrics.forget(&forgotten, || {}), 2);
+        assert_eq!(metrics.forget(&forgotten, || {}), 0, "forgotten once");
         metrics::with_local_recorder(&recorder, || metrics.count(ok_for(d)));
         let page = histograms.render();
         assert_eq!(
