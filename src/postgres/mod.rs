@@ -12,8 +12,12 @@
 //! [`ClientStore`] and [`PgTenantStore`] a [`TenantStore`]; both keep each record as the JSON
 //! the file stores write (table `tower_fhir_clients`, `tower_fhir_tenants`), change it in a
 //! transaction that locks its row, and pass the suite every store passes
-//! (`tests/stores.rs`). Secrets are hashed before any transaction starts, so a slow hash holds
-//! no lock. Each tenant change is announced to this process's [`TenantStore::changes`]
+//! (`tests/stores.rs`). A client's tenants are also kept one row each
+//! (`tower_fhir_client_tenants`, which a trigger keeps as the record says), so that a token
+//! request looks up the one tenant it asks for and never reads the client's list
+//! ([`ClientStore::client_for_tenant`]): it costs the same for a client of one tenant and a
+//! client of fifty thousand. Secrets are hashed before any transaction starts, so a slow hash
+//! holds no lock. Each tenant change is announced to this process's [`TenantStore::changes`]
 //! subscribers and `NOTIFY`ed on the channel `tower_fhir_changes` (payload
 //! `tenant:<id> <origin>`, the origin naming the store that made it) in the same
 //! transaction; every other replica's store hears it and tells its own subscribers.
@@ -44,6 +48,11 @@
 //!
 //! A start waits for the [`MIGRATION_LOCK`] as long as another holds it; past 5 s it says so at
 //! `warn` (the lock's key as `pg_locks` shows it, and its holder), and at `info` once it has it.
+//!
+//! Each session names itself in `pg_stat_activity` (`application_name`): `tower-fhir` for the
+//! pool's, `tower-fhir listener tenants`, `tower-fhir listener revocations` and `tower-fhir
+//! listener keys` for the change listeners'. An `application_name` in the database URL
+//! (`?application_name=gateway-eu-1`) names every session instead.
 
 mod failures;
 mod keys;
@@ -86,7 +95,7 @@ pub const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869;
 const MIGRATION_LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 7] = [
+const MIGRATIONS: [&str; 8] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -143,7 +152,74 @@ const MIGRATIONS: [&str; 7] = [
     "CREATE INDEX tower_fhir_revoked_tokens_expiry ON tower_fhir_revoked_tokens (expires_at);
      CREATE INDEX tower_fhir_assertion_jtis_expiry ON tower_fhir_assertion_jtis (expires_at);
      CREATE INDEX tower_fhir_revoked_clients_expiry ON tower_fhir_revoked_clients (expires_at);",
+    CLIENT_TENANTS,
 ];
+
+/// What a token request reads of a client, kept beside its record so that the request never
+/// reads the record's list of tenants (a client of 50,000 took 35 ms to read and parse, twice
+/// a request): `head`, the record without its `tenants` (a generated column), and
+/// `tower_fhir_client_tenants`, one row for each tenant in it, for a look-up of the one asked
+/// for by its primary key. The record stays the one truth: a trigger keeps the rows as its
+/// `tenants` are, in the transaction that writes it, whoever writes it (a replica of an
+/// earlier version during a rolling upgrade, or an operator by hand); a change adds and
+/// removes only the rows that differ (a tenant added to a client of 50,000: a few tenths
+/// of a second).
+///
+/// A row holds the tenant as the record spells it: the stores write the hyphenated lower-case
+/// form, which a look-up names. One written by hand in another form (upper case, braces) is
+/// not found, so a token request for it is refused, though a whole read of the client shows
+/// it; the rows take no time to check what each element is (a check of 50,000 took seconds).
+const CLIENT_TENANTS: &str = r"
+    ALTER TABLE tower_fhir_clients ADD COLUMN head jsonb GENERATED ALWAYS AS (
+        CASE WHEN jsonb_typeof(record) = 'object' THEN record - 'tenants' END
+    ) STORED;
+    CREATE TABLE tower_fhir_client_tenants (
+        client text NOT NULL,
+        tenant text NOT NULL,
+        PRIMARY KEY (client, tenant)
+    );
+    CREATE FUNCTION tower_fhir_record_tenants(client_record jsonb) RETURNS SETOF text
+        LANGUAGE sql IMMUTABLE AS $$
+        SELECT listed
+        FROM jsonb_array_elements_text(CASE WHEN jsonb_typeof(client_record->'tenants') = 'array'
+                                            THEN client_record->'tenants' ELSE '[]' END) AS listed
+        WHERE listed IS NOT NULL
+    $$;
+    CREATE FUNCTION tower_fhir_client_tenants_follow() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'UPDATE' AND NEW.id = OLD.id THEN
+            IF NEW.record->'tenants' IS NOT DISTINCT FROM OLD.record->'tenants' THEN
+                RETURN NULL;
+            END IF;
+            DELETE FROM tower_fhir_client_tenants
+             WHERE client = OLD.id
+               AND tenant NOT IN (SELECT tower_fhir_record_tenants(NEW.record));
+        ELSIF TG_OP = 'INSERT' THEN
+            -- Rows an earlier client of this id left (its row emptied by TRUNCATE).
+            DELETE FROM tower_fhir_client_tenants WHERE client = NEW.id;
+        ELSE
+            DELETE FROM tower_fhir_client_tenants WHERE client = OLD.id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO tower_fhir_client_tenants (client, tenant)
+            SELECT NEW.id, listed FROM tower_fhir_record_tenants(NEW.record) AS listed
+            EXCEPT
+            SELECT client, tenant FROM tower_fhir_client_tenants WHERE client = NEW.id
+            ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER tower_fhir_client_tenants_follow
+        AFTER INSERT OR UPDATE OR DELETE ON tower_fhir_clients
+        FOR EACH ROW EXECUTE FUNCTION tower_fhir_client_tenants_follow();
+    INSERT INTO tower_fhir_client_tenants (client, tenant)
+    SELECT clients.id, listed
+    FROM tower_fhir_clients AS clients, tower_fhir_record_tenants(clients.record) AS listed
+    ON CONFLICT DO NOTHING;
+    ANALYZE tower_fhir_client_tenants;
+";
 
 /// The oldest PostgreSQL release served (`server_version_num` form): the schema and queries
 /// use what 14 has (`jsonb_path_exists` needs 12; 14 is what the tests run on).
@@ -281,6 +357,15 @@ impl fmt::Debug for PgState {
     }
 }
 
+/// The `application_name` the pool's sessions give the server, for an operator to tell them
+/// in `pg_stat_activity`; each change listener's is [`LISTENER_APPLICATION_NAME`] and its
+/// name. An `application_name` in the database URL is kept instead, for every session.
+const POOL_APPLICATION_NAME: &str = "tower-fhir";
+
+/// What a change listener's `application_name` begins with: `tower-fhir listener tenants`,
+/// `tower-fhir listener revocations`, `tower-fhir listener keys`.
+const LISTENER_APPLICATION_NAME: &str = "tower-fhir listener";
+
 /// Set on each pooled connection when it is made: the server finds a replica that went away
 /// without a word (its host down, a network cut) in about a minute, not at its operating
 /// system's default of two hours, so the locks its session or transaction held (the tenant
@@ -336,8 +421,13 @@ impl PgState {
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(5));
+        // The listeners name their sessions themselves (`listen`), unless the URL names them.
+        let dial = config.clone();
+        if config.get_application_name().is_none() {
+            config.application_name(POOL_APPLICATION_NAME);
+        }
         let manager = Manager::from_config(
-            config.clone(),
+            config,
             tls.clone(),
             ManagerConfig {
                 // Each pooled connection is checked (an empty query, at most 2 s) before it
@@ -364,7 +454,7 @@ impl PgState {
             .map_err(|e| PgError::new("the connection pool cannot be made", e))?;
         let state = Self {
             pool,
-            config: Dial { config, tls },
+            config: Dial { config: dial, tls },
         };
         state.migrate().await?;
         Ok(state)
@@ -858,6 +948,77 @@ impl PgClientStore {
         row.map(|row| client_record(id, row.get(0))).transpose()
     }
 
+    /// The client narrowed to `tenant` ([`ClientStore::client_for_tenant`]), in one round
+    /// trip: its `head` (the record without its tenants) and, by the primary key of
+    /// `tower_fhir_client_tenants`, the tenant asked for (or, for `None`, the first two: one
+    /// is the client's only tenant). Nothing read grows with the client's tenants (see
+    /// [`CLIENT_TENANTS`]).
+    async fn read_for_tenant(
+        &self,
+        id: &str,
+        tenant: Option<TenantId>,
+    ) -> Result<Option<ClientRecord>, StoreError> {
+        if !crate::token::is_client_id(id) {
+            return Ok(None);
+        }
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| store_error("connecting", e))?;
+        let failed = |e| store_error("reading a client", e);
+        // Two statements, not one with `$2 IS NULL OR ...`: a plan made for any `$2` could not
+        // look the tenant up by the key. (`ORDER BY`, which the key's index gives: without it,
+        // where a few clients hold most rows, a plan made for any client scans the table for
+        // two rows, all of it for a client of one tenant.)
+        let row = match tenant {
+            Some(tenant) => {
+                let statement = connection
+                    .prepare_cached(
+                        "SELECT c.head, ARRAY(SELECT t.tenant FROM tower_fhir_client_tenants t
+                                               WHERE t.client = c.id AND t.tenant = $2)
+                         FROM tower_fhir_clients c WHERE c.id = $1",
+                    )
+                    .await
+                    .map_err(failed)?;
+                connection
+                    .query_opt(&statement, &[&id, &tenant.to_string()])
+                    .await
+            }
+            None => {
+                let statement = connection
+                    .prepare_cached(
+                        "SELECT c.head, ARRAY(SELECT t.tenant FROM tower_fhir_client_tenants t
+                                               WHERE t.client = c.id ORDER BY t.tenant LIMIT 2)
+                         FROM tower_fhir_clients c WHERE c.id = $1",
+                    )
+                    .await
+                    .map_err(failed)?;
+                connection.query_opt(&statement, &[&id]).await
+            }
+        }
+        .map_err(failed)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let head: Option<serde_json::Value> = row.get(0);
+        let found: Vec<String> = row.get(1);
+        let mut head = match head {
+            Some(serde_json::Value::Object(head)) => head,
+            // Not an object: the whole record cannot be read either, and says why.
+            _ => return client_record(id, head.unwrap_or_default()).map(Some),
+        };
+        head.insert("tenants".into(), serde_json::Value::Array(Vec::new()));
+        let mut record = client_record(id, serde_json::Value::Object(head))?;
+        record.tenants = match (tenant, found.as_slice()) {
+            (Some(tenant), [_]) => vec![tenant],
+            // (A row that is no tenant id, written by hand: no tenant.)
+            (None, [only]) => TenantId::parse(only).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        Ok(Some(record))
+    }
+
     /// Rotates the client's secret, only if `used` is still one of its live secrets when given
     /// ([`ClientStore::rotate_secret_from`]).
     fn rotate(&self, id: &str, used: Option<String>, grace: Duration) -> StoreFuture<ClientSecret> {
@@ -984,11 +1145,26 @@ impl ClientStore for PgClientStore {
         Box::pin(bounded(async move { this.read(&id).await }))
     }
 
+    /// Without reading the client's record or its list of tenants: the record without its
+    /// tenants, and the tenant asked for looked up by key in `tower_fhir_client_tenants` (see
+    /// the [module docs](self)), in one round trip.
+    fn client_for_tenant(
+        &self,
+        id: &str,
+        tenant: Option<TenantId>,
+    ) -> StoreFuture<Option<ClientRecord>> {
+        let (this, id) = (self.clone(), id.to_owned());
+        Box::pin(bounded(
+            async move { this.read_for_tenant(&id, tenant).await },
+        ))
+    }
+
     fn revoked_clients(&self) -> StoreFuture<Vec<ClientRecord>> {
         // Compared as text: a row whose `revoked` is no boolean fails no cast (and is read,
-        // named if it cannot be, as the others).
+        // named if it cannot be, as the others). Found by `head`: the records of the clients
+        // not revoked, their tenant lists, are not read.
         self.records(
-            "SELECT id, record FROM tower_fhir_clients WHERE record->>'revoked' = 'true'",
+            "SELECT id, record FROM tower_fhir_clients WHERE head->>'revoked' = 'true'",
             "listing the revoked clients",
             Unreadable::Fails,
         )
@@ -1119,10 +1295,10 @@ impl ClientStore for PgClientStore {
     }
 }
 
-/// The clients' rate limits, read from the database.
+/// The clients' rate limits, read from the database (without their tenants).
 impl crate::limit::ClientLimits for PgClientStore {
     fn client_limit(&self, client_id: &str) -> crate::limit::ClientLimitFuture {
-        crate::token::limit_of(self.client(client_id))
+        crate::token::limit_of(self.client_for_tenant(client_id, None))
     }
 }
 
@@ -1768,7 +1944,10 @@ impl Drop for ListenerMetrics {
 /// (waiting 0.25 s, doubling up to 5 s) whenever the connection drops, until the handler
 /// is not alive any more. Its state is kept in [`ListenerMetrics`].
 async fn listen(dial: Dial, mut handler: impl Handler) {
-    let Dial { config, tls } = dial;
+    let Dial { mut config, tls } = dial;
+    if config.get_application_name().is_none() {
+        config.application_name(format!("{LISTENER_APPLICATION_NAME} {}", handler.name()));
+    }
     let mut metrics = ListenerMetrics::new(handler.name());
     let mut wait = Duration::from_millis(250);
     // Whether notifications may have gone unheard: after a connection that failed or

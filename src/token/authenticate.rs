@@ -10,6 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::client::{self, unix_now, ClientRecord, ClientStore, StoreError};
 use super::error::{ErrorCode, TokenError};
 use super::throttle::{Attempt, FailureCounts, Refusal, Source, Throttle, ThrottlePolicy};
+use crate::tenant::TenantId;
 
 /// How many secret checks run at once, and how long one waits for room.
 #[derive(Debug, Clone, Copy)]
@@ -70,8 +71,11 @@ pub(super) struct Admitted {
 
 /// A client whose secret was right when it was checked.
 pub(super) struct Authenticated {
-    /// The client as the store had it before the check.
+    /// The client as the store had it before the check, narrowed to `tenant`
+    /// ([`ClientStore::client_for_tenant`]).
     record: ClientRecord,
+    /// The tenant the request is for, if it names one.
+    tenant: Option<TenantId>,
     /// The hash its secret matched.
     matched: String,
     /// When (Unix seconds) the secrets were looked up.
@@ -194,11 +198,13 @@ impl Authenticator {
     /// [`authenticate`](Self::authenticate) under the throttle: refused while the id is
     /// blocked for the request's source address (`from`; `None` when the server did not say),
     /// waiting while parallel checks of it could use up its allowance, a wrong secret counted.
-    /// `doing` names the request in the log.
+    /// The client is read narrowed to `tenant`, the tenant the request is for
+    /// ([`ClientStore::client_for_tenant`]). `doing` names the request in the log.
     pub(super) async fn authenticate_throttled(
         &self,
         id: &str,
         secret: &str,
+        tenant: Option<TenantId>,
         from: Option<IpAddr>,
         doing: &'static str,
     ) -> Result<Authenticated, Denied> {
@@ -216,7 +222,7 @@ impl Authenticator {
                 return Err(Denied::Overloaded);
             }
         };
-        match self.authenticate(id, secret, admitted, slot).await {
+        match self.authenticate(id, secret, tenant, admitted, slot).await {
             Ok((Some(client), admitted)) => {
                 self.succeeded(admitted, id).await;
                 Ok(client)
@@ -245,7 +251,10 @@ impl Authenticator {
         &self,
         checked: &Authenticated,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        let current = self.store.client(&checked.record.id).await?;
+        let current = self
+            .store
+            .client_for_tenant(&checked.record.id, checked.tenant)
+            .await?;
         Ok(current.filter(|record| {
             !record.revoked
                 && record
@@ -254,19 +263,20 @@ impl Authenticator {
         }))
     }
 
-    /// The client and the hash its secret matched, if the secret is one of its live ones, and
-    /// the `attempt` back. Unknown and revoked clients are checked against a dummy hash, so
-    /// every failure costs the same Argon2 work. The attempt goes along into the hashing and is
-    /// dropped with it if this future is (a client that hangs up cannot free its place while
-    /// its hash still runs).
+    /// The client (narrowed to `tenant`) and the hash its secret matched, if the secret is one
+    /// of its live ones, and the `attempt` back. Unknown and revoked clients are checked
+    /// against a dummy hash, so every failure costs the same Argon2 work. The attempt goes
+    /// along into the hashing and is dropped with it if this future is (a client that hangs
+    /// up cannot free its place while its hash still runs).
     async fn authenticate(
         &self,
         id: &str,
         secret: &str,
+        tenant: Option<TenantId>,
         attempt: Admitted,
         slot: OwnedSemaphorePermit,
     ) -> Result<(Option<Authenticated>, Admitted), StoreError> {
-        let record = self.store.client(id).await?;
+        let record = self.store.client_for_tenant(id, tenant).await?;
         let now = unix_now();
         let mut hashes: Vec<String> = record
             .as_ref()
@@ -295,6 +305,7 @@ impl Authenticator {
             .filter(|_| known)
             .map(|(record, matched)| Authenticated {
                 record,
+                tenant,
                 matched,
                 at: now,
             });
@@ -430,7 +441,7 @@ mod tests {
         // Every slot taken: the check waits 50 ms, then gives up.
         let held = Arc::clone(&auth.hashing).acquire_owned().await.unwrap();
         let denied = auth
-            .authenticate_throttled("app", secret.expose(), None, "test")
+            .authenticate_throttled("app", secret.expose(), None, None, "test")
             .await
             .err()
             .expect("no room");
@@ -441,7 +452,7 @@ mod tests {
         // With the slot free again the same secret works: the refusal counted no failure.
         drop(held);
         assert!(auth
-            .authenticate_throttled("app", secret.expose(), None, "test")
+            .authenticate_throttled("app", secret.expose(), None, None, "test")
             .await
             .is_ok());
     }

@@ -27,6 +27,7 @@ use super::scope::grant_scope;
 use super::signing::SigningKeys;
 use super::throttle::{FailureCounts, ThrottlePolicy};
 use crate::auth::{RevocationLog, RevokedTokens};
+use crate::tenant::TenantId;
 
 /// How far ahead of now [`TokenEndpoint::revoke_tokens_of`] cuts a client's tokens off: a
 /// token request checked just before the change and signed a moment after it, or issued by a
@@ -429,7 +430,8 @@ impl TokenEndpoint {
     /// ```
     pub async fn revoke_client(&self, id: &str) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let Some(client) = inner.clients.store.client(id).await? else {
+        // (Its token lifetime is what counts; its tenants are not read.)
+        let Some(client) = inner.clients.store.client_for_tenant(id, None).await? else {
             return Err(StoreError::refused(format!("no client {id:?}")));
         };
         inner.clients.store.revoke(id).await?;
@@ -499,7 +501,8 @@ impl TokenEndpoint {
     /// ```
     pub async fn revoke_tokens_of(&self, id: &str) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let Some(client) = inner.clients.store.client(id).await? else {
+        // (Its token lifetime is what counts; its tenants are not read.)
+        let Some(client) = inner.clients.store.client_for_tenant(id, None).await? else {
             return Err(StoreError::refused(format!("no client {id:?}")));
         };
         let until = inner
@@ -620,8 +623,11 @@ impl Inner {
             ));
         }
 
+        // The client is read with the one tenant asked for (or its only one) among its
+        // tenants: a client of thousands costs what a client of one does.
+        let named = super::scope::named_tenant(form.get("scope").map(String::as_str));
         let client = self
-            .authenticate_client(&parts, &form, "token request")
+            .authenticate_client(&parts, &form, named, "token request")
             .await?;
         let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
         crate::ops::RequestFacts::set_tenant(tenant);
@@ -699,12 +705,14 @@ impl Inner {
 
     /// The client a form request (a token, introspection or revocation request) authenticates
     /// as, under the throttle, as the store has it after the check (the check takes a while:
-    /// the client may have been revoked, rotated or given other tenants meanwhile). `doing`
-    /// names the request in the log.
+    /// the client may have been revoked, rotated or given other tenants meanwhile), its
+    /// tenants narrowed to `tenant`, the one the request is for
+    /// ([`ClientStore::client_for_tenant`]). `doing` names the request in the log.
     pub(super) async fn authenticate_client(
         &self,
         parts: &http::request::Parts,
         form: &HashMap<String, String>,
+        tenant: Option<TenantId>,
         doing: &'static str,
     ) -> Result<ClientRecord, TokenError> {
         let credentials = credentials(&parts.headers, form, &self.realm)?;
@@ -713,7 +721,7 @@ impl Inner {
             Credentials::Post { id, secret } => (id.as_str(), secret.as_str(), false),
             Credentials::Assertion { id, assertion } => {
                 return self
-                    .authenticate_assertion(parts, id, assertion, doing)
+                    .authenticate_assertion(parts, id, assertion, tenant, doing)
                     .await;
             }
         };
@@ -721,7 +729,7 @@ impl Inner {
         let challenge = basic.then_some(&self.realm);
         let checked = self
             .clients
-            .authenticate_throttled(id, secret, source(&parts.extensions), doing)
+            .authenticate_throttled(id, secret, tenant, source(&parts.extensions), doing)
             .await
             .map_err(|denied| denied.into_error(challenge))?;
         match self.clients.recheck(&checked).await {
@@ -740,13 +748,15 @@ impl Inner {
 
 impl Inner {
     /// The client a `private_key_jwt` assertion proves the request comes from, under the
-    /// throttle (a failure counts as a wrong secret does). Every failure is the same
+    /// throttle (a failure counts as a wrong secret does), narrowed to `tenant` as
+    /// [`authenticate_client`](Self::authenticate_client) reads it. Every failure is the same
     /// `401 invalid_client`; the log says why.
     async fn authenticate_assertion(
         &self,
         parts: &http::request::Parts,
         id: &str,
         assertion: &str,
+        tenant: Option<TenantId>,
         doing: &'static str,
     ) -> Result<ClientRecord, TokenError> {
         crate::ops::RequestFacts::set_client_id(id);
@@ -756,7 +766,7 @@ impl Inner {
             .admit(id, from)
             .await
             .map_err(|denied| denied.into_error(None))?;
-        let record = match self.clients.store.client(id).await {
+        let record = match self.clients.store.client_for_tenant(id, tenant).await {
             Ok(record) => record,
             Err(err) => {
                 tracing::error!(error = %err, "client store failed");
@@ -798,7 +808,7 @@ impl Inner {
                 // store has it now, refused if its keys were replaced or it was revoked
                 // meanwhile (a token proved with a key just replaced must not be issued after
                 // the cut-off). As for a secret rotated during its check, no failure counts.
-                match self.clients.store.client(id).await {
+                match self.clients.store.client_for_tenant(id, tenant).await {
                     Ok(Some(now))
                         if !now.revoked
                             && now.token_endpoint_auth_method
@@ -852,7 +862,7 @@ fn jti() -> String {
 /// [`crate::limit`]): what the gateway limits clients of its own tokens by.
 impl crate::limit::ClientLimits for TokenEndpoint {
     fn client_limit(&self, client_id: &str) -> crate::limit::ClientLimitFuture {
-        super::client::limit_of(self.store().client(client_id))
+        super::client::limit_of(self.store().client_for_tenant(client_id, None))
     }
 }
 
@@ -860,7 +870,7 @@ impl crate::limit::ClientLimits for TokenEndpoint {
 mod tests {
     use super::*;
     use crate::tenant::TenantId;
-    use crate::token::{InMemoryClientStore, NewClient};
+    use crate::token::{ClientSecret, InMemoryClientStore, Introspection, NewClient};
     use base64::engine::general_purpose::STANDARD;
     use http::{header, HeaderMap};
     use http_body_util::{BodyExt, Full};
@@ -976,6 +986,152 @@ mod tests {
             (status, json["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_scope"))
         );
+    }
+
+    /// A store that fails every whole read of a client: what reads clients only narrowed to a
+    /// tenant ([`ClientStore::client_for_tenant`]) works over it.
+    struct NarrowedReadsOnly(InMemoryClientStore);
+
+    impl ClientStore for NarrowedReadsOnly {
+        fn client(&self, id: &str) -> crate::token::StoreFuture<Option<ClientRecord>> {
+            let refused = StoreError::new(format!("a whole read of {id:?}"));
+            Box::pin(std::future::ready(Err(refused)))
+        }
+        fn client_for_tenant(
+            &self,
+            id: &str,
+            tenant: Option<TenantId>,
+        ) -> crate::token::StoreFuture<Option<ClientRecord>> {
+            self.0.client_for_tenant(id, tenant)
+        }
+        fn register(&self, client: NewClient) -> crate::token::StoreFuture<ClientSecret> {
+            self.0.register(client)
+        }
+        fn rotate_secret(
+            &self,
+            id: &str,
+            grace: Duration,
+        ) -> crate::token::StoreFuture<ClientSecret> {
+            self.0.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> crate::token::StoreFuture<()> {
+            self.0.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> crate::token::StoreFuture<()> {
+            self.0.set_entitlements(id, tenants, scopes)
+        }
+    }
+
+    /// A token request, introspection, revocation, the client's rate limit and a cut-off of
+    /// its tokens read the client narrowed to the tenant they are about, never whole: for a
+    /// client entitled to thousands of tenants they cost what they cost for a client of one.
+    #[tokio::test]
+    async fn requests_read_the_client_narrowed_to_their_tenant_never_whole() {
+        use crate::limit::ClientLimits;
+        let store = InMemoryClientStore::new();
+        let secret = "a-secret-of-16-chars-or-more";
+        let partner = NewClient::new("partner")
+            .tenant(tenant(A))
+            .tenant(tenant(B));
+        store.register(partner.secret(secret)).await.unwrap();
+        let clinic = NewClient::new("clinic").tenant(tenant(B)).secret(secret);
+        store.register(clinic).await.unwrap();
+        let endpoint = TokenEndpoint::builder()
+            .issuer("https://issuer.test")
+            .audience("fhir")
+            .store(NarrowedReadsOnly(store))
+            .build()
+            .unwrap();
+        let ask = |id: &str, scope: &str| {
+            format!(
+                "grant_type=client_credentials&client_id={id}&client_secret={secret}&scope={scope}"
+            )
+        };
+        let other = "11111111-2222-4333-8444-555555555555";
+        let mut tokens = Vec::new();
+        for (id, scope, expected) in [
+            ("partner", A, Ok(A)),
+            ("partner", B, Ok(B)),
+            (
+                "partner",
+                "",
+                Err("The scope must name the tenant (the client has several)"),
+            ),
+            (
+                "partner",
+                other,
+                Err("The client is not entitled to that tenant"),
+            ),
+            ("clinic", "", Ok(B)),
+            (
+                "clinic",
+                A,
+                Err("The client is not entitled to that tenant"),
+            ),
+        ] {
+            let (status, _, json) =
+                post(&endpoint, &[("content-type", FORM)], &ask(id, scope)).await;
+            match expected {
+                Ok(granted) => {
+                    assert_eq!(
+                        (status, json["scope"].as_str()),
+                        (StatusCode::OK, Some(granted))
+                    );
+                    tokens.push((id, json["access_token"].as_str().unwrap().to_owned()));
+                }
+                Err(why) => assert_eq!(
+                    (status, json["error_description"].as_str()),
+                    (StatusCode::BAD_REQUEST, Some(why)),
+                    "{id} {scope:?}"
+                ),
+            }
+        }
+        // Each client learns of the tokens for its tenants: the partner of all three, the
+        // clinic of those for its one tenant only.
+        let form = |service: Introspection, id: &str, token: &str| {
+            let body = format!("client_id={id}&client_secret={secret}&token={token}");
+            let request = Request::post("/introspect")
+                .header("content-type", FORM)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            async move {
+                let response = service.oneshot(request).await.unwrap();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["active"].clone()
+            }
+        };
+        for (issued_to, token) in &tokens {
+            let of_a = *issued_to == "partner" && tokens[0].1 == *token;
+            let partner = form(endpoint.introspection_service(), "partner", token).await;
+            let clinic = form(endpoint.introspection_service(), "clinic", token).await;
+            assert_eq!(
+                (partner, clinic),
+                (json!(true), json!(!of_a)),
+                "{issued_to}"
+            );
+        }
+        let body = format!(
+            "client_id=clinic&client_secret={secret}&token={}",
+            tokens[2].1
+        );
+        let revoked = endpoint
+            .revocation_service()
+            .oneshot(
+                Request::post("/revoke")
+                    .header("content-type", FORM)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(revoked.status(), StatusCode::OK);
+        assert_eq!(endpoint.client_limit("partner").await.unwrap(), None);
+        endpoint.revoke_tokens_of("partner").await.unwrap();
     }
 
     #[tokio::test]

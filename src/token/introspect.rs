@@ -136,7 +136,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         answer(async move {
-            let (client, form) = inner.authenticated_form(request, "introspection").await?;
+            let (client, form) = inner
+                .authenticated_form(request, Asks::OfItsTenant, "introspection")
+                .await?;
             let Some(token) = form.get("token") else {
                 return Err(TokenError::bad_request("token is missing"));
             };
@@ -165,7 +167,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         answer(async move {
-            let (client, form) = inner.authenticated_form(request, "revocation").await?;
+            let (client, form) = inner
+                .authenticated_form(request, Asks::OfItsOwn, "revocation")
+                .await?;
             let Some(token) = form.get("token") else {
                 return Err(TokenError::bad_request("token is missing"));
             };
@@ -214,10 +218,12 @@ impl Inner {
         self.unrecorded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The form of a `POST` to introspection or revocation, and the client it authenticates.
+    /// The form of a `POST` to introspection or revocation, and the client it authenticates,
+    /// read with what `asks` needs of its tenants.
     async fn authenticated_form<B>(
         &self,
         request: Request<B>,
+        asks: Asks,
         doing: &'static str,
     ) -> Result<(ClientRecord, HashMap<String, String>), TokenError>
     where
@@ -226,7 +232,17 @@ impl Inner {
     {
         let (parts, form) =
             posted_form(request, "This endpoint accepts POST only", self.body).await?;
-        let client = self.authenticate_client(&parts, &form, doing).await?;
+        let tenant = match asks {
+            // (The token is checked again once the client is: it may be revoked meanwhile.)
+            Asks::OfItsTenant => form
+                .get("token")
+                .and_then(|token| self.live_token(token))
+                .and_then(|claims| only_tenant(&claims)),
+            Asks::OfItsOwn => None,
+        };
+        let client = self
+            .authenticate_client(&parts, &form, tenant, doing)
+            .await?;
         Ok((client, form))
     }
 
@@ -259,6 +275,27 @@ impl Inner {
         };
         verify_with_keys(&keys, token, &expected).ok()
     }
+}
+
+/// What a request asks of a token, and so what of the client's tenants it needs.
+#[derive(Clone, Copy)]
+enum Asks {
+    /// Introspection: the client may learn of a token for one of its tenants, so the client
+    /// is read with the token's tenant alone among its tenants, if it has it
+    /// ([`ClientStore::client_for_tenant`](super::ClientStore::client_for_tenant)): a client
+    /// of thousands costs what a client of one does.
+    OfItsTenant,
+    /// Revocation: only of its own tokens; none of its tenants is needed.
+    OfItsOwn,
+}
+
+/// The tenant a token is for, when it names exactly one (as every token of the endpoint does).
+fn only_tenant(claims: &VerifiedClaims) -> Option<TenantId> {
+    let mut tenants = claims
+        .scopes()
+        .filter_map(|scope| TenantId::parse(scope).ok());
+    let first = tenants.next()?;
+    tenants.all(|other| other == first).then_some(first)
 }
 
 /// Whether `client` may learn of `claims`' token (RFC 7662 §4: the server decides who may

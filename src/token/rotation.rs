@@ -46,7 +46,7 @@ impl TokenEndpoint {
         match self
             .inner
             .clients
-            .authenticate_throttled(client_id, current_secret, None, "secret rotation")
+            .authenticate_throttled(client_id, current_secret, None, None, "secret rotation")
             .await
         {
             // Only if the secret checked is still the client's (a reset made meanwhile stands).
@@ -142,7 +142,13 @@ impl Inner {
         }
         let checked = self
             .clients
-            .authenticate_throttled(&id, &secret, source(&parts.extensions), "secret rotation")
+            .authenticate_throttled(
+                &id,
+                &secret,
+                None,
+                source(&parts.extensions),
+                "secret rotation",
+            )
             .await
             .map_err(|denied| denied.into_error(basic.then_some(&self.realm)))?;
         // Only if the secret it was checked with is still the client's: a reset made while it

@@ -88,6 +88,22 @@ pub(super) fn grant_scope(
     Ok((tenant, extras))
 }
 
+/// The tenant a token request's `scope` names, when it names exactly one (whatever else it
+/// asks for): the only tenant [`grant_scope`] can grant it, known before the client is read,
+/// so that the client is read narrowed to it ([`ClientStore::client_for_tenant`]). `None`
+/// when it names none (`grant_scope` then grants the client's only tenant, if it has just
+/// one) or several (refused).
+///
+/// [`ClientStore::client_for_tenant`]: super::ClientStore::client_for_tenant
+pub(super) fn named_tenant(requested: Option<&str>) -> Option<TenantId> {
+    let mut named = requested
+        .unwrap_or("")
+        .split(' ')
+        .filter_map(|value| TenantId::parse(value).ok());
+    let first = named.next()?;
+    named.all(|other| other == first).then_some(first)
+}
+
 /// Whether `scope` is one RFC 6749 `scope-token` (§3.3): one or more of `%x21 / %x23-5B /
 /// %x5D-7E`, that is visible ASCII but `"` and `\`.
 pub(super) fn is_scope_token(scope: &str) -> bool {
@@ -136,6 +152,61 @@ mod tests {
             token_endpoint_auth_method: Default::default(),
             jwks: None,
             jwks_uri: None,
+        }
+    }
+
+    #[test]
+    fn the_tenant_a_scope_names_is_found_before_the_client_is_read() {
+        let named = |scope: Option<&str>| named_tenant(scope);
+        assert_eq!(named(Some(A)), Some(tenant(A)));
+        assert_eq!(
+            named(Some(&format!("system/*.read {A} {A}"))),
+            Some(tenant(A))
+        );
+        for none in [
+            None,
+            Some(""),
+            Some("system/*.read"),
+            Some(&*format!("{A} {B}")),
+        ] {
+            assert_eq!(named(none), None, "{none:?}");
+        }
+    }
+
+    #[test]
+    fn a_client_narrowed_to_the_tenant_named_is_granted_what_it_is_whole() {
+        let c = "1d2d0000-0000-4000-8000-000000000001";
+        let clients = [
+            record(&[], &[]),
+            record(&[A], &["system/*.read"]),
+            record(&[A, B], &["system/Patient.rs", "launch"]),
+            record(&[B, A, c], &[]),
+        ];
+        let scopes = [
+            None,
+            Some(String::new()),
+            Some(A.to_owned()),
+            Some(B.to_owned()),
+            Some(format!("{A} {B}")),
+            Some(format!("{B} {B} launch")),
+            Some("system/*.read".to_owned()),
+            Some(format!("{A} system/Patient.r openid")),
+            Some(format!("{c} openid")),
+            Some("a\tb".to_owned()),
+        ];
+        let granted = |client: &ClientRecord, scope: Option<&str>| {
+            grant_scope(client, scope).map_err(|e| e.description)
+        };
+        for client in &clients {
+            for scope in scopes.iter().map(Option::as_deref) {
+                let narrowed = client.narrowed(named_tenant(scope));
+                assert_eq!(
+                    granted(&narrowed, scope),
+                    granted(client, scope),
+                    "{:?} asking {scope:?}",
+                    client.tenants
+                );
+            }
         }
     }
 
