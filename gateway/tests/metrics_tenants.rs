@@ -9,7 +9,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -60,26 +59,7 @@ fn start(dir: &Path, name: &str, upstream: &RecordingUpstream, extra: Value) -> 
     for (key, value) in extra.as_object().unwrap() {
         config[key] = value.clone();
     }
-    let file = dir.join(format!("{name}.json"));
-    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    // Port 0, the addresses read from what the start says: a port picked by `free_port`
-    // could be picked for another test's gateway at the same moment.
-    let mut command = Command::new(GATEWAY);
-    command
-        .arg("--config")
-        .arg(&file)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK)
-        .env_remove("TOWER_FHIR_DATABASE_URL");
-    let (proc, base) = Proc::start(
-        command,
-        dir.join(format!("{name}.log")),
-        "tower-fhir gateway listening on ",
-    );
-    let client = TestClient::new(base.trim_start_matches("http://").parse().unwrap());
-    let metrics = proc.metrics_address();
+    let (proc, client, metrics) = start_gateway_with_metrics(GATEWAY, dir, name, &config, KEK);
     Gateway {
         proc,
         client,

@@ -8,7 +8,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -25,8 +24,6 @@ const LISTENERS: [&str; 3] = ["tenants", "revocations", "keys"];
 /// A gateway started with `keys` (besides a tenant and `metrics_listen`), the key-encryption
 /// key in its environment: its process, its client and its metrics address.
 fn start(dir: &Path, name: &str, keys: serde_json::Value) -> (Proc, TestClient, SocketAddr) {
-    // Port 0 for both, the addresses read from what the start says: a port picked by
-    // `free_port` could be picked for another test's gateway at the same moment.
     let mut config = json!({
         "metrics_listen": "127.0.0.1:0",
         "tenants": [{"id": TENANT, "upstreams": [{"base_url": "http://127.0.0.1:9/fhir", "fhir_version": "4.0"}]}],
@@ -35,25 +32,7 @@ fn start(dir: &Path, name: &str, keys: serde_json::Value) -> (Proc, TestClient, 
     for (key, value) in keys.as_object().unwrap() {
         config[key] = value.clone();
     }
-    let file = dir.join(format!("{name}.json"));
-    std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let mut command = Command::new(GATEWAY);
-    command
-        .arg("--config")
-        .arg(&file)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK)
-        .env_remove("TOWER_FHIR_DATABASE_URL");
-    let (proc, base) = Proc::start(
-        command,
-        dir.join(format!("{name}.log")),
-        "tower-fhir gateway listening on ",
-    );
-    let client = TestClient::new(base.trim_start_matches("http://").parse().unwrap());
-    let metrics = proc.metrics_address();
-    (proc, client, metrics)
+    start_gateway_with_metrics(GATEWAY, dir, name, &config, KEK)
 }
 
 async fn metrics(addr: SocketAddr) -> String {

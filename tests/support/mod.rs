@@ -578,3 +578,35 @@ pub async fn after_cut_off(mut ask: impl AsyncFnMut() -> Reply) -> Reply {
     tokio::time::sleep(Duration::from_secs(wait)).await;
     ask().await
 }
+
+/// Starts the gateway binary `gateway` on `config`, written to `dir/{name}.json`, listening on
+/// port 0 (a port picked by `free_port` could be picked for another test's gateway at the same
+/// moment), with `kek` as its key-encryption key and no database URL from this environment:
+/// its process, a client for it, and its `metrics_listen` address (which `config` must set).
+pub fn start_gateway_with_metrics(
+    gateway: &str,
+    dir: &std::path::Path,
+    name: &str,
+    config: &serde_json::Value,
+    kek: &str,
+) -> (Proc, TestClient, SocketAddr) {
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let mut command = std::process::Command::new(gateway);
+    command
+        .arg("--config")
+        .arg(&file)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", kek)
+        .env_remove("TOWER_FHIR_DATABASE_URL");
+    let (proc, base) = Proc::start(
+        command,
+        dir.join(format!("{name}.log")),
+        "tower-fhir gateway listening on ",
+    );
+    let client = TestClient::new(base.trim_start_matches("http://").parse().unwrap());
+    let metrics = proc.metrics_address();
+    (proc, client, metrics)
+}
