@@ -906,11 +906,26 @@ mod removed_tenants {
             });
         }
 
-        fn series(&self) -> TenantSeries {
-            TenantSeries {
+        /// `forget_removed_tenants` following `directory` for these counts, until dropped.
+        fn follow(&self, directory: &InMemoryDirectory) -> Follower {
+            let series = TenantSeries {
                 observe: self.observe.clone(),
                 histograms: self.histograms.clone(),
-            }
+            };
+            Follower(tokio::spawn(forget_removed_tenants(
+                Arc::new(directory.clone()),
+                series,
+                GRACE,
+            )))
+        }
+    }
+
+    /// A running follower, stopped when dropped.
+    struct Follower(tokio::task::JoinHandle<()>);
+
+    impl Drop for Follower {
+        fn drop(&mut self) {
+            self.0.abort();
         }
     }
 
@@ -935,11 +950,7 @@ mod removed_tenants {
         counting.request(gone);
         counting.request(gone);
         counting.request(kept);
-        let follower = tokio::spawn(forget_removed_tenants(
-            Arc::new(directory.clone()),
-            counting.series(),
-            GRACE,
-        ));
+        let _follower = counting.follow(&directory);
         tokio::task::yield_now().await;
 
         let removed = tokio::time::Instant::now();
@@ -958,7 +969,6 @@ mod removed_tenants {
         // Added back and changed (an announcement of its own): kept, as it is held.
         tokio::time::sleep(GRACE * 2).await;
         assert_eq!(count(&counting.histograms, gone), Some(1));
-        follower.abort();
     }
 
     #[tokio::test]
@@ -968,18 +978,13 @@ mod removed_tenants {
         directory.upsert(again, record());
         let counting = Counting::new();
         counting.request(again);
-        let follower = tokio::spawn(forget_removed_tenants(
-            Arc::new(directory.clone()),
-            counting.series(),
-            GRACE,
-        ));
+        let _follower = counting.follow(&directory);
         tokio::task::yield_now().await;
         directory.remove(again);
         directory.upsert(again, record());
         counting.request(again);
         tokio::time::sleep(GRACE * 3).await;
         assert_eq!(count(&counting.histograms, again), Some(2));
-        follower.abort();
     }
 
     #[tokio::test]
@@ -992,14 +997,9 @@ mod removed_tenants {
         let counting = Counting::new();
         counting.request(unheard);
         counting.request(held);
-        let follower = tokio::spawn(forget_removed_tenants(
-            Arc::new(directory.clone()),
-            counting.series(),
-            GRACE,
-        ));
+        let _follower = counting.follow(&directory);
         assert!(eventually(|| count(&counting.histograms, unheard).is_none()).await);
         assert_eq!(count(&counting.histograms, held), Some(1));
-        follower.abort();
     }
 
     #[tokio::test]
@@ -1011,11 +1011,7 @@ mod removed_tenants {
         let counting = Counting::new();
         counting.request(gone);
         counting.request(kept);
-        let follower = tokio::spawn(forget_removed_tenants(
-            Arc::new(directory.clone()),
-            counting.series(),
-            GRACE,
-        ));
+        let follower = counting.follow(&directory);
         tokio::task::yield_now().await;
         // On this runtime's one thread the follower hears nothing until the test waits: the
         // removal is among the oldest changes, those the channel (1,024) drops.
@@ -1025,8 +1021,7 @@ mod removed_tenants {
         }
         assert!(eventually(|| count(&counting.histograms, gone).is_none()).await);
         assert_eq!(count(&counting.histograms, kept), Some(1));
-        assert!(!follower.is_finished(), "the follower goes on");
-        follower.abort();
+        assert!(!follower.0.is_finished(), "the follower goes on");
     }
 
     #[tokio::test]
@@ -1038,11 +1033,7 @@ mod removed_tenants {
             directory.upsert(tenant, record());
             counting.request(tenant);
         }
-        let follower = tokio::spawn(forget_removed_tenants(
-            Arc::new(directory.clone()),
-            counting.series(),
-            GRACE,
-        ));
+        let _follower = counting.follow(&directory);
         tokio::task::yield_now().await;
         for &tenant in &tenants[..40] {
             directory.remove(tenant);
@@ -1055,7 +1046,6 @@ mod removed_tenants {
         for &tenant in &tenants[40..] {
             assert_eq!(count(&counting.histograms, tenant), Some(1));
         }
-        follower.abort();
     }
 }
 

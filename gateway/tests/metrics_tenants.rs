@@ -98,6 +98,13 @@ async fn admin(gateway: &Gateway, method: &str, path: &str, body: &Value) -> Rep
         .await
 }
 
+/// Removes [`GONE`] through `gateway`'s admin API.
+async fn remove_gone(gateway: &Gateway) {
+    let path = format!("/admin/tenants/{GONE}");
+    let removed = admin(gateway, "DELETE", &path, &json!({})).await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT, "{}", removed.text());
+}
+
 /// A token for `tenant` (counted for it), then `reads` reads of `/Patient/1` and one of the
 /// missing `/Patient/404`: every request counted in `tenant`'s series.
 async fn traffic(gateway: &Gateway, tenant: &str, reads: usize) {
@@ -198,14 +205,7 @@ async fn a_tenant_removed_through_the_admin_api_leaves_metrics_after_the_grace()
     assert_eq!(series(&page, GONE), counted(3), "{page}");
     assert_eq!(series(&page, KEPT), counted(1), "{page}");
 
-    let removed = admin(
-        &gateway,
-        "DELETE",
-        &format!("/admin/tenants/{GONE}"),
-        &json!({}),
-    )
-    .await;
-    assert_eq!(removed.status, StatusCode::NO_CONTENT, "{}", removed.text());
+    remove_gone(&gateway).await;
     let removed_at = Instant::now();
     // Just after: the final counts are still scraped.
     let page = metrics(&gateway).await;
@@ -285,14 +285,7 @@ async fn a_tenant_removed_through_another_replica_leaves_this_ones_metrics() {
     assert_eq!(series(&page, GONE), counted(2), "{page}");
 
     // Removed on the other replica: this one hears it through the database.
-    let removed = admin(
-        &other,
-        "DELETE",
-        &format!("/admin/tenants/{GONE}"),
-        &json!({}),
-    )
-    .await;
-    assert_eq!(removed.status, StatusCode::NO_CONTENT, "{}", removed.text());
+    remove_gone(&other).await;
     let removed_at = Instant::now();
     within(
         &watched,

@@ -925,9 +925,13 @@ impl fmt::Debug for PgClientStore {
 }
 
 impl PgClientStore {
-    async fn read(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
-        // No client has such an id (one with a NUL, which PostgreSQL's text cannot hold,
-        // would fail the query as a database error).
+    /// A pooled connection to read client `id` with, or `None` when no client can have such
+    /// an id (one with a NUL, which PostgreSQL's text cannot hold, would fail the query as a
+    /// database error).
+    async fn connection_for(
+        &self,
+        id: &str,
+    ) -> Result<Option<deadpool_postgres::Object>, StoreError> {
         if !crate::token::is_client_id(id) {
             return Ok(None);
         }
@@ -936,6 +940,13 @@ impl PgClientStore {
             .get()
             .await
             .map_err(|e| store_error("connecting", e))?;
+        Ok(Some(connection))
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<ClientRecord>, StoreError> {
+        let Some(connection) = self.connection_for(id).await? else {
+            return Ok(None);
+        };
         // Prepared once per pooled connection: one round trip a read.
         let statement = connection
             .prepare_cached("SELECT record FROM tower_fhir_clients WHERE id = $1")
@@ -958,14 +969,9 @@ impl PgClientStore {
         id: &str,
         tenant: Option<TenantId>,
     ) -> Result<Option<ClientRecord>, StoreError> {
-        if !crate::token::is_client_id(id) {
+        let Some(connection) = self.connection_for(id).await? else {
             return Ok(None);
-        }
-        let connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| store_error("connecting", e))?;
+        };
         let failed = |e| store_error("reading a client", e);
         // Two statements, not one with `$2 IS NULL OR ...`: a plan made for any `$2` could not
         // look the tenant up by the key. (`ORDER BY`, which the key's index gives: without it,
@@ -1048,15 +1054,10 @@ impl PgClientStore {
         doing: &'static str,
         change: impl FnOnce(&mut Clients, &str) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        if !crate::token::is_client_id(id) {
+        let Some(mut connection) = self.connection_for(id).await? else {
             return Err(StoreError::refused(format!("no client {id:?}")));
-        }
+        };
         let failed = |e| store_error(doing, e);
-        let mut connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| store_error("connecting", e))?;
         let transaction = connection.transaction().await.map_err(failed)?;
         let row = transaction
             .query_opt(

@@ -173,25 +173,56 @@ mod tests {
     use std::convert::Infallible;
     use tower::ServiceExt;
 
-    #[tokio::test]
-    async fn each_request_goes_where_its_tenant_is_served() {
-        let fhir = tower::service_fn(|_: Request<Full<Bytes>>| async {
-            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("in-process")))
-        });
-        let service = FhirProxy::builder("https://gw.example")
+    /// An in-process FHIR server answering every request with `in-process`.
+    #[derive(Clone)]
+    struct Local;
+
+    impl Service<Request<Full<Bytes>>> for Local {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Full::from("in-process"))))
+        }
+    }
+
+    /// The proxy, with [`Local`] serving the in-process tenants.
+    fn proxy_or_local() -> InProcessOrProxy<Local> {
+        FhirProxy::builder("https://gw.example")
             .build()
             .unwrap()
-            .or_in_process(fhir);
-        let mut in_process = Request::new(Full::default());
-        in_process
+            .or_in_process(Local)
+    }
+
+    /// A `GET /Patient/1` routed as the tenant layers would: to an in-process tenant.
+    fn for_in_process() -> Request<Full<Bytes>> {
+        let mut request = Request::get("/Patient/1").body(Full::default()).unwrap();
+        request
             .extensions_mut()
             .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
-        let answer = service.clone().oneshot(in_process).await.unwrap();
-        assert!(matches!(answer.body(), Either::Right(_)));
-        let mut proxied = Request::new(Full::default());
-        proxied
+        request
+    }
+
+    /// A `GET /Patient/1` routed to the upstream at `base`.
+    fn for_upstream(base: &str) -> Request<Full<Bytes>> {
+        let mut request = Request::get("/Patient/1").body(Full::default()).unwrap();
+        request
             .extensions_mut()
-            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+            .insert(Upstream::parse(base, FhirVersion::R4).unwrap());
+        request
+    }
+
+    #[tokio::test]
+    async fn each_request_goes_where_its_tenant_is_served() {
+        let service = proxy_or_local();
+        let answer = service.clone().oneshot(for_in_process()).await.unwrap();
+        assert!(matches!(answer.body(), Either::Right(_)));
+        let proxied = for_upstream("http://127.0.0.1:1/fhir");
         let answer = service.clone().oneshot(proxied).await.unwrap();
         assert!(matches!(answer.body(), Either::Left(_)));
         // Neither: the proxy's own answer (no upstream chosen), never the in-process service.
@@ -228,31 +259,14 @@ mod tests {
             );
             stream.write_all(answer.as_bytes()).await.unwrap();
         });
-        let fhir = tower::service_fn(|_: Request<Full<Bytes>>| async {
-            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from("in-process")))
-        });
-        let service = FhirProxy::builder("https://gw.example")
-            .build()
-            .unwrap()
-            .or_in_process(fhir);
-        let mut proxied = Request::get("/Patient/1").body(Full::default()).unwrap();
-        proxied
-            .extensions_mut()
-            .insert(Upstream::parse(&base, FhirVersion::R4).unwrap());
-        let answer = service.clone().oneshot(proxied).await.unwrap();
+        let service = proxy_or_local();
+        let answer = service.clone().oneshot(for_upstream(&base)).await.unwrap();
         assert_eq!(answer.status(), StatusCode::OK);
         assert_eq!(answer.extensions().get::<Relayed>(), Some(&Relayed));
-        let mut in_process = Request::new(Full::default());
-        in_process
-            .extensions_mut()
-            .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
-        let answer = service.clone().oneshot(in_process).await.unwrap();
+        let answer = service.clone().oneshot(for_in_process()).await.unwrap();
         assert!(answer.extensions().get::<Relayed>().is_none());
         // The upstream gone: the proxy's own 502.
-        let mut failed = Request::get("/Patient/1").body(Full::default()).unwrap();
-        failed
-            .extensions_mut()
-            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+        let failed = for_upstream("http://127.0.0.1:1/fhir");
         let answer = service.oneshot(failed).await.unwrap();
         assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
         assert!(answer.extensions().get::<Relayed>().is_none());
@@ -282,10 +296,7 @@ mod tests {
             .build()
             .unwrap()
             .or_in_process(Stuck);
-        let mut proxied = Request::new(Full::default());
-        proxied
-            .extensions_mut()
-            .insert(Upstream::parse("http://127.0.0.1:1/fhir", FhirVersion::R4).unwrap());
+        let proxied = for_upstream("http://127.0.0.1:1/fhir");
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             service.ready().await.unwrap().call(proxied),
@@ -295,11 +306,7 @@ mod tests {
         .unwrap();
         assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
         // Its own tenant's request waits for it, in its own future.
-        let mut local = Request::new(Full::default());
-        local
-            .extensions_mut()
-            .insert(InProcessTenant::new("contoso", [FhirVersion::R4]).unwrap());
-        let waiting = service.ready().await.unwrap().call(local);
+        let waiting = service.ready().await.unwrap().call(for_in_process());
         assert!(
             tokio::time::timeout(std::time::Duration::from_millis(50), waiting)
                 .await
