@@ -1384,6 +1384,19 @@ mod single_key {
             &client.get_bearer("/Patient/1", &crit).await,
             "The token has critical header extensions this server does not understand",
         );
+        // A `null` is a `crit` member too (RFC 7515: a non-empty array, or no member).
+        for value in [json!(null), json!([])] {
+            let crit = hand_made(
+                json!({"alg": "RS256", "crit": value}),
+                &claims(),
+                &rsa,
+                Algorithm::RS256,
+            );
+            assert_invalid_token(
+                &client.get_bearer("/Patient/1", &crit).await,
+                "The token has critical header extensions this server does not understand",
+            );
+        }
 
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
         let none = format!("{header}.{}.", URL_SAFE_NO_PAD.encode(claims().to_string()));

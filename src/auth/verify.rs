@@ -220,8 +220,28 @@ struct JwsHeader<'a> {
     alg: Cow<'a, str>,
     #[serde(borrow, default)]
     kid: Option<Cow<'a, str>>,
-    #[serde(default)]
+    /// `Some` whenever the header has the member, `null` included: RFC 7515 allows only a
+    /// non-empty array of names here, and this verifier understands none, so any `crit` is
+    /// refused (serde would read a `null` as absent, as jsonwebtoken's `Header` does).
+    #[serde(default, deserialize_with = "member_present")]
     crit: Option<Value>,
+}
+
+/// Deserializes a member that is there, whatever its value, as `Some` (with
+/// `#[serde(default)]`, an absent one is `None`).
+fn member_present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// Whether the JWS header of `token` (its first segment) has a `crit` member, `null`
+/// included; `false` for a header that cannot be read (the verification refuses it anyway).
+fn names_crit(token: &[u8]) -> bool {
+    let encoded = token.split(|&b| b == b'.').next().unwrap_or_default();
+    URL_SAFE_NO_PAD.decode(encoded).is_ok_and(|header| {
+        serde_json::from_slice::<JwsHeader<'_>>(&header).is_ok_and(|header| header.crit.is_some())
+    })
 }
 
 impl Verifier {
@@ -600,7 +620,9 @@ impl Verifier {
                 return Err((self.unknown_key(), false));
             }
         }
-        if data.header.crit.is_some() {
+        // jsonwebtoken reads `"crit": null` as no member; the single-key path has not read
+        // the header otherwise (a header parse, against the signature just checked).
+        if data.header.crit.is_some() || names_crit(token) {
             return Err((
                 self.reject(
                     RejectionKind::InvalidToken,
@@ -740,7 +762,7 @@ pub(crate) fn verify_with_keys(
 ) -> Result<VerifiedClaims, &'static str> {
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| "not a JWT, or an algorithm not supported")?;
-    if header.crit.is_some() {
+    if header.crit.is_some() || names_crit(token.as_bytes()) {
         return Err("critical header extensions");
     }
     if !expected.algorithms.contains(&header.alg) {
@@ -1211,6 +1233,56 @@ mod tests {
         let claims = serde_json::json!({"sub": "s", "exp": exp});
         let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    /// Any `crit` member is refused, `null` and `[]` too (RFC 7515 allows only a non-empty
+    /// array, and serde reads a `null` as no member at all).
+    #[cfg(feature = "token")]
+    #[test]
+    fn a_crit_member_is_refused_whatever_its_value() {
+        crate::install_crypto_provider();
+        let secret = "the-one-secret-of-32-bytes-or-more!";
+        let keys = KeySet::new().with_key(VerificationKey::hmac(secret).unwrap());
+        let expected = Expected {
+            algorithms: &[Algorithm::HS256],
+            issuer: None,
+            audiences: &[],
+            leeway: 0,
+        };
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({"sub": "s", "exp": exp});
+        let with_header = |header: Value| {
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            let signature =
+                jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+            format!("{input}.{signature}")
+        };
+        let plain = with_header(serde_json::json!({"alg": "HS256"}));
+        assert!(verify_with_keys(&keys, &plain, &expected).is_ok());
+        for crit in [
+            serde_json::json!(null),
+            serde_json::json!([]),
+            serde_json::json!(["exp"]),
+        ] {
+            let token = with_header(serde_json::json!({"alg": "HS256", "crit": crit}));
+            assert_eq!(
+                verify_with_keys(&keys, &token, &expected).unwrap_err(),
+                "critical header extensions",
+                "{crit}"
+            );
+        }
+        // Not even a list: not a header jsonwebtoken reads.
+        let token = with_header(serde_json::json!({"alg": "HS256", "crit": "exp"}));
+        assert!(verify_with_keys(&keys, &token, &expected).is_err());
     }
 
     #[cfg(feature = "token")]
