@@ -1523,16 +1523,17 @@ async fn postgres_a_clients_tenant_rows_follow_its_record_however_written() {
         .unwrap();
     assert_eq!(agree(store.clone(), "app").await, [a]);
 
-    // A database as the version before the rows left it, holding a client of two tenants:
-    // migrated, the client's rows are there.
+    // A database as the version before the rows left it (migration 8, and those after it
+    // undone), holding a client of two tenants: migrated, the client's rows are there.
     server.query(
         "follow",
-        "DROP TRIGGER tower_fhir_client_tenants_follow ON tower_fhir_clients; \
+        "DROP INDEX tower_fhir_clients_id_bytewise; \
+         DROP TRIGGER tower_fhir_client_tenants_follow ON tower_fhir_clients; \
          DROP FUNCTION tower_fhir_client_tenants_follow(); \
          DROP FUNCTION tower_fhir_record_tenants(jsonb); \
          DROP TABLE tower_fhir_client_tenants; \
          ALTER TABLE tower_fhir_clients DROP COLUMN head; \
-         DELETE FROM tower_fhir_migrations WHERE version = 8",
+         DELETE FROM tower_fhir_migrations WHERE version >= 8",
     );
     server.query(
         "follow",
@@ -1904,4 +1905,186 @@ async fn postgres_routes_cached_before_a_reconnection_serve_the_next_outage() {
     );
     assert!(cache.resolve(tenant(B)).await.is_err());
     server.resume();
+}
+
+/// Pages of the PostgreSQL stores (`list_after`, `clients_after`) come in the order of the
+/// whole lists and of the other stores: client ids in byte order (Rust's `str` order), even in
+/// a database whose collation sorts them otherwise (ICU's `en-US`, where `"a-app" < "B-app"`
+/// and `"app_1" < "app-1"`); tenants in `TenantId`'s. A page is read by an index, not by
+/// sorting the table; a stored client record that cannot be read is left out of its page, as
+/// from the whole list, and the page filled from the rows after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pages_are_in_byte_order_whatever_the_databases_collation() {
+    use tower_fhir::postgres::PgState;
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("pages", "the PostgreSQL pages test")
+    else {
+        return;
+    };
+    // A database sorting text by a dictionary's rules, where the server can (ICU, from 15).
+    let icu = server.query(
+        "postgres",
+        "SELECT current_setting('server_version_num')::int >= 150000 \
+         AND EXISTS (SELECT 1 FROM pg_collation WHERE collprovider = 'i' \
+                     AND collname = 'en-US-x-icu')",
+    );
+    if icu.trim() == "t" {
+        server.query(
+            "postgres",
+            "CREATE DATABASE pages TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' \
+             LOCALE 'C'",
+        );
+    } else {
+        eprintln!("*** the PostgreSQL pages test runs in a database of the default collation: this server has no ICU collations ***");
+        server.create_database("pages");
+    }
+    let url = server.url("pages");
+    let state = PgState::connect(&url).await.unwrap();
+    let clients = state.client_store(cheap());
+    let ids = [
+        "app_1", "a-app", "app-1", "B-app", "app 2", "app+x", "Zed", "app", "app-10", "~tilde",
+        "!bang",
+    ];
+    for id in ids {
+        clients.register(NewClient::new(id)).await.unwrap();
+    }
+    clients.revoke("app").await.unwrap();
+    let mut expected: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    expected.sort_unstable();
+    assert_eq!(expected[1..4], ["B-app", "Zed", "a-app"]);
+    if icu.trim() == "t" {
+        let database_order = server.query(
+            "pages",
+            "SELECT string_agg(id, '|' ORDER BY id) FROM tower_fhir_clients",
+        );
+        assert_ne!(
+            database_order.trim(),
+            expected.join("|"),
+            "the database's own order is not bytes'"
+        );
+    }
+    let listed = |page: Vec<ClientRecord>| -> Vec<String> {
+        page.into_iter().map(|client| client.id).collect()
+    };
+    assert_eq!(listed(clients.clients().await.unwrap()), expected);
+    assert_eq!(
+        listed(clients.clients_after(None, None).await.unwrap()),
+        expected
+    );
+    for (n, after) in std::iter::once(None)
+        .chain(expected.iter().map(|id| Some(id.as_str())))
+        .enumerate()
+    {
+        for limit in [None, Some(0), Some(1), Some(2), Some(3), Some(100)] {
+            let page = listed(clients.clients_after(after, limit).await.unwrap());
+            let wanted: Vec<String> = expected[n..]
+                .iter()
+                .take(limit.unwrap_or(usize::MAX))
+                .cloned()
+                .collect();
+            assert_eq!(page, wanted, "after {after:?}, limit {limit:?}");
+        }
+    }
+    // After an id that is none: from the next one on. (One holding a NUL, which no id can:
+    // as its part before the NUL.)
+    for (after, first) in [
+        ("app-0", "app-1"),
+        ("app-", "app-1"),
+        ("A", "B-app"),
+        ("app_", "app_1"),
+        ("", "!bang"),
+        ("app\0zzz", "app 2"),
+        ("\u{7f}", ""),
+    ] {
+        let page = listed(clients.clients_after(Some(after), Some(1)).await.unwrap());
+        assert_eq!(
+            page.first().map_or("", String::as_str),
+            first,
+            "after {after:?}"
+        );
+    }
+    // A record that cannot be read (written by hand), between "app 2" and "app+x": left out,
+    // the page filled on from the rows after it.
+    server.query(
+        "pages",
+        "INSERT INTO tower_fhir_clients (id, record) VALUES ('app+a', '\"not a record\"')",
+    );
+    assert_eq!(listed(clients.clients().await.unwrap()), expected);
+    let page = listed(clients.clients_after(Some("app 2"), Some(2)).await.unwrap());
+    assert_eq!(page, ["app+x", "app-1"]);
+    let (mut walked, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let page = listed(
+            clients
+                .clients_after(after.as_deref(), Some(1))
+                .await
+                .unwrap(),
+        );
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        walked.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(walked, expected, "pages of one");
+    // Read by the index in byte order, not by sorting the table.
+    let plan = server.query(
+        "pages",
+        "SET enable_seqscan = off; SET enable_sort = off; \
+         EXPLAIN SELECT id, record FROM tower_fhir_clients \
+         WHERE id COLLATE \"C\" > 'app' ORDER BY id COLLATE \"C\" LIMIT 2",
+    );
+    assert!(plan.contains("tower_fhir_clients_id_bytewise"), "{plan}");
+
+    // Tenants: in TenantId's order (a uuid's bytes), by the primary key.
+    let tenants = state.tenant_store();
+    let spread = [
+        "ffffffff-0000-4000-8000-000000000000",
+        "0a000000-0000-4000-8000-000000000000",
+        "a0000000-0000-4000-8000-000000000000",
+        "00000000-0000-4000-8000-00000000000a",
+        "00000000-0000-4000-8000-0000000000a0",
+        A,
+        B,
+    ];
+    for (n, id) in spread.into_iter().enumerate() {
+        let base = format!("http://127.0.0.1:9/tenant-{n}/fhir");
+        tenants
+            .put(tenant(id), upstreams(&base, FhirVersion::R4))
+            .await
+            .unwrap();
+    }
+    let mut expected: Vec<TenantId> = spread.into_iter().map(tenant).collect();
+    expected.sort_unstable();
+    let mut by_text: Vec<String> = spread.iter().map(|id| (*id).to_owned()).collect();
+    by_text.sort_unstable();
+    let expected_text: Vec<String> = expected.iter().map(TenantId::to_string).collect();
+    assert_eq!(expected_text, by_text, "TenantId's order is its text's");
+    assert_eq!(tenants.list().await.unwrap(), expected);
+    for (n, after) in std::iter::once(None)
+        .chain(expected.iter().copied().map(Some))
+        .enumerate()
+    {
+        for limit in [None, Some(0), Some(1), Some(2), Some(100)] {
+            let page = tenants.list_after(after, limit).await.unwrap();
+            let wanted: Vec<TenantId> = expected[n..]
+                .iter()
+                .take(limit.unwrap_or(usize::MAX))
+                .copied()
+                .collect();
+            assert_eq!(page, wanted, "after {after:?}, limit {limit:?}");
+        }
+    }
+    let between = tenant("0b000000-0000-4000-8000-000000000000");
+    assert_eq!(
+        tenants.list_after(Some(between), Some(2)).await.unwrap(),
+        expected[3..5]
+    );
+    let plan = server.query(
+        "pages",
+        "SET enable_seqscan = off; SET enable_sort = off; \
+         EXPLAIN SELECT id FROM tower_fhir_tenants \
+         WHERE id > '0b000000-0000-4000-8000-000000000000' ORDER BY id LIMIT 2",
+    );
+    assert!(plan.contains("tower_fhir_tenants_pkey"), "{plan}");
 }

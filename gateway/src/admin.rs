@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,8 +28,8 @@ use tower_fhir::route::{
 };
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
-    AuthMethod, ClientKeys, ClientRecord, ClientStore, ClientUpdate, NewClient, SigningKey,
-    SigningKeys, TokenEndpoint,
+    is_client_id, AuthMethod, ClientKeys, ClientRecord, ClientStore, ClientUpdate, NewClient,
+    SigningKey, SigningKeys, TokenEndpoint,
 };
 
 pub(crate) use crate::throttle::AdminThrottle;
@@ -626,14 +626,130 @@ fn tenant_json(tenant: TenantId, record: &TenantRecord) -> serde_json::Value {
     shown
 }
 
+/// The most entries a page of a list may ask for (`limit`).
+const MAX_PAGE: usize = 10_000;
+
+/// The page a list's query asks for (`?limit=N&after=ID`, both optional).
+#[derive(Debug, PartialEq, Eq)]
+struct Page<T> {
+    /// Only the entries after this id (which need not be one).
+    after: Option<T>,
+    /// At most this many (1 to [`MAX_PAGE`]).
+    limit: Option<usize>,
+}
+
+impl<T> Page<T> {
+    /// Whether it asks for the whole list: the answer as it was before pages.
+    fn is_whole(&self) -> bool {
+        self.after.is_none() && self.limit.is_none()
+    }
+
+    /// How many entries to read: one past `limit`, to tell whether another page follows.
+    fn read(&self) -> Option<usize> {
+        self.limit.map(|limit| limit + 1)
+    }
+
+    /// Cuts `entries` (read with [`read`](Self::read)) to the page; the `next` to answer
+    /// with (the page's last id, for `after`) when more follow.
+    fn cut<E>(&self, entries: &mut Vec<E>, id: impl Fn(&E) -> String) -> Option<String> {
+        let limit = self.limit?;
+        if entries.len() <= limit {
+            return None;
+        }
+        entries.truncate(limit);
+        entries.last().map(id)
+    }
+}
+
+/// The page the query of `uri` asks for, `after` read by `parse_after` (`None`: refused, with
+/// `after_is` saying what it must be); `400` for a query that names another parameter, or one
+/// twice, or a `limit` that is not a whole number from 1 to [`MAX_PAGE`]. Values are
+/// form-urlencoded (percent-decoded, `+` a space: a client id's `+` is sent as `%2B`). Refused
+/// rather than ignored, as the admin API's bodies refuse a member they do not take: a
+/// misspelled `limit` would otherwise answer the whole list.
+fn page_query<T>(
+    uri: &http::Uri,
+    list: &str,
+    parse_after: impl Fn(&str) -> Option<T>,
+    after_is: &str,
+) -> Result<Page<T>, Box<Response>> {
+    let refused = |message: String| Box::new(error(StatusCode::BAD_REQUEST, &message));
+    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map_err(|e| refused(format!("the query cannot be read: {e}")))?;
+    let (mut after, mut limit) = (None, None);
+    for (name, value) in pairs {
+        let slot = match name.as_str() {
+            "after" => &mut after,
+            "limit" => &mut limit,
+            _ => {
+                return Err(refused(format!(
+                    "GET {list} takes the query parameters limit and after, not {:?}",
+                    name.chars().take(64).collect::<String>()
+                )))
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(refused(format!("the query names {name} more than once")));
+        }
+    }
+    let limit = match limit {
+        None => None,
+        Some(text) => {
+            let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+            // (Digits past `u64`: more than the most.)
+            let number = digits.then(|| text.parse::<u64>().unwrap_or(u64::MAX));
+            match number.and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if (1..=MAX_PAGE).contains(&n) => Some(n),
+                _ => {
+                    return Err(refused(format!(
+                        "limit must be a whole number from 1 to {MAX_PAGE}, not {:?}",
+                        text.chars().take(64).collect::<String>()
+                    )))
+                }
+            }
+        }
+    };
+    let after = match after {
+        None => None,
+        Some(text) => match parse_after(&text) {
+            Some(after) => Some(after),
+            None => return Err(refused(format!("after must be {after_is}"))),
+        },
+    };
+    Ok(Page { after, limit })
+}
+
 /// `{"tenants": [ids]}`, sorted: ids only, since a record each would take a lookup each (read
-/// one with `GET /admin/tenants/{id}`).
-async fn list_tenants(State(admin): State<Arc<Admin>>) -> Response {
-    match admin.directory.list().await {
-        Ok(mut tenants) => {
+/// one with `GET /admin/tenants/{id}`). A page with `?limit=N` (1 to [`MAX_PAGE`]) and
+/// `after=<tenant id>` (those after it; it need not be a tenant), with `"next"`, the last id
+/// shown, when `limit` was given and more follow; the pages in order make up the whole list.
+async fn list_tenants(State(admin): State<Arc<Admin>>, uri: http::Uri) -> Response {
+    let page = match page_query(
+        &uri,
+        "/admin/tenants",
+        |text| TenantId::parse(text).ok(),
+        "a tenant id (a GUID)",
+    ) {
+        Ok(page) => page,
+        Err(response) => return *response,
+    };
+    let listed = if page.is_whole() {
+        admin.directory.list().await.map(|mut tenants| {
             tenants.sort_unstable();
             tenants.dedup();
-            Json(json!({"tenants": tenants})).into_response()
+            tenants
+        })
+    } else {
+        admin.directory.list_after(page.after, page.read()).await
+    };
+    match listed {
+        Ok(mut tenants) => {
+            let next = page.cut(&mut tenants, TenantId::to_string);
+            let mut shown = json!({"tenants": tenants});
+            if let Some(next) = next {
+                shown["next"] = json!(next);
+            }
+            Json(shown).into_response()
         }
         Err(err) => {
             tracing::error!(error = %err, "could not list the tenants");
@@ -962,12 +1078,32 @@ async fn client_json(admin: &Admin, record: &ClientRecord) -> serde_json::Value 
     client_fields(record, |tenant| onboarded.contains(tenant))
 }
 
-/// `{"clients": [...]}`, sorted by `client_id`, revoked ones included: each as
+/// `{"clients": [...]}`, sorted by `client_id` (byte order), revoked ones included: each as
 /// `GET /admin/clients/{client_id}` shows it (no secrets). Which tenants are onboarded is read
 /// once, from the directory's list, not with a lookup per tenant of each client; a directory
-/// that cannot answer leaves every tenant not onboarded, as it does for one client.
-async fn list_clients(State(admin): State<Arc<Admin>>) -> Response {
-    let mut clients = match admin.clients.clients().await {
+/// that cannot answer leaves every tenant not onboarded, as it does for one client. A page with
+/// `?limit=N` (1 to [`MAX_PAGE`]) and `after=<client id>` (those after it; it need not be a
+/// client's), with `"next"`, the last `client_id` shown, when `limit` was given and more
+/// follow; the pages in order make up the whole list.
+async fn list_clients(State(admin): State<Arc<Admin>>, uri: http::Uri) -> Response {
+    let page = match page_query(
+        &uri,
+        "/admin/clients",
+        |text| is_client_id(text).then(|| text.to_owned()),
+        "a client id (1 to 255 printable ASCII characters)",
+    ) {
+        Ok(page) => page,
+        Err(response) => return *response,
+    };
+    let listed = if page.is_whole() {
+        admin.clients.clients().await
+    } else {
+        admin
+            .clients
+            .clients_after(page.after.as_deref(), page.read())
+            .await
+    };
+    let mut clients = match listed {
         Ok(clients) => clients,
         Err(err) => {
             tracing::error!(error = %err, "could not list the clients");
@@ -975,6 +1111,7 @@ async fn list_clients(State(admin): State<Arc<Admin>>) -> Response {
         }
     };
     clients.sort_by(|a, b| a.id.cmp(&b.id));
+    let next = page.cut(&mut clients, |client| client.id.clone());
     let onboarded: HashSet<TenantId> = match admin.directory.list().await {
         Ok(tenants) => tenants.into_iter().collect(),
         Err(err) => {
@@ -986,7 +1123,11 @@ async fn list_clients(State(admin): State<Arc<Admin>>) -> Response {
         .iter()
         .map(|record| client_fields(record, |tenant| onboarded.contains(tenant)))
         .collect();
-    Json(json!({"clients": shown})).into_response()
+    let mut shown = json!({"clients": shown});
+    if let Some(next) = next {
+        shown["next"] = json!(next);
+    }
+    Json(shown).into_response()
 }
 
 fn store_failed(err: &tower_fhir::token::StoreError, doing: &str) -> Response {
@@ -1462,6 +1603,85 @@ mod tests {
     /// handlers themselves can make it forget a tenant.
     fn admin(directory: &InMemoryDirectory) -> (Router, RouteCache) {
         admin_with::<TokensOnly>(directory, None)
+    }
+
+    /// The page `query` asks for of the clients' list, or the status refusing it.
+    fn client_page(query: &str) -> Result<Page<String>, StatusCode> {
+        let uri: http::Uri = format!("/admin/clients{query}").parse().unwrap();
+        page_query(
+            &uri,
+            "/admin/clients",
+            |text| is_client_id(text).then(|| text.to_owned()),
+            "a client id",
+        )
+        .map_err(|response| response.status())
+    }
+
+    #[test]
+    fn a_lists_query_is_form_urlencoded_and_refused_when_it_names_anything_else() {
+        let page = |after: Option<&str>, limit: Option<usize>| Page {
+            after: after.map(str::to_owned),
+            limit,
+        };
+        for (query, read) in [
+            ("", page(None, None)),
+            ("?", page(None, None)),
+            ("?&", page(None, None)),
+            ("?limit=2", page(None, Some(2))),
+            ("?limit=10000&after=a", page(Some("a"), Some(10000))),
+            ("?after=app%2Bx&limit=007", page(Some("app+x"), Some(7))),
+            ("?after=app+2", page(Some("app 2"), None)),
+            ("?after=app%202", page(Some("app 2"), None)),
+            ("?after=%7E%21", page(Some("~!"), None)),
+            // A parameter's name is decoded too.
+            ("?l%69mit=3", page(None, Some(3))),
+        ] {
+            assert_eq!(client_page(query), Ok(read), "{query}");
+        }
+        for refused in [
+            "?limit=0",
+            "?limit=10001",
+            "?limit=99999999999999999999999999",
+            "?limit=-1",
+            "?limit=+5",
+            "?limit=5.0",
+            "?limit=",
+            "?limit",
+            "?limit=two",
+            "?limit=1&limit=1",
+            "?after=a&after=b",
+            "?after=",
+            "?after=%00",
+            "?after=%C3%A9",
+            "?after=%FF",
+            "?page=2",
+            "?Limit=2",
+            "?limit=2&cursor=a",
+        ] {
+            assert_eq!(
+                client_page(refused),
+                Err(StatusCode::BAD_REQUEST),
+                "{refused}"
+            );
+        }
+        let too_long = format!("?after={}", "a".repeat(256));
+        assert!(client_page(&too_long).is_err());
+        assert!(client_page(&format!("?after={}", "a".repeat(255))).is_ok());
+        // Tenants: a GUID in any spelling.
+        let tenant_page = |query: &str| {
+            let uri: http::Uri = format!("/admin/tenants{query}").parse().unwrap();
+            page_query(
+                &uri,
+                "/admin/tenants",
+                |t| TenantId::parse(t).ok(),
+                "a GUID",
+            )
+        };
+        let upper = format!("?after={}", TENANT.to_uppercase());
+        let read = tenant_page(&upper).unwrap();
+        assert_eq!(read.after, TenantId::parse(TENANT).ok());
+        assert!(tenant_page("?after=not-a-guid").is_err());
+        assert!(tenant_page("?after=app-1").is_err());
     }
 
     /// A revocation log that records tokens but not clients (the trait's default).

@@ -16,7 +16,10 @@
 //! (`tower_fhir_client_tenants`, which a trigger keeps as the record says), so that a token
 //! request looks up the one tenant it asks for and never reads the client's list
 //! ([`ClientStore::client_for_tenant`]): it costs the same for a client of one tenant and a
-//! client of fifty thousand. Secrets are hashed before any transaction starts, so a slow hash
+//! client of fifty thousand. A page of either list ([`TenantStore::list_after`],
+//! [`ClientStore::clients_after`]) reads only its rows, by an index in the order of the other
+//! stores (client ids in byte order, whatever the database's collation). Secrets are hashed
+//! before any transaction starts, so a slow hash
 //! holds no lock. Each tenant change is announced to this process's [`TenantStore::changes`]
 //! subscribers and `NOTIFY`ed on the channel `tower_fhir_changes` (payload
 //! `tenant:<id> <origin>`, the origin naming the store that made it) in the same
@@ -95,7 +98,7 @@ pub const MIGRATION_LOCK: i64 = 0x746f_7765_7266_6869;
 const MIGRATION_LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The schema, one migration per version, applied in order and recorded.
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     "CREATE TABLE tower_fhir_clients (
          id text PRIMARY KEY,
          record jsonb NOT NULL,
@@ -153,6 +156,11 @@ const MIGRATIONS: [&str; 8] = [
      CREATE INDEX tower_fhir_assertion_jtis_expiry ON tower_fhir_assertion_jtis (expires_at);
      CREATE INDEX tower_fhir_revoked_clients_expiry ON tower_fhir_revoked_clients (expires_at);",
     CLIENT_TENANTS,
+    // Pages of the clients in byte order ([`ClientStore::clients_after`]), read by an index:
+    // the primary key's is in the database's collation, which need not be the bytes' (`C`),
+    // and serves no `COLLATE "C"` order even where it is (a page of 100 of 50,000 clients:
+    // the whole table read and sorted, 13-15 ms, before; 0.7 ms by this index).
+    "CREATE INDEX tower_fhir_clients_id_bytewise ON tower_fhir_clients (id COLLATE \"C\");",
 ];
 
 /// What a token request reads of a client, kept beside its record so that the request never
@@ -1180,6 +1188,58 @@ impl ClientStore for PgClientStore {
         )
     }
 
+    /// Only the page's rows, in byte order (`COLLATE "C"`, whatever the database's
+    /// collation), read by the index `tower_fhir_clients_id_bytewise` (migration 9), never
+    /// the whole table. A stored record that cannot be read is left out, as
+    /// [`clients`](ClientStore::clients) leaves it out (with an error in the log), and the
+    /// page filled from the rows after it. An `after` holding a NUL, which no stored id can
+    /// (PostgreSQL's text cannot), pages as its part before the NUL does: the same clients
+    /// sort after both.
+    fn clients_after(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> StoreFuture<Vec<ClientRecord>> {
+        let pool = self.pool.clone();
+        let after = after.map(|after| after.split('\0').next().unwrap_or_default().to_owned());
+        Box::pin(bounded(async move {
+            const AFTER: &str = "SELECT id, record FROM tower_fhir_clients
+                 WHERE id COLLATE \"C\" > $1 ORDER BY id COLLATE \"C\" LIMIT $2";
+            const FIRST: &str =
+                "SELECT id, record FROM tower_fhir_clients ORDER BY id COLLATE \"C\" LIMIT $1";
+            let connection = pool.get().await.map_err(|e| store_error("connecting", e))?;
+            let failed = |e| store_error("listing the clients", e);
+            let (mut page, mut after) = (Vec::new(), after);
+            loop {
+                // (`LIMIT NULL`: no limit.)
+                let wanted = limit.map(|limit| limit.saturating_sub(page.len()));
+                let asked = wanted.map(|wanted| i64::try_from(wanted).unwrap_or(i64::MAX));
+                let rows = match &after {
+                    Some(after) => connection.query(AFTER, &[after, &asked]).await,
+                    None => connection.query(FIRST, &[&asked]).await,
+                }
+                .map_err(failed)?;
+                let read = rows.len();
+                for row in rows {
+                    let id: String = row.get(0);
+                    match client_record(&id, row.get(1)) {
+                        Ok(record) => page.push(record),
+                        Err(error) => {
+                            tracing::error!(client = %id, %error, "a stored client record cannot be read: left out of the list (correct or delete its row in tower_fhir_clients)");
+                        }
+                    }
+                    after = Some(id);
+                }
+                // The rows ran out, or the page is full.
+                if wanted.is_none_or(|wanted| read < wanted)
+                    || limit.is_some_and(|limit| page.len() >= limit)
+                {
+                    return Ok(page);
+                }
+            }
+        }))
+    }
+
     fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
         let this = self.clone();
         Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
@@ -1712,6 +1772,37 @@ impl TenantStore for PgTenantStore {
         }))
     }
 
+    /// Only the page's ids, read by the primary key's index in its order: a `uuid`'s order
+    /// is its bytes', [`TenantId`]'s (and its text's). Within the 60 s of a listing (a page
+    /// without a limit may be every tenant).
+    fn list_after(
+        &self,
+        after: Option<TenantId>,
+        limit: Option<usize>,
+    ) -> TenantStoreFuture<Vec<TenantId>> {
+        let pool = self.pool.clone();
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            // (`LIMIT NULL`: no limit.)
+            let limit = limit.map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
+            const AFTER: &str =
+                "SELECT id FROM tower_fhir_tenants WHERE id > $1 ORDER BY id LIMIT $2";
+            const FIRST: &str = "SELECT id FROM tower_fhir_tenants ORDER BY id LIMIT $1";
+            let rows = match after {
+                Some(after) => connection.query(AFTER, &[&uuid(after), &limit]).await,
+                None => connection.query(FIRST, &[&limit]).await,
+            }
+            .map_err(|e| directory_error("listing tenants", e))?;
+            Ok(rows
+                .iter()
+                .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
+                .collect())
+        }))
+    }
+
     /// One query for every tenant's record (each opened as [`lookup`] opens it), within the
     /// 60 s of a listing.
     ///
@@ -1725,10 +1816,7 @@ impl TenantStore for PgTenantStore {
                 .await
                 .map_err(|e| directory_error("connecting", e))?;
             let rows = connection
-                .query(
-                    "SELECT id, record FROM tower_fhir_tenants ORDER BY id::text",
-                    &[],
-                )
+                .query("SELECT id, record FROM tower_fhir_tenants ORDER BY id", &[])
                 .await
                 .map_err(|e| directory_error("listing tenants", e))?;
             rows.into_iter()
@@ -1789,7 +1877,7 @@ async fn list(pool: &Pool) -> Result<Vec<TenantId>, DirectoryError> {
         .await
         .map_err(|e| directory_error("connecting", e))?;
     let rows = connection
-        .query("SELECT id FROM tower_fhir_tenants ORDER BY id::text", &[])
+        .query("SELECT id FROM tower_fhir_tenants ORDER BY id", &[])
         .await
         .map_err(|e| directory_error("listing tenants", e))?;
     Ok(rows

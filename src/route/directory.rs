@@ -169,6 +169,55 @@ pub trait TenantStore: TenantDirectory {
     /// Every tenant, sorted.
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>>;
 
+    /// A page of [`list`](Self::list): the tenants after `after` (every one for `None`;
+    /// `after` need not be a tenant, so a page after one removed meanwhile still works), at
+    /// most `limit` of them (every one for `None`), in [`TenantId`]'s order (the order of
+    /// their text, lower-case and hyphenated), each once. Paging on, each page's last tenant
+    /// the next one's `after`, gives the tenants [`list`](Self::list) gives, in that order
+    /// (a tenant added or removed meanwhile is in a page or not according to where it falls):
+    /// what the gateway's `GET /admin/tenants?limit=...&after=...` reads.
+    ///
+    /// The default reads the whole [`list`](Self::list) and keeps the page; a store that can
+    /// read one page should override it (the PostgreSQL store reads only the page, in the
+    /// order of its key).
+    ///
+    /// ```
+    /// use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantStore, Upstream};
+    /// use tower_fhir::tenant::TenantId;
+    /// use tower_fhir::version::FhirVersion;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryDirectory::new();
+    /// let ids = [
+    ///     "0b5e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f",
+    ///     "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+    ///     "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f",
+    /// ];
+    /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4).unwrap();
+    /// for id in ids {
+    ///     let record = TenantRecord::new([upstream.clone()]).unwrap();
+    ///     store.put(TenantId::parse(id).unwrap(), record).await.unwrap();
+    /// }
+    /// let [first, second, third] = ids.map(|id| TenantId::parse(id).unwrap());
+    ///
+    /// // Pages of two: the first, then the rest after its last tenant.
+    /// assert_eq!(store.list_after(None, Some(2)).await.unwrap(), [first, second]);
+    /// assert_eq!(store.list_after(Some(second), Some(2)).await.unwrap(), [third]);
+    /// // No limit: every tenant after; `after` need not be a tenant.
+    /// let gone = TenantId::parse("5a000000-0000-4000-8000-000000000000").unwrap();
+    /// assert_eq!(store.list_after(Some(gone), None).await.unwrap(), [third]);
+    /// assert_eq!(store.list_after(None, None).await.unwrap(), store.list().await.unwrap());
+    /// # });
+    /// ```
+    fn list_after(
+        &self,
+        after: Option<TenantId>,
+        limit: Option<usize>,
+    ) -> TenantStoreFuture<Vec<TenantId>> {
+        let listed = self.list();
+        Box::pin(async move { Ok(page_of(listed.await?, after, limit)) })
+    }
+
     /// Every tenant with its record, in [`list`](Self::list)'s order: what a check against
     /// all of them reads (the admin API's, that no two tenants' upstream bases nest). The
     /// default lists them, then looks each up (a tenant removed meanwhile is left out); a store
@@ -206,6 +255,24 @@ pub trait TenantStore: TenantDirectory {
 /// Every tenant of `tenants`, sorted (by their text, as the files list them).
 fn sorted(mut tenants: Vec<TenantId>) -> Vec<TenantId> {
     tenants.sort_by_key(|t| t.to_string());
+    tenants
+}
+
+/// The page [`TenantStore::list_after`] gives of `tenants` (in any order, repeats allowed).
+/// ([`TenantId`]'s order is their text's: the bytes of a GUID in order, each two hex digits.)
+fn page_of(
+    mut tenants: Vec<TenantId>,
+    after: Option<TenantId>,
+    limit: Option<usize>,
+) -> Vec<TenantId> {
+    if let Some(after) = after {
+        tenants.retain(|tenant| *tenant > after);
+    }
+    tenants.sort_unstable();
+    tenants.dedup();
+    if let Some(limit) = limit {
+        tenants.truncate(limit);
+    }
     tenants
 }
 
@@ -295,6 +362,26 @@ impl InMemoryDirectory {
         self.changes.subscribe()
     }
 
+    /// The page [`TenantStore::list_after`] gives: only the tenants after `after` copied out
+    /// of the lock, and only the first `limit` of those sorted.
+    fn page(&self, after: Option<TenantId>, limit: Option<usize>) -> Vec<TenantId> {
+        let mut page: Vec<TenantId> = {
+            let tenants = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+            tenants
+                .keys()
+                .filter(|tenant| after.is_none_or(|after| **tenant > after))
+                .copied()
+                .collect()
+        };
+        if let Some(limit) = limit.filter(|limit| *limit < page.len()) {
+            // The `limit` least first (in no order), the rest after them.
+            page.select_nth_unstable(limit);
+            page.truncate(limit);
+        }
+        page.sort_unstable();
+        page
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TenantId, TenantRecord>> {
         self.tenants.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -327,6 +414,15 @@ impl TenantStore for InMemoryDirectory {
 
     fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
         Box::pin(std::future::ready(Ok(sorted(self.tenants()))))
+    }
+
+    /// Without copying or sorting the tenants before `after`, nor sorting those past the page.
+    fn list_after(
+        &self,
+        after: Option<TenantId>,
+        limit: Option<usize>,
+    ) -> TenantStoreFuture<Vec<TenantId>> {
+        Box::pin(std::future::ready(Ok(self.page(after, limit))))
     }
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
@@ -581,6 +677,15 @@ impl TenantStore for FileDirectory {
         Box::pin(std::future::ready(Ok(sorted(self.tenants()))))
     }
 
+    /// From memory, as [`InMemoryDirectory`] pages (the file is not read).
+    fn list_after(
+        &self,
+        after: Option<TenantId>,
+        limit: Option<usize>,
+    ) -> TenantStoreFuture<Vec<TenantId>> {
+        self.memory.list_after(after, limit)
+    }
+
     fn changes(&self) -> broadcast::Receiver<TenantId> {
         self.subscribe()
     }
@@ -646,6 +751,147 @@ mod tests {
         assert!(directory.remove(tenant));
         assert_eq!(changes.recv().await.unwrap(), tenant);
         assert!(directory.lookup(tenant).await.unwrap().is_none());
+    }
+
+    /// A tenant made of `n` (spread over the id's first and last bytes, so that the order of
+    /// the ids is not the order of `n`).
+    fn numbered(n: u32) -> TenantId {
+        let spread = n.wrapping_mul(0x9E37_79B9);
+        TenantId::parse(&format!("{spread:08x}-0000-4000-8000-{n:012x}")).unwrap()
+    }
+
+    fn record() -> TenantRecord {
+        let upstream =
+            crate::route::Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4).unwrap();
+        TenantRecord::new([upstream]).unwrap()
+    }
+
+    /// A store whose `list` gives its tenants unsorted, some twice: `list_after` is the
+    /// trait's default.
+    struct Unsorted(InMemoryDirectory);
+
+    impl TenantDirectory for Unsorted {
+        fn lookup(&self, tenant: TenantId) -> DirectoryFuture {
+            self.0.lookup(tenant)
+        }
+    }
+
+    impl TenantStore for Unsorted {
+        fn put(&self, tenant: TenantId, upstreams: TenantRecord) -> TenantStoreFuture<bool> {
+            self.0.put(tenant, upstreams)
+        }
+        fn put_all(&self, tenants: Vec<(TenantId, TenantRecord)>) -> TenantStoreFuture<()> {
+            self.0.put_all(tenants)
+        }
+        fn delete(&self, tenant: TenantId) -> TenantStoreFuture<bool> {
+            self.0.delete(tenant)
+        }
+        fn list(&self) -> TenantStoreFuture<Vec<TenantId>> {
+            let mut listed = self.0.tenants();
+            listed.extend(self.0.tenants().into_iter().step_by(3));
+            listed.reverse();
+            Box::pin(std::future::ready(Ok(listed)))
+        }
+        fn changes(&self) -> broadcast::Receiver<TenantId> {
+            self.0.changes()
+        }
+    }
+
+    /// Every page of `store` (after nothing, each tenant, ids between and beyond them; limits
+    /// none, 0 to 3 and past the end) is `list`'s sorted tenants after `after`, the first
+    /// `limit`; and pages of 1 to 4, each after the last's last tenant, make up `list`.
+    async fn pages_agree_with_the_list(store: &dyn TenantStore, expected: &[TenantId]) {
+        let mut sorted_list = store.list().await.unwrap();
+        sorted_list.sort_unstable();
+        sorted_list.dedup();
+        assert_eq!(sorted_list, expected);
+        let between = (0..40).map(|n| numbered(1000 + n));
+        let edges = [
+            TenantId::parse("00000000-0000-0000-0000-000000000000").unwrap(),
+            TenantId::parse("ffffffff-ffff-ffff-ffff-ffffffffffff").unwrap(),
+        ];
+        let afters = std::iter::once(None).chain(
+            expected
+                .iter()
+                .copied()
+                .chain(between)
+                .chain(edges)
+                .map(Some),
+        );
+        for after in afters {
+            for limit in [None, Some(0), Some(1), Some(2), Some(3), Some(1000)] {
+                let page = store.list_after(after, limit).await.unwrap();
+                let wanted: Vec<TenantId> = expected
+                    .iter()
+                    .copied()
+                    .filter(|tenant| after.is_none_or(|after| *tenant > after))
+                    .take(limit.unwrap_or(usize::MAX))
+                    .collect();
+                assert_eq!(page, wanted, "after {after:?}, limit {limit:?}");
+            }
+        }
+        for size in 1..=4 {
+            let (mut walked, mut after) = (Vec::new(), None);
+            loop {
+                let page = store.list_after(after, Some(size)).await.unwrap();
+                walked.extend_from_slice(&page);
+                match page.last() {
+                    Some(last) if page.len() == size => after = Some(*last),
+                    _ => break,
+                }
+            }
+            assert_eq!(walked, expected, "pages of {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_page_is_the_sorted_list_without_repeats_after_after() {
+        let store = Unsorted(InMemoryDirectory::new());
+        assert!(store.list_after(None, Some(2)).await.unwrap().is_empty());
+        let mut expected: Vec<TenantId> = (0..11).map(numbered).collect();
+        for tenant in &expected {
+            store.put(*tenant, record()).await.unwrap();
+        }
+        expected.sort_unstable();
+        assert_ne!(
+            store.list().await.unwrap(),
+            expected,
+            "the list is unsorted, with repeats"
+        );
+        pages_agree_with_the_list(&store, &expected).await;
+        // TenantId's order is the order of the ids' text.
+        let by_text = sorted(expected.clone());
+        assert_eq!(by_text, expected);
+    }
+
+    #[tokio::test]
+    async fn in_memory_and_file_directories_page_as_the_default_does() {
+        let memory = InMemoryDirectory::new();
+        assert!(memory.list_after(None, None).await.unwrap().is_empty());
+        let path =
+            std::env::temp_dir().join(format!("tower-fhir-dir-pages-{}.json", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let file = FileDirectory::open(&path).unwrap();
+        let mut expected: Vec<TenantId> = (0..13).map(numbered).collect();
+        memory
+            .put_all(expected.iter().map(|t| (*t, record())).collect())
+            .await
+            .unwrap();
+        file.put_all(expected.iter().map(|t| (*t, record())).collect())
+            .await
+            .unwrap();
+        expected.sort_unstable();
+        pages_agree_with_the_list(&memory, &expected).await;
+        pages_agree_with_the_list(&file, &expected).await;
+        // A tenant removed: a page after it goes on from the next one.
+        let removed = expected.remove(5);
+        assert!(file.delete(removed).await.unwrap());
+        assert_eq!(
+            file.list_after(Some(removed), Some(2)).await.unwrap(),
+            expected[5..7]
+        );
+        pages_agree_with_the_list(&file, &expected).await;
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

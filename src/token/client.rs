@@ -821,6 +821,55 @@ pub trait ClientStore: Send + Sync + 'static {
         ))))
     }
 
+    /// A page of [`clients`](Self::clients): the clients whose `id` sorts after `after`
+    /// (every one for `None`; `after` need not be a client's, so a page after one deleted
+    /// meanwhile still works), at most `limit` of them (every one for `None`), in `id` order:
+    /// the order of the ids' bytes (Rust's `str` order, `"B-app" < "a-app"`, `"app-1" <
+    /// "app_1"`; not a database's collation), each once. Paging on, each page's last `id`
+    /// the next one's `after`, gives the clients [`clients`](Self::clients) gives, in that
+    /// order (one registered or deleted meanwhile is in a page or not according to where it
+    /// falls): what the gateway's `GET /admin/clients?limit=...&after=...` reads. Each
+    /// record as [`clients`](Self::clients) gives it, its secrets' hashes included.
+    ///
+    /// The default reads every client with [`clients`](Self::clients) (so it fails where that
+    /// does) and keeps the page; a store that can read one page should override it (the
+    /// crate's in-memory store copies only the page's records; the PostgreSQL store reads
+    /// only the page, by an index in byte order).
+    ///
+    /// ```
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryClientStore::new();
+    /// for id in ["app_1", "a-app", "app-1", "B-app"] {
+    ///     store.register(NewClient::new(id)).await.unwrap();
+    /// }
+    /// let ids = |page: Vec<tower_fhir::token::ClientRecord>| -> Vec<String> {
+    ///     page.into_iter().map(|client| client.id).collect()
+    /// };
+    ///
+    /// // Pages of two, in byte order: upper case before lower, '-' before '_'.
+    /// let first = ids(store.clients_after(None, Some(2)).await.unwrap());
+    /// assert_eq!(first, ["B-app", "a-app"]);
+    /// let second = ids(store.clients_after(Some("a-app"), Some(2)).await.unwrap());
+    /// assert_eq!(second, ["app-1", "app_1"]);
+    /// assert!(store.clients_after(Some("app_1"), Some(2)).await.unwrap().is_empty());
+    /// // No limit: every client after; `after` need not be a client's.
+    /// assert_eq!(ids(store.clients_after(Some("app"), None).await.unwrap()), ["app-1", "app_1"]);
+    /// let all = ids(store.clients().await.unwrap());
+    /// assert_eq!(ids(store.clients_after(None, None).await.unwrap()), all);
+    /// # });
+    /// ```
+    fn clients_after(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> StoreFuture<Vec<ClientRecord>> {
+        let listed = self.clients();
+        let after = after.map(str::to_owned);
+        Box::pin(async move { Ok(page_of(listed.await?, after.as_deref(), limit)) })
+    }
+
     /// Replaces what the client may get tokens for: its tenants, and the scopes it may ask for
     /// besides a tenant (each an RFC 6749 scope token: printable ASCII without spaces, `"` or
     /// `\`). Refuses unknown or revoked clients. Tokens issued before keep the scope they
@@ -1001,6 +1050,13 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
         (**self).clients()
     }
+    fn clients_after(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> StoreFuture<Vec<ClientRecord>> {
+        (**self).clients_after(after, limit)
+    }
     fn set_entitlements(
         &self,
         id: &str,
@@ -1021,6 +1077,24 @@ impl<T: ClientStore + ?Sized> ClientStore for Arc<T> {
     fn update(&self, id: &str, update: ClientUpdate) -> StoreFuture<()> {
         (**self).update(id, update)
     }
+}
+
+/// The page [`ClientStore::clients_after`] gives of `clients` (in any order; of two with one
+/// id, the first kept).
+fn page_of(
+    mut clients: Vec<ClientRecord>,
+    after: Option<&str>,
+    limit: Option<usize>,
+) -> Vec<ClientRecord> {
+    if let Some(after) = after {
+        clients.retain(|client| client.id.as_str() > after);
+    }
+    clients.sort_by(|a, b| a.id.cmp(&b.id));
+    clients.dedup_by(|later, earlier| later.id == earlier.id);
+    if let Some(limit) = limit {
+        clients.truncate(limit);
+    }
+    clients
 }
 
 /// A client's limit as a store read gives it: a failed read is logged and limits nothing.
@@ -1101,6 +1175,24 @@ impl Clients {
         let mut all: Vec<ClientRecord> = self.clients.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
+    }
+
+    /// The page [`ClientStore::clients_after`] gives: only the page's records copied (a
+    /// client's record holds its list of tenants, which may be thousands long), and only
+    /// the first `limit` after `after` sorted.
+    pub(crate) fn page(&self, after: Option<&str>, limit: Option<usize>) -> Vec<ClientRecord> {
+        let mut page: Vec<&ClientRecord> = self
+            .clients
+            .values()
+            .filter(|client| after.is_none_or(|after| client.id.as_str() > after))
+            .collect();
+        if let Some(limit) = limit.filter(|limit| *limit < page.len()) {
+            // The `limit` least first (in no order), the rest after them.
+            page.select_nth_unstable_by(limit, |a, b| a.id.cmp(&b.id));
+            page.truncate(limit);
+        }
+        page.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        page.into_iter().cloned().collect()
     }
 
     /// Whether `client` can be registered: its id, its scopes, a given secret's length, the id
@@ -1320,8 +1412,20 @@ impl Clients {
 pub(crate) const MAX_CLIENT_ID_LEN: usize = 255;
 
 /// Whether `id` can be a client id: RFC 6749's `VSCHAR`s (printable ASCII and space), 1 to
-/// [`MAX_CLIENT_ID_LEN`] of them. Nothing else is registered, looked up or logged.
-pub(crate) fn is_client_id(id: &str) -> bool {
+/// 255 of them. Nothing else is registered, looked up or logged: an admin tool can check an id
+/// with it before asking a store.
+///
+/// ```
+/// use tower_fhir::token::is_client_id;
+///
+/// assert!(is_client_id("care-app"));
+/// assert!(is_client_id("a client id with spaces ~!"));
+/// assert!(!is_client_id(""));
+/// assert!(!is_client_id("caf\u{e9}"));
+/// assert!(!is_client_id("line\nbreak"));
+/// assert!(!is_client_id(&"a".repeat(256)));
+/// ```
+pub fn is_client_id(id: &str) -> bool {
     (1..=MAX_CLIENT_ID_LEN).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7E).contains(&b))
 }
 
@@ -1531,6 +1635,16 @@ impl ClientStore for InMemoryClientStore {
         Box::pin(async move { Ok(all) })
     }
 
+    /// Only the page's records copied, under the lock.
+    fn clients_after(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> StoreFuture<Vec<ClientRecord>> {
+        let page = self.with(|c| c.page(after, limit));
+        Box::pin(async move { Ok(page) })
+    }
+
     fn set_entitlements(
         &self,
         id: &str,
@@ -1610,6 +1724,157 @@ mod tests {
         fn set_keys(&self, id: &str, keys: ClientKeys) -> StoreFuture<()> {
             self.0.set_keys(id, keys)
         }
+    }
+
+    /// Client ids whose byte order is not a dictionary's: upper case before lower, `' '`
+    /// before `'+'` before `'-'` before `'_'`, a prefix before what extends it.
+    const PAGED: [&str; 11] = [
+        "app_1", "a-app", "app-1", "B-app", "app 2", "app+x", "Zed", "app", "app-10", "~tilde",
+        "!bang",
+    ];
+
+    /// A store whose `clients` gives them unsorted, one twice: `clients_after` is the trait's
+    /// default.
+    struct Unsorted(InMemoryClientStore);
+
+    impl ClientStore for Unsorted {
+        fn client(&self, id: &str) -> StoreFuture<Option<ClientRecord>> {
+            self.0.client(id)
+        }
+        fn register(&self, client: NewClient) -> StoreFuture<ClientSecret> {
+            self.0.register(client)
+        }
+        fn rotate_secret(&self, id: &str, grace: Duration) -> StoreFuture<ClientSecret> {
+            self.0.rotate_secret(id, grace)
+        }
+        fn revoke(&self, id: &str) -> StoreFuture<()> {
+            self.0.revoke(id)
+        }
+        fn set_entitlements(
+            &self,
+            id: &str,
+            tenants: Vec<TenantId>,
+            scopes: Vec<String>,
+        ) -> StoreFuture<()> {
+            self.0.set_entitlements(id, tenants, scopes)
+        }
+        fn clients(&self) -> StoreFuture<Vec<ClientRecord>> {
+            let mut all = self.0.with(|c| c.all());
+            all.reverse();
+            all.extend(all.first().cloned());
+            Box::pin(std::future::ready(Ok(all)))
+        }
+    }
+
+    async fn register_paged(store: &dyn ClientStore) -> Vec<String> {
+        for id in PAGED {
+            store.register(NewClient::new(id)).await.unwrap();
+        }
+        store.revoke("app").await.unwrap();
+        let mut expected: Vec<String> = PAGED.iter().map(|id| (*id).to_owned()).collect();
+        expected.sort_unstable();
+        assert_eq!(
+            expected[..4],
+            ["!bang", "B-app", "Zed", "a-app"],
+            "byte order"
+        );
+        expected
+    }
+
+    /// Every page of `store` (after nothing, each id, ids between and beyond them; limits
+    /// none, 0 to 3 and past the end) is the ids after `after` in byte order, the first
+    /// `limit`; and pages of 1 to 4, each after the last's last id, make up `clients`.
+    async fn pages_agree_with_the_list(store: &dyn ClientStore, expected: &[String]) {
+        let ids = |page: Vec<ClientRecord>| -> Vec<String> {
+            page.into_iter().map(|client| client.id).collect()
+        };
+        let mut listed = ids(store.clients().await.unwrap());
+        listed.sort_unstable();
+        listed.dedup();
+        assert_eq!(listed, expected);
+        let others = ["", " ", "A", "app-", "app-0", "app_0", "b", "~~", "\u{7f}"];
+        let afters = std::iter::once(None)
+            .chain(expected.iter().map(String::as_str).chain(others).map(Some));
+        for after in afters {
+            for limit in [None, Some(0), Some(1), Some(2), Some(3), Some(1000)] {
+                let page = store.clients_after(after, limit).await.unwrap();
+                let wanted: Vec<&String> = expected
+                    .iter()
+                    .filter(|id| after.is_none_or(|after| id.as_str() > after))
+                    .take(limit.unwrap_or(usize::MAX))
+                    .collect();
+                let got: Vec<&String> = page.iter().map(|client| &client.id).collect();
+                assert_eq!(got, wanted, "after {after:?}, limit {limit:?}");
+                for client in &page {
+                    let whole = store.client(&client.id).await.unwrap().unwrap();
+                    assert_eq!(
+                        (client.revoked, &client.secrets),
+                        (whole.revoked, &whole.secrets),
+                        "each record as `client` gives it"
+                    );
+                }
+            }
+        }
+        for size in 1..=4 {
+            let (mut walked, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let page = ids(store
+                    .clients_after(after.as_deref(), Some(size))
+                    .await
+                    .unwrap());
+                let full = page.len() == size;
+                after = page.last().cloned();
+                walked.extend(page);
+                if !full {
+                    break;
+                }
+            }
+            assert_eq!(walked, expected, "pages of {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_page_is_the_clients_in_byte_order_after_after() {
+        let cheap = SecretHashing::new(8, 1).unwrap();
+        let store = Unsorted(InMemoryClientStore::with_hashing(cheap));
+        assert!(store.clients_after(None, None).await.unwrap().is_empty());
+        let expected = register_paged(&store).await;
+        pages_agree_with_the_list(&store, &expected).await;
+        // A store that cannot list its clients cannot page them either.
+        let unlisted = SettersOnly(InMemoryClientStore::with_hashing(cheap));
+        unlisted.register(NewClient::new("app")).await.unwrap();
+        assert!(unlisted.clients_after(None, Some(1)).await.is_err());
+        // Through an `Arc`, the store's own.
+        let shared: Arc<dyn ClientStore> = Arc::new(store);
+        assert_eq!(
+            shared.clients_after(Some("app"), Some(1)).await.unwrap()[0].id,
+            "app 2"
+        );
+    }
+
+    #[tokio::test]
+    async fn in_memory_and_file_stores_page_in_byte_order() {
+        let cheap = SecretHashing::new(8, 1).unwrap();
+        let memory = InMemoryClientStore::with_hashing(cheap);
+        let expected = register_paged(&memory).await;
+        pages_agree_with_the_list(&memory, &expected).await;
+
+        let path = std::env::temp_dir().join(format!(
+            "tower-fhir-client-pages-{}.json",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let file = super::super::FileClientStore::open_with_hashing(&path, cheap).unwrap();
+        assert_eq!(register_paged(&file).await, expected);
+        pages_agree_with_the_list(&file, &expected).await;
+        let reopened = super::super::FileClientStore::open_with_hashing(&path, cheap).unwrap();
+        pages_agree_with_the_list(&reopened, &expected).await;
+        std::fs::remove_file(&path).unwrap();
+        // A client gone: a page after its id goes on from the next one.
+        memory.with(|c| c.clients.remove("app-1"));
+        let after_deleted = memory.clients_after(Some("app-1"), Some(2)).await.unwrap();
+        let ids: Vec<&str> = after_deleted.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["app-10", "app_1"]);
     }
 
     #[tokio::test]

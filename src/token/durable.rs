@@ -244,6 +244,15 @@ impl ClientStore for FileClientStore {
         Box::pin(async move { Ok(all) })
     }
 
+    fn clients_after(
+        &self,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> StoreFuture<Vec<ClientRecord>> {
+        let page = self.current().page(after, limit);
+        Box::pin(async move { Ok(page) })
+    }
+
     fn set_entitlements(
         &self,
         id: &str,

@@ -89,15 +89,12 @@ mod scope;
 mod signing;
 pub(crate) mod throttle;
 
-#[cfg(feature = "postgres")]
-pub(crate) use client::is_client_id;
-
 pub use crate::client_addr::{ClientAddr, ForwardedClient, SourceNetwork};
 pub use assertion::ReplayGuard;
 #[cfg(feature = "postgres")]
 pub(crate) use client::{blocking, limit_of, Clients, HashedSecret};
 pub use client::{
-    AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate,
+    is_client_id, AuthMethod, ClientKeys, ClientRecord, ClientSecret, ClientStore, ClientUpdate,
     InMemoryClientStore, NewClient, SecretHash, SecretHashing, StoreError, StoreFuture,
     MAX_SECRET_LEN, MIN_SECRET_LEN,
 };
