@@ -391,11 +391,21 @@ fn a_rate_too_high_for_the_connections_is_blamed_on_them() {
 
 #[test]
 fn a_target_that_cannot_keep_up_is_blamed_not_the_connections() {
-    // One request at a time, 10 ms each: 100 a second at most, whatever the connections.
-    let one_at_a_time = std::sync::Mutex::new(());
+    // One request at a time, 10 ms each, in the order they came: 100 a second at most,
+    // whatever the connections, and each waits for those ahead of it. (A mutex, which lets a
+    // late request barge past waiting ones, made those sent at a light load wait as long as
+    // the others on a busy machine, and the run could not tell the target was the limit.)
+    let (queue, served) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
+    std::thread::spawn(move || {
+        for done in served {
+            std::thread::sleep(Duration::from_millis(10));
+            let _ = done.send(());
+        }
+    });
     let addr = common::keep_alive_server(move |_| {
-        let _turn = one_at_a_time.lock().unwrap();
-        std::thread::sleep(Duration::from_millis(10));
+        let (done, answered) = std::sync::mpsc::channel();
+        queue.send(done).unwrap();
+        answered.recv().unwrap();
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()
     });
     let target = format!("http://{addr}");
