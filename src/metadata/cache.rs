@@ -439,6 +439,10 @@ where
                 }
             }
             parts.headers.remove(header::TRANSFER_ENCODING);
+            // Read whole: nothing of the upstream's connection or slots is held any more, so
+            // a server bounding what relayed answers hold until delivered need not count it.
+            #[cfg(feature = "proxy")]
+            parts.extensions.remove::<crate::proxy::Relayed>();
             Ok(Response::from_parts(parts, ResponseBody::full(body)))
         })
     }
@@ -587,6 +591,52 @@ mod tests {
 
     /// A statement after a UTF-8 byte order mark (some .NET servers) is a JSON statement: kept,
     /// and served as it came.
+    /// A statement read whole is no longer [`Relayed`](crate::proxy::Relayed): it holds
+    /// nothing of the upstream's; any other answer passed on keeps the mark.
+    #[cfg(feature = "proxy")]
+    #[tokio::test]
+    async fn a_statement_read_whole_is_no_longer_marked_relayed() {
+        use crate::proxy::Relayed;
+        let service = CapabilityCacheLayer::new(std::time::Duration::from_secs(60), 100).layer(
+            service_fn(|request: Request<Full<Bytes>>| {
+                let found = request.uri().query() != Some("_summary=missing");
+                let mut response = Response::builder()
+                    .status(if found { 200 } else { 404 })
+                    .header(header::CONTENT_TYPE, "application/fhir+json")
+                    .body(Full::<Bytes>::from(JSON))
+                    .unwrap();
+                response.extensions_mut().insert(Relayed);
+                async { Ok::<_, Infallible>(response) }
+            }),
+        );
+        let fetched = service
+            .clone()
+            .oneshot(routed(A, "/metadata", None))
+            .await
+            .unwrap();
+        assert_eq!(fetched.status(), StatusCode::OK);
+        assert!(fetched.extensions().get::<Relayed>().is_none());
+        let cached = service
+            .clone()
+            .oneshot(routed(A, "/metadata", None))
+            .await
+            .unwrap();
+        assert!(cached.extensions().get::<Relayed>().is_none());
+        // Not read here (not a `200`, or not a statement fetch): passed on as it came.
+        let missing = service
+            .clone()
+            .oneshot(routed(B, "/metadata?_summary=missing", None))
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert_eq!(missing.extensions().get::<Relayed>(), Some(&Relayed));
+        let passed = service
+            .oneshot(routed(A, "/Patient/1", None))
+            .await
+            .unwrap();
+        assert_eq!(passed.extensions().get::<Relayed>(), Some(&Relayed));
+    }
+
     #[tokio::test]
     async fn a_statement_after_a_byte_order_mark_is_kept() {
         let calls = Arc::new(AtomicUsize::new(0));

@@ -63,8 +63,9 @@ pin_project! {
 /// Its body may still be coming from the upstream's connection, and it holds the upstream's
 /// concurrency slot and the Bundle rewrite budget's bytes until it ends: a client that takes
 /// nothing of it holds them. Any other response (a layer's refusal, the proxy's own
-/// `OperationOutcome` for an upstream that failed, a CapabilityStatement from a cache, an
-/// in-process tenant's answer) has none of them.
+/// `OperationOutcome` for an upstream that failed, a CapabilityStatement from a cache or read
+/// whole by the metadata layer's cache, which takes the mark off, an in-process tenant's
+/// answer) has none of them.
 ///
 /// A server that bounds the requests in flight can tell the two apart: the gateway binary
 /// counts an HTTP/2 request among its `http2_max_requests_in_flight` until its response is
