@@ -65,15 +65,6 @@ async fn setup_with(smart: SmartScopeBuilder, pause: Duration) -> Setup {
         )
         .await
         .unwrap();
-    // Registered without scopes: tenant-wide tokens, unless it asks for less.
-    store
-        .register(
-            NewClient::new("open")
-                .secret(SECRET)
-                .tenant(TENANT.parse().unwrap()),
-        )
-        .await
-        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let endpoint = TokenEndpoint::builder()
@@ -241,15 +232,6 @@ async fn issued_scopes_are_enforced_before_the_upstream() {
 
 /// Asks the token endpoint for `scope`; the reply's status, `scope` or `error`, and token.
 async fn ask(client: &TestClient, scope: &str) -> (StatusCode, String, Option<String>) {
-    ask_as(client, "app", scope).await
-}
-
-/// [`ask`], as the client `id`.
-async fn ask_as(
-    client: &TestClient,
-    id: &str,
-    scope: &str,
-) -> (StatusCode, String, Option<String>) {
     let scope = scope
         .replace(' ', "%20")
         .replace('?', "%3F")
@@ -260,7 +242,7 @@ async fn ask_as(
             "/oauth/token",
             &[FORM],
             &format!(
-                "grant_type=client_credentials&client_id={id}&client_secret={SECRET}&scope={scope}"
+                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={scope}"
             ),
         )
         .await;
@@ -330,42 +312,6 @@ async fn scopes_at_issuance_are_what_the_client_may_have() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error, "invalid_scope");
     assert!(token.is_none());
-}
-
-/// A client registered without resource scopes gets tenant-wide tokens, and any resource
-/// scopes it asks for instead (less than tenant-wide), enforced as registered ones are.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_registered_without_scopes_may_ask_for_less() {
-    let Setup { client, .. } = setup(false).await;
-    let (status, scope, token) = ask_as(&client, "open", TENANT).await;
-    assert_eq!((status, scope.as_str()), (StatusCode::OK, TENANT));
-    let token = token.unwrap();
-    for path in ["/Patient/1", "/Encounter/1"] {
-        assert_eq!(get(&client, &token, path).await.status, StatusCode::OK);
-    }
-    let (status, scope, token) = ask_as(
-        &client,
-        "open",
-        &format!("{TENANT} system/Patient.r launch openid"),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{scope}");
-    assert_eq!(scope, format!("{TENANT} system/Patient.r"));
-    let token = token.unwrap();
-    assert_eq!(
-        get(&client, &token, "/Patient/1").await.status,
-        StatusCode::OK
-    );
-    assert_refused(
-        &get(&client, &token, "/Encounter/1").await,
-        "system/Encounter.r",
-    );
-    // Only scopes that are not resource scopes: nothing it may have but the tenant.
-    let (status, error, _) = ask_as(&client, "open", &format!("{TENANT} launch")).await;
-    assert_eq!(
-        (status, error.as_str()),
-        (StatusCode::BAD_REQUEST, "invalid_scope")
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,7 @@ use crate::tenant::TenantId;
 ///
 /// Each value that is not a tenant is granted when the client may have it: one of its
 /// registered `scopes` as written, or a SMART resource scope within one of them
-/// (`system/Patient.r` under `system/*.rs`), or any SMART resource scope when none of its
-/// registered scopes is one (such a client's tokens have tenant-wide access: it may ask for
-/// less, as SMART Backend Services clients do). Values it may not have are left out (RFC 6749
+/// (`system/Patient.r` under `system/*.rs`). Values it may not have are left out (RFC 6749
 /// §3.3: the response's `scope` says what was granted). Asking for no scope besides the
 /// tenant grants every registered scope; asking only for scopes the client may not have is
 /// `invalid_scope`. A client registered with SMART resource scopes gets its registered ones
@@ -116,8 +114,7 @@ pub(super) fn is_scope_token(scope: &str) -> bool {
 }
 
 /// Whether the client may have `scope`: registered as written, or a SMART resource scope
-/// within a registered one, or any SMART resource scope for a client registered with none
-/// (its tokens have tenant-wide access, and a resource scope only narrows that).
+/// within a registered one.
 fn may_have(client: &ClientRecord, scope: &str) -> bool {
     if client.scopes.iter().any(|allowed| allowed == scope) {
         return true;
@@ -125,12 +122,11 @@ fn may_have(client: &ClientRecord, scope: &str) -> bool {
     let Some(asked) = ResourceScope::parse(scope) else {
         return false;
     };
-    let mut registered = client
+    client
         .scopes
         .iter()
         .filter_map(|allowed| ResourceScope::parse(allowed))
-        .peekable();
-    registered.peek().is_none() || registered.any(|allowed| asked.within(&allowed))
+        .any(|allowed| asked.within(&allowed))
 }
 
 #[cfg(test)]
@@ -244,20 +240,9 @@ mod tests {
         assert_eq!(granted(&two, Some(B)), Ok((tenant(B), vec![])));
         assert!(granted(&two, None).is_err());
         assert!(granted(&two, Some(&format!("{A} {B}"))).is_err());
-        // Registered without scopes: the tenant alone is tenant-wide, and any resource scope
-        // narrows that; other scopes are not granted.
+        // Registered without scopes: the tenant alone, anything else refused.
         assert_eq!(granted(&two, Some(A)), Ok((tenant(A), vec![])));
-        assert_eq!(
-            granted(
-                &two,
-                Some(&format!("{A} system/Observation.rs launch openid"))
-            ),
-            Ok((tenant(A), vec!["system/Observation.rs".to_owned()]))
-        );
-        assert_eq!(
-            granted(&two, Some(&format!("{A} launch"))),
-            Err("The scope asks only for what the client may not have")
-        );
+        assert!(granted(&two, Some(&format!("{A} system/*.read"))).is_err());
     }
 
     #[test]
@@ -316,21 +301,11 @@ mod tests {
                 .1,
             ["openid", "system/Patient.rs"]
         );
-        // A client registered without resource scopes keeps tenant-wide tokens, or narrows
-        // them to the resource scopes it asks for (within tenant-wide: any).
+        // A client registered without resource scopes keeps tenant-wide tokens.
         let open = record(&[A], &["openid"]);
         assert_eq!(
             grant_scope(&open, Some(&format!("{A} openid"))).unwrap().1,
             ["openid"]
-        );
-        assert_eq!(
-            grant_scope(
-                &open,
-                Some(&format!("{A} openid system/Patient.r patient/*.rs launch"))
-            )
-            .unwrap()
-            .1,
-            ["openid", "system/Patient.r", "patient/*.rs"]
         );
     }
 
