@@ -1020,8 +1020,14 @@ impl ClientBody {
                 .is_some_and(|method| method != record.token_endpoint_auth_method)
     }
 
-    /// Whether it takes a tenant or a scope away from the registered client.
+    /// Whether it takes a tenant or a scope away from the registered client, or gives its
+    /// first SMART resource scope to a client that had none: its tokens had tenant-wide
+    /// access, which the new scopes narrow.
     fn takes_away(&self, record: &ClientRecord) -> bool {
+        let tenant_wide = |scopes: &[String]| {
+            tower_fhir::smart::Grants::from_scopes(scopes.iter().map(String::as_str), None)
+                .is_empty()
+        };
         record
             .tenants
             .iter()
@@ -1030,6 +1036,7 @@ impl ClientBody {
                 .scopes
                 .iter()
                 .any(|scope| !self.scopes().contains(scope))
+            || (tenant_wide(&record.scopes) && !tenant_wide(self.scopes()))
     }
 
     /// New keys for a registered `private_key_jwt` client, if the body gives any.
@@ -2592,6 +2599,18 @@ mod tests {
             (serde_json::json!({"tenants": [tenant, other]}), true),
         ] {
             assert_eq!(body(json.clone()).takes_away(&had), takes, "{json}");
+        }
+        // A client without resource scopes had tenant-wide tokens: its first resource scope
+        // (even one that does not parse, which grants nothing) narrows them; other scopes
+        // added do not.
+        let open = record(vec![tenant], &["openid"]);
+        for (scopes, takes) in [
+            (serde_json::json!(["openid", "launch"]), false),
+            (serde_json::json!(["openid", "system/Patient.rs"]), true),
+            (serde_json::json!(["openid", "system/patient.rs"]), true),
+        ] {
+            let json = serde_json::json!({"tenants": [tenant], "scopes": scopes});
+            assert_eq!(body(json.clone()).takes_away(&open), takes, "{json}");
         }
     }
 

@@ -3,7 +3,7 @@
 
 use super::client::ClientRecord;
 use super::error::TokenError;
-use crate::smart::ResourceScope;
+use crate::smart::{looks_like_resource_scope, ResourceScope};
 use crate::tenant::TenantId;
 
 /// The tenant and the extra scopes granted for the requested `scope`.
@@ -75,12 +75,14 @@ pub(super) fn grant_scope(
             ));
         }
         extras.clone_from(&client.scopes);
-    } else if !extras.iter().any(|e| ResourceScope::parse(e).is_some()) {
+    } else if !extras.iter().any(|e| looks_like_resource_scope(e)) {
         // A token with no resource scope has the tenant-wide access of a client registered
         // without any: one restricted to some resources never gets such a token by asking
-        // only for other scopes (`openid`). Its registered resource scopes come with them.
+        // only for other scopes (`openid`). Its registered resource scopes come with them,
+        // those that no longer parse too (stored before the parser grew stricter, or written
+        // by hand): the SMART layer reads such a scope as granting nothing but restricting.
         for registered in &client.scopes {
-            if ResourceScope::parse(registered).is_some() {
+            if looks_like_resource_scope(registered) {
                 extras.push(registered.clone());
             }
         }
@@ -301,6 +303,17 @@ mod tests {
                 .1,
             ["openid", "system/Patient.rs"]
         );
+        // A registered scope that looks like a resource scope but no longer parses (the
+        // parser grew stricter: `_count` in a granular scope) still restricts: it comes with
+        // `openid`, as the SMART layer reads it as granting nothing.
+        let unreadable = record(&[A], &["openid", "system/Observation.rs?_count=10"]);
+        assert_eq!(
+            grant_scope(&unreadable, Some(&format!("{A} openid")))
+                .unwrap()
+                .1,
+            ["openid", "system/Observation.rs?_count=10"]
+        );
+        assert!(grant_scope(&unreadable, Some(&format!("{A} system/*.cruds"))).is_err());
         // A client registered without resource scopes keeps tenant-wide tokens.
         let open = record(&[A], &["openid"]);
         assert_eq!(
