@@ -1097,7 +1097,7 @@ async fn list_clients(State(admin): State<Arc<Admin>>, uri: http::Uri) -> Respon
         &uri,
         "/admin/clients",
         |text| is_client_id(text).then(|| text.to_owned()),
-        "a client id (1 to 255 printable ASCII characters)",
+        "a client id (1 to 255 printable ASCII characters or spaces)",
     ) {
         Ok(page) => page,
         Err(response) => return *response,

@@ -249,6 +249,14 @@ impl Verifier {
         Rejection::new(kind, description, Arc::clone(&self.realm))
     }
 
+    /// A token with a `crit` header member: none is understood here.
+    fn critical(&self) -> Rejection {
+        self.reject(
+            RejectionKind::InvalidToken,
+            "The token has critical header extensions this server does not understand",
+        )
+    }
+
     /// The bearer token of a request, or why there is none.
     ///
     /// The token's characters are checked only when it fails verification (a token that
@@ -369,6 +377,11 @@ impl Verifier {
 
     fn verify_uncached(self: &Arc<Self>, token: &[u8]) -> Verdict {
         if let Some((key, validation)) = &self.single_key {
+            // jsonwebtoken reads `"crit": null` as no member, and this path reads the header
+            // no other way (the general one refuses any `crit` as it reads the header).
+            if names_crit(token) {
+                return Verdict::Reject(self.critical());
+            }
             let result = self
                 .decode(token, key, validation, None)
                 .map_err(|(rejection, _)| rejection);
@@ -508,10 +521,7 @@ impl Verifier {
         let header: JwsHeader<'_> =
             serde_json::from_slice(&buffer[..len]).map_err(|_| not_jwt())?;
         if header.crit.is_some() {
-            return Err(self.reject(
-                RejectionKind::InvalidToken,
-                "The token has critical header extensions this server does not understand",
-            ));
+            return Err(self.critical());
         }
         let alg: Algorithm = header.alg.parse().map_err(|_| {
             self.reject(
@@ -620,16 +630,8 @@ impl Verifier {
                 return Err((self.unknown_key(), false));
             }
         }
-        // jsonwebtoken reads `"crit": null` as no member; the single-key path has not read
-        // the header otherwise (a header parse, against the signature just checked).
-        if data.header.crit.is_some() || names_crit(token) {
-            return Err((
-                self.reject(
-                    RejectionKind::InvalidToken,
-                    "The token has critical header extensions this server does not understand",
-                ),
-                true,
-            ));
+        if data.header.crit.is_some() {
+            return Err((self.critical(), true));
         }
         if let Some(problem) = malformed_claim(&claims) {
             return Err((self.reject(RejectionKind::InvalidToken, problem), true));
