@@ -1374,18 +1374,8 @@ mod single_key {
         );
 
         let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
-        let crit = hand_made(
-            json!({"alg": "RS256", "crit": ["exp"]}),
-            &claims(),
-            &rsa,
-            Algorithm::RS256,
-        );
-        assert_invalid_token(
-            &client.get_bearer("/Patient/1", &crit).await,
-            "The token has critical header extensions this server does not understand",
-        );
         // A `null` is a `crit` member too (RFC 7515: a non-empty array, or no member).
-        for value in [json!(null), json!([])] {
+        for value in [json!(["exp"]), json!(null), json!([])] {
             let crit = hand_made(
                 json!({"alg": "RS256", "crit": value}),
                 &claims(),

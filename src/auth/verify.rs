@@ -1220,21 +1220,51 @@ mod tests {
         assert_eq!(cache.get(&two).unwrap().subject(), Some("two"));
     }
 
-    /// An HS256 token signed with `secret`, naming `kid`.
+    /// What the tests of [`verify_with_keys`] expect: HS256, no issuer or audience.
     #[cfg(feature = "token")]
-    fn signed(secret: &str, kid: Option<&str>) -> String {
-        // Both backends in an `--all-features` build: jsonwebtoken needs one chosen.
-        crate::install_crypto_provider();
-        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
-        header.kid = kid.map(str::to_owned);
-        let exp = std::time::SystemTime::now()
+    const HS256_ALONE: Expected<'static> = Expected {
+        algorithms: &[Algorithm::HS256],
+        issuer: None,
+        audiences: &[],
+        leeway: 0,
+    };
+
+    /// Ten minutes from now, in seconds since the epoch: a live token's `exp`.
+    #[cfg(feature = "token")]
+    fn in_ten_minutes() -> u64 {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
-            + 600;
-        let claims = serde_json::json!({"sub": "s", "exp": exp});
+            + 600
+    }
+
+    /// The JWS of `header` and `payload` (JSON text, taken as it is) signed with HS256 under
+    /// `secret`.
+    #[cfg(feature = "token")]
+    fn hs256(secret: &str, header: &str, payload: &str) -> String {
+        // Both backends in an `--all-features` build: jsonwebtoken needs one chosen.
+        crate::install_crypto_provider();
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
         let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+        format!("{input}.{signature}")
+    }
+
+    /// An HS256 token signed with `secret`, naming `kid`.
+    #[cfg(feature = "token")]
+    fn signed(secret: &str, kid: Option<&str>) -> String {
+        let mut header = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+        if let Some(kid) = kid {
+            header["kid"] = kid.into();
+        }
+        let claims = serde_json::json!({"sub": "s", "exp": in_ten_minutes()});
+        hs256(secret, &header.to_string(), &claims.to_string())
     }
 
     /// Any `crit` member is refused, `null` and `[]` too (RFC 7515 allows only a non-empty
@@ -1242,34 +1272,12 @@ mod tests {
     #[cfg(feature = "token")]
     #[test]
     fn a_crit_member_is_refused_whatever_its_value() {
-        crate::install_crypto_provider();
         let secret = "the-one-secret-of-32-bytes-or-more!";
         let keys = KeySet::new().with_key(VerificationKey::hmac(secret).unwrap());
-        let expected = Expected {
-            algorithms: &[Algorithm::HS256],
-            issuer: None,
-            audiences: &[],
-            leeway: 0,
-        };
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let claims = serde_json::json!({"sub": "s", "exp": exp});
-        let with_header = |header: Value| {
-            let input = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(header.to_string()),
-                URL_SAFE_NO_PAD.encode(claims.to_string())
-            );
-            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-            let signature =
-                jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
-            format!("{input}.{signature}")
-        };
+        let claims = serde_json::json!({"sub": "s", "exp": in_ten_minutes()}).to_string();
+        let with_header = |header: Value| hs256(secret, &header.to_string(), &claims);
         let plain = with_header(serde_json::json!({"alg": "HS256"}));
-        assert!(verify_with_keys(&keys, &plain, &expected).is_ok());
+        assert!(verify_with_keys(&keys, &plain, &HS256_ALONE).is_ok());
         for crit in [
             serde_json::json!(null),
             serde_json::json!([]),
@@ -1277,25 +1285,20 @@ mod tests {
         ] {
             let token = with_header(serde_json::json!({"alg": "HS256", "crit": crit}));
             assert_eq!(
-                verify_with_keys(&keys, &token, &expected).unwrap_err(),
+                verify_with_keys(&keys, &token, &HS256_ALONE).unwrap_err(),
                 "critical header extensions",
                 "{crit}"
             );
         }
         // Not even a list: not a header jsonwebtoken reads.
         let token = with_header(serde_json::json!({"alg": "HS256", "crit": "exp"}));
-        assert!(verify_with_keys(&keys, &token, &expected).is_err());
+        assert!(verify_with_keys(&keys, &token, &HS256_ALONE).is_err());
     }
 
     #[cfg(feature = "token")]
     #[test]
     fn a_token_tries_a_few_keys_of_a_set_whatever_its_kid() {
-        let expected = Expected {
-            algorithms: &[Algorithm::HS256],
-            issuer: None,
-            audiences: &[],
-            leeway: 0,
-        };
+        let expected = HS256_ALONE;
         let secret = |n: usize| format!("the-{n:02}th-secret-of-32-bytes-or-more!");
         // Ten keys under one `kid` (a JWK Set's `kid`s should differ; one that does not must
         // not make each forged token cost ten signature checks).
@@ -1337,31 +1340,11 @@ mod tests {
     #[cfg(feature = "token")]
     #[test]
     fn verified_alone_a_jwt_with_claims_named_twice_or_malformed_is_refused() {
-        crate::install_crypto_provider();
         let secret = "the-only-secret-of-32-bytes-or-more!";
         let keys = KeySet::new().with_key(VerificationKey::hmac(secret).unwrap());
-        let expected = Expected {
-            algorithms: &[Algorithm::HS256],
-            issuer: None,
-            audiences: &[],
-            leeway: 0,
-        };
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600;
-        let raw = |payload: String| {
-            let signed = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
-                URL_SAFE_NO_PAD.encode(payload)
-            );
-            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
-            let signature =
-                jsonwebtoken::crypto::sign(signed.as_bytes(), &key, Algorithm::HS256).unwrap();
-            format!("{signed}.{signature}")
-        };
+        let expected = HS256_ALONE;
+        let exp = in_ten_minutes();
+        let raw = |payload: String| hs256(secret, r#"{"alg":"HS256","typ":"JWT"}"#, &payload);
         let good = raw(format!(r#"{{"sub":"s","exp":{exp}}}"#));
         assert!(verify_with_keys(&keys, &good, &expected).is_ok());
         for (payload, why) in [
