@@ -57,9 +57,7 @@
 //!   webpki roots, plus any root certificates you add; for `proxy` and `remote-jwks`, which
 //!   it does not enable.
 //! - `token` (default): the `token` module, the client-credentials token endpoint, and the
-//!   gateway's token routes; enables `seal`.
-//! - `seal`: the `seal` module, a key-encryption key (AES-256-GCM) that seals the upstreams'
-//!   credentials and the private signing keys at rest, in files as in the database.
+//!   gateway's token routes.
 //! - `postgres`: the `postgres` module (tokio-postgres with a deadpool pool, AES-256-GCM
 //!   sealed signing keys); enables `token`.
 //! - `axum`: axum extractors (`FromRequestParts`) for [`TenantId`](tenant::TenantId),
@@ -112,9 +110,6 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod proxy;
 pub mod route;
-#[cfg(feature = "seal")]
-#[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
-pub mod seal;
 pub mod smart;
 pub mod tenant;
 #[cfg(test)]

@@ -141,9 +141,6 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
         // itself is not reached.)
         tower_fhir::postgres::KeyEncryptionKey::from_env()
             .map_err(|e| format!("cannot use the database: {e}"))?;
-    } else {
-        // Set, it seals the secrets in state_dir: the start refuses one that is not a key.
-        state::state_dir_sealing()?;
     }
     config.check_shared_database()?;
     state::database_roots(&config)?;

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::ops::{BucketHistograms, ObserveLayer};
-use tower_fhir::postgres::{
-    KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore, KEY_ENCRYPTION_KEY_ENV,
-};
+use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
@@ -395,26 +393,11 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         }
     };
 
-    let sealing = state_dir_sealing()?;
-    if sealing.is_some() {
-        tracing::info!("secrets in state_dir sealed with {KEY_ENCRYPTION_KEY_ENV}");
-    }
     let lock = lock(&dir)?;
     say_missing_files(&dir);
-    // The signing keys first: with a key-encryption key, they say whether it is the one the
-    // state was sealed with before anything is sealed with it (credentials found in clear).
-    let keys_file = dir.join("signing-keys.json");
-    let keys = match &sealing {
-        Some(kek) => SigningKeys::open_sealed(&keys_file, kek.clone()),
-        None => SigningKeys::open(&keys_file),
-    }
-    .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let tenants_file = dir.join("tenants.json");
-    let directory = match &sealing {
-        Some(kek) => FileDirectory::open_sealed(&tenants_file, kek.clone()),
-        None => FileDirectory::open(&tenants_file),
-    }
-    .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
+    let directory = FileDirectory::open(&tenants_file)
+        .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
     if !directory.existed() {
         let tenants = config
             .tenants
@@ -458,6 +441,8 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         .map_err(|e| format!("cannot open the client store: {e}"))?;
     register(&clients, &config.clients, true).await?;
     say_unnamed(config, &directory, &clients).await;
+    let keys = SigningKeys::open(dir.join("signing-keys.json"))
+        .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let revocations = FileRevocationLog::open(dir.join("revoked-tokens.json"))
         .map_err(|e| format!("cannot open the revoked tokens: {e}"))?;
     let assertion_jtis = FileReplayGuard::open(dir.join("assertion-jtis.jsonl"))
@@ -478,19 +463,6 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             )
         })?)),
     })
-}
-
-/// The key-encryption key that seals the secrets in `state_dir` (the upstreams' credentials
-/// in `tenants.json`, the private keys in `signing-keys.json`): the one in
-/// `TOWER_FHIR_KEY_ENCRYPTION_KEY` when it is set (an error when it is not a key), none when it
-/// is not (the files keep them in clear, as before).
-pub(crate) fn state_dir_sealing() -> Result<Option<KeyEncryptionKey>, String> {
-    if std::env::var_os(KEY_ENCRYPTION_KEY_ENV).is_none() {
-        return Ok(None);
-    }
-    let kek = KeyEncryptionKey::from_env()
-        .map_err(|e| format!("cannot seal the secrets in state_dir: {e}"))?;
-    Ok(Some(kek))
 }
 
 /// The configured `state_dir`, created (mode 0700) when missing. One that others may write to,

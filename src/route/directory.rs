@@ -276,38 +276,6 @@ fn page_of(
     tenants
 }
 
-/// The list of tenants of a directory's JSON: `{"tenants": [...]}` or just the list.
-fn tenant_list(mut file: serde_json::Value) -> serde_json::Value {
-    match file.get_mut("tenants") {
-        Some(tenants) => tenants.take(),
-        None => file,
-    }
-}
-
-/// Where a sealed credential is kept in an upstream's JSON, in place of `authorization` (as
-/// the `seal` module and the PostgreSQL store keep it).
-const SEALED_AUTHORIZATION: &str = "authorization_sealed";
-
-/// The environment variable the gateway reads its key-encryption key from (the `seal`
-/// module's `KEY_ENCRYPTION_KEY_ENV`), named when a file holds what only it opens.
-const KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
-
-/// Whether an upstream of a tenant's JSON holds `field`.
-fn an_upstream_holds(entry: &serde_json::Value, field: &str) -> bool {
-    entry
-        .get("upstreams")
-        .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|upstream| upstream.get(field).is_some_and(|value| !value.is_null()))
-}
-
-/// The key-encryption key a [`FileDirectory`] seals the credentials with, if any.
-#[cfg(feature = "seal")]
-type Sealing = Option<Arc<crate::seal::KeyEncryptionKey>>;
-#[cfg(not(feature = "seal"))]
-type Sealing = Option<std::convert::Infallible>;
-
 /// A directory held in memory, updated at run time; clones share the same tenants.
 ///
 /// Every change is announced to [`subscribe`](Self::subscribe)rs, so route caches (see
@@ -339,14 +307,12 @@ impl InMemoryDirectory {
     /// optional), each tenant a [`TenantEntry`]: proxied (`upstreams`) or served in-process
     /// (`"in_process": {"key": ..., "fhir_versions": [...]}`).
     pub fn from_json(json: &str) -> Result<Self, DirectoryError> {
-        let file: serde_json::Value = serde_json::from_str(json)
-            .map_err(|e| DirectoryError::new(format!("directory JSON: {e}")))?;
-        Self::from_value(tenant_list(file))
-    }
-
-    /// A directory from the list of tenants of [`from_json`](Self::from_json)'s JSON.
-    fn from_value(list: serde_json::Value) -> Result<Self, DirectoryError> {
         let error = |e: serde_json::Error| DirectoryError::new(format!("directory JSON: {e}"));
+        let mut file: serde_json::Value = serde_json::from_str(json).map_err(error)?;
+        let list = match file.get_mut("tenants") {
+            Some(tenants) => tenants.take(),
+            None => file,
+        };
         let entries = Vec::<TenantEntry>::deserialize(list).map_err(error)?;
         let directory = Self::new();
         for entry in entries {
@@ -487,10 +453,6 @@ impl fmt::Debug for InMemoryDirectory {
 /// then made visible and announced to [`subscribe`](Self::subscribe)rs. The file has the
 /// format [`InMemoryDirectory::from_json`] reads. One process owns the file.
 ///
-/// Opened with a key-encryption key (`open_sealed`, the `seal` feature), the upstreams'
-/// credentials are sealed in the file (`authorization_sealed`, as the PostgreSQL store seals
-/// them) rather than in clear.
-///
 /// ```
 /// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
 /// use tower_fhir::tenant::TenantId;
@@ -517,9 +479,6 @@ pub struct FileDirectory {
     /// Held while a change is written, so changes reach the file in order.
     writing: Arc<Mutex<()>>,
     existed: bool,
-    /// Seals the credentials written, opens those read.
-    #[cfg_attr(not(feature = "seal"), allow(dead_code))]
-    sealing: Sealing,
 }
 
 #[derive(Serialize)]
@@ -548,98 +507,30 @@ impl Serialize for EntryOut<'_> {
 impl FileDirectory {
     /// Opens the directory in `path`; an empty one when the file does not exist yet (it is
     /// created at the first change; the directory it is in is made now if need be).
-    ///
-    /// A file holding a sealed credential (written by `open_sealed`) is refused: it opens only
-    /// with the key it was sealed with.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DirectoryError> {
-        Self::open_with(path.as_ref(), None)
-    }
-
-    /// [`open`](Self::open), the upstreams' credentials sealed in the file with `kek`
-    /// (AES-256-GCM, each bound to its tenant and upstream base URL, as the PostgreSQL store
-    /// seals them: a sealed credential copied to another tenant or upstream opens for none).
-    /// Credentials found in clear (a file written without the key) are sealed at once: the
-    /// file is written again. One sealed with another key is an error, never a tenant without
-    /// its credential.
-    ///
-    /// ```
-    /// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
-    /// use tower_fhir::seal::KeyEncryptionKey;
-    /// use tower_fhir::tenant::TenantId;
-    /// use tower_fhir::version::FhirVersion;
-    ///
-    /// let path = std::env::temp_dir().join(format!("tower-fhir-sealed-{}.json", std::process::id()));
-    /// # let _ = std::fs::remove_file(&path);
-    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
-    /// let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
-    /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4)
-    ///     .unwrap()
-    ///     .with_authorization("Bearer upstream-secret")
-    ///     .unwrap();
-    ///
-    /// let directory = FileDirectory::open_sealed(&path, kek.clone()).unwrap();
-    /// directory.upsert(tenant, TenantRecord::new([upstream]).unwrap()).unwrap();
-    /// assert!(!std::fs::read_to_string(&path).unwrap().contains("upstream-secret"));
-    ///
-    /// let reopened = FileDirectory::open_sealed(&path, kek).unwrap();
-    /// let record = reopened.get(tenant).unwrap();
-    /// assert_eq!(record.upstreams()[0].authorization().unwrap(), "Bearer upstream-secret");
-    /// // Without the key, the file does not open.
-    /// assert!(FileDirectory::open(&path).is_err());
-    /// # std::fs::remove_file(&path).unwrap();
-    /// ```
-    #[cfg(feature = "seal")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
-    pub fn open_sealed(
-        path: impl AsRef<Path>,
-        kek: crate::seal::KeyEncryptionKey,
-    ) -> Result<Self, DirectoryError> {
-        Self::open_with(path.as_ref(), Some(Arc::new(kek)))
-    }
-
-    fn open_with(path: &Path, sealing: Sealing) -> Result<Self, DirectoryError> {
-        let path = path.to_path_buf();
+        let path = path.as_ref().to_path_buf();
         let unreadable =
             |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
         let unreadable_io =
             |e: std::io::Error| DirectoryError::with_source(format!("{}: {e}", path.display()), e);
         crate::persist::make_parent(&path).map_err(unreadable_io)?;
-        let (memory, existed, in_clear) = match crate::persist::read_if_exists(&path) {
+        let (memory, existed) = match crate::persist::read_if_exists(&path) {
             Ok(Some(bytes)) => {
-                let file: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| unreadable(&format!("directory JSON: {e}")))?;
-                let mut list = tenant_list(file);
-                let in_clear =
-                    open_file_credentials(&mut list, &sealing).map_err(|e| unreadable(&e))?;
+                let json = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;
                 (
-                    InMemoryDirectory::from_value(list).map_err(|e| unreadable(&e))?,
+                    InMemoryDirectory::from_json(&json).map_err(|e| unreadable(&e))?,
                     true,
-                    in_clear,
                 )
             }
-            Ok(None) => (InMemoryDirectory::new(), false, 0),
+            Ok(None) => (InMemoryDirectory::new(), false),
             Err(e) => return Err(unreadable_io(e)),
         };
-        let directory = Self {
+        Ok(Self {
             memory,
             path: Arc::new(path),
             writing: Arc::default(),
             existed,
-            sealing,
-        };
-        if in_clear > 0 {
-            let _writing = directory
-                .writing
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            directory.write_with(None, None)?;
-            tracing::info!(
-                file = %directory.path.display(),
-                tenants = in_clear,
-                "upstream credentials found in clear sealed with the key-encryption key"
-            );
-        }
-        Ok(directory)
+        })
     }
 
     /// Whether the file existed when the directory was opened (so a first start can seed it).
@@ -742,66 +633,11 @@ impl FileDirectory {
     }
 
     fn write_entries(&self, entries: Vec<EntryOut<'_>>) -> Result<(), DirectoryError> {
-        #[cfg(feature = "seal")]
-        let bytes = match &self.sealing {
-            Some(kek) => {
-                let tenants = entries
-                    .iter()
-                    .map(|entry| {
-                        let json = serde_json::to_value(entry)
-                            .map_err(|e| DirectoryError::new(e.to_string()))?;
-                        crate::seal::seal_credentials(Some(kek), entry.id, json).map_err(|e| {
-                            DirectoryError::with_source(
-                                format!("{}: cannot seal a credential: {e}", self.path.display()),
-                                e,
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                serde_json::to_vec_pretty(&serde_json::json!({ "tenants": tenants }))
-            }
-            None => serde_json::to_vec_pretty(&FileOut { tenants: entries }),
-        };
-        #[cfg(not(feature = "seal"))]
-        let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries });
-        let bytes = bytes.map_err(|e| DirectoryError::new(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries })
+            .map_err(|e| DirectoryError::new(e.to_string()))?;
         crate::persist::write_atomically(&self.path, &bytes)
             .map_err(|e| DirectoryError::with_source(format!("{}: {e}", self.path.display()), e))
     }
-}
-
-/// Opens the sealed credentials of a directory file's tenants with `sealing`'s key, in place;
-/// the number of tenants that hold a credential in clear, to seal (none without a key). A
-/// sealed credential without a key, or that the key does not open, is an error.
-fn open_file_credentials(list: &mut serde_json::Value, sealing: &Sealing) -> Result<usize, String> {
-    let mut in_clear = 0;
-    let Some(entries) = list.as_array_mut() else {
-        return Ok(0);
-    };
-    for entry in entries {
-        let id = entry.get("id").and_then(serde_json::Value::as_str);
-        let tenant = id.unwrap_or("?").to_owned();
-        if sealing.is_some() && an_upstream_holds(entry, "authorization") {
-            in_clear += 1;
-        }
-        if !an_upstream_holds(entry, SEALED_AUTHORIZATION) {
-            continue;
-        }
-        #[cfg(feature = "seal")]
-        if let Some(kek) = sealing {
-            let Some(id) = id.and_then(|id| TenantId::parse(id).ok()) else {
-                return Err(format!("tenant {tenant:?} is not a tenant id"));
-            };
-            *entry = crate::seal::open_credentials(Some(kek), id, entry.take()).map_err(|e| {
-                format!("{e}: is {KEY_ENCRYPTION_KEY_ENV} the key it was sealed with?")
-            })?;
-            continue;
-        }
-        return Err(format!(
-            "tenant {tenant}: an upstream's credential is sealed; set {KEY_ENCRYPTION_KEY_ENV} to the key-encryption key it was sealed with"
-        ));
-    }
-    Ok(in_clear)
 }
 
 /// Runs a blocking file change on tokio's blocking pool: a write and its `fsync` must not stall
@@ -884,175 +720,6 @@ mod tests {
     use crate::version::FhirVersion;
 
     const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
-
-    #[cfg(feature = "seal")]
-    mod sealed {
-        use super::*;
-        use crate::route::Upstream;
-        use crate::seal::KeyEncryptionKey;
-
-        const B: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
-
-        fn kek(byte: u8) -> KeyEncryptionKey {
-            use base64::Engine;
-            KeyEncryptionKey::from_base64(
-                &base64::engine::general_purpose::STANDARD.encode([byte; 32]),
-            )
-            .unwrap()
-        }
-
-        fn record(base: &str, credential: &str) -> TenantRecord {
-            let upstream = Upstream::parse(base, FhirVersion::R4)
-                .unwrap()
-                .with_authorization(credential)
-                .unwrap();
-            TenantRecord::new([upstream]).unwrap()
-        }
-
-        fn file(name: &str) -> PathBuf {
-            let path = std::env::temp_dir().join(format!(
-                "tower-fhir-sealed-dir-{name}-{}.json",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_file(&path);
-            path
-        }
-
-        fn credential(directory: &FileDirectory, tenant: &str) -> String {
-            let record = directory.get(TenantId::parse(tenant).unwrap()).unwrap();
-            let upstream = record.default_upstream().unwrap();
-            upstream
-                .authorization()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_owned()
-        }
-
-        #[test]
-        fn the_file_names_what_the_seal_module_names() {
-            assert_eq!(SEALED_AUTHORIZATION, crate::seal::SEALED_AUTHORIZATION);
-            assert_eq!(KEY_ENCRYPTION_KEY_ENV, crate::seal::KEY_ENCRYPTION_KEY_ENV);
-        }
-
-        #[test]
-        fn credentials_are_sealed_in_the_file_and_open_with_their_key() {
-            let path = file("round-trip");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            let a = TenantId::parse(A).unwrap();
-            directory
-                .upsert(a, record("http://127.0.0.1:9001/fhir", "Bearer a-secret"))
-                .unwrap();
-            let text = std::fs::read_to_string(&path).unwrap();
-            assert!(!text.contains("a-secret"), "{text}");
-            assert!(text.contains(SEALED_AUTHORIZATION), "{text}");
-
-            let reopened = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            assert_eq!(credential(&reopened, A), "Bearer a-secret");
-            assert_eq!(
-                std::fs::read_to_string(&path).unwrap(),
-                text,
-                "nothing in clear: not written again"
-            );
-            std::fs::remove_file(&path).unwrap();
-        }
-
-        #[test]
-        fn credentials_in_clear_are_sealed_at_open() {
-            let path = file("clear");
-            let clear = FileDirectory::open(&path).unwrap();
-            clear
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
-            assert!(std::fs::read_to_string(&path).unwrap().contains("a-secret"));
-
-            let sealed = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            assert_eq!(credential(&sealed, A), "Bearer a-secret");
-            let text = std::fs::read_to_string(&path).unwrap();
-            assert!(!text.contains("a-secret"), "sealed at open: {text}");
-            assert!(text.contains(SEALED_AUTHORIZATION), "{text}");
-            let again = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            assert_eq!(credential(&again, A), "Bearer a-secret");
-            std::fs::remove_file(&path).unwrap();
-        }
-
-        #[test]
-        fn a_sealed_file_does_not_open_without_its_key() {
-            let path = file("refused");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
-            let sealed_text = std::fs::read_to_string(&path).unwrap();
-
-            let refused = FileDirectory::open(&path).unwrap_err().to_string();
-            assert!(
-                refused.contains(KEY_ENCRYPTION_KEY_ENV),
-                "no key: {refused}"
-            );
-            let refused = FileDirectory::open_sealed(&path, kek(2))
-                .unwrap_err()
-                .to_string();
-            assert!(refused.contains("does not open"), "wrong key: {refused}");
-            assert!(
-                refused.contains(KEY_ENCRYPTION_KEY_ENV),
-                "wrong key: {refused}"
-            );
-            assert_eq!(
-                std::fs::read_to_string(&path).unwrap(),
-                sealed_text,
-                "a refused open writes nothing"
-            );
-            std::fs::remove_file(&path).unwrap();
-        }
-
-        #[test]
-        fn a_sealed_credential_copied_to_another_tenant_or_upstream_does_not_open() {
-            let path = file("copied");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(B).unwrap(),
-                    record("http://127.0.0.1:9002/fhir", "Bearer b-secret"),
-                )
-                .unwrap();
-            let json: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-            let sealed_a = json["tenants"][0]["upstreams"][0][SEALED_AUTHORIZATION].clone();
-            assert!(sealed_a.is_string(), "{json}");
-
-            // A's credential given to B.
-            let mut copied = json.clone();
-            copied["tenants"][1]["upstreams"][0][SEALED_AUTHORIZATION] = sealed_a;
-            std::fs::write(&path, serde_json::to_vec(&copied).unwrap()).unwrap();
-            let refused = FileDirectory::open_sealed(&path, kek(1)).unwrap_err();
-            assert!(refused.to_string().contains(B), "{refused}");
-
-            // A's credential kept, its upstream moved to another base URL.
-            let mut moved = json.clone();
-            moved["tenants"][0]["upstreams"][0]["base_url"] = "http://127.0.0.1:9003/fhir".into();
-            std::fs::write(&path, serde_json::to_vec(&moved).unwrap()).unwrap();
-            let refused = FileDirectory::open_sealed(&path, kek(1)).unwrap_err();
-            assert!(refused.to_string().contains(A), "{refused}");
-
-            std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
-            let opened = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            assert_eq!(credential(&opened, B), "Bearer b-secret");
-            std::fs::remove_file(&path).unwrap();
-        }
-    }
 
     #[tokio::test]
     async fn loads_json_and_updates_at_run_time() {

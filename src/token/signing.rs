@@ -21,7 +21,6 @@ use super::error::{json_response, TokenResponseBody};
 use crate::auth::{
     FetchedKeys, KeyChanges, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey,
 };
-use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
 
 /// The `typ` of the access tokens [`SigningKeys::sign_access_token`] signs (RFC 9068).
 pub(crate) const ACCESS_TOKEN_TYPE: &str = "at+jwt";
@@ -196,11 +195,9 @@ pub struct SigningKeys {
     /// Held by a change while it is made and written: one change at a time, without holding
     /// the ring (and every token signed meanwhile) while the file is written and synced.
     changing: Arc<Mutex<()>>,
-    /// Seals the private keys in the file (see [`open_sealed`](Self::open_sealed)).
-    sealing: Option<Arc<KeyEncryptionKey>>,
 }
 
-/// The key file: private keys in PEM (or sealed), the current one named.
+/// The key file: private keys in PEM, the current one named.
 #[derive(Serialize, Deserialize)]
 struct KeyFile {
     version: u32,
@@ -212,12 +209,7 @@ struct KeyFile {
 struct KeyFileEntry {
     kid: String,
     alg: Algorithm,
-    /// The private key in clear (PKCS#8 PEM), in a file opened without a key-encryption key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pem: Option<String>,
-    /// The PEM sealed with the key-encryption key, bound to the `kid` (base64).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pem_sealed: Option<String>,
+    pem: String,
 }
 
 impl SigningKeys {
@@ -233,7 +225,6 @@ impl SigningKeys {
             changes: KeyChanges::new(),
             managed_by: None,
             changing: Arc::default(),
-            sealing: None,
         }
     }
 
@@ -251,7 +242,6 @@ impl SigningKeys {
             changes: KeyChanges::new(),
             managed_by: Some(by),
             changing: Arc::default(),
-            sealing: None,
         }
     }
 
@@ -303,39 +293,8 @@ impl SigningKeys {
     /// assert_eq!(keys.current_kid(), again.current_kid());
     /// # std::fs::remove_dir_all(&dir).unwrap();
     /// ```
-    ///
-    /// A file holding a sealed key (written by [`open_sealed`](Self::open_sealed)) is refused:
-    /// it opens only with the key-encryption key it was sealed with.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
-        Self::open_with(path.as_ref(), None)
-    }
-
-    /// [`open`](Self::open), the private keys sealed in the file with `kek` (AES-256-GCM, each
-    /// bound to its `kid`, as the PostgreSQL store seals them). Keys found in clear (a file
-    /// written without the key) are sealed at once: the file is written again, atomically and
-    /// owner-readable only. A key sealed with another key-encryption key is an error.
-    ///
-    /// ```
-    /// use tower_fhir::seal::KeyEncryptionKey;
-    /// use tower_fhir::token::SigningKeys;
-    ///
-    /// let dir = std::env::temp_dir().join(format!("tower-fhir-sealed-keys-{}", std::process::id()));
-    /// # let _ = std::fs::remove_dir_all(&dir);
-    /// let path = dir.join("signing-keys.json");
-    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
-    /// let keys = SigningKeys::open_sealed(&path, kek.clone()).unwrap();
-    /// assert!(!std::fs::read_to_string(&path).unwrap().contains("PRIVATE KEY"));
-    /// let again = SigningKeys::open_sealed(&path, kek).unwrap();
-    /// assert_eq!(keys.current_kid(), again.current_kid());
-    /// // Without the key, the file does not open.
-    /// assert!(SigningKeys::open(&path).is_err());
-    /// # std::fs::remove_dir_all(&dir).unwrap();
-    /// ```
-    pub fn open_sealed(path: impl AsRef<Path>, kek: KeyEncryptionKey) -> Result<Self, KeyError> {
-        Self::open_with(path.as_ref(), Some(Arc::new(kek)))
-    }
-
-    fn open_with(path: &Path, sealing: Option<Arc<KeyEncryptionKey>>) -> Result<Self, KeyError> {
+        let path = path.as_ref();
         let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
         let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
         crate::persist::make_parent(path).map_err(unreadable)?;
@@ -345,13 +304,11 @@ impl SigningKeys {
                 if file.version != 1 {
                     return Err(bad(&format!("unknown key file version {}", file.version)));
                 }
-                let in_clear = sealing.is_some() && file.keys.iter().any(|k| k.pem.is_some());
                 let published = file
                     .keys
                     .into_iter()
                     .map(|entry| {
-                        let pem = entry_pem(&entry, sealing.as_deref()).map_err(|e| bad(&e))?;
-                        SigningKey::from_pem(entry.alg, &pem, entry.kid)
+                        SigningKey::from_pem(entry.alg, &entry.pem, entry.kid)
                             .map(Arc::new)
                             .map_err(|e| bad(&e))
                     })
@@ -361,27 +318,17 @@ impl SigningKeys {
                     .find(|k| k.kid == file.current)
                     .cloned()
                     .ok_or_else(|| bad(&"the current key is not in the file"))?;
-                let keys = Self {
+                Self {
                     ring: Arc::new(RwLock::new(Ring { current, published })),
                     file: Some(Arc::new(path.to_path_buf())),
                     changes: KeyChanges::new(),
                     managed_by: None,
                     changing: Arc::default(),
-                    sealing,
-                };
-                if in_clear {
-                    keys.save(&keys.read())?;
-                    tracing::info!(
-                        file = %path.display(),
-                        "private signing keys found in clear sealed with the key-encryption key"
-                    );
                 }
-                keys
             }
             None => {
                 let mut keys = Self::generate()?;
                 keys.file = Some(Arc::new(path.to_path_buf()));
-                keys.sealing = sealing;
                 keys.save(&keys.read())?;
                 keys
             }
@@ -485,24 +432,12 @@ impl SigningKeys {
             keys: ring
                 .published
                 .iter()
-                .map(|k| match &self.sealing {
-                    Some(kek) => Ok(KeyFileEntry {
-                        kid: k.kid.clone(),
-                        alg: k.algorithm,
-                        pem: None,
-                        pem_sealed: Some(
-                            kek.seal_base64(&k.kid, k.pem.as_bytes())
-                                .map_err(|e| KeyError::Malformed(e.to_string()))?,
-                        ),
-                    }),
-                    None => Ok(KeyFileEntry {
-                        kid: k.kid.clone(),
-                        alg: k.algorithm,
-                        pem: Some(k.pem.clone()),
-                        pem_sealed: None,
-                    }),
+                .map(|k| KeyFileEntry {
+                    kid: k.kid.clone(),
+                    alg: k.algorithm,
+                    pem: k.pem.clone(),
                 })
-                .collect::<Result<_, KeyError>>()?,
+                .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(malformed)?;
         crate::persist::write_atomically(path, &bytes)
@@ -567,33 +502,6 @@ impl SigningKeys {
     }
 }
 
-/// The private key of a key file's entry: in clear, or opened with `kek`. Sealed without a
-/// key, or with another, is an error naming the variable the gateway reads the key from.
-fn entry_pem(entry: &KeyFileEntry, kek: Option<&KeyEncryptionKey>) -> Result<String, String> {
-    let kid = &entry.kid;
-    match (&entry.pem, &entry.pem_sealed) {
-        (Some(_), Some(_)) => Err(format!(
-            "the signing key {kid:?} is both in clear and sealed"
-        )),
-        (Some(pem), None) => Ok(pem.clone()),
-        (None, None) => Err(format!("the signing key {kid:?} has no private key")),
-        (None, Some(sealed)) => {
-            let Some(kek) = kek else {
-                return Err(format!(
-                    "the signing key {kid:?} is sealed; set {KEY_ENCRYPTION_KEY_ENV} to the key-encryption key it was sealed with"
-                ));
-            };
-            kek.open_base64(kid, sealed)
-                .and_then(|pem| String::from_utf8(pem).ok())
-                .ok_or_else(|| {
-                    format!(
-                        "the signing key {kid:?} does not open with this key-encryption key: is {KEY_ENCRYPTION_KEY_ENV} the key it was sealed with?"
-                    )
-                })
-        }
-    }
-}
-
 impl KeySource for SigningKeys {
     fn fetch(&self) -> KeySourceFuture {
         let keys = self.key_set().map(FetchedKeys::from).map_err(Into::into);
@@ -649,101 +557,6 @@ impl<B> Service<Request<B>> for JwksService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn kek(byte: u8) -> KeyEncryptionKey {
-        KeyEncryptionKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32]))
-            .unwrap()
-    }
-
-    fn key_file(name: &str) -> (PathBuf, PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "tower-fhir-sealed-keys-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("signing-keys.json");
-        (dir, path)
-    }
-
-    fn claims() -> Value {
-        json!({"sub": "client", "exp": 4_000_000_000u64})
-    }
-
-    #[test]
-    fn sealed_keys_keep_no_private_key_in_clear_and_survive_a_restart() {
-        let (dir, path) = key_file("round-trip");
-        let keys = SigningKeys::open_sealed(&path, kek(1)).unwrap();
-        keys.rotate(SigningKey::generate_es256().unwrap()).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains("PRIVATE KEY"), "{text}");
-        assert!(text.contains("pem_sealed"), "{text}");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-
-        let again = SigningKeys::open_sealed(&path, kek(1)).unwrap();
-        assert_eq!(again.current_kid(), keys.current_kid());
-        assert_eq!(again.jwks(), keys.jwks());
-        assert_eq!(
-            again.read().current.pem,
-            keys.read().current.pem,
-            "the same private key"
-        );
-        assert!(again.sign(&claims()).is_ok());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn keys_in_clear_are_sealed_at_open() {
-        let (dir, path) = key_file("clear");
-        let clear = SigningKeys::open(&path).unwrap();
-        assert!(std::fs::read_to_string(&path)
-            .unwrap()
-            .contains("PRIVATE KEY"));
-        let sealed = SigningKeys::open_sealed(&path, kek(1)).unwrap();
-        assert_eq!(sealed.current_kid(), clear.current_kid());
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!text.contains("PRIVATE KEY"), "sealed at open: {text}");
-        let again = SigningKeys::open_sealed(&path, kek(1)).unwrap();
-        assert_eq!(again.jwks(), clear.jwks());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn sealed_keys_do_not_open_without_their_key_nor_for_another_kid() {
-        let (dir, path) = key_file("refused");
-        SigningKeys::open_sealed(&path, kek(1)).unwrap();
-        let sealed_text = std::fs::read_to_string(&path).unwrap();
-
-        let refused = SigningKeys::open(&path).unwrap_err().to_string();
-        assert!(
-            refused.contains(KEY_ENCRYPTION_KEY_ENV),
-            "no key: {refused}"
-        );
-        let refused = SigningKeys::open_sealed(&path, kek(2))
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains("does not open"), "wrong key: {refused}");
-        assert!(
-            refused.contains(KEY_ENCRYPTION_KEY_ENV),
-            "wrong key: {refused}"
-        );
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), sealed_text);
-
-        // The sealed key given another kid.
-        let mut file: Value = serde_json::from_str(&sealed_text).unwrap();
-        file["keys"][0]["kid"] = "another".into();
-        file["current"] = "another".into();
-        std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
-        let refused = SigningKeys::open_sealed(&path, kek(1))
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains("does not open"), "another kid: {refused}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn a_key_file_that_cannot_be_read_is_said_so_not_called_malformed() {
