@@ -118,16 +118,21 @@ async fn access_token(client: &TestClient, scope: &str) -> String {
     reply.json()["access_token"].as_str().unwrap().to_owned()
 }
 
-/// The records so far, waiting a moment for the last one (written as the response leaves).
+/// The records so far, waiting (up to 10 s: a busy machine may take a while) for the last one
+/// (written as the response leaves).
 async fn records(setup: &Setup, at_least: usize) -> Vec<AuditRecord> {
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
         let records = setup.records.lock().unwrap().clone();
         if records.len() >= at_least {
             return records;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {at_least} audit records: {records:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("fewer than {at_least} audit records");
 }
 
 #[tokio::test]
@@ -199,11 +204,10 @@ async fn health_and_readiness_need_no_token_and_reveal_nothing() {
         (StatusCode::OK, r#"{"status":"ok"}"#)
     );
     // The token endpoint's keys are in-process: fetched at the first check or soon after.
+    // (Up to 10 s: a busy machine may take a while.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut ready = setup.client.get("/readyz", &[]).await;
-    for _ in 0..50 {
-        if ready.status == StatusCode::OK {
-            break;
-        }
+    while ready.status != StatusCode::OK && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         ready = setup.client.get("/readyz", &[]).await;
     }

@@ -82,7 +82,18 @@ fn bearer() -> BearerAuthLayer {
         .unwrap()
 }
 
+/// The gateway of these tests, its proxy's upstream timeout 500 ms (short, for the tests of
+/// upstreams that stall).
 async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
+    gateway_with_timeout(tenants, ttl, Duration::from_millis(500)).await
+}
+
+/// [`gateway`] with the proxy's upstream timeout `timeout`.
+async fn gateway_with_timeout(
+    tenants: Vec<(&str, TenantRecord)>,
+    ttl: Duration,
+    timeout: Duration,
+) -> Gateway {
     let directory = InMemoryDirectory::new();
     for (id, upstreams) in tenants {
         directory.upsert(tenant(id), upstreams);
@@ -106,7 +117,7 @@ async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
         .layer(routing)
         .service(
             FhirProxy::builder(PUBLIC_BASE)
-                .timeout(Duration::from_millis(500))
+                .timeout(timeout)
                 .build()
                 .unwrap(),
         );
@@ -807,7 +818,21 @@ async fn two_tenants_never_reach_each_other() {
 #[tokio::test]
 async fn one_directory_call_for_a_hundred_concurrent_requests_to_a_cold_tenant() {
     let upstream = RecordingUpstream::start().await;
-    let gw = one_tenant(&upstream).await;
+    // A hundred requests on this test's one thread, the upstream's among them: on a busy
+    // machine the last are answered well after the usual 500 ms upstream timeout (a 504 once).
+    let gw = gateway_with_timeout(
+        vec![(
+            TENANT_A,
+            upstreams(
+                &upstream.base("/fhir/r3"),
+                FhirVersion::Stu3,
+                Some("Bearer upstream-a-credentials"),
+            ),
+        )],
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
+    .await;
     let token = token_for(TENANT_A);
     let requests = (0..100).map(|_| {
         let (client, token) = (gw.client.clone(), token.clone());

@@ -910,7 +910,9 @@ async fn postgres_a_busy_pool_is_ready() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pinged = tokio::time::timeout(Duration::from_millis(500), state.ping()).await;
+    // (2 s: a round trip on a busy machine may take a while; a ping queued behind the
+    // writers would wait for the lock, held until after this.)
+    let pinged = tokio::time::timeout(Duration::from_secs(2), state.ping()).await;
     assert!(matches!(pinged, Ok(Ok(()))), "{pinged:?}");
     drop(held);
     for waiter in waiting {
@@ -1435,19 +1437,29 @@ async fn postgres_a_client_of_thousands_of_tenants_is_read_for_one() {
         .await
         .unwrap();
     server.query("many", "ANALYZE tower_fhir_client_tenants");
-    let clinic = median_narrowed_read(&store, "clinic", Some(last)).await;
-    let partner = median_narrowed_read(&store, "partner", Some(last)).await;
-    let bound = clinic * 3 + Duration::from_millis(3);
-    assert!(
-        partner <= bound,
-        "a client of 50,000 tenants took {partner:?} to read for one, a client of one {clinic:?}"
-    );
-    for id in ["clinic", "partner"] {
-        let unnamed = median_narrowed_read(&store, id, None).await;
-        assert!(
-            unnamed <= bound,
-            "{id} took {unnamed:?} to read for no tenant, the clinic {clinic:?} for one"
-        );
+    // Each read timed against the clinic's read for its tenant, measured just before: within
+    // three times that and 3 ms. A busy machine can slow a whole run of reads (the clinic's
+    // for no tenant once took 12 ms, its 0.4 ms for its tenant measured a moment before): up
+    // to five tries, each measuring both again.
+    // A read that scans the rows takes tens of milliseconds every time, and fails them all.
+    for (id, asked, what) in [
+        ("partner", Some(last), "a client of 50,000 tenants, for one"),
+        ("clinic", None, "the clinic, for no tenant"),
+        ("partner", None, "a client of 50,000 tenants, for no tenant"),
+    ] {
+        let mut tries = Vec::new();
+        loop {
+            let clinic = median_narrowed_read(&store, "clinic", Some(last)).await;
+            let took = median_narrowed_read(&store, id, asked).await;
+            tries.push((took, clinic));
+            if took <= clinic * 3 + Duration::from_millis(3) {
+                break;
+            }
+            assert!(
+                tries.len() < 5,
+                "{what}: (its read, the clinic's for one) took {tries:?}"
+            );
+        }
     }
     let whole = store.client("partner").await.unwrap().unwrap();
     assert_eq!(whole.tenants.len(), 50_000);

@@ -1729,12 +1729,22 @@ fn one_address_holds_at_most_its_share_of_connections() {
             200
         );
     }
+    // Its place comes back once the gateway has seen the close, which a busy machine may
+    // take a while to do: until then a new connection is closed as it comes.
     drop(held.remove(0));
-    std::thread::sleep(Duration::from_millis(200));
-    let mut again = connect(addr);
-    again.write_all(METADATA).unwrap();
-    let (status, _, _) = read_response(&mut again, Duration::from_secs(10))
-        .expect("a connection was refused after one of its address's closed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let mut again = connect(addr);
+        let _ = again.write_all(METADATA);
+        if let Some((status, _, _)) = read_response(&mut again, Duration::from_secs(10)) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a connection was refused 10 s after one of its address's closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status, 200);
 
     // Loopback as the trusted balancer: not counted.
@@ -1757,14 +1767,20 @@ fn sigterm_drains_in_flight_requests_for_the_grace_period_then_exits() {
     let audit = scratch("hardening-grace-audit").join("audit.jsonl");
     let (mut proc, addr, _dir) = start(
         "grace",
-        json!({"shutdown_grace_seconds": 1, "audit_log": audit}),
+        with_metrics(json!({"shutdown_grace_seconds": 1, "audit_log": audit})),
     );
-    // Two requests in flight: one finishes during the grace period, one never does.
+    let metrics = proc.metrics_address();
+    // Two requests in flight: one finishes during the grace period, one never does. (Both
+    // begun in the gateway before the signal, which a busy machine may take a while to do:
+    // a connection with no request yet would be closed at once.)
     let mut finishing = connect(addr);
     let rest = start_token_request(&mut finishing);
     let mut stalled = connect(addr);
     let _ = start_token_request(&mut stalled);
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric_reaching(metrics, "tower_fhir_requests_in_flight", "", 2.0),
+        2.0
+    );
     assert!(matches!(proc.child.try_wait(), Ok(None)));
 
     let signalled = Instant::now();
@@ -1950,18 +1966,49 @@ fn the_metrics_endpoint_holds_few_connections_and_closes_those_that_send_nothing
         closed_within(&mut held[0], Duration::from_secs(20)),
         "a metrics connection that sent nothing is still open"
     );
+    // (Their places come back once the endpoint has seen them close, which a busy machine
+    // may take a while to do.)
     drop(held);
-    std::thread::sleep(Duration::from_millis(300));
-    metric(metrics, "tower_fhir_requests_in_flight", "");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scraped(metrics) {
+        assert!(
+            Instant::now() < deadline,
+            "the metrics endpoint still refuses a scrape 10 s after its connections closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a `GET /metrics` on a new connection to `addr` gets a `200`.
+fn scraped(addr: SocketAddr) -> bool {
+    let mut stream = connect(addr);
+    if stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    matches!(
+        read_response(&mut stream, Duration::from_secs(10)),
+        Some((200, _, _))
+    )
 }
 
 #[test]
 fn a_second_sigterm_during_the_grace_period_stops_at_once() {
-    let (mut proc, addr, _dir) = start("second-signal", json!({"shutdown_grace_seconds": 600}));
-    // A request that never finishes holds the grace period open.
+    let (mut proc, addr, _dir) = start(
+        "second-signal",
+        with_metrics(json!({"shutdown_grace_seconds": 600})),
+    );
+    let metrics = proc.metrics_address();
+    // A request that never finishes (begun in the gateway before the signal) holds the grace
+    // period open.
     let mut stalled = connect(addr);
     let _ = start_token_request(&mut stalled);
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric_reaching(metrics, "tower_fhir_requests_in_flight", "", 1.0),
+        1.0
+    );
     assert!(proc.signal("TERM"), "kill -TERM failed");
     std::thread::sleep(Duration::from_millis(500));
     assert!(

@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_fhir-loadgen");
@@ -41,18 +43,33 @@ fn run_within(limit: Duration, args: &[&str]) -> Output {
 
 /// A server that accepts connections, reads what comes and never answers; its address.
 fn silent_server() -> String {
+    silent_server_counting().0
+}
+
+/// [`silent_server`], and how many of its connections have sent it something (a request it
+/// will never answer).
+fn silent_server_counting() -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
+            let counter = Arc::clone(&counter);
             std::thread::spawn(move || {
                 let mut chunk = [0u8; 4096];
-                while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {}
+                let mut counted = false;
+                while matches!(stream.read(&mut chunk), Ok(n) if n > 0) {
+                    if !counted {
+                        counted = true;
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
             });
         }
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), asked)
 }
 
 #[test]
@@ -545,7 +562,7 @@ fn interrupt(pid: u32) {
 fn ctrl_c_counts_the_requests_it_cuts_off() {
     // A target that never answers: on Ctrl-C, each connection has a request in flight. Before,
     // they were dropped without a word.
-    let target = silent_server();
+    let (target, asked) = silent_server_counting();
     for rate in [None, Some("50")] {
         let mut args = vec![
             "--target",
@@ -571,6 +588,17 @@ fn ctrl_c_counts_the_requests_it_cuts_off() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Both connections' requests in flight (the target has them: a busy machine may take
+        // a while to start the run), then held 1.5 s.
+        let before = asked.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while asked.load(Ordering::SeqCst) < before + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the run's two requests never reached the target"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(1500));
         interrupt(child.id());
         let started = Instant::now();
