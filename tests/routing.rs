@@ -82,10 +82,13 @@ fn bearer() -> BearerAuthLayer {
         .unwrap()
 }
 
+/// The proxy's upstream timeout in these tests: short, for the tests of upstreams that stall.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The gateway of these tests, its proxy's upstream timeout 500 ms (short, for the tests of
 /// upstreams that stall).
 async fn gateway(tenants: Vec<(&str, TenantRecord)>, ttl: Duration) -> Gateway {
-    gateway_with_timeout(tenants, ttl, Duration::from_millis(500)).await
+    gateway_with_timeout(tenants, ttl, UPSTREAM_TIMEOUT).await
 }
 
 /// [`gateway`] with the proxy's upstream timeout `timeout`.
@@ -142,7 +145,12 @@ async fn one_tenant_at(base: &str) -> Gateway {
 }
 
 async fn one_tenant(upstream: &RecordingUpstream) -> Gateway {
-    gateway(
+    one_tenant_with_timeout(upstream, UPSTREAM_TIMEOUT).await
+}
+
+/// [`one_tenant`] with the proxy's upstream timeout `timeout`.
+async fn one_tenant_with_timeout(upstream: &RecordingUpstream, timeout: Duration) -> Gateway {
+    gateway_with_timeout(
         vec![(
             TENANT_A,
             upstreams(
@@ -152,6 +160,7 @@ async fn one_tenant(upstream: &RecordingUpstream) -> Gateway {
             ),
         )],
         Duration::from_secs(60),
+        timeout,
     )
     .await
 }
@@ -820,19 +829,7 @@ async fn one_directory_call_for_a_hundred_concurrent_requests_to_a_cold_tenant()
     let upstream = RecordingUpstream::start().await;
     // A hundred requests on this test's one thread, the upstream's among them: on a busy
     // machine the last are answered well after the usual 500 ms upstream timeout (a 504 once).
-    let gw = gateway_with_timeout(
-        vec![(
-            TENANT_A,
-            upstreams(
-                &upstream.base("/fhir/r3"),
-                FhirVersion::Stu3,
-                Some("Bearer upstream-a-credentials"),
-            ),
-        )],
-        Duration::from_secs(60),
-        Duration::from_secs(30),
-    )
-    .await;
+    let gw = one_tenant_with_timeout(&upstream, Duration::from_secs(30)).await;
     let token = token_for(TENANT_A);
     let requests = (0..100).map(|_| {
         let (client, token) = (gw.client.clone(), token.clone());
