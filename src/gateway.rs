@@ -147,6 +147,12 @@ pub enum ConfigError {
     /// ([`issuer_any_tenant`](crate::tenant::TenantScopeBuilder::issuer_any_tenant)), in the
     /// builder given to [`GatewayBuilder::tenant`].
     UnboundIssuer(String),
+    /// The token endpoint lets clients registered without SMART resource scopes ask for some
+    /// ([`scopeless_clients_may_narrow`](crate::token::TokenEndpointBuilder::scopeless_clients_may_narrow)),
+    /// and the SMART layer refuses tokens without resource scopes
+    /// ([`require_smart_scopes`](crate::smart::SmartScopeBuilder::require_smart_scopes)):
+    /// such a client, whose own tokens are refused, could give itself any access.
+    ScopelessNarrowingWithScopesRequired,
 }
 
 impl fmt::Display for ConfigError {
@@ -171,6 +177,12 @@ impl fmt::Display for ConfigError {
                 "tokens of the trusted issuer {issuer:?} could name any tenant: bind it to its \
                  tenants (TenantScopeLayer::builder().issuer_tenants(..)) or let it name any \
                  (issuer_any_tenant), in the builder given to GatewayBuilder::tenant"
+            ),
+            Self::ScopelessNarrowingWithScopesRequired => f.write_str(
+                "the token endpoint lets clients registered without SMART resource scopes ask \
+                 for some (scopeless_clients_may_narrow), but the SMART layer refuses their \
+                 tokens without them (require_smart_scopes): they could give themselves any \
+                 access; turn one of the two off",
             ),
         }
     }
@@ -393,6 +405,9 @@ impl GatewayBuilder {
         let mut tenant = self.tenant;
         #[cfg(feature = "token")]
         if let Some(endpoint) = &self.token {
+            if endpoint.scopeless_clients_may_narrow() && self.smart.requires_smart_scopes() {
+                return Err(ConfigError::ScopelessNarrowingWithScopesRequired);
+            }
             // The endpoint issues a tenant only to clients registered for it: when issuers are
             // bound to tenants, its own tokens may name any. Another trusted issuer must be
             // bound (or let name any) by whoever builds the gateway: its tokens' tenants are

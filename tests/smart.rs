@@ -37,12 +37,15 @@ async fn setup(require_smart_scopes: bool) -> Setup {
     setup_with(
         SmartScopeLayer::builder().require_smart_scopes(require_smart_scopes),
         BODY_PAUSE,
+        !require_smart_scopes,
     )
     .await
 }
 
-/// The gateway with these SMART settings, its request bodies allowed to pause `pause`.
-async fn setup_with(smart: SmartScopeBuilder, pause: Duration) -> Setup {
+/// The gateway with these SMART settings, its request bodies allowed to pause `pause`, and
+/// its token endpoint letting clients without resource scopes ask for some when `narrowing`
+/// (as the gateway binary does while `require_smart_scopes` is off).
+async fn setup_with(smart: SmartScopeBuilder, pause: Duration, narrowing: bool) -> Setup {
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -65,12 +68,22 @@ async fn setup_with(smart: SmartScopeBuilder, pause: Duration) -> Setup {
         )
         .await
         .unwrap();
+    // Registered without scopes: tenant-wide tokens, unless it asks for less.
+    store
+        .register(
+            NewClient::new("open")
+                .secret(SECRET)
+                .tenant(TENANT.parse().unwrap()),
+        )
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let endpoint = TokenEndpoint::builder()
         .issuer(&base)
         .audience("tower-fhir")
         .store(store)
+        .scopeless_clients_may_narrow(narrowing)
         .build()
         .unwrap();
     let gateway = Gateway::builder(&base)
@@ -232,6 +245,15 @@ async fn issued_scopes_are_enforced_before_the_upstream() {
 
 /// Asks the token endpoint for `scope`; the reply's status, `scope` or `error`, and token.
 async fn ask(client: &TestClient, scope: &str) -> (StatusCode, String, Option<String>) {
+    ask_as(client, "app", scope).await
+}
+
+/// [`ask`], as the client `id`.
+async fn ask_as(
+    client: &TestClient,
+    id: &str,
+    scope: &str,
+) -> (StatusCode, String, Option<String>) {
     let scope = scope
         .replace(' ', "%20")
         .replace('?', "%3F")
@@ -242,7 +264,7 @@ async fn ask(client: &TestClient, scope: &str) -> (StatusCode, String, Option<St
             "/oauth/token",
             &[FORM],
             &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={scope}"
+                "grant_type=client_credentials&client_id={id}&client_secret={SECRET}&scope={scope}"
             ),
         )
         .await;
@@ -312,6 +334,100 @@ async fn scopes_at_issuance_are_what_the_client_may_have() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error, "invalid_scope");
     assert!(token.is_none());
+}
+
+/// A client registered without resource scopes gets tenant-wide tokens, and any resource
+/// scopes it asks for instead (less than tenant-wide), enforced as registered ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_registered_without_scopes_may_ask_for_less() {
+    let Setup { client, upstream } = setup(false).await;
+    let (status, scope, token) = ask_as(&client, "open", TENANT).await;
+    assert_eq!((status, scope.as_str()), (StatusCode::OK, TENANT));
+    let token = token.unwrap();
+    for path in ["/Patient/1", "/Encounter/1"] {
+        assert_eq!(get(&client, &token, path).await.status, StatusCode::OK);
+    }
+    let (status, scope, token) = ask_as(
+        &client,
+        "open",
+        &format!("{TENANT} system/Patient.r launch openid"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{scope}");
+    assert_eq!(scope, format!("{TENANT} system/Patient.r"));
+    let token = token.unwrap();
+    assert_eq!(
+        get(&client, &token, "/Patient/1").await.status,
+        StatusCode::OK
+    );
+    let seen = upstream.received().len();
+    assert_refused(
+        &get(&client, &token, "/Encounter/1").await,
+        "system/Encounter.r",
+    );
+    assert_eq!(upstream.received().len(), seen);
+    // Only scopes that are not resource scopes: nothing it may have but the tenant.
+    let (status, error, _) = ask_as(&client, "open", &format!("{TENANT} launch")).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_scope")
+    );
+}
+
+/// Where tokens without resource scopes are refused, a client registered without any cannot
+/// give itself some: its tokens stay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_scopes_cannot_give_itself_some_where_they_are_required() {
+    let Setup { client, upstream } = setup(true).await;
+    let (status, scope, token) = ask_as(&client, "open", TENANT).await;
+    assert_eq!((status, scope.as_str()), (StatusCode::OK, TENANT));
+    let refused = get(&client, &token.unwrap(), "/Patient/1").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    // (`openid`, not registered for it either.)
+    for asked in [
+        "system/*.cruds",
+        "system/Patient.r",
+        "patient/*.rs",
+        "openid system/*.cruds",
+    ] {
+        let (status, error, token) = ask_as(&client, "open", &format!("{TENANT} {asked}")).await;
+        assert_eq!(
+            (status, error.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid_scope"),
+            "{asked}"
+        );
+        assert!(token.is_none());
+    }
+    assert!(upstream.received().is_empty());
+}
+
+/// The one-call gateway refuses a token endpoint that lets scopeless clients narrow beside a
+/// SMART layer that requires resource scopes.
+#[test]
+fn narrowing_beside_required_scopes_is_refused() {
+    let build = |narrowing: bool, require: bool| {
+        let endpoint = TokenEndpoint::builder()
+            .issuer("http://gw.test")
+            .audience("tower-fhir")
+            .store(InMemoryClientStore::new())
+            .scopeless_clients_may_narrow(narrowing)
+            .build()
+            .unwrap();
+        Gateway::builder("http://gw.test")
+            .directory(InMemoryDirectory::new())
+            .token_endpoint(endpoint)
+            .smart_scopes(SmartScopeLayer::builder().require_smart_scopes(require))
+            .build()
+            .map(|_| ())
+    };
+    let refused = build(true, true).unwrap_err();
+    assert!(
+        refused.to_string().contains("require_smart_scopes"),
+        "{refused}"
+    );
+    for (narrowing, require) in [(true, false), (false, true), (false, false)] {
+        build(narrowing, require).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,6 +725,7 @@ async fn bundles_held_at_once_beyond_the_budget_get_503_and_are_not_forwarded() 
             .max_buffered_body(4096)
             .max_buffered_total(4096),
         Duration::from_secs(20),
+        true,
     )
     .await;
     let token = minted(json!({"scope": format!("{TENANT} system/Patient.crus")}));

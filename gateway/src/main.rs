@@ -647,6 +647,9 @@ async fn assemble(
         .audience(config.token.audience.as_deref().unwrap_or("tower-fhir"))
         .store(clients)
         .signing_keys(keys)
+        // A client registered without SMART resource scopes has tenant-wide tokens unless
+        // they are required: then asking for some would give it access, not take some away.
+        .scopeless_clients_may_narrow(!config.require_smart_scopes)
         .default_lifetime(Duration::from_secs(
             config.token.ttl_seconds.unwrap_or(3600),
         ))

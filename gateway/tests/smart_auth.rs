@@ -42,17 +42,28 @@ fn start(dir: &Path, upstream: &RecordingUpstream) -> Running {
 
 /// The gateway on `port` (0 for any), its state in `dir`.
 fn start_on(dir: &Path, upstream: &RecordingUpstream, port: u16) -> Running {
+    start_with(dir, upstream, port, true)
+}
+
+/// [`start_on`], with `require_smart_scopes` as given.
+fn start_with(
+    dir: &Path,
+    upstream: &RecordingUpstream,
+    port: u16,
+    require_smart_scopes: bool,
+) -> Running {
     let config = json!({
         "listen": format!("127.0.0.1:{port}"),
         "state_dir": dir.join("state"),
-        "require_smart_scopes": true,
+        "require_smart_scopes": require_smart_scopes,
         "admin_token": ADMIN_TOKEN,
         "clients": [
             {"client_id": "app", "client_secret": SECRET, "tenants": [TENANT],
              "scopes": ["system/Patient.rs"]},
             {"client_id": "backend", "token_endpoint_auth_method": "private_key_jwt",
              "jwks": {"keys": [public_jwk(RSA_PRIVATE, "backend-1")]},
-             "tenants": [TENANT], "scopes": ["system/*.rs"]}
+             "tenants": [TENANT], "scopes": ["system/*.rs"]},
+            {"client_id": "open", "client_secret": SECRET, "tenants": [TENANT]}
         ],
         "tenants": [{"id": TENANT, "upstreams": [{"base_url": upstream.base("/fhir"), "fhir_version": "4.0"}]}],
         "secret_hashing": {"memory_kib": 64, "iterations": 1}
@@ -382,4 +393,40 @@ async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
         "the replay is not logged as one:\n{}",
         running.proc.stderr()
     );
+}
+
+/// A client registered without SMART resource scopes may ask for some while
+/// `require_smart_scopes` is off (its tokens are tenant-wide: they narrow them), and not while
+/// it is on (its tokens are refused: they would give it access).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_scopes_narrows_only_where_scopes_are_not_required() {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/fhir",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let form = format!(
+        "grant_type=client_credentials&client_id=open&client_secret={SECRET}\
+         &scope={TENANT}%20system/Patient.r"
+    );
+    for require in [false, true] {
+        let dir = scratch("smart-narrowing");
+        let running = start_with(&dir, &upstream, 0, require);
+        let client = &running.client;
+        let reply = post(client, "/oauth/token", &form).await;
+        if require {
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+            assert_eq!(reply.json()["error"], "invalid_scope");
+            continue;
+        }
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.r"));
+        let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+        assert_eq!(
+            client.get_bearer("/Patient/1", &token).await.status,
+            StatusCode::OK
+        );
+        let refused = client.get_bearer("/Observation/1", &token).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    }
 }

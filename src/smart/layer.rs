@@ -141,6 +141,13 @@ impl SmartScopeBuilder {
         self
     }
 
+    /// Whether tokens without SMART resource scopes are refused
+    /// ([`require_smart_scopes`](Self::require_smart_scopes)).
+    #[cfg_attr(not(all(feature = "token", feature = "proxy")), allow(dead_code))]
+    pub(crate) fn requires_smart_scopes(&self) -> bool {
+        self.require_smart_scopes
+    }
+
     /// The largest request body read to check it: a batch or transaction Bundle, a form
     /// `POST _search` (at most [`MAX_FORM_BODY`] whatever this says). Larger ones get `413`.
     /// Default [`DEFAULT_MAX_BUFFERED_BODY`].

@@ -75,6 +75,8 @@ pub(super) struct Inner {
     pub(super) unrecorded: std::sync::Mutex<std::collections::HashSet<(Option<String>, String)>>,
     /// Where client assertions' `jti`s are checked across processes, if anywhere.
     pub(super) replay_guard: Option<Box<dyn ReplayGuard>>,
+    /// Whether a client registered without SMART resource scopes may ask for some.
+    scopeless_narrowing: bool,
 }
 
 impl Inner {
@@ -101,6 +103,10 @@ impl fmt::Debug for TokenEndpoint {
             .field("max_body_bytes", &self.inner.body.max_bytes)
             .field("body_timeout", &self.inner.body.timeout)
             .field("keys", &self.inner.keys)
+            .field(
+                "scopeless_clients_may_narrow",
+                &self.inner.scopeless_narrowing,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +162,7 @@ pub struct TokenEndpointBuilder {
     revocation_log: Option<Box<dyn RevocationLog>>,
     replay_guard: Option<Box<dyn ReplayGuard>>,
     failure_counts: Option<Box<dyn FailureCounts>>,
+    scopeless_narrowing: bool,
 }
 
 impl fmt::Debug for TokenEndpointBuilder {
@@ -288,6 +295,57 @@ impl TokenEndpointBuilder {
         self
     }
 
+    /// Lets a client registered without SMART resource scopes ask for some (default: off,
+    /// they are left out of its tokens, and asked alone they are `invalid_scope`). Such a
+    /// client's tokens have tenant-wide access where a token without resource scopes is
+    /// accepted (a [`SmartScopeLayer`](crate::smart::SmartScopeLayer) without
+    /// `require_smart_scopes`): asking for `system/Observation.rs`, as SMART Backend Services
+    /// clients always ask for `system/` scopes, gets it a token for Observations alone. Turn it
+    /// on only there: where such tokens are refused (`require_smart_scopes(true)`), the client
+    /// would give itself access it does not have, and
+    /// [`GatewayBuilder::build`](crate::gateway::GatewayBuilder::build) refuses the pair.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::Request;
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::ServiceExt;
+    /// use tower_fhir::token::{ClientStore, InMemoryClientStore, NewClient, TokenEndpoint};
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let tenant = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+    /// let store = InMemoryClientStore::new();
+    /// let secret = store
+    ///     .register(NewClient::new("backend").tenant(tenant.parse().unwrap()))
+    ///     .await
+    ///     .unwrap();
+    /// let endpoint = TokenEndpoint::builder()
+    ///     .issuer("https://gateway.example")
+    ///     .audience("https://gateway.example/fhir")
+    ///     .store(store)
+    ///     .scopeless_clients_may_narrow(true)
+    ///     .build()
+    ///     .unwrap();
+    /// let form = format!(
+    ///     "grant_type=client_credentials&client_id=backend&client_secret={}\
+    ///      &scope={tenant}%20system/Observation.rs",
+    ///     secret.expose()
+    /// );
+    /// let request = Request::post("/oauth/token")
+    ///     .header("content-type", "application/x-www-form-urlencoded")
+    ///     .body(Full::new(Bytes::from(form)))
+    ///     .unwrap();
+    /// let response = endpoint.oneshot(request).await.unwrap();
+    /// let body = response.into_body().collect().await.unwrap().to_bytes();
+    /// let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    /// assert_eq!(body["scope"], format!("{tenant} system/Observation.rs"));
+    /// # });
+    /// ```
+    pub fn scopeless_clients_may_narrow(mut self, narrowing: bool) -> Self {
+        self.scopeless_narrowing = narrowing;
+        self
+    }
+
     /// Checks the configuration and builds the endpoint.
     pub fn build(self) -> Result<TokenEndpoint, ConfigError> {
         crate::install_crypto_provider();
@@ -340,6 +398,7 @@ impl TokenEndpointBuilder {
                 revocation_log: self.revocation_log,
                 unrecorded: std::sync::Mutex::default(),
                 replay_guard: self.replay_guard,
+                scopeless_narrowing: self.scopeless_narrowing,
             }),
         })
     }
@@ -364,7 +423,14 @@ impl TokenEndpoint {
             revocation_log: None,
             replay_guard: None,
             failure_counts: None,
+            scopeless_narrowing: false,
         }
+    }
+
+    /// Whether a client registered without SMART resource scopes may ask for some
+    /// ([`scopeless_clients_may_narrow`](TokenEndpointBuilder::scopeless_clients_may_narrow)).
+    pub fn scopeless_clients_may_narrow(&self) -> bool {
+        self.inner.scopeless_narrowing
     }
 
     /// The signing keys (a shared handle: rotate them here).
@@ -629,7 +695,11 @@ impl Inner {
         let client = self
             .authenticate_client(&parts, &form, named, "token request")
             .await?;
-        let (tenant, scopes) = grant_scope(&client, form.get("scope").map(String::as_str))?;
+        let (tenant, scopes) = grant_scope(
+            &client,
+            form.get("scope").map(String::as_str),
+            self.scopeless_narrowing,
+        )?;
         crate::ops::RequestFacts::set_tenant(tenant);
         let lifetime = client
             .token_lifetime_secs

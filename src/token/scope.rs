@@ -10,7 +10,10 @@ use crate::tenant::TenantId;
 ///
 /// Each value that is not a tenant is granted when the client may have it: one of its
 /// registered `scopes` as written, or a SMART resource scope within one of them
-/// (`system/Patient.r` under `system/*.rs`). Values it may not have are left out (RFC 6749
+/// (`system/Patient.r` under `system/*.rs`), or, when `narrowing` is on, any SMART resource
+/// scope for a client registered with none (its tokens have tenant-wide access where a token
+/// without resource scopes is not refused: asking for some gives it less).
+/// Values it may not have are left out (RFC 6749
 /// §3.3: the response's `scope` says what was granted). Asking for no scope besides the
 /// tenant grants every registered scope; asking only for scopes the client may not have is
 /// `invalid_scope`. A client registered with SMART resource scopes gets its registered ones
@@ -18,7 +21,11 @@ use crate::tenant::TenantId;
 pub(super) fn grant_scope(
     client: &ClientRecord,
     requested: Option<&str>,
+    narrowing: bool,
 ) -> Result<(TenantId, Vec<String>), TokenError> {
+    // A client registered with no resource scope (none that looks like one: one that no longer
+    // parses restricts all the same) may narrow its tenant-wide access, when that is on.
+    let tenant_wide = narrowing && !client.scopes.iter().any(|s| looks_like_resource_scope(s));
     let mut tenants = Vec::new();
     let mut extras: Vec<String> = Vec::new();
     let mut refused = false;
@@ -41,7 +48,7 @@ pub(super) fn grant_scope(
                     tenants.push(tenant);
                 }
             }
-            Err(_) if may_have(client, value) => {
+            Err(_) if may_have(client, value, tenant_wide) => {
                 if !extras.iter().any(|e| e == value) {
                     extras.push(value.to_owned());
                 }
@@ -116,19 +123,20 @@ pub(super) fn is_scope_token(scope: &str) -> bool {
 }
 
 /// Whether the client may have `scope`: registered as written, or a SMART resource scope
-/// within a registered one.
-fn may_have(client: &ClientRecord, scope: &str) -> bool {
+/// within a registered one, or any SMART resource scope for a `tenant_wide` client.
+fn may_have(client: &ClientRecord, scope: &str, tenant_wide: bool) -> bool {
     if client.scopes.iter().any(|allowed| allowed == scope) {
         return true;
     }
     let Some(asked) = ResourceScope::parse(scope) else {
         return false;
     };
-    client
-        .scopes
-        .iter()
-        .filter_map(|allowed| ResourceScope::parse(allowed))
-        .any(|allowed| asked.within(&allowed))
+    tenant_wide
+        || client
+            .scopes
+            .iter()
+            .filter_map(|allowed| ResourceScope::parse(allowed))
+            .any(|allowed| asked.within(&allowed))
 }
 
 #[cfg(test)]
@@ -197,7 +205,7 @@ mod tests {
             Some("a\tb".to_owned()),
         ];
         let granted = |client: &ClientRecord, scope: Option<&str>| {
-            grant_scope(client, scope).map_err(|e| e.description)
+            grant_scope(client, scope, false).map_err(|e| e.description)
         };
         for client in &clients {
             for scope in scopes.iter().map(Option::as_deref) {
@@ -216,7 +224,7 @@ mod tests {
     fn names_one_entitled_tenant_and_allowed_extras() {
         let one = record(&[A], &["system/*.read"]);
         let granted = |client: &ClientRecord, scope: Option<&str>| {
-            grant_scope(client, scope).map_err(|e| e.description)
+            grant_scope(client, scope, false).map_err(|e| e.description)
         };
         // Only the tenant, or nothing (one tenant): every registered scope.
         assert_eq!(
@@ -253,7 +261,7 @@ mod tests {
             &[A],
             &["system/*.rs", "system/Observation.cruds", "launch/patient"],
         );
-        let granted = |scope: &str| grant_scope(&client, Some(scope)).map(|(_, s)| s);
+        let granted = |scope: &str| grant_scope(&client, Some(scope), false).map(|(_, s)| s);
         // Within a registered scope (narrower type, fewer permissions, a query added; v1
         // and v2 forms): granted as asked.
         assert_eq!(
@@ -288,7 +296,7 @@ mod tests {
         }
         // A registered granular scope grants only as narrow or narrower.
         let granular = record(&[A], &["system/Observation.rs?category=laboratory"]);
-        let granted = |scope: &str| grant_scope(&granular, Some(scope)).map(|(_, s)| s);
+        let granted = |scope: &str| grant_scope(&granular, Some(scope), false).map(|(_, s)| s);
         assert!(granted("system/Observation.rs").is_err());
         assert_eq!(
             granted("system/Observation.s?category=laboratory&code=1234-5").unwrap(),
@@ -298,7 +306,7 @@ mod tests {
         // the registered resource scopes come with them.
         let restricted = record(&[A], &["system/Patient.rs", "openid", "launch/patient"]);
         assert_eq!(
-            grant_scope(&restricted, Some(&format!("{A} openid")))
+            grant_scope(&restricted, Some(&format!("{A} openid")), false)
                 .unwrap()
                 .1,
             ["openid", "system/Patient.rs"]
@@ -308,18 +316,62 @@ mod tests {
         // `openid`, as the SMART layer reads it as granting nothing.
         let unreadable = record(&[A], &["openid", "system/Observation.rs?_count=10"]);
         assert_eq!(
-            grant_scope(&unreadable, Some(&format!("{A} openid")))
+            grant_scope(&unreadable, Some(&format!("{A} openid")), false)
                 .unwrap()
                 .1,
             ["openid", "system/Observation.rs?_count=10"]
         );
-        assert!(grant_scope(&unreadable, Some(&format!("{A} system/*.cruds"))).is_err());
+        assert!(grant_scope(&unreadable, Some(&format!("{A} system/*.cruds")), false).is_err());
         // A client registered without resource scopes keeps tenant-wide tokens.
         let open = record(&[A], &["openid"]);
         assert_eq!(
-            grant_scope(&open, Some(&format!("{A} openid"))).unwrap().1,
+            grant_scope(&open, Some(&format!("{A} openid")), false)
+                .unwrap()
+                .1,
             ["openid"]
         );
+    }
+
+    #[test]
+    fn narrowing_lets_a_client_without_resource_scopes_ask_for_some() {
+        let granted = |client: &ClientRecord, scope: &str, narrowing: bool| {
+            grant_scope(client, Some(scope), narrowing)
+                .map(|(_, s)| s)
+                .map_err(|e| e.description)
+        };
+        let ask = format!("{A} openid system/Patient.r patient/*.rs launch");
+        // Registered without resource scopes: any resource scope when narrowing is on (less
+        // than its tenant-wide access), none when it is off (where tokens without resource
+        // scopes are refused, one would give it access it does not have).
+        for open in [record(&[A], &["openid"]), record(&[A], &[])] {
+            assert_eq!(
+                granted(&open, &ask, true).unwrap(),
+                if open.scopes.is_empty() {
+                    vec!["system/Patient.r", "patient/*.rs"]
+                } else {
+                    vec!["openid", "system/Patient.r", "patient/*.rs"]
+                }
+            );
+            assert!(!granted(&open, &ask, false)
+                .unwrap_or_default()
+                .iter()
+                .any(|s| s.contains('/')));
+            // Asking only for what is not a resource scope still gets nothing more.
+            assert!(granted(&open, &format!("{A} launch"), true).is_err());
+            assert_eq!(granted(&open, A, true).unwrap(), open.scopes);
+        }
+        // A client with resource scopes is held to them whatever the switch says, and so is
+        // one whose registered resource scope no longer parses (it restricts).
+        for restricted in [
+            record(&[A], &["system/Patient.rs"]),
+            record(&[A], &["openid", "system/Observation.rs?_count=10"]),
+        ] {
+            for narrowing in [false, true] {
+                assert!(
+                    granted(&restricted, &format!("{A} system/Encounter.r"), narrowing).is_err()
+                );
+            }
+        }
     }
 
     #[test]
@@ -336,7 +388,8 @@ mod tests {
             "system/Observation.rs?category=laboratory&x=\u{e9}",
             "system/Observation.rs?category=laboratory&x=\u{7f}",
         ] {
-            let error = grant_scope(&granular, Some(&format!("{A} {smuggled}"))).unwrap_err();
+            let error =
+                grant_scope(&granular, Some(&format!("{A} {smuggled}")), false).unwrap_err();
             assert_eq!(error.code.as_str(), "invalid_scope", "{smuggled:?}");
             assert!(error.description.contains("RFC 6749"), "{smuggled:?}");
         }
@@ -346,7 +399,8 @@ mod tests {
                 &granular,
                 Some(&format!(
                     "  {A}   system/Observation.rs?category=laboratory&x=1 "
-                ))
+                )),
+                false
             )
             .unwrap()
             .1,
