@@ -344,15 +344,47 @@ async fn directory_changes_take_effect_at_once() {
         TenantRecord::new([Upstream::parse(&second.base("/r3"), FhirVersion::Stu3).unwrap()])
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        client.get_bearer("/Patient/2", &token).await.status,
-        StatusCode::OK
-    );
+    // The routing cache hears of the change from the directory's change feed, on a task of
+    // its own, which a busy machine may run a while later than a fixed sleep allows: the
+    // change is waited for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while second.received().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new upstream was not used"
+        );
+        assert_eq!(
+            client.get_bearer("/Patient/2", &token).await.status,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(second.last().target, "/r3/Patient/2");
-    assert_eq!(upstream.received().len(), 1);
+    // From then on every request goes to the new upstream.
+    let before = upstream.received().len();
+    for _ in 0..3 {
+        assert_eq!(
+            client.get_bearer("/Patient/2", &token).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(upstream.received().len(), before);
+    assert_eq!(second.received().len(), 4);
     directory.remove(tenant(TENANT));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.get_bearer("/Patient/3", &token).await.status;
+        if status == StatusCode::FORBIDDEN {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed tenant was still routed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And stays refused.
     assert_eq!(
         client.get_bearer("/Patient/3", &token).await.status,
         StatusCode::FORBIDDEN
