@@ -403,7 +403,6 @@ async fn published(replica: &TestClient) -> Vec<String> {
     kids
 }
 
-/// Waits (at most `within`) until `check` holds.
 /// Waits until `replica` refuses `token` (`401`), accepted (`200`) until then, at most a
 /// second after `since`.
 async fn refused_within_a_second(replica: &TestClient, token: &str, since: Instant, what: &str) {
@@ -421,6 +420,7 @@ async fn refused_within_a_second(replica: &TestClient, token: &str, since: Insta
     }
 }
 
+/// Waits (at most `within`) until `check` holds.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
