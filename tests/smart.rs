@@ -14,7 +14,7 @@ use tower_fhir::auth::{BearerAuthLayer, VerificationKey};
 use tower_fhir::gateway::Gateway;
 use tower_fhir::ops::BodyTimeoutLayer;
 use tower_fhir::route::{InMemoryDirectory, TenantRecord, Upstream};
-use tower_fhir::smart::{SmartScopeBuilder, SmartScopeLayer};
+use tower_fhir::smart::{SmartScopeBuilder, SmartScopeLayer, MAX_READ_CHECKS, NARROWED_CLAIM};
 use tower_fhir::tenant::TenantScopeLayer;
 use tower_fhir::token::{
     ClientStore, InMemoryClientStore, NewClient, SecretHashing, TokenEndpoint,
@@ -356,6 +356,10 @@ async fn a_client_registered_without_scopes_may_ask_for_less() {
     assert_eq!(status, StatusCode::OK, "{scope}");
     assert_eq!(scope, format!("{TENANT} system/Patient.r"));
     let token = token.unwrap();
+    // Marked as narrowed, which a registered client's tokens are not.
+    assert_eq!(payload(&token)[NARROWED_CLAIM], true);
+    let (_, _, registered) = ask(&client, TENANT).await;
+    assert!(payload(&registered.unwrap()).get(NARROWED_CLAIM).is_none());
     assert_eq!(
         get(&client, &token, "/Patient/1").await.status,
         StatusCode::OK
@@ -399,6 +403,96 @@ async fn a_client_without_scopes_cannot_give_itself_some_where_they_are_required
         assert!(token.is_none());
     }
     assert!(upstream.received().is_empty());
+}
+
+/// A token marked narrowed (issued by a replica, or before a restart, or by another gateway
+/// trusted here, with `require_smart_scopes` off) is refused where SMART scopes are required,
+/// whatever its scopes; accepted, and held to them, where they are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowed_token_is_refused_where_scopes_are_required() {
+    let scoped = |narrowed: Value| {
+        minted(json!({"scope": format!("{TENANT} system/*.cruds"), NARROWED_CLAIM: narrowed}))
+    };
+    let strict = setup(true).await;
+    let lenient = setup(false).await;
+    for marked in [json!(true), json!("yes"), json!(1)] {
+        let refused = get(&strict.client, &scoped(marked.clone()), "/Patient/1").await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{marked}");
+        assert!(
+            refused.text().contains(NARROWED_CLAIM),
+            "{}",
+            refused.text()
+        );
+        assert!(refused.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope"));
+        assert_eq!(
+            get(&lenient.client, &scoped(marked), "/Patient/1")
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    assert!(strict.upstream.received().is_empty());
+    // Not marked (or marked false): its scopes decide.
+    for unmarked in [json!(false), Value::Null] {
+        let token = if unmarked.is_null() {
+            minted(json!({"scope": format!("{TENANT} system/*.cruds")}))
+        } else {
+            scoped(unmarked)
+        };
+        assert_eq!(
+            get(&strict.client, &token, "/Patient/1").await.status,
+            StatusCode::OK
+        );
+    }
+}
+
+/// A read that only granular scopes could allow is checked with a search for each, at most
+/// `MAX_READ_CHECKS`: a token with more such scopes for the type is refused the read before
+/// any reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_takes_at_most_max_read_checks_searches() {
+    let Setup { client, upstream } = setup(false).await;
+    let granular = |count: usize| {
+        let scopes: Vec<String> = (0..count)
+            .map(|i| format!("system/Observation.rs?category=c{i}"))
+            .collect();
+        minted(json!({"scope": format!("{TENANT} {}", scopes.join(" "))}))
+    };
+    let refused = get(&client, &granular(MAX_READ_CHECKS + 1), "/Observation/1").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains(&format!("at most {MAX_READ_CHECKS}")),
+        "{}",
+        refused.text()
+    );
+    assert!(upstream.received().is_empty());
+    // As many as allowed: each searched for, one after another, none finding it.
+    upstream.answer(
+        "/fhir/Observation?_id=1&",
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": 0})),
+    );
+    let refused = get(&client, &granular(MAX_READ_CHECKS), "/Observation/1").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    let searches = upstream.received();
+    assert_eq!(searches.len(), MAX_READ_CHECKS);
+    assert!(searches
+        .iter()
+        .all(|search| search.target.starts_with("/fhir/Observation?_id=1&")));
+}
+
+/// The claims of a token, unverified.
+fn payload(token: &str) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
 }
 
 /// The one-call gateway refuses a token endpoint that lets scopeless clients narrow beside a

@@ -397,9 +397,11 @@ async fn a_client_assertion_accepted_before_a_restart_is_refused_after_it() {
 
 /// A client registered without SMART resource scopes may ask for some while
 /// `require_smart_scopes` is off (its tokens are tenant-wide: they narrow them), and not while
-/// it is on (its tokens are refused: they would give it access).
+/// it is on (its tokens are refused: they would give it access); a token narrowed before a
+/// restart that turned the setting on is refused after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_scopes_narrows_only_where_scopes_are_not_required() {
+    let dir = scratch("smart-narrowing");
     let upstream = RecordingUpstream::start().await;
     upstream.answer(
         "/fhir",
@@ -409,24 +411,46 @@ async fn a_client_without_scopes_narrows_only_where_scopes_are_not_required() {
         "grant_type=client_credentials&client_id=open&client_secret={SECRET}\
          &scope={TENANT}%20system/Patient.r"
     );
-    for require in [false, true] {
-        let dir = scratch("smart-narrowing");
-        let running = start_with(&dir, &upstream, 0, require);
-        let client = &running.client;
-        let reply = post(client, "/oauth/token", &form).await;
-        if require {
-            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
-            assert_eq!(reply.json()["error"], "invalid_scope");
-            continue;
-        }
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.r"));
-        let token = reply.json()["access_token"].as_str().unwrap().to_owned();
-        assert_eq!(
-            client.get_bearer("/Patient/1", &token).await.status,
-            StatusCode::OK
-        );
-        let refused = client.get_bearer("/Observation/1", &token).await;
-        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
-    }
+    let mut running = start_with(&dir, &upstream, 0, false);
+    let client = &running.client;
+    let reply = post(client, "/oauth/token", &form).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.r"));
+    let narrowed = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &narrowed).await.status,
+        StatusCode::OK
+    );
+    let refused = client.get_bearer("/Observation/1", &narrowed).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    assert!(running.proc.terminate(), "the gateway did not stop");
+
+    // The same state (signing keys) and address (issuer), SMART scopes now required.
+    let port = running.client.addr().port();
+    let running = start_with(&dir, &upstream, port, true);
+    let client = &running.client;
+    let refused = client.get_bearer("/Patient/1", &narrowed).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    assert!(
+        refused.text().contains("tower_fhir_narrowed"),
+        "{}",
+        refused.text()
+    );
+    let reply = post(client, "/oauth/token", &form).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(reply.json()["error"], "invalid_scope");
+    // The client registered with scopes is unaffected.
+    let reply = post(
+        client,
+        "/oauth/token",
+        &format!(
+            "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
+        ),
+    )
+    .await;
+    let token = reply.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        client.get_bearer("/Patient/1", &token).await.status,
+        StatusCode::OK
+    );
 }

@@ -47,6 +47,14 @@ pub const MAX_FORM_BODY: usize = 1024 * 1024;
 /// allowed by.
 pub const MAX_SEARCH_PARAMETERS: usize = 500;
 
+/// The most check searches a read allowed only by granular scopes may take: one for each of
+/// the token's granular scopes that could allow it (`system/Observation.rs?category=...`), made
+/// one after another until one finds the resource. A token with more such scopes for the type
+/// read is refused the read (`403`, `insufficient_scope`): the searches after the first are not
+/// counted by the rate limits, so a client asking for hundreds of granular scopes would make
+/// hundreds of upstream requests with each read.
+pub const MAX_READ_CHECKS: usize = 16;
+
 /// A Tower layer that enforces the token's SMART scopes on each FHIR interaction (see the
 /// [module docs](super)).
 #[derive(Clone)]
@@ -420,6 +428,16 @@ where
 
 /// What to do with a request, from its head and the grants.
 fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
+    if grants.narrowed() && config.require_smart_scopes {
+        // Scopes a client without any asked for: they narrow a tenant-wide access, which a
+        // token without resource scopes does not have here.
+        return Plan::Refuse(Box::new(insufficient_scope(&Refused::new(format!(
+            "The token's resource scopes were asked for by a client registered without any \
+             ({}): they narrow the access of a token without resource scopes, which SMART \
+             scopes being required here refuses",
+            super::NARROWED_CLAIM
+        )))));
+    }
     if grants.is_empty() && !config.require_smart_scopes {
         // The tenant alone: tenant-wide access, as before SMART scopes were enforced. But a
         // batch's entries are read by the FHIR server relative to the tenant's base: one
@@ -597,6 +615,14 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                     .iter()
                     .map(|query| probe_search(base, ty, query, id))
                     .collect();
+                if searches.len() > MAX_READ_CHECKS {
+                    return Plan::Refuse(Box::new(insufficient_scope(&Refused::new(format!(
+                        "The token has {} granular scopes that could allow reading this {ty}: \
+                         a read is checked with a search for each, and at most \
+                         {MAX_READ_CHECKS} are made; use a token with fewer",
+                        searches.len()
+                    )))));
+                }
                 if !searches.is_empty() {
                     return Plan::Probe { searches, refusal };
                 }

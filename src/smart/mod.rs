@@ -171,8 +171,9 @@ mod scope;
 pub(crate) use layer::ScopeProbe;
 pub use layer::{
     ConfigError, ResponseFuture, ScopedBody, SmartScopeBuilder, SmartScopeLayer, SmartScopes,
-    DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL, MAX_FORM_BODY, MAX_SEARCH_PARAMETERS,
+    DEFAULT_MAX_BUFFERED_BODY, DEFAULT_MAX_BUFFERED_TOTAL, MAX_FORM_BODY, MAX_READ_CHECKS,
+    MAX_SEARCH_PARAMETERS,
 };
 #[cfg(feature = "token")]
 pub(crate) use scope::looks_like_resource_scope;
-pub use scope::{Grants, Permissions, ResourceScope, ScopeContext};
+pub use scope::{Grants, Permissions, ResourceScope, ScopeContext, NARROWED_CLAIM};

@@ -325,7 +325,20 @@ pub struct Grants {
     scopes: Vec<ResourceScope>,
     patient: Option<Box<str>>,
     unreadable: Vec<Box<str>>,
+    narrowed: bool,
 }
+
+/// The claim ([`NARROWED_CLAIM`]` = true`) the token endpoint puts in a token whose resource
+/// scopes a client registered without any asked for
+/// ([`scopeless_clients_may_narrow`](crate::token::TokenEndpointBuilder::scopeless_clients_may_narrow)):
+/// they narrow the tenant-wide access such a client has where tokens without resource scopes
+/// are accepted, and grant nothing where they are not. A [`SmartScopeLayer`] with
+/// [`require_smart_scopes(true)`](super::SmartScopeBuilder::require_smart_scopes) refuses the
+/// token (`403`, `insufficient_scope`), whenever and wherever it was issued: a replica or a
+/// start with the setting off, or another gateway whose tokens this one trusts.
+///
+/// [`SmartScopeLayer`]: super::SmartScopeLayer
+pub const NARROWED_CLAIM: &str = "tower_fhir_narrowed";
 
 /// Whether `scope` looks like a SMART resource scope: `patient/`, `user/` or `system/` (in any
 /// case) followed by something, or the dotted `context.type.permissions` form (lower-case
@@ -389,6 +402,10 @@ impl Grants {
             scopes,
             patient,
             unreadable,
+            // Any value but `false` (a claim of another type is not read as absent).
+            narrowed: claims
+                .get(NARROWED_CLAIM)
+                .is_some_and(|value| *value != Value::Bool(false)),
         }
     }
 
@@ -403,6 +420,7 @@ impl Grants {
             scopes,
             patient: patient.filter(|p| !p.is_empty()).map(Box::from),
             unreadable,
+            narrowed: false,
         }
     }
 
@@ -425,6 +443,12 @@ impl Grants {
     /// parse): then the tenant alone decides, unless SMART scopes are required.
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty() && self.unreadable.is_empty()
+    }
+
+    /// Whether the token says ([`NARROWED_CLAIM`]) its resource scopes narrow a tenant-wide
+    /// client's access rather than grant it: nothing where SMART scopes are required.
+    pub fn narrowed(&self) -> bool {
+        self.narrowed
     }
 }
 

@@ -704,13 +704,16 @@ impl Inner {
         let lifetime = client
             .token_lifetime_secs
             .unwrap_or(self.default_lifetime.as_secs());
+        // Resource scopes a client registered without any asked for: marked, so that where
+        // tokens without resource scopes are refused, these are too.
+        let narrowed = self.scopeless_narrowing && super::scope::narrows(&client, &scopes);
         let mut scope = tenant.to_string();
         for extra in &scopes {
             scope.push(' ');
             scope.push_str(extra);
         }
         let now = self.issue_time(&client.id)?;
-        let claims = json!({
+        let mut claims = json!({
             "iss": self.issuer,
             "sub": client.id,
             "client_id": client.id,
@@ -721,6 +724,9 @@ impl Inner {
             "jti": jti(),
             "scope": scope,
         });
+        if narrowed {
+            claims[crate::smart::NARROWED_CLAIM] = json!(true);
+        }
         let token = self.keys.sign_access_token(&claims).map_err(|err| {
             tracing::error!(error = %err, "could not sign a token");
             TokenError::server_error()

@@ -122,6 +122,13 @@ pub(super) fn is_scope_token(scope: &str) -> bool {
             .all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
 }
 
+/// Whether `granted` holds resource scopes the client has only because it was registered
+/// without any (and narrowing is on): they narrow its tenant-wide access.
+pub(super) fn narrows(client: &ClientRecord, granted: &[String]) -> bool {
+    !client.scopes.iter().any(|s| looks_like_resource_scope(s))
+        && granted.iter().any(|s| looks_like_resource_scope(s))
+}
+
 /// Whether the client may have `scope`: registered as written, or a SMART resource scope
 /// within a registered one, or any SMART resource scope for a `tenant_wide` client.
 fn may_have(client: &ClientRecord, scope: &str, tenant_wide: bool) -> bool {
