@@ -95,6 +95,9 @@ pub enum IssueType {
     Throttled,
     /// A temporary problem: try again later.
     Transient,
+    /// Some information was not returned, by the access rules (a written resource the token
+    /// may not read).
+    Suppressed,
 }
 
 impl IssueType {
@@ -118,6 +121,7 @@ impl IssueType {
             Self::Timeout => "timeout",
             Self::Throttled => "throttled",
             Self::Transient => "transient",
+            Self::Suppressed => "suppressed",
         }
     }
 }

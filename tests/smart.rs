@@ -485,6 +485,105 @@ async fn a_read_takes_at_most_max_read_checks_searches() {
         .all(|search| search.target.starts_with("/fhir/Observation?_id=1&")));
 }
 
+/// A write the token may make but whose result it may not read (no `r` on the type, or only
+/// a granular one) is forwarded as sent, and its answer's resource replaced by an
+/// OperationOutcome (`information`, `suppressed`), its status and `ETag` kept; a token
+/// that reads the type gets the resource, and a refusal from the server is shown as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_resource_the_token_may_not_read_is_not_shown() {
+    let Setup { client, upstream } = setup(false).await;
+    let mut created = Answer::json(json!({"resourceType": "Patient", "id": "9",
+        "name": [{"family": "Smith"}], "birthDate": "1970-01-01"}));
+    created.status = StatusCode::CREATED;
+    created.headers.push((
+        "location".into(),
+        "http://up/fhir/Patient/9/_history/1".into(),
+    ));
+    created.headers.push(("etag".into(), "W/\"1\"".into()));
+    upstream.answer("/fhir/Patient", created);
+    let mut refusal = Answer::json(json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "invalid", "diagnostics": "bad name"}]}));
+    refusal.status = StatusCode::UNPROCESSABLE_ENTITY;
+    upstream.answer("/fhir/Observation", refusal);
+    let body = r#"{"resourceType": "Patient", "active": true}"#;
+    let patch = r#"[{"op": "replace", "path": "/active", "value": true}]"#;
+    for (scope, method, path, ty, sent) in [
+        (
+            "system/Patient.u",
+            "PUT",
+            "/Patient/9",
+            "application/fhir+json",
+            body,
+        ),
+        (
+            "system/Patient.c",
+            "POST",
+            "/Patient",
+            "application/fhir+json",
+            body,
+        ),
+        (
+            "system/Patient.u",
+            "PATCH",
+            "/Patient/9",
+            "application/json-patch+json",
+            patch,
+        ),
+        (
+            "system/Patient.u system/Patient.r?identifier=x",
+            "PUT",
+            "/Patient/9",
+            "application/fhir+json",
+            body,
+        ),
+    ] {
+        let token = minted(json!({"scope": format!("{TENANT} {scope}")}));
+        let reply = send(&client, &token, method, path, ty, sent).await;
+        let said = format!("{scope} {method}: {}", reply.text());
+        assert_eq!(reply.status, StatusCode::CREATED, "{said}");
+        let outcome = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{said}");
+        assert_eq!(outcome["issue"][0]["severity"], "information", "{said}");
+        assert_eq!(outcome["issue"][0]["code"], "suppressed", "{said}");
+        assert!(!reply.text().contains("Smith"), "{said}");
+        assert_eq!(reply.headers["etag"], "W/\"1\"");
+        assert!(reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/fhir+json"));
+        // Forwarded as sent.
+        let received = upstream.last();
+        assert_eq!(received.method, method);
+        assert_eq!(received.body, sent.as_bytes());
+    }
+    // A token that reads what it writes gets it.
+    let token = minted(json!({"scope": format!("{TENANT} system/Patient.ru")}));
+    let reply = send(
+        &client,
+        &token,
+        "PUT",
+        "/Patient/9",
+        "application/fhir+json",
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.json()["name"][0]["family"], "Smith");
+    // A refusal is no resource: shown as the server wrote it.
+    let token = minted(json!({"scope": format!("{TENANT} system/Observation.c")}));
+    let reply = send(
+        &client,
+        &token,
+        "POST",
+        "/Observation",
+        "application/fhir+json",
+        r#"{"resourceType": "Observation"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reply.json()["issue"][0]["diagnostics"], "bad name");
+}
+
 /// The claims of a token, unverified.
 fn payload(token: &str) -> Value {
     use base64::Engine;

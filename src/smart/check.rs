@@ -446,6 +446,26 @@ impl<'g> Check<'g> {
             .collect()
     }
 
+    /// Whether the token may read every resource of type `ty` it may create, update or patch:
+    /// a scope with `r` on the type and no query (a granular one reads only some). A `patient/`
+    /// one does when every scope that writes the type is a `patient/` one too (what those
+    /// write is the patient's, which it reads); beside a `system/` or `user/` scope writing the
+    /// type, only one of those reads all it writes.
+    pub(crate) fn reads_what_it_writes(&self, ty: &str) -> bool {
+        let scopes = self.grants.scopes();
+        let covering = || scopes.iter().filter(|scope| scope.covers(Some(ty)));
+        let writes_beyond_a_patient = covering().any(|scope| {
+            scope.context() != ScopeContext::Patient
+                && (scope.permissions().contains(Permissions::CREATE)
+                    || scope.permissions().contains(Permissions::UPDATE))
+        });
+        covering().any(|scope| {
+            scope.query().is_empty()
+                && scope.permissions().contains(Permissions::READ)
+                && (scope.context() != ScopeContext::Patient || !writes_beyond_a_patient)
+        })
+    }
+
     /// Whether one scope lets the token create, read, update and search every type,
     /// whoever's: then neither what type a written body says it is nor what its conditional
     /// references search or read (`_list`, `_query`) opens anything, and it need not be read.
@@ -1638,6 +1658,48 @@ mod tests {
 
     fn allowed(scopes: &str, method: Method, url: &str) -> bool {
         check(scopes, method, url).is_ok()
+    }
+
+    #[test]
+    fn what_a_token_writes_it_reads_only_with_a_plain_read_of_the_type() {
+        let reads = |scopes: &str, ty: &str| Check::new(&grants(scopes)).reads_what_it_writes(ty);
+        for (scopes, ty, expected) in [
+            ("system/Patient.u", "Patient", false),
+            ("system/Patient.cu", "Patient", false),
+            ("system/Patient.ru", "Patient", true),
+            ("system/Patient.u system/*.r", "Patient", true),
+            ("system/Patient.u user/Patient.r", "Patient", true),
+            ("system/*.cruds", "Observation", true),
+            ("system/Patient.cruds", "Observation", false),
+            // A granular read reads only some.
+            (
+                "system/Observation.cu system/Observation.r?category=lab",
+                "Observation",
+                false,
+            ),
+            // A patient's read covers what its patient scope writes, not a system one's.
+            ("patient/Observation.cru", "Observation", true),
+            (
+                "patient/Observation.r patient/Observation.u",
+                "Observation",
+                true,
+            ),
+            (
+                "system/Observation.u patient/Observation.r",
+                "Observation",
+                false,
+            ),
+            (
+                "system/Observation.u system/Observation.r patient/Observation.r",
+                "Observation",
+                true,
+            ),
+            // v1.
+            ("system/Patient.write", "Patient", false),
+            ("system/Patient.*", "Patient", true),
+        ] {
+            assert_eq!(reads(scopes, ty), expected, "{scopes} on {ty}");
+        }
     }
 
     #[test]

@@ -306,7 +306,10 @@ where
                 )
             }
         };
-        match plan(&self.config, &grants, &request) {
+        // A write the token may make but whose result it may not read: the resource is not
+        // shown (found before the request goes in; writes only, the others pay nothing).
+        let hidden = hidden_result(&grants, &request);
+        let future = match plan(&self.config, &grants, &request) {
             Plan::Pass => PassOrOwn::passed(self.inner.call(request.map(ScopedBody::passed))),
             Plan::PassStrict => {
                 let mut request = request.map(ScopedBody::passed);
@@ -422,8 +425,91 @@ where
                     Ok(inner.call(request).await?.map(ResponseBody::inner))
                 })
             }
+        };
+        match hidden {
+            None => future,
+            Some(ty) => PassOrOwn::own(async move {
+                future
+                    .await
+                    .map(|response| without_written_resource(response, &ty))
+            }),
         }
     }
+}
+
+/// The type written, when the request creates, updates or patches a resource the token may
+/// not read once written (see [`Check::reads_what_it_writes`]): its response must not show it.
+fn hidden_result<B>(grants: &Grants, request: &Request<B>) -> Option<Box<str>> {
+    let method = request.method();
+    if grants.is_empty() || !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        return None;
+    }
+    let found = interaction_of(method, request.uri().path());
+    match (found.interaction, found.resource_type) {
+        (Some(Interaction::Create | Interaction::Update | Interaction::Patch), Some(ty))
+            if !Check::new(grants).reads_what_it_writes(ty) =>
+        {
+            Some(Box::from(ty))
+        }
+        _ => None,
+    }
+}
+
+/// A successful write's response with an OperationOutcome (`information`, `suppressed`) in
+/// place of the resource the server answered with: the token may write `ty` but not read it,
+/// and a patch's or an update's answer would show what it may not read (the fields it did not
+/// send, whoever's resource it is). The status and the other headers (`Location`, `ETag`,
+/// `Last-Modified`) stay; an answer without a body (`204`, `Content-Length: 0`) is left as it
+/// is.
+fn without_written_resource<B>(
+    response: Response<ResponseBody<B>>,
+    ty: &str,
+) -> Response<ResponseBody<B>> {
+    let status = response.status();
+    let empty = status == StatusCode::NO_CONTENT
+        || response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() == b"0");
+    if !status.is_success() || empty {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    drop(body);
+    let outcome = OperationOutcome::new(
+        crate::outcome::Severity::Information,
+        IssueType::Suppressed,
+        format!(
+            "The {ty} written is not shown: the token may write {ty} resources but not read \
+             them (a scope with r on {ty})"
+        ),
+    );
+    // The answer as the outcome's own (its type, length and caching), the server's other
+    // headers kept.
+    let shown = outcome.to_response(status);
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+        header::TRANSFER_ENCODING,
+        header::CACHE_CONTROL,
+        header::X_CONTENT_TYPE_OPTIONS,
+    ] {
+        parts.headers.remove(&name);
+    }
+    for name in ["digest", "content-digest", "repr-digest", "content-md5"] {
+        parts.headers.remove(name);
+    }
+    let (shown, bytes) = shown.into_parts();
+    for (name, value) in &shown.headers {
+        parts.headers.insert(name, value.clone());
+    }
+    // (Written in XML for a client that asks for it; no refusal: the write was made.)
+    if let Some(written) = shown.extensions.get::<crate::outcome::Written>() {
+        parts.extensions.insert(written.clone());
+    }
+    Response::from_parts(parts, ResponseBody::full(bytes))
 }
 
 /// What to do with a request, from its head and the grants.
