@@ -58,8 +58,12 @@
 //!   it does not enable.
 //! - `token` (default): the `token` module, the client-credentials token endpoint, and the
 //!   gateway's token routes.
+//! - `seal`: the `seal` module, a key-encryption key (AES-256-GCM) that seals the upstreams'
+//!   credentials and the private signing keys at rest, in files as in the database
+//!   (`FileDirectory::open_sealed`, `SigningKeys::open_sealed`). A build without it refuses
+//!   a file holding a sealed secret, saying so.
 //! - `postgres`: the `postgres` module (tokio-postgres with a deadpool pool, AES-256-GCM
-//!   sealed signing keys); enables `token`.
+//!   sealed signing keys); enables `token` and `seal`.
 //! - `axum`: axum extractors (`FromRequestParts`) for [`TenantId`](tenant::TenantId),
 //!   [`VerifiedClaims`](auth::VerifiedClaims), [`FhirVersion`](version::FhirVersion) and
 //!   [`InProcessTenant`](route::InProcessTenant); the token endpoint reads the client's
@@ -83,6 +87,7 @@ mod causes;
 #[cfg(any(feature = "proxy", feature = "remote-jwks"))]
 mod client;
 // (The audit records read it too; its types are public with `proxy` or `token`.)
+mod at_rest;
 #[cfg_attr(
     not(any(feature = "proxy", feature = "token")),
     allow(dead_code, unreachable_pub)
@@ -110,6 +115,9 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy")))]
 pub mod proxy;
 pub mod route;
+#[cfg(feature = "seal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
+pub mod seal;
 pub mod smart;
 pub mod tenant;
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! `--config FILE` (a JSON file, every key documented in the README) it serves the clients,
 //! tenants and identity providers the file names, keeping its state under `state_dir`.
 //! `--check-config FILE` checks such a file without starting (`FILE: ok` and exit 0, or what
-//! is wrong and 1); it binds no port and reaches nothing, so a port in use still stops a start.
+//! is wrong and 1); it binds no port, reaches nothing and writes nothing, so a port in use still
+//! stops a start. (It reads `state_dir`'s sealed secrets, to check that the key opens them.)
 //!
 //! Routes: FHIR at the root of the public base URL (version negotiation, unauthenticated
 //! `metadata`, bearer validation, tenant from the token's scope, cached routing, the proxy);
@@ -75,8 +76,10 @@ struct Args {
     listen: Option<SocketAddr>,
     /// Check FILE and exit: print "FILE: ok" and exit 0 when its keys and values are valid
     /// (the TLS files and the audit log are opened too), otherwise say what is wrong and exit 1.
-    /// Binds no port, reaches no database, upstream or identity provider, and does not look
-    /// into `state_dir`: a port in use, or a `state_dir` the gateway may not use, still stops
+    /// Binds no port, reaches no database, upstream or identity provider, and writes nothing:
+    /// of `state_dir` it reads `tenants.json` and `signing-keys.json` alone, to check that
+    /// TOWER_FHIR_KEY_ENCRYPTION_KEY opens what they hold sealed (or, unset, that they hold
+    /// nothing sealed). A port in use, or a `state_dir` the gateway may not use, still stops
     /// the start.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
@@ -141,6 +144,13 @@ async fn check_config(file: &std::path::Path, listen: Option<SocketAddr>) -> Res
         // itself is not reached.)
         tower_fhir::postgres::KeyEncryptionKey::from_env()
             .map_err(|e| format!("cannot use the database: {e}"))?;
+    } else {
+        // Set, it seals the secrets in state_dir: the start refuses one that is not a key, and
+        // a state it does not open (read here, not written).
+        let kek = state::state_dir_sealing()?;
+        if let Some(dir) = config.state_dir.as_deref().filter(|dir| dir.is_dir()) {
+            state::verify_sealed_state(dir, kek.as_ref())?;
+        }
     }
     config.check_shared_database()?;
     state::database_roots(&config)?;
@@ -263,6 +273,12 @@ async fn run(args: Args) -> Result<(), String> {
             config::DATABASE_URL_ENV
         );
     }
+    if demo && std::env::var_os(tower_fhir::seal::KEY_ENCRYPTION_KEY_ENV).is_some() {
+        tracing::warn!(
+            "the demo ignores {}: its state is a temporary directory removed at exit, holding only the demo's published credentials; the key seals a configured state_dir",
+            tower_fhir::seal::KEY_ENCRYPTION_KEY_ENV
+        );
+    }
     #[cfg(unix)]
     open_files(&config);
     // SIGHUP reopens the audit log, and from here on never ends the process (a log rotation
@@ -313,7 +329,15 @@ async fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
-    let state = state::open(&config).await?;
+    let state = state::open(
+        &config,
+        if demo {
+            state::StateKey::Ignored
+        } else {
+            state::StateKey::FromEnv
+        },
+    )
+    .await?;
     if !demo && config.public_base_url.is_none() && config.listen.ip().is_unspecified() {
         tracing::warn!(
             "public_base_url is not set: the gateway names itself by its listening address ({}) in its tokens' issuer, its token endpoint and its links, which clients cannot use; set public_base_url to the URL clients reach it by",

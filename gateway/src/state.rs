@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::ops::{BucketHistograms, ObserveLayer};
-use tower_fhir::postgres::{KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore};
+use tower_fhir::postgres::{
+    KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore, KEY_ENCRYPTION_KEY_ENV,
+};
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
 use tower_fhir::token::{
@@ -148,13 +150,23 @@ fn hashing(config: &Config) -> Result<SecretHashing, String> {
     }
 }
 
+/// Whether the secrets in `state_dir` are sealed with the key in
+/// `TOWER_FHIR_KEY_ENCRYPTION_KEY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateKey {
+    /// Read from the environment: set, it must be a key, and it seals the state.
+    FromEnv,
+    /// Not read (the demo: its state is a temporary directory of published credentials).
+    Ignored,
+}
+
 /// Opens the state in the database (`database_url`) or in `state_dir` (a fresh temporary
 /// directory without either) and seeds it with the configured clients and tenants it does not
 /// hold yet.
-pub(crate) async fn open(config: &Config) -> Result<State, String> {
+pub(crate) async fn open(config: &Config, key: StateKey) -> Result<State, String> {
     match &config.database_url {
         Some(url) => open_database(config, url).await,
-        None => open_directory(config).await,
+        None => open_directory(config, key).await,
     }
 }
 
@@ -376,7 +388,7 @@ fn without_password(url: &str) -> String {
 }
 
 /// The state in `state_dir`, owned by this process.
-async fn open_directory(config: &Config) -> Result<State, String> {
+async fn open_directory(config: &Config, key: StateKey) -> Result<State, String> {
     let (dir, temporary) = match &config.state_dir {
         Some(dir) => (private_directory(dir)?, None),
         None => {
@@ -393,11 +405,31 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         }
     };
 
+    let sealing = match key {
+        StateKey::FromEnv => state_dir_sealing()?,
+        StateKey::Ignored => None,
+    };
     let lock = lock(&dir)?;
+    // Both files read before either is written: a key that does not open what one holds
+    // sealed (or none, for a sealed state) must not seal the other, nor a fresh signing key,
+    // with itself; afterwards no one key would open the state.
+    verify_sealed_state(&dir, sealing.as_ref())?;
+    if sealing.is_some() {
+        tracing::info!("secrets in state_dir sealed with {KEY_ENCRYPTION_KEY_ENV}");
+    }
     say_missing_files(&dir);
+    let keys_file = dir.join("signing-keys.json");
+    let keys = match &sealing {
+        Some(kek) => SigningKeys::open_sealed(&keys_file, kek.clone()),
+        None => SigningKeys::open(&keys_file),
+    }
+    .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let tenants_file = dir.join("tenants.json");
-    let directory = FileDirectory::open(&tenants_file)
-        .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
+    let directory = match &sealing {
+        Some(kek) => FileDirectory::open_sealed(&tenants_file, kek.clone()),
+        None => FileDirectory::open(&tenants_file),
+    }
+    .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
     if !directory.existed() {
         let tenants = config
             .tenants
@@ -441,8 +473,6 @@ async fn open_directory(config: &Config) -> Result<State, String> {
         .map_err(|e| format!("cannot open the client store: {e}"))?;
     register(&clients, &config.clients, true).await?;
     say_unnamed(config, &directory, &clients).await;
-    let keys = SigningKeys::open(dir.join("signing-keys.json"))
-        .map_err(|e| format!("cannot open the signing keys: {e}"))?;
     let revocations = FileRevocationLog::open(dir.join("revoked-tokens.json"))
         .map_err(|e| format!("cannot open the revoked tokens: {e}"))?;
     let assertion_jtis = FileReplayGuard::open(dir.join("assertion-jtis.jsonl"))
@@ -463,6 +493,53 @@ async fn open_directory(config: &Config) -> Result<State, String> {
             )
         })?)),
     })
+}
+
+/// Checks, reading them alone, that the state in `dir` opens with `kek`: every sealed
+/// credential in `tenants.json` and private key in `signing-keys.json` opens with it, or,
+/// without a key, neither file holds anything sealed. Writes and creates nothing; missing
+/// files are fine (they are made at the start).
+pub(crate) fn verify_sealed_state(
+    dir: &Path,
+    kek: Option<&KeyEncryptionKey>,
+) -> Result<(), String> {
+    let tenants = dir.join("tenants.json");
+    let keys = dir.join("signing-keys.json");
+    let (tenants, keys) = match kek {
+        Some(kek) => (
+            FileDirectory::check_sealed(&tenants, kek),
+            SigningKeys::check_sealed(&keys, kek),
+        ),
+        None => (FileDirectory::check(&tenants), SigningKeys::check(&keys)),
+    };
+    let refused: Vec<String> = [
+        tenants.err().map(|e| format!("the tenant directory: {e}")),
+        keys.err().map(|e| format!("the signing keys: {e}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "cannot open the state in {}: {} (tenants.json and signing-keys.json are left as they were)",
+        dir.display(),
+        refused.join("; ")
+    ))
+}
+
+/// The key-encryption key that seals the secrets in `state_dir` (the upstreams' credentials
+/// in `tenants.json`, the private keys in `signing-keys.json`): the one in
+/// `TOWER_FHIR_KEY_ENCRYPTION_KEY` when it is set (an error when it is not a key), none when it
+/// is not (the files keep them in clear, as before).
+pub(crate) fn state_dir_sealing() -> Result<Option<KeyEncryptionKey>, String> {
+    if std::env::var_os(KEY_ENCRYPTION_KEY_ENV).is_none() {
+        return Ok(None);
+    }
+    let kek = KeyEncryptionKey::from_env()
+        .map_err(|e| format!("cannot seal the secrets in state_dir: {e}"))?;
+    Ok(Some(kek))
 }
 
 /// The configured `state_dir`, created (mode 0700) when missing. One that others may write to,

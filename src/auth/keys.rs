@@ -38,6 +38,9 @@ pub enum KeyError {
     /// A key file could not be read or written (no such directory, a full disk, no right to
     /// it): the keys themselves may be fine.
     Io(String),
+    /// A private key kept sealed (see `SigningKeys::open_sealed`) could not be opened: no
+    /// key-encryption key was given, or the wrong one.
+    Sealed(String),
 }
 
 impl fmt::Display for KeyError {
@@ -49,6 +52,7 @@ impl fmt::Display for KeyError {
                 write!(f, "algorithm {alg:?} does not belong to the key's family")
             }
             Self::Io(why) => write!(f, "cannot read or write the key file: {why}"),
+            Self::Sealed(why) => write!(f, "cannot open a sealed private key: {why}"),
         }
     }
 }

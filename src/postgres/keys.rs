@@ -6,18 +6,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
-use base64::Engine;
 use deadpool_postgres::Pool;
 use jsonwebtoken::Algorithm;
 use tokio::sync::Notify;
 
 use super::{bounded, listen, Handler, PgError, CHANGES_CHANNEL};
+use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
 use crate::token::{SigningKey, SigningKeys};
-
-/// The environment variable the gateway reads its key-encryption key from.
-pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
 
 /// The advisory lock key changes run under, so that two replicas starting on an empty
 /// database make one first key, and two rotations do not interleave.
@@ -28,92 +23,6 @@ const RELOAD_EVERY: Duration = Duration::from_secs(60);
 
 /// The notification payload of a key change.
 const KEYS_CHANGED: &str = "keys";
-
-/// The 256-bit AES key that seals signing keys in the database (AES-256-GCM, a random nonce
-/// per key, the `kid` bound as associated data so a sealed key cannot be passed off as
-/// another). Every replica needs the same one; `Debug` does not show it.
-///
-/// ```
-/// use tower_fhir::postgres::KeyEncryptionKey;
-///
-/// // 32 random bytes in base64, as `openssl rand -base64 32` prints them.
-/// let key = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
-/// assert_eq!(format!("{key:?}"), "KeyEncryptionKey(..)");
-/// assert!(KeyEncryptionKey::from_base64("c2hvcnQ=").is_err(), "not 32 bytes");
-/// ```
-#[derive(Clone)]
-pub struct KeyEncryptionKey(Key<Aes256Gcm>);
-
-impl fmt::Debug for KeyEncryptionKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyEncryptionKey(..)")
-    }
-}
-
-impl KeyEncryptionKey {
-    /// The key from 32 bytes in base64 (standard or URL-safe alphabet, padded or not).
-    pub fn from_base64(text: &str) -> Result<Self, PgError> {
-        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-        let text = text.trim();
-        let bytes = STANDARD
-            .decode(text)
-            .or_else(|_| URL_SAFE_NO_PAD.decode(text.trim_end_matches('=')))
-            .map_err(|_| PgError::plain("the key-encryption key is not base64"))?;
-        let bytes: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-            PgError::plain(format!(
-                "the key-encryption key is {} bytes; it must be 32 random bytes in base64 (`openssl rand -base64 32`)",
-                bytes.len()
-            ))
-        })?;
-        Ok(Self(Key::<Aes256Gcm>::from(bytes)))
-    }
-
-    /// The key in [`KEY_ENCRYPTION_KEY_ENV`]; an error naming the variable when it is unset or
-    /// not a key.
-    pub fn from_env() -> Result<Self, PgError> {
-        let value = std::env::var(KEY_ENCRYPTION_KEY_ENV).map_err(|_| {
-            PgError::plain(format!(
-                "{KEY_ENCRYPTION_KEY_ENV} is not set: with a database the signing keys are kept there, sealed with this key; set it to 32 random bytes in base64 (`openssl rand -base64 32`), the same on every replica"
-            ))
-        })?;
-        Self::from_base64(&value)
-            .map_err(|e| PgError::plain(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))
-    }
-
-    /// `plaintext` sealed for `kid` (bound to it as associated data: sealed for one, it opens
-    /// for no other): the nonce, then the ciphertext and tag.
-    pub(super) fn seal(&self, kid: &str, plaintext: &[u8]) -> Result<Vec<u8>, PgError> {
-        let cipher = Aes256Gcm::new(&self.0);
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let sealed = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: kid.as_bytes(),
-                },
-            )
-            .map_err(|_| PgError::plain("a secret cannot be sealed"))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        Ok(out)
-    }
-
-    /// What [`seal`](Self::seal) sealed for `kid`, if this key sealed it.
-    pub(super) fn open(&self, kid: &str, sealed: &[u8]) -> Option<Vec<u8>> {
-        let (nonce, ciphertext) = sealed.split_at_checked(12)?;
-        let nonce: [u8; 12] = nonce.try_into().ok()?;
-        Aes256Gcm::new(&self.0)
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: kid.as_bytes(),
-                },
-            )
-            .ok()
-    }
-}
 
 /// One row of `tower_fhir_signing_keys`, opened.
 #[derive(Clone)]
@@ -647,33 +556,6 @@ mod tests {
             signs_from,
             retire_at,
         }
-    }
-
-    #[test]
-    fn sealed_keys_open_only_with_their_kek_and_kid() {
-        let kek = KeyEncryptionKey::from_base64(
-            &base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
-        )
-        .unwrap();
-        let other = KeyEncryptionKey::from_base64(
-            &base64::engine::general_purpose::STANDARD.encode([8u8; 32]),
-        )
-        .unwrap();
-        let sealed = kek.seal("k1", b"private").unwrap();
-        assert_eq!(kek.open("k1", &sealed).as_deref(), Some(&b"private"[..]));
-        assert_eq!(
-            other.open("k1", &sealed),
-            None,
-            "another key-encryption key"
-        );
-        assert_eq!(kek.open("k2", &sealed), None, "sealed for another kid");
-        assert_eq!(kek.open("k1", &sealed[..8]), None, "truncated");
-        assert_ne!(
-            kek.seal("k1", b"private").unwrap(),
-            sealed,
-            "a fresh nonce each time"
-        );
-        assert!(!sealed.windows(7).any(|w| w == b"private"));
     }
 
     #[test]

@@ -61,8 +61,9 @@ mod failures;
 mod keys;
 mod tls;
 
+pub use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
 pub use failures::PgFailureCounts;
-pub use keys::{KeyEncryptionKey, PgSigningKeys, KEY_ENCRYPTION_KEY_ENV};
+pub use keys::PgSigningKeys;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -329,6 +330,12 @@ impl fmt::Display for PgError {
                 .as_deref()
                 .map(|source| source as &(dyn std::error::Error + 'static)),
         )
+    }
+}
+
+impl From<crate::seal::SealError> for PgError {
+    fn from(error: crate::seal::SealError) -> Self {
+        Self::plain(error.to_string())
     }
 }
 
@@ -1587,94 +1594,24 @@ async fn notify(
         .map(drop)
 }
 
-/// Where a sealed credential is kept in an upstream's JSON, in place of `authorization`: the
-/// sealed bytes in base64.
-const SEALED_AUTHORIZATION: &str = "authorization_sealed";
-
-/// What a sealed credential is bound to: its tenant and its upstream's base URL.
-fn credential_binding(tenant: TenantId, base_url: &str) -> String {
-    format!("tower-fhir tenant {tenant} upstream {base_url}")
-}
-
 /// A tenant record's JSON with each upstream's `authorization` sealed (with `kek`; as it is
 /// without one).
 fn seal_credentials(
     kek: Option<&KeyEncryptionKey>,
     tenant: TenantId,
-    mut json: serde_json::Value,
+    json: serde_json::Value,
 ) -> Result<serde_json::Value, DirectoryError> {
-    use base64::Engine;
-    let Some(kek) = kek else {
-        return Ok(json);
-    };
-    let upstreams = json
-        .get_mut("upstreams")
-        .and_then(serde_json::Value::as_array_mut);
-    for upstream in upstreams.into_iter().flatten() {
-        let Some(upstream) = upstream.as_object_mut() else {
-            continue;
-        };
-        let Some(serde_json::Value::String(credential)) = upstream.remove("authorization") else {
-            continue;
-        };
-        let base = upstream
-            .get("base_url")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default();
-        let sealed = kek
-            .seal(&credential_binding(tenant, base), credential.as_bytes())
-            .map_err(|e| directory_error("sealing an upstream's credential", e))?;
-        upstream.insert(
-            SEALED_AUTHORIZATION.to_owned(),
-            base64::engine::general_purpose::STANDARD
-                .encode(sealed)
-                .into(),
-        );
-    }
-    Ok(json)
+    crate::at_rest::seal_credentials(kek, tenant, json).map_err(DirectoryError::new)
 }
 
 /// A tenant record's JSON as read, each sealed credential opened with `kek` (an error when it
-/// cannot be: no key, another key, or a credential moved from another tenant or upstream).
+/// cannot be: no key, the wrong key, or a credential moved from another tenant or upstream).
 fn open_credentials(
     kek: Option<&KeyEncryptionKey>,
     tenant: TenantId,
-    mut json: serde_json::Value,
+    json: serde_json::Value,
 ) -> Result<serde_json::Value, DirectoryError> {
-    use base64::Engine;
-    let upstreams = json
-        .get_mut("upstreams")
-        .and_then(serde_json::Value::as_array_mut);
-    for upstream in upstreams.into_iter().flatten() {
-        let Some(upstream) = upstream.as_object_mut() else {
-            continue;
-        };
-        let Some(sealed) = upstream.remove(SEALED_AUTHORIZATION) else {
-            continue;
-        };
-        let unreadable = || {
-            DirectoryError::new(format!(
-                "tenant {tenant}: an upstream's sealed credential does not open with this store's key-encryption key (none, another, or the credential belongs to another tenant or upstream)"
-            ))
-        };
-        let base = upstream
-            .get("base_url")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let opened = kek
-            .zip(sealed.as_str())
-            .and_then(|(kek, sealed)| {
-                let sealed = base64::engine::general_purpose::STANDARD
-                    .decode(sealed)
-                    .ok()?;
-                kek.open(&credential_binding(tenant, &base), &sealed)
-            })
-            .and_then(|credential| String::from_utf8(credential).ok())
-            .ok_or_else(unreadable)?;
-        upstream.insert("authorization".to_owned(), opened.into());
-    }
-    Ok(json)
+    crate::at_rest::open_credentials(kek, tenant, json).map_err(DirectoryError::new)
 }
 
 impl TenantDirectory for PgTenantStore {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::upstream::{TenantEntry, TenantRecord};
+use crate::at_rest::{Kek, SEALED_AUTHORIZATION};
 use crate::tenant::TenantId;
 
 /// Why the directory could not answer or change. The message is logged, never sent to
@@ -276,6 +277,103 @@ fn page_of(
     tenants
 }
 
+/// The list of tenants of a directory's JSON: `{"tenants": [...]}` or just the list.
+fn tenant_list(mut file: serde_json::Value) -> serde_json::Value {
+    match file.get_mut("tenants") {
+        Some(tenants) => tenants.take(),
+        None => file,
+    }
+}
+
+/// The key-encryption key a [`FileDirectory`] seals the credentials with, and the credentials
+/// as sealed in its file, kept to be written again while they are unchanged: a write seals
+/// only what changed (a fresh nonce each), not every credential again.
+struct Sealing {
+    kek: Kek,
+    /// The sealed text of each credential in the file, by tenant, base URL and credential.
+    written: Mutex<SealedCredentials>,
+}
+
+/// Sealed credentials as written in a directory file: by tenant, upstream base URL and the
+/// credential in clear, the text (base64) that seals it.
+type SealedCredentials = HashMap<(TenantId, String, String), String>;
+
+/// A directory file, read and its sealed credentials opened; nothing written.
+struct FileRead {
+    memory: InMemoryDirectory,
+    existed: bool,
+    /// The tenants holding a credential in clear while a key is given (to seal).
+    in_clear: usize,
+    sealed: SealedCredentials,
+}
+
+/// Reads the directory file in `path` (an empty directory when there is none), each sealed
+/// credential opened with `kek`; writes and creates nothing. Refused: a file that is not a
+/// directory's JSON, a sealed credential without a key or that the key does not open, an upstream
+/// holding its credential both in clear and sealed.
+fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError> {
+    let unreadable = |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
+    let bytes = match crate::persist::read_if_exists(path) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            return Ok(FileRead {
+                memory: InMemoryDirectory::new(),
+                existed: false,
+                in_clear: 0,
+                sealed: HashMap::new(),
+            })
+        }
+        Err(e) => {
+            return Err(DirectoryError::with_source(
+                format!("{}: {e}", path.display()),
+                e,
+            ))
+        }
+    };
+    let file: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(&format!("directory JSON: {e}")))?;
+    let mut list = tenant_list(file);
+    let mut in_clear = 0;
+    let mut sealed = HashMap::new();
+    for entry in list.as_array_mut().into_iter().flatten() {
+        let id = entry
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned);
+        let tenant = id.as_deref().and_then(|id| TenantId::parse(id).ok());
+        let mut clear = false;
+        for upstream in crate::at_rest::upstreams_of(entry) {
+            let Some(tenant) = tenant else {
+                if upstream.contains_key(SEALED_AUTHORIZATION) {
+                    return Err(unreadable(&format!(
+                        "tenant {:?} is not a tenant id, and holds a sealed credential",
+                        id.as_deref().unwrap_or("")
+                    )));
+                }
+                // (Refused below, as any entry that is not a tenant.)
+                continue;
+            };
+            match crate::at_rest::open_upstream(kek, tenant, upstream)
+                .map_err(|e| unreadable(&e))?
+            {
+                Some(opened) => {
+                    sealed.insert((tenant, opened.base_url, opened.credential), opened.sealed);
+                }
+                None => clear |= upstream.get("authorization").is_some_and(|v| !v.is_null()),
+            }
+        }
+        if clear && kek.is_some() {
+            in_clear += 1;
+        }
+    }
+    Ok(FileRead {
+        memory: InMemoryDirectory::from_value(list).map_err(|e| unreadable(&e))?,
+        existed: true,
+        in_clear,
+        sealed,
+    })
+}
+
 /// A directory held in memory, updated at run time; clones share the same tenants.
 ///
 /// Every change is announced to [`subscribe`](Self::subscribe)rs, so route caches (see
@@ -307,12 +405,14 @@ impl InMemoryDirectory {
     /// optional), each tenant a [`TenantEntry`]: proxied (`upstreams`) or served in-process
     /// (`"in_process": {"key": ..., "fhir_versions": [...]}`).
     pub fn from_json(json: &str) -> Result<Self, DirectoryError> {
+        let file: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| DirectoryError::new(format!("directory JSON: {e}")))?;
+        Self::from_value(tenant_list(file))
+    }
+
+    /// A directory from the list of tenants of [`from_json`](Self::from_json)'s JSON.
+    fn from_value(list: serde_json::Value) -> Result<Self, DirectoryError> {
         let error = |e: serde_json::Error| DirectoryError::new(format!("directory JSON: {e}"));
-        let mut file: serde_json::Value = serde_json::from_str(json).map_err(error)?;
-        let list = match file.get_mut("tenants") {
-            Some(tenants) => tenants.take(),
-            None => file,
-        };
         let entries = Vec::<TenantEntry>::deserialize(list).map_err(error)?;
         let directory = Self::new();
         for entry in entries {
@@ -453,6 +553,10 @@ impl fmt::Debug for InMemoryDirectory {
 /// then made visible and announced to [`subscribe`](Self::subscribe)rs. The file has the
 /// format [`InMemoryDirectory::from_json`] reads. One process owns the file.
 ///
+/// Opened with a key-encryption key (`open_sealed`, the `seal` feature), the upstreams'
+/// credentials are sealed in the file (`authorization_sealed`, as the PostgreSQL store seals
+/// them) rather than in clear.
+///
 /// ```
 /// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
 /// use tower_fhir::tenant::TenantId;
@@ -479,6 +583,8 @@ pub struct FileDirectory {
     /// Held while a change is written, so changes reach the file in order.
     writing: Arc<Mutex<()>>,
     existed: bool,
+    /// Seals the credentials written (opened with `open_sealed`).
+    sealing: Option<Arc<Sealing>>,
 }
 
 #[derive(Serialize)]
@@ -507,30 +613,146 @@ impl Serialize for EntryOut<'_> {
 impl FileDirectory {
     /// Opens the directory in `path`; an empty one when the file does not exist yet (it is
     /// created at the first change; the directory it is in is made now if need be).
+    ///
+    /// A file holding a sealed credential (written by `open_sealed`) is refused: it opens only
+    /// with the key it was sealed with (and a build without the `seal` feature opens none).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DirectoryError> {
-        let path = path.as_ref().to_path_buf();
-        let unreadable =
-            |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", path.display()));
-        let unreadable_io =
-            |e: std::io::Error| DirectoryError::with_source(format!("{}: {e}", path.display()), e);
-        crate::persist::make_parent(&path).map_err(unreadable_io)?;
-        let (memory, existed) = match crate::persist::read_if_exists(&path) {
-            Ok(Some(bytes)) => {
-                let json = String::from_utf8(bytes).map_err(|e| unreadable(&e))?;
-                (
-                    InMemoryDirectory::from_json(&json).map_err(|e| unreadable(&e))?,
-                    true,
-                )
-            }
-            Ok(None) => (InMemoryDirectory::new(), false),
-            Err(e) => return Err(unreadable_io(e)),
-        };
-        Ok(Self {
-            memory,
-            path: Arc::new(path),
+        Self::open_with(path.as_ref(), None)
+    }
+
+    /// What [`open`](Self::open) would refuse of the file in `path`, found by reading it
+    /// alone: nothing is written nor created (a file that does not exist is fine). A file
+    /// holding a sealed credential is refused, as `open` refuses it.
+    ///
+    /// ```
+    /// use tower_fhir::route::FileDirectory;
+    ///
+    /// let path = std::env::temp_dir().join(format!("tower-fhir-check-{}.json", std::process::id()));
+    /// std::fs::write(&path, r#"{"tenants": [{"id": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f",
+    ///     "upstreams": [{"base_url": "http://127.0.0.1:9001/fhir", "fhir_version": "4.0",
+    ///                    "authorization_sealed": "c2VhbGVk"}]}]}"#).unwrap();
+    /// let refused = FileDirectory::check(&path).unwrap_err();
+    /// assert!(refused.to_string().contains("TOWER_FHIR_KEY_ENCRYPTION_KEY"), "{refused}");
+    /// std::fs::remove_file(&path).unwrap();
+    /// assert!(FileDirectory::check(&path).is_ok(), "no file: nothing to refuse");
+    /// assert!(!path.exists());
+    /// ```
+    pub fn check(path: impl AsRef<Path>) -> Result<(), DirectoryError> {
+        read_file(path.as_ref(), None).map(drop)
+    }
+
+    /// [`open`](Self::open), the upstreams' credentials sealed in the file with `kek`
+    /// (AES-256-GCM, each bound to its tenant and upstream base URL, as the PostgreSQL store
+    /// seals them: a sealed credential copied to another tenant or upstream opens for none).
+    /// Credentials found in clear (a file written without the key) are sealed at once: the
+    /// file is written again. One sealed with another key is an error (nothing is written),
+    /// never a tenant without its credential. A change seals only the credentials it changes:
+    /// the others are written as they were.
+    ///
+    /// ```
+    /// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
+    /// use tower_fhir::seal::KeyEncryptionKey;
+    /// use tower_fhir::tenant::TenantId;
+    /// use tower_fhir::version::FhirVersion;
+    ///
+    /// let path = std::env::temp_dir().join(format!("tower-fhir-sealed-{}.json", std::process::id()));
+    /// # let _ = std::fs::remove_file(&path);
+    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+    /// let tenant = TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap();
+    /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4)
+    ///     .unwrap()
+    ///     .with_authorization("Bearer upstream-secret")
+    ///     .unwrap();
+    ///
+    /// let directory = FileDirectory::open_sealed(&path, kek.clone()).unwrap();
+    /// directory.upsert(tenant, TenantRecord::new([upstream]).unwrap()).unwrap();
+    /// assert!(!std::fs::read_to_string(&path).unwrap().contains("upstream-secret"));
+    ///
+    /// let reopened = FileDirectory::open_sealed(&path, kek).unwrap();
+    /// let record = reopened.get(tenant).unwrap();
+    /// assert_eq!(record.upstreams()[0].authorization().unwrap(), "Bearer upstream-secret");
+    /// // Without the key, the file does not open.
+    /// assert!(FileDirectory::open(&path).is_err());
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    #[cfg(feature = "seal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
+    pub fn open_sealed(
+        path: impl AsRef<Path>,
+        kek: crate::seal::KeyEncryptionKey,
+    ) -> Result<Self, DirectoryError> {
+        Self::open_with(path.as_ref(), Some(kek))
+    }
+
+    /// What [`open_sealed`](Self::open_sealed) would refuse of the file in `path` with `kek`
+    /// (a sealed credential the key does not open, above all), found by reading it alone:
+    /// nothing is written nor created, and credentials in clear are left so. To try a key on
+    /// a state before anything is sealed with it.
+    ///
+    /// ```
+    /// use tower_fhir::route::{FileDirectory, TenantRecord, Upstream};
+    /// use tower_fhir::seal::KeyEncryptionKey;
+    /// use tower_fhir::tenant::TenantId;
+    /// use tower_fhir::version::FhirVersion;
+    ///
+    /// let path = std::env::temp_dir().join(format!("tower-fhir-check-sealed-{}.json", std::process::id()));
+    /// # let _ = std::fs::remove_file(&path);
+    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+    /// let other = KeyEncryptionKey::from_base64("YW5vdGhlci1rZXktZW5jcnlwdGlvbi1rZXktMzJieXQ=").unwrap();
+    /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4)
+    ///     .unwrap()
+    ///     .with_authorization("Bearer upstream-secret")
+    ///     .unwrap();
+    /// FileDirectory::open_sealed(&path, kek.clone())
+    ///     .unwrap()
+    ///     .upsert(TenantId::parse("4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f").unwrap(), TenantRecord::new([upstream]).unwrap())
+    ///     .unwrap();
+    /// let written = std::fs::read(&path).unwrap();
+    ///
+    /// assert!(FileDirectory::check_sealed(&path, &kek).is_ok());
+    /// let refused = FileDirectory::check_sealed(&path, &other).unwrap_err();
+    /// assert!(refused.to_string().contains("the wrong key"), "{refused}");
+    /// assert_eq!(std::fs::read(&path).unwrap(), written);
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    #[cfg(feature = "seal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
+    pub fn check_sealed(
+        path: impl AsRef<Path>,
+        kek: &crate::seal::KeyEncryptionKey,
+    ) -> Result<(), DirectoryError> {
+        read_file(path.as_ref(), Some(kek)).map(drop)
+    }
+
+    fn open_with(path: &Path, kek: Option<Kek>) -> Result<Self, DirectoryError> {
+        crate::persist::make_parent(path)
+            .map_err(|e| DirectoryError::with_source(format!("{}: {e}", path.display()), e))?;
+        let read = read_file(path, kek.as_ref())?;
+        let directory = Self {
+            memory: read.memory,
+            path: Arc::new(path.to_path_buf()),
             writing: Arc::default(),
-            existed,
-        })
+            existed: read.existed,
+            sealing: kek.map(|kek| {
+                Arc::new(Sealing {
+                    kek,
+                    written: Mutex::new(read.sealed),
+                })
+            }),
+        };
+        if read.in_clear > 0 {
+            let _writing = directory
+                .writing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            directory.write_with(None, None)?;
+            tracing::info!(
+                file = %directory.path.display(),
+                tenants = read.in_clear,
+                "upstream credentials found in clear sealed with the key-encryption key"
+            );
+        }
+        Ok(directory)
     }
 
     /// Whether the file existed when the directory was opened (so a first start can seed it).
@@ -633,10 +855,51 @@ impl FileDirectory {
     }
 
     fn write_entries(&self, entries: Vec<EntryOut<'_>>) -> Result<(), DirectoryError> {
-        let bytes = serde_json::to_vec_pretty(&FileOut { tenants: entries })
-            .map_err(|e| DirectoryError::new(e.to_string()))?;
+        let failed =
+            |e: &dyn fmt::Display| DirectoryError::new(format!("{}: {e}", self.path.display()));
+        let Some(sealing) = &self.sealing else {
+            let bytes =
+                serde_json::to_vec_pretty(&FileOut { tenants: entries }).map_err(|e| failed(&e))?;
+            return crate::persist::write_atomically(&self.path, &bytes).map_err(|e| {
+                DirectoryError::with_source(format!("{}: {e}", self.path.display()), e)
+            });
+        };
+        // Held to the end of the write: what it keeps is what the file holds.
+        let mut written = sealing
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut now = SealedCredentials::new();
+        let mut tenants = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let mut json = serde_json::to_value(entry).map_err(|e| failed(&e))?;
+            for upstream in crate::at_rest::upstreams_of(&mut json) {
+                let sealed = crate::at_rest::seal_upstream(
+                    &sealing.kek,
+                    entry.id,
+                    upstream,
+                    |base, credential| {
+                        written
+                            .get(&(entry.id, base.to_owned(), credential.to_owned()))
+                            .cloned()
+                    },
+                )
+                .map_err(|e| failed(&e))?;
+                if let Some(sealed) = sealed {
+                    now.insert(
+                        (entry.id, sealed.base_url, sealed.credential),
+                        sealed.sealed,
+                    );
+                }
+            }
+            tenants.push(json);
+        }
+        let bytes = serde_json::to_vec_pretty(&serde_json::json!({ "tenants": tenants }))
+            .map_err(|e| failed(&e))?;
         crate::persist::write_atomically(&self.path, &bytes)
-            .map_err(|e| DirectoryError::with_source(format!("{}: {e}", self.path.display()), e))
+            .map_err(|e| DirectoryError::with_source(format!("{}: {e}", self.path.display()), e))?;
+        *written = now;
+        Ok(())
     }
 }
 
@@ -720,6 +983,301 @@ mod tests {
     use crate::version::FhirVersion;
 
     const A: &str = "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f";
+
+    #[cfg(feature = "seal")]
+    mod sealed {
+        use super::*;
+        use crate::route::Upstream;
+        use crate::seal::KeyEncryptionKey;
+
+        const B: &str = "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f";
+
+        fn kek(byte: u8) -> KeyEncryptionKey {
+            use base64::Engine;
+            KeyEncryptionKey::from_base64(
+                &base64::engine::general_purpose::STANDARD.encode([byte; 32]),
+            )
+            .unwrap()
+        }
+
+        fn record(base: &str, credential: &str) -> TenantRecord {
+            let upstream = Upstream::parse(base, FhirVersion::R4)
+                .unwrap()
+                .with_authorization(credential)
+                .unwrap();
+            TenantRecord::new([upstream]).unwrap()
+        }
+
+        fn file(name: &str) -> PathBuf {
+            let path = std::env::temp_dir().join(format!(
+                "tower-fhir-sealed-dir-{name}-{}.json",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            path
+        }
+
+        fn credential(directory: &FileDirectory, tenant: &str) -> String {
+            let record = directory.get(TenantId::parse(tenant).unwrap()).unwrap();
+            let upstream = record.default_upstream().unwrap();
+            upstream
+                .authorization()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+
+        /// The sealed text of each tenant's first upstream's credential in the file.
+        fn sealed_in(path: &Path) -> HashMap<String, String> {
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            json["tenants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|entry| {
+                    let sealed = &entry["upstreams"][0][SEALED_AUTHORIZATION];
+                    let sealed = sealed.as_str().expect("sealed").to_owned();
+                    (entry["id"].as_str().unwrap().to_owned(), sealed)
+                })
+                .collect()
+        }
+
+        #[test]
+        fn a_write_seals_only_the_credentials_it_changes() {
+            let path = file("unchanged");
+            let (a, b) = (TenantId::parse(A).unwrap(), TenantId::parse(B).unwrap());
+            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            directory
+                .upsert(a, record("http://127.0.0.1:9001/fhir", "Bearer a-secret"))
+                .unwrap();
+            let first = sealed_in(&path);
+            directory
+                .upsert(b, record("http://127.0.0.1:9002/fhir", "Bearer b-secret"))
+                .unwrap();
+            let second = sealed_in(&path);
+            assert_eq!(second[A], first[A], "A unchanged: written as it was");
+
+            // A's credential changed: sealed anew; B's kept.
+            directory
+                .upsert(a, record("http://127.0.0.1:9001/fhir", "Bearer a-rotated"))
+                .unwrap();
+            let third = sealed_in(&path);
+            assert_ne!(third[A], second[A]);
+            assert_eq!(third[B], second[B]);
+            // A's upstream moved: sealed anew (bound to the base URL).
+            directory
+                .upsert(a, record("http://127.0.0.1:9003/fhir", "Bearer a-rotated"))
+                .unwrap();
+            let fourth = sealed_in(&path);
+            assert_ne!(fourth[A], third[A]);
+
+            // Reopened: what the file holds is kept too.
+            let reopened = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(
+                sealed_in(&path),
+                fourth,
+                "nothing in clear: not written again"
+            );
+            reopened.remove(a).unwrap();
+            assert_eq!(sealed_in(&path)[B], fourth[B]);
+            assert_eq!(credential(&reopened, B), "Bearer b-secret");
+            let again = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(credential(&again, B), "Bearer b-secret");
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn a_credential_both_in_clear_and_sealed_is_refused() {
+            let path = file("both");
+            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            directory
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            let mut json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            json["tenants"][0]["upstreams"][0]["authorization"] = "Bearer planted".into();
+            let both = serde_json::to_vec(&json).unwrap();
+            std::fs::write(&path, &both).unwrap();
+            for refused in [
+                FileDirectory::open_sealed(&path, kek(1)).err().unwrap(),
+                FileDirectory::check_sealed(&path, &kek(1)).unwrap_err(),
+                FileDirectory::open(&path).err().unwrap(),
+            ] {
+                let refused = refused.to_string();
+                assert!(refused.contains("both in clear"), "{refused}");
+                assert!(refused.contains(A), "{refused}");
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), both, "nothing written");
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn a_check_writes_nothing() {
+            let path = file("check");
+            // No file: fine, and none made (nor its directory).
+            let missing = path.with_extension("d").join("tenants.json");
+            assert!(FileDirectory::check_sealed(&missing, &kek(1)).is_ok());
+            assert!(FileDirectory::check(&missing).is_ok());
+            assert!(!missing.parent().unwrap().exists());
+
+            // In clear: a key finds nothing to refuse, and seals nothing.
+            FileDirectory::open(&path)
+                .unwrap()
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            let clear = std::fs::read(&path).unwrap();
+            FileDirectory::check_sealed(&path, &kek(1)).unwrap();
+            FileDirectory::check(&path).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), clear);
+
+            // Sealed: refused without the key and with another, said so; nothing written.
+            std::fs::remove_file(&path).unwrap();
+            FileDirectory::open_sealed(&path, kek(1))
+                .unwrap()
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            let sealed = std::fs::read(&path).unwrap();
+            FileDirectory::check_sealed(&path, &kek(1)).unwrap();
+            let refused = FileDirectory::check(&path).unwrap_err().to_string();
+            assert!(refused.contains("no key-encryption key"), "{refused}");
+            let refused = FileDirectory::check_sealed(&path, &kek(2))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("the wrong key"), "{refused}");
+            assert!(refused.contains(&path.display().to_string()), "{refused}");
+            assert_eq!(std::fs::read(&path).unwrap(), sealed);
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn credentials_are_sealed_in_the_file_and_open_with_their_key() {
+            let path = file("round-trip");
+            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            let a = TenantId::parse(A).unwrap();
+            directory
+                .upsert(a, record("http://127.0.0.1:9001/fhir", "Bearer a-secret"))
+                .unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("a-secret"), "{text}");
+            assert!(text.contains(SEALED_AUTHORIZATION), "{text}");
+
+            let reopened = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(credential(&reopened, A), "Bearer a-secret");
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                text,
+                "nothing in clear: not written again"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn credentials_in_clear_are_sealed_at_open() {
+            let path = file("clear");
+            let clear = FileDirectory::open(&path).unwrap();
+            clear
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            assert!(std::fs::read_to_string(&path).unwrap().contains("a-secret"));
+
+            let sealed = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(credential(&sealed, A), "Bearer a-secret");
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("a-secret"), "sealed at open: {text}");
+            assert!(text.contains(SEALED_AUTHORIZATION), "{text}");
+            let again = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(credential(&again, A), "Bearer a-secret");
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn a_sealed_file_does_not_open_without_its_key() {
+            let path = file("refused");
+            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            directory
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            let sealed_text = std::fs::read_to_string(&path).unwrap();
+
+            let refused = FileDirectory::open(&path).unwrap_err().to_string();
+            assert!(
+                refused.contains(crate::at_rest::KEY_ENV),
+                "no key: {refused}"
+            );
+            let refused = FileDirectory::open_sealed(&path, kek(2))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("does not open"), "wrong key: {refused}");
+            assert!(
+                refused.contains(crate::at_rest::KEY_ENV),
+                "wrong key: {refused}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                sealed_text,
+                "a refused open writes nothing"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        #[test]
+        fn a_sealed_credential_copied_to_another_tenant_or_upstream_does_not_open() {
+            let path = file("copied");
+            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            directory
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            directory
+                .upsert(
+                    TenantId::parse(B).unwrap(),
+                    record("http://127.0.0.1:9002/fhir", "Bearer b-secret"),
+                )
+                .unwrap();
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let sealed_a = json["tenants"][0]["upstreams"][0][SEALED_AUTHORIZATION].clone();
+            assert!(sealed_a.is_string(), "{json}");
+
+            // A's credential given to B.
+            let mut copied = json.clone();
+            copied["tenants"][1]["upstreams"][0][SEALED_AUTHORIZATION] = sealed_a;
+            std::fs::write(&path, serde_json::to_vec(&copied).unwrap()).unwrap();
+            let refused = FileDirectory::open_sealed(&path, kek(1)).unwrap_err();
+            assert!(refused.to_string().contains(B), "{refused}");
+
+            // A's credential kept, its upstream moved to another base URL.
+            let mut moved = json.clone();
+            moved["tenants"][0]["upstreams"][0]["base_url"] = "http://127.0.0.1:9003/fhir".into();
+            std::fs::write(&path, serde_json::to_vec(&moved).unwrap()).unwrap();
+            let refused = FileDirectory::open_sealed(&path, kek(1)).unwrap_err();
+            assert!(refused.to_string().contains(A), "{refused}");
+
+            std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+            let opened = FileDirectory::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(credential(&opened, B), "Bearer b-secret");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
 
     #[tokio::test]
     async fn loads_json_and_updates_at_run_time() {

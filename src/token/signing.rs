@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tower_service::Service;
 
 use super::error::{json_response, TokenResponseBody};
+use crate::at_rest::Kek;
 use crate::auth::{
     FetchedKeys, KeyChanges, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey,
 };
@@ -195,9 +196,11 @@ pub struct SigningKeys {
     /// Held by a change while it is made and written: one change at a time, without holding
     /// the ring (and every token signed meanwhile) while the file is written and synced.
     changing: Arc<Mutex<()>>,
+    /// Seals the private keys in the file (see [`open_sealed`](Self::open_sealed)).
+    sealing: Option<Arc<Kek>>,
 }
 
-/// The key file: private keys in PEM, the current one named.
+/// The key file: private keys in PEM (or sealed), the current one named.
 #[derive(Serialize, Deserialize)]
 struct KeyFile {
     version: u32,
@@ -209,7 +212,12 @@ struct KeyFile {
 struct KeyFileEntry {
     kid: String,
     alg: Algorithm,
-    pem: String,
+    /// The private key in clear (PKCS#8 PEM), in a file opened without a key-encryption key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pem: Option<String>,
+    /// The PEM sealed with the key-encryption key, bound to the `kid` (base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pem_sealed: Option<String>,
 }
 
 impl SigningKeys {
@@ -225,6 +233,7 @@ impl SigningKeys {
             changes: KeyChanges::new(),
             managed_by: None,
             changing: Arc::default(),
+            sealing: None,
         }
     }
 
@@ -242,6 +251,7 @@ impl SigningKeys {
             changes: KeyChanges::new(),
             managed_by: Some(by),
             changing: Arc::default(),
+            sealing: None,
         }
     }
 
@@ -293,42 +303,127 @@ impl SigningKeys {
     /// assert_eq!(keys.current_kid(), again.current_kid());
     /// # std::fs::remove_dir_all(&dir).unwrap();
     /// ```
+    ///
+    /// A file holding a sealed key (written by `open_sealed`) is refused: it opens only with
+    /// the key-encryption key it was sealed with (and a build without the `seal` feature opens
+    /// none).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, KeyError> {
-        let path = path.as_ref();
-        let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
-        let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
-        crate::persist::make_parent(path).map_err(unreadable)?;
-        let keys = match crate::persist::read_if_exists(path).map_err(unreadable)? {
-            Some(bytes) => {
-                let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
-                if file.version != 1 {
-                    return Err(bad(&format!("unknown key file version {}", file.version)));
-                }
-                let published = file
-                    .keys
-                    .into_iter()
-                    .map(|entry| {
-                        SigningKey::from_pem(entry.alg, &entry.pem, entry.kid)
-                            .map(Arc::new)
-                            .map_err(|e| bad(&e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let current = published
-                    .iter()
-                    .find(|k| k.kid == file.current)
-                    .cloned()
-                    .ok_or_else(|| bad(&"the current key is not in the file"))?;
-                Self {
-                    ring: Arc::new(RwLock::new(Ring { current, published })),
+        Self::open_with(path.as_ref(), None)
+    }
+
+    /// What [`open`](Self::open) would refuse of the key file in `path`, found by reading it
+    /// alone: nothing is written nor created (a file that does not exist is fine: `open` would
+    /// make a key). A file holding a sealed key is refused, as `open` refuses it.
+    ///
+    /// ```
+    /// use tower_fhir::token::SigningKeys;
+    ///
+    /// let dir = std::env::temp_dir().join(format!("tower-fhir-check-keys-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let path = dir.join("signing-keys.json");
+    /// assert!(SigningKeys::check(&path).is_ok(), "no file: nothing to refuse");
+    /// assert!(!dir.exists(), "nothing made");
+    /// SigningKeys::open(&path).unwrap();
+    /// assert!(SigningKeys::check(&path).is_ok());
+    /// std::fs::write(&path, "{}").unwrap();
+    /// assert!(SigningKeys::check(&path).is_err());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn check(path: impl AsRef<Path>) -> Result<(), KeyError> {
+        read_key_file(path.as_ref(), None).map(drop)
+    }
+
+    /// [`open`](Self::open), the private keys sealed in the file with `kek` (AES-256-GCM, each
+    /// bound to its `kid`, as the PostgreSQL store seals them). Keys found in clear (a file
+    /// written without the key) are sealed at once: the file is written again, atomically and
+    /// owner-readable only. A key sealed with another key-encryption key is an error
+    /// ([`KeyError::Sealed`]), and nothing is written.
+    ///
+    /// ```
+    /// use tower_fhir::seal::KeyEncryptionKey;
+    /// use tower_fhir::token::SigningKeys;
+    ///
+    /// let dir = std::env::temp_dir().join(format!("tower-fhir-sealed-keys-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let path = dir.join("signing-keys.json");
+    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+    /// let keys = SigningKeys::open_sealed(&path, kek.clone()).unwrap();
+    /// assert!(!std::fs::read_to_string(&path).unwrap().contains("PRIVATE KEY"));
+    /// let again = SigningKeys::open_sealed(&path, kek).unwrap();
+    /// assert_eq!(keys.current_kid(), again.current_kid());
+    /// // Without the key, the file does not open.
+    /// assert!(SigningKeys::open(&path).is_err());
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    #[cfg(feature = "seal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
+    pub fn open_sealed(
+        path: impl AsRef<Path>,
+        kek: crate::seal::KeyEncryptionKey,
+    ) -> Result<Self, KeyError> {
+        Self::open_with(path.as_ref(), Some(Arc::new(kek)))
+    }
+
+    /// What [`open_sealed`](Self::open_sealed) would refuse of the key file in `path` with
+    /// `kek` (a sealed key it does not open, above all), found by reading it alone: nothing is
+    /// written nor created, and keys in clear are left so. To try a key on a state before
+    /// anything is sealed with it.
+    ///
+    /// ```
+    /// use tower_fhir::auth::KeyError;
+    /// use tower_fhir::seal::KeyEncryptionKey;
+    /// use tower_fhir::token::SigningKeys;
+    ///
+    /// let dir = std::env::temp_dir().join(format!("tower-fhir-check-sealed-keys-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let path = dir.join("signing-keys.json");
+    /// let kek = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+    /// let other = KeyEncryptionKey::from_base64("YW5vdGhlci1rZXktZW5jcnlwdGlvbi1rZXktMzJieXQ=").unwrap();
+    /// SigningKeys::open_sealed(&path, kek.clone()).unwrap();
+    /// let written = std::fs::read(&path).unwrap();
+    ///
+    /// assert!(SigningKeys::check_sealed(&path, &kek).is_ok());
+    /// let refused = SigningKeys::check_sealed(&path, &other).unwrap_err();
+    /// assert!(matches!(refused, KeyError::Sealed(_)));
+    /// assert!(refused.to_string().contains("the wrong key"), "{refused}");
+    /// assert_eq!(std::fs::read(&path).unwrap(), written);
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    #[cfg(feature = "seal")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "seal")))]
+    pub fn check_sealed(
+        path: impl AsRef<Path>,
+        kek: &crate::seal::KeyEncryptionKey,
+    ) -> Result<(), KeyError> {
+        read_key_file(path.as_ref(), Some(kek)).map(drop)
+    }
+
+    fn open_with(path: &Path, sealing: Option<Arc<Kek>>) -> Result<Self, KeyError> {
+        crate::persist::make_parent(path)
+            .map_err(|e| KeyError::Io(format!("{}: {e}", path.display())))?;
+        let keys = match read_key_file(path, sealing.as_deref())? {
+            Some((ring, in_clear)) => {
+                let keys = Self {
+                    ring: Arc::new(RwLock::new(ring)),
                     file: Some(Arc::new(path.to_path_buf())),
                     changes: KeyChanges::new(),
                     managed_by: None,
                     changing: Arc::default(),
+                    sealing,
+                };
+                if in_clear && keys.sealing.is_some() {
+                    keys.save(&keys.read())?;
+                    tracing::info!(
+                        file = %path.display(),
+                        "private signing keys found in clear sealed with the key-encryption key"
+                    );
                 }
+                keys
             }
             None => {
                 let mut keys = Self::generate()?;
                 keys.file = Some(Arc::new(path.to_path_buf()));
+                keys.sealing = sealing;
                 keys.save(&keys.read())?;
                 keys
             }
@@ -432,12 +527,24 @@ impl SigningKeys {
             keys: ring
                 .published
                 .iter()
-                .map(|k| KeyFileEntry {
-                    kid: k.kid.clone(),
-                    alg: k.algorithm,
-                    pem: k.pem.clone(),
+                .map(|k| match &self.sealing {
+                    Some(kek) => Ok(KeyFileEntry {
+                        kid: k.kid.clone(),
+                        alg: k.algorithm,
+                        pem: None,
+                        pem_sealed: Some(
+                            kek.seal_base64(&k.kid, k.pem.as_bytes())
+                                .map_err(|e| KeyError::Io(format!("{}: {e}", path.display())))?,
+                        ),
+                    }),
+                    None => Ok(KeyFileEntry {
+                        kid: k.kid.clone(),
+                        alg: k.algorithm,
+                        pem: Some(k.pem.clone()),
+                        pem_sealed: None,
+                    }),
                 })
-                .collect(),
+                .collect::<Result<_, KeyError>>()?,
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(malformed)?;
         crate::persist::write_atomically(path, &bytes)
@@ -502,6 +609,81 @@ impl SigningKeys {
     }
 }
 
+/// Reads the key file in `path` (`None` when there is none), each sealed private key opened
+/// with `kek`: the keys, and whether one is in clear. Writes and creates nothing.
+fn read_key_file(path: &Path, kek: Option<&Kek>) -> Result<Option<(Ring, bool)>, KeyError> {
+    let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
+    let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
+    let Some(bytes) = crate::persist::read_if_exists(path).map_err(unreadable)? else {
+        return Ok(None);
+    };
+    let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
+    if file.version != 1 {
+        return Err(bad(&format!("unknown key file version {}", file.version)));
+    }
+    let in_clear = file.keys.iter().any(|k| k.pem.is_some());
+    let published = file
+        .keys
+        .into_iter()
+        .map(|entry| {
+            let pem = entry_pem(&entry, kek).map_err(|e| e.at(path))?;
+            SigningKey::from_pem(entry.alg, &pem, entry.kid)
+                .map(Arc::new)
+                .map_err(|e| bad(&e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let current = published
+        .iter()
+        .find(|k| k.kid == file.current)
+        .cloned()
+        .ok_or_else(|| bad(&"the current key is not in the file"))?;
+    Ok(Some((Ring { current, published }, in_clear)))
+}
+
+/// Why a key file's entry gives no private key.
+enum EntryError {
+    Malformed(String),
+    Sealed(String),
+}
+
+impl EntryError {
+    fn at(self, path: &Path) -> KeyError {
+        match self {
+            Self::Malformed(why) => KeyError::Malformed(format!("{}: {why}", path.display())),
+            Self::Sealed(why) => KeyError::Sealed(format!("{}: {why}", path.display())),
+        }
+    }
+}
+
+/// The private key of a key file's entry: in clear, or opened with `kek`. Sealed without a
+/// key, or with the wrong one, is an error naming the variable the gateway reads the key from.
+fn entry_pem(entry: &KeyFileEntry, kek: Option<&Kek>) -> Result<String, EntryError> {
+    let kid = &entry.kid;
+    match (&entry.pem, &entry.pem_sealed) {
+        (Some(_), Some(_)) => Err(EntryError::Malformed(format!(
+            "the signing key {kid:?} is both in clear (`pem`) and sealed (`pem_sealed`): keep one"
+        ))),
+        (Some(pem), None) => Ok(pem.clone()),
+        (None, None) => Err(EntryError::Malformed(format!(
+            "the signing key {kid:?} has no private key"
+        ))),
+        (None, Some(sealed)) => {
+            let what = format!("the signing key {kid:?}");
+            let Some(kek) = kek else {
+                return Err(EntryError::Sealed(crate::at_rest::no_key(&what)));
+            };
+            kek.open_base64(kid, sealed)
+                .and_then(|pem| String::from_utf8(pem).ok())
+                .ok_or_else(|| {
+                    EntryError::Sealed(crate::at_rest::wrong_key(
+                        &what,
+                        ", or a key sealed for another kid",
+                    ))
+                })
+        }
+    }
+}
+
 impl KeySource for SigningKeys {
     fn fetch(&self) -> KeySourceFuture {
         let keys = self.key_set().map(FetchedKeys::from).map_err(Into::into);
@@ -557,6 +739,139 @@ impl<B> Service<Request<B>> for JwksService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "seal")]
+    mod sealed {
+        use super::*;
+        use crate::seal::KeyEncryptionKey;
+
+        fn key_file(name: &str) -> (PathBuf, PathBuf) {
+            let dir = std::env::temp_dir().join(format!(
+                "tower-fhir-sealed-keys-{name}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let path = dir.join("signing-keys.json");
+            (dir, path)
+        }
+
+        fn kek(byte: u8) -> KeyEncryptionKey {
+            KeyEncryptionKey::from_base64(
+                &base64::engine::general_purpose::STANDARD.encode([byte; 32]),
+            )
+            .unwrap()
+        }
+
+        fn claims() -> Value {
+            json!({"sub": "client", "exp": 4_000_000_000u64})
+        }
+
+        #[test]
+        fn sealed_keys_keep_no_private_key_in_clear_and_survive_a_restart() {
+            let (dir, path) = key_file("round-trip");
+            let keys = SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            keys.rotate(SigningKey::generate_es256().unwrap()).unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("PRIVATE KEY"), "{text}");
+            assert!(text.contains("pem_sealed"), "{text}");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+
+            let again = SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(again.current_kid(), keys.current_kid());
+            assert_eq!(again.jwks(), keys.jwks());
+            assert_eq!(
+                again.read().current.pem,
+                keys.read().current.pem,
+                "the same private key"
+            );
+            assert!(again.sign(&claims()).is_ok());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn keys_in_clear_are_sealed_at_open() {
+            let (dir, path) = key_file("clear");
+            let clear = SigningKeys::open(&path).unwrap();
+            assert!(std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("PRIVATE KEY"));
+            // A check finds nothing to refuse, and seals nothing.
+            let before = std::fs::read(&path).unwrap();
+            SigningKeys::check_sealed(&path, &kek(1)).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+
+            let sealed = SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(sealed.current_kid(), clear.current_kid());
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("PRIVATE KEY"), "sealed at open: {text}");
+            let again = SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            assert_eq!(again.jwks(), clear.jwks());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn sealed_keys_do_not_open_without_their_key_nor_for_another_kid() {
+            let (dir, path) = key_file("refused");
+            SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            let sealed_text = std::fs::read_to_string(&path).unwrap();
+
+            for refused in [
+                SigningKeys::open(&path).unwrap_err(),
+                SigningKeys::check(&path).unwrap_err(),
+            ] {
+                assert!(matches!(refused, KeyError::Sealed(_)), "{refused:?}");
+                let refused = refused.to_string();
+                assert!(
+                    refused.contains("no key-encryption key"),
+                    "no key: {refused}"
+                );
+                assert!(
+                    refused.contains(crate::at_rest::KEY_ENV),
+                    "no key: {refused}"
+                );
+            }
+            for refused in [
+                SigningKeys::open_sealed(&path, kek(2)).unwrap_err(),
+                SigningKeys::check_sealed(&path, &kek(2)).unwrap_err(),
+            ] {
+                assert!(matches!(refused, KeyError::Sealed(_)), "{refused:?}");
+                let refused = refused.to_string();
+                assert!(refused.contains("the wrong key"), "wrong key: {refused}");
+                assert!(!refused.contains("malformed"), "wrong key: {refused}");
+                assert!(refused.contains(&path.display().to_string()), "{refused}");
+                assert!(
+                    refused.contains(crate::at_rest::KEY_ENV),
+                    "wrong key: {refused}"
+                );
+            }
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), sealed_text);
+
+            // The sealed key given another kid.
+            let mut file: Value = serde_json::from_str(&sealed_text).unwrap();
+            file["keys"][0]["kid"] = "another".into();
+            file["current"] = "another".into();
+            std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+            let refused = SigningKeys::open_sealed(&path, kek(1))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("the wrong key"), "another kid: {refused}");
+
+            // A key both in clear and sealed.
+            let mut file: Value = serde_json::from_str(&sealed_text).unwrap();
+            file["keys"][0]["pem"] = "-----BEGIN PRIVATE KEY-----".into();
+            std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+            let refused = SigningKeys::check_sealed(&path, &kek(1))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("both in clear"), "{refused}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 
     #[test]
     fn a_key_file_that_cannot_be_read_is_said_so_not_called_malformed() {
