@@ -485,8 +485,8 @@ async fn a_read_takes_at_most_max_read_checks_searches() {
         .all(|search| search.target.starts_with("/fhir/Observation?_id=1&")));
 }
 
-/// A write the token may make but whose result it may not read (no `r` on the type, or only
-/// a granular one) is forwarded as sent, and its answer's resource replaced by an
+/// A create or update the token may make but whose result it may not read (no `r` on the
+/// type, or only a granular one) is forwarded as sent, and its answer's resource replaced by an
 /// OperationOutcome (`information`, `suppressed`), its status and `ETag` kept; a token
 /// that reads the type gets the resource, and a refusal from the server is shown as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,13 +523,6 @@ async fn a_written_resource_the_token_may_not_read_is_not_shown() {
             body,
         ),
         (
-            "system/Patient.u",
-            "PATCH",
-            "/Patient/9",
-            "application/json-patch+json",
-            patch,
-        ),
-        (
             "system/Patient.u system/Patient.r?identifier=x",
             "PUT",
             "/Patient/9",
@@ -556,8 +549,65 @@ async fn a_written_resource_the_token_may_not_read_is_not_shown() {
         assert_eq!(received.method, method);
         assert_eq!(received.body, sent.as_bytes());
     }
-    // A token that reads what it writes gets it.
+    // A patch is applied to the resource as stored (its answer, or its failure, a `copy` into
+    // a field that does not take the value, a failing `test`, shows it): refused without `r`,
+    // alone or in a Bundle, before the upstream hears of it.
+    let seen = upstream.received().len();
+    for scope in [
+        "system/Patient.u",
+        "system/Patient.u system/Patient.r?identifier=x",
+    ] {
+        let token = minted(json!({"scope": format!("{TENANT} {scope}")}));
+        let copy = r#"[{"op": "copy", "from": "/name/0/family", "path": "/birthDate"}]"#;
+        let reply = send(
+            &client,
+            &token,
+            "PATCH",
+            "/Patient/9",
+            "application/json-patch+json",
+            copy,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+        assert!(
+            reply.text().contains("A patch of Patient resources"),
+            "{}",
+            reply.text()
+        );
+        let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "PATCH", "url": "Patient/9"},
+             "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json",
+                          "data": "W10="}}]});
+        let reply = send(
+            &client,
+            &token,
+            "POST",
+            "/",
+            "application/fhir+json",
+            &bundle.to_string(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+        assert!(
+            reply.text().contains("Entry 0 of the Bundle"),
+            "{}",
+            reply.text()
+        );
+    }
+    assert_eq!(upstream.received().len(), seen);
+    // A token that reads what it writes gets it, and may patch.
     let token = minted(json!({"scope": format!("{TENANT} system/Patient.ru")}));
+    let reply = send(
+        &client,
+        &token,
+        "PATCH",
+        "/Patient/9",
+        "application/json-patch+json",
+        patch,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(upstream.last().body, patch.as_bytes());
     let reply = send(
         &client,
         &token,

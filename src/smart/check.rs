@@ -443,7 +443,31 @@ impl<'g> Check<'g> {
                     && scope.covers(Some(ty))
             })
             .map(|scope| scope.query().to_vec())
-            .collect()
+            .fold(Vec::new(), |mut queries, query| {
+                // The same query under two scopes (`system/` and `user/`, a type and `*`) is
+                // one search.
+                if !queries.contains(&query) {
+                    queries.push(query);
+                }
+                queries
+            })
+    }
+
+    /// Refuses a patch of `ty` (an entry `n` of a Bundle's, or the request's) by a token that
+    /// may not read what it writes ([`reads_what_it_writes`](Self::reads_what_it_writes)): a
+    /// patch is applied to the resource as stored, so what it does, and what its answer says
+    /// (the patched resource, or an error quoting a value a `copy` or `move` put where it does
+    /// not fit, or a `test` that fails), reads the stored resource.
+    pub(crate) fn patch_reads(&self, ty: &str, entry: Option<usize>) -> Result<(), Refused> {
+        if self.reads_what_it_writes(ty) {
+            return Ok(());
+        }
+        let entry = entry.map_or(String::new(), |n| format!("Entry {n} of the Bundle: "));
+        Err(Refused::new(format!(
+            "{entry}A patch of {ty} resources needs a scope that reads them too (r on {ty}, \
+             without a query, as the scope that writes them): a patch is applied to the resource as \
+             stored, and its answer, or its failure, shows what is stored"
+        )))
     }
 
     /// Whether the token may read every resource of type `ty` it may create, update or patch:
@@ -854,6 +878,7 @@ impl<'g> Check<'g> {
     ) -> Result<Allowed, Refused> {
         let ty = found.resource_type.unwrap_or_default();
         if found.interaction == Some(Interaction::Patch) {
+            self.patch_reads(ty, Some(n))?;
             if let Some(patch) = resource {
                 self.patch_references(&entry_patch(n, patch)?)?;
             }
@@ -1658,6 +1683,22 @@ mod tests {
 
     fn allowed(scopes: &str, method: Method, url: &str) -> bool {
         check(scopes, method, url).is_ok()
+    }
+
+    #[test]
+    fn one_search_for_each_granular_query_however_many_scopes_give_it() {
+        let grants = grants(
+            "system/Observation.rs?category=lab user/Observation.r?category=lab \
+             system/*.r?category=lab system/Observation.r?category=vital-signs",
+        );
+        let queries = Check::new(&grants).granular_reads("Observation");
+        assert_eq!(
+            queries,
+            [
+                vec![("category".to_owned(), "lab".to_owned())],
+                vec![("category".to_owned(), "vital-signs".to_owned())]
+            ]
+        );
     }
 
     #[test]
@@ -2773,8 +2814,10 @@ mod tests {
                 {"name": "path", "valueString": "Observation.subject"},
                 {"name": "value", "valueReference": {"reference": value}}]}]})
         };
-        let writer = grants("system/Observation.u");
-        let searcher = grants("system/Observation.u system/Patient.s");
+        // (A patch reads what it patches: `r` beside `u`.)
+        let writer = grants("system/Observation.ru");
+        let searcher = grants("system/Observation.ru system/Patient.s");
+        let blind = grants("system/Observation.u system/Patient.s");
         for patch in [
             json_patch("Patient?identifier=x"),
             fhirpath_patch("Patient?identifier=x"),
@@ -2790,7 +2833,15 @@ mod tests {
             assert!(Check::new(&searcher).bundle(&body).is_ok());
         }
         for plain in [json_patch("Patient/1"), fhirpath_patch("Patient/1")] {
-            assert!(Check::new(&writer).bundle(&bundle(plain)).is_ok());
+            assert!(Check::new(&writer).bundle(&bundle(plain.clone())).is_ok());
+            let refused = Check::new(&blind).bundle(&bundle(plain)).unwrap_err();
+            assert!(
+                refused
+                    .diagnostics
+                    .contains("A patch of Observation resources"),
+                "{}",
+                refused.diagnostics
+            );
         }
         // A patch that cannot be read: refused, not passed unchecked.
         for unreadable in [

@@ -144,6 +144,10 @@ impl SmartScopeBuilder {
     /// Refuses (`403`) a token with no SMART resource scope. Off by default: such a token (the
     /// tenant in its scope and nothing else, as the gateway's own clients get) keeps access to
     /// everything its tenant's server holds.
+    ///
+    /// With it, a token marked [`NARROWED_CLAIM`](super::NARROWED_CLAIM) is refused too
+    /// (`403`): its resource scopes narrow the tenant-wide access of a client registered
+    /// without any, which such a client does not have here.
     pub fn require_smart_scopes(mut self, require: bool) -> Self {
         self.require_smart_scopes = require;
         self
@@ -644,6 +648,13 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                 _ => Ok(allowed),
             }
         });
+    if let (Ok(_), Some(Interaction::Patch), Some(ty)) =
+        (&checked, found.interaction, found.resource_type)
+    {
+        if let Err(why) = check.patch_reads(ty, None) {
+            return Plan::Refuse(Box::new(insufficient_scope(&why)));
+        }
+    }
     if let (
         Ok(allowed),
         Some(interaction @ (Interaction::Create | Interaction::Update | Interaction::Patch)),

@@ -91,11 +91,20 @@
 //!   Both are best effort: a server may ignore `Prefer`, and may echo the parameters it was
 //!   sent rather than those it used (HAPI rejects unknown parameters by itself). Grant
 //!   granular scopes only on parameters the upstream supports. The upstream evaluates its own search parameters, so
-//!   the check means what the scope means there; the read costs one more request upstream
-//!   (not one more against a rate limit: the [`Gateway`](crate::gateway::Gateway)'s rate
+//!   the check means what the scope means there; the read costs one more request upstream for
+//!   each granular query of the token on the type, made one after another until one finds it,
+//!   [`MAX_READ_CHECKS`] at most (a token with more for the type is refused the read), and
+//!   not one more against a rate limit (the [`Gateway`](crate::gateway::Gateway)'s rate
 //!   limits are before this layer, and one placed after it counts only the first search). A
 //!   check search answered `429` (a rate limit reached) is the read's answer. A vread under a granular scope is refused: an old
 //!   version may not match what the current one does.
+//! - A patch by a token that may not read what it writes (`r` on the type, without a query,
+//!   as the scope that writes it; a `patient/` read only beside `patient/` writes) is refused,
+//!   alone or in a Bundle: it is applied to the stored resource, and its answer or its failure
+//!   shows it. A create or update by such a token goes as sent, and a successful answer's body
+//!   (`204` and `Content-Length: 0` aside) is an OperationOutcome (`information`,
+//!   `suppressed`) instead of the resource the server wrote; its status and other headers
+//!   stay. (A token with `s` on the type can search for it all the same.)
 //! - A request that is not a FHIR interaction (`classify` finds none) is refused.
 //! - A request whose `Connection` names `Content-Type`, `Prefer` or `If-None-Exist` (a proxy
 //!   removes what `Connection` names, so the server would see another request than the one
@@ -108,7 +117,9 @@
 //! A token with no SMART resource scope at all (the tenant in `scope` and nothing else, as the
 //! token endpoint issues to clients registered without scopes) keeps tenant-wide access,
 //! unless the layer is built with
-//! [`require_smart_scopes(true)`](SmartScopeBuilder::require_smart_scopes), which refuses it.
+//! [`require_smart_scopes(true)`](SmartScopeBuilder::require_smart_scopes), which refuses it,
+//! and with it any token marked [`NARROWED_CLAIM`] (resource scopes a client registered
+//! without any asked for, which narrow a tenant-wide access it does not have there).
 //! A scope that looks like a resource scope and does not parse (`system/patient.rs`,
 //! `system/Patient.sr`, the dotted `patient.Patient.read`) grants nothing and counts as a
 //! resource scope, so a typo restricts rather than opens; the refusal names it, and the

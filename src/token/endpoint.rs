@@ -303,7 +303,9 @@ impl TokenEndpointBuilder {
     /// clients always ask for `system/` scopes, gets it a token for Observations alone. Turn it
     /// on only there: where such tokens are refused (`require_smart_scopes(true)`), the client
     /// would give itself access it does not have, and
-    /// [`GatewayBuilder::build`](crate::gateway::GatewayBuilder::build) refuses the pair.
+    /// [`GatewayBuilder::build`](crate::gateway::GatewayBuilder::build) refuses the pair. Such
+    /// tokens carry [`NARROWED_CLAIM`](crate::smart::NARROWED_CLAIM)` = true` (introspection
+    /// says so too), which a SMART layer requiring SMART scopes refuses wherever they go.
     ///
     /// ```
     /// use bytes::Bytes;

@@ -328,6 +328,12 @@ fn describe(claims: &VerifiedClaims) -> Value {
         ("nbf", claims.not_before().map(Value::from)),
         ("jti", claims.token_id().map(Value::from)),
         ("tenant", tenant.map(|t| Value::from(t.to_string()))),
+        // Its resource scopes narrow a tenant-wide client's access: nothing where SMART scopes
+        // are required (a resource server reading this answer needs to know).
+        (
+            crate::smart::NARROWED_CLAIM,
+            claims.get(crate::smart::NARROWED_CLAIM).cloned(),
+        ),
     ];
     for (name, value) in fields {
         if let Some(value) = value {
@@ -335,4 +341,27 @@ fn describe(claims: &VerifiedClaims) -> Value {
         }
     }
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(extra: Value) -> VerifiedClaims {
+        let mut claims = json!({"iss": "https://gw.example", "sub": "app", "exp": 4_000_000_000u64,
+            "scope": "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f system/Patient.r"});
+        for (name, value) in extra.as_object().unwrap() {
+            claims[name] = value.clone();
+        }
+        VerifiedClaims::assume_verified(claims.as_object().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_narrowed_token_is_described_as_one() {
+        let narrowed = describe(&claims(json!({crate::smart::NARROWED_CLAIM: true})));
+        assert_eq!(narrowed[crate::smart::NARROWED_CLAIM], true);
+        assert_eq!(narrowed["tenant"], "4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f");
+        let registered = describe(&claims(json!({})));
+        assert!(registered.get(crate::smart::NARROWED_CLAIM).is_none());
+    }
 }
