@@ -104,7 +104,10 @@ pub(crate) fn open_upstream(
         return Ok(None);
     };
     let base_url = base_of(upstream);
-    let what = format!("tenant {tenant}: the credential of its upstream {base_url}");
+    let what = format!(
+        "tenant {tenant}: the credential of its upstream {}",
+        crate::route::without_userinfo(&base_url)
+    );
     if upstream.get("authorization").is_some_and(|v| !v.is_null()) {
         return Err(format!(
             "{what} is both in clear (`authorization`) and sealed (`{SEALED_AUTHORIZATION}`): keep one"
@@ -122,7 +125,8 @@ pub(crate) fn open_upstream(
         .ok_or_else(|| {
             wrong_key(
                 &what,
-                ", or a credential copied from another tenant or upstream",
+                ", a credential copied from another tenant or upstream, or a base_url changed \
+                 since it was sealed",
             )
         })?;
     upstream.remove(SEALED_AUTHORIZATION);
@@ -161,7 +165,8 @@ pub(crate) fn seal_upstream(
     let base_url = base_of(upstream);
     if upstream.contains_key(SEALED_AUTHORIZATION) {
         return Err(format!(
-            "tenant {tenant}: the credential of its upstream {base_url} is already sealed"
+            "tenant {tenant}: the credential of its upstream {} is already sealed",
+            crate::route::without_userinfo(&base_url)
         ));
     }
     let Some(serde_json::Value::String(credential)) = upstream.remove("authorization") else {
@@ -244,6 +249,24 @@ mod tests {
     fn kek(byte: u8) -> Kek {
         use base64::Engine;
         Kek::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32])).unwrap()
+    }
+
+    #[cfg(feature = "seal")]
+    #[test]
+    fn a_refusal_names_the_upstream_without_its_userinfo() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let record = json!({"upstreams": [{"base_url": "http://a/fhir", "fhir_version": "4.0",
+            "authorization": "Bearer a-secret"}]});
+        let mut sealed = seal_credentials(Some(&kek(1)), tenant, record).unwrap();
+        // The base URL edited by hand since, with credentials in it.
+        sealed["upstreams"][0]["base_url"] = json!("http://user:PW-LEAK@a/fhir");
+        let upstream = sealed["upstreams"][0].as_object_mut().unwrap();
+        let refused = open_upstream(Some(&kek(1)), tenant, upstream)
+            .err()
+            .unwrap();
+        assert!(!refused.contains("PW-LEAK"), "{refused}");
+        assert!(refused.contains("<redacted>@a/fhir"), "{refused}");
+        assert!(refused.contains("base_url changed"), "{refused}");
     }
 
     #[cfg(feature = "seal")]

@@ -89,10 +89,15 @@ impl KeyEncryptionKey {
     /// The key in [`KEY_ENCRYPTION_KEY_ENV`]; an error naming the variable when it is unset or
     /// not a key.
     pub fn from_env() -> Result<Self, SealError> {
-        let value = std::env::var(KEY_ENCRYPTION_KEY_ENV).map_err(|_| {
-            SealError::new(format!(
-                "{KEY_ENCRYPTION_KEY_ENV} is not set: with a database the signing keys are kept there, sealed with this key; set it to 32 random bytes in base64 (`openssl rand -base64 32`), the same on every replica"
-            ))
+        let value = std::env::var(KEY_ENCRYPTION_KEY_ENV).map_err(|error| {
+            SealError::new(match error {
+                std::env::VarError::NotUnicode(_) => format!(
+                    "{KEY_ENCRYPTION_KEY_ENV} is not text: set it to 32 random bytes in base64 (`openssl rand -base64 32`)"
+                ),
+                std::env::VarError::NotPresent => format!(
+                    "{KEY_ENCRYPTION_KEY_ENV} is not set: with a database the signing keys are kept there, sealed with this key; set it to 32 random bytes in base64 (`openssl rand -base64 32`), the same on every replica"
+                ),
+            })
         })?;
         Self::from_base64(&value)
             .map_err(|e| SealError::new(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))

@@ -994,6 +994,51 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
         ),
     );
     assert!(sealed.lookup(tenant(B)).await.is_err());
+    // A record holding one upstream's credential sealed and another's in clear (written by
+    // hand): the one in clear is sealed at start, the other kept; one holding a credential
+    // both ways is refused, saying so.
+    let two = TenantRecord::new([
+        Upstream::parse("http://ehr-c/r4", FhirVersion::R4)
+            .unwrap()
+            .with_authorization("Bearer upstream-secret-1234")
+            .unwrap(),
+        Upstream::parse("http://ehr-c/r3", FhirVersion::Stu3)
+            .unwrap()
+            .with_authorization("Bearer other-secret-5678")
+            .unwrap(),
+    ])
+    .unwrap();
+    sealed.put(tenant(C), two).await.unwrap();
+    server.query(
+        "sealed",
+        &format!(
+            "UPDATE tower_fhir_tenants SET record = jsonb_set(record #- '{{upstreams,1,authorization_sealed}}', '{{upstreams,1,authorization}}', '\"Bearer typed-in-9012\"') WHERE id = '{C}'"
+        ),
+    );
+    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 1);
+    let stored = server.query(
+        "sealed",
+        &format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{C}'"),
+    );
+    assert!(!stored.contains("typed-in"), "{stored}");
+    let read = sealed.lookup(tenant(C)).await.unwrap().unwrap();
+    let credentials: Vec<_> = read
+        .upstreams()
+        .iter()
+        .map(|upstream| upstream.authorization().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        credentials,
+        ["Bearer upstream-secret-1234", "Bearer typed-in-9012"]
+    );
+    server.query(
+        "sealed",
+        &format!(
+            "UPDATE tower_fhir_tenants SET record = jsonb_set(record, '{{upstreams,0,authorization}}', '\"Bearer both-3456\"') WHERE id = '{C}'"
+        ),
+    );
+    let refused = sealed.seal_stored_credentials().await.unwrap_err();
+    assert!(refused.to_string().contains("both in clear"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1504,7 +1504,11 @@ impl PgTenantStore {
             let Ok(tenant) = TenantId::parse(&id.to_string()) else {
                 continue;
             };
-            let json = seal_credentials(Some(kek), tenant, record.clone())?;
+            // Opened first: a record may hold some upstreams' credentials sealed beside others
+            // in clear (written by hand); one holding a credential both ways is refused, saying
+            // so.
+            let opened = open_credentials(Some(kek), tenant, record.clone())?;
+            let json = seal_credentials(Some(kek), tenant, opened)?;
             sealed += connection
                 .execute(
                     "UPDATE tower_fhir_tenants SET record = $2 WHERE id = $1 AND record = $3",

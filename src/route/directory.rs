@@ -728,6 +728,7 @@ impl FileDirectory {
         crate::persist::make_parent(path)
             .map_err(|e| DirectoryError::with_source(format!("{}: {e}", path.display()), e))?;
         let read = read_file(path, kek.as_ref())?;
+        let had_sealed = !read.sealed.is_empty();
         let directory = Self {
             memory: read.memory,
             path: Arc::new(path.to_path_buf()),
@@ -746,11 +747,21 @@ impl FileDirectory {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             directory.write_with(None, None)?;
-            tracing::info!(
-                file = %directory.path.display(),
-                tenants = read.in_clear,
-                "upstream credentials found in clear sealed with the key-encryption key"
-            );
+            if had_sealed {
+                // Beside sealed ones: written by hand, or copied in. The sealing keeps them
+                // secret; it does not say who put them there.
+                tracing::warn!(
+                    file = %directory.path.display(),
+                    tenants = read.in_clear,
+                    "upstream credentials found in clear in a file that held sealed ones (written there by hand, or by a gateway without the key-encryption key): sealed now; check that they are yours"
+                );
+            } else {
+                tracing::info!(
+                    file = %directory.path.display(),
+                    tenants = read.in_clear,
+                    "upstream credentials found in clear sealed with the key-encryption key"
+                );
+            }
         }
         Ok(directory)
     }

@@ -84,7 +84,6 @@ pub use layer::{
     ConfigError, ResponseFuture, TenantRouting, TenantRoutingBuilder, TenantRoutingLayer,
 };
 pub use nesting::{host_address, nested_bases, NestedBases};
-#[cfg(feature = "proxy")]
 pub(crate) use upstream::without_userinfo;
 pub use upstream::{
     InProcessTenant, InvalidTenant, InvalidUpstream, TenantEntry, TenantRecord, Upstream,
