@@ -497,7 +497,7 @@ async fn a_written_resource_the_token_may_not_read_is_not_shown() {
     created.status = StatusCode::CREATED;
     created.headers.push((
         "location".into(),
-        "http://up/fhir/Patient/9/_history/1".into(),
+        format!("{}/Patient/9/_history/1", upstream.base("/fhir")),
     ));
     created.headers.push(("etag".into(), "W/\"1\"".into()));
     upstream.answer("/fhir/Patient", created);
@@ -540,6 +540,12 @@ async fn a_written_resource_the_token_may_not_read_is_not_shown() {
         assert_eq!(outcome["issue"][0]["code"], "suppressed", "{said}");
         assert!(!reply.text().contains("Smith"), "{said}");
         assert_eq!(reply.headers["etag"], "W/\"1\"");
+        // (Rewritten to the gateway's base, as any answer's.)
+        assert_eq!(
+            reply.headers["location"],
+            format!("http://{}/Patient/9/_history/1", client.addr()).as_str(),
+            "{said}"
+        );
         assert!(reply.headers["content-type"]
             .to_str()
             .unwrap()
