@@ -89,6 +89,15 @@ async fn post(client: &TestClient, path: &str, form: &str) -> Reply {
     client.send("POST", path, &[FORM], form).await
 }
 
+/// A client credentials grant for the client `id` (its secret [`SECRET`]) and `scope`
+/// (form-encoded).
+async fn ask_token(client: &TestClient, id: &str, scope: &str) -> Reply {
+    let form = format!(
+        "grant_type=client_credentials&client_id={id}&client_secret={SECRET}&scope={scope}"
+    );
+    post(client, "/oauth/token", &form).await
+}
+
 /// A client assertion of `client`, signed with `pem`'s key under `kid`, for `base`'s token URL.
 fn assertion(pem: &str, kid: &str, client: &str, base: &str, jti: &str) -> String {
     let claims = json!({"iss": client, "sub": client, "aud": format!("{base}/oauth/token"),
@@ -120,14 +129,7 @@ async fn scopes_backend_clients_introspection_and_revocation_through_the_binary(
     let (client, base) = (&running.client, running.base.clone());
 
     // The tenant alone grants the registered scopes, which are enforced.
-    let reply = post(
-        client,
-        "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
-        ),
-    )
-    .await;
+    let reply = ask_token(client, "app", TENANT).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.rs"));
     let app_token = reply.json()["access_token"].as_str().unwrap().to_owned();
@@ -407,13 +409,10 @@ async fn a_client_without_scopes_narrows_only_where_scopes_are_not_required() {
         "/fhir",
         Answer::json(json!({"resourceType": "Patient", "id": "1"})),
     );
-    let form = format!(
-        "grant_type=client_credentials&client_id=open&client_secret={SECRET}\
-         &scope={TENANT}%20system/Patient.r"
-    );
+    let narrowing = format!("{TENANT}%20system/Patient.r");
     let mut running = start_with(&dir, &upstream, 0, false);
     let client = &running.client;
-    let reply = post(client, "/oauth/token", &form).await;
+    let reply = ask_token(client, "open", &narrowing).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["scope"], format!("{TENANT} system/Patient.r"));
     let narrowed = reply.json()["access_token"].as_str().unwrap().to_owned();
@@ -436,18 +435,11 @@ async fn a_client_without_scopes_narrows_only_where_scopes_are_not_required() {
         "{}",
         refused.text()
     );
-    let reply = post(client, "/oauth/token", &form).await;
+    let reply = ask_token(client, "open", &narrowing).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
     assert_eq!(reply.json()["error"], "invalid_scope");
     // The client registered with scopes is unaffected.
-    let reply = post(
-        client,
-        "/oauth/token",
-        &format!(
-            "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
-        ),
-    )
-    .await;
+    let reply = ask_token(client, "app", TENANT).await;
     let token = reply.json()["access_token"].as_str().unwrap().to_owned();
     assert_eq!(
         client.get_bearer("/Patient/1", &token).await.status,

@@ -1028,6 +1028,18 @@ mod tests {
             path
         }
 
+        /// The directory at `path`, sealed with `kek(1)`, holding tenant A with a credential.
+        fn sealed_with_a(path: &Path) -> FileDirectory {
+            let directory = FileDirectory::open_sealed(path, kek(1)).unwrap();
+            directory
+                .upsert(
+                    TenantId::parse(A).unwrap(),
+                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
+                )
+                .unwrap();
+            directory
+        }
+
         fn credential(directory: &FileDirectory, tenant: &str) -> String {
             let record = directory.get(TenantId::parse(tenant).unwrap()).unwrap();
             let upstream = record.default_upstream().unwrap();
@@ -1102,13 +1114,7 @@ mod tests {
         #[test]
         fn a_credential_both_in_clear_and_sealed_is_refused() {
             let path = file("both");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
+            sealed_with_a(&path);
             let mut json: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
             json["tenants"][0]["upstreams"][0]["authorization"] = "Bearer planted".into();
@@ -1218,13 +1224,7 @@ mod tests {
         #[test]
         fn a_sealed_file_does_not_open_without_its_key() {
             let path = file("refused");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
+            sealed_with_a(&path);
             let sealed_text = std::fs::read_to_string(&path).unwrap();
 
             let refused = FileDirectory::open(&path).unwrap_err().to_string();
@@ -1251,13 +1251,7 @@ mod tests {
         #[test]
         fn a_sealed_credential_copied_to_another_tenant_or_upstream_does_not_open() {
             let path = file("copied");
-            let directory = FileDirectory::open_sealed(&path, kek(1)).unwrap();
-            directory
-                .upsert(
-                    TenantId::parse(A).unwrap(),
-                    record("http://127.0.0.1:9001/fhir", "Bearer a-secret"),
-                )
-                .unwrap();
+            let directory = sealed_with_a(&path);
             directory
                 .upsert(
                     TenantId::parse(B).unwrap(),
