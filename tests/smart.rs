@@ -640,6 +640,50 @@ async fn a_written_resource_the_token_may_not_read_is_not_shown() {
     assert_eq!(reply.json()["issue"][0]["diagnostics"], "bad name");
 }
 
+/// An `access_token` in a posted form (a `_search`'s, an operation's parameters) would reach
+/// the FHIR server and its logs, as one in the query string would: `400` (`invalid_request`),
+/// whatever the token's scopes, before the upstream hears of it; a form without one goes as
+/// sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_in_a_posted_form_is_refused() {
+    let Setup { client, upstream } = setup(false).await;
+    upstream.answer(
+        "/fhir/Patient/_search",
+        Answer::json(json!({"resourceType": "Bundle", "type": "searchset", "total": 0})),
+    );
+    let tenant_wide = minted(json!({"scope": TENANT}));
+    let scoped = minted(json!({"scope": format!("{TENANT} system/Patient.rs")}));
+    let form = "application/x-www-form-urlencoded";
+    for token in [&tenant_wide, &scoped] {
+        for body in [
+            "name=x&access_token=eyJabc",
+            "access%5Ftoken=eyJabc",
+            "name=x;access_token=eyJabc",
+        ] {
+            let reply = send(&client, token, "POST", "/Patient/_search", form, body).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{body}: {}",
+                reply.text()
+            );
+            assert_eq!(
+                reply.headers["www-authenticate"],
+                "Bearer error=\"invalid_request\""
+            );
+            assert!(reply.text().contains("form body"), "{}", reply.text());
+        }
+        assert!(upstream.received().is_empty());
+    }
+    // Without one: forwarded byte for byte, tenant-wide or scoped.
+    for token in [&tenant_wide, &scoped] {
+        let body = "name=x&_count=10";
+        let reply = send(&client, token, "POST", "/Patient/_search", form, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(upstream.last().body, body.as_bytes());
+    }
+}
+
 /// The claims of a token, unverified.
 fn payload(token: &str) -> Value {
     use base64::Engine;

@@ -107,6 +107,6 @@ pub use revocation_file::FileRevocationLog;
 pub use revoked::{revoked_until, RevocationLog, RevokedTokens};
 pub use service::BearerAuth;
 pub use source::{FetchedKeys, KeyChanges, KeySource, KeySourceError, KeySourceFuture};
-pub(crate) use verify::is_parameter;
+pub(crate) use verify::{is_parameter, names_a_token};
 #[cfg(feature = "token")]
 pub(crate) use verify::{verify_with_keys, Expected};

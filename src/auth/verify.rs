@@ -988,7 +988,7 @@ impl TokenCache {
 
 /// Whether `query` has an `access_token` parameter (its name read as [`is_parameter`] reads
 /// it; `&` or `;` between parameters, as servers split them).
-fn names_a_token(query: &str) -> bool {
+pub(crate) fn names_a_token(query: &str) -> bool {
     // Only a query holding a `%`, a byte beyond ASCII, or `token` (in any case) after a `_`,
     // `.`, `+` or `[` can: most hold none (a FHIR search's `_count` has no `k`), one pass
     // over its `%`s and `k`s, no split.

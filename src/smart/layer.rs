@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::check::{interaction_of, operation_parameters, Allowed, Check, Refused};
 use super::scope::{parse_query, Grants, Param};
-use crate::auth::{MemoKey, VerifiedClaims};
+use crate::auth::{names_a_token, MemoKey, VerifiedClaims};
 use crate::body::ResponseBody;
 use crate::future::PassOrOwn;
 use crate::interaction::Interaction;
@@ -258,6 +258,9 @@ enum BodyCheck {
     SearchForm {
         untyped: bool,
     },
+    /// A form posted under a token the scopes do not restrict: only checked for an
+    /// `access_token` ([`form_token`]).
+    FormToken,
     /// A created or updated resource, allowed by the head: it must be of the type the URL
     /// names (`None`: a patch, of no type), which the scopes were checked for, and its
     /// conditional references need what their searches would.
@@ -354,7 +357,7 @@ where
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let max = match what {
-                    BodyCheck::SearchForm { .. } => {
+                    BodyCheck::SearchForm { .. } | BodyCheck::FormToken => {
                         self.config.max_buffered_body.min(MAX_FORM_BODY)
                     }
                     _ => self.config.max_buffered_body,
@@ -377,7 +380,13 @@ where
                             return Ok(response.map(ResponseBody::full));
                         }
                     };
+                    if matches!(what, BodyCheck::SearchForm { .. } | BodyCheck::FormToken)
+                        && names_a_token(&String::from_utf8_lossy(&bytes))
+                    {
+                        return Ok(form_token().map(ResponseBody::full));
+                    }
                     let checked = match what {
+                        BodyCheck::FormToken => Ok(Allowed::default()),
                         BodyCheck::Bundle => Check::new(&grants).bundle(&bytes),
                         BodyCheck::BundleUrls => {
                             super::check::bundle_entry_urls(&bytes).map(|()| Allowed::default())
@@ -541,6 +550,11 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
                 ));
             }
             return Plan::ReadBody(BodyCheck::BundleUrls);
+        }
+        // A form (a `_search`'s, an operation's parameters) is read for an `access_token`,
+        // which would reach the FHIR server (and its logs) in it.
+        if request.method() == Method::POST && !matches!(form_body(request.headers()), Ok(false)) {
+            return Plan::ReadBody(BodyCheck::FormToken);
         }
         return Plan::Pass;
     }
@@ -1432,6 +1446,24 @@ fn media_parameter(param: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not
 /// read as the ones checked.
+/// `400` (`invalid_request`, RFC 6750 §3.1: a token sent in more than one way) for a form
+/// holding an `access_token` parameter (in any spelling a server reads as one): the form goes
+/// to the FHIR server as sent, so the token would reach it and its logs, as one in the query
+/// string would (which the bearer layer refuses).
+fn form_token() -> Response<Bytes> {
+    let mut response = OperationOutcome::error(
+        IssueType::Security,
+        "An access token in a form body is not accepted: it would be forwarded to the FHIR \
+         server and its logs. Send it in an Authorization: Bearer header only",
+    )
+    .to_response(StatusCode::BAD_REQUEST);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_request\""),
+    );
+    response
+}
+
 fn not_a_form() -> Response<Bytes> {
     OperationOutcome::error(
         IssueType::NotSupported,
