@@ -457,7 +457,19 @@ fn hidden_result<B>(grants: &Grants, request: &Request<B>) -> Option<Box<str>> {
     if grants.is_empty() || !matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         return None;
     }
-    let found = interaction_of(method, request.uri().path());
+    let path = request.uri().path();
+    // A create is a POST to a type: its last segment a type's name. The POSTs that are not
+    // (`_search`, `$operation`s, a batch) are not classified again here.
+    if *method == Method::POST
+        && !path
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.starts_with(|c: char| c.is_ascii_uppercase()))
+    {
+        return None;
+    }
+    let found = interaction_of(method, path);
     match (found.interaction, found.resource_type) {
         (Some(Interaction::Create | Interaction::Update | Interaction::Patch), Some(ty))
             if !Check::new(grants).reads_what_it_writes(ty) =>
