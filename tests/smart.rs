@@ -675,6 +675,48 @@ async fn an_access_token_in_a_posted_form_is_refused() {
         }
         assert!(upstream.received().is_empty());
     }
+    // A form with a method FHIR never sends one with, which some servers read as parameters
+    // all the same (a `_cascade=delete`): refused, whatever the token; so is a tenant-wide
+    // token's form in a charset this layer does not read as the server would.
+    let deleter = minted(json!({"scope": format!("{TENANT} system/Patient.d")}));
+    for (token, method) in [
+        (&tenant_wide, "DELETE"),
+        (&deleter, "DELETE"),
+        (&tenant_wide, "PUT"),
+    ] {
+        let reply = send(
+            &client,
+            token,
+            method,
+            "/Patient/1",
+            form,
+            "_cascade=delete",
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{method}: {}",
+            reply.text()
+        );
+    }
+    let latin = "application/x-www-form-urlencoded; charset=ISO-8859-1";
+    let reply = send(
+        &client,
+        &tenant_wide,
+        "POST",
+        "/Patient/_search",
+        latin,
+        "name=x",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{}",
+        reply.text()
+    );
+    assert!(upstream.received().is_empty());
     // Without one: forwarded byte for byte, tenant-wide or scoped.
     for token in [&tenant_wide, &scoped] {
         let body = "name=x&_count=10";

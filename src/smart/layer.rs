@@ -538,7 +538,16 @@ fn without_written_resource<B>(
 }
 
 /// What to do with a request, from its head and the grants.
-fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
+fn plan<B: Body>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
+    // (A form type on an empty body, which some clients send on every request, holds nothing.)
+    if matches!(
+        *request.method(),
+        Method::PUT | Method::PATCH | Method::DELETE
+    ) && !request.body().is_end_stream()
+        && !matches!(form_body(request.headers()), Ok(false))
+    {
+        return Plan::Refuse(Box::new(form_not_posted()));
+    }
     if grants.narrowed() && config.require_smart_scopes {
         // Scopes a client without any asked for: they narrow a tenant-wide access, which a
         // token without resource scopes does not have here.
@@ -564,9 +573,19 @@ fn plan<B>(config: &Config, grants: &Grants, request: &Request<B>) -> Plan {
             return Plan::ReadBody(BodyCheck::BundleUrls);
         }
         // A form (a `_search`'s, an operation's parameters) is read for an `access_token`,
-        // which would reach the FHIR server (and its logs) in it.
-        if request.method() == Method::POST && !matches!(form_body(request.headers()), Ok(false)) {
-            return Plan::ReadBody(BodyCheck::FormToken);
+        // which would reach the FHIR server (and its logs) in it; one this layer cannot read
+        // as the server would (another charset) is refused, as a scoped token's is.
+        if request.method() == Method::POST {
+            match form_body(request.headers()) {
+                Ok(false) => {}
+                Ok(true) => return Plan::ReadBody(BodyCheck::FormToken),
+                Err(why) => {
+                    return Plan::Refuse(Box::new(
+                        OperationOutcome::error(IssueType::NotSupported, why)
+                            .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+                    ))
+                }
+            }
         }
         return Plan::Pass;
     }
@@ -1456,15 +1475,13 @@ fn media_parameter(param: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, value))
 }
 
-/// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not
-/// read as the ones checked.
 /// `400` (`invalid_request`, RFC 6750 §3.1: a token sent in more than one way) for a form
 /// holding an `access_token` parameter (in any spelling a server reads as one): the form goes
 /// to the FHIR server as sent, so the token would reach it and its logs, as one in the query
-/// string would (which the bearer layer refuses).
+/// string would (which the bearer layer refuses, with the same code and outcome).
 fn form_token() -> Response<Bytes> {
     let mut response = OperationOutcome::error(
-        IssueType::Security,
+        IssueType::Invalid,
         "An access token in a form body is not accepted: it would be forwarded to the FHIR \
          server and its logs. Send it in an Authorization: Bearer header only",
     )
@@ -1473,9 +1490,28 @@ fn form_token() -> Response<Bytes> {
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer error=\"invalid_request\""),
     );
+    // (The bearer layer's outcome for a token in the query string.)
+    response
+        .extensions_mut()
+        .insert(crate::outcome::Refusal("invalid_request"));
     response
 }
 
+/// `415` for a form sent with a method FHIR never sends one with (`PUT`, `PATCH`, `DELETE`):
+/// some servers read such a body as request parameters all the same (Spring's form content
+/// filter, Jetty for `PUT`), which a FHIR server would then take as the request's (a
+/// `_cascade=delete` for a `DELETE`, an `access_token`), unchecked here.
+fn form_not_posted() -> Response<Bytes> {
+    OperationOutcome::error(
+        IssueType::NotSupported,
+        "A form body is only taken with POST (a _search, an operation's parameters): some \
+         servers read one sent with PUT, PATCH or DELETE as the request's parameters",
+    )
+    .to_response(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+}
+
+/// `415`: a `_search` body that is not a form, whose parameters the FHIR server would not
+/// read as the ones checked.
 fn not_a_form() -> Response<Bytes> {
     OperationOutcome::error(
         IssueType::NotSupported,
