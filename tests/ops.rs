@@ -104,18 +104,7 @@ async fn setup(query: QueryRecording) -> Setup {
 }
 
 async fn access_token(client: &TestClient, scope: &str) -> String {
-    let reply = client
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={scope}"
-            ),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    reply.json()["access_token"].as_str().unwrap().to_owned()
+    client.client_token("app", SECRET, scope).await
 }
 
 /// The records so far, waiting (up to 10 s: a busy machine may take a while) for the last one

@@ -60,18 +60,7 @@ fn start(dir: &Path, upstream: &RecordingUpstream, extra: Value) -> Running {
 }
 
 async fn token(client: &TestClient) -> String {
-    let reply = client
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={TENANT}"
-            ),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    reply.json()["access_token"].as_str().unwrap().to_owned()
+    client.client_token("app", SECRET, TENANT).await
 }
 
 async fn metrics(addr: SocketAddr) -> String {

@@ -30,7 +30,6 @@ const ADMIN: &str = "sealed-state-admin-token-0123456789";
 const KEK: &str = "c2VhbGVkLXN0YXRlLWtleS1lbmNyeXB0aW9uLWtleSE=";
 const OTHER_KEK: &str = "YW5vdGhlci1rZXktZW5jcnlwdGlvbi1rZXktMzJieXQ=";
 const ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
-const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
 
 /// The configuration: one tenant whose upstream (at `/tenant` on `upstream`) takes
 /// [`CREDENTIAL`], the client `app` for it and for [`ONBOARDED`], the admin API, the state in
@@ -234,18 +233,7 @@ fn the_demo_ignores_the_key_encryption_key() {
 }
 
 async fn token(client: &TestClient, tenant: &str) -> String {
-    let reply = client
-        .send(
-            "POST",
-            "/oauth/token",
-            &[FORM],
-            &format!(
-                "grant_type=client_credentials&client_id=app&client_secret={SECRET}&scope={tenant}"
-            ),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    reply.json()["access_token"].as_str().unwrap().to_owned()
+    client.client_token("app", SECRET, tenant).await
 }
 
 /// A read with `token` reaches `upstream` with `credential` as its `Authorization`.

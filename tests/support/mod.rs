@@ -295,6 +295,23 @@ impl TestClient {
             .await
     }
 
+    /// An access token from `POST /oauth/token` (client credentials) for the client
+    /// `client_id` with `secret` and `scope`; the request must succeed.
+    pub async fn client_token(&self, client_id: &str, secret: &str, scope: &str) -> String {
+        let reply = self
+            .send(
+                "POST",
+                "/oauth/token",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                &format!(
+                    "grant_type=client_credentials&client_id={client_id}&client_secret={secret}&scope={scope}"
+                ),
+            )
+            .await;
+        assert_eq!(reply.status, http::StatusCode::OK, "{}", reply.text());
+        reply.json()["access_token"].as_str().unwrap().to_owned()
+    }
+
     /// `POST /oauth/revoke` of `token` by the client `client_id` with `secret` (RFC 7009).
     pub async fn revoke(&self, token: &str, client_id: &str, secret: &str) -> Reply {
         self.send(
