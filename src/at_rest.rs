@@ -9,6 +9,20 @@ use crate::tenant::TenantId;
 #[cfg(feature = "seal")]
 pub(crate) use crate::seal::KeyEncryptionKey as Kek;
 
+/// Which key opened a sealed secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenedBy {
+    /// The key that seals.
+    Key,
+    /// The previous key (the key being changed from): the secret is to be sealed again with
+    /// the key that seals.
+    #[cfg_attr(not(feature = "seal"), allow(dead_code))]
+    Previous,
+    /// The next key (the key being changed to, by other replicas): the secret stays as it is.
+    #[cfg_attr(not(feature = "seal"), allow(dead_code))]
+    Next,
+}
+
 /// Without the `seal` feature there is no key-encryption key: this type has no value.
 #[cfg(not(feature = "seal"))]
 #[derive(Debug)]
@@ -24,7 +38,7 @@ impl Kek {
         match *self {}
     }
 
-    pub(crate) fn open_base64(&self, _binding: &str, _sealed: &str) -> Option<Vec<u8>> {
+    pub(crate) fn open_base64(&self, _binding: &str, _sealed: &str) -> Option<(Vec<u8>, OpenedBy)> {
         match *self {}
     }
 }
@@ -32,6 +46,10 @@ impl Kek {
 /// The environment variable the gateway reads its key-encryption key from (the `seal`
 /// module's `KEY_ENCRYPTION_KEY_ENV`), named when a stored value opens only with it.
 pub(crate) const KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
+
+/// The environment variable the gateway reads the key being changed from (the `seal`
+/// module's `PREVIOUS_KEY_ENCRYPTION_KEY_ENV`).
+pub(crate) const PREVIOUS_KEY_ENV: &str = "TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY";
 
 /// Where a sealed credential is kept in an upstream's JSON, in place of `authorization`: the
 /// sealed bytes in base64.
@@ -54,7 +72,7 @@ fn no_key_in(what: &str, seal_built: bool) -> String {
 
 /// Why `what`, sealed, is refused when the key-encryption key given does not open it.
 pub(crate) fn wrong_key(what: &str, or: &str) -> String {
-    format!("{what} does not open with the key-encryption key given: the wrong key{or}; set {KEY_ENV} to the key it was sealed with")
+    format!("{what} does not open with the key-encryption key given: the wrong key{or}; set {KEY_ENV} to the key it was sealed with (or, to change the key, set {PREVIOUS_KEY_ENV} to it)")
 }
 
 /// What a sealed credential is bound to: its tenant and its upstream's base URL.
@@ -88,6 +106,8 @@ pub(crate) struct Opened {
     pub(crate) credential: String,
     /// As it was in the file (base64), to write again while the credential is unchanged.
     pub(crate) sealed: String,
+    /// Which key opened it (the key that seals, when it was just sealed).
+    pub(crate) by: OpenedBy,
 }
 
 /// Opens the sealed credential of an upstream's JSON with `kek`, in place (its
@@ -119,9 +139,9 @@ pub(crate) fn open_upstream(
     let Some(kek) = kek else {
         return Err(no_key(&what));
     };
-    let credential = kek
+    let (credential, by) = kek
         .open_base64(&credential_binding(tenant, &base_url), &sealed)
-        .and_then(|credential| String::from_utf8(credential).ok())
+        .and_then(|(credential, by)| Some((String::from_utf8(credential).ok()?, by)))
         .ok_or_else(|| {
             wrong_key(
                 &what,
@@ -135,6 +155,7 @@ pub(crate) fn open_upstream(
         base_url,
         credential,
         sealed,
+        by,
     }))
 }
 
@@ -150,6 +171,40 @@ pub(crate) fn open_credentials(
         open_upstream(kek, tenant, upstream)?;
     }
     Ok(json)
+}
+
+/// A tenant record's JSON sealed again with `kek` when it holds a credential in clear or one
+/// only `kek`'s previous key opens (with how many of each), `None` when every credential is
+/// sealed with `kek` already. An error as [`open_credentials`]'s.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn reseal_credentials(
+    kek: &Kek,
+    tenant: TenantId,
+    mut json: serde_json::Value,
+) -> Result<Option<(serde_json::Value, Resealed)>, String> {
+    let mut resealed = Resealed::default();
+    for upstream in upstreams_of(&mut json) {
+        match open_upstream(Some(kek), tenant, upstream)? {
+            Some(opened) if opened.by == OpenedBy::Previous => resealed.previous += 1,
+            Some(_) => {}
+            None if upstream.get("authorization").is_some_and(|v| !v.is_null()) => {
+                resealed.in_clear += 1;
+            }
+            None => {}
+        }
+    }
+    if resealed == Resealed::default() {
+        return Ok(None);
+    }
+    Ok(Some((seal_credentials(Some(kek), tenant, json)?, resealed)))
+}
+
+/// What [`reseal_credentials`] sealed again: credentials found in clear, and credentials only
+/// the previous key opened.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resealed {
+    pub(crate) in_clear: usize,
+    pub(crate) previous: usize,
 }
 
 /// Seals the credential of an upstream's JSON with `kek`, in place (its `authorization`
@@ -188,6 +243,7 @@ pub(crate) fn seal_upstream(
         base_url,
         credential,
         sealed,
+        by: OpenedBy::Key,
     }))
 }
 
@@ -273,6 +329,10 @@ mod tests {
     #[test]
     fn the_variable_named_is_the_seal_modules() {
         assert_eq!(KEY_ENV, crate::seal::KEY_ENCRYPTION_KEY_ENV);
+        assert_eq!(
+            PREVIOUS_KEY_ENV,
+            crate::seal::PREVIOUS_KEY_ENCRYPTION_KEY_ENV
+        );
     }
 
     #[cfg(feature = "seal")]
@@ -323,6 +383,63 @@ mod tests {
             .unwrap();
         moved["upstreams"][1][SEALED_AUTHORIZATION] = credential;
         assert!(open_credentials(Some(&kek(1)), tenant, moved).is_err());
+    }
+
+    #[cfg(feature = "seal")]
+    #[test]
+    fn a_record_is_sealed_again_when_it_holds_a_credential_in_clear_or_under_the_previous_key() {
+        let tenant = TenantId::parse(TENANT).unwrap();
+        let (old, new) = (kek(1), kek(2));
+        let changing = new.clone().with_previous(old.clone());
+        let record = json!({"upstreams": [
+            {"base_url": "http://a/fhir", "fhir_version": "4.0", "authorization": "Bearer a"},
+            {"base_url": "http://b/fhir", "fhir_version": "4.0", "authorization": "Bearer b"},
+        ]});
+        let by_old = seal_credentials(Some(&old), tenant, record.clone()).unwrap();
+        let (resealed, counted) = reseal_credentials(&changing, tenant, by_old.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            counted,
+            Resealed {
+                in_clear: 0,
+                previous: 2
+            }
+        );
+        assert_eq!(
+            open_credentials(Some(&new), tenant, resealed.clone()).unwrap(),
+            record,
+            "opens with the new key alone"
+        );
+        assert!(open_credentials(Some(&old), tenant, resealed.clone()).is_err());
+        assert_eq!(
+            reseal_credentials(&changing, tenant, resealed.clone()).unwrap(),
+            None,
+            "sealed with the key already: left as it is"
+        );
+        assert_eq!(reseal_credentials(&new, tenant, resealed).unwrap(), None);
+        // One upstream in clear beside one sealed with the old key.
+        let mut mixed = by_old.clone();
+        mixed["upstreams"][1] = record["upstreams"][1].clone();
+        let (resealed, counted) = reseal_credentials(&changing, tenant, mixed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            counted,
+            Resealed {
+                in_clear: 1,
+                previous: 1
+            }
+        );
+        assert!(!resealed.to_string().contains("Bearer"), "{resealed}");
+        assert_eq!(
+            open_credentials(Some(&new), tenant, resealed).unwrap(),
+            record
+        );
+        // Neither key: refused, nothing resealed.
+        let refused =
+            reseal_credentials(&kek(3).with_previous(kek(4)), tenant, by_old).unwrap_err();
+        assert!(refused.contains("the wrong key"), "{refused}");
     }
 
     #[cfg(feature = "seal")]

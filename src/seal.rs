@@ -10,6 +10,17 @@
 //! [`SigningKeys::check_sealed`](crate::token::SigningKeys::check_sealed) read alone, and
 //! refuse a sealed value the key does not open (the wrong key) as `open_sealed` would. A
 //! build without this feature refuses a file holding a sealed value, saying it lacks it.
+//!
+//! Changing the key: the new key given the old one as its previous key
+//! ([`KeyEncryptionKey::with_previous`], in the gateway
+//! [`PREVIOUS_KEY_ENCRYPTION_KEY_ENV`]) opens what either sealed and seals with itself alone;
+//! the stores seal again, with the new key, what only the previous one opens when they are
+//! opened (the files' `open_sealed`, the database's signing keys and
+//! `seal_stored_credentials`). Once they have, the previous key can go. Replicas sharing a
+//! database that cannot all restart at once first take the new key as their next key
+//! ([`KeyEncryptionKey::with_next`], [`NEXT_KEY_ENCRYPTION_KEY_ENV`]: opened, never sealed
+//! with, nothing sealed again), so that each opens what the first to take the new key
+//! seals.
 
 use std::fmt;
 
@@ -17,8 +28,20 @@ use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::Engine;
 
+use crate::at_rest::OpenedBy;
+
 /// The environment variable the gateway reads its key-encryption key from.
 pub const KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
+
+/// The environment variable the gateway reads a previous key-encryption key from, beside
+/// [`KEY_ENCRYPTION_KEY_ENV`]'s: what it sealed opens and is sealed again with the key (see
+/// [`KeyEncryptionKey::with_previous`]).
+pub const PREVIOUS_KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY";
+
+/// The environment variable the gateway reads a next key-encryption key from, beside
+/// [`KEY_ENCRYPTION_KEY_ENV`]'s: what it sealed opens, and stays as it is (see
+/// [`KeyEncryptionKey::with_next`]).
+pub const NEXT_KEY_ENCRYPTION_KEY_ENV: &str = "TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY";
 
 /// Why a key-encryption key could not be had, or a secret could not be sealed.
 #[derive(Debug, Clone)]
@@ -46,7 +69,9 @@ impl std::error::Error for SealError {}
 /// what the secret belongs to bound as associated data so a sealed secret cannot be passed off
 /// as another's): the signing keys (bound to their `kid`) and the upstreams' credentials
 /// (bound to their tenant and upstream), in the database or in files. Every replica needs the
-/// same one; `Debug` does not show it.
+/// same one; `Debug` does not show it. To change it, give the new key the old one as its
+/// previous key ([`with_previous`](Self::with_previous)), after giving replicas that keep
+/// the old key for a while the new one as their next key ([`with_next`](Self::with_next)).
 ///
 /// ```
 /// use tower_fhir::seal::KeyEncryptionKey;
@@ -60,7 +85,11 @@ impl std::error::Error for SealError {}
 /// let _: tower_fhir::postgres::KeyEncryptionKey = key;
 /// ```
 #[derive(Clone)]
-pub struct KeyEncryptionKey(Key<Aes256Gcm>);
+pub struct KeyEncryptionKey {
+    key: Key<Aes256Gcm>,
+    /// A key that opens what it sealed and seals nothing: the key being changed from, or to.
+    other: Option<(Key<Aes256Gcm>, OpenedBy)>,
+}
 
 impl fmt::Debug for KeyEncryptionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,7 +112,65 @@ impl KeyEncryptionKey {
                 bytes.len()
             ))
         })?;
-        Ok(Self(Key::<Aes256Gcm>::from(bytes)))
+        Ok(Self {
+            key: Key::<Aes256Gcm>::from(bytes),
+            other: None,
+        })
+    }
+
+    /// This key, also opening what `previous` sealed, and sealing with itself alone: how the
+    /// key changes. A store opened with it seals again with this key what only `previous`
+    /// opens (the files' `open_sealed`, the database's signing keys and stored credentials), so
+    /// that the previous key can then go. It replaces a next key given before; `previous`'s
+    /// own previous or next key is not taken.
+    ///
+    /// ```
+    /// use tower_fhir::seal::KeyEncryptionKey;
+    ///
+    /// let old = KeyEncryptionKey::from_base64("q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=").unwrap();
+    /// let new = KeyEncryptionKey::from_base64("YW5vdGhlci1rZXktZW5jcnlwdGlvbi1rZXktMzJieXQ=").unwrap();
+    /// let changing = new.clone().with_previous(old.clone());
+    /// assert!(changing.has_previous() && !new.has_previous());
+    /// assert!(changing.same_key(&new), "it seals with the new key");
+    /// assert!(!changing.same_key(&old));
+    /// // Replicas still on the old key, opening what the new one seals:
+    /// let waiting = old.clone().with_next(new.clone());
+    /// assert!(!waiting.has_previous() && waiting.same_key(&old));
+    /// ```
+    pub fn with_previous(self, previous: KeyEncryptionKey) -> Self {
+        Self {
+            key: self.key,
+            other: Some((previous.key, OpenedBy::Previous)),
+        }
+    }
+
+    /// This key, also opening what `next` sealed, sealing with itself alone and sealing
+    /// nothing again: for replicas sharing a database while the key changes, before the first
+    /// of them takes `next` as its key (with this one as its previous key, which seals
+    /// everything again with `next`). It replaces a previous key given before; `next`'s own
+    /// previous or next key is not taken.
+    pub fn with_next(self, next: KeyEncryptionKey) -> Self {
+        Self {
+            key: self.key,
+            other: Some((next.key, OpenedBy::Next)),
+        }
+    }
+
+    /// Whether this key has a previous key beside it ([`with_previous`](Self::with_previous)):
+    /// what that key sealed is to be sealed again with this one.
+    pub fn has_previous(&self) -> bool {
+        matches!(self.other, Some((_, OpenedBy::Previous)))
+    }
+
+    /// Whether `other` seals with the same key as this one (their previous or next keys
+    /// aside).
+    pub fn same_key(&self, other: &KeyEncryptionKey) -> bool {
+        // Compared whole, not stopping at the first byte that differs.
+        self.key
+            .iter()
+            .zip(other.key.iter())
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
     }
 
     /// The key in [`KEY_ENCRYPTION_KEY_ENV`]; an error naming the variable when it is unset or
@@ -99,14 +186,49 @@ impl KeyEncryptionKey {
                 ),
             })
         })?;
+        let key = Self::from_base64(&value)
+            .map_err(|e| SealError::new(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))?;
+        let previous = Self::other_from_env(PREVIOUS_KEY_ENCRYPTION_KEY_ENV, "changed from")?;
+        let next = Self::other_from_env(NEXT_KEY_ENCRYPTION_KEY_ENV, "changed to")?;
+        let (other, name, with): (_, _, fn(Self, Self) -> Self) = match (previous, next) {
+            (None, None) => return Ok(key),
+            (Some(_), Some(_)) => {
+                return Err(SealError::new(format!(
+                    "{PREVIOUS_KEY_ENCRYPTION_KEY_ENV} and {NEXT_KEY_ENCRYPTION_KEY_ENV} are both set: give one, the key being changed from (previous) or to (next)"
+                )))
+            }
+            (Some(previous), None) => (previous, PREVIOUS_KEY_ENCRYPTION_KEY_ENV, Self::with_previous),
+            (None, Some(next)) => (next, NEXT_KEY_ENCRYPTION_KEY_ENV, Self::with_next),
+        };
+        if key.same_key(&other) {
+            return Err(SealError::new(format!(
+                "{name} is the key {KEY_ENCRYPTION_KEY_ENV} holds: to change the key, set {KEY_ENCRYPTION_KEY_ENV} to the new key and {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} to the old one; otherwise unset {name}"
+            )));
+        }
+        Ok(with(key, other))
+    }
+
+    /// The key in the variable `name`, `None` when it is unset; an error naming the variable
+    /// when it is not a key (`role`: whether the key is being changed from or to).
+    fn other_from_env(name: &str, role: &str) -> Result<Option<Self>, SealError> {
+        let value = match std::env::var(name) {
+            Ok(value) => value,
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(SealError::new(format!(
+                    "{name} is not text: set it to the key being {role}, 32 bytes in base64"
+                )))
+            }
+        };
         Self::from_base64(&value)
-            .map_err(|e| SealError::new(format!("{KEY_ENCRYPTION_KEY_ENV}: {e}")))
+            .map(Some)
+            .map_err(|e| SealError::new(format!("{name}: {e}")))
     }
 
     /// `plaintext` sealed for `binding` (bound to it as associated data: sealed for one, it
     /// opens for no other): the nonce, then the ciphertext and tag.
     pub(crate) fn seal(&self, binding: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
-        let cipher = Aes256Gcm::new(&self.0);
+        let cipher = Aes256Gcm::new(&self.key);
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let sealed = cipher
             .encrypt(
@@ -122,19 +244,34 @@ impl KeyEncryptionKey {
         Ok(out)
     }
 
-    /// What [`seal`](Self::seal) sealed for `binding`, if this key sealed it.
+    /// What [`seal`](Self::seal) sealed for `binding`, if this key or its previous or next
+    /// key sealed it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn open(&self, binding: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        self.open_by(binding, sealed)
+            .map(|(plaintext, _)| plaintext)
+    }
+
+    /// [`open`](Self::open), saying which key opened it.
+    pub(crate) fn open_by(&self, binding: &str, sealed: &[u8]) -> Option<(Vec<u8>, OpenedBy)> {
         let (nonce, ciphertext) = sealed.split_at_checked(12)?;
-        let nonce: [u8; 12] = nonce.try_into().ok()?;
-        Aes256Gcm::new(&self.0)
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: binding.as_bytes(),
-                },
-            )
-            .ok()
+        let nonce = Nonce::from(<[u8; 12]>::try_from(nonce).ok()?);
+        let open = |key: &Key<Aes256Gcm>| {
+            Aes256Gcm::new(key)
+                .decrypt(
+                    &nonce,
+                    Payload {
+                        msg: ciphertext,
+                        aad: binding.as_bytes(),
+                    },
+                )
+                .ok()
+        };
+        if let Some(plaintext) = open(&self.key) {
+            return Some((plaintext, OpenedBy::Key));
+        }
+        let (other, by) = self.other.as_ref()?;
+        open(other).map(|plaintext| (plaintext, *by))
     }
 
     /// [`seal`](Self::seal), in standard base64 (as a file or a JSON column keeps it).
@@ -142,12 +279,12 @@ impl KeyEncryptionKey {
         Ok(base64::engine::general_purpose::STANDARD.encode(self.seal(binding, plaintext)?))
     }
 
-    /// [`open`](Self::open) of [`seal_base64`](Self::seal_base64)'s text.
-    pub(crate) fn open_base64(&self, binding: &str, sealed: &str) -> Option<Vec<u8>> {
+    /// [`open_by`](Self::open_by) of [`seal_base64`](Self::seal_base64)'s text.
+    pub(crate) fn open_base64(&self, binding: &str, sealed: &str) -> Option<(Vec<u8>, OpenedBy)> {
         let sealed = base64::engine::general_purpose::STANDARD
             .decode(sealed)
             .ok()?;
-        self.open(binding, &sealed)
+        self.open_by(binding, &sealed)
     }
 }
 
@@ -178,6 +315,60 @@ mod tests {
             "a fresh nonce each time"
         );
         assert!(!sealed.windows(7).any(|w| w == b"private"));
+    }
+
+    #[test]
+    fn a_previous_or_next_key_opens_what_it_sealed_and_seals_nothing() {
+        let (old, new) = (kek(7), kek(8));
+        let by_old = old.seal("k1", b"private").unwrap();
+        let changing = new.clone().with_previous(old.clone());
+        assert_eq!(
+            changing.open_by("k1", &by_old),
+            Some((b"private".to_vec(), OpenedBy::Previous))
+        );
+        let by_changing = changing.seal("k1", b"private").unwrap();
+        assert_eq!(
+            changing.open_by("k1", &by_changing),
+            Some((b"private".to_vec(), OpenedBy::Key))
+        );
+        assert_eq!(
+            new.open("k1", &by_changing).as_deref(),
+            Some(&b"private"[..]),
+            "sealed with the new key alone"
+        );
+        assert_eq!(old.open("k1", &by_changing), None);
+        assert_eq!(changing.open_by("k2", &by_old), None, "another kid");
+        assert_eq!(
+            kek(9).with_previous(kek(10)).open("k1", &by_old),
+            None,
+            "neither key"
+        );
+        // A previous key's own previous key is not taken.
+        let chained = kek(9).with_previous(kek(10).with_previous(old.clone()));
+        assert_eq!(chained.open("k1", &by_old), None);
+        assert_eq!(format!("{changing:?}"), "KeyEncryptionKey(..)");
+
+        // Replicas still on the old key open what the new one seals: as a next key, which
+        // asks for nothing to be sealed again.
+        let waiting = old.clone().with_next(new.clone());
+        assert!(!waiting.has_previous());
+        assert_eq!(
+            waiting.open_by("k1", &by_changing),
+            Some((b"private".to_vec(), OpenedBy::Next))
+        );
+        assert_eq!(
+            waiting.open_by("k1", &by_old),
+            Some((b"private".to_vec(), OpenedBy::Key))
+        );
+        assert_eq!(
+            new.open("k1", &waiting.seal("k1", b"private").unwrap()),
+            None,
+            "it seals with the old key"
+        );
+        // One replaces the other.
+        let replaced = old.clone().with_next(new.clone()).with_previous(kek(9));
+        assert!(replaced.has_previous());
+        assert_eq!(replaced.open("k1", &by_changing), None);
     }
 
     #[test]

@@ -926,7 +926,7 @@ async fn postgres_a_busy_pool_is_ready() {
 /// sealed credential copied to another tenant, reads none (an error, not a tenant without it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_upstream_credentials_are_sealed_at_rest() {
-    use tower_fhir::postgres::{KeyEncryptionKey, PgState};
+    use tower_fhir::postgres::{CredentialsSealed, KeyEncryptionKey, PgState};
     let Some(server) =
         support::postgres::Postgres::start_or_skip("sealed", "the PostgreSQL sealing test")
     else {
@@ -973,8 +973,12 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
         "Bearer upstream-secret-1234"
     );
     // Sealed in place at start (as the gateway does), unchanged in what it says.
-    assert_eq!(plain.seal_stored_credentials().await.unwrap(), 0, "no key");
-    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 1);
+    assert_eq!(
+        plain.seal_stored_credentials().await.unwrap(),
+        CredentialsSealed::default(),
+        "no key"
+    );
+    assert_eq!(sealed.seal_stored_credentials().await.unwrap().in_clear, 1);
     let stored = server.query(
         "sealed",
         &format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{B}'"),
@@ -985,7 +989,10 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
         read.default_upstream().unwrap().authorization().unwrap(),
         "Bearer upstream-secret-1234"
     );
-    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 0);
+    assert_eq!(
+        sealed.seal_stored_credentials().await.unwrap(),
+        CredentialsSealed::default()
+    );
     // A sealed credential copied to another tenant's row opens for none.
     server.query(
         "sealed",
@@ -1015,7 +1022,13 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
             "UPDATE tower_fhir_tenants SET record = jsonb_set(record #- '{{upstreams,1,authorization_sealed}}', '{{upstreams,1,authorization}}', '\"Bearer typed-in-9012\"') WHERE id = '{C}'"
         ),
     );
-    assert_eq!(sealed.seal_stored_credentials().await.unwrap(), 1);
+    assert_eq!(
+        sealed.seal_stored_credentials().await.unwrap(),
+        CredentialsSealed {
+            in_clear: 1,
+            previous: 0
+        }
+    );
     let stored = server.query(
         "sealed",
         &format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{C}'"),
@@ -1039,6 +1052,151 @@ async fn postgres_upstream_credentials_are_sealed_at_rest() {
     );
     let refused = sealed.seal_stored_credentials().await.unwrap_err();
     assert!(refused.to_string().contains("both in clear"), "{refused}");
+}
+
+/// The credential of `tenant`'s first upstream as `store` reads it (an error as text).
+async fn credential_in(
+    store: &tower_fhir::postgres::PgTenantStore,
+    tenant_id: &str,
+) -> Result<String, String> {
+    let record = store
+        .lookup(tenant(tenant_id))
+        .await
+        .map_err(|e| e.to_string())?;
+    let upstream = record.unwrap().default_upstream().unwrap().clone();
+    Ok(upstream
+        .authorization()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned())
+}
+
+/// The key-encryption key changes across replicas without a stop: replicas given the old key
+/// with the new one as their next key seal nothing anew, started before or after the change;
+/// one given the new key with the old one as its previous key seals the signing keys and the
+/// credentials again with the new key at start, and both kinds of replica still open
+/// everything; then the new key alone opens it all, and the old key alone opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_key_encryption_key_changes_replica_by_replica() {
+    use tower_fhir::postgres::{CredentialsSealed, KeyEncryptionKey, PgState, PgTenantStore};
+    let Some(server) =
+        support::postgres::Postgres::start_or_skip("rekey", "the PostgreSQL key change test")
+    else {
+        return;
+    };
+    server.create_database("rekey");
+    let url = server.url("rekey");
+    let old =
+        || KeyEncryptionKey::from_base64("b2xkLWtleS1lbmNyeXB0aW9uLWtleS0zMi1ieXRlcyE=").unwrap();
+    let new =
+        || KeyEncryptionKey::from_base64("bmV3LWtleS1lbmNyeXB0aW9uLWtleS0zMi1ieXRlcyE=").unwrap();
+    let credential = "Bearer rekeyed-upstream-secret";
+    let record = |base: &str| {
+        TenantRecord::new([Upstream::parse(base, FhirVersion::R4)
+            .unwrap()
+            .with_authorization(credential)
+            .unwrap()])
+        .unwrap()
+    };
+    // The sealed tenant A and signing keys, as the database holds them.
+    let stored = || {
+        [
+            format!("SELECT record::text FROM tower_fhir_tenants WHERE id = '{A}'"),
+            "SELECT kid, encode(sealed, 'base64') FROM tower_fhir_signing_keys ORDER BY kid".into(),
+        ]
+        .map(|query| server.query("rekey", &query))
+    };
+    // A replica started with `kek`: its tenant store once it has sealed what it seals at
+    // start, what that was, and the kid it signs with (or why it cannot start).
+    let replica = |kek: KeyEncryptionKey| async {
+        let state = PgState::connect(&url).await.unwrap();
+        let kid = state
+            .signing_keys(kek.clone())
+            .await
+            .map(|keys| keys.signing_keys().current_kid())
+            .map_err(|e| e.to_string());
+        let store: PgTenantStore = state.sealed_tenant_store(kek);
+        let sealed = store
+            .seal_stored_credentials()
+            .await
+            .map_err(|e| e.to_string());
+        (store, sealed, kid)
+    };
+    let nothing = Ok(CredentialsSealed::default());
+    let tenants_again = |previous| {
+        Ok(CredentialsSealed {
+            in_clear: 0,
+            previous,
+        })
+    };
+
+    // Before: sealed with the old key.
+    let (store, _, kid) = replica(old()).await;
+    let kid = kid.unwrap();
+    store
+        .put(tenant(A), record("http://ehr-a/fhir"))
+        .await
+        .unwrap();
+    let by_old = stored();
+
+    // Step 1, every replica: the old key, the new one next. Nothing sealed anew.
+    let step_one = || old().with_next(new());
+    let (first, sealed, first_kid) = replica(step_one()).await;
+    assert_eq!((sealed, first_kid), (nothing.clone(), Ok(kid.clone())));
+    assert_eq!(stored(), by_old, "step 1 writes nothing");
+
+    // Step 2, a replica: the new key, the old one previous. Sealed again at start.
+    let (second, sealed, second_kid) = replica(new().with_previous(old())).await;
+    assert_eq!((sealed, second_kid), (tenants_again(1), Ok(kid.clone())));
+    let by_new = stored();
+    assert!(
+        by_new.iter().zip(&by_old).all(|(new, old)| new != old),
+        "{by_new:?}"
+    );
+    assert!(
+        !by_new[0].contains("rekeyed-upstream-secret"),
+        "{}",
+        by_new[0]
+    );
+    assert_eq!(
+        second
+            .seal_stored_credentials()
+            .await
+            .map_err(|e| e.to_string()),
+        nothing,
+        "nothing left"
+    );
+    // The step-1 replica opens what the step-2 one sealed, and a step-1 replica started now
+    // opens it all and seals nothing back with the old key.
+    assert_eq!(credential_in(&first, A).await.unwrap(), credential);
+    let (late, sealed, late_kid) = replica(step_one()).await;
+    assert_eq!((sealed, late_kid), (nothing.clone(), Ok(kid.clone())));
+    assert_eq!(credential_in(&late, A).await.unwrap(), credential);
+    assert_eq!(stored(), by_new, "a step-1 start wrote");
+    // The step-2 replica opens what a step-1 replica seals meanwhile, and a step-2 replica
+    // restarted once all are at step 2 seals it again.
+    first
+        .put(tenant(B), record("http://ehr-b/fhir"))
+        .await
+        .unwrap();
+    assert_eq!(credential_in(&second, B).await.unwrap(), credential);
+    let (_, sealed, _) = replica(new().with_previous(old())).await;
+    assert_eq!(sealed, tenants_again(1));
+
+    // Step 3: the new key alone opens everything, the old key alone nothing.
+    let (last, sealed, last_kid) = replica(new()).await;
+    assert_eq!((sealed, last_kid), (nothing, Ok(kid)));
+    for tenant in [A, B] {
+        assert_eq!(credential_in(&last, tenant).await.unwrap(), credential);
+    }
+    let (stale, _, refused) = replica(old()).await;
+    assert!(credential_in(&stale, A).await.is_err());
+    let refused = refused.unwrap_err();
+    assert!(
+        refused.contains("cannot be opened with this key-encryption key"),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,9 +78,10 @@ struct Args {
     /// (the TLS files and the audit log are opened too), otherwise say what is wrong and exit 1.
     /// Binds no port, reaches no database, upstream or identity provider, and writes nothing:
     /// of `state_dir` it reads `tenants.json` and `signing-keys.json` alone, to check that
-    /// TOWER_FHIR_KEY_ENCRYPTION_KEY opens what they hold sealed (or, unset, that they hold
-    /// nothing sealed). A port in use, or a `state_dir` the gateway may not use, still stops
-    /// the start.
+    /// TOWER_FHIR_KEY_ENCRYPTION_KEY (or TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY or
+    /// TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY, while the key changes) opens what they hold sealed
+    /// (or, unset, that they hold nothing sealed). A port in use, or a `state_dir` the gateway
+    /// may not use, still stops the start.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
 }
@@ -273,10 +274,18 @@ async fn run(args: Args) -> Result<(), String> {
             config::DATABASE_URL_ENV
         );
     }
-    if demo && std::env::var_os(tower_fhir::seal::KEY_ENCRYPTION_KEY_ENV).is_some() {
+    let ignored_keys: Vec<&str> = [
+        tower_fhir::seal::KEY_ENCRYPTION_KEY_ENV,
+        tower_fhir::seal::PREVIOUS_KEY_ENCRYPTION_KEY_ENV,
+        tower_fhir::seal::NEXT_KEY_ENCRYPTION_KEY_ENV,
+    ]
+    .into_iter()
+    .filter(|name| demo && std::env::var_os(name).is_some())
+    .collect();
+    if !ignored_keys.is_empty() {
         tracing::warn!(
             "the demo ignores {}: its state is a temporary directory removed at exit, holding only the demo's published credentials; the key seals a configured state_dir",
-            tower_fhir::seal::KEY_ENCRYPTION_KEY_ENV
+            ignored_keys.join(" and ")
         );
     }
     #[cfg(unix)]

@@ -12,6 +12,7 @@ use tower_fhir::auth::FileRevocationLog;
 use tower_fhir::ops::{BucketHistograms, ObserveLayer};
 use tower_fhir::postgres::{
     KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore, KEY_ENCRYPTION_KEY_ENV,
+    NEXT_KEY_ENCRYPTION_KEY_ENV, PREVIOUS_KEY_ENCRYPTION_KEY_ENV,
 };
 use tower_fhir::route::{nested_bases, DirectoryError, FileDirectory, TenantRecord, TenantStore};
 use tower_fhir::tenant::TenantId;
@@ -215,15 +216,23 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
                 tracing::info!(tenant = %tenant.id, "tenant onboarded from the configuration");
             }
         }
-        // Credentials an earlier version kept in clear are sealed now.
+        // Credentials an earlier version kept in clear are sealed now; with a previous key
+        // (the key being changed), those it sealed are sealed again with the key.
         let sealed = directory
             .seal_stored_credentials()
             .await
             .map_err(|e| format!("cannot seal the stored upstream credentials: {e}"))?;
-        if sealed > 0 {
+        if sealed.in_clear > 0 {
+            let count = sealed.in_clear;
             tracing::warn!(
-                tenants = sealed,
-                "sealed the upstream credentials of {sealed} tenant(s) that the database held in clear; its old row versions, write-ahead log and backups still hold them: rotate those credentials"
+                tenants = count,
+                "sealed the upstream credentials of {count} tenant(s) that the database held in clear; its old row versions, write-ahead log and backups still hold them: rotate those credentials"
+            );
+        }
+        if sealed.previous > 0 {
+            tracing::info!(
+                tenants = sealed.previous,
+                "upstream credentials sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} sealed again with {KEY_ENCRYPTION_KEY_ENV}"
             );
         }
     }
@@ -535,6 +544,13 @@ pub(crate) fn verify_sealed_state(
 /// is not (the files keep them in clear, as before).
 pub(crate) fn state_dir_sealing() -> Result<Option<KeyEncryptionKey>, String> {
     if std::env::var_os(KEY_ENCRYPTION_KEY_ENV).is_none() {
+        for other in [PREVIOUS_KEY_ENCRYPTION_KEY_ENV, NEXT_KEY_ENCRYPTION_KEY_ENV] {
+            if std::env::var_os(other).is_some() {
+                return Err(format!(
+                    "cannot open the secrets in state_dir: {other} is set and {KEY_ENCRYPTION_KEY_ENV} is not: it is the key being changed from or to, beside the key that seals (taking the secrets out of their seal is not done)"
+                ));
+            }
+        }
         return Ok(None);
     }
     let kek = KeyEncryptionKey::from_env()

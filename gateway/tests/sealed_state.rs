@@ -6,7 +6,9 @@
 //! verifies after it; without the key, with another one, or with one that is no key, the
 //! gateway refuses to start and names the variable, and writes neither file (whichever of
 //! them is sealed, in clear or missing); `--check-config` refuses the same and writes nothing.
-//! The demo does not read the key.
+//! The demo does not read the key. The key changes with
+//! `TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY` holding the old one: the start seals both files
+//! again with the new key, which alone opens them from then on.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -30,6 +32,42 @@ const ADMIN: &str = "sealed-state-admin-token-0123456789";
 const KEK: &str = "c2VhbGVkLXN0YXRlLWtleS1lbmNyeXB0aW9uLWtleSE=";
 const OTHER_KEK: &str = "YW5vdGhlci1rZXktZW5jcnlwdGlvbi1rZXktMzJieXQ=";
 const ENV: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
+const PREVIOUS_ENV: &str = "TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY";
+const NEXT_ENV: &str = "TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY";
+
+/// The key-encryption keys a gateway is given: the key, and the keys it changes from
+/// (previous) or to (next).
+#[derive(Clone, Copy, Default)]
+struct Keys<'a> {
+    key: Option<&'a str>,
+    previous: Option<&'a str>,
+    next: Option<&'a str>,
+}
+
+impl<'a> From<Option<&'a str>> for Keys<'a> {
+    fn from(key: Option<&'a str>) -> Self {
+        Self {
+            key,
+            ..Keys::default()
+        }
+    }
+}
+
+impl Keys<'_> {
+    /// Sets (or removes) the three variables in `command`'s environment.
+    fn apply(self, command: &mut Command) {
+        for (name, value) in [
+            (ENV, self.key),
+            (PREVIOUS_ENV, self.previous),
+            (NEXT_ENV, self.next),
+        ] {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+    }
+}
 
 /// The configuration: one tenant whose upstream (at `/tenant` on `upstream`) takes
 /// [`CREDENTIAL`], the client `app` for it and for [`ONBOARDED`], the admin API, the state in
@@ -53,8 +91,8 @@ fn config(dir: &Path, upstream: &RecordingUpstream) -> Value {
 }
 
 /// The gateway command on `dir/gateway.json`, listening on port 0, with `kek` as its
-/// key-encryption key (none for `None`) and no database URL from this environment.
-fn command(dir: &Path, config: &Value, kek: Option<&str>) -> Command {
+/// key-encryption keys (none for `None`) and no database URL from this environment.
+fn command<'a>(dir: &Path, config: &Value, kek: impl Into<Keys<'a>>) -> Command {
     let file = dir.join("gateway.json");
     std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
     let mut command = Command::new(GATEWAY);
@@ -65,15 +103,17 @@ fn command(dir: &Path, config: &Value, kek: Option<&str>) -> Command {
         .arg("127.0.0.1:0")
         .env("RUST_LOG", "info")
         .env_remove("TOWER_FHIR_DATABASE_URL");
-    match kek {
-        Some(kek) => command.env(ENV, kek),
-        None => command.env_remove(ENV),
-    };
+    kek.into().apply(&mut command);
     command
 }
 
 /// A gateway started as [`command`] says, its log in `dir/{name}.log`.
-fn start(dir: &Path, name: &str, config: &Value, kek: Option<&str>) -> (Proc, TestClient, String) {
+fn start<'a>(
+    dir: &Path,
+    name: &str,
+    config: &Value,
+    kek: impl Into<Keys<'a>>,
+) -> (Proc, TestClient, String) {
     let log = dir.join(format!("{name}.log"));
     let (proc, base) = Proc::start(
         command(dir, config, kek),
@@ -85,7 +125,7 @@ fn start(dir: &Path, name: &str, config: &Value, kek: Option<&str>) -> (Proc, Te
 }
 
 /// What a gateway that must refuse to start said (its stderr), once it has exited, failing.
-fn refused(dir: &Path, config: &Value, kek: Option<&str>) -> String {
+fn refused<'a>(dir: &Path, config: &Value, kek: impl Into<Keys<'a>>) -> String {
     let mut child = command(dir, config, kek)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -112,21 +152,18 @@ fn refused(dir: &Path, config: &Value, kek: Option<&str>) -> String {
 
 /// `--check-config` on `dir/gateway.json` with `kek` as the key-encryption key: what it said
 /// on stdout when it passed, on stderr when it failed.
-fn check_config(dir: &Path, kek: Option<&str>) -> Result<String, String> {
+fn check_config<'a>(dir: &Path, kek: impl Into<Keys<'a>>) -> Result<String, String> {
     check_config_file(&dir.join("gateway.json"), kek)
 }
 
-fn check_config_file(file: &Path, kek: Option<&str>) -> Result<String, String> {
+fn check_config_file<'a>(file: &Path, kek: impl Into<Keys<'a>>) -> Result<String, String> {
     let mut command = Command::new(GATEWAY);
     command
         .arg("--check-config")
         .arg(file)
         .env("RUST_LOG", "off")
         .env_remove("TOWER_FHIR_DATABASE_URL");
-    match kek {
-        Some(kek) => command.env(ENV, kek),
-        None => command.env_remove(ENV),
-    };
+    kek.into().apply(&mut command);
     let checked = command.output().unwrap();
     if checked.status.success() {
         Ok(String::from_utf8_lossy(&checked.stdout).into_owned())
@@ -451,5 +488,160 @@ async fn secrets_in_state_dir_are_sealed_with_the_key_encryption_key() {
     let (mut last, client, _) = start(&dir, "last", &config, Some(KEK));
     reaches(&client, &upstream, &issued, CREDENTIAL).await;
     assert!(last.terminate());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The key changes: started with the new key and the old one as its previous key, the
+/// gateway seals both files again with the new key (the tokens and credentials as they were),
+/// which alone opens them from then on, and the old key no longer does. Started with the old
+/// key and the new one as its next key, it writes neither file. A previous or next key set
+/// without a key, both set, one equal to the key or no key, and a pair neither of which opens
+/// the state, are refused, by the start and `--check-config` alike, neither file written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_encryption_key_changes_with_the_old_one_as_previous() {
+    let dir = scratch("sealed-state-change-key");
+    let upstream = RecordingUpstream::start().await;
+    let config = config(&dir, &upstream);
+    let changing = Keys {
+        key: Some(OTHER_KEK),
+        previous: Some(KEK),
+        next: None,
+    };
+
+    let (mut old, client, _) = start(&dir, "old", &config, Some(KEK));
+    let issued = token(&client, TENANT).await;
+    reaches(&client, &upstream, &issued, CREDENTIAL).await;
+    assert!(old.terminate());
+    let by_old = StateFiles::read(&dir);
+
+    // Checked with the pair: fine, nothing written.
+    let said = check_config(&dir, changing);
+    assert!(said.is_ok(), "{said:?}");
+    assert_eq!(StateFiles::read(&dir), by_old, "--check-config wrote");
+
+    // Started with the old key and the new one next (replicas waiting for the change):
+    // nothing sealed again.
+    let waiting = Keys {
+        key: Some(KEK),
+        next: Some(OTHER_KEK),
+        ..Keys::default()
+    };
+    assert!(check_config(&dir, waiting).is_ok());
+    let (mut step_one, client, _) = start(&dir, "waiting", &config, waiting);
+    reaches(&client, &upstream, &issued, CREDENTIAL).await;
+    assert!(step_one.terminate());
+    assert_eq!(StateFiles::read(&dir), by_old, "a next key wrote");
+
+    // Refused, neither file written: a previous or next key without a key, both, the same key
+    // twice, a previous key that is no key, and two keys neither of which opens the state.
+    let third = "dGhpcmQta2V5LWVuY3J5cHRpb24ta2V5LTMyYnl0ZXM=";
+    let refusals: [(&str, Keys<'_>, &[&str]); 7] = [
+        (
+            "a previous key without a key",
+            Keys {
+                previous: Some(KEK),
+                ..Keys::default()
+            },
+            &[
+                PREVIOUS_ENV,
+                "is set and TOWER_FHIR_KEY_ENCRYPTION_KEY is not",
+            ],
+        ),
+        (
+            "a next key without a key",
+            Keys {
+                next: Some(OTHER_KEK),
+                ..Keys::default()
+            },
+            &[NEXT_ENV, "is set and TOWER_FHIR_KEY_ENCRYPTION_KEY is not"],
+        ),
+        (
+            "a previous and a next key",
+            Keys {
+                key: Some(KEK),
+                previous: Some(third),
+                next: Some(OTHER_KEK),
+            },
+            &[PREVIOUS_ENV, NEXT_ENV, "are both set"],
+        ),
+        (
+            "the same key twice",
+            Keys {
+                key: Some(KEK),
+                previous: Some(KEK),
+                next: None,
+            },
+            &[PREVIOUS_ENV, "is the key"],
+        ),
+        (
+            "the same key as next",
+            Keys {
+                key: Some(KEK),
+                next: Some(KEK),
+                ..Keys::default()
+            },
+            &[NEXT_ENV, "is the key"],
+        ),
+        (
+            "a previous key that is no key",
+            Keys {
+                key: Some(OTHER_KEK),
+                previous: Some("c2hvcnQ="),
+                next: None,
+            },
+            &[PREVIOUS_ENV, "5 bytes"],
+        ),
+        (
+            "neither key opens",
+            Keys {
+                key: Some(OTHER_KEK),
+                previous: Some(third),
+                next: None,
+            },
+            &["the wrong key", "tenants.json", "signing-keys.json"],
+        ),
+    ];
+    for (case, keys, says) in refusals {
+        let said = refused(&dir, &config, keys);
+        assert_eq!(StateFiles::read(&dir), by_old, "{case}: the start wrote");
+        let checked = check_config(&dir, keys).expect_err(case);
+        assert_eq!(
+            StateFiles::read(&dir),
+            by_old,
+            "{case}: --check-config wrote"
+        );
+        for said in [&said, &checked] {
+            for what in says {
+                assert!(said.contains(what), "{case}: {what}: {said}");
+            }
+        }
+    }
+
+    // Started with the pair: both files sealed again, the token and credential as they were.
+    let (mut changed, client, log) = start(&dir, "changed", &config, changing);
+    let said = std::fs::read_to_string(&log).unwrap();
+    for what in [
+        "upstream credentials sealed with the previous key-encryption key sealed again",
+        "private signing keys sealed with the previous key-encryption key sealed again",
+    ] {
+        assert!(said.contains(what), "{what}: {said}");
+    }
+    let by_new = StateFiles::read(&dir);
+    assert_ne!(by_new.tenants, by_old.tenants);
+    assert_ne!(by_new.keys, by_old.keys);
+    assert_sealed(&dir);
+    reaches(&client, &upstream, &issued, CREDENTIAL).await;
+    assert!(changed.terminate());
+
+    // The new key alone opens the state; the old one no longer does.
+    let said = refused(&dir, &config, Some(KEK));
+    assert!(said.contains("the wrong key"), "{said}");
+    assert!(check_config(&dir, Some(KEK)).is_err());
+    assert!(check_config(&dir, Some(OTHER_KEK)).is_ok());
+    let (mut new, client, _) = start(&dir, "new", &config, Some(OTHER_KEK));
+    reaches(&client, &upstream, &issued, CREDENTIAL).await;
+    let fresh = token(&client, TENANT).await;
+    reaches(&client, &upstream, &fresh, CREDENTIAL).await;
+    assert!(new.terminate());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -11,6 +11,7 @@ use jsonwebtoken::Algorithm;
 use tokio::sync::Notify;
 
 use super::{bounded, listen, Handler, PgError, CHANGES_CHANNEL};
+use crate::at_rest::OpenedBy;
 use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
 use crate::token::{SigningKey, SigningKeys};
 
@@ -157,6 +158,38 @@ async fn insert(
     Ok(())
 }
 
+/// Seals again with `kek` every signing key only its previous key opens (the key being
+/// changed): how many. A key neither opens is left as it is (the start refuses it, or leaves it
+/// out, as [`load`] says).
+async fn reseal(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    kek: &KeyEncryptionKey,
+) -> Result<usize, PgError> {
+    let failed = |e| PgError::new("cannot seal the signing keys again", e);
+    let rows = transaction
+        .query("SELECT kid, sealed FROM tower_fhir_signing_keys", &[])
+        .await
+        .map_err(failed)?;
+    let mut resealed = 0;
+    for row in rows {
+        let kid: String = row.get(0);
+        let sealed: Vec<u8> = row.get(1);
+        let Some((pem, OpenedBy::Previous)) = kek.open_by(&kid, &sealed) else {
+            continue;
+        };
+        let again = kek.seal(&kid, &pem)?;
+        transaction
+            .execute(
+                "UPDATE tower_fhir_signing_keys SET sealed = $2 WHERE kid = $1",
+                &[&kid, &again],
+            )
+            .await
+            .map_err(failed)?;
+        resealed += 1;
+    }
+    Ok(resealed)
+}
+
 async fn connect(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
     pool.get()
         .await
@@ -238,6 +271,15 @@ impl PgSigningKeys {
                 insert(&transaction, &kek, &key, now, now).await?;
                 announce(&transaction).await?;
                 tracing::info!(kid = key.kid(), "first signing key made");
+            }
+            if kek.has_previous() {
+                let resealed = reseal(&transaction, &kek).await?;
+                if resealed > 0 {
+                    tracing::info!(
+                        keys = resealed,
+                        "signing keys sealed with the previous key-encryption key sealed again with the key"
+                    );
+                }
             }
             transaction.commit().await.map_err(failed)?;
         }

@@ -61,7 +61,10 @@ mod failures;
 mod keys;
 mod tls;
 
-pub use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
+pub use crate::seal::{
+    KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV, NEXT_KEY_ENCRYPTION_KEY_ENV,
+    PREVIOUS_KEY_ENCRYPTION_KEY_ENV,
+};
 pub use failures::PgFailureCounts;
 pub use keys::PgSigningKeys;
 
@@ -1370,6 +1373,17 @@ impl crate::limit::ClientLimits for PgClientStore {
     }
 }
 
+/// What [`PgTenantStore::seal_stored_credentials`] sealed: how many tenants' records held a
+/// credential in clear, and how many one that only the key's previous key opened.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialsSealed {
+    /// Tenants whose records held an upstream credential in clear, sealed now.
+    pub in_clear: usize,
+    /// Tenants whose records held an upstream credential sealed with the previous key,
+    /// sealed again with the key.
+    pub previous: usize,
+}
+
 /// The tenant directory in PostgreSQL (see the [module docs](self)).
 #[derive(Clone)]
 pub struct PgTenantStore {
@@ -1475,13 +1489,18 @@ impl PgTenantStore {
     }
 
     /// Seals the upstream credentials the directory holds in clear (written by a store
-    /// without the key, or by a version before sealing), each tenant's record rewritten only
-    /// if unchanged meanwhile; how many tenants were. Nothing changes in what the records say
-    /// (no change is announced). Without a key, none: `0`. Old row versions, the
-    /// write-ahead log and backups keep what was in clear: rotate such credentials.
-    pub async fn seal_stored_credentials(&self) -> Result<usize, DirectoryError> {
+    /// without the key, or by a version before sealing) and, when the key has a previous
+    /// key ([`KeyEncryptionKey::with_previous`]: the key being changed), seals again with the
+    /// key those only the previous key opens; each tenant's record rewritten only if
+    /// unchanged meanwhile. Nothing changes in what the records say (no change is announced).
+    /// Without a key, none. Old row versions, the write-ahead log and backups keep what was in
+    /// clear: rotate such credentials.
+    ///
+    /// With a previous key every record holding a credential is read (once, at start), and
+    /// one that neither key opens is an error (as a lookup of that tenant would be).
+    pub async fn seal_stored_credentials(&self) -> Result<CredentialsSealed, DirectoryError> {
         let Some(kek) = self.sealing.as_deref() else {
-            return Ok(0);
+            return Ok(CredentialsSealed::default());
         };
         let failed = |e| directory_error("sealing the stored credentials", e);
         let connection = self
@@ -1492,12 +1511,13 @@ impl PgTenantStore {
         let rows = connection
             .query(
                 "SELECT id, record FROM tower_fhir_tenants
-                 WHERE jsonb_path_exists(record, '$.upstreams[*].authorization')",
-                &[],
+                 WHERE jsonb_path_exists(record, '$.upstreams[*].authorization')
+                    OR ($1 AND jsonb_path_exists(record, '$.upstreams[*].authorization_sealed'))",
+                &[&kek.has_previous()],
             )
             .await
             .map_err(failed)?;
-        let mut sealed = 0;
+        let mut sealed = CredentialsSealed::default();
         for row in rows {
             let id: Uuid = row.try_get(0).map_err(failed)?;
             let record: serde_json::Value = row.try_get(1).map_err(failed)?;
@@ -1507,17 +1527,25 @@ impl PgTenantStore {
             // Opened first: a record may hold some upstreams' credentials sealed beside others
             // in clear (written by hand); one holding a credential both ways is refused, saying
             // so.
-            let opened = open_credentials(Some(kek), tenant, record.clone())?;
-            let json = seal_credentials(Some(kek), tenant, opened)?;
-            sealed += connection
+            let Some((json, resealed)) =
+                crate::at_rest::reseal_credentials(kek, tenant, record.clone())
+                    .map_err(DirectoryError::new)?
+            else {
+                continue;
+            };
+            let written = connection
                 .execute(
                     "UPDATE tower_fhir_tenants SET record = $2 WHERE id = $1 AND record = $3",
                     &[&id, &json, &record],
                 )
                 .await
                 .map_err(failed)?;
+            if written > 0 {
+                sealed.in_clear += usize::from(resealed.in_clear > 0);
+                sealed.previous += usize::from(resealed.previous > 0);
+            }
         }
-        Ok(usize::try_from(sealed).unwrap_or(usize::MAX))
+        Ok(sealed)
     }
 
     /// Writes `tenants` in one transaction, each change `NOTIFY`ed with it; `true` for each

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::upstream::{TenantEntry, TenantRecord};
-use crate::at_rest::{Kek, SEALED_AUTHORIZATION};
+use crate::at_rest::{Kek, OpenedBy, SEALED_AUTHORIZATION};
 use crate::tenant::TenantId;
 
 /// Why the directory could not answer or change. The message is logged, never sent to
@@ -304,6 +304,9 @@ struct FileRead {
     existed: bool,
     /// The tenants holding a credential in clear while a key is given (to seal).
     in_clear: usize,
+    /// The tenants holding a credential that only the key's previous key opens (to seal
+    /// again with the key).
+    previous: usize,
     sealed: SealedCredentials,
 }
 
@@ -320,6 +323,7 @@ fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError>
                 memory: InMemoryDirectory::new(),
                 existed: false,
                 in_clear: 0,
+                previous: 0,
                 sealed: HashMap::new(),
             })
         }
@@ -333,7 +337,7 @@ fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError>
     let file: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| unreadable(&format!("directory JSON: {e}")))?;
     let mut list = tenant_list(file);
-    let mut in_clear = 0;
+    let (mut in_clear, mut previous) = (0, 0);
     let mut sealed = HashMap::new();
     for entry in list.as_array_mut().into_iter().flatten() {
         let id = entry
@@ -341,7 +345,7 @@ fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError>
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned);
         let tenant = id.as_deref().and_then(|id| TenantId::parse(id).ok());
-        let mut clear = false;
+        let (mut clear, mut stale) = (false, false);
         for upstream in crate::at_rest::upstreams_of(entry) {
             let Some(tenant) = tenant else {
                 if upstream.contains_key(SEALED_AUTHORIZATION) {
@@ -356,6 +360,8 @@ fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError>
             match crate::at_rest::open_upstream(kek, tenant, upstream)
                 .map_err(|e| unreadable(&e))?
             {
+                // Not kept to be written again: sealed anew with the key.
+                Some(opened) if opened.by == OpenedBy::Previous => stale = true,
                 Some(opened) => {
                     sealed.insert((tenant, opened.base_url, opened.credential), opened.sealed);
                 }
@@ -365,11 +371,13 @@ fn read_file(path: &Path, kek: Option<&Kek>) -> Result<FileRead, DirectoryError>
         if clear && kek.is_some() {
             in_clear += 1;
         }
+        previous += usize::from(stale);
     }
     Ok(FileRead {
         memory: InMemoryDirectory::from_value(list).map_err(|e| unreadable(&e))?,
         existed: true,
         in_clear,
+        previous,
         sealed,
     })
 }
@@ -728,7 +736,7 @@ impl FileDirectory {
         crate::persist::make_parent(path)
             .map_err(|e| DirectoryError::with_source(format!("{}: {e}", path.display()), e))?;
         let read = read_file(path, kek.as_ref())?;
-        let had_sealed = !read.sealed.is_empty();
+        let had_sealed = !read.sealed.is_empty() || read.previous > 0;
         let directory = Self {
             memory: read.memory,
             path: Arc::new(path.to_path_buf()),
@@ -741,12 +749,21 @@ impl FileDirectory {
                 })
             }),
         };
-        if read.in_clear > 0 {
+        if read.in_clear > 0 || read.previous > 0 {
             let _writing = directory
                 .writing
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             directory.write_with(None, None)?;
+        }
+        if read.previous > 0 {
+            tracing::info!(
+                file = %directory.path.display(),
+                tenants = read.previous,
+                "upstream credentials sealed with the previous key-encryption key sealed again with the key"
+            );
+        }
+        if read.in_clear > 0 {
             if had_sealed {
                 // Beside sealed ones: written by hand, or copied in. The sealing keeps them
                 // secret; it does not say who put them there.
@@ -1065,6 +1082,45 @@ mod tests {
                     (entry["id"].as_str().unwrap().to_owned(), sealed)
                 })
                 .collect()
+        }
+
+        #[test]
+        fn a_changed_key_seals_again_what_only_its_previous_key_opens() {
+            let path = file("change-key");
+            let (a, b) = (TenantId::parse(A).unwrap(), TenantId::parse(B).unwrap());
+            let old = sealed_with_a(&path);
+            old.upsert(b, record("http://127.0.0.1:9002/fhir", "Bearer b-secret"))
+                .unwrap();
+            let by_old = sealed_in(&path);
+            drop(old);
+
+            let changing = kek(2).with_previous(kek(1));
+            FileDirectory::check_sealed(&path, &changing).unwrap();
+            assert_eq!(sealed_in(&path), by_old, "a check writes nothing");
+            let directory = FileDirectory::open_sealed(&path, changing.clone()).unwrap();
+            let by_new = sealed_in(&path);
+            assert!(by_new
+                .values()
+                .all(|text| !by_old.values().any(|o| o == text)));
+            assert_eq!(credential(&directory, A), "Bearer a-secret");
+            // Written again as they are now: no credential sealed with the old key comes back.
+            directory
+                .upsert(a, record("http://127.0.0.1:9001/fhir", "Bearer a-rotated"))
+                .unwrap();
+            assert_eq!(sealed_in(&path)[B], by_new[B]);
+            drop(directory);
+
+            // The new key alone opens the file; the old one no longer does.
+            let reopened = FileDirectory::open_sealed(&path, kek(2)).unwrap();
+            assert_eq!(credential(&reopened, A), "Bearer a-rotated");
+            assert_eq!(credential(&reopened, B), "Bearer b-secret");
+            let refused = FileDirectory::check_sealed(&path, &kek(1)).unwrap_err();
+            assert!(refused.to_string().contains("the wrong key"), "{refused}");
+            // Opened with the pair again: nothing to seal again, nothing written.
+            let unchanged = sealed_in(&path);
+            FileDirectory::open_sealed(&path, changing).unwrap();
+            assert_eq!(sealed_in(&path), unchanged);
+            std::fs::remove_file(&path).unwrap();
         }
 
         #[test]

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tower_service::Service;
 
 use super::error::{json_response, TokenResponseBody};
-use crate::at_rest::Kek;
+use crate::at_rest::{Kek, OpenedBy};
 use crate::auth::{
     FetchedKeys, KeyChanges, KeyError, KeySet, KeySource, KeySourceFuture, VerificationKey,
 };
@@ -402,7 +402,7 @@ impl SigningKeys {
         crate::persist::make_parent(path)
             .map_err(|e| KeyError::Io(format!("{}: {e}", path.display())))?;
         let keys = match read_key_file(path, sealing.as_deref())? {
-            Some((ring, in_clear)) => {
+            Some((ring, reseal)) => {
                 let keys = Self {
                     ring: Arc::new(RwLock::new(ring)),
                     file: Some(Arc::new(path.to_path_buf())),
@@ -411,12 +411,20 @@ impl SigningKeys {
                     changing: Arc::default(),
                     sealing,
                 };
-                if in_clear && keys.sealing.is_some() {
+                if keys.sealing.is_some() && (reseal.in_clear || reseal.previous) {
                     keys.save(&keys.read())?;
-                    tracing::info!(
-                        file = %path.display(),
-                        "private signing keys found in clear sealed with the key-encryption key"
-                    );
+                    if reseal.in_clear {
+                        tracing::info!(
+                            file = %path.display(),
+                            "private signing keys found in clear sealed with the key-encryption key"
+                        );
+                    }
+                    if reseal.previous {
+                        tracing::info!(
+                            file = %path.display(),
+                            "private signing keys sealed with the previous key-encryption key sealed again with the key"
+                        );
+                    }
                 }
                 keys
             }
@@ -609,9 +617,17 @@ impl SigningKeys {
     }
 }
 
+/// What a key file read holds that is to be sealed (again) with the key given.
+struct Reseal {
+    /// A private key in clear.
+    in_clear: bool,
+    /// A private key only the key's previous key opens.
+    previous: bool,
+}
+
 /// Reads the key file in `path` (`None` when there is none), each sealed private key opened
-/// with `kek`: the keys, and whether one is in clear. Writes and creates nothing.
-fn read_key_file(path: &Path, kek: Option<&Kek>) -> Result<Option<(Ring, bool)>, KeyError> {
+/// with `kek`: the keys, and what is to be sealed with it. Writes and creates nothing.
+fn read_key_file(path: &Path, kek: Option<&Kek>) -> Result<Option<(Ring, Reseal)>, KeyError> {
     let bad = |e: &dyn fmt::Display| KeyError::Malformed(format!("{}: {e}", path.display()));
     let unreadable = |e: std::io::Error| KeyError::Io(format!("{}: {e}", path.display()));
     let Some(bytes) = crate::persist::read_if_exists(path).map_err(unreadable)? else {
@@ -621,12 +637,16 @@ fn read_key_file(path: &Path, kek: Option<&Kek>) -> Result<Option<(Ring, bool)>,
     if file.version != 1 {
         return Err(bad(&format!("unknown key file version {}", file.version)));
     }
-    let in_clear = file.keys.iter().any(|k| k.pem.is_some());
+    let mut reseal = Reseal {
+        in_clear: file.keys.iter().any(|k| k.pem.is_some()),
+        previous: false,
+    };
     let published = file
         .keys
         .into_iter()
         .map(|entry| {
-            let pem = entry_pem(&entry, kek).map_err(|e| e.at(path))?;
+            let (pem, by) = entry_pem(&entry, kek).map_err(|e| e.at(path))?;
+            reseal.previous |= by == OpenedBy::Previous;
             SigningKey::from_pem(entry.alg, &pem, entry.kid)
                 .map(Arc::new)
                 .map_err(|e| bad(&e))
@@ -637,7 +657,7 @@ fn read_key_file(path: &Path, kek: Option<&Kek>) -> Result<Option<(Ring, bool)>,
         .find(|k| k.kid == file.current)
         .cloned()
         .ok_or_else(|| bad(&"the current key is not in the file"))?;
-    Ok(Some((Ring { current, published }, in_clear)))
+    Ok(Some((Ring { current, published }, reseal)))
 }
 
 /// Why a key file's entry gives no private key.
@@ -655,15 +675,16 @@ impl EntryError {
     }
 }
 
-/// The private key of a key file's entry: in clear, or opened with `kek`. Sealed without a
-/// key, or with the wrong one, is an error naming the variable the gateway reads the key from.
-fn entry_pem(entry: &KeyFileEntry, kek: Option<&Kek>) -> Result<String, EntryError> {
+/// The private key of a key file's entry: in clear, or opened with `kek` (saying which key
+/// opened it; in clear, [`OpenedBy::Key`]). Sealed without a key, or with the wrong one, is an
+/// error naming the variable the gateway reads the key from.
+fn entry_pem(entry: &KeyFileEntry, kek: Option<&Kek>) -> Result<(String, OpenedBy), EntryError> {
     let kid = &entry.kid;
     match (&entry.pem, &entry.pem_sealed) {
         (Some(_), Some(_)) => Err(EntryError::Malformed(format!(
             "the signing key {kid:?} is both in clear (`pem`) and sealed (`pem_sealed`): keep one"
         ))),
-        (Some(pem), None) => Ok(pem.clone()),
+        (Some(pem), None) => Ok((pem.clone(), OpenedBy::Key)),
         (None, None) => Err(EntryError::Malformed(format!(
             "the signing key {kid:?} has no private key"
         ))),
@@ -673,7 +694,7 @@ fn entry_pem(entry: &KeyFileEntry, kek: Option<&Kek>) -> Result<String, EntryErr
                 return Err(EntryError::Sealed(crate::at_rest::no_key(&what)));
             };
             kek.open_base64(kid, sealed)
-                .and_then(|pem| String::from_utf8(pem).ok())
+                .and_then(|(pem, by)| Some((String::from_utf8(pem).ok()?, by)))
                 .ok_or_else(|| {
                     EntryError::Sealed(crate::at_rest::wrong_key(
                         &what,
@@ -811,6 +832,39 @@ mod tests {
             assert!(!text.contains("PRIVATE KEY"), "sealed at open: {text}");
             let again = SigningKeys::open_sealed(&path, kek(1)).unwrap();
             assert_eq!(again.jwks(), clear.jwks());
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+
+        #[test]
+        fn a_changed_key_seals_again_what_only_its_previous_key_opens() {
+            let (dir, path) = key_file("change-key");
+            let keys = SigningKeys::open_sealed(&path, kek(1)).unwrap();
+            keys.rotate(SigningKey::generate_es256().unwrap()).unwrap();
+            let by_old = std::fs::read(&path).unwrap();
+
+            let changing = kek(2).with_previous(kek(1));
+            SigningKeys::check_sealed(&path, &changing).unwrap();
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                by_old,
+                "a check writes nothing"
+            );
+            let changed = SigningKeys::open_sealed(&path, changing.clone()).unwrap();
+            assert_ne!(std::fs::read(&path).unwrap(), by_old, "sealed again");
+            assert_eq!(changed.jwks(), keys.jwks(), "the same keys");
+            assert_eq!(changed.current_kid(), keys.current_kid());
+
+            // The new key alone opens the file; the old one no longer does.
+            let again = SigningKeys::open_sealed(&path, kek(2)).unwrap();
+            assert_eq!(again.read().current.pem, keys.read().current.pem);
+            assert!(matches!(
+                SigningKeys::check_sealed(&path, &kek(1)),
+                Err(KeyError::Sealed(_))
+            ));
+            // Opened with the pair again: nothing to seal again, nothing written.
+            let unchanged = std::fs::read(&path).unwrap();
+            SigningKeys::open_sealed(&path, changing).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), unchanged);
             std::fs::remove_dir_all(&dir).unwrap();
         }
 
