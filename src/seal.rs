@@ -135,7 +135,7 @@ impl KeyEncryptionKey {
     /// assert!(!changing.same_key(&old));
     /// // Replicas still on the old key, opening what the new one seals:
     /// let waiting = old.clone().with_next(new.clone());
-    /// assert!(!waiting.has_previous() && waiting.same_key(&old));
+    /// assert!(!waiting.has_previous() && waiting.has_next() && waiting.same_key(&old));
     /// ```
     pub fn with_previous(self, previous: KeyEncryptionKey) -> Self {
         Self {
@@ -160,6 +160,11 @@ impl KeyEncryptionKey {
     /// what that key sealed is to be sealed again with this one.
     pub fn has_previous(&self) -> bool {
         matches!(self.other, Some((_, OpenedBy::Previous)))
+    }
+
+    /// Whether this key has a next key beside it ([`with_next`](Self::with_next)).
+    pub fn has_next(&self) -> bool {
+        matches!(self.other, Some((_, OpenedBy::Next)))
     }
 
     /// Whether `other` seals with the same key as this one (their previous or next keys
@@ -246,7 +251,7 @@ impl KeyEncryptionKey {
 
     /// What [`seal`](Self::seal) sealed for `binding`, if this key or its previous or next
     /// key sealed it.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn open(&self, binding: &str, sealed: &[u8]) -> Option<Vec<u8>> {
         self.open_by(binding, sealed)
             .map(|(plaintext, _)| plaintext)

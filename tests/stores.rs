@@ -1079,7 +1079,9 @@ async fn credential_in(
 /// everything; then the new key alone opens it all, and the old key alone opens nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_key_encryption_key_changes_replica_by_replica() {
-    use tower_fhir::postgres::{CredentialsSealed, KeyEncryptionKey, PgState, PgTenantStore};
+    use tower_fhir::postgres::{
+        CredentialsSealed, KeyEncryptionKey, PgSigningKeys, PgState, PgTenantStore,
+    };
     let Some(server) =
         support::postgres::Postgres::start_or_skip("rekey", "the PostgreSQL key change test")
     else {
@@ -1108,20 +1110,25 @@ async fn postgres_key_encryption_key_changes_replica_by_replica() {
         .map(|query| server.query("rekey", &query))
     };
     // A replica started with `kek`: its tenant store once it has sealed what it seals at
-    // start, what that was, and the kid it signs with (or why it cannot start).
+    // start, what that was, and its signing keys (or why it cannot start).
     let replica = |kek: KeyEncryptionKey| async {
         let state = PgState::connect(&url).await.unwrap();
-        let kid = state
+        let keys = state
             .signing_keys(kek.clone())
             .await
-            .map(|keys| keys.signing_keys().current_kid())
             .map_err(|e| e.to_string());
         let store: PgTenantStore = state.sealed_tenant_store(kek);
+        store.listening().await;
         let sealed = store
             .seal_stored_credentials()
             .await
             .map_err(|e| e.to_string());
-        (store, sealed, kid)
+        (store, sealed, keys)
+    };
+    let kid_of = |keys: &Result<PgSigningKeys, String>| {
+        keys.as_ref()
+            .map(|keys| keys.signing_keys().current_kid())
+            .map_err(Clone::clone)
     };
     let nothing = Ok(CredentialsSealed::default());
     let tenants_again = |previous| {
@@ -1132,8 +1139,8 @@ async fn postgres_key_encryption_key_changes_replica_by_replica() {
     };
 
     // Before: sealed with the old key.
-    let (store, _, kid) = replica(old()).await;
-    let kid = kid.unwrap();
+    let (store, _, keys) = replica(old()).await;
+    let kid = kid_of(&keys).unwrap();
     store
         .put(tenant(A), record("http://ehr-a/fhir"))
         .await
@@ -1142,13 +1149,19 @@ async fn postgres_key_encryption_key_changes_replica_by_replica() {
 
     // Step 1, every replica: the old key, the new one next. Nothing sealed anew.
     let step_one = || old().with_next(new());
-    let (first, sealed, first_kid) = replica(step_one()).await;
-    assert_eq!((sealed, first_kid), (nothing.clone(), Ok(kid.clone())));
+    let (first, sealed, first_keys) = replica(step_one()).await;
+    assert_eq!(
+        (sealed, kid_of(&first_keys)),
+        (nothing.clone(), Ok(kid.clone()))
+    );
     assert_eq!(stored(), by_old, "step 1 writes nothing");
 
     // Step 2, a replica: the new key, the old one previous. Sealed again at start.
-    let (second, sealed, second_kid) = replica(new().with_previous(old())).await;
-    assert_eq!((sealed, second_kid), (tenants_again(1), Ok(kid.clone())));
+    let (second, sealed, second_keys) = replica(new().with_previous(old())).await;
+    assert_eq!(
+        (sealed, kid_of(&second_keys)),
+        (tenants_again(1), Ok(kid.clone()))
+    );
     let by_new = stored();
     assert!(
         by_new.iter().zip(&by_old).all(|(new, old)| new != old),
@@ -1170,29 +1183,61 @@ async fn postgres_key_encryption_key_changes_replica_by_replica() {
     // The step-1 replica opens what the step-2 one sealed, and a step-1 replica started now
     // opens it all and seals nothing back with the old key.
     assert_eq!(credential_in(&first, A).await.unwrap(), credential);
-    let (late, sealed, late_kid) = replica(step_one()).await;
-    assert_eq!((sealed, late_kid), (nothing.clone(), Ok(kid.clone())));
+    let (late, sealed, late_keys) = replica(step_one()).await;
+    assert_eq!(
+        (sealed, kid_of(&late_keys)),
+        (nothing.clone(), Ok(kid.clone()))
+    );
     assert_eq!(credential_in(&late, A).await.unwrap(), credential);
     assert_eq!(stored(), by_new, "a step-1 start wrote");
-    // The step-2 replica opens what a step-1 replica seals meanwhile, and a step-2 replica
-    // restarted once all are at step 2 seals it again.
+    // A tenant written and a signing key added through a step-1 replica meanwhile (sealed
+    // with the old key): the step-2 replica opens them, and seals them again with the new
+    // key as it hears of them, with no restart.
     first
         .put(tenant(B), record("http://ehr-b/fhir"))
         .await
         .unwrap();
+    let rotated = first_keys
+        .as_ref()
+        .unwrap()
+        .rotate(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap();
     assert_eq!(credential_in(&second, B).await.unwrap(), credential);
+    let new_alone = PgState::connect(&url).await.unwrap();
+    let opens_rotated = async || {
+        // (A key it cannot open is left out of what it publishes.)
+        let keys = new_alone.signing_keys(new()).await.unwrap();
+        keys.signing_keys().jwks().to_string().contains(&rotated)
+    };
+    let new_alone_store = new_alone.sealed_tenant_store(new());
+    let started = std::time::Instant::now();
+    while credential_in(&new_alone_store, B).await.is_err() || !opens_rotated().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the step-2 replica did not seal again what the step-1 replica wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A step-2 replica restarted now finds nothing left to seal again.
     let (_, sealed, _) = replica(new().with_previous(old())).await;
-    assert_eq!(sealed, tenants_again(1));
+    assert_eq!(sealed, nothing);
+    drop((second_keys, first_keys, late_keys));
 
     // Step 3: the new key alone opens everything, the old key alone nothing.
-    let (last, sealed, last_kid) = replica(new()).await;
-    assert_eq!((sealed, last_kid), (nothing, Ok(kid)));
+    let (last, sealed, last_keys) = replica(new()).await;
+    assert_eq!((sealed, kid_of(&last_keys)), (nothing, Ok(rotated.clone())));
+    let published = last_keys.unwrap().signing_keys().jwks().to_string();
+    assert!(
+        published.contains(&kid) && published.contains(&rotated),
+        "{published}"
+    );
     for tenant in [A, B] {
         assert_eq!(credential_in(&last, tenant).await.unwrap(), credential);
     }
     let (stale, _, refused) = replica(old()).await;
     assert!(credential_in(&stale, A).await.is_err());
-    let refused = refused.unwrap_err();
+    let refused = kid_of(&refused).unwrap_err();
     assert!(
         refused.contains("cannot be opened with this key-encryption key"),
         "{refused}"

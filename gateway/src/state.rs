@@ -175,6 +175,7 @@ pub(crate) async fn open(config: &Config, key: StateKey) -> Result<State, String
 /// signing keys there.
 async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     let kek = KeyEncryptionKey::from_env().map_err(|e| format!("cannot use the database: {e}"))?;
+    say_key_change(&kek);
     let location = format!("PostgreSQL at {}", without_password(url));
     if let Some(dir) = &config.state_dir {
         tracing::warn!(state_dir = %dir.display(), "state_dir is not used: the state is in the database");
@@ -423,8 +424,9 @@ async fn open_directory(config: &Config, key: StateKey) -> Result<State, String>
     // sealed (or none, for a sealed state) must not seal the other, nor a fresh signing key,
     // with itself; afterwards no one key would open the state.
     verify_sealed_state(&dir, sealing.as_ref())?;
-    if sealing.is_some() {
+    if let Some(kek) = &sealing {
         tracing::info!("secrets in state_dir sealed with {KEY_ENCRYPTION_KEY_ENV}");
+        say_key_change(kek);
     }
     say_missing_files(&dir);
     let keys_file = dir.join("signing-keys.json");
@@ -556,6 +558,20 @@ pub(crate) fn state_dir_sealing() -> Result<Option<KeyEncryptionKey>, String> {
     let kek = KeyEncryptionKey::from_env()
         .map_err(|e| format!("cannot seal the secrets in state_dir: {e}"))?;
     Ok(Some(kek))
+}
+
+/// Says at `info` when `kek` changes from a previous key or to a next one, so that an
+/// operator changing the key reads from each start which step it is at.
+fn say_key_change(kek: &KeyEncryptionKey) {
+    if kek.has_previous() {
+        tracing::info!(
+            "the key-encryption key changes: {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} is set, and what only it opens is sealed again with {KEY_ENCRYPTION_KEY_ENV}"
+        );
+    } else if kek.has_next() {
+        tracing::info!(
+            "the key-encryption key is about to change: {NEXT_KEY_ENCRYPTION_KEY_ENV} is set, and what it seals opens here; sealing with {KEY_ENCRYPTION_KEY_ENV} still"
+        );
+    }
 }
 
 /// The configured `state_dir`, created (mode 0700) when missing. One that others may write to,

@@ -1,7 +1,8 @@
 //! Three gateway processes sharing one real PostgreSQL database, driven over HTTP: one JWKS,
 //! tokens good everywhere, tenants and secrets changed through one replica seen by the others,
 //! revocations and failed secret checks shared, a signing key rotated everywhere, a replica
-//! killed under load, and the database stopped and started again under load.
+//! killed under load, and the database stopped and started again under load; the
+//! key-encryption key changed replica by replica.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -61,6 +62,17 @@ fn config_file(
 /// Starts replica `n` with `file`, the key-encryption key in its environment, and `url` in
 /// `TOWER_FHIR_DATABASE_URL` when given.
 fn start(dir: &Path, file: &Path, n: usize, url: Option<&str>) -> Replica {
+    start_with(dir, file, n, url, &[("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK)])
+}
+
+/// [`start`] with `keys` (variables and values) as its key-encryption keys.
+fn start_with(
+    dir: &Path,
+    file: &Path,
+    n: usize,
+    url: Option<&str>,
+    keys: &[(&str, &str)],
+) -> Replica {
     // Port 0, the address read from the start line: a port picked by `free_port` could be
     // picked for another replica or test's gateway at the same moment, and with
     // `SO_REUSEPORT` both would take it and share its connections.
@@ -71,7 +83,9 @@ fn start(dir: &Path, file: &Path, n: usize, url: Option<&str>) -> Replica {
         .arg("--listen")
         .arg("127.0.0.1:0")
         .env("RUST_LOG", "info")
-        .env("TOWER_FHIR_KEY_ENCRYPTION_KEY", KEK);
+        .env_remove("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY")
+        .env_remove("TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY")
+        .envs(keys.iter().copied());
     if let Some(url) = url {
         command.env("TOWER_FHIR_DATABASE_URL", url);
     }
@@ -695,4 +709,155 @@ async fn a_cut_off_replica_refuses_tokens_past_revocation_max_staleness_seconds(
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     let log = cut_off.proc.stderr();
     assert!(!log.contains(&token), "the token reached the log");
+}
+
+/// The key-encryption key changes while replicas serve, as the README's three steps say: a
+/// replica given the old key with the new one next opens what a replica given the new key
+/// with the old one previous seals (a tenant onboarded through it), and that replica's start
+/// seals the signing keys and the stored credentials again with the new key; then the new key
+/// alone serves every tenant and the tokens issued before, and the old key alone cannot start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_encryption_key_changes_replica_by_replica() {
+    const KEY: &str = "TOWER_FHIR_KEY_ENCRYPTION_KEY";
+    const NEW: &str = "bmV3LXJlcGxpY2Etc2hhcmVkLTMyLWJ5dGUta2V5ISE=";
+    let dir = scratch("replicas-rekey");
+    let Some(server) = Postgres::start_or_skip("rekey", "the key change across replicas") else {
+        return;
+    };
+    server.create_database("gateway");
+    let url = server.url("gateway");
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer(
+        "/",
+        Answer::json(json!({"resourceType": "Patient", "id": "1"})),
+    );
+    let file = config_file(&dir, "gateway.json", &upstream, &url);
+    let put = |tenant: &'static str, credential: &'static str| {
+        json!({"upstreams": [{
+            "base_url": upstream.base(&format!("/{tenant}")),
+            "fhir_version": "4.0",
+            "authorization": credential
+        }]})
+        .to_string()
+    };
+    // A read through `replica` for `tenant` reaches its upstream with `credential`.
+    let reaches = async |replica: &Replica, tenant: &str, token: &str, credential: &str| {
+        let read = replica.client.get_bearer("/Patient/1", token).await;
+        assert_eq!(read.status, StatusCode::OK, "{tenant}: {}", read.text());
+        let received = upstream.last();
+        assert!(
+            received.target.starts_with(&format!("/{tenant}/")),
+            "{}",
+            received.target
+        );
+        assert_eq!(received.headers.get("authorization").unwrap(), credential);
+    };
+    let sealed_rows = || {
+        server.query(
+            "gateway",
+            "SELECT (SELECT string_agg(record::text, ',' ORDER BY id) FROM tower_fhir_tenants) \
+             || (SELECT string_agg(encode(sealed, 'base64'), ',' ORDER BY kid) FROM tower_fhir_signing_keys)",
+        )
+    };
+
+    // Before: the old key. TENANT gets a credential.
+    let mut before = start(&dir, &file, 1, None);
+    let changed = admin(
+        &before,
+        "PUT",
+        &format!("/admin/tenants/{TENANT}"),
+        serde_json::from_str(&put(TENANT, "Bearer tenant-credential")).unwrap(),
+    )
+    .await;
+    assert!(changed.status.is_success(), "{}", changed.text());
+    let issued = token(&before, TENANT).await;
+    reaches(&before, TENANT, &issued, "Bearer tenant-credential").await;
+
+    // Step 1: the old key, the new one next. Writes nothing anew.
+    let by_old = sealed_rows();
+    let mut waiting = start_with(
+        &dir,
+        &file,
+        2,
+        None,
+        &[(KEY, KEK), ("TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY", NEW)],
+    );
+    assert!(before.proc.terminate());
+    let log = std::fs::read_to_string(dir.join("replica2.log")).unwrap();
+    assert!(
+        log.contains("the key-encryption key is about to change"),
+        "{log}"
+    );
+    reaches(&waiting, TENANT, &issued, "Bearer tenant-credential").await;
+    assert_eq!(sealed_rows(), by_old, "step 1 wrote");
+
+    // Step 2: the new key, the old one previous: sealed again at its start.
+    let mut changing = start_with(
+        &dir,
+        &file,
+        3,
+        None,
+        &[(KEY, NEW), ("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY", KEK)],
+    );
+    let log = std::fs::read_to_string(dir.join("replica3.log")).unwrap();
+    for said in [
+        "signing keys sealed with the previous key-encryption key sealed again",
+        "the key-encryption key changes: TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is set",
+        "upstream credentials sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY sealed again",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+    assert_ne!(sealed_rows(), by_old);
+    // LATER onboarded through the step-2 replica (sealed with the new key): the step-1
+    // replica opens it.
+    let onboarded = admin(
+        &changing,
+        "PUT",
+        &format!("/admin/tenants/{LATER}"),
+        serde_json::from_str(&put(LATER, "Bearer later-credential")).unwrap(),
+    )
+    .await;
+    assert!(onboarded.status.is_success(), "{}", onboarded.text());
+    let for_later = token(&changing, LATER).await;
+    within(
+        Duration::from_secs(10),
+        "the step-1 replica serves LATER",
+        async || {
+            waiting
+                .client
+                .get_bearer("/Patient/1", &for_later)
+                .await
+                .status
+                == StatusCode::OK
+        },
+    )
+    .await;
+    reaches(&waiting, LATER, &for_later, "Bearer later-credential").await;
+    reaches(&changing, TENANT, &issued, "Bearer tenant-credential").await;
+    assert!(waiting.proc.terminate());
+    assert!(changing.proc.terminate());
+
+    // Step 3: the new key alone serves both tenants and the token issued at the start; the
+    // old key alone cannot open the signing keys.
+    let mut after = start_with(&dir, &file, 4, None, &[(KEY, NEW)]);
+    reaches(&after, TENANT, &issued, "Bearer tenant-credential").await;
+    reaches(&after, LATER, &for_later, "Bearer later-credential").await;
+    assert!(after.proc.terminate());
+    let refused = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&file)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env(KEY, KEK)
+        .env_remove("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY")
+        .env_remove("TOWER_FHIR_NEXT_KEY_ENCRYPTION_KEY")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("cannot be opened with this key-encryption key"),
+        "{said}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

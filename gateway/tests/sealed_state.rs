@@ -527,7 +527,12 @@ async fn the_key_encryption_key_changes_with_the_old_one_as_previous() {
         ..Keys::default()
     };
     assert!(check_config(&dir, waiting).is_ok());
-    let (mut step_one, client, _) = start(&dir, "waiting", &config, waiting);
+    let (mut step_one, client, log) = start(&dir, "waiting", &config, waiting);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("the key-encryption key is about to change"),
+        "{said}"
+    );
     reaches(&client, &upstream, &issued, CREDENTIAL).await;
     assert!(step_one.terminate());
     assert_eq!(StateFiles::read(&dir), by_old, "a next key wrote");
@@ -622,6 +627,7 @@ async fn the_key_encryption_key_changes_with_the_old_one_as_previous() {
     let said = std::fs::read_to_string(&log).unwrap();
     for what in [
         "upstream credentials sealed with the previous key-encryption key sealed again",
+        "the key-encryption key changes: TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is set",
         "private signing keys sealed with the previous key-encryption key sealed again",
     ] {
         assert!(said.contains(what), "{what}: {said}");

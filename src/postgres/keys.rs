@@ -12,7 +12,10 @@ use tokio::sync::Notify;
 
 use super::{bounded, listen, Handler, PgError, CHANGES_CHANNEL};
 use crate::at_rest::OpenedBy;
-use crate::seal::{KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV};
+use crate::seal::{
+    KeyEncryptionKey, KEY_ENCRYPTION_KEY_ENV, NEXT_KEY_ENCRYPTION_KEY_ENV,
+    PREVIOUS_KEY_ENCRYPTION_KEY_ENV,
+};
 use crate::token::{SigningKey, SigningKeys};
 
 /// The advisory lock key changes run under, so that two replicas starting on an empty
@@ -33,6 +36,8 @@ struct Row {
     signs_from: i64,
     /// Unix milliseconds from which it is no longer published, if that is decided.
     retire_at: Option<i64>,
+    /// Whether only the key-encryption key's previous key opened it: it is to be sealed again.
+    by_previous: bool,
 }
 
 impl Row {
@@ -98,9 +103,9 @@ async fn load_unbounded(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>,
             let kid: String = row.get(0);
             let alg: String = row.get(1);
             let sealed: Vec<u8> = row.get(2);
-            let pem = kek.open(&kid, &sealed).ok_or_else(|| {
+            let (pem, by) = kek.open_by(&kid, &sealed).ok_or_else(|| {
                 PgError::plain(format!(
-                    "the signing key {kid:?} in the database cannot be opened with this key-encryption key: every replica needs the {KEY_ENCRYPTION_KEY_ENV} the keys were sealed with"
+                    "the signing key {kid:?} in the database cannot be opened with this key-encryption key: every replica needs the {KEY_ENCRYPTION_KEY_ENV} the keys were sealed with (while the key changes, the other one in {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} or {NEXT_KEY_ENCRYPTION_KEY_ENV})"
                 ))
             })?;
             let alg: Algorithm = alg
@@ -112,6 +117,7 @@ async fn load_unbounded(pool: &Pool, kek: &KeyEncryptionKey) -> Result<Vec<Row>,
                 key: Arc::new(key),
                 signs_from: row.get(3),
                 retire_at: row.get(4),
+                by_previous: by == OpenedBy::Previous,
             })
         });
     let (mut opened, mut unreadable) = (Vec::new(), Vec::new());
@@ -188,6 +194,30 @@ async fn reseal(
         resealed += 1;
     }
     Ok(resealed)
+}
+
+/// [`reseal`] in a transaction of its own under the keys' lock, the count said at `info`, a
+/// failure at `warn` (the keys still open with the previous key; the next read tries again).
+async fn reseal_locked(pool: &Pool, kek: &KeyEncryptionKey) {
+    let resealed = bounded(async {
+        let mut connection = connect(pool).await?;
+        let failed = |e| PgError::new("cannot seal the signing keys again", e);
+        let transaction = locked(&mut connection, failed).await?;
+        let resealed = reseal(&transaction, kek).await?;
+        transaction.commit().await.map_err(failed)?;
+        Ok::<_, PgError>(resealed)
+    })
+    .await;
+    match resealed {
+        Ok(0) => {}
+        Ok(keys) => tracing::info!(
+            keys,
+            "signing keys sealed with the previous key-encryption key sealed again with the key"
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "cannot seal the signing keys again with the key-encryption key; trying again at the next read")
+        }
+    }
 }
 
 async fn connect(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
@@ -525,6 +555,11 @@ async fn follow(
             read_at = tokio::time::Instant::now();
             match load(&pool, &kek).await {
                 Ok(fresh) => {
+                    if fresh.iter().any(|row| row.by_previous) {
+                        // Added by a replica still sealing with the previous key (while the
+                        // key changes): sealed again with the key, as at start.
+                        reseal_locked(&pool, &kek).await;
+                    }
                     rows = fresh;
                     stale = false;
                     *applied += 1;
@@ -597,6 +632,7 @@ mod tests {
             key: Arc::new(SigningKey::ec_pem(pem, kid).unwrap()),
             signs_from,
             retire_at,
+            by_previous: false,
         }
     }
 

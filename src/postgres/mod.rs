@@ -1442,6 +1442,7 @@ impl PgTenantStore {
             pool: self.pool.clone(),
             changes: self.changes.clone(),
             origin: Arc::clone(&self.origin),
+            resealing: self.sealing.clone().filter(|kek| kek.has_previous()),
         }
     }
 
@@ -1837,6 +1838,9 @@ struct Detached {
     pool: Pool,
     changes: broadcast::Sender<TenantId>,
     origin: Arc<str>,
+    /// The store's key while it has a previous key: another replica's change is sealed again
+    /// with it as it is heard of (see [`reseal_heard`]).
+    resealing: Option<Arc<KeyEncryptionKey>>,
 }
 
 /// Every tenant in the directory, sorted by their text (as the other stores list them).
@@ -2134,6 +2138,50 @@ async fn listen(dial: Dial, mut handler: impl Handler) {
     }
 }
 
+/// Seals again with `kek` the credentials of `tenant`'s record that only its previous key
+/// opens, as [`PgTenantStore::seal_stored_credentials`] does at start: for a change another
+/// replica made, heard (or found changed after the listener reconnected) while the key changes (a replica still sealing with the old key, whose
+/// writes after this one's start would otherwise stay sealed with it). Rewritten only if
+/// unchanged meanwhile; a failure is said at `warn` (the next start with the previous key
+/// seals it again).
+async fn reseal_heard(pool: Pool, kek: Arc<KeyEncryptionKey>, tenant: TenantId) {
+    let resealed = async {
+        let connection = pool.get().await.map_err(|e| e.to_string())?;
+        let Some(row) = connection
+            .query_opt(
+                "SELECT record FROM tower_fhir_tenants WHERE id = $1",
+                &[&uuid(tenant)],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(false);
+        };
+        let record: serde_json::Value = row.try_get(0).map_err(|e| e.to_string())?;
+        let Some((json, _)) = crate::at_rest::reseal_credentials(&kek, tenant, record.clone())?
+        else {
+            return Ok(false);
+        };
+        connection
+            .execute(
+                "UPDATE tower_fhir_tenants SET record = $2 WHERE id = $1 AND record = $3",
+                &[&uuid(tenant), &json, &record],
+            )
+            .await
+            .map(|written| written > 0)
+            .map_err(|e| e.to_string())
+    };
+    match bounded::<bool, String>(resealed).await {
+        Ok(true) => {
+            tracing::info!(%tenant, "a tenant's upstream credentials written by another replica with the previous key-encryption key sealed again with the key")
+        }
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%tenant, %error, "cannot seal a tenant's upstream credentials again with the key-encryption key; the next start with the previous key does")
+        }
+    }
+}
+
 /// A tenant store's listener: other replicas' tenant changes to its subscribers.
 struct TenantChanges {
     store: Detached,
@@ -2205,6 +2253,13 @@ impl Handler for TenantChanges {
             let changed = changed_unheard(&self.listed, &self.pending, self.overflowed, &now);
             for tenant in &changed {
                 let _ = self.store.changes.send(*tenant);
+                if let Some(kek) = &self.store.resealing {
+                    tokio::spawn(reseal_heard(
+                        self.store.pool.clone(),
+                        Arc::clone(kek),
+                        *tenant,
+                    ));
+                }
             }
             tracing::info!(
                 changed = changed.len(),
@@ -2239,6 +2294,13 @@ impl Handler for TenantChanges {
             }
             if from != &*self.store.origin {
                 let _ = self.store.changes.send(tenant);
+                if let Some(kek) = &self.store.resealing {
+                    tokio::spawn(reseal_heard(
+                        self.store.pool.clone(),
+                        Arc::clone(kek),
+                        tenant,
+                    ));
+                }
             }
         }
     }
