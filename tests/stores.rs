@@ -195,6 +195,13 @@ where
     assert!(store.lookup(b).await.unwrap().is_none());
     assert!(!store.delete(b).await.unwrap());
     assert_eq!(store.list().await.unwrap(), vec![c, a]);
+    // Which of some tenants it holds: those alone, each once, whatever was asked twice.
+    assert_eq!(
+        store.present(vec![b, a, c, a]).await.unwrap(),
+        std::collections::HashSet::from([a, c])
+    );
+    assert!(store.present(vec![b]).await.unwrap().is_empty());
+    assert!(store.present(Vec::new()).await.unwrap().is_empty());
 
     if let Some(reopen) = reopen {
         drop(store);

@@ -1773,6 +1773,32 @@ impl TenantStore for PgTenantStore {
         }))
     }
 
+    /// One query for those asked for (`id = ANY($1)`, on the primary key), not the whole list.
+    fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
+        let pool = self.pool.clone();
+        Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
+            if tenants.is_empty() {
+                return Ok(HashSet::new());
+            }
+            let connection = pool
+                .get()
+                .await
+                .map_err(|e| directory_error("connecting", e))?;
+            let ids: Vec<Uuid> = tenants.into_iter().map(uuid).collect();
+            let rows = connection
+                .query(
+                    "SELECT id FROM tower_fhir_tenants WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .map_err(|e| directory_error("looking tenants up", e))?;
+            Ok(rows
+                .iter()
+                .map(|row| TenantId::from_uuid(row.get::<_, Uuid>(0)))
+                .collect())
+        }))
+    }
+
     /// One query for every tenant's record (each opened as [`lookup`] opens it), within the
     /// 60 s of a listing.
     ///

@@ -1,6 +1,6 @@
 //! Where tenants and their upstreams are looked up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
@@ -217,6 +217,40 @@ pub trait TenantStore: TenantDirectory {
     ) -> TenantStoreFuture<Vec<TenantId>> {
         let listed = self.list();
         Box::pin(async move { Ok(page_of(listed.await?, after, limit)) })
+    }
+
+    /// Which of `tenants` the store holds: what the gateway's admin API reads to show the
+    /// tenants a client may get tokens for that are not onboarded. The default reads the whole
+    /// [`list`](Self::list); the in-memory, file and PostgreSQL stores look up only those asked
+    /// for (a page of clients of a directory of 50,000 tenants would otherwise read all 50,000).
+    ///
+    /// ```
+    /// use tower_fhir::route::{InMemoryDirectory, TenantRecord, TenantStore, Upstream};
+    /// use tower_fhir::tenant::TenantId;
+    /// use tower_fhir::version::FhirVersion;
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let store = InMemoryDirectory::new();
+    /// let [held, unknown] = ["4d1f6c2e-8a3b-4c5d-9e7f-1a2b3c4d5e6f", "9b2e1c3d-5f6a-4b7c-8d9e-0a1b2c3d4e5f"]
+    ///     .map(|id| TenantId::parse(id).unwrap());
+    /// let upstream = Upstream::parse("http://127.0.0.1:9001/fhir", FhirVersion::R4).unwrap();
+    /// store.put(held, TenantRecord::new([upstream]).unwrap()).await.unwrap();
+    ///
+    /// let present = store.present(vec![held, unknown, held]).await.unwrap();
+    /// assert_eq!(present, [held].into());
+    /// assert!(store.present(Vec::new()).await.unwrap().is_empty());
+    /// # });
+    /// ```
+    fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
+        let listed = self.list();
+        Box::pin(async move {
+            let asked: HashSet<TenantId> = tenants.into_iter().collect();
+            Ok(listed
+                .await?
+                .into_iter()
+                .filter(|tenant| asked.contains(tenant))
+                .collect())
+        })
     }
 
     /// Every tenant with its record, in [`list`](Self::list)'s order: what a check against
@@ -531,6 +565,16 @@ impl TenantStore for InMemoryDirectory {
         limit: Option<usize>,
     ) -> TenantStoreFuture<Vec<TenantId>> {
         Box::pin(std::future::ready(Ok(self.page(after, limit))))
+    }
+
+    /// Each looked up under one read lock, the others not copied.
+    fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
+        let held = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let present = tenants
+            .into_iter()
+            .filter(|tenant| held.contains_key(tenant))
+            .collect();
+        Box::pin(std::future::ready(Ok(present)))
     }
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
@@ -975,6 +1019,11 @@ impl TenantStore for FileDirectory {
         limit: Option<usize>,
     ) -> TenantStoreFuture<Vec<TenantId>> {
         self.memory.list_after(after, limit)
+    }
+
+    /// From memory, as [`InMemoryDirectory`] looks them up.
+    fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
+        self.memory.present(tenants)
     }
 
     fn changes(&self) -> broadcast::Receiver<TenantId> {
