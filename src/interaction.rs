@@ -161,21 +161,27 @@ pub(crate) fn classify_path<'a>(method: &Method, path: &'a str) -> Classified<'a
 /// which [`classify`] does not take), and `[type]/[id]/*`, a compartment search of every type
 /// (FHIR's `Patient/[id]/*`).
 pub(crate) fn classify_request<'p>(method: &Method, path: &'p str) -> Classified<'p> {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    classify_request_path(method, &path[..end])
+}
+
+/// [`classify_request`] of a path with no query string or fragment (a [`Uri`](http::Uri)'s
+/// `path()`, as the audit log classifies it): the path is not searched for either.
+pub(crate) fn classify_request_path<'p>(method: &Method, path: &'p str) -> Classified<'p> {
     let method = if *method == Method::HEAD {
         &Method::GET
     } else {
         method
     };
-    let found = classify(method, path);
+    let found = classify_path(method, path);
     if found.interaction.is_some() || *method != Method::GET {
         return found;
     }
-    let path = path.split(['?', '#']).next().unwrap_or("");
     let path = path.strip_suffix('/').unwrap_or(path);
     let Some(compartment) = path.strip_suffix("/*") else {
         return found;
     };
-    match classify(method, compartment) {
+    match classify_path(method, compartment) {
         found @ Classified {
             interaction: Some(Interaction::Read),
             ..
@@ -370,6 +376,83 @@ mod tests {
         ] {
             assert_eq!(of(method.clone(), path), None, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn the_path_only_entry_answers_as_classify_request_does() {
+        let paths = [
+            "",
+            "/",
+            "//",
+            "/*",
+            "*",
+            "/Patient",
+            "/Patient/",
+            "Patient/1",
+            "/Patient/1",
+            "/Patient/1/",
+            "/Patient/1/*",
+            "/Patient/1/*/",
+            "/Patient/1/**",
+            "/Patient/*",
+            "/Patient/1/*/*",
+            "/Patient/1/_history/*",
+            "/Patient/1/Observation",
+            "/Patient/1/_history/2",
+            "/Patient/1/_history/2/$meta",
+            "/Patient/$match",
+            "/$convert",
+            "/metadata",
+            "/_history",
+            "/_search",
+            "/Patient/_search",
+            "//Patient//1",
+            "/patient/1",
+            "/Patient/a%2Fb",
+            "/Patient/%31",
+            "/Patient/1 2",
+            "/Patient/é",
+            "/Patiënt/1/*",
+            "/Patient/../Group/1",
+            "/Patient/\"1\\",
+            "/Patient/1/2/3/4/5",
+            "/a/b/c/d/e/f/g/h",
+            "/admin/tenants",
+        ];
+        let methods = [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ];
+        for method in &methods {
+            for path in paths {
+                let found = classify_request_path(method, path);
+                assert_eq!(classify_request(method, path), found, "{method} {path:?}");
+                // With a query or a fragment, which only `classify_request` takes: the same
+                // answer, whatever they hold.
+                for tail in ["?", "?x=1", "?a=/*", "#f", "#/*", "?q#f"] {
+                    let full = format!("{path}{tail}");
+                    assert_eq!(classify_request(method, &full), found, "{method} {full:?}");
+                }
+            }
+        }
+        // What the compartment search and a read are, by either entry.
+        let get = |path| classify_request_path(&Method::GET, path).interaction;
+        assert_eq!(get("/Patient/1/*"), Some(Interaction::Search));
+        assert_eq!(get("/Patient/1/*/"), Some(Interaction::Search));
+        assert_eq!(get("/Patient/1"), Some(Interaction::Read));
+        assert_eq!(
+            classify_request_path(&Method::HEAD, "/Patient/1/*").interaction,
+            Some(Interaction::Search)
+        );
+        assert_eq!(
+            classify_request_path(&Method::DELETE, "/Patient/1/*").interaction,
+            classify(&Method::DELETE, "/Patient/1/*").interaction
+        );
     }
 
     #[test]

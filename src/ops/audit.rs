@@ -15,7 +15,7 @@ use serde::{Serialize, Serializer};
 use super::facts::{Facts, RequestParts};
 use super::{shard_count, shard_of_thread};
 use crate::auth::{MemoKey, VerifiedClaims};
-use crate::interaction::classify_request;
+use crate::interaction::classify_request_path;
 use crate::tenant::TenantId;
 
 /// Who asked what of which tenant, and what came of it: one per request.
@@ -205,6 +205,7 @@ impl AuditRecord {
         Line {
             time: self.time,
             request_id: self.request_id.as_deref(),
+            request_id_clean: false,
             client_id: self.client_id.as_deref(),
             issuer: self.issuer.as_deref(),
             who_json: None,
@@ -235,6 +236,9 @@ impl AuditRecord {
 struct Line<'a> {
     time: SystemTime,
     request_id: Option<&'a str>,
+    /// Whether the request id is known to need no escape (see [`RequestParts`]; an
+    /// [`AuditRecord`]'s may hold anything).
+    request_id_clean: bool,
     client_id: Option<&'a str>,
     issuer: Option<&'a str>,
     /// `client_id` and `issuer` as their JSON values, `"client_id":...,"issuer":...`, when
@@ -276,14 +280,17 @@ impl Line<'_> {
         out.extend_from_slice(b"{\"time\":\"");
         push_time_cached(out, self.time, cache);
         out.extend_from_slice(b"\",\"request_id\":");
-        push_opt_str(out, self.request_id);
+        match self.request_id {
+            Some(id) if self.request_id_clean => push_clean(out, id),
+            id => push_opt_str(out, id),
+        }
         match self.who_json {
             Some(who) => out.extend_from_slice(who),
             None => push_who(out, self.client_id, self.issuer),
         }
         out.extend_from_slice(b",\"client_address\":");
         match self.client_address {
-            Some(address) => push_address(out, address),
+            Some(address) => out.extend_from_slice(cache.address_json(address)),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"tenant\":");
@@ -397,32 +404,65 @@ fn push_str(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
 }
 
-/// Whether any byte needs an escape in a JSON string (`"`, `\`, a control character), eight
-/// bytes at a time.
-fn needs_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::MAX / 255;
-    const HIGH: u64 = ONES * 0x80;
-    // A byte of `word` is below `n` (n <= 128) iff its high bit is set in the result.
-    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
-    let escapes = |word: u64| {
-        below(word, 0x20)
-            | below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-    };
+/// A byte of eight, every byte `n`.
+const ONES: u64 = u64::MAX / 255;
+/// Each byte's high bit.
+const HIGH: u64 = ONES * 0x80;
+
+/// The high bit of each byte of `word` below `n` (n <= 128).
+fn below(word: u64, n: u8) -> u64 {
+    word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH
+}
+
+/// The high bit of each byte of `word` equal to `byte`.
+fn equal(word: u64, byte: u8) -> u64 {
+    below(word ^ (ONES * u64::from(byte)), 1)
+}
+
+/// Whether any byte of `bytes` is one `flag` marks, eight bytes at a time (`flag` sets the high
+/// bit of each byte it marks in a little-endian word), and `byte` says of one byte alone (for
+/// fewer than eight).
+fn any_flagged(bytes: &[u8], flag: impl Fn(u64) -> u64, byte: impl Fn(u8) -> bool) -> bool {
     let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
     if bytes.len() < 8 {
-        return bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        return bytes.iter().any(|&b| byte(b));
     }
     let mut found = 0;
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {
-        found |= escapes(word(chunk));
+        found |= flag(word(chunk));
     }
     if !chunks.remainder().is_empty() {
         // The last eight bytes again, overlapping what was checked.
-        found |= escapes(word(&bytes[bytes.len() - 8..]));
+        found |= flag(word(&bytes[bytes.len() - 8..]));
     }
     found != 0
+}
+
+/// Whether every byte is printable ASCII (a space to `~`) but `"` and `\`: text that
+/// `HeaderValue::to_str` takes and that needs no escape in a JSON string.
+pub(super) fn is_plain_ascii(bytes: &[u8]) -> bool {
+    // Bytes from 0x80 on have their high bit set; 0x7f (DEL) is a control character.
+    !any_flagged(
+        bytes,
+        |word| {
+            below(word, 0x20)
+                | (word & HIGH)
+                | equal(word, 0x7f)
+                | equal(word, b'"')
+                | equal(word, b'\\')
+        },
+        |b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\',
+    )
+}
+
+/// Whether any byte needs an escape in a JSON string (`"`, `\`, a control character).
+fn needs_escape(bytes: &[u8]) -> bool {
+    any_flagged(
+        bytes,
+        |word| below(word, 0x20) | equal(word, b'"') | equal(word, b'\\'),
+        |b| b < 0x20 || b == b'"' || b == b'\\',
+    )
 }
 
 /// The contents of a JSON string, escaped as [`push_str`] says.
@@ -459,6 +499,9 @@ fn push_escaped(out: &mut Vec<u8>, value: &str) {
 /// The parameter names of a query string joined by `&`, exactly as [`QueryRecording::apply`]
 /// keeps them (a separator only once something was kept, so a leading empty name leaves no
 /// `&`), escaped as [`push_str`] says: one pass over the query, each name copied at once.
+///
+/// Split by hand, a byte at a time: on these short pairs, two `memchr`s a pair (each setting
+/// up its vectors) cost more than the bytes they pass over.
 fn push_names(out: &mut Vec<u8>, query: &str) {
     let bytes = query.as_bytes();
     let clean = !needs_escape(bytes);
@@ -467,9 +510,15 @@ fn push_names(out: &mut Vec<u8>, query: &str) {
     let mut at = 0;
     while at < bytes.len() {
         // One pair, from `at` to the next `&`; its name ends at its first `=`.
-        let end = memchr::memchr(b'&', &bytes[at..]).map_or(bytes.len(), |pair| at + pair);
+        let mut name_end = at;
+        while name_end < bytes.len() && bytes[name_end] != b'&' && bytes[name_end] != b'=' {
+            name_end += 1;
+        }
+        let mut end = name_end;
+        while end < bytes.len() && bytes[end] != b'&' {
+            end += 1;
+        }
         if end > at {
-            let name_end = memchr::memchr(b'=', &bytes[at..end]).map_or(end, |name| at + name);
             if kept {
                 out.push(b'&');
             }
@@ -515,6 +564,8 @@ pub(crate) struct LineCache {
     /// The upstream held (so that its address is not another's while cached) and its JSON
     /// string.
     upstream: Option<(Arc<str>, Vec<u8>)>,
+    /// The client address and its JSON string.
+    address: Option<(IpAddr, Vec<u8>)>,
     /// The clocks the writer read last, against which drafts' start times become wall times.
     clock: Option<Clock>,
 }
@@ -567,6 +618,19 @@ impl LineCache {
             self.tenant = Some((tenant, json));
         }
         let (_, json) = self.tenant.as_ref().expect("cached above");
+        json
+    }
+
+    /// `address` as a JSON string, from the cache when it is the last line's (most come
+    /// from a few load balancers or clients).
+    fn address_json(&mut self, address: IpAddr) -> &[u8] {
+        let (cached, json) = self.address.get_or_insert_with(|| (address, Vec::new()));
+        // (Empty: made just now. A JSON string never is.)
+        if *cached != address || json.is_empty() {
+            json.clear();
+            push_address(json, address);
+            *cached = address;
+        }
         json
     }
 
@@ -803,10 +867,11 @@ fn describe<'a>(method: &http::Method, path: &'a str, canonical: &'a str) -> Des
             resource_id: None,
         };
     }
-    // The path of a `Uri`: no query, no fragment. A `HEAD` is the `GET` it mirrors, and
+    // The path of a `Uri` (and `canonical_path` decodes no `?` or `#` into it): no query, no
+    // fragment, so not searched for either. A `HEAD` is the `GET` it mirrors, and
     // `Patient/[id]/*` a compartment search, as the scope checks take them; DSTU2 asked for
     // the server's statement with `OPTIONS [base]`.
-    let mut classified = classify_request(method, canonical);
+    let mut classified = classify_request_path(method, canonical);
     if *method == http::Method::OPTIONS && canonical.trim_matches('/').is_empty() {
         classified.interaction = Some(crate::interaction::Interaction::Capabilities);
     }
@@ -928,6 +993,7 @@ impl AuditDraft {
             f(&Line {
                 time: clock.wall_time(parts.start),
                 request_id: parts.request_id(),
+                request_id_clean: parts.request_id_is_clean(),
                 client_id: facts
                     .client
                     .as_deref()
@@ -2220,6 +2286,86 @@ mod tests {
         ] {
             assert_eq!(cache.upstream_json(upstream), json.as_bytes());
         }
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        for address in [
+            ip("192.0.2.7"),
+            ip("192.0.2.7"),
+            ip("10.0.0.1"),
+            ip("2001:db8::1"),
+            ip("2001:db8::1"),
+            ip("::ffff:10.0.0.1"),
+            ip("10.0.0.1"),
+            ip("255.255.255.255"),
+            ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+            ip("0.0.0.0"),
+        ] {
+            assert_eq!(
+                cache.address_json(address),
+                format!("\"{address}\"").as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn one_cache_writes_each_draft_as_its_record_whatever_its_id_and_address() {
+        let ids: [Option<&[u8]>; 10] = [
+            Some(b"r-1"),
+            Some(b"0f6c2e8a-3b4c-4d5e-9f1a-2b3c4d5e6f70"),
+            Some(b"a\"b"),
+            Some(b"a-quote\"in-a-longer-id"),
+            Some(b"a-tab\tin-a-longer-id"),
+            Some(b"a-backslash\\in-a-longer-id"),
+            Some(b"~ !#$%&'()*+,/:;<=>?@[]^`{|}"),
+            Some(b"caf\xe9"),
+            Some(b""),
+            None,
+        ];
+        let addresses = [
+            Some("192.0.2.7"),
+            Some("192.0.2.7"),
+            Some("198.51.100.4"),
+            Some("2001:db8::1"),
+            None,
+            Some("::ffff:192.0.2.7"),
+            Some("2001:db8::2"),
+        ];
+        let mut cache = LineCache {
+            clock: Some(clock()),
+            ..LineCache::default()
+        };
+        for id in ids {
+            for address in addresses {
+                let parts = RequestParts::new(
+                    start(),
+                    http::Method::GET,
+                    address.map(|a| a.parse().unwrap()),
+                    &"/Patient/1?name=x".parse().unwrap(),
+                    id.map(|id| http::HeaderValue::from_bytes(id).unwrap())
+                        .as_ref(),
+                );
+                let draft = AuditDraft::new(
+                    parts,
+                    Facts::default(),
+                    200,
+                    "ok",
+                    Duration::from_millis(3),
+                    QueryRecording::Names,
+                );
+                let mut line = Vec::new();
+                draft.write_json_line(&mut line, &mut cache);
+                let record = draft.into_record(clock());
+                let mut expected = Vec::new();
+                record.write_json_line(&mut expected);
+                assert_eq!(
+                    String::from_utf8_lossy(&line),
+                    String::from_utf8_lossy(&expected),
+                    "{id:?} {address:?}"
+                );
+                let written: serde_json::Value = serde_json::from_slice(&line).unwrap();
+                let text = id.and_then(|id| std::str::from_utf8(id).ok());
+                assert_eq!(written["request_id"].as_str(), text, "{id:?}");
+            }
+        }
     }
 
     #[test]
@@ -2234,6 +2380,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_plain_scan_takes_what_to_str_takes_and_needs_no_escape() {
+        for len in 0..24 {
+            for at in 0..len {
+                for special in [
+                    b'"', b'\\', 0, 0x1f, b'\t', b' ', b'~', b'a', 0x7f, 0x80, 0xc3, 0xff,
+                ] {
+                    let mut bytes = vec![b'x'; len];
+                    bytes[at] = special;
+                    let naive = bytes
+                        .iter()
+                        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+                    assert_eq!(is_plain_ascii(&bytes), naive, "{bytes:?}");
+                    let as_header = http::HeaderValue::from_bytes(&bytes)
+                        .ok()
+                        .and_then(|value| value.to_str().ok().map(str::to_owned))
+                        .is_some_and(|text| !needs_escape(text.as_bytes()));
+                    assert_eq!(is_plain_ascii(&bytes), as_header, "{bytes:?}");
+                }
+            }
+        }
+        assert!(is_plain_ascii(b""));
+        let printable: Vec<u8> = (0x20..0x7f).filter(|&b| b != b'"' && b != b'\\').collect();
+        assert!(is_plain_ascii(&printable));
     }
 
     #[test]

@@ -178,6 +178,9 @@ pub(crate) struct RequestParts {
     /// Where the request id ends (`None`: no request id) and where the path does.
     id_end: Option<usize>,
     path_end: usize,
+    /// Whether the request id needs no escape in a JSON string (what the request-id layer
+    /// makes or keeps never does; an id from elsewhere may).
+    id_clean: bool,
 }
 
 impl RequestParts {
@@ -188,7 +191,10 @@ impl RequestParts {
         uri: &http::Uri,
         request_id: Option<&http::HeaderValue>,
     ) -> Self {
-        let id = request_id.and_then(|id| id.to_str().ok());
+        let (id, id_clean) = match request_id.and_then(id_text) {
+            Some((id, clean)) => (Some(id), clean),
+            None => (None, false),
+        };
         let (path, query) = (uri.path(), uri.query().unwrap_or(""));
         let mut text = String::with_capacity(id.map_or(0, str::len) + path.len() + query.len());
         text.push_str(id.unwrap_or(""));
@@ -203,12 +209,18 @@ impl RequestParts {
             text: text.into_boxed_str(),
             id_end,
             path_end,
+            id_clean,
         }
     }
 
     /// The request id, when the request had one that is text.
     pub(crate) fn request_id(&self) -> Option<&str> {
         Some(&self.text[..self.id_end?])
+    }
+
+    /// Whether the request id needs no escape in a JSON string (`false` without one).
+    pub(crate) fn request_id_is_clean(&self) -> bool {
+        self.id_clean
     }
 
     /// The URI's path.
@@ -220,6 +232,20 @@ impl RequestParts {
     pub(crate) fn query(&self) -> Option<&str> {
         Some(&self.text[self.path_end..]).filter(|query| !query.is_empty())
     }
+}
+
+/// A request id as text (what [`HeaderValue::to_str`](http::HeaderValue::to_str) takes), and
+/// whether it needs no escape in a JSON string: both from one scan when it is printable ASCII
+/// with no `"` or `\`, as every id the request-id layer makes or keeps is.
+fn id_text(id: &http::HeaderValue) -> Option<(&str, bool)> {
+    let bytes = id.as_bytes();
+    if super::audit::is_plain_ascii(bytes) {
+        // (Printable ASCII: `to_str` would take it, and so does the quicker UTF-8 check.)
+        return std::str::from_utf8(bytes).ok().map(|id| (id, true));
+    }
+    // Text if it is visible ASCII and tabs: not plain, it then has a tab, `"` or `\`, which
+    // need an escape.
+    id.to_str().ok().map(|id| (id, false))
 }
 
 /// What the layers learned about one request (see [`RequestFacts`]).
@@ -308,6 +334,30 @@ mod tests {
             (None, "/fhir/Patient".into(), Some("x".into()))
         );
         assert_eq!(parts("*", id(b"r")).1, "*");
+        // Whether the id needs no escape in a JSON string.
+        let clean = |id: Option<&[u8]>| {
+            let uri: http::Uri = "/".parse().unwrap();
+            let id = id.map(|id| http::HeaderValue::from_bytes(id).unwrap());
+            let parts =
+                RequestParts::new(Instant::now(), http::Method::GET, None, &uri, id.as_ref());
+            (
+                parts.request_id().map(str::to_owned),
+                parts.request_id_is_clean(),
+            )
+        };
+        assert_eq!(clean(Some(b"r-1")), (Some("r-1".into()), true));
+        assert_eq!(clean(Some(b"")), (Some(String::new()), true));
+        let uuid = "0f6c2e8a-3b4c-4d5e-9f1a-2b3c4d5e6f70";
+        assert_eq!(clean(Some(uuid.as_bytes())), (Some(uuid.into()), true));
+        assert_eq!(clean(Some(b"a b~{}")), (Some("a b~{}".into()), true));
+        for escaped in ["a\"b", "a\tb", "a\\b", "a-longer-id-with-a-\""] {
+            assert_eq!(
+                clean(Some(escaped.as_bytes())),
+                (Some(escaped.into()), false)
+            );
+        }
+        assert_eq!(clean(Some(b"caf\xe9")), (None, false));
+        assert_eq!(clean(None), (None, false));
     }
 
     #[test]
