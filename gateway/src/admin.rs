@@ -1103,8 +1103,8 @@ async fn onboarded(admin: &Admin, clients: &[ClientRecord]) -> HashSet<TenantId>
 /// `{"clients": [...]}`, sorted by `client_id` (byte order), revoked ones included: each as
 /// `GET /admin/clients/{client_id}` shows it (no secrets). Which tenants are onboarded is asked
 /// of the directory once, for the tenants of the clients shown alone ([`onboarded`]); a
-/// directory that cannot answer leaves every tenant not onboarded, as it does for one client. A page with
-/// `?limit=N` (1 to [`MAX_PAGE`]) and `after=<client id>` (those after it; it need not be a
+/// directory that cannot answer leaves every tenant not onboarded, as it does for one client.
+/// A page with `?limit=N` (1 to [`MAX_PAGE`]) and `after=<client id>` (those after it; it need not be a
 /// client's), with `"next"`, the last `client_id` shown, when `limit` was given and more
 /// follow; the pages in order make up the whole list.
 async fn list_clients(State(admin): State<Arc<Admin>>, uri: http::Uri) -> Response {
@@ -1800,9 +1800,11 @@ mod tests {
         (status, retry, serde_json::from_slice(&body).unwrap())
     }
 
-    /// A directory that cannot list its tenants (a database gone away, say); look-ups work.
+    /// A directory that cannot list its tenants (a database gone away, say); look-ups work,
+    /// and so does `present` when the flag says so (a store that finds tenants by their ids
+    /// without its list).
     #[derive(Clone)]
-    struct Unlisted(InMemoryDirectory);
+    struct Unlisted(InMemoryDirectory, bool);
     impl tower_fhir::route::TenantDirectory for Unlisted {
         fn lookup(&self, tenant: TenantId) -> tower_fhir::route::DirectoryFuture {
             self.0.lookup(tenant)
@@ -1827,6 +1829,16 @@ mod tests {
         }
         fn list(&self) -> tower_fhir::route::TenantStoreFuture<Vec<TenantId>> {
             Box::pin(async { Err(DirectoryError::new("the database went away")) })
+        }
+        fn present(
+            &self,
+            tenants: Vec<TenantId>,
+        ) -> tower_fhir::route::TenantStoreFuture<std::collections::HashSet<TenantId>> {
+            if self.1 {
+                self.0.present(tenants)
+            } else {
+                Box::pin(async { Err(DirectoryError::new("the database went away")) })
+            }
         }
         fn changes(&self) -> tokio::sync::broadcast::Receiver<TenantId> {
             self.0.changes()
@@ -1942,14 +1954,36 @@ mod tests {
         // The directory cannot list: no tenant list (503, Retry-After, JSON); the clients are
         // still listed, their tenants shown as not onboarded (as one client's are when the
         // directory cannot answer).
-        let (router, _) =
-            admin_over::<TokensOnly>(Unlisted(directory.clone()), Arc::new(clients.clone()), None);
+        let (router, _) = admin_over::<TokensOnly>(
+            Unlisted(directory.clone(), false),
+            Arc::new(clients.clone()),
+            None,
+        );
         let (status, retry, body) = get(&router, "/admin/tenants").await;
         assert_eq!((status, retry), (StatusCode::SERVICE_UNAVAILABLE, true));
         assert_eq!(body["error"], "the tenant directory cannot answer");
         let (status, _, body) = get(&router, "/admin/clients").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["clients"][0]["tenants_not_onboarded"], json!([TENANT]));
+        // Which tenants are onboarded is asked for those tenants alone (`present`), not read
+        // from the list: a store that finds them without its list shows them onboarded.
+        let (router, _) = admin_over::<TokensOnly>(
+            Unlisted(directory.clone(), true),
+            Arc::new(clients.clone()),
+            None,
+        );
+        for path in ["/admin/clients", "/admin/clients?limit=1"] {
+            let (status, _, body) = get(&router, path).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                body["clients"][0]["tenants_not_onboarded"],
+                json!([]),
+                "{path}"
+            );
+        }
+        let (status, _, body) = get(&router, "/admin/clients/app").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["tenants_not_onboarded"], json!([]));
 
         // The client store cannot list: 503, not an empty list.
         let (router, _) = admin_over::<TokensOnly>(directory, Arc::new(Unlisting(clients)), None);

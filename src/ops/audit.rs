@@ -409,19 +409,21 @@ const ONES: u64 = u64::MAX / 255;
 /// Each byte's high bit.
 const HIGH: u64 = ONES * 0x80;
 
-/// The high bit of each byte of `word` below `n` (n <= 128).
+/// Nonzero when a byte of `word` is below `n` (n <= 128), zero when none is: the high bit of the
+/// lowest such byte is set, and bytes above it may be set too (a borrow), so read it only as
+/// "any" or "the first".
 fn below(word: u64, n: u8) -> u64 {
     word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH
 }
 
-/// The high bit of each byte of `word` equal to `byte`.
+/// Nonzero when a byte of `word` is `byte`, as [`below`] says.
 fn equal(word: u64, byte: u8) -> u64 {
     below(word ^ (ONES * u64::from(byte)), 1)
 }
 
-/// Whether any byte of `bytes` is one `flag` marks, eight bytes at a time (`flag` sets the high
-/// bit of each byte it marks in a little-endian word), and `byte` says of one byte alone (for
-/// fewer than eight).
+/// Whether any byte of `bytes` is one `flag` marks, eight bytes at a time (`flag` is nonzero
+/// for a little-endian word holding such a byte, zero otherwise), and `byte` says of one byte
+/// alone (for fewer than eight).
 fn any_flagged(bytes: &[u8], flag: impl Fn(u64) -> u64, byte: impl Fn(u8) -> bool) -> bool {
     let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
     if bytes.len() < 8 {

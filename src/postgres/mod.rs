@@ -1384,6 +1384,11 @@ pub struct CredentialsSealed {
     pub previous: usize,
 }
 
+/// How many tenants [`PgTenantStore`]'s `present` looks up by their ids at most; more, and
+/// it reads the list (20,000 tenants: 3.7 ms for 1,000 ids, 53 ms for 50,000, 26 ms for the
+/// list).
+const PRESENT_BY_LIST: usize = 20_000;
+
 /// The tenant directory in PostgreSQL (see the [module docs](self)).
 #[derive(Clone)]
 pub struct PgTenantStore {
@@ -1773,12 +1778,18 @@ impl TenantStore for PgTenantStore {
         }))
     }
 
-    /// One query for those asked for (`id = ANY($1)`, on the primary key), not the whole list.
+    /// One query for those asked for (`id = ANY($1)`, on the primary key), not the whole list;
+    /// past [`PRESENT_BY_LIST`] of them, the list (cheaper than as many look-ups).
     fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
         let pool = self.pool.clone();
         Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
             if tenants.is_empty() {
                 return Ok(HashSet::new());
+            }
+            if tenants.len() > PRESENT_BY_LIST {
+                let asked: HashSet<TenantId> = tenants.into_iter().collect();
+                let listed = list(&pool).await?;
+                return Ok(listed.into_iter().filter(|t| asked.contains(t)).collect());
             }
             let connection = pool
                 .get()

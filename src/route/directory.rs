@@ -242,6 +242,9 @@ pub trait TenantStore: TenantDirectory {
     /// # });
     /// ```
     fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
+        if tenants.is_empty() {
+            return Box::pin(std::future::ready(Ok(HashSet::new())));
+        }
         let listed = self.list();
         Box::pin(async move {
             let asked: HashSet<TenantId> = tenants.into_iter().collect();
