@@ -1664,6 +1664,32 @@ mod tests {
         assert!(call_contained(|| 7).is_ok_and(|seven| seven == 7));
     }
 
+    #[test]
+    fn a_panic_as_a_request_is_called_is_recorded_under_the_requests_id() {
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&records);
+        let mut service = tower_fhir::ops::RequestIdLayer::new().layer(
+            tower_fhir::ops::ObserveLayer::new()
+                .audit(move |record: tower_fhir::ops::AuditRecord| {
+                    sink.lock().unwrap().push(record);
+                })
+                .layer(tower::service_fn(
+                    |_: Request<()>| -> std::future::Ready<Result<http::Response<()>, Infallible>> {
+                        panic!("a bug in a layer's call")
+                    },
+                )),
+        );
+        let request = Request::get("/Patient/1")
+            .header("x-request-id", "abc-123")
+            .body(())
+            .unwrap();
+        let answer = call_contained(|| service.call(request)).expect_err("answered 500");
+        assert_eq!(answer.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let record = records.lock().unwrap().pop().expect("a record");
+        assert_eq!((record.status, record.outcome), (500, "panicked"));
+        assert_eq!(record.request_id.as_deref(), Some("abc-123"));
+    }
+
     #[tokio::test]
     async fn a_panic_with_no_id_to_hand_is_answered_with_a_new_one() {
         // As the gateway's future is when it had to be readied first (a oneshot: no id).

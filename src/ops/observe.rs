@@ -585,25 +585,27 @@ where
                 request_id(&request),
             )
         });
-        let mut facts = Facts::default();
-        let future = {
-            let _entered = span.enter();
-            let inner = &mut self.inner;
-            RequestFacts::watching(&mut facts, || inner.call(request))
-        };
-        // (Counted once the call returned: a call that panics makes no watch to finish.)
         if let Some(metrics) = &config.metrics {
             metrics.in_flight.increment(1.0);
         }
+        // Finished `500`/`panicked` if the call panics (a bug of an inner layer as the request
+        // is called): the request is recorded, and counted out of those in flight, all the same.
+        let mut calling = Calling(Some(Watch {
+            config: Arc::clone(&self.config),
+            facts: Facts::default(),
+            parts,
+            span,
+            start,
+        }));
+        let future = {
+            let watch = calling.0.as_mut().expect("made above");
+            let _entered = watch.span.enter();
+            let inner = &mut self.inner;
+            RequestFacts::watching(&mut watch.facts, || inner.call(request))
+        };
         ObserveFuture {
             future,
-            watch: Some(Watch {
-                config: Arc::clone(&self.config),
-                facts,
-                parts,
-                span,
-                start,
-            }),
+            watch: calling.0.take(),
             polling: false,
         }
     }
@@ -614,6 +616,18 @@ where
 /// there, leaves it naming another id than the header the upstream and the client see.)
 fn request_id<B>(request: &Request<B>) -> Option<&http::HeaderValue> {
     request.headers().get(&X_REQUEST_ID)
+}
+
+/// A request's [`Watch`] while its inner service is called: finished `500`/`panicked` if
+/// dropped with it, as a panic of the call unwinds.
+struct Calling(Option<Watch>);
+
+impl Drop for Calling {
+    fn drop(&mut self) {
+        if let Some(watch) = self.0.take() {
+            watch.finish(500, "panicked");
+        }
+    }
 }
 
 /// One request's bookkeeping, finished when its response is ready or its future dropped.
@@ -989,6 +1003,46 @@ mod tests {
         assert_eq!((record.status, record.outcome), (500, "panicked"));
     }
 
+    #[test]
+    fn a_panic_as_the_request_is_called_is_recorded_as_the_gateways_failure() {
+        let inner = tower::service_fn(|request: Request<()>| {
+            RequestFacts::set_client_id("app");
+            assert!(request.uri().path() != "/Patient/1", "a bug in call");
+            std::future::ready(Ok::<_, Infallible>(Response::new(())))
+        });
+        let (mut service, records) = observed(inner, QueryRecording::Full);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.call(
+                Request::get("/Patient/1?name=x")
+                    .header("x-request-id", "r-7")
+                    .body(())
+                    .unwrap(),
+            )
+        }));
+        assert!(panicked.is_err());
+        let record = records.lock().unwrap().pop().expect("recorded");
+        assert_eq!((record.status, record.outcome), (500, "panicked"));
+        assert_eq!(record.request_id.as_deref(), Some("r-7"));
+        assert_eq!(
+            record.client_id.as_deref(),
+            Some("app"),
+            "what was learned before"
+        );
+        assert_eq!(
+            (
+                record.method.as_str(),
+                record.interaction,
+                record.query.as_deref()
+            ),
+            ("GET", Some("read"), Some("name=x"))
+        );
+        assert!(!RequestFacts::is_watched());
+        // The next request is recorded as it goes.
+        let answered = service.call(Request::get("/Patient/2").body(()).unwrap());
+        drop(answered);
+        assert_eq!(records.lock().unwrap().len(), 1);
+    }
+
     /// A service whose `call` panics on a path starting `/panic`.
     #[derive(Clone)]
     struct PanicsInCall;
@@ -1174,7 +1228,8 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(
             in_flight().as_deref(),
-            Some("tower_fhir_requests_in_flight 1")
+            Some("tower_fhir_requests_in_flight 1"),
+            "counted in and out"
         );
         drop(pending);
         assert_eq!(
