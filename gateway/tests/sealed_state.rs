@@ -639,6 +639,30 @@ async fn the_key_encryption_key_changes_with_the_old_one_as_previous() {
     reaches(&client, &upstream, &issued, CREDENTIAL).await;
     assert!(changed.terminate());
 
+    // A start stopped between the two files' writes (the signing keys sealed again, the
+    // tenants not yet): the new key alone is refused, naming the tenants, and `--check-config`
+    // with it fails; the pair opens it and finishes the change.
+    let halfway = by_old.tenants_with(&by_new);
+    halfway.write(&dir);
+    let said = check_config(&dir, Some(OTHER_KEK)).expect_err("halfway");
+    assert!(
+        said.contains("tenants.json") && said.contains("the wrong key"),
+        "{said}"
+    );
+    assert!(
+        said.contains("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY"),
+        "names the way on: {said}"
+    );
+    assert_eq!(StateFiles::read(&dir), halfway);
+    let (mut finished, _, _) = start(&dir, "finished", &config, changing);
+    assert!(finished.terminate());
+    let again = StateFiles::read(&dir);
+    assert_eq!(
+        again.keys, by_new.keys,
+        "the keys were sealed with the new key already"
+    );
+    assert_ne!(again.tenants, by_old.tenants);
+
     // The new key alone opens the state; the old one no longer does.
     let said = refused(&dir, &config, Some(KEK));
     assert!(said.contains("the wrong key"), "{said}");
