@@ -176,6 +176,7 @@ pub(crate) async fn open(config: &Config, key: StateKey) -> Result<State, String
 async fn open_database(config: &Config, url: &str) -> Result<State, String> {
     let kek = KeyEncryptionKey::from_env().map_err(|e| format!("cannot use the database: {e}"))?;
     say_key_change(&kek);
+    let changing = kek.has_previous();
     let location = format!("PostgreSQL at {}", without_password(url));
     if let Some(dir) = &config.state_dir {
         tracing::warn!(state_dir = %dir.display(), "state_dir is not used: the state is in the database");
@@ -234,6 +235,10 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             tracing::info!(
                 tenants = sealed.previous,
                 "upstream credentials sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} sealed again with {KEY_ENCRYPTION_KEY_ENV}"
+            );
+        } else if changing {
+            tracing::info!(
+                "no upstream credential sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} is left"
             );
         }
     }
@@ -430,17 +435,35 @@ async fn open_directory(config: &Config, key: StateKey) -> Result<State, String>
     }
     say_missing_files(&dir);
     let keys_file = dir.join("signing-keys.json");
+    let tenants_file = dir.join("tenants.json");
+    // With a previous key: the two files as they were, to say when it opened nothing.
+    let before_change = sealing.as_ref().filter(|kek| kek.has_previous()).map(|_| {
+        (
+            std::fs::read(&keys_file).ok(),
+            std::fs::read(&tenants_file).ok(),
+        )
+    });
     let keys = match &sealing {
         Some(kek) => SigningKeys::open_sealed(&keys_file, kek.clone()),
         None => SigningKeys::open(&keys_file),
     }
     .map_err(|e| format!("cannot open the signing keys: {e}"))?;
-    let tenants_file = dir.join("tenants.json");
     let directory = match &sealing {
         Some(kek) => FileDirectory::open_sealed(&tenants_file, kek.clone()),
         None => FileDirectory::open(&tenants_file),
     }
     .map_err(|e| format!("cannot open the tenant directory: {e}"))?;
+    if let Some(before) = before_change {
+        let after = (
+            std::fs::read(&keys_file).ok(),
+            std::fs::read(&tenants_file).ok(),
+        );
+        if before == after {
+            tracing::info!(
+                "nothing in state_dir was sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV}: the key has changed; unset it"
+            );
+        }
+    }
     if !directory.existed() {
         let tenants = config
             .tenants

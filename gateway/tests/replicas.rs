@@ -836,6 +836,22 @@ async fn the_key_encryption_key_changes_replica_by_replica() {
     reaches(&changing, TENANT, &issued, "Bearer tenant-credential").await;
     assert!(waiting.proc.terminate());
     assert!(changing.proc.terminate());
+    // A step-2 replica started once the others are: nothing left for the previous key.
+    let mut last = start_with(
+        &dir,
+        &file,
+        5,
+        None,
+        &[(KEY, NEW), ("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY", KEK)],
+    );
+    let log = std::fs::read_to_string(dir.join("replica5.log")).unwrap();
+    for said in [
+        "no signing key sealed with the previous key-encryption key is left",
+        "no upstream credential sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is left",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+    assert!(last.proc.terminate());
 
     // Step 3: the new key alone serves both tenants and the token issued at the start; the
     // old key alone cannot open the signing keys.

@@ -654,13 +654,26 @@ async fn the_key_encryption_key_changes_with_the_old_one_as_previous() {
         "names the way on: {said}"
     );
     assert_eq!(StateFiles::read(&dir), halfway);
-    let (mut finished, _, _) = start(&dir, "finished", &config, changing);
+    let (mut finished, _, log) = start(&dir, "finished", &config, changing);
     assert!(finished.terminate());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("nothing in state_dir was sealed"), "{said}");
     let again = StateFiles::read(&dir);
     assert_eq!(
         again.keys, by_new.keys,
         "the keys were sealed with the new key already"
     );
+    // Once more with the pair: nothing left for the previous key, which the start says.
+    let (mut done, _, log) = start(&dir, "done", &config, changing);
+    assert!(done.terminate());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains(
+            "nothing in state_dir was sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY"
+        ),
+        "{said}"
+    );
+    assert_eq!(StateFiles::read(&dir), again);
     assert_ne!(again.tenants, by_old.tenants);
 
     // The new key alone opens the state; the old one no longer does.

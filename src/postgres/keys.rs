@@ -309,6 +309,10 @@ impl PgSigningKeys {
                         keys = resealed,
                         "signing keys sealed with the previous key-encryption key sealed again with the key"
                     );
+                } else {
+                    tracing::info!(
+                        "no signing key sealed with the previous key-encryption key is left"
+                    );
                 }
             }
             transaction.commit().await.map_err(failed)?;
