@@ -1447,7 +1447,14 @@ impl PgTenantStore {
             pool: self.pool.clone(),
             changes: self.changes.clone(),
             origin: Arc::clone(&self.origin),
-            resealing: self.sealing.clone().filter(|kek| kek.has_previous()),
+            resealing: self
+                .sealing
+                .clone()
+                .filter(|kek| kek.has_previous())
+                .map(|kek| Resealing {
+                    kek,
+                    running: Arc::new(tokio::sync::Semaphore::new(RESEALING_AT_ONCE)),
+                }),
         }
     }
 
@@ -1876,8 +1883,33 @@ struct Detached {
     changes: broadcast::Sender<TenantId>,
     origin: Arc<str>,
     /// The store's key while it has a previous key: another replica's change is sealed again
-    /// with it as it is heard of (see [`reseal_heard`]).
-    resealing: Option<Arc<KeyEncryptionKey>>,
+    /// with it as it is heard of (see [`reseal_heard`]), a few at once.
+    resealing: Option<Resealing>,
+}
+
+/// What [`reseal_heard`] needs: the key, and the permits that bound how many run at once (a
+/// replica onboarding thousands of tenants meanwhile must not take every pooled connection).
+#[derive(Clone)]
+struct Resealing {
+    kek: Arc<KeyEncryptionKey>,
+    running: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many tenants [`reseal_heard`] seals again at once.
+const RESEALING_AT_ONCE: usize = 2;
+
+impl Resealing {
+    /// Seals `tenant`'s record again in a task of its own (see [`reseal_heard`]).
+    fn spawn(&self, pool: &Pool, tenant: TenantId) {
+        let (pool, this) = (pool.clone(), self.clone());
+        tokio::spawn(async move {
+            // (Closed never: the semaphore lives as long as the store.)
+            let Ok(_permit) = this.running.acquire().await else {
+                return;
+            };
+            reseal_heard(pool, this.kek, tenant).await;
+        });
+    }
 }
 
 /// Every tenant in the directory, sorted by their text (as the other stores list them).
@@ -2290,12 +2322,8 @@ impl Handler for TenantChanges {
             let changed = changed_unheard(&self.listed, &self.pending, self.overflowed, &now);
             for tenant in &changed {
                 let _ = self.store.changes.send(*tenant);
-                if let Some(kek) = &self.store.resealing {
-                    tokio::spawn(reseal_heard(
-                        self.store.pool.clone(),
-                        Arc::clone(kek),
-                        *tenant,
-                    ));
+                if let Some(resealing) = &self.store.resealing {
+                    resealing.spawn(&self.store.pool, *tenant);
                 }
             }
             tracing::info!(
@@ -2331,12 +2359,8 @@ impl Handler for TenantChanges {
             }
             if from != &*self.store.origin {
                 let _ = self.store.changes.send(tenant);
-                if let Some(kek) = &self.store.resealing {
-                    tokio::spawn(reseal_heard(
-                        self.store.pool.clone(),
-                        Arc::clone(kek),
-                        tenant,
-                    ));
+                if let Some(resealing) = &self.store.resealing {
+                    resealing.spawn(&self.store.pool, tenant);
                 }
             }
         }
