@@ -251,8 +251,11 @@ impl RouteCache {
     }
 }
 
-/// How many invalidation counts tenants share (by their hash).
-const GENERATION_STRIPES: usize = 256;
+/// How many invalidation counts tenants share (by their hash): 32 KiB of counts. A change of
+/// one tenant makes an answer for another of its stripe being looked up at that moment kept
+/// nowhere (its stale route, the fallback while the directory is down, with it): 1 pair of
+/// tenants in 4,096 shares a stripe.
+const GENERATION_STRIPES: usize = 4096;
 
 impl Inner {
     /// Which invalidation count is `tenant`'s.
