@@ -792,21 +792,31 @@ async fn the_key_encryption_key_changes_replica_by_replica() {
     assert_eq!(sealed_rows(), by_old, "step 1 wrote");
 
     // Step 2: the new key, the old one previous: sealed again at its start.
-    let mut changing = start_with(
-        &dir,
-        &file,
+    let step_two = |n| {
+        start_with(
+            &dir,
+            &file,
+            n,
+            None,
+            &[(KEY, NEW), ("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY", KEK)],
+        )
+    };
+    // Replica `n`'s log says each of `lines`.
+    let says = |n: usize, lines: &[&str]| {
+        let log = std::fs::read_to_string(dir.join(format!("replica{n}.log"))).unwrap();
+        for said in lines {
+            assert!(log.contains(said), "{said}: {log}");
+        }
+    };
+    let mut changing = step_two(3);
+    says(
         3,
-        None,
-        &[(KEY, NEW), ("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY", KEK)],
+        &[
+            "signing keys sealed with the previous key-encryption key sealed again",
+            "the key-encryption key changes: TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is set",
+            "upstream credentials sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY sealed again",
+        ],
     );
-    let log = std::fs::read_to_string(dir.join("replica3.log")).unwrap();
-    for said in [
-        "signing keys sealed with the previous key-encryption key sealed again",
-        "the key-encryption key changes: TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is set",
-        "upstream credentials sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY sealed again",
-    ] {
-        assert!(log.contains(said), "{said}: {log}");
-    }
     assert_ne!(sealed_rows(), by_old);
     // LATER onboarded through the step-2 replica (sealed with the new key): the step-1
     // replica opens it.
@@ -837,20 +847,14 @@ async fn the_key_encryption_key_changes_replica_by_replica() {
     assert!(waiting.proc.terminate());
     assert!(changing.proc.terminate());
     // A step-2 replica started once the others are: nothing left for the previous key.
-    let mut last = start_with(
-        &dir,
-        &file,
+    let mut last = step_two(5);
+    says(
         5,
-        None,
-        &[(KEY, NEW), ("TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY", KEK)],
+        &[
+            "no signing key sealed with the previous key-encryption key is left",
+            "no upstream credential sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is left",
+        ],
     );
-    let log = std::fs::read_to_string(dir.join("replica5.log")).unwrap();
-    for said in [
-        "no signing key sealed with the previous key-encryption key is left",
-        "no upstream credential sealed with TOWER_FHIR_PREVIOUS_KEY_ENCRYPTION_KEY is left",
-    ] {
-        assert!(log.contains(said), "{said}: {log}");
-    }
     assert!(last.proc.terminate());
 
     // Step 3: the new key alone serves both tenants and the token issued at the start; the
