@@ -70,7 +70,7 @@ pub use keys::PgSigningKeys;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -1451,10 +1451,7 @@ impl PgTenantStore {
                 .sealing
                 .clone()
                 .filter(|kek| kek.has_previous())
-                .map(|kek| Resealing {
-                    kek,
-                    running: Arc::new(tokio::sync::Semaphore::new(RESEALING_AT_ONCE)),
-                }),
+                .map(|kek| Resealing::start(self.pool.clone(), kek, Arc::downgrade(&self._alive))),
         }
     }
 
@@ -1882,33 +1879,55 @@ struct Detached {
     pool: Pool,
     changes: broadcast::Sender<TenantId>,
     origin: Arc<str>,
-    /// The store's key while it has a previous key: another replica's change is sealed again
-    /// with it as it is heard of (see [`reseal_heard`]), a few at once.
+    /// While the store's key has a previous key: another replica's change is sealed again
+    /// with it as it is heard of (see [`Resealing`]).
     resealing: Option<Resealing>,
 }
 
-/// What [`reseal_heard`] needs: the key, and the permits that bound how many run at once (a
-/// replica onboarding thousands of tenants meanwhile must not take every pooled connection).
+/// The tenants heard of while the key changes, to be sealed again (see [`reseal_heard`]) by
+/// one task of the store's, a tenant at a time: each once however often it was heard of, and
+/// never more than one pooled connection (a replica onboarding thousands of tenants meanwhile
+/// must not take them all, nor queue a task for each).
 #[derive(Clone)]
 struct Resealing {
-    kek: Arc<KeyEncryptionKey>,
-    running: Arc<tokio::sync::Semaphore>,
+    pending: Arc<Mutex<HashSet<TenantId>>>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
-/// How many tenants [`reseal_heard`] seals again at once.
-const RESEALING_AT_ONCE: usize = 2;
-
 impl Resealing {
-    /// Seals `tenant`'s record again in a task of its own (see [`reseal_heard`]).
-    fn spawn(&self, pool: &Pool, tenant: TenantId) {
-        let (pool, this) = (pool.clone(), self.clone());
+    /// Starts the task sealing again what is heard of with `kek`'s key; it ends once no store
+    /// is `alive`.
+    fn start(pool: Pool, kek: Arc<KeyEncryptionKey>, alive: Weak<()>) -> Self {
+        let resealing = Self {
+            pending: Arc::default(),
+            wake: Arc::default(),
+        };
+        let this = resealing.clone();
         tokio::spawn(async move {
-            // (Closed never: the semaphore lives as long as the store.)
-            let Ok(_permit) = this.running.acquire().await else {
-                return;
-            };
-            reseal_heard(pool, this.kek, tenant).await;
+            while alive.strong_count() > 0 {
+                // (Woken by a tenant heard of, or after a while to see whether the store is
+                // gone.)
+                let _ = tokio::time::timeout(Duration::from_secs(1), this.wake.notified()).await;
+                let heard: Vec<TenantId> = std::mem::take(
+                    &mut *this.pending.lock().unwrap_or_else(PoisonError::into_inner),
+                )
+                .into_iter()
+                .collect();
+                for tenant in heard {
+                    reseal_heard(pool.clone(), Arc::clone(&kek), tenant).await;
+                }
+            }
         });
+        resealing
+    }
+
+    /// `tenant`, heard of, to be sealed again.
+    fn heard(&self, tenant: TenantId) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tenant);
+        self.wake.notify_one();
     }
 }
 
@@ -2323,7 +2342,7 @@ impl Handler for TenantChanges {
             for tenant in &changed {
                 let _ = self.store.changes.send(*tenant);
                 if let Some(resealing) = &self.store.resealing {
-                    resealing.spawn(&self.store.pool, *tenant);
+                    resealing.heard(*tenant);
                 }
             }
             tracing::info!(
@@ -2360,7 +2379,7 @@ impl Handler for TenantChanges {
             if from != &*self.store.origin {
                 let _ = self.store.changes.send(tenant);
                 if let Some(resealing) = &self.store.resealing {
-                    resealing.spawn(&self.store.pool, tenant);
+                    resealing.heard(tenant);
                 }
             }
         }
