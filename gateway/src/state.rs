@@ -238,7 +238,7 @@ async fn open_database(config: &Config, url: &str) -> Result<State, String> {
             );
         } else if changing {
             tracing::info!(
-                "no upstream credential sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} is left"
+                "no upstream credential sealed with {PREVIOUS_KEY_ENCRYPTION_KEY_ENV} is left (now: a replica still running with the old key alone may seal more)"
             );
         }
     }

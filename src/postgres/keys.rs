@@ -311,7 +311,7 @@ impl PgSigningKeys {
                     );
                 } else {
                     tracing::info!(
-                        "no signing key sealed with the previous key-encryption key is left"
+                        "no signing key sealed with the previous key-encryption key is left (now: a replica still running with the old key alone may seal more)"
                     );
                 }
             }
