@@ -1783,7 +1783,7 @@ impl TenantStore for PgTenantStore {
     }
 
     /// One query for those asked for (`id = ANY($1)`, on the primary key), not the whole list;
-    /// past [`PRESENT_BY_LIST`] of them, the list (cheaper than as many look-ups).
+    /// past 20,000 of them, the list (cheaper than as many look-ups).
     fn present(&self, tenants: Vec<TenantId>) -> TenantStoreFuture<HashSet<TenantId>> {
         let pool = self.pool.clone();
         Box::pin(bounded_for(LONG_OPERATION_TIMEOUT, async move {
